@@ -1,0 +1,54 @@
+# ember: `make setup` installs what ember and its tests need (idempotent),
+# `make test` runs the whole suite, `make lint` runs ruff and mypy.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Test images are built once and cached outside the repository.
+export EMBER_TEST_CACHE ?= /var/cache/ember-tests
+
+# Debian packages: the tools ember drives (QEMU, mkfs, loop devices, nftables)
+# and the real peers its tests use (docker-registry, skopeo, podman, buildah, umoci).
+APT_PACKAGES := \
+	podman skopeo buildah umoci docker-registry apache2-utils \
+	qemu-system-x86 qemu-utils debootstrap busybox-static musl-tools \
+	xfsprogs e2fsprogs btrfs-progs nftables iproute2 kmod cpio zstd \
+	fuse-overlayfs uidmap util-linux
+
+.PHONY: setup apt venv init demo test lint clean
+
+setup: apt venv init demo
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,postgres]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+init:
+	@true
+
+demo:
+	@true
+
+test: setup
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build init/build

@@ -1,0 +1,3 @@
+"""ember: run OCI images as micro-VMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The ember CLI: one module per command group; thin: parse, call, print."""

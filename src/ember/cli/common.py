@@ -1,0 +1,34 @@
+"""What every CLI module shares: the state directory, output helpers, options."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+from ember.home import Home
+
+#: progress and messages go to stderr, so stdout stays parseable
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def home_from_ctx(ctx: click.Context | None = None) -> Home:
+    ctx = ctx or click.get_current_context()
+    root = ctx.find_root()
+    home = root.obj.get("home") if isinstance(root.obj, dict) else None
+    return (home or Home.from_env()).ensure()
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

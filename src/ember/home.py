@@ -1,0 +1,68 @@
+"""Where ember keeps its state: ``$EMBER_HOME``.
+
+Default: ``/var/lib/ember`` for root, ``~/.local/share/ember`` otherwise.
+Every command and every component asks this module, never builds paths itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_home() -> Path:
+    env = os.environ.get("EMBER_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/ember")
+    return Path.home() / ".local" / "share" / "ember"
+
+
+@dataclass(frozen=True)
+class Home:
+    """The layout of one state directory."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Home:
+        return cls(default_home())
+
+    @property
+    def content(self) -> Path:
+        return self.root / "content"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.root / 'ember.db'}"
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "credentials.json"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def kernels(self) -> Path:
+        return self.root / "kernels"
+
+    @property
+    def machines(self) -> Path:
+        return self.root / "machines"
+
+    @property
+    def run(self) -> Path:
+        """Runtime state (locks, sockets, pids)."""
+        return self.root / "run"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"
+
+    def ensure(self) -> Home:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self

@@ -1,0 +1,1 @@
+"""The image format library: pure logic, no I/O."""

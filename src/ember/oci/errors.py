@@ -1,0 +1,29 @@
+"""Errors of the image format library."""
+
+from __future__ import annotations
+
+from ember.errors import EmberError
+
+
+class FormatError(EmberError):
+    """Bytes that claim to be an OCI/Docker object but are not valid."""
+
+
+class InvalidDigest(FormatError):
+    pass
+
+
+class DigestMismatch(FormatError):
+    """Content does not hash (or size) to what its descriptor promised."""
+
+
+class InvalidReference(FormatError):
+    pass
+
+
+class UnsupportedMediaType(FormatError):
+    pass
+
+
+class NoMatchingPlatform(FormatError):
+    pass

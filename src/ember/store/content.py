@@ -1,0 +1,209 @@
+"""The content store: immutable blobs addressed by digest (containerd's model).
+
+Layout under its root::
+
+    blobs/<algorithm>/<hex>     committed, verified content (read-only files)
+    ingest/<algorithm>-<hex>    partial writes, resumable, never visible as blobs
+
+A blob becomes visible only by an atomic rename after its digest and size were
+verified and its bytes fsync'ed, so a kill -9 at any moment leaves either no
+blob or a complete one.  Partial ingests survive for resume; ``prune_ingests``
+discards stale ones.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ember.fsutil import fsync_dir
+from ember.oci.digest import Digest, Verifier
+from ember.store.errors import BlobNotFound, StoreError
+
+_CHUNK = 1 << 20
+
+
+class ContentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.ingest_dir = root / "ingest"
+        for d in (self.blobs / "sha256", self.blobs / "sha512", self.ingest_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------
+
+    def path(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.hex
+
+    def exists(self, digest: Digest) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: Digest) -> int:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest} is not in the content store") from None
+
+    def open(self, digest: Digest) -> BinaryIO:
+        try:
+            return open(self.path(digest), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest} is not in the content store") from None
+
+    def read_bytes(self, digest: Digest) -> bytes:
+        with self.open(digest) as f:
+            return f.read()
+
+    def list(self) -> Iterator[Digest]:
+        for algdir in sorted(self.blobs.iterdir()):
+            for entry in os.scandir(algdir):
+                if entry.is_file() and not entry.name.startswith("."):
+                    yield Digest(algdir.name, entry.name)
+
+    # -- writing -------------------------------------------------------------
+
+    def put_bytes(self, data: bytes, expected: Digest | None = None) -> Digest:
+        if expected is not None:
+            check = Verifier(expected, len(data))
+            check.update(data)
+            check.verify()
+        digest = expected or Digest.of(data)
+        if not self.exists(digest):
+            with self.writer(digest, len(data)) as w:
+                if not w.already_committed:
+                    w.reset()
+                    w.write(data)
+                    w.commit()
+        return digest
+
+    def writer(self, expected: Digest, expected_size: int | None = None) -> BlobWriter:
+        """A resumable writer for one blob; ``commit()`` verifies and publishes it."""
+        return BlobWriter(self, expected, expected_size)
+
+    def delete(self, digest: Digest) -> bool:
+        try:
+            os.unlink(self.path(digest))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def prune_ingests(self, older_than: float) -> int:
+        """Remove partial writes untouched for ``older_than`` seconds that nobody holds."""
+        removed = 0
+        now = time.time()
+        for entry in os.scandir(self.ingest_dir):
+            try:
+                if now - entry.stat().st_mtime < older_than:
+                    continue
+                fd = os.open(entry.path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        return removed
+
+
+class BlobWriter:
+    """Writes one blob into ``ingest/``; resumes where a previous writer stopped.
+
+    Holds an exclusive lock on its ingest file, so two processes never write the
+    same blob at once; the second blocks until the first is done and then finds
+    the blob committed.
+    """
+
+    def __init__(self, store: ContentStore, expected: Digest, expected_size: int | None) -> None:
+        self.store = store
+        self.expected = expected
+        self.expected_size = expected_size
+        self.ingest_path = store.ingest_dir / f"{expected.algorithm}-{expected.hex}"
+        self._fd = -1
+        self._verifier = Verifier(expected, expected_size)
+        self.committed = False
+
+    def __enter__(self) -> BlobWriter:
+        while True:
+            fd = os.open(self.ingest_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # The holder we waited for may have published this very inode as the
+            # blob: only keep the lock if the ingest path still names our file.
+            try:
+                same = os.stat(self.ingest_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd = fd
+        # Re-hash what an earlier, interrupted writer left, so that a resume is verified too.
+        while chunk := os.read(fd, _CHUNK):
+            if not self._within_size(len(chunk)):
+                self._restart()
+                break
+            self._verifier.update(chunk)
+        return self
+
+    def _within_size(self, n: int) -> bool:
+        return self.expected_size is None or self._verifier.size + n <= self.expected_size
+
+    def _restart(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self._verifier = Verifier(self.expected, self.expected_size)
+
+    @property
+    def offset(self) -> int:
+        """Bytes already held: a downloader resumes from here with ``Range``."""
+        return self._verifier.size
+
+    @property
+    def already_committed(self) -> bool:
+        return self.store.exists(self.expected)
+
+    def reset(self) -> None:
+        """Throw away partial content (e.g. the server ignored our Range request)."""
+        self._restart()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._verifier.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def commit(self) -> Digest:
+        """Verify digest and size, then publish the blob atomically."""
+        target = self.store.path(self.expected)
+        try:
+            self._verifier.verify()
+        except Exception:
+            self._restart()
+            raise
+        os.fsync(self._fd)
+        os.fchmod(self._fd, 0o444)
+        try:
+            os.rename(self.ingest_path, target)
+        except OSError as e:
+            raise StoreError(f"cannot publish blob {self.expected}: {e}") from e
+        fsync_dir(target.parent)
+        self.committed = True
+        return self.expected
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,152 @@
+"""The database layer: one SQLAlchemy engine per state directory, and migrations.
+
+SQLite is the embedded default (WAL, busy timeout so that several ember
+processes can share it); ``postgresql://`` URLs work for many hosts.
+
+Migrations are ordered per *area* (``images``, ``registry``, ...) and each is
+applied once, inside a transaction, and recorded in ``ember_migrations``.  An
+area registers its migrations by listing them in a module named in
+``MIGRATION_MODULES``; that module exposes ``AREA: str`` and
+``MIGRATIONS: list[Migration]``.  Never edit a migration that has shipped: add
+the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, event, func, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from ember.store.errors import DatabaseError
+
+#: modules that carry migrations, applied in this order
+MIGRATION_MODULES: list[str] = [
+    "ember.store.images",
+]
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str
+    apply: Callable[[Connection], None]
+
+
+_meta = MetaData()
+_migrations_table = Table(
+    "ember_migrations",
+    _meta,
+    Column("area", String(64), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("applied_at", DateTime(timezone=True), server_default=func.now()),
+)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        try:
+            self.engine: Engine = create_engine(url, **kwargs)
+        except (SQLAlchemyError, ImportError) as e:
+            raise DatabaseError(f"cannot open database {url}: {e}") from e
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._migrated = False
+        self._lock = threading.Lock()
+
+    def migrate(self) -> None:
+        """Apply every pending migration (idempotent, safe across processes)."""
+        with self._lock:
+            if self._migrated:
+                return
+            try:
+                with self._process_lock():
+                    self._migrate_locked()
+            except OperationalError as e:
+                raise DatabaseError(f"database {self.url} is not usable: {e.orig}") from e
+            self._migrated = True
+
+    @contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """Serialise migrations across processes sharing one SQLite file."""
+        path = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _migrate_locked(self) -> None:
+        with self.engine.begin() as conn:
+            _meta.create_all(conn)
+        for modname in MIGRATION_MODULES:
+            mod = importlib.import_module(modname)
+            self._apply_area(mod.AREA, mod.MIGRATIONS)
+
+    def _apply_area(self, area: str, migrations: list[Migration]) -> None:
+        for m in migrations:
+            with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7262001)")
+                done = conn.execute(
+                    select(_migrations_table.c.id).where(
+                        _migrations_table.c.area == area, _migrations_table.c.id == m.id
+                    )
+                ).first()
+                if done:
+                    continue
+                m.apply(conn)
+                conn.execute(_migrations_table.insert().values(area=area, id=m.id))
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection inside a transaction, committed on success."""
+        self.migrate()
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        self.migrate()
+        with self.engine.connect() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+_cache: dict[str, Database] = {}
+_cache_lock = threading.Lock()
+
+
+def open_database(url: str) -> Database:
+    """One Database per URL per process."""
+    with _cache_lock:
+        db = _cache.get(url)
+        if db is None:
+            db = _cache[url] = Database(url)
+    db.migrate()
+    return db
