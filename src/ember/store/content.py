@@ -204,6 +204,13 @@ class BlobWriter:
         return self.expected
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._fd < 0:
+            return
+        # Keep a partial file only if it is worth resuming; we still hold its lock here.
+        if not self.committed and (self._verifier.size == 0 or self.store.exists(self.expected)):
+            try:
+                os.unlink(self.ingest_path)
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)
+        self._fd = -1

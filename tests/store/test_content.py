@@ -1,0 +1,136 @@
+"""The content store: verified, atomic, resumable, safe under concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from ember.oci.digest import Digest
+from ember.oci.errors import DigestMismatch
+from ember.store.content import ContentStore
+from ember.store.errors import BlobNotFound
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ContentStore:
+    return ContentStore(tmp_path / "content")
+
+
+def test_put_and_read_back(store: ContentStore) -> None:
+    d = store.put_bytes(b"hello")
+    assert d == Digest.of(b"hello")
+    assert store.read_bytes(d) == b"hello"
+    assert store.size(d) == 5
+    assert list(store.list()) == [d]
+
+
+def test_put_with_wrong_expected_digest_stores_nothing(store: ContentStore) -> None:
+    with pytest.raises(DigestMismatch):
+        store.put_bytes(b"hello", Digest.of(b"other"))
+    assert list(store.list()) == []
+
+
+def test_wrong_claim_is_refused_even_when_the_claimed_blob_exists(store: ContentStore) -> None:
+    d = store.put_bytes(b"real")
+    with pytest.raises(DigestMismatch):
+        store.put_bytes(b"fake", d)
+    assert store.read_bytes(d) == b"real"
+
+
+def test_missing_blob_is_a_clear_error(store: ContentStore) -> None:
+    with pytest.raises(BlobNotFound, match="not in the content store"):
+        store.open(Digest.of(b"x"))
+
+
+def test_sha512_blobs(store: ContentStore) -> None:
+    d = Digest.of(b"data", "sha512")
+    store.put_bytes(b"data", d)
+    assert store.path(d).parent.name == "sha512"
+    assert store.read_bytes(d) == b"data"
+
+
+def test_size_mismatch_is_refused_and_partial_discarded(store: ContentStore) -> None:
+    data = b"0123456789"
+    d = Digest.of(data)
+    with store.writer(d, 11) as w, pytest.raises(DigestMismatch):
+        w.write(data)
+        w.commit()
+    assert not store.exists(d)
+
+
+def test_too_many_bytes_fail_early(store: ContentStore) -> None:
+    d = Digest.of(b"abc")
+    with store.writer(d, 3) as w, pytest.raises(DigestMismatch, match="larger"):
+        w.write(b"abcd")
+    assert not store.exists(d)
+
+
+def test_interrupted_write_resumes_from_offset(store: ContentStore) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    d = Digest.of(data)
+    with store.writer(d, len(data)) as w:
+        w.write(data[:1_000_000])  # then "crash": no commit
+    assert not store.exists(d)
+    with store.writer(d, len(data)) as w:
+        assert w.offset == 1_000_000
+        w.write(data[w.offset :])
+        w.commit()
+    assert store.read_bytes(d) == data
+
+
+def test_corrupt_partial_content_is_caught_at_commit(store: ContentStore) -> None:
+    data = b"a" * 100
+    d = Digest.of(data)
+    with store.writer(d, len(data)) as w:
+        w.write(b"b" * 50)
+    with store.writer(d, len(data)) as w, pytest.raises(DigestMismatch):
+        w.write(data[w.offset :])
+        w.commit()
+    assert not store.exists(d)
+    # the bad partial content was discarded: a fresh writer starts at zero
+    with store.writer(d, len(data)) as w:
+        assert w.offset == 0
+
+
+def test_committed_blob_is_read_only_and_ingest_is_gone(store: ContentStore) -> None:
+    d = store.put_bytes(b"content")
+    assert store.path(d).stat().st_mode & 0o777 == 0o444
+    assert list(store.ingest_dir.iterdir()) == []
+
+
+def test_prune_ingests_removes_only_old_unlocked_partials(store: ContentStore) -> None:
+    d1, d2 = Digest.of(b"one"), Digest.of(b"two")
+    with store.writer(d1, 3) as w:
+        w.write(b"o")
+    old = store.ingest_dir / f"sha256-{d1.hex}"
+    os.utime(old, (1, 1))
+    with store.writer(d2, 3) as w:
+        w.write(b"t")
+        os.utime(w.ingest_path, (1, 1))
+        # held by a live writer: must survive
+        assert store.prune_ingests(older_than=60) == 1
+    assert not old.exists()
+
+
+def _write_same_blob(root: str, data: bytes) -> None:
+    s = ContentStore(Path(root))
+    s.put_bytes(data)
+
+
+def test_concurrent_writers_of_one_blob(tmp_path: Path) -> None:
+    data = os.urandom(4 * 1024 * 1024)
+    root = tmp_path / "content"
+    ContentStore(root)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_same_blob, args=(str(root), data)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    s = ContentStore(root)
+    assert s.read_bytes(Digest.of(data)) == data
+    assert list(s.ingest_dir.iterdir()) == []
