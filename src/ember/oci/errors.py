@@ -27,3 +27,19 @@ class UnsupportedMediaType(FormatError):
 
 class NoMatchingPlatform(FormatError):
     pass
+
+
+class InvalidManifest(FormatError):
+    """A manifest or index that does not follow the image spec."""
+
+
+class UnsupportedSchema(InvalidManifest):
+    """A manifest format ember deliberately refuses (Docker schema 1)."""
+
+
+class InvalidConfig(FormatError):
+    """An image configuration that does not follow the image spec."""
+
+
+class InvalidPlatform(FormatError):
+    pass

@@ -1,0 +1,98 @@
+"""Strict JSON decoding and field checks shared by the manifest and config parsers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ember.oci.errors import FormatError
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # Two readers could pick different values: refuse rather than guess.
+            raise ValueError(f"duplicate key {key[:100]!r}")
+        out[key] = value
+    return out
+
+
+def load_object(data: bytes, what: str, limit: int, error: type[FormatError]) -> dict[str, Any]:
+    if len(data) > limit:
+        raise error(f"{what} is {len(data)} bytes, more than the {limit} ember accepts")
+    try:
+        doc = json.loads(data, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{what} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what} must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+class Fields:
+    """Typed access to one JSON object, raising ``error`` with a path on bad input."""
+
+    def __init__(self, doc: dict[str, Any], where: str, error: type[FormatError]) -> None:
+        self.doc = doc
+        self.where = where
+        self.error = error
+
+    def fail(self, key: str, problem: str) -> FormatError:
+        return self.error(f"{self.where}: field {key!r} {problem}")
+
+    def text(self, key: str, *, required: bool = False) -> str | None:
+        value = self.doc.get(key)
+        if value is None:
+            if required:
+                raise self.fail(key, "is missing")
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, not {type(value).__name__}")
+        return value
+
+    def integer(self, key: str, *, required: bool = False) -> int | None:
+        value = self.doc.get(key)
+        if value is None:
+            if required:
+                raise self.fail(key, "is missing")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer, not {type(value).__name__}")
+        return value
+
+    def obj(self, key: str, *, required: bool = False) -> dict[str, Any] | None:
+        value = self.doc.get(key)
+        if value is None:
+            if required:
+                raise self.fail(key, "is missing")
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be an object, not {type(value).__name__}")
+        return value
+
+    def array(self, key: str, *, required: bool = False) -> list[Any] | None:
+        value = self.doc.get(key)
+        if value is None:
+            if required:
+                raise self.fail(key, "is missing")
+            return None
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list, not {type(value).__name__}")
+        return value
+
+    def texts(self, key: str) -> list[str] | None:
+        value = self.array(key)
+        if value is None:
+            return None
+        if not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "must be a list of strings")
+        return list(value)
+
+    def text_map(self, key: str) -> dict[str, str] | None:
+        value = self.obj(key)
+        if value is None:
+            return None
+        if not all(isinstance(v, str) for v in value.values()):
+            raise self.fail(key, "must map strings to strings")
+        return dict(value)
