@@ -40,8 +40,9 @@ venv: $(VENV)/.installed
 init:
 	@true
 
+# The demo image (busybox-static, scratch) as an OCI layout; idempotent.
 demo:
-	@true
+	scripts/build-demo-image build/demo
 
 test: setup
 	$(BIN)/pytest
