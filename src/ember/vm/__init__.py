@@ -1,0 +1,1 @@
+"""VM assembly: run configs, the guest kernel, the initramfs (and vmm/ backends)."""

@@ -1,0 +1,194 @@
+"""RunConfig: Docker's argv/env rules, the wire format round trip, hostile input refused."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from ember.vm.errors import InvalidRunConfig, NoCommand
+from ember.vm.runconfig import (
+    HostEntry,
+    Interface,
+    Mount,
+    RunConfig,
+    RunOverrides,
+    escape,
+    parse_signal,
+    unescape,
+)
+
+
+@dataclass
+class Cfg:
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: list[str] | None = None
+    user: str | None = None
+    working_dir: str | None = None
+    stop_signal: str | None = None
+
+
+def test_argv_is_entrypoint_plus_cmd() -> None:
+    rc = RunConfig.from_image(Cfg(entrypoint=["/ep", "-x"], cmd=["a", "b"]))
+    assert rc.argv == ("/ep", "-x", "a", "b")
+
+
+def test_run_args_replace_cmd() -> None:
+    rc = RunConfig.from_image(Cfg(entrypoint=["/ep"], cmd=["a"]), RunOverrides(args=["z"]))
+    assert rc.argv == ("/ep", "z")
+
+
+def test_entrypoint_override_clears_cmd() -> None:
+    rc = RunConfig.from_image(Cfg(entrypoint=["/ep"], cmd=["a"]), RunOverrides(entrypoint=["/x"]))
+    assert rc.argv == ("/x",)
+    rc = RunConfig.from_image(
+        Cfg(entrypoint=["/ep"], cmd=["a"]), RunOverrides(entrypoint=["/x"], args=["1"])
+    )
+    assert rc.argv == ("/x", "1")
+
+
+def test_empty_entrypoint_override_runs_args_only() -> None:
+    rc = RunConfig.from_image(
+        Cfg(entrypoint=["/ep"], cmd=["a"]), RunOverrides(entrypoint=[], args=["/bin/true"])
+    )
+    assert rc.argv == ("/bin/true",)
+
+
+def test_no_command_is_an_error() -> None:
+    with pytest.raises(NoCommand, match="no command"):
+        RunConfig.from_image(Cfg(entrypoint=["/ep"], cmd=["a"]), RunOverrides(entrypoint=[]))
+    with pytest.raises(NoCommand):
+        RunConfig.from_image(Cfg())
+
+
+def test_env_user_replaces_image_keeping_order() -> None:
+    rc = RunConfig.from_image(
+        Cfg(cmd=["x"], env=["PATH=/bin", "A=1", "B=2"]),
+        RunOverrides(env=["A=9", "C=3=4", "E="]),
+    )
+    assert rc.env == ("PATH=/bin", "A=9", "B=2", "C=3=4", "E=")
+    rc = RunConfig.from_image(Cfg(cmd=["x"]), RunOverrides(env={"K": "v w"}))
+    assert rc.env == ("K=v w",)
+
+
+@pytest.mark.parametrize("bad", ["NOEQUALS", "=value", "A\x00B=1"])
+def test_bad_env_refused(bad: str) -> None:
+    with pytest.raises(InvalidRunConfig):
+        RunConfig.from_image(Cfg(cmd=["x"]), RunOverrides(env=[bad]))
+
+
+def test_user_workdir_and_signal_from_image_then_overrides() -> None:
+    cfg = Cfg(cmd=["x"], user="nobody", working_dir="/srv", stop_signal="SIGQUIT")
+    rc = RunConfig.from_image(cfg)
+    assert (rc.user, rc.workdir, rc.stop_signal) == ("nobody", "/srv", int(signal.SIGQUIT))
+    rc = RunConfig.from_image(
+        cfg, RunOverrides(user="1:2", workdir="/tmp", stop_signal="INT", stop_timeout=3)
+    )
+    assert (rc.user, rc.workdir, rc.stop_signal, rc.stop_timeout) == ("1:2", "/tmp", 2, 3)
+
+
+def test_relative_workdir_refused() -> None:
+    with pytest.raises(InvalidRunConfig, match="absolute"):
+        RunConfig.from_image(Cfg(cmd=["x"]), RunOverrides(workdir="rel"))
+
+
+@pytest.mark.parametrize(
+    ("text", "num"),
+    [("SIGTERM", 15), ("term", 15), ("9", 9), ("SIGRTMIN+3", int(signal.SIGRTMIN) + 3), (10, 10)],
+)
+def test_parse_signal(text: str | int, num: int) -> None:
+    assert parse_signal(text) == num
+
+
+@pytest.mark.parametrize("bad", ["SIGNOPE", "0", "999", ""])
+def test_parse_signal_refuses(bad: str) -> None:
+    with pytest.raises(InvalidRunConfig):
+        parse_signal(bad)
+
+
+@pytest.mark.parametrize("value", ["", "a b", "tab\there", "nl\nx", "back\\slash", "ünï", " \\s "])
+def test_escape_round_trip(value: str) -> None:
+    enc = escape(value)
+    assert b" " not in enc and b"\n" not in enc and b"\t" not in enc
+    assert unescape(enc) == value
+
+
+def full_config() -> RunConfig:
+    return RunConfig(
+        argv=("/bin/sh", "-c", "echo 'a b'\n", ""),
+        env=("PATH=/bin", "X=a\\b c"),
+        user="app:staff",
+        workdir="/srv/my dir",
+        hostname="web-1",
+        hosts=(HostEntry("10.0.0.1", ("gw", "gateway.local")),),
+        nameservers=("10.0.0.1", "2001:db8::1"),
+        search=("example.com",),
+        network=(Interface("eth0", "10.0.0.2", 30, "10.0.0.1", 1420),),
+        mounts=(Mount("/dev/vdb", "/data", "ext4", "rw,noatime"),),
+        stop_signal=3,
+        stop_timeout=5,
+        modules=("vsock",),
+    )
+
+
+def test_render_parse_round_trip() -> None:
+    rc = full_config()
+    data = rc.render()
+    assert data.startswith(b"ember-run-config 1\n") and data.endswith(b"\nend\n")
+    assert b"arg echo\\s'a\\sb'\\n\n" in data
+    assert b"arg \n" in data  # the empty argument is one empty field
+    assert RunConfig.parse(data) == rc
+
+
+def test_minimal_defaults_round_trip() -> None:
+    rc = RunConfig(argv=("/hello",))
+    assert RunConfig.parse(rc.render()) == rc
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d[:-4],  # no end record
+        lambda d: d[:-1],  # no final newline
+        lambda d: d.replace(b"ember-run-config 1", b"ember-run-config 2"),
+        lambda d: d.replace(b"end\n", b"bogus x\nend\n"),
+        lambda d: d.replace(b"end\n", b"user a\nend\n"),  # duplicate single record
+        lambda d: d.replace(b"end\n", b"arg a\\q\nend\n"),  # unknown escape
+        lambda d: d.replace(b"end\n", b"arg a\tb\nend\n"),  # raw tab
+        lambda d: d.replace(b"end\n", b"arg a\x00\nend\n"),
+        lambda d: d.replace(b"end\n", b"net eth1 10.0.0.3 - 1500\nend\n"),  # no prefix
+        lambda d: d.replace(b"end\n", b"stop_timeout -1\nend\n"),
+        lambda d: d.replace(b"end\n", b"host 10.0.0.9\nend\n"),  # too few fields
+        lambda d: d.replace(b"nofile 1048576", b"nofile 99999999999999"),
+    ],
+)
+def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def]
+    data = full_config().render()
+    with pytest.raises(InvalidRunConfig):
+        RunConfig.parse(mutate(data))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"hostname": "-bad"},
+        {"hostname": "a" * 65},
+        {"network": (Interface("eth0", "10.0.0.2", 24, "10.1.0.1"),)},  # gateway off-net
+        {"network": (Interface("eth0", "::1", 64),)},
+        {"network": (Interface("eth0", "10.0.0.2", 33),)},
+        {"network": (Interface("eth0", "10.0.0.2", 24, mtu=20),)},
+        {"mounts": (Mount("/dev/vdb", "/"),)},
+        {"mounts": (Mount("/dev/vdb", "/a/../b"),)},
+        {"mounts": (Mount("vdb", "/data"),)},
+        {"nameservers": ("not-an-ip",)},
+        {"hosts": (HostEntry("10.0.0.1", ()),)},
+        {"user": "a:b:c"},
+        {"modules": ("../evil",)},
+        {"stop_timeout": -1},
+    ],
+)
+def test_invalid_fields_refused(kw: dict[str, object]) -> None:
+    with pytest.raises(InvalidRunConfig):
+        RunConfig(argv=("/x",), **kw)  # type: ignore[arg-type]
