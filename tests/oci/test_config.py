@@ -1,0 +1,102 @@
+import json
+from typing import Any
+
+import pytest
+
+from ember.oci.config import parse_config
+from ember.oci.digest import Digest
+from ember.oci.errors import InvalidConfig
+
+D = "sha256:" + "3" * 64
+
+
+def config(**over: Any) -> bytes:
+    doc: dict[str, Any] = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2024-01-01T00:00:00Z",
+        "config": {
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo hi"],
+            "Env": ["PATH=/usr/bin", "A=b=c"],
+            "User": "1000:1000",
+            "WorkingDir": "/app",
+            "ExposedPorts": {"8080/tcp": {}, "53/udp": {}},
+            "StopSignal": "SIGINT",
+            "Volumes": {"/data": {}},
+            "Labels": {"org.example": "yes"},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [D]},
+        "history": [{"created_by": "x"}],
+    }
+    doc.update(over)
+    return json.dumps(doc).encode()
+
+
+def test_parse_full() -> None:
+    c = parse_config(config())
+    assert (c.architecture, c.os, c.variant) == ("amd64", "linux", None)
+    assert c.entrypoint == ["/bin/sh", "-c"]
+    assert c.cmd == ["echo hi"]
+    assert c.env == ["PATH=/usr/bin", "A=b=c"]
+    assert c.user == "1000:1000"
+    assert c.working_dir == "/app"
+    assert c.exposed_ports == ["53/udp", "8080/tcp"]
+    assert c.stop_signal == "SIGINT"
+    assert c.volumes == ["/data"]
+    assert c.labels == {"org.example": "yes"}
+    assert c.diff_ids == [Digest.parse(D)]
+    assert c.as_dict()["diff_ids"] == [D]
+
+
+def test_docker_nulls_are_empty() -> None:
+    c = parse_config(
+        config(
+            config={
+                "Entrypoint": None,
+                "Cmd": None,
+                "Env": None,
+                "ExposedPorts": None,
+                "Labels": None,
+                "Volumes": None,
+            }
+        )
+    )
+    assert c.entrypoint is None and c.cmd is None
+    assert c.env == [] and c.exposed_ports == [] and c.labels == {} and c.volumes == []
+    assert parse_config(config(config=None)).cmd is None
+
+
+def test_empty_diff_ids_allowed() -> None:
+    assert parse_config(config(rootfs={"type": "layers", "diff_ids": []})).diff_ids == []
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"architecture": None},
+        {"os": ""},
+        {"architecture": 5},
+        {"rootfs": None},
+        {"rootfs": {"type": "other", "diff_ids": []}},
+        {"rootfs": {"type": "layers"}},
+        {"rootfs": {"type": "layers", "diff_ids": ["sha256:bad"]}},
+        {"rootfs": {"type": "layers", "diff_ids": [5]}},
+        {"config": {"Cmd": "echo"}},
+        {"config": {"Env": [1]}},
+        {"config": {"Labels": {"a": 1}}},
+        {"config": {"ExposedPorts": ["80/tcp"]}},
+        {"config": {"User": 0}},
+        {"config": []},
+    ],
+)
+def test_invalid(over: dict[str, Any]) -> None:
+    with pytest.raises(InvalidConfig):
+        parse_config(config(**over))
+
+
+def test_not_json() -> None:
+    with pytest.raises(InvalidConfig):
+        parse_config(b"\xff\xfe")
+    with pytest.raises(InvalidConfig):
+        parse_config(b"null")

@@ -1,0 +1,95 @@
+import pytest
+
+from ember.oci.digest import Digest
+from ember.oci.errors import InvalidReference
+from ember.oci.reference import Reference
+
+D = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("debian", "docker.io/library/debian:latest"),
+        ("debian:bookworm", "docker.io/library/debian:bookworm"),
+        ("library/debian", "docker.io/library/debian:latest"),
+        ("docker.io/debian", "docker.io/library/debian:latest"),
+        ("index.docker.io/debian", "docker.io/library/debian:latest"),
+        ("index.docker.io/user/app", "docker.io/user/app:latest"),
+        ("user/app:v1", "docker.io/user/app:v1"),
+        ("a/b/c", "docker.io/a/b/c:latest"),
+        ("localhost/app", "localhost/app:latest"),
+        ("localhost:5000/app", "localhost:5000/app:latest"),
+        ("127.0.0.1:5000/a/b:t", "127.0.0.1:5000/a/b:t"),
+        ("quay.io/org/app", "quay.io/org/app:latest"),
+        ("[::1]:5000/app:x", "[::1]:5000/app:x"),
+        ("Registry/app", "Registry/app:latest"),  # uppercase first component is a host
+        ("x/a.b-c__d", "docker.io/x/a.b-c__d:latest"),
+        (f"debian@{D}", f"docker.io/library/debian@{D}"),
+        (f"host:1/app:v2@{D}", f"host:1/app:v2@{D}"),
+        ("app:_under", "docker.io/library/app:_under"),
+        ("x/a--b", "docker.io/x/a--b:latest"),
+    ],
+)
+def test_normalisation(text: str, normalised: str) -> None:
+    assert str(Reference.parse(text)) == normalised
+
+
+def test_fields() -> None:
+    ref = Reference.parse(f"localhost:5000/team/app:v1@{D}")
+    assert ref.registry == "localhost:5000"
+    assert ref.repository == "team/app"
+    assert ref.tag == "v1"
+    assert ref.digest == Digest.parse(D)
+    assert ref.target == D  # the digest wins
+    assert ref.name == "localhost:5000/team/app"
+    assert Reference.parse("debian").api_host == "registry-1.docker.io"
+    assert Reference.parse("debian").familiar() == "debian:latest"
+    assert Reference.parse(f"debian@{D}").tag is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " debian",
+        "debian ",
+        "Debian",
+        "user/App",
+        "debian:",
+        "debian:-tag",
+        "debian:.tag",
+        "debian:" + "t" * 129,
+        "debian@sha256:abc",
+        "debian@md5:" + "a" * 32,
+        "debian@",
+        "/debian",
+        "debian/",
+        "a//b",
+        "a/b_",
+        "a/-b",
+        "a/b..c",
+        "a/b___c",
+        "ho_st.io/app",
+        "host:port/app",
+        "host.io/" + "a" * 300,
+        ":tag",
+        "a/b:c:d",
+        "a b",
+        "déb",
+    ],
+)
+def test_invalid(text: str) -> None:
+    with pytest.raises(InvalidReference):
+        Reference.parse(text)
+
+
+def test_uppercase_message_is_clear() -> None:
+    with pytest.raises(InvalidReference, match="lowercase"):
+        Reference.parse("library/Debian")
+
+
+def test_round_trip_is_stable() -> None:
+    for text in ["debian", "localhost:5000/a/b:t", f"quay.io/x/y@{D}"]:
+        once = str(Reference.parse(text))
+        assert str(Reference.parse(once)) == once
