@@ -6,10 +6,12 @@ See tests/support/README.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support import images
 from tests.support.registry import Registry, running_registry
 
 AUTH_USER = "ember"
@@ -30,3 +32,44 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
         tmp_path_factory.mktemp("auth-registry"), username=AUTH_USER, password=AUTH_PASSWORD
     ) as reg:
         yield reg
+
+
+# Test images: OCI layouts (tag "latest") built once and cached under
+# $EMBER_TEST_CACHE; shared between tests and runs, so treat them as read-only
+# (tests.support.images.copy_layout makes a private copy).
+
+
+@pytest.fixture(scope="session")
+def busybox_layout() -> Path:
+    """Scratch image: busybox-static, users root/app(1000)/extra(2000); same as `make demo`."""
+    return images.build_busybox_layout()
+
+
+@pytest.fixture(scope="session")
+def debian_layout() -> Path:
+    """debootstrap --variant=minbase bookworm, one layer (first build takes minutes)."""
+    return images.build_debian_layout()
+
+
+@pytest.fixture(scope="session")
+def multilayer_layout() -> Path:
+    """buildah --layers image over busybox: whiteouts, opaque dirs, links, xattr, full config."""
+    return images.build_multilayer_layout()
+
+
+@pytest.fixture(scope="session")
+def zstd_layout() -> Path:
+    """The multilayer image with zstd-compressed layers."""
+    return images.build_zstd_layout()
+
+
+@pytest.fixture(scope="session")
+def multiarch_layout() -> Path:
+    """An OCI index: linux/amd64 busybox and a linux/arm64 entry (never run)."""
+    return images.build_multiarch_layout()
+
+
+@pytest.fixture(scope="session")
+def push_layout() -> Callable[..., str]:
+    """``push_layout(layout, registry, repo, tag="latest", creds=None) -> "HOST/REPO:TAG"``."""
+    return images.push_layout
