@@ -1,0 +1,1 @@
+"""Benchmarks: one script per anchor comparison (see _common.py)."""

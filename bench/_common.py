@@ -1,0 +1,168 @@
+"""Helpers shared by the bench scripts.
+
+Each bench script compares one ember operation with its anchor (ANCHORS.md)
+in the same run: the two are timed alternately N times (so drift on a shared,
+noisy machine hits both alike), the medians are compared as a ratio, and one
+line is appended to ``docs/performance.md`` under the script's section.
+
+Run bench scripts from the repository root as modules (``python -m bench.NAME``)
+or as files (``python bench/NAME.py``): importing this module puts the
+repository root on ``sys.path`` so ``tests.support`` is importable either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.support.registry import Registry, running_registry  # noqa: E402
+
+from ember.fsutil import atomic_write  # noqa: E402
+
+PERFORMANCE_MD = REPO_ROOT / "docs" / "performance.md"
+PERFORMANCE_HEADER = (
+    "# Performance\n\n"
+    "Figures appended by the scripts in `bench/` (one command each, see `bench/`).\n"
+    "Each line: date, what was measured, ember's median, the anchor's median measured\n"
+    "in the same run, and the ratio ember/anchor (lower is better).\n"
+)
+
+
+@dataclass
+class Timing:
+    """The wall-clock samples (seconds) of one contestant."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def __str__(self) -> str:
+        spread = f"{min(self.samples):.3f}-{max(self.samples):.3f}"
+        return f"{self.name}: median {fmt_seconds(self.median)} (n={len(self.samples)}, {spread} s)"
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(
+    contestants: Mapping[str, Callable[[], object]],
+    runs: int = 5,
+    *,
+    warmup: int = 1,
+    setup: Callable[[str], object] | None = None,
+) -> dict[str, Timing]:
+    """Time each contestant ``runs`` times, interleaved A B A B ..., after
+    ``warmup`` untimed rounds.  ``setup(name)`` runs untimed before every call
+    (e.g. to remove the previous run's output)."""
+    timings = {name: Timing(name) for name in contestants}
+    for round_no in range(warmup + runs):
+        for name, fn in contestants.items():
+            if setup is not None:
+                setup(name)
+            elapsed = time_once(fn)
+            if round_no >= warmup:
+                timings[name].samples.append(elapsed)
+    return timings
+
+
+def median_of(fn: Callable[[], object], runs: int = 5, *, warmup: int = 1) -> Timing:
+    """One contestant alone (when there is no anchor to interleave with)."""
+    return alternate({"run": fn}, runs, warmup=warmup)["run"]
+
+
+def ratio(ours: Timing, anchor: Timing) -> float:
+    return ours.median / anchor.median
+
+
+def ratio_line(what: str, ours: Timing, anchor: Timing) -> str:
+    """``what: ember X vs anchor Y (ratio R)``: the form printed and recorded."""
+    return (
+        f"{what}: {ours.name} {fmt_seconds(ours.median)} vs {anchor.name} "
+        f"{fmt_seconds(anchor.median)}, ratio {ratio(ours, anchor):.2f}x "
+        f"(medians of {len(ours.samples)} alternating runs)"
+    )
+
+
+def print_ratio(what: str, ours: Timing, anchor: Timing) -> str:
+    line = ratio_line(what, ours, anchor)
+    print(ours)
+    print(anchor)
+    print(line)
+    return line
+
+
+def machine_note() -> str:
+    return f"{platform.node()}, {platform.machine()}, Python {platform.python_version()}"
+
+
+def record(section: str, line: str, path: Path = PERFORMANCE_MD) -> None:
+    """Append ``- DATE line`` at the end of section ``## section`` of
+    docs/performance.md, creating the file or the section if missing.  Holds a
+    lock across read-modify-write so parallel bench scripts do not lose lines."""
+    today = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    entry = f"- {today}: {line}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else PERFORMANCE_HEADER
+        atomic_write(path, insert_under_section(text, section, entry).encode())
+
+
+def insert_under_section(text: str, section: str, entry: str) -> str:
+    """Pure part of ``record``: ``text`` with ``entry`` appended to ``## section``."""
+    header = f"## {section}"
+    lines = text.rstrip("\n").split("\n")
+    try:
+        start = lines.index(header)
+    except ValueError:
+        return "\n".join([*lines, "", header, "", entry]) + "\n"
+    end = start + 1
+    while end < len(lines) and not lines[end].startswith("## "):
+        end += 1
+    # insert after the section's last non-blank line
+    insert_at = end
+    while insert_at > start + 1 and not lines[insert_at - 1].strip():
+        insert_at -= 1
+    if insert_at == start + 1:
+        lines[insert_at:insert_at] = ["", entry]
+    else:
+        lines[insert_at:insert_at] = [entry]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def registry(*, username: str | None = None, password: str | None = None) -> Iterator[Registry]:
+    """A docker-registry on a free loopback port in a temp dir, removed afterwards."""
+    with (
+        tempfile.TemporaryDirectory(prefix="ember-bench-registry-") as tmp,
+        running_registry(Path(tmp) / "registry", username=username, password=password) as reg,
+    ):
+        yield reg

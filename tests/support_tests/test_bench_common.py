@@ -1,0 +1,65 @@
+"""bench/_common.py: interleaved timing, section-wise recording, bench registry."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+from bench import _common as bc
+
+
+def test_alternate_interleaves_and_skips_warmup() -> None:
+    calls: list[str] = []
+    setups: list[str] = []
+    timings = bc.alternate(
+        {"ember": lambda: calls.append("e"), "anchor": lambda: calls.append("a")},
+        runs=3,
+        warmup=1,
+        setup=setups.append,
+    )
+    assert calls == ["e", "a"] * 4
+    assert setups == ["ember", "anchor"] * 4
+    assert [len(t.samples) for t in timings.values()] == [3, 3]
+    assert all(s >= 0 for t in timings.values() for s in t.samples)
+
+
+def test_ratio_line_uses_medians() -> None:
+    ours = bc.Timing("ember", [1.0, 9.0, 2.0])
+    anchor = bc.Timing("umoci", [4.0, 4.0, 100.0])
+    assert ours.median == 2.0 and anchor.median == 4.0
+    assert bc.ratio(ours, anchor) == 0.5
+    line = bc.ratio_line("unpack debian", ours, anchor)
+    assert line.startswith("unpack debian: ember 2.00 s vs umoci 4.00 s, ratio 0.50x")
+
+
+def test_insert_under_section() -> None:
+    text = "# Performance\n\nintro\n\n## unpack\n\n- old\n\n## pull\n\n- p\n"
+    out = bc.insert_under_section(text, "unpack", "- new")
+    assert out == "# Performance\n\nintro\n\n## unpack\n\n- old\n- new\n\n## pull\n\n- p\n"
+    out = bc.insert_under_section(out, "pull", "- p2")
+    assert out.endswith("## pull\n\n- p\n- p2\n")
+    out = bc.insert_under_section(out, "boot", "- b")
+    assert out.endswith("- p2\n\n## boot\n\n- b\n")
+    empty = bc.insert_under_section("# P\n\n## s\n\n## t\n", "s", "- x")
+    assert empty == "# P\n\n## s\n\n- x\n\n## t\n"
+
+
+def test_record_creates_and_appends(tmp_path: Path) -> None:
+    doc = tmp_path / "docs" / "performance.md"
+    bc.record("registry push", "ember 1 s vs distribution 2 s", doc)
+    bc.record("registry push", "second line", doc)
+    text = doc.read_text()
+    assert text.startswith("# Performance")
+    section = text.split("## registry push\n", 1)[1]
+    assert [ln.split(": ", 1)[1] for ln in section.splitlines() if ln.startswith("- ")] == [
+        "ember 1 s vs distribution 2 s",
+        "second line",
+    ]
+
+
+def test_bench_registry_runs_and_cleans_up() -> None:
+    with bc.registry() as reg:
+        with urllib.request.urlopen(f"{reg.url}/v2/", timeout=5) as resp:
+            assert resp.status == 200
+        root = reg.root
+    assert not root.exists()
