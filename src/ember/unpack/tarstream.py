@@ -1,0 +1,193 @@
+"""A forward-only tar reader over a pipe, built for the chroot-ed applier.
+
+Header decoding (ustar, GNU long names, pax records, the three GNU sparse
+formats) is tarfile's own ``TarInfo.fromtarfile``: that part is well tested
+and easy to get wrong.  Everything around it is ember's: the buffering (one
+``os.read`` per MiB, file data handed out as slices of that buffer so it is
+copied once, pipe -> page cache), strict end-of-archive handling (tarfile
+silently treats a corrupt header as the end of the archive), bounds on
+header sizes, and the validation of offsets and sparse maps.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterator
+
+from ember.unpack.errors import InvalidLayer
+
+BLOCK = tarfile.BLOCKSIZE
+READ_SIZE = 1 << 20
+#: bytes of headers (pax records, GNU long names, sparse maps) one entry may carry
+MAX_HEADER_BYTES = 16 << 20
+
+# tarfile's header exceptions are not in its __all__ (nor in typeshed), but
+# telling them apart is the point: zero block = end, short block = truncated.
+_EOFHeader: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_EmptyHeader: type[Exception] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+_TruncatedHeader: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+
+
+class PipeReader:
+    """Buffered, forward-only reader of a file descriptor that tracks its offset."""
+
+    def __init__(self, fd: int, read_size: int = READ_SIZE) -> None:
+        self._fd = fd
+        self._read_size = read_size
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # stream offset of _buf[0]
+        self.header_budget = MAX_HEADER_BYTES
+
+    def _fill(self) -> bool:
+        """Replace the (fully consumed) buffer with the next read; False at EOF."""
+        data = os.read(self._fd, self._read_size)
+        if not data:
+            return False
+        self._base += len(self._buf)
+        self._buf = data
+        self._pos = 0
+        return True
+
+    def tell(self) -> int:
+        return self._base + self._pos
+
+    def read(self, n: int) -> bytes:
+        """Header bytes (tarfile calls this); short only at end of stream."""
+        if n < 0 or n > self.header_budget:
+            raise InvalidLayer(f"tar header at offset {self.tell()} is too large ({n} bytes)")
+        self.header_budget -= n
+        end = self._pos + n
+        if end <= len(self._buf):
+            out = self._buf[self._pos:end]
+            self._pos = end
+            return out
+        parts = [self._buf[self._pos:]]
+        have = len(parts[0])
+        self._pos = len(self._buf)
+        while have < n and self._fill():
+            take = min(n - have, len(self._buf))
+            parts.append(self._buf[:take])
+            self._pos = take
+            have += take
+        return b"".join(parts)
+
+    def chunks(self, n: int) -> Iterator[tuple[bytes, int, int]]:
+        """Consume ``n`` bytes, yielding ``(buffer, start, end)`` slices without copying."""
+        while n > 0:
+            if self._pos >= len(self._buf) and not self._fill():
+                raise InvalidLayer(f"layer ends in the middle of a file's data (offset {self.tell()})")
+            take = min(n, len(self._buf) - self._pos)
+            start = self._pos
+            self._pos += take
+            n -= take
+            yield self._buf, start, start + take
+
+    def skip_to(self, offset: int) -> None:
+        n = offset - self.tell()
+        if n < 0:
+            raise InvalidLayer(f"tar entry overlaps the previous one at offset {self.tell()}")
+        for _ in self.chunks(n):
+            pass
+
+    def drain(self) -> None:
+        """Read to EOF so the writer (which hashes the whole stream) is never cut off."""
+        self._pos = len(self._buf)
+        while self._fill():
+            self._pos = len(self._buf)
+
+
+class _HeaderSource:
+    """The attributes of a TarFile that ``TarInfo.fromtarfile`` uses."""
+
+    def __init__(self, reader: PipeReader) -> None:
+        self.fileobj = reader
+        self.encoding = "utf-8"
+        # surrogateescape round-trips any bytes: names and xattr values come back
+        # exactly with .encode("utf-8", "surrogateescape").
+        self.errors = "surrogateescape"
+        self.pax_headers: dict[str, str] = {}
+        self.offset = 0
+
+
+class Entry:
+    """One member of the archive plus where its data lies in the stream."""
+
+    __slots__ = ("info", "data_size", "next_offset", "regions")
+
+    def __init__(self, info: tarfile.TarInfo, data_size: int, next_offset: int,
+                 regions: list[tuple[int, int]] | None) -> None:
+        self.info = info
+        self.data_size = data_size  # bytes of file data stored in the archive
+        self.next_offset = next_offset
+        #: for sparse members, (offset, length) of each stored region in the real file
+        self.regions = regions
+
+
+def _validate_sparse(info: tarfile.TarInfo, stored: int) -> list[tuple[int, int]]:
+    regions: list[tuple[int, int]] = []
+    total = 0
+    sparse: list[tuple[int, int]] = info.sparse or []  # type: ignore[assignment]  # typeshed is wrong
+    for off, length in sparse:
+        regions.append((off, length))
+        if off < 0 or length < 0 or off + length > info.size:
+            raise InvalidLayer(f"sparse file {info.name[:200]!r} has a region outside its size")
+        total += length
+    if total > stored:
+        raise InvalidLayer(f"sparse file {info.name[:200]!r} declares more data than the archive holds")
+    return regions
+
+
+class TarStream:
+    """Iterate entries; the consumer reads an entry's data with ``reader.chunks(entry.data_size)``
+    (or not at all) before asking for the next one."""
+
+    def __init__(self, reader: PipeReader) -> None:
+        self.reader = reader
+        self._src = _HeaderSource(reader)
+        self.ended_cleanly = False
+
+    def __iter__(self) -> Iterator[Entry]:
+        reader = self.reader
+        src = self._src
+        while True:
+            reader.header_budget = MAX_HEADER_BYTES
+            start = reader.tell()
+            try:
+                info = tarfile.TarInfo.fromtarfile(src)  # type: ignore[arg-type]
+            except _EOFHeader:
+                self.ended_cleanly = True
+                return
+            except _EmptyHeader:
+                # The stream stopped on a header boundary without the zero blocks;
+                # Go's archive/tar (Docker, containerd) accepts that as the end, so do we.
+                self.ended_cleanly = True
+                return
+            except _TruncatedHeader:
+                raise InvalidLayer(f"layer ends in the middle of a tar header (offset {start})") from None
+            except (tarfile.HeaderError, ValueError, UnicodeError) as e:
+                raise InvalidLayer(f"invalid tar header at offset {start}: {e}") from None
+            except RecursionError:
+                raise InvalidLayer(f"tar entry at offset {start} chains too many extended headers") from None
+            here = reader.tell()
+            if info.offset_data != here:
+                raise InvalidLayer(f"tar entry {info.name[:200]!r} has an inconsistent data offset")
+            if info.size < 0:
+                raise InvalidLayer(f"tar entry {info.name[:200]!r} has a negative size")
+            next_offset = src.offset
+            stored = next_offset - here
+            if stored < 0:
+                raise InvalidLayer(f"tar entry {info.name[:200]!r} has an inconsistent size")
+            regions: list[tuple[int, int]] | None = None
+            if info.sparse is not None:
+                regions = _validate_sparse(info, stored)
+                data_size = sum(length for _, length in regions)
+            elif info.isreg():
+                data_size = info.size
+                if data_size > stored:
+                    raise InvalidLayer(f"tar entry {info.name[:200]!r} has an inconsistent size")
+            else:
+                data_size = 0
+            yield Entry(info, data_size, next_offset, regions)
+            reader.skip_to(next_offset)
