@@ -31,7 +31,10 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 # What ``docker save`` archives hold: uncompressed layer tars.
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+# Not in Docker's spec but written by some tools (zstd:chunked converters).
+DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
 DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+DOCKER_FOREIGN_LAYER_TAR = "application/vnd.docker.image.rootfs.foreign.diff.tar"
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
@@ -52,12 +55,14 @@ _LAYER_COMPRESSION: dict[str, Compression] = {
     OCI_LAYER_NONDIST_ZSTD: "zstd",
     DOCKER_LAYER_GZIP: "gzip",
     DOCKER_LAYER_TAR: "none",
+    DOCKER_LAYER_ZSTD: "zstd",
     DOCKER_FOREIGN_LAYER: "gzip",
+    DOCKER_FOREIGN_LAYER_TAR: "none",
 }
 
 #: layers a registry may not serve; their descriptors may carry ``urls``
 NONDISTRIBUTABLE_LAYERS = frozenset(
-    {OCI_LAYER_NONDIST_TAR, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD, DOCKER_FOREIGN_LAYER}
+    {OCI_LAYER_NONDIST_TAR, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD, DOCKER_FOREIGN_LAYER, DOCKER_FOREIGN_LAYER_TAR}
 )
 
 #: what a client sends in ``Accept`` when asking a registry for a manifest

@@ -1,0 +1,228 @@
+"""Reading images from ``docker save`` / ``podman save`` archives (``docker-archive:FILE``).
+
+The archive is a tar holding ``manifest.json`` (a list of ``{Config, RepoTags,
+Layers}``), the config file and one file per layer, usually uncompressed tars
+(newer Docker stores them as ``blobs/sha256/...``, the same content).  Layer
+files may be symlinks to others in the archive, which are followed inside it.
+
+An uncompressed layer's digest is its DiffID, so it is imported as an OCI tar
+layer and verified against the config while it is copied.  A compressed one
+(gzip/zstd by magic) is hashed first.  The manifest ember records is
+synthesised from these descriptors in canonical JSON, so importing the same
+archive twice gives the same manifest digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ember.images.errors import ImageNotFound, InvalidSource
+from ember.images.sources import Resolved
+from ember.oci import mediatypes as mt
+from ember.oci.config import MAX_CONFIG_SIZE, parse_config
+from ember.oci.digest import Digest
+from ember.oci.errors import DigestMismatch, FormatError
+from ember.oci.manifest import Descriptor, ImageManifest
+from ember.oci.platform import Platform
+from ember.oci.reference import Reference
+from ember.store.content import ContentStore
+
+_CHUNK = 1 << 20
+_MAX_MANIFEST_JSON = 4 * 1024 * 1024
+_MAX_LINK_HOPS = 16
+
+
+def _norm(name: str) -> str | None:
+    path = posixpath.normpath(name.lstrip("/"))
+    if path in (".", "") or path.startswith("../") or path == "..":
+        return None
+    return path
+
+
+class DockerArchiveSource:
+    def __init__(self, path: Path, selector: str | None, name: str) -> None:
+        self.path = path
+        self.selector = selector
+        self.name = name
+        try:
+            self._tar = tarfile.open(path, "r:")  # noqa: SIM115 (held until close())
+        except FileNotFoundError:
+            raise InvalidSource(f"docker archive {path} does not exist") from None
+        except (OSError, tarfile.TarError) as e:
+            raise InvalidSource(
+                f"{path} is not a docker archive (an uncompressed tar): {e}"
+            ) from None
+        self._members: dict[str, tarfile.TarInfo] = {}
+        for member in self._tar:
+            key = _norm(member.name)
+            if key is not None:
+                self._members[key] = member
+        self._blobs: dict[Digest, tuple[tarfile.TarInfo | None, bytes | None]] = {}
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        key = _norm(name)
+        for _ in range(_MAX_LINK_HOPS):
+            member = self._members.get(key) if key else None
+            if member is None:
+                raise InvalidSource(f"docker archive {self.path} lacks {name[:200]!r}")
+            if member.isfile():
+                return member
+            if member.issym():
+                key = _norm(posixpath.join(posixpath.dirname(key or ""), member.linkname))
+            elif member.islnk():
+                key = _norm(member.linkname)
+            else:
+                raise InvalidSource(f"docker archive {self.path}: {name[:200]!r} is not a file")
+        raise InvalidSource(f"docker archive {self.path}: too many links for {name[:200]!r}")
+
+    def _chunks(self, member: tarfile.TarInfo, limit: int | None = None) -> Iterator[bytes]:
+        """A member's bytes, read by offset from a fresh descriptor: safe from several threads."""
+        if member.issparse():
+            raise InvalidSource(
+                f"docker archive {self.path}: {member.name[:200]!r} is a sparse member"
+            )
+        remaining = member.size if limit is None else min(limit, member.size)
+        offset = member.offset_data
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while remaining > 0:
+                chunk = os.pread(fd, min(_CHUNK, remaining), offset)
+                if not chunk:
+                    raise InvalidSource(f"docker archive {self.path} is truncated")
+                offset += len(chunk)
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    def _read(self, name: str, limit: int) -> bytes:
+        member = self._member(name)
+        if member.size > limit:
+            raise InvalidSource(
+                f"docker archive {self.path}: {name[:200]!r} is larger than {limit} bytes"
+            )
+        return b"".join(self._chunks(member))
+
+    def _entry(self) -> dict[str, Any]:
+        try:
+            entries = json.loads(self._read("manifest.json", _MAX_MANIFEST_JSON))
+        except ValueError as e:
+            raise InvalidSource(
+                f"docker archive {self.path}: manifest.json is not JSON: {e}"
+            ) from None
+        if (
+            not isinstance(entries, list)
+            or not all(isinstance(e, dict) for e in entries)
+            or not entries
+        ):
+            raise InvalidSource(
+                f"docker archive {self.path}: manifest.json must be a non-empty list"
+            )
+
+        def tags(item: dict[str, Any]) -> list[str]:
+            raw = item.get("RepoTags") or []
+            return [t for t in raw if isinstance(t, str)] if isinstance(raw, list) else []
+
+        if self.selector is None:
+            if len(entries) > 1:
+                names = ", ".join(t for item in entries for t in tags(item)) or "untagged"
+                raise InvalidSource(
+                    f"docker archive {self.path} holds {len(entries)} images: name one with "
+                    f"docker-archive:{self.path}:REF or :@INDEX ({names})"
+                )
+            return entries[0]
+        if self.selector.startswith("@"):
+            try:
+                return entries[int(self.selector[1:])]
+            except (ValueError, IndexError):
+                raise ImageNotFound(
+                    f"docker archive {self.path} has no image number {self.selector[1:]!r}"
+                ) from None
+        for item in entries:
+            for t in tags(item):
+                try:
+                    if str(Reference.parse(t)) == self.selector:
+                        return item
+                except FormatError:
+                    continue
+        raise ImageNotFound(f"no image {self.selector} in docker archive {self.path}")
+
+    def _layer_descriptor(self, member: tarfile.TarInfo, diff_id: Digest) -> Descriptor:
+        head = b"".join(self._chunks(member, 4))
+        if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+            media_type = mt.OCI_LAYER_GZIP if head[:2] == b"\x1f\x8b" else mt.OCI_LAYER_ZSTD
+            h = hashlib.sha256()
+            for chunk in self._chunks(member):
+                h.update(chunk)
+            digest = Digest("sha256", h.hexdigest())
+        else:
+            # Uncompressed: the blob digest is the DiffID, checked while copying.
+            media_type, digest = mt.OCI_LAYER_TAR, diff_id
+        self._blobs[digest] = (member, None)
+        return Descriptor(media_type, digest, member.size)
+
+    def resolve(self, platform: Platform | None) -> Resolved:
+        entry = self._entry()
+        config_name, layer_names = entry.get("Config"), entry.get("Layers")
+        if not isinstance(config_name, str) or not isinstance(layer_names, list):
+            raise InvalidSource(
+                f"docker archive {self.path}: manifest.json entry lacks Config or Layers"
+            )
+        config_data = self._read(config_name, MAX_CONFIG_SIZE)
+        config = parse_config(config_data)
+        if len(layer_names) != len(config.diff_ids):
+            raise InvalidSource(
+                f"docker archive {self.path}: {len(layer_names)} layers but the config lists {len(config.diff_ids)}"
+            )
+        config_digest = Digest.of(config_data)
+        self._blobs[config_digest] = (None, config_data)
+        layers = []
+        for name, diff_id in zip(layer_names, config.diff_ids, strict=True):
+            if not isinstance(name, str):
+                raise InvalidSource(f"docker archive {self.path}: a layer name is not a string")
+            layers.append(self._layer_descriptor(self._member(name), diff_id))
+        manifest = ImageManifest(
+            media_type=mt.OCI_MANIFEST,
+            config=Descriptor(mt.OCI_CONFIG, config_digest, len(config_data)),
+            layers=layers,
+        )
+        data = manifest.to_json()
+        return Resolved(data, mt.OCI_MANIFEST, Digest.of(data))
+
+    def fetch(
+        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
+    ) -> None:
+        member, data = self._blobs[desc.digest]
+        if store.exists(desc.digest):
+            if progress:
+                progress(desc.size)
+            return
+        if data is not None:
+            store.put_bytes(data, desc.digest)
+            return
+        assert member is not None
+        with store.writer(desc.digest, desc.size) as writer:
+            if writer.already_committed:
+                return
+            writer.reset()
+            try:
+                for chunk in self._chunks(member):
+                    writer.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                writer.commit()
+            except DigestMismatch as e:
+                writer.reset()
+                raise InvalidSource(
+                    f"docker archive {self.path}: a layer does not match the DiffID its config declares ({e})"
+                ) from None

@@ -1,0 +1,58 @@
+"""What the image service hands out: an image and its layers, resolved and verified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ember.oci.config import ImageConfig
+from ember.oci.digest import Digest
+from ember.oci.manifest import ImageManifest
+from ember.oci.platform import Platform
+
+
+@dataclass(frozen=True)
+class Layer:
+    media_type: str
+    digest: Digest  # of the blob as stored (usually compressed)
+    size: int
+    diff_id: Digest  # of the uncompressed tar, from the config
+    chain_id: Digest  # identity of this layer stacked on all below it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "media_type": self.media_type,
+            "digest": str(self.digest),
+            "size": self.size,
+            "diff_id": str(self.diff_id),
+            "chain_id": str(self.chain_id),
+        }
+
+
+@dataclass(frozen=True)
+class Image:
+    reference: str
+    manifest_digest: Digest
+    manifest: ImageManifest
+    config_digest: Digest
+    config: ImageConfig
+    platform: Platform
+    layers: list[Layer]
+
+    @property
+    def size(self) -> int:
+        """Compressed size of the layers."""
+        return sum(layer.size for layer in self.layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON ``ember image inspect`` prints."""
+        return {
+            "reference": self.reference,
+            "manifest_digest": str(self.manifest_digest),
+            "media_type": self.manifest.media_type,
+            "platform": str(self.platform),
+            "config_digest": str(self.config_digest),
+            "config": self.config.as_dict(),
+            "layers": [layer.as_dict() for layer in self.layers],
+            "size": self.size,
+        }

@@ -1,0 +1,139 @@
+"""Reading images from an OCI image layout directory (``oci:DIR[:TAG]``).
+
+The layout is outside input: ``index.json`` is parsed like any index, tags
+come from ``org.opencontainers.image.ref.name`` annotations, and every blob
+is verified (digest and size) on its way into the content store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ember.images.errors import ImageNotFound, InvalidSource
+from ember.images.sources import Resolved
+from ember.oci import mediatypes as mt
+from ember.oci.digest import Digest, Verifier
+from ember.oci.errors import DigestMismatch
+from ember.oci.manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, parse_manifest
+from ember.oci.platform import Platform, select_manifest
+from ember.store.content import ContentStore
+
+REF_NAME = "org.opencontainers.image.ref.name"
+_CHUNK = 1 << 20
+_MAX_NESTING = 4
+
+
+class OciLayoutSource:
+    def __init__(self, path: Path, tag: str | None, name: str) -> None:
+        self.path = path
+        self.tag = tag
+        self.name = name
+
+    def close(self) -> None:
+        pass
+
+    def _blob_path(self, digest: Digest) -> Path:
+        return self.path / "blobs" / digest.algorithm / digest.hex
+
+    def _read_small(self, desc: Descriptor, limit: int) -> bytes:
+        if desc.size > limit:
+            raise InvalidSource(
+                f"blob {desc.digest} in {self.path} declares {desc.size} bytes, more than {limit}"
+            )
+        try:
+            with open(self._blob_path(desc.digest), "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise InvalidSource(f"OCI layout {self.path} lacks blob {desc.digest}") from None
+        check = Verifier(desc.digest, desc.size)
+        try:
+            check.update(data)
+            check.verify()
+        except DigestMismatch as e:
+            raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None
+        return data
+
+    def _index(self) -> ImageIndex:
+        try:
+            layout = json.loads((self.path / "oci-layout").read_bytes())
+        except FileNotFoundError:
+            raise InvalidSource(
+                f"{self.path} is not an OCI image layout (no oci-layout file)"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise InvalidSource(f"cannot read {self.path / 'oci-layout'}: {e}") from None
+        if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith(
+            "1."
+        ):
+            raise InvalidSource(f"{self.path}: unsupported OCI layout version")
+        try:
+            with open(self.path / "index.json", "rb") as f:
+                data = f.read(MAX_MANIFEST_SIZE + 1)
+        except OSError as e:
+            raise InvalidSource(f"cannot read {self.path / 'index.json'}: {e}") from None
+        index = parse_manifest(data, mt.OCI_INDEX)
+        if not isinstance(index, ImageIndex):
+            raise InvalidSource(f"{self.path / 'index.json'} is not an image index")
+        return index
+
+    def resolve(self, platform: Platform | None) -> Resolved:
+        index = self._index()
+        tags = sorted({t for d in index.manifests if (t := (d.annotations or {}).get(REF_NAME))})
+        if self.tag is not None:
+            candidates = [
+                d for d in index.manifests if (d.annotations or {}).get(REF_NAME) == self.tag
+            ]
+            if not candidates:
+                raise ImageNotFound(
+                    f"no image tagged {self.tag!r} in OCI layout {self.path} (tags: {', '.join(tags) or 'none'})"
+                )
+        else:
+            candidates = list(index.manifests)
+            if len(candidates) > 1:
+                raise InvalidSource(
+                    f"OCI layout {self.path} holds {len(candidates)} images: name one with "
+                    f"oci:{self.path}:TAG (tags: {', '.join(tags) or 'none'})"
+                )
+            if not candidates:
+                raise ImageNotFound(f"OCI layout {self.path} holds no image")
+        if len(candidates) == 1:
+            desc = candidates[0]
+        else:
+            desc = select_manifest(ImageIndex(mt.OCI_INDEX, candidates), platform)
+        index_digest: Digest | None = None
+        for _ in range(_MAX_NESTING):
+            data = self._read_small(desc, MAX_MANIFEST_SIZE)
+            parsed = parse_manifest(data, desc.media_type)
+            if isinstance(parsed, ImageIndex):
+                index_digest = desc.digest
+                desc = select_manifest(parsed, platform)
+                continue
+            return Resolved(data, parsed.media_type, desc.digest, index_digest)
+        raise InvalidSource(f"OCI layout {self.path}: indexes nested too deeply")
+
+    def fetch(
+        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
+    ) -> None:
+        if store.exists(desc.digest):
+            if progress:
+                progress(desc.size)
+            return
+        try:
+            src = open(self._blob_path(desc.digest), "rb")  # noqa: SIM115 (closed by the with below)
+        except FileNotFoundError:
+            raise InvalidSource(f"OCI layout {self.path} lacks blob {desc.digest}") from None
+        with src, store.writer(desc.digest, desc.size) as writer:
+            if writer.already_committed:
+                return
+            writer.reset()
+            try:
+                while chunk := src.read(_CHUNK):
+                    writer.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                writer.commit()
+            except DigestMismatch as e:
+                writer.reset()
+                raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None

@@ -1,0 +1,268 @@
+"""The host image service: pull images into the content store, name them, hand them out.
+
+A pull resolves the source to one image manifest, validates it with its
+config (supported layer types, one DiffID per layer, the platform asked for),
+downloads config and layers through the verifying content-store writer with
+bounded concurrency, stores the manifest blob last and then records the
+reference.  Readers therefore never see a reference whose blobs are missing.
+
+Pulls hold a shared lock and ``remove`` an exclusive one while it deletes
+blobs no other image uses, so a removal never deletes a blob that a
+concurrent pull is about to record.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ember.home import Home
+from ember.images.dockerarchive import DockerArchiveSource
+from ember.images.errors import ImageNotFound, InvalidImage, InvalidSource
+from ember.images.model import Image, Layer
+from ember.images.ocilayout import OciLayoutSource
+from ember.images.progress import PullProgress, make_progress
+from ember.images.registrysource import RegistrySource
+from ember.images.sources import Source, SourceSpec, parse_source
+from ember.oci import mediatypes as mt
+from ember.oci.chainid import chain_ids
+from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
+from ember.oci.digest import Digest
+from ember.oci.errors import FormatError, NoMatchingPlatform
+from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
+from ember.oci.platform import Platform
+from ember.registry.client.credentials import CredentialStore
+from ember.store.content import ContentStore
+from ember.store.db import open_database
+from ember.store.errors import BlobNotFound
+from ember.store.images import ImageRecord, ImageTable
+
+#: layers downloaded at once (the registry, not the CPU, is usually the limit)
+MAX_PARALLEL_BLOBS = 4
+_HEX_PREFIX = re.compile(r"^(?:sha256:)?[0-9a-f]{6,64}$")
+
+
+def build_image(
+    reference: str,
+    manifest_digest: Digest,
+    manifest: ImageManifest,
+    config_digest: Digest,
+    config: ImageConfig,
+) -> Image:
+    """Check that manifest and config make an image ember can unpack, and describe it."""
+    if manifest.config.media_type not in mt.CONFIG_TYPES:
+        raise InvalidImage(
+            f"{reference} is not a container image (its config has media type {manifest.config.media_type[:120]!r})"
+        )
+    if len(manifest.layers) != len(config.diff_ids):
+        raise InvalidImage(
+            f"{reference}: the manifest has {len(manifest.layers)} layers but the config lists "
+            f"{len(config.diff_ids)} DiffIDs"
+        )
+    for desc in manifest.layers:
+        mt.layer_compression(desc.media_type)  # raises UnsupportedMediaType with a clear message
+    chains = chain_ids(config.diff_ids)
+    layers = [
+        Layer(d.media_type, d.digest, d.size, diff_id, chain)
+        for d, diff_id, chain in zip(manifest.layers, config.diff_ids, chains, strict=True)
+    ]
+    platform = Platform.of(config.os, config.architecture, config.variant)
+    return Image(reference, manifest_digest, manifest, config_digest, config, platform, layers)
+
+
+class ImageService:
+    def __init__(self, home: Home) -> None:
+        self.home = home.ensure()
+        self.content = ContentStore(home.content)
+        self.table = ImageTable(open_database(home.db_url))
+        self.credentials = CredentialStore(home.credentials)
+
+    # -- locking -------------------------------------------------------------
+
+    @contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        self.home.run.mkdir(parents=True, exist_ok=True)
+        with open(self.home.run / "images.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- pulling -------------------------------------------------------------
+
+    def _open_source(self, spec: SourceSpec, plain_http: bool) -> Source:
+        if spec.kind == "oci":
+            assert spec.path is not None
+            return OciLayoutSource(spec.path, spec.selector, spec.name)
+        if spec.kind == "docker-archive":
+            assert spec.path is not None
+            return DockerArchiveSource(spec.path, spec.selector, spec.name)
+        assert spec.reference is not None
+        creds = self.credentials.lookup(spec.reference.registry)
+        return RegistrySource(spec.reference, plain_http=plain_http, credentials=creds)
+
+    def pull(
+        self,
+        ref: str,
+        platform: Platform | None = None,
+        *,
+        plain_http: bool = False,
+        progress: bool | None = None,
+    ) -> Image:
+        """Fetch ``ref`` (registry reference, ``oci:DIR[:TAG]``, ``docker-archive:FILE``) and record it."""
+        spec = parse_source(ref)
+        source = self._open_source(spec, plain_http)
+        try:
+            with self._lock(exclusive=False), make_progress(progress) as display:
+                return self._pull(source, platform, display)
+        finally:
+            source.close()
+
+    def _pull(self, source: Source, platform: Platform | None, display: PullProgress) -> Image:
+        resolved = source.resolve(platform)
+        manifest = parse_manifest(resolved.data, resolved.media_type)
+        if not isinstance(manifest, ImageManifest):
+            raise InvalidImage(f"{source.name} resolved to an index, not an image manifest")
+        cfg = manifest.config
+        if cfg.media_type not in mt.CONFIG_TYPES:
+            raise InvalidImage(
+                f"{source.name} is not a container image (config media type {cfg.media_type[:120]!r})"
+            )
+        if cfg.size > MAX_CONFIG_SIZE:
+            raise InvalidImage(
+                f"{source.name}: config of {cfg.size} bytes is larger than ember accepts"
+            )
+        for desc in manifest.layers:
+            mt.layer_compression(desc.media_type)
+        source.fetch(cfg, self.content, None)
+        config = parse_config(self.content.read_bytes(cfg.digest))
+        image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
+        if platform is not None and not platform.matches(image.platform):
+            raise NoMatchingPlatform(f"{source.name} is for {image.platform}, not {platform}")
+        self._fetch_layers(source, manifest.layers, display)
+        self.content.put_bytes(resolved.data, resolved.digest)
+        self.table.put(
+            source.name,
+            manifest_digest=resolved.digest,
+            config_digest=cfg.digest,
+            media_type=manifest.media_type,
+            platform=str(image.platform),
+            size=image.size + cfg.size + len(resolved.data),
+            index_digest=resolved.index_digest,
+        )
+        return image
+
+    def _fetch_layers(
+        self, source: Source, layers: list[Descriptor], display: PullProgress
+    ) -> None:
+        unique: dict[Digest, Descriptor] = {}
+        for desc in layers:
+            unique.setdefault(desc.digest, desc)
+        todo = list(unique.values())
+        display.set_total(sum(d.size for d in todo))
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_BLOBS, len(todo))) as pool:
+            futures = [
+                pool.submit(
+                    source.fetch, d, self.content, display.blob(d, f"layer {i + 1}/{len(todo)}")
+                )
+                for i, d in enumerate(todo)
+            ]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    # -- local queries -------------------------------------------------------
+
+    def _record(self, ref: str) -> ImageRecord:
+        name = ref
+        with suppress(FormatError, InvalidSource):
+            name = parse_source(ref).name
+        record = self.table.get(name)
+        if record is not None:
+            return record
+        if _HEX_PREFIX.match(ref):
+            matches = self.table.find_by_digest(ref)
+            digests = {m.manifest_digest for m in matches}
+            if len(digests) == 1:
+                return matches[0]
+            if len(digests) > 1:
+                raise ImageNotFound(f"{ref} matches several images: give more of the digest")
+        raise ImageNotFound(
+            f"image {name} is not in the local store", hint=f"pull it: ember image pull {ref}"
+        )
+
+    def _load(self, record: ImageRecord) -> Image:
+        try:
+            manifest = parse_manifest(
+                self.content.read_bytes(record.manifest_digest), record.media_type
+            )
+            config = parse_config(self.content.read_bytes(record.config_digest))
+        except BlobNotFound as e:
+            raise ImageNotFound(
+                f"image {record.reference} is damaged ({e})",
+                hint=f"pull it again: ember image pull {record.reference}",
+            ) from None
+        if not isinstance(manifest, ImageManifest):
+            raise InvalidImage(f"image {record.reference}: stored manifest is an index")
+        return build_image(
+            record.reference, record.manifest_digest, manifest, record.config_digest, config
+        )
+
+    def get(self, ref: str) -> Image:
+        """The local image named ``ref`` (a reference, source name or digest prefix)."""
+        return self._load(self._record(ref))
+
+    def ensure(
+        self, ref: str, platform: Platform | None = None, *, plain_http: bool = False
+    ) -> Image:
+        try:
+            image = self.get(ref)
+        except ImageNotFound:
+            return self.pull(ref, platform, plain_http=plain_http)
+        if platform is not None and not platform.matches(image.platform):
+            return self.pull(ref, platform, plain_http=plain_http)
+        if not all(self.content.exists(layer.digest) for layer in image.layers):
+            return self.pull(ref, platform or image.platform, plain_http=plain_http)
+        return image
+
+    def list(self) -> list[ImageRecord]:
+        return self.table.list()
+
+    def layer_path(self, layer: Layer) -> Path:
+        return self.content.path(layer.digest)
+
+    # -- removal -------------------------------------------------------------
+
+    def _blobs_of(self, record: ImageRecord) -> set[Digest]:
+        out = {record.manifest_digest, record.config_digest}
+        try:
+            manifest = parse_manifest(
+                self.content.read_bytes(record.manifest_digest), record.media_type
+            )
+        except (BlobNotFound, FormatError):
+            return out
+        if isinstance(manifest, ImageManifest):
+            out.update(d.digest for d in manifest.layers)
+        return out
+
+    def remove(self, ref: str) -> None:
+        """Forget ``ref`` and delete the blobs no other image uses."""
+        with self._lock(exclusive=True):
+            record = self._record(ref)
+            doomed = self._blobs_of(record)
+            self.table.delete(record.reference)
+            for other in self.table.list():
+                doomed -= self._blobs_of(other)
+            for digest in doomed:
+                self.content.delete(digest)

@@ -1,0 +1,86 @@
+"""Where an image comes from: a registry, an OCI layout, or a docker archive.
+
+Names follow skopeo's transports: ``oci:DIR[:TAG]`` and
+``docker-archive:FILE[:REF]``; anything else is a registry reference.  Every
+source resolves to one image manifest (choosing from an index by platform)
+and copies blobs into the content store through its verifying writer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ember.images.errors import InvalidSource
+from ember.oci.digest import Digest
+from ember.oci.manifest import Descriptor
+from ember.oci.platform import Platform
+from ember.oci.reference import Reference
+from ember.store.content import ContentStore
+
+OCI_PREFIX = "oci:"
+DOCKER_ARCHIVE_PREFIX = "docker-archive:"
+DOCKER_PREFIX = "docker://"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The image manifest a source resolved to."""
+
+    data: bytes
+    media_type: str
+    digest: Digest
+    index_digest: Digest | None = None
+
+
+class Source(Protocol):
+    #: the name the image table records
+    name: str
+
+    def resolve(self, platform: Platform | None) -> Resolved: ...
+
+    def fetch(
+        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str  # "registry" | "oci" | "docker-archive"
+    name: str  # canonical: what the image table records
+    reference: Reference | None = None
+    path: Path | None = None
+    selector: str | None = None  # oci tag, or docker-archive image reference
+
+
+def _split_path(rest: str, what: str) -> tuple[Path, str | None]:
+    """``PATH[:SELECTOR]``: the path is everything before the first ':' unless the whole exists."""
+    if not rest:
+        raise InvalidSource(f"{what} needs a path, e.g. {what}/path/to/it")
+    if os.path.exists(rest) or ":" not in rest:
+        return Path(rest).absolute(), None
+    path, _, selector = rest.partition(":")
+    if not path:
+        raise InvalidSource(f"{what} needs a path before ':'")
+    return Path(path).absolute(), selector or None
+
+
+def parse_source(text: str) -> SourceSpec:
+    if text.startswith(OCI_PREFIX):
+        path, tag = _split_path(text[len(OCI_PREFIX) :], OCI_PREFIX)
+        return SourceSpec(
+            "oci", f"{OCI_PREFIX}{path}" + (f":{tag}" if tag else ""), path=path, selector=tag
+        )
+    if text.startswith(DOCKER_ARCHIVE_PREFIX):
+        path, selector = _split_path(text[len(DOCKER_ARCHIVE_PREFIX) :], DOCKER_ARCHIVE_PREFIX)
+        if selector is not None and not selector.startswith("@"):
+            selector = str(Reference.parse(selector))
+        name = f"{DOCKER_ARCHIVE_PREFIX}{path}" + (f":{selector}" if selector else "")
+        return SourceSpec("docker-archive", name, path=path, selector=selector)
+    ref = Reference.parse(text.removeprefix(DOCKER_PREFIX))
+    return SourceSpec("registry", str(ref), reference=ref)

@@ -1,0 +1,486 @@
+"""A registry API v2 client for pulling: auth, manifests, verified blob downloads.
+
+Transport policy: HTTPS, except for loopback registries (``localhost``,
+``127.0.0.0/8``, ``::1``, as Docker does) and hosts the caller names as
+plain-HTTP.  Requests are retried with exponential backoff on connection
+errors, 429 and 5xx; a 401 triggers one authentication round (bearer token
+from the challenge's realm, or Basic) and one retry.  Blobs are written
+through ``ContentStore.writer``, which verifies digest and size before the
+blob becomes visible; an interrupted download resumes with ``Range`` from
+what the ingest file already holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from ember import __version__
+from ember.oci import mediatypes as mt
+from ember.oci.digest import Digest, Verifier
+from ember.oci.errors import DigestMismatch
+from ember.oci.manifest import MAX_MANIFEST_SIZE, Descriptor
+from ember.registry.client.auth import Challenge, TokenCache, parse_challenges, pull_scope
+from ember.registry.client.credentials import Credentials
+from ember.registry.client.errors import (
+    AuthenticationFailed,
+    BlobCorrupt,
+    BlobUnknown,
+    ManifestUnknown,
+    RegistryError,
+    RegistryProtocolError,
+    RegistryUnreachable,
+)
+from ember.store.content import BlobWriter, ContentStore
+
+_CHUNK = 1 << 20
+_MAX_TOKEN_RESPONSE = 1 << 20
+_MAX_ERROR_BODY = 64 * 1024
+USER_AGENT = f"ember/{__version__}"
+
+#: called with the number of bytes just received (negative: a restart discarded them)
+ProgressCallback = Callable[[int], None]
+
+
+def uses_plain_http(host: str) -> bool:
+    """Loopback registries speak plain HTTP by default, as with Docker."""
+    name = host.lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    else:
+        name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+def _error_detail(resp: httpx.Response) -> str:
+    """The first message of a distribution-spec error body, if any."""
+    try:
+        body = resp.read()[:_MAX_ERROR_BODY]
+        doc = json.loads(body)
+        err = doc["errors"][0]
+        code, message = str(err.get("code", "")), str(err.get("message", ""))
+        return f"{code}: {message}"[:300] if code else message[:300]
+    except Exception:
+        return ""
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        host: str,
+        *,
+        plain_http: bool = False,
+        credentials: Credentials | None = None,
+        retries: int = 4,
+        backoff: float = 0.2,
+        timeout: float = 60.0,
+        max_connections: int = 8,
+        api_host: str | None = None,
+    ) -> None:
+        self.host = host
+        self.api_host = api_host or host
+        self.plain_http = plain_http or uses_plain_http(self.api_host)
+        self.base_url = f"{'http' if self.plain_http else 'https'}://{self.api_host}/v2/"
+        self.credentials = credentials
+        self.retries = retries
+        self.backoff = backoff
+        self.http = httpx.Client(
+            follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
+            timeout=httpx.Timeout(timeout, connect=15.0),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"User-Agent": USER_AGENT},
+        )
+        self.tokens = TokenCache()
+        self._challenge: Challenge | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- authentication ------------------------------------------------------
+
+    def _basic(self) -> str | None:
+        if self.credentials is None:
+            return None
+        raw = f"{self.credentials.username}:{self.credentials.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def _authorization(self, scope: str | None) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic()
+        realm, service = challenge.realm or "", challenge.params.get("service", "")
+        scopes = scope or challenge.params.get("scope", "")
+        token = self.tokens.get(realm, service, scopes)
+        if token is None:
+            token = self._fetch_token(realm, service, scopes)
+        return f"Bearer {token}"
+
+    def _fetch_token(self, realm: str, service: str, scope: str) -> str:
+        url = httpx.URL(realm)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise RegistryProtocolError(
+                f"registry {self.host} names an invalid token realm {realm[:200]!r}"
+            )
+        if url.scheme == "http" and not self.plain_http and not uses_plain_http(url.host):
+            # Credentials would cross the network in clear text.
+            raise RegistryProtocolError(
+                f"registry {self.host} asks for a token from a plain-HTTP realm {realm[:200]}: refused"
+            )
+        params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+        headers = {}
+        basic = self._basic()
+        if basic:
+            headers["Authorization"] = basic
+        resp = self._with_retries(lambda: self.http.get(url, params=params, headers=headers), realm)
+        try:
+            if resp.status_code in (401, 403):
+                raise self._auth_failed()
+            if resp.status_code != 200:
+                raise RegistryError(
+                    f"token service {url.host} answered HTTP {resp.status_code} for {self.host}"
+                )
+            body = resp.content[:_MAX_TOKEN_RESPONSE]
+            try:
+                doc = json.loads(body)
+                token = doc.get("token") or doc.get("access_token")
+                expires_in = doc.get("expires_in")
+            except (ValueError, AttributeError):
+                token, expires_in = None, None
+            if (
+                not isinstance(token, str)
+                or not token
+                or len(token) > 64 * 1024
+                or not token.isprintable()
+            ):
+                raise RegistryProtocolError(f"token service {url.host} returned no usable token")
+            if not isinstance(expires_in, int) or isinstance(expires_in, bool):
+                expires_in = None
+        finally:
+            resp.close()
+        self.tokens.put(realm, service, scope, token, expires_in)
+        return token
+
+    def _auth_failed(self) -> AuthenticationFailed:
+        if self.credentials is None:
+            return AuthenticationFailed(
+                f"registry {self.host} requires authentication",
+                hint=f"run: ember registry login {self.host}",
+            )
+        return AuthenticationFailed(
+            f"registry {self.host} refused the credentials for user {self.credentials.username!r}",
+            hint=f"check them with: ember registry login {self.host}",
+        )
+
+    def _learn_challenge(self, resp: httpx.Response) -> None:
+        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+        by_scheme = {c.scheme: c for c in challenges}
+        chosen = by_scheme.get("bearer") or by_scheme.get("basic")
+        if chosen is None:
+            raise AuthenticationFailed(
+                f"registry {self.host} requires an authentication scheme ember does not support"
+            )
+        if chosen.scheme == "bearer" and not chosen.realm:
+            raise RegistryProtocolError(
+                f"registry {self.host} sent a Bearer challenge without a realm"
+            )
+        if chosen.scheme == "basic" and self.credentials is None:
+            raise self._auth_failed()
+        with self._lock:
+            self._challenge = chosen
+
+    # -- requests ------------------------------------------------------------
+
+    def _with_retries(self, send: Callable[[], httpx.Response], what: str) -> httpx.Response:
+        """Run ``send`` until it gives a non-5xx answer, backing off between tries."""
+        attempt = 0
+        while True:
+            try:
+                resp = send()
+            except httpx.TransportError as e:
+                if attempt >= self.retries:
+                    raise RegistryUnreachable(
+                        f"cannot reach registry {self.host} ({type(e).__name__}: {str(e)[:200] or 'no detail'})"
+                    ) from None
+            else:
+                if resp.status_code < 500 and resp.status_code != 429:
+                    return resp
+                if attempt >= self.retries:
+                    return resp
+                resp.close()
+            time.sleep(self.backoff * (2**attempt))
+            attempt += 1
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str | None = None,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """One API request with auth and retries; the caller closes a streamed response."""
+        url = self.base_url + path
+        authenticated_once = False
+        while True:
+
+            def send() -> httpx.Response:
+                hdrs = dict(headers or {})
+                auth = self._authorization(scope)
+                if auth:
+                    hdrs["Authorization"] = auth
+                req = self.http.build_request(method, url, headers=hdrs)
+                return self.http.send(req, stream=stream)
+
+            resp = self._with_retries(send, url)
+            if resp.status_code != 401:
+                return resp
+            resp.close()
+            if authenticated_once:
+                raise self._auth_failed()
+            # A cached token may have been revoked: forget it, then follow the new challenge.
+            challenge = self._challenge
+            if challenge is not None and challenge.scheme == "bearer":
+                self.tokens.drop(
+                    challenge.realm or "",
+                    challenge.params.get("service", ""),
+                    scope or challenge.params.get("scope", ""),
+                )
+            self._learn_challenge(resp)
+            authenticated_once = True
+
+    def ping(self, scope: str | None = None) -> None:
+        """Check that the registry is there and accepts our credentials (``GET /v2/``)."""
+        resp = self.request("GET", "", scope=scope)
+        try:
+            if resp.status_code != 200:
+                raise RegistryError(
+                    f"registry {self.host} answered HTTP {resp.status_code} on /v2/"
+                )
+        finally:
+            resp.close()
+
+    def _check(self, resp: httpx.Response, what: str, not_found: type[RegistryError]) -> None:
+        if resp.status_code == 200:
+            return
+        detail = _error_detail(resp)
+        suffix = f" ({detail})" if detail else ""
+        if resp.status_code == 404:
+            raise not_found(f"{what} not found on {self.host}{suffix}")
+        if resp.status_code == 403:
+            raise AuthenticationFailed(f"registry {self.host} denies access to {what}{suffix}")
+        raise RegistryError(
+            f"registry {self.host} answered HTTP {resp.status_code} for {what}{suffix}"
+        )
+
+    # -- manifests -----------------------------------------------------------
+
+    def get_manifest(
+        self, repository: str, target: str, *, display: str | None = None
+    ) -> FetchedManifest:
+        """The manifest or index for a tag or digest, verified when asked by digest."""
+        what = display or f"{self.host}/{repository}:{target}"
+        resp = self.request(
+            "GET",
+            f"{repository}/manifests/{target}",
+            scope=pull_scope(repository),
+            headers={"Accept": mt.MANIFEST_ACCEPT},
+            stream=True,
+        )
+        try:
+            self._check(resp, f"image {what}", ManifestUnknown)
+            data = bytearray()
+            for chunk in resp.iter_bytes():
+                data += chunk
+                if len(data) > MAX_MANIFEST_SIZE:
+                    raise RegistryProtocolError(
+                        f"manifest of {what} is larger than {MAX_MANIFEST_SIZE} bytes: refused"
+                    )
+            media_type = resp.headers.get("Content-Type", "")
+            header_digest = resp.headers.get("Docker-Content-Digest")
+        finally:
+            resp.close()
+        body = bytes(data)
+        if target.startswith(("sha256:", "sha512:")):
+            digest = Digest.parse(target)
+        else:
+            digest = Digest.of(body)
+            if header_digest and header_digest.startswith("sha512:"):
+                digest = Digest.of(body, "sha512")
+        check = Verifier(digest)
+        check.update(body)
+        try:
+            check.verify()
+        except DigestMismatch:
+            raise BlobCorrupt(
+                f"registry {self.host} served a manifest for {what} that does not match {digest}"
+            ) from None
+        return FetchedManifest(body, media_type, digest)
+
+    # -- blobs ---------------------------------------------------------------
+
+    def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int) -> bytes:
+        """A small blob (a config) into memory, verified."""
+        if desc.size > limit:
+            raise RegistryProtocolError(
+                f"blob {desc.digest} declares {desc.size} bytes, more than {limit}: refused"
+            )
+        check = Verifier(desc.digest, desc.size)
+        data = bytearray()
+        with self._blob_stream(repository, desc, 0) as resp:
+            self._check(resp, f"blob {desc.digest}", BlobUnknown)
+            try:
+                for chunk in resp.iter_bytes(_CHUNK):
+                    check.update(chunk)
+                    data += chunk
+                check.verify()
+            except DigestMismatch as e:
+                raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
+        return bytes(data)
+
+    @contextmanager
+    def _blob_stream(
+        self, repository: str, desc: Descriptor, offset: int
+    ) -> Iterator[httpx.Response]:
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        resp = self.request(
+            "GET",
+            f"{repository}/blobs/{desc.digest}",
+            scope=pull_scope(repository),
+            headers=headers,
+            stream=True,
+        )
+        try:
+            yield resp
+        finally:
+            resp.close()
+
+    def fetch_blob(
+        self,
+        repository: str,
+        desc: Descriptor,
+        store: ContentStore,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Download one blob into the content store, verified; resumes after a cut connection."""
+        if store.exists(desc.digest):
+            if progress:
+                progress(desc.size)
+            return
+        with store.writer(desc.digest, desc.size) as writer:
+            if writer.already_committed:
+                if progress:
+                    progress(desc.size)
+                return
+            if progress and writer.offset:
+                progress(writer.offset)
+            attempt = 0
+            while True:
+                try:
+                    self._download_into(repository, desc, writer, progress)
+                    break
+                except (httpx.TransportError, _Retry) as e:
+                    if attempt >= self.retries:
+                        raise RegistryUnreachable(
+                            f"download of blob {desc.digest.short} from {self.host} keeps failing ({e or type(e).__name__})"
+                        ) from None
+                    time.sleep(self.backoff * (2**attempt))
+                    attempt += 1
+            try:
+                writer.commit()
+            except DigestMismatch as e:
+                if progress:
+                    progress(-desc.size)
+                raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
+
+    def _download_into(
+        self,
+        repository: str,
+        desc: Descriptor,
+        writer: BlobWriter,
+        progress: ProgressCallback | None,
+    ) -> None:
+        offset = writer.offset
+        if offset >= desc.size and desc.size > 0:
+            return  # everything is here already; commit verifies it
+        with self._blob_stream(repository, desc, offset) as resp:
+            if resp.status_code == 416 and offset:
+                # The server cannot serve our range: start again from zero.
+                self._restart(writer, progress)
+                raise _Retry("range not satisfiable")
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise _Retry(f"HTTP {resp.status_code}")
+            if offset and resp.status_code == 200:
+                self._restart(writer, progress)  # the server ignored Range: full body follows
+            elif resp.status_code == 206:
+                start = _content_range_start(resp.headers.get("Content-Range", ""))
+                if start != offset:
+                    raise RegistryProtocolError(
+                        f"registry {self.host} answered a range request for {desc.digest.short} with the wrong range"
+                    )
+            else:
+                self._check(resp, f"blob {desc.digest}", BlobUnknown)
+            try:
+                for chunk in resp.iter_bytes(_CHUNK):
+                    writer.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except DigestMismatch as e:
+                if progress:
+                    progress(-writer.offset)
+                writer.reset()
+                raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
+
+    @staticmethod
+    def _restart(writer: BlobWriter, progress: ProgressCallback | None) -> None:
+        if progress and writer.offset:
+            progress(-writer.offset)
+        writer.reset()
+
+
+class _Retry(Exception):
+    """A transient failure inside a download: back off and resume."""
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes START-END/TOTAL"
+    try:
+        unit, _, rng = value.strip().partition(" ")
+        if unit.lower() != "bytes":
+            return None
+        return int(rng.split("-", 1)[0])
+    except ValueError:
+        return None

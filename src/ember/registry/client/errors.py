@@ -1,0 +1,37 @@
+"""Errors of the registry client: one line each, saying what to do."""
+
+from __future__ import annotations
+
+from ember.errors import EmberError, NotFound
+
+
+class RegistryError(EmberError):
+    pass
+
+
+class RegistryUnreachable(RegistryError):
+    pass
+
+
+class AuthenticationFailed(RegistryError):
+    pass
+
+
+class ManifestUnknown(NotFound, RegistryError):
+    pass
+
+
+class BlobUnknown(NotFound, RegistryError):
+    pass
+
+
+class BlobCorrupt(RegistryError):
+    """The registry served bytes that do not match the descriptor."""
+
+
+class RegistryProtocolError(RegistryError):
+    """The registry answered something the distribution spec does not allow."""
+
+
+class CredentialsError(RegistryError):
+    pass
