@@ -2,12 +2,149 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
 import click
+from rich.table import Table
+
+from ember.cli.common import err_console, home_from_ctx, json_option, out_console, print_json
+from ember.errors import UsageError
+from ember.images import ImageService
+from ember.oci.platform import Platform
+
+platform_option = click.option(
+    "--platform",
+    "platform_text",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Which image of a multi-platform index (default: this host's).",
+)
+plain_http_option = click.option(
+    "--plain-http",
+    is_flag=True,
+    help="Talk plain HTTP to this registry (loopback registries always do).",
+)
+
+
+def _platform(text: str | None) -> Platform | None:
+    return Platform.parse(text) if text else None
+
+
+def _service() -> ImageService:
+    return ImageService(home_from_ctx())
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _age(when: datetime) -> str:
+    seconds = int((datetime.now(UTC) - when).total_seconds())
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = seconds // length
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    return "just now"
 
 
 @click.group()
 def image() -> None:
     """Manage images in the host's content store."""
+
+
+@image.command()
+@click.argument("ref")
+@platform_option
+@plain_http_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> None:
+    """Pull REF: a registry reference, oci:DIR[:TAG] or docker-archive:FILE."""
+    img = _service().pull(
+        ref, _platform(platform_text), plain_http=plain_http, progress=False if quiet else None
+    )
+    err_console.print(f"pulled {img.reference} ({img.platform}, {len(img.layers)} layers)")
+    click.echo(
+        f"{img.reference}@{img.manifest_digest}" if "@" not in img.reference else img.reference
+    )
+
+
+@image.command("ls")
+@json_option
+def list_images(as_json: bool) -> None:
+    """List local images."""
+    records = _service().list()
+    if as_json:
+        print_json([r.as_dict() for r in records])
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            r.reference,
+            r.manifest_digest.short,
+            r.platform,
+            _human_size(r.size),
+            _age(r.updated_at),
+        )
+    out_console.print(table)
+
+
+@image.command()
+@click.argument("ref")
+def inspect(ref: str) -> None:
+    """Print an image's manifest digest, platform, config and layers as JSON."""
+    print_json(_service().get(ref).as_dict())
+
+
+@image.command("rm")
+@click.argument("refs", nargs=-1, required=True)
+def remove(refs: tuple[str, ...]) -> None:
+    """Remove images (and the blobs no other image uses)."""
+    service = _service()
+    for ref in refs:
+        service.remove(ref)
+        err_console.print(f"removed {ref}")
+
+
+@image.command()
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@platform_option
+@plain_http_option
+def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: bool) -> None:
+    """Write the flattened root file system of REF into DIRECTORY (empty or new)."""
+    from ember.unpack import apply_layers
+
+    created = False
+    if directory.exists():
+        if not directory.is_dir():
+            raise UsageError(f"{directory} exists and is not a directory")
+        if any(os.scandir(directory)):
+            raise UsageError(f"{directory} is not empty: unpack needs an empty or new directory")
+    else:
+        directory.mkdir(parents=True)
+        created = True
+    service = _service()
+    img = service.ensure(ref, _platform(platform_text), plain_http=plain_http)
+    try:
+        stats = apply_layers(
+            directory, [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers]
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    err_console.print(
+        f"unpacked {img.reference} into {directory} ({stats.layers} layers, {stats.entries} entries)"
+    )
 
 
 commands: list[click.Command] = [image]

@@ -1,0 +1,70 @@
+"""``ember registry login/logout HOST``: credentials for pulling from registries."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ember.cli.common import err_console, home_from_ctx
+from ember.errors import UsageError
+from ember.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST
+from ember.registry.client import CredentialStore, RegistryClient
+from ember.registry.client.credentials import Credentials
+
+
+def _normalise_host(host: str) -> str:
+    host = host.strip().lower().removeprefix("https://").removeprefix("http://").rstrip("/")
+    if not host or "/" in host or any(c.isspace() for c in host):
+        raise UsageError(f"invalid registry host {host[:100]!r}: give HOST or HOST:PORT")
+    return DEFAULT_REGISTRY if host in ("index.docker.io", "registry-1.docker.io") else host
+
+
+@click.group()
+def registry() -> None:
+    """Log in to and out of image registries."""
+
+
+@registry.command()
+@click.argument("host")
+@click.option("-u", "--username", help="User name (asked for when missing).")
+@click.option("-p", "--password", help="Password (prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--plain-http", is_flag=True, help="Talk plain HTTP to this registry.")
+def login(
+    host: str, username: str | None, password: str | None, password_stdin: bool, plain_http: bool
+) -> None:
+    """Check credentials against HOST and store them (mode 0600 under the state directory)."""
+    host = _normalise_host(host)
+    if password is not None and password_stdin:
+        raise UsageError("give either --password or --password-stdin, not both")
+    if username is None:
+        username = click.prompt("Username")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password is None:
+        password = click.prompt("Password", hide_input=True)
+    if not username or not password:
+        raise UsageError("a user name and a password are needed")
+    creds = Credentials(username, password)
+    api_host = DOCKER_HUB_API_HOST if host == DEFAULT_REGISTRY else host
+    with RegistryClient(
+        host, api_host=api_host, plain_http=plain_http, credentials=creds, retries=1
+    ) as client:
+        client.ping()
+    CredentialStore(home_from_ctx().credentials).save(host, creds)
+    err_console.print(f"logged in to {host} as {username}")
+
+
+@registry.command()
+@click.argument("host")
+def logout(host: str) -> None:
+    """Forget the stored credentials for HOST."""
+    host = _normalise_host(host)
+    if CredentialStore(home_from_ctx().credentials).remove(host):
+        err_console.print(f"logged out of {host}")
+    else:
+        err_console.print(f"no stored credentials for {host}")
+
+
+commands: list[click.Command] = [registry]
