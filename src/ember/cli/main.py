@@ -15,6 +15,7 @@ from ember.home import Home
 # Each module exposes ``commands: list[click.Command]`` (groups or plain commands).
 COMMAND_MODULES = [
     "ember.cli.image",
+    "ember.cli.registry",
 ]
 
 
