@@ -8,8 +8,10 @@ tests never share state with the host or with each other.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 REGISTRY_BIN = "/usr/bin/docker-registry"
 HTPASSWD_BIN = "htpasswd"
 START_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1
 
 
 class RegistryStartError(RuntimeError):
@@ -69,6 +72,14 @@ class Registry:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the process that started us
+    dies, so a pytest killed with -9 leaves no registry behind.  (Linux ties
+    this to the starting *thread*: start registries from a long-lived one.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -188,6 +199,7 @@ def start_registry(
                 stderr=subprocess.STDOUT,
                 # own process group: a Ctrl-C in pytest must not kill it mid-test
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
