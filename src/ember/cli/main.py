@@ -15,7 +15,10 @@ from ember.home import Home
 # Each module exposes ``commands: list[click.Command]`` (groups or plain commands).
 COMMAND_MODULES = [
     "ember.cli.image",
+    "ember.cli.snapshot",
     "ember.cli.registry",
+    "ember.cli.server",
+    "ember.cli.admin",
 ]
 
 

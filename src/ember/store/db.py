@@ -30,6 +30,7 @@ from ember.store.errors import DatabaseError
 #: modules that carry migrations, applied in this order
 MIGRATION_MODULES: list[str] = [
     "ember.store.images",
+    "ember.registry.server.schema",
 ]
 
 

@@ -1,0 +1,157 @@
+"""``ember admin``: organizations, API tokens and registry maintenance.
+
+Works on the state directory (and database) directly, with or without a
+running server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+from rich.table import Table
+
+from ember.cli.common import home_from_ctx, json_option, out_console, print_json
+from ember.errors import UsageError
+from ember.registry.server.config import DB_ENV
+from ember.registry.server.metadata import RegistryMetadata
+
+db_option = click.option(
+    "--db",
+    "db_url",
+    envvar="EMBER_REGISTRY_DB",
+    help="Registry database URL (default: SQLite in $EMBER_HOME).",
+)
+
+
+def _metadata(db_url: str | None) -> RegistryMetadata:
+    return RegistryMetadata(db_url or os.environ.get(DB_ENV) or home_from_ctx().db_url)
+
+
+def _when(ts: float | None) -> str:
+    return "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+
+@click.group()
+def admin() -> None:
+    """Administer the registry: organizations, tokens, garbage collection."""
+
+
+@admin.group()
+def org() -> None:
+    """Organizations (tenants)."""
+
+
+@org.command("create")
+@click.argument("name")
+@db_option
+def org_create(name: str, db_url: str | None) -> None:
+    """Create organization NAME."""
+    _metadata(db_url).create_org(name)
+    click.echo(name)
+
+
+@org.command("ls")
+@db_option
+@json_option
+def org_ls(db_url: str | None, as_json: bool) -> None:
+    """List organizations."""
+    orgs = _metadata(db_url).list_orgs()
+    if as_json:
+        print_json([{"name": o.name, "created_at": o.created_at, "repositories": o.repositories, "tokens": o.tokens} for o in orgs])
+        return
+    table = Table("NAME", "REPOSITORIES", "TOKENS", "CREATED (UTC)", box=None)
+    for o in orgs:
+        table.add_row(o.name, str(o.repositories), str(o.tokens), _when(o.created_at))
+    out_console.print(table)
+
+
+@admin.group()
+def token() -> None:
+    """API tokens: what clients use to log in to the registry."""
+
+
+@token.command("create")
+@click.option("--org", "org_name", required=True, help="Organization the token acts for.")
+@click.option("--name", "label", default="", help="A label to recognise the token by.")
+@click.option(
+    "--access",
+    default="pull,push",
+    show_default=True,
+    help="Comma-separated actions: pull, push, delete (delete must be asked for).",
+)
+@db_option
+def token_create(org_name: str, label: str, access: str, db_url: str | None) -> None:
+    """Create a token; its secret is printed once, as the last line."""
+    from ember.registry.server.tokens import parse_actions
+
+    try:
+        actions = parse_actions(access)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    token_id, secret = _metadata(db_url).create_token(org_name, label, actions)
+    click.echo(f"token {token_id} for {org_name} ({','.join(sorted(actions))}); the secret is shown only now:", err=True)
+    click.echo(secret)
+
+
+@token.command("ls")
+@click.option("--org", "org_name", help="Only this organization's tokens.")
+@db_option
+@json_option
+def token_ls(org_name: str | None, db_url: str | None, as_json: bool) -> None:
+    """List tokens (never their secrets)."""
+    tokens = _metadata(db_url).list_tokens(org_name)
+    if as_json:
+        print_json(
+            [
+                {"id": t.id, "org": t.org, "name": t.label, "access": sorted(t.actions),
+                 "created_at": t.created_at, "revoked_at": t.revoked_at}
+                for t in tokens
+            ]
+        )
+        return
+    table = Table("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)", box=None)
+    for t in tokens:
+        table.add_row(t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at), _when(t.revoked_at))
+    out_console.print(table)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@db_option
+def token_revoke(token_id: str, db_url: str | None) -> None:
+    """Revoke token TOKEN_ID (registry tokens already issued expire within minutes)."""
+    _metadata(db_url).revoke_token(token_id)
+    click.echo(f"revoked {token_id}")
+
+
+@admin.group()
+def registry() -> None:
+    """Registry maintenance."""
+
+
+@registry.command("gc")
+@click.option("--grace", type=click.IntRange(0), default=3600, show_default=True,
+              help="Seconds new content stays safe from collection (uploads in flight).")
+@click.option("--dry-run", is_flag=True, help="Report what would be freed, free nothing.")
+@db_option
+@json_option
+def registry_gc(grace: int, dry_run: bool, db_url: str | None, as_json: bool) -> None:
+    """Free blobs, manifests and upload sessions nothing references any more."""
+    from ember.registry.server.config import registry_root
+    from ember.registry.server.gc import collect
+
+    home = home_from_ctx()
+    report = collect(_metadata(db_url), registry_root(home), grace=grace, dry_run=dry_run)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    verb = "would free" if dry_run else "freed"
+    click.echo(
+        f"{verb} {report.manifests} manifests, {report.links} blob links, {report.blobs} blobs "
+        f"({report.bytes} bytes), {report.uploads} upload sessions"
+    )
+
+
+commands: list[click.Command] = [admin]

@@ -1,0 +1,94 @@
+"""Server configuration: where state lives and the signing secret.
+
+The secret signs registry tokens and upload-state URLs.  It comes from
+``EMBER_REGISTRY_SECRET`` (hex or any string of at least 32 characters), else
+from ``registry_secret`` in ``$EMBER_HOME/config.json``; if neither exists the
+first start generates one and stores it there with mode 0600.  Replicas that
+share it accept each other's tokens and upload URLs.  Tokens and upload state
+use different keys derived from it, so one can never be replayed as the other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.fsutil import atomic_write
+from ember.home import Home
+from ember.registry.server.errors import RegistryError
+
+SECRET_ENV = "EMBER_REGISTRY_SECRET"
+DB_ENV = "EMBER_REGISTRY_DB"
+_CONFIG_KEY = "registry_secret"
+MIN_SECRET = 32
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    home: Home
+    db_url: str
+    secret: bytes
+
+    @property
+    def root(self) -> Path:
+        return registry_root(self.home)
+
+    @property
+    def token_key(self) -> bytes:
+        return hmac.new(self.secret, b"ember registry token", hashlib.sha256).digest()
+
+    @property
+    def upload_key(self) -> bytes:
+        return hmac.new(self.secret, b"ember upload state", hashlib.sha256).digest()
+
+
+def registry_root(home: Home) -> Path:
+    """The registry's own state: its content store and in-flight uploads.
+
+    Kept apart from the host's image content store so that registry GC can never
+    delete a blob a local image still needs.
+    """
+    return home.root / "registry"
+
+
+def load_secret(home: Home) -> bytes:
+    env = os.environ.get(SECRET_ENV)
+    if env is not None:
+        if len(env) < MIN_SECRET:
+            raise RegistryError(f"{SECRET_ENV} must be at least {MIN_SECRET} characters")
+        return env.encode()
+    home.ensure()
+    lock_path = home.root / ".config.lock"
+    with open(lock_path, "a+") as lock:
+        # Two first starts at once must agree on one secret.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = _read_config(home.config_file)
+        value = config.get(_CONFIG_KEY)
+        if isinstance(value, str) and len(value) >= MIN_SECRET:
+            return value.encode()
+        config[_CONFIG_KEY] = secrets.token_hex(32)
+        atomic_write(home.config_file, json.dumps(config, indent=2).encode() + b"\n", mode=0o600)
+        return str(config[_CONFIG_KEY]).encode()
+
+
+def _read_config(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_config(home: Home, db_url: str | None = None) -> ServerConfig:
+    url = db_url or os.environ.get(DB_ENV) or home.db_url
+    return ServerConfig(home=home, db_url=url, secret=load_secret(home))

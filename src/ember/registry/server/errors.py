@@ -1,0 +1,81 @@
+"""Errors of the registry server.
+
+``ApiError`` is what a request handler raises to answer with an OCI error body
+(``{"errors": [{"code", "message", "detail"}]}``); the codes are the ones the
+distribution spec defines, each with its usual HTTP status.  ``RegistryError``
+is for administration and start-up problems a user fixes (bad org name, no
+such token, unreadable secret).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ember.errors import EmberError, NotFound, UsageError
+
+# code -> HTTP status (distribution-spec "Error Codes", plus Distribution's extras)
+STATUS = {
+    "BLOB_UNKNOWN": 404,
+    "BLOB_UPLOAD_INVALID": 400,
+    "BLOB_UPLOAD_UNKNOWN": 404,
+    "DIGEST_INVALID": 400,
+    "MANIFEST_BLOB_UNKNOWN": 400,
+    "MANIFEST_INVALID": 400,
+    "MANIFEST_UNKNOWN": 404,
+    "NAME_INVALID": 400,
+    "NAME_UNKNOWN": 404,
+    "SIZE_INVALID": 400,
+    "UNAUTHORIZED": 401,
+    "DENIED": 403,
+    "UNSUPPORTED": 405,
+    "TOOMANYREQUESTS": 429,
+    "RANGE_INVALID": 416,
+    "PAGINATION_NUMBER_INVALID": 400,
+    "TAG_INVALID": 400,
+}
+
+
+class RegistryError(EmberError):
+    """A registry administration or configuration problem."""
+
+
+class InvalidName(RegistryError, UsageError):
+    pass
+
+
+class OrgNotFound(RegistryError, NotFound):
+    pass
+
+
+class OrgExists(RegistryError, UsageError):
+    pass
+
+
+class TokenNotFound(RegistryError, NotFound):
+    pass
+
+
+class ApiError(Exception):
+    """An HTTP answer in the OCI error format."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status if status is not None else STATUS.get(code, 400)
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            err["detail"] = self.detail
+        return {"errors": [err]}

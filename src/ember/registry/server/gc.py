@@ -1,0 +1,174 @@
+"""Registry garbage collection: mark from tags, sweep what nothing reaches.
+
+Per repository, a manifest is *reachable* if a tag names it, if a reachable
+index lists it, or if its ``subject`` is reachable (referrers live as long as
+what they refer to).  Unreachable manifests, blob links no remaining manifest
+uses, expired upload sessions and blob files no link or manifest names are
+freed; everything younger than the grace period is left alone, so an image
+being pushed right now (layers uploaded, manifest not yet put) survives.
+
+Blob files are deleted under the exclusive GC lock after a last database
+check; writers hold the shared lock from making a blob fresh until its link is
+committed (``BlobStorage.publishing``), so a blob is never deleted under a
+link being created.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sqlalchemy import delete, select
+
+from ember.oci.digest import Digest
+from ember.registry.server import schema as s
+from ember.registry.server.metadata import RegistryMetadata
+from ember.registry.server.storage import BlobStorage
+
+
+@dataclass
+class GcReport:
+    manifests: int = 0
+    links: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    uploads: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _reachable(
+    tagged: set[str], children: dict[str, set[str]], referrers: dict[str, set[str]]
+) -> set[str]:
+    seen: set[str] = set()
+    todo = list(tagged)
+    while todo:
+        d = todo.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        todo.extend(children.get(d, ()))
+        todo.extend(referrers.get(d, ()))
+    return seen
+
+
+def _sweep_metadata(meta: RegistryMetadata, cutoff: float, dry_run: bool, report: GcReport) -> None:
+    with meta.db.begin() as conn:
+        manifests = conn.execute(
+            select(s.manifests.c.repo_id, s.manifests.c.digest, s.manifests.c.subject, s.manifests.c.created_at)
+        ).all()
+        tags = conn.execute(select(s.tags.c.repo_id, s.tags.c.digest)).all()
+        refs = conn.execute(
+            select(s.manifest_refs.c.repo_id, s.manifest_refs.c.manifest, s.manifest_refs.c.child, s.manifest_refs.c.kind)
+        ).all()
+        tagged: dict[int, set[str]] = defaultdict(set)
+        for repo_id, digest in tags:
+            tagged[repo_id].add(digest)
+        children: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for repo_id, parent, child, kind in refs:
+            if kind == "manifest":
+                children[repo_id][parent].add(child)
+        referrers: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for repo_id, digest, subject, _ in manifests:
+            if subject:
+                referrers[repo_id][subject].add(digest)
+        doomed: list[tuple[int, str]] = []
+        for repo_id in {m[0] for m in manifests}:
+            keep = _reachable(tagged[repo_id], children[repo_id], referrers[repo_id])
+            doomed += [
+                (rid, d) for rid, d, _, created in manifests if rid == repo_id and d not in keep and created < cutoff
+            ]
+        report.manifests = len(doomed)
+        doomed_set = set(doomed)
+        # blob links: used if a surviving manifest references them
+        used = {(rid, child) for rid, parent, child, kind in refs if kind == "blob" and (rid, parent) not in doomed_set}
+        links = conn.execute(select(s.blob_links.c.repo_id, s.blob_links.c.digest, s.blob_links.c.created_at)).all()
+        stale_links = [(rid, d) for rid, d, created in links if (rid, d) not in used and created < cutoff]
+        report.links = len(stale_links)
+        if dry_run:
+            return
+        for rid, d in doomed:
+            conn.execute(delete(s.manifests).where(s.manifests.c.repo_id == rid, s.manifests.c.digest == d))
+            conn.execute(delete(s.manifest_refs).where(s.manifest_refs.c.repo_id == rid, s.manifest_refs.c.manifest == d))
+        for rid, d in stale_links:
+            conn.execute(delete(s.blob_links).where(s.blob_links.c.repo_id == rid, s.blob_links.c.digest == d))
+
+
+def _sweep_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dry_run: bool, report: GcReport) -> None:
+    now = time.time()
+    with meta.db.begin() as conn:
+        rows = conn.execute(select(s.uploads.c.id, s.uploads.c.expires_at)).all()
+        expired = {sid for sid, expires in rows if expires < now}
+        live = {sid for sid, _ in rows} - expired
+        if not dry_run:
+            for session in expired:
+                conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
+    # files of expired sessions, and files whose row never got written (a crash) once past grace
+    stale = set(expired)
+    for entry in os.scandir(storage.uploads):
+        if entry.name in live:
+            continue
+        try:
+            if entry.stat().st_mtime < cutoff:
+                stale.add(entry.name)
+        except FileNotFoundError:
+            continue
+    report.uploads = len(stale)
+    if not dry_run:
+        for session in stale:
+            storage.drop_session(session)
+
+
+def _referenced(meta: RegistryMetadata, digest: str) -> bool:
+    with meta.db.connect() as conn:
+        return (
+            conn.execute(select(s.blob_links.c.digest).where(s.blob_links.c.digest == digest).limit(1)).first()
+            is not None
+            or conn.execute(select(s.manifests.c.digest).where(s.manifests.c.digest == digest).limit(1)).first()
+            is not None
+        )
+
+
+def _sweep_blobs(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dry_run: bool, report: GcReport) -> None:
+    with meta.db.connect() as conn:
+        known = {r[0] for r in conn.execute(select(s.blob_links.c.digest).distinct())}
+        known |= {r[0] for r in conn.execute(select(s.manifests.c.digest).distinct())}
+    candidates: list[Digest] = []
+    for digest in storage.content.list():
+        if str(digest) in known:
+            continue
+        try:
+            if storage.blob_path(digest).stat().st_mtime < cutoff:
+                candidates.append(digest)
+        except FileNotFoundError:
+            continue
+    if not candidates:
+        return
+    with storage.collecting():
+        for digest in candidates:
+            path = storage.blob_path(digest)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            # a writer may have made it fresh and linked it since the scan
+            if st.st_mtime >= cutoff or _referenced(meta, str(digest)):
+                continue
+            report.blobs += 1
+            report.bytes += st.st_size
+            if not dry_run:
+                storage.content.delete(digest)
+
+
+def collect(meta: RegistryMetadata, root: Path, *, grace: float = 3600, dry_run: bool = False) -> GcReport:
+    storage = BlobStorage(root)
+    cutoff = time.time() - grace
+    report = GcReport()
+    _sweep_metadata(meta, cutoff, dry_run, report)
+    _sweep_uploads(meta, storage, cutoff, dry_run, report)
+    _sweep_blobs(meta, storage, cutoff, dry_run, report)
+    return report

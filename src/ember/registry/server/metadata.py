@@ -1,0 +1,432 @@
+"""The registry's metadata in the database: orgs, tokens, repositories, links,
+manifests, tags, referrers and upload sessions.
+
+Blocking (SQLAlchemy Core); the HTTP layer calls it from worker threads.
+Writes that race between clients (two pushers linking the same layer, two
+tag updates) are idempotent inserts or upserts, so concurrency never turns
+into an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from ember.registry.server import schema as s
+from ember.registry.server.errors import OrgExists, OrgNotFound, TokenNotFound
+from ember.registry.server.names import check_org_name
+from ember.registry.server.tokens import hash_api_token, new_api_token
+from ember.store.db import Database, open_database
+
+
+@dataclass(frozen=True)
+class OrgInfo:
+    name: str
+    created_at: float
+    repositories: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    org: str
+    label: str
+    actions: frozenset[str]
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Referrer:
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+    annotations: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class NewManifest:
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+    subject: str | None
+    annotations: dict[str, str] | None
+    blobs: frozenset[str]
+    children: frozenset[str]
+
+
+def _insert_ignore(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """INSERT that silently skips rows whose key exists (both dialects)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        conn.execute(pg_insert(table).on_conflict_do_nothing(), rows)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        conn.execute(sqlite_insert(table).on_conflict_do_nothing(), rows)
+
+
+def _upsert_tag(conn: Connection, repo_id: int, name: str, digest: str, now: float) -> None:
+    values = {"repo_id": repo_id, "name": name, "digest": digest, "updated_at": now}
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as ins
+    else:
+        from sqlalchemy.dialects.sqlite import insert as ins  # type: ignore[assignment]
+    stmt = ins(s.tags).values(**values)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["repo_id", "name"], set_={"digest": digest, "updated_at": now}
+        )
+    )
+
+
+class RegistryMetadata:
+    def __init__(self, db_url: str) -> None:
+        self.db: Database = open_database(db_url)
+
+    # -- organizations and API tokens ------------------------------------------
+
+    def create_org(self, name: str) -> None:
+        check_org_name(name)
+        try:
+            with self.db.begin() as conn:
+                conn.execute(s.orgs.insert().values(name=name, created_at=time.time()))
+        except IntegrityError:
+            raise OrgExists(f"organization {name!r} already exists") from None
+
+    def _org_id(self, conn: Connection, name: str) -> int:
+        row = conn.execute(select(s.orgs.c.id).where(s.orgs.c.name == name)).first()
+        if row is None:
+            raise OrgNotFound(
+                f"no organization {name!r}", hint="create it with `ember admin org create`"
+            )
+        return int(row.id)
+
+    def list_orgs(self) -> list[OrgInfo]:
+        repo_count = (
+            select(func.count()).where(s.repos.c.org_id == s.orgs.c.id).scalar_subquery()
+        )
+        token_count = (
+            select(func.count())
+            .where(and_(s.tokens.c.org_id == s.orgs.c.id, s.tokens.c.revoked_at.is_(None)))
+            .scalar_subquery()
+        )
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(s.orgs.c.name, s.orgs.c.created_at, repo_count, token_count).order_by(
+                    s.orgs.c.name
+                )
+            ).all()
+        return [OrgInfo(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def create_token(self, org: str, label: str, actions: frozenset[str]) -> tuple[str, str]:
+        token_id, secret = new_api_token()
+        with self.db.begin() as conn:
+            org_id = self._org_id(conn, org)
+            conn.execute(
+                s.tokens.insert().values(
+                    id=token_id,
+                    org_id=org_id,
+                    label=label,
+                    hash=hash_api_token(secret),
+                    actions=",".join(sorted(actions)),
+                    created_at=time.time(),
+                )
+            )
+        return token_id, secret
+
+    def list_tokens(self, org: str | None = None) -> list[TokenInfo]:
+        q = select(
+            s.tokens.c.id,
+            s.orgs.c.name,
+            s.tokens.c.label,
+            s.tokens.c.actions,
+            s.tokens.c.created_at,
+            s.tokens.c.revoked_at,
+        ).join(s.orgs, s.orgs.c.id == s.tokens.c.org_id)
+        with self.db.connect() as conn:
+            if org is not None:
+                q = q.where(s.tokens.c.org_id == self._org_id(conn, org))
+            rows = conn.execute(q.order_by(s.orgs.c.name, s.tokens.c.created_at)).all()
+        return [
+            TokenInfo(r[0], r[1], r[2], frozenset(r[3].split(",")), r[4], r[5]) for r in rows
+        ]
+
+    def revoke_token(self, token_id: str) -> None:
+        with self.db.begin() as conn:
+            done = conn.execute(
+                update(s.tokens)
+                .where(s.tokens.c.id == token_id, s.tokens.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            ).rowcount
+        if not done:
+            raise TokenNotFound(f"no active token with id {token_id!r}", hint="see `ember admin token ls`")
+
+    def resolve_token(self, secret: str) -> tuple[str, str, frozenset[str]] | None:
+        """(org, token id, actions) for a live API token secret, else None."""
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(s.orgs.c.name, s.tokens.c.id, s.tokens.c.actions)
+                .join(s.orgs, s.orgs.c.id == s.tokens.c.org_id)
+                .where(s.tokens.c.hash == hash_api_token(secret), s.tokens.c.revoked_at.is_(None))
+            ).first()
+        if row is None:
+            return None
+        return row[0], row[1], frozenset(row[2].split(","))
+
+    # -- repositories ------------------------------------------------------------
+
+    def _repo_id(self, conn: Connection, full: str) -> int | None:
+        row = conn.execute(select(s.repos.c.id).where(s.repos.c.name == full)).first()
+        return None if row is None else int(row.id)
+
+    def ensure_repo(self, org: str, full: str) -> int:
+        with self.db.begin() as conn:
+            repo_id = self._repo_id(conn, full)
+            if repo_id is not None:
+                return repo_id
+            org_id = self._org_id(conn, org)
+            _insert_ignore(
+                conn, s.repos, [{"org_id": org_id, "name": full, "created_at": time.time()}]
+            )
+            repo_id = self._repo_id(conn, full)
+            assert repo_id is not None
+            return repo_id
+
+    def list_repos(self, org: str, n: int, last: str | None) -> list[str]:
+        with self.db.connect() as conn:
+            q = (
+                select(s.repos.c.name)
+                .join(s.orgs, s.orgs.c.id == s.repos.c.org_id)
+                .where(s.orgs.c.name == org)
+            )
+            if last is not None:
+                q = q.where(s.repos.c.name > last)
+            return [r[0] for r in conn.execute(q.order_by(s.repos.c.name).limit(n))]
+
+    # -- blobs ---------------------------------------------------------------------
+
+    def blob_size(self, full: str, digest: str) -> int | None:
+        """Size of ``digest`` if it is linked into repository ``full``; None otherwise."""
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(s.blob_links.c.size)
+                .join(s.repos, s.repos.c.id == s.blob_links.c.repo_id)
+                .where(s.repos.c.name == full, s.blob_links.c.digest == digest)
+            ).first()
+        return None if row is None else int(row[0])
+
+    def link_blob(self, repo_id: int, digest: str, size: int) -> None:
+        with self.db.begin() as conn:
+            _insert_ignore(
+                conn,
+                s.blob_links,
+                [{"repo_id": repo_id, "digest": digest, "size": size, "created_at": time.time()}],
+            )
+
+    def unlink_blob(self, full: str, digest: str) -> bool:
+        with self.db.begin() as conn:
+            repo_id = self._repo_id(conn, full)
+            if repo_id is None:
+                return False
+            return bool(
+                conn.execute(
+                    delete(s.blob_links).where(
+                        s.blob_links.c.repo_id == repo_id, s.blob_links.c.digest == digest
+                    )
+                ).rowcount
+            )
+
+    # -- manifests and tags ------------------------------------------------------
+
+    def manifest(self, full: str, digest: str) -> ManifestRow | None:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(s.manifests.c.digest, s.manifests.c.media_type, s.manifests.c.size)
+                .join(s.repos, s.repos.c.id == s.manifests.c.repo_id)
+                .where(s.repos.c.name == full, s.manifests.c.digest == digest)
+            ).first()
+        return None if row is None else ManifestRow(row[0], row[1], int(row[2]))
+
+    def tagged_manifest(self, full: str, tag: str) -> ManifestRow | None:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(s.manifests.c.digest, s.manifests.c.media_type, s.manifests.c.size)
+                .select_from(s.tags)
+                .join(s.repos, s.repos.c.id == s.tags.c.repo_id)
+                .join(
+                    s.manifests,
+                    and_(
+                        s.manifests.c.repo_id == s.tags.c.repo_id,
+                        s.manifests.c.digest == s.tags.c.digest,
+                    ),
+                )
+                .where(s.repos.c.name == full, s.tags.c.name == tag)
+            ).first()
+        return None if row is None else ManifestRow(row[0], row[1], int(row[2]))
+
+    def missing_references(
+        self, repo_id: int, blobs: Iterable[str], children: Iterable[str]
+    ) -> tuple[list[str], list[str]]:
+        """Which referenced blobs / child manifests are not in this repository."""
+        blobs, children = sorted(set(blobs)), sorted(set(children))
+        with self.db.connect() as conn:
+            have_blobs = set()
+            for chunk in _chunks(blobs):
+                have_blobs |= {
+                    r[0]
+                    for r in conn.execute(
+                        select(s.blob_links.c.digest).where(
+                            s.blob_links.c.repo_id == repo_id, s.blob_links.c.digest.in_(chunk)
+                        )
+                    )
+                }
+            have_children = set()
+            for chunk in _chunks(children):
+                have_children |= {
+                    r[0]
+                    for r in conn.execute(
+                        select(s.manifests.c.digest).where(
+                            s.manifests.c.repo_id == repo_id, s.manifests.c.digest.in_(chunk)
+                        )
+                    )
+                }
+        return [b for b in blobs if b not in have_blobs], [c for c in children if c not in have_children]
+
+    def put_manifest(self, repo_id: int, m: NewManifest, tag: str | None) -> None:
+        now = time.time()
+        with self.db.begin() as conn:
+            _insert_ignore(
+                conn,
+                s.manifests,
+                [
+                    {
+                        "repo_id": repo_id,
+                        "digest": m.digest,
+                        "media_type": m.media_type,
+                        "size": m.size,
+                        "artifact_type": m.artifact_type,
+                        "subject": m.subject,
+                        "annotations": json.dumps(m.annotations) if m.annotations else None,
+                        "created_at": now,
+                    }
+                ],
+            )
+            refs = [
+                {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "blob"} for d in m.blobs
+            ] + [
+                {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "manifest"}
+                for d in m.children
+            ]
+            _insert_ignore(conn, s.manifest_refs, refs)
+            if tag is not None:
+                _upsert_tag(conn, repo_id, tag, m.digest, now)
+
+    def delete_manifest(self, full: str, digest: str) -> bool:
+        with self.db.begin() as conn:
+            repo_id = self._repo_id(conn, full)
+            if repo_id is None:
+                return False
+            done = conn.execute(
+                delete(s.manifests).where(
+                    s.manifests.c.repo_id == repo_id, s.manifests.c.digest == digest
+                )
+            ).rowcount
+            conn.execute(delete(s.tags).where(s.tags.c.repo_id == repo_id, s.tags.c.digest == digest))
+            conn.execute(
+                delete(s.manifest_refs).where(
+                    s.manifest_refs.c.repo_id == repo_id, s.manifest_refs.c.manifest == digest
+                )
+            )
+            return bool(done)
+
+    def delete_tag(self, full: str, tag: str) -> bool:
+        with self.db.begin() as conn:
+            repo_id = self._repo_id(conn, full)
+            if repo_id is None:
+                return False
+            return bool(
+                conn.execute(
+                    delete(s.tags).where(s.tags.c.repo_id == repo_id, s.tags.c.name == tag)
+                ).rowcount
+            )
+
+    def list_tags(self, full: str, n: int, last: str | None) -> list[str] | None:
+        """Tags in lexical order after ``last``; None if the repository does not exist."""
+        with self.db.connect() as conn:
+            repo_id = self._repo_id(conn, full)
+            if repo_id is None:
+                return None
+            q = select(s.tags.c.name).where(s.tags.c.repo_id == repo_id)
+            if last is not None:
+                q = q.where(s.tags.c.name > last)
+            return [r[0] for r in conn.execute(q.order_by(s.tags.c.name).limit(n))]
+
+    def referrers(self, full: str, subject: str, artifact_type: str | None) -> list[Referrer]:
+        with self.db.connect() as conn:
+            q = (
+                select(
+                    s.manifests.c.digest,
+                    s.manifests.c.media_type,
+                    s.manifests.c.size,
+                    s.manifests.c.artifact_type,
+                    s.manifests.c.annotations,
+                )
+                .join(s.repos, s.repos.c.id == s.manifests.c.repo_id)
+                .where(s.repos.c.name == full, s.manifests.c.subject == subject)
+            )
+            if artifact_type is not None:
+                q = q.where(s.manifests.c.artifact_type == artifact_type)
+            rows = conn.execute(q.order_by(s.manifests.c.digest)).all()
+        return [
+            Referrer(r[0], r[1], int(r[2]), r[3], json.loads(r[4]) if r[4] else None) for r in rows
+        ]
+
+    # -- upload sessions -----------------------------------------------------------
+
+    def create_upload(self, session: str, repo_id: int, expires_at: float) -> None:
+        with self.db.begin() as conn:
+            conn.execute(
+                s.uploads.insert().values(
+                    id=session, repo_id=repo_id, created_at=time.time(), expires_at=expires_at
+                )
+            )
+
+    def upload_repo(self, session: str) -> str | None:
+        """The qualified repository an open upload session belongs to."""
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(s.repos.c.name)
+                .join(s.uploads, s.uploads.c.repo_id == s.repos.c.id)
+                .where(s.uploads.c.id == session)
+            ).first()
+        return None if row is None else row[0]
+
+    def delete_upload(self, session: str) -> None:
+        with self.db.begin() as conn:
+            conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

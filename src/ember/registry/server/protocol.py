@@ -1,0 +1,100 @@
+"""Header and query parsing for the distribution API (pure).
+
+Content-Range of upload chunks, Range of blob reads, Accept negotiation for
+manifests, pagination parameters, and the ``WWW-Authenticate`` challenge.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ember.registry.server.errors import ApiError
+
+#: the most entries one tags/list or _catalog page returns (Distribution CVE-2023-2253)
+MAX_PAGE = 1000
+
+_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+
+
+def parse_content_range(value: str) -> tuple[int, int]:
+    """Upload chunk ``start-end`` (inclusive); 416 when malformed or inverted."""
+    m = _CONTENT_RANGE.match(value.strip())
+    if not m:
+        raise ApiError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value[:60]!r}", status=416)
+    start, end = int(m.group(1)), int(m.group(2))
+    if end < start:
+        raise ApiError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value[:60]!r}", status=416)
+    return start, end
+
+
+def parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """One ``Range: bytes=a-b`` of a blob read as (start, end inclusive).
+
+    None means "send the whole blob" (what RFC 9110 allows for anything we do
+    not support, such as several ranges); ApiError 416 when unsatisfiable.
+    """
+    m = _RANGE.match(value.strip())
+    if not m:
+        return None
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":
+        n = int(last)
+        if n == 0:
+            raise ApiError("RANGE_INVALID", "empty suffix range", headers={"Content-Range": f"bytes */{size}"})
+        return max(size - n, 0), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        raise ApiError(
+            "RANGE_INVALID",
+            f"range {value[:60]!r} is outside the blob of {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, min(end, size - 1)
+
+
+def _media_ranges(accept_values: list[str]) -> list[str]:
+    out = []
+    for value in accept_values:
+        for item in value.split(","):
+            mt = item.split(";", 1)[0].strip().lower()
+            if mt:
+                out.append(mt)
+    return out
+
+
+def accepts(accept_values: list[str], media_type: str) -> bool:
+    """Whether the client's Accept headers allow a manifest of ``media_type``.
+
+    No Accept at all means anything goes (curl, old clients).
+    """
+    ranges = _media_ranges(accept_values)
+    if not ranges:
+        return True
+    main = media_type.split("/", 1)[0]
+    return any(r in (media_type, "*/*", f"{main}/*") for r in ranges)
+
+
+def page_size(value: str | None) -> int:
+    if value is None or value == "":
+        return MAX_PAGE
+    if not value.isdigit() or len(value) > 9:
+        raise ApiError("PAGINATION_NUMBER_INVALID", f"invalid n={value[:20]!r}")
+    n = int(value)
+    if n > MAX_PAGE:
+        raise ApiError(
+            "PAGINATION_NUMBER_INVALID", f"n={n} is more than the {MAX_PAGE} entries a page may hold"
+        )
+    return n
+
+
+def challenge(realm: str, scope: str | None = None, error: str | None = None) -> str:
+    parts = [f'Bearer realm="{realm}"', 'service="ember"']
+    if scope:
+        parts.append(f'scope="{scope}"')
+    if error:
+        parts.append(f'error="{error}"')
+    return ",".join(parts)

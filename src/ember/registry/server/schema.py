@@ -1,0 +1,124 @@
+"""The registry's tables (area ``registry``) and their migrations.
+
+Times are Unix seconds (floats) so that grace periods compare the same way on
+SQLite and PostgreSQL.  Digests are stored as text (``sha256:...``).  Every
+row that makes content visible (blob link, manifest, tag) is keyed by the
+repository, which is keyed by its organization: that is the tenancy boundary.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.engine import Connection
+
+from ember.store.db import Migration
+
+AREA = "registry"
+
+metadata = MetaData()
+
+orgs = Table(
+    "reg_orgs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(63), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+)
+
+tokens = Table(
+    "reg_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("org_id", Integer, ForeignKey("reg_orgs.id"), nullable=False),
+    Column("label", String(200), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("actions", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+repos = Table(
+    "reg_repos",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("org_id", Integer, ForeignKey("reg_orgs.id"), nullable=False),
+    Column("name", String(300), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+)
+
+blob_links = Table(
+    "reg_blob_links",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("reg_repos.id"), nullable=False),
+    Column("digest", String(200), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("repo_id", "digest"),
+    Index("reg_blob_links_digest", "digest"),
+)
+
+manifests = Table(
+    "reg_manifests",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("reg_repos.id"), nullable=False),
+    Column("digest", String(200), nullable=False),
+    Column("media_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("artifact_type", String(255), nullable=True),
+    Column("subject", String(200), nullable=True),
+    Column("annotations", Text, nullable=True),  # JSON object, for the referrers API
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("repo_id", "digest"),
+    Index("reg_manifests_subject", "repo_id", "subject"),
+    Index("reg_manifests_digest", "digest"),
+)
+
+# What each manifest references inside its repository (GC marks through these).
+manifest_refs = Table(
+    "reg_manifest_refs",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("reg_repos.id"), nullable=False),
+    Column("manifest", String(200), nullable=False),
+    Column("child", String(200), nullable=False),
+    Column("kind", String(8), nullable=False),  # "blob" | "manifest"
+    PrimaryKeyConstraint("repo_id", "manifest", "child", "kind"),
+    Index("reg_manifest_refs_child", "repo_id", "child"),
+)
+
+tags = Table(
+    "reg_tags",
+    metadata,
+    Column("repo_id", Integer, ForeignKey("reg_repos.id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("digest", String(200), nullable=False),
+    Column("updated_at", Float, nullable=False),
+    PrimaryKeyConstraint("repo_id", "name"),
+)
+
+uploads = Table(
+    "reg_uploads",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("repo_id", Integer, ForeignKey("reg_repos.id"), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+def _initial(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+MIGRATIONS = [Migration("0001-initial", _initial)]

@@ -1,0 +1,56 @@
+"""Running the registry under uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from ember.errors import UsageError
+from ember.home import Home
+from ember.registry.server.app import RegistryApp
+from ember.registry.server.config import DB_ENV, load_config
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"invalid --listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:5000")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def app_from_env() -> RegistryApp:
+    """Factory for worker processes: state dir and database come from the environment."""
+    return RegistryApp(load_config(Home.from_env(), os.environ.get(DB_ENV)))
+
+
+def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) -> None:
+    host, port = parse_listen(listen)
+    # Load once in the parent: creates the secret and runs migrations before any worker starts.
+    config = load_config(home, db_url)
+    app = RegistryApp(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    common = {
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_level": "warning",
+        "timeout_keep_alive": 30,
+    }
+    if workers <= 1:
+        uvicorn.run(app, lifespan="on", **common)  # type: ignore[arg-type]
+        return
+    os.environ["EMBER_HOME"] = str(home.root)
+    os.environ[DB_ENV] = config.db_url
+    uvicorn.run(
+        "ember.registry.server.serve:app_from_env",
+        factory=True,
+        workers=workers,
+        **common,  # type: ignore[arg-type]
+    )

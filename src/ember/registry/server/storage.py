@@ -1,0 +1,243 @@
+"""Blob bytes on disk: upload sessions and publication into the content store.
+
+An upload session is one file ``uploads/<session>`` that only grows.  Its size
+*is* the session offset, so a server killed mid-PATCH restarts knowing exactly
+what arrived, and a client that asks (GET on the session) resumes from there.
+The sha256 of what arrived is kept in memory while the session lives in this
+process; after a restart, or for a sha512 digest, the file is hashed again.
+
+Publishing verifies the digest, fsyncs, makes the file read-only and renames
+it to ``content/blobs/<alg>/<hex>``: the content store's own commit protocol
+(verified, then one atomic rename), without copying the bytes a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from ember.fsutil import fsync_dir
+from ember.oci.digest import Digest
+from ember.registry.server.errors import ApiError
+from ember.store.content import ContentStore
+
+#: bytes gathered from the request before one write + hash
+_WRITE_BUFFER = 1 << 20
+_READ_CHUNK = 1 << 20
+#: in-memory hash states kept at most (abandoned sessions fall back to rehashing)
+_MAX_HASHERS = 4096
+
+
+class BlobStorage:
+    def __init__(self, root: Path) -> None:
+        self.content = ContentStore(root / "content")
+        self.uploads = root / "uploads"
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        self.gc_lock = root / "gc.lock"
+        # session -> (offset the hash covers, sha256 object)
+        self._hashers: dict[str, tuple[int, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- sessions ------------------------------------------------------------------
+
+    def session_path(self, session: str) -> Path:
+        return self.uploads / session
+
+    def create_session(self, session: str) -> None:
+        fd = os.open(self.session_path(session), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        with self._lock:
+            if len(self._hashers) >= _MAX_HASHERS:
+                self._hashers.pop(next(iter(self._hashers)))
+            self._hashers[session] = (0, hashlib.sha256())
+
+    def session_size(self, session: str) -> int | None:
+        try:
+            return os.stat(self.session_path(session)).st_size
+        except FileNotFoundError:
+            return None
+
+    def drop_session(self, session: str) -> None:
+        with self._lock:
+            self._hashers.pop(session, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.session_path(session))
+
+    @contextlib.contextmanager
+    def _locked(self, session: str) -> Iterator[int]:
+        """The session file open for appending, held exclusively (across processes too)."""
+        try:
+            fd = os.open(self.session_path(session), os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise ApiError("BLOB_UPLOAD_UNKNOWN", "upload session is unknown") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ApiError(
+                    "BLOB_UPLOAD_INVALID",
+                    "another request is writing to this upload session",
+                    status=416,
+                ) from None
+            yield fd
+        finally:
+            os.close(fd)
+
+    async def append(
+        self, session: str, body: AsyncIterator[bytes], expect_offset: int | None
+    ) -> int:
+        """Append the request body; the new session size.
+
+        ``expect_offset``: where the client says this chunk starts (Content-Range),
+        checked under the lock so that out-of-order or repeated chunks get 416.
+        Whatever arrived before a client disconnect stays: the size says so.
+        """
+        with self._locked(session) as fd:
+            offset = os.fstat(fd).st_size
+            if expect_offset is not None and expect_offset != offset:
+                raise ApiError(
+                    "BLOB_UPLOAD_INVALID",
+                    f"chunk starts at {expect_offset} but the upload has {offset} bytes",
+                    status=416,
+                    headers={"Range": range_header(offset)},
+                )
+            with self._lock:
+                state = self._hashers.pop(session, None)
+            hasher = state[1] if state is not None and state[0] == offset else None
+            buf = bytearray()
+
+            def flush() -> None:
+                nonlocal offset
+                with memoryview(buf) as whole:
+                    view = whole
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    view.release()
+                if hasher is not None:
+                    hasher.update(buf)
+                offset += len(buf)
+                buf.clear()
+
+            try:
+                async for chunk in body:
+                    buf += chunk
+                    if len(buf) >= _WRITE_BUFFER:
+                        flush()
+            finally:
+                # also on disconnect: what arrived is kept, and the hash matches it
+                flush()
+                if hasher is not None:
+                    with self._lock:
+                        self._hashers[session] = (offset, hasher)
+            return offset
+
+    # -- publication -------------------------------------------------------------
+
+    def _hash_file(self, fd: int, algorithm: str) -> str:
+        h = hashlib.new(algorithm)
+        pos = 0
+        while chunk := os.pread(fd, _READ_CHUNK, pos):
+            h.update(chunk)
+            pos += len(chunk)
+        return h.hexdigest()
+
+    def publish(self, session: str, digest: Digest) -> int:
+        """Verify the session's bytes against ``digest`` and publish them; the size.
+
+        Blocking: call from a worker thread.  On a mismatch the session is
+        left as it is (the client may cancel it; GC frees it after expiry).
+        """
+        path = self.session_path(session)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ApiError("BLOB_UPLOAD_UNKNOWN", "upload session is unknown") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ApiError(
+                    "BLOB_UPLOAD_INVALID", "another request is writing to this upload session"
+                ) from None
+            size = os.fstat(fd).st_size
+            with self._lock:
+                state = self._hashers.get(session)
+            if digest.algorithm == "sha256" and state is not None and state[0] == size:
+                got = state[1].copy().hexdigest()
+            else:
+                got = self._hash_file(fd, digest.algorithm)
+            if got != digest.hex:
+                raise ApiError(
+                    "DIGEST_INVALID",
+                    f"uploaded content has digest {digest.algorithm}:{got}, not {digest}",
+                )
+            target = self.content.path(digest)
+            if target.exists():
+                os.unlink(path)  # identical bytes are already published
+                touch(target)
+            else:
+                os.fsync(fd)
+                os.fchmod(fd, 0o444)
+                # fresh mtime: GC's grace period counts from publication, not first byte
+                os.utime(fd)
+                os.rename(path, target)
+                fsync_dir(target.parent)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._hashers.pop(session, None)
+        return size
+
+    # -- coordination with GC ---------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def publishing(self) -> AsyncIterator[None]:
+        """Held (shared) from making a blob fresh until its link or row is committed."""
+        fd = os.open(self.gc_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)  # a GC sweep is deleting files; it is short
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Held (exclusive) by GC while it deletes blob files."""
+        fd = os.open(self.gc_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- reading -----------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.content.path(digest)
+
+
+def touch(path: Path) -> None:
+    """Make a published blob fresh for GC (it may be about to gain a link)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)
+
+
+def range_header(size: int) -> str:
+    """The ``Range`` value of upload responses: ``0-<last byte>``, no ``bytes=``.
+
+    Distribution answers ``0-0`` for an empty session; clients expect that.
+    """
+    return f"0-{max(size - 1, 0)}"
