@@ -70,6 +70,13 @@ def multiarch_layout() -> Path:
 
 
 @pytest.fixture(scope="session")
+def busybox_docker_archive() -> Path:
+    """The busybox image as a `docker save` tarball (for `docker-archive:FILE`)."""
+    return images.build_docker_archive()
+
+
+@pytest.fixture(scope="session")
 def push_layout() -> Callable[..., str]:
-    """``push_layout(layout, registry, repo, tag="latest", creds=None) -> "HOST/REPO:TAG"``."""
+    """``push_layout(layout, registry, repo, tag="latest", creds=None, *, format=None)``
+    -> ``"HOST/REPO:TAG"`` (``format="v2s2"``: Docker schema 2 media types)."""
     return images.push_layout

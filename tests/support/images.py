@@ -93,18 +93,25 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def cached_layout(name: str, key: str, build: Callable[[Path], None]) -> Path:
+def cached_layout(
+    name: str,
+    key: str,
+    build: Callable[[Path], None],
+    *,
+    is_complete: Callable[[Path], bool] = _is_layout,
+) -> Path:
     """The cached layout ``name-key``, building it with ``build(tmpdir)`` if missing.
 
-    ``build`` must leave a complete OCI image layout at the path it is given
-    (the path does not exist yet when it is called).
+    ``build`` must leave a complete OCI image layout (or whatever
+    ``is_complete`` checks for) at the path it is given (the path does not
+    exist yet when it is called).
     """
     cache = cache_dir()
     final = cache / f"{name}-{key}"
-    if _is_layout(final):
+    if is_complete(final):
         return final
     with _file_lock(cache / f".{name}-{key}.lock"):
-        if _is_layout(final):  # another process built it while we waited
+        if is_complete(final):  # another process built it while we waited
             return final
         for stale in cache.glob(f".{name}-{key}.build-*"):
             remove_tree(stale)  # left by a killed build; we hold the lock
@@ -113,8 +120,8 @@ def cached_layout(name: str, key: str, build: Callable[[Path], None]) -> Path:
         try:
             out = work / "layout"
             build(out)
-            if not _is_layout(out):
-                raise ImageBuildError(f"building {name} left no OCI layout at {out}")
+            if not is_complete(out):
+                raise ImageBuildError(f"building {name} left no complete result at {out}")
             os.rename(out, final)
         finally:
             remove_tree(work)
@@ -474,6 +481,34 @@ def build_debian_layout() -> Path:
     return cached_layout("debian", key, build)
 
 
+def build_docker_archive(layout_builder: Callable[[], Path] = build_busybox_layout) -> Path:
+    """A ``docker save``-style tarball (``docker-archive:``, Docker schema 2
+    config, tag ``localhost/ember-test:latest``) of a cached single-platform layout."""
+    src = layout_builder()
+    tag = "localhost/ember-test:latest"
+    key = recipe_key("docker-archive", src.name, tag)
+
+    def build(out: Path) -> None:
+        # the cache holds directories: the archive is out/image.tar, and an
+        # (empty) OCI layout marker is not wanted, so check for the tar instead
+        out.mkdir()
+        run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                layout_ref(src),
+                f"docker-archive:{out / 'image.tar'}:{tag}",
+            ]
+        )
+
+    return cached_layout("docker-archive", key, build, is_complete=_has_archive) / "image.tar"
+
+
+def _has_archive(path: Path) -> bool:
+    return (path / "image.tar").is_file()
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -485,21 +520,18 @@ def push_layout(
     creds: str | None = None,
     *,
     src_tag: str = TAG,
+    format: str | None = None,
 ) -> str:
     """Copy ``layout:src_tag`` to ``registry/repo:tag`` with skopeo (all platforms,
     digests preserved); returns the pushed reference ``HOST/REPO:TAG``.
 
     ``creds`` (``user:password``) defaults to the registry's own credentials.
+    ``format="v2s2"`` converts to Docker schema 2 media types on the way (then
+    the digests change: ask the registry for them).
     """
     ref = f"{registry.host}/{repo}:{tag}"
-    cmd = [
-        "skopeo",
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-    ]
+    cmd = ["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false"]
+    cmd += ["--format", format] if format else ["--preserve-digests"]
     creds = creds or registry.creds
     if creds:
         cmd += ["--dest-creds", creds]

@@ -273,3 +273,25 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_debian_mirror_from_apt_sources() -> None:
     mirror = images.debian_mirror()
     assert mirror.startswith(("http://", "https://")) and not mirror.endswith("/")
+
+
+def test_push_as_docker_schema2(busybox_layout: Path, registry: Registry) -> None:
+    ref = images.push_layout(busybox_layout, registry, "fixtures/docker", format="v2s2")
+    raw = _skopeo_inspect(f"docker://{ref}", "--tls-verify=false", "--raw")
+    assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert raw["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
+    assert {layer["mediaType"] for layer in raw["layers"]} == {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    }
+
+
+def test_busybox_docker_archive(busybox_docker_archive: Path, busybox_layout: Path) -> None:
+    import tarfile
+
+    with tarfile.open(busybox_docker_archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert manifest[0]["RepoTags"] == ["localhost/ember-test:latest"]
+    info = _skopeo_inspect(f"docker-archive:{busybox_docker_archive}")
+    assert info["Layers"] and info["Architecture"] == "amd64"
+    local = _config(busybox_layout)
+    assert info["Env"] == local["config"]["Env"]
