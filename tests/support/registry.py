@@ -25,6 +25,8 @@ REGISTRY_BIN = "/usr/bin/docker-registry"
 HTPASSWD_BIN = "htpasswd"
 START_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
+# loaded here, not in the forked child, where taking the loader's lock could deadlock
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class RegistryStartError(RuntimeError):
@@ -78,8 +80,7 @@ def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the process that started us
     dies, so a pytest killed with -9 leaves no registry behind.  (Linux ties
     this to the starting *thread*: start registries from a long-lived one.)"""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
