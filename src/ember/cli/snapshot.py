@@ -1,0 +1,149 @@
+"""``ember snapshot ls/rm``, ``ember gc`` and ``ember image prepare``."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ember.cli.common import err_console, home_from_ctx, json_option, out_console, print_json
+from ember.cli.image import image as image_group
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@click.group()
+def snapshot() -> None:
+    """Inspect and remove snapshots (ext4 disk images of layer chains and machine root disks)."""
+
+
+@snapshot.command("ls")
+@json_option
+def snapshot_ls(as_json: bool) -> None:
+    """List snapshots with their parent, kind, file system size and disk usage."""
+    from ember.snapshots import Snapshotter
+
+    snap = Snapshotter(home_from_ctx())
+    rows = []
+    for info in snap.list():
+        try:
+            usage = snap.usage(info.name)
+            used, exclusive = usage.size, usage.exclusive
+        except (OSError, FileNotFoundError):
+            used = exclusive = 0
+        rows.append({**info.to_json(), "usage": used, "exclusive": exclusive})
+    if as_json:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "KIND", "PARENT", "SIZE", "USAGE", "EXCLUSIVE"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            _short(r["name"]), r["kind"], _short(r["parent"]) if r["parent"] else "-",
+            _size(r["size"]), _size(r["usage"]), _size(r["exclusive"]),
+        )  # fmt: skip
+    out_console.print(table)
+
+
+def _short(name: str) -> str:
+    if name.startswith("sha256:") and len(name) == 71:
+        return name[:19]
+    return name
+
+
+@snapshot.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def snapshot_rm(names: tuple[str, ...]) -> None:
+    """Remove snapshots (a committed one only when no other snapshot has it as parent)."""
+    from ember.snapshots import Snapshotter
+
+    snap = Snapshotter(home_from_ctx())
+    for name in names:
+        snap.remove(name)
+        click.echo(name)
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option(
+    "--content-grace",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    help="Keep unreferenced blobs younger than this many seconds (a pull may be writing them).",
+)
+@json_option
+def gc(dry_run: bool, content_grace: float, as_json: bool) -> None:
+    """Remove snapshots, content and leases that no image and no live lease needs."""
+    from ember.snapshots.gc import collect
+
+    report = collect(home_from_ctx(), dry_run=dry_run, content_grace=content_grace)
+    if as_json:
+        print_json(report.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
+        f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s); "
+        f"freed {_size(report.snapshot_bytes)} in the snapshot pool and "
+        f"{_size(report.content_bytes)} of content"
+    )
+
+
+@click.command("prepare")
+@click.argument("ref")
+@click.option("--platform", "platform_text", help="os/arch[/variant] (default: this host's).")
+@click.option("--plain-http", is_flag=True, help="Talk plain HTTP to the registry.")
+@json_option
+def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool) -> None:
+    """Pull REF if needed and build its snapshot chain (one ext4 image per layer)."""
+    from ember.images import ImageService
+    from ember.oci.platform import Platform
+    from ember.snapshots.chain import prepare_image
+
+    start = time.perf_counter()
+    home = home_from_ctx()
+    service = ImageService(home)
+    platform = Platform.parse(platform_text) if platform_text else None
+    try:
+        img = service.get(ref)
+    except Exception as e:
+        from ember.errors import NotFound
+
+        if not isinstance(e, NotFound):
+            raise
+        img = service.pull(ref, platform, plain_http=plain_http)
+    prepared = prepare_image(home, img)
+    seconds = time.perf_counter() - start
+    if as_json:
+        print_json(
+            {
+                "image": prepared.manifest_digest,
+                "snapshot": prepared.snapshot,
+                "path": str(prepared.path),
+                "seconds": round(seconds, 3),
+            }
+        )
+        return
+    built = len(prepared.built)
+    err_console.print(
+        f"built {built} of {len(img.layers)} layer snapshot(s) in {seconds:.2f}s"
+        if built
+        else f"all {len(img.layers)} layer snapshot(s) already built"
+    )
+    click.echo(str(prepared.path))
+
+
+image_group.add_command(prepare)
+
+commands: list[click.Command] = [snapshot, gc]

@@ -1,0 +1,102 @@
+"""Snapshotter settings: the ``"snapshots"`` section of ``$EMBER_HOME/config.json``.
+
+::
+
+    {"snapshots": {"backend": "auto" | "reflink" | "copy",
+                   "base_size": "8G",      # the empty ext4 every image chain starts from
+                   "pool_size": "64G",     # sparse XFS pool file, only when $EMBER_HOME has no reflinks
+                   "check": "full" | "none"}}  # e2fsck -fn of every built layer before it is committed
+
+Environment variables ``EMBER_SNAPSHOT_BACKEND``, ``EMBER_SNAPSHOT_BASE_SIZE`` and
+``EMBER_SNAPSHOT_POOL_SIZE`` override the file (handy for one command or a test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ember.snapshots.errors import SnapshotError
+
+BACKENDS = ("auto", "reflink", "copy")
+CHECKS = ("full", "none")
+GiB = 1 << 30
+DEFAULT_BASE_SIZE = 8 * GiB
+DEFAULT_POOL_SIZE = 64 * GiB
+MIN_SIZE = 64 << 20
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(SnapshotError):
+    pass
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """``4294967296``, ``"4G"``, ``"4GiB"``, ``"512M"`` -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a size like 8G, not {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        n = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    else:
+        raise ConfigError(f"{what} must be a size like 8G or a number of bytes, not {value!r}")
+    if n < MIN_SIZE:
+        raise ConfigError(f"{what} {value!r} is too small (at least 64M)")
+    if n % 4096:
+        raise ConfigError(f"{what} {value!r} is not a multiple of 4 KiB")
+    return n
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    backend: str = "auto"
+    base_size: int = DEFAULT_BASE_SIZE
+    pool_size: int | None = None  # None: DEFAULT_POOL_SIZE capped by free space
+    check: str = "full"
+
+    @classmethod
+    def load(cls, config_file: Path) -> SnapshotConfig:
+        section: dict[str, Any] = {}
+        try:
+            raw = json.loads(config_file.read_bytes())
+        except FileNotFoundError:
+            raw = {}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {config_file}: {e}") from e
+        if isinstance(raw, dict) and isinstance(raw.get("snapshots"), dict):
+            section = raw["snapshots"]
+        env = {
+            "backend": os.environ.get("EMBER_SNAPSHOT_BACKEND"),
+            "base_size": os.environ.get("EMBER_SNAPSHOT_BASE_SIZE"),
+            "pool_size": os.environ.get("EMBER_SNAPSHOT_POOL_SIZE"),
+        }
+        section = {**section, **{k: v for k, v in env.items() if v}}
+        return cls.from_dict(section)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SnapshotConfig:
+        cfg = cls()
+        if "backend" in d:
+            if d["backend"] not in BACKENDS:
+                raise ConfigError(
+                    f"snapshots.backend must be one of {', '.join(BACKENDS)}, not {d['backend']!r}"
+                )
+            cfg = replace(cfg, backend=d["backend"])
+        if "base_size" in d:
+            cfg = replace(cfg, base_size=parse_size(d["base_size"], "snapshots.base_size"))
+        if d.get("pool_size") is not None:
+            cfg = replace(cfg, pool_size=parse_size(d["pool_size"], "snapshots.pool_size"))
+        if "check" in d:
+            if d["check"] not in CHECKS:
+                raise ConfigError(
+                    f"snapshots.check must be one of {', '.join(CHECKS)}, not {d['check']!r}"
+                )
+            cfg = replace(cfg, check=d["check"])
+        return cfg

@@ -1,0 +1,45 @@
+"""Errors of the snapshotter: every message is one line a user can act on."""
+
+from __future__ import annotations
+
+from ember.errors import EmberError, NotFound, UsageError
+
+
+class SnapshotError(EmberError):
+    """Base of every snapshotter error."""
+
+
+class SnapshotNotFound(NotFound, SnapshotError):
+    pass
+
+
+class SnapshotExists(SnapshotError):
+    pass
+
+
+class SnapshotInUse(SnapshotError):
+    """Another process holds the snapshot (building, mounted) or it has children."""
+
+
+class InvalidSnapshotKey(UsageError, SnapshotError):
+    pass
+
+
+class PoolError(SnapshotError):
+    """The copy-on-write pool cannot be set up or mounted."""
+
+
+class CommandFailed(SnapshotError):
+    """An external tool (mount, mkfs.ext4, e2fsck, resize2fs, ...) failed."""
+
+
+class CheckFailed(SnapshotError):
+    """A freshly built file system did not pass its check: it is never committed."""
+
+
+class LeaseError(SnapshotError):
+    pass
+
+
+class LeaseNotFound(NotFound, LeaseError):
+    pass

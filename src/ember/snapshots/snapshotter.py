@@ -1,0 +1,446 @@
+"""The snapshotter (containerd's vocabulary): prepare, view, commit, remove, list, usage.
+
+Layout of the pool (see pool.py for where it is)::
+
+    committed/<key>/disk.ext4   immutable ext4 image (mode 0444), named by chain ID for layers
+    committed/<key>/meta.json   parent, creation time, labels
+    active/<key>/...            the same for writable (and view) snapshots
+    active/.new-*/              a snapshot being created: renamed into place when complete
+    trash/*                     removed snapshots, deleted after an atomic rename
+
+``<key>`` is the percent-encoded key (names.py).  Every state change is one
+rename inside the pool's file system, so a kill -9 leaves each snapshot either
+absent, active or committed, never half of one.  Each snapshot directory has a
+``lock`` file: a process building or mounting the snapshot holds an flock on
+it; a free lock on a transient (builder's) snapshot means its builder died, and
+``recover`` discards it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ember.fsutil import atomic_write, fsync_dir
+from ember.home import Home
+from ember.snapshots import names, system
+from ember.snapshots.config import SnapshotConfig
+from ember.snapshots.errors import (
+    CheckFailed,
+    CommandFailed,
+    SnapshotError,
+    SnapshotExists,
+    SnapshotInUse,
+    SnapshotNotFound,
+)
+from ember.snapshots.fiemap import file_usage
+from ember.snapshots.leases import Leases
+from ember.snapshots.locks import FileLock, require_lock, try_lock
+from ember.snapshots.model import ActiveSnapshot, Kind, Meta, Mount, SnapshotInfo, Usage
+from ember.snapshots.pool import Pool, open_pool
+
+log = logging.getLogger("ember.snapshots")
+
+DISK = "disk.ext4"
+META = "meta.json"
+LOCK = "lock"
+
+# recovery runs once per process per pool
+_recovered: set[Path] = set()
+
+
+class Snapshotter:
+    def __init__(
+        self, home: Home, config: SnapshotConfig | None = None, *, recover: bool = True
+    ) -> None:
+        self.home = home.ensure()
+        self.config = config or SnapshotConfig.load(home.config_file)
+        self.pool: Pool = open_pool(self.home, self.config)
+        root = self.pool.root
+        self.active_dir, self.committed_dir, self.trash = (
+            root / "active",
+            root / "committed",
+            root / "trash",
+        )
+        for d in (self.active_dir, self.committed_dir, self.trash):
+            d.mkdir(exist_ok=True)
+        self.gc_lock = self.pool.locks / "gc.lock"
+        self.leases = Leases(self.pool.leases, self.gc_lock)
+        if recover and root not in _recovered:
+            self.recover()
+            _recovered.add(root)
+
+    @property
+    def backend_name(self) -> str:
+        return self.pool.backend.name
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def _locate(self, key: str) -> tuple[Path, Kind]:
+        enc = names.encode(key)
+        d = self.committed_dir / enc
+        if (d / META).is_file():
+            return d, Kind.COMMITTED
+        d = self.active_dir / enc
+        if (d / META).is_file():
+            meta = self._meta(d)
+            return d, (Kind.VIEW if meta.kind is Kind.VIEW else Kind.ACTIVE)
+        raise SnapshotNotFound(f"no snapshot {key!r}")
+
+    def _meta(self, d: Path) -> Meta:
+        return Meta.load((d / META).read_bytes(), d / META)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._locate(key)
+            return True
+        except SnapshotNotFound:
+            return False
+
+    def is_committed(self, key: str) -> bool:
+        return (self.committed_dir / names.encode(key) / META).is_file()
+
+    def _info(self, d: Path, kind: Kind) -> SnapshotInfo:
+        meta = self._meta(d)
+        try:
+            size = system.fs_size(d / DISK)
+        except (OSError, SnapshotError):
+            size = 0
+        return SnapshotInfo(
+            name=names.decode(d.name),
+            kind=kind
+            if kind is Kind.COMMITTED
+            else (Kind.VIEW if meta.kind is Kind.VIEW else Kind.ACTIVE),
+            parent=meta.parent,
+            created=meta.created,
+            size=size,
+            path=d / DISK,
+            labels=meta.labels,
+            transient=meta.transient,
+        )
+
+    def stat(self, key: str) -> SnapshotInfo:
+        d, kind = self._locate(key)
+        return self._info(d, kind)
+
+    def path(self, key: str) -> Path:
+        """The disk image of a snapshot."""
+        return self._locate(key)[0] / DISK
+
+    def list(self) -> list[SnapshotInfo]:
+        out: list[SnapshotInfo] = []
+        for tree, kind in ((self.committed_dir, Kind.COMMITTED), (self.active_dir, Kind.ACTIVE)):
+            for entry in sorted(os.listdir(tree)):
+                if entry.startswith("."):
+                    continue
+                try:
+                    out.append(self._info(tree / entry, kind))
+                except FileNotFoundError:
+                    continue  # removed while we looked
+        return out
+
+    def usage(self, key: str) -> Usage:
+        u = file_usage(self.path(key))
+        return Usage(size=u.allocated, exclusive=u.exclusive, apparent=u.apparent)
+
+    def mounts(self, key: str) -> builtins.list[Mount]:
+        d, kind = self._locate(key)
+        ro = kind is not Kind.ACTIVE
+        return [Mount("ext4", d / DISK, ("loop", "ro", "noload") if ro else ("loop", "rw"))]
+
+    # -- creating ----------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        key: str,
+        parent: str | None = None,
+        *,
+        size: int | None = None,
+        lease: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> ActiveSnapshot:
+        """A writable snapshot: a clone of committed ``parent`` (or an empty ext4), grown to ``size``."""
+        snap, lock = self._create(key, parent, Kind.ACTIVE, size, lease, labels, transient=False)
+        lock.release()
+        return snap
+
+    def view(self, key: str, parent: str, *, lease: str | None = None) -> ActiveSnapshot:
+        """A read-only active snapshot of committed ``parent``."""
+        snap, lock = self._create(key, parent, Kind.VIEW, None, lease, None, transient=False)
+        lock.release()
+        return snap
+
+    def prepare_held(
+        self, key: str, parent: str | None, *, size: int | None = None, lease: str | None = None
+    ) -> tuple[ActiveSnapshot, FileLock]:
+        """Like prepare, for a builder: the snapshot is transient and its lock stays held.
+
+        Releasing the lock without committing marks it abandoned; ``recover`` and
+        ``gc`` then discard it.
+        """
+        return self._create(key, parent, Kind.ACTIVE, size, lease, None, transient=True)
+
+    def _create(
+        self,
+        key: str,
+        parent: str | None,
+        kind: Kind,
+        size: int | None,
+        lease: str | None,
+        labels: dict[str, str] | None,
+        *,
+        transient: bool,
+    ) -> tuple[ActiveSnapshot, FileLock]:
+        enc = names.encode(key)
+        if parent is not None:
+            names.validate_key(parent, "parent")
+        if self.exists(key):
+            raise SnapshotExists(f"snapshot {key!r} already exists")
+        staging = self.active_dir / f".new-{secrets.token_hex(8)}"
+        staging.mkdir()
+        lock = FileLock(staging / LOCK)
+        lock.acquire()
+        try:
+            meta = Meta(key, kind, parent, time.time(), dict(labels or {}), transient)
+            atomic_write(staging / META, meta.dump())
+            disk = staging / DISK
+            if parent is None:
+                self.pool.backend.create(disk, size or self.config.base_size)
+            else:
+                self._clone_parent(parent, disk)
+                if size is not None and size != system.fs_size(disk):
+                    system.resize_ext4(disk, size)
+            if kind is Kind.VIEW:
+                os.chmod(disk, 0o444)
+            if lease is not None:
+                self.leases.add(lease, snapshots=[key])
+            target = self.active_dir / enc
+            try:
+                os.rename(staging, target)
+            except OSError as e:
+                raise SnapshotExists(f"snapshot {key!r} already exists") from e
+            fsync_dir(self.active_dir)
+        except BaseException:
+            lock.release()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return ActiveSnapshot(key, kind, parent, target / DISK), lock
+
+    def _clone_parent(self, parent: str, disk: Path) -> None:
+        pdir = self.committed_dir / names.encode(parent)
+        if not (pdir / META).is_file():
+            if (self.active_dir / names.encode(parent) / META).is_file():
+                raise SnapshotError(f"parent {parent!r} is not committed")
+            raise SnapshotNotFound(f"parent snapshot {parent!r} does not exist")
+        # a shared hold keeps ``remove`` (exclusive) away while we read the parent
+        try:
+            plock = FileLock(pdir / LOCK, shared=True)
+            plock.acquire()
+        except FileNotFoundError:
+            raise SnapshotNotFound(f"parent snapshot {parent!r} was removed") from None
+        try:
+            if not (pdir / DISK).is_file():
+                raise SnapshotNotFound(f"parent snapshot {parent!r} was removed")
+            self.pool.backend.clone(pdir / DISK, disk)
+        finally:
+            plock.release()
+        os.chmod(disk, 0o600)
+
+    # -- using -------------------------------------------------------------------------------
+
+    @contextmanager
+    def mount(self, key: str, *, held: FileLock | None = None) -> Iterator[Path]:
+        """Loop-mount a snapshot (rw if active, else ro); always unmounted and released on exit.
+
+        ``held``: the snapshot's lock the caller already holds (from prepare_held).
+        """
+        d, kind = self._locate(key)
+        readonly = kind is not Kind.ACTIVE
+        lock = held or require_lock(d / LOCK, f"snapshot {key!r}", shared=readonly)
+        target = self.pool.mnt / secrets.token_hex(8)
+        try:
+            target.mkdir()
+            try:
+                system.mount_image(d / DISK, target, readonly=readonly)
+                try:
+                    yield target
+                finally:
+                    system.unmount(target)
+            finally:
+                target.rmdir()
+        finally:
+            if held is None:
+                lock.release()
+
+    def check(self, key: str) -> None:
+        """``e2fsck -fn`` the snapshot's file system; raises CheckFailed."""
+        try:
+            system.fsck_readonly(self.path(key))
+        except CommandFailed as e:
+            raise CheckFailed(f"snapshot {key!r} failed its file system check: {e}") from e
+
+    def commit(self, name: str, key: str, *, held: FileLock | None = None,
+               labels: dict[str, str] | None = None) -> SnapshotInfo:  # fmt: skip
+        """Make active ``key`` the immutable committed snapshot ``name`` (one atomic rename)."""
+        enc = names.encode(name)
+        d, kind = self._locate(key)
+        if kind is not Kind.ACTIVE:
+            raise SnapshotError(
+                f"snapshot {key!r} is {kind.value}: only active snapshots can be committed"
+            )
+        lock = held or require_lock(d / LOCK, f"snapshot {key!r}")
+        try:
+            if self._mounted(d):
+                raise SnapshotInUse(f"snapshot {key!r} is mounted: unmount it before committing")
+            target = self.committed_dir / enc
+            if target.exists():
+                raise SnapshotExists(f"a committed snapshot {name!r} already exists")
+            disk = d / DISK
+            fd = os.open(disk, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is durable before the name that promises it is
+            finally:
+                os.close(fd)
+            os.chmod(disk, 0o444)
+            old = self._meta(d)
+            meta = Meta(
+                name, Kind.COMMITTED, old.parent, time.time(), {**old.labels, **(labels or {})}
+            )
+            atomic_write(d / META, meta.dump())
+            try:
+                os.rename(d, target)
+            except OSError as e:
+                raise SnapshotExists(f"a committed snapshot {name!r} already exists") from e
+            fsync_dir(self.active_dir)
+            fsync_dir(self.committed_dir)
+        finally:
+            if held is None:
+                lock.release()
+        return self._info(target, Kind.COMMITTED)
+
+    # -- removing ----------------------------------------------------------------------------
+
+    def children(self, name: str) -> builtins.list[str]:
+        return [s.name for s in self.list() if s.parent == name]
+
+    def remove(self, key: str, *, held: FileLock | None = None) -> None:
+        """Remove a snapshot; a committed one only when nothing has it as parent."""
+        d, kind = self._locate(key)
+        lock = held or require_lock(d / LOCK, f"snapshot {key!r}")
+        try:
+            if not (d / META).is_file():
+                raise SnapshotNotFound(f"no snapshot {key!r}")
+            if kind is Kind.COMMITTED and (kids := self.children(key)):
+                raise SnapshotInUse(
+                    f"snapshot {key!r} is the parent of {len(kids)} other snapshot(s), e.g. {kids[0]!r}"
+                )
+            if self._mounted(d):
+                raise SnapshotInUse(f"snapshot {key!r} is mounted")
+            self._discard(d)
+        finally:
+            if held is None:
+                lock.release()
+
+    def _discard(self, d: Path) -> None:
+        """Atomically make a snapshot directory disappear, then delete it."""
+        grave = self.trash / secrets.token_hex(8)
+        os.rename(d, grave)
+        fsync_dir(d.parent)
+        shutil.rmtree(grave, ignore_errors=True)
+
+    def _mounted(self, d: Path) -> bool:
+        loops = {(lo.major, lo.minor) for lo in system.loops_backed_under(d)}
+        return bool(loops) and any((m.major, m.minor) in loops for m in system.mounts())
+
+    # -- crash recovery ----------------------------------------------------------------------
+
+    def recover(self) -> builtins.list[str]:
+        """Undo what killed processes left: mounts, loop devices, half-built snapshots.
+
+        Only touches things whose owner's lock is free, so a running ember
+        process is never disturbed.  Returns a line per action, for logs.
+        """
+        done: list[str] = []
+        with FileLock(self.pool.locks / "recover.lock"):
+            # 1. mounts of our snapshots nobody holds
+            loops = {(lo.major, lo.minor): lo for lo in system.loops_backed_under(self.pool.root)}
+            for m in system.mounts_under(self.pool.mnt):
+                lo = loops.get((m.major, m.minor))
+                owner = Path(lo.backing_file).parent if lo else None
+                if owner is not None and owner.exists():
+                    lock = try_lock(owner / LOCK)
+                    if lock is None:
+                        continue
+                    try:
+                        system.unmount(m.mountpoint)
+                    finally:
+                        lock.release()
+                else:
+                    system.unmount(m.mountpoint)
+                done.append(f"unmounted {m.mountpoint}")
+                with suppress(OSError):
+                    m.mountpoint.rmdir()
+            # 2. loop devices on our disks that nothing mounts and nobody holds
+            mounted = {(m.major, m.minor) for m in system.mounts()}
+            for lo in system.loops_backed_under(self.pool.root):
+                if (lo.major, lo.minor) in mounted:
+                    continue
+                owner = Path(lo.backing_file.removesuffix(" (deleted)")).parent
+                lock = try_lock(owner / LOCK) if owner.exists() else None
+                if owner.exists() and lock is None:
+                    continue
+                try:
+                    system.detach_loop(lo.device)
+                    done.append(f"detached {lo.device} ({lo.backing_file})")
+                except SnapshotError as e:
+                    log.warning("%s", e)
+                finally:
+                    if lock is not None:
+                        lock.release()
+            # 3. half-created and half-built snapshots, and the trash
+            for entry in sorted(os.listdir(self.active_dir)):
+                d = self.active_dir / entry
+                if entry.startswith(".new-") and not (d / LOCK).exists() and _age(d) < 10:
+                    continue  # its creator is between mkdir and taking the lock
+                lock = try_lock(d / LOCK)
+                if lock is None:
+                    continue
+                try:
+                    if entry.startswith(".new-") or self._abandoned(d):
+                        self._discard(d)
+                        done.append(f"discarded half-built snapshot {names.decode(entry)}")
+                finally:
+                    lock.release()
+            for entry in os.listdir(self.trash):
+                shutil.rmtree(self.trash / entry, ignore_errors=True)
+            # 4. empty mount points left between mkdir and mount
+            for entry in os.listdir(self.pool.mnt):
+                p = self.pool.mnt / entry
+                try:
+                    if time.time() - p.stat().st_mtime > 3600 and not system.is_mountpoint(p):
+                        p.rmdir()
+                except OSError:
+                    pass
+        for line in done:
+            log.info("recovery: %s", line)
+        return done
+
+    def _abandoned(self, d: Path) -> bool:
+        try:
+            return self._meta(d).transient
+        except (FileNotFoundError, SnapshotError):
+            return True  # an active directory without readable metadata is garbage
+
+
+def _age(p: Path) -> float:
+    try:
+        return time.time() - p.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+
+from ember.snapshots import names
+from ember.snapshots.config import ConfigError, SnapshotConfig, parse_size
+from ember.snapshots.errors import InvalidSnapshotKey
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["sha256:" + "a" * 64, "machine/abc", "build/sha256:x/1", "a..b", "x%2Fy", "ünï", "a/../b"],
+)
+def test_encode_roundtrip_and_safe(key: str) -> None:
+    enc = names.encode(key)
+    assert "/" not in enc and enc not in (".", "..") and not enc.startswith(".")
+    assert names.decode(enc) == key
+
+
+def test_encode_is_injective_on_lookalikes() -> None:
+    assert names.encode("a/b") != names.encode("a%2Fb")
+    assert names.encode("a:b") != names.encode("a-b")
+
+
+@pytest.mark.parametrize(
+    "key", ["", ".hidden", "..", "a b", "tab\tkey", "nl\n", "x" * 201, "é" * 150]
+)
+def test_bad_keys_are_refused(key: str) -> None:
+    with pytest.raises(InvalidSnapshotKey):
+        names.encode(key)
+
+
+def test_parse_size() -> None:
+    assert parse_size("4G") == 4 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size(1 << 30) == 1 << 30
+    for bad in ("lots", "1M", -5, True, "4.5G", 4097 * 1024 * 16 + 1):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_config_file_and_env(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "config.json"
+    assert SnapshotConfig.load(f) == SnapshotConfig()
+    f.write_text('{"snapshots": {"backend": "copy", "base_size": "2G", "check": "none"}}')
+    cfg = SnapshotConfig.load(f)
+    assert (cfg.backend, cfg.base_size, cfg.check) == ("copy", 2 << 30, "none")
+    monkeypatch.setenv("EMBER_SNAPSHOT_BACKEND", "reflink")
+    assert SnapshotConfig.load(f).backend == "reflink"
+    f.write_text('{"snapshots": {"backend": "zfs"}}')
+    monkeypatch.delenv("EMBER_SNAPSHOT_BACKEND")
+    with pytest.raises(ConfigError, match="backend"):
+        SnapshotConfig.load(f)
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        SnapshotConfig.load(f)

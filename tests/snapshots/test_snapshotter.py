@@ -1,0 +1,254 @@
+"""The snapshotter on a real XFS pool file, real loop devices and real ext4."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots import Kind, Snapshotter, system
+from ember.snapshots.errors import (
+    SnapshotError,
+    SnapshotExists,
+    SnapshotInUse,
+    SnapshotNotFound,
+)
+from ember.snapshots.locks import FileLock
+from ember.snapshots.pool import LOOPFILE, close_pool
+from tests.snapshots.imagekit import ours
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+A = "sha256:" + "a" * 64
+
+
+def _commit_with(snap: Snapshotter, name: str, parent: str | None, files: dict[str, bytes]) -> None:
+    key = f"build/{name}"
+    snap.prepare(key, parent)
+    with snap.mount(key) as root:
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+    snap.commit(name, key)
+
+
+def test_pool_is_a_loop_mounted_xfs_with_reflinks(home: Home) -> None:
+    snap = Snapshotter(home)
+    assert snap.pool.kind == LOOPFILE and snap.pool.reflink and snap.backend_name == "reflink"
+    entry = next(m for m in system.mounts() if m.mountpoint == snap.pool.root)
+    assert entry.fstype == "xfs"
+    state = json.loads((home.snapshots / "pool.json").read_text())
+    assert state["kind"] == LOOPFILE and state["size"] == 4 << 30
+    assert os.stat(home.snapshots / "pool.img").st_blocks * 512 < 200 << 20  # sparse
+
+
+def test_pool_is_mounted_again_after_a_reboot(home: Home) -> None:
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {"f": b"kept"})
+    close_pool(home)  # what a reboot does to the mount
+    assert not system.is_mountpoint(snap.pool.root)
+    again = Snapshotter(home)
+    assert again.is_committed(A)
+    with again.mount(A) as root:
+        assert (root / "f").read_bytes() == b"kept"
+
+
+def test_prepare_commit_view_lifecycle(home: Home) -> None:
+    snap = Snapshotter(home)
+    active = snap.prepare("k1")
+    assert active.kind is Kind.ACTIVE and active.parent is None and active.path.is_file()
+    assert system.fs_size(active.path) == 1 << 30  # base_size from the config
+    with snap.mount("k1") as root:
+        (root / "hello").write_text("world")
+        assert snap.stat("k1").kind is Kind.ACTIVE
+        with pytest.raises(SnapshotInUse):
+            snap.commit(A, "k1")  # mounted (and locked)
+    info = snap.commit(A, "k1")
+    assert info.kind is Kind.COMMITTED and info.name == A
+    assert not snap.exists("k1")
+    assert os.stat(info.path).st_mode & 0o777 == 0o444
+
+    snap.view("v1", A)
+    assert snap.stat("v1").kind is Kind.VIEW
+    with snap.mount("v1") as root:
+        assert (root / "hello").read_text() == "world"
+        with pytest.raises(OSError):
+            (root / "new").write_text("x")
+    with pytest.raises(SnapshotError, match="only active"):
+        snap.commit("sha256:" + "b" * 64, "v1")
+
+    child = snap.prepare("k2", A, size=2 << 30)
+    assert system.fs_size(child.path) == 2 << 30
+    with snap.mount("k2") as root:
+        assert (root / "hello").read_text() == "world"
+        (root / "hello").write_text("changed")
+    with snap.mount(A) as root:  # the parent never changes
+        assert (root / "hello").read_text() == "world"
+    subprocess.run(["e2fsck", "-fn", str(child.path)], check=True, capture_output=True)
+
+    names = {s.name: s for s in snap.list()}
+    assert set(names) == {A, "v1", "k2"}
+    assert names["k2"].parent == A and names["v1"].kind is Kind.VIEW
+    assert snap.mounts("k2")[0].options == ("loop", "rw")
+    assert "ro" in snap.mounts(A)[0].options
+
+
+def test_errors_are_clear(home: Home) -> None:
+    snap = Snapshotter(home)
+    snap.prepare("k")
+    with pytest.raises(SnapshotExists):
+        snap.prepare("k")
+    with pytest.raises(SnapshotNotFound, match="does not exist"):
+        snap.prepare("k2", "sha256:" + "9" * 64)
+    with pytest.raises(SnapshotError, match="not committed"):
+        snap.prepare("k3", "k")
+    with pytest.raises(SnapshotNotFound):
+        snap.remove("nope")
+    snap.commit(A, "k")
+    snap.prepare("k4", A)
+    snap.prepare("k5")
+    with pytest.raises(SnapshotExists):
+        snap.commit(A, "k5")
+    with pytest.raises(SnapshotInUse, match="parent of 1"):
+        snap.remove(A)
+    snap.remove("k4")
+    snap.remove("k5")
+    snap.remove(A)
+    assert snap.list() == []
+
+
+def test_a_held_snapshot_cannot_be_removed(home: Home) -> None:
+    snap = Snapshotter(home)
+    _active, lock = snap.prepare_held("build/x", None)
+    try:
+        with pytest.raises(SnapshotInUse):
+            snap.remove("build/x")
+    finally:
+        lock.release()
+    _commit_with(snap, A, None, {})
+    with snap.mount(A), pytest.raises(SnapshotInUse):
+        snap.remove(A)
+    snap.remove(A)
+
+
+def test_clones_share_blocks(home: Home) -> None:
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {"big": os.urandom(1 << 20) * 64})
+    parent_usage = snap.usage(A)
+    assert parent_usage.size > 64 << 20
+    before = _pool_used(snap)
+    for i in range(5):
+        snap.prepare(f"m{i}", A)
+    # five full clones of a 64 MiB file system cost (almost) nothing
+    assert _pool_used(snap) - before < 8 << 20
+    u = snap.usage("m0")
+    assert u.size >= 64 << 20 and u.exclusive < 1 << 20
+    with snap.mount("m0") as root:
+        (root / "big").write_bytes(b"y" * (4 << 20))
+    assert snap.usage("m0").exclusive >= 4 << 20
+
+
+def _pool_used(snap: Snapshotter) -> int:
+    os.sync()
+    st = os.statvfs(snap.pool.root)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_copy_backend_makes_real_copies(copy_home: Home) -> None:
+    snap = Snapshotter(copy_home)
+    assert snap.backend_name == "copy"
+    _commit_with(snap, A, None, {"f": b"content" * 1000})
+    snap.prepare("c", A, size=(1 << 30) + (256 << 20))
+    with snap.mount("c") as root:
+        assert (root / "f").read_bytes() == b"content" * 1000
+    assert snap.usage("c").exclusive == snap.usage("c").size  # nothing shared
+    assert os.stat(snap.path("c")).st_blocks * 512 < 200 << 20  # holes kept
+
+
+def test_recover_discards_abandoned_builds_only(home: Home) -> None:
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {})
+    snap.prepare("machine/keep", A)  # not transient: a machine's disk survives recovery
+    _active, lock = snap.prepare_held("build/dead", A)
+    lock.release()  # as if its builder died
+    _active, held = snap.prepare_held("build/alive", A)
+    try:
+        (snap.active_dir / ".new-0123456789abcdef").mkdir()
+        (snap.active_dir / ".new-0123456789abcdef" / "lock").touch()
+        actions = snap.recover()
+        left = {s.name for s in snap.list()}
+        assert left == {A, "machine/keep", "build/alive"}
+        assert any("build/dead" in a for a in actions)
+        assert not (snap.active_dir / ".new-0123456789abcdef").exists()
+    finally:
+        held.release()
+
+
+def test_recover_unmounts_and_detaches_leftovers(home: Home) -> None:
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {"f": b"x"})
+    _active, lock = snap.prepare_held("build/b", A)
+    # a killed builder's state: its disk loop-mounted, and a bare loop device too
+    target = snap.pool.mnt / "leftover"
+    target.mkdir()
+    system.mount_image(snap.path("build/b"), target, readonly=False)
+    bare = subprocess.run(
+        ["losetup", "--find", "--show", str(snap.path(A))],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    lock.release()
+    with FileLock(snap.pool.locks / "unrelated.lock"):
+        actions = snap.recover()
+    assert any("unmounted" in a for a in actions) and any(bare in a for a in actions)
+    mounts, loops = ours(snap.pool.root)
+    assert mounts == [] and loops == []
+    assert not snap.exists("build/b") and snap.is_committed(A)
+
+
+def test_mount_is_released_on_error(home: Home) -> None:
+    snap = Snapshotter(home)
+    snap.prepare("k")
+    with pytest.raises(RuntimeError), snap.mount("k"):
+        raise RuntimeError("boom")
+    mounts, loops = ours(snap.pool.root)
+    assert mounts == [] and loops == []
+    snap.remove("k")
+
+
+def test_damaged_disk_fails_the_check(home: Home) -> None:
+    snap = Snapshotter(home)
+    snap.prepare("k")
+    with open(snap.path("k"), "r+b") as f:  # clobber the group descriptors
+        f.seek(4096)
+        f.write(b"\xff" * 4096)
+    with pytest.raises(SnapshotError, match="check"):
+        snap.check("k")
+
+
+def test_native_reflink_directory_needs_no_pool_file(tmp_path: Path) -> None:
+    """When $EMBER_HOME itself is on XFS with reflink, the pool is a plain directory."""
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    img = tmp_path / "xfs.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    mnt = tmp_path / "xfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        h = make_home(mnt / "home")
+        snap = Snapshotter(h)
+        assert snap.pool.kind == "native" and snap.backend_name == "reflink"
+        assert not (h.snapshots / "pool.img").exists()
+        _commit_with(snap, A, None, {"x": b"y"})
+        snap.prepare("m", A)
+        teardown_home(h)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
