@@ -11,7 +11,7 @@ import pytest
 
 from ember.home import Home
 from ember.snapshots.pool import close_pool
-from tests.snapshots.imagekit import ours
+from tests.snapshots.leaks import ours
 
 
 def make_home(root: Path, **snapshots: object) -> Home:

@@ -11,10 +11,8 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ember.home import Home
 from ember.images.model import Image, Layer
@@ -129,20 +127,3 @@ def base_layers() -> list[LayerSpec]:
         LayerSpec([Entry("etc/motd", b"hello\n"), Entry("usr"), Entry("usr/lib"),
                    Entry("usr/lib/libx.so", b"\x7fELF" + b"x" * 5000), Entry("lib", link="usr/lib")]),
     ]  # fmt: skip
-
-
-def ours(prefix: Path) -> tuple[list[str], list[str]]:
-    """Mount points and loop devices whose path is under ``prefix``."""
-    real = os.path.realpath(prefix) + "/"
-    with open("/proc/self/mountinfo") as f:
-        mounts = [ln.split()[4] for ln in f if ln.split()[4].startswith(real)]
-    loops = []
-    for name in os.listdir("/sys/block"):
-        backing = Path("/sys/block") / name / "loop" / "backing_file"
-        try:
-            text = backing.read_text().strip()
-        except OSError:
-            continue
-        if text.startswith(real):
-            loops.append(f"/dev/{name} {text}")
-    return mounts, loops

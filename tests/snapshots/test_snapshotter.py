@@ -19,7 +19,7 @@ from ember.snapshots.errors import (
 )
 from ember.snapshots.locks import FileLock
 from ember.snapshots.pool import LOOPFILE, close_pool
-from tests.snapshots.imagekit import ours
+from tests.snapshots.leaks import ours
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
