@@ -483,7 +483,9 @@ def _parse(data: bytes) -> RunConfig:
         if not slash:
             raise InvalidRunConfig(f"run config: interface address {cidr!r} has no prefix")
         nets.append(
-            Interface(name, addr, _int(prefix, "prefix"), None if gw == "-" else gw, _int(mtu, "MTU"))
+            Interface(
+                name, addr, _int(prefix, "prefix"), None if gw == "-" else gw, _int(mtu, "MTU")
+            )
         )
     kw: dict[str, object] = dict(
         argv=tuple(f[0] for f in values.get("arg", [])),

@@ -1,0 +1,242 @@
+/* The run config parser: the C side of src/ember/vm/runconfig.py (docs/run-config.md).
+ *
+ * Strict on purpose: the config comes from the host, but a truncated or corrupted
+ * one must stop the boot with a message rather than run something half-configured.
+ * Parsing is in place: fields are unescaped inside the buffer, so every string in
+ * struct config points into it.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "init.h"
+
+#define MAX_FIELDS 66
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+/* Unescape one field in place.  Returns 0, or -1 on a bad escape / raw control byte. */
+static int unescape(char *s)
+{
+	char *w = s;
+	for (char *r = s; *r; r++) {
+		if (*r == '\\') {
+			switch (r[1]) {
+			case '\\': *w++ = '\\'; break;
+			case 's': *w++ = ' '; break;
+			case 'n': *w++ = '\n'; break;
+			case 't': *w++ = '\t'; break;
+			default: return -1;
+			}
+			r++;
+		} else if (*r == '\t') {
+			return -1;
+		} else {
+			*w++ = *r;
+		}
+	}
+	*w = 0;
+	return 0;
+}
+
+static int parse_int(const char *s, long min, long max, long *out)
+{
+	if (!*s || strlen(s) > 10)
+		return -1;
+	for (const char *p = s; *p; p++)
+		if (*p < '0' || *p > '9')
+			return -1;
+	long v = strtol(s, NULL, 10);
+	if (v < min || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/* Append to a NULL-terminated string array, leaving `spare` free slots for later additions. */
+static char **push(char **arr, int *n, char *s, int spare)
+{
+	arr = xrealloc(arr, sizeof(char *) * (size_t)(*n + 2 + spare));
+	arr[(*n)++] = s;
+	arr[*n] = NULL;
+	return arr;
+}
+
+struct rec {
+	const char *key;
+	int min, max, single;
+};
+static const struct rec RECORDS[] = {
+	{"arg", 1, 1, 0},         {"env", 1, 1, 0},         {"user", 1, 1, 1},
+	{"workdir", 1, 1, 1},     {"hostname", 1, 1, 1},    {"host", 2, 64, 0},
+	{"nameserver", 1, 1, 0},  {"search", 1, 1, 0},      {"net", 4, 4, 0},
+	{"mount", 4, 4, 0},       {"stop_signal", 1, 1, 1}, {"stop_timeout", 1, 1, 1},
+	{"root", 3, 3, 1},        {"module", 1, 1, 0},      {"nofile", 1, 1, 1},
+};
+#define NRECORDS (int)(sizeof(RECORDS) / sizeof(RECORDS[0]))
+
+int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errlen)
+{
+	memset(c, 0, sizeof(*c));
+	c->stop_signal = 15;
+	c->stop_timeout = 10;
+	c->root_dev = "/dev/vda";
+	c->root_fstype = "ext4";
+	c->root_opts = "defaults";
+	c->nofile = 1048576;
+	int seen[NRECORDS] = {0};
+
+	if (len == 0 || len > CONFIG_MAX_SIZE)
+		return seterr(err, errlen, "run config is empty or too large (%zu bytes)", len), -1;
+	if (memchr(buf, 0, len))
+		return seterr(err, errlen, "run config contains a NUL byte"), -1;
+	if (buf[len - 1] != '\n')
+		return seterr(err, errlen, "run config is truncated (no final newline)"), -1;
+	buf[len - 1] = 0;
+
+	int lineno = 0, ended = 0;
+	char *next = buf;
+	while (next) {
+		char *line = next;
+		char *nl = strchr(line, '\n');
+		next = nl ? nl + 1 : NULL;
+		if (nl)
+			*nl = 0;
+		lineno++;
+		if (ended)
+			return seterr(err, errlen, "run config: data after the end record (line %d)", lineno), -1;
+		if (lineno == 1) {
+			if (strcmp(line, "ember-run-config 1") != 0)
+				return seterr(err, errlen, "not an ember run config of a known version"), -1;
+			continue;
+		}
+		if (strcmp(line, "end") == 0) {
+			ended = 1;
+			continue;
+		}
+		/* split on single spaces: "key f1 f2 ..." (empty fields are legal) */
+		char *fields[MAX_FIELDS + 1];
+		int nf = 0;
+		char *key = line, *p = strchr(line, ' ');
+		if (p)
+			*p = 0;
+		while (p) {
+			if (nf == MAX_FIELDS)
+				return seterr(err, errlen, "run config line %d: too many fields", lineno), -1;
+			fields[nf++] = p + 1;
+			p = strchr(p + 1, ' ');
+			if (p)
+				*p = 0;
+		}
+		int r;
+		for (r = 0; r < NRECORDS; r++)
+			if (strcmp(key, RECORDS[r].key) == 0)
+				break;
+		if (r == NRECORDS)
+			return seterr(err, errlen, "run config line %d: unknown record '%.40s'", lineno, key), -1;
+		if (nf < RECORDS[r].min || nf > RECORDS[r].max)
+			return seterr(err, errlen, "run config line %d: '%s' has %d fields", lineno, key, nf), -1;
+		if (RECORDS[r].single && seen[r])
+			return seterr(err, errlen, "run config line %d: '%s' appears twice", lineno, key), -1;
+		seen[r]++;
+		for (int i = 0; i < nf; i++)
+			if (unescape(fields[i]) < 0)
+				return seterr(err, errlen, "run config line %d: bad escape in '%s'", lineno, key), -1;
+
+		long v;
+		const char *f0 = fields[0];
+		if (!strcmp(key, "arg")) {
+			c->argv = push(c->argv, &c->argc, fields[0], 0);
+		} else if (!strcmp(key, "env")) {
+			if (f0[0] == '=' || !strchr(f0, '='))
+				return seterr(err, errlen, "run config line %d: env entry is not KEY=VALUE", lineno), -1;
+			/* spare slots: HOME, PATH, HOSTNAME may be added later */
+			c->env = push(c->env, &c->envc, fields[0], 3);
+		} else if (!strcmp(key, "user")) {
+			c->user = fields[0];
+		} else if (!strcmp(key, "workdir")) {
+			if (f0[0] != '/')
+				return seterr(err, errlen, "run config: workdir must be absolute"), -1;
+			c->workdir = fields[0];
+		} else if (!strcmp(key, "hostname")) {
+			if (!*f0 || strlen(f0) > 64)
+				return seterr(err, errlen, "run config: invalid hostname"), -1;
+			c->hostname = fields[0];
+		} else if (!strcmp(key, "host")) {
+			c->hosts = xrealloc(c->hosts, sizeof(*c->hosts) * (size_t)(c->nhosts + 1));
+			struct hostent_rec *h = &c->hosts[c->nhosts++];
+			h->addr = fields[0];
+			h->nnames = nf - 1;
+			h->names = xrealloc(NULL, sizeof(char *) * (size_t)nf);
+			for (int i = 1; i < nf; i++)
+				h->names[i - 1] = fields[i];
+		} else if (!strcmp(key, "nameserver")) {
+			c->nameservers = push(c->nameservers, &c->nnameservers, fields[0], 0);
+		} else if (!strcmp(key, "search")) {
+			c->search = push(c->search, &c->nsearch, fields[0], 0);
+		} else if (!strcmp(key, "net")) {
+			struct iface ifc = {.name = fields[0], .gateway = fields[2]};
+			char *slash = strchr(fields[1], '/');
+			if (!slash || parse_int(slash + 1, 0, 32, &v) < 0)
+				return seterr(err, errlen, "run config line %d: bad address/prefix", lineno), -1;
+			*slash = 0;
+			ifc.addr = fields[1];
+			ifc.prefix = (int)v;
+			if (!strcmp(ifc.gateway, "-"))
+				ifc.gateway = NULL;
+			if (parse_int(fields[3], 68, 65535, &v) < 0)
+				return seterr(err, errlen, "run config line %d: bad MTU", lineno), -1;
+			ifc.mtu = (int)v;
+			if (!*ifc.name || strlen(ifc.name) > 15)
+				return seterr(err, errlen, "run config line %d: bad interface name", lineno), -1;
+			c->ifaces = xrealloc(c->ifaces, sizeof(*c->ifaces) * (size_t)(c->nifaces + 1));
+			c->ifaces[c->nifaces++] = ifc;
+		} else if (!strcmp(key, "mount")) {
+			struct vmount m = {fields[0], fields[1], fields[2], fields[3]};
+			if (m.source[0] != '/' || m.target[0] != '/' || !strcmp(m.target, "/"))
+				return seterr(err, errlen, "run config line %d: bad mount paths", lineno), -1;
+			c->mounts = xrealloc(c->mounts, sizeof(*c->mounts) * (size_t)(c->nmounts + 1));
+			c->mounts[c->nmounts++] = m;
+		} else if (!strcmp(key, "stop_signal")) {
+			if (parse_int(f0, 1, 64, &v) < 0)
+				return seterr(err, errlen, "run config: bad stop_signal"), -1;
+			c->stop_signal = (int)v;
+		} else if (!strcmp(key, "stop_timeout")) {
+			if (parse_int(f0, 0, 86400, &v) < 0)
+				return seterr(err, errlen, "run config: bad stop_timeout"), -1;
+			c->stop_timeout = (int)v;
+		} else if (!strcmp(key, "root")) {
+			if (strncmp(fields[0], "/dev/", 5) != 0 || !*fields[1])
+				return seterr(err, errlen, "run config: bad root device"), -1;
+			c->root_dev = fields[0];
+			c->root_fstype = fields[1];
+			c->root_opts = fields[2];
+		} else if (!strcmp(key, "module")) {
+			if (!*f0 || strchr(f0, '/') || f0[0] == '.')
+				return seterr(err, errlen, "run config: bad module name"), -1;
+			c->modules = push(c->modules, &c->nmodules, fields[0], 0);
+		} else if (!strcmp(key, "nofile")) {
+			if (parse_int(f0, 64, 1L << 30, &v) < 0)
+				return seterr(err, errlen, "run config: bad nofile"), -1;
+			c->nofile = v;
+		}
+	}
+	if (!ended)
+		return seterr(err, errlen, "run config is truncated (no end record)"), -1;
+	if (c->argc == 0)
+		return seterr(err, errlen, "run config has no command (no arg records)"), -1;
+	if (!c->env) {
+		c->env = xrealloc(NULL, sizeof(char *) * 4);
+		c->env[0] = NULL;
+	}
+	return 0;
+}

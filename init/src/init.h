@@ -1,0 +1,87 @@
+/* ember-init: the guest's PID 1.  Shared declarations.
+ *
+ * Flow (main.c): load modules, mount the root disk and switch into it, mount the
+ * pseudo file systems, apply the run config (hostname, hosts, DNS, network,
+ * volumes, user, environment, workdir), spawn the program, supervise it, report
+ * how it ended, power off.  The run config format is docs/run-config.md.
+ */
+#ifndef EMBER_INIT_H
+#define EMBER_INIT_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Exit codes ember-init reports when the program could not be started. */
+#define EXIT_INIT_FAILED 125 /* bad config, root disk, unknown user, ... */
+#define EXIT_CANNOT_EXEC 126 /* found but not executable, or chdir/setuid failed */
+#define EXIT_NOT_FOUND 127   /* command not found */
+
+#define CONFIG_MAX_SIZE (1 << 20) /* keep in step with runconfig.MAX_CONFIG_SIZE */
+
+struct iface {
+	char *name, *addr, *gateway; /* gateway NULL when "-" */
+	int prefix, mtu;
+};
+struct hostent_rec {
+	char *addr;
+	char **names;
+	int nnames;
+};
+struct vmount {
+	char *source, *target, *fstype, *options;
+};
+
+struct config {
+	char **argv; int argc;
+	char **env; int envc;
+	char *user, *workdir, *hostname;
+	struct hostent_rec *hosts; int nhosts;
+	char **nameservers; int nnameservers;
+	char **search; int nsearch;
+	struct iface *ifaces; int nifaces;
+	struct vmount *mounts; int nmounts;
+	int stop_signal, stop_timeout;
+	char *root_dev, *root_fstype, *root_opts;
+	char **modules; int nmodules;
+	long nofile;
+};
+
+/* config.c */
+int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errlen);
+
+/* util.c */
+extern int log_fd;
+void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+int mkdir_p(const char *path, mode_t mode);
+int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode);
+char *read_file(const char *path, size_t max, size_t *len);
+int dir_is_empty(const char *path);
+void msleep(int ms);
+long long now_ms(void);
+
+/* mounts.c */
+int load_modules(const char *dir, char **extra, int nextra);
+int mount_root_and_switch(const struct config *c, char *err, size_t errlen);
+void mount_pseudo(void);
+int mount_volumes(const struct config *c, char *err, size_t errlen);
+void unmount_volumes(const struct config *c);
+int mount_with_options(const char *src, const char *target, const char *fstype, const char *opts);
+int wait_for_path(const char *path, int timeout_ms);
+
+/* user.c */
+struct exec_user {
+	uid_t uid;
+	gid_t gid;
+	gid_t *groups;
+	int ngroups;
+	char *home; /* NULL when not known from passwd */
+};
+int resolve_user(const char *spec, const char *passwd_path, const char *group_path,
+                 struct exec_user *out, char *err, size_t errlen);
+
+/* net.c */
+int net_setup(const struct config *c, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,655 @@
+/* ember-init: PID 1 of an ember micro-VM.  See init.h for the flow and
+ * docs/guest.md for the channels.  `ember-init --test --config PATH` runs the
+ * same config logic as PID 1 of a PID+mount namespace inside a chroot (no
+ * modules, no root disk, exits instead of powering off): tests/vm/test_init_ns.py. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "init.h"
+
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+enum { PORT_STDOUT, PORT_STDERR, PORT_STATUS, PORT_CONTROL, NPORTS };
+static const char *PORT_NAMES[NPORTS] = {"org.ember.stdout", "org.ember.stderr",
+                                         "org.ember.status", "org.ember.control"};
+
+static struct {
+	int test;
+	const char *config_path, *control_path, *status_path;
+	int ports[NPORTS];
+	int console_fd;
+	struct config cfg;
+	int have_cfg;
+} G = {.config_path = "/ember/config", .ports = {-1, -1, -1, -1}, .console_fd = 2};
+
+static void write_all(int fd, const char *s, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = write(fd, s, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		s += w;
+		n -= (size_t)w;
+	}
+}
+
+/* ---- the end: report and power off -------------------------------------------------- */
+
+static void kill_everything(void)
+{
+	/* kill(-1) from PID 1 reaches every other process of this VM (or namespace);
+	 * from anything else it would reach the whole host, so never do that. */
+	if (getpid() != 1)
+		return;
+	kill(-1, SIGKILL);
+	long long deadline = now_ms() + 3000;
+	while (now_ms() < deadline) {
+		pid_t p = waitpid(-1, NULL, WNOHANG);
+		if (p < 0 && errno == ECHILD)
+			break;
+		if (p <= 0)
+			msleep(5);
+	}
+}
+
+static void report(int exit_code, int sig, int oom, const char *error)
+{
+	char json[1024];
+	int n = snprintf(json, sizeof(json), "{\"exit_code\": %d, \"signal\": ", exit_code);
+	n += sig ? snprintf(json + n, sizeof(json) - (size_t)n, "%d", sig)
+	         : snprintf(json + n, sizeof(json) - (size_t)n, "null");
+	n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"oom_killed\": %s",
+	              oom ? "true" : "false");
+	if (error) {
+		/* the message is ours, but may quote config values: escape for JSON */
+		n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"error\": \"");
+		for (const char *p = error; *p && n < (int)sizeof(json) - 8; p++) {
+			unsigned char ch = (unsigned char)*p;
+			if (ch == '"' || ch == '\\')
+				n += snprintf(json + n, sizeof(json) - (size_t)n, "\\%c", ch);
+			else if (ch < 0x20)
+				n += snprintf(json + n, sizeof(json) - (size_t)n, "\\u%04x", ch);
+			else
+				json[n++] = (char)ch;
+		}
+		n += snprintf(json + n, sizeof(json) - (size_t)n, "\"");
+	}
+	n += snprintf(json + n, sizeof(json) - (size_t)n, "}\n");
+	if (G.ports[PORT_STATUS] >= 0)
+		write_all(G.ports[PORT_STATUS], json, (size_t)n);
+	if (G.status_path)
+		write_file(G.status_path, json, (size_t)n, O_TRUNC, 0644);
+	if (sig)
+		logmsg("killed by signal %d%s", sig, oom ? " (oom killed)" : "");
+	else
+		logmsg("exit code %d%s", exit_code, oom ? " (oom killed)" : "");
+}
+
+static __attribute__((noreturn)) void finish(int code)
+{
+	kill_everything();
+	if (G.have_cfg)
+		unmount_volumes(&G.cfg);
+	sync();
+	if (G.test)
+		exit(code);
+	/* leave the root disk clean for the next boot of a clone */
+	mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);
+	sync();
+	reboot(RB_POWER_OFF);
+	/* no ACPI power-off: a reset ends the VM too (QEMU -no-reboot, kernel reboot=t) */
+	reboot(RB_AUTOBOOT);
+	for (;;)
+		pause();
+}
+
+static __attribute__((noreturn)) void fail(const char *msg)
+{
+	logmsg("error: %s", msg);
+	report(EXIT_INIT_FAILED, 0, 0, msg);
+	finish(EXIT_INIT_FAILED);
+}
+
+/* ---- host channels ---------------------------------------------------------------- */
+
+static int has_virtio_console_device(void)
+{
+	DIR *d = opendir("/sys/bus/virtio/devices");
+	if (!d)
+		return 0;
+	struct dirent *e;
+	int found = 0;
+	while (!found && (e = readdir(d))) {
+		char path[300];
+		snprintf(path, sizeof(path), "/sys/bus/virtio/devices/%s/device", e->d_name);
+		char *id = read_file(path, 64, NULL);
+		if (id && !strncmp(id, "0x0003", 6))
+			found = 1;
+		free(id);
+	}
+	closedir(d);
+	return found;
+}
+
+/* Find the named virtio-serial ports and open them.  Returns how many were found. */
+static int scan_ports(void)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	if (!d)
+		return 0;
+	struct dirent *e;
+	int found = 0;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[300];
+		snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", e->d_name);
+		char *name = read_file(path, 256, NULL);
+		if (!name)
+			continue;
+		name[strcspn(name, "\n")] = 0;
+		for (int i = 0; i < NPORTS; i++) {
+			if (strcmp(name, PORT_NAMES[i]) || G.ports[i] >= 0)
+				continue;
+			char dev[300];
+			snprintf(dev, sizeof(dev), "/dev/%s", e->d_name);
+			if (access(dev, F_OK) < 0) {
+				/* no devtmpfs node (yet): make one from sysfs's MAJ:MIN */
+				snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/dev", e->d_name);
+				char *mm = read_file(path, 64, NULL);
+				unsigned ma, mi;
+				if (mm && sscanf(mm, "%u:%u", &ma, &mi) == 2)
+					mknod(dev, S_IFCHR | 0600, makedev(ma, mi));
+				free(mm);
+			}
+			int flags = i == PORT_CONTROL ? O_RDWR | O_NONBLOCK : O_WRONLY;
+			G.ports[i] = open(dev, flags | O_CLOEXEC | O_NOCTTY);
+			if (G.ports[i] < 0)
+				logmsg("open %s (%s): %s", dev, PORT_NAMES[i], strerror(errno));
+		}
+		free(name);
+	}
+	closedir(d);
+	for (int i = 0; i < NPORTS; i++)
+		found += G.ports[i] >= 0;
+	return found;
+}
+
+static void open_ports(void)
+{
+	if (!has_virtio_console_device())
+		return;
+	/* port names arrive from the host asynchronously after the driver probes */
+	long long deadline = now_ms() + 3000;
+	while (scan_ports() < NPORTS && now_ms() < deadline)
+		msleep(10);
+	for (int i = 0; i < NPORTS; i++)
+		if (G.ports[i] < 0)
+			logmsg("port %s not found: using the console", PORT_NAMES[i]);
+}
+
+/* ---- applying the config ------------------------------------------------------------ */
+
+static void set_hostname_and_files(const struct config *c)
+{
+	mkdir_p("/etc", 0755);
+	if (c->hostname) {
+		if (sethostname(c->hostname, strlen(c->hostname)) < 0)
+			logmsg("sethostname: %s", strerror(errno));
+		char line[80];
+		int n = snprintf(line, sizeof(line), "%s\n", c->hostname);
+		unlink("/etc/hostname");
+		if (write_file("/etc/hostname", line, (size_t)n, O_TRUNC, 0644) < 0)
+			logmsg("/etc/hostname: %s", strerror(errno));
+	}
+	if (c->nhosts > 0) {
+		/* append, starting on a fresh line if the image's file lacks a final newline */
+		size_t len = 0;
+		char *old = read_file("/etc/hosts", 1 << 20, &len);
+		int need_nl = old && len > 0 && old[len - 1] != '\n';
+		free(old);
+		int fd = open("/etc/hosts", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			logmsg("/etc/hosts: %s", strerror(errno));
+		} else {
+			if (need_nl)
+				write_all(fd, "\n", 1);
+			for (int i = 0; i < c->nhosts; i++) {
+				write_all(fd, c->hosts[i].addr, strlen(c->hosts[i].addr));
+				for (int j = 0; j < c->hosts[i].nnames; j++) {
+					write_all(fd, j ? " " : "\t", 1);
+					write_all(fd, c->hosts[i].names[j], strlen(c->hosts[i].names[j]));
+				}
+				write_all(fd, "\n", 1);
+			}
+			close(fd);
+		}
+	}
+	if (c->nnameservers > 0 || c->nsearch > 0) {
+		char buf[8192];
+		size_t n = 0;
+		if (c->nsearch > 0) {
+			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "search");
+			for (int i = 0; i < c->nsearch && n < sizeof(buf) - 300; i++)
+				n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %s", c->search[i]);
+			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "\n");
+		}
+		for (int i = 0; i < c->nnameservers && n < sizeof(buf) - 100; i++)
+			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "nameserver %s\n", c->nameservers[i]);
+		/* overwrite, never through a symlink the image points somewhere else */
+		unlink("/etc/resolv.conf");
+		if (write_file("/etc/resolv.conf", buf, n, O_TRUNC, 0644) < 0)
+			logmsg("/etc/resolv.conf: %s", strerror(errno));
+	}
+}
+
+static int env_has(char **env, const char *key)
+{
+	size_t k = strlen(key);
+	for (char **e = env; *e; e++)
+		if (!strncmp(*e, key, k) && (*e)[k] == '=')
+			return 1;
+	return 0;
+}
+
+static const char *env_get(char **env, const char *key)
+{
+	size_t k = strlen(key);
+	for (char **e = env; *e; e++)
+		if (!strncmp(*e, key, k) && (*e)[k] == '=')
+			return *e + k + 1;
+	return NULL;
+}
+
+static void env_add(struct config *c, const char *key, const char *value)
+{
+	if (env_has(c->env, key))
+		return;
+	size_t n = strlen(key) + strlen(value) + 2;
+	char *s = xrealloc(NULL, n);
+	snprintf(s, n, "%s=%s", key, value);
+	/* config_parse left three spare slots for exactly these additions */
+	c->env[c->envc++] = s;
+	c->env[c->envc] = NULL;
+}
+
+static void raise_nofile(long want)
+{
+	char *s = read_file("/proc/sys/fs/nr_open", 64, NULL);
+	long max = s ? strtol(s, NULL, 10) : 1048576;
+	free(s);
+	if (want > max)
+		want = max;
+	struct rlimit rl = {(rlim_t)want, (rlim_t)want};
+	if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+		return;
+	/* without CAP_SYS_RESOURCE (a test's namespace) at least lift the soft limit */
+	logmsg("RLIMIT_NOFILE %ld: %s", want, strerror(errno));
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
+/* ---- the program ------------------------------------------------------------------- */
+
+static void child_error(const char *what, const char *arg, int err)
+{
+	char buf[600];
+	int n = snprintf(buf, sizeof(buf), "ember-init: %s %s: %s\n", what, arg, strerror(err));
+	write_all(2, buf, (size_t)n);
+	if (G.console_fd != 2)
+		write_all(G.console_fd, buf, (size_t)n);
+}
+
+static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
+{
+	const char *file = argv[0];
+	if (!*file) {
+		child_error("exec", "\"\"", ENOENT);
+		_exit(EXIT_NOT_FOUND);
+	}
+	if (strchr(file, '/')) {
+		execve(file, argv, envp);
+		int e = errno;
+		child_error("exec", file, e);
+		_exit(e == ENOENT || e == ENOTDIR ? EXIT_NOT_FOUND : EXIT_CANNOT_EXEC);
+	}
+	const char *path = env_get(envp, "PATH");
+	if (!path)
+		path = DEFAULT_PATH;
+	int eacces = 0;
+	for (const char *p = path;;) {
+		const char *colon = strchrnul(p, ':');
+		char full[4096];
+		int dl = (int)(colon - p);
+		if (dl == 0)
+			snprintf(full, sizeof(full), "%s", file); /* empty entry: current directory */
+		else
+			snprintf(full, sizeof(full), "%.*s/%s", dl, p, file);
+		execve(full, argv, envp);
+		if (errno == EACCES)
+			eacces = 1;
+		else if (errno != ENOENT && errno != ENOTDIR) {
+			child_error("exec", full, errno);
+			_exit(EXIT_CANNOT_EXEC);
+		}
+		if (!*colon)
+			break;
+		p = colon + 1;
+	}
+	if (eacces) {
+		child_error("exec", file, EACCES);
+		_exit(EXIT_CANNOT_EXEC);
+	}
+	char buf[600];
+	int n = snprintf(buf, sizeof(buf),
+	                 "ember-init: exec %s: executable file not found in $PATH\n", file);
+	write_all(2, buf, (size_t)n);
+	if (G.console_fd != 2)
+		write_all(G.console_fd, buf, (size_t)n);
+	_exit(EXIT_NOT_FOUND);
+}
+
+static pid_t spawn(struct config *c, const struct exec_user *u, const char *workdir)
+{
+	pid_t pid = fork();
+	if (pid != 0)
+		return pid;
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	setsid();
+	int devnull = open("/dev/null", O_RDWR);
+	if (devnull >= 0 && devnull != 0) {
+		dup2(devnull, 0);
+		close(devnull);
+	}
+	if (G.ports[PORT_STDOUT] >= 0)
+		dup2(G.ports[PORT_STDOUT], 1);
+	if (G.ports[PORT_STDERR] >= 0)
+		dup2(G.ports[PORT_STDERR], 2);
+	if (setgroups((size_t)u->ngroups, u->groups) < 0) {
+		child_error("setgroups", "", errno);
+		_exit(EXIT_CANNOT_EXEC);
+	}
+	if (setgid(u->gid) < 0 || setuid(u->uid) < 0) {
+		child_error("setuid/setgid", c->user ? c->user : "", errno);
+		_exit(EXIT_CANNOT_EXEC);
+	}
+	if (chdir(workdir) < 0) {
+		child_error("chdir", workdir, errno);
+		_exit(EXIT_CANNOT_EXEC);
+	}
+	exec_program(c->argv, c->env);
+}
+
+/* ---- supervision ------------------------------------------------------------------- */
+
+static int kmsg_saw_oom(int fd)
+{
+	char rec[8192];
+	int oom = 0;
+	for (;;) {
+		ssize_t n = read(fd, rec, sizeof(rec) - 1);
+		if (n < 0 && errno == EPIPE) /* overwritten records: keep reading */
+			continue;
+		if (n <= 0)
+			break;
+		rec[n] = 0;
+		if (strstr(rec, "Killed process ") || strstr(rec, "oom-kill:"))
+			oom = 1;
+	}
+	return oom;
+}
+
+struct control {
+	char buf[256];
+	size_t len;
+};
+
+/* Returns 1 for stop, 2 for kill, 0 for nothing (yet). */
+static int control_read(int fd, struct control *ct)
+{
+	int action = 0;
+	for (;;) {
+		ssize_t n = read(fd, ct->buf + ct->len, sizeof(ct->buf) - 1 - ct->len);
+		if (n <= 0)
+			break;
+		ct->len += (size_t)n;
+		char *nl;
+		while ((nl = memchr(ct->buf, '\n', ct->len))) {
+			*nl = 0;
+			if (!strcmp(ct->buf, "stop"))
+				action = action ? action : 1;
+			else if (!strcmp(ct->buf, "kill"))
+				action = 2;
+			else if (ct->buf[0])
+				logmsg("unknown control request '%.40s'", ct->buf);
+			size_t used = (size_t)(nl - ct->buf) + 1;
+			memmove(ct->buf, nl + 1, ct->len - used);
+			ct->len -= used;
+		}
+		if (ct->len == sizeof(ct->buf) - 1) /* a line too long to be ours */
+			ct->len = 0;
+	}
+	return action;
+}
+
+static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *oom)
+{
+	struct control ct = {.len = 0};
+	long long kill_at = -1, control_retry = -1;
+	int status = 0;
+	for (;;) {
+		struct pollfd fds[3] = {
+		    {sigfd, POLLIN, 0},
+		    {control_retry < 0 ? control_fd : -1, POLLIN, 0},
+		    {kmsg_fd, POLLIN, 0},
+		};
+		long long now = now_ms(), wake = -1;
+		if (kill_at >= 0)
+			wake = kill_at;
+		if (control_retry >= 0 && (wake < 0 || control_retry < wake))
+			wake = control_retry;
+		int timeout = wake < 0 ? -1 : (int)(wake > now ? wake - now : 0);
+		int r = poll(fds, 3, timeout);
+		if (r < 0 && errno != EINTR)
+			logmsg("poll: %s", strerror(errno));
+		now = now_ms();
+		if (kill_at >= 0 && now >= kill_at) {
+			logmsg("stop timeout: sending SIGKILL");
+			kill(child, SIGKILL);
+			kill_at = -1;
+		}
+		if (control_retry >= 0 && now >= control_retry)
+			control_retry = -1;
+		if (fds[2].revents & POLLIN && kmsg_saw_oom(kmsg_fd))
+			*oom = 1;
+		if (fds[1].revents & POLLIN) {
+			int action = control_read(control_fd, &ct);
+			if (action == 1 && kill_at < 0) {
+				logmsg("stop requested: sending signal %d, SIGKILL in %ds", G.cfg.stop_signal,
+				       G.cfg.stop_timeout);
+				kill(child, G.cfg.stop_signal);
+				kill_at = now + (long long)G.cfg.stop_timeout * 1000;
+			} else if (action == 2) {
+				kill(child, SIGKILL);
+			}
+		} else if (fds[1].revents & (POLLHUP | POLLERR)) {
+			/* nobody on the host end yet: look again later rather than spin */
+			control_retry = now + 200;
+		}
+		if (fds[0].revents & POLLIN) {
+			struct signalfd_siginfo si;
+			while (read(sigfd, &si, sizeof(si)) == sizeof(si)) {
+				if (si.ssi_signo != SIGCHLD)
+					kill(child, (int)si.ssi_signo);
+			}
+			pid_t p;
+			int st;
+			while ((p = waitpid(-1, &st, WNOHANG)) > 0)
+				if (p == child)
+					return st;
+		}
+		(void)status;
+	}
+}
+
+/* ---- main -------------------------------------------------------------------------- */
+
+static void usage(void)
+{
+	logmsg("usage: ember-init [--test --config PATH [--control FIFO] [--status PATH]]");
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--test"))
+			G.test = 1;
+		else if (!strcmp(argv[i], "--config") && i + 1 < argc)
+			G.config_path = argv[++i];
+		else if (!strcmp(argv[i], "--control") && i + 1 < argc)
+			G.control_path = argv[++i];
+		else if (!strcmp(argv[i], "--status") && i + 1 < argc)
+			G.status_path = argv[++i];
+		else if (G.test)
+			usage();
+		/* in a VM, the kernel passes unknown command-line words: ignore them */
+	}
+	if (getpid() != 1) {
+		logmsg("must run as PID 1 (in a VM, or with --test in a PID namespace)");
+		return 2;
+	}
+	umask(022);
+	char err[512];
+
+	/* block every signal and take them from a signalfd: PID 1 only receives
+	 * signals it handles, and blocked ones are queued rather than dropped */
+	sigset_t all;
+	sigfillset(&all);
+	sigprocmask(SIG_BLOCK, &all, NULL);
+	int sigfd = signalfd(-1, &all, SFD_CLOEXEC | SFD_NONBLOCK);
+
+	if (!G.test) {
+		mkdir("/dev", 0755);
+		if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY)
+			logmsg("mount /dev: %s", strerror(errno));
+		int con = open("/dev/console", O_RDWR | O_NOCTTY);
+		if (con >= 0) {
+			for (int fd = 0; fd < 3; fd++)
+				if (fd != con)
+					dup2(con, fd);
+			if (con > 2)
+				close(con);
+		}
+		mkdir("/sys", 0755);
+		mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	}
+	/* init's own messages keep going to the console after the program takes fds 1, 2 */
+	G.console_fd = fcntl(2, F_DUPFD_CLOEXEC, 3);
+	if (G.console_fd < 0)
+		G.console_fd = 2;
+	log_fd = G.console_fd;
+
+	size_t len = 0;
+	char *raw = read_file(G.config_path, CONFIG_MAX_SIZE, &len);
+	int parsed = -1;
+	if (raw)
+		parsed = config_parse(raw, len, &G.cfg, err, sizeof(err));
+	else
+		snprintf(err, sizeof(err), "cannot read run config %s: %s", G.config_path,
+		         strerror(errno));
+
+	if (!G.test) {
+		load_modules("/ember/modules", parsed == 0 ? G.cfg.modules : NULL,
+		             parsed == 0 ? G.cfg.nmodules : 0);
+		open_ports();
+	}
+	if (parsed < 0)
+		fail(err);
+	G.have_cfg = 1;
+	struct config *c = &G.cfg;
+
+	if (!G.test && mount_root_and_switch(c, err, sizeof(err)) < 0)
+		fail(err);
+	mount_pseudo();
+	raise_nofile(c->nofile);
+	set_hostname_and_files(c);
+	if (net_setup(c, err, sizeof(err)) < 0)
+		fail(err);
+	if (mount_volumes(c, err, sizeof(err)) < 0)
+		fail(err);
+
+	struct exec_user u;
+	if (resolve_user(c->user ? c->user : "", "/etc/passwd", "/etc/group", &u, err,
+	                 sizeof(err)) < 0)
+		fail(err);
+	env_add(c, "PATH", DEFAULT_PATH);
+	env_add(c, "HOME", u.home ? u.home : "/");
+	if (c->hostname)
+		env_add(c, "HOSTNAME", c->hostname);
+	const char *workdir = c->workdir ? c->workdir : "/";
+	if (mkdir_p(workdir, 0755) < 0) {
+		snprintf(err, sizeof(err), "cannot create working directory %s: %s", workdir,
+		         strerror(errno));
+		fail(err);
+	}
+
+	int control_fd = G.ports[PORT_CONTROL];
+	if (G.control_path) {
+		control_fd = open(G.control_path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+		if (control_fd < 0)
+			logmsg("control %s: %s", G.control_path, strerror(errno));
+	}
+	/* the kernel log tells whether the OOM killer struck; a test's namespace
+	 * would see the host's, so only a VM looks */
+	int kmsg_fd = -1;
+	if (!G.test) {
+		kmsg_fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+		if (kmsg_fd >= 0)
+			lseek(kmsg_fd, 0, SEEK_END);
+	}
+
+	pid_t child = spawn(c, &u, workdir);
+	if (child < 0) {
+		snprintf(err, sizeof(err), "fork: %s", strerror(errno));
+		fail(err);
+	}
+	int oom = 0;
+	int st = supervise(child, sigfd, control_fd, kmsg_fd, &oom);
+	if (kmsg_fd >= 0) {
+		msleep(20); /* the OOM report and the SIGCHLD race: let the log catch up */
+		if (kmsg_saw_oom(kmsg_fd))
+			oom = 1;
+	}
+	int code, sig = 0;
+	if (WIFEXITED(st)) {
+		code = WEXITSTATUS(st);
+	} else {
+		sig = WTERMSIG(st);
+		code = 128 + sig;
+	}
+	report(code, sig, oom, NULL);
+	finish(code);
+}

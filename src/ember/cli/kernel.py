@@ -1,0 +1,73 @@
+"""``ember kernel ...``: install and list guest kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ember.cli.common import err_console, home_from_ctx, json_option, out_console, print_json
+from ember.vm.kernel import default_version, find_kernel, install_kernel, list_kernels
+
+
+@click.group()
+def kernel() -> None:
+    """Guest kernels (Debian's linux-image-amd64 by default)."""
+
+
+@kernel.command("install")
+@click.option(
+    "--kernel",
+    "kernel_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Check and register a kernel you bring (bzImage or ELF) instead of Debian's.",
+)
+@click.option(
+    "--modules",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="With --kernel: its lib/modules/VERSION directory (with modules.dep).",
+)
+@json_option
+def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> None:
+    """Download Debian's kernel through apt and keep it under the state directory.
+
+    Idempotent: an installed kernel is reused.  The host's /boot is never touched.
+    """
+    home = home_from_ctx()
+    if kernel_path is not None:
+        info = find_kernel(home, kernel_path, modules)
+    else:
+        if not as_json:
+            err_console.print("installing Debian's linux-image-amd64 (apt-get download)...")
+        info = install_kernel(home)
+    if as_json:
+        print_json(info.to_json())
+    else:
+        out_console.print(f"kernel {info.version}: {info.vmlinux}")
+
+
+@kernel.command("ls")
+@json_option
+def ls(as_json: bool) -> None:
+    """List installed kernels."""
+    home = home_from_ctx()
+    kernels = list_kernels(home)
+    default = default_version(home)
+    if as_json:
+        print_json([{**k.to_json(), "default": k.version == default} for k in kernels])
+        return
+    table = Table(box=None)
+    for col in ("VERSION", "DEFAULT", "MODULES", "VMLINUX"):
+        table.add_column(col)
+    for k in kernels:
+        table.add_row(
+            k.version,
+            "*" if k.version == default else "",
+            "yes" if k.modules_dir else "no",
+            str(k.vmlinux),
+        )
+    out_console.print(table)
+
+
+commands: list[click.Command] = [kernel]

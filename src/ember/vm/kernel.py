@@ -1,0 +1,278 @@
+"""The guest kernel: Debian's ``linux-image-amd64`` taken through apt, or one the user brings.
+
+Layout under ``home.kernels``::
+
+    <version>/vmlinuz             the bzImage, as packaged
+    <version>/vmlinux             its uncompressed ELF (QEMU boots it through the PVH entry,
+                                  skipping the in-guest xz decompressor: ~2x faster under TCG)
+    <version>/config, System.map
+    <version>/lib/modules/<version>/   modules, with modules.dep (depmod -b if the .deb lacks it)
+    default -> <version>          the kernel ``ember run`` uses unless told otherwise
+    custom/<sha256>/vmlinux       ELF extracted from a user's bzImage (``--kernel PATH``)
+
+Installs are idempotent and atomic: everything is built in a temp dir next to the
+final one and renamed into place, so a kill at any moment leaves either nothing
+or a complete kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.fsutil import atomic_write, fsync_dir
+from ember.home import Home
+from ember.vm.errors import KernelError, KernelNotFound
+
+META_PACKAGE = "linux-image-amd64"
+_VERSION_RE = re.compile(r"^[0-9][A-Za-z0-9.+_-]{0,100}$")
+_ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    version: str
+    #: the bootable compressed image, if there is one (None for an ELF-only custom kernel)
+    vmlinuz: Path | None
+    #: uncompressed ELF, booted by QEMU's PVH entry (the fast path)
+    vmlinux: Path
+    #: ``lib/modules/<version>`` with modules.dep, or None (everything built in)
+    modules_dir: Path | None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "version": self.version,
+            "vmlinuz": str(self.vmlinuz) if self.vmlinuz else None,
+            "vmlinux": str(self.vmlinux),
+            "modules_dir": str(self.modules_dir) if self.modules_dir else None,
+        }
+
+
+# ---- bzImage -> vmlinux (pure) ---------------------------------------------------------
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """Return the ELF kernel inside an x86 bzImage (boot protocol >= 2.08 payload fields)."""
+    if bzimage[:4] == _ELF_MAGIC:
+        return bzimage
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        raise KernelError("not an x86 bzImage (no HdrS header) and not an ELF kernel")
+    (version,) = struct.unpack_from("<H", bzimage, 0x206)
+    if version < 0x208:
+        raise KernelError(f"bzImage boot protocol {version:#x} is too old to find its payload")
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = bzimage[start : start + length]
+    if len(payload) != length or length == 0:
+        raise KernelError("bzImage payload lies outside the file")
+    elf = _decompress_payload(payload)
+    if elf[:4] != _ELF_MAGIC:
+        raise KernelError("bzImage payload did not decompress to an ELF kernel")
+    return elf
+
+
+def _decompress_payload(payload: bytes) -> bytes:
+    # The kernel appends the decompressed size after the stream: decompressors
+    # must stop at the end of their stream rather than reject trailing bytes.
+    try:
+        if payload[:6] == b"\xfd7zXZ\x00":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+        if payload[:2] == b"\x1f\x8b":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        if payload[:4] == b"\x28\xb5\x2f\xfd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+        if payload[:3] == b"\x5d\x00\x00":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
+    except (lzma.LZMAError, zlib.error, OSError, EOFError) as e:
+        raise KernelError(f"bzImage payload is corrupt: {e}") from None
+    raise KernelError(
+        f"bzImage payload compression {payload[:6].hex()} is not supported (xz, gzip, zstd, lzma)"
+    )
+
+
+# ---- Debian's kernel through apt ---------------------------------------------------------
+
+
+def resolve_debian_version(package: str = META_PACKAGE) -> tuple[str, str]:
+    """(versioned package name, kernel version) that ``linux-image-amd64`` depends on."""
+    try:
+        res = subprocess.run(
+            ["apt-cache", "depends", package], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        raise KernelError(
+            "apt-cache not found: ember installs Debian's kernel through apt"
+        ) from None
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*Depends:\s*(linux-image-(\S+))\s*$", line)
+        if m and _VERSION_RE.match(m.group(2)) and not m.group(2).endswith("-unsigned"):
+            return m.group(1), m.group(2)
+    raise KernelError(
+        f"apt knows no {package}: {res.stderr.strip() or 'no Depends line'}",
+        hint="run apt-get update",
+    )
+
+
+def install_kernel(home: Home, package: str = META_PACKAGE) -> KernelInfo:
+    """Install Debian's current kernel under ``home.kernels`` (no-op if already there)."""
+    try:
+        pkg, version = resolve_debian_version(package)
+    except KernelError:
+        # a fresh machine may have no package lists yet: fetch them once, then retry
+        _run(["apt-get", "update", "-q"], what="apt-get update")
+        pkg, version = resolve_debian_version(package)
+    final = home.kernels / version
+    if not (final / "vmlinux").exists():
+        _install_from_apt(home, pkg, version)
+    info = _load(final, version)
+    _set_default(home, version)
+    return info
+
+
+def _install_from_apt(home: Home, pkg: str, version: str) -> None:
+    home.kernels.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=home.kernels, prefix=f".install-{version}."))
+    try:
+        dl = tmp / "download"
+        dl.mkdir()
+        _run(["apt-get", "download", "-q", pkg], cwd=dl, what=f"apt-get download {pkg}")
+        debs = list(dl.glob("*.deb"))
+        if len(debs) != 1:
+            raise KernelError(f"apt-get download {pkg} produced {len(debs)} .deb files")
+        tree = tmp / "tree"
+        _run(["dpkg-deb", "-x", str(debs[0]), str(tree)], what="dpkg-deb -x")
+        out = tmp / "kernel"
+        out.mkdir()
+        boot = tree / "boot"
+        vmlinuz = boot / f"vmlinuz-{version}"
+        if not vmlinuz.is_file():
+            raise KernelError(f"{pkg} has no boot/vmlinuz-{version}")
+        os.replace(vmlinuz, out / "vmlinuz")
+        for name, dest in (
+            (f"config-{version}", "config"),
+            (f"System.map-{version}", "System.map"),
+        ):
+            if (boot / name).is_file():
+                os.replace(boot / name, out / dest)
+        mods = tree / "lib" / "modules" / version
+        if mods.is_dir():
+            (out / "lib" / "modules").mkdir(parents=True)
+            os.replace(mods, out / "lib" / "modules" / version)
+            if not (out / "lib" / "modules" / version / "modules.dep").exists():
+                _run(["depmod", "-b", str(out), version], what="depmod")
+        _write_vmlinux(out / "vmlinuz", out / "vmlinux")
+        final = home.kernels / version
+        if final.exists():  # a half-finished earlier attempt (no vmlinux): replace it
+            shutil.rmtree(final)
+        os.rename(out, final)
+        fsync_dir(home.kernels)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_vmlinux(vmlinuz: Path, dest: Path) -> None:
+    atomic_write(dest, extract_vmlinux(vmlinuz.read_bytes()), mode=0o644)
+
+
+def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> None:
+    try:
+        res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise KernelError(f"{argv[0]} not found (Debian's apt/dpkg/kmod are needed)") from None
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KernelError(f"{what} failed: {last}")
+
+
+def _set_default(home: Home, version: str) -> None:
+    link = home.kernels / "default"
+    try:
+        if os.readlink(link) == version:
+            return
+    except OSError:
+        pass
+    tmp = home.kernels / f".default.{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(version, tmp)
+    os.replace(tmp, link)
+    fsync_dir(home.kernels)
+
+
+def _load(d: Path, version: str) -> KernelInfo:
+    vmlinux = d / "vmlinux"
+    if not vmlinux.is_file():
+        raise KernelNotFound(f"kernel {version} is not installed", hint="run: ember kernel install")
+    mods = d / "lib" / "modules" / version
+    return KernelInfo(
+        version=version,
+        vmlinuz=(d / "vmlinuz") if (d / "vmlinuz").is_file() else None,
+        vmlinux=vmlinux,
+        modules_dir=mods if (mods / "modules.dep").is_file() else None,
+    )
+
+
+def list_kernels(home: Home) -> list[KernelInfo]:
+    if not home.kernels.is_dir():
+        return []
+    out = []
+    for d in sorted(home.kernels.iterdir()):
+        if (
+            d.is_dir()
+            and not d.is_symlink()
+            and _VERSION_RE.match(d.name)
+            and (d / "vmlinux").is_file()
+        ):
+            out.append(_load(d, d.name))
+    return out
+
+
+def default_version(home: Home) -> str | None:
+    try:
+        return os.readlink(home.kernels / "default")
+    except OSError:
+        return None
+
+
+def find_kernel(home: Home, path: Path | None = None, modules: Path | None = None) -> KernelInfo:
+    """The kernel to boot: ``path`` (a bzImage or ELF the user brings, optionally with its
+    ``lib/modules/<version>`` dir), else the default installed one."""
+    if path is None:
+        version = default_version(home)
+        if version is None or not _VERSION_RE.match(version):
+            raise KernelNotFound("no kernel installed", hint="run: ember kernel install")
+        return _load(home.kernels / version, version)
+    return _custom_kernel(home, path, modules)
+
+
+def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
+    path = path.absolute()
+    if not path.is_file():
+        raise KernelNotFound(f"kernel {path} does not exist")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if modules is not None:
+        modules = modules.absolute()
+        if not (modules / "modules.dep").is_file():
+            raise KernelError(f"{modules} has no modules.dep (run depmod, or leave modules out)")
+    if data[:4] == _ELF_MAGIC:
+        vmlinuz, vmlinux = None, path
+    else:
+        vmlinuz = path
+        vmlinux = home.kernels / "custom" / digest / "vmlinux"
+        if not vmlinux.is_file():
+            atomic_write(vmlinux, extract_vmlinux(data))
+    version = modules.name if modules is not None else f"custom-{digest[:12]}"
+    return KernelInfo(version=version, vmlinuz=vmlinuz, vmlinux=vmlinux, modules_dir=modules)

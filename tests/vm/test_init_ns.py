@@ -1,0 +1,382 @@
+"""ember-init's config logic as PID 1 of fresh PID/mount/UTS/net/IPC namespaces,
+chrooted into the busybox image (no VM): ``ember-init --test``.
+
+Checks Docker's semantics as the guest applies them: argv and PATH lookup, env
+(HOME from passwd, default PATH), users and groups from the image's own files,
+workdir, exit codes and signals, stop requests (StopSignal, then SIGKILL after the
+timeout), hostname / hosts / resolv.conf, pseudo file systems, zombie reaping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ember.vm.runconfig import HostEntry, RunConfig
+
+pytestmark = pytest.mark.root
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    console: str  # init's own messages plus the program's stderr
+    status: dict[str, object] | None
+
+
+@pytest.fixture
+def root(busybox_rootfs: Path, ember_init: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(busybox_rootfs), str(dest)], check=True)
+    shutil.copy2(ember_init, dest / ".ember-init")
+    return dest
+
+
+def _argv(root: Path, control: bool) -> list[str]:
+    argv = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount",
+        "--uts",
+        "--net",
+        "--ipc",
+        "chroot",
+        str(root),
+        "/.ember-init",
+        "--test",
+        "--config",
+        "/.ember-config",
+        "--status",
+        "/.ember-status",
+    ]
+    if control:
+        argv += ["--control", "/.ember-control"]
+    return argv
+
+
+def _result(root: Path, returncode: int, stdout: str, console: str) -> Result:
+    status_file = root / ".ember-status"
+    status = json.loads(status_file.read_text()) if status_file.exists() else None
+    return Result(returncode, stdout, console, status)
+
+
+def run_init(root: Path, rc: RunConfig | bytes) -> Result:
+    (root / ".ember-config").write_bytes(rc if isinstance(rc, bytes) else rc.render())
+    p = subprocess.run(_argv(root, False), capture_output=True, text=True, timeout=60)
+    return _result(root, p.returncode, p.stdout, p.stderr)
+
+
+def sh(script: str, **kw: object) -> RunConfig:
+    return RunConfig(argv=("/bin/sh", "-c", script), **kw)  # type: ignore[arg-type]
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# ---- argv, env, exit codes --------------------------------------------------------
+
+
+def test_exit_zero_with_path_lookup_and_default_env(root: Path) -> None:
+    r = run_init(root, RunConfig(argv=("echo", "hello", "a b", ""), env=("FOO=bar",)))
+    assert r.stdout == "hello a b \n"
+    assert r.returncode == 0
+    assert last_line(r.console) == "ember-init: exit code 0"
+    assert r.status == {"exit_code": 0, "signal": None, "oom_killed": False}
+
+
+def test_env_home_from_passwd_default_path_and_hostname(root: Path) -> None:
+    r = run_init(
+        root, sh('echo "$FOO|$HOME|$PATH|$HOSTNAME"; env | sort', env=("FOO=x y",), hostname="box")
+    )
+    first = r.stdout.splitlines()[0]
+    assert first == "x y|/root|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|box"
+    # an image's PATH and HOME are kept, not replaced
+    r = run_init(root, sh('echo "$HOME|$PATH"', env=("PATH=/bin", "HOME=/custom")))
+    assert r.stdout == "/custom|/bin\n"
+
+
+def test_exit_code_seven(root: Path) -> None:
+    r = run_init(root, sh("echo out; echo err >&2; exit 7"))
+    assert (r.returncode, r.stdout) == (7, "out\n")
+    assert "err" in r.console
+    assert last_line(r.console) == "ember-init: exit code 7"
+    assert r.status == {"exit_code": 7, "signal": None, "oom_killed": False}
+
+
+def test_killed_by_signal_is_128_plus(root: Path) -> None:
+    r = run_init(root, sh("kill -TERM $$; sleep 5"))
+    assert r.returncode == 143
+    assert last_line(r.console) == "ember-init: killed by signal 15"
+    assert r.status == {"exit_code": 143, "signal": 15, "oom_killed": False}
+
+
+def test_command_not_found_and_not_executable(root: Path) -> None:
+    r = run_init(root, RunConfig(argv=("no-such-program",)))
+    assert r.returncode == 127
+    assert "executable file not found in $PATH" in r.console
+    (root / "notexec").write_text("#!/bin/sh\n")
+    r = run_init(root, RunConfig(argv=("/notexec",)))
+    assert r.returncode == 126
+    assert "permission denied" in r.console.lower()
+
+
+# ---- users --------------------------------------------------------------------------
+
+
+def test_user_by_name_gets_passwd_gid_home_and_supplementary_groups(root: Path) -> None:
+    r = run_init(root, sh('id -u; id -g; id -G; echo "$HOME"', user="app"))
+    assert r.stdout.split("\n")[:4] == ["1000", "1000", "1000 2000", "/home/app"]
+
+
+def test_user_uid_gid_numeric_has_no_supplementary_groups(root: Path) -> None:
+    r = run_init(root, sh("id -u; id -g; id -G", user="1000:2000"))
+    assert r.stdout.split() == ["1000", "2000", "2000"]
+
+
+def test_user_name_and_group_name(root: Path) -> None:
+    r = run_init(root, sh("id -u; id -g; id -G", user="app:extra"))
+    assert r.stdout.split() == ["1000", "2000", "2000"]
+
+
+def test_numeric_uid_without_passwd_entry(root: Path) -> None:
+    r = run_init(root, sh('id -u; id -g; echo "$HOME"', user="4242"))
+    assert r.stdout.split() == ["4242", "0", "/"]
+
+
+def test_numeric_user_is_always_an_id(root: Path) -> None:
+    # a user *named* 1000 must not win over uid 1000 (CVE-2016-3697)
+    with open(root / "etc" / "passwd", "a") as f:
+        f.write("1000:x:3333:3333::/nowhere:/bin/sh\n")
+    r = run_init(root, sh("id -u", user="1000"))
+    assert r.stdout.strip() == "1000"
+
+
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        ("ghost", "unable to find user ghost: no matching entries in passwd file"),
+        ("app:nogroup-here", "unable to find group nogroup-here"),
+    ],
+)
+def test_unknown_user_or_group_is_an_error(root: Path, user: str, message: str) -> None:
+    r = run_init(root, sh("echo should-not-run", user=user))
+    assert r.returncode == 125
+    assert r.stdout == ""
+    assert message in r.console
+    assert r.status is not None and r.status["exit_code"] == 125
+    assert message in str(r.status["error"])
+
+
+# ---- workdir, files, mounts -----------------------------------------------------------
+
+
+def test_workdir_is_created_like_docker(root: Path) -> None:
+    r = run_init(root, sh("pwd; id -u", workdir="/srv/new dir", user="app"))
+    assert r.stdout.split("\n")[:2] == ["/srv/new dir", "1000"]
+    r = run_init(root, sh("pwd"))
+    assert r.stdout == "/\n"
+
+
+def test_hostname_hosts_and_resolv_conf(root: Path) -> None:
+    (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost")  # no final newline
+    os.symlink("/run/elsewhere/resolv.conf", root / "etc" / "resolv.conf")
+    rc = sh(
+        "hostname; cat /etc/hostname; cat /etc/hosts; cat /etc/resolv.conf",
+        hostname="web-1",
+        hosts=(HostEntry("10.0.0.1", ("gateway", "gw")), HostEntry("10.0.0.2", ("web-1",))),
+        nameservers=("10.0.0.1", "1.1.1.1"),
+        search=("example.com",),
+    )
+    r = run_init(root, rc)
+    assert r.stdout == (
+        "web-1\nweb-1\n"
+        "127.0.0.1\tlocalhost\n10.0.0.1\tgateway gw\n10.0.0.2\tweb-1\n"
+        "search example.com\nnameserver 10.0.0.1\nnameserver 1.1.1.1\n"
+    )
+    assert not (root / "etc" / "resolv.conf").is_symlink()
+
+
+def test_pseudo_filesystems_symlinks_and_nofile(root: Path) -> None:
+    (root / "run" / "keep").write_text("shipped by the image")
+    r = run_init(root, sh("cat /proc/mounts; ls -l /dev/fd /dev/stdin; ulimit -n; cat /run/keep"))
+    mounts = {
+        line.split()[1]: line.split()[2]
+        for line in r.stdout.splitlines()
+        if " " in line
+        and line.startswith(
+            ("proc", "sysfs", "devtmpfs", "devpts", "shm", "mqueue", "cgroup2", "tmpfs")
+        )
+    }
+    assert mounts.get("/proc") == "proc"
+    assert mounts.get("/sys") == "sysfs"
+    assert mounts.get("/dev") == "devtmpfs"
+    assert mounts.get("/dev/pts") == "devpts"
+    assert mounts.get("/dev/shm") == "tmpfs"
+    assert mounts.get("/dev/mqueue") == "mqueue"
+    assert mounts.get("/sys/fs/cgroup") == "cgroup2"
+    assert "/run" not in mounts  # the image ships files in /run: not hidden
+    assert "/dev/fd -> /proc/self/fd" in r.stdout
+    assert "/dev/stdin -> /proc/self/fd/0" in r.stdout
+    nofile = int(r.stdout.splitlines()[-2])
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    # raised to min(1 MiB, nr_open); where the sandbox lacks CAP_SYS_RESOURCE, the hard limit
+    assert nofile in (min(1 << 20, nr_open), resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    assert r.stdout.splitlines()[-1] == "shipped by the image"
+
+
+def test_orphans_are_reaped(root: Path) -> None:
+    r = run_init(root, sh("(sleep 0.2 &); (sleep 0.2 &); sleep 1; ps -o pid,ppid,stat,comm"))
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()[1:]
+    assert lines, r.stdout
+    assert not [line for line in lines if line.split()[2].startswith("Z")], r.stdout
+
+
+def test_malformed_config_refused_with_message(root: Path) -> None:
+    data = sh("echo should-not-run").render().replace(b"end\n", b"")
+    r = run_init(root, data)
+    assert r.returncode == 125
+    assert r.stdout == ""
+    assert "ember-init: error: run config is truncated" in r.console
+    assert r.status is not None and "truncated" in str(r.status["error"])
+    r = run_init(root, b"garbage\x00\n")
+    assert r.returncode == 125 and "NUL" in r.console
+
+
+# ---- supervision: signals and stop requests -------------------------------------------
+
+
+class Running:
+    """ember-init running in the background with a control FIFO."""
+
+    def __init__(self, root: Path, rc: RunConfig) -> None:
+        self.root = root
+        (root / ".ember-config").write_bytes(rc.render())
+        os.mkfifo(root / ".ember-control")
+        self.proc = subprocess.Popen(
+            _argv(root, True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait_for_line(self, expected: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line == expected + "\n"
+
+    def control(self, request: str) -> None:
+        fd = os.open(self.root / ".ember-control", os.O_WRONLY)
+        try:
+            os.write(fd, request.encode())
+        finally:
+            os.close(fd)
+
+    def init_pid(self) -> int:
+        """Host PID of ember-init: the only child of `unshare --fork`."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        (pid,) = children.split()
+        return int(pid)
+
+    def finish(self) -> Result:
+        out, err = self.proc.communicate(timeout=60)
+        return _result(self.root, self.proc.returncode, out, err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def running(root: Path) -> Iterator[list[Running]]:
+    started: list[Running] = []
+    yield started
+    for r in started:
+        r.kill()
+
+
+TRAP_LOOP = "echo ready; while :; do sleep 0.1; done"
+
+
+def test_stop_sends_stop_signal_and_exit_code_comes_back(
+    root: Path, running: list[Running]
+) -> None:
+    r = Running(root, sh(f"trap 'echo got-term; exit 3' TERM; {TRAP_LOOP}"))
+    running.append(r)
+    r.wait_for_line("ready")
+    r.control("stop\n")
+    res = r.finish()
+    assert res.returncode == 3
+    assert res.stdout.splitlines()[-1] == "got-term"
+    assert "stop requested: sending signal 15" in res.console
+
+
+def test_stop_uses_the_images_stop_signal(root: Path, running: list[Running]) -> None:
+    rc = sh(
+        f"trap 'exit 4' TERM; trap 'echo got-usr1; exit 5' USR1; {TRAP_LOOP}",
+        stop_signal=int(signal.SIGUSR1),
+    )
+    r = Running(root, rc)
+    running.append(r)
+    r.wait_for_line("ready")
+    r.control("stop\n")
+    res = r.finish()
+    assert (res.returncode, res.stdout.splitlines()[-1]) == (5, "got-usr1")
+
+
+def test_program_ignoring_stop_signal_is_killed_after_timeout(
+    root: Path, running: list[Running]
+) -> None:
+    r = Running(root, sh(f"trap '' TERM; {TRAP_LOOP}", stop_timeout=1))
+    running.append(r)
+    r.wait_for_line("ready")
+    r.control("stop\n")
+    res = r.finish()
+    assert res.returncode == 137
+    assert "stop timeout: sending SIGKILL" in res.console
+    assert last_line(res.console) == "ember-init: killed by signal 9"
+    assert res.status == {"exit_code": 137, "signal": 9, "oom_killed": False}
+
+
+def test_kill_request(root: Path, running: list[Running]) -> None:
+    r = Running(root, sh(f"trap '' TERM; {TRAP_LOOP}"))
+    running.append(r)
+    r.wait_for_line("ready")
+    r.control("bogus\nkill\n")
+    res = r.finish()
+    assert res.returncode == 137
+    assert "unknown control request 'bogus'" in res.console
+
+
+def test_signals_to_init_are_forwarded(root: Path, running: list[Running]) -> None:
+    r = Running(root, sh(f"trap 'echo got-hup' HUP; trap 'echo got-int; exit 6' INT; {TRAP_LOOP}"))
+    running.append(r)
+    r.wait_for_line("ready")
+    pid = r.init_pid()
+    os.kill(pid, signal.SIGHUP)
+    r.wait_for_line("got-hup")
+    os.kill(pid, signal.SIGINT)
+    res = r.finish()
+    assert res.returncode == 6
+    assert res.stdout.splitlines()[-1] == "got-int"
+
+
+def test_refuses_to_run_when_not_pid_1(ember_init: Path) -> None:
+    p = subprocess.run(
+        [str(ember_init), "--test", "--config", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert p.returncode == 2
+    assert "must run as PID 1" in p.stderr
