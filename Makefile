@@ -11,13 +11,13 @@ export EMBER_TEST_CACHE ?= /var/cache/ember-tests
 # and the real peers its tests use (docker-registry, skopeo, podman, buildah, umoci).
 APT_PACKAGES := \
 	podman skopeo buildah umoci docker-registry apache2-utils \
-	qemu-system-x86 qemu-utils debootstrap busybox-static musl-tools \
+	qemu-system-x86 qemu-utils debootstrap busybox-static musl-tools linux-libc-dev \
 	xfsprogs e2fsprogs btrfs-progs nftables iproute2 kmod cpio zstd \
 	fuse-overlayfs uidmap util-linux
 
-.PHONY: setup apt venv init demo test lint clean
+.PHONY: setup apt venv init kernel demo test lint clean
 
-setup: apt venv init demo
+setup: apt venv init kernel demo
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -37,8 +37,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-init:
-	@true
+# ember-init, the guest's PID 1: static musl binary init/build/ember-init
+init: apt
+	$(MAKE) -C init
+
+# Debian's guest kernel (apt-get download, no install on the host) under $$EMBER_HOME
+kernel: venv
+	$(BIN)/ember kernel install
 
 # The demo image (busybox-static, scratch) as an OCI layout; idempotent.
 demo:

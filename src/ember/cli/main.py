@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "ember.cli.registry",
     "ember.cli.server",
     "ember.cli.admin",
+    "ember.cli.kernel",
 ]
 
 
