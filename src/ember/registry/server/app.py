@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -216,11 +217,11 @@ class RegistryApp:
         scopes_raw = params.getlist("scope")
         secret: str | None = None
         if request.method == "POST":
-            form = await request.form()
-            if form.get("grant_type") != "password":
+            form = parse_qs((await self._read_limited(request, 65536)).decode("latin-1"))
+            if form.get("grant_type") != ["password"]:
                 raise ApiError("UNSUPPORTED", "only grant_type=password is supported", status=400)
-            secret = str(form.get("password") or "")
-            scopes_raw = [str(form.get("scope") or "")]
+            secret = (form.get("password") or [""])[0]
+            scopes_raw = form.get("scope") or []
         elif request.method == "GET":
             cred = self._credential(request)
             secret = cred[1] if cred else None
