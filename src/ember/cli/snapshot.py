@@ -78,9 +78,9 @@ def snapshot_rm(names: tuple[str, ...]) -> None:
 @click.option(
     "--content-grace",
     type=click.FloatRange(min=0),
-    default=3600.0,
+    default=0.0,
     show_default=True,
-    help="Keep unreferenced blobs younger than this many seconds (a pull may be writing them).",
+    help="Keep unreferenced blobs younger than this many seconds.",
 )
 @json_option
 def gc(dry_run: bool, content_grace: float, as_json: bool) -> None:
@@ -115,14 +115,7 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
     home = home_from_ctx()
     service = ImageService(home)
     platform = Platform.parse(platform_text) if platform_text else None
-    try:
-        img = service.get(ref)
-    except Exception as e:
-        from ember.errors import NotFound
-
-        if not isinstance(e, NotFound):
-            raise
-        img = service.pull(ref, platform, plain_http=plain_http)
+    img = service.ensure(ref, platform, plain_http=plain_http)
     prepared = prepare_image(home, img)
     seconds = time.perf_counter() - start
     if as_json:

@@ -6,7 +6,7 @@ snapshots keep their parents.  Everything else goes: expired leases, active
 snapshots nobody leases (stale), committed snapshots no root reaches, blobs
 no image or lease names and stale partial downloads.
 
-Runs under the exclusive GC lock; lease changes take it shared, so a lease
+Runs under the image service's lock (no pull in progress) and the exclusive GC lock; lease changes take it shared, so a lease
 made by a concurrent prepare is either seen or not yet made (and then the
 prepare has not started building).  A snapshot whose lock is held (being
 built or mounted) is skipped, never removed.
@@ -32,8 +32,11 @@ from ember.store.content import ContentStore
 
 log = logging.getLogger("ember.snapshots")
 
-#: unreferenced blobs younger than this are kept: a pull may be writing them right now
-DEFAULT_CONTENT_GRACE = 3600.0
+#: unreferenced blobs younger than this are kept (0: the image-service lock already keeps
+#: gc away from pulls in progress)
+DEFAULT_CONTENT_GRACE = 0.0
+#: partial downloads untouched for this long are dropped (younger ones may be resumed)
+INGEST_GRACE = 3600.0
 
 
 @dataclass
@@ -99,7 +102,11 @@ def collect(
 ) -> GCReport:
     snap = snapshotter or Snapshotter(home)
     report = GCReport(dry_run=dry_run)
-    with FileLock(snap.gc_lock):
+    # The image service holds images.lock shared while it pulls and exclusive while it
+    # removes: holding it exclusive from reading the roots to the end of the sweep means
+    # no pull is writing blobs it has not recorded yet.  Order: images.lock, then gc.lock.
+    home.run.mkdir(parents=True, exist_ok=True)
+    with FileLock(home.run / "images.lock"), FileLock(snap.gc_lock):
         now = time.time()
         if roots is None:
             roots = image_roots(home)
@@ -166,7 +173,12 @@ def _free(snap: Snapshotter) -> int:
 def _sweep_content(
     home: Home, roots: Roots, report: GCReport, dry_run: bool, grace: float, now: float
 ) -> None:
-    store = ContentStore(home.content)
+    _sweep_blobs(ContentStore(home.content), roots, report, dry_run, grace, now)
+
+
+def _sweep_blobs(
+    store: ContentStore, roots: Roots, report: GCReport, dry_run: bool, grace: float, now: float
+) -> None:
     keep: set[Digest] = set()
     for text in roots.content:
         try:
@@ -189,4 +201,4 @@ def _sweep_content(
         if not dry_run:
             store.delete(digest)
     if not dry_run:
-        report.ingests = store.prune_ingests(older_than=grace)
+        report.ingests = store.prune_ingests(older_than=max(grace, INGEST_GRACE))

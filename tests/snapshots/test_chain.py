@@ -1,0 +1,196 @@
+"""Building image chains: one ext4 snapshot per layer, shared bases, machine root disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots import Kind, Snapshotter, system
+from ember.snapshots.chain import clone_root_disk, prepare_image, release_root_disk
+from ember.snapshots.errors import SnapshotError, SnapshotExists
+from ember.unpack.errors import UnpackError
+from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
+from tests.snapshots.leaks import ours
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_prepare_builds_every_layer_and_checks(home: Home) -> None:
+    image = make_image(home, base_layers())
+    prepared = prepare_image(home, image)
+    chain = [str(layer.chain_id) for layer in image.layers]
+    assert prepared.snapshot == chain[-1] and prepared.built == tuple(chain)
+    snap = Snapshotter(home)
+    assert {s.name for s in snap.list()} == set(chain)
+    assert snap.stat(chain[1]).parent == chain[0] and snap.stat(chain[0]).parent is None
+    subprocess.run(["e2fsck", "-fn", str(prepared.path)], check=True, capture_output=True)
+    with snap.mount(prepared.snapshot) as root:
+        assert (root / "bin/tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+        assert (root / "bin/tool").stat().st_mode & 0o777 == 0o755
+        assert os.readlink(root / "lib") == "usr/lib"
+        assert (root / "etc/motd").read_text() == "hello\n"
+    with snap.mount(chain[0]) as root:  # the lower snapshot is untouched by the upper layer
+        assert not (root / "etc/motd").exists()
+    again = prepare_image(home, image)
+    assert again.built == () and again.path == prepared.path
+    assert snap.leases.list() == []  # the build's temporary lease is gone
+
+
+def test_images_sharing_a_base_share_its_snapshots(home: Home) -> None:
+    first = make_image(home, base_layers(), "test/first:1")
+    extra = LayerSpec(
+        [Entry("app"), Entry("app/main", b"main\n", 0o755), Entry("etc/hostname", b"app\n")]
+    )
+    second = make_image(home, [*base_layers(), extra], "test/second:1")
+    p1 = prepare_image(home, first)
+    p2 = prepare_image(home, second)
+    assert len(p1.built) == 2
+    assert p2.built == (str(second.layers[-1].chain_id),)  # only its own top layer
+    snap = Snapshotter(home)
+    assert len(snap.list()) == 3
+    with snap.mount(p2.snapshot) as root:
+        assert (root / "etc/hostname").read_text() == "app\n"
+        assert (root / "etc/motd").read_text() == "hello\n"
+
+
+def test_concurrent_prepares_build_each_snapshot_once(home: Home, tmp_path: Path) -> None:
+    layers = [
+        *base_layers(),
+        LayerSpec([Entry("data"), Entry("data/blob", random_size=24 << 20, seed=1)]),
+        LayerSpec([Entry("data/more", random_size=8 << 20, seed=2)]),
+    ]
+    image = make_image(home, layers)
+    script = tmp_path / "prepare.py"
+    script.write_text(_PREPARE_SCRIPT)
+    (tmp_path / "image.json").write_text(json.dumps(_image_args(image)))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(home.root), str(tmp_path / "image.json")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    built = [name for r in results for name in r["built"]]
+    chain = [str(layer.chain_id) for layer in image.layers]
+    assert sorted(built) == sorted(chain)  # every snapshot built exactly once, by one of them
+    assert results[0]["path"] == results[1]["path"]
+
+
+def _image_args(image: object) -> dict[str, object]:
+    from ember.images.model import Image
+
+    assert isinstance(image, Image)
+    return {
+        "reference": image.reference,
+        "manifest": str(image.manifest_digest),
+        "config": str(image.config_digest),
+    }
+
+
+# Loads an image made by imagekit from the content store (as the image service
+# would) and prepares it; prints what it built.
+_PREPARE_SCRIPT = """
+import json, sys
+from ember.home import Home
+from ember.images.service import build_image
+from ember.oci.config import parse_config
+from ember.oci.digest import Digest
+from ember.oci.manifest import parse_manifest
+from ember.snapshots.chain import prepare_image
+from ember.store.content import ContentStore
+
+home = Home(__import__("pathlib").Path(sys.argv[1]))
+args = json.load(open(sys.argv[2]))
+store = ContentStore(home.content)
+md, cd = Digest.parse(args["manifest"]), Digest.parse(args["config"])
+image = build_image(args["reference"], md, parse_manifest(store.read_bytes(md)), cd,
+                    parse_config(store.read_bytes(cd)))
+p = prepare_image(home, image)
+print(json.dumps({"built": list(p.built), "path": str(p.path)}))
+"""
+
+
+def test_a_bad_layer_commits_nothing_and_leaks_nothing(home: Home) -> None:
+    good = make_image(home, base_layers())
+    prepare_image(home, good)
+    bad_layer = LayerSpec([Entry("x", b"x")])
+    image = make_image(home, [*base_layers(), bad_layer])
+    # the stored blob no longer matches the DiffID its config promises
+    store_path = home.content / "blobs" / "sha256" / image.layers[-1].digest.hex
+    os.chmod(store_path, 0o644)
+    import gzip
+
+    store_path.write_bytes(gzip.compress(b"\0" * 1024))
+    with pytest.raises(UnpackError):
+        prepare_image(home, image)
+    snap = Snapshotter(home)
+    assert {s.name for s in snap.list()} == {str(layer.chain_id) for layer in good.layers}
+    mounts, loops = ours(snap.pool.root)
+    assert mounts == [] and loops == []
+    assert snap.leases.list() == []
+
+
+def test_image_without_layers_is_refused(home: Home) -> None:
+    image = make_image(home, [])
+    with pytest.raises(SnapshotError, match="no layers"):
+        prepare_image(home, image)
+
+
+def test_machine_root_disk_clone_grow_release(home: Home) -> None:
+    image = make_image(home, base_layers())
+    disk = clone_root_disk(home, image, "m1", 3 << 30)
+    snap = Snapshotter(home)
+    info = snap.stat("machine/m1")
+    assert (
+        info.kind is Kind.ACTIVE
+        and info.path == disk
+        and info.parent == str(image.layers[-1].chain_id)
+    )
+    assert system.fs_size(disk) == 3 << 30 and os.stat(disk).st_size == 3 << 30
+    subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True)
+    lease = snap.leases.get("machine/m1")
+    assert "machine/m1" in lease.snapshots and lease.expires is None
+    with snap.mount("machine/m1") as root:
+        (root / "state").write_text("machine data")
+    # asking again (a restart) keeps the machine's disk
+    assert clone_root_disk(home, image, "m1", 3 << 30) == disk
+    with snap.mount("machine/m1") as root:
+        assert (root / "state").read_text() == "machine data"
+    other = make_image(home, [LayerSpec([Entry("other", b"1")])], "test/other:1")
+    with pytest.raises(SnapshotExists, match="another image"):
+        clone_root_disk(home, other, "m1")
+    default = clone_root_disk(home, image, "m2")  # no size: the image's own file system size
+    assert system.fs_size(default) == 1 << 30
+    release_root_disk(home, "m1")
+    release_root_disk(home, "m1")  # idempotent
+    assert not snap.exists("machine/m1")
+    assert [lease.name for lease in snap.leases.list()] == ["machine/m2"]
+
+
+def test_copy_backend_builds_the_same_content(copy_home: Home) -> None:
+    image = make_image(copy_home, base_layers())
+    prepared = prepare_image(copy_home, image)
+    subprocess.run(["e2fsck", "-fn", str(prepared.path)], check=True, capture_output=True)
+    snap = Snapshotter(copy_home)
+    assert snap.backend_name == "copy"
+    with snap.mount(prepared.snapshot) as root:
+        assert (root / "etc/motd").read_text() == "hello\n"
+        assert os.readlink(root / "lib") == "usr/lib"
+    disk = clone_root_disk(copy_home, image, "m", 2 << 30)
+    assert system.fs_size(disk) == 2 << 30
