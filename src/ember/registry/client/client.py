@@ -454,7 +454,9 @@ class RegistryClient:
             else:
                 self._check(resp, f"blob {desc.digest}", BlobUnknown)
             try:
-                for chunk in resp.iter_bytes(_CHUNK):
+                # No re-chunking: every byte received is written before a cut
+                # connection raises, so a resume loses nothing.
+                for chunk in resp.iter_bytes():
                     writer.write(chunk)
                     if progress:
                         progress(len(chunk))

@@ -1,0 +1,145 @@
+"""oci:DIR[:TAG] and docker-archive:FILE sources, imported verified."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ember.images import ImageNotFound, ImageService, InvalidSource
+from ember.images.sources import parse_source
+from ember.oci import mediatypes as mt
+from ember.unpack import apply_layers
+from tests.support.images import copy_layout, layout_ref
+from tests.support.treecmp import assert_same_tree, umoci_unpack
+
+pytestmark = pytest.mark.integration
+
+
+def unpack(service: ImageService, ref: str, dest: Path) -> Path:
+    image = service.get(ref)
+    dest.mkdir()
+    apply_layers(dest, [(service.layer_path(x), x.media_type, x.diff_id) for x in image.layers])
+    return dest
+
+
+def docker_archive(layout: Path, dest: Path, name: str = "example.org/test/app:v1") -> Path:
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", layout_ref(layout), f"docker-archive:{dest}:{name}"],
+        check=True,
+        capture_output=True,
+    )
+    return dest
+
+
+def test_oci_layout(service: ImageService, multilayer_layout: Path, tmp_path: Path) -> None:
+    ref = layout_ref(multilayer_layout)
+    image = service.pull(ref, progress=False)
+    assert image.reference == f"oci:{multilayer_layout}:latest"
+    assert service.get(ref).manifest_digest == image.manifest_digest
+    assert_same_tree(
+        unpack(service, ref, tmp_path / "ours"),
+        umoci_unpack(multilayer_layout, "latest", tmp_path / "u"),
+    )
+
+
+def test_oci_layout_errors(service: ImageService, busybox_layout: Path, tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFound, match="tags: latest"):
+        service.pull(f"oci:{busybox_layout}:nope", progress=False)
+    with pytest.raises(InvalidSource, match="not an OCI image layout"):
+        service.pull(f"oci:{tmp_path}", progress=False)
+    with pytest.raises(InvalidSource):
+        service.pull("oci:", progress=False)
+
+
+def test_oci_layout_corrupt_blob_refused(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
+    layer = layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]
+    data = bytearray(layer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    layer.chmod(0o644)
+    layer.write_bytes(bytes(data))
+    with pytest.raises(InvalidSource, match="corrupt"):
+        service.pull(f"oci:{layout}:latest", progress=False)
+    assert service.list() == []
+    assert not any(d.hex == layer.name for d in service.content.list())
+
+
+def test_oci_layout_multiarch(service: ImageService, multiarch_layout: Path) -> None:
+    from ember.oci.platform import Platform
+
+    image = service.pull(
+        layout_ref(multiarch_layout), Platform.parse("linux/arm64"), progress=False
+    )
+    assert image.platform.architecture == "arm64"
+
+
+def test_docker_archive(service: ImageService, multilayer_layout: Path, tmp_path: Path) -> None:
+    archive = docker_archive(multilayer_layout, tmp_path / "image.tar")
+    image = service.pull(f"docker-archive:{archive}", progress=False)
+    assert image.reference == f"docker-archive:{archive}"
+    assert {x.media_type for x in image.layers} == {mt.OCI_LAYER_TAR}
+    assert [x.diff_id for x in image.layers] == [x.digest for x in image.layers]
+    assert image.config.entrypoint == ["/bin/echo", "entrypoint"]
+    # the synthesised manifest is stable: another store, the same digest
+    other = ImageService(type(service.home)(tmp_path / "other-home"))
+    assert (
+        other.pull(f"docker-archive:{archive}", progress=False).manifest_digest
+        == image.manifest_digest
+    )
+    ours = unpack(service, f"docker-archive:{archive}", tmp_path / "ours")
+    assert_same_tree(ours, umoci_unpack(multilayer_layout, "latest", tmp_path / "umoci"))
+
+
+def test_docker_archive_selection_and_errors(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    archive = docker_archive(busybox_layout, tmp_path / "bb.tar", "example.org/bb:1")
+    assert service.pull(f"docker-archive:{archive}:example.org/bb:1", progress=False).layers
+    with pytest.raises(ImageNotFound):
+        service.pull(f"docker-archive:{archive}:example.org/other:1", progress=False)
+    with pytest.raises(InvalidSource, match="does not exist"):
+        service.pull(f"docker-archive:{tmp_path}/missing.tar", progress=False)
+    not_tar = tmp_path / "junk.tar"
+    not_tar.write_bytes(b"\0junk" * 1000)
+    with pytest.raises(InvalidSource):
+        service.pull(f"docker-archive:{not_tar}", progress=False)
+
+
+def test_docker_archive_layer_not_matching_diff_id(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """Rewrite one layer in the archive: its DiffID no longer matches, nothing is stored."""
+    archive = docker_archive(busybox_layout, tmp_path / "bb.tar")
+    work = tmp_path / "unpacked"
+    work.mkdir()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(work)], check=True)
+    manifest = json.loads((work / "manifest.json").read_text())
+    layer = work / manifest[0]["Layers"][0]
+    data = bytearray(layer.read_bytes())
+    data[600] ^= 0x01  # inside the first member's data: still a tar
+    layer.write_bytes(bytes(data))
+    broken = tmp_path / "broken.tar"
+    subprocess.run(["tar", "-cf", str(broken), "-C", str(work), "."], check=True)
+    with pytest.raises(InvalidSource, match="DiffID"):
+        service.pull(f"docker-archive:{broken}", progress=False)
+    assert service.list() == []
+    shutil.rmtree(work)
+
+
+def test_parse_source_names() -> None:
+    assert parse_source("debian").name == "docker.io/library/debian:latest"
+    assert parse_source("docker://debian:12").name == "docker.io/library/debian:12"
+    assert parse_source("oci:/x/y:t").name == "oci:/x/y:t"
+    assert parse_source("oci:/x/y").selector is None
+    spec = parse_source("docker-archive:/a.tar:debian")
+    assert spec.selector == "docker.io/library/debian:latest"
+    assert parse_source("docker-archive:/a.tar:@1").selector == "@1"

@@ -1,0 +1,101 @@
+"""Pulls through a misbehaving proxy: cut connections, ignored Range, corruption, 503s, Bearer tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ember.images import ImageService
+from ember.registry.client.credentials import Credentials, CredentialStore
+from ember.registry.client.errors import AuthenticationFailed, BlobCorrupt
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy
+from tests.support.images import push_layout
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def debian_ref(registry: Registry, debian_layout: Path) -> str:
+    """The debian image: one big layer, so a cut lands mid-blob."""
+    push_layout(debian_layout, registry, "faults/debian")
+    return "faults/debian:latest"
+
+
+def test_resume_after_cut_connection(
+    service: ImageService, registry: Registry, debian_ref: str
+) -> None:
+    with misbehaving_proxy(registry.host, Behaviour(cut_blob_after=1_000_000)) as proxy:
+        image = service.pull(f"{proxy.host}/{debian_ref}", progress=False)
+    big = max(image.layers, key=lambda x: x.size)
+    gets = proxy.requests(f"/blobs/{big.digest}", "GET")
+    assert len(gets) == 2
+    assert "range" not in gets[0].headers
+    assert gets[1].headers["range"] == "bytes=1000000-"
+    assert gets[1].status == 206
+    assert service.content.path(big.digest).stat().st_size == big.size
+
+
+def test_resume_when_server_ignores_range(
+    service: ImageService, registry: Registry, debian_ref: str
+) -> None:
+    with misbehaving_proxy(
+        registry.host, Behaviour(cut_blob_after=500_000, ignore_range=True)
+    ) as proxy:
+        image = service.pull(f"{proxy.host}/{debian_ref}", progress=False)
+    big = max(image.layers, key=lambda x: x.size)
+    gets = proxy.requests(f"/blobs/{big.digest}", "GET")
+    assert len(gets) == 2 and gets[1].status == 200  # whole blob again, writer restarted
+    assert service.content.exists(big.digest)
+
+
+def test_corrupt_blob_refused_and_not_stored(
+    service: ImageService, registry: Registry, busybox_layout: Path
+) -> None:
+    push_layout(busybox_layout, registry, "faults/busybox")
+    with (
+        misbehaving_proxy(registry.host, Behaviour(corrupt_blobs=True)) as proxy,
+        pytest.raises(BlobCorrupt, match="corrupt"),
+    ):
+        service.pull(f"{proxy.host}/faults/busybox", progress=False)
+    assert list(service.content.list()) == []
+    assert service.list() == []
+    # a healthy registry afterwards: the pull succeeds, nothing stale is reused
+    assert service.pull(f"{registry.host}/faults/busybox", progress=False).layers
+
+
+def test_retries_on_503(service: ImageService, registry: Registry, busybox_layout: Path) -> None:
+    push_layout(busybox_layout, registry, "faults/flaky")
+    with misbehaving_proxy(
+        registry.host, Behaviour(fail_first={"/manifests/": 2, "/blobs/": 2})
+    ) as proxy:
+        image = service.pull(f"{proxy.host}/faults/flaky", progress=False)
+    assert image.layers
+    assert [s.status for s in proxy.requests("/manifests/")][:3] == [503, 503, 200]
+
+
+def test_bearer_token_flow(service: ImageService, registry: Registry, busybox_layout: Path) -> None:
+    push_layout(busybox_layout, registry, "faults/token")
+    behaviour = Behaviour(bearer_user="alice", bearer_password="s3cret")
+    with misbehaving_proxy(registry.host, behaviour) as proxy:
+        ref = f"{proxy.host}/faults/token"
+        with pytest.raises(AuthenticationFailed, match="requires authentication"):
+            # the token service wants credentials; none are stored, so the token request fails
+            service.pull(ref, progress=False)
+        store = CredentialStore(service.home.credentials)
+        store.save(proxy.host, Credentials("alice", "wrong"))
+        with pytest.raises(AuthenticationFailed, match="refused the credentials"):
+            service.pull(ref, progress=False)
+        store.save(proxy.host, Credentials("alice", "s3cret"))
+        image = service.pull(ref, progress=False)
+        token_requests = [s for s in proxy.requests("/token?") if s.status == 200]
+        # one token for the repository's pull scope, cached for every blob
+        assert len(token_requests) == 1
+        assert "scope=repository%3Afaults%2Ftoken%3Apull" in token_requests[0].path
+        assert "service=proxy-test" in token_requests[0].path
+        # a revoked token: 401, one fresh token, one retry
+        proxy.revoke_tokens()
+        service.content.delete(image.manifest_digest)
+        ImageService(service.home).pull(ref, progress=False)
+        assert len([s for s in proxy.requests("/token?") if s.status == 200]) == 2
