@@ -1,0 +1,236 @@
+"""The server's pure request logic, tested directly: routes, names, scopes,
+registry tokens, upload state, header parsing; plus bounded fuzzing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ember.oci.digest import Digest
+from ember.registry.server import routes as r
+from ember.registry.server.errors import ApiError
+from ember.registry.server.names import check_org_name, qualify, unqualify, valid_repo_name
+from ember.registry.server.protocol import accepts, page_size, parse_content_range, parse_range
+from ember.registry.server.tokens import (
+    Grant,
+    InvalidToken,
+    decode_token,
+    encode_token,
+    grant_for,
+    parse_actions,
+    parse_scope,
+    parse_scopes,
+)
+from ember.registry.server.uploadstate import (
+    InvalidUploadState,
+    UploadState,
+    sign_state,
+    verify_state,
+)
+
+D = "sha256:" + "a" * 64
+KEY = b"k" * 32
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_routes() -> None:
+    assert r.parse_path(b"/v2/") == r.Route(r.BASE)
+    assert r.parse_path(b"/v2") == r.Route(r.BASE)
+    assert r.parse_path(b"/v2/_catalog") == r.Route(r.CATALOG)
+    assert r.parse_path(b"/v2/team/web/tags/list") == r.Route(r.TAGS, "team/web")
+    assert r.parse_path(b"/v2/web/manifests/v1.0") == r.Route(r.MANIFEST, "web", tag="v1.0")
+    assert r.parse_path(f"/v2/web/manifests/{D}".encode()).digest == Digest.parse(D)
+    assert r.parse_path(f"/v2/a/blobs/{D}".encode()) == r.Route(r.BLOB, "a", digest=Digest.parse(D))
+    assert r.parse_path(b"/v2/a/b/blobs/uploads/") == r.Route(r.UPLOAD_START, "a/b")
+    assert r.parse_path(b"/v2/a/blobs/uploads") == r.Route(r.UPLOAD_START, "a")
+    sid = "0123456789abcdef" * 2
+    assert r.parse_path(f"/v2/a/blobs/uploads/{sid}".encode()) == r.Route(r.UPLOAD, "a", upload_id=sid)
+    assert r.parse_path(f"/v2/a/referrers/{D}".encode()).kind == r.REFERRERS
+    # a repository whose components are the API's own words
+    assert r.parse_path(f"/v2/blobs/manifests/blobs/{D}".encode()) == r.Route(r.BLOB, "blobs/manifests", digest=Digest.parse(D))
+    assert r.parse_path(b"/v2/tags/list/tags/list") == r.Route(r.TAGS, "tags/list")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v2/../x/tags/list",
+        b"/v2/a/./tags/list",
+        b"/v2/a/%2e%2e/tags/list",
+        b"/v2/%2E/tags/list",
+        b"/v2/a%2Fb/tags/list",
+        b"/v2/a//b/tags/list",
+        b"/v2/a\\..\\b/tags/list",
+        b"/v2/A/tags/list",
+        b"/v2/a-/tags/list",
+        b"/v2/\xff/tags/list",
+        b"/v2/a/manifests/" + b"t" * 200,
+        b"/v2/" + b"a/" * 1500 + b"tags/list",
+    ],
+)
+def test_bad_paths_refused(path: bytes) -> None:
+    with pytest.raises(ApiError) as e:
+        r.parse_path(path)
+    assert e.value.status == 400
+
+
+def test_unknown_paths() -> None:
+    for path in (b"/v2/a", b"/v2/a/blobs", b"/v2/a/unknown/x", b"/v3/", b"/v2/a/blobs/uploads/XYZ"):
+        with pytest.raises(ApiError) as e:
+            r.parse_path(path)
+        assert e.value.status in (400, 404)
+
+
+def test_names() -> None:
+    assert valid_repo_name("a/b-c/d__e.f")
+    assert not valid_repo_name("a/B") and not valid_repo_name("") and not valid_repo_name("a/../b")
+    assert qualify("acme", "team/web") == "acme/team/web"
+    assert unqualify("acme", "acme/acme/web") == "acme/web"
+    with pytest.raises(ValueError):
+        unqualify("acme", "beta/web")
+    assert check_org_name("acme-2") == "acme-2"
+    for bad in ("Acme", "a--b", "-a", "a/b", "a" * 64, ""):
+        with pytest.raises(Exception):
+            check_org_name(bad)
+
+
+def test_scopes_and_grants() -> None:
+    assert parse_scope("repository:team/web:pull,push") is not None
+    assert parse_scope("repository:team/web:pull,push").actions == frozenset({"pull", "push"})  # type: ignore[union-attr]
+    assert parse_scope("registry:catalog:*") is not None
+    assert parse_scope("repository:../x:pull") is None
+    assert parse_scope("repository:Web:pull") is None
+    assert parse_scope("nonsense") is None
+    scopes = parse_scopes(["repository:a:pull repository:b:push", "repository:a:delete", "registry:catalog:*"])
+    g = grant_for("acme", "t1", frozenset({"pull", "push"}), scopes)
+    assert g.repositories == {"acme/a": frozenset({"pull"}), "acme/b": frozenset({"push"})}
+    assert g.catalog
+    assert g.allows("acme/a", "pull") and not g.allows("acme/a", "delete") and not g.allows("beta/a", "pull")
+    direct = Grant("acme", "t1", org_actions=frozenset({"pull"}))
+    assert direct.allows("acme/x/y", "pull") and not direct.allows("acmex/y", "pull")
+    assert not direct.allows("beta/x", "pull") and not direct.allows("acme/x", "push")
+    assert parse_actions("pull, delete") == frozenset({"pull", "delete"})
+    with pytest.raises(ValueError):
+        parse_actions("pull,admin")
+
+
+def test_registry_token_roundtrip_and_refusals() -> None:
+    now = int(time.time())
+    g = Grant("acme", "t1", {"acme/web": frozenset({"pull"})}, catalog=True)
+    token = encode_token(KEY, g, now)
+    back = decode_token(KEY, token, now)
+    assert back.org == "acme" and back.repositories == g.repositories and back.catalog
+    with pytest.raises(InvalidToken, match="expired"):
+        decode_token(KEY, token, now + 3600)
+    with pytest.raises(InvalidToken, match="not valid yet"):
+        decode_token(KEY, encode_token(KEY, g, now + 3600), now)
+    with pytest.raises(InvalidToken, match="signature"):
+        decode_token(b"other" * 8, token, now)
+    h, p, s = token.split(".")
+    with pytest.raises(InvalidToken):
+        decode_token(KEY, f"{h}.{p}.", now)
+    with pytest.raises(InvalidToken):
+        decode_token(KEY, f"{h}.{p}", now)
+    with pytest.raises(InvalidToken):
+        decode_token(KEY, "a.b.c", now)
+
+
+def test_upload_state() -> None:
+    now = int(time.time())
+    st_ = UploadState("acme", "acme/web", "ab" * 16, 42, now + 60)
+    text = sign_state(KEY, st_)
+    assert verify_state(KEY, text, now) == st_
+    with pytest.raises(InvalidUploadState, match="expired"):
+        verify_state(KEY, text, now + 61)
+    with pytest.raises(InvalidUploadState):
+        verify_state(b"x" * 32, text, now)
+    payload, mac = text.split(".")
+    with pytest.raises(InvalidUploadState):
+        verify_state(KEY, payload + "." + mac[:-2] + "AA", now)
+    with pytest.raises(InvalidUploadState):
+        verify_state(KEY, payload, now)
+
+
+def test_header_parsing() -> None:
+    assert parse_content_range("0-99") == (0, 99)
+    assert parse_content_range("bytes=5-9") == (5, 9)
+    assert parse_content_range("bytes 5-9/100") == (5, 9)
+    for bad in ("9-5", "-1-2", "a-b", "", "1-"):
+        with pytest.raises(ApiError):
+            parse_content_range(bad)
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-200", 100) == (90, 99)
+    assert parse_range("bytes=-10", 100) == (90, 99)
+    assert parse_range("bytes=0-1,5-6", 100) is None  # several ranges: whole blob
+    with pytest.raises(ApiError):
+        parse_range("bytes=100-", 100)
+    assert accepts([], "application/x")
+    assert accepts(["application/a, application/x;q=0.1"], "application/x")
+    assert accepts(["*/*"], "application/x") and accepts(["application/*"], "application/x")
+    assert not accepts(["application/a", "text/plain"], "application/x")
+    assert page_size(None) == 1000 and page_size("5") == 5
+    for bad in ("1001", "-1", "x", "99999999999"):
+        with pytest.raises(ApiError):
+            page_size(bad)
+
+
+# -- bounded fuzzing: parsers of hostile input never fail any other way -------------
+
+_path_alphabet = st.sampled_from(list("/v2abcz09.-_:%2eE\\") + ["/v2/", "blobs", "uploads", "manifests", "tags/list", "..", D])
+
+
+@FUZZ
+@given(st.lists(_path_alphabet, max_size=20).map("".join).map(str.encode) | st.binary(max_size=300))
+def test_fuzz_parse_path(path: bytes) -> None:
+    try:
+        route = r.parse_path(path)
+    except ApiError as e:
+        assert e.status in (400, 404)
+        return
+    # whatever parses is free of traversal
+    assert ".." not in route.name.split("/") and "%" not in route.name
+    assert route.name == "" or valid_repo_name(route.name)
+
+
+@FUZZ
+@given(st.text(max_size=200) | st.lists(st.sampled_from(["eyJ", ".", "a", "_", "-", "=", "{}"]), max_size=30).map("".join))
+def test_fuzz_decode_token(text: str) -> None:
+    with pytest.raises(InvalidToken):
+        decode_token(KEY, text, int(time.time()))
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=10), st.none() | st.integers() | st.text(max_size=10) | st.lists(st.integers(), max_size=3), max_size=8))
+def test_fuzz_token_claims_with_the_right_key(claims: dict[str, object]) -> None:
+    """Even correctly signed garbage claims are refused cleanly, never crash."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+    h = b64(b'{"alg":"HS256"}')
+    p = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(KEY, f"{h}.{p}".encode(), hashlib.sha256).digest())
+    try:
+        decode_token(KEY, f"{h}.{p}.{sig}", int(time.time()))
+    except InvalidToken:
+        pass
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_fuzz_upload_state_and_headers(text: str) -> None:
+    with pytest.raises(InvalidUploadState):
+        verify_state(KEY, text, 0)
+    for fn in (parse_content_range, lambda v: parse_range(v, 1000), page_size):
+        try:
+            fn(text)
+        except ApiError:
+            pass
+    parse_scope(text)
