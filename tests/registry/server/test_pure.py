@@ -3,6 +3,7 @@ registry tokens, upload state, header parsing; plus bounded fuzzing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from ember.oci.digest import Digest
 from ember.registry.server import routes as r
-from ember.registry.server.errors import ApiError
+from ember.registry.server.errors import ApiError, InvalidName
 from ember.registry.server.names import check_org_name, qualify, unqualify, valid_repo_name
 from ember.registry.server.protocol import accepts, page_size, parse_content_range, parse_range
 from ember.registry.server.tokens import (
@@ -94,7 +95,7 @@ def test_names() -> None:
         unqualify("acme", "beta/web")
     assert check_org_name("acme-2") == "acme-2"
     for bad in ("Acme", "a--b", "-a", "a/b", "a" * 64, ""):
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidName):
             check_org_name(bad)
 
 
@@ -217,10 +218,8 @@ def test_fuzz_token_claims_with_the_right_key(claims: dict[str, object]) -> None
     h = b64(b'{"alg":"HS256"}')
     p = b64(json.dumps(claims).encode())
     sig = b64(hmac.new(KEY, f"{h}.{p}".encode(), hashlib.sha256).digest())
-    try:
+    with contextlib.suppress(InvalidToken):
         decode_token(KEY, f"{h}.{p}.{sig}", int(time.time()))
-    except InvalidToken:
-        pass
 
 
 @FUZZ
@@ -229,8 +228,6 @@ def test_fuzz_upload_state_and_headers(text: str) -> None:
     with pytest.raises(InvalidUploadState):
         verify_state(KEY, text, 0)
     for fn in (parse_content_range, lambda v: parse_range(v, 1000), page_size):
-        try:
+        with contextlib.suppress(ApiError):
             fn(text)
-        except ApiError:
-            pass
     parse_scope(text)
