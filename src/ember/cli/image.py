@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ember.cli.common import err_console, home_from_ctx, json_option, out_console, print_json
+from ember.cli.common import home_from_ctx, json_option, out_console, print_json
 from ember.errors import UsageError
 from ember.images import ImageService
 from ember.oci.platform import Platform
@@ -34,6 +34,17 @@ def _platform(text: str | None) -> Platform | None:
 
 def _service() -> ImageService:
     return ImageService(home_from_ctx())
+
+
+def _say(text: str) -> None:
+    """A status line on stderr (never wrapped: paths and digests stay whole)."""
+    click.echo(text, err=True)
+
+
+def _pinned(reference: str, digest: str) -> str:
+    if reference.startswith(("oci:", "docker-archive:")):
+        return digest
+    return f"{reference.split('@', 1)[0]}@{digest}"
 
 
 def _human_size(n: int) -> str:
@@ -69,10 +80,10 @@ def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> 
     img = _service().pull(
         ref, _platform(platform_text), plain_http=plain_http, progress=False if quiet else None
     )
-    err_console.print(f"pulled {img.reference} ({img.platform}, {len(img.layers)} layers)")
-    click.echo(
-        f"{img.reference}@{img.manifest_digest}" if "@" not in img.reference else img.reference
-    )
+    count = len(img.layers)
+    _say(f"pulled {img.reference} ({img.platform}, {count} layer{'' if count == 1 else 's'})")
+    # stdout: something to pin or inspect later (a digest reference for registry images)
+    click.echo(_pinned(img.reference, str(img.manifest_digest)))
 
 
 @image.command("ls")
@@ -111,7 +122,7 @@ def remove(refs: tuple[str, ...]) -> None:
     service = _service()
     for ref in refs:
         service.remove(ref)
-        err_console.print(f"removed {ref}")
+        _say(f"removed {ref}")
 
 
 @image.command()
@@ -142,7 +153,7 @@ def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: boo
         if created:
             shutil.rmtree(directory, ignore_errors=True)
         raise
-    err_console.print(
+    _say(
         f"unpacked {img.reference} into {directory} ({stats.layers} layers, {stats.entries} entries)"
     )
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ember.cli.common import err_console, home_from_ctx
+from ember.cli.common import home_from_ctx
 from ember.errors import UsageError
 from ember.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST
 from ember.registry.client import CredentialStore, RegistryClient
@@ -53,7 +53,7 @@ def login(
     ) as client:
         client.ping()
     CredentialStore(home_from_ctx().credentials).save(host, creds)
-    err_console.print(f"logged in to {host} as {username}")
+    click.echo(f"logged in to {host} as {username}", err=True)
 
 
 @registry.command()
@@ -62,9 +62,9 @@ def logout(host: str) -> None:
     """Forget the stored credentials for HOST."""
     host = _normalise_host(host)
     if CredentialStore(home_from_ctx().credentials).remove(host):
-        err_console.print(f"logged out of {host}")
+        click.echo(f"logged out of {host}", err=True)
     else:
-        err_console.print(f"no stored credentials for {host}")
+        click.echo(f"no stored credentials for {host}", err=True)
 
 
 commands: list[click.Command] = [registry]

@@ -1,0 +1,150 @@
+"""The image and registry commands, run as a user runs them: the installed ``ember`` program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import layout_ref, push_layout
+from tests.support.registry import Registry, free_port
+
+pytestmark = pytest.mark.integration
+
+EMBER = str(Path(sys.executable).with_name("ember"))
+
+
+def ember(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMBER_HOME": str(home), "DOCKER_CONFIG": str(home / "no-docker")}
+    return subprocess.run(
+        [EMBER, *args], capture_output=True, text=True, env=env, input=stdin, timeout=300
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ember: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_pull_ls_inspect_unpack_rm(
+    tmp_path: Path, registry: Registry, busybox_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    ref = push_layout(busybox_layout, registry, "cli/busybox")
+    pulled = ember(home, "image", "pull", ref)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.startswith(f"{ref}@sha256:")
+    assert pulled.stderr == f"pulled {ref} (linux/amd64, 1 layer)\n"  # no progress: not a terminal
+
+    listed = ember(home, "image", "ls", "--json")
+    records = json.loads(listed.stdout)
+    assert [r["reference"] for r in records] == [ref]
+    assert records[0]["platform"] == "linux/amd64"
+    table = ember(home, "image", "ls")
+    assert "REFERENCE" in table.stdout and "cli/busybox" in table.stdout
+
+    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)
+    assert inspected["manifest_digest"] == pulled.stdout.strip().split("@")[1]
+    assert inspected["platform"] == "linux/amd64"
+    assert inspected["config"]["cmd"] == ["/bin/sh", "-c", "echo hello from busybox"]
+    assert len(inspected["layers"]) == 1 and inspected["layers"][0]["diff_id"].startswith("sha256:")
+
+    root = tmp_path / "root"
+    unpacked = ember(home, "image", "unpack", ref, str(root))
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert (root / "bin" / "busybox").is_file()
+    assert_one_line_error(ember(home, "image", "unpack", ref, str(root)), "not empty")
+
+    assert ember(home, "image", "rm", ref).returncode == 0
+    assert json.loads(ember(home, "image", "ls", "--json").stdout) == []
+    assert_one_line_error(ember(home, "image", "inspect", ref), "not in the local store")
+
+
+def test_unpack_pulls_local_source(tmp_path: Path, busybox_layout: Path) -> None:
+    root = tmp_path / "new" / "root"
+    result = ember(tmp_path / "home", "image", "unpack", layout_ref(busybox_layout), str(root))
+    assert result.returncode == 0, result.stderr
+    assert (root / "etc" / "passwd").is_file()
+
+
+def test_user_errors_are_one_line(
+    tmp_path: Path, registry: Registry, auth_registry: Registry, busybox_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    assert_one_line_error(ember(home, "image", "pull", "Not/Valid"), "lowercase")
+    assert_one_line_error(ember(home, "image", "pull", "a:b:c"), "invalid")
+    assert_one_line_error(
+        ember(home, "image", "pull", f"127.0.0.1:{free_port()}/x/y"), "cannot reach registry"
+    )
+    push_layout(busybox_layout, registry, "cli/known")
+    assert_one_line_error(
+        ember(home, "image", "pull", f"{registry.host}/cli/known:nope"), "not found"
+    )
+    assert_one_line_error(
+        ember(home, "image", "pull", "--platform", "linux/s390x", f"{registry.host}/cli/known"),
+        "linux/amd64",
+    )
+    assert_one_line_error(
+        ember(home, "image", "pull", "--platform", "a/b/c/d", "x"), "invalid platform"
+    )
+    private = push_layout(busybox_layout, auth_registry, "cli/private")
+    assert_one_line_error(
+        ember(home, "image", "pull", private), "requires authentication", "ember registry login"
+    )
+    assert_one_line_error(ember(home, "image", "rm", "nothing-here"), "not in the local store")
+    assert_one_line_error(
+        ember(home, "image", "pull", f"oci:{tmp_path}"), "not an OCI image layout"
+    )
+    assert_one_line_error(
+        ember(home, "image", "pull", f"docker-archive:{tmp_path}/none.tar"), "does not exist"
+    )
+
+
+def test_registry_login_logout(
+    tmp_path: Path, auth_registry: Registry, busybox_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    host = auth_registry.host
+    private = push_layout(busybox_layout, auth_registry, "cli/login")
+    wrong = ember(
+        home,
+        "registry",
+        "login",
+        host,
+        "-u",
+        auth_registry.username or "",
+        "--password-stdin",
+        stdin="nope\n",
+    )
+    assert_one_line_error(wrong, "refused the credentials")
+    assert not (home / "credentials.json").exists()
+
+    ok = ember(
+        home,
+        "registry",
+        "login",
+        host,
+        "-u",
+        auth_registry.username or "",
+        "--password-stdin",
+        stdin=f"{auth_registry.password}\n",
+    )
+    assert ok.returncode == 0, ok.stderr
+    creds = home / "credentials.json"
+    assert creds.stat().st_mode & 0o777 == 0o600
+    assert auth_registry.password not in creds.read_text()  # base64, as Docker stores it
+    assert ember(home, "image", "pull", private).returncode == 0
+
+    out = ember(home, "registry", "logout", host)
+    assert out.returncode == 0 and "logged out" in out.stderr
+    assert host not in json.loads(creds.read_text())["auths"]
+    assert_one_line_error(ember(home, "image", "pull", private), "requires authentication")

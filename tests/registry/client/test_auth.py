@@ -1,0 +1,125 @@
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from ember.registry.client.auth import TokenCache, parse_challenges, pull_scope
+from ember.registry.client.client import _content_range_start, uses_plain_http
+from ember.registry.client.credentials import Credentials, CredentialStore
+from ember.registry.client.errors import CredentialsError
+
+
+def test_parse_bearer_challenge() -> None:
+    [c] = parse_challenges(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/debian:pull,push"'
+    )
+    assert c.scheme == "bearer"
+    assert c.realm == "https://auth.docker.io/token"
+    assert c.params["service"] == "registry.docker.io"
+    assert c.params["scope"] == "repository:library/debian:pull,push"
+
+
+def test_parse_basic_and_several() -> None:
+    cs = parse_challenges(
+        'Basic realm="Registry Realm", Bearer realm="https://x/t", error="invalid_token"'
+    )
+    assert [c.scheme for c in cs] == ["basic", "bearer"]
+    assert cs[0].realm == "Registry Realm"
+    assert cs[1].params["error"] == "invalid_token"
+
+
+def test_parse_tolerates_junk() -> None:
+    assert parse_challenges("") == []
+    assert parse_challenges("   ") == []
+    assert parse_challenges('Bearer realm="a\\"b"')[0].realm == 'a"b'
+    assert parse_challenges("Bearer realm=unquoted,service=s")[0].params == {
+        "realm": "unquoted",
+        "service": "s",
+    }
+    for junk in ['"', "=", "Bearer ===", 'Bearer realm="unterminated', "\x00\x01"]:
+        parse_challenges(junk)  # never raises
+
+
+def test_token_cache_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = TokenCache()
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    cache.put("r", "s", pull_scope("a/b"), "tok", 60)
+    assert cache.get("r", "s", "repository:a/b:pull") == "tok"
+    assert cache.get("r", "s", "repository:other:pull") is None
+    now[0] += 49
+    assert cache.get("r", "s", "repository:a/b:pull") == "tok"
+    now[0] += 2  # inside the safety margin before expiry
+    assert cache.get("r", "s", "repository:a/b:pull") is None
+    cache.put("r", "s", "x", "t2", None)  # default lifetime
+    assert cache.get("r", "s", "x") == "t2"
+    cache.drop("r", "s", "x")
+    assert cache.get("r", "s", "x") is None
+
+
+@pytest.mark.parametrize(
+    ("host", "plain"),
+    [
+        ("localhost", True),
+        ("localhost:5000", True),
+        ("127.0.0.1:5000", True),
+        ("127.1.2.3", True),
+        ("[::1]:5000", True),
+        ("registry.localhost:80", True),
+        ("docker.io", False),
+        ("10.0.0.1:5000", False),
+        ("localhost.example.com", False),
+        ("[::2]:5000", False),
+    ],
+)
+def test_plain_http_only_for_loopback(host: str, plain: bool) -> None:
+    assert uses_plain_http(host) is plain
+
+
+def test_content_range() -> None:
+    assert _content_range_start("bytes 100-199/200") == 100
+    assert _content_range_start("bytes */200") is None
+    assert _content_range_start("items 1-2/3") is None
+
+
+def test_credential_store(tmp_path: Path) -> None:
+    docker = tmp_path / "docker.json"
+    store = CredentialStore(tmp_path / "home" / "credentials.json", docker_config=docker)
+    assert store.lookup("example.org") is None
+    store.save("Example.org:5000", Credentials("u", "p:with:colons"))
+    assert store.path.stat().st_mode & 0o777 == 0o600
+    assert store.lookup("example.org:5000") == Credentials("u", "p:with:colons")
+    assert "p:with" not in repr(store.lookup("example.org:5000"))
+    auth = base64.b64encode(b"hub:pw").decode()
+    docker.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": auth},
+                    "https://other.io": {"username": "o", "password": "q"},
+                    "broken.io": {"auth": "!!!"},
+                }
+            }
+        )
+    )
+    assert store.lookup("docker.io") == Credentials("hub", "pw")
+    assert store.lookup("other.io") == Credentials("o", "q")
+    with pytest.raises(CredentialsError):
+        store.lookup("broken.io")
+    # ember's own file wins over Docker's
+    store.save("other.io", Credentials("mine", "x"))
+    assert store.lookup("other.io") == Credentials("mine", "x")
+    assert store.remove("other.io") and not store.remove("other.io")
+    assert store.lookup("other.io") == Credentials("o", "q")
+    with pytest.raises(CredentialsError):
+        store.save("h", Credentials("a:b", "c"))
+
+
+def test_credential_store_bad_file(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    path.write_text("{not json")
+    with pytest.raises(CredentialsError, match="cannot read"):
+        CredentialStore(path, docker_config=tmp_path / "none").lookup("x")
