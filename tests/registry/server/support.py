@@ -19,6 +19,10 @@ import httpx
 from tests.support.registry import free_port
 
 EMBER = str(Path(sys.executable).with_name("ember"))
+
+#: plain HTTP on loopback: no proxies or CA bundles from the environment
+CLIENT_OPTIONS: dict[str, object] = {"trust_env": False, "verify": False, "timeout": 60}
+http = httpx.Client(**CLIENT_OPTIONS)  # type: ignore[arg-type]
 START_TIMEOUT = 30.0
 
 
@@ -91,7 +95,7 @@ class EmberServer:
             if self.process.poll() is not None:
                 return False
             try:
-                if httpx.get(f"{self.url}/v2/", timeout=2).status_code == 401:
+                if http.get(f"{self.url}/v2/", timeout=2).status_code == 401:
                     return True
             except httpx.TransportError:
                 pass
@@ -147,13 +151,15 @@ class Tenant:
 
     def client(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.server.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60
+            base_url=self.server.url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            **CLIENT_OPTIONS,  # type: ignore[arg-type]
         )
 
     def registry_token(self, *scopes: str) -> str:
         """A short-lived token from /token via basic auth, as docker/podman get it."""
         basic = base64.b64encode(f"someone:{self.token}".encode()).decode()
-        r = httpx.get(
+        r = http.get(
             f"{self.server.url}/token",
             params=[("service", "ember")] + [("scope", s) for s in scopes],
             headers={"Authorization": f"Basic {basic}"},

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 
-import httpx
 import pytest
 
 from tests.registry.server.support import (
@@ -15,6 +14,7 @@ from tests.registry.server.support import (
     OCI_MANIFEST,
     Tenant,
     at,
+    http,
     image_manifest,
     push_blob,
     push_image,
@@ -27,26 +27,26 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 def test_base_endpoint_challenge_and_token_flow(acme: Tenant) -> None:
-    r = httpx.get(f"{acme.server.url}/v2/")
+    r = http.get(f"{acme.server.url}/v2/")
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == f'Bearer realm="{acme.server.url}/token",service="ember"'
     assert r.json()["errors"][0]["code"] == "UNAUTHORIZED"
     token = acme.registry_token()
-    r = httpx.get(f"{acme.server.url}/v2/", headers={"Authorization": f"Bearer {token}"})
+    r = http.get(f"{acme.server.url}/v2/", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200
     assert r.headers["docker-distribution-api-version"] == "registry/2.0"
     # the ember token itself is accepted as a bearer token, and as basic auth
     with acme.client() as c:
         assert c.get("/v2/").status_code == 200
-    assert httpx.get(f"{acme.server.url}/v2/", auth=("u", acme.token)).status_code == 200
-    assert httpx.get(f"{acme.server.url}/v2/", auth=("u", "ember_nope")).status_code == 401
+    assert http.get(f"{acme.server.url}/v2/", auth=("u", acme.token)).status_code == 200
+    assert http.get(f"{acme.server.url}/v2/", auth=("u", "ember_nope")).status_code == 401
 
 
 def test_token_endpoint_grants_only_what_is_held(acme_pusher: Tenant) -> None:
     url = f"{acme_pusher.server.url}/token"
-    assert httpx.get(url, params={"scope": "repository:x:pull"}).status_code == 401
-    assert httpx.get(url, auth=("u", "wrong")).status_code == 401
-    r = httpx.get(
+    assert http.get(url, params={"scope": "repository:x:pull"}).status_code == 401
+    assert http.get(url, auth=("u", "wrong")).status_code == 401
+    r = http.get(
         url,
         params=[("service", "ember"), ("scope", "repository:web:pull,push,delete"), ("scope", "repository:other:pull")],
         auth=("u", acme_pusher.token),
@@ -59,7 +59,7 @@ def test_token_endpoint_grants_only_what_is_held(acme_pusher: Tenant) -> None:
     access = {a["name"]: sorted(a["actions"]) for a in claims["access"]}
     assert access == {"acme/web": ["pull", "push"], "acme/other": ["pull"]}
     # OAuth2 password grant (POST form) as well
-    r = httpx.post(url, data={"grant_type": "password", "username": "u", "password": acme_pusher.token,
+    r = http.post(url, data={"grant_type": "password", "username": "u", "password": acme_pusher.token,
                               "scope": "repository:web:pull", "service": "ember"})
     assert r.status_code == 200 and r.json()["access_token"]
 
@@ -67,12 +67,12 @@ def test_token_endpoint_grants_only_what_is_held(acme_pusher: Tenant) -> None:
 def test_insufficient_scope_challenge(acme: Tenant) -> None:
     token = acme.registry_token("repository:scoped:pull")
     h = {"Authorization": f"Bearer {token}"}
-    r = httpx.post(f"{acme.server.url}/v2/scoped/blobs/uploads/", headers=h)
+    r = http.post(f"{acme.server.url}/v2/scoped/blobs/uploads/", headers=h)
     assert r.status_code == 401
     assert 'scope="repository:scoped:pull,push"' in r.headers["www-authenticate"]
     assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
     token = acme.registry_token("repository:scoped:pull,push")
-    r = httpx.post(f"{acme.server.url}/v2/scoped/blobs/uploads/", headers={"Authorization": f"Bearer {token}"})
+    r = http.post(f"{acme.server.url}/v2/scoped/blobs/uploads/", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 202
 
 

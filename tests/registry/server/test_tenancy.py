@@ -9,7 +9,6 @@ import os
 import socket
 import time
 
-import httpx
 import pytest
 
 from tests.registry.server.support import (
@@ -18,6 +17,7 @@ from tests.registry.server.support import (
     Tenant,
     at,
     ember,
+    http,
     push_blob,
     push_image,
     sha256,
@@ -79,11 +79,11 @@ def test_mount_needs_pull_on_source(acme: Tenant) -> None:
         digest = push_blob(c, "mount-private", os.urandom(300))
     token = acme.registry_token("repository:mount-target:pull,push")
     h = {"Authorization": f"Bearer {token}"}
-    r = httpx.post(f"{acme.server.url}/v2/mount-target/blobs/uploads/",
+    r = http.post(f"{acme.server.url}/v2/mount-target/blobs/uploads/",
                    params={"mount": digest, "from": "mount-private"}, headers=h)
     assert r.status_code == 202
     token = acme.registry_token("repository:mount-target:pull,push", "repository:mount-private:pull")
-    r = httpx.post(f"{acme.server.url}/v2/mount-target/blobs/uploads/",
+    r = http.post(f"{acme.server.url}/v2/mount-target/blobs/uploads/",
                    params={"mount": digest, "from": "mount-private"}, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 201
 
@@ -195,7 +195,7 @@ def test_unsigned_foreign_and_expired_registry_tokens(acme: Tenant, secret_image
     real = acme.registry_token("repository:web:pull")
     header, payload, sig = real.split(".")
     url = f"{acme.server.url}/v2/web/manifests/1"
-    assert httpx.get(url, headers={"Authorization": f"Bearer {real}"}).status_code == 200
+    assert http.get(url, headers={"Authorization": f"Bearer {real}"}).status_code == 200
 
     def b64(obj: object) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
@@ -218,7 +218,7 @@ def test_unsigned_foreign_and_expired_registry_tokens(acme: Tenant, secret_image
     expired_claims = dict(claims, exp=int(time.time()) - 3600)
     candidates["expired (re-signed with a foreign key)"] = f"{header}.{b64(expired_claims)}.{sig}"
     for name, token in candidates.items():
-        r = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
+        r = http.get(url, headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401, name
         assert 'error="invalid_token"' in r.headers["www-authenticate"], name
 
@@ -233,7 +233,7 @@ def test_push_only_token_cannot_delete(acme: Tenant, acme_pusher: Tenant, secret
             assert r.json()["errors"][0]["code"] == "DENIED"
     # through the token flow: the delete action is simply not granted
     token = acme_pusher.registry_token("repository:web:pull,push,delete")
-    r = httpx.delete(f"{acme.server.url}/v2/web/manifests/1", headers={"Authorization": f"Bearer {token}"})
+    r = http.delete(f"{acme.server.url}/v2/web/manifests/1", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401 and 'error="insufficient_scope"' in r.headers["www-authenticate"]
     with acme.client() as c:
         assert c.get("/v2/web/manifests/1").status_code == 200
@@ -244,6 +244,6 @@ def test_revoked_token(server: EmberServer) -> None:
     token_id = ember(server.home, "admin", "token", "ls", "--org", "acme", "--json").stdout
     ids = [t["id"] for t in json.loads(token_id) if t["name"] == "short-lived"]
     ember(server.home, "admin", "token", "revoke", ids[0])
-    assert httpx.get(f"{server.url}/v2/", headers={"Authorization": f"Bearer {token}"}).status_code == 401
-    assert httpx.get(f"{server.url}/token", auth=("x", token)).status_code == 401
+    assert http.get(f"{server.url}/v2/", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert http.get(f"{server.url}/token", auth=("x", token)).status_code == 401
     assert ember(server.home, "admin", "token", "revoke", ids[0], check=False).returncode != 0
