@@ -413,7 +413,9 @@ class Snapshotter:
                 if lock is None:
                     continue
                 try:
-                    if entry.startswith(".new-") or self._abandoned(d):
+                    if not entry.startswith(".new-") and (name := self._interrupted_commit(d)):
+                        done.append(f"completed the commit of {name}")
+                    elif entry.startswith(".new-") or self._abandoned(d):
                         self._discard(d)
                         done.append(f"discarded half-built snapshot {names.decode(entry)}")
                 finally:
@@ -432,9 +434,30 @@ class Snapshotter:
             log.info("recovery: %s", line)
         return done
 
+    def _interrupted_commit(self, d: Path) -> str | None:
+        """Finish a commit killed between its metadata write and its rename.
+
+        By then the disk was complete, checked and fsync'ed (commit writes the
+        new metadata last), so rolling forward loses nothing.
+        """
+        try:
+            meta = self._meta(d)
+        except (FileNotFoundError, SnapshotError):
+            return None
+        if meta.kind is not Kind.COMMITTED:
+            return None
+        target = self.committed_dir / names.encode(meta.key)
+        if target.exists():
+            return None  # someone committed that name meanwhile: this one is garbage
+        os.rename(d, target)
+        fsync_dir(self.active_dir)
+        fsync_dir(self.committed_dir)
+        return meta.key
+
     def _abandoned(self, d: Path) -> bool:
         try:
-            return self._meta(d).transient
+            meta = self._meta(d)
+            return meta.transient or meta.kind is Kind.COMMITTED
         except (FileNotFoundError, SnapshotError):
             return True  # an active directory without readable metadata is garbage
 

@@ -1,0 +1,160 @@
+"""kill -9 in the middle of a layer build or a commit; the next run cleans up and succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots import Kind, Snapshotter
+from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
+from tests.snapshots.leaks import ours
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Prepares an image made by imagekit.  argv: home, image.json, mode, marker file.
+# The modes instrument the child (never ember itself) to stop at a chosen point:
+#   during-apply  write the marker, then apply the (big) layer: killed while applying
+#   after-apply   apply, write the marker, hang: killed with the layer applied, still mounted
+#   commit        hang in the rename that publishes a committed snapshot: killed mid-commit
+_CHILD = """
+import json, logging, os, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from ember.home import Home
+from ember.images.service import build_image
+from ember.oci.config import parse_config
+from ember.oci.digest import Digest
+from ember.oci.manifest import parse_manifest
+from ember.store.content import ContentStore
+import ember.unpack
+from ember.snapshots.chain import prepare_image
+
+home = Home(Path(sys.argv[1]))
+args = json.load(open(sys.argv[2]))
+mode, marker = sys.argv[3], Path(sys.argv[4])
+store = ContentStore(home.content)
+md, cd = Digest.parse(args["manifest"]), Digest.parse(args["config"])
+image = build_image(args["reference"], md, parse_manifest(store.read_bytes(md)), cd,
+                    parse_config(store.read_bytes(cd)))
+real_apply, real_rename = ember.unpack.apply_layer, os.rename
+target = args["target"]
+
+def apply_layer(root, blob, media_type, diff_id=None):
+    if mode == "during-apply" and str(diff_id) == target:
+        marker.write_text("applying")
+    stats = real_apply(root, blob, media_type, diff_id)
+    if mode == "after-apply" and str(diff_id) == target:
+        marker.write_text("applied")
+        time.sleep(3600)
+    return stats
+
+def rename(src, dst, *a, **kw):
+    if mode == "commit" and Path(dst).parent.name == "committed" and target in str(dst):
+        marker.write_text("committing")
+        time.sleep(3600)
+    return real_rename(src, dst, *a, **kw)
+
+ember.unpack.apply_layer = apply_layer
+os.rename = rename
+p = prepare_image(home, image)
+print(json.dumps({"built": list(p.built), "path": str(p.path), "snapshot": p.snapshot}))
+"""
+
+
+def _spawn(
+    home: Home, tmp: Path, args: dict[str, str], mode: str
+) -> tuple[subprocess.Popen[str], Path]:
+    script = tmp / "child.py"
+    script.write_text(_CHILD)
+    (tmp / "image.json").write_text(json.dumps(args))
+    marker = tmp / f"marker-{mode}"
+    marker.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(home.root), str(tmp / "image.json"), mode, str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        text=True,
+    )
+    return proc, marker
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen[str]) -> None:
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"child ended before the marker: {proc.communicate()[1]}")
+        time.sleep(0.01)
+
+
+def _image(home: Home) -> tuple[object, dict[str, str]]:
+    big = LayerSpec(
+        [Entry("big"), Entry("big/data", random_size=96 << 20, seed=7), Entry("big/small", b"s")]
+    )
+    image = make_image(home, [*base_layers(), big])
+    args = {
+        "reference": image.reference,
+        "manifest": str(image.manifest_digest),
+        "config": str(image.config_digest),
+        "target": str(image.layers[-1].diff_id),
+    }
+    return image, args
+
+
+@pytest.mark.parametrize("mode", ["during-apply", "after-apply", "commit"])
+def test_kill_mid_build_then_next_run_recovers(home: Home, tmp_path: Path, mode: str) -> None:
+    image, args = _image(home)
+    top = str(image.layers[-1].chain_id)  # type: ignore[attr-defined]
+    lower = [str(layer.chain_id) for layer in image.layers[:-1]]  # type: ignore[attr-defined]
+
+    proc, marker = _spawn(
+        home, tmp_path, {**args, "target": args["target"] if mode != "commit" else top}, mode
+    )
+    _wait_for(marker, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+    snap = Snapshotter(home, recover=False)
+    assert not snap.is_committed(top)  # nothing incomplete was ever committed
+    assert all(snap.is_committed(name) for name in lower)
+    leftovers = [s.name for s in snap.list() if s.kind is Kind.ACTIVE]
+    assert len(leftovers) == 1 and leftovers[0].startswith(f"build/{top}/")
+    mounts, _loops = ours(snap.pool.mnt)
+    if mode == "after-apply":
+        assert mounts, "the killed builder had the snapshot mounted"
+    if mode == "commit":
+        assert not mounts
+
+    # the next run: a fresh process recovers, then builds the top layer once
+    proc2, _ = _spawn(home, tmp_path, args, "none")
+    out, err = proc2.communicate(timeout=300)
+    assert proc2.returncode == 0, err
+    result = json.loads(out)
+    assert result["snapshot"] == top
+    if mode == "commit":
+        # the disk was complete and synced before the commit began: recovery finishes it
+        assert f"completed the commit of {top}" in err and result["built"] == []
+    else:
+        assert "discarded half-built snapshot" in err and result["built"] == [top]
+    if mounts:
+        assert "unmounted" in err
+
+    snap = Snapshotter(home, recover=False)
+    assert not [s.name for s in snap.list() if s.transient]
+    assert not list(snap.active_dir.iterdir())
+    mounts, loops = ours(snap.pool.root)
+    assert mounts == [] and loops == [], (mounts, loops)
+    subprocess.run(["e2fsck", "-fn", result["path"]], check=True, capture_output=True)
+    with snap.mount(top) as root:
+        assert (root / "big/small").read_bytes() == b"s"
+        assert (root / "big/data").stat().st_size == 96 << 20
+        assert (root / "etc/motd").read_text() == "hello\n"

@@ -1,0 +1,100 @@
+"""Leases and mark-and-sweep GC over real snapshots, images and content."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.images import ImageService
+from ember.snapshots import Snapshotter
+from ember.snapshots.chain import clone_root_disk, prepare_image
+from ember.snapshots.errors import LeaseError, LeaseNotFound
+from ember.snapshots.gc import collect
+from ember.store.content import ContentStore
+from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+
+def test_leases_create_add_expire_delete(home: Home) -> None:
+    leases = Snapshotter(home).leases
+    lease = leases.create("op/1", ttl=3600, snapshots=["a"], content=["sha256:" + "1" * 64])
+    assert lease.expires is not None and not lease.expired()
+    leases.add("op/1", snapshots=["b", "a"])
+    assert leases.get("op/1").snapshots == ("a", "b")
+    with pytest.raises(LeaseError, match="exists"):
+        leases.create("op/1")
+    leases.create("op/1", exist_ok=True, snapshots=["c"])
+    assert leases.get("op/1").snapshots == ("a", "b", "c")
+    leases.discard("op/1", snapshots=["b"])
+    assert leases.get("op/1").snapshots == ("a", "c")
+    short = leases.create("op/2", ttl=0.01)
+    time.sleep(0.05)
+    assert short.expired()
+    with pytest.raises(LeaseError, match="expired"):
+        leases.add("op/2", snapshots=["x"])
+    assert leases.delete("op/1") and not leases.delete("op/1")
+    with pytest.raises(LeaseNotFound):
+        leases.get("op/1")
+    with leases.temporary("prepare", ttl=60) as tmp:
+        assert leases.get(tmp.name).name == tmp.name
+    assert [x.name for x in leases.list()] == ["op/2"]
+
+
+def test_gc_keeps_what_images_and_leases_need(home: Home, busybox_layout: Path) -> None:
+    service = ImageService(home)
+    kept_image = service.pull(f"oci:{busybox_layout}:latest", progress=False)
+    kept = prepare_image(home, kept_image)
+    # an image that is then forgotten by the image table: its snapshots and blobs are garbage
+    gone = make_image(home, [*base_layers(), LayerSpec([Entry("gone", b"1" * 100000)])])
+    gone_prepared = prepare_image(home, gone)
+    # a machine disk (leased), a stray active snapshot (no lease), an expired lease
+    machine_image = make_image(home, [LayerSpec([Entry("m", b"m")])], "test/machine:1")
+    clone_root_disk(home, machine_image, "vm1")
+    snap = Snapshotter(home)
+    snap.prepare("stray", kept.snapshot)
+    snap.leases.create("old", ttl=0.001, snapshots=[gone_prepared.snapshot])
+    time.sleep(0.01)
+    # a snapshot being built right now (its lock held) is never collected
+    _active, busy = snap.prepare_held("build/busy", None)
+    try:
+        dry = collect(home, dry_run=True)
+        assert snap.exists("stray") and "stray" in dry.snapshots
+        report = collect(home)
+    finally:
+        busy.release()
+
+    left = {s.name for s in snap.list()}
+    assert kept.snapshot in left
+    assert "machine/vm1" in left and str(machine_image.layers[-1].chain_id) in left
+    assert "stray" not in left and gone_prepared.snapshot not in left
+    assert not any(str(layer.chain_id) in left for layer in gone.layers)
+    assert "build/busy" in left and "build/busy" in report.skipped
+    assert report.leases == ["old"]
+    assert report.snapshot_bytes > 0
+
+    store = ContentStore(home.content)
+    assert all(store.exists(layer.digest) for layer in kept_image.layers)
+    assert store.exists(kept_image.manifest_digest) and store.exists(kept_image.config_digest)
+    assert not any(store.exists(layer.digest) for layer in gone.layers[-1:])
+    assert str(gone.manifest_digest) in report.content and report.content_bytes > 0
+
+    # nothing else to collect; the abandoned build goes once its lock is free
+    second = collect(home)
+    assert second.snapshots == ["build/busy"] and second.content == []
+    assert prepare_image(home, kept_image).built == ()
+
+
+def test_gc_never_removes_a_chain_a_prepare_is_building(home: Home) -> None:
+    """A prepare's temporary lease protects the lower layers it has already committed."""
+    image = make_image(home, base_layers())
+    snap = Snapshotter(home)
+    chain = [str(layer.chain_id) for layer in image.layers]
+    with snap.leases.temporary("prepare/test", ttl=600, snapshots=chain):
+        prepare_image(home, make_image(home, base_layers()[:1], "test/lower:1"))
+        report = collect(home)
+        assert chain[0] not in report.snapshots and snap.is_committed(chain[0])
+    assert chain[0] in collect(home).snapshots
