@@ -1,0 +1,120 @@
+"""Which accelerator to use: KVM when it actually boots a guest, else TCG.
+
+Some hosts have a ``/dev/kvm`` that cannot run a standard kernel (this project's
+machines only run PVM guest kernels: a normal kernel hangs with no output).  So
+the only trustworthy test is a boot: the guest kernel with no initrd and
+``panic=-1`` panics on the missing root file system and QEMU (``-no-reboot``)
+exits; under a working KVM that takes well under a second.  The answer is cached
+in ``$EMBER_HOME/accel.json`` per (host boot, kernel), so the probe runs once.
+``EMBER_ACCEL=kvm|tcg`` skips the probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ember.fsutil import atomic_write
+from ember.home import Home
+from ember.vm.vmm.base import ACCELS
+from ember.vm.vmm.errors import VMMError
+from ember.vm.vmm.qemu import find_qemu
+
+PROBE_TIMEOUT = 10.0
+_MARKER = b"Linux version"
+
+
+def cache_path(home: Home) -> Path:
+    return home.root / "accel.json"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def cache_key(kernel: Path) -> str:
+    st = kernel.stat()
+    return f"{_boot_id()}:{kernel.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def kvm_usable_device() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def probe_kvm(kernel: Path, workdir: Path, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Boot ``kernel`` under KVM to a root-fs panic; True if that completed in time."""
+    console = workdir / "probe-console.log"
+    argv = [
+        find_qemu(), "-M", "microvm,x-option-roms=off", "-accel", "kvm", "-cpu", "host",
+        "-m", "128", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+        "-no-reboot", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
+        "-serial", f"file:{console}",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    except OSError as e:
+        raise VMMError(f"cannot run {argv[0]}: {e}") from e
+    try:
+        out = console.read_bytes()
+    except OSError:
+        return False
+    return proc.returncode == 0 and _MARKER in out
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and v in ACCELS}
+
+
+def detect_accel(home: Home, kernel: Path | None = None, *, quiet: bool = False) -> str:
+    """``"kvm"`` or ``"tcg"`` for booting ``kernel`` (default: the installed kernel)."""
+    forced = os.environ.get("EMBER_ACCEL")
+    if forced:
+        if forced not in ACCELS:
+            raise VMMError(f"EMBER_ACCEL must be one of {', '.join(ACCELS)}, not {forced!r}")
+        return forced
+    if not kvm_usable_device():
+        if not quiet:
+            print("ember: /dev/kvm is not available: using TCG (software emulation, slower)",
+                  file=sys.stderr)  # fmt: skip
+        return "tcg"
+    if kernel is None:
+        from ember.vm.kernel import find_kernel
+
+        kernel = find_kernel(home).vmlinux
+    path = cache_path(home)
+    key = cache_key(kernel)
+    cached = _read_cache(path)
+    if key in cached:
+        return cached[key]
+    home.run.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home.run, prefix="accel-probe-") as tmp:
+        accel = "kvm" if probe_kvm(kernel, Path(tmp)) else "tcg"
+    if accel == "tcg" and not quiet:
+        print("ember: /dev/kvm does not boot this kernel (probe timed out): using TCG "
+              "(software emulation, slower)", file=sys.stderr)  # fmt: skip
+    cached = {k: v for k, v in _read_cache(path).items() if k.startswith(_boot_id())}
+    cached[key] = accel
+    atomic_write(path, json.dumps(cached, indent=1).encode())
+    return accel

@@ -1,0 +1,40 @@
+"""Accelerator choice: the env override, the cache, and one real probe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.vm.kernel import KernelInfo
+from ember.vm.vmm.accel import cache_key, cache_path, detect_accel, kvm_usable_device
+from ember.vm.vmm.errors import VMMError
+
+
+def test_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EMBER_ACCEL", "tcg")
+    assert detect_accel(Home(tmp_path), Path("/nonexistent")) == "tcg"
+    monkeypatch.setenv("EMBER_ACCEL", "hvf")
+    with pytest.raises(VMMError, match="EMBER_ACCEL"):
+        detect_accel(Home(tmp_path), Path("/nonexistent"))
+
+
+@pytest.mark.vm
+def test_probe_once_then_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kernel: KernelInfo
+) -> None:
+    monkeypatch.delenv("EMBER_ACCEL", raising=False)
+    home = Home(tmp_path)
+    first = detect_accel(home, kernel.vmlinux, quiet=True)
+    assert first in ("kvm", "tcg")
+    if not kvm_usable_device():
+        assert first == "tcg"
+        return
+    key = cache_key(kernel.vmlinux)
+    assert json.loads(cache_path(home).read_text()) == {key: first}
+    # the cached answer is used as is: plant the other one and see it come back
+    other = "kvm" if first == "tcg" else "tcg"
+    cache_path(home).write_text(json.dumps({key: other}))
+    assert detect_accel(home, kernel.vmlinux, quiet=True) == other

@@ -1,0 +1,119 @@
+"""The QEMU command line, rendered without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ember.vm.vmm.base import Channels, Disk, Nic, VMSpec
+from ember.vm.vmm.errors import VMMError
+from ember.vm.vmm.qemu import PORT_CONTROL, PORT_STATUS, PORT_STDERR, PORT_STDOUT, qemu_argv
+
+
+def spec(tmp: Path = Path("/m"), **kw: object) -> VMSpec:
+    base: dict[str, object] = dict(
+        name="abc",
+        kernel=Path("/k/vmlinux"),
+        initrd=Path("/m/initrd.img"),
+        channels=Channels.in_dir(tmp),
+        memory_mib=256,
+        cpus=2,
+        disks=(Disk(Path("/m/root.img")),),
+        nics=(Nic("em-abc", "02:00:ac:1e:00:02"),),
+    )
+    base.update(kw)
+    return VMSpec(**base)  # type: ignore[arg-type]
+
+
+def opt_values(argv: list[str], opt: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == opt]
+
+
+def test_tcg_elf_uses_cpu_max_and_skips_tsc_calibration() -> None:
+    argv = qemu_argv(spec(), tsc_khz=2600000)
+    assert opt_values(argv, "-accel") == ["tcg"]
+    assert opt_values(argv, "-cpu") == ["max"]
+    (append,) = opt_values(argv, "-append")
+    assert "console=ttyS0" in append.split()
+    assert "panic=-1" in append.split()
+    assert "tsc_early_khz=2600000" in append.split()
+    assert "-no-reboot" in argv
+    assert opt_values(argv, "-M")[0].startswith("microvm")
+    assert opt_values(argv, "-m") == ["256"] and opt_values(argv, "-smp") == ["2"]
+    assert opt_values(argv, "-kernel") == ["/k/vmlinux"]
+    assert opt_values(argv, "-initrd") == ["/m/initrd.img"]
+
+
+def test_tcg_bzimage_gets_default_cpu_model() -> None:
+    argv = qemu_argv(spec(), kernel_is_elf=False)
+    assert opt_values(argv, "-cpu") == ["qemu64"]
+
+
+def test_kvm_uses_host_cpu_and_no_tsc_hint() -> None:
+    argv = qemu_argv(spec(accel="kvm"), tsc_khz=2600000, vhost=True)
+    assert opt_values(argv, "-accel") == ["kvm"]
+    assert opt_values(argv, "-cpu") == ["host"]
+    assert "tsc_early_khz" not in opt_values(argv, "-append")[0]
+    assert opt_values(argv, "-netdev")[0].endswith(",vhost=on")
+
+
+def test_devices_are_virtio_mmio() -> None:
+    argv = qemu_argv(spec())
+    devices = opt_values(argv, "-device")
+    assert "virtio-blk-device,drive=disk0" in devices
+    assert "virtio-net-device,netdev=net0,mac=02:00:ac:1e:00:02" in devices
+    assert "virtio-serial-device,max_ports=8" in devices
+    assert not [d for d in devices if "pci" in d]
+    (drive,) = opt_values(argv, "-drive")
+    assert drive.startswith("id=disk0,file=/m/root.img,format=raw,if=none")
+    (netdev,) = opt_values(argv, "-netdev")
+    assert netdev == "tap,id=net0,ifname=em-abc,script=no,downscript=no"
+
+
+def test_guest_channel_ports_match_the_contract(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path))
+    devices = opt_values(argv, "-device")
+    chardevs = {c.split(",")[1].removeprefix("id="): c for c in opt_values(argv, "-chardev")}
+    ports = {}
+    for d in devices:
+        if d.startswith("virtserialport,"):
+            fields = dict(f.split("=", 1) for f in d.split(",")[1:])
+            ports[fields["name"]] = chardevs[fields["chardev"]]
+    assert set(ports) == {PORT_STDOUT, PORT_STDERR, PORT_STATUS, PORT_CONTROL}
+    assert ports[PORT_STDOUT] == f"file,id=out,path={tmp_path}/stdout.log,append=on"
+    assert ports[PORT_STDERR] == f"file,id=err,path={tmp_path}/stderr.log,append=on"
+    assert ports[PORT_STATUS] == f"file,id=status,path={tmp_path}/status.json,append=on"
+    assert ports[PORT_CONTROL] == (
+        f"socket,id=control,path={tmp_path}/control.sock,server=on,wait=off"
+    )
+    assert opt_values(argv, "-serial") == ["chardev:console"]
+    assert chardevs["console"] == f"file,id=console,path={tmp_path}/console.log,append=on"
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    argv = qemu_argv(spec(disks=(Disk(Path("/m/a,b.img"), read_only=True),)))
+    (drive,) = opt_values(argv, "-drive")
+    assert "file=/m/a,,b.img," in drive
+    assert drive.endswith(",readonly=on")
+
+
+def test_no_disks_no_nics_no_initrd() -> None:
+    argv = qemu_argv(spec(disks=(), nics=(), initrd=None))
+    assert "-drive" not in argv and "-netdev" not in argv and "-initrd" not in argv
+
+
+def test_extra_kernel_args_are_appended_and_checked() -> None:
+    argv = qemu_argv(spec(cmdline=("ember.debug=1",)))
+    assert opt_values(argv, "-append")[0].endswith(" ember.debug=1")
+    with pytest.raises(VMMError):
+        qemu_argv(spec(cmdline=("a\nb",)))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"accel": "hvf"}, {"cpus": 0}, {"cpus": 65}, {"memory_mib": 16}],
+)
+def test_spec_validation(kw: dict[str, object]) -> None:
+    with pytest.raises(VMMError):
+        spec(**kw)
