@@ -1,0 +1,150 @@
+"""kill -9 of the server mid-upload, mid-manifest-PUT and at random moments of a
+push: it starts again, serves everything committed, and clients can retry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.registry.server.support import (
+    OCI_MANIFEST,
+    EmberServer,
+    Tenant,
+    at,
+    push_blob,
+    sha256,
+)
+from tests.support.images import layout_ref
+
+pytestmark = pytest.mark.integration
+
+
+def _tenant(srv: EmberServer) -> Tenant:
+    return Tenant(srv, "acme", srv.create_token("acme", "pull,push,delete"))
+
+
+def _send_partial(host: str, method: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
+    """Send a request whose body is cut short; the socket stays open."""
+    h, p = host.split(":")
+    s = socket.create_connection((h, int(p)))
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    s.sendall(head.encode() + b"\r\n" + body)
+    return s
+
+
+def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_kill_mid_chunked_upload(fresh_server: Callable[[], EmberServer]) -> None:
+    srv = fresh_server()
+    t = _tenant(srv)
+    data = os.urandom(12 * 1024 * 1024)
+    first = 2 * 1024 * 1024
+    with t.client() as c:
+        loc = c.post("/v2/big/blobs/uploads/").headers["location"]
+        session = loc.split("/uploads/")[1].split("?")[0]
+        r = c.patch(loc, content=data[:first], headers={"Content-Range": f"0-{first - 1}"})
+        assert r.status_code == 202
+        loc = r.headers["location"]
+    upload_file = srv.home / "registry" / "uploads" / session
+    # the second chunk is 10 MiB; send 6 MiB of it and kill while the server waits for the rest
+    sock = _send_partial(srv.host, "PATCH", loc, {
+        "Authorization": f"Bearer {t.token}", "Content-Range": f"{first}-{len(data) - 1}",
+        "Content-Length": str(len(data) - first), "Content-Type": "application/octet-stream",
+    }, data[first : first + 6 * 1024 * 1024])
+    _wait_for(lambda: upload_file.stat().st_size > first, "part of the second chunk on disk")
+    srv.kill()
+    sock.close()
+    srv.restart_on_same_port()
+    with t.client() as c:
+        # the client asks where the upload stands and resumes from there
+        r = c.get(loc)
+        assert r.status_code == 204
+        have = int(r.headers["range"].split("-")[1]) + 1
+        assert first < have <= first + 6 * 1024 * 1024
+        assert upload_file.read_bytes() == data[:have]  # nothing torn, nothing invented
+        r = c.patch(r.headers["location"], content=data[have:], headers={"Content-Range": f"{have}-{len(data) - 1}"})
+        assert r.status_code == 202, r.text
+        r = c.put(at(r.headers["location"], digest=sha256(data)))
+        assert r.status_code == 201, r.text
+        got = c.get(f"/v2/big/blobs/{sha256(data)}").content
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+def test_kill_mid_manifest_put(fresh_server: Callable[[], EmberServer]) -> None:
+    srv = fresh_server()
+    t = _tenant(srv)
+    config, layer = b'{"architecture":"amd64","os":"linux"}', os.urandom(5000)
+    with t.client() as c:
+        push_blob(c, "app", config)
+        push_blob(c, "app", layer)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(layer), "size": len(layer)}],
+        "annotations": {"pad": "x" * 20000},
+    }).encode()
+    sock = _send_partial(srv.host, "PUT", "/v2/app/manifests/v1", {
+        "Authorization": f"Bearer {t.token}", "Content-Type": OCI_MANIFEST, "Content-Length": str(len(manifest)),
+    }, manifest[: len(manifest) // 2])
+    time.sleep(0.2)  # let the server read what was sent; the outcome must not depend on it
+    srv.kill()
+    sock.close()
+    srv.restart_on_same_port()
+    with t.client() as c:
+        assert c.get("/v2/app/manifests/v1").status_code == 404
+        assert c.get("/v2/app/tags/list").json()["tags"] == []
+        r = c.put("/v2/app/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 201
+        assert c.get("/v2/app/manifests/v1").content == manifest
+
+
+def _consistent(t: Tenant) -> int:
+    """Every tag resolves and every blob it names reads back with its digest; the number of tags."""
+    n = 0
+    with t.client() as c:
+        for repo in c.get("/v2/_catalog").json()["repositories"]:
+            r = c.get(f"/v2/{repo}/tags/list")
+            for tag in r.json()["tags"]:
+                m = c.get(f"/v2/{repo}/manifests/{tag}")
+                assert m.status_code == 200
+                assert sha256(m.content) == m.headers["docker-content-digest"]
+                doc = json.loads(m.content)
+                for desc in [doc["config"], *doc["layers"]]:
+                    blob = c.get(f"/v2/{repo}/blobs/{desc['digest']}")
+                    assert blob.status_code == 200 and sha256(blob.content) == desc["digest"]
+                n += 1
+    return n
+
+
+def test_kill_at_random_moments_of_a_push(fresh_server: Callable[[], EmberServer], multilayer_layout: Path) -> None:
+    srv = fresh_server()
+    t = _tenant(srv)
+    rng = random.Random(1234)
+    cmd = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", t.creds,
+           "--preserve-digests", layout_ref(multilayer_layout)]
+    for round_ in range(4):
+        proc = subprocess.Popen([*cmd, f"docker://{srv.host}/crash/r{round_}:v1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, 0.6))
+        srv.kill()
+        proc.wait()
+        srv.restart_on_same_port()
+        _consistent(t)
+        # the client retries and succeeds
+        subprocess.run([*cmd, f"docker://{srv.host}/crash/r{round_}:v1"], check=True, capture_output=True)
+    assert _consistent(t) == 4
