@@ -169,79 +169,122 @@ def inspect_raw(layout: Path, tag: str = TAG) -> dict[str, Any]:
     return data
 
 
-class Buildah:
-    """buildah with its own storage root, never the host's.
+class ContainerTool:
+    """buildah or podman with its own storage root, never the host's.
 
-    As root here: ``--isolation chroot`` (no runc/crun namespaces needed) and the
-    ``overlay`` storage driver when the kernel lets us mount it, else ``vfs``
-    (e.g. inside a container whose root is already overlayfs).  A private
-    storage.conf keeps the host's /etc/containers/storage.conf out of it.
+    As root here: ``--isolation chroot`` for buildah (no runc/crun namespaces
+    needed) and the ``overlay`` storage driver when the kernel lets us mount
+    it, else ``vfs`` (e.g. inside a container whose root is already
+    overlayfs).  A private storage.conf keeps the host's
+    /etc/containers/storage.conf out of it; a private auth file keeps
+    ``login`` credentials out of /run/containers; podman's tmpdir and events
+    stay under the root too.  ``podman run`` does not work on these machines
+    (crun cannot set RLIMIT_NOFILE): use podman for pull/push/login/tag only.
     """
 
-    def __init__(self, root: Path, driver: str) -> None:
+    def __init__(self, tool: str, root: Path, driver: str) -> None:
+        self.tool = tool
         self.root = root
         self.driver = driver
         root.mkdir(parents=True, exist_ok=True)
+        # podman refuses a runroot longer than 50 characters: keep it short, in /tmp
+        self.runroot = Path(tempfile.mkdtemp(prefix=f"ember-{tool}-run-"))
         conf = root / "storage.conf"
         conf.write_text(
             "[storage]\n"
             f'driver = "{driver}"\n'
             f'graphroot = "{root / "graph"}"\n'
-            f'runroot = "{root / "run"}"\n'
+            f'runroot = "{self.runroot}"\n'
         )
+        self.auth_file = root / "auth.json"
+        self.auth_file.write_text('{"auths": {}}\n')  # the tools refuse a missing one
         self.env = {
             "CONTAINERS_STORAGE_CONF": str(conf),
+            "REGISTRY_AUTH_FILE": str(self.auth_file),
             "BUILDAH_ISOLATION": "chroot",
             "STORAGE_DRIVER": driver,
         }
+        self.global_args: list[str | Path] = [
+            "--root",
+            root / "graph",
+            "--runroot",
+            self.runroot,
+            "--storage-driver",
+            driver,
+        ]
+        if tool == "podman":
+            self.global_args += [
+                "--tmpdir",
+                root / "tmp",
+                "--events-backend",
+                "none",
+                "--cgroup-manager",
+                "cgroupfs",
+            ]
 
     def __call__(self, *args: str | Path, cwd: Path | None = None) -> str:
-        return run(
-            [
-                "buildah",
-                "--root",
-                self.root / "graph",
-                "--runroot",
-                self.root / "run",
-                "--storage-driver",
-                self.driver,
-                *args,
-            ],
-            env=self.env,
-            cwd=cwd,
-        )
+        return run([self.tool, *self.global_args, *args], env=self.env, cwd=cwd)
 
     def destroy(self) -> None:
         # remove containers first so overlay mounts are released, then the files
+        rm_all = ["rm", "--all"] + (["--force"] if self.tool == "podman" else [])
         with contextlib.suppress(ImageBuildError):
-            self("rm", "--all")
+            self(*rm_all)
         with contextlib.suppress(ImageBuildError):
             self("rmi", "--all", "--force")
         remove_tree(self.root)
+        remove_tree(self.runroot)
+
+
+Buildah = ContainerTool  # the name the image builders below read best with
+
+_probed_driver: str | None = None
+
+
+def storage_driver(parent: Path) -> str:
+    """The storage driver to use here: $EMBER_TEST_BUILDAH_DRIVER, else overlay if
+    buildah can mount a container with it, else vfs.  Probed once per process."""
+    global _probed_driver
+    forced = os.environ.get("EMBER_TEST_BUILDAH_DRIVER")
+    if forced:
+        return forced
+    if _probed_driver is None:
+        probe = ContainerTool(
+            "buildah", Path(tempfile.mkdtemp(prefix="probe-overlay-", dir=parent)), "overlay"
+        )
+        try:
+            cid = probe("from", "scratch").strip()
+            probe("mount", cid)
+            probe("rm", cid)
+            _probed_driver = "overlay"
+        except ImageBuildError:
+            _probed_driver = "vfs"
+        finally:
+            probe.destroy()
+    return _probed_driver
 
 
 @contextlib.contextmanager
-def buildah_storage(parent: Path) -> Iterator[Buildah]:
-    """A throwaway buildah storage under ``parent``: overlay if it works, else vfs."""
-    forced = os.environ.get("EMBER_TEST_BUILDAH_DRIVER")
-    for driver in (forced,) if forced else ("overlay", "vfs"):
-        b = Buildah(Path(tempfile.mkdtemp(prefix=f"buildah-{driver}-", dir=parent)), driver)
-        try:
-            b("info")
-            # a pull of nothing proves little; mounting does: create, mount, remove a scratch container
-            cid = b("from", "scratch").strip()
-            b("mount", cid)
-            b("rm", cid)
-        except ImageBuildError:
-            b.destroy()
-            if driver == "vfs" or forced:
-                raise
-            continue
-        try:
-            yield b
-        finally:
-            b.destroy()
-        return
+def _storage(tool: str, parent: Path) -> Iterator[ContainerTool]:
+    driver = storage_driver(parent)
+    t = ContainerTool(tool, Path(tempfile.mkdtemp(prefix=f"{tool}-{driver}-", dir=parent)), driver)
+    try:
+        yield t
+    finally:
+        t.destroy()
+
+
+def buildah_storage(parent: Path) -> contextlib.AbstractContextManager[ContainerTool]:
+    """A throwaway buildah (private storage under ``parent``), removed on exit."""
+    return _storage("buildah", parent)
+
+
+def podman_storage(parent: Path) -> contextlib.AbstractContextManager[ContainerTool]:
+    """A throwaway podman (private storage and auth file under ``parent``), removed on exit.
+
+    Example: ``with podman_storage(tmp_path) as podman: podman("pull", "oci:...")``.
+    """
+    return _storage("podman", parent)
 
 
 # --------------------------------------------------------------------------- images

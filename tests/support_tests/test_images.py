@@ -295,3 +295,29 @@ def test_busybox_docker_archive(busybox_docker_archive: Path, busybox_layout: Pa
     assert info["Layers"] and info["Architecture"] == "amd64"
     local = _config(busybox_layout)
     assert info["Env"] == local["config"]["Env"]
+
+
+def test_podman_storage_push_pull(
+    busybox_layout: Path, auth_registry: Registry, tmp_path: Path
+) -> None:
+    ref = f"{auth_registry.host}/fixtures/podman:v1"
+    with images.podman_storage(tmp_path) as podman:
+        image_id = podman("pull", "--quiet", images.layout_ref(busybox_layout)).split()[-1]
+        podman("tag", image_id, ref)
+        assert auth_registry.username and auth_registry.password
+        podman(
+            "login",
+            "--tls-verify=false",
+            "-u",
+            auth_registry.username,
+            "-p",
+            auth_registry.password,
+            auth_registry.host,
+        )
+        assert auth_registry.host in podman.auth_file.read_text()  # private, not /run/containers
+        podman("push", "--quiet", "--tls-verify=false", ref)
+        podman("rmi", ref)
+        pulled = podman("pull", "--quiet", "--tls-verify=false", ref).split()[-1]
+        assert pulled == image_id
+        root = podman.root
+    assert not root.exists()
