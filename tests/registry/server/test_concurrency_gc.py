@@ -1,0 +1,153 @@
+"""Many pushers sharing layers at once; garbage collection; the admin CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.registry.server.support import (
+    OCI_MANIFEST,
+    EmberServer,
+    Tenant,
+    at,
+    ember,
+    image_manifest,
+    push_blob,
+    push_image,
+    sha256,
+)
+from tests.support.images import layout_ref
+
+pytestmark = pytest.mark.integration
+
+
+def test_many_pushers_sharing_layers(fresh_server: Callable[[], EmberServer], multilayer_layout: Path) -> None:
+    srv = fresh_server()
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    shared = [os.urandom(300_000 + i) for i in range(3)]
+
+    def http_pusher(i: int) -> str:
+        with t.client() as c:
+            # half push into one shared repository, half into their own
+            repo = "shared" if i % 2 else f"own/{i}"
+            layers = [*shared, os.urandom(1000 + i)]
+            digest, _ = push_image(c, repo, f"t{i}", layers)
+            return f"{repo}:t{i}@{digest}"
+
+    def skopeo_pusher(i: int) -> str:
+        subprocess.run(
+            ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", t.creds,
+             "--preserve-digests", layout_ref(multilayer_layout), f"docker://{srv.host}/sk/{i % 2}:v{i}"],
+            check=True, capture_output=True,
+        )
+        return f"sk/{i % 2}:v{i}"
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        jobs = [pool.submit(http_pusher, i) for i in range(16)] + [pool.submit(skopeo_pusher, i) for i in range(6)]
+        results = [j.result() for j in jobs]  # any error surfaces here
+    assert len(results) == 22
+    with t.client() as c:
+        for res in results[:16]:
+            ref, digest = res.split("@")
+            repo, tag = ref.split(":")
+            m = c.get(f"/v2/{repo}/manifests/{tag}")
+            assert m.headers["docker-content-digest"] == digest
+            for desc in json.loads(m.content)["layers"]:
+                assert sha256(c.get(f"/v2/{repo}/blobs/{desc['digest']}").content) == desc["digest"]
+    # one file per digest, each intact; nothing left in flight
+    blobs = srv.home / "registry" / "content" / "blobs" / "sha256"
+    for f in blobs.iterdir():
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
+    for layer in shared:
+        assert (blobs / hashlib.sha256(layer).hexdigest()).is_file()
+    assert list((srv.home / "registry" / "uploads").iterdir()) == []
+
+
+def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], EmberServer]) -> None:
+    srv = fresh_server()
+    t = Tenant(srv, "acme", srv.create_token("acme", "pull,push,delete"))
+    store = srv.home / "registry" / "content" / "blobs" / "sha256"
+    with t.client() as c:
+        kept_layer = os.urandom(2000)
+        kept, _ = push_image(c, "app", "v1", [kept_layer])
+        old_layer = os.urandom(3000)
+        old, _ = push_image(c, "app", "v0", [old_layer])
+        c.delete("/v2/app/manifests/v0")  # untag: the manifest and its layer become garbage
+        orphan = push_blob(c, "app", os.urandom(1500))  # uploaded, never referenced
+        # a referrer of the kept image stays with it
+        empty = push_blob(c, "app", b"{}")
+        ref_body = image_manifest(b"{}", [], subject={"mediaType": OCI_MANIFEST, "digest": kept, "size": 1})
+        ref_doc = json.loads(ref_body)
+        ref_doc["config"] = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}
+        ref_body = json.dumps(ref_doc).encode()
+        assert c.put(f"/v2/app/manifests/{sha256(ref_body)}", content=ref_body,
+                     headers={"Content-Type": OCI_MANIFEST}).status_code == 201
+        in_flight = c.post("/v2/app/blobs/uploads/").headers["location"]
+        in_flight = c.patch(in_flight, content=b"partial").headers["location"]
+    # within the grace period nothing is freed
+    out = ember(srv.home, "admin", "registry", "gc", "--json").stdout
+    assert json.loads(out) == {"manifests": 0, "links": 0, "blobs": 0, "bytes": 0, "uploads": 0}
+    dry = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run", "--json").stdout)
+    assert dry["manifests"] == 1 and dry["links"] == 2
+    assert (store / old_layer_hex(old_layer)).exists()
+    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
+    assert report["manifests"] == 1  # the untagged v0 manifest
+    assert report["links"] == 2  # its layer, the orphan
+    assert report["blobs"] >= 3  # their files and the v0 manifest's bytes
+    assert report["uploads"] == 0  # the session in flight is not expired
+    assert not (store / old_layer_hex(old_layer)).exists()
+    with t.client() as c:
+        assert c.get(f"/v2/app/manifests/{old}").status_code == 404
+        assert c.head(f"/v2/app/blobs/{orphan}").status_code == 404
+        # everything reachable still reads back
+        m = c.get("/v2/app/manifests/v1")
+        assert m.status_code == 200
+        for desc in [json.loads(m.content)["config"], *json.loads(m.content)["layers"]]:
+            assert sha256(c.get(f"/v2/app/blobs/{desc['digest']}").content) == desc["digest"]
+        assert c.get(f"/v2/app/manifests/{sha256(ref_body)}").status_code == 200
+        # the upload in flight completes after GC
+        r = c.put(at(in_flight, digest=sha256(b"partial")))
+        assert r.status_code == 201, r.text
+
+
+def old_layer_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_admin_cli(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert ember(home, "admin", "org", "create", "Bad_Name", check=False).returncode != 0
+    ember(home, "admin", "org", "create", "acme")
+    dup = ember(home, "admin", "org", "create", "acme", check=False)
+    assert dup.returncode != 0 and "already exists" in dup.stderr and dup.stderr.count("\n") == 1
+    out = ember(home, "admin", "token", "create", "--org", "acme", "--name", "ci")
+    secret = out.stdout.strip().splitlines()[-1]
+    assert secret.startswith("ember_")
+    missing = ember(home, "admin", "token", "create", "--org", "nope", check=False)
+    assert missing.returncode != 0 and "no organization" in missing.stderr
+    assert ember(home, "admin", "token", "create", "--org", "acme", "--access", "pull,root", check=False).returncode != 0
+    tokens = json.loads(ember(home, "admin", "token", "ls", "--json").stdout)
+    assert [(tk["org"], tk["name"], tk["access"]) for tk in tokens] == [("acme", "ci", ["pull", "push"])]
+    # only the hash is stored
+    db = (home / "ember.db").read_bytes()
+    assert secret.encode() not in db
+    assert hashlib.sha256(secret.encode()).hexdigest().encode() in db
+    orgs = json.loads(ember(home, "admin", "org", "ls", "--json").stdout)
+    assert [(o["name"], o["tokens"]) for o in orgs] == [("acme", 1)]
+    assert "acme" in ember(home, "admin", "org", "ls").stdout
+    ember(home, "admin", "token", "revoke", tokens[0]["id"])
+    assert json.loads(ember(home, "admin", "token", "ls", "--json").stdout)[0]["revoked_at"] is not None
+    # the signing secret is generated on first server start, 0600
+    srv = EmberServer(home).start()
+    try:
+        assert (home / "config.json").stat().st_mode & 0o777 == 0o600
+        assert len(json.loads((home / "config.json").read_text())["registry_secret"]) >= 32
+    finally:
+        srv.stop()
