@@ -76,6 +76,12 @@ def busybox_docker_archive() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sized_layout() -> Callable[[int], Path]:
+    """``sized_layout(mib) -> Path``: busybox + a layer with ``mib`` MiB of random bytes."""
+    return images.build_sized_layout
+
+
+@pytest.fixture(scope="session")
 def push_layout() -> Callable[..., str]:
     """``push_layout(layout, registry, repo, tag="latest", creds=None, *, format=None)``
     -> ``"HOST/REPO:TAG"`` (``format="v2s2"``: Docker schema 2 media types)."""

@@ -524,6 +524,44 @@ def build_debian_layout() -> Path:
     return cached_layout("debian", key, build)
 
 
+def build_sized_layout(mib: int) -> Path:
+    """The busybox image plus one layer holding ``/data/blob``: ``mib`` MiB of
+    incompressible (seeded pseudo-random, reproducible) bytes.  For benches that
+    need images of a given size (e.g. 10, 100, 1024)."""
+    if not 0 < mib <= 8192:
+        raise ValueError(f"size {mib} MiB out of range 1..8192")
+    base = build_busybox_layout()
+    key = recipe_key("sized", "1", base.name, str(mib))
+
+    def build(out: Path) -> None:
+        import random
+
+        shutil.copytree(base, out)
+        bundle = out.parent / "bundle"
+        run(["umoci", "unpack", "--image", f"{out}:{TAG}", bundle])
+        data = bundle / "rootfs" / "data"
+        data.mkdir(mode=0o755)
+        rng = random.Random(mib)
+        with open(data / "blob", "wb") as f:
+            for _ in range(mib):
+                f.write(rng.randbytes(1 << 20))
+        run(
+            [
+                "umoci",
+                "repack",
+                "--history.created_by",
+                f"{mib} MiB of random data",
+                "--image",
+                f"{out}:{TAG}",
+                bundle,
+            ]
+        )
+        run(["umoci", "gc", "--layout", out])
+        (out / ".ember-recipe").unlink(missing_ok=True)
+
+    return cached_layout(f"sized-{mib}m", key, build)
+
+
 def build_docker_archive(layout_builder: Callable[[], Path] = build_busybox_layout) -> Path:
     """A ``docker save``-style tarball (``docker-archive:``, Docker schema 2
     config, tag ``localhost/ember-test:latest``) of a cached single-platform layout."""

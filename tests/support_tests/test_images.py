@@ -321,3 +321,15 @@ def test_podman_storage_push_pull(
         assert pulled == image_id
         root = podman.root
     assert not root.exists()
+
+
+def test_sized_layout(tmp_path: Path) -> None:
+    layout = images.build_sized_layout(3)
+    m = _manifest(layout)
+    assert len(m["layers"]) == 2
+    assert m["layers"][1]["size"] > 3 * (1 << 20)  # random data does not compress
+    rootfs = umoci_unpack(layout, "latest", tmp_path / "bundle")
+    assert (rootfs / "data" / "blob").stat().st_size == 3 << 20
+    assert (rootfs / "bin" / "busybox").is_file()
+    with pytest.raises(ValueError):
+        images.build_sized_layout(0)
