@@ -1,0 +1,21 @@
+"""Errors of the networking area."""
+
+from __future__ import annotations
+
+from ember.errors import EmberError, UsageError
+
+
+class NetworkError(EmberError):
+    """Host networking could not be set up or torn down."""
+
+
+class InvalidPortSpec(UsageError):
+    """A ``-p`` value is malformed."""
+
+
+class PortConflict(UsageError):
+    """A host port is already published by another machine."""
+
+
+class SubnetExhausted(NetworkError):
+    """No free address pair is left in the machine subnet."""

@@ -1,0 +1,254 @@
+"""Per-machine networking on the host: allocations persisted under a lock, TAPs, rules.
+
+State: ``$EMBER_HOME/net/state.json`` (atomic writes), guarded by an flock on
+``$EMBER_HOME/run/net.lock`` so concurrent ``ember run``s never hand out the
+same addresses or ports.  Every change rebuilds the nftables table from that
+state, so the rules always match what is allocated.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.fsutil import atomic_write
+from ember.home import Home
+from ember.net import ipam, netfilter, tap
+from ember.net.errors import NetworkError, PortConflict
+from ember.net.nftables import TAP_PREFIX, MachineRules, check_network_name, render_ruleset
+from ember.net.ports import PortMapping, conflicts
+
+#: Docker's fallback when the host has no usable (non-loopback) resolver
+FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
+DEFAULT_MTU = 1500
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    subnet: str = ipam.DEFAULT_SUBNET
+    prefix: int = ipam.DEFAULT_PREFIX
+    egress: bool = True
+    mtu: int = DEFAULT_MTU
+    nameservers: tuple[str, ...] | None = None
+
+    @classmethod
+    def load(cls, home: Home) -> NetConfig:
+        """The ``network`` object of ``$EMBER_HOME/config.json``, if any."""
+        try:
+            data = json.loads(home.config_file.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as e:
+            raise NetworkError(f"cannot read {home.config_file}: {e}") from e
+        net = data.get("network", {}) if isinstance(data, dict) else {}
+        if not isinstance(net, dict):
+            raise NetworkError(f"{home.config_file}: 'network' must be an object")
+        ns = net.get("nameservers")
+        cfg = cls(
+            subnet=str(net.get("subnet", ipam.DEFAULT_SUBNET)),
+            prefix=int(net.get("prefix", ipam.DEFAULT_PREFIX)),
+            egress=bool(net.get("egress", True)),
+            mtu=int(net.get("mtu", DEFAULT_MTU)),
+            nameservers=tuple(str(n) for n in ns) if isinstance(ns, list) else None,
+        )
+        ipam.parse_subnet(cfg.subnet, cfg.prefix)
+        return cfg
+
+
+@dataclass(frozen=True)
+class MachineNetwork:
+    machine_id: str
+    tap: str
+    mac: str
+    network: str
+    guest_ip: str
+    gateway: str
+    prefix: int
+    mtu: int
+    nameservers: tuple[str, ...] = ()
+    ports: tuple[PortMapping, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine_id": self.machine_id,
+            "tap": self.tap,
+            "mac": self.mac,
+            "network": self.network,
+            "guest_ip": self.guest_ip,
+            "gateway": self.gateway,
+            "prefix": self.prefix,
+            "mtu": self.mtu,
+            "nameservers": list(self.nameservers),
+            "ports": [p.to_json() for p in self.ports],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MachineNetwork:
+        return cls(
+            machine_id=str(d["machine_id"]),
+            tap=str(d["tap"]),
+            mac=str(d["mac"]),
+            network=str(d["network"]),
+            guest_ip=str(d["guest_ip"]),
+            gateway=str(d["gateway"]),
+            prefix=int(d["prefix"]),
+            mtu=int(d["mtu"]),
+            nameservers=tuple(d.get("nameservers", ())),
+            ports=tuple(PortMapping.from_json(p) for p in d.get("ports", ())),
+        )
+
+
+def tap_name(machine_id: str) -> str:
+    """``em-<first 12 hex of the id>``: 15 characters, the kernel's IFNAMSIZ limit."""
+    if not re.fullmatch(r"[0-9a-f]{12,64}", machine_id):
+        raise NetworkError(f"invalid machine id {machine_id!r}")
+    return TAP_PREFIX + machine_id[:12]
+
+
+def host_nameservers(resolv_conf: str) -> tuple[str, ...]:
+    """Nameservers of a resolv.conf a guest can use (loopback resolvers are the host's own)."""
+    out = []
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(fields[1].split("%")[0])
+            except ValueError:
+                continue
+            if addr.version == 4 and not addr.is_loopback:
+                out.append(str(addr))
+    return tuple(out)
+
+
+class NetworkManager:
+    def __init__(self, home: Home, config: NetConfig | None = None) -> None:
+        self.home = home
+        self.config = config or NetConfig.load(home)
+        self.state_path = home.root / "net" / "state.json"
+        self.lock_path = home.run / "net.lock"
+
+    # ---- persisted state ------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield self._load()
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError) as e:
+            raise NetworkError(f"network state {self.state_path} is unreadable: {e}") from e
+        if not isinstance(state, dict) or not isinstance(state.get("machines", {}), dict):
+            raise NetworkError(f"network state {self.state_path} is malformed")
+        state.setdefault("machines", {})
+        if not state["machines"]:
+            # the configured subnet applies whenever nothing is allocated from the old one
+            state["subnet"], state["prefix"] = self.config.subnet, self.config.prefix
+        state.setdefault("subnet", self.config.subnet)
+        state.setdefault("prefix", self.config.prefix)
+        return state
+
+    def _save(self, state: dict[str, Any]) -> None:
+        atomic_write(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode(), 0o600)
+
+    def machines(self) -> dict[str, MachineNetwork]:
+        with self._locked() as state:
+            return {k: MachineNetwork.from_json(v) for k, v in state["machines"].items()}
+
+    # ---- rules --------------------------------------------------------------------
+
+    def _apply_rules(self, state: dict[str, Any]) -> None:
+        rules = [
+            MachineRules(m.machine_id, m.tap, m.guest_ip, m.network, m.ports)
+            for m in (MachineNetwork.from_json(v) for v in state["machines"].values())
+        ]
+        netfilter.apply(render_ruleset(rules, subnet=state["subnet"], egress=self.config.egress))
+
+    def nameservers(self) -> tuple[str, ...]:
+        if self.config.nameservers is not None:
+            return self.config.nameservers
+        try:
+            found = host_nameservers(Path("/etc/resolv.conf").read_text())
+        except OSError:
+            found = ()
+        return found or FALLBACK_NAMESERVERS
+
+    # ---- machines -----------------------------------------------------------------
+
+    def setup(
+        self, machine_id: str, *, ports: Sequence[PortMapping] = (), network: str = "default"
+    ) -> MachineNetwork:
+        """Allocate addresses, create the TAP and publish ports for one machine."""
+        check_network_name(network)
+        name = tap_name(machine_id)
+        with self._locked() as state:
+            if machine_id in state["machines"]:
+                raise NetworkError(f"machine {machine_id[:12]} already has a network")
+            for other in state["machines"].values():
+                for theirs in MachineNetwork.from_json(other).ports:
+                    for mine in ports:
+                        if conflicts(mine, theirs):
+                            raise PortConflict(
+                                f"host port {mine.host_port}/{mine.protocol} is already "
+                                f"published by machine {other['machine_id'][:12]}"
+                            )
+            for i, first in enumerate(ports):
+                for second in ports[i + 1 :]:
+                    if conflicts(first, second):
+                        raise PortConflict(
+                            f"host port {first.host_port}/{first.protocol} given twice"
+                        )
+            subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
+            used = {int(m["slot"]) for m in state["machines"].values()}
+            slot = ipam.first_free(subnet, state["prefix"], used)
+            b = ipam.block(subnet, state["prefix"], slot)
+            net = MachineNetwork(
+                machine_id=machine_id,
+                tap=name,
+                mac=ipam.mac_for(b.guest),
+                network=network,
+                guest_ip=str(b.guest),
+                gateway=str(b.gateway),
+                prefix=b.prefix,
+                mtu=self.config.mtu,
+                nameservers=self.nameservers(),
+                ports=tuple(ports),
+            )
+            # record first: a crash from here on leaves an allocation teardown can undo
+            state["machines"][machine_id] = {**net.to_json(), "slot": slot}
+            self._save(state)
+            try:
+                tap.delete_link(name)  # a leftover of a crashed earlier machine
+                tap.create_tap(name, net.gateway, net.prefix, route_localnet=bool(ports))
+                if self.config.egress or ports:
+                    tap.enable_forwarding()
+                self._apply_rules(state)
+            except BaseException:
+                del state["machines"][machine_id]
+                self._save(state)
+                tap.delete_link(name)
+                self._apply_rules(state)
+                raise
+            return net
+
+    def teardown(self, machine_id: str) -> None:
+        """Remove the machine's TAP, rules and allocation (idempotent)."""
+        with self._locked() as state:
+            entry = state["machines"].pop(machine_id, None)
+            name = entry["tap"] if entry else tap_name(machine_id)
+            tap.delete_link(name)
+            if entry is not None:
+                self._save(state)
+            self._apply_rules(state)

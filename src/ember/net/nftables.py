@@ -1,0 +1,115 @@
+"""The nftables ruleset for ember's machines (pure rendering).
+
+Everything lives in one table, ``inet ember``, rebuilt as a whole from the
+persisted allocations in one ``nft -f`` transaction each time a machine comes or
+goes (no rule handles to track, nothing half-applied, and ``nft delete table
+inet ember`` removes all of it).  The table holds:
+
+- ``forward`` (filter): replies pass; machines of the same network may talk
+  (a named ifname set per network); any other TAP-to-TAP traffic is dropped.
+  The policy stays ``accept`` so ember does not change the host's other traffic.
+- ``prerouting``/``output`` (nat): DNAT for published ports.  ``output`` makes a
+  published port reachable from the host itself; for 127.0.0.0/8 the TAP gets
+  ``route_localnet`` and ``postrouting`` masquerades the loopback source (what
+  Docker does without its userland proxy).  Chosen over a userspace proxy: no
+  process per machine, no copy through Python, same path for UDP.
+- ``postrouting`` (nat): masquerade of machine traffic leaving through a non-ember
+  interface (egress NAT), when enabled.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ember.net.errors import NetworkError
+from ember.net.ports import PortMapping
+
+TABLE_FAMILY = "inet"
+TABLE_NAME = "ember"
+TAP_PREFIX = "em-"
+_NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
+_TAP_RE = re.compile(r"^em-[0-9a-f]{1,12}$")
+
+
+@dataclass(frozen=True)
+class MachineRules:
+    """What the ruleset needs to know about one machine."""
+
+    machine_id: str
+    tap: str
+    guest_ip: str
+    network: str = "default"
+    ports: Sequence[PortMapping] = field(default_factory=tuple)
+
+
+def check_network_name(name: str) -> str:
+    if not _NETWORK_RE.match(name):
+        raise NetworkError(
+            f"invalid network name {name!r} (lowercase letters, digits, _; at most 31)"
+        )
+    return name
+
+
+def _check(m: MachineRules) -> None:
+    if not _TAP_RE.match(m.tap):
+        raise NetworkError(f"invalid TAP name {m.tap!r}")
+    check_network_name(m.network)
+
+
+def _dnat_rules(machines: Iterable[MachineRules]) -> list[str]:
+    rules = []
+    for m in machines:
+        for p in m.ports:
+            match = f"ip daddr {p.host_ip}" if p.host_ip else "fib daddr type local"
+            rules.append(
+                f"{match} {p.protocol} dport {p.host_port} "
+                f"dnat ip to {m.guest_ip}:{p.guest_port} comment \"{m.machine_id[:12]}\""
+            )
+    return rules
+
+
+def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: bool) -> str:
+    """The whole ``nft -f`` script: replace table ``inet ember`` (or just delete it)."""
+    for m in machines:
+        _check(m)
+    out = [
+        # create-then-delete makes the delete valid whether or not the table exists
+        f"table {TABLE_FAMILY} {TABLE_NAME}",
+        f"delete table {TABLE_FAMILY} {TABLE_NAME}",
+    ]
+    if not machines:
+        return "\n".join(out) + "\n"
+    networks: dict[str, list[str]] = {}
+    for m in sorted(machines, key=lambda m: m.tap):
+        networks.setdefault(m.network, []).append(m.tap)
+    body: list[str] = []
+    for name, taps in sorted(networks.items()):
+        elements = ", ".join(f'"{t}"' for t in taps)
+        body += [f"\tset nw_{name} {{", "\t\ttype ifname", f"\t\telements = {{ {elements} }}", "\t}"]
+    body += [
+        "\tchain forward {",
+        "\t\ttype filter hook forward priority filter; policy accept;",
+        f'\t\tiifname "{TAP_PREFIX}*" ct state established,related accept',
+        f'\t\toifname "{TAP_PREFIX}*" ct state established,related accept',
+    ]
+    body += [f"\t\tiifname @nw_{n} oifname @nw_{n} accept" for n in sorted(networks)]
+    body += [f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" drop', "\t}"]
+    dnat = _dnat_rules(machines)
+    for chain, hook, prio in (("prerouting", "prerouting", "dstnat"), ("output", "output", "-100")):
+        body += [f"\tchain {chain} {{", f"\t\ttype nat hook {hook} priority {prio}; policy accept;"]
+        body += [f"\t\t{r}" for r in dnat]
+        body.append("\t}")
+    body += [
+        "\tchain postrouting {",
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+        f'\t\toifname "{TAP_PREFIX}*" ip saddr 127.0.0.0/8 masquerade',
+    ]
+    if egress:
+        body.append(f'\t\tip saddr {subnet} oifname != "{TAP_PREFIX}*" masquerade')
+    body.append("\t}")
+    out.append(f"table {TABLE_FAMILY} {TABLE_NAME} {{")
+    out += body
+    out.append("}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,94 @@
+"""NetworkManager for real, run inside a network namespace the test creates."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ember.net.manager import host_nameservers, tap_name
+from tests.net.conftest import sh
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+ID_A = "a1" * 32
+ID_B = "b2" * 32
+ID_C = "c3" * 32
+
+SCRIPT = """
+import json, subprocess, sys
+from pathlib import Path
+from ember.home import Home
+from ember.net.manager import NetworkManager, NetConfig
+from ember.net.ports import parse_publish
+from ember.errors import EmberError
+
+home = Home(Path(sys.argv[1]))
+mgr = NetworkManager(home, NetConfig(nameservers=("192.0.2.53",)))
+out = {}
+def links():
+    return sorted(l["ifname"] for l in json.loads(subprocess.run(
+        ["ip", "-j", "link"], capture_output=True, text=True).stdout) if l["ifname"] != "lo")
+def addrs(dev):
+    j = json.loads(subprocess.run(["ip", "-j", "addr", "show", dev], capture_output=True,
+                                  text=True).stdout)
+    return [f"{a['local']}/{a['prefixlen']}" for a in j[0]["addr_info"] if a["family"] == "inet"]
+def nft():
+    r = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+a = mgr.setup(sys.argv[2], ports=[parse_publish("8080:80")])
+b = mgr.setup(sys.argv[3], network="tenant_b")
+out["a"], out["b"] = a.to_json(), b.to_json()
+out["links"] = links()
+out["addr_a"] = addrs(a.tap)
+out["route_localnet_a"] = Path(f"/proc/sys/net/ipv4/conf/{a.tap}/route_localnet").read_text().strip()
+out["forwarding"] = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+out["nft"] = nft()
+try:
+    mgr.setup(sys.argv[4], ports=[parse_publish("127.0.0.1:8080:81")])
+except EmberError as e:
+    out["conflict"] = [type(e).__name__, str(e)]
+out["links_after_conflict"] = links()
+mgr.teardown(sys.argv[2])
+out["links_after_a"] = links()
+out["nft_after_a"] = nft()
+c = mgr.setup(sys.argv[4], ports=[parse_publish("8080:80")])   # reuses a's slot and port
+out["c"] = c.to_json()
+mgr.teardown(sys.argv[2])  # again: idempotent
+mgr.teardown(sys.argv[3]); mgr.teardown(sys.argv[4])
+out["links_end"] = links()
+out["nft_end"] = nft()
+out["state_end"] = json.loads((home.root / "net" / "state.json").read_text())["machines"]
+print(json.dumps(out))
+"""
+
+
+def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
+    res = sh("ip", "netns", "exec", netns, sys.executable, "-c", SCRIPT, str(tmp_path),
+             ID_A, ID_B, ID_C, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    a, b = out["a"], out["b"]
+    assert a["tap"] == tap_name(ID_A) == "em-a1a1a1a1a1a1"
+    assert (a["gateway"], a["guest_ip"], a["prefix"]) == ("172.30.0.1", "172.30.0.2", 30)
+    assert (b["gateway"], b["guest_ip"]) == ("172.30.0.5", "172.30.0.6")
+    assert a["nameservers"] == ["192.0.2.53"]
+    assert out["links"] == ["em-a1a1a1a1a1a1", "em-b2b2b2b2b2b2"]
+    assert out["addr_a"] == ["172.30.0.1/30"]
+    assert out["route_localnet_a"] == "1" and out["forwarding"] == "1"
+    assert "dnat ip to 172.30.0.2:80" in out["nft"]
+    assert "nw_tenant_b" in out["nft"]
+    assert out["conflict"][0] == "PortConflict" and "8080/tcp" in out["conflict"][1]
+    assert out["links_after_conflict"] == out["links"]
+    assert out["links_after_a"] == ["em-b2b2b2b2b2b2"]
+    assert "dnat" not in out["nft_after_a"]
+    assert out["c"]["guest_ip"] == "172.30.0.2"
+    assert out["links_end"] == [] and out["nft_end"] is None and out["state_end"] == {}
+
+
+def test_host_nameservers_skip_loopback() -> None:
+    conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1%eth0\nsearch lan\nnameserver bogus\n"
+    assert host_nameservers(conf) == ("10.0.0.2",)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from ember.net.errors import NetworkError
+from ember.net.nftables import MachineRules, render_ruleset
+from ember.net.ports import PortMapping
+
+A = MachineRules(
+    "aaaaaaaaaaaa0000",
+    "em-aaaaaaaaaaaa",
+    "172.30.0.2",
+    ports=(PortMapping(8080, 80), PortMapping(5353, 53, "udp", "127.0.0.1")),
+)
+B = MachineRules("bbbbbbbbbbbb0000", "em-bbbbbbbbbbbb", "172.30.0.6", network="tenant_b")
+
+
+def test_empty_ruleset_just_deletes_the_table() -> None:
+    script = render_ruleset([], subnet="172.30.0.0/16", egress=True)
+    assert script == "table inet ember\ndelete table inet ember\n"
+
+
+def test_ruleset_contents() -> None:
+    script = render_ruleset([A, B], subnet="172.30.0.0/16", egress=True)
+    lines = [line.strip() for line in script.splitlines()]
+    assert lines[:3] == ["table inet ember", "delete table inet ember", "table inet ember {"]
+    assert 'elements = { "em-aaaaaaaaaaaa" }' in lines
+    assert 'elements = { "em-bbbbbbbbbbbb" }' in lines
+    assert "iifname @nw_default oifname @nw_default accept" in lines
+    assert "iifname @nw_tenant_b oifname @nw_tenant_b accept" in lines
+    assert lines.index('iifname "em-*" oifname "em-*" drop') > lines.index(
+        "iifname @nw_tenant_b oifname @nw_tenant_b accept"
+    )
+    dnat = 'fib daddr type local tcp dport 8080 dnat ip to 172.30.0.2:80 comment "aaaaaaaaaaaa"'
+    assert lines.count(dnat) == 2  # prerouting and output
+    assert lines.count(
+        'ip daddr 127.0.0.1 udp dport 5353 dnat ip to 172.30.0.2:53 comment "aaaaaaaaaaaa"'
+    ) == 2
+    assert 'ip saddr 172.30.0.0/16 oifname != "em-*" masquerade' in lines
+
+
+def test_no_egress_no_masquerade() -> None:
+    script = render_ruleset([A], subnet="172.30.0.0/16", egress=False)
+    assert "oifname != " not in script
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        MachineRules("x", "eth0", "172.30.0.2"),
+        MachineRules("x", 'em-a"; flush ruleset', "172.30.0.2"),
+        MachineRules("x", "em-aaaa", "172.30.0.2", network="Bad-Name"),
+    ],
+)
+def test_hostile_names_are_refused(bad: MachineRules) -> None:
+    with pytest.raises(NetworkError):
+        render_ruleset([bad], subnet="172.30.0.0/16", egress=True)
+
+
+@pytest.mark.root
+def test_nft_accepts_the_ruleset(netns: str) -> None:
+    script = render_ruleset([A, B], subnet="172.30.0.0/16", egress=True)
+    res = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-c", "-f", "-"],
+        input=script, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
