@@ -133,20 +133,19 @@ def clone_root_disk(home: Home, image: Image, machine_id: str, size: int | None 
     snap = Snapshotter(home)
     key = machine_key(machine_id)
     prepared = prepare_image(home, image, snapshotter=snap)
-    snap.leases.create(key, exist_ok=True, labels={"machine": machine_id})
+    # the lease names the disk before it exists: GC can never see it unprotected
+    snap.leases.create(key, exist_ok=True, snapshots=[key], labels={"machine": machine_id})
     if snap.exists(key):
         info = snap.stat(key)
         if info.parent != prepared.snapshot:
             raise SnapshotExists(
                 f"machine {machine_id} already has a root disk from another image; release it first"
             )
-        snap.leases.add(key, snapshots=[key])
         return info.path
     active = snap.prepare(
         key,
         prepared.snapshot,
         size=size,
-        lease=key,
         labels={"machine": machine_id, "image": prepared.manifest_digest},
     )
     return active.path

@@ -1,0 +1,209 @@
+"""Snapshot chains and machine root disks.
+
+1. Cold prepare: ``ember image prepare REF`` (pull into an empty content store,
+   build one ext4 snapshot per layer, e2fsck each) against ``skopeo copy`` +
+   ``umoci unpack`` + ``mkfs.ext4 -d`` of the same image into an ext4 image of
+   the same size, for the multi-layer test image and the debootstrap minbase
+   image pushed to a Debian docker-registry on loopback; alternating, medians.
+   Goal: ember <= 0.5x.
+2. Machine root disks: for images of 10 MB, 100 MB and 1 GB, the time of
+   ``clone_root_disk`` (reflink clone + resize2fs to 8 GiB) for ten machines,
+   and the pool space those ten disks take.  Goal: flat, under 50 ms, and ten
+   machines costing little more disk than one.
+
+    .venv/bin/python bench/prepare.py [--runs N] [--no-record] [--skip-prepare] [--skip-clone]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
+
+from bench._common import alternate, fmt_seconds, machine_note, print_ratio, record, registry  # noqa: E402
+from ember.home import Home  # noqa: E402
+from ember.images.service import build_image  # noqa: E402
+from ember.oci import mediatypes as mt  # noqa: E402
+from ember.oci.config import parse_config  # noqa: E402
+from ember.oci.digest import Digest  # noqa: E402
+from ember.oci.manifest import ImageManifest, parse_manifest  # noqa: E402
+from ember.snapshots import Snapshotter  # noqa: E402
+from ember.snapshots.chain import clone_root_disk, prepare_image  # noqa: E402
+from ember.snapshots.pool import close_pool  # noqa: E402
+from ember.store.content import ContentStore  # noqa: E402
+
+SECTION = "Snapshots: prepare and root disks (bench/prepare.py)"
+EMBER = str(Path(sys.executable).with_name("ember"))
+DISK_SIZE = "2G"  # ember's base ext4 and the anchor's mkfs.ext4 image
+GiB = 1 << 30
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, env=env, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def new_home(root: Path, base_size: str, pool_size: str) -> Home:
+    if root.exists():
+        close_pool(Home(root))
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(
+        json.dumps({"snapshots": {"base_size": base_size, "pool_size": pool_size}})
+    )
+    home = Home(root)
+    Snapshotter(home)  # the pool exists on a working host: not part of a prepare
+    return home
+
+
+# -- 1. cold prepare against skopeo + umoci + mkfs.ext4 -d --------------------------------
+
+
+def bench_prepare(name: str, ref: str, work: Path, runs: int) -> str:
+    home_root = work / f"{name}-home"
+    layout, bundle, disk = work / f"{name}-layout", work / f"{name}-bundle", work / f"{name}.ext4"
+
+    def setup(contestant: str) -> None:
+        for path in (layout, bundle):
+            shutil.rmtree(path, ignore_errors=True)
+        disk.unlink(missing_ok=True)
+        if contestant == "ember":
+            new_home(home_root, DISK_SIZE, "8G")
+        os.sync()  # do not bill one contestant for the other's dirty pages
+
+    def ember() -> None:
+        env = {**os.environ, "EMBER_HOME": str(home_root)}
+        run([EMBER, "image", "prepare", ref, "--json"], env)
+
+    def anchor() -> None:
+        run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])
+        run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
+        run(["mkfs.ext4", "-q", "-F", "-d", str(bundle / "rootfs"), str(disk), DISK_SIZE])
+
+    timings = alternate({"ember": ember, "skopeo+umoci+mkfs": anchor}, runs, setup=setup)
+    close_pool(Home(home_root))
+    return print_ratio(f"cold prepare, {name} image", timings["ember"], timings["skopeo+umoci+mkfs"])
+
+
+# -- 2. machine root disks -----------------------------------------------------------------
+
+
+def synthetic_image(home: Home, size: int, work: Path) -> object:
+    """One uncompressed layer holding ``size`` bytes of random data in 16 MiB files."""
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir()
+    chunk, left, i = 16 << 20, size, 0
+    while left > 0:
+        n = min(chunk, left)
+        (tree / f"f{i:04d}").write_bytes(os.urandom(n))
+        left, i = left - n, i + 1
+    tar_path = work / "layer.tar"
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(tree, arcname="data")
+    shutil.rmtree(tree)
+    h = hashlib.sha256()
+    with open(tar_path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    digest = Digest("sha256", h.hexdigest())
+    tar_size = tar_path.stat().st_size
+    store = ContentStore(home.content)
+    with store.writer(digest, tar_size) as w, open(tar_path, "rb") as f:
+        w.reset()
+        while block := f.read(1 << 20):
+            w.write(block)
+        w.commit()
+    tar_path.unlink()
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [str(digest)]}}
+    ).encode()
+    config_digest = store.put_bytes(config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": {"mediaType": mt.OCI_CONFIG, "digest": str(config_digest), "size": len(config)},
+            "layers": [{"mediaType": mt.OCI_LAYER_TAR, "digest": str(digest), "size": tar_size}],
+        }
+    ).encode()
+    m = parse_manifest(manifest, mt.OCI_MANIFEST)
+    assert isinstance(m, ImageManifest)
+    return build_image("bench/synthetic", store.put_bytes(manifest), m, config_digest, parse_config(config))
+
+
+def pool_used(snap: Snapshotter) -> int:
+    os.sync()
+    st = os.statvfs(snap.pool.root)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def bench_clones(label: str, size: int, work: Path, machines: int = 10) -> str:
+    home = new_home(work / f"clone-{label}", "4G", "16G")
+    try:
+        image = synthetic_image(home, size, work)
+        prepared = prepare_image(home, image)  # type: ignore[arg-type]
+        snap = Snapshotter(home)
+        image_used = snap.usage(prepared.snapshot).size
+        before = pool_used(snap)
+        times = []
+        for i in range(machines):
+            t0 = time.perf_counter()
+            clone_root_disk(home, image, f"m{i}", 8 * GiB)  # type: ignore[arg-type]
+            times.append(time.perf_counter() - t0)
+        added = pool_used(snap) - before
+        line = (
+            f"root disks of a {label} image (snapshot uses {image_used / 2**20:.0f} MiB): "
+            f"clone+grow to 8 GiB median {fmt_seconds(statistics.median(times))}, "
+            f"max {fmt_seconds(max(times))} over {machines} machines; the {machines} disks "
+            f"added {added / 2**20:.1f} MiB to the pool ({added / machines / 2**20:.2f} MiB each)"
+        )
+        print(line)
+        return line
+    finally:
+        close_pool(home)
+        shutil.rmtree(home.root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true", help="do not append to docs/performance.md")
+    parser.add_argument("--skip-prepare", action="store_true")
+    parser.add_argument("--skip-clone", action="store_true")
+    args = parser.parse_args()
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="ember-bench-prepare-") as tmp:
+        work = Path(tmp)
+        if not args.skip_prepare:
+            images = {"multilayer": build_multilayer_layout(), "debian": build_debian_layout()}
+            with registry() as reg:
+                for name, layout in images.items():
+                    ref = push_layout(layout, reg, f"bench/{name}")
+                    lines.append(bench_prepare(name, ref, work, args.runs))
+        if not args.skip_clone:
+            for label, size in (("10 MB", 10 << 20), ("100 MB", 100 << 20), ("1 GB", 1 << 30)):
+                lines.append(bench_clones(label, size, work))
+    if not args.no_record:
+        for line in lines:
+            record(SECTION, f"{line}; {machine_note()}")
+
+
+if __name__ == "__main__":
+    main()
