@@ -5,7 +5,9 @@ to a Debian docker-registry on loopback: ``ember image unpack REF DIR`` (pull
 into an empty ``$EMBER_HOME``, then apply the layers) against ``skopeo copy
 docker://REF oci:DIR`` followed by ``umoci unpack``, alternating, median of N
 runs each.  Prints the ratio ember/anchor (goal <= 0.5) and appends it to
-docs/performance.md.
+docs/performance.md.  ember is timed twice: as the CLI (a fresh Python process
+per run) and as the library call ``ember run`` makes in-process; the pull
+alone is also compared with ``skopeo copy``.
 
     .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record]
 """
@@ -26,16 +28,23 @@ if __package__ in (None, ""):
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
 from bench._common import alternate, machine_note, print_ratio, record, registry  # noqa: E402
+from ember.home import Home  # noqa: E402
+from ember.images import ImageService  # noqa: E402
+from ember.unpack import apply_layers  # noqa: E402
 
 SECTION = "Pull + unpack (bench/pull_unpack.py)"
 EMBER = str(Path(sys.executable).with_name("ember"))
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+    )
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
-def bench_image(name: str, ref: str, work: Path, runs: int) -> str:
+def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
     home, ember_root = work / f"{name}-home", work / f"{name}-ember-root"
     layout, bundle = work / f"{name}-layout", work / f"{name}-bundle"
 
@@ -44,30 +53,67 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> str:
             shutil.rmtree(path, ignore_errors=True)
         os.sync()  # do not bill one contestant for the other's dirty pages
 
-    def ember() -> None:
+    def ember_cli() -> None:
         env = {**os.environ, "EMBER_HOME": str(home)}
         run([EMBER, "image", "unpack", ref, str(ember_root)], env)
 
+    def ember_library() -> None:
+        # what `ember run` does in-process: no interpreter start, no CLI imports
+        service = ImageService(Home(home))
+        image = service.pull(ref, progress=False)
+        ember_root.mkdir()
+        apply_layers(
+            ember_root, [(service.layer_path(x), x.media_type, x.diff_id) for x in image.layers]
+        )
+
+    def ember_pull() -> None:
+        ImageService(Home(home)).pull(ref, progress=False)
+
+    def skopeo() -> None:
+        run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                f"docker://{ref}",
+                f"oci:{layout}:latest",
+            ]
+        )
+
     def anchor() -> None:
-        run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])
+        skopeo()
         run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
 
-    timings = alternate({"ember": ember, "skopeo+umoci": anchor}, runs, setup=clean)
+    full = alternate(
+        {"ember image unpack": ember_cli, "library": ember_library, "skopeo+umoci": anchor},
+        runs,
+        setup=clean,
+    )
+    pulls = alternate(
+        {"ember pull (library)": ember_pull, "skopeo copy": skopeo}, runs, setup=clean
+    )
     clean("")
-    return print_ratio(f"{name} image", timings["ember"], timings["skopeo+umoci"])
+    return [
+        print_ratio(f"{name}: pull+unpack, CLI", full["ember image unpack"], full["skopeo+umoci"]),
+        print_ratio(f"{name}: pull+unpack, library", full["library"], full["skopeo+umoci"]),
+        print_ratio(f"{name}: pull only", pulls["ember pull (library)"], pulls["skopeo copy"]),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--no-record", action="store_true", help="do not append to docs/performance.md")
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not append to docs/performance.md"
+    )
     args = parser.parse_args()
     images = {"multilayer": build_multilayer_layout(), "debian": build_debian_layout()}
     with registry() as reg, tempfile.TemporaryDirectory(prefix="ember-bench-pull-") as tmp:
         lines = []
         for name, layout in images.items():
             ref = push_layout(layout, reg, f"bench/{name}")
-            lines.append(bench_image(name, ref, Path(tmp), args.runs))
+            lines.extend(bench_image(name, ref, Path(tmp), args.runs))
     if not args.no_record:
         for line in lines:
             record(SECTION, f"{line}; {machine_note()}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +50,24 @@ USER_AGENT = f"ember/{__version__}"
 
 #: called with the number of bytes just received (negative: a restart discarded them)
 ProgressCallback = Callable[[int], None]
+
+
+def _tls_context(host: str, plain_http: bool) -> ssl.SSLContext:
+    """Certificate verification as httpx would set it up, with a clear error when it cannot.
+
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured; a plain-HTTP registry
+    does not need them, so a broken setting does not stop it.
+    """
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = os.environ.get("SSL_CERT_DIR") or None
+    try:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    except (OSError, ssl.SSLError) as e:
+        if plain_http:
+            return ssl.create_default_context()
+        raise RegistryError(
+            f"cannot set up TLS for {host}: {e}", hint="check SSL_CERT_FILE and SSL_CERT_DIR"
+        ) from None
 
 
 def uses_plain_http(host: str) -> bool:
@@ -105,6 +125,7 @@ class RegistryClient:
         self.retries = retries
         self.backoff = backoff
         self.http = httpx.Client(
+            verify=_tls_context(self.api_host, self.plain_http),
             follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
             timeout=httpx.Timeout(timeout, connect=15.0),
             limits=httpx.Limits(
