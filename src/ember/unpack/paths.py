@@ -44,6 +44,8 @@ class Whiteout:
 def whiteout_of(path: str, name: str) -> Whiteout | None:
     """Classify a cleaned entry path; None when it is not a whiteout at all."""
     parent, base = posixpath.split(path)
+    if "/" + WHITEOUT_META_PREFIX in parent + "/":
+        return Whiteout("meta", path)  # anything inside an AUFS metadata directory
     if not base.startswith(WHITEOUT_PREFIX):
         return None
     if base == OPAQUE_WHITEOUT:

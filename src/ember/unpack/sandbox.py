@@ -69,10 +69,16 @@ def _child(root_fd: int, data_fd: int, report_fd: int) -> None:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         _close_all_but({root_fd, data_fd, report_fd})
+        expected = os.fstat(root_fd)
         os.fchdir(root_fd)
         os.chroot(".")
         os.chdir("/")
         os.close(root_fd)
+        # The applier works on absolute paths: refuse to start unless "/" really is
+        # the target root now (a belt-and-braces check on the lines above).
+        here = os.stat("/")
+        if (here.st_dev, here.st_ino) != (expected.st_dev, expected.st_ino):
+            raise UnpackError("the layer applier is not confined to the target root; refusing to apply")
         os.umask(0)
         stream = TarStream(PipeReader(data_fd))
         counts = LayerApplier().apply(stream)
