@@ -426,12 +426,15 @@ struct control {
 	size_t len;
 };
 
-/* Returns 1 for stop, 2 for kill, 0 for nothing (yet). */
-static int control_read(int fd, struct control *ct)
+/* Returns 1 for stop, 2 for kill, 0 for nothing (yet).  *eof is set when the host
+ * end is not connected (a virtio port then reads as EOF and polls as readable). */
+static int control_read(int fd, struct control *ct, int *eof)
 {
 	int action = 0;
 	for (;;) {
 		ssize_t n = read(fd, ct->buf + ct->len, sizeof(ct->buf) - 1 - ct->len);
+		if (n == 0)
+			*eof = 1;
 		if (n <= 0)
 			break;
 		ct->len += (size_t)n;
@@ -458,7 +461,6 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 {
 	struct control ct = {.len = 0};
 	long long kill_at = -1, control_retry = -1;
-	int status = 0;
 	for (;;) {
 		struct pollfd fds[3] = {
 		    {sigfd, POLLIN, 0},
@@ -484,8 +486,12 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 			control_retry = -1;
 		if (fds[2].revents & POLLIN && kmsg_saw_oom(kmsg_fd))
 			*oom = 1;
-		if (fds[1].revents & POLLIN) {
-			int action = control_read(control_fd, &ct);
+		if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+			int eof = 0;
+			int action = control_read(control_fd, &ct, &eof);
+			/* nobody on the host end: look again later rather than spin */
+			if (eof || (fds[1].revents & (POLLHUP | POLLERR)))
+				control_retry = now + 200;
 			if (action == 1 && kill_at < 0) {
 				logmsg("stop requested: sending signal %d, SIGKILL in %ds", G.cfg.stop_signal,
 				       G.cfg.stop_timeout);
@@ -494,9 +500,6 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 			} else if (action == 2) {
 				kill(child, SIGKILL);
 			}
-		} else if (fds[1].revents & (POLLHUP | POLLERR)) {
-			/* nobody on the host end yet: look again later rather than spin */
-			control_retry = now + 200;
 		}
 		if (fds[0].revents & POLLIN) {
 			struct signalfd_siginfo si;
@@ -510,7 +513,6 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 				if (p == child)
 					return st;
 		}
-		(void)status;
 	}
 }
 

@@ -276,3 +276,62 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
             atomic_write(vmlinux, extract_vmlinux(data))
     version = modules.name if modules is not None else f"custom-{digest[:12]}"
     return KernelInfo(version=version, vmlinuz=vmlinuz, vmlinux=vmlinux, modules_dir=modules)
+
+
+# ---- the guest kernel's command line ---------------------------------------------------------
+
+#: always: console on the first serial port (ember-init's messages, the machine's log),
+#: quiet boot (each console byte is an emulated I/O under TCG), a panic or a reset ends
+#: the VM (QEMU runs with -no-reboot), no probing for hardware a microvm never has
+BASE_CMDLINE = (
+    "console=ttyS0",
+    "quiet",
+    "reboot=t",
+    "panic=-1",
+    "pci=off",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "cryptomgr.notests",
+)
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host's TSC rate in kHz when the TSC is constant (else None).
+
+    Under TCG the guest's TSC is the host's, and the guest kernel's own calibration
+    against the emulated PIT fails at random (then the boot hangs after "Marking TSC
+    unstable"): giving the rate on the command line (tsc_early_khz) avoids both."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    mhz = flags = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                return None
+        elif key == "flags" and flags is None:
+            flags = value.split()
+        if mhz is not None and flags is not None:
+            break
+    if mhz is None or not flags or "constant_tsc" not in flags or mhz <= 0:
+        return None
+    return int(round(mhz * 1000))
+
+
+def guest_cmdline(accel: str, extra: tuple[str, ...] | list[str] = ()) -> str:
+    """The kernel command line for an ember guest under ``accel`` ("kvm" or "tcg")."""
+    args = list(BASE_CMDLINE)
+    if accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:
+            args += [f"tsc_early_khz={khz}", "tsc=reliable"]
+    args += list(extra)
+    return " ".join(args)

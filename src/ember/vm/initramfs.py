@@ -1,0 +1,241 @@
+"""The guest's initramfs: ember-init plus exactly the kernel modules it needs.
+
+``base_initramfs(home, kernel)`` builds (once per kernel and ember-init binary) a cpio
+archive holding::
+
+    init                    ember-init (the kernel runs /init as PID 1)
+    dev/console             so the kernel can give init a console before devtmpfs
+    ember/modules/NAME.ko   uncompressed, in dependency order listed in
+    ember/modules/order     (init loads them with finit_module, then deletes them)
+
+``config_archive(runconfig)`` is the small second archive with ``ember/config``;
+``write_machine_initrd`` puts the two together into the one file QEMU's ``-initrd``
+takes (the kernel unpacks concatenated archives in order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import lzma
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.fsutil import atomic_write
+from ember.home import Home
+from ember.vm.cpio import CpioWriter
+from ember.vm.errors import InitNotBuilt, KernelError, ModuleNotFoundInKernel
+from ember.vm.kernel import KernelInfo
+from ember.vm.runconfig import RunConfig
+
+#: what every guest needs: the virtio-mmio transport (microvm), block, net, the
+#: serial ports of the host channel, the root file system, and ext4's checksum
+#: (its crc32c is requested through the crypto API, which cannot modprobe in the guest)
+REQUIRED_MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "ext4",
+    "crc32c_generic",
+)
+#: shipped (when the kernel has them) but loaded only when a run config's ``module``
+#: records ask, in the order ``extra_modules`` gives: each costs boot time under TCG
+OPTIONAL_MODULES = ("vmw_vsock_virtio_transport", "virtio_rng")
+#: bump when the archive layout changes, so cached archives are rebuilt
+LAYOUT_VERSION = 1
+_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
+_REPO_INIT = Path(__file__).resolve().parents[3] / "init" / "build" / "ember-init"
+
+
+def find_init(path: Path | None = None) -> Path:
+    """ember-init: ``path``, else ``$EMBER_INIT``, else the repository's ``init/build``."""
+    candidate = path or (Path(os.environ["EMBER_INIT"]) if os.environ.get("EMBER_INIT") else None)
+    candidate = candidate or _REPO_INIT
+    if not candidate.is_file():
+        raise InitNotBuilt(f"ember-init not found at {candidate}", hint="run: make init")
+    return candidate
+
+
+# ---- module resolution (pure over the modules.dep text) ----------------------------------
+
+
+def module_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    for suffix in _SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class ModuleIndex:
+    #: name -> path relative to the modules dir
+    paths: dict[str, str]
+    #: name -> names it depends on
+    deps: dict[str, tuple[str, ...]]
+    builtin: frozenset[str]
+
+    @classmethod
+    def parse(cls, modules_dep: str, modules_builtin: str = "") -> ModuleIndex:
+        paths: dict[str, str] = {}
+        deps: dict[str, tuple[str, ...]] = {}
+        for line in modules_dep.splitlines():
+            target, sep, rest = line.partition(":")
+            if not sep or not target.strip():
+                continue
+            name = module_name(target.strip())
+            paths[name] = target.strip()
+            deps[name] = tuple(module_name(d) for d in rest.split())
+        builtin = frozenset(module_name(line.strip()) for line in modules_builtin.splitlines())
+        return cls(paths, deps, builtin - frozenset(paths))
+
+    def load_order(self, required: Iterable[str], optional: Iterable[str] = ()) -> list[str]:
+        """Modules to load, each after everything it depends on; built-ins left out."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str, chain: tuple[str, ...]) -> None:
+            if name in seen or name in self.builtin:
+                return
+            if name in chain:
+                raise KernelError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
+            if name not in self.paths:
+                raise ModuleNotFoundInKernel(f"kernel module {name} not found in modules.dep")
+            for dep in self.deps[name]:
+                visit(dep, chain + (name,))
+            seen.add(name)
+            order.append(name)
+
+        for name in required:
+            visit(name.replace("-", "_"), ())
+        for name in optional:
+            n = name.replace("-", "_")
+            if n in self.paths:
+                visit(n, ())
+        return order
+
+
+def read_module(path: Path) -> bytes:
+    """A module file's ELF bytes, decompressed (finit_module wants plain .ko here)."""
+    data = path.read_bytes()
+    try:
+        if path.name.endswith(".xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".zst"):
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        if path.name.endswith(".gz"):
+            import gzip
+
+            return gzip.decompress(data)
+    except (lzma.LZMAError, OSError, EOFError) as e:
+        raise KernelError(f"module {path} is corrupt: {e}") from None
+    return data
+
+
+# ---- archives -------------------------------------------------------------------------
+
+
+def build_base_archive(
+    init_binary: bytes, modules: Sequence[tuple[str, bytes]], load: Sequence[str]
+) -> bytes:
+    """``modules`` are shipped; ``load`` (a subset, in order) goes to the order file."""
+    w = CpioWriter()
+    for d in ("dev", "proc", "sys", "newroot", "ember", "ember/modules"):
+        w.add_dir(d)
+    w.add_device("dev/console", "c", 5, 1, 0o600)
+    w.add_file("init", init_binary, 0o755)
+    for name, data in modules:
+        w.add_file(f"ember/modules/{name}.ko", data, 0o644)
+    w.add_file("ember/modules/order", "".join(f"{n}\n" for n in load).encode(), 0o644)
+    return w.getvalue()
+
+
+def extra_modules(kernel: KernelInfo, wanted: Iterable[str]) -> tuple[str, ...]:
+    """Run config ``modules`` for optional features (e.g. ``vmw_vsock_virtio_transport``):
+    the wanted modules and their dependencies not already loaded at boot, in load order."""
+    index = _module_index(kernel)
+    if index is None:
+        return ()
+    base = set(index.load_order(REQUIRED_MODULES))
+    wanted = list(wanted)
+    unknown = [w for w in wanted if w.replace("-", "_") not in OPTIONAL_MODULES]
+    if unknown:
+        raise ModuleNotFoundInKernel(
+            f"module(s) {', '.join(unknown)} are not in the initramfs "
+            f"(optional ones: {', '.join(OPTIONAL_MODULES)})"
+        )
+    return tuple(n for n in index.load_order(wanted) if n not in base)
+
+
+def config_archive(runconfig: RunConfig) -> bytes:
+    """The per-machine second archive: ``ember/config`` (docs/run-config.md)."""
+    w = CpioWriter()
+    w.add_dir("ember")
+    w.add_file("ember/config", runconfig.render(), 0o600)
+    return w.getvalue()
+
+
+def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> Path:
+    """The cached base archive for this kernel and ember-init (built on first use)."""
+    init_path = find_init(init)
+    init_binary = init_path.read_bytes()
+    index = _module_index(kernel)
+    load = index.load_order(REQUIRED_MODULES) if index else []
+    names = index.load_order(REQUIRED_MODULES, OPTIONAL_MODULES) if index else []
+    key = hashlib.sha256()
+    for part in (
+        str(LAYOUT_VERSION),
+        kernel.version,
+        str(kernel.modules_dir),
+        hashlib.sha256(init_binary).hexdigest(),
+        ",".join(names),
+        ",".join(load),
+    ):
+        key.update(part.encode() + b"\0")
+    dest = home.kernels / "initramfs" / f"{kernel.version}-{key.hexdigest()[:16]}.cpio"
+    if dest.is_file():
+        return dest
+    modules: list[tuple[str, bytes]] = []
+    if index is not None and kernel.modules_dir is not None:
+        modules = [(n, read_module(kernel.modules_dir / index.paths[n])) for n in names]
+    atomic_write(dest, build_base_archive(init_binary, modules, load), mode=0o644)
+    return dest
+
+
+def _module_index(kernel: KernelInfo) -> ModuleIndex | None:
+    if kernel.modules_dir is None:
+        return None  # a kernel with everything built in
+    dep = kernel.modules_dir / "modules.dep"
+    builtin = kernel.modules_dir / "modules.builtin"
+    return ModuleIndex.parse(dep.read_text(), builtin.read_text() if builtin.is_file() else "")
+
+
+def write_machine_initrd(base: Path, runconfig: RunConfig, dest: Path) -> Path:
+    """``dest`` = base archive + this machine's config archive (reflink-copied base
+    where the file system can, so a machine costs only its config's few hundred bytes)."""
+    extra = config_archive(runconfig)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(base, "rb") as src:
+            try:
+                fcntl.ioctl(out.fileno(), 0x40049409, src.fileno())  # FICLONE
+            except OSError:
+                shutil.copyfileobj(src, out, 1 << 20)
+            out.seek(0, os.SEEK_END)
+            out.write(extra)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dest
