@@ -143,3 +143,14 @@ def test_parse_source_names() -> None:
     spec = parse_source("docker-archive:/a.tar:debian")
     assert spec.selector == "docker.io/library/debian:latest"
     assert parse_source("docker-archive:/a.tar:@1").selector == "@1"
+
+
+def test_progress_display_on_request(
+    service: ImageService, busybox_layout: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    service.pull(layout_ref(busybox_layout), progress=True)
+    err = capfd.readouterr().err
+    assert "layer 1/1" in err and "total" in err
+    service.remove(layout_ref(busybox_layout))
+    service.pull(layout_ref(busybox_layout), progress=None)  # not a terminal: silent
+    assert capfd.readouterr().err == ""

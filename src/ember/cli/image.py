@@ -6,14 +6,17 @@ import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from ember.cli.common import home_from_ctx, json_option, out_console, print_json
 from ember.errors import UsageError
-from ember.images import ImageService
 from ember.oci.platform import Platform
+
+if TYPE_CHECKING:
+    from ember.images import ImageService
 
 platform_option = click.option(
     "--platform",
@@ -33,6 +36,10 @@ def _platform(text: str | None) -> Platform | None:
 
 
 def _service() -> ImageService:
+    # Imported here: the image service pulls in SQLAlchemy and httpx, which
+    # every other ember command would otherwise pay for at start-up.
+    from ember.images import ImageService
+
     return ImageService(home_from_ctx())
 
 

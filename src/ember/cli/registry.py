@@ -9,8 +9,8 @@ import click
 from ember.cli.common import home_from_ctx
 from ember.errors import UsageError
 from ember.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST
-from ember.registry.client import CredentialStore, RegistryClient
-from ember.registry.client.credentials import Credentials
+from ember.registry.client.client import RegistryClient
+from ember.registry.client.credentials import Credentials, CredentialStore
 
 
 def _normalise_host(host: str) -> str:

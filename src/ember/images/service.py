@@ -26,7 +26,6 @@ from ember.images.errors import ImageNotFound, InvalidImage, InvalidSource
 from ember.images.model import Image, Layer
 from ember.images.ocilayout import OciLayoutSource
 from ember.images.progress import PullProgress, make_progress
-from ember.images.registrysource import RegistrySource
 from ember.images.sources import Source, SourceSpec, parse_source
 from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
@@ -103,6 +102,8 @@ class ImageService:
             assert spec.path is not None
             return DockerArchiveSource(spec.path, spec.selector, spec.name)
         assert spec.reference is not None
+        from ember.images.registrysource import RegistrySource  # httpx only when needed
+
         creds = self.credentials.lookup(spec.reference.registry)
         return RegistrySource(spec.reference, plain_http=plain_http, credentials=creds)
 
