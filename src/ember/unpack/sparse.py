@@ -16,6 +16,8 @@ def data_extents(buf: bytes, start: int, end: int, file_offset: int) -> list[tup
     ``bytes.find`` of a zero block runs at memchr speed over ordinary data, so the
     common case (no zero block at all) costs one C-level scan.
     """
+    if start >= end:
+        return []
     i = buf.find(_ZERO_BLOCK, start, end)
     if i < 0:
         return [(start, end)]

@@ -1,0 +1,185 @@
+"""Compression, DiffID verification and malformed streams."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ember.oci.digest import Digest
+from ember.unpack import DiffIDMismatch, InvalidLayer, UnpackError, UnsupportedLayer, apply_layer
+from tests.unpack.layers import MEDIA, Layers, dir_, hard, reg, sym, tar_bytes
+
+ENTRIES = [dir_("etc"), reg("etc/os-release", b"ID=ember\n"), sym("bin", "usr/bin"), hard("etc/x", "etc/os-release"),
+           reg("zeros", bytes(1 << 20))]
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_each_compression_applies_and_reports_the_diff_id(compression: str, root: Path, layers: Layers) -> None:
+    raw = tar_bytes(ENTRIES)
+    blob, media_type, diff_id = layers.blob(raw, compression)
+    stats = apply_layer(root, blob, media_type, diff_id)
+    assert (root / "etc/os-release").read_bytes() == b"ID=ember\n"
+    assert stats.diff_ids == (diff_id,)
+    assert stats.tar_bytes == len(raw)
+
+
+def test_large_multi_chunk_layer(root: Path, layers: Layers) -> None:
+    # several MiB of data in many files crosses every buffer boundary
+    files = [reg(f"d/f{i}", os.urandom(i * 997 % 300_000)) for i in range(60)]
+    blob, media_type, diff_id = layers.blob(tar_bytes(files), "gzip")
+    apply_layer(root, blob, media_type, diff_id)
+    for e in files:
+        assert (root / e.info.name).read_bytes() == e.data
+
+
+def test_multi_member_gzip(root: Path, layers: Layers) -> None:
+    raw = tar_bytes(ENTRIES)
+    blob = layers.blobs / "multi.gz"
+    blob.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    apply_layer(root, blob, MEDIA["gzip"], Digest.of(raw))
+    assert (root / "etc/os-release").exists()
+
+
+def test_diff_id_mismatch(root: Path, layers: Layers) -> None:
+    blob, media_type, _ = layers.blob(tar_bytes(ENTRIES), "gzip")
+    wrong = Digest.of(b"something else")
+    with pytest.raises(DiffIDMismatch, match=str(wrong)):
+        apply_layer(root, blob, media_type, wrong)
+
+
+def test_sha512_diff_id(root: Path, layers: Layers) -> None:
+    raw = tar_bytes(ENTRIES)
+    blob, media_type, _ = layers.blob(raw, "zstd")
+    stats = apply_layer(root, blob, media_type, Digest.of(raw, "sha512"))
+    assert stats.diff_ids[0].algorithm == "sha512"
+
+
+def test_docker_media_types(root: Path, layers: Layers) -> None:
+    blob, _, diff_id = layers.blob(tar_bytes(ENTRIES), "gzip")
+    apply_layer(root, blob, "application/vnd.docker.image.rootfs.diff.tar.gzip", diff_id)
+    apply_layer(root, blob, "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", diff_id)
+
+
+def test_unsupported_media_type(root: Path, layers: Layers) -> None:
+    blob, _, _ = layers.blob(tar_bytes(ENTRIES), "none")
+    with pytest.raises(UnsupportedLayer, match="application/vnd.example"):
+        apply_layer(root, blob, "application/vnd.example+bz2")
+
+
+def test_media_type_contradicted_by_content(root: Path, layers: Layers) -> None:
+    blob, _, _ = layers.blob(tar_bytes(ENTRIES), "none")
+    with pytest.raises(InvalidLayer, match="not gzip"):
+        apply_layer(root, blob, MEDIA["gzip"])
+    with pytest.raises(InvalidLayer, match="not zstd"):
+        apply_layer(root, blob, MEDIA["zstd"])
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_corrupt_compressed_stream(compression: str, root: Path, layers: Layers) -> None:
+    blob, media_type, _ = layers.blob(tar_bytes(ENTRIES + [reg("big", os.urandom(300_000))]), compression)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data[: len(data) * 3 // 4]))
+    with pytest.raises(UnpackError, match="layer"):
+        apply_layer(root, blob, media_type)
+
+
+def test_truncated_tar(root: Path, layers: Layers) -> None:
+    raw = tar_bytes([reg("big", os.urandom(100_000))])
+    with pytest.raises(InvalidLayer, match="middle of a file"):
+        layers.apply(root, raw[:50_000])
+    with pytest.raises(InvalidLayer, match="middle of a tar header"):
+        layers.apply(root, raw[:300])
+
+
+def test_corrupt_header_is_not_taken_for_the_end(root: Path, layers: Layers) -> None:
+    raw = bytearray(tar_bytes([reg("a", b"1"), reg("b", b"2")]))
+    # the second member's header starts after a's header + one data block
+    raw[1024 + 10] ^= 0x55
+    with pytest.raises(InvalidLayer, match="invalid tar header"):
+        layers.apply(root, bytes(raw))
+
+
+def test_unsupported_entry_type(root: Path, layers: Layers) -> None:
+    ti = tarfile.TarInfo("label")
+    ti.type = b"V"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(ti)
+    raw = buf.getvalue()
+    with pytest.raises(InvalidLayer, match="unsupported tar type"):
+        layers.apply(root, raw)
+
+
+def test_nul_in_pax_path_is_refused(root: Path, layers: Layers) -> None:
+    e = reg("placeholder", b"x")
+    e.pax["path"] = "evil\x00name"
+    with pytest.raises(InvalidLayer, match="NUL"):
+        layers.apply(root, [e])
+
+
+def test_huge_pax_header_is_refused(root: Path, layers: Layers) -> None:
+    e = reg("x", b"1")
+    e.pax["comment"] = "y" * (17 << 20)
+    with pytest.raises(InvalidLayer, match="too large"):
+        layers.apply(root, [e])
+
+
+def test_missing_root_and_blob(tmp_path: Path, layers: Layers) -> None:
+    blob, media_type, _ = layers.blob(tar_bytes(ENTRIES), "none")
+    with pytest.raises(UnpackError, match="not a directory"):
+        apply_layer(tmp_path / "nope", blob, media_type)
+    (tmp_path / "r").mkdir()
+    with pytest.raises(UnpackError, match="cannot read"):
+        apply_layer(tmp_path / "r", tmp_path / "missing-blob", media_type)
+
+
+def test_no_descriptor_leaks_and_no_children_left(root: Path, layers: Layers) -> None:
+    before = sorted(os.listdir("/proc/self/fd"))
+    blob, media_type, diff_id = layers.blob(tar_bytes(ENTRIES), "gzip")
+    for _ in range(3):
+        apply_layer(root, blob, media_type, diff_id)
+    with pytest.raises(InvalidLayer):
+        layers.apply(root, [reg(".wh.", b"")])
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_tar_sparse_members_are_written_sparse(fmt: str, tmp_path: Path, root: Path,
+                                                   layers: Layers) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse = src / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"in the middle")
+        f.seek((64 << 20) - 5)
+        f.write(b"end!!")
+    tar_path = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(tar_path), "-C", str(src), "sparse.img"],
+                   check=True)
+    raw = tar_path.read_bytes()
+    assert len(raw) < 1 << 20  # GNU tar stored it sparse
+    stats = layers.apply(root, raw)
+    out = root / "sparse.img"
+    st = os.lstat(out)
+    assert st.st_size == 64 << 20
+    assert st.st_blocks * 512 < 1 << 20
+    with open(out, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(13) == b"in the middle"
+        f.seek((64 << 20) - 5)
+        assert f.read() == b"end!!"
+        f.seek(0)
+        assert f.read(1 << 20) == bytes(1 << 20)
+    assert stats.files == 1
