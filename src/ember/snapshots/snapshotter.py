@@ -209,7 +209,11 @@ class Snapshotter:
         lock.acquire()
         try:
             meta = Meta(key, kind, parent, time.time(), dict(labels or {}), transient)
-            atomic_write(staging / META, meta.dump())
+            if transient:
+                # a builder's snapshot is discarded after any crash: durability buys nothing
+                (staging / META).write_bytes(meta.dump())
+            else:
+                atomic_write(staging / META, meta.dump())
             disk = staging / DISK
             if parent is None:
                 self.pool.backend.create(disk, size or self.config.base_size)
@@ -226,7 +230,8 @@ class Snapshotter:
                 os.rename(staging, target)
             except OSError as e:
                 raise SnapshotExists(f"snapshot {key!r} already exists") from e
-            fsync_dir(self.active_dir)
+            if not transient:
+                fsync_dir(self.active_dir)
         except BaseException:
             lock.release()
             shutil.rmtree(staging, ignore_errors=True)
