@@ -1,6 +1,6 @@
 """Layer media types -> decompression (parent side of the applier).
 
-The mapping is by media type, never by sniffing: a blob whose first bytes
+The mapping is ember.oci's, by media type, never by sniffing: a blob whose first bytes
 contradict its media type is refused with a message saying so, rather than
 being fed to the wrong decompressor.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import isal.igzip_threaded
 import zstandard
 
+from ember.oci.errors import UnsupportedMediaType
+from ember.oci.mediatypes import Compression, layer_compression
 from ember.unpack.errors import InvalidLayer, UnsupportedLayer
-
-Compression = Literal["none", "gzip", "zstd"]
 
 #: read size for compressed input and the uncompressed chunks handed to the applier
 CHUNK = 1 << 20
@@ -24,32 +24,13 @@ CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-# Every layer media type of the OCI image spec and Docker's schema 2, including
-# the non-distributable / foreign ones (their blobs, when present, are ordinary layers).
-_BY_MEDIA_TYPE: dict[str, Compression] = {
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-}
-
 
 def compression_of(media_type: str) -> Compression:
-    """The compression of a layer media type; UnsupportedLayer for anything else."""
+    """The compression of a layer media type (ember.oci's table); UnsupportedLayer otherwise."""
     try:
-        return _BY_MEDIA_TYPE[media_type]
-    except KeyError:
-        raise UnsupportedLayer(
-            f"unsupported layer media type {media_type[:200]!r} "
-            "(ember applies tar, tar+gzip and tar+zstd layers)"
-        ) from None
+        return layer_compression(media_type)
+    except UnsupportedMediaType as e:
+        raise UnsupportedLayer(e.message) from None
 
 
 def check_blob(blob: Path, compression: Compression) -> None:
