@@ -154,3 +154,12 @@ def test_progress_display_on_request(
     service.remove(layout_ref(busybox_layout))
     service.pull(layout_ref(busybox_layout), progress=None)  # not a terminal: silent
     assert capfd.readouterr().err == ""
+
+
+def test_docker_save_archive(
+    service: ImageService, busybox_docker_archive: Path, busybox_layout: Path, tmp_path: Path
+) -> None:
+    image = service.pull(f"docker-archive:{busybox_docker_archive}", progress=False)
+    assert len(image.layers) == 1
+    ours = unpack(service, f"docker-archive:{busybox_docker_archive}", tmp_path / "ours")
+    assert_same_tree(ours, umoci_unpack(busybox_layout, "latest", tmp_path / "umoci"))

@@ -176,3 +176,25 @@ def test_remove_keeps_shared_blobs(
     assert service.get(zstd.reference).manifest_digest == zstd.manifest_digest
     with pytest.raises(ImageNotFound):
         service.remove(gzip.reference)
+
+
+def test_pull_docker_schema2(
+    service: ImageService, registry: Registry, multilayer_layout: Path, tmp_path: Path
+) -> None:
+    ref = push_layout(multilayer_layout, registry, "test/v2s2", format="v2s2")
+    image = service.pull(ref, progress=False)
+    assert image.manifest.media_type == mt.DOCKER_MANIFEST
+    assert image.manifest.config.media_type == mt.DOCKER_CONFIG
+    assert {x.media_type for x in image.layers} == {mt.DOCKER_LAYER_GZIP}
+    ours = unpack(service, ref, tmp_path / "ours")
+    assert_same_tree(ours, umoci_unpack(multilayer_layout, "latest", tmp_path / "umoci"))
+
+
+def test_pull_docker_manifest_list(
+    service: ImageService, registry: Registry, multiarch_layout: Path
+) -> None:
+    ref = push_layout(multiarch_layout, registry, "test/v2s2-list", format="v2s2")
+    image = service.pull(ref, Platform.parse("linux/arm64"), progress=False)
+    assert image.platform.architecture == "arm64"
+    assert image.manifest.media_type == mt.DOCKER_MANIFEST
+    assert service.list()[0].index_digest is not None

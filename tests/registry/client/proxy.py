@@ -29,6 +29,9 @@ _REPO = re.compile(r"^/v2/(.+)/(?:blobs|manifests)/")
 class Behaviour:
     #: cut the connection after this many body bytes on the first GET of each blob bigger than it
     cut_blob_after: int | None = None
+    #: on the first GET of each blob bigger than this, send this many bytes then stall
+    #: until the proxy stops (for killing a client mid-download)
+    stall_blob_after: int | None = None
     #: forward without the Range header (the server answers 200 with the whole blob)
     ignore_range: bool = False
     #: flip one byte in every blob body
@@ -55,7 +58,8 @@ class MisbehavingProxy:
         self.behaviour = behaviour
         self.seen: list[Seen] = []
         self.tokens: dict[str, str] = {}  # token -> scope
-        self._cut: set[str] = set()
+        self._cut: set[object] = set()
+        self._stop = threading.Event()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -136,6 +140,17 @@ class MisbehavingProxy:
         if blob and h.command == "GET" and resp.status in (200, 206) and b.corrupt_blobs and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         cut_at = None
+        stall_at = None
+        if (
+            blob
+            and h.command == "GET"
+            and b.stall_blob_after is not None
+            and len(body) > b.stall_blob_after
+        ):
+            with self._lock:
+                if ("stall", h.path) not in self._cut:
+                    self._cut.add(("stall", h.path))
+                    stall_at = b.stall_blob_after
         if (
             blob
             and h.command == "GET"
@@ -153,6 +168,12 @@ class MisbehavingProxy:
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         if h.command == "HEAD":
+            return
+        if stall_at is not None:
+            h.wfile.write(body[:stall_at])
+            h.wfile.flush()
+            self._stop.wait()
+            h.close_connection = True
             return
         if cut_at is not None:
             h.wfile.write(body[:cut_at])
@@ -203,6 +224,7 @@ def misbehaving_proxy(
     try:
         yield proxy
     finally:
+        proxy._stop.set()
         proxy.server.shutdown()
         proxy.server.server_close()
         thread.join()
