@@ -141,7 +141,7 @@ def test_registry_login_logout(
     assert ok.returncode == 0, ok.stderr
     creds = home / "credentials.json"
     assert creds.stat().st_mode & 0o777 == 0o600
-    assert auth_registry.password not in creds.read_text()  # base64, as Docker stores it
+    assert (auth_registry.password or "") not in creds.read_text()  # base64, as Docker stores it
     assert ember(home, "image", "pull", private).returncode == 0
 
     out = ember(home, "registry", "logout", host)
