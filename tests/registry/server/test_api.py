@@ -68,7 +68,7 @@ def test_insufficient_scope_challenge(acme: Tenant) -> None:
     token = acme.registry_token("repository:scoped:pull")
     h = {"Authorization": f"Bearer {token}"}
     r = http.post(f"{acme.server.url}/v2/scoped/blobs/uploads/", headers=h)
-    assert r.status_code == 401
+    assert r.status_code == 403
     assert 'scope="repository:scoped:pull,push"' in r.headers["www-authenticate"]
     assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
     token = acme.registry_token("repository:scoped:pull,push")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -126,32 +127,29 @@ def test_buildah_push(acme: Tenant, multilayer_layout: Path, tmp_path: Path) -> 
     assert config["config"]["Labels"]["org.ember.test"] == "multilayer"
 
 
-def test_oras_artifact_with_subject(acme: Tenant, busybox_layout: Path, tmp_path: Path) -> None:
+def test_oras_artifact_with_subject(acme: Tenant, busybox_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import oras.client
+    import oras.oci
 
     push(acme, busybox_layout, "oras/app:v1", "--preserve-digests")
-    subject = json.loads(layout_manifest(busybox_layout))
+    subject_bytes = layout_manifest(busybox_layout)
+    subject = oras.oci.Subject(
+        mediaType=json.loads(subject_bytes).get("mediaType", "application/vnd.oci.image.manifest.v1+json"),
+        digest="sha256:" + hashlib.sha256(subject_bytes).hexdigest(),
+        size=len(subject_bytes),
+    )
     client = oras.client.OrasClient(hostname=acme.host, insecure=True)
     client.login(username="x", password=acme.token, hostname=acme.host, tls_verify=False)
-    artifact = tmp_path / "sbom.json"
-    artifact.write_text('{"packages": ["busybox"]}')
-    # oras wants a relative path to name the layer
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        subject_ref = f"{acme.host}/oras/app@" + "sha256:" + __import__("hashlib").sha256(layout_manifest(busybox_layout)).hexdigest()
-        resp = client.push(target=f"{acme.host}/oras/app:sbom", files=["sbom.json"], subject=subject_ref)
-        assert resp.status_code == 201
-        assert resp.headers.get("OCI-Subject") == subject_ref.split("@")[1]
-        out = tmp_path / "pulled"
-        files = client.pull(target=f"{acme.host}/oras/app:sbom", outdir=str(out))
-    finally:
-        os.chdir(cwd)
+    (tmp_path / "sbom.json").write_text('{"packages": ["busybox"]}')
+    monkeypatch.chdir(tmp_path)  # oras names a layer by its relative path
+    # a pull first: the client then holds a pull-only token and must widen it to push
+    assert client.get_tags(f"{acme.host}/oras/app") == ["v1"]
+    resp = client.push(target=f"{acme.host}/oras/app:sbom", files=["sbom.json"], subject=subject)
+    assert resp.status_code == 201, resp.text
+    assert resp.headers["OCI-Subject"] == subject.digest
+    files = client.pull(target=f"{acme.host}/oras/app:sbom", outdir=str(tmp_path / "pulled"))
     assert [Path(f).read_text() for f in files] == ['{"packages": ["busybox"]}']
-    assert subject["mediaType"]
-    # the referrers API lists it
+    # the registry lists it as a referrer of the image
     with acme.client() as c:
-        refs = c.get(f"/v2/oras/app/referrers/{subject_ref.split('@')[1]}").json()["manifests"]
-    assert len(refs) == 1
+        refs = c.get(f"/v2/oras/app/referrers/{subject.digest}").json()["manifests"]
+    assert len(refs) == 1 and refs[0]["digest"] == resp.headers["Docker-Content-Digest"]

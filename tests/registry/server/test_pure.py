@@ -231,3 +231,14 @@ def test_fuzz_upload_state_and_headers(text: str) -> None:
         with contextlib.suppress(ApiError):
             fn(text)
     parse_scope(text)
+
+
+def test_trailing_newlines_never_pass() -> None:
+    """``$`` matches before a final newline; every validator must use fullmatch."""
+    assert not valid_repo_name("web\n")
+    with pytest.raises(InvalidName):
+        check_org_name("acme\n")
+    with pytest.raises(ApiError):
+        page_size("5\n")
+    with pytest.raises(InvalidUploadState):
+        verify_state(KEY, "abc\n.def", 0)

@@ -234,7 +234,7 @@ def test_push_only_token_cannot_delete(acme: Tenant, acme_pusher: Tenant, secret
     # through the token flow: the delete action is simply not granted
     token = acme_pusher.registry_token("repository:web:pull,push,delete")
     r = http.delete(f"{acme.server.url}/v2/web/manifests/1", headers={"Authorization": f"Bearer {token}"})
-    assert r.status_code == 401 and 'error="insufficient_scope"' in r.headers["www-authenticate"]
+    assert r.status_code == 403 and 'error="insufficient_scope"' in r.headers["www-authenticate"]
     with acme.client() as c:
         assert c.get("/v2/web/manifests/1").status_code == 200
 

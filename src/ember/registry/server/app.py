@@ -37,6 +37,7 @@ from ember.registry.server.names import qualify, unqualify, valid_repo_name
 from ember.registry.server.protocol import (
     accepts,
     challenge,
+    content_length,
     page_size,
     parse_content_range,
     parse_range,
@@ -200,9 +201,11 @@ class RegistryApp:
                 headers={"WWW-Authenticate": challenge(self._realm(request), scope)},
             )
         if jwt:
-            # the client may fetch a token for this scope and retry
+            # 403, not Docker's 401: oras-py fetches a new token only after a 403, while
+            # docker, podman and skopeo ask for every scope they need up front.  The
+            # challenge still names the scope, so any client can get a wider token.
             return ApiError(
-                "UNAUTHORIZED",
+                "DENIED",
                 message,
                 headers={
                     "WWW-Authenticate": challenge(self._realm(request), scope, "insufficient_scope")
@@ -334,8 +337,8 @@ class RegistryApp:
         return Response(body, headers=headers)
 
     async def _read_limited(self, request: Request, limit: int) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        size = content_length(request.headers.get("content-length"))
+        if size is not None and size > limit:
             raise ApiError("SIZE_INVALID", f"body is larger than {limit} bytes", status=413)
         buf = bytearray()
         async for chunk in request.stream():
@@ -541,8 +544,8 @@ class RegistryApp:
         if value is None:
             return state.offset
         start, end = parse_content_range(value)
-        length = ctx.request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) != end - start + 1:
+        length = content_length(ctx.request.headers.get("content-length"))
+        if length is not None and length != end - start + 1:
             raise ApiError(
                 "BLOB_UPLOAD_INVALID",
                 f"Content-Range {value!r} does not match Content-Length {length}",

@@ -26,15 +26,15 @@ MAX_ORG_NAME = 63
 
 
 def valid_repo_name(name: str) -> bool:
-    return len(name) <= MAX_REPO_NAME and _REPO.match(name) is not None
+    return len(name) <= MAX_REPO_NAME and _REPO.fullmatch(name) is not None
 
 
 def valid_tag(tag: str) -> bool:
-    return _TAG.match(tag) is not None
+    return _TAG.fullmatch(tag) is not None
 
 
 def check_org_name(name: str) -> str:
-    if len(name) > MAX_ORG_NAME or not _ORG.match(name):
+    if len(name) > MAX_ORG_NAME or not _ORG.fullmatch(name):
         raise InvalidName(
             f"invalid organization name {name[:80]!r}: use lowercase letters, digits and single dashes"
             f" (at most {MAX_ORG_NAME} characters)"

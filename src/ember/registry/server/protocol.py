@@ -13,13 +13,15 @@ from ember.registry.server.errors import ApiError
 #: the most entries one tags/list or _catalog page returns (Distribution CVE-2023-2253)
 MAX_PAGE = 1000
 
-_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?$")
-_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+# [0-9], not \d: \d also matches non-ASCII digits
+_NUMBER = re.compile(r"^[0-9]{1,9}$")
+_CONTENT_RANGE = re.compile(r"^(?:bytes[= ])?([0-9]{1,19})-([0-9]{1,19})(?:/(?:[0-9]{1,19}|\*))?$")
+_RANGE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})$")
 
 
 def parse_content_range(value: str) -> tuple[int, int]:
     """Upload chunk ``start-end`` (inclusive); 416 when malformed or inverted."""
-    m = _CONTENT_RANGE.match(value.strip())
+    m = _CONTENT_RANGE.fullmatch(value.strip())
     if not m:
         raise ApiError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value[:60]!r}", status=416)
     start, end = int(m.group(1)), int(m.group(2))
@@ -34,7 +36,7 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
     None means "send the whole blob" (what RFC 9110 allows for anything we do
     not support, such as several ranges); ApiError 416 when unsatisfiable.
     """
-    m = _RANGE.match(value.strip())
+    m = _RANGE.fullmatch(value.strip())
     if not m:
         return None
     first, last = m.group(1), m.group(2)
@@ -81,7 +83,7 @@ def accepts(accept_values: list[str], media_type: str) -> bool:
 def page_size(value: str | None) -> int:
     if value is None or value == "":
         return MAX_PAGE
-    if not value.isdigit() or len(value) > 9:
+    if not _NUMBER.fullmatch(value):
         raise ApiError("PAGINATION_NUMBER_INVALID", f"invalid n={value[:20]!r}")
     n = int(value)
     if n > MAX_PAGE:
@@ -89,6 +91,13 @@ def page_size(value: str | None) -> int:
             "PAGINATION_NUMBER_INVALID", f"n={n} is more than the {MAX_PAGE} entries a page may hold"
         )
     return n
+
+
+def content_length(value: str | None) -> int | None:
+    """A Content-Length header as a number; None when absent or not a plain number."""
+    if value is None or not re.fullmatch(r"[0-9]{1,19}", value):
+        return None
+    return int(value)
 
 
 def challenge(realm: str, scope: str | None = None, error: str | None = None) -> str:

@@ -101,7 +101,7 @@ def parse_path(raw: bytes) -> Route:
     if len(segs) >= 3 and segs[-2:] == ["blobs", "uploads"]:
         return Route(UPLOAD_START, _name(segs[:-2]))
     if len(segs) >= 4 and segs[-3:-1] == ["blobs", "uploads"]:
-        if not _UPLOAD_ID.match(segs[-1]):
+        if not _UPLOAD_ID.fullmatch(segs[-1]):
             raise ApiError("BLOB_UPLOAD_UNKNOWN", "unknown upload session")
         return Route(UPLOAD, _name(segs[:-3]), upload_id=segs[-1])
     if len(segs) >= 3 and segs[-2] == "blobs":

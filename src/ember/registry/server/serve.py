@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import uvicorn
 
@@ -16,7 +17,7 @@ from ember.registry.server.config import DB_ENV, load_config
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT``."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise UsageError(f"invalid --listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:5000")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

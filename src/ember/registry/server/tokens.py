@@ -18,12 +18,14 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from ember.registry.server.names import qualify, valid_repo_name
 
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 API_TOKEN_PREFIX = "ember_"
 ACTIONS = frozenset({"pull", "push", "delete"})
 DEFAULT_ACTIONS = frozenset({"pull", "push"})
@@ -149,7 +151,7 @@ def _b64e(data: bytes) -> str:
 
 
 def _b64d(text: str) -> bytes:
-    if not text or len(text) % 4 == 1 or not all(c.isalnum() or c in "-_" for c in text):
+    if not text or len(text) % 4 == 1 or not _B64URL.fullmatch(text):
         raise InvalidToken("token is not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
