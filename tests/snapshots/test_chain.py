@@ -194,3 +194,26 @@ def test_copy_backend_builds_the_same_content(copy_home: Home) -> None:
         assert os.readlink(root / "lib") == "usr/lib"
     disk = clone_root_disk(copy_home, image, "m", 2 << 30)
     assert system.fs_size(disk) == 2 << 30
+
+
+def test_a_layer_too_big_for_the_disk_grows_it(tmp_path: Path) -> None:
+    """Out of inodes or blocks in the base ext4: the build retries on a disk twice as big."""
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    home = make_home(tmp_path / "small", base_size="64M")
+    try:
+        many = LayerSpec([Entry("many"), *(Entry(f"many/f{i}", b"") for i in range(20000))])
+        big = LayerSpec([Entry("big", os.urandom(140 << 20))])
+        image = make_image(home, [*base_layers(), many, big])
+        prepared = prepare_image(home, image)
+        snap = Snapshotter(home)
+        sizes = [system.fs_size(snap.path(str(layer.chain_id))) for layer in image.layers]
+        assert sizes[:2] == [64 << 20, 64 << 20]
+        assert sizes[2] > 64 << 20 and sizes[3] > sizes[2]  # grown for inodes, then for space
+        subprocess.run(["e2fsck", "-fn", str(prepared.path)], check=True, capture_output=True)
+        with snap.mount(prepared.snapshot) as root:
+            assert len(os.listdir(root / "many")) == 20000
+            assert (root / "big").stat().st_size == 140 << 20
+        assert not [s.name for s in snap.list() if s.kind is Kind.ACTIVE]
+    finally:
+        teardown_home(home)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember.home import Home
-from ember.snapshots import names
+from ember.snapshots import names, system
 from ember.snapshots.errors import SnapshotError, SnapshotExists, SnapshotNotFound
 from ember.snapshots.locks import FileLock
 from ember.snapshots.snapshotter import Snapshotter
@@ -32,6 +33,8 @@ log = logging.getLogger("ember.snapshots")
 
 #: a prepare that takes longer than this loses GC protection (a dead process's lease must expire)
 PREPARE_LEASE_TTL = 6 * 3600.0
+#: layers that do not fit grow their disk by doubling, up to this
+MAX_AUTO_SIZE = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -88,22 +91,52 @@ def prepare_image(
     )
 
 
+class _OutOfSpace(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
 def _build_layer(
     snap: Snapshotter, store: ContentStore, name: str, parent: str | None, layer: Layer
 ) -> None:
-    from ember.unpack import apply_layer  # the unpacker is only needed when building
-
+    """Build one layer's snapshot; a layer that does not fit is retried on a disk twice as big."""
     blob = store.path(layer.digest)
     if not blob.is_file():
         raise SnapshotError(
             f"layer {layer.digest} is not in the content store: pull the image again"
         )
-    key = f"build/{name}/{secrets.token_hex(4)}"
     t0 = time.perf_counter()
-    _active, lock = snap.prepare_held(key, parent)
+    size: int | None = None
+    while True:
+        try:
+            _build_once(snap, name, parent, layer, blob, size)
+            break
+        except _OutOfSpace as full:
+            if full.size * 2 > MAX_AUTO_SIZE:
+                raise SnapshotError(
+                    f"layer {layer.digest} does not fit in a {full.size >> 30} GiB file system"
+                ) from None
+            size = full.size * 2
+            log.info("layer %s did not fit; retrying on a %d MiB disk", layer.digest, size >> 20)
+    log.info("built snapshot %s in %.2fs", name, time.perf_counter() - t0)
+
+
+def _build_once(
+    snap: Snapshotter, name: str, parent: str | None, layer: Layer, blob: Path, size: int | None
+) -> None:
+    from ember.unpack import apply_layer  # the unpacker is only needed when building
+
+    key = f"build/{name}/{secrets.token_hex(4)}"
+    _active, lock = snap.prepare_held(key, parent, size=size)
     try:
         with snap.mount(key, held=lock) as root:
-            apply_layer(root, blob, layer.media_type, layer.diff_id)
+            try:
+                apply_layer(root, blob, layer.media_type, layer.diff_id)
+            except Exception as e:
+                if _nearly_full(root):
+                    raise _OutOfSpace(system.fs_size(snap.path(key))) from e
+                raise
         if snap.config.check == "full":
             snap.check(key)
         snap.commit(name, key, held=lock)
@@ -115,7 +148,12 @@ def _build_layer(
         raise
     finally:
         lock.release()
-    log.info("built snapshot %s in %.2fs", name, time.perf_counter() - t0)
+
+
+def _nearly_full(root: Path) -> bool:
+    """After a failed apply: did it fail because blocks or inodes ran out?"""
+    st = os.statvfs(root)
+    return st.f_bavail * 100 < st.f_blocks * 2 or st.f_favail * 100 < st.f_files
 
 
 def machine_key(machine_id: str) -> str:
