@@ -1,0 +1,205 @@
+"""``ember ps/logs/stop/kill/rm/inspect``: machines, docker-style."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from typing import Any
+
+import click
+
+from ember.cli.common import home_from_ctx, json_option, print_json
+from ember.errors import EmberError
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return ""
+    try:
+        t = _dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    s = int((_dt.datetime.now(_dt.UTC) - t).total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if s >= size:
+            n = s // size
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return f"{s} seconds ago"
+
+
+def _status(st: Any) -> str:
+    from ember.machines.state import EXITED, RUNNING
+
+    if st.status == RUNNING:
+        return f"Up since {_ago(st.started_at)}"
+    if st.status == EXITED:
+        return f"Exited ({st.exit_code}) {_ago(st.finished_at)}"
+    return "Created"
+
+
+def _ports(st: Any) -> str:
+    if not st.network:
+        return ""
+    out = []
+    for p in st.network.get("ports", []):
+        host = p.get("host_ip") or "0.0.0.0"
+        out.append(f"{host}:{p['host_port']}->{p['guest_port']}/{p['protocol']}")
+    return ", ".join(out)
+
+
+def _find(ref: str) -> Any:
+    from ember.machines.lifecycle import refresh
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    return refresh(home, MachineStore(home).find(ref))
+
+
+@click.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show stopped machines too.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print machine ids.")
+@json_option
+def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
+    """List machines (running ones unless -a)."""
+    from ember.machines.lifecycle import refresh
+    from ember.machines.state import RUNNING
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    machines = [refresh(home, m) for m in MachineStore(home).list()]
+    if not show_all:
+        machines = [m for m in machines if m.status == RUNNING]
+    if as_json:
+        print_json([m.to_json() for m in machines])
+        return
+    if quiet:
+        for m in machines:
+            click.echo(m.short_id)
+        return
+    header = ("MACHINE ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")
+    rows = []
+    for m in machines:
+        cmd = " ".join(m.command)
+        cmd = cmd if len(cmd) <= 30 else cmd[:29] + "…"
+        rows.append((m.short_id, m.image, f'"{cmd}"', _ago(m.created_at), _status(m),
+                     _ports(m), m.name))  # fmt: skip
+    # plain aligned columns (like docker ps): never wrapped, so scripts and narrow pipes
+    # see one machine per line
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing output until the machine ends.")
+@click.argument("machine")
+def logs(follow: bool, machine: str) -> None:
+    """Print a machine's program output (stdout and stderr)."""
+    from ember.machines.state import RUNNING, read_state
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    st = _find(machine)
+    d = MachineStore(home).dir(st.id)
+    with open(d / "stdout.log", "rb") as out, open(d / "stderr.log", "rb") as err:
+        sinks = ((out, sys.stdout.buffer), (err, sys.stderr.buffer))
+        while True:
+            moved = False
+            for src, dst in sinks:
+                data = src.read(1 << 16)
+                if data:
+                    dst.write(data)
+                    dst.flush()
+                    moved = True
+            if moved:
+                continue
+            if not follow:
+                return
+            try:
+                if read_state(d).status != RUNNING:
+                    follow = False  # one more pass drains what is left
+            except FileNotFoundError:
+                follow = False
+            time.sleep(0.1)
+
+
+@click.command()
+@click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
+              help="Seconds to wait for a graceful stop before killing (default: the machine's).")  # fmt: skip
+@click.argument("machines", nargs=-1, required=True)
+def stop(timeout: int | None, machines: tuple[str, ...]) -> None:
+    """Stop machines gracefully (StopSignal, then SIGKILL after the timeout)."""
+    from ember.machines import lifecycle
+
+    home = home_from_ctx()
+    failed = False
+    for ref in machines:
+        try:
+            st = _find(ref)
+            t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
+            lifecycle.stop(home, st, t)
+            click.echo(ref)
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("machines", nargs=-1, required=True)
+def kill(machines: tuple[str, ...]) -> None:
+    """Kill machines' programs at once (exit code 137)."""
+    from ember.machines import lifecycle
+
+    home = home_from_ctx()
+    failed = False
+    for ref in machines:
+        try:
+            lifecycle.kill(home, _find(ref))
+            click.echo(ref)
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Kill running machines first.")
+@click.argument("machines", nargs=-1, required=True)
+def rm(force: bool, machines: tuple[str, ...]) -> None:
+    """Remove machines (root disk, network, logs)."""
+    from ember.machines import lifecycle
+
+    home = home_from_ctx()
+    failed = False
+    for ref in machines:
+        try:
+            lifecycle.remove(home, _find(ref), force=force)
+            click.echo(ref)
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("machines", nargs=-1, required=True)
+def inspect(machines: tuple[str, ...]) -> None:
+    """Print machines' full records as JSON."""
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    out = []
+    for ref in machines:
+        st = _find(ref)
+        data = st.to_json()
+        data["dir"] = str(MachineStore(home).dir(st.id))
+        out.append(data)
+    print_json(out)
+
+
+commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect]

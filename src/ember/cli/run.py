@@ -1,0 +1,244 @@
+"""``ember run``: boot an image as a micro-VM, like ``docker run``.
+
+Foreground: the program's stdout and stderr are streamed to ours as the guest
+writes them (kernel and init messages stay in the machine's console.log), and
+ember exits with the program's exit code.  Ctrl-C asks the machine to stop
+gracefully; a second Ctrl-C kills it.  ``-d`` prints the machine id and leaves
+the machine running under its monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from ember.cli.common import home_from_ctx
+from ember.errors import EmberError
+from ember.home import Home
+from ember.machines.errors import MachineError
+
+DEFAULT_DISK_HELP = "the image's size plus headroom"
+
+
+def _say(text: str) -> None:
+    click.echo(f"ember: {text}", err=True)
+
+
+def _pump(src: IO[bytes], dst: IO[bytes]) -> bool:
+    data = src.read(1 << 16)
+    if not data:
+        return False
+    dst.write(data)
+    dst.flush()
+    return True
+
+
+class _Interrupts:
+    """Ctrl-C while following a machine: first a graceful stop, then a kill."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.handled = 0
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+    def _on_sigint(self, _sig: int, _frame: object) -> None:
+        self.count += 1
+
+
+def _follow(home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[IO[bytes]]) -> int:
+    from ember.machines import lifecycle
+    from ember.machines.state import read_state
+    from ember.machines.store import MachineStore
+    from ember.vm.vmm.base import ControlChannelError, open_control, write_control
+
+    d = MachineStore(home).dir(machine_id)
+    stdout, stderr = outs
+    sinks = ((stdout, sys.stdout.buffer), (stderr, sys.stderr.buffer))
+    pending = b""
+    event: dict[str, Any] | None = None
+    control = None
+    with _Interrupts() as intr:
+        try:
+            while event is None:
+                ready, _, _ = select.select([sync_r], [], [], 0.02)
+                for src, dst in sinks:
+                    _pump(src, dst)
+                if intr.count > intr.handled:
+                    intr.handled = intr.count
+                    st = read_state(d)
+                    if intr.handled == 1:
+                        _say(f"stopping {st.name} (Ctrl-C again to kill it)")
+                        try:
+                            control = open_control(d / "control.sock")
+                            write_control(control, "stop")
+                        except ControlChannelError as e:
+                            _say(f"{e}: killing it")
+                            lifecycle.kill_vmm(home, st)
+                    else:
+                        _say(f"killing {st.name}")
+                        with contextlib.suppress(EmberError):
+                            lifecycle.kill_vmm(home, st)
+                if not ready:
+                    continue
+                chunk = os.read(sync_r, 4096)
+                if not chunk:
+                    break  # the monitor went away without saying how it ended
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    msg = json.loads(line)
+                    if msg.get("event") == "exited":
+                        event = msg
+                    elif msg.get("event") == "error":
+                        raise MachineError(str(msg.get("message")))
+        finally:
+            if control is not None:
+                control.close()
+    for src, dst in sinks:
+        while _pump(src, dst):
+            pass
+    # the monitor finishes its cleanup (network, --rm) before we return, like docker run --rm
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(monitor_pid, 0)
+    if event is None:
+        end = lifecycle.wait_exited(home, read_state(d), 5)
+        if end is None or end.exit_code is None:
+            raise MachineError("the machine's monitor ended without reporting an exit code")
+        return end.exit_code
+    if event.get("error"):
+        _say(str(event["error"]))
+    if event.get("end_reason"):
+        _say(f"machine ended: {event['end_reason']}")
+    return int(event["exit_code"])
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.option("--rm", "auto_remove", is_flag=True, help="Remove the machine when it exits.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; print the machine id.")
+@click.option("--name", help="Name of the machine (unique; default: generated).")
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
+              help="Set an environment variable (bare KEY: take it from this environment).")  # fmt: skip
+@click.option("--env-file", "env_files", multiple=True, type=click.Path(path_type=Path),
+              help="Read KEY=VALUE lines from a file.")  # fmt: skip
+@click.option("--entrypoint", help='Override the image\'s entrypoint ("" clears it).')
+@click.option("-u", "--user", help="NAME, UID, NAME:GROUP or UID:GID (resolved in the image).")
+@click.option("-w", "--workdir", help="Working directory inside the machine.")
+@click.option("-p", "--publish", "publish", multiple=True,
+              metavar="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]", help="Publish a port.")  # fmt: skip
+@click.option("--memory", "-m", "memory", default="512", show_default=True,
+              help="Guest memory in MiB (or with a unit: 1G).")  # fmt: skip
+@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--disk-size", help=f"Root disk size, e.g. 2G (default: {DEFAULT_DISK_HELP}).")
+@click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False),
+              help="Boot this kernel (bzImage or ELF) instead of the installed one.")  # fmt: skip
+@click.option("--stop-timeout", type=click.IntRange(0, 3600),
+              help="Seconds between the stop signal and SIGKILL (default 10).")  # fmt: skip
+@click.option("--network", default="default", show_default=True,
+              help="Machines see each other only within the same network.")  # fmt: skip
+@click.option("--plain-http", is_flag=True, help="Pull over plain HTTP.")
+@click.argument("image")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(
+    auto_remove: bool,
+    detach: bool,
+    name: str | None,
+    env: tuple[str, ...],
+    env_files: tuple[Path, ...],
+    entrypoint: str | None,
+    user: str | None,
+    workdir: str | None,
+    publish: tuple[str, ...],
+    memory: str,
+    cpus: int,
+    disk_size: str | None,
+    kernel: Path | None,
+    stop_timeout: int | None,
+    network: str,
+    plain_http: bool,
+    image: str,
+    args: tuple[str, ...],
+) -> None:
+    """Run IMAGE in a new micro-VM."""
+    from ember.machines import lifecycle
+    from ember.machines.options import (
+        check_name,
+        parse_env,
+        parse_memory_mib,
+        parse_size,
+        read_env_file,
+    )
+    from ember.machines.store import MachineStore
+    from ember.net.ports import parse_publish
+
+    home = home_from_ctx()
+    if name is not None:
+        check_name(name)
+    host_env = dict(os.environ)
+    all_env: list[str] = []
+    for f in env_files:
+        all_env += read_env_file(f, host_env)
+    all_env += parse_env(env, host_env)
+    req = lifecycle.RunRequest(
+        image=image,
+        args=tuple(args),
+        name=name,
+        env=tuple(all_env),
+        entrypoint=None if entrypoint is None else ((entrypoint,) if entrypoint else ()),
+        user=user,
+        workdir=workdir,
+        ports=tuple(parse_publish(p) for p in publish),
+        memory_mib=parse_memory_mib(memory),
+        cpus=cpus,
+        disk_size=parse_size(disk_size) if disk_size else None,
+        kernel=kernel,
+        auto_remove=auto_remove,
+        network=network,
+        stop_timeout=stop_timeout,
+        plain_http=plain_http,
+    )
+    st = lifecycle.create(home, req, progress=_say)
+    d = MachineStore(home).dir(st.id)
+    # open the logs before the machine can write (and before --rm can delete them)
+    outs = [open(d / "stdout.log", "rb"), open(d / "stderr.log", "rb")]  # noqa: SIM115
+    sync_r, sync_w = os.pipe()
+    try:
+        monitor_pid = lifecycle.spawn_monitor(home, st, sync_w)
+    except BaseException:
+        os.close(sync_w)
+        lifecycle.remove(home, st, force=True)
+        raise
+    os.close(sync_w)
+    try:
+        if detach:
+            line = os.read(sync_r, 4096).split(b"\n", 1)[0]
+            msg = json.loads(line) if line else {"event": "error", "message": "monitor died"}
+            if msg.get("event") != "started":
+                raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
+            click.echo(st.id)
+            return
+        code = _follow(home, st.id, sync_r, monitor_pid, outs)
+    finally:
+        os.close(sync_r)
+        for out in outs:
+            out.close()
+    sys.stdout.flush()
+    raise SystemExit(code)
+
+
+commands: list[click.Command] = [run]

@@ -1,0 +1,368 @@
+"""Creating, starting, stopping, killing and removing machines (the host side).
+
+``create`` assembles everything a machine needs (image, root disk, network, run
+config, initrd) and records it; ``start`` hands the machine to its monitor
+(``ember.machines.monitor``), a small detached process that owns the VMM, so a
+machine outlives the CLI that started it.  ``stop``/``kill``/``remove`` work from
+any process through the state on disk, the guest's control socket and pids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ember.errors import EmberError
+from ember.home import Home
+from ember.machines import state as mstate
+from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
+from ember.machines.state import MachineState, VMConfig
+from ember.machines.store import MachineStore
+from ember.net.ports import PortMapping
+from ember.vm.vmm.base import (
+    Channels,
+    ControlChannelError,
+    open_control,
+    pid_alive,
+    wait_pid_exit,
+    write_control,
+)
+
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_CPUS = 1
+DEFAULT_STOP_TIMEOUT = 10
+#: after ``kill`` on the control channel, how long the guest gets before the VMM is killed
+KILL_GRACE = 5.0
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    image: str
+    args: tuple[str, ...] = ()
+    name: str | None = None
+    env: tuple[str, ...] = ()
+    #: None: the image's; () clears it (``--entrypoint ""``)
+    entrypoint: tuple[str, ...] | None = None
+    user: str | None = None
+    workdir: str | None = None
+    ports: tuple[PortMapping, ...] = ()
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = DEFAULT_CPUS
+    disk_size: int | None = None
+    kernel: Path | None = None
+    auto_remove: bool = False
+    network: str = "default"
+    stop_timeout: int | None = None
+    plain_http: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def machine_channels(d: Path) -> Channels:
+    return Channels.in_dir(d)
+
+
+def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineState:
+    """Everything but booting: the machine exists afterwards with status ``created``."""
+    from ember.images import ImageService
+    from ember.net.manager import NetworkManager
+    from ember.snapshots.chain import clone_root_disk, release_root_disk
+    from ember.vm.errors import KernelNotFound
+    from ember.vm.initramfs import base_initramfs, write_machine_initrd
+    from ember.vm.kernel import find_kernel, install_kernel
+    from ember.vm.runconfig import HostEntry, Interface, RootDevice, RunConfig, RunOverrides
+    from ember.vm.vmm.accel import detect_accel
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(what: str) -> None:
+        nonlocal t0
+        t = time.perf_counter()
+        timings[what] = round(t - t0, 4)
+        t0 = t
+
+    store = MachineStore(home)
+    image = ImageService(home).ensure(req.image, plain_http=req.plain_http)
+    lap("image")
+    try:
+        kernel = find_kernel(home, req.kernel)
+    except KernelNotFound:
+        if req.kernel is not None:
+            raise
+        progress("no guest kernel installed yet: installing Debian's linux-image-amd64")
+        kernel = install_kernel(home)
+    accel = detect_accel(home, kernel.vmlinux)
+    base_initrd = base_initramfs(home, kernel)
+    lap("kernel")
+    # validate the run config before anything is allocated
+    overrides = RunOverrides(
+        entrypoint=req.entrypoint,
+        args=req.args or None,
+        env=req.env,
+        user=req.user,
+        workdir=req.workdir,
+        stop_timeout=req.stop_timeout,
+    )
+    draft = RunConfig.from_image(image.config, overrides)
+
+    machine_id = secrets.token_hex(32)
+    d = store.root / machine_id
+    st = MachineState(
+        id=machine_id,
+        name="",
+        image=image.reference,
+        image_digest=str(image.manifest_digest),
+        created_at=mstate.now(),
+        command=list(draft.argv),
+        config={},
+        vm=VMConfig(
+            vmm="qemu",
+            accel=accel,
+            kernel=str(kernel.vmlinux if kernel.vmlinux else kernel.vmlinuz),
+            initrd=str(d / "initrd.img"),
+            root_disk="",
+            memory_mib=req.memory_mib,
+            cpus=req.cpus,
+        ),
+        auto_remove=req.auto_remove,
+        labels=dict(req.labels),
+    )
+    store.create(st, req.name)
+    lap("record")
+    try:
+        disk = clone_root_disk(home, image, machine_id, req.disk_size)
+        lap("root_disk")
+        net = NetworkManager(home).setup(machine_id, ports=req.ports, network=req.network)
+        lap("network")
+        hostname = machine_id[:12]
+        rc = draft.replace(
+            hostname=hostname,
+            hosts=(HostEntry(net.guest_ip, (hostname, st.name)),),
+            nameservers=net.nameservers,
+            network=(Interface("eth0", net.guest_ip, net.prefix, net.gateway, net.mtu),),
+            root=RootDevice("/dev/vda", "ext4", "defaults"),
+        )
+        write_machine_initrd(base_initrd, rc, d / "initrd.img")
+        machine_channels(d).precreate()
+        lap("config_initrd")
+        with mstate.update(d) as cur:
+            cur.vm.root_disk = str(disk)
+            cur.network = net.to_json()
+            cur.config = {
+                "argv": list(rc.argv),
+                "env": list(rc.env),
+                "user": rc.user,
+                "workdir": rc.workdir,
+                "hostname": rc.hostname,
+                "stop_signal": rc.stop_signal,
+                "stop_timeout": rc.stop_timeout,
+                "kernel_version": kernel.version,
+            }
+            cur.labels["ember.timings.create"] = ",".join(f"{k}={v}" for k, v in timings.items())
+            st = cur
+    except BaseException:
+        with contextlib.suppress(Exception):
+            NetworkManager(home).teardown(machine_id)
+        with contextlib.suppress(Exception):
+            release_root_disk(home, machine_id)
+        store.remove_dir(machine_id)
+        raise
+    return st
+
+
+# ---- the monitor ----------------------------------------------------------------------
+
+
+def spawn_monitor(home: Home, st: MachineState, sync_fd: int | None = None) -> int:
+    """Start the machine's monitor, detached (own session); return its pid."""
+    d = MachineStore(home).dir(st.id)
+    argv = [sys.executable, "-m", "ember.machines.monitor", "--home", str(home.root), st.id]
+    pass_fds: tuple[int, ...] = ()
+    if sync_fd is not None:
+        argv += ["--sync-fd", str(sync_fd)]
+        pass_fds = (sync_fd,)
+    with open(d / "monitor.log", "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            pass_fds=pass_fds,
+            close_fds=True,
+        )
+    # the monitor outlives us; nobody will wait for it here
+    proc.returncode = 0
+    return proc.pid
+
+
+def _proc_mentions(pid: int, needle: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
+def monitor_alive(st: MachineState) -> bool:
+    return st.monitor_pid is not None and pid_alive(st.monitor_pid) and _proc_mentions(
+        st.monitor_pid, st.id
+    )
+
+
+def vmm_alive(st: MachineState) -> bool:
+    return st.vmm_pid is not None and pid_alive(st.vmm_pid) and _proc_mentions(
+        st.vmm_pid, st.id[:12]
+    )
+
+
+def refresh(home: Home, st: MachineState) -> MachineState:
+    """Repair a ``running`` record whose monitor is gone (killed, host crash)."""
+    if st.status != mstate.RUNNING or monitor_alive(st):
+        return st
+    d = MachineStore(home).dir(st.id)
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        if cur.status != mstate.RUNNING or monitor_alive(cur):
+            return cur
+        if vmm_alive(cur) and cur.vmm_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(cur.vmm_pid, signal.SIGKILL)
+        cur.status = mstate.EXITED
+        cur.finished_at = cur.finished_at or mstate.now()
+        if cur.exit_code is None:
+            cur.exit_code = 255
+            cur.end_reason = "the machine's monitor disappeared"
+        mstate.write_state(d, cur)
+    from ember.net.manager import NetworkManager
+
+    NetworkManager(home).teardown(st.id)
+    return cur
+
+
+# ---- control --------------------------------------------------------------------------
+
+
+def _require_running(home: Home, st: MachineState) -> MachineState:
+    st = refresh(home, st)
+    if st.status != mstate.RUNNING:
+        raise MachineNotRunning(f"machine {st.name} is not running ({st.status})")
+    return st
+
+
+def wait_exited(home: Home, st: MachineState, timeout: float | None) -> MachineState | None:
+    """Wait until the monitor has recorded the end; the final state, or None on timeout."""
+    d = MachineStore(home).dir(st.id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            cur = refresh(home, mstate.read_state(d))
+        except FileNotFoundError:
+            return st  # removed (--rm) after it ended
+        if cur.status == mstate.EXITED:
+            return cur
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return None
+        if cur.monitor_pid is not None:
+            wait_pid_exit(cur.monitor_pid, min(left, 0.5) if left is not None else 0.5)
+        else:
+            time.sleep(0.05)
+
+
+def stop(home: Home, st: MachineState, timeout: float = DEFAULT_STOP_TIMEOUT) -> MachineState:
+    """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
+    is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is."""
+    st = _require_running(home, st)
+    d = MachineStore(home).dir(st.id)
+    conn = None
+    try:
+        conn = open_control(machine_channels(d).control_socket)
+        write_control(conn, "stop")
+    except ControlChannelError:
+        conn = None
+    try:
+        end = wait_exited(home, st, timeout)
+        if end is not None:
+            return end
+        if conn is not None:
+            with contextlib.suppress(ControlChannelError):
+                write_control(conn, "kill")
+            end = wait_exited(home, st, KILL_GRACE)
+            if end is not None:
+                return end
+        return kill_vmm(home, st)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def kill(home: Home, st: MachineState) -> MachineState:
+    """SIGKILL the program (through the guest, so its exit report comes back), else the VMM."""
+    st = _require_running(home, st)
+    d = MachineStore(home).dir(st.id)
+    try:
+        conn = open_control(machine_channels(d).control_socket)
+    except ControlChannelError:
+        return kill_vmm(home, st)
+    try:
+        write_control(conn, "kill")
+        end = wait_exited(home, st, KILL_GRACE)
+    except ControlChannelError:
+        end = None
+    finally:
+        conn.close()
+    return end if end is not None else kill_vmm(home, st)
+
+
+def kill_vmm(home: Home, st: MachineState) -> MachineState:
+    """Kill the VMM process itself; the monitor records the end (exit code 137)."""
+    d = MachineStore(home).dir(st.id)
+    cur = mstate.read_state(d)
+    if cur.vmm_pid is not None and vmm_alive(cur):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cur.vmm_pid, signal.SIGKILL)
+    end = wait_exited(home, cur, 30)
+    if end is None:
+        raise MachineError(f"machine {cur.name} did not end after its VMM was killed")
+    return end
+
+
+def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
+    """Delete a machine: its root disk, network, logs and record."""
+    from ember.net.manager import NetworkManager
+    from ember.snapshots.chain import release_root_disk
+
+    st = refresh(home, st)
+    if st.status == mstate.RUNNING:
+        if not force:
+            raise MachineRunning(
+                f"machine {st.name} is running", hint="stop it first or use ember rm -f"
+            )
+        kill_vmm(home, st)
+    errors: list[str] = []
+    for step in (
+        lambda: NetworkManager(home).teardown(st.id),
+        lambda: release_root_disk(home, st.id),
+    ):
+        try:
+            step()
+        except EmberError as e:
+            errors.append(str(e))
+    if errors:
+        raise MachineError(f"machine {st.name} was only partly removed: {'; '.join(errors)}")
+    MachineStore(home).remove_dir(st.id)

@@ -1,0 +1,175 @@
+"""The per-machine monitor (like podman's conmon): ``python -m ember.machines.monitor``.
+
+Started detached (own session) by ``ember run``; it owns the VMM process: starts
+it, records ``running`` with the pids, waits for it, records how the machine
+ended (the guest's exit report, else what the host saw), frees the network and,
+for ``--rm``, removes the machine.  Progress goes to the optional sync fd as JSON
+lines (``started``, ``exited``, ``error``) so a foreground ``ember run`` can follow
+without polling; the monitor never blocks on it (a gone reader is fine).
+
+It is a module entry point rather than an ``ember`` sub-command so that it starts
+without importing the CLI tree (its start is on the critical path of a boot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ember.errors import EmberError
+from ember.home import Home
+from ember.machines import state as mstate
+from ember.machines.report import outcome, parse_console_tail, parse_report
+from ember.machines.store import MachineStore
+from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
+from ember.vm.vmm.base import Channels, VMExit, send_control
+
+
+class Sync:
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, event: str, **data: Any) -> None:
+        if self.fd is None:
+            return
+        line = json.dumps({"event": event, **data}).encode() + b"\n"
+        try:
+            os.write(self.fd, line)
+        except OSError:
+            self.close()  # the reader went away: keep going without it
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def vm_spec(st: mstate.MachineState, d: Path) -> VMSpec:
+    nics: tuple[Nic, ...] = ()
+    if st.network:
+        nics = (Nic(st.network["tap"], st.network["mac"]),)
+    return VMSpec(
+        name=st.id,
+        kernel=Path(st.vm.kernel),
+        initrd=Path(st.vm.initrd),
+        channels=Channels.in_dir(d),
+        memory_mib=st.vm.memory_mib,
+        cpus=st.vm.cpus,
+        accel=st.vm.accel,
+        disks=(Disk(Path(st.vm.root_disk)),),
+        nics=nics,
+        vmm_log=d / "vmm.log",
+    )
+
+
+def _read_limited(path: Path, tail: bool = False, limit: int = 1 << 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            if tail:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
+def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
+    from ember.net.manager import NetworkManager
+
+    try:
+        NetworkManager(home).teardown(st.id)
+    except EmberError as e:
+        print(f"monitor: network teardown failed: {e}", file=sys.stderr)
+    if removing:
+        from ember.machines.lifecycle import remove
+
+        try:
+            remove(home, mstate.read_state(MachineStore(home).dir(st.id)))
+        except (EmberError, FileNotFoundError) as e:
+            print(f"monitor: --rm cleanup failed: {e}", file=sys.stderr)
+
+
+def run(home: Home, machine_id: str, sync: Sync) -> int:
+    store = MachineStore(home)
+    d = store.dir(machine_id)
+    st = mstate.read_state(d)
+    if st.status != mstate.CREATED:
+        sync.send("error", message=f"machine {st.name} was already started")
+        return 1
+    spec = vm_spec(st, d)
+    vm = get_vmm(st.vm.vmm).create(spec)
+
+    def on_term(_sig: int, _frame: object) -> None:
+        # a plain `kill MONITOR`: stop the machine the graceful way
+        with contextlib.suppress(EmberError):
+            send_control(spec.channels.control_socket, "stop")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        pid = vm.start()
+    except EmberError as e:
+        with mstate.update(d) as cur:
+            cur.status, cur.finished_at = mstate.EXITED, mstate.now()
+            cur.exit_code, cur.error = 125, str(e)
+            cur.end_reason = "the VMM failed to start"
+        sync.send("error", message=str(e))
+        _cleanup(home, st, st.auto_remove)
+        return 1
+    with mstate.update(d) as cur:
+        cur.status, cur.started_at = mstate.RUNNING, mstate.now()
+        cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
+    sync.send("started", vmm_pid=pid)
+
+    end: VMExit | None = None
+    while end is None:
+        try:
+            end = vm.wait()
+        except InterruptedError:
+            continue
+    report = parse_report(_read_limited(spec.channels.status_file))
+    if report is None:
+        report = parse_console_tail(_read_limited(spec.channels.console_log, tail=True, limit=4096))
+    result = outcome(report, end.returncode, end.signal, killed=False)
+    with mstate.update(d) as cur:
+        cur.status, cur.finished_at = mstate.EXITED, mstate.now()
+        cur.exit_code, cur.signal, cur.oom_killed = result.exit_code, result.signal, result.oom_killed
+        cur.end_reason, cur.error = result.end_reason, result.error
+        final = cur
+    _cleanup(home, final, removing=False)
+    sync.send("exited", exit_code=result.exit_code, signal=result.signal,
+              oom_killed=result.oom_killed, end_reason=result.end_reason, error=result.error)  # fmt: skip
+    sync.close()
+    if final.auto_remove:
+        _cleanup(home, final, removing=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ember-monitor")
+    p.add_argument("--home", required=True)
+    p.add_argument("--sync-fd", type=int)
+    p.add_argument("machine_id")
+    args = p.parse_args(argv)
+    # the monitor belongs to no terminal: a Ctrl-C meant for the CLI must not reach it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sync = Sync(args.sync_fd)
+    try:
+        return run(Home(Path(args.home)), args.machine_id, sync)
+    except Exception as e:
+        traceback.print_exc()
+        sync.send("error", message=f"monitor failed: {e}")
+        return 1
+    finally:
+        sync.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

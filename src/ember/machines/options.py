@@ -1,0 +1,87 @@
+"""Parsing of ``ember run`` options that are more than a type (pure).
+
+``-e``/``--env-file`` follow Docker: ``KEY=VALUE`` sets, a bare ``KEY`` copies the
+value from the caller's environment (and is skipped when the caller has none);
+env files hold one entry per line, ``#`` comments and blank lines ignored, values
+taken literally (no quotes, no expansion).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from ember.machines.errors import InvalidOption
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_ENV_FILE = 1 << 20
+
+
+def check_name(name: str) -> str:
+    """Docker's container name rule (a leading ``/`` is not accepted here)."""
+    if not _NAME_RE.match(name):
+        raise InvalidOption(
+            f"invalid machine name {name!r}: use letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, at most 63)"
+        )
+    return name
+
+
+def parse_size(text: str, *, default_unit: str = "") -> int:
+    """``2G``, ``512M``, ``1GiB``, ``1.5g``, ``4096`` (bytes unless ``default_unit``)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise InvalidOption(f"invalid size {text!r} (examples: 512M, 2G, 1GiB)")
+    number, unit, _ = m.groups()
+    unit = (unit or default_unit).lower()
+    value = float(number) * _UNITS[unit]
+    if value < 1 or value != value:  # NaN guard
+        raise InvalidOption(f"invalid size {text!r}")
+    return int(value)
+
+
+def parse_memory_mib(text: str) -> int:
+    """``--memory``: MiB as a number, or a size with a unit (``1G``)."""
+    mib = parse_size(text, default_unit="m") // (1 << 20)
+    if not 64 <= mib <= 1 << 20:
+        raise InvalidOption(f"--memory {text!r}: must be between 64 MiB and 1 TiB")
+    return mib
+
+
+def parse_env(entries: Iterable[str], host_env: Mapping[str, str], origin: str = "-e") -> list[str]:
+    out = []
+    for entry in entries:
+        if "\x00" in entry:
+            raise InvalidOption(f"{origin}: NUL byte in environment entry")
+        key, sep, _value = entry.partition("=")
+        if not key or key != key.strip() or re.search(r"\s", key):
+            raise InvalidOption(f"{origin}: invalid environment variable name in {entry!r}")
+        if sep:
+            out.append(entry)
+        elif key in host_env:
+            out.append(f"{key}={host_env[key]}")
+    return out
+
+
+def read_env_file(path: Path, host_env: Mapping[str, str]) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ENV_FILE + 1)
+    except OSError as e:
+        raise InvalidOption(f"cannot read env file {path}: {e.strerror}") from e
+    if len(data) > MAX_ENV_FILE:
+        raise InvalidOption(f"env file {path} is larger than {MAX_ENV_FILE} bytes")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise InvalidOption(f"env file {path} is not UTF-8") from None
+    lines = []
+    for raw in text.splitlines():
+        line = raw.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        lines.append(line)
+    return parse_env(lines, host_env, origin=f"env file {path}")

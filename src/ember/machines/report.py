@@ -1,0 +1,100 @@
+"""How a machine ended (pure): the guest's exit report, else what the host saw.
+
+The guest is not trusted: its report is size-limited, must be one JSON object with
+the contract's fields and sane values, and is ignored otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal as _signal
+from dataclasses import dataclass
+
+MAX_REPORT = 4096
+#: exit code when the machine ended without telling how the program did
+NO_REPORT_EXIT_CODE = 255
+_CONSOLE_RE = re.compile(
+    rb"^ember-init: (?:exit code (?P<code>\d{1,3})|killed by signal (?P<sig>\d{1,2}))"
+    rb"(?P<oom> \(oom(?: killed)?\))?\s*$"
+)
+
+
+@dataclass(frozen=True)
+class ExitReport:
+    exit_code: int
+    signal: int | None
+    oom_killed: bool
+    #: why init could not run the program (bad user, workdir, ...), from the guest
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    exit_code: int
+    signal: int | None
+    oom_killed: bool
+    #: set when the guest gave no report (killed, crashed)
+    end_reason: str | None
+    error: str | None = None
+
+
+def parse_report(data: bytes) -> ExitReport | None:
+    """The first line of the status port's output, if it is a valid exit report."""
+    line = data[:MAX_REPORT].split(b"\n", 1)[0].strip()
+    if not line:
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    code, sig, oom = obj.get("exit_code"), obj.get("signal"), obj.get("oom_killed", False)
+    if type(code) is not int or not 0 <= code <= 255:
+        return None
+    if sig is not None and (type(sig) is not int or not 1 <= sig <= 64):
+        return None
+    if type(oom) is not bool:
+        return None
+    error = obj.get("error")
+    if error is not None:
+        if not isinstance(error, str):
+            return None
+        # shown on the user's terminal: printable text only, one bounded line
+        error = "".join(c if c.isprintable() else "?" for c in error[:500]) or None
+    return ExitReport(code, sig, oom, error)
+
+
+def parse_console_tail(data: bytes) -> ExitReport | None:
+    """The fallback: ember-init's last console line (``ember-init: exit code N``)."""
+    for raw in reversed(data[-MAX_REPORT:].splitlines()):
+        m = _CONSOLE_RE.match(raw.strip())
+        if not m:
+            continue
+        oom = m.group("oom") is not None
+        if m.group("code") is not None:
+            code = int(m.group("code"))
+            if code > 255:
+                return None
+            return ExitReport(code, None, oom)
+        sig = int(m.group("sig"))
+        if not 1 <= sig <= 64:
+            return None
+        return ExitReport(128 + sig, sig, oom)
+    return None
+
+
+def outcome(
+    report: ExitReport | None, vmm_returncode: int | None, vmm_signal: int | None, *, killed: bool
+) -> Outcome:
+    """Combine the guest's report with how the VMM process ended."""
+    if report is not None:
+        return Outcome(report.exit_code, report.signal, report.oom_killed, None, report.error)
+    if vmm_signal == _signal.SIGKILL or killed:
+        return Outcome(128 + _signal.SIGKILL, _signal.SIGKILL, False, "killed")
+    if vmm_signal is not None:
+        return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm killed by signal {vmm_signal}")
+    if vmm_returncode not in (0, None):
+        return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm exited with status {vmm_returncode}")
+    return Outcome(NO_REPORT_EXIT_CODE, None, False, "the guest gave no exit report (see console.log)")

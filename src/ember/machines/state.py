@@ -1,0 +1,127 @@
+"""A machine's record on disk: ``$EMBER_HOME/machines/<id>/state.json``.
+
+Written atomically and only under the machine's lock (``lock`` in its directory),
+by the CLI (create) and by the machine's monitor (running, exited).  Readers never
+lock: they see the old or the new file.  The directory also holds the per-machine
+initrd, the console/stdout/stderr logs, the exit report, the control socket and
+the monitor's own log.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ember.fsutil import atomic_write
+from ember.machines.errors import MachineError
+
+CREATED = "created"
+RUNNING = "running"
+EXITED = "exited"
+STATUSES = (CREATED, RUNNING, EXITED)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class VMConfig:
+    """What the monitor needs to start the VMM (resolved at create time)."""
+
+    vmm: str
+    accel: str
+    kernel: str
+    initrd: str
+    root_disk: str
+    memory_mib: int
+    cpus: int
+
+
+@dataclass
+class MachineState:
+    id: str
+    name: str
+    image: str
+    image_digest: str
+    created_at: str
+    #: the command as the guest will run it (for ps), and the run config's summary
+    command: list[str]
+    config: dict[str, Any]
+    vm: VMConfig
+    network: dict[str, Any] | None = None
+    auto_remove: bool = False
+    status: str = CREATED
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    oom_killed: bool = False
+    #: how the machine ended when the guest could not say (killed, crashed, lost)
+    end_reason: str | None = None
+    monitor_pid: int | None = None
+    vmm_pid: int | None = None
+    error: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MachineState:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["vm"] = VMConfig(**values["vm"])
+        st = cls(**values)
+        if st.status not in STATUSES:
+            raise MachineError(f"machine {st.id[:12]} has an unknown status {st.status!r}")
+        return st
+
+
+def state_path(machine_dir: Path) -> Path:
+    return machine_dir / "state.json"
+
+
+def read_state(machine_dir: Path) -> MachineState:
+    path = state_path(machine_dir)
+    try:
+        data = json.loads(path.read_bytes())
+        return MachineState.from_json(data)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise MachineError(f"machine state {path} is unreadable: {e}") from e
+
+
+def write_state(machine_dir: Path, st: MachineState) -> None:
+    atomic_write(state_path(machine_dir), json.dumps(st.to_json(), indent=1).encode(), 0o600)
+
+
+@contextmanager
+def locked(machine_dir: Path) -> Iterator[None]:
+    fd = os.open(machine_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def update(machine_dir: Path) -> Iterator[MachineState]:
+    """Read-modify-write under the machine's lock."""
+    with locked(machine_dir):
+        st = read_state(machine_dir)
+        yield st
+        write_state(machine_dir, st)

@@ -1,0 +1,113 @@
+"""Finding machines: by full id, id prefix or name; creating their directories."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ember.home import Home
+from ember.machines.errors import AmbiguousMachine, MachineNotFound, NameInUse
+from ember.machines.options import check_name
+from ember.machines.state import MachineState, read_state, write_state
+
+_ADJECTIVES = (
+    "amber", "brave", "calm", "clever", "eager", "fuzzy", "gentle", "happy", "jolly", "keen",
+    "lively", "lucid", "mellow", "nimble", "proud", "quiet", "rapid", "shiny", "sunny", "witty",
+)  # fmt: skip
+_NOUNS = (
+    "ash", "birch", "cedar", "cinder", "coal", "ember", "flame", "flare", "forge", "glow",
+    "hearth", "kiln", "lantern", "match", "pyre", "spark", "torch", "wick", "blaze", "beacon",
+)  # fmt: skip
+
+
+def is_machine_id(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+class MachineStore:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.root = home.machines
+
+    def dir(self, machine_id: str) -> Path:
+        if not is_machine_id(machine_id):
+            raise MachineNotFound(f"invalid machine id {machine_id!r}")
+        return self.root / machine_id
+
+    @contextmanager
+    def _names_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".names.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.root) if is_machine_id(n))
+        except FileNotFoundError:
+            return []
+
+    def list(self) -> list[MachineState]:
+        out = []
+        for mid in self.ids():
+            try:
+                out.append(read_state(self.root / mid))
+            except FileNotFoundError:
+                continue  # being created or removed right now
+        return sorted(out, key=lambda s: s.created_at, reverse=True)
+
+    def _free_name(self, taken: set[str]) -> str:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            name = f"{rng.choice(_ADJECTIVES)}_{rng.choice(_NOUNS)}"
+            if name not in taken:
+                return name
+        return f"machine_{secrets.token_hex(4)}"
+
+    def create(self, st: MachineState, name: str | None) -> Path:
+        """Reserve the name and write the first state (the name is unique under a lock)."""
+        with self._names_lock():
+            taken = {m.name for m in self.list()}
+            if name is None:
+                name = self._free_name(taken)
+            check_name(name)
+            if name in taken:
+                raise NameInUse(
+                    f"the name {name!r} is already used by another machine",
+                    hint=f"remove it (ember rm {name}) or choose another --name",
+                )
+            st.name = name
+            d = self.dir(st.id)
+            d.mkdir(mode=0o700)
+            write_state(d, st)
+            return d
+
+    def find(self, ref: str) -> MachineState:
+        """A machine by name, full id or unique id prefix (Docker's lookup order)."""
+        machines = self.list()
+        for m in machines:
+            if m.name == ref or m.id == ref:
+                return m
+        if ref and all(c in "0123456789abcdef" for c in ref):
+            hits = [m for m in machines if m.id.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise AmbiguousMachine(f"{ref!r} matches {len(hits)} machines: give more of the id")
+        raise MachineNotFound(f"no such machine: {ref}")
+
+    def remove_dir(self, machine_id: str) -> None:
+        d = self.dir(machine_id)
+        # rename first so that readers never see a half-deleted machine
+        tomb = self.root / f".removing-{machine_id}"
+        try:
+            os.rename(d, tomb)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(tomb, ignore_errors=True)
