@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "ember.cli.server",
     "ember.cli.admin",
     "ember.cli.kernel",
+    "ember.cli.run",
+    "ember.cli.machines",
 ]
 
 
