@@ -13,31 +13,29 @@ def data_extents(buf: bytes, start: int, end: int, file_offset: int) -> list[tup
     aligned to ``HOLE_BLOCK`` in the file (``buf[start]`` lands at ``file_offset``),
     which are left as holes.
 
-    ``bytes.find`` of a zero block runs at memchr speed over ordinary data, so the
-    common case (no zero block at all) costs one C-level scan.
+    Only the aligned blocks are looked at, with ``startswith`` (a memcmp that
+    stops at the first non-zero byte, usually the first): one cheap call per
+    4 KiB.  (``bytes.find`` of a 4 KiB needle looked simpler but re-analyses the
+    needle on every call and cost 20x more on real layers.)
     """
     if start >= end:
         return []
-    i = buf.find(_ZERO_BLOCK, start, end)
-    if i < 0:
-        return [(start, end)]
     out: list[tuple[int, int]] = []
     pending = start
-    while i >= 0:
-        # first block boundary (in file terms) at or after i
-        a = i + (-(file_offset + i - start) % HOLE_BLOCK)
-        b = a
-        while b + HOLE_BLOCK <= end and buf.startswith(_ZERO_BLOCK, b):
-            b += HOLE_BLOCK
-        if b > a:
-            if a > pending:
-                out.append((pending, a))
-            pending = b
-            i = buf.find(_ZERO_BLOCK, b, end)
+    pos = start + (-file_offset % HOLE_BLOCK)
+    last = end - HOLE_BLOCK
+    startswith = buf.startswith
+    while pos <= last:
+        if startswith(_ZERO_BLOCK, pos):
+            hole = pos
+            pos += HOLE_BLOCK
+            while pos <= last and startswith(_ZERO_BLOCK, pos):
+                pos += HOLE_BLOCK
+            if hole > pending:
+                out.append((pending, hole))
+            pending = pos
         else:
-            # The zero run found at i ends before the next boundary's block is
-            # complete, so any aligned zero block starts after this run.
-            i = buf.find(_ZERO_BLOCK, a + 1, end)
+            pos += HOLE_BLOCK
     if pending < end:
         out.append((pending, end))
     return out
