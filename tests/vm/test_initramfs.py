@@ -1,0 +1,175 @@
+"""The initramfs: module resolution through modules.dep, the cached base archive
+with the real Debian kernel's modules, the per-machine config archive."""
+
+from __future__ import annotations
+
+import lzma
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.vm.errors import InitNotBuilt, KernelError, ModuleNotFoundInKernel
+from ember.vm.initramfs import (
+    REQUIRED_MODULES,
+    ModuleIndex,
+    base_initramfs,
+    config_archive,
+    extra_modules,
+    find_init,
+    module_name,
+    read_module,
+    write_machine_initrd,
+)
+from ember.vm.kernel import KernelInfo, find_kernel
+from ember.vm.runconfig import RunConfig
+from tests.vm.vmm.kernelcache import share_kernels
+
+DEP = """\
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/fs/jbd2/jbd2.ko:
+kernel/fs/mbcache.ko:
+kernel/lib/crc16.ko:
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/crypto/crc32c-generic.ko.xz:
+kernel/a.ko: kernel/b.ko
+kernel/b.ko: kernel/a.ko
+"""
+
+
+def test_module_names_normalised() -> None:
+    assert module_name("kernel/crypto/crc32c-generic.ko.xz") == "crc32c_generic"
+    assert module_name("x/virtio_blk.ko") == "virtio_blk"
+
+
+def test_load_order_puts_dependencies_first_once() -> None:
+    idx = ModuleIndex.parse(DEP)
+    order = idx.load_order(["virtio_blk", "ext4", "crc32c-generic"])
+    assert order == [
+        "virtio_ring", "virtio", "virtio_blk", "crc16", "mbcache", "jbd2", "ext4",
+        "crc32c_generic",
+    ]  # fmt: skip
+    assert idx.paths["crc32c_generic"] == "kernel/crypto/crc32c-generic.ko.xz"
+
+
+def test_builtin_modules_are_skipped() -> None:
+    idx = ModuleIndex.parse(DEP, "kernel/drivers/virtio/virtio_mmio.ko\n")
+    assert idx.load_order(["virtio_mmio", "virtio_blk"]) == ["virtio_ring", "virtio", "virtio_blk"]
+
+
+def test_missing_and_cyclic_modules_refused() -> None:
+    idx = ModuleIndex.parse(DEP)
+    with pytest.raises(ModuleNotFoundInKernel, match="nope"):
+        idx.load_order(["nope"])
+    assert idx.load_order(["ext4"], ["nope"]) == ["crc16", "mbcache", "jbd2", "ext4"]
+    with pytest.raises(KernelError, match="cycle"):
+        idx.load_order(["a"])
+
+
+def test_compressed_modules_are_decompressed(tmp_path: Path) -> None:
+    elf = b"\x7fELF" + os.urandom(1000)
+    p = tmp_path / "m.ko.xz"
+    p.write_bytes(lzma.compress(elf, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32))
+    assert read_module(p) == elf
+    p.write_bytes(b"\xfd7zXZ\x00garbage")
+    with pytest.raises(KernelError, match="corrupt"):
+        read_module(p)
+
+
+def test_find_init(tmp_path: Path, ember_init: Path) -> None:
+    assert find_init() == ember_init
+    with pytest.raises(InitNotBuilt, match="make init"):
+        find_init(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    h = Home(tmp_path_factory.mktemp("initramfs-home"))
+    share_kernels(h)
+    return h
+
+
+@pytest.fixture(scope="module")
+def kernel(home: Home) -> KernelInfo:
+    return find_kernel(home)
+
+
+def _cpio_list(data: bytes) -> list[str]:
+    out = subprocess.run(["cpio", "-t", "--quiet"], input=data, capture_output=True, check=True)
+    return out.stdout.decode().split()
+
+
+def test_base_archive_with_the_real_kernel(
+    home: Home, kernel: KernelInfo, ember_init: Path, tmp_path: Path
+) -> None:
+    path = base_initramfs(home, kernel)
+    data = path.read_bytes()
+    names = _cpio_list(data)
+    assert names[:8] == ["dev", "proc", "sys", "newroot", "ember", "ember/modules", "dev/console",
+                         "init"]  # fmt: skip
+    subprocess.run(
+        ["cpio", "-i", "--quiet", "--make-directories"], input=data, cwd=tmp_path, check=True
+    )
+    assert (tmp_path / "init").read_bytes() == ember_init.read_bytes()
+    order = (tmp_path / "ember" / "modules" / "order").read_text().split()
+    for required in REQUIRED_MODULES:
+        assert required in order
+    assert order.index("virtio_ring") < order.index("virtio_mmio")
+    assert order.index("jbd2") < order.index("ext4")
+    assert "vsock" not in order  # shipped, loaded only on request
+    shipped = {p.name for p in (tmp_path / "ember" / "modules").glob("*.ko")}
+    assert {f"{n}.ko" for n in order} <= shipped
+    assert "vmw_vsock_virtio_transport.ko" in shipped
+    for ko in (tmp_path / "ember" / "modules").glob("*.ko"):
+        assert ko.read_bytes()[:4] == b"\x7fELF"
+    # cached: the second call reuses the file
+    mtime = path.stat().st_mtime_ns
+    assert base_initramfs(home, kernel) == path
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_base_archive_changes_with_init(
+    home: Home, kernel: KernelInfo, ember_init: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "ember-init"
+    other.write_bytes(ember_init.read_bytes() + b"\0")
+    assert base_initramfs(home, kernel, other) != base_initramfs(home, kernel)
+
+
+def test_kernel_without_modules(home: Home, kernel: KernelInfo, tmp_path: Path) -> None:
+    bare = KernelInfo("custom-x", None, kernel.vmlinux, None)
+    names = _cpio_list(base_initramfs(home, bare).read_bytes())
+    assert [n for n in names if n.endswith(".ko")] == []
+    assert extra_modules(bare, ["vmw_vsock_virtio_transport"]) == ()
+
+
+def test_extra_modules_for_vsock(kernel: KernelInfo) -> None:
+    extra = extra_modules(kernel, ["vmw_vsock_virtio_transport"])
+    assert extra[-1] == "vmw_vsock_virtio_transport"
+    assert "vsock" in extra and "virtio_ring" not in extra
+    with pytest.raises(ModuleNotFoundInKernel, match="not in the initramfs"):
+        extra_modules(kernel, ["btrfs"])
+    RunConfig(argv=("/x",), modules=extra)  # valid module names for the config
+
+
+def test_machine_initrd_is_base_plus_config(home: Home, kernel: KernelInfo, tmp_path: Path) -> None:
+    rc = RunConfig(argv=("/bin/echo", "hi there"), hostname="m1")
+    base = base_initramfs(home, kernel)
+    dest = write_machine_initrd(base, rc, tmp_path / "m1" / "initrd")
+    assert dest.read_bytes() == base.read_bytes() + config_archive(rc)
+    extract = tmp_path / "x"
+    extract.mkdir()
+    subprocess.run(
+        ["cpio", "-i", "--quiet", "--make-directories"],
+        input=config_archive(rc),
+        cwd=extract,
+        check=True,
+    )
+    config = extract / "ember" / "config"
+    assert RunConfig.parse(config.read_bytes()) == rc
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in dest.parent.iterdir()] == ["initrd"]  # no temp file left

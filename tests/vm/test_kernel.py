@@ -1,0 +1,151 @@
+"""The guest kernel: vmlinux extraction from Debian's bzImage, custom kernels,
+the installed layout, the command line, and ``ember kernel``."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ember.cli.main import cli
+from ember.home import Home
+from ember.vm.errors import KernelError, KernelNotFound
+from ember.vm.kernel import (
+    KernelInfo,
+    extract_vmlinux,
+    find_kernel,
+    guest_cmdline,
+    host_tsc_khz,
+    install_kernel,
+    list_kernels,
+)
+from tests.vm.vmm.kernelcache import cached_kernel_home, share_kernels
+
+
+@pytest.fixture(scope="module")
+def kernel() -> KernelInfo:
+    return find_kernel(cached_kernel_home())
+
+
+def test_installed_layout(kernel: KernelInfo) -> None:
+    assert kernel.vmlinuz is not None and kernel.vmlinuz.name == "vmlinuz"
+    assert kernel.vmlinux.read_bytes()[:4] == b"\x7fELF"
+    assert kernel.modules_dir is not None
+    assert (kernel.modules_dir / "modules.dep").is_file()
+    assert kernel.modules_dir.name == kernel.version
+    assert (kernel.vmlinux.parent / "config").is_file()
+
+
+def test_install_is_idempotent() -> None:
+    home = cached_kernel_home()
+    before = find_kernel(home)
+    mtime = before.vmlinux.stat().st_mtime_ns
+    again = install_kernel(home)  # apt-cache only: the version is there already
+    assert again == before
+    assert again.vmlinux.stat().st_mtime_ns == mtime
+    assert [k.version for k in list_kernels(home)] == [before.version]
+
+
+def test_extract_vmlinux_matches_elf_entry(kernel: KernelInfo) -> None:
+    assert kernel.vmlinuz is not None
+    elf = extract_vmlinux(kernel.vmlinuz.read_bytes())
+    assert elf == kernel.vmlinux.read_bytes()
+    assert elf[4] == 2  # ELFCLASS64
+    assert extract_vmlinux(elf) is elf  # an ELF is already what QEMU wants
+
+
+def _fake_bzimage(payload: bytes, setup_sects: int = 4) -> bytes:
+    img = bytearray((setup_sects + 1) * 512)
+    img[0x1F1] = setup_sects
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x206, 0x20F)
+    struct.pack_into("<II", img, 0x248, 16, len(payload))
+    return bytes(img) + b"\0" * 16 + payload + b"\x00\x01\x02\x03"
+
+
+def test_extract_vmlinux_gzip_payload() -> None:
+    import gzip
+
+    elf = b"\x7fELF" + b"x" * 5000
+    assert extract_vmlinux(_fake_bzimage(gzip.compress(elf))) == elf
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"MZ" + b"\0" * 1000, "not an x86 bzImage"),
+        (_fake_bzimage(b"\xfd7zXZ\x00broken"), "corrupt"),
+        (_fake_bzimage(b"BZh9unknown"), "not supported"),
+        (_fake_bzimage(b"\x1f\x8b" + b"\0" * 20)[:-30], "outside the file"),
+    ],
+)
+def test_extract_vmlinux_refuses_bad_images(data: bytes, message: str) -> None:
+    with pytest.raises(KernelError, match=message):
+        extract_vmlinux(data)
+
+
+def test_payload_must_be_an_elf() -> None:
+    import gzip
+
+    with pytest.raises(KernelError, match="ELF"):
+        extract_vmlinux(_fake_bzimage(gzip.compress(b"not an elf")))
+
+
+def test_custom_kernels(kernel: KernelInfo, tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    with pytest.raises(KernelNotFound, match="ember kernel install"):
+        find_kernel(home)
+    assert kernel.vmlinuz is not None
+    custom = find_kernel(home, kernel.vmlinuz)
+    assert custom.vmlinux.parent.parent == home.kernels / "custom"
+    assert custom.vmlinux.read_bytes()[:4] == b"\x7fELF"
+    assert custom.modules_dir is None and custom.version.startswith("custom-")
+    elf = find_kernel(home, kernel.vmlinux, kernel.modules_dir)
+    assert (elf.vmlinux, elf.vmlinuz, elf.modules_dir) == (kernel.vmlinux, None, kernel.modules_dir)
+    assert elf.version == kernel.version
+    with pytest.raises(KernelNotFound):
+        find_kernel(home, tmp_path / "missing")
+    with pytest.raises(KernelError, match="modules.dep"):
+        find_kernel(home, kernel.vmlinux, tmp_path)
+
+
+CPUINFO = """processor\t: 0
+model name\t: Some CPU
+cpu MHz\t\t: 2600.004
+flags\t\t: fpu tsc constant_tsc nonstop_tsc
+processor\t: 1
+cpu MHz\t\t: 1200.000
+"""
+
+
+def test_host_tsc_khz() -> None:
+    assert host_tsc_khz(CPUINFO) == 2600004
+    assert host_tsc_khz(CPUINFO.replace("constant_tsc", "")) is None
+    assert host_tsc_khz("processor: 0\n") is None
+
+
+def test_guest_cmdline() -> None:
+    kvm = guest_cmdline("kvm", ["ember.x=1"])
+    assert kvm.startswith("console=ttyS0 ") and kvm.endswith(" ember.x=1")
+    assert "tsc_early_khz" not in kvm
+    if host_tsc_khz():
+        assert f"tsc_early_khz={host_tsc_khz()}" in guest_cmdline("tcg")
+
+
+def test_cli_kernel_ls_and_custom_install(kernel: KernelInfo, tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    share_kernels(home)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--home", str(home.root), "kernel", "ls", "--json"])
+    assert res.exit_code == 0, res.output
+    listed = json.loads(res.output)
+    assert [(k["version"], k["default"]) for k in listed] == [(kernel.version, True)]
+    res = runner.invoke(
+        cli, ["--home", str(home.root), "kernel", "install", "--kernel", str(kernel.vmlinux),
+              "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["vmlinux"] == str(kernel.vmlinux)
