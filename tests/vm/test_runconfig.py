@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from ember.oci.config import parse_config
 from ember.vm.errors import InvalidRunConfig, NoCommand
 from ember.vm.runconfig import (
     HostEntry,
@@ -192,3 +195,25 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
 def test_invalid_fields_refused(kw: dict[str, object]) -> None:
     with pytest.raises(InvalidRunConfig):
         RunConfig(argv=("/x",), **kw)  # type: ignore[arg-type]
+
+
+def _layout_config(layout: Path) -> bytes:
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+    return (
+        layout / "blobs" / "sha256" / manifest["config"]["digest"].split(":", 1)[1]
+    ).read_bytes()
+
+
+def test_from_a_real_image_config(multilayer_layout: Path) -> None:
+    """buildah's config for the multilayer image, through ember.oci.config.parse_config."""
+    config = parse_config(_layout_config(multilayer_layout))
+    rc = RunConfig.from_image(config)
+    assert rc.argv == ("/bin/echo", "entrypoint", "default-cmd")
+    assert "GREETING=hello" in rc.env
+    assert (rc.user, rc.workdir, rc.stop_signal) == ("app", "/home/app", int(signal.SIGTERM))
+    rc = RunConfig.from_image(config, RunOverrides(args=["x"], env=["GREETING=bye"]))
+    assert rc.argv == ("/bin/echo", "entrypoint", "x")
+    assert "GREETING=bye" in rc.env and "GREETING=hello" not in rc.env
+    assert RunConfig.parse(rc.render()) == rc
