@@ -12,6 +12,7 @@ header sizes, and the validation of offsets and sparse maps.
 from __future__ import annotations
 
 import os
+import struct
 import tarfile
 from collections.abc import Iterator
 
@@ -73,6 +74,17 @@ class PipeReader:
             have += take
         return b"".join(parts)
 
+    def peek(self, n: int) -> bytes | None:
+        """The next ``n`` bytes if the buffer holds them all, without consuming them."""
+        end = self._pos + n
+        if end <= len(self._buf):
+            return self._buf[self._pos:end]
+        return None
+
+    def advance(self, n: int) -> None:
+        """Consume ``n`` bytes that ``peek`` returned."""
+        self._pos += n
+
     def chunks(self, n: int) -> Iterator[tuple[bytes, int, int]]:
         """Consume ``n`` bytes, yielding ``(buffer, start, end)`` slices without copying."""
         while n > 0:
@@ -98,6 +110,55 @@ class PipeReader:
             self._pos = len(self._buf)
 
 
+# name mode uid gid size mtime chksum type linkname magic version uname gname devmajor devminor prefix
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+_PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
+                          tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE))
+_DATA_TYPES = frozenset(tarfile.REGULAR_TYPES)
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:
+        n: int = tarfile.nti(field)  # type: ignore[attr-defined]  # GNU base-256
+        return n
+    return int(field.split(b"\0", 1)[0] or b"0", 8)
+
+
+def _fast_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
+    """Decode a plain header (no pax/GNU extension) the way tarfile's frombuf does, 3-4x
+    faster; None whenever anything is unusual, and tarfile decodes it instead."""
+    (name, mode, uid, gid, size, mtime, chksum, type_, linkname, _magic, _version, _uname, _gname,
+     devmajor, devminor, prefix) = _USTAR.unpack(block)
+    if type_ not in _PLAIN_TYPES:
+        return None
+    try:
+        if int(chksum.split(b"\0", 1)[0] or b"0", 8) != 256 + sum(block) - sum(block[148:156]):
+            return None  # tarfile also accepts signed-char checksums, or explains
+        ti = tarfile.TarInfo(name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
+        ti.mode = _octal(mode)
+        ti.uid = _octal(uid)
+        ti.gid = _octal(gid)
+        ti.size = _octal(size)
+        ti.mtime = _octal(mtime)
+        ti.devmajor = _octal(devmajor)
+        ti.devminor = _octal(devminor)
+    except (ValueError, tarfile.HeaderError):
+        return None
+    ti.chksum = 0
+    ti.type = type_
+    ti.linkname = linkname.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if type_ == tarfile.AREGTYPE and ti.name.endswith("/"):
+        ti.type = tarfile.DIRTYPE
+    if ti.type == tarfile.DIRTYPE:
+        ti.name = ti.name.rstrip("/")
+    prefix_text = prefix.split(b"\0", 1)[0]
+    if prefix_text:
+        ti.name = prefix_text.decode("utf-8", "surrogateescape") + "/" + ti.name
+    ti.offset = offset
+    ti.offset_data = offset + BLOCK
+    return ti
+
+
 class _HeaderSource:
     """The attributes of a TarFile that ``TarInfo.fromtarfile`` uses."""
 
@@ -109,6 +170,10 @@ class _HeaderSource:
         self.errors = "surrogateescape"
         self.pax_headers: dict[str, str] = {}
         self.offset = 0
+
+
+class _End(Exception):
+    """The archive ended (zero block, or EOF on a header boundary)."""
 
 
 class Entry:
@@ -154,22 +219,18 @@ class TarStream:
         while True:
             reader.header_budget = MAX_HEADER_BYTES
             start = reader.tell()
-            try:
-                info = tarfile.TarInfo.fromtarfile(src)  # type: ignore[arg-type]
-            except _EOFHeader:
-                self.ended_cleanly = True
-                return
-            except _EmptyHeader:
-                # The stream stopped on a header boundary without the zero blocks;
-                # Go's archive/tar (Docker, containerd) accepts that as the end, so do we.
-                self.ended_cleanly = True
-                return
-            except _TruncatedHeader:
-                raise InvalidLayer(f"layer ends in the middle of a tar header (offset {start})") from None
-            except (tarfile.HeaderError, ValueError, UnicodeError) as e:
-                raise InvalidLayer(f"invalid tar header at offset {start}: {e}") from None
-            except RecursionError:
-                raise InvalidLayer(f"tar entry at offset {start} chains too many extended headers") from None
+            block = reader.peek(BLOCK) if not src.pax_headers else None
+            fast = _fast_header(block, start) if block is not None and block[156:157] in _PLAIN_TYPES else None
+            if fast is not None:
+                reader.advance(BLOCK)
+                info = fast
+                src.offset = info.offset_data + (-(-info.size // BLOCK) * BLOCK if info.type in _DATA_TYPES else 0)
+            else:
+                try:
+                    info = self._slow_header(start)
+                except _End:
+                    self.ended_cleanly = True
+                    return
             here = reader.tell()
             if info.offset_data != here:
                 raise InvalidLayer(f"tar entry {info.name[:200]!r} has an inconsistent data offset")
@@ -191,3 +252,21 @@ class TarStream:
                 data_size = 0
             yield Entry(info, data_size, next_offset, regions)
             reader.skip_to(next_offset)
+
+    def _slow_header(self, start: int) -> tarfile.TarInfo:
+        """tarfile's decoder for everything else: pax, GNU long names, sparse, end of archive."""
+        try:
+            info: tarfile.TarInfo = tarfile.TarInfo.fromtarfile(self._src)  # type: ignore[arg-type]
+            return info
+        except _EOFHeader:
+            raise _End from None
+        except _EmptyHeader:
+            # The stream stopped on a header boundary without the zero blocks;
+            # Go's archive/tar (Docker, containerd) accepts that as the end, so do we.
+            raise _End from None
+        except _TruncatedHeader:
+            raise InvalidLayer(f"layer ends in the middle of a tar header (offset {start})") from None
+        except (tarfile.HeaderError, ValueError, UnicodeError) as e:
+            raise InvalidLayer(f"invalid tar header at offset {start}: {e}") from None
+        except RecursionError:
+            raise InvalidLayer(f"tar entry at offset {start} chains too many extended headers") from None
