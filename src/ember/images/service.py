@@ -168,6 +168,9 @@ class ImageService:
         display.set_total(sum(d.size for d in todo))
         if not todo:
             return
+        if len(todo) == 1:  # no thread to start for the common one-layer image
+            source.fetch(todo[0], self.content, display.blob(todo[0], "layer 1/1"))
+            return
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_BLOBS, len(todo))) as pool:
             futures = [
                 pool.submit(

@@ -55,16 +55,23 @@ ProgressCallback = Callable[[int], None]
 def _tls_context(host: str, plain_http: bool) -> ssl.SSLContext:
     """Certificate verification as httpx would set it up, with a clear error when it cannot.
 
-    ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured; a plain-HTTP registry
-    does not need them, so a broken setting does not stop it.
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured.  A plain-HTTP registry
+    only needs TLS if it redirects to HTTPS, so its context uses the hashed
+    certificate directory alone, which OpenSSL reads lazily (loading the whole
+    bundle costs tens of milliseconds per process), and a broken setting does
+    not stop it.
     """
     cafile = os.environ.get("SSL_CERT_FILE") or None
     capath = os.environ.get("SSL_CERT_DIR") or None
+    if plain_http:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, checks host names
+        directory = capath or ssl.get_default_verify_paths().capath
+        if directory and os.path.isdir(directory):
+            ctx.load_verify_locations(capath=directory)
+        return ctx
     try:
         return ssl.create_default_context(cafile=cafile, capath=capath)
     except (OSError, ssl.SSLError) as e:
-        if plain_http:
-            return ssl.create_default_context()
         raise RegistryError(
             f"cannot set up TLS for {host}: {e}", hint="check SSL_CERT_FILE and SSL_CERT_DIR"
         ) from None
