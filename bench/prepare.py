@@ -96,8 +96,10 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> str:
         run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
         run(["mkfs.ext4", "-q", "-F", "-d", str(bundle / "rootfs"), str(disk), DISK_SIZE])
 
-    timings = alternate({"ember": ember, "skopeo+umoci+mkfs": anchor}, runs, setup=setup)
-    close_pool(Home(home_root))
+    try:
+        timings = alternate({"ember": ember, "skopeo+umoci+mkfs": anchor}, runs, setup=setup)
+    finally:
+        close_pool(Home(home_root))
     return print_ratio(f"cold prepare, {name} image", timings["ember"], timings["skopeo+umoci+mkfs"])
 
 
