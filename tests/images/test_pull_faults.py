@@ -99,3 +99,16 @@ def test_bearer_token_flow(service: ImageService, registry: Registry, busybox_la
         service.content.delete(image.manifest_digest)
         ImageService(service.home).pull(ref, progress=False)
         assert len([s for s in proxy.requests("/token?") if s.status == 200]) == 2
+
+
+def test_manifest_not_matching_its_digest(
+    service: ImageService, registry: Registry, multiarch_layout: Path
+) -> None:
+    push_layout(multiarch_layout, registry, "faults/padded")
+    with misbehaving_proxy(registry.host, Behaviour(pad_manifests=True)) as proxy:
+        # the index (by tag) is taken as served; the child, asked by digest, must match it
+        with pytest.raises(BlobCorrupt, match="does not match"):
+            service.pull(f"{proxy.host}/faults/padded", progress=False)
+        digest = service.pull(f"{registry.host}/faults/padded", progress=False).manifest_digest
+        with pytest.raises(BlobCorrupt, match="does not match"):
+            service.pull(f"{proxy.host}/faults/padded@{digest}", progress=False)

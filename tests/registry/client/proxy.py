@@ -36,6 +36,8 @@ class Behaviour:
     ignore_range: bool = False
     #: flip one byte in every blob body
     corrupt_blobs: bool = False
+    #: append a space to every manifest body (still JSON, another digest)
+    pad_manifests: bool = False
     #: answer 503 to the first N requests whose path contains the key
     fail_first: dict[str, int] = field(default_factory=dict)
     #: require Bearer tokens from /token, which checks these Basic credentials
@@ -139,6 +141,8 @@ class MisbehavingProxy:
         blob = _BLOB.match(h.path)
         if blob and h.command == "GET" and resp.status in (200, 206) and b.corrupt_blobs and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
+        if b.pad_manifests and "/manifests/" in h.path and resp.status == 200:
+            body += b" "
         cut_at = None
         stall_at = None
         if (
