@@ -183,3 +183,24 @@ def test_gnu_tar_sparse_members_are_written_sparse(fmt: str, tmp_path: Path, roo
         f.seek(0)
         assert f.read(1 << 20) == bytes(1 << 20)
     assert stats.files == 1
+
+
+def test_hardlink_to_a_directory_is_refused(root: Path, layers: Layers) -> None:
+    with pytest.raises(InvalidLayer, match="cannot be linked"):
+        layers.apply(root, [dir_("d"), hard("h", "d")])
+
+
+def test_concurrent_applies_from_threads(tmp_path: Path, layers: Layers) -> None:
+    """Callers (the snapshotter) may apply several layers at once from threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [reg(f"f{i}", os.urandom(200_000)) for i in range(20)]
+    blob, media_type, diff_id = layers.blob(tar_bytes(files), "gzip")
+    roots = [tmp_path / f"r{i}" for i in range(4)]
+    for r in roots:
+        r.mkdir()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda r: apply_layer(r, blob, media_type, diff_id), roots))
+    assert all(s.files == 20 for s in results)
+    for r in roots:
+        assert (r / "f7").read_bytes() == files[7].data
