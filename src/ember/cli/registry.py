@@ -9,7 +9,6 @@ import click
 from ember.cli.common import home_from_ctx
 from ember.errors import UsageError
 from ember.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST
-from ember.registry.client.client import RegistryClient
 from ember.registry.client.credentials import Credentials, CredentialStore
 
 
@@ -46,6 +45,8 @@ def login(
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
         raise UsageError("a user name and a password are needed")
+    from ember.registry.client.client import RegistryClient  # httpx: only for this command
+
     creds = Credentials(username, password)
     api_host = DOCKER_HUB_API_HOST if host == DEFAULT_REGISTRY else host
     with RegistryClient(

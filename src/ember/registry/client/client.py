@@ -256,6 +256,16 @@ class RegistryClient:
             try:
                 resp = send()
             except httpx.TransportError as e:
+                if "SSL" in str(e) or "CERTIFICATE" in str(e):
+                    # Retrying will not fix TLS; say what usually causes it.
+                    hint = (
+                        None
+                        if self.plain_http
+                        else f"if {self.host} serves plain HTTP, use --plain-http"
+                    )
+                    raise RegistryUnreachable(
+                        f"TLS with registry {self.host} failed ({str(e)[:200]})", hint=hint
+                    ) from None
                 if attempt >= self.retries:
                     raise RegistryUnreachable(
                         f"cannot reach registry {self.host} ({type(e).__name__}: {str(e)[:200] or 'no detail'})"
