@@ -100,7 +100,11 @@ def accel(kernel: KernelInfo, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_channels_and_graceful_stop(
     tmp_path: Path, kernel: KernelInfo, channel_initrd: Path, accel: str
 ) -> None:
-    spec = make_spec(tmp_path, kernel, channel_initrd, accel)
+    # a deep directory: the control socket's absolute path exceeds sun_path's 107 bytes
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    spec = make_spec(deep, kernel, channel_initrd, accel)
+    assert len(str(spec.channels.control_socket)) > 108
     vm = get_vmm().create(spec)
     vm.start()
     try:

@@ -199,13 +199,22 @@ def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
     guest's port may not be open yet right after boot)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    dirfd = None
     try:
-        s.connect(str(path))
+        address = str(path)
+        if len(address.encode()) > 100:
+            # too long for sun_path: go through a short /proc/self/fd alias of the directory
+            dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            address = f"/proc/self/fd/{dirfd}/{path.name}"
+        s.connect(address)
     except OSError as e:
         s.close()
         raise ControlChannelError(
             f"cannot reach the machine's control channel {path}: {e.strerror or e}"
         ) from e
+    finally:
+        if dirfd is not None:
+            os.close(dirfd)
     return s
 
 

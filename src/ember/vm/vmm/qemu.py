@@ -127,8 +127,11 @@ def qemu_argv(
             "-chardev", f"file,id={cid},path={_escape(str(path))},append=on",
             "-device", f"virtserialport,chardev={cid},name={port}",
         ]  # fmt: skip
+    # the socket is named relative to the VMM's working directory (its parent, see
+    # QemuVM.start): an absolute path under a deep state dir can exceed the 107 bytes
+    # a unix socket address holds
     argv += [
-        "-chardev", f"socket,id=control,path={_escape(str(ch.control_socket))},server=on,wait=off",
+        "-chardev", f"socket,id=control,path={_escape(ch.control_socket.name)},server=on,wait=off",
         "-device", f"virtserialport,chardev=control,name={PORT_CONTROL}",
     ]  # fmt: skip
     return argv
@@ -178,6 +181,7 @@ class QemuVM(VM):
                 stdout=out,
                 stderr=out,
                 close_fds=True,
+                cwd=self.spec.channels.control_socket.parent,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
             )
         except OSError as e:

@@ -1,0 +1,200 @@
+"""``ember run`` for real: images booted under QEMU (TCG here, KVM where it works),
+each test inside a network namespace it creates, driving the ``ember`` CLI as a user
+would.  Each boot costs seconds, so several checks share one boot where they can."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots.pool import close_pool
+from tests.machines.vmkit import Ember, delete_netns, fetch, make_vm_home, new_netns
+from tests.snapshots.leaks import ours
+from tests.support.images import layout_ref
+
+pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    home = make_vm_home(tmp_path_factory.mktemp("vm") / "home")
+    yield home
+    close_pool(home)
+    mounts, loops = ours(home.root)
+    assert not mounts and not loops, (mounts, loops)
+
+
+@pytest.fixture
+def ember(vm_home: Home) -> Iterator[Ember]:
+    ns = new_netns()
+    try:
+        yield Ember(ns, vm_home)
+    finally:
+        delete_netns(ns)
+
+
+@pytest.fixture(scope="module")
+def busybox(busybox_layout: Path) -> str:
+    return layout_ref(busybox_layout)
+
+
+@pytest.fixture(scope="module")
+def debian(debian_layout: Path) -> str:
+    return layout_ref(debian_layout)
+
+
+def leftovers(ember: Ember, machine_id: str = "") -> list[str]:
+    """What machines (all, or the one with ``machine_id``) left on the host."""
+    found = []
+    tap = f"em-{machine_id[:12]}"
+    for ln in ember.sh("ip", "-o", "link").stdout.splitlines():
+        if tap in ln:
+            found.append(f"link {ln.split(':')[1].strip()}")
+    if ember.sh("nft", "list", "table", "inet", "ember").returncode == 0:
+        found.append("nft table inet ember")
+    found += [f"machine dir {p.name}" for p in ember.home.machines.glob(f"{machine_id}*")
+              if not p.name.startswith(".")]  # fmt: skip
+    pool = ember.home.snapshots / "pool"
+    found += [f"snapshot {p}" for p in pool.rglob(f"machine%2F{machine_id}*")]
+    for name in Path("/sys/block").iterdir():
+        try:
+            backing = (name / "loop" / "backing_file").read_text()
+        except OSError:
+            continue
+        if f"machine%2F{machine_id}" in backing:
+            found.append(f"loop device {name.name} {backing.strip()}")
+    home = str(ember.home.root)
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    found += [f"process {ln.strip()}" for ln in ps.splitlines()
+              if home in ln and machine_id in ln and "ps -eo" not in ln]  # fmt: skip
+    return found
+
+
+def test_debian_prints_env_value_exit_0(ember: Ember, debian: str) -> None:
+    res = ember("run", "--rm", "-e", "EMBER_TEST_VALUE=from -e", "-e", "SECOND=2", debian,
+                "bash", "-c", 'echo "value=$EMBER_TEST_VALUE $SECOND"; echo to-stderr >&2')  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    # only the program's output: no kernel or init messages on stdout
+    assert res.stdout == "value=from -e 2\n"
+    assert "to-stderr" in res.stderr and "to-stderr" not in res.stdout
+
+
+def test_user_by_name_workdir_exit_7_and_rm_leaves_nothing(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--rm", "--name", "u-name", "-u", "app", "-w", "/tmp", busybox,
+                "sh", "-c", "id; pwd; echo $HOME; exit 7")  # fmt: skip
+    assert res.returncode == 7, res.stderr
+    assert res.stdout.splitlines() == [
+        "uid=1000(app) gid=1000(app) groups=2000(extra)",
+        "/tmp",
+        "/home/app",
+    ]
+    assert ember("ps", "-a", "-q").stdout == ""
+    # --rm in the foreground: ember returns once everything is gone
+    assert leftovers(ember) == []
+
+
+def test_rm_leaves_nothing_behind(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--rm", "--name", "short-lived", "-p", "8081:80", busybox,
+                "sh", "-c", "sleep 1; exit 3")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    machine_id = res.stdout.strip()
+    assert len(machine_id) == 64
+    assert leftovers(ember, machine_id)  # while it runs there is something to find
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and leftovers(ember, machine_id):
+        time.sleep(0.5)
+    assert leftovers(ember, machine_id) == []
+
+
+def test_uid_gid_and_killed_137(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--rm", "-u", "1234:5678", busybox, "sh", "-c",
+                "id -u; id -g; kill -9 $$")  # fmt: skip
+    assert res.returncode == 137, res.stderr
+    assert res.stdout.splitlines() == ["1234", "5678"]
+
+
+def test_unknown_user_is_a_clear_error(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--rm", "-u", "nosuchuser", busybox, "true")
+    assert res.returncode != 0
+    assert "nosuchuser" in res.stderr
+    assert res.stdout == ""
+
+
+def test_entrypoint_override_clears_cmd(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--rm", "--entrypoint", "/bin/echo", busybox, "one", "two")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "one two\n"
+    res = ember("run", "--rm", "--entrypoint", "/bin/echo", busybox)
+    assert res.stdout == "\n"  # the image's Cmd is gone
+
+
+SERVER = (
+    'mkdir -p /www && echo "hello over -p" > /www/index.html && httpd -p 80 -h /www && '
+    'trap "echo got TERM; exit 42" TERM; echo ready; while :; do sleep 0.1; done'
+)
+
+
+def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "web", "-p", "8080:80", busybox, "sh", "-c", SERVER)
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "ready" not in ember("logs", "web").stdout:
+            time.sleep(0.3)
+        ps = ember("ps", "--json", check=True)
+        (row,) = json.loads(ps.stdout)
+        assert row["name"] == "web" and row["status"] == "running"
+        gateway = row["network"]["gateway"]
+        # from the host itself: loopback and the host's own address on the TAP
+        assert fetch(ember, "http://127.0.0.1:8080/index.html") == "hello over -p\n"
+        assert fetch(ember, f"http://{gateway}:8080/index.html") == "hello over -p\n"
+        assert ember("rm", "web").returncode != 0  # running: needs -f
+        res = ember("stop", "web")
+        assert res.returncode == 0, res.stderr
+        st = ember.inspect("web")
+        assert (st["status"], st["exit_code"]) == ("exited", 42)
+        assert "got TERM" in ember("logs", "web").stdout
+        assert ember("ps", "-q").stdout == ""
+        assert "web" in ember("ps", "-a").stdout
+        assert fetch(ember, "http://127.0.0.1:8080/index.html").startswith("FAIL")
+    finally:
+        ember("rm", "-f", "web")
+    assert ember("inspect", "web").returncode != 0
+
+
+def test_sigterm_ignoring_guest_is_killed_after_timeout(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "stubborn", busybox, "sh", "-c",
+                'trap "" TERM; echo ready; while :; do sleep 0.1; done')  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "ready" not in ember("logs", "stubborn").stdout:
+            time.sleep(0.3)
+        res = ember("stop", "-t", "2", "stubborn")
+        assert res.returncode == 0, res.stderr
+        st = ember.inspect("stubborn")
+        assert (st["status"], st["exit_code"]) == ("exited", 137)
+    finally:
+        ember("rm", "-f", "stubborn")
+
+
+def test_kill(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "victim", busybox, "sh", "-c",
+                "echo ready; while :; do sleep 0.1; done")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "ready" not in ember("logs", "victim").stdout:
+            time.sleep(0.3)
+        assert ember("kill", "victim").returncode == 0
+        st = ember.inspect("victim")
+        assert (st["status"], st["exit_code"]) == ("exited", 137)
+        assert ember("run", "--name", "victim", "--rm", busybox, "true").returncode != 0
+    finally:
+        ember("rm", "-f", "victim")

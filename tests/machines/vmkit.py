@@ -1,0 +1,94 @@
+"""Running the real ``ember`` CLI inside a network namespace, against a shared state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.home import Home
+from tests.vm.vmm.kernelcache import share_kernels
+
+EMBER = str(Path(sys.executable).parent / "ember")
+
+
+def make_vm_home(root: Path) -> Home:
+    """A state dir with a small snapshot pool and the test cache's kernel."""
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {"pool_size": "4G", "base_size": "1G"}
+    (root / "config.json").write_text(json.dumps({"snapshots": settings}))
+    home = Home(root)
+    share_kernels(home)
+    return home
+
+
+def new_netns() -> str:
+    name = f"embvm-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    return name
+
+
+def delete_netns(name: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        subprocess.run(["kill", "-9", pid], check=False)
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@dataclass
+class Ember:
+    netns: str
+    home: Home
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_ACCEL")}
+        env["EMBER_HOME"] = str(self.home.root)
+        return env
+
+    def __call__(
+        self, *args: str, timeout: float = 180, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            ["ip", "netns", "exec", self.netns, EMBER, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"ember {' '.join(args)} -> {res.returncode}\n{res.stderr}")
+        return res
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        res = self("inspect", name, check=True)
+        data: list[dict[str, Any]] = json.loads(res.stdout)
+        return data[0]
+
+    def sh(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """A command inside the namespace (the "host" the machines run on)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+FETCH = """
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(), end="")
+except Exception as e:
+    print("FAIL", e)
+"""
+
+
+def fetch(ember: Ember, url: str) -> str:
+    return ember.sh(sys.executable, "-c", FETCH, url).stdout
