@@ -163,3 +163,40 @@ def test_docker_save_archive(
     assert len(image.layers) == 1
     ours = unpack(service, f"docker-archive:{busybox_docker_archive}", tmp_path / "ours")
     assert_same_tree(ours, umoci_unpack(busybox_layout, "latest", tmp_path / "umoci"))
+
+
+def _rewrite_archive(src: Path, dest: Path, layer_alias: str, link_target: str) -> None:
+    """Copy a docker archive, pointing its first layer at a symlink ``layer_alias -> link_target``."""
+    import io
+    import tarfile
+
+    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            if member.name.lstrip("./") == "manifest.json" and data is not None:
+                doc = json.loads(data)
+                doc[0]["Layers"][0] = layer_alias
+                data = json.dumps(doc).encode()
+                member.size = len(data)
+            tout.addfile(member, io.BytesIO(data) if data is not None else None)
+        link = tarfile.TarInfo(layer_alias)
+        link.type = tarfile.SYMTYPE
+        link.linkname = link_target
+        tout.addfile(link)
+
+
+def test_docker_archive_symlinked_layers_stay_inside(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    archive = docker_archive(busybox_layout, tmp_path / "bb.tar")
+    import tarfile
+
+    with tarfile.open(archive) as t:
+        layer_name = json.loads(t.extractfile("manifest.json").read())[0]["Layers"][0]  # type: ignore[union-attr]
+    good = tmp_path / "good.tar"
+    _rewrite_archive(archive, good, "alias/layer.tar", f"../{layer_name}")
+    assert service.pull(f"docker-archive:{good}", progress=False).layers
+    evil = tmp_path / "evil.tar"
+    _rewrite_archive(archive, evil, "alias/layer.tar", "../../../../etc/passwd")
+    with pytest.raises(InvalidSource, match="lacks"):
+        service.pull(f"docker-archive:{evil}", progress=False)

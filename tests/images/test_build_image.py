@@ -1,0 +1,56 @@
+"""The checks that turn a manifest and a config into an Image (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.images import InvalidImage
+from ember.images.service import build_image
+from ember.oci import mediatypes as mt
+from ember.oci.chainid import chain_ids
+from ember.oci.config import ImageConfig
+from ember.oci.digest import Digest
+from ember.oci.errors import UnsupportedMediaType
+from ember.oci.manifest import Descriptor, ImageManifest
+from ember.oci.platform import Platform
+
+DIFFS = [Digest.of(b"d1"), Digest.of(b"d2")]
+BLOBS = [Digest.of(b"b1"), Digest.of(b"b2")]
+CONFIG = Descriptor(mt.OCI_CONFIG, Digest.of(b"config"), 6)
+
+
+def manifest(layers: list[Descriptor] | None = None, config: Descriptor = CONFIG) -> ImageManifest:
+    if layers is None:
+        layers = [Descriptor(mt.OCI_LAYER_GZIP, d, 10 + i) for i, d in enumerate(BLOBS)]
+    return ImageManifest(mt.OCI_MANIFEST, config, layers)
+
+
+def config(diff_ids: list[Digest] = DIFFS) -> ImageConfig:
+    return ImageConfig(architecture="arm64", os="linux", variant="v8", diff_ids=diff_ids)
+
+
+def test_layers_carry_diff_and_chain_ids() -> None:
+    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, config())
+    assert [x.digest for x in image.layers] == BLOBS
+    assert [x.diff_id for x in image.layers] == DIFFS
+    assert [x.chain_id for x in image.layers] == chain_ids(DIFFS)
+    assert image.platform == Platform("linux", "arm64", "")
+    assert image.size == 21
+    assert image.as_dict()["layers"][1]["chain_id"] == str(chain_ids(DIFFS)[1])
+
+
+def test_layer_count_must_match_diff_ids() -> None:
+    with pytest.raises(InvalidImage, match="2 layers but the config lists 1"):
+        build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, config(DIFFS[:1]))
+
+
+def test_not_a_container_image() -> None:
+    artifact = Descriptor("application/vnd.example.sbom+json", Digest.of(b"c"), 1)
+    with pytest.raises(InvalidImage, match="not a container image"):
+        build_image("r", Digest.of(b"m"), manifest(config=artifact), artifact.digest, config())
+
+
+def test_unknown_layer_type() -> None:
+    layers = [Descriptor("application/x-rar", d, 1) for d in BLOBS]
+    with pytest.raises(UnsupportedMediaType, match="application/x-rar"):
+        build_image("r", Digest.of(b"m"), manifest(layers), CONFIG.digest, config())
