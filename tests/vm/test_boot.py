@@ -59,14 +59,16 @@ def root_image(busybox_rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -
 class Machine:
     """One QEMU microvm, started the way docs/guest.md describes."""
 
-    def __init__(self, d: Path, kernel: KernelInfo, initrd: Path, disk: Path) -> None:
+    def __init__(
+        self, d: Path, kernel: KernelInfo, initrd: Path, disk: Path, memory: int = 256
+    ) -> None:
         self.dir = d
         argv = [
             "qemu-system-x86_64",
             "-M", "microvm",
             "-accel", "tcg",
             "-cpu", "max",
-            "-m", "256",
+            "-m", str(memory),
             "-smp", "1",
             "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
             "-kernel", str(kernel.vmlinux),
@@ -120,13 +122,19 @@ def machines() -> Iterator[list[Machine]]:
 
 
 def boot(
-    home: Home, kernel: KernelInfo, disk: Path, d: Path, rc: RunConfig, machines: list[Machine]
+    home: Home,
+    kernel: KernelInfo,
+    disk: Path,
+    d: Path,
+    rc: RunConfig,
+    machines: list[Machine],
+    memory: int = 256,
 ) -> Machine:
     initrd = write_machine_initrd(base_initramfs(home, kernel), rc, d / "initrd")
     # each machine gets its own copy of the disk, as a clone would be
     own = d / "root.ext4"
     subprocess.run(["cp", "--sparse=always", str(disk), str(own)], check=True)
-    m = Machine(d, kernel, initrd, own)
+    m = Machine(d, kernel, initrd, own, memory)
     machines.append(m)
     return m
 
@@ -227,3 +235,19 @@ def test_malformed_config_powers_off_with_message(
     assert "ember-init: error: run config is truncated (no end record)" in console
     assert "ember-init: exit code 125\n" in console
     assert m.read("stdout.log") == ""
+
+
+def test_oom_kill_is_reported(
+    guest_home: Home,
+    guest_kernel: KernelInfo,
+    root_image: Path,
+    tmp_path: Path,
+    machines: list[Machine],
+) -> None:
+    # each doubling copies the string: the shell itself runs out of memory and is killed
+    rc = RunConfig(argv=("/bin/sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"))
+    m = boot(guest_home, guest_kernel, root_image, tmp_path, rc, machines, memory=128)
+    m.wait()
+    status = json.loads(m.read("status.json"))
+    assert status == {"exit_code": 137, "signal": 9, "oom_killed": True}, m.read("console.log")
+    assert "ember-init: killed by signal 9 (oom killed)\n" in m.read("console.log")
