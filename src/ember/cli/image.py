@@ -160,9 +160,8 @@ def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: boo
         if created:
             shutil.rmtree(directory, ignore_errors=True)
         raise
-    _say(
-        f"unpacked {img.reference} into {directory} ({stats.layers} layers, {stats.entries} entries)"
-    )
+    layers = f"{stats.layers} layer{'' if stats.layers == 1 else 's'}"
+    _say(f"unpacked {img.reference} into {directory} ({layers}, {stats.entries} entries)")
 
 
 commands: list[click.Command] = [image]
