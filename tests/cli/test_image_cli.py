@@ -148,3 +148,33 @@ def test_registry_login_logout(
     assert out.returncode == 0 and "logged out" in out.stderr
     assert host not in json.loads(creds.read_text())["auths"]
     assert_one_line_error(ember(home, "image", "pull", private), "requires authentication")
+
+
+def test_progress_on_a_terminal(tmp_path: Path, busybox_layout: Path) -> None:
+    """stderr on a pseudo-terminal: rich draws one bar per layer and a total."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "COLUMNS": "120", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [EMBER, "image", "pull", layout_ref(busybox_layout)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    proc.wait(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0
+    text = drawn.decode(errors="replace")
+    assert "layer 1/1" in text and "total" in text
+    assert "\x1b[" in text  # drawn with terminal control sequences
