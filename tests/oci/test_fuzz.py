@@ -124,3 +124,20 @@ def test_config_parser_structured(doc: dict[str, Any]) -> None:
 def test_parsers_raw_bytes(data: bytes) -> None:
     _check(parse_manifest, data)
     _check(parse_config, data)
+
+
+REF_ALPHABET = st.sampled_from(list("abcAZ019:/@._-") + ["sha256:" + "a" * 64, "localhost", "docker.io", " "])
+
+
+@FUZZ
+@given(st.lists(REF_ALPHABET, max_size=30).map("".join))
+def test_reference_parser(text: str) -> None:
+    from ember.oci.errors import InvalidReference
+    from ember.oci.reference import Reference
+
+    try:
+        ref = Reference.parse(text)
+    except InvalidReference:
+        return
+    # a parsed reference normalises to a fixed point
+    assert Reference.parse(str(ref)) == ref
