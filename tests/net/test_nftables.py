@@ -35,9 +35,12 @@ def test_ruleset_contents() -> None:
     )
     dnat = 'fib daddr type local tcp dport 8080 dnat ip to 172.30.0.2:80 comment "aaaaaaaaaaaa"'
     assert lines.count(dnat) == 2  # prerouting and output
-    assert lines.count(
-        'ip daddr 127.0.0.1 udp dport 5353 dnat ip to 172.30.0.2:53 comment "aaaaaaaaaaaa"'
-    ) == 2
+    assert (
+        lines.count(
+            'ip daddr 127.0.0.1 udp dport 5353 dnat ip to 172.30.0.2:53 comment "aaaaaaaaaaaa"'
+        )
+        == 2
+    )
     assert 'ip saddr 172.30.0.0/16 oifname != "em-*" masquerade' in lines
 
 

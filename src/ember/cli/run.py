@@ -61,7 +61,9 @@ class _Interrupts:
         self.count += 1
 
 
-def _follow(home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[IO[bytes]]) -> int:
+def _follow(
+    home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[IO[bytes]]
+) -> int:
     from ember.machines import lifecycle
     from ember.machines.state import read_state
     from ember.machines.store import MachineStore
@@ -184,11 +186,13 @@ def run(
         read_env_file,
     )
     from ember.machines.store import MachineStore
+    from ember.net.nftables import check_network_name
     from ember.net.ports import parse_publish
 
     home = home_from_ctx()
     if name is not None:
         check_name(name)
+    check_network_name(network)
     host_env = dict(os.environ)
     all_env: list[str] = []
     for f in env_files:

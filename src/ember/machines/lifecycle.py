@@ -219,14 +219,16 @@ def _proc_mentions(pid: int, needle: str) -> bool:
 
 
 def monitor_alive(st: MachineState) -> bool:
-    return st.monitor_pid is not None and pid_alive(st.monitor_pid) and _proc_mentions(
-        st.monitor_pid, st.id
+    return (
+        st.monitor_pid is not None
+        and pid_alive(st.monitor_pid)
+        and _proc_mentions(st.monitor_pid, st.id)
     )
 
 
 def vmm_alive(st: MachineState) -> bool:
-    return st.vmm_pid is not None and pid_alive(st.vmm_pid) and _proc_mentions(
-        st.vmm_pid, st.id[:12]
+    return (
+        st.vmm_pid is not None and pid_alive(st.vmm_pid) and _proc_mentions(st.vmm_pid, st.id[:12])
     )
 
 

@@ -139,7 +139,11 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     result = outcome(report, end.returncode, end.signal, killed=False)
     with mstate.update(d) as cur:
         cur.status, cur.finished_at = mstate.EXITED, mstate.now()
-        cur.exit_code, cur.signal, cur.oom_killed = result.exit_code, result.signal, result.oom_killed
+        cur.exit_code, cur.signal, cur.oom_killed = (
+            result.exit_code,
+            result.signal,
+            result.oom_killed,
+        )
         cur.end_reason, cur.error = result.end_reason, result.error
         final = cur
     _cleanup(home, final, removing=False)

@@ -97,4 +97,6 @@ def outcome(
         return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm killed by signal {vmm_signal}")
     if vmm_returncode not in (0, None):
         return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm exited with status {vmm_returncode}")
-    return Outcome(NO_REPORT_EXIT_CODE, None, False, "the guest gave no exit report (see console.log)")
+    return Outcome(
+        NO_REPORT_EXIT_CODE, None, False, "the guest gave no exit report (see console.log)"
+    )

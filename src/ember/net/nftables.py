@@ -65,7 +65,7 @@ def _dnat_rules(machines: Iterable[MachineRules]) -> list[str]:
             match = f"ip daddr {p.host_ip}" if p.host_ip else "fib daddr type local"
             rules.append(
                 f"{match} {p.protocol} dport {p.host_port} "
-                f"dnat ip to {m.guest_ip}:{p.guest_port} comment \"{m.machine_id[:12]}\""
+                f'dnat ip to {m.guest_ip}:{p.guest_port} comment "{m.machine_id[:12]}"'
             )
     return rules
 
@@ -87,7 +87,12 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
     body: list[str] = []
     for name, taps in sorted(networks.items()):
         elements = ", ".join(f'"{t}"' for t in taps)
-        body += [f"\tset nw_{name} {{", "\t\ttype ifname", f"\t\telements = {{ {elements} }}", "\t}"]
+        body += [
+            f"\tset nw_{name} {{",
+            "\t\ttype ifname",
+            f"\t\telements = {{ {elements} }}",
+            "\t}",
+        ]
     body += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",

@@ -1,0 +1,61 @@
+"""``ember run`` refuses bad options with one clear line, before anything is created."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EMBER = str(Path(sys.executable).parent / "ember")
+
+
+def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMBER_HOME": str(home)}
+    return subprocess.run([EMBER, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", "80"], "invalid -p '80'"),
+        (["-p", "1.2.3.4.5:80:80"], "invalid host address"),
+        (["-p", "80:80/sctp"], "unknown protocol"),
+        (["-e", "BAD KEY=1"], "invalid environment variable name"),
+        (["--env-file", "/nonexistent/env"], "cannot read env file"),
+        (["--memory", "16"], "--memory"),
+        (["--disk-size", "lots"], "invalid size"),
+        (["--name", "no/slashes"], "invalid machine name"),
+        (["--network", "Bad-Net"], "invalid network name"),
+    ],
+)
+def test_bad_options(tmp_path: Path, args: list[str], message: str) -> None:
+    res = ember(tmp_path, "run", *args, "oci:/nonexistent:latest", "true")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ember: ") and message in lines[0], res.stderr
+    assert not (tmp_path / "machines").exists() or not any((tmp_path / "machines").iterdir())
+
+
+def test_unknown_image(tmp_path: Path) -> None:
+    res = ember(tmp_path, "run", "oci:/nonexistent/layout:latest")
+    assert res.returncode != 0
+    assert res.stderr.startswith("ember: ") and "Traceback" not in res.stderr
+
+
+def test_args_after_the_image_belong_to_the_program(tmp_path: Path) -> None:
+    # `-p 80` after IMAGE is the program's, so ember complains about the image, not -p
+    res = ember(tmp_path, "run", "oci:/nonexistent/layout:latest", "-p", "80")
+    assert res.returncode != 0 and "-p" not in res.stderr
+
+
+def test_control_commands_on_unknown_machines(tmp_path: Path) -> None:
+    for cmd in (["stop", "ghost"], ["kill", "ghost"], ["rm", "ghost"], ["logs", "ghost"],
+                ["inspect", "ghost"]):  # fmt: skip
+        res = ember(tmp_path, *cmd)
+        assert res.returncode != 0
+        assert "no such machine: ghost" in res.stderr, (cmd, res.stderr)
+    res = ember(tmp_path, "ps", "-a", "--json")
+    assert res.returncode == 0 and res.stdout.strip() == "[]"

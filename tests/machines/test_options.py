@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ember.machines.errors import InvalidOption
+from ember.machines.options import (
+    check_name,
+    parse_env,
+    parse_memory_mib,
+    parse_size,
+    read_env_file,
+)
+
+HOST = {"FROM_HOST": "host value", "EMPTY": ""}
+
+
+def test_env_entries() -> None:
+    got = parse_env(["A=1", "B=", "C=x=y", "FROM_HOST", "EMPTY", "MISSING", "SP=a b"], HOST)
+    assert got == ["A=1", "B=", "C=x=y", "FROM_HOST=host value", "EMPTY=", "SP=a b"]
+
+
+@pytest.mark.parametrize("bad", ["=1", "A B=1", " A=1", "A\x00=1", "A=\x00", ""])
+def test_env_rejects(bad: str) -> None:
+    with pytest.raises(InvalidOption):
+        parse_env([bad], HOST)
+
+
+def test_env_file(tmp_path: Path) -> None:
+    f = tmp_path / "env"
+    f.write_text("# comment\n\nA=1\n   B=two words\nFROM_HOST\nMISSING\nC='quoted'\n  # indented\n")
+    assert read_env_file(f, HOST) == ["A=1", "B=two words", "FROM_HOST=host value", "C='quoted'"]
+
+
+def test_env_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOption, match="cannot read"):
+        read_env_file(tmp_path / "missing", HOST)
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"A=\xff\n")
+    with pytest.raises(InvalidOption, match="UTF-8"):
+        read_env_file(bad, HOST)
+    spaced = tmp_path / "spaced"
+    spaced.write_text("BAD KEY=1\n")
+    with pytest.raises(InvalidOption, match="env file"):
+        read_env_file(spaced, HOST)
+    big = tmp_path / "big"
+    big.write_bytes(b"A=" + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(InvalidOption, match="larger"):
+        read_env_file(big, HOST)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("4096", 4096), ("2G", 2 << 30), ("512M", 512 << 20), ("1GiB", 1 << 30), ("1.5g", 3 << 29),
+     ("10k", 10240), ("1T", 1 << 40), ("3mb", 3 << 20)],
+)  # fmt: skip
+def test_sizes(text: str, want: int) -> None:
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("bad", ["", "G", "-1G", "1X", "1 GB extra", "0", "nan", "1e3"])
+def test_sizes_reject(bad: str) -> None:
+    with pytest.raises(InvalidOption):
+        parse_size(bad)
+
+
+def test_memory() -> None:
+    assert parse_memory_mib("512") == 512
+    assert parse_memory_mib("1G") == 1024
+    assert parse_memory_mib("256m") == 256
+    for bad in ("32", "0", "2T", "lots"):
+        with pytest.raises(InvalidOption):
+            parse_memory_mib(bad)
+
+
+@pytest.mark.parametrize("good", ["web", "a", "my_app.v2-1", "A1"])
+def test_names(good: str) -> None:
+    assert check_name(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "-web", "_x", "a/b", "a b", "x" * 64, "é", "/web"])
+def test_names_reject(bad: str) -> None:
+    with pytest.raises(InvalidOption):
+        check_name(bad)

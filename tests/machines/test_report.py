@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from ember.machines.report import (
+    NO_REPORT_EXIT_CODE,
+    ExitReport,
+    Outcome,
+    outcome,
+    parse_console_tail,
+    parse_report,
+)
+
+
+def test_report() -> None:
+    assert parse_report(b'{"exit_code": 7, "signal": null, "oom_killed": false}\n') == ExitReport(
+        7, None, False
+    )
+    assert parse_report(b'{"exit_code": 137, "signal": 9, "oom_killed": true}') == ExitReport(
+        137, 9, True
+    )
+    got = parse_report(
+        b'{"exit_code": 125, "signal": null, "oom_killed": false, "error": "no\\u001b[31m user"}'
+    )
+    assert got == ExitReport(125, None, False, "no?[31m user")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\n",
+        b"garbage",
+        b"[1]",
+        b'{"exit_code": 256, "signal": null, "oom_killed": false}',
+        b'{"exit_code": -1, "signal": null, "oom_killed": false}',
+        b'{"exit_code": true, "signal": null, "oom_killed": false}',
+        b'{"exit_code": "0", "signal": null, "oom_killed": false}',
+        b'{"exit_code": 0, "signal": 65, "oom_killed": false}',
+        b'{"exit_code": 0, "signal": null, "oom_killed": "no"}',
+        b'{"exit_code": 0, "signal": null, "oom_killed": false, "error": 5}',
+        b'{"signal": null}',
+        b" " * 5000 + b'{"exit_code": 0}',
+    ],
+)
+def test_hostile_reports_are_ignored(data: bytes) -> None:
+    assert parse_report(data) is None
+
+
+def test_only_the_first_line_counts() -> None:
+    data = b'{"exit_code": 1, "signal": null, "oom_killed": false}\n{"exit_code": 0, "signal": null, "oom_killed": false}\n'
+    assert parse_report(data) == ExitReport(1, None, False)
+
+
+def test_console_tail() -> None:
+    log = b"[ 1.0] boot\nember-init: exit code 3\n[ 1.2] reboot: Power down\n"
+    assert parse_console_tail(log) == ExitReport(3, None, False)
+    log = b"ember-init: killed by signal 9 (oom killed)\r\n[ 2.0] reboot: Power down\n"
+    assert parse_console_tail(log) == ExitReport(137, 9, True)
+    assert parse_console_tail(b"ember-init: exit code 999\n") is None
+    assert parse_console_tail(b"ember-init: killed by signal 99\n") is None
+    assert parse_console_tail(b"program says ember-init: exit code 0\n") is None
+    assert parse_console_tail(b"") is None
+
+
+def test_outcome() -> None:
+    rep = ExitReport(7, None, False)
+    assert outcome(rep, 0, None, killed=False) == Outcome(7, None, False, None)
+    # the report wins even when the VMM was killed after it was written
+    assert outcome(rep, None, 9, killed=False).exit_code == 7
+    assert outcome(None, None, 9, killed=False) == Outcome(137, 9, False, "killed")
+    assert outcome(None, 0, None, killed=True).exit_code == 137
+    gone = outcome(None, 0, None, killed=False)
+    assert gone.exit_code == NO_REPORT_EXIT_CODE and gone.end_reason
+    assert "status 1" in str(outcome(None, 1, None, killed=False).end_reason)
+    assert "signal 15" in str(outcome(None, None, 15, killed=False).end_reason)
