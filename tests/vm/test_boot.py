@@ -21,7 +21,7 @@ from ember.home import Home
 from ember.vm.cpio import CpioWriter
 from ember.vm.initramfs import base_initramfs, write_machine_initrd
 from ember.vm.kernel import KernelInfo, guest_cmdline
-from ember.vm.runconfig import HostEntry, Interface, RunConfig
+from ember.vm.runconfig import HostEntry, Interface, Mount, RunConfig
 from tests.vm.vmm.kernelcache import share_kernels
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -60,7 +60,13 @@ class Machine:
     """One QEMU microvm, started the way docs/guest.md describes."""
 
     def __init__(
-        self, d: Path, kernel: KernelInfo, initrd: Path, disk: Path, memory: int = 256
+        self,
+        d: Path,
+        kernel: KernelInfo,
+        initrd: Path,
+        disk: Path,
+        memory: int = 256,
+        volumes: tuple[Path, ...] = (),
     ) -> None:
         self.dir = d
         argv = [
@@ -82,6 +88,10 @@ class Machine:
             "-device", "virtio-net-device,netdev=n0",
             "-device", "virtio-serial-device",
         ]  # fmt: skip
+        # volumes follow the root disk: /dev/vdb, /dev/vdc, ... in command-line order
+        for i, vol in enumerate(volumes):
+            argv += ["-drive", f"id=vol{i},file={vol},format=raw,if=none"]
+            argv += ["-device", f"virtio-blk-device,drive=vol{i}"]
         for name in ("stdout", "stderr"):
             argv += ["-chardev", f"file,id={name},path={d / (name + '.log')}"]
             argv += ["-device", f"virtserialport,chardev={name},name=org.ember.{name}"]
@@ -129,12 +139,13 @@ def boot(
     rc: RunConfig,
     machines: list[Machine],
     memory: int = 256,
+    volumes: tuple[Path, ...] = (),
 ) -> Machine:
     initrd = write_machine_initrd(base_initramfs(home, kernel), rc, d / "initrd")
     # each machine gets its own copy of the disk, as a clone would be
     own = d / "root.ext4"
     subprocess.run(["cp", "--sparse=always", str(disk), str(own)], check=True)
-    m = Machine(d, kernel, initrd, own, memory)
+    m = Machine(d, kernel, initrd, own, memory, volumes)
     machines.append(m)
     return m
 
@@ -149,7 +160,15 @@ def test_boot_runs_program_with_config_and_reports_exit(
     script = (
         'echo "hello from $(uname -r) as $(id -u):$(id -G) in $(pwd) on $(hostname)"; '
         "echo to-stderr >&2; ip -4 addr show eth0; ip route; cat /etc/hosts /etc/resolv.conf; "
-        "ulimit -n; exit 7"
+        "ulimit -n; echo persisted > /data/file; exit 7"
+    )
+    volume = tmp_path / "volume.ext4"
+    with open(volume, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "root_owner=1000:1000", str(volume)],
+        check=True,
+        capture_output=True,
     )
     rc = RunConfig(
         argv=("/bin/sh", "-c", script),
@@ -160,8 +179,9 @@ def test_boot_runs_program_with_config_and_reports_exit(
         hosts=(HostEntry("10.0.2.2", ("gateway",)),),
         nameservers=("10.0.2.3",),
         network=(Interface("eth0", "10.0.2.15", 24, "10.0.2.2", 1420),),
+        mounts=(Mount("/dev/vdb", "/data", "ext4", "rw,noatime"),),
     )
-    m = boot(guest_home, guest_kernel, root_image, tmp_path, rc, machines)
+    m = boot(guest_home, guest_kernel, root_image, tmp_path, rc, machines, volumes=(volume,))
     m.wait()
     out = m.read("stdout.log")
     assert f"hello from {guest_kernel.version} as 1000:1000 2000 in /srv/work on guest-1\n" in out
@@ -180,11 +200,15 @@ def test_boot_runs_program_with_config_and_reports_exit(
     }
     console = m.read("console.log")
     assert "ember-init: exit code 7\n" in console
-    # the disk was left clean (remounted read-only before power-off)
-    fsck = subprocess.run(
-        ["e2fsck", "-n", "-f", str(tmp_path / "root.ext4")], capture_output=True, text=True
+    # the root disk and the volume were left clean (volume unmounted, root remounted
+    # read-only before power-off), and what the program wrote is on the volume
+    for disk in (tmp_path / "root.ext4", volume):
+        fsck = subprocess.run(["e2fsck", "-n", "-f", str(disk)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    cat = subprocess.run(
+        ["debugfs", "-R", "cat /file", str(volume)], capture_output=True, text=True, check=True
     )
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert cat.stdout == "persisted\n"
 
 
 def test_stop_request_over_control_socket(
