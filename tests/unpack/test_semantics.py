@@ -268,3 +268,17 @@ def test_stats_add_up_across_layers(root: Path, layers: Layers) -> None:
     assert stats.entries == 4
     assert stats.bytes_written == 5
     assert len(stats.diff_ids) == 2
+
+
+def test_whiteout_of_a_lower_directory_keeps_what_this_layer_put_inside(root: Path, layers: Layers) -> None:
+    layers.apply(root, [reg("d/old", b"o"), reg("d/sub/older", b"o")], [reg("d/new", b"n"), whiteout("d")])
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "d").rglob("*")) == ["d/new"]
+
+
+def test_opaque_keeps_this_layers_files_in_implicit_lower_subdirectories(root: Path, layers: Layers) -> None:
+    layers.apply(
+        root,
+        [reg("d/sub/old", b"o"), reg("d/gone", b"g")],
+        [reg("d/sub/new", b"n"), opaque("d")],  # no entry for d/sub itself in this layer
+    )
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "d").rglob("*")) == ["d/sub", "d/sub/new"]

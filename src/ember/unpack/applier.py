@@ -92,6 +92,8 @@ class LayerApplier:
     def __init__(self) -> None:
         #: paths this layer created or changed; whiteouts never remove these
         self.touched: set[str] = set()
+        #: directories with something this layer touched below them
+        self._holds_touched: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
         self.counts = {
             "entries": 0, "files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0,
@@ -147,6 +149,13 @@ class LayerApplier:
 
     # -- creation with replace-not-write-through -----------------------------------------
 
+    def _touch(self, path: str) -> None:
+        self.touched.add(path)
+        parent = posixpath.dirname(path)
+        while parent != "/" and parent not in self._holds_touched:
+            self._holds_touched.add(parent)
+            parent = posixpath.dirname(parent)
+
     def _make_parents(self, path: str) -> None:
         for p in parents(path):
             try:
@@ -157,7 +166,7 @@ class LayerApplier:
                         f"cannot create {path[:200]!r}: its parent {p[:200]!r} is not a directory"
                     ) from None
                 continue
-            self.touched.add(p)
+            self._touch(p)
             self.counts["directories"] += 1
 
     def _remove(self, path: str, st: os.stat_result | None = None) -> None:
@@ -212,7 +221,7 @@ class LayerApplier:
                 os.utime(fd, ns=(ns, ns))
         finally:
             os.close(fd)
-        self.touched.add(path)
+        self._touch(path)
         self.counts["files"] += 1
 
     def _mkdir(self, path: str) -> bool:
@@ -245,7 +254,7 @@ class LayerApplier:
         ns = _mtime_ns(info)
         if ns is not None:
             self._dir_times.append((path, ns))
-        self.touched.add(path)
+        self._touch(path)
 
     def _symlink(self, path: str, info: tarfile.TarInfo) -> None:
         target = info.linkname
@@ -260,7 +269,7 @@ class LayerApplier:
         ns = _mtime_ns(info)
         if ns is not None:
             os.utime(path, ns=(ns, ns), follow_symlinks=False)
-        self.touched.add(path)
+        self._touch(path)
         self.counts["symlinks"] += 1
 
     def _hardlink(self, path: str, info: tarfile.TarInfo) -> None:
@@ -283,7 +292,7 @@ class LayerApplier:
                 f"hard link {info.name[:200]!r} points at {info.linkname[:200]!r}, which cannot be linked "
                 "(a directory?)"
             ) from None
-        self.touched.add(path)
+        self._touch(path)
         self.counts["hardlinks"] += 1
 
     def _device(self, path: str, info: tarfile.TarInfo) -> None:
@@ -303,7 +312,7 @@ class LayerApplier:
         ns = _mtime_ns(info)
         if ns is not None:
             os.utime(path, ns=(ns, ns), follow_symlinks=False)
-        self.touched.add(path)
+        self._touch(path)
         self.counts["devices"] += 1
 
     def _setxattr(self, target: int | str, name: str, value: bytes, info: tarfile.TarInfo,
@@ -327,18 +336,24 @@ class LayerApplier:
         self.counts["whiteouts"] += 1
         if wh.kind == "meta":
             return
-        if wh.kind == "file":
-            if wh.path in self.touched or wh.path == "/":
-                return  # whiteouts hide lower layers only
-            try:
-                st = os.lstat(wh.path)
-            except (FileNotFoundError, NotADirectoryError):
-                return
-            self._remove(wh.path, st)
+        if wh.kind == "opaque":
+            self._opaque(wh.path)
             return
-        self._opaque(wh.path)
+        if wh.path in self.touched or wh.path == "/":
+            return  # whiteouts hide lower layers only
+        try:
+            st = os.lstat(wh.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if stat.S_ISDIR(st.st_mode) and wh.path in self._holds_touched:
+            # This layer already put entries inside the lower directory being
+            # deleted: delete the lower part only, keep what the layer created.
+            self._opaque(wh.path)
+        else:
+            self._remove(wh.path, st)
 
     def _opaque(self, directory: str) -> None:
+        """Remove what lower layers put under ``directory``, keeping this layer's entries."""
         try:
             st = os.lstat(directory)
         except (FileNotFoundError, NotADirectoryError):
@@ -349,11 +364,11 @@ class LayerApplier:
             children = list(it)
         for child in children:
             path = posixpath.join(directory, child.name)
-            if path not in self.touched:
-                self._remove(path)
-            elif child.is_dir(follow_symlinks=False):
-                # created by this layer but over a lower directory: hide that one's children too
+            keep = path in self.touched or path in self._holds_touched
+            if keep and child.is_dir(follow_symlinks=False):
                 self._opaque(path)
+            elif not keep:
+                self._remove(path)
 
     def _finish_dirs(self) -> None:
         for path, ns in reversed(self._dir_times):

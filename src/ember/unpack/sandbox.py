@@ -53,7 +53,8 @@ def _close_all_but(keep: set[int]) -> None:
     for fd in sorted(k for k in keep if k >= 3):
         os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, 1 << 20)
+    # close_range(2) makes a huge upper bound free; never less than the fd limit
+    os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), 1 << 20))
 
 
 def _child(root_fd: int, data_fd: int, report_fd: int) -> None:
