@@ -204,3 +204,15 @@ def test_concurrent_applies_from_threads(tmp_path: Path, layers: Layers) -> None
     assert all(s.files == 20 for s in results)
     for r in roots:
         assert (r / "f7").read_bytes() == files[7].data
+
+
+def test_endless_chain_of_extended_headers(root: Path, layers: Layers) -> None:
+    pax = tarfile.TarInfo._create_pax_generic_header({"comment": "x"}, tarfile.XHDTYPE, "utf-8")  # type: ignore[attr-defined]
+    raw = pax * 3000 + tar_bytes([reg("a", b"1")])
+    with pytest.raises(InvalidLayer, match="extended headers|too large"):
+        layers.apply(root, raw)
+
+
+def test_symlink_loop_as_parent(root: Path, layers: Layers) -> None:
+    with pytest.raises(UnpackError, match="a/x"):
+        layers.apply(root, [sym("a", "b"), sym("b", "a"), reg("a/x", b"1")])
