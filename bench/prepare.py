@@ -36,6 +36,7 @@ from tests.support.images import build_debian_layout, build_multilayer_layout, p
 
 from bench._common import alternate, fmt_seconds, machine_note, print_ratio, record, registry  # noqa: E402
 from ember.home import Home  # noqa: E402
+from ember.images import ImageService  # noqa: E402
 from ember.images.service import build_image  # noqa: E402
 from ember.oci import mediatypes as mt  # noqa: E402
 from ember.oci.config import parse_config  # noqa: E402
@@ -75,32 +76,51 @@ def new_home(root: Path, base_size: str, pool_size: str) -> Home:
 # -- 1. cold prepare against skopeo + umoci + mkfs.ext4 -d --------------------------------
 
 
-def bench_prepare(name: str, ref: str, work: Path, runs: int) -> str:
+def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
     home_root = work / f"{name}-home"
     layout, bundle, disk = work / f"{name}-layout", work / f"{name}-bundle", work / f"{name}.ext4"
+    lib_homes: list[Home] = []
 
     def setup(contestant: str) -> None:
         for path in (layout, bundle):
             shutil.rmtree(path, ignore_errors=True)
         disk.unlink(missing_ok=True)
-        if contestant == "ember":
+        if contestant == "ember image prepare":
             new_home(home_root, DISK_SIZE, "8G")
+        if contestant == "library":
+            for old in lib_homes:
+                close_pool(old)
+                shutil.rmtree(old.root, ignore_errors=True)
+            # a fresh path each time: the database layer caches engines per URL
+            lib_homes[:] = [new_home(work / f"{name}-lib-{time.monotonic_ns()}", DISK_SIZE, "8G")]
         os.sync()  # do not bill one contestant for the other's dirty pages
 
     def ember() -> None:
         env = {**os.environ, "EMBER_HOME": str(home_root)}
         run([EMBER, "image", "prepare", ref, "--json"], env)
 
+    def library() -> None:
+        """The same work without the CLI's interpreter start and imports."""
+        home = lib_homes[0]
+        prepare_image(home, ImageService(home).pull(ref, progress=False))
+
     def anchor() -> None:
         run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])
         run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
         run(["mkfs.ext4", "-q", "-F", "-d", str(bundle / "rootfs"), str(disk), DISK_SIZE])
 
+    contestants = {"ember image prepare": ember, "library": library, "skopeo+umoci+mkfs": anchor}
     try:
-        timings = alternate({"ember": ember, "skopeo+umoci+mkfs": anchor}, runs, setup=setup)
+        timings = alternate(contestants, runs, setup=setup)
     finally:
         close_pool(Home(home_root))
-    return print_ratio(f"cold prepare, {name} image", timings["ember"], timings["skopeo+umoci+mkfs"])
+        for old in lib_homes:
+            close_pool(old)
+    anchor_t = timings["skopeo+umoci+mkfs"]
+    return [
+        print_ratio(f"cold prepare, {name} image, CLI", timings["ember image prepare"], anchor_t),
+        print_ratio(f"cold prepare, {name} image, library", timings["library"], anchor_t),
+    ]
 
 
 # -- 2. machine root disks -----------------------------------------------------------------
@@ -198,7 +218,7 @@ def main() -> None:
             with registry() as reg:
                 for name, layout in images.items():
                     ref = push_layout(layout, reg, f"bench/{name}")
-                    lines.append(bench_prepare(name, ref, work, args.runs))
+                    lines.extend(bench_prepare(name, ref, work, args.runs))
         if not args.skip_clone:
             for label, size in (("10 MB", 10 << 20), ("100 MB", 100 << 20), ("1 GB", 1 << 30)):
                 lines.append(bench_clones(label, size, work))

@@ -171,8 +171,11 @@ def clone_root_disk(home: Home, image: Image, machine_id: str, size: int | None 
     snap = Snapshotter(home)
     key = machine_key(machine_id)
     prepared = prepare_image(home, image, snapshotter=snap)
-    # the lease names the disk before it exists: GC can never see it unprotected
-    snap.leases.create(key, exist_ok=True, snapshots=[key], labels={"machine": machine_id})
+    # the lease names the disk (and the image snapshot it is cloned from) before the
+    # disk exists: GC never sees either unprotected
+    snap.leases.create(
+        key, exist_ok=True, snapshots=[key, prepared.snapshot], labels={"machine": machine_id}
+    )
     if snap.exists(key):
         info = snap.stat(key)
         if info.parent != prepared.snapshot:
