@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -70,6 +70,30 @@ class NewManifest:
     annotations: dict[str, str] | None
     blobs: frozenset[str]
     children: frozenset[str]
+
+
+# The hot read paths (every blob and manifest GET/HEAD), built once: building a
+# statement per request cost more than running it (profiled with bench/registry.py).
+_BLOB_SIZE = (
+    select(s.blob_links.c.size)
+    .join(s.repos, s.repos.c.id == s.blob_links.c.repo_id)
+    .where(s.repos.c.name == bindparam("full"), s.blob_links.c.digest == bindparam("digest"))
+)
+_MANIFEST = (
+    select(s.manifests.c.digest, s.manifests.c.media_type, s.manifests.c.size)
+    .join(s.repos, s.repos.c.id == s.manifests.c.repo_id)
+    .where(s.repos.c.name == bindparam("full"), s.manifests.c.digest == bindparam("digest"))
+)
+_TAGGED_MANIFEST = (
+    select(s.manifests.c.digest, s.manifests.c.media_type, s.manifests.c.size)
+    .select_from(s.tags)
+    .join(s.repos, s.repos.c.id == s.tags.c.repo_id)
+    .join(
+        s.manifests,
+        and_(s.manifests.c.repo_id == s.tags.c.repo_id, s.manifests.c.digest == s.tags.c.digest),
+    )
+    .where(s.repos.c.name == bindparam("full"), s.tags.c.name == bindparam("tag"))
+)
 
 
 def _insert_ignore(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
@@ -229,11 +253,7 @@ class RegistryMetadata:
     def blob_size(self, full: str, digest: str) -> int | None:
         """Size of ``digest`` if it is linked into repository ``full``; None otherwise."""
         with self.db.connect() as conn:
-            row = conn.execute(
-                select(s.blob_links.c.size)
-                .join(s.repos, s.repos.c.id == s.blob_links.c.repo_id)
-                .where(s.repos.c.name == full, s.blob_links.c.digest == digest)
-            ).first()
+            row = conn.execute(_BLOB_SIZE, {"full": full, "digest": digest}).first()
         return None if row is None else int(row[0])
 
     def link_blob(self, repo_id: int, digest: str, size: int) -> None:
@@ -261,28 +281,12 @@ class RegistryMetadata:
 
     def manifest(self, full: str, digest: str) -> ManifestRow | None:
         with self.db.connect() as conn:
-            row = conn.execute(
-                select(s.manifests.c.digest, s.manifests.c.media_type, s.manifests.c.size)
-                .join(s.repos, s.repos.c.id == s.manifests.c.repo_id)
-                .where(s.repos.c.name == full, s.manifests.c.digest == digest)
-            ).first()
+            row = conn.execute(_MANIFEST, {"full": full, "digest": digest}).first()
         return None if row is None else ManifestRow(row[0], row[1], int(row[2]))
 
     def tagged_manifest(self, full: str, tag: str) -> ManifestRow | None:
         with self.db.connect() as conn:
-            row = conn.execute(
-                select(s.manifests.c.digest, s.manifests.c.media_type, s.manifests.c.size)
-                .select_from(s.tags)
-                .join(s.repos, s.repos.c.id == s.tags.c.repo_id)
-                .join(
-                    s.manifests,
-                    and_(
-                        s.manifests.c.repo_id == s.tags.c.repo_id,
-                        s.manifests.c.digest == s.tags.c.digest,
-                    ),
-                )
-                .where(s.repos.c.name == full, s.tags.c.name == tag)
-            ).first()
+            row = conn.execute(_TAGGED_MANIFEST, {"full": full, "tag": tag}).first()
         return None if row is None else ManifestRow(row[0], row[1], int(row[2]))
 
     def missing_references(
