@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "init.h"
@@ -49,6 +50,18 @@ static void write_all(int fd, const char *s, size_t n)
 		s += w;
 		n -= (size_t)w;
 	}
+}
+
+/* Boot-time marks on the console when the kernel command line has EMBER_INIT_TIMING=1
+ * (the kernel hands such words to init as environment): where the guest's time goes. */
+static int timing;
+static void mark(const char *what)
+{
+	if (!timing)
+		return;
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	logmsg("%ld.%03ld %s", (long)ts.tv_sec, ts.tv_nsec / 1000000, what);
 }
 
 /* ---- the end: report and power off -------------------------------------------------- */
@@ -545,6 +558,7 @@ int main(int argc, char **argv)
 	}
 	umask(022);
 	char err[512];
+	timing = getenv("EMBER_INIT_TIMING") != NULL;
 
 	/* block every signal and take them from a signalfd: PID 1 only receives
 	 * signals it handles, and blocked ones are queued rather than dropped */
@@ -583,10 +597,13 @@ int main(int argc, char **argv)
 		snprintf(err, sizeof(err), "cannot read run config %s: %s", G.config_path,
 		         strerror(errno));
 
+	mark("start");
 	if (!G.test) {
 		load_modules("/ember/modules", parsed == 0 ? G.cfg.modules : NULL,
 		             parsed == 0 ? G.cfg.nmodules : 0);
+		mark("modules loaded");
 		open_ports();
+		mark("ports open");
 	}
 	if (parsed < 0)
 		fail(err);
@@ -595,6 +612,7 @@ int main(int argc, char **argv)
 
 	if (!G.test && mount_root_and_switch(c, err, sizeof(err)) < 0)
 		fail(err);
+	mark("root switched");
 	mount_pseudo();
 	raise_nofile(c->nofile);
 	set_hostname_and_files(c);
@@ -633,6 +651,7 @@ int main(int argc, char **argv)
 			lseek(kmsg_fd, 0, SEEK_END);
 	}
 
+	mark("configured, starting the program");
 	pid_t child = spawn(c, &u, workdir);
 	if (child < 0) {
 		snprintf(err, sizeof(err), "fork: %s", strerror(errno));
@@ -652,6 +671,7 @@ int main(int argc, char **argv)
 		sig = WTERMSIG(st);
 		code = 128 + sig;
 	}
+	mark("program ended");
 	report(code, sig, oom, NULL);
 	finish(code);
 }

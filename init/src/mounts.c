@@ -28,8 +28,11 @@ static int load_one(const char *dir, const char *name)
 		logmsg("module %s: %s", name, strerror(errno));
 		return -1;
 	}
+	long long t0 = now_ms();
 	long r = syscall(SYS_finit_module, fd, "", 0);
 	int e = errno;
+	if (getenv("EMBER_INIT_TIMING"))
+		logmsg("module %s: %lld ms", name, now_ms() - t0);
 	close(fd);
 	/* the initramfs copy is no longer needed: give its memory back */
 	unlink(path);

@@ -15,12 +15,14 @@ from ember.vm.errors import InitNotBuilt, KernelError, ModuleNotFoundInKernel
 from ember.vm.initramfs import (
     REQUIRED_MODULES,
     ModuleIndex,
+    _may_strip,
     base_initramfs,
     config_archive,
     extra_modules,
     find_init,
     module_name,
     read_module,
+    strip_signature,
     write_machine_initrd,
 )
 from ember.vm.kernel import KernelInfo, find_kernel
@@ -173,3 +175,43 @@ def test_machine_initrd_is_base_plus_config(home: Home, kernel: KernelInfo, tmp_
     assert RunConfig.parse(config.read_bytes()) == rc
     assert oct(config.stat().st_mode & 0o777) == "0o600"
     assert [p.name for p in dest.parent.iterdir()] == ["initrd"]  # no temp file left
+
+
+def test_signatures_stripped_for_a_kernel_that_does_not_force_them(
+    home: Home, kernel: KernelInfo, tmp_path: Path
+) -> None:
+    assert kernel.modules_dir is not None
+    idx = ModuleIndex.parse((kernel.modules_dir / "modules.dep").read_text())
+    signed = read_module(kernel.modules_dir / idx.paths["ext4"])
+    assert signed.endswith(b"~Module signature appended~\n")  # Debian signs its modules
+    plain = strip_signature(signed)
+    assert plain[:4] == b"\x7fELF" and len(plain) < len(signed)
+    assert signed.startswith(plain)
+    assert strip_signature(plain) == plain
+    data = base_initramfs(home, kernel).read_bytes()
+    subprocess.run(
+        ["cpio", "-i", "--quiet", "--make-directories"], input=data, cwd=tmp_path, check=True
+    )
+    assert (tmp_path / "ember" / "modules" / "ext4.ko").read_bytes() == plain
+
+
+def test_signatures_kept_when_forced_or_unknown(kernel: KernelInfo, tmp_path: Path) -> None:
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
+    k = KernelInfo("x", None, tmp_path / "vmlinux", kernel.modules_dir)
+    assert not _may_strip(k)  # no config next to the kernel: keep signatures
+    (tmp_path / "config").write_text("CONFIG_MODULES=y\nCONFIG_MODULE_SIG_FORCE=y\n")
+    assert not _may_strip(k)
+    (tmp_path / "config").write_text("CONFIG_MODULES=y\n# CONFIG_MODULE_SIG_FORCE is not set\n")
+    assert _may_strip(k)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"~Module signature appended~\n",
+        b"\x7fELF" + b"\0" * 8 + (10**6).to_bytes(4, "big") + b"~Module signature appended~\n",
+    ],
+)
+def test_bad_signature_trailers_refused(bad: bytes) -> None:
+    with pytest.raises(KernelError):
+        strip_signature(bad)
