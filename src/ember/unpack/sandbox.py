@@ -101,7 +101,9 @@ def _child(root_fd: int, data_fd: int, report_fd: int) -> None:
         report = {"ok": False, "kind": "unpack",
                   "message": f"internal error in the layer applier: {type(e).__name__}: {e} [{where}]"}
     try:
-        data = json.dumps(report).encode()[:_REPORT_LIMIT]
+        if isinstance(report.get("message"), str):  # keep the JSON whole and under the limit
+            report["message"] = str(report["message"])[:2000]
+        data = json.dumps(report).encode()
         while data:
             data = data[os.write(report_fd, data):]
     finally:
