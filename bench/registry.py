@@ -3,8 +3,8 @@
 In one run, alternating: ``skopeo copy`` push of the debootstrap minbase image
 (a fresh, empty registry for every push, so nothing is skipped or mounted),
 ``skopeo copy`` pull back to an OCI layout, blob GET throughput (the image's
-layer, ``ab`` at concurrency 32) and manifest GET requests/s (``ab`` at
-concurrency 32, keep-alive).  ember is used as clients use it: through a
+layer) and manifest GET requests/s, both with ``wrk`` (Debian package) at
+concurrency 32 over keep-alive connections.  ember is used as clients use it: through a
 registry token from ``/token``; the Go registry runs without auth.  Prints
 each ratio as ember/Distribution in *time* (lower is better) and in
 throughput (higher is better), and appends them to docs/performance.md.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from tests.registry.server.support import EmberServer, Tenant  # noqa: E402
 from tests.support.images import build_debian_layout, layout_ref  # noqa: E402
 from tests.support.registry import Registry, start_registry  # noqa: E402
 
-from bench._common import Timing, alternate, machine_note, print_ratio, record  # noqa: E402
+from bench._common import alternate, machine_note, print_ratio, record  # noqa: E402
 
 SECTION = "Registry server (bench/registry.py)"
 CONCURRENCY = 32
@@ -92,23 +91,25 @@ class Contestant:
         self.ember = self.go = self.tenant = None
 
     def auth_header(self) -> list[str]:
-        """What ``ab`` sends: a registry token from /token, as real clients use."""
+        """What ``wrk`` sends: a registry token from /token, as real clients use."""
         if self.tenant is None:
             return []
         token = self.tenant.registry_token("repository:bench/debian:pull")
         return ["-H", f"Authorization: Bearer {token}"]
 
 
-def ab(url: str, requests: int, headers: list[str]) -> tuple[float, float]:
-    """(requests per second, bytes per second) from ``ab -k -c 32``."""
-    out = run(["ab", "-q", "-k", "-c", str(CONCURRENCY), "-n", str(requests), *headers, url])
-    failed = re.search(r"Failed requests:\s+(\d+)", out)
-    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
-    if (failed and int(failed.group(1))) or non2xx:
-        sys.exit(f"ab saw failures against {url}:\n{out}")
-    rps = float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    rate = float(re.search(r"Transfer rate:\s+([\d.]+)", out).group(1)) * 1024  # type: ignore[union-attr]
-    return rps, rate
+_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def wrk(url: str, headers: list[str], seconds: int) -> tuple[float, float]:
+    """(requests per second, bytes per second) from ``wrk`` (HTTP/1.1 keep-alive)."""
+    out = run(["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{seconds}s", *headers, url])
+    if "Non-2xx" in out or "Socket errors" in out:
+        sys.exit(f"wrk saw errors against {url}:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
+    assert m is not None, out
+    return rps, float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def throughput_line(what: str, unit: str, ours: list[float], theirs: list[float]) -> str:
@@ -171,8 +172,8 @@ def main() -> None:
         for _ in range(args.runs):
             for n, c in cs.items():
                 base = f"http://{c.host}/v2/bench/debian"
-                blob_rates[n].append(ab(f"{base}/blobs/{layer['digest']}", 4 * CONCURRENCY, c.auth_header())[1])
-                manifest_rps[n].append(ab(f"{base}/manifests/v1", 20000, c.auth_header() + accept)[0])
+                blob_rates[n].append(wrk(f"{base}/blobs/{layer['digest']}", c.auth_header(), 5)[1])
+                manifest_rps[n].append(wrk(f"{base}/manifests/v1", c.auth_header() + accept, 5)[0])
         size_mb = layer["size"] / 1e6
         lines.append(throughput_line(f"blob GET ({size_mb:.0f} MB layer, concurrency {CONCURRENCY})", "B/s",
                                      blob_rates["ember"], blob_rates["docker-registry"]))
@@ -183,8 +184,6 @@ def main() -> None:
         for line in lines:
             record(SECTION, line + note)
 
-
-_ = (Timing, os)
 
 if __name__ == "__main__":
     main()

@@ -42,7 +42,7 @@ class EmberServer:
     home: Path
     host: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    workers: int = 1
+    workers: int = int(os.environ.get("EMBER_TEST_SERVER_WORKERS", "1"))
 
     @property
     def url(self) -> str:
@@ -79,7 +79,7 @@ class EmberServer:
         log = open(self.log_path, "ab")  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                [EMBER, "--home", str(self.home), "server", "--listen", host],
+                [EMBER, "--home", str(self.home), "server", "--listen", host, "--workers", str(self.workers)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
