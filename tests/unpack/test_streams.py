@@ -216,3 +216,37 @@ def test_endless_chain_of_extended_headers(root: Path, layers: Layers) -> None:
 def test_symlink_loop_as_parent(root: Path, layers: Layers) -> None:
     with pytest.raises(UnpackError, match="a/x"):
         layers.apply(root, [sym("a", "b"), sym("b", "a"), reg("a/x", b"1")])
+
+
+def test_diff_id_mismatch_stops_before_the_next_layer(root: Path, layers: Layers) -> None:
+    from ember.unpack import apply_layers
+
+    first = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
+    second = layers.blob(tar_bytes([reg("b", b"2")]), "gzip")
+    third = layers.blob(tar_bytes([reg("c", b"3")]), "gzip")
+    bad = (second[0], second[1], Digest.of(b"not this"))
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(DiffIDMismatch):
+        apply_layers(root, [first, bad, third])
+    assert (root / "a").exists() and (root / "b").exists()  # applied while hashed
+    assert not (root / "c").exists()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_invalid_middle_layer_stops_the_chain(root: Path, layers: Layers) -> None:
+    with pytest.raises(InvalidLayer, match="layer2"):
+        layers.apply(root, [reg("a", b"1")], [reg(".wh.", b"")], [reg("c", b"3")])
+    assert (root / "a").exists()
+    assert not (root / "c").exists()
+
+
+def test_more_layers_than_one_child_takes(root: Path, layers: Layers) -> None:
+    from ember.unpack.sandbox import MAX_LAYERS_PER_CHILD
+
+    n = MAX_LAYERS_PER_CHILD + 6
+    stats = layers.apply(root, *([reg("f", str(i).encode()), reg(f"d/{i}", b"")] for i in range(n)))
+    assert stats.layers == n
+    assert (root / "f").read_bytes() == str(n - 1).encode()
+    assert len(os.listdir(root / "d")) == n

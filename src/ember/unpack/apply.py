@@ -7,11 +7,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 from ember.oci.digest import Digest
 from ember.unpack.compression import UncompressedReader, check_blob, compression_of
 from ember.unpack.errors import DiffIDMismatch, UnpackError
-from ember.unpack.sandbox import apply_stream
+from ember.unpack.sandbox import MAX_LAYERS_PER_CHILD, LayerStream, apply_streams
 
 
 @dataclass(frozen=True)
@@ -48,36 +49,71 @@ def apply_layer(root: Path, blob: Path, media_type: str, diff_id: Digest | None 
     stream must hash to it, else DiffIDMismatch.  On any error ``root`` is left
     partly applied: apply into a fresh snapshot and throw it away on failure.
     """
+    return apply_layers(root, [(blob, media_type, diff_id)])
+
+
+def apply_layers(root: Path, layers: Sequence[tuple[Path, str, Digest | None]]) -> ApplyStats:
+    """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``.
+
+    One chroot-ed child applies up to MAX_LAYERS_PER_CHILD layers; each layer's
+    DiffID is checked before the next one is applied.
+    """
     root = Path(root)
-    blob = Path(blob)
     if not root.is_dir():
         raise UnpackError(f"cannot apply a layer onto {root}: not a directory")
+    prepared = [_prepare(Path(blob), media_type, diff_id) for blob, media_type, diff_id in layers]
+    total = ApplyStats()
+    known = {f.name for f in fields(ApplyStats)}
+
+    for first in range(0, len(prepared), MAX_LAYERS_PER_CHILD):
+        batch = prepared[first:first + MAX_LAYERS_PER_CHILD]
+        results: list[ApplyStats] = []
+
+        def done(i: int, counts: dict[str, int], streamed: int, batch: list[_Prepared] = batch,
+                 results: list[ApplyStats] = results) -> None:
+            layer = batch[i]
+            got = Digest(layer.algorithm, layer.hasher.hexdigest())
+            if layer.diff_id is not None and got != layer.diff_id:
+                raise DiffIDMismatch(
+                    f"{layer.stream.describe} does not match its DiffID: the image config says "
+                    f"{layer.diff_id}, the uncompressed layer is {got}"
+                )
+            results.append(ApplyStats(
+                layers=1, tar_bytes=streamed, diff_ids=(got,),
+                **{k: v for k, v in counts.items() if k in known},
+            ))
+
+        apply_streams(os.fspath(root), [p.stream for p in batch], done)
+        for stats in results:
+            total = total + stats
+    return total
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    stream: LayerStream
+    hasher: _Hash
+    algorithm: str
+    diff_id: Digest | None
+
+
+def _prepare(blob: Path, media_type: str, diff_id: Digest | None) -> _Prepared:
+    """Check a layer before anything is applied: media type known, blob readable and plausible."""
     compression = compression_of(media_type)
     try:
         check_blob(blob, compression)
     except OSError as e:
         raise UnpackError(f"cannot read layer blob {blob}: {e.strerror}") from None
     algorithm = diff_id.algorithm if diff_id is not None else "sha256"
-    hasher = hashlib.new(algorithm)
-    describe = f"layer {blob.name[:80]}"
-    counts, total = apply_stream(os.fspath(root), lambda: UncompressedReader(blob, compression), hasher, describe)
-    got = Digest(algorithm, hasher.hexdigest())
-    if diff_id is not None and got != diff_id:
-        raise DiffIDMismatch(
-            f"{describe} does not match its DiffID: the image config says {diff_id}, "
-            f"the uncompressed layer is {got}"
-        )
-    known = {f.name for f in fields(ApplyStats)}
-    return ApplyStats(
-        layers=1, tar_bytes=total, diff_ids=(got,),
-        **{k: v for k, v in counts.items() if k in known},
+    hasher: _Hash = hashlib.new(algorithm)
+    stream = LayerStream(
+        open=lambda: UncompressedReader(blob, compression),
+        hasher=hasher,
+        describe=f"layer {blob.name[:80]}",
     )
-
-
-def apply_layers(root: Path, layers: Sequence[tuple[Path, str, Digest | None]]) -> ApplyStats:
-    """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``."""
-    total = ApplyStats()
-    for blob, media_type, diff_id in layers:
-        total = total + apply_layer(root, blob, media_type, diff_id)
-    return total
-
+    return _Prepared(stream, hasher, algorithm, diff_id)
