@@ -6,7 +6,6 @@ running server.
 
 from __future__ import annotations
 
-import os
 import time
 
 import click
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from ember.cli.common import home_from_ctx, json_option, out_console, print_json
 from ember.errors import UsageError
-from ember.registry.server.config import DB_ENV
+from ember.registry.server.config import database_url
 from ember.registry.server.metadata import RegistryMetadata
 
 db_option = click.option(
@@ -26,7 +25,7 @@ db_option = click.option(
 
 
 def _metadata(db_url: str | None) -> RegistryMetadata:
-    return RegistryMetadata(db_url or os.environ.get(DB_ENV) or home_from_ctx().db_url)
+    return RegistryMetadata(database_url(home_from_ctx(), db_url))
 
 
 def _when(ts: float | None) -> str:

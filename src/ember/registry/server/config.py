@@ -89,6 +89,18 @@ def _read_config(path: Path) -> dict[str, object]:
     return data
 
 
-def load_config(home: Home, db_url: str | None = None) -> ServerConfig:
+def database_url(home: Home, db_url: str | None = None) -> str:
+    """The registry database: ``--db``, else ``$EMBER_REGISTRY_DB``, else SQLite in the home.
+
+    ``postgresql://`` and ``postgres://`` mean psycopg 3 (the driver ember installs);
+    SQLAlchemy would otherwise look for psycopg2.
+    """
     url = db_url or os.environ.get(DB_ENV) or home.db_url
-    return ServerConfig(home=home, db_url=url, secret=load_secret(home))
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+def load_config(home: Home, db_url: str | None = None) -> ServerConfig:
+    return ServerConfig(home=home, db_url=database_url(home, db_url), secret=load_secret(home))
