@@ -103,8 +103,9 @@ _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 def wrk(url: str, headers: list[str], seconds: int) -> tuple[float, float]:
     """(requests per second, bytes per second) from ``wrk`` (HTTP/1.1 keep-alive)."""
-    out = run(["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{seconds}s", *headers, url])
-    if "Non-2xx" in out or "Socket errors" in out:
+    out = run(["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{seconds}s", "--timeout", "60s", *headers, url])
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if "Non-2xx" in out or (errors and any(int(n) for n in errors.groups())):
         sys.exit(f"wrk saw errors against {url}:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     m = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
