@@ -198,3 +198,24 @@ def test_pull_docker_manifest_list(
     assert image.platform.architecture == "arm64"
     assert image.manifest.media_type == mt.DOCKER_MANIFEST
     assert service.list()[0].index_digest is not None
+
+
+def test_remove_respects_snapshot_leases(
+    service: ImageService, registry: Registry, multilayer_layout: Path
+) -> None:
+    from ember.snapshots.leases import Leases
+
+    image = service.pull(push_layout(multilayer_layout, registry, "test/leased"), progress=False)
+    base = service.home.snapshots
+    (base / "locks").mkdir(parents=True)
+    leases = Leases(base / "leases", base / "locks" / "gc.lock")
+    kept, expired = image.layers[0].digest, image.layers[1].digest
+    leases.create("building", ttl=3600, content=[str(kept)])
+    leases.create("stale", ttl=-1, content=[str(expired)])
+    service.remove(image.reference)
+    assert service.content.exists(kept)  # a live lease claims it
+    assert not service.content.exists(expired)  # an expired lease protects nothing
+    for layer in image.layers[2:]:
+        assert not service.content.exists(layer.digest)
+    with pytest.raises(ImageNotFound):
+        service.get(image.reference)

@@ -14,7 +14,9 @@ concurrent pull is about to record.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -260,13 +262,42 @@ class ImageService:
             out.update(d.digest for d in manifest.layers)
         return out
 
+    @contextmanager
+    def _leases_held(self) -> Iterator[set[Digest]]:
+        """Content that live snapshot leases claim, with lease changes held off meanwhile.
+
+        A lease (``ember.snapshots``) protects blobs an operation is using, e.g.
+        layers a snapshot is being built from; removal must not pull them away.
+        Holding the snapshotter's GC lock exclusively, as its GC does, keeps a
+        new lease from appearing between this read and the deletions.
+        """
+        base = Path(os.path.realpath(self.home.snapshots))
+        leases_dir, gc_lock = base / "leases", base / "locks" / "gc.lock"
+        if not leases_dir.is_dir() or not gc_lock.parent.is_dir():
+            yield set()  # no snapshotter state: nothing can hold a lease
+            return
+        from ember.snapshots.leases import Leases
+        from ember.snapshots.locks import FileLock
+
+        with FileLock(gc_lock):
+            now = time.time()
+            claimed: set[Digest] = set()
+            for lease in Leases(leases_dir, gc_lock).list():
+                if lease.expired(now):
+                    continue
+                for text in lease.content:
+                    with suppress(FormatError):
+                        claimed.add(Digest.parse(text))
+            yield claimed
+
     def remove(self, ref: str) -> None:
-        """Forget ``ref`` and delete the blobs no other image uses."""
+        """Forget ``ref`` and delete the blobs that no other image and no live lease uses."""
         with self._lock(exclusive=True):
             record = self._record(ref)
             doomed = self._blobs_of(record)
-            self.table.delete(record.reference)
-            for other in self.table.list():
-                doomed -= self._blobs_of(other)
-            for digest in doomed:
-                self.content.delete(digest)
+            with self._leases_held() as leased:
+                self.table.delete(record.reference)
+                for other in self.table.list():
+                    doomed -= self._blobs_of(other)
+                for digest in doomed - leased:
+                    self.content.delete(digest)
