@@ -388,25 +388,6 @@ class RegistryClient:
 
     # -- blobs ---------------------------------------------------------------
 
-    def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int) -> bytes:
-        """A small blob (a config) into memory, verified."""
-        if desc.size > limit:
-            raise RegistryProtocolError(
-                f"blob {desc.digest} declares {desc.size} bytes, more than {limit}: refused"
-            )
-        check = Verifier(desc.digest, desc.size)
-        data = bytearray()
-        with self._blob_stream(repository, desc, 0) as resp:
-            self._check(resp, f"blob {desc.digest}", BlobUnknown)
-            try:
-                for chunk in resp.iter_bytes(_CHUNK):
-                    check.update(chunk)
-                    data += chunk
-                check.verify()
-            except DigestMismatch as e:
-                raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
-        return bytes(data)
-
     @contextmanager
     def _blob_stream(
         self, repository: str, desc: Descriptor, offset: int
