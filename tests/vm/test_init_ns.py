@@ -380,3 +380,55 @@ def test_refuses_to_run_when_not_pid_1(ember_init: Path) -> None:
     )
     assert p.returncode == 2
     assert "must run as PID 1" in p.stderr
+
+
+# ---- the C parser agrees with the Python renderer ------------------------------------
+
+TRICKY = ["", " ", "a b", "tab\there", "new\nline", "back\\slash", "\\s", "ünïcödé", "x" * 5000,
+          "end", "arg x", "=", "$HOME", "'\"`"]  # fmt: skip
+
+
+def test_arguments_and_env_arrive_byte_exact(root: Path) -> None:
+    (root / "out").mkdir()
+    script = (
+        'i=0; for a; do i=$((i+1)); printf %s "$a" > /out/$i; done; printf %s "$TRICKY" > /out/env'
+    )
+    rc = RunConfig(argv=("/bin/sh", "-c", script, "sh", *TRICKY), env=("TRICKY=a b\\c\nd\te=f",))
+    r = run_init(root, rc)
+    assert r.returncode == 0, r.console
+    for i, expected in enumerate(TRICKY, start=1):
+        assert (root / "out" / str(i)).read_text() == expected
+    assert (root / "out" / "env").read_text() == "a b\\c\nd\te=f"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"ember-run-config 2\narg /bin/true\nend\n",
+        b"ember-run-config 1\nend\n",  # no command
+        b"ember-run-config 1\narg /bin/true\nbogus x\nend\n",
+        b"ember-run-config 1\narg /bin/true\narg a\\qb\nend\n",  # unknown escape
+        b"ember-run-config 1\narg /bin/true\narg a\tb\nend\n",  # raw tab
+        b"ember-run-config 1\narg /bin/true\nuser a\nuser b\nend\n",
+        b"ember-run-config 1\narg /bin/true\nenv NOVALUE\nend\n",
+        b"ember-run-config 1\narg /bin/true\nworkdir relative\nend\n",
+        b"ember-run-config 1\narg /bin/true\nstop_timeout -1\nend\n",
+        b"ember-run-config 1\narg /bin/true\nnet eth0 10.0.0.2 - 1500\nend\n",
+        b"ember-run-config 1\narg /bin/true\nnet eth0 10.0.0.2/24 - 20\nend\n",
+        b"ember-run-config 1\narg /bin/true\nmount /dev/vdb / ext4 defaults\nend\n",
+        b"ember-run-config 1\narg /bin/true\nmodule ../x\nend\n",
+        b"ember-run-config 1\narg /bin/true\nend\narg /bin/false\n",  # data after end
+        b"ember-run-config 1\narg /bin/true\narg\nend\n",  # arg without a field
+        b"ember-run-config 1\narg /bin/true\nend",  # no final newline
+        b"",
+    ],
+)
+def test_c_parser_refuses_what_python_refuses(root: Path, data: bytes) -> None:
+    from ember.vm.errors import InvalidRunConfig
+
+    with pytest.raises(InvalidRunConfig):
+        RunConfig.parse(data)
+    r = run_init(root, data)
+    assert r.returncode == 125, r.console
+    assert "ember-init: error: " in r.console
+    assert r.status is not None and r.status["exit_code"] == 125
