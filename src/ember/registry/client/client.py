@@ -43,7 +43,6 @@ from ember.registry.client.errors import (
 )
 from ember.store.content import BlobWriter, ContentStore
 
-_CHUNK = 1 << 20
 _MAX_TOKEN_RESPONSE = 1 << 20
 _MAX_ERROR_BODY = 64 * 1024
 USER_AGENT = f"ember/{__version__}"
