@@ -385,3 +385,12 @@ def test_docker_schema2_manifest(acme: Tenant) -> None:
                   headers={"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"})
         assert r.status_code == 400
         _ = OCI_CONFIG
+
+
+def test_rejected_manifest_creates_no_repository(acme: Tenant) -> None:
+    with acme.client() as c:
+        bad = image_manifest(b"{}", [b"never uploaded"])
+        r = c.put("/v2/ghost/manifests/v1", content=bad, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 400
+        assert "ghost" not in c.get("/v2/_catalog").json()["repositories"]
+        assert c.get("/v2/ghost/tags/list").status_code == 404

@@ -373,9 +373,8 @@ class RegistryApp:
                 "DIGEST_INVALID", f"manifest body has digest {digest}, not {route.digest} as in the URL"
             )
         new = _describe(parsed, digest, len(body))
-        repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
-        missing_blobs, missing_children = await self._db(
-            self.meta.missing_references, repo_id, new.blobs, new.children
+        missing_blobs, missing_children = await self._read(
+            self.meta.missing_references, ctx.full, new.blobs, new.children
         )
         if missing_blobs or missing_children:
             raise ApiError(
@@ -384,6 +383,7 @@ class RegistryApp:
                 + ", ".join((missing_blobs + missing_children)[:5]),
                 detail={"blobs": missing_blobs, "manifests": missing_children},
             )
+        repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         # bytes first (atomic, content-addressed), then the rows that make them visible
         async with self.storage.publishing():
             await run_in_threadpool(self.storage.content.put_bytes, body, digest)

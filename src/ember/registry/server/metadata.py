@@ -290,11 +290,14 @@ class RegistryMetadata:
         return None if row is None else ManifestRow(row[0], row[1], int(row[2]))
 
     def missing_references(
-        self, repo_id: int, blobs: Iterable[str], children: Iterable[str]
+        self, full: str, blobs: Iterable[str], children: Iterable[str]
     ) -> tuple[list[str], list[str]]:
-        """Which referenced blobs / child manifests are not in this repository."""
+        """Which referenced blobs / child manifests are not in repository ``full``."""
         blobs, children = sorted(set(blobs)), sorted(set(children))
         with self.db.connect() as conn:
+            repo_id = self._repo_id(conn, full)
+            if repo_id is None:
+                return blobs, children
             have_blobs = set()
             for chunk in _chunks(blobs):
                 have_blobs |= {
