@@ -189,7 +189,8 @@ class RegistryClient:
         basic = self._basic()
         if basic:
             headers["Authorization"] = basic
-        resp = self._with_retries(lambda: self.http.get(url, params=params, headers=headers), realm)
+        request = self.http.build_request("GET", url, params=params, headers=headers)
+        resp = self._with_retries(lambda: self.http.send(request, stream=True), realm)
         try:
             if resp.status_code in (401, 403):
                 raise self._auth_failed()
@@ -197,7 +198,13 @@ class RegistryClient:
                 raise RegistryError(
                     f"token service {url.host} answered HTTP {resp.status_code} for {self.host}"
                 )
-            body = resp.content[:_MAX_TOKEN_RESPONSE]
+            body = b""
+            for chunk in resp.iter_bytes():
+                body += chunk
+                if len(body) > _MAX_TOKEN_RESPONSE:
+                    raise RegistryProtocolError(
+                        f"token service {url.host} sent an oversized answer"
+                    )
             try:
                 doc = json.loads(body)
                 token = doc.get("token") or doc.get("access_token")
