@@ -7,10 +7,12 @@ being fed to the wrong decompressor.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import isal.igzip
 import isal.igzip_threaded
 import zstandard
 
@@ -20,6 +22,8 @@ from ember.unpack.errors import InvalidLayer, UnsupportedLayer
 
 #: read size for compressed input and the uncompressed chunks handed to the applier
 CHUNK = 1 << 20
+#: compressed size from which inflating in a helper thread pays off
+THREADED_GZIP_MIN = 4 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -47,8 +51,8 @@ def check_blob(blob: Path, compression: Compression) -> None:
 class UncompressedReader:
     """The uncompressed bytes of a layer blob; a context manager closing everything it opened.
 
-    gzip uses ISA-L with one helper thread, so inflating overlaps the caller's
-    hashing and piping (which matters on a 2-core host).
+    gzip uses ISA-L, with one helper thread for big blobs so that inflating
+    overlaps the caller's hashing and piping (which matters on a 2-core host).
     """
 
     def __init__(self, blob: Path, compression: Compression) -> None:
@@ -58,10 +62,13 @@ class UncompressedReader:
             reader: Any
             if compression == "none":
                 reader = raw
-            elif compression == "gzip":
+            elif compression == "gzip" and os.fstat(raw.fileno()).st_size >= THREADED_GZIP_MIN:
                 reader = stack.enter_context(
                     isal.igzip_threaded.open(raw, "rb", threads=1, block_size=CHUNK)
                 )
+            elif compression == "gzip":
+                # small blobs: starting and feeding a helper thread costs more than it saves
+                reader = stack.enter_context(isal.igzip.open(raw, "rb"))
             else:
                 dctx = zstandard.ZstdDecompressor()
                 reader = stack.enter_context(
