@@ -101,11 +101,17 @@ class FetchedManifest:
 def _error_detail(resp: httpx.Response) -> str:
     """The first message of a distribution-spec error body, if any."""
     try:
-        body = resp.read()[:_MAX_ERROR_BODY]
+        body = b""
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if len(body) >= _MAX_ERROR_BODY:
+                return ""  # not a distribution-spec error document
         doc = json.loads(body)
         err = doc["errors"][0]
         code, message = str(err.get("code", "")), str(err.get("message", ""))
-        return f"{code}: {message}"[:300] if code else message[:300]
+        text = f"{code}: {message}" if code else message
+        # the server's words end up on a terminal: no control characters
+        return "".join(c if c.isprintable() else "?" for c in text[:300])
     except Exception:
         return ""
 
