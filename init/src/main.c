@@ -517,7 +517,8 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 		if (fds[0].revents & POLLIN) {
 			struct signalfd_siginfo si;
 			while (read(sigfd, &si, sizeof(si)) == sizeof(si)) {
-				if (si.ssi_signo != SIGCHLD)
+				/* SIGCHLD is ours; SIGPIPE would come from init's own writes */
+				if (si.ssi_signo != SIGCHLD && si.ssi_signo != SIGPIPE)
 					kill(child, (int)si.ssi_signo);
 			}
 			pid_t p;
