@@ -32,7 +32,7 @@ def _status(st: Any) -> str:
     from ember.machines.state import EXITED, RUNNING
 
     if st.status == RUNNING:
-        return f"Up since {_ago(st.started_at)}"
+        return f"Up {_ago(st.started_at).removesuffix(' ago')}"
     if st.status == EXITED:
         return f"Exited ({st.exit_code}) {_ago(st.finished_at)}"
     return "Created"

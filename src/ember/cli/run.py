@@ -216,29 +216,33 @@ def run(
         stop_timeout=stop_timeout,
         plain_http=plain_http,
     )
-    st = lifecycle.create(home, req, progress=_say)
+    # the monitor starts first: its start-up overlaps with preparing the machine
+    monitor = lifecycle.start_monitor(home)
+    try:
+        st = lifecycle.create(home, req, progress=_say)
+    except BaseException:
+        monitor.abandon()
+        monitor.close()
+        raise
     d = MachineStore(home).dir(st.id)
     # open the logs before the machine can write (and before --rm can delete them)
     outs = [open(d / "stdout.log", "rb"), open(d / "stderr.log", "rb")]  # noqa: SIM115
-    sync_r, sync_w = os.pipe()
     try:
-        monitor_pid = lifecycle.spawn_monitor(home, st, sync_w)
-    except BaseException:
-        os.close(sync_w)
-        lifecycle.remove(home, st, force=True)
-        raise
-    os.close(sync_w)
-    try:
+        try:
+            monitor.hand_over(st)
+        except BaseException:
+            lifecycle.remove(home, st, force=True)
+            raise
         if detach:
-            line = os.read(sync_r, 4096).split(b"\n", 1)[0]
+            line = os.read(monitor.sync_r, 4096).split(b"\n", 1)[0]
             msg = json.loads(line) if line else {"event": "error", "message": "monitor died"}
             if msg.get("event") != "started":
                 raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
             click.echo(st.id)
             return
-        code = _follow(home, st.id, sync_r, monitor_pid, outs)
+        code = _follow(home, st.id, monitor.sync_r, monitor.pid, outs)
     finally:
-        os.close(sync_r)
+        monitor.close()
         for out in outs:
             out.close()
     sys.stdout.flush()

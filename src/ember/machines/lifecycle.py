@@ -187,27 +187,76 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
 # ---- the monitor ----------------------------------------------------------------------
 
 
-def spawn_monitor(home: Home, st: MachineState, sync_fd: int | None = None) -> int:
-    """Start the machine's monitor, detached (own session); return its pid."""
-    d = MachineStore(home).dir(st.id)
-    argv = [sys.executable, "-m", "ember.machines.monitor", "--home", str(home.root), st.id]
-    pass_fds: tuple[int, ...] = ()
-    if sync_fd is not None:
-        argv += ["--sync-fd", str(sync_fd)]
-        pass_fds = (sync_fd,)
-    with open(d / "monitor.log", "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            pass_fds=pass_fds,
-            close_fds=True,
-        )
-    # the monitor outlives us; nobody will wait for it here
+@dataclass
+class MonitorHandle:
+    """A monitor started ahead of its machine: it imports and then waits for the id.
+
+    Starting the monitor first lets its interpreter start-up overlap with
+    ``create`` (on the boot's critical path otherwise).  ``sync_r`` carries the
+    monitor's JSON-line events; writing the machine id to ``go_w`` hands the
+    machine over, closing it unused makes the monitor exit quietly."""
+
+    pid: int
+    go_w: int | None
+    sync_r: int
+
+    def hand_over(self, st: MachineState) -> None:
+        if self.go_w is None:
+            raise MachineError("monitor already handed a machine")
+        try:
+            os.write(self.go_w, st.id.encode() + b"\n")
+        finally:
+            os.close(self.go_w)
+            self.go_w = None
+
+    def abandon(self) -> None:
+        if self.go_w is not None:
+            os.close(self.go_w)
+            self.go_w = None
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.sync_r)
+
+
+def start_monitor(home: Home) -> MonitorHandle:
+    """Start a detached monitor (own session) that waits for a machine id."""
+    home.run.mkdir(parents=True, exist_ok=True)
+    go_r, go_w = os.pipe()
+    sync_r, sync_w = os.pipe()
+    argv = [sys.executable, "-m", "ember.machines.monitor", "--home", str(home.root),
+            "--go-fd", str(go_r), "--sync-fd", str(sync_w)]  # fmt: skip
+    try:
+        # until it knows its machine, the monitor logs next to the other runtime files
+        with open(home.run / "monitor.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                pass_fds=(go_r, sync_w),
+                close_fds=True,
+            )
+    except BaseException:
+        for fd in (go_w, sync_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(go_r)
+        os.close(sync_w)
+    # the monitor outlives us; nobody needs to reap it here
     proc.returncode = 0
-    return proc.pid
+    return MonitorHandle(proc.pid, go_w, sync_r)
+
+
+def spawn_monitor(home: Home, st: MachineState) -> MonitorHandle:
+    """Start the monitor of an already created machine."""
+    handle = start_monitor(home)
+    handle.hand_over(st)
+    return handle
 
 
 def _proc_mentions(pid: int, needle: str) -> bool:
@@ -218,12 +267,20 @@ def _proc_mentions(pid: int, needle: str) -> bool:
         return False
 
 
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: with the pid, it identifies one process (no pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def monitor_alive(st: MachineState) -> bool:
-    return (
-        st.monitor_pid is not None
-        and pid_alive(st.monitor_pid)
-        and _proc_mentions(st.monitor_pid, st.id)
-    )
+    if st.monitor_pid is None or not pid_alive(st.monitor_pid):
+        return False
+    return st.monitor_start is not None and proc_start_time(st.monitor_pid) == st.monitor_start
 
 
 def vmm_alive(st: MachineState) -> bool:

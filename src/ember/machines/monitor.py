@@ -26,10 +26,12 @@ from typing import Any
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
+from ember.machines.lifecycle import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
 from ember.machines.store import MachineStore
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
 from ember.vm.vmm.base import Channels, VMExit, send_control
+from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
 
 
 class Sync:
@@ -125,6 +127,7 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     with mstate.update(d) as cur:
         cur.status, cur.started_at = mstate.RUNNING, mstate.now()
         cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
+        cur.monitor_start = proc_start_time(os.getpid())
     sync.send("started", vmm_pid=pid)
 
     end: VMExit | None = None
@@ -155,18 +158,47 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     return 0
 
 
+def _wait_for_machine(home: Home, go_fd: int | None) -> str | None:
+    """Block until the CLI writes the machine id; then log into the machine's dir."""
+    if go_fd is None:
+        raise SystemExit("ember-monitor: give a machine id or --go-fd")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(go_fd, 128)
+        if not chunk:
+            return None
+        data += chunk
+    os.close(go_fd)
+    machine_id = data.decode().strip()
+    d = MachineStore(home).dir(machine_id)
+    fd = os.open(d / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return machine_id
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ember-monitor")
     p.add_argument("--home", required=True)
     p.add_argument("--sync-fd", type=int)
-    p.add_argument("machine_id")
+    p.add_argument("--go-fd", type=int, help="read the machine id from this fd")
+    p.add_argument("machine_id", nargs="?")
     args = p.parse_args(argv)
     # the monitor belongs to no terminal: a Ctrl-C meant for the CLI must not reach it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sync = Sync(args.sync_fd)
+    home = Home(Path(args.home))
     try:
-        return run(Home(Path(args.home)), args.machine_id, sync)
+        machine_id = args.machine_id
+        if machine_id is None:
+            machine_id = _wait_for_machine(home, args.go_fd)
+            if machine_id is None:
+                return 0  # the CLI gave up before handing a machine over
+        return run(home, machine_id, sync)
     except Exception as e:
         traceback.print_exc()
         sync.send("error", message=f"monitor failed: {e}")

@@ -67,6 +67,8 @@ class MachineState:
     #: how the machine ended when the guest could not say (killed, crashed, lost)
     end_reason: str | None = None
     monitor_pid: int | None = None
+    #: the monitor's start time (clock ticks since boot): pid + start time name one process
+    monitor_start: int | None = None
     vmm_pid: int | None = None
     error: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
