@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def make_home(root: Path, **snapshots: object) -> Home:
 def teardown_home(home: Home) -> None:
     close_pool(home)
     mounts, loops = ours(home.root)
+    # the kernel clears autoclear loop devices asynchronously: give a loaded host time
+    deadline = time.monotonic() + 15
+    while loops and time.monotonic() < deadline:
+        time.sleep(0.1)
+        mounts, loops = ours(home.root)
     shutil.rmtree(home.root, ignore_errors=True)
     assert not mounts, f"mounts left behind: {mounts}"
     assert not loops, f"loop devices left behind: {loops}"

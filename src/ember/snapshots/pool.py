@@ -177,3 +177,4 @@ def close_pool(home: Home) -> None:
     for lo in system.loops_backed_under(base):
         with contextlib.suppress(SnapshotError):
             system.detach_loop(lo.device)
+        system.wait_loop_released(lo.major, lo.minor)

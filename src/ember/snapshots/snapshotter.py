@@ -403,6 +403,7 @@ class Snapshotter:
                     continue
                 try:
                     system.detach_loop(lo.device)
+                    system.wait_loop_released(lo.major, lo.minor)
                     done.append(f"detached {lo.device} ({lo.backing_file})")
                 except SnapshotError as e:
                     log.warning("%s", e)

@@ -148,20 +148,49 @@ def mount_image(image: Path, target: Path, *, readonly: bool, fstype: str = "ext
 
 
 def unmount(target: Path, *, attempts: int = 20) -> None:
-    """Unmount, retrying while busy; as a last resort detach lazily so nothing stays visible."""
+    """Unmount, retrying while busy; as a last resort detach lazily so nothing stays visible.
+
+    Returns once the loop device under the mount (if any) is released too: the
+    kernel clears an autoclear loop device asynchronously after the last close.
+    """
+    entry = next((m for m in mounts() if m.mountpoint == target), None)
     last: CommandFailed | None = None
     for i in range(attempts):
         try:
             run(["umount", target], f"cannot unmount {target}")
-            return
+            last = None
+            break
         except CommandFailed as e:
             if not is_mountpoint(target):
-                return
+                last = None
+                break
             last = e
             time.sleep(min(0.05 * (i + 1), 0.5))
-    run(["umount", "-l", target], f"cannot unmount {target}")
-    if last is not None and is_mountpoint(target):
-        raise last
+    else:
+        run(["umount", "-l", target], f"cannot unmount {target}")
+        if last is not None and is_mountpoint(target):
+            raise last
+        return  # a lazy unmount releases the device when its last user goes
+    if entry is not None and entry.major == LOOP_MAJOR:
+        wait_loop_released(entry.major, entry.minor)
+
+
+LOOP_MAJOR = 7
+
+
+def wait_loop_released(major: int, minor: int, timeout: float = 5.0) -> None:
+    """Wait for an autoclear loop device to drop its backing file; detach it if it does not."""
+    backing = Path(f"/sys/dev/block/{major}:{minor}/loop/backing_file")
+    deadline = time.monotonic() + timeout
+    while backing.exists():
+        if time.monotonic() > deadline:
+            try:
+                name = Path(f"/sys/dev/block/{major}:{minor}").resolve().name
+                detach_loop(Path("/dev") / name)
+            except (CommandFailed, OSError):
+                pass
+            return
+        time.sleep(0.005)
 
 
 # -- ext4 tools ----------------------------------------------------------------------------
