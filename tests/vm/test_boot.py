@@ -22,7 +22,7 @@ from ember.vm.cpio import CpioWriter
 from ember.vm.initramfs import base_initramfs, write_machine_initrd
 from ember.vm.kernel import KernelInfo, guest_cmdline
 from ember.vm.runconfig import HostEntry, Interface, Mount, RunConfig
-from tests.vm.vmm.kernelcache import share_kernels
+from tests.vm.vmm.kernelcache import cached_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -31,16 +31,13 @@ BOOT_TIMEOUT = 180  # generous: TCG on a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def guest_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
-    home = Home(tmp_path_factory.mktemp("guest-home"))
-    share_kernels(home)
-    return home
+    """A private home for the initramfs archives; the kernel comes from the test cache."""
+    return Home(tmp_path_factory.mktemp("guest-home"))
 
 
 @pytest.fixture(scope="module")
-def guest_kernel(guest_home: Home) -> KernelInfo:
-    from ember.vm.kernel import find_kernel
-
-    return find_kernel(guest_home)
+def guest_kernel() -> KernelInfo:
+    return cached_kernel()
 
 
 @pytest.fixture(scope="module")

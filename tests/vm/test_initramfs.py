@@ -6,6 +6,7 @@ from __future__ import annotations
 import lzma
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,9 @@ from ember.vm.initramfs import (
     strip_signature,
     write_machine_initrd,
 )
-from ember.vm.kernel import KernelInfo, find_kernel
+from ember.vm.kernel import KernelInfo
 from ember.vm.runconfig import RunConfig
-from tests.vm.vmm.kernelcache import share_kernels
+from tests.vm.vmm.kernelcache import cached_kernel
 
 DEP = """\
 kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
@@ -90,14 +91,13 @@ def test_find_init(tmp_path: Path, ember_init: Path) -> None:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
-    h = Home(tmp_path_factory.mktemp("initramfs-home"))
-    share_kernels(h)
-    return h
+    """A private home: archives are written to its kernels/initramfs, not the shared cache."""
+    return Home(tmp_path_factory.mktemp("initramfs-home"))
 
 
 @pytest.fixture(scope="module")
-def kernel(home: Home) -> KernelInfo:
-    return find_kernel(home)
+def kernel() -> KernelInfo:
+    return cached_kernel()
 
 
 def _cpio_list(data: bytes) -> list[str]:
@@ -215,3 +215,25 @@ def test_signatures_kept_when_forced_or_unknown(kernel: KernelInfo, tmp_path: Pa
 def test_bad_signature_trailers_refused(bad: bytes) -> None:
     with pytest.raises(KernelError):
         strip_signature(bad)
+
+
+def test_stale_archives_of_the_same_kernel_are_pruned(
+    kernel: KernelInfo, ember_init: Path, tmp_path: Path
+) -> None:
+    home = Home(tmp_path / "home")
+    first = base_initramfs(home, kernel)
+    other = tmp_path / "ember-init"
+    other.write_bytes(ember_init.read_bytes() + b"\0")
+    # an archive built long ago for an older init, and one for another kernel
+    stale = first.parent / f"{kernel.version}-0000000000000000.cpio"
+    stale.write_bytes(b"old")
+    foreign = first.parent / "5.10.0-1-amd64-0000000000000000.cpio"
+    foreign.write_bytes(b"old")
+    hour_ago = time.time() - 2 * 3600
+    for p in (stale, foreign):
+        os.utime(p, (hour_ago, hour_ago))
+    second = base_initramfs(home, kernel, other)
+    assert second != first
+    assert not stale.exists()
+    assert first.exists()  # recent: a machine may be copying it right now
+    assert foreign.exists()

@@ -149,3 +149,27 @@ def test_cli_kernel_ls_and_custom_install(kernel: KernelInfo, tmp_path: Path) ->
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["vmlinux"] == str(kernel.vmlinux)
+
+
+def test_kernel_from_configuration(kernel: KernelInfo, tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    share_kernels(home)
+    home.config_file.write_text(
+        json.dumps({"kernel": {"path": str(kernel.vmlinux), "modules": str(kernel.modules_dir)}})
+    )
+    chosen = find_kernel(home)
+    assert (chosen.vmlinux, chosen.vmlinuz, chosen.modules_dir) == (
+        kernel.vmlinux,
+        None,
+        kernel.modules_dir,
+    )
+    explicit = find_kernel(home, kernel.vmlinux)  # an explicit path wins
+    assert explicit.modules_dir is None
+    home.config_file.write_text('{"kernel": "nope"}')
+    with pytest.raises(KernelError, match="'kernel' must be an object"):
+        find_kernel(home)
+    home.config_file.write_text("{not json")
+    with pytest.raises(KernelError, match="cannot read"):
+        find_kernel(home)
+    home.config_file.write_text('{"network": {}}')
+    assert find_kernel(home).version == kernel.version

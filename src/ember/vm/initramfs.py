@@ -22,6 +22,7 @@ import lzma
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,25 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
             modules.append((n, strip_signature(data) if strip else data))
     archive = build_base_archive(init_path.read_bytes(), modules, load)
     atomic_write(dest, archive, mode=0o644)
+    _prune(dest)
     return dest
+
+
+#: archives of the same kernel not rebuilt for this long are from an older ember-init
+#: or modules dir and are never asked for again; the delay leaves alone any archive a
+#: machine being created right now may still be copying
+PRUNE_AFTER = 3600.0
+
+
+def _prune(keep: Path) -> None:
+    version = keep.name.rsplit("-", 1)[0]
+    now = time.time()
+    for old in keep.parent.glob(f"{version}-*.cpio"):
+        if old == keep or old.name.rsplit("-", 1)[0] != version:
+            continue
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > PRUNE_AFTER:
+                old.unlink()
 
 
 def _module_index(kernel: KernelInfo) -> ModuleIndex | None:

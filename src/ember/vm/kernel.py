@@ -18,6 +18,7 @@ or a complete kernel.
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import os
 import re
@@ -246,9 +247,31 @@ def default_version(home: Home) -> str | None:
         return None
 
 
+def configured_kernel(home: Home) -> tuple[Path, Path | None] | None:
+    """``{"kernel": {"path": ..., "modules": ...}}`` in ``$EMBER_HOME/config.json``."""
+    try:
+        data = json.loads(home.config_file.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise KernelError(f"cannot read {home.config_file}: {e}") from None
+    section = data.get("kernel") if isinstance(data, dict) else None
+    if section is None:
+        return None
+    if not isinstance(section, dict) or not isinstance(section.get("path"), str):
+        raise KernelError(f"{home.config_file}: 'kernel' must be an object with a 'path' string")
+    modules = section.get("modules")
+    if modules is not None and not isinstance(modules, str):
+        raise KernelError(f"{home.config_file}: 'kernel.modules' must be a string")
+    return Path(section["path"]), Path(modules) if modules else None
+
+
 def find_kernel(home: Home, path: Path | None = None, modules: Path | None = None) -> KernelInfo:
     """The kernel to boot: ``path`` (a bzImage or ELF the user brings, optionally with its
-    ``lib/modules/<version>`` dir), else the default installed one."""
+    ``lib/modules/<version>`` dir), else the one config.json names, else the default
+    installed one."""
+    if path is None and (configured := configured_kernel(home)) is not None:
+        path, modules = configured
     if path is None:
         version = default_version(home)
         if version is None or not _VERSION_RE.match(version):
