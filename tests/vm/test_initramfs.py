@@ -143,7 +143,7 @@ def test_base_archive_changes_with_init(
 
 
 def test_kernel_without_modules(home: Home, kernel: KernelInfo, tmp_path: Path) -> None:
-    bare = KernelInfo("custom-x", None, kernel.vmlinux, None)
+    bare = KernelInfo(vmlinuz=None, vmlinux=kernel.vmlinux, modules_dir=None, version="custom-x")
     names = _cpio_list(base_initramfs(home, bare).read_bytes())
     assert [n for n in names if n.endswith(".ko")] == []
     assert extra_modules(bare, ["vmw_vsock_virtio_transport"]) == ()
@@ -197,7 +197,7 @@ def test_signatures_stripped_for_a_kernel_that_does_not_force_them(
 
 def test_signatures_kept_when_forced_or_unknown(kernel: KernelInfo, tmp_path: Path) -> None:
     (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
-    k = KernelInfo("x", None, tmp_path / "vmlinux", kernel.modules_dir)
+    k = KernelInfo(None, tmp_path / "vmlinux", kernel.modules_dir, "x")
     assert not _may_strip(k)  # no config next to the kernel: keep signatures
     (tmp_path / "config").write_text("CONFIG_MODULES=y\nCONFIG_MODULE_SIG_FORCE=y\n")
     assert not _may_strip(k)

@@ -41,13 +41,14 @@ _ELF_MAGIC = b"\x7fELF"
 
 @dataclass(frozen=True)
 class KernelInfo:
-    version: str
+    # field order as agreed in the contract: KernelInfo(vmlinuz, vmlinux, modules_dir, version)
     #: the bootable compressed image, if there is one (None for an ELF-only custom kernel)
     vmlinuz: Path | None
     #: uncompressed ELF, booted by QEMU's PVH entry (the fast path)
     vmlinux: Path
     #: ``lib/modules/<version>`` with modules.dep, or None (everything built in)
     modules_dir: Path | None
+    version: str
 
     def to_json(self) -> dict[str, str | None]:
         return {
