@@ -252,3 +252,13 @@ def test_native_reflink_directory_needs_no_pool_file(tmp_path: Path) -> None:
         teardown_home(h)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_bad_sizes_are_refused(home: Home) -> None:
+    from ember.snapshots.config import ConfigError
+
+    snap = Snapshotter(home)
+    for bad in (0, 4096, (1 << 30) + 1):
+        with pytest.raises(ConfigError, match="disk size"):
+            snap.prepare("k", size=bad)
+    assert snap.list() == []

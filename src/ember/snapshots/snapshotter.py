@@ -31,7 +31,7 @@ from pathlib import Path
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
 from ember.snapshots import names, system
-from ember.snapshots.config import SnapshotConfig
+from ember.snapshots.config import SnapshotConfig, parse_size
 from ember.snapshots.errors import (
     CheckFailed,
     CommandFailed,
@@ -201,6 +201,8 @@ class Snapshotter:
         enc = names.encode(key)
         if parent is not None:
             names.validate_key(parent, "parent")
+        if size is not None:
+            parse_size(size, "disk size")
         if self.exists(key):
             raise SnapshotExists(f"snapshot {key!r} already exists")
         staging = self.active_dir / f".new-{secrets.token_hex(8)}"
