@@ -113,6 +113,15 @@ def wrk(url: str, headers: list[str], seconds: int) -> tuple[float, float]:
     return rps, float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def in_throughput(line: str) -> str:
+    """Add the time ratio's inverse: the issue's goal is stated in throughput (>= 1.0)."""
+    m = re.search(r"ratio ([\d.]+)x", line)
+    assert m is not None
+    extended = f"{line}; {1 / float(m.group(1)):.2f}x in throughput"
+    print(extended)
+    return extended
+
+
 def throughput_line(what: str, unit: str, ours: list[float], theirs: list[float]) -> str:
     o, t = statistics.median(ours), statistics.median(theirs)
     line = (
@@ -157,13 +166,14 @@ def main() -> None:
 
         pushes = alternate({n: push_fn(c) for n, c in cs.items()}, args.runs, warmup=0,
                            setup=lambda n: cs[n].fresh())
-        lines.append(print_ratio("skopeo push (debian minbase, fresh registry)", pushes["ember"], pushes["docker-registry"]))
+        lines.append(in_throughput(print_ratio("skopeo push (debian minbase, fresh registry)",
+                                               pushes["ember"], pushes["docker-registry"])))
 
         def clean(_: str) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
         pulls = alternate({n: pull_fn(c) for n, c in cs.items()}, args.runs, setup=clean)
-        lines.append(print_ratio("skopeo pull to an OCI layout", pulls["ember"], pulls["docker-registry"]))
+        lines.append(in_throughput(print_ratio("skopeo pull to an OCI layout", pulls["ember"], pulls["docker-registry"])))
 
         manifest = json.loads(run(["skopeo", "inspect", "--raw", layout_ref(layout)]))
         layer = max(manifest["layers"], key=lambda d: d["size"])
