@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.vm.runconfig import HostEntry, RunConfig
+from ember.vm.runconfig import HostEntry, Interface, RunConfig
 
 pytestmark = pytest.mark.root
 
@@ -432,3 +433,50 @@ def test_c_parser_refuses_what_python_refuses(root: Path, data: bytes) -> None:
     assert r.returncode == 125, r.console
     assert "ember-init: error: " in r.console
     assert r.status is not None and r.status["exit_code"] == 125
+
+
+# ---- network over rtnetlink, in a network namespace with a dummy eth0 ------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"ember-init-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        # a veth pair (the dummy driver is not always there); the peer up gives eth0 carrier
+        subprocess.run(
+            ["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
+            check=True,
+        )
+        subprocess.run(["ip", "-n", name, "link", "set", "peer0", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def run_in_netns(root: Path, netns: str, rc: RunConfig) -> Result:
+    (root / ".ember-config").write_bytes(rc.render())
+    argv = ["ip", "netns", "exec", netns] + [a for a in _argv(root, False) if a != "--net"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return _result(root, p.returncode, p.stdout, p.stderr)
+
+
+def test_network_configured_over_netlink(root: Path, netns: str) -> None:
+    rc = sh(
+        "ip -4 addr show eth0; ip link show lo; ip route",
+        network=(Interface("eth0", "172.30.5.2", 24, "172.30.5.1", 1400),),
+    )
+    r = run_in_netns(root, netns, rc)
+    assert r.returncode == 0, r.console
+    assert "inet 172.30.5.2/24 brd 172.30.5.255" in r.stdout
+    assert "mtu 1400" in r.stdout
+    assert "default via 172.30.5.1 dev eth0" in r.stdout
+    assert "LOOPBACK,UP" in r.stdout
+
+
+def test_missing_interface_is_an_error(root: Path, netns: str) -> None:
+    rc = sh("echo should-not-run", network=(Interface("eth1", "172.30.6.2", 24),))
+    r = run_in_netns(root, netns, rc)
+    assert r.returncode == 125
+    assert "network interface eth1 does not exist" in r.console
+    assert r.stdout == ""
