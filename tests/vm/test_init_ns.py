@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.vm.runconfig import HostEntry, Interface, RunConfig
+from ember.vm.runconfig import HostEntry, Interface, RunConfig, RunOverrides
 
 pytestmark = pytest.mark.root
 
@@ -480,3 +480,29 @@ def test_missing_interface_is_an_error(root: Path, netns: str) -> None:
     assert r.returncode == 125
     assert "network interface eth1 does not exist" in r.console
     assert r.stdout == ""
+
+
+@dataclass
+class ImageCfg:
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+    env: list[str] | None = None
+    user: str | None = None
+    working_dir: str | None = None
+    stop_signal: str | None = None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (RunOverrides(), "ep default-cmd\n"),
+        (RunOverrides(args=["run", "args"]), "ep run args\n"),
+        (RunOverrides(entrypoint=["/bin/echo", "new-ep"]), "new-ep\n"),
+        (RunOverrides(entrypoint=["/bin/echo"], args=["x"]), "x\n"),
+        (RunOverrides(entrypoint=[], args=["echo", "only", "args"]), "only args\n"),
+    ],
+)
+def test_docker_argv_rules_end_to_end(root: Path, overrides: RunOverrides, expected: str) -> None:
+    image = ImageCfg(entrypoint=["/bin/echo", "ep"], cmd=["default-cmd"], env=["A=1"])
+    r = run_init(root, RunConfig.from_image(image, overrides))
+    assert (r.returncode, r.stdout) == (0, expected)
