@@ -394,3 +394,13 @@ def test_rejected_manifest_creates_no_repository(acme: Tenant) -> None:
         assert r.status_code == 400
         assert "ghost" not in c.get("/v2/_catalog").json()["repositories"]
         assert c.get("/v2/ghost/tags/list").status_code == 404
+
+
+def test_empty_blob(acme: Tenant) -> None:
+    with acme.client() as c:
+        digest = push_blob(c, "empty", b"")
+        r = c.head(f"/v2/empty/blobs/{digest}")
+        assert r.status_code == 200 and r.headers["content-length"] == "0"
+        r = c.get(f"/v2/empty/blobs/{digest}")
+        assert r.status_code == 200 and r.content == b""
+        assert c.get(f"/v2/empty/blobs/{digest}", headers={"Range": "bytes=0-"}).status_code == 416

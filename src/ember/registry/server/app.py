@@ -579,8 +579,9 @@ class RegistryApp:
         assert ctx.grant is not None
         state = self._session(ctx)
         digest = _parse_digest(ctx.request.query_params.get("digest"))
-        has_body = ctx.request.headers.get("content-length", "0") != "0" or (
-            "chunked" in ctx.request.headers.get("transfer-encoding", "")
+        # docker sends the last PATCH's Location with an empty body: nothing to append
+        has_body = bool(content_length(ctx.request.headers.get("content-length"))) or (
+            "chunked" in ctx.request.headers.get("transfer-encoding", "").lower()
         )
         if has_body or ctx.request.headers.get("content-range"):
             start = self._chunk_start(ctx, state)
