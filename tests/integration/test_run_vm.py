@@ -5,6 +5,8 @@ would.  Each boot costs seconds, so several checks share one boot where they can
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from ember.home import Home
 from ember.snapshots.pool import close_pool
-from tests.machines.vmkit import Ember, delete_netns, fetch, make_vm_home, new_netns
+from tests.machines.vmkit import EMBER, Ember, delete_netns, fetch, make_vm_home, new_netns
 from tests.snapshots.leaks import ours
 from tests.support.images import layout_ref
 
@@ -198,3 +200,47 @@ def test_kill(ember: Ember, busybox: str) -> None:
         assert ember("run", "--name", "victim", "--rm", busybox, "true").returncode != 0
     finally:
         ember("rm", "-f", "victim")
+
+
+def test_ctrl_c_stops_gracefully(ember: Ember, busybox: str) -> None:
+    script = 'trap "echo stopping; exit 42" TERM; echo ready; while :; do sleep 0.1; done'
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", busybox, "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ember.env(),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)  # `ip netns exec` execs ember: same process
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 42, err
+    assert out == "stopping\n"
+    assert "Ctrl-C again" in err
+    assert leftovers(ember) == []
+
+
+def test_lost_monitor_is_noticed(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "orphan", busybox, "sleep", "1000")
+    assert res.returncode == 0, res.stderr
+    machine_id = res.stdout.strip()
+    st = ember.inspect("orphan")
+    assert st["status"] == "running"
+    os.kill(st["monitor_pid"], signal.SIGKILL)
+    # QEMU dies with its monitor (PR_SET_PDEATHSIG); the next look repairs the record
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{st['vmm_pid']}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{st['vmm_pid']}/cmdline").exists() or (
+        machine_id not in Path(f"/proc/{st['vmm_pid']}/cmdline").read_text(errors="replace")
+    )
+    rows = json.loads(ember("ps", "-a", "--json", check=True).stdout)
+    (row,) = [r for r in rows if r["name"] == "orphan"]
+    assert row["status"] == "exited" and "monitor" in row["end_reason"]
+    assert f"em-{machine_id[:12]}" not in ember.sh("ip", "-o", "link").stdout
+    assert ember("rm", "orphan").returncode == 0
+    assert leftovers(ember, machine_id) == []
