@@ -354,6 +354,13 @@ static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
 		const char *colon = strchrnul(p, ':');
 		char full[4096];
 		int dl = (int)(colon - p);
+		if ((size_t)dl + strlen(file) + 2 > sizeof(full)) {
+			/* never exec a truncated path: that would be another program */
+			if (!*colon)
+				break;
+			p = colon + 1;
+			continue;
+		}
 		if (dl == 0)
 			snprintf(full, sizeof(full), "%s", file); /* empty entry: current directory */
 		else
