@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ember.vm.runconfig import HostEntry, Interface, RunConfig, RunOverrides
+from tests.support.treecmp import umoci_unpack
 
 pytestmark = pytest.mark.root
 
@@ -506,3 +507,32 @@ def test_docker_argv_rules_end_to_end(root: Path, overrides: RunOverrides, expec
     image = ImageCfg(entrypoint=["/bin/echo", "ep"], cmd=["default-cmd"], env=["A=1"])
     r = run_init(root, RunConfig.from_image(image, overrides))
     assert (r.returncode, r.stdout) == (0, expected)
+
+
+# ---- a real distribution's passwd/group: Debian (debootstrap minbase) ----------------------
+
+
+@pytest.fixture(scope="module")
+def debian_root(
+    debian_layout: Path, ember_init: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Unpacked once for this module; the tests only read it (no hostname/hosts records)."""
+    root = umoci_unpack(debian_layout, "latest", tmp_path_factory.mktemp("debian") / "bundle")
+    shutil.copy2(ember_init, root / ".ember-init")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("", "0 0 0 /root"),
+        ("nobody", "65534 65534 65534 /nonexistent"),
+        ("www-data", "33 33 33 /var/www"),
+        ("daemon:tty", "1 5 5 /usr/sbin"),
+        ("33:0", "33 0 0 /var/www"),
+    ],
+)
+def test_debian_users(debian_root: Path, user: str, expected: str) -> None:
+    r = run_init(debian_root, sh('echo $(id -u) $(id -g) $(id -G) "$HOME"', user=user))
+    assert r.returncode == 0, r.console
+    assert r.stdout.strip() == expected
