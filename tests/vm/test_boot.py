@@ -22,6 +22,7 @@ from ember.vm.cpio import CpioWriter
 from ember.vm.initramfs import base_initramfs, write_machine_initrd
 from ember.vm.kernel import KernelInfo, guest_cmdline
 from ember.vm.runconfig import HostEntry, Interface, Mount, RunConfig
+from tests.support.treecmp import umoci_unpack
 from tests.vm.vmm.kernelcache import cached_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -272,3 +273,31 @@ def test_oom_kill_is_reported(
     status = json.loads(m.read("status.json"))
     assert status == {"exit_code": 137, "signal": 9, "oom_killed": True}, m.read("console.log")
     assert "ember-init: killed by signal 9 (oom killed)\n" in m.read("console.log")
+
+
+def test_debian_image_boots(
+    guest_home: Home,
+    guest_kernel: KernelInfo,
+    debian_layout: Path,
+    tmp_path: Path,
+    machines: list[Machine],
+) -> None:
+    """A real distribution's tree (debootstrap minbase) as the root disk."""
+    tree = umoci_unpack(debian_layout, "latest", tmp_path / "bundle")
+    disk = tmp_path / "debian.ext4"
+    with open(disk, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk)], check=True, capture_output=True
+    )
+    rc = RunConfig(
+        argv=("/bin/bash", "-c", '. /etc/os-release; echo "$ID $VERSION_CODENAME $GREETING"'),
+        env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hi"),
+        user="nobody",
+    )
+    d = tmp_path / "machine"
+    d.mkdir()
+    m = boot(guest_home, guest_kernel, disk, d, rc, machines)
+    m.wait()
+    assert m.read("stdout.log") == "debian bookworm hi\n"
+    assert json.loads(m.read("status.json"))["exit_code"] == 0
