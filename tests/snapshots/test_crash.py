@@ -158,3 +158,22 @@ def test_kill_mid_build_then_next_run_recovers(home: Home, tmp_path: Path, mode:
         assert (root / "big/small").read_bytes() == b"s"
         assert (root / "big/data").stat().st_size == 96 << 20
         assert (root / "etc/motd").read_text() == "hello\n"
+
+
+def test_gc_during_a_build_removes_nothing_it_needs(home: Home, tmp_path: Path) -> None:
+    """GC runs while another process is applying the top layer; the build completes."""
+    from ember.snapshots.gc import collect
+
+    image, args = _image(home)
+    chain = [str(layer.chain_id) for layer in image.layers]  # type: ignore[attr-defined]
+    proc, marker = _spawn(home, tmp_path, args, "during-apply")
+    _wait_for(marker, proc)
+    report = collect(home)  # nothing in the image table: only the build's lease protects it
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert not set(report.snapshots) & set(chain)
+    assert not any(name.startswith("build/") for name in report.snapshots)
+    assert not set(report.content) & {str(layer.digest) for layer in image.layers}  # type: ignore[attr-defined]
+    snap = Snapshotter(home, recover=False)
+    assert all(snap.is_committed(name) for name in chain)
+    assert json.loads(out)["built"] == chain

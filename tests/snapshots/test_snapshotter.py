@@ -229,6 +229,14 @@ def test_damaged_disk_fails_the_check(home: Home) -> None:
         f.write(b"\xff" * 4096)
     with pytest.raises(SnapshotError, match="check"):
         snap.check("k")
+    with open(snap.path("k"), "r+b") as f:  # and the superblock: it cannot be mounted
+        f.seek(1024)
+        f.write(b"\0" * 1024)
+    with pytest.raises(SnapshotError, match="cannot mount"), snap.mount("k"):
+        pass
+    mounts, loops = ours(snap.pool.root)
+    assert mounts == [] and loops == []
+    assert list(snap.pool.mnt.iterdir()) == []
 
 
 def test_native_reflink_directory_needs_no_pool_file(tmp_path: Path) -> None:
