@@ -95,14 +95,14 @@ def first_line_time(argv: list[str], env: dict[str, str] | None, mark: str) -> f
     return found
 
 
-def floor_initrd(dest: Path) -> Path:
+def floor_initrd(dest: Path, then: str = "/bin/busybox poweroff -f") -> Path:
     busybox = shutil.which("busybox")
     if not busybox:
         raise SystemExit("busybox-static is needed for the floor")
     w = CpioWriter()
     w.add_dir("bin")
     w.add_file("bin/busybox", Path(busybox).read_bytes(), 0o755)
-    init = f"#!/bin/busybox sh\n/bin/busybox echo {MARK}\n/bin/busybox poweroff -f\n"
+    init = f"#!/bin/busybox sh\n/bin/busybox echo {MARK}\n{then}\n"
     w.add_file("init", init.encode(), 0o755)
     dest.write_bytes(w.getvalue())
     return dest
@@ -121,6 +121,21 @@ def floor_argv(vmlinux: Path, initrd: Path, accel: str) -> list[str]:
         "-display", "none", "-no-reboot", "-kernel", str(vmlinux), "-initrd", str(initrd),
         "-append", append, "-serial", "stdio",
     ]  # fmt: skip
+
+
+def floor_memory(argv: list[str]) -> float:
+    """PSS (MiB) of a bare QEMU whose guest idles after boot (same -m as ember's default)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and MARK.encode() not in proc.stdout.readline():
+            pass
+        time.sleep(2)
+        return pss_kib(proc.pid) / 1024
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def ember_env(home: Home) -> dict[str, str]:
@@ -273,10 +288,15 @@ def main() -> None:
             f"(n={len(hs.samples)}), {goal} the 150 ms goal; {note}"
         )
         q, m, total = memory(ns, home, images["busybox"])
-        print(f"memory per idle machine: QEMU PSS {q:.1f} MiB, monitor PSS {m:.1f} MiB")
+        idle = floor_initrd(tmp / "idle.cpio", "/bin/busybox sleep 1000")
+        bare = floor_memory(floor_argv(kernel.vmlinux, idle, accel))
+        print(f"memory per idle machine: QEMU PSS {q:.1f} MiB, monitor PSS {m:.1f} MiB; "
+              f"bare QEMU (floor) {bare:.1f} MiB")  # fmt: skip
         lines.append(
             f"busybox: host memory per idle machine (512 MiB guest): QEMU PSS {q:.1f} MiB + "
-            f"monitor PSS {m:.1f} MiB = {total:.1f} MiB (median of 3 machines); {note}"
+            f"monitor PSS {m:.1f} MiB = {total:.1f} MiB (median of 3 machines) vs a bare QEMU "
+            f"with the floor's initramfs {bare:.1f} MiB: ember's overhead "
+            f"{total - bare:.1f} MiB per machine; {note}"
         )
     finally:
         for h in homes:

@@ -29,6 +29,7 @@ def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["--disk-size", "lots"], "invalid size"),
         (["--name", "no/slashes"], "invalid machine name"),
         (["--network", "Bad-Net"], "invalid network name"),
+        (["--kernel-modules", "/"], "--kernel-modules needs --kernel"),
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], message: str) -> None:

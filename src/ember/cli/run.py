@@ -22,7 +22,7 @@ from typing import IO, Any
 import click
 
 from ember.cli.common import home_from_ctx
-from ember.errors import EmberError
+from ember.errors import EmberError, UsageError
 from ember.home import Home
 from ember.machines.errors import MachineError
 
@@ -149,6 +149,8 @@ def _follow(
 @click.option("--disk-size", help=f"Root disk size, e.g. 2G (default: {DEFAULT_DISK_HELP}).")
 @click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False),
               help="Boot this kernel (bzImage or ELF) instead of the installed one.")  # fmt: skip
+@click.option("--kernel-modules", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="lib/modules/VERSION (with modules.dep) for --kernel.")  # fmt: skip
 @click.option("--stop-timeout", type=click.IntRange(0, 3600),
               help="Seconds between the stop signal and SIGKILL (default 10).")  # fmt: skip
 @click.option("--network", default="default", show_default=True,
@@ -170,6 +172,7 @@ def run(
     cpus: int,
     disk_size: str | None,
     kernel: Path | None,
+    kernel_modules: Path | None,
     stop_timeout: int | None,
     network: str,
     plain_http: bool,
@@ -190,6 +193,8 @@ def run(
     from ember.net.ports import parse_publish
 
     home = home_from_ctx()
+    if kernel_modules is not None and kernel is None:
+        raise UsageError("--kernel-modules needs --kernel")
     if name is not None:
         check_name(name)
     check_network_name(network)
@@ -211,6 +216,7 @@ def run(
         cpus=cpus,
         disk_size=parse_size(disk_size) if disk_size else None,
         kernel=kernel,
+        kernel_modules=kernel_modules,
         auto_remove=auto_remove,
         network=network,
         stop_timeout=stop_timeout,

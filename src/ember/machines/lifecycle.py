@@ -64,6 +64,8 @@ class RunRequest:
     cpus: int = DEFAULT_CPUS
     disk_size: int | None = None
     kernel: Path | None = None
+    #: ``lib/modules/<version>`` of ``kernel`` (None: everything the guest needs is built in)
+    kernel_modules: Path | None = None
     auto_remove: bool = False
     network: str = "default"
     stop_timeout: int | None = None
@@ -99,7 +101,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     image = ImageService(home).ensure(req.image, plain_http=req.plain_http)
     lap("image")
     try:
-        kernel = find_kernel(home, req.kernel)
+        kernel = find_kernel(home, req.kernel, req.kernel_modules)
     except KernelNotFound:
         if req.kernel is not None:
             raise
