@@ -48,3 +48,17 @@ def test_copy_backend_multilayer_equals_umoci_unpack(
 ) -> None:
     assert Snapshotter(copy_home).backend_name == "copy"
     _check_against_umoci(copy_home, multilayer_layout, tmp_path)
+
+
+def test_multilayer_reuses_the_busybox_base_snapshot(
+    home: Home, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    service = ImageService(home)
+    base = service.pull(f"oci:{busybox_layout}:latest", progress=False)
+    image = service.pull(f"oci:{multilayer_layout}:latest", progress=False)
+    shared = [layer.chain_id for layer in base.layers]
+    assert [layer.chain_id for layer in image.layers[: len(shared)]] == shared
+    first = prepare_image(home, base)
+    second = prepare_image(home, image)
+    assert first.built == tuple(str(c) for c in shared)
+    assert second.built == tuple(str(layer.chain_id) for layer in image.layers[len(shared) :])
