@@ -116,17 +116,20 @@ static void report(int exit_code, int sig, int oom, const char *error)
 		logmsg("exit code %d%s", exit_code, oom ? " (oom killed)" : "");
 }
 
-static __attribute__((noreturn)) void finish(int code)
+/* Clean up, then report, then power off: the report comes last so that a host which
+ * ends the VM as soon as it sees it finds the disks already clean. */
+static __attribute__((noreturn)) void finish(int code, int sig, int oom, const char *error)
 {
 	kill_everything();
 	if (G.have_cfg)
 		unmount_volumes(&G.cfg);
 	sync();
+	/* leave the root disk clean for the next boot of a clone */
+	if (!G.test && mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) == 0)
+		sync();
+	report(code, sig, oom, error);
 	if (G.test)
 		exit(code);
-	/* leave the root disk clean for the next boot of a clone */
-	mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);
-	sync();
 	reboot(RB_POWER_OFF);
 	/* no ACPI power-off: a reset ends the VM too (QEMU -no-reboot, kernel reboot=t) */
 	reboot(RB_AUTOBOOT);
@@ -137,8 +140,7 @@ static __attribute__((noreturn)) void finish(int code)
 static __attribute__((noreturn)) void fail(const char *msg)
 {
 	logmsg("error: %s", msg);
-	report(EXIT_INIT_FAILED, 0, 0, msg);
-	finish(EXIT_INIT_FAILED);
+	finish(EXIT_INIT_FAILED, 0, 0, msg);
 }
 
 /* ---- host channels ---------------------------------------------------------------- */
@@ -680,6 +682,5 @@ int main(int argc, char **argv)
 		code = 128 + sig;
 	}
 	mark("program ended");
-	report(code, sig, oom, NULL);
-	finish(code);
+	finish(code, sig, oom, NULL);
 }
