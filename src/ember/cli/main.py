@@ -12,20 +12,44 @@ from ember import __version__
 from ember.errors import EmberError
 from ember.home import Home
 
-# Each module exposes ``commands: list[click.Command]`` (groups or plain commands).
-COMMAND_MODULES = [
-    "ember.cli.image",
-    "ember.cli.snapshot",
-    "ember.cli.registry",
-    "ember.cli.server",
-    "ember.cli.admin",
-    "ember.cli.kernel",
-    "ember.cli.run",
-    "ember.cli.machines",
-]
+# Which module defines each top-level command.  Modules are imported only when
+# their command runs, so that `ember image ls` does not pay for the registry
+# server's imports.  Each module exposes ``commands: list[click.Command]``.
+# The snapshot module also adds ``prepare`` to the ``image`` group.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "image": ("ember.cli.image", "ember.cli.snapshot"),
+    "snapshot": ("ember.cli.snapshot",),
+    "gc": ("ember.cli.snapshot",),
+    "registry": ("ember.cli.registry",),
+    "server": ("ember.cli.server",),
+    "admin": ("ember.cli.admin",),
+    "kernel": ("ember.cli.kernel",),
+    "run": ("ember.cli.run",),
+    "ps": ("ember.cli.machines",),
+    "logs": ("ember.cli.machines",),
+    "stop": ("ember.cli.machines",),
+    "kill": ("ember.cli.machines",),
+    "rm": ("ember.cli.machines",),
+    "inspect": ("ember.cli.machines",),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        modules = COMMAND_MODULES.get(cmd_name)
+        if modules is None:
+            return None
+        loaded = [importlib.import_module(name) for name in modules]
+        for cmd in loaded[0].commands:
+            if cmd.name == cmd_name:
+                return cmd
+        raise RuntimeError(f"{modules[0]} does not define the command {cmd_name!r}")
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ember")
 @click.option(
     "--home",
@@ -37,11 +61,6 @@ COMMAND_MODULES = [
 def cli(ctx: click.Context, home: Path | None) -> None:
     """ember runs OCI images as micro-VMs."""
     ctx.obj = {"home": Home(home.absolute()) if home else None}
-
-
-for _name in COMMAND_MODULES:
-    for _cmd in importlib.import_module(_name).commands:
-        cli.add_command(_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
