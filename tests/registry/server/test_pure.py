@@ -271,14 +271,14 @@ _manifest_doc = st.fixed_dictionaries(
 def test_fuzz_manifest_put_validation(doc: dict[str, object], content_type: str) -> None:
     from ember.oci.errors import FormatError
     from ember.oci.manifest import ImageIndex, parse_manifest
-    from ember.registry.server.app import _describe
+    from ember.registry.server.references import describe_manifest
 
     body = json.dumps(doc).encode()
     try:
         parsed = parse_manifest(body, content_type)
     except FormatError:
         return
-    new = _describe(parsed, Digest.of(body), len(body))
+    new = describe_manifest(parsed, Digest.of(body), len(body))
     # what the server will require to be present is exactly what the document names
     if isinstance(parsed, ImageIndex):
         assert new.blobs == frozenset() and new.children == {str(m.digest) for m in parsed.manifests}

@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,11 +27,11 @@ from starlette.types import Receive, Scope, Send
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
-from ember.oci.manifest import MAX_MANIFEST_SIZE, ImageIndex, ImageManifest, parse_manifest
+from ember.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest
 from ember.registry.server import routes as r
 from ember.registry.server.config import ServerConfig
 from ember.registry.server.errors import ApiError
-from ember.registry.server.metadata import NewManifest, RegistryMetadata
+from ember.registry.server.metadata import RegistryMetadata
 from ember.registry.server.names import qualify, unqualify, valid_repo_name
 from ember.registry.server.protocol import (
     accepts,
@@ -42,6 +41,8 @@ from ember.registry.server.protocol import (
     parse_content_range,
     parse_range,
 )
+from ember.registry.server.references import describe_manifest
+from ember.registry.server.responses import API_VERSION, BlobResponse, error_response
 from ember.registry.server.storage import BlobStorage, range_header, touch
 from ember.registry.server.tokens import (
     TOKEN_TTL,
@@ -64,18 +65,10 @@ from ember.registry.server.uploadstate import (
 log = logging.getLogger("ember.registry")
 
 T = TypeVar("T")
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 #: chunk size clients should use for chunked uploads (advertised, not enforced)
 CHUNK_MIN_LENGTH = 1 << 20
 #: how long a resolved API token is trusted before the database is asked again
 _TOKEN_CACHE_SECONDS = 5.0
-_SEND_CHUNK = 1 << 20
-
-
-def _error_response(err: ApiError) -> Response:
-    headers = dict(API_VERSION)
-    headers.update(err.headers)
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 class RegistryApp:
@@ -107,12 +100,12 @@ class RegistryApp:
             else:
                 raise ApiError("NAME_UNKNOWN", "not found", status=404)
         except ApiError as e:
-            response = _error_response(e)
+            response = error_response(e)
         except ClientDisconnect:
             return
         except Exception:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
-            response = _error_response(ApiError("UNKNOWN", "internal server error", status=500))
+            response = error_response(ApiError("UNKNOWN", "internal server error", status=500))
         await response(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -372,7 +365,7 @@ class RegistryApp:
             raise ApiError(
                 "DIGEST_INVALID", f"manifest body has digest {digest}, not {route.digest} as in the URL"
             )
-        new = _describe(parsed, digest, len(body))
+        new = describe_manifest(parsed, digest, len(body))
         missing_blobs, missing_children = await self._read(
             self.meta.missing_references, ctx.full, new.blobs, new.children
         )
@@ -646,77 +639,3 @@ def _parse_digest(value: str | None) -> Digest:
         return Digest.parse(value)
     except FormatError as e:
         raise ApiError("DIGEST_INVALID", str(e)) from None
-
-
-def _describe(parsed: ImageManifest | ImageIndex, digest: Digest, size: int) -> NewManifest:
-    """What the metadata needs to know about a validated manifest or index."""
-    if isinstance(parsed, ImageManifest):
-        blobs = {str(parsed.config.digest)} | {
-            str(layer.digest)
-            for layer in parsed.layers
-            # a foreign layer is fetched from its urls, never from this registry
-            if not (mt.is_nondistributable(layer.media_type) and layer.urls)
-        }
-        children: set[str] = set()
-        # image-spec: a referrer's artifactType falls back to its config's media type
-        artifact_type: str | None = parsed.artifact_type or parsed.config.media_type
-    else:
-        blobs, children = set(), {str(m.digest) for m in parsed.manifests}
-        artifact_type = parsed.artifact_type
-    return NewManifest(
-        digest=str(digest),
-        media_type=parsed.media_type,
-        size=size,
-        artifact_type=artifact_type,
-        subject=str(parsed.subject.digest) if parsed.subject is not None else None,
-        annotations=parsed.annotations,
-        blobs=frozenset(blobs),
-        children=frozenset(children),
-    )
-
-
-class BlobResponse(Response):
-    """A blob (or one range of it) streamed from disk in large chunks.
-
-    Reads with pread straight from the page cache on the event loop: a blob in
-    the registry is immutable and local, and one big read per send beats a
-    thread hop per 64 KiB (measured in bench/registry.py).
-    """
-
-    def __init__(
-        self, path: str, size: int, span: tuple[int, int] | None, headers: dict[str, str]
-    ) -> None:
-        self.path = path
-        self.start, self.end = span if span is not None else (0, size - 1)
-        self.status_code = 206 if span is not None else 200
-        self.background = None
-        if span is not None:
-            headers["Content-Range"] = f"bytes {self.start}-{self.end}/{size}"
-        headers["Content-Length"] = str(self.end - self.start + 1)
-        self.init_headers(headers)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            # unlinked by GC after the link check: the same answer as no link
-            err = ApiError("BLOB_UNKNOWN", "blob is not available")
-            await _error_response(err)(scope, receive, send)
-            return
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            pos, end = self.start, self.end + 1
-            while pos < end:
-                chunk = os.pread(fd, min(_SEND_CHUNK, end - pos), pos)
-                if not chunk:
-                    break
-                pos += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
-            if pos < end or self.start == end:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            os.close(fd)
-
-
-def create_app(config: ServerConfig) -> RegistryApp:
-    return RegistryApp(config)

@@ -1,0 +1,35 @@
+"""What a manifest or index references, as the metadata stores it (pure)."""
+
+from __future__ import annotations
+
+from ember.oci import mediatypes as mt
+from ember.oci.digest import Digest
+from ember.oci.manifest import ImageIndex, ImageManifest
+from ember.registry.server.metadata import NewManifest
+
+
+def describe_manifest(parsed: ImageManifest | ImageIndex, digest: Digest, size: int) -> NewManifest:
+    """What the metadata needs to know about a validated manifest or index."""
+    if isinstance(parsed, ImageManifest):
+        blobs = {str(parsed.config.digest)} | {
+            str(layer.digest)
+            for layer in parsed.layers
+            # a foreign layer is fetched from its urls, never from this registry
+            if not (mt.is_nondistributable(layer.media_type) and layer.urls)
+        }
+        children: set[str] = set()
+        # image-spec: a referrer's artifactType falls back to its config's media type
+        artifact_type: str | None = parsed.artifact_type or parsed.config.media_type
+    else:
+        blobs, children = set(), {str(m.digest) for m in parsed.manifests}
+        artifact_type = parsed.artifact_type
+    return NewManifest(
+        digest=str(digest),
+        media_type=parsed.media_type,
+        size=size,
+        artifact_type=artifact_type,
+        subject=str(parsed.subject.digest) if parsed.subject is not None else None,
+        annotations=parsed.annotations,
+        blobs=frozenset(blobs),
+        children=frozenset(children),
+    )
