@@ -60,3 +60,8 @@ def test_prepare_ls_rm_gc(home: Home, busybox_layout: Path, multilayer_layout: P
     left = json.loads(ember(home, "snapshot", "ls", "--json").stdout)
     assert len(left) == 1
     assert "removed 0 snapshot(s)" in ember(home, "gc").stdout
+    assert json.loads(ember(home, "snapshot", "leases", "--json").stdout) == []
+    from ember.snapshots import Snapshotter
+
+    Snapshotter(home).leases.create("machine/x", snapshots=[left[0]["name"]])
+    assert "machine/x  never expires  1 snapshot(s)" in ember(home, "snapshot", "leases").stdout

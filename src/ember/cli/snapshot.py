@@ -73,6 +73,29 @@ def snapshot_rm(names: tuple[str, ...]) -> None:
         click.echo(name)
 
 
+@snapshot.command("leases")
+@json_option
+def snapshot_leases(as_json: bool) -> None:
+    """List leases: what protects snapshots and content from gc, and until when."""
+    from ember.snapshots import Snapshotter
+
+    leases = Snapshotter(home_from_ctx()).leases.list()
+    if as_json:
+        print_json([lease.to_json() for lease in leases])
+        return
+    now = time.time()
+    for lease in leases:
+        if lease.expires is None:
+            until = "never expires"
+        elif lease.expired(now):
+            until = "expired"
+        else:
+            until = f"expires in {lease.expires - now:.0f}s"
+        click.echo(
+            f"{lease.name}  {until}  {len(lease.snapshots)} snapshot(s), {len(lease.content)} blob(s)"
+        )
+
+
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
 @click.option(
