@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.vm.errors import InvalidRunConfig
 from ember.vm.runconfig import HostEntry, Interface, RunConfig, RunOverrides
 from tests.support.treecmp import umoci_unpack
 
@@ -426,8 +428,6 @@ def test_arguments_and_env_arrive_byte_exact(root: Path) -> None:
     ],
 )
 def test_c_parser_refuses_what_python_refuses(root: Path, data: bytes) -> None:
-    from ember.vm.errors import InvalidRunConfig
-
     with pytest.raises(InvalidRunConfig):
         RunConfig.parse(data)
     r = run_init(root, data)
@@ -536,3 +536,56 @@ def test_debian_users(debian_root: Path, user: str, expected: str) -> None:
     r = run_init(debian_root, sh('echo $(id -u) $(id -g) $(id -G) "$HOME"', user=user))
     assert r.returncode == 0, r.console
     assert r.stdout.strip() == expected
+
+
+def _mutations(data: bytes, count: int, seed: int) -> list[bytes]:
+    """One small edit per case, mostly inside the body's records (so that not every
+    case dies on the header or the end record)."""
+    rng = random.Random(seed)
+    alphabet = [b" ", b"\\", b"\n", b"\t", b"x", b"0", b"-", b"/", b"=", b"s", b"1"]
+    lines = data.split(b"\n")  # [header, records..., b"end", b""]
+    out = []
+    for _ in range(count):
+        ls = list(lines)
+        j = rng.randrange(len(ls) - 1) if rng.random() < 0.1 else rng.randrange(1, len(ls) - 2)
+        line = bytearray(ls[j])
+        i = rng.randrange(len(line) + 1)
+        op = rng.randrange(4)
+        if op == 0 and line:
+            del line[min(i, len(line) - 1)]
+        elif op == 1:
+            line[i:i] = rng.choice(alphabet)
+        elif op == 2:
+            ls.insert(j, ls[j])  # a repeated record
+        else:
+            line = line[:i]
+        if op != 2:
+            ls[j] = bytes(line)
+        out.append(b"\n".join(ls))
+    return out
+
+
+def test_mutated_configs_c_refuses_only_what_python_refuses(root: Path) -> None:
+    """Differential: whatever ember-init's parser refuses, RunConfig.parse refuses too
+    (Python may be stricter: it also checks meanings, like a gateway's subnet)."""
+    base = RunConfig(
+        argv=("/bin/true", "a b"),
+        env=("A=1",),
+        user="0:0",
+        workdir="/tmp",
+        stop_timeout=3,
+        nameservers=("10.0.0.1",),
+    ).render()
+    outcomes = []
+    for data in _mutations(base, 60, seed=5):
+        try:
+            RunConfig.parse(data)
+            py_refused = False
+        except InvalidRunConfig:
+            py_refused = True
+        r = run_init(root, data)
+        c_refused = r.returncode == 125 and "run config" in r.console
+        assert not c_refused or py_refused, (data, r.console)
+        outcomes.append((py_refused, c_refused))
+    # not vacuous: both sides refused some mutations and accepted others
+    assert (True, True) in outcomes and (False, False) in outcomes, outcomes
