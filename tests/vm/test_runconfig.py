@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ember.oci.config import parse_config
 from ember.vm.errors import InvalidRunConfig, NoCommand
@@ -217,3 +220,33 @@ def test_from_a_real_image_config(multilayer_layout: Path) -> None:
     assert rc.argv == ("/bin/echo", "entrypoint", "x")
     assert "GREETING=bye" in rc.env and "GREETING=hello" not in rc.env
     assert RunConfig.parse(rc.render()) == rc
+
+
+_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    argv=st.lists(_text, min_size=1, max_size=5),
+    env=st.lists(st.tuples(st.text(st.characters(blacklist_characters="=\x00",
+                                                 blacklist_categories=("Cs",)), min_size=1),
+                           _text), max_size=4),
+    user=st.sampled_from(["", "app", "1000", "app:staff", "1:2"]),
+    workdir=st.one_of(st.just(""), _text.map(lambda t: "/" + t)),
+)  # fmt: skip
+def test_render_parse_round_trip_any_text(
+    argv: list[str], env: list[tuple[str, str]], user: str, workdir: str
+) -> None:
+    rc = RunConfig(
+        argv=tuple(argv), env=tuple(f"{k}={v}" for k, v in env), user=user, workdir=workdir
+    )
+    data = rc.render()
+    assert b"\x00" not in data and b"\t" not in data
+    assert RunConfig.parse(data) == rc
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parse_random_bytes_only_raises_invalid(data: bytes) -> None:
+    with contextlib.suppress(InvalidRunConfig):
+        RunConfig.parse(b"ember-run-config 1\n" + data)
