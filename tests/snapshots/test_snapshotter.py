@@ -57,6 +57,15 @@ def test_pool_is_mounted_again_after_a_reboot(home: Home) -> None:
         assert (root / "f").read_bytes() == b"kept"
 
 
+def test_a_lost_pool_json_never_reformats_the_pool(home: Home) -> None:
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {"f": b"kept"})
+    close_pool(home)
+    (home.snapshots / "pool.json").unlink()
+    again = Snapshotter(home)
+    assert again.pool.kind == LOOPFILE and again.is_committed(A)
+
+
 def test_prepare_commit_view_lifecycle(home: Home) -> None:
     snap = Snapshotter(home)
     active = snap.prepare("k1")

@@ -69,7 +69,12 @@ def open_pool(home: Home, config: SnapshotConfig) -> Pool:
     with FileLock(base / "pool.lock"):
         state = _read_state(state_file)
         if state is None:
-            state = _create(base, root, image, config)
+            if image.is_file():
+                # pool.json lost (or a crash right after the pool file was made): the
+                # pool file is the authority, never format over it
+                state = {"kind": LOOPFILE, "reflink": True, "created": time.time()}
+            else:
+                state = _create(base, root, image, config)
             atomic_write(state_file, json.dumps(state).encode())
         kind, reflink = str(state["kind"]), bool(state["reflink"])
         if kind == LOOPFILE:
