@@ -144,6 +144,8 @@ class Snapshotter:
                     out.append(self._info(tree / entry, kind))
                 except FileNotFoundError:
                     continue  # removed while we looked
+                except SnapshotError as e:
+                    log.warning("skipping %s: %s", tree / entry, e)
         return out
 
     def usage(self, key: str) -> Usage:
