@@ -38,9 +38,7 @@ def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> No
     if kernel_path is not None:
         info = find_kernel(home, kernel_path, modules)
     else:
-        if not as_json:
-            err_console.print("installing Debian's linux-image-amd64 (apt-get download)...")
-        info = install_kernel(home)
+        info = install_kernel(home, progress=None if as_json else err_console.print)
     if as_json:
         print_json(info.to_json())
     else:

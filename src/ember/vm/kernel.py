@@ -27,6 +27,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,8 +128,13 @@ def resolve_debian_version(package: str = META_PACKAGE) -> tuple[str, str]:
     )
 
 
-def install_kernel(home: Home, package: str = META_PACKAGE) -> KernelInfo:
-    """Install Debian's current kernel under ``home.kernels`` (no-op if already there)."""
+def install_kernel(
+    home: Home,
+    package: str = META_PACKAGE,
+    progress: Callable[[str], None] | None = None,
+) -> KernelInfo:
+    """Install Debian's current kernel under ``home.kernels`` (no-op if already there).
+    ``progress`` hears one line when something is actually downloaded."""
     try:
         pkg, version = resolve_debian_version(package)
     except KernelError:
@@ -137,6 +143,8 @@ def install_kernel(home: Home, package: str = META_PACKAGE) -> KernelInfo:
         pkg, version = resolve_debian_version(package)
     final = home.kernels / version
     if not (final / "vmlinux").exists():
+        if progress:
+            progress(f"downloading {pkg} (apt-get download) into {home.kernels}")
         _install_from_apt(home, pkg, version)
     info = _load(final, version)
     _set_default(home, version)
