@@ -223,6 +223,12 @@ def test_manifest_put_get_accept_and_validation(acme: Tenant) -> None:
         bad = image_manifest(b"{}", [b"never uploaded"])
         r = c.put("/v2/app/manifests/bad", content=bad, headers={"Content-Type": OCI_MANIFEST})
         assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+        # a descriptor whose size is not the blob's
+        resized = json.loads(manifest)
+        resized["layers"][0]["size"] += 1
+        r = c.put("/v2/app/manifests/bad", content=json.dumps(resized).encode(), headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+        assert "size" in r.json()["errors"][0]["message"]
         # media type must agree with the body; index/manifest confusion refused
         r = c.put("/v2/app/manifests/bad", content=manifest, headers={"Content-Type": OCI_INDEX})
         assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"

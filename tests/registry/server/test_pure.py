@@ -276,15 +276,16 @@ def test_fuzz_manifest_put_validation(doc: dict[str, object], content_type: str)
     body = json.dumps(doc).encode()
     try:
         parsed = parse_manifest(body, content_type)
+        new = describe_manifest(parsed, Digest.of(body), len(body))
     except FormatError:
         return
-    new = describe_manifest(parsed, Digest.of(body), len(body))
     # what the server will require to be present is exactly what the document names
     if isinstance(parsed, ImageIndex):
-        assert new.blobs == frozenset() and new.children == {str(m.digest) for m in parsed.manifests}
+        assert not new.blobs and set(new.children) == {str(m.digest) for m in parsed.manifests}
+        assert all(new.children[str(m.digest)] == m.size for m in parsed.manifests)
     else:
-        assert str(parsed.config.digest) in new.blobs and new.children == frozenset()
-        assert new.blobs <= {str(parsed.config.digest)} | {str(layer.digest) for layer in parsed.layers}
+        assert new.blobs[str(parsed.config.digest)] == parsed.config.size and not new.children
+        assert set(new.blobs) <= {str(parsed.config.digest)} | {str(layer.digest) for layer in parsed.layers}
     for d in new.blobs | new.children:
         Digest.parse(d)
     assert new.subject == (str(parsed.subject.digest) if parsed.subject else None)

@@ -355,26 +355,32 @@ class RegistryApp:
         route = ctx.route
         body = await self._read_limited(ctx.request, MAX_MANIFEST_SIZE)
         content_type = ctx.request.headers.get("content-type")
-        try:
-            parsed = parse_manifest(body, content_type)
-        except FormatError as e:
-            raise ApiError("MANIFEST_INVALID", str(e)) from None
         algorithm = route.digest.algorithm if route.digest is not None else "sha256"
         digest = Digest.of(body, algorithm)
         if route.digest is not None and route.digest != digest:
             raise ApiError(
                 "DIGEST_INVALID", f"manifest body has digest {digest}, not {route.digest} as in the URL"
             )
-        new = describe_manifest(parsed, digest, len(body))
-        missing_blobs, missing_children = await self._read(
-            self.meta.missing_references, ctx.full, new.blobs, new.children
+        try:
+            new = describe_manifest(parse_manifest(body, content_type), digest, len(body))
+        except FormatError as e:
+            raise ApiError("MANIFEST_INVALID", str(e)) from None
+        missing, wrong_size = await self._read(
+            self.meta.check_references, ctx.full, new.blobs, new.children
         )
-        if missing_blobs or missing_children:
+        if missing:
             raise ApiError(
                 "MANIFEST_BLOB_UNKNOWN",
                 "manifest references content that is not in this repository: "
-                + ", ".join((missing_blobs + missing_children)[:5]),
-                detail={"blobs": missing_blobs, "manifests": missing_children},
+                + ", ".join(missing[:5]),
+                detail={"missing": missing},
+            )
+        if wrong_size:
+            raise ApiError(
+                "MANIFEST_INVALID",
+                "descriptor sizes do not match the content in this repository: "
+                + ", ".join(wrong_size[:5]),
+                detail={"size_mismatch": wrong_size},
             )
         repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         # bytes first (atomic, content-addressed), then the rows that make them visible

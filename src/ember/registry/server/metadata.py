@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +68,8 @@ class NewManifest:
     artifact_type: str | None
     subject: str | None
     annotations: dict[str, str] | None
-    blobs: frozenset[str]
-    children: frozenset[str]
+    blobs: Mapping[str, int]  # digest -> size its descriptor declares
+    children: Mapping[str, int]
 
 
 # The hot read paths (every blob and manifest GET/HEAD), built once: building a
@@ -289,36 +289,28 @@ class RegistryMetadata:
             row = conn.execute(_TAGGED_MANIFEST, {"full": full, "tag": tag}).first()
         return None if row is None else ManifestRow(row[0], row[1], int(row[2]))
 
-    def missing_references(
-        self, full: str, blobs: Iterable[str], children: Iterable[str]
+    def check_references(
+        self, full: str, blobs: Mapping[str, int], children: Mapping[str, int]
     ) -> tuple[list[str], list[str]]:
-        """Which referenced blobs / child manifests are not in repository ``full``."""
-        blobs, children = sorted(set(blobs)), sorted(set(children))
+        """(digests not in repository ``full``, digests whose stored size differs from
+        the descriptor's) for the blobs and child manifests a manifest references."""
         with self.db.connect() as conn:
             repo_id = self._repo_id(conn, full)
             if repo_id is None:
-                return blobs, children
-            have_blobs = set()
-            for chunk in _chunks(blobs):
-                have_blobs |= {
-                    r[0]
-                    for r in conn.execute(
-                        select(s.blob_links.c.digest).where(
-                            s.blob_links.c.repo_id == repo_id, s.blob_links.c.digest.in_(chunk)
+                return sorted({*blobs, *children}), []
+            have: dict[str, int] = {}
+            for table, wanted in ((s.blob_links, sorted(blobs)), (s.manifests, sorted(children))):
+                for chunk in _chunks(wanted):
+                    rows = conn.execute(
+                        select(table.c.digest, table.c.size).where(
+                            table.c.repo_id == repo_id, table.c.digest.in_(chunk)
                         )
                     )
-                }
-            have_children = set()
-            for chunk in _chunks(children):
-                have_children |= {
-                    r[0]
-                    for r in conn.execute(
-                        select(s.manifests.c.digest).where(
-                            s.manifests.c.repo_id == repo_id, s.manifests.c.digest.in_(chunk)
-                        )
-                    )
-                }
-        return [b for b in blobs if b not in have_blobs], [c for c in children if c not in have_children]
+                    have.update((d, int(size)) for d, size in rows)
+        declared = {**blobs, **children}
+        missing = sorted(d for d in declared if d not in have)
+        wrong = sorted(d for d, size in declared.items() if d in have and have[d] != size)
+        return missing, wrong
 
     def put_manifest(self, repo_id: int, m: NewManifest, tag: str | None) -> None:
         now = time.time()
@@ -340,7 +332,8 @@ class RegistryMetadata:
                 ],
             )
             refs = [
-                {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "blob"} for d in m.blobs
+                {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "blob"}
+                for d in m.blobs
             ] + [
                 {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "manifest"}
                 for d in m.children

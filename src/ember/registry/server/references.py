@@ -4,24 +4,37 @@ from __future__ import annotations
 
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest
-from ember.oci.manifest import ImageIndex, ImageManifest
+from ember.oci.errors import InvalidManifest
+from ember.oci.manifest import Descriptor, ImageIndex, ImageManifest
 from ember.registry.server.metadata import NewManifest
+
+
+def _sizes(descriptors: list[Descriptor]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for d in descriptors:
+        key = str(d.digest)
+        if sizes.setdefault(key, d.size) != d.size:
+            raise InvalidManifest(f"{key} is listed twice with different sizes")
+    return sizes
 
 
 def describe_manifest(parsed: ImageManifest | ImageIndex, digest: Digest, size: int) -> NewManifest:
     """What the metadata needs to know about a validated manifest or index."""
     if isinstance(parsed, ImageManifest):
-        blobs = {str(parsed.config.digest)} | {
-            str(layer.digest)
-            for layer in parsed.layers
-            # a foreign layer is fetched from its urls, never from this registry
-            if not (mt.is_nondistributable(layer.media_type) and layer.urls)
-        }
-        children: set[str] = set()
+        blobs = _sizes(
+            [parsed.config]
+            + [
+                layer
+                for layer in parsed.layers
+                # a foreign layer is fetched from its urls, never from this registry
+                if not (mt.is_nondistributable(layer.media_type) and layer.urls)
+            ]
+        )
+        children: dict[str, int] = {}
         # image-spec: a referrer's artifactType falls back to its config's media type
         artifact_type: str | None = parsed.artifact_type or parsed.config.media_type
     else:
-        blobs, children = set(), {str(m.digest) for m in parsed.manifests}
+        blobs, children = {}, _sizes(parsed.manifests)
         artifact_type = parsed.artifact_type
     return NewManifest(
         digest=str(digest),
@@ -30,6 +43,6 @@ def describe_manifest(parsed: ImageManifest | ImageIndex, digest: Digest, size: 
         artifact_type=artifact_type,
         subject=str(parsed.subject.digest) if parsed.subject is not None else None,
         annotations=parsed.annotations,
-        blobs=frozenset(blobs),
-        children=frozenset(children),
+        blobs=blobs,
+        children=children,
     )
