@@ -7,6 +7,7 @@ import os
 import re
 
 import uvicorn
+from sqlalchemy.engine import make_url
 
 from ember.errors import UsageError
 from ember.home import Home
@@ -35,6 +36,14 @@ def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) 
     config = load_config(home, db_url)
     app = RegistryApp(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("ember.registry").info(
+        "serving the registry on http://%s:%d with %d worker(s); state %s, database %s",
+        host,
+        port,
+        workers,
+        config.root,
+        make_url(config.db_url).render_as_string(hide_password=True),
+    )
     common = {
         "host": host,
         "port": port,
