@@ -4,6 +4,7 @@ the installed layout, the command line, and ``ember kernel``."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -173,3 +174,24 @@ def test_kernel_from_configuration(kernel: KernelInfo, tmp_path: Path) -> None:
         find_kernel(home)
     home.config_file.write_text('{"network": {}}')
     assert find_kernel(home).version == kernel.version
+
+
+@pytest.mark.integration
+def test_fresh_install_from_apt(tmp_path: Path) -> None:
+    """The whole path on an empty home: apt-get download, dpkg-deb -x, vmlinux, rename."""
+    home = Home(tmp_path / "home")
+    try:
+        said: list[str] = []
+        info = install_kernel(home, progress=said.append)
+        assert said and "apt-get download" in said[0]
+        assert info.vmlinux.read_bytes()[:4] == b"\x7fELF"
+        assert info.vmlinuz is not None and info.vmlinuz.read_bytes()[0x202:0x206] == b"HdrS"
+        assert info.modules_dir is not None and (info.modules_dir / "modules.dep").is_file()
+        assert (home.kernels / "default").resolve() == info.vmlinux.parent
+        # nothing half-done left next to it
+        assert sorted(p.name for p in home.kernels.iterdir()) == sorted(["default", info.version])
+        said.clear()
+        assert install_kernel(home, progress=said.append) == info
+        assert said == []
+    finally:
+        shutil.rmtree(home.root, ignore_errors=True)  # ~450 MB: do not keep it around
