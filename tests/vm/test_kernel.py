@@ -181,6 +181,9 @@ def test_fresh_install_from_apt(tmp_path: Path) -> None:
     """The whole path on an empty home: apt-get download, dpkg-deb -x, vmlinux, rename."""
     home = Home(tmp_path / "home")
     try:
+        # what an install killed half-way leaves behind is removed by the next one
+        leftover = home.kernels / ".install-6.1.0-1-amd64.abc123"
+        (leftover / "tree").mkdir(parents=True)
         said: list[str] = []
         info = install_kernel(home, progress=said.append)
         assert said and "apt-get download" in said[0]
@@ -189,7 +192,9 @@ def test_fresh_install_from_apt(tmp_path: Path) -> None:
         assert info.modules_dir is not None and (info.modules_dir / "modules.dep").is_file()
         assert (home.kernels / "default").resolve() == info.vmlinux.parent
         # nothing half-done left next to it
-        assert sorted(p.name for p in home.kernels.iterdir()) == sorted(["default", info.version])
+        assert sorted(p.name for p in home.kernels.iterdir()) == sorted(
+            [".install.lock", "default", info.version]
+        )
         said.clear()
         assert install_kernel(home, progress=said.append) == info
         assert said == []

@@ -17,6 +17,7 @@ or a complete kernel.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import lzma
@@ -143,12 +144,27 @@ def install_kernel(
         pkg, version = resolve_debian_version(package)
     final = home.kernels / version
     if not (final / "vmlinux").exists():
-        if progress:
-            progress(f"downloading {pkg} (apt-get download) into {home.kernels}")
-        _install_from_apt(home, pkg, version)
+        home.kernels.mkdir(parents=True, exist_ok=True)
+        # one installer at a time: a second `ember` waits, then finds the kernel there
+        with open(home.kernels / ".install.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (final / "vmlinux").exists():
+                _remove_leftovers(home)
+                if progress:
+                    progress(f"downloading {pkg} (apt-get download) into {home.kernels}")
+                _install_from_apt(home, pkg, version)
+            info = _load(final, version)
+            _set_default(home, version)
+        return info
     info = _load(final, version)
     _set_default(home, version)
     return info
+
+
+def _remove_leftovers(home: Home) -> None:
+    """Temp dirs of installs killed half-way (only called under the install lock)."""
+    for leftover in home.kernels.glob(".install-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _install_from_apt(home: Home, pkg: str, version: str) -> None:
