@@ -229,11 +229,13 @@ def test_stale_archives_of_the_same_kernel_are_pruned(
     stale.write_bytes(b"old")
     foreign = first.parent / "5.10.0-1-amd64-0000000000000000.cpio"
     foreign.write_bytes(b"old")
+    killed = first.parent / f".{kernel.version}-1111111111111111.cpio.abc.tmp"
+    killed.write_bytes(b"half")
     hour_ago = time.time() - 2 * 3600
-    for p in (stale, foreign):
+    for p in (stale, foreign, killed):
         os.utime(p, (hour_ago, hour_ago))
     second = base_initramfs(home, kernel, other)
     assert second != first
-    assert not stale.exists()
+    assert not stale.exists() and not killed.exists()
     assert first.exists()  # recent: a machine may be copying it right now
     assert foreign.exists()

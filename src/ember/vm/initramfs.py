@@ -264,9 +264,13 @@ PRUNE_AFTER = 3600.0
 def _prune(keep: Path) -> None:
     version = keep.name.rsplit("-", 1)[0]
     now = time.time()
-    for old in keep.parent.glob(f"{version}-*.cpio"):
-        if old == keep or old.name.rsplit("-", 1)[0] != version:
-            continue
+    stale = [
+        old
+        for old in keep.parent.glob(f"{version}-*.cpio")
+        if old != keep and old.name.rsplit("-", 1)[0] == version
+    ]
+    stale += list(keep.parent.glob(".*.tmp"))  # temp files of writers killed half-way
+    for old in stale:
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > PRUNE_AFTER:
                 old.unlink()
