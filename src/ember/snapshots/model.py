@@ -98,7 +98,9 @@ class Meta:
     def load(cls, data: bytes, where: Path) -> Meta:
         try:
             d = json.loads(data)
-            labels = d.get("labels") or {}
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            labels = d.get("labels", {})
             if not isinstance(labels, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
             ):
