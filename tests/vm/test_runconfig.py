@@ -139,6 +139,10 @@ def full_config() -> RunConfig:
     )
 
 
+def test_hostname_up_to_64_bytes() -> None:
+    assert RunConfig(argv=("/x",), hostname="h" * 64).hostname == "h" * 64
+
+
 def test_render_parse_round_trip() -> None:
     rc = full_config()
     data = rc.render()

@@ -34,7 +34,7 @@ DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_NOFILE = 1048576
 DEFAULT_MTU = 1420
 
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,63})$")  # HOST_NAME_MAX 64
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
