@@ -19,6 +19,7 @@ from ember.snapshots.pool import close_pool
 from tests.machines.vmkit import EMBER, Ember, delete_netns, fetch, make_vm_home, new_netns
 from tests.snapshots.leaks import ours
 from tests.support.images import layout_ref
+from tests.vm.vmm.kernelcache import cached_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.integration]
 
@@ -244,3 +245,16 @@ def test_lost_monitor_is_noticed(ember: Ember, busybox: str) -> None:
     assert f"em-{machine_id[:12]}" not in ember.sh("ip", "-o", "link").stdout
     assert ember("rm", "orphan").returncode == 0
     assert leftovers(ember, machine_id) == []
+
+
+def test_own_kernel_memory_and_cpus(ember: Ember, busybox: str) -> None:
+    """--kernel with a bzImage (ember boots its extracted ELF) and its modules dir."""
+    kernel = cached_kernel()
+    assert kernel.vmlinuz is not None and kernel.modules_dir is not None
+    res = ember("run", "--rm", "--kernel", str(kernel.vmlinuz), "--kernel-modules",
+                str(kernel.modules_dir), "--memory", "256", "--cpus", "2", busybox,
+                "sh", "-c", "uname -r; nproc; grep MemTotal /proc/meminfo")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    release, cpus, mem = res.stdout.splitlines()
+    assert release == kernel.version and cpus == "2"
+    assert 128 * 1024 < int(mem.split()[1]) <= 256 * 1024

@@ -24,6 +24,7 @@ from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
+from ember.machines.procs import proc_start_time
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.net.ports import PortMapping
@@ -267,16 +268,6 @@ def _proc_mentions(pid: int, needle: str) -> bool:
             return needle.encode() in f.read()
     except OSError:
         return False
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: with the pid, it identifies one process (no pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def monitor_alive(st: MachineState) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
-from ember.machines.lifecycle import proc_start_time
+from ember.machines.procs import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
 from ember.machines.store import MachineStore
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import random
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +61,9 @@ class MachineStore:
         return sorted(out, key=lambda s: s.created_at, reverse=True)
 
     def _free_name(self, taken: set[str]) -> str:
+        import random
+        import secrets
+
         rng = random.SystemRandom()
         for _ in range(100):
             name = f"{rng.choice(_ADJECTIVES)}_{rng.choice(_NOUNS)}"
