@@ -223,6 +223,24 @@ static void open_ports(void)
 
 /* ---- applying the config ------------------------------------------------------------ */
 
+/* Whether some non-comment line of a hosts file lists the name "localhost". */
+static int names_localhost(const char *hosts)
+{
+	for (const char *line = hosts; line && *line;) {
+		const char *end = strchrnul(line, '\n');
+		const char *hash = memchr(line, '#', (size_t)(end - line));
+		const char *stop = hash ? hash : end;
+		for (const char *p = line; p + 9 <= stop; p++) {
+			int start_ok = p == line || p[-1] == ' ' || p[-1] == '\t';
+			int end_ok = p + 9 == stop || p[9] == ' ' || p[9] == '\t' || p[9] == '\r';
+			if (start_ok && end_ok && !memcmp(p, "localhost", 9))
+				return 1;
+		}
+		line = *end ? end + 1 : NULL;
+	}
+	return 0;
+}
+
 static void set_hostname_and_files(const struct config *c)
 {
 	mkdir_p("/etc", 0755);
@@ -235,18 +253,26 @@ static void set_hostname_and_files(const struct config *c)
 		if (write_file("/etc/hostname", line, (size_t)n, O_TRUNC, 0644) < 0)
 			logmsg("/etc/hostname: %s", strerror(errno));
 	}
-	if (c->nhosts > 0) {
-		/* append, starting on a fresh line if the image's file lacks a final newline */
-		size_t len = 0;
-		char *old = read_file("/etc/hosts", 1 << 20, &len);
-		int need_nl = old && len > 0 && old[len - 1] != '\n';
-		free(old);
+	/* Append the host records, starting on a fresh line if the image's file lacks a
+	 * final newline.  Programs expect localhost to resolve, and scratch images often
+	 * ship no /etc/hosts: add Docker's localhost lines when no line names it. */
+	size_t len = 0;
+	char *old = read_file("/etc/hosts", 1 << 20, &len);
+	int need_nl = old && len > 0 && old[len - 1] != '\n';
+	int need_localhost = !old || !names_localhost(old);
+	free(old);
+	if (c->nhosts > 0 || need_localhost) {
 		int fd = open("/etc/hosts", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 		if (fd < 0) {
 			logmsg("/etc/hosts: %s", strerror(errno));
 		} else {
 			if (need_nl)
 				write_all(fd, "\n", 1);
+			if (need_localhost) {
+				static const char lh[] =
+				    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+				write_all(fd, lh, sizeof(lh) - 1);
+			}
 			for (int i = 0; i < c->nhosts; i++) {
 				write_all(fd, c->hosts[i].addr, strlen(c->hosts[i].addr));
 				for (int j = 0; j < c->hosts[i].nnames; j++) {

@@ -589,3 +589,24 @@ def test_mutated_configs_c_refuses_only_what_python_refuses(root: Path) -> None:
         outcomes.append((py_refused, c_refused))
     # not vacuous: both sides refused some mutations and accepted others
     assert (True, True) in outcomes and (False, False) in outcomes, outcomes
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        (None, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        ("# localhost here is only a comment\n10.1.1.1 notlocalhost\n",
+         "# localhost here is only a comment\n10.1.1.1 notlocalhost\n"
+         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        ("127.0.0.1 localhost.localdomain localhost\n",
+         "127.0.0.1 localhost.localdomain localhost\n"),
+    ],
+)  # fmt: skip
+def test_localhost_always_resolves(root: Path, existing: str | None, expected: str) -> None:
+    hosts = root / "etc" / "hosts"
+    if existing is None:
+        hosts.unlink(missing_ok=True)
+    else:
+        hosts.write_text(existing)
+    r = run_init(root, sh("cat /etc/hosts"))
+    assert r.stdout == expected
