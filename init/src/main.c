@@ -474,9 +474,21 @@ struct control {
 	size_t len;
 };
 
+/* "signal N" (1..64): deliver signal N to the program now (`ember kill -s`). */
+static void control_signal(const char *arg, pid_t child)
+{
+	char *end;
+	long sig = strtol(arg, &end, 10);
+	if (end == arg || *end || sig < 1 || sig > 64) {
+		logmsg("bad control request 'signal %.20s'", arg);
+		return;
+	}
+	kill(child, (int)sig);
+}
+
 /* Returns 1 for stop, 2 for kill, 0 for nothing (yet).  *eof is set when the host
  * end is not connected (a virtio port then reads as EOF and polls as readable). */
-static int control_read(int fd, struct control *ct, int *eof)
+static int control_read(int fd, struct control *ct, int *eof, pid_t child)
 {
 	int action = 0;
 	for (;;) {
@@ -493,6 +505,8 @@ static int control_read(int fd, struct control *ct, int *eof)
 				action = action ? action : 1;
 			else if (!strcmp(ct->buf, "kill"))
 				action = 2;
+			else if (!strncmp(ct->buf, "signal ", 7))
+				control_signal(ct->buf + 7, child);
 			else if (ct->buf[0])
 				logmsg("unknown control request '%.40s'", ct->buf);
 			size_t used = (size_t)(nl - ct->buf) + 1;
@@ -536,7 +550,7 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 			*oom = 1;
 		if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
 			int eof = 0;
-			int action = control_read(control_fd, &ct, &eof);
+			int action = control_read(control_fd, &ct, &eof, child);
 			/* nobody on the host end: look again later rather than spin */
 			if (eof || (fds[1].revents & (POLLHUP | POLLERR)))
 				control_retry = now + 200;

@@ -610,3 +610,16 @@ def test_localhost_always_resolves(root: Path, existing: str | None, expected: s
         hosts.write_text(existing)
     r = run_init(root, sh("cat /etc/hosts"))
     assert r.stdout == expected
+
+
+def test_signal_request(root: Path, running: list[Running]) -> None:
+    r = Running(root, sh(f"trap 'echo got-usr2' USR2; trap 'exit 9' HUP; {TRAP_LOOP}"))
+    running.append(r)
+    r.wait_for_line("ready")
+    r.control(f"signal {int(signal.SIGUSR2)}\nsignal 0\nsignal x\n")
+    r.wait_for_line("got-usr2")
+    r.control(f"signal {int(signal.SIGHUP)}\n")
+    res = r.finish()
+    assert res.returncode == 9
+    assert "bad control request 'signal 0'" in res.console
+    assert "bad control request 'signal x'" in res.console
