@@ -1,5 +1,6 @@
 # ember: `make setup` installs what ember and its tests need (idempotent),
-# `make test` runs the whole suite, `make lint` runs ruff and mypy.
+# `make run` boots the demo image in a micro-VM, `make test` runs the whole
+# suite, `make lint` runs ruff and mypy.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +16,7 @@ APT_PACKAGES := \
 	xfsprogs e2fsprogs btrfs-progs nftables iproute2 kmod cpio zstd \
 	fuse-overlayfs uidmap util-linux wrk postgresql
 
-.PHONY: setup apt venv init kernel demo test lint clean
+.PHONY: setup apt venv init kernel demo run test lint clean
 
 setup: apt venv init kernel demo
 
@@ -48,6 +49,10 @@ kernel: venv
 # The demo image (busybox-static, scratch) as an OCI layout; idempotent.
 demo:
 	scripts/build-demo-image build/demo
+
+# ember's main job on the embedded default: the demo image as a micro-VM.
+run: setup
+	$(BIN)/ember run --rm oci:build/demo:latest /bin/sh -c 'echo "hello from a micro-VM"; uname -sr'
 
 test: setup
 	$(BIN)/pytest
