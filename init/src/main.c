@@ -664,10 +664,12 @@ int main(int argc, char **argv)
 		fail(err);
 	mark("root switched");
 	mount_pseudo();
+	mark("pseudo file systems");
 	raise_nofile(c->nofile);
 	set_hostname_and_files(c);
 	if (net_setup(c, err, sizeof(err)) < 0)
 		fail(err);
+	mark("network");
 	if (mount_volumes(c, err, sizeof(err)) < 0)
 		fail(err);
 
