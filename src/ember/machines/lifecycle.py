@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,10 +148,18 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     store.create(st, req.name)
     lap("record")
     try:
-        disk = clone_root_disk(home, image, machine_id, req.disk_size)
-        lap("root_disk")
-        net = NetworkManager(home).setup(machine_id, ports=req.ports, network=req.network)
-        lap("network")
+        # the disk clone and the network (TAP, nft) both wait on the kernel and on
+        # subprocesses: do them side by side
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone") as pool:
+            cloning = pool.submit(clone_root_disk, home, image, machine_id, req.disk_size)
+            try:
+                net = NetworkManager(home).setup(
+                    machine_id, ports=req.ports, network=req.network
+                )
+            finally:
+                wait([cloning])  # never leave the clone running behind a failure
+            disk = cloning.result()
+        lap("root_disk+network")
         hostname = machine_id[:12]
         rc = draft.replace(
             hostname=hostname,
