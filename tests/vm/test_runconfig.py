@@ -139,6 +139,16 @@ def full_config() -> RunConfig:
     )
 
 
+def test_lists_are_stored_as_tuples() -> None:
+    rc = RunConfig(
+        argv=["/x", "y"],  # type: ignore[arg-type]
+        network=[Interface("eth0", "10.0.0.2", 24)],  # type: ignore[arg-type]
+        hosts=(HostEntry("10.0.0.1", ["a", "b"]),),  # type: ignore[arg-type]
+    )
+    assert rc.argv == ("/x", "y") and isinstance(rc.network, tuple)
+    assert RunConfig.parse(rc.render()) == rc
+
+
 def test_hostname_up_to_64_bytes() -> None:
     assert RunConfig(argv=("/x",), hostname="h" * 64).hostname == "h" * 64
 

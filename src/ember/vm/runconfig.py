@@ -132,6 +132,15 @@ class RunConfig:
     nofile: int = DEFAULT_NOFILE
 
     def __post_init__(self) -> None:
+        # callers may pass lists: store tuples, so configs compare and hash by value
+        for name in ("argv", "env", "hosts", "nameservers", "search", "network", "mounts",
+                     "modules"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        for h in self.hosts:
+            if not isinstance(h.names, tuple):
+                object.__setattr__(h, "names", tuple(h.names))
         validate(self)
 
     # ---- construction from an image -------------------------------------------------
