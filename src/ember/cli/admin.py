@@ -149,7 +149,7 @@ def registry_gc(grace: int, dry_run: bool, db_url: str | None, as_json: bool) ->
     verb = "would free" if dry_run else "freed"
     click.echo(
         f"{verb} {report.manifests} manifests, {report.links} blob links, {report.blobs} blobs "
-        f"({report.bytes} bytes), {report.uploads} upload sessions"
+        f"({report.bytes} bytes), {report.uploads} upload sessions, {report.repositories} empty repositories"
     )
 
 

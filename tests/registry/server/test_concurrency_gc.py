@@ -89,11 +89,13 @@ def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], Em
         ref_body = json.dumps(ref_doc).encode()
         assert c.put(f"/v2/app/manifests/{sha256(ref_body)}", content=ref_body,
                      headers={"Content-Type": OCI_MANIFEST}).status_code == 201
+        cancelled = c.post("/v2/abandoned/blobs/uploads/").headers["location"]
+        assert c.delete(cancelled).status_code == 204
         in_flight = c.post("/v2/app/blobs/uploads/").headers["location"]
         in_flight = c.patch(in_flight, content=b"partial").headers["location"]
     # within the grace period nothing is freed
     out = ember(srv.home, "admin", "registry", "gc", "--json").stdout
-    assert json.loads(out) == {"manifests": 0, "links": 0, "blobs": 0, "bytes": 0, "uploads": 0}
+    assert json.loads(out) == {"manifests": 0, "links": 0, "blobs": 0, "bytes": 0, "uploads": 0, "repositories": 0}
     dry = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run", "--json").stdout)
     assert dry["manifests"] == 1 and dry["links"] == 2
     assert (store / old_layer_hex(old_layer)).exists()
@@ -102,9 +104,11 @@ def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], Em
     assert report["links"] == 2  # its layer, the orphan
     assert report["blobs"] >= 3  # their files and the v0 manifest's bytes
     assert report["uploads"] == 0  # the session in flight is not expired
+    assert report["repositories"] == 1  # "abandoned": its only upload was cancelled
     assert not (store / old_layer_hex(old_layer)).exists()
     with t.client() as c:
         assert c.get(f"/v2/app/manifests/{old}").status_code == 404
+        assert c.get("/v2/_catalog").json()["repositories"] == ["app"]
         assert c.head(f"/v2/app/blobs/{orphan}").status_code == 404
         # everything reachable still reads back
         m = c.get("/v2/app/manifests/v1")

@@ -36,6 +36,7 @@ class GcReport:
     blobs: int = 0
     bytes: int = 0
     uploads: int = 0
+    repositories: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -123,6 +124,24 @@ def _sweep_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, 
             storage.drop_session(session)
 
 
+def _sweep_repositories(meta: RegistryMetadata, cutoff: float, dry_run: bool, report: GcReport) -> None:
+    """Repositories left with nothing (an upload started and cancelled, everything deleted)."""
+    empty = (
+        select(s.repos.c.id)
+        .where(s.repos.c.created_at < cutoff)
+        .where(~select(s.blob_links.c.repo_id).where(s.blob_links.c.repo_id == s.repos.c.id).exists())
+        .where(~select(s.manifests.c.repo_id).where(s.manifests.c.repo_id == s.repos.c.id).exists())
+        .where(~select(s.tags.c.repo_id).where(s.tags.c.repo_id == s.repos.c.id).exists())
+        .where(~select(s.uploads.c.repo_id).where(s.uploads.c.repo_id == s.repos.c.id).exists())
+    )
+    with meta.db.begin() as conn:
+        if dry_run:
+            report.repositories = len(conn.execute(empty).all())
+        else:
+            # one statement: the emptiness check and the delete cannot be split by a push
+            report.repositories = conn.execute(delete(s.repos).where(s.repos.c.id.in_(empty))).rowcount
+
+
 def _referenced(meta: RegistryMetadata, digest: str) -> bool:
     with meta.db.connect() as conn:
         return (
@@ -170,5 +189,6 @@ def collect(meta: RegistryMetadata, root: Path, *, grace: float = 3600, dry_run:
     report = GcReport()
     _sweep_metadata(meta, cutoff, dry_run, report)
     _sweep_uploads(meta, storage, cutoff, dry_run, report)
+    _sweep_repositories(meta, cutoff, dry_run, report)
     _sweep_blobs(meta, storage, cutoff, dry_run, report)
     return report
