@@ -13,6 +13,7 @@ discards stale ones.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -208,9 +209,7 @@ class BlobWriter:
             return
         # Keep a partial file only if it is worth resuming; we still hold its lock here.
         if not self.committed and (self._verifier.size == 0 or self.store.exists(self.expected)):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.ingest_path)
-            except FileNotFoundError:
-                pass
         os.close(self._fd)
         self._fd = -1

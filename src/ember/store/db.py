@@ -151,3 +151,35 @@ def open_database(url: str) -> Database:
             db = _cache[url] = Database(url)
     db.migrate()
     return db
+
+
+def _dialect_insert(conn: Connection, table: Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def insert_ignore(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT that skips rows whose key exists already (SQLite and PostgreSQL)."""
+    if rows:
+        conn.execute(_dialect_insert(conn, table).on_conflict_do_nothing(), rows)
+
+
+def upsert(
+    conn: Connection,
+    table: Table,
+    key: dict[str, Any],
+    values: dict[str, Any],
+    on_insert: dict[str, Any] | None = None,
+) -> None:
+    """Insert a row or update the one with the same ``key`` in one statement.
+
+    Race-free where a read-then-write is not: two processes recording the same
+    row at once both succeed.  ``on_insert`` holds columns set only for a new row.
+    """
+    stmt = _dialect_insert(conn, table).values(**key, **values, **(on_insert or {}))
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(key), set_=values))

@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, de
 from sqlalchemy.engine import Connection
 
 from ember.oci.digest import Digest
-from ember.store.db import Database, Migration
+from ember.store.db import Database, Migration, upsert
 
 AREA = "images"
 
@@ -115,19 +115,7 @@ class ImageTable:
             "updated_at": now,
         }
         with self.db.begin() as conn:
-            row = conn.execute(
-                select(images_table.c.created_at).where(images_table.c.reference == reference)
-            ).first()
-            if row is None:
-                conn.execute(
-                    images_table.insert().values(reference=reference, created_at=now, **values)
-                )
-            else:
-                conn.execute(
-                    images_table.update()
-                    .where(images_table.c.reference == reference)
-                    .values(**values)
-                )
+            upsert(conn, images_table, {"reference": reference}, values, {"created_at": now})
         got = self.get(reference)
         assert got is not None
         return got
