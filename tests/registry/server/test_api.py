@@ -410,3 +410,20 @@ def test_empty_blob(acme: Tenant) -> None:
         r = c.get(f"/v2/empty/blobs/{digest}")
         assert r.status_code == 200 and r.content == b""
         assert c.get(f"/v2/empty/blobs/{digest}", headers={"Range": "bytes=0-"}).status_code == 416
+
+
+def test_bytes_gone_under_a_row_is_a_404_not_a_500(acme: Tenant) -> None:
+    """What a GC racing a read looks like: the row was read, the file is gone."""
+    with acme.client() as c:
+        layer = os.urandom(321)
+        digest, _ = push_image(c, "vanish", "v1", [layer])
+        store = acme.server.home / "registry" / "content" / "blobs" / "sha256"
+        (store / digest.split(":")[1]).unlink()
+        (store / sha256(layer).split(":")[1]).unlink()
+        assert c.get("/v2/vanish/manifests/v1").status_code == 404
+        assert c.get(f"/v2/vanish/blobs/{sha256(layer)}").status_code == 404
+        assert c.head(f"/v2/vanish/blobs/{sha256(layer)}").status_code == 404  # so clients upload again
+        # and a push of the same content repairs it
+        digest2, _ = push_image(c, "vanish", "v1", [layer])
+        assert digest2 == digest and c.get("/v2/vanish/manifests/v1").status_code == 200
+        assert c.get(f"/v2/vanish/blobs/{sha256(layer)}").content == layer

@@ -61,6 +61,7 @@ from ember.registry.server.uploadstate import (
     sign_state,
     verify_state,
 )
+from ember.store.errors import BlobNotFound
 
 log = logging.getLogger("ember.registry")
 
@@ -335,7 +336,7 @@ class RegistryApp:
             return Response(b"", headers=headers)
         try:
             body = self.storage.content.read_bytes(Digest.parse(row.digest))
-        except FileNotFoundError:
+        except BlobNotFound:  # collected by GC after the row was read
             raise ApiError("MANIFEST_UNKNOWN", f"manifest {route.reference!r} is not known") from None
         return Response(body, headers=headers)
 
@@ -447,6 +448,9 @@ class RegistryApp:
         if range_value:
             span = parse_range(range_value, size)
         if ctx.request.method == "HEAD":
+            # clients skip uploading what HEAD says exists: say so only if the bytes are there
+            if not path.is_file():
+                raise ApiError("BLOB_UNKNOWN", f"blob {digest} is not available")
             headers["Content-Length"] = str(size)
             return Response(b"", headers=headers)
         return BlobResponse(str(path), size, span, headers)
