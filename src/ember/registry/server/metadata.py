@@ -128,6 +128,16 @@ class RegistryMetadata:
     def __init__(self, db_url: str) -> None:
         self.db: Database = open_database(db_url)
 
+    def warm_up(self) -> None:
+        """Open a pooled connection and compile the hot statements once."""
+        with self.db.connect() as conn:
+            for stmt, params in (
+                (_BLOB_SIZE, {"full": "", "digest": ""}),
+                (_MANIFEST, {"full": "", "digest": ""}),
+                (_TAGGED_MANIFEST, {"full": "", "tag": ""}),
+            ):
+                conn.execute(stmt, params).first()
+
     # -- organizations and API tokens ------------------------------------------
 
     def create_org(self, name: str) -> None:
