@@ -188,16 +188,29 @@ def test_sigterm_ignoring_guest_is_killed_after_timeout(ember: Ember, busybox: s
 
 
 def test_kill(ember: Ember, busybox: str) -> None:
-    res = ember("run", "-d", "--name", "victim", busybox, "sh", "-c",
-                "echo ready; while :; do sleep 0.1; done")  # fmt: skip
+    res = ember("run", "-d", "--name", "victim", "--kernel-arg", "loglevel=7", busybox,
+                "sh", "-c", "echo ready; while :; do sleep 0.1; done")  # fmt: skip
     assert res.returncode == 0, res.stderr
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "ready" not in ember("logs", "victim").stdout:
             time.sleep(0.3)
+        follow = subprocess.Popen(
+            ["ip", "netns", "exec", ember.netns, EMBER, "logs", "-f", "victim"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ember.env(),
+            text=True,
+        )
         assert ember("kill", "victim").returncode == 0
+        # logs -f ends by itself once the machine has ended
+        out, _ = follow.communicate(timeout=60)
+        assert follow.returncode == 0 and out == "ready\n"
         st = ember.inspect("victim")
         assert (st["status"], st["exit_code"]) == ("exited", 137)
+        # --kernel-arg reached the guest kernel: info messages are on the console now
+        console = (Path(st["dir"]) / "console.log").read_text(errors="replace")
+        assert "Run /init as init process" in console
         assert ember("run", "--name", "victim", "--rm", busybox, "true").returncode != 0
     finally:
         ember("rm", "-f", "victim")

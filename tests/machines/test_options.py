@@ -6,6 +6,7 @@ import pytest
 
 from ember.machines.errors import InvalidOption
 from ember.machines.options import (
+    check_kernel_arg,
     check_name,
     parse_env,
     parse_memory_mib,
@@ -83,3 +84,10 @@ def test_names(good: str) -> None:
 def test_names_reject(bad: str) -> None:
     with pytest.raises(InvalidOption):
         check_name(bad)
+
+
+def test_kernel_args() -> None:
+    assert check_kernel_arg("loglevel=7") == "loglevel=7"
+    for bad in ("", "a b", "a\nb", "x" * 257, "tab\there", "\x00"):
+        with pytest.raises(InvalidOption):
+            check_kernel_arg(bad)

@@ -151,6 +151,8 @@ def _follow(
               help="Boot this kernel (bzImage or ELF) instead of the installed one.")  # fmt: skip
 @click.option("--kernel-modules", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="lib/modules/VERSION (with modules.dep) for --kernel.")  # fmt: skip
+@click.option("--kernel-arg", "kernel_args", multiple=True, metavar="ARG",
+              help="Add a guest kernel argument (debugging, e.g. loglevel=7).")  # fmt: skip
 @click.option("--stop-timeout", type=click.IntRange(0, 3600),
               help="Seconds between the stop signal and SIGKILL (default 10).")  # fmt: skip
 @click.option("--network", default="default", show_default=True,
@@ -173,6 +175,7 @@ def run(
     disk_size: str | None,
     kernel: Path | None,
     kernel_modules: Path | None,
+    kernel_args: tuple[str, ...],
     stop_timeout: int | None,
     network: str,
     plain_http: bool,
@@ -182,6 +185,7 @@ def run(
     """Run IMAGE in a new micro-VM."""
     from ember.machines import lifecycle
     from ember.machines.options import (
+        check_kernel_arg,
         check_name,
         parse_env,
         parse_memory_mib,
@@ -217,6 +221,7 @@ def run(
         disk_size=parse_size(disk_size) if disk_size else None,
         kernel=kernel,
         kernel_modules=kernel_modules,
+        kernel_args=tuple(check_kernel_arg(a) for a in kernel_args),
         auto_remove=auto_remove,
         network=network,
         stop_timeout=stop_timeout,

@@ -68,6 +68,8 @@ class RunRequest:
     kernel: Path | None = None
     #: ``lib/modules/<version>`` of ``kernel`` (None: everything the guest needs is built in)
     kernel_modules: Path | None = None
+    #: extra guest kernel arguments, after ember's own (so ``loglevel=7`` wins over quiet)
+    kernel_args: tuple[str, ...] = ()
     auto_remove: bool = False
     network: str = "default"
     stop_timeout: int | None = None
@@ -141,6 +143,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
             root_disk="",
             memory_mib=req.memory_mib,
             cpus=req.cpus,
+            kernel_args=list(req.kernel_args),
         ),
         auto_remove=req.auto_remove,
         labels=dict(req.labels),

@@ -66,6 +66,7 @@ def vm_spec(st: mstate.MachineState, d: Path) -> VMSpec:
         memory_mib=st.vm.memory_mib,
         cpus=st.vm.cpus,
         accel=st.vm.accel,
+        cmdline=tuple(st.vm.kernel_args),
         disks=(Disk(Path(st.vm.root_disk)),),
         nics=nics,
         vmm_log=d / "vmm.log",

@@ -30,6 +30,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_kernel_arg(arg: str) -> str:
+    """One guest kernel argument: printable, no spaces (one argument), bounded."""
+    if not arg or len(arg) > 256 or not arg.isprintable() or any(c.isspace() for c in arg):
+        raise InvalidOption(f"invalid kernel argument {arg!r} (one word, printable, <= 256)")
+    return arg
+
+
 def parse_size(text: str, *, default_unit: str = "") -> int:
     """``2G``, ``512M``, ``1GiB``, ``1.5g``, ``4096`` (bytes unless ``default_unit``)."""
     m = _SIZE_RE.match(text.strip())

@@ -43,6 +43,8 @@ class VMConfig:
     root_disk: str
     memory_mib: int
     cpus: int
+    #: extra guest kernel arguments (``--kernel-arg``)
+    kernel_args: list[str] = field(default_factory=list)
 
 
 @dataclass

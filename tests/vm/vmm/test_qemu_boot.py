@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,10 @@ def channel_initrd(kernel: KernelInfo, tmp_path_factory: pytest.TempPathFactory)
     return path
 
 
-def wait_for(pred: object, timeout: float) -> bool:
+def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
+        if pred():
             return True
         time.sleep(0.1)
     return False
