@@ -156,9 +156,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone") as pool:
             cloning = pool.submit(clone_root_disk, home, image, machine_id, req.disk_size)
             try:
-                net = NetworkManager(home).setup(
-                    machine_id, ports=req.ports, network=req.network
-                )
+                net = NetworkManager(home).setup(machine_id, ports=req.ports, network=req.network)
             finally:
                 wait([cloning])  # never leave the clone running behind a failure
             disk = cloning.result()
