@@ -28,6 +28,35 @@ except OSError as e:
 """
 
 
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(512)
+    s.sendto(b"echo:" + data, peer)
+"""
+
+UDP_CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.5)
+for _ in range(20):  # the echo server may still be starting
+    s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recv(512).decode()); break
+    except OSError:
+        time.sleep(0.1)
+else:
+    print("FAIL")
+"""
+
+
+def udp_ask(ns: str, host: str, port: int) -> str:
+    res = sh("ip", "netns", "exec", ns, sys.executable, "-c", UDP_CLIENT, host, str(port))
+    return res.stdout.strip()
+
+
 def fetch(ns: str, host: str, port: int) -> str:
     res = sh("ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port))
     return res.stdout.strip()
@@ -45,7 +74,12 @@ def attach_guest(host_ns: str, guest_ns: str, tap: str, gw: str, ip: str) -> Non
 
 def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
     host, g1, g2, g3 = (make_netns() for _ in range(4))
-    a = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2", ports=(PortMapping(8080, 80),))
+    a = MachineRules(
+        "a" * 12,
+        "em-aaaaaaaaaaaa",
+        "172.30.0.2",
+        ports=(PortMapping(8080, 80), PortMapping(5353, 53, "udp", "127.0.0.1")),
+    )
     b = MachineRules("b" * 12, "em-bbbbbbbbbbbb", "172.30.0.6", network="tenant_b")
     c = MachineRules("c" * 12, "em-cccccccccccc", "172.30.0.10")
     attach_guest(host, g1, a.tap, "172.30.0.1", a.guest_ip)
@@ -62,6 +96,10 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
          a.guest_ip],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    udp = subprocess.Popen(
+        ["ip", "netns", "exec", g1, sys.executable, "-c", UDP_ECHO, a.guest_ip, "53"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
         for _ in range(100):
             if fetch(host, a.guest_ip, 80).startswith("HTTP/"):
@@ -70,6 +108,8 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
         # published port from the host itself: loopback and the host's own address
         assert fetch(host, "127.0.0.1", 8080).startswith("HTTP/1.0 200")
         assert fetch(host, "172.30.0.9", 8080).startswith("HTTP/1.0 200")
+        # UDP on a given host address (loopback)
+        assert udp_ask(host, "127.0.0.1", 5353) == "echo:ping"
         # same network (default): allowed; other network: dropped
         assert fetch(g3, a.guest_ip, 80).startswith("HTTP/1.0 200")
         assert fetch(g2, a.guest_ip, 80).startswith("FAIL")
@@ -79,5 +119,6 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
                        text=True, check=True)  # fmt: skip
         assert fetch(host, "127.0.0.1", 8080).startswith("FAIL")
     finally:
-        srv.kill()
-        srv.wait()
+        for p in (srv, udp):
+            p.kill()
+            p.wait()
