@@ -427,3 +427,23 @@ def test_bytes_gone_under_a_row_is_a_404_not_a_500(acme: Tenant) -> None:
         digest2, _ = push_image(c, "vanish", "v1", [layer])
         assert digest2 == digest and c.get("/v2/vanish/manifests/v1").status_code == 200
         assert c.get(f"/v2/vanish/blobs/{sha256(layer)}").content == layer
+
+
+def test_large_and_sha512_manifests(acme: Tenant) -> None:
+    with acme.client() as c:
+        config = b'{"architecture":"amd64","os":"linux"}'
+        push_blob(c, "bigm", config)
+        # just under the 4 MiB limit (the conformance suite pushes ~4 MB manifests)
+        body = image_manifest(config, [], annotations={"pad": "x" * (4 * 1024 * 1024 - 400)})
+        assert len(body) <= 4 * 1024 * 1024
+        r = c.put("/v2/bigm/manifests/big", content=body, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 201, r.text
+        assert c.get("/v2/bigm/manifests/big").content == body
+        # addressed by sha512
+        small = image_manifest(config, [])
+        d512 = "sha512:" + hashlib.sha512(small).hexdigest()
+        r = c.put(f"/v2/bigm/manifests/{d512}", content=small, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 201, r.text
+        assert r.headers["docker-content-digest"] == d512
+        r = c.get(f"/v2/bigm/manifests/{d512}")
+        assert r.content == small and r.headers["docker-content-digest"] == d512
