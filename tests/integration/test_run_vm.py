@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,45 @@ def test_machines_reach_each_other_only_within_a_network(ember: Ember, busybox: 
         assert other.stdout == "blocked\n", other.stderr
     finally:
         ember("rm", "-f", "srv-a")
+
+
+WHOAMI = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode() + b"\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer((sys.argv[1], 8000), H).serve_forever()
+"""
+
+
+def test_egress_is_masqueraded(ember: Ember, busybox: str) -> None:
+    """The host's uplink leads to another namespace ("the internet") that has no route
+    back to the machine subnet: replies only arrive if ember's NAT rewrote the source."""
+    internet = new_netns()
+    try:
+        subprocess.run(["ip", "-n", ember.netns, "link", "add", "uplink", "type", "veth",
+                        "peer", "name", "eth0", "netns", internet], check=True)  # fmt: skip
+        subprocess.run(["ip", "-n", ember.netns, "addr", "add", "10.99.0.1/24", "dev", "uplink"],
+                       check=True)  # fmt: skip
+        subprocess.run(["ip", "-n", ember.netns, "link", "set", "uplink", "up"], check=True)
+        subprocess.run(["ip", "-n", internet, "addr", "add", "10.99.0.2/24", "dev", "eth0"],
+                       check=True)  # fmt: skip
+        subprocess.run(["ip", "-n", internet, "link", "set", "eth0", "up"], check=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", internet, sys.executable, "-c", WHOAMI, "10.99.0.2"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            res = ember("run", "--rm", busybox, "wget", "-q", "-O", "-",
+                        "http://10.99.0.2:8000/")  # fmt: skip
+        finally:
+            server.kill()
+            server.wait()
+        assert (res.returncode, res.stdout) == (0, "10.99.0.1\n"), res.stderr
+    finally:
+        delete_netns(internet)
