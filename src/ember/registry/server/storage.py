@@ -110,7 +110,15 @@ class BlobStorage:
                 )
             with self._lock:
                 state = self._hashers.pop(session, None)
-            hasher = state[1] if state is not None and state[0] == offset else None
+            hasher: Any
+            if state is not None and state[0] == offset:
+                hasher = state[1]
+            elif offset:
+                # another process (a sibling worker, or this server before a restart)
+                # wrote part of the session: bring a hash up to date off the loop
+                hasher = await asyncio.to_thread(self._hash_prefix, session, state, offset)
+            else:
+                hasher = hashlib.sha256()
             buf = bytearray()
 
             def flush() -> None:
@@ -121,8 +129,7 @@ class BlobStorage:
                         n = os.write(fd, view)
                         view = view[n:]
                     view.release()
-                if hasher is not None:
-                    hasher.update(buf)
+                hasher.update(buf)
                 offset += len(buf)
                 buf.clear()
 
@@ -134,20 +141,24 @@ class BlobStorage:
             finally:
                 # also on disconnect: what arrived is kept, and the hash matches it
                 flush()
-                if hasher is not None:
-                    with self._lock:
-                        self._hashers[session] = (offset, hasher)
+                with self._lock:
+                    if len(self._hashers) >= _MAX_HASHERS:
+                        self._hashers.pop(next(iter(self._hashers)))
+                    self._hashers[session] = (offset, hasher)
             return offset
 
     # -- publication -------------------------------------------------------------
 
-    def _hash_file(self, fd: int, algorithm: str) -> str:
-        h = hashlib.new(algorithm)
-        pos = 0
-        while chunk := os.pread(fd, _READ_CHUNK, pos):
-            h.update(chunk)
-            pos += len(chunk)
-        return h.hexdigest()
+    def _hash_prefix(self, session: str, state: tuple[int, Any] | None, upto: int) -> Any:
+        """A sha256 of the session's first ``upto`` bytes, continuing ``state`` when it
+        covers a prefix of them (the file only grows, so that prefix is unchanged)."""
+        covered, hasher = state if state is not None and state[0] <= upto else (0, hashlib.sha256())
+        fd = os.open(self.session_path(session), os.O_RDONLY)
+        try:
+            _hash_range(fd, hasher, covered, upto)
+        finally:
+            os.close(fd)
+        return hasher
 
     def publish(self, session: str, digest: Digest) -> int:
         """Verify the session's bytes against ``digest`` and publish them; the size.
@@ -170,10 +181,14 @@ class BlobStorage:
             size = os.fstat(fd).st_size
             with self._lock:
                 state = self._hashers.get(session)
-            if digest.algorithm == "sha256" and state is not None and state[0] == size:
-                got = state[1].copy().hexdigest()
+            if digest.algorithm == "sha256":
+                if state is not None and state[0] <= size:
+                    covered, hasher = state[0], state[1].copy()
+                else:
+                    covered, hasher = 0, hashlib.sha256()
+                got = _hash_range(fd, hasher, covered, size).hexdigest()
             else:
-                got = self._hash_file(fd, digest.algorithm)
+                got = _hash_range(fd, hashlib.new(digest.algorithm), 0, size).hexdigest()
             if got != digest.hex:
                 raise ApiError(
                     "DIGEST_INVALID",
@@ -227,6 +242,18 @@ class BlobStorage:
 
     def blob_path(self, digest: Digest) -> Path:
         return self.content.path(digest)
+
+
+def _hash_range(fd: int, hasher: Any, start: int, end: int) -> Any:
+    """Feed bytes [start, end) of ``fd`` to ``hasher``; returns it."""
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+        if not chunk:
+            raise ApiError("BLOB_UPLOAD_INVALID", "upload session file is shorter than recorded")
+        hasher.update(chunk)
+        pos += len(chunk)
+    return hasher
 
 
 def touch(path: Path) -> None:
