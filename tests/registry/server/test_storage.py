@@ -1,0 +1,88 @@
+"""Upload sessions on a real filesystem, as several server processes see them:
+two BlobStorage objects over one root stand for two workers (or one server
+before and after a restart), each with its own in-memory hash state."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ember.oci.digest import Digest
+from ember.registry.server.errors import ApiError
+from ember.registry.server.storage import BlobStorage
+
+
+async def _body(data: bytes, piece: int = 100_000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), piece):
+        yield data[i : i + piece]
+
+
+def _append(store: BlobStorage, session: str, data: bytes, start: int | None) -> int:
+    return asyncio.run(store.append(session, _body(data), start))
+
+
+def test_sessions_move_between_processes(tmp_path: Path) -> None:
+    a, b = BlobStorage(tmp_path), BlobStorage(tmp_path)
+    data = os.urandom(3_500_000)
+    cuts = [0, 1_000_000, 2_100_000, 2_900_000, len(data)]
+    a.create_session("s1")
+    writers = [b, a, b, a]  # every chunk lands on the other process
+    for store, lo, hi in zip(writers, cuts[:-1], cuts[1:], strict=True):
+        assert _append(store, "s1", data[lo:hi], lo) == hi
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    assert b.publish("s1", digest) == len(data)
+    assert a.content.path(digest).read_bytes() == data
+    assert a.content.path(digest).stat().st_mode & 0o777 == 0o444
+    assert a.session_size("s1") is None
+
+
+def test_restart_resumes_and_verifies(tmp_path: Path) -> None:
+    before = BlobStorage(tmp_path)
+    data = os.urandom(2_000_000)
+    before.create_session("s2")
+    _append(before, "s2", data[:1_234_567], 0)
+    after = BlobStorage(tmp_path)  # no memory of the session's hash
+    assert after.session_size("s2") == 1_234_567
+    _append(after, "s2", data[1_234_567:], 1_234_567)
+    wrong = Digest("sha256", "0" * 64)
+    with pytest.raises(ApiError) as e:
+        after.publish("s2", wrong)
+    assert e.value.code == "DIGEST_INVALID"
+    assert not after.content.path(wrong).exists() and after.session_size("s2") == len(data)
+    d512 = Digest("sha512", hashlib.sha512(data).hexdigest())
+    assert after.publish("s2", d512) == len(data)
+    assert after.content.path(d512).read_bytes() == data
+
+
+def test_out_of_order_chunk_and_concurrent_writer(tmp_path: Path) -> None:
+    store = BlobStorage(tmp_path)
+    store.create_session("s3")
+    _append(store, "s3", b"abc", 0)
+    with pytest.raises(ApiError) as e:
+        _append(store, "s3", b"def", 10)
+    assert e.value.status == 416 and store.session_size("s3") == 3
+
+    async def two_writers() -> list[object]:
+        gate = asyncio.Event()
+
+        async def slow() -> AsyncIterator[bytes]:
+            yield b"x"
+            await gate.wait()
+            yield b"y"
+
+        first = asyncio.create_task(store.append("s3", slow(), None))
+        await asyncio.sleep(0.05)
+        second = await asyncio.gather(store.append("s3", _body(b"zz"), None), return_exceptions=True)
+        gate.set()
+        return [await first, *second]
+
+    first, second = asyncio.run(two_writers())
+    assert first == 5
+    assert isinstance(second, ApiError) and second.status == 416
+    digest = Digest("sha256", hashlib.sha256(b"abcxy").hexdigest())
+    assert store.publish("s3", digest) == 5
