@@ -76,7 +76,7 @@ def test_out_of_order_chunk_and_concurrent_writer(tmp_path: Path) -> None:
             yield b"y"
 
         first = asyncio.create_task(store.append("s3", slow(), None))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the first writer runs until it waits for more body, holding the lock
         second = await asyncio.gather(store.append("s3", _body(b"zz"), None), return_exceptions=True)
         gate.set()
         return [await first, *second]
