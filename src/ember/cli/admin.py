@@ -134,15 +134,19 @@ def registry() -> None:
 @click.option("--grace", type=click.IntRange(0), default=3600, show_default=True,
               help="Seconds new content stays safe from collection (uploads in flight).")
 @click.option("--dry-run", is_flag=True, help="Report what would be freed, free nothing.")
+@click.option("--keep-untagged", is_flag=True,
+              help="Keep manifests that no tag, index or subject reaches (pushed by digest).")
 @db_option
 @json_option
-def registry_gc(grace: int, dry_run: bool, db_url: str | None, as_json: bool) -> None:
+def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | None, as_json: bool) -> None:
     """Free blobs, manifests and upload sessions nothing references any more."""
     from ember.registry.server.config import registry_root
     from ember.registry.server.gc import collect
 
     home = home_from_ctx()
-    report = collect(_metadata(db_url), registry_root(home), grace=grace, dry_run=dry_run)
+    report = collect(
+        _metadata(db_url), registry_root(home), grace=grace, dry_run=dry_run, keep_untagged=keep_untagged
+    )
     if as_json:
         print_json(report.as_dict())
         return

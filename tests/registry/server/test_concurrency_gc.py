@@ -99,6 +99,9 @@ def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], Em
     dry = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run", "--json").stdout)
     assert dry["manifests"] == 1 and dry["links"] == 2
     assert (store / old_layer_hex(old_layer)).exists()
+    kept = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run",
+                            "--keep-untagged", "--json").stdout)
+    assert kept["manifests"] == 0 and kept["links"] == 1  # only the never-referenced orphan
     report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
     assert report["manifests"] == 1  # the untagged v0 manifest
     assert report["links"] == 2  # its layer, the orphan

@@ -57,7 +57,9 @@ def _reachable(
     return seen
 
 
-def _sweep_metadata(meta: RegistryMetadata, cutoff: float, dry_run: bool, report: GcReport) -> None:
+def _sweep_metadata(
+    meta: RegistryMetadata, cutoff: float, dry_run: bool, keep_untagged: bool, report: GcReport
+) -> None:
     with meta.db.begin() as conn:
         manifests = conn.execute(
             select(s.manifests.c.repo_id, s.manifests.c.digest, s.manifests.c.subject, s.manifests.c.created_at)
@@ -77,12 +79,14 @@ def _sweep_metadata(meta: RegistryMetadata, cutoff: float, dry_run: bool, report
         for repo_id, digest, subject, _ in manifests:
             if subject:
                 referrers[repo_id][subject].add(digest)
+        per_repo: dict[int, list[tuple[str, float]]] = defaultdict(list)
+        for repo_id, digest, _, created in manifests:
+            per_repo[repo_id].append((digest, created))
         doomed: list[tuple[int, str]] = []
-        for repo_id in {m[0] for m in manifests}:
-            keep = _reachable(tagged[repo_id], children[repo_id], referrers[repo_id])
-            doomed += [
-                (rid, d) for rid, d, _, created in manifests if rid == repo_id and d not in keep and created < cutoff
-            ]
+        for repo_id, rows in per_repo.items():
+            roots = tagged[repo_id] | ({d for d, _ in rows} if keep_untagged else set())
+            keep = _reachable(roots, children[repo_id], referrers[repo_id])
+            doomed += [(repo_id, d) for d, created in rows if d not in keep and created < cutoff]
         report.manifests = len(doomed)
         doomed_set = set(doomed)
         # blob links: used if a surviving manifest references them
@@ -183,11 +187,19 @@ def _sweep_blobs(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dr
                 storage.content.delete(digest)
 
 
-def collect(meta: RegistryMetadata, root: Path, *, grace: float = 3600, dry_run: bool = False) -> GcReport:
+def collect(
+    meta: RegistryMetadata,
+    root: Path,
+    *,
+    grace: float = 3600,
+    dry_run: bool = False,
+    keep_untagged: bool = False,
+) -> GcReport:
+    """Sweep once; ``keep_untagged`` keeps manifests pushed by digest and never tagged."""
     storage = BlobStorage(root)
     cutoff = time.time() - grace
     report = GcReport()
-    _sweep_metadata(meta, cutoff, dry_run, report)
+    _sweep_metadata(meta, cutoff, dry_run, keep_untagged, report)
     _sweep_uploads(meta, storage, cutoff, dry_run, report)
     _sweep_repositories(meta, cutoff, dry_run, report)
     _sweep_blobs(meta, storage, cutoff, dry_run, report)
