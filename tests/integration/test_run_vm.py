@@ -261,17 +261,19 @@ def test_lost_monitor_is_noticed(ember: Ember, busybox: str) -> None:
     assert leftovers(ember, machine_id) == []
 
 
-def test_own_kernel_memory_and_cpus(ember: Ember, busybox: str) -> None:
+def test_own_kernel_memory_cpus_disk_size(ember: Ember, busybox: str) -> None:
     """--kernel with a bzImage (ember boots its extracted ELF) and its modules dir."""
     kernel = cached_kernel()
     assert kernel.vmlinuz is not None and kernel.modules_dir is not None
     res = ember("run", "--rm", "--kernel", str(kernel.vmlinuz), "--kernel-modules",
-                str(kernel.modules_dir), "--memory", "256", "--cpus", "2", busybox,
-                "sh", "-c", "uname -r; nproc; grep MemTotal /proc/meminfo")  # fmt: skip
+                str(kernel.modules_dir), "--memory", "256", "--cpus", "2", "--disk-size", "3G",
+                busybox, "sh", "-c",
+                "uname -r; nproc; grep MemTotal /proc/meminfo; df -k / | tail -1")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    release, cpus, mem = res.stdout.splitlines()
+    release, cpus, mem, df = res.stdout.splitlines()
     assert release == kernel.version and cpus == "2"
     assert 128 * 1024 < int(mem.split()[1]) <= 256 * 1024
+    assert 2.5 * (1 << 20) < int(df.split()[1]) <= 3 * (1 << 20)  # KiB of the root fs
 
 
 def test_machines_reach_each_other_only_within_a_network(ember: Ember, busybox: str) -> None:
