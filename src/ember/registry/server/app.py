@@ -369,26 +369,28 @@ class RegistryApp:
             new = describe_manifest(parse_manifest(body, content_type), digest, len(body))
         except FormatError as e:
             raise ApiError("MANIFEST_INVALID", str(e)) from None
-        missing, wrong_size = await self._read(
-            self.meta.check_references, ctx.full, new.blobs, new.children
-        )
-        if missing:
-            raise ApiError(
-                "MANIFEST_BLOB_UNKNOWN",
-                "manifest references content that is not in this repository: "
-                + ", ".join(missing[:5]),
-                detail={"missing": missing},
-            )
-        if wrong_size:
-            raise ApiError(
-                "MANIFEST_INVALID",
-                "descriptor sizes do not match the content in this repository: "
-                + ", ".join(wrong_size[:5]),
-                detail={"size_mismatch": wrong_size},
-            )
-        repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
-        # bytes first (atomic, content-addressed), then the rows that make them visible
+        # Under the shared GC lock from the check to the commit: a sweep cannot drop a
+        # link or a child manifest between "it is there" and the rows that use it.
         async with self.storage.publishing():
+            missing, wrong_size = await self._read(
+                self.meta.check_references, ctx.full, new.blobs, new.children
+            )
+            if missing:
+                raise ApiError(
+                    "MANIFEST_BLOB_UNKNOWN",
+                    "manifest references content that is not in this repository: "
+                    + ", ".join(missing[:5]),
+                    detail={"missing": missing},
+                )
+            if wrong_size:
+                raise ApiError(
+                    "MANIFEST_INVALID",
+                    "descriptor sizes do not match the content in this repository: "
+                    + ", ".join(wrong_size[:5]),
+                    detail={"size_mismatch": wrong_size},
+                )
+            repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
+            # bytes first (atomic, content-addressed), then the rows that make them visible
             await run_in_threadpool(self.storage.content.put_bytes, body, digest)
             touch(self.storage.blob_path(digest))
             await self._db(self.meta.put_manifest, repo_id, new, route.tag)
@@ -505,14 +507,12 @@ class RegistryApp:
         source_full = qualify(ctx.grant.org, source)
         if not ctx.grant.allows(source_full, "pull"):
             return None
-        size = await self._read(self.meta.blob_size, source_full, str(digest))
-        if size is None:
-            return None
-        repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         async with self.storage.publishing():
+            size = await self._read(self.meta.blob_size, source_full, str(digest))
             path = self.storage.blob_path(digest)
-            if not path.exists():
+            if size is None or not path.exists():
                 return None
+            repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
             touch(path)
             await self._db(self.meta.link_blob, repo_id, str(digest), size)
         return digest

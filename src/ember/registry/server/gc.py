@@ -7,14 +7,15 @@ uses, expired upload sessions and blob files no link or manifest names are
 freed; everything younger than the grace period is left alone, so an image
 being pushed right now (layers uploaded, manifest not yet put) survives.
 
-Blob files are deleted under the exclusive GC lock after a last database
-check; writers hold the shared lock from making a blob fresh until its link is
-committed (``BlobStorage.publishing``), so a blob is never deleted under a
-link being created.
+The whole sweep holds the exclusive GC lock; writers hold the shared lock
+from checking that what they reference exists (or making a blob fresh) until
+their rows are committed (``BlobStorage.publishing``), so a sweep never frees
+a link, manifest or blob that a write in flight is about to reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -23,7 +24,6 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
-from ember.oci.digest import Digest
 from ember.registry.server import schema as s
 from ember.registry.server.metadata import RegistryMetadata
 from ember.registry.server.storage import BlobStorage
@@ -146,45 +146,23 @@ def _sweep_repositories(meta: RegistryMetadata, cutoff: float, dry_run: bool, re
             report.repositories = conn.execute(delete(s.repos).where(s.repos.c.id.in_(empty))).rowcount
 
 
-def _referenced(meta: RegistryMetadata, digest: str) -> bool:
-    with meta.db.connect() as conn:
-        return (
-            conn.execute(select(s.blob_links.c.digest).where(s.blob_links.c.digest == digest).limit(1)).first()
-            is not None
-            or conn.execute(select(s.manifests.c.digest).where(s.manifests.c.digest == digest).limit(1)).first()
-            is not None
-        )
-
-
 def _sweep_blobs(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dry_run: bool, report: GcReport) -> None:
     with meta.db.connect() as conn:
         known = {r[0] for r in conn.execute(select(s.blob_links.c.digest).distinct())}
         known |= {r[0] for r in conn.execute(select(s.manifests.c.digest).distinct())}
-    candidates: list[Digest] = []
-    for digest in storage.content.list():
+    for digest in list(storage.content.list()):
         if str(digest) in known:
             continue
         try:
-            if storage.blob_path(digest).stat().st_mtime < cutoff:
-                candidates.append(digest)
+            st = storage.blob_path(digest).stat()
         except FileNotFoundError:
             continue
-    if not candidates:
-        return
-    with storage.collecting():
-        for digest in candidates:
-            path = storage.blob_path(digest)
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            # a writer may have made it fresh and linked it since the scan
-            if st.st_mtime >= cutoff or _referenced(meta, str(digest)):
-                continue
-            report.blobs += 1
-            report.bytes += st.st_size
-            if not dry_run:
-                storage.content.delete(digest)
+        if st.st_mtime >= cutoff:
+            continue  # fresh: its link or manifest may be on the way
+        report.blobs += 1
+        report.bytes += st.st_size
+        if not dry_run:
+            storage.content.delete(digest)
 
 
 def collect(
@@ -199,8 +177,12 @@ def collect(
     storage = BlobStorage(root)
     cutoff = time.time() - grace
     report = GcReport()
-    _sweep_metadata(meta, cutoff, dry_run, keep_untagged, report)
-    _sweep_uploads(meta, storage, cutoff, dry_run, report)
-    _sweep_repositories(meta, cutoff, dry_run, report)
-    _sweep_blobs(meta, storage, cutoff, dry_run, report)
+    # Exclusive against every writer that checks and then links (upload PUT, mount,
+    # manifest PUT): they wait while GC decides and deletes, so nothing it frees can
+    # gain a reference half way.  A dry run changes nothing and takes no lock.
+    with contextlib.nullcontext() if dry_run else storage.collecting():
+        _sweep_metadata(meta, cutoff, dry_run, keep_untagged, report)
+        _sweep_uploads(meta, storage, cutoff, dry_run, report)
+        _sweep_repositories(meta, cutoff, dry_run, report)
+        _sweep_blobs(meta, storage, cutoff, dry_run, report)
     return report
