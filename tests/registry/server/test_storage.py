@@ -86,3 +86,23 @@ def test_out_of_order_chunk_and_concurrent_writer(tmp_path: Path) -> None:
     assert isinstance(second, ApiError) and second.status == 416
     digest = Digest("sha256", hashlib.sha256(b"abcxy").hexdigest())
     assert store.publish("s3", digest) == 5
+
+
+def test_writers_wait_for_a_gc_sweep(tmp_path: Path) -> None:
+    store = BlobStorage(tmp_path)
+    entered: list[str] = []
+
+    async def writer() -> None:
+        async with store.publishing():
+            entered.append("writer")
+
+    async def scenario() -> None:
+        with store.collecting():  # a sweep in progress (another process in real life)
+            task = asyncio.create_task(writer())
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert entered == [] and not task.done()  # held off while the lock is held
+        await task
+        assert entered == ["writer"]
+
+    asyncio.run(scenario())
