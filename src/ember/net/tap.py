@@ -1,9 +1,17 @@
-"""TAP devices and sysctls (I/O through ``ip`` and /proc/sys)."""
+"""TAP devices and sysctls (ioctls on /dev/net/tun and an AF_INET socket, /proc/sys).
+
+The TAP is made persistent and addressed with the same ioctls ``ip tuntap`` and
+``ifconfig`` use, in-process: no ``ip`` process on the start-up path of a machine.
+Everything acts on the network namespace of the calling thread.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
+import ipaddress
 import os
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -12,30 +20,60 @@ from ember.net.errors import NetworkError
 PROC_NET = Path("/proc/sys/net/ipv4")
 
 
-def _ip_batch(commands: list[str]) -> None:
+# linux/if_tun.h, linux/sockios.h, linux/if.h
+_TUNSETIFF = 0x400454CA
+_TUNSETPERSIST = 0x400454CB
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_SIOCSIFADDR = 0x8916
+_SIOCSIFBRDADDR = 0x891A
+_SIOCSIFNETMASK = 0x891C
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ_SIZE = 40
+
+
+def _ifreq_flags(name: str, flags: int) -> bytes:
+    return struct.pack("16sH", name.encode(), flags).ljust(_IFREQ_SIZE, b"\0")
+
+
+def _ifreq_addr(name: str, addr: ipaddress.IPv4Address) -> bytes:
+    sin = struct.pack("HH4s8x", socket.AF_INET, 0, addr.packed)
+    return struct.pack("16s16s", name.encode(), sin).ljust(_IFREQ_SIZE, b"\0")
+
+
+def _make_persistent_tap(name: str) -> None:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        res = subprocess.run(
-            ["ip", "-batch", "-"],
-            input="\n".join(commands) + "\n",
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise NetworkError("ip (iproute2) not found", hint="install iproute2") from None
-    if res.returncode != 0:
-        raise NetworkError(f"ip failed: {res.stderr.strip().splitlines()[-1:] or ['?']}")
+        fcntl.ioctl(fd, _TUNSETIFF, _ifreq_flags(name, _IFF_TAP | _IFF_NO_PI))
+        fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+
+
+def _address_and_up(name: str, gateway: str, prefix: int) -> None:
+    iface = ipaddress.IPv4Interface(f"{gateway}/{prefix}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, _SIOCSIFADDR, _ifreq_addr(name, iface.ip))
+        fcntl.ioctl(s, _SIOCSIFNETMASK, _ifreq_addr(name, iface.netmask))
+        if prefix < 31:
+            fcntl.ioctl(s, _SIOCSIFBRDADDR, _ifreq_addr(name, iface.network.broadcast_address))
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, _ifreq_flags(name, 0)))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, _ifreq_flags(name, flags | _IFF_UP))
 
 
 def create_tap(name: str, gateway: str, prefix: int, *, route_localnet: bool) -> None:
     """A persistent TAP named ``name`` holding the gateway address, up."""
-    _ip_batch(
-        [
-            f"tuntap add dev {name} mode tap",
-            f"addr add {gateway}/{prefix} dev {name}",
-            f"link set {name} up",
-        ]
-    )
+    try:
+        _make_persistent_tap(name)
+    except OSError as e:
+        raise NetworkError(f"cannot create TAP {name}: {e.strerror}") from e
+    try:
+        _address_and_up(name, gateway, prefix)
+    except OSError as e:
+        delete_link(name)
+        raise NetworkError(f"cannot configure TAP {name}: {e.strerror}") from e
     if route_localnet:
         # lets DNAT'd 127.0.0.1 traffic be routed out of this TAP (published ports)
         set_sysctl(PROC_NET / "conf" / name / "route_localnet", "1")
@@ -51,13 +89,12 @@ def delete_link(name: str) -> None:
 
 
 def link_exists(name: str) -> bool:
-    return os.path.exists(f"/sys/class/net/{name}")
-
-
-def list_links(prefix: str) -> list[str]:
-    with contextlib.suppress(OSError):
-        return sorted(n for n in os.listdir("/sys/class/net") if n.startswith(prefix))
-    return []
+    """In this thread's network namespace (unlike /sys, which shows the mounter's)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def set_sysctl(path: Path, value: str) -> None:
