@@ -14,9 +14,16 @@ from hypothesis import strategies as st
 from ember.oci.digest import Digest
 from ember.registry.server import routes as r
 from ember.registry.server.errors import ApiError, InvalidName
-from ember.registry.server.names import check_org_name, qualify, unqualify, valid_repo_name
+from ember.registry.server.names import (
+    MAX_REPO_NAME,
+    check_org_name,
+    qualify,
+    unqualify,
+    valid_repo_name,
+)
 from ember.registry.server.protocol import accepts, page_size, parse_content_range, parse_range
 from ember.registry.server.tokens import (
+    MAX_SCOPES,
     Grant,
     InvalidToken,
     decode_token,
@@ -117,6 +124,15 @@ def test_scopes_and_grants() -> None:
     assert parse_actions("pull, delete") == frozenset({"pull", "delete"})
     with pytest.raises(ValueError):
         parse_actions("pull,admin")
+
+
+def test_many_scopes_still_make_a_verifiable_token() -> None:
+    longest = "r" * (MAX_REPO_NAME - 4)
+    scopes = parse_scopes([f"repository:{longest}-{i:03}:pull,push,delete" for i in range(500)])
+    assert len(scopes) == MAX_SCOPES
+    g = grant_for("o" * 63, "t1", frozenset({"pull", "push", "delete"}), scopes)
+    now = int(time.time())
+    assert len(decode_token(KEY, encode_token(KEY, g, now), now).repositories) == MAX_SCOPES
 
 
 def test_registry_token_roundtrip_and_refusals() -> None:

@@ -98,14 +98,20 @@ def parse_scope(text: str) -> Scope | None:
     return None
 
 
+#: scopes honoured per token request (docker asks for two or three); keeps tokens small
+MAX_SCOPES = 20
+
+
 def parse_scopes(values: list[str]) -> list[Scope]:
-    """All scopes of a request; one parameter may also hold several, space-separated."""
+    """The scopes of a request; one parameter may also hold several, space-separated."""
     out = []
     for value in values:
         for part in value.split():
             scope = parse_scope(part)
             if scope is not None:
                 out.append(scope)
+            if len(out) == MAX_SCOPES:
+                return out
     return out
 
 
