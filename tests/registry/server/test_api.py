@@ -58,6 +58,9 @@ def test_token_endpoint_grants_only_what_is_held(acme_pusher: Tenant) -> None:
     claims = json.loads(__import__("base64").urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     access = {a["name"]: sorted(a["actions"]) for a in claims["access"]}
     assert access == {"acme/web": ["pull", "push"], "acme/other": ["pull"]}
+    # the ember token as a bearer token on /token works too
+    r = http.get(url, params={"scope": "repository:web:pull"}, headers={"Authorization": f"Bearer {acme_pusher.token}"})
+    assert r.status_code == 200 and r.json()["token"]
     # OAuth2 password grant (POST form) as well
     r = http.post(url, data={"grant_type": "password", "username": "u", "password": acme_pusher.token,
                               "scope": "repository:web:pull", "service": "ember"})

@@ -153,3 +153,22 @@ def test_oras_artifact_with_subject(acme: Tenant, busybox_layout: Path, tmp_path
     with acme.client() as c:
         refs = c.get(f"/v2/oras/app/referrers/{subject.digest}").json()["manifests"]
     assert len(refs) == 1 and refs[0]["digest"] == resp.headers["Docker-Content-Digest"]
+
+
+def test_docker_format_matches_the_reference_registry(acme: Tenant, registry: object, multilayer_layout: Path) -> None:
+    """The same Docker v2s2 image in Debian's docker-registry and, copied from there, in
+    ember: byte-identical manifests and configs, same digests."""
+    go_host = registry.host  # type: ignore[attr-defined]
+    skopeo("copy", "--quiet", "--dest-tls-verify=false", "--format", "v2s2",
+           layout_ref(multilayer_layout), f"docker://{go_host}/ref/multi:v1")
+    skopeo("copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false", "--dest-creds", acme.creds,
+           "--preserve-digests", f"docker://{go_host}/ref/multi:v1", f"docker://{acme.host}/ref/multi:v1")
+    theirs = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{go_host}/ref/multi:v1"],
+                            capture_output=True, check=True).stdout
+    ours = raw_manifest(acme, "ref/multi:v1")
+    assert ours == theirs
+    assert json.loads(ours)["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    config_theirs = skopeo("inspect", "--config", "--raw", "--tls-verify=false", f"docker://{go_host}/ref/multi:v1")
+    config_ours = skopeo("inspect", "--config", "--raw", "--tls-verify=false", "--creds", acme.creds,
+                         f"docker://{acme.host}/ref/multi:v1")
+    assert config_ours == config_theirs
