@@ -158,3 +158,26 @@ def test_admin_cli(tmp_path: Path) -> None:
         assert len(json.loads((home / "config.json").read_text())["registry_secret"]) >= 32
     finally:
         srv.stop()
+
+
+def test_replicas_share_tokens_and_upload_urls(fresh_server: Callable[[], EmberServer]) -> None:
+    """Two servers over one state directory (same secret, database, store): an upload
+    started on one continues on the other, and registry tokens work on both."""
+    a = fresh_server()
+    b = EmberServer(a.home).start()
+    try:
+        token = a.create_token("acme")
+        data = os.urandom(200_000)
+        ta, tb = Tenant(a, "acme", token), Tenant(b, "acme", token)
+        with ta.client() as ca, tb.client() as cb:
+            loc = ca.post("/v2/rep/blobs/uploads/").headers["location"]
+            loc = cb.patch(loc, content=data[:100_000], headers={"Content-Range": "0-99999"}).headers["location"]
+            loc = ca.patch(loc, content=data[100_000:], headers={"Content-Range": f"100000-{len(data) - 1}"}).headers["location"]
+            assert cb.put(at(loc, digest=sha256(data))).status_code == 201
+            assert ca.get(f"/v2/rep/blobs/{sha256(data)}").content == data
+        jwt = ta.registry_token("repository:rep:pull")
+        from tests.registry.server.support import http
+
+        assert http.head(f"{b.url}/v2/rep/blobs/{sha256(data)}", headers={"Authorization": f"Bearer {jwt}"}).status_code == 200
+    finally:
+        b.stop()
