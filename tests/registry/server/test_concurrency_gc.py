@@ -151,6 +151,10 @@ def test_admin_cli(tmp_path: Path) -> None:
     assert "acme" in ember(home, "admin", "org", "ls").stdout
     ember(home, "admin", "token", "revoke", tokens[0]["id"])
     assert json.loads(ember(home, "admin", "token", "ls", "--json").stdout)[0]["revoked_at"] is not None
+    # an unreachable database: one line, and the password is not shown
+    bad = ember(home, "admin", "org", "ls", "--db", "postgresql://u:hunter2@127.0.0.1:1/x", check=False)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1
+    assert "hunter2" not in bad.stderr and "not usable" in bad.stderr
     # the signing secret is generated on first server start, 0600
     srv = EmberServer(home).start()
     try:

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
 from ember.registry.server import schema as s
-from ember.registry.server.errors import OrgExists, OrgNotFound, TokenNotFound
+from ember.registry.server.errors import OrgExists, OrgNotFound, RegistryError, TokenNotFound
 from ember.registry.server.names import check_org_name
 from ember.registry.server.tokens import hash_api_token, new_api_token
 from ember.store.db import Database, open_database
+from ember.store.errors import DatabaseError
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,14 @@ def _upsert_tag(conn: Connection, repo_id: int, name: str, digest: str, now: flo
 
 class RegistryMetadata:
     def __init__(self, db_url: str) -> None:
-        self.db: Database = open_database(db_url)
+        try:
+            self.db: Database = open_database(db_url)
+        except DatabaseError as e:
+            # one line, and never the password of a postgresql:// URL
+            cause = getattr(e.__cause__, "orig", None) or e.__cause__ or e
+            detail = (str(cause).strip().splitlines() or ["unknown error"])[0]
+            shown = make_url(db_url).render_as_string(hide_password=True)
+            raise RegistryError(f"registry database {shown} is not usable: {detail}") from None
 
     def warm_up(self) -> None:
         """Open a pooled connection and compile the hot statements once."""
