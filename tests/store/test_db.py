@@ -58,3 +58,11 @@ def test_unusable_database_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "db").mkdir()  # a directory where the file should be
     with pytest.raises(DatabaseError, match="not usable"):
         Database(f"sqlite:///{tmp_path / 'db'}").migrate()
+
+
+def test_messages_never_show_a_password() -> None:
+    # nothing listens on port 1: connecting fails, and the message must not leak the secret
+    with pytest.raises(DatabaseError) as info:
+        Database("postgresql+psycopg://ember:s3cret@127.0.0.1:1/ember").migrate()
+    assert "s3cret" not in str(info.value)
+    assert "127.0.0.1:1" in str(info.value)

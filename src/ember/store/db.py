@@ -21,7 +21,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, event, func, select
+from sqlalchemy import (
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    make_url,
+    select,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -50,6 +61,13 @@ _migrations_table = Table(
 )
 
 
+def _masked(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "<unparseable database URL>"
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -62,13 +80,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
+        #: the URL as messages show it: never with its password
+        self.display_url = _masked(url)
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         try:
             self.engine: Engine = create_engine(url, **kwargs)
         except (SQLAlchemyError, ImportError) as e:
-            raise DatabaseError(f"cannot open database {url}: {e}") from e
+            raise DatabaseError(f"cannot open database {self.display_url}: {e}") from e
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrated = False
@@ -83,7 +103,7 @@ class Database:
                 with self._process_lock():
                     self._migrate_locked()
             except OperationalError as e:
-                raise DatabaseError(f"database {self.url} is not usable: {e.orig}") from e
+                raise DatabaseError(f"database {self.display_url} is not usable: {e.orig}") from e
             self._migrated = True
 
     @contextmanager
