@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, make_url
@@ -23,7 +22,7 @@ from ember.registry.server import schema as s
 from ember.registry.server.errors import OrgExists, OrgNotFound, RegistryError, TokenNotFound
 from ember.registry.server.names import check_org_name
 from ember.registry.server.tokens import hash_api_token, new_api_token
-from ember.store.db import Database, open_database
+from ember.store.db import Database, insert_ignore, open_database, upsert
 from ember.store.errors import DatabaseError
 
 
@@ -95,34 +94,6 @@ _TAGGED_MANIFEST = (
     )
     .where(s.repos.c.name == bindparam("full"), s.tags.c.name == bindparam("tag"))
 )
-
-
-def _insert_ignore(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
-    """INSERT that silently skips rows whose key exists (both dialects)."""
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        conn.execute(pg_insert(table).on_conflict_do_nothing(), rows)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        conn.execute(sqlite_insert(table).on_conflict_do_nothing(), rows)
-
-
-def _upsert_tag(conn: Connection, repo_id: int, name: str, digest: str, now: float) -> None:
-    values = {"repo_id": repo_id, "name": name, "digest": digest, "updated_at": now}
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as ins
-    else:
-        from sqlalchemy.dialects.sqlite import insert as ins  # type: ignore[assignment]
-    stmt = ins(s.tags).values(**values)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["repo_id", "name"], set_={"digest": digest, "updated_at": now}
-        )
-    )
 
 
 class RegistryMetadata:
@@ -248,7 +219,7 @@ class RegistryMetadata:
             if repo_id is not None:
                 return repo_id
             org_id = self._org_id(conn, org)
-            _insert_ignore(
+            insert_ignore(
                 conn, s.repos, [{"org_id": org_id, "name": full, "created_at": time.time()}]
             )
             repo_id = self._repo_id(conn, full)
@@ -276,7 +247,7 @@ class RegistryMetadata:
 
     def link_blob(self, repo_id: int, digest: str, size: int) -> None:
         with self.db.begin() as conn:
-            _insert_ignore(
+            insert_ignore(
                 conn,
                 s.blob_links,
                 [{"repo_id": repo_id, "digest": digest, "size": size, "created_at": time.time()}],
@@ -333,7 +304,7 @@ class RegistryMetadata:
     def put_manifest(self, repo_id: int, m: NewManifest, tag: str | None) -> None:
         now = time.time()
         with self.db.begin() as conn:
-            _insert_ignore(
+            insert_ignore(
                 conn,
                 s.manifests,
                 [
@@ -356,9 +327,14 @@ class RegistryMetadata:
                 {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "manifest"}
                 for d in m.children
             ]
-            _insert_ignore(conn, s.manifest_refs, refs)
+            insert_ignore(conn, s.manifest_refs, refs)
             if tag is not None:
-                _upsert_tag(conn, repo_id, tag, m.digest, now)
+                upsert(
+                    conn,
+                    s.tags,
+                    {"repo_id": repo_id, "name": tag},
+                    {"digest": m.digest, "updated_at": now},
+                )
 
     def delete_manifest(self, full: str, digest: str) -> bool:
         with self.db.begin() as conn:
