@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -124,6 +125,20 @@ def logs(follow: bool, machine: str) -> None:
             time.sleep(0.1)
 
 
+def _for_each(machines: tuple[str, ...], action: Callable[[str], object]) -> None:
+    """Run ``action`` on each machine, like docker: report each failure, go on, fail at the end."""
+    failed = False
+    for ref in machines:
+        try:
+            action(ref)
+            click.echo(ref)
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
 @click.command()
 @click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
               help="Seconds to wait for a graceful stop before killing (default: the machine's).")  # fmt: skip
@@ -133,18 +148,13 @@ def stop(timeout: int | None, machines: tuple[str, ...]) -> None:
     from ember.machines import lifecycle
 
     home = home_from_ctx()
-    failed = False
-    for ref in machines:
-        try:
-            st = _find(ref)
-            t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
-            lifecycle.stop(home, st, t)
-            click.echo(ref)
-        except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
-            failed = True
-    if failed:
-        raise SystemExit(1)
+
+    def stop_one(ref: str) -> None:
+        st = _find(ref)
+        t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
+        lifecycle.stop(home, st, t)
+
+    _for_each(machines, stop_one)
 
 
 @click.command()
@@ -154,16 +164,7 @@ def kill(machines: tuple[str, ...]) -> None:
     from ember.machines import lifecycle
 
     home = home_from_ctx()
-    failed = False
-    for ref in machines:
-        try:
-            lifecycle.kill(home, _find(ref))
-            click.echo(ref)
-        except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
-            failed = True
-    if failed:
-        raise SystemExit(1)
+    _for_each(machines, lambda ref: lifecycle.kill(home, _find(ref)))
 
 
 @click.command()
@@ -174,16 +175,7 @@ def rm(force: bool, machines: tuple[str, ...]) -> None:
     from ember.machines import lifecycle
 
     home = home_from_ctx()
-    failed = False
-    for ref in machines:
-        try:
-            lifecycle.remove(home, _find(ref), force=force)
-            click.echo(ref)
-        except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
-            failed = True
-    if failed:
-        raise SystemExit(1)
+    _for_each(machines, lambda ref: lifecycle.remove(home, _find(ref), force=force))
 
 
 @click.command()
