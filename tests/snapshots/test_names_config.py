@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from ember.home import Home
 from ember.snapshots import names
 from ember.snapshots.config import ConfigError, SnapshotConfig, parse_size
 from ember.snapshots.errors import InvalidSnapshotKey
@@ -41,16 +42,20 @@ def test_parse_size() -> None:
 
 def test_config_file_and_env(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     f = tmp_path / "config.json"
-    assert SnapshotConfig.load(f) == SnapshotConfig()
+    home = Home(tmp_path)
+    assert SnapshotConfig.load(home) == SnapshotConfig()
     f.write_text('{"snapshots": {"backend": "copy", "base_size": "2G", "check": "none"}}')
-    cfg = SnapshotConfig.load(f)
+    cfg = SnapshotConfig.load(home)
     assert (cfg.backend, cfg.base_size, cfg.check) == ("copy", 2 << 30, "none")
     monkeypatch.setenv("EMBER_SNAPSHOT_BACKEND", "reflink")
-    assert SnapshotConfig.load(f).backend == "reflink"
+    assert SnapshotConfig.load(home).backend == "reflink"
     f.write_text('{"snapshots": {"backend": "zfs"}}')
     monkeypatch.delenv("EMBER_SNAPSHOT_BACKEND")
     with pytest.raises(ConfigError, match="backend"):
-        SnapshotConfig.load(f)
+        SnapshotConfig.load(home)
     f.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
-        SnapshotConfig.load(f)
+        SnapshotConfig.load(home)
+    f.write_text('{"snapshots": "copy"}')
+    with pytest.raises(ConfigError, match="must be an object"):
+        SnapshotConfig.load(home)

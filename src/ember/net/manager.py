@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.config import config_section
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.net import ipam, netfilter, tap
@@ -41,15 +42,7 @@ class NetConfig:
     @classmethod
     def load(cls, home: Home) -> NetConfig:
         """The ``network`` object of ``$EMBER_HOME/config.json``, if any."""
-        try:
-            data = json.loads(home.config_file.read_text())
-        except FileNotFoundError:
-            return cls()
-        except (OSError, ValueError) as e:
-            raise NetworkError(f"cannot read {home.config_file}: {e}") from e
-        net = data.get("network", {}) if isinstance(data, dict) else {}
-        if not isinstance(net, dict):
-            raise NetworkError(f"{home.config_file}: 'network' must be an object")
+        net = config_section(home, "network", NetworkError) or {}
         ns = net.get("nameservers")
         cfg = cls(
             subnet=str(net.get("subnet", ipam.DEFAULT_SUBNET)),

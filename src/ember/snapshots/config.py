@@ -13,13 +13,13 @@ Environment variables ``EMBER_SNAPSHOT_BACKEND``, ``EMBER_SNAPSHOT_BASE_SIZE`` a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from ember.config import config_section
+from ember.home import Home
 from ember.snapshots.errors import SnapshotError
 
 BACKENDS = ("auto", "reflink", "copy")
@@ -62,16 +62,8 @@ class SnapshotConfig:
     check: str = "full"
 
     @classmethod
-    def load(cls, config_file: Path) -> SnapshotConfig:
-        section: dict[str, Any] = {}
-        try:
-            raw = json.loads(config_file.read_bytes())
-        except FileNotFoundError:
-            raw = {}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {config_file}: {e}") from e
-        if isinstance(raw, dict) and isinstance(raw.get("snapshots"), dict):
-            section = raw["snapshots"]
+    def load(cls, home: Home) -> SnapshotConfig:
+        section: dict[str, Any] = config_section(home, "snapshots", ConfigError) or {}
         env = {
             "backend": os.environ.get("EMBER_SNAPSHOT_BACKEND"),
             "base_size": os.environ.get("EMBER_SNAPSHOT_BASE_SIZE"),

@@ -61,7 +61,7 @@ class Snapshotter:
         self, home: Home, config: SnapshotConfig | None = None, *, recover: bool = True
     ) -> None:
         self.home = home.ensure()
-        self.config = config or SnapshotConfig.load(home.config_file)
+        self.config = config or SnapshotConfig.load(home)
         self.pool: Pool = open_pool(self.home, self.config)
         root = self.pool.root
         self.active_dir, self.committed_dir, self.trash = (

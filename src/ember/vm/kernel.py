@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import lzma
 import os
 import re
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.config import config_section
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
 from ember.vm.errors import KernelError, KernelNotFound
@@ -274,16 +274,10 @@ def default_version(home: Home) -> str | None:
 
 def configured_kernel(home: Home) -> tuple[Path, Path | None] | None:
     """``{"kernel": {"path": ..., "modules": ...}}`` in ``$EMBER_HOME/config.json``."""
-    try:
-        data = json.loads(home.config_file.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise KernelError(f"cannot read {home.config_file}: {e}") from None
-    section = data.get("kernel") if isinstance(data, dict) else None
+    section = config_section(home, "kernel", KernelError)
     if section is None:
         return None
-    if not isinstance(section, dict) or not isinstance(section.get("path"), str):
+    if not isinstance(section.get("path"), str):
         raise KernelError(f"{home.config_file}: 'kernel' must be an object with a 'path' string")
     modules = section.get("modules")
     if modules is not None and not isinstance(modules, str):

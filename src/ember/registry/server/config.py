@@ -19,6 +19,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.config import read_config
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.registry.server.errors import RegistryError
@@ -68,25 +69,13 @@ def load_secret(home: Home) -> bytes:
     with open(lock_path, "a+") as lock:
         # Two first starts at once must agree on one secret.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        config = _read_config(home.config_file)
+        config = read_config(home, RegistryError)
         value = config.get(_CONFIG_KEY)
         if isinstance(value, str) and len(value) >= MIN_SECRET:
             return value.encode()
         config[_CONFIG_KEY] = secrets.token_hex(32)
         atomic_write(home.config_file, json.dumps(config, indent=2).encode() + b"\n", mode=0o600)
         return str(config[_CONFIG_KEY]).encode()
-
-
-def _read_config(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise RegistryError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise RegistryError(f"{path} must hold a JSON object")
-    return data
 
 
 def database_url(home: Home, db_url: str | None = None) -> str:
