@@ -134,3 +134,14 @@ def test_concurrent_writers_of_one_blob(tmp_path: Path) -> None:
     s = ContentStore(root)
     assert s.read_bytes(Digest.of(data)) == data
     assert list(s.ingest_dir.iterdir()) == []
+
+
+def test_ingest_keeps_nothing_of_a_bad_stream(store: ContentStore) -> None:
+    d = Digest.of(b"abc")
+    with pytest.raises(DigestMismatch):
+        store.ingest(d, 3, [b"ab", b"cd"])
+    assert not store.exists(d)
+    assert list(store.ingest_dir.iterdir()) == []
+    seen: list[int] = []
+    store.ingest(d, 3, [b"a", b"bc"], seen.append)
+    assert store.read_bytes(d) == b"abc" and seen == [1, 2]

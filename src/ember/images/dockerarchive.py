@@ -211,18 +211,9 @@ class DockerArchiveSource:
             store.put_bytes(data, desc.digest)
             return
         assert member is not None
-        with store.writer(desc.digest, desc.size) as writer:
-            if writer.already_committed:
-                return
-            writer.reset()
-            try:
-                for chunk in self._chunks(member):
-                    writer.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                writer.commit()
-            except DigestMismatch as e:
-                writer.reset()
-                raise InvalidSource(
-                    f"docker archive {self.path}: a layer does not match the DiffID its config declares ({e})"
-                ) from None
+        try:
+            store.ingest(desc.digest, desc.size, self._chunks(member), progress)
+        except DigestMismatch as e:
+            raise InvalidSource(
+                f"docker archive {self.path}: a layer does not match the DiffID its config declares ({e})"
+            ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from ember.images.errors import ImageNotFound, InvalidSource
@@ -124,16 +125,8 @@ class OciLayoutSource:
             src = open(self._blob_path(desc.digest), "rb")  # noqa: SIM115 (closed by the with below)
         except FileNotFoundError:
             raise InvalidSource(f"OCI layout {self.path} lacks blob {desc.digest}") from None
-        with src, store.writer(desc.digest, desc.size) as writer:
-            if writer.already_committed:
-                return
-            writer.reset()
+        with src:
             try:
-                while chunk := src.read(_CHUNK):
-                    writer.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                writer.commit()
+                store.ingest(desc.digest, desc.size, iter(partial(src.read, _CHUNK), b""), progress)
             except DigestMismatch as e:
-                writer.reset()
                 raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None

@@ -17,12 +17,13 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from ember.fsutil import fsync_dir
 from ember.oci.digest import Digest, Verifier
+from ember.oci.errors import DigestMismatch
 from ember.store.errors import BlobNotFound, StoreError
 
 _CHUNK = 1 << 20
@@ -81,6 +82,32 @@ class ContentStore:
                     w.write(data)
                     w.commit()
         return digest
+
+    def ingest(
+        self,
+        expected: Digest,
+        size: int | None,
+        chunks: Iterable[bytes | memoryview],
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Store a blob from a local stream in one go (no resume), verified.
+
+        Raises DigestMismatch (and keeps nothing) when the stream is not what
+        ``expected``/``size`` promise.
+        """
+        with self.writer(expected, size) as w:
+            if w.already_committed:
+                return
+            w.reset()
+            try:
+                for chunk in chunks:
+                    w.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                w.commit()
+            except DigestMismatch:
+                w.reset()  # a local stream is not resumed: keep nothing of it
+                raise
 
     def writer(self, expected: Digest, expected_size: int | None = None) -> BlobWriter:
         """A resumable writer for one blob; ``commit()`` verifies and publishes it."""
