@@ -71,10 +71,13 @@ class BlobStorage:
             os.unlink(self.session_path(session))
 
     @contextlib.contextmanager
-    def _locked(self, session: str) -> Iterator[int]:
-        """The session file open for appending, held exclusively (across processes too)."""
+    def _locked(
+        self, session: str, flags: int = os.O_WRONLY | os.O_APPEND, busy_status: int | None = 416
+    ) -> Iterator[int]:
+        """The session file open (for appending by default), held exclusively (across
+        processes too); a session another request holds is refused, not waited for."""
         try:
-            fd = os.open(self.session_path(session), os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.session_path(session), flags)
         except FileNotFoundError:
             raise ApiError("BLOB_UPLOAD_UNKNOWN", "upload session is unknown") from None
         try:
@@ -84,7 +87,7 @@ class BlobStorage:
                 raise ApiError(
                     "BLOB_UPLOAD_INVALID",
                     "another request is writing to this upload session",
-                    status=416,
+                    status=busy_status,
                 ) from None
             yield fd
         finally:
@@ -167,17 +170,7 @@ class BlobStorage:
         left as it is (the client may cancel it; GC frees it after expiry).
         """
         path = self.session_path(session)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ApiError("BLOB_UPLOAD_UNKNOWN", "upload session is unknown") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ApiError(
-                    "BLOB_UPLOAD_INVALID", "another request is writing to this upload session"
-                ) from None
+        with self._locked(session, os.O_RDONLY, busy_status=None) as fd:
             size = os.fstat(fd).st_size
             with self._lock:
                 state = self._hashers.get(session)
@@ -205,8 +198,6 @@ class BlobStorage:
                 os.utime(fd)
                 os.rename(path, target)
                 fsync_dir(target.parent)
-        finally:
-            os.close(fd)
         with self._lock:
             self._hashers.pop(session, None)
         return size
