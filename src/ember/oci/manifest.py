@@ -78,6 +78,19 @@ class Descriptor:
         return out
 
 
+def _document(doc: ImageManifest | ImageIndex, **body: Any) -> dict[str, Any]:
+    """The JSON of a manifest or index: the shared envelope around ``body``, in spec key order."""
+    out: dict[str, Any] = {"schemaVersion": 2, "mediaType": doc.media_type}
+    if doc.artifact_type is not None:
+        out["artifactType"] = doc.artifact_type
+    out.update(body)
+    if doc.subject is not None:
+        out["subject"] = doc.subject.as_dict()
+    if doc.annotations is not None:
+        out["annotations"] = dict(doc.annotations)
+    return out
+
+
 @dataclass(frozen=True)
 class ImageManifest:
     media_type: str
@@ -88,16 +101,11 @@ class ImageManifest:
     annotations: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type}
-        if self.artifact_type is not None:
-            out["artifactType"] = self.artifact_type
-        out["config"] = self.config.as_dict()
-        out["layers"] = [layer.as_dict() for layer in self.layers]
-        if self.subject is not None:
-            out["subject"] = self.subject.as_dict()
-        if self.annotations is not None:
-            out["annotations"] = dict(self.annotations)
-        return out
+        return _document(
+            self,
+            config=self.config.as_dict(),
+            layers=[layer.as_dict() for layer in self.layers],
+        )
 
     def to_json(self) -> bytes:
         """Canonical bytes (compact, fixed key order): a stable digest for synthesised manifests."""
@@ -113,15 +121,7 @@ class ImageIndex:
     annotations: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type}
-        if self.artifact_type is not None:
-            out["artifactType"] = self.artifact_type
-        out["manifests"] = [m.as_dict() for m in self.manifests]
-        if self.subject is not None:
-            out["subject"] = self.subject.as_dict()
-        if self.annotations is not None:
-            out["annotations"] = dict(self.annotations)
-        return out
+        return _document(self, manifests=[m.as_dict() for m in self.manifests])
 
 
 def _media_type(value: str, what: str) -> str:

@@ -264,12 +264,7 @@ class LayerApplier:
         # later, inside the VM or inside this chroot.
         self._create(path, lambda: os.symlink(target, path))
         os.chown(path, info.uid, info.gid, follow_symlinks=False)
-        for name, value in _xattrs(info):
-            self._setxattr(path, name, value, info, regular=False)
-        ns = _mtime_ns(info)
-        if ns is not None:
-            os.utime(path, ns=(ns, ns), follow_symlinks=False)
-        self._touch(path)
+        self._finish_special(path, info)
         self.counts["symlinks"] += 1
 
     def _hardlink(self, path: str, info: tarfile.TarInfo) -> None:
@@ -307,13 +302,17 @@ class LayerApplier:
             self._create(path, lambda: os.mknod(path, fmt | 0o600, dev))
         os.chown(path, info.uid, info.gid, follow_symlinks=False)
         os.chmod(path, info.mode & 0o7777)  # just created by us: a device or fifo, not a symlink
+        self._finish_special(path, info)
+        self.counts["devices"] += 1
+
+    def _finish_special(self, path: str, info: tarfile.TarInfo) -> None:
+        """xattrs and mtime of a just-created symlink, device or fifo (never followed)."""
         for name, value in _xattrs(info):
             self._setxattr(path, name, value, info, regular=False)
         ns = _mtime_ns(info)
         if ns is not None:
             os.utime(path, ns=(ns, ns), follow_symlinks=False)
         self._touch(path)
-        self.counts["devices"] += 1
 
     def _setxattr(self, target: int | str, name: str, value: bytes, info: tarfile.TarInfo,
                   *, regular: bool) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, delete, func, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -253,18 +253,20 @@ class RegistryMetadata:
                 [{"repo_id": repo_id, "digest": digest, "size": size, "created_at": time.time()}],
             )
 
-    def unlink_blob(self, full: str, digest: str) -> bool:
+    def _delete_in_repo(self, full: str, table: Table, column: str, value: str) -> bool:
+        """Delete the row of ``table`` whose ``column`` is ``value`` in repository ``full``."""
         with self.db.begin() as conn:
             repo_id = self._repo_id(conn, full)
             if repo_id is None:
                 return False
             return bool(
                 conn.execute(
-                    delete(s.blob_links).where(
-                        s.blob_links.c.repo_id == repo_id, s.blob_links.c.digest == digest
-                    )
+                    delete(table).where(table.c.repo_id == repo_id, table.c[column] == value)
                 ).rowcount
             )
+
+    def unlink_blob(self, full: str, digest: str) -> bool:
+        return self._delete_in_repo(full, s.blob_links, "digest", digest)
 
     # -- manifests and tags ------------------------------------------------------
 
@@ -355,15 +357,7 @@ class RegistryMetadata:
             return bool(done)
 
     def delete_tag(self, full: str, tag: str) -> bool:
-        with self.db.begin() as conn:
-            repo_id = self._repo_id(conn, full)
-            if repo_id is None:
-                return False
-            return bool(
-                conn.execute(
-                    delete(s.tags).where(s.tags.c.repo_id == repo_id, s.tags.c.name == tag)
-                ).rowcount
-            )
+        return self._delete_in_repo(full, s.tags, "name", tag)
 
     def list_tags(self, full: str, n: int, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None if the repository does not exist."""
