@@ -35,8 +35,13 @@ class Home:
         return self.root / "content"
 
     @property
+    def db_path(self) -> Path:
+        """The host's SQLite file (image table, and the registry's tables by default)."""
+        return self.root / "ember.db"
+
+    @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.root / 'ember.db'}"
+        return f"sqlite:///{self.db_path}"
 
     @property
     def credentials(self) -> Path:

@@ -1,14 +1,13 @@
 from pathlib import Path
 
 from ember.oci.digest import Digest
-from ember.store.db import Database
-from ember.store.images import ImageTable
+from ember.store.images import ImageTable, open_image_db
 
 M1, M2, C = (Digest.of(x) for x in (b"m1", b"m2", b"c"))
 
 
 def test_put_get_replace_list_delete(tmp_path: Path) -> None:
-    table = ImageTable(Database(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    table = ImageTable(open_image_db(tmp_path / "db.sqlite"))
     assert table.get("x") is None and table.list() == []
     first = table.put(
         "docker.io/library/a:1",

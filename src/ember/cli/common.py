@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from ember.home import Home
 
-#: progress and messages go to stderr, so stdout stays parseable
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    #: progress and messages go to stderr, so stdout stays parseable
+    err_console: Console
+    out_console: Console
+
+
+def __getattr__(name: str) -> Any:
+    """``err_console`` / ``out_console`` are made on first use: importing rich costs
+    ~20 ms that commands which never draw (``ember run`` on its hot path) should not pay."""
+    if name not in ("err_console", "out_console"):
+        raise AttributeError(name)
+    from rich.console import Console
+
+    consoles = {
+        "err_console": Console(stderr=True, highlight=False),
+        "out_console": Console(highlight=False),
+    }
+    globals().update(consoles)
+    return consoles[name]
 
 
 def home_from_ctx(ctx: click.Context | None = None) -> Home:

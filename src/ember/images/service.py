@@ -38,9 +38,8 @@ from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
 from ember.oci.platform import Platform
 from ember.registry.client.credentials import CredentialStore
 from ember.store.content import ContentStore
-from ember.store.db import open_database
 from ember.store.errors import BlobNotFound
-from ember.store.images import ImageRecord, ImageTable
+from ember.store.images import ImageRecord, ImageTable, open_image_db
 
 #: layers downloaded at once (the registry, not the CPU, is usually the limit)
 MAX_PARALLEL_BLOBS = 4
@@ -79,7 +78,7 @@ class ImageService:
     def __init__(self, home: Home) -> None:
         self.home = home.ensure()
         self.content = ContentStore(home.content)
-        self.table = ImageTable(open_database(home.db_url))
+        self.table = ImageTable(open_image_db(home.db_path))
         self.credentials = CredentialStore(home.credentials)
 
     # -- locking -------------------------------------------------------------

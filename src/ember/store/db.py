@@ -3,6 +3,9 @@
 SQLite is the embedded default (WAL, busy timeout so that several ember
 processes can share it); ``postgresql://`` URLs work for many hosts.
 
+(The host's image table, read by every CLI command, uses the stdlib path in
+``ember.store.localdb`` on the same file, with the same migration bookkeeping.)
+
 Migrations are ordered per *area* (``images``, ``registry``, ...) and each is
 applied once, inside a transaction, and recorded in ``ember_migrations``.  An
 area registers its migrations by listing them in a module named in
@@ -40,7 +43,6 @@ from ember.store.errors import DatabaseError
 
 #: modules that carry migrations, applied in this order
 MIGRATION_MODULES: list[str] = [
-    "ember.store.images",
     "ember.registry.server.schema",
 ]
 

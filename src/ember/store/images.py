@@ -9,38 +9,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, delete, select
-from sqlalchemy.engine import Connection
+from pathlib import Path
+from sqlite3 import Row
 
 from ember.oci.digest import Digest
-from ember.store.db import Database, Migration, upsert
+from ember.store.localdb import LocalDatabase, LocalMigration, from_db_time, like_prefix, to_db_time
 
 AREA = "images"
 
-_meta = MetaData()
-images_table = Table(
-    "images",
-    _meta,
-    Column("reference", String(1024), primary_key=True),
-    Column("manifest_digest", String(200), nullable=False, index=True),
-    Column("config_digest", String(200), nullable=False),
-    Column("media_type", String(255), nullable=False),
-    Column("platform", String(100), nullable=False),
-    # sum of the compressed layer sizes plus config and manifest
-    Column("size", BigInteger, nullable=False),
-    # the index the manifest was chosen from, when there was one
-    Column("index_digest", String(200), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
+#: the schema SQLAlchemy created for this table before the image table moved to the
+#: stdlib layer: state directories from then keep working unchanged
+MIGRATIONS: list[LocalMigration] = [
+    LocalMigration(
+        "0001_create_images",
+        """
+        CREATE TABLE IF NOT EXISTS images (
+            reference VARCHAR(1024) NOT NULL,
+            manifest_digest VARCHAR(200) NOT NULL,
+            config_digest VARCHAR(200) NOT NULL,
+            media_type VARCHAR(255) NOT NULL,
+            platform VARCHAR(100) NOT NULL,
+            size BIGINT NOT NULL,
+            index_digest VARCHAR(200),
+            created_at DATETIME NOT NULL,
+            updated_at DATETIME NOT NULL,
+            PRIMARY KEY (reference)
+        );
+        CREATE INDEX IF NOT EXISTS ix_images_manifest_digest ON images (manifest_digest)
+        """,
+    )
+]
+# size: the sum of the compressed layer sizes plus config and manifest;
+# index_digest: the index the manifest was chosen from, when there was one
 
 
-def _create_images(conn: Connection) -> None:
-    images_table.create(conn)
-
-
-MIGRATIONS: list[Migration] = [Migration("0001_create_images", _create_images)]
+def open_image_db(path: Path) -> LocalDatabase:
+    return LocalDatabase(path, AREA, MIGRATIONS)
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,7 @@ class ImageRecord:
         }
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything ember stores is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _record(row: object) -> ImageRecord:
-    m = row._mapping  # type: ignore[attr-defined]
+def _record(m: Row) -> ImageRecord:
     return ImageRecord(
         reference=m["reference"],
         manifest_digest=Digest.parse(m["manifest_digest"]),
@@ -84,13 +82,25 @@ def _record(row: object) -> ImageRecord:
         platform=m["platform"],
         size=m["size"],
         index_digest=Digest.parse(m["index_digest"]) if m["index_digest"] else None,
-        created_at=_aware(m["created_at"]),
-        updated_at=_aware(m["updated_at"]),
+        created_at=from_db_time(m["created_at"]),
+        updated_at=from_db_time(m["updated_at"]),
     )
 
 
+_UPSERT = """
+INSERT INTO images (reference, manifest_digest, config_digest, media_type, platform, size,
+                    index_digest, created_at, updated_at)
+VALUES (:reference, :manifest_digest, :config_digest, :media_type, :platform, :size,
+        :index_digest, :now, :now)
+ON CONFLICT (reference) DO UPDATE SET
+    manifest_digest = excluded.manifest_digest, config_digest = excluded.config_digest,
+    media_type = excluded.media_type, platform = excluded.platform, size = excluded.size,
+    index_digest = excluded.index_digest, updated_at = excluded.updated_at
+"""
+
+
 class ImageTable:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: LocalDatabase) -> None:
         self.db = db
 
     def put(
@@ -104,46 +114,44 @@ class ImageTable:
         size: int,
         index_digest: Digest | None = None,
     ) -> ImageRecord:
-        now = datetime.now(UTC)
+        """Record ``reference`` (a re-pull moves the name and keeps its creation time);
+        one statement, so two processes recording the same name at once both succeed."""
         values = {
+            "reference": reference,
             "manifest_digest": str(manifest_digest),
             "config_digest": str(config_digest),
             "media_type": media_type,
             "platform": platform,
             "size": size,
             "index_digest": str(index_digest) if index_digest else None,
-            "updated_at": now,
+            "now": to_db_time(datetime.now(UTC)),
         }
         with self.db.begin() as conn:
-            upsert(conn, images_table, {"reference": reference}, values, {"created_at": now})
-        got = self.get(reference)
-        assert got is not None
-        return got
+            conn.execute(_UPSERT, values)
+            row = conn.execute("SELECT * FROM images WHERE reference = ?", (reference,)).fetchone()
+        return _record(row)
 
     def get(self, reference: str) -> ImageRecord | None:
-        with self.db.connect() as conn:
-            row = conn.execute(
-                select(images_table).where(images_table.c.reference == reference)
-            ).first()
+        with self.db.read() as conn:
+            row = conn.execute("SELECT * FROM images WHERE reference = ?", (reference,)).fetchone()
         return _record(row) if row else None
 
     def find_by_digest(self, prefix: str) -> list[ImageRecord]:
         """Records whose manifest digest is, or starts with, ``prefix`` (``sha256:abc...`` or ``abc...``)."""
         text = prefix if ":" in prefix else f"sha256:{prefix}"
-        with self.db.connect() as conn:
+        with self.db.read() as conn:
             rows = conn.execute(
-                select(images_table).where(
-                    images_table.c.manifest_digest.startswith(text, autoescape=True)
-                )
-            ).all()
+                "SELECT * FROM images WHERE manifest_digest LIKE ? ESCAPE '/' ORDER BY reference",
+                (like_prefix(text),),
+            ).fetchall()
         return [_record(r) for r in rows]
 
     def list(self) -> list[ImageRecord]:
-        with self.db.connect() as conn:
-            rows = conn.execute(select(images_table).order_by(images_table.c.reference)).all()
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT * FROM images ORDER BY reference").fetchall()
         return [_record(r) for r in rows]
 
     def delete(self, reference: str) -> bool:
         with self.db.begin() as conn:
-            result = conn.execute(delete(images_table).where(images_table.c.reference == reference))
-        return bool(result.rowcount)
+            cur = conn.execute("DELETE FROM images WHERE reference = ?", (reference,))
+        return bool(cur.rowcount)

@@ -1,0 +1,148 @@
+"""The database layer's host-local path: one SQLite file, through the stdlib.
+
+Tables that only the host's own ember processes read and write (the image
+table) live here rather than behind SQLAlchemy, because every CLI command reads
+them and importing SQLAlchemy alone costs 0.2-0.3 s per process on this class
+of machine, more than the whole host-side work of starting a prepared machine.
+
+It keeps the conventions of ``ember.store.db``: the same file (``$EMBER_HOME/ember.db``,
+shared with the registry's SQLAlchemy tables), the same pragmas (WAL, busy
+timeout), migrations per area recorded in the same ``ember_migrations`` table and
+serialised across processes by the same lock file, so either layer can open a
+file the other created.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ember.store.errors import DatabaseError
+
+_MIGRATIONS_DDL = """
+CREATE TABLE IF NOT EXISTS ember_migrations (
+    area VARCHAR(64) NOT NULL,
+    id VARCHAR(128) NOT NULL,
+    applied_at DATETIME DEFAULT (CURRENT_TIMESTAMP),
+    PRIMARY KEY (area, id)
+)
+"""
+
+#: how SQLAlchemy's SQLite DateTime stores a value: naive, UTC by ember's convention
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def to_db_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def from_db_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class LocalMigration:
+    id: str
+    sql: str
+
+
+class LocalDatabase:
+    """One SQLite file; a short-lived connection per transaction (thread-safe by construction)."""
+
+    def __init__(self, path: Path, area: str, migrations: list[LocalMigration]) -> None:
+        self.path = path
+        self.area = area
+        self._migrations = migrations
+        self._migrated = False
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: transactions are begun explicitly below
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise DatabaseError(f"database {self.path} is not usable: {e}") from None
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    @contextmanager
+    def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        try:
+            conn.execute(f"BEGIN {mode}")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise DatabaseError(f"database {self.path}: {e}") from None
+        finally:
+            conn.close()
+
+    def migrate(self) -> None:
+        """Apply this area's pending migrations once (safe across processes)."""
+        if self._migrated:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{self.path}.migrate-lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._migrate_locked()
+        except OSError as e:
+            raise DatabaseError(f"database {self.path} is not usable: {e}") from None
+        self._migrated = True
+
+    def _migrate_locked(self) -> None:
+        with self._transaction("IMMEDIATE") as conn:
+            conn.execute(_MIGRATIONS_DDL)
+            done = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM ember_migrations WHERE area = ?", (self.area,)
+                )
+            }
+            for m in self._migrations:
+                if m.id in done:
+                    continue
+                for statement in _statements(m.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO ember_migrations (area, id) VALUES (?, ?)", (self.area, m.id)
+                )
+
+    @contextmanager
+    def begin(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside a write transaction, committed on success."""
+        self.migrate()
+        with self._transaction("IMMEDIATE") as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside a read transaction (one consistent snapshot)."""
+        self.migrate()
+        with self._transaction("DEFERRED") as conn:
+            yield conn
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration's SQL at semicolons (ember's migrations hold no string literals
+    with semicolons); ``executescript`` cannot be used inside a transaction."""
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching strings that start with ``text`` (ESCAPE '/')."""
+    escaped = text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+    return escaped + "%"
+

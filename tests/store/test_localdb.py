@@ -1,0 +1,143 @@
+"""The stdlib SQLite path: migrations once across processes, coexistence with the
+SQLAlchemy layer on one file, and image rows written by the SQLAlchemy-era schema."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table
+
+from ember.oci.digest import Digest
+from ember.store.db import Database
+from ember.store.errors import DatabaseError
+from ember.store.images import ImageTable, open_image_db
+from ember.store.localdb import LocalDatabase, LocalMigration, from_db_time, like_prefix, to_db_time
+
+M, C = Digest.of(b"m"), Digest.of(b"c")
+
+AREA_MIGRATIONS = [
+    LocalMigration("0001", "CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)"),
+    LocalMigration("0002", "ALTER TABLE things ADD COLUMN size INTEGER; CREATE INDEX ix ON things (size)"),
+]
+
+
+def _migrate(path: Path) -> None:
+    LocalDatabase(path, "test", AREA_MIGRATIONS).migrate()
+
+
+def test_migrations_apply_once_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_migrate, args=(path,)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    db = LocalDatabase(path, "test", AREA_MIGRATIONS)
+    with db.begin() as conn:
+        conn.execute("INSERT INTO things (name, size) VALUES ('a', 1)")
+    with db.read() as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM ember_migrations WHERE area='test' ORDER BY id")]
+        assert [tuple(r) for r in conn.execute("SELECT name, size FROM things")] == [("a", 1)]
+    assert ids == ["0001", "0002"]
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    db = LocalDatabase(tmp_path / "x.db", "test", AREA_MIGRATIONS)
+    with pytest.raises(RuntimeError), db.begin() as conn:
+        conn.execute("INSERT INTO things (name) VALUES ('half')")
+        raise RuntimeError("killed half-way")
+    with db.read() as conn:
+        assert conn.execute("SELECT count(*) FROM things").fetchone()[0] == 0
+
+
+def test_unusable_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "db").mkdir()  # a directory where the file should be
+    with pytest.raises(DatabaseError, match="not usable"):
+        open_image_db(tmp_path / "db").migrate()
+
+
+def test_sql_errors_become_database_errors(tmp_path: Path) -> None:
+    db = LocalDatabase(tmp_path / "x.db", "test", AREA_MIGRATIONS)
+    with pytest.raises(DatabaseError, match="no such table"), db.read() as conn:
+        conn.execute("SELECT * FROM missing_table")
+
+
+def test_shares_its_file_with_the_sqlalchemy_layer(tmp_path: Path) -> None:
+    path = tmp_path / "ember.db"
+    ImageTable(open_image_db(path)).put(
+        "r", manifest_digest=M, config_digest=C, media_type="m", platform="linux/amd64", size=1
+    )
+    Database(f"sqlite:///{path}").migrate()  # the registry's areas, same ember_migrations
+    table = ImageTable(open_image_db(path))
+    assert table.get("r") is not None
+    with sqlite3.connect(path) as conn:
+        areas = {r[0] for r in conn.execute("SELECT DISTINCT area FROM ember_migrations")}
+    assert {"images", "registry"} <= areas
+
+
+def test_reads_rows_the_sqlalchemy_era_schema_wrote(tmp_path: Path) -> None:
+    """State directories made before the move: table and rows created through SQLAlchemy."""
+    path = tmp_path / "ember.db"
+    meta = MetaData()
+    old = Table(
+        "images", meta,
+        Column("reference", String(1024), primary_key=True),
+        Column("manifest_digest", String(200), nullable=False, index=True),
+        Column("config_digest", String(200), nullable=False),
+        Column("media_type", String(255), nullable=False),
+        Column("platform", String(100), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("index_digest", String(200), nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )  # fmt: skip
+    db = Database(f"sqlite:///{path}")
+    created = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    with db.engine.begin() as conn:
+        meta.create_all(conn)
+        conn.exec_driver_sql(
+            "CREATE TABLE IF NOT EXISTS ember_migrations (area VARCHAR(64), id VARCHAR(128), "
+            "applied_at DATETIME, PRIMARY KEY (area, id))"
+        )
+        conn.exec_driver_sql("INSERT INTO ember_migrations VALUES ('images', '0001_create_images', NULL)")
+        conn.execute(old.insert().values(
+            reference="old", manifest_digest=str(M), config_digest=str(C), media_type="m",
+            platform="linux/amd64", size=5, index_digest=None, created_at=created, updated_at=created,
+        ))  # fmt: skip
+    table = ImageTable(open_image_db(path))
+    rec = table.get("old")
+    assert rec is not None and rec.created_at == created and rec.manifest_digest == M
+    again = table.put(
+        "old", manifest_digest=M, config_digest=C, media_type="m", platform="linux/amd64", size=6
+    )
+    assert again.created_at == created and again.size == 6 and again.updated_at > created
+
+
+def test_time_and_pattern_helpers() -> None:
+    t = datetime(2026, 11, 28, 10, 0, 0, 1, tzinfo=UTC)
+    assert from_db_time(to_db_time(t)) == t
+    assert like_prefix("a_b%c/") == "a/_b/%c//%"
+
+
+def _put_many(path: Path, n: int) -> None:
+    table = ImageTable(open_image_db(path))
+    for i in range(n):
+        table.put("same", manifest_digest=M, config_digest=C, media_type="m", platform="p", size=i)
+
+
+def test_concurrent_writers_of_one_reference_all_succeed(tmp_path: Path) -> None:
+    path = tmp_path / "ember.db"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_put_many, args=(path, 25)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert [r.reference for r in ImageTable(open_image_db(path)).list()] == ["same"]
