@@ -3,8 +3,9 @@
 One committed snapshot per layer, named by the layer's chain ID, so images that
 share base layers share those snapshots.  Building layer N: clone the
 snapshot of layers 0..N-1 (or make an empty ext4), loop-mount it, apply layer N
-with ember's hardened unpacker, unmount, check, commit.  A per-chain-ID lock
-makes concurrent prepares build each snapshot once (the second waits, then
+with ember's hardened unpacker, unmount, check (the superblock of every layer,
+``e2fsck -fn`` of the image's top one; see docs/snapshots.md), commit.  A
+per-chain-ID lock makes concurrent prepares build each snapshot once (the second waits, then
 finds it committed); a temporary lease keeps GC off the chain meanwhile.  A
 layer that runs out of blocks or inodes is rebuilt on a disk twice as big, so
 the configured base size is a starting point, not a limit.
@@ -78,12 +79,16 @@ def prepare_image(
             parent: str | None = None
             for layer, name in zip(image.layers, chain, strict=True):
                 if not snap.is_committed(name):
-                    lock_path = snap.pool.locks / f"chain-{names.encode(name)}.lock"
-                    with FileLock(lock_path, unlink_on_release=True):
+                    with FileLock(_chain_lock(snap, name), unlink_on_release=True):
                         if not snap.is_committed(name):  # someone else built it while we waited
-                            _build_layer(snap, store, name, parent, layer)
+                            _build_layer(snap, store, name, parent, layer, top=name == top)
                             built.append(name)
                 parent = name
+    if snap.config.check != "none" and not snap.fully_checked(top):
+        # the top was built as another image's intermediate layer (superblock-checked
+        # only), or before checks were recorded: a machine boots it, so check it fully once
+        with FileLock(_chain_lock(snap, top), unlink_on_release=True):
+            snap.ensure_checked(top)
     return PreparedImage(
         manifest_digest=str(image.manifest_digest),
         snapshot=top,
@@ -93,6 +98,10 @@ def prepare_image(
     )
 
 
+def _chain_lock(snap: Snapshotter, name: str) -> Path:
+    return snap.pool.locks / f"chain-{names.encode(name)}.lock"
+
+
 class _OutOfSpace(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -100,7 +109,13 @@ class _OutOfSpace(Exception):
 
 
 def _build_layer(
-    snap: Snapshotter, store: ContentStore, name: str, parent: str | None, layer: Layer
+    snap: Snapshotter,
+    store: ContentStore,
+    name: str,
+    parent: str | None,
+    layer: Layer,
+    *,
+    top: bool,
 ) -> None:
     """Build one layer's snapshot; a layer that does not fit is retried on a disk twice as big."""
     blob = store.path(layer.digest)
@@ -112,7 +127,7 @@ def _build_layer(
     size: int | None = None
     while True:
         try:
-            _build_once(snap, name, parent, layer, blob, size)
+            _build_once(snap, name, parent, layer, blob, size, top=top)
             break
         except _OutOfSpace as full:
             if full.size * 2 > MAX_AUTO_SIZE:
@@ -125,7 +140,14 @@ def _build_layer(
 
 
 def _build_once(
-    snap: Snapshotter, name: str, parent: str | None, layer: Layer, blob: Path, size: int | None
+    snap: Snapshotter,
+    name: str,
+    parent: str | None,
+    layer: Layer,
+    blob: Path,
+    size: int | None,
+    *,
+    top: bool,
 ) -> None:
     from ember.unpack import apply_layer  # the unpacker is only needed when building
 
@@ -139,9 +161,14 @@ def _build_once(
                 if _nearly_full(root):
                     raise _OutOfSpace(system.fs_size(snap.path(key))) from e
                 raise
-        if snap.config.check == "full":
+        mode = snap.config.check
+        full = mode == "full" or (mode == "top" and top)
+        if mode != "none":
+            # first: e2fsck -n does not replay the journal and passes an image that needs it
+            snap.check_superblock(key)
+        if full:
             snap.check(key)
-        snap.commit(name, key, held=lock)
+        snap.commit(name, key, held=lock, checked=full)
     except BaseException:
         try:
             snap.remove(key, held=lock)

@@ -5,7 +5,10 @@
     {"snapshots": {"backend": "auto" | "reflink" | "copy",
                    "base_size": "8G",      # the empty ext4 every image chain starts from
                    "pool_size": "64G",     # sparse XFS pool file, only when $EMBER_HOME has no reflinks
-                   "check": "full" | "none"}}  # e2fsck -fn of every built layer before it is committed
+                   "check": "top" | "full" | "none"}}
+    # check "top" (default): every built layer's superblock (clean unmount, no errors, no
+    # journal to replay), and e2fsck -fn of an image's top snapshot, the one machines boot;
+    # "full": e2fsck -fn of every layer too; "none": no check
 
 Environment variables ``EMBER_SNAPSHOT_BACKEND``, ``EMBER_SNAPSHOT_BASE_SIZE`` and
 ``EMBER_SNAPSHOT_POOL_SIZE`` override the file (handy for one command or a test).
@@ -23,7 +26,7 @@ from ember.home import Home
 from ember.snapshots.errors import SnapshotError
 
 BACKENDS = ("auto", "reflink", "copy")
-CHECKS = ("full", "none")
+CHECKS = ("top", "full", "none")
 GiB = 1 << 30
 DEFAULT_BASE_SIZE = 8 * GiB
 DEFAULT_POOL_SIZE = 64 * GiB
@@ -59,7 +62,7 @@ class SnapshotConfig:
     backend: str = "auto"
     base_size: int = DEFAULT_BASE_SIZE
     pool_size: int | None = None  # None: DEFAULT_POOL_SIZE capped by free space
-    check: str = "full"
+    check: str = "top"
 
     @classmethod
     def load(cls, home: Home) -> SnapshotConfig:

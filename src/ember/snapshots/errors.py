@@ -43,3 +43,7 @@ class LeaseError(SnapshotError):
 
 class LeaseNotFound(NotFound, LeaseError):
     pass
+
+
+class MountFailed(CommandFailed):
+    """A disk image could not be loop-mounted (missing, not ext4, no free loop device)."""

@@ -165,10 +165,7 @@ def _ensure_mounted(image: Path, root: Path) -> None:
             f"the snapshot pool file {image} is missing (remove {image.parent}/pool.json to start over)"
         )
     log.info("mounting snapshot pool %s", image)
-    system.run(
-        ["mount", "-t", "xfs", "-o", "loop,noatime", image, root],
-        f"cannot mount the snapshot pool {image}",
-    )
+    system.mount_image(image, root, readonly=False, fstype="xfs")
 
 
 def close_pool(home: Home) -> None:
@@ -182,4 +179,4 @@ def close_pool(home: Home) -> None:
     for lo in system.loops_backed_under(base):
         with contextlib.suppress(SnapshotError):
             system.detach_loop(lo.device)
-        system.wait_loop_released(lo.major, lo.minor)
+        system.wait_loop_released(lo.major, lo.minor, lo.backing_file)

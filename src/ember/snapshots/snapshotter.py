@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
-from ember.snapshots import names, system
+from ember.snapshots import names, superblock, system
 from ember.snapshots.config import SnapshotConfig, parse_size
 from ember.snapshots.errors import (
     CheckFailed,
@@ -51,6 +51,8 @@ log = logging.getLogger("ember.snapshots")
 DISK = "disk.ext4"
 META = "meta.json"
 LOCK = "lock"
+CHECKED = "checked"  # present when the disk passed e2fsck -fn (committed disks never change)
+_CHECKED_MARK = b"e2fsck -fn\n"
 
 # recovery runs once per process per pool
 _recovered: set[Path] = set()
@@ -269,19 +271,23 @@ class Snapshotter:
         """Loop-mount a snapshot (rw if active, else ro); always unmounted and released on exit.
 
         ``held``: the snapshot's lock the caller already holds (from prepare_held).
+        A builder's (transient) snapshot is mounted without write barriers: it is
+        discarded after any crash, and ``commit`` fsyncs the whole disk before it
+        counts, so per-commit flushes of the image would buy nothing.
         """
         d, kind = self._locate(key)
         readonly = kind is not Kind.ACTIVE
+        barrier = readonly or not self._meta(d).transient
         lock = held or require_lock(d / LOCK, f"snapshot {key!r}", shared=readonly)
         target = self.pool.mnt / secrets.token_hex(8)
         try:
             target.mkdir()
             try:
-                system.mount_image(d / DISK, target, readonly=readonly)
+                device = system.mount_image(d / DISK, target, readonly=readonly, barrier=barrier)
                 try:
                     yield target
                 finally:
-                    system.unmount(target)
+                    system.unmount(target, device=device)
             finally:
                 target.rmdir()
         finally:
@@ -295,9 +301,43 @@ class Snapshotter:
         except CommandFailed as e:
             raise CheckFailed(f"snapshot {key!r} failed its file system check: {e}") from e
 
+    def check_superblock(self, key: str) -> None:
+        """The cheap check (superblock.py): cleanly unmounted, no errors; raises CheckFailed."""
+        found = superblock.check_image(self.path(key))
+        if found:
+            raise CheckFailed(f"snapshot {key!r} failed its superblock check: {'; '.join(found)}")
+
+    def fully_checked(self, key: str) -> bool:
+        """Did this (committed, so unchanged since) snapshot pass ``e2fsck -fn``?"""
+        try:
+            return (self._locate(key)[0] / CHECKED).read_bytes() == _CHECKED_MARK
+        except (FileNotFoundError, SnapshotNotFound):
+            return False
+
+    def ensure_checked(self, key: str) -> None:
+        """``e2fsck -fn`` a committed snapshot unless it passed before; records the pass.
+
+        For a snapshot built as an intermediate layer (superblock-checked only)
+        that has become the top of an image.  Raises CheckFailed.
+        """
+        d, kind = self._locate(key)
+        if kind is not Kind.COMMITTED:
+            raise SnapshotError(f"snapshot {key!r} is {kind.value}, not committed")
+        if self.fully_checked(key):
+            return
+        with FileLock(d / LOCK, shared=True):  # keeps ``remove`` away meanwhile
+            if not (d / META).is_file():
+                raise SnapshotNotFound(f"snapshot {key!r} was removed")
+            self.check(key)
+            atomic_write(d / CHECKED, _CHECKED_MARK)
+
     def commit(self, name: str, key: str, *, held: FileLock | None = None,
-               labels: dict[str, str] | None = None) -> SnapshotInfo:  # fmt: skip
-        """Make active ``key`` the immutable committed snapshot ``name`` (one atomic rename)."""
+               labels: dict[str, str] | None = None, checked: bool = False) -> SnapshotInfo:  # fmt: skip
+        """Make active ``key`` the immutable committed snapshot ``name`` (one atomic rename).
+
+        ``checked``: the caller ran ``check`` (e2fsck -fn) on the disk as it is
+        now, under the lock it holds; the commit records that.
+        """
         enc = names.encode(name)
         d, kind = self._locate(key)
         if kind is not Kind.ACTIVE:
@@ -318,6 +358,10 @@ class Snapshotter:
             finally:
                 os.close(fd)
             os.chmod(disk, 0o444)
+            if checked:  # before the metadata that makes it committed: never a stale mark
+                atomic_write(d / CHECKED, _CHECKED_MARK)
+            else:
+                (d / CHECKED).unlink(missing_ok=True)
             old = self._meta(d)
             meta = Meta(
                 name, Kind.COMMITTED, old.parent, time.time(), {**old.labels, **(labels or {})}
@@ -407,7 +451,7 @@ class Snapshotter:
                     continue
                 try:
                     system.detach_loop(lo.device)
-                    system.wait_loop_released(lo.major, lo.minor)
+                    system.wait_loop_released(lo.major, lo.minor, lo.backing_file)
                     done.append(f"detached {lo.device} ({lo.backing_file})")
                 except SnapshotError as e:
                     log.warning("%s", e)

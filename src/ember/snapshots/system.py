@@ -1,14 +1,16 @@
 """The host side: external tools, mounts and loop devices.
 
 Everything that runs a program or reads /proc and /sys lives here, so the rest
-of the snapshotter is logic over paths.  Mounts use ``mount -o loop`` with the
-loop device's autoclear flag (util-linux sets it), so an unmount always
-releases the loop device too; ``recover`` in the snapshotter handles what a
-killed process left behind.
+of the snapshotter is logic over paths.  Disk images are mounted by system
+call (loop.py: LOOP_CONFIGURE with autoclear, mount(2), umount2(2)), so an
+unmount always releases the loop device too, as with ``mount -o loop``;
+``recover`` in the snapshotter handles what a killed process left behind.
+The ext4 tools (mkfs.ext4, e2fsck, resize2fs) stay programs.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.snapshots.errors import CommandFailed
+from ember.snapshots import loop
+from ember.snapshots.errors import CommandFailed, MountFailed
+from ember.snapshots.loop import LOOP_MAJOR
 
 # Tools live in /usr/sbin, which a non-login PATH may lack.
 _PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
@@ -130,59 +134,123 @@ def loops_backed_under(prefix: Path) -> list[LoopDevice]:
 
 
 def detach_loop(device: Path) -> None:
-    run(["losetup", "-d", device], f"cannot detach {device}")
+    try:
+        loop.detach(device)
+    except OSError as e:
+        raise CommandFailed(f"cannot detach {device}: {e.strerror}") from e
 
 
 # -- mounting disk images ------------------------------------------------------------------
 
 
-def mount_image(image: Path, target: Path, *, readonly: bool, fstype: str = "ext4") -> None:
-    opts = ["loop", "noatime"]
-    # A read-only mount also gets a read-only loop device (util-linux does that
-    # for ``ro``), and ``noload`` so that nothing, not even journal replay, writes.
-    opts += ["ro", "noload"] if readonly and fstype == "ext4" else (["ro"] if readonly else ["rw"])
-    run(
-        ["mount", "-t", fstype, "-o", ",".join(opts), image, target],
-        f"cannot mount {image.name} at {target}",
-    )
+def mount_image(
+    image: Path, target: Path, *, readonly: bool, fstype: str = "ext4", barrier: bool = True
+) -> LoopDevice:
+    """Loop-mount ``image`` on ``target``; returns the loop device, released again by ``unmount``.
+
+    A read-only mount gets a read-only loop device and, for ext4, ``noload``, so
+    that nothing, not even journal replay, writes (what ``mount -o loop,ro`` did).
+    ``barrier=False`` (ext4, read-write): no cache flushes, which a loop device
+    turns into an fsync of the image per journal commit; only for a disk that
+    is thrown away after a crash and fsync'ed as a whole before it counts.
+    """
+    what = f"cannot mount {image.name} at {target}"
+    backing = os.path.realpath(image)  # how sysfs names the device's backing file
+    try:
+        dev = loop.attach(image, readonly=readonly)
+    except FileNotFoundError:
+        raise MountFailed(f"{what}: {image} does not exist") from None
+    except OSError as e:
+        raise MountFailed(f"{what}: cannot set up a loop device: {e.strerror}") from e
+    mounted = False
+    try:
+        flags = loop.MS_NOATIME | (loop.MS_RDONLY if readonly else 0)
+        data = None
+        if fstype == "ext4":
+            data = "noload" if readonly else (None if barrier else "nobarrier")
+        loop.mount(dev.device, target, fstype, flags, data)
+        mounted = True
+    except OSError as e:
+        reason = e.strerror
+        if e.errno == errno.EINVAL and fstype == "ext4" and not _has_ext4_magic(image):
+            reason = "it does not hold an ext4 file system"
+        raise MountFailed(f"{what}: {reason}") from e
+    finally:
+        # from here on the mount is the device's only user (autoclear: unmount releases it);
+        # after a failed mount this close is the last one and releases it now
+        os.close(dev.fd)
+        if not mounted:
+            wait_loop_released(dev.major, dev.minor, backing)
+    return LoopDevice(dev.device, backing, dev.major, dev.minor)
 
 
-def unmount(target: Path, *, attempts: int = 20) -> None:
+def _has_ext4_magic(image: Path) -> bool:
+    try:
+        with open(image, "rb") as f:
+            f.seek(1024 + 0x38)
+            return f.read(2) == b"\x53\xef"
+    except OSError:
+        return False
+
+
+def unmount(target: Path, *, device: LoopDevice | None = None, attempts: int = 20) -> None:
     """Unmount, retrying while busy; as a last resort detach lazily so nothing stays visible.
 
     Returns once the loop device under the mount (if any) is released too: the
-    kernel clears an autoclear loop device asynchronously after the last close.
+    kernel may clear an autoclear loop device after umount2 returns (when
+    another opener, such as udev's probe, closes it last).  ``device``: the
+    loop device ``mount_image`` returned, which spares reading mountinfo.
     """
-    entry = next((m for m in mounts() if m.mountpoint == target), None)
-    last: CommandFailed | None = None
+    if device is not None:
+        major, minor = device.major, device.minor
+    else:
+        entry = next((m for m in mounts() if m.mountpoint == target), None)
+        major, minor = (entry.major, entry.minor) if entry is not None else (0, 0)
+    last: OSError | None = None
     for i in range(attempts):
         try:
-            run(["umount", target], f"cannot unmount {target}")
+            loop.umount(target)
             last = None
             break
-        except CommandFailed as e:
-            if not is_mountpoint(target):
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT) and not is_mountpoint(target):
                 last = None
-                break
+                break  # not (or no longer) mounted
+            if e.errno != errno.EBUSY:
+                raise CommandFailed(f"cannot unmount {target}: {e.strerror}") from e
             last = e
             time.sleep(min(0.05 * (i + 1), 0.5))
     else:
-        run(["umount", "-l", target], f"cannot unmount {target}")
+        try:
+            loop.umount(target, loop.MNT_DETACH)
+        except OSError as e:
+            raise CommandFailed(f"cannot unmount {target}: {e.strerror}") from e
         if last is not None and is_mountpoint(target):
-            raise last
+            raise CommandFailed(f"cannot unmount {target}: {last.strerror}")
         return  # a lazy unmount releases the device when its last user goes
-    if entry is not None and entry.major == LOOP_MAJOR:
-        wait_loop_released(entry.major, entry.minor)
+    if major == LOOP_MAJOR:
+        wait_loop_released(major, minor, device.backing_file if device is not None else None)
 
 
-LOOP_MAJOR = 7
+def wait_loop_released(
+    major: int, minor: int, backing: str | None = None, timeout: float = 5.0
+) -> None:
+    """Wait for an autoclear loop device to drop its backing file; detach it if it does not.
 
-
-def wait_loop_released(major: int, minor: int, timeout: float = 5.0) -> None:
-    """Wait for an autoclear loop device to drop its backing file; detach it if it does not."""
-    backing = Path(f"/sys/dev/block/{major}:{minor}/loop/backing_file")
+    ``backing``: the file we bound.  Once the device is released another
+    process may bind the same (free again) device at once; when the backing
+    file is no longer ours, ours was released and the device is not ours to
+    detach.
+    """
+    path = Path(f"/sys/dev/block/{major}:{minor}/loop/backing_file")
     deadline = time.monotonic() + timeout
-    while backing.exists():
+    while True:
+        try:
+            current = path.read_text().rstrip("\n")
+        except OSError:
+            return  # not bound
+        if backing is not None and current.removesuffix(" (deleted)") != backing:
+            return
         if time.monotonic() > deadline:
             try:
                 name = Path(f"/sys/dev/block/{major}:{minor}").resolve().name
