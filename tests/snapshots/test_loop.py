@@ -1,0 +1,216 @@
+"""Loop devices and mounts by system call (loop.py, system.mount_image/unmount), on real devices."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.snapshots import loop, system
+from ember.snapshots.errors import MountFailed
+from tests.snapshots.leaks import ours
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    for m in system.mounts_under(tmp_path):
+        subprocess.run(["umount", "-l", str(m.mountpoint)], check=False)
+    for lo in system.loops_backed_under(tmp_path):
+        subprocess.run(["losetup", "-d", str(lo.device)], check=False)
+    mounts, loops = ours(tmp_path)
+    assert mounts == [] and loops == [], f"left behind: {mounts} {loops}"
+
+
+def _ext4(path: Path, size: int = 64 << 20) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-F", "-q", str(path)], check=True, capture_output=True)
+    return path
+
+
+def _entry(target: Path) -> system.MountEntry:
+    found = [m for m in system.mounts() if m.mountpoint == target]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _options(target: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(target):
+                return fields[5].split(",")
+    raise AssertionError(f"{target} is not mounted")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_read_write_mount_round_trip(work: Path) -> None:
+    image, target = _ext4(work / "disk.ext4"), work / "mnt"
+    target.mkdir()
+    dev = system.mount_image(image, target, readonly=False)
+    try:
+        entry = _entry(target)
+        assert (entry.major, entry.minor) == (dev.major, dev.minor) == (7, dev.minor)
+        assert entry.fstype == "ext4" and entry.source == str(dev.device)
+        assert "rw" in _options(target) and "noatime" in _options(target)
+        sysfs = Path(f"/sys/dev/block/{dev.major}:{dev.minor}")
+        assert (sysfs / "loop/backing_file").read_text().strip() == str(image)
+        assert (sysfs / "loop/autoclear").read_text().strip() == "1"
+        assert (sysfs / "ro").read_text().strip() == "0"
+        assert (sysfs / "loop/dio").read_text().strip() == "0"
+        (target / "hello").write_text("world\n")
+    finally:
+        system.unmount(target, device=dev)
+    assert not system.is_mountpoint(target)
+    assert ours(work) == ([], [])  # autoclear: the unmount released the device too
+    subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
+
+
+def test_read_only_mount_writes_nothing(work: Path) -> None:
+    image, target = _ext4(work / "disk.ext4"), work / "mnt"
+    target.mkdir()
+    dev = system.mount_image(image, target, readonly=False)
+    (target / "kept").write_text("data\n")
+    system.unmount(target, device=dev)
+    before = _sha(image)
+    dev = system.mount_image(image, target, readonly=True)
+    try:
+        assert {"ro", "noatime"} <= set(_options(target))
+        ro = Path(f"/sys/dev/block/{dev.major}:{dev.minor}/ro").read_text().strip()
+        assert ro == "1"  # the loop device itself is read-only
+        assert (target / "kept").read_text() == "data\n"
+        with pytest.raises(OSError):
+            (target / "new").write_text("x")
+    finally:
+        system.unmount(target, device=dev)
+    assert _sha(image) == before
+    assert ours(work) == ([], [])
+
+
+def test_unmount_without_the_device_finds_it(work: Path) -> None:
+    """recover() unmounts what another process mounted: the loop device is found in mountinfo."""
+    image, target = _ext4(work / "disk.ext4"), work / "mnt"
+    target.mkdir()
+    system.mount_image(image, target, readonly=False)
+    system.unmount(target)
+    assert ours(work) == ([], [])
+    system.unmount(target)  # not mounted any more: nothing to do
+
+
+def test_missing_image_is_a_clear_error(work: Path) -> None:
+    target = work / "mnt"
+    target.mkdir()
+    with pytest.raises(MountFailed, match="does not exist"):
+        system.mount_image(work / "absent.ext4", target, readonly=True)
+    assert not system.is_mountpoint(target)
+
+
+def test_non_ext4_file_is_refused_and_its_loop_released(work: Path) -> None:
+    junk, target = work / "junk.img", work / "mnt"
+    junk.write_bytes(os.urandom(1 << 20))
+    target.mkdir()
+    for readonly in (True, False):
+        with pytest.raises(MountFailed, match="does not hold an ext4 file system"):
+            system.mount_image(junk, target, readonly=readonly)
+        # released before mount_image returned, not eventually
+        assert ours(work) == ([], [])
+    assert not system.is_mountpoint(target)
+
+
+def test_failed_mount_of_a_good_image_releases_the_loop(work: Path) -> None:
+    image = _ext4(work / "disk.ext4")
+    with pytest.raises(MountFailed, match="cannot mount disk.ext4"):
+        system.mount_image(image, work / "no-such-dir", readonly=False)
+    assert ours(work) == ([], [])
+    xfs_as_ext4 = work / "xfs.img"
+    with open(xfs_as_ext4, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", str(xfs_as_ext4)], check=True)
+    (work / "mnt").mkdir()
+    with pytest.raises(MountFailed, match="does not hold an ext4"):
+        system.mount_image(xfs_as_ext4, work / "mnt", readonly=True)
+    assert ours(work) == ([], [])
+
+
+def test_concurrent_attaches_get_distinct_devices(work: Path) -> None:
+    """Threads racing for the free device: each gets its own (EBUSY answers are retried)."""
+    images = [_ext4(work / f"d{i}.ext4", 8 << 20) for i in range(6)]
+    results: list[loop.Attached] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(images))
+
+    def attach(image: Path) -> None:
+        start.wait()
+        try:
+            results.append(loop.attach(image, readonly=True))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=attach, args=(img,)) for img in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert len({r.device for r in results}) == len(images)
+        backing = {
+            Path(f"/sys/dev/block/{r.major}:{r.minor}/loop/backing_file").read_text().strip()
+            for r in results
+        }
+        assert backing == {str(img) for img in images}
+    finally:
+        for r in results:
+            os.close(r.fd)
+    for r in results:  # closing the only descriptor releases an autoclear device
+        system.wait_loop_released(r.major, r.minor)
+    assert ours(work) == ([], [])
+
+
+def test_detach_of_a_device_still_open(work: Path) -> None:
+    image = _ext4(work / "disk.ext4", 8 << 20)
+    att = loop.attach(image, readonly=True)
+    try:
+        system.detach_loop(att.device)
+    finally:
+        os.close(att.fd)
+    system.wait_loop_released(att.major, att.minor)
+    assert ours(work) == ([], [])
+    system.detach_loop(att.device)  # detaching an unbound device is not an error
+
+
+def test_busy_mount_is_detached_lazily(work: Path) -> None:
+    image, target = _ext4(work / "disk.ext4"), work / "mnt"
+    target.mkdir()
+    dev = system.mount_image(image, target, readonly=False)
+    held = open(target / "open-file", "w")  # noqa: SIM115 - kept open across the unmount
+    try:
+        system.unmount(target, device=dev, attempts=2)
+        assert not system.is_mountpoint(target)  # gone from the namespace at once
+    finally:
+        held.close()
+    system.wait_loop_released(dev.major, dev.minor)  # released when its last user went
+    assert ours(work) == ([], [])
+
+
+def test_loop_config_layout() -> None:
+    """The struct matches <linux/loop.h>: fd, block_size, then loop_info64 at offset 8."""
+    raw = loop.loop_config(5, readonly=True, name="/x/disk.ext4")
+    assert len(raw) == 304
+    assert int.from_bytes(raw[0:4], "little") == 5
+    assert int.from_bytes(raw[8 + 52 : 8 + 56], "little") == (
+        loop.LO_FLAGS_READ_ONLY | loop.LO_FLAGS_AUTOCLEAR
+    )
+    assert raw[8 + 56 : 8 + 56 + 13] == b"/x/disk.ext4\0"
+    assert raw[240:] == bytes(64)  # __reserved
