@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ember.home import Home
@@ -40,7 +42,7 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
-def test_config_file_and_env(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_config_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "config.json"
     home = Home(tmp_path)
     assert SnapshotConfig.load(home) == SnapshotConfig()
@@ -59,3 +61,11 @@ def test_config_file_and_env(tmp_path, monkeypatch) -> None:  # type: ignore[no-
     f.write_text('{"snapshots": "copy"}')
     with pytest.raises(ConfigError, match="must be an object"):
         SnapshotConfig.load(home)
+
+
+def test_check_modes() -> None:
+    assert SnapshotConfig().check == "top"  # superblock of every layer, e2fsck -fn of the top
+    for mode in ("top", "full", "none"):
+        assert SnapshotConfig.from_dict({"check": mode}).check == mode
+    with pytest.raises(ConfigError, match="snapshots.check must be one of top, full, none"):
+        SnapshotConfig.from_dict({"check": "fast"})
