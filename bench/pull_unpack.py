@@ -9,12 +9,20 @@ docs/performance.md.  ember is timed twice: as the CLI (a fresh Python process
 per run) and as the library call ``ember run`` makes in-process; the pull
 alone is also compared with ``skopeo copy``.
 
-    .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record]
+``--scratch ext4`` puts every contestant's work (stores, layouts, unpacked trees)
+on a fresh loop-mounted ext4 made for the run (default mkfs options, mounted
+without ``discard``) instead of the temporary directory's file system: where the
+host's own root is mounted with ``discard`` (as this one is), deleting the
+previous run's tree makes every file creation of the next run slow for both
+tools alike, and the figure then measures that mount option more than the tools.
+
+    .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -24,6 +32,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collections.abc import Iterator  # noqa: E402
 
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
@@ -101,22 +111,47 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def scratch_ext4(parent: Path, size: str = "16G") -> Iterator[Path]:
+    """A fresh ext4 in a sparse file under ``parent``, loop-mounted; removed afterwards."""
+    image, mnt = parent / "scratch.ext4", parent / "scratch"
+    run(["truncate", "-s", size, str(image)])
+    run(["mkfs.ext4", "-q", "-F", str(image)])
+    mnt.mkdir()
+    run(["mount", "-o", "loop", str(image), str(mnt)])
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        image.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
         "--no-record", action="store_true", help="do not append to docs/performance.md"
     )
+    parser.add_argument(
+        "--scratch", choices=["tmp", "ext4"], default="tmp",
+        help="where the contestants write: the temp dir's file system, or a fresh ext4",
+    )  # fmt: skip
     args = parser.parse_args()
     images = {"multilayer": build_multilayer_layout(), "debian": build_debian_layout()}
-    with registry() as reg, tempfile.TemporaryDirectory(prefix="ember-bench-pull-") as tmp:
+    where = (
+        "work dir on a fresh loop-mounted ext4" if args.scratch == "ext4" else "work dir in /tmp"
+    )
+    with contextlib.ExitStack() as stack:
+        reg = stack.enter_context(registry())
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-bench-pull-")))
+        work = stack.enter_context(scratch_ext4(tmp)) if args.scratch == "ext4" else tmp
         lines = []
         for name, layout in images.items():
             ref = push_layout(layout, reg, f"bench/{name}")
-            lines.extend(bench_image(name, ref, Path(tmp), args.runs))
+            lines.extend(bench_image(name, ref, work, args.runs))
     if not args.no_record:
         for line in lines:
-            record(SECTION, f"{line}; {machine_note()}")
+            record(SECTION, f"{line}; {where}; {machine_note()}")
 
 
 if __name__ == "__main__":
