@@ -1,7 +1,7 @@
 """Snapshot chains and machine root disks.
 
 1. Cold prepare: ``ember image prepare REF`` (pull into an empty content store,
-   build one ext4 snapshot per layer, e2fsck each) against ``skopeo copy`` +
+   build one ext4 snapshot per layer and check it) against ``skopeo copy`` +
    ``umoci unpack`` + ``mkfs.ext4 -d`` of the same image into an ext4 image of
    the same size, for the multi-layer test image and the debootstrap minbase
    image pushed to a Debian docker-registry on loopback; alternating, medians.
@@ -12,6 +12,7 @@
    machines costing little more disk than one.
 
     .venv/bin/python bench/prepare.py [--runs N] [--no-record] [--skip-prepare] [--skip-clone]
+                                      [--images multilayer,debian]
 """
 
 from __future__ import annotations
@@ -209,12 +210,21 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/performance.md")
     parser.add_argument("--skip-prepare", action="store_true")
     parser.add_argument("--skip-clone", action="store_true")
+    parser.add_argument(
+        "--images",
+        default="multilayer,debian",
+        help="comma-separated images for the cold prepare (default: multilayer,debian)",
+    )
     args = parser.parse_args()
+    builders = {"multilayer": build_multilayer_layout, "debian": build_debian_layout}
+    chosen = [n.strip() for n in args.images.split(",") if n.strip()]
+    if not chosen or any(n not in builders for n in chosen):
+        parser.error(f"--images takes a comma-separated subset of {', '.join(builders)}")
     lines = []
     with tempfile.TemporaryDirectory(prefix="ember-bench-prepare-") as tmp:
         work = Path(tmp)
         if not args.skip_prepare:
-            images = {"multilayer": build_multilayer_layout(), "debian": build_debian_layout()}
+            images = {name: builders[name]() for name in chosen}
             with registry() as reg:
                 for name, layout in images.items():
                     ref = push_layout(layout, reg, f"bench/{name}")

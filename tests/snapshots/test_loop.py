@@ -113,6 +113,9 @@ def test_missing_image_is_a_clear_error(work: Path) -> None:
     target.mkdir()
     with pytest.raises(MountFailed, match="does not exist"):
         system.mount_image(work / "absent.ext4", target, readonly=True)
+    (work / "a-directory").mkdir()
+    with pytest.raises(MountFailed, match="cannot open .*a-directory: Is a directory"):
+        system.mount_image(work / "a-directory", target, readonly=False)
     assert not system.is_mountpoint(target)
 
 

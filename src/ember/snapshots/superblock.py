@@ -21,6 +21,7 @@ filesystems/ext4/super.rst), checked against ``debugfs -R "ssv ..."``.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from pathlib import Path
@@ -42,6 +43,7 @@ CHECKSUM_TYPE_CRC32C = 1
 _CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
 
 
+@functools.cache
 def _crc32c_table() -> list[int]:
     table = []
     for i in range(256):
@@ -52,12 +54,9 @@ def _crc32c_table() -> list[int]:
     return table
 
 
-_TABLE = _crc32c_table()
-
-
 def crc32c_raw(data: bytes, crc: int = 0xFFFFFFFF) -> int:
     """CRC32C without the final inversion: the kernel's ``ext4_chksum(~0, ...)``."""
-    table = _TABLE
+    table = _crc32c_table()
     for b in data:
         crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
     return crc

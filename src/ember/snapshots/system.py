@@ -158,10 +158,13 @@ def mount_image(
     backing = os.path.realpath(image)  # how sysfs names the device's backing file
     try:
         dev = loop.attach(image, readonly=readonly)
-    except FileNotFoundError:
-        raise MountFailed(f"{what}: {image} does not exist") from None
     except OSError as e:
-        raise MountFailed(f"{what}: cannot set up a loop device: {e.strerror}") from e
+        if e.filename is not None and os.fspath(e.filename) == os.fspath(image):
+            if isinstance(e, FileNotFoundError):
+                raise MountFailed(f"{what}: {image} does not exist") from None
+            raise MountFailed(f"{what}: cannot open {image}: {e.strerror}") from e
+        where = f" ({os.fspath(e.filename)})" if e.filename is not None else ""
+        raise MountFailed(f"{what}: cannot set up a loop device: {e.strerror}{where}") from e
     mounted = False
     try:
         flags = loop.MS_NOATIME | (loop.MS_RDONLY if readonly else 0)
