@@ -11,7 +11,8 @@ import time
 import click
 from rich.table import Table
 
-from ember.cli.common import home_from_ctx, json_option, out_console, print_json
+from ember.cli import common
+from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.errors import UsageError
 from ember.registry.server.config import database_url
 from ember.registry.server.metadata import RegistryMetadata
@@ -63,7 +64,7 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
     table = Table("NAME", "REPOSITORIES", "TOKENS", "CREATED (UTC)", box=None)
     for o in orgs:
         table.add_row(o.name, str(o.repositories), str(o.tokens), _when(o.created_at))
-    out_console.print(table)
+    common.out_console.print(table)
 
 
 @admin.group()
@@ -113,7 +114,7 @@ def token_ls(org_name: str | None, db_url: str | None, as_json: bool) -> None:
     table = Table("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)", box=None)
     for t in tokens:
         table.add_row(t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at), _when(t.revoked_at))
-    out_console.print(table)
+    common.out_console.print(table)
 
 
 @token.command("revoke")

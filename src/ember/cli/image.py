@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from ember.cli.common import home_from_ctx, json_option, out_console, print_json
+from ember.cli import common
+from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.errors import UsageError
 from ember.oci.platform import Platform
 
@@ -101,6 +101,8 @@ def list_images(as_json: bool) -> None:
     if as_json:
         print_json([r.as_dict() for r in records])
         return
+    from rich.table import Table  # only a listing draws: pull/unpack start faster
+
     table = Table(box=None, pad_edge=False)
     for column in ("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"):
         table.add_column(column)
@@ -112,7 +114,7 @@ def list_images(as_json: bool) -> None:
             _human_size(r.size),
             _age(r.updated_at),
         )
-    out_console.print(table)
+    common.out_console.print(table)
 
 
 @image.command()

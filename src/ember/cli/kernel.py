@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ember.cli.common import err_console, home_from_ctx, json_option, out_console, print_json
+from ember.cli import common
+from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.vm.kernel import default_version, find_kernel, install_kernel, list_kernels
 
 
@@ -38,11 +39,11 @@ def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> No
     if kernel_path is not None:
         info = find_kernel(home, kernel_path, modules)
     else:
-        info = install_kernel(home, progress=None if as_json else err_console.print)
+        info = install_kernel(home, progress=None if as_json else common.err_console.print)
     if as_json:
         print_json(info.to_json())
     else:
-        out_console.print(f"kernel {info.version}: {info.vmlinux}")
+        common.out_console.print(f"kernel {info.version}: {info.vmlinux}")
 
 
 @kernel.command("ls")
@@ -65,7 +66,7 @@ def ls(as_json: bool) -> None:
             "yes" if k.modules_dir else "no",
             str(k.vmlinux),
         )
-    out_console.print(table)
+    common.out_console.print(table)
 
 
 commands: list[click.Command] = [kernel]

@@ -6,7 +6,8 @@ import time
 
 import click
 
-from ember.cli.common import err_console, home_from_ctx, json_option, out_console, print_json
+from ember.cli import common
+from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.cli.image import image as image_group
 
 
@@ -52,7 +53,7 @@ def snapshot_ls(as_json: bool) -> None:
             _short(r["name"]), r["kind"], _short(r["parent"]) if r["parent"] else "-",
             _size(r["size"]), _size(r["usage"]), _size(r["exclusive"]),
         )  # fmt: skip
-    out_console.print(table)
+    common.out_console.print(table)
 
 
 def _short(name: str) -> str:
@@ -152,7 +153,7 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
         )
         return
     built = len(prepared.built)
-    err_console.print(
+    common.err_console.print(
         f"built {built} of {len(img.layers)} layer snapshot(s) in {seconds:.2f}s"
         if built
         else f"all {len(img.layers)} layer snapshot(s) already built"
