@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,6 +179,41 @@ def test_concurrent_attaches_get_distinct_devices(work: Path) -> None:
             os.close(r.fd)
     for r in results:  # closing the only descriptor releases an autoclear device
         system.wait_loop_released(r.major, r.minor)
+    assert ours(work) == ([], [])
+
+
+_RACER = """
+import os, sys
+from pathlib import Path
+from ember.snapshots import loop, system
+image = Path(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    att = loop.attach(image, readonly=True)
+    try:
+        sysfs = Path(f"/sys/dev/block/{att.major}:{att.minor}/loop/backing_file")
+        bound = sysfs.read_text().strip()
+        if bound != str(image):
+            sys.exit(f"{att.device} is bound to {bound}, not to {image}")
+    finally:
+        os.close(att.fd)
+    system.wait_loop_released(att.major, att.minor, str(image))
+"""
+
+
+def test_processes_racing_for_free_devices_never_share_one(work: Path) -> None:
+    """Several processes attach and release in a loop: each device is bound to its caller's image."""
+    images = [_ext4(work / f"r{i}.ext4", 8 << 20) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(img), "25"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for img in images
+    ]
+    outcomes = [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+    assert all(rc == 0 for rc, _ in outcomes), outcomes
     assert ours(work) == ([], [])
 
 

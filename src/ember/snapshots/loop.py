@@ -20,6 +20,7 @@ releases the device; one killed after mount(2) leaves a mount that
 
 Numbers and layouts are those of the kernel UAPI headers ``<linux/loop.h>``
 and ``<linux/mount.h>`` (checked against the compiled C structs: 304 bytes).
+LOOP_CONFIGURE needs Linux 5.8 or later.
 """
 
 from __future__ import annotations
@@ -109,7 +110,11 @@ def attach(image: Path, *, readonly: bool) -> Attached:
                 device = Path(f"/dev/loop{number}")
                 try:
                     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError as e:  # a new device whose node is not there yet
+                except OSError as e:
+                    # ENOENT: a new device whose node devtmpfs has not made yet;
+                    # ENXIO/ENODEV: another process removed the device meanwhile
+                    if e.errno not in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+                        raise
                     last = e
                     time.sleep(0.001)
                     continue
