@@ -5,10 +5,10 @@ share base layers share those snapshots.  Building layer N: clone the
 snapshot of layers 0..N-1 (or make an empty ext4), loop-mount it, apply layer N
 with ember's hardened unpacker, unmount, check (the superblock of every layer,
 ``e2fsck -fn`` of the image's top one; see docs/snapshots.md), commit.  A
-per-chain-ID lock makes concurrent prepares build each snapshot once (the second waits, then
-finds it committed); a temporary lease keeps GC off the chain meanwhile.  A
-layer that runs out of blocks or inodes is rebuilt on a disk twice as big, so
-the configured base size is a starting point, not a limit.
+per-chain-ID lock makes concurrent prepares build each snapshot once (the
+second waits, then finds it committed); a temporary lease keeps GC off the
+chain meanwhile.  A layer that runs out of blocks or inodes is rebuilt on a
+disk twice as big, so the configured base size is a starting point, not a limit.
 """
 
 from __future__ import annotations
