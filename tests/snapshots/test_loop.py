@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,26 @@ def _options(target: Path) -> list[str]:
             if fields[4] == str(target):
                 return fields[5].split(",")
     raise AssertionError(f"{target} is not mounted")
+
+
+def _released(major: int, minor: int, image: Path) -> bool:
+    """Does the device drop ``image`` by itself (within a generous bound for a loaded host)?
+
+    Polled here rather than with wait_loop_released, which detaches the device
+    after its timeout and so would hide a device that autoclear never released.
+    """
+    backing = Path(f"/sys/dev/block/{major}:{minor}/loop/backing_file")
+
+    def bound() -> bool:
+        try:
+            return backing.read_text().strip() == str(image)
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while bound() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not bound()
 
 
 def _sha(path: Path) -> str:
@@ -151,13 +172,18 @@ def test_concurrent_attaches_get_distinct_devices(work: Path) -> None:
     """Threads racing for the free device: each gets its own (EBUSY answers are retried)."""
     images = [_ext4(work / f"d{i}.ext4", 8 << 20) for i in range(6)]
     results: list[loop.Attached] = []
+    order: list[Path] = []
+    lock = threading.Lock()
     errors: list[BaseException] = []
     start = threading.Barrier(len(images))
 
     def attach(image: Path) -> None:
         start.wait()
         try:
-            results.append(loop.attach(image, readonly=True))
+            att = loop.attach(image, readonly=True)
+            with lock:
+                results.append(att)
+                order.append(image)
         except BaseException as e:  # reported below
             errors.append(e)
 
@@ -177,8 +203,8 @@ def test_concurrent_attaches_get_distinct_devices(work: Path) -> None:
     finally:
         for r in results:
             os.close(r.fd)
-    for r in results:  # closing the only descriptor releases an autoclear device
-        system.wait_loop_released(r.major, r.minor)
+    # closing the only descriptor releases an autoclear device
+    assert all(_released(r.major, r.minor, img) for r, img in zip(results, order, strict=True))
     assert ours(work) == ([], [])
 
 
@@ -217,6 +243,31 @@ def test_processes_racing_for_free_devices_never_share_one(work: Path) -> None:
     assert ours(work) == ([], [])
 
 
+_KILLED_AFTER_ATTACH = """
+import os, signal, sys
+from pathlib import Path
+from ember.snapshots import loop
+att = loop.attach(Path(sys.argv[1]), readonly=False)
+print(f"{att.major}:{att.minor}", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_between_attach_and_mount_leaves_no_device(work: Path) -> None:
+    image = _ext4(work / "disk.ext4", 8 << 20)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_ATTACH, str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == -9, proc.stderr
+    major, minor = (int(x) for x in proc.stdout.strip().split(":"))
+    # the kernel closed the dead process's descriptor: autoclear released the device
+    assert _released(major, minor, image)
+    assert ours(work) == ([], [])
+
+
 def test_detach_of_a_device_still_open(work: Path) -> None:
     image = _ext4(work / "disk.ext4", 8 << 20)
     att = loop.attach(image, readonly=True)
@@ -224,7 +275,7 @@ def test_detach_of_a_device_still_open(work: Path) -> None:
         system.detach_loop(att.device)
     finally:
         os.close(att.fd)
-    system.wait_loop_released(att.major, att.minor)
+    assert _released(att.major, att.minor, image)
     assert ours(work) == ([], [])
     system.detach_loop(att.device)  # detaching an unbound device is not an error
 
@@ -239,7 +290,7 @@ def test_busy_mount_is_detached_lazily(work: Path) -> None:
         assert not system.is_mountpoint(target)  # gone from the namespace at once
     finally:
         held.close()
-    system.wait_loop_released(dev.major, dev.minor)  # released when its last user went
+    assert _released(dev.major, dev.minor, image)  # released when its last user went
     assert ours(work) == ([], [])
 
 
