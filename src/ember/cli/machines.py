@@ -96,14 +96,18 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the machine ends.")
 @click.argument("machine")
 def logs(follow: bool, machine: str) -> None:
-    """Print a machine's program output (stdout and stderr)."""
+    """Print a machine's program output (stdout and stderr).
+
+    The logs are capped (config.json's "logs" section): what is printed is what
+    is kept, the rotated files oldest first, then the current ones."""
+    from ember.machines.logs import LogFollower
     from ember.machines.state import RUNNING, read_state
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
     st = _find(machine)
     d = MachineStore(home).dir(st.id)
-    with open(d / "stdout.log", "rb") as out, open(d / "stderr.log", "rb") as err:
+    with LogFollower.oldest(d / "stdout.log") as out, LogFollower.oldest(d / "stderr.log") as err:
         sinks = ((out, sys.stdout.buffer), (err, sys.stderr.buffer))
         while True:
             moved = False

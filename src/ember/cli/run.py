@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -26,6 +26,9 @@ from ember.errors import EmberError, UsageError
 from ember.home import Home
 from ember.machines.errors import MachineError
 
+if TYPE_CHECKING:
+    from ember.machines.logs import LogFollower
+
 DEFAULT_DISK_HELP = "the image's size plus headroom"
 
 
@@ -33,13 +36,18 @@ def _say(text: str) -> None:
     click.echo(f"ember: {text}", err=True)
 
 
-def _pump(src: IO[bytes], dst: IO[bytes]) -> bool:
-    data = src.read(1 << 16)
-    if not data:
-        return False
-    dst.write(data)
-    dst.flush()
-    return True
+def _pump(src: LogFollower, dst: IO[bytes], limit: int = 16) -> bool:
+    """Copy what the log has (up to ``limit`` reads); True when something moved."""
+    moved = False
+    for _ in range(limit):
+        data = src.read(1 << 16)
+        if not data:
+            break
+        dst.write(data)
+        moved = True
+    if moved:
+        dst.flush()
+    return moved
 
 
 class _Interrupts:
@@ -62,7 +70,7 @@ class _Interrupts:
 
 
 def _follow(
-    home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[IO[bytes]]
+    home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[LogFollower]
 ) -> int:
     from ember.machines import lifecycle
     from ember.machines.state import read_state
@@ -77,10 +85,14 @@ def _follow(
     control = None
     with _Interrupts() as intr:
         try:
+            moved = False
             while event is None:
-                ready, _, _ = select.select([sync_r], [], [], 0.02)
+                # no wait while output flows (the monitor's logs are capped: a reader
+                # that falls too far behind a rotating log loses the oldest part)
+                ready, _, _ = select.select([sync_r], [], [], 0 if moved else 0.02)
+                moved = False
                 for src, dst in sinks:
-                    _pump(src, dst)
+                    moved = _pump(src, dst) or moved
                 if intr.count > intr.handled:
                     intr.handled = intr.count
                     st = read_state(d)
@@ -184,6 +196,7 @@ def run(
 ) -> None:
     """Run IMAGE in a new micro-VM."""
     from ember.machines import lifecycle
+    from ember.machines.logs import LogFollower
     from ember.machines.options import (
         check_kernel_arg,
         check_name,
@@ -236,8 +249,9 @@ def run(
         monitor.close()
         raise
     d = MachineStore(home).dir(st.id)
-    # open the logs before the machine can write (and before --rm can delete them)
-    outs = [open(d / "stdout.log", "rb"), open(d / "stderr.log", "rb")]  # noqa: SIM115
+    # open the logs before the machine can write (and before --rm can delete them);
+    # the followers go on across the monitor's rotations
+    outs = [LogFollower.current(d / "stdout.log"), LogFollower.current(d / "stderr.log")]
     try:
         try:
             monitor.hand_over(st)

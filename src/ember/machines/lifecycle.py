@@ -25,6 +25,7 @@ from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
+from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
@@ -102,6 +103,8 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         t0 = t
 
     store = MachineStore(home)
+    # a broken logs section fails the run now, not in the monitor after the boot began
+    LogConfig.load(home)
     image = ImageService(home).ensure(req.image, plain_http=req.plain_http)
     lap("image")
     try:

@@ -26,9 +26,11 @@ from typing import Any
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
+from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
 from ember.machines.store import MachineStore
+from ember.machines.streams import StreamPump
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
 from ember.vm.vmm.base import Channels, VMExit, send_control
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
@@ -54,7 +56,7 @@ class Sync:
             self.fd = None
 
 
-def vm_spec(st: mstate.MachineState, d: Path) -> VMSpec:
+def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) -> VMSpec:
     nics: tuple[Nic, ...] = ()
     if st.network:
         nics = (Nic(st.network["tap"], st.network["mac"]),)
@@ -62,7 +64,7 @@ def vm_spec(st: mstate.MachineState, d: Path) -> VMSpec:
         name=st.id,
         kernel=Path(st.vm.kernel),
         initrd=Path(st.vm.initrd),
-        channels=Channels.in_dir(d),
+        channels=channels or Channels.in_dir(d),
         memory_mib=st.vm.memory_mib,
         cpus=st.vm.cpus,
         accel=st.vm.accel,
@@ -99,6 +101,17 @@ def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
             print(f"monitor: --rm cleanup failed: {e}", file=sys.stderr)
 
 
+def _failed_to_start(
+    home: Home, st: mstate.MachineState, d: Path, sync: Sync, message: str
+) -> None:
+    with mstate.update(d) as cur:
+        cur.status, cur.finished_at = mstate.EXITED, mstate.now()
+        cur.exit_code, cur.error = 125, message
+        cur.end_reason = "the VMM failed to start"
+    sync.send("error", message=message)
+    _cleanup(home, st, st.auto_remove)
+
+
 def run(home: Home, machine_id: str, sync: Sync) -> int:
     store = MachineStore(home)
     d = store.dir(machine_id)
@@ -106,40 +119,51 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     if st.status != mstate.CREATED:
         sync.send("error", message=f"machine {st.name} was already started")
         return 1
-    spec = vm_spec(st, d)
-    vm = get_vmm(st.vm.vmm).create(spec)
-
-    def on_term(_sig: int, _frame: object) -> None:
-        # a plain `kill MONITOR`: stop the machine the graceful way
-        with contextlib.suppress(EmberError):
-            send_control(spec.channels.control_socket, "stop")
-
-    signal.signal(signal.SIGTERM, on_term)
+    logs = Channels.in_dir(d)
     try:
-        pid = vm.start()
-    except EmberError as e:
-        with mstate.update(d) as cur:
-            cur.status, cur.finished_at = mstate.EXITED, mstate.now()
-            cur.exit_code, cur.error = 125, str(e)
-            cur.end_reason = "the VMM failed to start"
-        sync.send("error", message=str(e))
-        _cleanup(home, st, st.auto_remove)
+        # the VMM writes into FIFOs; the monitor keeps the logs, capped (machines.logs)
+        pump = StreamPump.create(d, LogConfig.load(home))
+    except (EmberError, OSError) as e:
+        _failed_to_start(home, st, d, sync, f"cannot set up the machine's logs: {e}")
         return 1
-    with mstate.update(d) as cur:
-        cur.status, cur.started_at = mstate.RUNNING, mstate.now()
-        cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
-        cur.monitor_start = proc_start_time(os.getpid())
-    sync.send("started", vmm_pid=pid)
+    try:
+        spec = vm_spec(st, d, pump.channels)
+        vm = get_vmm(st.vm.vmm).create(spec)
 
-    end: VMExit | None = None
-    while end is None:
+        def on_term(_sig: int, _frame: object) -> None:
+            # a plain `kill MONITOR`: stop the machine the graceful way
+            with contextlib.suppress(EmberError):
+                send_control(spec.channels.control_socket, "stop")
+
+        signal.signal(signal.SIGTERM, on_term)
         try:
-            end = vm.wait()
-        except InterruptedError:
-            continue
-    report = parse_report(_read_limited(spec.channels.status_file))
+            pid = vm.start()
+        except EmberError as e:
+            _failed_to_start(home, st, d, sync, str(e))
+            return 1
+        with mstate.update(d) as cur:
+            cur.status, cur.started_at = mstate.RUNNING, mstate.now()
+            cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
+            cur.monitor_start = proc_start_time(os.getpid())
+        sync.send("started", vmm_pid=pid)
+
+        pid_fd = os.pidfd_open(pid)
+        try:
+            # copy the guest's output until the VMM exits, then whatever is left
+            pump.run_until_exit(pid_fd)
+        finally:
+            os.close(pid_fd)
+        end: VMExit | None = None
+        while end is None:
+            try:
+                end = vm.wait()
+            except InterruptedError:
+                continue
+    finally:
+        pump.close()
+    report = parse_report(_read_limited(logs.status_file))
     if report is None:
-        report = parse_console_tail(_read_limited(spec.channels.console_log, tail=True, limit=4096))
+        report = parse_console_tail(_read_limited(logs.console_log, tail=True, limit=4096))
     result = outcome(report, end.returncode, end.signal, killed=False)
     with mstate.update(d) as cur:
         cur.status, cur.finished_at = mstate.EXITED, mstate.now()

@@ -44,7 +44,10 @@ class Nic:
 
 @dataclass(frozen=True)
 class Channels:
-    """Host ends of the guest channels (files the VMM writes, a socket it listens on)."""
+    """Host ends of the guest channels (paths the VMM writes, a socket it listens on).
+
+    The VMM opens each path for appending and writes: a plain file, or a FIFO that
+    a supervisor reads (ember's monitor does, to keep the logs capped)."""
 
     console_log: Path
     stdout_log: Path

@@ -1,0 +1,340 @@
+"""Size-capped machine logs with rotation (like Docker's json-file ``max-size``/``max-file``).
+
+The guest is hostile: whatever it prints must not fill the host's disk.  The
+monitor is the only writer of ``stdout.log``, ``stderr.log`` and ``console.log``
+(``RotatingLog``); a file never grows past ``max_size``: before a chunk would
+make it, the file is rotated by rename (``x.log`` -> ``x.log.1`` -> ``x.log.2``
+..., keeping ``max_files - 1`` old ones) and a new one is started.  So a stream
+never holds more than ``max_size * max_files`` bytes on disk.
+
+Readers (``ember run`` in the foreground, ``ember logs [-f]``) use
+``LogFollower``: it reads a file to its end, and when the name now points at
+another file, it finishes the one it holds (complete by then: the writer never
+writes to a file again once it is not current) and goes on with the file that
+came after it, found by inode among the rotated names.
+
+Settings, the ``"logs"`` section of ``$EMBER_HOME/config.json``::
+
+    {"logs": {"max_size": "16M", "max_files": 2}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.config import config_section
+from ember.home import Home
+from ember.machines.errors import InvalidOption, MachineError
+from ember.machines.options import parse_size
+
+DEFAULT_MAX_SIZE = 16 << 20
+DEFAULT_MAX_FILES = 2
+#: below this a file cannot hold a few ordinary lines; above, a typo
+MIN_MAX_SIZE = 4 << 10
+MAX_MAX_SIZE = 1 << 40
+MAX_MAX_FILES = 100
+#: rotated names a reader looks at (more than MAX_MAX_FILES: the setting may have shrunk)
+_SCAN_LIMIT = MAX_MAX_FILES + 8
+
+
+class LogConfigError(MachineError):
+    """The ``logs`` section of config.json is malformed."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    max_size: int = DEFAULT_MAX_SIZE
+    max_files: int = DEFAULT_MAX_FILES
+
+    @classmethod
+    def load(cls, home: Home) -> LogConfig:
+        section = config_section(home, "logs", LogConfigError) or {}
+        return cls.from_dict(section, where=str(home.config_file))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config.json") -> LogConfig:
+        unknown = sorted(set(d) - {"max_size", "max_files"})
+        if unknown:
+            raise LogConfigError(
+                f"{where}: unknown setting logs.{unknown[0]} (known: max_size, max_files)"
+            )
+        max_size, max_files = DEFAULT_MAX_SIZE, DEFAULT_MAX_FILES
+        if "max_size" in d:
+            max_size = _size(d["max_size"], where)
+        if "max_files" in d:
+            v = d["max_files"]
+            if type(v) is not int or not 1 <= v <= MAX_MAX_FILES:
+                raise LogConfigError(
+                    f"{where}: logs.max_files must be a whole number from 1 to "
+                    f"{MAX_MAX_FILES}, not {v!r}"
+                )
+            max_files = v
+        return cls(max_size, max_files)
+
+
+def _size(value: object, where: str) -> int:
+    if type(value) is int:
+        n = value
+    elif isinstance(value, str):
+        try:
+            n = parse_size(value)
+        except InvalidOption:
+            n = -1
+    else:
+        n = -1
+    if n < 0:
+        raise LogConfigError(
+            f"{where}: logs.max_size must be a size like 16M or a number of bytes, not {value!r}"
+        )
+    if not MIN_MAX_SIZE <= n <= MAX_MAX_SIZE:
+        raise LogConfigError(f"{where}: logs.max_size {value!r} is out of range (from 4K to 1T)")
+    return n
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+
+def fits(used: int, data: bytes, cap: int) -> int:
+    """How many leading bytes of ``data`` go into a file holding ``used`` bytes (pure).
+
+    Everything when it fits under ``cap``; else whole lines up to the cap; 0 means
+    "rotate first" (the file has data and not even one line fits); a line longer than
+    a whole file is cut at the cap."""
+    room = cap - used
+    if len(data) <= room:
+        return len(data)
+    if room > 0:
+        cut = data.rfind(b"\n", 0, room) + 1
+        if cut:
+            return cut
+    if used == 0:
+        return cap
+    return 0
+
+
+def rotated_name(path: Path, i: int) -> Path:
+    return path if i == 0 else path.with_name(f"{path.name}.{i}")
+
+
+def log_files(path: Path) -> list[Path]:
+    """``path``'s rotated files, oldest first, then ``path`` itself (when they exist)."""
+    found = []
+    misses = 0
+    for i in range(1, _SCAN_LIMIT):
+        p = rotated_name(path, i)
+        if p.exists():
+            found.append(p)
+            misses = 0
+        else:
+            misses += 1
+            if misses > 2:  # a gap of one is a rotation in progress
+                break
+    found.reverse()
+    if path.exists():
+        found.append(path)
+    return found
+
+
+class RotatingLog:
+    """The writer of one capped log: append, rotate by rename when full."""
+
+    def __init__(self, path: Path, config: LogConfig) -> None:
+        self.path = path
+        self.cap = config.max_size
+        self.max_files = config.max_files
+        self.fd = self._open(path, trunc=False)
+        self.size = os.fstat(self.fd).st_size
+        self.rotations = 0
+
+    @staticmethod
+    def _open(path: Path, trunc: bool) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        return os.open(path, flags | (os.O_TRUNC if trunc else 0), 0o640)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = fits(self.size, bytes(view[: self.cap + 1]), self.cap)
+            if n == 0:
+                self.rotate()
+                continue
+            _write_all(self.fd, view[:n])
+            self.size += n
+            view = view[n:]
+
+    def rotate(self) -> None:
+        """Make a fresh current file; the full one becomes ``.1`` (older ones shift up).
+
+        The current name always exists (the new file replaces it by rename) and the
+        full file keeps a name until it is the oldest past ``max_files``, so a reader
+        can always find what follows the file it holds."""
+        path = self.path
+        fresh = path.with_name(f"{path.name}.new")
+        new_fd = self._open(fresh, trunc=True)
+        if self.max_files > 1:
+            for i in range(self.max_files - 2, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(rotated_name(path, i), rotated_name(path, i + 1))
+            # a second name first, then the rename over .1: the full file is never nameless
+            tmp = path.with_name(f"{path.name}.rot")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.link(path, tmp)
+            os.rename(tmp, rotated_name(path, 1))
+        os.rename(fresh, path)
+        os.close(self.fd)
+        self.fd, self.size = new_fd, 0
+        self.rotations += 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CappedFile:
+    """Keeps the first ``limit`` bytes written, drops the rest (the exit report file)."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self.fd = os.open(path, flags, 0o640)
+        self.size = os.fstat(self.fd).st_size
+        self.limit = limit
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        keep = max(0, min(len(data), self.limit - self.size))
+        if keep:
+            _write_all(self.fd, memoryview(data)[:keep])
+            self.size += keep
+        self.dropped += len(data) - keep
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _stat_ident(path: Path) -> tuple[int, int] | None:
+    try:
+        return _ident(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+class LogFollower:
+    """Reads one capped log as a single stream across rotations."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.ident = _ident(os.fstat(fd))
+
+    @classmethod
+    def current(cls, path: Path) -> LogFollower:
+        """From the start of the current file (``ember run``: opened before the VM writes)."""
+        return cls(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+
+    @classmethod
+    def oldest(cls, path: Path) -> LogFollower:
+        """From the oldest file still kept (``ember logs``)."""
+        for p in log_files(path):
+            try:
+                return cls(path, os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+            except FileNotFoundError:
+                continue  # rotated away or dropped while we looked
+        return cls.current(path)
+
+    def read(self, size: int = 1 << 16) -> bytes:
+        """The next bytes of the stream; ``b""`` when the writer has written nothing more."""
+        while True:
+            data = os.read(self.fd, size)
+            if data:
+                return data
+            nxt = self._successor()
+            if nxt is None:
+                return b""
+            # the file we hold is complete now that another one follows it: finish it
+            data = os.read(self.fd, size)
+            if data:
+                os.close(nxt)
+                return data
+            os.close(self.fd)
+            self.fd, self.ident = nxt, _ident(os.fstat(nxt))
+
+    def _successor(self) -> int | None:
+        """An open fd of the file written after ours, or None while ours is current."""
+        for _ in range(20):  # a rotation moves names under us: look again
+            current = _stat_ident(self.path)
+            if current is None or current == self.ident:
+                return None  # still current (or the machine is gone)
+            pos = self._position()
+            if pos is None:
+                # ours was dropped as the oldest (max_files 1, or we fell behind):
+                # the oldest file still kept is the closest to what we missed
+                files = log_files(self.path)
+                if not files:
+                    return None
+                fd = _open_existing(files[0])
+            else:
+                fd = _open_existing(rotated_name(self.path, pos - 1))
+            if fd is None:
+                continue
+            ident = _ident(os.fstat(fd))
+            # names only move from newer to older, ours first: if ours has not moved
+            # since, the file we opened was its successor when we opened it
+            if ident != self.ident and (
+                pos is None or _stat_ident(rotated_name(self.path, pos)) == self.ident
+            ):
+                return fd
+            os.close(fd)
+        return None
+
+    def _position(self) -> int | None:
+        misses = 0
+        for i in range(1, _SCAN_LIMIT):
+            ident = _stat_ident(rotated_name(self.path, i))
+            if ident == self.ident:
+                return i
+            misses = misses + 1 if ident is None else 0
+            if misses > 2:
+                break
+        return None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> LogFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_existing(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise

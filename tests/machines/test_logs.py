@@ -1,0 +1,277 @@
+"""Capped logs without a VM: the config, the rotating writer and the follower on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.machines.logs import (
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_SIZE,
+    CappedFile,
+    LogConfig,
+    LogConfigError,
+    LogFollower,
+    RotatingLog,
+    fits,
+    log_files,
+)
+
+# ---- config --------------------------------------------------------------------------
+
+
+def test_config_defaults_without_file_or_section(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    assert LogConfig.load(home) == LogConfig(DEFAULT_MAX_SIZE, DEFAULT_MAX_FILES)
+    assert DEFAULT_MAX_SIZE == 16 << 20 and DEFAULT_MAX_FILES == 2
+    home.config_file.write_text(json.dumps({"network": {}}))
+    assert LogConfig.load(home) == LogConfig()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("16M", 16 << 20), ("64K", 64 << 10), ("1GiB", 1 << 30), ("4096", 4096), (65536, 65536)],
+)
+def test_config_sizes(tmp_path: Path, value: object, expected: int) -> None:
+    home = Home(tmp_path)
+    home.config_file.write_text(json.dumps({"logs": {"max_size": value, "max_files": 5}}))
+    assert LogConfig.load(home) == LogConfig(expected, 5)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"max_size": "lots"}, "logs.max_size must be a size like 16M"),
+        ({"max_size": True}, "logs.max_size must be a size like 16M"),
+        ({"max_size": None}, "logs.max_size must be a size like 16M"),
+        ({"max_size": 1.5}, "logs.max_size must be a size like 16M"),
+        ({"max_size": "1K"}, "out of range"),
+        ({"max_size": -5}, "must be a size"),
+        ({"max_size": "2T"}, "out of range"),
+        ({"max_files": 0}, "logs.max_files must be a whole number from 1 to 100"),
+        ({"max_files": 101}, "from 1 to 100"),
+        ({"max_files": "2"}, "from 1 to 100"),
+        ({"max_files": True}, "from 1 to 100"),
+        ({"max_file": 3}, "unknown setting logs.max_file"),
+    ],
+)
+def test_config_errors(tmp_path: Path, section: dict[str, object], message: str) -> None:
+    home = Home(tmp_path)
+    home.config_file.write_text(json.dumps({"logs": section}))
+    with pytest.raises(LogConfigError, match=message) as info:
+        LogConfig.load(home)
+    assert str(home.config_file) in str(info.value)
+
+
+def test_config_section_not_an_object(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.config_file.write_text(json.dumps({"logs": "16M"}))
+    with pytest.raises(LogConfigError, match="'logs' must be an object"):
+        LogConfig.load(home)
+
+
+# ---- the pure cut ----------------------------------------------------------------------
+
+
+def test_fits() -> None:
+    assert fits(0, b"abc\n", 10) == 4  # fits whole
+    assert fits(6, b"abc\n", 10) == 4  # exactly to the cap
+    assert fits(7, b"abc\n", 10) == 0  # does not fit: rotate first
+    assert fits(5, b"ab\ncdefgh\n", 10) == 3  # whole lines up to the cap
+    assert fits(0, b"x" * 25, 10) == 10  # a line longer than a file is cut
+    assert fits(3, b"x" * 25, 10) == 0
+    assert fits(12, b"a\n", 10) == 0  # already over (a smaller cap than before)
+    assert fits(0, b"", 10) == 0
+
+
+# ---- the writer ----------------------------------------------------------------------
+
+
+def _lines(n: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [f"{i:06d} {'x' * rng.randrange(0, 120)}\n".encode() for i in range(n)]
+
+
+def _kept(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in log_files(path))
+
+
+@pytest.mark.parametrize("max_files", [1, 2, 4])
+def test_rotation_caps_and_keeps_the_newest_bytes_in_order(tmp_path: Path, max_files: int) -> None:
+    path = tmp_path / "stdout.log"
+    cap = 4096
+    log = RotatingLog(path, LogConfig(cap, max_files))
+    stream = b"".join(_lines(3000))
+    rng = random.Random(2)
+    pos = 0
+    while pos < len(stream):  # random chunk sizes, as reads from a FIFO come
+        n = rng.randrange(1, 9000)
+        log.write(stream[pos : pos + n])
+        pos += n
+        files = log_files(path)
+        assert len(files) <= max_files
+        assert all(p.stat().st_size <= cap for p in files)
+    log.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["stdout.log"] + [f"stdout.log.{i}" for i in range(1, max_files)]
+    kept = _kept(path)
+    # what is kept is the end of the stream, nothing lost between the files, nothing reordered
+    assert stream.endswith(kept)
+    assert len(kept) > (max_files - 1) * (cap - 200)
+    # files end at line ends (no line here is longer than a file)
+    for p in log_files(path)[:-1]:
+        assert p.read_bytes().endswith(b"\n")
+    assert log.rotations > 0
+
+
+def test_line_longer_than_a_file_is_cut_not_lost(tmp_path: Path) -> None:
+    path = tmp_path / "console.log"
+    log = RotatingLog(path, LogConfig(4096, 3))
+    log.write(b"a\n")
+    log.write(b"y" * 5000 + b"\n")
+    log.close()
+    assert [p.read_bytes() for p in log_files(path)] == [b"a\n", b"y" * 4096, b"y" * 904 + b"\n"]
+
+
+def test_reopen_continues_the_current_file_and_rotates_when_over(tmp_path: Path) -> None:
+    path = tmp_path / "stderr.log"
+    path.write_bytes(b"z" * 6000)  # written under a bigger cap
+    log = RotatingLog(path, LogConfig(4096, 2))
+    assert log.size == 6000
+    log.write(b"next\n")
+    log.close()
+    assert (tmp_path / "stderr.log.1").read_bytes() == b"z" * 6000
+    assert path.read_bytes() == b"next\n"
+
+
+def test_capped_file_keeps_the_first_bytes(tmp_path: Path) -> None:
+    f = CappedFile(tmp_path / "status.json", 10)
+    f.write(b"0123456")
+    f.write(b"789abc")
+    f.write(b"more")
+    f.close()
+    assert (tmp_path / "status.json").read_bytes() == b"0123456789"
+    assert f.dropped == 7
+
+
+# ---- the follower --------------------------------------------------------------------
+
+
+def _read_all(f: LogFollower) -> bytes:
+    out = b""
+    while data := f.read(1000):
+        out += data
+    return out
+
+
+@pytest.mark.parametrize("max_files", [1, 2, 3])
+def test_follower_reads_across_rotations(tmp_path: Path, max_files: int) -> None:
+    path = tmp_path / "stdout.log"
+    path.touch()
+    log = RotatingLog(path, LogConfig(4096, max_files))
+    follower = LogFollower.current(path)
+    stream = b"".join(_lines(2000, seed=3))
+    got = b""
+    rng = random.Random(4)
+    pos = 0
+    while pos < len(stream):
+        # the writer gets ahead by up to (a bit less than) one file between reads
+        for _ in range(rng.randrange(0, 4)):
+            n = rng.randrange(1, 1200)
+            log.write(stream[pos : pos + n])
+            pos += n
+        got += _read_all(follower)
+    got += _read_all(follower)
+    log.close()
+    follower.close()
+    assert got == stream
+
+
+def test_follower_catches_up_over_several_rotations(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    path.touch()
+    log = RotatingLog(path, LogConfig(4096, 5))
+    follower = LogFollower.current(path)
+    stream = b"".join(_lines(300, seed=5))
+    log.write(stream[:100])
+    got = follower.read(50)
+    log.write(stream[100:])  # rotations while the follower holds the first file
+    assert 2 <= log.rotations <= 4  # the first file is still kept (5 files)
+    got += _read_all(follower)
+    assert got == stream
+
+
+def test_follower_that_fell_too_far_behind_skips_but_never_reorders(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    path.touch()
+    log = RotatingLog(path, LogConfig(4096, 2))
+    follower = LogFollower.current(path)
+    lines = _lines(600, seed=6)
+    log.write(b"".join(lines))
+    got = _read_all(follower).splitlines(keepends=True)
+    numbers = [int(line.split()[0]) for line in got]
+    # the first file it held, then the oldest file still kept: a gap, in order
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    assert got[-1] == lines[-1]
+    assert numbers[0] == 0
+
+
+def test_follower_from_the_oldest_file(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    log = RotatingLog(path, LogConfig(4096, 3))
+    stream = b"".join(_lines(300, seed=7))
+    log.write(stream)
+    with LogFollower.oldest(path) as f:
+        assert _read_all(f) == _kept(path)
+    assert stream.endswith(_kept(path))
+    assert len(log_files(path)) == 3
+
+
+def test_follower_with_a_concurrent_writer(tmp_path: Path) -> None:
+    """A real race: the writer rotates while the follower reads (enough files kept
+    that the follower cannot fall out of them, so it must see every byte)."""
+    path = tmp_path / "stdout.log"
+    path.touch()
+    follower = LogFollower.current(path)
+    stream = b"".join(_lines(5000, seed=8))
+    assert len(stream) < 90 * 4096  # nothing is ever dropped: every byte must arrive
+    done = threading.Event()
+
+    def write() -> None:
+        log = RotatingLog(path, LogConfig(4096, 100))
+        for i in range(0, len(stream), 700):
+            log.write(stream[i : i + 700])
+        log.close()
+        done.set()
+
+    t = threading.Thread(target=write)
+    got = b""
+    with follower:
+        t.start()
+        while not done.is_set():
+            got += follower.read()
+        got += _read_all(follower)
+        t.join()
+    assert got == stream
+    assert len(log_files(path)) > 50
+
+
+def test_follower_when_the_machine_is_removed(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    path = d / "stdout.log"
+    log = RotatingLog(path, LogConfig(4096, 2))
+    follower = LogFollower.current(path)
+    log.write(b"last words\n")
+    log.close()
+    for p in d.iterdir():
+        os.unlink(p)
+    d.rmdir()
+    assert _read_all(follower) == b"last words\n"
+    follower.close()

@@ -1,0 +1,112 @@
+"""Capped logs with real boots: a guest printing far more than the cap, followed by the
+foreground ``ember run``, then ``ember logs``, ``ember rm`` and ``--rm``.
+
+Each boot costs seconds under TCG: two boots, several checks each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots.pool import close_pool
+from tests.machines.vmkit import EMBER, Ember, delete_netns, make_vm_home, new_netns
+from tests.support.images import layout_ref
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+CAP = 64 << 10
+FILES = 2
+LINES = 8000
+PAD = "p" * 30
+# ~360 KB on stdout (more than 5 times what a stream keeps), every 10th line on stderr
+FLOOD = (
+    f'i=0; while [ $i -lt {LINES} ]; do echo "line $i {PAD}"; '
+    '[ $((i % 10)) -eq 0 ] && echo "err $i" >&2; i=$((i+1)); done; exit 0'
+)
+
+
+@pytest.fixture(scope="module")
+def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    home = make_vm_home(tmp_path_factory.mktemp("vmlogs") / "home")
+    config = json.loads(home.config_file.read_text())
+    config["logs"] = {"max_size": "64K", "max_files": FILES}
+    home.config_file.write_text(json.dumps(config))
+    yield home
+    close_pool(home)
+
+
+@pytest.fixture
+def ember(vm_home: Home) -> Iterator[Ember]:
+    ns = new_netns()
+    try:
+        yield Ember(ns, vm_home)
+    finally:
+        delete_netns(ns)
+
+
+@pytest.fixture(scope="module")
+def busybox(busybox_layout: Path) -> str:
+    return layout_ref(busybox_layout)
+
+
+def numbers(text: str, word: str) -> list[int]:
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith(word + " ")]
+
+
+def test_flood_is_capped_and_followed_in_order(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--name", "flood", busybox, "sh", "-c", FLOOD, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # the foreground run received every line, in order, though the logs rotated
+    assert res.stdout.splitlines() == [f"line {i} {PAD}" for i in range(LINES)]
+    assert numbers(res.stderr, "err") == list(range(0, LINES, 10))
+
+    d = Path(ember.inspect("flood")["dir"])
+    names = sorted(p.name for p in d.iterdir())
+    for stream in ("stdout", "stderr", "console"):
+        files = [d / n for n in names if n == f"{stream}.log" or n.startswith(f"{stream}.log.")]
+        assert sum(p.stat().st_size for p in files) <= CAP * FILES, files
+        assert all(p.stat().st_size <= CAP for p in files)
+    assert "stdout.log.1" in names and "stdout.log.2" not in names
+    assert not [n for n in names if n.endswith(".fifo")], names
+
+    # ember logs: the rotated file, then the current one: the newest lines, contiguous
+    logs = ember("logs", "flood", check=True)
+    kept = numbers(logs.stdout, "line")
+    assert kept == list(range(LINES - len(kept), LINES))
+    assert len(kept) > CAP // 50  # more than one file's worth
+    expected = (d / "stdout.log.1").read_bytes() + (d / "stdout.log").read_bytes()
+    assert logs.stdout.encode() == expected
+    err = numbers(logs.stderr, "err")
+    assert err == list(range(err[0], LINES, 10))
+
+    ember("rm", "flood", check=True)
+    assert not d.exists()
+    assert ember("ps", "-a", "-q").stdout == ""
+
+
+def test_logs_follow_across_rotation_and_rm_leaves_nothing(ember: Ember, busybox: str) -> None:
+    # sleep first: `logs -f` must find the machine before --rm removes it
+    res = ember("run", "-d", "--rm", "--name", "flood-rm", busybox, "sh", "-c",
+                f"sleep 4; {FLOOD}")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    machine_id = res.stdout.strip()
+    d = ember.home.machines / machine_id
+    follow = subprocess.run(
+        ["ip", "netns", "exec", ember.netns, EMBER, "logs", "-f", "flood-rm"],
+        capture_output=True, text=True, timeout=600, env=ember.env(),
+    )  # fmt: skip
+    assert follow.returncode == 0, follow.stderr
+    # it started before the program printed: every line, across the rotations
+    assert numbers(follow.stdout, "line") == list(range(LINES))
+    assert numbers(follow.stderr, "err") == list(range(0, LINES, 10))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and d.exists():
+        time.sleep(0.2)
+    assert not d.exists()
+    assert [p.name for p in ember.home.machines.iterdir() if not p.name.startswith(".")] == []
