@@ -14,7 +14,11 @@ controls the process.  Choices, measured on this host (docs/machines.md):
 - ``-no-reboot``: a guest reboot or poweroff ends the QEMU process, which is how
   the host learns the machine is over; ``panic=-1`` turns a guest panic into one;
 - every device is virtio-mmio (microvm has no PCI): virtio-blk root disk,
-  virtio-net on a TAP, virtio-serial ports for the guest channel contract.
+  virtio-net on a TAP, virtio-serial ports for the guest channel contract;
+- the console and the output ports are ``file`` chardevs on the channel paths,
+  which may be FIFOs (ember's monitor reads them to keep the logs capped): QEMU
+  opens a FIFO like a file, and while it is full QEMU stops taking the guest's
+  port output (back-pressure, no loss).
 """
 
 from __future__ import annotations
