@@ -275,3 +275,54 @@ def test_follower_when_the_machine_is_removed(tmp_path: Path) -> None:
     d.rmdir()
     assert _read_all(follower) == b"last words\n"
     follower.close()
+
+
+# ---- the attached reader holds the writer back -----------------------------------------
+
+
+@pytest.mark.parametrize("max_files", [1, 2])
+def test_writer_waits_for_the_attached_reader(tmp_path: Path, max_files: int) -> None:
+    path = tmp_path / "stdout.log"
+    path.touch()
+    log = RotatingLog(path, LogConfig(4096, max_files))
+    stream = b"".join(_lines(2000, seed=9))  # ~130 KB: 30 files' worth
+    got = b""
+    with LogFollower.current(path, hold=True) as follower:
+        pos = 0
+        stalls = 0
+        while pos < len(stream):
+            n = log.write(stream[pos : pos + 50000])  # far ahead of the reader...
+            assert n > 0 or got  # ...until it reaches a file the reader holds
+            stalls += n < len(stream[pos : pos + 50000])
+            pos += n
+            got += _read_all(follower)
+        got += _read_all(follower)
+    assert got == stream  # with one or two files, nothing missed
+    assert stalls > 10
+    assert all(p.stat().st_size <= 4096 for p in log_files(path))
+    assert len(log_files(path)) <= max_files
+    # no reader any more: the writer does not wait
+    assert log.write(stream) == len(stream)
+    log.close()
+
+
+def test_force_rotates_past_a_held_file(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    path.touch()
+    log = RotatingLog(path, LogConfig(4096, 2))
+    data = b"".join(_lines(500, seed=10))
+    with LogFollower.current(path, hold=True):
+        assert log.write(data) < len(data)
+        assert log.write(data, force=True) == len(data)
+        assert len(log_files(path)) == 2
+    log.close()
+
+
+def test_plain_readers_do_not_hold_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    path.touch()
+    log = RotatingLog(path, LogConfig(4096, 2))
+    data = b"".join(_lines(500, seed=11))
+    with LogFollower.current(path), LogFollower.oldest(path):
+        assert log.write(data) == len(data)
+    log.close()

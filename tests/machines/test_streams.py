@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from ember.machines.logs import LogConfig, log_files
-from ember.machines.streams import STATUS_LIMIT, StreamPump, fifo_channels
+import pytest
+
+from ember.machines import streams
+from ember.machines.logs import LogConfig, LogFollower, log_files
+from ember.machines.streams import DRAIN_WAIT_S, STATUS_LIMIT, StreamPump, fifo_channels
 from ember.vm.vmm.base import Channels
 
 # opens the FIFOs by name the way QEMU's file chardev does (O_WRONLY|O_APPEND), writes
@@ -79,3 +85,77 @@ def test_pump_keeps_everything_under_the_cap(tmp_path: Path) -> None:
     logs = Channels.in_dir(tmp_path)
     assert log_files(logs.stdout_log) == [logs.stdout_log]
     assert [int(line.split()[1]) for line in _lines(logs.stdout_log)] == list(range(300))
+
+
+FLOOD = r"""
+import os, sys
+fd = os.open(os.path.join(sys.argv[1], "stdout.fifo"), os.O_WRONLY | os.O_APPEND)
+data = b"".join(b"%07d flood\n" % i for i in range(int(sys.argv[2])))
+while data:
+    data = data[os.write(fd, data[:65536]):]
+"""
+
+
+def _flood_lines(n: int) -> bytes:
+    return b"".join(b"%07d flood\n" % i for i in range(n))
+
+
+def _flood(d: Path, n: int, follower: LogFollower, reader: Callable[[], None], wait: float) -> None:
+    """The pump in a thread, a writer process flooding stdout, ``reader`` in another thread."""
+    pump = StreamPump.create(d, LogConfig(4096, 2))
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", FLOOD, str(d), str(n)])
+        pid_fd = os.pidfd_open(proc.pid)
+        try:
+            pump.run_until_exit(pid_fd, drain_wait=wait)
+        finally:
+            os.close(pid_fd)
+        assert proc.wait() == 0
+    finally:
+        pump.close()
+        t.join(60)
+        follower.close()
+
+
+@pytest.mark.parametrize("hold_limit", [streams.HOLD_LIMIT, 8192])
+def test_attached_reader_misses_nothing_however_far_behind(
+    tmp_path: Path, hold_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer floods ~40 files' worth, the attached reader is slow, two files are
+    kept: the monitor holds the output back (in memory, then by not reading the FIFO,
+    which blocks the writer) rather than drop what the reader has not read."""
+    monkeypatch.setattr(streams, "HOLD_LIMIT", hold_limit)
+    n = 12000
+    want = _flood_lines(n)  # ~170 KB: ~40 files of 4 KiB
+    got = bytearray()
+    logs = Channels.in_dir(tmp_path)
+    logs.precreate()
+    follower = LogFollower.current(logs.stdout_log, hold=True)  # before the writer starts
+
+    def slow_reader() -> None:
+        deadline = time.monotonic() + 90
+        while len(got) < len(want) and time.monotonic() < deadline:
+            data = follower.read(3000)
+            got.extend(data)
+            time.sleep(0.002 if data else 0.01)
+
+    _flood(tmp_path, n, follower, slow_reader, DRAIN_WAIT_S)
+    assert bytes(got) == want
+    files = log_files(logs.stdout_log)
+    assert len(files) == 2 and all(p.stat().st_size <= 4096 for p in files)
+
+
+def test_stalled_attached_reader_does_not_hang_the_drain(tmp_path: Path) -> None:
+    """A reader that never reads (a suspended ``ember run``): once the VMM has exited
+    the monitor waits ``drain_wait`` at most, then rotates anyway, within the cap."""
+    n = 3000  # 36 KB: it all fits in the FIFO, so the writer can exit while held back
+    logs = Channels.in_dir(tmp_path)
+    logs.precreate()
+    follower = LogFollower.current(logs.stdout_log, hold=True)
+    _flood(tmp_path, n, follower, lambda: None, 0.3)
+    files = log_files(logs.stdout_log)
+    kept = b"".join(p.read_bytes() for p in files)
+    assert _flood_lines(n).endswith(kept) and kept.endswith(b"%07d flood\n" % (n - 1))
+    assert len(files) == 2 and all(p.stat().st_size <= 4096 for p in files)

@@ -251,7 +251,7 @@ def run(
     d = MachineStore(home).dir(st.id)
     # open the logs before the machine can write (and before --rm can delete them);
     # the followers go on across the monitor's rotations
-    outs = [LogFollower.current(d / "stdout.log"), LogFollower.current(d / "stderr.log")]
+    outs = [LogFollower.current(d / p, hold=True) for p in ("stdout.log", "stderr.log")]
     try:
         try:
             monitor.hand_over(st)

@@ -13,6 +13,16 @@ another file, it finishes the one it holds (complete by then: the writer never
 writes to a file again once it is not current) and goes on with the file that
 came after it, found by inode among the rotated names.
 
+A reader that falls more than ``max_files - 1`` rotations behind would miss the
+files dropped meanwhile.  The attached reader (the foreground ``ember run``,
+like ``docker run`` attached) must not.  It holds a shared ``flock`` on the
+file it reads (taking the next one's before letting go).  Dropping the file it
+holds loses it nothing (it has the file open), but the writer keeps an fd of
+such a file, and while the reader still holds it, the reader has not opened
+the files after it: none of those may go.  So the writer does not rotate then:
+``write`` stops short, and the monitor holds the rest back (which holds the
+guest back) until the reader has moved on.
+
 Settings, the ``"logs"`` section of ``$EMBER_HOME/config.json``::
 
     {"logs": {"max_size": "16M", "max_files": 2}}
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,30 +161,52 @@ class RotatingLog:
         self.fd = self._open(path, trunc=False)
         self.size = os.fstat(self.fd).st_size
         self.rotations = 0
+        #: fds of dropped files an attached reader still held when they were dropped
+        self._held: list[int] = []
 
     @staticmethod
     def _open(path: Path, trunc: bool) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         return os.open(path, flags | (os.O_TRUNC if trunc else 0), 0o640)
 
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = fits(self.size, bytes(view[: self.cap + 1]), self.cap)
-            if n == 0:
-                self.rotate()
-                continue
-            _write_all(self.fd, view[:n])
-            self.size += n
-            view = view[n:]
+    def write(self, data: bytes | bytearray, *, force: bool = False) -> int:
+        """Append ``data``, rotating as needed; the bytes taken.
 
-    def rotate(self) -> None:
+        Fewer than ``len(data)`` when a rotation would drop a file the attached
+        reader has not opened yet (unless ``force``): write the rest later."""
+        done = 0
+        # released on return: the caller may resize a bytearray it passed
+        with memoryview(data) as view:
+            while done < len(data):
+                n = fits(self.size, bytes(view[done : done + self.cap + 1]), self.cap)
+                if n == 0:
+                    if not self.rotate(force=force):
+                        break
+                    continue
+                _write_all(self.fd, view[done : done + n])
+                self.size += n
+                done += n
+        return done
+
+    def dropped_by_rotation(self) -> Path:
+        """The file the next rotation deletes: the oldest kept (or the current one)."""
+        return rotated_name(self.path, self.max_files - 1)
+
+    def rotate(self, *, force: bool = False) -> bool:
         """Make a fresh current file; the full one becomes ``.1`` (older ones shift up).
 
         The current name always exists (the new file replaces it by rename) and the
         full file keeps a name until it is the oldest past ``max_files``, so a reader
-        can always find what follows the file it holds."""
+        can always find what follows the file it holds.  False (nothing done) when
+        the attached reader still reads a file dropped before: the file this
+        rotation drops is one it has not opened yet."""
+        self._held = [fd for fd in self._held if _still_held(fd)]
+        if self._held and not force:
+            return False  # the attached reader has not opened the files after that one
         path = self.path
+        victim = _open_existing(self.dropped_by_rotation())
+        if victim is not None and _still_held(victim):
+            self._held.append(victim)  # watch it: see the module's docstring
         fresh = path.with_name(f"{path.name}.new")
         new_fd = self._open(fresh, trunc=True)
         if self.max_files > 1:
@@ -190,11 +223,15 @@ class RotatingLog:
         os.close(self.fd)
         self.fd, self.size = new_fd, 0
         self.rotations += 1
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in self._held:
+            os.close(fd)
+        self._held = []
 
 
 class CappedFile:
@@ -207,17 +244,28 @@ class CappedFile:
         self.limit = limit
         self.dropped = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray, *, force: bool = False) -> int:
         keep = max(0, min(len(data), self.limit - self.size))
         if keep:
             _write_all(self.fd, memoryview(data)[:keep])
             self.size += keep
         self.dropped += len(data) - keep
+        return len(data)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _still_held(fd: int) -> bool:
+    """Whether an attached reader holds the file (its shared flock); closes ``fd`` if not."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    os.close(fd)  # releases the probe's lock too
+    return False
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -243,15 +291,21 @@ def _stat_ident(path: Path) -> tuple[int, int] | None:
 class LogFollower:
     """Reads one capped log as a single stream across rotations."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, *, hold: bool = False) -> None:
         self.path = path
         self.fd = fd
+        self.hold = hold
         self.ident = _ident(os.fstat(fd))
+        if hold:
+            fcntl.flock(fd, fcntl.LOCK_SH)
 
     @classmethod
-    def current(cls, path: Path) -> LogFollower:
-        """From the start of the current file (``ember run``: opened before the VM writes)."""
-        return cls(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    def current(cls, path: Path, *, hold: bool = False) -> LogFollower:
+        """From the start of the current file (``ember run``: opened before the VM writes).
+
+        ``hold``: the attached reader; the writer waits for it rather than drop a
+        file it has not read (see the module's docstring)."""
+        return cls(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC), hold=hold)
 
     @classmethod
     def oldest(cls, path: Path) -> LogFollower:
@@ -277,6 +331,8 @@ class LogFollower:
             if data:
                 os.close(nxt)
                 return data
+            if self.hold:
+                fcntl.flock(nxt, fcntl.LOCK_SH)  # the next file before letting go of this one
             os.close(self.fd)
             self.fd, self.ident = nxt, _ident(os.fstat(nxt))
 

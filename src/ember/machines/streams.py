@@ -9,6 +9,17 @@ FIFO is full the VMM stops taking the guest's output until it drains.
 The monitor opens each FIFO read-write, so it is never at end-of-file while the
 VMM has not opened it yet or has closed it: the VMM's exit (its pidfd) is what
 ends the copying, after one last non-blocking drain of every FIFO.
+
+When a log cannot rotate because the attached reader (the foreground ``ember
+run``) has not opened the file the rotation would drop, the monitor keeps the
+stream's bytes in memory (retried every ``RETRY_S``), up to ``HOLD_LIMIT``;
+past that it stops reading that FIFO and the guest waits.  Keeping the guest
+waiting is the last resort, not the first: what the guest's kernel has queued
+for a port the host does not take is lost when the guest powers off (seen
+here: megabytes of a fast printer's last output), so a reader that is merely a
+little slow must not cause it.  Once the VMM has exited, the monitor waits at
+most ``DRAIN_WAIT_S`` for a stalled reader (say a suspended ``ember run``)
+before rotating anyway.
 """
 
 from __future__ import annotations
@@ -18,8 +29,9 @@ import os
 import select
 import stat
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,10 +41,16 @@ from ember.vm.vmm.base import Channels
 #: the exit report is one short JSON line: keep no more than this of the status port
 STATUS_LIMIT = 1 << 16
 _READ = 1 << 16
+#: how often a stream held back by the attached reader is retried
+RETRY_S = 0.01
+#: bytes of one stream kept in memory while the attached reader catches up
+HOLD_LIMIT = 4 << 20
+#: after the VMM's exit, how long a stalled attached reader is waited for
+DRAIN_WAIT_S = 10.0
 
 
 class Sink(Protocol):
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | bytearray, *, force: bool = False) -> int: ...
 
     def close(self) -> None: ...
 
@@ -43,6 +61,8 @@ class _Stream:
     fd: int
     sink: Sink
     failed: bool = False
+    #: bytes read from the FIFO that the log could not take yet (reader behind)
+    pending: bytearray = field(default_factory=bytearray)
 
 
 def fifo_channels(d: Path) -> Channels:
@@ -101,6 +121,8 @@ class StreamPump:
         s = self._by_fd[fd]
         moved = 0
         for _ in range(limit):
+            if len(s.pending) >= HOLD_LIMIT:
+                break  # the FIFO fills and the VMM stops taking the guest's output
             try:
                 data = os.read(fd, _READ)
             except BlockingIOError:
@@ -108,38 +130,71 @@ class StreamPump:
             if not data:
                 break
             moved += len(data)
-            self._deliver(s, data)
+            if s.pending:
+                s.pending += data  # behind what is held back already
+                self._deliver(s)
+            else:
+                self._deliver(s, data)
         return moved
 
-    def drain(self) -> None:
-        """Everything left in every FIFO (the VMM has exited: nothing more comes)."""
-        for fd in self._by_fd:
-            while self.pump(fd):
-                pass
+    def retry(self, force: bool = False) -> bool:
+        """Offer held-back bytes again; True when none are left anywhere."""
+        for s in self.streams:
+            if s.pending:
+                self._deliver(s, force=force)
+        return not any(s.pending for s in self.streams)
 
-    def _deliver(self, s: _Stream, data: bytes) -> None:
+    def drain(self, wait: float = DRAIN_WAIT_S) -> None:
+        """Everything left in every FIFO (the VMM has exited: nothing more comes)."""
+        deadline = time.monotonic() + wait
+        while True:
+            force = time.monotonic() >= deadline
+            self.retry(force=force)
+            moved = 0
+            for fd in self._by_fd:
+                moved += self.pump(fd)
+            if not moved and not any(s.pending for s in self.streams):
+                return
+            if not moved:
+                time.sleep(RETRY_S)  # an attached reader is catching up
+
+    def _deliver(self, s: _Stream, data: bytes | None = None, force: bool = False) -> None:
+        """Write ``data`` (or the held-back bytes) to the stream's log; keep what it refuses."""
         try:
-            s.sink.write(data)
+            n = s.sink.write(s.pending if data is None else data, force=force)
         except OSError as e:
             # a full disk must not take the machine down: the output is dropped
             if not s.failed:
                 print(f"monitor: cannot write {s.fifo.stem} log: {e}", file=sys.stderr)
                 s.failed = True
+            s.pending.clear()
+            return
+        if data is None:
+            del s.pending[:n]
+        elif n < len(data):
+            s.pending += data[n:]
 
-    def run_until_exit(self, pid_fd: int) -> None:
+    def run_until_exit(self, pid_fd: int, drain_wait: float = DRAIN_WAIT_S) -> None:
         """Copy output until ``pid_fd`` (the VMM's pidfd) says it exited; then drain."""
         poller = select.poll()
-        for fd in self._by_fd:
-            poller.register(fd, select.POLLIN)
+        watched: dict[int, bool] = {}
         poller.register(pid_fd, select.POLLIN)
         exited = False
         while not exited:
-            for fd, _ev in poller.poll():
+            for s in self.streams:  # a stream held back to its limit: its FIFO is not read
+                want = len(s.pending) < HOLD_LIMIT
+                if watched.get(s.fd) != want:
+                    poller.register(s.fd, select.POLLIN if want else 0)
+                    watched[s.fd] = want
+            held = any(s.pending for s in self.streams)
+            for fd, _ev in poller.poll(RETRY_S * 1000 if held else None):
                 if fd == pid_fd:
                     exited = True
                 else:
                     self.pump(fd)
-        self.drain()
+            if held:
+                self.retry()
+        self.drain(drain_wait)
 
     def close(self) -> None:
         """Close the FIFOs and logs, and remove the FIFOs."""
