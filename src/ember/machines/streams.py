@@ -25,6 +25,7 @@ before rotating anyway.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import stat
@@ -45,6 +46,8 @@ _READ = 1 << 16
 RETRY_S = 0.01
 #: bytes of one stream kept in memory while the attached reader catches up
 HOLD_LIMIT = 4 << 20
+#: FIFO capacity asked for (Linux's default is 64 KiB; 1 MiB is pipe-max-size's default)
+PIPE_SIZE = 1 << 20
 #: after the VMM's exit, how long a stalled attached reader is waited for
 DRAIN_WAIT_S = 10.0
 
@@ -218,4 +221,8 @@ def _open_fifo(path: Path) -> int:
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(f"{path} is not a FIFO")
+    # room for a moment's delay of the monitor before QEMU has to hold the guest back
+    # (pages are taken as they fill; past the per-user pipe quota the default stays)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     return fd
