@@ -81,6 +81,9 @@ static const struct rec RECORDS[] = {
 	{"nameserver", 1, 1, 0},  {"search", 1, 1, 0},      {"net", 4, 4, 0},
 	{"mount", 4, 4, 0},       {"stop_signal", 1, 1, 1}, {"stop_timeout", 1, 1, 1},
 	{"root", 3, 3, 1},        {"module", 1, 1, 0},      {"nofile", 1, 1, 1},
+	/* template boots and restores from a template (docs/run-config.md, "Templates") */
+	{"template", 0, 0, 1},    {"late", 1, 1, 0},        {"clock", 2, 2, 1},
+	{"seed", 1, 1, 1},        {"mac", 2, 2, 0},
 };
 #define NRECORDS (int)(sizeof(RECORDS) / sizeof(RECORDS[0]))
 
@@ -153,7 +156,7 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 				return seterr(err, errlen, "run config line %d: bad escape in '%s'", lineno, key), -1;
 
 		long v;
-		const char *f0 = fields[0];
+		const char *f0 = nf ? fields[0] : "";
 		if (!strcmp(key, "arg")) {
 			c->argv = push(c->argv, &c->argc, fields[0], 0);
 		} else if (!strcmp(key, "env")) {
@@ -228,11 +231,42 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 			if (parse_int(f0, 64, 1L << 30, &v) < 0)
 				return seterr(err, errlen, "run config: bad nofile"), -1;
 			c->nofile = v;
+		} else if (!strcmp(key, "template")) {
+			c->template = 1;
+		} else if (!strcmp(key, "late")) {
+			if (!*f0 || strchr(f0, '/') || f0[0] == '.')
+				return seterr(err, errlen, "run config: bad module name"), -1;
+			c->late = push(c->late, &c->nlate, fields[0], 0);
+		} else if (!strcmp(key, "clock")) {
+			long ns;
+			/* seconds since the epoch (10 digits covers until 2286), then nanoseconds */
+			if (parse_int(f0, 0, 9999999999L, &v) < 0 || parse_int(fields[1], 0, 999999999, &ns) < 0)
+				return seterr(err, errlen, "run config: bad clock"), -1;
+			c->clock_sec = v;
+			c->clock_nsec = ns;
+			c->have_clock = 1;
+		} else if (!strcmp(key, "seed")) {
+			size_t n = strlen(f0);
+			if (n < 32 || n > SEED_MAX_HEX || n % 2 || strspn(f0, "0123456789abcdef") != n)
+				return seterr(err, errlen, "run config: bad seed"), -1;
+			c->seed = fields[0];
+		} else if (!strcmp(key, "mac")) {
+			unsigned b[6];
+			char tail;
+			if (sscanf(fields[1], "%2x:%2x:%2x:%2x:%2x:%2x%c", &b[0], &b[1], &b[2], &b[3],
+			           &b[4], &b[5], &tail) != 6 || strlen(fields[1]) != 17)
+				return seterr(err, errlen, "run config line %d: bad MAC address", lineno), -1;
+			c->macs = xrealloc(c->macs, sizeof(*c->macs) * (size_t)(c->nmacs + 1));
+			struct macaddr *m = &c->macs[c->nmacs++];
+			m->iface = fields[0];
+			for (int i = 0; i < 6; i++)
+				m->addr[i] = (unsigned char)b[i];
 		}
 	}
 	if (!ended)
 		return seterr(err, errlen, "run config is truncated (no end record)"), -1;
-	if (c->argc == 0)
+	/* a template's config is only what the boot before the restore needs */
+	if (c->argc == 0 && !c->template)
 		return seterr(err, errlen, "run config has no command (no arg records)"), -1;
 	if (!c->env) {
 		c->env = xrealloc(NULL, sizeof(char *) * 4);

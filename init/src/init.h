@@ -30,6 +30,12 @@ struct hostent_rec {
 struct vmount {
 	char *source, *target, *fstype, *options;
 };
+struct macaddr {
+	char *iface;
+	unsigned char addr[6];
+};
+
+#define SEED_MAX_HEX 512 /* 256 bytes of host randomness at most */
 
 struct config {
 	char **argv; int argc;
@@ -44,6 +50,14 @@ struct config {
 	char *root_dev, *root_fstype, *root_opts;
 	char **modules; int nmodules;
 	long nofile;
+	/* templates: "template" boots up to waiting for the real config; "late" modules
+	 * are loaded only after it came (device drivers whose probe must see the restored
+	 * machine's devices); "clock" and "seed" come with the config after a restore */
+	int template;
+	char **late; int nlate;
+	int have_clock; long long clock_sec; long clock_nsec;
+	char *seed;
+	struct macaddr *macs; int nmacs;
 };
 
 /* config.c */
@@ -62,7 +76,8 @@ void msleep(int ms);
 long long now_ms(void);
 
 /* mounts.c */
-int load_modules(const char *dir, char **extra, int nextra);
+int load_modules(const char *dir, char **extra, int nextra, char **skip, int nskip);
+int load_named(const char *dir, char **names, int n);
 int mount_root_and_switch(const struct config *c, char *err, size_t errlen);
 void mount_pseudo(void);
 int mount_volumes(const struct config *c, char *err, size_t errlen);

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/random.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -587,6 +589,108 @@ static void usage(void)
 	exit(2);
 }
 
+/* ---- templates ------------------------------------------------------------------------
+ * A template boot (run config with a "template" record) loads every module but its "late"
+ * ones, opens the ports, says "template ready" on the console and waits on the control
+ * port: the host snapshots the VM there.  Each restored copy receives its machine's real
+ * run config on that port, then goes on like a fresh boot (docs/run-config.md). */
+
+static int config_complete(const char *buf, size_t len)
+{
+	return len >= 5 && !memcmp(buf + len - 5, "\nend\n", 5);
+}
+
+static char *receive_config(int fd, size_t *out_len)
+{
+	size_t len = 0;
+	char *buf = xrealloc(NULL, CONFIG_MAX_SIZE);
+	for (;;) {
+		ssize_t n = read(fd, buf + len, CONFIG_MAX_SIZE - len);
+		if (n > 0) {
+			len += (size_t)n;
+			if (config_complete(buf, len))
+				break;
+			if (len == CONFIG_MAX_SIZE)
+				fail("the run config from the host is too large");
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0) {
+			/* nobody connected on the host side yet (a port then reads as EOF) */
+			msleep(2);
+			continue;
+		}
+		if (errno != EAGAIN)
+			fail("cannot read the run config from the control port");
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		poll(&p, 1, 50);
+	}
+	*out_len = len;
+	return buf;
+}
+
+static void set_clock(const struct config *c)
+{
+	if (!c->have_clock)
+		return;
+	struct timespec ts = {.tv_sec = (time_t)c->clock_sec, .tv_nsec = c->clock_nsec};
+	if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+		logmsg("clock_settime: %s", strerror(errno));
+}
+
+/* Every restored copy of a template starts with the template's random state: mix in the
+ * host's fresh bytes (credited) and force the kernel's generator to reseed from them. */
+static void reseed(const struct config *c)
+{
+	if (!c->seed)
+		fail("a restored machine needs a seed from the host");
+	struct {
+		int entropy_count;
+		int buf_size;
+		unsigned char buf[SEED_MAX_HEX / 2];
+	} info;
+	size_t n = strlen(c->seed) / 2;
+	for (size_t i = 0; i < n; i++) {
+		unsigned v;
+		sscanf(c->seed + 2 * i, "%2x", &v);
+		info.buf[i] = (unsigned char)v;
+	}
+	info.entropy_count = (int)(n * 8);
+	info.buf_size = (int)n;
+	int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, RNDADDENTROPY, &info) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0)
+		fail("cannot reseed the kernel's random number generator");
+	close(fd);
+	memset(&info, 0, sizeof(info));
+}
+
+static void await_restore(char *err, size_t errlen)
+{
+	char **late = G.cfg.late;
+	int nlate = G.cfg.nlate;
+	int fd = G.ports[PORT_CONTROL];
+	if (fd < 0)
+		fail("template boot without a control port");
+	logmsg("template ready");
+	size_t len = 0;
+	char *raw = receive_config(fd, &len);
+	mark("config received");
+	struct config fresh;
+	if (config_parse(raw, len, &fresh, err, errlen) < 0)
+		fail(err);
+	if (fresh.template)
+		fail("the run config sent after a restore is a template's");
+	/* the host keeps the connection until this: QEMU would drop unread bytes otherwise */
+	write_all(fd, "ok\n", 3);
+	G.cfg = fresh;
+	set_clock(&G.cfg);
+	reseed(&G.cfg);
+	load_named("/ember/modules", late, nlate);
+	load_named("/ember/modules", G.cfg.modules, G.cfg.nmodules);
+	mark("late modules loaded");
+}
+
 int main(int argc, char **argv)
 {
 	for (int i = 1; i < argc; i++) {
@@ -649,14 +753,21 @@ int main(int argc, char **argv)
 
 	mark("start");
 	if (!G.test) {
+		int tmpl = parsed == 0 && G.cfg.template;
 		load_modules("/ember/modules", parsed == 0 ? G.cfg.modules : NULL,
-		             parsed == 0 ? G.cfg.nmodules : 0);
+		             parsed == 0 ? G.cfg.nmodules : 0, tmpl ? G.cfg.late : NULL,
+		             tmpl ? G.cfg.nlate : 0);
 		mark("modules loaded");
 		open_ports();
 		mark("ports open");
 	}
 	if (parsed < 0)
 		fail(err);
+	if (G.cfg.template) {
+		if (G.test)
+			fail("a template run config needs a VM");
+		await_restore(err, sizeof(err));
+	}
 	G.have_cfg = 1;
 	struct config *c = &G.cfg;
 

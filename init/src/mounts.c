@@ -44,7 +44,15 @@ static int load_one(const char *dir, const char *name)
 }
 
 /* Load the modules listed (in order) in DIR/order, then the run config's extras. */
-int load_modules(const char *dir, char **extra, int nextra)
+static int listed(const char *name, char **names, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcmp(name, names[i]))
+			return 1;
+	return 0;
+}
+
+int load_modules(const char *dir, char **extra, int nextra, char **skip, int nskip)
 {
 	char path[512];
 	snprintf(path, sizeof(path), "%s/order", dir);
@@ -53,12 +61,22 @@ int load_modules(const char *dir, char **extra, int nextra)
 	if (list) {
 		for (char *save = NULL, *name = strtok_r(list, "\n", &save); name;
 		     name = strtok_r(NULL, "\n", &save))
-			if (*name && load_one(dir, name) < 0)
+			if (*name && !listed(name, skip, nskip) && load_one(dir, name) < 0)
 				failed++;
 		free(list);
 	}
 	for (int i = 0; i < nextra; i++)
-		if (load_one(dir, extra[i]) < 0)
+		if (!listed(extra[i], skip, nskip) && load_one(dir, extra[i]) < 0)
+			failed++;
+	return failed ? -1 : 0;
+}
+
+/* Load these modules now, in this order (a template's late ones, after a restore). */
+int load_named(const char *dir, char **names, int n)
+{
+	int failed = 0;
+	for (int i = 0; i < n; i++)
+		if (load_one(dir, names[i]) < 0)
 			failed++;
 	return failed ? -1 : 0;
 }

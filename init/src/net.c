@@ -63,7 +63,7 @@ static int talk(int fd, struct req *r)
 	}
 }
 
-static int link_up(int fd, int index, int mtu)
+static int link_up(int fd, int index, int mtu, const unsigned char *mac)
 {
 	struct req r;
 	memset(&r, 0, sizeof(r));
@@ -77,6 +77,8 @@ static int link_up(int fd, int index, int mtu)
 		unsigned int m = (unsigned int)mtu;
 		add_attr(&r, IFLA_MTU, &m, sizeof(m));
 	}
+	if (mac)
+		add_attr(&r, IFLA_ADDRESS, mac, 6);
 	return talk(fd, &r);
 }
 
@@ -127,7 +129,7 @@ int net_setup(const struct config *c, char *err, size_t errlen)
 	}
 	int rc = -1, e;
 	unsigned int lo = if_nametoindex("lo");
-	if (lo && (e = link_up(fd, (int)lo, 0)) < 0)
+	if (lo && (e = link_up(fd, (int)lo, 0, NULL)) < 0)
 		logmsg("lo up: %s", strerror(-e));
 	for (int i = 0; i < c->nifaces; i++) {
 		const struct iface *f = &c->ifaces[i];
@@ -146,7 +148,12 @@ int net_setup(const struct config *c, char *err, size_t errlen)
 			}
 			msleep(10);
 		}
-		if ((e = link_up(fd, (int)index, f->mtu)) < 0) {
+		/* a restored template's NIC still has the template's address: take the machine's */
+		const unsigned char *mac = NULL;
+		for (int m = 0; m < c->nmacs; m++)
+			if (!strcmp(c->macs[m].iface, f->name))
+				mac = c->macs[m].addr;
+		if ((e = link_up(fd, (int)index, f->mtu, mac)) < 0) {
 			snprintf(err, errlen, "%s up (mtu %d): %s", f->name, f->mtu, strerror(-e));
 			goto out;
 		}

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.errors import EmberError
+from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
@@ -38,6 +40,10 @@ from ember.vm.vmm.base import (
     wait_pid_exit,
     write_control,
 )
+
+if TYPE_CHECKING:
+    from ember.vm.kernel import KernelInfo
+    from ember.vm.template import Template
 
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_CPUS = 1
@@ -174,9 +180,18 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         )
         write_machine_initrd(base_initrd, rc, d / "initrd.img")
         machine_channels(d).precreate()
+        restore, template_key = _template_for(home, req, kernel, base_initrd, accel, nic=True)
+        if restore is not None:
+            # the restored NIC keeps the template's MAC unless the config names this one
+            macs = (("eth0", net.mac),)
+            atomic_write(d / RESTORE_CONFIG, rc.replace(macs=macs).render(), 0o600)
         lap("config_initrd")
         with mstate.update(d) as cur:
             cur.vm.root_disk = str(disk)
+            if restore is not None:
+                cur.vm.restore, cur.vm.restore_initrd = str(restore.state), str(restore.initrd)
+            if template_key:
+                cur.labels["ember.template"] = template_key
             cur.network = net.to_json()
             cur.config = {
                 "argv": list(rc.argv),
@@ -198,6 +213,49 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         store.remove_dir(machine_id)
         raise
     return st
+
+
+#: the run config a restored machine's monitor sends it (rendered, 0600)
+RESTORE_CONFIG = "restore.config"
+
+
+def templates_enabled(home: Home) -> bool:
+    """``{"templates": {"enabled": false}}`` in config.json or ``EMBER_TEMPLATES=0`` turn
+    machine templates off (every machine then boots its kernel)."""
+    from ember.config import config_section
+
+    env = os.environ.get("EMBER_TEMPLATES")
+    if env is not None:
+        return env not in ("0", "false", "no", "off")
+    section = config_section(home, "templates", MachineError) or {}
+    enabled = section.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise MachineError("templates.enabled in config.json must be true or false")
+    return enabled
+
+
+def _template_for(
+    home: Home, req: RunRequest, kernel: KernelInfo, base_initrd: Path, accel: str, *, nic: bool
+) -> tuple[Template | None, str | None]:
+    """The template this machine can start from, and the key of its shape; when there is
+    none yet, one is built in the background for the next machine of the same shape
+    (this one boots)."""
+    from ember.vm.template import TemplateShape, build_in_background, find_template
+    from ember.vm.vmm.qemu import find_qemu
+
+    # own kernel arguments change the boot itself; a kernel without modules has
+    # nothing to split between before and after the restore
+    if req.kernel_args or kernel.modules_dir is None or not templates_enabled(home):
+        return None, None
+    shape = TemplateShape(
+        kernel=kernel.vmlinux, base_initrd=base_initrd, accel=accel,
+        memory_mib=req.memory_mib, cpus=req.cpus, cmdline=(), nics=int(nic),
+        vmm_binary=find_qemu(),
+    )  # fmt: skip
+    found = find_template(home, shape)
+    if found is None:
+        build_in_background(home, shape)
+    return found, shape.key()
 
 
 # ---- the monitor ----------------------------------------------------------------------

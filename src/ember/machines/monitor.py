@@ -32,7 +32,7 @@ from ember.machines.report import outcome, parse_console_tail, parse_report
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
-from ember.vm.vmm.base import Channels, VMExit, send_control
+from ember.vm.vmm.base import VM, Channels, VMExit, send_control
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
 
 
@@ -60,10 +60,16 @@ def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) 
     nics: tuple[Nic, ...] = ()
     if st.network:
         nics = (Nic(st.network["tap"], st.network["mac"]),)
+    restore, initrd = st.vm.restore, st.vm.initrd
+    if restore and st.vm.restore_initrd:
+        initrd = st.vm.restore_initrd  # a restore must be given the initrd its template booted with
+    else:
+        restore = None
     return VMSpec(
         name=st.id,
         kernel=Path(st.vm.kernel),
-        initrd=Path(st.vm.initrd),
+        initrd=Path(initrd),
+        restore=Path(restore) if restore else None,
         channels=channels or Channels.in_dir(d),
         memory_mib=st.vm.memory_mib,
         cpus=st.vm.cpus,
@@ -138,6 +144,8 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
         signal.signal(signal.SIGTERM, on_term)
         try:
             pid = vm.start()
+            if spec.restore is not None:
+                vm, pid = _hand_config_or_boot(home, st, d, vm, spec)
         except EmberError as e:
             _failed_to_start(home, st, d, sync, str(e))
             return 1
@@ -181,6 +189,32 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     if final.auto_remove:
         _cleanup(home, final, removing=True)
     return 0
+
+
+def _hand_config_or_boot(
+    home: Home, st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec
+) -> tuple[VM, int]:
+    """A restored template waits for its run config: send it.  When the restore does not
+    take (a template the VMM cannot load, a guest that never answers), drop the template
+    and boot the machine's kernel instead, as if there had been none."""
+    from ember.machines.lifecycle import RESTORE_CONFIG
+    from ember.vm.template import Template, TemplateError, discard_template, send_restore_config
+
+    try:
+        send_restore_config(spec.channels.control_socket, (d / RESTORE_CONFIG).read_bytes())
+        assert vm.pid is not None
+        return vm, vm.pid
+    except (TemplateError, OSError) as e:
+        print(f"monitor: restoring the template failed ({e}): booting instead", file=sys.stderr)
+    vm.kill()
+    vm.wait()
+    assert spec.restore is not None and spec.initrd is not None
+    discard_template(Template(spec.restore, spec.initrd))
+    with mstate.update(d) as cur:
+        cur.vm.restore = cur.vm.restore_initrd = None
+        st = cur
+    boot = get_vmm(st.vm.vmm).create(vm_spec(st, d, spec.channels))
+    return boot, boot.start()
 
 
 def _wait_for_machine(home: Home, go_fd: int | None) -> str | None:

@@ -45,6 +45,10 @@ class VMConfig:
     cpus: int
     #: extra guest kernel arguments (``--kernel-arg``)
     kernel_args: list[str] = field(default_factory=list)
+    #: start by restoring this template state (``ember.vm.template``) with its own initrd,
+    #: then send the machine's config (``restore.config`` in the machine's dir)
+    restore: str | None = None
+    restore_initrd: str | None = None
 
 
 @dataclass

@@ -219,8 +219,10 @@ def config_archive(runconfig: RunConfig) -> bytes:
 
 
 def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    # by the real file: state dirs that share a kernel directory share its archives
+    real = path.resolve()
+    st = real.stat()
+    return f"{real}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> Path:

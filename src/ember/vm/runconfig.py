@@ -39,6 +39,9 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 _ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+#: bytes of host randomness a restored machine's kernel is reseeded with
+SEED_BYTES = 64
 
 
 class ImageConfigLike(Protocol):
@@ -130,11 +133,18 @@ class RunConfig:
     #: extra modules to load (names from the initramfs), after the base set
     modules: tuple[str, ...] = ()
     nofile: int = DEFAULT_NOFILE
+    #: a template boot: stop before the root disk and wait for the real config (argv empty)
+    template: bool = False
+    #: a template's modules left for after the restore (drivers that must probe the
+    #: restored machine's own devices)
+    late: tuple[str, ...] = ()
+    #: (interface, MAC) pairs: a restored NIC keeps the template's MAC unless told
+    macs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # callers may pass lists: store tuples, so configs compare and hash by value
         for name in ("argv", "env", "hosts", "nameservers", "search", "network", "mounts",
-                     "modules"):  # fmt: skip
+                     "modules", "late", "macs"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -206,6 +216,10 @@ class RunConfig:
         lines.append(_record("root", r.device, r.fstype, r.options))
         lines += [_record("module", m) for m in self.modules]
         lines.append(_record("nofile", str(self.nofile)))
+        if self.template:
+            lines.append(b"template\n")
+        lines += [_record("late", m) for m in self.late]
+        lines += [_record("mac", name, mac) for name, mac in self.macs]
         lines.append(b"end\n")
         data = b"".join(lines)
         if len(data) > MAX_CONFIG_SIZE:
@@ -298,7 +312,7 @@ def parse_signal(value: str | int) -> int:
 
 def validate(rc: RunConfig) -> None:
     """Refuse what the guest would refuse, with a message naming the field."""
-    if not rc.argv:
+    if not rc.argv and not rc.template:
         raise NoCommand("no command specified: the image has no Entrypoint or Cmd; give one")
     for a in rc.argv:
         _text(a, "argument")
@@ -361,9 +375,12 @@ def validate(rc: RunConfig) -> None:
     if not rc.root.device.startswith("/dev/") or not _FSTYPE_RE.match(rc.root.fstype):
         raise InvalidRunConfig(f"invalid root device {rc.root.device!r} ({rc.root.fstype})")
     _text(rc.root.options, "root mount options")
-    for mod in rc.modules:
+    for mod in (*rc.modules, *rc.late):
         if not _MODULE_RE.match(mod):
             raise InvalidRunConfig(f"invalid module name {mod!r}")
+    for ifname, mac in rc.macs:
+        if not _IFNAME_RE.match(ifname) or not _MAC_RE.match(mac):
+            raise InvalidRunConfig(f"invalid MAC address {mac!r} for {ifname!r}")
     if not 64 <= rc.nofile <= 1 << 30:
         raise InvalidRunConfig(f"invalid open files limit {rc.nofile}")
 
@@ -425,6 +442,19 @@ def unescape(field_: bytes) -> str:
     return out.decode("utf-8", "surrogateescape")
 
 
+def restore_message(config: bytes, now_ns: int, seed: bytes) -> bytes:
+    """What the host sends a restored template on its control port: the machine's
+    rendered config with the wall clock and fresh randomness added before ``end``
+    (a restored kernel has the template's clock and random state)."""
+    if not config.endswith(b"\nend\n"):
+        raise InvalidRunConfig("not a rendered run config (no end record)")
+    if not 16 <= len(seed) <= 256:
+        raise InvalidRunConfig("the seed for a restored machine must be 16 to 256 bytes")
+    extra = _record("clock", str(now_ns // 1_000_000_000), str(now_ns % 1_000_000_000))
+    extra += _record("seed", seed.hex())
+    return config[: -len(b"end\n")] + extra + b"end\n"
+
+
 def _record(key: str, *fields_: str) -> bytes:
     return key.encode() + b"".join(b" " + escape(f) for f in fields_) + b"\n"
 
@@ -447,8 +477,14 @@ _ARITY: dict[str, tuple[int, int]] = {
     "root": (3, 3),
     "module": (1, 1),
     "nofile": (1, 1),
+    "template": (0, 0),
+    "late": (1, 1),
+    "clock": (2, 2),
+    "seed": (1, 1),
+    "mac": (2, 2),
 }
-_SINGLE = {"user", "workdir", "hostname", "stop_signal", "stop_timeout", "root", "nofile"}
+_SINGLE = {"user", "workdir", "hostname", "stop_signal", "stop_timeout", "root", "nofile",
+           "template", "clock", "seed"}  # fmt: skip
 
 
 def _int(text: str, what: str) -> int:
@@ -505,6 +541,9 @@ def _parse(data: bytes) -> RunConfig:
         network=tuple(nets),
         mounts=tuple(Mount(*f) for f in values.get("mount", [])),
         modules=tuple(f[0] for f in values.get("module", [])),
+        template="template" in values,
+        late=tuple(f[0] for f in values.get("late", [])),
+        macs=tuple((f[0], f[1]) for f in values.get("mac", [])),
     )
     if (u := one("user")) is not None:
         kw["user"] = u[0]

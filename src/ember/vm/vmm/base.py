@@ -36,7 +36,7 @@ class Disk:
 
 @dataclass(frozen=True)
 class Nic:
-    """A virtio NIC backed by an existing host TAP device."""
+    """A virtio NIC backed by an existing host TAP device ("": no host side at all)."""
 
     tap: str
     mac: str
@@ -87,6 +87,9 @@ class VMSpec:
     nics: tuple[Nic, ...] = ()
     #: where the VMM's own stderr goes (its diagnostics, not the guest's)
     vmm_log: Path | None = None
+    #: a saved VM state to start from instead of booting (``ember.vm.template``); the
+    #: spec's devices must be the ones it was saved with
+    restore: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -117,9 +118,13 @@ def qemu_argv(
             drive += ",readonly=on"
         argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=disk{i}"]
     for i, nic in enumerate(spec.nics):
-        netdev = f"tap,id=net{i},ifname={_escape(nic.tap)},script=no,downscript=no"
-        if vhost:
-            netdev += ",vhost=on"
+        if not nic.tap:
+            # no host side (a template being built): a hub port with nobody else on it
+            netdev = f"hubport,id=net{i},hubid={i}"
+        else:
+            netdev = f"tap,id=net{i},ifname={_escape(nic.tap)},script=no,downscript=no"
+            if vhost:
+                netdev += ",vhost=on"
         argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
     argv += ["-device", "virtio-serial-device,max_ports=8"]
     for cid, port, path in (
@@ -138,6 +143,10 @@ def qemu_argv(
         "-chardev", f"socket,id=control,path={_escape(ch.control_socket.name)},server=on,wait=off",
         "-device", f"virtserialport,chardev=control,name={PORT_CONTROL}",
     ]  # fmt: skip
+    if spec.restore is not None:
+        # start from a saved state (a template) instead of booting; the devices above
+        # must be those the state was saved with
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.restore))}"]
     return argv
 
 

@@ -1,0 +1,120 @@
+"""Machines started from a template (ember.vm.template), with real boots.
+
+The first machine of a shape boots its kernel and starts a background build of the
+template; the next ones restore it and receive their run config, clock and seed over
+the control port.  A template the VMM cannot load is dropped and the machine boots."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots.pool import close_pool
+from ember.vm.template import templates_dir
+from tests.machines.vmkit import Ember, delete_netns, make_vm_home, new_netns
+from tests.support.images import layout_ref
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+PROBE = (
+    "echo env=$GREETING; cat /proc/sys/kernel/random/boot_id; "
+    "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
+    "date +%s; cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; exit 3"
+)
+
+
+@pytest.fixture(scope="module")
+def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    home = make_vm_home(tmp_path_factory.mktemp("vmtemplates") / "home")
+    yield home
+    close_pool(home)
+
+
+@pytest.fixture
+def ember(vm_home: Home) -> Iterator[Ember]:
+    ns = new_netns()
+    try:
+        yield Ember(ns, vm_home)
+    finally:
+        delete_netns(ns)
+
+
+@pytest.fixture(scope="module")
+def busybox(busybox_layout: Path) -> str:
+    return layout_ref(busybox_layout)
+
+
+def start_template(ember: Ember, busybox: str) -> Path:
+    """Run a first machine of the default shape; return the template it asked for, built."""
+    first = ember("run", "--name", "tpl-first", busybox, "true")
+    assert first.returncode == 0, first.stderr
+    key = ember.inspect("tpl-first")["labels"]["ember.template"]
+    assert ember("rm", "tpl-first").returncode == 0
+    state = templates_dir(ember.home) / f"{key}.vmstate"
+    deadline = time.monotonic() + 120
+    while not state.is_file():
+        assert time.monotonic() < deadline, (templates_dir(ember.home) / "build.log").read_text()
+        time.sleep(0.2)
+    return state
+
+
+def run_probe(ember: Ember, busybox: str, name: str) -> tuple[list[str], dict[str, object]]:
+    res = ember("run", "--name", name, "-e", "GREETING=hello", busybox, "sh", "-c", PROBE)
+    assert res.returncode == 3, res.stderr
+    st = ember.inspect(name)
+    return res.stdout.splitlines(), st
+
+
+def test_restored_machines_get_their_own_config_clock_randomness_and_mac(
+    ember: Ember, busybox: str
+) -> None:
+    # the first machine of this shape boots (and leaves a template being built)
+    start_template(ember, busybox)
+    outs = []
+    for name in ("tpl-a", "tpl-b"):
+        lines, st = run_probe(ember, busybox, name)
+        log = (ember.home.machines / str(st["id"]) / "monitor.log").read_text()
+        assert st["vm"]["restore"], f"the machine did not start from the template: {log}"
+        assert st["exit_code"] == 3
+        env, boot_id, random_hex, clock, mac, addr = lines[:6]
+        assert env == "env=hello"
+        assert abs(int(clock) - time.time()) < 30, "the restored guest kept the template's clock"
+        net = st["network"]
+        assert isinstance(net, dict)
+        assert mac == net["mac"], "the restored NIC kept the template's MAC"
+        assert f"inet {net['guest_ip']}/" in addr
+        outs.append((boot_id, random_hex))
+        assert ember("rm", name).returncode == 0
+    # two copies of one saved kernel must not share their random state
+    assert outs[0][0] != outs[1][0] and outs[0][1] != outs[1][1]
+
+
+def test_a_template_that_does_not_restore_is_dropped_and_the_machine_boots(
+    ember: Ember, busybox: str
+) -> None:
+    state = start_template(ember, busybox)
+    with open(state, "r+b") as f:
+        f.truncate(1 << 20)  # a save cut short: QEMU cannot load it
+    lines, st = run_probe(ember, busybox, "tpl-fallback")
+    assert lines[0] == "env=hello"
+    assert st["vm"]["restore"] is None
+    assert not state.exists(), "the template that failed was kept"
+    log = (ember.home.machines / str(st["id"]) / "monitor.log").read_text()
+    assert "booting instead" in log
+    assert ember("rm", "tpl-fallback").returncode == 0
+
+
+def test_templates_can_be_turned_off(ember: Ember, busybox: str, vm_home: Home) -> None:
+    start_template(ember, busybox)
+    config = vm_home.config_file.read_text()
+    vm_home.config_file.write_text(config.rstrip()[:-1] + ', "templates": {"enabled": false}}')
+    try:
+        lines, st = run_probe(ember, busybox, "tpl-off")
+        assert lines[0] == "env=hello" and st["vm"]["restore"] is None
+        assert ember("rm", "tpl-off").returncode == 0
+    finally:
+        vm_home.config_file.write_text(config)

@@ -1,0 +1,72 @@
+"""The run config records of templates (pure): render, parse, the restore message."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from ember.vm.errors import InvalidRunConfig, NoCommand
+from ember.vm.runconfig import RunConfig, restore_message
+from ember.vm.template import LATE_MODULES, TemplateShape, _shape_from_json, template_config
+
+
+def test_template_config_has_no_command_and_names_the_late_modules() -> None:
+    rendered = template_config().render()
+    assert b"\ntemplate\n" in rendered and rendered.endswith(b"end\n")
+    back = RunConfig.parse(rendered)
+    assert back.template and back.argv == () and back.late == LATE_MODULES
+
+
+def test_an_ordinary_config_still_needs_a_command() -> None:
+    with pytest.raises(NoCommand):
+        RunConfig(argv=())
+
+
+def test_restore_message_adds_clock_and_seed_before_end() -> None:
+    rc = RunConfig(argv=("echo", "hi"), macs=(("eth0", "02:ee:ac:1e:00:02"),))
+    msg = restore_message(rc.render(), 1_795_862_814_123_456_789, bytes(range(64)))
+    lines = msg.decode().splitlines()
+    assert lines[-1] == "end"
+    assert lines[-3] == "clock 1795862814 123456789"
+    assert lines[-2] == "seed " + bytes(range(64)).hex()
+    assert RunConfig.parse(msg).macs == (("eth0", "02:ee:ac:1e:00:02"),)
+
+
+@pytest.mark.parametrize("seed", [b"", b"x" * 15, b"x" * 257])
+def test_restore_message_refuses_a_bad_seed(seed: bytes) -> None:
+    with pytest.raises(InvalidRunConfig, match="seed"):
+        restore_message(RunConfig(argv=("true",)).render(), 0, seed)
+
+
+def test_restore_message_needs_a_rendered_config() -> None:
+    with pytest.raises(InvalidRunConfig, match="end record"):
+        restore_message(b"ember-run-config 1\narg true\n", 0, b"x" * 64)
+
+
+@pytest.mark.parametrize("mac", ["02:ee:ac:1e:00", "02:EE:AC:1E:00:02", "02-ee-ac-1e-00-02", "zz:ee:ac:1e:00:02"])
+def test_bad_mac_is_refused(mac: str) -> None:
+    with pytest.raises(InvalidRunConfig, match="MAC"):
+        RunConfig(argv=("true",), macs=(("eth0", mac),))
+
+
+def test_records_appear_once() -> None:
+    data = RunConfig(argv=("true",)).render().replace(b"end\n", b"template\ntemplate\nend\n")
+    with pytest.raises(InvalidRunConfig, match="twice"):
+        RunConfig.parse(data)
+
+
+def test_shape_key_follows_its_inputs(tmp_path: Path) -> None:
+    kernel, initrd, vmm = (tmp_path / n for n in ("vmlinux", "base.cpio", "qemu"))
+    for p in (kernel, initrd, vmm):
+        p.write_bytes(b"x")
+    shape = TemplateShape(kernel, initrd, "tcg", 512, 1, (), 1, str(vmm))
+    same = _shape_from_json(json.loads(json.dumps(asdict(shape), default=str)))
+    assert same == shape and same.key() == shape.key()
+    other_memory = TemplateShape(kernel, initrd, "tcg", 256, 1, (), 1, str(vmm))
+    assert other_memory.key() != shape.key()
+    before = shape.key()
+    initrd.write_bytes(b"a new ember-init")  # a rebuilt base initramfs makes a new template
+    assert shape.key() != before
