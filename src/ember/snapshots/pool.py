@@ -165,7 +165,7 @@ def _ensure_mounted(image: Path, root: Path) -> None:
             f"the snapshot pool file {image} is missing (remove {image.parent}/pool.json to start over)"
         )
     log.info("mounting snapshot pool %s", image)
-    system.mount_image(image, root, readonly=False, fstype="xfs")
+    system.mount_image(image, root, readonly=False, fstype="xfs", share=True)
 
 
 def close_pool(home: Home) -> None:

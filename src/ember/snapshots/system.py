@@ -143,19 +143,52 @@ def detach_loop(device: Path) -> None:
 # -- mounting disk images ------------------------------------------------------------------
 
 
+def _mount_existing(image: Path, target: Path, fstype: str) -> LoopDevice | None:
+    """Mount the read-write loop device some other process already attached to ``image``.
+
+    The pool's file system must not be mounted through two loop devices at once (XFS
+    refuses the second: same UUID), yet a process in another mount namespace (a
+    monitor, a builder started under ``ip netns exec``) can keep it mounted there:
+    reuse its device, as util-linux's ``mount -o loop`` does."""
+    backing = os.path.realpath(image)
+    for lo in loop_devices():
+        if lo.backing_file != backing:
+            continue
+        try:
+            if (Path(f"/sys/dev/block/{lo.major}:{lo.minor}/ro")).read_text().strip() != "0":
+                continue
+            loop.mount(lo.device, target, fstype, loop.MS_NOATIME, None)
+        except OSError:
+            continue  # released meanwhile, or not mountable: attach our own
+        return lo
+    return None
+
+
 def mount_image(
-    image: Path, target: Path, *, readonly: bool, fstype: str = "ext4", barrier: bool = True
+    image: Path,
+    target: Path,
+    *,
+    readonly: bool,
+    fstype: str = "ext4",
+    barrier: bool = True,
+    share: bool = False,
 ) -> LoopDevice:
     """Loop-mount ``image`` on ``target``; returns the loop device, released again by ``unmount``.
 
     A read-only mount gets a read-only loop device and, for ext4, ``noload``, so
     that nothing, not even journal replay, writes (what ``mount -o loop,ro`` did).
+    ``share``: mount the device another process attached to the same file, if any
+    (the pool: one file system, mounted in several mount namespaces).
     ``barrier=False`` (ext4, read-write): no cache flushes, which a loop device
     turns into an fsync of the image per journal commit; only for a disk that
     is thrown away after a crash and fsync'ed as a whole before it counts.
     """
     what = f"cannot mount {image.name} at {target}"
     backing = os.path.realpath(image)  # how sysfs names the device's backing file
+    if share and not readonly:
+        existing = _mount_existing(image, target, fstype)
+        if existing is not None:
+            return existing
     try:
         dev = loop.attach(image, readonly=readonly)
     except OSError as e:
