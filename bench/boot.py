@@ -1,9 +1,10 @@
 """Boot time of ``ember run`` against the floor, host-side start cost, host memory.
 
 1. Time from starting ``ember run --rm IMAGE echo ...`` to the program's first
-   output line on ember's stdout, warm (image prepared) and cold (fresh state dir:
-   pull + prepare + boot; kernel and accelerator answer shared), against the
-   floor: QEMU with the same kernel, accelerator and CPU options and a one-line
+   output line on ember's stdout, warm (image prepared, the machine template of its
+   shape built: the machine starts by restoring it), warm with templates off (the
+   guest kernel boots), and cold (fresh state dir: pull + prepare; kernel,
+   accelerator answer and templates shared), against the floor: QEMU with the same kernel, accelerator and CPU options and a one-line
    busybox initramfs (``echo``, then poweroff), its serial console on a pipe.
    Alternating runs, medians, ratio.  Goal: warm <= 1.3x the floor.
 2. Host-side work of a warm start (library): create (image lookup, root disk
@@ -146,6 +147,31 @@ def run_argv(ns: str, image: str) -> list[str]:
     return ["ip", "netns", "exec", ns, EMBER, "run", "--rm", image, "echo", MARK]
 
 
+def wait_for_template(ns: str, home: Home, image: str, timeout: float = 180) -> None:
+    """Run one machine (it boots and has the template of its shape built in the
+    background), then wait until that template is ready, so warm runs restore it."""
+    env = ember_env(home)
+    subprocess.run(
+        ["ip", "netns", "exec", ns, EMBER, "run", "--name", "tpl-warmup", image, "true"],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    st = json.loads(
+        subprocess.run(
+            [EMBER, "inspect", "tpl-warmup"], check=True, capture_output=True, env=env
+        ).stdout  # fmt: skip
+    )[0]
+    subprocess.run([EMBER, "rm", "tpl-warmup"], check=True, capture_output=True, env=env)
+    key = st["labels"].get("ember.template")
+    if not key:
+        raise SystemExit("this machine shape gets no template (templates off?)")
+    state = home.kernels / "templates" / f"{key}.vmstate"
+    deadline = time.monotonic() + timeout
+    while not state.is_file():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"template {key} was not built within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def host_side(ns: str, home: Home, image: str, runs: int) -> Timing:
     """create + monitor + VMM spawn, in a child inside the namespace (library calls)."""
     code = f"""
@@ -278,14 +304,21 @@ def main() -> None:
             if args.skip_boot:
                 first_line_time(run_argv(ns, image), ember_env(home), MARK)
                 continue
-            # prepare once (untimed): the warm runs find the image and its snapshots
+            # prepare once (untimed): the warm runs find the image and its snapshots,
+            # and the machine template of their shape (ember.vm.template)
             first_line_time(run_argv(ns, image), ember_env(home), MARK)
+            wait_for_template(ns, home, image)
+            no_templates = {**ember_env(home), "EMBER_TEMPLATES": "0"}
             t_floor = Timing("floor (QEMU + busybox initramfs)")
-            t_warm = Timing("ember run (warm)")
-            for _ in range(args.runs):  # alternating, so drift hits both alike
+            t_warm = Timing("ember run (warm, from the template)")
+            t_boot = Timing("ember run (warm, templates off: kernel boot)")
+            for _ in range(args.runs):  # alternating, so drift hits all alike
                 t_floor.samples.append(first_line_time(floor, None, MARK))
                 t_warm.samples.append(first_line_time(run_argv(ns, image), ember_env(home), MARK))
+                t_boot.samples.append(first_line_time(run_argv(ns, image), no_templates, MARK))
             line = print_ratio(f"{label}: first output line, warm", t_warm, t_floor)
+            lines.append(f"{line}; {note}")
+            line = print_ratio(f"{label}: first output line, warm, templates off", t_boot, t_floor)
             lines.append(f"{line}; {note}")
             if args.skip_cold:
                 continue

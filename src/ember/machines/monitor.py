@@ -144,8 +144,6 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
         signal.signal(signal.SIGTERM, on_term)
         try:
             pid = vm.start()
-            if spec.restore is not None:
-                vm, pid = _hand_config_or_boot(home, st, d, vm, spec)
         except EmberError as e:
             _failed_to_start(home, st, d, sync, str(e))
             return 1
@@ -154,6 +152,14 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
             cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
             cur.monitor_start = proc_start_time(os.getpid())
         sync.send("started", vmm_pid=pid)
+        if spec.restore is not None:
+            # the VMM runs; the restored guest now waits for its config (guest time,
+            # not the host's: "started" went out first)
+            try:
+                vm, pid = _hand_config_or_boot(home, st, d, vm, spec)
+            except EmberError as e:
+                _failed_to_start(home, st, d, sync, str(e))
+                return 1
 
         pid_fd = os.pidfd_open(pid)
         try:
@@ -201,11 +207,20 @@ def _hand_config_or_boot(
     from ember.vm.template import Template, TemplateError, discard_template, send_restore_config
 
     try:
-        send_restore_config(spec.channels.control_socket, (d / RESTORE_CONFIG).read_bytes())
+        config = (d / RESTORE_CONFIG).read_bytes()
+        send_restore_config(spec.channels.control_socket, config, alive=vm.alive)
         assert vm.pid is not None
         return vm, vm.pid
     except (TemplateError, OSError) as e:
-        print(f"monitor: restoring the template failed ({e}): booting instead", file=sys.stderr)
+        failure = e
+    # a VMM that cannot load the state exits by itself; one killed by `ember kill`/`rm -f`
+    # during the restore (its socket reset is what we saw) dies of the signal
+    ended = vm.wait(1.0)
+    if ended is not None and ended.signal is not None:
+        # killed (ember kill / rm -f) while restoring: nothing to fall back for
+        assert vm.pid is not None
+        return vm, vm.pid
+    print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
     vm.kill()
     vm.wait()
     assert spec.restore is not None and spec.initrd is not None
@@ -214,7 +229,10 @@ def _hand_config_or_boot(
         cur.vm.restore = cur.vm.restore_initrd = None
         st = cur
     boot = get_vmm(st.vm.vmm).create(vm_spec(st, d, spec.channels))
-    return boot, boot.start()
+    pid = boot.start()
+    with mstate.update(d) as cur:
+        cur.vmm_pid = pid
+    return boot, pid
 
 
 def _wait_for_machine(home: Home, go_fd: int | None) -> str | None:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -323,7 +324,12 @@ def restore_message_for(config: bytes) -> bytes:
     return restore_message(config, time.time_ns(), os.urandom(SEED_BYTES))
 
 
-def send_restore_config(control_socket: Path, config: bytes, timeout: float = 30.0) -> None:
+def send_restore_config(
+    control_socket: Path,
+    config: bytes,
+    timeout: float = 30.0,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
     """Connect to a restoring VM's control socket (it appears when the VMM starts), send
     the run config, and wait for ember-init's ``ok``: QEMU drops what it has not handed
     to the guest yet when the client hangs up, so the connection stays until then."""
@@ -335,6 +341,8 @@ def send_restore_config(control_socket: Path, config: bytes, timeout: float = 30
             sock = open_control(control_socket, timeout=timeout)
             break
         except ControlChannelError:
+            if not alive():
+                raise TemplateError("the VMM ended while restoring") from None
             if time.monotonic() > deadline:
                 raise TemplateError("the restored VM's control socket did not appear") from None
             time.sleep(0.003)
