@@ -322,7 +322,7 @@ def main() -> None:
             lines.append(f"{line}; {note}")
             if args.skip_cold:
                 continue
-            t_cold = Timing("ember run (cold: pull + prepare + boot)")
+            t_cold = Timing("ember run (cold: pull + prepare, then start; template shared)")
             for i in range(max(1, min(args.runs, 3))):
                 h = make_home(tmp / f"cold-{label}-{i}")
                 homes.append(h)
