@@ -15,8 +15,7 @@ import pytest
 
 from ember.home import Home
 from ember.snapshots.pool import close_pool
-from tests.machines.vmkit import EMBER, Ember, delete_netns, make_vm_home, new_netns
-from tests.support.images import layout_ref
+from tests.machines.vmkit import EMBER, Ember, make_vm_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -39,20 +38,6 @@ def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     home.config_file.write_text(json.dumps(config))
     yield home
     close_pool(home)
-
-
-@pytest.fixture
-def ember(vm_home: Home) -> Iterator[Ember]:
-    ns = new_netns()
-    try:
-        yield Ember(ns, vm_home)
-    finally:
-        delete_netns(ns)
-
-
-@pytest.fixture(scope="module")
-def busybox(busybox_layout: Path) -> str:
-    return layout_ref(busybox_layout)
 
 
 def numbers(text: str, word: str) -> list[int]:

@@ -70,3 +70,47 @@ def test_shape_key_follows_its_inputs(tmp_path: Path) -> None:
     before = shape.key()
     initrd.write_bytes(b"a new ember-init")  # a rebuilt base initramfs makes a new template
     assert shape.key() != before
+
+
+def test_a_failed_build_is_not_retried_at_once(tmp_path: Path) -> None:
+    """A shape whose template cannot be built (here: a kernel QEMU cannot boot) leaves
+    a marker; builds of that shape are then not started again for a while."""
+    import subprocess
+    import sys
+    import time
+
+    from ember.home import Home
+    from ember.vm.template import build_in_background, templates_dir
+    from ember.vm.vmm.qemu import find_qemu
+
+    home = Home(tmp_path / "home")
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
+    kernel.write_bytes(b"\x7fELF not a kernel")
+    initrd.write_bytes(b"")
+    shape = TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
+    res = subprocess.run(
+        [sys.executable, "-m", "ember.vm.template"],
+        input=json.dumps(asdict(shape), default=str).encode(),
+        env={"EMBER_HOME": str(home.root), "PATH": "/usr/bin:/bin"},
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert b"template build failed" in res.stderr
+    marker = templates_dir(home) / f"{shape.key()}.failed"
+    assert marker.is_file()
+    assert not list(templates_dir(home).glob("*.vmstate"))
+    build_in_background(home, shape)  # within RETRY_AFTER: starts nothing
+    time.sleep(1.0)
+    assert not list(templates_dir(home).glob(".build-*"))
+    assert not (templates_dir(home) / "build.log").exists()
+
+
+def test_the_builder_refuses_a_bad_shape(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "ember.vm.template"], input=b'{"kernel": 1}',
+        env={"EMBER_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and b"bad shape" in res.stderr

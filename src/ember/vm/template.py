@@ -289,17 +289,29 @@ def _prune_stale(d: Path) -> None:
         except (OSError, ValueError, KeyError, TemplateError):
             stale = True
         if stale:
-            for suffix in (".vmstate", ".initrd", ".json", ".lock"):
+            for suffix in (".vmstate", ".initrd", ".json", ".lock", ".failed"):
                 with contextlib.suppress(FileNotFoundError):
                     (d / f"{key}{suffix}").unlink()
 
 
+#: after a failed build, no new attempt for this long (each costs a boot's CPU)
+RETRY_AFTER = 3600.0
+
+
+def _failed_marker(home: Home, key: str) -> Path:
+    return templates_dir(home) / f"{key}.failed"
+
+
 def build_in_background(home: Home, shape: TemplateShape) -> None:
-    """Start a detached builder for ``shape`` (it gives up at once if one is running).
+    """Start a detached builder for ``shape`` (it gives up at once if one is running, and
+    nothing starts within RETRY_AFTER of a failed build of the same shape).
 
     The shape goes through stdin and the state dir through the environment: the
     builder's command line names no path of the home (tools that look for a home's
     processes by their arguments look for its machines)."""
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - _failed_marker(home, shape.key()).stat().st_mtime < RETRY_AFTER:
+            return
     argv = [sys.executable, "-m", "ember.vm.template"]
     d = templates_dir(home).resolve()
     d.mkdir(parents=True, exist_ok=True)
@@ -371,11 +383,19 @@ def _main(argv: list[str]) -> int:
         "the state dir from $EMBER_HOME.",
     )
     p.parse_args(argv)
+    home = Home.from_env()
     try:
         shape = _shape_from_json(json.loads(sys.stdin.buffer.read(1 << 16)))
-        build_template(Home.from_env(), shape, wait=False)
-    except (TemplateError, OSError, ValueError, KeyError) as e:
+        key = shape.key()
+    except (TemplateError, ValueError, KeyError, OSError) as e:
+        print(f"template builder: bad shape: {e}", file=sys.stderr)
+        return 2
+    try:
+        build_template(home, shape, wait=False)
+    except (TemplateError, OSError) as e:
         print(f"template build failed: {e}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            _failed_marker(home, key).touch()
         return 1
     return 0
 
