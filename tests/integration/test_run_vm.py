@@ -34,20 +34,6 @@ def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     assert not mounts and not loops, (mounts, loops)
 
 
-@pytest.fixture
-def ember(vm_home: Home) -> Iterator[Ember]:
-    ns = new_netns()
-    try:
-        yield Ember(ns, vm_home)
-    finally:
-        delete_netns(ns)
-
-
-@pytest.fixture(scope="module")
-def busybox(busybox_layout: Path) -> str:
-    return layout_ref(busybox_layout)
-
-
 @pytest.fixture(scope="module")
 def debian(debian_layout: Path) -> str:
     return layout_ref(debian_layout)
