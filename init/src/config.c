@@ -83,7 +83,7 @@ static const struct rec RECORDS[] = {
 	{"root", 3, 3, 1},        {"module", 1, 1, 0},      {"nofile", 1, 1, 1},
 	/* template boots and restores from a template (docs/run-config.md, "Templates") */
 	{"template", 0, 0, 1},    {"late", 1, 1, 0},        {"clock", 2, 2, 1},
-	{"seed", 1, 1, 1},        {"mac", 2, 2, 0},
+	{"seed", 1, 1, 1},        {"mac", 2, 2, 0},         {"exit_ack", 1, 1, 1},
 };
 #define NRECORDS (int)(sizeof(RECORDS) / sizeof(RECORDS[0]))
 
@@ -231,6 +231,10 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 			if (parse_int(f0, 64, 1L << 30, &v) < 0)
 				return seterr(err, errlen, "run config: bad nofile"), -1;
 			c->nofile = v;
+		} else if (!strcmp(key, "exit_ack")) {
+			if (parse_int(f0, 0, 60000, &v) < 0)
+				return seterr(err, errlen, "run config: bad exit_ack"), -1;
+			c->exit_ack_ms = (int)v;
 		} else if (!strcmp(key, "template")) {
 			c->template = 1;
 		} else if (!strcmp(key, "late")) {

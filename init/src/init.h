@@ -50,6 +50,9 @@ struct config {
 	char *root_dev, *root_fstype, *root_opts;
 	char **modules; int nmodules;
 	long nofile;
+	/* after the exit report, wait up to this long for the host's "bye" on the control
+	 * port before powering off: output the host has not taken yet dies with the VM */
+	int exit_ack_ms;
 	/* templates: "template" boots up to waiting for the real config; "late" modules
 	 * are loaded only after it came (device drivers whose probe must see the restored
 	 * machine's devices); "clock" and "seed" come with the config after a restore */

@@ -118,6 +118,40 @@ static void report(int exit_code, int sig, int oom, const char *error)
 		logmsg("exit code %d%s", exit_code, oom ? " (oom killed)" : "");
 }
 
+/* The host answers the exit report with "bye" once it has taken everything the ports
+ * still held (a host holding output back would otherwise lose it at power-off). */
+static void await_bye(int ms)
+{
+	int fd = G.ports[PORT_CONTROL];
+	if (fd < 0)
+		return;
+	char buf[64];
+	size_t have = 0;
+	for (long long deadline = now_ms() + ms; now_ms() < deadline;) {
+		ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
+		if (n > 0) {
+			have += (size_t)n;
+			buf[have] = 0;
+			if (strstr(buf, "bye\n"))
+				return;
+			if (have > 32) { /* keep a tail long enough to hold a split "bye\n" */
+				memmove(buf, buf + have - 4, 4);
+				have = 4;
+			}
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0) { /* nobody connected on the host side yet */
+			msleep(2);
+			continue;
+		}
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		poll(&p, 1, 10);
+	}
+	logmsg("no bye from the host after the exit report: powering off anyway");
+}
+
 /* Clean up, then report, then power off: the report comes last so that a host which
  * ends the VM as soon as it sees it finds the disks already clean. */
 static __attribute__((noreturn)) void finish(int code, int sig, int oom, const char *error)
@@ -132,6 +166,8 @@ static __attribute__((noreturn)) void finish(int code, int sig, int oom, const c
 	report(code, sig, oom, error);
 	if (G.test)
 		exit(code);
+	if (G.have_cfg && G.cfg.exit_ack_ms > 0)
+		await_bye(G.cfg.exit_ack_ms);
 	reboot(RB_POWER_OFF);
 	/* no ACPI power-off: a reset ends the VM too (QEMU -no-reboot, kernel reboot=t) */
 	reboot(RB_AUTOBOOT);

@@ -104,3 +104,33 @@ def test_logs_follow_across_rotation_and_rm_leaves_nothing(ember: Ember, busybox
         time.sleep(0.2)
     assert not d.exists()
     assert [p.name for p in ember.home.machines.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_a_stalled_reader_loses_nothing_when_the_guest_powers_off(
+    ember: Ember, busybox: str
+) -> None:
+    """The foreground reader stops reading while the guest prints more than the monitor
+    holds back (4 MiB) plus the FIFO, and the program then exits: what QEMU was still
+    holding for the guest must reach the reader, not die with the VM (the monitor
+    says "bye" only once it took it; ember-init waits for that before powering off)."""
+    count = 700_000  # `seq` lines: ~4.7 MB
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--name", "stalled", busybox,
+         "seq", "1", str(count)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ember.env(),
+    )  # fmt: skip
+    try:
+        time.sleep(12)  # the reader stalls: the guest fills everything behind it
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    numbers = out.split()
+    assert len(numbers) == count, f"{count - len(numbers)} lines lost"
+    assert numbers[-1] == str(count).encode()
+    # the guest powered off on the monitor's "bye", not after waiting it out
+    machine = ember.inspect("stalled")["id"]
+    console = (ember.home.machines / machine / "console.log").read_text()
+    assert "exit code 0" in console and "no bye from the host" not in console
+    assert ember("rm", "stalled").returncode == 0

@@ -177,6 +177,8 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
             nameservers=net.nameservers,
             network=(Interface("eth0", net.guest_ip, net.prefix, net.gateway, net.mtu),),
             root=RootDevice("/dev/vda", "ext4", "defaults"),
+            # the monitor says "bye" once it has the guest's last output (see streams.py)
+            exit_ack_ms=EXIT_ACK_MS,
         )
         write_machine_initrd(base_initrd, rc, d / "initrd.img")
         machine_channels(d).precreate()
@@ -215,6 +217,8 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     return st
 
 
+#: how long a finished guest waits for its monitor's "bye" before powering off anyway
+EXIT_ACK_MS = 3000
 #: the run config a restored machine's monitor sends it (rendered, 0600)
 RESTORE_CONFIG = "restore.config"
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -32,7 +33,7 @@ from ember.machines.report import outcome, parse_console_tail, parse_report
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
-from ember.vm.vmm.base import VM, Channels, VMExit, send_control
+from ember.vm.vmm.base import VM, Channels, VMExit, open_control, send_control
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
 
 
@@ -162,10 +163,13 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
                 return 1
 
         pid_fd = os.pidfd_open(pid)
+        farewell = _Farewell(spec.channels.control_socket)
         try:
-            # copy the guest's output until the VMM exits, then whatever is left
-            pump.run_until_exit(pid_fd)
+            # copy the guest's output until the VMM exits, then whatever is left; the
+            # guest powers off once told that nothing it wrote is still in flight
+            pump.run_until_exit(pid_fd, on_drained=farewell.send)
         finally:
+            farewell.close()
             os.close(pid_fd)
         end: VMExit | None = None
         while end is None:
@@ -195,6 +199,30 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     if final.auto_remove:
         _cleanup(home, final, removing=True)
     return 0
+
+
+class _Farewell:
+    """The "bye" that lets a finished guest power off (run config ``exit_ack``).
+
+    The connection stays open until the VMM has exited: QEMU drops what the guest
+    has not read yet when the client hangs up."""
+
+    def __init__(self, control_socket: Path) -> None:
+        self.control_socket = control_socket
+        self._sock: socket.socket | None = None
+
+    def send(self) -> None:
+        try:
+            self._sock = open_control(self.control_socket)
+            self._sock.sendall(b"bye\n")
+        except (EmberError, OSError) as e:
+            # the guest then waits out its exit_ack and powers off anyway
+            print(f"monitor: cannot say bye to the guest: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _hand_config_or_boot(

@@ -46,10 +46,16 @@ _READ = 1 << 16
 RETRY_S = 0.01
 #: bytes of one stream kept in memory while the attached reader catches up
 HOLD_LIMIT = 4 << 20
+#: the same after the exit report: room for what QEMU and the FIFO still hold (~2 MiB),
+#: and no more (a guest can write a report-like line to the status port at any time)
+FINAL_HOLD_LIMIT = HOLD_LIMIT + (4 << 20)
 #: FIFO capacity asked for (Linux's default is 64 KiB; 1 MiB is pipe-max-size's default)
 PIPE_SIZE = 1 << 20
 #: after the VMM's exit, how long a stalled attached reader is waited for
 DRAIN_WAIT_S = 10.0
+#: after the exit report, how long every FIFO must stay quiet before the guest is told
+#: it may power off (QEMU hands over what it held back as soon as a FIFO has room)
+QUIET_S = 0.03
 
 
 class Sink(Protocol):
@@ -87,6 +93,12 @@ class StreamPump:
         self.streams = streams
         self.channels = channels
         self._by_fd = {s.fd: s for s in streams}
+        #: the guest's exit report came: from then on the FIFOs are read up to
+        #: FINAL_HOLD_LIMIT (what the VMM still holds would die with the VM)
+        self.report_seen = False
+
+    def _hold_limit(self) -> int:
+        return FINAL_HOLD_LIMIT if self.report_seen else HOLD_LIMIT
 
     @classmethod
     def create(cls, d: Path, config: LogConfig) -> StreamPump:
@@ -124,7 +136,7 @@ class StreamPump:
         s = self._by_fd[fd]
         moved = 0
         for _ in range(limit):
-            if len(s.pending) >= HOLD_LIMIT:
+            if len(s.pending) >= self._hold_limit():
                 break  # the FIFO fills and the VMM stops taking the guest's output
             try:
                 data = os.read(fd, _READ)
@@ -133,6 +145,8 @@ class StreamPump:
             if not data:
                 break
             moved += len(data)
+            if s.fifo == self.channels.status_file and b"\n" in data:
+                self.report_seen = True
             if s.pending:
                 s.pending += data  # behind what is held back already
                 self._deliver(s)
@@ -177,26 +191,42 @@ class StreamPump:
         elif n < len(data):
             s.pending += data[n:]
 
-    def run_until_exit(self, pid_fd: int, drain_wait: float = DRAIN_WAIT_S) -> None:
-        """Copy output until ``pid_fd`` (the VMM's pidfd) says it exited; then drain."""
+    def run_until_exit(
+        self,
+        pid_fd: int,
+        drain_wait: float = DRAIN_WAIT_S,
+        on_drained: Callable[[], None] | None = None,
+    ) -> None:
+        """Copy output until ``pid_fd`` (the VMM's pidfd) says it exited; then drain.
+
+        ``on_drained`` is called once, when the guest's exit report has come and every
+        FIFO has then been quiet for ``QUIET_S``: the monitor then lets the guest power
+        off (ember-init waits for that, see the run config's ``exit_ack``)."""
         poller = select.poll()
         watched: dict[int, bool] = {}
         poller.register(pid_fd, select.POLLIN)
         exited = False
+        last_moved = time.monotonic()
         while not exited:
             for s in self.streams:  # a stream held back to its limit: its FIFO is not read
-                want = len(s.pending) < HOLD_LIMIT
+                want = len(s.pending) < self._hold_limit()
                 if watched.get(s.fd) != want:
                     poller.register(s.fd, select.POLLIN if want else 0)
                     watched[s.fd] = want
             held = any(s.pending for s in self.streams)
-            for fd, _ev in poller.poll(RETRY_S * 1000 if held else None):
+            waiting = self.report_seen and on_drained is not None
+            timeout = RETRY_S * 1000 if held or waiting else None
+            for fd, _ev in poller.poll(timeout):
                 if fd == pid_fd:
                     exited = True
-                else:
-                    self.pump(fd)
+                elif self.pump(fd):
+                    last_moved = time.monotonic()
             if held:
                 self.retry()
+            if waiting and time.monotonic() - last_moved >= QUIET_S:
+                assert on_drained is not None
+                on_drained()
+                on_drained = None
         self.drain(drain_wait)
 
     def close(self) -> None:

@@ -133,6 +133,9 @@ class RunConfig:
     #: extra modules to load (names from the initramfs), after the base set
     modules: tuple[str, ...] = ()
     nofile: int = DEFAULT_NOFILE
+    #: after the exit report, ms to wait for the host's "bye" on the control port before
+    #: powering off (0: don't): the host takes what the ports still hold first
+    exit_ack_ms: int = 0
     #: a template boot: stop before the root disk and wait for the real config (argv empty)
     template: bool = False
     #: a template's modules left for after the restore (drivers that must probe the
@@ -216,6 +219,8 @@ class RunConfig:
         lines.append(_record("root", r.device, r.fstype, r.options))
         lines += [_record("module", m) for m in self.modules]
         lines.append(_record("nofile", str(self.nofile)))
+        if self.exit_ack_ms:
+            lines.append(_record("exit_ack", str(self.exit_ack_ms)))
         if self.template:
             lines.append(b"template\n")
         lines += [_record("late", m) for m in self.late]
@@ -383,6 +388,8 @@ def validate(rc: RunConfig) -> None:
             raise InvalidRunConfig(f"invalid MAC address {mac!r} for {ifname!r}")
     if not 64 <= rc.nofile <= 1 << 30:
         raise InvalidRunConfig(f"invalid open files limit {rc.nofile}")
+    if not 0 <= rc.exit_ack_ms <= 60000:
+        raise InvalidRunConfig(f"invalid exit acknowledgement wait {rc.exit_ack_ms} ms")
 
 
 def _text(value: str, what: str) -> None:
@@ -482,9 +489,10 @@ _ARITY: dict[str, tuple[int, int]] = {
     "clock": (2, 2),
     "seed": (1, 1),
     "mac": (2, 2),
+    "exit_ack": (1, 1),
 }
 _SINGLE = {"user", "workdir", "hostname", "stop_signal", "stop_timeout", "root", "nofile",
-           "template", "clock", "seed"}  # fmt: skip
+           "template", "clock", "seed", "exit_ack"}  # fmt: skip
 
 
 def _int(text: str, what: str) -> int:
@@ -559,4 +567,6 @@ def _parse(data: bytes) -> RunConfig:
         kw["root"] = RootDevice(*r)
     if (n := one("nofile")) is not None:
         kw["nofile"] = _int(n[0], "nofile")
+    if (a := one("exit_ack")) is not None:
+        kw["exit_ack_ms"] = _int(a[0], "exit_ack")
     return RunConfig(**kw)  # type: ignore[arg-type]
