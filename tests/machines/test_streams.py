@@ -159,3 +159,45 @@ def test_stalled_attached_reader_does_not_hang_the_drain(tmp_path: Path) -> None
     kept = b"".join(p.read_bytes() for p in files)
     assert _flood_lines(n).endswith(kept) and kept.endswith(b"%07d flood\n" % (n - 1))
     assert len(files) == 2 and all(p.stat().st_size <= 4096 for p in files)
+
+
+# a guest that prints, reports, and then waits (like ember-init) until told "bye"
+FAREWELL_WRITER = r"""
+import os, sys, time
+d = sys.argv[1]
+fds = {name: os.open(os.path.join(d, name + ".fifo"), os.O_WRONLY | os.O_APPEND)
+       for name in ("stdout", "status")}
+for i in range(1000):
+    os.write(fds["stdout"], b"line %d\n" % i)
+os.write(fds["status"], b'{"exit_code": 0}\n')
+for i in range(1000, 1100):  # still in flight after the report
+    os.write(fds["stdout"], b"line %d\n" % i)
+bye = os.path.join(d, "bye")
+deadline = time.monotonic() + 20
+while not os.path.exists(bye) and time.monotonic() < deadline:
+    time.sleep(0.005)
+sys.exit(0 if os.path.exists(bye) else 9)
+"""
+
+
+def test_the_guest_is_let_go_once_after_its_report_and_the_fifos_ran_dry(tmp_path: Path) -> None:
+    Channels.in_dir(tmp_path).precreate()
+    pump = StreamPump.create(tmp_path, LogConfig(1 << 20, 2))
+    calls: list[int] = []
+
+    def bye() -> None:
+        # everything the guest wrote before and after its report is in the log by now
+        calls.append(len(Channels.in_dir(tmp_path).stdout_log.read_bytes().splitlines()))
+        (tmp_path / "bye").touch()
+
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", FAREWELL_WRITER, str(tmp_path)])
+        pid_fd = os.pidfd_open(proc.pid)
+        try:
+            pump.run_until_exit(pid_fd, on_drained=bye)
+        finally:
+            os.close(pid_fd)
+        assert proc.wait() == 0, "the writer was never told bye"
+    finally:
+        pump.close()
+    assert calls == [1100]
