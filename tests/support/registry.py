@@ -8,10 +8,8 @@ tests never share state with the host or with each other.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -21,12 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.spawn import spawn_server
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 HTPASSWD_BIN = "htpasswd"
 START_TIMEOUT = 30.0
-PR_SET_PDEATHSIG = 1
-# loaded here, not in the forked child, where taking the loader's lock could deadlock
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class RegistryStartError(RuntimeError):
@@ -74,13 +71,6 @@ class Registry:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the process that started us
-    dies, so a pytest killed with -9 leaves no registry behind.  (Linux ties
-    this to the starting *thread*: start registries from a long-lived one.)"""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -191,19 +181,7 @@ def start_registry(
         host = f"127.0.0.1:{free_port()}"
         config = root / "config.yml"
         config.write_text(_config(host, storage, htpasswd))
-        log = open(root / "registry.log", "wb")  # noqa: SIM115 - owned by the child
-        try:
-            proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # own process group: a Ctrl-C in pytest must not kill it mid-test
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            log.close()
+        proc = spawn_server([REGISTRY_BIN, "serve", str(config)], root / "registry.log")
         reg = Registry(host, root, proc, username, password)
         try:
             _wait_ready(reg, START_TIMEOUT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.registry import free_port
+from tests.support.spawn import spawn_server
 
 EMBER = str(Path(sys.executable).with_name("ember"))
 
@@ -24,11 +24,6 @@ EMBER = str(Path(sys.executable).with_name("ember"))
 CLIENT_OPTIONS: dict[str, object] = {"trust_env": False, "verify": False, "timeout": 60}
 http = httpx.Client(**CLIENT_OPTIONS)  # type: ignore[arg-type]
 START_TIMEOUT = 30.0
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: a crashed pytest must not leave servers behind
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def ember(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -55,19 +50,7 @@ class EmberServer:
     def start(self) -> EmberServer:
         for _ in range(5):
             self.host = f"127.0.0.1:{free_port()}"
-            log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-            try:
-                self.process = subprocess.Popen(
-                    [EMBER, "--home", str(self.home), "server", "--listen", self.host,
-                     "--workers", str(self.workers)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-            finally:
-                log.close()
+            self.process = spawn_server(self._argv(), self.log_path, append=True)
             if self._wait_ready():
                 return self
             self.stop()
@@ -75,18 +58,13 @@ class EmberServer:
 
     def restart_on_same_port(self) -> None:
         """After a kill: start again where clients expect it."""
-        host = self.host
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                [EMBER, "--home", str(self.home), "server", "--listen", host, "--workers", str(self.workers)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )
-        finally:
-            log.close()
+        self.process = spawn_server(self._argv(), self.log_path, append=True)
         if not self._wait_ready():
             raise RuntimeError(f"ember server did not restart:\n{self.log_tail()}")
+
+    def _argv(self) -> list[str]:
+        return [EMBER, "--home", str(self.home), "server", "--listen", self.host,
+                "--workers", str(self.workers)]  # fmt: skip
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
