@@ -118,6 +118,29 @@ static void report(int exit_code, int sig, int oom, const char *error)
 		logmsg("exit code %d%s", exit_code, oom ? " (oom killed)" : "");
 }
 
+/* Read what the host sent on a control port, waiting for it: a port reads as EOF while no
+ * host is connected, and as EAGAIN while one is but has sent nothing.  Returns the bytes
+ * read, 0 when ``deadline`` (now_ms() time, < 0: none) passed first, -1 on an error. */
+static ssize_t read_control(int fd, char *buf, size_t cap, long long deadline)
+{
+	while (deadline < 0 || now_ms() < deadline) {
+		ssize_t n = read(fd, buf, cap);
+		if (n > 0)
+			return n;
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0) { /* nobody connected on the host side yet */
+			msleep(2);
+			continue;
+		}
+		if (errno != EAGAIN)
+			return -1;
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		poll(&p, 1, 10);
+	}
+	return 0;
+}
+
 /* The host answers the exit report with "bye" once it has taken everything the ports
  * still held (a host holding output back would otherwise lose it at power-off). */
 static void await_bye(int ms)
@@ -127,27 +150,17 @@ static void await_bye(int ms)
 		return;
 	char buf[64];
 	size_t have = 0;
-	for (long long deadline = now_ms() + ms; now_ms() < deadline;) {
-		ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
-		if (n > 0) {
-			have += (size_t)n;
-			buf[have] = 0;
-			if (strstr(buf, "bye\n"))
-				return;
-			if (have > 32) { /* keep a tail long enough to hold a split "bye\n" */
-				memmove(buf, buf + have - 4, 4);
-				have = 4;
-			}
-			continue;
+	long long deadline = now_ms() + ms;
+	ssize_t n;
+	while ((n = read_control(fd, buf + have, sizeof(buf) - 1 - have, deadline)) > 0) {
+		have += (size_t)n;
+		buf[have] = 0;
+		if (strstr(buf, "bye\n"))
+			return;
+		if (have > 32) { /* keep a tail long enough to hold a split "bye\n" */
+			memmove(buf, buf + have - 4, 4);
+			have = 4;
 		}
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n == 0) { /* nobody connected on the host side yet */
-			msleep(2);
-			continue;
-		}
-		struct pollfd p = {.fd = fd, .events = POLLIN};
-		poll(&p, 1, 10);
 	}
 	logmsg("no bye from the host after the exit report: powering off anyway");
 }
@@ -640,27 +653,13 @@ static char *receive_config(int fd, size_t *out_len)
 {
 	size_t len = 0;
 	char *buf = xrealloc(NULL, CONFIG_MAX_SIZE);
-	for (;;) {
-		ssize_t n = read(fd, buf + len, CONFIG_MAX_SIZE - len);
-		if (n > 0) {
-			len += (size_t)n;
-			if (config_complete(buf, len))
-				break;
-			if (len == CONFIG_MAX_SIZE)
-				fail("the run config from the host is too large");
-			continue;
-		}
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n == 0) {
-			/* nobody connected on the host side yet (a port then reads as EOF) */
-			msleep(2);
-			continue;
-		}
-		if (errno != EAGAIN)
+	while (!config_complete(buf, len)) {
+		if (len == CONFIG_MAX_SIZE)
+			fail("the run config from the host is too large");
+		ssize_t n = read_control(fd, buf + len, CONFIG_MAX_SIZE - len, -1);
+		if (n < 0)
 			fail("cannot read the run config from the control port");
-		struct pollfd p = {.fd = fd, .events = POLLIN};
-		poll(&p, 1, 50);
+		len += (size_t)n;
 	}
 	*out_len = len;
 	return buf;

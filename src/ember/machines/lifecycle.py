@@ -182,7 +182,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         )
         write_machine_initrd(base_initrd, rc, d / "initrd.img")
         machine_channels(d).precreate()
-        restore, template_key = _template_for(home, req, kernel, base_initrd, accel, nic=True)
+        restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
         if restore is not None:
             # the restored NIC keeps the template's MAC unless the config names this one
             macs = (("eth0", net.mac),)
@@ -239,7 +239,7 @@ def templates_enabled(home: Home) -> bool:
 
 
 def _template_for(
-    home: Home, req: RunRequest, kernel: KernelInfo, base_initrd: Path, accel: str, *, nic: bool
+    home: Home, req: RunRequest, kernel: KernelInfo, base_initrd: Path, accel: str
 ) -> tuple[Template | None, str | None]:
     """The template this machine can start from, and the key of its shape; when there is
     none yet, one is built in the background for the next machine of the same shape
@@ -253,7 +253,8 @@ def _template_for(
         return None, None
     shape = TemplateShape(
         kernel=kernel.vmlinux, base_initrd=base_initrd, accel=accel,
-        memory_mib=req.memory_mib, cpus=req.cpus, cmdline=(), nics=int(nic),
+        # every machine has one NIC (eth0)
+        memory_mib=req.memory_mib, cpus=req.cpus, cmdline=(), nics=1,
         vmm_binary=find_qemu(),
     )  # fmt: skip
     found = find_template(home, shape)

@@ -41,11 +41,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ember.fsutil import atomic_write
+from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
 from ember.vm.errors import VMError
 from ember.vm.initramfs import write_machine_initrd
-from ember.vm.runconfig import RunConfig
+from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
 
 #: bump when what a template holds changes (init protocol, module split)
 TEMPLATE_VERSION = 1
@@ -112,12 +112,21 @@ def find_template(home: Home, shape: TemplateShape) -> Template | None:
     return None
 
 
+#: the files of one template, KEY + suffix (a builder may hold the lock: see _remove)
+_FILES = (".vmstate", ".initrd", ".json", ".failed")
+
+
+def _remove(d: Path, key: str, *, lock: bool = False) -> None:
+    """Remove a template's files; its lock file only for a shape nothing builds again
+    (removing a held lock would let a second builder start beside the first)."""
+    for suffix in (*_FILES, ".lock") if lock else _FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (d / f"{key}{suffix}").unlink()
+
+
 def discard_template(template: Template) -> None:
     """A template that failed to restore is not used again (rebuilt on demand)."""
-    meta = template.state.with_suffix(".json")
-    for path in (template.state, template.initrd, meta):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    _remove(template.state.parent, template.state.stem)
 
 
 def template_config() -> RunConfig:
@@ -248,11 +257,7 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
             atomic_write(d / f"{key}.json", json.dumps(asdict(shape), default=str).encode())
             os.replace(initrd, d / f"{key}.initrd")
             os.replace(state_tmp, d / f"{key}.vmstate")
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(d)
             _prune_stale(d)
             return Template(d / f"{key}.vmstate", d / f"{key}.initrd")
         finally:
@@ -289,9 +294,7 @@ def _prune_stale(d: Path) -> None:
         except (OSError, ValueError, KeyError, TemplateError):
             stale = True
         if stale:
-            for suffix in (".vmstate", ".initrd", ".json", ".lock", ".failed"):
-                with contextlib.suppress(FileNotFoundError):
-                    (d / f"{key}{suffix}").unlink()
+            _remove(d, key, lock=True)
 
 
 #: after a failed build, no new attempt for this long (each costs a boot's CPU)
@@ -329,13 +332,6 @@ def build_in_background(home: Home, shape: TemplateShape) -> None:
     proc.returncode = 0  # detached: nobody waits for it
 
 
-def restore_message_for(config: bytes) -> bytes:
-    """The config a restored machine receives, with this moment's clock and fresh randomness."""
-    from ember.vm.runconfig import SEED_BYTES, restore_message
-
-    return restore_message(config, time.time_ns(), os.urandom(SEED_BYTES))
-
-
 def send_restore_config(
     control_socket: Path,
     config: bytes,
@@ -350,7 +346,9 @@ def send_restore_config(
     deadline = time.monotonic() + timeout
     while True:
         try:
-            sock = open_control(control_socket, timeout=timeout)
+            # short connect attempts: a VMM that died leaves a socket that refuses
+            sock = open_control(control_socket, timeout=0.2)
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
             break
         except ControlChannelError:
             if not alive():
@@ -359,7 +357,8 @@ def send_restore_config(
                 raise TemplateError("the restored VM's control socket did not appear") from None
             time.sleep(0.003)
     try:
-        sock.sendall(restore_message_for(config))
+        # the restored kernel has the template's clock and random state: send fresh ones
+        sock.sendall(restore_message(config, time.time_ns(), os.urandom(SEED_BYTES)))
         reply = b""
         while not reply.endswith(b"\n"):
             chunk = sock.recv(64)

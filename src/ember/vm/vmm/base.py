@@ -19,6 +19,7 @@ import os
 import select
 import signal
 import socket
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,9 +203,10 @@ def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
 
     Keep the connection open while waiting for the machine to react: QEMU drops
     bytes it has not yet handed to the guest when the client hangs up early (the
-    guest's port may not be open yet right after boot)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    guest's port may not be open yet right after boot).  QEMU serves one client at
+    a time and queues one more: a refused connection is retried until ``timeout``
+    (the monitor briefly holds the socket to hand a restored machine its config)."""
+    deadline = time.monotonic() + timeout
     dirfd = None
     try:
         address = str(path)
@@ -212,16 +214,27 @@ def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
             # too long for sun_path: go through a short /proc/self/fd alias of the directory
             dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             address = f"/proc/self/fd/{dirfd}/{path.name}"
-        s.connect(address)
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(address)
+                return s
+            except ConnectionRefusedError:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+            except OSError:
+                s.close()
+                raise
     except OSError as e:
-        s.close()
         raise ControlChannelError(
             f"cannot reach the machine's control channel {path}: {e.strerror or e}"
         ) from e
     finally:
         if dirfd is not None:
             os.close(dirfd)
-    return s
 
 
 def write_control(s: socket.socket, command: str) -> None:
