@@ -145,3 +145,31 @@ def test_ingest_keeps_nothing_of_a_bad_stream(store: ContentStore) -> None:
     seen: list[int] = []
     store.ingest(d, 3, [b"a", b"bc"], seen.append)
     assert store.read_bytes(d) == b"abc" and seen == [1, 2]
+
+
+def test_batch_defers_directory_sync_to_its_end(store: ContentStore) -> None:
+    """Inside a batch, committed blobs are visible and complete at once; the
+    directory that names them is synced once, when the outermost batch ends."""
+    import threading
+
+    blobs = [f"blob {i}".encode() for i in range(6)]
+    with store.batch():
+        with store.batch():  # nested: only the outermost end syncs
+            workers = [threading.Thread(target=store.put_bytes, args=(b,)) for b in blobs]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        for b in blobs:
+            assert store.read_bytes(Digest.of(b)) == b
+        assert store._unsynced == {store.blobs / "sha256"}
+    assert store._unsynced == set()
+    assert sorted(store.list()) == sorted(Digest.of(b) for b in blobs)
+
+
+def test_batch_ending_in_an_error_still_syncs_what_it_published(store: ContentStore) -> None:
+    with pytest.raises(RuntimeError), store.batch():
+        store.put_bytes(b"kept")
+        raise RuntimeError("pull failed")
+    assert store._unsynced == set()
+    assert store.read_bytes(Digest.of(b"kept")) == b"kept"

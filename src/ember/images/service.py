@@ -1,10 +1,11 @@
 """The host image service: pull images into the content store, name them, hand them out.
 
-A pull resolves the source to one image manifest, validates it with its
-config (supported layer types, one DiffID per layer, the platform asked for),
-downloads config and layers through the verifying content-store writer with
-bounded concurrency, stores the manifest blob last and then records the
-reference.  Readers therefore never see a reference whose blobs are missing.
+A pull resolves the source to one image manifest, checks its layer types,
+downloads config and layers at once through the verifying content-store writer
+with bounded concurrency, validates the config (one DiffID per layer, the
+platform asked for) and stores the manifest blob meanwhile, makes the blob
+names durable (one directory fsync) and then records the reference.  Readers
+therefore never see a reference whose blobs are missing.
 
 Pulls hold a shared lock and ``remove`` an exclusive one while it deletes
 blobs no other image uses, so a removal never deletes a blob that a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,7 @@ from ember.images.errors import ImageNotFound, InvalidImage, InvalidSource
 from ember.images.model import Image, Layer
 from ember.images.ocilayout import OciLayoutSource
 from ember.images.progress import PullProgress, make_progress
-from ember.images.sources import Source, SourceSpec, parse_source
+from ember.images.sources import Resolved, Source, SourceSpec, parse_source
 from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
 from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
@@ -141,13 +143,14 @@ class ImageService:
             )
         for desc in manifest.layers:
             mt.layer_compression(desc.media_type)
-        source.fetch(cfg, self.content, None)
-        config = parse_config(self.content.read_bytes(cfg.digest))
-        image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
-        if platform is not None and not platform.matches(image.platform):
-            raise NoMatchingPlatform(f"{source.name} is for {image.platform}, not {platform}")
-        self._fetch_layers(source, manifest.layers, display)
-        self.content.put_bytes(resolved.data, resolved.digest)
+        # The image table's schema check (a file to create and migrate in a fresh
+        # store) runs beside the downloads; ``put`` below repeats it if it failed.
+        migrating = threading.Thread(target=self._migrate_quietly, daemon=True)
+        migrating.start()
+        # One directory fsync for all the blobs, before the table names them.
+        with self.content.batch():
+            image = self._fetch_blobs(source, resolved, manifest, platform, display)
+        migrating.join()
         self.table.put(
             source.name,
             manifest_digest=resolved.digest,
@@ -159,20 +162,31 @@ class ImageService:
         )
         return image
 
-    def _fetch_layers(
-        self, source: Source, layers: list[Descriptor], display: PullProgress
-    ) -> None:
+    def _migrate_quietly(self) -> None:
+        with suppress(Exception):
+            self.table.db.migrate()
+
+    def _fetch_blobs(
+        self,
+        source: Source,
+        resolved: Resolved,
+        manifest: ImageManifest,
+        platform: Platform | None,
+        display: PullProgress,
+    ) -> Image:
+        """Config and layers at once: the layers go to worker threads while this
+        thread fetches and checks the config, then stores the manifest.
+
+        A config that makes the image unusable stops the pull before any queued
+        layer starts (those already downloading finish: they are verified blobs).
+        """
+        cfg = manifest.config
         unique: dict[Digest, Descriptor] = {}
-        for desc in layers:
+        for desc in manifest.layers:
             unique.setdefault(desc.digest, desc)
         todo = list(unique.values())
         display.set_total(sum(d.size for d in todo))
-        if not todo:
-            return
-        if len(todo) == 1:  # no thread to start for the common one-layer image
-            source.fetch(todo[0], self.content, display.blob(todo[0], "layer 1/1"))
-            return
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_BLOBS, len(todo))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_BLOBS, len(todo)))) as pool:
             futures = [
                 pool.submit(
                     source.fetch, d, self.content, display.blob(d, f"layer {i + 1}/{len(todo)}")
@@ -180,12 +194,22 @@ class ImageService:
                 for i, d in enumerate(todo)
             ]
             try:
+                source.fetch(cfg, self.content, None)
+                config = parse_config(self.content.read_bytes(cfg.digest))
+                image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
+                if platform is not None and not platform.matches(image.platform):
+                    raise NoMatchingPlatform(
+                        f"{source.name} is for {image.platform}, not {platform}"
+                    )
+                # while the layers arrive; only the table (GC's roots) names a whole image
+                self.content.put_bytes(resolved.data, resolved.digest)
                 for f in futures:
                     f.result()
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
+        return image
 
     # -- local queries -------------------------------------------------------
 

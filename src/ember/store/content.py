@@ -9,6 +9,11 @@ A blob becomes visible only by an atomic rename after its digest and size were
 verified and its bytes fsync'ed, so a kill -9 at any moment leaves either no
 blob or a complete one.  Partial ingests survive for resume; ``prune_ingests``
 discards stale ones.
+
+The rename itself is made durable by an fsync of the blob directory: at once
+per blob, or, inside ``batch()``, once for all the blobs of the batch when it
+ends (a pull fsyncs the directory once, before it records the image that names
+the blobs, instead of once per blob).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,6 +42,43 @@ class ContentStore:
         self.ingest_dir = root / "ingest"
         for d in (self.blobs / "sha256", self.blobs / "sha512", self.ingest_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._batch_lock = threading.Lock()
+        self._batches = 0
+        #: blob directories with renames not yet fsync'ed (inside a batch)
+        self._unsynced: set[Path] = set()
+
+    # -- durability of names ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Blobs committed meanwhile (by any thread using this store) get one
+        directory fsync at the end instead of one each.
+
+        A blob is still never visible before it is verified and its bytes are
+        durable; only its name's durability waits for the end of the batch, so
+        a caller must not record anything that names these blobs durably
+        before the batch has ended (on an error too, what was renamed is synced).
+        """
+        with self._batch_lock:
+            self._batches += 1
+        try:
+            yield
+        finally:
+            with self._batch_lock:
+                self._batches -= 1
+                dirs = sorted(self._unsynced) if self._batches == 0 else []
+                if self._batches == 0:
+                    self._unsynced.clear()
+            for d in dirs:
+                fsync_dir(d)
+
+    def _published(self, directory: Path) -> None:
+        """A blob was just renamed into ``directory``: make that durable now or at batch end."""
+        with self._batch_lock:
+            if self._batches:
+                self._unsynced.add(directory)
+                return
+        fsync_dir(directory)
 
     # -- reading -------------------------------------------------------------
 
@@ -227,8 +270,8 @@ class BlobWriter:
             os.rename(self.ingest_path, target)
         except OSError as e:
             raise StoreError(f"cannot publish blob {self.expected}: {e}") from e
-        fsync_dir(target.parent)
         self.committed = True
+        self.store._published(target.parent)
         return self.expected
 
     def __exit__(self, *exc: object) -> None:
