@@ -6,18 +6,14 @@ Every command and every component asks this module, never builds paths itself.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.homedir import default_home_dir
+
 
 def default_home() -> Path:
-    env = os.environ.get("EMBER_HOME")
-    if env:
-        return Path(env).expanduser().absolute()
-    if os.geteuid() == 0:
-        return Path("/var/lib/ember")
-    return Path.home() / ".local" / "share" / "ember"
+    return Path(default_home_dir())
 
 
 @dataclass(frozen=True)

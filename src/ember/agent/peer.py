@@ -1,0 +1,44 @@
+"""Whether the agent may run a caller's command as if the caller ran it.
+
+The command runs in a child of the agent, so it sees the agent's user, mount
+table, network, PIDs and root directory.  That is only the caller's view when
+the caller shares all of them; otherwise (``ip netns exec``, a container, a
+chroot, another user) the client is told to run the command itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+# The namespaces whose difference would change what a command does or sees.
+NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def mismatch(pid: int, uid: int) -> str | None:
+    """Why the caller ``pid`` cannot be served here, or None when it can."""
+    if uid != os.geteuid():
+        return f"the caller is uid {uid}; this agent runs commands as uid {os.geteuid()}"
+    try:
+        for ns in NAMESPACES:
+            if _identity(f"/proc/{pid}/ns/{ns}") != _identity(f"/proc/self/ns/{ns}"):
+                return f"the caller is in another {ns} namespace"
+        if _identity(f"/proc/{pid}/root") != _identity("/"):
+            return "the caller has another root directory"
+    except OSError as e:
+        return f"cannot inspect the caller ({e.strerror})"
+    return None

@@ -1,0 +1,396 @@
+"""``ember agent``: a fork server that runs CLI commands for one ``$EMBER_HOME``.
+
+The agent imports all of ember once, then waits on ``$EMBER_HOME/run/agent.sock``
+(mode 0600).  For each connection it forks a *relay*, which reads the request
+(argv, working directory, environment, umask, and the caller's stdin, stdout and
+stderr as descriptors), checks the caller (same user, same namespaces and root,
+see ``peer``) and the code (see ``freshness``), and forks the *runner*: the
+runner takes over the caller's descriptors, directory, environment and umask,
+and runs ``ember.cli.main.main(argv)`` as a fresh process would.  The relay
+forwards the caller's signals to the runner's process group, sends SIGHUP when
+the caller goes away (as a closing terminal would), and reports the exit status.
+
+The agent's own loop only accepts and forks, so a slow or hostile client ties up
+one relay, never the agent.  Commands already running when the agent stops go
+on to the end (they are their own sessions).  The runners are the agent's
+children: a service manager that kills the agent's whole group on stop would
+kill them too (with systemd: ``KillMode=process``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import importlib
+import os
+import pkgutil
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import NoReturn, TextIO
+
+from ember.agent import peer, protocol
+from ember.agent.client import SOCKET_NAME
+from ember.agent.errors import AgentError, AgentRunning
+from ember.agent.freshness import Fingerprint, loaded_files
+from ember.home import Home
+
+REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
+# Imported lazily by the commands that draw; preloaded so that they are free.
+THIRD_PARTY = ("rich.console", "rich.progress", "rich.live", "rich.table", "httpx")
+
+
+class _Stop(Exception):
+    pass
+
+
+def preload() -> list[str]:
+    """Import every ember module (and the lazily imported libraries); the ones that failed."""
+    import ember
+
+    failed = []
+    names = [m.name for m in pkgutil.walk_packages(ember.__path__, "ember.")]
+    for name in [*names, *THIRD_PARTY]:
+        if name.rsplit(".", 1)[-1] == "__main__":
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional dependency that is not installed
+            failed.append(name)
+    return failed
+
+
+class Agent:
+    def __init__(self, home: Home, *, log: TextIO | None = None) -> None:
+        self.home = home
+        self.socket_path = home.run / SOCKET_NAME
+        self.lock_path = home.run / "agent.lock"
+        self.log_fd = (log or sys.stderr).fileno()
+        self.pid = os.getpid()
+
+    def _log(self, line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with contextlib.suppress(OSError):
+            os.write(self.log_fd, f"{stamp} ember agent: {line}\n".encode(errors="replace"))
+
+    # -- the agent's own loop -----------------------------------------------
+
+    def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        self.home.run.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AgentRunning(
+                    f"an agent already serves {self.home.root}",
+                    hint=f"its socket: {self.socket_path}",
+                ) from None
+            failed = preload()
+            if failed:
+                self._log("not preloaded (optional, imported on use): " + ", ".join(failed))
+            fingerprint = Fingerprint(loaded_files())
+            listener = self._listen()
+            try:
+                self._loop(listener, fingerprint, ready)
+            finally:
+                self._unlisten(listener)
+        finally:
+            os.close(lock_fd)
+
+    def _listen(self) -> socket.socket:
+        # Bind under a temporary name and rename: the socket appears with its
+        # final mode, and replaces a dead agent's socket in one step (the lock
+        # says no live agent owns it).
+        tmp = self.socket_path.with_name(f".{SOCKET_NAME}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(os.fspath(tmp))
+        except OSError as e:
+            listener.close()
+            raise AgentError(f"cannot create the agent's socket {tmp}: {e.strerror}") from None
+        os.chmod(tmp, 0o600)
+        listener.listen(128)
+        os.rename(tmp, self.socket_path)
+        return listener
+
+    def _unlisten(self, listener: socket.socket) -> None:
+        # Still ours: the lock is held until after this.
+        self.socket_path.unlink(missing_ok=True)
+        listener.close()
+
+    def _loop(
+        self, listener: socket.socket, fingerprint: Fingerprint, ready: Callable[[], None] | None
+    ) -> None:
+        def stop(signum: int, _frame: object) -> None:
+            raise _Stop
+
+        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        old[signal.SIGCHLD] = signal.signal(
+            signal.SIGCHLD, signal.SIG_IGN
+        )  # relays reap themselves
+        # Objects that exist now are never freed by the children: keep the
+        # collector from touching (and so copying) their pages after each fork.
+        gc.collect()
+        gc.freeze()
+        self._log(f"serving {self.home.root} on {self.socket_path} (pid {os.getpid()})")
+        if ready is not None:
+            ready()
+        try:
+            while True:
+                conn, _ = listener.accept()
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    self._log(f"cannot fork for a command: {e.strerror}")
+                    conn.close()
+                    continue
+                if pid == 0:
+                    self._relay(conn, listener, fingerprint)
+                conn.close()
+        except _Stop:
+            self._log("stopping")
+        finally:
+            gc.unfreeze()
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
+
+    # -- the relay: one per command ------------------------------------------
+
+    def _relay(self, conn: socket.socket, listener: socket.socket, fp: Fingerprint) -> NoReturn:
+        status = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.setsid()  # out of the agent's group: a Ctrl-C meant for the agent spares commands
+            listener.close()
+            self._serve_one(conn, fp)
+            status = 0
+        except BaseException as e:  # a broken client must never reach the agent's loop
+            self._log(f"a command's relay failed: {e!r}")
+        finally:
+            os._exit(status)
+
+    def _serve_one(self, conn: socket.socket, fp: Fingerprint) -> None:
+        conn.settimeout(REQUEST_TIMEOUT)
+        try:
+            request, fds = _receive_request(conn)
+        except (OSError, protocol.ProtocolError) as e:
+            self._log(f"refused a request: {e}")
+            return
+        try:
+            pid, uid, _ = peer.peer_credentials(conn)
+            reason = peer.mismatch(pid, uid)
+            changed = fp.changed() if reason is None else None
+            if changed is not None:
+                reason = f"ember's code changed on disk ({changed}); the agent stops"
+                os.kill(self.pid, signal.SIGTERM)
+            if reason is not None:
+                self._log(f"declined pid {pid}: {reason}")
+                conn.sendall(protocol.frame(protocol.declined(reason)))
+                return
+            started = time.monotonic()
+            runner = os.fork()
+            if runner == 0:
+                _run_command(request, fds, conn)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpgid(runner, runner)  # also done by the runner: whoever comes first
+        finally:
+            for fd in fds:
+                os.close(fd)
+        conn.sendall(protocol.frame(protocol.started(runner)))
+        code, signum = self._watch(conn, runner)
+        with contextlib.suppress(OSError):
+            conn.sendall(protocol.frame(protocol.exited(code, signum)))
+        self._log(
+            f"pid {pid}: ember {_summary(request.argv)} -> exit {code}"
+            f" ({(time.monotonic() - started) * 1000:.0f} ms)"
+        )
+
+    def _watch(self, conn: socket.socket, runner: int) -> tuple[int, int]:
+        """Forward the client's signals until the runner exits; its exit code and signal."""
+        conn.settimeout(None)
+        pidfd = os.pidfd_open(runner)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(conn, select.POLLIN)
+        buffer = b""
+        try:
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == pidfd:
+                        _, status = os.waitpid(runner, 0)
+                        if os.WIFSIGNALED(status):
+                            return 128 + os.WTERMSIG(status), os.WTERMSIG(status)
+                        return os.waitstatus_to_exitcode(status), 0
+                    data = conn.recv(4096)
+                    if not data:  # the caller is gone: as a terminal hang-up would
+                        poller.unregister(conn)
+                        _signal_group(runner, signal.SIGHUP)
+                        continue
+                    buffer += data
+                    buffer = _forward_signals(buffer, runner)
+        finally:
+            os.close(pidfd)
+
+
+def _receive_request(conn: socket.socket) -> tuple[protocol.Request, list[int]]:
+    """The request frame and the three descriptors sent with it (closed again on any error)."""
+    fds: list[int] = []
+    try:
+        return _read_request(conn, fds), fds
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
+def _read_request(conn: socket.socket, fds: list[int]) -> protocol.Request:
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    data = b""
+    end = None
+    while end is None or len(data) < end:
+        if time.monotonic() > deadline:
+            raise protocol.ProtocolError("the client was too slow to send its request")
+        chunk, ancillary, flags, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(8 * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(
+                    int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)
+                )
+        if flags & socket.MSG_CTRUNC or len(fds) > 3:
+            raise protocol.ProtocolError("the request carries more descriptors than stdin/out/err")
+        if not chunk:
+            raise protocol.ProtocolError("the client closed the connection mid-request")
+        data += chunk
+        if end is None and len(data) >= protocol.HEADER:
+            end = protocol.HEADER + protocol.frame_length(data[: protocol.HEADER])
+    if len(data) != end or len(fds) != 3:
+        raise protocol.ProtocolError("a request must be one frame with three descriptors")
+    return protocol.decode_request(data[protocol.HEADER : end])
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _forward_signals(buffer: bytes, runner: int) -> bytes:
+    while len(buffer) >= protocol.HEADER:
+        n = protocol.frame_length(buffer[: protocol.HEADER])
+        if len(buffer) < protocol.HEADER + n:
+            break
+        message, buffer = (
+            buffer[protocol.HEADER : protocol.HEADER + n],
+            buffer[protocol.HEADER + n :],
+        )
+        _signal_group(runner, protocol.parse_signal(message))
+    return buffer
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+def _summary(argv: list[bytes]) -> str:
+    """The command's first words, without options or values (which may be secrets)."""
+    words: list[str] = []
+    for arg in argv:
+        if arg.startswith(b"-") or len(words) == 2:
+            break
+        words.append(os.fsdecode(arg)[:40])
+    return " ".join(words)
+
+
+# -- the runner: becomes the command ----------------------------------------
+
+
+def _run_command(request: protocol.Request, fds: list[int], conn: socket.socket) -> NoReturn:
+    code = 1
+    try:
+        os.setpgid(0, 0)  # its own group, so that forwarded signals reach its children too
+        # Out of the way first: a received descriptor may itself be 0, 1 or 2
+        # (an agent started with those closed).
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]
+        _close_all([fd for fd in fds if fd not in (0, 1, 2)])
+        for target, fd in enumerate(moved):
+            os.dup2(fd, target)
+        _close_all(moved)
+        conn.close()
+        _take_over_caller(request)
+        code = _run_cli([os.fsdecode(a) for a in request.argv])
+    except AgentError as e:
+        print(f"ember: {e}", file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        _finish(code)
+
+
+def _take_over_caller(request: protocol.Request) -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at start-up
+    os.environb.clear()
+    os.environb.update(request.environment())
+    os.umask(request.umask)
+    encoding = sys.stdout.encoding if sys.stdout is not None else "utf-8"
+    sys.stdin = open(0, encoding=encoding, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding=encoding, closefd=False)  # noqa: SIM115
+    sys.stderr = open(  # noqa: SIM115
+        2, "w", encoding=encoding, errors="backslashreplace", buffering=1, closefd=False
+    )
+    sys.argv = ["ember", *(os.fsdecode(a) for a in request.argv)]
+    try:
+        os.chdir(request.cwd)
+    except OSError as e:
+        raise AgentError(f"cannot enter the working directory: {e.strerror}") from None
+
+
+def _run_cli(argv: list[str]) -> int:
+    from ember.cli.main import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return _exit_code(e.code)
+    except KeyboardInterrupt:
+        print("ember: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _finish(code: int) -> NoReturn:
+    # What interpreter shutdown would do, minus the agent's own exit handlers:
+    # wait for the command's non-daemon threads, flush its output.
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -1,0 +1,236 @@
+"""A real ``ember agent`` serving the real ``ember`` CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.registry import free_port
+from tests.support.spawn import spawn_server
+
+EMBER = str(Path(sys.executable).with_name("ember"))
+TIMEOUT = 30.0
+
+
+class RunningAgent:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.socket = home / "run" / "agent.sock"
+        self.log = home.parent / f"{home.name}-agent.log"
+        self.process = spawn_server([EMBER, "agent"], self.log)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while "serving" not in self.log_text():
+            assert self.process.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, needle: str) -> str:
+        deadline = time.monotonic() + TIMEOUT
+        while needle not in (text := self.log_text()):
+            assert time.monotonic() < deadline, f"{needle!r} not in the agent's log:\n{text}"
+            time.sleep(0.05)
+        return text
+
+    def served(self) -> int:
+        return self.log_text().count("-> exit")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(TIMEOUT)
+
+
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "EMBER_AGENT"}
+    return {**env, "EMBER_HOME": str(home), **extra}
+
+
+@pytest.fixture
+def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningAgent]:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EMBER_HOME", str(home))  # spawn_server passes the environment on
+    running = RunningAgent(home)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def ember(
+    home: Path, *args: str, cwd: Path | None = None, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EMBER, *args],
+        env=env_for(home),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def test_a_command_runs_in_the_agent_with_the_callers_directory_and_output(
+    agent: RunningAgent, busybox_layout: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = ember(agent.home, "image", "unpack", f"oci:{busybox_layout}:latest", "rootfs", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "unpacked" in proc.stderr  # the summary line goes to stderr, as run locally
+    assert (work / "rootfs" / "bin" / "busybox").is_file()  # relative to the caller's cwd
+    agent.wait_log("ember image unpack -> exit 0")
+    listed = ember(agent.home, "image", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert f"oci:{busybox_layout}:latest" in listed.stdout or "busybox" in listed.stdout
+    assert agent.served() == 2
+
+
+def test_errors_and_exit_codes_come_back_as_if_run_locally(agent: RunningAgent) -> None:
+    missing = ember(agent.home, "image", "inspect", "nosuch")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("ember: image docker.io/library/nosuch:latest is not in")
+    assert "Traceback" not in missing.stderr
+    usage = ember(agent.home, "image", "frobnicate")
+    assert usage.returncode == 2
+    assert "No such command" in usage.stderr
+    agent.wait_log("ember image frobnicate -> exit 2")
+
+
+def test_stdin_reaches_the_command(agent: RunningAgent, auth_registry) -> None:  # type: ignore[no-untyped-def]
+    proc = ember(
+        agent.home, "registry", "login", "-u", auth_registry.username, "--password-stdin",
+        auth_registry.host, input=auth_registry.password + "\n",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert auth_registry.host in (agent.home / "credentials.json").read_text()
+    agent.wait_log("ember registry login -> exit 0")
+
+
+def _wait_port(port: int, *, open_: bool) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with socket.socket() as s:
+            is_open = s.connect_ex(("127.0.0.1", port)) == 0
+        if is_open == open_:
+            return
+        assert time.monotonic() < deadline, f"port {port} still {'closed' if open_ else 'open'}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "client killed"])
+def test_signals_reach_the_command_and_a_vanished_caller_hangs_it_up(
+    agent: RunningAgent, how: str
+) -> None:
+    port = free_port()
+    client = subprocess.Popen(
+        [EMBER, "server", "--listen", f"127.0.0.1:{port}"],
+        env=env_for(agent.home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port, open_=True)
+        assert "ember server" not in agent.log_text()  # still running, in the agent
+        if how == "ctrl-c":
+            client.send_signal(signal.SIGINT)
+            client.wait(TIMEOUT)
+        else:
+            client.kill()
+            client.wait(TIMEOUT)
+        _wait_port(port, open_=False)  # the server (the agent's child) is gone too
+        agent.wait_log("ember server -> exit")
+    finally:
+        client.kill()
+
+
+def test_a_caller_in_another_network_namespace_runs_the_command_itself(
+    agent: RunningAgent,
+) -> None:
+    ns = f"ember-agent-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, EMBER, "image", "ls"],
+            env=env_for(agent.home), capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "REFERENCE" in proc.stdout
+        agent.wait_log("declined")
+        assert "namespace" in agent.log_text()
+        assert agent.served() == 0
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def _raw(agent: RunningAgent, payload: bytes, fds: list[int] | None = None) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(TIMEOUT)
+        s.connect(str(agent.socket))
+        if fds:
+            socket.send_fds(s, [payload], fds)
+        else:
+            s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+        return out
+
+
+def test_hostile_requests_are_refused_and_the_agent_keeps_serving(agent: RunningAgent) -> None:
+    from ember.agent import protocol
+
+    good = protocol.encode_request(protocol.Request([b"--version"], b"/", [], 0o022))
+    with open(os.devnull, "r+b") as null:
+        three = [null.fileno()] * 3
+        assert _raw(agent, b"GET / HTTP/1.1\r\n\r\n") == b""  # absurd length
+        assert _raw(agent, protocol.frame(b"garbage"), three) == b""
+        assert _raw(agent, protocol.frame(good)) == b""  # no descriptors
+        assert _raw(agent, protocol.frame(good), three + three) == b""  # too many
+        assert _raw(agent, protocol.frame(good)[:-3], three) == b""  # cut short
+    text = agent.wait_log("refused a request")
+    assert text.count("refused a request") == 5
+    assert agent.process.poll() is None
+    proc = ember(agent.home, "--version")
+    assert proc.returncode == 0 and "ember" in proc.stdout
+    agent.wait_log("-> exit 0")
+
+
+def test_one_agent_per_home_and_its_socket_goes_when_it_stops(agent: RunningAgent) -> None:
+    second = subprocess.run(
+        [EMBER, "agent"], env=env_for(agent.home), capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert "an agent already serves" in second.stderr
+    agent.stop()
+    assert not agent.socket.exists()
+    proc = ember(agent.home, "image", "ls")  # runs locally now
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ember_agent_0_and_home_on_the_command_line_bypass_the_agent(agent: RunningAgent) -> None:
+    off = subprocess.run(
+        [EMBER, "image", "ls"], env=env_for(agent.home, EMBER_AGENT="0"),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert off.returncode == 0, off.stderr
+    named = ember(agent.home, "--home", str(agent.home), "image", "ls")
+    assert named.returncode == 0, named.stderr
+    assert agent.served() == 0
