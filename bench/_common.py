@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -166,3 +169,37 @@ def registry(*, username: str | None = None, password: str | None = None) -> Ite
         running_registry(Path(tmp) / "registry", username=username, password=password) as reg,
     ):
         yield reg
+
+
+class HostAgent:
+    """``ember agent`` for one state directory, as a host that runs machines keeps it.
+
+    Benches time the CLI through it with a fresh store per run: ``start(home)``
+    (untimed, after the previous run's store was removed) launches an agent for
+    that home and waits for its socket; ``stop()`` ends it.
+    """
+
+    def __init__(self, ember: str) -> None:
+        self.ember = ember
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, home: Path, timeout: float = 30.0) -> None:
+        self.stop()
+        env = {**os.environ, "EMBER_HOME": str(home)}
+        env.pop("EMBER_AGENT", None)
+        self.process = subprocess.Popen(
+            [self.ember, "agent"], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        sock = home / "run" / "agent.sock"
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ember agent did not start for {home}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        self.process = None

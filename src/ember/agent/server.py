@@ -42,8 +42,12 @@ from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
 
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
-# Imported lazily by the commands that draw; preloaded so that they are free.
-THIRD_PARTY = ("rich.console", "rich.progress", "rich.live", "rich.table", "httpx")
+# Imported lazily (rich by the commands that draw, httpcore by httpx's first
+# client, idna by the first connection to a host name); preloaded so that they are free.
+THIRD_PARTY = (
+    "rich.console", "rich.progress", "rich.live", "rich.table",
+    "httpx", "httpcore", "h11", "certifi", "anyio", "encodings.idna", "stringprep",
+)  # fmt: skip
 
 
 class _Stop(Exception):
