@@ -96,6 +96,16 @@ def _wait_for(marker: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.01)
 
 
+def _wait_committed(home: Home, names: list[str], proc: subprocess.Popen[str]) -> None:
+    snap = Snapshotter(home, recover=False)
+    deadline = time.monotonic() + 60
+    while not all(snap.is_committed(name) for name in names):
+        if proc.poll() is not None:
+            raise AssertionError(f"child ended before committing: {proc.communicate()[1]}")
+        assert time.monotonic() < deadline, "the lower layers were never committed"
+        time.sleep(0.005)
+
+
 def _image(home: Home) -> tuple[object, dict[str, str]]:
     big = LayerSpec(
         [Entry("big"), Entry("big/data", random_size=96 << 20, seed=7), Entry("big/small", b"s")]
@@ -120,6 +130,10 @@ def test_kill_mid_build_then_next_run_recovers(home: Home, tmp_path: Path, mode:
         home, tmp_path, {**args, "target": args["target"] if mode != "commit" else top}, mode
     )
     _wait_for(marker, proc)
+    if mode != "commit":
+        # the layer below the top commits in a helper thread while the top is being
+        # built: kill once that commit is through, in the middle of the top's apply
+        _wait_committed(home, lower, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
 

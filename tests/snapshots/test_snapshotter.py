@@ -279,3 +279,63 @@ def test_bad_sizes_are_refused(home: Home) -> None:
         with pytest.raises(ConfigError, match="disk size"):
             snap.prepare("k", size=bad)
     assert snap.list() == []
+
+
+def _cached_bases(snap: Snapshotter) -> list[Path]:
+    return sorted(p for p in snap.bases.iterdir() if p.name.startswith("empty-"))
+
+
+def test_new_bases_are_clones_of_one_cached_empty_disk(home: Home) -> None:
+    snap = Snapshotter(home)
+    # made with the pool, for the configured base size
+    (cached,) = _cached_bases(snap)
+    assert system.fs_size(cached) == snap.config.base_size
+    assert cached.stat().st_mode & 0o777 == 0o444
+    _commit_with(snap, A, None, {"a": b"1"})
+    _commit_with(snap, "sha256:" + "b" * 64, None, {"b": b"2"})
+    assert _cached_bases(snap) == [cached]  # reused, untouched by the disks cloned from it
+    subprocess.run(["e2fsck", "-fn", cached], check=True, capture_output=True)
+    for name in (A, "sha256:" + "b" * 64):
+        subprocess.run(["e2fsck", "-fn", snap.path(name)], check=True, capture_output=True)
+    # another size gets its own cached disk
+    snap.prepare("other", None, size=512 << 20)
+    assert len(_cached_bases(snap)) == 2
+    assert system.fs_size(snap.path("other")) == 512 << 20
+    snap.remove("other")
+
+
+def test_a_damaged_cached_base_is_made_again(home: Home) -> None:
+    snap = Snapshotter(home)
+    (cached,) = _cached_bases(snap)
+    os.chmod(cached, 0o644)
+    with open(cached, "r+b") as f:  # scribble over the superblock
+        f.seek(1024)
+        f.write(b"\xff" * 64)
+    _commit_with(snap, A, None, {"a": b"1"})
+    (again,) = _cached_bases(snap)
+    subprocess.run(["e2fsck", "-fn", again], check=True, capture_output=True)
+    subprocess.run(["e2fsck", "-fn", snap.path(A)], check=True, capture_output=True)
+
+
+def test_a_builder_clones_its_own_unfinished_snapshot(home: Home) -> None:
+    """What a chain builder does: layer 2 starts from layer 1's disk before layer 1 is committed."""
+    snap = Snapshotter(home)
+    _l1, lock1 = snap.prepare_held("build/one", None)
+    try:
+        with snap.mount("build/one", held=lock1) as root:
+            (root / "one").write_bytes(b"1")
+        _l2, lock2 = snap.prepare_held("build/two", A, source="build/one")
+        try:
+            snap.commit(A, "build/one", held=lock1)
+            with snap.mount("build/two", held=lock2) as root:
+                assert (root / "one").read_bytes() == b"1"
+                (root / "two").write_bytes(b"2")
+            snap.commit("sha256:" + "c" * 64, "build/two", held=lock2)
+        finally:
+            lock2.release()
+    finally:
+        lock1.release()
+    assert snap.stat("sha256:" + "c" * 64).parent == A
+    with pytest.raises(SnapshotError, match="not a builder"):
+        snap.prepare_held("build/three", A, source=A)  # a committed one is not a source
+    assert not snap.exists("build/three")

@@ -2,9 +2,11 @@
 
 One committed snapshot per layer, named by the layer's chain ID, so images that
 share base layers share those snapshots.  Building layer N: clone the
-snapshot of layers 0..N-1 (or make an empty ext4), loop-mount it, apply layer N
-with ember's hardened unpacker, unmount, check (the superblock of every layer,
-``e2fsck -fn`` of the image's top one; see docs/snapshots.md), commit.  A
+snapshot of layers 0..N-1 (or the cached empty ext4), loop-mount it, apply
+layer N with ember's hardened unpacker, unmount, check (the superblock of every
+layer, ``e2fsck -fn`` of the image's top one; see docs/snapshots.md), commit.
+Layer N's commit (I/O waits) runs in a helper thread while layer N+1, cloned
+from N's finished disk, is built; a child is never committed before its parent.  A
 per-chain-ID lock makes concurrent prepares build each snapshot once (the
 second waits, then finds it committed); a temporary lease keeps GC off the
 chain meanwhile.  A layer that runs out of blocks or inodes is rebuilt on a
@@ -18,6 +20,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,14 +79,22 @@ def prepare_image(
             snapshots=chain,
             content=content,
         ):
-            parent: str | None = None
-            for layer, name in zip(image.layers, chain, strict=True):
-                if not snap.is_committed(name):
-                    with FileLock(_chain_lock(snap, name), unlink_on_release=True):
-                        if not snap.is_committed(name):  # someone else built it while we waited
-                            _build_layer(snap, store, name, parent, layer, top=name == top)
+            builder = _ChainBuilder(snap, store)
+            try:
+                parent: str | None = None
+                for layer, name in zip(image.layers, chain, strict=True):
+                    if not snap.is_committed(name):
+                        lock = FileLock(_chain_lock(snap, name), unlink_on_release=True)
+                        lock.acquire()
+                        if snap.is_committed(name):  # someone else built it while we waited
+                            lock.release()
+                        else:
+                            builder.build(name, parent, layer, top=name == top, chain_lock=lock)
                             built.append(name)
-                parent = name
+                    parent = name
+                builder.finish()
+            finally:
+                builder.close()
     if snap.config.check != "none" and not snap.fully_checked(top):
         # the top was built as another image's intermediate layer (superblock-checked
         # only), or before checks were recorded: a machine boots it, so check it fully once
@@ -108,75 +119,164 @@ class _OutOfSpace(Exception):
         self.size = size
 
 
-def _build_layer(
-    snap: Snapshotter,
-    store: ContentStore,
-    name: str,
-    parent: str | None,
-    layer: Layer,
-    *,
-    top: bool,
-) -> None:
-    """Build one layer's snapshot; a layer that does not fit is retried on a disk twice as big."""
-    blob = store.path(layer.digest)
-    if not blob.is_file():
-        raise SnapshotError(
-            f"layer {layer.digest} is not in the content store: pull the image again"
-        )
-    t0 = time.perf_counter()
-    size: int | None = None
-    while True:
+@dataclass
+class _Built:
+    """A layer's snapshot, built and checked, not yet committed; both its locks held."""
+
+    name: str
+    key: str
+    lock: FileLock  # the snapshot's own
+    chain_lock: FileLock  # the chain ID's: concurrent prepares wait on it
+    checked: bool
+
+
+class _ChainBuilder:
+    """Builds a run of layers, committing each one while the next is built.
+
+    Layer N+1 starts as a clone of layer N's finished (unmounted, checked) disk
+    while it is still a builder's snapshot; layer N's commit (fsync of the disk,
+    metadata, renames, directory fsyncs: I/O waits) then runs in a helper thread
+    during layer N+1's mount, apply, unmount and check, and is waited for before
+    layer N+1 is committed, so a child is never committed before its parent.
+    A layer's locks are released once it is committed (or discarded).
+    """
+
+    def __init__(self, snap: Snapshotter, store: ContentStore) -> None:
+        self.snap = snap
+        self.store = store
+        self.built: _Built | None = None
+        self.committing: Future[None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def build(
+        self, name: str, parent: str | None, layer: Layer, *, top: bool, chain_lock: FileLock
+    ) -> None:
+        """Build layer ``name`` (owns ``chain_lock`` from here on, whatever happens)."""
         try:
-            _build_once(snap, name, parent, layer, blob, size, top=top)
-            break
-        except _OutOfSpace as full:
-            if full.size * 2 > MAX_AUTO_SIZE:
+            blob = self.store.path(layer.digest)
+            if not blob.is_file():
                 raise SnapshotError(
-                    f"layer {layer.digest} does not fit in a {full.size >> 30} GiB file system"
-                ) from None
-            size = full.size * 2
-            log.info("layer %s did not fit; retrying on a %d MiB disk", layer.digest, size >> 20)
-    log.info("built snapshot %s in %.2fs", name, time.perf_counter() - t0)
-
-
-def _build_once(
-    snap: Snapshotter,
-    name: str,
-    parent: str | None,
-    layer: Layer,
-    blob: Path,
-    size: int | None,
-    *,
-    top: bool,
-) -> None:
-    from ember.unpack import apply_layer  # the unpacker is only needed when building
-
-    key = f"build/{name}/{secrets.token_hex(4)}"
-    _active, lock = snap.prepare_held(key, parent, size=size)
-    try:
-        with snap.mount(key, held=lock) as root:
-            try:
-                apply_layer(root, blob, layer.media_type, layer.diff_id)
-            except Exception as e:
-                if _nearly_full(root):
-                    raise _OutOfSpace(system.fs_size(snap.path(key))) from e
-                raise
-        mode = snap.config.check
-        full = mode == "full" or (mode == "top" and top)
-        if mode != "none":
-            # first: e2fsck -n does not replay the journal and passes an image that needs it
-            snap.check_superblock(key)
-        if full:
-            snap.check(key)
-        snap.commit(name, key, held=lock, checked=full)
-    except BaseException:
+                    f"layer {layer.digest} is not in the content store: pull the image again"
+                )
+            source = self.built.key if self.built is not None and self.built.name == parent else None
+            t0 = time.perf_counter()
+            size: int | None = None
+            while True:
+                try:
+                    key, lock, checked = self._build_once(
+                        name, parent, layer, blob, size, top=top, source=source
+                    )
+                    break
+                except _OutOfSpace as full:
+                    if full.size * 2 > MAX_AUTO_SIZE:
+                        raise SnapshotError(
+                            f"layer {layer.digest} does not fit in a {full.size >> 30} GiB file system"
+                        ) from None
+                    size = full.size * 2
+                    log.info(
+                        "layer %s did not fit; retrying on a %d MiB disk", layer.digest, size >> 20
+                    )
+                    self._drain()  # the parent is committed now: clone it from there
+                    source = None
+            log.info("built snapshot %s in %.2fs", name, time.perf_counter() - t0)
+        except BaseException:
+            chain_lock.release()
+            raise
         try:
-            snap.remove(key, held=lock)
+            self._drain()  # the parent's commit, before this layer may be handed to one
+        except BaseException:
+            self._discard(key, lock)
+            chain_lock.release()
+            raise
+        self.built = _Built(name, key, lock, chain_lock, checked)
+
+    def _build_once(
+        self,
+        name: str,
+        parent: str | None,
+        layer: Layer,
+        blob: Path,
+        size: int | None,
+        *,
+        top: bool,
+        source: str | None,
+    ) -> tuple[str, FileLock, bool]:
+        from ember.unpack import apply_layer  # the unpacker is only needed when building
+
+        snap = self.snap
+        key = f"build/{name}/{secrets.token_hex(4)}"
+        _active, lock = snap.prepare_held(key, parent, size=size, source=source)
+        try:
+            self._hand_off()  # cloned: the parent's disk may move to committed/ now
+            with snap.mount(key, held=lock) as root:
+                try:
+                    apply_layer(root, blob, layer.media_type, layer.diff_id)
+                except Exception as e:
+                    if _nearly_full(root):
+                        raise _OutOfSpace(system.fs_size(snap.path(key))) from e
+                    raise
+            mode = snap.config.check
+            full = mode == "full" or (mode == "top" and top)
+            if mode != "none":
+                # first: e2fsck -n does not replay the journal and passes an image that needs it
+                snap.check_superblock(key)
+            if full:
+                snap.check(key)
+        except BaseException:
+            self._discard(key, lock)
+            raise
+        return key, lock, full
+
+    def _discard(self, key: str, lock: FileLock) -> None:
+        try:
+            self.snap.remove(key, held=lock)
         except SnapshotError as e:  # recovery or gc will get it: it is transient
             log.warning("cannot discard failed build %s: %s", key, e)
-        raise
-    finally:
-        lock.release()
+        finally:
+            lock.release()
+
+    def _commit(self, b: _Built) -> None:
+        try:
+            self.snap.commit(b.name, b.key, held=b.lock, checked=b.checked)
+        except BaseException:
+            self._discard(b.key, b.lock)
+            raise
+        finally:
+            b.lock.release()  # idempotent after _discard
+            b.chain_lock.release()
+
+    def _hand_off(self) -> None:
+        """Start committing the finished layer, if there is one, in the helper thread."""
+        b, self.built = self.built, None
+        if b is None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-commit")
+        self.committing = self._pool.submit(self._commit, b)
+
+    def _drain(self) -> None:
+        """Wait for the commit in flight, if any; raises what it raised."""
+        f, self.committing = self.committing, None
+        if f is not None:
+            f.result()
+
+    def finish(self) -> None:
+        """Commit what is left (the top layer)."""
+        self._hand_off()
+        self._drain()
+
+    def close(self) -> None:
+        """After success or failure: a finished layer is still committed (it was complete
+        and checked), the commit in flight is waited for; the helper thread ends."""
+        try:
+            self._hand_off()
+            try:
+                self._drain()
+            except Exception as e:  # the error that got us here matters more
+                log.warning("commit after a failed prepare: %s", e)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
 
 
 def _nearly_full(root: Path) -> bool:

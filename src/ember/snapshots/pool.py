@@ -41,6 +41,7 @@ class Pool:
     reflink: bool
     backend: Backend
     image: Path | None  # pool.img for LOOPFILE
+    created: bool = False  # this open made the pool
 
     @property
     def locks(self) -> Path:
@@ -68,6 +69,7 @@ def open_pool(home: Home, config: SnapshotConfig) -> Pool:
         (base / d).mkdir(exist_ok=True)
     with FileLock(base / "pool.lock"):
         state = _read_state(state_file)
+        created = False
         if state is None:
             if image.is_file():
                 # pool.json lost (or a crash right after the pool file was made): the
@@ -75,12 +77,13 @@ def open_pool(home: Home, config: SnapshotConfig) -> Pool:
                 state = {"kind": LOOPFILE, "reflink": True, "created": time.time()}
             else:
                 state = _create(base, root, image, config)
+                created = True
             atomic_write(state_file, json.dumps(state).encode())
         kind, reflink = str(state["kind"]), bool(state["reflink"])
         if kind == LOOPFILE:
             _ensure_mounted(image, root)
     backend = _choose_backend(config, reflink)
-    return Pool(base, root, kind, reflink, backend, image if kind == LOOPFILE else None)
+    return Pool(base, root, kind, reflink, backend, image if kind == LOOPFILE else None, created)
 
 
 def _read_state(state_file: Path) -> dict[str, object] | None:

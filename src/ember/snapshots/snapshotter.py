@@ -7,6 +7,7 @@ Layout of the pool (see pool.py for where it is)::
     active/<key>/...            the same for writable (and view) snapshots
     active/.new-*/              a snapshot being created: renamed into place when complete
     trash/*                     removed snapshots, deleted after an atomic rename
+    bases/empty-<size>-<opts>.ext4  cached empty disks, cloned for new base layers (reflink)
 
 ``<key>`` is the percent-encoded key (names.py).  Every state change is one
 rename inside the pool's file system, so a kill -9 leaves each snapshot either
@@ -19,6 +20,7 @@ it; a free lock on a transient (builder's) snapshot means its builder died, and
 from __future__ import annotations
 
 import builtins
+import hashlib
 import logging
 import os
 import secrets
@@ -71,13 +73,16 @@ class Snapshotter:
             root / "committed",
             root / "trash",
         )
-        for d in (self.active_dir, self.committed_dir, self.trash):
+        self.bases = root / "bases"  # cached empty disks (see _new_base)
+        for d in (self.active_dir, self.committed_dir, self.trash, self.bases):
             d.mkdir(exist_ok=True)
         self.gc_lock = self.pool.locks / "gc.lock"
         self.leases = Leases(self.pool.leases, self.gc_lock)
         if recover and root not in _recovered:
             self.recover()
             _recovered.add(root)
+        if self.pool.created and self.pool.backend.name == "reflink":
+            self._empty_base(self.config.base_size)  # part of setting the pool up, once
 
     @property
     def backend_name(self) -> str:
@@ -182,14 +187,25 @@ class Snapshotter:
         return snap
 
     def prepare_held(
-        self, key: str, parent: str | None, *, size: int | None = None, lease: str | None = None
+        self,
+        key: str,
+        parent: str | None,
+        *,
+        size: int | None = None,
+        lease: str | None = None,
+        source: str | None = None,
     ) -> tuple[ActiveSnapshot, FileLock]:
         """Like prepare, for a builder: the snapshot is transient and its lock stays held.
 
         Releasing the lock without committing marks it abandoned; ``recover`` and
-        ``gc`` then discard it.
+        ``gc`` then discard it.  ``source``: clone the disk of that active
+        snapshot, which the caller holds, unmounted and complete, and commits as
+        ``parent`` before it commits this one (a chain builder commits a layer
+        while it builds the next).
         """
-        return self._create(key, parent, Kind.ACTIVE, size, lease, None, transient=True)
+        return self._create(
+            key, parent, Kind.ACTIVE, size, lease, None, transient=True, source=source
+        )
 
     def _create(
         self,
@@ -201,6 +217,7 @@ class Snapshotter:
         labels: dict[str, str] | None,
         *,
         transient: bool,
+        source: str | None = None,
     ) -> tuple[ActiveSnapshot, FileLock]:
         enc = names.encode(key)
         if parent is not None:
@@ -221,8 +238,10 @@ class Snapshotter:
             else:
                 atomic_write(staging / META, meta.dump())
             disk = staging / DISK
-            if parent is None:
-                self.pool.backend.create(disk, size or self.config.base_size)
+            if source is not None:
+                self._clone_source(source, disk)
+            elif parent is None:
+                self._new_base(disk, size or self.config.base_size)
             else:
                 self._clone_parent(parent, disk)
                 if size is not None and size != system.fs_size(disk):
@@ -243,6 +262,49 @@ class Snapshotter:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return ActiveSnapshot(key, kind, parent, target / DISK), lock
+
+    def _new_base(self, disk: Path, size: int) -> None:
+        """An empty ext4 of ``size`` bytes at ``disk``.
+
+        With reflinks, a clone of a cached empty disk of that size (``bases/``
+        in the pool, made once by mkfs.ext4): ~0.3 ms instead of a mkfs run of
+        ~12 ms for every image whose base layer is new.  Like the clones of a
+        layer's snapshot, every such disk then carries the same file system UUID.
+        """
+        backend = self.pool.backend
+        if backend.name != "reflink":
+            backend.create(disk, size)
+            return
+        backend.clone(self._empty_base(size), disk)
+        os.chmod(disk, 0o600)
+
+    def _empty_base(self, size: int) -> Path:
+        """The cached empty disk of ``size`` bytes, made (fsync'ed, then named) if missing or damaged."""
+        options = hashlib.sha256(" ".join([*system.MKFS_OPTIONS, system.MKFS_LABEL]).encode())
+        cached = self.bases / f"empty-{size}-{options.hexdigest()[:12]}.ext4"
+        if cached.is_file() and not superblock.check_image(cached):
+            return cached
+        tmp = self.bases / f".new-{secrets.token_hex(8)}"
+        try:
+            self.pool.backend.create(tmp, size)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # complete before its name says so
+            finally:
+                os.close(fd)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, cached)  # a racing builder's equal copy may lose: harmless
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.bases)
+        return cached
+
+    def _clone_source(self, source: str, disk: Path) -> None:
+        d, kind = self._locate(source)
+        if kind is not Kind.ACTIVE or not self._meta(d).transient:
+            raise SnapshotError(f"snapshot {source!r} is not a builder's snapshot")
+        self.pool.backend.clone(d / DISK, disk)
+        os.chmod(disk, 0o600)
 
     def _clone_parent(self, parent: str, disk: Path) -> None:
         pdir = self.committed_dir / names.encode(parent)
@@ -476,7 +538,12 @@ class Snapshotter:
                     lock.release()
             for entry in os.listdir(self.trash):
                 shutil.rmtree(self.trash / entry, ignore_errors=True)
-            # 4. empty mount points left between mkdir and mount
+            # 4. empty bases whose builder died before publishing them
+            for entry in os.listdir(self.bases):
+                if entry.startswith(".new-") and _age(self.bases / entry) > 600:
+                    with suppress(FileNotFoundError):
+                        (self.bases / entry).unlink()
+            # 5. empty mount points left between mkdir and mount
             for entry in os.listdir(self.pool.mnt):
                 p = self.pool.mnt / entry
                 try:

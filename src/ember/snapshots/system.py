@@ -300,7 +300,12 @@ def wait_loop_released(
 # -- ext4 tools ----------------------------------------------------------------------------
 
 
-def mkfs_ext4(image: Path, size: int, label: str = "ember-root") -> None:
+#: how ember formats an empty disk (also part of the name of the cached empty bases)
+MKFS_OPTIONS = ("-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,discard")
+MKFS_LABEL = "ember-root"
+
+
+def mkfs_ext4(image: Path, size: int, label: str = MKFS_LABEL) -> None:
     """An empty ext4 in a sparse file, created in constant time and space.
 
     lazy_itable_init/lazy_journal_init skip zeroing; on a file mke2fs discards
@@ -312,13 +317,10 @@ def mkfs_ext4(image: Path, size: int, label: str = "ember-root") -> None:
     with open(image, "xb") as f:
         f.truncate(size)
     run(
-        [
-            "mkfs.ext4", "-F", "-q", "-m", "0", "-L", label,
-            "-E", "lazy_itable_init=1,lazy_journal_init=1,discard",
-            image,
-        ],
+        ["mkfs.ext4", "-F", "-q", *MKFS_OPTIONS, "-L", label, image],
         f"cannot create an ext4 file system in {image}",
-    )  # fmt: skip
+    )
+
 
 
 def fsck_readonly(image: Path) -> None:
