@@ -234,3 +234,35 @@ def test_ember_agent_0_and_home_on_the_command_line_bypass_the_agent(agent: Runn
     named = ember(agent.home, "--home", str(agent.home), "image", "ls")
     assert named.returncode == 0, named.stderr
     assert agent.served() == 0
+
+
+def test_commands_outlive_an_agent_killed_with_9_and_a_new_agent_can_start(
+    agent: RunningAgent,
+) -> None:
+    port = free_port()
+    client = subprocess.Popen(
+        [EMBER, "server", "--listen", f"127.0.0.1:{port}"],
+        env=env_for(agent.home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_port(port, open_=True)
+        agent.process.kill()
+        agent.process.wait(TIMEOUT)
+        # the relay that waited for the next command dies with the agent; nothing
+        # else holds the agent's lock, so a new agent starts on the same home
+        successor = RunningAgent(agent.home)
+        try:
+            successor.wait_ready()
+            proc = ember(agent.home, "image", "ls")
+            assert proc.returncode == 0, proc.stderr
+            successor.wait_log("ember image ls -> exit 0")
+            assert successor.served() == 1  # only the successor's relay took it
+            with socket.socket() as s:  # the command started under the old agent still runs
+                assert s.connect_ex(("127.0.0.1", port)) == 0
+            client.send_signal(signal.SIGINT)
+            client.wait(TIMEOUT)
+            _wait_port(port, open_=False)
+        finally:
+            successor.stop()
+    finally:
+        client.kill()

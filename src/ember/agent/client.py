@@ -39,7 +39,8 @@ def main() -> None:
         # Die of the same signal, so that a shell sees what it would have seen.
         _signal.signal(signum, _signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-    sys.exit(code)
+    # Nothing of ours to flush or clean up: skip the interpreter's shutdown (~2 ms).
+    os._exit(code)
 
 
 def agent_socket(home: str) -> str:

@@ -1,7 +1,8 @@
 """``ember agent``: a fork server that runs CLI commands for one ``$EMBER_HOME``.
 
 The agent imports all of ember once, then waits on ``$EMBER_HOME/run/agent.sock``
-(mode 0600).  For each connection it forks a *relay*, which reads the request
+(mode 0600).  It keeps one *relay* forked ahead, waiting in accept(); the relay
+that takes a connection tells the agent, which forks the next one, and reads the request
 (argv, working directory, environment, umask, and the caller's stdin, stdout and
 stderr as descriptors), checks the caller (same user, same namespaces and root,
 see ``peer``) and the code (see ``freshness``), and forks the *runner*: the
@@ -10,8 +11,10 @@ and runs ``ember.cli.main.main(argv)`` as a fresh process would.  The relay
 forwards the caller's signals to the runner's process group, sends SIGHUP when
 the caller goes away (as a closing terminal would), and reports the exit status.
 
-The agent's own loop only accepts and forks, so a slow or hostile client ties up
-one relay, never the agent.  Commands already running when the agent stops go
+The agent's own loop only forks relays, so a slow or hostile client ties up one
+relay, never the agent.  An agent killed with -9 takes its waiting relay along
+(PR_SET_PDEATHSIG); relays and runners do not hold its lock, so a new agent can
+start while older commands still run.  Commands already running when the agent stops go
 on to the end (they are their own sessions).  The runners are the agent's
 children: a service manager that kills the agent's whole group on stop would
 kill them too (with systemd: ``KillMode=process``).
@@ -20,6 +23,7 @@ kill them too (with systemd: ``KillMode=process``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import gc
 import importlib
@@ -32,7 +36,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from typing import NoReturn, TextIO
 
 from ember.agent import peer, protocol
@@ -77,6 +80,7 @@ class Agent:
         self.lock_path = home.run / "agent.lock"
         self.log_fd = (log or sys.stderr).fileno()
         self.pid = os.getpid()
+        self.lock_fd = -1
 
     def _log(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -85,13 +89,13 @@ class Agent:
 
     # -- the agent's own loop -----------------------------------------------
 
-    def serve(self, ready: Callable[[], None] | None = None) -> None:
+    def serve(self) -> None:
         """Serve until SIGTERM or SIGINT."""
         self.home.run.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise AgentRunning(
                     f"an agent already serves {self.home.root}",
@@ -103,11 +107,11 @@ class Agent:
             fingerprint = Fingerprint(loaded_files())
             listener = self._listen()
             try:
-                self._loop(listener, fingerprint, ready)
+                self._loop(listener, fingerprint)
             finally:
                 self._unlisten(listener)
         finally:
-            os.close(lock_fd)
+            os.close(self.lock_fd)
 
     def _listen(self) -> socket.socket:
         # Bind under a temporary name and rename: the socket appears with its
@@ -131,51 +135,76 @@ class Agent:
         self.socket_path.unlink(missing_ok=True)
         listener.close()
 
-    def _loop(
-        self, listener: socket.socket, fingerprint: Fingerprint, ready: Callable[[], None] | None
-    ) -> None:
+    def _loop(self, listener: socket.socket, fingerprint: Fingerprint) -> None:
+        """Keep one relay forked ahead, waiting in accept(): a command does not wait for a fork."""
+
         def stop(signum: int, _frame: object) -> None:
             raise _Stop
 
         old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        old[signal.SIGCHLD] = signal.signal(
-            signal.SIGCHLD, signal.SIG_IGN
-        )  # relays reap themselves
+        # Busy relays outlive their turn here and are never waited for.
+        old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         # Objects that exist now are never freed by the children: keep the
         # collector from touching (and so copying) their pages after each fork.
         gc.collect()
         gc.freeze()
+        accepted_r, accepted_w = os.pipe2(os.O_CLOEXEC)
+        idle: int | None = None
         self._log(f"serving {self.home.root} on {self.socket_path} (pid {os.getpid()})")
-        if ready is not None:
-            ready()
         try:
             while True:
-                conn, _ = listener.accept()
-                try:
-                    pid = os.fork()
-                except OSError as e:
-                    self._log(f"cannot fork for a command: {e.strerror}")
-                    conn.close()
-                    continue
-                if pid == 0:
-                    self._relay(conn, listener, fingerprint)
-                conn.close()
+                idle = self._fork_relay(listener, accepted_w, fingerprint)
+                self._wait_turn(idle, accepted_r)
+                idle = None
         except _Stop:
             self._log("stopping")
         finally:
+            if idle is not None and not _readable(accepted_r):
+                _kill(idle)  # still waiting in accept(): nobody's command yet
+            os.close(accepted_r)
+            os.close(accepted_w)
             gc.unfreeze()
             for signum, handler in old.items():
                 signal.signal(signum, handler)
 
+    def _fork_relay(self, listener: socket.socket, accepted_w: int, fp: Fingerprint) -> int:
+        while True:
+            try:
+                pid = os.fork()
+            except OSError as e:
+                self._log(f"cannot fork a relay ({e.strerror}); trying again")
+                time.sleep(0.5)
+                continue
+            if pid == 0:
+                self._relay(listener, accepted_w, fp)
+            return pid
+
+    @staticmethod
+    def _wait_turn(relay: int, accepted_r: int) -> None:
+        """Until the idle relay took a connection (a byte on the pipe) or died."""
+        pidfd = os.pidfd_open(relay)
+        try:
+            ready, _, _ = select.select([accepted_r, pidfd], [], [])
+            if accepted_r in ready:
+                os.read(accepted_r, 1)
+        finally:
+            os.close(pidfd)
+
     # -- the relay: one per command ------------------------------------------
 
-    def _relay(self, conn: socket.socket, listener: socket.socket, fp: Fingerprint) -> NoReturn:
+    def _relay(self, listener: socket.socket, accepted_w: int, fp: Fingerprint) -> NoReturn:
         status = 1
         try:
+            os.close(self.lock_fd)  # the agent's alone: a new agent may start while we run
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.setsid()  # out of the agent's group: a Ctrl-C meant for the agent spares commands
+            _die_with(self.pid)  # an agent killed with -9 leaves no relay waiting
+            conn, _ = listener.accept()
+            _die_with(None)  # from now on this is somebody's command: it outlives the agent
+            os.write(accepted_w, b"!")
+            os.close(accepted_w)
             listener.close()
             self._serve_one(conn, fp)
             status = 0
@@ -281,6 +310,26 @@ def _read_request(conn: socket.socket, fds: list[int]) -> protocol.Request:
     if len(data) != end or len(fds) != 3:
         raise protocol.ProtocolError("a request must be one frame with three descriptors")
     return protocol.decode_request(data[protocol.HEADER : end])
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded in the agent, before any fork
+
+
+def _die_with(parent: int | None) -> None:
+    """SIGTERM when ``parent`` dies (None: no longer)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM if parent else 0)
+    if parent is not None and os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
 
 
 def _close_all(fds: list[int]) -> None:
