@@ -1,5 +1,6 @@
 """A registry API v2 client for pulling: auth, manifests, verified blob downloads.
 
+HTTP/1.1 through ``transport`` (the standard library's http.client).
 Transport policy: HTTPS, except for loopback registries (``localhost``,
 ``127.0.0.0/8``, ``::1``, as Docker does) and hosts the caller names as
 plain-HTTP.  Requests are retried with exponential backoff on connection
@@ -22,8 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import httpx
+from urllib.parse import urlencode
 
 from ember import __version__
 from ember.oci import mediatypes as mt
@@ -41,6 +41,7 @@ from ember.registry.client.errors import (
     RegistryProtocolError,
     RegistryUnreachable,
 )
+from ember.registry.client.transport import ConnectionPool, Response, TransportError, split_url
 from ember.store.content import BlobWriter, ContentStore
 
 _MAX_TOKEN_RESPONSE = 1 << 20
@@ -52,7 +53,7 @@ ProgressCallback = Callable[[int], None]
 
 
 def _tls_context(host: str, plain_http: bool) -> ssl.SSLContext:
-    """Certificate verification as httpx would set it up, with a clear error when it cannot.
+    """Certificate verification as Python's default context sets it up, with a clear error when it cannot.
 
     ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured.  A plain-HTTP registry
     only needs TLS if it redirects to HTTPS, so its context uses the hashed
@@ -98,7 +99,7 @@ class FetchedManifest:
     digest: Digest
 
 
-def _error_detail(resp: httpx.Response) -> str:
+def _error_detail(resp: Response) -> str:
     """The first message of a distribution-spec error body, if any."""
     try:
         body = b""
@@ -136,14 +137,13 @@ class RegistryClient:
         self.credentials = credentials
         self.retries = retries
         self.backoff = backoff
-        self.http = httpx.Client(
-            verify=_tls_context(self.api_host, self.plain_http),
-            follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
-            timeout=httpx.Timeout(timeout, connect=15.0),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            headers={"User-Agent": USER_AGENT},
+        # follows redirects, dropping Authorization when one leaves the origin
+        self.http = ConnectionPool(
+            ssl_context=_tls_context(self.api_host, self.plain_http),
+            timeout=timeout,
+            connect_timeout=15.0,
+            max_idle=max_connections,
+            user_agent=USER_AGENT,
         )
         self.tokens = TokenCache()
         self._challenge: Challenge | None = None
@@ -180,12 +180,13 @@ class RegistryClient:
         return f"Bearer {token}"
 
     def _fetch_token(self, realm: str, service: str, scope: str) -> str:
-        url = httpx.URL(realm)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            origin, _target = split_url(realm)
+        except ValueError:
             raise RegistryProtocolError(
                 f"registry {self.host} names an invalid token realm {realm[:200]!r}"
-            )
-        if url.scheme == "http" and not self.plain_http and not uses_plain_http(url.host):
+            ) from None
+        if origin.scheme == "http" and not self.plain_http and not uses_plain_http(origin.host):
             # Credentials would cross the network in clear text.
             raise RegistryProtocolError(
                 f"registry {self.host} asks for a token from a plain-HTTP realm {realm[:200]}: refused"
@@ -195,21 +196,24 @@ class RegistryClient:
         basic = self._basic()
         if basic:
             headers["Authorization"] = basic
-        request = self.http.build_request("GET", url, params=params, headers=headers)
-        resp = self._with_retries(lambda: self.http.send(request, stream=True), realm)
+        query = urlencode(params)
+        url = realm.split("#", 1)[0]
+        if query:
+            url += ("&" if "?" in url else "?") + query
+        resp = self._with_retries(lambda: self.http.send("GET", url, headers), realm)
         try:
             if resp.status_code in (401, 403):
                 raise self._auth_failed()
             if resp.status_code != 200:
                 raise RegistryError(
-                    f"token service {url.host} answered HTTP {resp.status_code} for {self.host}"
+                    f"token service {origin.host} answered HTTP {resp.status_code} for {self.host}"
                 )
             body = b""
             for chunk in resp.iter_bytes():
                 body += chunk
                 if len(body) > _MAX_TOKEN_RESPONSE:
                     raise RegistryProtocolError(
-                        f"token service {url.host} sent an oversized answer"
+                        f"token service {origin.host} sent an oversized answer"
                     )
             try:
                 doc = json.loads(body)
@@ -223,7 +227,7 @@ class RegistryClient:
                 or len(token) > 64 * 1024
                 or not token.isprintable()
             ):
-                raise RegistryProtocolError(f"token service {url.host} returned no usable token")
+                raise RegistryProtocolError(f"token service {origin.host} returned no usable token")
             if not isinstance(expires_in, int) or isinstance(expires_in, bool):
                 expires_in = None
         finally:
@@ -242,8 +246,8 @@ class RegistryClient:
             hint=f"check them with: ember registry login {self.host}",
         )
 
-    def _learn_challenge(self, resp: httpx.Response) -> None:
-        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+    def _learn_challenge(self, resp: Response) -> None:
+        challenges = parse_challenges(resp.headers.get("WWW-Authenticate") or "")
         by_scheme = {c.scheme: c for c in challenges}
         chosen = by_scheme.get("bearer") or by_scheme.get("basic")
         if chosen is None:
@@ -261,14 +265,14 @@ class RegistryClient:
 
     # -- requests ------------------------------------------------------------
 
-    def _with_retries(self, send: Callable[[], httpx.Response], what: str) -> httpx.Response:
+    def _with_retries(self, send: Callable[[], Response], what: str) -> Response:
         """Run ``send`` until it gives a non-5xx answer, backing off between tries."""
         attempt = 0
         while True:
             try:
                 resp = send()
-            except httpx.TransportError as e:
-                if "SSL" in str(e) or "CERTIFICATE" in str(e):
+            except TransportError as e:
+                if e.tls:
                     # Retrying will not fix TLS; say what usually causes it.
                     hint = (
                         None
@@ -299,19 +303,21 @@ class RegistryClient:
         scope: str | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
-    ) -> httpx.Response:
-        """One API request with auth and retries; the caller closes a streamed response."""
+    ) -> Response:
+        """One API request with auth and retries; the caller closes the response.
+
+        (``stream`` is kept for callers: bodies are always read as they arrive.)
+        """
         url = self.base_url + path
         authenticated_once = False
         while True:
 
-            def send() -> httpx.Response:
+            def send() -> Response:
                 hdrs = dict(headers or {})
                 auth = self._authorization(scope)
                 if auth:
                     hdrs["Authorization"] = auth
-                req = self.http.build_request(method, url, headers=hdrs)
-                return self.http.send(req, stream=stream)
+                return self.http.send(method, url, hdrs)
 
             resp = self._with_retries(send, url)
             if resp.status_code != 401:
@@ -341,7 +347,7 @@ class RegistryClient:
         finally:
             resp.close()
 
-    def _check(self, resp: httpx.Response, what: str, not_found: type[RegistryError]) -> None:
+    def _check(self, resp: Response, what: str, not_found: type[RegistryError]) -> None:
         if resp.status_code == 200:
             return
         detail = _error_detail(resp)
@@ -377,7 +383,7 @@ class RegistryClient:
                     raise RegistryProtocolError(
                         f"manifest of {what} is larger than {MAX_MANIFEST_SIZE} bytes: refused"
                     )
-            media_type = resp.headers.get("Content-Type", "")
+            media_type = resp.headers.get("Content-Type") or ""
             header_digest = resp.headers.get("Docker-Content-Digest")
         finally:
             resp.close()
@@ -403,7 +409,7 @@ class RegistryClient:
     @contextmanager
     def _blob_stream(
         self, repository: str, desc: Descriptor, offset: int
-    ) -> Iterator[httpx.Response]:
+    ) -> Iterator[Response]:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -443,7 +449,7 @@ class RegistryClient:
                 try:
                     self._download_into(repository, desc, writer, progress)
                     break
-                except (httpx.TransportError, _Retry) as e:
+                except (TransportError, _Retry) as e:
                     if attempt >= self.retries:
                         raise RegistryUnreachable(
                             f"download of blob {desc.digest.short} from {self.host} keeps failing ({e or type(e).__name__})"
@@ -477,7 +483,7 @@ class RegistryClient:
             if offset and resp.status_code == 200:
                 self._restart(writer, progress)  # the server ignored Range: full body follows
             elif resp.status_code == 206:
-                start = _content_range_start(resp.headers.get("Content-Range", ""))
+                start = _content_range_start(resp.headers.get("Content-Range") or "")
                 if start != offset:
                     raise RegistryProtocolError(
                         f"registry {self.host} answered a range request for {desc.digest.short} with the wrong range"
