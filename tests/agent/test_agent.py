@@ -266,3 +266,26 @@ def test_commands_outlive_an_agent_killed_with_9_and_a_new_agent_can_start(
             successor.stop()
     finally:
         client.kill()
+
+
+def test_a_client_of_another_installation_runs_the_command_itself(
+    agent: RunningAgent, tmp_path: Path
+) -> None:
+    import shutil
+
+    import ember
+
+    other = tmp_path / "other-install"
+    shutil.copytree(
+        Path(ember.__file__).parent, other / "ember", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", "from ember.agent.client import main; main()", "image", "ls"],
+        env=env_for(agent.home, PYTHONPATH=str(other)), capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "REFERENCE" in proc.stdout
+    text = agent.wait_log("declined")
+    assert f"runs ember from {other}" in text
+    assert agent.served() == 0

@@ -18,8 +18,10 @@ def test_request_roundtrip_keeps_bytes_that_are_not_utf8() -> None:
         cwd=b"/tmp/w\xe9rk",
         env=[b"EMBER_HOME=/x", b"EMPTY=", b"WEIRD=a=b"],
         umask=0o027,
+        code=b"/opt/ember/agent/client.py",
     )
     back = roundtrip(request)
+    assert back.code == b"/opt/ember/agent/client.py"
     assert back.argv == request.argv
     assert back.cwd == request.cwd
     assert back.env == request.env
@@ -42,14 +44,16 @@ def test_nul_bytes_cannot_be_encoded() -> None:
     [
         b"",
         b"HTTP/1.1 GET /",
-        b"EMBER-AGENT/2\0/\0022\0000",
-        b"EMBER-AGENT/1\0relative\0022\0000",
-        b"EMBER-AGENT/1\0/\0999\0000",
-        b"EMBER-AGENT/1\0/\0-1\0000",
-        b"EMBER-AGENT/1\0/\0022\0003\0a",  # fewer arguments than announced
-        b"EMBER-AGENT/1\0/\0022\00099999999\0a",
-        b"EMBER-AGENT/1\0/\0022\0000\0NOEQUALS",
-        b"EMBER-AGENT/1\0/\0022\0000\0=value",
+        b"EMBER-AGENT/2\0/c\0/\0022\0000",
+        b"EMBER-AGENT/1\0/\0022\0000",  # no code field
+        b"EMBER-AGENT/1\0relative\0/\0022\0000",
+        b"EMBER-AGENT/1\0/c\0relative\0022\0000",
+        b"EMBER-AGENT/1\0/c\0/\0999\0000",
+        b"EMBER-AGENT/1\0/c\0/\0-1\0000",
+        b"EMBER-AGENT/1\0/c\0/\0022\0003\0a",  # fewer arguments than announced
+        b"EMBER-AGENT/1\0/c\0/\0022\00099999999\0a",
+        b"EMBER-AGENT/1\0/c\0/\0022\0000\0NOEQUALS",
+        b"EMBER-AGENT/1\0/c\0/\0022\0000\0=value",
     ],
 )
 def test_malformed_requests_are_refused(payload: bytes) -> None:

@@ -84,6 +84,7 @@ def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, in
         cwd=os.fsencode(os.getcwd()),
         env=[k + b"=" + v for k, v in os.environb.items()],
         umask=_current_umask(),
+        code=os.fsencode(os.path.realpath(__file__)),
     )
     fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
     sock.sendmsg(

@@ -11,7 +11,11 @@ bytes on Linux (not necessarily UTF-8), cannot contain NUL, and the client must
 build the request without importing anything (the ``json`` module's imports
 alone cost a few ms of the start-up this agent exists to remove).
 
-    request  = MAGIC \\0 cwd \\0 umask-octal \\0 argc \\0 argv... \\0 env-entries...
+    request  = MAGIC \\0 code \\0 cwd \\0 umask-octal \\0 argc \\0 argv... \\0 env-entries...
+
+``code`` is the file of the client's ``ember.agent.client`` module: an agent
+started from another installation of ember (another virtualenv, another
+checkout on ``PYTHONPATH``) declines rather than run its own code.
     declined = b"D" reason (UTF-8)         the client runs the command itself
     started  = b"S" pid                    the command runs in the agent
     signal   = b"K" signal-number          client -> agent: deliver to the command
@@ -36,10 +40,13 @@ class ProtocolError(Exception):
 
 
 class Request:
-    __slots__ = ("argv", "cwd", "env", "umask")
+    __slots__ = ("argv", "code", "cwd", "env", "umask")
 
-    def __init__(self, argv: list[bytes], cwd: bytes, env: list[bytes], umask: int) -> None:
+    def __init__(
+        self, argv: list[bytes], cwd: bytes, env: list[bytes], umask: int, code: bytes = b"/"
+    ) -> None:
         self.argv = argv
+        self.code = code
         self.cwd = cwd
         self.env = env
         self.umask = umask
@@ -68,6 +75,7 @@ def frame_length(header: bytes) -> int:
 def encode_request(request: Request) -> bytes:
     fields = [
         MAGIC,
+        request.code,
         request.cwd,
         b"%o" % request.umask,
         b"%d" % len(request.argv),
@@ -81,26 +89,26 @@ def encode_request(request: Request) -> bytes:
 
 def decode_request(payload: bytes) -> Request:
     fields = payload.split(b"\0")
-    if len(fields) < 4 or fields[0] != MAGIC:
+    if len(fields) < 5 or fields[0] != MAGIC:
         raise ProtocolError("not an ember agent request (or another version of ember)")
-    cwd, umask_text, argc_text = fields[1], fields[2], fields[3]
-    if not cwd.startswith(b"/"):
-        raise ProtocolError("the working directory must be an absolute path")
+    code, cwd, umask_text, argc_text = fields[1], fields[2], fields[3], fields[4]
+    if not cwd.startswith(b"/") or not code.startswith(b"/"):
+        raise ProtocolError("the working directory and the code must be absolute paths")
     if not _digits(umask_text, "01234567") or int(umask_text, 8) > 0o777:
         raise ProtocolError("bad umask")
     if not _digits(argc_text, "0123456789") or int(argc_text) > MAX_ARGS:
         raise ProtocolError("bad argument count")
     argc = int(argc_text)
-    if len(fields) < 4 + argc:
+    if len(fields) < 5 + argc:
         raise ProtocolError("fewer arguments than announced")
-    argv, env = fields[4 : 4 + argc], fields[4 + argc :]
+    argv, env = fields[5 : 5 + argc], fields[5 + argc :]
     if env == [b""]:  # an empty environment encodes as one empty field
         env = []
     for entry in env:
         key, eq, _ = entry.partition(b"=")
         if not eq or not key:
             raise ProtocolError("an environment entry is not NAME=VALUE")
-    return Request(argv, cwd, env, int(umask_text, 8))
+    return Request(argv, cwd, env, int(umask_text, 8), code)
 
 
 def _digits(text: bytes, alphabet: str) -> bool:

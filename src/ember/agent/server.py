@@ -38,12 +38,15 @@ import time
 import traceback
 from typing import NoReturn, TextIO
 
+from ember.agent import client as client_module
 from ember.agent import peer, protocol
 from ember.agent.client import SOCKET_NAME
 from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
 
+# What a client of this very installation sends as its code (see protocol).
+_OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
 # Imported lazily (rich by the commands that draw, httpcore by httpx's first
 # client, idna by the first connection to a host name); preloaded so that they are free.
@@ -223,6 +226,11 @@ class Agent:
         try:
             pid, uid, _ = peer.peer_credentials(conn)
             reason = peer.mismatch(pid, uid)
+            if reason is None and request.code != _OWN_CODE:
+                reason = (
+                    f"the caller runs ember from {os.fsdecode(request.code)},"
+                    f" this agent from {os.fsdecode(_OWN_CODE)}"
+                )
             changed = fp.changed() if reason is None else None
             if changed is not None:
                 reason = f"ember's code changed on disk ({changed}); the agent stops"
