@@ -36,7 +36,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,postgres]'
 	touch $@
 
+# Bytecode for every module, as an installed package has it (an editable
+# install compiles on first import, never when PYTHONDONTWRITEBYTECODE is set).
 venv: $(VENV)/.installed
+	@$(BIN)/python -m compileall -q src >/dev/null
 
 # ember-init, the guest's PID 1: static musl binary init/build/ember-init
 init: apt

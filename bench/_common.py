@@ -12,6 +12,7 @@ repository root on ``sys.path`` so ``tests.support`` is importable either way.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import datetime as _dt
 import fcntl
@@ -32,6 +33,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.registry import Registry, running_registry  # noqa: E402
+
+# Time ember as installed (with bytecode), not the compiler: an editable
+# install compiles on first import, and never keeps it with PYTHONDONTWRITEBYTECODE.
+compileall.compile_dir(REPO_ROOT / "src", quiet=2)
 
 from ember.fsutil import atomic_write  # noqa: E402
 
