@@ -194,6 +194,8 @@ class ImageService:
                 for i, d in enumerate(todo)
             ]
             try:
+                # while the blobs arrive; only the table (GC's roots) names a whole image
+                self.content.put_bytes(resolved.data, resolved.digest)
                 source.fetch(cfg, self.content, None)
                 config = parse_config(self.content.read_bytes(cfg.digest))
                 image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
@@ -201,8 +203,6 @@ class ImageService:
                     raise NoMatchingPlatform(
                         f"{source.name} is for {image.platform}, not {platform}"
                     )
-                # while the layers arrive; only the table (GC's roots) names a whole image
-                self.content.put_bytes(resolved.data, resolved.digest)
                 for f in futures:
                     f.result()
             except BaseException:
