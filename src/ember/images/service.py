@@ -2,8 +2,8 @@
 
 A pull resolves the source to one image manifest, checks its layer types,
 downloads config and layers at once through the verifying content-store writer
-with bounded concurrency, validates the config (one DiffID per layer, the
-platform asked for) and stores the manifest blob meanwhile, makes the blob
+with bounded concurrency, validates the config meanwhile (one DiffID per
+layer, the platform asked for), stores the manifest blob last, makes the blob
 names durable (one directory fsync) and then records the reference.  Readers
 therefore never see a reference whose blobs are missing.
 
@@ -194,8 +194,6 @@ class ImageService:
                 for i, d in enumerate(todo)
             ]
             try:
-                # while the blobs arrive; only the table (GC's roots) names a whole image
-                self.content.put_bytes(resolved.data, resolved.digest)
                 source.fetch(cfg, self.content, None)
                 config = parse_config(self.content.read_bytes(cfg.digest))
                 image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
@@ -205,6 +203,8 @@ class ImageService:
                     )
                 for f in futures:
                     f.result()
+                # last: a failed pull leaves no manifest whose blobs are missing
+                self.content.put_bytes(resolved.data, resolved.digest)
             except BaseException:
                 for f in futures:
                     f.cancel()
