@@ -259,3 +259,29 @@ def test_more_layers_than_one_child_takes(root: Path, layers: Layers) -> None:
     assert stats.layers == n
     assert (root / "f").read_bytes() == str(n - 1).encode()
     assert len(os.listdir(root / "d")) == n
+
+
+def test_a_layer_streamed_ahead_is_never_applied_after_a_failure(root: Path, layers: Layers) -> None:
+    """The next layer is streamed while the child still applies the one before; when that
+    one fails, the next (bigger than the pipe, so its writer blocks) is not applied and
+    nothing hangs."""
+    from ember.unpack import apply_layers
+
+    children_before = _children()
+    before = sorted(os.listdir("/proc/self/fd"))
+    first = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
+    invalid = layers.blob(tar_bytes([reg(".wh.", b"")]), "gzip")
+    big = layers.blob(tar_bytes([reg("c", os.urandom(3 << 20))]), "gzip")
+    with pytest.raises(InvalidLayer):
+        apply_layers(root, [first, (invalid[0], invalid[1], None), big])
+    assert (root / "a").exists() and not (root / "c").exists()
+    # a blob that cannot be inflated in the middle: its error, not the child's
+    corrupt = layers.blob(tar_bytes([reg("b", os.urandom(300_000))]), "gzip")
+    data = bytearray(corrupt[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt[0].write_bytes(bytes(data))
+    with pytest.raises(UnpackError, match="cannot read|layer"):
+        apply_layers(root, [first, (corrupt[0], corrupt[1], None), big])
+    assert not (root / "c").exists()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert _children() == children_before

@@ -56,7 +56,8 @@ def apply_layers(root: Path, layers: Sequence[tuple[Path, str, Digest | None]]) 
     """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``.
 
     One chroot-ed child applies up to MAX_LAYERS_PER_CHILD layers; each layer's
-    DiffID is checked before the next one is applied.
+    DiffID is checked before the next one reaches the child (which is streamed
+    while the child still applies the one before).
     """
     root = Path(root)
     if not root.is_dir():
@@ -69,8 +70,7 @@ def apply_layers(root: Path, layers: Sequence[tuple[Path, str, Digest | None]]) 
         batch = prepared[first:first + MAX_LAYERS_PER_CHILD]
         results: list[ApplyStats] = []
 
-        def done(i: int, counts: dict[str, int], streamed: int, batch: list[_Prepared] = batch,
-                 results: list[ApplyStats] = results) -> None:
+        def check(i: int, batch: list[_Prepared] = batch) -> None:
             layer = batch[i]
             got = Digest(layer.algorithm, layer.hasher.hexdigest())
             if layer.diff_id is not None and got != layer.diff_id:
@@ -78,12 +78,16 @@ def apply_layers(root: Path, layers: Sequence[tuple[Path, str, Digest | None]]) 
                     f"{layer.stream.describe} does not match its DiffID: the image config says "
                     f"{layer.diff_id}, the uncompressed layer is {got}"
                 )
+
+        def done(i: int, counts: dict[str, int], streamed: int, batch: list[_Prepared] = batch,
+                 results: list[ApplyStats] = results) -> None:
+            got = Digest(batch[i].algorithm, batch[i].hasher.hexdigest())
             results.append(ApplyStats(
                 layers=1, tar_bytes=streamed, diff_ids=(got,),
                 **{k: v for k, v in counts.items() if k in known},
             ))
 
-        apply_streams(os.fspath(root), [p.stream for p in batch], done)
+        apply_streams(os.fspath(root), [p.stream for p in batch], check, done)
         for stats in results:
             total = total + stats
     return total
