@@ -46,13 +46,13 @@ store = ContentStore(home.content)
 md, cd = Digest.parse(args["manifest"]), Digest.parse(args["config"])
 image = build_image(args["reference"], md, parse_manifest(store.read_bytes(md)), cd,
                     parse_config(store.read_bytes(cd)))
-real_apply, real_rename = ember.unpack.apply_layer, os.rename
+real_apply, real_rename = ember.unpack.LayerSession.apply, os.rename
 target = args["target"]
 
-def apply_layer(root, blob, media_type, diff_id=None):
+def apply_layer(self, root, blob, media_type, diff_id=None):
     if mode == "during-apply" and str(diff_id) == target:
         marker.write_text("applying")
-    stats = real_apply(root, blob, media_type, diff_id)
+    stats = real_apply(self, root, blob, media_type, diff_id)
     if mode == "after-apply" and str(diff_id) == target:
         marker.write_text("applied")
         time.sleep(3600)
@@ -64,7 +64,7 @@ def rename(src, dst, *a, **kw):
         time.sleep(3600)
     return real_rename(src, dst, *a, **kw)
 
-ember.unpack.apply_layer = apply_layer
+ember.unpack.LayerSession.apply = apply_layer
 os.rename = rename
 p = prepare_image(home, image)
 print(json.dumps({"built": list(p.built), "path": str(p.path), "snapshot": p.snapshot}))

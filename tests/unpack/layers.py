@@ -12,7 +12,7 @@ from pathlib import Path
 import zstandard
 
 from ember.oci.digest import Digest
-from ember.unpack import ApplyStats, apply_layers
+from ember.unpack import ApplyStats, LayerSession, apply_layers
 
 MEDIA = {
     "none": "application/vnd.oci.image.layer.v1.tar",
@@ -118,9 +118,16 @@ class Layers:
         path.write_bytes(compress(raw, compression))
         return path, MEDIA[compression], Digest.of(raw)
 
-    def apply(self, root: Path, *layers: Sequence[E] | bytes, compression: str = "none") -> ApplyStats:
+    def apply(self, root: Path, *layers: Sequence[E] | bytes, compression: str = "none",
+              session: LayerSession | None = None) -> ApplyStats:
+        """Apply in one ``apply_layers`` call, or layer by layer through ``session``."""
         specs = []
         for layer in layers:
             raw = layer if isinstance(layer, bytes) else tar_bytes(layer)
             specs.append(self.blob(raw, compression))
-        return apply_layers(root, specs)
+        if session is None:
+            return apply_layers(root, specs)
+        total = ApplyStats()
+        for spec in specs:
+            total = total + session.apply(root, *spec)
+        return total

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.unpack import InvalidLayer, UnpackError
+from ember.unpack import InvalidLayer, LayerSession, UnpackError
 from tests.unpack.layers import E, Layers, dev, dir_, hard, opaque, reg, sym, whiteout
 
 SENTINEL_CONTENT = b"sentinel: must never change\n"
@@ -149,7 +149,7 @@ def _outside_state(tmp_path: Path, sentinel: Path) -> tuple[object, ...]:
             os.listxattr(sentinel), listing)
 
 
-@pytest.mark.parametrize("layout", ["one-layer", "two-layers"])
+@pytest.mark.parametrize("layout", ["one-layer", "two-layers", "two-layers-session"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_sentinel_outside_root_untouched(name: str, layout: str, tmp_path: Path, root: Path,
                                          layers: Layers) -> None:
@@ -164,11 +164,13 @@ def test_sentinel_outside_root_untouched(name: str, layout: str, tmp_path: Path,
     groups = [entries] if layout == "one-layer" else [entries[: case.split], entries[case.split:]]
     # the checks also see that the sentinel is reachable from inside: hostile
     # paths use its real absolute path
-    if case.refused is not None:
-        with pytest.raises(case.refused):
-            layers.apply(root, *groups)
-    else:
-        layers.apply(root, *groups)
+    with LayerSession() as session:
+        use = session if layout.endswith("-session") else None  # one child, parked between layers
+        if case.refused is not None:
+            with pytest.raises(case.refused):
+                layers.apply(root, *groups, session=use)
+        else:
+            layers.apply(root, *groups, session=use)
         if case.check is not None:
             result = case.check(root, str(sentinel))
             assert result is None or result

@@ -285,3 +285,43 @@ def test_a_layer_streamed_ahead_is_never_applied_after_a_failure(root: Path, lay
     assert not (root / "c").exists()
     assert sorted(os.listdir("/proc/self/fd")) == before
     assert _children() == children_before
+
+
+def _session_pid(session: object) -> int:
+    return session._session._pid  # type: ignore[attr-defined]
+
+
+def test_a_session_applies_root_after_root_with_one_child(tmp_path: Path, layers: Layers) -> None:
+    """One child moves from root to root, and is never left inside one (it could not be unmounted)."""
+    from ember.unpack import LayerSession
+
+    children_before = _children()
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    roots = [tmp_path / f"r{i}" for i in range(3)]
+    with LayerSession() as session:
+        pids = set()
+        for i, r in enumerate(roots):
+            r.mkdir()
+            blob = layers.blob(tar_bytes([reg("f", str(i).encode()), sym("abs", "/etc")]), "gzip")
+            stats = session.apply(r, *blob)
+            assert stats.layers == 1 and stats.diff_ids == (blob[2],)
+            pid = _session_pid(session)
+            pids.add(pid)
+            assert os.readlink(f"/proc/{pid}/root") == "/"  # parked outside every root
+            assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert len(pids) == 1
+        for i, r in enumerate(roots):
+            assert (r / "f").read_bytes() == str(i).encode()
+            assert os.readlink(r / "abs") == "/etc"
+        # a failure ends the child; the next layer gets a new one and applies
+        bad = layers.blob(tar_bytes([reg("x", b"1")]), "gzip")
+        with pytest.raises(DiffIDMismatch):
+            session.apply(roots[0], bad[0], bad[1], Digest.of(b"other"))
+        assert _session_pid(session) == -1
+        with pytest.raises(InvalidLayer):
+            session.apply(roots[1], *layers.blob(tar_bytes([reg(".wh.", b"")]), "gzip"))
+        session.apply(roots[2], *layers.blob(tar_bytes([reg("g", b"2")]), "gzip"))
+        assert (roots[2] / "g").read_bytes() == b"2"
+        assert _session_pid(session) not in pids
+    assert _children() == children_before
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before

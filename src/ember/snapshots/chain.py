@@ -34,6 +34,7 @@ from ember.store.content import ContentStore
 
 if TYPE_CHECKING:
     from ember.images.model import Image, Layer
+    from ember.unpack import LayerSession
 
 log = logging.getLogger("ember.snapshots")
 
@@ -147,6 +148,15 @@ class _ChainBuilder:
         self.built: _Built | None = None
         self.committing: Future[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._session: LayerSession | None = None
+
+    def _applier(self) -> LayerSession:
+        """One applier process for the whole chain (it moves from disk to disk)."""
+        if self._session is None:
+            from ember.unpack import LayerSession  # the unpacker is only needed when building
+
+            self._session = LayerSession()
+        return self._session
 
     def build(
         self, name: str, parent: str | None, layer: Layer, *, top: bool, chain_lock: FileLock
@@ -201,8 +211,6 @@ class _ChainBuilder:
         top: bool,
         source: str | None,
     ) -> tuple[str, FileLock, bool]:
-        from ember.unpack import apply_layer  # the unpacker is only needed when building
-
         snap = self.snap
         key = f"build/{name}/{secrets.token_hex(4)}"
         _active, lock = snap.prepare_held(key, parent, size=size, source=source)
@@ -210,7 +218,7 @@ class _ChainBuilder:
             self._hand_off()  # cloned: the parent's disk may move to committed/ now
             with snap.mount(key, held=lock) as root:
                 try:
-                    apply_layer(root, blob, layer.media_type, layer.diff_id)
+                    self._applier().apply(root, blob, layer.media_type, layer.diff_id)
                 except Exception as e:
                     if _nearly_full(root):
                         raise _OutOfSpace(system.fs_size(snap.path(key))) from e
@@ -275,6 +283,8 @@ class _ChainBuilder:
             except Exception as e:  # the error that got us here matters more
                 log.warning("commit after a failed prepare: %s", e)
         finally:
+            if self._session is not None:
+                self._session.close()
             if self._pool is not None:
                 self._pool.shutdown()
 

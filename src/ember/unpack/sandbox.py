@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -70,51 +71,73 @@ def _report(fd: int, report: dict[str, object]) -> None:
         data = data[os.write(fd, data):]
 
 
+def _detach_from_parent(keep: set[int]) -> None:
+    """First steps of every applier child: no collector, default SIGINT, /dev/null as stdio,
+    nothing open but ``keep``."""
+    # The parent's objects stay alive in this copy of its heap; a collection
+    # could close a file object whose descriptor number we have since reused.
+    gc.disable()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    _close_all_but(keep)
+
+
+def _enter(root_fd: int) -> None:
+    """chroot into the directory ``root_fd`` and close it: from here on no descriptor
+    of a directory outside remains."""
+    expected = os.fstat(root_fd)
+    os.fchdir(root_fd)
+    os.chroot(".")
+    os.chdir("/")
+    os.close(root_fd)
+    # The applier works on absolute paths: refuse to start unless "/" really is
+    # the target root now (a belt-and-braces check on the lines above).
+    here = os.stat("/")
+    if (here.st_dev, here.st_ino) != (expected.st_dev, expected.st_ino):
+        raise UnpackError("the layer applier is not confined to the target root; refusing to apply")
+
+
+def _apply_one(data_fd: int) -> dict[str, int]:
+    stream = TarStream(PipeReader(data_fd))
+    counts = LayerApplier().apply(stream)
+    stream.reader.drain()
+    os.close(data_fd)
+    return counts
+
+
+def _failure(e: BaseException) -> dict[str, object]:
+    """The report of an applier child that stops on ``e``."""
+    if isinstance(e, InvalidLayer):
+        return {"ok": False, "kind": "invalid", "message": e.message}
+    if isinstance(e, UnpackError):
+        return {"ok": False, "kind": "unpack", "message": e.message}
+    if isinstance(e, PermissionError):
+        return {"ok": False, "kind": "unpack",
+                "message": f"cannot enter the target root ({e.strerror}): applying layers needs root"}
+    if isinstance(e, OSError):
+        return {"ok": False, "kind": "unpack", "message": f"{e.strerror or e}"}
+    # a bug: say where, the parent raises it as an UnpackError
+    tb = traceback.extract_tb(e.__traceback__)[-3:]
+    where = "; ".join(f"{f.name}:{f.lineno}" for f in tb)
+    return {"ok": False, "kind": "unpack",
+            "message": f"internal error in the layer applier: {type(e).__name__}: {e} [{where}]"}
+
+
 def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
     """Never returns: applies the tar on each of ``data_fds`` in turn inside the root, then ``_exit``s."""
     code = 1
     report: dict[str, object] | None = None
     try:
-        # The parent's objects stay alive in this copy of its heap; a collection
-        # could close a file object whose descriptor number we have since reused.
-        gc.disable()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        devnull = os.open("/dev/null", os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        _close_all_but({root_fd, report_fd, *data_fds})
-        expected = os.fstat(root_fd)
-        os.fchdir(root_fd)
-        os.chroot(".")
-        os.chdir("/")
-        os.close(root_fd)
-        # The applier works on absolute paths: refuse to start unless "/" really is
-        # the target root now (a belt-and-braces check on the lines above).
-        here = os.stat("/")
-        if (here.st_dev, here.st_ino) != (expected.st_dev, expected.st_ino):
-            raise UnpackError("the layer applier is not confined to the target root; refusing to apply")
+        _detach_from_parent({root_fd, report_fd, *data_fds})
+        _enter(root_fd)
         os.umask(0)
         for data_fd in data_fds:
-            stream = TarStream(PipeReader(data_fd))
-            counts = LayerApplier().apply(stream)
-            stream.reader.drain()
-            os.close(data_fd)
-            _report(report_fd, {"ok": True, "counts": counts})
+            _report(report_fd, {"ok": True, "counts": _apply_one(data_fd)})
         code = 0
-    except InvalidLayer as e:
-        report = {"ok": False, "kind": "invalid", "message": e.message}
-    except UnpackError as e:
-        report = {"ok": False, "kind": "unpack", "message": e.message}
-    except PermissionError as e:
-        report = {"ok": False, "kind": "unpack",
-                  "message": f"cannot enter the target root ({e.strerror}): applying layers needs root"}
-    except OSError as e:
-        report = {"ok": False, "kind": "unpack", "message": f"{e.strerror or e}"}
-    except BaseException as e:  # a bug: say where, the parent raises it as an UnpackError
-        tb = traceback.extract_tb(e.__traceback__)[-3:]
-        where = "; ".join(f"{f.name}:{f.lineno}" for f in tb)
-        report = {"ok": False, "kind": "unpack",
-                  "message": f"internal error in the layer applier: {type(e).__name__}: {e} [{where}]"}
+    except BaseException as e:
+        report = _failure(e)
     try:
         if report is not None:
             _report(report_fd, report)
@@ -292,3 +315,166 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         os.close(report_r)
         if not finished:
             os.waitpid(pid, 0)
+
+
+# -- one child for layers applied onto different roots in turn ------------------------------
+
+_CTL_MESSAGE = 64 * 1024  # largest control message: a report
+
+
+def _session_child(ctl: socket.socket) -> None:
+    """Never returns: applies layers on command until the parent hangs up, then ``_exit``s.
+
+    Commands (one datagram each, descriptors attached): ``apply`` with the root
+    directory and the layer's pipe: chroot into that root, apply, report;
+    ``park`` with the host's root directory: chroot there, so that the parent
+    can unmount the last root.  While a layer is applied the child holds no
+    descriptor of a directory outside its root, as the one-shot child does.
+    Any failure is reported, then the child exits.
+    """
+    code = 1
+    report: dict[str, object] | None = None
+    try:
+        _detach_from_parent({ctl.fileno()})
+        os.umask(0)
+        while True:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
+            if not msg:  # the parent closed the session
+                code = 0
+                break
+            if msg == b"apply" and len(fds) == 2:
+                root_fd, data_fd = fds
+                _enter(root_fd)
+                ctl.send(json.dumps({"ok": True, "counts": _apply_one(data_fd)}).encode())
+            elif msg == b"park" and len(fds) == 1:
+                _enter(fds[0])
+                ctl.send(b'{"ok": true, "parked": true}')
+            else:
+                raise UnpackError(f"the layer applier got a bad command ({msg[:20]!r}, {len(fds)} fds)")
+    except BaseException as e:
+        report = _failure(e)
+    try:
+        if report is not None:
+            if isinstance(report.get("message"), str):
+                report["message"] = str(report["message"])[:2000]
+            ctl.send(json.dumps(report).encode())
+    finally:
+        os._exit(code)
+
+
+class ApplierSession:
+    """One chroot-ed applier child that applies layers onto one root after another.
+
+    For a chain of snapshots (one root per layer, each mounted in turn): it
+    saves a fork, the child's set-up and its exit per layer.  Between layers the
+    child is parked at the host's root, so the caller can unmount the root it
+    left.  After any failure the child is gone; the next ``apply`` starts a new one.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._ctl: socket.socket | None = None
+        self._view: memoryview | None = None
+
+    def __enter__(self) -> ApplierSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> socket.socket:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except BaseException:
+            parent.close()
+            child.close()
+            raise
+        if pid == 0:
+            parent.close()
+            _session_child(child)
+        child.close()
+        self._pid, self._ctl = pid, parent
+        return parent
+
+    def _recv(self) -> dict[str, object] | None:
+        assert self._ctl is not None
+        data = self._ctl.recv(_CTL_MESSAGE)
+        try:
+            report = json.loads(data) if data else None
+        except ValueError:
+            return None
+        return report if isinstance(report, dict) else None
+
+    def _stop(self, *, kill: bool) -> int:
+        """End the child (it may be in the middle of a root); its wait status."""
+        pid, ctl = self._pid, self._ctl
+        self._pid, self._ctl = -1, None
+        if ctl is not None:
+            ctl.close()  # an idle child reads EOF and exits
+        if pid < 0:
+            return 0
+        if kill:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        return status
+
+    def close(self) -> None:
+        self._stop(kill=False)
+
+    def apply(self, root: str | os.PathLike[str], layer: LayerStream,
+              check: Callable[[], None]) -> tuple[dict[str, int], int]:
+        """Apply one layer onto ``root``; ``check()`` runs once it is streamed and applied
+        (it raises to refuse it).  Returns the child's counters and the bytes streamed.
+        When this returns or raises, no child of ours is inside ``root`` any more."""
+        ctl = self._ctl or self._start()
+        if self._view is None:
+            self._view = memoryview(bytearray(CHUNK))
+        try:
+            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                data_r, data_w = os.pipe2(os.O_CLOEXEC)
+            except BaseException:
+                os.close(root_fd)
+                raise
+            with suppress(OSError):
+                fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            try:
+                socket.send_fds(ctl, [b"apply"], [root_fd, data_r])
+            except BaseException:
+                os.close(data_w)
+                raise
+            finally:
+                os.close(root_fd)
+                os.close(data_r)
+            total, source_error = _pump(layer, data_w, self._view)
+            report = self._recv()
+            if source_error is not None:
+                if isinstance(source_error, UnpackError):
+                    raise source_error
+                raise InvalidLayer(f"cannot read {layer.describe}: {source_error}") from None
+            if report is None:
+                status = self._stop(kill=False)
+                raise UnpackError(
+                    f"the layer applier for {layer.describe} {_describe_status(status)} without a report"
+                )
+            if not report.get("ok"):
+                cls = InvalidLayer if report.get("kind") == "invalid" else UnpackError
+                raise cls(f"{layer.describe}: {report.get('message')}")
+            counts = report.get("counts")
+            if not isinstance(counts, dict):
+                raise UnpackError(f"the layer applier for {layer.describe} sent a malformed report")
+            check()
+            host_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                socket.send_fds(ctl, [b"park"], [host_root])
+            finally:
+                os.close(host_root)
+            parked = self._recv()
+            if parked is None or not parked.get("parked"):
+                raise UnpackError("the layer applier did not leave the root it applied")
+            return {str(k): int(v) for k, v in counts.items()}, total
+        except BaseException:
+            self._stop(kill=True)  # wherever it is, it is gone now
+            raise
