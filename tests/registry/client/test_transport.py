@@ -226,3 +226,21 @@ def test_split_url() -> None:
     for bad in ("ftp://x/", "http:///path", "http://host:99999/", "realm"):
         with pytest.raises(ValueError):
             split_url(bad)
+
+
+def test_the_tls_context_is_made_only_when_https_needs_it() -> None:
+    made: list[ssl.SSLContext] = []
+
+    def factory() -> ssl.SSLContext:
+        made.append(ssl.create_default_context())
+        return made[-1]
+
+    pool = ConnectionPool(ssl_context=factory, timeout=10, connect_timeout=5, max_idle=4, user_agent="t")
+    try:
+        with serve(ok()) as server:
+            assert get(pool, url(server)) == b"hello"
+        assert made == []
+        assert pool.ssl_context() is pool.ssl_context()
+        assert len(made) == 1
+    finally:
+        pool.close()

@@ -138,8 +138,12 @@ class RegistryClient:
         self.retries = retries
         self.backoff = backoff
         # follows redirects, dropping Authorization when one leaves the origin
+        host_ = self.api_host
         self.http = ConnectionPool(
-            ssl_context=_tls_context(self.api_host, self.plain_http),
+            # a plain-HTTP registry needs TLS only if it redirects to HTTPS: made then
+            ssl_context=(lambda: _tls_context(host_, True))
+            if self.plain_http
+            else _tls_context(host_, False),
             timeout=timeout,
             connect_timeout=15.0,
             max_idle=max_connections,

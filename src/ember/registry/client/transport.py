@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -127,13 +127,14 @@ class ConnectionPool:
     def __init__(
         self,
         *,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         timeout: float,
         connect_timeout: float,
         max_idle: int,
         user_agent: str,
     ) -> None:
-        self.ssl_context = ssl_context
+        #: a context, or what makes one when the first HTTPS connection needs it
+        self._ssl: ssl.SSLContext | Callable[[], ssl.SSLContext] = ssl_context
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
@@ -144,13 +145,19 @@ class ConnectionPool:
 
     # -- connections -------------------------------------------------------------------------
 
+    def ssl_context(self) -> ssl.SSLContext:
+        with self._lock:
+            if not isinstance(self._ssl, ssl.SSLContext):
+                self._ssl = self._ssl()
+            return self._ssl
+
     def _connect(self, key: _Key) -> http.client.HTTPConnection:
         origin, proxy, proxy_auth = key
         conn: http.client.HTTPConnection
         via = proxy or origin
         if origin.scheme == "https":
             conn = http.client.HTTPSConnection(
-                via.host, via.port, timeout=self.connect_timeout, context=self.ssl_context
+                via.host, via.port, timeout=self.connect_timeout, context=self.ssl_context()
             )
             if proxy is not None:
                 headers = {"Proxy-Authorization": proxy_auth} if proxy_auth else None
