@@ -121,8 +121,6 @@ class Response:
         self._pool.release(self._key, self._conn, reusable)
 
 
-
-
 class ConnectionPool:
     def __init__(
         self,
