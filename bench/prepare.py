@@ -5,6 +5,8 @@
    ``umoci unpack`` + ``mkfs.ext4 -d`` of the same image into an ext4 image of
    the same size, for the multi-layer test image and the debootstrap minbase
    image pushed to a Debian docker-registry on loopback; alternating, medians.
+   ember is timed as the CLI, as the CLI served by ``ember agent`` (started
+   for the fresh home before each timed run, untimed) and in-process.
    Goal: ember <= 0.5x.
 2. Machine root disks: for images of 10 MB, 100 MB and 1 GB, the time of
    ``clone_root_disk`` (reflink clone + resize2fs to 8 GiB) for ten machines,
@@ -35,7 +37,15 @@ if __package__ in (None, ""):
 
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
-from bench._common import alternate, fmt_seconds, machine_note, print_ratio, record, registry  # noqa: E402
+from bench._common import (  # noqa: E402
+    HostAgent,
+    alternate,
+    fmt_seconds,
+    machine_note,
+    print_ratio,
+    record,
+    registry,
+)
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
 from ember.images.service import build_image  # noqa: E402
@@ -52,6 +62,7 @@ SECTION = "Snapshots: prepare and root disks (bench/prepare.py)"
 EMBER = str(Path(sys.executable).with_name("ember"))
 DISK_SIZE = "2G"  # ember's base ext4 and the anchor's mkfs.ext4 image
 GiB = 1 << 30
+CLI, VIA_AGENT = "ember image prepare", "ember image prepare via the agent"
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
@@ -81,12 +92,14 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
     home_root = work / f"{name}-home"
     layout, bundle, disk = work / f"{name}-layout", work / f"{name}-bundle", work / f"{name}.ext4"
     lib_homes: list[Home] = []
+    agent = HostAgent(EMBER)
 
     def setup(contestant: str) -> None:
+        agent.stop()
         for path in (layout, bundle):
             shutil.rmtree(path, ignore_errors=True)
         disk.unlink(missing_ok=True)
-        if contestant == "ember image prepare":
+        if contestant in (CLI, VIA_AGENT):
             new_home(home_root, DISK_SIZE, "8G")
         if contestant == "library":
             for old in lib_homes:
@@ -95,8 +108,14 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
             # a fresh path each time: the database layer caches engines per URL
             lib_homes[:] = [new_home(work / f"{name}-lib-{time.monotonic_ns()}", DISK_SIZE, "8G")]
         os.sync()  # do not bill one contestant for the other's dirty pages
+        if contestant == VIA_AGENT:
+            agent.start(home_root)
 
     def ember() -> None:
+        env = {**os.environ, "EMBER_HOME": str(home_root), "EMBER_AGENT": "0"}
+        run([EMBER, "image", "prepare", ref, "--json"], env)
+
+    def ember_via_agent() -> None:
         env = {**os.environ, "EMBER_HOME": str(home_root)}
         run([EMBER, "image", "prepare", ref, "--json"], env)
 
@@ -110,16 +129,23 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
         run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
         run(["mkfs.ext4", "-q", "-F", "-d", str(bundle / "rootfs"), str(disk), DISK_SIZE])
 
-    contestants = {"ember image prepare": ember, "library": library, "skopeo+umoci+mkfs": anchor}
+    contestants = {
+        CLI: ember,
+        VIA_AGENT: ember_via_agent,
+        "library": library,
+        "skopeo+umoci+mkfs": anchor,
+    }
     try:
         timings = alternate(contestants, runs, setup=setup)
     finally:
+        agent.stop()
         close_pool(Home(home_root))
         for old in lib_homes:
             close_pool(old)
     anchor_t = timings["skopeo+umoci+mkfs"]
     return [
-        print_ratio(f"cold prepare, {name} image, CLI", timings["ember image prepare"], anchor_t),
+        print_ratio(f"cold prepare, {name} image, CLI", timings[CLI], anchor_t),
+        print_ratio(f"cold prepare, {name} image, CLI via the agent", timings[VIA_AGENT], anchor_t),
         print_ratio(f"cold prepare, {name} image, library", timings["library"], anchor_t),
     ]
 

@@ -6,7 +6,9 @@ into an empty ``$EMBER_HOME``, then apply the layers) against ``skopeo copy
 docker://REF oci:DIR`` followed by ``umoci unpack``, alternating, median of N
 runs each.  Prints the ratio ember/anchor (goal <= 0.5) and appends it to
 docs/performance.md.  ember is timed twice: as the CLI (a fresh Python process
-per run) and as the library call ``ember run`` makes in-process; the pull
+per run), as the CLI served by ``ember agent`` (docs/agent.md: the agent is
+started for the fresh store before each timed run, untimed, as a host keeps it
+running), and as the library call ``ember run`` makes in-process; the pull
 alone is also compared with ``skopeo copy``.
 
 ``--scratch ext4`` puts every contestant's work (stores, layouts, unpacked trees)
@@ -37,13 +39,21 @@ from collections.abc import Iterator  # noqa: E402
 
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
-from bench._common import alternate, machine_note, print_ratio, record, registry  # noqa: E402
+from bench._common import (  # noqa: E402
+    HostAgent,
+    alternate,
+    machine_note,
+    print_ratio,
+    record,
+    registry,
+)
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
 from ember.unpack import apply_layers  # noqa: E402
 
 SECTION = "Pull + unpack (bench/pull_unpack.py)"
 EMBER = str(Path(sys.executable).with_name("ember"))
+CLI, VIA_AGENT = "ember image unpack", "ember image unpack via the agent"
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -58,12 +68,21 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
     home, ember_root = work / f"{name}-home", work / f"{name}-ember-root"
     layout, bundle = work / f"{name}-layout", work / f"{name}-bundle"
 
-    def clean(_: str) -> None:
+    agent = HostAgent(EMBER)
+
+    def clean(contestant: str) -> None:
+        agent.stop()
         for path in (home, ember_root, layout, bundle):
             shutil.rmtree(path, ignore_errors=True)
         os.sync()  # do not bill one contestant for the other's dirty pages
+        if contestant == VIA_AGENT:
+            agent.start(home)
 
     def ember_cli() -> None:
+        env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
+        run([EMBER, "image", "unpack", ref, str(ember_root)], env)
+
+    def ember_via_agent() -> None:
         env = {**os.environ, "EMBER_HOME": str(home)}
         run([EMBER, "image", "unpack", ref, str(ember_root)], env)
 
@@ -95,17 +114,25 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
         skopeo()
         run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
 
-    full = alternate(
-        {"ember image unpack": ember_cli, "library": ember_library, "skopeo+umoci": anchor},
-        runs,
-        setup=clean,
-    )
+    contestants = {
+        CLI: ember_cli,
+        VIA_AGENT: ember_via_agent,
+        "library": ember_library,
+        "skopeo+umoci": anchor,
+    }
+    try:
+        full = alternate(contestants, runs, setup=clean)
+    finally:
+        agent.stop()
     pulls = alternate(
         {"ember pull (library)": ember_pull, "skopeo copy": skopeo}, runs, setup=clean
     )
     clean("")
     return [
-        print_ratio(f"{name}: pull+unpack, CLI", full["ember image unpack"], full["skopeo+umoci"]),
+        print_ratio(f"{name}: pull+unpack, CLI", full[CLI], full["skopeo+umoci"]),
+        print_ratio(
+            f"{name}: pull+unpack, CLI via the agent", full[VIA_AGENT], full["skopeo+umoci"]
+        ),
         print_ratio(f"{name}: pull+unpack, library", full["library"], full["skopeo+umoci"]),
         print_ratio(f"{name}: pull only", pulls["ember pull (library)"], pulls["skopeo copy"]),
     ]

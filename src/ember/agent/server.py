@@ -48,11 +48,10 @@ from ember.home import Home
 # What a client of this very installation sends as its code (see protocol).
 _OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
-# Imported lazily (rich by the commands that draw, httpcore by httpx's first
-# client, idna by the first connection to a host name); preloaded so that they are free.
+# Imported lazily (rich by the commands that draw, idna by the first connection
+# to a host name); preloaded so that they are free.
 THIRD_PARTY = (
-    "rich.console", "rich.progress", "rich.live", "rich.table",
-    "httpx", "httpcore", "h11", "certifi", "anyio", "encodings.idna", "stringprep",
+    "rich.console", "rich.progress", "rich.live", "rich.table", "encodings.idna", "stringprep",
 )  # fmt: skip
 
 
