@@ -153,11 +153,15 @@ def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: boo
         directory.mkdir(parents=True)
         created = True
     service = _service()
-    img = service.ensure(ref, _platform(platform_text), plain_http=plain_http)
     try:
-        stats = apply_layers(
-            directory, [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers]
-        )
+        # layers are applied as they arrive, while the later ones still download
+        with service.ensuring(ref, _platform(platform_text), plain_http=plain_http) as pulled:
+            img = pulled.image
+            stats = apply_layers(
+                directory,
+                [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers],
+                wait=pulled.layer_path,
+            )
     except BaseException:
         if created:
             shutil.rmtree(directory, ignore_errors=True)

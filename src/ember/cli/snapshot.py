@@ -139,8 +139,10 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
     home = home_from_ctx()
     service = ImageService(home)
     platform = Platform.parse(platform_text) if platform_text else None
-    img = service.ensure(ref, platform, plain_http=plain_http)
-    prepared = prepare_image(home, img)
+    # the chain's first layers are built while the last ones still download
+    with service.ensuring(ref, platform, plain_http=plain_http) as pulled:
+        img = pulled.image
+        prepared = prepare_image(home, img, layer_path=pulled.layer_path)
     seconds = time.perf_counter() - start
     if as_json:
         print_json(

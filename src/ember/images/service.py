@@ -10,6 +10,13 @@ therefore never see a reference whose blobs are missing.
 Pulls hold a shared lock and ``remove`` an exclusive one while it deletes
 blobs no other image uses, so a removal never deletes a blob that a
 concurrent pull is about to record.
+
+``pulling``/``ensuring`` hand the image out as soon as its config is checked,
+while the layers still download: whoever applies the layers (``ember image
+unpack``, a snapshot chain) asks ``Pulling.layer_path(i)``, which waits for
+that one verified blob, so applying layer 1 overlaps downloading layers 2..n.
+The image is recorded only when everything was fetched and the caller's work
+succeeded.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -76,6 +83,26 @@ def build_image(
     return Image(reference, manifest_digest, manifest, config_digest, config, platform, layers)
 
 
+class Pulling:
+    """An image whose layers may still be downloading (see ``ImageService.pulling``)."""
+
+    def __init__(
+        self, image: Image, content: ContentStore, downloads: Mapping[Digest, Future[object]]
+    ) -> None:
+        self.image = image
+        self._content = content
+        self._downloads = downloads
+
+    def layer_path(self, index: int) -> Path:
+        """Layer ``index``'s blob, once it is downloaded and verified (raises what its
+        download raised)."""
+        digest = self.image.layers[index].digest
+        download = self._downloads.get(digest)
+        if download is not None:
+            download.result()
+        return self._content.path(digest)
+
+
 class ImageService:
     def __init__(self, home: Home) -> None:
         self.home = home.ensure()
@@ -119,15 +146,38 @@ class ImageService:
         progress: bool | None = None,
     ) -> Image:
         """Fetch ``ref`` (registry reference, ``oci:DIR[:TAG]``, ``docker-archive:FILE``) and record it."""
+        with self.pulling(ref, platform, plain_http=plain_http, progress=progress) as pulled:
+            pass
+        return pulled.image
+
+    @contextmanager
+    def pulling(
+        self,
+        ref: str,
+        platform: Platform | None = None,
+        *,
+        plain_http: bool = False,
+        progress: bool | None = None,
+    ) -> Iterator[Pulling]:
+        """Pull ``ref``, handing the image out once its config is checked, while the
+        layers download; records it when the body returns and every blob is in.
+        If the body raises, the downloads are abandoned and nothing is recorded."""
         spec = parse_source(ref)
         source = self._open_source(spec, plain_http)
         try:
-            with self._lock(exclusive=False), make_progress(progress) as display:
-                return self._pull(source, platform, display)
+            with (
+                self._lock(exclusive=False),
+                make_progress(progress) as display,
+                self._pulling(source, platform, display) as pulled,
+            ):
+                yield pulled
         finally:
             source.close()
 
-    def _pull(self, source: Source, platform: Platform | None, display: PullProgress) -> Image:
+    @contextmanager
+    def _pulling(
+        self, source: Source, platform: Platform | None, display: PullProgress
+    ) -> Iterator[Pulling]:
         resolved = source.resolve(platform)
         manifest = parse_manifest(resolved.data, resolved.media_type)
         if not isinstance(manifest, ImageManifest):
@@ -148,34 +198,37 @@ class ImageService:
         migrating = threading.Thread(target=self._migrate_quietly, daemon=True)
         migrating.start()
         # One directory fsync for all the blobs, before the table names them.
-        with self.content.batch():
-            image = self._fetch_blobs(source, resolved, manifest, platform, display)
+        with self.content.batch(), self._fetching(
+            source, resolved, manifest, platform, display
+        ) as pulled:
+            yield pulled
         migrating.join()
         self.table.put(
             source.name,
             manifest_digest=resolved.digest,
             config_digest=cfg.digest,
             media_type=manifest.media_type,
-            platform=str(image.platform),
-            size=image.size + cfg.size + len(resolved.data),
+            platform=str(pulled.image.platform),
+            size=pulled.image.size + cfg.size + len(resolved.data),
             index_digest=resolved.index_digest,
         )
-        return image
 
     def _migrate_quietly(self) -> None:
         with suppress(Exception):
             self.table.db.migrate()
 
-    def _fetch_blobs(
+    @contextmanager
+    def _fetching(
         self,
         source: Source,
         resolved: Resolved,
         manifest: ImageManifest,
         platform: Platform | None,
         display: PullProgress,
-    ) -> Image:
+    ) -> Iterator[Pulling]:
         """Config and layers at once: the layers go to worker threads while this
-        thread fetches and checks the config, then stores the manifest.
+        thread fetches and checks the config; the image is handed out then, and
+        the manifest stored once the body returned and every layer is in.
 
         A config that makes the image unusable stops the pull before any queued
         layer starts (those already downloading finish: they are verified blobs).
@@ -187,12 +240,12 @@ class ImageService:
         todo = list(unique.values())
         display.set_total(sum(d.size for d in todo))
         with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_BLOBS, len(todo)))) as pool:
-            futures = [
-                pool.submit(
+            downloads: dict[Digest, Future[object]] = {
+                d.digest: pool.submit(
                     source.fetch, d, self.content, display.blob(d, f"layer {i + 1}/{len(todo)}")
                 )
                 for i, d in enumerate(todo)
-            ]
+            }
             try:
                 source.fetch(cfg, self.content, None)
                 config = parse_config(self.content.read_bytes(cfg.digest))
@@ -201,15 +254,15 @@ class ImageService:
                     raise NoMatchingPlatform(
                         f"{source.name} is for {image.platform}, not {platform}"
                     )
-                for f in futures:
+                yield Pulling(image, self.content, downloads)
+                for f in downloads.values():
                     f.result()
                 # last: a failed pull leaves no manifest whose blobs are missing
                 self.content.put_bytes(resolved.data, resolved.digest)
             except BaseException:
-                for f in futures:
+                for f in downloads.values():
                     f.cancel()
                 raise
-        return image
 
     # -- local queries -------------------------------------------------------
 
@@ -255,15 +308,38 @@ class ImageService:
     def ensure(
         self, ref: str, platform: Platform | None = None, *, plain_http: bool = False
     ) -> Image:
+        """The local image ``ref``, pulled first when it is missing, incomplete or for
+        another platform."""
+        with self.ensuring(ref, platform, plain_http=plain_http) as ready:
+            pass
+        return ready.image
+
+    @contextmanager
+    def ensuring(
+        self,
+        ref: str,
+        platform: Platform | None = None,
+        *,
+        plain_http: bool = False,
+        progress: bool | None = None,
+    ) -> Iterator[Pulling]:
+        """``ensure`` for a caller that applies the layers: a local image at once, else
+        ``pulling`` (layers handed out as they arrive)."""
         try:
-            image = self.get(ref)
+            image: Image | None = self.get(ref)
         except ImageNotFound:
-            return self.pull(ref, platform, plain_http=plain_http)
-        if platform is not None and not platform.matches(image.platform):
-            return self.pull(ref, platform, plain_http=plain_http)
-        if not all(self.content.exists(layer.digest) for layer in image.layers):
-            return self.pull(ref, platform or image.platform, plain_http=plain_http)
-        return image
+            image = None
+        if image is not None and platform is not None and not platform.matches(image.platform):
+            image = None
+        elif image is not None and not all(
+            self.content.exists(layer.digest) for layer in image.layers
+        ):
+            platform, image = platform or image.platform, None
+        if image is not None:
+            yield Pulling(image, self.content, {})
+            return
+        with self.pulling(ref, platform, plain_http=plain_http, progress=progress) as pulled:
+            yield pulled
 
     def list(self) -> list[ImageRecord]:
         return self.table.list()

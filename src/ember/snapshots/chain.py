@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,19 @@ def chain_names(image: Image) -> list[str]:
 
 
 def prepare_image(
-    home: Home, image: Image, *, snapshotter: Snapshotter | None = None
+    home: Home,
+    image: Image,
+    *,
+    snapshotter: Snapshotter | None = None,
+    layer_path: Callable[[int], Path] | None = None,
 ) -> PreparedImage:
-    """Build (or reuse) the committed snapshots of every layer of ``image``."""
+    """Build (or reuse) the committed snapshots of every layer of ``image``.
+
+    ``layer_path(i)``, when given, is how to get layer ``i``'s blob: it may wait
+    for a pull still in progress (``ImageService.pulling``), so that building the
+    first layers overlaps downloading the last ones.  By default the blobs must
+    be in the content store already.
+    """
     start = time.perf_counter()
     snap = snapshotter or Snapshotter(home)
     if not image.layers:
@@ -83,14 +94,17 @@ def prepare_image(
             builder = _ChainBuilder(snap, store)
             try:
                 parent: str | None = None
-                for layer, name in zip(image.layers, chain, strict=True):
+                for index, (layer, name) in enumerate(zip(image.layers, chain, strict=True)):
                     if not snap.is_committed(name):
                         lock = FileLock(_chain_lock(snap, name), unlink_on_release=True)
                         lock.acquire()
                         if snap.is_committed(name):  # someone else built it while we waited
                             lock.release()
                         else:
-                            builder.build(name, parent, layer, top=name == top, chain_lock=lock)
+                            blob = _blob_getter(store, layer, index, layer_path)
+                            builder.build(
+                                name, parent, layer, blob, top=name == top, chain_lock=lock
+                            )
                             built.append(name)
                     parent = name
                 builder.finish()
@@ -108,6 +122,20 @@ def prepare_image(
         built=tuple(built),
         seconds=time.perf_counter() - start,
     )
+
+
+def _blob_getter(
+    store: ContentStore, layer: Layer, index: int, layer_path: Callable[[int], Path] | None
+) -> Callable[[], Path]:
+    def blob() -> Path:
+        path = layer_path(index) if layer_path is not None else store.path(layer.digest)
+        if not path.is_file():
+            raise SnapshotError(
+                f"layer {layer.digest} is not in the content store: pull the image again"
+            )
+        return path
+
+    return blob
 
 
 def _chain_lock(snap: Snapshotter, name: str) -> Path:
@@ -159,15 +187,18 @@ class _ChainBuilder:
         return self._session
 
     def build(
-        self, name: str, parent: str | None, layer: Layer, *, top: bool, chain_lock: FileLock
+        self,
+        name: str,
+        parent: str | None,
+        layer: Layer,
+        blob: Callable[[], Path],
+        *,
+        top: bool,
+        chain_lock: FileLock,
     ) -> None:
-        """Build layer ``name`` (owns ``chain_lock`` from here on, whatever happens)."""
+        """Build layer ``name`` (owns ``chain_lock`` from here on, whatever happens);
+        ``blob()`` gives its blob, waiting for it if it is still being pulled."""
         try:
-            blob = self.store.path(layer.digest)
-            if not blob.is_file():
-                raise SnapshotError(
-                    f"layer {layer.digest} is not in the content store: pull the image again"
-                )
             source = self.built.key if self.built is not None and self.built.name == parent else None
             t0 = time.perf_counter()
             size: int | None = None
@@ -205,7 +236,7 @@ class _ChainBuilder:
         name: str,
         parent: str | None,
         layer: Layer,
-        blob: Path,
+        blob: Callable[[], Path],
         size: int | None,
         *,
         top: bool,
@@ -218,7 +249,8 @@ class _ChainBuilder:
             self._hand_off()  # cloned: the parent's disk may move to committed/ now
             with snap.mount(key, held=lock) as root:
                 try:
-                    self._applier().apply(root, blob, layer.media_type, layer.diff_id)
+                    # the blob as late as possible: a pull may still be fetching it
+                    self._applier().apply(root, blob(), layer.media_type, layer.diff_id)
                 except Exception as e:
                     if _nearly_full(root):
                         raise _OutOfSpace(system.fs_size(snap.path(key))) from e

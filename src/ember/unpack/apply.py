@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 from ember.oci.digest import Digest
-from ember.unpack.compression import UncompressedReader, check_blob, compression_of
+from ember.unpack.compression import Compression, UncompressedReader, check_blob, compression_of
 from ember.unpack.errors import DiffIDMismatch, UnpackError
 from ember.unpack.sandbox import MAX_LAYERS_PER_CHILD, ApplierSession, LayerStream, apply_streams
 
@@ -52,17 +53,27 @@ def apply_layer(root: Path, blob: Path, media_type: str, diff_id: Digest | None 
     return apply_layers(root, [(blob, media_type, diff_id)])
 
 
-def apply_layers(root: Path, layers: Sequence[tuple[Path, str, Digest | None]]) -> ApplyStats:
+def apply_layers(
+    root: Path,
+    layers: Sequence[tuple[Path, str, Digest | None]],
+    *,
+    wait: Callable[[int], object] | None = None,
+) -> ApplyStats:
     """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``.
 
     One chroot-ed child applies up to MAX_LAYERS_PER_CHILD layers; each layer's
     DiffID is checked before the next one reaches the child (which is streamed
-    while the child still applies the one before).
+    while the child still applies the one before).  With ``wait``, blobs may
+    still be arriving (a pull in progress): ``wait(i)`` runs before layer ``i``'s
+    blob is opened, and what it raises ends the apply.
     """
     root = Path(root)
     if not root.is_dir():
         raise UnpackError(f"cannot apply a layer onto {root}: not a directory")
-    prepared = [_prepare(Path(blob), media_type, diff_id) for blob, media_type, diff_id in layers]
+    prepared = [
+        _prepare(Path(blob), media_type, diff_id, None if wait is None else partial(wait, i))
+        for i, (blob, media_type, diff_id) in enumerate(layers)
+    ]
     total = ApplyStats()
     known = {f.name for f in fields(ApplyStats)}
 
@@ -117,6 +128,13 @@ class LayerSession:
         )
 
 
+def _check_blob(blob: Path, compression: Compression) -> None:
+    try:
+        check_blob(blob, compression)
+    except OSError as e:
+        raise UnpackError(f"cannot read layer blob {blob}: {e.strerror}") from None
+
+
 def _digest(layer: _Prepared) -> Digest:
     return Digest(layer.algorithm, layer.hasher.hexdigest())
 
@@ -143,17 +161,25 @@ class _Prepared:
     diff_id: Digest | None
 
 
-def _prepare(blob: Path, media_type: str, diff_id: Digest | None) -> _Prepared:
-    """Check a layer before anything is applied: media type known, blob readable and plausible."""
+def _prepare(
+    blob: Path, media_type: str, diff_id: Digest | None, wait: Callable[[], object] | None = None
+) -> _Prepared:
+    """Check a layer before anything is applied: media type known, blob readable and
+    plausible (a blob still to ``wait`` for: when its turn comes)."""
     compression = compression_of(media_type)
-    try:
-        check_blob(blob, compression)
-    except OSError as e:
-        raise UnpackError(f"cannot read layer blob {blob}: {e.strerror}") from None
+    if wait is None:
+        _check_blob(blob, compression)
+
+    def open_blob() -> UncompressedReader:
+        if wait is not None:
+            wait()
+            _check_blob(blob, compression)
+        return UncompressedReader(blob, compression)
+
     algorithm = diff_id.algorithm if diff_id is not None else "sha256"
     hasher: _Hash = hashlib.new(algorithm)
     stream = LayerStream(
-        open=lambda: UncompressedReader(blob, compression),
+        open=open_blob,
         hasher=hasher,
         describe=f"layer {blob.name[:80]}",
     )

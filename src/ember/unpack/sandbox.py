@@ -33,6 +33,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
+from ember.errors import EmberError
 from ember.unpack.applier import LayerApplier
 from ember.unpack.errors import InvalidLayer, UnpackError
 from ember.unpack.tarstream import PipeReader, TarStream
@@ -263,14 +264,16 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         streamed: list[int] = []
         # the layer that failed on this side: its error, and whether its check failed
         # (else its blob could not be read)
-        stop: tuple[int, UnpackError, bool] | None = None
+        stop: tuple[int, EmberError, bool] | None = None
         for i, layer in enumerate(layers):
             total, source_error = _pump(layer, pending.pop(0), view)
             streamed.append(total)
             if source_error is not None:
+                # ember's own errors (an unreadable blob, a pull that failed while
+                # its layers were being applied) say what happened already
                 error = (
                     source_error
-                    if isinstance(source_error, UnpackError)
+                    if isinstance(source_error, EmberError)
                     else InvalidLayer(f"cannot read {layer.describe}: {source_error}")
                 )
                 stop = (i, error, False)

@@ -36,6 +36,10 @@ class Behaviour:
     ignore_range: bool = False
     #: flip one byte in every blob body
     corrupt_blobs: bool = False
+    #: flip one byte in the bodies of these blobs (digests) only
+    corrupt_only: set[str] = field(default_factory=set)
+    #: GETs of these blobs (digests) wait until ``release()`` (or the proxy stops)
+    hold_blobs: set[str] = field(default_factory=set)
     #: append a space to every manifest body (still JSON, another digest)
     pad_manifests: bool = False
     #: answer 503 to the first N requests whose path contains the key
@@ -62,6 +66,7 @@ class MisbehavingProxy:
         self.tokens: dict[str, str] = {}  # token -> scope
         self._cut: set[object] = set()
         self._stop = threading.Event()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -71,6 +76,10 @@ class MisbehavingProxy:
         return [
             s for s in self.seen if path_part in s.path and (method is None or s.method == method)
         ]
+
+    def release(self) -> None:
+        """Let the held blob GETs go on."""
+        self._released.set()
 
     def revoke_tokens(self) -> None:
         with self._lock:
@@ -130,6 +139,10 @@ class MisbehavingProxy:
         if b.ignore_range:
             headers.pop("Range", None)
             headers.pop("range", None)
+        held = _BLOB.match(h.path) and any(d in h.path for d in b.hold_blobs)
+        if held and h.command == "GET":
+            while not (self._released.is_set() or self._stop.is_set()):
+                self._released.wait(0.05)
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
             conn.request(h.command, h.path, headers=headers)
@@ -139,7 +152,8 @@ class MisbehavingProxy:
             conn.close()
         seen.status = resp.status
         blob = _BLOB.match(h.path)
-        if blob and h.command == "GET" and resp.status in (200, 206) and b.corrupt_blobs and body:
+        corrupt = b.corrupt_blobs or any(d in h.path for d in b.corrupt_only)
+        if blob and h.command == "GET" and resp.status in (200, 206) and corrupt and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         if b.pad_manifests and "/manifests/" in h.path and resp.status == 200:
             body += b" "

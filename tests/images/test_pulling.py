@@ -1,0 +1,102 @@
+"""A pull hands its layers out as they arrive (``ImageService.pulling``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ember.images import ImageService
+from ember.oci.digest import Digest
+from ember.registry.client.errors import BlobCorrupt
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy
+from tests.support.images import push_layout
+from tests.support.registry import Registry
+
+EMBER = str(Path(sys.executable).with_name("ember"))
+
+
+def layer_digests(layout: Path) -> list[Digest]:
+    index = json.loads((layout / "index.json").read_text())
+    algorithm, hex_ = index["manifests"][0]["digest"].split(":")
+    manifest = json.loads((layout / "blobs" / algorithm / hex_).read_text())
+    return [Digest.parse(layer["digest"]) for layer in manifest["layers"]]
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: Registry, multilayer_layout: Path) -> tuple[str, list[Digest]]:
+    push_layout(multilayer_layout, registry, "pulling/multilayer")
+    digests = layer_digests(multilayer_layout)
+    assert len(set(digests)) >= 3, "the test wants a few distinct layers"
+    return "pulling/multilayer", digests
+
+
+def test_lower_layers_are_handed_out_while_the_top_one_still_downloads(
+    service: ImageService, registry: Registry, pushed: tuple[str, list[Digest]]
+) -> None:
+    repo, digests = pushed
+    top = digests[-1]
+    with misbehaving_proxy(registry.host, Behaviour(hold_blobs={top.hex})) as proxy:
+        with service.pulling(f"{proxy.host}/{repo}", progress=False) as pulled:
+            assert [layer.digest for layer in pulled.image.layers] == digests
+            first = pulled.layer_path(0)
+            assert first.is_file()
+            assert not service.content.exists(top)  # held back by the proxy
+            assert service.list() == []  # recorded only at the end
+            proxy.release()
+            assert pulled.layer_path(len(digests) - 1).is_file()
+        assert [r.reference for r in service.list()] == [f"{proxy.host}/{repo}:latest"]
+        assert service.content.exists(pulled.image.manifest_digest)
+
+
+def test_a_failing_caller_abandons_the_pull_and_nothing_is_recorded(
+    service: ImageService, registry: Registry, pushed: tuple[str, list[Digest]]
+) -> None:
+    repo, _ = pushed
+    with pytest.raises(RuntimeError, match="caller"), service.pulling(
+        f"{registry.host}/{repo}", progress=False
+    ) as pulled:
+        pulled.layer_path(0)
+        raise RuntimeError("the caller failed")
+    assert service.list() == []
+    assert not service.content.exists(pulled.image.manifest_digest)
+
+
+def test_a_corrupt_layer_fails_its_turn_and_nothing_is_recorded(
+    service: ImageService, registry: Registry, pushed: tuple[str, list[Digest]]
+) -> None:
+    repo, digests = pushed
+    with (
+        misbehaving_proxy(registry.host, Behaviour(corrupt_only={digests[-1].hex})) as proxy,
+        pytest.raises(BlobCorrupt),
+        service.pulling(f"{proxy.host}/{repo}", progress=False) as pulled,
+    ):
+        assert pulled.layer_path(0).is_file()
+        pulled.layer_path(len(digests) - 1)
+    assert service.list() == []
+    assert not service.content.exists(digests[-1])
+
+
+def test_unpack_of_an_image_with_a_corrupt_layer_fails_cleanly(
+    tmp_path: Path, registry: Registry, pushed: tuple[str, list[Digest]]
+) -> None:
+    repo, digests = pushed
+    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "EMBER_AGENT": "0"}
+    target = tmp_path / "rootfs"
+    with misbehaving_proxy(registry.host, Behaviour(corrupt_only={digests[-1].hex})) as proxy:
+        proc = subprocess.run(
+            [EMBER, "image", "unpack", f"{proxy.host}/{repo}", str(target)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("ember: ") and "corrupt" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not target.exists()  # created by the command, removed again
+    listed = subprocess.run(
+        [EMBER, "image", "ls", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(listed.stdout) == []
