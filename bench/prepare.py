@@ -122,7 +122,9 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
     def library() -> None:
         """The same work without the CLI's interpreter start and imports."""
         home = lib_homes[0]
-        prepare_image(home, ImageService(home).pull(ref, progress=False))
+        # as the CLI does: the chain's first layers built while the last ones download
+        with ImageService(home).pulling(ref, progress=False) as pulled:
+            prepare_image(home, pulled.image, layer_path=pulled.layer_path)
 
     def anchor() -> None:
         run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])

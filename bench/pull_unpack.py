@@ -89,11 +89,13 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
     def ember_library() -> None:
         # what `ember run` does in-process: no interpreter start, no CLI imports
         service = ImageService(Home(home))
-        image = service.pull(ref, progress=False)
         ember_root.mkdir()
-        apply_layers(
-            ember_root, [(service.layer_path(x), x.media_type, x.diff_id) for x in image.layers]
-        )
+        with service.pulling(ref, progress=False) as pulled:  # layers applied as they arrive
+            apply_layers(
+                ember_root,
+                [(service.layer_path(x), x.media_type, x.diff_id) for x in pulled.image.layers],
+                wait=pulled.layer_path,
+            )
 
     def ember_pull() -> None:
         ImageService(Home(home)).pull(ref, progress=False)
