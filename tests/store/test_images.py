@@ -41,3 +41,12 @@ def test_put_get_replace_list_delete(tmp_path: Path) -> None:
     assert table.get("b") is None
     assert table.get("docker.io/library/a:1") is not None
     assert second.as_dict()["manifest_digest"] == str(M2)
+
+
+def test_reading_a_fresh_store_creates_no_database(tmp_path: Path) -> None:
+    path = tmp_path / "ember.db"
+    table = ImageTable(open_image_db(path))
+    assert table.get("docker.io/library/busybox:latest") is None
+    assert table.list() == []
+    assert table.find_by_digest("abcdef") == []
+    assert not path.exists()

@@ -132,6 +132,8 @@ class ImageTable:
         return _record(row)
 
     def get(self, reference: str) -> ImageRecord | None:
+        if not self.db.exists():  # a fresh store: no file to create just to find nothing
+            return None
         with self.db.read() as conn:
             row = conn.execute("SELECT * FROM images WHERE reference = ?", (reference,)).fetchone()
         return _record(row) if row else None
@@ -139,6 +141,8 @@ class ImageTable:
     def find_by_digest(self, prefix: str) -> list[ImageRecord]:
         """Records whose manifest digest is, or starts with, ``prefix`` (``sha256:abc...`` or ``abc...``)."""
         text = prefix if ":" in prefix else f"sha256:{prefix}"
+        if not self.db.exists():
+            return []
         with self.db.read() as conn:
             rows = conn.execute(
                 "SELECT * FROM images WHERE manifest_digest LIKE ? ESCAPE '/' ORDER BY reference",
@@ -147,6 +151,8 @@ class ImageTable:
         return [_record(r) for r in rows]
 
     def list(self) -> list[ImageRecord]:
+        if not self.db.exists():
+            return []
         with self.db.read() as conn:
             rows = conn.execute("SELECT * FROM images ORDER BY reference").fetchall()
         return [_record(r) for r in rows]

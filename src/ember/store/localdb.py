@@ -89,6 +89,10 @@ class LocalDatabase:
         finally:
             conn.close()
 
+    def exists(self) -> bool:
+        """Whether the file is there at all (readers of a fresh store need not create it)."""
+        return self.path.exists()
+
     def migrate(self) -> None:
         """Apply this area's pending migrations once (safe across processes)."""
         if self._migrated:
