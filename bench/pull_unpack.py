@@ -18,7 +18,13 @@ host's own root is mounted with ``discard`` (as this one is), deleting the
 previous run's tree makes every file creation of the next run slow for both
 tools alike, and the figure then measures that mount option more than the tools.
 
+``--latency MS`` puts a proxy in front of the registry that holds every blob
+GET for MS milliseconds (a distant registry; ember and the anchor both go
+through it): there ember applies its first layers while the last ones still
+download.  ``--images`` picks the images.
+
     .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4]
+                                          [--latency MS] [--images multilayer,debian]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ if __package__ in (None, ""):
 
 from collections.abc import Iterator  # noqa: E402
 
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy  # noqa: E402
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
 from bench._common import (  # noqa: E402
@@ -165,18 +172,32 @@ def main() -> None:
         "--scratch", choices=["tmp", "ext4"], default="tmp",
         help="where the contestants write: the temp dir's file system, or a fresh ext4",
     )  # fmt: skip
+    parser.add_argument(
+        "--latency", type=float, default=0.0,
+        help="milliseconds a proxy holds each blob GET (a distant registry)",
+    )  # fmt: skip
+    parser.add_argument("--images", default="multilayer,debian")
     args = parser.parse_args()
-    images = {"multilayer": build_multilayer_layout(), "debian": build_debian_layout()}
+    builders = {"multilayer": build_multilayer_layout, "debian": build_debian_layout}
+    images = {name: builders[name]() for name in args.images.split(",")}
     where = (
         "work dir on a fresh loop-mounted ext4" if args.scratch == "ext4" else "work dir in /tmp"
     )
+    if args.latency:
+        where += f"; through a proxy holding each blob GET {args.latency:g} ms"
     with contextlib.ExitStack() as stack:
         reg = stack.enter_context(registry())
+        host = reg.host
+        if args.latency:
+            proxy = stack.enter_context(
+                misbehaving_proxy(reg.host, Behaviour(blob_delay=args.latency / 1000))
+            )
+            host = proxy.host
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-bench-pull-")))
         work = stack.enter_context(scratch_ext4(tmp)) if args.scratch == "ext4" else tmp
         lines = []
         for name, layout in images.items():
-            ref = push_layout(layout, reg, f"bench/{name}")
+            ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
             lines.extend(bench_image(name, ref, work, args.runs))
     if not args.no_record:
         for line in lines:

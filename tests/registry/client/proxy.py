@@ -40,6 +40,8 @@ class Behaviour:
     corrupt_only: set[str] = field(default_factory=set)
     #: GETs of these blobs (digests) wait until ``release()`` (or the proxy stops)
     hold_blobs: set[str] = field(default_factory=set)
+    #: seconds each blob GET waits before it is forwarded (a distant registry)
+    blob_delay: float = 0.0
     #: append a space to every manifest body (still JSON, another digest)
     pad_manifests: bool = False
     #: answer 503 to the first N requests whose path contains the key
@@ -131,14 +133,16 @@ class MisbehavingProxy:
                     return
         if b.bearer_user is not None and not self._authorised(h, seen):
             return
-        headers = {
-            k: v
-            for k, v in h.headers.items()
-            if k.lower() not in ("host", "authorization", "connection")
-        }
+        headers: dict[str, str] = {}
+        for k, v in h.headers.items():
+            if k.lower() not in ("host", "authorization", "connection"):
+                # repeated fields (skopeo sends one Accept per media type) as one list
+                headers[k] = f"{headers[k]}, {v}" if k in headers else v
         if b.ignore_range:
             headers.pop("Range", None)
             headers.pop("range", None)
+        if b.blob_delay and _BLOB.match(h.path) and h.command == "GET":
+            self._stop.wait(b.blob_delay)
         held = _BLOB.match(h.path) and any(d in h.path for d in b.hold_blobs)
         if held and h.command == "GET":
             while not (self._released.is_set() or self._stop.is_set()):
