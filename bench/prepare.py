@@ -14,12 +14,13 @@
    machines costing little more disk than one.
 
     .venv/bin/python bench/prepare.py [--runs N] [--no-record] [--skip-prepare] [--skip-clone]
-                                      [--images multilayer,debian]
+                                      [--images multilayer,debian] [--latency MS]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy  # noqa: E402
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
 from bench._common import (  # noqa: E402
@@ -239,6 +241,10 @@ def main() -> None:
     parser.add_argument("--skip-prepare", action="store_true")
     parser.add_argument("--skip-clone", action="store_true")
     parser.add_argument(
+        "--latency", type=float, default=0.0,
+        help="milliseconds a proxy holds each blob GET (a distant registry), for every contestant",
+    )  # fmt: skip
+    parser.add_argument(
         "--images",
         default="multilayer,debian",
         help="comma-separated images for the cold prepare (default: multilayer,debian)",
@@ -253,10 +259,18 @@ def main() -> None:
         work = Path(tmp)
         if not args.skip_prepare:
             images = {name: builders[name]() for name in chosen}
-            with registry() as reg:
+            with contextlib.ExitStack() as stack:
+                reg = stack.enter_context(registry())
+                host = reg.host
+                if args.latency:
+                    behaviour = Behaviour(blob_delay=args.latency / 1000)
+                    host = stack.enter_context(misbehaving_proxy(reg.host, behaviour)).host
                 for name, layout in images.items():
-                    ref = push_layout(layout, reg, f"bench/{name}")
-                    lines.extend(bench_prepare(name, ref, work, args.runs))
+                    ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
+                    found = bench_prepare(name, ref, work, args.runs)
+                    if args.latency:
+                        found = [f"{x}; through a proxy holding each blob GET {args.latency:g} ms" for x in found]
+                    lines.extend(found)
         if not args.skip_clone:
             for label, size in (("10 MB", 10 << 20), ("100 MB", 100 << 20), ("1 GB", 1 << 30)):
                 lines.append(bench_clones(label, size, work))
