@@ -36,10 +36,15 @@ static struct {
 	int test;
 	const char *config_path, *control_path, *status_path;
 	int ports[NPORTS];
+	char port_dev[NPORTS][64]; /* the ports' device names (vportNpM): their debugfs files */
+	long long sent_base[2];    /* stdout's and stderr's bytes_sent when the program started */
 	int console_fd;
 	struct config cfg;
 	int have_cfg;
-} G = {.config_path = "/ember/config", .ports = {-1, -1, -1, -1}, .console_fd = 2};
+} G = {.config_path = "/ember/config",
+       .ports = {-1, -1, -1, -1},
+       .sent_base = {-1, -1},
+       .console_fd = 2};
 
 static void write_all(int fd, const char *s, size_t n)
 {
@@ -85,6 +90,27 @@ static void kill_everything(void)
 	}
 }
 
+/* How many bytes the guest queued on a port for the host so far (virtio_console's
+ * debugfs counter), -1 when it cannot tell.  The exit report carries what the program's
+ * stdout and stderr ports queued, so that the host waits for exactly that much before
+ * it lets the guest power off (a "quiet for a while" guess loses output under load). */
+static long long port_sent(int i)
+{
+	if (G.test || !G.port_dev[i][0])
+		return -1;
+	if (mkdir_p("/sys/kernel/debug", 0755) == 0)
+		mount("debugfs", "/sys/kernel/debug", "debugfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	char path[128];
+	snprintf(path, sizeof(path), "/sys/kernel/debug/virtio-ports/%s", G.port_dev[i]);
+	char *text = read_file(path, 4096, NULL);
+	long long n = -1;
+	const char *at = text ? strstr(text, "bytes_sent: ") : NULL;
+	if (at)
+		n = strtoll(at + 12, NULL, 10);
+	free(text);
+	return n;
+}
+
 static void report(int exit_code, int sig, int oom, const char *error)
 {
 	char json[1024];
@@ -93,6 +119,11 @@ static void report(int exit_code, int sig, int oom, const char *error)
 	         : snprintf(json + n, sizeof(json) - (size_t)n, "null");
 	n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"oom_killed\": %s",
 	              oom ? "true" : "false");
+	long long out = port_sent(PORT_STDOUT), errs = port_sent(PORT_STDERR);
+	if (G.sent_base[0] >= 0 && G.sent_base[1] >= 0 && out >= G.sent_base[0] &&
+	    errs >= G.sent_base[1])
+		n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"sent\": [%lld, %lld]",
+		              out - G.sent_base[0], errs - G.sent_base[1]);
 	if (error) {
 		/* the message is ours, but may quote config values: escape for JSON */
 		n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"error\": \"");
@@ -248,6 +279,8 @@ static int scan_ports(void)
 			}
 			int flags = i == PORT_CONTROL ? O_RDWR | O_NONBLOCK : O_WRONLY;
 			G.ports[i] = open(dev, flags | O_CLOEXEC | O_NOCTTY);
+			if (strlen(e->d_name) < sizeof(G.port_dev[i]))
+				memcpy(G.port_dev[i], e->d_name, strlen(e->d_name) + 1);
 			if (G.ports[i] < 0)
 				logmsg("open %s (%s): %s", dev, PORT_NAMES[i], strerror(errno));
 		}
@@ -850,6 +883,8 @@ int main(int argc, char **argv)
 	}
 
 	mark("configured, starting the program");
+	G.sent_base[0] = port_sent(PORT_STDOUT);
+	G.sent_base[1] = port_sent(PORT_STDERR);
 	pid_t child = spawn(c, &u, workdir);
 	if (child < 0) {
 		snprintf(err, sizeof(err), "fork: %s", strerror(errno));

@@ -110,10 +110,15 @@ def test_a_stalled_reader_loses_nothing_when_the_guest_powers_off(
     ember: Ember, busybox: str
 ) -> None:
     """The foreground reader stops reading while the guest prints more than the monitor
-    holds back (4 MiB) plus the FIFO, and the program then exits: what QEMU was still
-    holding for the guest must reach the reader, not die with the VM (the monitor
-    says "bye" only once it took it; ember-init waits for that before powering off)."""
-    count = 700_000  # `seq` lines: ~4.7 MB
+    holds back (4 MiB) plus the FIFO (1 MiB) and the logs (2 x 64 KiB), so the program
+    blocks until the reader comes back, and then exits: what QEMU was still holding for
+    the guest must reach the reader, not die with the VM (the monitor says "bye" only
+    once it took everything the exit report counts; ember-init waits for that before
+    powering off).  The output must exceed those buffers: a program that finished while
+    the reader was stalled would leave the monitor waiting for the reader at most
+    DRAIN_WAIT_S (10 s) before dropping rotated files (seen once under a full run's load,
+    with ~4.7 MB: exactly two 64 KiB files lost)."""
+    count = 1_000_000  # `seq` lines: ~6.9 MB
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ember.netns, EMBER, "run", "--name", "stalled", busybox,
          "seq", "1", str(count)],

@@ -25,6 +25,15 @@ def test_report() -> None:
     assert got == ExitReport(125, None, False, "no?[31m user")
 
 
+def test_the_output_counts_are_taken_when_plausible_and_ignored_otherwise() -> None:
+    base = b'{"exit_code": 0, "signal": null, "oom_killed": false, "sent": %s}'
+    assert parse_report(base % b"[4700000, 12]") == ExitReport(0, None, False, sent=(4700000, 12))
+    for bad in (b"[1]", b"[1, 2, 3]", b"[-1, 0]", b'["1", 0]', b"[1.5, 0]", b"[true, 0]",
+                b"[9007199254740992, 0]", b"{}", b"null"):  # fmt: skip
+        # the report still counts; the host falls back to waiting for quiet FIFOs
+        assert parse_report(base % bad) == ExitReport(0, None, False), bad
+
+
 @pytest.mark.parametrize(
     "data",
     [

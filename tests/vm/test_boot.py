@@ -195,6 +195,8 @@ def test_boot_runs_program_with_config_and_reports_exit(
         "exit_code": 7,
         "signal": None,
         "oom_killed": False,
+        # what the program's ports queued: exactly what reached the host's logs
+        "sent": [len(m.read("stdout.log").encode()), len(b"to-stderr\n")],
     }
     console = m.read("console.log")
     assert "ember-init: exit code 7\n" in console
@@ -271,7 +273,9 @@ def test_oom_kill_is_reported(
     m = boot(guest_home, guest_kernel, root_image, tmp_path, rc, machines, memory=128)
     m.wait()
     status = json.loads(m.read("status.json"))
-    assert status == {"exit_code": 137, "signal": 9, "oom_killed": True}, m.read("console.log")
+    assert status == {"exit_code": 137, "signal": 9, "oom_killed": True, "sent": [0, 0]}, m.read(
+        "console.log"
+    )
     assert "ember-init: killed by signal 9 (oom killed)\n" in m.read("console.log")
 
 

@@ -27,6 +27,8 @@ class ExitReport:
     oom_killed: bool
     #: why init could not run the program (bad user, workdir, ...), from the guest
     error: str | None = None
+    #: bytes the program's stdout and stderr ports queued for the host (None: not told)
+    sent: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,17 @@ def parse_report(data: bytes) -> ExitReport | None:
             return None
         # shown on the user's terminal: printable text only, one bounded line
         error = "".join(c if c.isprintable() else "?" for c in error[:500]) or None
-    return ExitReport(code, sig, oom, error)
+    return ExitReport(code, sig, oom, error, _sent(obj.get("sent")))
+
+
+def _sent(value: object) -> tuple[int, int] | None:
+    """The ``sent`` counts, if they are two plausible byte counts (else ignored: the host
+    then falls back to waiting for quiet)."""
+    if not isinstance(value, list) or len(value) != 2:
+        return None
+    if not all(type(v) is int and 0 <= v < 1 << 53 for v in value):
+        return None
+    return value[0], value[1]
 
 
 def parse_console_tail(data: bytes) -> ExitReport | None:

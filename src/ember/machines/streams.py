@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ember.machines.logs import CappedFile, LogConfig, RotatingLog
+from ember.machines.report import MAX_REPORT, parse_report
 from ember.vm.vmm.base import Channels
 
 #: the exit report is one short JSON line: keep no more than this of the status port
@@ -72,6 +73,8 @@ class _Stream:
     failed: bool = False
     #: bytes read from the FIFO that the log could not take yet (reader behind)
     pending: bytearray = field(default_factory=bytearray)
+    #: bytes read from the FIFO so far
+    received: int = 0
 
 
 def fifo_channels(d: Path) -> Channels:
@@ -96,6 +99,10 @@ class StreamPump:
         #: the guest's exit report came: from then on the FIFOs are read up to
         #: FINAL_HOLD_LIMIT (what the VMM still holds would die with the VM)
         self.report_seen = False
+        #: the status port's first bytes (the exit report), and what the report says the
+        #: program's stdout and stderr ports sent (None: it does not say)
+        self._status = bytearray()
+        self.owed: tuple[int, int] | None = None
 
     def _hold_limit(self) -> int:
         return FINAL_HOLD_LIMIT if self.report_seen else HOLD_LIMIT
@@ -145,14 +152,30 @@ class StreamPump:
             if not data:
                 break
             moved += len(data)
-            if s.fifo == self.channels.status_file and b"\n" in data:
-                self.report_seen = True
+            s.received += len(data)
+            if s.fifo == self.channels.status_file and not self.report_seen:
+                self._status += data[: MAX_REPORT - len(self._status)]
+                if b"\n" in data:
+                    self.report_seen = True
+                    report = parse_report(bytes(self._status))
+                    self.owed = report.sent if report is not None else None
             if s.pending:
                 s.pending += data  # behind what is held back already
                 self._deliver(s)
             else:
                 self._deliver(s, data)
         return moved
+
+    def all_received(self) -> bool:
+        """Whether the program's stdout and stderr, as much as the exit report says the
+        guest sent, have come out of the FIFOs."""
+        if self.owed is None:
+            return False
+        got = {s.fifo: s.received for s in self.streams}
+        return (
+            got.get(self.channels.stdout_log, 0) >= self.owed[0]
+            and got.get(self.channels.stderr_log, 0) >= self.owed[1]
+        )
 
     def retry(self, force: bool = False) -> bool:
         """Offer held-back bytes again; True when none are left anywhere."""
@@ -199,9 +222,11 @@ class StreamPump:
     ) -> None:
         """Copy output until ``pid_fd`` (the VMM's pidfd) says it exited; then drain.
 
-        ``on_drained`` is called once, when the guest's exit report has come and every
-        FIFO has then been quiet for ``QUIET_S``: the monitor then lets the guest power
-        off (ember-init waits for that, see the run config's ``exit_ack``)."""
+        ``on_drained`` is called once, when the guest's exit report has come and the
+        program's output it counts (``sent``) has all been read from the FIFOs, or,
+        for a guest that does not count, when every FIFO has then been quiet for
+        ``QUIET_S``: the monitor then lets the guest power off (ember-init waits for
+        that, see the run config's ``exit_ack``)."""
         poller = select.poll()
         watched: dict[int, bool] = {}
         poller.register(pid_fd, select.POLLIN)
@@ -223,7 +248,11 @@ class StreamPump:
                     last_moved = time.monotonic()
             if held:
                 self.retry()
-            if waiting and time.monotonic() - last_moved >= QUIET_S:
+            if waiting and (
+                self.all_received()
+                if self.owed is not None
+                else time.monotonic() - last_moved >= QUIET_S
+            ):
                 assert on_drained is not None
                 on_drained()
                 on_drained = None
