@@ -180,18 +180,19 @@ sys.exit(0 if os.path.exists(bye) else 9)
 """
 
 
-def test_the_guest_is_let_go_once_after_its_report_and_the_fifos_ran_dry(tmp_path: Path) -> None:
-    Channels.in_dir(tmp_path).precreate()
-    pump = StreamPump.create(tmp_path, LogConfig(1 << 20, 2))
+def _lines_at_bye(d: Path, writer: str) -> list[int]:
+    """Run ``writer`` in the VMM's place; the stdout log's line count each time the
+    monitor let the guest go (the writer exits once it sees the bye)."""
+    Channels.in_dir(d).precreate()
+    pump = StreamPump.create(d, LogConfig(1 << 20, 2))
     calls: list[int] = []
 
     def bye() -> None:
-        # everything the guest wrote before and after its report is in the log by now
-        calls.append(len(Channels.in_dir(tmp_path).stdout_log.read_bytes().splitlines()))
-        (tmp_path / "bye").touch()
+        calls.append(len(Channels.in_dir(d).stdout_log.read_bytes().splitlines()))
+        (d / "bye").touch()
 
     try:
-        proc = subprocess.Popen([sys.executable, "-c", FAREWELL_WRITER, str(tmp_path)])
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(d)])
         pid_fd = os.pidfd_open(proc.pid)
         try:
             pump.run_until_exit(pid_fd, on_drained=bye)
@@ -200,7 +201,12 @@ def test_the_guest_is_let_go_once_after_its_report_and_the_fifos_ran_dry(tmp_pat
         assert proc.wait() == 0, "the writer was never told bye"
     finally:
         pump.close()
-    assert calls == [1100]
+    return calls
+
+
+def test_the_guest_is_let_go_once_after_its_report_and_the_fifos_ran_dry(tmp_path: Path) -> None:
+    # everything the guest wrote before and after its report is in the log by then
+    assert _lines_at_bye(tmp_path, FAREWELL_WRITER) == [1100]
 
 
 COUNTING_WRITER = r"""
@@ -230,22 +236,5 @@ sys.exit(0 if os.path.exists(bye) else 9)
 def test_a_guest_that_counts_its_output_is_let_go_only_once_all_of_it_came(
     tmp_path: Path,
 ) -> None:
-    Channels.in_dir(tmp_path).precreate()
-    pump = StreamPump.create(tmp_path, LogConfig(1 << 20, 2))
-    calls: list[int] = []
-
-    def bye() -> None:
-        calls.append(len(Channels.in_dir(tmp_path).stdout_log.read_bytes().splitlines()))
-        (tmp_path / "bye").touch()
-
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", COUNTING_WRITER, str(tmp_path)])
-        pid_fd = os.pidfd_open(proc.pid)
-        try:
-            pump.run_until_exit(pid_fd, on_drained=bye)
-        finally:
-            os.close(pid_fd)
-        assert proc.wait() == 0, "the writer was never told bye"
-    finally:
-        pump.close()
-    assert calls == [1100]  # not 1000: a quiet FIFO is not the end when the guest counted
+    # not 1000: a quiet FIFO is not the end when the guest counted
+    assert _lines_at_bye(tmp_path, COUNTING_WRITER) == [1100]
