@@ -289,3 +289,29 @@ def test_a_client_of_another_installation_runs_the_command_itself(
     text = agent.wait_log("declined")
     assert f"runs ember from {other}" in text
     assert agent.served() == 0
+
+
+def test_a_client_sending_garbage_mid_command_is_ignored_and_hanging_up_ends_the_command(
+    agent: RunningAgent,
+) -> None:
+    from ember.agent import client, protocol
+
+    port = free_port()
+    env = [f"{k}={v}".encode() for k, v in env_for(agent.home).items()]
+    request = protocol.Request(
+        [b"server", b"--listen", f"127.0.0.1:{port}".encode()], b"/", env, 0o022,
+        os.fsencode(os.path.realpath(client.__file__)),
+    )  # fmt: skip
+    with open(os.devnull, "r+b") as null, socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(TIMEOUT)
+        s.connect(str(agent.socket))
+        socket.send_fds(s, [protocol.frame(protocol.encode_request(request))], [null.fileno()] * 3)
+        assert s.recv(4 + 64)[4:5] == b"S"  # started
+        _wait_port(port, open_=True)
+        s.sendall(protocol.frame(b"K9"))  # SIGKILL is not a signal a client may forward
+        agent.wait_log("ignoring the caller from now on")
+        with socket.socket() as probe:  # the command goes on
+            assert probe.connect_ex(("127.0.0.1", port)) == 0
+    # the connection closed: the command is hung up, as by a closing terminal
+    _wait_port(port, open_=False)
+    agent.wait_log("ember server -> exit")

@@ -264,6 +264,7 @@ class Agent:
         poller.register(pidfd, select.POLLIN)
         poller.register(conn, select.POLLIN)
         buffer = b""
+        ignoring = False
         try:
             while True:
                 for fd, _ in poller.poll():
@@ -272,13 +273,23 @@ class Agent:
                         if os.WIFSIGNALED(status):
                             return 128 + os.WTERMSIG(status), os.WTERMSIG(status)
                         return os.waitstatus_to_exitcode(status), 0
-                    data = conn.recv(4096)
+                    try:
+                        data = conn.recv(4096)
+                    except OSError:  # reset: gone as well
+                        data = b""
                     if not data:  # the caller is gone: as a terminal hang-up would
                         poller.unregister(conn)
                         _signal_group(runner, signal.SIGHUP)
                         continue
-                    buffer += data
-                    buffer = _forward_signals(buffer, runner)
+                    if ignoring:
+                        continue
+                    try:
+                        buffer = _forward_signals(buffer + data, runner)
+                    except protocol.ProtocolError as e:
+                        # a broken client: its messages are dropped from now on (its
+                        # hang-up still counts), the command goes on
+                        self._log(f"ignoring the caller from now on: {e}")
+                        ignoring = True
         finally:
             os.close(pidfd)
 
