@@ -238,3 +238,33 @@ def test_a_guest_that_counts_its_output_is_let_go_only_once_all_of_it_came(
 ) -> None:
     # not 1000: a quiet FIFO is not the end when the guest counted
     assert _lines_at_bye(tmp_path, COUNTING_WRITER) == [1100]
+
+
+VMM_WRITER = r"""
+import os, sys
+fd = os.open(os.path.join(sys.argv[1], "vmm.fifo"), os.O_WRONLY | os.O_APPEND)
+data = b"".join(b"qemu-system-x86_64: warning %06d\n" % i for i in range(4000))
+while data:
+    data = data[os.write(fd, data):]
+"""
+
+
+def test_the_vmms_own_output_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "VMM_LOG_LIMIT", 4096)
+    Channels.in_dir(tmp_path).precreate()
+    pump = StreamPump.create(tmp_path, LogConfig(1 << 20, 2))
+    assert streams.vmm_fifo(tmp_path).exists()  # there before the VMM starts
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", VMM_WRITER, str(tmp_path)])
+        pid_fd = os.pidfd_open(proc.pid)
+        try:
+            pump.run_until_exit(pid_fd)
+        finally:
+            os.close(pid_fd)
+        assert proc.wait() == 0
+    finally:
+        pump.close()
+    kept = (tmp_path / "vmm.log").read_bytes()
+    assert len(kept) == 4096  # of ~140 KB
+    assert kept.startswith(b"qemu-system-x86_64: warning 000000\n")
+    assert not streams.vmm_fifo(tmp_path).exists()

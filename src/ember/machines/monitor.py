@@ -31,7 +31,7 @@ from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
 from ember.machines.store import MachineStore
-from ember.machines.streams import StreamPump
+from ember.machines.streams import StreamPump, vmm_fifo
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
 from ember.vm.vmm.base import VM, Channels, VMExit, open_control, send_control
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
@@ -78,7 +78,7 @@ def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) 
         cmdline=tuple(st.vm.kernel_args),
         disks=(Disk(Path(st.vm.root_disk)),),
         nics=nics,
-        vmm_log=d / "vmm.log",
+        vmm_log=vmm_fifo(d),  # the monitor caps what QEMU says into vmm.log
     )
 
 

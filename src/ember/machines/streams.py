@@ -1,9 +1,9 @@
 """The monitor's side of the guest's output: FIFOs the VMM writes, capped logs it fills.
 
 The VMM never writes a log file itself: each stream it produces (program stdout
-and stderr, serial console, exit report) goes into a FIFO in the machine's
-directory, and the monitor copies it into the log (``RotatingLog``; the exit
-report into a ``CappedFile``).  A slow monitor is back-pressure, not loss: when a
+and stderr, serial console, exit report, its own stderr) goes into a FIFO in the
+machine's directory, and the monitor copies it into the log (``RotatingLog``; the
+exit report and the VMM's stderr into a ``CappedFile``).  A slow monitor is back-pressure, not loss: when a
 FIFO is full the VMM stops taking the guest's output until it drains.
 
 The monitor opens each FIFO read-write, so it is never at end-of-file while the
@@ -42,6 +42,9 @@ from ember.vm.vmm.base import Channels
 
 #: the exit report is one short JSON line: keep no more than this of the status port
 STATUS_LIMIT = 1 << 16
+#: the VMM's own stderr (QEMU's warnings and errors, some of which a guest can provoke):
+#: its first MiB is kept, the rest dropped
+VMM_LOG_LIMIT = 1 << 20
 _READ = 1 << 16
 #: how often a stream held back by the attached reader is retried
 RETRY_S = 0.01
@@ -89,6 +92,11 @@ def fifo_channels(d: Path) -> Channels:
     )
 
 
+def vmm_fifo(d: Path) -> Path:
+    """Where the VMM's own stdout and stderr go (the monitor copies it into ``vmm.log``)."""
+    return d / "vmm.fifo"
+
+
 class StreamPump:
     """The FIFOs of one machine and the logs they feed."""
 
@@ -116,6 +124,7 @@ class StreamPump:
             (fifos.stderr_log, lambda: RotatingLog(logs.stderr_log, config)),
             (fifos.console_log, lambda: RotatingLog(logs.console_log, config)),
             (fifos.status_file, lambda: CappedFile(logs.status_file, STATUS_LIMIT)),
+            (vmm_fifo(d), lambda: CappedFile(d / "vmm.log", VMM_LOG_LIMIT)),
         ]
         streams: list[_Stream] = []
         try:
