@@ -106,21 +106,36 @@ def snapshot_leases(as_json: bool) -> None:
     show_default=True,
     help="Keep unreferenced blobs younger than this many seconds.",
 )
+@click.option(
+    "--templates-unused-for",
+    type=click.FloatRange(min=0),
+    help="Remove machine templates no machine started from for this many seconds "
+    "(default: a week).",
+)
 @json_option
-def gc(dry_run: bool, content_grace: float, as_json: bool) -> None:
-    """Remove snapshots, content and leases that no image and no live lease needs."""
+def gc(
+    dry_run: bool, content_grace: float, templates_unused_for: float | None, as_json: bool
+) -> None:
+    """Remove snapshots, content and leases that no image and no live lease needs,
+    and machine templates nothing used for a while."""
     from ember.snapshots.gc import collect
 
-    report = collect(home_from_ctx(), dry_run=dry_run, content_grace=content_grace)
+    report = collect(
+        home_from_ctx(),
+        dry_run=dry_run,
+        content_grace=content_grace,
+        templates_unused_for=templates_unused_for,
+    )
     if as_json:
         print_json(report.to_json())
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
-        f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s); "
-        f"freed {_size(report.snapshot_bytes)} in the snapshot pool and "
-        f"{_size(report.content_bytes)} of content"
+        f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s), "
+        f"{len(report.templates)} machine template(s); "
+        f"freed {_size(report.snapshot_bytes)} in the snapshot pool, "
+        f"{_size(report.content_bytes)} of content and {_size(report.template_bytes)} of templates"
     )
 
 

@@ -48,6 +48,9 @@ class GCReport:
     skipped: list[str] = field(default_factory=list)  # unreferenced but in use
     snapshot_bytes: int = 0  # free space the pool gained
     content_bytes: int = 0
+    #: machine templates (ember.vm.template) unused for long or built from old inputs
+    templates: list[str] = field(default_factory=list)
+    template_bytes: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -60,6 +63,8 @@ class GCReport:
             "skipped": self.skipped,
             "snapshot_bytes": self.snapshot_bytes,
             "content_bytes": self.content_bytes,
+            "templates": self.templates,
+            "template_bytes": self.template_bytes,
         }
 
 
@@ -99,7 +104,13 @@ def collect(
     content_grace: float = DEFAULT_CONTENT_GRACE,
     snapshotter: Snapshotter | None = None,
     roots: Roots | None = None,
+    templates_unused_for: float | None = None,
 ) -> GCReport:
+    """Mark from images and live leases, sweep snapshots, blobs and expired leases; also
+    drop machine templates no machine started from for ``templates_unused_for`` seconds
+    (default ``ember.vm.template.UNUSED_FOR``: a week) or built from inputs since replaced."""
+    from ember.vm import template  # a cache of its own, outside the mark-and-sweep
+
     snap = snapshotter or Snapshotter(home)
     report = GCReport(dry_run=dry_run)
     # The image service holds images.lock shared while it pulls and exclusive while it
@@ -123,6 +134,10 @@ def collect(
                 roots.content.update(lease.content)
         _sweep_snapshots(snap, roots, report, dry_run)
         _sweep_content(home, roots, report, dry_run, content_grace, now)
+    age = template.UNUSED_FOR if templates_unused_for is None else templates_unused_for
+    for key, size in template.prune_unused(home, age, dry_run=dry_run):
+        report.templates.append(key)
+        report.template_bytes += size
     return report
 
 

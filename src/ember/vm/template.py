@@ -103,13 +103,75 @@ def templates_dir(home: Home) -> Path:
 
 
 def find_template(home: Home, shape: TemplateShape) -> Template | None:
-    """The ready template of this shape, if one was built (its state file is written last)."""
+    """The ready template of this shape, if one was built (its state file is written last).
+    Finding it counts as using it (``prune_unused`` goes by that)."""
     key = shape.key()
     d = templates_dir(home)
     state, initrd = d / f"{key}.vmstate", d / f"{key}.initrd"
     if state.is_file() and initrd.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(d / f"{key}.json")  # last used: the shape file's mtime
         return Template(state, initrd)
     return None
+
+
+#: ``ember gc`` removes templates no machine started from for this long
+UNUSED_FOR = 7 * 86400.0
+
+
+def prune_unused(
+    home: Home, older_than: float = UNUSED_FOR, *, dry_run: bool = False
+) -> list[tuple[str, int]]:
+    """Remove templates whose inputs changed or that no machine used for ``older_than``
+    seconds (each holds ~70 MB; the next machine of that shape builds one again), and
+    failed-build markers past their retry time.  Returns the keys removed and their bytes.
+    A template a builder holds (its lock) is left alone."""
+    d = templates_dir(home)
+    return _prune(d, older_than, dry_run=dry_run) if d.is_dir() else []
+
+
+def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[str, int]]:
+    now, removed = time.time(), []
+    for meta in sorted(d.glob("*.json")):
+        key = meta.name[: -len(".json")]
+        try:
+            stale = _shape_from_json(json.loads(meta.read_bytes())).key() != key
+            unused = now - meta.stat().st_mtime > older_than
+        except (OSError, ValueError, KeyError, TemplateError):
+            stale, unused = True, True
+        if not (stale or unused) or _building(d, key):
+            continue
+        size = sum(_size(d / f"{key}{suffix}") for suffix in _FILES)
+        if not dry_run:
+            _remove(d, key, lock=True)
+        removed.append((key, size))
+    for marker in d.glob("*.failed"):
+        with contextlib.suppress(OSError):
+            if now - marker.stat().st_mtime > RETRY_AFTER and not dry_run:
+                marker.unlink()
+    return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _building(d: Path, key: str) -> bool:
+    """Whether a builder holds this shape's lock right now."""
+    try:
+        fd = os.open(d / f"{key}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock taken just to look
+    return False
 
 
 #: the files of one template, KEY + suffix (a builder may hold the lock: see _remove)
@@ -287,14 +349,7 @@ def _prune_stale(d: Path) -> None:
         with contextlib.suppress(OSError):
             if time.time() - work.stat().st_mtime > 3600:
                 shutil.rmtree(work, ignore_errors=True)
-    for meta in d.glob("*.json"):
-        key = meta.name[: -len(".json")]
-        try:
-            stale = _shape_from_json(json.loads(meta.read_bytes())).key() != key
-        except (OSError, ValueError, KeyError, TemplateError):
-            stale = True
-        if stale:
-            _remove(d, key, lock=True)
+    _prune(d, float("inf"))
 
 
 #: after a failed build, no new attempt for this long (each costs a boot's CPU)

@@ -1,0 +1,69 @@
+"""Which machine templates go: unused for long, or built from inputs since replaced."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.vm.template import UNUSED_FOR, find_template, prune_unused, templates_dir
+from tests.support.templates import age, make_template
+
+WEEK_AND_A_DAY = UNUSED_FOR + 86400
+
+
+def size(home: Home, key: str) -> int:
+    return sum(p.stat().st_size for p in templates_dir(home).glob(f"{key}.*"))
+
+
+def files(home: Home) -> list[str]:
+    return sorted(p.name for p in templates_dir(home).iterdir())
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    return Home(tmp_path / "home").ensure()
+
+
+def test_a_template_used_lately_stays_and_an_unused_one_goes(home: Home, tmp_path: Path) -> None:
+    _, kept = make_template(home, tmp_path, "kept")
+    _, old = make_template(home, tmp_path, "old")
+    age(home, kept, UNUSED_FOR - 3600)
+    age(home, old, WEEK_AND_A_DAY)
+    expected = [(old, size(home, old))]
+    assert prune_unused(home, dry_run=True) == expected
+    assert f"{old}.vmstate" in files(home)  # a dry run removes nothing
+    assert prune_unused(home) == expected
+    assert [f for f in files(home) if f.startswith(old)] == []  # its lock too
+    assert f"{kept}.vmstate" in files(home)
+
+
+def test_finding_a_template_counts_as_using_it(home: Home, tmp_path: Path) -> None:
+    shape, key = make_template(home, tmp_path)
+    age(home, key, WEEK_AND_A_DAY)
+    assert find_template(home, shape) is not None
+    assert prune_unused(home) == []
+
+
+def test_a_template_of_replaced_inputs_goes_however_recent(home: Home, tmp_path: Path) -> None:
+    shape, key = make_template(home, tmp_path)
+    shape.kernel.write_bytes(b"a new kernel, another size")  # what an upgrade does
+    expected = [(key, size(home, key))]
+    assert prune_unused(home) == expected
+    assert files(home) == []
+
+
+def test_a_template_a_builder_holds_is_left_alone(home: Home, tmp_path: Path) -> None:
+    _, key = make_template(home, tmp_path)
+    age(home, key, WEEK_AND_A_DAY)
+    with open(templates_dir(home) / f"{key}.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert prune_unused(home) == []
+    expected = [(key, size(home, key))]
+    assert prune_unused(home) == expected
+
+
+def test_no_templates_directory_is_nothing_to_do(home: Home) -> None:
+    assert prune_unused(home) == []
