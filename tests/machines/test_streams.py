@@ -41,20 +41,32 @@ def _lines(path: Path) -> list[bytes]:
     return b"".join(p.read_bytes() for p in log_files(path)).splitlines()
 
 
-def _run(d: Path, n: int, config: LogConfig) -> None:
+def _pump_writer(
+    d: Path,
+    writer: str,
+    *args: str,
+    config: LogConfig | None = None,
+    on_drained: Callable[[], None] | None = None,
+) -> None:
+    """Run ``writer`` (a Python script given ``d`` and ``args``) in the VMM's place while
+    a pump copies the FIFOs, until it exits (it must exit 0)."""
     Channels.in_dir(d).precreate()
-    pump = StreamPump.create(d, config)
+    pump = StreamPump.create(d, config or LogConfig(1 << 20, 2))
     assert pump.channels == fifo_channels(d)
     try:
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(n)])
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(d), *args])
         pid_fd = os.pidfd_open(proc.pid)
         try:
-            pump.run_until_exit(pid_fd)
+            pump.run_until_exit(pid_fd, on_drained=on_drained)
         finally:
             os.close(pid_fd)
-        assert proc.wait() == 0
+        assert proc.wait() == 0, "the writer failed (or was never told bye)"
     finally:
         pump.close()
+
+
+def _run(d: Path, n: int, config: LogConfig) -> None:
+    _pump_writer(d, WRITER, str(n), config=config)
 
 
 def test_pump_caps_every_stream_and_drains_after_the_writer_exits(tmp_path: Path) -> None:
@@ -183,24 +195,13 @@ sys.exit(0 if os.path.exists(bye) else 9)
 def _lines_at_bye(d: Path, writer: str) -> list[int]:
     """Run ``writer`` in the VMM's place; the stdout log's line count each time the
     monitor let the guest go (the writer exits once it sees the bye)."""
-    Channels.in_dir(d).precreate()
-    pump = StreamPump.create(d, LogConfig(1 << 20, 2))
     calls: list[int] = []
 
     def bye() -> None:
         calls.append(len(Channels.in_dir(d).stdout_log.read_bytes().splitlines()))
         (d / "bye").touch()
 
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", writer, str(d)])
-        pid_fd = os.pidfd_open(proc.pid)
-        try:
-            pump.run_until_exit(pid_fd, on_drained=bye)
-        finally:
-            os.close(pid_fd)
-        assert proc.wait() == 0, "the writer was never told bye"
-    finally:
-        pump.close()
+    _pump_writer(d, writer, on_drained=bye)
     return calls
 
 
@@ -251,19 +252,7 @@ while data:
 
 def test_the_vmms_own_output_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streams, "VMM_LOG_LIMIT", 4096)
-    Channels.in_dir(tmp_path).precreate()
-    pump = StreamPump.create(tmp_path, LogConfig(1 << 20, 2))
-    assert streams.vmm_fifo(tmp_path).exists()  # there before the VMM starts
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", VMM_WRITER, str(tmp_path)])
-        pid_fd = os.pidfd_open(proc.pid)
-        try:
-            pump.run_until_exit(pid_fd)
-        finally:
-            os.close(pid_fd)
-        assert proc.wait() == 0
-    finally:
-        pump.close()
+    _pump_writer(tmp_path, VMM_WRITER)  # it opens vmm.fifo by name: there before the VMM
     kept = (tmp_path / "vmm.log").read_bytes()
     assert len(kept) == 4096  # of ~140 KB
     assert kept.startswith(b"qemu-system-x86_64: warning 000000\n")
