@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-# loaded here, not in the forked child, where taking the loader's lock could deadlock
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
+from ember.process import parent_death_signal
 
 
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the process that started us dies, so a
     pytest killed with -9 leaves no server behind.  (Linux ties this to the starting
     *thread*: start servers from a long-lived one.)"""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent_death_signal(signal.SIGTERM)
 
 
 def spawn_server(

@@ -23,7 +23,6 @@ kill them too (with systemd: ``KillMode=process``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import gc
 import importlib
@@ -44,6 +43,7 @@ from ember.agent.client import SOCKET_NAME
 from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
+from ember.process import parent_death_signal
 
 # What a client of this very installation sends as its code (see protocol).
 _OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
@@ -339,13 +339,9 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded in the agent, before any fork
-
-
 def _die_with(parent: int | None) -> None:
     """SIGTERM when ``parent`` dies (None: no longer)."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM if parent else 0)
+    parent_death_signal(signal.SIGTERM if parent else 0)
     if parent is not None and os.getppid() != parent:  # it died before prctl took effect
         os._exit(0)
 

@@ -23,7 +23,6 @@ controls the process.  Choices, measured on this host (docs/machines.md):
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import shutil
@@ -32,6 +31,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+from ember.process import parent_death_signal
 from ember.vm.vmm.base import VM, VMM, VMExit, VMSpec, wait_pid_exit
 from ember.vm.vmm.errors import VMMError, VMMNotInstalled
 
@@ -43,9 +43,6 @@ PORT_STDOUT = "org.ember.stdout"
 PORT_STDERR = "org.ember.stderr"
 PORT_STATUS = "org.ember.status"
 PORT_CONTROL = "org.ember.control"
-
-_PR_SET_PDEATHSIG = 1
-
 
 def _escape(value: str) -> str:
     """QEMU option values separate fields with ``,``; a literal comma is written ``,,``."""
@@ -161,8 +158,7 @@ def find_qemu() -> str:
 
 def _die_with_parent() -> None:
     """In the child before exec: QEMU dies when its monitor dies (no orphaned VMs)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent_death_signal(signal.SIGKILL)
 
 
 class QemuVM(VM):
