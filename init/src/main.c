@@ -46,12 +46,26 @@ static struct {
        .sent_base = {-1, -1},
        .console_fd = 2};
 
+/* Best effort: a dead host side must not hang init.  On the non-blocking control port a
+ * write fails with EAGAIN while this guest has not yet learnt that the host connected
+ * (the port-open event can come after the host's first bytes): wait for it, a while. */
 static void write_all(int fd, const char *s, size_t n)
 {
+	long long deadline = -1;
 	while (n > 0) {
 		ssize_t w = write(fd, s, n);
 		if (w < 0 && errno == EINTR)
 			continue;
+		if (w < 0 && errno == EAGAIN) {
+			long long now = now_ms();
+			if (deadline < 0)
+				deadline = now + 10000;
+			if (now >= deadline)
+				return;
+			struct pollfd p = {.fd = fd, .events = POLLOUT};
+			poll(&p, 1, 50);
+			continue;
+		}
 		if (w <= 0)
 			return;
 		s += w;

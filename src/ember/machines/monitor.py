@@ -30,6 +30,7 @@ from ember.machines import state as mstate
 from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
+from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump, vmm_fifo
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
@@ -157,20 +158,25 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
             # the VMM runs; the restored guest now waits for its config (guest time,
             # not the host's: "started" went out first)
             try:
-                vm, pid = _hand_config_or_boot(home, st, d, vm, spec)
+                vm, pid = _hand_config_or_boot(home, st, d, vm, spec, pump)
             except EmberError as e:
                 _failed_to_start(home, st, d, sync, str(e))
                 return 1
 
-        pid_fd = os.pidfd_open(pid)
-        farewell = _Farewell(spec.channels.control_socket)
-        try:
-            # copy the guest's output until the VMM exits, then whatever is left; the
-            # guest powers off once told that nothing it wrote is still in flight
-            pump.run_until_exit(pid_fd, on_drained=farewell.send)
-        finally:
-            farewell.close()
-            os.close(pid_fd)
+        # (our child: until waited for, its pid is its own; a restored guest that ran
+        # and powered off during the handshake has been waited for already)
+        pid_fd = os.pidfd_open(pid) if vm.wait(0) is None else None
+        if pid_fd is None:
+            pump.drain()
+        else:
+            farewell = _Farewell(spec.channels.control_socket)
+            try:
+                # copy the guest's output until the VMM exits, then whatever is left; the
+                # guest powers off once told that nothing it wrote is still in flight
+                pump.run_until_exit(pid_fd, on_drained=farewell.send)
+            finally:
+                farewell.close()
+                os.close(pid_fd)
         end: VMExit | None = None
         while end is None:
             try:
@@ -226,27 +232,37 @@ class _Farewell:
 
 
 def _hand_config_or_boot(
-    home: Home, st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec
+    home: Home, st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec, pump: StreamPump
 ) -> tuple[VM, int]:
     """A restored template waits for its run config: send it.  When the restore does not
     take (a template the VMM cannot load, a guest that never answers), drop the template
-    and boot the machine's kernel instead, as if there had been none."""
+    and boot the machine's kernel instead, as if there had been none; but never when the
+    guest may have taken the config (``machines.restore``): the program must not run twice."""
     from ember.machines.lifecycle import RESTORE_CONFIG
-    from ember.vm.template import Template, TemplateError, discard_template, send_restore_config
+    from ember.vm.template import (
+        ConfigUnanswered,
+        Template,
+        TemplateError,
+        discard_template,
+        send_restore_config,
+    )
 
+    assert vm.pid is not None
     try:
         config = (d / RESTORE_CONFIG).read_bytes()
         send_restore_config(spec.channels.control_socket, config, alive=vm.alive)
-        assert vm.pid is not None
         return vm, vm.pid
     except (TemplateError, OSError) as e:
-        failure = e
-    # a VMM that cannot load the state exits by itself; one killed by `ember kill`/`rm -f`
-    # during the restore (its socket reset is what we saw) dies of the signal
-    ended = vm.wait(1.0)
-    if ended is not None and ended.signal is not None:
-        # killed (ember kill / rm -f) while restoring: nothing to fall back for
-        assert vm.pid is not None
+        failure, sent = e, isinstance(e, ConfigUnanswered)
+    # a VMM that cannot load the state exits by itself (the control channel's end is
+    # what we saw, give it a moment); one killed by `ember kill`/`rm -f` during the
+    # restore dies of the signal
+    ended = vm.wait(5.0 if vm.alive() else 1.0)
+    verdict = after_unacknowledged_restore(sent, ended, pump.guest_spoke())
+    if verdict is AfterRestore.KILLED:
+        return vm, vm.pid
+    if verdict is AfterRestore.KEEP:
+        print(f"monitor: {failure}; the guest took its config all the same", file=sys.stderr)
         return vm, vm.pid
     print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
     vm.kill()

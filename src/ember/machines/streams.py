@@ -24,12 +24,14 @@ before rotating anyway.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import os
 import select
 import stat
 import sys
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,6 +187,19 @@ class StreamPump:
             got.get(self.channels.stdout_log, 0) >= self.owed[0]
             and got.get(self.channels.stderr_log, 0) >= self.owed[1]
         )
+
+    def guest_spoke(self) -> bool:
+        """Whether the guest has written anything not read yet, on any of its ports or
+        its console (the VMM's own stderr aside): a sign that it runs."""
+        for s in self.streams:
+            if s.fifo == vmm_fifo(s.fifo.parent):
+                continue
+            waiting = array.array("i", [0])
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(s.fd, termios.FIONREAD, waiting)
+            if waiting[0] > 0 or s.received > 0:
+                return True
+        return False
 
     def retry(self, force: bool = False) -> bool:
         """Offer held-back bytes again; True when none are left anywhere."""

@@ -60,6 +60,11 @@ class TemplateError(VMError):
     pass
 
 
+class ConfigUnanswered(TemplateError):
+    """The run config went out but the restored guest did not say ``ok``: it may have
+    taken the config and started the program all the same."""
+
+
 @dataclass(frozen=True)
 class TemplateShape:
     """Everything a restored machine must share with its template."""
@@ -413,17 +418,27 @@ def send_restore_config(
             time.sleep(0.003)
     try:
         # the restored kernel has the template's clock and random state: send fresh ones
-        sock.sendall(restore_message(config, time.time_ns(), os.urandom(SEED_BYTES)))
+        try:
+            sock.sendall(restore_message(config, time.time_ns(), os.urandom(SEED_BYTES)))
+        except TimeoutError:
+            raise TemplateError("the restored VM did not take its config in time") from None
+        except OSError as e:
+            raise TemplateError(f"cannot send the restored VM its config: {e}") from None
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
+            try:
+                chunk = sock.recv(64)
+            except TimeoutError:
+                raise ConfigUnanswered("the restored VM did not answer its config in time") from None
+            except OSError as e:
+                raise ConfigUnanswered(f"the restored VM's control channel failed: {e}") from None
             if not chunk:
-                raise TemplateError("the restored VM closed its control channel before its config")
+                raise ConfigUnanswered("the restored VM closed its control channel before answering")
             reply += chunk
+            if len(reply) > 256:
+                break
         if reply != b"ok\n":
-            raise TemplateError(f"the restored VM refused its config: {reply[:200]!r}")
-    except TimeoutError:
-        raise TemplateError("the restored VM did not take its config in time") from None
+            raise ConfigUnanswered(f"the restored VM refused its config: {reply[:200]!r}")
     finally:
         sock.close()
 

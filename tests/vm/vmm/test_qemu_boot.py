@@ -110,7 +110,12 @@ def test_channels_and_graceful_stop(
     vm.start()
     try:
         ch = spec.channels
-        booted = wait_for(lambda: b"to-stderr" in ch.stderr_log.read_bytes(), 120)
+        # two ports, two chardevs: their files fill in no particular order
+        booted = wait_for(
+            lambda: b"to-stderr" in ch.stderr_log.read_bytes()
+            and ch.stdout_log.read_bytes().endswith(b"\n"),
+            120,
+        )
         assert booted, ch.console_log.read_text(errors="replace")[-2000:]
         assert ch.stdout_log.read_bytes() == b"to-stdout\n"
         assert b"to-stdout" not in ch.console_log.read_bytes()

@@ -1,0 +1,42 @@
+"""What the monitor does when a restored template did not acknowledge its run config.
+
+Pure decision, no I/O (the monitor gathers the facts).  The rule that matters: once
+the config has gone out, the guest may have taken it and started the program, so the
+machine is booted afresh only when there is no sign of that; running a user's
+program twice is worse than reporting one failed start.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ember.vm.vmm.base import VMExit
+
+
+class AfterRestore(enum.Enum):
+    #: go on with the restored VM (it runs, or ran: its exit report tells how it went)
+    KEEP = "keep"
+    #: the VMM was killed (``ember kill``/``rm -f``) while restoring: nothing to redo
+    KILLED = "killed"
+    #: the template did not take: drop it and boot the machine's kernel instead
+    BOOT = "boot"
+
+
+def after_unacknowledged_restore(
+    config_sent: bool, ended: VMExit | None, guest_spoke: bool
+) -> AfterRestore:
+    """``config_sent``: the whole config reached the VMM's socket; ``ended``: the VMM's
+    exit if it has exited (``None``: still running); ``guest_spoke``: the guest wrote
+    something (output, console, exit report) since the restore."""
+    if ended is not None and ended.signal is not None:
+        return AfterRestore.KILLED
+    if not config_sent:
+        return AfterRestore.BOOT  # ember-init acts only on a whole config
+    if guest_spoke:
+        return AfterRestore.KEEP
+    if ended is None:
+        # still running, silent, and no answer in the whole timeout: a hung restore
+        return AfterRestore.BOOT
+    # a VMM that could not load the state exits with an error before the guest runs;
+    # a guest that ran and powered off makes it exit cleanly
+    return AfterRestore.KEEP if ended.returncode == 0 else AfterRestore.BOOT
