@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -46,6 +47,28 @@ def stderr_is_terminal() -> bool:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Columns on stdout: drawn by rich on a terminal (fitted to its width); otherwise
+    plain, aligned, two spaces apart and never truncated, so a pipe gets whole
+    references and digests, one row a line, without rich's ~25 ms import."""
+    if sys.stdout.isatty():
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for column in header:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        # through the module object: a bare name would skip the module's __getattr__
+        console: Console = sys.modules[__name__].out_console
+        console.print(table)
+        return
+    lines = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

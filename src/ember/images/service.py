@@ -27,12 +27,11 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.home import Home
-from ember.images.dockerarchive import DockerArchiveSource
 from ember.images.errors import ImageNotFound, InvalidImage, InvalidSource
 from ember.images.model import Image, Layer
 from ember.images.ocilayout import OciLayoutSource
@@ -49,6 +48,9 @@ from ember.registry.client.credentials import CredentialStore
 from ember.store.content import ContentStore
 from ember.store.errors import BlobNotFound
 from ember.store.images import ImageRecord, ImageTable, open_image_db
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 #: blobs downloaded at once, as skopeo does (with a distant registry, a 5-layer image at 4
 #: at a time took two round trips: 1.13x -> 0.60x of skopeo copy at 30 ms per blob)
@@ -131,6 +133,9 @@ class ImageService:
             return OciLayoutSource(spec.path, spec.selector, spec.name)
         if spec.kind == "docker-archive":
             assert spec.path is not None
+            # tarfile and the archive reader only for this source (~2 ms of imports)
+            from ember.images.dockerarchive import DockerArchiveSource
+
             return DockerArchiveSource(spec.path, spec.selector, spec.name)
         assert spec.reference is not None
         from ember.images.registrysource import RegistrySource  # httpx only when needed
@@ -240,6 +245,9 @@ class ImageService:
             unique.setdefault(desc.digest, desc)
         todo = list(unique.values())
         display.set_total(sum(d.size for d in todo))
+        # concurrent.futures (and the logging it imports, ~4 ms) only when something downloads
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_BLOBS, len(todo)))) as pool:
             downloads: dict[Digest, Future[object]] = {
                 d.digest: pool.submit(
