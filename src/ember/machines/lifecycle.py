@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -134,6 +131,10 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     )
     draft = RunConfig.from_image(image.config, overrides)
 
+    # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
+    # made or its monitor started, not by `ember ps/logs/stop` that only check on one
+    import secrets
+
     machine_id = secrets.token_hex(32)
     d = store.root / machine_id
     st = MachineState(
@@ -159,6 +160,8 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     )
     store.create(st, req.name)
     lap("record")
+    from concurrent.futures import ThreadPoolExecutor, wait
+
     try:
         # the disk clone and the network (TAP, nft) both wait on the kernel and on
         # subprocesses: do them side by side
@@ -302,6 +305,8 @@ class MonitorHandle:
 
 def start_monitor(home: Home) -> MonitorHandle:
     """Start a detached monitor (own session) that waits for a machine id."""
+    import subprocess
+
     home.run.mkdir(parents=True, exist_ok=True)
     go_r, go_w = os.pipe()
     sync_r, sync_w = os.pipe()
