@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import isal.igzip
-import isal.igzip_threaded
-import zstandard
 
 from ember.oci.errors import UnsupportedMediaType
 from ember.oci.mediatypes import Compression, layer_compression
@@ -63,13 +61,20 @@ class UncompressedReader:
             if compression == "none":
                 reader = raw
             elif compression == "gzip" and os.fstat(raw.fileno()).st_size >= THREADED_GZIP_MIN:
+                # imported by the layers that need it (its threads and queues, like
+                # zstandard below, cost a process start ~1 ms when no such layer comes);
+                # `from`, because `import isal.x` here would make `isal` a local name
+                from isal import igzip_threaded
+
                 reader = stack.enter_context(
-                    isal.igzip_threaded.open(raw, "rb", threads=1, block_size=CHUNK)
+                    igzip_threaded.open(raw, "rb", threads=1, block_size=CHUNK)
                 )
             elif compression == "gzip":
                 # small blobs: starting and feeding a helper thread costs more than it saves
                 reader = stack.enter_context(isal.igzip.open(raw, "rb"))
             else:
+                import zstandard
+
                 dctx = zstandard.ZstdDecompressor()
                 reader = stack.enter_context(
                     dctx.stream_reader(raw, read_size=CHUNK, read_across_frames=True, closefd=False)
