@@ -7,15 +7,16 @@ running server.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
 from ember.cli import common
 from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.errors import UsageError
-from ember.registry.server.config import database_url
-from ember.registry.server.metadata import RegistryMetadata
+
+if TYPE_CHECKING:
+    from ember.registry.server.metadata import RegistryMetadata
 
 db_option = click.option(
     "--db",
@@ -26,6 +27,11 @@ db_option = click.option(
 
 
 def _metadata(db_url: str | None) -> RegistryMetadata:
+    # SQLAlchemy (~130 ms) and rich (below) are imported when a command runs, not when
+    # `ember --help` or `ember admin --help` list this module's commands
+    from ember.registry.server.config import database_url
+    from ember.registry.server.metadata import RegistryMetadata
+
     return RegistryMetadata(database_url(home_from_ctx(), db_url))
 
 
@@ -61,6 +67,8 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
     if as_json:
         print_json([{"name": o.name, "created_at": o.created_at, "repositories": o.repositories, "tokens": o.tokens} for o in orgs])
         return
+    from rich.table import Table
+
     table = Table("NAME", "REPOSITORIES", "TOKENS", "CREATED (UTC)", box=None)
     for o in orgs:
         table.add_row(o.name, str(o.repositories), str(o.tokens), _when(o.created_at))
@@ -111,6 +119,8 @@ def token_ls(org_name: str | None, db_url: str | None, as_json: bool) -> None:
             ]
         )
         return
+    from rich.table import Table
+
     table = Table("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)", box=None)
     for t in tokens:
         table.add_row(t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at), _when(t.revoked_at))

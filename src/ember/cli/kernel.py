@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from ember.cli import common
 from ember.cli.common import home_from_ctx, json_option, print_json
-from ember.vm.kernel import default_version, find_kernel, install_kernel, list_kernels
 
 
 @click.group()
@@ -35,6 +33,9 @@ def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> No
 
     Idempotent: an installed kernel is reused.  The host's /boot is never touched.
     """
+    # here, not at the top: `ember --help` lists this module's commands (~8 ms)
+    from ember.vm.kernel import find_kernel, install_kernel
+
     home = home_from_ctx()
     if kernel_path is not None:
         info = find_kernel(home, kernel_path, modules)
@@ -50,12 +51,16 @@ def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> No
 @json_option
 def ls(as_json: bool) -> None:
     """List installed kernels."""
+    from ember.vm.kernel import default_version, list_kernels
+
     home = home_from_ctx()
     kernels = list_kernels(home)
     default = default_version(home)
     if as_json:
         print_json([{**k.to_json(), "default": k.version == default} for k in kernels])
         return
+    from rich.table import Table  # only for a listing, not for `ember --help`
+
     table = Table(box=None)
     for col in ("VERSION", "DEFAULT", "MODULES", "VMLINUX"):
         table.add_column(col)
