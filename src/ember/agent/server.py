@@ -49,9 +49,11 @@ from ember.process import parent_death_signal
 _OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
 # Imported lazily (rich by the commands that draw, idna by the first connection
-# to a host name); preloaded so that they are free.
+# to a host name, zstandard and isal's threaded reader by the layers that need
+# them); preloaded so that they are free.
 THIRD_PARTY = (
     "rich.console", "rich.progress", "rich.live", "rich.table", "encodings.idna", "stringprep",
+    "zstandard", "isal.igzip_threaded",
 )  # fmt: skip
 
 
