@@ -87,3 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(141)
+
+
+if __name__ == "__main__":  # `python -m ember.cli.main ...`, e.g. under -X importtime
+    main()
