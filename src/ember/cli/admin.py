@@ -67,12 +67,10 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
     if as_json:
         print_json([{"name": o.name, "created_at": o.created_at, "repositories": o.repositories, "tokens": o.tokens} for o in orgs])
         return
-    from rich.table import Table
-
-    table = Table("NAME", "REPOSITORIES", "TOKENS", "CREATED (UTC)", box=None)
-    for o in orgs:
-        table.add_row(o.name, str(o.repositories), str(o.tokens), _when(o.created_at))
-    common.out_console.print(table)
+    common.print_table(
+        ("NAME", "REPOSITORIES", "TOKENS", "CREATED (UTC)"),
+        [(o.name, str(o.repositories), str(o.tokens), _when(o.created_at)) for o in orgs],
+    )
 
 
 @admin.group()
@@ -119,12 +117,13 @@ def token_ls(org_name: str | None, db_url: str | None, as_json: bool) -> None:
             ]
         )
         return
-    from rich.table import Table
-
-    table = Table("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)", box=None)
-    for t in tokens:
-        table.add_row(t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at), _when(t.revoked_at))
-    common.out_console.print(table)
+    common.print_table(
+        ("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)"),
+        [
+            (t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at), _when(t.revoked_at))
+            for t in tokens
+        ],
+    )
 
 
 @token.command("revoke")

@@ -59,19 +59,13 @@ def ls(as_json: bool) -> None:
     if as_json:
         print_json([{**k.to_json(), "default": k.version == default} for k in kernels])
         return
-    from rich.table import Table  # only for a listing, not for `ember --help`
-
-    table = Table(box=None)
-    for col in ("VERSION", "DEFAULT", "MODULES", "VMLINUX"):
-        table.add_column(col)
-    for k in kernels:
-        table.add_row(
-            k.version,
-            "*" if k.version == default else "",
-            "yes" if k.modules_dir else "no",
-            str(k.vmlinux),
-        )
-    common.out_console.print(table)
+    common.print_table(
+        ("VERSION", "DEFAULT", "MODULES", "VMLINUX"),
+        [
+            (k.version, "*" if k.version == default else "", "yes" if k.modules_dir else "no", str(k.vmlinux))
+            for k in kernels
+        ],
+    )
 
 
 commands: list[click.Command] = [kernel]

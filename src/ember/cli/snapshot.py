@@ -43,17 +43,16 @@ def snapshot_ls(as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for col in ("NAME", "KIND", "PARENT", "SIZE", "USAGE", "EXCLUSIVE"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            _short(r["name"]), r["kind"], _short(r["parent"]) if r["parent"] else "-",
-            _size(r["size"]), _size(r["usage"]), _size(r["exclusive"]),
-        )  # fmt: skip
-    common.out_console.print(table)
+    common.print_table(
+        ("NAME", "KIND", "PARENT", "SIZE", "USAGE", "EXCLUSIVE"),
+        [
+            (
+                _short(r["name"]), r["kind"], _short(r["parent"]) if r["parent"] else "-",
+                _size(r["size"]), _size(r["usage"]), _size(r["exclusive"]),
+            )  # fmt: skip
+            for r in rows
+        ],
+    )
 
 
 def _short(name: str) -> str:
