@@ -20,7 +20,7 @@ def test_a_config_that_never_went_out_means_boot(ended: VMExit | None) -> None:
 
 
 @pytest.mark.parametrize("ended", [None, CLEAN, FAILED])
-def test_a_guest_that_spoke_after_its_config_is_kept(ended: VMExit | None) -> None:
+def test_a_guest_whose_program_spoke_after_its_config_is_kept(ended: VMExit | None) -> None:
     # the lost "ok" of a guest that runs: booting it again would run the program twice
     assert after_unacknowledged_restore(True, ended, True) is AfterRestore.KEEP
 

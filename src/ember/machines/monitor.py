@@ -258,7 +258,7 @@ def _hand_config_or_boot(
     # what we saw, give it a moment); one killed by `ember kill`/`rm -f` during the
     # restore dies of the signal
     ended = vm.wait(5.0 if vm.alive() else 1.0)
-    verdict = after_unacknowledged_restore(sent, ended, pump.guest_spoke())
+    verdict = after_unacknowledged_restore(sent, ended, pump.program_spoke())
     if verdict is AfterRestore.KILLED:
         return vm, vm.pid
     if verdict is AfterRestore.KEEP:

@@ -23,19 +23,20 @@ class AfterRestore(enum.Enum):
 
 
 def after_unacknowledged_restore(
-    config_sent: bool, ended: VMExit | None, guest_spoke: bool
+    config_sent: bool, ended: VMExit | None, program_spoke: bool
 ) -> AfterRestore:
     """``config_sent``: the whole config reached the VMM's socket; ``ended``: the VMM's
-    exit if it has exited (``None``: still running); ``guest_spoke``: the guest wrote
-    something (output, console, exit report) since the restore."""
+    exit if it has exited (``None``: still running); ``program_spoke``: the guest wrote
+    on the program's stdout or stderr port, or sent its exit report, since the restore."""
     if ended is not None and ended.signal is not None:
         return AfterRestore.KILLED
     if not config_sent:
         return AfterRestore.BOOT  # ember-init acts only on a whole config
-    if guest_spoke:
+    if program_spoke:
         return AfterRestore.KEEP
     if ended is None:
-        # still running, silent, and no answer in the whole timeout: a hung restore
+        # still running, no answer in the whole timeout and nothing from the program: a
+        # hung restore (ember-init answers before it starts the program)
         return AfterRestore.BOOT
     # a VMM that could not load the state exits with an error before the guest runs;
     # a guest that ran and powered off makes it exit cleanly

@@ -188,11 +188,13 @@ class StreamPump:
             and got.get(self.channels.stderr_log, 0) >= self.owed[1]
         )
 
-    def guest_spoke(self) -> bool:
-        """Whether the guest has written anything not read yet, on any of its ports or
-        its console (the VMM's own stderr aside): a sign that it runs."""
+    def program_spoke(self) -> bool:
+        """Whether the guest wrote on the program's stdout or stderr port or sent its
+        exit report: a sign that ember-init took its run config.  The console does not
+        count: a restored kernel that hangs may still print warnings there."""
+        ports = (self.channels.stdout_log, self.channels.stderr_log, self.channels.status_file)
         for s in self.streams:
-            if s.fifo == vmm_fifo(s.fifo.parent):
+            if s.fifo not in ports:
                 continue
             waiting = array.array("i", [0])
             with contextlib.suppress(OSError):
