@@ -49,7 +49,7 @@ def _ports(st: Any) -> str:
     return ", ".join(out)
 
 
-def _find(ref: str) -> Any:
+def find_machine(ref: str) -> Any:
     from ember.machines.lifecycle import refresh
     from ember.machines.store import MachineStore
 
@@ -110,7 +110,7 @@ def logs(follow: bool, machine: str) -> None:
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
-    st = _find(machine)
+    st = find_machine(machine)
     d = MachineStore(home).dir(st.id)
     with LogFollower.oldest(d / "stdout.log") as out, LogFollower.oldest(d / "stderr.log") as err:
         sinks = ((out, sys.stdout.buffer), (err, sys.stderr.buffer))
@@ -134,7 +134,7 @@ def logs(follow: bool, machine: str) -> None:
             time.sleep(0.1)
 
 
-def _for_each(machines: tuple[str, ...], action: Callable[[str], object]) -> None:
+def for_each(machines: tuple[str, ...], action: Callable[[str], object]) -> None:
     """Run ``action`` on each machine, like docker: report each failure, go on, fail at the end."""
     failed = False
     for ref in machines:
@@ -159,11 +159,11 @@ def stop(timeout: int | None, machines: tuple[str, ...]) -> None:
     home = home_from_ctx()
 
     def stop_one(ref: str) -> None:
-        st = _find(ref)
+        st = find_machine(ref)
         t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
         lifecycle.stop(home, st, t)
 
-    _for_each(machines, stop_one)
+    for_each(machines, stop_one)
 
 
 @click.command()
@@ -173,7 +173,7 @@ def kill(machines: tuple[str, ...]) -> None:
     from ember.machines import lifecycle
 
     home = home_from_ctx()
-    _for_each(machines, lambda ref: lifecycle.kill(home, _find(ref)))
+    for_each(machines, lambda ref: lifecycle.kill(home, find_machine(ref)))
 
 
 @click.command()
@@ -184,7 +184,7 @@ def rm(force: bool, machines: tuple[str, ...]) -> None:
     from ember.machines import lifecycle
 
     home = home_from_ctx()
-    _for_each(machines, lambda ref: lifecycle.remove(home, _find(ref), force=force))
+    for_each(machines, lambda ref: lifecycle.remove(home, find_machine(ref), force=force))
 
 
 @click.command()
@@ -196,7 +196,7 @@ def inspect(machines: tuple[str, ...]) -> None:
     home = home_from_ctx()
     out = []
     for ref in machines:
-        st = _find(ref)
+        st = find_machine(ref)
         data = st.to_json()
         data["dir"] = str(MachineStore(home).dir(st.id))
         out.append(data)

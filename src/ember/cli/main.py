@@ -23,6 +23,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "admin": ("ember.cli.admin",),
     "kernel": ("ember.cli.kernel",),
     "run": ("ember.cli.run",),
+    "start": ("ember.cli.run",),
+    "restart": ("ember.cli.run",),
     "ps": ("ember.cli.machines",),
     "logs": ("ember.cli.machines",),
     "stop": ("ember.cli.machines",),

@@ -15,7 +15,7 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -27,7 +27,9 @@ from ember.home import Home
 from ember.machines.errors import MachineError
 
 if TYPE_CHECKING:
+    from ember.machines.lifecycle import MonitorHandle
     from ember.machines.logs import LogFollower
+    from ember.machines.state import MachineState
 
 DEFAULT_DISK_HELP = "the image's size plus headroom"
 
@@ -196,7 +198,6 @@ def run(
 ) -> None:
     """Run IMAGE in a new micro-VM."""
     from ember.machines import lifecycle
-    from ember.machines.logs import LogFollower
     from ember.machines.options import (
         check_kernel_arg,
         check_name,
@@ -205,7 +206,6 @@ def run(
         parse_size,
         read_env_file,
     )
-    from ember.machines.store import MachineStore
     from ember.net.nftables import check_network_name
     from ember.net.ports import parse_publish
 
@@ -248,30 +248,137 @@ def run(
         monitor.abandon()
         monitor.close()
         raise
+
+    def undo() -> None:
+        lifecycle.remove(home, st, force=True)
+
+    code = _launch(home, st, monitor, attach=not detach, undo=undo)
+    if code is None:
+        click.echo(st.id)
+        return
+    raise SystemExit(code)
+
+
+def _launch(
+    home: Home,
+    st: MachineState,
+    monitor: MonitorHandle,
+    *,
+    attach: bool,
+    undo: Callable[[], None],
+    fresh_logs: bool = True,
+) -> int | None:
+    """Hand a prepared machine to its monitor; attached, follow it to its end and return
+    the program's exit code, else return None once it started.  ``undo`` runs when the
+    hand-over fails; ``fresh_logs``: the logs are new (else only what this run writes is
+    followed)."""
+    from ember.machines.logs import LogFollower
+    from ember.machines.store import MachineStore
+
     d = MachineStore(home).dir(st.id)
     # open the logs before the machine can write (and before --rm can delete them);
     # the followers go on across the monitor's rotations
-    outs = [LogFollower.current(d / p, hold=True) for p in ("stdout.log", "stderr.log")]
+    outs = [
+        LogFollower.current(d / p, hold=True, at_end=not fresh_logs)
+        for p in ("stdout.log", "stderr.log")
+    ] if attach else []  # fmt: skip
     try:
         try:
             monitor.hand_over(st)
         except BaseException:
-            lifecycle.remove(home, st, force=True)
+            undo()
             raise
-        if detach:
+        if not attach:
             line = os.read(monitor.sync_r, 4096).split(b"\n", 1)[0]
             msg = json.loads(line) if line else {"event": "error", "message": "monitor died"}
             if msg.get("event") != "started":
                 raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
-            click.echo(st.id)
-            return
+            return None
         code = _follow(home, st.id, monitor.sync_r, monitor.pid, outs)
     finally:
         monitor.close()
         for out in outs:
             out.close()
     sys.stdout.flush()
-    raise SystemExit(code)
+    return code
 
 
-commands: list[click.Command] = [run]
+def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
+    """``ember start`` of one exited machine (see ``lifecycle.prepare_start``)."""
+    from ember.machines import lifecycle
+
+    monitor = lifecycle.start_monitor(home)
+    try:
+        st = lifecycle.prepare_start(home, st)
+    except BaseException:
+        monitor.abandon()
+        monitor.close()
+        raise
+
+    def undo() -> None:
+        # back to exited, without the network it was given
+        from ember.machines import state as mstate
+        from ember.machines.store import MachineStore
+        from ember.net.manager import NetworkManager
+
+        NetworkManager(home).teardown(st.id)
+        with mstate.update(MachineStore(home).dir(st.id)) as cur:
+            cur.status, cur.finished_at = mstate.EXITED, mstate.now()
+            cur.exit_code, cur.error = 125, "the machine's monitor did not take it"
+
+    return _launch(home, st, monitor, attach=attach, undo=undo, fresh_logs=False)
+
+
+@click.command()
+@click.option("-a", "--attach", is_flag=True,
+              help="Follow the machine's output and exit with its program's exit code.")  # fmt: skip
+@click.argument("machines", nargs=-1, required=True)
+def start(attach: bool, machines: tuple[str, ...]) -> None:
+    """Start exited machines again (same root disk, logs and settings; a running one is
+    left alone)."""
+    from ember.cli.machines import find_machine, for_each
+    from ember.machines.state import RUNNING
+
+    home = home_from_ctx()
+    if attach:
+        if len(machines) != 1:
+            raise UsageError("--attach takes one machine")
+        st = find_machine(machines[0])
+        if st.status == RUNNING:
+            raise UsageError(f"machine {st.name} is running already")
+        code = _start_one(home, st, attach=True)
+        raise SystemExit(code)
+
+    def start_one(ref: str) -> None:
+        st = find_machine(ref)
+        if st.status != RUNNING:  # like docker start: a running machine is no error
+            _start_one(home, st, attach=False)
+
+    for_each(machines, start_one)
+
+
+@click.command()
+@click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
+              help="Seconds to wait for a graceful stop before killing (default: the machine's).")  # fmt: skip
+@click.argument("machines", nargs=-1, required=True)
+def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
+    """Stop machines (gracefully, as ember stop) and start them again."""
+    from ember.cli.machines import find_machine, for_each
+    from ember.machines import lifecycle
+    from ember.machines.state import RUNNING
+
+    home = home_from_ctx()
+
+    def restart_one(ref: str) -> None:
+        st = find_machine(ref)
+        if st.auto_remove:
+            raise UsageError(f"machine {st.name} was run with --rm: stopping it removes it")
+        if st.status == RUNNING:
+            t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
+            st = lifecycle.stop(home, st, t)
+        _start_one(home, st, attach=False)
+
+    for_each(machines, restart_one)
+
+
+commands: list[click.Command] = [run, start, restart]

@@ -39,7 +39,9 @@ from ember.vm.vmm.base import (
 )
 
 if TYPE_CHECKING:
+    from ember.net.manager import MachineNetwork
     from ember.vm.kernel import KernelInfo
+    from ember.vm.runconfig import RunConfig
     from ember.vm.template import Template
 
 DEFAULT_MEMORY_MIB = 512
@@ -91,9 +93,9 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     from ember.net.manager import NetworkManager
     from ember.snapshots.chain import clone_root_disk, release_root_disk
     from ember.vm.errors import KernelNotFound
-    from ember.vm.initramfs import base_initramfs, write_machine_initrd
+    from ember.vm.initramfs import base_initramfs
     from ember.vm.kernel import find_kernel, install_kernel
-    from ember.vm.runconfig import HostEntry, Interface, RootDevice, RunConfig, RunOverrides
+    from ember.vm.runconfig import RootDevice, RunConfig, RunOverrides
     from ember.vm.vmm.accel import detect_accel
 
     timings: dict[str, float] = {}
@@ -150,6 +152,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
             accel=accel,
             kernel=str(kernel.vmlinux if kernel.vmlinux else kernel.vmlinuz),
             initrd=str(d / "initrd.img"),
+            base_initrd=str(base_initrd),
             root_disk="",
             memory_mib=req.memory_mib,
             cpus=req.cpus,
@@ -173,23 +176,15 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
                 wait([cloning])  # never leave the clone running behind a failure
             disk = cloning.result()
         lap("root_disk+network")
-        hostname = machine_id[:12]
         rc = draft.replace(
-            hostname=hostname,
-            hosts=(HostEntry(net.guest_ip, (hostname, st.name)),),
-            nameservers=net.nameservers,
-            network=(Interface("eth0", net.guest_ip, net.prefix, net.gateway, net.mtu),),
+            hostname=machine_id[:12],
             root=RootDevice("/dev/vda", "ext4", "defaults"),
             # the monitor says "bye" once it has the guest's last output (see streams.py)
             exit_ack_ms=EXIT_ACK_MS,
         )
-        write_machine_initrd(base_initrd, rc, d / "initrd.img")
-        machine_channels(d).precreate()
         restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
-        if restore is not None:
-            # the restored NIC keeps the template's MAC unless the config names this one
-            macs = (("eth0", net.mac),)
-            atomic_write(d / RESTORE_CONFIG, rc.replace(macs=macs).render(), 0o600)
+        _write_boot_config(d, st.name, rc, net, base_initrd, templated=restore is not None)
+        machine_channels(d).precreate()
         lap("config_initrd")
         with mstate.update(d) as cur:
             cur.vm.root_disk = str(disk)
@@ -224,6 +219,100 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
 EXIT_ACK_MS = 3000
 #: the run config a restored machine's monitor sends it (rendered, 0600)
 RESTORE_CONFIG = "restore.config"
+#: the machine's run config without its network (rendered, 0600): ``ember start`` adds
+#: the network it gets then
+RUN_CONFIG = "run.config"
+
+
+def _write_boot_config(
+    d: Path, name: str, rc: RunConfig, net: MachineNetwork, base_initrd: Path, *, templated: bool
+) -> None:
+    """The machine's run config with this network in it: the initrd it boots with (base
+    + config), and for a machine started from a template the config its monitor sends."""
+    from ember.vm.initramfs import write_machine_initrd
+    from ember.vm.runconfig import HostEntry, Interface
+
+    atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
+    hostname = rc.hostname or d.name[:12]
+    rc = rc.replace(
+        hosts=(HostEntry(net.guest_ip, (hostname, name)),),
+        nameservers=net.nameservers,
+        network=(Interface("eth0", net.guest_ip, net.prefix, net.gateway, net.mtu),),
+    )
+    write_machine_initrd(base_initrd, rc, d / "initrd.img")
+    if templated:
+        # the restored NIC keeps the template's MAC unless the config names this one
+        macs = (("eth0", net.mac),)
+        atomic_write(d / RESTORE_CONFIG, rc.replace(macs=macs).render(), 0o600)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(d / RESTORE_CONFIG)
+
+
+def prepare_start(home: Home, st: MachineState) -> MachineState:
+    """Make an exited machine ready for its monitor again (``ember start``): a network
+    (ports and network name as before; the address may differ), its boot config with that
+    network, the exit record cleared.  The root disk and the logs are kept, as docker keeps
+    a container's file system and logs across a restart."""
+    from ember.net.manager import MachineNetwork, NetworkManager
+    from ember.snapshots.chain import root_disk
+    from ember.snapshots.errors import SnapshotNotFound
+    from ember.vm.runconfig import RunConfig
+
+    st = refresh(home, st)
+    d = MachineStore(home).dir(st.id)
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        if cur.status != mstate.EXITED:
+            raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
+        base = cur.vm.base_initrd
+        if base is None or not (d / RUN_CONFIG).is_file():
+            raise MachineError(
+                f"machine {cur.name} was made by an older ember and cannot be started again",
+                hint=f"remove it and run the image anew: ember rm {cur.name}",
+            )
+        if not Path(base).is_file():
+            raise MachineError(
+                f"machine {cur.name}'s kernel files are gone ({base})",
+                hint=f"remove it and run the image anew: ember rm {cur.name}",
+            )
+        rc = RunConfig.parse((d / RUN_CONFIG).read_bytes())
+        try:
+            cur.vm.root_disk = str(root_disk(home, cur.id))
+        except SnapshotNotFound:
+            raise MachineError(
+                f"machine {cur.name}'s root disk is gone",
+                hint=f"remove it and run the image anew: ember rm {cur.name}",
+            ) from None
+        old = MachineNetwork.from_json(cur.network) if cur.network else None
+        manager = NetworkManager(home)
+        manager.teardown(cur.id)  # whatever a crashed monitor left (exited: none is running)
+        net = manager.setup(
+            cur.id,
+            ports=old.ports if old else (),
+            network=old.network if old else "default",
+        )
+        try:
+            # a template gone since (rebuilt, collected): the machine boots its kernel
+            restore = cur.vm.restore
+            if restore and not (
+                Path(restore).is_file() and Path(cur.vm.restore_initrd or "").is_file()
+            ):
+                cur.vm.restore = cur.vm.restore_initrd = None
+            _write_boot_config(d, cur.name, rc, net, Path(base), templated=bool(cur.vm.restore))
+            # the previous run's exit report must not be read as this run's
+            Channels.in_dir(d).status_file.write_bytes(b"")
+            cur.network = net.to_json()
+            cur.status = mstate.CREATED
+            cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
+            cur.exit_code = cur.signal = None
+            cur.oom_killed = False
+            cur.vmm_pid = cur.monitor_pid = cur.monitor_start = None
+            mstate.write_state(d, cur)
+        except BaseException:
+            manager.teardown(cur.id)
+            raise
+    return cur
 
 
 def templates_enabled(home: Home) -> bool:

@@ -300,12 +300,16 @@ class LogFollower:
             fcntl.flock(fd, fcntl.LOCK_SH)
 
     @classmethod
-    def current(cls, path: Path, *, hold: bool = False) -> LogFollower:
-        """From the start of the current file (``ember run``: opened before the VM writes).
+    def current(cls, path: Path, *, hold: bool = False, at_end: bool = False) -> LogFollower:
+        """From the start of the current file (``ember run``: opened before the VM writes),
+        or from its end (``ember start -a``: what a new run of the machine writes).
 
         ``hold``: the attached reader; the writer waits for it rather than drop a
         file it has not read (see the module's docstring)."""
-        return cls(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC), hold=hold)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if at_end:
+            os.lseek(fd, 0, os.SEEK_END)
+        return cls(path, fd, hold=hold)
 
     @classmethod
     def oldest(cls, path: Path) -> LogFollower:

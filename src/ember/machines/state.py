@@ -49,6 +49,9 @@ class VMConfig:
     #: then send the machine's config (``restore.config`` in the machine's dir)
     restore: str | None = None
     restore_initrd: str | None = None
+    #: the base initramfs ``initrd`` was made from: ``ember start`` makes it again with
+    #: the machine's new network (None: a machine from an older ember, not restartable)
+    base_initrd: str | None = None
 
 
 @dataclass

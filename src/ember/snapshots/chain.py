@@ -363,6 +363,13 @@ def clone_root_disk(home: Home, image: Image, machine_id: str, size: int | None 
     return active.path
 
 
+def root_disk(home: Home, machine_id: str) -> Path:
+    """The root disk ``clone_root_disk`` made for this machine, with the pool mounted (a
+    machine started again after a host reboot finds it unmounted); SnapshotNotFound when
+    it is gone."""
+    return Snapshotter(home).path(machine_key(machine_id))
+
+
 def release_root_disk(home: Home, machine_id: str) -> None:
     """Remove a machine's root disk and its lease (idempotent)."""
     snap = Snapshotter(home)

@@ -1,0 +1,116 @@
+"""``ember start`` and ``ember restart``: an exited machine runs again on its own root
+disk, with its logs kept, a network set up afresh, and its exit code reported."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.home import Home
+from ember.snapshots.pool import close_pool
+from tests.machines.vmkit import Ember, make_vm_home
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+# appends a line to a file on the root disk, prints how many there are and the address
+# eth0 has, and exits with that count
+COUNT = (
+    "echo run >> /runs; n=$(wc -l < /runs); echo $n; "
+    "ip -4 -o addr show eth0 | awk '{print $4}'; exit $n"
+)
+
+
+@pytest.fixture(scope="module")
+def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    home = make_vm_home(tmp_path_factory.mktemp("vmstart") / "home")
+    yield home
+    close_pool(home)
+
+
+def wait_status(ember: Ember, name: str, status: str, timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ember.inspect(name)
+        if st["status"] == status or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def test_start_runs_an_exited_machine_again_on_its_own_disk(ember: Ember, busybox: str) -> None:
+    first = ember("run", "--name", "again", busybox, "sh", "-c", COUNT)
+    assert first.returncode == 1, first.stderr
+    assert first.stdout.splitlines()[0] == "1"
+
+    # attached: only this run's output, and its exit code
+    second = ember("start", "-a", "again")
+    assert second.returncode == 2, second.stderr
+    lines = second.stdout.splitlines()
+    assert lines[0] == "2", "the root disk did not keep the first run's file"
+    st = ember.inspect("again")
+    assert st["status"] == "exited" and st["exit_code"] == 2
+    net = st["network"]
+    assert isinstance(net, dict)
+    assert lines[1] == f"{net['guest_ip']}/{net['prefix']}", "the guest did not get its new network"
+
+    # detached: prints the name, like docker start; the logs keep every run
+    third = ember("start", "again")
+    assert (third.returncode, third.stdout) == (0, "again\n"), third.stderr
+    st = wait_status(ember, "again", "exited")
+    assert st["exit_code"] == 3
+    logs = ember("logs", "again").stdout.splitlines()
+    assert [x for x in logs if x.isdigit()] == ["1", "2", "3"]
+    assert ember("rm", "again").returncode == 0
+
+
+def test_restart_stops_a_running_machine_and_starts_it_again(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "svc", busybox, "sh", "-c", "echo up; exec sleep 1000")
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while "up" not in ember("logs", "svc").stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first_vmm = ember.inspect("svc")["vmm_pid"]
+        # a running machine: start leaves it alone, start -a refuses
+        assert ember("start", "svc").returncode == 0
+        assert ember.inspect("svc")["vmm_pid"] == first_vmm
+        attached = ember("start", "-a", "svc")
+        assert attached.returncode != 0 and "running already" in attached.stderr
+
+        res = ember("restart", "-t", "1", "svc")
+        assert (res.returncode, res.stdout) == (0, "svc\n"), res.stderr
+        st = ember.inspect("svc")
+        assert st["status"] == "running" and st["vmm_pid"] != first_vmm
+        while ember("logs", "svc").stdout.count("up") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ember("logs", "svc").stdout.count("up") == 2
+    finally:
+        ember("rm", "-f", "svc")
+
+
+def test_restart_refuses_a_machine_that_stopping_removes(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--rm", "--name", "tmp", busybox, "sleep", "1000")
+    assert res.returncode == 0, res.stderr
+    try:
+        res = ember("restart", "tmp")
+        assert res.returncode == 1 and "--rm" in res.stderr, res.stderr
+        assert ember.inspect("tmp")["status"] == "running"
+    finally:
+        ember("rm", "-f", "tmp")
+
+
+def test_a_machine_without_its_run_config_is_not_started(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--name", "old", busybox, "true")
+    assert res.returncode == 0, res.stderr
+    d = Path(str(ember.inspect("old")["dir"]))
+    (d / "run.config").unlink()  # as a machine made before ember start existed
+    res = ember("start", "old")
+    assert res.returncode == 1
+    assert "cannot be started again" in res.stderr and "Traceback" not in res.stderr
+    st = ember.inspect("old")
+    assert st["status"] == "exited" and st["network"] is not None
+    assert json.loads(ember("ps", "-a", "--json").stdout)[0]["name"] == "old"
+    assert ember("rm", "old").returncode == 0
