@@ -148,22 +148,26 @@ def for_each(machines: tuple[str, ...], action: Callable[[str], object]) -> None
         raise SystemExit(1)
 
 
+stop_time_option = click.option(
+    "-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
+    help="Seconds to wait for a graceful stop before killing (default: the machine's).",
+)  # fmt: skip
+
+
+def stop_gracefully(st: Any, timeout: int | None) -> Any:
+    """``ember stop`` of one machine, ``-t`` or else the machine's own stop timeout."""
+    from ember.machines import lifecycle
+
+    t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
+    return lifecycle.stop(home_from_ctx(), st, t)
+
+
 @click.command()
-@click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
-              help="Seconds to wait for a graceful stop before killing (default: the machine's).")  # fmt: skip
+@stop_time_option
 @click.argument("machines", nargs=-1, required=True)
 def stop(timeout: int | None, machines: tuple[str, ...]) -> None:
     """Stop machines gracefully (StopSignal, then SIGKILL after the timeout)."""
-    from ember.machines import lifecycle
-
-    home = home_from_ctx()
-
-    def stop_one(ref: str) -> None:
-        st = find_machine(ref)
-        t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
-        lifecycle.stop(home, st, t)
-
-    for_each(machines, stop_one)
+    for_each(machines, lambda ref: stop_gracefully(find_machine(ref), timeout))
 
 
 @click.command()

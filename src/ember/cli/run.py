@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from ember.cli.common import home_from_ctx
+from ember.cli.machines import stop_time_option
 from ember.errors import EmberError, UsageError
 from ember.home import Home
 from ember.machines.errors import MachineError
@@ -358,13 +359,11 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
 
 
 @click.command()
-@click.option("-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
-              help="Seconds to wait for a graceful stop before killing (default: the machine's).")  # fmt: skip
+@stop_time_option
 @click.argument("machines", nargs=-1, required=True)
 def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
     """Stop machines (gracefully, as ember stop) and start them again."""
-    from ember.cli.machines import find_machine, for_each
-    from ember.machines import lifecycle
+    from ember.cli.machines import find_machine, for_each, stop_gracefully
     from ember.machines.state import RUNNING
 
     home = home_from_ctx()
@@ -374,8 +373,7 @@ def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
         if st.auto_remove:
             raise UsageError(f"machine {st.name} was run with --rm: stopping it removes it")
         if st.status == RUNNING:
-            t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
-            st = lifecycle.stop(home, st, t)
+            st = stop_gracefully(st, timeout)
         _start_one(home, st, attach=False)
 
     for_each(machines, restart_one)
