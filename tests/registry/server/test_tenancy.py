@@ -239,6 +239,36 @@ def test_push_only_token_cannot_delete(acme: Tenant, acme_pusher: Tenant, secret
         assert c.get("/v2/web/manifests/1").status_code == 200
 
 
+def test_registry_tokens_die_with_the_api_token_they_came_from(
+    server: EmberServer, secret_image: tuple[str, str, bytes]
+) -> None:
+    api_token = server.create_token("acme", "pull", "revoked-later")
+    tenant = Tenant(server, "acme", api_token)
+    jwt = tenant.registry_token("repository:web:pull")
+    manifest = f"{server.url}/v2/web/manifests/1"
+    accept = {"Accept": OCI_MANIFEST}
+    assert http.get(manifest, headers={"Authorization": f"Bearer {jwt}", **accept}).status_code == 200
+    # the API token used directly, so that this server process has it cached
+    assert http.get(manifest, headers={"Authorization": f"Bearer {api_token}", **accept}).status_code == 200
+    listed = json.loads(ember(server.home, "admin", "token", "ls", "--org", "acme", "--json").stdout)
+    ember(server.home, "admin", "token", "revoke", *[t["id"] for t in listed if t["name"] == "revoked-later"])
+    # a registry token still within its 5 minutes, and the cached API token, are refused
+    # as soon as the server's revocation list is refreshed (every few seconds)
+    deadline = time.monotonic() + 30
+    codes: tuple[int, int] = (0, 0)
+    while time.monotonic() < deadline:
+        codes = (
+            http.get(manifest, headers={"Authorization": f"Bearer {jwt}", **accept}).status_code,
+            http.get(manifest, headers={"Authorization": f"Bearer {api_token}", **accept}).status_code,
+        )
+        if codes == (401, 401):
+            break
+        time.sleep(0.25)
+    assert codes == (401, 401)
+    r = http.get(manifest, headers={"Authorization": f"Bearer {jwt}", **accept})
+    assert "revoked" in r.text and 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
 def test_revoked_token(server: EmberServer) -> None:
     token = server.create_token("acme", "pull", "short-lived")
     token_id = ember(server.home, "admin", "token", "ls", "--org", "acme", "--json").stdout

@@ -43,6 +43,7 @@ from ember.registry.server.protocol import (
 )
 from ember.registry.server.references import describe_manifest
 from ember.registry.server.responses import API_VERSION, BlobResponse, error_response
+from ember.registry.server.revocations import Revocations
 from ember.registry.server.storage import BlobStorage, range_header, touch
 from ember.registry.server.tokens import (
     TOKEN_TTL,
@@ -68,7 +69,8 @@ log = logging.getLogger("ember.registry")
 T = TypeVar("T")
 #: chunk size clients should use for chunked uploads (advertised, not enforced)
 CHUNK_MIN_LENGTH = 1 << 20
-#: how long a resolved API token is trusted before the database is asked again
+#: how long a resolved API token is trusted before the database is asked again (its
+#: revocation is seen sooner or as soon: see revocations.py)
 _TOKEN_CACHE_SECONDS = 5.0
 
 
@@ -81,6 +83,7 @@ class RegistryApp:
         self._token_key = config.token_key
         self._upload_key = config.upload_key
         self._token_cache: dict[str, tuple[float, tuple[str, str, frozenset[str]] | None]] = {}
+        self._revocations = Revocations()
 
     # -- ASGI entry ----------------------------------------------------------------
 
@@ -167,11 +170,19 @@ class RegistryApp:
             return "basic", password
         return None
 
+    async def _revoked(self, token_id: str) -> bool:
+        """Whether ``token_id`` was revoked (as of at most REFRESH_S ago)."""
+        if self._revocations.due():
+            await self._read(self._revocations.refresh, self.meta.revoked_since)
+        return token_id in self._revocations
+
     async def _api_grant(self, secret: str) -> Grant | None:
         found = await self._resolve_api_token(secret) if is_api_token(secret) else None
         if found is None:
             return None
         org, token_id, actions = found
+        if await self._revoked(token_id):  # resolved (and cached) before its revocation
+            return None
         return Grant(org, token_id, org_actions=actions)
 
     async def _authenticate(self, request: Request) -> tuple[Grant | None, bool]:
@@ -182,13 +193,20 @@ class RegistryApp:
         kind, secret = cred
         if kind == "bearer" and not is_api_token(secret):
             try:
-                return decode_token(self._token_key, secret, int(time.time())), True
+                issued = decode_token(self._token_key, secret, int(time.time()))
             except InvalidToken as e:
                 raise ApiError(
                     "UNAUTHORIZED",
                     f"invalid token: {e}",
                     headers={"WWW-Authenticate": challenge(self._realm(request), error="invalid_token")},
                 ) from None
+            if await self._revoked(issued.subject):
+                raise ApiError(
+                    "UNAUTHORIZED",
+                    "invalid token: the ember token it was issued for has been revoked",
+                    headers={"WWW-Authenticate": challenge(self._realm(request), error="invalid_token")},
+                )
+            return issued, True
         grant = await self._api_grant(secret)
         if grant is None:
             raise ApiError(

@@ -195,6 +195,14 @@ class RegistryMetadata:
         if not done:
             raise TokenNotFound(f"no active token with id {token_id!r}", hint="see `ember admin token ls`")
 
+    def revoked_since(self, since: float) -> list[str]:
+        """Ids of the tokens revoked at or after ``since`` (wall-clock seconds)."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(s.tokens.c.id).where(s.tokens.c.revoked_at >= since)
+            ).all()
+        return [r[0] for r in rows]
+
     def resolve_token(self, secret: str) -> tuple[str, str, frozenset[str]] | None:
         """(org, token id, actions) for a live API token secret, else None."""
         with self.db.connect() as conn:
