@@ -12,7 +12,7 @@ import pytest
 
 from ember.home import Home
 from ember.snapshots.pool import close_pool
-from tests.machines.vmkit import Ember, make_vm_home
+from tests.machines.vmkit import Ember, fetch, make_vm_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -89,6 +89,32 @@ def test_restart_stops_a_running_machine_and_starts_it_again(ember: Ember, busyb
         assert ember("logs", "svc").stdout.count("up") == 2
     finally:
         ember("rm", "-f", "svc")
+
+
+TWO_SERVERS = (
+    "mkdir -p /www && echo hi > /www/index.html && httpd -p 80 -h /www && httpd -p 81 -h /www"
+    " && echo ready; exec sleep 1000"
+)
+
+
+def test_a_published_port_range_works_before_and_after_a_restart(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "ranged", "-p", "18080-18081:80-81", busybox, "sh", "-c", TWO_SERVERS)
+    assert res.returncode == 0, res.stderr
+    try:
+        for attempt in ("first run", "after restart"):
+            deadline = time.monotonic() + 120
+            while ember("logs", "ranged").stdout.count("ready") < (1 if attempt == "first run" else 2):
+                assert time.monotonic() < deadline, attempt
+                time.sleep(0.2)
+            for port in (18080, 18081):
+                assert fetch(ember, f"http://127.0.0.1:{port}/index.html") == "hi\n", (attempt, port)
+            ports = ember.inspect("ranged")["network"]["ports"]  # type: ignore[index]
+            assert [(p["host_port"], p["guest_port"]) for p in ports] == [(18080, 80), (18081, 81)]
+            if attempt == "first run":
+                res = ember("restart", "-t", "1", "ranged")
+                assert res.returncode == 0, res.stderr
+    finally:
+        ember("rm", "-f", "ranged")
 
 
 def test_restart_refuses_a_machine_that_stopping_removes(ember: Ember, busybox: str) -> None:

@@ -39,7 +39,7 @@ def nft():
     r = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
     return r.stdout if r.returncode == 0 else None
 
-a = mgr.setup(sys.argv[2], ports=[parse_publish("8080:80")])
+a = mgr.setup(sys.argv[2], ports=parse_publish("8080:80"))
 b = mgr.setup(sys.argv[3], network="tenant_b")
 out["a"], out["b"] = a.to_json(), b.to_json()
 out["links"] = links()
@@ -48,14 +48,14 @@ out["route_localnet_a"] = Path(f"/proc/sys/net/ipv4/conf/{a.tap}/route_localnet"
 out["forwarding"] = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
 out["nft"] = nft()
 try:
-    mgr.setup(sys.argv[4], ports=[parse_publish("127.0.0.1:8080:81")])
+    mgr.setup(sys.argv[4], ports=parse_publish("127.0.0.1:8080:81"))
 except EmberError as e:
     out["conflict"] = [type(e).__name__, str(e)]
 out["links_after_conflict"] = links()
 mgr.teardown(sys.argv[2])
 out["links_after_a"] = links()
 out["nft_after_a"] = nft()
-c = mgr.setup(sys.argv[4], ports=[parse_publish("8080:80")])   # reuses a's slot and port
+c = mgr.setup(sys.argv[4], ports=parse_publish("8080:80"))   # reuses a's slot and port
 out["c"] = c.to_json()
 mgr.teardown(sys.argv[2])  # again: idempotent
 mgr.teardown(sys.argv[3]); mgr.teardown(sys.argv[4])

@@ -157,7 +157,7 @@ def _follow(
 @click.option("-u", "--user", help="NAME, UID, NAME:GROUP or UID:GID (resolved in the image).")
 @click.option("-w", "--workdir", help="Working directory inside the machine.")
 @click.option("-p", "--publish", "publish", multiple=True,
-              metavar="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]", help="Publish a port.")  # fmt: skip
+              metavar="[HOST_IP:]HOST_PORT[-END]:GUEST_PORT[-END][/tcp|udp]", help="Publish a port (or a range).")  # fmt: skip
 @click.option("--memory", "-m", "memory", default="512", show_default=True,
               help="Guest memory in MiB (or with a unit: 1G).")  # fmt: skip
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
@@ -229,7 +229,7 @@ def run(
         entrypoint=None if entrypoint is None else ((entrypoint,) if entrypoint else ()),
         user=user,
         workdir=workdir,
-        ports=tuple(parse_publish(p) for p in publish),
+        ports=tuple(m for p in publish for m in parse_publish(p)),
         memory_mib=parse_memory_mib(memory),
         cpus=cpus,
         disk_size=parse_size(disk_size) if disk_size else None,

@@ -1,4 +1,4 @@
-"""``-p [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]`` (pure)."""
+"""``-p [HOST_IP:]HOST_PORT[-END]:GUEST_PORT[-END][/tcp|udp]`` (pure)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ember.net.errors import InvalidPortSpec
 
 PROTOCOLS = ("tcp", "udp")
+#: ports one ``-p`` range may publish (each is a DNAT rule)
+MAX_RANGE = 1024
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,23 @@ def _port(text: str, spec: str) -> int:
     return n
 
 
-def parse_publish(spec: str) -> PortMapping:
-    """Parse one ``-p`` value.  Ranges and IPv6 host addresses are not supported (yet)."""
+def _ports(text: str, spec: str) -> range:
+    """``PORT`` or ``FIRST-LAST`` (inclusive, FIRST <= LAST)."""
+    first, dash, last = text.partition("-")
+    if not dash:
+        n = _port(text, spec)
+        return range(n, n + 1)
+    lo, hi = _port(first, spec), _port(last, spec)
+    if lo > hi:
+        raise InvalidPortSpec(f"invalid port range {text!r} in -p {spec!r} (first > last)")
+    if hi - lo + 1 > MAX_RANGE:
+        raise InvalidPortSpec(f"port range {text!r} in -p {spec!r} is longer than {MAX_RANGE}")
+    return range(lo, hi + 1)
+
+
+def parse_publish(spec: str) -> tuple[PortMapping, ...]:
+    """Parse one ``-p`` value: one mapping, or one per port of equal host and guest ranges
+    (Docker's ``-p 8000-8002:9000-9002``).  IPv6 host addresses are not supported (yet)."""
     text = spec.strip()
     proto = "tcp"
     if "/" in text:
@@ -78,9 +95,13 @@ def parse_publish(spec: str) -> PortMapping:
         raise InvalidPortSpec(
             f"invalid -p {spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]"
         )
-    if "-" in host_port or "-" in guest_port:
-        raise InvalidPortSpec(f"port ranges are not supported in -p {spec!r}")
-    return PortMapping(_port(host_port, spec), _port(guest_port, spec), proto, host_ip)
+    hosts, guests = _ports(host_port, spec), _ports(guest_port, spec)
+    if len(hosts) != len(guests):
+        # (Docker picks one free port of a host range for a single guest port: not done)
+        raise InvalidPortSpec(
+            f"invalid -p {spec!r}: the host and guest port ranges must be the same length"
+        )
+    return tuple(PortMapping(h, g, proto, host_ip) for h, g in zip(hosts, guests, strict=True))
 
 
 def conflicts(a: PortMapping, b: PortMapping) -> bool:
