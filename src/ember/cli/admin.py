@@ -65,12 +65,42 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
     """List organizations."""
     orgs = _metadata(db_url).list_orgs()
     if as_json:
-        print_json([{"name": o.name, "created_at": o.created_at, "repositories": o.repositories, "tokens": o.tokens} for o in orgs])
+        print_json(
+            [
+                {"name": o.name, "created_at": o.created_at, "repositories": o.repositories,
+                 "tokens": o.tokens, "used_bytes": o.used_bytes, "quota_bytes": o.quota_bytes}
+                for o in orgs
+            ]
+        )  # fmt: skip
         return
     common.print_table(
-        ("NAME", "REPOSITORIES", "TOKENS", "CREATED (UTC)"),
-        [(o.name, str(o.repositories), str(o.tokens), _when(o.created_at)) for o in orgs],
+        ("NAME", "REPOSITORIES", "TOKENS", "USED", "QUOTA", "CREATED (UTC)"),
+        [
+            (
+                o.name, str(o.repositories), str(o.tokens), common.human_bytes(o.used_bytes),
+                "-" if o.quota_bytes is None else common.human_bytes(o.quota_bytes),
+                _when(o.created_at),
+            )  # fmt: skip
+            for o in orgs
+        ],
     )
+
+
+@org.command("quota")
+@click.argument("name")
+@click.argument("size")
+@db_option
+def org_quota(name: str, size: str, db_url: str | None) -> None:
+    """Limit what organization NAME's repositories may hold: SIZE like 10G, or none.
+
+    Counted: the distinct blobs linked into its repositories (a blob two of its
+    repositories share counts once).  Uploads that would pass it are refused; what is
+    stored already stays."""
+    from ember.machines.options import parse_size
+
+    quota = None if size.lower() in ("none", "unlimited") else parse_size(size)
+    _metadata(db_url).set_quota(name, quota)
+    click.echo(f"{name}: {'no quota' if quota is None else common.human_bytes(quota)}")
 
 
 @admin.group()

@@ -49,6 +49,16 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
+def human_bytes(n: int) -> str:
+    """Binary units, one decimal: ``1.5 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     """Columns on stdout: drawn by rich on a terminal (fitted to its width); otherwise
     plain, aligned, two spaces apart and never truncated, so a pipe gets whole

@@ -7,17 +7,8 @@ import time
 import click
 
 from ember.cli import common
-from ember.cli.common import home_from_ctx, json_option, print_json
+from ember.cli.common import home_from_ctx, human_bytes, json_option, print_json
 from ember.cli.image import image as image_group
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 @click.group()
@@ -48,7 +39,7 @@ def snapshot_ls(as_json: bool) -> None:
         [
             (
                 _short(r["name"]), r["kind"], _short(r["parent"]) if r["parent"] else "-",
-                _size(r["size"]), _size(r["usage"]), _size(r["exclusive"]),
+                human_bytes(r["size"]), human_bytes(r["usage"]), human_bytes(r["exclusive"]),
             )  # fmt: skip
             for r in rows
         ],
@@ -133,8 +124,8 @@ def gc(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
         f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s), "
         f"{len(report.templates)} machine template(s); "
-        f"freed {_size(report.snapshot_bytes)} in the snapshot pool, "
-        f"{_size(report.content_bytes)} of content and {_size(report.template_bytes)} of templates"
+        f"freed {human_bytes(report.snapshot_bytes)} in the snapshot pool, "
+        f"{human_bytes(report.content_bytes)} of content and {human_bytes(report.template_bytes)} of templates"
     )
 
 

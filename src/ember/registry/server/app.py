@@ -69,6 +69,8 @@ log = logging.getLogger("ember.registry")
 T = TypeVar("T")
 #: chunk size clients should use for chunked uploads (advertised, not enforced)
 CHUNK_MIN_LENGTH = 1 << 20
+#: body bytes of a refused upload chunk read and dropped so the client sees the answer
+QUOTA_DRAIN_LIMIT = 64 << 20
 #: how long a resolved API token is trusted before the database is asked again (its
 #: revocation is seen sooner or as soon: see revocations.py)
 _TOKEN_CACHE_SECONDS = 5.0
@@ -509,6 +511,32 @@ class RegistryApp:
             },
         )
 
+    async def _fits(self, ctx: _Ctx, size: int, digest: Digest | None = None) -> bool:
+        """Whether ``size`` more bytes (a blob ``digest`` the organization holds already
+        costs none) keep the caller's organization within its storage quota."""
+        assert ctx.grant is not None
+        quota = await self._read(self.meta.quota, ctx.grant.org, str(digest) if digest else None)
+        return quota is None or quota.allows(size)
+
+    async def _check_quota(
+        self, ctx: _Ctx, size: int, digest: Digest | None = None, session: str | None = None
+    ) -> None:
+        """403 DENIED when ``size`` bytes do not fit the organization's quota; the upload
+        session in the way, if any, is dropped (its bytes would only take room)."""
+        assert ctx.grant is not None
+        if await self._fits(ctx, size, digest):
+            return
+        if session is not None:
+            self.storage.drop_session(session)
+            await self._db(self.meta.delete_upload, session)
+        quota = await self._read(self.meta.quota, ctx.grant.org)
+        assert quota is not None
+        raise ApiError(
+            "DENIED",
+            f"organization {ctx.grant.org} is over its storage quota: {quota.used} of "
+            f"{quota.limit} bytes used, this upload needs {size}",
+        )
+
     async def _try_mount(self, ctx: _Ctx, mount: str, source: str) -> Digest | None:
         """Link ``mount`` from ``source`` if the caller may pull it there; else None.
 
@@ -530,6 +558,8 @@ class RegistryApp:
             path = self.storage.blob_path(digest)
             if size is None or not path.exists():
                 return None
+            if not await self._fits(ctx, size, digest):
+                return None  # the upload that follows is refused with the reason
             repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
             touch(path)
             await self._db(self.meta.link_blob, repo_id, str(digest), size)
@@ -543,6 +573,7 @@ class RegistryApp:
             mounted = await self._try_mount(ctx, mount, source)
             if mounted is not None:
                 return await self._blob_created(ctx, mounted)
+        await self._check_quota(ctx, 0)
         repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         session = uuid.uuid4().hex
         self.storage.create_session(session)
@@ -590,6 +621,15 @@ class RegistryApp:
     async def _patch_upload(self, ctx: _Ctx) -> Response:
         state = self._session(ctx)
         start = self._chunk_start(ctx, state)
+        length = content_length(ctx.request.headers.get("content-length"))
+        if length is not None:  # refused before a byte is written
+            try:
+                await self._check_quota(ctx, start + length, session=state.session)
+            except ApiError:
+                # read (not kept) what the client sends anyway, up to a bound, so that it
+                # gets to read the refusal rather than a reset connection
+                await _discard(ctx.request, QUOTA_DRAIN_LIMIT)
+                raise
         try:
             size = await self.storage.append(state.session, ctx.request.stream(), start)
         except ApiError as e:
@@ -597,6 +637,7 @@ class RegistryApp:
                 current = self.storage.session_size(state.session) or 0
                 e.headers.update(self._upload_headers(ctx, state.session, current))
             raise
+        await self._check_quota(ctx, size, session=state.session)
         return Response(b"", status_code=202, headers=self._upload_headers(ctx, state.session, size))
 
     async def _put_upload(self, ctx: _Ctx) -> Response:
@@ -614,6 +655,7 @@ class RegistryApp:
         return await self._finish(ctx, repo_id, state.session, digest)
 
     async def _finish(self, ctx: _Ctx, repo_id: int, session: str, digest: Digest) -> Response:
+        await self._check_quota(ctx, self.storage.session_size(session) or 0, digest, session)
         async with self.storage.publishing():
             size = await run_in_threadpool(self.storage.publish, session, digest)
             await self._db(self.meta.link_blob, repo_id, str(digest), size)
@@ -630,6 +672,14 @@ class RegistryApp:
         self.storage.drop_session(state.session)
         await self._db(self.meta.delete_upload, state.session)
         return Response(b"", status_code=204, headers=API_VERSION)
+
+
+async def _discard(request: Request, limit: int) -> None:
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            return
 
 
 class _Ctx:

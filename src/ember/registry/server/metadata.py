@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Table, and_, bindparam, delete, func, select, update
+from sqlalchemy import Select, Table, and_, bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -32,6 +32,21 @@ class OrgInfo:
     created_at: float
     repositories: int
     tokens: int
+    #: bytes of distinct blobs its repositories hold, and the limit (None: none)
+    used_bytes: int = 0
+    quota_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    limit: int
+    used: int
+    #: the blob asked about is stored in the organization already
+    holds: bool = False
+
+    def allows(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes fits (one the organization holds always does)."""
+        return self.holds or self.used + size <= self.limit
 
 
 @dataclass(frozen=True)
@@ -146,11 +161,37 @@ class RegistryMetadata:
         )
         with self.db.connect() as conn:
             rows = conn.execute(
-                select(s.orgs.c.name, s.orgs.c.created_at, repo_count, token_count).order_by(
-                    s.orgs.c.name
-                )
-            ).all()
-        return [OrgInfo(r[0], r[1], r[2], r[3]) for r in rows]
+                select(
+                    s.orgs.c.name, s.orgs.c.created_at, repo_count, token_count,
+                    s.orgs.c.quota_bytes, s.orgs.c.id,
+                ).order_by(s.orgs.c.name)
+            ).all()  # fmt: skip
+            return [
+                OrgInfo(r[0], r[1], r[2], r[3], _org_usage(conn, r[5]), r[4]) for r in rows
+            ]
+
+    def set_quota(self, org: str, quota_bytes: int | None) -> None:
+        """Limit what ``org``'s repositories may hold (None: no limit)."""
+        if quota_bytes is not None and quota_bytes < 0:
+            raise ValueError("a quota cannot be negative")
+        with self.db.begin() as conn:
+            org_id = self._org_id(conn, org)
+            conn.execute(
+                update(s.orgs).where(s.orgs.c.id == org_id).values(quota_bytes=quota_bytes)
+            )
+
+    def quota(self, org: str, digest: str | None = None) -> Quota | None:
+        """The organization's quota and use (None: it has no quota); with ``digest``, also
+        whether it holds that blob already (storing it again then costs nothing)."""
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(s.orgs.c.id, s.orgs.c.quota_bytes).where(s.orgs.c.name == org)
+            ).first()
+            if row is None or row[1] is None:
+                return None
+            org_id = int(row[0])
+            holds = digest is not None and _org_holds(conn, org_id, digest)
+            return Quota(int(row[1]), _org_usage(conn, org_id), holds)
 
     def create_token(self, org: str, label: str, actions: frozenset[str]) -> tuple[str, str]:
         token_id, secret = new_api_token()
@@ -426,3 +467,23 @@ class RegistryMetadata:
 def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _org_blobs(org_id: int) -> Select[tuple[str, int]]:
+    """The distinct blobs (digest, size) linked into the organization's repositories."""
+    return (
+        select(s.blob_links.c.digest, s.blob_links.c.size)
+        .join(s.repos, s.repos.c.id == s.blob_links.c.repo_id)
+        .where(s.repos.c.org_id == org_id)
+        .distinct()
+    )
+
+
+def _org_usage(conn: Connection, org_id: int) -> int:
+    blobs = _org_blobs(org_id).subquery()
+    return int(conn.execute(select(func.coalesce(func.sum(blobs.c.size), 0))).scalar_one())
+
+
+def _org_holds(conn: Connection, org_id: int, digest: str) -> bool:
+    blobs = _org_blobs(org_id).where(s.blob_links.c.digest == digest).limit(1)
+    return conn.execute(blobs).first() is not None

@@ -21,6 +21,8 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text as sa_text
 from sqlalchemy.engine import Connection
 
 from ember.store.db import Migration
@@ -35,6 +37,8 @@ orgs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(63), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    #: bytes of distinct blobs the organization's repositories may hold (None: no limit)
+    Column("quota_bytes", BigInteger, nullable=True),
 )
 
 tokens = Table(
@@ -121,4 +125,10 @@ def _initial(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
-MIGRATIONS = [Migration("0001-initial", _initial)]
+def _org_quota(conn: Connection) -> None:
+    # a database made by 0001 from this module's tables has the column already
+    if "quota_bytes" not in {c["name"] for c in sa_inspect(conn).get_columns("reg_orgs")}:
+        conn.execute(sa_text("ALTER TABLE reg_orgs ADD COLUMN quota_bytes BIGINT"))
+
+
+MIGRATIONS = [Migration("0001-initial", _initial), Migration("0002-org-quota", _org_quota)]

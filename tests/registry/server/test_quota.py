@@ -1,0 +1,85 @@
+"""Per-organization storage quotas (``ember admin org quota``), over raw HTTP and with
+skopeo against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ember.registry.server.metadata import RegistryMetadata
+from tests.registry.server.support import EmberServer, Tenant, at, ember, push_blob, sha256
+
+pytestmark = pytest.mark.integration
+
+
+def org_row(server: EmberServer, org: str) -> dict[str, object]:
+    rows = json.loads(ember(server.home, "admin", "org", "ls", "--json").stdout)
+    (row,) = [r for r in rows if r["name"] == org]
+    return dict(row)
+
+
+def test_uploads_past_the_quota_are_refused_and_leave_nothing(server: EmberServer) -> None:
+    server.create_org("quota1")
+    t = Tenant(server, "quota1", server.create_token("quota1", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota1", "10000")
+    first, second = os.urandom(6000), os.urandom(6000)
+    with t.client() as c:
+        push_blob(c, "a", first)
+        assert org_row(server, "quota1")["used_bytes"] == 6000
+        # a second blob would take the organization to 12000 bytes: refused at the end
+        r = c.post("/v2/a/blobs/uploads/")
+        assert r.status_code == 202
+        r = c.put(at(r.headers["Location"], digest=sha256(second)), content=second)
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0]["code"] == "DENIED"
+        assert "storage quota" in r.text and "6000 of 10000" in r.text
+        assert c.head(f"/v2/a/blobs/{sha256(second)}").status_code == 404
+        # a chunk announced bigger than what is left: refused before it is written
+        r = c.post("/v2/a/blobs/uploads/")
+        r = c.patch(r.headers["Location"], content=second,
+                    headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 403, r.text
+        # a blob the organization holds already costs nothing, in another repository too
+        push_blob(c, "b", first)
+        assert org_row(server, "quota1")["used_bytes"] == 6000
+        # lifting the quota lets the upload through
+        ember(server.home, "admin", "org", "quota", "quota1", "none")
+        push_blob(c, "a", second)
+    row = org_row(server, "quota1")
+    assert (row["used_bytes"], row["quota_bytes"]) == (12000, None)
+    # nothing of the refused uploads is left in the server's upload area
+    uploads = server.home / "registry" / "uploads"
+    if uploads.is_dir():
+        assert not any(uploads.iterdir()), list(uploads.iterdir())
+
+
+def test_skopeo_push_over_the_quota_fails_with_the_reason(
+    server: EmberServer, busybox_layout: Path
+) -> None:
+    server.create_org("quota2")
+    token = server.create_token("quota2", "pull,push", "q")
+    ember(server.home, "admin", "org", "quota", "quota2", "100K")
+    res = subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", "--dest-creds", f"x:{token}",
+         f"oci:{busybox_layout}:latest", f"docker://{server.host}/box:1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "over its storage quota" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_database_from_before_quotas_gets_the_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    RegistryMetadata(url).create_org("old")
+    with sqlite3.connect(tmp_path / "registry.db") as conn:  # as the first schema had it
+        conn.execute("ALTER TABLE reg_orgs DROP COLUMN quota_bytes")
+        conn.execute("DELETE FROM ember_migrations WHERE id = '0002-org-quota'")
+    # a new process (this one has migrated its cached database already)
+    ember(tmp_path, "admin", "org", "quota", "--db", url, "old", "1M")
+    rows = json.loads(ember(tmp_path, "admin", "org", "ls", "--db", url, "--json").stdout)
+    assert [(r["name"], r["quota_bytes"], r["used_bytes"]) for r in rows] == [("old", 1 << 20, 0)]
