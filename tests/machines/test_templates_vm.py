@@ -93,6 +93,27 @@ def test_a_template_that_does_not_restore_is_dropped_and_the_machine_boots(
     assert ember("rm", "tpl-fallback").returncode == 0
 
 
+def test_a_machine_started_again_is_restored_again_with_its_new_config(
+    ember: Ember, busybox: str
+) -> None:
+    start_template(ember, busybox)
+    lines, st = run_probe(ember, busybox, "tpl-again")
+    assert st["vm"]["restore"], "the machine did not start from the template"
+    res = ember("start", "-a", "tpl-again")
+    assert res.returncode == 3, res.stderr
+    again = res.stdout.splitlines()
+    st2 = ember.inspect("tpl-again")
+    d = ember.home.machines / str(st2["id"])
+    assert st2["vm"]["restore"], (d / "monitor.log").read_text()
+    assert "booting instead" not in (d / "monitor.log").read_text()
+    assert again[0] == "env=hello"
+    assert again[1] != lines[1] and again[2] != lines[2], "a second restore reused the random state"
+    net = st2["network"]
+    assert isinstance(net, dict)
+    assert again[4] == net["mac"] and f"inet {net['guest_ip']}/" in again[5]
+    assert ember("rm", "tpl-again").returncode == 0
+
+
 def test_templates_can_be_turned_off(ember: Ember, busybox: str, vm_home: Home) -> None:
     start_template(ember, busybox)
     config = vm_home.config_file.read_text()
