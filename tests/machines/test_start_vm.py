@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,55 @@ def test_a_machine_without_its_run_config_is_not_started(ember: Ember, busybox: 
     assert st["status"] == "exited" and st["network"] is not None
     assert json.loads(ember("ps", "-a", "--json").stdout)[0]["name"] == "old"
     assert ember("rm", "old").returncode == 0
+
+
+def wait_for(ember: Ember, name: str, ok: Callable[[dict[str, Any]], bool], timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ember.inspect(name)
+        if ok(st):
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+
+
+def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:
+    script = "echo run >> /runs; wc -l < /runs; exit 1"
+    # in the foreground: the first run's exit code at once; the restarts go on behind
+    res = ember("run", "--name", "flaky", "--restart", "on-failure:2", busybox, "sh", "-c", script)
+    assert (res.returncode, res.stdout) == (1, "1\n"), res.stderr
+    try:
+        st = wait_for(ember, "flaky", lambda s: s["restart_count"] == 2 and s["status"] == "exited"
+                      and s["exit_code"] == 1 and "3" in ember("logs", "flaky").stdout.split())  # fmt: skip
+        assert st["restart_policy"] == "on-failure:2"
+        time.sleep(1.5)  # no third restart
+        st = ember.inspect("flaky")
+        assert (st["restart_count"], st["status"]) == (2, "exited")
+        assert ember("logs", "flaky").stdout.split() == ["1", "2", "3"]
+    finally:
+        ember("rm", "-f", "flaky")
+
+
+def test_always_restarts_until_stopped(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "loop", "--restart", "always", busybox, "sh", "-c", "echo run; sleep 0.5")
+    assert res.returncode == 0, res.stderr
+    try:
+        wait_for(ember, "loop", lambda s: s["restart_count"] >= 2)
+        res = ember("stop", "-t", "1", "loop")
+        assert res.returncode == 0, res.stderr
+        st = wait_for(ember, "loop", lambda s: s["status"] == "exited", timeout=30)
+        count = st["restart_count"]
+        time.sleep(2.0)  # stopped by the user: not run again
+        st = ember.inspect("loop")
+        assert (st["status"], st["restart_count"], st["stopped_by_user"]) == ("exited", count, True)
+        # ember start resumes the machine (and its policy)
+        assert ember("start", "loop").returncode == 0
+        wait_for(ember, "loop", lambda s: s["restart_count"] > count)
+    finally:
+        assert ember("rm", "-f", "loop").returncode == 0
+    assert ember("inspect", "loop").returncode != 0
+
+
+def test_rm_and_restart_do_not_go_together(ember: Ember, busybox: str) -> None:
+    res = ember("run", "--rm", "--restart", "always", busybox, "true")
+    assert res.returncode == 2 and "--rm and --restart" in res.stderr

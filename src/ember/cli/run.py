@@ -98,7 +98,7 @@ def _follow(
                     moved = _pump(src, dst) or moved
                 if intr.count > intr.handled:
                     intr.handled = intr.count
-                    st = read_state(d)
+                    st = lifecycle.mark_stopped_by_user(home, read_state(d))
                     if intr.handled == 1:
                         _say(f"stopping {st.name} (Ctrl-C again to kill it)")
                         try:
@@ -130,9 +130,11 @@ def _follow(
     for src, dst in sinks:
         while _pump(src, dst):
             pass
-    # the monitor finishes its cleanup (network, --rm) before we return, like docker run --rm
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(monitor_pid, 0)
+    # the monitor finishes its cleanup (network, --rm) before we return, like docker run
+    # --rm; one that restarts the machine (--restart) goes on by itself
+    if not (event or {}).get("restarting"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(monitor_pid, 0)
     if event is None:
         end = lifecycle.wait_exited(home, read_state(d), 5)
         if end is None or end.exit_code is None:
@@ -147,6 +149,9 @@ def _follow(
 
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("--rm", "auto_remove", is_flag=True, help="Remove the machine when it exits.")
+@click.option("--restart", "restart", default="no", show_default=True,
+              metavar="no|on-failure[:MAX]|always|unless-stopped",
+              help="Run the machine again when it ends (not after ember stop/kill).")  # fmt: skip
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the machine id.")
 @click.option("--name", help="Name of the machine (unique; default: generated).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
@@ -177,6 +182,7 @@ def _follow(
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run(
     auto_remove: bool,
+    restart: str,
     detach: bool,
     name: str | None,
     env: tuple[str, ...],
@@ -207,12 +213,16 @@ def run(
         parse_size,
         read_env_file,
     )
+    from ember.machines.restartpolicy import parse_restart_policy
     from ember.net.nftables import check_network_name
     from ember.net.ports import parse_publish
 
     home = home_from_ctx()
     if kernel_modules is not None and kernel is None:
         raise UsageError("--kernel-modules needs --kernel")
+    policy = parse_restart_policy(restart)
+    if auto_remove and policy.name != "no":
+        raise UsageError("--rm and --restart cannot go together (a removed machine cannot restart)")
     if name is not None:
         check_name(name)
     check_network_name(network)
@@ -237,6 +247,7 @@ def run(
         kernel_modules=kernel_modules,
         kernel_args=tuple(check_kernel_arg(a) for a in kernel_args),
         auto_remove=auto_remove,
+        restart=policy,
         network=network,
         stop_timeout=stop_timeout,
         plain_http=plain_http,

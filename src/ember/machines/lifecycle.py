@@ -26,6 +26,7 @@ from ember.machines import state as mstate
 from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
 from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
+from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.net.ports import PortMapping
@@ -81,6 +82,7 @@ class RunRequest:
     stop_timeout: int | None = None
     plain_http: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 def machine_channels(d: Path) -> Channels:
@@ -160,6 +162,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         ),
         auto_remove=req.auto_remove,
         labels=dict(req.labels),
+        restart_policy=str(req.restart),
     )
     store.create(st, req.name)
     lap("record")
@@ -249,11 +252,14 @@ def _write_boot_config(
             os.unlink(d / RESTORE_CONFIG)
 
 
-def prepare_start(home: Home, st: MachineState) -> MachineState:
+def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> MachineState:
     """Make an exited machine ready for its monitor again (``ember start``): a network
     (ports and network name as before; the address may differ), its boot config with that
     network, the exit record cleared.  The root disk and the logs are kept, as docker keeps
-    a container's file system and logs across a restart."""
+    a container's file system and logs across a restart.
+
+    ``restart``: the monitor applying the restart policy, which yields to a user's
+    ``ember stop/kill`` that came meanwhile (MachineError)."""
     from ember.net.manager import MachineNetwork, NetworkManager
     from ember.snapshots.chain import root_disk
     from ember.snapshots.errors import SnapshotNotFound
@@ -265,6 +271,8 @@ def prepare_start(home: Home, st: MachineState) -> MachineState:
         cur = mstate.read_state(d)
         if cur.status != mstate.EXITED:
             raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
+        if restart and cur.stopped_by_user:
+            raise MachineError(f"machine {cur.name} was stopped: not restarting it")
         base = cur.vm.base_initrd
         if base is None or not (d / RUN_CONFIG).is_file():
             raise MachineError(
@@ -308,6 +316,9 @@ def prepare_start(home: Home, st: MachineState) -> MachineState:
             cur.exit_code = cur.signal = None
             cur.oom_killed = False
             cur.vmm_pid = cur.monitor_pid = cur.monitor_start = None
+            cur.stopped_by_user = False
+            if restart:
+                cur.restart_count += 1
             mstate.write_state(d, cur)
         except BaseException:
             manager.teardown(cur.id)
@@ -506,10 +517,32 @@ def wait_exited(home: Home, st: MachineState, timeout: float | None) -> MachineS
             time.sleep(0.05)
 
 
+def mark_stopped_by_user(home: Home, st: MachineState) -> MachineState:
+    """Record that the user is ending the machine: its restart policy does not apply."""
+    with mstate.update(MachineStore(home).dir(st.id)) as cur:
+        cur.stopped_by_user = True
+    return cur
+
+
+def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
+    """A machine between two runs of its restart policy: marked stopped, its monitor
+    waited for (it then does not restart it); None when it is not such a machine."""
+    st = refresh(home, st)
+    if st.status != mstate.EXITED or st.restart_policy == "no" or not monitor_alive(st):
+        return None
+    st = mark_stopped_by_user(home, st)
+    if st.monitor_pid is not None:
+        wait_pid_exit(st.monitor_pid, 30)
+    return mstate.read_state(MachineStore(home).dir(st.id))
+
+
 def stop(home: Home, st: MachineState, timeout: float = DEFAULT_STOP_TIMEOUT) -> MachineState:
     """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
     is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is."""
-    st = _require_running(home, st)
+    pending = _stop_pending_restart(home, st)
+    if pending is not None:
+        return pending
+    st = mark_stopped_by_user(home, _require_running(home, st))
     d = MachineStore(home).dir(st.id)
     conn = None
     try:
@@ -535,7 +568,10 @@ def stop(home: Home, st: MachineState, timeout: float = DEFAULT_STOP_TIMEOUT) ->
 
 def kill(home: Home, st: MachineState) -> MachineState:
     """SIGKILL the program (through the guest, so its exit report comes back), else the VMM."""
-    st = _require_running(home, st)
+    pending = _stop_pending_restart(home, st)
+    if pending is not None:
+        return pending
+    st = mark_stopped_by_user(home, _require_running(home, st))
     d = MachineStore(home).dir(st.id)
     try:
         conn = open_control(machine_channels(d).control_socket)
@@ -553,8 +589,7 @@ def kill(home: Home, st: MachineState) -> MachineState:
 
 def kill_vmm(home: Home, st: MachineState) -> MachineState:
     """Kill the VMM process itself; the monitor records the end (exit code 137)."""
-    d = MachineStore(home).dir(st.id)
-    cur = mstate.read_state(d)
+    cur = mark_stopped_by_user(home, st)
     if cur.vmm_pid is not None and vmm_alive(cur):
         with contextlib.suppress(ProcessLookupError):
             os.kill(cur.vmm_pid, signal.SIGKILL)
@@ -569,7 +604,7 @@ def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
     from ember.net.manager import NetworkManager
     from ember.snapshots.chain import release_root_disk
 
-    st = refresh(home, st)
+    st = _stop_pending_restart(home, st) or refresh(home, st)
     if st.status == mstate.RUNNING:
         if not force:
             raise MachineRunning(

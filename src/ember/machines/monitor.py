@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ember.machines import state as mstate
 from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
+from ember.machines.restartpolicy import backoff_s, parse_restart_policy
 from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump, vmm_fifo
@@ -127,13 +129,47 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     if st.status != mstate.CREATED:
         sync.send("error", message=f"machine {st.name} was already started")
         return 1
+    delay: float | None = None
+    while True:
+        began = time.monotonic()
+        final = _run_once(home, st, d, sync)
+        if final is None:
+            return 1  # the VMM did not start (recorded, cleaned up, said)
+        policy = parse_restart_policy(final.restart_policy)
+        again = policy.should_restart(final.exit_code, final.restart_count, final.stopped_by_user)
+        sync.send("exited", exit_code=final.exit_code, signal=final.signal,
+                  oom_killed=final.oom_killed, end_reason=final.end_reason, error=final.error,
+                  restarting=again)  # fmt: skip
+        # a foreground `ember run` follows the first run only (docker run does the same)
+        sync.close()
+        if not again:
+            if final.auto_remove:
+                _cleanup(home, final, removing=True)
+            return 0
+        delay = backoff_s(delay, time.monotonic() - began)
+        time.sleep(delay)
+        from ember.machines.lifecycle import prepare_start
+
+        try:
+            st = prepare_start(home, final, restart=True)
+        except (EmberError, OSError) as e:
+            # stopped or removed meanwhile, or the machine cannot run again
+            print(f"monitor: not restarting: {e}", file=sys.stderr)
+            return 0
+
+
+def _run_once(
+    home: Home, st: mstate.MachineState, d: Path, sync: Sync
+) -> mstate.MachineState | None:
+    """One run of the machine, from the VMM's start to its recorded end (network freed);
+    None when the VMM could not start."""
     logs = Channels.in_dir(d)
     try:
         # the VMM writes into FIFOs; the monitor keeps the logs, capped (machines.logs)
         pump = StreamPump.create(d, LogConfig.load(home))
     except (EmberError, OSError) as e:
         _failed_to_start(home, st, d, sync, f"cannot set up the machine's logs: {e}")
-        return 1
+        return None
     try:
         spec = vm_spec(st, d, pump.channels)
         vm = get_vmm(st.vm.vmm).create(spec)
@@ -148,7 +184,7 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
             pid = vm.start()
         except EmberError as e:
             _failed_to_start(home, st, d, sync, str(e))
-            return 1
+            return None
         with mstate.update(d) as cur:
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
             cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
@@ -161,7 +197,7 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
                 vm, pid = _hand_config_or_boot(home, st, d, vm, spec, pump)
             except EmberError as e:
                 _failed_to_start(home, st, d, sync, str(e))
-                return 1
+                return None
 
         # (our child: until waited for, its pid is its own; a restored guest that ran
         # and powered off during the handshake has been waited for already)
@@ -199,12 +235,7 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
         cur.end_reason, cur.error = result.end_reason, result.error
         final = cur
     _cleanup(home, final, removing=False)
-    sync.send("exited", exit_code=result.exit_code, signal=result.signal,
-              oom_killed=result.oom_killed, end_reason=result.end_reason, error=result.error)  # fmt: skip
-    sync.close()
-    if final.auto_remove:
-        _cleanup(home, final, removing=True)
-    return 0
+    return final
 
 
 class _Farewell:

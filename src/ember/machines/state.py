@@ -81,6 +81,11 @@ class MachineState:
     vmm_pid: int | None = None
     error: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    #: ``--restart`` (machines.restartpolicy), how often the monitor restarted the
+    #: machine, and whether ``ember stop/kill/rm -f`` ended its last run (no restart then)
+    restart_policy: str = "no"
+    restart_count: int = 0
+    stopped_by_user: bool = False
 
     @property
     def short_id(self) -> str:
