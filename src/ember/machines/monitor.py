@@ -147,7 +147,8 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
                 _cleanup(home, final, removing=True)
             return 0
         delay = backoff_s(delay, time.monotonic() - began)
-        time.sleep(delay)
+        if not _wait_unless_stopped(d, delay):
+            return 0  # `ember stop/kill/rm` meanwhile: they wait for this exit
         from ember.machines.lifecycle import prepare_start
 
         try:
@@ -156,6 +157,20 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
             # stopped or removed meanwhile, or the machine cannot run again
             print(f"monitor: not restarting: {e}", file=sys.stderr)
             return 0
+
+
+def _wait_unless_stopped(d: Path, seconds: float) -> bool:
+    """Sleep ``seconds`` between two runs; False as soon as the user stopped or removed
+    the machine (up to a minute of backoff must not hold `ember stop` that long)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+        try:
+            if mstate.read_state(d).stopped_by_user:
+                return False
+        except (FileNotFoundError, EmberError):
+            return False
+    return True
 
 
 def _run_once(
