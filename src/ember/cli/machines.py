@@ -35,6 +35,11 @@ def _status(st: Any) -> str:
     if st.status == RUNNING:
         return f"Up {_ago(st.started_at).removesuffix(' ago')}"
     if st.status == EXITED:
+        if st.restart_policy != "no" and not st.stopped_by_user:
+            from ember.machines.lifecycle import monitor_alive
+
+            if monitor_alive(st):  # between two runs of its --restart policy
+                return f"Restarting ({st.exit_code}) {_ago(st.finished_at)}"
         return f"Exited ({st.exit_code}) {_ago(st.finished_at)}"
     return "Created"
 
