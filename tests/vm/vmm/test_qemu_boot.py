@@ -32,7 +32,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in {modules}; do insmod /lib/$m.ko; done
 n=0
-while [ $(ls /sys/class/virtio-ports | wc -l) -lt 4 ] && [ $n -lt 500 ]; do sleep 0.05; n=$((n+1)); done
+# a port's name file appears after the port itself (the host sends the names later)
+while [ $(ls /sys/class/virtio-ports/*/name 2>/dev/null | wc -l) -lt 4 ] && [ $n -lt 500 ]; do sleep 0.05; n=$((n+1)); done
 for p in /sys/class/virtio-ports/*; do ln -s /dev/${{p##*/}} /tmp/$(cat $p/name); done
 echo "to-stdout" > /tmp/org.ember.stdout
 echo "to-stderr" > /tmp/org.ember.stderr
