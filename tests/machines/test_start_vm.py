@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ember.home import Home
-from ember.snapshots.pool import close_pool
-from tests.machines.vmkit import Ember, fetch, make_vm_home
+from tests.machines.vmkit import Ember, fetch, vm_home_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -25,11 +23,7 @@ COUNT = (
 )
 
 
-@pytest.fixture(scope="module")
-def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
-    home = make_vm_home(tmp_path_factory.mktemp("vmstart") / "home")
-    yield home
-    close_pool(home)
+vm_home = vm_home_fixture("vmstart")
 
 
 def wait_status(ember: Ember, name: str, status: str, timeout: float = 120) -> dict[str, object]:

@@ -7,15 +7,13 @@ the control port.  A template the VMM cannot load is dropped and the machine boo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ember.home import Home
-from ember.snapshots.pool import close_pool
 from ember.vm.template import templates_dir
-from tests.machines.vmkit import Ember, make_vm_home
+from tests.machines.vmkit import Ember, vm_home_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -26,11 +24,7 @@ PROBE = (
 )
 
 
-@pytest.fixture(scope="module")
-def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
-    home = make_vm_home(tmp_path_factory.mktemp("vmtemplates") / "home")
-    yield home
-    close_pool(home)
+vm_home = vm_home_fixture("vmtemplates")
 
 
 def start_template(ember: Ember, busybox: str) -> Path:

@@ -7,14 +7,31 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ember.home import Home
 from tests.vm.vmm.kernelcache import share_kernels
 
 EMBER = str(Path(sys.executable).parent / "ember")
+
+
+def vm_home_fixture(prefix: str) -> Callable[..., Iterator[Home]]:
+    """A module-scoped ``vm_home`` fixture: a state dir of its own, its pool closed after."""
+
+    @pytest.fixture(scope="module")
+    def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+        from ember.snapshots.pool import close_pool
+
+        home = make_vm_home(tmp_path_factory.mktemp(prefix) / "home")
+        yield home
+        close_pool(home)
+
+    return vm_home
 
 
 def make_vm_home(root: Path) -> Home:

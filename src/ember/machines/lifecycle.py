@@ -186,6 +186,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
             exit_ack_ms=EXIT_ACK_MS,
         )
         restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
+        atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
         _write_boot_config(d, st.name, rc, net, base_initrd, templated=restore is not None)
         machine_channels(d).precreate()
         lap("config_initrd")
@@ -230,12 +231,12 @@ RUN_CONFIG = "run.config"
 def _write_boot_config(
     d: Path, name: str, rc: RunConfig, net: MachineNetwork, base_initrd: Path, *, templated: bool
 ) -> None:
-    """The machine's run config with this network in it: the initrd it boots with (base
-    + config), and for a machine started from a template the config its monitor sends."""
+    """The machine's run config (``RUN_CONFIG``) with this network in it: the initrd it
+    boots with (base + config), and for a machine started from a template the config its
+    monitor sends."""
     from ember.vm.initramfs import write_machine_initrd
     from ember.vm.runconfig import HostEntry, Interface
 
-    atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
     hostname = rc.hostname or d.name[:12]
     rc = rc.replace(
         hosts=(HostEntry(net.guest_ip, (hostname, name)),),

@@ -31,7 +31,7 @@ from ember.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest
 from ember.registry.server import routes as r
 from ember.registry.server.config import ServerConfig
 from ember.registry.server.errors import ApiError
-from ember.registry.server.metadata import RegistryMetadata
+from ember.registry.server.metadata import Quota, RegistryMetadata
 from ember.registry.server.names import qualify, unqualify, valid_repo_name
 from ember.registry.server.protocol import (
     accepts,
@@ -511,12 +511,12 @@ class RegistryApp:
             },
         )
 
-    async def _fits(self, ctx: _Ctx, size: int, digest: Digest | None = None) -> bool:
-        """Whether ``size`` more bytes (a blob ``digest`` the organization holds already
-        costs none) keep the caller's organization within its storage quota."""
+    async def _exceeded(self, ctx: _Ctx, size: int, digest: Digest | None = None) -> Quota | None:
+        """The caller's organization's quota when ``size`` more bytes (a blob ``digest`` it
+        holds already costs none) would pass it; None when they fit."""
         assert ctx.grant is not None
         quota = await self._read(self.meta.quota, ctx.grant.org, str(digest) if digest else None)
-        return quota is None or quota.allows(size)
+        return None if quota is None or quota.allows(size) else quota
 
     async def _check_quota(
         self, ctx: _Ctx, size: int, digest: Digest | None = None, session: str | None = None
@@ -524,13 +524,12 @@ class RegistryApp:
         """403 DENIED when ``size`` bytes do not fit the organization's quota; the upload
         session in the way, if any, is dropped (its bytes would only take room)."""
         assert ctx.grant is not None
-        if await self._fits(ctx, size, digest):
+        quota = await self._exceeded(ctx, size, digest)
+        if quota is None:
             return
         if session is not None:
             self.storage.drop_session(session)
             await self._db(self.meta.delete_upload, session)
-        quota = await self._read(self.meta.quota, ctx.grant.org)
-        assert quota is not None
         raise ApiError(
             "DENIED",
             f"organization {ctx.grant.org} is over its storage quota: {quota.used} of "
@@ -558,7 +557,7 @@ class RegistryApp:
             path = self.storage.blob_path(digest)
             if size is None or not path.exists():
                 return None
-            if not await self._fits(ctx, size, digest):
+            if await self._exceeded(ctx, size, digest) is not None:
                 return None  # the upload that follows is refused with the reason
             repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
             touch(path)
