@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,24 +48,49 @@ def test_lower_layers_are_handed_out_while_the_top_one_still_downloads(
             first = pulled.layer_path(0)
             assert first.is_file()
             assert not service.content.exists(top)  # held back by the proxy
-            assert service.list() == []  # recorded only at the end
+            assert service.list() == []  # recorded once every blob is in
             proxy.release()
             assert pulled.layer_path(len(digests) - 1).is_file()
         assert [r.reference for r in service.list()] == [f"{proxy.host}/{repo}:latest"]
         assert service.content.exists(pulled.image.manifest_digest)
 
 
-def test_a_failing_caller_abandons_the_pull_and_nothing_is_recorded(
+def test_a_caller_failing_before_every_blob_is_in_abandons_the_pull(
     service: ImageService, registry: Registry, pushed: tuple[str, list[Digest]]
 ) -> None:
-    repo, _ = pushed
+    repo, digests = pushed
+    with misbehaving_proxy(registry.host, Behaviour(hold_blobs={digests[-1].hex})) as proxy:
+        # the held download is let go once the caller has failed: it completes, and still
+        # nothing may be recorded
+        releasing = threading.Timer(0.5, proxy.release)
+        with pytest.raises(RuntimeError, match="caller"), service.pulling(
+            f"{proxy.host}/{repo}", progress=False
+        ) as pulled:
+            pulled.layer_path(0)
+            releasing.start()
+            raise RuntimeError("the caller failed")
+        releasing.join()
+    assert service.content.exists(digests[-1])  # it did arrive
+    assert service.list() == []
+    assert not service.content.exists(pulled.image.manifest_digest)
+
+
+def test_a_pull_is_recorded_once_every_blob_is_in_whatever_the_caller_does_next(
+    service: ImageService, registry: Registry, pushed: tuple[str, list[Digest]]
+) -> None:
+    """As ``docker run`` keeps the image it pulled when the container then fails."""
+    repo, digests = pushed
     with pytest.raises(RuntimeError, match="caller"), service.pulling(
         f"{registry.host}/{repo}", progress=False
     ) as pulled:
-        pulled.layer_path(0)
+        for i in range(len(digests)):
+            pulled.layer_path(i)
+        deadline = time.monotonic() + 30
+        while not service.list() and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise RuntimeError("the caller failed")
-    assert service.list() == []
-    assert not service.content.exists(pulled.image.manifest_digest)
+    assert [r.reference for r in service.list()] == [f"{registry.host}/{repo}:latest"]
+    assert service.content.exists(pulled.image.manifest_digest)
 
 
 def test_a_corrupt_layer_fails_its_turn_and_nothing_is_recorded(

@@ -141,3 +141,48 @@ def test_concurrent_writers_of_one_reference_all_succeed(tmp_path: Path) -> None
         p.join()
         assert p.exitcode == 0
     assert [r.reference for r in ImageTable(open_image_db(path)).list()] == ["same"]
+
+
+def test_a_fresh_file_appears_whole_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    _migrate(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db", "x.db.migrate-lock"]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        ids = [r[0] for r in conn.execute("SELECT id FROM ember_migrations ORDER BY id")]
+        assert ids == ["0001", "0002"]
+        conn.execute("INSERT INTO things (name, size) VALUES ('a', 1)")
+    finally:
+        conn.close()
+
+
+def test_a_file_another_layer_created_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    other = sqlite3.connect(path)  # as SQLAlchemy's first connection would: the file exists now
+    other.execute("CREATE TABLE theirs (id INTEGER)")
+    other.commit()
+    try:
+        _migrate(path)
+        tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"theirs", "things", "ember_migrations"} <= tables
+    finally:
+        other.close()
+
+
+def test_a_stale_log_of_a_removed_file_is_not_replayed_into_a_new_one(tmp_path: Path) -> None:
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO things (name) VALUES ('from a store that is gone')")
+    wal = Path(f"{old}-wal").read_bytes()  # the log as a crash would leave it
+    conn.close()
+    path = tmp_path / "x.db"
+    Path(f"{path}-wal").write_bytes(wal)
+    _migrate(path)
+    db = LocalDatabase(path, "test", AREA_MIGRATIONS)
+    with db.read() as conn:
+        assert conn.execute("SELECT count(*) FROM things").fetchone()[0] == 0
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -15,8 +15,9 @@ concurrent pull is about to record.
 while the layers still download: whoever applies the layers (``ember image
 unpack``, a snapshot chain) asks ``Pulling.layer_path(i)``, which waits for
 that one verified blob, so applying layer 1 overlaps downloading layers 2..n.
-The image is recorded only when everything was fetched and the caller's work
-succeeded.
+The image is recorded as soon as everything is fetched, in a thread beside the
+caller's work; a caller that fails before then abandons the pull and nothing is
+recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,6 +105,40 @@ class Pulling:
         if download is not None:
             download.result()
         return self._content.path(digest)
+
+
+class _Recorder:
+    """Runs ``store`` in its own thread once every download in ``downloads`` succeeded,
+    unless the pull was abandoned before."""
+
+    def __init__(self, downloads: list[Future[object]], store: Callable[[], None]) -> None:
+        self._downloads = downloads
+        self._store = store
+        self._abandoned = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ember-record", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for f in self._downloads:
+                f.result()
+            if not self._abandoned.is_set():
+                self._store()
+        except BaseException as e:  # a failed download is raised by its waiter too
+            self._error = e
+
+    def wait(self) -> None:
+        """Until recorded; raises what recording raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self) -> None:
+        """Record nothing unless recording has begun; returns once the thread is done
+        (after the downloads not cancelled, which the pool waits for anyway)."""
+        self._abandoned.set()
+        self._thread.join()
 
 
 class ImageService:
@@ -203,21 +238,24 @@ class ImageService:
         # store) runs beside the downloads; ``put`` below repeats it if it failed.
         migrating = threading.Thread(target=self._migrate_quietly, daemon=True)
         migrating.start()
+
+        def record(image: Image) -> None:
+            migrating.join()
+            self.table.put(
+                source.name,
+                manifest_digest=resolved.digest,
+                config_digest=cfg.digest,
+                media_type=manifest.media_type,
+                platform=str(image.platform),
+                size=image.size + cfg.size + len(resolved.data),
+                index_digest=resolved.index_digest,
+            )
+
         # One directory fsync for all the blobs, before the table names them.
         with self.content.batch(), self._fetching(
-            source, resolved, manifest, platform, display
+            source, resolved, manifest, platform, display, record
         ) as pulled:
             yield pulled
-        migrating.join()
-        self.table.put(
-            source.name,
-            manifest_digest=resolved.digest,
-            config_digest=cfg.digest,
-            media_type=manifest.media_type,
-            platform=str(pulled.image.platform),
-            size=pulled.image.size + cfg.size + len(resolved.data),
-            index_digest=resolved.index_digest,
-        )
 
     def _migrate_quietly(self) -> None:
         with suppress(Exception):
@@ -231,10 +269,17 @@ class ImageService:
         manifest: ImageManifest,
         platform: Platform | None,
         display: PullProgress,
+        record: Callable[[Image], None],
     ) -> Iterator[Pulling]:
         """Config and layers at once: the layers go to worker threads while this
-        thread fetches and checks the config; the image is handed out then, and
-        the manifest stored once the body returned and every layer is in.
+        thread fetches and checks the config; the image is handed out then.
+
+        Once every layer is in, a recorder thread stores the manifest, makes the
+        blob names durable and records the image (``record``), while the caller
+        may still be applying the last layers: that work (a few fsyncs) is off
+        its path.  A caller that fails before then abandons the pull: nothing is
+        recorded.  Leaving the block waits for the recorder and raises what
+        failed.
 
         A config that makes the image unusable stops the pull before any queued
         layer starts (those already downloading finish: they are verified blobs).
@@ -248,29 +293,42 @@ class ImageService:
         # concurrent.futures (and the logging it imports, ~4 ms) only when something downloads
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_BLOBS, len(todo)))) as pool:
+        # one worker more than layers at once: the config's, so that it is asked for first
+        workers = max(1, min(MAX_PARALLEL_BLOBS, len(todo))) + 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            config_fetch = pool.submit(source.fetch, cfg, self.content, None)
             downloads: dict[Digest, Future[object]] = {
                 d.digest: pool.submit(
                     source.fetch, d, self.content, display.blob(d, f"layer {i + 1}/{len(todo)}")
                 )
                 for i, d in enumerate(todo)
             }
+            recorder: _Recorder | None = None
             try:
-                source.fetch(cfg, self.content, None)
+                config_fetch.result()
                 config = parse_config(self.content.read_bytes(cfg.digest))
                 image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
                 if platform is not None and not platform.matches(image.platform):
                     raise NoMatchingPlatform(
                         f"{source.name} is for {image.platform}, not {platform}"
                     )
+
+                def store_and_record() -> None:
+                    # last: a failed pull leaves no manifest whose blobs are missing
+                    self.content.put_bytes(resolved.data, resolved.digest)
+                    self.content.sync_names()  # before the table names the blobs
+                    record(image)
+
+                recorder = _Recorder(list(downloads.values()), store_and_record)
                 yield Pulling(image, self.content, downloads)
                 for f in downloads.values():
                     f.result()
-                # last: a failed pull leaves no manifest whose blobs are missing
-                self.content.put_bytes(resolved.data, resolved.digest)
+                recorder.wait()
             except BaseException:
                 for f in downloads.values():
                     f.cancel()
+                if recorder is not None:
+                    recorder.abandon()
                 raise
 
     # -- local queries -------------------------------------------------------

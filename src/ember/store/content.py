@@ -72,6 +72,15 @@ class ContentStore:
             for d in dirs:
                 fsync_dir(d)
 
+    def sync_names(self) -> None:
+        """Make the names of the blobs committed so far durable now, inside a batch too
+        (before recording something that names them while the batch goes on)."""
+        with self._batch_lock:
+            dirs = sorted(self._unsynced)
+            self._unsynced.clear()
+        for d in dirs:
+            fsync_dir(d)
+
     def _published(self, directory: Path) -> None:
         """A blob was just renamed into ``directory``: make that durable now or at batch end."""
         with self._batch_lock:

@@ -15,13 +15,15 @@ file the other created.
 from __future__ import annotations
 
 import fcntl
+import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ember.fsutil import fsync_dir
 from ember.store.errors import DatabaseError
 
 _MIGRATIONS_DDL = """
@@ -107,22 +109,64 @@ class LocalDatabase:
         self._migrated = True
 
     def _migrate_locked(self) -> None:
+        if not self.path.exists() and self._create_locked():
+            return
         with self._transaction("IMMEDIATE") as conn:
-            conn.execute(_MIGRATIONS_DDL)
-            done = {
-                row[0]
-                for row in conn.execute(
-                    "SELECT id FROM ember_migrations WHERE area = ?", (self.area,)
-                )
-            }
-            for m in self._migrations:
-                if m.id in done:
-                    continue
-                for statement in _statements(m.sql):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO ember_migrations (area, id) VALUES (?, ?)", (self.area, m.id)
-                )
+            self._apply_pending(conn)
+
+    def _apply_pending(self, conn: sqlite3.Connection) -> None:
+        conn.execute(_MIGRATIONS_DDL)
+        done = {
+            row[0]
+            for row in conn.execute("SELECT id FROM ember_migrations WHERE area = ?", (self.area,))
+        }
+        for m in self._migrations:
+            if m.id in done:
+                continue
+            for statement in _statements(m.sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO ember_migrations (area, id) VALUES (?, ?)", (self.area, m.id))
+
+    def _create_locked(self) -> bool:
+        """A fresh store: build the whole file beside its name and link it into place.
+
+        Creating it in place costs eight fsyncs (the switch to WAL is a journaled
+        write, then the migrations, then the checkpoint when the connection
+        closes); this costs two, and the file appears complete or not at all.
+        False if another layer created the file meanwhile (it is migrated in place).
+        """
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        _remove_with_sidecars(tmp)
+        try:
+            try:
+                conn = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    # nothing can be lost: the file is not linked in before its fsync below
+                    conn.execute("PRAGMA journal_mode=OFF")
+                    conn.execute("PRAGMA synchronous=OFF")
+                    conn.execute("BEGIN")
+                    self._apply_pending(conn)
+                    conn.execute("COMMIT")
+                    conn.execute("PRAGMA journal_mode=WAL")
+                finally:
+                    conn.close()
+            except sqlite3.Error as e:
+                raise DatabaseError(f"cannot create database {self.path}: {e}") from None
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # a write-ahead log left by a file that is gone would be replayed into this one
+            _remove_with_sidecars(self.path, keep_main=True)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+        finally:
+            _remove_with_sidecars(tmp)
+        fsync_dir(self.path.parent)
+        return True
 
     @contextmanager
     def begin(self) -> Iterator[sqlite3.Connection]:
@@ -137,6 +181,14 @@ class LocalDatabase:
         self.migrate()
         with self._transaction("DEFERRED") as conn:
             yield conn
+
+
+def _remove_with_sidecars(path: Path, *, keep_main: bool = False) -> None:
+    """Remove a database file's write-ahead log and shared-memory index (and the file)."""
+    names = ["-wal", "-shm", "-journal"] if keep_main else ["", "-wal", "-shm", "-journal"]
+    for suffix in names:
+        with suppress(FileNotFoundError):
+            os.unlink(f"{path}{suffix}")
 
 
 def _statements(sql: str) -> list[str]:
