@@ -325,3 +325,64 @@ def test_a_session_applies_root_after_root_with_one_child(tmp_path: Path, layers
         assert _session_pid(session) not in pids
     assert _children() == children_before
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_preforked_applier_applies_confined_and_leaves_nothing(root: Path, layers: Layers) -> None:
+    """The child forked ahead (``ember image unpack`` forks it before the pull) applies
+    the layers as a freshly forked one does, confined to the root."""
+    from ember.unpack import PreforkedApplier, apply_layers
+
+    children_before = _children()
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    first = layers.blob(tar_bytes([reg("a", b"1"), sym("abs", "/etc"), sym("up", "../../..")]), "gzip")
+    second = layers.blob(tar_bytes([reg("b", b"2")]), "gzip")
+    with PreforkedApplier() as applier:
+        waiting = applier._pid  # type: ignore[attr-defined]
+        assert waiting in _children()
+        stats = apply_layers(root, [first, second], applier=applier)
+        assert waiting not in _children()  # it did the work and was reaped
+    assert stats.layers == 2
+    assert (root / "a").read_bytes() == b"1" and (root / "b").read_bytes() == b"2"
+    assert os.readlink(root / "abs") == "/etc" and os.readlink(root / "up") == "../../.."
+    # through a link that climbs out: the chroot keeps the write inside the root
+    escape = layers.blob(tar_bytes([reg("up/escaped", b"x")]), "gzip")
+    with PreforkedApplier() as applier:
+        apply_layers(root, [escape], applier=applier)
+    assert (root / "escaped").read_bytes() == b"x"
+    assert not (root.parent / "escaped").exists() and not Path("/escaped").exists()
+    assert _children() == children_before
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_an_unused_or_dead_preforked_applier_costs_nothing(root: Path, layers: Layers) -> None:
+    import signal
+
+    from ember.unpack import PreforkedApplier, apply_layers
+
+    children_before = _children()
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    with PreforkedApplier():
+        pass  # never handed work: it reads EOF and is reaped
+    blob = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
+    with PreforkedApplier() as applier:
+        os.kill(applier._pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        os.waitid(os.P_PID, applier._pid, os.WEXITED | os.WNOWAIT)  # type: ignore[attr-defined]
+        stats = apply_layers(root, [blob], applier=applier)  # a new child is forked instead
+    assert stats.layers == 1 and (root / "a").read_bytes() == b"1"
+    assert _children() == children_before
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_session_started_ahead_applies_with_the_child_it_forked(root: Path, layers: Layers) -> None:
+    from ember.unpack import LayerSession
+
+    children_before = _children()
+    with LayerSession() as session:
+        session.start()
+        pid = _session_pid(session)
+        assert pid in _children()
+        session.start()  # idempotent
+        assert _session_pid(session) == pid
+        session.apply(root, *layers.blob(tar_bytes([reg("a", b"1")]), "gzip"))
+        assert _session_pid(session) == pid and (root / "a").read_bytes() == b"1"
+    assert _children() == children_before

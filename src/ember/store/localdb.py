@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ember.fsutil import fsync_dir
 from ember.store.errors import DatabaseError
 
 _MIGRATIONS_DDL = """
@@ -135,6 +134,8 @@ class LocalDatabase:
         closes); this costs two, and the file appears complete or not at all.
         False if another layer created the file meanwhile (it is migrated in place).
         """
+        from ember.fsutil import fsync_dir  # (tempfile, shutil): not for every `image ls`
+
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
         _remove_with_sidecars(tmp)
         try:
