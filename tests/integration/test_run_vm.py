@@ -131,7 +131,8 @@ SERVER = (
 
 
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
-    res = ember("run", "-d", "--name", "web", "-p", "8080:80", busybox, "sh", "-c", SERVER)
+    # -p 80: a host port left for ember to choose, as docker does
+    res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", busybox, "sh", "-c", SERVER)
     assert res.returncode == 0, res.stderr
     try:
         deadline = time.monotonic() + 120
@@ -141,9 +142,17 @@ def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> No
         (row,) = json.loads(ps.stdout)
         assert row["name"] == "web" and row["status"] == "running"
         gateway = row["network"]["gateway"]
+        chosen = next(p["host_port"] for p in row["network"]["ports"] if p["host_port"] != 8080)
         # from the host itself: loopback and the host's own address on the TAP
         assert fetch(ember, "http://127.0.0.1:8080/index.html") == "hello over -p\n"
         assert fetch(ember, f"http://{gateway}:8080/index.html") == "hello over -p\n"
+        assert fetch(ember, f"http://127.0.0.1:{chosen}/index.html") == "hello over -p\n"
+        assert ember("port", "web", "80", check=True).stdout.split() == [
+            "0.0.0.0:8080", f"0.0.0.0:{chosen}"
+        ]
+        assert f"80/tcp -> 0.0.0.0:{chosen}" in ember("port", "web", check=True).stdout
+        missing = ember("port", "web", "81")
+        assert missing.returncode == 1 and "no public port 81/tcp" in missing.stderr
         assert ember("rm", "web").returncode != 0  # running: needs -f
         res = ember("stop", "web")
         assert res.returncode == 0, res.stderr

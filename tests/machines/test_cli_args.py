@@ -20,7 +20,8 @@ def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-p", "80"], "invalid -p '80'"),
+        (["-p", "1:2:3:4"], "invalid -p '1:2:3:4'"),
+        (["-p", "8000-8001:80-82"], "must be the same length"),
         (["-p", "1.2.3.4.5:80:80"], "invalid host address"),
         (["-p", "80:80/sctp"], "unknown protocol"),
         (["-e", "BAD KEY=1"], "invalid environment variable name"),
@@ -54,7 +55,7 @@ def test_args_after_the_image_belong_to_the_program(tmp_path: Path) -> None:
 
 def test_control_commands_on_unknown_machines(tmp_path: Path) -> None:
     for cmd in (["stop", "ghost"], ["kill", "ghost"], ["rm", "ghost"], ["logs", "ghost"],
-                ["inspect", "ghost"]):  # fmt: skip
+                ["inspect", "ghost"], ["port", "ghost"]):  # fmt: skip
         res = ember(tmp_path, *cmd)
         assert res.returncode != 0
         assert "no such machine: ghost" in res.stderr, (cmd, res.stderr)

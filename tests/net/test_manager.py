@@ -92,3 +92,59 @@ def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
 def test_host_nameservers_skip_loopback() -> None:
     conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1%eth0\nsearch lan\nnameserver bogus\n"
     assert host_nameservers(conf) == ("10.0.0.2",)
+
+
+CHOOSE_SCRIPT = """
+import json, socket, subprocess, sys
+from pathlib import Path
+from ember.home import Home
+from ember.net.manager import NetworkManager, NetConfig
+from ember.net.ports import parse_publish
+from ember.errors import EmberError
+
+home = Home(Path(sys.argv[1]))
+mgr = NetworkManager(home, NetConfig(nameservers=("192.0.2.53",)))
+out = {}
+busy = socket.socket()
+busy.bind(("127.0.0.1", 9000))  # a program of the host holds 9000 (on one address)
+busy.listen()
+a = mgr.setup(sys.argv[2], ports=parse_publish("9000-9001:80"))
+out["a"] = [p.to_json() for p in a.ports]
+try:
+    mgr.setup(sys.argv[3], ports=parse_publish("9000-9001:81"))
+except EmberError as e:
+    out["full"] = [type(e).__name__, str(e)]
+c = mgr.setup(sys.argv[4], ports=parse_publish("80") + parse_publish("53/udp") + parse_publish("8080:81"))
+out["c"] = [p.to_json() for p in c.ports]
+out["range"] = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+try:
+    mgr.setup(sys.argv[3], ports=parse_publish("10.9.9.9::80"))
+except EmberError as e:
+    out["foreign"] = [type(e).__name__, str(e)]
+out["nft"] = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True).stdout
+out["state"] = {k[:2]: v["ports"] for k, v in json.loads((home.root / "net" / "state.json").read_text())["machines"].items()}
+for m in sys.argv[2:5]:
+    mgr.teardown(m)
+print(json.dumps(out))
+"""
+
+
+def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> None:
+    res = sh("ip", "netns", "exec", netns, sys.executable, "-c", CHOOSE_SCRIPT, str(tmp_path),
+             ID_A, ID_B, ID_C, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    # 9000 is bound by a program (even on one address only): the range's next port
+    assert out["a"] == [{"host_ip": None, "host_port": 9001, "guest_port": 80, "protocol": "tcp"}]
+    assert out["full"][0] == "PortConflict" and "9000-9001" in out["full"][1]
+    lo, hi = (int(x) for x in out["range"])
+    tcp, udp, fixed = out["c"]
+    assert lo <= tcp["host_port"] <= hi and tcp["guest_port"] == 80 and tcp["protocol"] == "tcp"
+    assert lo <= udp["host_port"] <= hi and udp["protocol"] == "udp"
+    assert fixed["host_port"] == 8080
+    assert out["foreign"][0] == "InvalidPortSpec" and "10.9.9.9" in out["foreign"][1]
+    assert f"tcp dport {tcp['host_port']} " in out["nft"] and f"udp dport {udp['host_port']} " in out["nft"]
+    assert "tcp dport 9001 " in out["nft"]
+    # what is recorded (and what `ember ps` and `ember start` read) is the chosen port
+    assert out["state"]["a1"][0]["host_port"] == 9001 and "host_range" not in out["state"]["a1"][0]
+    assert out["state"]["c3"][0]["host_port"] == tcp["host_port"]

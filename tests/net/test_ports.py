@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from ember.net.errors import InvalidPortSpec
-from ember.net.ports import PortMapping, conflicts, parse_publish
+from ember.net.ports import (
+    DEFAULT_EPHEMERAL,
+    PortMapping,
+    conflicts,
+    ephemeral_range,
+    parse_publish,
+    pick_host_port,
+)
 
 
 @pytest.mark.parametrize(
@@ -34,8 +41,8 @@ def test_parse_ranges_pair_the_ports_in_order() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["80", "", ":80", "80:", "0:80", "80:65536", "a:80", "80:80/sctp", "1.2.3:80:80",
-     "::1:80:80", "[::1]:80:80", "8000-8010:80", "80:8000-8010", "8002-8000:9002-9000", "1-2:3-5",
+    ["", "80:", "0:80", "80:65536", "a:80", "80:80/sctp", "1.2.3:80:80", "0", "/udp",
+     "::1:80:80", "[::1]:80:80", "80:8000-8010", "8002-8000:9002-9000", "1-2:3-5", "1-2000",
      "1-1025:1-1025", "8000-:9000-", "-8000:-9000", "8000--8001:1-3", "1:2:3:4", "080000:80",
      " 80 :80", "+1:80"],
 )  # fmt: skip
@@ -53,3 +60,56 @@ def test_conflicts() -> None:
     assert not conflicts(
         PortMapping(8080, 80, host_ip="127.0.0.1"), PortMapping(8080, 80, host_ip="10.0.0.1")
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ("80", (PortMapping(0, 80),)),
+        ("53/udp", (PortMapping(0, 53, "udp"),)),
+        (":80", (PortMapping(0, 80),)),
+        ("127.0.0.1::80", (PortMapping(0, 80, "tcp", "127.0.0.1"),)),
+        ("80-81", (PortMapping(0, 80), PortMapping(0, 81))),
+        ("8000-8010:80", (PortMapping(0, 80, host_range=(8000, 8010)),)),
+        ("10.0.0.1:8000-8001:80/udp", (PortMapping(0, 80, "udp", "10.0.0.1", (8000, 8001)),)),
+    ],
+)
+def test_parse_host_ports_left_to_choose(spec: str, want: tuple[PortMapping, ...]) -> None:
+    got = parse_publish(spec)
+    assert got == want
+    assert not any(m.chosen for m in got)
+    assert tuple(PortMapping.from_json(m.to_json()) for m in got) == want
+
+
+def test_pick_host_port_skips_published_and_bound_ports() -> None:
+    published = [PortMapping(32768, 1), PortMapping(32770, 1, host_ip="127.0.0.1")]
+    bound = {32769}
+    wanted = PortMapping(0, 80)
+
+    def bindable(m: PortMapping) -> bool:
+        return m.host_port not in bound
+
+    eph = range(32768, 32772)
+    got = pick_host_port(wanted, published, eph, bindable)
+    assert got == PortMapping(32771, 80)  # 32770 overlaps: an unspecified address takes all
+    # another address does not overlap 32770 on 127.0.0.1
+    assert pick_host_port(PortMapping(0, 80, host_ip="10.0.0.1"), published, eph, bindable) == (
+        PortMapping(32770, 80, host_ip="10.0.0.1")
+    )
+    assert pick_host_port(wanted, published, eph, bindable, start=3) == PortMapping(32771, 80)
+    assert pick_host_port(wanted, [*published, PortMapping(32771, 9)], eph, bindable) is None
+    # udp is another space
+    assert pick_host_port(PortMapping(0, 80, "udp"), published, eph, bindable) == PortMapping(
+        32768, 80, "udp"
+    )
+    ranged = PortMapping(0, 80, host_range=(9000, 9002))
+    assert pick_host_port(ranged, [PortMapping(9000, 1)], eph, bindable) == PortMapping(9001, 80)
+    fixed = PortMapping(8080, 80)
+    assert pick_host_port(fixed, [fixed], eph, bindable) is fixed  # chosen already: kept
+
+
+def test_ephemeral_range() -> None:
+    assert ephemeral_range("32768\t60999\n") == range(32768, 61000)
+    assert ephemeral_range("1024 1024") == range(1024, 1025)
+    for bad in ("", "x y", "60999 32768", "0 10", "1 70000", "1 2 3"):
+        assert ephemeral_range(bad) == DEFAULT_EPHEMERAL

@@ -1,4 +1,4 @@
-"""``ember ps/logs/stop/kill/rm/inspect``: machines, docker-style."""
+"""``ember ps/logs/stop/kill/rm/inspect/port``: machines, docker-style."""
 
 from __future__ import annotations
 
@@ -212,4 +212,41 @@ def inspect(machines: tuple[str, ...]) -> None:
     print_json(out)
 
 
-commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect]
+def port_lines(ports: list[dict[str, Any]], query: str | None) -> list[str]:
+    """``ember port``'s lines, docker's format: ``80/tcp -> 0.0.0.0:8080`` for each
+    mapping, or only ``0.0.0.0:8080`` for the mappings of ``query`` (``80``, ``53/udp``)."""
+    want: tuple[int, str] | None = None
+    if query is not None:
+        number, _, proto = query.partition("/")
+        proto = proto.lower() or "tcp"
+        if not number.isdigit() or proto not in ("tcp", "udp"):
+            raise click.BadParameter(f"{query!r}: expected PORT or PORT/tcp|udp", param_hint="PORT")
+        want = (int(number), proto)
+    out = []
+    for p in sorted(ports, key=lambda p: (p["protocol"], p["guest_port"], p["host_port"])):
+        host = f"{p.get('host_ip') or '0.0.0.0'}:{p['host_port']}"
+        if want is None:
+            out.append(f"{p['guest_port']}/{p['protocol']} -> {host}")
+        elif (p["guest_port"], p["protocol"]) == want:
+            out.append(host)
+    return out
+
+
+@click.command()
+@click.argument("machine")
+@click.argument("port", required=False)
+def port(machine: str, port: str | None) -> None:
+    """Show a running machine's published ports (or where guest PORT[/PROTO] is published)."""
+    from ember.machines.state import RUNNING
+
+    st = find_machine(machine)
+    ports = st.network.get("ports", []) if st.network and st.status == RUNNING else []
+    lines = port_lines(ports, port)
+    if port is not None and not lines:
+        spec = port if "/" in port else f"{port}/tcp"
+        raise EmberError(f"no public port {spec} is published for {st.name}")
+    for line in lines:
+        click.echo(line)
+
+
+commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port]

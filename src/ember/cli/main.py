@@ -31,6 +31,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "kill": ("ember.cli.machines",),
     "rm": ("ember.cli.machines",),
     "inspect": ("ember.cli.machines",),
+    "port": ("ember.cli.machines",),
     "agent": ("ember.cli.agent",),
 }
 

@@ -162,7 +162,8 @@ def _follow(
 @click.option("-u", "--user", help="NAME, UID, NAME:GROUP or UID:GID (resolved in the image).")
 @click.option("-w", "--workdir", help="Working directory inside the machine.")
 @click.option("-p", "--publish", "publish", multiple=True,
-              metavar="[HOST_IP:]HOST_PORT[-END]:GUEST_PORT[-END][/tcp|udp]", help="Publish a port (or a range).")  # fmt: skip
+              metavar="[[HOST_IP:][HOST_PORT[-END]]:]GUEST_PORT[-END][/tcp|udp]",
+              help="Publish a port (or a range); without HOST_PORT, or with a host range for one port, ember picks a free one.")  # fmt: skip
 @click.option("--memory", "-m", "memory", default="512", show_default=True,
               help="Guest memory in MiB (or with a unit: 1G).")  # fmt: skip
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)

@@ -8,10 +8,13 @@ state, so the rules always match what is allocated.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import json
 import re
+import secrets
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,9 +25,9 @@ from ember.config import config_section
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.net import ipam, netfilter, tap
-from ember.net.errors import NetworkError, PortConflict
+from ember.net.errors import InvalidPortSpec, NetworkError, PortConflict
 from ember.net.nftables import TAP_PREFIX, MachineRules, check_network_name, render_ruleset
-from ember.net.ports import PortMapping, conflicts
+from ember.net.ports import PortMapping, conflicts, ephemeral_range, pick_host_port
 
 #: Docker's fallback when the host has no usable (non-loopback) resolver
 FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
@@ -189,20 +192,24 @@ class NetworkManager:
         with self._locked() as state:
             if machine_id in state["machines"]:
                 raise NetworkError(f"machine {machine_id[:12]} already has a network")
+            taken: list[PortMapping] = []
+            fixed = [m for m in ports if m.chosen]
             for other in state["machines"].values():
                 for theirs in MachineNetwork.from_json(other).ports:
-                    for mine in ports:
+                    taken.append(theirs)
+                    for mine in fixed:
                         if conflicts(mine, theirs):
                             raise PortConflict(
                                 f"host port {mine.host_port}/{mine.protocol} is already "
                                 f"published by machine {other['machine_id'][:12]}"
                             )
-            for i, first in enumerate(ports):
-                for second in ports[i + 1 :]:
+            for i, first in enumerate(fixed):
+                for second in fixed[i + 1 :]:
                     if conflicts(first, second):
                         raise PortConflict(
                             f"host port {first.host_port}/{first.protocol} given twice"
                         )
+            ports = _choose_host_ports(ports, [*taken, *fixed])
             subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
             used = {int(m["slot"]) for m in state["machines"].values()}
             slot = ipam.first_free(subnet, state["prefix"], used)
@@ -245,3 +252,48 @@ class NetworkManager:
             if entry is not None:
                 self._save(state)
             self._apply_rules(state)
+
+
+# ---- host ports left to choose (`-p 80`, `-p 8000-8010:80`) --------------------------------
+
+
+def _choose_host_ports(
+    ports: Sequence[PortMapping], taken: Sequence[PortMapping]
+) -> tuple[PortMapping, ...]:
+    """``ports`` with every host port left open chosen: not published by a machine, not
+    bound by a program on the host.  From the host's ephemeral range Docker-like, at a
+    random place in it (two hosts' worth of machines do not all race for its first port);
+    from a range the user gave, its first free port."""
+    if all(m.chosen for m in ports):
+        return tuple(ports)
+    try:
+        ephemeral = ephemeral_range(Path(_EPHEMERAL_RANGE).read_text())
+    except OSError:
+        ephemeral = ephemeral_range("")
+    out: list[PortMapping] = []
+    for m in ports:
+        start = 0 if m.host_range is not None else secrets.randbelow(len(ephemeral))
+        got = pick_host_port(m, [*taken, *out], ephemeral, _bindable, start=start)
+        if got is None:
+            where = "the host's ephemeral range" if m.host_range is None else "its range"
+            raise PortConflict(f"no host port of {where} is free for -p {m}")
+        out.append(got)
+    return tuple(out)
+
+
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _bindable(m: PortMapping) -> bool:
+    """Whether a program on the host could bind ``m``'s host port now (none holds it)."""
+    kind = socket.SOCK_STREAM if m.protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((m.host_ip or "0.0.0.0", m.host_port))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise InvalidPortSpec(
+                    f"-p {m}: {m.host_ip} is not an address of this host"
+                ) from None
+            return False
+    return True

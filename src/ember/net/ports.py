@@ -1,46 +1,77 @@
-"""``-p [HOST_IP:]HOST_PORT[-END]:GUEST_PORT[-END][/tcp|udp]`` (pure)."""
+"""``-p [[HOST_IP:][HOST_PORT[-END]]:]GUEST_PORT[-END][/tcp|udp]`` (pure).
+
+Docker's forms: ``HOST:GUEST`` publishes a fixed host port; ``GUEST`` alone (or
+an empty host port, ``127.0.0.1::80``) leaves the host port to choose from the
+host's ephemeral range; a host range for one guest port (``8000-8010:80``)
+leaves it to choose from that range.  Choosing needs the host (which ports are
+taken, which are bound): ``pick_host_port`` takes both as arguments.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from ember.net.errors import InvalidPortSpec
 
 PROTOCOLS = ("tcp", "udp")
 #: ports one ``-p`` range may publish (each is a DNAT rule)
 MAX_RANGE = 1024
+#: Linux's default ``net.ipv4.ip_local_port_range``
+DEFAULT_EPHEMERAL = range(32768, 61000)
 
 
 @dataclass(frozen=True)
 class PortMapping:
+    #: 0: still to choose (from ``host_range``, else from the host's ephemeral range)
     host_port: int
     guest_port: int
     protocol: str = "tcp"
     #: None: every local address of the host
     host_ip: str | None = None
+    #: FIRST, LAST (inclusive) of the host ports to choose from, for ``host_port`` 0
+    host_range: tuple[int, int] | None = None
+
+    @property
+    def chosen(self) -> bool:
+        return self.host_port != 0
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "host_ip": self.host_ip,
             "host_port": self.host_port,
             "guest_port": self.guest_port,
             "protocol": self.protocol,
         }
+        if self.host_range is not None:
+            out["host_range"] = list(self.host_range)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> PortMapping:
         host_ip = d.get("host_ip")
+        bounds = d.get("host_range")
+        host_range = None
+        if isinstance(bounds, list) and len(bounds) == 2:
+            host_range = (int(bounds[0]), int(bounds[1]))
         return cls(
             host_port=int(d["host_port"]),  # type: ignore[call-overload]
             guest_port=int(d["guest_port"]),  # type: ignore[call-overload]
             protocol=str(d.get("protocol", "tcp")),
             host_ip=str(host_ip) if host_ip is not None else None,
+            host_range=host_range,
         )
 
     def __str__(self) -> str:
         host = f"{self.host_ip}:" if self.host_ip else ""
-        return f"{host}{self.host_port}->{self.guest_port}/{self.protocol}"
+        if self.chosen:
+            port = str(self.host_port)
+        elif self.host_range is not None:
+            port = f"{self.host_range[0]}-{self.host_range[1]}"
+        else:
+            port = "(any)"
+        return f"{host}{port}->{self.guest_port}/{self.protocol}"
 
 
 def _port(text: str, spec: str) -> int:
@@ -66,9 +97,20 @@ def _ports(text: str, spec: str) -> range:
     return range(lo, hi + 1)
 
 
+def _host_ip(text: str, spec: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidPortSpec(f"invalid host address {text!r} in -p {spec!r}") from None
+    if addr.version != 4:
+        raise InvalidPortSpec(f"only IPv4 host addresses are supported in -p {spec!r}")
+    return None if addr.is_unspecified else str(addr)
+
+
 def parse_publish(spec: str) -> tuple[PortMapping, ...]:
-    """Parse one ``-p`` value: one mapping, or one per port of equal host and guest ranges
-    (Docker's ``-p 8000-8002:9000-9002``).  IPv6 host addresses are not supported (yet)."""
+    """Parse one ``-p`` value: one mapping per guest port.  Equal host and guest ranges
+    pair their ports in order (``-p 8000-8002:9000-9002``); host ports left to choose
+    have ``host_port`` 0.  IPv6 host addresses are not supported (yet)."""
     text = spec.strip()
     proto = "tcp"
     if "/" in text:
@@ -77,27 +119,25 @@ def parse_publish(spec: str) -> tuple[PortMapping, ...]:
         if proto not in PROTOCOLS:
             raise InvalidPortSpec(f"unknown protocol {proto!r} in -p {spec!r} (tcp or udp)")
     parts = text.split(":")
-    if len(parts) == 2:
-        host_ip = None
+    host_ip: str | None = None
+    if len(parts) == 1:
+        host_port, guest_port = "", parts[0]
+    elif len(parts) == 2:
         host_port, guest_port = parts
     elif len(parts) == 3:
-        host_ip, host_port, guest_port = parts
-        try:
-            addr = ipaddress.ip_address(host_ip)
-        except ValueError:
-            raise InvalidPortSpec(f"invalid host address {host_ip!r} in -p {spec!r}") from None
-        if addr.version != 4:
-            raise InvalidPortSpec(f"only IPv4 host addresses are supported in -p {spec!r}")
-        host_ip = str(addr)
-        if addr.is_unspecified:
-            host_ip = None
+        host_ip = _host_ip(parts[0], spec)
+        host_port, guest_port = parts[1], parts[2]
     else:
         raise InvalidPortSpec(
-            f"invalid -p {spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]"
+            f"invalid -p {spec!r}: expected [[HOST_IP:][HOST_PORT]:]GUEST_PORT[/tcp|udp]"
         )
-    hosts, guests = _ports(host_port, spec), _ports(guest_port, spec)
+    guests = _ports(guest_port, spec)
+    if not host_port:  # Docker's `-p 80` and `-p 127.0.0.1::80`: ephemeral host ports
+        return tuple(PortMapping(0, g, proto, host_ip) for g in guests)
+    hosts = _ports(host_port, spec)
+    if len(hosts) > 1 and len(guests) == 1:  # one free port of the host range
+        return (PortMapping(0, guests[0], proto, host_ip, (hosts[0], hosts[-1])),)
     if len(hosts) != len(guests):
-        # (Docker picks one free port of a host range for a single guest port: not done)
         raise InvalidPortSpec(
             f"invalid -p {spec!r}: the host and guest port ranges must be the same length"
         )
@@ -109,3 +149,49 @@ def conflicts(a: PortMapping, b: PortMapping) -> bool:
     if a.protocol != b.protocol or a.host_port != b.host_port:
         return False
     return a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip
+
+
+def ephemeral_range(text: str) -> range:
+    """The host's ephemeral ports from ``/proc/sys/net/ipv4/ip_local_port_range``
+    ("FIRST\\tLAST"); Linux's default when the text makes no sense."""
+    try:
+        lo, hi = (int(x) for x in text.split())
+    except ValueError:
+        return DEFAULT_EPHEMERAL
+    if not 1 <= lo <= hi <= 65535:
+        return DEFAULT_EPHEMERAL
+    return range(lo, hi + 1)
+
+
+def pick_host_port(
+    wanted: PortMapping,
+    taken: Sequence[PortMapping],
+    ephemeral: range,
+    bindable: Callable[[PortMapping], bool],
+    *,
+    start: int = 0,
+) -> PortMapping | None:
+    """``wanted`` with a host port chosen: the first of its candidates (its range, else
+    ``ephemeral``; from the ``start``-th on, wrapping round) that no mapping in ``taken``
+    claims and ``bindable`` accepts (nothing on the host listens there); None if none is left."""
+    if wanted.chosen:
+        return wanted
+    candidates = (
+        range(wanted.host_range[0], wanted.host_range[1] + 1)
+        if wanted.host_range is not None
+        else ephemeral
+    )
+    for port in _rotated(candidates, start):
+        candidate = replace(wanted, host_port=port, host_range=None)
+        if any(conflicts(candidate, t) for t in taken):
+            continue
+        if bindable(candidate):
+            return candidate
+    return None
+
+
+def _rotated(ports: range, start: int) -> Iterable[int]:
+    if not ports:
+        return []
+    k = start % len(ports)
+    return [*ports[k:], *ports[:k]]
