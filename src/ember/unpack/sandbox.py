@@ -235,6 +235,24 @@ class _Reports:
         return report if isinstance(report, dict) else None
 
 
+def _fork_with_socket(child_main: Callable[[socket.socket], None]) -> tuple[int, socket.socket]:
+    """Fork a child that runs ``child_main`` (which never returns) on one end of a
+    socket pair; the child's pid and the parent's end."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        pid = os.fork()
+    except BaseException:
+        parent.close()
+        child.close()
+        raise
+    if pid == 0:
+        parent.close()
+        child_main(child)
+        os._exit(1)  # not reached: child_main exits
+    child.close()
+    return pid, parent
+
+
 class PreforkedApplier:
     """An applier child forked ahead of its work, waiting for its root and layers.
 
@@ -245,19 +263,9 @@ class PreforkedApplier:
     """
 
     def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            pid = os.fork()
-        except BaseException:
-            parent.close()
-            child.close()
-            raise
-        if pid == 0:
-            parent.close()
-            _waiting_child(child)
-        child.close()
+        pid, ctl = _fork_with_socket(_waiting_child)
         self._pid: int = pid
-        self._ctl: socket.socket | None = parent
+        self._ctl: socket.socket | None = ctl
 
     def __enter__(self) -> PreforkedApplier:
         return self
@@ -469,19 +477,9 @@ class ApplierSession:
         self.close()
 
     def _start(self) -> socket.socket:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except BaseException:
-            parent.close()
-            child.close()
-            raise
-        if pid == 0:
-            parent.close()
-            _session_child(child)
-        child.close()
-        self._pid, self._ctl = pid, parent
-        return parent
+        self._pid, ctl = _fork_with_socket(_session_child)
+        self._ctl = ctl
+        return ctl
 
     def _recv(self) -> dict[str, object] | None:
         assert self._ctl is not None
