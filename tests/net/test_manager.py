@@ -84,7 +84,7 @@ def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
     assert out["conflict"][0] == "PortConflict" and "8080/tcp" in out["conflict"][1]
     assert out["links_after_conflict"] == out["links"]
     assert out["links_after_a"] == ["em-b2b2b2b2b2b2"]
-    assert "dnat" not in out["nft_after_a"]
+    assert "dnat ip to" not in out["nft_after_a"]
     assert out["c"]["guest_ip"] == "172.30.0.2"
     assert out["links_end"] == [] and out["nft_end"] is None and out["state_end"] == {}
 

@@ -113,6 +113,12 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
         # same network (default): allowed; other network: dropped
         assert fetch(g3, a.guest_ip, 80).startswith("HTTP/1.0 200")
         assert fetch(g2, a.guest_ip, 80).startswith("FAIL")
+        # a published port is public, as with Docker: another network's machine reaches
+        # it through a host address, and so does the machine itself (hairpin)
+        assert fetch(g2, "172.30.0.5", 8080).startswith("HTTP/1.0 200")
+        assert fetch(g1, "172.30.0.1", 8080).startswith("HTTP/1.0 200")
+        assert fetch(g1, "172.30.0.9", 8080).startswith("HTTP/1.0 200")
+        assert fetch(g2, a.guest_ip, 80).startswith("FAIL")  # still only the published port
         # after the machine is gone the port is no longer published
         script = render_ruleset([b, c], subnet="172.30.0.0/16", egress=True)
         subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script,

@@ -6,7 +6,9 @@ goes (no rule handles to track, nothing half-applied, and ``nft delete table
 inet ember`` removes all of it).  The table holds:
 
 - ``forward`` (filter): replies pass; machines of the same network may talk
-  (a named ifname set per network); any other TAP-to-TAP traffic is dropped.
+  (a named ifname set per network); a published port may be reached from any
+  machine through a host address (``ct status dnat``, as with Docker); any
+  other TAP-to-TAP traffic is dropped.
   The policy stays ``accept`` so ember does not change the host's other traffic.
 - ``prerouting``/``output`` (nat): DNAT for published ports.  ``output`` makes a
   published port reachable from the host itself; for 127.0.0.0/8 the TAP gets
@@ -14,7 +16,9 @@ inet ember`` removes all of it).  The table holds:
   Docker does without its userland proxy).  Chosen over a userspace proxy: no
   process per machine, no copy through Python, same path for UDP.
 - ``postrouting`` (nat): masquerade of machine traffic leaving through a non-ember
-  interface (egress NAT), when enabled.
+  interface (egress NAT), when enabled; and of machine-to-published-port traffic
+  (so that a machine reaching its own published port, hairpin, gets the reply
+  back through the host).
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
         f'\t\toifname "{TAP_PREFIX}*" ct state established,related accept',
     ]
     body += [f"\t\tiifname @nw_{n} oifname @nw_{n} accept" for n in sorted(networks)]
+    # a published port is public: any machine may reach it through a host address
+    body += [f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" ct status dnat accept']
     body += [f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" drop', "\t}"]
     dnat = _dnat_rules(machines)
     for chain, hook, prio in (("prerouting", "prerouting", "dstnat"), ("output", "output", "-100")):
@@ -110,6 +116,9 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         f'\t\toifname "{TAP_PREFIX}*" ip saddr 127.0.0.0/8 masquerade',
+        # a machine reaching a published port through a host address (its own: hairpin)
+        # sees the host as the client, so that the reply comes back through the host
+        f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" ct status dnat masquerade',
     ]
     if egress:
         body.append(f'\t\tip saddr {subnet} oifname != "{TAP_PREFIX}*" masquerade')
