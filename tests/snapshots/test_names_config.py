@@ -69,3 +69,13 @@ def test_check_modes() -> None:
         assert SnapshotConfig.from_dict({"check": mode}).check == mode
     with pytest.raises(ConfigError, match="snapshots.check must be one of top, full, none"):
         SnapshotConfig.from_dict({"check": "fast"})
+
+
+def test_host_reserve() -> None:
+    assert SnapshotConfig().host_reserve == 1 << 30
+    assert SnapshotConfig.from_dict({"host_reserve": "256M"}).host_reserve == 256 << 20
+    for off in (0, "0"):
+        assert SnapshotConfig.from_dict({"host_reserve": off}).host_reserve == 0
+    for bad in ("lots", -1, "1K", True):
+        with pytest.raises(ConfigError, match="host_reserve"):
+            SnapshotConfig.from_dict({"host_reserve": bad})

@@ -339,3 +339,36 @@ def test_a_builder_clones_its_own_unfinished_snapshot(home: Home) -> None:
     with pytest.raises(SnapshotError, match="not a builder"):
         snap.prepare_held("build/three", A, source=A)  # a committed one is not a source
     assert not snap.exists("build/three")
+
+
+def test_no_new_disk_when_the_host_under_the_pool_file_is_nearly_full(tmp_path: Path) -> None:
+    """The pool file is thin: ember stops adding disks before the host file system under
+    it fills (a block the host cannot place would be an I/O error for the whole pool)."""
+    from ember.snapshots.errors import PoolError
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    img = tmp_path / "host.img"
+    with open(img, "wb") as f:
+        f.truncate(768 << 20)
+    subprocess.run(["mkfs.ext4", "-F", "-q", str(img)], check=True, capture_output=True)
+    mnt = tmp_path / "host"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        h = make_home(mnt / "home", pool_size="512M", host_reserve="200M")
+        snap = Snapshotter(h)
+        assert snap.pool.kind == LOOPFILE
+        _commit_with(snap, A, None, {"a": b"1"})
+        st = os.statvfs(mnt)
+        filler = mnt / "filler"
+        subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - (100 << 20)), filler],
+                       check=True)  # fmt: skip
+        with pytest.raises(PoolError, match="host_reserve") as refused:
+            snap.prepare("machine-1", A)
+        assert refused.value.hint and "ember gc" in refused.value.hint
+        assert [i.name for i in snap.list()] == [A]  # nothing half-made
+        filler.unlink()
+        snap.prepare("machine-1", A)  # room again
+        teardown_home(h)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -5,7 +5,8 @@
     {"snapshots": {"backend": "auto" | "reflink" | "copy",
                    "base_size": "8G",      # the empty ext4 every image chain starts from
                    "pool_size": "64G",     # sparse XFS pool file, only when $EMBER_HOME has no reflinks
-                   "check": "top" | "full" | "none"}}
+                   "check": "top" | "full" | "none",
+                   "host_reserve": "1G"}}  # free space kept under a pool file: 0 turns it off
     # check "top" (default): every built layer's superblock (clean unmount, no errors, no
     # journal to replay), and e2fsck -fn of an image's top snapshot, the one machines boot;
     # "full": e2fsck -fn of every layer too; "none": no check
@@ -30,6 +31,7 @@ CHECKS = ("top", "full", "none")
 GiB = 1 << 30
 DEFAULT_BASE_SIZE = 8 * GiB
 DEFAULT_POOL_SIZE = 64 * GiB
+DEFAULT_HOST_RESERVE = 1 * GiB
 MIN_SIZE = 64 << 20
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -63,6 +65,8 @@ class SnapshotConfig:
     base_size: int = DEFAULT_BASE_SIZE
     pool_size: int | None = None  # None: DEFAULT_POOL_SIZE capped by free space
     check: str = "top"
+    #: with a pool file: no new disk while the file system under it has less free
+    host_reserve: int = DEFAULT_HOST_RESERVE
 
     @classmethod
     def load(cls, home: Home) -> SnapshotConfig:
@@ -94,4 +98,12 @@ class SnapshotConfig:
                     f"snapshots.check must be one of {', '.join(CHECKS)}, not {d['check']!r}"
                 )
             cfg = replace(cfg, check=d["check"])
+        if "host_reserve" in d:
+            reserve = d["host_reserve"]
+            cfg = replace(
+                cfg,
+                host_reserve=0
+                if reserve in (0, "0")
+                else parse_size(reserve, "snapshots.host_reserve"),
+            )
         return cfg

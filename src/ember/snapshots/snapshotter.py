@@ -37,6 +37,7 @@ from ember.snapshots.config import SnapshotConfig, parse_size
 from ember.snapshots.errors import (
     CheckFailed,
     CommandFailed,
+    PoolError,
     SnapshotError,
     SnapshotExists,
     SnapshotInUse,
@@ -226,6 +227,7 @@ class Snapshotter:
             parse_size(size, "disk size")
         if self.exists(key):
             raise SnapshotExists(f"snapshot {key!r} already exists")
+        self._check_host_space()
         staging = self.active_dir / f".new-{secrets.token_hex(8)}"
         staging.mkdir()
         lock = FileLock(staging / LOCK)
@@ -262,6 +264,28 @@ class Snapshotter:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return ActiveSnapshot(key, kind, parent, target / DISK), lock
+
+    def _check_host_space(self) -> None:
+        """Refuse a new disk when the file system under a pool file is nearly full.
+
+        The pool file is thin: XFS inside it believes it has its whole size, and a
+        block the host cannot place is an I/O error that shuts the pool down, every
+        machine's disk with it.  ENOSPC from ember before that is the lesser evil.
+        (A native pool fails with ENOSPC by itself.)  It guards new work only: a
+        running machine that writes still fills the host."""
+        image, reserve = self.pool.image, self.config.host_reserve
+        if image is None or reserve <= 0:
+            return
+        st = os.statvfs(image.parent)
+        free = st.f_bavail * st.f_frsize
+        if free < reserve:
+            raise PoolError(
+                f"the file system under the snapshot pool ({image.parent}) has "
+                f"{free >> 20} MiB free, less than the {reserve >> 20} MiB ember keeps "
+                "there (snapshots.host_reserve): the pool file would grow into a full disk",
+                hint="free space on that file system, or remove images and machines "
+                "and run ember gc",
+            )
 
     def _new_base(self, disk: Path, size: int) -> None:
         """An empty ext4 of ``size`` bytes at ``disk``.
