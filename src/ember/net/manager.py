@@ -261,9 +261,9 @@ def _choose_host_ports(
     ports: Sequence[PortMapping], taken: Sequence[PortMapping]
 ) -> tuple[PortMapping, ...]:
     """``ports`` with every host port left open chosen: not published by a machine, not
-    bound by a program on the host.  From the host's ephemeral range Docker-like, at a
-    random place in it (two hosts' worth of machines do not all race for its first port);
-    from a range the user gave, its first free port."""
+    bound by a program on the host.  From the host's ephemeral range at a random place
+    in it, as the kernel picks its own (a port one machine just freed is not handed to
+    the next at once); from a range the user gave, its first free port, as Docker does."""
     if all(m.chosen for m in ports):
         return tuple(ports)
     try:
