@@ -59,7 +59,6 @@ from ember.snapshots import Snapshotter  # noqa: E402
 from ember.snapshots.chain import clone_root_disk, prepare_image  # noqa: E402
 from ember.snapshots.pool import close_pool  # noqa: E402
 from ember.store.content import ContentStore  # noqa: E402
-from ember.unpack import LayerSession  # noqa: E402
 
 SECTION = "Snapshots: prepare and root disks (bench/prepare.py)"
 EMBER = str(Path(sys.executable).with_name("ember"))
@@ -125,12 +124,9 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
     def library() -> None:
         """The same work without the CLI's interpreter start and imports."""
         home = lib_homes[0]
-        # as the CLI does: the applier forked before the pull, the chain's first layers
-        # built while the last ones download
-        with LayerSession() as applier:
-            applier.start()
-            with ImageService(home).pulling(ref, progress=False) as pulled:
-                prepare_image(home, pulled.image, layer_path=pulled.layer_path, applier=applier)
+        # as the CLI does: the chain's first layers built while the last ones download
+        with ImageService(home).pulling(ref, progress=False) as pulled:
+            prepare_image(home, pulled.image, layer_path=pulled.layer_path)
 
     def anchor() -> None:
         run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])

@@ -56,7 +56,7 @@ from bench._common import (  # noqa: E402
 )
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
-from ember.unpack import PreforkedApplier, apply_layers  # noqa: E402
+from ember.unpack import apply_layers  # noqa: E402
 
 SECTION = "Pull + unpack (bench/pull_unpack.py)"
 EMBER = str(Path(sys.executable).with_name("ember"))
@@ -97,14 +97,11 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
         # what `ember run` does in-process: no interpreter start, no CLI imports
         service = ImageService(Home(home))
         ember_root.mkdir()
-        # as `ember image unpack` does: the applier forked before the pull, the layers
-        # applied as they arrive
-        with PreforkedApplier() as applier, service.pulling(ref, progress=False) as pulled:
+        with service.pulling(ref, progress=False) as pulled:  # layers applied as they arrive
             apply_layers(
                 ember_root,
                 [(service.layer_path(x), x.media_type, x.diff_id) for x in pulled.image.layers],
                 wait=pulled.layer_path,
-                applier=applier,
             )
 
     def ember_pull() -> None:

@@ -143,7 +143,7 @@ def remove(refs: tuple[str, ...]) -> None:
 @plain_http_option
 def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: bool) -> None:
     """Write the flattened root file system of REF into DIRECTORY (empty or new)."""
-    from ember.unpack import PreforkedApplier, apply_layers
+    from ember.unpack import apply_layers
 
     created = False
     if directory.exists():
@@ -156,18 +156,13 @@ def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: boo
         created = True
     service = _service()
     try:
-        # layers are applied as they arrive, while the later ones still download, by a
-        # child forked before the pull's threads exist
-        with (
-            PreforkedApplier() as applier,
-            service.ensuring(ref, _platform(platform_text), plain_http=plain_http) as pulled,
-        ):
+        # layers are applied as they arrive, while the later ones still download
+        with service.ensuring(ref, _platform(platform_text), plain_http=plain_http) as pulled:
             img = pulled.image
             stats = apply_layers(
                 directory,
                 [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers],
                 wait=pulled.layer_path,
-                applier=applier,
             )
     except BaseException:
         if created:

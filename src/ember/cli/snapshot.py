@@ -144,17 +144,10 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
     home = home_from_ctx()
     service = ImageService(home)
     platform = Platform.parse(platform_text) if platform_text else None
-    from ember.unpack import LayerSession
-
-    # the chain's first layers are built while the last ones still download, by an
-    # applier forked before the pull's threads exist
-    with LayerSession() as applier:
-        applier.start()
-        with service.ensuring(ref, platform, plain_http=plain_http) as pulled:
-            img = pulled.image
-            prepared = prepare_image(
-                home, img, layer_path=pulled.layer_path, applier=applier
-            )
+    # the chain's first layers are built while the last ones still download
+    with service.ensuring(ref, platform, plain_http=plain_http) as pulled:
+        img = pulled.image
+        prepared = prepare_image(home, img, layer_path=pulled.layer_path)
     seconds = time.perf_counter() - start
     if as_json:
         print_json(

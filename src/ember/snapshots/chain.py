@@ -64,16 +64,13 @@ def prepare_image(
     *,
     snapshotter: Snapshotter | None = None,
     layer_path: Callable[[int], Path] | None = None,
-    applier: LayerSession | None = None,
 ) -> PreparedImage:
     """Build (or reuse) the committed snapshots of every layer of ``image``.
 
     ``layer_path(i)``, when given, is how to get layer ``i``'s blob: it may wait
     for a pull still in progress (``ImageService.pulling``), so that building the
     first layers overlaps downloading the last ones.  By default the blobs must
-    be in the content store already.  ``applier``, when given, applies the
-    layers (the caller started it before the pull and closes it); else one is
-    started at the first layer to build.
+    be in the content store already.
     """
     start = time.perf_counter()
     snap = snapshotter or Snapshotter(home)
@@ -94,7 +91,7 @@ def prepare_image(
             snapshots=chain,
             content=content,
         ):
-            builder = _ChainBuilder(snap, store, applier)
+            builder = _ChainBuilder(snap, store)
             try:
                 parent: str | None = None
                 for index, (layer, name) in enumerate(zip(image.layers, chain, strict=True)):
@@ -173,16 +170,13 @@ class _ChainBuilder:
     A layer's locks are released once it is committed (or discarded).
     """
 
-    def __init__(
-        self, snap: Snapshotter, store: ContentStore, session: LayerSession | None = None
-    ) -> None:
+    def __init__(self, snap: Snapshotter, store: ContentStore) -> None:
         self.snap = snap
         self.store = store
         self.built: _Built | None = None
         self.committing: Future[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._session = session
-        self._owns_session = session is None
+        self._session: LayerSession | None = None
 
     def _applier(self) -> LayerSession:
         """One applier process for the whole chain (it moves from disk to disk)."""
@@ -321,7 +315,7 @@ class _ChainBuilder:
             except Exception as e:  # the error that got us here matters more
                 log.warning("commit after a failed prepare: %s", e)
         finally:
-            if self._session is not None and self._owns_session:
+            if self._session is not None:
                 self._session.close()
             if self._pool is not None:
                 self._pool.shutdown()

@@ -13,13 +13,7 @@ from typing import Protocol
 from ember.oci.digest import Digest
 from ember.unpack.compression import Compression, UncompressedReader, check_blob, compression_of
 from ember.unpack.errors import DiffIDMismatch, UnpackError
-from ember.unpack.sandbox import (
-    MAX_LAYERS_PER_CHILD,
-    ApplierSession,
-    LayerStream,
-    PreforkedApplier,
-    apply_streams,
-)
+from ember.unpack.sandbox import MAX_LAYERS_PER_CHILD, ApplierSession, LayerStream, apply_streams
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,6 @@ def apply_layers(
     layers: Sequence[tuple[Path, str, Digest | None]],
     *,
     wait: Callable[[int], object] | None = None,
-    applier: PreforkedApplier | None = None,
 ) -> ApplyStats:
     """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``.
 
@@ -72,8 +65,7 @@ def apply_layers(
     DiffID is checked before the next one reaches the child (which is streamed
     while the child still applies the one before).  With ``wait``, blobs may
     still be arriving (a pull in progress): ``wait(i)`` runs before layer ``i``'s
-    blob is opened, and what it raises ends the apply.  ``applier``, a child
-    forked before the pull began, applies the first run of layers.
+    blob is opened, and what it raises ends the apply.
     """
     root = Path(root)
     if not root.is_dir():
@@ -99,8 +91,7 @@ def apply_layers(
                 **{k: v for k, v in counts.items() if k in known},
             ))
 
-        child, applier = applier, None  # the forked-ahead child takes the first run only
-        apply_streams(os.fspath(root), [p.stream for p in batch], check, done, child=child)
+        apply_streams(os.fspath(root), [p.stream for p in batch], check, done)
         for stats in results:
             total = total + stats
     return total
@@ -123,10 +114,6 @@ class LayerSession:
 
     def close(self) -> None:
         self._session.close()
-
-    def start(self) -> None:
-        """Fork the applier now (before a pull starts its threads), not at the first layer."""
-        self._session.start()
 
     def apply(self, root: Path, blob: Path, media_type: str, diff_id: Digest | None = None) -> ApplyStats:
         root = Path(root)

@@ -128,32 +128,10 @@ def _failure(e: BaseException) -> dict[str, object]:
 
 def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
     """Never returns: applies the tar on each of ``data_fds`` in turn inside the root, then ``_exit``s."""
-    _apply_all(root_fd, data_fds, report_fd, detach=True)
-
-
-def _waiting_child(ctl: socket.socket) -> None:
-    """Never returns: a child forked ahead (``PreforkedApplier``) waits for its root,
-    report pipe and layer pipes, then works as ``_child``; EOF first: ``_exit(0)``."""
-    try:
-        _detach_from_parent({ctl.fileno()})
-        msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, MAX_LAYERS_PER_CHILD + 2)
-        ctl.close()
-    except BaseException:
-        os._exit(1)
-    if not msg:
-        os._exit(0)
-    if msg != b"layers" or len(fds) < 3:
-        os._exit(2)  # the parent sees a child gone without a report
-    root_fd, report_fd, *data_fds = fds
-    _apply_all(root_fd, data_fds, report_fd, detach=False)
-
-
-def _apply_all(root_fd: int, data_fds: list[int], report_fd: int, *, detach: bool) -> None:
     code = 1
     report: dict[str, object] | None = None
     try:
-        if detach:
-            _detach_from_parent({root_fd, report_fd, *data_fds})
+        _detach_from_parent({root_fd, report_fd, *data_fds})
         _enter(root_fd)
         os.umask(0)
         for data_fd in data_fds:
@@ -235,74 +213,9 @@ class _Reports:
         return report if isinstance(report, dict) else None
 
 
-def _fork_with_socket(child_main: Callable[[socket.socket], None]) -> tuple[int, socket.socket]:
-    """Fork a child that runs ``child_main`` (which never returns) on one end of a
-    socket pair; the child's pid and the parent's end."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        pid = os.fork()
-    except BaseException:
-        parent.close()
-        child.close()
-        raise
-    if pid == 0:
-        parent.close()
-        child_main(child)
-        os._exit(1)  # not reached: child_main exits
-    child.close()
-    return pid, parent
-
-
-class PreforkedApplier:
-    """An applier child forked ahead of its work, waiting for its root and layers.
-
-    ``ember image unpack`` forks it before the pull starts: forking a process
-    whose download threads are busy took 1-8 ms here (against ~1 ms idle), and
-    the child's set-up then overlaps the downloads instead of following them.
-    ``apply_streams`` hands it the root and the pipes; unused, ``close`` ends it.
-    """
-
-    def __init__(self) -> None:
-        pid, ctl = _fork_with_socket(_waiting_child)
-        self._pid: int = pid
-        self._ctl: socket.socket | None = ctl
-
-    def __enter__(self) -> PreforkedApplier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def hand(self, root_fd: int, report_w: int, data_fds: list[int]) -> int | None:
-        """Give the child its work; its pid (the caller waits for it from here on), or
-        None if it is gone (the caller forks a new one)."""
-        if self._ctl is None or self._pid < 0:
-            return None
-        try:
-            socket.send_fds(self._ctl, [b"layers"], [root_fd, report_w, *data_fds])
-        except OSError:
-            self.close()
-            return None
-        pid, self._pid = self._pid, -1
-        self._ctl.close()
-        self._ctl = None
-        return pid
-
-    def close(self) -> None:
-        """End the child if it was not handed work (it reads EOF and exits)."""
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
-        if self._pid >= 0:
-            pid, self._pid = self._pid, -1
-            with suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-
-
 def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
                   check: Callable[[int], None],
-                  done: Callable[[int, dict[str, int], int], None],
-                  *, child: PreforkedApplier | None = None) -> None:
+                  done: Callable[[int, dict[str, int], int], None]) -> None:
     """Apply ``layers`` in order onto ``root`` in one chroot-ed child.
 
     Once layer ``i`` is streamed (its bytes all hashed), ``check(i)`` runs in
@@ -334,13 +247,9 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         for fd in fds:
             os.close(fd)
         raise
-    handed = child.hand(root_fd, report_w, [r for r, _ in pipes]) if child is not None else None
-    if handed is not None:
-        pid = handed
-    else:
-        pid = os.fork()
-        if pid == 0:
-            _child(root_fd, [r for r, _ in pipes], report_w)
+    pid = os.fork()
+    if pid == 0:
+        _child(root_fd, [r for r, _ in pipes], report_w)
     for fd in (root_fd, report_w, *(r for r, _ in pipes)):
         os.close(fd)
     pending = [w for _, w in pipes]  # write ends not yet handed to _pump
@@ -477,9 +386,20 @@ class ApplierSession:
         self.close()
 
     def _start(self) -> socket.socket:
-        self._pid, ctl = _fork_with_socket(_session_child)
-        self._ctl = ctl
-        return ctl
+        # close-on-exec: the e2fsck and mount helpers a snapshot chain runs meanwhile must not hold it
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            pid = os.fork()
+        except BaseException:
+            parent.close()
+            child.close()
+            raise
+        if pid == 0:
+            parent.close()
+            _session_child(child)
+        child.close()
+        self._pid, self._ctl = pid, parent
+        return parent
 
     def _recv(self) -> dict[str, object] | None:
         assert self._ctl is not None
@@ -506,12 +426,6 @@ class ApplierSession:
 
     def close(self) -> None:
         self._stop(kill=False)
-
-    def start(self) -> None:
-        """Fork the child now rather than at the first ``apply`` (before a pull starts
-        its download threads: see ``PreforkedApplier``)."""
-        if self._ctl is None:
-            self._start()
 
     def apply(self, root: str | os.PathLike[str], layer: LayerStream,
               check: Callable[[], None]) -> tuple[dict[str, int], int]:
