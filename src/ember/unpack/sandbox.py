@@ -386,8 +386,7 @@ class ApplierSession:
         self.close()
 
     def _start(self) -> socket.socket:
-        # close-on-exec: the e2fsck and mount helpers a snapshot chain runs meanwhile must not hold it
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
         except BaseException:
