@@ -186,3 +186,11 @@ def test_a_stale_log_of_a_removed_file_is_not_replayed_into_a_new_one(tmp_path: 
     with db.read() as conn:
         assert conn.execute("SELECT count(*) FROM things").fetchone()[0] == 0
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_what_a_killed_creator_left_is_cleared(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    for leftover in (".x.db.4242.new", ".x.db.4242.new-journal", ".x.db.17.new-wal"):
+        (tmp_path / leftover).write_bytes(b"half a database")
+    _migrate(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db", "x.db.migrate-lock"]

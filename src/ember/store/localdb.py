@@ -136,8 +136,11 @@ class LocalDatabase:
         """
         from ember.fsutil import fsync_dir  # (tempfile, shutil): not for every `image ls`
 
+        # under the migration lock: any other such file is a creator's that was killed
+        for stale in self.path.parent.glob(f".{self.path.name}.*.new*"):
+            with suppress(FileNotFoundError):
+                stale.unlink()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
-        _remove_with_sidecars(tmp)
         try:
             try:
                 conn = sqlite3.connect(tmp, isolation_level=None)
