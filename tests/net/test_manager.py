@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +18,9 @@ ID_A = "a1" * 32
 ID_B = "b2" * 32
 ID_C = "c3" * 32
 
-SCRIPT = """
-import json, subprocess, sys
+#: what every script run in the netns starts with: argv[1] the state directory
+PRELUDE = """
+import json, socket, subprocess, sys
 from pathlib import Path
 from ember.home import Home
 from ember.net.manager import NetworkManager, NetConfig
@@ -28,6 +30,19 @@ from ember.errors import EmberError
 home = Home(Path(sys.argv[1]))
 mgr = NetworkManager(home, NetConfig(nameservers=("192.0.2.53",)))
 out = {}
+"""
+
+
+def run_in_netns(netns: str, script: str, state: Path) -> dict[str, Any]:
+    """Run ``PRELUDE + script`` in ``netns`` with the three machine ids; what it printed."""
+    res = sh("ip", "netns", "exec", netns, sys.executable, "-c", PRELUDE + script, str(state),
+             ID_A, ID_B, ID_C, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out: dict[str, Any] = json.loads(res.stdout)
+    return out
+
+
+SCRIPT = """
 def links():
     return sorted(l["ifname"] for l in json.loads(subprocess.run(
         ["ip", "-j", "link"], capture_output=True, text=True).stdout) if l["ifname"] != "lo")
@@ -67,10 +82,7 @@ print(json.dumps(out))
 
 
 def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
-    res = sh("ip", "netns", "exec", netns, sys.executable, "-c", SCRIPT, str(tmp_path),
-             ID_A, ID_B, ID_C, check=False)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    out = run_in_netns(netns, SCRIPT, tmp_path)
     a, b = out["a"], out["b"]
     assert a["tap"] == tap_name(ID_A) == "em-a1a1a1a1a1a1"
     assert (a["gateway"], a["guest_ip"], a["prefix"]) == ("172.30.0.1", "172.30.0.2", 30)
@@ -95,16 +107,6 @@ def test_host_nameservers_skip_loopback() -> None:
 
 
 CHOOSE_SCRIPT = """
-import json, socket, subprocess, sys
-from pathlib import Path
-from ember.home import Home
-from ember.net.manager import NetworkManager, NetConfig
-from ember.net.ports import parse_publish
-from ember.errors import EmberError
-
-home = Home(Path(sys.argv[1]))
-mgr = NetworkManager(home, NetConfig(nameservers=("192.0.2.53",)))
-out = {}
 busy = socket.socket()
 busy.bind(("127.0.0.1", 9000))  # a program of the host holds 9000 (on one address)
 busy.listen()
@@ -130,10 +132,7 @@ print(json.dumps(out))
 
 
 def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> None:
-    res = sh("ip", "netns", "exec", netns, sys.executable, "-c", CHOOSE_SCRIPT, str(tmp_path),
-             ID_A, ID_B, ID_C, check=False)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    out = run_in_netns(netns, CHOOSE_SCRIPT, tmp_path)
     # 9000 is bound by a program (even on one address only): the range's next port
     assert out["a"] == [{"host_ip": None, "host_port": 9001, "guest_port": 80, "protocol": "tcp"}]
     assert out["full"][0] == "PortConflict" and "9000-9001" in out["full"][1]
