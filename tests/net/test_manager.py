@@ -110,12 +110,15 @@ CHOOSE_SCRIPT = """
 busy = socket.socket()
 busy.bind(("127.0.0.1", 9000))  # a program of the host holds 9000 (on one address)
 busy.listen()
-a = mgr.setup(sys.argv[2], ports=parse_publish("9000-9001:80"))
+a = mgr.setup(sys.argv[2], ports=parse_publish("9000-9002:80"))
 out["a"] = [p.to_json() for p in a.ports]
+held = socket.socket()
+held.bind(("0.0.0.0", 9002))  # while a runs, 9002 is the only one left: held too
 try:
-    mgr.setup(sys.argv[3], ports=parse_publish("9000-9001:81"))
+    mgr.setup(sys.argv[3], ports=parse_publish("9000-9002:81"))
 except EmberError as e:
     out["full"] = [type(e).__name__, str(e)]
+held.close()
 c = mgr.setup(sys.argv[4], ports=parse_publish("80") + parse_publish("53/udp") + parse_publish("8080:81"))
 out["c"] = [p.to_json() for p in c.ports]
 out["range"] = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -127,6 +130,11 @@ out["nft"] = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_o
 out["state"] = {k[:2]: v["ports"] for k, v in json.loads((home.root / "net" / "state.json").read_text())["machines"].items()}
 for m in sys.argv[2:5]:
     mgr.teardown(m)
+out["again"] = mgr.setup(sys.argv[2], ports=a.ports).ports[0].host_port
+mgr.teardown(sys.argv[2])
+mgr.setup(sys.argv[3], ports=parse_publish("9001:81"))
+out["taken_meanwhile"] = mgr.setup(sys.argv[2], ports=a.ports).ports[0].host_port
+mgr.teardown(sys.argv[2]); mgr.teardown(sys.argv[3])
 print(json.dumps(out))
 """
 
@@ -134,8 +142,9 @@ print(json.dumps(out))
 def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> None:
     out = run_in_netns(netns, CHOOSE_SCRIPT, tmp_path)
     # 9000 is bound by a program (even on one address only): the range's next port
-    assert out["a"] == [{"host_ip": None, "host_port": 9001, "guest_port": 80, "protocol": "tcp"}]
-    assert out["full"][0] == "PortConflict" and "9000-9001" in out["full"][1]
+    assert out["a"] == [{"host_ip": None, "host_port": 9001, "guest_port": 80, "protocol": "tcp",
+                         "host_range": [9000, 9002], "auto": True}]  # fmt: skip
+    assert out["full"][0] == "PortConflict" and "9000-9002" in out["full"][1]
     lo, hi = (int(x) for x in out["range"])
     tcp, udp, fixed = out["c"]
     assert lo <= tcp["host_port"] <= hi and tcp["guest_port"] == 80 and tcp["protocol"] == "tcp"
@@ -145,5 +154,9 @@ def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> Non
     assert f"tcp dport {tcp['host_port']} " in out["nft"] and f"udp dport {udp['host_port']} " in out["nft"]
     assert "tcp dport 9001 " in out["nft"]
     # what is recorded (and what `ember ps` and `ember start` read) is the chosen port
-    assert out["state"]["a1"][0]["host_port"] == 9001 and "host_range" not in out["state"]["a1"][0]
+    assert out["state"]["a1"][0]["host_port"] == 9001
     assert out["state"]["c3"][0]["host_port"] == tcp["host_port"]
+    # started again (ember start sets the network up from the recorded ports): the
+    # same port while it is free, another of the range once a machine took it
+    assert out["again"] == 9001
+    assert out["taken_meanwhile"] == 9002

@@ -91,21 +91,41 @@ def test_pick_host_port_skips_published_and_bound_ports() -> None:
 
     eph = range(32768, 32772)
     got = pick_host_port(wanted, published, eph, bindable)
-    assert got == PortMapping(32771, 80)  # 32770 overlaps: an unspecified address takes all
+    assert got == PortMapping(32771, 80, auto=True)  # 32770 overlaps: no address takes all
     # another address does not overlap 32770 on 127.0.0.1
     assert pick_host_port(PortMapping(0, 80, host_ip="10.0.0.1"), published, eph, bindable) == (
-        PortMapping(32770, 80, host_ip="10.0.0.1")
+        PortMapping(32770, 80, host_ip="10.0.0.1", auto=True)
     )
-    assert pick_host_port(wanted, published, eph, bindable, start=3) == PortMapping(32771, 80)
+    assert pick_host_port(wanted, published, eph, bindable, start=3) == got
     assert pick_host_port(wanted, [*published, PortMapping(32771, 9)], eph, bindable) is None
     # udp is another space
     assert pick_host_port(PortMapping(0, 80, "udp"), published, eph, bindable) == PortMapping(
-        32768, 80, "udp"
+        32768, 80, "udp", auto=True
     )
     ranged = PortMapping(0, 80, host_range=(9000, 9002))
-    assert pick_host_port(ranged, [PortMapping(9000, 1)], eph, bindable) == PortMapping(9001, 80)
+    assert pick_host_port(ranged, [PortMapping(9000, 1)], eph, bindable) == PortMapping(
+        9001, 80, host_range=(9000, 9002), auto=True
+    )
     fixed = PortMapping(8080, 80)
-    assert pick_host_port(fixed, [fixed], eph, bindable) is fixed  # chosen already: kept
+    assert pick_host_port(fixed, [fixed], eph, bindable) is fixed  # the user's: kept
+
+
+def test_a_port_ember_chose_before_is_kept_while_free() -> None:
+    """``ember start``: the machine's earlier port again, or a new one if it was taken."""
+    def bindable(m: PortMapping) -> bool:
+        return True
+
+    eph = range(32768, 32772)
+    before = PortMapping(32770, 80, auto=True)
+    assert PortMapping.from_json(before.to_json()) == before
+    assert pick_host_port(before, [], eph, bindable) is before
+    assert pick_host_port(before, [PortMapping(32770, 81)], eph, bindable) == PortMapping(
+        32768, 80, auto=True
+    )
+    ranged = PortMapping(9001, 80, host_range=(9000, 9002), auto=True)
+    assert pick_host_port(ranged, [PortMapping(9001, 1)], eph, bindable) == PortMapping(
+        9000, 80, host_range=(9000, 9002), auto=True
+    )
 
 
 def test_ephemeral_range() -> None:

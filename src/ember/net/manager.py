@@ -193,7 +193,7 @@ class NetworkManager:
             if machine_id in state["machines"]:
                 raise NetworkError(f"machine {machine_id[:12]} already has a network")
             taken: list[PortMapping] = []
-            fixed = [m for m in ports if m.chosen]
+            fixed = [m for m in ports if m.chosen and not m.auto]
             for other in state["machines"].values():
                 for theirs in MachineNetwork.from_json(other).ports:
                     taken.append(theirs)
@@ -263,8 +263,9 @@ def _choose_host_ports(
     """``ports`` with every host port left open chosen: not published by a machine, not
     bound by a program on the host.  From the host's ephemeral range at a random place
     in it, as the kernel picks its own (a port one machine just freed is not handed to
-    the next at once); from a range the user gave, its first free port, as Docker does."""
-    if all(m.chosen for m in ports):
+    the next at once); from a range the user gave, its first free port, as Docker does.
+    A port ember chose for an earlier run of the machine is kept while it is free."""
+    if all(m.chosen and not m.auto for m in ports):
         return tuple(ports)
     try:
         ephemeral = ephemeral_range(Path(_EPHEMERAL_RANGE).read_text())

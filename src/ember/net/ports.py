@@ -32,6 +32,8 @@ class PortMapping:
     host_ip: str | None = None
     #: FIRST, LAST (inclusive) of the host ports to choose from, for ``host_port`` 0
     host_range: tuple[int, int] | None = None
+    #: the host port was chosen by ember: a later start may choose again if it is taken
+    auto: bool = False
 
     @property
     def chosen(self) -> bool:
@@ -46,6 +48,8 @@ class PortMapping:
         }
         if self.host_range is not None:
             out["host_range"] = list(self.host_range)
+        if self.auto:
+            out["auto"] = True
         return out
 
     @classmethod
@@ -61,6 +65,7 @@ class PortMapping:
             protocol=str(d.get("protocol", "tcp")),
             host_ip=str(host_ip) if host_ip is not None else None,
             host_range=host_range,
+            auto=d.get("auto") is True,
         )
 
     def __str__(self) -> str:
@@ -173,8 +178,17 @@ def pick_host_port(
 ) -> PortMapping | None:
     """``wanted`` with a host port chosen: the first of its candidates (its range, else
     ``ephemeral``; from the ``start``-th on, wrapping round) that no mapping in ``taken``
-    claims and ``bindable`` accepts (nothing on the host listens there); None if none is left."""
-    if wanted.chosen:
+    claims and ``bindable`` accepts (nothing on the host listens there); None if none is left.
+
+    A port given by the user is kept as it is; one ember chose before (``auto``, a machine
+    started again) is kept if it is still free, else chosen again."""
+    if wanted.chosen and not wanted.auto:
+        return wanted
+
+    def free(candidate: PortMapping) -> bool:
+        return not any(conflicts(candidate, t) for t in taken) and bindable(candidate)
+
+    if wanted.chosen and free(wanted):
         return wanted
     candidates = (
         range(wanted.host_range[0], wanted.host_range[1] + 1)
@@ -182,10 +196,8 @@ def pick_host_port(
         else ephemeral
     )
     for port in _rotated(candidates, start):
-        candidate = replace(wanted, host_port=port, host_range=None)
-        if any(conflicts(candidate, t) for t in taken):
-            continue
-        if bindable(candidate):
+        candidate = replace(wanted, host_port=port, auto=True)
+        if free(candidate):
             return candidate
     return None
 
