@@ -93,21 +93,27 @@ TWO_SERVERS = (
 
 
 def test_a_published_port_range_works_before_and_after_a_restart(ember: Ember, busybox: str) -> None:
-    res = ember("run", "-d", "--name", "ranged", "-p", "18080-18081:80-81", busybox, "sh", "-c", TWO_SERVERS)
+    # and guest port 81 once more on a host port ember chooses, kept across the restart
+    res = ember("run", "-d", "--name", "ranged", "-p", "18080-18081:80-81", "-p", "81", busybox,
+                "sh", "-c", TWO_SERVERS)  # fmt: skip
     assert res.returncode == 0, res.stderr
+    chosen: list[int] = []
     try:
         for attempt in ("first run", "after restart"):
             deadline = time.monotonic() + 120
             while ember("logs", "ranged").stdout.count("ready") < (1 if attempt == "first run" else 2):
                 assert time.monotonic() < deadline, attempt
                 time.sleep(0.2)
-            for port in (18080, 18081):
-                assert fetch(ember, f"http://127.0.0.1:{port}/index.html") == "hi\n", (attempt, port)
             ports = ember.inspect("ranged")["network"]["ports"]  # type: ignore[index]
-            assert [(p["host_port"], p["guest_port"]) for p in ports] == [(18080, 80), (18081, 81)]
+            assert [(p["host_port"], p["guest_port"]) for p in ports[:2]] == [(18080, 80), (18081, 81)]
+            chosen.append(ports[2]["host_port"])
+            assert ports[2]["guest_port"] == 81 and ports[2]["auto"] is True
+            for port in (18080, 18081, chosen[-1]):
+                assert fetch(ember, f"http://127.0.0.1:{port}/index.html") == "hi\n", (attempt, port)
             if attempt == "first run":
                 res = ember("restart", "-t", "1", "ranged")
                 assert res.returncode == 0, res.stderr
+        assert chosen[0] == chosen[1]
     finally:
         ember("rm", "-f", "ranged")
 
