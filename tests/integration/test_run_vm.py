@@ -175,10 +175,20 @@ def test_sigterm_ignoring_guest_is_killed_after_timeout(ember: Ember, busybox: s
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "ready" not in ember("logs", "stubborn").stdout:
             time.sleep(0.3)
+        # `ember wait` blocks until the machine has stopped, then prints its exit code
+        waiting = subprocess.Popen(
+            ["ip", "netns", "exec", ember.netns, EMBER, "wait", "stubborn"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ember.env(),
+        )  # fmt: skip
+        time.sleep(0.5)
+        assert waiting.poll() is None  # still running: still waiting
         res = ember("stop", "-t", "2", "stubborn")
         assert res.returncode == 0, res.stderr
+        out, err = waiting.communicate(timeout=60)
+        assert (waiting.returncode, out) == (0, "137\n"), err
         st = ember.inspect("stubborn")
         assert (st["status"], st["exit_code"]) == ("exited", 137)
+        assert ember("wait", "stubborn", check=True).stdout == "137\n"  # exited: at once
     finally:
         ember("rm", "-f", "stubborn")
 

@@ -55,7 +55,7 @@ def test_args_after_the_image_belong_to_the_program(tmp_path: Path) -> None:
 
 def test_control_commands_on_unknown_machines(tmp_path: Path) -> None:
     for cmd in (["stop", "ghost"], ["kill", "ghost"], ["rm", "ghost"], ["logs", "ghost"],
-                ["inspect", "ghost"], ["port", "ghost"]):  # fmt: skip
+                ["inspect", "ghost"], ["port", "ghost"], ["wait", "ghost"]):  # fmt: skip
         res = ember(tmp_path, *cmd)
         assert res.returncode != 0
         assert "no such machine: ghost" in res.stderr, (cmd, res.stderr)

@@ -1,4 +1,4 @@
-"""``ember ps/logs/stop/kill/rm/inspect/port``: machines, docker-style."""
+"""``ember ps/logs/stop/kill/rm/inspect/port/wait``: machines, docker-style."""
 
 from __future__ import annotations
 
@@ -249,4 +249,24 @@ def port(machine: str, port: str | None) -> None:
         click.echo(line)
 
 
-commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port]
+@click.command()
+@click.argument("machines", nargs=-1, required=True)
+def wait(machines: tuple[str, ...]) -> None:
+    """Block until each machine has stopped, then print its exit code (one line each)."""
+    from ember.machines.errors import MachineNotFound
+    from ember.machines.state import EXITED
+
+    for ref in machines:
+        st = find_machine(ref)
+        while st.status != EXITED:
+            time.sleep(0.1)
+            try:
+                st = find_machine(st.id)  # refreshed: a machine whose monitor died is exited
+            except MachineNotFound:
+                raise EmberError(
+                    f"machine {st.name} was removed (--rm) before its exit code could be read"
+                ) from None
+        click.echo(str(st.exit_code if st.exit_code is not None else 255))
+
+
+commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port, wait]

@@ -32,6 +32,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "rm": ("ember.cli.machines",),
     "inspect": ("ember.cli.machines",),
     "port": ("ember.cli.machines",),
+    "wait": ("ember.cli.machines",),
     "agent": ("ember.cli.agent",),
 }
 
