@@ -91,3 +91,46 @@ def test_dir_refuses_hostile_ids(tmp_path: Path) -> None:
     for bad in ("../etc", "a" * 63, "A" * 64, ""):
         with pytest.raises(MachineNotFound):
             store.dir(bad)
+
+
+ABANDON = """
+import json, sys
+from pathlib import Path
+from ember.home import Home
+from ember.machines import lifecycle, state as mstate
+from ember.machines.store import MachineStore
+from ember.net.manager import NetworkManager
+from ember.net.ports import parse_publish
+home = Home(Path(sys.argv[1]))
+st = MachineStore(home).find(sys.argv[2])
+NetworkManager(home).setup(st.id, ports=parse_publish("8080:80"))
+lifecycle.abandon_start(home, st, "no monitor")
+print(json.dumps({"state": mstate.read_state(MachineStore(home).dir(st.id)).to_json(),
+                  "networks": list(NetworkManager(home).machines())}))
+"""
+
+
+def test_a_start_no_monitor_took_is_recorded_and_its_network_freed(tmp_path: Path) -> None:
+    """What `ember start` does when its monitor does not take the machine."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.machines.vmkit import delete_netns, new_netns
+
+    home = Home(tmp_path)
+    st = make_state()
+    store = MachineStore(home)
+    store.create(st, "again")
+    netns = new_netns()
+    try:
+        res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", ABANDON,
+                              str(tmp_path), st.id], capture_output=True, text=True)  # fmt: skip
+    finally:
+        delete_netns(netns)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    got = out["state"]
+    assert (got["status"], got["exit_code"], got["error"]) == ("exited", 125, "no monitor")
+    assert got["end_reason"] and got["finished_at"]
+    assert out["networks"] == []

@@ -215,11 +215,13 @@ def inspect(machines: tuple[str, ...]) -> None:
 def port_lines(ports: list[dict[str, Any]], query: str | None) -> list[str]:
     """``ember port``'s lines, docker's format: ``80/tcp -> 0.0.0.0:8080`` for each
     mapping, or only ``0.0.0.0:8080`` for the mappings of ``query`` (``80``, ``53/udp``)."""
+    from ember.net.ports import PROTOCOLS
+
     want: tuple[int, str] | None = None
     if query is not None:
         number, _, proto = query.partition("/")
         proto = proto.lower() or "tcp"
-        if not number.isdigit() or proto not in ("tcp", "udp"):
+        if not number.isdigit() or proto not in PROTOCOLS:
             raise click.BadParameter(f"{query!r}: expected PORT or PORT/tcp|udp", param_hint="PORT")
         want = (int(number), proto)
     out = []

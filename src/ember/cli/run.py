@@ -329,15 +329,7 @@ def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
         raise
 
     def undo() -> None:
-        # back to exited, without the network it was given
-        from ember.machines import state as mstate
-        from ember.machines.store import MachineStore
-        from ember.net.manager import NetworkManager
-
-        NetworkManager(home).teardown(st.id)
-        with mstate.update(MachineStore(home).dir(st.id)) as cur:
-            cur.status, cur.finished_at = mstate.EXITED, mstate.now()
-            cur.exit_code, cur.error = 125, "the machine's monitor did not take it"
+        lifecycle.abandon_start(home, st, "the machine's monitor did not take it")
 
     return _launch(home, st, monitor, attach=attach, undo=undo, fresh_logs=False)
 

@@ -327,6 +327,16 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
     return cur
 
 
+def abandon_start(home: Home, st: MachineState, message: str) -> None:
+    """Undo ``prepare_start`` when no monitor took the machine: exited again (125), without
+    the network it was given."""
+    from ember.net.manager import NetworkManager
+
+    NetworkManager(home).teardown(st.id)
+    with mstate.update(MachineStore(home).dir(st.id)) as cur:
+        cur.record_not_started(message, "its monitor did not take it")
+
+
 def templates_enabled(home: Home) -> bool:
     """``{"templates": {"enabled": false}}`` in config.json or ``EMBER_TEMPLATES=0`` turn
     machine templates off (every machine then boots its kernel)."""

@@ -115,9 +115,7 @@ def _failed_to_start(
     home: Home, st: mstate.MachineState, d: Path, sync: Sync, message: str
 ) -> None:
     with mstate.update(d) as cur:
-        cur.status, cur.finished_at = mstate.EXITED, mstate.now()
-        cur.exit_code, cur.error = 125, message
-        cur.end_reason = "the VMM failed to start"
+        cur.record_not_started(message, "the VMM failed to start")
     sync.send("error", message=message)
     _cleanup(home, st, st.auto_remove)
 

@@ -91,6 +91,12 @@ class MachineState:
     def short_id(self) -> str:
         return self.id[:12]
 
+    def record_not_started(self, message: str, reason: str) -> None:
+        """A run that never began: exited with 125, Docker's code for a container that
+        could not be started."""
+        self.status, self.finished_at = EXITED, now()
+        self.exit_code, self.error, self.end_reason = 125, message, reason
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
