@@ -181,14 +181,16 @@ class HostAgent:
 
     Benches time the CLI through it with a fresh store per run: ``start(home)``
     (untimed, after the previous run's store was removed) launches an agent for
-    that home and waits for its socket; ``stop()`` ends it.
+    that home, waits for its socket and then ``settle`` seconds more, as a
+    command on a host meets an agent that has sat idle a while (its runner
+    pre-faulted, docs/agent.md); ``stop()`` ends it.
     """
 
     def __init__(self, ember: str) -> None:
         self.ember = ember
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, home: Path, timeout: float = 30.0) -> None:
+    def start(self, home: Path, timeout: float = 30.0, settle: float = 0.5) -> None:
         self.stop()
         env = {**os.environ, "EMBER_HOME": str(home)}
         env.pop("EMBER_AGENT", None)
@@ -202,6 +204,7 @@ class HostAgent:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ember agent did not start for {home}")
             time.sleep(0.01)
+        time.sleep(settle)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

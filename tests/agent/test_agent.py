@@ -212,6 +212,85 @@ def test_hostile_requests_are_refused_and_the_agent_keeps_serving(agent: Running
     agent.wait_log("-> exit 0")
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _private_dirty_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Private_Dirty for {pid}")
+
+
+def _spare_runner(agent: RunningAgent, *, prefaulted: bool, besides: int = 0) -> int:
+    """The runner the idle relay keeps forked ahead (once it has its own copy of the heap);
+    ``besides``: a runner that has a command now."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        relays = _children(agent.process.pid)
+        runners = [r for relay in relays for r in _children(relay) if r != besides]
+        if len(runners) == 1:
+            runner = runners[0]
+            if not prefaulted or _private_dirty_kib(runner) > 8 * 1024:
+                return runner
+        assert time.monotonic() < deadline, (relays, runners)
+        time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    deadline = time.monotonic() + TIMEOUT
+    while Path(f"/proc/{pid}").exists():
+        status = Path(f"/proc/{pid}/status").read_text(errors="replace")
+        if "\nState:\tZ" in status:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_command_runs_in_the_runner_forked_and_pre_faulted_ahead(
+    agent: RunningAgent,
+) -> None:
+    spare = _spare_runner(agent, prefaulted=True)
+    # a command that waits on its stdin: the password of a login
+    client = subprocess.Popen(
+        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
+        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdin is not None
+        ours = os.fstat(client.stdin.fileno())
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # the spare runner holds our pipe as its stdin: it is the command
+            try:
+                theirs = os.stat(f"/proc/{spare}/fd/0")
+                if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            assert time.monotonic() < deadline, agent.log_text()
+            time.sleep(0.05)
+        assert os.getpgid(spare) == spare  # its own group, for the forwarded signals
+        assert os.sched_getscheduler(spare) == os.sched_getscheduler(agent.process.pid)
+        fresh = _spare_runner(agent, prefaulted=False, besides=spare)  # the next relay's
+        client.stdin.write("secret\n")
+        client.stdin.close()
+        client.wait(TIMEOUT)
+    finally:
+        client.kill()
+    assert client.returncode == 1  # nothing listens on port 9: a clean error, not a hang
+    assert client.stderr is not None and "Traceback" not in client.stderr.read()
+    agent.stop()
+    assert _gone(fresh)  # a stopping agent leaves no runner waiting
+
+
 def test_one_agent_per_home_and_its_socket_goes_when_it_stops(agent: RunningAgent) -> None:
     second = subprocess.run(
         [EMBER, "agent"], env=env_for(agent.home), capture_output=True, text=True,
@@ -240,14 +319,17 @@ def test_commands_outlive_an_agent_killed_with_9_and_a_new_agent_can_start(
     agent: RunningAgent,
 ) -> None:
     port = free_port()
+    runner = _spare_runner(agent, prefaulted=False)  # the one the command will run in
     client = subprocess.Popen(
         [EMBER, "server", "--listen", f"127.0.0.1:{port}"],
         env=env_for(agent.home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         _wait_port(port, open_=True)
+        spare = _spare_runner(agent, prefaulted=False, besides=runner)
         agent.process.kill()
         agent.process.wait(TIMEOUT)
+        assert _gone(spare)  # with the relay that waited above it
         # the relay that waited for the next command dies with the agent; nothing
         # else holds the agent's lock, so a new agent starts on the same home
         successor = RunningAgent(agent.home)

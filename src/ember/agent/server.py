@@ -1,13 +1,16 @@
 """``ember agent``: a fork server that runs CLI commands for one ``$EMBER_HOME``.
 
 The agent imports all of ember once, then waits on ``$EMBER_HOME/run/agent.sock``
-(mode 0600).  It keeps one *relay* forked ahead, waiting in accept(); the relay
-that takes a connection tells the agent, which forks the next one, and reads the request
-(argv, working directory, environment, umask, and the caller's stdin, stdout and
-stderr as descriptors), checks the caller (same user, same namespaces and root,
-see ``peer``) and the code (see ``freshness``), and forks the *runner*: the
-runner takes over the caller's descriptors, directory, environment and umask,
-and runs ``ember.cli.main.main(argv)`` as a fresh process would.  The relay
+(mode 0600).  It keeps one *relay* forked ahead, waiting in accept(), and the
+relay keeps its *runner* forked ahead too, waiting for a command and meanwhile
+taking the copy-on-write faults the command would otherwise take (see
+``prefault``).  The relay that takes a connection tells the agent, which forks
+the next one, and reads the request (argv, working directory, environment,
+umask, and the caller's stdin, stdout and stderr as descriptors), checks the
+caller (same user, same namespaces and root, see ``peer``) and the code (see
+``freshness``), and hands the request to its runner: the runner takes over the
+caller's descriptors, directory, environment and umask, and runs
+``ember.cli.main.main(argv)`` as a fresh process would.  The relay
 forwards the caller's signals to the runner's process group, sends SIGHUP when
 the caller goes away (as a closing terminal would), and reports the exit status.
 
@@ -38,7 +41,7 @@ import traceback
 from typing import NoReturn, TextIO
 
 from ember.agent import client as client_module
-from ember.agent import peer, protocol
+from ember.agent import peer, prefault, protocol
 from ember.agent.client import SOCKET_NAME
 from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
@@ -205,19 +208,24 @@ class Agent:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.setsid()  # out of the agent's group: a Ctrl-C meant for the agent spares commands
             _die_with(self.pid)  # an agent killed with -9 leaves no relay waiting
+            spare = _SpareRunner.fork(keep_out=(listener.fileno(), accepted_w))
             conn, _ = listener.accept()
             _die_with(None)  # from now on this is somebody's command: it outlives the agent
             os.write(accepted_w, b"!")
             os.close(accepted_w)
             listener.close()
-            self._serve_one(conn, fp)
+            try:
+                self._serve_one(conn, fp, spare)
+            finally:
+                if spare is not None:
+                    spare.dismiss()
             status = 0
         except BaseException as e:  # a broken client must never reach the agent's loop
             self._log(f"a command's relay failed: {e!r}")
         finally:
             os._exit(status)
 
-    def _serve_one(self, conn: socket.socket, fp: Fingerprint) -> None:
+    def _serve_one(self, conn: socket.socket, fp: Fingerprint, spare: _SpareRunner | None = None) -> None:
         conn.settimeout(REQUEST_TIMEOUT)
         try:
             request, fds = _receive_request(conn)
@@ -241,9 +249,12 @@ class Agent:
                 conn.sendall(protocol.frame(protocol.declined(reason)))
                 return
             started = time.monotonic()
-            runner = os.fork()
-            if runner == 0:
-                _run_command(request, fds, conn)
+            runner = spare.hand_over(request, fds) if spare is not None else None
+            if runner is None:  # no runner waiting (it died): fork one now
+                runner = os.fork()
+                if runner == 0:
+                    conn.close()
+                    _run_command(request, fds)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.setpgid(runner, runner)  # also done by the runner: whoever comes first
         finally:
@@ -385,7 +396,119 @@ def _summary(argv: list[bytes]) -> str:
 # -- the runner: becomes the command ----------------------------------------
 
 
-def _run_command(request: protocol.Request, fds: list[int], conn: socket.socket) -> NoReturn:
+class _SpareRunner:
+    """The relay's runner, forked before the relay accepts: it pre-faults its memory
+    (at idle priority, so that it never slows the commands running meanwhile)
+    and waits on a socket for the command, which the relay sends as a request
+    frame with the caller's three descriptors."""
+
+    def __init__(self, pid: int, ctl: socket.socket) -> None:
+        self.pid, self.ctl = pid, ctl
+
+    @classmethod
+    def fork(cls, keep_out: tuple[int, ...]) -> _SpareRunner | None:
+        """A spare runner, or None if none could be forked (commands then fork their own)."""
+        relay = os.getpid()
+        try:
+            mine, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            its.close()
+            return None
+        if pid == 0:
+            mine.close()
+            _close_all(list(keep_out))
+            _wait_for_command(relay, its)
+        its.close()
+        return cls(pid, mine)
+
+    def hand_over(self, request: protocol.Request, fds: list[int]) -> int | None:
+        """Send the runner its command; its pid, or None if it is gone (then it got no
+        whole request, so it cannot run the command: one forked now may)."""
+        payload = protocol.frame(protocol.encode_request(request))
+        try:
+            sent = self.ctl.sendmsg(
+                [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))]
+            )
+            if sent < len(payload):
+                self.ctl.sendall(payload[sent:])
+        except OSError:
+            return None
+        # It may still be in a slice of pre-faulting at idle priority: the command
+        # runs at the relay's.
+        _set_policy(self.pid, os.sched_getscheduler(0))
+        return self.pid
+
+    def dismiss(self) -> None:
+        """Close the runner's socket: one that got no command exits (when the relay
+        exits at the latest: its parent-death signal)."""
+        self.ctl.close()
+
+
+def _fd_array(fds: list[int]) -> bytes:
+    return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+
+
+def _wait_for_command(relay: int, ctl: socket.socket) -> NoReturn:
+    """The spare runner's life: pre-fault, wait for the command, become it."""
+    try:
+        _die_with(relay)  # a relay that dies before handing a command over leaves none waiting
+        os.setpgid(0, 0)
+        # Not at once: this runner was forked as a command started, and copying
+        # the heap beside it (even at idle priority) slows it by more than a
+        # runner that skips pre-faulting loses.
+        if not select.select([ctl], [], [], prefault.DELAY)[0]:
+            policy = _idle_priority()
+            prefault.prefault(arrived=lambda: _readable(ctl.fileno()))
+            if policy is not None:
+                _set_policy(0, policy)
+        # Wait here, not in _read_request: its deadline starts when it is called.
+        select.select([ctl], [], [])
+        fds: list[int] = []
+        try:
+            request = _read_request(ctl, fds)
+        except (OSError, protocol.ProtocolError):
+            os._exit(0)  # dismissed (EOF): nobody's command
+        _die_with(None)  # somebody's command now: it outlives the relay and the agent
+        ctl.close()
+    except BaseException:
+        os._exit(1)
+    _run_command(request, fds)
+
+
+def _idle_priority() -> int | None:
+    """Run at SCHED_IDLE; the policy to return to (None: left as it was)."""
+    try:
+        policy = os.sched_getscheduler(0)
+    except OSError:
+        return None
+    if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
+        return None  # a real-time agent: its runners keep its policy
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        return None
+    try:
+        # Make sure there is a way back before idling: a command must never run
+        # at idle priority.  Without one, this runner bows out and the relay
+        # forks one for the command instead.
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        os._exit(0)
+    return policy
+
+
+def _set_policy(pid: int, policy: int) -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(pid, policy, os.sched_param(0))
+
+
+def _run_command(request: protocol.Request, fds: list[int]) -> NoReturn:
     code = 1
     try:
         os.setpgid(0, 0)  # its own group, so that forwarded signals reach its children too
@@ -396,7 +519,6 @@ def _run_command(request: protocol.Request, fds: list[int], conn: socket.socket)
         for target, fd in enumerate(moved):
             os.dup2(fd, target)
         _close_all(moved)
-        conn.close()
         _take_over_caller(request)
         code = _run_cli([os.fsdecode(a) for a in request.argv])
     except AgentError as e:
