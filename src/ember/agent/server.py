@@ -431,9 +431,7 @@ class _SpareRunner:
         whole request, so it cannot run the command: one forked now may)."""
         payload = protocol.frame(protocol.encode_request(request))
         try:
-            sent = self.ctl.sendmsg(
-                [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))]
-            )
+            sent = socket.send_fds(self.ctl, [payload], fds)
             if sent < len(payload):
                 self.ctl.sendall(payload[sent:])
         except OSError:
@@ -447,10 +445,6 @@ class _SpareRunner:
         """Close the runner's socket: one that got no command exits (when the relay
         exits at the latest: its parent-death signal)."""
         self.ctl.close()
-
-
-def _fd_array(fds: list[int]) -> bytes:
-    return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
 
 
 def _wait_for_command(relay: int, ctl: socket.socket) -> NoReturn:
