@@ -186,8 +186,9 @@ class HostAgent:
     pre-faulted, docs/agent.md); ``stop()`` ends it.
     """
 
-    def __init__(self, ember: str) -> None:
+    def __init__(self, ember: str, *options: str) -> None:
         self.ember = ember
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, home: Path, timeout: float = 30.0, settle: float = 0.5) -> None:
@@ -195,7 +196,7 @@ class HostAgent:
         env = {**os.environ, "EMBER_HOME": str(home)}
         env.pop("EMBER_AGENT", None)
         self.process = subprocess.Popen(
-            [self.ember, "agent"], env=env, stdin=subprocess.DEVNULL,
+            [self.ember, "agent", *self.options], env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         sock = home / "run" / "agent.sock"

@@ -5,10 +5,12 @@ to a Debian docker-registry on loopback: ``ember image unpack REF DIR`` (pull
 into an empty ``$EMBER_HOME``, then apply the layers) against ``skopeo copy
 docker://REF oci:DIR`` followed by ``umoci unpack``, alternating, median of N
 runs each.  Prints the ratio ember/anchor (goal <= 0.5) and appends it to
-docs/performance.md.  ember is timed twice: as the CLI (a fresh Python process
-per run), as the CLI served by ``ember agent`` (docs/agent.md: the agent is
-started for the fresh store before each timed run, untimed, as a host keeps it
-running), and as the library call ``ember run`` makes in-process; the pull
+docs/performance.md.  ember is timed as the CLI (a fresh Python process per
+run), as the CLI served by ``ember agent`` (docs/agent.md: the agent is
+started for the fresh store before each timed run, untimed and left idle for
+0.5 s, as a host keeps it running), the same served by ``ember agent
+--no-prefault`` (what the pre-faulted runner saves, same run), and as the
+library call ``ember run`` makes in-process; the pull
 alone is also compared with ``skopeo copy``.
 
 ``--scratch ext4`` puts every contestant's work (stores, layouts, unpacked trees)
@@ -61,6 +63,8 @@ from ember.unpack import apply_layers  # noqa: E402
 SECTION = "Pull + unpack (bench/pull_unpack.py)"
 EMBER = str(Path(sys.executable).with_name("ember"))
 CLI, VIA_AGENT = "ember image unpack", "ember image unpack via the agent"
+#: the agent started with --no-prefault: what its pre-faulted runner saves (docs/agent.md)
+VIA_SHARING_AGENT = "ember image unpack via an agent without pre-faulting"
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -75,15 +79,16 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
     home, ember_root = work / f"{name}-home", work / f"{name}-ember-root"
     layout, bundle = work / f"{name}-layout", work / f"{name}-bundle"
 
-    agent = HostAgent(EMBER)
+    agents = {VIA_AGENT: HostAgent(EMBER), VIA_SHARING_AGENT: HostAgent(EMBER, "--no-prefault")}
 
     def clean(contestant: str) -> None:
-        agent.stop()
+        for agent in agents.values():
+            agent.stop()
         for path in (home, ember_root, layout, bundle):
             shutil.rmtree(path, ignore_errors=True)
         os.sync()  # do not bill one contestant for the other's dirty pages
-        if contestant == VIA_AGENT:
-            agent.start(home)
+        if contestant in agents:
+            agents[contestant].start(home)
 
     def ember_cli() -> None:
         env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
@@ -126,13 +131,15 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
     contestants = {
         CLI: ember_cli,
         VIA_AGENT: ember_via_agent,
+        VIA_SHARING_AGENT: ember_via_agent,
         "library": ember_library,
         "skopeo+umoci": anchor,
     }
     try:
         full = alternate(contestants, runs, setup=clean)
     finally:
-        agent.stop()
+        for agent in agents.values():
+            agent.stop()
     pulls = alternate(
         {"ember pull (library)": ember_pull, "skopeo copy": skopeo}, runs, setup=clean
     )
@@ -143,6 +150,10 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
             f"{name}: pull+unpack, CLI via the agent", full[VIA_AGENT], full["skopeo+umoci"]
         ),
         print_ratio(f"{name}: pull+unpack, library", full["library"], full["skopeo+umoci"]),
+        print_ratio(
+            f"{name}: pull+unpack via the agent, its runner pre-faulted or not",
+            full[VIA_AGENT], full[VIA_SHARING_AGENT],
+        ),  # fmt: skip
         print_ratio(f"{name}: pull only", pulls["ember pull (library)"], pulls["skopeo copy"]),
     ]
 

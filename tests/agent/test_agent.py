@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.agent import prefault
 from tests.support.registry import free_port
 from tests.support.spawn import spawn_server
 
@@ -22,11 +23,11 @@ TIMEOUT = 30.0
 
 
 class RunningAgent:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *options: str) -> None:
         self.home = home
         self.socket = home / "run" / "agent.sock"
         self.log = home.parent / f"{home.name}-agent.log"
-        self.process = spawn_server([EMBER, "agent"], self.log)
+        self.process = spawn_server([EMBER, "agent", *options], self.log)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + TIMEOUT
@@ -289,6 +290,24 @@ def test_the_command_runs_in_the_runner_forked_and_pre_faulted_ahead(
     assert client.stderr is not None and "Traceback" not in client.stderr.read()
     agent.stop()
     assert _gone(fresh)  # a stopping agent leaves no runner waiting
+
+
+def test_no_prefault_leaves_the_waiting_runner_sharing_the_agents_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EMBER_HOME", str(home))
+    sharing = RunningAgent(home, "--no-prefault")
+    try:
+        sharing.wait_ready()
+        runner = _spare_runner(sharing, prefaulted=False)
+        time.sleep(prefault.DELAY + 1.0)  # a pre-faulting runner would have copied by now
+        assert _private_dirty_kib(runner) < 8 * 1024
+        proc = ember(home, "image", "ls")
+        assert proc.returncode == 0, proc.stderr
+        sharing.wait_log("ember image ls -> exit 0")
+    finally:
+        sharing.stop()
 
 
 def test_one_agent_per_home_and_its_socket_goes_when_it_stops(agent: RunningAgent) -> None:

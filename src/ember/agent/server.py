@@ -81,8 +81,9 @@ def preload() -> list[str]:
 
 
 class Agent:
-    def __init__(self, home: Home, *, log: TextIO | None = None) -> None:
+    def __init__(self, home: Home, *, log: TextIO | None = None, prefault_runners: bool = True) -> None:
         self.home = home
+        self.prefault_runners = prefault_runners
         self.socket_path = home.run / SOCKET_NAME
         self.lock_path = home.run / "agent.lock"
         self.log_fd = (log or sys.stderr).fileno()
@@ -208,7 +209,9 @@ class Agent:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.setsid()  # out of the agent's group: a Ctrl-C meant for the agent spares commands
             _die_with(self.pid)  # an agent killed with -9 leaves no relay waiting
-            spare = _SpareRunner.fork(keep_out=(listener.fileno(), accepted_w))
+            spare = _SpareRunner.fork(
+                keep_out=(listener.fileno(), accepted_w), prefault_memory=self.prefault_runners
+            )
             conn, _ = listener.accept()
             _die_with(None)  # from now on this is somebody's command: it outlives the agent
             os.write(accepted_w, b"!")
@@ -406,7 +409,7 @@ class _SpareRunner:
         self.pid, self.ctl = pid, ctl
 
     @classmethod
-    def fork(cls, keep_out: tuple[int, ...]) -> _SpareRunner | None:
+    def fork(cls, keep_out: tuple[int, ...], *, prefault_memory: bool) -> _SpareRunner | None:
         """A spare runner, or None if none could be forked (commands then fork their own)."""
         relay = os.getpid()
         try:
@@ -422,7 +425,7 @@ class _SpareRunner:
         if pid == 0:
             mine.close()
             _close_all(list(keep_out))
-            _wait_for_command(relay, its)
+            _wait_for_command(relay, its, prefault_memory=prefault_memory)
         its.close()
         return cls(pid, mine)
 
@@ -447,15 +450,16 @@ class _SpareRunner:
         self.ctl.close()
 
 
-def _wait_for_command(relay: int, ctl: socket.socket) -> NoReturn:
-    """The spare runner's life: pre-fault, wait for the command, become it."""
+def _wait_for_command(relay: int, ctl: socket.socket, *, prefault_memory: bool) -> NoReturn:
+    """The spare runner's life: pre-fault (unless told not to), wait for the command,
+    become it."""
     try:
         _die_with(relay)  # a relay that dies before handing a command over leaves none waiting
         os.setpgid(0, 0)
         # Not at once: this runner was forked as a command started, and copying
         # the heap beside it (even at idle priority) slows it by more than a
         # runner that skips pre-faulting loses.
-        if not select.select([ctl], [], [], prefault.DELAY)[0]:
+        if prefault_memory and not select.select([ctl], [], [], prefault.DELAY)[0]:
             policy = _idle_priority()
             prefault.prefault(arrived=lambda: _readable(ctl.fileno()))
             if policy is not None:
