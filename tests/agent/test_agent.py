@@ -99,6 +99,8 @@ def test_a_command_runs_in_the_agent_with_the_callers_directory_and_output(
     listed = ember(agent.home, "image", "ls", "--json")
     assert listed.returncode == 0, listed.stderr
     assert f"oci:{busybox_layout}:latest" in listed.stdout
+    # the relay logs after it has told the client the exit status
+    agent.wait_log("ember image ls -> exit 0")
     assert agent.served() == 2
 
 
