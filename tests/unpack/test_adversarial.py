@@ -21,6 +21,10 @@ import pytest
 from ember.unpack import InvalidLayer, LayerSession, UnpackError
 from tests.unpack.layers import E, Layers, dev, dir_, hard, opaque, reg, sym, whiteout
 
+# every case with the applier child forked by the apply, and with a spare session
+# child forked ahead (``ember agent``'s runners)
+pytestmark = pytest.mark.usefixtures("each_applier_child")
+
 SENTINEL_CONTENT = b"sentinel: must never change\n"
 SENTINEL_MTIME = 1_234_567_890
 

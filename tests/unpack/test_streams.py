@@ -13,7 +13,11 @@ import pytest
 
 from ember.oci.digest import Digest
 from ember.unpack import DiffIDMismatch, InvalidLayer, UnpackError, UnsupportedLayer, apply_layer
+from tests.unpack.conftest import ApplierChild, own_children
 from tests.unpack.layers import MEDIA, Layers, dir_, hard, reg, sym, tar_bytes
+
+# every test here with the applier child forked by the apply, and with a spare
+pytestmark = pytest.mark.usefixtures("each_applier_child")
 
 ENTRIES = [dir_("etc"), reg("etc/os-release", b"ID=ember\n"), sym("bin", "usr/bin"), hard("etc/x", "etc/os-release"),
            reg("zeros", bytes(1 << 20))]
@@ -141,25 +145,17 @@ def test_missing_root_and_blob(tmp_path: Path, layers: Layers) -> None:
         apply_layer(tmp_path / "r", tmp_path / "missing-blob", media_type)
 
 
-def _children() -> set[int]:
-    """This process's live or unreaped children (the suite's own servers included)."""
-    pids: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids.update(int(p) for p in f.read().split())
-    return pids
-
-
-def test_no_descriptor_leaks_and_no_children_left(root: Path, layers: Layers) -> None:
-    children_before = _children()
-    before = sorted(os.listdir("/proc/self/fd"))
+def test_no_descriptor_leaks_and_no_children_left(
+    root: Path, layers: Layers, each_applier_child: ApplierChild
+) -> None:
     blob, media_type, diff_id = layers.blob(tar_bytes(ENTRIES), "gzip")
     for _ in range(3):
         apply_layer(root, blob, media_type, diff_id)
     with pytest.raises(InvalidLayer):
         layers.apply(root, [reg(".wh.", b"")])
-    assert sorted(os.listdir("/proc/self/fd")) == before
-    assert _children() == children_before
+    # (with a spare: it was used and is gone, its socket too)
+    assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before
+    assert own_children() == each_applier_child.children_before
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "posix"])
@@ -227,21 +223,21 @@ def test_symlink_loop_as_parent(root: Path, layers: Layers) -> None:
         layers.apply(root, [sym("a", "b"), sym("b", "a"), reg("a/x", b"1")])
 
 
-def test_diff_id_mismatch_stops_before_the_next_layer(root: Path, layers: Layers) -> None:
+def test_diff_id_mismatch_stops_before_the_next_layer(
+    root: Path, layers: Layers, each_applier_child: ApplierChild
+) -> None:
     from ember.unpack import apply_layers
 
-    children_before = _children()
     first = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
     second = layers.blob(tar_bytes([reg("b", b"2")]), "gzip")
     third = layers.blob(tar_bytes([reg("c", b"3")]), "gzip")
     bad = (second[0], second[1], Digest.of(b"not this"))
-    before = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(DiffIDMismatch):
         apply_layers(root, [first, bad, third])
     assert (root / "a").exists() and (root / "b").exists()  # applied while hashed
     assert not (root / "c").exists()
-    assert sorted(os.listdir("/proc/self/fd")) == before
-    assert _children() == children_before
+    assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before
+    assert own_children() == each_applier_child.children_before
 
 
 def test_invalid_middle_layer_stops_the_chain(root: Path, layers: Layers) -> None:
@@ -261,14 +257,14 @@ def test_more_layers_than_one_child_takes(root: Path, layers: Layers) -> None:
     assert len(os.listdir(root / "d")) == n
 
 
-def test_a_layer_streamed_ahead_is_never_applied_after_a_failure(root: Path, layers: Layers) -> None:
+def test_a_layer_streamed_ahead_is_never_applied_after_a_failure(
+    root: Path, layers: Layers, each_applier_child: ApplierChild
+) -> None:
     """The next layer is streamed while the child still applies the one before; when that
     one fails, the next (bigger than the pipe, so its writer blocks) is not applied and
     nothing hangs."""
     from ember.unpack import apply_layers
 
-    children_before = _children()
-    before = sorted(os.listdir("/proc/self/fd"))
     first = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
     invalid = layers.blob(tar_bytes([reg(".wh.", b"")]), "gzip")
     big = layers.blob(tar_bytes([reg("c", os.urandom(3 << 20))]), "gzip")
@@ -283,20 +279,20 @@ def test_a_layer_streamed_ahead_is_never_applied_after_a_failure(root: Path, lay
     with pytest.raises(UnpackError, match="cannot read|layer"):
         apply_layers(root, [first, (corrupt[0], corrupt[1], None), big])
     assert not (root / "c").exists()
-    assert sorted(os.listdir("/proc/self/fd")) == before
-    assert _children() == children_before
+    assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before
+    assert own_children() == each_applier_child.children_before
 
 
 def _session_pid(session: object) -> int:
     return session._session._pid  # type: ignore[attr-defined]
 
 
-def test_a_session_applies_root_after_root_with_one_child(tmp_path: Path, layers: Layers) -> None:
+def test_a_session_applies_root_after_root_with_one_child(
+    tmp_path: Path, layers: Layers, each_applier_child: ApplierChild
+) -> None:
     """One child moves from root to root, and is never left inside one (it could not be unmounted)."""
     from ember.unpack import LayerSession
 
-    children_before = _children()
-    fds_before = sorted(os.listdir("/proc/self/fd"))
     roots = [tmp_path / f"r{i}" for i in range(3)]
     with LayerSession() as session:
         pids = set()
@@ -323,5 +319,5 @@ def test_a_session_applies_root_after_root_with_one_child(tmp_path: Path, layers
         session.apply(roots[2], *layers.blob(tar_bytes([reg("g", b"2")]), "gzip"))
         assert (roots[2] / "g").read_bytes() == b"2"
         assert _session_pid(session) not in pids
-    assert _children() == children_before
-    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+    assert own_children() == each_applier_child.children_before
+    assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before

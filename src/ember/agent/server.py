@@ -47,6 +47,7 @@ from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
 from ember.process import parent_death_signal
+from ember.unpack.sandbox import fork_spare_session
 
 # What a client of this very installation sends as its code (see protocol).
 _OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
@@ -456,6 +457,10 @@ def _wait_for_command(relay: int, ctl: socket.socket, *, prefault_memory: bool) 
     try:
         _die_with(relay)  # a relay that dies before handing a command over leaves none waiting
         os.setpgid(0, 0)
+        # Before pre-faulting (and at normal priority): the applier child a pull
+        # or prepare needs, sharing the agent's pages rather than ours.
+        with contextlib.suppress(OSError):
+            fork_spare_session()
         # Not at once: this runner was forked as a command started, and copying
         # the heap beside it (even at idle priority) slows it by more than a
         # runner that skips pre-faulting loses.

@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -228,45 +229,28 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
     Raises InvalidLayer/UnpackError from either side; a failure to read or
     decompress a blob wins over the truncation the child then sees, and the
     child's error for a layer over that layer's failed check.
+
+    The child is the session child forked ahead for this process
+    (``fork_spare_session``) if there is one, else one forked now.  Either
+    way it has left ``root`` when this returns or raises.
     """
     if not layers:
         return
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fds = [root_fd]
-    try:
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        fds += [report_r, report_w]
-        pipes = []
-        for _ in layers:
-            r, w = os.pipe2(os.O_CLOEXEC)
-            fds += [r, w]
-            pipes.append((r, w))
-            with suppress(OSError):  # a smaller pipe only costs a few more context switches
-                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    pid = os.fork()
-    if pid == 0:
-        _child(root_fd, [r for r, _ in pipes], report_w)
-    for fd in (root_fd, report_w, *(r for r, _ in pipes)):
-        os.close(fd)
-    pending = [w for _, w in pipes]  # write ends not yet handed to _pump
-    reports = _Reports(report_r)
+    spare = _take_spare()
+    child: _Child = _QueuedSession(spare, root, len(layers)) if spare else _OneShot(root, len(layers))
     finished = False
     # one buffer for every layer: allocating (and first touching) 1 MiB costs ~0.3-1 ms each time
     view = memoryview(bytearray(CHUNK))
     try:
         # Stream every layer, checking each before the next; the child's reports
-        # (one short JSON line per layer, MAX_LAYERS_PER_CHILD of them fit in the
-        # report pipe's buffer) wait meanwhile.
+        # (one short message per layer, MAX_LAYERS_PER_CHILD of them fit in the
+        # report channel's buffer) wait meanwhile.
         streamed: list[int] = []
         # the layer that failed on this side: its error, and whether its check failed
         # (else its blob could not be read)
         stop: tuple[int, EmberError, bool] | None = None
         for i, layer in enumerate(layers):
-            total, source_error = _pump(layer, pending.pop(0), view)
+            total, source_error = _pump(layer, child.pending.pop(0), view)
             streamed.append(total)
             if source_error is not None:
                 # ember's own errors (an unreadable blob, a pull that failed while
@@ -284,11 +268,11 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
                 stop = (i, e, True)
                 break
         for i, layer in enumerate(layers[: len(streamed)]):
-            report = reports.next()
+            report = child.next_report()
             if stop is not None and stop[0] == i and not stop[2]:
                 raise stop[1]  # a blob we could not read: the child's view of it says nothing more
             if report is None:
-                _, status = os.waitpid(pid, 0)
+                status = child.end()
                 finished = True
                 raise UnpackError(
                     f"the layer applier for {layer.describe} {_describe_status(status)} without a report"
@@ -302,7 +286,7 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
             if not isinstance(counts, dict):
                 raise UnpackError(f"the layer applier for {layer.describe} sent a malformed report")
             done(i, {str(k): int(v) for k, v in counts.items()}, streamed[i])
-        _, status = os.waitpid(pid, 0)
+        status = child.end()
         finished = True
         if status != 0:
             raise UnpackError(f"the layer applier {_describe_status(status)}")
@@ -311,13 +295,132 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
             # An error (or an interrupt) on our side: the child may be applying a
             # layer or waiting for the next one; stop it before closing its pipes
             # (EOF would read as an empty layer, harmless but pointless).
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for w in pending:
+            child.kill()
+        child.close()
+
+
+class _Child(Protocol):
+    """The applier child of one ``apply_streams``, whichever way it was made."""
+
+    #: our ends of the layers' pipes, in layer order, not yet handed to _pump
+    pending: list[int]
+
+    def next_report(self) -> dict[str, object] | None: ...
+    def end(self) -> int: ...  # after the last report: its wait status once it has gone
+    def kill(self) -> None: ...  # on our error: stop it wherever it is, and reap it
+    def close(self) -> None: ...  # our descriptors
+
+
+def _data_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with suppress(OSError):  # a smaller pipe only costs a few more context switches
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
+class _OneShot:
+    """A child forked now with every layer's pipe, reporting on a pipe of its own."""
+
+    def __init__(self, root: str | os.PathLike[str], layers: int) -> None:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds = [root_fd]
+        try:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            fds += [report_r, report_w]
+            pipes = []
+            for _ in range(layers):
+                r, w = _data_pipe()
+                fds += [r, w]
+                pipes.append((r, w))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        pid = os.fork()
+        if pid == 0:
+            _child(root_fd, [r for r, _ in pipes], report_w)
+        for fd in (root_fd, report_w, *(r for r, _ in pipes)):
+            os.close(fd)
+        self.pid = pid
+        self.pending = [w for _, w in pipes]
+        self._report_r = report_r
+        self._reports = _Reports(report_r)
+
+    def next_report(self) -> dict[str, object] | None:
+        return self._reports.next()
+
+    def end(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        return status
+
+    def kill(self) -> None:
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+    def close(self) -> None:
+        for w in self.pending:
             os.close(w)
-        os.close(report_r)
-        if not finished:
-            os.waitpid(pid, 0)
+        self.pending = []
+        os.close(self._report_r)
+
+
+class _QueuedSession:
+    """The spare session child, given every layer's ``apply`` command at once (the
+    root and the layer's pipe each): it works through them in order, reporting
+    each on its socket, and exits when we close that.  A socket pair's buffer
+    holds MAX_LAYERS_PER_CHILD commands and as many reports with room to spare
+    (~270 commands or ~160 reports of 300 bytes before a send would block), so
+    neither side waits for the other to read."""
+
+    def __init__(self, spare: tuple[int, socket.socket], root: str | os.PathLike[str],
+                 layers: int) -> None:
+        self.pid, self._ctl = spare
+        self.pending: list[int] = []
+        try:
+            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for _ in range(layers):
+                    r, w = _data_pipe()
+                    self.pending.append(w)
+                    try:
+                        socket.send_fds(self._ctl, [b"apply"], [root_fd, r])
+                    finally:
+                        os.close(r)
+            finally:
+                os.close(root_fd)
+        except BaseException:
+            self.kill()
+            self.close()
+            raise
+
+    def next_report(self) -> dict[str, object] | None:
+        return _parse_report(self._ctl.recv(_CTL_MESSAGE))
+
+    def end(self) -> int:
+        self._ctl.close()  # after its last command it reads EOF and exits
+        _, status = os.waitpid(self.pid, 0)
+        return status
+
+    def kill(self) -> None:
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+    def close(self) -> None:
+        for w in self.pending:
+            os.close(w)
+        self.pending = []
+        self._ctl.close()
+
+
+def _parse_report(data: bytes) -> dict[str, object] | None:
+    try:
+        report = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
 
 
 # -- one child for layers applied onto different roots in turn ------------------------------
@@ -360,9 +463,83 @@ def _session_child(ctl: socket.socket) -> None:
         if report is not None:
             if isinstance(report.get("message"), str):
                 report["message"] = str(report["message"])[:2000]
+            # Commands queued behind the one that failed (``apply_streams`` sends all
+            # its layers at once) must not be left unread: closing a socket with
+            # data still queued makes the parent's next read fail with ECONNRESET
+            # instead of returning this report.
+            _discard_queued(ctl)
             ctl.send(json.dumps(report).encode())
     finally:
         os._exit(code)
+
+
+def _discard_queued(ctl: socket.socket) -> None:
+    ctl.setblocking(False)
+    try:
+        while True:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
+            for fd in fds:
+                os.close(fd)
+            if not msg:
+                return
+    except OSError:  # EAGAIN: nothing more
+        return
+    finally:
+        ctl.setblocking(True)
+
+
+def _fork_session() -> tuple[int, socket.socket]:
+    """A session child, and our end of its socket."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except BaseException:
+        parent.close()
+        child.close()
+        raise
+    if pid == 0:
+        parent.close()
+        _session_child(child)
+    child.close()
+    return pid, parent
+
+
+# A session child forked ahead: the next apply of this process takes it.
+_spare: tuple[int, socket.socket] | None = None
+_spare_lock = threading.Lock()  # applies may start from several threads at once
+
+
+def fork_spare_session() -> None:
+    """Fork a session child now for this process's next apply, which then forks none.
+
+    ``ember agent``'s waiting runner calls this before it pre-faults its memory:
+    the child shares the agent's pages, not the runner's fresh copies, so the
+    runner's writes during the apply copy nothing (a fork at apply time makes
+    each page the parent writes afterwards a copy-on-write fault: ~1,800 of them
+    in a pull + unpack of a 1 MB image).  Unused, it exits with this process.
+    """
+    global _spare
+    with _spare_lock:
+        if _spare is None:
+            _spare = _fork_session()
+
+
+def _take_spare() -> tuple[int, socket.socket] | None:
+    """The spare session child, if there is one and it is alive (taken: the next caller forks)."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is None:
+        return None
+    pid, ctl = spare
+    try:
+        gone = os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:
+        gone = True
+    if gone:
+        ctl.close()
+        return None
+    return spare
 
 
 class ApplierSession:
@@ -386,28 +563,12 @@ class ApplierSession:
         self.close()
 
     def _start(self) -> socket.socket:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except BaseException:
-            parent.close()
-            child.close()
-            raise
-        if pid == 0:
-            parent.close()
-            _session_child(child)
-        child.close()
-        self._pid, self._ctl = pid, parent
-        return parent
+        self._pid, self._ctl = _take_spare() or _fork_session()
+        return self._ctl
 
     def _recv(self) -> dict[str, object] | None:
         assert self._ctl is not None
-        data = self._ctl.recv(_CTL_MESSAGE)
-        try:
-            report = json.loads(data) if data else None
-        except ValueError:
-            return None
-        return report if isinstance(report, dict) else None
+        return _parse_report(self._ctl.recv(_CTL_MESSAGE))
 
     def _stop(self, *, kill: bool) -> int:
         """End the child (it may be in the middle of a root); its wait status."""
