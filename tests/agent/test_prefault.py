@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import mmap
+import os
 import resource
+import subprocess
+import sys
+from pathlib import Path
 
-from ember.agent.prefault import slices, writable_private_ranges
+from ember.agent.prefault import may_leave_idle, slices, writable_private_ranges
 from ember.process import populate_for_writing
 
 MAPS = """\
@@ -78,3 +82,38 @@ def test_kernel_declines_are_reported_not_raised() -> None:
         assert populate_for_writing(address, size) is False  # read-only: cannot be written
     finally:
         libc.munmap(address, size)
+
+
+def test_only_who_may_come_back_idles_while_pre_faulting() -> None:
+    assert may_leave_idle(0, 0, 0)  # root
+    assert not may_leave_idle(1000, 0, 0)  # the usual limit: no way back from SCHED_IDLE
+    assert may_leave_idle(1000, 20, 0)  # a limit that allows nice 0
+    assert not may_leave_idle(1000, 19, 0)
+    assert may_leave_idle(1000, 10, 10)  # an agent already at nice 10
+    assert may_leave_idle(1000, -1, 0)  # unlimited
+
+
+def test_the_rule_matches_this_kernel() -> None:
+    """As an unprivileged user with the default limit, SCHED_IDLE is a one-way street."""
+    script = (
+        "import os, resource\n"
+        "from ember.agent.prefault import may_leave_idle\n"
+        "expect = may_leave_idle(os.geteuid(), resource.getrlimit(resource.RLIMIT_NICE)[0],"
+        " os.getpriority(os.PRIO_PROCESS, 0))\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "try:\n"
+        "    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))\n"
+        "    came_back = True\n"
+        "except PermissionError:\n"
+        "    came_back = False\n"
+        "print(expect, came_back)\n"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    for user in ([] if os.geteuid() != 0 else [["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]]) + [[]]:
+        proc = subprocess.run(
+            [*user, sys.executable, "-c", script], capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": src}, timeout=30,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        expect, came_back = proc.stdout.split()
+        assert expect == came_back

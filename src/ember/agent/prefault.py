@@ -28,6 +28,15 @@ SLICE = 2 << 20
 DELAY = 0.25
 
 
+def may_leave_idle(euid: int, rlimit_nice: int, nice: int) -> bool:
+    """Whether a process may switch from SCHED_IDLE back to SCHED_OTHER (sched(7)):
+    root may; anyone else only if RLIMIT_NICE allows its nice value (the limit
+    is 20 - nice: with the usual limit of 0, nobody but root comes back)."""
+    if euid == 0:
+        return True
+    return rlimit_nice == -1 or rlimit_nice >= 20 - nice  # -1: RLIM_INFINITY
+
+
 def writable_private_ranges(maps: str) -> list[tuple[int, int]]:
     """The ``(start, end)`` address ranges of the private writable mappings listed in
     ``maps`` (the text of ``/proc/self/maps``): heap, anonymous memory, libraries'

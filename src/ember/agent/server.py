@@ -31,6 +31,7 @@ import gc
 import importlib
 import os
 import pkgutil
+import resource
 import select
 import signal
 import socket
@@ -484,21 +485,26 @@ def _wait_for_command(relay: int, ctl: socket.socket, *, prefault_memory: bool) 
 
 
 def _idle_priority() -> int | None:
-    """Run at SCHED_IDLE; the policy to return to (None: left as it was)."""
+    """Run at SCHED_IDLE if this process may come back from it; the policy to return
+    to (None: left as it was, and the pre-faulting runs at the normal priority)."""
     try:
         policy = os.sched_getscheduler(0)
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
     except OSError:
         return None
     if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
         return None  # a real-time agent: its runners keep its policy
+    if not prefault.may_leave_idle(os.geteuid(), resource.getrlimit(resource.RLIMIT_NICE)[0], nice):
+        return None
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except OSError:
         return None
     try:
-        # Make sure there is a way back before idling: a command must never run
-        # at idle priority.  Without one, this runner bows out and the relay
-        # forks one for the command instead.
+        # Make sure of the way back before idling (root in a user namespace may
+        # lack CAP_SYS_NICE): a command must never run at idle priority.
+        # Without one, this runner bows out and the relay forks one for the
+        # command instead.
         os.sched_setscheduler(0, policy, os.sched_param(0))
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except OSError:
