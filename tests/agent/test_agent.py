@@ -418,3 +418,19 @@ def test_a_client_sending_garbage_mid_command_is_ignored_and_hanging_up_ends_the
     # the connection closed: the command is hung up, as by a closing terminal
     _wait_port(port, open_=False)
     agent.wait_log("ember server -> exit")
+
+
+@pytest.mark.parametrize(
+    ("said", "code"),
+    [(b"0", 0), (b"2", 2), (b"255", 255), (b"", None), (b"256", None), (b"-1", None),
+     (b"1x", None), (b"0123", None)],
+)  # fmt: skip
+def test_the_exit_code_a_runner_says_early_is_read_strictly(said: bytes, code: int | None) -> None:
+    from ember.agent.server import _exit_code_said
+
+    mine, its = socket.socketpair()
+    with mine, its:
+        if said:
+            its.send(said)
+        its.close()
+        assert _exit_code_said(mine) == code
