@@ -18,12 +18,18 @@ def _no_fork() -> int:
     raise AssertionError("forked although a spare applier child was waiting")
 
 
-def test_the_next_apply_runs_in_the_spare_and_forks_nothing(
-    root: Path, layers: Layers, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fork_spare() -> tuple[frozenset[int], int]:
+    """This process's children before, and the spare's pid."""
     children = own_children()
     sandbox.fork_spare_session()
     (spare,) = own_children() - children
+    return children, spare
+
+
+def test_the_next_apply_runs_in_the_spare_and_forks_nothing(
+    root: Path, layers: Layers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    children, spare = _fork_spare()
     with monkeypatch.context() as m:
         m.setattr(os, "fork", _no_fork)
         first = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
@@ -39,8 +45,7 @@ def test_the_next_apply_runs_in_the_spare_and_forks_nothing(
 
 
 def test_a_failure_in_the_spare_is_reported_like_any_other(root: Path, layers: Layers) -> None:
-    children = own_children()
-    sandbox.fork_spare_session()
+    children, _ = _fork_spare()
     good = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
     bad = layers.blob(tar_bytes([reg(".wh.", b"")]), "gzip")
     with pytest.raises(InvalidLayer, match="layer"):
@@ -50,9 +55,7 @@ def test_a_failure_in_the_spare_is_reported_like_any_other(root: Path, layers: L
 
 
 def test_a_dead_spare_is_passed_over(root: Path, layers: Layers) -> None:
-    children = own_children()
-    sandbox.fork_spare_session()
-    (spare,) = own_children() - children
+    children, spare = _fork_spare()
     os.kill(spare, signal.SIGKILL)
     os.waitid(os.P_PID, spare, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
     apply_layers(root, [layers.blob(tar_bytes([reg("a", b"1")]), "gzip")])
@@ -63,9 +66,7 @@ def test_a_dead_spare_is_passed_over(root: Path, layers: Layers) -> None:
 def test_a_layer_session_adopts_the_spare(
     tmp_path: Path, layers: Layers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    children = own_children()
-    sandbox.fork_spare_session()
-    (spare,) = own_children() - children
+    children, spare = _fork_spare()
     roots = [tmp_path / "r1", tmp_path / "r2"]
     with LayerSession() as session, monkeypatch.context() as m:
         m.setattr(os, "fork", _no_fork)
