@@ -434,3 +434,32 @@ def test_the_exit_code_a_runner_says_early_is_read_strictly(said: bytes, code: i
             its.send(said)
         its.close()
         assert _exit_code_said(mine) == code
+
+
+def _ember_zombies() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if state == "Z" and comm.startswith(("ember", "python")):
+            found.add(int(entry.name))
+    return found
+
+
+def test_commands_leave_no_zombies_behind(agent: RunningAgent) -> None:
+    """Runners and the applier children they fork ahead are reaped by us, not left to
+    an init that may not reap (whether the command used the applier or not)."""
+    before = _ember_zombies()
+    for words in (["image", "ls"], ["--version"], ["image", "frobnicate"]):
+        ember(agent.home, *words)
+    agent.wait_log("ember image frobnicate -> exit 2")
+    time.sleep(0.5)
+    # (only this agent's descendants: a stopped agent's idle relay and runner may
+    # still be dying around us, and become zombies where init does not reap)
+    new = {pid for pid in _ember_zombies() - before if pid > agent.process.pid}
+    assert new == set()

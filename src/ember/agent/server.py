@@ -48,7 +48,7 @@ from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
 from ember.process import parent_death_signal
-from ember.unpack.sandbox import fork_spare_session
+from ember.unpack.sandbox import dismiss_spare, fork_spare_session
 
 # What a client of this very installation sends as its code (see protocol).
 _OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
@@ -420,10 +420,11 @@ def _summary(argv: list[bytes]) -> str:
 
 
 class _SpareRunner:
-    """The relay's runner, forked before the relay accepts: it pre-faults its memory
-    (at idle priority, so that it never slows the commands running meanwhile)
-    and waits on a socket for the command, which the relay sends as a request
-    frame with the caller's three descriptors."""
+    """The relay's runner, forked before the relay accepts: it forks the applier child
+    a command may need, pre-faults its memory (at idle priority where it may come
+    back from it, so that it does not slow the commands running meanwhile) and
+    waits on a socket for the command, which the relay sends as a request frame
+    with the caller's three descriptors; it says its exit code on that socket."""
 
     def __init__(self, pid: int, ctl: socket.socket) -> None:
         self.pid, self.ctl = pid, ctl
@@ -493,8 +494,11 @@ def _wait_for_command(relay: int, ctl: socket.socket, *, prefault_memory: bool) 
         fds: list[int] = []
         try:
             request = _read_request(ctl, fds)
-        except (OSError, protocol.ProtocolError):
-            os._exit(0)  # dismissed (EOF): nobody's command
+        except (OSError, protocol.ProtocolError):  # dismissed (EOF): nobody's command
+            spare = dismiss_spare()
+            if spare is not None:
+                os.waitpid(spare, 0)
+            os._exit(0)
         _die_with(None)  # somebody's command now: it outlives the relay and the agent
     except BaseException:
         os._exit(1)
@@ -612,6 +616,7 @@ def _finish(code: int, report: socket.socket | None = None) -> NoReturn:
                 stream.flush()
         except (OSError, ValueError):
             pass
+    spare = dismiss_spare()  # an applier child forked ahead that this command did not need
     if report is not None:
         # Done: close everything (the caller's terminal or pipes, files and their
         # locks) as exit would, then say so before the kernel tears down our memory.
@@ -620,6 +625,9 @@ def _finish(code: int, report: socket.socket | None = None) -> NoReturn:
         os.closerange(keep + 1, _FD_LIMIT)
         with contextlib.suppress(OSError):
             report.send(b"%d" % code)
+    if spare is not None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(spare, 0)
     os._exit(code)
 
 

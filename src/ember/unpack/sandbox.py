@@ -542,6 +542,17 @@ def _take_spare() -> tuple[int, socket.socket] | None:
     return spare
 
 
+def dismiss_spare() -> int | None:
+    """Tell an unused spare session child to exit (it reads EOF); its pid, for the
+    caller to reap (else it outlives us as a zombie where init does not reap)."""
+    spare = _take_spare()
+    if spare is None:
+        return None
+    pid, ctl = spare
+    ctl.close()
+    return pid
+
+
 class ApplierSession:
     """One chroot-ed applier child that applies layers onto one root after another.
 
