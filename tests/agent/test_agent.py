@@ -463,3 +463,21 @@ def test_commands_leave_no_zombies_behind(agent: RunningAgent) -> None:
     # still be dying around us, and become zombies where init does not reap)
     new = {pid for pid in _ember_zombies() - before if pid > agent.process.pid}
     assert new == set()
+
+
+def test_a_stopping_agent_reaps_its_waiting_relay_runner_and_applier(agent: RunningAgent) -> None:
+    before = _ember_zombies()
+    runner = _spare_runner(agent, prefaulted=False)
+    deadline = time.monotonic() + TIMEOUT
+    while not _children(runner):  # the applier child it forks ahead
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (applier,) = _children(runner)
+    (relay,) = _children(agent.process.pid)
+    agent.stop()
+    for pid in (relay, runner, applier):
+        assert _gone(pid)
+    time.sleep(0.3)
+    assert {pid for pid in _ember_zombies() - before if pid > agent.process.pid} == set()
+    # gone, not zombies: _gone accepts a zombie, so look again
+    assert not any(Path(f"/proc/{pid}").exists() for pid in (relay, runner, applier))

@@ -170,7 +170,7 @@ class Agent:
             self._log("stopping")
         finally:
             if idle is not None and not _readable(accepted_r):
-                _kill(idle)  # still waiting in accept(): nobody's command yet
+                _stop_relay(idle)  # still waiting in accept(): nobody's command yet
             os.close(accepted_r)
             os.close(accepted_w)
             gc.unfreeze()
@@ -214,16 +214,17 @@ class Agent:
             spare = _SpareRunner.fork(
                 keep_out=(listener.fileno(), accepted_w), prefault_memory=self.prefault_runners
             )
-            conn, _ = listener.accept()
-            _die_with(None)  # from now on this is somebody's command: it outlives the agent
-            os.write(accepted_w, b"!")
-            os.close(accepted_w)
-            listener.close()
-            try:
-                self._serve_one(conn, fp, spare)
-            finally:
-                if spare is not None:
-                    spare.dismiss()
+            conn = _accept_unless_stopped(listener, spare)
+            if conn is not None:
+                _die_with(None)  # from now on this is somebody's command: it outlives the agent
+                os.write(accepted_w, b"!")
+                os.close(accepted_w)
+                listener.close()
+                try:
+                    self._serve_one(conn, fp, spare)
+                finally:
+                    if spare is not None:
+                        spare.dismiss()
             status = 0
         except BaseException as e:  # a broken client must never reach the agent's loop
             self._log(f"a command's relay failed: {e!r}")
@@ -375,6 +376,43 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop
+
+
+def _accept_unless_stopped(
+    listener: socket.socket, spare: _SpareRunner | None
+) -> socket.socket | None:
+    """The next connection; None if the agent stops us first (SIGTERM), once the
+    waiting runner is dismissed and reaped (nobody else would: init may not reap)."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        conn, _ = listener.accept()
+    except _Stop:
+        if spare is not None:
+            spare.retire()
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return conn
+
+
+def _stop_relay(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM the idle relay and wait until it has gone (it reaps its runner first;
+    SIGCHLD is ignored here, so the kernel reaps it); SIGKILL after ``grace`` s."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        _kill(pid)
+        if not select.select([pidfd], [], [], grace)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
 def _die_with(parent: int | None) -> None:
     """SIGTERM when ``parent`` dies (None: no longer)."""
     parent_death_signal(signal.SIGTERM if parent else 0)
@@ -469,6 +507,13 @@ class _SpareRunner:
         """Close the runner's socket: one that got no command exits (when the relay
         exits at the latest: its parent-death signal)."""
         self.ctl.close()
+
+    def retire(self) -> None:
+        """Dismiss a runner that got no command, and reap it (it reaps its applier)."""
+        _set_policy(self.pid, os.sched_getscheduler(0))  # no idle-priority crawl to its exit
+        self.dismiss()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
 def _wait_for_command(relay: int, ctl: socket.socket, *, prefault_memory: bool) -> NoReturn:
