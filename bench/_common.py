@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -176,6 +177,20 @@ def registry(*, username: str | None = None, password: str | None = None) -> Ite
         yield reg
 
 
+def source_tree(rev: str, into: Path) -> Path:
+    """``src/`` of commit ``rev`` under ``into``, byte-compiled as an install would be
+    (put it first on ``PYTHONPATH`` to run that commit's ember: before and after
+    one change in one run)."""
+    into.mkdir()
+    archive = into / "src.tar"
+    with open(archive, "wb") as f:
+        subprocess.run(["git", "-C", str(REPO_ROOT), "archive", rev, "src"], stdout=f, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    compileall.compile_dir(into / "src", quiet=2)
+    return into / "src"
+
+
 class HostAgent:
     """``ember agent`` for one state directory, as a host that runs machines keeps it.
 
@@ -186,15 +201,18 @@ class HostAgent:
     pre-faulted, docs/agent.md); ``stop()`` ends it.
     """
 
-    def __init__(self, ember: str, *options: str) -> None:
+    def __init__(self, ember: str, *options: str, pythonpath: Path | None = None) -> None:
         self.ember = ember
         self.options = options
+        self.pythonpath = pythonpath  # another commit's src/ (source_tree): its agent
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, home: Path, timeout: float = 30.0, settle: float = 0.5) -> None:
         self.stop()
         env = {**os.environ, "EMBER_HOME": str(home)}
         env.pop("EMBER_AGENT", None)
+        if self.pythonpath is not None:
+            env["PYTHONPATH"] = str(self.pythonpath)
         self.process = subprocess.Popen(
             [self.ember, "agent", *self.options], env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -9,8 +9,9 @@ docs/performance.md.  ember is timed as the CLI (a fresh Python process per
 run), as the CLI served by ``ember agent`` (docs/agent.md: the agent is
 started for the fresh store before each timed run, untimed and left idle for
 0.5 s, as a host keeps it running), the same served by ``ember agent
---no-prefault`` (what the pre-faulted runner saves, same run), and as the
-library call ``ember run`` makes in-process; the pull
+--no-prefault`` (what the pre-faulted runner saves, same run), with ``--base
+REV`` by that commit's agent too (before and after a change, same run), and as
+the library call ``ember run`` makes in-process; the pull
 alone is also compared with ``skopeo copy``.
 
 ``--scratch ext4`` puts every contestant's work (stores, layouts, unpacked trees)
@@ -25,7 +26,7 @@ GET for MS milliseconds (a distant registry; ember and the anchor both go
 through it): there ember applies its first layers while the last ones still
 download.  ``--images`` picks the images.
 
-    .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4]
+    .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4] [--base REV]
                                           [--latency MS] [--images multilayer,debian]
 """
 
@@ -55,6 +56,7 @@ from bench._common import (  # noqa: E402
     print_ratio,
     record,
     registry,
+    source_tree,
 )
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
@@ -75,11 +77,17 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
-def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
+def bench_image(
+    name: str, ref: str, work: Path, runs: int, base: tuple[str, Path] | None = None
+) -> list[str]:
+    """``base``: (commit, its src/) whose agent is timed too, alternating (before/after)."""
     home, ember_root = work / f"{name}-home", work / f"{name}-ember-root"
     layout, bundle = work / f"{name}-layout", work / f"{name}-bundle"
 
     agents = {VIA_AGENT: HostAgent(EMBER), VIA_SHARING_AGENT: HostAgent(EMBER, "--no-prefault")}
+    via_base = f"ember image unpack via the agent at {base[0]}" if base else ""
+    if base is not None:
+        agents[via_base] = HostAgent(EMBER, pythonpath=base[1])
 
     def clean(contestant: str) -> None:
         for agent in agents.values():
@@ -94,8 +102,10 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
         env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
         run([EMBER, "image", "unpack", ref, str(ember_root)], env)
 
-    def ember_via_agent() -> None:
+    def ember_via_agent(pythonpath: Path | None = None) -> None:
         env = {**os.environ, "EMBER_HOME": str(home)}
+        if pythonpath is not None:  # the client of that commit: its agent serves only it
+            env["PYTHONPATH"] = str(pythonpath)
         run([EMBER, "image", "unpack", ref, str(ember_root)], env)
 
     def ember_library() -> None:
@@ -135,6 +145,8 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
         "library": ember_library,
         "skopeo+umoci": anchor,
     }
+    if base is not None:
+        contestants[via_base] = lambda: ember_via_agent(base[1])
     try:
         full = alternate(contestants, runs, setup=clean)
     finally:
@@ -144,7 +156,12 @@ def bench_image(name: str, ref: str, work: Path, runs: int) -> list[str]:
         {"ember pull (library)": ember_pull, "skopeo copy": skopeo}, runs, setup=clean
     )
     clean("")
-    return [
+    before = (
+        [print_ratio(f"{name}: pull+unpack via the agent, this tree vs {base[0]}",
+                     full[VIA_AGENT], full[via_base])]
+        if base is not None else []
+    )  # fmt: skip
+    return before + [
         print_ratio(f"{name}: pull+unpack, CLI", full[CLI], full["skopeo+umoci"]),
         print_ratio(
             f"{name}: pull+unpack, CLI via the agent", full[VIA_AGENT], full["skopeo+umoci"]
@@ -188,6 +205,10 @@ def main() -> None:
         help="milliseconds a proxy holds each blob GET (a distant registry)",
     )  # fmt: skip
     parser.add_argument("--images", default="multilayer,debian")
+    parser.add_argument(
+        "--base", metavar="REV",
+        help="also time the agent of this commit (its src/ on PYTHONPATH), alternating",
+    )  # fmt: skip
     args = parser.parse_args()
     builders = {"multilayer": build_multilayer_layout, "debian": build_debian_layout}
     images = {name: builders[name]() for name in args.images.split(",")}
@@ -206,10 +227,11 @@ def main() -> None:
             host = proxy.host
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-bench-pull-")))
         work = stack.enter_context(scratch_ext4(tmp)) if args.scratch == "ext4" else tmp
+        base = (args.base, source_tree(args.base, tmp / "base")) if args.base else None
         lines = []
         for name, layout in images.items():
             ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
-            lines.extend(bench_image(name, ref, work, args.runs))
+            lines.extend(bench_image(name, ref, work, args.runs, base))
     if not args.no_record:
         for line in lines:
             record(SECTION, f"{line}; {where}; {machine_note()}")

@@ -12,12 +12,10 @@ after one change in one run.  ``python -c pass`` is the floor of any Python CLI.
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import REPO_ROOT, alternate, fmt_seconds, machine_note, record  # noqa: E402
+from bench._common import alternate, fmt_seconds, machine_note, record, source_tree  # noqa: E402
 
 SECTION = "Host agent: CLI latency (bench/agent.py)"
 PYTHON = sys.executable
@@ -38,18 +36,6 @@ COMMANDS: dict[str, list[str]] = {
     "ember ps": [EMBER, "ps"],
     "ember --help": [EMBER, "--help"],
 }
-
-
-def source_tree(rev: str, into: Path) -> Path:
-    """``src/`` of commit ``rev`` under ``into``, byte-compiled as an install would be."""
-    into.mkdir()
-    archive = into / "src.tar"
-    with open(archive, "wb") as f:
-        subprocess.run(["git", "-C", str(REPO_ROOT), "archive", rev, "src"], stdout=f, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    compileall.compile_dir(into / "src", quiet=2)
-    return into / "src"
 
 
 def runner(argv: list[str], home: Path, pythonpath: Path | None) -> Callable[[], None]:

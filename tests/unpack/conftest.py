@@ -60,8 +60,6 @@ def each_applier_child(request: pytest.FixtureRequest) -> Iterator[ApplierChild]
     try:
         yield ApplierChild(spare, children, fds)
     finally:
-        leftover = sandbox._take_spare()  # a test that applied nothing: not the next one's
+        leftover = sandbox.dismiss_spare()  # a test that applied nothing: not the next one's
         if leftover is not None:
-            pid, ctl = leftover
-            ctl.close()
-            os.waitpid(pid, 0)
+            os.waitpid(leftover, 0)

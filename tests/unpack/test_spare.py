@@ -76,3 +76,21 @@ def test_a_layer_session_adopts_the_spare(
             assert session._session._pid == spare
     assert [(r / "f").read_bytes() for r in roots] == [b"0", b"1"]
     assert own_children() == children
+
+
+def test_a_spare_killed_with_layers_queued_is_an_unpack_error(root: Path, layers: Layers) -> None:
+    """Its socket then reads ECONNRESET (commands unread): reported from its wait
+    status like any applier that dies, not raised as an OSError."""
+    from ember.unpack import UnpackError
+
+    children, spare = _fork_spare()
+    blob = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
+
+    def kill_first(i: int) -> None:  # runs once every layer's command was sent
+        if i == 0:
+            os.kill(spare, signal.SIGKILL)
+            os.waitid(os.P_PID, spare, os.WEXITED | os.WNOWAIT)
+
+    with pytest.raises(UnpackError, match="killed by signal 9"):
+        apply_layers(root, [blob, blob, blob], wait=kill_first)
+    assert own_children() == children

@@ -7,12 +7,10 @@ of them in a pull.  A runner forked ahead of its command takes those faults
 while it waits (``MADV_POPULATE_WRITE``, in slices, giving up as soon as the
 command arrives), so that the command finds its memory its own.
 
-Measured (a pull + unpack of a 1 MB image through the agent, alternating with
-the code before, n=30 each): 84.0 ms against 90.3 ms at the median.  Started at
-once, beside the command that had just been accepted, the copying slowed that
-command more than it saved the next one (101.8 against 85.1 ms), even at idle
-priority: hence DELAY.  The price is memory: an idle runner holds a private
-copy of the agent's heap (~36 MB) instead of sharing it.
+Not at once (DELAY): the runner is forked as the previous command starts, and
+copying beside that command slowed it more than it saved, even at idle
+priority.  The price is memory: an idle runner holds a private copy of the
+agent's heap (~36 MB) instead of sharing it.  What it saves: docs/agent.md.
 """
 
 from __future__ import annotations

@@ -148,10 +148,7 @@ class Agent:
     def _loop(self, listener: socket.socket, fingerprint: Fingerprint) -> None:
         """Keep one relay forked ahead, waiting in accept(): a command does not wait for a fork."""
 
-        def stop(signum: int, _frame: object) -> None:
-            raise _Stop
-
-        old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         # Busy relays outlive their turn here and are never waited for.
         old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         # Objects that exist now are never freed by the children: keep the

@@ -354,9 +354,7 @@ class _OneShot:
         return status
 
     def kill(self) -> None:
-        with suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
+        _kill_and_reap(self.pid)
 
     def close(self) -> None:
         for w in self.pending:
@@ -395,7 +393,7 @@ class _QueuedSession:
             raise
 
     def next_report(self) -> dict[str, object] | None:
-        return _parse_report(self._ctl.recv(_CTL_MESSAGE))
+        return _recv_report(self._ctl)
 
     def end(self) -> int:
         self._ctl.close()  # after its last command it reads EOF and exits
@@ -403,10 +401,7 @@ class _QueuedSession:
         return status
 
     def kill(self) -> None:
-        with suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        with suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        _kill_and_reap(self.pid)
 
     def close(self) -> None:
         for w in self.pending:
@@ -415,12 +410,22 @@ class _QueuedSession:
         self._ctl.close()
 
 
-def _parse_report(data: bytes) -> dict[str, object] | None:
+def _recv_report(ctl: socket.socket) -> dict[str, object] | None:
+    """A session child's next report; None if it sent none (gone, or a child killed
+    with commands still queued: the read then fails with ECONNRESET)."""
     try:
+        data = ctl.recv(_CTL_MESSAGE)
         report = json.loads(data) if data else None
-    except ValueError:
+    except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None
+
+
+def _kill_and_reap(pid: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 # -- one child for layers applied onto different roots in turn ------------------------------
@@ -579,7 +584,7 @@ class ApplierSession:
 
     def _recv(self) -> dict[str, object] | None:
         assert self._ctl is not None
-        return _parse_report(self._ctl.recv(_CTL_MESSAGE))
+        return _recv_report(self._ctl)
 
     def _stop(self, *, kill: bool) -> int:
         """End the child (it may be in the middle of a root); its wait status."""
