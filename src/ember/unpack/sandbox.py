@@ -299,16 +299,30 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         child.close()
 
 
-class _Child(Protocol):
+class _Child:
     """The applier child of one ``apply_streams``, whichever way it was made."""
 
+    pid: int
     #: our ends of the layers' pipes, in layer order, not yet handed to _pump
     pending: list[int]
 
-    def next_report(self) -> dict[str, object] | None: ...
-    def end(self) -> int: ...  # after the last report: its wait status once it has gone
-    def kill(self) -> None: ...  # on our error: stop it wherever it is, and reap it
-    def close(self) -> None: ...  # our descriptors
+    def next_report(self) -> dict[str, object] | None:
+        raise NotImplementedError
+
+    def end(self) -> int:
+        """After the last report: its wait status once it has gone."""
+        _, status = os.waitpid(self.pid, 0)
+        return status
+
+    def kill(self) -> None:
+        """On our error: stop it wherever it is, and reap it."""
+        _kill_and_reap(self.pid)
+
+    def close(self) -> None:
+        """Our descriptors."""
+        for w in self.pending:
+            os.close(w)
+        self.pending = []
 
 
 def _data_pipe() -> tuple[int, int]:
@@ -318,7 +332,7 @@ def _data_pipe() -> tuple[int, int]:
     return r, w
 
 
-class _OneShot:
+class _OneShot(_Child):
     """A child forked now with every layer's pipe, reporting on a pipe of its own."""
 
     def __init__(self, root: str | os.PathLike[str], layers: int) -> None:
@@ -349,21 +363,12 @@ class _OneShot:
     def next_report(self) -> dict[str, object] | None:
         return self._reports.next()
 
-    def end(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        return status
-
-    def kill(self) -> None:
-        _kill_and_reap(self.pid)
-
     def close(self) -> None:
-        for w in self.pending:
-            os.close(w)
-        self.pending = []
+        super().close()
         os.close(self._report_r)
 
 
-class _QueuedSession:
+class _QueuedSession(_Child):
     """The spare session child, given every layer's ``apply`` command at once (the
     root and the layer's pipe each): it works through them in order, reporting
     each on its socket, and exits when we close that.  A socket pair's buffer
@@ -397,16 +402,10 @@ class _QueuedSession:
 
     def end(self) -> int:
         self._ctl.close()  # after its last command it reads EOF and exits
-        _, status = os.waitpid(self.pid, 0)
-        return status
-
-    def kill(self) -> None:
-        _kill_and_reap(self.pid)
+        return super().end()
 
     def close(self) -> None:
-        for w in self.pending:
-            os.close(w)
-        self.pending = []
+        super().close()
         self._ctl.close()
 
 
