@@ -127,6 +127,27 @@ try:
 except EmberError as e:
     out["foreign"] = [type(e).__name__, str(e)]
 out["nft"] = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True).stdout
+# a port given explicitly that a program of the host serves is refused, not shadowed
+# (on any of its addresses: 9000 is held on 127.0.0.1 only)
+for i, spec in enumerate(("9000:80", "127.0.0.1:9000:80", "5353:53/udp")):
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", 5353))
+    try:
+        mgr.setup(sys.argv[3], ports=parse_publish(spec))
+        out[f"explicit_{i}"] = None
+    except EmberError as e:
+        out[f"explicit_{i}"] = [type(e).__name__, str(e)]
+    udp.close()
+# a closed connection's TIME_WAIT on an explicit port does not count as a program there
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 9500)); srv.listen()
+cli = socket.create_connection(("127.0.0.1", 9500))
+conn, _ = srv.accept()
+conn.close()  # the server side closes first: its end waits in TIME_WAIT on port 9500
+cli.close(); srv.close()
+out["time_wait"] = [p.host_port for p in mgr.setup(sys.argv[3], ports=parse_publish("9500:80")).ports]
+mgr.teardown(sys.argv[3])
 out["state"] = {k[:2]: v["ports"] for k, v in json.loads((home.root / "net" / "state.json").read_text())["machines"].items()}
 for m in sys.argv[2:5]:
     mgr.teardown(m)
@@ -151,6 +172,10 @@ def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> Non
     assert lo <= udp["host_port"] <= hi and udp["protocol"] == "udp"
     assert fixed["host_port"] == 8080
     assert out["foreign"][0] == "InvalidPortSpec" and "10.9.9.9" in out["foreign"][1]
+    for i, where in enumerate(("9000/tcp", "127.0.0.1:9000/tcp", "5353/udp")):
+        assert out[f"explicit_{i}"][0] == "PortConflict", out[f"explicit_{i}"]
+        assert f"host port {where} is in use by a program on this host" in out[f"explicit_{i}"][1]
+    assert out["time_wait"] == [9500]
     assert f"tcp dport {tcp['host_port']} " in out["nft"] and f"udp dport {udp['host_port']} " in out["nft"]
     assert "tcp dport 9001 " in out["nft"]
     # what is recorded (and what `ember ps` and `ember start` read) is the chosen port

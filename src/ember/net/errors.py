@@ -14,7 +14,7 @@ class InvalidPortSpec(UsageError):
 
 
 class PortConflict(UsageError):
-    """A host port is already published by another machine."""
+    """A host port is already published by another machine, or served by a program of the host."""
 
 
 class SubnetExhausted(NetworkError):

@@ -209,6 +209,15 @@ class NetworkManager:
                         raise PortConflict(
                             f"host port {first.host_port}/{first.protocol} given twice"
                         )
+            for m in fixed:
+                # The DNAT rule would take this port's traffic away from a program
+                # of the host that serves it: refuse, as Docker does.
+                if not _bindable(m, ignore_time_wait=True):
+                    where = f"{m.host_ip}:{m.host_port}" if m.host_ip else str(m.host_port)
+                    raise PortConflict(
+                        f"host port {where}/{m.protocol} is in use by a program on this host",
+                        hint="stop that program, or publish another host port",
+                    )
             ports = _choose_host_ports(ports, [*taken, *fixed])
             subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
             used = {int(m["slot"]) for m in state["machines"].values()}
@@ -285,10 +294,18 @@ def _choose_host_ports(
 _EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
-def _bindable(m: PortMapping) -> bool:
-    """Whether a program on the host could bind ``m``'s host port now (none holds it)."""
+def _bindable(m: PortMapping, *, ignore_time_wait: bool = False) -> bool:
+    """Whether a program on the host could bind ``m``'s host port now (none holds it).
+
+    ``ignore_time_wait``: a TCP port whose only sockets are closed connections
+    waiting out TIME_WAIT counts as free (SO_REUSEADDR on the probe; a listener
+    still makes it fail).  Without it such a port counts as taken, which suits
+    choosing a port: one a connection just used is not handed out.
+    """
     kind = socket.SOCK_STREAM if m.protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as s:
+        if ignore_time_wait and kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((m.host_ip or "0.0.0.0", m.host_port))
         except OSError as e:
