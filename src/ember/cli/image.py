@@ -35,8 +35,9 @@ def _platform(text: str | None) -> Platform | None:
 
 
 def _service() -> ImageService:
-    # Imported here: the image service pulls in SQLAlchemy and httpx, which
-    # every other ember command would otherwise pay for at start-up.
+    # Imported here: the image service pulls in the content store, sqlite3 and
+    # the image sources, which every other ember command would otherwise pay
+    # for at start-up.
     from ember.images import ImageService
 
     return ImageService(home_from_ctx())

@@ -45,7 +45,7 @@ def login(
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
         raise UsageError("a user name and a password are needed")
-    from ember.registry.client.client import RegistryClient  # httpx: only for this command
+    from ember.registry.client.client import RegistryClient  # http.client, ssl: only here
 
     creds = Credentials(username, password)
     api_host = DOCKER_HUB_API_HOST if host == DEFAULT_REGISTRY else host

@@ -173,7 +173,7 @@ class ImageService:
 
             return DockerArchiveSource(spec.path, spec.selector, spec.name)
         assert spec.reference is not None
-        from ember.images.registrysource import RegistrySource  # httpx only when needed
+        from ember.images.registrysource import RegistrySource  # http.client, ssl: only when needed
 
         creds = self.credentials.lookup(spec.reference.registry)
         return RegistrySource(spec.reference, plain_http=plain_http, credentials=creds)
