@@ -80,7 +80,7 @@ def test_names(good: str) -> None:
     assert check_name(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", "-web", "_x", "a/b", "a b", "x" * 64, "é", "/web"])
+@pytest.mark.parametrize("bad", ["", "-web", "_x", "a/b", "a b", "x" * 64, "é", "/web", "web\n"])
 def test_names_reject(bad: str) -> None:
     with pytest.raises(InvalidOption):
         check_name(bad)

@@ -55,6 +55,8 @@ def test_no_egress_no_masquerade() -> None:
         MachineRules("x", "eth0", "172.30.0.2"),
         MachineRules("x", 'em-a"; flush ruleset', "172.30.0.2"),
         MachineRules("x", "em-aaaa", "172.30.0.2", network="Bad-Name"),
+        MachineRules("x", "em-aaaa\n", "172.30.0.2"),
+        MachineRules("x", "em-aaaa", "172.30.0.2", network="tenant\n"),
     ],
 )
 def test_hostile_names_are_refused(bad: MachineRules) -> None:

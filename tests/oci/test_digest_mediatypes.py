@@ -26,6 +26,7 @@ def test_digest_parse_and_of() -> None:
         "sha256",
         "",
         "sha256:../../etc",
+        "sha256:" + "a" * 64 + "\n",  # "$" alone would let a trailing newline through
     ],
 )
 def test_digest_invalid(text: str) -> None:

@@ -102,6 +102,14 @@ def test_schema1_refused_clearly() -> None:
         b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1, "size": -1})),
         b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1, "size": 1.5})),
         b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1, "size": True})),
+        # sizes are int64: Go clients cannot read a bigger one back (it got stored)
+        b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1, "size": 1 << 63})),
+        b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1, "size": 10**400})),
+        b(manifest(subject={"mediaType": mt.OCI_MANIFEST, "digest": D1, "size": 1 << 80})),
+        # a trailing newline in a digest or media type (go-digest refuses those)
+        b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1 + "\n", "size": 1})),
+        b(manifest(config={"mediaType": mt.OCI_CONFIG + "\n", "digest": D1, "size": 1})),
+        b(manifest(artifactType="application/x-foo\n")),
         b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": "sha256:xyz", "size": 1})),
         b(manifest(config={"mediaType": "no slash", "digest": D1, "size": 1})),
         b(manifest(config={"digest": D1, "size": 1})),

@@ -77,6 +77,10 @@ def test_fields() -> None:
         "a/b:c:d",
         "a b",
         "déb",
+        "debian\n",
+        "debian:latest\n",
+        "example.com\n/app",
+        "debian@sha256:" + "a" * 64 + "\n",
     ],
 )
 def test_invalid(text: str) -> None:

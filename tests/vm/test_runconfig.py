@@ -195,6 +195,8 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
     [
         {"hostname": "-bad"},
         {"hostname": "a" * 65},
+        {"hostname": "web\n"},
+        {"modules": ("virtio_net\n",)},
         {"network": (Interface("eth0", "10.0.0.2", 24, "10.1.0.1"),)},  # gateway off-net
         {"network": (Interface("eth0", "::1", 64),)},
         {"network": (Interface("eth0", "10.0.0.2", 33),)},

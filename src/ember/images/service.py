@@ -340,7 +340,7 @@ class ImageService:
         record = self.table.get(name)
         if record is not None:
             return record
-        if _HEX_PREFIX.match(ref):
+        if _HEX_PREFIX.fullmatch(ref):
             matches = self.table.find_by_digest(ref)
             digests = {m.manifest_digest for m in matches}
             if len(digests) == 1:

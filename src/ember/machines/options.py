@@ -22,7 +22,7 @@ MAX_ENV_FILE = 1 << 20
 
 def check_name(name: str) -> str:
     """Docker's container name rule (a leading ``/`` is not accepted here)."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidOption(
             f"invalid machine name {name!r}: use letters, digits, '_', '.', '-' "
             "(starting with a letter or digit, at most 63)"
@@ -39,7 +39,7 @@ def check_kernel_arg(arg: str) -> str:
 
 def parse_size(text: str, *, default_unit: str = "") -> int:
     """``2G``, ``512M``, ``1GiB``, ``1.5g``, ``4096`` (bytes unless ``default_unit``)."""
-    m = _SIZE_RE.match(text.strip())
+    m = _SIZE_RE.fullmatch(text.strip())
     if not m:
         raise InvalidOption(f"invalid size {text!r} (examples: 512M, 2G, 1GiB)")
     number, unit, _ = m.groups()

@@ -49,7 +49,7 @@ class MachineRules:
 
 
 def check_network_name(name: str) -> str:
-    if not _NETWORK_RE.match(name):
+    if not _NETWORK_RE.fullmatch(name):
         raise NetworkError(
             f"invalid network name {name!r} (lowercase letters, digits, _; at most 31)"
         )
@@ -57,7 +57,7 @@ def check_network_name(name: str) -> str:
 
 
 def _check(m: MachineRules) -> None:
-    if not _TAP_RE.match(m.tap):
+    if not _TAP_RE.fullmatch(m.tap):
         raise NetworkError(f"invalid TAP name {m.tap!r}")
     check_network_name(m.network)
 

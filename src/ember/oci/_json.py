@@ -7,6 +7,8 @@ from typing import Any
 
 from ember.oci.errors import FormatError
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -59,6 +61,9 @@ class Fields:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"must be an integer, not {type(value).__name__}")
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            # the specs' integers are int64: Go clients cannot read a larger one back
+            raise self.fail(key, "does not fit in a 64-bit signed integer")
         return value
 
     def obj(self, key: str, *, required: bool = False) -> dict[str, Any] | None:

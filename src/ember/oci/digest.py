@@ -27,7 +27,7 @@ class Digest:
     def parse(cls, text: str) -> Digest:
         if not isinstance(text, str):
             raise InvalidDigest(f"digest must be a string, not {type(text).__name__}")
-        m = _SHAPE.match(text)
+        m = _SHAPE.fullmatch(text)
         if not m:
             raise InvalidDigest(f"invalid digest {text[:100]!r}: expected ALGORITHM:HEX")
         algorithm, encoded = m.groups()

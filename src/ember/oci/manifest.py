@@ -125,7 +125,7 @@ class ImageIndex:
 
 
 def _media_type(value: str, what: str) -> str:
-    if not _MEDIA_TYPE.match(value):
+    if not _MEDIA_TYPE.fullmatch(value):
         raise InvalidManifest(f"{what}: invalid media type {value[:150]!r}")
     return value
 

@@ -72,7 +72,7 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         """``os/arch[/variant]``; a lone architecture means linux, a lone OS this host's arch."""
         parts = text.strip().lower().split("/")
-        if not 1 <= len(parts) <= 3 or not all(_COMPONENT.match(p) for p in parts):
+        if not 1 <= len(parts) <= 3 or not all(_COMPONENT.fullmatch(p) for p in parts):
             raise InvalidPlatform(
                 f"invalid platform {text[:100]!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64"
             )

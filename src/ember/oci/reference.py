@@ -65,7 +65,7 @@ class Reference:
         colon = rest.rfind(":")
         if colon > rest.rfind("/"):
             rest, tag = rest[:colon], rest[colon + 1 :]
-            if not _TAG_RE.match(tag):
+            if not _TAG_RE.fullmatch(tag):
                 raise InvalidReference(
                     f"invalid tag {tag[:150]!r} in {shown!r}: tags are up to 128 letters, digits, "
                     "'_', '.' or '-', not starting with '.' or '-'"
@@ -74,13 +74,13 @@ class Reference:
         if not rest:
             raise InvalidReference(f"invalid image reference {shown!r}: no repository name")
         registry, repository = _split_domain(rest)
-        if not _DOMAIN_RE.match(registry):
+        if not _DOMAIN_RE.fullmatch(registry):
             raise InvalidReference(f"invalid registry host {registry[:150]!r} in {shown!r}")
-        if repository != repository.lower() and _PATH_RE.match(repository.lower()):
+        if repository != repository.lower() and _PATH_RE.fullmatch(repository.lower()):
             raise InvalidReference(
                 f"invalid image reference {shown!r}: repository names must be lowercase"
             )
-        if not _PATH_RE.match(repository):
+        if not _PATH_RE.fullmatch(repository):
             raise InvalidReference(
                 f"invalid repository name {repository[:150]!r} in {shown!r}: components are lowercase "
                 "letters and digits separated by '.', '_', '__' or '-', joined by '/'"

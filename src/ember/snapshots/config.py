@@ -48,7 +48,7 @@ def parse_size(value: object, what: str = "size") -> int:
         raise ConfigError(f"{what} must be a size like 8G, not {value!r}")
     if isinstance(value, int):
         n = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
         n = int(m.group(1)) * _UNITS[m.group(2).upper()]
     else:
         raise ConfigError(f"{what} must be a size like 8G or a number of bytes, not {value!r}")

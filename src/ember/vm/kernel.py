@@ -121,7 +121,7 @@ def resolve_debian_version(package: str = META_PACKAGE) -> tuple[str, str]:
         ) from None
     for line in res.stdout.splitlines():
         m = re.match(r"\s*Depends:\s*(linux-image-(\S+))\s*$", line)
-        if m and _VERSION_RE.match(m.group(2)) and not m.group(2).endswith("-unsigned"):
+        if m and _VERSION_RE.fullmatch(m.group(2)) and not m.group(2).endswith("-unsigned"):
             return m.group(1), m.group(2)
     raise KernelError(
         f"apt knows no {package}: {res.stderr.strip() or 'no Depends line'}",
@@ -258,7 +258,7 @@ def list_kernels(home: Home) -> list[KernelInfo]:
         if (
             d.is_dir()
             and not d.is_symlink()
-            and _VERSION_RE.match(d.name)
+            and _VERSION_RE.fullmatch(d.name)
             and (d / "vmlinux").is_file()
         ):
             out.append(_load(d, d.name))
@@ -293,7 +293,7 @@ def find_kernel(home: Home, path: Path | None = None, modules: Path | None = Non
         path, modules = configured
     if path is None:
         version = default_version(home)
-        if version is None or not _VERSION_RE.match(version):
+        if version is None or not _VERSION_RE.fullmatch(version):
             raise KernelNotFound("no kernel installed", hint="run: ember kernel install")
         return _load(home.kernels / version, version)
     return _custom_kernel(home, path, modules)

@@ -285,7 +285,7 @@ def _split_env(item: str, origin: str) -> tuple[str, str]:
 
 
 def _check_env_key(key: str) -> None:
-    if not _ENV_KEY_RE.match(key):
+    if not _ENV_KEY_RE.fullmatch(key):
         raise InvalidRunConfig(f"invalid environment variable name {key!r}")
 
 
@@ -334,14 +334,14 @@ def validate(rc: RunConfig) -> None:
         raise InvalidRunConfig(
             f"working directory {rc.workdir!r} is invalid: it needs to be an absolute path"
         )
-    if rc.hostname is not None and not _HOSTNAME_RE.match(rc.hostname):
+    if rc.hostname is not None and not _HOSTNAME_RE.fullmatch(rc.hostname):
         raise InvalidRunConfig(f"invalid hostname {rc.hostname!r}")
     for h in rc.hosts:
         _ip(h.address, "hosts entry")
         if not h.names:
             raise InvalidRunConfig(f"hosts entry for {h.address} has no names")
         for n in h.names:
-            if not _HOSTNAME_RE.match(n) and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", n):
+            if not _HOSTNAME_RE.fullmatch(n) and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", n):
                 raise InvalidRunConfig(f"invalid host name {n!r} in hosts entry")
     for n in rc.nameservers:
         _ip(n, "nameserver")
@@ -350,7 +350,7 @@ def validate(rc: RunConfig) -> None:
             raise InvalidRunConfig(f"invalid DNS search domain {s!r}")
     names = set()
     for i in rc.network:
-        if not _IFNAME_RE.match(i.name) or i.name in names:
+        if not _IFNAME_RE.fullmatch(i.name) or i.name in names:
             raise InvalidRunConfig(f"invalid or duplicate interface name {i.name!r}")
         names.add(i.name)
         addr = _ipv4(i.address, "interface address")
@@ -370,21 +370,21 @@ def validate(rc: RunConfig) -> None:
                 raise InvalidRunConfig(f"{what} {value!r} must be an absolute path")
         if m.target == "/" or ".." in m.target.split("/"):
             raise InvalidRunConfig(f"mount target {m.target!r} is not allowed")
-        if not _FSTYPE_RE.match(m.fstype):
+        if not _FSTYPE_RE.fullmatch(m.fstype):
             raise InvalidRunConfig(f"invalid file system type {m.fstype!r}")
         _text(m.options, "mount options")
     if not 1 <= rc.stop_signal <= int(_signal.SIGRTMAX):
         raise InvalidRunConfig(f"invalid stop signal {rc.stop_signal}")
     if not 0 <= rc.stop_timeout <= 24 * 3600:
         raise InvalidRunConfig(f"invalid stop timeout {rc.stop_timeout}")
-    if not rc.root.device.startswith("/dev/") or not _FSTYPE_RE.match(rc.root.fstype):
+    if not rc.root.device.startswith("/dev/") or not _FSTYPE_RE.fullmatch(rc.root.fstype):
         raise InvalidRunConfig(f"invalid root device {rc.root.device!r} ({rc.root.fstype})")
     _text(rc.root.options, "root mount options")
     for mod in (*rc.modules, *rc.late):
-        if not _MODULE_RE.match(mod):
+        if not _MODULE_RE.fullmatch(mod):
             raise InvalidRunConfig(f"invalid module name {mod!r}")
     for ifname, mac in rc.macs:
-        if not _IFNAME_RE.match(ifname) or not _MAC_RE.match(mac):
+        if not _IFNAME_RE.fullmatch(ifname) or not _MAC_RE.fullmatch(mac):
             raise InvalidRunConfig(f"invalid MAC address {mac!r} for {ifname!r}")
     if not 64 <= rc.nofile <= 1 << 30:
         raise InvalidRunConfig(f"invalid open files limit {rc.nofile}")
