@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -160,7 +162,16 @@ def test_chunked_upload_with_ranges_and_416(acme: Tenant) -> None:
         assert r.status_code == 204
         assert r.headers["range"] == f"0-{offset - 1}"
         assert r.headers["location"]
-        r = c.patch(loc, content=chunks[2], headers={"Content-Range": f"{offset}-{len(data) - 1}"})
+        # a body (chunked: no Content-Length to compare) longer than its Content-Range:
+        # what the range covers is kept, the rest refused
+        def overlong() -> Iterator[bytes]:
+            yield chunks[2][:30_000]
+            yield chunks[2][30_000:]
+        r = c.patch(loc, content=overlong(), headers={"Content-Range": f"{offset}-{offset + 9}"})
+        assert r.status_code == 416 and r.headers["range"] == f"0-{offset + 9}"
+        offset += 10
+        r = c.patch(r.headers["location"], content=chunks[2][10:],
+                    headers={"Content-Range": f"{offset}-{len(data) - 1}"})  # fmt: skip
         assert r.status_code == 202
         r = c.put(at(r.headers["location"], digest=sha256(data)))
         assert r.status_code == 201
@@ -374,6 +385,17 @@ def test_error_format_and_unknown_paths(acme: Tenant) -> None:
         assert c.get("/v2/UPPER/tags/list").json()["errors"][0]["code"] == "NAME_INVALID"
         assert c.put(f"/v2/nothing/blobs/sha256:{'4' * 64}").status_code == 405
         assert c.get("/elsewhere").status_code == 404
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            for path in ("/v2/", "/v2/_catalog"):
+                r = c.request(method, path)
+                assert r.status_code == 405, (method, path, r.status_code)
+                assert r.json()["errors"][0]["code"] == "UNSUPPORTED"
+    # malformed Basic credentials: a 401 that still says how to authenticate
+    for value in ("Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe:x").decode()):
+        r = http.get(f"{acme.server.url}/v2/", headers={"Authorization": value})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer realm=")
+        r = http.get(f"{acme.server.url}/token", headers={"Authorization": value})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic realm=")
 
 
 def test_docker_schema2_manifest(acme: Tenant) -> None:
@@ -413,6 +435,9 @@ def test_empty_blob(acme: Tenant) -> None:
         r = c.get(f"/v2/empty/blobs/{digest}")
         assert r.status_code == 200 and r.content == b""
         assert c.get(f"/v2/empty/blobs/{digest}", headers={"Range": "bytes=0-"}).status_code == 416
+        # no last bytes of nothing either (it was a 206 with "bytes 0--1/0")
+        r = c.get(f"/v2/empty/blobs/{digest}", headers={"Range": "bytes=-5"})
+        assert r.status_code == 416 and r.headers["content-range"] == "bytes */0"
 
 
 def test_bytes_gone_under_a_row_is_a_404_not_a_500(acme: Tenant) -> None:

@@ -44,14 +44,26 @@ def test_uploads_past_the_quota_are_refused_and_leave_nothing(server: EmberServe
         r = c.patch(r.headers["Location"], content=second,
                     headers={"Content-Type": "application/octet-stream"})  # fmt: skip
         assert r.status_code == 403, r.text
+        # a chunk out of order is a 416 that keeps the session, quota or not: it is not
+        # refused for the bytes its wrong offset claims (6000 used + 5007 would not fit;
+        # 6000 + the 10 bytes the upload really has do)
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        loc = c.patch(loc, content=b"abc").headers["Location"]
+        r = c.patch(loc, content=b"d" * 7, headers={"Content-Range": "5000-5006"})
+        assert r.status_code == 416, r.text
+        assert r.headers["Range"] == "0-2"
+        assert c.get(loc).status_code == 204
+        r = c.put(at(loc, digest=sha256(b"abc" + b"d" * 7)), content=b"d" * 7,
+                  headers={"Content-Range": "3-9"})  # fmt: skip
+        assert r.status_code == 201, r.text
         # a blob the organization holds already costs nothing, in another repository too
         push_blob(c, "b", first)
-        assert org_row(server, "quota1")["used_bytes"] == 6000
+        assert org_row(server, "quota1")["used_bytes"] == 6010
         # lifting the quota lets the upload through
         ember(server.home, "admin", "org", "quota", "quota1", "none")
         push_blob(c, "a", second)
     row = org_row(server, "quota1")
-    assert (row["used_bytes"], row["quota_bytes"]) == (12000, None)
+    assert (row["used_bytes"], row["quota_bytes"]) == (12010, None)
     # nothing of the refused uploads is left in the server's upload area
     uploads = server.home / "registry" / "uploads"
     if uploads.is_dir():

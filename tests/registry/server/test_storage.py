@@ -106,3 +106,43 @@ def test_writers_wait_for_a_gc_sweep(tmp_path: Path) -> None:
         assert entered == ["writer"]
 
     asyncio.run(scenario())
+
+
+def test_a_session_in_use_is_not_dropped_under_it(tmp_path: Path) -> None:
+    """DELETE (or GC) while another request publishes the session: refused, not a
+    vanished file under the publisher (which then answered 500)."""
+    a, b = BlobStorage(tmp_path), BlobStorage(tmp_path)
+    data = os.urandom(10_000)
+    a.create_session("s3")
+    _append(a, "s3", data, 0)
+    with a._locked("s3", os.O_RDONLY):  # what publish and append hold while they work
+        with pytest.raises(ApiError) as e:
+            b.drop_session("s3")
+        assert (e.value.code, e.value.status) == ("BLOB_UPLOAD_INVALID", 409)
+        assert not b.drop_session_if_idle("s3")
+        assert b.session_size("s3") == len(data)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    assert a.publish("s3", digest) == len(data)
+    b.drop_session("s3")  # gone already: no error
+    assert b.drop_session_if_idle("s3")
+
+
+def test_a_session_dropped_between_open_and_lock_is_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that opened the session file just before another one deleted it must
+    not write into (or publish) the deleted file."""
+    store = BlobStorage(tmp_path)
+    store.create_session("s4")
+    import ember.registry.server.storage as storage_module
+
+    real_flock = storage_module.fcntl.flock
+
+    def flock_after_a_drop(fd: int, op: int) -> None:
+        os.unlink(store.session_path("s4"))  # the concurrent DELETE, between open and lock
+        real_flock(fd, op)
+
+    monkeypatch.setattr(storage_module.fcntl, "flock", flock_after_a_drop)
+    with pytest.raises(ApiError) as e:
+        _append(store, "s4", b"late bytes", 0)
+    assert e.value.code == "BLOB_UPLOAD_UNKNOWN"

@@ -167,7 +167,12 @@ class RegistryApp:
             try:
                 decoded = base64.b64decode(value, validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
-                raise ApiError("UNAUTHORIZED", "malformed basic credentials", status=401) from None
+                # a 401 says how to authenticate (RFC 9110 11.6.1): as a missing one would
+                raise ApiError(
+                    "UNAUTHORIZED",
+                    "malformed basic credentials",
+                    headers={"WWW-Authenticate": challenge(self._realm(request))},
+                ) from None
             _, _, password = decoded.partition(":")
             return "basic", password
         return None
@@ -253,7 +258,10 @@ class RegistryApp:
             secret = (form.get("password") or [""])[0]
             scopes_raw = form.get("scope") or []
         elif request.method == "GET":
-            cred = self._credential(request)
+            try:
+                cred = self._credential(request)
+            except ApiError:  # malformed: answered below, with the Basic challenge
+                cred = None
             secret = cred[1] if cred else None
         else:
             raise ApiError("UNSUPPORTED", "use GET or POST on /token")
@@ -278,6 +286,8 @@ class RegistryApp:
         route = r.parse_path(raw)  # refuses dot segments and encodings before auth
         grant, jwt = await self._authenticate(request)
         method = request.method
+        if route.kind in (r.BASE, r.CATALOG) and method not in ("GET", "HEAD"):
+            raise ApiError("UNSUPPORTED", f"{method} is not supported here")
         if route.kind == r.BASE:
             if grant is None:
                 raise self._deny(request, None, False, "", "")
@@ -527,8 +537,7 @@ class RegistryApp:
         quota = await self._exceeded(ctx, size, digest)
         if quota is None:
             return
-        if session is not None:
-            self.storage.drop_session(session)
+        if session is not None and self.storage.drop_session_if_idle(session):
             await self._db(self.meta.delete_upload, session)
         raise ApiError(
             "DENIED",
@@ -602,11 +611,12 @@ class RegistryApp:
             raise unknown
         return state
 
-    def _chunk_start(self, ctx: _Ctx, state: UploadState) -> int:
-        """Where the body must start: Content-Range if given, else the URL's offset."""
+    def _chunk_range(self, ctx: _Ctx, state: UploadState) -> tuple[int, int | None]:
+        """Where the body must start (Content-Range if given, else the URL's offset) and
+        how long Content-Range says it is (None without one)."""
         value = ctx.request.headers.get("content-range")
         if value is None:
-            return state.offset
+            return state.offset, None
         start, end = parse_content_range(value)
         length = content_length(ctx.request.headers.get("content-length"))
         if length is not None and length != end - start + 1:
@@ -615,13 +625,36 @@ class RegistryApp:
                 f"Content-Range {value!r} does not match Content-Length {length}",
                 status=416,
             )
-        return start
+        return start, end - start + 1
+
+    def _out_of_order(self, ctx: _Ctx, session: str, e: ApiError) -> ApiError:
+        """A 416 tells the client where the upload stands (Range, Location)."""
+        if e.status == 416:
+            current = self.storage.session_size(session) or 0
+            e.headers.update(self._upload_headers(ctx, session, current))
+        return e
+
+    async def _append(self, ctx: _Ctx, state: UploadState, start: int, limit: int | None) -> int:
+        try:
+            return await self.storage.append(state.session, ctx.request.stream(), start, limit)
+        except ApiError as e:
+            raise self._out_of_order(ctx, state.session, e) from None
 
     async def _patch_upload(self, ctx: _Ctx) -> Response:
         state = self._session(ctx)
-        start = self._chunk_start(ctx, state)
+        start, limit = self._chunk_range(ctx, state)
         length = content_length(ctx.request.headers.get("content-length"))
         if length is not None:  # refused before a byte is written
+            current = self.storage.session_size(state.session) or 0
+            if start != current:
+                # a chunk out of order is a 416 that keeps the session, quota or not
+                # (append checks again under the session's lock)
+                await _discard(ctx.request, QUOTA_DRAIN_LIMIT)
+                raise self._out_of_order(ctx, state.session, ApiError(
+                    "BLOB_UPLOAD_INVALID",
+                    f"chunk starts at {start} but the upload has {current} bytes",
+                    status=416,
+                ))
             try:
                 await self._check_quota(ctx, start + length, session=state.session)
             except ApiError:
@@ -629,13 +662,7 @@ class RegistryApp:
                 # gets to read the refusal rather than a reset connection
                 await _discard(ctx.request, QUOTA_DRAIN_LIMIT)
                 raise
-        try:
-            size = await self.storage.append(state.session, ctx.request.stream(), start)
-        except ApiError as e:
-            if e.status == 416:
-                current = self.storage.session_size(state.session) or 0
-                e.headers.update(self._upload_headers(ctx, state.session, current))
-            raise
+        size = await self._append(ctx, state, start, limit)
         await self._check_quota(ctx, size, session=state.session)
         return Response(b"", status_code=202, headers=self._upload_headers(ctx, state.session, size))
 
@@ -648,8 +675,8 @@ class RegistryApp:
             "chunked" in ctx.request.headers.get("transfer-encoding", "").lower()
         )
         if has_body or ctx.request.headers.get("content-range"):
-            start = self._chunk_start(ctx, state)
-            await self.storage.append(state.session, ctx.request.stream(), start)
+            start, limit = self._chunk_range(ctx, state)
+            await self._append(ctx, state, start, limit)
         repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         return await self._finish(ctx, repo_id, state.session, digest)
 
@@ -668,7 +695,7 @@ class RegistryApp:
 
     async def _cancel_upload(self, ctx: _Ctx) -> Response:
         state = self._session(ctx)
-        self.storage.drop_session(state.session)
+        self.storage.drop_session(state.session)  # 409 while another request uses it
         await self._db(self.meta.delete_upload, state.session)
         return Response(b"", status_code=204, headers=API_VERSION)
 

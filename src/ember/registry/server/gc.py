@@ -125,7 +125,7 @@ def _sweep_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, 
     report.uploads = len(stale)
     if not dry_run:
         for session in stale:
-            storage.drop_session(session)
+            storage.drop_session_if_idle(session)  # one in use is not stale
 
 
 def _sweep_repositories(meta: RegistryMetadata, cutoff: float, dry_run: bool, report: GcReport) -> None:

@@ -44,8 +44,12 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
         return None
     if first == "":
         n = int(last)
-        if n == 0:
-            raise ApiError("RANGE_INVALID", "empty suffix range", headers={"Content-Range": f"bytes */{size}"})
+        if n == 0 or size == 0:  # no last bytes to send (RFC 9110 14.1.1)
+            raise ApiError(
+                "RANGE_INVALID",
+                "empty suffix range" if n == 0 else "the blob is empty: no range of it can be sent",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
         return max(size - n, 0), size - 1
     start = int(first)
     end = int(last) if last else size - 1

@@ -64,11 +64,27 @@ class BlobStorage:
         except FileNotFoundError:
             return None
 
-    def drop_session(self, session: str) -> None:
-        with self._lock:
-            self._hashers.pop(session, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.session_path(session))
+    def drop_session(self, session: str, *, busy_status: int | None = 409) -> None:
+        """Delete the session's bytes, under its lock: never while a request appends to
+        or publishes it (that one is refused instead, ApiError with ``busy_status``);
+        a session already gone is no error."""
+        try:
+            with self._locked(session, os.O_RDONLY, busy_status=busy_status):
+                with self._lock:
+                    self._hashers.pop(session, None)
+                os.unlink(self.session_path(session))
+        except ApiError as e:
+            if e.code != "BLOB_UPLOAD_UNKNOWN":
+                raise
+
+    def drop_session_if_idle(self, session: str) -> bool:
+        """``drop_session``, unless another request is using the session (it stays:
+        False)."""
+        try:
+            self.drop_session(session)
+        except ApiError:
+            return False
+        return True
 
     @contextlib.contextmanager
     def _locked(
@@ -76,30 +92,47 @@ class BlobStorage:
     ) -> Iterator[int]:
         """The session file open (for appending by default), held exclusively (across
         processes too); a session another request holds is refused, not waited for."""
+        path = self.session_path(session)
+        unknown = ApiError("BLOB_UPLOAD_UNKNOWN", "upload session is unknown")
         try:
-            fd = os.open(self.session_path(session), flags)
+            fd = os.open(path, flags)
         except FileNotFoundError:
-            raise ApiError("BLOB_UPLOAD_UNKNOWN", "upload session is unknown") from None
+            raise unknown from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ApiError(
                     "BLOB_UPLOAD_INVALID",
-                    "another request is writing to this upload session",
+                    "another request is using this upload session",
                     status=busy_status,
                 ) from None
+            # The holder before us may have published or deleted the file after we
+            # opened it: a lock on a file no longer at the path guards nothing.
+            try:
+                here = os.stat(path)
+            except FileNotFoundError:
+                raise unknown from None
+            mine = os.fstat(fd)
+            if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+                raise unknown
             yield fd
         finally:
             os.close(fd)
 
     async def append(
-        self, session: str, body: AsyncIterator[bytes], expect_offset: int | None
+        self,
+        session: str,
+        body: AsyncIterator[bytes],
+        expect_offset: int | None,
+        limit: int | None = None,
     ) -> int:
         """Append the request body; the new session size.
 
         ``expect_offset``: where the client says this chunk starts (Content-Range),
         checked under the lock so that out-of-order or repeated chunks get 416.
+        ``limit``: how long the client says the chunk is (Content-Range): the bytes
+        past it are not stored, and the request gets 416.
         Whatever arrived before a client disconnect stays: the size says so.
         """
         with self._locked(session) as fd:
@@ -136,8 +169,18 @@ class BlobStorage:
                 offset += len(buf)
                 buf.clear()
 
+            room = limit
             try:
                 async for chunk in body:
+                    if room is not None:
+                        if len(chunk) > room:
+                            buf += chunk[:room]
+                            raise ApiError(
+                                "BLOB_UPLOAD_INVALID",
+                                f"the chunk is longer than the {limit} bytes its Content-Range says",
+                                status=416,
+                            )
+                        room -= len(chunk)
                     buf += chunk
                     if len(buf) >= _WRITE_BUFFER:
                         flush()
