@@ -65,3 +65,10 @@ def test_prepare_ls_rm_gc(home: Home, busybox_layout: Path, multilayer_layout: P
 
     Snapshotter(home).leases.create("machine/x", snapshots=[left[0]["name"]])
     assert "machine/x  never expires  1 snapshot(s)" in ember(home, "snapshot", "leases").stdout
+    # what a lease holds (a machine's root disk) is not removed by hand unless forced
+    held = ember(home, "snapshot", "rm", left[0]["name"], ok=False)
+    assert held.returncode != 0 and "held by lease 'machine/x'" in held.stderr
+    assert held.stderr.count("\n") == 1 and "--force" in held.stderr
+    assert len(json.loads(ember(home, "snapshot", "ls", "--json").stdout)) == 1
+    ember(home, "snapshot", "rm", "--force", left[0]["name"])
+    assert json.loads(ember(home, "snapshot", "ls", "--json").stdout) == []

@@ -54,13 +54,16 @@ def _short(name: str) -> str:
 
 @snapshot.command("rm")
 @click.argument("names", nargs=-1, required=True)
-def snapshot_rm(names: tuple[str, ...]) -> None:
-    """Remove snapshots (a committed one only when no other snapshot has it as parent)."""
+@click.option("--force", "-f", is_flag=True,
+              help="Remove snapshots that a lease holds (a machine's root disk) too.")  # fmt: skip
+def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
+    """Remove snapshots (a committed one only when no other snapshot has it as parent,
+    a leased one only with --force)."""
     from ember.snapshots import Snapshotter
 
     snap = Snapshotter(home_from_ctx())
     for name in names:
-        snap.remove(name)
+        snap.remove(name, respect_leases=not force)
         click.echo(name)
 
 

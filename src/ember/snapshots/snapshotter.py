@@ -469,13 +469,27 @@ class Snapshotter:
     def children(self, name: str) -> builtins.list[str]:
         return [s.name for s in self.list() if s.parent == name]
 
-    def remove(self, key: str, *, held: FileLock | None = None) -> None:
-        """Remove a snapshot; a committed one only when nothing has it as parent."""
+    def remove(
+        self, key: str, *, held: FileLock | None = None, respect_leases: bool = False
+    ) -> None:
+        """Remove a snapshot; a committed one only when nothing has it as parent.
+
+        ``respect_leases``: refuse one that a live lease names (a machine's root disk,
+        an image being prepared): what a person asks for, unlike the owner of the
+        lease releasing its own snapshot.
+        """
         d, kind = self._locate(key)
         lock = held or require_lock(d / LOCK, f"snapshot {key!r}")
         try:
             if not (d / META).is_file():
                 raise SnapshotNotFound(f"no snapshot {key!r}")
+            if respect_leases and (holders := self.leased_by(key)):
+                raise SnapshotInUse(
+                    f"snapshot {key!r} is held by lease {holders[0]!r}"
+                    + (f" and {len(holders) - 1} more" if len(holders) > 1 else ""),
+                    hint="remove what holds it first (for machine/ID: ember rm ID), "
+                    "or pass --force",
+                )
             if kind is Kind.COMMITTED and (kids := self.children(key)):
                 raise SnapshotInUse(
                     f"snapshot {key!r} is the parent of {len(kids)} other snapshot(s), e.g. {kids[0]!r}"
@@ -486,6 +500,14 @@ class Snapshotter:
         finally:
             if held is None:
                 lock.release()
+
+    def leased_by(self, key: str) -> builtins.list[str]:
+        """The live leases that name snapshot ``key``."""
+        return [
+            lease.name
+            for lease in self.leases.list()
+            if key in lease.snapshots and not lease.expired()
+        ]
 
     def _discard(self, d: Path) -> None:
         """Atomically make a snapshot directory disappear, then delete it."""
