@@ -9,6 +9,7 @@ from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import (
     AmbiguousMachine,
+    DamagedMachine,
     InvalidOption,
     MachineError,
     MachineNotFound,
@@ -79,7 +80,7 @@ def test_corrupt_state_is_a_clear_error(tmp_path: Path) -> None:
     st = make_state()
     d = store.create(st, "c")
     (d / "state.json").write_text("{not json")
-    with pytest.raises(MachineError, match="unreadable"):
+    with pytest.raises(MachineError, match="damaged record"):
         mstate.read_state(d)
     (d / "state.json").write_text('{"id": "x"}')
     with pytest.raises(MachineError):
@@ -134,3 +135,82 @@ def test_a_start_no_monitor_took_is_recorded_and_its_network_freed(tmp_path: Pat
     assert (got["status"], got["exit_code"], got["error"]) == ("exited", 125, "no monitor")
     assert got["end_reason"] and got["finished_at"]
     assert out["networks"] == []
+
+
+def _damages(st: MachineState) -> dict[str, bytes]:
+    import json
+
+    good = st.to_json()
+    return {
+        "truncated": json.dumps(good).encode()[:40],
+        "not an object": b"[]",
+        "name null": json.dumps({**good, "name": None}).encode(),
+        "no vm": json.dumps({k: v for k, v in good.items() if k != "vm"}).encode(),
+        "vm of the wrong shape": json.dumps({**good, "vm": {**good["vm"], "cpus": "1"}}).encode(),
+        "command not strings": json.dumps({**good, "command": [1]}).encode(),
+    }
+
+
+@pytest.mark.parametrize("damage", list(_damages(make_state())))
+def test_a_damaged_record_does_not_hide_the_other_machines(tmp_path: Path, damage: str) -> None:
+    """One unreadable state.json made every machine command fail (ps, inspect of
+    another machine, run, even rm of the damaged one)."""
+    store = MachineStore(Home(tmp_path))
+    good, bad = make_state("ab" + "0" * 62), make_state("cd" + "0" * 62)
+    store.create(good, "good")
+    store.create(bad, "bad")
+    (store.dir(bad.id) / "state.json").write_bytes(_damages(bad)[damage])
+    assert [m.id for m in store.list()] == [good.id]
+    (damaged,) = store.damaged()
+    assert damaged.machine_id == bad.id and f"ember rm -f {bad.id}" in str(damaged)
+    assert store.find("good").id == good.id
+    for ref in ("cd", bad.id):
+        with pytest.raises(DamagedMachine):
+            store.find(ref)
+    store.create(make_state(), "third")  # names can still be reserved
+
+
+@pytest.mark.root
+@pytest.mark.integration
+def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
+    """``ps -a`` lists the others and names the damaged one on stderr; ``rm`` says to
+    force, ``rm -f`` removes it (network and root disk released, in a namespace of
+    the test's own)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.machines.vmkit import delete_netns, new_netns
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    home = make_home(tmp_path / "home")
+    store = MachineStore(home)
+    good, bad = make_state("ab" + "0" * 62), make_state("cd" + "0" * 62)
+    store.create(good, "good")
+    store.create(bad, "bad")
+    (store.dir(bad.id) / "state.json").write_text("[]")
+    netns = new_netns()
+    env = {**os.environ, "EMBER_HOME": str(home.root), "EMBER_AGENT": "0"}
+
+    def ember(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, str(Path(sys.executable).parent / "ember"), *args],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+
+    try:
+        ps = ember("ps", "-a")
+        assert ps.returncode == 0, ps.stderr
+        assert "good" in ps.stdout and "cd00000000" not in ps.stdout
+        assert f"machine {bad.id[:12]} has a damaged record" in ps.stderr
+        assert ember("inspect", "good").returncode == 0
+        refused = ember("rm", bad.id[:12])
+        assert refused.returncode == 1 and f"ember rm -f {bad.id}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        removed = ember("rm", "-f", bad.id[:12])
+        assert removed.returncode == 0, removed.stderr
+        assert not store.dir(bad.id).exists()
+        assert [m.id for m in store.list()] == [good.id] and store.damaged() == []
+    finally:
+        delete_netns(netns)
+        teardown_home(home)

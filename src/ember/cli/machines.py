@@ -72,7 +72,11 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
-    machines = MachineStore(home).list()
+    store = MachineStore(home)
+    machines = store.list()
+    if show_all:
+        for damaged in store.damaged():  # listed on stderr: stdout keeps its format
+            click.echo(f"ember: {damaged}", err=True)
     if any(m.status == RUNNING for m in machines):
         # refresh only changes a record that says running (its monitor may be gone);
         # without one, ps skips importing the lifecycle and VMM layers (~20 ms)
@@ -191,9 +195,21 @@ def kill(machines: tuple[str, ...]) -> None:
 def rm(force: bool, machines: tuple[str, ...]) -> None:
     """Remove machines (root disk, network, logs)."""
     from ember.machines import lifecycle
+    from ember.machines.errors import DamagedMachine
 
     home = home_from_ctx()
-    for_each(machines, lambda ref: lifecycle.remove(home, find_machine(ref), force=force))
+
+    def remove(ref: str) -> None:
+        try:
+            st = find_machine(ref)
+        except DamagedMachine as e:
+            if not force:
+                raise
+            lifecycle.remove_damaged(home, e.machine_id)
+            return
+        lifecycle.remove(home, st, force=force)
+
+    for_each(machines, remove)
 
 
 @click.command()

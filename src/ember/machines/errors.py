@@ -9,6 +9,17 @@ class MachineError(EmberError):
     """A machine could not be created, started or controlled."""
 
 
+class DamagedMachine(MachineError):
+    """A machine whose record on disk cannot be read; ``ember rm -f`` removes it."""
+
+    def __init__(self, machine_id: str, reason: str) -> None:
+        super().__init__(
+            f"machine {machine_id[:12]} has a damaged record ({reason})",
+            hint=f"remove it: ember rm -f {machine_id}",
+        )
+        self.machine_id = machine_id
+
+
 class MachineNotFound(NotFound, MachineError):
     """No machine has that name or id."""
 

@@ -610,6 +610,34 @@ def kill_vmm(home: Home, st: MachineState) -> MachineState:
     return end
 
 
+def remove_damaged(home: Home, machine_id: str) -> None:
+    """``ember rm -f`` of a machine whose record cannot be read: kill its VMM if one
+    still runs (found by the ``-name ember-ID`` its command line carries), then
+    release its network and root disk and delete it."""
+    from ember.net.manager import NetworkManager
+    from ember.snapshots.chain import release_root_disk
+
+    needle = f"ember-{machine_id}"
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and _proc_mentions(int(entry), needle):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+    errors: list[str] = []
+    for step in (
+        lambda: NetworkManager(home).teardown(machine_id),
+        lambda: release_root_disk(home, machine_id),
+    ):
+        try:
+            step()
+        except EmberError as e:
+            errors.append(str(e))
+    if errors:
+        raise MachineError(
+            f"machine {machine_id[:12]} was only partly removed: {'; '.join(errors)}"
+        )
+    MachineStore(home).remove_dir(machine_id)
+
+
 def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
     """Delete a machine: its root disk, network, logs and record."""
     from ember.net.manager import NetworkManager

@@ -15,12 +15,12 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ember.fsutil import atomic_write
-from ember.machines.errors import MachineError
+from ember.machines.errors import DamagedMachine, MachineError
 
 CREATED = "created"
 RUNNING = "running"
@@ -101,14 +101,52 @@ class MachineState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MachineState:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["vm"] = VMConfig(**values["vm"])
+    def from_json(cls, data: Any) -> MachineState:
+        """The record ``to_json`` wrote; MachineError naming what is wrong otherwise
+        (every command reads these: a damaged one must not surface as a TypeError
+        three calls later)."""
+        if not isinstance(data, dict):
+            raise MachineError(f"expected an object, found {type(data).__name__}")
+        values = _checked(cls, data)
+        if not isinstance(data.get("vm"), dict):
+            raise MachineError("field 'vm' is missing or not an object")
+        values["vm"] = VMConfig(**_checked(VMConfig, data["vm"]))
         st = cls(**values)
         if st.status not in STATUSES:
             raise MachineError(f"machine {st.id[:12]} has an unknown status {st.status!r}")
         return st
+
+
+# The JSON types each annotation allows (the dataclasses above use no others).
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "bool": (bool,), "list[str]": (list,),
+    "dict[str, Any]": (dict,), "dict[str, str]": (dict,), "VMConfig": (dict,),
+}  # fmt: skip
+
+
+def _checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data``'s fields of dataclass ``cls``, each of its declared JSON type (None where
+    the annotation allows it); MachineError for a missing or mistyped one."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise MachineError(f"field {f.name!r} is missing")
+            continue
+        value = data[f.name]
+        annotation = str(f.type)
+        optional = annotation.endswith(" | None")
+        base = annotation.removesuffix(" | None")
+        if value is None and optional:
+            out[f.name] = value
+            continue
+        allowed = _JSON_TYPES[base]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise MachineError(f"field {f.name!r} has the wrong type ({type(value).__name__})")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise MachineError(f"field {f.name!r} must be a list of strings")
+        out[f.name] = value
+    return out
 
 
 def state_path(machine_dir: Path) -> Path:
@@ -116,14 +154,18 @@ def state_path(machine_dir: Path) -> Path:
 
 
 def read_state(machine_dir: Path) -> MachineState:
+    """The machine's record; FileNotFoundError while it is created or removed,
+    DamagedMachine when it cannot be read."""
     path = state_path(machine_dir)
     try:
         data = json.loads(path.read_bytes())
         return MachineState.from_json(data)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise MachineError(f"machine state {path} is unreadable: {e}") from e
+    except MachineError as e:
+        raise DamagedMachine(machine_dir.name, e.message) from None
+    except (OSError, ValueError, TypeError) as e:
+        raise DamagedMachine(machine_dir.name, f"{path.name}: {e}") from None
 
 
 def write_state(machine_dir: Path, st: MachineState) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import os
 import shutil
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ember.home import Home
-from ember.machines.errors import AmbiguousMachine, MachineNotFound, NameInUse
+from ember.machines.errors import AmbiguousMachine, DamagedMachine, MachineNotFound, NameInUse
 from ember.machines.options import check_name
 from ember.machines.state import MachineState, read_state, write_state
 
@@ -52,13 +53,25 @@ class MachineStore:
             return []
 
     def list(self) -> list[MachineState]:
-        out = []
+        """Every machine whose record reads (see ``damaged`` for the others): one
+        damaged record must not stop commands about the rest."""
+        return self._scan()[0]
+
+    def damaged(self) -> builtins.list[DamagedMachine]:
+        """The machines whose record cannot be read, each with why."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[builtins.list[MachineState], builtins.list[DamagedMachine]]:
+        good: builtins.list[MachineState] = []
+        bad: builtins.list[DamagedMachine] = []
         for mid in self.ids():
             try:
-                out.append(read_state(self.root / mid))
+                good.append(read_state(self.root / mid))
             except FileNotFoundError:
                 continue  # being created or removed right now
-        return sorted(out, key=lambda s: s.created_at, reverse=True)
+            except DamagedMachine as e:
+                bad.append(e)
+        return sorted(good, key=lambda s: s.created_at, reverse=True), bad
 
     def _free_name(self, taken: set[str]) -> str:
         import random
@@ -90,17 +103,26 @@ class MachineStore:
             return d
 
     def find(self, ref: str) -> MachineState:
-        """A machine by name, full id or unique id prefix (Docker's lookup order)."""
-        machines = self.list()
+        """A machine by name, full id or unique id prefix (Docker's lookup order).
+
+        An id (prefix) that names a machine with a damaged record raises
+        DamagedMachine, which says how to remove it.
+        """
+        machines, damaged = self._scan()
         for m in machines:
             if m.name == ref or m.id == ref:
                 return m
         if ref and all(c in "0123456789abcdef" for c in ref):
             hits = [m for m in machines if m.id.startswith(ref)]
-            if len(hits) == 1:
+            broken = [d for d in damaged if d.machine_id.startswith(ref)]
+            if len(hits) + len(broken) > 1:
+                raise AmbiguousMachine(
+                    f"{ref!r} matches {len(hits) + len(broken)} machines: give more of the id"
+                )
+            if broken:
+                raise broken[0]
+            if hits:
                 return hits[0]
-            if len(hits) > 1:
-                raise AmbiguousMachine(f"{ref!r} matches {len(hits)} machines: give more of the id")
         raise MachineNotFound(f"no such machine: {ref}")
 
     def remove_dir(self, machine_id: str) -> None:
