@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,42 @@ def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> Non
     # same port while it is free, another of the range once a machine took it
     assert out["again"] == 9001
     assert out["taken_meanwhile"] == 9002
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"egress": "false"}, "network.egress in config.json must be true or false"),
+        ({"prefix": "x"}, "network.prefix in config.json must be an integer"),
+        ({"prefix": None}, "network.prefix in config.json must be an integer"),
+        ({"prefix": True}, "network.prefix in config.json must be an integer"),
+        ({"mtu": "x"}, "network.mtu in config.json must be an integer"),
+        ({"mtu": 10}, "network.mtu in config.json must be 576-65535"),
+        ({"nameservers": "1.1.1.1"}, "network.nameservers in config.json must be a list"),
+        ({"nameservers": ["1.1.1.1", "dns.example"]}, "'dns.example' is not an IP address"),
+        ({"subnet": 10}, "network.subnet in config.json must be a string"),
+    ],
+)
+def test_network_config_of_the_wrong_type_is_refused(
+    tmp_path: Path, section: dict[str, Any], message: str
+) -> None:
+    """``"egress": "false"`` left egress on (bool("false")); a string prefix was a
+    traceback; a nameserver given as a string was ignored."""
+    from ember.home import Home
+    from ember.net.errors import NetworkError
+    from ember.net.manager import NetConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({"network": section}))
+    with pytest.raises(NetworkError, match=re.escape(message)):
+        NetConfig.load(Home(tmp_path))
+
+
+def test_network_config_read(tmp_path: Path) -> None:
+    from ember.home import Home
+    from ember.net.manager import NetConfig
+
+    section = {"egress": False, "mtu": 1400, "nameservers": ["192.0.2.1"], "prefix": 31}
+    (tmp_path / "config.json").write_text(json.dumps({"network": section}))
+    cfg = NetConfig.load(Home(tmp_path))
+    assert (cfg.egress, cfg.mtu, cfg.nameservers, cfg.prefix) == (False, 1400, ("192.0.2.1",), 31)
+    assert NetConfig.load(Home(tmp_path / "none")) == NetConfig()

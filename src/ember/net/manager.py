@@ -46,16 +46,40 @@ class NetConfig:
     def load(cls, home: Home) -> NetConfig:
         """The ``network`` object of ``$EMBER_HOME/config.json``, if any."""
         net = config_section(home, "network", NetworkError) or {}
-        ns = net.get("nameservers")
+
+        def typed(key: str, kind: type, default: Any) -> Any:
+            value = net.get(key, default)
+            # bool is an int to Python, and "false" a true value: both are mistakes here
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise NetworkError(
+                    f"network.{key} in config.json must be {_KINDS[kind]}, not {value!r:.60}"
+                )
+            return value
+
+        ns = typed("nameservers", list, None) if net.get("nameservers") is not None else None
+        if ns is not None:
+            for n in ns:
+                try:
+                    ipaddress.ip_address(n if isinstance(n, str) else "-")
+                except ValueError:
+                    raise NetworkError(
+                        f"network.nameservers in config.json: {n!r:.60} is not an IP address"
+                    ) from None
+        mtu = typed("mtu", int, DEFAULT_MTU)
+        if not 576 <= mtu <= 65535:
+            raise NetworkError(f"network.mtu in config.json must be 576-65535, not {mtu}")
         cfg = cls(
-            subnet=str(net.get("subnet", ipam.DEFAULT_SUBNET)),
-            prefix=int(net.get("prefix", ipam.DEFAULT_PREFIX)),
-            egress=bool(net.get("egress", True)),
-            mtu=int(net.get("mtu", DEFAULT_MTU)),
-            nameservers=tuple(str(n) for n in ns) if isinstance(ns, list) else None,
+            subnet=typed("subnet", str, ipam.DEFAULT_SUBNET),
+            prefix=typed("prefix", int, ipam.DEFAULT_PREFIX),
+            egress=typed("egress", bool, True),
+            mtu=mtu,
+            nameservers=tuple(ns) if ns is not None else None,
         )
         ipam.parse_subnet(cfg.subnet, cfg.prefix)
         return cfg
+
+
+_KINDS = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
 
 @dataclass(frozen=True)
