@@ -61,3 +61,19 @@ def test_control_commands_on_unknown_machines(tmp_path: Path) -> None:
         assert "no such machine: ghost" in res.stderr, (cmd, res.stderr)
     res = ember(tmp_path, "ps", "-a", "--json")
     assert res.returncode == 0 and res.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kernel", ["/nonexistent/bzImage", "/dev/zero", "/"])
+def test_a_configured_kernel_that_is_not_there_is_an_error(
+    tmp_path: Path, busybox_layout: Path, kernel: str
+) -> None:
+    """config.json's kernel.path missing made `run` install and boot Debian's kernel
+    instead, exit 0."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"kernel": {"path": kernel}}))
+    res = ember(tmp_path, "run", "--rm", f"oci:{busybox_layout}:latest", "true")
+    assert res.returncode != 0
+    assert "installing" not in res.stderr and "Traceback" not in res.stderr
+    assert f"kernel {kernel}" in res.stderr
+    assert ("does not exist" if kernel.startswith("/nonexistent") else "is not a regular file") in res.stderr

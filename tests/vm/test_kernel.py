@@ -150,6 +150,9 @@ def test_cli_kernel_ls_and_custom_install(kernel: KernelInfo, tmp_path: Path) ->
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["vmlinux"] == str(kernel.vmlinux)
+    # --modules alone was ignored: Debian's kernel was installed, exit 0
+    res = runner.invoke(cli, ["--home", str(home.root), "kernel", "install", "--modules", str(tmp_path)])
+    assert res.exit_code == 2 and "--modules needs --kernel" in res.output
 
 
 def test_kernel_from_configuration(kernel: KernelInfo, tmp_path: Path) -> None:

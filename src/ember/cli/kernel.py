@@ -37,6 +37,8 @@ def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> No
     from ember.vm.kernel import find_kernel, install_kernel
 
     home = home_from_ctx()
+    if modules is not None and kernel_path is None:
+        raise click.UsageError("--modules needs --kernel (Debian's kernel brings its own)")
     if kernel_path is not None:
         info = find_kernel(home, kernel_path, modules)
     else:

@@ -96,7 +96,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     from ember.snapshots.chain import clone_root_disk, release_root_disk
     from ember.vm.errors import KernelNotFound
     from ember.vm.initramfs import base_initramfs
-    from ember.vm.kernel import find_kernel, install_kernel
+    from ember.vm.kernel import configured_kernel, find_kernel, install_kernel
     from ember.vm.runconfig import RootDevice, RunConfig, RunOverrides
     from ember.vm.vmm.accel import detect_accel
 
@@ -117,7 +117,9 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     try:
         kernel = find_kernel(home, req.kernel, req.kernel_modules)
     except KernelNotFound:
-        if req.kernel is not None:
+        # a kernel the user named (--kernel, or config.json) that is not there is their
+        # mistake to hear about, not a reason to install and boot Debian's instead
+        if req.kernel is not None or configured_kernel(home) is not None:
             raise
         progress("no guest kernel installed yet: installing Debian's linux-image-amd64")
         kernel = install_kernel(home)

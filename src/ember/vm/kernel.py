@@ -302,6 +302,8 @@ def find_kernel(home: Home, path: Path | None = None, modules: Path | None = Non
 def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
     path = path.absolute()
     if not path.is_file():
+        if path.exists():  # a directory, a device, a FIFO (which would block the read)
+            raise KernelNotFound(f"kernel {path} is not a regular file")
         raise KernelNotFound(f"kernel {path} does not exist")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
