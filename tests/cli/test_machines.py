@@ -29,7 +29,7 @@ def test_port_lines_in_dockers_format() -> None:
     assert port_lines([], None) == []
 
 
-@pytest.mark.parametrize("query", ["", "x", "80/sctp", "-1", "/tcp"])
+@pytest.mark.parametrize("query", ["", "x", "80/sctp", "-1", "/tcp", "0", "99999", "\u0668\u0660"])
 def test_port_query_must_be_a_port(query: str) -> None:
     with pytest.raises(click.BadParameter):
         port_lines(PORTS, query)

@@ -60,7 +60,9 @@ def test_sizes(text: str, want: int) -> None:
     assert parse_size(text) == want
 
 
-@pytest.mark.parametrize("bad", ["", "G", "-1G", "1X", "1 GB extra", "0", "nan", "1e3"])
+@pytest.mark.parametrize(
+    "bad", ["", "G", "-1G", "1X", "1 GB extra", "0", "nan", "1e3", "\u0661G", "9000000T", "2048T"]
+)
 def test_sizes_reject(bad: str) -> None:
     with pytest.raises(InvalidOption):
         parse_size(bad)

@@ -28,7 +28,8 @@ def test_parse(text: str, want: RestartPolicy) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "yes", "always:3", "on-failure:", "on-failure:-1", "on-failure:x", "on-failure:9999999"]
+    "text", ["", "yes", "always:3", "on-failure:", "on-failure:-1", "on-failure:x", "on-failure:9999999",
+             "on-failure:\u0663"]
 )
 def test_parse_rejects(text: str) -> None:
     with pytest.raises(InvalidOption):

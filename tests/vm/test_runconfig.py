@@ -108,7 +108,7 @@ def test_parse_signal(text: str | int, num: int) -> None:
     assert parse_signal(text) == num
 
 
-@pytest.mark.parametrize("bad", ["SIGNOPE", "0", "999", ""])
+@pytest.mark.parametrize("bad", ["SIGNOPE", "0", "999", "", "\u0669"])
 def test_parse_signal_refuses(bad: str) -> None:
     with pytest.raises(InvalidRunConfig):
         parse_signal(bad)

@@ -237,8 +237,11 @@ def port_lines(ports: list[dict[str, Any]], query: str | None) -> list[str]:
     if query is not None:
         number, _, proto = query.partition("/")
         proto = proto.lower() or "tcp"
-        if not number.isdigit() or proto not in PROTOCOLS:
-            raise click.BadParameter(f"{query!r}: expected PORT or PORT/tcp|udp", param_hint="PORT")
+        valid = number.isascii() and number.isdigit() and 1 <= int(number[:6]) <= 65535
+        if not valid or proto not in PROTOCOLS:
+            raise click.BadParameter(
+                f"{query!r}: expected PORT (1-65535) or PORT/tcp|udp", param_hint="PORT"
+            )
         want = (int(number), proto)
     out = []
     for p in sorted(ports, key=lambda p: (p["protocol"], p["guest_port"], p["host_port"])):

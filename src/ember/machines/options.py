@@ -15,8 +15,10 @@ from pathlib import Path
 from ember.machines.errors import InvalidOption
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: the largest size any option takes (a disk of 9000000T was an OverflowError in truncate)
+MAX_SIZE = 1 << 50
 MAX_ENV_FILE = 1 << 20
 
 
@@ -46,7 +48,9 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
     unit = (unit or default_unit).lower()
     value = float(number) * _UNITS[unit]
     if value < 1 or value != value:  # NaN guard
-        raise InvalidOption(f"invalid size {text!r}")
+        raise InvalidOption(f"invalid size {text!r}: it must be at least 1 byte")
+    if value > MAX_SIZE:
+        raise InvalidOption(f"invalid size {text!r}: more than {MAX_SIZE >> 50} PiB")
     return int(value)
 
 

@@ -51,7 +51,7 @@ def parse_restart_policy(text: str) -> RestartPolicy:
         return RestartPolicy(name)
     if name != "on-failure":
         raise InvalidOption(f"invalid --restart {text!r}: only on-failure takes a maximum")
-    if not count.isdigit() or len(count) > 6:
+    if not (count.isascii() and count.isdigit()) or len(count) > 6:
         raise InvalidOption(f"invalid --restart {text!r}: the maximum must be a number")
     return RestartPolicy(name, int(count))
 

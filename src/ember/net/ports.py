@@ -80,7 +80,8 @@ class PortMapping:
 
 
 def _port(text: str, spec: str) -> int:
-    if not text.isdigit() or len(text) > 5:
+    # isascii: str.isdigit (and int) take other scripts' digits too
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
         raise InvalidPortSpec(f"invalid port {text!r} in -p {spec!r} (expected 1-65535)")
     n = int(text)
     if not 1 <= n <= 65535:

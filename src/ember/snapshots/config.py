@@ -33,9 +33,10 @@ DEFAULT_BASE_SIZE = 8 * GiB
 DEFAULT_POOL_SIZE = 64 * GiB
 DEFAULT_HOST_RESERVE = 1 * GiB
 MIN_SIZE = 64 << 20
+MAX_SIZE = 1 << 50
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 
 class ConfigError(SnapshotError):
@@ -54,6 +55,8 @@ def parse_size(value: object, what: str = "size") -> int:
         raise ConfigError(f"{what} must be a size like 8G or a number of bytes, not {value!r}")
     if n < MIN_SIZE:
         raise ConfigError(f"{what} {value!r} is too small (at least 64M)")
+    if n > MAX_SIZE:
+        raise ConfigError(f"{what} {value!r} is too large (at most {MAX_SIZE >> 50} PiB)")
     if n % 4096:
         raise ConfigError(f"{what} {value!r} is not a multiple of 4 KiB")
     return n

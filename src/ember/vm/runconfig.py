@@ -295,7 +295,7 @@ def parse_signal(value: str | int) -> int:
         num = value
     else:
         text = value.strip().upper()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             num = int(text)
         else:
             name = text if text.startswith("SIG") else "SIG" + text
@@ -496,7 +496,7 @@ _SINGLE = {"user", "workdir", "hostname", "stop_signal", "stop_timeout", "root",
 
 
 def _int(text: str, what: str) -> int:
-    if not text.isdigit() or len(text) > 10:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
         raise InvalidRunConfig(f"run config: {what} {text!r} is not a number")
     return int(text)
 
