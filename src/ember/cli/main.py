@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -91,6 +92,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(141)
+    except OSError as e:
+        # The host refused something the command needed (a permission, a path that
+        # is a file, a full disk): one line naming it, as for an ember error.  Other
+        # exceptions stay tracebacks: those are ember's bugs.
+        click.echo(f"ember: {describe_os_error(e)}", err=True)
+        sys.exit(1)
+
+
+def describe_os_error(e: OSError) -> str:
+    """``strerror: path`` (``-> other`` for two-path calls), as the shell's tools say it."""
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        text += f": {os.fsdecode(e.filename)}"
+    if e.filename2 is not None:
+        text += f" -> {os.fsdecode(e.filename2)}"
+    return text
 
 
 if __name__ == "__main__":  # `python -m ember.cli.main ...`, e.g. under -X importtime

@@ -1,0 +1,31 @@
+"""What the entry point makes of failures: one line on stderr, never a traceback for
+something the host refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EMBER = str(Path(sys.executable).parent / "ember")
+
+
+def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
+    return subprocess.run([EMBER, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_a_path_the_host_refuses_is_one_line(tmp_path: Path, busybox_layout: Path) -> None:
+    """A state directory or an unpack target under a file: tracebacks before."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    image = f"oci:{busybox_layout}:latest"
+    for home, args in (
+        (a_file / "home", ["image", "pull", image]),
+        (tmp_path / "home", ["image", "unpack", image, str(a_file / "root")]),
+    ):
+        res = ember(home, *args)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith(f"ember: Not a directory: {a_file}"), res.stderr
+        assert res.stderr.count("\n") == 1, res.stderr
