@@ -66,3 +66,18 @@ def test_messages_never_show_a_password() -> None:
         Database("postgresql+psycopg://ember:s3cret@127.0.0.1:1/ember").migrate()
     assert "s3cret" not in str(info.value)
     assert "127.0.0.1:1" in str(info.value)
+
+
+def test_a_damaged_database_is_a_clear_error(tmp_path: Path) -> None:
+    """A file that is not SQLite, or a table gone: SQLAlchemy tracebacks before."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all, " * 200)
+    with pytest.raises(DatabaseError, match="junk.db is not usable"):
+        Database(f"sqlite:///{junk}").migrate()
+    url = f"sqlite:///{tmp_path / 'ok.db'}"
+    db = Database(url)
+    with db.begin() as conn:
+        conn.execute(text("SELECT count(*) FROM ember_migrations"))
+        conn.execute(text("DROP TABLE ember_migrations"))
+    with pytest.raises(DatabaseError, match="ok.db is not usable"), db.begin() as conn:
+        conn.execute(text("SELECT count(*) FROM ember_migrations"))

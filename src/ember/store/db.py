@@ -37,7 +37,8 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ember.store.errors import DatabaseError
 
@@ -104,9 +105,12 @@ class Database:
             try:
                 with self._process_lock():
                     self._migrate_locked()
-            except OperationalError as e:
-                raise DatabaseError(f"database {self.display_url} is not usable: {e.orig}") from e
+            except SADatabaseError as e:  # not a database, or tables it cannot make
+                raise self._unusable(e) from e
             self._migrated = True
+
+    def _unusable(self, e: SADatabaseError) -> DatabaseError:
+        return DatabaseError(f"database {self.display_url} is not usable: {e.orig}")
 
     @contextmanager
     def _process_lock(self) -> Iterator[None]:
@@ -148,14 +152,26 @@ class Database:
     def begin(self) -> Iterator[Connection]:
         """A connection inside a transaction, committed on success."""
         self.migrate()
-        with self.engine.begin() as conn:
+        with self._usable(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         self.migrate()
-        with self.engine.connect() as conn:
+        with self._usable(), self.engine.connect() as conn:
             yield conn
+
+    @contextmanager
+    def _usable(self) -> Iterator[None]:
+        """A damaged database (a table gone, a file that is not SQLite, a lock never
+        granted) is an error that says which database; a constraint the caller
+        expects to catch (IntegrityError) passes through."""
+        try:
+            yield
+        except IntegrityError:
+            raise
+        except SADatabaseError as e:
+            raise self._unusable(e) from e
 
     def close(self) -> None:
         self.engine.dispose()
