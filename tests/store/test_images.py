@@ -50,3 +50,31 @@ def test_reading_a_fresh_store_creates_no_database(tmp_path: Path) -> None:
     assert table.list() == []
     assert table.find_by_digest("abcdef") == []
     assert not path.exists()
+
+
+def test_a_damaged_row_is_a_clear_error_and_can_be_forgotten(tmp_path: Path, busybox_layout: Path) -> None:
+    """A row whose time or size is not what ember wrote made every image command a
+    ValueError traceback, ``image rm`` of it included."""
+    import sqlite3
+
+    import pytest
+
+    from ember.home import Home
+    from ember.images import ImageService
+    from ember.store.errors import DamagedImageRecord
+
+    home = Home(tmp_path / "home")
+    service = ImageService(home)
+    ref = f"oci:{busybox_layout}:latest"
+    service.pull(ref, progress=False)
+    with sqlite3.connect(home.db_path) as conn:
+        conn.execute("UPDATE images SET created_at = 'yesterday', size = 'big'")
+    with pytest.raises(DamagedImageRecord, match="is damaged") as e:
+        service.get(ref)
+    assert e.value.hint is not None and "ember image rm" in e.value.hint
+    with pytest.raises(DamagedImageRecord):
+        service.list()
+    service.remove(ref)  # forgotten; its blobs are left to ember gc
+    assert service.list() == []
+    service.pull(ref, progress=False)
+    assert [r.reference for r in service.list()] == [service.get(ref).reference]

@@ -47,7 +47,7 @@ from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
 from ember.oci.platform import Platform
 from ember.registry.client.credentials import CredentialStore
 from ember.store.content import ContentStore
-from ember.store.errors import BlobNotFound
+from ember.store.errors import BlobNotFound, DamagedImageRecord
 from ember.store.images import ImageRecord, ImageTable, open_image_db
 
 if TYPE_CHECKING:
@@ -457,9 +457,16 @@ class ImageService:
             yield claimed
 
     def remove(self, ref: str) -> None:
-        """Forget ``ref`` and delete the blobs that no other image and no live lease uses."""
+        """Forget ``ref`` and delete the blobs that no other image and no live lease uses.
+
+        A damaged record is only forgotten: which blobs it used is unknown, so they
+        are left to ``ember gc``."""
         with self._lock(exclusive=True):
-            record = self._record(ref)
+            try:
+                record = self._record(ref)
+            except DamagedImageRecord as e:
+                self.table.delete(e.reference)
+                return
             doomed = self._blobs_of(record)
             with self._leases_held() as leased:
                 self.table.delete(record.reference)

@@ -15,3 +15,14 @@ class BlobNotFound(NotFound, StoreError):
 
 class DatabaseError(StoreError):
     pass
+
+
+class DamagedImageRecord(DatabaseError):
+    """A row of the image table whose values cannot be read back."""
+
+    def __init__(self, reference: str, reason: str) -> None:
+        super().__init__(
+            f"the image table's record of {reference[:200]} is damaged ({reason})",
+            hint=f"forget it: ember image rm {reference[:200]}",
+        )
+        self.reference = reference

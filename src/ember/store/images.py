@@ -13,6 +13,8 @@ from pathlib import Path
 from sqlite3 import Row
 
 from ember.oci.digest import Digest
+from ember.oci.errors import FormatError
+from ember.store.errors import DamagedImageRecord
 from ember.store.localdb import LocalDatabase, LocalMigration, from_db_time, like_prefix, to_db_time
 
 AREA = "images"
@@ -74,17 +76,28 @@ class ImageRecord:
 
 
 def _record(m: Row) -> ImageRecord:
-    return ImageRecord(
-        reference=m["reference"],
-        manifest_digest=Digest.parse(m["manifest_digest"]),
-        config_digest=Digest.parse(m["config_digest"]),
-        media_type=m["media_type"],
-        platform=m["platform"],
-        size=m["size"],
-        index_digest=Digest.parse(m["index_digest"]) if m["index_digest"] else None,
-        created_at=from_db_time(m["created_at"]),
-        updated_at=from_db_time(m["updated_at"]),
-    )
+    """The row as a record; DamagedImageRecord when a value is not what ember wrote
+    (the file was edited or damaged: every image command would trip on it later)."""
+    reference = m["reference"]
+    try:
+        texts = [m[k] for k in ("reference", "media_type", "platform", "created_at", "updated_at")]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("a text column holds something else")
+        if isinstance(m["size"], bool) or not isinstance(m["size"], int):
+            raise ValueError(f"size is {m['size']!r:.40}")
+        return ImageRecord(
+            reference=reference,
+            manifest_digest=Digest.parse(m["manifest_digest"]),
+            config_digest=Digest.parse(m["config_digest"]),
+            media_type=m["media_type"],
+            platform=m["platform"],
+            size=m["size"],
+            index_digest=Digest.parse(m["index_digest"]) if m["index_digest"] else None,
+            created_at=from_db_time(m["created_at"]),
+            updated_at=from_db_time(m["updated_at"]),
+        )
+    except (ValueError, TypeError, FormatError) as e:
+        raise DamagedImageRecord(str(reference), str(e)[:200]) from None
 
 
 _UPSERT = """
