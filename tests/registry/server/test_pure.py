@@ -315,3 +315,17 @@ def test_fuzz_manifest_bytes(body: bytes) -> None:
 
     with contextlib.suppress(FormatError):
         parse_manifest(body, "application/vnd.oci.image.manifest.v1+json")
+
+
+def test_parse_listen() -> None:
+    from ember.errors import UsageError
+    from ember.registry.server.serve import parse_listen
+
+    assert parse_listen("127.0.0.1:5000") == ("127.0.0.1", 5000)
+    assert parse_listen("[::1]:5000") == ("::1", 5000)
+    assert parse_listen("registry.example:443") == ("registry.example", 443)
+    # a 300-character host was an IDNA UnicodeError traceback in getaddrinfo
+    for bad in ("a" * 300 + ":1", "x" * 64 + ".example:1", "bad_host:1", "h\u00e9:1", ":1", "a:0",
+                "a:65536", "a"):  # fmt: skip
+        with pytest.raises(UsageError):
+            parse_listen(bad)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
+import socket
 
 import uvicorn
 from sqlalchemy.engine import make_url
@@ -22,7 +24,17 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise UsageError(f"invalid --listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:5000")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):  # what getaddrinfo would choke on (IDNA, length)
+            raise UsageError(
+                f"invalid --listen {text[:300]!r}: {host[:300]!r} is neither an IP address nor a host name"
+            ) from None
     return host, int(port)
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def app_from_env() -> RegistryApp:
@@ -32,6 +44,10 @@ def app_from_env() -> RegistryApp:
 
 def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) -> None:
     host, port = parse_listen(listen)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise UsageError(f"invalid --listen {listen!r}: cannot resolve {host} ({e})") from None
     # Load once in the parent: creates the secret and runs migrations before any worker starts.
     config = load_config(home, db_url)
     app = RegistryApp(config)
