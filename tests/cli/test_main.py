@@ -29,3 +29,25 @@ def test_a_path_the_host_refuses_is_one_line(tmp_path: Path, busybox_layout: Pat
         assert res.returncode == 1, res.stderr
         assert res.stderr.startswith(f"ember: Not a directory: {a_file}"), res.stderr
         assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_empty_and_invalid_names_are_said_so(tmp_path: Path, busybox_layout: Path) -> None:
+    """An empty DIRECTORY unpacked into the working directory; an empty --platform meant
+    "any"; an invalid or empty reference was "not in the local store (pull it: ...)"."""
+    home = tmp_path / "home"
+    image = f"oci:{busybox_layout}:latest"
+    cases = [
+        (["image", "unpack", image, ""], "DIRECTORY is empty"),
+        (["image", "pull", "--platform", "", image], "invalid platform ''"),
+        (["image", "inspect", ""], "reference"),
+        (["image", "inspect", "Debian"], "repository names must be lowercase"),
+        (["image", "rm", "a@sha256:zz"], "invalid"),
+        (["image", "pull", "oci:" + os.fsdecode(b"/tmp/lay\xff") + ":latest"], "is not valid UTF-8"),
+    ]
+    for args, message in cases:
+        res = ember(home, *args)
+        assert res.returncode != 0, (args, res.stdout)
+        assert res.stderr.startswith("ember: ") and res.stderr.count("\n") == 1, res.stderr
+        assert message in res.stderr, (args, res.stderr)
+        assert "pull it" not in res.stderr
+    assert not any(tmp_path.glob("bin"))  # nothing unpacked into the working directory

@@ -31,7 +31,7 @@ plain_http_option = click.option(
 
 
 def _platform(text: str | None) -> Platform | None:
-    return Platform.parse(text) if text else None
+    return Platform.parse(text) if text is not None else None  # "" is a mistake, not "any"
 
 
 def _service() -> ImageService:
@@ -139,13 +139,16 @@ def remove(refs: tuple[str, ...]) -> None:
 
 @image.command()
 @click.argument("ref")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory_text", metavar="DIRECTORY")
 @platform_option
 @plain_http_option
-def unpack(ref: str, directory: Path, platform_text: str | None, plain_http: bool) -> None:
+def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http: bool) -> None:
     """Write the flattened root file system of REF into DIRECTORY (empty or new)."""
     from ember.unpack import apply_layers
 
+    if not directory_text:  # Path("") is ".": an empty argument would unpack here
+        raise UsageError("DIRECTORY is empty: name the directory to unpack into")
+    directory = Path(directory_text)
     created = False
     if directory.exists():
         if not directory.is_dir():

@@ -32,6 +32,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ember.errors import EmberError
 from ember.home import Home
 from ember.images.errors import ImageNotFound, InvalidImage, InvalidSource
 from ember.images.model import Image, Layer
@@ -335,8 +336,11 @@ class ImageService:
 
     def _record(self, ref: str) -> ImageRecord:
         name = ref
-        with suppress(FormatError, InvalidSource):
+        invalid: EmberError | None = None
+        try:
             name = parse_source(ref).name
+        except (FormatError, InvalidSource) as e:
+            invalid = e  # unless it is a digest prefix (or a name recorded as given)
         record = self.table.get(name)
         if record is not None:
             return record
@@ -347,6 +351,10 @@ class ImageService:
                 return matches[0]
             if len(digests) > 1:
                 raise ImageNotFound(f"{ref} matches several images: give more of the digest")
+        elif invalid is not None:
+            # "not in the local store (pull it: ember image pull UPPER/x)" would send
+            # the user to a pull that cannot work: say what is wrong with the name
+            raise invalid
         raise ImageNotFound(
             f"image {name} is not in the local store", hint=f"pull it: ember image pull {ref}"
         )

@@ -62,6 +62,10 @@ def _split_path(rest: str, what: str) -> tuple[Path, str | None]:
     """``PATH[:SELECTOR]``: the path is everything before the first ':' unless the whole exists."""
     if not rest:
         raise InvalidSource(f"{what} needs a path, e.g. {what}/path/to/it")
+    try:
+        rest.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes: the image table stores names as UTF-8
+        raise InvalidSource(f"{what} path {rest!r:.200} is not valid UTF-8") from None
     if os.path.exists(rest) or ":" not in rest:
         return Path(rest).absolute(), None
     path, _, selector = rest.partition(":")
