@@ -88,6 +88,19 @@ def test_invalid(text: str) -> None:
         Reference.parse(text)
 
 
+@pytest.mark.parametrize("port", ["0", "00", "65536", "99999", "0000065536", "9" * 5000])
+def test_port_out_of_range(port: str) -> None:
+    with pytest.raises(InvalidReference, match=f"invalid port {port[:20]} .*1 to 65535"):
+        Reference.parse(f"host:{port}/app")
+
+
+def test_port_limits() -> None:
+    assert Reference.parse("host:1/app").registry == "host:1"
+    assert Reference.parse("[::1]:65535/app").registry == "[::1]:65535"
+    assert Reference.parse("host:08080/app").registry == "host:08080"
+    assert Reference.parse("[::1]/app").registry == "[::1]"
+
+
 def test_uppercase_message_is_clear() -> None:
     with pytest.raises(InvalidReference, match="lowercase"):
         Reference.parse("library/Debian")

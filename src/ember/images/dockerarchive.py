@@ -18,10 +18,11 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
@@ -39,6 +40,28 @@ _MAX_MANIFEST_JSON = 4 * 1024 * 1024
 _MAX_LINK_HOPS = 16
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """The archive, opened if it is a regular file.
+
+    O_NONBLOCK because opening a FIFO for reading waits for a writer, forever;
+    the type is checked on the descriptor, the one every read then uses, so
+    the file checked is the file read.  Reads of a regular file ignore the flag.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidSource(f"docker archive {path} does not exist") from None
+    except OSError as e:
+        raise InvalidSource(f"cannot read docker archive {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidSource(f"docker archive {path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _norm(name: str) -> str | None:
     path = posixpath.normpath(name.lstrip("/"))
     if path in (".", "") or path.startswith("../") or path == "..":
@@ -51,23 +74,37 @@ class DockerArchiveSource:
         self.path = path
         self.selector = selector
         self.name = name
+        self._file = _open_regular(path)
         try:
-            self._tar = tarfile.open(path, "r:")  # noqa: SIM115 (held until close())
-        except FileNotFoundError:
-            raise InvalidSource(f"docker archive {path} does not exist") from None
-        except (OSError, tarfile.TarError) as e:
-            raise InvalidSource(
-                f"{path} is not a docker archive (an uncompressed tar): {e}"
-            ) from None
-        self._members: dict[str, tarfile.TarInfo] = {}
-        for member in self._tar:
-            key = _norm(member.name)
-            if key is not None:
-                self._members[key] = member
+            self._members = self._index()
+        except BaseException:
+            self._file.close()
+            raise
         self._blobs: dict[Digest, tuple[tarfile.TarInfo | None, bytes | None]] = {}
 
+    def _index(self) -> dict[str, tarfile.TarInfo]:
+        """The archive's members by normalised name (the last of a name wins, as tar does)."""
+        members: dict[str, tarfile.TarInfo] = {}
+        try:
+            # The whole walk, not only the first header, reads outside input: a
+            # truncated or corrupt archive fails part-way through it.
+            with tarfile.open(fileobj=self._file, mode="r:") as tar:
+                for member in tar:
+                    key = _norm(member.name)
+                    if key is not None:
+                        members[key] = member
+        except (OSError, tarfile.TarError) as e:
+            if members:
+                raise InvalidSource(
+                    f"docker archive {self.path} is truncated or damaged ({e})"
+                ) from None
+            raise InvalidSource(
+                f"{self.path} is not a docker archive (an uncompressed tar): {e}"
+            ) from None
+        return members
+
     def close(self) -> None:
-        self._tar.close()
+        self._file.close()
 
     def _member(self, name: str) -> tarfile.TarInfo:
         key = _norm(name)
@@ -86,24 +123,26 @@ class DockerArchiveSource:
         raise InvalidSource(f"docker archive {self.path}: too many links for {name[:200]!r}")
 
     def _chunks(self, member: tarfile.TarInfo, limit: int | None = None) -> Iterator[bytes]:
-        """A member's bytes, read by offset from a fresh descriptor: safe from several threads."""
+        """A member's bytes, read by offset (pread leaves the file position alone): safe from several threads."""
         if member.issparse():
             raise InvalidSource(
                 f"docker archive {self.path}: {member.name[:200]!r} is a sparse member"
             )
         remaining = member.size if limit is None else min(limit, member.size)
         offset = member.offset_data
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            while remaining > 0:
+        fd = self._file.fileno()
+        while remaining > 0:
+            try:
                 chunk = os.pread(fd, min(_CHUNK, remaining), offset)
-                if not chunk:
-                    raise InvalidSource(f"docker archive {self.path} is truncated")
-                offset += len(chunk)
-                remaining -= len(chunk)
-                yield chunk
-        finally:
-            os.close(fd)
+            except OSError as e:
+                raise InvalidSource(
+                    f"cannot read docker archive {self.path}: {e.strerror or e}"
+                ) from None
+            if not chunk:
+                raise InvalidSource(f"docker archive {self.path} is truncated")
+            offset += len(chunk)
+            remaining -= len(chunk)
+            yield chunk
 
     def _read(self, name: str, limit: int) -> bytes:
         member = self._member(name)

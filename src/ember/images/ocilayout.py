@@ -8,9 +8,11 @@ is verified (digest and size) on its way into the content store.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from functools import partial
+import os
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
@@ -24,6 +26,48 @@ from ember.store.content import ContentStore
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1 << 20
 _MAX_NESTING = 4
+#: ``oci-layout`` is ``{"imageLayoutVersion": "1.0.0"}``: anything near this is not one
+_MAX_LAYOUT_FILE = 64 * 1024
+
+
+class _NotRegular(OSError):
+    """A FIFO, device, socket or directory where a file of the layout should be."""
+
+
+class _TooLarge(OSError):
+    pass
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; OSError otherwise.
+
+    O_NONBLOCK because opening a FIFO for reading waits for a writer, forever;
+    the type is checked on the descriptor (not the path, which may change), so
+    a FIFO, device or directory is refused before anything is read from it.
+    O_NONBLOCK changes nothing for reads of a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _reason(e: OSError) -> str:
+    """The OS's words without the path (messages name the file themselves)."""
+    return e.strerror or str(e)
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    """A small file of the layout, whole; OSError if it is not a regular file or holds more than ``limit`` bytes."""
+    with _open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _TooLarge(f"larger than {limit} bytes")
+    return data
 
 
 class OciLayoutSource:
@@ -38,16 +82,32 @@ class OciLayoutSource:
     def _blob_path(self, digest: Digest) -> Path:
         return self.path / "blobs" / digest.algorithm / digest.hex
 
+    def _open_blob(self, digest: Digest) -> BinaryIO:
+        try:
+            return _open_regular(self._blob_path(digest))
+        except (FileNotFoundError, NotADirectoryError):
+            # NotADirectoryError: ``blobs`` or ``blobs/ALG`` is a file, so no blob is there
+            raise InvalidSource(f"OCI layout {self.path} lacks blob {digest}") from None
+        except _NotRegular:
+            raise InvalidSource(
+                f"OCI layout {self.path}: blob {digest} is not a regular file"
+            ) from None
+        except OSError as e:
+            raise self._unreadable(digest, e) from None
+
+    def _unreadable(self, digest: Digest, e: OSError) -> InvalidSource:
+        return InvalidSource(f"cannot read blob {digest} in OCI layout {self.path}: {_reason(e)}")
+
     def _read_small(self, desc: Descriptor, limit: int) -> bytes:
         if desc.size > limit:
             raise InvalidSource(
                 f"blob {desc.digest} in {self.path} declares {desc.size} bytes, more than {limit}"
             )
-        try:
-            with open(self._blob_path(desc.digest), "rb") as f:
+        with self._open_blob(desc.digest) as f:
+            try:
                 data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise InvalidSource(f"OCI layout {self.path} lacks blob {desc.digest}") from None
+            except OSError as e:
+                raise self._unreadable(desc.digest, e) from None
         check = Verifier(desc.digest, desc.size)
         try:
             check.update(data)
@@ -58,22 +118,22 @@ class OciLayoutSource:
 
     def _index(self) -> ImageIndex:
         try:
-            layout = json.loads((self.path / "oci-layout").read_bytes())
-        except FileNotFoundError:
+            layout = json.loads(_read_capped(self.path / "oci-layout", _MAX_LAYOUT_FILE))
+        except (FileNotFoundError, NotADirectoryError):
             raise InvalidSource(
                 f"{self.path} is not an OCI image layout (no oci-layout file)"
             ) from None
         except (OSError, ValueError) as e:
-            raise InvalidSource(f"cannot read {self.path / 'oci-layout'}: {e}") from None
+            detail = _reason(e) if isinstance(e, OSError) else f"not JSON ({e})"
+            raise InvalidSource(f"cannot read {self.path / 'oci-layout'}: {detail}") from None
         if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith(
             "1."
         ):
             raise InvalidSource(f"{self.path}: unsupported OCI layout version")
         try:
-            with open(self.path / "index.json", "rb") as f:
-                data = f.read(MAX_MANIFEST_SIZE + 1)
+            data = _read_capped(self.path / "index.json", MAX_MANIFEST_SIZE)
         except OSError as e:
-            raise InvalidSource(f"cannot read {self.path / 'index.json'}: {e}") from None
+            raise InvalidSource(f"cannot read {self.path / 'index.json'}: {_reason(e)}") from None
         index = parse_manifest(data, mt.OCI_INDEX)
         if not isinstance(index, ImageIndex):
             raise InvalidSource(f"{self.path / 'index.json'} is not an image index")
@@ -121,12 +181,20 @@ class OciLayoutSource:
             if progress:
                 progress(desc.size)
             return
-        try:
-            src = open(self._blob_path(desc.digest), "rb")  # noqa: SIM115 (closed by the with below)
-        except FileNotFoundError:
-            raise InvalidSource(f"OCI layout {self.path} lacks blob {desc.digest}") from None
-        with src:
+        with self._open_blob(desc.digest) as src:
             try:
-                store.ingest(desc.digest, desc.size, iter(partial(src.read, _CHUNK), b""), progress)
+                store.ingest(desc.digest, desc.size, self._chunks(src, desc.digest), progress)
             except DigestMismatch as e:
                 raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None
+
+    def _chunks(self, src: BinaryIO, digest: Digest) -> Iterator[bytes]:
+        # Only errors reading the layout are the source's fault; the store's own
+        # (a full disk) pass through ingest unchanged.
+        while True:
+            try:
+                chunk = src.read(_CHUNK)
+            except OSError as e:
+                raise self._unreadable(digest, e) from None
+            if not chunk:
+                return
+            yield chunk

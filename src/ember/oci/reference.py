@@ -76,6 +76,7 @@ class Reference:
         registry, repository = _split_domain(rest)
         if not _DOMAIN_RE.fullmatch(registry):
             raise InvalidReference(f"invalid registry host {registry[:150]!r} in {shown!r}")
+        _check_port(registry, shown)
         if repository != repository.lower() and _PATH_RE.fullmatch(repository.lower()):
             raise InvalidReference(
                 f"invalid image reference {shown!r}: repository names must be lowercase"
@@ -131,6 +132,19 @@ def _join(name: str, tag: str | None, digest: Digest | None) -> str:
     if digest is not None:
         out += f"@{digest}"
     return out
+
+
+def _check_port(registry: str, shown: str) -> None:
+    # The grammar allows any digits; a port no socket can have would fail later
+    # (in URL parsing), and port 0 would silently mean the scheme's default.
+    _host, colon, port = registry.rpartition(":")
+    if not colon or not port.isdigit():
+        return  # no port (an IPv6 address's colons are inside its brackets)
+    digits = port.lstrip("0")
+    if len(digits) > 5 or not 1 <= int(digits or "0") <= 65535:
+        raise InvalidReference(
+            f"invalid port {port[:20]} in {shown!r}: a port is a number from 1 to 65535"
+        )
 
 
 def _split_domain(name: str) -> tuple[str, str]:

@@ -244,3 +244,19 @@ def test_the_tls_context_is_made_only_when_https_needs_it() -> None:
         assert len(made) == 1
     finally:
         pool.close()
+
+
+def test_split_url_refuses_ports_out_of_range() -> None:
+    for port in ("0", "65536", "99999"):
+        with pytest.raises(ValueError, match="port"):
+            split_url(f"http://host:{port}/v2/")
+    assert split_url("http://host:65535/")[0].port == 65535
+
+
+def test_a_proxy_with_a_bad_port_is_a_transport_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    for port in ("0", "70000"):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://proxy.corp:{port}")
+        with pytest.raises(TransportError, match="port"):
+            proxy_for(Origin("https", "registry.example.com", 443))

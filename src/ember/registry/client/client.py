@@ -134,6 +134,12 @@ class RegistryClient:
         self.api_host = api_host or host
         self.plain_http = plain_http or uses_plain_http(self.api_host)
         self.base_url = f"{'http' if self.plain_http else 'https'}://{self.api_host}/v2/"
+        try:
+            # every request's URL starts with this one: a bad host or port is the caller's
+            # mistake, said once here rather than as a failure to connect
+            split_url(self.base_url)
+        except ValueError as e:
+            raise RegistryError(f"invalid registry address {self.api_host[:200]!r}: {e}") from None
         self.credentials = credentials
         self.retries = retries
         self.backoff = backoff
@@ -287,9 +293,7 @@ class RegistryClient:
                         f"TLS with registry {self.host} failed ({str(e)[:200]})", hint=hint
                     ) from None
                 if attempt >= self.retries:
-                    raise RegistryUnreachable(
-                        f"cannot reach registry {self.host} ({type(e).__name__}: {str(e)[:200] or 'no detail'})"
-                    ) from None
+                    raise self._unreachable(e) from None
             else:
                 if resp.status_code < 500 and resp.status_code != 429:
                     return resp
@@ -298,6 +302,11 @@ class RegistryClient:
                 resp.close()
             time.sleep(self.backoff * (2**attempt))
             attempt += 1
+
+    def _unreachable(self, e: TransportError) -> RegistryUnreachable:
+        return RegistryUnreachable(
+            f"cannot reach registry {self.host} ({type(e).__name__}: {str(e)[:200] or 'no detail'})"
+        )
 
     def request(
         self,
@@ -371,6 +380,38 @@ class RegistryClient:
     ) -> FetchedManifest:
         """The manifest or index for a tag or digest, verified when asked by digest."""
         what = display or f"{self.host}/{repository}:{target}"
+        attempt = 0
+        while True:
+            try:
+                body, media_type, header_digest = self._manifest_once(repository, target, what)
+                break
+            except TransportError as e:
+                # The connection was cut mid-body (a failure to connect was already
+                # retried inside the request): retried like one, as blobs are.
+                if attempt >= self.retries:
+                    raise self._unreachable(e) from None
+            time.sleep(self.backoff * (2**attempt))
+            attempt += 1
+        if target.startswith(("sha256:", "sha512:")):
+            digest = Digest.parse(target)
+        else:
+            digest = Digest.of(body)
+            if header_digest and header_digest.startswith("sha512:"):
+                digest = Digest.of(body, "sha512")
+        check = Verifier(digest)
+        check.update(body)
+        try:
+            check.verify()
+        except DigestMismatch:
+            raise BlobCorrupt(
+                f"registry {self.host} served a manifest for {what} that does not match {digest}"
+            ) from None
+        return FetchedManifest(body, media_type, digest)
+
+    def _manifest_once(
+        self, repository: str, target: str, what: str
+    ) -> tuple[bytes, str, str | None]:
+        """(body, media type, Docker-Content-Digest) of one GET; TransportError if the body is cut."""
         resp = self.request(
             "GET",
             f"{repository}/manifests/{target}",
@@ -391,22 +432,7 @@ class RegistryClient:
             header_digest = resp.headers.get("Docker-Content-Digest")
         finally:
             resp.close()
-        body = bytes(data)
-        if target.startswith(("sha256:", "sha512:")):
-            digest = Digest.parse(target)
-        else:
-            digest = Digest.of(body)
-            if header_digest and header_digest.startswith("sha512:"):
-                digest = Digest.of(body, "sha512")
-        check = Verifier(digest)
-        check.update(body)
-        try:
-            check.verify()
-        except DigestMismatch:
-            raise BlobCorrupt(
-                f"registry {self.host} served a manifest for {what} that does not match {digest}"
-            ) from None
-        return FetchedManifest(body, media_type, digest)
+        return bytes(data), media_type, header_digest
 
     # -- blobs ---------------------------------------------------------------
 

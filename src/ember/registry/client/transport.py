@@ -23,7 +23,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 #: bytes asked of the socket per read of a body
 READ_SIZE = 64 * 1024
@@ -59,9 +59,25 @@ def split_url(url: str) -> tuple[Origin, str]:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url[:200]!r}")
-    port = parts.port or (443 if scheme == "https" else 80)  # ValueError on a bad port
+    port = _port(parts, 443 if scheme == "https" else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Origin(scheme, parts.hostname, port), target
+
+
+def _port(parts: SplitResult, default: int) -> int:
+    """The URL's port, or ``default`` when it names none; ValueError unless it is 1-65535
+    (port 0 must not quietly become the default)."""
+    try:
+        port = parts.port  # ValueError when not a number or above 65535
+    except ValueError:
+        port = 0
+    if port is None:
+        return default
+    if port == 0:
+        # only the port: a proxy's netloc may hold a password
+        raw = parts.netloc.rpartition(":")[2][:20]
+        raise ValueError(f"invalid port {raw!r}: a port is a number from 1 to 65535")
+    return port
 
 
 class Headers:
@@ -294,8 +310,12 @@ def proxy_for(origin: Origin) -> tuple[Origin | None, str | None]:
     parts = urlsplit(value)
     if parts.scheme.lower() != "http" or not parts.hostname:
         raise TransportError(f"unsupported proxy {value[:200]!r} (ember speaks to http:// proxies)")
+    try:
+        port = _port(parts, 80)
+    except ValueError as e:
+        raise TransportError(f"invalid proxy {parts.hostname[:200]}: {e}") from None
     auth = None
     if parts.username is not None:
         raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         auth = "Basic " + base64.b64encode(raw).decode()
-    return Origin("http", parts.hostname, parts.port or 80), auth
+    return Origin("http", parts.hostname, port), auth

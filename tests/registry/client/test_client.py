@@ -1,0 +1,100 @@
+"""The registry client against tiny misbehaving servers on loopback (real sockets)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from ember.oci import mediatypes as mt
+from ember.oci.digest import Digest
+from ember.registry.client.client import RegistryClient
+from ember.registry.client.errors import RegistryError, RegistryUnreachable
+
+MANIFEST = b'{"schemaVersion": 2, "mediaType": "' + mt.OCI_MANIFEST.encode() + b'"}'
+
+#: what to send on the Nth connection (from 0), the request having been read
+Answer = Callable[[int], bytes]
+
+
+def _head(length: int) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: " + mt.OCI_MANIFEST.encode() + b"\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
+
+
+def cut(_n: int) -> bytes:
+    """Headers promising 500 bytes, one byte of body, then the connection closes."""
+    return _head(500) + b"{"
+
+
+@contextmanager
+def raw_server(answer: Answer) -> Iterator[tuple[int, list[int]]]:
+    """(port, connections seen): each connection gets one answer, then is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    request += data
+                n = len(seen)
+                seen.append(n)
+                conn.sendall(answer(n))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_manifest_cut_mid_body_is_retried_then_unreachable() -> None:
+    with (
+        raw_server(cut) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.01) as client,
+        pytest.raises(RegistryUnreachable, match="cannot reach registry 127.0.0.1.*missing"),
+    ):
+        client.get_manifest("app", "latest")
+    assert len(seen) == 3  # the first try and two retries
+
+
+def test_a_manifest_cut_once_is_fetched_on_the_retry() -> None:
+    def cut_once(n: int) -> bytes:
+        return cut(n) if n == 0 else _head(len(MANIFEST)) + MANIFEST
+
+    with (
+        raw_server(cut_once) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.01) as client,
+    ):
+        fetched = client.get_manifest("app", "latest")
+    assert fetched.data == MANIFEST
+    assert fetched.digest == Digest.of(MANIFEST)
+    assert fetched.media_type == mt.OCI_MANIFEST
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_a_registry_port_out_of_range_is_refused(port: str) -> None:
+    with pytest.raises(RegistryError, match=f"invalid registry address 'localhost:{port}'"):
+        RegistryClient(f"localhost:{port}")
