@@ -127,6 +127,11 @@ def test_registry_login_logout(
     )
     assert_one_line_error(wrong, "refused the credentials")
     assert not (home / "credentials.json").exists()
+    # no terminal to ask on: said so (a prompt at the end of input was "interrupted", 130)
+    for args in ([host], [host, "-u", "someone"]):
+        asked = ember(home, "registry", "login", *args, stdin="")
+        assert_one_line_error(asked, "standard input is not a terminal")
+        assert asked.returncode == 2
 
     ok = ember(
         home,

@@ -225,3 +225,17 @@ def test_network_config_read(tmp_path: Path) -> None:
     cfg = NetConfig.load(Home(tmp_path))
     assert (cfg.egress, cfg.mtu, cfg.nameservers, cfg.prefix) == (False, 1400, ("192.0.2.1",), 31)
     assert NetConfig.load(Home(tmp_path / "none")) == NetConfig()
+
+
+def test_damaged_network_state_says_what_to_do(tmp_path: Path) -> None:
+    from ember.home import Home
+    from ember.net.errors import NetworkError
+    from ember.net.manager import NetworkManager
+
+    home = Home(tmp_path)
+    (tmp_path / "net").mkdir()
+    for junk in ("{not json", "[]", '{"machines": []}'):
+        (tmp_path / "net" / "state.json").write_text(junk)
+        with pytest.raises(NetworkError) as e:
+            NetworkManager(home).machines()
+        assert "delete the file" in str(e.value)

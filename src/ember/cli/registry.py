@@ -37,6 +37,12 @@ def login(
     host = _normalise_host(host)
     if password is not None and password_stdin:
         raise UsageError("give either --password or --password-stdin, not both")
+    if (username is None or (password is None and not password_stdin)) and not sys.stdin.isatty():
+        # a prompt would read the piped input, or end in "interrupted" at its end
+        raise UsageError(
+            "cannot ask for a user name or password: standard input is not a terminal",
+            hint="give --username and --password-stdin",
+        )
     if username is None:
         username = click.prompt("Username")
     if password_stdin:

@@ -147,6 +147,11 @@ def host_nameservers(resolv_conf: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+# teardown works from a machine's id alone, so a fresh file loses nothing a later
+# `ember rm` needs; what it would lose is which addresses running machines hold
+_STATE_HINT = "with no machine running, delete the file: ember makes a new one"
+
+
 class NetworkManager:
     def __init__(self, home: Home, config: NetConfig | None = None) -> None:
         self.home = home
@@ -169,9 +174,11 @@ class NetworkManager:
         except FileNotFoundError:
             state = {}
         except (OSError, ValueError) as e:
-            raise NetworkError(f"network state {self.state_path} is unreadable: {e}") from e
+            raise NetworkError(
+                f"network state {self.state_path} is unreadable: {e}", hint=_STATE_HINT
+            ) from e
         if not isinstance(state, dict) or not isinstance(state.get("machines", {}), dict):
-            raise NetworkError(f"network state {self.state_path} is malformed")
+            raise NetworkError(f"network state {self.state_path} is malformed", hint=_STATE_HINT)
         state.setdefault("machines", {})
         if not state["machines"]:
             # the configured subnet applies whenever nothing is allocated from the old one
