@@ -73,6 +73,19 @@ def test_oci_blobs_not_a_directory(
         service.pull(f"oci:{layout}:latest", progress=False)
 
 
+@pytest.mark.parametrize(
+    "content", [b"{not json", b'{"schemaVersion": 2, "manifests": {}}', b"[]"]
+)
+def test_oci_broken_index_json_is_named(
+    service: ImageService, busybox_layout: Path, tmp_path: Path, content: bytes
+) -> None:
+    """"manifest is not valid JSON" said nothing of which file of the layout."""
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    (layout / "index.json").write_bytes(content)
+    with pytest.raises(InvalidSource, match=f"^{layout / 'index.json'}: "):
+        service.pull(f"oci:{layout}:latest", progress=False)
+
+
 @pytest.mark.parametrize("which", ["manifest", "layer"])
 def test_oci_blob_that_is_a_directory(
     service: ImageService, busybox_layout: Path, tmp_path: Path, which: str

@@ -18,7 +18,7 @@ from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest, Verifier
-from ember.oci.errors import DigestMismatch
+from ember.oci.errors import DigestMismatch, FormatError
 from ember.oci.manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, parse_manifest
 from ember.oci.platform import Platform, select_manifest
 from ember.store.content import ContentStore
@@ -134,7 +134,10 @@ class OciLayoutSource:
             data = _read_capped(self.path / "index.json", MAX_MANIFEST_SIZE)
         except OSError as e:
             raise InvalidSource(f"cannot read {self.path / 'index.json'}: {_reason(e)}") from None
-        index = parse_manifest(data, mt.OCI_INDEX)
+        try:
+            index = parse_manifest(data, mt.OCI_INDEX)
+        except FormatError as e:  # "manifest is not valid JSON" would not say which file
+            raise InvalidSource(f"{self.path / 'index.json'}: {e}") from None
         if not isinstance(index, ImageIndex):
             raise InvalidSource(f"{self.path / 'index.json'} is not an image index")
         return index
