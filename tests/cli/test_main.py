@@ -51,3 +51,11 @@ def test_empty_and_invalid_names_are_said_so(tmp_path: Path, busybox_layout: Pat
         assert message in res.stderr, (args, res.stderr)
         assert "pull it" not in res.stderr
     assert not any(tmp_path.glob("bin"))  # nothing unpacked into the working directory
+
+
+def test_gc_grace_must_be_a_finite_number(tmp_path: Path) -> None:
+    """click.FloatRange(min=0) took "nan", a grace period that protects nothing."""
+    for value in ("nan", "inf", "-1", "soon"):
+        res = ember(tmp_path / "home", "gc", "--dry-run", "--content-grace", value)
+        assert res.returncode == 2 and "is not a number of seconds" in res.stderr, res.stderr
+    assert not (tmp_path / "home").exists()  # refused before anything was made

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import click
@@ -90,18 +91,37 @@ def snapshot_leases(as_json: bool) -> None:
         )
 
 
+class _Seconds(click.ParamType):
+    """A number of seconds, 0 or more and finite: click.FloatRange lets "nan" through
+    (every comparison with it is false: a grace period that protects nothing)."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a number of seconds (0 or more)", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds()
+
+
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
 @click.option(
     "--content-grace",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=0.0,
     show_default=True,
     help="Keep unreferenced blobs younger than this many seconds.",
 )
 @click.option(
     "--templates-unused-for",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     help="Remove machine templates no machine started from for this many seconds "
     "(default: a week).",
 )
