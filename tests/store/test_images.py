@@ -78,3 +78,27 @@ def test_a_damaged_row_is_a_clear_error_and_can_be_forgotten(tmp_path: Path, bus
     assert service.list() == []
     service.pull(ref, progress=False)
     assert [r.reference for r in service.list()] == [service.get(ref).reference]
+
+
+def test_a_damaged_stored_manifest_is_fetched_again(tmp_path: Path, busybox_layout: Path) -> None:
+    """A manifest or config blob changed on disk made every command say "manifest is not
+    valid JSON", and pulling again changed nothing (the store skips blobs it has)."""
+    import pytest
+
+    from ember.home import Home
+    from ember.images import ImageService
+    from ember.images.errors import ImageNotFound
+
+    service = ImageService(Home(tmp_path / "home"))
+    ref = f"oci:{busybox_layout}:latest"
+    image = service.pull(ref, progress=False)
+    for digest in (image.manifest_digest, image.config_digest):
+        blob = service.content.path(digest)
+        blob.chmod(0o644)
+        blob.write_bytes(b"{}")
+        with pytest.raises(ImageNotFound, match="no longer matches its digest") as e:
+            service.get(ref)
+        assert e.value.hint == f"pull it again: ember image pull {image.reference}"
+        assert not blob.exists()
+        service.pull(ref, progress=False)
+        assert service.get(ref).manifest_digest == image.manifest_digest

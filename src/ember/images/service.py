@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -360,21 +361,32 @@ class ImageService:
         )
 
     def _load(self, record: ImageRecord) -> Image:
+        damaged = partial(
+            ImageNotFound, hint=f"pull it again: ember image pull {record.reference}"
+        )
         try:
-            manifest = parse_manifest(
-                self.content.read_bytes(record.manifest_digest), record.media_type
-            )
-            config = parse_config(self.content.read_bytes(record.config_digest))
+            manifest = parse_manifest(self._stored(record.manifest_digest), record.media_type)
+            config = parse_config(self._stored(record.config_digest))
         except BlobNotFound as e:
-            raise ImageNotFound(
-                f"image {record.reference} is damaged ({e})",
-                hint=f"pull it again: ember image pull {record.reference}",
-            ) from None
+            raise damaged(f"image {record.reference} is damaged ({e})") from None
+        except FormatError as e:  # verified when stored: the store's copy is what changed
+            raise damaged(f"image {record.reference} cannot be read from the local store ({e})") from None
         if not isinstance(manifest, ImageManifest):
             raise InvalidImage(f"image {record.reference}: stored manifest is an index")
         return build_image(
             record.reference, record.manifest_digest, manifest, record.config_digest, config
         )
+
+    def _stored(self, digest: Digest) -> bytes:
+        """A small blob of the store, checked against its digest (a few KB: cheap).
+
+        One that no longer matches (edited, damaged on disk) is deleted, so that
+        pulling the image again fetches it: the store only skips blobs it has."""
+        data = self.content.read_bytes(digest)
+        if Digest.of(data, digest.algorithm) != digest:
+            self.content.delete(digest)
+            raise BlobNotFound(f"blob {digest} no longer matches its digest and was removed")
+        return data
 
     def get(self, ref: str) -> Image:
         """The local image named ``ref`` (a reference, source name or digest prefix)."""
