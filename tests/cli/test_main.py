@@ -39,6 +39,7 @@ def test_empty_and_invalid_names_are_said_so(tmp_path: Path, busybox_layout: Pat
     cases = [
         (["image", "unpack", image, ""], "DIRECTORY is empty"),
         (["image", "pull", "--platform", "", image], "invalid platform ''"),
+        (["image", "prepare", "--platform", "", image], "invalid platform ''"),
         (["image", "inspect", ""], "reference"),
         (["image", "inspect", "Debian"], "repository names must be lowercase"),
         (["image", "rm", "a@sha256:zz"], "invalid"),

@@ -166,7 +166,7 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
     start = time.perf_counter()
     home = home_from_ctx()
     service = ImageService(home)
-    platform = Platform.parse(platform_text) if platform_text else None
+    platform = Platform.parse(platform_text) if platform_text is not None else None
     # the chain's first layers are built while the last ones still download
     with service.ensuring(ref, platform, plain_http=plain_http) as pulled:
         img = pulled.image
