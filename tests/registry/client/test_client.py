@@ -98,3 +98,29 @@ def test_a_manifest_cut_once_is_fetched_on_the_retry() -> None:
 def test_a_registry_port_out_of_range_is_refused(port: str) -> None:
     with pytest.raises(RegistryError, match=f"invalid registry address 'localhost:{port}'"):
         RegistryClient(f"localhost:{port}")
+
+
+def test_an_unreachable_token_service_is_named_as_such() -> None:
+    """The registry answered (401 with a realm); the realm on a closed port was
+    reported as "cannot reach registry <the registry>"."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        realm_port = closed.getsockname()[1]  # bound, never listening: connections refused
+
+        def challenge(_n: int) -> bytes:
+            return (
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
+                b'WWW-Authenticate: Bearer realm="http://127.0.0.1:'
+                + str(realm_port).encode()
+                + b'/token",service="x"\r\n\r\n'
+            )
+
+        with (
+            raw_server(challenge) as (port, _seen),
+            RegistryClient(f"127.0.0.1:{port}", retries=1, backoff=0.01) as client,
+            pytest.raises(RegistryUnreachable) as e,
+        ):
+            client.get_manifest("app", "latest")
+    assert f"cannot reach the token service 127.0.0.1:{realm_port} of registry 127.0.0.1:{port}" in str(
+        e.value
+    )

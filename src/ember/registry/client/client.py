@@ -210,7 +210,9 @@ class RegistryClient:
         url = realm.split("#", 1)[0]
         if query:
             url += ("&" if "?" in url else "?") + query
-        resp = self._with_retries(lambda: self.http.send("GET", url, headers), realm)
+        resp = self._with_retries(
+            lambda: self.http.send("GET", url, headers), realm, token_service=f"{origin.host}:{origin.port}"
+        )
         try:
             if resp.status_code in (401, 403):
                 raise self._auth_failed()
@@ -275,8 +277,12 @@ class RegistryClient:
 
     # -- requests ------------------------------------------------------------
 
-    def _with_retries(self, send: Callable[[], Response], what: str) -> Response:
-        """Run ``send`` until it gives a non-5xx answer, backing off between tries."""
+    def _with_retries(
+        self, send: Callable[[], Response], what: str, token_service: str | None = None
+    ) -> Response:
+        """Run ``send`` until it gives a non-5xx answer, backing off between tries.
+        ``token_service``: the host sent to is the registry's token service, and the
+        error says so (the registry itself answered)."""
         attempt = 0
         while True:
             try:
@@ -290,10 +296,11 @@ class RegistryClient:
                         else f"if {self.host} serves plain HTTP, use --plain-http"
                     )
                     raise RegistryUnreachable(
-                        f"TLS with registry {self.host} failed ({str(e)[:200]})", hint=hint
+                        f"TLS with {self._peer(token_service)} failed ({str(e)[:200]})",
+                        hint=hint,
                     ) from None
                 if attempt >= self.retries:
-                    raise self._unreachable(e) from None
+                    raise self._unreachable(e, token_service) from None
             else:
                 if resp.status_code < 500 and resp.status_code != 429:
                     return resp
@@ -303,9 +310,17 @@ class RegistryClient:
             time.sleep(self.backoff * (2**attempt))
             attempt += 1
 
-    def _unreachable(self, e: TransportError) -> RegistryUnreachable:
+    def _peer(self, token_service: str | None) -> str:
+        if token_service is None:
+            return f"registry {self.host}"
+        return f"the token service {token_service} of registry {self.host}"
+
+    def _unreachable(
+        self, e: TransportError, token_service: str | None = None
+    ) -> RegistryUnreachable:
         return RegistryUnreachable(
-            f"cannot reach registry {self.host} ({type(e).__name__}: {str(e)[:200] or 'no detail'})"
+            f"cannot reach {self._peer(token_service)} "
+            f"({type(e).__name__}: {str(e)[:200] or 'no detail'})"
         )
 
     def request(
