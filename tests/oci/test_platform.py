@@ -68,6 +68,10 @@ def test_select_single_entry_without_platform() -> None:
     assert select_manifest(idx, Platform.parse("linux/amd64")).size == 101
     with pytest.raises(NoMatchingPlatform, match="none"):
         select_manifest(ImageIndex(mt.OCI_INDEX, []), Platform.parse("linux/amd64"))
+    # two that do not say their platform (one tag given twice in a layout): not "none"
+    two = ImageIndex(mt.OCI_INDEX, [desc(1, None), desc(2, None), desc(3, "linux", "arm64")])
+    with pytest.raises(NoMatchingPlatform, match=r"available: linux/arm64, 2 images that do not say"):
+        select_manifest(two, Platform.parse("linux/amd64"))
 
 
 def test_select_default_is_host() -> None:

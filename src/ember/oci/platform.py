@@ -133,5 +133,8 @@ def select_manifest(index: ImageIndex, platform: Platform | None = None) -> Desc
     offered = sorted(
         {str(p) for d in images if (p := descriptor_platform(d)) is not None and p.os != "unknown"}
     )
+    unlabelled = sum(1 for d in images if d.platform is None)
+    if unlabelled:  # "available: none" hid them (a layout with one tag given twice, say)
+        offered.append(f"{unlabelled} image{'s' if unlabelled > 1 else ''} that do not say their platform")
     listing = ", ".join(offered) if offered else "none"
     raise NoMatchingPlatform(f"no image for platform {want} in this index (available: {listing})")
