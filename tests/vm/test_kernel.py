@@ -203,3 +203,22 @@ def test_fresh_install_from_apt(tmp_path: Path) -> None:
         assert said == []
     finally:
         shutil.rmtree(home.root, ignore_errors=True)  # ~450 MB: do not keep it around
+
+
+def test_an_elf_that_is_no_x86_64_kernel_is_refused(kernel: KernelInfo, tmp_path: Path) -> None:
+    """A file that only starts with the ELF magic was registered (and failed at boot)."""
+    home = Home(tmp_path / "home")
+    real = kernel.vmlinux.read_bytes()
+    arm64 = bytearray(real[:4096])
+    struct.pack_into("<H", arm64, 18, 183)  # EM_AARCH64
+    shared_object = bytearray(real[:4096])
+    struct.pack_into("<H", shared_object, 16, 3)  # ET_DYN
+    for name, data, message in (
+        ("stub", b"\x7fELF", "too short"),
+        ("arm64", bytes(arm64), "not an x86-64 ELF"),
+        ("library", bytes(shared_object), "not a kernel image"),
+    ):
+        f = tmp_path / name
+        f.write_bytes(data)
+        with pytest.raises(KernelError, match=message):
+            find_kernel(home, f)

@@ -85,6 +85,25 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     return elf
 
 
+def check_elf_kernel(elf: bytes, where: Path | str) -> None:
+    """Refuse an ELF that cannot be an x86-64 kernel (a stub that only starts with the
+    magic got registered and failed at boot): 64-bit, little-endian, EM_X86_64, an
+    executable with program headers."""
+    if len(elf) < 64:
+        raise KernelError(f"{where} is too short to be an ELF kernel")
+    ei_class, ei_data = elf[4], elf[5]
+    e_type, e_machine = struct.unpack_from("<HH", elf, 16)
+    (e_phnum,) = struct.unpack_from("<H", elf, 56)
+    if ei_class != 2 or ei_data != 1 or e_machine != _EM_X86_64:
+        raise KernelError(f"{where} is not an x86-64 ELF (ember boots x86-64 guests)")
+    if e_type != _ET_EXEC or e_phnum == 0:
+        raise KernelError(f"{where} is an ELF file but not a kernel image (no loadable program)")
+
+
+_EM_X86_64 = 62
+_ET_EXEC = 2
+
+
 def _decompress_payload(payload: bytes) -> bytes:
     # The kernel appends the decompressed size after the stream: decompressors
     # must stop at the end of their stream rather than reject trailing bytes.
@@ -312,6 +331,7 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
         if not (modules / "modules.dep").is_file():
             raise KernelError(f"{modules} has no modules.dep (run depmod, or leave modules out)")
     if data[:4] == _ELF_MAGIC:
+        check_elf_kernel(data, path)
         vmlinuz, vmlinux = None, path
     else:
         vmlinuz = path
