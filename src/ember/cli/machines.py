@@ -72,11 +72,10 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
-    store = MachineStore(home)
-    machines = store.list()
+    machines, damaged = MachineStore(home).scan()
     if show_all:
-        for damaged in store.damaged():  # listed on stderr: stdout keeps its format
-            click.echo(f"ember: {damaged}", err=True)
+        for broken in damaged:  # listed on stderr: stdout keeps its format
+            click.echo(f"ember: {broken}", err=True)
     if any(m.status == RUNNING for m in machines):
         # refresh only changes a record that says running (its monitor may be gone);
         # without one, ps skips importing the lifecycle and VMM layers (~20 ms)

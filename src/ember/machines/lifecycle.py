@@ -616,14 +616,32 @@ def remove_damaged(home: Home, machine_id: str) -> None:
     """``ember rm -f`` of a machine whose record cannot be read: kill its VMM if one
     still runs (found by the ``-name ember-ID`` its command line carries), then
     release its network and root disk and delete it."""
-    from ember.net.manager import NetworkManager
-    from ember.snapshots.chain import release_root_disk
-
     needle = f"ember-{machine_id}"
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid() and _proc_mentions(int(entry), needle):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry), signal.SIGKILL)
+    _release_and_delete(home, machine_id, machine_id[:12])
+
+
+def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
+    """Delete a machine: its root disk, network, logs and record."""
+    st = _stop_pending_restart(home, st) or refresh(home, st)
+    if st.status == mstate.RUNNING:
+        if not force:
+            raise MachineRunning(
+                f"machine {st.name} is running", hint="stop it first or use ember rm -f"
+            )
+        kill_vmm(home, st)
+    _release_and_delete(home, st.id, st.name)
+
+
+def _release_and_delete(home: Home, machine_id: str, shown: str) -> None:
+    """Free a stopped machine's network and root disk (both named by its id), then
+    delete its directory; each step is tried, the failures reported together."""
+    from ember.net.manager import NetworkManager
+    from ember.snapshots.chain import release_root_disk
+
     errors: list[str] = []
     for step in (
         lambda: NetworkManager(home).teardown(machine_id),
@@ -634,33 +652,5 @@ def remove_damaged(home: Home, machine_id: str) -> None:
         except EmberError as e:
             errors.append(str(e))
     if errors:
-        raise MachineError(
-            f"machine {machine_id[:12]} was only partly removed: {'; '.join(errors)}"
-        )
+        raise MachineError(f"machine {shown} was only partly removed: {'; '.join(errors)}")
     MachineStore(home).remove_dir(machine_id)
-
-
-def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
-    """Delete a machine: its root disk, network, logs and record."""
-    from ember.net.manager import NetworkManager
-    from ember.snapshots.chain import release_root_disk
-
-    st = _stop_pending_restart(home, st) or refresh(home, st)
-    if st.status == mstate.RUNNING:
-        if not force:
-            raise MachineRunning(
-                f"machine {st.name} is running", hint="stop it first or use ember rm -f"
-            )
-        kill_vmm(home, st)
-    errors: list[str] = []
-    for step in (
-        lambda: NetworkManager(home).teardown(st.id),
-        lambda: release_root_disk(home, st.id),
-    ):
-        try:
-            step()
-        except EmberError as e:
-            errors.append(str(e))
-    if errors:
-        raise MachineError(f"machine {st.name} was only partly removed: {'; '.join(errors)}")
-    MachineStore(home).remove_dir(st.id)

@@ -53,15 +53,16 @@ class MachineStore:
             return []
 
     def list(self) -> list[MachineState]:
-        """Every machine whose record reads (see ``damaged`` for the others): one
+        """Every machine whose record reads (see ``scan`` for the others): one
         damaged record must not stop commands about the rest."""
-        return self._scan()[0]
+        return self.scan()[0]
 
     def damaged(self) -> builtins.list[DamagedMachine]:
         """The machines whose record cannot be read, each with why."""
-        return self._scan()[1]
+        return self.scan()[1]
 
-    def _scan(self) -> tuple[builtins.list[MachineState], builtins.list[DamagedMachine]]:
+    def scan(self) -> tuple[builtins.list[MachineState], builtins.list[DamagedMachine]]:
+        """(the readable machines, newest first; the damaged ones), in one pass."""
         good: builtins.list[MachineState] = []
         bad: builtins.list[DamagedMachine] = []
         for mid in self.ids():
@@ -108,7 +109,7 @@ class MachineStore:
         An id (prefix) that names a machine with a damaged record raises
         DamagedMachine, which says how to remove it.
         """
-        machines, damaged = self._scan()
+        machines, damaged = self.scan()
         for m in machines:
             if m.name == ref or m.id == ref:
                 return m
