@@ -18,12 +18,12 @@ import hashlib
 import json
 import os
 import posixpath
-import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ember.fsutil import NotRegularFile, open_regular
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
 from ember.oci import mediatypes as mt
@@ -40,26 +40,15 @@ _MAX_MANIFEST_JSON = 4 * 1024 * 1024
 _MAX_LINK_HOPS = 16
 
 
-def _open_regular(path: Path) -> BinaryIO:
-    """The archive, opened if it is a regular file.
-
-    O_NONBLOCK because opening a FIFO for reading waits for a writer, forever;
-    the type is checked on the descriptor, the one every read then uses, so
-    the file checked is the file read.  Reads of a regular file ignore the flag.
-    """
+def _open_archive(path: Path) -> BinaryIO:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return open_regular(path)
     except FileNotFoundError:
         raise InvalidSource(f"docker archive {path} does not exist") from None
+    except NotRegularFile:
+        raise InvalidSource(f"docker archive {path} is not a regular file") from None
     except OSError as e:
         raise InvalidSource(f"cannot read docker archive {path}: {e.strerror or e}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidSource(f"docker archive {path} is not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _norm(name: str) -> str | None:
@@ -74,7 +63,7 @@ class DockerArchiveSource:
         self.path = path
         self.selector = selector
         self.name = name
-        self._file = _open_regular(path)
+        self._file = _open_archive(path)
         try:
             self._members = self._index()
         except BaseException:

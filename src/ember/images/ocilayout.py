@@ -8,12 +8,11 @@ is verified (digest and size) on its way into the content store.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ember.fsutil import NotRegularFile, open_regular
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
 from ember.oci import mediatypes as mt
@@ -30,30 +29,8 @@ _MAX_NESTING = 4
 _MAX_LAYOUT_FILE = 64 * 1024
 
 
-class _NotRegular(OSError):
-    """A FIFO, device, socket or directory where a file of the layout should be."""
-
-
 class _TooLarge(OSError):
     pass
-
-
-def _open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file; OSError otherwise.
-
-    O_NONBLOCK because opening a FIFO for reading waits for a writer, forever;
-    the type is checked on the descriptor (not the path, which may change), so
-    a FIFO, device or directory is refused before anything is read from it.
-    O_NONBLOCK changes nothing for reads of a regular file.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular("not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _reason(e: OSError) -> str:
@@ -63,7 +40,7 @@ def _reason(e: OSError) -> str:
 
 def _read_capped(path: Path, limit: int) -> bytes:
     """A small file of the layout, whole; OSError if it is not a regular file or holds more than ``limit`` bytes."""
-    with _open_regular(path) as f:
+    with open_regular(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise _TooLarge(f"larger than {limit} bytes")
@@ -84,11 +61,11 @@ class OciLayoutSource:
 
     def _open_blob(self, digest: Digest) -> BinaryIO:
         try:
-            return _open_regular(self._blob_path(digest))
+            return open_regular(self._blob_path(digest))
         except (FileNotFoundError, NotADirectoryError):
             # NotADirectoryError: ``blobs`` or ``blobs/ALG`` is a file, so no blob is there
             raise InvalidSource(f"OCI layout {self.path} lacks blob {digest}") from None
-        except _NotRegular:
+        except NotRegularFile:
             raise InvalidSource(
                 f"OCI layout {self.path}: blob {digest} is not a regular file"
             ) from None

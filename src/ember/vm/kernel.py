@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.config import config_section
-from ember.fsutil import atomic_write, fsync_dir
+from ember.fsutil import NotRegularFile, atomic_write, fsync_dir, open_regular
 from ember.home import Home
 from ember.vm.errors import KernelError, KernelNotFound
 
@@ -320,11 +320,15 @@ def find_kernel(home: Home, path: Path | None = None, modules: Path | None = Non
 
 def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
     path = path.absolute()
-    if not path.is_file():
-        if path.exists():  # a directory, a device, a FIFO (which would block the read)
-            raise KernelNotFound(f"kernel {path} is not a regular file")
-        raise KernelNotFound(f"kernel {path} does not exist")
-    data = path.read_bytes()
+    try:
+        with open_regular(path) as f:  # a FIFO would block a plain read
+            data = f.read()
+    except FileNotFoundError:
+        raise KernelNotFound(f"kernel {path} does not exist") from None
+    except NotRegularFile:
+        raise KernelNotFound(f"kernel {path} is not a regular file") from None
+    except OSError as e:
+        raise KernelError(f"cannot read kernel {path}: {e.strerror or e}") from None
     digest = hashlib.sha256(data).hexdigest()
     if modules is not None:
         modules = modules.absolute()
