@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.fsutil import NotRegularFile, atomic_write, open_regular
+from ember.fsutil import NotRegularFile, atomic_write, open_regular, why_unopened
 
 
 def test_open_regular_refuses_what_is_not_a_file_without_blocking(tmp_path: Path) -> None:
@@ -17,8 +17,11 @@ def test_open_regular_refuses_what_is_not_a_file_without_blocking(tmp_path: Path
         with pytest.raises(NotRegularFile) as e:
             open_regular(path)
         assert e.value.filename == os.fspath(path) and e.value.strerror == "not a regular file"
-    with pytest.raises(FileNotFoundError):
+        assert why_unopened(e.value) == "is not a regular file"
+    with pytest.raises(FileNotFoundError) as missing:
         open_regular(tmp_path / "missing")
+    assert why_unopened(missing.value) == "does not exist"
+    assert why_unopened(PermissionError(13, "Permission denied")) == "cannot be read (Permission denied)"
     atomic_write(tmp_path / "f", b"data")
     with open_regular(tmp_path / "f") as f:
         assert f.read() == b"data"

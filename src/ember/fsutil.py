@@ -43,6 +43,15 @@ class NotRegularFile(OSError):
     """A FIFO, device, socket or directory where a regular file was expected."""
 
 
+def why_unopened(e: OSError) -> str:
+    """How ``open_regular`` failed, worded to follow the path in a message."""
+    if isinstance(e, FileNotFoundError):
+        return "does not exist"
+    if isinstance(e, NotRegularFile):
+        return "is not a regular file"
+    return f"cannot be read ({e.strerror or e})"
+
+
 def open_regular(path: Path) -> BinaryIO:
     """``path`` opened for reading if it is a regular file; NotRegularFile (or the
     open's own OSError) otherwise.

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ember.fsutil import NotRegularFile, open_regular
+from ember.fsutil import open_regular, why_unopened
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
 from ember.oci import mediatypes as mt
@@ -43,12 +43,8 @@ _MAX_LINK_HOPS = 16
 def _open_archive(path: Path) -> BinaryIO:
     try:
         return open_regular(path)
-    except FileNotFoundError:
-        raise InvalidSource(f"docker archive {path} does not exist") from None
-    except NotRegularFile:
-        raise InvalidSource(f"docker archive {path} is not a regular file") from None
     except OSError as e:
-        raise InvalidSource(f"cannot read docker archive {path}: {e.strerror or e}") from None
+        raise InvalidSource(f"docker archive {path} {why_unopened(e)}") from None
 
 
 def _norm(name: str) -> str | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.config import config_section
-from ember.fsutil import NotRegularFile, atomic_write, fsync_dir, open_regular
+from ember.fsutil import atomic_write, fsync_dir, open_regular, why_unopened
 from ember.home import Home
 from ember.vm.errors import KernelError, KernelNotFound
 
@@ -323,12 +323,8 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
     try:
         with open_regular(path) as f:  # a FIFO would block a plain read
             data = f.read()
-    except FileNotFoundError:
-        raise KernelNotFound(f"kernel {path} does not exist") from None
-    except NotRegularFile:
-        raise KernelNotFound(f"kernel {path} is not a regular file") from None
     except OSError as e:
-        raise KernelError(f"cannot read kernel {path}: {e.strerror or e}") from None
+        raise KernelNotFound(f"kernel {path} {why_unopened(e)}") from None
     digest = hashlib.sha256(data).hexdigest()
     if modules is not None:
         modules = modules.absolute()
