@@ -11,9 +11,11 @@ from pathlib import Path
 EMBER = str(Path(sys.executable).parent / "ember")
 
 
-def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def ember(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
-    return subprocess.run([EMBER, *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [EMBER, *args], capture_output=True, text=True, env=env, timeout=60, cwd=cwd
+    )
 
 
 def test_a_path_the_host_refuses_is_one_line(tmp_path: Path, busybox_layout: Path) -> None:
@@ -45,13 +47,15 @@ def test_empty_and_invalid_names_are_said_so(tmp_path: Path, busybox_layout: Pat
         (["image", "rm", "a@sha256:zz"], "invalid"),
         (["image", "pull", "oci:" + os.fsdecode(b"/tmp/lay\xff") + ":latest"], "is not valid UTF-8"),
     ]
+    workdir = tmp_path / "workdir"  # empty: an unpack into it would have succeeded
+    workdir.mkdir()
     for args, message in cases:
-        res = ember(home, *args)
+        res = ember(home, *args, cwd=workdir)
         assert res.returncode != 0, (args, res.stdout)
         assert res.stderr.startswith("ember: ") and res.stderr.count("\n") == 1, res.stderr
         assert message in res.stderr, (args, res.stderr)
         assert "pull it" not in res.stderr
-    assert not any(tmp_path.glob("bin"))  # nothing unpacked into the working directory
+    assert not any(workdir.iterdir())  # nothing unpacked into the working directory
 
 
 def test_gc_grace_must_be_a_finite_number(tmp_path: Path) -> None:

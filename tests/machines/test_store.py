@@ -161,7 +161,7 @@ def test_a_damaged_record_does_not_hide_the_other_machines(tmp_path: Path, damag
     store.create(bad, "bad")
     (store.dir(bad.id) / "state.json").write_bytes(_damages(bad)[damage])
     assert [m.id for m in store.list()] == [good.id]
-    (damaged,) = store.damaged()
+    (damaged,) = store.scan()[1]
     assert damaged.machine_id == bad.id and f"ember rm -f {bad.id}" in str(damaged)
     assert store.find("good").id == good.id
     for ref in ("cd", bad.id):
@@ -210,7 +210,7 @@ def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
         removed = ember("rm", "-f", bad.id[:12])
         assert removed.returncode == 0, removed.stderr
         assert not store.dir(bad.id).exists()
-        assert [m.id for m in store.list()] == [good.id] and store.damaged() == []
+        assert [m.id for m in store.list()] == [good.id] and store.scan()[1] == []
     finally:
         delete_netns(netns)
         teardown_home(home)

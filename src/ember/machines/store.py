@@ -53,13 +53,9 @@ class MachineStore:
             return []
 
     def list(self) -> list[MachineState]:
-        """Every machine whose record reads (see ``scan`` for the others): one
+        """Every machine whose record reads (``scan`` also gives the others): one
         damaged record must not stop commands about the rest."""
         return self.scan()[0]
-
-    def damaged(self) -> builtins.list[DamagedMachine]:
-        """The machines whose record cannot be read, each with why."""
-        return self.scan()[1]
 
     def scan(self) -> tuple[builtins.list[MachineState], builtins.list[DamagedMachine]]:
         """(the readable machines, newest first; the damaged ones), in one pass."""
