@@ -6,13 +6,16 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest
+from ember.oci.manifest import Descriptor
 from ember.registry.client.client import RegistryClient
 from ember.registry.client.errors import RegistryError, RegistryUnreachable
+from ember.store.content import ContentStore
 
 MANIFEST = b'{"schemaVersion": 2, "mediaType": "' + mt.OCI_MANIFEST.encode() + b'"}'
 
@@ -124,3 +127,81 @@ def test_an_unreachable_token_service_is_named_as_such() -> None:
     assert f"cannot reach the token service 127.0.0.1:{realm_port} of registry 127.0.0.1:{port}" in str(
         e.value
     )
+
+
+@contextmanager
+def silent_server(head: bytes = b"") -> Iterator[tuple[int, list[int]]]:
+    """(port, connections seen): each connection is read, sent ``head`` (maybe nothing),
+    then left open without another byte until the test ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    seen: list[int] = []
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                request += data
+            seen.append(len(seen))
+            conn.sendall(head)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_a_registry_that_never_answers_is_tried_twice_not_five_times() -> None:
+    """Each silent try waits the whole timeout: five of them (retries=4) kept a user
+    waiting five minutes at the default 60 s, without a word."""
+    with (
+        silent_server() as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.01, timeout=0.3) as client,
+        pytest.raises(RegistryUnreachable, match=f"registry 127.0.0.1:{port} did not answer in time") as e,
+    ):
+        client.get_manifest("app", "latest")
+    assert len(seen) == 2
+    assert "timed out" in str(e.value)
+
+
+def test_a_blob_download_that_stalls_is_tried_twice(tmp_path: Path) -> None:
+    blob = b"x" * 1000
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + blob[:10]
+    store = ContentStore(tmp_path / "content")
+    with (
+        silent_server(head) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.01, timeout=0.3) as client,
+        pytest.raises(RegistryUnreachable, match=r"stalled: no data for 0.3 s"),
+    ):
+        client.fetch_blob("app", desc, store)
+    assert len(seen) == 2
+    assert not store.exists(desc.digest)
+
+
+def test_a_refused_connection_still_gets_every_retry() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
+        port = closed.getsockname()[1]
+        with (
+            RegistryClient(f"127.0.0.1:{port}", retries=3, backoff=0.001) as client,
+            pytest.raises(RegistryUnreachable, match=f"cannot reach registry 127.0.0.1:{port}"),
+        ):
+            client.get_manifest("app", "latest")

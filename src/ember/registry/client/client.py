@@ -299,7 +299,7 @@ class RegistryClient:
                         f"TLS with {self._peer(token_service)} failed ({str(e)[:200]})",
                         hint=hint,
                     ) from None
-                if attempt >= self.retries:
+                if self._gives_up(e, attempt):
                     raise self._unreachable(e, token_service) from None
             else:
                 if resp.status_code < 500 and resp.status_code != 429:
@@ -310,6 +310,14 @@ class RegistryClient:
             time.sleep(self.backoff * (2**attempt))
             attempt += 1
 
+    def _gives_up(self, e: Exception, attempt: int) -> bool:
+        """Whether failure ``e`` of try ``attempt`` (from 0) ends the retries.  A peer that
+        stayed silent for the whole timeout gets one more try, not ``retries``: four more
+        would leave the user waiting minutes without a word."""
+        if isinstance(e, TransportError) and e.timed_out:
+            return attempt >= min(1, self.retries)
+        return attempt >= self.retries
+
     def _peer(self, token_service: str | None) -> str:
         if token_service is None:
             return f"registry {self.host}"
@@ -318,6 +326,11 @@ class RegistryClient:
     def _unreachable(
         self, e: TransportError, token_service: str | None = None
     ) -> RegistryUnreachable:
+        if e.timed_out:
+            return RegistryUnreachable(
+                f"{self._peer(token_service)} did not answer in time ({str(e)[:200]})",
+                hint="check that the address is the registry's and that it is not overloaded",
+            )
         return RegistryUnreachable(
             f"cannot reach {self._peer(token_service)} "
             f"({type(e).__name__}: {str(e)[:200] or 'no detail'})"
@@ -403,7 +416,7 @@ class RegistryClient:
             except TransportError as e:
                 # The connection was cut mid-body (a failure to connect was already
                 # retried inside the request): retried like one, as blobs are.
-                if attempt >= self.retries:
+                if self._gives_up(e, attempt):
                     raise self._unreachable(e) from None
             time.sleep(self.backoff * (2**attempt))
             attempt += 1
@@ -495,9 +508,15 @@ class RegistryClient:
                     self._download_into(repository, desc, writer, progress)
                     break
                 except (TransportError, _Retry) as e:
-                    if attempt >= self.retries:
+                    if self._gives_up(e, attempt):
+                        stalled = isinstance(e, TransportError) and e.timed_out
                         raise RegistryUnreachable(
-                            f"download of blob {desc.digest.short} from {self.host} keeps failing ({e or type(e).__name__})"
+                            f"download of blob {desc.digest.short} from {self.host} "
+                            + (
+                                f"stalled: no data for {self.http.timeout:g} s"
+                                if stalled
+                                else f"keeps failing ({e or type(e).__name__})"
+                            )
                         ) from None
                     time.sleep(self.backoff * (2**attempt))
                     attempt += 1

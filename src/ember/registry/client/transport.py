@@ -33,11 +33,13 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 class TransportError(Exception):
     """The connection failed (refused, reset, timed out, cut mid-body, TLS): worth a retry,
-    except for TLS failures (``tls``)."""
+    except for TLS failures (``tls``); a peer that stays silent (``timed_out``) is worth
+    one retry, not many, as each try waits the whole timeout."""
 
-    def __init__(self, message: str, *, tls: bool = False) -> None:
+    def __init__(self, message: str, *, tls: bool = False, timed_out: bool = False) -> None:
         super().__init__(message)
         self.tls = tls
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,11 @@ class ConnectionPool:
 
 def _transport_error(e: BaseException, what: str) -> TransportError:
     detail = str(e) or type(e).__name__
-    return TransportError(f"{what}: {type(e).__name__}: {detail}", tls=isinstance(e, ssl.SSLError))
+    return TransportError(
+        f"{what}: {type(e).__name__}: {detail}",
+        tls=isinstance(e, ssl.SSLError),
+        timed_out=isinstance(e, TimeoutError),
+    )
 
 
 # -- proxies (Go's net/http/httpproxy rules) -------------------------------------------------
