@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ember.home import Home
+from tests.snapshots.leaks import ours
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -72,3 +73,17 @@ def test_prepare_ls_rm_gc(home: Home, busybox_layout: Path, multilayer_layout: P
     assert len(json.loads(ember(home, "snapshot", "ls", "--json").stdout)) == 1
     ember(home, "snapshot", "rm", "--force", left[0]["name"])
     assert json.loads(ember(home, "snapshot", "ls", "--json").stdout) == []
+
+
+def test_looking_at_a_fresh_home_sets_no_pool_up(home: Home) -> None:
+    """gc (dry run or not), snapshot ls/leases/rm on a home without a pool made a sparse
+    pool file, formatted it and mounted it, to report that there was nothing."""
+    assert json.loads(ember(home, "gc", "--dry-run", "--json").stdout)["snapshots"] == []
+    ember(home, "gc")
+    assert json.loads(ember(home, "snapshot", "ls", "--json").stdout) == []
+    assert json.loads(ember(home, "snapshot", "leases", "--json").stdout) == []
+    rm = ember(home, "snapshot", "rm", "sha256:" + "0" * 64, ok=False)
+    assert rm.returncode != 0 and "no snapshot" in rm.stderr
+    assert not (home.snapshots / "pool.json").exists()
+    assert not (home.snapshots / "pool.img").exists()
+    assert ours(home.root) == ([], [])

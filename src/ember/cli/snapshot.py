@@ -23,9 +23,10 @@ def snapshot_ls(as_json: bool) -> None:
     """List snapshots with their parent, kind, file system size and disk usage."""
     from ember.snapshots import Snapshotter
 
-    snap = Snapshotter(home_from_ctx())
+    snap = Snapshotter.existing(home_from_ctx())
     rows = []
-    for info in snap.list():
+    for info in snap.list() if snap is not None else ():  # no pool yet: nothing to list
+        assert snap is not None
         try:
             usage = snap.usage(info.name)
             used, exclusive = usage.size, usage.exclusive
@@ -61,9 +62,12 @@ def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
     """Remove snapshots (a committed one only when no other snapshot has it as parent,
     a leased one only with --force)."""
     from ember.snapshots import Snapshotter
+    from ember.snapshots.errors import SnapshotNotFound
 
-    snap = Snapshotter(home_from_ctx())
+    snap = Snapshotter.existing(home_from_ctx())
     for name in names:
+        if snap is None:
+            raise SnapshotNotFound(f"no snapshot {name!r}")
         snap.remove(name, respect_leases=not force)
         click.echo(name)
 
@@ -74,7 +78,8 @@ def snapshot_leases(as_json: bool) -> None:
     """List leases: what protects snapshots and content from gc, and until when."""
     from ember.snapshots import Snapshotter
 
-    leases = Snapshotter(home_from_ctx()).leases.list()
+    snap = Snapshotter.existing(home_from_ctx())
+    leases = snap.leases.list() if snap is not None else []
     if as_json:
         print_json([lease.to_json() for lease in leases])
         return

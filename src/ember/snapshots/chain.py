@@ -367,12 +367,17 @@ def root_disk(home: Home, machine_id: str) -> Path:
     """The root disk ``clone_root_disk`` made for this machine, with the pool mounted (a
     machine started again after a host reboot finds it unmounted); SnapshotNotFound when
     it is gone."""
-    return Snapshotter(home).path(machine_key(machine_id))
+    snap = Snapshotter.existing(home)
+    if snap is None:
+        raise SnapshotNotFound(f"no root disk for machine {machine_id}: no snapshot pool in {home.root}")
+    return snap.path(machine_key(machine_id))
 
 
 def release_root_disk(home: Home, machine_id: str) -> None:
     """Remove a machine's root disk and its lease (idempotent)."""
-    snap = Snapshotter(home)
+    snap = Snapshotter.existing(home)
+    if snap is None:
+        return  # no pool, no disk (and no reason to set a pool up)
     key = machine_key(machine_id)
     with contextlib.suppress(SnapshotNotFound):
         snap.remove(key)

@@ -14,6 +14,7 @@ built or mounted) is skipped, never removed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -111,34 +112,45 @@ def collect(
     (default ``ember.vm.template.UNUSED_FOR``: a week) or built from inputs since replaced."""
     from ember.vm import template  # a cache of its own, outside the mark-and-sweep
 
-    snap = snapshotter or Snapshotter(home)
+    # No pool yet: no snapshots and no leases, only content to sweep (a pool is not set
+    # up just to find that out).
+    snap = snapshotter or Snapshotter.existing(home)
     report = GCReport(dry_run=dry_run)
     # The image service holds images.lock shared while it pulls and exclusive while it
     # removes: holding it exclusive from reading the roots to the end of the sweep means
     # no pull is writing blobs it has not recorded yet.  Order: images.lock, then gc.lock.
     home.run.mkdir(parents=True, exist_ok=True)
-    with FileLock(home.run / "images.lock"), FileLock(snap.gc_lock):
+    with contextlib.ExitStack() as held:
+        held.enter_context(FileLock(home.run / "images.lock"))
+        if snap is not None:
+            held.enter_context(FileLock(snap.gc_lock))
         now = time.time()
         if roots is None:
             roots = image_roots(home)
-        for lease in snap.leases.list():
-            if lease.expired(now):
-                report.leases.append(lease.name)
-                if not dry_run:
-                    # direct unlink: Leases.delete would wait for the lock we hold
-                    (snap.pool.leases / f"{names.encode(lease.name, 'lease name')}.json").unlink(
-                        missing_ok=True
-                    )
-            else:
-                roots.snapshots.update(lease.snapshots)
-                roots.content.update(lease.content)
-        _sweep_snapshots(snap, roots, report, dry_run)
+        if snap is not None:
+            _mark_leases(snap, roots, report, dry_run, now)
+            _sweep_snapshots(snap, roots, report, dry_run)
         _sweep_content(home, roots, report, dry_run, content_grace, now)
     age = template.UNUSED_FOR if templates_unused_for is None else templates_unused_for
     for key, size in template.prune_unused(home, age, dry_run=dry_run):
         report.templates.append(key)
         report.template_bytes += size
     return report
+
+
+def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float) -> None:
+    """Add what live leases hold to ``roots``; drop expired leases."""
+    for lease in snap.leases.list():
+        if lease.expired(now):
+            report.leases.append(lease.name)
+            if not dry_run:
+                # direct unlink: Leases.delete would wait for the lock we hold
+                (snap.pool.leases / f"{names.encode(lease.name, 'lease name')}.json").unlink(
+                    missing_ok=True
+                )
+        else:
+            roots.snapshots.update(lease.snapshots)
+            roots.content.update(lease.content)
 
 
 def _sweep_snapshots(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool) -> None:

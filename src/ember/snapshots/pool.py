@@ -62,6 +62,14 @@ def _paths(home: Home) -> tuple[Path, Path, Path, Path]:
     return base, base / "pool", base / "pool.img", base / "pool.json"
 
 
+def pool_exists(home: Home) -> bool:
+    """Whether a pool was set up in ``home`` (without making anything): commands that only
+    look (``snapshot ls``, ``gc``) have nothing to do without one, and must not format and
+    mount a pool file to find that out."""
+    base = home.snapshots
+    return (base / "pool.json").exists() or (base / "pool.img").exists()
+
+
 def open_pool(home: Home, config: SnapshotConfig) -> Pool:
     base, root, image, state_file = _paths(home)
     root.mkdir(exist_ok=True)

@@ -47,7 +47,7 @@ from ember.snapshots.fiemap import file_usage
 from ember.snapshots.leases import Leases
 from ember.snapshots.locks import FileLock, require_lock, try_lock
 from ember.snapshots.model import ActiveSnapshot, Kind, Meta, Mount, SnapshotInfo, Usage
-from ember.snapshots.pool import Pool, open_pool
+from ember.snapshots.pool import Pool, open_pool, pool_exists
 
 log = logging.getLogger("ember.snapshots")
 
@@ -84,6 +84,12 @@ class Snapshotter:
             _recovered.add(root)
         if self.pool.created and self.pool.backend.name == "reflink":
             self._empty_base(self.config.base_size)  # part of setting the pool up, once
+
+    @classmethod
+    def existing(cls, home: Home) -> Snapshotter | None:
+        """The snapshotter of ``home``'s pool, or None when no pool was ever set up there
+        (nothing is created to find out)."""
+        return cls(home) if pool_exists(home) else None
 
     @property
     def backend_name(self) -> str:
