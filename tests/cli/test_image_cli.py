@@ -183,3 +183,24 @@ def test_progress_on_a_terminal(tmp_path: Path, busybox_layout: Path) -> None:
     text = drawn.decode(errors="replace")
     assert "layer 1/1" in text and "total" in text
     assert "\x1b[" in text  # drawn with terminal control sequences
+
+
+def test_a_layer_damaged_in_the_store_is_named_removed_and_fetched_again(
+    tmp_path: Path, busybox_layout: Path
+) -> None:
+    """Every unpack failed with "CRC check failed" and pulling again changed nothing: a
+    pull skips the blobs the store has."""
+    home, ref = tmp_path / "home", layout_ref(busybox_layout)
+    assert ember(home, "image", "pull", ref).returncode == 0
+    layer = json.loads(ember(home, "image", "inspect", ref).stdout)["layers"][0]["digest"]
+    blob = home / "content" / "blobs" / "sha256" / layer.split(":")[1]
+    blob.chmod(0o644)
+    with open(blob, "r+b") as f:
+        f.seek(blob.stat().st_size // 2)
+        f.write(b"damage")
+    failed = ember(home, "image", "unpack", ref, str(tmp_path / "r1"))
+    assert_one_line_error(failed, f"blob {layer} in the content store no longer matches", "run the command again")
+    assert not blob.exists() and not (tmp_path / "r1").exists()
+    again = ember(home, "image", "unpack", ref, str(tmp_path / "r2"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "r2" / "bin" / "busybox").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import os
 import subprocess
@@ -14,7 +16,10 @@ from ember.home import Home
 from ember.snapshots import Kind, Snapshotter, system
 from ember.snapshots.chain import clone_root_disk, prepare_image, release_root_disk
 from ember.snapshots.errors import SnapshotError, SnapshotExists
-from ember.unpack.errors import UnpackError
+from ember.oci.digest import Digest
+from ember.store.content import ContentStore
+from ember.store.errors import DamagedBlob
+from ember.unpack.errors import DiffIDMismatch
 from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
 from tests.snapshots.leaks import ours
 
@@ -129,21 +134,33 @@ print(json.dumps({"built": list(p.built), "path": str(p.path)}))
 def test_a_bad_layer_commits_nothing_and_leaks_nothing(home: Home) -> None:
     good = make_image(home, base_layers())
     prepare_image(home, good)
-    bad_layer = LayerSpec([Entry("x", b"x")])
-    image = make_image(home, [*base_layers(), bad_layer])
-    # the stored blob no longer matches the DiffID its config promises
-    store_path = home.content / "blobs" / "sha256" / image.layers[-1].digest.hex
-    os.chmod(store_path, 0o644)
-    import gzip
-
-    store_path.write_bytes(gzip.compress(b"\0" * 1024))
-    with pytest.raises(UnpackError):
+    image = make_image(home, [*base_layers(), LayerSpec([Entry("x", b"x")])])
+    # the config promises another DiffID than the (intact) blob has
+    top = dataclasses.replace(image.layers[-1], diff_id=Digest.of(b"something else"))
+    image = dataclasses.replace(image, layers=[*image.layers[:-1], top])
+    with pytest.raises(DiffIDMismatch):
         prepare_image(home, image)
+    assert ContentStore(home.content).exists(top.digest)  # the store was not to blame
     snap = Snapshotter(home)
     assert {s.name for s in snap.list()} == {str(layer.chain_id) for layer in good.layers}
     mounts, loops = ours(snap.pool.root)
     assert mounts == [] and loops == []
     assert snap.leases.list() == []
+
+
+def test_a_layer_blob_damaged_in_the_store_is_removed_and_named(home: Home) -> None:
+    """A stored layer blob changed on disk failed every prepare with a gzip or DiffID
+    error, and pulling again changed nothing (a pull skips the blobs the store has)."""
+    image = make_image(home, [*base_layers(), LayerSpec([Entry("x", b"x")])])
+    store_path = home.content / "blobs" / "sha256" / image.layers[-1].digest.hex
+    os.chmod(store_path, 0o644)
+    store_path.write_bytes(gzip.compress(b"\0" * 1024))
+    with pytest.raises(DamagedBlob, match=f"blob {image.layers[-1].digest} in the content store no longer"):
+        prepare_image(home, image)
+    assert not store_path.exists()
+    snap = Snapshotter(home)
+    assert str(image.layers[-1].chain_id) not in {s.name for s in snap.list()}
+    assert ours(snap.pool.root) == ([], [])
 
 
 def test_image_without_layers_is_refused(home: Home) -> None:

@@ -11,7 +11,7 @@ import pytest
 from ember.oci.digest import Digest
 from ember.oci.errors import DigestMismatch
 from ember.store.content import ContentStore
-from ember.store.errors import BlobNotFound
+from ember.store.errors import BlobNotFound, DamagedBlob
 
 
 @pytest.fixture()
@@ -173,3 +173,17 @@ def test_batch_ending_in_an_error_still_syncs_what_it_published(store: ContentSt
         raise RuntimeError("pull failed")
     assert store._unsynced == set()
     assert store.read_bytes(Digest.of(b"kept")) == b"kept"
+
+
+def test_a_blob_damaged_after_it_was_stored_is_blamed_and_removed(store: ContentStore) -> None:
+    intact, damaged = store.put_bytes(b"intact"), store.put_bytes(b"damaged")
+    path = store.path(damaged)
+    path.chmod(0o644)
+    path.write_bytes(b"changed on disk")
+    assert store.matches(intact) and not store.matches(damaged)
+    store.raise_if_damaged([intact], ValueError("x"))  # nothing to blame: returns
+    with pytest.raises(DamagedBlob, match=f"blob {damaged} in the content store .*: boom") as e:
+        store.raise_if_damaged([intact, damaged], ValueError("boom"))
+    assert e.value.hint and "again" in e.value.hint
+    assert not store.exists(damaged) and store.exists(intact)
+    assert not store.matches(damaged)  # missing: no match, no error

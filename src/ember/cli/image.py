@@ -144,7 +144,7 @@ def remove(refs: tuple[str, ...]) -> None:
 @plain_http_option
 def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http: bool) -> None:
     """Write the flattened root file system of REF into DIRECTORY (empty or new)."""
-    from ember.unpack import apply_layers
+    from ember.unpack import DiffIDMismatch, InvalidLayer, apply_layers
 
     if not directory_text:  # Path("") is ".": an empty argument would unpack here
         raise UsageError("DIRECTORY is empty: name the directory to unpack into")
@@ -163,11 +163,15 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
         # layers are applied as they arrive, while the later ones still download
         with service.ensuring(ref, _platform(platform_text), plain_http=plain_http) as pulled:
             img = pulled.image
-            stats = apply_layers(
-                directory,
-                [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers],
-                wait=pulled.layer_path,
-            )
+            try:
+                stats = apply_layers(
+                    directory,
+                    [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers],
+                    wait=pulled.layer_path,
+                )
+            except (InvalidLayer, DiffIDMismatch) as e:
+                service.content.raise_if_damaged([x.digest for x in img.layers], e)
+                raise
     except BaseException:
         if created:
             import shutil  # only here: ~1.5 ms (bz2, lzma) that `image ls` need not pay

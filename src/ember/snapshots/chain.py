@@ -254,6 +254,10 @@ class _ChainBuilder:
                 except Exception as e:
                     if _nearly_full(root):
                         raise _OutOfSpace(system.fs_size(snap.path(key))) from e
+                    from ember.unpack import DiffIDMismatch, InvalidLayer  # loaded by now
+
+                    if isinstance(e, (InvalidLayer, DiffIDMismatch)):
+                        self.store.raise_if_damaged([layer.digest], e)
                     raise
             mode = snap.config.check
             full = mode == "full" or (mode == "top" and top)

@@ -30,7 +30,7 @@ from typing import BinaryIO
 from ember.fsutil import fsync_dir
 from ember.oci.digest import Digest, Verifier
 from ember.oci.errors import DigestMismatch
-from ember.store.errors import BlobNotFound, StoreError
+from ember.store.errors import BlobNotFound, DamagedBlob, StoreError
 
 _CHUNK = 1 << 20
 
@@ -112,6 +112,32 @@ class ContentStore:
     def read_bytes(self, digest: Digest) -> bytes:
         with self.open(digest) as f:
             return f.read()
+
+    def matches(self, digest: Digest) -> bool:
+        """Whether the stored blob still hashes to its name (reads all of it); False when
+        it is missing."""
+        hasher = digest.hasher()
+        try:
+            with self.open(digest) as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+        except BlobNotFound:
+            return False
+        return bool(hasher.hexdigest() == digest.hex)
+
+    def raise_if_damaged(self, digests: Iterable[Digest], failure: Exception) -> None:
+        """After reading blobs failed with ``failure``: blame the store if one of them no
+        longer matches its digest (damaged on disk after it was verified and named).  That
+        blob is deleted, so that the next pull fetches it again, since a pull skips the blobs
+        the store has; DamagedBlob says so.  Returns when every blob is intact."""
+        for digest in digests:
+            if self.exists(digest) and not self.matches(digest):
+                self.delete(digest)
+                raise DamagedBlob(
+                    f"blob {digest} in the content store no longer matches its digest "
+                    f"(damaged on disk; reading it failed: {str(failure)[:200]}); it was removed",
+                    hint="run the command again: it fetches the blob again",
+                )
 
     def list(self) -> Iterator[Digest]:
         for algdir in sorted(self.blobs.iterdir()):

@@ -13,6 +13,10 @@ class BlobNotFound(NotFound, StoreError):
     pass
 
 
+class DamagedBlob(StoreError):
+    """A stored blob that no longer matches its digest (it was removed)."""
+
+
 class DatabaseError(StoreError):
     pass
 
