@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from ember.home import Home
+from ember.oci.digest import Digest
 from ember.snapshots import Kind, Snapshotter, system
 from ember.snapshots.chain import clone_root_disk, prepare_image, release_root_disk
 from ember.snapshots.errors import SnapshotError, SnapshotExists
-from ember.oci.digest import Digest
 from ember.store.content import ContentStore
 from ember.store.errors import DamagedBlob
 from ember.unpack.errors import DiffIDMismatch
