@@ -218,3 +218,32 @@ def test_docker_archive_fifo_does_not_block(service: ImageService, tmp_path: Pat
 def test_docker_archive_directory(service: ImageService, tmp_path: Path) -> None:
     with pytest.raises(InvalidSource, match="not a regular file"):
         service.pull(f"docker-archive:{tmp_path}", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("../../etc/passwd", "is a link that leads out of the archive"),
+        ("elsewhere/layer.tar", "(a link to 'elsewhere/layer.tar', which is not there)"),
+    ],
+)
+def test_docker_archive_layer_link_that_goes_nowhere_is_named(
+    service: ImageService, busybox_docker_archive: Path, tmp_path: Path, target: str, message: str
+) -> None:
+    """A layer that is a symlink out of the archive was reported as missing."""
+    with tarfile.open(busybox_docker_archive) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        layer = manifest[0]["Layers"][0]
+        bad = tmp_path / "bad.tar"
+        with tarfile.open(bad, "w") as out:
+            for member in tar.getmembers():
+                if member.name == layer:
+                    link = tarfile.TarInfo(layer)
+                    link.type, link.linkname = tarfile.SYMTYPE, target
+                    out.addfile(link)
+                else:
+                    out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    with pytest.raises(InvalidSource) as e:
+        service.pull(f"docker-archive:{bad}", progress=False)
+    assert repr(layer) in str(e.value) and message in str(e.value)
+    assert service.list() == []

@@ -93,10 +93,15 @@ class DockerArchiveSource:
 
     def _member(self, name: str) -> tarfile.TarInfo:
         key = _norm(name)
-        for _ in range(_MAX_LINK_HOPS):
+        for hop in range(_MAX_LINK_HOPS):
             member = self._members.get(key) if key else None
+            if member is None and hop and key is None:
+                raise InvalidSource(
+                    f"docker archive {self.path}: {name[:200]!r} is a link that leads out of the archive"
+                )
             if member is None:
-                raise InvalidSource(f"docker archive {self.path} lacks {name[:200]!r}")
+                where = f" (a link to {key[:200]!r}, which is not there)" if hop else ""
+                raise InvalidSource(f"docker archive {self.path} lacks {name[:200]!r}{where}")
             if member.isfile():
                 return member
             if member.issym():
