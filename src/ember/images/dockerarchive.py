@@ -95,13 +95,17 @@ class DockerArchiveSource:
         key = _norm(name)
         for hop in range(_MAX_LINK_HOPS):
             member = self._members.get(key) if key else None
-            if member is None and hop and key is None:
-                raise InvalidSource(
-                    f"docker archive {self.path}: {name[:200]!r} is a link that leads out of the archive"
-                )
             if member is None:
-                where = f" (a link to {key[:200]!r}, which is not there)" if hop else ""
-                raise InvalidSource(f"docker archive {self.path} lacks {name[:200]!r}{where}")
+                if not hop:
+                    raise InvalidSource(f"docker archive {self.path} lacks {name[:200]!r}")
+                if key is None:
+                    raise InvalidSource(
+                        f"docker archive {self.path}: {name[:200]!r} is a link that leads out of the archive"
+                    )
+                raise InvalidSource(
+                    f"docker archive {self.path} lacks {name[:200]!r} "
+                    f"(a link to {key[:200]!r}, which is not there)"
+                )
             if member.isfile():
                 return member
             if member.issym():
