@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ember.oci.digest import Digest
@@ -110,3 +112,13 @@ def test_round_trip_is_stable() -> None:
     for text in ["debian", "localhost:5000/a/b:t", f"quay.io/x/y@{D}"]:
         once = str(Reference.parse(text))
         assert str(Reference.parse(once)) == once
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [("a:b:c", "a:b"), ("docker.io/a:b:c", "a:b"), ("host:5000/x_-y:t", "x_-y"), ("x/-y", "x/-y")],
+)
+def test_an_invalid_repository_is_named_as_written(text: str, written: str) -> None:
+    """'a:b:c' was reported as "invalid repository name 'library/a:b'"."""
+    with pytest.raises(InvalidReference, match=re.escape(f"invalid repository name {written!r} in {text!r}")):
+        Reference.parse(text)

@@ -82,8 +82,10 @@ class Reference:
                 f"invalid image reference {shown!r}: repository names must be lowercase"
             )
         if not _PATH_RE.fullmatch(repository):
+            # the name as written: Docker Hub's implicit "library/" is not the user's
+            written = rest[len(registry) + 1 :] if rest.startswith(registry + "/") else rest
             raise InvalidReference(
-                f"invalid repository name {repository[:150]!r} in {shown!r}: components are lowercase "
+                f"invalid repository name {written[:150]!r} in {shown!r}: components are lowercase "
                 "letters and digits separated by '.', '_', '__' or '-', joined by '/'"
             )
         if len(registry) + 1 + len(repository) > MAX_NAME_LENGTH:
