@@ -3,10 +3,20 @@ tests/integration/test_run_vm.py)."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
 import click
 import pytest
 
 from ember.cli.machines import port_lines
+from ember.home import Home
+from ember.machines import state as mstate
+from ember.machines.state import MachineState, VMConfig
+from ember.machines.store import MachineStore
 
 PORTS = [
     {"host_ip": None, "host_port": 32771, "guest_port": 80, "protocol": "tcp"},
@@ -33,3 +43,29 @@ def test_port_lines_in_dockers_format() -> None:
 def test_port_query_must_be_a_port(query: str) -> None:
     with pytest.raises(click.BadParameter):
         port_lines(PORTS, query)
+
+
+def test_ps_keeps_one_machine_per_line_whatever_the_images_command(tmp_path: Path) -> None:
+    """An image's Cmd is the tenant's: a newline in it made ``ps`` print a fake row, and
+    control characters went to the terminal as they were."""
+    st = MachineState(
+        id=secrets.token_hex(32),
+        name="",
+        image="oci:/x:latest",
+        image_digest="sha256:" + "0" * 64,
+        created_at=mstate.now(),
+        command=["sh", "-c", "a\nfake\x1b[2Jrow"],
+        config={},
+        vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1),
+        status=mstate.EXITED,
+        exit_code=0,
+    )
+    MachineStore(Home(tmp_path)).create(st, "hostile")
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "ember"), "ps", "-a"],
+        capture_output=True, text=True, env={**os.environ, "EMBER_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2 and "hostile" in lines[1]
+    assert '"sh -c a\\nfake\\x1b[2Jrow"' in lines[1]

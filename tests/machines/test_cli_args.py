@@ -31,6 +31,10 @@ def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["--name", "no/slashes"], "invalid machine name"),
         (["--network", "Bad-Net"], "invalid network name"),
         (["--kernel-modules", "/"], "--kernel-modules needs --kernel"),
+        # a quote made the guest kernel read the arguments after it as its value
+        (["--kernel-arg", 'foo="', "--kernel-arg", "loglevel=7"], "invalid kernel argument"),
+        # past 2047 bytes in all the guest hangs before its console, without a word
+        (["--kernel-arg", "x" * 256] * 9, "--kernel-arg: 2312 bytes in all"),
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], message: str) -> None:

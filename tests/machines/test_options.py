@@ -7,6 +7,7 @@ import pytest
 from ember.machines.errors import InvalidOption
 from ember.machines.options import (
     check_kernel_arg,
+    check_kernel_args,
     check_name,
     parse_env,
     parse_memory_mib,
@@ -32,6 +33,14 @@ def test_env_file(tmp_path: Path) -> None:
     f = tmp_path / "env"
     f.write_text("# comment\n\nA=1\n   B=two words\nFROM_HOST\nMISSING\nC='quoted'\n  # indented\n")
     assert read_env_file(f, HOST) == ["A=1", "B=two words", "FROM_HOST=host value", "C='quoted'"]
+
+
+@pytest.mark.parametrize("sep", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_env_file_value_with_a_line_separator_sets_one_variable(tmp_path: Path, sep: str) -> None:
+    """str.splitlines ended a line at these too: the rest of the value became a variable."""
+    f = tmp_path / "env"
+    f.write_bytes(f"GREETING=hi{sep}PATH=/evil\r\nB=2\n".encode())
+    assert read_env_file(f, HOST) == [f"GREETING=hi{sep}PATH=/evil", "B=2"]
 
 
 def test_env_file_errors(tmp_path: Path) -> None:
@@ -90,6 +99,13 @@ def test_names_reject(bad: str) -> None:
 
 def test_kernel_args() -> None:
     assert check_kernel_arg("loglevel=7") == "loglevel=7"
-    for bad in ("", "a b", "a\nb", "x" * 257, "tab\there", "\x00"):
+    for bad in ("", "a b", "a\nb", "x" * 257, "tab\there", "\x00", 'foo="', '"'):
         with pytest.raises(InvalidOption):
             check_kernel_arg(bad)
+
+
+def test_kernel_args_are_bounded_in_all() -> None:
+    """The guest's command line holds 2047 bytes; past that it hangs without a word."""
+    assert check_kernel_args(["a=" + "x" * 254] * 3) == ("a=" + "x" * 254,) * 3
+    with pytest.raises(InvalidOption, match="--kernel-arg: 1027 bytes in all"):
+        check_kernel_args(["a=" + "x" * 254] * 4)

@@ -114,6 +114,14 @@ def test_parse_signal_refuses(bad: str) -> None:
         parse_signal(bad)
 
 
+@pytest.mark.parametrize("bad", ["9" * 5000, "SIGRTMIN+" + "9" * 5000])
+def test_a_huge_stop_signal_from_an_image_is_refused_not_a_crash(bad: str) -> None:
+    """Python refuses to convert more than 4300 digits: a ValueError traceback."""
+    with pytest.raises(InvalidRunConfig, match="unknown stop signal") as e:
+        RunConfig.from_image(Cfg(cmd=["x"], stop_signal=bad))
+    assert len(str(e.value)) < 100
+
+
 @pytest.mark.parametrize("value", ["", "a b", "tab\there", "nl\nx", "back\\slash", "ünï", " \\s "])
 def test_escape_round_trip(value: str) -> None:
     enc = escape(value)

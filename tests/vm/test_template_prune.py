@@ -67,3 +67,15 @@ def test_a_template_a_builder_holds_is_left_alone(home: Home, tmp_path: Path) ->
 
 def test_no_templates_directory_is_nothing_to_do(home: Home) -> None:
     assert prune_unused(home) == []
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"x"', "7"])
+def test_a_damaged_shape_file_goes_instead_of_failing_gc(home: Home, text: str) -> None:
+    """A shape file holding valid JSON that is not an object was a TypeError traceback
+    from ``ember gc``."""
+    d = templates_dir(home)
+    d.mkdir(parents=True)
+    (d / "k.json").write_text(text)
+    (d / "k.vmstate").write_bytes(b"s" * 10)
+    assert prune_unused(home) == [("k", len(text) + 10)]
+    assert files(home) == []

@@ -54,6 +54,12 @@ def _ports(st: Any) -> str:
     return ", ".join(out)
 
 
+def _printable(text: str) -> str:
+    """A value from an image (its Cmd) as one line of plain text: newlines and control
+    characters escaped, as ``docker ps`` quotes its COMMAND column."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def find_machine(ref: str) -> Any:
     from ember.machines.lifecycle import refresh
     from ember.machines.store import MachineStore
@@ -94,10 +100,10 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     header = ("MACHINE ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")
     rows = []
     for m in machines:
-        cmd = " ".join(m.command)
+        cmd = _printable(" ".join(m.command))
         cmd = cmd if len(cmd) <= 30 else cmd[:29] + "…"
-        rows.append((m.short_id, m.image, f'"{cmd}"', _ago(m.created_at), _status(m),
-                     _ports(m), m.name))  # fmt: skip
+        rows.append((m.short_id, _printable(m.image), f'"{cmd}"', _ago(m.created_at),
+                     _status(m), _ports(m), m.name))  # fmt: skip
     # plain aligned columns (like docker ps): never wrapped, so scripts and narrow pipes
     # see one machine per line
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -207,7 +207,7 @@ def run(
     """Run IMAGE in a new micro-VM."""
     from ember.machines import lifecycle
     from ember.machines.options import (
-        check_kernel_arg,
+        check_kernel_args,
         check_name,
         parse_env,
         parse_memory_mib,
@@ -246,7 +246,7 @@ def run(
         disk_size=parse_size(disk_size) if disk_size else None,
         kernel=kernel,
         kernel_modules=kernel_modules,
-        kernel_args=tuple(check_kernel_arg(a) for a in kernel_args),
+        kernel_args=check_kernel_args(kernel_args),
         auto_remove=auto_remove,
         restart=policy,
         network=network,

@@ -33,10 +33,26 @@ def check_name(name: str) -> str:
 
 
 def check_kernel_arg(arg: str) -> str:
-    """One guest kernel argument: printable, no spaces (one argument), bounded."""
-    if not arg or len(arg) > 256 or not arg.isprintable() or any(c.isspace() for c in arg):
-        raise InvalidOption(f"invalid kernel argument {arg!r} (one word, printable, <= 256)")
+    """One guest kernel argument: printable, no spaces or quotes (one argument), bounded."""
+    bad = not arg.isprintable() or any(c.isspace() or c == '"' for c in arg)
+    if not arg or len(arg) > 256 or bad:
+        raise InvalidOption(
+            f"invalid kernel argument {arg!r} (one word, printable, no quotes, <= 256)"
+        )
     return arg
+
+
+#: bytes of ``--kernel-arg`` in all: the guest's whole command line holds 2047 bytes
+#: (x86), ember's own arguments take ~100, and a longer one hangs the guest silently
+MAX_KERNEL_ARGS = 1024
+
+
+def check_kernel_args(args: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(check_kernel_arg(a) for a in args)
+    total = len(" ".join(out).encode())
+    if total > MAX_KERNEL_ARGS:
+        raise InvalidOption(f"--kernel-arg: {total} bytes in all, more than {MAX_KERNEL_ARGS}")
+    return out
 
 
 def parse_size(text: str, *, default_unit: str = "") -> int:
@@ -90,8 +106,10 @@ def read_env_file(path: Path, host_env: Mapping[str, str]) -> list[str]:
     except UnicodeDecodeError:
         raise InvalidOption(f"env file {path} is not UTF-8") from None
     lines = []
-    for raw in text.splitlines():
-        line = raw.lstrip()
+    # lines end at "\n" only (Docker's): str.splitlines would also end one at \f, \x1c,
+    # U+2028 ..., so a value holding one would set a second variable
+    for raw in text.split("\n"):
+        line = raw.removesuffix("\r").lstrip()
         if not line or line.startswith("#"):
             continue
         lines.append(line)

@@ -295,6 +295,8 @@ def parse_signal(value: str | int) -> int:
         num = value
     else:
         text = value.strip().upper()
+        if len(text) > 16:  # the longest name is SIGRTMIN+NN; an image's value may be huge
+            raise InvalidRunConfig(f"unknown stop signal {value[:40]!r}")
         if text.isascii() and text.isdigit():
             num = int(text)
         else:

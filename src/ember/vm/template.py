@@ -334,7 +334,9 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _shape_from_json(raw: dict[str, object]) -> TemplateShape:
+def _shape_from_json(raw: object) -> TemplateShape:
+    if not isinstance(raw, dict):
+        raise TemplateError("template shape: not a JSON object")
     cmdline = raw["cmdline"]
     if not isinstance(cmdline, list):
         raise TemplateError("template shape: cmdline is not a list")

@@ -8,7 +8,14 @@ import pytest
 
 from ember.vm.vmm.base import Channels, Disk, Nic, VMSpec
 from ember.vm.vmm.errors import VMMError
-from ember.vm.vmm.qemu import PORT_CONTROL, PORT_STATUS, PORT_STDERR, PORT_STDOUT, qemu_argv
+from ember.vm.vmm.qemu import (
+    MAX_CMDLINE,
+    PORT_CONTROL,
+    PORT_STATUS,
+    PORT_STDERR,
+    PORT_STDOUT,
+    qemu_argv,
+)
 
 
 def spec(tmp: Path = Path("/m"), **kw: object) -> VMSpec:
@@ -107,6 +114,14 @@ def test_extra_kernel_args_are_appended_and_checked() -> None:
     assert opt_values(argv, "-append")[0].endswith(" ember.debug=1")
     with pytest.raises(VMMError):
         qemu_argv(spec(cmdline=("a\nb",)))
+
+
+def test_a_kernel_command_line_too_long_for_the_guest_is_refused() -> None:
+    """Past x86's 2047 bytes the guest hung before its console came up, without a word."""
+    fits = ("x" * (MAX_CMDLINE - 200),)
+    assert len(opt_values(qemu_argv(spec(cmdline=fits), tsc_khz=2600000), "-append")[0]) < 2047
+    with pytest.raises(VMMError, match="command line is"):
+        qemu_argv(spec(cmdline=("x" * 2000,)), tsc_khz=2600000)
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,10 @@ PORT_STDOUT = "org.ember.stdout"
 PORT_STDERR = "org.ember.stderr"
 PORT_STATUS = "org.ember.status"
 PORT_CONTROL = "org.ember.control"
+#: x86's COMMAND_LINE_SIZE (2048) less its NUL: a longer command line hangs the guest
+#: before its console comes up (no message at all)
+MAX_CMDLINE = 2047
+
 
 def _escape(value: str) -> str:
     """QEMU option values separate fields with ``,``; a literal comma is written ``,,``."""
@@ -75,7 +79,13 @@ def kernel_cmdline(spec: VMSpec, *, tsc_khz: int | None) -> str:
     for a in args:
         if "\n" in a or "\x00" in a:
             raise VMMError(f"invalid kernel argument {a!r}")
-    return " ".join(args)
+    cmdline = " ".join(args)
+    if len(cmdline.encode()) > MAX_CMDLINE:
+        raise VMMError(
+            f"the guest kernel command line is {len(cmdline.encode())} bytes, "
+            f"more than the {MAX_CMDLINE} the kernel takes"
+        )
+    return cmdline
 
 
 def qemu_argv(
