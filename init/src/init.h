@@ -69,6 +69,11 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 /* util.c */
 extern int log_fd;
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Format into buf[at..size) and return the new end of the text, at most size - 1:
+ * output that does not fit is cut, and the result is always a valid offset (snprintf
+ * returns the length it would have needed, which must never be used as one). */
+size_t append(char *buf, size_t size, size_t at, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 int mkdir_p(const char *path, mode_t mode);

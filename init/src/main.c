@@ -128,31 +128,30 @@ static long long port_sent(int i)
 static void report(int exit_code, int sig, int oom, const char *error)
 {
 	char json[1024];
-	int n = snprintf(json, sizeof(json), "{\"exit_code\": %d, \"signal\": ", exit_code);
-	n += sig ? snprintf(json + n, sizeof(json) - (size_t)n, "%d", sig)
-	         : snprintf(json + n, sizeof(json) - (size_t)n, "null");
-	n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"oom_killed\": %s",
-	              oom ? "true" : "false");
+	size_t n = append(json, sizeof(json), 0, "{\"exit_code\": %d, \"signal\": ", exit_code);
+	n = sig ? append(json, sizeof(json), n, "%d", sig) : append(json, sizeof(json), n, "null");
+	n = append(json, sizeof(json), n, ", \"oom_killed\": %s", oom ? "true" : "false");
 	long long out = port_sent(PORT_STDOUT), errs = port_sent(PORT_STDERR);
 	if (G.sent_base[0] >= 0 && G.sent_base[1] >= 0 && out >= G.sent_base[0] &&
 	    errs >= G.sent_base[1])
-		n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"sent\": [%lld, %lld]",
-		              out - G.sent_base[0], errs - G.sent_base[1]);
+		n = append(json, sizeof(json), n, ", \"sent\": [%lld, %lld]",
+		           out - G.sent_base[0], errs - G.sent_base[1]);
 	if (error) {
-		/* the message is ours, but may quote config values: escape for JSON */
-		n += snprintf(json + n, sizeof(json) - (size_t)n, ", \"error\": \"");
-		for (const char *p = error; *p && n < (int)sizeof(json) - 8; p++) {
+		/* the message is ours, but may quote config values: escape for JSON, and stop
+		 * where the longest escape (6) and the closing "}\n still fit */
+		n = append(json, sizeof(json), n, ", \"error\": \"");
+		for (const char *p = error; *p && n < sizeof(json) - 16; p++) {
 			unsigned char ch = (unsigned char)*p;
 			if (ch == '"' || ch == '\\')
-				n += snprintf(json + n, sizeof(json) - (size_t)n, "\\%c", ch);
+				n = append(json, sizeof(json), n, "\\%c", ch);
 			else if (ch < 0x20)
-				n += snprintf(json + n, sizeof(json) - (size_t)n, "\\u%04x", ch);
+				n = append(json, sizeof(json), n, "\\u%04x", ch);
 			else
 				json[n++] = (char)ch;
 		}
-		n += snprintf(json + n, sizeof(json) - (size_t)n, "\"");
+		n = append(json, sizeof(json), n, "\"");
 	}
-	n += snprintf(json + n, sizeof(json) - (size_t)n, "}\n");
+	n = append(json, sizeof(json), n, "}\n");
 	if (G.ports[PORT_STATUS] >= 0)
 		write_all(G.ports[PORT_STATUS], json, (size_t)n);
 	if (G.status_path)
@@ -386,13 +385,13 @@ static void set_hostname_and_files(const struct config *c)
 		char buf[8192];
 		size_t n = 0;
 		if (c->nsearch > 0) {
-			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "search");
+			n = append(buf, sizeof(buf), n, "search");
 			for (int i = 0; i < c->nsearch && n < sizeof(buf) - 300; i++)
-				n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %s", c->search[i]);
-			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "\n");
+				n = append(buf, sizeof(buf), n, " %.253s", c->search[i]);
+			n = append(buf, sizeof(buf), n, "\n");
 		}
 		for (int i = 0; i < c->nnameservers && n < sizeof(buf) - 100; i++)
-			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "nameserver %s\n", c->nameservers[i]);
+			n = append(buf, sizeof(buf), n, "nameserver %.60s\n", c->nameservers[i]);
 		/* overwrite, never through a symlink the image points somewhere else */
 		unlink("/etc/resolv.conf");
 		if (write_file("/etc/resolv.conf", buf, n, O_TRUNC, 0644) < 0)
@@ -452,11 +451,12 @@ static void raise_nofile(long want)
 
 static void child_error(const char *what, const char *arg, int err)
 {
+	/* arg may be the image's command, of any length: cut it, keep the line whole */
 	char buf[600];
-	int n = snprintf(buf, sizeof(buf), "ember-init: %s %s: %s\n", what, arg, strerror(err));
-	write_all(2, buf, (size_t)n);
+	size_t n = append(buf, sizeof(buf), 0, "ember-init: %s %.400s: %s\n", what, arg, strerror(err));
+	write_all(2, buf, n);
 	if (G.console_fd != 2)
-		write_all(G.console_fd, buf, (size_t)n);
+		write_all(G.console_fd, buf, n);
 }
 
 static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
@@ -507,11 +507,11 @@ static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
 		_exit(EXIT_CANNOT_EXEC);
 	}
 	char buf[600];
-	int n = snprintf(buf, sizeof(buf),
-	                 "ember-init: exec %s: executable file not found in $PATH\n", file);
-	write_all(2, buf, (size_t)n);
+	size_t n = append(buf, sizeof(buf), 0,
+	                  "ember-init: exec %.400s: executable file not found in $PATH\n", file);
+	write_all(2, buf, n);
 	if (G.console_fd != 2)
-		write_all(G.console_fd, buf, (size_t)n);
+		write_all(G.console_fd, buf, n);
 	_exit(EXIT_NOT_FOUND);
 }
 

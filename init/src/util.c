@@ -14,6 +14,22 @@
 
 int log_fd = 2;
 
+size_t append(char *buf, size_t size, size_t at, const char *fmt, ...)
+{
+	if (size == 0)
+		return 0;
+	if (at >= size)
+		return size - 1;
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf + at, size - at, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return at;
+	/* vsnprintf returns what it would have written: the end is where it stopped */
+	return at + (size_t)n < size ? at + (size_t)n : size - 1;
+}
+
 void logmsg(const char *fmt, ...)
 {
 	char buf[1024];

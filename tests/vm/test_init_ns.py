@@ -136,6 +136,33 @@ def test_command_not_found_and_not_executable(root: Path) -> None:
     assert "permission denied" in r.console.lower()
 
 
+@pytest.mark.parametrize("program", ["/nonexistent/" + "x" * 3000, "y" * 3000])
+def test_a_long_command_that_cannot_run_gives_one_bounded_line(root: Path, program: str) -> None:
+    """The message's length came from snprintf's return value, not from what fit in its
+    600-byte buffer: ~6 KB of init's stack (NULs and all) went to the console."""
+    (root / ".ember-config").write_bytes(RunConfig(argv=(program,)).render())
+    p = subprocess.run(_argv(root, False), capture_output=True, timeout=60)
+    assert p.returncode in (126, 127)  # 126: a name too long for the kernel to look up (musl words it "Filename too long")
+    assert b"\0" not in p.stderr and len(p.stderr) < 2000
+    execs = [ln for ln in p.stderr.decode().splitlines() if ln.startswith("ember-init: exec ")]
+    assert execs, p.stderr  # on stderr and on the console (both stderr here)
+    for line in execs:
+        assert len(line) < 600
+        assert line.endswith(
+            ("No such file or directory", "Filename too long", "executable file not found in $PATH")
+        ), line
+
+
+def test_a_long_error_keeps_the_exit_report_whole(root: Path) -> None:
+    """An escape near the end of the 1 KB report left no room for its closing "}\\n":
+    the host could not parse it and lost the error message."""
+    r = run_init(root, sh("true", user="aaaaa" + "\x01" * 200))
+    assert r.returncode == 125
+    assert (root / ".ember-status").read_bytes().endswith(b"}\n")
+    assert r.status is not None and r.status["exit_code"] == 125
+    assert "unable to find user aaaaa\x01" in str(r.status["error"])
+
+
 # ---- users --------------------------------------------------------------------------
 
 
