@@ -302,7 +302,7 @@ def _launch(
             undo()
             raise
         if not attach:
-            line = os.read(monitor.sync_r, 4096).split(b"\n", 1)[0]
+            line = _read_line(monitor.sync_r)
             msg = json.loads(line) if line else {"event": "error", "message": "monitor died"}
             if msg.get("event") != "started":
                 raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
@@ -314,6 +314,18 @@ def _launch(
             out.close()
     sys.stdout.flush()
     return code
+
+
+def _read_line(fd: int, limit: int = 1 << 20) -> bytes:
+    """The monitor's first line (without its newline), however many reads it takes: an
+    error quoting a long path does not fit one 4 KB read."""
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
 
 
 def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
