@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -179,6 +180,24 @@ def test_a_caller_in_another_network_namespace_runs_the_command_itself(
         assert agent.served() == 0
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+@pytest.mark.parametrize(
+    "setpriv", [["--bounding-set", "-net_admin"], ["--no-new-privs"]], ids=["capability", "nnp"]
+)
+def test_a_caller_with_fewer_privileges_runs_the_command_itself(
+    agent: RunningAgent, setpriv: list[str]
+) -> None:
+    """Root without CAP_NET_ADMIN (or under no_new_privs) is still uid 0: the agent ran
+    its commands with all of the agent's capabilities."""
+    proc = subprocess.run(
+        ["setpriv", *setpriv, EMBER, "image", "ls"],
+        env=env_for(agent.home), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "REFERENCE" in proc.stdout
+    assert "other capabilities" in agent.wait_log("declined")
+    assert agent.served() == 0
 
 
 def _raw(agent: RunningAgent, payload: bytes, fds: list[int] | None = None) -> bytes:
@@ -481,3 +500,107 @@ def test_a_stopping_agent_reaps_its_waiting_relay_runner_and_applier(agent: Runn
     assert {pid for pid in _ember_zombies() - before if pid > agent.process.pid} == set()
     # gone, not zombies: _gone accepts a zombie, so look again
     assert not any(Path(f"/proc/{pid}").exists() for pid in (relay, runner, applier))
+
+
+def _server_request(agent: RunningAgent, port: int) -> bytes:
+    from ember.agent import client, protocol
+
+    env = [f"{k}={v}".encode() for k, v in env_for(agent.home).items()]
+    request = protocol.Request(
+        [b"server", b"--listen", f"127.0.0.1:{port}".encode()], b"/", env, 0o022,
+        os.fsencode(os.path.realpath(client.__file__)),
+    )  # fmt: skip
+    return protocol.frame(protocol.encode_request(request))
+
+
+def test_a_caller_gone_before_its_command_started_still_hangs_it_up(agent: RunningAgent) -> None:
+    """A client killed right after sending its request (Ctrl-C as `ember run` starts):
+    telling it "started" failed (EPIPE), the relay died and left the command running
+    with nobody to hang it up."""
+    port = free_port()
+    with open(os.devnull, "r+b") as null, socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(agent.socket))
+        socket.send_fds(s, [_server_request(agent, port)], [null.fileno()] * 3)
+    agent.wait_log("ember server -> exit")
+    _wait_port(port, open_=False)
+    assert "relay failed" not in agent.log_text()
+
+
+def _fake_agent_of_nobody(path: Path) -> tuple[int, int]:
+    """A process of user nobody listening on ``path``: its pid, and a pipe on which it
+    says how many bytes its first client sent it."""
+    r, w = os.pipe()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        pid = os.fork()
+        if pid == 0:  # nothing but system calls here, then _exit
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                listener.listen(1)  # SO_PEERCRED names who called listen(): nobody
+                listener.settimeout(TIMEOUT)
+                conn, _ = listener.accept()
+                conn.settimeout(5)
+                got = 0
+                with contextlib.suppress(TimeoutError):
+                    while chunk := conn.recv(1 << 16):
+                        got += len(chunk)
+                os.write(w, b"%d" % got)
+            finally:
+                os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def test_the_client_hands_nothing_to_an_agent_of_another_user(tmp_path: Path) -> None:
+    """A socket at $EMBER_HOME/run/agent.sock served by another user (a state directory
+    in a shared place): the client sent it its environment and its stdin/stdout/stderr
+    (a terminal another user could type into), and would have obeyed its answers."""
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    sock = home / "run" / "agent.sock"
+    pid, said = _fake_agent_of_nobody(sock)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        listening = ["ss", "-xlH", "src", str(sock)]
+        while "LISTEN" not in subprocess.run(listening, capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc = ember(home, "--version")
+        assert proc.returncode == 0, proc.stderr  # run here instead
+        with os.fdopen(said) as pipe:
+            assert pipe.read() == "0"  # not a byte of the request
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_caller_cannot_forge_lines_of_the_agents_log(agent: RunningAgent) -> None:
+    """The log quoted the caller's words and code path as they came: a newline in
+    them started a line of the caller's choosing."""
+    from ember.agent import client, protocol
+
+    forged = b"\n00:00:00 ember agent: pid 1: ember x"
+    own = os.fsencode(os.path.realpath(client.__file__))
+    with open(os.devnull, "r+b") as null:
+        for argv, code in (([forged], own), ([b"--version"], b"/elsewhere" + forged)):
+            request = protocol.Request(argv, b"/", [], 0o022, code)
+            _raw(agent, protocol.frame(protocol.encode_request(request)), [null.fileno()] * 3)
+    agent.wait_log("declined")
+    agent.wait_log("-> exit")
+    lines = agent.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("00:00:00")], lines
+
+
+def test_a_state_directory_too_deep_for_a_socket_is_one_clear_line(tmp_path: Path) -> None:
+    """bind()'s "AF_UNIX path too long" has no strerror: the message ended in "None"."""
+    home = tmp_path / ("d" * 110)
+    proc = subprocess.run(
+        [EMBER, "agent"], env=env_for(home), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("ember: cannot create the agent's socket")
+    assert proc.stderr.rstrip().endswith("AF_UNIX path too long"), proc.stderr

@@ -239,3 +239,54 @@ def test_damaged_network_state_says_what_to_do(tmp_path: Path) -> None:
         with pytest.raises(NetworkError) as e:
             NetworkManager(home).machines()
         assert "delete the file" in str(e.value)
+
+
+def _entry(**changes: Any) -> str:
+    entry = {
+        "machine_id": ID_A, "tap": tap_name(ID_A), "mac": "02:ee:ac:1e:00:02",
+        "network": "default", "guest_ip": "172.30.0.2", "gateway": "172.30.0.1", "prefix": 30,
+        "mtu": 1500, "nameservers": [], "slot": 0,
+        "ports": [{"host_ip": None, "host_port": 8080, "guest_port": 80, "protocol": "tcp"}],
+    }  # fmt: skip
+    entry.update(changes)
+    return json.dumps({"machines": {ID_A: entry}, "subnet": "172.30.0.0/16", "prefix": 30})
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        '{"machines": {"x": 5}}',
+        '{"machines": {"x": {"tap": "em-x"}}}',
+        _entry(slot="0"),
+        _entry(machine_id=ID_B),
+        _entry(ports=[{"host_port": "x", "guest_port": 80}]),
+        _entry(ports=[{"host_port": 8080, "guest_port": 80, "protocol": "tcp dport 22 accept;"}]),
+        _entry(ports=[{"host_port": 8080, "guest_port": 80, "host_ip": "1.2.3.4 tcp dport 22"}]),
+        _entry(guest_ip='172.30.0.2:80 comment "x"\n\t\tip saddr 0.0.0.0/0 accept #'),
+        "[" * 100_000,
+    ],
+    ids=["not-an-object", "no-keys", "slot", "id", "port", "protocol", "host-ip", "guest-ip",
+         "deep"],
+)  # fmt: skip
+def test_a_damaged_machine_entry_is_reported_not_a_traceback(tmp_path: Path, junk: str) -> None:
+    """Entries were not checked: a damaged one was a TypeError/KeyError/RecursionError in
+    every later command, and its values went into the nftables script as they were."""
+    from ember.home import Home
+    from ember.net.errors import NetworkError
+    from ember.net.manager import NetworkManager
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "state.json").write_text(junk)
+    with pytest.raises(NetworkError) as e:
+        NetworkManager(Home(tmp_path)).machines()
+    assert "delete the file" in str(e.value)
+
+
+def test_a_sound_machine_entry_loads(tmp_path: Path) -> None:
+    from ember.home import Home
+    from ember.net.manager import NetworkManager
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "state.json").write_text(_entry())
+    (m,) = NetworkManager(Home(tmp_path)).machines().values()
+    assert (m.guest_ip, str(m.ports[0])) == ("172.30.0.2", "8080->80/tcp")

@@ -64,6 +64,35 @@ def test_hostile_names_are_refused(bad: MachineRules) -> None:
         render_ruleset([bad], subnet="172.30.0.0/16", egress=True)
 
 
+INJECTED = "22 accept\n\t}\n\tchain x {"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        MachineRules('aaaaaaaaaaaa"\n', "em-aaaaaaaaaaaa", "172.30.0.2", ports=A.ports),
+        MachineRules(A.machine_id, A.tap, f"172.30.0.2:{INJECTED}", ports=A.ports),
+        MachineRules(A.machine_id, A.tap, "172.30.0.2", ports=(PortMapping(1, 80, INJECTED),)),
+        MachineRules(
+            A.machine_id, A.tap, "172.30.0.2", ports=(PortMapping(1, 80, "tcp", INJECTED),)
+        ),
+        MachineRules(A.machine_id, A.tap, "172.30.0.2", ports=(PortMapping(0, 80),)),
+        MachineRules(A.machine_id, A.tap, "172.30.0.2", ports=(PortMapping(1, 65536),)),
+    ],
+    ids=["machine-id", "guest-ip", "protocol", "host-ip", "port-0", "port-65536"],
+)
+def test_hostile_values_cannot_add_rules(bad: MachineRules) -> None:
+    """Only the TAP and network names were checked: a port, an address or an id (from a
+    damaged state file or machine record) went into the script as it was."""
+    with pytest.raises(NetworkError):
+        render_ruleset([bad], subnet="172.30.0.0/16", egress=True)
+
+
+def test_a_hostile_subnet_cannot_add_rules() -> None:
+    with pytest.raises(NetworkError):
+        render_ruleset([A], subnet=f"172.30.0.0/16 {INJECTED}", egress=True)
+
+
 @pytest.mark.root
 def test_nft_accepts_the_ruleset(netns: str) -> None:
     script = render_ruleset([A, B], subnet="172.30.0.0/16", egress=True)

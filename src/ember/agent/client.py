@@ -79,6 +79,10 @@ def _via_agent(argv: list[str]) -> tuple[int, int] | None:
 
 def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, int] | None:
     sock.connect(path)  # no agent: FileNotFoundError / ConnectionRefusedError -> run here
+    if _peer_uid(sock) != os.geteuid():
+        # Not an agent of our own user (a state directory in a shared place): it gets
+        # neither our environment nor our terminal, and we do not obey it.
+        return None
     request = protocol.Request(
         argv=[os.fsencode(a) for a in argv],
         cwd=os.fsencode(os.getcwd()),
@@ -142,6 +146,12 @@ def _read_exactly(sock: _socket.socket, n: int) -> bytes | None:
             return None
         chunks += chunk
     return chunks
+
+
+def _peer_uid(sock: _socket.socket) -> int:
+    """The uid of the process that listens at the other end (SO_PEERCRED: pid, uid, gid)."""
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    return int.from_bytes(raw[4:8], sys.byteorder)
 
 
 def _current_umask() -> int:

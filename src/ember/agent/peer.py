@@ -15,6 +15,11 @@ import struct
 # The namespaces whose difference would change what a command does or sees.
 NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
 _UCRED = struct.Struct("3i")
+# What bounds a process beyond its uid (/proc/PID/status): a caller with fewer
+# capabilities, or under a seccomp filter or no_new_privs, must not get the agent's.
+PRIVILEGES = (
+    "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters",
+)  # fmt: skip
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -29,6 +34,16 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _privileges(pid: int | str) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in PRIVILEGES:
+                out[key] = value.strip()
+    return out
+
+
 def mismatch(pid: int, uid: int) -> str | None:
     """Why the caller ``pid`` cannot be served here, or None when it can."""
     if uid != os.geteuid():
@@ -39,6 +54,8 @@ def mismatch(pid: int, uid: int) -> str | None:
                 return f"the caller is in another {ns} namespace"
         if _identity(f"/proc/{pid}/root") != _identity("/"):
             return "the caller has another root directory"
+        if _privileges(pid) != _privileges("self"):
+            return "the caller has other capabilities (or seccomp, no_new_privs) than the agent"
     except OSError as e:
         return f"cannot inspect the caller ({e.strerror})"
     return None

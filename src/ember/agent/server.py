@@ -62,6 +62,9 @@ THIRD_PARTY = (
 )  # fmt: skip
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 class _Stop(Exception):
     pass
 
@@ -94,6 +97,7 @@ class Agent:
 
     def _log(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
+        line = line.translate(_CONTROLS)  # a caller's words must not forge lines of the log
         with contextlib.suppress(OSError):
             os.write(self.log_fd, f"{stamp} ember agent: {line}\n".encode(errors="replace"))
 
@@ -134,7 +138,9 @@ class Agent:
             listener.bind(os.fspath(tmp))
         except OSError as e:
             listener.close()
-            raise AgentError(f"cannot create the agent's socket {tmp}: {e.strerror}") from None
+            raise AgentError(
+                f"cannot create the agent's socket {tmp}: {e.strerror or e}"  # a path too long
+            ) from None
         os.chmod(tmp, 0o600)
         listener.listen(128)
         os.rename(tmp, self.socket_path)
@@ -263,7 +269,9 @@ class Agent:
         finally:
             for fd in fds:
                 os.close(fd)
-        conn.sendall(protocol.frame(protocol.started(runner)))
+        # A caller already gone (killed as it started) is hung up by _watch, like any other.
+        with contextlib.suppress(OSError):
+            conn.sendall(protocol.frame(protocol.started(runner)))
         early = spare.ctl if spare is not None and runner == spare.pid else None
         code, signum = self._watch(conn, runner, early)
         with contextlib.suppress(OSError):

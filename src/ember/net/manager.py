@@ -26,7 +26,13 @@ from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.net import ipam, netfilter, tap
 from ember.net.errors import InvalidPortSpec, NetworkError, PortConflict
-from ember.net.nftables import TAP_PREFIX, MachineRules, check_network_name, render_ruleset
+from ember.net.nftables import (
+    TAP_PREFIX,
+    MachineRules,
+    check_network_name,
+    check_rules,
+    render_ruleset,
+)
 from ember.net.ports import PortMapping, conflicts, ephemeral_range, pick_host_port
 
 #: Docker's fallback when the host has no usable (non-loopback) resolver
@@ -173,7 +179,7 @@ class NetworkManager:
             state = json.loads(self.state_path.read_text())
         except FileNotFoundError:
             state = {}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise NetworkError(
                 f"network state {self.state_path} is unreadable: {e}", hint=_STATE_HINT
             ) from e
@@ -185,6 +191,18 @@ class NetworkManager:
             state["subnet"], state["prefix"] = self.config.subnet, self.config.prefix
         state.setdefault("subnet", self.config.subnet)
         state.setdefault("prefix", self.config.prefix)
+        for key, entry in state["machines"].items():
+            try:
+                m = MachineNetwork.from_json(entry)
+                if m.machine_id != key or type(entry["slot"]) is not int:
+                    raise ValueError("not the entry of its machine")
+                check_rules(MachineRules(m.machine_id, m.tap, m.guest_ip, m.network, m.ports))
+            except (KeyError, TypeError, ValueError, NetworkError) as e:
+                raise NetworkError(
+                    f"network state {self.state_path} is malformed"
+                    f" (machine {key[:12]!r}: {e!s:.80})",
+                    hint=_STATE_HINT,
+                ) from None
         return state
 
     def _save(self, state: dict[str, Any]) -> None:

@@ -23,18 +23,20 @@ inet ember`` removes all of it).  The table holds:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ember.net.errors import NetworkError
-from ember.net.ports import PortMapping
+from ember.net.ports import PROTOCOLS, PortMapping
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "ember"
 TAP_PREFIX = "em-"
 _NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
 _TAP_RE = re.compile(r"^em-[0-9a-f]{1,12}$")
+_ID_RE = re.compile(r"^[0-9a-f]{12,64}$")
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,32 @@ def check_network_name(name: str) -> str:
     return name
 
 
-def _check(m: MachineRules) -> None:
+def _ipv4(text: object, what: str) -> str:
+    """``text`` if it is an IPv4 address (or network) written as ipaddress writes it."""
+    try:
+        ok = isinstance(text, str) and str(ipaddress.IPv4Network(text)).removesuffix("/32") == text
+    except ValueError:
+        ok = False
+    if not ok:
+        raise NetworkError(f"invalid {what} {text!r:.60}")
+    return str(text)
+
+
+def check_rules(m: MachineRules) -> None:
+    """Every value the ruleset quotes, so that none can add a rule of its own."""
     if not _TAP_RE.fullmatch(m.tap):
         raise NetworkError(f"invalid TAP name {m.tap!r}")
     check_network_name(m.network)
+    if not isinstance(m.machine_id, str) or not _ID_RE.fullmatch(m.machine_id):
+        raise NetworkError(f"invalid machine id {m.machine_id!r:.80}")
+    _ipv4(m.guest_ip, "guest address")
+    for p in m.ports:
+        if p.protocol not in PROTOCOLS or not all(
+            type(n) is int and 1 <= n <= 65535 for n in (p.host_port, p.guest_port)
+        ):
+            raise NetworkError(f"invalid published port {p!s:.80} of machine {m.machine_id[:12]}")
+        if p.host_ip is not None:
+            _ipv4(p.host_ip, "host address")
 
 
 def _dnat_rules(machines: Iterable[MachineRules]) -> list[str]:
@@ -77,7 +101,8 @@ def _dnat_rules(machines: Iterable[MachineRules]) -> list[str]:
 def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: bool) -> str:
     """The whole ``nft -f`` script: replace table ``inet ember`` (or just delete it)."""
     for m in machines:
-        _check(m)
+        check_rules(m)
+    _ipv4(subnet, "machine subnet")
     out = [
         # create-then-delete makes the delete valid whether or not the table exists
         f"table {TABLE_FAMILY} {TABLE_NAME}",
