@@ -264,9 +264,10 @@ def _entry(**changes: Any) -> str:
         _entry(ports=[{"host_port": 8080, "guest_port": 80, "host_ip": "1.2.3.4 tcp dport 22"}]),
         _entry(guest_ip='172.30.0.2:80 comment "x"\n\t\tip saddr 0.0.0.0/0 accept #'),
         "[" * 100_000,
+        _entry(mac="02:ee:ac:1e:00:02,romfile=/etc/shadow"),
     ],
     ids=["not-an-object", "no-keys", "slot", "id", "port", "protocol", "host-ip", "guest-ip",
-         "deep"],
+         "deep", "mac"],
 )  # fmt: skip
 def test_a_damaged_machine_entry_is_reported_not_a_traceback(tmp_path: Path, junk: str) -> None:
     """Entries were not checked: a damaged one was a TypeError/KeyError/RecursionError in

@@ -35,6 +35,8 @@ from ember.net.nftables import (
 )
 from ember.net.ports import PortMapping, conflicts, ephemeral_range, pick_host_port
 
+_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
 #: Docker's fallback when the host has no usable (non-loopback) resolver
 FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
 DEFAULT_MTU = 1500
@@ -117,6 +119,10 @@ class MachineNetwork:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MachineNetwork:
+        """ValueError when the MAC is not one (it goes into QEMU's arguments); the rest
+        is checked by check_rules."""
+        if not isinstance(d["mac"], str) or not _MAC_RE.fullmatch(d["mac"]):
+            raise ValueError(f"invalid MAC address {d['mac']!r:.40}")
         return cls(
             machine_id=str(d["machine_id"]),
             tap=str(d["tap"]),

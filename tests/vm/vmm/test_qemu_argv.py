@@ -131,3 +131,14 @@ def test_a_kernel_command_line_too_long_for_the_guest_is_refused() -> None:
 def test_spec_validation(kw: dict[str, object]) -> None:
     with pytest.raises(VMMError):
         spec(**kw)
+
+
+@pytest.mark.parametrize(
+    ("tap", "mac"),
+    [("em-abc", "02:00:ac:1e:00:02,romfile=/x"), ("em-abc,script=/x", "02:00:ac:1e:00:02"),
+     ("em-abc", "")],
+)  # fmt: skip
+def test_a_nic_whose_values_would_add_qemu_options_is_refused(tap: str, mac: str) -> None:
+    """The MAC and TAP name go into QEMU's option strings, where a ',' starts another."""
+    with pytest.raises(VMMError, match="invalid"):
+        Nic(tap, mac)

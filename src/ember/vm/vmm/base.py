@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import select
 import signal
 import socket
@@ -25,6 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.vm.vmm.errors import ControlChannelError, VMMError
+
+_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}", re.IGNORECASE)
+#: a Linux interface name: at most 15 bytes, no '/', ':', ',' or whitespace
+_TAP_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 ACCELS = ("kvm", "tcg")
 
@@ -41,6 +46,13 @@ class Nic:
 
     tap: str
     mac: str
+
+    def __post_init__(self) -> None:
+        # both go into QEMU's option string, where a ',' would start another option
+        if not _MAC_RE.fullmatch(self.mac):
+            raise VMMError(f"invalid MAC address {self.mac[:40]!r}")
+        if self.tap and not _TAP_RE.fullmatch(self.tap):
+            raise VMMError(f"invalid TAP device name {self.tap[:40]!r}")
 
 
 @dataclass(frozen=True)
