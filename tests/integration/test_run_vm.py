@@ -4,6 +4,7 @@ would.  Each boot costs seconds, so several checks share one boot where they can
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -124,6 +125,24 @@ def test_entrypoint_override_clears_cmd(ember: Ember, busybox: str) -> None:
     assert res.stdout == "\n"  # the image's Cmd is gone
 
 
+BIND = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.listen(1)
+    print("bound")
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def bind_on_host(ember: Ember, port: int) -> str:
+    """What a server on the machines' host gets when it binds ``port``."""
+    return ember.sh(sys.executable, "-c", BIND, str(port)).stdout.strip()
+
+
 SERVER = (
     'mkdir -p /www && echo "hello over -p" > /www/index.html && httpd -p 80 -h /www && '
     'trap "echo got TERM; exit 42" TERM; echo ready; while :; do sleep 0.1; done'
@@ -153,6 +172,8 @@ def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> No
         assert f"80/tcp -> 0.0.0.0:{chosen}" in ember("port", "web", check=True).stdout
         missing = ember("port", "web", "81")
         assert missing.returncode == 1 and "no public port 81/tcp" in missing.stderr
+        # the machine's monitor holds its host ports: a host program cannot take one
+        assert bind_on_host(ember, 8080) == str(errno.EADDRINUSE)
         assert ember("rm", "web").returncode != 0  # running: needs -f
         res = ember("stop", "web")
         assert res.returncode == 0, res.stderr
@@ -162,6 +183,7 @@ def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> No
         assert ember("ps", "-q").stdout == ""
         assert "web" in ember("ps", "-a").stdout
         assert fetch(ember, "http://127.0.0.1:8080/index.html").startswith("FAIL")
+        assert bind_on_host(ember, 8080) == "bound"  # let go with the machine
     finally:
         ember("rm", "-f", "web")
     assert ember("inspect", "web").returncode != 0

@@ -291,3 +291,50 @@ def test_a_sound_machine_entry_loads(tmp_path: Path) -> None:
     (tmp_path / "net" / "state.json").write_text(_entry())
     (m,) = NetworkManager(Home(tmp_path)).machines().values()
     assert (m.guest_ip, str(m.ports[0])) == ("172.30.0.2", "8080->80/tcp")
+
+
+HOLD_SCRIPT = """
+from ember.net.manager import hold_host_ports
+from ember.net.errors import PortConflict
+
+def try_bind(kind, port, reuse):
+    s = socket.socket(socket.AF_INET, kind)
+    if reuse:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("0.0.0.0", port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(1)
+        return "bound"
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+
+held = hold_host_ports(parse_publish("8080:80") + parse_publish("5353:53/udp"))
+out["tcp"] = [try_bind(socket.SOCK_STREAM, 8080, r) for r in (False, True)]
+out["udp"] = [try_bind(socket.SOCK_DGRAM, 5353, r) for r in (False, True)]
+try:
+    hold_host_ports(parse_publish("9090:90") + parse_publish("8080:80"))
+except PortConflict as e:
+    out["again"] = str(e)
+out["9090 freed"] = try_bind(socket.SOCK_STREAM, 9090, False)
+for s in held:
+    s.close()
+out["after"] = [try_bind(socket.SOCK_STREAM, 8080, False), try_bind(socket.SOCK_DGRAM, 5353, False)]
+print(json.dumps(out))
+"""
+
+
+def test_held_host_ports_keep_host_programs_off_them(netns: str, tmp_path: Path) -> None:
+    """Nothing held a published port: a host program could bind it after the machine
+    started, and then never see a packet (the DNAT rule takes them first)."""
+    import errno
+
+    out = run_in_netns(netns, HOLD_SCRIPT, tmp_path)
+    # with or without SO_REUSEADDR on the other side
+    assert out["tcp"] == [errno.EADDRINUSE, errno.EADDRINUSE]
+    assert out["udp"] == [errno.EADDRINUSE, errno.EADDRINUSE]
+    assert "host port 8080/tcp was taken by a program on this host" in out["again"]
+    assert out["9090 freed"] == "bound"  # what the failed hold took first, it let go
+    assert out["after"] == ["bound", "bound"]

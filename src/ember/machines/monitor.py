@@ -85,6 +85,16 @@ def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) 
     )
 
 
+def _hold_ports(st: mstate.MachineState) -> list[socket.socket]:
+    """The machine's published host ports, held while it runs (net.manager.hold_host_ports)."""
+    if not st.network or not st.network.get("ports"):
+        return []
+    from ember.net.manager import hold_host_ports
+    from ember.net.ports import PortMapping
+
+    return hold_host_ports(PortMapping.from_json(p) for p in st.network["ports"])
+
+
 def _read_limited(path: Path, tail: bool = False, limit: int = 1 << 16) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -176,13 +186,32 @@ def _run_once(
 ) -> mstate.MachineState | None:
     """One run of the machine, from the VMM's start to its recorded end (network freed);
     None when the VMM could not start."""
-    logs = Channels.in_dir(d)
     try:
         # the VMM writes into FIFOs; the monitor keeps the logs, capped (machines.logs)
         pump = StreamPump.create(d, LogConfig.load(home))
     except (EmberError, OSError) as e:
         _failed_to_start(home, st, d, sync, f"cannot set up the machine's logs: {e}")
         return None
+    try:
+        held = _hold_ports(st)
+    except EmberError as e:
+        pump.close()
+        _failed_to_start(home, st, d, sync, str(e))
+        return None
+    try:
+        return _run_held(home, st, d, sync, pump)
+    finally:
+        # after the network's teardown: no moment when a program could bind the port
+        # while the rule still takes its traffic
+        for sock in held:
+            sock.close()
+
+
+def _run_held(
+    home: Home, st: mstate.MachineState, d: Path, sync: Sync, pump: StreamPump
+) -> mstate.MachineState | None:
+    """``_run_once`` with the machine's host ports held."""
+    logs = Channels.in_dir(d)
     try:
         spec = vm_spec(st, d, pump.channels)
         vm = get_vmm(st.vm.vmm).create(spec)

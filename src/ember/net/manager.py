@@ -15,7 +15,7 @@ import json
 import re
 import secrets
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,3 +370,45 @@ def _bindable(m: PortMapping, *, ignore_time_wait: bool = False) -> bool:
                 ) from None
             return False
     return True
+
+
+# ---- holding published ports ---------------------------------------------------------------
+
+
+def hold_host_ports(ports: Iterable[PortMapping]) -> list[socket.socket]:
+    """A socket on each published host port, for the machine's monitor to keep while the
+    machine runs, as Docker keeps one: a host program that binds the port later fails
+    (EADDRINUSE) instead of starting fine and never seeing a packet, which the DNAT rule
+    takes first; and ``ss -ltnp`` names who has the port.
+
+    A TCP socket listens (a listener conflicts with every bind, whatever SO_REUSEADDR
+    the other side sets) with SO_REUSEADDR so that closed connections in TIME_WAIT do
+    not keep the machine from starting; it never accepts, and nothing reaches it while
+    the rule is in place.  A UDP socket is bound without SO_REUSEADDR (so no other
+    socket can share the port).  PortConflict when a port was taken since ``setup``
+    checked it; the sockets held so far are closed then."""
+    held: list[socket.socket] = []
+    try:
+        for m in ports:
+            tcp = m.protocol == "tcp"
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+            held.append(s)
+            s.set_inheritable(False)  # never leaks into the VMM
+            if tcp:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((m.host_ip or "0.0.0.0", m.host_port))
+                if tcp:
+                    s.listen(1)
+            except OSError as e:
+                where = f"{m.host_ip}:{m.host_port}" if m.host_ip else str(m.host_port)
+                raise PortConflict(
+                    f"host port {where}/{m.protocol} was taken by a program on this host "
+                    f"({e.strerror})",
+                    hint="stop that program, or publish another host port",
+                ) from None
+    except BaseException:
+        for s in held:
+            s.close()
+        raise
+    return held
