@@ -12,13 +12,12 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from ember.config import MAX_SIZE
 from ember.machines.errors import InvalidOption
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-#: the largest size any option takes (a disk of 9000000T was an OverflowError in truncate)
-MAX_SIZE = 1 << 50
 MAX_ENV_FILE = 1 << 20
 
 

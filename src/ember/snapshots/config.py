@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ember.config import config_section
+from ember.config import MAX_SIZE, config_section
 from ember.home import Home
 from ember.snapshots.errors import SnapshotError
 
@@ -33,7 +33,6 @@ DEFAULT_BASE_SIZE = 8 * GiB
 DEFAULT_POOL_SIZE = 64 * GiB
 DEFAULT_HOST_RESERVE = 1 * GiB
 MIN_SIZE = 64 << 20
-MAX_SIZE = 1 << 50
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
