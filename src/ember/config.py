@@ -15,7 +15,6 @@ from typing import Any
 from ember.errors import EmberError
 from ember.home import Home
 
-
 #: the largest size any option or setting takes, 1 PiB (a disk of 9000000T was an
 #: OverflowError in truncate); the CLI's and config.json's size grammars differ, not this
 MAX_SIZE = 1 << 50
