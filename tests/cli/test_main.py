@@ -4,6 +4,7 @@ something the host refused."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,12 @@ def test_gc_grace_must_be_a_finite_number(tmp_path: Path) -> None:
         res = ember(tmp_path / "home", "gc", "--dry-run", "--content-grace", value)
         assert res.returncode == 2 and "is not a number of seconds" in res.stderr, res.stderr
     assert not (tmp_path / "home").exists()  # refused before anything was made
+
+
+def test_an_error_quoting_a_huge_argument_stays_bounded(tmp_path: Path) -> None:
+    """Messages quote what they refuse: a 100 KB machine name came back whole."""
+    res = ember(tmp_path / "home", "run", "--name", "/" * 100_000, "oci:/nowhere:latest")
+    assert res.returncode != 0
+    assert res.stderr.startswith("ember: invalid machine name '///")
+    assert re.search(r"\.\.\. \(9\d{4} more characters\)$", res.stderr.rstrip())
+    assert len(res.stderr) < 2100 and res.stderr.count("\n") == 1

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="ember", standalone_mode=False)
     except EmberError as e:
-        click.echo(f"ember: {e}", err=True)
+        click.echo(f"ember: {_bounded(str(e))}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("ember: interrupted", err=True)
@@ -96,8 +96,19 @@ def main(argv: list[str] | None = None) -> None:
         # The host refused something the command needed (a permission, a path that
         # is a file, a full disk): one line naming it, as for an ember error.  Other
         # exceptions stay tracebacks: those are ember's bugs.
-        click.echo(f"ember: {describe_os_error(e)}", err=True)
+        click.echo(f"ember: {_bounded(describe_os_error(e))}", err=True)
         sys.exit(1)
+
+
+#: characters of an error message shown: messages quote what they refuse, and an
+#: argument or an image's value may be megabytes long
+MESSAGE_LIMIT = 2000
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
 
 
 def describe_os_error(e: OSError) -> str:
