@@ -44,8 +44,11 @@ def own_children() -> frozenset[int]:
     """This process's live or unreaped children (the suite's own servers included)."""
     pids: set[int] = set()
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids.update(int(p) for p in f.read().split())
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended since the listing (its children are the process's)
     return frozenset(pids)
 
 
