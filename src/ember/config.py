@@ -9,9 +9,9 @@ as the caller's own error class, keeping each area's error hierarchy).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ember import jsonutil
 from ember.errors import EmberError
 from ember.home import Home
 
@@ -28,7 +28,7 @@ def read_config(home: Home, error: type[EmberError] = ConfigError) -> dict[str, 
     """The whole file as a dict; ``{}`` when there is no file."""
     path = home.config_file
     try:
-        data = json.loads(path.read_bytes())
+        data = jsonutil.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:

@@ -4,6 +4,7 @@ InvalidSource every time, never a traceback, a hang or unbounded memory."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -247,3 +248,29 @@ def test_docker_archive_layer_link_that_goes_nowhere_is_named(
         service.pull(f"docker-archive:{bad}", progress=False)
     assert repr(layer) in str(e.value) and message in str(e.value)
     assert service.list() == []
+
+
+def test_an_oci_layout_file_nested_too_deep_is_named(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """'[' * 5000 in oci-layout was a RecursionError traceback."""
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    (layout / "oci-layout").write_bytes(b"[" * 5000)
+    with pytest.raises(InvalidSource, match="oci-layout: not JSON .*nested too deeply"):
+        service.pull(f"oci:{layout}:latest", progress=False)
+
+
+def test_a_docker_archive_manifest_nested_too_deep_is_named(
+    service: ImageService, busybox_docker_archive: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "deep.tar"
+    with tarfile.open(busybox_docker_archive) as tar, tarfile.open(bad, "w") as out:
+        for member in tar.getmembers():
+            if member.name == "manifest.json":
+                data = b"[" * 5000
+                member.size = len(data)
+                out.addfile(member, io.BytesIO(data))
+            else:
+                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    with pytest.raises(InvalidSource, match="manifest.json is not JSON"):
+        service.pull(f"docker-archive:{bad}", progress=False)

@@ -50,6 +50,8 @@ def test_the_output_counts_are_taken_when_plausible_and_ignored_otherwise() -> N
         b'{"exit_code": 0, "signal": null, "oom_killed": false, "error": 5}',
         b'{"signal": null}',
         b" " * 5000 + b'{"exit_code": 0}',
+        b"[" * 4000,  # a RecursionError in the monitor (a guest writes the status port)
+        b'{"exit_code": 0, "error": ' + b"[" * 3000 + b"}",
     ],
 )
 def test_hostile_reports_are_ignored(data: bytes) -> None:

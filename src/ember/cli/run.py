@@ -10,7 +10,6 @@ the machine running under its monitor.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
@@ -21,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
+from ember import jsonutil
 from ember.cli.common import home_from_ctx
 from ember.cli.machines import stop_time_option
 from ember.errors import EmberError, UsageError
@@ -119,7 +119,7 @@ def _follow(
                 pending += chunk
                 while b"\n" in pending:
                     line, pending = pending.split(b"\n", 1)
-                    msg = json.loads(line)
+                    msg = jsonutil.loads(line)
                     if msg.get("event") == "exited":
                         event = msg
                     elif msg.get("event") == "error":
@@ -303,7 +303,7 @@ def _launch(
             raise
         if not attach:
             line = _read_line(monitor.sync_r)
-            msg = json.loads(line) if line else {"event": "error", "message": "monitor died"}
+            msg = jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
             if msg.get("event") != "started":
                 raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
             return None

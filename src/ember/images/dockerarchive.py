@@ -15,7 +15,6 @@ archive twice gives the same manifest digest.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import tarfile
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ember import jsonutil
 from ember.fsutil import open_regular, why_unopened
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
@@ -148,7 +148,7 @@ class DockerArchiveSource:
 
     def _entry(self) -> dict[str, Any]:
         try:
-            entries = json.loads(self._read("manifest.json", _MAX_MANIFEST_JSON))
+            entries = jsonutil.loads(self._read("manifest.json", _MAX_MANIFEST_JSON))
         except ValueError as e:
             raise InvalidSource(
                 f"docker archive {self.path}: manifest.json is not JSON: {e}"

@@ -7,11 +7,11 @@ is verified (digest and size) on its way into the content store.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ember import jsonutil
 from ember.fsutil import NotRegularFile, open_regular
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
@@ -95,7 +95,7 @@ class OciLayoutSource:
 
     def _index(self) -> ImageIndex:
         try:
-            layout = json.loads(_read_capped(self.path / "oci-layout", _MAX_LAYOUT_FILE))
+            layout = jsonutil.loads(_read_capped(self.path / "oci-layout", _MAX_LAYOUT_FILE))
         except (FileNotFoundError, NotADirectoryError):
             raise InvalidSource(
                 f"{self.path} is not an OCI image layout (no oci-layout file)"

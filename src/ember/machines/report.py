@@ -6,10 +6,11 @@ the contract's fields and sane values, and is ignored otherwise.
 
 from __future__ import annotations
 
-import json
 import re
 import signal as _signal
 from dataclasses import dataclass
+
+from ember import jsonutil
 
 MAX_REPORT = 4096
 #: exit code when the machine ended without telling how the program did
@@ -47,7 +48,7 @@ def parse_report(data: bytes) -> ExitReport | None:
     if not line:
         return None
     try:
-        obj = json.loads(line)
+        obj = jsonutil.loads(line)
     except ValueError:
         return None
     if not isinstance(obj, dict):

@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.machines.errors import DamagedMachine, MachineError
 
@@ -158,7 +159,7 @@ def read_state(machine_dir: Path) -> MachineState:
     DamagedMachine when it cannot be read."""
     path = state_path(machine_dir)
     try:
-        data = json.loads(path.read_bytes())
+        data = jsonutil.loads(path.read_bytes())
         return MachineState.from_json(data)
     except FileNotFoundError:
         raise

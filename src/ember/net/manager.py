@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember import jsonutil
 from ember.config import config_section
 from ember.fsutil import atomic_write
 from ember.home import Home
@@ -182,10 +183,10 @@ class NetworkManager:
 
     def _load(self) -> dict[str, Any]:
         try:
-            state = json.loads(self.state_path.read_text())
+            state = jsonutil.loads(self.state_path.read_text())
         except FileNotFoundError:
             state = {}
-        except (OSError, ValueError, RecursionError) as e:
+        except (OSError, ValueError) as e:  # jsonutil: too deep a nesting is a ValueError
             raise NetworkError(
                 f"network state {self.state_path} is unreadable: {e}", hint=_STATE_HINT
             ) from e

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.snapshots import names
 from ember.snapshots.errors import LeaseError, LeaseNotFound
@@ -92,7 +93,7 @@ class Leases:
         except FileNotFoundError:
             raise LeaseNotFound(f"no lease {names.decode(path.stem)!r}") from None
         try:
-            raw = json.loads(data)
+            raw = jsonutil.loads(data)
         except ValueError as e:
             raise LeaseError(f"lease file {path} is damaged: {e}") from e
         return Lease.from_json(raw, path)

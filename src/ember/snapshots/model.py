@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ember import jsonutil
 from ember.snapshots.errors import SnapshotError
 
 
@@ -97,7 +98,7 @@ class Meta:
     @classmethod
     def load(cls, data: bytes, where: Path) -> Meta:
         try:
-            d = json.loads(data)
+            d = jsonutil.loads(data)
             if not isinstance(d, dict):
                 raise ValueError("not a JSON object")
             labels = d.get("labels", {})

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.snapshots import system
@@ -96,7 +97,7 @@ def open_pool(home: Home, config: SnapshotConfig) -> Pool:
 
 def _read_state(state_file: Path) -> dict[str, object] | None:
     try:
-        state = json.loads(state_file.read_bytes())
+        state = jsonutil.loads(state_file.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:

@@ -34,6 +34,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
+from ember import jsonutil
 from ember.errors import EmberError
 from ember.unpack.applier import LayerApplier
 from ember.unpack.errors import InvalidLayer, UnpackError
@@ -208,7 +209,7 @@ class _Reports:
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
         try:
-            report = json.loads(line)
+            report = jsonutil.loads(line)
         except ValueError:
             return None
         return report if isinstance(report, dict) else None
@@ -414,7 +415,7 @@ def _recv_report(ctl: socket.socket) -> dict[str, object] | None:
     with commands still queued: the read then fails with ECONNRESET)."""
     try:
         data = ctl.recv(_CTL_MESSAGE)
-        report = json.loads(data) if data else None
+        report = jsonutil.loads(data) if data else None
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None

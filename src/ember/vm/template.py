@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
 from ember.vm.errors import VMError
@@ -140,7 +141,7 @@ def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[s
     for meta in sorted(d.glob("*.json")):
         key = meta.name[: -len(".json")]
         try:
-            stale = _shape_from_json(json.loads(meta.read_bytes())).key() != key
+            stale = _shape_from_json(jsonutil.loads(meta.read_bytes())).key() != key
             unused = now - meta.stat().st_mtime > older_than
         except (OSError, ValueError, KeyError, TemplateError):
             stale, unused = True, True
@@ -224,7 +225,7 @@ class _Qmp:
             line = self._file.readline()
             if not line:
                 raise TemplateError(f"QEMU closed its QMP socket during {command}")
-            reply = json.loads(line)
+            reply = jsonutil.loads(line)
             if "error" in reply:
                 raise TemplateError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
             if "return" in reply:
@@ -456,7 +457,7 @@ def _main(argv: list[str]) -> int:
     p.parse_args(argv)
     home = Home.from_env()
     try:
-        shape = _shape_from_json(json.loads(sys.stdin.buffer.read(1 << 16)))
+        shape = _shape_from_json(jsonutil.loads(sys.stdin.buffer.read(1 << 16)))
         key = shape.key()
     except (TemplateError, ValueError, KeyError, OSError) as e:
         print(f"template builder: bad shape: {e}", file=sys.stderr)

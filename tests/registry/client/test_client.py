@@ -205,3 +205,28 @@ def test_a_refused_connection_still_gets_every_retry() -> None:
             pytest.raises(RegistryUnreachable, match=f"cannot reach registry 127.0.0.1:{port}"),
         ):
             client.get_manifest("app", "latest")
+
+
+def test_a_token_answer_nested_too_deep_is_refused_not_a_crash() -> None:
+    """The token service's JSON went to json.loads with ValueError caught: '[' * 5000
+    raised RecursionError, a traceback."""
+    port = [0]
+
+    def answer(n: int) -> bytes:
+        if n == 0:
+            return (
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
+                b'WWW-Authenticate: Bearer realm="http://127.0.0.1:'
+                + str(port[0]).encode()
+                + b'/token",service="x"\r\n\r\n'
+            )
+        body = b"[" * 5000
+        return b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+    with raw_server(answer) as (listening, _seen):
+        port[0] = listening
+        with (
+            RegistryClient(f"127.0.0.1:{listening}", retries=0, backoff=0.01) as client,
+            pytest.raises(RegistryError, match="returned no usable token"),
+        ):
+            client.get_manifest("app", "latest")

@@ -329,3 +329,13 @@ def test_parse_listen() -> None:
                 "a:65536", "a"):  # fmt: skip
         with pytest.raises(UsageError):
             parse_listen(bad)
+
+
+def test_a_token_header_nested_too_deep_is_invalid_not_a_crash() -> None:
+    """The header is read before the signature is checked: '[' * 5000 raised
+    RecursionError, not InvalidToken (a 500 for a client's bad token)."""
+    import base64
+
+    deep = base64.urlsafe_b64encode(b"[" * 5000).rstrip(b"=").decode()
+    with pytest.raises(InvalidToken, match="not JSON"):
+        decode_token(KEY, f"{deep}.e30.c2ln", int(time.time()))

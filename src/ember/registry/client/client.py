@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import json
 import os
 import ssl
 import threading
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from ember import __version__
+from ember import __version__, jsonutil
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest, Verifier
 from ember.oci.errors import DigestMismatch
@@ -107,7 +106,7 @@ def _error_detail(resp: Response) -> str:
             body += chunk
             if len(body) >= _MAX_ERROR_BODY:
                 return ""  # not a distribution-spec error document
-        doc = json.loads(body)
+        doc = jsonutil.loads(body)
         err = doc["errors"][0]
         code, message = str(err.get("code", "")), str(err.get("message", ""))
         text = f"{code}: {message}" if code else message
@@ -228,7 +227,7 @@ class RegistryClient:
                         f"token service {origin.host} sent an oversized answer"
                     )
             try:
-                doc = json.loads(body)
+                doc = jsonutil.loads(body)
                 token = doc.get("token") or doc.get("access_token")
                 expires_in = doc.get("expires_in")
             except (ValueError, AttributeError):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.registry.client.errors import CredentialsError
 
@@ -75,7 +76,7 @@ def _decode(entry: Any, where: str) -> Credentials | None:
 
 def _read_auths(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_bytes())
+        doc = jsonutil.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:

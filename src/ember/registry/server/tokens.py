@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember import jsonutil
 from ember.registry.server.names import qualify, valid_repo_name
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -192,7 +193,7 @@ def encode_token(key: bytes, grant: Grant, now: int, ttl: int = TOKEN_TTL) -> st
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(raw)
+        obj = jsonutil.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidToken("token is not JSON") from None
     if not isinstance(obj, dict):

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.vm.vmm.base import ACCELS
@@ -79,7 +80,7 @@ def probe_kvm(kernel: Path, workdir: Path, timeout: float = PROBE_TIMEOUT) -> bo
 
 def _read_cache(path: Path) -> dict[str, str]:
     try:
-        data = json.loads(path.read_text())
+        data = jsonutil.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
