@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -114,3 +115,18 @@ def test_gc_drops_machine_templates_nothing_used_for_a_while(home: Home, tmp_pat
     assert report.to_json()["templates"] == [old]
     assert not (templates_dir(home) / f"{old}.vmstate").exists()
     assert (templates_dir(home) / f"{recent}.vmstate").exists()
+
+
+def test_a_lease_file_naming_another_lease_stops_gc(home: Home) -> None:
+    """A stray copy of a machine's lease, expired, must not make gc delete the real one
+    (and the machine's disk with it on the next run)."""
+    snap = Snapshotter(home)
+    snap.leases.create("machine/m1", snapshots=["machine/m1"])
+    snap.prepare("machine/m1")
+    copy = json.loads((snap.pool.leases / "machine%2Fm1.json").read_text())
+    copy["expires"] = time.time() - 1
+    (snap.pool.leases / "old-copy.json").write_text(json.dumps(copy))
+    for _ in range(2):
+        with pytest.raises(LeaseError, match="old-copy.json is damaged: it holds lease"):
+            collect(home)
+    assert snap.leases.get("machine/m1").expires is None and snap.exists("machine/m1")

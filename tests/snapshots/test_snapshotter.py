@@ -372,3 +372,49 @@ def test_no_new_disk_when_the_host_under_the_pool_file_is_nearly_full(tmp_path: 
         teardown_home(h)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_recover_keeps_a_leased_disk_whose_metadata_is_damaged(home: Home) -> None:
+    snap = Snapshotter(home)
+    snap.leases.create("machine/m1", snapshots=["machine/m1"])
+    snap.prepare("machine/m1")
+    snap.prepare("stale")  # not leased: garbage once its metadata is unreadable
+    for key in ("machine/m1", "stale"):
+        (snap.path(key).parent / "meta.json").write_bytes(b"{damaged")
+    disk = snap.active_dir / "machine%2Fm1" / "disk.ext4"
+    actions = snap.recover()
+    assert disk.is_file(), "a machine's root disk was deleted for a bad meta.json"
+    assert actions == ["discarded half-built snapshot stale"]
+    (disk.parent / "meta.json").unlink()  # missing rather than damaged: the same
+    assert snap.recover() == [] and disk.is_file()
+
+
+@pytest.mark.parametrize("where", ["pool/trash", "pool/active", "mnt", "leases"])
+def test_a_symlink_where_the_pool_keeps_a_directory_is_refused(
+    home: Home, tmp_path: Path, where: str
+) -> None:
+    from ember.snapshots import snapshotter
+    from ember.snapshots.errors import PoolError
+
+    snap = Snapshotter(home)
+    other = tmp_path / "not-embers"
+    (other / "sub").mkdir(parents=True)
+    (other / "sub" / "f").write_text("x")
+    os.utime(other / "sub", (0, 0))
+    planted = home.snapshots / where
+    os.rename(planted, planted.with_name(planted.name + ".away"))
+    os.symlink(other, planted)
+    snapshotter._recovered.discard(snap.pool.root)  # as in the next process
+    with pytest.raises(PoolError, match=f"{where} is not a directory"):
+        Snapshotter(home)
+    assert (other / "sub" / "f").read_text() == "x"  # recovery emptied no one else's dir
+
+
+@pytest.mark.parametrize("state", [{"kind": LOOPFILE}, {"kind": "native", "reflink": "no"}])
+def test_a_damaged_pool_json_is_a_clear_error(home: Home, state: dict[str, object]) -> None:
+    from ember.snapshots.errors import PoolError
+
+    Snapshotter(home)
+    (home.snapshots / "pool.json").write_text(json.dumps(state))
+    with pytest.raises(PoolError, match="not a pool description"):
+        Snapshotter(home)

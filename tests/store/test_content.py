@@ -11,7 +11,7 @@ import pytest
 from ember.oci.digest import Digest
 from ember.oci.errors import DigestMismatch
 from ember.store.content import ContentStore
-from ember.store.errors import BlobNotFound, DamagedBlob
+from ember.store.errors import BlobNotFound, DamagedBlob, StoreError
 
 
 @pytest.fixture()
@@ -187,3 +187,29 @@ def test_a_blob_damaged_after_it_was_stored_is_blamed_and_removed(store: Content
     assert e.value.hint and "again" in e.value.hint
     assert not store.exists(damaged) and store.exists(intact)
     assert not store.matches(damaged)  # missing: no match, no error
+
+
+def test_a_symlink_planted_in_ingest_is_refused_not_written_through(
+    store: ContentStore, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not ember's " * 100)
+    mode = victim.stat().st_mode
+    d = Digest.of(b"blob")
+    os.symlink(victim, store.ingest_dir / f"sha256-{d.hex}")
+    with pytest.raises(StoreError, match="not a regular file.*remove it"):
+        store.put_bytes(b"blob", d)
+    assert victim.read_bytes() == b"not ember's " * 100  # neither truncated nor overwritten
+    assert victim.stat().st_mode == mode
+    assert not store.exists(d) and not store.path(d).is_symlink()
+
+
+def test_prune_ingests_leaves_what_is_not_a_regular_file(store: ContentStore) -> None:
+    odd = store.ingest_dir / "sha256-odd"
+    odd.mkdir()
+    os.utime(odd, (0, 0))
+    stale = store.ingest_dir / "sha256-stale"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    assert store.prune_ingests(older_than=60) == 1  # no IsADirectoryError from gc
+    assert odd.is_dir() and not stale.exists()

@@ -22,7 +22,7 @@ from typing import Any
 from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.snapshots import names
-from ember.snapshots.errors import LeaseError, LeaseNotFound
+from ember.snapshots.errors import LeaseError, LeaseNotFound, SnapshotError
 from ember.snapshots.locks import FileLock
 
 
@@ -96,7 +96,19 @@ class Leases:
             raw = jsonutil.loads(data)
         except ValueError as e:
             raise LeaseError(f"lease file {path} is damaged: {e}") from e
-        return Lease.from_json(raw, path)
+        lease = Lease.from_json(raw, path)
+        # gc deletes an expired lease by its name: a file that names another lease (a
+        # copy kept under another name) would take that one's file with it
+        try:
+            matches = path == self._path(lease.name)
+        except SnapshotError:
+            matches = False
+        if not matches:
+            raise LeaseError(
+                f"lease file {path} is damaged: it holds lease {lease.name[:100]!r}",
+                hint=f"remove {path} if it is a stray copy",
+            )
+        return lease
 
     def create(
         self,

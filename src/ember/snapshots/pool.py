@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,24 @@ def pool_exists(home: Home) -> bool:
     return (base / "pool.json").exists() or (base / "pool.img").exists()
 
 
+def private_dir(path: Path) -> Path:
+    """``path``, a directory of ember's own, made if missing.  PoolError when something
+    else is there: through a symlink, recovery would empty another directory (``trash/``),
+    mount over one (``mnt/``, ``pool/``) or remove its empty subdirectories."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise PoolError(
+            f"{path} is not a directory (a symlink or a file where ember keeps snapshot "
+            "state): move it away"
+        )
+    return path
+
+
 def open_pool(home: Home, config: SnapshotConfig) -> Pool:
     base, root, image, state_file = _paths(home)
-    root.mkdir(exist_ok=True)
-    for d in ("locks", "leases", "mnt"):
-        (base / d).mkdir(exist_ok=True)
+    for d in (root, base / "locks", base / "leases", base / "mnt"):
+        private_dir(d)
     with FileLock(base / "pool.lock"):
         state = _read_state(state_file)
         created = False
@@ -104,7 +118,11 @@ def _read_state(state_file: Path) -> dict[str, object] | None:
         raise PoolError(
             f"cannot read {state_file}: {e} (remove it to let ember decide again)"
         ) from e
-    if not isinstance(state, dict) or state.get("kind") not in (NATIVE, LOOPFILE):
+    if (
+        not isinstance(state, dict)
+        or state.get("kind") not in (NATIVE, LOOPFILE)
+        or not isinstance(state.get("reflink"), bool)
+    ):
         raise PoolError(
             f"{state_file} is not a pool description (remove it to let ember decide again)"
         )

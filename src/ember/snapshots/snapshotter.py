@@ -47,7 +47,7 @@ from ember.snapshots.fiemap import file_usage
 from ember.snapshots.leases import Leases
 from ember.snapshots.locks import FileLock, require_lock, try_lock
 from ember.snapshots.model import ActiveSnapshot, Kind, Meta, Mount, SnapshotInfo, Usage
-from ember.snapshots.pool import Pool, open_pool, pool_exists
+from ember.snapshots.pool import Pool, open_pool, pool_exists, private_dir
 
 log = logging.getLogger("ember.snapshots")
 
@@ -76,7 +76,7 @@ class Snapshotter:
         )
         self.bases = root / "bases"  # cached empty disks (see _new_base)
         for d in (self.active_dir, self.committed_dir, self.trash, self.bases):
-            d.mkdir(exist_ok=True)
+            private_dir(d)
         self.gc_lock = self.pool.locks / "gc.lock"
         self.leases = Leases(self.pool.leases, self.gc_lock)
         if recover and root not in _recovered:
@@ -632,7 +632,18 @@ class Snapshotter:
             meta = self._meta(d)
             return meta.transient or meta.kind is Kind.COMMITTED
         except (FileNotFoundError, SnapshotError):
-            return True  # an active directory without readable metadata is garbage
+            pass
+        # unreadable metadata: garbage (a builder's, written without fsync), unless a
+        # lease claims the key: a machine's root disk is never deleted for a bad meta.json
+        key = names.decode(d.name)
+        try:
+            if self.leased_by(key):
+                log.warning("keeping %s: its metadata is damaged, but a lease holds it", key)
+                return False
+        except SnapshotError as e:  # leases unreadable: nothing proves it is garbage
+            log.warning("keeping %s: its metadata is damaged (%s)", key, e)
+            return False
+        return True
 
 
 def _age(p: Path) -> float:

@@ -19,8 +19,10 @@ the blobs, instead of once per blob).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -206,8 +208,10 @@ class ContentStore:
             try:
                 if now - entry.stat().st_mtime < older_than:
                     continue
-                fd = os.open(entry.path, os.O_RDWR)
+                fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
+                continue
+            except OSError:  # a symlink, a directory: not ember's, left alone
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -243,7 +247,7 @@ class BlobWriter:
 
     def __enter__(self) -> BlobWriter:
         while True:
-            fd = os.open(self.ingest_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open_ingest()
             fcntl.flock(fd, fcntl.LOCK_EX)
             # The holder we waited for may have published this very inode as the
             # blob: only keep the lock if the ingest path still names our file.
@@ -262,6 +266,26 @@ class BlobWriter:
                 break
             self._verifier.update(chunk)
         return self
+
+    def _open_ingest(self) -> int:
+        """The ingest file, never through a symlink: a writer truncates and writes it, then
+        publishes it, so a link planted there would overwrite its target and make the blob
+        a link to it."""
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.ingest_path, flags, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            fd = -1
+        if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        if fd >= 0:
+            os.close(fd)
+        raise StoreError(
+            f"{self.ingest_path} is not a regular file (ember never makes anything else "
+            "there): remove it"
+        )
 
     def _within_size(self, n: int) -> bool:
         return self.expected_size is None or self._verifier.size + n <= self.expected_size
