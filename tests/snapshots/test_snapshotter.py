@@ -418,3 +418,20 @@ def test_a_damaged_pool_json_is_a_clear_error(home: Home, state: dict[str, objec
     (home.snapshots / "pool.json").write_text(json.dumps(state))
     with pytest.raises(PoolError, match="not a pool description"):
         Snapshotter(home)
+
+
+def test_a_pool_left_mounted_after_its_files_were_removed_is_not_reused(home: Home) -> None:
+    """``rm -rf`` of a state directory deletes pool.json and pool.img but cannot remove
+    the mount point: the next command took the orphaned XFS for a native pool with
+    reflinks, and stored everything in a deleted file."""
+    from ember.snapshots.errors import PoolError
+
+    snap = Snapshotter(home)
+    if snap.pool.kind != LOOPFILE:
+        pytest.skip("the state directory has reflinks itself: no pool file to delete")
+    (home.snapshots / "pool.json").unlink()
+    (home.snapshots / "pool.img").unlink()
+    with pytest.raises(PoolError, match="still mounted from a deleted pool file") as e:
+        Snapshotter(home)
+    assert e.value.hint == f"unmount it (umount {snap.pool.root}) and run the command again"
+    assert not (home.snapshots / "pool.json").exists()

@@ -99,6 +99,7 @@ def open_pool(home: Home, config: SnapshotConfig) -> Pool:
                 # pool file is the authority, never format over it
                 state = {"kind": LOOPFILE, "reflink": True, "created": time.time()}
             else:
+                _refuse_orphaned_mount(root)
                 state = _create(base, root, image, config)
                 created = True
             atomic_write(state_file, json.dumps(state).encode())
@@ -107,6 +108,22 @@ def open_pool(home: Home, config: SnapshotConfig) -> Pool:
             _ensure_mounted(image, root)
     backend = _choose_backend(config, reflink)
     return Pool(base, root, kind, reflink, backend, image if kind == LOOPFILE else None, created)
+
+
+def _refuse_orphaned_mount(root: Path) -> None:
+    """A pool left mounted after its files were removed (``rm -rf`` of the state directory
+    cannot remove the mount point): its XFS would pass for a native pool with reflinks,
+    and what ember then stored would live in a deleted file, gone at the next unmount."""
+    for m in system.mounts():
+        if m.mountpoint != root:
+            continue
+        for lo in system.loop_devices():
+            if (lo.major, lo.minor) == (m.major, m.minor) and lo.backing_file.endswith(" (deleted)"):
+                raise PoolError(
+                    f"{root} is still mounted from a deleted pool file ({lo.backing_file}): "
+                    f"was the state directory removed while it was mounted?",
+                    hint=f"unmount it (umount {root}) and run the command again",
+                )
 
 
 def _read_state(state_file: Path) -> dict[str, object] | None:
