@@ -130,3 +130,13 @@ def test_a_lease_file_naming_another_lease_stops_gc(home: Home) -> None:
         with pytest.raises(LeaseError, match="old-copy.json is damaged: it holds lease"):
             collect(home)
     assert snap.leases.get("machine/m1").expires is None and snap.exists("machine/m1")
+
+
+def test_a_lease_whose_expiry_is_not_a_number_is_damaged(home: Home) -> None:
+    """'expires': NaN was read as a lease that never expires (NaN compares false)."""
+    snap = Snapshotter(home)
+    snap.leases.create("op/1", ttl=60)
+    path = snap.pool.leases / "op%2F1.json"
+    path.write_text(path.read_text().replace('"expires": ', '"expires": NaN, "was": '))
+    with pytest.raises(LeaseError, match="op%2F1.json is damaged: a time that is not a number"):
+        snap.leases.get("op/1")

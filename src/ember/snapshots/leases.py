@@ -10,6 +10,7 @@ after the change, never a window where a new claim is invisible.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import time
@@ -54,6 +55,10 @@ class Lease:
     def from_json(cls, d: Any, where: Path) -> Lease:
         try:
             expires = d.get("expires")
+            for value in (d["created"], expires):
+                # NaN compares false with everything: a lease that never expires
+                if value is not None and not math.isfinite(float(value)):
+                    raise ValueError(f"a time that is not a number: {value!r}")
             return cls(
                 name=str(d["name"]),
                 created=float(d["created"]),
