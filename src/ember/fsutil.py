@@ -68,3 +68,53 @@ def open_regular(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove the directory ``path`` and everything below it, never following a symlink.
+
+    Iterative, with one directory open at a time: shutil.rmtree recurses (and keeps a
+    descriptor open) per level, and an image's layers can build a tree deeper than Python's
+    recursion limit or the process's descriptor limit (PATH_MAX allows 2047 levels
+    of "/a", and a symlink into the deepest one lets the next entry go on from there).
+    Each directory is listed once (its subdirectories kept in ``levels``), so a wide
+    one costs no more than with shutil.  It goes back up through "..": only for a tree
+    nothing else moves directories in meanwhile (the applier, alone in its chroot; a
+    directory ember has just made and filled).
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    names: list[str] = []  # from ``path`` down to the directory open in ``fd``
+    try:
+        levels = [_empty_but_subdirectories(fd)]  # per open level: subdirectories left
+        while True:
+            if levels[-1]:
+                name = levels[-1].pop()
+                child = os.open(name, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(name)
+                levels.append(_empty_but_subdirectories(fd))
+                continue
+            levels.pop()
+            if not names:
+                break
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _empty_but_subdirectories(fd: int) -> list[str]:
+    """Unlink everything in the directory ``fd`` but its subdirectories; their names."""
+    subdirectories = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return subdirectories

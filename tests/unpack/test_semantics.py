@@ -282,3 +282,28 @@ def test_opaque_keeps_this_layers_files_in_implicit_lower_subdirectories(root: P
         [reg("d/sub/new", b"n"), opaque("d")],  # no entry for d/sub itself in this layer
     )
     assert sorted(p.relative_to(root).as_posix() for p in (root / "d").rglob("*")) == ["d/sub", "d/sub/new"]
+
+
+
+DEEP = "a/" * 1500  # a tree PATH_MAX allows, deeper than Python's default recursion limit
+
+
+@pytest.mark.parametrize("upper", [
+    [whiteout("a")],
+    [reg("a/new", b"2"), opaque("a")],
+    [reg("a", b"a file over the tree")],
+])
+def test_a_tree_as_deep_as_path_max_is_removed(upper: list, root: Path, layers: Layers) -> None:
+    layers.apply(root, [reg(DEEP + "old", b"1")], upper)
+    assert not (root / DEEP / "old").exists()
+    assert not (root / "a/a").exists()
+
+
+def test_a_tree_made_deeper_through_symlinks_is_removed(root: Path, layers: Layers) -> None:
+    # three 2000-level trees, each reached through a symlink into the deepest directory
+    # of the one before: 6000 levels below "a", deeper than any path can name
+    n = 2000
+    lower = [reg("a/" * n + "f", b"x"), sym("s1", "a/" * (n - 1) + "a"), reg("s1/" + "b/" * n + "f", b"x"),
+             sym("s2", "s1/" + "b/" * (n - 1) + "b"), reg("s2/" + "c/" * n + "f", b"x")]
+    layers.apply(root, lower, [whiteout("a")])
+    assert sorted(p.name for p in root.iterdir()) == ["s1", "s2"]  # dangling now

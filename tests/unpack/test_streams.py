@@ -321,3 +321,54 @@ def test_a_session_applies_root_after_root_with_one_child(
         assert _session_pid(session) not in pids
     assert own_children() == each_applier_child.children_before
     assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before
+
+
+def _pax_member(payload: bytes, type_: bytes = tarfile.XHDTYPE) -> bytes:
+    """An extended (or global) header carrying ``payload`` as written, padded to a block."""
+    ti = tarfile.TarInfo("PaxHeader")
+    ti.type = type_
+    ti.size = len(payload)
+    return ti.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % tarfile.BLOCKSIZE)
+
+
+@pytest.mark.timeout(60)
+def test_long_digit_runs_in_pax_records_take_linear_time(root: Path, layers: Layers) -> None:
+    # CVE-2024-6232: tarfile's record regexes are quadratic on runs of digits; 2 MiB
+    # of them (a few KB gzipped) kept the applier busy for about an hour
+    e = reg("x", b"1")
+    e.pax["comment"] = "1" * (2 << 20)
+    layers.apply(root, [e], compression="gzip")
+    assert (root / "x").read_bytes() == b"1"
+
+
+def test_global_pax_headers_are_ignored_as_go_does(root: Path, layers: Layers) -> None:
+    # tarfile applies a global header to every later member; Go's archive/tar (Docker,
+    # containerd, umoci) does not: the layer must give the files Go's readers see
+    glob = tarfile.TarInfo._create_pax_generic_header(  # type: ignore[attr-defined]
+        {"path": "evil", "uid": "1234", "SCHILY.xattr.user.g": "1"}, tarfile.XGLTYPE, "utf-8")
+    layers.apply(root, glob + tar_bytes([reg("a", b"1"), dir_("d"), reg("d/b", b"2")]))
+    assert sorted(p.name for p in root.iterdir()) == ["a", "d"]
+    for p in (root / "a", root / "d", root / "d/b"):
+        assert os.lstat(p).st_uid == 0
+        assert os.listxattr(p) == []
+
+
+@pytest.mark.parametrize("payload", [
+    b"13 path=evil\nJUNK",  # bytes after the last record
+    b"99 path=evil\n",  # a length beyond the header
+    b"13 path=evilX",  # a record that does not end with a newline
+    b"12 uid=abcd\n",  # tarfile reads a bad number as 0 (root)
+    b"7 =abc\n",  # no key
+])
+def test_malformed_pax_records_are_refused(payload: bytes, root: Path, layers: Layers) -> None:
+    # tarfile stops reading records at the first malformed one (or reads a bad number
+    # as 0) and goes on; Go's archive/tar refuses the archive, and so does ember
+    with pytest.raises(InvalidLayer, match="invalid tar header"):
+        layers.apply(root, _pax_member(payload) + tar_bytes([reg("f", b"1")], fmt=tarfile.USTAR_FORMAT))
+
+
+@pytest.mark.parametrize("owner", [{"uid": 2**32}, {"gid": 2**40}, {"uid": 2**32 - 1}])
+def test_an_owner_out_of_range_is_refused_by_name(owner: dict, root: Path, layers: Layers) -> None:
+    # GNU base-256 numbers hold any uid; chown takes 32 bits (and 2**32 - 1 means "unchanged")
+    with pytest.raises(InvalidLayer, match="'f' has an invalid owner"):
+        layers.apply(root, [reg("f", b"x", **owner)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,9 +175,11 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
                 raise
     except BaseException:
         if created:
-            import shutil  # only here: ~1.5 ms (bz2, lzma) that `image ls` need not pay
+            from ember.fsutil import remove_tree
 
-            shutil.rmtree(directory, ignore_errors=True)
+            # not shutil.rmtree: the layers may have built a tree deeper than its recursion
+            with contextlib.suppress(OSError):
+                remove_tree(directory)
         raise
     layers = f"{stats.layers} layer{'' if stats.layers == 1 else 's'}"
     _say(f"unpacked {img.reference} into {directory} ({layers}, {stats.entries} entries)")

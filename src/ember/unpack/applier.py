@@ -27,7 +27,6 @@ import base64
 import errno
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from contextlib import suppress
 from typing import TypeVar
 from urllib.parse import unquote
 
+from ember.fsutil import remove_tree
 from ember.unpack.errors import InvalidLayer, UnpackError
 from ember.unpack.paths import Whiteout, clean, parents, whiteout_of
 from ember.unpack.sparse import SparseWriter
@@ -44,6 +44,9 @@ _XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 # Host-specific or overlay-internal attributes are never restored (umoci skips the same).
 _IGNORED_XATTRS = ("security.selinux", "system.nfs4_acl")
 _IGNORED_XATTR_PREFIXES = ("trusted.overlay.",)
+
+#: the largest uid or gid (2**32 - 1 is chown's "leave unchanged")
+_MAX_ID = 2**32 - 2
 
 _O_CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -125,6 +128,8 @@ class LayerApplier:
             self._whiteout(wh)
             return
         kind = info.type
+        if not (0 <= info.uid <= _MAX_ID and 0 <= info.gid <= _MAX_ID):
+            raise InvalidLayer(f"layer entry {info.name[:200]!r} has an invalid owner {info.uid}:{info.gid}")
         if path == "/":
             if kind != tarfile.DIRTYPE:
                 raise InvalidLayer(
@@ -173,7 +178,7 @@ class LayerApplier:
         if st is None:
             st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)  # fd-based, never follows symlinks
+            remove_tree(path)  # iterative: a layer's tree may be thousands of levels deep
         else:
             os.unlink(path)
 
@@ -359,15 +364,18 @@ class LayerApplier:
             return
         if not stat.S_ISDIR(st.st_mode):
             return
-        with os.scandir(directory) as it:
-            children = list(it)
-        for child in children:
-            path = posixpath.join(directory, child.name)
-            keep = path in self.touched or path in self._holds_touched
-            if keep and child.is_dir(follow_symlinks=False):
-                self._opaque(path)
-            elif not keep:
-                self._remove(path)
+        pending = [directory]  # a loop, not recursion: a tree may be thousands of levels deep
+        while pending:
+            current = pending.pop()
+            with os.scandir(current) as it:
+                children = list(it)
+            for child in children:
+                path = posixpath.join(current, child.name)
+                keep = path in self.touched or path in self._holds_touched
+                if keep and child.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif not keep:
+                    self._remove(path)
 
     def _finish_dirs(self) -> None:
         for path, ns in reversed(self._dir_times):

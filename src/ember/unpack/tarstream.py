@@ -6,7 +6,8 @@ and easy to get wrong.  Everything around it is ember's: the buffering (one
 ``os.read`` per MiB, file data handed out as slices of that buffer so it is
 copied once, pipe -> page cache), strict end-of-archive handling (tarfile
 silently treats a corrupt header as the end of the archive), bounds on
-header sizes, and the validation of offsets and sparse maps.
+header sizes, the validation of offsets and sparse maps, and the parsing of
+pax records (``_TarInfo``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import struct
 import tarfile
 from collections.abc import Iterator
+from typing import Any
 
 from ember.unpack.errors import InvalidLayer
 
@@ -159,6 +161,76 @@ def _fast_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
     return ti
 
 
+_PAX_INTEGERS = frozenset((b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.realsize"))
+
+
+def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``LENGTH KEY=VALUE\\n`` records of a pax header, in linear time and framed as
+    strictly as Go's archive/tar (Docker, containerd, umoci) reads them: anything else
+    is an invalid header, not (as for tarfile) the silent end of the records."""
+    out: list[tuple[bytes, bytes]] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0  # bytes.isdigit: ASCII digits only
+        stop = pos + length
+        if length < 5 or stop > end or data[stop - 1] != 0x0A:
+            raise tarfile.InvalidHeaderError(f"malformed pax record at byte {pos}")  # type: ignore[attr-defined]
+        key, equals, value = data[space + 1:stop - 1].partition(b"=")
+        if not key or not equals or (key in _PAX_INTEGERS and not value.isdigit()):
+            raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]
+                f"invalid pax record {key[:100]!r} at byte {pos}"
+            )
+        out.append((key, value))
+        pos = stop
+    return out
+
+
+class _TarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo with ember's own pax header parsing.
+
+    tarfile (CPython 3.11.7) finds records and a ``hdrcharset`` with regular
+    expressions that take quadratic time on a long run of digits (CVE-2024-6232:
+    16 MiB of them, ~16 KiB gzipped, would keep the applier busy for days), and
+    it applies a global header (``g``) to every member after it, where Go's
+    archive/tar, and so Docker, containerd and umoci, ignore global headers:
+    the same layer would not give the same files.  Here records are parsed in
+    one pass and global headers are skipped, as Go does; the rest (sparse
+    formats, applying the records to the next member) is tarfile's.
+    """
+
+    def _proc_pax(self, tf: Any) -> tarfile.TarInfo:
+        buf = tf.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+        if len(buf) < self.size:
+            raise _TruncatedHeader("truncated pax header")
+        records = _pax_records(buf[: self.size])
+        try:
+            member: tarfile.TarInfo = self.fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None  # type: ignore[attr-defined]
+        if self.type == tarfile.XGLTYPE:
+            return member
+        headers = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+                   for k, v in records}
+        if "GNU.sparse.map" in headers:  # GNU sparse 0.1
+            self._proc_gnusparse_01(member, headers)  # type: ignore[attr-defined]
+        elif "GNU.sparse.size" in headers:  # GNU sparse 0.0: offset/numbytes records in order
+            offsets = [int(v) for k, v in records if k == b"GNU.sparse.offset"]
+            lengths = [int(v) for k, v in records if k == b"GNU.sparse.numbytes"]
+            member.sparse = list(zip(offsets, lengths, strict=False))  # type: ignore[assignment]
+        elif headers.get("GNU.sparse.major") == "1" and headers.get("GNU.sparse.minor") == "0":
+            self._proc_gnusparse_10(member, headers, tf)  # type: ignore[attr-defined]
+        member._apply_pax_info(headers, tf.encoding, tf.errors)  # type: ignore[attr-defined]
+        member.offset = self.offset
+        if "size" in headers:  # the data of the member ends elsewhere
+            offset = member.offset_data
+            if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES:
+                offset += member._block(member.size)  # type: ignore[attr-defined]
+            tf.offset = offset
+        return member
+
+
 class _HeaderSource:
     """The attributes of a TarFile that ``TarInfo.fromtarfile`` uses."""
 
@@ -256,7 +328,7 @@ class TarStream:
     def _slow_header(self, start: int) -> tarfile.TarInfo:
         """tarfile's decoder for everything else: pax, GNU long names, sparse, end of archive."""
         try:
-            info: tarfile.TarInfo = tarfile.TarInfo.fromtarfile(self._src)  # type: ignore[arg-type]
+            info: tarfile.TarInfo = _TarInfo.fromtarfile(self._src)  # type: ignore[arg-type]
             return info
         except _EOFHeader:
             raise _End from None
