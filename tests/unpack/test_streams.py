@@ -13,6 +13,7 @@ import pytest
 
 from ember.oci.digest import Digest
 from ember.unpack import DiffIDMismatch, InvalidLayer, UnpackError, UnsupportedLayer, apply_layer
+from ember.unpack.tarstream import MAX_HEADER_BYTES
 from tests.unpack.conftest import ApplierChild, own_children
 from tests.unpack.layers import MEDIA, Layers, dir_, hard, reg, sym, tar_bytes
 
@@ -334,11 +335,21 @@ def _pax_member(payload: bytes, type_: bytes = tarfile.XHDTYPE) -> bytes:
 @pytest.mark.timeout(60)
 def test_long_digit_runs_in_pax_records_take_linear_time(root: Path, layers: Layers) -> None:
     # CVE-2024-6232: tarfile's record regexes are quadratic on runs of digits; 2 MiB
-    # of them (a few KB gzipped) kept the applier busy for about an hour
+    # of them (a few KB gzipped) kept the applier busy for about an hour, the 1 MiB
+    # that fit in MAX_HEADER_BYTES for a quarter of that
     e = reg("x", b"1")
-    e.pax["comment"] = "1" * (2 << 20)
+    e.pax["comment"] = "1" * (MAX_HEADER_BYTES - 4096)
     layers.apply(root, [e], compression="gzip")
     assert (root / "x").read_bytes() == b"1"
+
+
+def test_headers_past_gos_limit_are_refused(root: Path, layers: Layers) -> None:
+    """Go's archive/tar reads at most 1 MiB of headers per entry (its fix for
+    CVE-2022-2879); 16 MiB of sparse map became ~0.8 GB of Python ints here."""
+    e = reg("x", b"1")
+    e.pax["comment"] = "c" * (1 << 20)
+    with pytest.raises(InvalidLayer, match="header"):
+        layers.apply(root, [e], compression="gzip")
 
 
 def test_global_pax_headers_are_ignored_as_go_does(root: Path, layers: Layers) -> None:

@@ -22,8 +22,10 @@ from ember.unpack.errors import InvalidLayer
 
 BLOCK = tarfile.BLOCKSIZE
 READ_SIZE = 1 << 20
-#: bytes of headers (pax records, GNU long names, sparse maps) one entry may carry
-MAX_HEADER_BYTES = 16 << 20
+#: bytes of headers (pax records, GNU long names, sparse maps) one entry may carry: 1 MiB,
+#: Go's archive/tar limit (Docker, containerd), which reads no larger one; 16 MiB of
+#: sparse map became ~8M Python ints (~0.8 GB) in the applier
+MAX_HEADER_BYTES = 1 << 20
 
 # tarfile's header exceptions are not in its __all__ (nor in typeshed), but
 # telling them apart is the point: zero block = end, short block = truncated.
