@@ -215,7 +215,7 @@ def test_concurrent_applies_from_threads(tmp_path: Path, layers: Layers) -> None
 def test_endless_chain_of_extended_headers(root: Path, layers: Layers) -> None:
     pax = tarfile.TarInfo._create_pax_generic_header({"comment": "x"}, tarfile.XHDTYPE, "utf-8")  # type: ignore[attr-defined]
     raw = pax * 3000 + tar_bytes([reg("a", b"1")])
-    with pytest.raises(InvalidLayer, match="extended headers|too large"):
+    with pytest.raises(InvalidLayer, match="extended header|too large"):
         layers.apply(root, raw)
 
 
@@ -364,18 +364,62 @@ def test_global_pax_headers_are_ignored_as_go_does(root: Path, layers: Layers) -
         assert os.listxattr(p) == []
 
 
+def _record(key: str, value: str) -> bytes:
+    """One pax record, ``LENGTH KEY=VALUE\\n``, its length counting its own digits."""
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
 @pytest.mark.parametrize("payload", [
     b"13 path=evil\nJUNK",  # bytes after the last record
     b"99 path=evil\n",  # a length beyond the header
     b"13 path=evilX",  # a record that does not end with a newline
     b"12 uid=abcd\n",  # tarfile reads a bad number as 0 (root)
     b"7 =abc\n",  # no key
+    # more than 4300 digits: Python refuses to convert them, tarfile reads 0 (root);
+    # Go reads 1000
+    _record("uid", "0" * 5000 + "1000"),
+    _record("size", "9" * 20),  # past int64
+    _record("mtime", "soon"),
+    _record("mtime", "12.x"),
 ])
 def test_malformed_pax_records_are_refused(payload: bytes, root: Path, layers: Layers) -> None:
     # tarfile stops reading records at the first malformed one (or reads a bad number
     # as 0) and goes on; Go's archive/tar refuses the archive, and so does ember
     with pytest.raises(InvalidLayer, match="invalid tar header"):
         layers.apply(root, _pax_member(payload) + tar_bytes([reg("f", b"1")], fmt=tarfile.USTAR_FORMAT))
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    # Go keeps the last of two x headers, tarfile the first: no reading is the right one
+    (tarfile.XHDTYPE, tarfile.XHDTYPE),
+    # Go drops an x header that a g header follows, tarfile applied it
+    (tarfile.XHDTYPE, tarfile.XGLTYPE),
+    # Go returns a Solaris X header as an entry of its own, which containerd refuses
+    (tarfile.SOLARIS_XHDTYPE, None),
+])
+def test_extended_headers_go_reads_otherwise_are_refused(
+    first: bytes, second: bytes | None, root: Path, layers: Layers
+) -> None:
+    raw = _pax_member(_record("path", "first"), first)
+    if second is not None:
+        raw += _pax_member(_record("path", "second"), second)
+    with pytest.raises(InvalidLayer, match="invalid tar header"):
+        layers.apply(root, raw + tar_bytes([reg("f", b"1")], fmt=tarfile.USTAR_FORMAT))
+    assert not (root / "first").exists() and not (root / "second").exists()
+
+
+def test_a_pax_time_with_a_fraction_and_a_sign_is_read(root: Path, layers: Layers) -> None:
+    raw = _pax_member(_record("mtime", "1700000000.25")) + tar_bytes(
+        [reg("f", b"1")], fmt=tarfile.USTAR_FORMAT)  # fmt: skip
+    raw2 = _pax_member(_record("mtime", "-5")) + tar_bytes([reg("g", b"2")], fmt=tarfile.USTAR_FORMAT)
+    layers.apply(root, raw)
+    layers.apply(root, raw2)
+    assert abs(os.lstat(root / "f").st_mtime_ns - 1_700_000_000_250_000_000) < 1000
+    assert os.lstat(root / "g").st_mtime_ns == -5_000_000_000
 
 
 @pytest.mark.parametrize("owner", [{"uid": 2**32}, {"gid": 2**40}, {"uid": 2**32 - 1}])

@@ -1,8 +1,8 @@
 """A forward-only tar reader over a pipe, built for the chroot-ed applier.
 
-Header decoding (ustar, GNU long names, pax records, the three GNU sparse
-formats) is tarfile's own ``TarInfo.fromtarfile``: that part is well tested
-and easy to get wrong.  Everything around it is ember's: the buffering (one
+Header decoding (ustar, GNU long names, the three GNU sparse formats) is
+tarfile's own ``TarInfo.fromtarfile``: that part is well tested and easy to
+get wrong.  Everything around it is ember's: the buffering (one
 ``os.read`` per MiB, file data handed out as slices of that buffer so it is
 copied once, pipe -> page cache), strict end-of-archive handling (tarfile
 silently treats a corrupt header as the end of the archive), bounds on
@@ -85,6 +85,18 @@ class PipeReader:
             return self._buf[self._pos:end]
         return None
 
+    def peek_filled(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer at the end of the stream) without consuming them,
+        reading more when the buffer ends before them."""
+        while len(self._buf) - self._pos < n:
+            data = os.read(self._fd, self._read_size)
+            if not data:
+                break
+            self._base += self._pos
+            self._buf = self._buf[self._pos:] + data
+            self._pos = 0
+        return self._buf[self._pos:self._pos + n]
+
     def advance(self, n: int) -> None:
         """Consume ``n`` bytes that ``peek`` returned."""
         self._pos += n
@@ -164,6 +176,26 @@ def _fast_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
 
 
 _PAX_INTEGERS = frozenset((b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.realsize"))
+_PAX_TIMES = frozenset((b"mtime", b"atime", b"ctime"))
+#: the extended header types; one may not follow another ``x`` (see _TarInfo)
+_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+def _int64(text: bytes, *, signed: bool = False) -> bool:
+    """Whether ``text`` is a decimal Go's strconv.ParseInt(text, 10, 64) takes (tarfile
+    would read anything else, even 5000 zeros before a 1000, as 0)."""
+    if signed and text[:1] == b"-":
+        text = text[1:]
+    return text.isdigit() and len(text.lstrip(b"0")) <= 19 and int(text) < 1 << 63
+
+
+def _pax_value_ok(key: bytes, value: bytes) -> bool:
+    if key in _PAX_INTEGERS:
+        return _int64(value)
+    if key in _PAX_TIMES:  # seconds, with an optional fraction, as Go's parsePAXTime
+        seconds, dot, fraction = value.partition(b".")
+        return _int64(seconds, signed=True) and (not dot or fraction.isdigit())
+    return True
 
 
 def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -180,7 +212,7 @@ def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
         if length < 5 or stop > end or data[stop - 1] != 0x0A:
             raise tarfile.InvalidHeaderError(f"malformed pax record at byte {pos}")  # type: ignore[attr-defined]
         key, equals, value = data[space + 1:stop - 1].partition(b"=")
-        if not key or not equals or (key in _PAX_INTEGERS and not value.isdigit()):
+        if not key or not equals or not _pax_value_ok(key, value):
             raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]
                 f"invalid pax record {key[:100]!r} at byte {pos}"
             )
@@ -203,10 +235,17 @@ class _TarInfo(tarfile.TarInfo):
     """
 
     def _proc_pax(self, tf: Any) -> tarfile.TarInfo:
+        if self.type == tarfile.SOLARIS_XHDTYPE:
+            # Go returns it as an entry of its own, which containerd and Docker refuse
+            raise tarfile.InvalidHeaderError("a Solaris extended header (type X)")  # type: ignore[attr-defined]
         buf = tf.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
         if len(buf) < self.size:
             raise _TruncatedHeader("truncated pax header")
         records = _pax_records(buf[: self.size])
+        if self.type == tarfile.XHDTYPE and tf.fileobj.peek_filled(BLOCK)[156:157] in _EXTENDED_TYPES:
+            # Go keeps the last of two x headers (tarfile the first) and drops an x that a
+            # g follows: no writer makes either, and no reading of them is the right one
+            raise tarfile.InvalidHeaderError("an extended header followed by another")  # type: ignore[attr-defined]
         try:
             member: tarfile.TarInfo = self.fromtarfile(tf)
         except tarfile.HeaderError as e:
@@ -293,7 +332,7 @@ class TarStream:
         while True:
             reader.header_budget = MAX_HEADER_BYTES
             start = reader.tell()
-            block = reader.peek(BLOCK) if not src.pax_headers else None
+            block = reader.peek(BLOCK)
             fast = _fast_header(block, start) if block is not None and block[156:157] in _PLAIN_TYPES else None
             if fast is not None:
                 reader.advance(BLOCK)
