@@ -319,6 +319,10 @@ try:
 except PortConflict as e:
     out["again"] = str(e)
 out["9090 freed"] = try_bind(socket.SOCK_STREAM, 9090, False)
+try:
+    hold_host_ports(parse_publish("10.255.255.1:18080:80"))
+except EmberError as e:
+    out["elsewhere"] = str(e)
 for s in held:
     s.close()
 out["after"] = [try_bind(socket.SOCK_STREAM, 8080, False), try_bind(socket.SOCK_DGRAM, 5353, False)]
@@ -337,4 +341,5 @@ def test_held_host_ports_keep_host_programs_off_them(netns: str, tmp_path: Path)
     assert out["udp"] == [errno.EADDRINUSE, errno.EADDRINUSE]
     assert "host port 8080/tcp was taken by a program on this host" in out["again"]
     assert out["9090 freed"] == "bound"  # what the failed hold took first, it let go
+    assert out["elsewhere"] == "-p 10.255.255.1:18080->80/tcp: 10.255.255.1 is not an address of this host"
     assert out["after"] == ["bound", "bound"]

@@ -358,19 +358,33 @@ def _bindable(m: PortMapping, *, ignore_time_wait: bool = False) -> bool:
     still makes it fail).  Without it such a port counts as taken, which suits
     choosing a port: one a connection just used is not handed out.
     """
-    kind = socket.SOCK_STREAM if m.protocol == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as s:
-        if ignore_time_wait and kind == socket.SOCK_STREAM:
+    try:
+        _bound(m, reuse=ignore_time_wait, listen=False).close()
+    except OSError:
+        return False
+    return True
+
+
+def _bound(m: PortMapping, *, reuse: bool, listen: bool) -> socket.socket:
+    """A socket bound to ``m``'s host port (SO_REUSEADDR and listening, for TCP, when
+    asked); InvalidPortSpec when its address is not the host's, else OSError."""
+    tcp = m.protocol == "tcp"
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+    try:
+        if reuse and tcp:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((m.host_ip or "0.0.0.0", m.host_port))
         except OSError as e:
             if e.errno == errno.EADDRNOTAVAIL:
-                raise InvalidPortSpec(
-                    f"-p {m}: {m.host_ip} is not an address of this host"
-                ) from None
-            return False
-    return True
+                raise InvalidPortSpec(f"-p {m}: {m.host_ip} is not an address of this host") from None
+            raise
+        if listen and tcp:
+            s.listen(1)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 # ---- holding published ports ---------------------------------------------------------------
@@ -387,26 +401,22 @@ def hold_host_ports(ports: Iterable[PortMapping]) -> list[socket.socket]:
     not keep the machine from starting; it never accepts, and nothing reaches it while
     the rule is in place.  A UDP socket is bound without SO_REUSEADDR (so no other
     socket can share the port).  PortConflict when a port was taken since ``setup``
-    checked it; the sockets held so far are closed then."""
+    checked it, another NetworkError when it cannot be held; the sockets held so far
+    are closed then."""
     held: list[socket.socket] = []
     try:
         for m in ports:
-            tcp = m.protocol == "tcp"
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
-            held.append(s)
-            s.set_inheritable(False)  # never leaks into the VMM
-            if tcp:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((m.host_ip or "0.0.0.0", m.host_port))
-                if tcp:
-                    s.listen(1)
+                held.append(_bound(m, reuse=True, listen=True))
             except OSError as e:
                 where = f"{m.host_ip}:{m.host_port}" if m.host_ip else str(m.host_port)
-                raise PortConflict(
-                    f"host port {where}/{m.protocol} was taken by a program on this host "
-                    f"({e.strerror})",
-                    hint="stop that program, or publish another host port",
+                if e.errno == errno.EADDRINUSE:
+                    raise PortConflict(
+                        f"host port {where}/{m.protocol} was taken by a program on this host",
+                        hint="stop that program, or publish another host port",
+                    ) from None
+                raise NetworkError(
+                    f"cannot hold host port {where}/{m.protocol}: {e.strerror or e}"
                 ) from None
     except BaseException:
         for s in held:
