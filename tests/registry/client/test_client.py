@@ -20,7 +20,7 @@ from ember.store.content import ContentStore
 MANIFEST = b'{"schemaVersion": 2, "mediaType": "' + mt.OCI_MANIFEST.encode() + b'"}'
 
 #: what to send on the Nth connection (from 0), the request having been read
-Answer = Callable[[int], bytes]
+Answer = Callable[[int, bytes], bytes]
 
 
 def _head(length: int) -> bytes:
@@ -31,17 +31,20 @@ def _head(length: int) -> bytes:
     )
 
 
-def cut(_n: int) -> bytes:
+def cut(_n: int, _request: bytes = b"") -> bytes:
     """Headers promising 500 bytes, one byte of body, then the connection closes."""
     return _head(500) + b"{"
 
 
 @contextmanager
-def raw_server(answer: Answer) -> Iterator[tuple[int, list[int]]]:
-    """(port, connections seen): each connection gets one answer, then is closed."""
+def raw_server(answer: Answer, *, hold: bool = False) -> Iterator[tuple[int, list[int]]]:
+    """(port, connections seen): each connection gets one answer once its request is read
+    (``answer(n, request)``), then is closed, or with ``hold`` left open without another
+    byte until the test ends (a registry that stalls)."""
     listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
+    listener.settimeout(0.1)
     seen: list[int] = []
+    held: list[socket.socket] = []
     stop = threading.Event()
 
     def serve() -> None:
@@ -50,17 +53,20 @@ def raw_server(answer: Answer) -> Iterator[tuple[int, list[int]]]:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
-            with conn:
-                conn.settimeout(5)
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    data = conn.recv(4096)
-                    if not data:
-                        break
-                    request += data
-                n = len(seen)
-                seen.append(n)
-                conn.sendall(answer(n))
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                request += data
+            n = len(seen)
+            seen.append(n)
+            conn.sendall(answer(n, request))
+            if hold:
+                held.append(conn)
+            else:
+                conn.close()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -69,6 +75,8 @@ def raw_server(answer: Answer) -> Iterator[tuple[int, list[int]]]:
     finally:
         stop.set()
         thread.join(5)
+        for conn in held:
+            conn.close()
         listener.close()
 
 
@@ -83,7 +91,7 @@ def test_a_manifest_cut_mid_body_is_retried_then_unreachable() -> None:
 
 
 def test_a_manifest_cut_once_is_fetched_on_the_retry() -> None:
-    def cut_once(n: int) -> bytes:
+    def cut_once(n: int, _request: bytes) -> bytes:
         return cut(n) if n == 0 else _head(len(MANIFEST)) + MANIFEST
 
     with (
@@ -110,7 +118,7 @@ def test_an_unreachable_token_service_is_named_as_such() -> None:
         closed.bind(("127.0.0.1", 0))
         realm_port = closed.getsockname()[1]  # bound, never listening: connections refused
 
-        def challenge(_n: int) -> bytes:
+        def challenge(_n: int, _request: bytes) -> bytes:
             return (
                 b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
                 b'WWW-Authenticate: Bearer realm="http://127.0.0.1:'
@@ -129,50 +137,11 @@ def test_an_unreachable_token_service_is_named_as_such() -> None:
     )
 
 
-@contextmanager
-def silent_server(head: bytes = b"") -> Iterator[tuple[int, list[int]]]:
-    """(port, connections seen): each connection is read, sent ``head`` (maybe nothing),
-    then left open without another byte until the test ends."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    seen: list[int] = []
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            held.append(conn)
-            conn.settimeout(5)
-            request = b""
-            while b"\r\n\r\n" not in request:
-                data = conn.recv(4096)
-                if not data:
-                    break
-                request += data
-            seen.append(len(seen))
-            conn.sendall(head)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1], seen
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in held:
-            conn.close()
-        listener.close()
-
-
 def test_a_registry_that_never_answers_is_tried_twice_not_five_times() -> None:
     """Each silent try waits the whole timeout: five of them (retries=4) kept a user
     waiting five minutes at the default 60 s, without a word."""
     with (
-        silent_server() as (port, seen),
+        raw_server(lambda _n, _r: b"", hold=True) as (port, seen),
         RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.01, timeout=0.3) as client,
         pytest.raises(RegistryUnreachable, match=f"registry 127.0.0.1:{port} did not answer in time") as e,
     ):
@@ -187,7 +156,7 @@ def test_a_blob_download_that_stalls_is_tried_twice(tmp_path: Path) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + blob[:10]
     store = ContentStore(tmp_path / "content")
     with (
-        silent_server(head) as (port, seen),
+        raw_server(lambda _n, _r: head, hold=True) as (port, seen),
         RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.01, timeout=0.3) as client,
         pytest.raises(RegistryUnreachable, match=r"stalled: no data for 0.3 s"),
     ):
@@ -196,15 +165,45 @@ def test_a_blob_download_that_stalls_is_tried_twice(tmp_path: Path) -> None:
     assert not store.exists(desc.digest)
 
 
-def test_a_refused_connection_still_gets_every_retry() -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
-        port = closed.getsockname()[1]
-        with (
-            RegistryClient(f"127.0.0.1:{port}", retries=3, backoff=0.001) as client,
-            pytest.raises(RegistryUnreachable, match=f"cannot reach registry 127.0.0.1:{port}"),
-        ):
-            client.get_manifest("app", "latest")
+def test_a_cut_connection_still_gets_every_retry() -> None:
+    """Only a silent peer is limited to one retry: a connection cut at once (no answer
+    at all, not a timeout) gets all of them."""
+    with (
+        raw_server(lambda _n, _r: b"") as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=3, backoff=0.001) as client,
+        pytest.raises(RegistryUnreachable, match=f"cannot reach registry 127.0.0.1:{port}"),
+    ):
+        client.get_manifest("app", "latest")
+    assert len(seen) == 4
+
+
+def test_a_download_that_stalls_after_progress_is_resumed_each_time(tmp_path: Path) -> None:
+    """Each try resumes where the last stalled: one that got further is not a silent
+    peer, and gets the ordinary retries (it failed after two before)."""
+    blob = bytes(range(256)) * 4
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+
+    def ten_more(_n: int, request: bytes) -> bytes:
+        start = 0
+        for line in request.split(b"\r\n"):
+            if line.lower().startswith(b"range: bytes="):
+                start = int(line.split(b"=")[1].split(b"-")[0])
+        end = min(start + 10, len(blob))
+        status = b"206 Partial Content" if start else b"200 OK"
+        return (
+            b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(blob) - start).encode()
+            + b"\r\nContent-Range: bytes " + f"{start}-{len(blob) - 1}/{len(blob)}".encode()
+            + b"\r\n\r\n" + blob[start:end]
+        )
+
+    store = ContentStore(tmp_path / "content")
+    with (
+        raw_server(ten_more, hold=True) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=3, backoff=0.001, timeout=0.2) as client,
+        pytest.raises(RegistryUnreachable, match="stalled"),
+    ):
+        client.fetch_blob("app", desc, store)
+    assert len(seen) == 4  # the first try and three resumed ones, each 10 bytes further
 
 
 def test_a_token_answer_nested_too_deep_is_refused_not_a_crash() -> None:
@@ -212,7 +211,7 @@ def test_a_token_answer_nested_too_deep_is_refused_not_a_crash() -> None:
     raised RecursionError, a traceback."""
     port = [0]
 
-    def answer(n: int) -> bytes:
+    def answer(n: int, _request: bytes) -> bytes:
         if n == 0:
             return (
                 b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"

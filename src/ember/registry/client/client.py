@@ -309,11 +309,12 @@ class RegistryClient:
             time.sleep(self.backoff * (2**attempt))
             attempt += 1
 
-    def _gives_up(self, e: Exception, attempt: int) -> bool:
+    def _gives_up(self, e: Exception, attempt: int, *, progressed: bool = False) -> bool:
         """Whether failure ``e`` of try ``attempt`` (from 0) ends the retries.  A peer that
         stayed silent for the whole timeout gets one more try, not ``retries``: four more
-        would leave the user waiting minutes without a word."""
-        if isinstance(e, TransportError) and e.timed_out:
+        would leave the user waiting minutes without a word.  A download that timed out
+        after it ``progressed`` is retried like any cut connection (it resumes)."""
+        if isinstance(e, TransportError) and e.timed_out and not progressed:
             return attempt >= min(1, self.retries)
         return attempt >= self.retries
 
@@ -503,11 +504,12 @@ class RegistryClient:
                 progress(writer.offset)
             attempt = 0
             while True:
+                before = writer.offset
                 try:
                     self._download_into(repository, desc, writer, progress)
                     break
                 except (TransportError, _Retry) as e:
-                    if self._gives_up(e, attempt):
+                    if self._gives_up(e, attempt, progressed=writer.offset > before):
                         stalled = isinstance(e, TransportError) and e.timed_out
                         raise RegistryUnreachable(
                             f"download of blob {desc.digest.short} from {self.host} "
