@@ -20,6 +20,7 @@ import os
 import sys
 
 from ember.agent import protocol
+from ember.agent.peer import peer_credentials
 from ember.homedir import default_home_dir
 
 SOCKET_NAME = "agent.sock"
@@ -79,7 +80,7 @@ def _via_agent(argv: list[str]) -> tuple[int, int] | None:
 
 def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, int] | None:
     sock.connect(path)  # no agent: FileNotFoundError / ConnectionRefusedError -> run here
-    if _peer_uid(sock) != os.geteuid():
+    if peer_credentials(sock)[1] != os.geteuid():
         # Not an agent of our own user (a state directory in a shared place): it gets
         # neither our environment nor our terminal, and we do not obey it.
         return None
@@ -146,12 +147,6 @@ def _read_exactly(sock: _socket.socket, n: int) -> bytes | None:
             return None
         chunks += chunk
     return chunks
-
-
-def _peer_uid(sock: _socket.socket) -> int:
-    """The uid of the process that listens at the other end (SO_PEERCRED: pid, uid, gid)."""
-    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    return int.from_bytes(raw[4:8], sys.byteorder)
 
 
 def _current_umask() -> int:

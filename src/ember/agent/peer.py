@@ -8,13 +8,12 @@ chroot, another user) the client is told to run the command itself.
 
 from __future__ import annotations
 
+import _socket  # not socket: the client calls this before anything imports that module
 import os
-import socket
-import struct
+import sys
 
 # The namespaces whose difference would change what a command does or sees.
 NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
-_UCRED = struct.Struct("3i")
 # What bounds a process beyond its uid (/proc/PID/status): a caller with fewer
 # capabilities, or under a seccomp filter or no_new_privs, must not get the agent's.
 PRIVILEGES = (
@@ -22,10 +21,11 @@ PRIVILEGES = (
 )  # fmt: skip
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a connected unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
+def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket (for a
+    client: the one that listens).  ``struct ucred``: three 32-bit integers, host order."""
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    pid, uid, gid = (int.from_bytes(raw[i : i + 4], sys.byteorder) for i in (0, 4, 8))
     return pid, uid, gid
 
 
