@@ -30,6 +30,7 @@ from ember.net.errors import InvalidPortSpec, NetworkError, PortConflict
 from ember.net.nftables import (
     TAP_PREFIX,
     MachineRules,
+    check_machine_id,
     check_network_name,
     check_rules,
     render_ruleset,
@@ -140,9 +141,7 @@ class MachineNetwork:
 
 def tap_name(machine_id: str) -> str:
     """``em-<first 12 hex of the id>``: 15 characters, the kernel's IFNAMSIZ limit."""
-    if not re.fullmatch(r"[0-9a-f]{12,64}", machine_id):
-        raise NetworkError(f"invalid machine id {machine_id!r}")
-    return TAP_PREFIX + machine_id[:12]
+    return TAP_PREFIX + check_machine_id(machine_id)[:12]
 
 
 def host_nameservers(resolv_conf: str) -> tuple[str, ...]:

@@ -69,13 +69,20 @@ def _ipv4(text: object, what: str) -> str:
     return str(text)
 
 
+def check_machine_id(machine_id: object) -> str:
+    """A machine id as ember makes them (hex), or NetworkError: it names TAP devices and
+    goes into the ruleset."""
+    if not isinstance(machine_id, str) or not _ID_RE.fullmatch(machine_id):
+        raise NetworkError(f"invalid machine id {machine_id!r:.80}")
+    return machine_id
+
+
 def check_rules(m: MachineRules) -> None:
     """Every value the ruleset quotes, so that none can add a rule of its own."""
     if not _TAP_RE.fullmatch(m.tap):
         raise NetworkError(f"invalid TAP name {m.tap!r}")
     check_network_name(m.network)
-    if not isinstance(m.machine_id, str) or not _ID_RE.fullmatch(m.machine_id):
-        raise NetworkError(f"invalid machine id {m.machine_id!r:.80}")
+    check_machine_id(m.machine_id)
     _ipv4(m.guest_ip, "guest address")
     for p in m.ports:
         if p.protocol not in PROTOCOLS or not all(
