@@ -7,12 +7,12 @@ import json
 from typing import Any
 
 
-def loads(data: str | bytes) -> Any:
+def loads(data: str | bytes, **options: Any) -> Any:
     """``json.loads``, with every way the text can be malformed a ValueError: nesting
     deeper than the parser's recursion limit (``[[[[...`` in a few KB) raises
     RecursionError, which the callers' ``except ValueError`` would let through as a
-    traceback."""
+    traceback.  ``options`` are json.loads's (``object_pairs_hook``)."""
     try:
-        return json.loads(data)
+        return json.loads(data, **options)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ember import jsonutil
 from ember.oci.errors import FormatError
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -24,8 +24,8 @@ def load_object(data: bytes, what: str, limit: int, error: type[FormatError]) ->
     if len(data) > limit:
         raise error(f"{what} is {len(data)} bytes, more than the {limit} ember accepts")
     try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        doc = jsonutil.loads(data, object_pairs_hook=_no_duplicates)
+    except ValueError as e:  # UnicodeDecodeError and too deep a nesting are ValueErrors
         raise error(f"{what} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(doc, dict):
         raise error(f"{what} must be a JSON object, not {type(doc).__name__}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 import threading
@@ -118,14 +119,11 @@ class ContentStore:
     def matches(self, digest: Digest) -> bool:
         """Whether the stored blob still hashes to its name (reads all of it); False when
         it is missing."""
-        hasher = digest.hasher()
         try:
             with self.open(digest) as f:
-                while chunk := f.read(1 << 20):
-                    hasher.update(chunk)
+                return hashlib.file_digest(f, digest.algorithm).hexdigest() == digest.hex
         except BlobNotFound:
             return False
-        return bool(hasher.hexdigest() == digest.hex)
 
     def raise_if_damaged(self, digests: Iterable[Digest], failure: Exception) -> None:
         """After reading blobs failed with ``failure``: blame the store if one of them no
@@ -206,12 +204,10 @@ class ContentStore:
         now = time.time()
         for entry in os.scandir(self.ingest_dir):
             try:
-                if now - entry.stat().st_mtime < older_than:
+                if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
                     continue
                 fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            except OSError:  # a symlink, a directory: not ember's, left alone
+            except OSError:  # gone meanwhile; a symlink, a directory: not ember's, left alone
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
