@@ -120,9 +120,9 @@ class ContentStore:
         """Whether the stored blob still hashes to its name (reads all of it); False when
         it is missing."""
         try:
-            with self.open(digest) as f:
+            with open(self.path(digest), "rb") as f:
                 return hashlib.file_digest(f, digest.algorithm).hexdigest() == digest.hex
-        except BlobNotFound:
+        except FileNotFoundError:
             return False
 
     def raise_if_damaged(self, digests: Iterable[Digest], failure: Exception) -> None:
