@@ -24,9 +24,10 @@ def snapshot_ls(as_json: bool) -> None:
     from ember.snapshots import Snapshotter
 
     snap = Snapshotter.existing(home_from_ctx())
+    infos = snap.list() if snap is not None else []  # no pool yet: nothing to list
     rows = []
-    for info in snap.list() if snap is not None else ():  # no pool yet: nothing to list
-        assert snap is not None
+    for info in infos:
+        assert snap is not None  # infos is empty otherwise
         try:
             usage = snap.usage(info.name)
             used, exclusive = usage.size, usage.exclusive
@@ -65,9 +66,9 @@ def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
     from ember.snapshots.errors import SnapshotNotFound
 
     snap = Snapshotter.existing(home_from_ctx())
+    if snap is None:
+        raise SnapshotNotFound(f"no snapshot {names[0]!r}")
     for name in names:
-        if snap is None:
-            raise SnapshotNotFound(f"no snapshot {name!r}")
         snap.remove(name, respect_leases=not force)
         click.echo(name)
 
