@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ember.cli import common
 from ember.cli.common import home_from_ctx, human_bytes, json_option, print_json
 from ember.cli.image import image as image_group
+
+if TYPE_CHECKING:
+    from ember.snapshots import Snapshotter
+    from ember.snapshots.model import SnapshotInfo
 
 
 @click.group()
@@ -23,17 +28,8 @@ def snapshot_ls(as_json: bool) -> None:
     """List snapshots with their parent, kind, file system size and disk usage."""
     from ember.snapshots import Snapshotter
 
-    snap = Snapshotter.existing(home_from_ctx())
-    infos = snap.list() if snap is not None else []  # no pool yet: nothing to list
-    rows = []
-    for info in infos:
-        assert snap is not None  # infos is empty otherwise
-        try:
-            usage = snap.usage(info.name)
-            used, exclusive = usage.size, usage.exclusive
-        except (OSError, FileNotFoundError):
-            used = exclusive = 0
-        rows.append({**info.to_json(), "usage": used, "exclusive": exclusive})
+    snap = Snapshotter.existing(home_from_ctx())  # None: no pool yet, nothing to list
+    rows = [] if snap is None else [_row(snap, info) for info in snap.list()]
     if as_json:
         print_json(rows)
         return
@@ -47,6 +43,15 @@ def snapshot_ls(as_json: bool) -> None:
             for r in rows
         ],
     )
+
+
+def _row(snap: Snapshotter, info: SnapshotInfo) -> dict[str, Any]:
+    try:
+        usage = snap.usage(info.name)
+        used, exclusive = usage.size, usage.exclusive
+    except OSError:
+        used = exclusive = 0
+    return {**info.to_json(), "usage": used, "exclusive": exclusive}
 
 
 def _short(name: str) -> str:
