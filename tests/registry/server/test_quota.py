@@ -70,6 +70,31 @@ def test_uploads_past_the_quota_are_refused_and_leave_nothing(server: EmberServe
         assert not any(uploads.iterdir()), list(uploads.iterdir())
 
 
+def test_a_held_digest_does_not_carry_other_bytes_past_the_quota(server: EmberServer) -> None:
+    """A blob the organization holds costs nothing; bytes that only *claim* its digest
+    (the final PUT or a monolithic POST) are not that blob and must not stay behind."""
+    server.create_org("quota3")
+    t = Tenant(server, "quota3", server.create_token("quota3", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota3", "10000")
+    uploads = server.home / "registry" / "uploads"
+    before = {p.name for p in uploads.iterdir()}
+    big = os.urandom(200_000)
+    with t.client() as c:
+        held = push_blob(c, "a", b"x")
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        r = c.put(at(loc, digest=held), content=big)
+        assert r.status_code == 400 and r.json()["errors"][0]["code"] == "DIGEST_INVALID", r.text
+        r = c.post("/v2/a/blobs/uploads/", params={"digest": held}, content=big)
+        assert r.status_code == 400 and r.json()["errors"][0]["code"] == "DIGEST_INVALID", r.text
+        assert c.get(loc).status_code == 404  # the session is gone with its bytes
+        # a mistaken digest for bytes that do fit keeps the session, as before
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        assert c.put(at(loc, digest=held), content=b"yz").status_code == 400
+        assert c.get(loc).status_code == 204
+        c.delete(loc)
+    assert {p.name for p in uploads.iterdir()} - before == set()
+
+
 def test_skopeo_push_over_the_quota_fails_with_the_reason(
     server: EmberServer, busybox_layout: Path
 ) -> None:

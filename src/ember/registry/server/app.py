@@ -681,9 +681,19 @@ class RegistryApp:
         return await self._finish(ctx, repo_id, state.session, digest)
 
     async def _finish(self, ctx: _Ctx, repo_id: int, session: str, digest: Digest) -> Response:
-        await self._check_quota(ctx, self.storage.session_size(session) or 0, digest, session)
+        size = self.storage.session_size(session) or 0
+        await self._check_quota(ctx, size, digest, session)
         async with self.storage.publishing():
-            size = await run_in_threadpool(self.storage.publish, session, digest)
+            try:
+                size = await run_in_threadpool(self.storage.publish, session, digest)
+            except ApiError as e:
+                # The check above let the bytes through for free if the organization holds
+                # ``digest``; they are not that blob, so they must fit like any others, or
+                # go (kept, they would be a way to store anything past the quota).
+                if e.code == "DIGEST_INVALID" and await self._exceeded(ctx, size) is not None:
+                    if self.storage.drop_session_if_idle(session):
+                        await self._db(self.meta.delete_upload, session)
+                raise
             await self._db(self.meta.link_blob, repo_id, str(digest), size)
         await self._db(self.meta.delete_upload, session)
         return await self._blob_created(ctx, digest)
