@@ -690,9 +690,12 @@ class RegistryApp:
                 # The check above let the bytes through for free if the organization holds
                 # ``digest``; they are not that blob, so they must fit like any others, or
                 # go (kept, they would be a way to store anything past the quota).
-                if e.code == "DIGEST_INVALID" and await self._exceeded(ctx, size) is not None:
-                    if self.storage.drop_session_if_idle(session):
-                        await self._db(self.meta.delete_upload, session)
+                if (
+                    e.code == "DIGEST_INVALID"
+                    and await self._exceeded(ctx, size) is not None
+                    and self.storage.drop_session_if_idle(session)
+                ):
+                    await self._db(self.meta.delete_upload, session)
                 raise
             await self._db(self.meta.link_blob, repo_id, str(digest), size)
         await self._db(self.meta.delete_upload, session)
