@@ -76,7 +76,7 @@ def _follow(
     home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[LogFollower]
 ) -> int:
     from ember.machines import lifecycle
-    from ember.machines.state import read_state
+    from ember.machines.state import EXITED, read_state
     from ember.machines.store import MachineStore
     from ember.vm.vmm.base import ControlChannelError, open_control, write_control
 
@@ -139,6 +139,10 @@ def _follow(
         end = lifecycle.wait_exited(home, read_state(d), 5)
         if end is None or end.exit_code is None:
             raise MachineError("the machine's monitor ended without reporting an exit code")
+        if end.end_reason:
+            _say(f"machine ended: {end.end_reason}")
+        if end.auto_remove and end.status == EXITED:
+            lifecycle.remove(home, end)  # --rm: what its monitor would have done
         return end.exit_code
     if event.get("error"):
         _say(str(event["error"]))

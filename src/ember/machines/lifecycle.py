@@ -318,10 +318,14 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
             cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
             cur.exit_code = cur.signal = None
             cur.oom_killed = False
-            cur.vmm_pid = cur.monitor_pid = cur.monitor_start = None
+            cur.vmm_pid = None
             cur.stopped_by_user = False
             if restart:
+                # the same monitor runs it again: `ember stop/kill/rm` see that one is
+                # about to start it (its start then ends at once, see _stop_pending_restart)
                 cur.restart_count += 1
+            else:
+                cur.monitor_pid = cur.monitor_start = None
             mstate.write_state(d, cur)
         except BaseException:
             manager.teardown(cur.id)
@@ -476,14 +480,23 @@ def vmm_alive(st: MachineState) -> bool:
     )
 
 
+def _monitor_lost(st: MachineState) -> bool:
+    """A ``running`` record, or one its monitor is starting again (``--restart``), whose
+    monitor is gone."""
+    has_monitor = st.status == mstate.RUNNING or (
+        st.status == mstate.CREATED and st.monitor_pid is not None
+    )
+    return has_monitor and not monitor_alive(st)
+
+
 def refresh(home: Home, st: MachineState) -> MachineState:
-    """Repair a ``running`` record whose monitor is gone (killed, host crash)."""
-    if st.status != mstate.RUNNING or monitor_alive(st):
+    """Repair a record whose monitor is gone (killed, host crash)."""
+    if not _monitor_lost(st):
         return st
     d = MachineStore(home).dir(st.id)
     with mstate.locked(d):
         cur = mstate.read_state(d)
-        if cur.status != mstate.RUNNING or monitor_alive(cur):
+        if not _monitor_lost(cur):
             return cur
         if vmm_alive(cur) and cur.vmm_pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -538,15 +551,23 @@ def mark_stopped_by_user(home: Home, st: MachineState) -> MachineState:
 
 
 def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
-    """A machine between two runs of its restart policy: marked stopped, its monitor
-    waited for (it then does not restart it); None when it is not such a machine."""
+    """A machine between two runs of its restart policy (exited, or being started again
+    by its monitor): marked stopped, its monitor waited for (it then does not restart it,
+    or kills the VMM it was starting); None when it is not such a machine (or it is
+    running again by now: it is stopped as a running one)."""
     st = refresh(home, st)
-    if st.status != mstate.EXITED or st.restart_policy == "no" or not monitor_alive(st):
+    if st.status == mstate.RUNNING or st.restart_policy == "no" or not monitor_alive(st):
         return None
-    st = mark_stopped_by_user(home, st)
-    if st.monitor_pid is not None:
-        wait_pid_exit(st.monitor_pid, 30)
-    return mstate.read_state(MachineStore(home).dir(st.id))
+    d = MachineStore(home).dir(st.id)
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        if cur.status == mstate.RUNNING:
+            return None
+        cur.stopped_by_user = True
+        mstate.write_state(d, cur)
+    if cur.monitor_pid is not None:
+        wait_pid_exit(cur.monitor_pid, 30)
+    return mstate.read_state(d)
 
 
 def stop(home: Home, st: MachineState, timeout: float = DEFAULT_STOP_TIMEOUT) -> MachineState:

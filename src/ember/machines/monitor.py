@@ -231,8 +231,13 @@ def _run_held(
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
             cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
             cur.monitor_start = proc_start_time(os.getpid())
+            stopped = cur.stopped_by_user
         sync.send("started", vmm_pid=pid)
-        if spec.restore is not None:
+        if stopped:
+            # `ember stop/kill/rm -f` (or Ctrl-C) came while the VMM was being started:
+            # the run ends before the program does anything
+            vm.kill()
+        elif spec.restore is not None:
             # the VMM runs; the restored guest now waits for its config (guest time,
             # not the host's: "started" went out first)
             try:
@@ -262,10 +267,14 @@ def _run_held(
             except InterruptedError:
                 continue
     finally:
+        # console.log goes on across runs (`ember start`, --restart): init's last line
+        # of an earlier run is no word on this one
+        console_bytes = pump.received(pump.channels.console_log)
         pump.close()
     report = parse_report(_read_limited(logs.status_file))
     if report is None:
-        report = parse_console_tail(_read_limited(logs.console_log, tail=True, limit=4096))
+        tail = _read_limited(logs.console_log, tail=True, limit=min(4096, console_bytes))
+        report = parse_console_tail(tail)
     result = outcome(report, end.returncode, end.signal, killed=False)
     with mstate.update(d) as cur:
         cur.status, cur.finished_at = mstate.EXITED, mstate.now()

@@ -188,6 +188,10 @@ class StreamPump:
             and got.get(self.channels.stderr_log, 0) >= self.owed[1]
         )
 
+    def received(self, fifo: Path) -> int:
+        """Bytes read so far from one of the FIFOs (what this run of the machine wrote)."""
+        return sum(s.received for s in self.streams if s.fifo == fifo)
+
     def program_spoke(self) -> bool:
         """Whether the guest wrote on the program's stdout or stderr port or sent its
         exit report: a sign that ember-init took its run config.  The console does not
