@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.machines.vmkit import EMBER, Ember, vm_home_fixture
+from tests.machines.vmkit import EMBER, Ember, vm_home_fixture, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -37,17 +36,6 @@ def record(ember: Ember, machine_id: str) -> dict[str, Any] | None:
         return None
     return data
 
-
-def wait_for(
-    ember: Ember, name: str, ok: Callable[[dict[str, Any]], bool], timeout: float = 120
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = ember.inspect(name)
-        if ok(st):
-            return st
-        assert time.monotonic() < deadline, st
-        time.sleep(0.1)
 
 
 def alive(pid: int) -> bool:

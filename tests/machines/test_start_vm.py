@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.machines.vmkit import Ember, fetch, vm_home_fixture
+from tests.machines.vmkit import Ember, fetch, vm_home_fixture, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -142,15 +140,6 @@ def test_a_machine_without_its_run_config_is_not_started(ember: Ember, busybox: 
     assert json.loads(ember("ps", "-a", "--json").stdout)[0]["name"] == "old"
     assert ember("rm", "old").returncode == 0
 
-
-def wait_for(ember: Ember, name: str, ok: Callable[[dict[str, Any]], bool], timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = ember.inspect(name)
-        if ok(st):
-            return st
-        assert time.monotonic() < deadline, st
-        time.sleep(0.2)
 
 
 def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:

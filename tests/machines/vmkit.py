@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,19 @@ class Ember:
             text=True,
             timeout=timeout,
         )
+
+
+def wait_for(
+    ember: Ember, name: str, ok: Callable[[dict[str, Any]], bool], timeout: float = 180
+) -> dict[str, Any]:
+    """The machine's inspect record once ``ok`` holds for it (the test fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = ember.inspect(name)
+        if ok(st):
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
 
 
 FETCH = """
