@@ -120,3 +120,34 @@ def test_a_database_from_before_quotas_gets_the_column(tmp_path: Path) -> None:
     ember(tmp_path, "admin", "org", "quota", "--db", url, "old", "1M")
     rows = json.loads(ember(tmp_path, "admin", "org", "ls", "--db", url, "--json").stdout)
     assert [(r["name"], r["quota_bytes"], r["used_bytes"]) for r in rows] == [("old", 1 << 20, 0)]
+
+
+def test_a_body_past_the_quota_is_not_written_whole(server: EmberServer) -> None:
+    """A chunked body (no Content-Length to judge it by) was written to the end before
+    its quota was checked: one org could fill the disk for as long as a request ran."""
+    import httpx
+
+    server.create_org("quota4")
+    t = Tenant(server, "quota4", server.create_token("quota4", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota4", "10000")
+    uploads = server.home / "registry" / "uploads"
+    before = {p.name for p in uploads.iterdir()}
+    most = [0]  # the most bytes the server's upload files held while the body was sent
+
+    def body():  # type: ignore[no-untyped-def]
+        for i in range(800):  # chunks of 64 KiB: 50 MiB
+            if i % 16 == 0:
+                sizes = [p.stat().st_size for p in uploads.iterdir() if p.name not in before]
+                most[0] = max(most[0], sum(sizes))
+            yield b"z" * 65536
+
+    with t.client() as c:
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        try:
+            r = c.patch(loc, content=body(), headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 403 and "storage quota" in r.text, r.text
+        except httpx.TransportError:
+            pass  # the server answered and closed while the client still sent
+        assert c.get(loc).status_code == 404  # dropped
+    assert most[0] < 4 << 20, most[0]  # the quota's 10000 bytes and a write buffer
+    assert {p.name for p in uploads.iterdir()} - before == set()

@@ -528,6 +528,37 @@ class RegistryApp:
         quota = await self._read(self.meta.quota, ctx.grant.org, str(digest) if digest else None)
         return None if quota is None or quota.allows(size) else quota
 
+    async def _room(self, ctx: _Ctx, digest: Digest | None = None) -> int | None:
+        """The size an upload session may reach under the organization's quota (None: no
+        bound; also when it holds ``digest``, which then costs nothing and is checked
+        when published)."""
+        assert ctx.grant is not None
+        quota = await self._read(self.meta.quota, ctx.grant.org, str(digest) if digest else None)
+        if quota is None or quota.holds:
+            return None
+        return max(0, quota.limit - quota.used)
+
+    async def _append_within_quota(
+        self, ctx: _Ctx, session: str, start: int | None, limit: int | None, cap: int | None
+    ) -> int:
+        """storage.append with the quota's room as its cap; past it the session is
+        dropped and the client told the quota's figures (403 DENIED)."""
+        assert ctx.grant is not None
+        try:
+            return await self.storage.append(session, ctx.request.stream(), start, limit, cap)
+        except ApiError as e:
+            if e.code != "DENIED" or cap is None:
+                raise
+        if self.storage.drop_session_if_idle(session):
+            await self._db(self.meta.delete_upload, session)
+        quota = await self._read(self.meta.quota, ctx.grant.org, None)
+        used = f"{quota.used} of {quota.limit} bytes used, " if quota is not None else ""
+        raise ApiError(
+            "DENIED",
+            f"organization {ctx.grant.org} is over its storage quota: {used}this upload "
+            f"needs more than the {cap} bytes left",
+        )
+
     async def _check_quota(
         self, ctx: _Ctx, size: int, digest: Digest | None = None, session: str | None = None
     ) -> None:
@@ -590,7 +621,7 @@ class RegistryApp:
         if digest_param is not None:
             # monolithic upload: POST ?digest= with the whole blob as the body
             digest = _parse_digest(digest_param)
-            await self.storage.append(session, ctx.request.stream(), 0)
+            await self._append_within_quota(ctx, session, 0, None, await self._room(ctx, digest))
             return await self._finish(ctx, repo_id, session, digest)
         return Response(b"", status_code=202, headers=self._upload_headers(ctx, session, 0))
 
@@ -634,9 +665,11 @@ class RegistryApp:
             e.headers.update(self._upload_headers(ctx, session, current))
         return e
 
-    async def _append(self, ctx: _Ctx, state: UploadState, start: int, limit: int | None) -> int:
+    async def _append(
+        self, ctx: _Ctx, state: UploadState, start: int, limit: int | None, cap: int | None
+    ) -> int:
         try:
-            return await self.storage.append(state.session, ctx.request.stream(), start, limit)
+            return await self._append_within_quota(ctx, state.session, start, limit, cap)
         except ApiError as e:
             raise self._out_of_order(ctx, state.session, e) from None
 
@@ -662,7 +695,7 @@ class RegistryApp:
                 # gets to read the refusal rather than a reset connection
                 await _discard(ctx.request, QUOTA_DRAIN_LIMIT)
                 raise
-        size = await self._append(ctx, state, start, limit)
+        size = await self._append(ctx, state, start, limit, await self._room(ctx))
         await self._check_quota(ctx, size, session=state.session)
         return Response(b"", status_code=202, headers=self._upload_headers(ctx, state.session, size))
 
@@ -676,7 +709,7 @@ class RegistryApp:
         )
         if has_body or ctx.request.headers.get("content-range"):
             start, limit = self._chunk_range(ctx, state)
-            await self._append(ctx, state, start, limit)
+            await self._append(ctx, state, start, limit, await self._room(ctx, digest))
         repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         return await self._finish(ctx, repo_id, state.session, digest)
 

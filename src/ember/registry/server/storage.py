@@ -126,6 +126,7 @@ class BlobStorage:
         body: AsyncIterator[bytes],
         expect_offset: int | None,
         limit: int | None = None,
+        cap: int | None = None,
     ) -> int:
         """Append the request body; the new session size.
 
@@ -133,6 +134,9 @@ class BlobStorage:
         checked under the lock so that out-of-order or repeated chunks get 416.
         ``limit``: how long the client says the chunk is (Content-Range): the bytes
         past it are not stored, and the request gets 416.
+        ``cap``: the size the session may reach (what a quota leaves): the first chunk
+        that would pass it is not stored, and the request gets 403 DENIED, so that a
+        body is never written whole before the quota is judged.
         Whatever arrived before a client disconnect stays: the size says so.
         """
         with self._locked(session) as fd:
@@ -181,6 +185,8 @@ class BlobStorage:
                                 status=416,
                             )
                         room -= len(chunk)
+                    if cap is not None and offset + len(buf) + len(chunk) > cap:
+                        raise ApiError("DENIED", f"the upload would pass the {cap} bytes it may have")
                     buf += chunk
                     if len(buf) >= _WRITE_BUFFER:
                         flush()
