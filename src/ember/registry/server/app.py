@@ -549,15 +549,9 @@ class RegistryApp:
         except ApiError as e:
             if e.code != "DENIED" or cap is None:
                 raise
-        if self.storage.drop_session_if_idle(session):
-            await self._db(self.meta.delete_upload, session)
+        await self._drop_session(session)
         quota = await self._read(self.meta.quota, ctx.grant.org, None)
-        used = f"{quota.used} of {quota.limit} bytes used, " if quota is not None else ""
-        raise ApiError(
-            "DENIED",
-            f"organization {ctx.grant.org} is over its storage quota: {used}this upload "
-            f"needs more than the {cap} bytes left",
-        )
+        raise self._over_quota(ctx, quota, f"more than the {cap} bytes left")
 
     async def _check_quota(
         self, ctx: _Ctx, size: int, digest: Digest | None = None, session: str | None = None
@@ -568,13 +562,22 @@ class RegistryApp:
         quota = await self._exceeded(ctx, size, digest)
         if quota is None:
             return
-        if session is not None and self.storage.drop_session_if_idle(session):
-            await self._db(self.meta.delete_upload, session)
-        raise ApiError(
+        if session is not None:
+            await self._drop_session(session)
+        raise self._over_quota(ctx, quota, str(size))
+
+    def _over_quota(self, ctx: _Ctx, quota: Quota | None, needs: str) -> ApiError:
+        assert ctx.grant is not None
+        used = f"{quota.used} of {quota.limit} bytes used, " if quota is not None else ""
+        return ApiError(
             "DENIED",
-            f"organization {ctx.grant.org} is over its storage quota: {quota.used} of "
-            f"{quota.limit} bytes used, this upload needs {size}",
+            f"organization {ctx.grant.org} is over its storage quota: {used}this upload needs {needs}",
         )
+
+    async def _drop_session(self, session: str) -> None:
+        """An upload session and its row (unless a request is appending to it meanwhile)."""
+        if self.storage.drop_session_if_idle(session):
+            await self._db(self.meta.delete_upload, session)
 
     async def _try_mount(self, ctx: _Ctx, mount: str, source: str) -> Digest | None:
         """Link ``mount`` from ``source`` if the caller may pull it there; else None.
@@ -723,12 +726,8 @@ class RegistryApp:
                 # The check above let the bytes through for free if the organization holds
                 # ``digest``; they are not that blob, so they must fit like any others, or
                 # go (kept, they would be a way to store anything past the quota).
-                if (
-                    e.code == "DIGEST_INVALID"
-                    and await self._exceeded(ctx, size) is not None
-                    and self.storage.drop_session_if_idle(session)
-                ):
-                    await self._db(self.meta.delete_upload, session)
+                if e.code == "DIGEST_INVALID" and await self._exceeded(ctx, size) is not None:
+                    await self._drop_session(session)
                 raise
             await self._db(self.meta.link_blob, repo_id, str(digest), size)
         await self._db(self.meta.delete_upload, session)
