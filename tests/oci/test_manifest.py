@@ -70,10 +70,10 @@ def test_parse_docker_manifest_and_list() -> None:
 def test_media_type_from_shape_when_absent() -> None:
     assert isinstance(parse_manifest(b(manifest(mediaType=None))), ImageManifest)
     assert isinstance(parse_manifest(b(index(mediaType=None)), "application/json"), ImageIndex)
-    assert (
-        parse_manifest(b(manifest(mediaType=None)), mt.DOCKER_MANIFEST).media_type
-        == mt.DOCKER_MANIFEST
-    )
+    assert parse_manifest(b(manifest(mediaType=None)), mt.OCI_MANIFEST).media_type == mt.OCI_MANIFEST
+    assert parse_manifest(b(index(mediaType=None)), mt.OCI_INDEX).media_type == mt.OCI_INDEX
+    with pytest.raises(InvalidManifest):
+        parse_manifest(b(manifest(mediaType=None)), mt.OCI_INDEX)
 
 
 def test_schema1_refused_clearly() -> None:
@@ -140,8 +140,18 @@ def test_invalid(data: bytes) -> None:
 
 
 def test_declared_and_served_type_must_agree() -> None:
-    with pytest.raises(InvalidManifest, match="served as"):
+    with pytest.raises(InvalidManifest, match="Content-Type says"):
         parse_manifest(b(manifest()), mt.OCI_INDEX)
+
+
+@pytest.mark.parametrize(
+    ("doc", "claimed"),
+    [(manifest(mediaType=None), mt.DOCKER_MANIFEST), (index(mediaType=None), mt.DOCKER_MANIFEST_LIST)],
+)
+def test_docker_types_must_be_declared_in_the_document(doc: dict[str, Any], claimed: str) -> None:
+    # docker/distribution refuses such a PUT; the shape may tell only an OCI kind
+    with pytest.raises(InvalidManifest, match="must declare it in its mediaType"):
+        parse_manifest(b(doc), claimed)
 
 
 def test_unknown_manifest_type() -> None:

@@ -115,7 +115,7 @@ def token() -> None:
     "--access",
     default="pull,push",
     show_default=True,
-    help="Comma-separated actions: pull, push, delete (delete must be asked for).",
+    help="Comma-separated actions: pull, push, delete (pull always; delete must be asked for).",
 )
 @db_option
 def token_create(org_name: str, label: str, access: str, db_url: str | None) -> None:
@@ -160,7 +160,7 @@ def token_ls(org_name: str | None, db_url: str | None, as_json: bool) -> None:
 @click.argument("token_id")
 @db_option
 def token_revoke(token_id: str, db_url: str | None) -> None:
-    """Revoke token TOKEN_ID (registry tokens already issued expire within minutes)."""
+    """Revoke token TOKEN_ID (servers refuse it, and the registry tokens made from it, within 5 s)."""
     _metadata(db_url).revoke_token(token_id)
     click.echo(f"revoked {token_id}")
 

@@ -187,7 +187,14 @@ def _kind(doc: dict[str, Any], declared: str | None, claimed: str) -> str:
         raise UnsupportedSchema(_SCHEMA1_MESSAGE)
     if declared is not None and claimed not in _GENERIC_TYPES and declared != claimed:
         raise InvalidManifest(
-            f"manifest declares media type {declared[:120]!r} but was served as {claimed[:120]!r}"
+            f"manifest declares media type {declared[:120]!r} but its Content-Type says {claimed[:120]!r}"
+        )
+    if declared is None and claimed in _DOCKER_TYPES:
+        # Docker's schema 2 makes the field mandatory (docker/distribution refuses
+        # such a PUT): only OCI documents may let their shape tell their kind.
+        raise InvalidManifest(
+            f"a document sent as {claimed} must declare it in its mediaType field "
+            "(only OCI manifests and indexes may leave it out)"
         )
     media_type = declared or (claimed if claimed not in _GENERIC_TYPES else "")
     looks_index = "manifests" in doc
@@ -216,6 +223,8 @@ def _kind(doc: dict[str, Any], declared: str | None, claimed: str) -> str:
         )
     return media_type
 
+
+_DOCKER_TYPES = frozenset({mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST})
 
 _SCHEMA1_MESSAGE = (
     "Docker image manifest schema 1 is not supported (deprecated since 2017): "

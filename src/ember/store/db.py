@@ -37,8 +37,8 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import DatabaseError as SADatabaseError
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ember.store.errors import DatabaseError
 
@@ -64,7 +64,8 @@ _migrations_table = Table(
 )
 
 
-def _masked(url: str) -> str:
+def masked_url(url: str) -> str:
+    """``url`` as messages and logs show it: never with its password."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):
@@ -84,12 +85,17 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         #: the URL as messages show it: never with its password
-        self.display_url = _masked(url)
+        self.display_url = masked_url(url)
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         try:
             self.engine: Engine = create_engine(url, **kwargs)
+        except ArgumentError:
+            raise DatabaseError(
+                "not a database URL",
+                hint="for example sqlite:////var/lib/ember/registry.db or postgresql://user@host/dbname",
+            ) from None
         except (SQLAlchemyError, ImportError) as e:
             raise DatabaseError(f"cannot open database {self.display_url}: {e}") from e
         if url.startswith("sqlite"):

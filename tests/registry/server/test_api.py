@@ -42,12 +42,19 @@ def test_base_endpoint_challenge_and_token_flow(acme: Tenant) -> None:
         assert c.get("/v2/").status_code == 200
     assert http.get(f"{acme.server.url}/v2/", auth=("u", acme.token)).status_code == 200
     assert http.get(f"{acme.server.url}/v2/", auth=("u", "ember_nope")).status_code == 401
+    # a token asked for without any scope (podman search) lists the org's catalog
+    unscoped = http.get(f"{acme.server.url}/token", params={"service": "ember"}, auth=("u", acme.token))
+    r = http.get(f"{acme.server.url}/v2/_catalog",
+                 headers={"Authorization": f"Bearer {unscoped.json()['token']}"})
+    assert r.status_code == 200 and "repositories" in r.json()
+    assert http.get(f"{acme.server.url}/v2/_catalog").status_code == 401
 
 
 def test_token_endpoint_grants_only_what_is_held(acme_pusher: Tenant) -> None:
     url = f"{acme_pusher.server.url}/token"
     assert http.get(url, params={"scope": "repository:x:pull"}).status_code == 401
-    assert http.get(url, auth=("u", "wrong")).status_code == 401
+    wrong = http.get(url, auth=("u", "wrong"))
+    assert wrong.status_code == 401 and wrong.json()["errors"][0]["message"] == "unknown or revoked ember token"
     r = http.get(
         url,
         params=[("service", "ember"), ("scope", "repository:web:pull,push,delete"), ("scope", "repository:other:pull")],
@@ -67,6 +74,8 @@ def test_token_endpoint_grants_only_what_is_held(acme_pusher: Tenant) -> None:
     r = http.post(url, data={"grant_type": "password", "username": "u", "password": acme_pusher.token,
                               "scope": "repository:web:pull", "service": "ember"})
     assert r.status_code == 200 and r.json()["access_token"]
+    r = http.post(url, data={"grant_type": "refresh_token", "refresh_token": "x", "service": "ember"})
+    assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
 
 
 def test_insufficient_scope_challenge(acme: Tenant) -> None:
@@ -251,6 +260,15 @@ def test_manifest_put_get_accept_and_validation(acme: Tenant) -> None:
         r = c.put("/v2/app/manifests/bad", content=json.dumps(confused).encode(),
                   headers={"Content-Type": OCI_MANIFEST})
         assert r.status_code == 400
+        # a body without mediaType may be only an OCI kind (docker/distribution alike)
+        untyped = json.loads(manifest)
+        del untyped["mediaType"]
+        untyped_bytes = json.dumps(untyped).encode()
+        r = c.put("/v2/app/manifests/bad", content=untyped_bytes, headers={"Content-Type": DOCKER_MANIFEST})
+        assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+        r = c.put("/v2/app/manifests/untyped", content=untyped_bytes, headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 201
+        assert c.head("/v2/app/manifests/untyped").headers["content-type"] == OCI_MANIFEST
         r = c.put("/v2/app/manifests/bad", content=b"{not json", headers={"Content-Type": OCI_MANIFEST})
         assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
         # too large
@@ -373,6 +391,9 @@ def test_catalog_pagination(acme: Tenant) -> None:
         assert r.json()["repositories"] == ["cat/b"]
         assert 'rel="next"' in r.headers["link"]
         assert c.get("/v2/_catalog", params={"n": 5000}).status_code == 400
+        # a repository with only an upload started holds nothing: not listed
+        assert c.post("/v2/cat/started/blobs/uploads/").status_code == 202
+        assert "cat/started" not in c.get("/v2/_catalog").json()["repositories"]
 
 
 def test_error_format_and_unknown_paths(acme: Tenant) -> None:
@@ -396,6 +417,11 @@ def test_error_format_and_unknown_paths(acme: Tenant) -> None:
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer realm=")
         r = http.get(f"{acme.server.url}/token", headers={"Authorization": value})
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic realm=")
+        # the same challenge as without credentials, with the scope the request needs
+        r = http.get(f"{acme.server.url}/v2/web/tags/list", headers={"Authorization": value})
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == http.get(f"{acme.server.url}/v2/web/tags/list").headers["www-authenticate"]
+        assert 'scope="repository:web:pull"' in r.headers["www-authenticate"]
 
 
 def test_docker_schema2_manifest(acme: Tenant) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,7 @@ def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], Em
     assert report["blobs"] >= 3  # their files and the v0 manifest's bytes
     assert report["uploads"] == 0  # the session in flight is not expired
     assert report["repositories"] == 1  # "abandoned": its only upload was cancelled
+    assert dry == report  # a dry run foresees every phase, also what the earlier ones free
     assert not (store / old_layer_hex(old_layer)).exists()
     with t.client() as c:
         assert c.get(f"/v2/app/manifests/{old}").status_code == 404
@@ -155,6 +157,10 @@ def test_admin_cli(tmp_path: Path) -> None:
     bad = ember(home, "admin", "org", "ls", "--db", "postgresql://u:hunter2@127.0.0.1:1/x", check=False)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1
     assert "hunter2" not in bad.stderr and "not usable" in bad.stderr
+    # and one that is no URL at all (a traceback before)
+    junk = ember(home, "admin", "org", "ls", "--db", "garbage", check=False)
+    assert junk.returncode == 1 and junk.stderr.count("\n") == 1
+    assert "not a database URL" in junk.stderr and "Traceback" not in junk.stderr
     # the signing secret is generated on first server start, 0600
     srv = EmberServer(home).start()
     try:
@@ -185,3 +191,13 @@ def test_replicas_share_tokens_and_upload_urls(fresh_server: Callable[[], EmberS
         assert http.head(f"{b.url}/v2/rep/blobs/{sha256(data)}", headers={"Authorization": f"Bearer {jwt}"}).status_code == 200
     finally:
         b.stop()
+
+
+def test_server_that_cannot_listen_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = ember(tmp_path / "home", "server", "--listen", f"127.0.0.1:{port}", check=False)
+    assert busy.returncode == 2
+    assert busy.stderr == f"ember: cannot listen on 127.0.0.1:{port}: Address already in use\n"

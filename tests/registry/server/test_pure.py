@@ -124,6 +124,8 @@ def test_scopes_and_grants() -> None:
     assert parse_actions("pull, delete") == frozenset({"pull", "delete"})
     with pytest.raises(ValueError):
         parse_actions("pull,admin")
+    with pytest.raises(ValueError, match="every token needs pull"):
+        parse_actions("push")  # no client could push with it: each checks blobs first
 
 
 def test_many_scopes_still_make_a_verifiable_token() -> None:

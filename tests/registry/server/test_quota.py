@@ -60,6 +60,13 @@ def test_uploads_past_the_quota_are_refused_and_leave_nothing(server: EmberServe
         # a blob the organization holds already costs nothing, in another repository too
         push_blob(c, "b", first)
         assert org_row(server, "quota1")["used_bytes"] == 6010
+        # a quota lowered below what is stored refuses new uploads at once
+        ember(server.home, "admin", "org", "quota", "quota1", "5000")
+        r = c.post("/v2/a/blobs/uploads/")
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0]["message"] == (
+            "organization quota1 is over its storage quota: 6010 of 5000 bytes used"
+        )
         # lifting the quota lets the upload through
         ember(server.home, "admin", "org", "quota", "quota1", "none")
         push_blob(c, "a", second)

@@ -167,12 +167,9 @@ class RegistryApp:
             try:
                 decoded = base64.b64decode(value, validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
-                # a 401 says how to authenticate (RFC 9110 11.6.1): as a missing one would
-                raise ApiError(
-                    "UNAUTHORIZED",
-                    "malformed basic credentials",
-                    headers={"WWW-Authenticate": challenge(self._realm(request))},
-                ) from None
+                # answered as a missing one is: the route's 401 and its challenge,
+                # with the scope the request needs (RFC 9110 11.6.1)
+                return None
             _, _, password = decoded.partition(":")
             return "basic", password
         return None
@@ -254,14 +251,16 @@ class RegistryApp:
         if request.method == "POST":
             form = parse_qs((await self._read_limited(request, 65536)).decode("latin-1"))
             if form.get("grant_type") != ["password"]:
-                raise ApiError("UNSUPPORTED", "only grant_type=password is supported", status=400)
+                # OAuth2's own error shape (RFC 6749 5.2), as Docker's token spec answers
+                return JSONResponse(
+                    {"error": "unsupported_grant_type",
+                     "error_description": "only grant_type=password is supported"},
+                    status_code=400,
+                )
             secret = (form.get("password") or [""])[0]
             scopes_raw = form.get("scope") or []
         elif request.method == "GET":
-            try:
-                cred = self._credential(request)
-            except ApiError:  # malformed: answered below, with the Basic challenge
-                cred = None
+            cred = self._credential(request)
             secret = cred[1] if cred else None
         else:
             raise ApiError("UNSUPPORTED", "use GET or POST on /token")
@@ -269,7 +268,8 @@ class RegistryApp:
         if grant is None:
             raise ApiError(
                 "UNAUTHORIZED",
-                "an ember token is required (as the password of basic auth, or as a bearer token)",
+                "unknown or revoked ember token" if secret
+                else "an ember token is required (as the password of basic auth, or as a bearer token)",
                 headers={"WWW-Authenticate": 'Basic realm="ember"'},
             )
         scoped = grant_for(grant.org, grant.subject, grant.org_actions, parse_scopes(scopes_raw))
@@ -293,8 +293,11 @@ class RegistryApp:
                 raise self._deny(request, None, False, "", "")
             return JSONResponse({}, headers=API_VERSION)
         if route.kind == r.CATALOG:
-            if grant is None or not grant.may_list_catalog():
-                raise self._deny(request, grant, jwt, "registry:catalog:*", "catalog access denied")
+            # Any verified caller: the catalog shows only its own organization's
+            # repositories, and clients (podman search) ask for a token without
+            # the registry:catalog:* scope.
+            if grant is None:
+                raise self._deny(request, None, jwt, "registry:catalog:*", "")
             return await self._catalog(request, grant)
         full = qualify(grant.org, route.name) if grant else ""
         ctx = _Ctx(request, route, grant, jwt, full)
@@ -564,14 +567,16 @@ class RegistryApp:
             return
         if session is not None:
             await self._drop_session(session)
-        raise self._over_quota(ctx, quota, str(size))
+        raise self._over_quota(ctx, quota, str(size) if size else None)
 
-    def _over_quota(self, ctx: _Ctx, quota: Quota | None, needs: str) -> ApiError:
+    def _over_quota(self, ctx: _Ctx, quota: Quota | None, needs: str | None) -> ApiError:
+        """``needs``: what the upload would add, or None when nothing fits any more."""
         assert ctx.grant is not None
-        used = f"{quota.used} of {quota.limit} bytes used, " if quota is not None else ""
+        parts = [f"{quota.used} of {quota.limit} bytes used"] if quota is not None else []
+        if needs is not None:
+            parts.append(f"this upload needs {needs}")
         return ApiError(
-            "DENIED",
-            f"organization {ctx.grant.org} is over its storage quota: {used}this upload needs {needs}",
+            "DENIED", f"organization {ctx.grant.org} is over its storage quota: {', '.join(parts)}"
         )
 
     async def _drop_session(self, session: str) -> None:

@@ -15,7 +15,6 @@ a link, manifest or blob that a write in flight is about to reference.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections import defaultdict
@@ -23,7 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import delete, select
+from sqlalchemy.engine import Connection
 
+from ember.oci.digest import Digest
 from ember.registry.server import schema as s
 from ember.registry.server.metadata import RegistryMetadata
 from ember.registry.server.storage import BlobStorage
@@ -57,61 +58,55 @@ def _reachable(
     return seen
 
 
-def _sweep_metadata(
-    meta: RegistryMetadata, cutoff: float, dry_run: bool, keep_untagged: bool, report: GcReport
-) -> None:
-    with meta.db.begin() as conn:
-        manifests = conn.execute(
-            select(s.manifests.c.repo_id, s.manifests.c.digest, s.manifests.c.subject, s.manifests.c.created_at)
-        ).all()
-        tags = conn.execute(select(s.tags.c.repo_id, s.tags.c.digest)).all()
-        refs = conn.execute(
-            select(s.manifest_refs.c.repo_id, s.manifest_refs.c.manifest, s.manifest_refs.c.child, s.manifest_refs.c.kind)
-        ).all()
-        tagged: dict[int, set[str]] = defaultdict(set)
-        for repo_id, digest in tags:
-            tagged[repo_id].add(digest)
-        children: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        for repo_id, parent, child, kind in refs:
-            if kind == "manifest":
-                children[repo_id][parent].add(child)
-        referrers: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        for repo_id, digest, subject, _ in manifests:
-            if subject:
-                referrers[repo_id][subject].add(digest)
-        per_repo: dict[int, list[tuple[str, float]]] = defaultdict(list)
-        for repo_id, digest, _, created in manifests:
-            per_repo[repo_id].append((digest, created))
-        doomed: list[tuple[int, str]] = []
-        for repo_id, rows in per_repo.items():
-            roots = tagged[repo_id] | ({d for d, _ in rows} if keep_untagged else set())
-            keep = _reachable(roots, children[repo_id], referrers[repo_id])
-            doomed += [(repo_id, d) for d, created in rows if d not in keep and created < cutoff]
-        report.manifests = len(doomed)
-        doomed_set = set(doomed)
-        # blob links: used if a surviving manifest references them
-        used = {(rid, child) for rid, parent, child, kind in refs if kind == "blob" and (rid, parent) not in doomed_set}
-        links = conn.execute(select(s.blob_links.c.repo_id, s.blob_links.c.digest, s.blob_links.c.created_at)).all()
-        stale_links = [(rid, d) for rid, d, created in links if (rid, d) not in used and created < cutoff]
-        report.links = len(stale_links)
-        if dry_run:
-            return
-        for rid, d in doomed:
-            conn.execute(delete(s.manifests).where(s.manifests.c.repo_id == rid, s.manifests.c.digest == d))
-            conn.execute(delete(s.manifest_refs).where(s.manifest_refs.c.repo_id == rid, s.manifest_refs.c.manifest == d))
-        for rid, d in stale_links:
-            conn.execute(delete(s.blob_links).where(s.blob_links.c.repo_id == rid, s.blob_links.c.digest == d))
+def _sweep_metadata(conn: Connection, cutoff: float, keep_untagged: bool, report: GcReport) -> None:
+    manifests = conn.execute(
+        select(s.manifests.c.repo_id, s.manifests.c.digest, s.manifests.c.subject, s.manifests.c.created_at)
+    ).all()
+    tags = conn.execute(select(s.tags.c.repo_id, s.tags.c.digest)).all()
+    refs = conn.execute(
+        select(s.manifest_refs.c.repo_id, s.manifest_refs.c.manifest, s.manifest_refs.c.child, s.manifest_refs.c.kind)
+    ).all()
+    tagged: dict[int, set[str]] = defaultdict(set)
+    for repo_id, digest in tags:
+        tagged[repo_id].add(digest)
+    children: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for repo_id, parent, child, kind in refs:
+        if kind == "manifest":
+            children[repo_id][parent].add(child)
+    referrers: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for repo_id, digest, subject, _ in manifests:
+        if subject:
+            referrers[repo_id][subject].add(digest)
+    per_repo: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    for repo_id, digest, _, created in manifests:
+        per_repo[repo_id].append((digest, created))
+    doomed: list[tuple[int, str]] = []
+    for repo_id, rows in per_repo.items():
+        roots = tagged[repo_id] | ({d for d, _ in rows} if keep_untagged else set())
+        keep = _reachable(roots, children[repo_id], referrers[repo_id])
+        doomed += [(repo_id, d) for d, created in rows if d not in keep and created < cutoff]
+    report.manifests = len(doomed)
+    doomed_set = set(doomed)
+    # blob links: used if a surviving manifest references them
+    used = {(rid, child) for rid, parent, child, kind in refs if kind == "blob" and (rid, parent) not in doomed_set}
+    links = conn.execute(select(s.blob_links.c.repo_id, s.blob_links.c.digest, s.blob_links.c.created_at)).all()
+    stale_links = [(rid, d) for rid, d, created in links if (rid, d) not in used and created < cutoff]
+    report.links = len(stale_links)
+    for rid, d in doomed:
+        conn.execute(delete(s.manifests).where(s.manifests.c.repo_id == rid, s.manifests.c.digest == d))
+        conn.execute(delete(s.manifest_refs).where(s.manifest_refs.c.repo_id == rid, s.manifest_refs.c.manifest == d))
+    for rid, d in stale_links:
+        conn.execute(delete(s.blob_links).where(s.blob_links.c.repo_id == rid, s.blob_links.c.digest == d))
 
 
-def _sweep_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dry_run: bool, report: GcReport) -> None:
+def _sweep_upload_rows(conn: Connection, storage: BlobStorage, cutoff: float, report: GcReport) -> set[str]:
+    """Delete the rows of expired upload sessions; return the sessions whose files go."""
     now = time.time()
-    with meta.db.begin() as conn:
-        rows = conn.execute(select(s.uploads.c.id, s.uploads.c.expires_at)).all()
-        expired = {sid for sid, expires in rows if expires < now}
-        live = {sid for sid, _ in rows} - expired
-        if not dry_run:
-            for session in expired:
-                conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
+    rows = conn.execute(select(s.uploads.c.id, s.uploads.c.expires_at)).all()
+    expired = {sid for sid, expires in rows if expires < now}
+    live = {sid for sid, _ in rows} - expired
+    for session in expired:
+        conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
     # files of expired sessions, and files whose row never got written (a crash) once past grace
     stale = set(expired)
     for entry in os.scandir(storage.uploads):
@@ -123,12 +118,10 @@ def _sweep_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, 
         except FileNotFoundError:
             continue
     report.uploads = len(stale)
-    if not dry_run:
-        for session in stale:
-            storage.drop_session_if_idle(session)  # one in use is not stale
+    return stale
 
 
-def _sweep_repositories(meta: RegistryMetadata, cutoff: float, dry_run: bool, report: GcReport) -> None:
+def _sweep_repositories(conn: Connection, cutoff: float, report: GcReport) -> None:
     """Repositories left with nothing (an upload started and cancelled, everything deleted)."""
     empty = (
         select(s.repos.c.id)
@@ -138,18 +131,15 @@ def _sweep_repositories(meta: RegistryMetadata, cutoff: float, dry_run: bool, re
         .where(~select(s.tags.c.repo_id).where(s.tags.c.repo_id == s.repos.c.id).exists())
         .where(~select(s.uploads.c.repo_id).where(s.uploads.c.repo_id == s.repos.c.id).exists())
     )
-    with meta.db.begin() as conn:
-        if dry_run:
-            report.repositories = len(conn.execute(empty).all())
-        else:
-            # one statement: the emptiness check and the delete cannot be split by a push
-            report.repositories = conn.execute(delete(s.repos).where(s.repos.c.id.in_(empty))).rowcount
+    # one statement: the emptiness check and the delete cannot be split by a push
+    report.repositories = conn.execute(delete(s.repos).where(s.repos.c.id.in_(empty))).rowcount
 
 
-def _sweep_blobs(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dry_run: bool, report: GcReport) -> None:
-    with meta.db.connect() as conn:
-        known = {r[0] for r in conn.execute(select(s.blob_links.c.digest).distinct())}
-        known |= {r[0] for r in conn.execute(select(s.manifests.c.digest).distinct())}
+def _unnamed_blobs(conn: Connection, storage: BlobStorage, cutoff: float, report: GcReport) -> list[Digest]:
+    """Blob files that no link or manifest names, once past the grace period."""
+    known = {r[0] for r in conn.execute(select(s.blob_links.c.digest).distinct())}
+    known |= {r[0] for r in conn.execute(select(s.manifests.c.digest).distinct())}
+    doomed: list[Digest] = []
     for digest in list(storage.content.list()):
         if str(digest) in known:
             continue
@@ -161,8 +151,8 @@ def _sweep_blobs(meta: RegistryMetadata, storage: BlobStorage, cutoff: float, dr
             continue  # fresh: its link or manifest may be on the way
         report.blobs += 1
         report.bytes += st.st_size
-        if not dry_run:
-            storage.content.delete(digest)
+        doomed.append(digest)
+    return doomed
 
 
 def collect(
@@ -177,12 +167,32 @@ def collect(
     storage = BlobStorage(root)
     cutoff = time.time() - grace
     report = GcReport()
+    if dry_run:
+        # The same sweep in one transaction that is rolled back, so each phase
+        # sees what the earlier ones would free (a blob whose last link goes, a
+        # repository left empty); no file is touched and no lock taken.
+        with meta.db.connect() as conn, conn.begin() as transaction:
+            _sweep_metadata(conn, cutoff, keep_untagged, report)
+            _sweep_upload_rows(conn, storage, cutoff, report)
+            _sweep_repositories(conn, cutoff, report)
+            _unnamed_blobs(conn, storage, cutoff, report)
+            transaction.rollback()
+        return report
     # Exclusive against every writer that checks and then links (upload PUT, mount,
     # manifest PUT): they wait while GC decides and deletes, so nothing it frees can
-    # gain a reference half way.  A dry run changes nothing and takes no lock.
-    with contextlib.nullcontext() if dry_run else storage.collecting():
-        _sweep_metadata(meta, cutoff, dry_run, keep_untagged, report)
-        _sweep_uploads(meta, storage, cutoff, dry_run, report)
-        _sweep_repositories(meta, cutoff, dry_run, report)
-        _sweep_blobs(meta, storage, cutoff, dry_run, report)
+    # gain a reference half way.  Rows are committed before the files they named
+    # go: a failed commit must not leave rows naming deleted files.
+    with storage.collecting():
+        with meta.db.begin() as conn:
+            _sweep_metadata(conn, cutoff, keep_untagged, report)
+        with meta.db.begin() as conn:
+            stale_uploads = _sweep_upload_rows(conn, storage, cutoff, report)
+        for session in stale_uploads:
+            storage.drop_session_if_idle(session)  # one in use is not stale
+        with meta.db.begin() as conn:
+            _sweep_repositories(conn, cutoff, report)
+        with meta.db.connect() as conn:
+            unnamed = _unnamed_blobs(conn, storage, cutoff, report)
+        for digest in unnamed:
+            storage.content.delete(digest)
     return report

@@ -14,15 +14,15 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Select, Table, and_, bindparam, delete, func, select, update
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import Select, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ember.registry.server import schema as s
 from ember.registry.server.errors import OrgExists, OrgNotFound, RegistryError, TokenNotFound
 from ember.registry.server.names import check_org_name
 from ember.registry.server.tokens import hash_api_token, new_api_token
-from ember.store.db import Database, insert_ignore, open_database, upsert
+from ember.store.db import Database, insert_ignore, masked_url, open_database, upsert
 from ember.store.errors import DatabaseError
 
 
@@ -119,7 +119,7 @@ class RegistryMetadata:
             # one line, and never the password of a postgresql:// URL
             cause = getattr(e.__cause__, "orig", None) or e.__cause__ or e
             detail = (str(cause).strip().splitlines() or ["unknown error"])[0]
-            shown = make_url(db_url).render_as_string(hide_password=True)
+            shown = masked_url(db_url)
             raise RegistryError(f"registry database {shown} is not usable: {detail}") from None
 
     def warm_up(self) -> None:
@@ -276,11 +276,17 @@ class RegistryMetadata:
             return repo_id
 
     def list_repos(self, org: str, n: int, last: str | None) -> list[str]:
+        """The org's repositories that hold something: one with only an upload
+        started (or a mount refused) is not listed, as Distribution lists none."""
+        holds = or_(
+            select(s.blob_links.c.repo_id).where(s.blob_links.c.repo_id == s.repos.c.id).exists(),
+            select(s.manifests.c.repo_id).where(s.manifests.c.repo_id == s.repos.c.id).exists(),
+        )
         with self.db.connect() as conn:
             q = (
                 select(s.repos.c.name)
                 .join(s.orgs, s.orgs.c.id == s.repos.c.org_id)
-                .where(s.orgs.c.name == org)
+                .where(s.orgs.c.name == org, holds)
             )
             if last is not None:
                 q = q.where(s.repos.c.name > last)

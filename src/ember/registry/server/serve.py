@@ -7,14 +7,15 @@ import logging
 import os
 import re
 import socket
+from typing import Any
 
 import uvicorn
-from sqlalchemy.engine import make_url
 
 from ember.errors import UsageError
 from ember.home import Home
 from ember.registry.server.app import RegistryApp
 from ember.registry.server.config import DB_ENV, load_config
+from ember.store.db import masked_url
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -37,6 +38,17 @@ def parse_listen(text: str) -> tuple[str, int]:
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
+def _check_bindable(family: socket.AddressFamily, address: tuple[Any, ...], listen: str) -> None:
+    """Say why the address cannot be listened on, as one line, before the
+    server starts (uvicorn would log it after announcing that it serves)."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {listen[:300]}: {e.strerror or e}") from None
+
+
 def app_from_env() -> RegistryApp:
     """Factory for worker processes: state dir and database come from the environment."""
     return RegistryApp(load_config(Home.from_env(), os.environ.get(DB_ENV)))
@@ -45,20 +57,21 @@ def app_from_env() -> RegistryApp:
 def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) -> None:
     host, port = parse_listen(listen)
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as e:
         raise UsageError(f"invalid --listen {listen!r}: cannot resolve {host} ({e})") from None
+    _check_bindable(family, address, listen)
     # Load once in the parent: creates the secret and runs migrations before any worker starts.
     config = load_config(home, db_url)
     app = RegistryApp(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("ember.registry").info(
         "serving the registry on http://%s:%d with %d worker(s); state %s, database %s",
-        host,
+        f"[{host}]" if ":" in host else host,
         port,
         workers,
         config.root,
-        make_url(config.db_url).render_as_string(hide_password=True),
+        masked_url(config.db_url),
     )
     common = {
         "host": host,

@@ -65,6 +65,13 @@ def parse_actions(text: str) -> frozenset[str]:
         raise ValueError(
             f"invalid actions {text!r}: use a comma-separated subset of {', '.join(sorted(ACTIONS))}"
         )
+    if "pull" not in actions:
+        # docker, podman and skopeo read a repository (blob HEAD, manifest GET)
+        # before they push to it or delete from it: such a token works for none
+        raise ValueError(
+            f"invalid actions {text!r}: clients read a repository before they push to it or "
+            f"delete from it, so every token needs pull (--access pull,{','.join(sorted(actions))})"
+        )
     return actions
 
 
@@ -131,9 +138,6 @@ class Grant:
         if action in self.org_actions:
             return full_name.startswith(f"{self.org}/")
         return action in self.repositories.get(full_name, frozenset())
-
-    def may_list_catalog(self) -> bool:
-        return self.catalog or bool(self.org_actions)
 
 
 def grant_for(org: str, subject: str, held: frozenset[str], requested: list[Scope]) -> Grant:
