@@ -3,10 +3,13 @@ something the host refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 EMBER = str(Path(sys.executable).parent / "ember")
@@ -74,3 +77,40 @@ def test_an_error_quoting_a_huge_argument_stays_bounded(tmp_path: Path) -> None:
     assert res.stderr.startswith("ember: invalid machine name '///")
     assert re.search(r"\.\.\. \(9\d{4} more characters\)$", res.stderr.rstrip())
     assert len(res.stderr) < 2100 and res.stderr.count("\n") == 1
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path, debian_layout: Path) -> None:
+    """``timeout``/``kill`` during a prepare: the build's mount, loop device and lease
+    were left (the process died at once) until the next command's recovery."""
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    home = make_home(tmp_path / "home").root
+    try:
+        _terminate_a_prepare(home, debian_layout)
+    finally:
+        teardown_home(make_home(home))  # and no mount or loop device of the build is left
+
+
+def _terminate_a_prepare(home: Path, debian_layout: Path) -> None:
+    image = f"oci:{debian_layout}:latest"
+    assert ember(home, "image", "pull", image).returncode == 0
+    env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
+    mounts = home / "snapshots" / "mnt"
+    proc = subprocess.Popen([EMBER, "image", "prepare", image], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (mounts.is_dir() and any(mounts.iterdir())):  # the layer is being applied
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().endswith("ember: terminated"), err
+    assert str(home / "snapshots" / "mnt") not in Path("/proc/self/mounts").read_text()
+    leases = json.loads(ember(home, "snapshot", "leases", "--json").stdout)
+    assert leases == []
+    snapshots = json.loads(ember(home, "snapshot", "ls", "--json").stdout)
+    assert snapshots == []  # the half-built layer discarded

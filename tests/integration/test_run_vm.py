@@ -244,7 +244,9 @@ def test_kill(ember: Ember, busybox: str) -> None:
         ember("rm", "-f", "victim")
 
 
-def test_ctrl_c_stops_gracefully(ember: Ember, busybox: str) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_gracefully(ember: Ember, busybox: str, signum: int) -> None:
+    """Ctrl-C, and SIGTERM as ``docker run`` passes it on: a graceful stop."""
     script = 'trap "echo stopping; exit 42" TERM; echo ready; while :; do sleep 0.1; done'
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", busybox, "sh", "-c", script],
@@ -256,7 +258,7 @@ def test_ctrl_c_stops_gracefully(ember: Ember, busybox: str) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
-        proc.send_signal(signal.SIGINT)  # `ip netns exec` execs ember: same process
+        proc.send_signal(signum)  # `ip netns exec` execs ember: same process
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

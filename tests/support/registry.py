@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -39,10 +40,12 @@ class Registry:
     process: subprocess.Popen[bytes] = field(repr=False)
     username: str | None = None
     password: str | None = None
+    #: serves HTTPS with this certificate (PEM) instead of plain HTTP
+    certificate: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.certificate else 'http'}://{self.host}"
 
     @property
     def port(self) -> int:
@@ -91,7 +94,20 @@ def htpasswd_line(username: str, password: str) -> str:
     return out.strip() + "\n"
 
 
-def _config(addr: str, storage: Path, htpasswd: Path | None) -> str:
+def self_signed_certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """(certificate, key) made by ``openssl req``, for ``name`` and 127.0.0.1."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def _config(addr: str, storage: Path, htpasswd: Path | None, tls: tuple[Path, Path] | None = None) -> str:
     # YAML written by hand: the structure is fixed and tiny.  Deletes are
     # enabled so tests can exercise DELETE; no redirects, no caching layer.
     lines = [
@@ -112,6 +128,8 @@ def _config(addr: str, storage: Path, htpasswd: Path | None) -> str:
         f"  addr: {addr}",
         "  secret: ember-test-secret",
     ]
+    if tls is not None:
+        lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
     if htpasswd is not None:
         lines += [
             "auth:",
@@ -137,8 +155,10 @@ def _wait_ready(reg: Registry, timeout: float) -> None:
             raise RegistryStartError(
                 f"docker-registry exited with {reg.process.returncode}:\n{_log_tail(reg.log_path)}"
             )
+        # the test's own self-signed certificate: nothing to verify it against
+        context = ssl._create_unverified_context() if reg.certificate else None
         try:
-            with urllib.request.urlopen(f"{reg.url}/v2/", timeout=2) as resp:
+            with urllib.request.urlopen(f"{reg.url}/v2/", timeout=2, context=context) as resp:
                 if resp.status == 200:
                     return
         except urllib.error.HTTPError as e:
@@ -159,10 +179,12 @@ def start_registry(
     username: str | None = None,
     password: str | None = None,
     attempts: int = 5,
+    tls: bool = False,
 ) -> Registry:
     """Start a registry whose config, storage and log live under ``root``.
 
-    With ``username``/``password`` it requires HTTP basic auth (htpasswd).
+    With ``username``/``password`` it requires HTTP basic auth (htpasswd); with
+    ``tls`` it serves HTTPS with a self-signed certificate (``Registry.certificate``).
     Retries on a new port when the chosen one was grabbed in between.
     """
     if not os.access(REGISTRY_BIN, os.X_OK):
@@ -176,13 +198,14 @@ def start_registry(
             raise ValueError("password required with username")
         htpasswd = root / "htpasswd"
         htpasswd.write_text(htpasswd_line(username, password))
+    pem = self_signed_certificate(root / "tls") if tls else None
     last: RegistryStartError | None = None
     for _ in range(attempts):
         host = f"127.0.0.1:{free_port()}"
         config = root / "config.yml"
-        config.write_text(_config(host, storage, htpasswd))
+        config.write_text(_config(host, storage, htpasswd, pem))
         proc = spawn_server([REGISTRY_BIN, "serve", str(config)], root / "registry.log")
-        reg = Registry(host, root, proc, username, password)
+        reg = Registry(host, root, proc, username, password, pem[0] if pem else None)
         try:
             _wait_ready(reg, START_TIMEOUT)
             return reg
@@ -200,9 +223,10 @@ def running_registry(
     username: str | None = None,
     password: str | None = None,
     keep: bool = False,
+    tls: bool = False,
 ) -> Iterator[Registry]:
     """``start_registry`` as a context manager; removes ``root`` unless ``keep``."""
-    reg = start_registry(root, username=username, password=password)
+    reg = start_registry(root, username=username, password=password, tls=tls)
     try:
         yield reg
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -73,16 +74,29 @@ def cli(ctx: click.Context, home: str | None) -> None:
     ctx.obj = {"home": Home(Path(home).absolute()) if home else None}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a service manager), raised in the main thread
+    as Ctrl-C is, so that what an interrupted command cleans up (mounts, loop
+    devices, leases, half-built snapshots) it cleans up on SIGTERM too."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not if our caller set its own
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cli.main(args=argv, prog_name="ember", standalone_mode=False)
     except EmberError as e:
         click.echo(f"ember: {_bounded(str(e))}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("ember: interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        # click turns an interrupt into Abort (its cause)
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+            click.echo("ember: terminated", err=True)
+            sys.exit(143)
         click.echo("ember: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:

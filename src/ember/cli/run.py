@@ -54,21 +54,25 @@ def _pump(src: LogFollower, dst: IO[bytes], limit: int = 16) -> bool:
 
 
 class _Interrupts:
-    """Ctrl-C while following a machine: first a graceful stop, then a kill."""
+    """Ctrl-C (or SIGTERM: ``timeout``, ``kill``) while following a machine: first a
+    graceful stop, then a kill; as ``docker run`` passes them on to its container."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.count = 0
         self.handled = 0
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
-        self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
-    def _on_sigint(self, _sig: int, _frame: object) -> None:
+    def _on_signal(self, _sig: int, _frame: object) -> None:
         self.count += 1
 
 

@@ -75,12 +75,15 @@ def _report(fd: int, report: dict[str, object]) -> None:
 
 
 def _detach_from_parent(keep: set[int]) -> None:
-    """First steps of every applier child: no collector, default SIGINT, /dev/null as stdio,
-    nothing open but ``keep``."""
+    """First steps of every applier child: no collector, default SIGINT and SIGTERM,
+    /dev/null as stdio, nothing open but ``keep``."""
     # The parent's objects stay alive in this copy of its heap; a collection
     # could close a file object whose descriptor number we have since reused.
     gc.disable()
+    # the CLI's handlers raise into Python code; this child just dies, and its
+    # parent cleans up
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     devnull = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

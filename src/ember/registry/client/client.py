@@ -77,7 +77,8 @@ def _tls_context(host: str, plain_http: bool) -> ssl.SSLContext:
 
 
 def uses_plain_http(host: str) -> bool:
-    """Loopback registries speak plain HTTP by default, as with Docker."""
+    """Loopback registries are spoken to in plain HTTP first, as Docker treats them
+    as insecure registries (one that wants HTTPS gets it: ``RegistryClient.request``)."""
     name = host.lower()
     if name.startswith("["):
         name = name[1 : name.find("]")] if "]" in name else name
@@ -116,6 +117,23 @@ def _error_detail(resp: Response) -> str:
         return ""
 
 
+def _wants_https(resp: Response) -> bool:
+    """Whether a 400 says the server speaks HTTPS on that port (Go's "Client sent an
+    HTTP request to an HTTPS server.", nginx's "The plain HTTP request was sent to
+    HTTPS port").  The response is closed."""
+    try:
+        head = b""
+        for chunk in resp.iter_bytes():
+            head += chunk
+            if len(head) >= 1024:
+                break
+        return b"HTTPS" in head
+    except TransportError:
+        return False
+    finally:
+        resp.close()
+
+
 class RegistryClient:
     def __init__(
         self,
@@ -132,6 +150,8 @@ class RegistryClient:
         self.host = host
         self.api_host = api_host or host
         self.plain_http = plain_http or uses_plain_http(self.api_host)
+        #: a loopback registry not asked for in plain HTTP may turn out to serve HTTPS
+        self._may_want_https = self.plain_http and not plain_http
         self.base_url = f"{'http' if self.plain_http else 'https'}://{self.api_host}/v2/"
         try:
             # every request's URL starts with this one: a bad host or port is the caller's
@@ -349,11 +369,11 @@ class RegistryClient:
 
         (``stream`` is kept for callers: bodies are always read as they arrive.)
         """
-        url = self.base_url + path
         authenticated_once = False
         while True:
+            url = self.base_url + path
 
-            def send() -> Response:
+            def send(url: str = url) -> Response:
                 hdrs = dict(headers or {})
                 auth = self._authorization(scope)
                 if auth:
@@ -361,6 +381,9 @@ class RegistryClient:
                 return self.http.send(method, url, hdrs)
 
             resp = self._with_retries(send, url)
+            if resp.status_code == 400 and self._may_want_https and _wants_https(resp):
+                self._switch_to_https()
+                continue
             if resp.status_code != 401:
                 return resp
             resp.close()
@@ -376,6 +399,18 @@ class RegistryClient:
                 )
             self._learn_challenge(resp)
             authenticated_once = True
+
+    def _switch_to_https(self) -> None:
+        """A loopback registry that turned out to serve HTTPS: spoken to in HTTPS from
+        now on, its certificate unchecked, as Docker does for loopback registries
+        (the bytes stay on this host, and a certificate made for ``localhost`` is
+        usually self-signed)."""
+        with self._lock:
+            if not self.plain_http:
+                return
+            self.plain_http = self._may_want_https = False
+            self.base_url = f"https://{self.api_host}/v2/"
+            self.http.accept_any_certificate(split_url(self.base_url)[0])
 
     def ping(self, scope: str | None = None) -> None:
         """Check that the registry is there and accepts our credentials (``GET /v2/``)."""

@@ -158,6 +158,8 @@ class ConnectionPool:
         self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        #: origins whose certificates are not checked (``accept_any_certificate``)
+        self._unverified: set[Origin] = set()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -167,13 +169,27 @@ class ConnectionPool:
                 self._ssl = self._ssl()
             return self._ssl
 
+    def accept_any_certificate(self, origin: Origin) -> None:
+        """Connect to ``origin`` (and only there: not where it redirects) without
+        checking its certificate: what Docker does for an insecure registry."""
+        with self._lock:
+            self._unverified.add(origin)
+
+    def _context_for(self, origin: Origin) -> ssl.SSLContext:
+        if origin in self._unverified:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
+        return self.ssl_context()
+
     def _connect(self, key: _Key) -> http.client.HTTPConnection:
         origin, proxy, proxy_auth = key
         conn: http.client.HTTPConnection
         via = proxy or origin
         if origin.scheme == "https":
             conn = http.client.HTTPSConnection(
-                via.host, via.port, timeout=self.connect_timeout, context=self.ssl_context()
+                via.host, via.port, timeout=self.connect_timeout, context=self._context_for(origin)
             )
             if proxy is not None:
                 headers = {"Proxy-Authorization": proxy_auth} if proxy_auth else None
