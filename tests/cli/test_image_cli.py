@@ -126,12 +126,13 @@ def test_registry_login_logout(
         stdin="nope\n",
     )
     assert_one_line_error(wrong, "refused the credentials")
+    assert "check them with" not in wrong.stderr  # the hint was the command just run
     assert not (home / "credentials.json").exists()
     # no terminal to ask on: said so (a prompt at the end of input was "interrupted", 130)
-    for args in ([host], [host, "-u", "someone"]):
+    for args, missing in (([host], "--username and"), ([host, "-u", "someone"], "give --password-stdin")):
         asked = ember(home, "registry", "login", *args, stdin="")
         assert_one_line_error(asked, "standard input is not a terminal")
-        assert asked.returncode == 2
+        assert missing in asked.stderr and asked.returncode == 2
 
     ok = ember(
         home,

@@ -137,9 +137,11 @@ def test_guest_cmdline() -> None:
 
 
 def test_cli_kernel_ls_and_custom_install(kernel: KernelInfo, tmp_path: Path) -> None:
+    runner = CliRunner()
+    empty = runner.invoke(cli, ["--home", str(tmp_path / "empty"), "kernel", "ls"])
+    assert empty.exit_code == 0 and "ember kernel install" in empty.output  # not a bare header
     home = Home(tmp_path / "home")
     share_kernels(home)
-    runner = CliRunner()
     res = runner.invoke(cli, ["--home", str(home.root), "kernel", "ls", "--json"])
     assert res.exit_code == 0, res.output
     listed = json.loads(res.output)

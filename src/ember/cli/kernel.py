@@ -68,6 +68,8 @@ def ls(as_json: bool) -> None:
             for k in kernels
         ],
     )
+    if not kernels:
+        click.echo("no kernel installed: `ember kernel install` takes the host's Debian one", err=True)
 
 
 commands: list[click.Command] = [kernel]

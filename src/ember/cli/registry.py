@@ -39,9 +39,11 @@ def login(
         raise UsageError("give either --password or --password-stdin, not both")
     if (username is None or (password is None and not password_stdin)) and not sys.stdin.isatty():
         # a prompt would read the piped input, or end in "interrupted" at its end
+        missing = "a password" if username is not None else "a user name or password"
         raise UsageError(
-            "cannot ask for a user name or password: standard input is not a terminal",
-            hint="give --username and --password-stdin",
+            f"cannot ask for {missing}: standard input is not a terminal",
+            hint="give --password-stdin" if username is not None
+            else "give --username and --password-stdin",
         )
     if username is None:
         username = click.prompt("Username")
@@ -55,10 +57,15 @@ def login(
 
     creds = Credentials(username, password)
     api_host = DOCKER_HUB_API_HOST if host == DEFAULT_REGISTRY else host
+    from ember.registry.client.errors import AuthenticationFailed
+
     with RegistryClient(
         host, api_host=api_host, plain_http=plain_http, credentials=creds, retries=1
     ) as client:
-        client.ping()
+        try:
+            client.ping()
+        except AuthenticationFailed as e:
+            raise AuthenticationFailed(e.message) from None  # its hint is this very command
     CredentialStore(home_from_ctx().credentials).save(host, creds)
     click.echo(f"logged in to {host} as {username}", err=True)
 
