@@ -234,3 +234,55 @@ def test_a_layer_too_big_for_the_disk_grows_it(tmp_path: Path) -> None:
         assert not [s.name for s in snap.list() if s.kind is Kind.ACTIVE]
     finally:
         teardown_home(home)
+
+
+def test_a_committed_snapshot_whose_disk_is_gone_is_built_again(home: Home) -> None:
+    """With committed/<top>/disk.ext4 deleted, prepare said 'all 5 layer snapshot(s) already
+    built' and printed the missing path; ls showed 0 B."""
+    image = make_image(home, base_layers())
+    chain = [str(layer.chain_id) for layer in image.layers]
+    prepare_image(home, image)
+    snap = Snapshotter(home)
+    snap.path(chain[-1]).unlink()
+    assert not snap.is_committed(chain[-1])
+    info = next(s for s in snap.list() if s.name == chain[-1])
+    assert info.damaged is not None and "disk.ext4 is missing" in info.damaged
+    again = prepare_image(home, image)
+    assert again.built == (chain[-1],) and again.path.is_file()
+    assert snap.is_committed(chain[-1]) and snap.stat(chain[-1]).damaged is None
+    subprocess.run(["e2fsck", "-fn", str(again.path)], check=True, capture_output=True)
+
+
+def test_damaged_metadata_in_a_chain_keeps_its_parents_and_is_built_again(home: Home) -> None:
+    """gc removed the parents of a snapshot whose meta.json it could not read, and prepare
+    reused that snapshot."""
+    from ember.snapshots.gc import Roots, collect
+
+    third = LayerSpec([Entry("etc/third", b"3\n")])
+    image = make_image(home, [*base_layers(), third])
+    chain = [str(layer.chain_id) for layer in image.layers]
+    prepare_image(home, image)
+    other = make_image(home, [LayerSpec([Entry("other", b"o")])], "test/other:1")
+    garbage = prepare_image(home, other).snapshot  # no image needs it
+    snap = Snapshotter(home)
+    meta = snap.path(chain[1]).parent / "meta.json"
+    meta.write_bytes(b'{"key": "damaged')
+    assert not snap.is_committed(chain[1])
+
+    def roots() -> Roots:  # the image as the image table would have it
+        return Roots({chain[-1]}, {str(layer.digest) for layer in image.layers})
+
+    report = collect(home, roots=roots())
+    assert report.snapshots == []
+    assert all(snap.exists(name) for name in [*chain, garbage])
+    assert any(chain[1] in w and "damaged" in w for w in report.warnings)
+    assert any("kept 2 unreferenced committed snapshot(s)" in w for w in report.warnings)
+
+    again = prepare_image(home, image)
+    assert again.built == (chain[1],)  # the top above it is intact: a disk of its own
+    assert all(snap.is_committed(name) for name in chain)
+    assert snap.stat(chain[1]).parent == chain[0]
+    with snap.mount(chain[1]) as root:
+        assert (root / "etc/motd").read_text() == "hello\n" and not (root / "etc/third").exists()
+    report = collect(home, roots=roots())
+    assert report.snapshots == [garbage] and report.warnings == []

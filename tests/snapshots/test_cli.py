@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,3 +88,92 @@ def test_looking_at_a_fresh_home_sets_no_pool_up(home: Home) -> None:
     assert not (home.snapshots / "pool.json").exists()
     assert not (home.snapshots / "pool.img").exists()
     assert ours(home.root) == ([], [])
+
+
+def _commit(snap: object, name: str, parent: str | None = None) -> None:
+    from ember.snapshots import Snapshotter
+
+    assert isinstance(snap, Snapshotter)
+    snap.prepare(f"build/{name}", parent)
+    snap.commit(name, f"build/{name}")
+
+
+def test_rm_takes_names_as_ls_prints_them(home: Home) -> None:
+    """`snapshot ls` prints sha256:5234507c3472, and `snapshot rm` of it (or of
+    5234507c3472) said "no snapshot"."""
+    from ember.snapshots import Snapshotter
+
+    snap = Snapshotter(home)
+    one, two = "sha256:abc1" + "0" * 60, "sha256:abc2" + "0" * 60
+    for name in (one, two):
+        _commit(snap, name)
+    listed = ember(home, "snapshot", "ls").stdout
+    assert "sha256:abc100000000 " in listed
+    ambiguous = ember(home, "snapshot", "rm", "abc", ok=False)
+    assert ambiguous.returncode == 2
+    assert "'abc' matches 2 snapshots (sha256:abc100000000, sha256:abc200000000)" in ambiguous.stderr
+    assert ember(home, "snapshot", "rm", "sha256:abc100000000").stdout == "sha256:abc100000000\n"
+    assert ember(home, "snapshot", "rm", "abc2").stdout == "abc2\n"  # what it was given
+    assert not snap.exists(one) and not snap.exists(two)
+    missing = ember(home, "snapshot", "rm", "abc", ok=False)
+    assert missing.returncode == 1 and "no snapshot 'abc'" in missing.stderr
+
+
+def test_rm_goes_on_after_a_refusal_and_fails_at_the_end(home: Home) -> None:
+    """`snapshot rm PARENT TOP` stopped at the parent's refusal and never tried TOP; and
+    --force, which the docs said overrides the parent check, must not (children keep their
+    parent's name)."""
+    from ember.snapshots import Snapshotter
+
+    snap = Snapshotter(home)
+    base, mid, top = ("sha256:" + c * 64 for c in "123")
+    _commit(snap, base)
+    _commit(snap, mid, base)
+    _commit(snap, top, mid)
+    snap.prepare("lone")
+    res = ember(home, "snapshot", "rm", "--force", base, "no-such", "lone", ok=False)
+    assert res.returncode == 1 and res.stdout == "lone\n"
+    errors = res.stderr.splitlines()
+    assert len(errors) == 2 and all(line.startswith("ember: ") for line in errors)
+    assert f"snapshot {base!r} is the parent of 1" in errors[1] and "no snapshot 'no-such'" in errors[0]
+    assert snap.is_committed(base) and not snap.exists("lone")
+    # named together, children go first: all three
+    res = ember(home, "snapshot", "rm", base, top, mid)
+    assert res.stdout.splitlines() == [top, mid, base]
+    assert snap.list() == []
+
+
+def test_leases_show_a_dead_owner_and_can_be_removed(home: Home) -> None:
+    from ember.snapshots import Snapshotter
+    from ember.snapshots.leases import Owner
+
+    leases = Snapshotter(home).leases
+    me = Owner.current()
+    assert me is not None
+    leases.create("prepare/dead", ttl=21600, snapshots=["a"],
+                  owner=dataclasses.replace(me, start=me.start - 1))  # fmt: skip
+    leases.create("machine/m1", snapshots=["machine/m1"], labels={"machine": "m1"})
+    shown = ember(home, "snapshot", "leases").stdout
+    assert f"prepare/dead  expired (its process {me.pid} is gone)  1 snapshot(s)" in shown
+    assert "machine/m1  never expires" in shown
+    listed = json.loads(ember(home, "snapshot", "leases", "ls", "--json").stdout)
+    assert {(x["name"], x["expired"]) for x in listed} == {("prepare/dead", True), ("machine/m1", False)}
+    res = ember(home, "snapshot", "leases", "rm", "prepare/dead", "machine/m1", "nope", ok=False)
+    assert res.returncode == 1 and res.stdout == "prepare/dead\n"
+    assert "keeps machine m1's root disk" in res.stderr and "no lease 'nope'" in res.stderr
+    assert ember(home, "snapshot", "leases", "rm", "-f", "machine/m1").stdout == "machine/m1\n"
+    assert json.loads(ember(home, "snapshot", "leases", "--json").stdout) == []
+
+
+def test_library_warnings_are_ember_messages(tmp_path: Path, multilayer_layout: Path) -> None:
+    """A warning from the snapshotter was printed bare, a stray line among `ember: ...` ones."""
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    home = make_home(tmp_path / "copy", backend="copy")
+    try:
+        res = ember(home, "image", "prepare", f"oci:{multilayer_layout}:latest")
+        lines = res.stderr.splitlines()
+        warning = [line for line in lines if "every layer and machine disk is a full copy" in line]
+        assert len(warning) == 1 and warning[0].startswith("ember: snapshot backend 'copy'")
+    finally:
+        teardown_home(home)

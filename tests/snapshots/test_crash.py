@@ -191,3 +191,34 @@ def test_gc_during_a_build_removes_nothing_it_needs(home: Home, tmp_path: Path) 
     snap = Snapshotter(home, recover=False)
     assert all(snap.is_committed(name) for name in chain)
     assert json.loads(out)["built"] == chain
+
+
+def test_a_killed_prepare_does_not_pin_its_image(home: Home, tmp_path: Path) -> None:
+    """kill -9 (or `timeout`'s SIGTERM) left the prepare's 6-hour lease: `image rm` and gc
+    then freed nothing for 6 hours.  The lease names its process: gone, it has expired."""
+    from ember.snapshots.gc import collect
+    from ember.store.content import ContentStore
+
+    image, args = _image(home)
+    lower = [str(layer.chain_id) for layer in image.layers[:-1]]  # type: ignore[attr-defined]
+    proc, marker = _spawn(home, tmp_path, args, "during-apply")
+    _wait_for(marker, proc)
+    _wait_committed(home, lower, proc)
+    snap = Snapshotter(home, recover=False)
+    [lease] = snap.leases.list()
+    assert lease.name.startswith("prepare/") and not lease.expired()
+    assert lease.owner is not None and lease.owner.pid == proc.pid
+    os.kill(proc.pid, signal.SIGKILL)
+    time.sleep(0.1)
+    assert lease.expired(), "a zombie is gone too"
+    proc.communicate()
+    assert lease.expired() and lease.orphaned()
+    assert lease.expires is not None and lease.expires - time.time() > 3600  # not by its TTL
+
+    report = collect(home)  # nothing in the image table: only the lease held the chain
+    assert report.leases == [lease.name]
+    assert set(lower) <= set(report.snapshots)
+    snap = Snapshotter(home, recover=False)
+    assert snap.leases.list() == [] and snap.list() == []
+    store = ContentStore(home.content)
+    assert not any(store.exists(layer.digest) for layer in image.layers)  # type: ignore[attr-defined]

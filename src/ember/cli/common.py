@@ -41,6 +41,28 @@ def home_from_ctx(ctx: click.Context | None = None) -> Home:
     return (home or Home.from_env()).ensure()
 
 
+def warnings_as_messages() -> None:
+    """Show the snapshotter's warnings (``logging``, level WARNING) as ``ember: ...`` lines
+    on stderr, like the CLI's own messages.
+
+    Without any logging set up, Python prints them bare, which reads like a stray
+    line.  Nothing changes when logging was set up already (the caller's own
+    configuration, or a test's capture)."""
+    import logging  # here: `ember image ls` loads this module and must not pay for it
+
+    class WarningLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                click.echo(f"ember: {record.getMessage()}", err=True)
+            except Exception:
+                self.handleError(record)
+
+    logger = logging.getLogger("ember")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    logger.addHandler(WarningLine(logging.WARNING))
+
+
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 

@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from ember import jsonutil
-from ember.cli.common import home_from_ctx
+from ember.cli.common import home_from_ctx, warnings_as_messages
 from ember.cli.machines import stop_time_option
 from ember.errors import EmberError, UsageError
 from ember.home import Home
@@ -227,6 +227,7 @@ def run(
     from ember.net.ports import parse_publish
 
     home = home_from_ctx()
+    warnings_as_messages()  # the snapshotter's, as ember: lines
     if kernel_modules is not None and kernel is None:
         raise UsageError("--kernel-modules needs --kernel")
     policy = parse_restart_policy(restart)
@@ -365,6 +366,7 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
     from ember.machines.state import RUNNING
 
     home = home_from_ctx()
+    warnings_as_messages()  # the snapshotter's, as ember: lines
     if attach:
         if len(machines) != 1:
             raise UsageError("--attach takes one machine")
@@ -391,6 +393,7 @@ def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
     from ember.machines.state import RUNNING
 
     home = home_from_ctx()
+    warnings_as_messages()  # the snapshotter's, as ember: lines
 
     def restart_one(ref: str) -> None:
         st = find_machine(ref)

@@ -1,4 +1,4 @@
-"""``ember snapshot ls/rm``, ``ember gc`` and ``ember image prepare``."""
+"""``ember snapshot ls/rm/leases``, ``ember gc`` and ``ember image prepare``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ember.cli import common
-from ember.cli.common import home_from_ctx, human_bytes, json_option, print_json
+from ember.cli.common import (
+    home_from_ctx,
+    human_bytes,
+    json_option,
+    print_json,
+    warnings_as_messages,
+)
 from ember.cli.image import image as image_group
 
 if TYPE_CHECKING:
@@ -20,6 +26,7 @@ if TYPE_CHECKING:
 @click.group()
 def snapshot() -> None:
     """Inspect and remove snapshots (ext4 disk images of layer chains and machine root disks)."""
+    warnings_as_messages()
 
 
 @snapshot.command("ls")
@@ -43,6 +50,13 @@ def snapshot_ls(as_json: bool) -> None:
             for r in rows
         ],
     )
+    for r in rows:
+        if r["damaged"]:  # on stderr: stdout keeps its format
+            click.echo(
+                f"ember: snapshot {r['name']} is damaged: {r['damaged']} (ember image prepare "
+                "builds a layer again; ember snapshot rm removes it)",
+                err=True,
+            )
 
 
 def _row(snap: Snapshotter, info: SnapshotInfo) -> dict[str, Any]:
@@ -60,38 +74,97 @@ def _short(name: str) -> str:
     return name
 
 
-@snapshot.command("rm")
+@snapshot.command("rm", short_help="Remove snapshots.")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--force", "-f", is_flag=True,
               help="Remove snapshots that a lease holds (a machine's root disk) too.")  # fmt: skip
 def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
-    """Remove snapshots (a committed one only when no other snapshot has it as parent,
-    a leased one only with --force)."""
+    """Remove snapshots, named as `ember snapshot ls` shows them (a digest prefix that
+    only one snapshot starts with is enough).
+
+    A committed snapshot that another one has as its parent is refused, --force or not:
+    remove the children first (named together, children go first), or let `ember gc`
+    remove what no image needs.  A mounted snapshot is refused too.  One that a live
+    lease holds (a machine's root disk, an image being prepared) is removed only with
+    --force.  Every name is tried; each failure is reported, and the exit status is
+    not 0 if any failed."""
+    from ember.errors import EmberError
     from ember.snapshots import Snapshotter
     from ember.snapshots.errors import SnapshotNotFound
 
     snap = Snapshotter.existing(home_from_ctx())
-    if snap is None:
-        raise SnapshotNotFound(f"no snapshot {names[0]!r}")
+    failures: list[EmberError] = []
+
+    def failed(e: EmberError) -> None:
+        click.echo(f"ember: {e}", err=True)
+        failures.append(e)
+
+    resolved: dict[str, str] = {}  # key -> the name it was given as
     for name in names:
-        snap.remove(name, respect_leases=not force)
-        click.echo(name)
+        try:
+            if snap is None:
+                raise SnapshotNotFound(f"no snapshot {name!r}")
+            resolved.setdefault(snap.resolve(name), name)
+        except EmberError as e:
+            failed(e)
+    if snap is not None:
+        for key in _children_first(snap, list(resolved)):
+            try:
+                snap.remove(key, respect_leases=not force)
+                click.echo(resolved[key])
+            except EmberError as e:
+                failed(e)
+    if failures:
+        raise SystemExit(failures[0].exit_code if len(failures) == 1 else 1)
 
 
-@snapshot.command("leases")
+def _children_first(snap: Snapshotter, keys: list[str]) -> list[str]:
+    """``keys`` ordered so that a snapshot comes before its parent (and so before every
+    ancestor), otherwise as given: ``rm PARENT CHILD`` then removes both."""
+    if len(keys) < 2:
+        return keys
+    parents = {info.name: info.parent for info in snap.list()}
+
+    def depth(key: str) -> int:
+        d, seen = 0, {key}
+        while (key := parents.get(key) or "") and key not in seen:
+            seen.add(key)
+            d += 1
+        return d
+
+    return sorted(keys, key=depth, reverse=True)
+
+
+@snapshot.group("leases", invoke_without_command=True)
 @json_option
-def snapshot_leases(as_json: bool) -> None:
-    """List leases: what protects snapshots and content from gc, and until when."""
+@click.pass_context
+def snapshot_leases(ctx: click.Context, as_json: bool) -> None:
+    """List leases: what protects snapshots and content from gc, and until when
+    (`ember snapshot leases rm NAME` removes one)."""
+    if ctx.invoked_subcommand is None:
+        _list_leases(as_json)
+
+
+@snapshot_leases.command("ls")
+@json_option
+def leases_ls(as_json: bool) -> None:
+    """List leases (the same as `ember snapshot leases`)."""
+    _list_leases(as_json)
+
+
+def _list_leases(as_json: bool) -> None:
     from ember.snapshots import Snapshotter
 
     snap = Snapshotter.existing(home_from_ctx())
     leases = snap.leases.list() if snap is not None else []
-    if as_json:
-        print_json([lease.to_json() for lease in leases])
-        return
     now = time.time()
+    if as_json:
+        print_json([{**lease.to_json(), "expired": lease.expired(now)} for lease in leases])
+        return
     for lease in leases:
-        if lease.expires is None:
+        if lease.owner is not None and lease.orphaned():
+            until = f"expired (its process {lease.owner.pid} is gone)"
+        elif lease.expires is None:
             until = "never expires"
         elif lease.expired(now):
             until = "expired"
@@ -100,6 +173,46 @@ def snapshot_leases(as_json: bool) -> None:
         click.echo(
             f"{lease.name}  {until}  {len(lease.snapshots)} snapshot(s), {len(lease.content)} blob(s)"
         )
+
+
+@snapshot_leases.command("rm", short_help="Remove leases.")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", "-f", is_flag=True,
+              help="Remove a machine's lease (machine/ID) too.")  # fmt: skip
+def leases_rm(names: tuple[str, ...], force: bool) -> None:
+    """Remove leases (containerd's `ctr leases rm`): what they held is then left to gc.
+
+    A machine's lease (`machine/ID`) keeps its root disk; it is removed only with
+    --force (`ember rm ID` removes the machine, its disk and its lease)."""
+    from ember.errors import EmberError
+    from ember.snapshots import Snapshotter
+    from ember.snapshots.errors import LeaseError, LeaseNotFound
+
+    snap = Snapshotter.existing(home_from_ctx())
+    failures: list[EmberError] = []
+    for name in names:
+        try:
+            if snap is None:
+                raise LeaseNotFound(f"no lease {name!r}")
+            try:
+                lease = snap.leases.get(name)
+            except LeaseNotFound:
+                raise
+            except LeaseError:  # a damaged file: removing it is what was asked
+                lease = None
+            if lease and "machine" in lease.labels and not lease.expired() and not force:
+                raise LeaseError(
+                    f"lease {name!r} keeps machine {lease.labels['machine']}'s root disk",
+                    hint=f"ember rm {lease.labels['machine']} removes the machine, or pass --force",
+                )
+            if not snap.leases.delete(name):
+                raise LeaseNotFound(f"no lease {name!r}")
+            click.echo(name)
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            failures.append(e)
+    if failures:
+        raise SystemExit(failures[0].exit_code if len(failures) == 1 else 1)
 
 
 class _Seconds(click.ParamType):
@@ -142,6 +255,7 @@ def gc(
 ) -> None:
     """Remove snapshots, content and leases that no image and no live lease needs,
     and machine templates nothing used for a while."""
+    warnings_as_messages()
     from ember.snapshots.gc import collect
 
     report = collect(
@@ -153,13 +267,16 @@ def gc(
     if as_json:
         print_json(report.to_json())
         return
-    verb = "would remove" if dry_run else "removed"
+    for warning in report.warnings:
+        click.echo(f"ember: {warning}", err=True)
+    verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
     click.echo(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
         f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s), "
         f"{len(report.templates)} machine template(s); "
-        f"freed {human_bytes(report.snapshot_bytes)} in the snapshot pool, "
-        f"{human_bytes(report.content_bytes)} of content and {human_bytes(report.template_bytes)} of templates"
+        f"{freed} {human_bytes(report.snapshot_bytes)} in the snapshot pool, "
+        f"{human_bytes(report.content_bytes + report.ingest_bytes)} of content and "
+        f"{human_bytes(report.template_bytes)} of templates"
     )
 
 
@@ -170,6 +287,7 @@ def gc(
 @json_option
 def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool) -> None:
     """Pull REF if needed and build its snapshot chain (one ext4 image per layer)."""
+    warnings_as_messages()
     from ember.images import ImageService
     from ember.oci.platform import Platform
     from ember.snapshots.chain import prepare_image

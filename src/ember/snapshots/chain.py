@@ -81,7 +81,9 @@ def prepare_image(
     chain = chain_names(image)
     top = chain[-1]
     built: list[str] = []
-    if not snap.is_committed(top):
+    # every layer, not only the top: one whose disk is missing or whose metadata is damaged
+    # is built again (its descendants are complete disks of their own, and stay)
+    if not all(snap.is_committed(name) for name in reversed(chain)):
         store = ContentStore(home.content)
         content = [str(image.manifest_digest), str(image.config_digest)]
         content += [str(layer.digest) for layer in image.layers]
@@ -101,6 +103,13 @@ def prepare_image(
                         if snap.is_committed(name):  # someone else built it while we waited
                             lock.release()
                         else:
+                            try:
+                                # a committed one whose disk is missing or whose metadata
+                                # is damaged: built again under its name
+                                snap.replace_damaged(name)
+                            except BaseException:
+                                lock.release()
+                                raise
                             blob = _blob_getter(store, layer, index, layer_path)
                             builder.build(
                                 name, parent, layer, blob, top=name == top, chain_lock=lock
@@ -225,8 +234,8 @@ class _ChainBuilder:
             raise
         try:
             self._drain()  # the parent's commit, before this layer may be handed to one
-        except BaseException:
-            self._discard(key, lock)
+        except BaseException as e:
+            self._discard(key, lock, e)
             chain_lock.release()
             raise
         self.built = _Built(name, key, lock, chain_lock, checked)
@@ -266,24 +275,29 @@ class _ChainBuilder:
                 snap.check_superblock(key)
             if full:
                 snap.check(key)
-        except BaseException:
-            self._discard(key, lock)
+        except BaseException as e:
+            self._discard(key, lock, e)
             raise
         return key, lock, full
 
-    def _discard(self, key: str, lock: FileLock) -> None:
+    def _discard(self, key: str, lock: FileLock, cause: BaseException) -> None:
+        """Remove a build that failed with ``cause``; a failure here never replaces it."""
         try:
             self.snap.remove(key, held=lock)
-        except SnapshotError as e:  # recovery or gc will get it: it is transient
-            log.warning("cannot discard failed build %s: %s", key, e)
+        except Exception as e:  # recovery or gc will get it: it is transient
+            # after an interrupt, what it left (a busy mount) is expected and recovery's
+            # business; otherwise say so
+            level = logging.INFO if isinstance(cause, KeyboardInterrupt) else logging.WARNING
+            log.log(level, "cannot discard failed build %s (the next ember command removes "
+                    "it): %s", key, e)  # fmt: skip
         finally:
             lock.release()
 
     def _commit(self, b: _Built) -> None:
         try:
             self.snap.commit(b.name, b.key, held=b.lock, checked=b.checked)
-        except BaseException:
-            self._discard(b.key, b.lock)
+        except BaseException as e:
+            self._discard(b.key, b.lock, e)
             raise
         finally:
             b.lock.release()  # idempotent after _discard
@@ -353,6 +367,8 @@ def clone_root_disk(home: Home, image: Image, machine_id: str, size: int | None 
     )
     if snap.exists(key):
         info = snap.stat(key)
+        if info.damaged is not None:
+            raise SnapshotError(f"the root disk of machine {machine_id} is damaged: {info.damaged}")
         if info.parent != prepared.snapshot:
             raise SnapshotExists(
                 f"machine {machine_id} already has a root disk from another image; release it first"

@@ -25,6 +25,10 @@ class InvalidSnapshotKey(UsageError, SnapshotError):
     pass
 
 
+class AmbiguousName(UsageError, SnapshotError):
+    """A short name (a digest prefix) that more than one snapshot starts with."""
+
+
 class PoolError(SnapshotError):
     """The copy-on-write pool cannot be set up or mounted."""
 

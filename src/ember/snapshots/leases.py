@@ -1,7 +1,8 @@
 """Leases: named, optionally expiring claims on snapshots and content.
 
 A lease protects what an operation or a machine needs from ``ember gc``
-(containerd's model).  Each lease is one JSON file, written atomically, under
+(containerd's model).  It ends when its TTL runs out, or, for a lease with an
+``Owner`` (an operation's), when that process is gone.  Each lease is one JSON file, written atomically, under
 ``$EMBER_HOME/snapshots/leases/``.  Every change to a lease happens under a
 shared hold of the GC lock, so a collection sees either the lease before or
 after the change, never a window where a new claim is invisible.
@@ -9,6 +10,7 @@ after the change, never a window where a new claim is invisible.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +30,101 @@ from ember.snapshots.locks import FileLock
 
 
 @dataclass(frozen=True)
+class Owner:
+    """The process a lease lives with: when it is gone, so is the lease.
+
+    A pid alone would be fooled by pid reuse and by reboots, so the process's
+    start time (``/proc/PID/stat`` field 22, clock ticks since boot) and the
+    boot's id are part of it.  ``pidns``: the pid namespace the pid belongs
+    to; from another one the pid means nothing, and the owner counts as alive
+    (the lease's TTL still ends it).
+    """
+
+    pid: int
+    start: int
+    boot: str
+    pidns: str | None = None
+
+    @classmethod
+    def current(cls) -> Owner | None:
+        """This process; None when /proc does not say enough to check it later (a lease
+        without an owner then ends by its TTL only, as before owners existed)."""
+        pid = os.getpid()
+        start, boot = _start_time(pid), _boot_id()
+        if start is None or boot is None:
+            return None
+        return cls(pid, start, boot, _pid_namespace())
+
+    def alive(self) -> bool:
+        """False only when it is certain that the process is gone."""
+        boot = _boot_id()
+        if boot is None:
+            return True  # nothing to compare with
+        if boot != self.boot:
+            return False  # the host rebooted since
+        if self.pidns is not None and self.pidns != _pid_namespace():
+            return True
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state, start = _parse_stat(f.read())
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        except (OSError, ValueError, IndexError):
+            return True  # hidden (hidepid) or unreadable: cannot tell
+        # a zombie has exited: only its exit status waits for its parent
+        return start == self.start and state not in (b"Z", b"X", b"x")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start": self.start, "boot": self.boot, "pidns": self.pidns}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Owner:
+        pidns = d.get("pidns")
+        return cls(
+            pid=_int(d["pid"]), start=_int(d["start"]), boot=str(d["boot"]),
+            pidns=None if pidns is None else str(pidns),
+        )  # fmt: skip
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not a whole number: {value!r}")
+    return value
+
+
+def _parse_stat(data: bytes) -> tuple[bytes, int]:
+    """(state, starttime) from /proc/PID/stat.  The command name (field 2) may hold spaces
+    and parentheses: the fields after it start after its last ')'."""
+    rest = data[data.rindex(b")") + 2 :].split()
+    return rest[0], int(rest[19])  # fields 3 and 22
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return _parse_stat(f.read())[1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+@functools.cache
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
 class Lease:
     name: str
     created: float
@@ -35,14 +132,22 @@ class Lease:
     snapshots: tuple[str, ...] = ()
     content: tuple[str, ...] = ()  # digests as text
     labels: dict[str, str] = field(default_factory=dict)
+    #: the process the lease lives with (an operation's lease); None: it outlives
+    #: processes (a machine's root disk), only ``expires`` ends it
+    owner: Owner | None = None
 
     def expired(self, now: float | None = None) -> bool:
-        return (
-            self.expires is not None and (now if now is not None else time.time()) >= self.expires
-        )
+        """Past its expiry time, or its owner process is gone."""
+        if self.expires is not None and (now if now is not None else time.time()) >= self.expires:
+            return True
+        return self.orphaned()
+
+    def orphaned(self) -> bool:
+        """Its owner process is gone (it was killed, or the host rebooted)."""
+        return self.owner is not None and not self.owner.alive()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "created": self.created,
             "expires": self.expires,
@@ -50,6 +155,9 @@ class Lease:
             "content": list(self.content),
             "labels": self.labels,
         }
+        if self.owner is not None:  # absent, not null: the format older ember wrote
+            d["owner"] = self.owner.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: Path) -> Lease:
@@ -59,6 +167,7 @@ class Lease:
                 # NaN compares false with everything: a lease that never expires
                 if value is not None and not math.isfinite(float(value)):
                     raise ValueError(f"a time that is not a number: {value!r}")
+            owner = d.get("owner")
             return cls(
                 name=str(d["name"]),
                 created=float(d["created"]),
@@ -66,6 +175,7 @@ class Lease:
                 snapshots=tuple(str(s) for s in d.get("snapshots", [])),
                 content=tuple(str(c) for c in d.get("content", [])),
                 labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
+                owner=None if owner is None else Owner.from_json(owner),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LeaseError(f"lease file {where} is damaged: {e}") from e
@@ -124,7 +234,11 @@ class Leases:
         content: Iterable[str] = (),
         labels: dict[str, str] | None = None,
         exist_ok: bool = False,
+        owner: Owner | None = None,
     ) -> Lease:
+        """A new lease (``exist_ok``: or more for an existing one, which keeps its owner).
+        ``owner``: the process it lives with (``Owner.current()``); without one only
+        ``ttl`` ends it."""
         now = time.time()
         with self._mutating():
             path = self._path(name)
@@ -141,7 +255,7 @@ class Leases:
             else:
                 lease = Lease(
                     name, now, None if ttl is None else now + ttl,
-                    _merge((), snapshots), _merge((), content), dict(labels or {}),
+                    _merge((), snapshots), _merge((), content), dict(labels or {}), owner,
                 )  # fmt: skip
             self._write(lease)
             return lease
@@ -204,9 +318,12 @@ class Leases:
     def temporary(
         self, prefix: str, *, ttl: float, snapshots: Iterable[str] = (), content: Iterable[str] = ()
     ) -> Iterator[Lease]:
-        """A lease for the length of one operation; it expires by itself if the process dies."""
+        """A lease for the length of one operation, owned by this process: it ends when the
+        process dies (kill -9, a reboot), or after ``ttl`` in any case."""
         name = f"{prefix}/{secrets.token_hex(6)}"
-        lease = self.create(name, ttl=ttl, snapshots=snapshots, content=content)
+        lease = self.create(
+            name, ttl=ttl, snapshots=snapshots, content=content, owner=Owner.current()
+        )
         try:
             yield lease
         finally:

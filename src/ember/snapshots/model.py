@@ -50,6 +50,10 @@ class SnapshotInfo:
     path: Path
     labels: dict[str, str] = field(default_factory=dict)
     transient: bool = False  # made by a layer build; discarded if its builder dies
+    #: why the snapshot cannot be used (damaged metadata, missing disk); None when it can
+    damaged: str | None = None
+    #: its metadata cannot be read, so its parent is unknown (``parent`` is None)
+    unreadable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,7 @@ class SnapshotInfo:
             "created": self.created,
             "path": str(self.path),
             "labels": self.labels,
+            "damaged": self.damaged,
         }
 
 

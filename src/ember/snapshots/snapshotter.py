@@ -32,9 +32,10 @@ from pathlib import Path
 
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
-from ember.snapshots import names, superblock, system
+from ember.snapshots import interrupts, names, superblock, system
 from ember.snapshots.config import SnapshotConfig, parse_size
 from ember.snapshots.errors import (
+    AmbiguousName,
     CheckFailed,
     CommandFailed,
     PoolError,
@@ -98,14 +99,18 @@ class Snapshotter:
     # -- lookup ------------------------------------------------------------------------------
 
     def _locate(self, key: str) -> tuple[Path, Kind]:
+        """The directory of a snapshot and its kind.  A snapshot whose metadata is damaged is
+        found too (``remove`` must reach it); what needs its metadata fails on it clearly."""
         enc = names.encode(key)
         d = self.committed_dir / enc
-        if (d / META).is_file():
+        if d.is_dir():
             return d, Kind.COMMITTED
         d = self.active_dir / enc
-        if (d / META).is_file():
-            meta = self._meta(d)
-            return d, (Kind.VIEW if meta.kind is Kind.VIEW else Kind.ACTIVE)
+        if d.is_dir():
+            try:
+                return d, (Kind.VIEW if self._meta(d).kind is Kind.VIEW else Kind.ACTIVE)
+            except (FileNotFoundError, SnapshotError):
+                return d, Kind.ACTIVE
         raise SnapshotNotFound(f"no snapshot {key!r}")
 
     def _meta(self, d: Path) -> Meta:
@@ -119,10 +124,93 @@ class Snapshotter:
             return False
 
     def is_committed(self, key: str) -> bool:
-        return (self.committed_dir / names.encode(key) / META).is_file()
+        """Is ``key`` committed and usable?  One whose metadata is damaged or whose disk is
+        missing is not: ``prepare_image`` builds it again (``replace_damaged``)."""
+        d = self.committed_dir / names.encode(key)
+        return d.is_dir() and self._damage(d, Kind.COMMITTED) is None
+
+    def _damage(self, d: Path, kind: Kind) -> str | None:
+        """Why the snapshot in ``d`` is unusable, or None.  FileNotFoundError when it is gone."""
+        try:
+            meta = self._meta(d)
+        except FileNotFoundError:
+            if not d.is_dir():
+                raise
+            return f"its metadata {d / META} is missing"
+        except SnapshotError as e:
+            return str(e)
+        if kind is Kind.COMMITTED:
+            wrong = meta.kind is not Kind.COMMITTED or meta.key != names.decode(d.name)
+        else:  # metadata that says committed (under the new name): a commit in flight
+            wrong = meta.kind is not Kind.COMMITTED and meta.key != names.decode(d.name)
+        if wrong:
+            return f"its metadata {d / META} describes another snapshot"
+        if not (d / DISK).is_file():
+            return f"its disk {d / DISK} is missing"
+        return None
+
+    def replace_damaged(self, key: str) -> bool:
+        """Remove committed ``key`` if it is damaged (``is_committed`` is False, yet it is
+        there), so that it can be built again under its name; True if it was.
+
+        Its children stay: each is a complete disk of its own (a clone, not a
+        reference to this one), and the rebuilt snapshot has the same content (a
+        chain ID names it).  SnapshotInUse when a process holds it (mounted)."""
+        d = self.committed_dir / names.encode(key)
+        try:
+            damage = self._damage(d, Kind.COMMITTED)
+        except FileNotFoundError:
+            return False
+        if damage is None:
+            return False
+        lock = require_lock(d / LOCK, f"damaged snapshot {key!r}")
+        try:
+            if not d.is_dir():
+                return False
+            log.warning("snapshot %s is damaged (%s): building it again", key, damage)
+            self._discard(d)
+        finally:
+            lock.release()
+        return True
+
+    def resolve(self, name: str) -> str:
+        """The snapshot key ``name`` means, as a person types it: the key itself, or, as
+        docker takes short IDs, the one snapshot whose digest name starts with it
+        (``sha256:5234507c3472``, as ``ember snapshot ls`` prints it, or ``5234507c3472``).
+        SnapshotNotFound when none matches; AmbiguousName when several do."""
+        if self.exists(name):
+            return name
+        hexpart = name.removeprefix("sha256:")
+        if not hexpart or any(c not in "0123456789abcdef" for c in hexpart):
+            raise SnapshotNotFound(f"no snapshot {name!r}")
+        prefix = "sha256:" + hexpart
+        found = sorted(
+            {
+                key
+                for tree in (self.committed_dir, self.active_dir)
+                for entry in os.listdir(tree)
+                if not entry.startswith(".") and (key := names.decode(entry)).startswith(prefix)
+            }
+        )
+        if not found:
+            raise SnapshotNotFound(f"no snapshot {name!r}")
+        if len(found) > 1:
+            shown = ", ".join(k[:19] for k in found[:3]) + (", ..." if len(found) > 3 else "")
+            raise AmbiguousName(
+                f"{name!r} matches {len(found)} snapshots ({shown})",
+                hint="give more of the name",
+            )
+        return found[0]
 
     def _info(self, d: Path, kind: Kind) -> SnapshotInfo:
-        meta = self._meta(d)
+        try:
+            meta = self._meta(d)
+        except (FileNotFoundError, SnapshotError):
+            damage = self._damage(d, kind)  # FileNotFoundError: removed while we looked
+            return SnapshotInfo(
+                name=names.decode(d.name), kind=kind, parent=None, created=_mtime(d), size=0,
+                path=d / DISK, damaged=damage, unreadable=True,
+            )  # fmt: skip
         try:
             size = system.fs_size(d / DISK)
         except (OSError, SnapshotError):
@@ -138,6 +226,7 @@ class Snapshotter:
             path=d / DISK,
             labels=meta.labels,
             transient=meta.transient,
+            damaged=self._damage(d, kind),
         )
 
     def stat(self, key: str) -> SnapshotInfo:
@@ -149,6 +238,8 @@ class Snapshotter:
         return self._locate(key)[0] / DISK
 
     def list(self) -> list[SnapshotInfo]:
+        """Every snapshot, damaged ones too (``damaged`` says why; their parent is unknown
+        when their metadata is what is damaged)."""
         out: list[SnapshotInfo] = []
         for tree, kind in ((self.committed_dir, Kind.COMMITTED), (self.active_dir, Kind.ACTIVE)):
             for entry in sorted(os.listdir(tree)):
@@ -158,8 +249,6 @@ class Snapshotter:
                     out.append(self._info(tree / entry, kind))
                 except FileNotFoundError:
                     continue  # removed while we looked
-                except SnapshotError as e:
-                    log.warning("skipping %s: %s", tree / entry, e)
         return out
 
     def usage(self, key: str) -> Usage:
@@ -338,10 +427,16 @@ class Snapshotter:
 
     def _clone_parent(self, parent: str, disk: Path) -> None:
         pdir = self.committed_dir / names.encode(parent)
-        if not (pdir / META).is_file():
-            if (self.active_dir / names.encode(parent) / META).is_file():
+        if not pdir.is_dir():
+            if (self.active_dir / names.encode(parent)).is_dir():
                 raise SnapshotError(f"parent {parent!r} is not committed")
             raise SnapshotNotFound(f"parent snapshot {parent!r} does not exist")
+        try:
+            damage = self._damage(pdir, Kind.COMMITTED)
+        except FileNotFoundError:
+            raise SnapshotNotFound(f"parent snapshot {parent!r} was removed") from None
+        if damage is not None:
+            raise SnapshotError(f"parent snapshot {parent!r} is damaged: {damage}")
         # a shared hold keeps ``remove`` (exclusive) away while we read the parent
         try:
             plock = FileLock(pdir / LOCK, shared=True)
@@ -372,19 +467,42 @@ class Snapshotter:
         barrier = readonly or not self._meta(d).transient
         lock = held or require_lock(d / LOCK, f"snapshot {key!r}", shared=readonly)
         target = self.pool.mnt / secrets.token_hex(8)
+        device: system.LoopDevice | None = None
         try:
             target.mkdir()
-            try:
-                device = system.mount_image(d / DISK, target, readonly=readonly, barrier=barrier)
-                try:
-                    yield target
-                finally:
-                    system.unmount(target, device=device)
-            finally:
-                target.rmdir()
+            device = system.mount_image(d / DISK, target, readonly=readonly, barrier=barrier)
+            yield target
+        except BaseException:
+            self._release_mount(target, device, failing=True)
+            raise
+        else:
+            self._release_mount(target, device, failing=False)
         finally:
             if held is None:
                 lock.release()
+
+    def _release_mount(
+        self, target: Path, device: system.LoopDevice | None, *, failing: bool
+    ) -> None:
+        """Unmount ``target`` (if mounted) and remove it, to the end even when Ctrl-C comes
+        meanwhile: the interrupt is raised once this is done.  An interrupt that lands in
+        the unmount's wait for a busy mount would otherwise abandon it, and leave the
+        mount and its loop device behind.
+
+        ``failing``: an exception is on its way out (an interrupt, a failed apply); a
+        failure here then never replaces it: it is logged, and the mount is left for
+        ``recover`` (the next ember command), which unmounts what no process holds.
+        """
+        with interrupts.deferred():
+            try:
+                if device is not None or system.is_mountpoint(target):
+                    system.unmount(target, device=device)
+                with suppress(FileNotFoundError):
+                    target.rmdir()
+            except (OSError, SnapshotError) as e:
+                if not failing:
+                    raise
+                log.warning("%s; the next ember command cleans it up", e)
 
     def check(self, key: str) -> None:
         """``e2fsck -fn`` the snapshot's file system; raises CheckFailed."""
@@ -487,7 +605,7 @@ class Snapshotter:
         d, kind = self._locate(key)
         lock = held or require_lock(d / LOCK, f"snapshot {key!r}")
         try:
-            if not (d / META).is_file():
+            if not d.is_dir():
                 raise SnapshotNotFound(f"no snapshot {key!r}")
             if respect_leases and (holders := self.leased_by(key)):
                 raise SnapshotInUse(
@@ -497,8 +615,10 @@ class Snapshotter:
                     "or pass --force",
                 )
             if kind is Kind.COMMITTED and (kids := self.children(key)):
+                # never overridden (not by --force either): a snapshot's parent must exist
                 raise SnapshotInUse(
-                    f"snapshot {key!r} is the parent of {len(kids)} other snapshot(s), e.g. {kids[0]!r}"
+                    f"snapshot {key!r} is the parent of {len(kids)} other snapshot(s), e.g. {kids[0]!r}",
+                    hint="remove those first; ember gc removes what no image needs",
                 )
             if self._mounted(d):
                 raise SnapshotInUse(f"snapshot {key!r} is mounted")
@@ -644,6 +764,13 @@ class Snapshotter:
             log.warning("keeping %s: its metadata is damaged (%s)", key, e)
             return False
         return True
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _age(p: Path) -> float:

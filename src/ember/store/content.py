@@ -8,7 +8,7 @@ Layout under its root::
 A blob becomes visible only by an atomic rename after its digest and size were
 verified and its bytes fsync'ed, so a kill -9 at any moment leaves either no
 blob or a complete one.  Partial ingests survive for resume; ``prune_ingests``
-discards stale ones.
+discards stale ones (``stale_ingests`` counts them without deleting).
 
 The rename itself is made durable by an fsync of the blob directory: at once
 per blob, or, inside ``batch()``, once for all the blobs of the batch when it
@@ -200,28 +200,37 @@ class ContentStore:
 
     def prune_ingests(self, older_than: float) -> int:
         """Remove partial writes untouched for ``older_than`` seconds that nobody holds."""
-        removed = 0
+        return self.stale_ingests(older_than, remove=True)[0]
+
+    def stale_ingests(self, older_than: float, *, remove: bool = False) -> tuple[int, int]:
+        """Partial writes untouched for ``older_than`` seconds that nobody holds: how many,
+        and their bytes.  ``remove``: delete them (``prune_ingests``); without it nothing
+        changes (what a dry run of a collection reports)."""
+        count = size = 0
         now = time.time()
         for entry in os.scandir(self.ingest_dir):
             try:
-                if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                st = entry.stat(follow_symlinks=False)
+                if now - st.st_mtime < older_than:
                     continue
                 fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:  # gone meanwhile; a symlink, a directory: not ember's, left alone
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError:  # a writer holds it
                 os.close(fd)
                 continue
             try:
-                os.unlink(entry.path)
-                removed += 1
+                if remove:
+                    os.unlink(entry.path)
+                count += 1
+                size += os.fstat(fd).st_size
             except FileNotFoundError:
                 pass
             finally:
                 os.close(fd)
-        return removed
+        return count, size
 
 
 class BlobWriter:
