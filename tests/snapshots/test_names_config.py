@@ -53,8 +53,14 @@ def test_config_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert SnapshotConfig.load(home).backend == "reflink"
     f.write_text('{"snapshots": {"backend": "zfs"}}')
     monkeypatch.delenv("EMBER_SNAPSHOT_BACKEND")
-    with pytest.raises(ConfigError, match="backend"):
+    with pytest.raises(ConfigError, match="^snapshots.backend must be"):
         SnapshotConfig.load(home)
+    # a bad override is named as the user set it, not as the file's key
+    f.write_text('{"snapshots": {"base_size": "1G"}}')
+    monkeypatch.setenv("EMBER_SNAPSHOT_BASE_SIZE", "bogus")
+    with pytest.raises(ConfigError, match="^EMBER_SNAPSHOT_BASE_SIZE"):
+        SnapshotConfig.load(home)
+    monkeypatch.delenv("EMBER_SNAPSHOT_BASE_SIZE")
     f.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         SnapshotConfig.load(home)

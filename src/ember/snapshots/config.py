@@ -78,22 +78,29 @@ class SnapshotConfig:
             "base_size": os.environ.get("EMBER_SNAPSHOT_BASE_SIZE"),
             "pool_size": os.environ.get("EMBER_SNAPSHOT_POOL_SIZE"),
         }
-        section = {**section, **{k: v for k, v in env.items() if v}}
-        return cls.from_dict(section)
+        overrides = {k: v for k, v in env.items() if v}
+        # an error names what the user set: the variable, not the file's key
+        origin = {k: f"EMBER_SNAPSHOT_{k.upper()}" for k in overrides}
+        return cls.from_dict({**section, **overrides}, origin)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SnapshotConfig:
+    def from_dict(cls, d: dict[str, Any], origin: dict[str, str] | None = None) -> SnapshotConfig:
+        """``origin``: the name to give in errors for a key not from the config file."""
+
+        def label(key: str) -> str:
+            return (origin or {}).get(key, f"snapshots.{key}")
+
         cfg = cls()
         if "backend" in d:
             if d["backend"] not in BACKENDS:
                 raise ConfigError(
-                    f"snapshots.backend must be one of {', '.join(BACKENDS)}, not {d['backend']!r}"
+                    f"{label('backend')} must be one of {', '.join(BACKENDS)}, not {d['backend']!r}"
                 )
             cfg = replace(cfg, backend=d["backend"])
         if "base_size" in d:
-            cfg = replace(cfg, base_size=parse_size(d["base_size"], "snapshots.base_size"))
+            cfg = replace(cfg, base_size=parse_size(d["base_size"], label("base_size")))
         if d.get("pool_size") is not None:
-            cfg = replace(cfg, pool_size=parse_size(d["pool_size"], "snapshots.pool_size"))
+            cfg = replace(cfg, pool_size=parse_size(d["pool_size"], label("pool_size")))
         if "check" in d:
             if d["check"] not in CHECKS:
                 raise ConfigError(
