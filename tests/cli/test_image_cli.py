@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.images import layout_ref, push_layout
+from tests.support.images import copy_layout, layout_ref, push_layout
 from tests.support.registry import Registry, free_port
 
 pytestmark = pytest.mark.integration
@@ -205,3 +207,118 @@ def test_a_layer_damaged_in_the_store_is_named_removed_and_fetched_again(
     again = ember(home, "image", "unpack", ref, str(tmp_path / "r2"))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "r2" / "bin" / "busybox").is_file()
+
+
+def test_rm_names_what_went_refuses_a_shared_digest_and_goes_on_past_failures(
+    tmp_path: Path, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    copy = copy_layout(busybox_layout, tmp_path / "demo")
+    a, b = layout_ref(busybox_layout), layout_ref(copy)
+    for ref in (a, b):
+        assert ember(home, "image", "pull", ref).returncode == 0
+    digest = json.loads(ember(home, "image", "inspect", a).stdout)["manifest_digest"]
+    short = digest.split(":")[1][:12]
+
+    names = ", ".join(sorted((a, b)))
+    refused = ember(home, "image", "rm", short)
+    assert_one_line_error(refused, f"{short} is referenced by several names: {names}", "--force")
+    assert refused.returncode == 2
+    assert len(json.loads(ember(home, "image", "ls", "--json").stdout)) == 2
+
+    forced = ember(home, "image", "rm", "--force", short)
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(forced.stderr.splitlines()) == sorted([f"removed {a}", f"removed {b}"])
+
+    # docker rmi A nonexist B: A and B go, nonexist is reported, the status says so
+    c = layout_ref(multilayer_layout)
+    for ref in (a, c):
+        assert ember(home, "image", "pull", ref).returncode == 0
+    mixed = ember(home, "image", "rm", a, "nonexist", c)
+    assert mixed.returncode == 1
+    assert mixed.stderr.splitlines() == [
+        f"removed {a}",
+        "ember: image docker.io/library/nonexist:latest is not in the local store "
+        "(pull it: ember image pull nonexist)",
+        f"removed {c}",
+        "ember: 1 of 3 images not removed: nonexist",
+    ]
+    assert json.loads(ember(home, "image", "ls", "--json").stdout) == []
+
+
+def test_what_ember_cannot_read_is_named(
+    tmp_path: Path, busybox_docker_archive: Path
+) -> None:
+    home = tmp_path / "home"
+    for ref, transport in (("dir:/tmp", "'dir:'"), (f"oci-archive:{tmp_path}/x.tar", "'oci-archive:'")):
+        result = ember(home, "image", "pull", ref)
+        assert_one_line_error(result, f"unsupported image transport {transport}", "oci:DIR[:TAG]")
+        assert "registry host" not in result.stderr
+
+    gzipped = tmp_path / "saved.tar.gz"
+    with open(busybox_docker_archive, "rb") as src, gzip.open(gzipped, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert_one_line_error(
+        ember(home, "image", "pull", f"docker-archive:{gzipped}"),
+        "is gzip-compressed: ember reads uncompressed archives only", "gunzip -k",
+    )
+
+    unknown = ember(home, "image", "inspect", "6823913902e4")
+    assert_one_line_error(unknown, "no image in the local store has the ID 6823913902e4")
+    assert "docker.io/library" not in unknown.stderr
+
+
+def test_inspect_and_ls_report_the_same_size(tmp_path: Path, busybox_layout: Path) -> None:
+    home, ref = tmp_path / "home", layout_ref(busybox_layout)
+    assert ember(home, "image", "pull", ref).returncode == 0
+    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)
+    listed = json.loads(ember(home, "image", "ls", "--json").stdout)[0]
+    assert inspected["size"] == listed["size"]
+    assert inspected["layers_size"] == sum(x["size"] for x in inspected["layers"])
+    assert inspected["size"] > inspected["layers_size"]
+
+
+def test_a_failed_unpack_removes_the_directories_it_made(tmp_path: Path) -> None:
+    (tmp_path / "there").mkdir()
+    target = tmp_path / "there" / "new" / "a" / "b"
+    result = ember(tmp_path / "home", "image", "unpack", f"oci:{tmp_path}/none:latest", str(target))
+    assert_one_line_error(result, "not an OCI image layout")
+    assert list((tmp_path / "there").iterdir()) == []  # new/a too, not only b
+
+
+def test_ls_on_a_narrow_terminal_never_cuts_a_reference(
+    tmp_path: Path, busybox_layout: Path
+) -> None:
+    """rich fitted the table to 80 columns by ending references with "…": two that
+    differ only at the end read the same."""
+    import pty
+    import re
+
+    home = tmp_path / "home"
+    refs = []
+    for suffix in ("one", "two"):
+        layout = copy_layout(busybox_layout, tmp_path / f"{'long-directory-name-' * 3}{suffix}")
+        refs.append(layout_ref(layout))
+        assert ember(home, "image", "pull", refs[-1]).returncode == 0
+    assert all(len(r) > 80 for r in refs)
+    master, slave = pty.openpty()
+    env = {**os.environ, "EMBER_HOME": str(home), "COLUMNS": "80", "TERM": "xterm"}
+    proc = subprocess.Popen([EMBER, "image", "ls"], stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.decode(errors="replace"))
+    assert "…" not in text
+    for ref in refs:
+        assert ref in text
+    assert "DIGEST" in text and "linux/amd64" in text

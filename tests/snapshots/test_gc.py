@@ -92,6 +92,22 @@ def test_gc_keeps_what_images_and_leases_need(home: Home, busybox_layout: Path) 
     assert prepare_image(home, kept_image).built == ()
 
 
+def test_gc_spares_the_blobs_a_running_command_claims(home: Home, busybox_layout: Path) -> None:
+    """An unpack of a local image claims its blobs (ember.images.locking); `image rm`
+    then forgets the image while the unpack still reads them: gc must not delete them."""
+    from ember.images.locking import Claims
+
+    service = ImageService(home)
+    image = service.pull(f"oci:{busybox_layout}:latest", progress=False)
+    digests = [image.manifest_digest, image.config_digest, *(layer.digest for layer in image.layers)]
+    store = ContentStore(home.content)
+    with Claims(home.run).hold(digests):
+        service.remove(image.reference)
+        report = collect(home, content_grace=0)
+        assert all(store.exists(d) for d in digests), report.content
+    assert set(collect(home, content_grace=0).content) >= {str(d) for d in digests}
+
+
 def test_gc_never_removes_a_chain_a_prepare_is_building(home: Home) -> None:
     """A prepare's temporary lease protects the lower layers it has already committed."""
     image = make_image(home, base_layers())

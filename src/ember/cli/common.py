@@ -63,6 +63,11 @@ def warnings_as_messages() -> None:
     logger.addHandler(WarningLine(logging.WARNING))
 
 
+def say(text: str) -> None:
+    """A status line on stderr (never wrapped: paths and digests stay whole)."""
+    click.echo(text, err=True)
+
+
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 

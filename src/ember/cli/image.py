@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,8 +13,8 @@ from typing import TYPE_CHECKING
 import click
 
 from ember.cli import common
-from ember.cli.common import home_from_ctx, json_option, print_json
-from ember.errors import UsageError
+from ember.cli.common import home_from_ctx, json_option, print_json, say
+from ember.errors import EmberError, UsageError
 from ember.oci.platform import Platform
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ platform_option = click.option(
 plain_http_option = click.option(
     "--plain-http",
     is_flag=True,
-    help="Talk plain HTTP to this registry (loopback registries always do).",
+    help="Talk plain HTTP to this registry (a loopback one is tried in plain HTTP first anyway).",
 )
 
 
@@ -41,12 +43,8 @@ def _service() -> ImageService:
     # for at start-up.
     from ember.images import ImageService
 
-    return ImageService(home_from_ctx())
-
-
-def _say(text: str) -> None:
-    """A status line on stderr (never wrapped: paths and digests stay whole)."""
-    click.echo(text, err=True)
+    # a command that must wait for another's lock says so (one line) before it blocks
+    return ImageService(home_from_ctx(), notice=say)
 
 
 def _pinned(reference: str, digest: str) -> str:
@@ -89,7 +87,7 @@ def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> 
         ref, _platform(platform_text), plain_http=plain_http, progress=False if quiet else None
     )
     count = len(img.layers)
-    _say(f"pulled {img.reference} ({img.platform}, {count} layer{'' if count == 1 else 's'})")
+    say(f"pulled {img.reference} ({img.platform}, {count} layer{'' if count == 1 else 's'})")
     # stdout: something to pin or inspect later (a digest reference for registry images)
     click.echo(_pinned(img.reference, str(img.manifest_digest)))
 
@@ -106,19 +104,43 @@ def list_images(as_json: bool) -> None:
     if as_json:
         print_json([r.as_dict() for r in records])
         return
-    common.print_table(
-        ("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"),
-        [
-            (
-                r.reference,
-                r.manifest_digest.short,
-                r.platform,
-                _human_size(r.size),
-                _age(r.updated_at),
-            )
-            for r in records
-        ],
-    )
+    header = ("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED")
+    rows = [
+        (r.reference, r.manifest_digest.short, r.platform, _human_size(r.size), _age(r.updated_at))
+        for r in records
+    ]
+    if sys.stdout.isatty():
+        _print_terminal_table(header, rows)
+    else:
+        common.print_table(header, rows)
+
+
+def _print_terminal_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Drawn by rich, but no reference, digest, platform or size is ever cut: rich fitted
+    the table to the terminal by ending references with "…", and two that differ only
+    at the end then read the same.  The last column (PULLED: words) wraps first; if the
+    table still does not fit, it is drawn as wide as it needs and the terminal wraps its
+    lines (``docker images`` never truncates a repository:tag either)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    last = len(header) - 1
+    for i, column in enumerate(header):
+        if i == last:
+            table.add_column(column)
+        else:
+            width = max(len(row[i]) for row in [header, *rows])
+            table.add_column(column, no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
+    console: Console = common.out_console
+    unbounded = console.options.update_width(1 << 16)
+    needed = Measurement.get(console, unbounded, table)
+    if needed.minimum > console.width:  # the terminal wraps the lines: no cell need wrap
+        console = Console(width=needed.maximum, highlight=False)
+    console.print(table, crop=False)
 
 
 @image.command()
@@ -130,12 +152,33 @@ def inspect(ref: str) -> None:
 
 @image.command("rm")
 @click.argument("refs", nargs=-1, required=True)
-def remove(refs: tuple[str, ...]) -> None:
-    """Remove images (and the blobs no other image uses)."""
+@click.option(
+    "-f", "--force", is_flag=True,
+    help="Remove every name of an image given by digest (or ID), not only one.",
+)  # fmt: skip
+def remove(refs: tuple[str, ...], force: bool) -> None:
+    """Remove images (and the blobs no other image uses).
+
+    Each REF is tried in turn, as docker rmi does: one that cannot be removed is
+    reported and the others are still removed; the exit status is then non-zero."""
     service = _service()
+    failed: list[tuple[str, EmberError]] = []
     for ref in refs:
-        service.remove(ref)
-        _say(f"removed {ref}")
+        try:
+            names = service.remove(ref, force=force)
+        except EmberError as e:
+            if len(refs) == 1:
+                raise
+            click.echo(f"ember: {str(e)[:2000]}", err=True)
+            failed.append((ref, e))
+            continue
+        for name in names:
+            say(f"removed {name}")
+    if failed:
+        listing = ", ".join(ref for ref, _ in failed)
+        error = EmberError(f"{len(failed)} of {len(refs)} images not removed: {listing}")
+        error.exit_code = max(e.exit_code for _, e in failed)
+        raise error
 
 
 @image.command()
@@ -150,15 +193,15 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
     if not directory_text:  # Path("") is ".": an empty argument would unpack here
         raise UsageError("DIRECTORY is empty: name the directory to unpack into")
     directory = Path(directory_text)
-    created = False
+    created: Path | None = None  # the topmost directory this command made
     if directory.exists():
         if not directory.is_dir():
             raise UsageError(f"{directory} exists and is not a directory")
         if any(os.scandir(directory)):
             raise UsageError(f"{directory} is not empty: unpack needs an empty or new directory")
     else:
+        created = _first_missing(directory)
         directory.mkdir(parents=True)
-        created = True
     service = _service()
     try:
         # layers are applied as they arrive, while the later ones still download
@@ -174,15 +217,25 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
                 service.content.raise_if_damaged([x.digest for x in img.layers], e)
                 raise
     except BaseException:
-        if created:
+        if created is not None:
             from ember.fsutil import remove_tree
 
-            # not shutil.rmtree: the layers may have built a tree deeper than its recursion
+            # not shutil.rmtree: the layers may have built a tree deeper than its recursion;
+            # the parents it made too (``new/a`` of ``new/a/b``), none that existed before
             with contextlib.suppress(OSError):
-                remove_tree(directory)
+                remove_tree(created)
         raise
     layers = f"{stats.layers} layer{'' if stats.layers == 1 else 's'}"
-    _say(f"unpacked {img.reference} into {directory} ({layers}, {stats.entries} entries)")
+    say(f"unpacked {img.reference} into {directory} ({layers}, {stats.entries} entries)")
+
+
+def _first_missing(directory: Path) -> Path:
+    """The topmost of ``directory`` and its parents that does not exist (what ``mkdir -p``
+    creates first)."""
+    path = directory
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 commands: list[click.Command] = [image]

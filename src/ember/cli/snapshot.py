@@ -14,9 +14,11 @@ from ember.cli.common import (
     human_bytes,
     json_option,
     print_json,
+    say,
     warnings_as_messages,
 )
 from ember.cli.image import image as image_group
+from ember.cli.image import plain_http_option, platform_option
 
 if TYPE_CHECKING:
     from ember.snapshots import Snapshotter
@@ -263,6 +265,7 @@ def gc(
         dry_run=dry_run,
         content_grace=content_grace,
         templates_unused_for=templates_unused_for,
+        notice=say,
     )
     if as_json:
         print_json(report.to_json())
@@ -282,9 +285,10 @@ def gc(
 
 @click.command("prepare")
 @click.argument("ref")
-@click.option("--platform", "platform_text", help="os/arch[/variant] (default: this host's).")
-@click.option("--plain-http", is_flag=True, help="Talk plain HTTP to the registry.")
-@json_option
+@platform_option
+@plain_http_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {image, snapshot, path, seconds} as JSON instead of the summary and path.")  # fmt: skip
 def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool) -> None:
     """Pull REF if needed and build its snapshot chain (one ext4 image per layer)."""
     warnings_as_messages()
@@ -294,7 +298,7 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
 
     start = time.perf_counter()
     home = home_from_ctx()
-    service = ImageService(home)
+    service = ImageService(home, notice=say)
     platform = Platform.parse(platform_text) if platform_text is not None else None
     # the chain's first layers are built while the last ones still download
     with service.ensuring(ref, platform, plain_http=plain_http) as pulled:

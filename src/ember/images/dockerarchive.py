@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from ember import jsonutil
 from ember.fsutil import open_regular, why_unopened
+from ember.images.cancel import Cancellation
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
 from ember.oci import mediatypes as mt
@@ -38,6 +39,19 @@ from ember.store.content import ContentStore
 _CHUNK = 1 << 20
 _MAX_MANIFEST_JSON = 4 * 1024 * 1024
 _MAX_LINK_HOPS = 16
+#: compressed archives recognised by their magic, to say so instead of "not a tar"
+_MAGIC = {
+    "gzip": b"\x1f\x8b",
+    "zstd": b"\x28\xb5\x2f\xfd",
+    "xz": b"\xfd7zXZ\x00",
+    "bzip2": b"BZh",
+}
+_DECOMPRESS = {
+    "gzip": "gunzip -k FILE",
+    "zstd": "zstd -d FILE",
+    "xz": "unxz -k FILE",
+    "bzip2": "bunzip2 -k FILE",
+}
 
 
 def _open_archive(path: Path) -> BinaryIO:
@@ -83,10 +97,32 @@ class DockerArchiveSource:
                 raise InvalidSource(
                     f"docker archive {self.path} is truncated or damaged ({e})"
                 ) from None
+            compression = self._compression()
+            if compression is not None:
+                # ``docker load`` takes ``docker save | gzip``; ember reads the archive's
+                # members in place (by offset, several at once), which a compressed
+                # stream does not allow without a decompressed copy on disk first.
+                raise InvalidSource(
+                    f"docker archive {self.path} is {compression}-compressed: ember reads "
+                    "uncompressed archives only",
+                    hint=f"decompress it first ({_DECOMPRESS[compression]}), or write it "
+                    "with docker save -o FILE",
+                ) from None
             raise InvalidSource(
                 f"{self.path} is not a docker archive (an uncompressed tar): {e}"
             ) from None
         return members
+
+    def _compression(self) -> str | None:
+        """The compression the archive's first bytes announce, if any."""
+        try:
+            head = os.pread(self._file.fileno(), 6, 0)
+        except OSError:
+            return None
+        for name, magic in _MAGIC.items():
+            if head.startswith(magic):
+                return name
+        return None
 
     def close(self) -> None:
         self._file.close()
@@ -116,7 +152,12 @@ class DockerArchiveSource:
                 raise InvalidSource(f"docker archive {self.path}: {name[:200]!r} is not a file")
         raise InvalidSource(f"docker archive {self.path}: too many links for {name[:200]!r}")
 
-    def _chunks(self, member: tarfile.TarInfo, limit: int | None = None) -> Iterator[bytes]:
+    def _chunks(
+        self,
+        member: tarfile.TarInfo,
+        limit: int | None = None,
+        cancel: Cancellation | None = None,
+    ) -> Iterator[bytes]:
         """A member's bytes, read by offset (pread leaves the file position alone): safe from several threads."""
         if member.issparse():
             raise InvalidSource(
@@ -126,6 +167,8 @@ class DockerArchiveSource:
         offset = member.offset_data
         fd = self._file.fileno()
         while remaining > 0:
+            if cancel is not None:
+                cancel.check()
             try:
                 chunk = os.pread(fd, min(_CHUNK, remaining), offset)
             except OSError as e:
@@ -233,7 +276,11 @@ class DockerArchiveSource:
         return Resolved(data, mt.OCI_MANIFEST, Digest.of(data))
 
     def fetch(
-        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
+        self,
+        desc: Descriptor,
+        store: ContentStore,
+        progress: Callable[[int], None] | None,
+        cancel: Cancellation | None = None,
     ) -> None:
         member, data = self._blobs[desc.digest]
         if store.exists(desc.digest):
@@ -245,7 +292,7 @@ class DockerArchiveSource:
             return
         assert member is not None
         try:
-            store.ingest(desc.digest, desc.size, self._chunks(member), progress)
+            store.ingest(desc.digest, desc.size, self._chunks(member, cancel=cancel), progress)
         except DigestMismatch as e:
             raise InvalidSource(
                 f"docker archive {self.path}: a layer does not match the DiffID its config declares ({e})"

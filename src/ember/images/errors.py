@@ -19,3 +19,7 @@ class InvalidImage(ImageError):
 
 class InvalidSource(UsageError, ImageError):
     """A local source (``oci:``, ``docker-archive:``) that cannot be read as asked."""
+
+
+class AmbiguousImage(UsageError, ImageError):
+    """A digest that names an image under several names, where one was expected."""

@@ -38,11 +38,19 @@ class Image:
     config: ImageConfig
     platform: Platform
     layers: list[Layer]
+    #: bytes of the manifest as stored (0: not known, for an image made by hand)
+    manifest_size: int = 0
 
     @property
     def size(self) -> int:
         """Compressed size of the layers."""
         return sum(layer.size for layer in self.layers)
+
+    @property
+    def content_size(self) -> int:
+        """Bytes of the image's blobs as pulled: manifest, config and (compressed) layers,
+        the size the image table records and ``ember image ls`` shows."""
+        return self.manifest_size + self.manifest.config.size + self.size
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON ``ember image inspect`` prints."""
@@ -54,5 +62,7 @@ class Image:
             "config_digest": str(self.config_digest),
             "config": self.config.as_dict(),
             "layers": [layer.as_dict() for layer in self.layers],
-            "size": self.size,
+            # the same quantity as ``ember image ls``'s: manifest + config + layers
+            "size": self.content_size,
+            "layers_size": self.size,
         }

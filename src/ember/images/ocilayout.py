@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from ember import jsonutil
 from ember.fsutil import NotRegularFile, open_regular
+from ember.images.cancel import Cancellation
 from ember.images.errors import ImageNotFound, InvalidSource
 from ember.images.sources import Resolved
 from ember.oci import mediatypes as mt
@@ -155,7 +156,11 @@ class OciLayoutSource:
         raise InvalidSource(f"OCI layout {self.path}: indexes nested too deeply")
 
     def fetch(
-        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
+        self,
+        desc: Descriptor,
+        store: ContentStore,
+        progress: Callable[[int], None] | None,
+        cancel: Cancellation | None = None,
     ) -> None:
         if store.exists(desc.digest):
             if progress:
@@ -163,14 +168,19 @@ class OciLayoutSource:
             return
         with self._open_blob(desc.digest) as src:
             try:
-                store.ingest(desc.digest, desc.size, self._chunks(src, desc.digest), progress)
+                chunks = self._chunks(src, desc.digest, cancel)
+                store.ingest(desc.digest, desc.size, chunks, progress)
             except DigestMismatch as e:
                 raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None
 
-    def _chunks(self, src: BinaryIO, digest: Digest) -> Iterator[bytes]:
+    def _chunks(
+        self, src: BinaryIO, digest: Digest, cancel: Cancellation | None = None
+    ) -> Iterator[bytes]:
         # Only errors reading the layout are the source's fault; the store's own
         # (a full disk) pass through ingest unchanged.
         while True:
+            if cancel is not None:
+                cancel.check()
             try:
                 chunk = src.read(_CHUNK)
             except OSError as e:

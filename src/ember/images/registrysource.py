@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ember.images.cancel import Cancellation
 from ember.images.sources import Resolved
 from ember.oci.manifest import Descriptor, ImageIndex, parse_manifest
 from ember.oci.platform import Platform, select_manifest
@@ -50,6 +51,10 @@ class RegistrySource:
         raise BlobCorrupt(f"{self.name}: indexes nested too deeply")
 
     def fetch(
-        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
+        self,
+        desc: Descriptor,
+        store: ContentStore,
+        progress: Callable[[int], None] | None,
+        cancel: Cancellation | None = None,
     ) -> None:
-        self.client.fetch_blob(self.ref.repository, desc, store, progress)
+        self.client.fetch_blob(self.ref.repository, desc, store, progress, cancel=cancel)

@@ -7,9 +7,10 @@ layer, the platform asked for), stores the manifest blob last, makes the blob
 names durable (one directory fsync) and then records the reference.  Readers
 therefore never see a reference whose blobs are missing.
 
-Pulls hold a shared lock and ``remove`` an exclusive one while it deletes
-blobs no other image uses, so a removal never deletes a blob that a
-concurrent pull is about to record.
+Pulls hold ``images.lock`` shared (``ember gc`` takes it exclusively), and claim
+the blobs they rely on, which ``remove`` spares (``ember.images.locking``): a
+removal never deletes a blob that a concurrent pull is about to record, and
+it does not wait for pulls.
 
 ``pulling``/``ensuring`` hand the image out as soon as its config is checked,
 while the layers still download: whoever applies the layers (``ember image
@@ -18,24 +19,31 @@ that one verified blob, so applying layer 1 overlaps downloading layers 2..n.
 The image is recorded as soon as everything is fetched, in a thread beside the
 caller's work; a caller that fails before then abandons the pull and nothing is
 recorded.
+
+A pull that stops (Ctrl-C, a refused config, the caller's error) cancels its
+downloads, the running ones too (``ember.images.cancel``), and returns without
+waiting for them beyond a short grace: a download blocked where it cannot be
+woken (a registry that never answers a request) ends on its own timeout, in a
+daemon thread, and records nothing.
 """
 
 from __future__ import annotations
 
-import fcntl
+import builtins
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ember.errors import EmberError
 from ember.home import Home
-from ember.images.errors import ImageNotFound, InvalidImage, InvalidSource
+from ember.images.cancel import Cancellation, PullCancelled
+from ember.images.errors import AmbiguousImage, ImageNotFound, InvalidImage, InvalidSource
+from ember.images.locking import Claims, Notice, file_lock, waiting_message
 from ember.images.model import Image, Layer
 from ember.images.ocilayout import OciLayoutSource
 from ember.images.progress import PullProgress, make_progress
@@ -46,18 +54,18 @@ from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError, NoMatchingPlatform
 from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
-from ember.oci.platform import Platform
+from ember.oci.platform import Platform, host_platform
 from ember.registry.client.credentials import CredentialStore
 from ember.store.content import ContentStore
 from ember.store.errors import BlobNotFound, DamagedImageRecord
 from ember.store.images import ImageRecord, ImageTable, open_image_db
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
-
 #: blobs downloaded at once, as skopeo does (with a distant registry, a 5-layer image at 4
 #: at a time took two round trips: 1.13x -> 0.60x of skopeo copy at 30 ms per blob)
 MAX_PARALLEL_BLOBS = 6
+#: seconds a stopping pull waits for its cancelled downloads to let go (an aborted read
+#: ends at once; this only bounds the wait for one blocked where it cannot be woken)
+CANCEL_GRACE = 2.0
 _HEX_PREFIX = re.compile(r"^(?:sha256:)?[0-9a-f]{6,64}$")
 
 
@@ -67,6 +75,8 @@ def build_image(
     manifest: ImageManifest,
     config_digest: Digest,
     config: ImageConfig,
+    *,
+    manifest_size: int = 0,
 ) -> Image:
     """Check that manifest and config make an image ember can unpack, and describe it."""
     if manifest.config.media_type not in mt.CONFIG_TYPES:
@@ -86,14 +96,89 @@ def build_image(
         for d, diff_id, chain in zip(manifest.layers, config.diff_ids, chains, strict=True)
     ]
     platform = Platform.of(config.os, config.architecture, config.variant)
-    return Image(reference, manifest_digest, manifest, config_digest, config, platform, layers)
+    return Image(
+        reference, manifest_digest, manifest, config_digest, config, platform, layers,
+        manifest_size=manifest_size,
+    )  # fmt: skip
+
+
+class _Download:
+    """One blob to fetch: what the layer appliers and the recorder wait on."""
+
+    def __init__(self, desc: Descriptor, progress: Callable[[int], None] | None) -> None:
+        self.desc = desc
+        self.progress = progress
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self._done.set()
+
+    def result(self) -> None:
+        """Once fetched (a wait an interrupt cuts short); raises what the fetch raised."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+class _Downloads:
+    """Daemon threads fetching the queued blobs, ``count`` at once, until cancelled.
+
+    Not a ThreadPoolExecutor: leaving one waits for every running task, and its
+    threads are joined at exit, which is what kept a Ctrl-C waiting for the blobs
+    already downloading."""
+
+    def __init__(
+        self, source: Source, content: ContentStore, jobs: Iterable[_Download], count: int
+    ) -> None:
+        self.cancellation = Cancellation()
+        self._source = source
+        self._content = content
+        self._queue = deque(jobs)
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._work, name="ember-download", daemon=True)
+            for _ in range(count)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _take(self) -> _Download | None:
+        with self._lock:
+            if self.cancellation.cancelled or not self._queue:
+                return None
+            return self._queue.popleft()
+
+    def _work(self) -> None:
+        while (job := self._take()) is not None:
+            try:
+                self._source.fetch(job.desc, self._content, job.progress, self.cancellation)
+            except BaseException as e:  # raised by whoever waits for this blob
+                job.finish(e)
+            else:
+                job.finish(None)
+
+    def cancel(self) -> None:
+        """Stop every download: queued ones never start, running ones stop at once."""
+        self.cancellation.cancel()
+        with self._lock:
+            left = list(self._queue)
+            self._queue.clear()
+        for job in left:
+            job.finish(PullCancelled("the pull was cancelled"))
+
+    def join(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 class Pulling:
     """An image whose layers may still be downloading (see ``ImageService.pulling``)."""
 
     def __init__(
-        self, image: Image, content: ContentStore, downloads: Mapping[Digest, Future[object]]
+        self, image: Image, content: ContentStore, downloads: Mapping[Digest, _Download]
     ) -> None:
         self.image = image
         self._content = content
@@ -113,20 +198,25 @@ class _Recorder:
     """Runs ``store`` in its own thread once every download in ``downloads`` succeeded,
     unless the pull was abandoned before."""
 
-    def __init__(self, downloads: list[Future[object]], store: Callable[[], None]) -> None:
+    def __init__(self, downloads: list[_Download], store: Callable[[], None]) -> None:
         self._downloads = downloads
         self._store = store
-        self._abandoned = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._started = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ember-record", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            for f in self._downloads:
-                f.result()
-            if not self._abandoned.is_set():
-                self._store()
+            for d in self._downloads:
+                d.result()
+            with self._lock:
+                if self._abandoned:
+                    return
+                self._started = True
+            self._store()
         except BaseException as e:  # a failed download is raised by its waiter too
             self._error = e
 
@@ -137,30 +227,30 @@ class _Recorder:
             raise self._error
 
     def abandon(self) -> None:
-        """Record nothing unless recording has begun; returns once the thread is done
-        (after the downloads not cancelled, which the pool waits for anyway)."""
-        self._abandoned.set()
-        self._thread.join()
+        """Record nothing unless recording has begun, in which case wait for it to end
+        (a few fsyncs and a row); never waits for the downloads."""
+        with self._lock:
+            self._abandoned = True
+            started = self._started
+        if started:
+            self._thread.join()
 
 
 class ImageService:
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, *, notice: Notice | None = None) -> None:
+        """``notice``: where to say (one line) that a command waits for another's lock."""
         self.home = home.ensure()
         self.content = ContentStore(home.content)
         self.table = ImageTable(open_image_db(home.db_path))
         self.credentials = CredentialStore(home.credentials)
+        self.notice = notice
+        self.claims = Claims(self.home.run, notice)
 
     # -- locking -------------------------------------------------------------
 
-    @contextmanager
-    def _lock(self, exclusive: bool) -> Iterator[None]:
-        self.home.run.mkdir(parents=True, exist_ok=True)
-        with open(self.home.run / "images.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _lock(self, exclusive: bool) -> AbstractContextManager[None]:
+        """``images.lock``: pulls shared, ``ember gc`` exclusive (``ember.images.locking``)."""
+        return file_lock(self.home.run / "images.lock", exclusive=exclusive, notice=self.notice)
 
     # -- pulling -------------------------------------------------------------
 
@@ -188,7 +278,8 @@ class ImageService:
         plain_http: bool = False,
         progress: bool | None = None,
     ) -> Image:
-        """Fetch ``ref`` (registry reference, ``oci:DIR[:TAG]``, ``docker-archive:FILE``) and record it."""
+        """Fetch ``ref`` (registry reference, ``oci:DIR[:TAG]``, ``docker-archive:FILE``) and
+        record it.  Without ``platform``, an index gives this host's image."""
         with self.pulling(ref, platform, plain_http=plain_http, progress=progress) as pulled:
             pass
         return pulled.image
@@ -204,14 +295,29 @@ class ImageService:
     ) -> Iterator[Pulling]:
         """Pull ``ref``, handing the image out once its config is checked, while the
         layers download; records it when the body returns and every blob is in.
-        If the body raises, the downloads are abandoned and nothing is recorded."""
+        If the body raises, the downloads are cancelled and nothing is recorded."""
+        with self._pull(ref, platform, plain_http=plain_http, progress=progress) as pulled:
+            yield pulled
+
+    @contextmanager
+    def _pull(
+        self,
+        ref: str,
+        platform: Platform | None,
+        *,
+        plain_http: bool,
+        progress: bool | None,
+        for_host: bool = False,
+    ) -> Iterator[Pulling]:
+        """``for_host``: ``platform`` is this host's, which the caller did not name (the
+        refusal says how to ask for another)."""
         spec = parse_source(ref)
         source = self._open_source(spec, plain_http)
         try:
             with (
                 self._lock(exclusive=False),
                 make_progress(progress) as display,
-                self._pulling(source, platform, display) as pulled,
+                self._pulling(source, platform, display, for_host) as pulled,
             ):
                 yield pulled
         finally:
@@ -219,7 +325,7 @@ class ImageService:
 
     @contextmanager
     def _pulling(
-        self, source: Source, platform: Platform | None, display: PullProgress
+        self, source: Source, platform: Platform | None, display: PullProgress, for_host: bool
     ) -> Iterator[Pulling]:
         resolved = source.resolve(platform)
         manifest = parse_manifest(resolved.data, resolved.media_type)
@@ -249,14 +355,20 @@ class ImageService:
                 config_digest=cfg.digest,
                 media_type=manifest.media_type,
                 platform=str(image.platform),
-                size=image.size + cfg.size + len(resolved.data),
+                size=image.content_size,
                 index_digest=resolved.index_digest,
             )
 
-        # One directory fsync for all the blobs, before the table names them.
-        with self.content.batch(), self._fetching(
-            source, resolved, manifest, platform, display, record
-        ) as pulled:
+        # The claim comes before anything looks at the store (a removal spares what it
+        # names) and goes after the image is recorded.  One directory fsync for all the
+        # blobs, before the table names them.
+        digests = [resolved.digest, cfg.digest, *(d.digest for d in manifest.layers)]
+        with (
+            self.claims.hold(digests),
+            self.content.batch(),
+            self._fetching(source, resolved, manifest, platform, for_host, display, record)
+            as pulled,
+        ):
             yield pulled
 
     def _migrate_quietly(self) -> None:
@@ -270,6 +382,7 @@ class ImageService:
         resolved: Resolved,
         manifest: ImageManifest,
         platform: Platform | None,
+        for_host: bool,
         display: PullProgress,
         record: Callable[[Image], None],
     ) -> Iterator[Pulling]:
@@ -283,8 +396,9 @@ class ImageService:
         recorded.  Leaving the block waits for the recorder and raises what
         failed.
 
-        A config that makes the image unusable stops the pull before any queued
-        layer starts (those already downloading finish: they are verified blobs).
+        Whatever stops the pull (a config that makes the image unusable, a failed
+        blob, the caller's error, Ctrl-C) cancels every download, the running ones
+        too; what they received stays in the ingest files for the next pull.
         """
         cfg = manifest.config
         unique: dict[Digest, Descriptor] = {}
@@ -292,67 +406,82 @@ class ImageService:
             unique.setdefault(desc.digest, desc)
         todo = list(unique.values())
         display.set_total(sum(d.size for d in todo))
-        # concurrent.futures (and the logging it imports, ~4 ms) only when something downloads
-        from concurrent.futures import ThreadPoolExecutor
-
-        # one worker more than layers at once: the config's, so that it is asked for first
-        workers = max(1, min(MAX_PARALLEL_BLOBS, len(todo))) + 1
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            config_fetch = pool.submit(source.fetch, cfg, self.content, None)
-            downloads: dict[Digest, Future[object]] = {
-                d.digest: pool.submit(
-                    source.fetch, d, self.content, display.blob(d, f"layer {i + 1}/{len(todo)}")
-                )
-                for i, d in enumerate(todo)
-            }
-            recorder: _Recorder | None = None
-            try:
-                config_fetch.result()
-                config = parse_config(self.content.read_bytes(cfg.digest))
-                image = build_image(source.name, resolved.digest, manifest, cfg.digest, config)
-                if platform is not None and not platform.matches(image.platform):
+        config_fetch = _Download(cfg, None)
+        downloads = {
+            d.digest: _Download(d, display.blob(d, f"layer {i + 1}/{len(todo)}"))
+            for i, d in enumerate(todo)
+        }
+        # one worker more than layers at once: the config's, first in the queue, so
+        # that it is asked for first
+        workers = _Downloads(
+            source,
+            self.content,
+            [config_fetch, *downloads.values()],
+            max(1, min(MAX_PARALLEL_BLOBS, len(todo))) + 1,
+        )
+        recorder: _Recorder | None = None
+        try:
+            config_fetch.result()
+            config = parse_config(self.content.read_bytes(cfg.digest))
+            image = build_image(
+                source.name, resolved.digest, manifest, cfg.digest, config,
+                manifest_size=len(resolved.data),
+            )  # fmt: skip
+            if platform is not None and not platform.matches(image.platform):
+                if for_host:
                     raise NoMatchingPlatform(
-                        f"{source.name} is for {image.platform}, not {platform}"
+                        f"{source.name} is for {image.platform}, not for this host ({platform})",
+                        hint=f"to use it anyway, pass --platform {image.platform}",
                     )
+                raise NoMatchingPlatform(f"{source.name} is for {image.platform}, not {platform}")
 
-                def store_and_record() -> None:
-                    # last: a failed pull leaves no manifest whose blobs are missing
-                    self.content.put_bytes(resolved.data, resolved.digest)
-                    self.content.sync_names()  # before the table names the blobs
-                    record(image)
+            def store_and_record() -> None:
+                # last: a failed pull leaves no manifest whose blobs are missing
+                self.content.put_bytes(resolved.data, resolved.digest)
+                self.content.sync_names()  # before the table names the blobs
+                record(image)
 
-                recorder = _Recorder(list(downloads.values()), store_and_record)
-                yield Pulling(image, self.content, downloads)
-                for f in downloads.values():
-                    f.result()
-                recorder.wait()
-            except BaseException:
-                for f in downloads.values():
-                    f.cancel()
-                if recorder is not None:
-                    recorder.abandon()
-                raise
+            recorder = _Recorder(list(downloads.values()), store_and_record)
+            yield Pulling(image, self.content, downloads)
+            for d in downloads.values():
+                d.result()
+            recorder.wait()
+        except BaseException:
+            workers.cancel()
+            if recorder is not None:
+                recorder.abandon()
+            workers.join(CANCEL_GRACE)
+            raise
 
     # -- local queries -------------------------------------------------------
 
-    def _record(self, ref: str) -> ImageRecord:
+    def _lookup(self, ref: str) -> list[ImageRecord]:
+        """The records ``ref`` names: one for a name; for a manifest digest or an
+        unambiguous hex prefix of one, every name the image has."""
         name = ref
-        invalid: EmberError | None = None
+        invalid: Exception | None = None
         try:
             name = parse_source(ref).name
         except (FormatError, InvalidSource) as e:
             invalid = e  # unless it is a digest prefix (or a name recorded as given)
-        record = self.table.get(name)
-        if record is not None:
-            return record
+        # the name as given too: oci: names recorded before paths were normalised
+        for candidate in dict.fromkeys((name, ref)):
+            record = self.table.get(candidate)
+            if record is not None:
+                return [record]
         if _HEX_PREFIX.fullmatch(ref):
             matches = self.table.find_by_digest(ref)
-            digests = {m.manifest_digest for m in matches}
-            if len(digests) == 1:
-                return matches[0]
-            if len(digests) > 1:
+            if len({m.manifest_digest for m in matches}) > 1:
                 raise ImageNotFound(f"{ref} matches several images: give more of the digest")
-        elif invalid is not None:
+            if matches:
+                return matches
+            # "image docker.io/library/6823913902e4:latest is not in the local store"
+            # would answer a question the user did not ask
+            raise ImageNotFound(
+                f"no image in the local store has the ID {ref}",
+                hint="IDs are the manifest digests that ember image ls shows",
+            )
+        if invalid is not None:
             # "not in the local store (pull it: ember image pull UPPER/x)" would send
             # the user to a pull that cannot work: say what is wrong with the name
             raise invalid
@@ -360,12 +489,16 @@ class ImageService:
             f"image {name} is not in the local store", hint=f"pull it: ember image pull {ref}"
         )
 
+    def _record(self, ref: str) -> ImageRecord:
+        return self._lookup(ref)[0]
+
     def _load(self, record: ImageRecord) -> Image:
         damaged = partial(
             ImageNotFound, hint=f"pull it again: ember image pull {record.reference}"
         )
         try:
-            manifest = parse_manifest(self._stored(record.manifest_digest), record.media_type)
+            manifest_data = self._stored(record.manifest_digest)
+            manifest = parse_manifest(manifest_data, record.media_type)
             config = parse_config(self._stored(record.config_digest))
         except BlobNotFound as e:
             raise damaged(f"image {record.reference} is damaged ({e})") from None
@@ -374,8 +507,9 @@ class ImageService:
         if not isinstance(manifest, ImageManifest):
             raise InvalidImage(f"image {record.reference}: stored manifest is an index")
         return build_image(
-            record.reference, record.manifest_digest, manifest, record.config_digest, config
-        )
+            record.reference, record.manifest_digest, manifest, record.config_digest, config,
+            manifest_size=len(manifest_data),
+        )  # fmt: skip
 
     def _stored(self, digest: Digest) -> bytes:
         """A small blob of the store, checked against its digest (a few KB: cheap).
@@ -396,8 +530,10 @@ class ImageService:
         self, ref: str, platform: Platform | None = None, *, plain_http: bool = False
     ) -> Image:
         """The local image ``ref``, pulled first when it is missing, incomplete or for
-        another platform."""
-        with self.ensuring(ref, platform, plain_http=plain_http) as ready:
+        another platform than ``platform``; see ``ensuring`` for ``platform=None``."""
+        # no claim on a local image's blobs: it would end with this call (``ember run``
+        # protects them with the snapshotter's lease while it builds from them)
+        with self._ensuring(ref, platform, plain_http=plain_http, claim=False) as ready:
             pass
         return ready.image
 
@@ -411,21 +547,55 @@ class ImageService:
         progress: bool | None = None,
     ) -> Iterator[Pulling]:
         """``ensure`` for a caller that applies the layers: a local image at once, else
-        ``pulling`` (layers handed out as they arrive)."""
+        ``pulling`` (layers handed out as they arrive).
+
+        Without ``platform`` the image must be this host's, as the commands' help
+        says: a local image pulled for another platform (``--platform``) is refused,
+        not used silently, and so is a pulled one that turns out to be for another
+        platform (a single-platform image).  A missing one is pulled for this host.
+
+        A local image's blobs are claimed while the caller uses them: a removal
+        meanwhile spares them (``ember.images.locking``)."""
+        with self._ensuring(ref, platform, plain_http=plain_http, progress=progress) as ready:
+            yield ready
+
+    @contextmanager
+    def _ensuring(
+        self,
+        ref: str,
+        platform: Platform | None,
+        *,
+        plain_http: bool,
+        progress: bool | None = None,
+        claim: bool = True,
+    ) -> Iterator[Pulling]:
+        host = host_platform()
         try:
             image: Image | None = self.get(ref)
         except ImageNotFound:
             image = None
-        if image is not None and platform is not None and not platform.matches(image.platform):
-            image = None
-        elif image is not None and not all(
-            self.content.exists(layer.digest) for layer in image.layers
-        ):
-            platform, image = platform or image.platform, None
-        if image is not None:
-            yield Pulling(image, self.content, {})
-            return
-        with self.pulling(ref, platform, plain_http=plain_http, progress=progress) as pulled:
+        if image is not None and platform is None and not host.matches(image.platform):
+            raise NoMatchingPlatform(
+                f"image {image.reference} in the local store is for {image.platform}, "
+                f"not for this host ({host})",
+                hint=f"to get this host's: ember image pull --platform {host} {ref}; to use "
+                f"this one, pass --platform {image.platform} (image unpack, image prepare)",
+            )
+        if image is not None and (platform is None or platform.matches(image.platform)):
+            digests = [image.manifest_digest, image.config_digest]
+            digests += [layer.digest for layer in image.layers]
+            with self.claims.hold(digests) if claim else nullcontext():
+                if all(self.content.exists(d) for d in digests):
+                    yield Pulling(image, self.content, {})
+                    return
+            platform = platform or image.platform  # it lost a blob: fetch it again
+        with self._pull(
+            ref,
+            platform or host,
+            plain_http=plain_http,
+            progress=progress,
+            for_host=platform is None,
+        ) as pulled:
             yield pulled
 
     def list(self) -> list[ImageRecord]:
@@ -465,7 +635,12 @@ class ImageService:
         from ember.snapshots.leases import Leases
         from ember.snapshots.locks import FileLock
 
-        with FileLock(gc_lock):
+        lock = FileLock(gc_lock)
+        if not lock.acquire(blocking=False):
+            if self.notice is not None:
+                self.notice(waiting_message(gc_lock))  # ember gc sweeping
+            lock.acquire()
+        try:
             now = time.time()
             claimed: set[Digest] = set()
             for lease in Leases(leases_dir, gc_lock).list():
@@ -475,22 +650,41 @@ class ImageService:
                     with suppress(FormatError):
                         claimed.add(Digest.parse(text))
             yield claimed
+        finally:
+            lock.release()
 
-    def remove(self, ref: str) -> None:
-        """Forget ``ref`` and delete the blobs that no other image and no live lease uses.
+    def remove(self, ref: str, *, force: bool = False) -> builtins.list[str]:
+        """Forget ``ref`` and delete the blobs that no other image, no running pull and no
+        live lease uses; returns the names forgotten.
 
-        A damaged record is only forgotten: which blobs it used is unknown, so they
-        are left to ``ember gc``."""
-        with self._lock(exclusive=True):
+        A digest (prefix) names the image under all its names: with several, only
+        ``force`` removes them (all), as ``docker rmi -f`` does.  A damaged record is
+        only forgotten: which blobs it used is unknown, so they are left to ``ember gc``.
+
+        Removal does not take ``images.lock`` and so does not wait for pulls (of this
+        image or any other): it spares the blobs they claim (``ember.images.locking``).
+        """
+        with ExitStack() as stack:
+            claimed = stack.enter_context(self.claims.frozen())
             try:
-                record = self._record(ref)
+                records = self._lookup(ref)
             except DamagedImageRecord as e:
                 self.table.delete(e.reference)
-                return
-            doomed = self._blobs_of(record)
-            with self._leases_held() as leased:
+                return [e.reference]
+            if len(records) > 1 and not force:
+                names = ", ".join(r.reference for r in records)
+                raise AmbiguousImage(
+                    f"{ref} is referenced by several names: {names}",
+                    hint="remove them by name, or use -f/--force to remove all",
+                )
+            doomed: set[Digest] = set()
+            for record in records:
+                doomed |= self._blobs_of(record)
+            leased = stack.enter_context(self._leases_held())
+            for record in records:
                 self.table.delete(record.reference)
-                for other in self.table.list():
-                    doomed -= self._blobs_of(other)
-                for digest in doomed - leased:
-                    self.content.delete(digest)
+            for other in self.table.list():
+                doomed -= self._blobs_of(other)
+            for digest in doomed - leased - claimed:
+                self.content.delete(digest)
+        return [r.reference for r in records]

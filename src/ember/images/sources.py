@@ -9,11 +9,13 @@ and copies blobs into the content store through its verifying writer.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ember.images.cancel import Cancellation
 from ember.images.errors import InvalidSource
 from ember.oci.digest import Digest
 from ember.oci.manifest import Descriptor
@@ -24,6 +26,15 @@ from ember.store.content import ContentStore
 OCI_PREFIX = "oci:"
 DOCKER_ARCHIVE_PREFIX = "docker-archive:"
 DOCKER_PREFIX = "docker://"
+#: skopeo's other transports: named as unsupported rather than parsed as a registry host
+#: ("invalid registry host 'dir:'").  Not ``docker:``, whose ``docker:dind`` is an image.
+OTHER_TRANSPORTS = frozenset(
+    {"dir", "oci-archive", "docker-daemon", "containers-storage", "ostree", "sif", "tarball"}
+)
+SUPPORTED = (
+    "a registry reference (REF or docker://REF), oci:DIR[:TAG], docker-archive:FILE[:REF]"
+)
+_TRANSPORT = re.compile(r"^([a-z][a-z0-9+.-]*):")
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,15 @@ class Source(Protocol):
     def resolve(self, platform: Platform | None) -> Resolved: ...
 
     def fetch(
-        self, desc: Descriptor, store: ContentStore, progress: Callable[[int], None] | None
-    ) -> None: ...
+        self,
+        desc: Descriptor,
+        store: ContentStore,
+        progress: Callable[[int], None] | None,
+        cancel: Cancellation | None = None,
+    ) -> None:
+        """Copy the blob into ``store``, verified; stops (PullCancelled) soon after
+        ``cancel`` is cancelled, keeping what arrived where it can be resumed."""
+        ...
 
     def close(self) -> None: ...
 
@@ -67,11 +85,18 @@ def _split_path(rest: str, what: str) -> tuple[Path, str | None]:
     except UnicodeEncodeError:  # undecodable bytes: the image table stores names as UTF-8
         raise InvalidSource(f"{what} path {rest!r:.200} is not valid UTF-8") from None
     if os.path.exists(rest) or ":" not in rest:
-        return Path(rest).absolute(), None
+        return _absolute(rest), None
     path, _, selector = rest.partition(":")
     if not path:
         raise InvalidSource(f"{what} needs a path before ':'")
-    return Path(path).absolute(), selector or None
+    return _absolute(path), selector or None
+
+
+def _absolute(path: str) -> Path:
+    """Absolute and lexically normal (``a/../b`` is ``b``, as the shell's ``cd`` reads it),
+    so that one directory has one name in the image table whatever directory it was
+    named from; symlinks are left alone (``Path.absolute`` kept the ``..``)."""
+    return Path(os.path.abspath(path))
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -86,5 +111,14 @@ def parse_source(text: str) -> SourceSpec:
             selector = str(Reference.parse(selector))
         name = f"{DOCKER_ARCHIVE_PREFIX}{path}" + (f":{selector}" if selector else "")
         return SourceSpec("docker-archive", name, path=path, selector=selector)
+    transport = None if text.startswith(DOCKER_PREFIX) else _TRANSPORT.match(text)
+    if transport and (
+        transport.group(1) in OTHER_TRANSPORTS or text[transport.end() :].startswith("/")
+    ):
+        # ``dir:/tmp``: a transport, not a registry host (which a path cannot follow)
+        raise InvalidSource(
+            f"unsupported image transport {transport.group(0)!r} in {text[:200]!r}: "
+            f"ember pulls {SUPPORTED}"
+        )
     ref = Reference.parse(text.removeprefix(DOCKER_PREFIX))
     return SourceSpec("registry", str(ref), reference=ref)

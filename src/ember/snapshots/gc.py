@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,27 +119,35 @@ def collect(
     snapshotter: Snapshotter | None = None,
     roots: Roots | None = None,
     templates_unused_for: float | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> GCReport:
-    """Mark from images and live leases, sweep snapshots, blobs and expired leases; also
-    drop machine templates no machine started from for ``templates_unused_for`` seconds
-    (default ``ember.vm.template.UNUSED_FOR``: a week) or built from inputs since replaced."""
+    """Mark from images, live leases and claims, sweep snapshots, blobs and expired leases;
+    also drop machine templates no machine started from for ``templates_unused_for``
+    seconds (default ``ember.vm.template.UNUSED_FOR``: a week) or built from inputs since
+    replaced.  ``notice``: told (one line) when another command holds a lock gc waits for."""
+    from ember.images.locking import Claims, file_lock
     from ember.vm import template  # a cache of its own, outside the mark-and-sweep
 
     # No pool yet: no snapshots and no leases, only content to sweep (a pool is not set
     # up just to find that out).
     snap = snapshotter or Snapshotter.existing(home)
     report = GCReport(dry_run=dry_run)
-    # The image service holds images.lock shared while it pulls and exclusive while it
-    # removes: holding it exclusive from reading the roots to the end of the sweep means
-    # no pull is writing blobs it has not recorded yet.  Order: images.lock, then gc.lock.
+    # The image service holds images.lock shared while it pulls: holding it exclusive
+    # from reading the roots to the end of the sweep means no pull is writing blobs it
+    # has not recorded yet.  Commands using a local image (an unpack) claim its blobs
+    # instead (ember.images.locking): frozen claims are roots too, and no new claim is
+    # made meanwhile (one made after finds its blobs gone and fetches them again).
+    # Order: images.lock, gc.lock, claims.lock.
     home.run.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
-        held.enter_context(FileLock(home.run / "images.lock"))
+        held.enter_context(file_lock(home.run / "images.lock", exclusive=True, notice=notice))
         if snap is not None:
             held.enter_context(FileLock(snap.gc_lock))
+        claimed = held.enter_context(Claims(home.run, notice).frozen())
         now = time.time()
         if roots is None:
             roots = image_roots(home)
+        roots.content.update(str(d) for d in claimed)
         if snap is not None:
             _mark_leases(snap, roots, report, dry_run, now)
             _sweep_snapshots(snap, roots, report, dry_run)

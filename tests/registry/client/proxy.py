@@ -42,6 +42,8 @@ class Behaviour:
     hold_blobs: set[str] = field(default_factory=set)
     #: seconds each blob GET waits before it is forwarded (a distant registry)
     blob_delay: float = 0.0
+    #: bytes per second at which blob bodies are sent (a slow link); None: at once
+    blob_rate: float | None = None
     #: append a space to every manifest body (still JSON, another digest)
     pad_manifests: bool = False
     #: answer 503 to the first N requests whose path contains the key
@@ -203,7 +205,23 @@ class MisbehavingProxy:
             h.close_connection = True
             h.connection.shutdown(2)  # the peer sees a short body: a broken download
             return
+        if blob and b.blob_rate:
+            self._trickle(h, body, b.blob_rate)
+            return
         h.wfile.write(body)
+
+    def _trickle(self, h: BaseHTTPRequestHandler, body: bytes, rate: float) -> None:
+        """Send ``body`` at ``rate`` bytes per second, until the client goes or the proxy stops."""
+        step = max(1, int(rate / 20))  # 20 writes a second
+        try:
+            for start in range(0, len(body), step):
+                if self._stop.wait(step / rate):
+                    h.close_connection = True
+                    return
+                h.wfile.write(body[start : start + step])
+                h.wfile.flush()
+        except OSError:  # the client hung up (a cancelled download)
+            h.close_connection = True
 
     def _authorised(self, h: BaseHTTPRequestHandler, seen: Seen) -> bool:
         b = self.behaviour

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,3 +230,61 @@ def test_a_token_answer_nested_too_deep_is_refused_not_a_crash() -> None:
             pytest.raises(RegistryError, match="returned no usable token"),
         ):
             client.get_manifest("app", "latest")
+
+
+def test_a_cancel_stops_a_download_blocked_on_a_stalled_registry_and_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """A cancel from another thread wakes a read blocked on a registry that stopped
+    sending (it used to wait for the 60 s read timeout, twice); what arrived stays in
+    the ingest file and the next download asks only for the rest."""
+    from ember.images.cancel import Cancellation, PullCancelled
+
+    blob = bytes(range(256)) * 40
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    requests: list[bytes] = []
+
+    def answer(n: int, request: bytes) -> bytes:
+        requests.append(request)
+        if n == 0:  # 1000 bytes, then nothing more (held open)
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(blob) + blob[:1000]
+        return (
+            b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n" % (len(blob) - 1000)
+            + b"Content-Range: bytes 1000-%d/%d\r\n\r\n" % (len(blob) - 1, len(blob))
+            + blob[1000:]
+        )
+
+    store = ContentStore(tmp_path / "content")
+    ingest = store.ingest_dir / f"sha256-{desc.digest.hex}"
+    cancel = Cancellation()
+    outcome: list[BaseException | None] = []
+
+    def download() -> None:
+        try:
+            client.fetch_blob("app", desc, store, cancel=cancel)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    with (
+        raw_server(answer, hold=True) as (port, _seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.01) as client,  # 60 s timeout
+    ):
+        worker = threading.Thread(target=download, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not (ingest.exists() and ingest.stat().st_size >= 1000):
+            assert time.monotonic() < deadline, "the first 1000 bytes never arrived"
+            time.sleep(0.01)
+        started = time.monotonic()
+        cancel.cancel()
+        worker.join(10)
+        assert not worker.is_alive(), "the download waited for the read timeout"
+        assert time.monotonic() - started < 10
+        assert len(outcome) == 1 and isinstance(outcome[0], PullCancelled)
+        assert len(requests) == 1  # an abort is not a cut connection to retry
+        assert ingest.stat().st_size == 1000 and not store.exists(desc.digest)
+
+        client.fetch_blob("app", desc, store)
+    assert b"range: bytes=1000-" in requests[1].lower()
+    assert store.read_bytes(desc.digest) == blob

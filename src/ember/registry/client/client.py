@@ -20,8 +20,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlencode
 
 from ember import __version__, jsonutil
@@ -49,6 +50,19 @@ USER_AGENT = f"ember/{__version__}"
 
 #: called with the number of bytes just received (negative: a restart discarded them)
 ProgressCallback = Callable[[int], None]
+
+
+class CancelToken(Protocol):
+    """How another thread stops a blob download (``ember.images.cancel.Cancellation``)."""
+
+    def check(self) -> None:
+        """Raise (the token's own exception) once cancelled."""
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, cut short and raising once cancelled."""
+
+    def watch(self, abort: Callable[[], None]) -> AbstractContextManager[None]:
+        """While inside, cancelling calls ``abort`` from the cancelling thread."""
 
 
 def _tls_context(host: str, plain_http: bool) -> ssl.SSLContext:
@@ -524,12 +538,22 @@ class RegistryClient:
         desc: Descriptor,
         store: ContentStore,
         progress: ProgressCallback | None = None,
+        *,
+        cancel: CancelToken | None = None,
     ) -> None:
-        """Download one blob into the content store, verified; resumes after a cut connection."""
+        """Download one blob into the content store, verified; resumes after a cut connection.
+
+        ``cancel`` stops the download between chunks, and a cancel while a read waits on
+        the connection shuts the connection down (``Response.abort``), so a stalled registry does
+        not hold the caller for the read timeout.  What arrived stays in the ingest file
+        for the next try to resume.
+        """
         if store.exists(desc.digest):
             if progress:
                 progress(desc.size)
             return
+        if cancel is not None:
+            cancel.check()
         with store.writer(desc.digest, desc.size) as writer:
             if writer.already_committed:
                 if progress:
@@ -541,9 +565,11 @@ class RegistryClient:
             while True:
                 before = writer.offset
                 try:
-                    self._download_into(repository, desc, writer, progress)
+                    self._download_into(repository, desc, writer, progress, cancel)
                     break
                 except (TransportError, _Retry) as e:
+                    if cancel is not None:
+                        cancel.check()  # an aborted read looks like a cut connection
                     if self._gives_up(e, attempt, progressed=writer.offset > before):
                         stalled = isinstance(e, TransportError) and e.timed_out
                         raise RegistryUnreachable(
@@ -554,8 +580,16 @@ class RegistryClient:
                                 else f"keeps failing ({e or type(e).__name__})"
                             )
                         ) from None
-                    time.sleep(self.backoff * (2**attempt))
+                    pause = self.backoff * (2**attempt)
+                    if cancel is not None:
+                        cancel.wait(pause)
+                    else:
+                        time.sleep(pause)
                     attempt += 1
+            if cancel is not None:
+                # A body cut by the abort can end like a whole one: keep it for a resume
+                # rather than verify it (which discards what does not match).
+                cancel.check()
             try:
                 writer.commit()
             except DigestMismatch as e:
@@ -569,39 +603,55 @@ class RegistryClient:
         desc: Descriptor,
         writer: BlobWriter,
         progress: ProgressCallback | None,
+        cancel: CancelToken | None = None,
     ) -> None:
         offset = writer.offset
         if offset >= desc.size and desc.size > 0:
             return  # everything is here already; commit verifies it
         with self._blob_stream(repository, desc, offset) as resp:
-            if resp.status_code == 416 and offset:
-                # The server cannot serve our range: start again from zero.
-                self._restart(writer, progress)
-                raise _Retry("range not satisfiable")
-            if resp.status_code >= 500 or resp.status_code == 429:
-                raise _Retry(f"HTTP {resp.status_code}")
-            if offset and resp.status_code == 200:
-                self._restart(writer, progress)  # the server ignored Range: full body follows
-            elif resp.status_code == 206:
-                start = _content_range_start(resp.headers.get("Content-Range") or "")
-                if start != offset:
-                    raise RegistryProtocolError(
-                        f"registry {self.host} answered a range request for {desc.digest.short} with the wrong range"
-                    )
-            else:
-                self._check(resp, f"blob {desc.digest}", BlobUnknown)
-            try:
-                # No re-chunking: every byte received is written before a cut
-                # connection raises, so a resume loses nothing.
-                for chunk in resp.iter_bytes():
-                    writer.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-            except DigestMismatch as e:
+            watching = cancel.watch(resp.abort) if cancel else nullcontext()
+            with watching:  # raises at once if cancelled while the request was answered
+                self._read_blob(desc, resp, writer, offset, progress, cancel)
+
+    def _read_blob(
+        self,
+        desc: Descriptor,
+        resp: Response,
+        writer: BlobWriter,
+        offset: int,
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+    ) -> None:
+        if resp.status_code == 416 and offset:
+            # The server cannot serve our range: start again from zero.
+            self._restart(writer, progress)
+            raise _Retry("range not satisfiable")
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise _Retry(f"HTTP {resp.status_code}")
+        if offset and resp.status_code == 200:
+            self._restart(writer, progress)  # the server ignored Range: full body follows
+        elif resp.status_code == 206:
+            start = _content_range_start(resp.headers.get("Content-Range") or "")
+            if start != offset:
+                raise RegistryProtocolError(
+                    f"registry {self.host} answered a range request for {desc.digest.short} with the wrong range"
+                )
+        else:
+            self._check(resp, f"blob {desc.digest}", BlobUnknown)
+        try:
+            # No re-chunking: every byte received is written before a cut
+            # connection (or a cancel) raises, so a resume loses nothing.
+            for chunk in resp.iter_bytes():
+                writer.write(chunk)
                 if progress:
-                    progress(-writer.offset)
-                writer.reset()
-                raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
+                    progress(len(chunk))
+                if cancel is not None:
+                    cancel.check()
+        except DigestMismatch as e:
+            if progress:
+                progress(-writer.offset)
+            writer.reset()
+            raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
 
     @staticmethod
     def _restart(writer: BlobWriter, progress: ProgressCallback | None) -> None:

@@ -15,6 +15,7 @@ through it costs several times what ``http.client`` does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import ipaddress
 import os
@@ -127,6 +128,16 @@ class Response:
 
     def read(self) -> bytes:
         return b"".join(self.iter_bytes())
+
+    def abort(self) -> None:
+        """Wake a read of the body blocked in another thread: shut the socket down (the
+        reader sees the connection end, and the connection is not reused).
+        ``socket.socket.shutdown`` on the descriptor itself, for a TLS socket too:
+        ``SSLSocket.shutdown`` would also drop the TLS object under the reader's feet."""
+        sock = self._conn.sock
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,247 @@
+"""Removing images: several names of one image, oci: names, and what removal waits for."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ember.images import ImageNotFound, ImageService
+from ember.images.errors import AmbiguousImage
+from ember.images.sources import parse_source
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy
+from tests.support.images import copy_layout, layout_ref, push_layout
+from tests.support.registry import Registry
+
+EMBER = str(Path(sys.executable).with_name("ember"))
+
+
+def env_for(home: Path) -> dict[str, str]:
+    return {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
+
+
+def test_a_digest_with_several_names_is_refused_unless_forced(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """``rm DIGEST`` removed one arbitrary name of the two and said only the digest."""
+    copy = copy_layout(busybox_layout, tmp_path / "demo")
+    first = service.pull(layout_ref(busybox_layout), progress=False)
+    second = service.pull(layout_ref(copy), progress=False)
+    assert first.manifest_digest == second.manifest_digest
+    names = sorted([first.reference, second.reference])
+    short = first.manifest_digest.hex[:12]
+
+    with pytest.raises(AmbiguousImage) as refused:
+        service.remove(short)
+    message = str(refused.value)
+    assert f"{short} is referenced by several names: {', '.join(names)}" in message
+    assert "-f/--force" in message
+    assert sorted(r.reference for r in service.list()) == names  # nothing removed
+
+    assert sorted(service.remove(short, force=True)) == names
+    assert service.list() == []
+    assert not service.content.exists(first.manifest_digest)
+    assert not any(service.content.exists(layer.digest) for layer in first.layers)
+
+
+def test_one_name_of_several_goes_alone_and_keeps_the_blobs(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    copy = copy_layout(busybox_layout, tmp_path / "demo")
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    service.pull(layout_ref(copy), progress=False)
+    assert service.remove(layout_ref(copy)) == [f"oci:{copy}:latest"]
+    assert [r.reference for r in service.list()] == [image.reference]
+    assert service.content.exists(image.layers[0].digest)
+
+
+def test_oci_names_are_normalised_lexically(
+    service: ImageService, busybox_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``oci:../busybox`` from /x/sub was recorded as ``oci:/x/sub/../busybox``, which
+    ``oci:busybox`` from /x did not find."""
+    top = tmp_path / "x"
+    copy_layout(busybox_layout, top / "busybox")
+    (top / "sub").mkdir()
+    (top / "elsewhere").symlink_to(top / "busybox")
+    monkeypatch.chdir(top / "sub")
+    image = service.pull("oci:../busybox:latest", progress=False)
+    assert image.reference == f"oci:{top}/busybox:latest"
+    monkeypatch.chdir(top)
+    assert parse_source("oci:./sub/../busybox:latest").name == image.reference
+    # symlinks are not resolved: another name for the directory is another name
+    assert parse_source("oci:elsewhere:latest").name == f"oci:{top}/elsewhere:latest"
+    assert service.remove("oci:busybox:latest") == [image.reference]
+
+
+def test_a_name_recorded_before_normalisation_can_still_be_removed(
+    service: ImageService, busybox_layout: Path
+) -> None:
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    record = service.list()[0]
+    old = f"oci:{busybox_layout}/../{busybox_layout.name}:latest"
+    service.table.put(
+        old, manifest_digest=record.manifest_digest, config_digest=record.config_digest,
+        media_type=record.media_type, platform=record.platform, size=record.size,
+        index_digest=record.index_digest,
+    )  # fmt: skip
+    service.remove(image.reference)
+    assert service.get(old).manifest_digest == image.manifest_digest
+    assert service.remove(old) == [old]
+    assert service.list() == []
+
+
+def test_a_hex_string_that_is_no_image_id_says_so(service: ImageService) -> None:
+    with pytest.raises(ImageNotFound) as e:
+        service.get("6823913902e4")
+    assert str(e.value).startswith("no image in the local store has the ID 6823913902e4")
+    assert "docker.io/library" not in str(e.value)
+
+
+def test_removal_does_not_wait_for_a_pull_of_another_image_and_spares_its_blobs(
+    service: ImageService,
+    registry: Registry,
+    busybox_layout: Path,
+    sized_layout: Callable[[int], Path],
+) -> None:
+    """``image rm`` waited for every running pull (images.lock): here one held by the
+    registry.  The sized image is busybox plus a layer: the pull found busybox's layer
+    in the store and is about to name it, so removing busybox must keep that blob."""
+    busybox = service.pull(layout_ref(busybox_layout), progress=False)
+    base = busybox.layers[0].digest
+    layout = sized_layout(3)
+    ref = push_layout(layout, registry, "removal/sized")
+    top = _top_layer(layout)
+    assert _layers(layout)[0] == base.hex
+    failures: list[BaseException] = []
+    with misbehaving_proxy(registry.host, Behaviour(hold_blobs={top})) as proxy:
+        pulled_ref = ref.replace(registry.host, proxy.host)
+
+        def pull() -> None:
+            try:
+                ImageService(service.home).pull(pulled_ref, progress=False)
+            except BaseException as e:
+                failures.append(e)
+
+        puller = threading.Thread(target=pull)
+        puller.start()
+        deadline = time.monotonic() + 60
+        while not proxy.requests(top, "GET"):  # the pull holds its locks and waits
+            assert time.monotonic() < deadline and puller.is_alive(), failures
+            time.sleep(0.02)
+        started = time.monotonic()
+        removing = subprocess.run(
+            [EMBER, "image", "rm", layout_ref(busybox_layout)],
+            env=env_for(service.home.root), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert removing.returncode == 0, removing.stderr
+        assert time.monotonic() - started < 10
+        assert "waiting" not in removing.stderr
+        assert removing.stderr == f"removed {busybox.reference}\n"
+        assert not service.content.exists(busybox.manifest_digest)
+        assert service.content.exists(base)  # claimed by the running pull
+        proxy.release()
+        puller.join(60)
+    assert not failures
+    image = service.get(pulled_ref)
+    assert all(service.content.exists(layer.digest) for layer in image.layers)
+
+
+def _layers(layout: Path) -> list[str]:
+    index = json.loads((layout / "index.json").read_text())
+    algorithm, hex_ = index["manifests"][0]["digest"].split(":")
+    manifest = json.loads((layout / "blobs" / algorithm / hex_).read_text())
+    return [str(layer["digest"]).split(":")[1] for layer in manifest["layers"]]
+
+
+def _top_layer(layout: Path) -> str:
+    return _layers(layout)[-1]
+
+
+def _hold(path: Path, exclusive: bool = True) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    return fd
+
+
+def test_a_pull_says_so_when_it_waits_for_ember_gc(
+    tmp_path: Path, busybox_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    lock = home / "run" / "images.lock"
+    fd = _hold(lock)  # as ember gc holds it while it sweeps
+    try:
+        proc = subprocess.Popen(
+            [EMBER, "image", "pull", layout_ref(busybox_layout)],
+            env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.0)
+        assert proc.poll() is None  # waiting
+    finally:
+        os.close(fd)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.splitlines()[0] == (
+        f"waiting for another ember command to finish (it holds {lock})..."
+    )
+
+
+def test_removal_says_so_when_it_waits_for_ember_gc(
+    tmp_path: Path, busybox_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    env = env_for(home)
+    assert subprocess.run(
+        [EMBER, "image", "pull", layout_ref(busybox_layout)], env=env, capture_output=True
+    ).returncode == 0
+    (home / "snapshots" / "leases").mkdir(parents=True)
+    lock = home / "snapshots" / "locks" / "gc.lock"
+    fd = _hold(lock)  # the snapshotter's GC lock, which removal reads leases under
+    try:
+        proc = subprocess.Popen(
+            [EMBER, "image", "rm", layout_ref(busybox_layout)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.0)
+        assert proc.poll() is None
+    finally:
+        os.close(fd)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.splitlines() == [
+        f"waiting for another ember command to finish (it holds {lock})...",
+        f"removed oci:{busybox_layout}:latest",
+    ]
+
+
+def test_a_stale_claim_is_ignored_and_cleared(service: ImageService, busybox_layout: Path) -> None:
+    """A claim whose holder died (kill -9) protects nothing."""
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    claims = service.home.run / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    stale = claims / "1-dead"
+    stale.write_text(f"{image.layers[0].digest}\n")  # nobody holds its lock
+    service.remove(image.reference)
+    assert not service.content.exists(image.layers[0].digest)
+    assert not stale.exists()
+
+
+def test_a_local_image_in_use_keeps_its_blobs_when_removed(
+    service: ImageService, busybox_layout: Path
+) -> None:
+    """``ensuring`` claims a local image's blobs while the caller uses them (unpack)."""
+    with service.ensuring(layout_ref(busybox_layout)) as ready:
+        pass  # pulled
+    with service.ensuring(layout_ref(busybox_layout)) as ready:
+        ImageService(service.home).remove(layout_ref(busybox_layout))
+        assert ready.layer_path(0).is_file()
+    assert service.list() == []
