@@ -114,3 +114,12 @@ def _terminate_a_prepare(home: Path, debian_layout: Path) -> None:
     assert leases == []
     snapshots = json.loads(ember(home, "snapshot", "ls", "--json").stdout)
     assert snapshots == []  # the half-built layer discarded
+
+
+def test_usage_errors_are_one_line(tmp_path: Path) -> None:
+    """click printed its usage, a hint and the error: three lines, not ember's one."""
+    for args, status in ((["image", "pul"], 2), (["image", "pull"], 2), (["run", "--bogus", "x"], 125)):
+        res = ember(tmp_path / "home", *args)
+        assert res.returncode == status, res.stderr
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("ember: "), res.stderr
+        assert "--help)" in res.stderr

@@ -29,10 +29,16 @@ _SUN_PATH_MAX = 107
 
 def main() -> None:
     argv = sys.argv[1:]
-    outcome = _via_agent(argv)
+    try:
+        outcome = _via_agent(argv)
+        if outcome is None:
+            from ember.cli.main import main as run_here
+    except KeyboardInterrupt:
+        # Ctrl-C before any command started (the CLI still loading): nothing to undo,
+        # and no traceback (the CLI's own handling is not loaded yet)
+        sys.stderr.write("ember: interrupted\n")
+        sys.exit(130)
     if outcome is None:
-        from ember.cli.main import main as run_here
-
         run_here()
         return
     code, signum = outcome

@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(143)
         click.echo("ember: interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # one line, as every other error (click's own is usage, a hint and the error)
+        where = e.ctx.command_path if e.ctx is not None else "ember"
+        click.echo(f"ember: {_bounded(e.format_message())} (see: {where} --help)", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

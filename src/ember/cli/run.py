@@ -54,10 +54,11 @@ def _pump(src: LogFollower, dst: IO[bytes], limit: int = 16) -> bool:
 
 
 class _Interrupts:
-    """Ctrl-C (or SIGTERM: ``timeout``, ``kill``) while following a machine: first a
-    graceful stop, then a kill; as ``docker run`` passes them on to its container."""
+    """Ctrl-C (or SIGTERM: ``timeout``, ``kill``; SIGHUP: its terminal closed) while
+    following a machine: first a graceful stop, then a kill; as ``docker run`` passes
+    them on to its container (the machine would otherwise run on, unwatched)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.count = 0
@@ -155,7 +156,34 @@ def _follow(
     return int(event["exit_code"])
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
+class _RunCommand(click.Command):
+    """``docker run``'s convention: 125 when the failure is ember's (a bad option, an
+    image not found, no kernel), so that a script can tell it from the program's own
+    exit status, which ``ember run`` returns as it is."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise _RunUsageError(e.format_message(), e.ctx) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmberError as e:
+            e.exit_code = RUN_FAILED
+            raise
+
+
+#: ``ember run``'s exit status when ember, not the program, failed (as docker's)
+RUN_FAILED = 125
+
+
+class _RunUsageError(click.UsageError):
+    exit_code = RUN_FAILED
+
+
+@click.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
 @click.option("--rm", "auto_remove", is_flag=True, help="Remove the machine when it exits.")
 @click.option("--restart", "restart", default="no", show_default=True,
               metavar="no|on-failure[:MAX]|always|unless-stopped",
@@ -223,7 +251,7 @@ def run(
         read_env_file,
     )
     from ember.machines.restartpolicy import parse_restart_policy
-    from ember.net.nftables import check_network_name
+    from ember.net.nftables import check_requested_network
     from ember.net.ports import parse_publish
 
     home = home_from_ctx()
@@ -235,7 +263,7 @@ def run(
         raise UsageError("--rm and --restart cannot go together (a removed machine cannot restart)")
     if name is not None:
         check_name(name)
-    check_network_name(network)
+    check_requested_network(network)
     host_env = dict(os.environ)
     all_env: list[str] = []
     for f in env_files:

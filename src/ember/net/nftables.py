@@ -50,6 +50,24 @@ class MachineRules:
     ports: Sequence[PortMapping] = field(default_factory=tuple)
 
 
+#: Docker's special network modes, which an ember network name would silently not be
+_DOCKER_MODES = {
+    "none": "ember has no machine without a network yet: each gets one interface, "
+    "reaching the outside and the machines of its own network",
+    "host": "a machine has a kernel and a network stack of its own: it cannot share the host's",
+}
+
+
+def check_requested_network(name: str) -> str:
+    """A network a new machine asks for (``--network``): a valid name, and not one of
+    Docker's special modes (``none``, ``host``), which here would be an ordinary
+    network, with full networking."""
+    if name in _DOCKER_MODES:
+        raise NetworkError(f"--network {name}: {_DOCKER_MODES[name]}",
+                           hint="give a network name of its own to keep a machine from others")  # fmt: skip
+    return check_network_name(name)
+
+
 def check_network_name(name: str) -> str:
     if not _NETWORK_RE.fullmatch(name):
         raise NetworkError(
