@@ -6,6 +6,7 @@ import importlib
 import os
 import signal
 import sys
+from typing import Any
 
 import click
 
@@ -39,7 +40,18 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+class _Interrupted(BaseException):
+    """A KeyboardInterrupt (or Terminated) out of a command, past click: click would
+    print an empty line before turning it into Abort, a stray blank line in a log."""
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(e) from e
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMAND_MODULES)
 
@@ -92,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     except EmberError as e:
         click.echo(f"ember: {_bounded(str(e))}", err=True)
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt) as e:
-        # click turns an interrupt into Abort (its cause)
+    except (_Interrupted, click.exceptions.Abort, KeyboardInterrupt) as e:
+        # click turns an interrupt while parsing (a prompt) into Abort (its cause)
+        if sys.stderr.isatty():
+            click.echo(err=True)  # after the terminal's ^C
         if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
             click.echo("ember: terminated", err=True)
             sys.exit(143)
