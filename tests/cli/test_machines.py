@@ -3,10 +3,12 @@ tests/integration/test_run_vm.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,6 +17,7 @@ import pytest
 from ember.cli.machines import port_lines
 from ember.home import Home
 from ember.machines import state as mstate
+from ember.machines.procs import proc_start_time
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 
@@ -69,3 +72,95 @@ def test_ps_keeps_one_machine_per_line_whatever_the_images_command(tmp_path: Pat
     lines = res.stdout.splitlines()
     assert len(lines) == 2 and "hostile" in lines[1]
     assert '"sh -c a\\nfake\\x1b[2Jrow"' in lines[1]
+
+
+EMBER = str(Path(sys.executable).parent / "ember")
+
+
+def _record(home: Home, name: str, **kw: object) -> MachineState:
+    st = MachineState(
+        id=secrets.token_hex(32), name="", image="oci:/x:latest",
+        image_digest="sha256:" + "0" * 64, created_at=mstate.now(), command=["true"],
+        config={}, vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1), **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    MachineStore(home).create(st, name)
+    return mstate.read_state(MachineStore(home).dir(st.id))
+
+
+def _ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMBER_HOME": str(home)}
+    return subprocess.run([EMBER, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_human_durations_are_dockers() -> None:
+    from ember.cli.machines import human_duration
+
+    cases = [(0.4, "Less than a second"), (1.2, "1 second"), (59, "59 seconds"),
+             (60, "About a minute"), (150, "2 minutes"), (3600, "About an hour"),
+             (5 * 3600, "5 hours"), (3 * 86400, "3 days"), (20 * 86400, "2 weeks"),
+             (90 * 86400, "3 months"), (800 * 86400, "2 years")]  # fmt: skip
+    assert [human_duration(s) for s, _ in cases] == [w for _, w in cases]
+
+
+def test_ps_words_and_ports_of_an_exited_machine(tmp_path: Path) -> None:
+    from ember.cli.machines import _ports, _status
+
+    net = {"ports": [PORTS[0]]}
+    running = _record(Home(tmp_path), "up", status=mstate.RUNNING, started_at=mstate.now(),
+                      network=net)  # fmt: skip
+    assert _status(running) == "Up Less than a second"
+    assert _ports(running) == "0.0.0.0:32771->80/tcp"
+    exited = _record(Home(tmp_path), "down", status=mstate.EXITED, exit_code=1,
+                     finished_at=mstate.now(), network=net)  # fmt: skip
+    assert _status(exited) == "Exited (1) Less than a second ago"
+    assert _ports(exited) == ""  # docker shows no ports for a stopped container
+
+
+def test_commands_on_several_machines_go_on_and_fail_at_the_end(tmp_path: Path) -> None:
+    """docker's rules: stop of a stopped machine is no error, rm -f of a missing one
+    neither, inspect prints what it found and fails for the rest."""
+    _record(Home(tmp_path), "x1", status=mstate.EXITED, exit_code=0)
+    res = _ember(tmp_path, "stop", "x1")
+    assert (res.returncode, res.stdout) == (0, "x1\n"), res.stderr
+    res = _ember(tmp_path, "stop", "nosuch", "x1")
+    assert (res.returncode, res.stdout) == (1, "x1\n")
+    assert "no such machine: nosuch" in res.stderr
+    res = _ember(tmp_path, "inspect", "x1", "nosuch")
+    assert res.returncode == 1 and "no such machine: nosuch" in res.stderr
+    assert [m["name"] for m in json.loads(res.stdout)] == ["x1"]
+    res = _ember(tmp_path, "inspect", "nosuch")
+    assert (res.returncode, json.loads(res.stdout)) == (1, [])
+    res = _ember(tmp_path, "rm", "-f", "nosuch")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    res = _ember(tmp_path, "rm", "nosuch", "x1")
+    assert (res.returncode, res.stdout) == (1, "x1\n")
+    assert "no such machine: nosuch" in res.stderr
+
+
+def test_wait_prints_the_code_of_an_rm_machine_that_ended_first(tmp_path: Path) -> None:
+    """``wait w1 w2`` where w2 (--rm) ends and is removed while wait still waits for w1."""
+    home = Home(tmp_path)
+    monitor = subprocess.Popen(["sleep", "60"])  # stands in for both monitors
+    try:
+        alive = {"status": mstate.RUNNING, "monitor_pid": monitor.pid,
+                 "monitor_start": proc_start_time(monitor.pid)}  # fmt: skip
+        w1 = _record(home, "w1", **alive)
+        w2 = _record(home, "w2", auto_remove=True, **alive)
+        waiter = subprocess.Popen(
+            [EMBER, "wait", "w1", "w2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "EMBER_HOME": str(tmp_path)},
+        )  # fmt: skip
+        time.sleep(1.0)
+        # w2 ends with 9 and its monitor removes it (as monitor._cleanup does)
+        with mstate.update(MachineStore(home).dir(w2.id)) as cur:
+            cur.status, cur.exit_code = mstate.EXITED, 9
+        mstate.record_removed_exit(home.run, mstate.read_state(MachineStore(home).dir(w2.id)))
+        MachineStore(home).remove_dir(w2.id)
+        time.sleep(0.5)
+        with mstate.update(MachineStore(home).dir(w1.id)) as cur:
+            cur.status, cur.exit_code = mstate.EXITED, 7
+        out, err = waiter.communicate(timeout=30)
+    finally:
+        monitor.kill()
+        monitor.wait()
+    assert (waiter.returncode, out) == (0, "7\n9\n"), err

@@ -9,6 +9,7 @@ from ember.machines.options import (
     check_kernel_arg,
     check_kernel_args,
     check_name,
+    host_memory_mib,
     parse_env,
     parse_memory_mib,
     parse_size,
@@ -109,3 +110,32 @@ def test_kernel_args_are_bounded_in_all() -> None:
     assert check_kernel_args(["a=" + "x" * 254] * 3) == ("a=" + "x" * 254,) * 3
     with pytest.raises(InvalidOption, match="--kernel-arg: 1027 bytes in all"):
         check_kernel_args(["a=" + "x" * 254] * 4)
+
+
+def test_memory_is_checked_against_the_hosts(tmp_path: Path) -> None:
+    assert parse_memory_mib("1G", host_mib=4096) == 1024
+    assert parse_memory_mib("1G", host_mib=None) == 1024  # unknown: not checked
+    with pytest.raises(InvalidOption, match="more than this host's memory"):
+        parse_memory_mib("8G", host_mib=4096)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683864 kB\nMemFree:  1 kB\n")
+    assert host_memory_mib(meminfo) == 24105
+    assert host_memory_mib(tmp_path / "nope") is None
+
+
+def test_env_file_byte_order_mark_is_no_part_of_the_name(tmp_path: Path) -> None:
+    f = tmp_path / "env"
+    f.write_bytes("\ufeffA=1\nB=2\n".encode())
+    assert read_env_file(f, {}) == ["A=1", "B=2"]
+
+
+def test_an_empty_entrypoint_says_it_cleared_the_cmd_too() -> None:
+    from ember.vm.errors import NoCommand
+    from ember.vm.runconfig import docker_argv
+
+    with pytest.raises(NoCommand, match='--entrypoint "" cleared') as e:
+        docker_argv(["/bin/sh"], ["-c", "true"], [], None)
+    assert "no Entrypoint or Cmd" not in str(e.value)
+    assert docker_argv(["/bin/sh"], ["-c", "true"], [], ["echo", "hi"]) == ["echo", "hi"]
+    with pytest.raises(NoCommand, match="the image has no Entrypoint or Cmd"):
+        docker_argv(None, None, None, None)

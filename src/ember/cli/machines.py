@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -12,28 +14,59 @@ import click
 
 from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.errors import EmberError
+from ember.home import Home
 
 
-def _ago(iso: str | None) -> str:
+def human_duration(seconds: float) -> str:
+    """Docker's ``units.HumanDuration``: "Less than a second", "1 second", "5 seconds",
+    "About a minute", "3 minutes", "About an hour", "5 hours", "3 days", ..."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = s // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
+
+
+def _since(iso: str | None) -> str | None:
+    """How long ago ``iso`` was, as ``human_duration`` words (None: no time)."""
     if not iso:
-        return ""
+        return None
     try:
         t = _dt.datetime.fromisoformat(iso)
     except ValueError:
         return iso
-    s = int((_dt.datetime.now(_dt.UTC) - t).total_seconds())
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if s >= size:
-            n = s // size
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    return f"{s} seconds ago"
+    return human_duration(max(0.0, (_dt.datetime.now(_dt.UTC) - t).total_seconds()))
+
+
+def _ago(iso: str | None) -> str:
+    since = _since(iso)
+    return "" if since is None else f"{since} ago"
 
 
 def _status(st: Any) -> str:
     from ember.machines.state import EXITED, RUNNING
 
     if st.status == RUNNING:
-        return f"Up {_ago(st.started_at).removesuffix(' ago')}"
+        return f"Up {_since(st.started_at) or ''}".rstrip()
     if st.status == EXITED:
         if st.restart_policy != "no" and not st.stopped_by_user:
             from ember.machines.lifecycle import monitor_alive
@@ -45,7 +78,10 @@ def _status(st: Any) -> str:
 
 
 def _ports(st: Any) -> str:
-    if not st.network:
+    """Published ports of a running machine (docker shows none for a stopped one)."""
+    from ember.machines.state import RUNNING
+
+    if not st.network or st.status != RUNNING:
         return ""
     out = []
     for p in st.network.get("ports", []):
@@ -60,11 +96,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def find_machine(ref: str) -> Any:
+def find_machine(ref: str, home: Home | None = None) -> Any:
     from ember.machines.lifecycle import refresh
     from ember.machines.store import MachineStore
 
-    home = home_from_ctx()
+    home = home or home_from_ctx()
     return refresh(home, MachineStore(home).find(ref))
 
 
@@ -148,16 +184,38 @@ def logs(follow: bool, machine: str) -> None:
             time.sleep(0.1)
 
 
-def for_each(machines: tuple[str, ...], action: Callable[[str], object]) -> None:
-    """Run ``action`` on each machine, like docker: report each failure, go on, fail at the end."""
+#: returned by a ``for_each`` action when there is nothing to say for that machine
+SILENT = object()
+
+
+def for_each(
+    machines: tuple[str, ...], action: Callable[[str], object], *, parallel: bool = False
+) -> None:
+    """Run ``action`` on each machine, like docker: print each one done (its reference as
+    given), report each failure, go on, fail at the end.  ``parallel``: on all machines at
+    once (``docker stop a b`` stops both together), still reported in argument order.
+    A parallel ``action`` runs in threads: it must not need click's context."""
     failed = False
-    for ref in machines:
+
+    def report(ref: str, result: Callable[[], object]) -> None:
+        nonlocal failed
         try:
-            action(ref)
-            click.echo(ref)
+            if result() is not SILENT:
+                click.echo(ref)
         except EmberError as e:
             click.echo(f"ember: {e}", err=True)
             failed = True
+
+    if parallel and len(machines) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(machines), 16), thread_name_prefix="ember-each") as pool:
+            futures = [pool.submit(action, ref) for ref in machines]
+            for ref, future in zip(machines, futures, strict=True):
+                report(ref, future.result)
+    else:
+        for ref in machines:
+            report(ref, functools.partial(action, ref))
     if failed:
         raise SystemExit(1)
 
@@ -168,51 +226,119 @@ stop_time_option = click.option(
 )  # fmt: skip
 
 
-def stop_gracefully(st: Any, timeout: int | None) -> Any:
+def stop_gracefully(st: Any, timeout: int | None, home: Home | None = None) -> Any:
     """``ember stop`` of one machine, ``-t`` or else the machine's own stop timeout."""
     from ember.machines import lifecycle
 
     t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
-    return lifecycle.stop(home_from_ctx(), st, t)
+    return lifecycle.stop(home or home_from_ctx(), st, t)
 
 
 @click.command()
 @stop_time_option
 @click.argument("machines", nargs=-1, required=True)
 def stop(timeout: int | None, machines: tuple[str, ...]) -> None:
-    """Stop machines gracefully (StopSignal, then SIGKILL after the timeout)."""
-    for_each(machines, lambda ref: stop_gracefully(find_machine(ref), timeout))
+    """Stop machines gracefully (StopSignal, then SIGKILL after the timeout), all at once.
 
-
-@click.command()
-@click.argument("machines", nargs=-1, required=True)
-def kill(machines: tuple[str, ...]) -> None:
-    """Kill machines' programs at once (exit code 137)."""
-    from ember.machines import lifecycle
+    A machine that is not running is no error (docker stop's rule)."""
+    from ember.machines.errors import MachineNotRunning
 
     home = home_from_ctx()
-    for_each(machines, lambda ref: lifecycle.kill(home, find_machine(ref)))
+
+    def stop_one(ref: str) -> None:
+        st = find_machine(ref, home)
+        with contextlib.suppress(MachineNotRunning):  # stopped already: what was asked
+            stop_gracefully(st, timeout, home)
+
+    for_each(machines, stop_one, parallel=True)
+
+
+def parse_kill_signal(text: str) -> int:
+    """``kill -s``: a name with or without ``SIG`` (``HUP``, ``SIGHUP``, ``SIGRTMIN+3``)
+    or a number, as docker takes them."""
+    from ember.vm.errors import InvalidRunConfig
+    from ember.vm.runconfig import parse_signal
+
+    try:
+        signo = parse_signal(text)
+    except InvalidRunConfig:
+        signo = 0
+    if not 1 <= signo <= 64:
+        raise click.BadParameter(f"{text!r}: not a signal (a name like HUP or SIGHUP, or 1-64)")
+    return signo
+
+
+def send_signal(home: Home, st: Any, signo: int) -> None:
+    """``kill -s SIG`` (not KILL): ember-init delivers the signal to the program
+    (control line ``signal N``); like docker kill, it does not wait for any effect."""
+    from ember.machines import lifecycle
+    from ember.machines.errors import MachineNotRunning
+    from ember.machines.state import RUNNING
+    from ember.machines.store import MachineStore
+    from ember.vm.vmm.base import open_control
+    from ember.vm.vmm.errors import ControlChannelError
+
+    st = lifecycle.refresh(home, st)
+    if st.status != RUNNING:
+        raise MachineNotRunning(f"machine {st.name} is not running ({st.status})")
+    # the monitor serves control.sock and passes the line on over its own connection
+    # to the guest: hanging up right after writing loses nothing
+    conn = open_control(MachineStore(home).dir(st.id) / "control.sock")
+    try:
+        conn.sendall(f"signal {signo}\n".encode())
+    except OSError as e:
+        raise ControlChannelError(f"cannot write to the machine's control channel: {e}") from e
+    finally:
+        conn.close()
 
 
 @click.command()
-@click.option("-f", "--force", is_flag=True, help="Kill running machines first.")
+@click.option("-s", "--signal", "sig", default="KILL", show_default=True, metavar="SIGNAL",
+              help="Signal to send the program (a name like HUP, SIGHUP, or a number).")  # fmt: skip
+@click.argument("machines", nargs=-1, required=True)
+def kill(sig: str, machines: tuple[str, ...]) -> None:
+    """Kill machines' programs at once (exit code 137), or send them another signal."""
+    import signal as _signal
+
+    from ember.machines import lifecycle
+
+    signo = parse_kill_signal(sig)
+    home = home_from_ctx()
+
+    def kill_one(ref: str) -> None:
+        st = find_machine(ref, home)
+        if signo == _signal.SIGKILL:
+            lifecycle.kill(home, st)
+        else:
+            send_signal(home, st, signo)
+
+    for_each(machines, kill_one, parallel=True)
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Kill running machines first; no error for a missing one.")
 @click.argument("machines", nargs=-1, required=True)
 def rm(force: bool, machines: tuple[str, ...]) -> None:
     """Remove machines (root disk, network, logs)."""
     from ember.machines import lifecycle
-    from ember.machines.errors import DamagedMachine
+    from ember.machines.errors import DamagedMachine, MachineNotFound
 
     home = home_from_ctx()
 
-    def remove(ref: str) -> None:
+    def remove(ref: str) -> object:
         try:
-            st = find_machine(ref)
+            st = find_machine(ref, home)
         except DamagedMachine as e:
             if not force:
                 raise
             lifecycle.remove_damaged(home, e.machine_id)
-            return
+            return None
+        except MachineNotFound:
+            if force:
+                return SILENT  # docker rm -f: nothing to remove is no error
+            raise
         lifecycle.remove(home, st, force=force)
+        return None
 
     for_each(machines, remove)
 
@@ -220,17 +346,25 @@ def rm(force: bool, machines: tuple[str, ...]) -> None:
 @click.command()
 @click.argument("machines", nargs=-1, required=True)
 def inspect(machines: tuple[str, ...]) -> None:
-    """Print machines' full records as JSON."""
+    """Print machines' full records as JSON (the ones found; an error for each other)."""
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
     out = []
+    failed = False
     for ref in machines:
-        st = find_machine(ref)
+        try:
+            st = find_machine(ref, home)
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            failed = True
+            continue
         data = st.to_json()
         data["dir"] = str(MachineStore(home).dir(st.id))
         out.append(data)
     print_json(out)
+    if failed:
+        raise SystemExit(1)
 
 
 def port_lines(ports: list[dict[str, Any]], query: str | None) -> list[str]:
@@ -278,21 +412,58 @@ def port(machine: str, port: str | None) -> None:
 @click.command()
 @click.argument("machines", nargs=-1, required=True)
 def wait(machines: tuple[str, ...]) -> None:
-    """Block until each machine has stopped, then print its exit code (one line each)."""
-    from ember.machines.errors import MachineNotFound
-    from ember.machines.state import EXITED
+    """Block until each machine has stopped, then print its exit code (one line each).
 
+    As docker wait: every machine is looked up first and waited for together; the codes
+    come in the order given, each as soon as it and those before it are known."""
+    from ember.machines import state as mstate
+    from ember.machines.lifecycle import refresh
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    store = MachineStore(home)
+    failed = False
+    # per argument: the machine (None: not found), then its code or error once known
+    found: list[Any] = []
     for ref in machines:
-        st = find_machine(ref)
-        while st.status != EXITED:
-            time.sleep(0.1)
+        try:
+            found.append(find_machine(ref, home))
+        except EmberError as e:
+            click.echo(f"ember: {e}", err=True)
+            found.append(None)
+            failed = True
+    results: list[int | str | None] = [None] * len(found)
+    shown = 0
+    while True:
+        for i, st in enumerate(found):
+            if st is None or results[i] is not None:
+                continue
             try:
-                st = find_machine(st.id)  # refreshed: a machine whose monitor died is exited
-            except MachineNotFound:
-                raise EmberError(
-                    f"machine {st.name} was removed (--rm) before its exit code could be read"
-                ) from None
-        click.echo(str(st.exit_code if st.exit_code is not None else 255))
+                cur = refresh(home, mstate.read_state(store.dir(st.id)))
+            except FileNotFoundError:
+                code = mstate.removed_exit_code(home.run, st.id)
+                results[i] = code if code is not None else (
+                    f"machine {st.name} was removed before its exit code could be read"
+                )  # fmt: skip
+                continue
+            except EmberError as e:
+                results[i] = str(e)
+                continue
+            if cur.status == mstate.EXITED:
+                results[i] = cur.exit_code if cur.exit_code is not None else 255
+        while shown < len(found) and (found[shown] is None or results[shown] is not None):
+            result = results[shown]
+            if isinstance(result, int):
+                click.echo(str(result))
+            elif result is not None:
+                click.echo(f"ember: {result}", err=True)
+                failed = True
+            shown += 1
+        if shown == len(found):
+            break
+        time.sleep(0.05)
+    if failed:
+        raise SystemExit(1)
 
 
 commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port, wait]

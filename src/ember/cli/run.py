@@ -14,7 +14,8 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.count = 0
         self.handled = 0
+        self.last = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
@@ -73,13 +75,29 @@ class _Interrupts:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def _on_signal(self, _sig: int, _frame: object) -> None:
+    def _on_signal(self, sig: int, _frame: object) -> None:
         self.count += 1
+        self.last = sig
+
+    def exception(self) -> KeyboardInterrupt:
+        """What the signals counted would have raised (the CLI's exit status tells them
+        apart)."""
+        from ember.cli.main import Terminated
+
+        return Terminated() if self.last == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _follow(
-    home: Home, machine_id: str, sync_r: int, monitor_pid: int, outs: Sequence[LogFollower]
+    home: Home,
+    machine_id: str,
+    sync_r: int | None,
+    monitor_pid: int | None,
+    outs: Sequence[LogFollower],
+    intr: _Interrupts,
 ) -> int:
+    """Copy the machine's output until it ends; its exit code.  ``sync_r``: the events of
+    the monitor this process started (None: attached to a machine already running, whose
+    end is read from its record)."""
     from ember.machines import lifecycle
     from ember.machines.state import EXITED, read_state
     from ember.machines.store import MachineStore
@@ -91,62 +109,78 @@ def _follow(
     pending = b""
     event: dict[str, Any] | None = None
     control = None
-    with _Interrupts() as intr:
-        try:
-            moved = False
-            while event is None:
-                # no wait while output flows (the monitor's logs are capped: a reader
-                # that falls too far behind a rotating log loses the oldest part)
+    started_at = read_state(d).started_at if sync_r is None else None
+    ended = False
+    try:
+        moved = False
+        while event is None and not ended:
+            # no wait while output flows (the monitor's logs are capped: a reader
+            # that falls too far behind a rotating log loses the oldest part)
+            ready: list[int] = []
+            if sync_r is None:
+                time.sleep(0 if moved else 0.02)
+                ended = _run_over(home, d, started_at)
+            else:
                 ready, _, _ = select.select([sync_r], [], [], 0 if moved else 0.02)
-                moved = False
-                for src, dst in sinks:
-                    moved = _pump(src, dst) or moved
-                if intr.count > intr.handled:
-                    intr.handled = intr.count
-                    st = lifecycle.mark_stopped_by_user(home, read_state(d))
-                    if intr.handled == 1:
-                        _say(f"stopping {st.name} (Ctrl-C again to kill it)")
-                        try:
-                            control = open_control(d / "control.sock")
-                            write_control(control, "stop")
-                        except ControlChannelError as e:
-                            _say(f"{e}: killing it")
-                            lifecycle.kill_vmm(home, st)
-                    else:
-                        _say(f"killing {st.name}")
-                        with contextlib.suppress(EmberError):
-                            lifecycle.kill_vmm(home, st)
-                if not ready:
-                    continue
-                chunk = os.read(sync_r, 4096)
-                if not chunk:
-                    break  # the monitor went away without saying how it ended
-                pending += chunk
-                while b"\n" in pending:
-                    line, pending = pending.split(b"\n", 1)
-                    msg = jsonutil.loads(line)
-                    if msg.get("event") == "exited":
-                        event = msg
-                    elif msg.get("event") == "error":
-                        raise MachineError(str(msg.get("message")))
-        finally:
-            if control is not None:
-                control.close()
+            moved = False
+            for src, dst in sinks:
+                moved = _pump(src, dst) or moved
+            if intr.count > intr.handled:
+                intr.handled = intr.count
+                st = lifecycle.mark_stopped_by_user(home, read_state(d))
+                if intr.handled == 1:
+                    _say(f"stopping {st.name} (Ctrl-C again to kill it)")
+                    try:
+                        control = open_control(d / "control.sock")
+                        write_control(control, "stop")
+                    except ControlChannelError as e:
+                        _say(f"{e}: killing it")
+                        lifecycle.kill_vmm(home, st)
+                else:
+                    _say(f"killing {st.name}")
+                    with contextlib.suppress(EmberError):
+                        lifecycle.kill_vmm(home, st)
+            if not ready or sync_r is None:
+                continue
+            chunk = os.read(sync_r, 4096)
+            if not chunk:
+                break  # the monitor went away without saying how it ended
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                msg = jsonutil.loads(line)
+                if msg.get("event") == "exited":
+                    event = msg
+                elif msg.get("event") == "error":
+                    raise MachineError(str(msg.get("message")))
+    finally:
+        if control is not None:
+            control.close()
     for src, dst in sinks:
         while _pump(src, dst):
             pass
     # the monitor finishes its cleanup (network, --rm) before we return, like docker run
     # --rm; one that restarts the machine (--restart) goes on by itself
-    if not (event or {}).get("restarting"):
+    if monitor_pid is not None and not (event or {}).get("restarting"):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
     if event is None:
-        end = lifecycle.wait_exited(home, read_state(d), 5)
+        seen = _last_seen.pop(machine_id, None)
+        if sync_r is None and seen is not None and seen.status == EXITED:
+            end: MachineState | None = seen  # (its restart policy may run it again soon)
+        else:
+            try:
+                end = lifecycle.wait_exited(home, read_state(d), 5)
+            except FileNotFoundError:
+                end = seen  # removed (--rm) once it ended
         if end is None or end.exit_code is None:
+            if sync_r is None:
+                raise MachineError("the machine ended and was removed (--rm) before its exit "
+                                   "code could be read")  # fmt: skip
             raise MachineError("the machine's monitor ended without reporting an exit code")
         if end.end_reason:
             _say(f"machine ended: {end.end_reason}")
-        if end.auto_remove and end.status == EXITED:
+        if sync_r is not None and end.auto_remove and end.status == EXITED:
             lifecycle.remove(home, end)  # --rm: what its monitor would have done
         return end.exit_code
     if event.get("error"):
@@ -154,6 +188,24 @@ def _follow(
     if event.get("end_reason"):
         _say(f"machine ended: {event['end_reason']}")
     return int(event["exit_code"])
+
+
+#: the last record ``_run_over`` read of a machine (its exit code, should it be removed)
+_last_seen: dict[str, MachineState] = {}
+
+
+def _run_over(home: Home, d: Path, started_at: str | None) -> bool:
+    """Whether the run that started at ``started_at`` is over (attached to a machine that
+    was running already: the end is read from its record)."""
+    from ember.machines import lifecycle
+    from ember.machines.state import RUNNING, read_state
+
+    try:
+        st = lifecycle.refresh(home, read_state(d))
+    except FileNotFoundError:
+        return True  # removed (--rm) after it ended
+    _last_seen[st.id] = st
+    return st.status != RUNNING or st.started_at != started_at
 
 
 class _RunCommand(click.Command):
@@ -292,17 +344,23 @@ def run(
     )
     # the monitor starts first: its start-up overlaps with preparing the machine
     monitor = lifecycle.start_monitor(home)
+    made: list[str] = []
     try:
-        st = lifecycle.create(home, req, progress=_say)
+        st = lifecycle.create(home, req, progress=_say, made=made)
+        code = _launch(home, st, monitor, attach=not detach)
     except BaseException:
-        monitor.abandon()
+        # until the monitor has it, the machine is ours to remove (an interrupt, SIGTERM,
+        # a failure anywhere from create to the hand-over): nothing of it may stay
+        if not monitor.handed:
+            from ember.snapshots.interrupts import deferred
+
+            with deferred():
+                monitor.abandon()
+                for machine_id in made:
+                    with contextlib.suppress(EmberError):
+                        lifecycle.discard(home, machine_id)
         monitor.close()
         raise
-
-    def undo() -> None:
-        lifecycle.remove(home, st, force=True)
-
-    code = _launch(home, st, monitor, attach=not detach, undo=undo)
     if code is None:
         click.echo(st.id)
         return
@@ -315,38 +373,67 @@ def _launch(
     monitor: MonitorHandle,
     *,
     attach: bool,
-    undo: Callable[[], None],
     fresh_logs: bool = True,
 ) -> int | None:
     """Hand a prepared machine to its monitor; attached, follow it to its end and return
-    the program's exit code, else return None once it started.  ``undo`` runs when the
-    hand-over fails; ``fresh_logs``: the logs are new (else only what this run writes is
-    followed)."""
+    the program's exit code, else return None once it started.  Until
+    ``monitor.handed``, the machine is the caller's to undo (whatever was raised);
+    ``fresh_logs``: the logs are new (else only what this run writes is followed).
+
+    Attached, Ctrl-C and SIGTERM are counted from the start: one before the hand-over
+    raises (the caller undoes the machine), one after it stops the machine (``_follow``)
+    rather than leave it running unwatched."""
     from ember.machines.logs import LogFollower
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
-    # open the logs before the machine can write (and before --rm can delete them);
-    # the followers go on across the monitor's rotations
-    outs = [
-        LogFollower.current(d / p, hold=True, at_end=not fresh_logs)
-        for p in ("stdout.log", "stderr.log")
-    ] if attach else []  # fmt: skip
+    outs: list[LogFollower] = []
     try:
-        try:
+        with _Interrupts() if attach else contextlib.nullcontext() as intr:
+            if intr is not None:
+                # open the logs before the machine can write (and before --rm can delete
+                # them); the followers go on across the monitor's rotations
+                for p in ("stdout.log", "stderr.log"):
+                    outs.append(LogFollower.current(d / p, hold=True, at_end=not fresh_logs))
+                if intr.count:
+                    raise intr.exception()
             monitor.hand_over(st)
-        except BaseException:
-            undo()
-            raise
-        if not attach:
-            line = _read_line(monitor.sync_r)
-            msg = jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
-            if msg.get("event") != "started":
-                raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
-            return None
-        code = _follow(home, st.id, monitor.sync_r, monitor.pid, outs)
+            if intr is None:
+                line = _read_line(monitor.sync_r)
+                msg = (
+                    jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
+                )
+                if msg.get("event") != "started":
+                    raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
+                return None
+            code = _follow(home, st.id, monitor.sync_r, monitor.pid, outs, intr)
     finally:
         monitor.close()
+        for out in outs:
+            out.close()
+    sys.stdout.flush()
+    return code
+
+
+def _attach_running(home: Home, st: MachineState) -> int:
+    """``ember start -a`` of a running machine: its output from now on, and its exit code
+    when it ends (Ctrl-C stops it, as for ``run``)."""
+    from ember.machines import lifecycle
+    from ember.machines.logs import LogFollower
+    from ember.machines.state import RUNNING, read_state
+    from ember.machines.store import MachineStore
+
+    d = MachineStore(home).dir(st.id)
+    outs: list[LogFollower] = []
+    try:
+        with _Interrupts() as intr:
+            for p in ("stdout.log", "stderr.log"):
+                outs.append(LogFollower.current(d / p, hold=True, at_end=True))
+            st = lifecycle.refresh(home, read_state(d))
+            if st.status != RUNNING:
+                raise MachineError(f"machine {st.name} is not running any more ({st.status})")
+            code = _follow(home, st.id, None, None, outs, intr)
+    finally:
         for out in outs:
             out.close()
     sys.stdout.flush()
@@ -368,19 +455,23 @@ def _read_line(fd: int, limit: int = 1 << 20) -> bytes:
 def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
     """``ember start`` of one exited machine (see ``lifecycle.prepare_start``)."""
     from ember.machines import lifecycle
+    from ember.snapshots.interrupts import deferred
 
     monitor = lifecycle.start_monitor(home)
+    prepared = False
     try:
-        st = lifecycle.prepare_start(home, st)
+        with deferred():  # (quick) no moment when it is prepared and we do not know it
+            st = lifecycle.prepare_start(home, st)
+            prepared = True
+        return _launch(home, st, monitor, attach=attach, fresh_logs=False)
     except BaseException:
-        monitor.abandon()
+        if not monitor.handed:
+            with deferred():
+                monitor.abandon()
+                if prepared:
+                    lifecycle.abandon_start(home, st, "the machine's monitor did not take it")
         monitor.close()
         raise
-
-    def undo() -> None:
-        lifecycle.abandon_start(home, st, "the machine's monitor did not take it")
-
-    return _launch(home, st, monitor, attach=attach, undo=undo, fresh_logs=False)
 
 
 @click.command()
@@ -399,8 +490,8 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
         if len(machines) != 1:
             raise UsageError("--attach takes one machine")
         st = find_machine(machines[0])
-        if st.status == RUNNING:
-            raise UsageError(f"machine {st.name} is running already")
+        if st.status == RUNNING:  # docker start -a: attach to it
+            raise SystemExit(_attach_running(home, st))
         code = _start_one(home, st, attach=True)
         raise SystemExit(code)
 

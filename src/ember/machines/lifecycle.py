@@ -89,8 +89,19 @@ def machine_channels(d: Path) -> Channels:
     return Channels.in_dir(d)
 
 
-def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineState:
-    """Everything but booting: the machine exists afterwards with status ``created``."""
+def create(
+    home: Home,
+    req: RunRequest,
+    progress: Progress = _quiet,
+    made: list[str] | None = None,
+) -> MachineState:
+    """Everything but booting: the machine exists afterwards with status ``created``.
+
+    ``made`` gets the machine's id before anything of it exists: a caller interrupted
+    after ``create`` returned (before it could hand the machine to its monitor) removes
+    it with ``discard``.  A failure or an interrupt inside ``create`` undoes what it
+    made itself, the root disk included even when its clone is still under way (it is
+    released when the clone ends)."""
     from ember.images import ImageService
     from ember.net.manager import NetworkManager
     from ember.snapshots.chain import clone_root_disk, release_root_disk
@@ -140,6 +151,7 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
     # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
     # made or its monitor started, not by `ember ps/logs/stop` that only check on one
     import secrets
+    from concurrent.futures import Future, ThreadPoolExecutor, wait
 
     machine_id = secrets.token_hex(32)
     d = store.root / machine_id
@@ -166,20 +178,23 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
         labels=dict(req.labels),
         restart_policy=str(req.restart),
     )
-    store.create(st, req.name)
-    lap("record")
-    from concurrent.futures import ThreadPoolExecutor, wait
-
+    if made is not None:
+        made.append(machine_id)  # before anything exists: no moment the caller misses it
+    cloning: Future[Path] | None = None
+    pool = None
     try:
+        store.create(st, req.name)
+        lap("record")
         # the disk clone and the network (TAP, nft) both wait on the kernel and on
         # subprocesses: do them side by side
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone") as pool:
-            cloning = pool.submit(clone_root_disk, home, image, machine_id, req.disk_size)
-            try:
-                net = NetworkManager(home).setup(machine_id, ports=req.ports, network=req.network)
-            finally:
-                wait([cloning])  # never leave the clone running behind a failure
-            disk = cloning.result()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone")
+        cloning = pool.submit(clone_root_disk, home, image, machine_id, req.disk_size)
+        try:
+            net = NetworkManager(home).setup(machine_id, ports=req.ports, network=req.network)
+        finally:
+            wait([cloning])  # never leave the clone running behind a failure
+        disk = cloning.result()
+        pool.shutdown()
         lap("root_disk+network")
         rc = draft.replace(
             hostname=machine_id[:12],
@@ -212,13 +227,43 @@ def create(home: Home, req: RunRequest, progress: Progress = _quiet) -> MachineS
             cur.labels["ember.timings.create"] = ",".join(f"{k}={v}" for k, v in timings.items())
             st = cur
     except BaseException:
-        with contextlib.suppress(Exception):
-            NetworkManager(home).teardown(machine_id)
-        with contextlib.suppress(Exception):
-            release_root_disk(home, machine_id)
-        store.remove_dir(machine_id)
+        from ember.snapshots.interrupts import deferred
+
+        # a second Ctrl-C must not cut the cleanup in half
+        with deferred():
+            with contextlib.suppress(Exception):
+                NetworkManager(home).teardown(machine_id)
+            if cloning is None:
+                with contextlib.suppress(Exception):
+                    release_root_disk(home, machine_id)
+            else:
+                # released once the clone is over, by whichever thread sees it end: an
+                # interrupt in wait() above leaves it running, and what it then makes
+                # must go too (the interpreter waits for the thread before it exits)
+                cloning.add_done_callback(lambda _f: _release_quietly(home, machine_id))
+            if pool is not None:
+                pool.shutdown(wait=False)
+            store.remove_dir(machine_id)
         raise
     return st
+
+
+def _release_quietly(home: Home, machine_id: str) -> None:
+    from ember.snapshots.chain import release_root_disk
+
+    try:
+        release_root_disk(home, machine_id)
+    except Exception as e:  # a cleanup: say it, do not mask the cause
+        print(f"ember: cannot release machine {machine_id[:12]}'s root disk: {e}", file=sys.stderr)
+
+
+def discard(home: Home, machine_id: str) -> None:
+    """Remove a machine that was never handed to a monitor (``create`` or ``run``
+    interrupted): its network, root disk and record, whichever exist (idempotent)."""
+    from ember.snapshots.interrupts import deferred
+
+    with deferred():
+        _release_and_delete(home, machine_id, machine_id[:12])
 
 
 #: how long a finished guest waits for its monitor's "bye" before powering off anyway
@@ -272,6 +317,15 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
     d = MachineStore(home).dir(st.id)
     with mstate.locked(d):
         cur = mstate.read_state(d)
+        if cur.status == mstate.CREATED and not restart and cur.monitor_pid is None:
+            # being started by its `ember run` right now, or left by one that was killed
+            # (SIGKILL) before it handed the machine over: which, the record cannot tell,
+            # and starting it twice would boot two VMMs on one disk
+            raise MachineRunning(
+                f"machine {cur.name} is being created by its ember run, or that run was "
+                "killed before starting it",
+                hint=f"if no ember run is creating it, remove it: ember rm -f {cur.name}",
+            )
         if cur.status != mstate.EXITED:
             raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
         if restart and cur.stopped_by_user:
@@ -398,15 +452,23 @@ class MonitorHandle:
     pid: int
     go_w: int | None
     sync_r: int
+    #: the monitor has the machine's id: it is the monitor's to start (and clean up) now
+    handed: bool = False
 
     def hand_over(self, st: MachineState) -> None:
+        """Give the monitor the machine; ``handed`` says whether it has it, also when an
+        interrupt comes (held until ``handed`` is right)."""
+        from ember.snapshots.interrupts import deferred
+
         if self.go_w is None:
             raise MachineError("monitor already handed a machine")
-        try:
-            os.write(self.go_w, st.id.encode() + b"\n")
-        finally:
-            os.close(self.go_w)
-            self.go_w = None
+        with deferred():
+            try:
+                os.write(self.go_w, st.id.encode() + b"\n")
+                self.handed = True
+            finally:
+                os.close(self.go_w)
+                self.go_w = None
 
     def abandon(self) -> None:
         if self.go_w is not None:

@@ -21,7 +21,10 @@ holds loses it nothing (it has the file open), but the writer keeps an fd of
 such a file, and while the reader still holds it, the reader has not opened
 the files after it: none of those may go.  So the writer does not rotate then:
 ``write`` stops short, and the monitor holds the rest back (which holds the
-guest back) until the reader has moved on.
+guest back) until the reader has moved on.  Once the guest is gone, the monitor
+waits for a reader that is still behind as long as it makes progress (a file
+finished within ``streams.DRAIN_WAIT_S``), and until it has opened the current
+file (``files_behind``) before it lets the logs go (``--rm`` deletes them).
 
 Settings, the ``"logs"`` section of ``$EMBER_HOME/config.json``::
 
@@ -225,6 +228,21 @@ class RotatingLog:
         self.rotations += 1
         return True
 
+    def files_behind(self) -> int:
+        """How many files before the current one the attached reader still holds (0: it
+        reads the current file, or there is no attached reader).  The reader always
+        takes the next file's lock before it lets go of the one it holds, so while this
+        is not 0 it has not opened the current file yet: deleting the logs then (``--rm``)
+        would cut it off from the files between."""
+        self._held = [fd for fd in self._held if _still_held(fd)]
+        behind = len(self._held)
+        for i in range(1, self.max_files):
+            fd = _open_existing(rotated_name(self.path, i))
+            if fd is not None and _still_held(fd):
+                os.close(fd)
+                behind += 1
+        return behind
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -251,6 +269,9 @@ class CappedFile:
             self.size += keep
         self.dropped += len(data) - keep
         return len(data)
+
+    def files_behind(self) -> int:
+        return 0  # no reader waits on it
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import re
+import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -36,7 +40,7 @@ from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump, vmm_fifo
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
-from ember.vm.vmm.base import VM, Channels, VMExit, open_control, send_control
+from ember.vm.vmm.base import VM, Channels, VMExit, open_control
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
 
 
@@ -105,6 +109,23 @@ def _read_limited(path: Path, tail: bool = False, limit: int = 1 << 16) -> bytes
         return b""
 
 
+#: how much of the VMM's last words goes into the end reason
+MAX_VMM_ERROR = 300
+
+
+def vmm_last_error(log_tail: bytes) -> str | None:
+    """The VMM's last non-empty line of ``vmm.log`` (what QEMU printed last before it
+    exited: its error), as one line of printable text of at most ``MAX_VMM_ERROR``
+    characters; None when it said nothing.  A guest can provoke some of QEMU's
+    messages, so nothing of it reaches a terminal unfiltered."""
+    for raw in reversed(log_tail.decode("utf-8", "replace").splitlines()):
+        line = "".join(c if c.isprintable() else " " for c in raw).strip()
+        line = re.sub(r" {2,}", " ", line)
+        if line:
+            return line if len(line) <= MAX_VMM_ERROR else line[: MAX_VMM_ERROR - 1] + "…"
+    return None
+
+
 def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
     from ember.net.manager import NetworkManager
 
@@ -116,7 +137,13 @@ def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
         from ember.machines.lifecycle import remove
 
         try:
-            remove(home, mstate.read_state(MachineStore(home).dir(st.id)))
+            cur = mstate.read_state(MachineStore(home).dir(st.id))
+            try:
+                # for an `ember wait` on it: its exit code outlives it a while
+                mstate.record_removed_exit(home.run, cur)
+            except OSError as e:
+                print(f"monitor: cannot keep the exit code: {e}", file=sys.stderr)
+            remove(home, cur)
         except (EmberError, FileNotFoundError) as e:
             print(f"monitor: --rm cleanup failed: {e}", file=sys.stderr)
 
@@ -164,7 +191,19 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
         except (EmberError, OSError) as e:
             # stopped or removed meanwhile, or the machine cannot run again
             print(f"monitor: not restarting: {e}", file=sys.stderr)
+            _record_given_up(d, f"not restarting: {e}")
             return 0
+
+
+def _record_given_up(d: Path, why: str) -> None:
+    """Say in the record why the restart policy stopped (``inspect``'s ``error``, ``ps``),
+    unless the user stopped the machine meanwhile (nothing went wrong then)."""
+    try:
+        with mstate.update(d) as cur:
+            if not cur.stopped_by_user and cur.status == mstate.EXITED:
+                cur.error = why
+    except (FileNotFoundError, EmberError) as e:  # removed meanwhile
+        print(f"monitor: cannot record why: {e}", file=sys.stderr)
 
 
 def _wait_unless_stopped(d: Path, seconds: float) -> bool:
@@ -212,14 +251,22 @@ def _run_held(
 ) -> mstate.MachineState | None:
     """``_run_once`` with the machine's host ports held."""
     logs = Channels.in_dir(d)
+    relay: _ControlRelay | None = None
     try:
-        spec = vm_spec(st, d, pump.channels)
+        # QEMU listens on a socket of its own; control.sock is the monitor's relay
+        channels = dataclasses.replace(pump.channels, control_socket=d / VMM_CONTROL)
+        spec = vm_spec(st, d, channels)
         vm = get_vmm(st.vm.vmm).create(spec)
+        try:
+            relay = _ControlRelay(logs.control_socket, spec.channels.control_socket)
+        except OSError as e:
+            _failed_to_start(home, st, d, sync, f"cannot open the control socket: {e}")
+            return None
 
         def on_term(_sig: int, _frame: object) -> None:
             # a plain `kill MONITOR`: stop the machine the graceful way
-            with contextlib.suppress(EmberError):
-                send_control(spec.channels.control_socket, "stop")
+            if relay is not None:
+                relay.send(b"stop")
 
         signal.signal(signal.SIGTERM, on_term)
         try:
@@ -252,13 +299,13 @@ def _run_held(
         if pid_fd is None:
             pump.drain()
         else:
-            farewell = _Farewell(spec.channels.control_socket)
+            connected = relay
+            connected.connect()
             try:
                 # copy the guest's output until the VMM exits, then whatever is left; the
                 # guest powers off once told that nothing it wrote is still in flight
-                pump.run_until_exit(pid_fd, on_drained=farewell.send)
+                pump.run_until_exit(pid_fd, on_drained=lambda: connected.send(b"bye"))
             finally:
-                farewell.close()
                 os.close(pid_fd)
         end: VMExit | None = None
         while end is None:
@@ -267,6 +314,8 @@ def _run_held(
             except InterruptedError:
                 continue
     finally:
+        if relay is not None:
+            relay.close()
         # console.log goes on across runs (`ember start`, --restart): init's last line
         # of an earlier run is no word on this one
         console_bytes = pump.received(pump.channels.console_log)
@@ -276,6 +325,12 @@ def _run_held(
         tail = _read_limited(logs.console_log, tail=True, limit=min(4096, console_bytes))
         report = parse_console_tail(tail)
     result = outcome(report, end.returncode, end.signal, killed=False)
+    if report is None and end.returncode not in (0, None):
+        # the VMM failed (it could not start the guest, or gave up on it): its own last
+        # words say why, and vmm.log goes with the machine (--rm)
+        said = vmm_last_error(_read_limited(d / "vmm.log", tail=True, limit=4096))
+        if said:
+            result = dataclasses.replace(result, end_reason=f"{result.end_reason}: {said}")
     with mstate.update(d) as cur:
         cur.status, cur.finished_at = mstate.EXITED, mstate.now()
         cur.exit_code, cur.signal, cur.oom_killed = (
@@ -289,28 +344,185 @@ def _run_held(
     return final
 
 
-class _Farewell:
-    """The "bye" that lets a finished guest power off (run config ``exit_ack``).
+#: the VMM's own control socket (QEMU's, one client at a time); ``control.sock``, the
+#: one clients use, is the monitor's (``_ControlRelay``)
+VMM_CONTROL = "vmm-control.sock"
+#: the lines a client may send (docs/guest.md, "Control"); anything else is dropped
+_CLIENT_LINE = re.compile(rb"(stop|kill|signal (?:[1-9]|[1-5][0-9]|6[0-4]))")
+_MAX_LINE = 64
+_MAX_CLIENTS = 64
 
-    The connection stays open until the VMM has exited: QEMU drops what the guest
-    has not read yet when the client hangs up."""
 
-    def __init__(self, control_socket: Path) -> None:
-        self.control_socket = control_socket
-        self._sock: socket.socket | None = None
+def _bind_unix(path: Path) -> socket.socket:
+    """A listening unix socket at ``path`` (through a ``/proc/self/fd`` alias of its
+    directory when the path is too long for ``sun_path``)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    dirfd = None
+    try:
+        address = str(path)
+        if len(address.encode()) > 100:
+            dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            address = f"/proc/self/fd/{dirfd}/{path.name}"
+        s.bind(address)
+        os.chmod(path, 0o600)
+        s.listen(16)
+        return s
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        if dirfd is not None:
+            os.close(dirfd)
 
-    def send(self) -> None:
+
+class _ControlRelay:
+    """The machine's control channel, served by the monitor.
+
+    QEMU's socket chardev serves one client at a time and drops what the guest has not
+    read yet when that client hangs up.  So the monitor is its only client: one
+    connection, open from the guest's start until the VMM exits, carries the lines of
+    every ``ember stop/kill`` (which connect to ``control.sock``, served here, and may
+    hang up whenever they like) and the monitor's own ``bye``.  (With a second
+    connection for the bye, QEMU never read it while ``ember stop`` held its own: the
+    guest waited out its whole ``exit_ack``.)"""
+
+    def __init__(self, listen_path: Path, vmm_path: Path) -> None:
+        self.listen_path = listen_path
+        self.vmm_path = vmm_path
+        self._lock = threading.Lock()
+        self._vmm: socket.socket | None = None
+        self._queued: list[bytes] = []
+        self._connected = False
+        self._want = False
+        self._give_up = 0.0
+        self._closing = False
+        self._listener = _bind_unix(listen_path)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._serve, name="ember-control", daemon=True)
+        self._thread.start()
+
+    def connect(self) -> None:
+        """Open the connection to the VMM from now on (once the guest may read it: after
+        a restored guest took its config), then send what clients said meanwhile.  The
+        relay's thread does it: QEMU creates its socket a moment after its start."""
+        self._give_up = time.monotonic() + 30
+        self._want = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"c")
+
+    def _try_connect(self) -> bool:
         try:
-            self._sock = open_control(self.control_socket)
-            self._sock.sendall(b"bye\n")
-        except (EmberError, OSError) as e:
-            # the guest then waits out its exit_ack and powers off anyway
-            print(f"monitor: cannot say bye to the guest: {e}", file=sys.stderr)
+            sock = open_control(self.vmm_path, timeout=0.05)
+            sock.settimeout(2.0)
+        except EmberError:
+            return False
+        with self._lock:
+            self._vmm, self._connected = sock, True
+            queued, self._queued = self._queued, []
+        for line in queued:
+            self.send(line)
+        return True
+
+    def send(self, line: bytes) -> None:
+        """Write one line (without its newline) to the guest; queued until connected."""
+        with self._lock:
+            if not self._connected:
+                self._queued.append(line)
+                return
+            if self._vmm is None:
+                return
+            try:
+                self._vmm.sendall(line + b"\n")
+            except OSError as e:
+                print(f"monitor: cannot write to the guest's control port: {e}", file=sys.stderr)
+
+    def _serve(self) -> None:
+        clients: dict[socket.socket, bytes] = {}
+        try:
+            while True:
+                trying = self._want and not self._connected
+                if trying and (self._try_connect() or time.monotonic() > self._give_up):
+                    if not self._connected:
+                        print("monitor: the VMM's control socket did not appear", file=sys.stderr)
+                        with self._lock:
+                            self._connected = True  # lines are dropped from now on
+                    trying = False
+                with self._lock:
+                    vmm = self._vmm
+                watched: list[Any] = [self._listener, self._wake_r, *clients]
+                if vmm is not None:
+                    watched.append(vmm)  # what the guest says here is not for anyone
+                ready, _, _ = select.select(watched, [], [], 0.01 if trying else 0.5)
+                for r in ready:
+                    if r == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 64)
+                        if self._closing:
+                            return
+                        continue
+                    if r is self._listener:
+                        with contextlib.suppress(OSError):
+                            conn, _ = self._listener.accept()
+                            if len(clients) >= _MAX_CLIENTS:
+                                conn.close()
+                            else:
+                                conn.setblocking(False)
+                                clients[conn] = b""
+                    elif r is vmm:
+                        try:
+                            if not vmm.recv(4096, socket.MSG_DONTWAIT):
+                                with self._lock:
+                                    self._vmm = None  # the VMM went away
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                        except OSError:
+                            with self._lock:
+                                self._vmm = None
+                    else:
+                        self._from_client(r, clients)
+        finally:
+            for c in clients:
+                c.close()
+
+    def _from_client(self, conn: socket.socket, clients: dict[socket.socket, bytes]) -> None:
+        try:
+            data = conn.recv(256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            conn.close()
+            del clients[conn]
+            return
+        buf = clients[conn] + data
+        *lines, rest = buf.split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if _CLIENT_LINE.fullmatch(line):
+                self.send(line)
+            else:
+                print(f"monitor: ignored a control line {line[:_MAX_LINE]!r}", file=sys.stderr)
+        if len(rest) > _MAX_LINE:
+            rest = b""  # no line is that long: drop it
+        clients[conn] = rest
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._closing = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.listen_path)
+        with self._lock:
+            if self._vmm is not None:
+                self._vmm.close()
+            self._vmm, self._connected = None, True
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
 
 def _hand_config_or_boot(

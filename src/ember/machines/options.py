@@ -69,11 +69,31 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
     return int(value)
 
 
-def parse_memory_mib(text: str) -> int:
-    """``--memory``: MiB as a number, or a size with a unit (``1G``)."""
+def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's ``MemTotal`` in MiB (None when it cannot be read)."""
+    try:
+        with open(meminfo, "rb") as f:
+            for line in f:
+                if line.startswith(b"MemTotal:"):
+                    return int(line.split()[1]) // 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def parse_memory_mib(text: str, host_mib: int | None = -1) -> int:
+    """``--memory``: MiB as a number, or a size with a unit (``1G``); not more than the
+    host has (``host_mib``, by default its MemTotal; None: unknown, not checked): QEMU
+    would only fail to start with it, after everything else was set up."""
     mib = parse_size(text, default_unit="m") // (1 << 20)
     if not 64 <= mib <= 1 << 20:
         raise InvalidOption(f"--memory {text!r}: must be between 64 MiB and 1 TiB")
+    if host_mib == -1:
+        host_mib = host_memory_mib()
+    if host_mib is not None and mib > host_mib:
+        raise InvalidOption(
+            f"--memory {text!r}: {mib} MiB is more than this host's memory ({host_mib} MiB)"
+        )
     return mib
 
 
@@ -101,7 +121,8 @@ def read_env_file(path: Path, host_env: Mapping[str, str]) -> list[str]:
     if len(data) > MAX_ENV_FILE:
         raise InvalidOption(f"env file {path} is larger than {MAX_ENV_FILE} bytes")
     try:
-        text = data.decode()
+        # a byte order mark some editors write is no part of the first name (docker strips it)
+        text = data.decode().removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise InvalidOption(f"env file {path} is not UTF-8") from None
     lines = []

@@ -190,3 +190,41 @@ def update(machine_dir: Path) -> Iterator[MachineState]:
         st = read_state(machine_dir)
         yield st
         write_state(machine_dir, st)
+
+
+# ---- the exit codes of removed (--rm) machines ----------------------------------------
+
+#: how long the exit code of a ``--rm`` machine is kept after its removal, for an
+#: ``ember wait`` that was waiting for it (docker's daemon keeps it in memory)
+REMOVED_EXIT_KEEP_S = 600
+
+
+def _removed_exits(run_dir: Path) -> Path:
+    return run_dir / "removed-exits"
+
+
+def record_removed_exit(run_dir: Path, st: MachineState) -> None:
+    """Keep the exit code of a machine about to be removed (``--rm``) under its id, so
+    that ``ember wait`` can still print it; older records are pruned meanwhile."""
+    d = _removed_exits(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    limit = _dt.datetime.now().timestamp() - REMOVED_EXIT_KEEP_S
+    with os.scandir(d) as entries:
+        for e in entries:
+            try:
+                if e.stat().st_mtime < limit:
+                    os.unlink(e.path)
+            except FileNotFoundError:
+                pass
+    code = st.exit_code if st.exit_code is not None else 255
+    atomic_write(d / st.id, json.dumps({"exit_code": code, "name": st.name}).encode(), 0o600)
+
+
+def removed_exit_code(run_dir: Path, machine_id: str) -> int | None:
+    """The exit code ``record_removed_exit`` kept for ``machine_id`` (None: none kept)."""
+    try:
+        data = jsonutil.loads((_removed_exits(run_dir) / machine_id).read_bytes())
+    except (OSError, ValueError):
+        return None
+    code = data.get("exit_code") if isinstance(data, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None

@@ -17,9 +17,11 @@ past that it stops reading that FIFO and the guest waits.  Keeping the guest
 waiting is the last resort, not the first: what the guest's kernel has queued
 for a port the host does not take is lost when the guest powers off (seen
 here: megabytes of a fast printer's last output), so a reader that is merely a
-little slow must not cause it.  Once the VMM has exited, the monitor waits at
-most ``DRAIN_WAIT_S`` for a stalled reader (say a suspended ``ember run``)
-before rotating anyway.
+little slow must not cause it.  Once the VMM has exited, the monitor waits for
+the reader while it makes progress, and at most ``DRAIN_WAIT_S`` for one that
+has stalled (say a suspended ``ember run``) before rotating anyway; and (bounded
+the same way) until it has opened the current file, so that deleting the logs
+(``--rm``) cannot cut it off from the files before.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Sink(Protocol):
     def write(self, data: bytes | bytearray, *, force: bool = False) -> int: ...
 
     def close(self) -> None: ...
+
+    def files_behind(self) -> int: ...
 
 
 @dataclass
@@ -215,18 +219,51 @@ class StreamPump:
         return not any(s.pending for s in self.streams)
 
     def drain(self, wait: float = DRAIN_WAIT_S) -> None:
-        """Everything left in every FIFO (the VMM has exited: nothing more comes)."""
+        """Everything left in every FIFO (the VMM has exited: nothing more comes).
+
+        An attached reader that is behind is waited for while it makes progress: the
+        monitor rotates anyway (dropping what that reader has not read) only once it
+        has moved on by no file for ``wait`` seconds (a suspended ``ember run``), not
+        ``wait`` after the VMM's exit (a reader that keeps reading a long backlog
+        through small files needs longer and must get all of it).  Then, as long as
+        the same holds, until that reader has opened the current file of every log:
+        what follows may delete them (``--rm``)."""
         deadline = time.monotonic() + wait
+        held_before = self._held_bytes()
+        force = False
         while True:
-            force = time.monotonic() >= deadline
+            # once given up on, a stalled reader is not waited for again
+            force = force or time.monotonic() >= deadline
             self.retry(force=force)
             moved = 0
             for fd in self._by_fd:
                 moved += self.pump(fd)
-            if not moved and not any(s.pending for s in self.streams):
-                return
+            held = self._held_bytes()
+            if moved or held < held_before:
+                deadline = time.monotonic() + wait  # the FIFOs or the reader moved on
+            held_before = held
+            if not moved and not held:
+                break
             if not moved:
                 time.sleep(RETRY_S)  # an attached reader is catching up
+        behind_before = None
+        while not force:
+            behind = sum(s.sink.files_behind() for s in self.streams)
+            if not behind:
+                return
+            if behind_before is not None and behind < behind_before:
+                deadline = time.monotonic() + wait
+            behind_before = behind
+            if time.monotonic() >= deadline:
+                print(
+                    "monitor: the attached reader did not catch up with the logs: letting them go",
+                    file=sys.stderr,
+                )
+                return
+            time.sleep(RETRY_S)
+
+    def _held_bytes(self) -> int:
+        return sum(len(s.pending) for s in self.streams)
 
     def _deliver(self, s: _Stream, data: bytes | None = None, force: bool = False) -> None:
         """Write ``data`` (or the held-back bytes) to the stream's log; keep what it refuses."""

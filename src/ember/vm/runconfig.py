@@ -255,6 +255,12 @@ def docker_argv(
         cmd = list(args) if args else list(image_cmd or ())
         argv = list(image_entrypoint or ()) + cmd
     if not argv:
+        if entrypoint is not None:
+            # docker's rule: --entrypoint (even "") clears the image's Cmd as well
+            raise NoCommand(
+                'no command specified: --entrypoint "" cleared the image\'s Entrypoint, '
+                "and an --entrypoint also clears its Cmd; give the command after the image"
+            )
         raise NoCommand("no command specified: the image has no Entrypoint or Cmd; give one")
     return argv
 

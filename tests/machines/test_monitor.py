@@ -1,0 +1,105 @@
+"""Pure parts of the monitor: its control relay (against a one-client socket like QEMU's)
+and the VMM's last words in the end reason."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+from ember.machines.monitor import MAX_VMM_ERROR, _ControlRelay, vmm_last_error
+from ember.vm.vmm.base import open_control
+
+
+class OneClientServer:
+    """Serves like QEMU's socket chardev: one client at a time, the next one only once
+    the first hung up; records what each connection brought."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.received.append(b"")
+            with conn:
+                while data := conn.recv(4096):
+                    self.received[-1] += data
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def _until(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_the_bye_reaches_the_guest_while_a_client_holds_its_connection(tmp_path: Path) -> None:
+    """``ember stop`` keeps its connection until the machine ends: the monitor's bye went
+    over a second one, which QEMU never read (the guest waited out its exit_ack)."""
+    vmm = OneClientServer(tmp_path / "vmm-control.sock")
+    relay = _ControlRelay(tmp_path / "control.sock", tmp_path / "vmm-control.sock")
+    try:
+        relay.send(b"stop")  # before the connection: queued
+        relay.connect()
+        stopper = open_control(tmp_path / "control.sock")  # held open, like ember stop
+        stopper.sendall(b"kill\nnonsense\nsignal 10\nsignal 99\n")
+        _until(lambda: vmm.received and vmm.received[0].count(b"\n") >= 3)
+        relay.send(b"bye")
+        _until(lambda: vmm.received[0].endswith(b"bye\n"))
+        assert vmm.received == [b"stop\nkill\nsignal 10\nbye\n"]
+        # a client may hang up at once: its line is passed on all the same
+        quick = open_control(tmp_path / "control.sock")
+        quick.sendall(b"signal 1\n")
+        quick.close()
+        _until(lambda: vmm.received[0].endswith(b"signal 1\n"))
+        stopper.close()
+    finally:
+        relay.close()
+        vmm.close()
+    assert not (tmp_path / "control.sock").exists()
+
+
+def test_a_long_machine_dir_is_served_too(tmp_path: Path) -> None:
+    d = tmp_path / ("x" * 120)
+    d.mkdir()
+    vmm = OneClientServer(tmp_path / "v.sock")
+    relay = _ControlRelay(d / "control.sock", tmp_path / "v.sock")
+    try:
+        relay.connect()
+        c = open_control(d / "control.sock")
+        c.sendall(b"stop\n")
+        _until(lambda: vmm.received == [b"stop\n"])
+        c.close()
+    finally:
+        relay.close()
+        vmm.close()
+
+
+def test_the_vmms_last_error_line() -> None:
+    log = (
+        b"qemu-system-x86_64: warning: something harmless\n"
+        b"qemu-system-x86_64: cannot set up guest memory 'microvm.ram': Cannot allocate memory\n"
+        b"\n"
+    )
+    assert vmm_last_error(log) == (
+        "qemu-system-x86_64: cannot set up guest memory 'microvm.ram': Cannot allocate memory"
+    )
+    assert vmm_last_error(b"") is None
+    assert vmm_last_error(b"\n \n") is None
+    hostile = vmm_last_error(b"x\x1b[2J\x07 \xff" + b"y" * 1000 + b"\n")
+    assert hostile is not None and len(hostile) == MAX_VMM_ERROR
+    assert hostile.isprintable() and "\x1b" not in hostile
