@@ -15,20 +15,7 @@ from pathlib import Path
 from ember.machines.logs import LogConfig, LogFollower, RotatingLog
 from ember.machines.streams import StreamPump
 from ember.vm.vmm.base import Channels
-
-# the VMM's place: floods the stdout FIFO with numbered lines, then exits at once (the
-# whole flood fits the FIFO and the monitor's memory: the writer is not held back)
-FLOOD = r"""
-import os, sys
-fd = os.open(os.path.join(sys.argv[1], "stdout.fifo"), os.O_WRONLY | os.O_APPEND)
-data = b"".join(b"%07d flood\n" % i for i in range(int(sys.argv[2])))
-while data:
-    data = data[os.write(fd, data[:65536]):]
-"""
-
-
-def _flood_lines(n: int) -> bytes:
-    return b"".join(b"%07d flood\n" % i for i in range(n))
+from tests.machines.test_streams import FLOOD, _flood_lines
 
 
 def test_a_steady_reader_slower_than_the_drain_wait_gets_everything_even_with_rm(

@@ -40,7 +40,7 @@ from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump, vmm_fifo
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
-from ember.vm.vmm.base import VM, Channels, VMExit, open_control
+from ember.vm.vmm.base import VM, Channels, VMExit, open_control, unix_address
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
 
 
@@ -354,27 +354,19 @@ _MAX_CLIENTS = 64
 
 
 def _bind_unix(path: Path) -> socket.socket:
-    """A listening unix socket at ``path`` (through a ``/proc/self/fd`` alias of its
-    directory when the path is too long for ``sun_path``)."""
+    """A listening unix socket at ``path``, mode 0600."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    dirfd = None
     try:
-        address = str(path)
-        if len(address.encode()) > 100:
-            dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            address = f"/proc/self/fd/{dirfd}/{path.name}"
-        s.bind(address)
+        with unix_address(path) as address:
+            s.bind(address)
         os.chmod(path, 0o600)
         s.listen(16)
         return s
     except BaseException:
         s.close()
         raise
-    finally:
-        if dirfd is not None:
-            os.close(dirfd)
 
 
 class _ControlRelay:

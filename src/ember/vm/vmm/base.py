@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,43 +211,54 @@ def wait_pid_exit(pid: int, timeout: float | None) -> bool:
         os.close(fd)
 
 
-def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
-    """Connect to the guest's control socket.
-
-    Keep the connection open while waiting for the machine to react: QEMU drops
-    bytes it has not yet handed to the guest when the client hangs up early (the
-    guest's port may not be open yet right after boot).  QEMU serves one client at
-    a time and queues one more: a refused connection is retried until ``timeout``
-    (the monitor briefly holds the socket to hand a restored machine its config)."""
-    deadline = time.monotonic() + timeout
-    dirfd = None
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """``path`` as an AF_UNIX address, for bind or connect inside the block: through a
+    short ``/proc/self/fd`` alias of its directory when it is too long for ``sun_path``
+    (108 bytes; a state directory deep in a test's tmp dir is)."""
+    if len(str(path).encode()) <= 100:
+        yield str(path)
+        return
+    dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        address = str(path)
-        if len(address.encode()) > 100:
-            # too long for sun_path: go through a short /proc/self/fd alias of the directory
-            dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            address = f"/proc/self/fd/{dirfd}/{path.name}"
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            try:
-                s.connect(address)
-                return s
-            except ConnectionRefusedError:
-                s.close()
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.01)
-            except OSError:
-                s.close()
-                raise
+        yield f"/proc/self/fd/{dirfd}/{path.name}"
+    finally:
+        os.close(dirfd)
+
+
+def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
+    """Connect to a control socket: a machine's ``control.sock`` (served by its monitor,
+    ``ember.machines.monitor._ControlRelay``) or the VMM's own (the monitor's).
+
+    QEMU serves one client at a time, queues one more, and drops bytes it has not yet
+    handed to the guest when its client hangs up: so the monitor is its only client
+    and keeps its connection open.  A refused connection is retried until
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    try:
+        with unix_address(path) as address:
+            return _connect_retrying(address, timeout, deadline)
     except OSError as e:
         raise ControlChannelError(
             f"cannot reach the machine's control channel {path}: {e.strerror or e}"
         ) from e
-    finally:
-        if dirfd is not None:
-            os.close(dirfd)
+
+
+def _connect_retrying(address: str, timeout: float, deadline: float) -> socket.socket:
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(address)
+            return s
+        except ConnectionRefusedError:
+            s.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+        except OSError:
+            s.close()
+            raise
 
 
 def write_control(s: socket.socket, command: str) -> None:
