@@ -34,14 +34,13 @@ import os
 import re
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
 
 from ember.home import Home
-from ember.images.cancel import Cancellation, PullCancelled
+from ember.images.downloads import Download, Downloads
 from ember.images.errors import AmbiguousImage, ImageNotFound, InvalidImage, InvalidSource
 from ember.images.locking import Claims, Notice, file_lock, waiting_message
 from ember.images.model import Image, Layer
@@ -102,83 +101,11 @@ def build_image(
     )  # fmt: skip
 
 
-class _Download:
-    """One blob to fetch: what the layer appliers and the recorder wait on."""
-
-    def __init__(self, desc: Descriptor, progress: Callable[[int], None] | None) -> None:
-        self.desc = desc
-        self.progress = progress
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-
-    def finish(self, error: BaseException | None) -> None:
-        self._error = error
-        self._done.set()
-
-    def result(self) -> None:
-        """Once fetched (a wait an interrupt cuts short); raises what the fetch raised."""
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-
-
-class _Downloads:
-    """Daemon threads fetching the queued blobs, ``count`` at once, until cancelled.
-
-    Not a ThreadPoolExecutor: leaving one waits for every running task, and its
-    threads are joined at exit, which is what kept a Ctrl-C waiting for the blobs
-    already downloading."""
-
-    def __init__(
-        self, source: Source, content: ContentStore, jobs: Iterable[_Download], count: int
-    ) -> None:
-        self.cancellation = Cancellation()
-        self._source = source
-        self._content = content
-        self._queue = deque(jobs)
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._work, name="ember-download", daemon=True)
-            for _ in range(count)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _take(self) -> _Download | None:
-        with self._lock:
-            if self.cancellation.cancelled or not self._queue:
-                return None
-            return self._queue.popleft()
-
-    def _work(self) -> None:
-        while (job := self._take()) is not None:
-            try:
-                self._source.fetch(job.desc, self._content, job.progress, self.cancellation)
-            except BaseException as e:  # raised by whoever waits for this blob
-                job.finish(e)
-            else:
-                job.finish(None)
-
-    def cancel(self) -> None:
-        """Stop every download: queued ones never start, running ones stop at once."""
-        self.cancellation.cancel()
-        with self._lock:
-            left = list(self._queue)
-            self._queue.clear()
-        for job in left:
-            job.finish(PullCancelled("the pull was cancelled"))
-
-    def join(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-
-
 class Pulling:
     """An image whose layers may still be downloading (see ``ImageService.pulling``)."""
 
     def __init__(
-        self, image: Image, content: ContentStore, downloads: Mapping[Digest, _Download]
+        self, image: Image, content: ContentStore, downloads: Mapping[Digest, Download]
     ) -> None:
         self.image = image
         self._content = content
@@ -198,7 +125,7 @@ class _Recorder:
     """Runs ``store`` in its own thread once every download in ``downloads`` succeeded,
     unless the pull was abandoned before."""
 
-    def __init__(self, downloads: list[_Download], store: Callable[[], None]) -> None:
+    def __init__(self, downloads: list[Download], store: Callable[[], None]) -> None:
         self._downloads = downloads
         self._store = store
         self._lock = threading.Lock()
@@ -406,14 +333,14 @@ class ImageService:
             unique.setdefault(desc.digest, desc)
         todo = list(unique.values())
         display.set_total(sum(d.size for d in todo))
-        config_fetch = _Download(cfg, None)
+        config_fetch = Download(cfg, None)
         downloads = {
-            d.digest: _Download(d, display.blob(d, f"layer {i + 1}/{len(todo)}"))
+            d.digest: Download(d, display.blob(d, f"layer {i + 1}/{len(todo)}"))
             for i, d in enumerate(todo)
         }
         # one worker more than layers at once: the config's, first in the queue, so
         # that it is asked for first
-        workers = _Downloads(
+        workers = Downloads(
             source,
             self.content,
             [config_fetch, *downloads.values()],
