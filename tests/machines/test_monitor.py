@@ -8,7 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from ember.machines.monitor import MAX_VMM_ERROR, _ControlRelay, vmm_last_error
+from ember.machines.control import ControlRelay
+from ember.machines.monitor import MAX_VMM_ERROR, vmm_last_error
 from ember.vm.vmm.base import open_control
 
 
@@ -51,7 +52,7 @@ def test_the_bye_reaches_the_guest_while_a_client_holds_its_connection(tmp_path:
     """``ember stop`` keeps its connection until the machine ends: the monitor's bye went
     over a second one, which QEMU never read (the guest waited out its exit_ack)."""
     vmm = OneClientServer(tmp_path / "vmm-control.sock")
-    relay = _ControlRelay(tmp_path / "control.sock", tmp_path / "vmm-control.sock")
+    relay = ControlRelay(tmp_path / "control.sock", tmp_path / "vmm-control.sock")
     try:
         relay.send(b"stop")  # before the connection: queued
         relay.connect()
@@ -77,7 +78,7 @@ def test_a_long_machine_dir_is_served_too(tmp_path: Path) -> None:
     d = tmp_path / ("x" * 120)
     d.mkdir()
     vmm = OneClientServer(tmp_path / "v.sock")
-    relay = _ControlRelay(d / "control.sock", tmp_path / "v.sock")
+    relay = ControlRelay(d / "control.sock", tmp_path / "v.sock")
     try:
         relay.connect()
         c = open_control(d / "control.sock")

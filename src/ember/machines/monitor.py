@@ -19,11 +19,9 @@ import dataclasses
 import json
 import os
 import re
-import select
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
+from ember.machines.control import VMM_CONTROL, ControlRelay
 from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.report import outcome, parse_console_tail, parse_report
@@ -40,7 +39,7 @@ from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump, vmm_fifo
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
-from ember.vm.vmm.base import VM, Channels, VMExit, open_control, unix_address
+from ember.vm.vmm.base import VM, Channels, VMExit
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
 
 
@@ -251,14 +250,14 @@ def _run_held(
 ) -> mstate.MachineState | None:
     """``_run_once`` with the machine's host ports held."""
     logs = Channels.in_dir(d)
-    relay: _ControlRelay | None = None
+    relay: ControlRelay | None = None
     try:
         # QEMU listens on a socket of its own; control.sock is the monitor's relay
         channels = dataclasses.replace(pump.channels, control_socket=d / VMM_CONTROL)
         spec = vm_spec(st, d, channels)
         vm = get_vmm(st.vm.vmm).create(spec)
         try:
-            relay = _ControlRelay(logs.control_socket, spec.channels.control_socket)
+            relay = ControlRelay(logs.control_socket, spec.channels.control_socket)
         except OSError as e:
             _failed_to_start(home, st, d, sync, f"cannot open the control socket: {e}")
             return None
@@ -342,179 +341,6 @@ def _run_held(
         final = cur
     _cleanup(home, final, removing=False)
     return final
-
-
-#: the VMM's own control socket (QEMU's, one client at a time); ``control.sock``, the
-#: one clients use, is the monitor's (``_ControlRelay``)
-VMM_CONTROL = "vmm-control.sock"
-#: the lines a client may send (docs/guest.md, "Control"); anything else is dropped
-_CLIENT_LINE = re.compile(rb"(stop|kill|signal (?:[1-9]|[1-5][0-9]|6[0-4]))")
-_MAX_LINE = 64
-_MAX_CLIENTS = 64
-
-
-def _bind_unix(path: Path) -> socket.socket:
-    """A listening unix socket at ``path``, mode 0600."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with unix_address(path) as address:
-            s.bind(address)
-        os.chmod(path, 0o600)
-        s.listen(16)
-        return s
-    except BaseException:
-        s.close()
-        raise
-
-
-class _ControlRelay:
-    """The machine's control channel, served by the monitor.
-
-    QEMU's socket chardev serves one client at a time and drops what the guest has not
-    read yet when that client hangs up.  So the monitor is its only client: one
-    connection, open from the guest's start until the VMM exits, carries the lines of
-    every ``ember stop/kill`` (which connect to ``control.sock``, served here, and may
-    hang up whenever they like) and the monitor's own ``bye``.  (With a second
-    connection for the bye, QEMU never read it while ``ember stop`` held its own: the
-    guest waited out its whole ``exit_ack``.)"""
-
-    def __init__(self, listen_path: Path, vmm_path: Path) -> None:
-        self.listen_path = listen_path
-        self.vmm_path = vmm_path
-        self._lock = threading.Lock()
-        self._vmm: socket.socket | None = None
-        self._queued: list[bytes] = []
-        self._connected = False
-        self._want = False
-        self._give_up = 0.0
-        self._closing = False
-        self._listener = _bind_unix(listen_path)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._serve, name="ember-control", daemon=True)
-        self._thread.start()
-
-    def connect(self) -> None:
-        """Open the connection to the VMM from now on (once the guest may read it: after
-        a restored guest took its config), then send what clients said meanwhile.  The
-        relay's thread does it: QEMU creates its socket a moment after its start."""
-        self._give_up = time.monotonic() + 30
-        self._want = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"c")
-
-    def _try_connect(self) -> bool:
-        try:
-            sock = open_control(self.vmm_path, timeout=0.05)
-            sock.settimeout(2.0)
-        except EmberError:
-            return False
-        with self._lock:
-            self._vmm, self._connected = sock, True
-            queued, self._queued = self._queued, []
-        for line in queued:
-            self.send(line)
-        return True
-
-    def send(self, line: bytes) -> None:
-        """Write one line (without its newline) to the guest; queued until connected."""
-        with self._lock:
-            if not self._connected:
-                self._queued.append(line)
-                return
-            if self._vmm is None:
-                return
-            try:
-                self._vmm.sendall(line + b"\n")
-            except OSError as e:
-                print(f"monitor: cannot write to the guest's control port: {e}", file=sys.stderr)
-
-    def _serve(self) -> None:
-        clients: dict[socket.socket, bytes] = {}
-        try:
-            while True:
-                trying = self._want and not self._connected
-                if trying and (self._try_connect() or time.monotonic() > self._give_up):
-                    if not self._connected:
-                        print("monitor: the VMM's control socket did not appear", file=sys.stderr)
-                        with self._lock:
-                            self._connected = True  # lines are dropped from now on
-                    trying = False
-                with self._lock:
-                    vmm = self._vmm
-                watched: list[Any] = [self._listener, self._wake_r, *clients]
-                if vmm is not None:
-                    watched.append(vmm)  # what the guest says here is not for anyone
-                ready, _, _ = select.select(watched, [], [], 0.01 if trying else 0.5)
-                for r in ready:
-                    if r == self._wake_r:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(self._wake_r, 64)
-                        if self._closing:
-                            return
-                        continue
-                    if r is self._listener:
-                        with contextlib.suppress(OSError):
-                            conn, _ = self._listener.accept()
-                            if len(clients) >= _MAX_CLIENTS:
-                                conn.close()
-                            else:
-                                conn.setblocking(False)
-                                clients[conn] = b""
-                    elif r is vmm:
-                        try:
-                            if not vmm.recv(4096, socket.MSG_DONTWAIT):
-                                with self._lock:
-                                    self._vmm = None  # the VMM went away
-                        except (BlockingIOError, InterruptedError):
-                            pass
-                        except OSError:
-                            with self._lock:
-                                self._vmm = None
-                    else:
-                        self._from_client(r, clients)
-        finally:
-            for c in clients:
-                c.close()
-
-    def _from_client(self, conn: socket.socket, clients: dict[socket.socket, bytes]) -> None:
-        try:
-            data = conn.recv(256)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            conn.close()
-            del clients[conn]
-            return
-        buf = clients[conn] + data
-        *lines, rest = buf.split(b"\n")
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if _CLIENT_LINE.fullmatch(line):
-                self.send(line)
-            else:
-                print(f"monitor: ignored a control line {line[:_MAX_LINE]!r}", file=sys.stderr)
-        if len(rest) > _MAX_LINE:
-            rest = b""  # no line is that long: drop it
-        clients[conn] = rest
-
-    def close(self) -> None:
-        self._closing = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        self._thread.join(5)
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.listen_path)
-        with self._lock:
-            if self._vmm is not None:
-                self._vmm.close()
-            self._vmm, self._connected = None, True
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
 
 
 def _hand_config_or_boot(

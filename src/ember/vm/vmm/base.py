@@ -228,7 +228,7 @@ def unix_address(path: Path) -> Iterator[str]:
 
 def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
     """Connect to a control socket: a machine's ``control.sock`` (served by its monitor,
-    ``ember.machines.monitor._ControlRelay``) or the VMM's own (the monitor's).
+    ``ember.machines.control.ControlRelay``) or the VMM's own (the monitor's).
 
     QEMU serves one client at a time, queues one more, and drops bytes it has not yet
     handed to the guest when its client hangs up: so the monitor is its only client
