@@ -245,3 +245,40 @@ def test_a_local_image_in_use_keeps_its_blobs_when_removed(
         ImageService(service.home).remove(layout_ref(busybox_layout))
         assert ready.layer_path(0).is_file()
     assert service.list() == []
+
+
+def test_removal_and_gc_started_together_both_finish(tmp_path: Path, busybox_layout: Path) -> None:
+    """`image rm` took claims.lock then gc.lock, `gc` gc.lock then claims.lock: started
+    together they could wait for each other for ever (and every pull with them).  The
+    race is forced here by holding claims.lock while both line up behind it; with the
+    old order about every other run hung."""
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    home = make_home(tmp_path / "home")
+    env = env_for(home.root)
+    image = layout_ref(busybox_layout)
+    try:
+        for args in (["image", "pull", image], ["image", "prepare", image]):  # a pool: gc takes gc.lock
+            assert subprocess.run([EMBER, *args], env=env, capture_output=True).returncode == 0
+        for attempt in range(3):
+            fd = _hold(home.run / "claims.lock")
+            try:
+                procs = []
+                for args in (["image", "rm", image], ["gc"]):
+                    procs.append(subprocess.Popen([EMBER, *args], env=env, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.PIPE, text=True))  # fmt: skip
+                    time.sleep(0.3)
+            finally:
+                os.close(fd)
+            for proc in procs:
+                try:
+                    _, err = proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    for p in procs:
+                        p.kill()
+                    pytest.fail(f"attempt {attempt}: image rm and gc wait for each other")
+                assert proc.returncode == 0, err
+            assert subprocess.run([EMBER, "image", "pull", image], env=env,
+                                  capture_output=True).returncode == 0  # fmt: skip
+    finally:
+        teardown_home(home)

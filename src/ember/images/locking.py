@@ -19,6 +19,9 @@ removal and the pull finds the deleted blobs missing and fetches them again.  A 
 records its image before it drops its claim, so a removal that no longer sees the
 claim sees the image.  A claim whose holder died (its flock is free) is stale and
 deleted by the next removal.
+
+Lock order, everywhere: ``images.lock``, the snapshotter's ``gc.lock``, then
+``claims.lock`` (``ember gc`` takes all three, ``image rm`` the last two).
 """
 
 from __future__ import annotations

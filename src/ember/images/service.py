@@ -592,6 +592,9 @@ class ImageService:
         image or any other): it spares the blobs they claim (``ember.images.locking``).
         """
         with ExitStack() as stack:
+            # the order ember gc takes them in: gc.lock, then claims.lock (the other
+            # order deadlocked an rm and a gc started together)
+            leased = stack.enter_context(self._leases_held())
             claimed = stack.enter_context(self.claims.frozen())
             try:
                 records = self._lookup(ref)
@@ -607,7 +610,6 @@ class ImageService:
             doomed: set[Digest] = set()
             for record in records:
                 doomed |= self._blobs_of(record)
-            leased = stack.enter_context(self._leases_held())
             for record in records:
                 self.table.delete(record.reference)
             for other in self.table.list():
