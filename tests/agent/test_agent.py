@@ -163,6 +163,28 @@ def test_signals_reach_the_command_and_a_vanished_caller_hangs_it_up(
         client.kill()
 
 
+def test_a_command_killed_by_sigkill_kills_its_client_alike(agent: RunningAgent) -> None:
+    """The OOM killer's SIGKILL on the runner: the client printed a traceback (a
+    disposition cannot be set for SIGKILL) and exited 1, instead of dying of it."""
+    port = free_port()
+    client = subprocess.Popen(
+        [EMBER, "server", "--listen", f"127.0.0.1:{port}"],
+        env=env_for(agent.home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_port(port, open_=True)
+        listening = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                                   text=True, check=True).stdout  # fmt: skip
+        runner = int(listening.split("pid=")[1].split(",")[0])
+        assert runner != client.pid  # the command runs in the agent's runner
+        os.kill(runner, signal.SIGKILL)
+        _, err = client.communicate(timeout=TIMEOUT)
+    finally:
+        client.kill()
+    assert client.returncode == -signal.SIGKILL, err
+    assert "Traceback" not in err
+
+
 def test_a_caller_in_another_network_namespace_runs_the_command_itself(
     agent: RunningAgent,
 ) -> None:

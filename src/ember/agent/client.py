@@ -43,8 +43,10 @@ def main() -> None:
         return
     code, signum = outcome
     if signum:
-        # Die of the same signal, so that a shell sees what it would have seen.
-        _signal.signal(signum, _signal.SIG_DFL)
+        # Die of the same signal, so that a shell sees what it would have seen
+        # (SIGKILL, the OOM killer's, and SIGSTOP cannot be given a disposition).
+        if signum not in (_signal.SIGKILL, _signal.SIGSTOP):
+            _signal.signal(signum, _signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     # Nothing of ours to flush or clean up: skip the interpreter's shutdown (~2 ms).
     os._exit(code)
