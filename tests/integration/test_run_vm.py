@@ -264,7 +264,27 @@ def test_ctrl_c_stops_gracefully(ember: Ember, busybox: str, signum: int) -> Non
         proc.kill()
     assert proc.returncode == 42, err
     assert out == "stopping\n"
-    assert "Ctrl-C again" in err
+    assert ("Ctrl-C again" if signum == signal.SIGINT else "the signal again") in err
+    assert leftovers(ember) == []
+
+
+def test_a_hang_up_reaches_the_program_as_sighup(ember: Ember, busybox: str) -> None:
+    """Its terminal closed (or, through the agent, its client gone): the program gets
+    SIGHUP, as docker's sig-proxy passes it on; not a stop."""
+    script = 'trap "echo hung up; exit 7" HUP; trap "echo stopped; exit 9" TERM; echo ready; while :; do sleep 0.1; done'
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", busybox, "sh", "-c", script],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ember.env(), text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 7, err
+    assert out == "hung up\n"
     assert leftovers(ember) == []
 
 

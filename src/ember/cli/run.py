@@ -29,6 +29,8 @@ from ember.home import Home
 from ember.machines.errors import MachineError
 
 if TYPE_CHECKING:
+    import socket
+
     from ember.machines.lifecycle import MonitorHandle
     from ember.machines.logs import LogFollower
     from ember.machines.state import MachineState
@@ -55,16 +57,19 @@ def _pump(src: LogFollower, dst: IO[bytes], limit: int = 16) -> bool:
 
 
 class _Interrupts:
-    """Ctrl-C (or SIGTERM: ``timeout``, ``kill``; SIGHUP: its terminal closed) while
-    following a machine: first a graceful stop, then a kill; as ``docker run`` passes
-    them on to its container (the machine would otherwise run on, unwatched)."""
+    """The signals that reach an attached run, passed on to the machine as ``docker
+    run`` passes them to its container: Ctrl-C or SIGTERM (``timeout``, ``kill``) stop
+    it gracefully, a second one kills it; SIGHUP (its terminal closed, or the agent's
+    client gone) is delivered to the program as SIGHUP, as docker's sig-proxy does."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count = 0  # all of them (one before the hand-over undoes the machine)
         self.handled = 0
         self.last = 0
+        self.stops = 0  # SIGINT and SIGTERM: stop, then kill
+        self.pending: list[int] = []  # signals not acted on yet, in order
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
@@ -78,6 +83,7 @@ class _Interrupts:
     def _on_signal(self, sig: int, _frame: object) -> None:
         self.count += 1
         self.last = sig
+        self.pending.append(sig)
 
     def exception(self) -> KeyboardInterrupt:
         """What the signals counted would have raised (the CLI's exit status tells them
@@ -101,7 +107,6 @@ def _follow(
     from ember.machines import lifecycle
     from ember.machines.state import EXITED, read_state
     from ember.machines.store import MachineStore
-    from ember.vm.vmm.base import ControlChannelError, open_control, write_control
 
     d = MachineStore(home).dir(machine_id)
     stdout, stderr = outs
@@ -125,21 +130,8 @@ def _follow(
             moved = False
             for src, dst in sinks:
                 moved = _pump(src, dst) or moved
-            if intr.count > intr.handled:
-                intr.handled = intr.count
-                st = lifecycle.mark_stopped_by_user(home, read_state(d))
-                if intr.handled == 1:
-                    _say(f"stopping {st.name} (Ctrl-C again to kill it)")
-                    try:
-                        control = open_control(d / "control.sock")
-                        write_control(control, "stop")
-                    except ControlChannelError as e:
-                        _say(f"{e}: killing it")
-                        lifecycle.kill_vmm(home, st)
-                else:
-                    _say(f"killing {st.name}")
-                    with contextlib.suppress(EmberError):
-                        lifecycle.kill_vmm(home, st)
+            while intr.pending:
+                control = _pass_on(home, d, intr, intr.pending.pop(0)) or control
             if not ready or sync_r is None:
                 continue
             chunk = os.read(sync_r, 4096)
@@ -188,6 +180,46 @@ def _follow(
     if event.get("end_reason"):
         _say(f"machine ended: {event['end_reason']}")
     return int(event["exit_code"])
+
+
+def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket | None:
+    """Act on a signal that reached an attached run (``_Interrupts``); the control
+    connection a stop was written on (kept open until the machine ends), if any."""
+    from ember.machines import lifecycle
+    from ember.machines.state import RUNNING, read_state
+    from ember.vm.vmm.base import ControlChannelError, open_control, write_control
+
+    try:
+        st = lifecycle.refresh(home, read_state(d))
+    except FileNotFoundError:
+        return None  # ended and removed (--rm) meanwhile
+    if st.status != RUNNING:
+        return None  # it ended by itself meanwhile: nothing to pass on, no restart lost
+    if sig == signal.SIGHUP:
+        with contextlib.suppress(EmberError, OSError):
+            conn = open_control(d / "control.sock")
+            with contextlib.closing(conn):
+                conn.sendall(b"signal %d\n" % signal.SIGHUP)
+        return None
+    intr.stops += 1
+    st = lifecycle.mark_stopped_by_user(home, st)
+    if intr.stops > 1:
+        _say(f"killing {st.name}")
+        with contextlib.suppress(EmberError):
+            lifecycle.kill_vmm(home, st)
+        return None
+    again = "Ctrl-C" if sig == signal.SIGINT else "the signal"
+    _say(f"stopping {st.name} ({again} again to kill it)")
+    try:
+        control = open_control(d / "control.sock")
+        write_control(control, "stop")
+        return control
+    except ControlChannelError as e:
+        if lifecycle.refresh(home, read_state(d)).status != RUNNING:
+            return None  # it ended just now
+        _say(f"{e}: killing it")
+        lifecycle.kill_vmm(home, st)
+        return None
 
 
 #: the last record ``_run_over`` read of a machine (its exit code, should it be removed)
