@@ -4,12 +4,13 @@ disk, with its logs kept, a network set up afresh, and its exit code reported.""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.machines.vmkit import Ember, fetch, vm_home_fixture, wait_for
+from tests.machines.vmkit import EMBER, Ember, fetch, vm_home_fixture, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -186,3 +187,22 @@ def test_always_restarts_until_stopped(ember: Ember, busybox: str) -> None:
 def test_rm_and_restart_do_not_go_together(ember: Ember, busybox: str) -> None:
     res = ember("run", "--rm", "--restart", "always", busybox, "true")
     assert res.returncode == 125 and "--rm and --restart" in res.stderr  # docker run's status
+
+
+def test_two_starts_of_one_machine_at_once_both_succeed(ember: Ember, busybox: str) -> None:
+    """The second found it being started and failed, blaming an `ember run` and advising
+    `rm -f`; as a second `docker start`, it now succeeds once the machine runs."""
+    assert ember("run", "--name", "twice", busybox, "true").returncode == 0
+    try:
+        procs = [
+            subprocess.Popen(["ip", "netns", "exec", ember.netns, EMBER, "start", "twice"],
+                             env=ember.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+            for _ in range(2)
+        ]
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert out == "twice\n"
+    finally:
+        ember("rm", "-f", "twice")

@@ -26,7 +26,7 @@ from ember.cli.common import home_from_ctx, warnings_as_messages
 from ember.cli.machines import stop_time_option
 from ember.errors import EmberError, UsageError
 from ember.home import Home
-from ember.machines.errors import MachineError
+from ember.machines.errors import MachineError, MachineRunning
 
 if TYPE_CHECKING:
     import socket
@@ -506,6 +506,26 @@ def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
         raise
 
 
+def _becomes_running(home: Home, machine_id: str, seconds: float) -> bool:
+    from ember.machines import lifecycle
+    from ember.machines.state import CREATED, RUNNING, read_state
+    from ember.machines.store import MachineStore
+
+    d = MachineStore(home).dir(machine_id)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            st = lifecycle.refresh(home, read_state(d))
+        except FileNotFoundError:
+            return False
+        if st.status == RUNNING:
+            return True
+        if st.status != CREATED:
+            return False
+        time.sleep(0.1)
+    return False
+
+
 @click.command()
 @click.option("-a", "--attach", is_flag=True,
               help="Follow the machine's output and exit with its program's exit code.")  # fmt: skip
@@ -529,8 +549,15 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
 
     def start_one(ref: str) -> None:
         st = find_machine(ref)
-        if st.status != RUNNING:  # like docker start: a running machine is no error
+        if st.status == RUNNING:  # like docker start: a running machine is no error
+            return
+        try:
             _start_one(home, st, attach=False)
+        except MachineRunning:
+            # another `ember start` (or run) of it is under way: once it runs, this
+            # start has what it asked for, as a second `docker start` has
+            if not _becomes_running(home, st.id, 15):
+                raise
 
     for_each(machines, start_one)
 

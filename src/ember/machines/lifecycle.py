@@ -322,9 +322,9 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
             # (SIGKILL) before it handed the machine over: which, the record cannot tell,
             # and starting it twice would boot two VMMs on one disk
             raise MachineRunning(
-                f"machine {cur.name} is being created by its ember run, or that run was "
-                "killed before starting it",
-                hint=f"if no ember run is creating it, remove it: ember rm -f {cur.name}",
+                f"machine {cur.name} is being created or started by another ember command "
+                "(or one was killed before its monitor took the machine)",
+                hint=f"if no other ember command is at it, remove it: ember rm -f {cur.name}",
             )
         if cur.status != mstate.EXITED:
             raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
