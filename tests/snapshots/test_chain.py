@@ -286,3 +286,26 @@ def test_damaged_metadata_in_a_chain_keeps_its_parents_and_is_built_again(home: 
         assert (root / "etc/motd").read_text() == "hello\n" and not (root / "etc/third").exists()
     report = collect(home, roots=roots())
     assert report.snapshots == [garbage] and report.warnings == []
+
+
+def test_a_full_pool_is_said_so_not_a_damaged_journal(tmp_path: Path) -> None:
+    """ext4 in a layer's sparse disk sees write errors when the pool under it runs out,
+    and the build failed its superblock check: "its journal needs recovery"."""
+    from ember.snapshots.errors import PoolError
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    home = make_home(tmp_path / "small", pool_size="300M")
+    try:
+        prepare_image(home, make_image(home, [LayerSpec([Entry("a", b"a")])], "test/a:1"))
+        pool = Snapshotter(home).pool.root
+        st = os.statvfs(pool)
+        filler = pool / "filler"  # all but 8 MiB of the pool taken
+        subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - (8 << 20)), str(filler)],
+                       check=True)  # fmt: skip
+        big = make_image(home, [LayerSpec([Entry("big", random_size=24 << 20, seed=3)])], "test/big:1")
+        with pytest.raises(PoolError, match="snapshot pool .* is full"):
+            prepare_image(home, big)
+        filler.unlink()
+        assert prepare_image(home, big).built  # with room again it builds
+    finally:
+        teardown_home(home)

@@ -27,8 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember.home import Home
-from ember.snapshots import names, system
-from ember.snapshots.errors import SnapshotError, SnapshotExists, SnapshotNotFound
+from ember.snapshots import loop, names, system
+from ember.snapshots.errors import (
+    CommandFailed,
+    PoolError,
+    SnapshotError,
+    SnapshotExists,
+    SnapshotNotFound,
+)
 from ember.snapshots.locks import FileLock
 from ember.snapshots.snapshotter import Snapshotter
 from ember.store.content import ContentStore
@@ -268,6 +274,17 @@ class _ChainBuilder:
                     if isinstance(e, (InvalidLayer, DiffIDMismatch)):
                         self.store.raise_if_damaged([layer.digest], e)
                     raise
+                # Written back now, to know it was: when the pool under this sparse
+                # disk runs out, the loop device fails ext4's writes (EIO), and neither
+                # the applier nor umount nor the superblock check may notice: the disk
+                # would be committed with its files' data missing.
+                try:
+                    loop.syncfs(root)
+                except OSError as e:
+                    raise CommandFailed(
+                        f"writing layer {name.removeprefix('sha256:')[:12]} to its disk failed: "
+                        f"{e.strerror}"
+                    ) from e
             mode = snap.config.check
             full = mode == "full" or (mode == "top" and top)
             if mode != "none":
@@ -276,7 +293,18 @@ class _ChainBuilder:
             if full:
                 snap.check(key)
         except BaseException as e:
+            pool_full = isinstance(e, Exception) and _pool_nearly_full(snap.pool.root)
             self._discard(key, lock, e)
+            if pool_full:
+                # what ext4 in the layer's disk says then (I/O errors, a journal that
+                # "needs recovery") would send the user looking for corruption
+                raise PoolError(
+                    f"the snapshot pool {snap.pool.root} is full: building layer "
+                    f"{name.removeprefix('sha256:')[:12]} ran out of space",
+                    hint="free space (ember image rm, ember gc) or grow the pool: "
+                    "truncate -s NEWSIZE pool.img && losetup -c /dev/loopN && xfs_growfs POOL "
+                    "(docs/snapshots.md)",
+                ) from e
             raise
         return key, lock, full
 
@@ -337,6 +365,16 @@ class _ChainBuilder:
                 self._session.close()
             if self._pool is not None:
                 self._pool.shutdown()
+
+
+def _pool_nearly_full(pool: Path) -> bool:
+    """After a failed build: is the pool itself (not the layer's disk) out of space?  A
+    disk in it is a sparse file: when the pool runs out, ext4 inside sees write errors."""
+    try:
+        st = os.statvfs(pool)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < max(64 << 20, st.f_blocks * st.f_frsize // 100)
 
 
 def _nearly_full(root: Path) -> bool:

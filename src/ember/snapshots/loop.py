@@ -64,6 +64,8 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.mount.restype = ctypes.c_int
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.syncfs.restype = ctypes.c_int
 
 #: how often to ask for another free device when others keep taking ours
 ATTACH_ATTEMPTS = 64
@@ -161,6 +163,19 @@ def mount(source: Path, target: Path, fstype: str, flags: int, data: str | None 
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(target))
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2) of the file system mounted at ``path``: write back what is cached, and
+    (Linux >= 5.8) raise OSError if any write back failed since the mount, e.g. when
+    the loop device's backing file could not grow (EIO): umount would not tell."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
 
 
 def umount(target: Path, flags: int = 0) -> None:
