@@ -27,6 +27,8 @@ def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["-e", "BAD KEY=1"], "invalid environment variable name"),
         (["--env-file", "/nonexistent/env"], "cannot read env file"),
         (["--memory", "16"], "--memory"),
+        (["--memory", "0"], "--memory: invalid size '0'"),
+        (["--cpus", str((os.cpu_count() or 1) + 1)], "this host has only"),
         (["--disk-size", "lots"], "invalid size"),
         (["--name", "no/slashes"], "invalid machine name"),
         (["--network", "Bad-Net"], "invalid network name"),

@@ -342,6 +342,9 @@ def run(
     warnings_as_messages()  # the snapshotter's, as ember: lines
     if kernel_modules is not None and kernel is None:
         raise UsageError("--kernel-modules needs --kernel")
+    host_cpus = os.cpu_count()
+    if host_cpus is not None and cpus > host_cpus:  # as docker refuses it
+        raise UsageError(f"--cpus {cpus}: this host has only {host_cpus} CPU(s)")
     policy = parse_restart_policy(restart)
     if auto_remove and policy.name != "no":
         raise UsageError("--rm and --restart cannot go together (a removed machine cannot restart)")

@@ -85,7 +85,10 @@ def parse_memory_mib(text: str, host_mib: int | None = -1) -> int:
     """``--memory``: MiB as a number, or a size with a unit (``1G``); not more than the
     host has (``host_mib``, by default its MemTotal; None: unknown, not checked): QEMU
     would only fail to start with it, after everything else was set up."""
-    mib = parse_size(text, default_unit="m") // (1 << 20)
+    try:
+        mib = parse_size(text, default_unit="m") // (1 << 20)
+    except InvalidOption as e:  # "invalid size '0'", with the option named
+        raise InvalidOption(f"--memory: {e}", hint="between 64 MiB and 1 TiB") from None
     if not 64 <= mib <= 1 << 20:
         raise InvalidOption(f"--memory {text!r}: must be between 64 MiB and 1 TiB")
     if host_mib == -1:
