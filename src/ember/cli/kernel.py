@@ -42,7 +42,7 @@ def install(kernel_path: Path | None, modules: Path | None, as_json: bool) -> No
     if kernel_path is not None:
         info = find_kernel(home, kernel_path, modules)
     else:
-        info = install_kernel(home, progress=None if as_json else common.err_console.print)
+        info = install_kernel(home, progress=None if as_json else common.say)  # never wrapped
     if as_json:
         print_json(info.to_json())
     else:
