@@ -199,6 +199,8 @@ def test_gc_reports_the_space_it_frees_and_a_dry_run_the_same(home: Home) -> Non
     freed = _pool_free(snap) - before
     assert set(report.snapshots) == chain and (report.ingests, report.ingest_bytes) == (1, 100_000)
     assert not stale.exists() and fresh.exists()
+    # ingest_grace 0 (`ember gc --ingest-grace 0`): the fresh one too, none being written
+    assert (collect(home, ingest_grace=0).ingests, fresh.exists()) == (1, False)
     assert freed > 48 << 20
     assert abs(report.snapshot_bytes - freed) < 256 << 10, (report.snapshot_bytes, freed)
     # the dry run's figure comes from the disks' extents (FIEMAP), which leave out what XFS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,24 @@ def test_prune_ingests_leaves_what_is_not_a_regular_file(store: ContentStore) ->
     os.utime(stale, (0, 0))
     assert store.prune_ingests(older_than=60) == 1  # no IsADirectoryError from gc
     assert odd.is_dir() and not stale.exists()
+
+
+def test_a_full_disk_names_the_blob_and_how_to_free_the_partial(tmp_path: Path) -> None:
+    """It said only "No space left on device"; the partial download then filled the disk
+    for an hour (gc keeps partial downloads that long unless told otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        store = ContentStore(mnt / "content")
+        data = os.urandom(2 << 20)
+        d = Digest.of(data)
+        with pytest.raises(StoreError, match="no space left for blob") as err, store.writer(d, len(data)) as w:
+            w.write(data)
+        assert "ember gc --ingest-grace 0" in str(err.value)
+        count, size = store.stale_ingests(older_than=0)
+        assert count == 1 and 0 < size < len(data)  # what fitted, kept for a resume
+        assert store.stale_ingests(older_than=0, remove=True)[0] == 1
+        assert store.stale_ingests(older_than=0) == (0, 0)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -246,6 +246,14 @@ SECONDS = _Seconds()
     help="Keep unreferenced blobs younger than this many seconds.",
 )
 @click.option(
+    "--ingest-grace",
+    type=SECONDS,
+    default=3600.0,
+    show_default=True,
+    help="Keep partial downloads no pull is writing for this many seconds (a pull resumes "
+    "them); 0 frees them all.",
+)
+@click.option(
     "--templates-unused-for",
     type=SECONDS,
     help="Remove machine templates no machine started from for this many seconds "
@@ -253,7 +261,11 @@ SECONDS = _Seconds()
 )
 @json_option
 def gc(
-    dry_run: bool, content_grace: float, templates_unused_for: float | None, as_json: bool
+    dry_run: bool,
+    content_grace: float,
+    ingest_grace: float,
+    templates_unused_for: float | None,
+    as_json: bool,
 ) -> None:
     """Remove snapshots, content and leases that no image and no live lease needs,
     and machine templates nothing used for a while."""
@@ -264,6 +276,7 @@ def gc(
         home_from_ctx(),
         dry_run=dry_run,
         content_grace=content_grace,
+        ingest_grace=ingest_grace,
         templates_unused_for=templates_unused_for,
         notice=say,
     )

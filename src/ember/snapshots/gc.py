@@ -116,6 +116,7 @@ def collect(
     *,
     dry_run: bool = False,
     content_grace: float = DEFAULT_CONTENT_GRACE,
+    ingest_grace: float = INGEST_GRACE,
     snapshotter: Snapshotter | None = None,
     roots: Roots | None = None,
     templates_unused_for: float | None = None,
@@ -151,7 +152,11 @@ def collect(
         if snap is not None:
             _mark_leases(snap, roots, report, dry_run, now)
             _sweep_snapshots(snap, roots, report, dry_run)
-        _sweep_content(home, roots, report, dry_run, content_grace, now)
+        _sweep_blobs(ContentStore(home.content), roots, report, dry_run, content_grace, now)
+        # a partial download no pull is writing: kept a while for a pull to resume
+        report.ingests, report.ingest_bytes = ContentStore(home.content).stale_ingests(
+            older_than=ingest_grace, remove=not dry_run
+        )
     age = template.UNUSED_FOR if templates_unused_for is None else templates_unused_for
     for key, size in template.prune_unused(home, age, dry_run=dry_run):
         report.templates.append(key)
@@ -318,12 +323,6 @@ def _settled_free(root: Path) -> int:
         os.close(fd)
 
 
-def _sweep_content(
-    home: Home, roots: Roots, report: GCReport, dry_run: bool, grace: float, now: float
-) -> None:
-    _sweep_blobs(ContentStore(home.content), roots, report, dry_run, grace, now)
-
-
 def _sweep_blobs(
     store: ContentStore, roots: Roots, report: GCReport, dry_run: bool, grace: float, now: float
 ) -> None:
@@ -348,6 +347,3 @@ def _sweep_blobs(
         report.content_bytes += st.st_size
         if not dry_run:
             store.delete(digest)
-    report.ingests, report.ingest_bytes = store.stale_ingests(
-        older_than=max(grace, INGEST_GRACE), remove=not dry_run
-    )

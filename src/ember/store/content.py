@@ -317,7 +317,17 @@ class BlobWriter:
         self._verifier.update(data)
         view = memoryview(data)
         while view:
-            n = os.write(self._fd, view)
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise StoreError(
+                    f"no space left for blob {self.expected} in {self.store.root} "
+                    f"({e.strerror}): what arrived stays in {self.ingest_path} for a later pull "
+                    "to resume",
+                    hint="free space, or drop partial downloads: ember gc --ingest-grace 0",
+                ) from e
             view = view[n:]
 
     def commit(self) -> Digest:
