@@ -310,6 +310,32 @@ def test_lost_monitor_is_noticed(ember: Ember, busybox: str) -> None:
     assert leftovers(ember, machine_id) == []
 
 
+def test_an_rm_machine_whose_run_and_monitor_were_killed_is_removed(
+    ember: Ember, busybox: str
+) -> None:
+    """Nobody was left to remove it: it stayed "Exited (255)" with its disk and a lease
+    that never expires, until someone ran ember rm (dockerd removes it when it is back)."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", "--name", "doomed", busybox,
+         "sh", "-c", "echo up; sleep 1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ember.env(), text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        st = ember.inspect("doomed")
+        proc.kill()  # `ip netns exec` execs ember: the run itself
+        proc.wait(30)
+        os.kill(st["monitor_pid"], signal.SIGKILL)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{st['vmm_pid']}").exists():
+        time.sleep(0.1)
+    ember("ps", "-a", check=True)  # the next look notices, and removes it
+    assert ember("inspect", "doomed").returncode != 0
+    assert leftovers(ember, st["id"]) == []
+
+
 def test_own_kernel_memory_cpus_disk_size(ember: Ember, busybox: str) -> None:
     """--kernel with a bzImage (ember boots its extracted ELF) and its modules dir."""
     kernel = cached_kernel()

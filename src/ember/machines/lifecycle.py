@@ -572,6 +572,16 @@ def refresh(home: Home, st: MachineState) -> MachineState:
     from ember.net.manager import NetworkManager
 
     NetworkManager(home).teardown(st.id)
+    if cur.auto_remove:
+        # --rm: what its monitor would have done had it lived (and its `ember run`, had
+        # that not been killed too), as dockerd removes such containers when it comes
+        # back; only the process that marked it ended gets here
+        try:
+            mstate.record_removed_exit(home.run, cur)
+            _release_and_delete(home, cur.id, cur.name)
+        except (EmberError, OSError) as e:
+            print(f"ember: cannot remove --rm machine {cur.name} whose monitor is gone: {e}",
+                  file=sys.stderr)
     return cur
 
 
