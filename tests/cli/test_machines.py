@@ -116,6 +116,24 @@ def test_ps_words_and_ports_of_an_exited_machine(tmp_path: Path) -> None:
     assert _ports(exited) == ""  # docker shows no ports for a stopped container
 
 
+def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_path: Path) -> None:
+    """ps said Restarting while inspect and ps --json said "exited": a script watching
+    them took the machine for done (docker's State.Status is "restarting")."""
+    from ember.cli.machines import _record as shown
+    from ember.machines.procs import proc_start_time
+
+    # a live monitor waiting to run it again: this process stands in for it
+    waiting = _record(Home(tmp_path), "again", status=mstate.EXITED, exit_code=1,
+                      finished_at=mstate.now(), restart_policy="always",
+                      monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))  # fmt: skip
+    assert shown(waiting)["status"] == "restarting"
+    res = _ember(tmp_path, "inspect", "again")
+    assert json.loads(res.stdout)[0]["status"] == "restarting"
+    assert waiting.status == mstate.EXITED  # the record itself says exited
+    done = _record(Home(tmp_path), "done", status=mstate.EXITED, exit_code=1, restart_policy="always")
+    assert shown(done)["status"] == "exited"  # no monitor: nothing will run it again
+
+
 def test_commands_on_several_machines_go_on_and_fail_at_the_end(tmp_path: Path) -> None:
     """docker's rules: stop of a stopped machine is no error, rm -f of a missing one
     neither, inspect prints what it found and fails for the rest."""

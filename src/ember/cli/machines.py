@@ -62,17 +62,34 @@ def _ago(iso: str | None) -> str:
     return "" if since is None else f"{since} ago"
 
 
+def _restarting(st: Any) -> bool:
+    """Exited, between two runs of its --restart policy (its monitor waits to run it)."""
+    from ember.machines.state import EXITED
+
+    if st.status != EXITED or st.restart_policy == "no" or st.stopped_by_user:
+        return False
+    from ember.machines.lifecycle import monitor_alive
+
+    return monitor_alive(st)
+
+
+def _record(st: Any) -> dict[str, Any]:
+    """A machine's record as ``inspect`` and ``ps --json`` print it: ``status`` is
+    ``restarting`` between two runs of its restart policy, as docker's State.Status."""
+    data: dict[str, Any] = st.to_json()
+    if _restarting(st):
+        data["status"] = "restarting"
+    return data
+
+
 def _status(st: Any) -> str:
     from ember.machines.state import EXITED, RUNNING
 
     if st.status == RUNNING:
         return f"Up {_since(st.started_at) or ''}".rstrip()
     if st.status == EXITED:
-        if st.restart_policy != "no" and not st.stopped_by_user:
-            from ember.machines.lifecycle import monitor_alive
-
-            if monitor_alive(st):  # between two runs of its --restart policy
-                return f"Restarting ({st.exit_code}) {_ago(st.finished_at)}"
+        if _restarting(st):
+            return f"Restarting ({st.exit_code}) {_ago(st.finished_at)}"
         return f"Exited ({st.exit_code}) {_ago(st.finished_at)}"
     return "Created"
 
@@ -127,7 +144,7 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     if not show_all:
         machines = [m for m in machines if m.status == RUNNING]
     if as_json:
-        print_json([m.to_json() for m in machines])
+        print_json([_record(m) for m in machines])
         return
     if quiet:
         for m in machines:
@@ -359,7 +376,7 @@ def inspect(machines: tuple[str, ...]) -> None:
             click.echo(f"ember: {e}", err=True)
             failed = True
             continue
-        data = st.to_json()
+        data = _record(st)
         data["dir"] = str(MachineStore(home).dir(st.id))
         out.append(data)
     print_json(out)
