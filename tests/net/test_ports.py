@@ -22,6 +22,8 @@ from ember.net.ports import (
         ("127.0.0.1:8080:80", PortMapping(8080, 80, "tcp", "127.0.0.1")),
         ("0.0.0.0:53:53/udp", PortMapping(53, 53, "udp", None)),
         ("65535:1", PortMapping(65535, 1, "tcp", None)),
+        ("0:80", PortMapping(0, 80, "tcp", None)),  # docker's: host port 0 is "pick one"
+        ("127.0.0.1:0:80", PortMapping(0, 80, "tcp", "127.0.0.1")),
     ],
 )
 def test_parse(spec: str, want: PortMapping) -> None:
@@ -41,7 +43,7 @@ def test_parse_ranges_pair_the_ports_in_order() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "80:", "0:80", "80:65536", "a:80", "80:80/sctp", "1.2.3:80:80", "0", "/udp",
+    ["", "80:", "80:65536", "a:80", "80:80/sctp", "1.2.3:80:80", "0", "/udp",
      "::1:80:80", "[::1]:80:80", "80:8000-8010", "8002-8000:9002-9000", "1-2:3-5", "1-2000",
      "1-1025:1-1025", "8000-:9000-", "-8000:-9000", "8000--8001:1-3", "1:2:3:4", "080000:80",
      " 80 :80", "+1:80", "\u0668\u0660:80", "80:\u0668\u0660"],  # Arabic-Indic digits

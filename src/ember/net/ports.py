@@ -138,7 +138,8 @@ def parse_publish(spec: str) -> tuple[PortMapping, ...]:
             f"invalid -p {spec!r}: expected [[HOST_IP:][HOST_PORT]:]GUEST_PORT[/tcp|udp]"
         )
     guests = _ports(guest_port, spec)
-    if not host_port:  # Docker's `-p 80` and `-p 127.0.0.1::80`: ephemeral host ports
+    if not host_port or host_port == "0":
+        # Docker's `-p 80`, `-p 127.0.0.1::80` and `-p 0:80`: ephemeral host ports
         return tuple(PortMapping(0, g, proto, host_ip) for g in guests)
     hosts = _ports(host_port, spec)
     if len(hosts) > 1 and len(guests) == 1:  # one free port of the host range
