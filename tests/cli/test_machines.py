@@ -134,6 +134,17 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     assert shown(done)["status"] == "exited"  # no monitor: nothing will run it again
 
 
+def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:
+    from ember.cli.machines import _ports
+
+    ranged = [{"host_port": 9000 + i, "guest_port": 9000 + i, "protocol": "udp", "host_ip": None}
+              for i in range(3)]  # fmt: skip
+    lone = {"host_port": 8080, "guest_port": 80, "protocol": "tcp", "host_ip": "127.0.0.1"}
+    st = _record(Home(tmp_path), "r", status=mstate.RUNNING, started_at=mstate.now(),
+                 network={"ports": [*ranged, lone]})  # fmt: skip
+    assert _ports(st) == "0.0.0.0:9000-9002->9000-9002/udp, 127.0.0.1:8080->80/tcp"
+
+
 def test_commands_on_several_machines_go_on_and_fail_at_the_end(tmp_path: Path) -> None:
     """docker's rules: stop of a stopped machine is no error, rm -f of a missing one
     neither, inspect prints what it found and fails for the rest."""

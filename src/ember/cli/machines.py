@@ -100,11 +100,21 @@ def _ports(st: Any) -> str:
 
     if not st.network or st.status != RUNNING:
         return ""
-    out = []
+    # consecutive mappings (-p 9000-9002:9000-9002) fold into one range, as docker's
+    runs: list[list[Any]] = []  # [host ip, protocol, first host, first guest, length]
     for p in st.network.get("ports", []):
-        host = p.get("host_ip") or "0.0.0.0"
-        out.append(f"{host}:{p['host_port']}->{p['guest_port']}/{p['protocol']}")
-    return ", ".join(out)
+        host, proto = p.get("host_ip") or "0.0.0.0", p["protocol"]
+        last = runs[-1] if runs else None
+        if (last is not None and last[:2] == [host, proto]
+                and p["host_port"] == last[2] + last[4] and p["guest_port"] == last[3] + last[4]):  # fmt: skip
+            last[4] += 1
+        else:
+            runs.append([host, proto, p["host_port"], p["guest_port"], 1])
+
+    def span(first: int, n: int) -> str:
+        return str(first) if n == 1 else f"{first}-{first + n - 1}"
+
+    return ", ".join(f"{h}:{span(hp, n)}->{span(gp, n)}/{proto}" for h, proto, hp, gp, n in runs)
 
 
 def _printable(text: str) -> str:
