@@ -37,6 +37,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
         assert fragment in lines[0]
 
 
+
+def read_terminal(master: int) -> bytes:
+    """What a child drew on the pseudo-terminal ``master`` until it closed it."""
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    return drawn
+
 def test_pull_ls_inspect_unpack_rm(
     tmp_path: Path, registry: Registry, busybox_layout: Path
 ) -> None:
@@ -171,15 +185,7 @@ def test_progress_on_a_terminal(tmp_path: Path, busybox_layout: Path) -> None:
         env=env,
     )
     os.close(slave)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        drawn += chunk
+    drawn = read_terminal(master)
     proc.wait(timeout=120)
     os.close(master)
     assert proc.returncode == 0
@@ -305,15 +311,7 @@ def test_ls_on_a_narrow_terminal_never_cuts_a_reference(
     env = {**os.environ, "EMBER_HOME": str(home), "COLUMNS": "80", "TERM": "xterm"}
     proc = subprocess.Popen([EMBER, "image", "ls"], stdout=slave, stderr=subprocess.PIPE, env=env)
     os.close(slave)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        drawn += chunk
+    drawn = read_terminal(master)
     proc.wait(timeout=60)
     os.close(master)
     assert proc.returncode == 0
