@@ -139,9 +139,18 @@ def collect(
     # instead (ember.images.locking): frozen claims are roots too, and no new claim is
     # made meanwhile (one made after finds its blobs gone and fetches them again).
     # Order: images.lock, gc.lock, claims.lock.
+    # Partial downloads no pull is writing (their writer's lock is free), first: they
+    # need no database and no lock of ours, and after a full disk (the database cannot
+    # even be opened then) dropping them is what makes room.
+    report.ingests, report.ingest_bytes = ContentStore(home.content).stale_ingests(
+        older_than=ingest_grace, remove=not dry_run
+    )
     home.run.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
-        held.enter_context(file_lock(home.run / "images.lock", exclusive=True, notice=notice))
+        # a dry run changes nothing: it reads beside running pulls instead of waiting
+        held.enter_context(
+            file_lock(home.run / "images.lock", exclusive=not dry_run, notice=notice)
+        )
         if snap is not None:
             held.enter_context(FileLock(snap.gc_lock))
         claimed = held.enter_context(Claims(home.run, notice).frozen())
@@ -153,10 +162,6 @@ def collect(
             _mark_leases(snap, roots, report, dry_run, now)
             _sweep_snapshots(snap, roots, report, dry_run)
         _sweep_blobs(ContentStore(home.content), roots, report, dry_run, content_grace, now)
-        # a partial download no pull is writing: kept a while for a pull to resume
-        report.ingests, report.ingest_bytes = ContentStore(home.content).stale_ingests(
-            older_than=ingest_grace, remove=not dry_run
-        )
     age = template.UNUSED_FOR if templates_unused_for is None else templates_unused_for
     for key, size in template.prune_unused(home, age, dry_run=dry_run):
         report.templates.append(key)

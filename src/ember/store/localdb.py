@@ -70,9 +70,21 @@ class LocalDatabase:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as e:
-            raise DatabaseError(f"database {self.path} is not usable: {e}") from None
+            raise DatabaseError(f"database {self.path} is not usable: {e}{self._full()}") from None
         conn.row_factory = sqlite3.Row
         return conn
+
+    def _full(self) -> str:
+        """What SQLite calls a "disk I/O error" when its WAL files cannot be made is often
+        a full file system: say so, or the user goes looking for a damaged database."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return ""
+        if st.f_bavail * st.f_frsize >= 1 << 20:
+            return ""
+        return (f" (the file system under {self.path.parent} is full: free space, e.g. "
+                "partial downloads with ember gc --ingest-grace 0)")
 
     @contextmanager
     def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
@@ -86,7 +98,7 @@ class LocalDatabase:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            raise DatabaseError(f"database {self.path}: {e}") from None
+            raise DatabaseError(f"database {self.path}: {e}{self._full()}") from None
         finally:
             conn.close()
 
