@@ -236,17 +236,24 @@ def test_a_layer_too_big_for_the_disk_grows_it(tmp_path: Path) -> None:
         teardown_home(home)
 
 
-def test_a_committed_snapshot_whose_disk_is_gone_is_built_again(home: Home) -> None:
-    """With committed/<top>/disk.ext4 deleted, prepare said 'all 5 layer snapshot(s) already
-    built' and printed the missing path; ls showed 0 B."""
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_a_committed_snapshot_whose_disk_is_gone_is_built_again(home: Home, how: str) -> None:
+    """With committed/<top>/disk.ext4 deleted (or truncated), prepare said 'all 5 layer
+    snapshot(s) already built' and printed the path; ls showed 0 B."""
     image = make_image(home, base_layers())
     chain = [str(layer.chain_id) for layer in image.layers]
     prepare_image(home, image)
     snap = Snapshotter(home)
-    snap.path(chain[-1]).unlink()
+    disk = snap.path(chain[-1])
+    if how == "deleted":
+        disk.unlink()
+    else:
+        disk.chmod(0o644)
+        os.truncate(disk, 0)
     assert not snap.is_committed(chain[-1])
     info = next(s for s in snap.list() if s.name == chain[-1])
-    assert info.damaged is not None and "disk.ext4 is missing" in info.damaged
+    reason = "disk.ext4 is missing" if how == "deleted" else "too small to hold an ext4"
+    assert info.damaged is not None and reason in info.damaged, info.damaged
     again = prepare_image(home, image)
     assert again.built == (chain[-1],) and again.path.is_file()
     assert snap.is_committed(chain[-1]) and snap.stat(chain[-1]).damaged is None

@@ -147,6 +147,14 @@ class Snapshotter:
             return f"its metadata {d / META} describes another snapshot"
         if not (d / DISK).is_file():
             return f"its disk {d / DISK} is missing"
+        if kind is Kind.COMMITTED:
+            # one pread: a disk truncated or overwritten since its commit (0.3 ms)
+            try:
+                found = superblock.check_image(d / DISK)
+            except OSError as e:
+                return f"its disk {d / DISK} cannot be read ({e.strerror})"
+            if found:
+                return f"its disk {d / DISK} is damaged: {'; '.join(found)}"
         return None
 
     def replace_damaged(self, key: str) -> bool:
