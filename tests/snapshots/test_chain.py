@@ -310,8 +310,10 @@ def test_a_full_pool_is_said_so_not_a_damaged_journal(tmp_path: Path) -> None:
         subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - (8 << 20)), str(filler)],
                        check=True)  # fmt: skip
         big = make_image(home, [LayerSpec([Entry("big", random_size=24 << 20, seed=3)])], "test/big:1")
-        with pytest.raises(PoolError, match="snapshot pool .* is full"):
+        with pytest.raises(PoolError, match="snapshot pool .* is full") as full:
             prepare_image(home, big)
+        # the recipe names this pool's file, loop device and mount point
+        assert f"truncate -s NEWSIZE {Snapshotter(home).pool.image} && losetup -c /dev/loop" in str(full.value)
         filler.unlink()
         assert prepare_image(home, big).built  # with room again it builds
     finally:

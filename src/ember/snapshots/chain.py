@@ -301,9 +301,7 @@ class _ChainBuilder:
                 raise PoolError(
                     f"the snapshot pool {snap.pool.root} is full: building layer "
                     f"{name.removeprefix('sha256:')[:12]} ran out of space",
-                    hint="free space (ember image rm, ember gc) or grow the pool: "
-                    "truncate -s NEWSIZE pool.img && losetup -c /dev/loopN && xfs_growfs POOL "
-                    "(docs/snapshots.md)",
+                    hint=f"free space (ember image rm, ember gc) or grow the pool: {_grow_recipe(snap)}",
                 ) from e
             raise
         return key, lock, full
@@ -365,6 +363,18 @@ class _ChainBuilder:
                 self._session.close()
             if self._pool is not None:
                 self._pool.shutdown()
+
+
+def _grow_recipe(snap: Snapshotter) -> str:
+    """The commands that grow this pool, with its own file, device and mount point."""
+    pool = snap.pool
+    if pool.image is None:  # a native pool: the file system it lives on is what is full
+        return f"free space on the file system holding {pool.root}"
+    device = next(
+        (m.source for m in system.mounts() if m.mountpoint == pool.root), "/dev/loopN"
+    )
+    return (f"truncate -s NEWSIZE {pool.image} && losetup -c {device} && "
+            f"xfs_growfs {pool.root} (docs/snapshots.md)")
 
 
 def _pool_nearly_full(pool: Path) -> bool:
