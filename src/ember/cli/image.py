@@ -88,6 +88,13 @@ def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> 
     )
     count = len(img.layers)
     say(f"pulled {img.reference} ({img.platform}, {count} layer{'' if count == 1 else 's'})")
+    if platform_text is None:
+        from ember.oci.platform import host_platform
+
+        host = host_platform()
+        if not host.matches(img.platform):  # a single-platform image for another host
+            say(f"warning: {img.reference} is for {img.platform}, not this host ({host}): "
+                f"unpack, prepare and run need --platform {img.platform} to use it")  # fmt: skip
     # stdout: something to pin or inspect later (a digest reference for registry images)
     click.echo(_pinned(img.reference, str(img.manifest_digest)))
 

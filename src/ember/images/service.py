@@ -505,8 +505,8 @@ class ImageService:
             raise NoMatchingPlatform(
                 f"image {image.reference} in the local store is for {image.platform}, "
                 f"not for this host ({host})",
-                hint=f"to get this host's: ember image pull --platform {host} {ref}; to use "
-                f"this one, pass --platform {image.platform} (image unpack, image prepare)",
+                hint=f"to use it, pass --platform {image.platform}; if {ref} also has an image "
+                f"for this host, ember image pull --platform {host} {ref} gets it",
             )
         if image is not None and (platform is None or platform.matches(image.platform)):
             digests = [image.manifest_digest, image.config_digest]
@@ -601,6 +601,9 @@ class ImageService:
             except DamagedImageRecord as e:
                 self.table.delete(e.reference)
                 return [e.reference]
+            except ImageNotFound as e:
+                # as `docker rmi`: no advice to pull what is being removed
+                raise ImageNotFound(e.message) from None
             if len(records) > 1 and not force:
                 names = ", ".join(r.reference for r in records)
                 raise AmbiguousImage(

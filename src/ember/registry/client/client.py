@@ -134,18 +134,20 @@ def _error_detail(resp: Response) -> str:
 def _wants_https(resp: Response) -> bool:
     """Whether a 400 says the server speaks HTTPS on that port (Go's "Client sent an
     HTTP request to an HTTPS server.", nginx's "The plain HTTP request was sent to
-    HTTPS port").  The response is closed."""
+    HTTPS port").  Closes the response when it does; otherwise its body is read
+    (a 400 of a plain-HTTP registry then comes without its error detail)."""
+    head = b""
     try:
-        head = b""
         for chunk in resp.iter_bytes():
             head += chunk
             if len(head) >= 1024:
                 break
-        return b"HTTPS" in head
     except TransportError:
         return False
-    finally:
+    if b"HTTPS" in head:
         resp.close()
+        return True
+    return False
 
 
 class RegistryClient:
@@ -395,9 +397,14 @@ class RegistryClient:
                 return self.http.send(method, url, hdrs)
 
             resp = self._with_retries(send, url)
-            if resp.status_code == 400 and self._may_want_https and _wants_https(resp):
-                self._switch_to_https()
-                continue
+            if resp.status_code == 400 and self.plain_http and _wants_https(resp):
+                if self._may_want_https:
+                    self._switch_to_https()
+                    continue
+                raise RegistryError(
+                    f"registry {self.host} serves HTTPS on that port, not plain HTTP",
+                    hint="leave out --plain-http",
+                )
             if resp.status_code != 401:
                 return resp
             resp.close()
