@@ -81,3 +81,15 @@ def test_unpack_without_platform_refuses_the_other_platforms_image(
     assert not (tmp_path / "root").exists()
     chosen = ember("image", "unpack", "--platform", "linux/arm64", ref, str(tmp_path / "arm"))
     assert chosen.returncode == 0, chosen.stderr
+
+
+def test_pulling_another_platforms_image_warns_as_docker_does(tmp_path: Path) -> None:
+    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "EMBER_AGENT": "0"}
+    ref = layout_ref(_busybox("arm64"))
+    pulled = subprocess.run([EMBER, "image", "pull", ref], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"warning: {ref} is for linux/arm64, not this host (linux/amd64)" in pulled.stderr
+    asked = subprocess.run([EMBER, "image", "pull", "--platform", "linux/arm64", ref], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "warning" not in asked.stderr  # asked for by name: nothing to warn about
