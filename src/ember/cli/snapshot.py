@@ -163,6 +163,7 @@ def _list_leases(as_json: bool) -> None:
     if as_json:
         print_json([{**lease.to_json(), "expired": lease.expired(now)} for lease in leases])
         return
+    rows = []
     for lease in leases:
         if lease.owner is not None and lease.orphaned():
             until = f"expired (its process {lease.owner.pid} is gone)"
@@ -172,9 +173,9 @@ def _list_leases(as_json: bool) -> None:
             until = "expired"
         else:
             until = f"expires in {lease.expires - now:.0f}s"
-        click.echo(
-            f"{lease.name}  {until}  {len(lease.snapshots)} snapshot(s), {len(lease.content)} blob(s)"
-        )
+        rows.append((lease.name, until, str(len(lease.snapshots)), str(len(lease.content))))
+    # a header even with no lease, as snapshot ls and image ls print theirs
+    common.print_table(("NAME", "EXPIRES", "SNAPSHOTS", "BLOBS"), rows)
 
 
 @snapshot_leases.command("rm", short_help="Remove leases.")
