@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,11 +94,30 @@ class Database:
             self.engine: Engine = create_engine(url, **kwargs)
         except ArgumentError:
             raise DatabaseError(
-                "not a database URL",
+                "the database URL (--db, EMBER_REGISTRY_DB) is not a database URL",
                 hint="for example sqlite:////var/lib/ember/registry.db or postgresql://user@host/dbname",
             ) from None
-        except (SQLAlchemyError, ImportError) as e:
+        except ImportError as e:  # mysql://, oracle://: no driver, and no support either
+            raise DatabaseError(
+                f"cannot open database {self.display_url}: {e}",
+                hint="ember supports SQLite (sqlite:////PATH) and PostgreSQL (postgresql://...)",
+            ) from e
+        except SQLAlchemyError as e:
             raise DatabaseError(f"cannot open database {self.display_url}: {e}") from e
+        if self.engine.dialect.name == "sqlite":
+            where = self.engine.url.database
+            if not where or where == ":memory:" or self.engine.url.query.get("mode") == "memory":
+                # every connection would get a new, empty database
+                raise DatabaseError(
+                    f"{self.display_url} is an in-memory SQLite database: it cannot hold "
+                    "ember's tables", hint="give a file: sqlite:////PATH/TO/FILE.db",
+                )
+            if not where.startswith("file:") and not os.path.isdir(os.path.dirname(os.path.abspath(where))):
+                raise DatabaseError(
+                    f"cannot open database {self.display_url}: its directory "
+                    f"{os.path.dirname(os.path.abspath(where))} does not exist",
+                    hint="create it, or give another path",
+                )
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrated = False

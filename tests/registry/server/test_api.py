@@ -412,7 +412,8 @@ def test_error_format_and_unknown_paths(acme: Tenant) -> None:
                 assert r.status_code == 405, (method, path, r.status_code)
                 assert r.json()["errors"][0]["code"] == "UNSUPPORTED"
     # malformed Basic credentials: a 401 that still says how to authenticate
-    for value in ("Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe:x").decode()):
+    for value in ("Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe:x").decode(), "Basic",
+                  "Basic " + base64.b64encode(b"nocolon").decode()):  # fmt: skip
         r = http.get(f"{acme.server.url}/v2/", headers={"Authorization": value})
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer realm=")
         r = http.get(f"{acme.server.url}/token", headers={"Authorization": value})

@@ -161,6 +161,12 @@ def test_admin_cli(tmp_path: Path) -> None:
     junk = ember(home, "admin", "org", "ls", "--db", "garbage", check=False)
     assert junk.returncode == 1 and junk.stderr.count("\n") == 1
     assert "not a database URL" in junk.stderr and "Traceback" not in junk.stderr
+    # an in-memory SQLite database, a missing directory, an unsupported scheme: said so
+    for url, said in (("sqlite:///", "in-memory SQLite database"),
+                      (f"sqlite:///{home}/nowhere/x.db", "does not exist"),
+                      ("mysql://x/y", "ember supports SQLite")):  # fmt: skip
+        res = ember(home, "admin", "org", "ls", "--db", url, check=False)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1 and said in res.stderr, res.stderr
     # the signing secret is generated on first server start, 0600
     srv = EmberServer(home).start()
     try:

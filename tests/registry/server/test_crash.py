@@ -178,3 +178,23 @@ def test_kill_mid_gc(fresh_server: Callable[[], EmberServer]) -> None:
     store = srv.home / "registry" / "content" / "blobs" / "sha256"
     # 15 images left: 15 manifests, 15 unique layers, the shared layer, the common config
     assert len(list(store.iterdir())) == 15 + 15 + 1 + 1
+
+
+def test_workers_end_with_their_killed_server(tmp_path: Path) -> None:
+    """`ember server --workers 3` SIGKILLed (the OOM killer): its workers went on serving,
+    unsupervised, and the restart could not listen on the port."""
+    srv = EmberServer(tmp_path / "home", workers=3)
+    srv.create_org("acme")
+    srv.start()
+    try:
+        assert srv.process is not None
+        master = srv.process.pid
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(master)], capture_output=True,
+                                                  text=True).stdout.split()]  # fmt: skip
+        assert workers
+        srv.process.kill()
+        srv.process.wait(10)
+        _wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), "the workers to end")
+        srv.restart_on_same_port()  # the port is free again
+    finally:
+        srv.stop()

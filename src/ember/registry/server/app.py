@@ -170,7 +170,9 @@ class RegistryApp:
                 # answered as a missing one is: the route's 401 and its challenge,
                 # with the scope the request needs (RFC 9110 11.6.1)
                 return None
-            _, _, password = decoded.partition(":")
+            user, colon, password = decoded.partition(":")
+            if not colon:  # RFC 7617: user-id ":" password; an empty header is none either
+                return None
             return "basic", password
         return None
 

@@ -117,8 +117,10 @@ class RegistryMetadata:
             self.db: Database = open_database(db_url)
         except DatabaseError as e:
             # one line, and never the password of a postgresql:// URL
-            cause = getattr(e.__cause__, "orig", None) or e.__cause__ or e
-            detail = (str(cause).strip().splitlines() or ["unknown error"])[0]
+            orig = getattr(e.__cause__, "orig", None)  # the driver's own error
+            if orig is None and e.hint:  # ember's own words already name the database
+                raise RegistryError(e.message, hint=e.hint) from None
+            detail = (str(orig or e.message).strip().splitlines() or ["unknown error"])[0]
             shown = masked_url(db_url)
             raise RegistryError(f"registry database {shown} is not usable: {detail}") from None
 

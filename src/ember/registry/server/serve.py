@@ -50,7 +50,18 @@ def _check_bindable(family: socket.AddressFamily, address: tuple[Any, ...], list
 
 
 def app_from_env() -> RegistryApp:
-    """Factory for worker processes: state dir and database come from the environment."""
+    """Factory for worker processes: state dir and database come from the environment.
+
+    A worker ends with its supervisor (SIGTERM when it dies): one whose `ember server`
+    was SIGKILLed (the OOM killer, kill -9) went on serving, unsupervised, and held
+    the port against the restart."""
+    import signal
+
+    from ember.process import parent_death_signal
+
+    parent_death_signal(signal.SIGTERM)
+    if os.getppid() == 1:  # it died before we asked
+        raise SystemExit(0)
     return RegistryApp(load_config(Home.from_env(), os.environ.get(DB_ENV)))
 
 
