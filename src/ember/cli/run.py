@@ -65,11 +65,9 @@ class _Interrupts:
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
-        self.count = 0  # all of them (one before the hand-over undoes the machine)
-        self.handled = 0
-        self.last = 0
         self.stops = 0  # SIGINT and SIGTERM: stop, then kill
-        self.pending: list[int] = []  # signals not acted on yet, in order
+        #: signals not acted on yet, in order (one before the hand-over undoes the machine)
+        self.pending: list[int] = []
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
@@ -81,16 +79,14 @@ class _Interrupts:
             signal.signal(sig, old)
 
     def _on_signal(self, sig: int, _frame: object) -> None:
-        self.count += 1
-        self.last = sig
         self.pending.append(sig)
 
     def exception(self) -> KeyboardInterrupt:
-        """What the signals counted would have raised (the CLI's exit status tells them
-        apart)."""
+        """What the last signal pending would have raised (the CLI's exit status tells
+        them apart)."""
         from ember.cli.main import Terminated
 
-        return Terminated() if self.last == signal.SIGTERM else KeyboardInterrupt()
+        return Terminated() if self.pending[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _follow(
@@ -105,7 +101,7 @@ def _follow(
     the monitor this process started (None: attached to a machine already running, whose
     end is read from its record)."""
     from ember.machines import lifecycle
-    from ember.machines.state import EXITED, read_state
+    from ember.machines.state import EXITED, RUNNING, read_state
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(machine_id)
@@ -115,6 +111,7 @@ def _follow(
     event: dict[str, Any] | None = None
     control = None
     started_at = read_state(d).started_at if sync_r is None else None
+    seen: MachineState | None = None  # attached to a running machine: its last record read
     ended = False
     try:
         moved = False
@@ -124,7 +121,9 @@ def _follow(
             ready: list[int] = []
             if sync_r is None:
                 time.sleep(0 if moved else 0.02)
-                ended = _run_over(home, d, started_at)
+                now = _current(home, d)  # None: removed (--rm) after it ended
+                seen = now or seen
+                ended = now is None or now.status != RUNNING or now.started_at != started_at
             else:
                 ready, _, _ = select.select([sync_r], [], [], 0 if moved else 0.02)
             moved = False
@@ -157,7 +156,6 @@ def _follow(
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
     if event is None:
-        seen = _last_seen.pop(machine_id, None)
         if sync_r is None and seen is not None and seen.status == EXITED:
             end: MachineState | None = seen  # (its restart policy may run it again soon)
         else:
@@ -185,21 +183,17 @@ def _follow(
 def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket | None:
     """Act on a signal that reached an attached run (``_Interrupts``); the control
     connection a stop was written on (kept open until the machine ends), if any."""
+    from ember.cli.machines import send_signal
     from ember.machines import lifecycle
-    from ember.machines.state import RUNNING, read_state
+    from ember.machines.state import RUNNING
     from ember.vm.vmm.base import ControlChannelError, open_control, write_control
 
-    try:
-        st = lifecycle.refresh(home, read_state(d))
-    except FileNotFoundError:
-        return None  # ended and removed (--rm) meanwhile
-    if st.status != RUNNING:
+    st = _current(home, d)
+    if st is None or st.status != RUNNING:
         return None  # it ended by itself meanwhile: nothing to pass on, no restart lost
     if sig == signal.SIGHUP:
-        with contextlib.suppress(EmberError, OSError):
-            conn = open_control(d / "control.sock")
-            with contextlib.closing(conn):
-                conn.sendall(b"signal %d\n" % signal.SIGHUP)
+        with contextlib.suppress(EmberError):  # `ember kill -s HUP`'s way; gone meanwhile: fine
+            send_signal(home, st, signal.SIGHUP)
         return None
     intr.stops += 1
     st = lifecycle.mark_stopped_by_user(home, st)
@@ -215,29 +209,23 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket 
         write_control(control, "stop")
         return control
     except ControlChannelError as e:
-        if lifecycle.refresh(home, read_state(d)).status != RUNNING:
+        now = _current(home, d)
+        if now is None or now.status != RUNNING:
             return None  # it ended just now
         _say(f"{e}: killing it")
         lifecycle.kill_vmm(home, st)
         return None
 
 
-#: the last record ``_run_over`` read of a machine (its exit code, should it be removed)
-_last_seen: dict[str, MachineState] = {}
-
-
-def _run_over(home: Home, d: Path, started_at: str | None) -> bool:
-    """Whether the run that started at ``started_at`` is over (attached to a machine that
-    was running already: the end is read from its record)."""
+def _current(home: Home, d: Path) -> MachineState | None:
+    """The machine's record now (repaired if its monitor is gone); None once removed."""
     from ember.machines import lifecycle
-    from ember.machines.state import RUNNING, read_state
+    from ember.machines.state import read_state
 
     try:
-        st = lifecycle.refresh(home, read_state(d))
+        return lifecycle.refresh(home, read_state(d))
     except FileNotFoundError:
-        return True  # removed (--rm) after it ended
-    _last_seen[st.id] = st
-    return st.status != RUNNING or st.started_at != started_at
+        return None
 
 
 class _RunCommand(click.Command):
@@ -430,7 +418,7 @@ def _launch(
                 # them); the followers go on across the monitor's rotations
                 for p in ("stdout.log", "stderr.log"):
                     outs.append(LogFollower.current(d / p, hold=True, at_end=not fresh_logs))
-                if intr.count:
+                if intr.pending:
                     raise intr.exception()
             monitor.hand_over(st)
             if intr is None:
@@ -453,9 +441,8 @@ def _launch(
 def _attach_running(home: Home, st: MachineState) -> int:
     """``ember start -a`` of a running machine: its output from now on, and its exit code
     when it ends (Ctrl-C stops it, as for ``run``)."""
-    from ember.machines import lifecycle
     from ember.machines.logs import LogFollower
-    from ember.machines.state import RUNNING, read_state
+    from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
@@ -464,9 +451,9 @@ def _attach_running(home: Home, st: MachineState) -> int:
         with _Interrupts() as intr:
             for p in ("stdout.log", "stderr.log"):
                 outs.append(LogFollower.current(d / p, hold=True, at_end=True))
-            st = lifecycle.refresh(home, read_state(d))
-            if st.status != RUNNING:
-                raise MachineError(f"machine {st.name} is not running any more ({st.status})")
+            now = _current(home, d)
+            if now is None or now.status != RUNNING:
+                raise MachineError(f"machine {st.name} is not running any more")
             code = _follow(home, st.id, None, None, outs, intr)
     finally:
         for out in outs:
@@ -510,21 +497,15 @@ def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
 
 
 def _becomes_running(home: Home, machine_id: str, seconds: float) -> bool:
-    from ember.machines import lifecycle
-    from ember.machines.state import CREATED, RUNNING, read_state
+    from ember.machines.state import CREATED, RUNNING
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(machine_id)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            st = lifecycle.refresh(home, read_state(d))
-        except FileNotFoundError:
-            return False
-        if st.status == RUNNING:
-            return True
-        if st.status != CREATED:
-            return False
+        st = _current(home, d)
+        if st is None or st.status != CREATED:
+            return st is not None and st.status == RUNNING
         time.sleep(0.1)
     return False
 
