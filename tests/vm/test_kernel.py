@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from ember.cli.main import cli
 from ember.home import Home
+from ember.vm import kernel as kernel_module
 from ember.vm.errors import KernelError, KernelNotFound
 from ember.vm.kernel import (
     KernelInfo,
@@ -72,6 +73,36 @@ def test_extract_vmlinux_gzip_payload() -> None:
 
     elf = b"\x7fELF" + b"x" * 5000
     assert extract_vmlinux(_fake_bzimage(gzip.compress(elf))) == elf
+
+
+@pytest.mark.parametrize("compress", ["gzip", "xz", "lzma", "zstd"])
+def test_payload_decompression_is_bounded(compress: str) -> None:
+    # A payload that inflates past the limit is refused, not decompressed whole.
+    import gzip
+    import lzma
+
+    import zstandard
+
+    bomb = b"\x7fELF" + b"\0" * (4 << 20)
+    packed = {
+        "gzip": gzip.compress,
+        "xz": lambda b: lzma.compress(b, format=lzma.FORMAT_XZ),
+        "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE),
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[compress](bomb)
+    payload = _fake_bzimage(packed)
+    assert extract_vmlinux(payload) == bomb  # under the default limit: whole
+    with pytest.raises(KernelError, match="decompresses to more than 1 MiB"):
+        kernel_module._decompress_payload(packed, limit=1 << 20)
+    assert kernel_module._decompress_payload(packed, limit=len(bomb)) == bomb
+
+
+def test_oversized_kernel_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "vmlinuz"
+    with big.open("wb") as f:
+        f.truncate(kernel_module.MAX_KERNEL_BYTES + 1)  # sparse: costs no disk, refused unread
+    with pytest.raises(KernelError, match="larger than any kernel"):
+        find_kernel(Home(tmp_path / "home"), big)
 
 
 @pytest.mark.parametrize(

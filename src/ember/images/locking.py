@@ -61,7 +61,7 @@ def flock_noting(fd: int, exclusive: bool, lock: Path, notice: Notice | None) ->
 @contextlib.contextmanager
 def file_lock(path: Path, *, exclusive: bool, notice: Notice | None = None) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)  # never elsewhere
     try:
         flock_noting(fd, exclusive, path, notice)
         yield  # closing the descriptor releases the lock

@@ -36,7 +36,9 @@ class FileLock:
         if not blocking:
             op |= fcntl.LOCK_NB
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: a symlink planted in the state directory never makes the lock
+            # create or open a file elsewhere.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, op)
             except BlockingIOError:

@@ -104,25 +104,47 @@ _EM_X86_64 = 62
 _ET_EXEC = 2
 
 
-def _decompress_payload(payload: bytes) -> bytes:
+#: Far above any kernel's size (Debian's vmlinux is ~60 MB, one with debug info
+#: a few hundred): a --kernel file, or what its payload decompresses to, past this
+#: is refused instead of filling the host's memory.
+MAX_KERNEL_BYTES = 1 << 30
+
+
+def _decompress_payload(payload: bytes, limit: int = MAX_KERNEL_BYTES) -> bytes:
     # The kernel appends the decompressed size after the stream: decompressors
     # must stop at the end of their stream rather than reject trailing bytes.
+    # Each one is asked for at most limit + 1 bytes, so a bomb costs limit, not more.
     try:
         if payload[:6] == b"\xfd7zXZ\x00":
-            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-        if payload[:2] == b"\x1f\x8b":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-        if payload[:4] == b"\x28\xb5\x2f\xfd":
-            import zstandard
-
-            return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
-        if payload[:3] == b"\x5d\x00\x00":
-            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
+            out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload, limit + 1)
+        elif payload[:2] == b"\x1f\x8b":
+            out = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload, limit + 1)
+        elif payload[:4] == b"\x28\xb5\x2f\xfd":
+            out = _unzstd(payload, limit + 1)
+        elif payload[:3] == b"\x5d\x00\x00":
+            out = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload, limit + 1)
+        else:
+            raise KernelError(
+                f"bzImage payload compression {payload[:6].hex()} is not supported "
+                "(xz, gzip, zstd, lzma)"
+            )
     except (lzma.LZMAError, zlib.error, OSError, EOFError) as e:
         raise KernelError(f"bzImage payload is corrupt: {e}") from None
-    raise KernelError(
-        f"bzImage payload compression {payload[:6].hex()} is not supported (xz, gzip, zstd, lzma)"
-    )
+    if len(out) > limit:
+        raise KernelError(
+            f"bzImage payload decompresses to more than {limit >> 20} MiB: not a kernel ember boots"
+        )
+    return out
+
+
+def _unzstd(payload: bytes, at_most: int) -> bytes:
+    import zstandard  # only zstd kernels pay for the import
+
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+            return reader.read(at_most)
+    except zstandard.ZstdError as e:
+        raise KernelError(f"bzImage payload is corrupt: {e}") from None
 
 
 # ---- Debian's kernel through apt ---------------------------------------------------------
@@ -322,9 +344,17 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
     path = path.absolute()
     try:
         with open_regular(path) as f:  # a FIFO would block a plain read
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_KERNEL_BYTES:
+                raise KernelError(
+                    f"kernel {path} is {size >> 20} MiB: larger than any kernel "
+                    f"(ember reads at most {MAX_KERNEL_BYTES >> 20} MiB)"
+                )
+            data = f.read(MAX_KERNEL_BYTES + 1)
     except OSError as e:
         raise KernelNotFound(f"kernel {path} {why_unopened(e)}") from None
+    if len(data) > MAX_KERNEL_BYTES:  # it grew after the fstat
+        raise KernelError(f"kernel {path} is larger than any kernel")
     digest = hashlib.sha256(data).hexdigest()
     if modules is not None:
         modules = modules.absolute()
