@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -435,3 +436,28 @@ def test_a_pool_left_mounted_after_its_files_were_removed_is_not_reused(home: Ho
         Snapshotter(home)
     assert e.value.hint == f"unmount it (umount {snap.pool.root}) and run the command again"
     assert not (home.snapshots / "pool.json").exists()
+
+
+@pytest.mark.parametrize("fixture", ["home", "copy_home"])
+def test_a_machine_disk_is_fsynced_before_it_is_named(
+    request: pytest.FixtureRequest, fixture: str, tmp_path: Path
+) -> None:
+    """A long-lived (non-transient) clone is on disk before its directory gets its
+    name: the syscalls, as strace sees them, say fsync(disk) comes before the rename."""
+    h: Home = request.getfixturevalue(fixture)
+    _commit_with(Snapshotter(h), "base", None, {"f": b"x" * 100_000})
+    script = (
+        "import sys; from ember.home import Home; from ember.snapshots import Snapshotter;"
+        "from pathlib import Path; Snapshotter(Home(Path(sys.argv[1]))).prepare('machine/m1', 'base')"
+    )
+    trace = tmp_path / "trace"
+    subprocess.run(
+        ["strace", "-f", "-y", "-qq", "-e", "trace=fsync,rename", "-o", str(trace),
+         sys.executable, "-c", script, str(h.root)],
+        check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    lines = trace.read_text().splitlines()
+    fsynced = [i for i, line in enumerate(lines) if "fsync(" in line and "/.new-" in line and "/disk.ext4>" in line]
+    renamed = [i for i, line in enumerate(lines) if "rename(" in line and "/.new-" in line]
+    assert fsynced and renamed, "\n".join(lines)
+    assert fsynced[0] < renamed[-1]

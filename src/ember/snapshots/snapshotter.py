@@ -62,6 +62,14 @@ _CHECKED_MARK = b"e2fsck -fn\n"
 _recovered: set[Path] = set()
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Snapshotter:
     def __init__(
         self, home: Home, config: SnapshotConfig | None = None, *, recover: bool = True
@@ -353,6 +361,11 @@ class Snapshotter:
                     system.resize_ext4(disk, size)
             if kind is Kind.VIEW:
                 os.chmod(disk, 0o444)
+            if not transient:
+                # A machine's disk outlives a host crash: its blocks (the copy backend's
+                # writes, a resize) or its extent map (a reflink) must be on disk before
+                # its name is, like every other file ember publishes.
+                _fsync_file(disk)
             if lease is not None:
                 self.leases.add(lease, snapshots=[key])
             target = self.active_dir / enc
