@@ -42,6 +42,10 @@ def test_ruleset_contents() -> None:
         == 2
     )
     assert 'ip saddr 172.30.0.0/16 oifname != "em-*" masquerade' in lines
+    guard = lines[lines.index("chain guard {"):]
+    assert guard[1] == "type filter hook prerouting priority raw; policy accept;"
+    assert 'iifname "em-*" ip daddr 127.0.0.0/8 drop' in guard
+    assert 'iifname "em-aaaaaaaaaaaa" ip saddr != 172.30.0.2 drop' in guard
 
 
 def test_no_egress_no_masquerade() -> None:

@@ -4,6 +4,7 @@ so the forward/nat rules match exactly as they do for a machine's TAP."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
@@ -126,5 +127,93 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
         assert fetch(host, "127.0.0.1", 8080).startswith("FAIL")
     finally:
         for p in (srv, udp):
+            p.kill()
+            p.wait()
+
+
+UDP_LOG = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(512)
+    print(peer[0], data.decode(), flush=True)
+"""
+
+UDP_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+for _ in range(5):
+    s.sendto(sys.argv[4].encode(), (sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_a_guest_reaches_neither_host_loopback_nor_passes_for_another(
+    make_netns: Callable[[], str],
+) -> None:
+    """A hostile guest of a machine with a published loopback port (its TAP has
+    route_localnet) routes 127.0.0.1 to the gateway: the host's loopback-only
+    service stays out of reach (CVE-2020-8558's class).  And a guest that takes
+    another machine's address as its source is dropped."""
+    host, g1, g3 = make_netns(), make_netns(), make_netns()
+    a = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2",
+                     ports=(PortMapping(8080, 80, "tcp", "127.0.0.1"),))  # fmt: skip
+    c = MachineRules("c" * 12, "em-cccccccccccc", "172.30.0.10")
+    attach_guest(host, g1, a.tap, "172.30.0.1", a.guest_ip)
+    attach_guest(host, g3, c.tap, "172.30.0.9", c.guest_ip)
+    sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh("ip", "netns", "exec", host, "sysctl", "-qw", f"net.ipv4.conf.{a.tap}.route_localnet=1")
+    sh("ip", "-n", host, "link", "set", "lo", "up")
+    script = render_ruleset([a, c], subnet="172.30.0.0/16", egress=True)
+    subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script, text=True,
+                   check=True)  # fmt: skip
+    # the guest's side of the trick: 127.0.0.1 is not local but behind the gateway
+    for key in ("all", "eth0"):
+        sh("ip", "netns", "exec", g1, "sysctl", "-qw", f"net.ipv4.conf.{key}.route_localnet=1")
+        sh("ip", "netns", "exec", g1, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0")
+        sh("ip", "netns", "exec", g1, "sysctl", "-qw", f"net.ipv4.conf.{key}.accept_local=1")
+    sh("ip", "-n", g1, "route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local",
+       check=False)  # fmt: skip
+    sh("ip", "-n", g1, "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local",
+       check=False)  # fmt: skip
+    sh("ip", "-n", g1, "route", "add", "127.0.0.1/32", "via", "172.30.0.1", "dev", "eth0")
+    secret = subprocess.Popen(
+        ["ip", "netns", "exec", host, sys.executable, "-m", "http.server", "8099", "--bind",
+         "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    log = subprocess.Popen(
+        ["ip", "netns", "exec", host, sys.executable, "-c", UDP_LOG, "9999"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if fetch(host, "127.0.0.1", 8099).startswith("HTTP/"):
+                break
+            time.sleep(0.1)
+        assert fetch(g1, "127.0.0.1", 8099).startswith("FAIL")
+        # machine c sends once as itself, then as machine a: only the first arrives
+        sh("ip", "-n", g3, "addr", "add", f"{a.guest_ip}/32", "dev", "eth0")
+        send = [sys.executable, "-c", UDP_SEND]
+        assert log.stdout is not None
+        seen: list[str] = []
+
+        def heard(word: str) -> bool:
+            while select.select([log.stdout], [], [], 0.3)[0]:
+                seen.append(log.stdout.readline().strip())
+            return any(word in line for line in seen)
+
+        for _ in range(30):  # the logger may still be starting
+            sh("ip", "netns", "exec", g3, *send, c.guest_ip, "172.30.0.9", "9999", "honest")
+            if heard("honest"):
+                break
+        sh("ip", "netns", "exec", g3, *send, a.guest_ip, "172.30.0.9", "9999", "spoofed")
+        sh("ip", "netns", "exec", g3, *send, c.guest_ip, "172.30.0.9", "9999", "end")
+        heard("end")
+        assert not any("spoofed" in line for line in seen), seen
+        assert f"{c.guest_ip} honest" in seen and any("end" in line for line in seen), seen
+    finally:
+        for p in (secret, log):
             p.kill()
             p.wait()

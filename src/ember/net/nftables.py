@@ -5,6 +5,8 @@ persisted allocations in one ``nft -f`` transaction each time a machine comes or
 goes (no rule handles to track, nothing half-applied, and ``nft delete table
 inet ember`` removes all of it).  The table holds:
 
+- ``guard`` (filter, prerouting, before conntrack): a machine sends from its own
+  address only, and never to 127.0.0.0/8 (see ``render_ruleset``).
 - ``forward`` (filter): replies pass; machines of the same network may talk
   (a named ifname set per network); a published port may be reached from any
   machine through a host address (``ct status dnat``, as with Docker); any
@@ -147,6 +149,19 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
             f"\t\telements = {{ {elements} }}",
             "\t}",
         ]
+    # Before conntrack and NAT (priority raw), on what a guest sends: its own address
+    # only (a guest cannot pass for another machine), and never to 127.0.0.0/8, which
+    # route_localnet (set on TAPs for published loopback ports) would otherwise route
+    # to the host's loopback-only services (CVE-2020-8558's class).  Replies to a
+    # published 127.0.0.1 port still carry the gateway address here: their
+    # un-masquerading to 127.0.0.1 happens later, in conntrack.
+    body += [
+        "\tchain guard {",
+        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        f'\t\tiifname "{TAP_PREFIX}*" ip daddr 127.0.0.0/8 drop',
+    ]
+    body += [f'\t\tiifname "{m.tap}" ip saddr != {m.guest_ip} drop' for m in machines]
+    body += ["\t}"]
     body += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
