@@ -626,3 +626,77 @@ def test_a_state_directory_too_deep_for_a_socket_is_one_clear_line(tmp_path: Pat
     assert proc.returncode == 1
     assert proc.stderr.startswith("ember: cannot create the agent's socket")
     assert proc.stderr.rstrip().endswith("AF_UNIX path too long"), proc.stderr
+
+
+def _restricted_connect(path: Path, sock: socket.socket) -> int:
+    """A child that takes no_new_privs, connects ``sock`` (so SO_PEERCRED names it) and
+    exits; reaped before this returns, so that its pid is free again.  Its pid."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+                os._exit(2)
+            sock.connect(str(path))
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return pid
+
+
+def _fork_holding_pid(pid: int) -> int | None:
+    """A sleeping, unrestricted child that got the number ``pid`` (through ns_last_pid, as
+    checkpoint/restore tools do), or None if another process took it first."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    child = os.fork()
+    if child == 0:
+        time.sleep(TIMEOUT)
+        os._exit(0)
+    if child == pid:
+        return child
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    return None
+
+
+def test_a_caller_whose_pid_is_reused_by_a_stronger_process_is_declined(
+    agent: RunningAgent,
+) -> None:
+    """A restricted process connects and exits; an unrestricted one gets its pid; the
+    request then comes over the first one's connection.  The agent checked the caller
+    by pid once the request had come, so it checked the second process and ran the
+    command with privileges the caller never had (found by a security review: the
+    attacker cycles through the pids, here ns_last_pid does it at once)."""
+    from ember.agent import protocol
+
+    good = protocol.encode_request(
+        protocol.Request([b"--version"], b"/", [], 0o022, os.fsencode(agent_client_code()))
+    )
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX) as s, open(os.devnull, "r+b") as null:
+            pid = _restricted_connect(agent.socket, s)
+            holder = _fork_holding_pid(pid)
+            if holder is None:
+                continue  # the host forked something meanwhile: try again
+            try:
+                with contextlib.suppress(OSError):  # a declined caller's socket may be closed
+                    socket.send_fds(s, [protocol.frame(good)], [null.fileno()] * 3)
+                s.settimeout(TIMEOUT)
+                with contextlib.suppress(OSError):
+                    s.recv(4096)
+            finally:
+                os.kill(holder, signal.SIGKILL)
+                os.waitpid(holder, 0)
+            assert f"declined pid {pid}" in agent.wait_log(f"pid {pid}")
+            assert agent.served() == 0
+            return
+    pytest.skip("no free pid could be taken over (a busy host)")
+
+
+def agent_client_code() -> str:
+    from ember.agent import client
+
+    return os.path.realpath(client.__file__)

@@ -9,6 +9,7 @@ chroot, another user) the client is told to run the command itself.
 from __future__ import annotations
 
 import _socket  # not socket: the client calls this before anything imports that module
+import errno
 import os
 import sys
 
@@ -29,6 +30,54 @@ def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+#: getsockopt(SO_PEERPIDFD), Linux 6.5: a pidfd of the process that called connect()
+SO_PEERPIDFD = getattr(_socket, "SO_PEERPIDFD", 77)
+
+
+def caller_pidfd(sock: _socket.socket, pid: int) -> int | None:
+    """A pidfd of the caller ``pid`` (SO_PEERCRED's, taken at connect()); None if it is gone.
+
+    A pid is only a number: once its process exits, another may get it, and
+    /proc/PID then describes that one.  A pidfd names the process itself, so the
+    checks of ``mismatch`` count only if the process is still alive after them
+    (``still_there``).  SO_PEERPIDFD gives the connecting process even if it died
+    and its number was taken since; on older kernels pidfd_open right after
+    accept() leaves only the microseconds between connect() and accept()."""
+    try:
+        fd = sock.getsockopt(_socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return None
+        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise
+        try:
+            return os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+    if _pidfd_pid(fd) != pid:  # exited (-1), or not the process SO_PEERCRED names
+        os.close(fd)
+        return None
+    return fd
+
+
+def _pidfd_pid(fd: int) -> int | None:
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "Pid":
+                return int(value)
+    return None
+
+
+def still_there(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has not exited (a pidfd polls readable once it has)."""
+    import select  # the agent's alone: the client imports this module too
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return not poller.poll(0)
+
+
 def _identity(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
@@ -44,8 +93,25 @@ def _privileges(pid: int | str) -> dict[str, str]:
     return out
 
 
+def check_caller(sock: _socket.socket) -> tuple[int, str | None]:
+    """The caller's pid, and why it cannot be served here (None when it can)."""
+    pid, uid, _ = peer_credentials(sock)
+    pidfd = caller_pidfd(sock, pid)
+    if pidfd is None:
+        return pid, "the caller exited before it could be checked"
+    try:
+        reason = mismatch(pid, uid)
+        if reason is None and not still_there(pidfd):
+            # what /proc/PID showed may have been another process by then
+            reason = "the caller exited while it was checked"
+        return pid, reason
+    finally:
+        os.close(pidfd)
+
+
 def mismatch(pid: int, uid: int) -> str | None:
-    """Why the caller ``pid`` cannot be served here, or None when it can."""
+    """Why the caller ``pid`` cannot be served here, or None when it can (valid only
+    while the process behind ``pid`` lives: see ``check_caller``)."""
     if uid != os.geteuid():
         return f"the caller is uid {uid}; this agent runs commands as uid {os.geteuid()}"
     try:

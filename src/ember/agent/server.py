@@ -235,6 +235,15 @@ class Agent:
             os._exit(status)
 
     def _serve_one(self, conn: socket.socket, fp: Fingerprint, spare: _SpareRunner | None = None) -> None:
+        # The caller is checked first, right after accept(), while the process that
+        # connected is surely the one its pid names (see peer.check_caller): a
+        # caller checked only once its request had come could have exited, its pid
+        # taken by a process with more privileges.  One that fails the check also
+        # holds this relay for no longer than the check.
+        pid, reason = peer.check_caller(conn)
+        if reason is not None:
+            self._decline(conn, pid, reason)
+            return
         conn.settimeout(REQUEST_TIMEOUT)
         try:
             request, fds = _receive_request(conn)
@@ -242,9 +251,7 @@ class Agent:
             self._log(f"refused a request: {e}")
             return
         try:
-            pid, uid, _ = peer.peer_credentials(conn)
-            reason = peer.mismatch(pid, uid)
-            if reason is None and request.code != _OWN_CODE:
+            if request.code != _OWN_CODE:
                 reason = (
                     f"the caller runs ember from {os.fsdecode(request.code)},"
                     f" this agent from {os.fsdecode(_OWN_CODE)}"
@@ -254,8 +261,7 @@ class Agent:
                 reason = f"ember's code changed on disk ({changed}); the agent stops"
                 os.kill(self.pid, signal.SIGTERM)
             if reason is not None:
-                self._log(f"declined pid {pid}: {reason}")
-                conn.sendall(protocol.frame(protocol.declined(reason)))
+                self._decline(conn, pid, reason)
                 return
             started = time.monotonic()
             runner = spare.hand_over(request, fds) if spare is not None else None
@@ -282,6 +288,12 @@ class Agent:
         )
         with contextlib.suppress(ChildProcessError):  # a runner that said its code early
             os.waitpid(runner, 0)
+
+    def _decline(self, conn: socket.socket, pid: int, reason: str) -> None:
+        """Tell the caller to run its command itself (it does on any answer but "started")."""
+        self._log(f"declined pid {pid}: {reason}")
+        with contextlib.suppress(OSError):  # a caller gone already needs no answer
+            conn.sendall(protocol.frame(protocol.declined(reason)))
 
     def _watch(
         self, conn: socket.socket, runner: int, early: socket.socket | None = None
