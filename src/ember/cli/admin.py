@@ -68,7 +68,8 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
         print_json(
             [
                 {"name": o.name, "created_at": o.created_at, "repositories": o.repositories,
-                 "tokens": o.tokens, "used_bytes": o.used_bytes, "quota_bytes": o.quota_bytes}
+                 "tokens": o.tokens, "used_bytes": o.used_bytes, "upload_bytes": o.upload_bytes,
+                 "quota_bytes": o.quota_bytes}
                 for o in orgs
             ]
         )  # fmt: skip
@@ -93,9 +94,9 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
 def org_quota(name: str, size: str, db_url: str | None) -> None:
     """Limit what organization NAME's repositories may hold: SIZE like 10G, or none.
 
-    Counted: the distinct blobs linked into its repositories (a blob two of its
-    repositories share counts once).  Uploads that would pass it are refused; what is
-    stored already stays."""
+    Counted: the distinct blobs and manifests of its repositories (what two of its
+    repositories share counts once) and the bytes of its unfinished uploads.  Uploads
+    and manifests that would pass it are refused; what is stored already stays."""
     from ember.machines.options import parse_size
 
     quota = None if size.lower() in ("none", "unlimited") else parse_size(size)

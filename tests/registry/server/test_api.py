@@ -454,6 +454,21 @@ def test_rejected_manifest_creates_no_repository(acme: Tenant) -> None:
         assert c.get("/v2/ghost/tags/list").status_code == 404
 
 
+def test_a_repository_with_only_an_upload_started_is_unknown(acme: Tenant) -> None:
+    """Its tags/list said ``[]``; the distribution spec says NAME_UNKNOWN, and the
+    catalog leaves it out already."""
+    with acme.client() as c:
+        loc = c.post("/v2/upload-only/blobs/uploads/").headers["Location"]
+        r = c.get("/v2/upload-only/tags/list")
+        assert r.status_code == 404, r.text
+        assert r.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+        assert "upload-only" not in c.get("/v2/_catalog").json()["repositories"]
+        assert c.delete(loc).status_code == 204
+        push_blob(c, "upload-only", b"a blob makes it a repository")
+        assert c.get("/v2/upload-only/tags/list").json() == {"name": "upload-only", "tags": []}
+        assert "upload-only" in c.get("/v2/_catalog").json()["repositories"]
+
+
 def test_empty_blob(acme: Tenant) -> None:
     with acme.client() as c:
         digest = push_blob(c, "empty", b"")

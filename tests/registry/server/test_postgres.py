@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry.server.support import EMBER, EmberServer, Tenant, push_image
+from tests.registry.server.support import EMBER, EmberServer, Tenant, at, push_image, sha256
 from tests.support.images import layout_ref
 from tests.support.registry import free_port
 
@@ -102,5 +102,17 @@ def test_registry_on_postgres(postgres_url: str, tmp_path: Path, busybox_layout:
         assert [(o["name"], o["repositories"]) for o in orgs] == [("acme", 1), ("beta", 0)]
         report = json.loads(admin("registry", "gc", "--grace", "0", "--json"))
         assert report["manifests"] == 0 and report["blobs"] == 0
+        # quota reservations on PostgreSQL: the org's row lock, sums in one statement
+        used = json.loads(admin("org", "ls", "--json"))[0]["used_bytes"]
+        admin("org", "quota", "acme", str(used + 5000))
+        with acme.client() as c:
+            r = c.patch(c.post("/v2/web/blobs/uploads/").headers["Location"], content=b"a" * 3000)
+            assert r.status_code == 202, r.text
+            other = c.post("/v2/web/blobs/uploads/").headers["Location"]
+            assert c.patch(other, content=iter([b"b" * 3000])).status_code == 403
+            assert c.put(at(r.headers["Location"], digest=sha256(b"a" * 3000))).status_code == 201
+            _, manifest = push_image(c, "web", "3", [])
+        orgs = json.loads(admin("org", "ls", "--json"))
+        assert (orgs[0]["used_bytes"], orgs[0]["upload_bytes"]) == (used + 3000 + len(manifest), 0)
     finally:
         srv.stop()

@@ -3,17 +3,34 @@ skopeo against a real server."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import sqlite3
 import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
 from ember.registry.server.metadata import RegistryMetadata
-from tests.registry.server.support import EmberServer, Tenant, at, ember, push_blob, sha256
+from tests.registry.server.support import (
+    OCI_MANIFEST,
+    EmberServer,
+    Tenant,
+    at,
+    ember,
+    image_manifest,
+    push_blob,
+    push_image,
+    sha256,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +183,217 @@ def test_a_body_past_the_quota_is_not_written_whole(server: EmberServer) -> None
         assert c.get(loc).status_code == 404  # dropped
     assert most[0] < 4 << 20, most[0]  # the quota's 10000 bytes and a write buffer
     assert {p.name for p in uploads.iterdir()} - before == set()
+
+
+def test_unfinished_uploads_count_against_the_quota(server: EmberServer) -> None:
+    """Each upload session was bounded by what the quota leaves but not counted, so N open
+    sessions could hold N times that; now their bytes are part of what is used."""
+    server.create_org("quota5")
+    t = Tenant(server, "quota5", server.create_token("quota5", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota5", "10000")
+    data = os.urandom(6000)
+    with t.client() as c:
+        r = c.patch(c.post("/v2/a/blobs/uploads/").headers["Location"], content=data[:5000])
+        assert r.status_code == 202, r.text
+        first = r.headers["Location"]
+        row = org_row(server, "quota5")
+        assert (row["used_bytes"], row["upload_bytes"]) == (5000, 5000)
+        # another session may not take the same room: announced, streamed or monolithic
+        loc = c.post("/v2/b/blobs/uploads/").headers["Location"]
+        r = c.patch(loc, content=data)
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0]["message"] == (
+            "organization quota5 is over its storage quota: 5000 of 10000 bytes used "
+            "(5000 of them by unfinished uploads), this upload needs 6000"
+        )
+        assert c.get(loc).status_code == 404  # dropped
+        loc = c.post("/v2/b/blobs/uploads/").headers["Location"]
+        r = c.patch(loc, content=iter([data]))  # chunked: no Content-Length
+        assert r.status_code == 403 and "more than the 5000 bytes left" in r.text, r.text
+        r = c.post("/v2/b/blobs/uploads/", params={"digest": sha256(data)}, content=data)
+        assert r.status_code == 403, r.text
+        # a session's own bytes count once: it may grow up to the quota and finish
+        r = c.patch(first, content=data[5000:])
+        assert r.status_code == 202, r.text
+        assert c.put(at(r.headers["Location"], digest=sha256(data))).status_code == 201
+        row = org_row(server, "quota5")
+        assert (row["used_bytes"], row["upload_bytes"]) == (6000, 0)
+        # a cancelled session gives its room back
+        r = c.patch(c.post("/v2/b/blobs/uploads/").headers["Location"], content=b"y" * 4000)
+        assert r.status_code == 202, r.text
+        assert c.post("/v2/c/blobs/uploads/", params={"digest": sha256(b"z")}, content=b"z").status_code == 403
+        assert c.delete(r.headers["Location"]).status_code == 204
+        push_blob(c, "c", b"y" * 4000)
+    assert org_row(server, "quota5")["used_bytes"] == 10000
+
+
+def _stream_chunks(c: httpx.Client, location: str, chunks: int, meet: threading.Barrier) -> int | None:
+    """PATCH ``chunks`` x 64 KiB as a chunked body, the rest of it only once every
+    stream sent its first chunk; the status (None: the server answered and closed
+    while the client still sent)."""
+
+    def body() -> Iterator[bytes]:
+        yield b"s" * 65536
+        meet.wait(timeout=30)
+        time.sleep(0.3)  # the other stream's first chunk has reached the server
+        for _ in range(chunks - 1):
+            yield b"s" * 65536
+
+    try:
+        return c.patch(location, content=body()).status_code
+    except httpx.TransportError:
+        return None
+
+
+def _held(c: httpx.Client, location: str) -> int:
+    """Bytes an upload session holds (0: it was dropped)."""
+    r = c.get(location)
+    if r.status_code == 404:
+        return 0
+    assert r.status_code == 204, r.text
+    return int(r.headers["Range"].split("-")[1]) + 1
+
+
+def test_uploads_streaming_at_once_share_the_quota(server: EmberServer) -> None:
+    """Two bodies streaming at once were each bounded by what the quota left when they
+    started, so together they stored twice that; now each reserves room as it grows."""
+    server.create_org("quota6")
+    t = Tenant(server, "quota6", server.create_token("quota6", "pull,push", "q"))
+
+    def two_streams() -> tuple[list[int | None], int]:
+        meet = threading.Barrier(2)
+        with t.client() as a, t.client() as b, ThreadPoolExecutor(2) as pool:
+            locs = [c.post("/v2/s/blobs/uploads/").headers["Location"] for c in (a, b)]
+            jobs = [pool.submit(_stream_chunks, c, loc, 32, meet) for c, loc in zip((a, b), locs, strict=True)]
+            statuses = [j.result() for j in jobs]  # 2 MiB each
+            held = sum(_held(a, loc) for loc in locs)
+            for loc in locs:
+                a.delete(loc)
+        return statuses, held
+
+    ember(server.home, "admin", "org", "quota", "quota6", "3M")
+    statuses, held = two_streams()
+    assert statuses.count(202) < 2 and held <= 3 << 20, (statuses, held)
+    # room enough for both: neither is refused for what the other reserved ahead
+    ember(server.home, "admin", "org", "quota", "quota6", "5M")
+    statuses, held = two_streams()
+    assert statuses == [202, 202] and held == 4 << 20, (statuses, held)
+    assert org_row(server, "quota6")["upload_bytes"] == 0
+
+
+def test_two_uploads_finishing_at_once_cannot_both_take_the_last_room(
+    fresh_server: Callable[[], EmberServer],
+) -> None:
+    """The final check was a read: two uploads finishing at once both passed it when only
+    one fitted.  Now it is a reservation in the database, one at a time per org."""
+    srv = fresh_server()
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    blobs = [os.urandom(6000), os.urandom(6000)]
+    with t.client() as c:  # written while the organization had no quota: nothing reserved
+        locs = [c.patch(c.post("/v2/a/blobs/uploads/").headers["Location"], content=b).headers["Location"]
+                for b in blobs]  # fmt: skip
+    ember(srv.home, "admin", "org", "quota", "acme", "10000")
+
+    def finish(location: str, blob: bytes) -> int:
+        with t.client() as c:
+            return c.put(at(location, digest=sha256(blob))).status_code
+
+    # Every database writer waits while this holds the write lock: both PUTs get as far
+    # as they can without writing (a check that is only a read passes for both).
+    db = sqlite3.connect(srv.home / "ember.db", isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(finish, loc, blob) for loc, blob in zip(locs, blobs, strict=True)]
+            time.sleep(1.5)
+            db.execute("ROLLBACK")
+            statuses = sorted(j.result() for j in jobs)
+    finally:
+        db.close()
+    assert statuses == [201, 403]
+    assert org_row(srv, "acme")["used_bytes"] == 6000
+
+
+def test_manifests_count_against_the_quota(server: EmberServer) -> None:
+    """Manifests were not counted: a tenant could push any number of distinct ones."""
+    server.create_org("quota7")
+    t = Tenant(server, "quota7", server.create_token("quota7", "pull,push", "q"))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    layer = os.urandom(1000)
+    headers = {"Content-Type": OCI_MANIFEST}
+    with t.client() as c:
+        _, manifest = push_image(c, "a", "v1", [layer], config)
+        used = len(config) + len(layer) + len(manifest)
+        assert org_row(server, "quota7")["used_bytes"] == used
+        ember(server.home, "admin", "org", "quota", "quota7", str(used + 100))
+        bigger = image_manifest(config, [layer], annotations={"pad": "x" * 500})
+        r = c.put("/v2/a/manifests/v2", content=bigger, headers=headers)
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0] == {
+            "code": "DENIED",
+            "message": f"organization quota7 is over its storage quota: {used} of {used + 100} "
+            f"bytes used, this manifest needs {len(bigger)}",
+        }
+        assert c.get("/v2/a/manifests/v2").status_code == 404
+        assert c.get(f"/v2/a/manifests/{sha256(bigger)}").status_code == 404
+        blobs = server.home / "registry" / "content" / "blobs" / "sha256"
+        assert not (blobs / sha256(bigger).split(":")[1]).exists()  # nothing written
+        # a manifest the organization holds costs nothing: another tag, another repository
+        assert c.put("/v2/a/manifests/v3", content=manifest, headers=headers).status_code == 201
+        for blob in (config, layer):
+            push_blob(c, "b", blob)
+        assert c.put("/v2/b/manifests/v1", content=manifest, headers=headers).status_code == 201
+        assert org_row(server, "quota7")["used_bytes"] == used
+        ember(server.home, "admin", "org", "quota", "quota7", "none")
+        assert c.put("/v2/a/manifests/v2", content=bigger, headers=headers).status_code == 201
+    assert org_row(server, "quota7")["used_bytes"] == used + len(bigger)
+
+
+def _state_expiry(location: str) -> int:
+    """The expiry an upload URL's signed state carries."""
+    token = parse_qs(urlsplit(location).query)["_state"][0]
+    payload = token.split(".")[0]
+    return int(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))[4])
+
+
+def test_an_upload_counts_until_it_expires(server: EmberServer) -> None:
+    """An abandoned session stops counting when it expires, 24 h after it started; its
+    URLs expire with it however often it is used (each answer gave a URL good for 24 h
+    more, so a session could outlive its place in the quota)."""
+    server.create_org("quota8")
+    t = Tenant(server, "quota8", server.create_token("quota8", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota8", "10000")
+    with t.client() as c:
+        r = c.post("/v2/a/blobs/uploads/")
+        session, started = r.headers["Docker-Upload-UUID"], r.headers["Location"]
+        time.sleep(1.1)
+        r = c.patch(started, content=b"a" * 6000)
+        assert r.status_code == 202, r.text
+        assert _state_expiry(r.headers["Location"]) == _state_expiry(started)
+        assert _state_expiry(c.get(r.headers["Location"]).headers["Location"]) == _state_expiry(started)
+        assert c.post("/v2/a/blobs/uploads/", params={"digest": sha256(b"b" * 6000)},
+                      content=b"b" * 6000).status_code == 403  # fmt: skip
+        with contextlib.closing(sqlite3.connect(server.home / "ember.db")) as db, db:
+            db.execute("UPDATE reg_uploads SET expires_at = ? WHERE id = ?", (time.time() - 1, session))
+        assert org_row(server, "quota8")["upload_bytes"] == 0
+        push_blob(c, "a", b"b" * 6000)
+
+
+def test_a_database_from_before_upload_quotas_gets_the_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    meta = RegistryMetadata(url)
+    meta.create_org("old")
+    meta.create_upload("s1", meta.ensure_repo("old", "old/a"), time.time() + 3600)
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db, db:  # as 0002 left it
+        db.execute("DROP INDEX reg_repos_org")
+        db.execute("DROP INDEX reg_uploads_repo")
+        db.execute("ALTER TABLE reg_uploads DROP COLUMN held_bytes")
+        db.execute("DELETE FROM ember_migrations WHERE id = '0003-quota-uploads'")
+    # a new process (this one has migrated its cached database already)
+    ember(tmp_path, "admin", "org", "quota", "--db", url, "old", "1M")
+    rows = json.loads(ember(tmp_path, "admin", "org", "ls", "--db", url, "--json").stdout)
+    assert [(r["name"], r["used_bytes"], r["upload_bytes"]) for r in rows] == [("old", 0, 0)]
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
+        assert db.execute("SELECT id, held_bytes FROM reg_uploads").fetchall() == [("s1", 0)]
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"reg_repos_org", "reg_uploads_repo"} <= indexes

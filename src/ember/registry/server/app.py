@@ -71,6 +71,11 @@ T = TypeVar("T")
 CHUNK_MIN_LENGTH = 1 << 20
 #: body bytes of a refused upload chunk read and dropped so the client sees the answer
 QUOTA_DRAIN_LIMIT = 64 << 20
+#: how far ahead a streamed upload body (no Content-Length) reserves room under its
+#: organization's quota, at least: as far as the session's size beyond that (so a body
+#: of N bytes takes about log2(N / QUOTA_STEP) reservations, each a database write and
+#: a sum over the organization's content), never more than a quarter of what is left
+QUOTA_STEP = 8 << 20
 #: how long a resolved API token is trusted before the database is asked again (its
 #: revocation is seen sooner or as soon: see revocations.py)
 _TOKEN_CACHE_SECONDS = 5.0
@@ -424,11 +429,20 @@ class RegistryApp:
                     + ", ".join(wrong_size[:5]),
                     detail={"size_mismatch": wrong_size},
                 )
+            # checked before its bytes are written (a refused manifest leaves no file), and
+            # again with its rows, atomically (see _quota_org)
+            quota = await self._quota(ctx, digest)
+            if quota is not None and not quota.allows(new.size):
+                raise self._over_quota(ctx, quota, str(new.size), "manifest")
             repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
             # bytes first (atomic, content-addressed), then the rows that make them visible
             await run_in_threadpool(self.storage.content.put_bytes, body, digest)
             touch(self.storage.blob_path(digest))
-            await self._db(self.meta.put_manifest, repo_id, new, route.tag)
+            refused = await self._db(
+                self.meta.put_manifest, repo_id, new, route.tag, self._quota_org(ctx, quota)
+            )
+            if refused is not None:
+                raise self._over_quota(ctx, refused, str(new.size), "manifest")
         headers = {
             **API_VERSION,
             "Location": self._location(ctx, f"manifests/{digest}"),
@@ -503,9 +517,11 @@ class RegistryApp:
 
     # -- uploads -----------------------------------------------------------------------
 
-    def _upload_headers(self, ctx: _Ctx, session: str, size: int) -> dict[str, str]:
+    def _upload_headers(self, ctx: _Ctx, session: str, size: int, expires: int) -> dict[str, str]:
+        """``expires``: the session's, fixed when it started: a URL outlives neither the
+        session's row nor its place in the quota (both end then)."""
         assert ctx.grant is not None
-        state = UploadState(ctx.grant.org, ctx.full, session, size, int(time.time()) + UPLOAD_TTL)
+        state = UploadState(ctx.grant.org, ctx.full, session, size, expires)
         token = sign_state(self._upload_key, state)
         return {
             **API_VERSION,
@@ -526,57 +542,100 @@ class RegistryApp:
             },
         )
 
-    async def _exceeded(self, ctx: _Ctx, size: int, digest: Digest | None = None) -> Quota | None:
-        """The caller's organization's quota when ``size`` more bytes (a blob ``digest`` it
-        holds already costs none) would pass it; None when they fit."""
+    async def _quota(
+        self, ctx: _Ctx, digest: Digest | None = None, session: str | None = None
+    ) -> Quota | None:
+        """The caller's organization's quota and use (None: it has none); see
+        RegistryMetadata.quota."""
         assert ctx.grant is not None
-        quota = await self._read(self.meta.quota, ctx.grant.org, str(digest) if digest else None)
+        return await self._read(
+            self.meta.quota, ctx.grant.org, str(digest) if digest else None, session
+        )
+
+    def _quota_org(self, ctx: _Ctx, quota: Quota | None) -> str | None:
+        """The organization whose quota a write must check again, in its own transaction
+        (a check read before it is not a reservation): None when it had no quota."""
+        assert ctx.grant is not None
+        return None if quota is None else ctx.grant.org
+
+    async def _exceeded(
+        self, ctx: _Ctx, size: int, digest: Digest | None = None, session: str | None = None
+    ) -> Quota | None:
+        """The caller's organization's quota when ``size`` more bytes (a blob ``digest`` it
+        holds already costs none; upload ``session``'s own bytes left out of the use)
+        would pass it; None when they fit."""
+        quota = await self._quota(ctx, digest, session)
         return None if quota is None or quota.allows(size) else quota
 
-    async def _room(self, ctx: _Ctx, digest: Digest | None = None) -> int | None:
-        """The size an upload session may reach under the organization's quota (None: no
-        bound; also when it holds ``digest``, which then costs nothing and is checked
-        when published)."""
+    async def _bounded(self, ctx: _Ctx, digest: Digest | None = None) -> bool:
+        """Whether the caller's uploads must fit a quota (see RegistryMetadata.bounded)."""
         assert ctx.grant is not None
-        quota = await self._read(self.meta.quota, ctx.grant.org, str(digest) if digest else None)
-        if quota is None or quota.holds:
+        return await self._read(self.meta.bounded, ctx.grant.org, str(digest) if digest else None)
+
+    async def _allowance(
+        self, ctx: _Ctx, session: str, digest: Digest | None = None, expected: int | None = None
+    ) -> _Room | None:
+        """What upload ``session`` may grow into while a body streams (None: no bound; also
+        when the organization holds ``digest``, which then costs nothing and is checked
+        when published).  ``expected``: the size the body will take it to, if known."""
+        if not await self._bounded(ctx, digest):
             return None
-        return max(0, quota.limit - quota.used)
+        return _Room(self, ctx, session, expected)
 
     async def _append_within_quota(
-        self, ctx: _Ctx, session: str, start: int | None, limit: int | None, cap: int | None
+        self, ctx: _Ctx, session: str, start: int | None, limit: int | None, room: _Room | None
     ) -> int:
-        """storage.append with the quota's room as its cap; past it the session is
-        dropped and the client told the quota's figures (403 DENIED)."""
-        assert ctx.grant is not None
+        """storage.append within the quota's room; past it the session is dropped and the
+        client told the quota's figures (403 DENIED)."""
         try:
-            return await self.storage.append(session, ctx.request.stream(), start, limit, cap)
+            return await self.storage.append(session, ctx.request.stream(), start, limit, room)
         except ApiError as e:
-            if e.code != "DENIED" or cap is None:
-                raise
-        await self._drop_session(session)
-        quota = await self._read(self.meta.quota, ctx.grant.org, None)
-        raise self._over_quota(ctx, quota, f"more than the {cap} bytes left")
+            if e.code == "DENIED" and room is not None:
+                await self._drop_session(session)
+            raise
 
     async def _check_quota(
         self, ctx: _Ctx, size: int, digest: Digest | None = None, session: str | None = None
     ) -> None:
-        """403 DENIED when ``size`` bytes do not fit the organization's quota; the upload
-        session in the way, if any, is dropped (its bytes would only take room)."""
-        assert ctx.grant is not None
-        quota = await self._exceeded(ctx, size, digest)
+        """403 DENIED when ``size`` bytes do not fit the organization's quota (``session``:
+        the upload they are for, whose bytes so far are part of ``size``); that session,
+        if any, is dropped (its bytes would only take room)."""
+        quota = await self._exceeded(ctx, size, digest, session)
         if quota is None:
             return
         if session is not None:
             await self._drop_session(session)
         raise self._over_quota(ctx, quota, str(size) if size else None)
 
-    def _over_quota(self, ctx: _Ctx, quota: Quota | None, needs: str | None) -> ApiError:
-        """``needs``: what the upload would add, or None when nothing fits any more."""
+    async def _hold(
+        self, ctx: _Ctx, session: str, size: int, digest: Digest | None = None
+    ) -> Quota | None:
+        """Reserve ``size`` bytes, the whole of upload ``session``, under the quota (free
+        if the organization holds ``digest``), in one transaction: a reservation, not a
+        check, so two uploads finishing at once cannot both take the last room.  None
+        when they fit; else the session is dropped and the Quota that refused returned."""
         assert ctx.grant is not None
-        parts = [f"{quota.used} of {quota.limit} bytes used"] if quota is not None else []
+        if not await self._bounded(ctx, digest):
+            return None  # without a database write: the common case, no quota
+        got = await self._db(
+            self.meta.reserve_upload, ctx.grant.org, session, size, 0, str(digest) if digest else None
+        )
+        if not isinstance(got, Quota):
+            return None
+        await self._drop_session(session)
+        return got
+
+    def _over_quota(
+        self, ctx: _Ctx, quota: Quota, needs: str | None, what: str = "upload"
+    ) -> ApiError:
+        """``needs``: what the upload (or manifest) would add, or None when nothing fits
+        any more."""
+        assert ctx.grant is not None
+        parts = [f"{quota.used} of {quota.limit} bytes used"]
+        if quota.uploads:  # room the client can free: by finishing or cancelling them
+            parts[0] += f" ({quota.uploads} of them by unfinished uploads)"
         if needs is not None:
-            parts.append(f"this upload needs {needs}")
+            parts.append(f"this {what} needs {needs}")
         return ApiError(
             "DENIED", f"organization {ctx.grant.org} is over its storage quota: {', '.join(parts)}"
         )
@@ -607,11 +666,17 @@ class RegistryApp:
             path = self.storage.blob_path(digest)
             if size is None or not path.exists():
                 return None
-            if await self._exceeded(ctx, size, digest) is not None:
-                return None  # the upload that follows is refused with the reason
+            # past the quota: the upload that follows is refused with the reason
+            quota = await self._quota(ctx, digest)
+            if quota is not None and not quota.allows(size):
+                return None
             repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
             touch(path)
-            await self._db(self.meta.link_blob, repo_id, str(digest), size)
+            refused = await self._db(
+                self.meta.link_blob, repo_id, str(digest), size, self._quota_org(ctx, quota)
+            )
+            if refused is not None:
+                return None
         return digest
 
     async def _start_upload(self, ctx: _Ctx) -> Response:
@@ -625,15 +690,20 @@ class RegistryApp:
         await self._check_quota(ctx, 0)
         repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         session = uuid.uuid4().hex
+        expires = int(time.time()) + UPLOAD_TTL
         self.storage.create_session(session)
-        await self._db(self.meta.create_upload, session, repo_id, time.time() + UPLOAD_TTL)
+        await self._db(self.meta.create_upload, session, repo_id, expires)
         digest_param = params.get("digest")
         if digest_param is not None:
             # monolithic upload: POST ?digest= with the whole blob as the body
             digest = _parse_digest(digest_param)
-            await self._append_within_quota(ctx, session, 0, None, await self._room(ctx, digest))
+            length = content_length(ctx.request.headers.get("content-length"))
+            room = await self._allowance(ctx, session, digest, length)
+            await self._append_within_quota(ctx, session, 0, None, room)
             return await self._finish(ctx, repo_id, session, digest)
-        return Response(b"", status_code=202, headers=self._upload_headers(ctx, session, 0))
+        return Response(
+            b"", status_code=202, headers=self._upload_headers(ctx, session, 0, expires)
+        )
 
     def _session(self, ctx: _Ctx) -> UploadState:
         """The verified upload state of this request, bound to this org, repo and session."""
@@ -668,20 +738,32 @@ class RegistryApp:
             )
         return start, end - start + 1
 
-    def _out_of_order(self, ctx: _Ctx, session: str, e: ApiError) -> ApiError:
+    def _out_of_order(self, ctx: _Ctx, state: UploadState, e: ApiError) -> ApiError:
         """A 416 tells the client where the upload stands (Range, Location)."""
         if e.status == 416:
-            current = self.storage.session_size(session) or 0
-            e.headers.update(self._upload_headers(ctx, session, current))
+            current = self.storage.session_size(state.session) or 0
+            e.headers.update(self._upload_headers(ctx, state.session, current, state.expires))
         return e
 
     async def _append(
-        self, ctx: _Ctx, state: UploadState, start: int, limit: int | None, cap: int | None
+        self,
+        ctx: _Ctx,
+        state: UploadState,
+        start: int,
+        limit: int | None,
+        digest: Digest | None = None,
     ) -> int:
+        """Append the request's body as a chunk starting at ``start`` (``limit``: its
+        length by Content-Range), within the quota's room (a final PUT's ``digest``,
+        if the organization holds it, costs nothing)."""
+        length = content_length(ctx.request.headers.get("content-length"))
+        known = length if length is not None else limit
+        expected = None if known is None else start + known
+        room = await self._allowance(ctx, state.session, digest, expected)
         try:
-            return await self._append_within_quota(ctx, state.session, start, limit, cap)
+            return await self._append_within_quota(ctx, state.session, start, limit, room)
         except ApiError as e:
-            raise self._out_of_order(ctx, state.session, e) from None
+            raise self._out_of_order(ctx, state, e) from None
 
     async def _patch_upload(self, ctx: _Ctx) -> Response:
         state = self._session(ctx)
@@ -693,7 +775,7 @@ class RegistryApp:
                 # a chunk out of order is a 416 that keeps the session, quota or not
                 # (append checks again under the session's lock)
                 await _discard(ctx.request, QUOTA_DRAIN_LIMIT)
-                raise self._out_of_order(ctx, state.session, ApiError(
+                raise self._out_of_order(ctx, state, ApiError(
                     "BLOB_UPLOAD_INVALID",
                     f"chunk starts at {start} but the upload has {current} bytes",
                     status=416,
@@ -705,9 +787,9 @@ class RegistryApp:
                 # gets to read the refusal rather than a reset connection
                 await _discard(ctx.request, QUOTA_DRAIN_LIMIT)
                 raise
-        size = await self._append(ctx, state, start, limit, await self._room(ctx))
-        await self._check_quota(ctx, size, session=state.session)
-        return Response(b"", status_code=202, headers=self._upload_headers(ctx, state.session, size))
+        size = await self._append(ctx, state, start, limit)
+        headers = self._upload_headers(ctx, state.session, size, state.expires)
+        return Response(b"", status_code=202, headers=headers)
 
     async def _put_upload(self, ctx: _Ctx) -> Response:
         assert ctx.grant is not None
@@ -719,31 +801,34 @@ class RegistryApp:
         )
         if has_body or ctx.request.headers.get("content-range"):
             start, limit = self._chunk_range(ctx, state)
-            await self._append(ctx, state, start, limit, await self._room(ctx, digest))
+            await self._append(ctx, state, start, limit, digest)
         repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         return await self._finish(ctx, repo_id, state.session, digest)
 
     async def _finish(self, ctx: _Ctx, repo_id: int, session: str, digest: Digest) -> Response:
         size = self.storage.session_size(session) or 0
-        await self._check_quota(ctx, size, digest, session)
+        refused = await self._hold(ctx, session, size, digest)
+        if refused is not None:
+            raise self._over_quota(ctx, refused, str(size) if size else None)
         async with self.storage.publishing():
             try:
                 size = await run_in_threadpool(self.storage.publish, session, digest)
             except ApiError as e:
-                # The check above let the bytes through for free if the organization holds
-                # ``digest``; they are not that blob, so they must fit like any others, or
-                # go (kept, they would be a way to store anything past the quota).
-                if e.code == "DIGEST_INVALID" and await self._exceeded(ctx, size) is not None:
-                    await self._drop_session(session)
+                # The reservation above let the bytes through for free if the organization
+                # holds ``digest``; they are not that blob, so they must fit like any
+                # others, or go (kept, they would be a way to store anything past the quota).
+                if e.code == "DIGEST_INVALID":
+                    await self._hold(ctx, session, size)
                 raise
-            await self._db(self.meta.link_blob, repo_id, str(digest), size)
-        await self._db(self.meta.delete_upload, session)
+            # what the session held becomes the blob's, in one transaction
+            await self._db(self.meta.link_upload, repo_id, session, str(digest), size)
         return await self._blob_created(ctx, digest)
 
     async def _upload_status(self, ctx: _Ctx) -> Response:
         state = self._session(ctx)
         size = self.storage.session_size(state.session) or 0
-        return Response(b"", status_code=204, headers=self._upload_headers(ctx, state.session, size))
+        headers = self._upload_headers(ctx, state.session, size, state.expires)
+        return Response(b"", status_code=204, headers=headers)
 
     async def _cancel_upload(self, ctx: _Ctx) -> Response:
         state = self._session(ctx)
@@ -758,6 +843,36 @@ async def _discard(request: Request, limit: int) -> None:
         seen += len(chunk)
         if seen > limit:
             return
+
+
+class _Room:
+    """An upload session's room under its organization's quota (a storage.Allowance),
+    reserved in the database as the body arrives: the organization's open sessions
+    together never hold more than its quota leaves, however many stream at once."""
+
+    def __init__(self, app: RegistryApp, ctx: _Ctx, session: str, expected: int | None):
+        assert ctx.grant is not None
+        self.app = app
+        self.ctx = ctx
+        self.org = ctx.grant.org
+        self.session = session
+        self.expected = expected
+        self.reserved = False
+
+    async def grow(self, size: int) -> int:
+        # A body of known length reserves all of it at once (refused before a byte of
+        # it is written); a streamed one ahead of what it needs (see QUOTA_STEP).
+        need = max(size, self.expected or 0)
+        ahead = 0 if self.expected is not None else max(QUOTA_STEP, size)
+        got = await self.app._db(self.app.meta.reserve_upload, self.org, self.session, need, ahead)
+        if isinstance(got, Quota):
+            raise self.app._over_quota(self.ctx, got, f"more than the {got.room} bytes left")
+        self.reserved = True
+        return got
+
+    async def settle(self, size: int) -> None:
+        if self.reserved:  # give back what was reserved and not used
+            await self.app._db(self.app.meta.settle_upload, self.session, size)
 
 
 class _Ctx:

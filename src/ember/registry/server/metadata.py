@@ -14,7 +14,19 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Select, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    union,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -32,21 +44,32 @@ class OrgInfo:
     created_at: float
     repositories: int
     tokens: int
-    #: bytes of distinct blobs its repositories hold, and the limit (None: none)
+    #: bytes it holds (distinct blobs and manifests of its repositories, and its open
+    #: upload sessions), and the limit (None: none)
     used_bytes: int = 0
     quota_bytes: int | None = None
+    #: the part of ``used_bytes`` that open upload sessions hold
+    upload_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class Quota:
     limit: int
+    #: distinct blobs and manifests stored, plus the bytes open upload sessions hold
+    #: (without the session the question is about, if any)
     used: int
-    #: the blob asked about is stored in the organization already
+    #: the part of ``used`` that open upload sessions hold
+    uploads: int = 0
+    #: the blob or manifest asked about is stored in the organization already
     holds: bool = False
 
     def allows(self, size: int) -> bool:
-        """Whether a blob of ``size`` bytes fits (one the organization holds always does)."""
+        """Whether ``size`` more bytes fit (content the organization holds always does)."""
         return self.holds or self.used + size <= self.limit
+
+    @property
+    def room(self) -> int:
+        return max(0, self.limit - self.used)
 
 
 @dataclass(frozen=True)
@@ -168,9 +191,14 @@ class RegistryMetadata:
                     s.orgs.c.quota_bytes, s.orgs.c.id,
                 ).order_by(s.orgs.c.name)
             ).all()  # fmt: skip
-            return [
-                OrgInfo(r[0], r[1], r[2], r[3], _org_usage(conn, r[5]), r[4]) for r in rows
-            ]
+            now = time.time()
+            infos = []
+            for name, created, repositories, tokens, quota_bytes, org_id in rows:
+                used, uploading = _org_usage(conn, org_id, now)
+                infos.append(
+                    OrgInfo(name, created, repositories, tokens, used, quota_bytes, uploading)
+                )
+            return infos
 
     def set_quota(self, org: str, quota_bytes: int | None) -> None:
         """Limit what ``org``'s repositories may hold (None: no limit)."""
@@ -182,18 +210,57 @@ class RegistryMetadata:
                 update(s.orgs).where(s.orgs.c.id == org_id).values(quota_bytes=quota_bytes)
             )
 
-    def quota(self, org: str, digest: str | None = None) -> Quota | None:
+    def quota(
+        self, org: str, digest: str | None = None, session: str | None = None
+    ) -> Quota | None:
         """The organization's quota and use (None: it has no quota); with ``digest``, also
-        whether it holds that blob already (storing it again then costs nothing)."""
+        whether it holds that blob or manifest already (storing it again then costs
+        nothing); with ``session``, the use leaves that upload session's bytes out."""
+        with self.db.connect() as conn:
+            return _quota(conn, org, digest, session)
+
+    def bounded(self, org: str, digest: str | None = None) -> bool:
+        """Whether an upload of ``org`` must fit a quota: it has one, and (with ``digest``)
+        does not hold that blob already.  Indexed lookups only, no sum."""
         with self.db.connect() as conn:
             row = conn.execute(
                 select(s.orgs.c.id, s.orgs.c.quota_bytes).where(s.orgs.c.name == org)
             ).first()
             if row is None or row[1] is None:
-                return None
-            org_id = int(row[0])
-            holds = digest is not None and _org_holds(conn, org_id, digest)
-            return Quota(int(row[1]), _org_usage(conn, org_id), holds)
+                return False
+            return digest is None or not _org_holds(conn, int(row[0]), digest)
+
+    def reserve_upload(
+        self, org: str, session: str, need: int, ahead: int = 0, digest: str | None = None
+    ) -> int | Quota:
+        """Let upload ``session`` hold ``need`` bytes under its organization's quota, and
+        up to ``ahead`` more (at most a quarter of the room that leaves: uploads streaming
+        at once share what is left instead of the first one taking all of it).  Returns
+        the size the session may reach now, or the Quota that refuses ``need`` (the
+        session keeps what it held).  No quota, or a ``digest`` the organization holds
+        (which costs nothing): ``need + ahead``, and nothing is recorded.
+
+        One transaction under the organization's lock (``_lock_org``), so that two
+        sessions are never given the same room."""
+        with self.db.begin() as conn:
+            quota = _quota(conn, org, digest, session, lock=True)
+            if quota is None or quota.holds:
+                return need + ahead
+            if need > quota.room:
+                return quota
+            granted = need + min(ahead, (quota.room - need) // 4)
+            conn.execute(
+                update(s.uploads).where(s.uploads.c.id == session).values(held_bytes=granted)
+            )
+            return granted
+
+    def settle_upload(self, session: str, size: int) -> None:
+        """Upload ``session`` holds ``size`` bytes (what it reserved and did not use is
+        given back)."""
+        with self.db.begin() as conn:
+            conn.execute(
+                update(s.uploads).where(s.uploads.c.id == session).values(held_bytes=size)
+            )
 
     def create_token(self, org: str, label: str, actions: frozenset[str]) -> tuple[str, str]:
         token_id, secret = new_api_token()
@@ -280,15 +347,11 @@ class RegistryMetadata:
     def list_repos(self, org: str, n: int, last: str | None) -> list[str]:
         """The org's repositories that hold something: one with only an upload
         started (or a mount refused) is not listed, as Distribution lists none."""
-        holds = or_(
-            select(s.blob_links.c.repo_id).where(s.blob_links.c.repo_id == s.repos.c.id).exists(),
-            select(s.manifests.c.repo_id).where(s.manifests.c.repo_id == s.repos.c.id).exists(),
-        )
         with self.db.connect() as conn:
             q = (
                 select(s.repos.c.name)
                 .join(s.orgs, s.orgs.c.id == s.repos.c.org_id)
-                .where(s.orgs.c.name == org, holds)
+                .where(s.orgs.c.name == org, _repo_holds_something())
             )
             if last is not None:
                 q = q.where(s.repos.c.name > last)
@@ -302,13 +365,19 @@ class RegistryMetadata:
             row = conn.execute(_BLOB_SIZE, {"full": full, "digest": digest}).first()
         return None if row is None else int(row[0])
 
-    def link_blob(self, repo_id: int, digest: str, size: int) -> None:
+    def link_blob(
+        self, repo_id: int, digest: str, size: int, quota_org: str | None = None
+    ) -> Quota | None:
+        """Link ``digest`` into the repository; with ``quota_org``, only if it fits that
+        organization's quota (checked and linked in one transaction): else the Quota
+        that refuses it, and nothing is linked."""
         with self.db.begin() as conn:
-            insert_ignore(
-                conn,
-                s.blob_links,
-                [{"repo_id": repo_id, "digest": digest, "size": size, "created_at": time.time()}],
-            )
+            if quota_org is not None:
+                refused = _refusal(conn, quota_org, size, digest)
+                if refused is not None:
+                    return refused
+            _insert_link(conn, repo_id, digest, size)
+        return None
 
     def _delete_in_repo(self, full: str, table: Table, column: str, value: str) -> bool:
         """Delete the row of ``table`` whose ``column`` is ``value`` in repository ``full``."""
@@ -360,9 +429,18 @@ class RegistryMetadata:
         wrong = sorted(d for d, size in declared.items() if d in have and have[d] != size)
         return missing, wrong
 
-    def put_manifest(self, repo_id: int, m: NewManifest, tag: str | None) -> None:
+    def put_manifest(
+        self, repo_id: int, m: NewManifest, tag: str | None, quota_org: str | None = None
+    ) -> Quota | None:
+        """Store the manifest's rows (and tag); with ``quota_org``, only if it fits that
+        organization's quota (checked and stored in one transaction): else the Quota that
+        refuses it, and nothing is stored."""
         now = time.time()
         with self.db.begin() as conn:
+            if quota_org is not None:
+                refused = _refusal(conn, quota_org, m.size, m.digest)
+                if refused is not None:
+                    return refused
             insert_ignore(
                 conn,
                 s.manifests,
@@ -394,6 +472,7 @@ class RegistryMetadata:
                     {"repo_id": repo_id, "name": tag},
                     {"digest": m.digest, "updated_at": now},
                 )
+        return None
 
     def delete_manifest(self, full: str, digest: str) -> bool:
         with self.db.begin() as conn:
@@ -417,11 +496,15 @@ class RegistryMetadata:
         return self._delete_in_repo(full, s.tags, "name", tag)
 
     def list_tags(self, full: str, n: int, last: str | None) -> list[str] | None:
-        """Tags in lexical order after ``last``; None if the repository does not exist."""
+        """Tags in lexical order after ``last``; None if the repository does not exist or
+        holds nothing (only an upload started: the catalog does not list it either)."""
         with self.db.connect() as conn:
-            repo_id = self._repo_id(conn, full)
-            if repo_id is None:
+            row = conn.execute(
+                select(s.repos.c.id).where(s.repos.c.name == full, _repo_holds_something())
+            ).first()
+            if row is None:
                 return None
+            repo_id = int(row[0])
             q = select(s.tags.c.name).where(s.tags.c.repo_id == repo_id)
             if last is not None:
                 q = q.where(s.tags.c.name > last)
@@ -471,27 +554,109 @@ class RegistryMetadata:
         with self.db.begin() as conn:
             conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
 
+    def link_upload(self, repo_id: int, session: str, digest: str, size: int) -> None:
+        """An upload published as ``digest``: its link and the end of its session, in one
+        transaction, so that its bytes count against the quota once at every moment
+        (as the session's, then as the blob's)."""
+        with self.db.begin() as conn:
+            _insert_link(conn, repo_id, digest, size)
+            conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
+
 
 def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
-def _org_blobs(org_id: int) -> Select[tuple[str, int]]:
-    """The distinct blobs (digest, size) linked into the organization's repositories."""
-    return (
-        select(s.blob_links.c.digest, s.blob_links.c.size)
-        .join(s.repos, s.repos.c.id == s.blob_links.c.repo_id)
-        .where(s.repos.c.org_id == org_id)
-        .distinct()
+def _insert_link(conn: Connection, repo_id: int, digest: str, size: int) -> None:
+    insert_ignore(
+        conn,
+        s.blob_links,
+        [{"repo_id": repo_id, "digest": digest, "size": size, "created_at": time.time()}],
     )
 
 
-def _org_usage(conn: Connection, org_id: int) -> int:
-    blobs = _org_blobs(org_id).subquery()
-    return int(conn.execute(select(func.coalesce(func.sum(blobs.c.size), 0))).scalar_one())
+def _repo_holds_something() -> ColumnElement[bool]:
+    """A repository holds a blob link or a manifest; one with only an upload started (or
+    a refused mount) does not exist for clients, as in Distribution."""
+    return or_(
+        select(s.blob_links.c.repo_id).where(s.blob_links.c.repo_id == s.repos.c.id).exists(),
+        select(s.manifests.c.repo_id).where(s.manifests.c.repo_id == s.repos.c.id).exists(),
+    )
+
+
+def _org_content(org_id: int, digest: str | None = None) -> CompoundSelect:
+    """The distinct content (digest, size) of the organization's repositories (only
+    ``digest``, if given): blobs linked and manifests; UNION counts a digest that two
+    repositories, or a link and a manifest, share once."""
+    parts = []
+    for table in (s.blob_links, s.manifests):
+        part = (
+            select(table.c.digest, table.c.size)
+            .join(s.repos, s.repos.c.id == table.c.repo_id)
+            .where(s.repos.c.org_id == org_id)
+        )
+        parts.append(part if digest is None else part.where(table.c.digest == digest))
+    return union(*parts)
+
+
+def _org_usage(
+    conn: Connection, org_id: int, now: float, skip_session: str | None = None
+) -> tuple[int, int]:
+    """(bytes the organization holds, the part of them its open upload sessions hold).
+
+    One statement: on PostgreSQL (read committed) each statement sees one snapshot, so
+    an upload turning into a blob (``link_upload``) is counted once, not twice or never.
+    An expired session no longer counts: its URLs no longer work, and GC deletes it.
+    """
+    content = _org_content(org_id).subquery()
+    stored = select(func.coalesce(func.sum(content.c.size), 0)).scalar_subquery()
+    open_uploads = (
+        select(func.coalesce(func.sum(s.uploads.c.held_bytes), 0))
+        .join(s.repos, s.repos.c.id == s.uploads.c.repo_id)
+        .where(s.repos.c.org_id == org_id, s.uploads.c.expires_at > now)
+    )
+    if skip_session is not None:
+        open_uploads = open_uploads.where(s.uploads.c.id != skip_session)
+    row = conn.execute(select(stored, open_uploads.scalar_subquery())).one()
+    return int(row[0]) + int(row[1]), int(row[1])
 
 
 def _org_holds(conn: Connection, org_id: int, digest: str) -> bool:
-    blobs = _org_blobs(org_id).where(s.blob_links.c.digest == digest).limit(1)
-    return conn.execute(blobs).first() is not None
+    return conn.execute(_org_content(org_id, digest).limit(1)).first() is not None
+
+
+def _lock_org(conn: Connection, org: str) -> None:
+    """Hold the organization's row until the transaction ends: quota decisions of one
+    organization (a reservation, a mount, a manifest) then run one at a time, each
+    seeing what the one before it committed.  A write rather than SELECT ... FOR
+    UPDATE, which SQLite lacks: there, a transaction whose first statement writes takes
+    the database's write lock at once and reads the latest state; on PostgreSQL the
+    UPDATE locks that one row."""
+    conn.execute(
+        update(s.orgs).where(s.orgs.c.name == org).values(quota_bytes=s.orgs.c.quota_bytes)
+    )
+
+
+def _quota(
+    conn: Connection, org: str, digest: str | None, session: str | None, *, lock: bool = False
+) -> Quota | None:
+    """``RegistryMetadata.quota`` on ``conn``; ``lock``: under the organization's lock."""
+    if lock:
+        _lock_org(conn, org)
+    row = conn.execute(
+        select(s.orgs.c.id, s.orgs.c.quota_bytes).where(s.orgs.c.name == org)
+    ).first()
+    if row is None or row[1] is None:
+        return None
+    org_id = int(row[0])
+    holds = digest is not None and _org_holds(conn, org_id, digest)
+    used, uploading = _org_usage(conn, org_id, time.time(), session)
+    return Quota(int(row[1]), used, uploading, holds)
+
+
+def _refusal(conn: Connection, org: str, size: int, digest: str) -> Quota | None:
+    """Under the organization's lock (to the end of the transaction): the Quota that
+    ``size`` more bytes of ``digest`` would pass, or None if they fit."""
+    quota = _quota(conn, org, digest, None, lock=True)
+    return None if quota is None or quota.allows(size) else quota

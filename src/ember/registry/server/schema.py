@@ -37,7 +37,8 @@ orgs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(63), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
-    #: bytes of distinct blobs the organization's repositories may hold (None: no limit)
+    #: bytes the organization may hold: distinct blobs and manifests of its repositories and
+    #: its open upload sessions (None: no limit)
     Column("quota_bytes", BigInteger, nullable=True),
 )
 
@@ -60,6 +61,8 @@ repos = Table(
     Column("org_id", Integer, ForeignKey("reg_orgs.id"), nullable=False),
     Column("name", String(300), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    # an organization's repositories, for what it stores (quota checks, org ls)
+    Index("reg_repos_org", "org_id"),
 )
 
 blob_links = Table(
@@ -118,6 +121,10 @@ uploads = Table(
     Column("repo_id", Integer, ForeignKey("reg_repos.id"), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
+    #: bytes the session holds or has reserved under its organization's quota (kept up
+    #: to date only while the organization has a quota)
+    Column("held_bytes", BigInteger, nullable=False, server_default=sa_text("0")),
+    Index("reg_uploads_repo", "repo_id"),
 )
 
 
@@ -131,4 +138,20 @@ def _org_quota(conn: Connection) -> None:
         conn.execute(sa_text("ALTER TABLE reg_orgs ADD COLUMN quota_bytes BIGINT"))
 
 
-MIGRATIONS = [Migration("0001-initial", _initial), Migration("0002-org-quota", _org_quota)]
+def _quota_uploads(conn: Connection) -> None:
+    # upload sessions count against the quota: their bytes, and the indexes that find an
+    # organization's sessions and content without a scan (a 0001 database from this
+    # module's tables has them already)
+    if "held_bytes" not in {c["name"] for c in sa_inspect(conn).get_columns("reg_uploads")}:
+        conn.execute(
+            sa_text("ALTER TABLE reg_uploads ADD COLUMN held_bytes BIGINT NOT NULL DEFAULT 0")
+        )
+    for index in (*repos.indexes, *uploads.indexes):  # both had none before 0003
+        index.create(conn, checkfirst=True)
+
+
+MIGRATIONS = [
+    Migration("0001-initial", _initial),
+    Migration("0002-org-quota", _org_quota),
+    Migration("0003-quota-uploads", _quota_uploads),
+]

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ember.fsutil import fsync_dir
 from ember.oci.digest import Digest
@@ -33,6 +33,20 @@ _WRITE_BUFFER = 1 << 20
 _READ_CHUNK = 1 << 20
 #: in-memory hash states kept at most (abandoned sessions fall back to rehashing)
 _MAX_HASHERS = 4096
+
+
+class Allowance(Protocol):
+    """Room for one upload session to grow into (what a quota leaves it), asked for as
+    its body arrives; called under the session's lock."""
+
+    async def grow(self, size: int) -> int:
+        """Let the session reach at least ``size`` bytes: the size it may reach now.
+        Raises ApiError to refuse (the bytes past the old size are not written)."""
+        ...
+
+    async def settle(self, size: int) -> None:
+        """The request is over; the session holds ``size`` bytes."""
+        ...
 
 
 class BlobStorage:
@@ -126,7 +140,7 @@ class BlobStorage:
         body: AsyncIterator[bytes],
         expect_offset: int | None,
         limit: int | None = None,
-        cap: int | None = None,
+        room: Allowance | None = None,
     ) -> int:
         """Append the request body; the new session size.
 
@@ -134,70 +148,87 @@ class BlobStorage:
         checked under the lock so that out-of-order or repeated chunks get 416.
         ``limit``: how long the client says the chunk is (Content-Range): the bytes
         past it are not stored, and the request gets 416.
-        ``cap``: the size the session may reach (what a quota leaves): the first chunk
-        that would pass it is not stored, and the request gets 403 DENIED, so that a
-        body is never written whole before the quota is judged.
+        ``room``: what the session may grow into (what a quota leaves), asked for before
+        the bytes that need it are written; a chunk it refuses is not stored, so a body
+        is never written whole before the quota is judged.
         Whatever arrived before a client disconnect stays: the size says so.
         """
         with self._locked(session) as fd:
-            offset = os.fstat(fd).st_size
-            if expect_offset is not None and expect_offset != offset:
-                raise ApiError(
-                    "BLOB_UPLOAD_INVALID",
-                    f"chunk starts at {expect_offset} but the upload has {offset} bytes",
-                    status=416,
-                    headers={"Range": range_header(offset)},
-                )
-            with self._lock:
-                state = self._hashers.pop(session, None)
-            hasher: Any
-            if state is not None and state[0] == offset:
-                hasher = state[1]
-            elif offset:
-                # another process (a sibling worker, or this server before a restart)
-                # wrote part of the session: bring a hash up to date off the loop
-                hasher = await asyncio.to_thread(self._hash_prefix, session, state, offset)
-            else:
-                hasher = hashlib.sha256()
-            buf = bytearray()
-
-            def flush() -> None:
-                nonlocal offset
-                with memoryview(buf) as whole:
-                    view = whole
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                    view.release()
-                hasher.update(buf)
-                offset += len(buf)
-                buf.clear()
-
-            room = limit
             try:
-                async for chunk in body:
-                    if room is not None:
-                        if len(chunk) > room:
-                            buf += chunk[:room]
-                            raise ApiError(
-                                "BLOB_UPLOAD_INVALID",
-                                f"the chunk is longer than the {limit} bytes its Content-Range says",
-                                status=416,
-                            )
-                        room -= len(chunk)
-                    if cap is not None and offset + len(buf) + len(chunk) > cap:
-                        raise ApiError("DENIED", f"the upload would pass the {cap} bytes it may have")
-                    buf += chunk
-                    if len(buf) >= _WRITE_BUFFER:
-                        flush()
+                return await self._append_locked(session, fd, body, expect_offset, limit, room)
             finally:
-                # also on disconnect: what arrived is kept, and the hash matches it
-                flush()
-                with self._lock:
-                    if len(self._hashers) >= _MAX_HASHERS:
-                        self._hashers.pop(next(iter(self._hashers)))
-                    self._hashers[session] = (offset, hasher)
-            return offset
+                if room is not None:  # under the lock: the session's next request comes after
+                    await room.settle(os.fstat(fd).st_size)
+
+    async def _append_locked(
+        self,
+        session: str,
+        fd: int,
+        body: AsyncIterator[bytes],
+        expect_offset: int | None,
+        limit: int | None,
+        room: Allowance | None,
+    ) -> int:
+        offset = os.fstat(fd).st_size
+        if expect_offset is not None and expect_offset != offset:
+            raise ApiError(
+                "BLOB_UPLOAD_INVALID",
+                f"chunk starts at {expect_offset} but the upload has {offset} bytes",
+                status=416,
+                headers={"Range": range_header(offset)},
+            )
+        with self._lock:
+            state = self._hashers.pop(session, None)
+        hasher: Any
+        if state is not None and state[0] == offset:
+            hasher = state[1]
+        elif offset:
+            # another process (a sibling worker, or this server before a restart)
+            # wrote part of the session: bring a hash up to date off the loop
+            hasher = await asyncio.to_thread(self._hash_prefix, session, state, offset)
+        else:
+            hasher = hashlib.sha256()
+        buf = bytearray()
+
+        def flush() -> None:
+            nonlocal offset
+            with memoryview(buf) as whole:
+                view = whole
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                view.release()
+            hasher.update(buf)
+            offset += len(buf)
+            buf.clear()
+
+        left = limit
+        cap = offset  # the size this request may reach without asking ``room`` for more
+        try:
+            async for chunk in body:
+                too_long = left is not None and len(chunk) > left
+                if left is not None:
+                    chunk = chunk[:left]
+                    left -= len(chunk)
+                if room is not None and offset + len(buf) + len(chunk) > cap:
+                    cap = await room.grow(offset + len(buf) + len(chunk))
+                buf += chunk
+                if too_long:
+                    raise ApiError(
+                        "BLOB_UPLOAD_INVALID",
+                        f"the chunk is longer than the {limit} bytes its Content-Range says",
+                        status=416,
+                    )
+                if len(buf) >= _WRITE_BUFFER:
+                    flush()
+        finally:
+            # also on disconnect: what arrived is kept, and the hash matches it
+            flush()
+            with self._lock:
+                if len(self._hashers) >= _MAX_HASHERS:
+                    self._hashers.pop(next(iter(self._hashers)))
+                self._hashers[session] = (offset, hasher)
+        return offset
 
     # -- publication -------------------------------------------------------------
 
