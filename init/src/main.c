@@ -570,6 +570,9 @@ static int kmsg_saw_oom(int fd)
 struct control {
 	char buf[256];
 	size_t len;
+	/* "stop_timeout N" sets the next stop's timeout (have_timeout); stop_with is the
+	 * timeout of the stop request control_read returned (-1: no SIGKILL) */
+	int have_timeout, timeout, stop_with;
 };
 
 /* "signal N" (1..64): deliver signal N to the program now (`ember kill -s`). */
@@ -584,8 +587,24 @@ static void control_signal(const char *arg, pid_t child)
 	kill(child, (int)sig);
 }
 
-/* Returns 1 for stop, 2 for kill, 0 for nothing (yet).  *eof is set when the host
- * end is not connected (a virtio port then reads as EOF and polls as readable). */
+/* "stop_timeout N" (-1..86400): the next "stop" arms its SIGKILL after N seconds instead
+ * of the run config's stop_timeout, -1 arms none (`ember stop -t N`).  A line of its own
+ * before "stop", so that an older init logs and skips it and still stops the program. */
+static void control_stop_timeout(const char *arg, struct control *ct)
+{
+	char *end;
+	long t = strtol(arg, &end, 10);
+	if (end == arg || *end || t < -1 || t > 86400) {
+		logmsg("bad control request 'stop_timeout %.20s'", arg);
+		return;
+	}
+	ct->timeout = (int)t;
+	ct->have_timeout = 1;
+}
+
+/* Returns 1 for stop (its timeout in ct->stop_with), 2 for kill, 0 for nothing (yet).
+ * *eof is set when the host end is not connected (a virtio port then reads as EOF and
+ * polls as readable). */
 static int control_read(int fd, struct control *ct, int *eof, pid_t child)
 {
 	int action = 0;
@@ -599,8 +618,14 @@ static int control_read(int fd, struct control *ct, int *eof, pid_t child)
 		char *nl;
 		while ((nl = memchr(ct->buf, '\n', ct->len))) {
 			*nl = 0;
-			if (!strcmp(ct->buf, "stop"))
-				action = action ? action : 1;
+			if (!strcmp(ct->buf, "stop")) {
+				if (!action) {
+					action = 1;
+					ct->stop_with = ct->have_timeout ? ct->timeout : G.cfg.stop_timeout;
+				}
+				ct->have_timeout = 0; /* a timeout goes with the one stop after it */
+			} else if (!strncmp(ct->buf, "stop_timeout ", 13))
+				control_stop_timeout(ct->buf + 13, ct);
 			else if (!strcmp(ct->buf, "kill"))
 				action = 2;
 			else if (!strncmp(ct->buf, "signal ", 7))
@@ -621,6 +646,7 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 {
 	struct control ct = {.len = 0};
 	long long kill_at = -1, control_retry = -1;
+	int stopping = 0;
 	for (;;) {
 		struct pollfd fds[3] = {
 		    {sigfd, POLLIN, 0},
@@ -652,11 +678,17 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 			/* nobody on the host end: look again later rather than spin */
 			if (eof || (fds[1].revents & (POLLHUP | POLLERR)))
 				control_retry = now + 200;
-			if (action == 1 && kill_at < 0) {
-				logmsg("stop requested: sending signal %d, SIGKILL in %ds", G.cfg.stop_signal,
-				       G.cfg.stop_timeout);
+			if (action == 1 && !stopping) {
+				stopping = 1; /* one stop at a time: the host's "kill" ends a slow one */
+				if (ct.stop_with < 0) {
+					logmsg("stop requested: sending signal %d, no SIGKILL (no timeout)",
+					       G.cfg.stop_signal);
+				} else {
+					logmsg("stop requested: sending signal %d, SIGKILL in %ds",
+					       G.cfg.stop_signal, ct.stop_with);
+					kill_at = now + (long long)ct.stop_with * 1000;
+				}
 				kill(child, G.cfg.stop_signal);
-				kill_at = now + (long long)G.cfg.stop_timeout * 1000;
 			} else if (action == 2) {
 				kill(child, SIGKILL);
 			}

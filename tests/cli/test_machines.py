@@ -166,6 +166,18 @@ def test_commands_on_several_machines_go_on_and_fail_at_the_end(tmp_path: Path) 
     assert "no such machine: nosuch" in res.stderr
 
 
+def test_stop_and_restart_take_minus_one_for_no_timeout(tmp_path: Path) -> None:
+    """``docker stop -t -1`` waits for ever (no SIGKILL); -1 was refused as out of range."""
+    _record(Home(tmp_path), "x1", status=mstate.EXITED, exit_code=0)
+    res = _ember(tmp_path, "stop", "-t", "-1", "x1")
+    assert (res.returncode, res.stdout) == (0, "x1\n"), res.stderr
+    res = _ember(tmp_path, "stop", "--time=-2", "x1")
+    assert res.returncode == 2 and "-2" in res.stderr, res.stderr
+    res = _ember(tmp_path, "restart", "-t", "-1", "nosuch")
+    assert (res.returncode, res.stdout) == (1, ""), res.stderr
+    assert "no such machine: nosuch" in res.stderr
+
+
 def test_wait_prints_the_code_of_an_rm_machine_that_ended_first(tmp_path: Path) -> None:
     """``wait w1 w2`` where w2 (--rm) ends and is removed while wait still waits for w1."""
     home = Home(tmp_path)

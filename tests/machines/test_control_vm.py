@@ -1,7 +1,8 @@
 """The control channel of running machines, for real: ``ember stop`` ends as soon as the
 program has exited (the monitor's ``bye`` is not stuck behind the CLI's connection),
-``stop a b`` stops both together, ``kill -s`` delivers a signal the program can trap,
-and a restart policy that gives up says why in the record."""
+``stop a b`` stops both together, ``stop -t`` reaches the guest (-1: no SIGKILL),
+``restart a b`` restarts both together, ``kill -s`` delivers a signal the program can
+trap, and a restart policy that gives up says why in the record."""
 
 from __future__ import annotations
 
@@ -45,6 +46,68 @@ def test_stop_ends_once_the_program_has_exited_and_stops_machines_together(
     res = ember("stop", "c1")
     assert (res.returncode, res.stdout) == (0, "c1\n"), res.stderr
     assert ember("rm", "c1", "c2").returncode == 0
+
+
+def _wait_ready(ember: Ember, *names: str) -> None:
+    """Until each machine's program said "ready" (its TERM trap is set)."""
+    deadline = time.monotonic() + 120
+    for name in names:
+        while "ready" not in ember("logs", name).stdout:
+            assert time.monotonic() < deadline, name
+            time.sleep(0.1)
+
+
+LOOP = "echo ready; while :; do sleep 0.1; done"
+
+
+def _console(ember: Ember, name: str) -> str:
+    return (ember.home.machines / str(ember.inspect(name)["id"]) / "console.log").read_text()
+
+
+def test_stop_t_reaches_the_guest_and_minus_one_never_kills(ember: Ember, busybox: str) -> None:
+    """`stop -t -1` (docker's: no timeout) was refused, and the guest armed its SIGKILL
+    after the run config's stop timeout whatever -t said (and printed that)."""
+    ember("run", "-d", "--name", "patient", "--stop-timeout", "1", busybox, "sh", "-c",
+          f"trap 'sleep 3; exit 7' TERM; {LOOP}", check=True)  # fmt: skip
+    ember("run", "-d", "--name", "deaf", busybox, "sh", "-c", f"trap '' TERM; {LOOP}", check=True)
+    try:
+        _wait_ready(ember, "patient", "deaf")
+        # its TERM trap takes 3 s, longer than its stop timeout (1 s): not killed
+        res = ember("stop", "-t", "-1", "patient")
+        assert (res.returncode, res.stdout) == (0, "patient\n"), res.stderr
+        assert ember.inspect("patient")["exit_code"] == 7
+        assert "sending signal 15, no SIGKILL (no timeout)" in _console(ember, "patient")
+        began = time.monotonic()
+        res = ember("stop", "-t", "2", "deaf")  # its own stop timeout is 10 s
+        assert (res.returncode, res.stdout) == (0, "deaf\n"), res.stderr
+        assert time.monotonic() - began < 8
+        assert ember.inspect("deaf")["exit_code"] == 137
+        assert "sending signal 15, SIGKILL in 2s" in _console(ember, "deaf")
+    finally:
+        ember("rm", "-f", "patient", "deaf")
+
+
+def test_restart_of_several_machines_restarts_them_together(ember: Ember, busybox: str) -> None:
+    """`restart a b` stopped and started one machine after the other; now all at once,
+    each reported in the order given (the slower first here), failures on stderr."""
+    ember("run", "-d", "--name", "slow", busybox, "sh", "-c", f"trap 'sleep 3; exit' TERM; {LOOP}",
+          check=True)  # fmt: skip
+    ember("run", "-d", "--name", "quick", busybox, "sh", "-c", f"trap exit TERM; {LOOP}",
+          check=True)  # fmt: skip
+    try:
+        _wait_ready(ember, "slow", "quick")
+        first = {n: ember.inspect(n)["vmm_pid"] for n in ("slow", "quick")}
+        res = ember("restart", "slow", "nosuch", "quick")
+        assert (res.returncode, res.stdout) == (1, "slow\nquick\n"), res.stderr
+        assert res.stderr.strip() == "ember: no such machine: nosuch"
+        st = {n: ember.inspect(n) for n in ("slow", "quick")}
+        for n in ("slow", "quick"):
+            assert st[n]["status"] == "running" and st[n]["vmm_pid"] != first[n], st[n]
+        # together, quick runs again while slow still stops (its trap takes 3 s); one
+        # after the other, quick was restarted only after slow
+        assert str(st["quick"]["started_at"]) < str(st["slow"]["started_at"]), st
+    finally:
+        ember("rm", "-f", "slow", "quick")
 
 
 TRAP = (

@@ -8,7 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from ember.machines.control import ControlRelay
+import pytest
+
+from ember.machines.control import ControlRelay, stop_request
 from ember.machines.monitor import MAX_VMM_ERROR, vmm_last_error
 from ember.vm.vmm.base import open_control
 
@@ -72,6 +74,31 @@ def test_the_bye_reaches_the_guest_while_a_client_holds_its_connection(tmp_path:
         relay.close()
         vmm.close()
     assert not (tmp_path / "control.sock").exists()
+
+
+def test_a_stop_carries_its_timeout_to_the_guest(tmp_path: Path) -> None:
+    """``ember stop -t N``: the guest printed (and armed) the run config's 10 s whatever
+    -t was.  The timeout goes on a line of its own before ``stop``, which the relay
+    passes on (-1: no SIGKILL), and out-of-range ones it drops."""
+    assert stop_request(3) == b"stop_timeout 3\nstop\n"
+    assert stop_request(None) == b"stop_timeout -1\nstop\n"
+    assert stop_request(0) == b"stop_timeout 0\nstop\n"
+    for bad in (-1, 86401):
+        with pytest.raises(ValueError):
+            stop_request(bad)
+    vmm = OneClientServer(tmp_path / "vmm-control.sock")
+    relay = ControlRelay(tmp_path / "control.sock", tmp_path / "vmm-control.sock")
+    try:
+        relay.connect()
+        c = open_control(tmp_path / "control.sock")
+        c.sendall(b"stop_timeout -2\nstop_timeout 007\nstop_timeout 999999\n")
+        c.sendall(stop_request(None) + stop_request(86400))
+        _until(lambda: vmm.received and vmm.received[0].count(b"\n") >= 4)
+        assert vmm.received == [b"stop_timeout -1\nstop\nstop_timeout 86400\nstop\n"]
+        c.close()
+    finally:
+        relay.close()
+        vmm.close()
 
 
 def test_a_long_machine_dir_is_served_too(tmp_path: Path) -> None:

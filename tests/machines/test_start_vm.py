@@ -141,6 +141,27 @@ def test_a_machine_without_its_run_config_is_not_started(ember: Ember, busybox: 
     assert ember("rm", "old").returncode == 0
 
 
+def test_a_vmm_that_dies_at_once_fails_run_d_and_start(ember: Ember, busybox: str) -> None:
+    """`run -d` printed the id and exited 0 when QEMU started and died at once: the
+    monitor said "started" before QEMU failed.  A static executable as the kernel passes
+    ember's checks and QEMU refuses it during its set-up (no VM boots here)."""
+    res = ember("run", "-d", "--name", "dud", "--restart", "always", "--kernel", "/bin/busybox",
+                busybox, "true")  # fmt: skip
+    assert (res.returncode, res.stdout) == (125, ""), res.stderr  # docker run's status
+    why = "machine dud did not start: vmm exited with status 1: "
+    line = next((x for x in res.stderr.splitlines() if why in x), "")
+    assert line.startswith("ember: ") and "qemu-system-x86_64: " in line, res.stderr
+    time.sleep(1)  # (the policy's first restart would come after 100 ms)
+    st = ember.inspect("dud")
+    assert st["status"] == "exited" and str(st["end_reason"]) in line, st
+    # as docker's, a restart policy applies to a machine that started
+    assert (st["restart_count"], st["error"]) == (0, "not restarting: the machine did not start")
+    # ember start says the same (exit 1, as for any machine it could not start)
+    res = ember("start", "dud")
+    assert (res.returncode, res.stdout) == (1, ""), res.stderr
+    assert why in res.stderr, res.stderr
+    assert ember("rm", "dud").returncode == 0
+
 
 def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:
     script = "echo run >> /runs; wc -l < /runs; exit 1"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +346,96 @@ def test_held_host_ports_keep_host_programs_off_them(netns: str, tmp_path: Path)
     assert out["9090 freed"] == "bound"  # what the failed hold took first, it let go
     assert out["elsewhere"] == "-p 10.255.255.1:18080->80/tcp: 10.255.255.1 is not an address of this host"
     assert out["after"] == ["bound", "bound"]
+
+
+# ---- teardown in the machine's own network namespace ----------------------------------
+
+#: the helpers the namespace scripts share (after PRELUDE)
+NS_HELPERS = """
+def links():
+    return sorted(l["ifname"] for l in json.loads(subprocess.run(
+        ["ip", "-j", "link"], capture_output=True, text=True).stdout) if l["ifname"] != "lo")
+def nft():
+    r = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+def state():
+    return sorted(json.loads((home.root / "net" / "state.json").read_text())["machines"])
+"""
+
+
+def run_script(prefix: list[str], script: str, state: Path) -> dict[str, Any]:
+    """``PRELUDE + NS_HELPERS + script`` run under ``prefix`` (the command that puts it
+    into a namespace); what it printed."""
+    res = sh(*prefix, sys.executable, "-c", PRELUDE + NS_HELPERS + script + "\nprint(json.dumps(out))",
+             str(state), ID_A, ID_B, ID_C, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out: dict[str, Any] = json.loads(res.stdout)
+    return out
+
+
+def in_netns(name: str) -> list[str]:
+    return ["ip", "netns", "exec", name]
+
+
+def test_teardown_acts_in_the_namespace_the_network_was_set_up_in(
+    make_netns: Any, tmp_path: Path
+) -> None:
+    """`ember rm` in another network namespace than its `ember run` deleted the TAP of
+    the machine's name there (someone else's, or none) and left the machine's own, and
+    its rules, where they were; and each namespace's table held every machine's rules."""
+    a, b = make_netns(), make_netns()
+    out = run_script(in_netns(a), """
+out["a"] = mgr.setup(sys.argv[2], ports=parse_publish("8080:80")).to_json()
+out["links"] = links()
+""", tmp_path)  # fmt: skip
+    assert out["a"]["netns"]["path"] == f"/run/netns/{a}"
+    assert out["links"] == [tap_name(ID_A)]
+    out = run_script(in_netns(b), f"""
+mgr.setup(sys.argv[3])
+out["nft"] = nft()
+# a link of the other machine's TAP name in this namespace: not the machine's
+subprocess.run(["ip", "tuntap", "add", "dev", "{tap_name(ID_A)}", "mode", "tap"], check=True)
+mgr.teardown(sys.argv[2])
+out["links"], out["nft_after"], out["state"] = links(), nft(), state()
+mgr.teardown(sys.argv[2])  # idempotent, and still nothing touched here
+out["links_again"] = links()
+""", tmp_path)  # fmt: skip
+    # this namespace's table holds its own machine's rules only
+    assert tap_name(ID_B) in out["nft"] and tap_name(ID_A) not in out["nft"], out["nft"]
+    assert "dport 8080" not in out["nft"]
+    assert out["links"] == out["links_again"] == sorted([tap_name(ID_A), tap_name(ID_B)])
+    assert tap_name(ID_B) in out["nft_after"]
+    assert out["state"] == [ID_B]
+    out = run_script(in_netns(a), 'out["links"], out["nft"] = links(), nft()', tmp_path)
+    assert out == {"links": [], "nft": None}  # the machine's TAP and rules went there
+
+
+def test_teardown_finds_an_unnamed_namespace_or_one_that_is_gone(
+    make_netns: Any, tmp_path: Path
+) -> None:
+    """A namespace without an `ip netns` name is entered through a process in it; one
+    that nothing holds any more took its TAP with it: only the allocation is left."""
+    b, gone = make_netns(), make_netns()
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline  # (until unshare has made its namespace)
+            time.sleep(0.01)
+        unnamed = ["nsenter", f"--net=/proc/{holder.pid}/ns/net"]
+        out = run_script(unnamed, 'out["c"] = mgr.setup(sys.argv[4]).to_json()', tmp_path)
+        assert out["c"]["netns"]["path"] is None
+        run_script(in_netns(gone), "mgr.setup(sys.argv[2])", tmp_path)
+        sh("ip", "netns", "del", gone)  # nothing runs in it: the kernel frees it
+        out = run_script(in_netns(b), f"""
+subprocess.run(["ip", "tuntap", "add", "dev", "{tap_name(ID_A)}", "mode", "tap"], check=True)
+mgr.teardown(sys.argv[4])
+mgr.teardown(sys.argv[2])
+out["links"], out["state"] = links(), state()
+""", tmp_path)  # fmt: skip
+        assert out == {"links": [tap_name(ID_A)], "state": []}
+        out = run_script(unnamed, 'out["links"] = links()', tmp_path)
+        assert out["links"] == []
+    finally:
+        holder.kill()
+        holder.wait()

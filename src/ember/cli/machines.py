@@ -247,18 +247,24 @@ def for_each(
         raise SystemExit(1)
 
 
+#: ``stop -t -1``: no timeout, never SIGKILL (docker stop's)
+NO_TIMEOUT = -1
+
 stop_time_option = click.option(
-    "-t", "--time", "timeout", type=click.IntRange(0, 3600), default=None,
-    help="Seconds to wait for a graceful stop before killing (default: the machine's).",
+    "-t", "--time", "timeout", type=click.IntRange(NO_TIMEOUT, 3600), default=None,
+    help="Seconds to wait for a graceful stop before killing (-1: wait for ever; "
+    "default: the machine's).",
 )  # fmt: skip
 
 
 def stop_gracefully(st: Any, timeout: int | None, home: Home | None = None) -> Any:
-    """``ember stop`` of one machine, ``-t`` or else the machine's own stop timeout."""
+    """``ember stop`` of one machine, ``-t`` (-1: no timeout) or else the machine's own
+    stop timeout."""
     from ember.machines import lifecycle
 
-    t = timeout if timeout is not None else int(st.config.get("stop_timeout", 10))
-    return lifecycle.stop(home or home_from_ctx(), st, t)
+    if timeout is None:
+        timeout = int(st.config.get("stop_timeout", lifecycle.DEFAULT_STOP_TIMEOUT))
+    return lifecycle.stop(home or home_from_ctx(), st, None if timeout == NO_TIMEOUT else timeout)
 
 
 @click.command()

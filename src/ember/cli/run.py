@@ -422,12 +422,7 @@ def _launch(
                     raise intr.exception()
             monitor.hand_over(st)
             if intr is None:
-                line = _read_line(monitor.sync_r)
-                msg = (
-                    jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
-                )
-                if msg.get("event") != "started":
-                    raise MachineError(f"machine {st.name} did not start: {msg.get('message')}")
+                _await_start(st, monitor.sync_r)
                 return None
             code = _follow(home, st.id, monitor.sync_r, monitor.pid, outs, intr)
     finally:
@@ -436,6 +431,24 @@ def _launch(
             out.close()
     sys.stdout.flush()
     return code
+
+
+def _await_start(st: MachineState, sync_r: int) -> None:
+    """Return once the monitor says the machine started (its VMM got through its own
+    set-up: a restored guest took its config, a booting VMM stayed up, see the monitor);
+    MachineError with the reason when it did not, as ``docker run -d`` fails for a
+    container that cannot start: the monitor's error, or the VMM's last words (the
+    record's ``end_reason``) when it ended before that point."""
+    line = _read_line(sync_r)
+    msg = jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
+    event = msg.get("event")
+    if event == "started":
+        return
+    if event == "exited":
+        why = msg.get("end_reason") or msg.get("error") or f"exit code {msg.get('exit_code')}"
+    else:
+        why = msg.get("message")
+    raise MachineError(f"machine {st.name} did not start: {why}")
 
 
 def _attach_running(home: Home, st: MachineState) -> int:
@@ -550,22 +563,24 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
 @stop_time_option
 @click.argument("machines", nargs=-1, required=True)
 def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
-    """Stop machines (gracefully, as ember stop) and start them again."""
+    """Stop machines (gracefully, as ember stop) and start them again, all at once."""
     from ember.cli.machines import find_machine, for_each, stop_gracefully
     from ember.machines.state import RUNNING
 
     home = home_from_ctx()
     warnings_as_messages()  # the snapshotter's, as ember: lines
 
+    # runs in a thread of its own per machine (for_each): home passed, no click context
     def restart_one(ref: str) -> None:
-        st = find_machine(ref)
+        st = find_machine(ref, home)
         if st.auto_remove:
             raise UsageError(f"machine {st.name} was run with --rm: stopping it removes it")
         if st.status == RUNNING:
-            st = stop_gracefully(st, timeout)
+            st = stop_gracefully(st, timeout, home)
         _start_one(home, st, attach=False)
 
-    for_each(machines, restart_one)
+    # together, as stop and kill: `restart a b` takes as long as the slower machine
+    for_each(machines, restart_one, parallel=True)
 
 
 commands: list[click.Command] = [run, start, restart]

@@ -1,10 +1,11 @@
 """A machine's control channel (``control.sock``), served by its monitor.
 
 ``ember stop/kill`` and the monitor itself write lines (``stop``, ``kill``,
-``signal N``, ``bye``) that ember-init reads on the guest's control port
-(docs/guest.md, "Control").  QEMU's socket chardev behind that port serves one
-client at a time and drops what the guest has not read when its client hangs
-up; so the monitor is QEMU's only client and relays every line, whoever sent it.
+``signal N``, ``stop_timeout N``, ``bye``) that ember-init reads on the guest's
+control port (docs/guest.md, "Control").  QEMU's socket chardev behind that port
+serves one client at a time and drops what the guest has not read when its client
+hangs up; so the monitor is QEMU's only client and relays every line, whoever sent
+it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,23 @@ from ember.vm.vmm.base import open_control, unix_address
 #: one clients use, is the monitor's (``ControlRelay``)
 VMM_CONTROL = "vmm-control.sock"
 #: the lines a client may send (docs/guest.md, "Control"); anything else is dropped
-_CLIENT_LINE = re.compile(rb"(stop|kill|signal (?:[1-9]|[1-5][0-9]|6[0-4]))")
+_CLIENT_LINE = re.compile(
+    rb"(stop|kill|signal (?:[1-9]|[1-5][0-9]|6[0-4])|stop_timeout (?:-1|0|[1-9][0-9]{0,4}))"
+)
+#: the longest stop timeout the guest takes (its run config's bound)
+MAX_STOP_TIMEOUT = 86400
 _MAX_LINE = 64
 _MAX_CLIENTS = 64
+
+
+def stop_request(timeout: int | None) -> bytes:
+    """The control lines of ``ember stop -t``: the guest sends the StopSignal and arms its
+    SIGKILL after ``timeout`` seconds (None: never).  The timeout is a line of its own
+    before ``stop``: an older monitor drops it and an older ember-init logs and skips it,
+    and both still stop the program (with the run config's timeout)."""
+    if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
+        raise ValueError(f"stop timeout {timeout} is not 0..{MAX_STOP_TIMEOUT} or None")
+    return f"stop_timeout {-1 if timeout is None else timeout}\nstop\n".encode()
 
 
 def _bind_unix(path: Path) -> socket.socket:

@@ -40,6 +40,8 @@ from ember.vm.vmm.base import (
 )
 
 if TYPE_CHECKING:
+    import socket
+
     from ember.net.manager import MachineNetwork
     from ember.vm.kernel import KernelInfo
     from ember.vm.runconfig import RunConfig
@@ -642,20 +644,20 @@ def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
     return mstate.read_state(d)
 
 
-def stop(home: Home, st: MachineState, timeout: float = DEFAULT_STOP_TIMEOUT) -> MachineState:
+def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOUT) -> MachineState:
     """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
-    is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is."""
+    is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is.
+    ``timeout`` None: no SIGKILL, wait as long as the program takes (``docker stop -t -1``)."""
+    from ember.machines.control import stop_request
+
     pending = _stop_pending_restart(home, st)
     if pending is not None:
         return pending
+    request = stop_request(timeout)  # (a bad timeout fails before anything is done)
     st = mark_stopped_by_user(home, _require_running(home, st))
-    d = MachineStore(home).dir(st.id)
-    conn = None
-    try:
-        conn = open_control(machine_channels(d).control_socket)
-        write_control(conn, "stop")
-    except ControlChannelError:
-        conn = None
+    conn = _send_control(MachineStore(home).dir(st.id), request)
+    if conn is None and timeout is None:
+        timeout = int(KILL_GRACE)  # nothing reached the guest: no end to wait for ever for
     try:
         end = wait_exited(home, st, timeout)
         if end is not None:
@@ -670,6 +672,21 @@ def stop(home: Home, st: MachineState, timeout: float = DEFAULT_STOP_TIMEOUT) ->
     finally:
         if conn is not None:
             conn.close()
+
+
+def _send_control(d: Path, data: bytes) -> socket.socket | None:
+    """The connection to the machine's control channel ``data`` went out on (kept open
+    for a ``kill`` after it), None when the channel cannot be reached (it may be ending)."""
+    try:
+        conn = open_control(machine_channels(d).control_socket)
+    except ControlChannelError:
+        return None
+    try:
+        conn.sendall(data)
+    except OSError:
+        conn.close()
+        return None
+    return conn
 
 
 def kill(home: Home, st: MachineState) -> MachineState:

@@ -46,6 +46,15 @@ from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the ma
 class Sync:
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        #: this run started (the VMM got through its set-up, see ``_run_held``): said
+        self.started = False
+
+    def send_started(self, vmm_pid: int) -> None:
+        """Say once a run that the machine started: ``ember run -d`` and ``start`` return
+        then."""
+        if not self.started:
+            self.started = True
+            self.send("started", vmm_pid=vmm_pid)
 
     def send(self, event: str, **data: Any) -> None:
         if self.fd is None:
@@ -166,11 +175,22 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
     delay: float | None = None
     while True:
         began = time.monotonic()
+        sync.started = False  # (after the first run only the record hears of it)
         final = _run_once(home, st, d, sync)
         if final is None:
             return 1  # the VMM did not start (recorded, cleaned up, said)
+        if final.end_reason is None and final.vmm_pid is not None:
+            # the guest reported how its program ended before the VMM's set-up was
+            # known to be over (a fast boot): it did start
+            sync.send_started(final.vmm_pid)
         policy = parse_restart_policy(final.restart_policy)
-        again = policy.should_restart(final.exit_code, final.restart_count, final.stopped_by_user)
+        # as docker's, a policy applies to a machine that started: one whose VMM cannot
+        # set it up would fail the same way again and again
+        again = sync.started and policy.should_restart(
+            final.exit_code, final.restart_count, final.stopped_by_user
+        )
+        if not sync.started and policy.name != "no" and not final.stopped_by_user:
+            _record_given_up(d, "not restarting: the machine did not start")
         sync.send("exited", exit_code=final.exit_code, signal=final.signal,
                   oom_killed=final.oom_killed, end_reason=final.end_reason, error=final.error,
                   restarting=again)  # fmt: skip
@@ -278,19 +298,22 @@ def _run_held(
             cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
             cur.monitor_start = proc_start_time(os.getpid())
             stopped = cur.stopped_by_user
-        sync.send("started", vmm_pid=pid)
         if stopped:
             # `ember stop/kill/rm -f` (or Ctrl-C) came while the VMM was being started:
             # the run ends before the program does anything
             vm.kill()
-        elif spec.restore is not None:
-            # the VMM runs; the restored guest now waits for its config (guest time,
-            # not the host's: "started" went out first)
+        elif spec.restore is None:
+            if _set_up(vm):
+                sync.send_started(pid)
+        else:
+            # the VMM runs; the restored guest now waits for its config
             try:
-                vm, pid = _hand_config_or_boot(home, st, d, vm, spec, pump)
+                vm, pid, started = _hand_config_or_boot(home, st, d, vm, spec, pump)
             except EmberError as e:
                 _failed_to_start(home, st, d, sync, str(e))
                 return None
+            if started:
+                sync.send_started(pid)
 
         # (our child: until waited for, its pid is its own; a restored guest that ran
         # and powered off during the handshake has been waited for already)
@@ -343,13 +366,31 @@ def _run_held(
     return final
 
 
+#: how long a booting VMM must stay up to count as started: QEMU's own set-up (options,
+#: TAP, disk, guest memory, loading the kernel) took 40-65 ms here, 80-150 ms with both
+#: cores busy, and a VMM that cannot start the guest exits within it (15-35 ms)
+VMM_SET_UP_S = 0.5
+
+
+def _set_up(vm: VM) -> bool:
+    """Whether a booting VMM got through its own set-up: still running ``VMM_SET_UP_S``
+    after its start.  A boot has no earlier sign of that (the guest says nothing until
+    its kernel has booted, seconds under TCG); a restored guest answering its config is
+    one (``_hand_config_or_boot``).  A VMM that ended meanwhile is waited for."""
+    return vm.wait(VMM_SET_UP_S) is None
+
+
 def _hand_config_or_boot(
     home: Home, st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec, pump: StreamPump
-) -> tuple[VM, int]:
+) -> tuple[VM, int, bool]:
     """A restored template waits for its run config: send it.  When the restore does not
     take (a template the VMM cannot load, a guest that never answers), drop the template
     and boot the machine's kernel instead, as if there had been none; but never when the
-    guest may have taken the config (``machines.restore``): the program must not run twice."""
+    guest may have taken the config (``machines.restore``): the program must not run twice.
+
+    Returns the VM that runs the machine, its pid, and whether it started: the guest
+    answered its config (the VMM loaded the template, the guest runs), or took it all the
+    same, or the VMM booted instead got through its set-up (``_set_up``)."""
     from ember.machines.lifecycle import RESTORE_CONFIG
     from ember.vm.template import (
         ConfigUnanswered,
@@ -363,7 +404,7 @@ def _hand_config_or_boot(
     try:
         config = (d / RESTORE_CONFIG).read_bytes()
         send_restore_config(spec.channels.control_socket, config, alive=vm.alive)
-        return vm, vm.pid
+        return vm, vm.pid, True
     except (TemplateError, OSError) as e:
         failure, sent = e, isinstance(e, ConfigUnanswered)
     # a VMM that cannot load the state exits by itself (the control channel's end is
@@ -372,10 +413,10 @@ def _hand_config_or_boot(
     ended = vm.wait(5.0 if vm.alive() else 1.0)
     verdict = after_unacknowledged_restore(sent, ended, pump.program_spoke())
     if verdict is AfterRestore.KILLED:
-        return vm, vm.pid
+        return vm, vm.pid, False
     if verdict is AfterRestore.KEEP:
         print(f"monitor: {failure}; the guest took its config all the same", file=sys.stderr)
-        return vm, vm.pid
+        return vm, vm.pid, True
     print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
     vm.kill()
     vm.wait()
@@ -388,7 +429,7 @@ def _hand_config_or_boot(
     pid = boot.start()
     with mstate.update(d) as cur:
         cur.vmm_pid = pid
-    return boot, pid
+    return boot, pid, _set_up(boot)
 
 
 def _wait_for_machine(home: Home, go_fd: int | None) -> str | None:

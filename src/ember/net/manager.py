@@ -25,8 +25,9 @@ from ember import jsonutil
 from ember.config import config_section
 from ember.fsutil import atomic_write
 from ember.home import Home
-from ember.net import ipam, netfilter, tap
+from ember.net import ipam, netfilter, netns, tap
 from ember.net.errors import InvalidPortSpec, NetworkError, PortConflict
+from ember.net.netns import Netns
 from ember.net.nftables import (
     TAP_PREFIX,
     MachineRules,
@@ -104,6 +105,8 @@ class MachineNetwork:
     mtu: int
     nameservers: tuple[str, ...] = ()
     ports: tuple[PortMapping, ...] = field(default_factory=tuple)
+    #: the network namespace the TAP and rules are in (None: set up by an older ember)
+    netns: Netns | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +120,7 @@ class MachineNetwork:
             "mtu": self.mtu,
             "nameservers": list(self.nameservers),
             "ports": [p.to_json() for p in self.ports],
+            "netns": self.netns.to_json() if self.netns else None,
         }
 
     @classmethod
@@ -136,6 +140,7 @@ class MachineNetwork:
             mtu=int(d["mtu"]),
             nameservers=tuple(d.get("nameservers", ())),
             ports=tuple(PortMapping.from_json(p) for p in d.get("ports", ())),
+            netns=Netns.from_json(d["netns"]) if d.get("netns") is not None else None,
         )
 
 
@@ -220,12 +225,15 @@ class NetworkManager:
 
     # ---- rules --------------------------------------------------------------------
 
-    def _apply_rules(self, state: dict[str, Any]) -> None:
+    def _ruleset(self, state: dict[str, Any], where: Netns | None) -> str:
+        """The nftables script for namespace ``where``: the rules of the machines whose
+        network is in it (and of those set up by an older ember, which recorded none)."""
         rules = [
             MachineRules(m.machine_id, m.tap, m.guest_ip, m.network, m.ports)
             for m in (MachineNetwork.from_json(v) for v in state["machines"].values())
+            if m.netns is None or where is None or m.netns.same(where)
         ]
-        netfilter.apply(render_ruleset(rules, subnet=state["subnet"], egress=self.config.egress))
+        return render_ruleset(rules, subnet=state["subnet"], egress=self.config.egress)
 
     def nameservers(self) -> tuple[str, ...]:
         if self.config.nameservers is not None:
@@ -289,6 +297,8 @@ class NetworkManager:
                 mtu=self.config.mtu,
                 nameservers=self.nameservers(),
                 ports=tuple(ports),
+                # where the TAP and the rules go: teardown acts there, from anywhere
+                netns=netns.current(),
             )
             # record first: a crash from here on leaves an allocation teardown can undo
             state["machines"][machine_id] = {**net.to_json(), "slot": slot}
@@ -298,24 +308,42 @@ class NetworkManager:
                 tap.create_tap(name, net.gateway, net.prefix, route_localnet=bool(ports))
                 if self.config.egress or ports:
                     tap.enable_forwarding()
-                self._apply_rules(state)
+                netfilter.apply(self._ruleset(state, net.netns))
             except BaseException:
+                # the link goes before the record: no moment a TAP exists unrecorded
+                tap.delete_link(name)
                 del state["machines"][machine_id]
                 self._save(state)
-                tap.delete_link(name)
-                self._apply_rules(state)
+                netfilter.apply(self._ruleset(state, net.netns))
                 raise
             return net
 
     def teardown(self, machine_id: str) -> None:
-        """Remove the machine's TAP, rules and allocation (idempotent)."""
+        """Remove the machine's TAP, rules and allocation (idempotent), in the network
+        namespace they were set up in, whichever namespace this runs in.
+
+        Nothing but the allocation is left to free when that namespace is gone (nothing
+        reaches it: its TAP went with it).  A machine with no allocation has nothing
+        to free: a link of its TAP's name here is left alone, as it may be another
+        namespace's machine's, or no machine's."""
         with self._locked() as state:
-            entry = state["machines"].pop(machine_id, None)
-            name = entry["tap"] if entry else tap_name(machine_id)
-            tap.delete_link(name)
-            if entry is not None:
-                self._save(state)
-            self._apply_rules(state)
+            entry = state["machines"].get(machine_id)
+            if entry is None:
+                return
+            m = MachineNetwork.from_json(entry)
+            del state["machines"][machine_id]
+            rules = self._ruleset(state, m.netns)  # what stays in its namespace
+
+            def release() -> None:
+                tap.delete_link(m.tap)
+                netfilter.apply(rules)
+
+            if m.netns is None or m.netns.same(netns.here()):
+                release()  # (an older ember's entry: where the command runs, as before)
+            else:
+                netns.run_in(m.netns, release)  # False: gone, and its TAP with it
+            # only once it is gone: a failure above leaves the entry for another try
+            self._save(state)
 
 
 # ---- host ports left to choose (`-p 80`, `-p 8000-8010:80`) --------------------------------
