@@ -700,3 +700,11 @@ def agent_client_code() -> str:
     from ember.agent import client
 
     return os.path.realpath(client.__file__)
+
+
+def test_the_socket_is_the_users_alone(agent: RunningAgent) -> None:
+    import stat as stat_module
+
+    st = agent.socket.lstat()
+    assert stat_module.S_ISSOCK(st.st_mode)
+    assert stat_module.S_IMODE(st.st_mode) == 0o600

@@ -134,6 +134,9 @@ class Agent:
         tmp = self.socket_path.with_name(f".{SOCKET_NAME}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The mode comes from the umask at bind(), not from a chmod after it, which
+        # would follow whatever had replaced the new name meanwhile.
+        umask = os.umask(0o177)
         try:
             listener.bind(os.fspath(tmp))
         except OSError as e:
@@ -141,7 +144,8 @@ class Agent:
             raise AgentError(
                 f"cannot create the agent's socket {tmp}: {e.strerror or e}"  # a path too long
             ) from None
-        os.chmod(tmp, 0o600)
+        finally:
+            os.umask(umask)
         listener.listen(128)
         os.rename(tmp, self.socket_path)
         return listener
