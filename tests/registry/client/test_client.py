@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -205,6 +206,69 @@ def test_a_download_that_stalls_after_progress_is_resumed_each_time(tmp_path: Pa
     ):
         client.fetch_blob("app", desc, store)
     assert len(seen) == 4  # the first try and three resumed ones, each 10 bytes further
+
+
+def test_a_blob_that_trickles_is_cut_and_resumed_then_given_up(tmp_path: Path) -> None:
+    """A peer that sends one byte now and then never trips the read timeout (each read
+    gets its byte in time): the download went on at its pace, for ever at a byte a
+    minute.  Too few bytes in a whole timeout now count as a cut connection."""
+    blob = bytes(range(256)) * 4
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    ranges: list[int] = []
+
+    def trickle(conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            data = conn.recv(4096)
+            if not data:
+                return
+            request += data
+        start = 0
+        for line in request.split(b"\r\n"):
+            if line.lower().startswith(b"range: bytes="):
+                start = int(line.split(b"=")[1].split(b"-")[0])
+        ranges.append(start)
+        status = b"206 Partial Content" if start else b"200 OK"
+        conn.sendall(
+            b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(blob) - start).encode()
+            + b"\r\nContent-Range: bytes " + f"{start}-{len(blob) - 1}/{len(blob)}".encode()
+            + b"\r\n\r\n"
+        )  # fmt: skip
+        with contextlib.suppress(OSError):
+            for i in range(start, len(blob)):
+                conn.sendall(blob[i : i + 1])
+                time.sleep(0.05)  # well inside the 0.3 s read timeout
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=lambda c=conn: (trickle(c), c.close()), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    store = ContentStore(tmp_path / "content")
+    port = listener.getsockname()[1]
+    began = time.monotonic()
+    try:
+        with (
+            RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.001, timeout=0.3) as client,
+            pytest.raises(RegistryUnreachable, match=r"keeps failing \(only \d+ bytes came in"),
+        ):
+            client.fetch_blob("app", desc, store)
+    finally:
+        stop.set()
+        server.join(5)
+        listener.close()
+    assert time.monotonic() - began < 10  # at its pace the blob would take 51 s
+    assert len(ranges) == 3 and ranges[0] == 0 and ranges[1] > 0 and ranges[2] > ranges[1]  # resumed
+    assert not store.exists(desc.digest)
 
 
 def test_a_token_answer_nested_too_deep_is_refused_not_a_crash() -> None:
