@@ -47,31 +47,6 @@ from ember.store.content import BlobWriter, ContentStore
 _MAX_TOKEN_RESPONSE = 1 << 20
 _MAX_ERROR_BODY = 64 * 1024
 USER_AGENT = f"ember/{__version__}"
-#: a blob body that brings fewer bytes than this in a whole read timeout is cut and
-#: resumed like a dropped connection: a peer that sends a byte now and then never
-#: trips the timeout itself (a read waits for one byte, not for a rate), and would
-#: hold the pull for ever (curl's --speed-limit idea, at ~17 bytes/s for 60 s)
-MIN_BYTES_PER_TIMEOUT = 1024
-
-
-class _Pace:
-    """Tells a body that trickles: fewer than ``minimum`` bytes in ``window`` seconds."""
-
-    def __init__(self, window: float, minimum: int = MIN_BYTES_PER_TIMEOUT) -> None:
-        self.window = window
-        self.minimum = minimum
-        self._since = time.monotonic()
-        self._bytes = 0
-
-    def add(self, n: int) -> None:
-        """Count ``n`` bytes just received; TransportError once a window brought too few."""
-        self._bytes += n
-        elapsed = time.monotonic() - self._since
-        if elapsed < self.window:
-            return
-        if self._bytes < self.minimum:
-            raise TransportError(f"only {self._bytes} bytes came in {elapsed:.0f} s")
-        self._since, self._bytes = time.monotonic(), 0
 
 #: called with the number of bytes just received (negative: a restart discarded them)
 ProgressCallback = Callable[[int], None]
@@ -673,14 +648,12 @@ class RegistryClient:
         try:
             # No re-chunking: every byte received is written before a cut
             # connection (or a cancel) raises, so a resume loses nothing.
-            pace = _Pace(self.http.timeout)
             for chunk in resp.iter_bytes():
                 writer.write(chunk)
                 if progress:
                     progress(len(chunk))
                 if cancel is not None:
                     cancel.check()
-                pace.add(len(chunk))
         except DigestMismatch as e:
             if progress:
                 progress(-writer.offset)

@@ -22,6 +22,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
@@ -29,6 +30,11 @@ from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 #: bytes asked of the socket per read of a body
 READ_SIZE = 64 * 1024
 MAX_REDIRECTS = 10
+#: a body that brings fewer bytes than this in a whole read timeout is cut like a dropped
+#: connection (and a blob resumed): a peer that sends a byte now and then never trips
+#: the timeout itself (a read waits for one byte, not for a rate), and would hold a
+#: pull for ever (curl's --speed-limit idea, at ~17 bytes/s for 60 s)
+MIN_BYTES_PER_TIMEOUT = 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -94,6 +100,26 @@ class Headers:
         return ", ".join(values) if values else default
 
 
+class _Pace:
+    """Tells a body that trickles: fewer than ``minimum`` bytes in ``window`` seconds."""
+
+    def __init__(self, window: float, minimum: int = MIN_BYTES_PER_TIMEOUT) -> None:
+        self.window = window
+        self.minimum = minimum
+        self._since = time.monotonic()
+        self._bytes = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` bytes just received; TransportError once a window brought too few."""
+        self._bytes += n
+        elapsed = time.monotonic() - self._since
+        if elapsed < self.window:
+            return
+        if self._bytes < self.minimum:
+            raise TransportError(f"only {self._bytes} bytes came in {elapsed:.0f} s")
+        self._since, self._bytes = time.monotonic(), 0
+
+
 #: (origin, proxy origin or None, proxy authorization or None)
 _Key = tuple[Origin, Origin | None, str | None]
 
@@ -114,6 +140,7 @@ class Response:
     def iter_bytes(self) -> Iterator[bytes]:
         """The body in chunks as received; TransportError if the connection is cut before its end."""
         raw = self._raw
+        pace = _Pace(self._pool.timeout)
         while not self._closed:
             try:
                 chunk = raw.read1(READ_SIZE)
@@ -125,6 +152,7 @@ class Response:
                 self._done = True
                 return
             yield chunk
+            pace.add(len(chunk))
 
     def read(self) -> bytes:
         return b"".join(self.iter_bytes())
