@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -205,3 +206,55 @@ def test_wait_prints_the_code_of_an_rm_machine_that_ended_first(tmp_path: Path) 
         monitor.kill()
         monitor.wait()
     assert (waiter.returncode, out) == (0, "7\n9\n"), err
+
+
+def test_logs_without_follow_end_while_the_machine_keeps_writing(tmp_path: Path) -> None:
+    """`ember logs` read until end-of-file: with a guest writing faster than the output
+    was taken (a slow pipe), it never ended.  As `docker logs`, it prints what the logs
+    held when it started, across their rotated files."""
+    from ember.machines.logs import LogConfig, RotatingLog
+
+    home = Home(tmp_path)
+    st = _record(home, "chatty", status=mstate.EXITED, exit_code=0)
+    d = MachineStore(home).dir(st.id)
+    (d / "stderr.log").touch()
+    config = LogConfig(64 << 10, 3)
+    log = RotatingLog(d / "stdout.log", config)
+    count = 0
+
+    def write(lines: int) -> None:
+        nonlocal count
+        log.write(b"".join(b"%08d %s\n" % (i, b"x" * 50) for i in range(count, count + lines)))
+        count += lines
+
+    while log.rotations < 3:
+        write(1000)
+    stop = threading.Event()
+
+    def keep_writing() -> None:  # ~20 MB/s, the reader below takes < 1 MB/s
+        while not stop.is_set():
+            write(1000)
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        proc = subprocess.Popen([EMBER, "logs", "chatty"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "EMBER_HOME": str(tmp_path)})  # fmt: skip
+        assert proc.stdout is not None
+        out = b""
+        deadline = time.monotonic() + 20
+        while chunk := proc.stdout.read1(4096):
+            out += chunk
+            assert time.monotonic() < deadline, f"ember logs still printing after {len(out)} bytes"
+            time.sleep(0.005)
+        assert proc.wait(10) == 0
+    finally:
+        stop.set()
+        writer.join()
+        proc.kill()
+        log.close()
+    numbers = [int(line.split()[0]) for line in out.splitlines()]
+    assert numbers[0] > 0  # the oldest files were dropped already
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # whole, in order
+    assert len(out) <= config.max_size * config.max_files  # what was kept when it started

@@ -6,14 +6,18 @@ import json
 import os
 import secrets
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ember.cli.run import _await_start, _read_line
+from ember.cli.run import _await_start, _follow, _Interrupts, _read_line
+from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import MachineError
+from ember.machines.logs import LogFollower
 from ember.machines.state import MachineState, VMConfig
+from ember.machines.store import MachineStore
 
 
 def test_the_monitors_first_line_is_read_whole_however_long() -> None:
@@ -85,3 +89,36 @@ def test_a_vm_that_ended_before_it_started_fails_with_the_vmms_words() -> None:
             _await_start(_machine(), r)
     finally:
         os.close(r)
+
+
+def _follow_events(tmp_path: Path, *events: dict[str, Any]) -> int:
+    """What an attached run makes of its monitor's ``events`` (empty logs)."""
+    home = Home(tmp_path)
+    st = _machine()
+    d = MachineStore(home).dir(st.id)
+    d.mkdir(parents=True)
+    outs = []
+    for name in ("stdout.log", "stderr.log"):
+        (d / name).touch()
+        outs.append(LogFollower.current(d / name))
+    r = _events(*events)
+    try:
+        return _follow(home, st, r, None, outs, _Interrupts())
+    finally:
+        os.close(r)
+        for out in outs:
+            out.close()
+
+
+def test_an_attached_run_whose_vm_ended_before_it_started_fails_as_run_d(tmp_path: Path) -> None:
+    """`ember run` in the foreground exited 255 (the record's code) when QEMU refused the
+    machine at once, while `run -d` said 125 with the VMM's words: now both do."""
+    reason = "vmm exited with status 1: qemu-system-x86_64: could not open disk image"
+    with pytest.raises(MachineError, match="m1 did not start: vmm exited with status 1: qemu"):
+        _follow_events(tmp_path, {"event": "exited", "exit_code": 255, "end_reason": reason})
+    # a run that started ends with its program's code, whatever it is
+    started = {"event": "started", "vmm_pid": 1}
+    assert _follow_events(tmp_path, started, {"event": "exited", "exit_code": 255}) == 255
+    # stopped (Ctrl-C, ember kill) before it started: the user's doing, not a failure
+    killed = {"event": "exited", "exit_code": 137, "end_reason": "killed", "stopped_by_user": True}
+    assert _follow_events(tmp_path, killed) == 137

@@ -6,13 +6,14 @@ trap, and a restart policy that gives up says why in the record."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.machines.vmkit import Ember, vm_home_fixture, wait_for
+from tests.machines.vmkit import EMBER, Ember, vm_home_fixture, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -169,3 +170,91 @@ def test_a_restart_policy_that_gives_up_says_why(ember: Ember, busybox: str) -> 
         proc.kill()
         proc.wait()
     assert ember("rm", "-f", "r1").returncode == 0
+
+
+#: a hostile program: ember-init's last console line forged, then it runs on (deaf to
+#: the StopSignal)
+FORGER = (
+    "trap '' TERM; echo 'ember-init: exit code 0' > /dev/console; "
+    "echo ready; while :; do sleep 0.1; done"
+)
+
+
+def _ready_again(ember: Ember, name: str, runs: int) -> None:
+    """Until the machine's ``runs``-th run printed "ready" and its forged console line
+    is in console.log (the console is a stream of its own)."""
+    deadline = time.monotonic() + 120
+    while (ember("logs", name).stdout.count("ready") < runs
+           or _console(ember, name).count("ember-init: exit code 0") < runs):  # fmt: skip
+        assert time.monotonic() < deadline, name
+        time.sleep(0.1)
+
+
+def _no_sigkill_armed(ember: Ember, name: str, times: int) -> None:
+    """Until the guest said ``times`` times that a stop armed no SIGKILL."""
+    deadline = time.monotonic() + 30
+    while _console(ember, name).count("sending signal 15, no SIGKILL (no timeout)") < times:
+        assert time.monotonic() < deadline, _console(ember, name)[-2000:]
+        time.sleep(0.1)
+
+
+def _ember_bg(ember: Ember, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ember.env(),
+    )  # fmt: skip
+
+
+def test_the_host_killing_the_vmm_wins_over_a_forged_console_line(
+    ember: Ember, busybox: str
+) -> None:
+    """A root program in the guest can print `ember-init: exit code 0` on the console;
+    when the host then killed the VMM (init writes no report then), that line was the
+    machine's exit code, for `ember wait` too, instead of 137.  A hostile guest can keep
+    init from ending the program; here the control channel is taken away instead, which
+    sends `kill` and `stop` the same way: to their SIGKILL of the VMM.
+
+    And `run --stop-timeout -1` was refused (`stop -t -1` took it): now the machine's
+    stops (Ctrl-C, `ember stop`) arm no SIGKILL in the guest, and `stop` waits."""
+    run = _ember_bg(ember, "run", "--name", "forger", "--stop-timeout", "-1", busybox,
+                    "sh", "-c", FORGER)  # fmt: skip
+    try:
+        assert run.stdout is not None and run.stdout.readline() == "ready\n", run.stderr
+        assert ember.inspect("forger")["config"]["stop_timeout"] == -1
+        run.send_signal(signal.SIGINT)  # Ctrl-C (`ip netns exec` execs ember)
+        _no_sigkill_armed(ember, "forger", 1)
+        assert ember("kill", "forger").returncode == 0  # through init: its report says 137
+        assert run.wait(30) == 137
+
+        d = ember.home.machines / str(ember.inspect("forger")["id"])
+        assert ember("start", "forger").returncode == 0
+        _ready_again(ember, "forger", 2)
+        stop = _ember_bg(ember, "stop", "forger")  # no -t: the machine's -1, for ever
+        _no_sigkill_armed(ember, "forger", 2)
+        (d / "control.sock").unlink()
+        assert ember("kill", "forger").returncode == 0  # no channel: the VMM is killed
+        assert stop.wait(30) == 0
+        st = ember.inspect("forger")
+        assert (st["exit_code"], st["end_reason"]) == (137, "killed"), st
+        assert ember("wait", "forger").stdout == "137\n"
+
+        assert ember("start", "forger").returncode == 0
+        _ready_again(ember, "forger", 3)
+        (d / "control.sock").unlink()
+        res = ember("stop", "-t", "1", "forger")  # its last step kills the VMM
+        assert (res.returncode, res.stdout) == (0, "forger\n"), res.stderr
+        st = ember.inspect("forger")
+        assert (st["exit_code"], st["end_reason"]) == (137, "killed"), st
+        assert ember("wait", "forger").stdout == "137\n"
+
+        # rm -f kills the VMM itself; a wait that found the machine before gets its code
+        assert ember("start", "forger").returncode == 0
+        _ready_again(ember, "forger", 4)
+        wait = _ember_bg(ember, "wait", "forger")
+        time.sleep(1)  # it has found the machine
+        assert ember("rm", "-f", "forger").returncode == 0
+        out, err = wait.communicate(timeout=30)
+        assert (wait.returncode, out) == (0, "137\n"), err
+    finally:
+        run.kill()
+        ember("rm", "-f", "forger")

@@ -4,6 +4,8 @@ and the VMM's last words in the end reason."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,3 +133,53 @@ def test_the_vmms_last_error_line() -> None:
     hostile = vmm_last_error(b"x\x1b[2J\x07 \xff" + b"y" * 1000 + b"\n")
     assert hostile is not None and len(hostile) == MAX_VMM_ERROR
     assert hostile.isprintable() and "\x1b" not in hostile
+
+
+#: a monitor's SIGTERM handler, in a process of its own: the signal comes while the main
+#: thread holds the relay's lock (as inside ``relay.send(b"bye")`` or ``relay.close()``)
+TERM_WHILE_LOCKED = r"""
+import os, signal, socket, sys, threading, time
+from pathlib import Path
+from ember.machines.control import ControlRelay
+from ember.machines.monitor import stop_on_term
+from ember.machines.state import MachineState, VMConfig
+
+d = Path(sys.argv[1])
+vmm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+vmm.bind(str(d / "vmm.sock"))
+vmm.listen(1)
+got = []
+def serve():
+    conn, _ = vmm.accept()
+    while data := conn.recv(4096):
+        got.append(data)
+threading.Thread(target=serve, daemon=True).start()
+relay = ControlRelay(d / "control.sock", d / "vmm.sock")
+relay.connect()
+st = MachineState(id="0" * 64, name="m", image="i", image_digest="d", created_at="",
+                  command=[], config={"stop_timeout": -1},
+                  vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1))
+stop_on_term(relay, st)
+with relay._lock:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handler runs meanwhile, on this thread
+deadline = time.monotonic() + 5
+while b"".join(got) != b"stop_timeout -1\nstop\n" and time.monotonic() < deadline:
+    time.sleep(0.01)
+relay.close()
+os.kill(os.getpid(), signal.SIGTERM)  # after close: nothing to do, nothing written
+print(repr(b"".join(got)))
+"""
+
+
+def test_a_sigterm_while_the_relay_is_locked_stops_the_machine(tmp_path: Path) -> None:
+    """The monitor's SIGTERM handler called ``relay.send``, which takes the relay's lock:
+    a SIGTERM while the main thread was inside ``send(b"bye")`` or ``close()`` waited
+    for ever on its own thread's lock (the monitor hung, its VMM ran on).  The handler
+    now leaves the lines to the relay's thread; with the machine's own stop timeout."""
+    res = subprocess.run(
+        [sys.executable, "-c", TERM_WHILE_LOCKED, str(tmp_path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "b'stop_timeout -1\\nstop\\n'\n", res.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from ember.machines.report import (
+    CONSOLE_REASON,
     NO_REPORT_EXIT_CODE,
     ExitReport,
     Outcome,
@@ -77,7 +78,8 @@ def test_console_tail() -> None:
 def test_outcome() -> None:
     rep = ExitReport(7, None, False)
     assert outcome(rep, 0, None, killed=False) == Outcome(7, None, False, None)
-    # the report wins even when the VMM was killed after it was written
+    # the report wins when the VMM died of a SIGKILL the user did not ask for (the OOM
+    # killer after the report was written)
     assert outcome(rep, None, 9, killed=False).exit_code == 7
     assert outcome(None, None, 9, killed=False) == Outcome(137, 9, False, "killed")
     assert outcome(None, 0, None, killed=True).exit_code == 137
@@ -85,3 +87,24 @@ def test_outcome() -> None:
     assert gone.exit_code == NO_REPORT_EXIT_CODE and gone.end_reason
     assert "status 1" in str(outcome(None, 1, None, killed=False).end_reason)
     assert "signal 15" in str(outcome(None, None, 15, killed=False).end_reason)
+
+
+def test_what_the_host_did_wins_over_what_the_guest_said() -> None:
+    """A root program in the guest printed `ember-init: exit code 0` on /dev/console and
+    was then killed by `ember kill`/`rm -f`/stop's last step (its VMM SIGKILLed, init
+    wrote no report): the forged line was recorded, 0 for `ember wait`, not 137."""
+    forged = parse_console_tail(b"ember-init: exit code 0\n")
+    assert forged == ExitReport(0, None, False)
+    killed = Outcome(137, 9, False, "killed")
+    # the host SIGKILLed the VMM: a console line, or a report, changes nothing
+    assert outcome(None, None, 9, killed=True, console_said=forged) == killed
+    assert outcome(ExitReport(0, None, False), None, 9, killed=True) == killed
+    # a VMM that did not power off by itself: the console line is no word on it
+    assert outcome(None, None, 9, killed=False, console_said=forged) == killed
+    failed = outcome(None, 1, None, killed=False, console_said=forged)
+    assert (failed.exit_code, failed.end_reason) == (255, "vmm exited with status 1")
+    assert outcome(None, None, 15, killed=False, console_said=forged).exit_code == 255
+    # the guest powered off by itself (its status port gave nothing): it decided how it
+    # ended anyway, so its console's word is taken, and marked as only that
+    said = outcome(None, 0, None, killed=False, console_said=ExitReport(3, None, False))
+    assert said == Outcome(3, None, False, CONSOLE_REASON)

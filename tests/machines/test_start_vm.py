@@ -143,8 +143,9 @@ def test_a_machine_without_its_run_config_is_not_started(ember: Ember, busybox: 
 
 def test_a_vmm_that_dies_at_once_fails_run_d_and_start(ember: Ember, busybox: str) -> None:
     """`run -d` printed the id and exited 0 when QEMU started and died at once: the
-    monitor said "started" before QEMU failed.  A static executable as the kernel passes
-    ember's checks and QEMU refuses it during its set-up (no VM boots here)."""
+    monitor said "started" before QEMU failed; `run` in the foreground exited 255.  A
+    static executable as the kernel passes ember's checks and QEMU refuses it during its
+    set-up (no VM boots here)."""
     res = ember("run", "-d", "--name", "dud", "--restart", "always", "--kernel", "/bin/busybox",
                 busybox, "true")  # fmt: skip
     assert (res.returncode, res.stdout) == (125, ""), res.stderr  # docker run's status
@@ -156,11 +157,19 @@ def test_a_vmm_that_dies_at_once_fails_run_d_and_start(ember: Ember, busybox: st
     assert st["status"] == "exited" and str(st["end_reason"]) in line, st
     # as docker's, a restart policy applies to a machine that started
     assert (st["restart_count"], st["error"]) == (0, "not restarting: the machine did not start")
-    # ember start says the same (exit 1, as for any machine it could not start)
-    res = ember("start", "dud")
-    assert (res.returncode, res.stdout) == (1, ""), res.stderr
-    assert why in res.stderr, res.stderr
+    # ember start says the same (exit 1, as for any machine it could not start), attached too
+    for attach in ((), ("-a",)):
+        res = ember("start", *attach, "dud")
+        assert (res.returncode, res.stdout) == (1, ""), res.stderr
+        assert why in res.stderr, res.stderr
     assert ember("rm", "dud").returncode == 0
+    # and so does `run` in the foreground (it exited 255, the record's code)
+    res = ember("run", "--rm", "--name", "dud2", "--kernel", "/bin/busybox", busybox, "true")
+    assert (res.returncode, res.stdout) == (125, ""), res.stderr
+    why = "machine dud2 did not start: vmm exited with status 1: "
+    line = next((x for x in res.stderr.splitlines() if why in x), "")
+    assert line.startswith("ember: ") and "qemu-system-x86_64: " in line, res.stderr
+    assert "dud2" not in ember("ps", "-a").stdout  # --rm: removed all the same
 
 
 def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:

@@ -181,16 +181,23 @@ def logs(follow: bool, machine: str) -> None:
     """Print a machine's program output (stdout and stderr).
 
     The logs are capped (config.json's "logs" section): what is printed is what
-    is kept, the rotated files oldest first, then the current ones."""
-    from ember.machines.logs import LogFollower
+    is kept, the rotated files oldest first, then the current ones.  Without -f,
+    what they hold when the command starts (a guest that writes faster than the
+    output is read does not keep it going)."""
+    from ember.machines.logs import LogFollower, LogSnapshot
     from ember.machines.state import RUNNING, read_state
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
     st = find_machine(machine)
     d = MachineStore(home).dir(st.id)
-    with LogFollower.oldest(d / "stdout.log") as out, LogFollower.oldest(d / "stderr.log") as err:
-        sinks = ((out, sys.stdout.buffer), (err, sys.stderr.buffer))
+    with contextlib.ExitStack() as stack:
+        srcs: list[LogFollower | LogSnapshot] = []
+        for p in (d / "stdout.log", d / "stderr.log"):
+            src = LogFollower.oldest(p) if follow else LogSnapshot.take(p)
+            srcs.append(src)
+            stack.callback(src.close)
+        sinks = ((srcs[0], sys.stdout.buffer), (srcs[1], sys.stderr.buffer))
         while True:
             moved = False
             for src, dst in sinks:
@@ -261,9 +268,10 @@ def stop_gracefully(st: Any, timeout: int | None, home: Home | None = None) -> A
     """``ember stop`` of one machine, ``-t`` (-1: no timeout) or else the machine's own
     stop timeout."""
     from ember.machines import lifecycle
+    from ember.machines.control import stop_timeout_of
 
     if timeout is None:
-        timeout = int(st.config.get("stop_timeout", lifecycle.DEFAULT_STOP_TIMEOUT))
+        return lifecycle.stop(home or home_from_ctx(), st, stop_timeout_of(st))
     return lifecycle.stop(home or home_from_ctx(), st, None if timeout == NO_TIMEOUT else timeout)
 
 

@@ -91,7 +91,7 @@ class _Interrupts:
 
 def _follow(
     home: Home,
-    machine_id: str,
+    st: MachineState,
     sync_r: int | None,
     monitor_pid: int | None,
     outs: Sequence[LogFollower],
@@ -99,16 +99,18 @@ def _follow(
 ) -> int:
     """Copy the machine's output until it ends; its exit code.  ``sync_r``: the events of
     the monitor this process started (None: attached to a machine already running, whose
-    end is read from its record)."""
+    end is read from its record).  A run that ended before it started (its VMM failed
+    during its set-up) is MachineError, as for ``run -d`` (``_await_start``)."""
     from ember.machines import lifecycle
     from ember.machines.state import EXITED, RUNNING, read_state
     from ember.machines.store import MachineStore
 
-    d = MachineStore(home).dir(machine_id)
+    d = MachineStore(home).dir(st.id)
     stdout, stderr = outs
     sinks = ((stdout, sys.stdout.buffer), (stderr, sys.stderr.buffer))
     pending = b""
     event: dict[str, Any] | None = None
+    started = False  # the monitor said so (its events only)
     control = None
     started_at = read_state(d).started_at if sync_r is None else None
     seen: MachineState | None = None  # attached to a running machine: its last record read
@@ -142,6 +144,8 @@ def _follow(
                 msg = jsonutil.loads(line)
                 if msg.get("event") == "exited":
                     event = msg
+                elif msg.get("event") == "started":
+                    started = True
                 elif msg.get("event") == "error":
                     raise MachineError(str(msg.get("message")))
     finally:
@@ -173,6 +177,9 @@ def _follow(
         if sync_r is not None and end.auto_remove and end.status == EXITED:
             lifecycle.remove(home, end)  # --rm: what its monitor would have done
         return end.exit_code
+    if not started and not event.get("stopped_by_user"):
+        # ember's failure, not the program's: 125 and the VMM's last words, as run -d
+        raise _not_started(st, event)
     if event.get("error"):
         _say(str(event["error"]))
     if event.get("end_reason"):
@@ -185,8 +192,9 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket 
     connection a stop was written on (kept open until the machine ends), if any."""
     from ember.cli.machines import send_signal
     from ember.machines import lifecycle
+    from ember.machines.control import stop_request, stop_timeout_of
     from ember.machines.state import RUNNING
-    from ember.vm.vmm.base import ControlChannelError, open_control, write_control
+    from ember.vm.vmm.base import ControlChannelError, open_control
 
     st = _current(home, d)
     if st is None or st.status != RUNNING:
@@ -206,7 +214,12 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket 
     _say(f"stopping {st.name} ({again} again to kill it)")
     try:
         control = open_control(d / "control.sock")
-        write_control(control, "stop")
+        try:
+            # with the machine's own stop timeout (-1: none), as `ember stop` sends it
+            control.sendall(stop_request(stop_timeout_of(st)))
+        except OSError as e:
+            control.close()
+            raise ControlChannelError(f"cannot write to the machine's control channel: {e}") from e
         return control
     except ControlChannelError as e:
         now = _current(home, d)
@@ -282,8 +295,8 @@ class _RunUsageError(click.UsageError):
               help="lib/modules/VERSION (with modules.dep) for --kernel.")  # fmt: skip
 @click.option("--kernel-arg", "kernel_args", multiple=True, metavar="ARG",
               help="Add a guest kernel argument (debugging, e.g. loglevel=7).")  # fmt: skip
-@click.option("--stop-timeout", type=click.IntRange(0, 3600),
-              help="Seconds between the stop signal and SIGKILL (default 10).")  # fmt: skip
+@click.option("--stop-timeout", type=click.IntRange(-1, 3600),
+              help="Seconds between the stop signal and SIGKILL (default 10; -1: no SIGKILL).")  # fmt: skip
 @click.option("--network", default="default", show_default=True,
               help="Machines see each other only within the same network.")  # fmt: skip
 @click.option("--plain-http", is_flag=True, help="Pull over plain HTTP.")
@@ -424,7 +437,7 @@ def _launch(
             if intr is None:
                 _await_start(st, monitor.sync_r)
                 return None
-            code = _follow(home, st.id, monitor.sync_r, monitor.pid, outs, intr)
+            code = _follow(home, st, monitor.sync_r, monitor.pid, outs, intr)
     finally:
         monitor.close()
         for out in outs:
@@ -441,14 +454,18 @@ def _await_start(st: MachineState, sync_r: int) -> None:
     record's ``end_reason``) when it ended before that point."""
     line = _read_line(sync_r)
     msg = jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
-    event = msg.get("event")
-    if event == "started":
-        return
-    if event == "exited":
+    if msg.get("event") != "started":
+        raise _not_started(st, msg)
+
+
+def _not_started(st: MachineState, msg: dict[str, Any]) -> MachineError:
+    """The error of a machine that ended (or whose monitor failed) before it started:
+    the monitor's ``exited`` or ``error`` event ``msg`` says why."""
+    if msg.get("event") == "exited":
         why = msg.get("end_reason") or msg.get("error") or f"exit code {msg.get('exit_code')}"
     else:
         why = msg.get("message")
-    raise MachineError(f"machine {st.name} did not start: {why}")
+    return MachineError(f"machine {st.name} did not start: {why}")
 
 
 def _attach_running(home: Home, st: MachineState) -> int:
@@ -467,7 +484,7 @@ def _attach_running(home: Home, st: MachineState) -> int:
             now = _current(home, d)
             if now is None or now.status != RUNNING:
                 raise MachineError(f"machine {st.name} is not running any more")
-            code = _follow(home, st.id, None, None, outs, intr)
+            code = _follow(home, st, None, None, outs, intr)
     finally:
         for out in outs:
             out.close()

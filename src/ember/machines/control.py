@@ -10,6 +10,7 @@ it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -19,10 +20,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
 from ember.vm.vmm.base import open_control, unix_address
+
+if TYPE_CHECKING:
+    from ember.machines.state import MachineState
 
 #: the VMM's own control socket (QEMU's, one client at a time); ``control.sock``, the
 #: one clients use, is the monitor's (``ControlRelay``)
@@ -33,6 +37,10 @@ _CLIENT_LINE = re.compile(
 )
 #: the longest stop timeout the guest takes (its run config's bound)
 MAX_STOP_TIMEOUT = 86400
+#: a machine's stop timeout unless ``run --stop-timeout`` says otherwise (docker's)
+DEFAULT_STOP_TIMEOUT = 10
+#: ``run --stop-timeout -1``, ``stop -t -1`` (docker's): no timeout, never SIGKILL
+NO_STOP_TIMEOUT = -1
 _MAX_LINE = 64
 _MAX_CLIENTS = 64
 
@@ -45,6 +53,15 @@ def stop_request(timeout: int | None) -> bytes:
     if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
         raise ValueError(f"stop timeout {timeout} is not 0..{MAX_STOP_TIMEOUT} or None")
     return f"stop_timeout {-1 if timeout is None else timeout}\nstop\n".encode()
+
+
+def stop_timeout_of(st: MachineState) -> int | None:
+    """The machine's own stop timeout (``run --stop-timeout``, in its record), as
+    ``stop_request`` takes it: None for -1 (no SIGKILL)."""
+    value = st.config.get("stop_timeout", DEFAULT_STOP_TIMEOUT)
+    if type(value) is not int or not NO_STOP_TIMEOUT <= value <= MAX_STOP_TIMEOUT:
+        value = DEFAULT_STOP_TIMEOUT  # (edited by hand: the record is checked for types only)
+    return None if value == NO_STOP_TIMEOUT else value
 
 
 def _bind_unix(path: Path) -> socket.socket:
@@ -80,6 +97,9 @@ class ControlRelay:
         self._lock = threading.Lock()
         self._vmm: socket.socket | None = None
         self._queued: list[bytes] = []
+        #: lines from ``send_soon`` for the relay's thread to send (a deque: its append
+        #: and popleft are atomic, no lock needed)
+        self._soon: collections.deque[bytes] = collections.deque()
         self._connected = False
         self._want = False
         self._give_up = 0.0
@@ -124,6 +144,23 @@ class ControlRelay:
             except OSError as e:
                 print(f"monitor: cannot write to the guest's control port: {e}", file=sys.stderr)
 
+    def send_soon(self, line: bytes) -> None:
+        """``send`` from a signal handler: the relay's thread sends the line.
+
+        A Python signal handler runs on the main thread between any two of its
+        bytecodes, also while that thread is inside ``send`` or ``close`` holding
+        ``_lock``: taking the lock there would wait for ever on the thread's own lock.
+        So this takes no lock: it appends to a deque and writes a byte to the
+        non-blocking wake-up pipe, which the relay's thread watches.  ``close`` sets
+        ``_closing`` before it closes that pipe, and runs on the main thread too, so a
+        handler either finds the pipe open or does nothing (once the VMM is gone there
+        is nobody to tell)."""
+        if self._closing:
+            return
+        self._soon.append(line)
+        with contextlib.suppress(OSError):  # a full pipe wakes the thread all the same
+            os.write(self._wake_w, b"s")
+
     def _serve(self) -> None:
         clients: dict[socket.socket, bytes] = {}
         try:
@@ -147,6 +184,8 @@ class ControlRelay:
                             os.read(self._wake_r, 64)
                         if self._closing:
                             return
+                        while self._soon:
+                            self.send(self._soon.popleft())
                         continue
                     if r is self._listener:
                         with contextlib.suppress(OSError):

@@ -23,6 +23,7 @@ from ember.errors import EmberError
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.machines import state as mstate
+from ember.machines.control import DEFAULT_STOP_TIMEOUT, MAX_STOP_TIMEOUT, NO_STOP_TIMEOUT
 from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
 from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_CPUS = 1
-DEFAULT_STOP_TIMEOUT = 10
 #: after ``kill`` on the control channel, how long the guest gets before the VMM is killed
 KILL_GRACE = 5.0
 
@@ -81,6 +81,7 @@ class RunRequest:
     kernel_args: tuple[str, ...] = ()
     auto_remove: bool = False
     network: str = "default"
+    #: None: the default; ``NO_STOP_TIMEOUT``: no SIGKILL
     stop_timeout: int | None = None
     plain_http: bool = False
     labels: dict[str, str] = field(default_factory=dict)
@@ -140,13 +141,17 @@ def create(
     base_initrd = base_initramfs(home, kernel)
     lap("kernel")
     # validate the run config before anything is allocated
+    no_kill = req.stop_timeout == NO_STOP_TIMEOUT
     overrides = RunOverrides(
         entrypoint=req.entrypoint,
         args=req.args or None,
         env=req.env,
         user=req.user,
         workdir=req.workdir,
-        stop_timeout=req.stop_timeout,
+        # a run config holds 0..86400 (as ember-init reads it), so "no SIGKILL" is the
+        # record's -1, which every stop sends on its control line (``stop_timeout_of``);
+        # the config's longest timeout only covers a bare `stop` from elsewhere
+        stop_timeout=MAX_STOP_TIMEOUT if no_kill else req.stop_timeout,
     )
     draft = RunConfig.from_image(image.config, overrides)
 
@@ -223,7 +228,7 @@ def create(
                 "workdir": rc.workdir,
                 "hostname": rc.hostname,
                 "stop_signal": rc.stop_signal,
-                "stop_timeout": rc.stop_timeout,
+                "stop_timeout": NO_STOP_TIMEOUT if no_kill else rc.stop_timeout,
                 "kernel_version": kernel.version,
             }
             cur.labels["ember.timings.create"] = ",".join(f"{k}={v}" for k, v in timings.items())
@@ -742,7 +747,14 @@ def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
             raise MachineRunning(
                 f"machine {st.name} is running", hint="stop it first or use ember rm -f"
             )
-        kill_vmm(home, st)
+        end = kill_vmm(home, st)
+        if end.status == mstate.EXITED:
+            # for an `ember wait` on it (docker wait prints 137 for a container rm -f
+            # killed): its exit code outlives it a while, as a --rm machine's does
+            try:
+                mstate.record_removed_exit(home.run, end)
+            except OSError as e:
+                print(f"ember: cannot keep machine {st.name}'s exit code: {e}", file=sys.stderr)
     _release_and_delete(home, st.id, st.name)
 
 

@@ -7,11 +7,12 @@ make it, the file is rotated by rename (``x.log`` -> ``x.log.1`` -> ``x.log.2``
 ..., keeping ``max_files - 1`` old ones) and a new one is started.  So a stream
 never holds more than ``max_size * max_files`` bytes on disk.
 
-Readers (``ember run`` in the foreground, ``ember logs [-f]``) use
+Readers that follow (``ember run`` in the foreground, ``ember logs -f``) use
 ``LogFollower``: it reads a file to its end, and when the name now points at
 another file, it finishes the one it holds (complete by then: the writer never
 writes to a file again once it is not current) and goes on with the file that
-came after it, found by inode among the rotated names.
+came after it, found by inode among the rotated names.  ``ember logs`` without
+``-f`` reads a ``LogSnapshot``: the files as they are when it starts.
 
 A reader that falls more than ``max_files - 1`` rotations behind would miss the
 files dropped meanwhile.  The attached reader (the foreground ``ember run``,
@@ -410,6 +411,89 @@ class LogFollower:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: how often ``LogSnapshot.take`` looks again when a rotation came while it opened files
+_SNAPSHOT_TRIES = 20
+
+
+class LogSnapshot:
+    """One capped log as it is now, for ``ember logs`` without ``-f`` (``docker logs``
+    prints what there is when it starts): its files, oldest first, each read up to the
+    size it had when taken.  They are all opened at once, so rotations and drops after
+    that take nothing away, and what the guest writes after it is not read: a reader
+    slower than the guest ends all the same."""
+
+    def __init__(self, parts: list[tuple[int, int]]) -> None:
+        #: (fd, bytes left to read) per file, oldest first
+        self._parts = parts
+
+    @classmethod
+    def take(cls, path: Path) -> LogSnapshot:
+        """Open ``path``'s files as one consistent set: no rotation ended while they were
+        opened.  The current file is opened first and its name still points at it
+        after the others are (its fd is held, so its inode cannot be a newer file's by
+        then: inode numbers are reused).  Within one rotation names only move towards
+        older ones while they are opened newest first, so none is missed, and a file
+        seen twice is taken once.  After ``_SNAPSHOT_TRIES`` rotations in a row, the
+        last set is taken as it is."""
+        fds: list[int] = []
+        for _ in range(_SNAPSHOT_TRIES):
+            fds = _open_newest_first(path)
+            if not fds or _stat_ident(path) == _ident(os.fstat(fds[0])):
+                break
+            for fd in fds:
+                os.close(fd)
+            fds = []
+        fds = fds or _open_newest_first(path)
+        fds.reverse()
+        return cls([(fd, os.fstat(fd).st_size) for fd in fds])
+
+    def read(self, size: int = 1 << 16) -> bytes:
+        """The next bytes of the log as it was taken; ``b""`` at its end."""
+        while self._parts:
+            fd, left = self._parts[0]
+            data = os.read(fd, min(size, left)) if left > 0 else b""
+            if data:
+                self._parts[0] = (fd, left - len(data))
+                return data
+            os.close(fd)
+            self._parts.pop(0)
+        return b""
+
+    def close(self) -> None:
+        for fd, _ in self._parts:
+            os.close(fd)
+        self._parts = []
+
+    def __enter__(self) -> LogSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_newest_first(path: Path) -> list[int]:
+    """Open fds of ``path`` (first) and its rotated files, newest first, each file once."""
+    fds: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    misses = 0
+    for i in range(_SCAN_LIMIT):
+        fd = _open_existing(rotated_name(path, i))
+        if fd is None:
+            if i:
+                misses += 1
+                if misses > 2:  # (as log_files: a gap of one is a rotation under way)
+                    break
+            continue
+        misses = 0
+        ident = _ident(os.fstat(fd))
+        if ident in seen:
+            os.close(fd)
+            continue
+        seen.add(ident)
+        fds.append(fd)
+    return fds
 
 
 def _open_existing(path: Path) -> int | None:

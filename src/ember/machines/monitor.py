@@ -30,10 +30,16 @@ from typing import Any
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
-from ember.machines.control import VMM_CONTROL, ControlRelay
+from ember.machines.control import VMM_CONTROL, ControlRelay, stop_request, stop_timeout_of
 from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
-from ember.machines.report import outcome, parse_console_tail, parse_report
+from ember.machines.report import (
+    CONSOLE_REASON,
+    Outcome,
+    outcome,
+    parse_console_tail,
+    parse_report,
+)
 from ember.machines.restartpolicy import backoff_s, parse_restart_policy
 from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
@@ -179,7 +185,7 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
         final = _run_once(home, st, d, sync)
         if final is None:
             return 1  # the VMM did not start (recorded, cleaned up, said)
-        if final.end_reason is None and final.vmm_pid is not None:
+        if final.end_reason in (None, CONSOLE_REASON) and final.vmm_pid is not None:
             # the guest reported how its program ended before the VMM's set-up was
             # known to be over (a fast boot): it did start
             sync.send_started(final.vmm_pid)
@@ -193,7 +199,7 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
             _record_given_up(d, "not restarting: the machine did not start")
         sync.send("exited", exit_code=final.exit_code, signal=final.signal,
                   oom_killed=final.oom_killed, end_reason=final.end_reason, error=final.error,
-                  restarting=again)  # fmt: skip
+                  restarting=again, stopped_by_user=final.stopped_by_user)  # fmt: skip
         # a foreground `ember run` follows the first run only (docker run does the same)
         sync.close()
         if not again:
@@ -265,6 +271,20 @@ def _run_once(
             sock.close()
 
 
+def stop_on_term(relay: ControlRelay, st: mstate.MachineState) -> None:
+    """A plain `kill MONITOR` (SIGTERM) stops the machine the graceful way, as ``ember
+    stop`` does with the machine's own stop timeout.  The handler only hands the lines
+    to the relay's thread (``send_soon``): it runs on this thread, which it may have
+    interrupted inside ``relay.send`` holding the relay's lock."""
+    lines = stop_request(stop_timeout_of(st)).splitlines()
+
+    def on_term(_sig: int, _frame: object) -> None:
+        for line in lines:
+            relay.send_soon(line)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def _run_held(
     home: Home, st: mstate.MachineState, d: Path, sync: Sync, pump: StreamPump
 ) -> mstate.MachineState | None:
@@ -281,13 +301,7 @@ def _run_held(
         except OSError as e:
             _failed_to_start(home, st, d, sync, f"cannot open the control socket: {e}")
             return None
-
-        def on_term(_sig: int, _frame: object) -> None:
-            # a plain `kill MONITOR`: stop the machine the graceful way
-            if relay is not None:
-                relay.send(b"stop")
-
-        signal.signal(signal.SIGTERM, on_term)
+        stop_on_term(relay, st)
         try:
             pid = vm.start()
         except EmberError as e:
@@ -342,18 +356,10 @@ def _run_held(
         # of an earlier run is no word on this one
         console_bytes = pump.received(pump.channels.console_log)
         pump.close()
-    report = parse_report(_read_limited(logs.status_file))
-    if report is None:
-        tail = _read_limited(logs.console_log, tail=True, limit=min(4096, console_bytes))
-        report = parse_console_tail(tail)
-    result = outcome(report, end.returncode, end.signal, killed=False)
-    if report is None and end.returncode not in (0, None):
-        # the VMM failed (it could not start the guest, or gave up on it): its own last
-        # words say why, and vmm.log goes with the machine (--rm)
-        said = vmm_last_error(_read_limited(d / "vmm.log", tail=True, limit=4096))
-        if said:
-            result = dataclasses.replace(result, end_reason=f"{result.end_reason}: {said}")
     with mstate.update(d) as cur:
+        # `ember kill/rm -f/stop` mark the machine before they SIGKILL its VMM
+        host_killed = cur.stopped_by_user and end.signal == signal.SIGKILL
+        result = _how_it_ended(d, end, console_bytes, host_killed=host_killed)
         cur.status, cur.finished_at = mstate.EXITED, mstate.now()
         cur.exit_code, cur.signal, cur.oom_killed = (
             result.exit_code,
@@ -364,6 +370,28 @@ def _run_held(
         final = cur
     _cleanup(home, final, removing=False)
     return final
+
+
+def _how_it_ended(d: Path, end: VMExit, console_bytes: int, *, host_killed: bool) -> Outcome:
+    """How the run ended (``report.outcome``): what the host did to it (``host_killed``),
+    else the guest's exit report, else how the VMM ended; ``console_bytes``: how much of
+    ``console.log`` this run wrote (init's line of an earlier run is no word on it)."""
+    logs = Channels.in_dir(d)
+    report = parse_report(_read_limited(logs.status_file))
+    console_said = None
+    if report is None:
+        tail = _read_limited(logs.console_log, tail=True, limit=min(4096, console_bytes))
+        console_said = parse_console_tail(tail)
+    result = outcome(
+        report, end.returncode, end.signal, killed=host_killed, console_said=console_said
+    )
+    if report is None and end.returncode not in (0, None):
+        # the VMM failed (it could not start the guest, or gave up on it): its own last
+        # words say why, and vmm.log goes with the machine (--rm)
+        said = vmm_last_error(_read_limited(d / "vmm.log", tail=True, limit=4096))
+        if said:
+            result = dataclasses.replace(result, end_reason=f"{result.end_reason}: {said}")
+    return result
 
 
 #: how long a booting VMM must stay up to count as started: QEMU's own set-up (options,

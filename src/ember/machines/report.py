@@ -80,7 +80,9 @@ def _sent(value: object) -> tuple[int, int] | None:
 
 
 def parse_console_tail(data: bytes) -> ExitReport | None:
-    """The fallback: ember-init's last console line (``ember-init: exit code N``)."""
+    """ember-init's last console line (``ember-init: exit code N``): a fallback for a
+    missing exit report that anything in the guest can forge (``outcome`` says when it
+    counts)."""
     for raw in reversed(data[-MAX_REPORT:].splitlines()):
         m = _CONSOLE_RE.match(raw.strip())
         if not m:
@@ -98,13 +100,36 @@ def parse_console_tail(data: bytes) -> ExitReport | None:
     return None
 
 
+#: the end reason of an exit code taken from the console line (``console_said``)
+CONSOLE_REASON = "no exit report: the exit code is the guest console's last ember-init line"
+
+
 def outcome(
-    report: ExitReport | None, vmm_returncode: int | None, vmm_signal: int | None, *, killed: bool
+    report: ExitReport | None,
+    vmm_returncode: int | None,
+    vmm_signal: int | None,
+    *,
+    killed: bool,
+    console_said: ExitReport | None = None,
 ) -> Outcome:
-    """Combine the guest's report with how the VMM process ended."""
+    """Combine what the guest said with how the VMM process ended.
+
+    ``killed``: the host ended the VMM (the user's ``kill``, ``rm -f`` or the last step
+    of a ``stop`` SIGKILLed it): that is how the machine ended, whatever the guest wrote
+    before (any root program in it can write a report or a console line).
+    ``report``: the status port's exit report.  ``console_said``: ember-init's last
+    console line (``parse_console_tail``), the fallback for a guest whose status port
+    gave nothing; but anything in the guest can print that line, so it only counts when
+    the guest ended the VM itself (its VMM exited 0: a power-off), where the guest
+    decided how it ended anyway, and the end reason says where the code came from."""
+    if killed:
+        return Outcome(128 + _signal.SIGKILL, _signal.SIGKILL, False, "killed")
     if report is not None:
         return Outcome(report.exit_code, report.signal, report.oom_killed, None, report.error)
-    if vmm_signal == _signal.SIGKILL or killed:
+    if console_said is not None and vmm_signal is None and vmm_returncode == 0:
+        said = console_said
+        return Outcome(said.exit_code, said.signal, said.oom_killed, CONSOLE_REASON)
+    if vmm_signal == _signal.SIGKILL:
         return Outcome(128 + _signal.SIGKILL, _signal.SIGKILL, False, "killed")
     if vmm_signal is not None:
         return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm killed by signal {vmm_signal}")
