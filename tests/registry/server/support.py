@@ -38,6 +38,8 @@ class EmberServer:
     host: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     workers: int = int(os.environ.get("EMBER_TEST_SERVER_WORKERS", "1"))
+    #: more options of ``ember server`` (limits, purge interval)
+    options: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -64,7 +66,7 @@ class EmberServer:
 
     def _argv(self) -> list[str]:
         return [EMBER, "--home", str(self.home), "server", "--listen", self.host,
-                "--workers", str(self.workers)]  # fmt: skip
+                "--workers", str(self.workers), *self.options]  # fmt: skip
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT

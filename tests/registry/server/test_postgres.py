@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -114,5 +115,48 @@ def test_registry_on_postgres(postgres_url: str, tmp_path: Path, busybox_layout:
             _, manifest = push_image(c, "web", "3", [])
         orgs = json.loads(admin("org", "ls", "--json"))
         assert (orgs[0]["used_bytes"], orgs[0]["upload_bytes"]) == (used + 3000 + len(manifest), 0)
+    finally:
+        srv.stop()
+
+
+def test_limits_and_purge_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    """The per-organization caps take the organization's row lock there (sessions opened
+    at once cannot pass them together), and the server's purge runs on it."""
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as pg:
+        pg.execute("CREATE DATABASE limits")
+    url = postgres_url.rsplit("/", 1)[0] + "/limits"
+    home = tmp_path / "home"
+    env = {**os.environ, "EMBER_REGISTRY_DB": url}
+    subprocess.run([EMBER, "--home", str(home), "admin", "org", "create", "acme"], env=env, check=True)
+    token = subprocess.run([EMBER, "--home", str(home), "admin", "token", "create", "--org", "acme"],
+                           env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    srv = EmberServer(home, options=["--db", url, "--max-uploads", "3", "--max-repositories", "2",
+                                     "--upload-purge-interval", "0.2"])  # fmt: skip
+    srv.start()
+    try:
+        t = Tenant(srv, "acme", token)
+
+        def post(i: int) -> int:
+            with t.client() as c:
+                return c.post(f"/v2/r{i % 2}/blobs/uploads/").status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = sorted(pool.map(post, range(16)))
+        assert statuses == [202] * 3 + [429] * 13
+        with t.client() as c:
+            assert c.post("/v2/r3/blobs/uploads/").status_code == 429
+            with psycopg.connect(url, autocommit=True) as pg:
+                pg.execute("UPDATE reg_uploads SET expires_at = 0")
+                deadline = time.monotonic() + 15
+                while pg.execute("SELECT count(*) FROM reg_uploads").fetchone() != (0,):
+                    assert time.monotonic() < deadline, srv.log_tail()
+                    time.sleep(0.05)
+            for repo in ("r0", "r1"):
+                assert c.post(f"/v2/{repo}/blobs/uploads/").status_code == 202
+            r = c.post("/v2/r3/blobs/uploads/")  # a third repository
+            assert r.status_code == 403 and "2 repositories" in r.text, r.text
+        assert "purged 3 expired upload sessions" in srv.log_path.read_text()
     finally:
         srv.stop()

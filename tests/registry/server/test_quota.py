@@ -383,7 +383,7 @@ def test_a_database_from_before_upload_quotas_gets_the_column(tmp_path: Path) ->
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     meta = RegistryMetadata(url)
     meta.create_org("old")
-    meta.create_upload("s1", meta.ensure_repo("old", "old/a"), time.time() + 3600)
+    meta.create_upload("old", "old/a", "s1", time.time() + 3600)
     with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db, db:  # as 0002 left it
         db.execute("DROP INDEX reg_repos_org")
         db.execute("DROP INDEX reg_uploads_repo")

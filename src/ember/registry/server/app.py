@@ -9,6 +9,7 @@ the links of the repository named in the request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -30,7 +31,8 @@ from ember.oci.errors import FormatError
 from ember.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest
 from ember.registry.server import routes as r
 from ember.registry.server.config import ServerConfig
-from ember.registry.server.errors import ApiError
+from ember.registry.server.errors import ApiError, OrgLimitReached
+from ember.registry.server.gc import purge
 from ember.registry.server.metadata import Quota, RegistryMetadata
 from ember.registry.server.names import qualify, unqualify, valid_repo_name
 from ember.registry.server.protocol import (
@@ -91,6 +93,7 @@ class RegistryApp:
         self._upload_key = config.upload_key
         self._token_cache: dict[str, tuple[float, tuple[str, str, frozenset[str]] | None]] = {}
         self._revocations = Revocations()
+        self._purging: asyncio.Task[None] | None = None
 
     # -- ASGI entry ----------------------------------------------------------------
 
@@ -126,10 +129,35 @@ class RegistryApp:
                 # The first hop to the thread pool and the first queries cost ~20 ms
                 # (measured on the first POST of a push); pay them before serving.
                 await run_in_threadpool(self.meta.warm_up)
+                interval = self.config.limits.upload_purge_interval
+                if interval > 0:
+                    self._purging = asyncio.create_task(self._purge_every(interval))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._purging is not None:
+                    self._purging.cancel()  # a purge under way finishes first (its thread)
+                    await asyncio.gather(self._purging, return_exceptions=True)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _purge_every(self, interval: float) -> None:
+        """Delete expired upload sessions and empty repositories at start and then every
+        ``interval`` seconds (gc.purge: one process of the server at a time), in a worker
+        thread: requests go on being served meanwhile."""
+        while True:
+            try:
+                report = await run_in_threadpool(purge, self.meta, self.storage, interval)
+            except Exception:
+                log.exception("purging expired uploads failed; trying again in %g s", interval)
+            else:
+                if report is not None and (report.uploads.sessions or report.repositories):
+                    log.info(
+                        "purged %d expired upload sessions (%d bytes) and %d empty repositories",
+                        report.uploads.sessions,
+                        report.uploads.bytes,
+                        report.repositories,
+                    )
+            await asyncio.sleep(interval)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """A database write (or anything that may wait on a lock): in a worker thread."""
@@ -434,7 +462,7 @@ class RegistryApp:
             quota = await self._quota(ctx, digest)
             if quota is not None and not quota.allows(new.size):
                 raise self._over_quota(ctx, quota, str(new.size), "manifest")
-            repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
+            repo_id = await self._ensure_repo(ctx)
             # bytes first (atomic, content-addressed), then the rows that make them visible
             await run_in_threadpool(self.storage.content.put_bytes, body, digest)
             touch(self.storage.blob_path(digest))
@@ -670,7 +698,10 @@ class RegistryApp:
             quota = await self._quota(ctx, digest)
             if quota is not None and not quota.allows(size):
                 return None
-            repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
+            try:
+                repo_id = await self._ensure_repo(ctx)
+            except ApiError:  # one repository too many: the upload that follows says so
+                return None
             touch(path)
             refused = await self._db(
                 self.meta.link_blob, repo_id, str(digest), size, self._quota_org(ctx, quota)
@@ -688,11 +719,9 @@ class RegistryApp:
             if mounted is not None:
                 return await self._blob_created(ctx, mounted)
         await self._check_quota(ctx, 0)
-        repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
         session = uuid.uuid4().hex
         expires = int(time.time()) + UPLOAD_TTL
-        self.storage.create_session(session)
-        await self._db(self.meta.create_upload, session, repo_id, expires)
+        repo_id = await self._open_session(ctx, session, expires)
         digest_param = params.get("digest")
         if digest_param is not None:
             # monolithic upload: POST ?digest= with the whole blob as the body
@@ -704,6 +733,38 @@ class RegistryApp:
         return Response(
             b"", status_code=202, headers=self._upload_headers(ctx, session, 0, expires)
         )
+
+    async def _open_session(self, ctx: _Ctx, session: str, expires: int) -> int:
+        """A new upload session: its row (with its repository, if new), then its file;
+        refused when the organization has as many open sessions, or repositories, as
+        it may.  The repository's id."""
+        assert ctx.grant is not None
+        limits = self.config.limits
+        try:
+            repo_id = await self._db(
+                self.meta.create_upload, ctx.grant.org, ctx.full, session, expires,
+                limits.max_uploads, limits.max_repositories,
+            )  # fmt: skip
+        except OrgLimitReached as e:
+            raise _limit_reached(e) from None
+        # after the row: a file is never without its session's row (gc._stale_uploads)
+        try:
+            self.storage.create_session(session)
+        except OSError:
+            await self._db(self.meta.delete_upload, session)
+            raise
+        return repo_id
+
+    async def _ensure_repo(self, ctx: _Ctx) -> int:
+        """The id of the request's repository, created if need be: refused (403) when
+        the organization has as many repositories as it may."""
+        assert ctx.grant is not None
+        try:
+            return await self._db(
+                self.meta.ensure_repo, ctx.grant.org, ctx.full, self.config.limits.max_repositories
+            )
+        except OrgLimitReached as e:
+            raise _limit_reached(e) from None
 
     def _session(self, ctx: _Ctx) -> UploadState:
         """The verified upload state of this request, bound to this org, repo and session."""
@@ -802,15 +863,21 @@ class RegistryApp:
         if has_body or ctx.request.headers.get("content-range"):
             start, limit = self._chunk_range(ctx, state)
             await self._append(ctx, state, start, limit, digest)
-        repo_id = await self._db(self.meta.ensure_repo, ctx.grant.org, ctx.full)
-        return await self._finish(ctx, repo_id, state.session, digest)
+        return await self._finish(ctx, None, state.session, digest)
 
-    async def _finish(self, ctx: _Ctx, repo_id: int, session: str, digest: Digest) -> Response:
+    async def _finish(
+        self, ctx: _Ctx, repo_id: int | None, session: str, digest: Digest
+    ) -> Response:
+        """Publish upload ``session`` as ``digest`` into the request's repository:
+        ``repo_id`` if known, else looked up under the GC lock (a gc or purge deletes a
+        repository left with nothing only under the exclusive one)."""
         size = self.storage.session_size(session) or 0
         refused = await self._hold(ctx, session, size, digest)
         if refused is not None:
             raise self._over_quota(ctx, refused, str(size) if size else None)
         async with self.storage.publishing():
+            if repo_id is None:
+                repo_id = await self._ensure_repo(ctx)
             try:
                 size = await run_in_threadpool(self.storage.publish, session, digest)
             except ApiError as e:
@@ -904,6 +971,27 @@ _HANDLERS: dict[tuple[str, str], tuple[str, Handler]] = {
     (r.UPLOAD, "PUT"): ("push", RegistryApp._put_upload),
     (r.UPLOAD, "DELETE"): ("push", RegistryApp._cancel_upload),
 }
+
+
+def _limit_reached(e: OrgLimitReached) -> ApiError:
+    """The answer to a request that wanted one upload session (or repository) more than
+    its organization may have.  Too many open sessions is 429 TOOMANYREQUESTS, what
+    Distribution's error codes have for it: they end (finished, cancelled, expired), and
+    podman and skopeo retry it later; docker, like for 403, shows the message.  Too many
+    repositories is 403 DENIED: that lasts until some are emptied."""
+    if e.what == "uploads":
+        return ApiError(
+            "TOOMANYREQUESTS",
+            f"organization {e.org} has {e.limit} unfinished uploads, the most it may have "
+            "open at once: finish or cancel some (an abandoned upload ends "
+            f"{UPLOAD_TTL // 3600} hours after it started)",
+        )
+    return ApiError(
+        "DENIED",
+        f"organization {e.org} has {e.limit} repositories, the most it may have: push into "
+        "one of them, or delete the manifests and blobs of one it no longer needs (a "
+        "repository left with nothing is removed by the next cleanup)",
+    )
 
 
 def _parse_digest(value: str | None) -> Digest:

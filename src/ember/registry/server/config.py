@@ -6,6 +6,10 @@ from ``registry_secret`` in ``$EMBER_HOME/config.json``; if neither exists the
 first start generates one and stores it there with mode 0600.  Replicas that
 share it accept each other's tokens and upload URLs.  Tokens and upload state
 use different keys derived from it, so one can never be replayed as the other.
+
+Limits (``ServerLimits``) come from ``ember server``'s options, each of which may
+also be given as an environment variable; workers of ``--workers N`` read them
+from that environment (``limits_from_env``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import hmac
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ember.config import read_config
@@ -31,10 +35,59 @@ MIN_SECRET = 32
 
 
 @dataclass(frozen=True)
+class ServerLimits:
+    """What one organization may have at once, and how the server keeps itself clean."""
+
+    #: unfinished (unexpired) upload sessions per organization; 0: no limit
+    max_uploads: int = 1000
+    #: repositories per organization; 0: no limit
+    max_repositories: int = 10000
+    #: seconds between two purges of expired upload sessions (and of repositories left
+    #: with nothing) by the server itself; 0: never (``ember admin registry gc`` does)
+    upload_purge_interval: float = 3600.0
+
+
+#: the environment variable of each limit (also what ``ember server``'s options read)
+LIMIT_ENV = {
+    "max_uploads": "EMBER_REGISTRY_MAX_UPLOADS",
+    "max_repositories": "EMBER_REGISTRY_MAX_REPOSITORIES",
+    "upload_purge_interval": "EMBER_REGISTRY_UPLOAD_PURGE_INTERVAL",
+}
+
+
+def limits_from_env() -> ServerLimits:
+    """The limits the environment sets (defaults for the others)."""
+    defaults = ServerLimits()
+    values: dict[str, int | float] = {}
+    for f in fields(ServerLimits):
+        text = os.environ.get(LIMIT_ENV[f.name])
+        if text is None or not text.strip():
+            continue
+        kind = type(getattr(defaults, f.name))  # int or float, as the default is
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise RegistryError(
+                f"{LIMIT_ENV[f.name]}={text[:40]!r} is not valid: "
+                f"expected a {'whole ' if kind is int else ''}number, 0 or more"
+            )
+        values[f.name] = value
+    return ServerLimits(**values)  # type: ignore[arg-type]
+
+
+def limits_to_env(limits: ServerLimits) -> dict[str, str]:
+    """The environment that gives worker processes ``limits``."""
+    return {LIMIT_ENV[f.name]: str(getattr(limits, f.name)) for f in fields(ServerLimits)}
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     home: Home
     db_url: str
     secret: bytes
+    limits: ServerLimits = ServerLimits()
 
     @property
     def root(self) -> Path:
@@ -91,5 +144,12 @@ def database_url(home: Home, db_url: str | None = None) -> str:
     return url
 
 
-def load_config(home: Home, db_url: str | None = None) -> ServerConfig:
-    return ServerConfig(home=home, db_url=database_url(home, db_url), secret=load_secret(home))
+def load_config(
+    home: Home, db_url: str | None = None, limits: ServerLimits | None = None
+) -> ServerConfig:
+    return ServerConfig(
+        home=home,
+        db_url=database_url(home, db_url),
+        secret=load_secret(home),
+        limits=limits or ServerLimits(),
+    )

@@ -9,7 +9,7 @@ such token, unreadable secret).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ember.errors import EmberError, NotFound, UsageError
 
@@ -53,6 +53,17 @@ class OrgExists(RegistryError, UsageError):
 
 class TokenNotFound(RegistryError, NotFound):
     pass
+
+
+class OrgLimitReached(RegistryError):
+    """An organization has as many open upload sessions (or repositories) as the server
+    allows it; the request that wanted one more is refused and writes nothing."""
+
+    def __init__(self, org: str, what: Literal["uploads", "repositories"], limit: int) -> None:
+        super().__init__(f"organization {org} has {limit} {what}, the most it may have")
+        self.org = org
+        self.what = what
+        self.limit = limit
 
 
 class ApiError(Exception):

@@ -7,6 +7,9 @@ uses, expired upload sessions and blob files no link or manifest names are
 freed; everything younger than the grace period is left alone, so an image
 being pushed right now (layers uploaded, manifest not yet put) survives.
 
+The server runs part of it by itself (``purge``): expired upload sessions and
+empty repositories, periodically.
+
 The whole sweep holds the exclusive GC lock; writers hold the shared lock
 from checking that what they reference exists (or making a blob fresh) until
 their rows are committed (``BlobStorage.publishing``), so a sweep never frees
@@ -15,6 +18,7 @@ a link, manifest or blob that a write in flight is about to reference.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections import defaultdict
@@ -29,6 +33,10 @@ from ember.registry.server import schema as s
 from ember.registry.server.metadata import RegistryMetadata
 from ember.registry.server.storage import BlobStorage
 
+#: how long new content is safe from a sweep (``ember admin registry gc --grace``'s
+#: default, and the server's purge's)
+DEFAULT_GRACE = 3600.0
+
 
 @dataclass
 class GcReport:
@@ -41,6 +49,14 @@ class GcReport:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass
+class UploadSweep:
+    #: expired upload sessions and leftover upload files deleted
+    sessions: int = 0
+    #: the bytes their files held
+    bytes: int = 0
 
 
 def _reachable(
@@ -99,30 +115,66 @@ def _sweep_metadata(conn: Connection, cutoff: float, keep_untagged: bool, report
         conn.execute(delete(s.blob_links).where(s.blob_links.c.repo_id == rid, s.blob_links.c.digest == d))
 
 
-def _sweep_upload_rows(conn: Connection, storage: BlobStorage, cutoff: float, report: GcReport) -> set[str]:
-    """Delete the rows of expired upload sessions; return the sessions whose files go."""
-    now = time.time()
-    rows = conn.execute(select(s.uploads.c.id, s.uploads.c.expires_at)).all()
-    expired = {sid for sid, expires in rows if expires < now}
-    live = {sid for sid, _ in rows} - expired
-    for session in expired:
-        conn.execute(delete(s.uploads).where(s.uploads.c.id == session))
-    # files of expired sessions, and files whose row never got written (a crash) once past grace
-    stale = set(expired)
+def _stale_uploads(
+    conn: Connection, storage: BlobStorage, now: float, cutoff: float
+) -> tuple[list[str], list[str]]:
+    """(upload sessions past their expiry, upload files no session names that were last
+    written before ``cutoff``: a crash between a session's row and its file).
+
+    The files are listed before the rows are read: a session's row commits before its
+    file is made, so a file listed here whose row exists is never taken for a leftover.
+    An expired session's URLs no longer verify (uploadstate: valid while now < expiry):
+    no request can start on it."""
+    files = []
     for entry in os.scandir(storage.uploads):
-        if entry.name in live:
-            continue
         try:
-            if entry.stat().st_mtime < cutoff:
-                stale.add(entry.name)
+            files.append((entry.name, entry.stat().st_mtime))
         except FileNotFoundError:
             continue
-    report.uploads = len(stale)
-    return stale
+    rows = conn.execute(select(s.uploads.c.id, s.uploads.c.expires_at)).all()
+    expired = [sid for sid, expires in rows if expires <= now]
+    known = {sid for sid, _ in rows}
+    leftovers = [name for name, mtime in files if name not in known and mtime < cutoff]
+    return expired, leftovers
 
 
-def _sweep_repositories(conn: Connection, cutoff: float, report: GcReport) -> None:
-    """Repositories left with nothing (an upload started and cancelled, everything deleted)."""
+def _delete_upload_rows(conn: Connection, sessions: list[str]) -> None:
+    for i in range(0, len(sessions), 500):
+        conn.execute(delete(s.uploads).where(s.uploads.c.id.in_(sessions[i : i + 500])))
+
+
+def sweep_uploads(
+    meta: RegistryMetadata, storage: BlobStorage, cutoff: float, now: float | None = None
+) -> UploadSweep:
+    """Delete the upload sessions past their expiry (as of ``now``), and upload files no
+    session names that were last written before ``cutoff``.  Each file goes first, under
+    its session's lock: one that a request (begun before the expiry) still appends to or
+    publishes stays, file and row, for a later sweep; then the rows of the sessions whose
+    files went, in one transaction (a row left without its file by a crash in between
+    names an expired session, which no URL reaches; the next sweep deletes it).
+
+    Used by ``ember admin registry gc`` and by the server's periodic purge."""
+    now = time.time() if now is None else now
+    with meta.db.connect() as conn:
+        expired, leftovers = _stale_uploads(conn, storage, now, cutoff)
+    sweep = UploadSweep()
+    gone = []
+    for session in [*expired, *leftovers]:
+        size = storage.session_size(session) or 0
+        if storage.drop_session_if_idle(session):
+            gone.append(session)
+            sweep.sessions += 1
+            sweep.bytes += size
+    rows = sorted(set(gone) & set(expired))
+    if rows:
+        with meta.db.begin() as conn:
+            _delete_upload_rows(conn, rows)
+    return sweep
+
+
+def _sweep_repositories(conn: Connection, cutoff: float) -> int:
+    """Delete the repositories left with nothing (an upload started and cancelled,
+    everything deleted) that are older than ``cutoff``; how many."""
     empty = (
         select(s.repos.c.id)
         .where(s.repos.c.created_at < cutoff)
@@ -132,7 +184,7 @@ def _sweep_repositories(conn: Connection, cutoff: float, report: GcReport) -> No
         .where(~select(s.uploads.c.repo_id).where(s.uploads.c.repo_id == s.repos.c.id).exists())
     )
     # one statement: the emptiness check and the delete cannot be split by a push
-    report.repositories = conn.execute(delete(s.repos).where(s.repos.c.id.in_(empty))).rowcount
+    return int(conn.execute(delete(s.repos).where(s.repos.c.id.in_(empty))).rowcount)
 
 
 def _unnamed_blobs(conn: Connection, storage: BlobStorage, cutoff: float, report: GcReport) -> list[Digest]:
@@ -159,7 +211,7 @@ def collect(
     meta: RegistryMetadata,
     root: Path,
     *,
-    grace: float = 3600,
+    grace: float = DEFAULT_GRACE,
     dry_run: bool = False,
     keep_untagged: bool = False,
 ) -> GcReport:
@@ -173,8 +225,10 @@ def collect(
         # repository left empty); no file is touched and no lock taken.
         with meta.db.connect() as conn, conn.begin() as transaction:
             _sweep_metadata(conn, cutoff, keep_untagged, report)
-            _sweep_upload_rows(conn, storage, cutoff, report)
-            _sweep_repositories(conn, cutoff, report)
+            expired, leftovers = _stale_uploads(conn, storage, time.time(), cutoff)
+            _delete_upload_rows(conn, expired)
+            report.uploads = len(expired) + len(leftovers)
+            report.repositories = _sweep_repositories(conn, cutoff)
             _unnamed_blobs(conn, storage, cutoff, report)
             transaction.rollback()
         return report
@@ -185,14 +239,77 @@ def collect(
     with storage.collecting():
         with meta.db.begin() as conn:
             _sweep_metadata(conn, cutoff, keep_untagged, report)
+        report.uploads = sweep_uploads(meta, storage, cutoff).sessions
         with meta.db.begin() as conn:
-            stale_uploads = _sweep_upload_rows(conn, storage, cutoff, report)
-        for session in stale_uploads:
-            storage.drop_session_if_idle(session)  # one in use is not stale
-        with meta.db.begin() as conn:
-            _sweep_repositories(conn, cutoff, report)
+            report.repositories = _sweep_repositories(conn, cutoff)
         with meta.db.connect() as conn:
             unnamed = _unnamed_blobs(conn, storage, cutoff, report)
         for digest in unnamed:
             storage.content.delete(digest)
     return report
+
+
+@dataclass
+class PurgeReport:
+    uploads: UploadSweep
+    #: repositories left with nothing that were deleted
+    repositories: int = 0
+
+
+#: how many times (50 ms apart) a purge tries for the exclusive GC lock, which pushes
+#: hold shared for moments, before leaving repositories to the next purge
+_REPO_LOCK_TRIES = 20
+
+
+def purge(
+    meta: RegistryMetadata, storage: BlobStorage, interval: float, grace: float = DEFAULT_GRACE
+) -> PurgeReport | None:
+    """The server's own periodic sweep (every ``interval`` seconds): upload sessions past
+    their expiry (``sweep_uploads``: with upload files no session names, once older than
+    ``grace``), then repositories left with nothing, once older than ``grace``.
+
+    None when it did not run: another process (a worker, a replica over this state
+    directory) purges now or did less than half an interval ago (each runs the timer;
+    one of them purges), or ``ember admin registry gc`` is sweeping, which does all of
+    this too.  Uploads are swept under the shared GC lock (alongside pushes, never
+    during a gc); repositories under the exclusive one, as gc does (pushes hold it
+    shared from making sure their repository exists until their rows are in), if it can
+    be had within about a second, else at the next purge."""
+    fd = os.open(storage.purge_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        now = time.time()
+        last = _last_purge(fd)
+        if last is not None and 0 <= now - last < interval / 2:
+            return None
+        with storage.gc_lock_if_free(exclusive=False) as free:
+            if not free:
+                return None
+            report = PurgeReport(sweep_uploads(meta, storage, now - grace, now))
+        report.repositories = _purge_repositories(meta, storage, now - grace)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, repr(now).encode(), 0)
+        return report
+    finally:
+        os.close(fd)
+
+
+def _last_purge(fd: int) -> float | None:
+    """When the last purge ran, as the purge lock file says (None: never, or unreadable)."""
+    try:
+        return float(os.pread(fd, 64, 0).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _purge_repositories(meta: RegistryMetadata, storage: BlobStorage, cutoff: float) -> int:
+    for _ in range(_REPO_LOCK_TRIES):
+        with storage.gc_lock_if_free(exclusive=True) as free:
+            if free:
+                with meta.db.begin() as conn:
+                    return _sweep_repositories(conn, cutoff)
+        time.sleep(0.05)
+    return 0

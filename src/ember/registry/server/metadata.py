@@ -31,7 +31,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ember.registry.server import schema as s
-from ember.registry.server.errors import OrgExists, OrgNotFound, RegistryError, TokenNotFound
+from ember.registry.server.errors import (
+    OrgExists,
+    OrgLimitReached,
+    OrgNotFound,
+    RegistryError,
+    TokenNotFound,
+)
 from ember.registry.server.names import check_org_name
 from ember.registry.server.tokens import hash_api_token, new_api_token
 from ember.store.db import Database, insert_ignore, masked_url, open_database, upsert
@@ -134,6 +140,29 @@ _TAGGED_MANIFEST = (
 )
 
 
+# Every POST of an upload: the organization's lock (with a session limit), its id, its
+# unexpired sessions counted no further than the limit (one range of the index
+# reg_uploads_org), the repository's id.
+_LOCK_ORG = (
+    update(s.orgs)
+    .where(s.orgs.c.name == bindparam("org"))
+    .values(quota_bytes=s.orgs.c.quota_bytes)
+)
+_ORG_ID = select(s.orgs.c.id).where(s.orgs.c.name == bindparam("org"))
+_REPO_ID = select(s.repos.c.id).where(s.repos.c.name == bindparam("full"))
+_OPEN_UPLOADS = select(func.count()).select_from(
+    select(s.uploads.c.expires_at)  # a column of the index: no row is read
+    .where(s.uploads.c.org_id == bindparam("org_id"), s.uploads.c.expires_at > bindparam("now"))
+    .limit(bindparam("limit"))
+    .subquery()
+)
+# A new repository: the organization's repositories (index reg_repos_org), counted no
+# further than the limit.
+_ORG_REPOS = select(func.count()).select_from(
+    select(s.repos.c.id).where(s.repos.c.org_id == bindparam("org_id")).limit(bindparam("limit")).subquery()
+)
+
+
 class RegistryMetadata:
     def __init__(self, db_url: str) -> None:
         try:
@@ -168,7 +197,7 @@ class RegistryMetadata:
             raise OrgExists(f"organization {name!r} already exists") from None
 
     def _org_id(self, conn: Connection, name: str) -> int:
-        row = conn.execute(select(s.orgs.c.id).where(s.orgs.c.name == name)).first()
+        row = conn.execute(_ORG_ID, {"org": name}).first()
         if row is None:
             raise OrgNotFound(
                 f"no organization {name!r}", hint="create it with `ember admin org create`"
@@ -328,21 +357,38 @@ class RegistryMetadata:
     # -- repositories ------------------------------------------------------------
 
     def _repo_id(self, conn: Connection, full: str) -> int | None:
-        row = conn.execute(select(s.repos.c.id).where(s.repos.c.name == full)).first()
+        row = conn.execute(_REPO_ID, {"full": full}).first()
         return None if row is None else int(row.id)
 
-    def ensure_repo(self, org: str, full: str) -> int:
+    def ensure_repo(self, org: str, full: str, max_repositories: int = 0) -> int:
+        """The id of repository ``full`` of ``org``, created if need be: refused
+        (OrgLimitReached) when the organization has ``max_repositories`` already (0: no
+        limit)."""
         with self.db.begin() as conn:
-            repo_id = self._repo_id(conn, full)
+            return self._ensure_repo(conn, org, full, max_repositories)
+
+    def _ensure_repo(self, conn: Connection, org: str, full: str, max_repositories: int) -> int:
+        repo_id = self._repo_id(conn, full)
+        if repo_id is not None:
+            return repo_id  # the common case: no count, no lock
+        if max_repositories:
+            # counted and created as one decision per organization, so that requests
+            # creating repositories at once cannot each take the last one
+            _lock_org(conn, org)
+            repo_id = self._repo_id(conn, full)  # created by the request that held it
             if repo_id is not None:
                 return repo_id
-            org_id = self._org_id(conn, org)
-            insert_ignore(
-                conn, s.repos, [{"org_id": org_id, "name": full, "created_at": time.time()}]
-            )
-            repo_id = self._repo_id(conn, full)
-            assert repo_id is not None
-            return repo_id
+        org_id = self._org_id(conn, org)
+        if max_repositories:
+            mine = {"org_id": org_id, "limit": max_repositories}
+            if conn.execute(_ORG_REPOS, mine).scalar_one() >= max_repositories:
+                raise OrgLimitReached(org, "repositories", max_repositories)
+        insert_ignore(
+            conn, s.repos, [{"org_id": org_id, "name": full, "created_at": time.time()}]
+        )
+        repo_id = self._repo_id(conn, full)
+        assert repo_id is not None
+        return repo_id
 
     def list_repos(self, org: str, n: int, last: str | None) -> list[str]:
         """The org's repositories that hold something: one with only an upload
@@ -532,13 +578,36 @@ class RegistryMetadata:
 
     # -- upload sessions -----------------------------------------------------------
 
-    def create_upload(self, session: str, repo_id: int, expires_at: float) -> None:
+    def create_upload(
+        self,
+        org: str,
+        full: str,
+        session: str,
+        expires_at: float,
+        max_uploads: int = 0,
+        max_repositories: int = 0,
+    ) -> int:
+        """Open upload ``session`` in repository ``full`` of ``org`` (created if need be);
+        the repository's id.  Refused (OrgLimitReached), with nothing written, when the
+        organization has ``max_uploads`` unexpired sessions already, or would get more
+        than ``max_repositories`` (0: no limit).  One transaction under the
+        organization's lock: sessions opened at once cannot pass the limit together."""
+        now = time.time()
         with self.db.begin() as conn:
+            if max_uploads:
+                _lock_org(conn, org)
+            org_id = self._org_id(conn, org)
+            if max_uploads:
+                open_ = {"org_id": org_id, "now": now, "limit": max_uploads}
+                if conn.execute(_OPEN_UPLOADS, open_).scalar_one() >= max_uploads:
+                    raise OrgLimitReached(org, "uploads", max_uploads)
+            repo_id = self._ensure_repo(conn, org, full, max_repositories)
             conn.execute(
-                s.uploads.insert().values(
-                    id=session, repo_id=repo_id, created_at=time.time(), expires_at=expires_at
-                )
-            )
+                s.uploads.insert(),
+                {"id": session, "repo_id": repo_id, "org_id": org_id, "created_at": now,
+                 "expires_at": expires_at},
+            )  # fmt: skip
+            return repo_id
 
     def upload_repo(self, session: str) -> str | None:
         """The qualified repository an open upload session belongs to."""
@@ -633,9 +702,7 @@ def _lock_org(conn: Connection, org: str) -> None:
     UPDATE, which SQLite lacks: there, a transaction whose first statement writes takes
     the database's write lock at once and reads the latest state; on PostgreSQL the
     UPDATE locks that one row."""
-    conn.execute(
-        update(s.orgs).where(s.orgs.c.name == org).values(quota_bytes=s.orgs.c.quota_bytes)
-    )
+    conn.execute(_LOCK_ORG, {"org": org})
 
 
 def _quota(

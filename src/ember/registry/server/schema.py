@@ -124,7 +124,11 @@ uploads = Table(
     #: bytes the session holds or has reserved under its organization's quota (kept up
     #: to date only while the organization has a quota)
     Column("held_bytes", BigInteger, nullable=False, server_default=sa_text("0")),
+    #: the repository's organization, copied (set on every row; 0004 filled in older
+    #: ones): its open sessions are counted at every POST, by one index range
+    Column("org_id", Integer, nullable=True),
     Index("reg_uploads_repo", "repo_id"),
+    Index("reg_uploads_org", "org_id", "expires_at"),
 )
 
 
@@ -147,6 +151,25 @@ def _quota_uploads(conn: Connection) -> None:
             sa_text("ALTER TABLE reg_uploads ADD COLUMN held_bytes BIGINT NOT NULL DEFAULT 0")
         )
     for index in (*repos.indexes, *uploads.indexes):  # both had none before 0003
+        # by name: the indexes 0003 made (a later one may need a column it lacks)
+        if index.name in ("reg_repos_org", "reg_uploads_repo"):
+            index.create(conn, checkfirst=True)
+
+
+def _upload_orgs(conn: Connection) -> None:
+    # open sessions are capped per organization: each row names its organization, and
+    # (org_id, expires_at) is indexed, so counting them does not go through every
+    # repository of the organization
+    if "org_id" not in {c["name"] for c in sa_inspect(conn).get_columns("reg_uploads")}:
+        conn.execute(sa_text("ALTER TABLE reg_uploads ADD COLUMN org_id INTEGER"))
+    conn.execute(
+        sa_text(
+            "UPDATE reg_uploads SET org_id = "
+            "(SELECT org_id FROM reg_repos WHERE reg_repos.id = reg_uploads.repo_id) "
+            "WHERE org_id IS NULL"
+        )
+    )
+    for index in uploads.indexes:
         index.create(conn, checkfirst=True)
 
 
@@ -154,4 +177,5 @@ MIGRATIONS = [
     Migration("0001-initial", _initial),
     Migration("0002-org-quota", _org_quota),
     Migration("0003-quota-uploads", _quota_uploads),
+    Migration("0004-upload-orgs", _upload_orgs),
 ]

@@ -14,7 +14,13 @@ import uvicorn
 from ember.errors import UsageError
 from ember.home import Home
 from ember.registry.server.app import RegistryApp
-from ember.registry.server.config import DB_ENV, load_config
+from ember.registry.server.config import (
+    DB_ENV,
+    ServerLimits,
+    limits_from_env,
+    limits_to_env,
+    load_config,
+)
 from ember.store.db import masked_url
 
 
@@ -62,10 +68,37 @@ def app_from_env() -> RegistryApp:
     parent_death_signal(signal.SIGTERM)
     if os.getppid() == 1:  # it died before we asked
         raise SystemExit(0)
-    return RegistryApp(load_config(Home.from_env(), os.environ.get(DB_ENV)))
+    _configure_logging()  # a spawned worker starts without the supervisor's
+    return RegistryApp(load_config(Home.from_env(), os.environ.get(DB_ENV), limits_from_env()))
 
 
-def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) -> None:
+def _describe_limits(limits: ServerLimits) -> str:
+    def most(n: int) -> str:
+        return "any number of" if n == 0 else f"at most {n}"
+
+    purge = (
+        f"every {limits.upload_purge_interval:g} s"
+        if limits.upload_purge_interval
+        else "never (only by `ember admin registry gc`)"
+    )
+    return (
+        f"per organization: {most(limits.max_uploads)} open upload sessions, "
+        f"{most(limits.max_repositories)} repositories; expired upload sessions and empty "
+        f"repositories purged {purge}"
+    )
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def serve(
+    home: Home,
+    listen: str,
+    db_url: str | None = None,
+    workers: int = 1,
+    limits: ServerLimits | None = None,
+) -> None:
     host, port = parse_listen(listen)
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -73,10 +106,11 @@ def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) 
         raise UsageError(f"invalid --listen {listen!r}: cannot resolve {host} ({e})") from None
     _check_bindable(family, address, listen)
     # Load once in the parent: creates the secret and runs migrations before any worker starts.
-    config = load_config(home, db_url)
+    config = load_config(home, db_url, limits)
     app = RegistryApp(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("ember.registry").info(
+    _configure_logging()
+    log = logging.getLogger("ember.registry")
+    log.info(
         "serving the registry on http://%s:%d with %d worker(s); state %s, database %s",
         f"[{host}]" if ":" in host else host,
         port,
@@ -84,6 +118,7 @@ def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) 
         config.root,
         masked_url(config.db_url),
     )
+    log.info("%s", _describe_limits(config.limits))
     common = {
         "host": host,
         "port": port,
@@ -98,6 +133,7 @@ def serve(home: Home, listen: str, db_url: str | None = None, workers: int = 1) 
         return
     os.environ["EMBER_HOME"] = str(home.root)
     os.environ[DB_ENV] = config.db_url
+    os.environ.update(limits_to_env(config.limits))
     uvicorn.run(
         "ember.registry.server.serve:app_from_env",
         factory=True,

@@ -55,6 +55,9 @@ class BlobStorage:
         self.uploads = root / "uploads"
         self.uploads.mkdir(parents=True, exist_ok=True)
         self.gc_lock = root / "gc.lock"
+        #: held by the server's periodic purge (one at a time across processes); its
+        #: content is when the last purge ran
+        self.purge_lock = root / "purge.lock"
         # session -> (offset the hash covers, sha256 object)
         self._hashers: dict[str, tuple[int, Any]] = {}
         self._lock = threading.Lock()
@@ -306,6 +309,21 @@ class BlobStorage:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def gc_lock_if_free(self, *, exclusive: bool) -> Iterator[bool]:
+        """The GC lock if it can be had at once (shared: alongside the writers that
+        hold it so, not during a sweep; exclusive: alone): yields whether it was."""
+        fd = os.open(self.gc_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 

@@ -74,6 +74,8 @@ def verify_state(key: bytes, text: str, now: int) -> UploadState:
         and isinstance(expires, int)
     ):
         raise InvalidUploadState("upload state is malformed")
-    if now > expires:
+    # expired at ``expires`` itself, as its database row is (it stops counting against
+    # the quota then, and a purge may delete it): a URL never outlives its session
+    if now >= expires:
         raise InvalidUploadState("upload session has expired")
     return UploadState(org, repo, session, offset, expires)
