@@ -21,6 +21,12 @@ runs).  ``machines.templates: false`` in config.json turns templates off.
 Templates are built in the background by the first machine of a shape that finds
 none (``python -m ember.vm.template``), so that machine boots normally; a template
 that fails to restore is removed and the machine falls back to a boot.
+
+The builder's QEMU is not confined (``ember.vm.vmm.jail``): it runs as root without
+QEMU's seccomp filter, because it saves the state through QMP into an ``exec:``
+migration (a ``cat`` QEMU spawns) and runs no tenant code, only ember-init up to its
+template point.  The machines that restore the template are confined: their QEMU reads
+the saved state from a descriptor the monitor opened (``-incoming fd:N``).
 """
 
 from __future__ import annotations
@@ -273,6 +279,10 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
             initrd = write_machine_initrd(
                 shape.base_initrd.resolve(), template_config(), work / "initrd"
             )
+            # readable by all: a restoring QEMU, which runs as a uid of its own, reads it
+            # by path (ember.vm.vmm.jail); it holds ember-init, modules and a config
+            # that says "template", nothing of any machine
+            os.chmod(initrd, 0o644)
             placeholder = work / "placeholder.img"
             with open(placeholder, "wb") as f:
                 f.truncate(1 << 20)

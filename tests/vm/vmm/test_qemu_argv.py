@@ -14,6 +14,7 @@ from ember.vm.vmm.qemu import (
     PORT_STATUS,
     PORT_STDERR,
     PORT_STDOUT,
+    Inherited,
     qemu_argv,
 )
 
@@ -142,3 +143,53 @@ def test_a_nic_whose_values_would_add_qemu_options_is_refused(tap: str, mac: str
     """The MAC and TAP name go into QEMU's option strings, where a ',' starts another."""
     with pytest.raises(VMMError, match="invalid"):
         Nic(tap, mac)
+
+
+def fds(**kw: object) -> Inherited:
+    base: dict[str, object] = dict(
+        kernel=10, initrd=11, console=12, stdout=13, stderr=14, status=15, control=16,
+        disks=((17, 18),), taps=(19,), vhost=(None,), restore=None,
+    )  # fmt: skip
+    base.update(kw)
+    return Inherited(**base)  # type: ignore[arg-type]
+
+
+def fdset_of(argv: list[str], path: str) -> list[int]:
+    """The descriptors ``-add-fd`` puts in the set ``/dev/fdset/N`` names."""
+    n = path.removeprefix("/dev/fdset/")
+    fields = [dict(f.split("=") for f in v.split(",")) for v in opt_values(argv, "-add-fd")]
+    return [int(f["fd"]) for f in fields if f["set"] == n]
+
+
+def test_a_confined_vmm_runs_sandboxed_on_inherited_descriptors(tmp_path: Path) -> None:
+    """Nothing is named by a path QEMU would open itself, and QEMU may not fork or exec."""
+    argv = qemu_argv(spec(tmp_path, restore=Path("/t/x.vmstate")), fds=fds(restore=20))
+    assert opt_values(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
+    assert opt_values(argv, "-kernel") == ["/proc/self/fd/10"]
+    assert opt_values(argv, "-initrd") == ["/proc/self/fd/11"]
+    chardevs = {c.split(",")[1].removeprefix("id="): c for c in opt_values(argv, "-chardev")}
+    for cid, fd in (("console", 12), ("out", 13), ("err", 14), ("status", 15)):
+        path = dict(f.split("=", 1) for f in chardevs[cid].split(",")[1:])["path"]
+        assert fdset_of(argv, path) == [fd], chardevs[cid]
+    assert chardevs["control"] == "socket,id=control,fd=16,server=on,wait=off"
+    (drive,) = opt_values(argv, "-drive")
+    assert fdset_of(argv, drive.split(",")[1].removeprefix("file=")) == [17, 18]
+    # an attached TAP: no ifname QEMU would open, no script it would run
+    assert opt_values(argv, "-netdev") == ["tap,id=net0,fd=19"]
+    # the saved state comes from a descriptor, not from a `cat` QEMU would spawn
+    assert opt_values(argv, "-incoming") == ["fd:20"]
+    assert str(tmp_path) not in " ".join(argv) and "/m/" not in " ".join(argv)
+
+
+def test_a_confined_vmm_gets_its_vhost_descriptor() -> None:
+    argv = qemu_argv(spec(accel="kvm"), vhost=True, fds=fds(vhost=(21,)))
+    assert opt_values(argv, "-netdev") == ["tap,id=net0,fd=19,vhost=on,vhostfd=21"]
+
+
+def test_a_restore_needs_its_state_as_a_descriptor() -> None:
+    """The unconfined command line (the template builder's) cannot restore: QEMU would
+    have to spawn a process to read the state."""
+    with pytest.raises(VMMError, match="descriptor"):
+        qemu_argv(spec(restore=Path("/t/x.vmstate")))

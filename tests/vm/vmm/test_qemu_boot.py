@@ -3,10 +3,13 @@ contract without ember-init: the stdout/stderr/status ports and the control sock
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +19,10 @@ import pytest
 from ember.home import Home
 from ember.vm.cpio import CpioWriter
 from ember.vm.kernel import KernelInfo
-from ember.vm.vmm import Channels, VMSpec, get_vmm
+from ember.vm.vmm import Channels, Disk, VMSpec, get_vmm
 from ember.vm.vmm.accel import detect_accel
 from ember.vm.vmm.base import open_control, write_control
+from tests.vm.vmm.confined import assert_confined, proc_status
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -68,6 +72,9 @@ def channel_initrd(kernel: KernelInfo, tmp_path_factory: pytest.TempPathFactory)
     w.add_file("init", INIT.format(modules=" ".join(MODULES)).encode(), 0o755)
     path = tmp_path_factory.mktemp("initrd") / "initrd.cpio"
     path.write_bytes(w.getvalue())
+    # root's alone, as a machine's initrd is (it holds the run config): the confined VMM
+    # cannot open it by path and gets a copy
+    path.chmod(0o600)
     return path
 
 
@@ -83,6 +90,11 @@ def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
 def make_spec(tmp_path: Path, kernel: KernelInfo, initrd: Path, accel: str) -> VMSpec:
     ch = Channels.in_dir(tmp_path)
     ch.precreate()
+    # a root-only disk, as a machine's is: the confined VMM gets it as a descriptor
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    disk.chmod(0o600)
     return VMSpec(
         name=tmp_path.name,
         kernel=kernel.vmlinux,
@@ -90,6 +102,7 @@ def make_spec(tmp_path: Path, kernel: KernelInfo, initrd: Path, accel: str) -> V
         channels=ch,
         memory_mib=256,
         accel=accel,
+        disks=(Disk(disk),),
         vmm_log=tmp_path / "vmm.log",
     )
 
@@ -118,6 +131,8 @@ def test_channels_and_graceful_stop(
             120,
         )
         assert booted, ch.console_log.read_text(errors="replace")[-2000:]
+        assert vm.pid is not None
+        assert_confined(vm.pid)
         assert ch.stdout_log.read_bytes() == b"to-stdout\n"
         assert b"to-stdout" not in ch.console_log.read_bytes()
         conn = open_control(ch.control_socket)
@@ -146,3 +161,58 @@ def test_kill_ends_the_vmm_at_once(
     assert end is not None and end.signal == signal.SIGKILL
     assert other.wait(5) is not None
     assert not os.path.exists(f"/proc/{pid}/cmdline") or not other.alive()
+
+
+#: starts two VMs as a monitor would, prints their pids, and waits to be killed
+MONITOR = """
+import json, sys, time
+from pathlib import Path
+from ember.vm.vmm import Channels, VMSpec, get_vmm
+args = json.loads(sys.argv[1])
+pids = []
+for d in args["dirs"]:
+    ch = Channels.in_dir(Path(d))
+    ch.precreate()
+    spec = VMSpec(name=Path(d).name, kernel=Path(args["kernel"]), initrd=Path(args["initrd"]),
+                  channels=ch, memory_mib=128, accel=args["accel"])
+    pids.append(get_vmm().create(spec).start())
+print(json.dumps(pids), flush=True)
+time.sleep(600)
+"""
+
+
+def test_each_vmm_has_its_own_uid_and_dies_with_its_monitor(
+    tmp_path: Path, kernel: KernelInfo, channel_initrd: Path, accel: str
+) -> None:
+    """Two machines' QEMUs cannot reach each other's memory or descriptors (distinct
+    uids), and the identity change did not cost the parent-death signal: a monitor that
+    dies takes its QEMU with it (QEMU's own -runas would clear that signal)."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    args = {"dirs": [str(d) for d in dirs], "kernel": str(kernel.vmlinux),
+            "initrd": str(channel_initrd), "accel": accel}  # fmt: skip
+    monitor = subprocess.Popen(
+        [sys.executable, "-c", MONITOR, json.dumps(args)], stdout=subprocess.PIPE, text=True
+    )
+    pids: list[int] = []
+    try:
+        assert monitor.stdout is not None
+        pids = json.loads(monitor.stdout.readline())
+        assert len({assert_confined(pid) for pid in pids}) == 2, "two VMMs share a uid"
+        monitor.kill()
+        monitor.wait()
+        # killed (a zombie until init reaps it) or already gone
+        assert wait_for(lambda: all(_ended(pid) for pid in pids), 10), "a VMM outlived its monitor"
+    finally:
+        monitor.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return proc_status(pid)["State"].startswith(("Z", "X"))
+    except FileNotFoundError:
+        return True

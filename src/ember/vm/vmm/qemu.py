@@ -18,22 +18,42 @@ controls the process.  Choices, measured on this host (docs/machines.md):
 - the console and the output ports are ``file`` chardevs on the channel paths,
   which may be FIFOs (ember's monitor reads them to keep the logs capped): QEMU
   opens a FIFO like a file, and while it is full QEMU stops taking the guest's
-  port output (back-pressure, no loss).
+  port output (back-pressure, no loss);
+- a machine's QEMU is confined (``ember.vm.vmm.jail``): it never runs as root, it
+  inherits every file, socket and TAP as a descriptor the monitor opened
+  (``Inherited``, ``QemuVM.start``), and it runs under ``-sandbox``, which forbids it
+  to fork or exec: so a restore reads its saved state from an inherited descriptor
+  (``-incoming fd:N``), not from a ``cat`` QEMU would spawn.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
 import os
-import shlex
 import shutil
-import signal
+import socket
+import struct
 import subprocess
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ember.process import parent_death_signal
-from ember.vm.vmm.base import VM, VMM, VMExit, VMSpec, wait_pid_exit
+from ember.vm.vmm.base import VM, VMM, Disk, VMExit, VMSpec, unix_address, wait_pid_exit
 from ember.vm.vmm.errors import VMMError, VMMNotInstalled
+from ember.vm.vmm.jail import (
+    SANDBOX,
+    Identity,
+    IdentityLease,
+    can_confine,
+    close_all,
+    enter,
+    kvm_group,
+    lease_identity,
+    readable_copy,
+)
 
 QEMU_BINARY = "qemu-system-x86_64"
 ELF_MAGIC = b"\x7fELF"
@@ -88,6 +108,76 @@ def kernel_cmdline(spec: VMSpec, *, tsc_khz: int | None) -> str:
     return cmdline
 
 
+@dataclass(frozen=True)
+class Inherited:
+    """What a confined QEMU inherits instead of opening paths: descriptor numbers, the
+    same in the child (``pass_fds``).  Each was opened by the monitor, as root."""
+
+    kernel: int
+    initrd: int | None
+    console: int
+    stdout: int
+    stderr: int
+    status: int
+    #: a unix socket bound and listening at the control socket's path
+    control: int
+    #: per disk: read-write and read-only descriptors (QEMU's block layer opens it both
+    #: ways), or a read-only one alone for a read-only disk
+    disks: tuple[tuple[int, ...], ...]
+    #: per NIC: its TAP, attached (None: no host side), and a vhost-net descriptor
+    taps: tuple[int | None, ...]
+    vhost: tuple[int | None, ...]
+    #: the saved state a restore starts from
+    restore: int | None
+
+
+class _FdSets:
+    """``-add-fd`` sets: QEMU opens ``/dev/fdset/N`` by dup'ing the descriptor of set N
+    whose access mode is the one it asks for."""
+
+    def __init__(self) -> None:
+        self._next = 1
+
+    def add(self, fds: tuple[int, ...]) -> tuple[list[str], str]:
+        """The options that make set N of ``fds``, and the path that names it."""
+        n, self._next = self._next, self._next + 1
+        options = [a for fd in fds for a in ("-add-fd", f"fd={fd},set={n}")]
+        return options, f"/dev/fdset/{n}"
+
+
+def _proc_fd(fd: int) -> str:
+    # QEMU reads the kernel and initrd by path only; this one reopens the inherited
+    # file (the kernel checks the file's own mode bits, not the directories above it)
+    return f"/proc/self/fd/{fd}"
+
+
+def _file_chardev(cid: str, path: Path, fd: int | None, sets: _FdSets) -> list[str]:
+    options, name = ([], str(path)) if fd is None else sets.add((fd,))
+    return [*options, "-chardev", f"file,id={cid},path={_escape(name)},append=on"]
+
+
+def _drive(i: int, disk: Disk, fds: tuple[int, ...] | None, sets: _FdSets) -> list[str]:
+    options, name = ([], str(disk.path)) if fds is None else sets.add(fds)
+    drive = f"id=disk{i},file={_escape(name)},format=raw,if=none,discard=unmap"
+    if disk.read_only:
+        drive += ",readonly=on"
+    return [*options, "-drive", drive, "-device", f"virtio-blk-device,drive=disk{i}"]
+
+
+def _netdev(i: int, tap: str, vhost: bool, fds: Inherited | None) -> str:
+    if not tap:
+        # no host side (a template being built): a hub port with nobody else on it
+        return f"hubport,id=net{i},hubid={i}"
+    if fds is None:
+        netdev = f"tap,id=net{i},ifname={_escape(tap)},script=no,downscript=no"
+        return netdev + (",vhost=on" if vhost else "")
+    # an attached TAP: QEMU runs no script and opens nothing (it may not: fd= excludes
+    # ifname=, script= and downscript=)
+    netdev = f"tap,id=net{i},fd={fds.taps[i]}"
+    vhost_fd = fds.vhost[i]
+    return netdev + (f",vhost=on,vhostfd={vhost_fd}" if vhost_fd is not None else "")
+
+
 def qemu_argv(
     spec: VMSpec,
     *,
@@ -95,11 +185,19 @@ def qemu_argv(
     kernel_is_elf: bool = True,
     tsc_khz: int | None = None,
     vhost: bool = False,
+    fds: Inherited | None = None,
 ) -> list[str]:
-    """The QEMU command line for ``spec`` (pure: no file system access)."""
+    """The QEMU command line for ``spec`` (pure: no file system access).
+
+    With ``fds`` (a machine's confined QEMU, ``QemuVM.start``) QEMU runs under its
+    seccomp filter and every file, socket and TAP is one of those descriptors; without,
+    QEMU opens the paths itself (the template builder: it runs no tenant code)."""
     ch = spec.channels
+    sets = _FdSets()
     machine = "microvm,x-option-roms=off,isa-serial=on"
     argv = [binary, "-name", _escape(f"ember-{spec.name}"), "-M", machine]
+    if fds is not None:
+        argv += ["-sandbox", SANDBOX]
     if spec.accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -110,51 +208,161 @@ def qemu_argv(
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-msg", "timestamp=on",
-        "-kernel", str(spec.kernel),
+        "-kernel", str(spec.kernel) if fds is None else _proc_fd(fds.kernel),
     ]  # fmt: skip
     if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+        initrd_fd = None if fds is None else fds.initrd
+        argv += ["-initrd", str(spec.initrd) if initrd_fd is None else _proc_fd(initrd_fd)]
     argv += ["-append", kernel_cmdline(spec, tsc_khz=tsc_khz)]
-    argv += [
-        "-chardev", f"file,id=console,path={_escape(str(ch.console_log))},append=on",
-        "-serial", "chardev:console",
-    ]  # fmt: skip
+    argv += _file_chardev("console", ch.console_log, None if fds is None else fds.console, sets)
+    argv += ["-serial", "chardev:console"]
     for i, disk in enumerate(spec.disks):
-        drive = f"id=disk{i},file={_escape(str(disk.path))},format=raw,if=none,discard=unmap"
-        if disk.read_only:
-            drive += ",readonly=on"
-        argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=disk{i}"]
+        argv += _drive(i, disk, None if fds is None else fds.disks[i], sets)
     for i, nic in enumerate(spec.nics):
-        if not nic.tap:
-            # no host side (a template being built): a hub port with nobody else on it
-            netdev = f"hubport,id=net{i},hubid={i}"
-        else:
-            netdev = f"tap,id=net{i},ifname={_escape(nic.tap)},script=no,downscript=no"
-            if vhost:
-                netdev += ",vhost=on"
-        argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
+        argv += ["-netdev", _netdev(i, nic.tap, vhost, fds)]
+        argv += ["-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
     argv += ["-device", "virtio-serial-device,max_ports=8"]
-    for cid, port, path in (
-        ("out", PORT_STDOUT, ch.stdout_log),
-        ("err", PORT_STDERR, ch.stderr_log),
-        ("status", PORT_STATUS, ch.status_file),
+    for cid, port, path, attr in (
+        ("out", PORT_STDOUT, ch.stdout_log, "stdout"),
+        ("err", PORT_STDERR, ch.stderr_log, "stderr"),
+        ("status", PORT_STATUS, ch.status_file, "status"),
     ):
-        argv += [
-            "-chardev", f"file,id={cid},path={_escape(str(path))},append=on",
-            "-device", f"virtserialport,chardev={cid},name={port}",
-        ]  # fmt: skip
-    # the socket is named relative to the VMM's working directory (its parent, see
-    # QemuVM.start): an absolute path under a deep state dir can exceed the 107 bytes
-    # a unix socket address holds
-    argv += [
-        "-chardev", f"socket,id=control,path={_escape(ch.control_socket.name)},server=on,wait=off",
-        "-device", f"virtserialport,chardev=control,name={PORT_CONTROL}",
-    ]  # fmt: skip
+        argv += _file_chardev(cid, path, None if fds is None else getattr(fds, attr), sets)
+        argv += ["-device", f"virtserialport,chardev={cid},name={port}"]
+    if fds is None:
+        # the socket is named relative to the VMM's working directory (the template
+        # builder runs QEMU in its parent): an absolute path under a deep state dir can
+        # exceed the 107 bytes a unix socket address holds
+        control = f"socket,id=control,path={_escape(ch.control_socket.name)},server=on,wait=off"
+    else:
+        control = f"socket,id=control,fd={fds.control},server=on,wait=off"
+    argv += ["-chardev", control, "-device", f"virtserialport,chardev=control,name={PORT_CONTROL}"]
     if spec.restore is not None:
         # start from a saved state (a template) instead of booting; the devices above
         # must be those the state was saved with
-        argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.restore))}"]
+        if fds is None or fds.restore is None:
+            raise VMMError("a restore reads its saved state from an inherited descriptor")
+        argv += ["-incoming", f"fd:{fds.restore}"]
     return argv
+
+
+# linux/if_tun.h: what QEMU's own tap_open asks for (a virtio-net header on each frame)
+_TUNSETIFF = 0x400454CA
+_TUNSETVNETHDRSZ = 0x400454D8
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_VIRTIO_NET_HDR_LEN = 10
+
+
+def _attach_tap(name: str) -> int:
+    """A descriptor of TAP ``name`` (which the network set-up made), attached as QEMU
+    attaches it; QEMU could not: attaching to a TAP another uid owns takes CAP_NET_ADMIN."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifreq = struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+        fcntl.ioctl(fd, _TUNSETIFF, ifreq.ljust(40, b"\0"))
+        fcntl.ioctl(fd, _TUNSETVNETHDRSZ, struct.pack("i", _VIRTIO_NET_HDR_LEN))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_channel(path: Path) -> int:
+    """A log channel (a file, or a FIFO the monitor reads), opened as QEMU would open it:
+    appending and blocking (a full FIFO holds the guest's output back, see above).
+    O_NONBLOCK only for the open: a FIFO nobody reads is an error, not a hang."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise VMMError(f"nobody reads the FIFO {path}") from None
+        raise
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def _listen_control(path: Path) -> int:
+    """The control socket, bound and listening (QEMU's uid may not create a file in the
+    machine's directory); QEMU serves one client and queues one more, as on its own."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with unix_address(path) as address:
+            s.bind(address)
+        os.chmod(path, 0o600)
+        s.listen(1)
+    except BaseException:
+        s.close()
+        raise
+    return s.detach()
+
+
+def _open_disk(disk: Disk) -> tuple[int, ...]:
+    if disk.read_only:
+        return (_open_ro(disk.path),)
+    rw = os.open(disk.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return rw, _open_ro(disk.path)
+    except BaseException:
+        os.close(rw)
+        raise
+
+
+def _open_readable(path: Path, identity: Identity | None) -> int:
+    """A descriptor of ``path`` for QEMU to read through ``/proc/self/fd``: the file
+    itself, or a copy in memory when its mode keeps ``identity`` out (a machine's
+    initrd is root's and 0600: it holds the run config).  The kernel and a template's
+    initrd are readable by all: nothing is copied for them."""
+    fd = _open_ro(path)
+    if identity is None or identity.can_read(os.fstat(fd)):
+        return fd
+    try:
+        return readable_copy(fd, path.name)
+    finally:
+        os.close(fd)
+
+
+def _open_ro(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def open_inherited(
+    spec: VMSpec, identity: Identity | None, vhost: bool, opened: list[int]
+) -> Inherited:
+    """Open everything ``spec``'s QEMU uses, appending each descriptor to ``opened`` as
+    it is made (the caller closes them, after the spawn or on an error)."""
+
+    def keep(*fds: int) -> int:
+        opened.extend(fds)
+        return fds[-1]
+
+    def keep_disk(disk: Disk) -> tuple[int, ...]:
+        fds = _open_disk(disk)
+        opened.extend(fds)
+        return fds
+
+    ch = spec.channels
+    initrd, restore = spec.initrd, spec.restore
+    return Inherited(
+        kernel=keep(_open_readable(spec.kernel, identity)),
+        initrd=None if initrd is None else keep(_open_readable(initrd, identity)),
+        console=keep(_open_channel(ch.console_log)),
+        stdout=keep(_open_channel(ch.stdout_log)),
+        stderr=keep(_open_channel(ch.stderr_log)),
+        status=keep(_open_channel(ch.status_file)),
+        control=keep(_listen_control(ch.control_socket)),
+        disks=tuple(keep_disk(d) for d in spec.disks),
+        taps=tuple(keep(_attach_tap(n.tap)) if n.tap else None for n in spec.nics),
+        vhost=tuple(
+            keep(os.open("/dev/vhost-net", os.O_RDWR | os.O_CLOEXEC)) if vhost and n.tap else None
+            for n in spec.nics
+        ),
+        restore=None if restore is None else keep(_open_ro(restore)),
+    )
 
 
 def find_qemu() -> str:
@@ -166,50 +374,78 @@ def find_qemu() -> str:
     return path
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: QEMU dies when its monitor dies (no orphaned VMs)."""
-    parent_death_signal(signal.SIGKILL)
-
-
 class QemuVM(VM):
     def __init__(self, spec: VMSpec, pid: int | None = None) -> None:
         super().__init__(spec, pid)
         self._proc: subprocess.Popen[bytes] | None = None
+        #: the uid this VM's QEMU runs as, held until it has exited
+        self._lease: IdentityLease | None = None
 
-    def argv(self) -> list[str]:
-        kernel_is_elf = is_elf(self.spec.kernel)
-        vhost = self.spec.accel == "kvm" and os.path.exists("/dev/vhost-net")
+    def _vhost(self) -> bool:
+        return self.spec.accel == "kvm" and os.path.exists("/dev/vhost-net")
+
+    def argv(self, fds: Inherited | None = None) -> list[str]:
+        """The command line; without ``fds``, that of an unconfined QEMU which opens its
+        paths itself (the template builder's)."""
         return qemu_argv(
             self.spec,
             binary=find_qemu(),
-            kernel_is_elf=kernel_is_elf,
+            kernel_is_elf=is_elf(self.spec.kernel),
             tsc_khz=host_tsc_khz(),
-            vhost=vhost,
+            vhost=self._vhost(),
+            fds=fds,
         )
 
     def start(self) -> int:
+        """Start QEMU confined (``ember.vm.vmm.jail``): as a uid of its own when the
+        monitor is root, with what it needs inherited, under its seccomp filter."""
         if self.pid is not None:
             raise VMMError(f"machine {self.spec.name} is already started")
-        argv = self.argv()
+        lease = lease_identity() if can_confine() else None
+        identity = None
+        if lease is not None:
+            kvm = kvm_group() if self.spec.accel == "kvm" else ()
+            identity = Identity(lease.identity.uid, lease.identity.gid, kvm)
+        opened: list[int] = []
+        try:
+            try:
+                fds = open_inherited(self.spec, identity, self._vhost(), opened)
+            except OSError as e:
+                raise VMMError(f"cannot open what the VMM needs: {e}") from e
+            self._proc = self._spawn(self.argv(fds), opened, identity)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        finally:
+            close_all(opened)  # the child has its own copies
+        self._lease = lease
+        self.pid = self._proc.pid
+        return self.pid
+
+    def _spawn(
+        self, argv: list[str], inherited: list[int], identity: Identity | None
+    ) -> subprocess.Popen[bytes]:
         log = self.spec.vmm_log
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self._proc = subprocess.Popen(
+            return subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                close_fds=True,
-                cwd=self.spec.channels.control_socket.parent,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
+                pass_fds=inherited,
+                # nothing is named relative to it, and the machine's directory is root's
+                cwd="/",
+                # enters the identity, then sets the parent-death signal: QEMU dies when
+                # its monitor dies (no orphaned VMs)
+                preexec_fn=functools.partial(enter, identity),  # noqa: PLW1509
             )
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:
             raise VMMError(f"cannot start {argv[0]}: {e}") from e
         finally:
             if log and not isinstance(out, int):
                 out.close()
-        self.pid = self._proc.pid
-        return self.pid
 
     def wait(self, timeout: float | None = None) -> VMExit | None:
         if self._proc is not None:
@@ -217,6 +453,8 @@ class QemuVM(VM):
                 rc = self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 return None
+            if self._lease is not None:
+                self._lease.release()  # QEMU has exited: its uid is free again
             return VMExit(None, -rc) if rc < 0 else VMExit(rc, None)
         if self.pid is None:
             raise VMMError(f"machine {self.spec.name} was never started")

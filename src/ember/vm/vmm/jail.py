@@ -1,0 +1,196 @@
+"""Confinement of a tenant machine's VMM: what Firecracker's jailer does, as far as
+QEMU 7.2 allows.
+
+A QEMU that a guest escapes from is whatever the host made it.  So a machine's QEMU
+runs:
+
+- under its own unprivileged identity: a uid (and a gid of the same number) leased
+  from a range for as long as it runs (``lease_identity``), no supplementary groups
+  but ``/dev/kvm``'s under KVM, no capabilities.  One uid per QEMU: an escaped QEMU
+  cannot ptrace, signal or read ``/proc/PID/{mem,fd}`` of another machine's QEMU,
+  which it could with one shared uid.  Numeric ids need no passwd entry;
+- never as root at all: the monitor opens what QEMU needs (disk, TAP, log channels,
+  control socket, kernel, initrd, saved state) and QEMU inherits the descriptors
+  (``ember.vm.vmm.qemu``), then the child drops to that identity before exec
+  (``enter``).  QEMU's own ``-runas`` cannot be used: it calls setgid/setuid after
+  ``-sandbox elevateprivileges=deny`` is in force and is killed by it (SIGSYS, seen
+  with 7.2), and the credential change clears the parent-death signal, so a QEMU
+  would outlive its monitor;
+- under QEMU's seccomp filter (``SANDBOX``): no obsolete system calls, no set*id, no
+  fork or exec, no scheduler or resource-limit changes;
+- in a network and an IPC namespace of its own, empty: the TAP is an inherited
+  descriptor, so the guest's network works while an escaped QEMU reaches no host
+  service (nothing on the host's loopback, no other host) and no host SysV IPC.
+
+What it does not get: a chroot or a mount namespace of its own (``-chroot`` needs root
+inside QEMU, which it never has; a minimal root tree is more than 7.2 asks for).  It
+sees the host's file system as an unprivileged user does: ember's state directory,
+machine directories (0700) and disks (0600) are root's, so no other machine's disk is
+within its reach (docs/machines.md, "Confinement").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.process import parent_death_signal
+from ember.vm.vmm.errors import VMMError
+
+#: QEMU's seccomp filter for a tenant's VMM (``-sandbox``)
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+#: ``FIRST-LAST``: the uids (and gids) a VMM may run as; the default, 0x70000000 and
+#: the 65535 after it, lies in a block systemd leaves unassigned (above the container
+#: ranges, below the "foreign" range), so it collides with no user or container
+IDS_ENV = "EMBER_VM_IDS"
+DEFAULT_IDS = range(0x70000000, 0x70010000)
+#: one lock file per leased uid; host-wide, since homes on one host must not share a uid
+LEASE_DIR = Path("/run/ember/vm-ids")
+
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
+# loaded at import: a preexec function must not run the dynamic loader (ember.process)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a confined VMM runs as."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    def can_read(self, st: os.stat_result) -> bool:
+        """Whether the mode bits let this identity read the file (the kernel checks the
+        owner's bits, else the group's, else the others': the first class that applies)."""
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & stat.S_IRUSR)
+        if st.st_gid == self.gid or st.st_gid in self.groups:
+            return bool(st.st_mode & stat.S_IRGRP)
+        return bool(st.st_mode & stat.S_IROTH)
+
+
+class IdentityLease:
+    """A uid held for one VMM: the lock on its file, until ``release``."""
+
+    def __init__(self, identity: Identity, fd: int) -> None:
+        self.identity = identity
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock
+            self._fd = None
+
+
+def id_range(env: Mapping[str, str] = os.environ) -> range:
+    """The uids VMMs may run as: ``$EMBER_VM_IDS`` (``FIRST-LAST``), else ``DEFAULT_IDS``."""
+    raw = env.get(IDS_ENV)
+    if not raw:
+        return DEFAULT_IDS
+    first_s, sep, last_s = raw.partition("-")
+    try:
+        first, last = int(first_s), int(last_s)
+    except ValueError:
+        first = last = -1
+    # 0 is root; from 2^31 on, ids are negative to some tools (systemd avoids them too)
+    if not sep or not 0 < first <= last < 0x7FFFFFFF:
+        raise VMMError(
+            f"{IDS_ENV} must be FIRST-LAST, two uids from 1 to {0x7FFFFFFF - 1}, not {raw!r}"
+        )
+    return range(first, last + 1)
+
+
+def lease_identity(ids: range | None = None, directory: Path = LEASE_DIR) -> IdentityLease:
+    """The first uid of ``ids`` no running VMM holds, leased (its gid is the same number).
+
+    A lease is an ``flock`` on ``directory/UID``: the kernel drops it when its holder
+    (the monitor) dies, and the monitor's QEMU dies with it (its parent-death signal),
+    so a uid is never in use by two VMMs and never leaks."""
+    ids = id_range() if ids is None else ids
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for uid in ids:
+            lease = _try_lease(directory, uid)
+            if lease is not None:
+                return lease
+    except OSError as e:
+        raise VMMError(f"cannot lease a VMM identity in {directory}: {e.strerror or e}") from e
+    raise VMMError(
+        f"every VMM identity ({ids.start}-{ids.stop - 1}) is in use",
+        hint=f"give the VMMs a larger range in {IDS_ENV}",
+    )
+
+
+def _try_lease(directory: Path, uid: int) -> IdentityLease | None:
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(directory / str(uid), flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None  # a running VMM has it
+    except BaseException:
+        os.close(fd)
+        raise
+    return IdentityLease(Identity(uid, uid), fd)
+
+
+def kvm_group() -> tuple[int, ...]:
+    """The group that may open ``/dev/kvm`` (QEMU opens it by that fixed name)."""
+    try:
+        return (os.stat("/dev/kvm").st_gid,)
+    except OSError:
+        return ()
+
+
+def enter(identity: Identity | None) -> None:
+    """In the VMM's child, before exec: its own empty network and IPC namespaces and its
+    identity (when there is one: the monitor runs as root), then the parent-death signal,
+    which the kernel clears on a change of credentials and so must come last."""
+    if identity is not None:
+        if _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWIPC) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"unshare: {os.strerror(e)}")
+        os.setgroups(list(identity.groups))
+        os.setresgid(identity.gid, identity.gid, identity.gid)
+        os.setresuid(identity.uid, identity.uid, identity.uid)
+    parent_death_signal(signal.SIGKILL)
+
+
+def can_confine() -> bool:
+    """Whether this process can give a VMM another identity (it runs as root)."""
+    return os.geteuid() == 0
+
+
+def readable_copy(fd: int, name: str) -> int:
+    """A memfd holding the file ``fd`` (a VMM that reads a path the monitor cannot make
+    readable to it otherwise: a root-only initrd, which holds the machine's config)."""
+    size = os.fstat(fd).st_size
+    copy = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        sent = 0
+        while sent < size:
+            n = os.sendfile(copy, fd, sent, size - sent)
+            if n == 0:
+                raise VMMError(f"{name} changed size while being copied")
+            sent += n
+    except BaseException:
+        os.close(copy)
+        raise
+    return copy
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,0 +1,99 @@
+"""Machines' QEMUs are confined (ember.vm.vmm.jail): real machines through the ``ember``
+CLI, restored from a template, as a tenant runs them.
+
+One module, few machines: the template is of a shape of its own (``-m 320``), so that
+it is built by this code (its initrd readable by the VMMs) whatever the shared kernel
+cache holds from earlier runs."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.home import Home
+from ember.vm.template import templates_dir
+from tests.machines.vmkit import Ember, delete_netns, new_netns, vm_home_fixture, wait_for
+from tests.support.images import layout_ref
+from tests.vm.vmm.confined import assert_confined
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+MEMORY = "320"
+
+vm_home = vm_home_fixture("vmjail")
+
+
+@pytest.fixture
+def ember(vm_home: Home) -> Iterator[Ember]:
+    ns = new_netns()
+    try:
+        yield Ember(ns, vm_home)
+    finally:
+        delete_netns(ns)
+
+
+@pytest.fixture(scope="module")
+def busybox(busybox_layout: Path) -> str:
+    return layout_ref(busybox_layout)
+
+
+def template_of_shape(ember: Ember, busybox: str) -> Path:
+    """Run a first machine of this module's shape (it starts the template's build, unless
+    an earlier run left the template); the template, built."""
+    first = ember("run", "--name", "jail-first", "-m", MEMORY, busybox, "true")
+    assert first.returncode == 0, first.stderr
+    key = ember.inspect("jail-first")["labels"]["ember.template"]
+    assert ember("rm", "jail-first").returncode == 0
+    state = templates_dir(ember.home) / f"{key}.vmstate"
+    deadline = time.monotonic() + 180
+    while not state.is_file():
+        assert time.monotonic() < deadline, (templates_dir(ember.home) / "build.log").read_text()
+        time.sleep(0.2)
+    return state
+
+
+def vmm_of(ember: Ember, name: str) -> dict[str, Any]:
+    return wait_for(ember, name, lambda st: st["status"] == "running" and st["vmm_pid"])
+
+
+def as_uid(monitor_pid: int, uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` as ``uid`` in the machine's mount namespace (where its snapshot pool is)."""
+    return subprocess.run(
+        ["nsenter", "-t", str(monitor_pid), "-m", "setpriv", f"--reuid={uid}", f"--regid={uid}",
+         "--clear-groups", *argv],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_restored_machines_run_confined_and_apart(ember: Ember, busybox: str) -> None:
+    state = template_of_shape(ember, busybox)
+    # readable by the VMMs as it is: no restore copies it into memory
+    assert state.with_suffix(".initrd").stat().st_mode & 0o004
+    machines = {}
+    for name in ("jail-a", "jail-b"):
+        res = ember("run", "-d", "--name", name, "-m", MEMORY, busybox, "sleep", "120")
+        assert res.returncode == 0, res.stderr
+        st = vmm_of(ember, name)
+        assert st["vm"]["restore"] == str(state), "the machine did not start from the template"
+        machines[name] = (st, assert_confined(st["vmm_pid"]))
+    (a, uid_a), (b, uid_b) = machines["jail-a"], machines["jail-b"]
+    assert uid_a != uid_b, "two machines' VMMs share a uid"
+    assert "memfd:" not in " ".join(
+        str(p.readlink()) for p in Path(f"/proc/{a['vmm_pid']}/fd").iterdir()
+    )
+    # an escaped VMM of jail-a can read neither jail-b's disk nor its directory
+    for argv in (["head", "-c1", b["vm"]["root_disk"]], ["ls", str(ember.home.machines / b["id"])]):
+        res = as_uid(a["monitor_pid"], uid_a, *argv)
+        assert res.returncode != 0 and "Permission denied" in res.stderr, (argv, res)
+    # and the machines still stop and die as they did
+    assert ember("stop", "jail-a").returncode == 0
+    assert ember("kill", "jail-b").returncode == 0
+    ended = {n: wait_for(ember, n, lambda st: st["status"] == "exited") for n in machines}
+    assert ended["jail-a"]["exit_code"] == 143 and ended["jail-b"]["exit_code"] == 137, ended
+    for name in machines:
+        assert ember("rm", name).returncode == 0

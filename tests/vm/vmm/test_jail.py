@@ -1,0 +1,91 @@
+"""The VMM's identity leases and the checks behind what it is handed (no QEMU here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ember.vm.vmm.errors import VMMError
+from ember.vm.vmm.jail import (
+    DEFAULT_IDS,
+    IDS_ENV,
+    Identity,
+    id_range,
+    lease_identity,
+    readable_copy,
+)
+
+
+def test_the_id_range_comes_from_the_environment() -> None:
+    assert id_range({}) == DEFAULT_IDS
+    assert id_range({IDS_ENV: "200000-200009"}) == range(200000, 200010)
+
+
+@pytest.mark.parametrize("raw", ["0-10", "10", "10-5", "a-b", "1-2147483647", "-5-10"])
+def test_an_id_range_that_could_name_root_or_nothing_is_refused(raw: str) -> None:
+    with pytest.raises(VMMError, match=IDS_ENV):
+        id_range({IDS_ENV: raw})
+
+
+def test_each_vmm_gets_a_uid_of_its_own_until_it_releases_it(tmp_path: Path) -> None:
+    ids = range(300000, 300003)
+    a, b = lease_identity(ids, tmp_path), lease_identity(ids, tmp_path)
+    assert a.identity.uid != b.identity.uid
+    assert {a.identity.uid, b.identity.uid} <= set(ids)
+    assert a.identity.gid == a.identity.uid
+    c = lease_identity(ids, tmp_path)
+    with pytest.raises(VMMError, match="in use"):
+        lease_identity(ids, tmp_path)
+    b.release()
+    again = lease_identity(ids, tmp_path)
+    assert again.identity.uid == b.identity.uid
+    for lease in (a, c, again):
+        lease.release()
+
+
+def test_a_lease_holds_against_other_processes(tmp_path: Path) -> None:
+    """The lease is a lock the kernel keeps for the holder (the monitor) until it lets
+    go or dies: another monitor's attempt must not get the same uid."""
+    ids = range(300000, 300001)
+    lease = lease_identity(ids, tmp_path)
+    pid = os.fork()
+    if pid == 0:  # another monitor
+        try:
+            lease_identity(ids, tmp_path)
+            os._exit(1)
+        except VMMError:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "a second process leased a held uid"
+    lease.release()
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "mode", "readable"),
+    [
+        (5, 5, 0o600, True),  # its own file
+        (5, 5, 0o066, False),  # the owner's bits decide for the owner
+        (0, 5, 0o640, True),  # its group
+        (0, 0, 0o640, False),  # root's
+        (0, 0, 0o644, True),  # anyone's
+        (0, 7, 0o640, True),  # a supplementary group (/dev/kvm's)
+    ],
+)
+def test_readability_follows_the_mode_bits(uid: int, gid: int, mode: int, readable: bool) -> None:
+    st = os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+    assert Identity(5, 5, (7,)).can_read(st) is readable
+
+
+def test_a_readable_copy_holds_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "initrd"
+    data = os.urandom(300_000)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    copy = readable_copy(fd, "initrd")
+    try:
+        assert os.pread(copy, len(data) + 1, 0) == data
+    finally:
+        os.close(fd)
+        os.close(copy)
