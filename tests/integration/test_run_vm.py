@@ -268,6 +268,28 @@ def test_ctrl_c_stops_gracefully(ember: Ember, busybox: str, signum: int) -> Non
     assert leftovers(ember) == []
 
 
+def test_a_stop_the_guest_cannot_act_on_ends_in_a_kill(ember: Ember, busybox: str) -> None:
+    """A guest too busy to act on the stop (thrashing, hung): the attached run waited for
+    ever after a `timeout`'s one SIGTERM, where `ember stop` kills the VMM once the stop
+    timeout and a grace period have passed.  Here the VMM is frozen with SIGSTOP."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", "--name", "frozen",
+         "--stop-timeout", "1", busybox, "sh", "-c", "echo ready; sleep 1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ember.env(), text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        os.kill(ember.inspect("frozen")["vmm_pid"], signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 137, err
+    assert "frozen did not stop within 1 s: killing it" in err
+    assert leftovers(ember) == []
+
+
 def test_a_hang_up_reaches_the_program_as_sighup(ember: Ember, busybox: str) -> None:
     """Its terminal closed (or, through the agent, its client gone): the program gets
     SIGHUP, as docker's sig-proxy passes it on; not a stop."""

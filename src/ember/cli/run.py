@@ -68,6 +68,10 @@ class _Interrupts:
         self.stops = 0  # SIGINT and SIGTERM: stop, then kill
         #: signals not acted on yet, in order (one before the hand-over undoes the machine)
         self.pending: list[int] = []
+        #: (monotonic time, its stop timeout) after which a stopped machine still running
+        #: is killed from the host, as `ember stop` does: a guest too busy to act on the
+        #: stop (thrashing, hung) kept the run, and a `timeout`'s one SIGTERM, for ever
+        self.kill_at: tuple[float, int] | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
@@ -133,6 +137,8 @@ def _follow(
                 moved = _pump(src, dst) or moved
             while intr.pending:
                 control = _pass_on(home, d, intr, intr.pending.pop(0)) or control
+            if intr.kill_at is not None and time.monotonic() >= intr.kill_at[0]:
+                _kill_unstopped(home, d, intr)
             if not ready or sync_r is None:
                 continue
             chunk = os.read(sync_r, 4096)
@@ -212,14 +218,16 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket 
         return None
     again = "Ctrl-C" if sig == signal.SIGINT else "the signal"
     _say(f"stopping {st.name} ({again} again to kill it)")
+    timeout = stop_timeout_of(st)  # the machine's own (-1: none), as `ember stop` sends it
     try:
         control = open_control(d / "control.sock")
         try:
-            # with the machine's own stop timeout (-1: none), as `ember stop` sends it
-            control.sendall(stop_request(stop_timeout_of(st)))
+            control.sendall(stop_request(timeout))
         except OSError as e:
             control.close()
             raise ControlChannelError(f"cannot write to the machine's control channel: {e}") from e
+        if timeout is not None:
+            intr.kill_at = (time.monotonic() + timeout + lifecycle.KILL_GRACE, timeout)
         return control
     except ControlChannelError as e:
         now = _current(home, d)
@@ -228,6 +236,23 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket 
         _say(f"{e}: killing it")
         lifecycle.kill_vmm(home, st)
         return None
+
+
+def _kill_unstopped(home: Home, d: Path, intr: _Interrupts) -> None:
+    """The stop's time is up and the machine still runs: kill its VMM, as `ember stop`
+    does after the stop timeout and a grace period."""
+    from ember.machines import lifecycle
+    from ember.machines.state import RUNNING
+
+    assert intr.kill_at is not None
+    timeout = intr.kill_at[1]
+    intr.kill_at = None
+    st = _current(home, d)
+    if st is None or st.status != RUNNING:
+        return
+    _say(f"{st.name} did not stop within {timeout:g} s: killing it")
+    with contextlib.suppress(EmberError):  # gone meanwhile: fine
+        lifecycle.kill_vmm(home, st)
 
 
 def _current(home: Home, d: Path) -> MachineState | None:
