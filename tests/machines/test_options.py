@@ -82,9 +82,14 @@ def test_memory() -> None:
     assert parse_memory_mib("512") == 512
     assert parse_memory_mib("1G") == 1024
     assert parse_memory_mib("256m") == 256
+    assert parse_memory_mib("128") == 128
     for bad in ("32", "0", "2T", "lots"):
         with pytest.raises(InvalidOption):
             parse_memory_mib(bad)
+    # at 96 MiB the guest's kernel panicked loading modules, at 64 it thrashed for minutes
+    for small in ("64", "96m", "127"):
+        with pytest.raises(InvalidOption, match="a guest needs at least 128 MiB"):
+            parse_memory_mib(small)
 
 
 @pytest.mark.parametrize("good", ["web", "a", "my_app.v2-1", "A1"])

@@ -81,6 +81,12 @@ def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
+#: the least memory a guest boots in: Debian's kernel and ember-init load their modules
+#: into it (at 96 MiB the kernel panicked there, "System is deadlocked on memory"; at 64
+#: it thrashed without reaching the program for minutes, the VMM at 100% CPU)
+MIN_MEMORY_MIB = 128
+
+
 def parse_memory_mib(text: str, host_mib: int | None = -1) -> int:
     """``--memory``: MiB as a number, or a size with a unit (``1G``); not more than the
     host has (``host_mib``, by default its MemTotal; None: unknown, not checked): QEMU
@@ -88,9 +94,14 @@ def parse_memory_mib(text: str, host_mib: int | None = -1) -> int:
     try:
         mib = parse_size(text, default_unit="m") // (1 << 20)
     except InvalidOption as e:  # "invalid size '0'", with the option named
-        raise InvalidOption(f"--memory: {e}", hint="between 64 MiB and 1 TiB") from None
-    if not 64 <= mib <= 1 << 20:
-        raise InvalidOption(f"--memory {text!r}: must be between 64 MiB and 1 TiB")
+        raise InvalidOption(f"--memory: {e}", hint=f"between {MIN_MEMORY_MIB} MiB and 1 TiB") from None
+    if mib < MIN_MEMORY_MIB:
+        raise InvalidOption(
+            f"--memory {text!r}: a guest needs at least {MIN_MEMORY_MIB} MiB (its kernel and "
+            "ember-init's modules do not boot in less)"
+        )
+    if mib > 1 << 20:
+        raise InvalidOption(f"--memory {text!r}: must be between {MIN_MEMORY_MIB} MiB and 1 TiB")
     if host_mib == -1:
         host_mib = host_memory_mib()
     if host_mib is not None and mib > host_mib:
