@@ -290,6 +290,15 @@ def test_a_stop_the_guest_cannot_act_on_ends_in_a_kill(ember: Ember, busybox: st
     assert leftovers(ember) == []
 
 
+def test_a_guest_kernel_panic_is_said(ember: Ember, busybox: str) -> None:
+    """A guest whose kernel panics gives no exit report: the reason was only "no exit
+    report (see console.log)", where the kernel had said why."""
+    res = ember("run", "--rm", busybox, "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert res.returncode == 255, res.stderr
+    assert "the guest's kernel panicked: sysrq triggered crash" in res.stderr
+    assert leftovers(ember) == []
+
+
 def test_a_hang_up_reaches_the_program_as_sighup(ember: Ember, busybox: str) -> None:
     """Its terminal closed (or, through the agent, its client gone): the program gets
     SIGHUP, as docker's sig-proxy passes it on; not a stop."""

@@ -108,3 +108,24 @@ def test_what_the_host_did_wins_over_what_the_guest_said() -> None:
     # ended anyway, so its console's word is taken, and marked as only that
     said = outcome(None, 0, None, killed=False, console_said=ExitReport(3, None, False))
     assert said == Outcome(3, None, False, CONSOLE_REASON)
+
+
+def test_a_kernel_panic_is_the_end_reason_of_a_guest_without_a_report() -> None:
+    from ember.machines.report import parse_kernel_panic
+
+    tail = (
+        b"[    1.28] Kernel panic - not syncing: System is deadlocked on memory\n"
+        + b"[    1.28] Call Trace:\n" * 200
+        + b"[    1.29] Kernel Offset: disabled"
+    )
+    panic = parse_kernel_panic(tail)
+    assert panic == "System is deadlocked on memory"
+    result = outcome(None, 0, None, killed=False, panic=panic)
+    assert result.exit_code == 255
+    assert result.end_reason == (
+        "the guest's kernel panicked: System is deadlocked on memory (see console.log)"
+    )
+    assert parse_kernel_panic(b"Kernel panic - not syncing: \x1b]0;x\x07\n") == "?]0;x?"
+    assert parse_kernel_panic(b"all is well\n") is None
+    # a report, or the host's kill, still decides
+    assert outcome(None, None, 9, killed=True, panic=panic).end_reason == "killed"

@@ -35,9 +35,11 @@ from ember.machines.logs import LogConfig
 from ember.machines.procs import proc_start_time
 from ember.machines.report import (
     CONSOLE_REASON,
+    PANIC_TAIL,
     Outcome,
     outcome,
     parse_console_tail,
+    parse_kernel_panic,
     parse_report,
 )
 from ember.machines.restartpolicy import backoff_s, parse_restart_policy
@@ -378,13 +380,15 @@ def _how_it_ended(d: Path, end: VMExit, console_bytes: int, *, host_killed: bool
     ``console.log`` this run wrote (init's line of an earlier run is no word on it)."""
     logs = Channels.in_dir(d)
     report = parse_report(_read_limited(logs.status_file))
-    console_said = None
+    console_said = panic = None
     if report is None:
-        tail = _read_limited(logs.console_log, tail=True, limit=min(4096, console_bytes))
-        console_said = parse_console_tail(tail)
+        tail = _read_limited(logs.console_log, tail=True, limit=min(PANIC_TAIL, console_bytes))
+        console_said = parse_console_tail(tail[-4096:])
+        panic = parse_kernel_panic(tail)
     result = outcome(
-        report, end.returncode, end.signal, killed=host_killed, console_said=console_said
-    )
+        report, end.returncode, end.signal, killed=host_killed, console_said=console_said,
+        panic=panic,
+    )  # fmt: skip
     if report is None and end.returncode not in (0, None):
         # the VMM failed (it could not start the guest, or gave up on it): its own last
         # words say why, and vmm.log goes with the machine (--rm)

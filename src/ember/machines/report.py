@@ -100,6 +100,23 @@ def parse_console_tail(data: bytes) -> ExitReport | None:
     return None
 
 
+_PANIC_RE = re.compile(rb"Kernel panic - not syncing: ?(.*)")
+#: how much of the console's end is searched for the panic line (the stack trace and
+#: register dump the kernel prints after it take ~3 KB)
+PANIC_TAIL = 16 * 1024
+
+
+def parse_kernel_panic(data: bytes) -> str | None:
+    """Why the guest's kernel panicked (its last ``Kernel panic - not syncing:`` line
+    in the console's tail), printable and short; None if it did not."""
+    for raw in reversed(data[-PANIC_TAIL:].splitlines()):
+        m = _PANIC_RE.search(raw)
+        if m:
+            text = m.group(1).decode("utf-8", "replace").strip()
+            return "".join(c if c.isprintable() else "?" for c in text[:200]) or "no reason given"
+    return None
+
+
 #: the end reason of an exit code taken from the console line (``console_said``)
 CONSOLE_REASON = "no exit report: the exit code is the guest console's last ember-init line"
 
@@ -111,6 +128,7 @@ def outcome(
     *,
     killed: bool,
     console_said: ExitReport | None = None,
+    panic: str | None = None,
 ) -> Outcome:
     """Combine what the guest said with how the VMM process ended.
 
@@ -121,7 +139,9 @@ def outcome(
     console line (``parse_console_tail``), the fallback for a guest whose status port
     gave nothing; but anything in the guest can print that line, so it only counts when
     the guest ended the VM itself (its VMM exited 0: a power-off), where the guest
-    decided how it ended anyway, and the end reason says where the code came from."""
+    decided how it ended anyway, and the end reason says where the code came from.
+    ``panic``: why the guest's kernel panicked, if its console says so (the end reason
+    of a guest that ended without a report)."""
     if killed:
         return Outcome(128 + _signal.SIGKILL, _signal.SIGKILL, False, "killed")
     if report is not None:
@@ -135,6 +155,11 @@ def outcome(
         return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm killed by signal {vmm_signal}")
     if vmm_returncode not in (0, None):
         return Outcome(NO_REPORT_EXIT_CODE, None, False, f"vmm exited with status {vmm_returncode}")
+    if panic is not None:
+        # (the guest's own words: informative only, they decide nothing)
+        return Outcome(
+            NO_REPORT_EXIT_CODE, None, False, f"the guest's kernel panicked: {panic} (see console.log)"
+        )
     return Outcome(
         NO_REPORT_EXIT_CODE, None, False, "the guest gave no exit report (see console.log)"
     )
