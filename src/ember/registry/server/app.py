@@ -603,11 +603,17 @@ class RegistryApp:
     async def _allowance(
         self, ctx: _Ctx, session: str, digest: Digest | None = None, expected: int | None = None
     ) -> _Room | None:
-        """What upload ``session`` may grow into while a body streams (None: no bound; also
-        when the organization holds ``digest``, which then costs nothing and is checked
-        when published).  ``expected``: the size the body will take it to, if known."""
-        if not await self._bounded(ctx, digest):
+        """What upload ``session`` may grow into while a body streams (None: no bound).
+        When the organization holds ``digest`` the bytes cost nothing, but they may not
+        outgrow that blob (then they are not it); checked again when published.
+        ``expected``: the size the body will take it to, if known."""
+        if not await self._bounded(ctx):
             return None
+        if digest is not None:
+            assert ctx.grant is not None
+            held = await self._read(self.meta.held_size, ctx.grant.org, str(digest))
+            if held is not None:
+                return _HeldBlob(digest, held)
         return _Room(self, ctx, session, expected)
 
     async def _append_within_quota(
@@ -725,11 +731,16 @@ class RegistryApp:
         digest_param = params.get("digest")
         if digest_param is not None:
             # monolithic upload: POST ?digest= with the whole blob as the body
-            digest = _parse_digest(digest_param)
-            length = content_length(ctx.request.headers.get("content-length"))
-            room = await self._allowance(ctx, session, digest, length)
-            await self._append_within_quota(ctx, session, 0, None, room)
-            return await self._finish(ctx, repo_id, session, digest)
+            try:
+                digest = _parse_digest(digest_param)
+                length = content_length(ctx.request.headers.get("content-length"))
+                room = await self._allowance(ctx, session, digest, length)
+                await self._append_within_quota(ctx, session, 0, None, room)
+                return await self._finish(ctx, repo_id, session, digest)
+            except ApiError:
+                # the client never got this session's URL: nothing can resume or end it
+                await self._drop_session(session)
+                raise
         return Response(
             b"", status_code=202, headers=self._upload_headers(ctx, session, 0, expires)
         )
@@ -940,6 +951,28 @@ class _Room:
     async def settle(self, size: int) -> None:
         if self.reserved:  # give back what was reserved and not used
             await self.app._db(self.app.meta.settle_upload, self.session, size)
+
+
+class _HeldBlob:
+    """The room of an upload that claims to be a blob its organization holds already
+    (free under the quota): that blob's size, no more.  A body that grows past it cannot
+    be the blob; unbounded, it could put any amount past the quota on disk while it
+    streamed, to be refused only when its digest was checked."""
+
+    def __init__(self, digest: Digest, size: int) -> None:
+        self.digest = digest
+        self.size = size
+
+    async def grow(self, size: int) -> int:
+        if size > self.size:
+            raise ApiError(
+                "DIGEST_INVALID",
+                f"the upload is larger than {self.digest}, which has {self.size} bytes",
+            )
+        return self.size
+
+    async def settle(self, size: int) -> None:
+        pass  # nothing was reserved
 
 
 class _Ctx:

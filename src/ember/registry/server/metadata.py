@@ -259,6 +259,16 @@ class RegistryMetadata:
                 return False
             return digest is None or not _org_holds(conn, int(row[0]), digest)
 
+    def held_size(self, org: str, digest: str) -> int | None:
+        """The size of blob (or manifest) ``digest`` if ``org`` holds it already, else None."""
+        with self.db.connect() as conn:
+            org_id = conn.execute(select(s.orgs.c.id).where(s.orgs.c.name == org)).scalar()
+            if org_id is None:
+                return None
+            content = _org_content(int(org_id), digest).subquery()
+            size = conn.execute(select(content.c.size).limit(1)).scalar()
+            return None if size is None else int(size)
+
     def reserve_upload(
         self, org: str, session: str, need: int, ahead: int = 0, digest: str | None = None
     ) -> int | Quota:
