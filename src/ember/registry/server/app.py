@@ -46,7 +46,7 @@ from ember.registry.server.protocol import (
 from ember.registry.server.references import describe_manifest
 from ember.registry.server.responses import API_VERSION, BlobResponse, error_response
 from ember.registry.server.revocations import Revocations
-from ember.registry.server.storage import BlobStorage, range_header, touch
+from ember.registry.server.storage import Allowance, BlobStorage, range_header, touch
 from ember.registry.server.tokens import (
     TOKEN_TTL,
     Grant,
@@ -602,7 +602,7 @@ class RegistryApp:
 
     async def _allowance(
         self, ctx: _Ctx, session: str, digest: Digest | None = None, expected: int | None = None
-    ) -> _Room | None:
+    ) -> Allowance | None:
         """What upload ``session`` may grow into while a body streams (None: no bound).
         When the organization holds ``digest`` the bytes cost nothing, but they may not
         outgrow that blob (then they are not it); checked again when published.
@@ -617,7 +617,7 @@ class RegistryApp:
         return _Room(self, ctx, session, expected)
 
     async def _append_within_quota(
-        self, ctx: _Ctx, session: str, start: int | None, limit: int | None, room: _Room | None
+        self, ctx: _Ctx, session: str, start: int | None, limit: int | None, room: Allowance | None
     ) -> int:
         """storage.append within the quota's room; past it the session is dropped and the
         client told the quota's figures (403 DENIED)."""
