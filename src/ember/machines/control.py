@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
-from ember.vm.vmm.base import open_control, unix_address
+from ember.vm.vmm.base import listen_unix, open_control
 
 if TYPE_CHECKING:
     from ember.machines.state import MachineState
@@ -64,22 +64,6 @@ def stop_timeout_of(st: MachineState) -> int | None:
     return None if value == NO_STOP_TIMEOUT else value
 
 
-def _bind_unix(path: Path) -> socket.socket:
-    """A listening unix socket at ``path``, mode 0600."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with unix_address(path) as address:
-            s.bind(address)
-        os.chmod(path, 0o600)
-        s.listen(16)
-        return s
-    except BaseException:
-        s.close()
-        raise
-
-
 class ControlRelay:
     """The machine's control channel, served by the monitor.
 
@@ -104,7 +88,7 @@ class ControlRelay:
         self._want = False
         self._give_up = 0.0
         self._closing = False
-        self._listener = _bind_unix(listen_path)
+        self._listener = listen_unix(listen_path, 16)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._serve, name="ember-control", daemon=True)
         self._thread.start()

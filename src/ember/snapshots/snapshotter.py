@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ember.fsutil import atomic_write, fsync_dir
+from ember.fsutil import atomic_write, fsync_dir, fsync_file
 from ember.home import Home
 from ember.snapshots import interrupts, names, superblock, system
 from ember.snapshots.config import SnapshotConfig, parse_size
@@ -60,14 +60,6 @@ _CHECKED_MARK = b"e2fsck -fn\n"
 
 # recovery runs once per process per pool
 _recovered: set[Path] = set()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Snapshotter:
@@ -365,7 +357,7 @@ class Snapshotter:
                 # A machine's disk outlives a host crash: its blocks (the copy backend's
                 # writes, a resize) or its extent map (a reflink) must be on disk before
                 # its name is, like every other file ember publishes.
-                _fsync_file(disk)
+                fsync_file(disk)
             if lease is not None:
                 self.leases.add(lease, snapshots=[key])
             target = self.active_dir / enc

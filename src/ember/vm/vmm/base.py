@@ -226,6 +226,22 @@ def unix_address(path: Path) -> Iterator[str]:
         os.close(dirfd)
 
 
+def listen_unix(path: Path, backlog: int) -> socket.socket:
+    """A unix socket listening at ``path`` (a stale one there is replaced), mode 0600."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with unix_address(path) as address:
+            s.bind(address)
+        os.chmod(path, 0o600)
+        s.listen(backlog)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
 def open_control(path: Path, timeout: float = 2.0) -> socket.socket:
     """Connect to a control socket: a machine's ``control.sock`` (served by its monitor,
     ``ember.machines.control.ControlRelay``) or the VMM's own (the monitor's).

@@ -28,20 +28,26 @@ controls the process.  Choices, measured on this host (docs/machines.md):
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import functools
 import os
 import shutil
-import socket
 import struct
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ember.vm.vmm.base import VM, VMM, Disk, VMExit, VMSpec, unix_address, wait_pid_exit
+from ember.vm.vmm.base import (
+    VM,
+    VMM,
+    Disk,
+    VMExit,
+    VMSpec,
+    listen_unix,
+    wait_pid_exit,
+)
 from ember.vm.vmm.errors import VMMError, VMMNotInstalled
 from ember.vm.vmm.jail import (
     SANDBOX,
@@ -287,18 +293,7 @@ def _open_channel(path: Path) -> int:
 def _listen_control(path: Path) -> int:
     """The control socket, bound and listening (QEMU's uid may not create a file in the
     machine's directory); QEMU serves one client and queues one more, as on its own."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with unix_address(path) as address:
-            s.bind(address)
-        os.chmod(path, 0o600)
-        s.listen(1)
-    except BaseException:
-        s.close()
-        raise
-    return s.detach()
+    return listen_unix(path, 1).detach()
 
 
 def _open_disk(disk: Disk) -> tuple[int, ...]:
