@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ember.home import Home
 from ember.vm.template import templates_dir
-from tests.machines.vmkit import Ember, delete_netns, new_netns, vm_home_fixture, wait_for
-from tests.support.images import layout_ref
+from tests.machines.vmkit import Ember, vm_home_fixture, wait_for
 from tests.vm.vmm.confined import assert_confined
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -26,20 +23,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 MEMORY = "320"
 
 vm_home = vm_home_fixture("vmjail")
-
-
-@pytest.fixture
-def ember(vm_home: Home) -> Iterator[Ember]:
-    ns = new_netns()
-    try:
-        yield Ember(ns, vm_home)
-    finally:
-        delete_netns(ns)
-
-
-@pytest.fixture(scope="module")
-def busybox(busybox_layout: Path) -> str:
-    return layout_ref(busybox_layout)
 
 
 def template_of_shape(ember: Ember, busybox: str) -> Path:
