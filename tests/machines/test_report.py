@@ -122,10 +122,30 @@ def test_a_kernel_panic_is_the_end_reason_of_a_guest_without_a_report() -> None:
     assert panic == "System is deadlocked on memory"
     result = outcome(None, 0, None, killed=False, panic=panic)
     assert result.exit_code == 255
-    assert result.end_reason == (
-        "the guest's kernel panicked: System is deadlocked on memory (see console.log)"
-    )
+    # (no "see console.log": with --rm it is gone; the reason is all there is)
+    assert result.end_reason == "the guest's kernel panicked: System is deadlocked on memory"
     assert parse_kernel_panic(b"Kernel panic - not syncing: \x1b]0;x\x07\n") == "?]0;x?"
     assert parse_kernel_panic(b"all is well\n") is None
     # a report, or the host's kill, still decides
     assert outcome(None, None, 9, killed=True, panic=panic).end_reason == "killed"
+
+
+def test_inits_error_line_comes_with_the_console_exit_code() -> None:
+    """An init that failed before its status port was up (a --kernel without the modules
+    for the root disk) said why on the console only: the user got no reason at all."""
+    from ember.machines.report import CONSOLE_REASON
+
+    tail = (
+        b"ember-init: loading modules\n"
+        b"ember-init: error: root device /dev/vda did not appear\n"
+        b"[    5.1] reboot: Power down\n"
+        b"ember-init: exit code 125\n"
+    )
+    said = parse_console_tail(tail)
+    assert said is not None and said.error == "root device /dev/vda did not appear"
+    result = outcome(None, 0, None, killed=False, console_said=said)
+    assert (result.exit_code, result.end_reason, result.error) == (
+        125, CONSOLE_REASON, "root device /dev/vda did not appear"
+    )
+    # an error line after the exit line is not that run's
+    assert parse_console_tail(b"ember-init: exit code 3\nember-init: error: later\n").error is None  # type: ignore[union-attr]

@@ -83,20 +83,37 @@ def parse_console_tail(data: bytes) -> ExitReport | None:
     """ember-init's last console line (``ember-init: exit code N``): a fallback for a
     missing exit report that anything in the guest can forge (``outcome`` says when it
     counts)."""
-    for raw in reversed(data[-MAX_REPORT:].splitlines()):
-        m = _CONSOLE_RE.match(raw.strip())
+    lines = data[-MAX_REPORT:].splitlines()
+    for at in range(len(lines) - 1, -1, -1):
+        m = _CONSOLE_RE.match(lines[at].strip())
         if not m:
             continue
         oom = m.group("oom") is not None
+        error = _console_error(lines[:at])
         if m.group("code") is not None:
             code = int(m.group("code"))
             if code > 255:
                 return None
-            return ExitReport(code, None, oom)
+            return ExitReport(code, None, oom, error)
         sig = int(m.group("sig"))
         if not 1 <= sig <= 64:
             return None
-        return ExitReport(128 + sig, sig, oom)
+        return ExitReport(128 + sig, sig, oom, error)
+    return None
+
+
+_CONSOLE_ERROR_RE = re.compile(rb"^ember-init: error: (.+)$")
+
+
+def _console_error(before: list[bytes]) -> str | None:
+    """init's last ``ember-init: error: ...`` line before its exit line: why it could not
+    run the program (its status port may not have been up to say it: a root disk that
+    never appeared), printable and short."""
+    for raw in reversed(before):
+        m = _CONSOLE_ERROR_RE.match(raw.strip())
+        if m:
+            text = m.group(1).decode("utf-8", "replace").strip()
+            return "".join(c if c.isprintable() else "?" for c in text[:500]) or None
     return None
 
 
@@ -148,7 +165,7 @@ def outcome(
         return Outcome(report.exit_code, report.signal, report.oom_killed, None, report.error)
     if console_said is not None and vmm_signal is None and vmm_returncode == 0:
         said = console_said
-        return Outcome(said.exit_code, said.signal, said.oom_killed, CONSOLE_REASON)
+        return Outcome(said.exit_code, said.signal, said.oom_killed, CONSOLE_REASON, said.error)
     if vmm_signal == _signal.SIGKILL:
         return Outcome(128 + _signal.SIGKILL, _signal.SIGKILL, False, "killed")
     if vmm_signal is not None:
@@ -158,7 +175,7 @@ def outcome(
     if panic is not None:
         # (the guest's own words: informative only, they decide nothing)
         return Outcome(
-            NO_REPORT_EXIT_CODE, None, False, f"the guest's kernel panicked: {panic} (see console.log)"
+            NO_REPORT_EXIT_CODE, None, False, f"the guest's kernel panicked: {panic}"
         )
     return Outcome(
         NO_REPORT_EXIT_CODE, None, False, "the guest gave no exit report (see console.log)"
