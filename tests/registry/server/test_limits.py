@@ -28,6 +28,7 @@ from ember.registry.server.gc import purge
 from ember.registry.server.metadata import _OPEN_UPLOADS, RegistryMetadata
 from ember.registry.server.storage import BlobStorage
 from ember.registry.server.uploadstate import (
+    UPLOAD_TTL,
     InvalidUploadState,
     UploadState,
     sign_state,
@@ -80,6 +81,14 @@ def _expire(srv: EmberServer, *sessions: str) -> None:
     with _db(srv) as db:
         for session in sessions:
             db.execute("UPDATE reg_uploads SET expires_at = ? WHERE id = ?", (time.time() - 1, session))
+
+
+def _opened_an_hour_ago(srv: EmberServer, *sessions: str) -> None:
+    """As if these sessions had started a little over an hour ago (still unexpired)."""
+    with _db(srv) as db:
+        for session in sessions:
+            expires = time.time() + UPLOAD_TTL - 3601
+            db.execute("UPDATE reg_uploads SET expires_at = ? WHERE id = ?", (expires, session))
 
 
 def _sessions(srv: EmberServer) -> set[str]:
@@ -282,8 +291,9 @@ def test_open_uploads_per_organization_are_capped(start: Callable[..., EmberServ
         assert r.status_code == 429, r.text
         assert r.json()["errors"] == [{
             "code": "TOOMANYREQUESTS",
-            "message": "organization acme has 3 unfinished uploads, the most it may have open at "
-            "once: finish or cancel some (an abandoned upload ends 24 hours after it started)",
+            "message": "organization acme has opened 3 uploads in the last hour that are not "
+            "finished, the most it may have: finish or cancel some, or try again later (an "
+            "upload counts for an hour after it started)",
         }]  # fmt: skip
         assert "acme/d" not in _repos(srv)  # a refused POST writes nothing
         files = set(os.listdir(_uploads_dir(srv)))
@@ -305,6 +315,11 @@ def test_open_uploads_per_organization_are_capped(start: Callable[..., EmberServ
         _expire(srv, opened[1][0])
         _start(c, "e")
         assert c.post("/v2/e/blobs/uploads/").status_code == 429
+        # abandoned sessions (only their client can cancel them, with their URL) locked
+        # the organization out until they expired, 24 h: one counts for an hour
+        _opened_an_hour_ago(srv, opened[2][0])
+        _start(c, "f")
+        assert c.post("/v2/f/blobs/uploads/").status_code == 429
 
 
 def test_sessions_opened_at_once_cannot_pass_the_cap(start: Callable[..., EmberServer]) -> None:
@@ -373,7 +388,7 @@ def test_repositories_per_organization_are_capped(start: Callable[..., EmberServ
             "code": "DENIED",
             "message": "organization acme has 2 repositories, the most it may have: push into "
             "one of them, or delete the manifests and blobs of one it no longer needs (a "
-            "repository left with nothing is removed by the next cleanup)",
+            "repository left with nothing is removed an hour after it was made)",
         }]  # fmt: skip
         assert c.post("/v2/c/blobs/uploads/", params={"mount": blob, "from": "a"}).status_code == 403
         index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()

@@ -1009,21 +1009,21 @@ _HANDLERS: dict[tuple[str, str], tuple[str, Handler]] = {
 def _limit_reached(e: OrgLimitReached) -> ApiError:
     """The answer to a request that wanted one upload session (or repository) more than
     its organization may have.  Too many open sessions is 429 TOOMANYREQUESTS, what
-    Distribution's error codes have for it: they end (finished, cancelled, expired), and
-    podman and skopeo retry it later; docker, like for 403, shows the message.  Too many
+    Distribution's error codes have for it: a session counts for an hour only, and
+    containers/image may retry it later; docker, like for 403, shows the message.  Too many
     repositories is 403 DENIED: that lasts until some are emptied."""
     if e.what == "uploads":
         return ApiError(
             "TOOMANYREQUESTS",
-            f"organization {e.org} has {e.limit} unfinished uploads, the most it may have "
-            "open at once: finish or cancel some (an abandoned upload ends "
-            f"{UPLOAD_TTL // 3600} hours after it started)",
+            f"organization {e.org} has opened {e.limit} uploads in the last hour that are "
+            "not finished, the most it may have: finish or cancel some, or try again later "
+            "(an upload counts for an hour after it started)",
         )
     return ApiError(
         "DENIED",
         f"organization {e.org} has {e.limit} repositories, the most it may have: push into "
         "one of them, or delete the manifests and blobs of one it no longer needs (a "
-        "repository left with nothing is removed by the next cleanup)",
+        "repository left with nothing is removed an hour after it was made)",
     )
 
 

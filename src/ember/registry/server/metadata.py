@@ -150,6 +150,8 @@ _LOCK_ORG = (
 )
 _ORG_ID = select(s.orgs.c.id).where(s.orgs.c.name == bindparam("org"))
 _REPO_ID = select(s.repos.c.id).where(s.repos.c.name == bindparam("full"))
+#: how long an upload session counts against ``--max-uploads`` after it was opened
+UPLOAD_CAP_WINDOW = 3600.0
 _OPEN_UPLOADS = select(func.count()).select_from(
     select(s.uploads.c.expires_at)  # a column of the index: no row is read
     .where(s.uploads.c.org_id == bindparam("org_id"), s.uploads.c.expires_at > bindparam("now"))
@@ -599,7 +601,10 @@ class RegistryMetadata:
     ) -> int:
         """Open upload ``session`` in repository ``full`` of ``org`` (created if need be);
         the repository's id.  Refused (OrgLimitReached), with nothing written, when the
-        organization has ``max_uploads`` unexpired sessions already, or would get more
+        organization has ``max_uploads`` unexpired sessions opened within the last
+        ``UPLOAD_CAP_WINDOW`` already (so that abandoned sessions, which only their
+        client can cancel, lock it out for an hour at most, not for the 24 h until
+        they expire), or would get more
         than ``max_repositories`` (0: no limit).  One transaction under the
         organization's lock: sessions opened at once cannot pass the limit together."""
         now = time.time()
@@ -608,7 +613,10 @@ class RegistryMetadata:
                 _lock_org(conn, org)
             org_id = self._org_id(conn, org)
             if max_uploads:
-                open_ = {"org_id": org_id, "now": now, "limit": max_uploads}
+                # sessions opened within the last UPLOAD_CAP_WINDOW: those whose expiry
+                # lies within that much of the new one's
+                since = max(now, expires_at - UPLOAD_CAP_WINDOW)
+                open_ = {"org_id": org_id, "now": since, "limit": max_uploads}
                 if conn.execute(_OPEN_UPLOADS, open_).scalar_one() >= max_uploads:
                     raise OrgLimitReached(org, "uploads", max_uploads)
             repo_id = self._ensure_repo(conn, org, full, max_repositories)
