@@ -8,14 +8,12 @@ cache holds from earlier runs."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ember.vm.template import templates_dir
-from tests.machines.vmkit import Ember, vm_home_fixture, wait_for
+from tests.machines.vmkit import Ember, built_template, vm_home_fixture, wait_for
 from tests.vm.vmm.confined import assert_confined
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -23,21 +21,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 MEMORY = "320"
 
 vm_home = vm_home_fixture("vmjail")
-
-
-def template_of_shape(ember: Ember, busybox: str) -> Path:
-    """Run a first machine of this module's shape (it starts the template's build, unless
-    an earlier run left the template); the template, built."""
-    first = ember("run", "--name", "jail-first", "-m", MEMORY, busybox, "true")
-    assert first.returncode == 0, first.stderr
-    key = ember.inspect("jail-first")["labels"]["ember.template"]
-    assert ember("rm", "jail-first").returncode == 0
-    state = templates_dir(ember.home) / f"{key}.vmstate"
-    deadline = time.monotonic() + 180
-    while not state.is_file():
-        assert time.monotonic() < deadline, (templates_dir(ember.home) / "build.log").read_text()
-        time.sleep(0.2)
-    return state
 
 
 def vmm_of(ember: Ember, name: str) -> dict[str, Any]:
@@ -54,7 +37,7 @@ def as_uid(monitor_pid: int, uid: int, *argv: str) -> subprocess.CompletedProces
 
 
 def test_restored_machines_run_confined_and_apart(ember: Ember, busybox: str) -> None:
-    state = template_of_shape(ember, busybox)
+    state = built_template(ember, busybox, "-m", MEMORY)
     # readable by the VMMs as it is: no restore copies it into memory
     assert state.with_suffix(".initrd").stat().st_mode & 0o004
     machines = {}

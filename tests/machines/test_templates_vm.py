@@ -7,13 +7,11 @@ the control port.  A template the VMM cannot load is dropped and the machine boo
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from ember.home import Home
-from ember.vm.template import templates_dir
-from tests.machines.vmkit import Ember, vm_home_fixture
+from tests.machines.vmkit import Ember, built_template, vm_home_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -27,20 +25,6 @@ PROBE = (
 vm_home = vm_home_fixture("vmtemplates")
 
 
-def start_template(ember: Ember, busybox: str) -> Path:
-    """Run a first machine of the default shape; return the template it asked for, built."""
-    first = ember("run", "--name", "tpl-first", busybox, "true")
-    assert first.returncode == 0, first.stderr
-    key = ember.inspect("tpl-first")["labels"]["ember.template"]
-    assert ember("rm", "tpl-first").returncode == 0
-    state = templates_dir(ember.home) / f"{key}.vmstate"
-    deadline = time.monotonic() + 120
-    while not state.is_file():
-        assert time.monotonic() < deadline, (templates_dir(ember.home) / "build.log").read_text()
-        time.sleep(0.2)
-    return state
-
-
 def run_probe(ember: Ember, busybox: str, name: str) -> tuple[list[str], dict[str, object]]:
     res = ember("run", "--name", name, "-e", "GREETING=hello", busybox, "sh", "-c", PROBE)
     assert res.returncode == 3, res.stderr
@@ -52,7 +36,7 @@ def test_restored_machines_get_their_own_config_clock_randomness_and_mac(
     ember: Ember, busybox: str
 ) -> None:
     # the first machine of this shape boots (and leaves a template being built)
-    start_template(ember, busybox)
+    built_template(ember, busybox, timeout=120)
     outs = []
     for name in ("tpl-a", "tpl-b"):
         lines, st = run_probe(ember, busybox, name)
@@ -75,7 +59,7 @@ def test_restored_machines_get_their_own_config_clock_randomness_and_mac(
 def test_a_template_that_does_not_restore_is_dropped_and_the_machine_boots(
     ember: Ember, busybox: str
 ) -> None:
-    state = start_template(ember, busybox)
+    state = built_template(ember, busybox, timeout=120)
     with open(state, "r+b") as f:
         f.truncate(1 << 20)  # a save cut short: QEMU cannot load it
     lines, st = run_probe(ember, busybox, "tpl-fallback")
@@ -90,7 +74,7 @@ def test_a_template_that_does_not_restore_is_dropped_and_the_machine_boots(
 def test_a_machine_started_again_is_restored_again_with_its_new_config(
     ember: Ember, busybox: str
 ) -> None:
-    start_template(ember, busybox)
+    built_template(ember, busybox, timeout=120)
     lines, st = run_probe(ember, busybox, "tpl-again")
     assert st["vm"]["restore"], "the machine did not start from the template"
     res = ember("start", "-a", "tpl-again")
@@ -109,7 +93,7 @@ def test_a_machine_started_again_is_restored_again_with_its_new_config(
 
 
 def test_templates_can_be_turned_off(ember: Ember, busybox: str, vm_home: Home) -> None:
-    start_template(ember, busybox)
+    built_template(ember, busybox, timeout=120)
     config = vm_home.config_file.read_text()
     vm_home.config_file.write_text(config.rstrip()[:-1] + ', "templates": {"enabled": false}}')
     try:

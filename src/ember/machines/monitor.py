@@ -383,7 +383,7 @@ def _how_it_ended(d: Path, end: VMExit, console_bytes: int, *, host_killed: bool
     console_said = panic = None
     if report is None:
         tail = _read_limited(logs.console_log, tail=True, limit=min(PANIC_TAIL, console_bytes))
-        console_said = parse_console_tail(tail[-4096:])
+        console_said = parse_console_tail(tail)  # (it reads the last MAX_REPORT bytes)
         panic = parse_kernel_panic(tail)
     result = outcome(
         report, end.returncode, end.signal, killed=host_killed, console_said=console_said,

@@ -22,7 +22,7 @@ from ember.store.content import ContentStore
 MANIFEST = b'{"schemaVersion": 2, "mediaType": "' + mt.OCI_MANIFEST.encode() + b'"}'
 
 #: what to send on the Nth connection (from 0), the request having been read
-Answer = Callable[[int, bytes], bytes]
+Answer = Callable[[int, bytes], "bytes | list[bytes]"]
 
 
 def _head(length: int) -> bytes:
@@ -38,11 +38,32 @@ def cut(_n: int, _request: bytes = b"") -> bytes:
     return _head(500) + b"{"
 
 
+def _range_start(request: bytes) -> int:
+    """Where a request's ``Range: bytes=N-`` starts (0 without one)."""
+    for line in request.split(b"\r\n"):
+        if line.lower().startswith(b"range: bytes="):
+            return int(line.split(b"=")[1].split(b"-")[0])
+    return 0
+
+
+def _ranged_head(blob: bytes, start: int) -> bytes:
+    """The status line and headers of ``blob`` from ``start`` (206 when not 0)."""
+    status = b"206 Partial Content" if start else b"200 OK"
+    return (
+        b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(blob) - start).encode()
+        + b"\r\nContent-Range: bytes " + f"{start}-{len(blob) - 1}/{len(blob)}".encode()
+        + b"\r\n\r\n"
+    )  # fmt: skip
+
+
 @contextmanager
-def raw_server(answer: Answer, *, hold: bool = False) -> Iterator[tuple[int, list[int]]]:
+def raw_server(
+    answer: Answer, *, hold: bool = False, gap: float = 0.0
+) -> Iterator[tuple[int, list[int]]]:
     """(port, connections seen): each connection gets one answer once its request is read
-    (``answer(n, request)``), then is closed, or with ``hold`` left open without another
-    byte until the test ends (a registry that stalls)."""
+    (``answer(n, request)``; a list of chunks is sent ``gap`` seconds apart, until the
+    client hangs up), then is closed, or with ``hold`` left open without another byte
+    until the test ends (a registry that stalls)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     seen: list[int] = []
@@ -64,7 +85,11 @@ def raw_server(answer: Answer, *, hold: bool = False) -> Iterator[tuple[int, lis
                 request += data
             n = len(seen)
             seen.append(n)
-            conn.sendall(answer(n, request))
+            reply = answer(n, request)
+            with contextlib.suppress(OSError):  # a client that gave up on a slow answer
+                for i, chunk in enumerate([reply] if isinstance(reply, bytes) else reply):
+                    time.sleep(gap if i else 0)
+                    conn.sendall(chunk)
             if hold:
                 held.append(conn)
             else:
@@ -186,17 +211,8 @@ def test_a_download_that_stalls_after_progress_is_resumed_each_time(tmp_path: Pa
     desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
 
     def ten_more(_n: int, request: bytes) -> bytes:
-        start = 0
-        for line in request.split(b"\r\n"):
-            if line.lower().startswith(b"range: bytes="):
-                start = int(line.split(b"=")[1].split(b"-")[0])
-        end = min(start + 10, len(blob))
-        status = b"206 Partial Content" if start else b"200 OK"
-        return (
-            b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(blob) - start).encode()
-            + b"\r\nContent-Range: bytes " + f"{start}-{len(blob) - 1}/{len(blob)}".encode()
-            + b"\r\n\r\n" + blob[start:end]
-        )
+        start = _range_start(request)
+        return _ranged_head(blob, start) + blob[start : start + 10]
 
     store = ContentStore(tmp_path / "content")
     with (
@@ -216,56 +232,19 @@ def test_a_blob_that_trickles_is_cut_and_resumed_then_given_up(tmp_path: Path) -
     desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
     ranges: list[int] = []
 
-    def trickle(conn: socket.socket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = conn.recv(4096)
-            if not data:
-                return
-            request += data
-        start = 0
-        for line in request.split(b"\r\n"):
-            if line.lower().startswith(b"range: bytes="):
-                start = int(line.split(b"=")[1].split(b"-")[0])
+    def trickle(_n: int, request: bytes) -> list[bytes]:
+        start = _range_start(request)
         ranges.append(start)
-        status = b"206 Partial Content" if start else b"200 OK"
-        conn.sendall(
-            b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(blob) - start).encode()
-            + b"\r\nContent-Range: bytes " + f"{start}-{len(blob) - 1}/{len(blob)}".encode()
-            + b"\r\n\r\n"
-        )  # fmt: skip
-        with contextlib.suppress(OSError):
-            for i in range(start, len(blob)):
-                conn.sendall(blob[i : i + 1])
-                time.sleep(0.05)  # well inside the 0.3 s read timeout
+        return [_ranged_head(blob, start), *(blob[i : i + 1] for i in range(start, len(blob)))]
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=lambda c=conn: (trickle(c), c.close()), daemon=True).start()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
     store = ContentStore(tmp_path / "content")
-    port = listener.getsockname()[1]
     began = time.monotonic()
-    try:
-        with (
-            RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.001, timeout=0.3) as client,
-            pytest.raises(RegistryUnreachable, match=r"keeps failing \(only \d+ bytes came in"),
-        ):
-            client.fetch_blob("app", desc, store)
-    finally:
-        stop.set()
-        server.join(5)
-        listener.close()
+    with (
+        raw_server(trickle, gap=0.05) as (port, _seen),  # each byte well inside 0.3 s
+        RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.001, timeout=0.3) as client,
+        pytest.raises(RegistryUnreachable, match=r"keeps failing \(only \d+ bytes came in"),
+    ):
+        client.fetch_blob("app", desc, store)
     assert time.monotonic() - began < 10  # at its pace the blob would take 51 s
     assert len(ranges) == 3 and ranges[0] == 0 and ranges[1] > 0 and ranges[2] > ranges[1]  # resumed
     assert not store.exists(desc.digest)
