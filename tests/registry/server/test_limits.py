@@ -83,12 +83,16 @@ def _expire(srv: EmberServer, *sessions: str) -> None:
             db.execute("UPDATE reg_uploads SET expires_at = ? WHERE id = ?", (time.time() - 1, session))
 
 
-def _opened_an_hour_ago(srv: EmberServer, *sessions: str) -> None:
-    """As if these sessions had started a little over an hour ago (still unexpired)."""
+def _opened_ago(srv: EmberServer, seconds: float, *sessions: str) -> None:
+    """As if these sessions had started ``seconds`` ago (still unexpired)."""
     with _db(srv) as db:
         for session in sessions:
-            expires = time.time() + UPLOAD_TTL - 3601
+            expires = time.time() + UPLOAD_TTL - seconds
             db.execute("UPDATE reg_uploads SET expires_at = ? WHERE id = ?", (expires, session))
+
+
+def _opened_an_hour_ago(srv: EmberServer, *sessions: str) -> None:
+    _opened_ago(srv, 3601, *sessions)
 
 
 def _sessions(srv: EmberServer) -> set[str]:
@@ -292,9 +296,11 @@ def test_open_uploads_per_organization_are_capped(start: Callable[..., EmberServ
         assert r.json()["errors"] == [{
             "code": "TOOMANYREQUESTS",
             "message": "organization acme has opened 3 uploads in the last hour that are not "
-            "finished, the most it may have: finish or cancel some, or try again later (an "
+            "finished, the most it may have: finish or cancel some, or try again in 60 min (an "
             "upload counts for an hour after it started)",
         }]  # fmt: skip
+        # when the first of the three leaves the hour's count
+        assert 3590 <= int(r.headers["Retry-After"]) <= 3600
         assert "acme/d" not in _repos(srv)  # a refused POST writes nothing
         files = set(os.listdir(_uploads_dir(srv)))
         r = c.post("/v2/a/blobs/uploads/", params={"digest": sha256(b"m")}, content=b"m")
@@ -319,7 +325,17 @@ def test_open_uploads_per_organization_are_capped(start: Callable[..., EmberServ
         # the organization out until they expired, 24 h: one counts for an hour
         _opened_an_hour_ago(srv, opened[2][0])
         _start(c, "f")
-        assert c.post("/v2/f/blobs/uploads/").status_code == 429
+        r = c.post("/v2/f/blobs/uploads/")
+        assert r.status_code == 429
+        # the answer says when the oldest one counted leaves the count
+        _opened_an_hour_ago(srv, *_sessions(srv))
+        first = _start(c, "g")[0]
+        _start(c, "g"), _start(c, "g")
+        _opened_ago(srv, 3570, first)
+        r = c.post("/v2/g/blobs/uploads/")
+        assert r.status_code == 429
+        wait = int(r.headers["Retry-After"])
+        assert 25 <= wait <= 31 and f"try again in {wait} s" in r.text  # expiries are whole seconds
 
 
 def test_sessions_opened_at_once_cannot_pass_the_cap(start: Callable[..., EmberServer]) -> None:

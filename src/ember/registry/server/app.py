@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -1013,11 +1014,13 @@ def _limit_reached(e: OrgLimitReached) -> ApiError:
     containers/image may retry it later; docker, like for 403, shows the message.  Too many
     repositories is 403 DENIED: that lasts until some are emptied."""
     if e.what == "uploads":
+        later = "later" if e.retry_after is None else f"in {_duration(e.retry_after)}"
         return ApiError(
             "TOOMANYREQUESTS",
             f"organization {e.org} has opened {e.limit} uploads in the last hour that are "
-            "not finished, the most it may have: finish or cancel some, or try again later "
+            f"not finished, the most it may have: finish or cancel some, or try again {later} "
             "(an upload counts for an hour after it started)",
+            headers={} if e.retry_after is None else {"Retry-After": str(e.retry_after)},
         )
     return ApiError(
         "DENIED",
@@ -1025,6 +1028,12 @@ def _limit_reached(e: OrgLimitReached) -> ApiError:
         "one of them, or delete the manifests and blobs of one it no longer needs (a "
         "repository left with nothing is removed an hour after it was made)",
     )
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds} s"
+    return f"{math.ceil(seconds / 60)} min"
 
 
 def _parse_digest(value: str | None) -> Digest:

@@ -59,11 +59,16 @@ class OrgLimitReached(RegistryError):
     """An organization has as many open upload sessions (or repositories) as the server
     allows it; the request that wanted one more is refused and writes nothing."""
 
-    def __init__(self, org: str, what: Literal["uploads", "repositories"], limit: int) -> None:
+    def __init__(
+        self, org: str, what: Literal["uploads", "repositories"], limit: int,
+        *, retry_after: int | None = None,
+    ) -> None:
         super().__init__(f"organization {org} has {limit} {what}, the most it may have")
         self.org = org
         self.what = what
         self.limit = limit
+        #: seconds until the limit lets one more in at the latest, when time alone does
+        self.retry_after = retry_after
 
 
 class ApiError(Exception):

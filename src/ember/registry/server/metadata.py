@@ -10,6 +10,7 @@ into an error.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -152,12 +153,15 @@ _ORG_ID = select(s.orgs.c.id).where(s.orgs.c.name == bindparam("org"))
 _REPO_ID = select(s.repos.c.id).where(s.repos.c.name == bindparam("full"))
 #: how long an upload session counts against ``--max-uploads`` after it was opened
 UPLOAD_CAP_WINDOW = 3600.0
+_COUNTED_UPLOADS = (s.uploads.c.org_id == bindparam("org_id"), s.uploads.c.expires_at > bindparam("now"))
 _OPEN_UPLOADS = select(func.count()).select_from(
     select(s.uploads.c.expires_at)  # a column of the index: no row is read
-    .where(s.uploads.c.org_id == bindparam("org_id"), s.uploads.c.expires_at > bindparam("now"))
+    .where(*_COUNTED_UPLOADS)
     .limit(bindparam("limit"))
     .subquery()
 )
+# The first of them to leave the window, when the cap refuses a session.
+_FIRST_COUNTED_EXPIRY = select(func.min(s.uploads.c.expires_at)).where(*_COUNTED_UPLOADS)
 # A new repository: the organization's repositories (index reg_repos_org), counted no
 # further than the limit.
 _ORG_REPOS = select(func.count()).select_from(
@@ -618,7 +622,10 @@ class RegistryMetadata:
                 since = max(now, expires_at - UPLOAD_CAP_WINDOW)
                 open_ = {"org_id": org_id, "now": since, "limit": max_uploads}
                 if conn.execute(_OPEN_UPLOADS, open_).scalar_one() >= max_uploads:
-                    raise OrgLimitReached(org, "uploads", max_uploads)
+                    first = conn.execute(_FIRST_COUNTED_EXPIRY, {"org_id": org_id, "now": since}).scalar_one()
+                    raise OrgLimitReached(
+                        org, "uploads", max_uploads, retry_after=max(1, math.ceil(first - since))
+                    )
             repo_id = self._ensure_repo(conn, org, full, max_repositories)
             conn.execute(
                 s.uploads.insert(),
