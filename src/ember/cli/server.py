@@ -29,7 +29,8 @@ UPLOAD_PURGE_INTERVAL = 3600.0
     show_default=True,
     envvar="EMBER_REGISTRY_MAX_UPLOADS",
     show_envvar=True,
-    help="Unfinished upload sessions an organization may have open at once (0: no limit).",
+    help="Unfinished upload sessions an organization may have opened within the last hour "
+    "(0: no limit).",
 )
 @click.option(
     "--max-repositories",

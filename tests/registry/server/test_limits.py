@@ -431,7 +431,7 @@ def test_limits_reach_every_worker(start: Callable[..., EmberServer]) -> None:
         with t.client() as c:
             statuses.append(c.post("/v2/w/blobs/uploads/").status_code)
     assert statuses == [202, 202] + [429] * 10
-    assert "at most 2 open upload sessions" in srv.log_path.read_text()
+    assert "at most 2 unfinished upload sessions opened in an hour" in srv.log_path.read_text()
 
 
 def test_limits_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,8 @@ MIN_SECRET = 32
 class ServerLimits:
     """What one organization may have at once, and how the server keeps itself clean."""
 
-    #: unfinished (unexpired) upload sessions per organization; 0: no limit
+    #: unfinished upload sessions an organization may have opened within the last hour
+    #: (UPLOAD_CAP_WINDOW); 0: no limit
     max_uploads: int = 1000
     #: repositories per organization; 0: no limit
     max_repositories: int = 10000

@@ -56,8 +56,9 @@ class TokenNotFound(RegistryError, NotFound):
 
 
 class OrgLimitReached(RegistryError):
-    """An organization has as many open upload sessions (or repositories) as the server
-    allows it; the request that wanted one more is refused and writes nothing."""
+    """An organization has opened as many upload sessions in the last hour (or has as many
+    repositories) as the server allows it; the request that wanted one more is refused
+    and writes nothing."""
 
     def __init__(
         self, org: str, what: Literal["uploads", "repositories"], limit: int,

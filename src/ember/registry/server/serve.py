@@ -82,7 +82,7 @@ def _describe_limits(limits: ServerLimits) -> str:
         else "never (only by `ember admin registry gc`)"
     )
     return (
-        f"per organization: {most(limits.max_uploads)} open upload sessions, "
+        f"per organization: {most(limits.max_uploads)} unfinished upload sessions opened in an hour, "
         f"{most(limits.max_repositories)} repositories; expired upload sessions and empty "
         f"repositories purged {purge}"
     )
