@@ -40,6 +40,7 @@ from ember.registry.server.errors import (
     TokenNotFound,
 )
 from ember.registry.server.names import check_org_name
+from ember.registry.server.references import NewManifest
 from ember.registry.server.tokens import hash_api_token, new_api_token
 from ember.store.db import Database, insert_ignore, masked_url, open_database, upsert
 from ember.store.errors import DatabaseError
@@ -103,18 +104,6 @@ class Referrer:
     size: int
     artifact_type: str | None
     annotations: dict[str, str] | None
-
-
-@dataclass(frozen=True)
-class NewManifest:
-    digest: str
-    media_type: str
-    size: int
-    artifact_type: str | None
-    subject: str | None
-    annotations: dict[str, str] | None
-    blobs: Mapping[str, int]  # digest -> size its descriptor declares
-    children: Mapping[str, int]
 
 
 # The hot read paths (every blob and manifest GET/HEAD), built once: building a

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest
 from ember.oci.errors import InvalidManifest
 from ember.oci.manifest import Descriptor, ImageIndex, ImageManifest
-from ember.registry.server.metadata import NewManifest
+
+
+@dataclass(frozen=True)
+class NewManifest:
+    """A manifest about to be stored, with what it references."""
+
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+    subject: str | None
+    annotations: dict[str, str] | None
+    blobs: Mapping[str, int]  # digest -> size its descriptor declares
+    children: Mapping[str, int]
 
 
 def _sizes(descriptors: list[Descriptor]) -> dict[str, int]:
