@@ -52,8 +52,11 @@ def test_restored_machines_run_confined_and_apart(ember: Ember, busybox: str) ->
     assert "memfd:" not in " ".join(
         str(p.readlink()) for p in Path(f"/proc/{a['vmm_pid']}/fd").iterdir()
     )
-    # an escaped VMM of jail-a can read neither jail-b's disk nor its directory
-    for argv in (["head", "-c1", b["vm"]["root_disk"]], ["ls", str(ember.home.machines / b["id"])]):
+    # an escaped VMM of jail-a can read neither jail-b's disk nor its directory, nor
+    # the template's memory
+    assert state.stat().st_mode & 0o077 == 0
+    for argv in (["head", "-c1", b["vm"]["root_disk"]], ["ls", str(ember.home.machines / b["id"])],
+                 ["head", "-c1", str(state)]):
         res = as_uid(a["monitor_pid"], uid_a, *argv)
         assert res.returncode != 0 and "Permission denied" in res.stderr, (argv, res)
     # and the machines still stop and die as they did

@@ -325,6 +325,8 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
                 qmp.close()
             proc.kill()
             proc.wait()
+            # the template's memory stays root's: a restore is handed it as a descriptor
+            os.chmod(state_tmp, 0o600)
             for path in (state_tmp, initrd):
                 fd = os.open(path, os.O_RDONLY)
                 try:
