@@ -20,8 +20,9 @@ import pytest
 from ember.home import Home
 from ember.vm.cpio import CpioWriter
 from ember.vm.initramfs import base_initramfs, write_machine_initrd
-from ember.vm.kernel import KernelInfo, guest_cmdline
+from ember.vm.kernel import KernelInfo
 from ember.vm.runconfig import HostEntry, Interface, Mount, RunConfig
+from ember.vm.vmm.qemu import host_tsc_khz, kernel_cmdline
 from tests.support.treecmp import umoci_unpack
 from tests.vm.vmm.kernelcache import cached_kernel
 
@@ -77,7 +78,7 @@ class Machine:
             "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
             "-kernel", str(kernel.vmlinux),
             "-initrd", str(initrd),
-            "-append", guest_cmdline("tcg"),
+            "-append", kernel_cmdline("tcg", tsc_khz=host_tsc_khz()),
             "-serial", f"file:{d / 'console.log'}",
             "-drive", f"id=root,file={disk},format=raw,if=none,cache=unsafe",
             "-device", "virtio-blk-device,drive=root",

@@ -19,8 +19,6 @@ from ember.vm.kernel import (
     KernelInfo,
     extract_vmlinux,
     find_kernel,
-    guest_cmdline,
-    host_tsc_khz,
     install_kernel,
     list_kernels,
 )
@@ -142,29 +140,6 @@ def test_custom_kernels(kernel: KernelInfo, tmp_path: Path) -> None:
         find_kernel(home, tmp_path / "missing")
     with pytest.raises(KernelError, match="modules.dep"):
         find_kernel(home, kernel.vmlinux, tmp_path)
-
-
-CPUINFO = """processor\t: 0
-model name\t: Some CPU
-cpu MHz\t\t: 2600.004
-flags\t\t: fpu tsc constant_tsc nonstop_tsc
-processor\t: 1
-cpu MHz\t\t: 1200.000
-"""
-
-
-def test_host_tsc_khz() -> None:
-    assert host_tsc_khz(CPUINFO) == 2600004
-    assert host_tsc_khz(CPUINFO.replace("constant_tsc", "")) is None
-    assert host_tsc_khz("processor: 0\n") is None
-
-
-def test_guest_cmdline() -> None:
-    kvm = guest_cmdline("kvm", ["ember.x=1"])
-    assert kvm.startswith("console=ttyS0 ") and kvm.endswith(" ember.x=1")
-    assert "tsc_early_khz" not in kvm
-    if host_tsc_khz():
-        assert f"tsc_early_khz={host_tsc_khz()}" in guest_cmdline("tcg")
 
 
 def test_cli_kernel_ls_and_custom_install(kernel: KernelInfo, tmp_path: Path) -> None:

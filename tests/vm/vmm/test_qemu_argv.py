@@ -16,6 +16,7 @@ from ember.vm.vmm.qemu import (
     PORT_STDOUT,
     Inherited,
     qemu_argv,
+    tsc_khz_of,
 )
 
 
@@ -51,6 +52,22 @@ def test_tcg_elf_uses_cpu_max_and_skips_tsc_calibration() -> None:
     assert opt_values(argv, "-m") == ["256"] and opt_values(argv, "-smp") == ["2"]
     assert opt_values(argv, "-kernel") == ["/k/vmlinux"]
     assert opt_values(argv, "-initrd") == ["/m/initrd.img"]
+
+
+CPUINFO = """processor\t: 0
+model name\t: Some CPU
+cpu MHz\t\t: 2600.004
+flags\t\t: fpu tsc constant_tsc nonstop_tsc
+processor\t: 1
+cpu MHz\t\t: 1200.000
+"""
+
+
+def test_tsc_rate_only_when_constant() -> None:
+    assert tsc_khz_of(CPUINFO) == 2600004
+    assert tsc_khz_of(CPUINFO.replace("constant_tsc", "")) is None
+    assert tsc_khz_of("processor: 0\n") is None
+    assert tsc_khz_of("cpu MHz: fast\nflags: constant_tsc\n") is None
 
 
 def test_tcg_bzimage_gets_default_cpu_model() -> None:

@@ -35,6 +35,7 @@ import os
 import shutil
 import struct
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -84,24 +85,48 @@ def is_elf(path: Path) -> bool:
         return f.read(4) == ELF_MAGIC
 
 
+def tsc_khz_of(cpuinfo: str) -> int | None:
+    """The TSC rate in kHz that ``/proc/cpuinfo`` text gives, when the TSC is constant
+    (else None: a rate that changes with the clock cannot be handed to a guest)."""
+    mhz = flags = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                return None
+        elif key == "flags" and flags is None:
+            flags = value.split()
+        if mhz is not None and flags is not None:
+            break
+    if mhz is None or not flags or "constant_tsc" not in flags or mhz <= 0:
+        return None
+    return int(round(mhz * 1000))
+
+
 @lru_cache(maxsize=1)
 def host_tsc_khz() -> int | None:
-    """The host TSC rate in kHz (TCG's guest TSC ticks at the host's rate)."""
+    """The host's TSC rate in kHz (under TCG the guest's TSC ticks at the host's rate),
+    or None.  The guest kernel's own calibration against the emulated PIT fails at
+    random under TCG, and the boot then hangs after "Marking TSC unstable"; given the
+    rate (tsc_early_khz), it does not calibrate (docs/guest.md)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return int(float(line.split(":", 1)[1]) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
+            return tsc_khz_of(f.read())
+    except OSError:
+        return None
 
 
-def kernel_cmdline(spec: VMSpec, *, tsc_khz: int | None) -> str:
+def kernel_cmdline(accel: str, extra: Sequence[str] = (), *, tsc_khz: int | None) -> str:
+    """The guest kernel's command line: console on the first serial port (ember-init's
+    messages, the machine's log), a panic ends the VM (QEMU runs with -no-reboot), a
+    quiet boot (each console byte is an emulated I/O under TCG), then ``extra``."""
     args = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4"]
-    if spec.accel == "tcg" and tsc_khz:
+    if accel == "tcg" and tsc_khz:
         args.append(f"tsc_early_khz={tsc_khz}")
-    args += list(spec.cmdline)
+    args += list(extra)
     for a in args:
         if "\n" in a or "\x00" in a:
             raise VMMError(f"invalid kernel argument {a!r}")
@@ -219,7 +244,7 @@ def qemu_argv(
     if spec.initrd is not None:
         initrd_fd = None if fds is None else fds.initrd
         argv += ["-initrd", str(spec.initrd) if initrd_fd is None else _proc_fd(initrd_fd)]
-    argv += ["-append", kernel_cmdline(spec, tsc_khz=tsc_khz)]
+    argv += ["-append", kernel_cmdline(spec.accel, spec.cmdline, tsc_khz=tsc_khz)]
     argv += _file_chardev("console", ch.console_log, None if fds is None else fds.console, sets)
     argv += ["-serial", "chardev:console"]
     for i, disk in enumerate(spec.disks):
