@@ -68,10 +68,6 @@ def say(text: str) -> None:
     click.echo(text, err=True)
 
 
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
-
-
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 

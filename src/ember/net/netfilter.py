@@ -17,10 +17,3 @@ def apply(script: str) -> None:
     if res.returncode != 0:
         first = (res.stderr.strip().splitlines() or ["no output"])[0]
         raise NetworkError(f"nft rejected ember's ruleset: {first}")
-
-
-def table_exists(family: str = "inet", name: str = "ember") -> bool:
-    res = subprocess.run(
-        ["nft", "list", "table", family, name], capture_output=True, text=True, check=False
-    )
-    return res.returncode == 0

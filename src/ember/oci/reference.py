@@ -113,9 +113,6 @@ class Reference:
         """The host serving the registry API for this reference."""
         return DOCKER_HUB_API_HOST if self.registry == DEFAULT_REGISTRY else self.registry
 
-    def with_digest(self, digest: Digest) -> Reference:
-        return Reference(self.registry, self.repository, self.tag, digest)
-
     def familiar(self) -> str:
         """The short form Docker prints (``debian:latest``)."""
         name = self.name

@@ -40,7 +40,6 @@ from ember.unpack.paths import Whiteout, clean, parents, whiteout_of
 from ember.unpack.sparse import SparseWriter
 from ember.unpack.tarstream import Entry, TarStream
 
-_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 # Host-specific or overlay-internal attributes are never restored (umoci skips the same).
 _IGNORED_XATTRS = ("security.selinux", "system.nfs4_acl")
 _IGNORED_XATTR_PREFIXES = ("trusted.overlay.",)

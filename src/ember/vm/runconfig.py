@@ -29,7 +29,6 @@ FORMAT_VERSION = 1
 MAGIC = b"ember-run-config"
 #: ember-init refuses configs bigger than this; keep the two in step (init/config.c)
 MAX_CONFIG_SIZE = 1 << 20
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_NOFILE = 1048576
 DEFAULT_MTU = 1420

@@ -246,7 +246,7 @@ class RegistryClient:
         if query:
             url += ("&" if "?" in url else "?") + query
         resp = self._with_retries(
-            lambda: self.http.send("GET", url, headers), realm, token_service=f"{origin.host}:{origin.port}"
+            lambda: self.http.send("GET", url, headers), token_service=f"{origin.host}:{origin.port}"
         )
         try:
             if resp.status_code in (401, 403):
@@ -313,9 +313,10 @@ class RegistryClient:
     # -- requests ------------------------------------------------------------
 
     def _with_retries(
-        self, send: Callable[[], Response], what: str, token_service: str | None = None
+        self, send: Callable[[], Response], token_service: str | None = None
     ) -> Response:
-        """Run ``send`` until it gives a non-5xx answer, backing off between tries.
+        """Run ``send`` until it gives an answer that is neither 5xx nor 429, backing off
+        between tries (the last answer is returned when the tries are used up).
         ``token_service``: the host sent to is the registry's token service, and the
         error says so (the registry itself answered)."""
         attempt = 0
@@ -379,12 +380,9 @@ class RegistryClient:
         *,
         scope: str | None = None,
         headers: dict[str, str] | None = None,
-        stream: bool = False,
     ) -> Response:
-        """One API request with auth and retries; the caller closes the response.
-
-        (``stream`` is kept for callers: bodies are always read as they arrive.)
-        """
+        """One API request with auth and retries; the caller closes the response (its
+        body is read as it arrives)."""
         authenticated_once = False
         while True:
             url = self.base_url + path
@@ -396,7 +394,7 @@ class RegistryClient:
                     hdrs["Authorization"] = auth
                 return self.http.send(method, url, hdrs)
 
-            resp = self._with_retries(send, url)
+            resp = self._with_retries(send)
             if resp.status_code == 400 and self.plain_http and _wants_https(resp):
                 if self._may_want_https:
                     self._switch_to_https()
@@ -501,7 +499,6 @@ class RegistryClient:
             f"{repository}/manifests/{target}",
             scope=pull_scope(repository),
             headers={"Accept": mt.MANIFEST_ACCEPT},
-            stream=True,
         )
         try:
             self._check(resp, f"image {what}", ManifestUnknown)
@@ -532,7 +529,6 @@ class RegistryClient:
             f"{repository}/blobs/{desc.digest}",
             scope=pull_scope(repository),
             headers=headers,
-            stream=True,
         )
         try:
             yield resp

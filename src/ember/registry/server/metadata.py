@@ -623,16 +623,6 @@ class RegistryMetadata:
             )  # fmt: skip
             return repo_id
 
-    def upload_repo(self, session: str) -> str | None:
-        """The qualified repository an open upload session belongs to."""
-        with self.db.connect() as conn:
-            row = conn.execute(
-                select(s.repos.c.name)
-                .join(s.uploads, s.uploads.c.repo_id == s.repos.c.id)
-                .where(s.uploads.c.id == session)
-            ).first()
-        return None if row is None else row[0]
-
     def delete_upload(self, session: str) -> None:
         with self.db.begin() as conn:
             conn.execute(delete(s.uploads).where(s.uploads.c.id == session))

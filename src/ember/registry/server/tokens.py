@@ -29,7 +29,6 @@ from ember.registry.server.names import qualify, valid_repo_name
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 API_TOKEN_PREFIX = "ember_"
 ACTIONS = frozenset({"pull", "push", "delete"})
-DEFAULT_ACTIONS = frozenset({"pull", "push"})
 ALGORITHMS = ("HS256",)  # the only algorithm ever accepted
 ISSUER = "ember"
 AUDIENCE = "ember"
