@@ -1,8 +1,12 @@
 """The CLI's shared output helpers."""
 
+import os
+import sys
+
 import pytest
 
 from ember.cli.common import print_table
+from tests.support.terminal import on_terminal, plain
 
 
 def test_a_table_on_a_pipe_is_plain_aligned_and_never_cut(capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,3 +24,22 @@ def test_a_table_on_a_pipe_is_plain_aligned_and_never_cut(capsys: pytest.Capture
 def test_an_empty_table_is_its_header(capsys: pytest.CaptureFixture[str]) -> None:
     print_table(("VERSION", "DEFAULT"), [])
     assert capsys.readouterr().out == "VERSION  DEFAULT\n"
+
+
+def test_a_table_on_a_narrow_terminal_cuts_no_name() -> None:
+    """rich fitted every table to the terminal by ending cells with "…" (the snapshot,
+    organization, token and kernel listings, and `ember ps`): two names that differ only
+    at the end then read the same.  Only the last column may wrap."""
+    names = ["x" * 60 + "-one", "x" * 60 + "-two"]
+    code = (
+        "from ember.cli.common import print_table; "
+        f"print_table(('NAME', 'SIZE', 'STATUS'), [(n, '1.0 MiB', 'Up 5 minutes') for n in {names!r}])"
+    )
+    env = {**os.environ, "COLUMNS": "40", "TERM": "xterm"}
+    status, drawn = on_terminal([sys.executable, "-c", code], env)
+    assert status == 0
+    text = plain(drawn)
+    assert "…" not in text
+    for name in names:
+        assert name in text
+    assert "1.0 MiB" in text

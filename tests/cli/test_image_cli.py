@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.images import copy_layout, layout_ref, push_layout
 from tests.support.registry import Registry, free_port
+from tests.support.terminal import on_terminal, plain
 
 pytestmark = pytest.mark.integration
 
@@ -37,19 +38,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
         assert fragment in lines[0]
 
 
-
-def read_terminal(master: int) -> bytes:
-    """What a child drew on the pseudo-terminal ``master`` until it closed it."""
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    return drawn
 
 def test_pull_ls_inspect_unpack_rm(
     tmp_path: Path, registry: Registry, busybox_layout: Path
@@ -174,22 +162,9 @@ def test_registry_login_logout(
 
 def test_progress_on_a_terminal(tmp_path: Path, busybox_layout: Path) -> None:
     """stderr on a pseudo-terminal: rich draws one bar per layer and a total."""
-    import pty
-
-    master, slave = pty.openpty()
     env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "COLUMNS": "120", "TERM": "xterm"}
-    proc = subprocess.Popen(
-        [EMBER, "image", "pull", layout_ref(busybox_layout)],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        env=env,
-    )
-    os.close(slave)
-    drawn = read_terminal(master)
-    proc.wait(timeout=120)
-    os.close(master)
-    assert proc.returncode == 0
-    text = drawn.decode(errors="replace")
+    code, text = on_terminal([EMBER, "image", "pull", layout_ref(busybox_layout)], env, stream="stderr")
+    assert code == 0
     assert "layer 1/1" in text and "total" in text
     assert "\x1b[" in text  # drawn with terminal control sequences
 
@@ -297,9 +272,6 @@ def test_ls_on_a_narrow_terminal_never_cuts_a_reference(
 ) -> None:
     """rich fitted the table to 80 columns by ending references with "…": two that
     differ only at the end read the same."""
-    import pty
-    import re
-
     home = tmp_path / "home"
     refs = []
     for suffix in ("one", "two"):
@@ -307,15 +279,10 @@ def test_ls_on_a_narrow_terminal_never_cuts_a_reference(
         refs.append(layout_ref(layout))
         assert ember(home, "image", "pull", refs[-1]).returncode == 0
     assert all(len(r) > 80 for r in refs)
-    master, slave = pty.openpty()
     env = {**os.environ, "EMBER_HOME": str(home), "COLUMNS": "80", "TERM": "xterm"}
-    proc = subprocess.Popen([EMBER, "image", "ls"], stdout=slave, stderr=subprocess.PIPE, env=env)
-    os.close(slave)
-    drawn = read_terminal(master)
-    proc.wait(timeout=60)
-    os.close(master)
-    assert proc.returncode == 0
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.decode(errors="replace"))
+    code, drawn = on_terminal([EMBER, "image", "ls"], env)
+    assert code == 0
+    text = plain(drawn)
     assert "…" not in text
     for ref in refs:
         assert ref in text

@@ -72,36 +72,57 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def human_bytes(n: int) -> str:
-    """Binary units, one decimal: ``1.5 GiB``."""
+def human_bytes(n: int, *, decimal: bool = False) -> str:
+    """One decimal: ``1.5 GiB`` (binary units, as the sizes ember takes: quotas, disks);
+    ``decimal``: ``1.6 GB``, as ``docker images`` shows an image's size."""
+    base, units = (
+        (1000, ("B", "kB", "MB", "GB", "TB"))
+        if decimal
+        else (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+    )
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+    for unit in units:
+        if value < base or unit == units[-1]:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+        value /= base
     return f"{n} B"
 
 
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """Columns on stdout: drawn by rich on a terminal (fitted to its width); otherwise
-    plain, aligned, two spaces apart and never truncated, so a pipe gets whole
-    references and digests, one row a line, without rich's ~25 ms import."""
-    if sys.stdout.isatty():
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False)
-        for column in header:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*row)
-        # through the module object: a bare name would skip the module's __getattr__
-        console: Console = sys.modules[__name__].out_console
-        console.print(table)
+    """Columns on stdout.  Plain when piped: aligned, two spaces apart, one row a line,
+    without rich's ~25 ms import.  On a terminal drawn by rich, but no cell but the last
+    column's is ever cut or wrapped: rich fitted tables to the terminal by ending
+    references and names with "…", and two that differ only at the end then read the
+    same.  The last column wraps first; if the table still does not fit, it is drawn as
+    wide as it needs and the terminal wraps its lines (docker never truncates names)."""
+    rows = [list(r) for r in rows]
+    if not sys.stdout.isatty():
+        lines = [list(header), *rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        for line in lines:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
         return
-    lines = [list(header), *(list(r) for r in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    last = len(header) - 1
+    for i, column in enumerate(header):
+        if i == last:
+            table.add_column(column)
+        else:
+            width = max(len(row[i]) for row in [header, *rows])
+            table.add_column(column, no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
+    # through the module object: a bare name would skip the module's __getattr__
+    console: Console = sys.modules[__name__].out_console
+    unbounded = console.options.update_width(1 << 16)
+    needed = Measurement.get(console, unbounded, table)
+    if needed.minimum > console.width:  # the terminal wraps the lines: no cell need wrap
+        console = Console(width=needed.maximum, highlight=False)
+    console.print(table, crop=False)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

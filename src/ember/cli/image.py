@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,15 +49,6 @@ def _pinned(reference: str, digest: str) -> str:
     if reference.startswith(("oci:", "docker-archive:")):
         return digest
     return f"{reference.split('@', 1)[0]}@{digest}"
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 def _age(when: datetime) -> str:
@@ -113,41 +102,16 @@ def list_images(as_json: bool) -> None:
         return
     header = ("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED")
     rows = [
-        (r.reference, r.manifest_digest.short, r.platform, _human_size(r.size), _age(r.updated_at))
+        (
+            r.reference,
+            r.manifest_digest.short,
+            r.platform,
+            common.human_bytes(r.size, decimal=True),
+            _age(r.updated_at),
+        )
         for r in records
     ]
-    if sys.stdout.isatty():
-        _print_terminal_table(header, rows)
-    else:
-        common.print_table(header, rows)
-
-
-def _print_terminal_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Drawn by rich, but no reference, digest, platform or size is ever cut: rich fitted
-    the table to the terminal by ending references with "…", and two that differ only
-    at the end then read the same.  The last column (PULLED: words) wraps first; if the
-    table still does not fit, it is drawn as wide as it needs and the terminal wraps its
-    lines (``docker images`` never truncates a repository:tag either)."""
-    from rich.console import Console
-    from rich.measure import Measurement
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    last = len(header) - 1
-    for i, column in enumerate(header):
-        if i == last:
-            table.add_column(column)
-        else:
-            width = max(len(row[i]) for row in [header, *rows])
-            table.add_column(column, no_wrap=True, min_width=width)
-    for row in rows:
-        table.add_row(*row)
-    console: Console = common.out_console
-    unbounded = console.options.update_width(1 << 16)
-    needed = Measurement.get(console, unbounded, table)
-    if needed.minimum > console.width:  # the terminal wraps the lines: no cell need wrap
-        console = Console(width=needed.maximum, highlight=False)
-    console.print(table, crop=False)
+    common.print_table(header, rows)
 
 
 @image.command()
