@@ -88,11 +88,21 @@ def test_empty_diff_ids_allowed() -> None:
         {"config": {"ExposedPorts": ["80/tcp"]}},
         {"config": {"User": 0}},
         {"config": []},
+        # printed in listings and messages: a newline made a row of its own in image ls
+        {"architecture": "amd64\nfake-row"},
+        {"os": "\x1b[31mlinux"},
+        {"variant": "v1/extra"},
+        {"architecture": "x" * 65},
     ],
 )
 def test_invalid(over: dict[str, Any]) -> None:
     with pytest.raises(InvalidConfig):
         parse_config(config(**over))
+
+
+def test_platform_names_in_any_case_and_an_empty_variant_pass() -> None:
+    parsed = parse_config(config(architecture="AMD64", os="Linux", variant=""))
+    assert (parsed.architecture, parsed.os) == ("AMD64", "Linux")
 
 
 def test_not_json() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from ember.oci._json import Fields, load_object
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError, InvalidConfig
+from ember.oci.platform import is_platform_component
 
 MAX_CONFIG_SIZE = 16 * 1024 * 1024
 
@@ -69,6 +70,12 @@ def parse_config(data: bytes) -> ImageConfig:
     os_name = top.text("os", required=True) or ""
     if not architecture or not os_name:
         raise InvalidConfig("image config: 'architecture' and 'os' must not be empty")
+    variant = top.text("variant")
+    for key, value in (("os", os_name), ("architecture", architecture), ("variant", variant)):
+        if value and not is_platform_component(value):
+            raise InvalidConfig(
+                f"image config.{key} {value[:64]!r} is not a platform name (letters, digits, '_', '.', '-')"
+            )
     rootfs = top.obj("rootfs", required=True)
     assert rootfs is not None
     rf = Fields(rootfs, "image config.rootfs", InvalidConfig)
@@ -90,7 +97,7 @@ def parse_config(data: bytes) -> ImageConfig:
     return ImageConfig(
         architecture=architecture,
         os=os_name,
-        variant=top.text("variant"),
+        variant=variant,
         entrypoint=c.texts("Entrypoint"),
         cmd=c.texts("Cmd"),
         env=env,

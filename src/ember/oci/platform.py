@@ -46,6 +46,13 @@ _KNOWN_OS = {
 _COMPONENT = re.compile(r"^[a-z0-9_.-]{1,64}$")
 
 
+def is_platform_component(text: str) -> bool:
+    """Whether ``text`` can be an OS, architecture or variant name (any case): what an
+    image says of itself is printed in listings and messages, so no spaces, slashes,
+    newlines or escape sequences."""
+    return bool(_COMPONENT.fullmatch(text.lower()))
+
+
 def _normalise(architecture: str, variant: str) -> tuple[str, str]:
     if architecture in _ARCH_ALIASES:
         arch, default_variant = _ARCH_ALIASES[architecture]
@@ -72,7 +79,7 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         """``os/arch[/variant]``; a lone architecture means linux, a lone OS this host's arch."""
         parts = text.strip().lower().split("/")
-        if not 1 <= len(parts) <= 3 or not all(_COMPONENT.fullmatch(p) for p in parts):
+        if not 1 <= len(parts) <= 3 or not all(is_platform_component(p) for p in parts):
             raise InvalidPlatform(
                 f"invalid platform {text[:100]!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64"
             )
