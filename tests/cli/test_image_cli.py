@@ -80,6 +80,19 @@ def test_unpack_pulls_local_source(tmp_path: Path, busybox_layout: Path) -> None
     assert (root / "etc" / "passwd").is_file()
 
 
+def test_unpack_does_not_follow_a_symlink_named_as_its_directory(
+    tmp_path: Path, busybox_layout: Path
+) -> None:
+    """The image's root owner and mode, its setuid files and device nodes went wherever a
+    link that someone made beforehand pointed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(elsewhere)
+    result = ember(tmp_path / "home", "image", "unpack", layout_ref(busybox_layout), str(tmp_path / "link"))
+    assert_one_line_error(result, "is a symbolic link")
+    assert list(elsewhere.iterdir()) == [] and elsewhere.stat().st_mode & 0o777 == 0o700
+
+
 def test_user_errors_are_one_line(
     tmp_path: Path, registry: Registry, auth_registry: Registry, busybox_layout: Path
 ) -> None:

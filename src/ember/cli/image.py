@@ -165,6 +165,12 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
         raise UsageError("DIRECTORY is empty: name the directory to unpack into")
     directory = Path(directory_text)
     created: Path | None = None  # the topmost directory this command made
+    if directory.is_symlink():
+        # a name someone else linked beforehand (in /tmp, say) would send the image's
+        # root owner, modes and device nodes wherever the link points
+        raise UsageError(
+            f"{directory} is a symbolic link: name the directory itself (unpack does not follow it)"
+        )
     if directory.exists():
         if not directory.is_dir():
             raise UsageError(f"{directory} exists and is not a directory")
