@@ -9,11 +9,11 @@ class NetworkError(EmberError):
     """Host networking could not be set up or torn down."""
 
 
-class InvalidPortSpec(UsageError):
+class InvalidPortSpec(UsageError, NetworkError):
     """A ``-p`` value is malformed."""
 
 
-class PortConflict(UsageError):
+class PortConflict(UsageError, NetworkError):
     """A host port is already published by another machine, or served by a program of the host."""
 
 

@@ -1,4 +1,4 @@
-"""Errors of the VM assembly area: run configs, kernels, initramfs."""
+"""Errors of the VM assembly area: run configs, kernels, initramfs, templates."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ class VMError(EmberError):
     """Something about assembling a micro-VM went wrong."""
 
 
-class InvalidRunConfig(UsageError):
+class InvalidRunConfig(UsageError, VMError):
     """A run config value cannot be given to the guest (bad user input or image config)."""
 
 
@@ -21,7 +21,7 @@ class KernelError(VMError):
     """The guest kernel could not be installed or used."""
 
 
-class KernelNotFound(NotFound):
+class KernelNotFound(NotFound, KernelError):
     """No kernel is installed (or the given one does not exist)."""
 
 
@@ -31,3 +31,12 @@ class ModuleNotFoundInKernel(KernelError):
 
 class InitNotBuilt(VMError):
     """ember-init has not been built (``make init``)."""
+
+
+class TemplateError(VMError):
+    """A template VM could not be built, or a restore from one failed."""
+
+
+class ConfigUnanswered(TemplateError):
+    """The run config went out but the restored guest did not say ``ok``: it may have
+    taken the config and started the program all the same."""

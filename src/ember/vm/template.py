@@ -50,7 +50,7 @@ from pathlib import Path
 from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
-from ember.vm.errors import VMError
+from ember.vm.errors import ConfigUnanswered, TemplateError
 from ember.vm.initramfs import write_machine_initrd
 from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
 
@@ -61,15 +61,6 @@ TEMPLATE_VERSION = 1
 LATE_MODULES = ("virtio_blk", "virtio_net")
 READY_MARK = b"ember-init: template ready"
 BUILD_TIMEOUT = 120.0
-
-
-class TemplateError(VMError):
-    pass
-
-
-class ConfigUnanswered(TemplateError):
-    """The run config went out but the restored guest did not say ``ok``: it may have
-    taken the config and started the program all the same."""
 
 
 @dataclass(frozen=True)
