@@ -1,6 +1,7 @@
 """``$EMBER_HOME/config.json``: one JSON object, one section per area.
 
-    {"snapshots": {...}, "network": {...}, "kernel": {...}, "registry_secret": "..."}
+    {"snapshots": {...}, "network": {...}, "kernel": {...}, "logs": {...},
+     "templates": {...}, "registry_secret": "..."}
 
 Every area reads it through these two functions, so a missing file means
 "defaults", and a broken one gives the same clear message everywhere (raised
