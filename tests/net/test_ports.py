@@ -135,3 +135,19 @@ def test_ephemeral_range() -> None:
     assert ephemeral_range("1024 1024") == range(1024, 1025)
     for bad in ("", "x y", "60999 32768", "0 10", "1 70000", "1 2 3"):
         assert ephemeral_range(bad) == DEFAULT_EPHEMERAL
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        {"guest_port": 80},
+        {"host_port": "8080", "guest_port": 80},
+        {"host_port": 8080, "guest_port": None},
+        {"host_port": 8080, "guest_port": 80, "host_range": ["1", 2]},
+    ],
+)
+def test_a_damaged_stored_mapping_is_a_value_or_key_error(damaged: dict[str, object]) -> None:
+    """What the records on disk hold is read back through from_json: a damaged one must be
+    an error its readers catch (they turn it into "damaged record"), not a TypeError."""
+    with pytest.raises((KeyError, ValueError)):
+        PortMapping.from_json(damaged)

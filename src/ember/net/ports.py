@@ -54,14 +54,17 @@ class PortMapping:
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> PortMapping:
+        """KeyError or ValueError when a field is missing or not of its type (a record
+        on disk may be damaged); the ports' ranges are check_rules' to check."""
         host_ip = d.get("host_ip")
         bounds = d.get("host_range")
         host_range = None
         if isinstance(bounds, list) and len(bounds) == 2:
-            host_range = (int(bounds[0]), int(bounds[1]))
+            low, high = bounds
+            host_range = (_stored_int(low, "host_range"), _stored_int(high, "host_range"))
         return cls(
-            host_port=int(d["host_port"]),  # type: ignore[call-overload]
-            guest_port=int(d["guest_port"]),  # type: ignore[call-overload]
+            host_port=_stored_int(d["host_port"], "host_port"),
+            guest_port=_stored_int(d["guest_port"], "guest_port"),
             protocol=str(d.get("protocol", "tcp")),
             host_ip=str(host_ip) if host_ip is not None else None,
             host_range=host_range,
@@ -77,6 +80,12 @@ class PortMapping:
         else:
             port = "(any)"
         return f"{host}{port}->{self.guest_port}/{self.protocol}"
+
+
+def _stored_int(value: object, what: str) -> int:
+    if type(value) is not int:
+        raise ValueError(f"{what} {value!r:.40} is not an integer")
+    return value
 
 
 def _port(text: str, spec: str) -> int:
