@@ -48,6 +48,8 @@ def test_pull_ls_inspect_unpack_rm(
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.stdout.startswith(f"{ref}@sha256:")
     assert pulled.stderr == f"pulled {ref} (linux/amd64, 1 layer)\n"  # no progress: not a terminal
+    quiet = ember(home, "image", "pull", "-q", ref)  # as docker pull -q: the name alone
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == pulled.stdout
 
     listed = ember(home, "image", "ls", "--json")
     records = json.loads(listed.stdout)

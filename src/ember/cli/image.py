@@ -69,14 +69,17 @@ def image() -> None:
 @click.argument("ref")
 @platform_option
 @plain_http_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Print only the pulled reference: no progress, no status line."
+)
 def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> None:
     """Pull REF: a registry reference, oci:DIR[:TAG] or docker-archive:FILE."""
     img = _service().pull(
         ref, _platform(platform_text), plain_http=plain_http, progress=False if quiet else None
     )
     count = len(img.layers)
-    say(f"pulled {img.reference} ({img.platform}, {count} layer{'' if count == 1 else 's'})")
+    if not quiet:
+        say(f"pulled {img.reference} ({img.platform}, {count} layer{'' if count == 1 else 's'})")
     if platform_text is None:
         from ember.oci.platform import host_platform
 
