@@ -117,6 +117,13 @@ def test_extract_vmlinux_refuses_bad_images(data: bytes, message: str) -> None:
         extract_vmlinux(data)
 
 
+def test_a_user_kernel_that_is_no_kernel_is_named(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/sh\n")
+    with pytest.raises(KernelError, match=f"kernel {passwd}: not an x86 bzImage"):
+        find_kernel(Home(tmp_path / "home"), passwd)
+
+
 def test_payload_must_be_an_elf() -> None:
     import gzip
 

@@ -367,6 +367,10 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
         vmlinuz = path
         vmlinux = home.kernels / "custom" / digest / "vmlinux"
         if not vmlinux.is_file():
-            atomic_write(vmlinux, extract_vmlinux(data))
+            try:
+                payload = extract_vmlinux(data)
+            except KernelError as e:
+                raise KernelError(f"kernel {path}: {e}") from None
+            atomic_write(vmlinux, payload)
     version = modules.name if modules is not None else f"custom-{digest[:12]}"
     return KernelInfo(version=version, vmlinuz=vmlinuz, vmlinux=vmlinux, modules_dir=modules)
