@@ -15,7 +15,6 @@ from __future__ import annotations
 import compileall
 import contextlib
 import datetime as _dt
-import fcntl
 import os
 import platform
 import signal
@@ -40,6 +39,7 @@ from tests.support.registry import Registry, running_registry  # noqa: E402
 compileall.compile_dir(REPO_ROOT / "src", quiet=2)
 
 from ember.fsutil import atomic_write  # noqa: E402
+from ember.locks import FileLock  # noqa: E402
 
 PERFORMANCE_MD = REPO_ROOT / "docs" / "performance.md"
 PERFORMANCE_HEADER = (
@@ -139,8 +139,7 @@ def record(section: str, line: str, path: Path = PERFORMANCE_MD) -> None:
     entry = f"- {today}: {line}"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"
-    with open(lock, "a") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
+    with FileLock(lock):
         text = path.read_text() if path.exists() else PERFORMANCE_HEADER
         atomic_write(path, insert_under_section(text, section, entry).encode())
 

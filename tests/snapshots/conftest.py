@@ -14,6 +14,9 @@ from ember.home import Home
 from ember.snapshots.pool import close_pool
 from tests.snapshots.leaks import ours
 
+#: settings from the environment that would override a test home's config.json
+SNAPSHOT_ENV = ("EMBER_SNAPSHOT_BACKEND", "EMBER_SNAPSHOT_BASE_SIZE", "EMBER_SNAPSHOT_POOL_SIZE")
+
 
 def make_home(root: Path, **snapshots: object) -> Home:
     root.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,7 @@ def teardown_home(home: Home) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("EMBER_SNAPSHOT_BACKEND", "EMBER_SNAPSHOT_BASE_SIZE", "EMBER_SNAPSHOT_POOL_SIZE"):
+    for var in SNAPSHOT_ENV:
         monkeypatch.delenv(var, raising=False)
 
 

@@ -205,7 +205,7 @@ def test_copy_backend_builds_the_same_content(copy_home: Home) -> None:
     prepared = prepare_image(copy_home, image)
     subprocess.run(["e2fsck", "-fn", str(prepared.path)], check=True, capture_output=True)
     snap = Snapshotter(copy_home)
-    assert snap.backend_name == "copy"
+    assert snap.pool.backend.name == "copy"
     with snap.mount(prepared.snapshot) as root:
         assert (root / "etc/motd").read_text() == "hello\n"
         assert os.readlink(root / "lib") == "usr/lib"
@@ -277,7 +277,7 @@ def test_damaged_metadata_in_a_chain_keeps_its_parents_and_is_built_again(home: 
     assert not snap.is_committed(chain[1])
 
     def roots() -> Roots:  # the image as the image table would have it
-        return Roots({chain[-1]}, {str(layer.digest) for layer in image.layers})
+        return Roots({chain[-1]}, {layer.digest for layer in image.layers})
 
     report = collect(home, roots=roots())
     assert report.snapshots == []

@@ -15,7 +15,7 @@ from ember.home import Home
 from ember.images import ImageService
 from ember.snapshots import Snapshotter
 from ember.snapshots.chain import clone_root_disk, prepare_image
-from ember.snapshots.errors import LeaseError, LeaseNotFound
+from ember.snapshots.errors import LeaseError, LeaseNotFound, RootsUnreadable
 from ember.snapshots.gc import collect
 from ember.store.content import ContentStore
 from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
@@ -101,11 +101,24 @@ def test_gc_spares_the_blobs_a_running_command_claims(home: Home, busybox_layout
     image = service.pull(f"oci:{busybox_layout}:latest", progress=False)
     digests = [image.manifest_digest, image.config_digest, *(layer.digest for layer in image.layers)]
     store = ContentStore(home.content)
-    with Claims(home.run).hold(digests):
+    with Claims(home).hold(digests):
         service.remove(image.reference)
         report = collect(home, content_grace=0)
         assert all(store.exists(d) for d in digests), report.content
     assert set(collect(home, content_grace=0).content) >= {str(d) for d in digests}
+
+
+def test_gc_stops_before_removing_anything_when_an_image_cannot_be_read(
+    home: Home, busybox_layout: Path
+) -> None:
+    """Which layers a damaged image needs is unknown: deleting blobs no root names
+    would delete them blindly."""
+    image = ImageService(home).pull(f"oci:{busybox_layout}:latest", progress=False)
+    store = ContentStore(home.content)
+    store.delete(image.config_digest)
+    with pytest.raises(RootsUnreadable, match="gc stopped, nothing removed"):
+        collect(home, content_grace=0)
+    assert all(store.exists(layer.digest) for layer in image.layers)
 
 
 def test_gc_never_removes_a_chain_a_prepare_is_building(home: Home) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ember.home import Home
+from ember.locks import FileLock
 from ember.snapshots import Kind, Snapshotter, system
 from ember.snapshots.errors import (
     SnapshotError,
@@ -18,7 +19,6 @@ from ember.snapshots.errors import (
     SnapshotInUse,
     SnapshotNotFound,
 )
-from ember.snapshots.locks import FileLock
 from ember.snapshots.pool import LOOPFILE, close_pool
 from tests.snapshots.leaks import ours
 
@@ -39,7 +39,7 @@ def _commit_with(snap: Snapshotter, name: str, parent: str | None, files: dict[s
 
 def test_pool_is_a_loop_mounted_xfs_with_reflinks(home: Home) -> None:
     snap = Snapshotter(home)
-    assert snap.pool.kind == LOOPFILE and snap.pool.reflink and snap.backend_name == "reflink"
+    assert snap.pool.kind == LOOPFILE and snap.pool.reflink and snap.pool.backend.name == "reflink"
     entry = next(m for m in system.mounts() if m.mountpoint == snap.pool.root)
     assert entry.fstype == "xfs"
     state = json.loads((home.snapshots / "pool.json").read_text())
@@ -170,7 +170,7 @@ def _pool_used(snap: Snapshotter) -> int:
 
 def test_copy_backend_makes_real_copies(copy_home: Home) -> None:
     snap = Snapshotter(copy_home)
-    assert snap.backend_name == "copy"
+    assert snap.pool.backend.name == "copy"
     _commit_with(snap, A, None, {"f": b"content" * 1000})
     snap.prepare("c", A, size=(1 << 30) + (256 << 20))
     with snap.mount("c") as root:
@@ -263,7 +263,7 @@ def test_native_reflink_directory_needs_no_pool_file(tmp_path: Path) -> None:
     try:
         h = make_home(mnt / "home")
         snap = Snapshotter(h)
-        assert snap.pool.kind == "native" and snap.backend_name == "reflink"
+        assert snap.pool.kind == "native" and snap.pool.backend.name == "reflink"
         assert not (h.snapshots / "pool.img").exists()
         _commit_with(snap, A, None, {"x": b"y"})
         snap.prepare("m", A)

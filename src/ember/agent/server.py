@@ -47,6 +47,7 @@ from ember.agent.client import SOCKET_NAME
 from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
+from ember.locks import FileLock
 from ember.process import parent_death_signal
 from ember.unpack.sandbox import dismiss_spare, fork_spare_session
 
@@ -70,19 +71,20 @@ class _Stop(Exception):
 
 
 def preload() -> list[str]:
-    """Import every ember module (and the lazily imported libraries); the ones that failed."""
+    """Import every ember module and the lazily imported libraries; the libraries that
+    are not installed.  An ember module that fails to import is a bug: it raises."""
     import ember
 
-    failed = []
-    names = [m.name for m in pkgutil.walk_packages(ember.__path__, "ember.")]
-    for name in [*names, *THIRD_PARTY]:
-        if name.rsplit(".", 1)[-1] == "__main__":
-            continue
+    for module in pkgutil.walk_packages(ember.__path__, "ember."):
+        if module.name.rsplit(".", 1)[-1] != "__main__":
+            importlib.import_module(module.name)
+    missing = []
+    for name in THIRD_PARTY:
         try:
             importlib.import_module(name)
-        except Exception:  # an optional dependency that is not installed
-            failed.append(name)
-    return failed
+        except ImportError:  # an optional dependency that is not installed
+            missing.append(name)
+    return missing
 
 
 class Agent:
@@ -90,10 +92,9 @@ class Agent:
         self.home = home
         self.prefault_runners = prefault_runners
         self.socket_path = home.run / SOCKET_NAME
-        self.lock_path = home.run / "agent.lock"
+        self.lock = FileLock(home.agent_lock)
         self.log_fd = (log or sys.stderr).fileno()
         self.pid = os.getpid()
-        self.lock_fd = -1
 
     def _log(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -106,18 +107,14 @@ class Agent:
     def serve(self) -> None:
         """Serve until SIGTERM or SIGINT."""
         self.home.run.mkdir(parents=True, exist_ok=True)
-        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not self.lock.acquire(blocking=False):
+            raise AgentRunning(
+                f"an agent already serves {self.home.root}", hint=f"its socket: {self.socket_path}"
+            )
         try:
-            try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise AgentRunning(
-                    f"an agent already serves {self.home.root}",
-                    hint=f"its socket: {self.socket_path}",
-                ) from None
-            failed = preload()
-            if failed:
-                self._log("not preloaded (optional, imported on use): " + ", ".join(failed))
+            missing = preload()
+            if missing:
+                self._log("not preloaded (optional, imported on use): " + ", ".join(missing))
             fingerprint = Fingerprint(loaded_files())
             listener = self._listen()
             try:
@@ -125,7 +122,7 @@ class Agent:
             finally:
                 self._unlisten(listener)
         finally:
-            os.close(self.lock_fd)
+            self.lock.release()
 
     def _listen(self) -> socket.socket:
         # Bind under a temporary name and rename: the socket appears with its
@@ -212,7 +209,7 @@ class Agent:
     def _relay(self, listener: socket.socket, accepted_w: int, fp: Fingerprint) -> NoReturn:
         status = 1
         try:
-            os.close(self.lock_fd)  # the agent's alone: a new agent may start while we run
+            self.lock.release()  # the agent's alone: a new agent may start while we run
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -29,58 +29,39 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ember.home import Home
+from ember.locks import FileLock, Notice
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
-
-#: what a command prints (one line on stderr) before it blocks on a lock
-Notice = Callable[[str], None]
 
 _MAX_CLAIM = 1 << 20
 
 
-def waiting_message(lock: Path) -> str:
-    return f"waiting for another ember command to finish (it holds {lock})..."
-
-
-def flock_noting(fd: int, exclusive: bool, lock: Path, notice: Notice | None) -> None:
-    """flock ``fd``; if another process holds it, say so through ``notice`` first."""
-    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    try:
-        fcntl.flock(fd, op | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    if notice is not None:
-        notice(waiting_message(lock))
-    fcntl.flock(fd, op)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, *, exclusive: bool, notice: Notice | None = None) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)  # never elsewhere
-    try:
-        flock_noting(fd, exclusive, path, notice)
-        yield  # closing the descriptor releases the lock
-    finally:
-        os.close(fd)
+def images_lock(home: Home, *, exclusive: bool, notice: Notice | None = None) -> FileLock:
+    """``images.lock`` (unlocked: enter it), its directory made if missing."""
+    home.run.mkdir(parents=True, exist_ok=True)
+    return FileLock(home.images_lock, shared=not exclusive, notice=notice)
 
 
 class Claims:
-    def __init__(self, run: Path, notice: Notice | None = None) -> None:
-        self.directory = run / "claims"
-        self.lock = run / "claims.lock"
+    def __init__(self, home: Home, notice: Notice | None = None) -> None:
+        self.directory = home.claims
+        self.lock = home.claims_lock
         self.notice = notice
+
+    def _locked(self) -> FileLock:
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.lock, notice=self.notice)
 
     @contextlib.contextmanager
     def hold(self, digests: Iterable[Digest]) -> Iterator[None]:
         """Claim ``digests`` while inside: a removal spares them."""
         text = "".join(f"{d}\n" for d in sorted(set(map(str, digests))))
         self.directory.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.lock, exclusive=True, notice=self.notice):
+        with self._locked():
             path = self.directory / f"{os.getpid()}-{os.urandom(8).hex()}"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
@@ -100,7 +81,7 @@ class Claims:
     @contextlib.contextmanager
     def frozen(self) -> Iterator[set[Digest]]:
         """The digests live claims name; no new claim is made while inside."""
-        with file_lock(self.lock, exclusive=True, notice=self.notice):
+        with self._locked():
             claimed: set[Digest] = set()
             try:
                 entries = list(os.scandir(self.directory))

@@ -35,18 +35,19 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
 
 from ember.home import Home
 from ember.images.downloads import Download, Downloads
 from ember.images.errors import AmbiguousImage, ImageNotFound, InvalidImage, InvalidSource
-from ember.images.locking import Claims, Notice, file_lock, waiting_message
+from ember.images.locking import Claims, images_lock
 from ember.images.model import Image, Layer
 from ember.images.ocilayout import OciLayoutSource
 from ember.images.progress import PullProgress, make_progress
 from ember.images.sources import Resolved, Source, SourceSpec, parse_source
+from ember.locks import FileLock, Notice
 from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
 from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
@@ -171,13 +172,7 @@ class ImageService:
         self.table = ImageTable(open_image_db(home.db_path))
         self.credentials = CredentialStore(home.credentials)
         self.notice = notice
-        self.claims = Claims(self.home.run, notice)
-
-    # -- locking -------------------------------------------------------------
-
-    def _lock(self, exclusive: bool) -> AbstractContextManager[None]:
-        """``images.lock``: pulls shared, ``ember gc`` exclusive (``ember.images.locking``)."""
-        return file_lock(self.home.run / "images.lock", exclusive=exclusive, notice=self.notice)
+        self.claims = Claims(self.home, notice)
 
     # -- pulling -------------------------------------------------------------
 
@@ -242,7 +237,7 @@ class ImageService:
         source = self._open_source(spec, plain_http)
         try:
             with (
-                self._lock(exclusive=False),
+                images_lock(self.home, exclusive=False, notice=self.notice),
                 make_progress(progress) as display,
                 self._pulling(source, platform, display, for_host) as pulled,
             ):
@@ -560,14 +555,8 @@ class ImageService:
             yield set()  # no snapshotter state: nothing can hold a lease
             return
         from ember.snapshots.leases import Leases
-        from ember.snapshots.locks import FileLock
 
-        lock = FileLock(gc_lock)
-        if not lock.acquire(blocking=False):
-            if self.notice is not None:
-                self.notice(waiting_message(gc_lock))  # ember gc sweeping
-            lock.acquire()
-        try:
+        with FileLock(gc_lock, notice=self.notice):  # a wait: ember gc sweeping
             now = time.time()
             claimed: set[Digest] = set()
             for lease in Leases(leases_dir, gc_lock).list():
@@ -577,8 +566,6 @@ class ImageService:
                     with suppress(FormatError):
                         claimed.add(Digest.parse(text))
             yield claimed
-        finally:
-            lock.release()
 
     def remove(self, ref: str, *, force: bool = False) -> builtins.list[str]:
         """Forget ``ref`` and delete the blobs that no other image, no running pull and no

@@ -9,7 +9,6 @@ state, so the rules always match what is allocated.
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import json
 import re
@@ -25,6 +24,7 @@ from ember import jsonutil
 from ember.config import config_section
 from ember.fsutil import atomic_write
 from ember.home import Home
+from ember.locks import FileLock
 from ember.net import ipam, netfilter, netns, tap
 from ember.net.errors import InvalidPortSpec, NetworkError, PortConflict
 from ember.net.netns import Netns
@@ -173,16 +173,15 @@ class NetworkManager:
     def __init__(self, home: Home, config: NetConfig | None = None) -> None:
         self.home = home
         self.config = config or NetConfig.load(home)
-        self.state_path = home.root / "net" / "state.json"
-        self.lock_path = home.run / "net.lock"
+        self.state_path = home.net_state
+        self.lock_path = home.net_lock
 
     # ---- persisted state ------------------------------------------------------------
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(self.lock_path):
             yield self._load()
 
     def _load(self) -> dict[str, Any]:

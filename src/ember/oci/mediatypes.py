@@ -69,10 +69,6 @@ NONDISTRIBUTABLE_LAYERS = frozenset(
 MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
 
 
-def is_layer(media_type: str) -> bool:
-    return media_type in _LAYER_COMPRESSION
-
-
 def is_nondistributable(media_type: str) -> bool:
     return media_type in NONDISTRIBUTABLE_LAYERS
 

@@ -11,18 +11,17 @@ implement the same two calls with thin volumes and snapshots.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from ember.fsutil import reflink
 from ember.snapshots import system
 from ember.snapshots.errors import SnapshotError
 
 log = logging.getLogger("ember.snapshots")
 
-_FICLONE = 0x40049409
 _CHUNK = 1 << 20
 
 
@@ -46,7 +45,7 @@ class ReflinkBackend(Backend):
         try:
             dfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.ioctl(dfd, _FICLONE, sfd)
+                reflink(sfd, dfd)
             except OSError as e:
                 os.close(dfd)
                 os.unlink(dest)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember.home import Home
+from ember.locks import FileLock
 from ember.snapshots import loop, names, system
 from ember.snapshots.errors import (
     CommandFailed,
@@ -35,7 +36,6 @@ from ember.snapshots.errors import (
     SnapshotExists,
     SnapshotNotFound,
 )
-from ember.snapshots.locks import FileLock
 from ember.snapshots.snapshotter import Snapshotter
 from ember.store.content import ContentStore
 

@@ -51,3 +51,8 @@ class LeaseNotFound(NotFound, LeaseError):
 
 class MountFailed(CommandFailed):
     """A disk image could not be loop-mounted (missing, not ext4, no free loop device)."""
+
+
+class RootsUnreadable(SnapshotError):
+    """gc cannot tell what an image needs (its record or blobs cannot be read): it
+    removes nothing."""

@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from ember.home import Home
+from ember.locks import FileLock, try_lock
 from ember.oci.digest import Digest
+from ember.oci.errors import FormatError
 from ember.snapshots import names
-from ember.snapshots.errors import SnapshotInUse, SnapshotNotFound
+from ember.snapshots.errors import RootsUnreadable, SnapshotInUse, SnapshotNotFound
 from ember.snapshots.fiemap import exclusive_bytes, physical_extents
-from ember.snapshots.locks import FileLock, try_lock
 from ember.snapshots.model import Kind, SnapshotInfo
 from ember.snapshots.snapshotter import LOCK, Snapshotter
 from ember.store.content import ContentStore
+from ember.store.errors import StoreError
 
 log = logging.getLogger("ember.snapshots")
 
@@ -85,27 +87,28 @@ class GCReport:
 @dataclass
 class Roots:
     snapshots: set[str] = field(default_factory=set)
-    content: set[str] = field(default_factory=set)
+    content: set[Digest] = field(default_factory=set)
 
 
 def image_roots(home: Home) -> Roots:
     """What the images in the image table need."""
-    from ember.images import ImageService  # only GC needs the image service
+    from ember.images import ImageError, ImageService  # only GC needs the image service
 
     roots = Roots()
     service = ImageService(home)
     for record in service.list():
-        roots.content.add(str(record.manifest_digest))
-        roots.content.add(str(record.config_digest))
+        roots.content.add(record.manifest_digest)
+        roots.content.add(record.config_digest)
         if record.index_digest is not None:
-            roots.content.add(str(record.index_digest))
+            roots.content.add(record.index_digest)
         try:
             image = service.get(record.reference)
-        except Exception as e:  # a damaged record must not make GC delete its layers blindly
-            raise SnapshotInUse(
+        except (ImageError, StoreError, FormatError) as e:
+            # a damaged record must not make GC delete its layers blindly
+            raise RootsUnreadable(
                 f"cannot read image {record.reference} ({e}); gc stopped, nothing removed"
             ) from e
-        roots.content.update(str(layer.digest) for layer in image.layers)
+        roots.content.update(layer.digest for layer in image.layers)
         if image.layers:
             roots.snapshots.add(str(image.layers[-1].chain_id))
     return roots
@@ -126,7 +129,7 @@ def collect(
     also drop machine templates no machine started from for ``templates_unused_for``
     seconds (default ``ember.vm.template.UNUSED_FOR``: a week) or built from inputs since
     replaced.  ``notice``: told (one line) when another command holds a lock gc waits for."""
-    from ember.images.locking import Claims, file_lock
+    from ember.images.locking import Claims, images_lock
     from ember.vm import template  # a cache of its own, outside the mark-and-sweep
 
     # No pool yet: no snapshots and no leases, only content to sweep (a pool is not set
@@ -145,19 +148,16 @@ def collect(
     report.ingests, report.ingest_bytes = ContentStore(home.content).stale_ingests(
         older_than=ingest_grace, remove=not dry_run
     )
-    home.run.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         # a dry run changes nothing: it reads beside running pulls instead of waiting
-        held.enter_context(
-            file_lock(home.run / "images.lock", exclusive=not dry_run, notice=notice)
-        )
+        held.enter_context(images_lock(home, exclusive=not dry_run, notice=notice))
         if snap is not None:
             held.enter_context(FileLock(snap.gc_lock))
-        claimed = held.enter_context(Claims(home.run, notice).frozen())
+        claimed = held.enter_context(Claims(home, notice).frozen())
         now = time.time()
         if roots is None:
             roots = image_roots(home)
-        roots.content.update(str(d) for d in claimed)
+        roots.content.update(claimed)
         if snap is not None:
             _mark_leases(snap, roots, report, dry_run, now)
             _sweep_snapshots(snap, roots, report, dry_run)
@@ -181,7 +181,9 @@ def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: boo
                 )
         else:
             roots.snapshots.update(lease.snapshots)
-            roots.content.update(lease.content)
+            for text in lease.content:
+                with contextlib.suppress(FormatError):  # names no blob: protects none
+                    roots.content.add(Digest.parse(text))
 
 
 def _sweep_snapshots(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool) -> None:
@@ -227,7 +229,7 @@ def _sweep_snapshots(snap: Snapshotter, roots: Roots, report: GCReport, dry_run:
             )
     victims.sort(key=lambda n: (infos[n].kind is Kind.COMMITTED, -depth(n)))
     if dry_run:
-        going = _would_remove(snap, infos, victims, report)
+        going = _would_remove(infos, victims, report)
         report.snapshot_bytes = _bytes_freed_by(snap, [infos[n].path for n in going])
         return
     before = _settled_free(snap.pool.root)
@@ -244,7 +246,7 @@ def _sweep_snapshots(snap: Snapshotter, roots: Roots, report: GCReport, dry_run:
 
 
 def _would_remove(
-    snap: Snapshotter, infos: dict[str, SnapshotInfo], victims: list[str], report: GCReport
+    infos: dict[str, SnapshotInfo], victims: list[str], report: GCReport
 ) -> list[str]:
     """What removing ``victims`` (children first) would remove, nothing changed: one whose
     lock a process holds (being built, mounted) is skipped, and so is the parent of a
@@ -331,14 +333,8 @@ def _settled_free(root: Path) -> int:
 def _sweep_blobs(
     store: ContentStore, roots: Roots, report: GCReport, dry_run: bool, grace: float, now: float
 ) -> None:
-    keep: set[Digest] = set()
-    for text in roots.content:
-        try:
-            keep.add(Digest.parse(text))
-        except Exception:
-            continue
     for digest in list(store.list()):
-        if digest in keep:
+        if digest in roots.content:
             continue
         path = store.path(digest)
         try:

@@ -23,11 +23,11 @@ from pathlib import Path
 from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.home import Home
+from ember.locks import FileLock
 from ember.snapshots import system
 from ember.snapshots.backends import Backend, backend_by_name, reflink_works
 from ember.snapshots.config import DEFAULT_POOL_SIZE, GiB, SnapshotConfig
 from ember.snapshots.errors import PoolError, SnapshotError
-from ember.snapshots.locks import FileLock
 
 log = logging.getLogger("ember.snapshots")
 
@@ -218,7 +218,8 @@ def _ensure_mounted(image: Path, root: Path) -> None:
 def close_pool(home: Home) -> None:
     """Unmount every ember mount under the snapshot directory and the pool itself.
 
-    For tests and for taking a host out of service; nothing else calls it.
+    No ember command calls it: the tests and the benchmarks (bench/) do, when they are
+    done with a state directory, and so may whoever takes a host out of service.
     """
     base = Path(os.path.realpath(home.snapshots))
     for m in system.mounts_under(base):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ember.fsutil import atomic_write, fsync_dir, fsync_file
 from ember.home import Home
+from ember.locks import FileLock, try_lock
 from ember.snapshots import interrupts, names, superblock, system
 from ember.snapshots.config import SnapshotConfig, parse_size
 from ember.snapshots.errors import (
@@ -46,7 +47,6 @@ from ember.snapshots.errors import (
 )
 from ember.snapshots.fiemap import file_usage
 from ember.snapshots.leases import Leases
-from ember.snapshots.locks import FileLock, require_lock, try_lock
 from ember.snapshots.model import ActiveSnapshot, Kind, Meta, Mount, SnapshotInfo, Usage
 from ember.snapshots.pool import Pool, open_pool, pool_exists, private_dir
 
@@ -91,10 +91,6 @@ class Snapshotter:
         """The snapshotter of ``home``'s pool, or None when no pool was ever set up there
         (nothing is created to find out)."""
         return cls(home) if pool_exists(home) else None
-
-    @property
-    def backend_name(self) -> str:
-        return self.pool.backend.name
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -171,7 +167,7 @@ class Snapshotter:
             return False
         if damage is None:
             return False
-        lock = require_lock(d / LOCK, f"damaged snapshot {key!r}")
+        lock = _require_lock(d / LOCK, f"damaged snapshot {key!r}")
         try:
             if not d.is_dir():
                 return False
@@ -478,7 +474,7 @@ class Snapshotter:
         d, kind = self._locate(key)
         readonly = kind is not Kind.ACTIVE
         barrier = readonly or not self._meta(d).transient
-        lock = held or require_lock(d / LOCK, f"snapshot {key!r}", shared=readonly)
+        lock = held or _require_lock(d / LOCK, f"snapshot {key!r}", shared=readonly)
         target = self.pool.mnt / secrets.token_hex(8)
         device: system.LoopDevice | None = None
         try:
@@ -567,7 +563,7 @@ class Snapshotter:
             raise SnapshotError(
                 f"snapshot {key!r} is {kind.value}: only active snapshots can be committed"
             )
-        lock = held or require_lock(d / LOCK, f"snapshot {key!r}")
+        lock = held or _require_lock(d / LOCK, f"snapshot {key!r}")
         try:
             if self._mounted(d):
                 raise SnapshotInUse(f"snapshot {key!r} is mounted: unmount it before committing")
@@ -616,18 +612,20 @@ class Snapshotter:
         lease releasing its own snapshot.
         """
         d, kind = self._locate(key)
-        lock = held or require_lock(d / LOCK, f"snapshot {key!r}")
+        lock = held or _require_lock(d / LOCK, f"snapshot {key!r}")
         try:
             if not d.is_dir():
                 raise SnapshotNotFound(f"no snapshot {key!r}")
+            kids = self.children(key) if kind is Kind.COMMITTED else []
             if respect_leases and (holders := self.leased_by(key)):
                 raise SnapshotInUse(
                     f"snapshot {key!r} is held by lease {holders[0]!r}"
                     + (f" and {len(holders) - 1} more" if len(holders) > 1 else ""),
-                    hint="remove what holds it first (for machine/ID: ember rm ID), "
-                    "or pass --force",
+                    # --force passes over leases, never over children (below)
+                    hint="remove what holds it first (for machine/ID: ember rm ID)"
+                    + ("" if kids else ", or pass --force"),
                 )
-            if kind is Kind.COMMITTED and (kids := self.children(key)):
+            if kids:
                 # never overridden (not by --force either): a snapshot's parent must exist
                 raise SnapshotInUse(
                     f"snapshot {key!r} is the parent of {len(kids)} other snapshot(s), e.g. {kids[0]!r}",
@@ -791,3 +789,10 @@ def _age(p: Path) -> float:
         return time.time() - p.stat().st_mtime
     except FileNotFoundError:
         return 0.0
+
+
+def _require_lock(path: Path, what: str, *, shared: bool = False) -> FileLock:
+    lock = try_lock(path, shared=shared)
+    if lock is None:
+        raise SnapshotInUse(f"{what} is in use by another ember process")
+    return lock

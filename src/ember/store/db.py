@@ -16,7 +16,6 @@ the next one.
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import os
 import threading
@@ -42,6 +41,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import DatabaseError as SADatabaseError
 
 from ember.store.errors import DatabaseError
+from ember.store.localdb import migration_lock
 
 #: modules that carry migrations, applied in this order
 MIGRATION_MODULES: list[str] = [
@@ -145,12 +145,8 @@ class Database:
         if not path or path == ":memory:":
             yield
             return
-        with open(f"{path}.migrate-lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with migration_lock(path):
+            yield
 
     def _migrate_locked(self) -> None:
         with self.engine.begin() as conn:

@@ -14,7 +14,6 @@ file the other created.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ember.locks import FileLock
 from ember.store.errors import DatabaseError
 
 _MIGRATIONS_DDL = """
@@ -45,6 +45,14 @@ def to_db_time(value: datetime) -> str:
 def from_db_time(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def migration_lock(db_file: str | Path) -> FileLock:
+    """The lock that serialises migrations of the SQLite file ``db_file``, for both
+    layers (this one and ``ember.store.db``).  Made 0o666 less the umask, as open()
+    makes a file: a database other users may write must not be one only the user who
+    first migrated it can lock."""
+    return FileLock(Path(f"{db_file}.migrate-lock"), mode=0o666)
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,7 @@ class LocalDatabase:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(f"{self.path}.migrate-lock", "a+") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with migration_lock(self.path):
                 self._migrate_locked()
         except OSError as e:
             raise DatabaseError(f"database {self.path} is not usable: {e}") from None

@@ -16,7 +16,6 @@ takes (the kernel unpacks concatenated archives in order).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import lzma
 import os
@@ -26,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.fsutil import atomic_write
+from ember.fsutil import atomic_write, reflink
 from ember.home import Home
 from ember.vm.cpio import CpioWriter
 from ember.vm.errors import InitNotBuilt, KernelError, ModuleNotFoundInKernel
@@ -240,7 +239,7 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
     parts += list(REQUIRED_MODULES) + ["|"] + list(OPTIONAL_MODULES) + [f"strip={strip}"]
     for part in parts:
         key.update(part.encode() + b"\0")
-    dest = home.kernels / "initramfs" / f"{kernel.version}-{key.hexdigest()[:16]}.cpio"
+    dest = home.initramfs_cache / f"{kernel.version}-{key.hexdigest()[:16]}.cpio"
     if dest.is_file():
         return dest
     index = _module_index(kernel)
@@ -305,7 +304,7 @@ def write_machine_initrd(base: Path, runconfig: RunConfig, dest: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, open(base, "rb") as src:
             try:
-                fcntl.ioctl(out.fileno(), 0x40049409, src.fileno())  # FICLONE
+                reflink(src.fileno(), out.fileno())
             except OSError:
                 _copy_in_kernel(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
             out.seek(0, os.SEEK_END)

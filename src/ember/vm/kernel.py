@@ -17,7 +17,6 @@ or a complete kernel.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import lzma
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from ember.config import config_section
 from ember.fsutil import atomic_write, fsync_dir, open_regular, why_unopened
 from ember.home import Home
+from ember.locks import FileLock
 from ember.vm.errors import KernelError, KernelNotFound
 
 META_PACKAGE = "linux-image-amd64"
@@ -187,8 +187,7 @@ def install_kernel(
     if not (final / "vmlinux").exists():
         home.kernels.mkdir(parents=True, exist_ok=True)
         # one installer at a time: a second `ember` waits, then finds the kernel there
-        with open(home.kernels / ".install.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with FileLock(home.kernel_install_lock):
             if not (final / "vmlinux").exists():
                 _remove_leftovers(home)
                 if progress:
@@ -264,13 +263,13 @@ def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> None:
 
 
 def _set_default(home: Home, version: str) -> None:
-    link = home.kernels / "default"
+    link = home.default_kernel
     try:
         if os.readlink(link) == version:
             return
     except OSError:
         pass
-    tmp = home.kernels / f".default.{os.getpid()}"
+    tmp = link.with_name(f".default.{os.getpid()}")
     if tmp.is_symlink():
         tmp.unlink()
     os.symlink(version, tmp)
@@ -308,7 +307,7 @@ def list_kernels(home: Home) -> list[KernelInfo]:
 
 def default_version(home: Home) -> str | None:
     try:
-        return os.readlink(home.kernels / "default")
+        return os.readlink(home.default_kernel)
     except OSError:
         return None
 
@@ -365,7 +364,7 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
         vmlinuz, vmlinux = None, path
     else:
         vmlinuz = path
-        vmlinux = home.kernels / "custom" / digest / "vmlinux"
+        vmlinux = home.custom_kernels / digest / "vmlinux"
         if not vmlinux.is_file():
             try:
                 payload = extract_vmlinux(data)

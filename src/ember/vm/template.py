@@ -50,6 +50,7 @@ from pathlib import Path
 from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
+from ember.locks import FileLock
 from ember.vm.errors import ConfigUnanswered, TemplateError
 from ember.vm.initramfs import write_machine_initrd
 from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
@@ -102,7 +103,7 @@ class Template:
 
 
 def templates_dir(home: Home) -> Path:
-    return home.kernels / "templates"
+    return home.templates
 
 
 def find_template(home: Home, shape: TemplateShape) -> Template | None:
@@ -165,7 +166,7 @@ def _size(path: Path) -> int:
 def _building(d: Path, key: str) -> bool:
     """Whether a builder holds this shape's lock right now."""
     try:
-        fd = os.open(d / f"{key}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(d / f"{key}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
@@ -249,93 +250,96 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
     """Build the template of ``shape`` unless it exists; one builder per shape at a time.
 
     ``wait=False``: return None at once if another process is building it."""
-    from ember.vm.vmm.base import Channels, Disk, Nic, VMSpec
-    from ember.vm.vmm.qemu import QemuVM
-
     # resolved: the VMM's command line then names the real files, not a home's links
     d = templates_dir(home).resolve()
     d.mkdir(parents=True, exist_ok=True)
     key = shape.key()
-    with open(d / f"{key}.lock", "a+") as lock:
+    lock = FileLock(d / f"{key}.lock")
+    if not lock.acquire(blocking=wait):
+        return None
+    try:
+        return find_template(home, shape) or _build(shape, d, key)
+    finally:
+        lock.release()
+
+
+def _build(shape: TemplateShape, d: Path, key: str) -> Template:
+    """Boot the template VM, save it, and publish its files (the shape's lock held)."""
+    from ember.vm.vmm.base import Channels, Disk, Nic, VMSpec
+    from ember.vm.vmm.qemu import QemuVM
+
+    work = Path(tempfile.mkdtemp(dir=d, prefix=f".build-{key}-"))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        initrd = write_machine_initrd(
+            shape.base_initrd.resolve(), template_config(), work / "initrd"
+        )
+        # readable by all: a restoring QEMU, which runs as a uid of its own, reads it
+        # by path (ember.vm.vmm.jail); it holds ember-init, modules and a config
+        # that says "template", nothing of any machine
+        os.chmod(initrd, 0o644)
+        placeholder = work / "placeholder.img"
+        with open(placeholder, "wb") as f:
+            f.truncate(1 << 20)
+        channels = Channels.in_dir(work)
+        spec = VMSpec(
+            name=f"template-{key}",
+            kernel=shape.kernel.resolve(),
+            initrd=initrd,
+            channels=channels,
+            memory_mib=shape.memory_mib,
+            cpus=shape.cpus,
+            accel=shape.accel,
+            cmdline=shape.cmdline,
+            disks=(Disk(placeholder),),
+            # no host side for the template's NICs: nothing is sent before the restore
+            nics=tuple(Nic("", f"02:00:00:00:00:{i:02x}") for i in range(shape.nics)),
+            vmm_log=work / "vmm.log",
+        )
+        argv = QemuVM(spec).argv()
+        argv += ["-qmp", "unix:qmp.sock,server=on,wait=off"]
+        with open(work / "vmm.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + BUILD_TIMEOUT
+        _wait_for_ready(channels.console_log, proc, deadline)
+        qmp = _Qmp(work / "qmp.sock")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return None
-        found = find_template(home, shape)
-        if found is not None:
-            return found
-        work = Path(tempfile.mkdtemp(dir=d, prefix=f".build-{key}-"))
-        proc: subprocess.Popen[bytes] | None = None
-        try:
-            initrd = write_machine_initrd(
-                shape.base_initrd.resolve(), template_config(), work / "initrd"
-            )
-            # readable by all: a restoring QEMU, which runs as a uid of its own, reads it
-            # by path (ember.vm.vmm.jail); it holds ember-init, modules and a config
-            # that says "template", nothing of any machine
-            os.chmod(initrd, 0o644)
-            placeholder = work / "placeholder.img"
-            with open(placeholder, "wb") as f:
-                f.truncate(1 << 20)
-            channels = Channels.in_dir(work)
-            spec = VMSpec(
-                name=f"template-{key}",
-                kernel=shape.kernel.resolve(),
-                initrd=initrd,
-                channels=channels,
-                memory_mib=shape.memory_mib,
-                cpus=shape.cpus,
-                accel=shape.accel,
-                cmdline=shape.cmdline,
-                disks=(Disk(placeholder),),
-                # no host side for the template's NICs: nothing is sent before the restore
-                nics=tuple(Nic("", f"02:00:00:00:00:{i:02x}") for i in range(shape.nics)),
-                vmm_log=work / "vmm.log",
-            )
-            argv = QemuVM(spec).argv()
-            argv += ["-qmp", "unix:qmp.sock,server=on,wait=off"]
-            with open(work / "vmm.log", "ab") as log:
-                proc = subprocess.Popen(
-                    argv, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True,
-                )  # fmt: skip
-            deadline = time.monotonic() + BUILD_TIMEOUT
-            _wait_for_ready(channels.console_log, proc, deadline)
-            qmp = _Qmp(work / "qmp.sock")
+            state_tmp = work / "vmstate"
+            qmp.call("migrate", uri=f"exec:cat > {shlex.quote(str(state_tmp))}")
+            while True:
+                status = qmp.call("query-migrate").get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise TemplateError(f"saving the template VM: migration {status}")
+                time.sleep(0.02)
+        finally:
+            qmp.close()
+        proc.kill()
+        proc.wait()
+        # the template's memory stays root's: a restore is handed it as a descriptor
+        os.chmod(state_tmp, 0o600)
+        for path in (state_tmp, initrd):
+            fd = os.open(path, os.O_RDONLY)
             try:
-                state_tmp = work / "vmstate"
-                qmp.call("migrate", uri=f"exec:cat > {shlex.quote(str(state_tmp))}")
-                while True:
-                    status = qmp.call("query-migrate").get("status")
-                    if status == "completed":
-                        break
-                    if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                        raise TemplateError(f"saving the template VM: migration {status}")
-                    time.sleep(0.02)
+                os.fsync(fd)
             finally:
-                qmp.close()
+                os.close(fd)
+        # the initrd first, the state last: a state file means a complete template
+        atomic_write(d / f"{key}.json", json.dumps(asdict(shape), default=str).encode())
+        os.replace(initrd, d / f"{key}.initrd")
+        os.replace(state_tmp, d / f"{key}.vmstate")
+        fsync_dir(d)
+        _prune_stale(d)
+        return Template(d / f"{key}.vmstate", d / f"{key}.initrd")
+    finally:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-            # the template's memory stays root's: a restore is handed it as a descriptor
-            os.chmod(state_tmp, 0o600)
-            for path in (state_tmp, initrd):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            # the initrd first, the state last: a state file means a complete template
-            atomic_write(d / f"{key}.json", json.dumps(asdict(shape), default=str).encode())
-            os.replace(initrd, d / f"{key}.initrd")
-            os.replace(state_tmp, d / f"{key}.vmstate")
-            fsync_dir(d)
-            _prune_stale(d)
-            return Template(d / f"{key}.vmstate", d / f"{key}.initrd")
-        finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _shape_from_json(raw: object) -> TemplateShape:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 from ember.home import Home
+from ember.locks import FileLock
 from ember.vm.errors import KernelNotFound
 from ember.vm.kernel import KernelInfo, find_kernel, install_kernel
 
@@ -20,8 +20,7 @@ def cached_kernel_home() -> Home:
     root = cache_root() / "kernel-home"
     root.mkdir(parents=True, exist_ok=True)
     home = Home(root)
-    with open(cache_root() / ".kernel-home.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(cache_root() / ".kernel-home.lock"):
         try:
             find_kernel(home)  # installed by an earlier run: no apt round trip
         except KernelNotFound:

@@ -14,7 +14,6 @@ from that environment (``limits_from_env``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 from ember.config import read_config
 from ember.fsutil import atomic_write
 from ember.home import Home
+from ember.locks import FileLock
 from ember.registry.server.errors import RegistryError
 
 SECRET_ENV = "EMBER_REGISTRY_SECRET"
@@ -109,7 +109,7 @@ def registry_root(home: Home) -> Path:
     Kept apart from the host's image content store so that registry GC can never
     delete a blob a local image still needs.
     """
-    return home.root / "registry"
+    return home.registry
 
 
 def load_secret(home: Home) -> bytes:
@@ -119,10 +119,7 @@ def load_secret(home: Home) -> bytes:
             raise RegistryError(f"{SECRET_ENV} must be at least {MIN_SECRET} characters")
         return env.encode()
     home.ensure()
-    lock_path = home.root / ".config.lock"
-    with open(lock_path, "a+") as lock:
-        # Two first starts at once must agree on one secret.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(home.config_lock):  # two first starts at once must agree on one secret
         config = read_config(home, RegistryError)
         value = config.get(_CONFIG_KEY)
         if isinstance(value, str) and len(value) >= MIN_SECRET:

@@ -18,7 +18,6 @@ a link, manifest or blob that a write in flight is about to reference.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 
+from ember.locks import try_lock
 from ember.oci.digest import Digest
 from ember.registry.server import schema as s
 from ember.registry.server.metadata import RegistryMetadata
@@ -275,12 +275,11 @@ def purge(
     during a gc); repositories under the exclusive one, as gc does (pushes hold it
     shared from making sure their repository exists until their rows are in), if it can
     be had within about a second, else at the next purge."""
-    fd = os.open(storage.purge_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = try_lock(storage.purge_lock)
+    if lock is None:
+        return None
+    fd = lock.fd  # the lock file holds when the last purge ran
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
         now = time.time()
         last = _last_purge(fd)
         if last is not None and 0 <= now - last < interval / 2:
@@ -294,7 +293,7 @@ def purge(
         os.pwrite(fd, repr(now).encode(), 0)
         return report
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _last_purge(fd: int) -> float | None:

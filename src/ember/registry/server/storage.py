@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ember.fsutil import fsync_dir
+from ember.locks import FileLock
 from ember.oci.digest import Digest
 from ember.registry.server.errors import ApiError
 from ember.store.content import ContentStore
@@ -290,42 +291,28 @@ class BlobStorage:
     @contextlib.asynccontextmanager
     async def publishing(self) -> AsyncIterator[None]:
         """Held (shared) from making a blob fresh until its link or row is committed."""
-        fd = os.open(self.gc_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = FileLock(self.gc_lock, shared=True)
+        while not lock.acquire(blocking=False):
+            await asyncio.sleep(0.02)  # a GC sweep is deleting files; it is short
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.02)  # a GC sweep is deleting files; it is short
             yield
         finally:
-            os.close(fd)
+            lock.release()
 
-    @contextlib.contextmanager
-    def collecting(self) -> Iterator[None]:
-        """Held (exclusive) by GC while it deletes blob files."""
-        fd = os.open(self.gc_lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def collecting(self) -> FileLock:
+        """Held (exclusive) by GC while it deletes blob files (enter it)."""
+        return FileLock(self.gc_lock)
 
     @contextlib.contextmanager
     def gc_lock_if_free(self, *, exclusive: bool) -> Iterator[bool]:
         """The GC lock if it can be had at once (shared: alongside the writers that
         hold it so, not during a sweep; exclusive: alone): yields whether it was."""
-        fd = os.open(self.gc_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = FileLock(self.gc_lock, shared=not exclusive)
+        got = lock.acquire(blocking=False)
         try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
+            yield got
         finally:
-            os.close(fd)
+            lock.release()
 
     # -- reading -----------------------------------------------------------------
 

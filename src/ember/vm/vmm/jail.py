@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import signal
 import stat
@@ -41,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.locks import FileLock, try_lock
 from ember.process import parent_death_signal
 from ember.vm.vmm.errors import VMMError
 
@@ -82,14 +82,12 @@ class Identity:
 class IdentityLease:
     """A uid held for one VMM: the lock on its file, until ``release``."""
 
-    def __init__(self, identity: Identity, fd: int) -> None:
+    def __init__(self, identity: Identity, lock: FileLock) -> None:
         self.identity = identity
-        self._fd: int | None = fd
+        self._lock = lock
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # drops the lock
-            self._fd = None
+        self._lock.release()
 
 
 def id_range(env: Mapping[str, str] = os.environ) -> range:
@@ -120,29 +118,15 @@ def lease_identity(ids: range | None = None, directory: Path = LEASE_DIR) -> Ide
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for uid in ids:
-            lease = _try_lease(directory, uid)
-            if lease is not None:
-                return lease
+            lock = try_lock(directory / str(uid))  # held: a running VMM has that uid
+            if lock is not None:
+                return IdentityLease(Identity(uid, uid), lock)
     except OSError as e:
         raise VMMError(f"cannot lease a VMM identity in {directory}: {e.strerror or e}") from e
     raise VMMError(
         f"every VMM identity ({ids.start}-{ids.stop - 1}) is in use",
         hint=f"give the VMMs a larger range in {IDS_ENV}",
     )
-
-
-def _try_lease(directory: Path, uid: int) -> IdentityLease | None:
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(directory / str(uid), flags, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None  # a running VMM has it
-    except BaseException:
-        os.close(fd)
-        raise
-    return IdentityLease(Identity(uid, uid), fd)
 
 
 def kvm_group() -> tuple[int, ...]:

@@ -46,7 +46,7 @@ def test_zstd_image_equals_umoci_unpack(
 def test_copy_backend_multilayer_equals_umoci_unpack(
     copy_home: Home, multilayer_layout: Path, tmp_path: Path
 ) -> None:
-    assert Snapshotter(copy_home).backend_name == "copy"
+    assert Snapshotter(copy_home).pool.backend.name == "copy"
     _check_against_umoci(copy_home, multilayer_layout, tmp_path)
 
 

@@ -8,14 +8,31 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ember.home import Home
+from tests.snapshots.conftest import SNAPSHOT_ENV, make_home, teardown_home
 from tests.snapshots.leaks import ours
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands run here inherit the environment: only the test home's config counts."""
+    for var in SNAPSHOT_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    """A state directory with a small snapshot pool, checked for leaks on teardown."""
+    h = make_home(tmp_path / "home")
+    yield h
+    teardown_home(h)
 
 
 def ember(home: Home, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -50,6 +67,15 @@ def test_prepare_ls_rm_gc(home: Home, busybox_layout: Path, multilayer_layout: P
 
     bad = ember(home, "snapshot", "rm", top["parent"], ok=False)
     assert bad.returncode != 0 and "parent of" in bad.stderr and bad.stderr.count("\n") == 1
+    # a leased parent: --force would pass over the lease, not the children, so it is
+    # not suggested (it was, and then refused)
+    from ember.snapshots import Snapshotter
+
+    leases = Snapshotter(home).leases
+    leases.create("machine/p", snapshots=[top["parent"]])
+    leased = ember(home, "snapshot", "rm", top["parent"], ok=False)
+    assert "held by lease 'machine/p'" in leased.stderr and "--force" not in leased.stderr
+    leases.delete("machine/p")
     missing = ember(home, "snapshot", "rm", "no-such", ok=False)
     assert missing.returncode != 0 and "no snapshot" in missing.stderr
     ember(home, "snapshot", "rm", out["snapshot"])
@@ -64,8 +90,6 @@ def test_prepare_ls_rm_gc(home: Home, busybox_layout: Path, multilayer_layout: P
     assert len(left) == 1
     assert "removed 0 snapshot(s)" in ember(home, "gc").stdout
     assert json.loads(ember(home, "snapshot", "leases", "--json").stdout) == []
-    from ember.snapshots import Snapshotter
-
     Snapshotter(home).leases.create("machine/x", snapshots=[left[0]["name"]])
     leases_out = ember(home, "snapshot", "leases").stdout
     assert leases_out.splitlines()[0].split() == ["NAME", "EXPIRES", "SNAPSHOTS", "BLOBS"]
@@ -170,8 +194,6 @@ def test_leases_show_a_dead_owner_and_can_be_removed(home: Home) -> None:
 
 def test_library_warnings_are_ember_messages(tmp_path: Path, multilayer_layout: Path) -> None:
     """A warning from the snapshotter was printed bare, a stray line among `ember: ...` ones."""
-    from tests.snapshots.conftest import make_home, teardown_home
-
     home = make_home(tmp_path / "copy", backend="copy")
     try:
         res = ember(home, "image", "prepare", f"oci:{multilayer_layout}:latest")

@@ -1,4 +1,4 @@
-"""Metadata and lease files are inputs too: damaged ones give clear errors, never crashes."""
+"""A snapshot's metadata file is an input too: a damaged one gives a clear error, never a crash."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.snapshots.errors import LeaseError, SnapshotError
-from ember.snapshots.leases import Lease, Leases
+from ember.snapshots.errors import SnapshotError
 from ember.snapshots.model import Kind, Meta
 
 
@@ -32,15 +31,3 @@ def test_meta_roundtrip() -> None:
 def test_damaged_meta_is_a_clear_error(data: bytes) -> None:
     with pytest.raises(SnapshotError, match="damaged"):
         Meta.load(data, Path("/x/meta.json"))
-
-
-def test_damaged_lease_files(tmp_path: Path) -> None:
-    leases = Leases(tmp_path / "leases", tmp_path / "gc.lock")
-    leases.create("ok", ttl=60)
-    (tmp_path / "leases" / "bad.json").write_text("{nope")
-    with pytest.raises(LeaseError, match="damaged"):
-        leases.get("bad")
-    (tmp_path / "leases" / "bad.json").write_text('{"name": "bad"}')
-    with pytest.raises(LeaseError, match="damaged"):
-        leases.list()
-    assert Lease.from_json({"name": "n", "created": 1, "expires": None}, Path("p")).expires is None
