@@ -1,8 +1,14 @@
-"""Small process-level helpers shared by the parts that fork."""
+"""Small process-level helpers shared by the parts that fork, and what ember reads of
+other processes in ``/proc`` (whether one is alive, which one a pid names)."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
+import os
+import select
+from dataclasses import dataclass
 
 _PR_SET_PDEATHSIG = 1
 # Loaded once, at import: after a fork (a preexec function, a forked relay) loading a
@@ -29,3 +35,92 @@ def populate_for_writing(start: int, length: int) -> bool:
     or a range that cannot be written); the pages then fault later, as they would
     have anyway."""
     return _LIBC.madvise(start, length, _MADV_POPULATE_WRITE) == 0
+
+
+# ---- other processes, through /proc ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What ember reads of ``/proc/PID/stat``."""
+
+    #: field 3: R, S, D, Z (zombie), X (dead), ...
+    state: bytes
+    #: field 22, clock ticks after the boot: with the pid it names one process, as a pid
+    #: alone does not once the pid is reused
+    start_time: int
+
+    @property
+    def ended(self) -> bool:
+        """The process has exited (a zombie waits only for its parent to read its status)."""
+        return self.state in (b"Z", b"X", b"x")
+
+
+def parse_proc_stat(data: bytes) -> ProcStat:
+    """``/proc/PID/stat``'s fields; ValueError when ``data`` is not such a line.  The
+    command name (field 2) may hold spaces and parentheses: the fields after it start
+    after its last ')'."""
+    try:
+        rest = data[data.rindex(b")") + 2 :].split()
+        return ProcStat(rest[0], int(rest[19]))  # fields 3 and 22
+    except IndexError:
+        raise ValueError("not a /proc/PID/stat line") from None
+
+
+def proc_stat(pid: int) -> ProcStat:
+    """Process ``pid``'s ``ProcStat``; FileNotFoundError (or ProcessLookupError) when
+    there is no such process, another OSError when it cannot be read (hidepid),
+    ValueError when what was read is not a stat line."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return parse_proc_stat(f.read())
+
+
+def proc_start_time(pid: int) -> int | None:
+    """``ProcStat.start_time`` of ``pid``; None when there is no such process or it
+    cannot be read."""
+    try:
+        return proc_stat(pid).start_time
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    try:
+        return not proc_stat(pid).ended
+    except (OSError, ValueError):
+        return False
+
+
+def wait_pid_exit(pid: int, timeout: float | None) -> bool:
+    """Wait for a process that is not our child to exit (pidfd); True once it has."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return True
+        raise
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready) or not pid_alive(pid)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def boot_id() -> str | None:
+    """This boot's random id (``/proc/sys/kernel/random/boot_id``): a pid and start time
+    name one process of one boot only.  None when it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None

@@ -18,9 +18,10 @@ import pytest
 from ember.cli.machines import port_lines
 from ember.home import Home
 from ember.machines import state as mstate
-from ember.machines.procs import proc_start_time
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
+from ember.process import proc_start_time
+from tests.machines.records import network_json
 
 PORTS = [
     {"host_ip": None, "host_port": 32771, "guest_port": 80, "protocol": "tcp"},
@@ -106,7 +107,7 @@ def test_human_durations_are_dockers() -> None:
 def test_ps_words_and_ports_of_an_exited_machine(tmp_path: Path) -> None:
     from ember.cli.machines import _ports, _status
 
-    net = {"ports": [PORTS[0]]}
+    net = network_json([PORTS[0]])
     running = _record(Home(tmp_path), "up", status=mstate.RUNNING, started_at=mstate.now(),
                       network=net)  # fmt: skip
     assert _status(running) == "Up Less than a second"
@@ -121,7 +122,6 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     """ps said Restarting while inspect and ps --json said "exited": a script watching
     them took the machine for done (docker's State.Status is "restarting")."""
     from ember.cli.machines import _record as shown
-    from ember.machines.procs import proc_start_time
 
     # a live monitor waiting to run it again: this process stands in for it
     waiting = _record(Home(tmp_path), "again", status=mstate.EXITED, exit_code=1,
@@ -142,7 +142,7 @@ def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:
               for i in range(3)]  # fmt: skip
     lone = {"host_port": 8080, "guest_port": 80, "protocol": "tcp", "host_ip": "127.0.0.1"}
     st = _record(Home(tmp_path), "r", status=mstate.RUNNING, started_at=mstate.now(),
-                 network={"ports": [*ranged, lone]})  # fmt: skip
+                 network=network_json([*ranged, lone]))  # fmt: skip
     assert _ports(st) == "0.0.0.0:9000-9002->9000-9002/udp, 127.0.0.1:8080->80/tcp"
 
 
@@ -258,3 +258,49 @@ def test_logs_without_follow_end_while_the_machine_keeps_writing(tmp_path: Path)
     assert numbers[0] > 0  # the oldest files were dropped already
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # whole, in order
     assert len(out) <= config.max_size * config.max_files  # what was kept when it started
+
+
+def test_a_damaged_network_in_a_record_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """The record's network was read unchecked: a port without its protocol made `ember
+    port` and `ps` a KeyError traceback, as a network without its MAC did `ember start`
+    and the monitor.  Now the record is damaged when read, as for any other field."""
+    home = Home(tmp_path)
+    net = network_json([PORTS[0]])
+    # a live monitor: this process stands in for it
+    up = _record(home, "up", status=mstate.RUNNING, started_at=mstate.now(), network=net,
+                 monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))  # fmt: skip
+    down = _record(home, "down", status=mstate.EXITED, exit_code=0, network=net)
+    damaged = {up.id: {**net, "ports": [{"host_port": 8080, "guest_port": 80}]},
+               down.id: {k: v for k, v in net.items() if k != "mac"}}  # fmt: skip
+    for machine_id, bad in damaged.items():
+        path = MachineStore(home).dir(machine_id) / "state.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "network": bad}))
+    # (a machine whose record cannot be read is found by its id only)
+    for args, shown in ((("port", up.short_id), [up]), (("start", down.short_id), [down]),
+                        (("ps", "-a"), [down, up])):  # fmt: skip
+        res = _ember(tmp_path, *args)
+        assert "Traceback" not in res.stderr, res.stderr
+        lines = sorted(res.stderr.splitlines())
+        assert len(lines) == len(shown), res.stderr
+        for line, st in zip(lines, sorted(shown, key=lambda st: st.id), strict=True):
+            assert line.startswith(f"ember: machine {st.short_id} has a damaged record (field "
+                                   "'network': "), res.stderr  # fmt: skip
+        assert res.returncode == (0 if args[0] == "ps" else 1)
+
+
+def test_the_machines_areas_warnings_are_ember_lines(tmp_path: Path) -> None:
+    """A --rm machine whose monitor is gone is removed by the next command that sees it;
+    what fails then is said as every other message of ember (a warning of the
+    ember.machines logger, which the machine commands show as an ``ember:`` line)."""
+    home = Home(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _record(home, "orphan", status=mstate.RUNNING, auto_remove=True, monitor_pid=gone.pid,
+            monitor_start=1)  # fmt: skip
+    home.run.mkdir(parents=True)
+    (home.run / "removed-exits").write_text("in the way of the exit codes kept")
+    res = _ember(tmp_path, "ps")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("ember: cannot remove --rm machine orphan whose monitor is "
+                                 "gone: [Errno 17] File exists")  # fmt: skip
+    assert res.stderr.count("\n") == 1, res.stderr

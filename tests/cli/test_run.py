@@ -5,49 +5,20 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ember.cli.run import _await_start, _follow, _Interrupts, _read_line
+from ember.cli.run import _await_start, _follow, _Interrupts
 from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import MachineError
+from ember.machines.events import EventReader
+from ember.machines.lifecycle import machine_channels
 from ember.machines.logs import LogFollower
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-
-
-def test_the_monitors_first_line_is_read_whole_however_long() -> None:
-    """One 4 KB read took a long error message (a long kernel path) in half: json.loads
-    of it was a traceback."""
-    message = json.dumps({"event": "error", "message": "kernel " + "/k" * 5000 + " missing"})
-    r, w = os.pipe()
-
-    def write_slowly() -> None:
-        data = (message + "\n{}\n").encode()
-        for i in range(0, len(data), 3000):
-            os.write(w, data[i : i + 3000])
-        os.close(w)
-
-    writer = threading.Thread(target=write_slowly)
-    writer.start()
-    try:
-        assert json.loads(_read_line(r)) == json.loads(message)
-    finally:
-        writer.join()
-        os.close(r)
-
-
-def test_a_monitor_that_says_nothing_gives_an_empty_line() -> None:
-    r, w = os.pipe()
-    os.close(w)
-    try:
-        assert _read_line(r) == b""
-    finally:
-        os.close(r)
 
 
 def _machine() -> MachineState:
@@ -68,7 +39,7 @@ def _events(*events: dict[str, Any]) -> int:
 def test_detached_start_returns_once_started() -> None:
     r = _events({"event": "started", "vmm_pid": 1}, {"event": "exited", "exit_code": 0})
     try:
-        _await_start(_machine(), r)
+        _await_start(_machine(), EventReader(r))
     finally:
         os.close(r)
 
@@ -80,13 +51,13 @@ def test_a_vm_that_ended_before_it_started_fails_with_the_vmms_words() -> None:
     r = _events({"event": "exited", "exit_code": 255, "end_reason": reason})
     try:
         with pytest.raises(MachineError, match="m1 did not start: vmm exited with status 1: qemu"):
-            _await_start(_machine(), r)
+            _await_start(_machine(), EventReader(r))
     finally:
         os.close(r)
     r = _events()
     try:
         with pytest.raises(MachineError, match="did not start: monitor died"):
-            _await_start(_machine(), r)
+            _await_start(_machine(), EventReader(r))
     finally:
         os.close(r)
 
@@ -98,12 +69,13 @@ def _follow_events(tmp_path: Path, *events: dict[str, Any]) -> int:
     d = MachineStore(home).dir(st.id)
     d.mkdir(parents=True)
     outs = []
-    for name in ("stdout.log", "stderr.log"):
-        (d / name).touch()
-        outs.append(LogFollower.current(d / name))
+    channels = machine_channels(d)
+    for log in (channels.stdout_log, channels.stderr_log):
+        log.touch()
+        outs.append(LogFollower.current(log))
     r = _events(*events)
     try:
-        return _follow(home, st, r, None, outs, _Interrupts())
+        return _follow(home, st, EventReader(r), None, outs, _Interrupts())
     finally:
         os.close(r)
         for out in outs:

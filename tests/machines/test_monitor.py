@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.machines.control import ControlRelay, stop_request
+from ember.machines.control import ControlRelay
+from ember.machines.controllines import stop_request
 from ember.machines.monitor import MAX_VMM_ERROR, vmm_last_error
 from ember.vm.vmm.base import open_control
 

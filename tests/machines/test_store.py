@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from ember.machines.errors import (
 )
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
+from tests.machines.records import network_json
 
 
 def make_state(machine_id: str | None = None) -> MachineState:
@@ -138,8 +141,6 @@ def test_a_start_no_monitor_took_is_recorded_and_its_network_freed(tmp_path: Pat
 
 
 def _damages(st: MachineState) -> dict[str, bytes]:
-    import json
-
     good = st.to_json()
     return {
         "truncated": json.dumps(good).encode()[:40],
@@ -148,7 +149,38 @@ def _damages(st: MachineState) -> dict[str, bytes]:
         "no vm": json.dumps({k: v for k, v in good.items() if k != "vm"}).encode(),
         "vm of the wrong shape": json.dumps({**good, "vm": {**good["vm"], "cpus": "1"}}).encode(),
         "command not strings": json.dumps({**good, "command": [1]}).encode(),
+        **{f"network {what}": json.dumps({**good, "network": net}).encode()
+           for what, net in _network_damages().items()},
     }
+
+
+def _network_damages() -> dict[str, Any]:
+    """``ember start`` and the monitor read these: a KeyError or ValueError there was a
+    traceback."""
+    good = network_json([{"host_port": 8080, "guest_port": 80, "protocol": "tcp"}])
+    port = good["ports"][0]
+    return {
+        "not an object": "eth0",
+        "without its mac": {k: v for k, v in good.items() if k != "mac"},
+        "with a prefix that is no number": {**good, "prefix": "24x"},
+        "with a port that is no object": {**good, "ports": [80]},
+        "with a port without its protocol": {**good, "ports": [{**port, "protocol": None}]},
+        "with a port range of three": {**good, "ports": [{**port, "host_range": [1, 2, 3]}]},
+        "with nameservers that are no list": {**good, "nameservers": "1.1.1.1"},
+    }
+
+
+def test_a_records_network_is_checked_as_it_is_read(tmp_path: Path) -> None:
+    store = MachineStore(Home(tmp_path))
+    st = make_state()
+    st.network = network_json([{"host_port": 8080, "guest_port": 80, "protocol": "tcp",
+                                "host_ip": "127.0.0.1", "host_range": [8000, 8100]}])  # fmt: skip
+    store.create(st, "net")
+    assert mstate.read_state(store.dir(st.id)).network == st.network
+    for net in _network_damages().values():
+        (store.dir(st.id) / "state.json").write_text(json.dumps({**st.to_json(), "network": net}))
+        with pytest.raises(DamagedMachine, match="field 'network'"):
+            mstate.read_state(store.dir(st.id))
 
 
 @pytest.mark.parametrize("damage", list(_damages(make_state())))

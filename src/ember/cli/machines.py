@@ -8,13 +8,17 @@ import functools
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ember.cli.common import home_from_ctx, json_option, print_json
+from ember.cli.common import home_from_ctx, json_option, print_json, warnings_as_messages
 from ember.errors import EmberError
 from ember.home import Home
+from ember.machines.controllines import NO_STOP_TIMEOUT
+
+if TYPE_CHECKING:
+    from ember.machines.state import MachineState
 
 
 def human_duration(seconds: float) -> str:
@@ -62,7 +66,7 @@ def _ago(iso: str | None) -> str:
     return "" if since is None else f"{since} ago"
 
 
-def _restarting(st: Any) -> bool:
+def _restarting(st: MachineState) -> bool:
     """Exited, between two runs of its --restart policy (its monitor waits to run it)."""
     from ember.machines.state import EXITED
 
@@ -73,7 +77,7 @@ def _restarting(st: Any) -> bool:
     return monitor_alive(st)
 
 
-def _record(st: Any) -> dict[str, Any]:
+def _record(st: MachineState) -> dict[str, Any]:
     """A machine's record as ``inspect`` and ``ps --json`` print it: ``status`` is
     ``restarting`` between two runs of its restart policy, as docker's State.Status."""
     data: dict[str, Any] = st.to_json()
@@ -82,7 +86,7 @@ def _record(st: Any) -> dict[str, Any]:
     return data
 
 
-def _status(st: Any) -> str:
+def _status(st: MachineState) -> str:
     from ember.machines.state import EXITED, RUNNING
 
     if st.status == RUNNING:
@@ -94,7 +98,7 @@ def _status(st: Any) -> str:
     return "Created"
 
 
-def _ports(st: Any) -> str:
+def _ports(st: MachineState) -> str:
     """Published ports of a running machine (docker shows none for a stopped one)."""
     from ember.machines.state import RUNNING
 
@@ -123,7 +127,9 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def find_machine(ref: str, home: Home | None = None) -> Any:
+def find_machine(ref: str, home: Home | None = None) -> MachineState:
+    """The machine ``ref`` names, its record repaired if its monitor is gone (which may
+    remove a --rm machine: the caller shows lifecycle's warnings, ``warnings_as_messages``)."""
     from ember.machines.lifecycle import refresh
     from ember.machines.store import MachineStore
 
@@ -150,6 +156,7 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
         # without one, ps skips importing the lifecycle and VMM layers (~20 ms)
         from ember.machines.lifecycle import refresh
 
+        warnings_as_messages()  # refresh's, as ember: lines
         machines = [refresh(home, m) for m in machines]
     if not show_all:
         machines = [m for m in machines if m.status == RUNNING]
@@ -184,16 +191,19 @@ def logs(follow: bool, machine: str) -> None:
     is kept, the rotated files oldest first, then the current ones.  Without -f,
     what they hold when the command starts (a guest that writes faster than the
     output is read does not keep it going)."""
+    from ember.machines.lifecycle import machine_channels
     from ember.machines.logs import LogFollower, LogSnapshot
     from ember.machines.state import RUNNING, read_state
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
+    warnings_as_messages()  # the machines area's, as ember: lines
     st = find_machine(machine)
     d = MachineStore(home).dir(st.id)
+    channels = machine_channels(d)
     with contextlib.ExitStack() as stack:
         srcs: list[LogFollower | LogSnapshot] = []
-        for p in (d / "stdout.log", d / "stderr.log"):
+        for p in (channels.stdout_log, channels.stderr_log):
             src = LogFollower.oldest(p) if follow else LogSnapshot.take(p)
             srcs.append(src)
             stack.callback(src.close)
@@ -254,25 +264,25 @@ def for_each(
         raise SystemExit(1)
 
 
-#: ``stop -t -1``: no timeout, never SIGKILL (docker stop's)
-NO_TIMEOUT = -1
-
 stop_time_option = click.option(
-    "-t", "--time", "timeout", type=click.IntRange(NO_TIMEOUT, 3600), default=None,
+    "-t", "--time", "timeout", type=click.IntRange(NO_STOP_TIMEOUT, 3600), default=None,
     help="Seconds to wait for a graceful stop before killing (-1: wait for ever; "
     "default: the machine's).",
 )  # fmt: skip
 
 
-def stop_gracefully(st: Any, timeout: int | None, home: Home | None = None) -> Any:
+def stop_gracefully(
+    st: MachineState, timeout: int | None, home: Home | None = None
+) -> MachineState:
     """``ember stop`` of one machine, ``-t`` (-1: no timeout) or else the machine's own
     stop timeout."""
     from ember.machines import lifecycle
-    from ember.machines.control import stop_timeout_of
+    from ember.machines.controllines import stop_timeout_of
 
+    home = home or home_from_ctx()
     if timeout is None:
-        return lifecycle.stop(home or home_from_ctx(), st, stop_timeout_of(st))
-    return lifecycle.stop(home or home_from_ctx(), st, None if timeout == NO_TIMEOUT else timeout)
+        return lifecycle.stop(home, st, stop_timeout_of(st))
+    return lifecycle.stop(home, st, None if timeout == NO_STOP_TIMEOUT else timeout)
 
 
 @click.command()
@@ -285,6 +295,7 @@ def stop(timeout: int | None, machines: tuple[str, ...]) -> None:
     from ember.machines.errors import MachineNotRunning
 
     home = home_from_ctx()
+    warnings_as_messages()  # the machines area's and the snapshotter's, as ember: lines
 
     def stop_one(ref: str) -> None:
         st = find_machine(ref, home)
@@ -309,30 +320,6 @@ def parse_kill_signal(text: str) -> int:
     return signo
 
 
-def send_signal(home: Home, st: Any, signo: int) -> None:
-    """``kill -s SIG`` (not KILL): ember-init delivers the signal to the program
-    (control line ``signal N``); like docker kill, it does not wait for any effect."""
-    from ember.machines import lifecycle
-    from ember.machines.errors import MachineNotRunning
-    from ember.machines.state import RUNNING
-    from ember.machines.store import MachineStore
-    from ember.vm.vmm.base import open_control
-    from ember.vm.vmm.errors import ControlChannelError
-
-    st = lifecycle.refresh(home, st)
-    if st.status != RUNNING:
-        raise MachineNotRunning(f"machine {st.name} is not running ({st.status})")
-    # the monitor serves control.sock and passes the line on over its own connection
-    # to the guest: hanging up right after writing loses nothing
-    conn = open_control(MachineStore(home).dir(st.id) / "control.sock")
-    try:
-        conn.sendall(f"signal {signo}\n".encode())
-    except OSError as e:
-        raise ControlChannelError(f"cannot write to the machine's control channel: {e}") from e
-    finally:
-        conn.close()
-
-
 @click.command()
 @click.option("-s", "--signal", "sig", default="KILL", show_default=True, metavar="SIGNAL",
               help="Signal to send the program (a name like HUP, SIGHUP, or a number).")  # fmt: skip
@@ -345,13 +332,14 @@ def kill(sig: str, machines: tuple[str, ...]) -> None:
 
     signo = parse_kill_signal(sig)
     home = home_from_ctx()
+    warnings_as_messages()  # the machines area's, as ember: lines
 
     def kill_one(ref: str) -> None:
         st = find_machine(ref, home)
         if signo == _signal.SIGKILL:
             lifecycle.kill(home, st)
         else:
-            send_signal(home, st, signo)
+            lifecycle.send_signal(home, st, signo)
 
     for_each(machines, kill_one, parallel=True)
 
@@ -365,6 +353,7 @@ def rm(force: bool, machines: tuple[str, ...]) -> None:
     from ember.machines.errors import DamagedMachine, MachineNotFound
 
     home = home_from_ctx()
+    warnings_as_messages()  # the machines area's and the snapshotter's, as ember: lines
 
     def remove(ref: str) -> object:
         try:
@@ -391,6 +380,7 @@ def inspect(machines: tuple[str, ...]) -> None:
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
+    warnings_as_messages()  # the machines area's, as ember: lines
     out = []
     failed = False
     for ref in machines:
@@ -440,6 +430,7 @@ def port(machine: str, port: str | None) -> None:
     """Show a running machine's published ports (or where guest PORT[/PROTO] is published)."""
     from ember.machines.state import RUNNING
 
+    warnings_as_messages()  # the machines area's, as ember: lines
     st = find_machine(machine)
     ports = st.network.get("ports", []) if st.network and st.status == RUNNING else []
     lines = port_lines(ports, port)
@@ -462,10 +453,11 @@ def wait(machines: tuple[str, ...]) -> None:
     from ember.machines.store import MachineStore
 
     home = home_from_ctx()
+    warnings_as_messages()  # the machines area's, as ember: lines
     store = MachineStore(home)
     failed = False
     # per argument: the machine (None: not found), then its code or error once known
-    found: list[Any] = []
+    found: list[MachineState | None] = []
     for ref in machines:
         try:
             found.append(find_machine(ref, home))

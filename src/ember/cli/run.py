@@ -21,7 +21,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from ember import jsonutil
 from ember.cli.common import home_from_ctx, warnings_as_messages
 from ember.cli.machines import stop_time_option
 from ember.errors import EmberError, UsageError
@@ -29,9 +28,8 @@ from ember.home import Home
 from ember.machines.errors import MachineError, MachineRunning
 
 if TYPE_CHECKING:
-    import socket
-
-    from ember.machines.lifecycle import MonitorHandle
+    from ember.machines.events import EventReader, Exited, MonitorFailed
+    from ember.machines.lifecycle import MonitorHandle, StopRequested
     from ember.machines.logs import LogFollower
     from ember.machines.state import MachineState
 
@@ -96,77 +94,73 @@ class _Interrupts:
 def _follow(
     home: Home,
     st: MachineState,
-    sync_r: int | None,
+    events: EventReader | None,
     monitor_pid: int | None,
     outs: Sequence[LogFollower],
     intr: _Interrupts,
 ) -> int:
-    """Copy the machine's output until it ends; its exit code.  ``sync_r``: the events of
-    the monitor this process started (None: attached to a machine already running, whose
+    """Copy the machine's output until it ends; its exit code.  ``events``: those of the
+    monitor this process started (None: attached to a machine already running, whose
     end is read from its record).  A run that ended before it started (its VMM failed
     during its set-up) is MachineError, as for ``run -d`` (``_await_start``)."""
     from ember.machines import lifecycle
+    from ember.machines.events import Exited, MonitorFailed, Started
     from ember.machines.state import EXITED, RUNNING, read_state
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
     stdout, stderr = outs
     sinks = ((stdout, sys.stdout.buffer), (stderr, sys.stderr.buffer))
-    pending = b""
-    event: dict[str, Any] | None = None
+    exited: Exited | None = None
     started = False  # the monitor said so (its events only)
-    control = None
-    started_at = read_state(d).started_at if sync_r is None else None
+    stopping: StopRequested | None = None
+    started_at = read_state(d).started_at if events is None else None
     seen: MachineState | None = None  # attached to a running machine: its last record read
     ended = False
     try:
         moved = False
-        while event is None and not ended:
+        while exited is None and not ended:
             # no wait while output flows (the monitor's logs are capped: a reader
             # that falls too far behind a rotating log loses the oldest part)
-            ready: list[int] = []
-            if sync_r is None:
+            ready: list[EventReader] = []
+            if events is None:
                 time.sleep(0 if moved else 0.02)
                 now = _current(home, d)  # None: removed (--rm) after it ended
                 seen = now or seen
                 ended = now is None or now.status != RUNNING or now.started_at != started_at
             else:
-                ready, _, _ = select.select([sync_r], [], [], 0 if moved else 0.02)
+                ready, _, _ = select.select([events], [], [], 0 if moved else 0.02)
             moved = False
             for src, dst in sinks:
                 moved = _pump(src, dst) or moved
             while intr.pending:
-                control = _pass_on(home, d, intr, intr.pending.pop(0)) or control
+                stopping = _pass_on(home, d, intr, intr.pending.pop(0)) or stopping
             if intr.kill_at is not None and time.monotonic() >= intr.kill_at[0]:
                 _kill_unstopped(home, d, intr)
-            if not ready or sync_r is None:
+            if not ready or events is None:
                 continue
-            chunk = os.read(sync_r, 4096)
-            if not chunk:
-                break  # the monitor went away without saying how it ended
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                msg = jsonutil.loads(line)
-                if msg.get("event") == "exited":
-                    event = msg
-                elif msg.get("event") == "started":
+            for event in events.read_some():
+                if isinstance(event, Exited):
+                    exited = event
+                elif isinstance(event, Started):
                     started = True
-                elif msg.get("event") == "error":
-                    raise MachineError(str(msg.get("message")))
+                elif isinstance(event, MonitorFailed):
+                    raise MachineError(event.message)
+            if events.closed:
+                break  # the monitor went away without saying how it ended
     finally:
-        if control is not None:
-            control.close()
+        if stopping is not None:
+            stopping.close()
     for src, dst in sinks:
         while _pump(src, dst):
             pass
     # the monitor finishes its cleanup (network, --rm) before we return, like docker run
     # --rm; one that restarts the machine (--restart) goes on by itself
-    if monitor_pid is not None and not (event or {}).get("restarting"):
+    if monitor_pid is not None and not (exited is not None and exited.restarting):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
-    if event is None:
-        if sync_r is None and seen is not None and seen.status == EXITED:
+    if exited is None:
+        if events is None and seen is not None and seen.status == EXITED:
             end: MachineState | None = seen  # (its restart policy may run it again soon)
         else:
             try:
@@ -174,43 +168,41 @@ def _follow(
             except FileNotFoundError:
                 end = seen  # removed (--rm) once it ended
         if end is None or end.exit_code is None:
-            if sync_r is None:
+            if events is None:
                 raise MachineError("the machine ended and was removed (--rm) before its exit "
                                    "code could be read")  # fmt: skip
             raise MachineError("the machine's monitor ended without reporting an exit code")
         if end.end_reason:
             _say(f"machine ended: {end.end_reason}")
-        if sync_r is not None and end.auto_remove and end.status == EXITED:
+        if events is not None and end.auto_remove and end.status == EXITED:
             lifecycle.remove(home, end)  # --rm: what its monitor would have done
         return end.exit_code
-    if not started and not event.get("stopped_by_user"):
+    if not started and not exited.stopped_by_user:
         # ember's failure, not the program's: 125 and the VMM's last words, as run -d
-        raise _not_started(st, event)
-    if event.get("error"):
-        _say(str(event["error"]))
-    if event.get("end_reason"):
-        _say(f"machine ended: {event['end_reason']}")
-    return int(event["exit_code"])
+        raise _not_started(st, exited)
+    if exited.error:
+        _say(exited.error)
+    if exited.end_reason:
+        _say(f"machine ended: {exited.end_reason}")
+    return exited.exit_code
 
 
-def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket | None:
-    """Act on a signal that reached an attached run (``_Interrupts``); the control
-    connection a stop was written on (kept open until the machine ends), if any."""
-    from ember.cli.machines import send_signal
+def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> StopRequested | None:
+    """Act on a signal that reached an attached run (``_Interrupts``); the stop it asked
+    for (its control connection kept open until the machine ends), if any."""
     from ember.machines import lifecycle
-    from ember.machines.control import stop_request, stop_timeout_of
+    from ember.machines.controllines import stop_timeout_of
+    from ember.machines.errors import MachineNotRunning
     from ember.machines.state import RUNNING
-    from ember.vm.vmm.base import ControlChannelError, open_control
 
     st = _current(home, d)
     if st is None or st.status != RUNNING:
         return None  # it ended by itself meanwhile: nothing to pass on, no restart lost
     if sig == signal.SIGHUP:
         with contextlib.suppress(EmberError):  # `ember kill -s HUP`'s way; gone meanwhile: fine
-            send_signal(home, st, signal.SIGHUP)
+            lifecycle.send_signal(home, st, signal.SIGHUP)
         return None
     intr.stops += 1
-    st = lifecycle.mark_stopped_by_user(home, st)
     if intr.stops > 1:
         _say(f"killing {st.name}")
         with contextlib.suppress(EmberError):
@@ -218,24 +210,21 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> socket.socket 
         return None
     again = "Ctrl-C" if sig == signal.SIGINT else "the signal"
     _say(f"stopping {st.name} ({again} again to kill it)")
-    timeout = stop_timeout_of(st)  # the machine's own (-1: none), as `ember stop` sends it
     try:
-        control = open_control(d / "control.sock")
-        try:
-            control.sendall(stop_request(timeout))
-        except OSError as e:
-            control.close()
-            raise ControlChannelError(f"cannot write to the machine's control channel: {e}") from e
-        if timeout is not None:
-            intr.kill_at = (time.monotonic() + timeout + lifecycle.KILL_GRACE, timeout)
-        return control
-    except ControlChannelError as e:
+        # the machine's own timeout (-1: none), as `ember stop` sends it
+        asked = lifecycle.request_stop(home, st, stop_timeout_of(st))
+    except MachineNotRunning:
+        return None  # it ended just now
+    if asked.conn is None:
         now = _current(home, d)
         if now is None or now.status != RUNNING:
             return None  # it ended just now
-        _say(f"{e}: killing it")
-        lifecycle.kill_vmm(home, st)
+        _say(f"{asked.failure}: killing it")
+        lifecycle.kill_vmm(home, asked.machine)
         return None
+    if asked.timeout is not None and asked.kill_after is not None:  # (both or neither)
+        intr.kill_at = (time.monotonic() + asked.kill_after, asked.timeout)
+    return asked
 
 
 def _kill_unstopped(home: Home, d: Path, intr: _Interrupts) -> None:
@@ -444,25 +433,28 @@ def _launch(
     Attached, Ctrl-C and SIGTERM are counted from the start: one before the hand-over
     raises (the caller undoes the machine), one after it stops the machine (``_follow``)
     rather than leave it running unwatched."""
+    from ember.machines.events import EventReader
+    from ember.machines.lifecycle import machine_channels
     from ember.machines.logs import LogFollower
     from ember.machines.store import MachineStore
 
-    d = MachineStore(home).dir(st.id)
+    channels = machine_channels(MachineStore(home).dir(st.id))
+    events = EventReader(monitor.sync_r)
     outs: list[LogFollower] = []
     try:
         with _Interrupts() if attach else contextlib.nullcontext() as intr:
             if intr is not None:
                 # open the logs before the machine can write (and before --rm can delete
                 # them); the followers go on across the monitor's rotations
-                for p in ("stdout.log", "stderr.log"):
-                    outs.append(LogFollower.current(d / p, hold=True, at_end=not fresh_logs))
+                for p in (channels.stdout_log, channels.stderr_log):
+                    outs.append(LogFollower.current(p, hold=True, at_end=not fresh_logs))
                 if intr.pending:
                     raise intr.exception()
             monitor.hand_over(st)
             if intr is None:
-                _await_start(st, monitor.sync_r)
+                _await_start(st, events)
                 return None
-            code = _follow(home, st, monitor.sync_r, monitor.pid, outs, intr)
+            code = _follow(home, st, events, monitor.pid, outs, intr)
     finally:
         monitor.close()
         for out in outs:
@@ -471,41 +463,46 @@ def _launch(
     return code
 
 
-def _await_start(st: MachineState, sync_r: int) -> None:
+def _await_start(st: MachineState, events: EventReader) -> None:
     """Return once the monitor says the machine started (its VMM got through its own
     set-up: a restored guest took its config, a booting VMM stayed up, see the monitor);
     MachineError with the reason when it did not, as ``docker run -d`` fails for a
     container that cannot start: the monitor's error, or the VMM's last words (the
     record's ``end_reason``) when it ended before that point."""
-    line = _read_line(sync_r)
-    msg = jsonutil.loads(line) if line else {"event": "error", "message": "monitor died"}
-    if msg.get("event") != "started":
-        raise _not_started(st, msg)
+    from ember.machines.events import MonitorFailed, Started
+
+    event = events.next()
+    if not isinstance(event, Started):
+        raise _not_started(st, event or MonitorFailed("monitor died"))
 
 
-def _not_started(st: MachineState, msg: dict[str, Any]) -> MachineError:
+def _not_started(st: MachineState, event: Exited | MonitorFailed) -> MachineError:
     """The error of a machine that ended (or whose monitor failed) before it started:
-    the monitor's ``exited`` or ``error`` event ``msg`` says why."""
-    if msg.get("event") == "exited":
-        why = msg.get("end_reason") or msg.get("error") or f"exit code {msg.get('exit_code')}"
+    the monitor's ``event`` says why."""
+    from ember.machines.events import Exited
+
+    if isinstance(event, Exited):
+        why = event.end_reason or event.error or f"exit code {event.exit_code}"
     else:
-        why = msg.get("message")
+        why = event.message
     return MachineError(f"machine {st.name} did not start: {why}")
 
 
 def _attach_running(home: Home, st: MachineState) -> int:
     """``ember start -a`` of a running machine: its output from now on, and its exit code
     when it ends (Ctrl-C stops it, as for ``run``)."""
+    from ember.machines.lifecycle import machine_channels
     from ember.machines.logs import LogFollower
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
+    channels = machine_channels(d)
     outs: list[LogFollower] = []
     try:
         with _Interrupts() as intr:
-            for p in ("stdout.log", "stderr.log"):
-                outs.append(LogFollower.current(d / p, hold=True, at_end=True))
+            for p in (channels.stdout_log, channels.stderr_log):
+                outs.append(LogFollower.current(p, hold=True, at_end=True))
             now = _current(home, d)
             if now is None or now.status != RUNNING:
                 raise MachineError(f"machine {st.name} is not running any more")
@@ -515,18 +512,6 @@ def _attach_running(home: Home, st: MachineState) -> int:
             out.close()
     sys.stdout.flush()
     return code
-
-
-def _read_line(fd: int, limit: int = 1 << 20) -> bytes:
-    """The monitor's first line (without its newline), however many reads it takes: an
-    error quoting a long path does not fit one 4 KB read."""
-    data = b""
-    while b"\n" not in data and len(data) < limit:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
 
 
 def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:

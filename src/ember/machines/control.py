@@ -1,11 +1,11 @@
 """A machine's control channel (``control.sock``), served by its monitor.
 
 ``ember stop/kill`` and the monitor itself write lines (``stop``, ``kill``,
-``signal N``, ``stop_timeout N``, ``bye``) that ember-init reads on the guest's
-control port (docs/guest.md, "Control").  QEMU's socket chardev behind that port
-serves one client at a time and drops what the guest has not read when its client
-hangs up; so the monitor is QEMU's only client and relays every line, whoever sent
-it.
+``signal N``, ``stop_timeout N``, ``bye``; clients make theirs with
+``ember.machines.controllines``) that ember-init reads on the guest's control port
+(docs/guest.md, "Control").  QEMU's socket chardev behind that port serves one client
+at a time and drops what the guest has not read when its client hangs up; so the
+monitor is QEMU's only client and relays every line, whoever sent it.
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ember.errors import EmberError
 from ember.vm.vmm.base import listen_unix, open_control
-
-if TYPE_CHECKING:
-    from ember.machines.state import MachineState
 
 #: the VMM's own control socket (QEMU's, one client at a time); ``control.sock``, the
 #: one clients use, is the monitor's (``ControlRelay``)
@@ -35,33 +32,8 @@ VMM_CONTROL = "vmm-control.sock"
 _CLIENT_LINE = re.compile(
     rb"(stop|kill|signal (?:[1-9]|[1-5][0-9]|6[0-4])|stop_timeout (?:-1|0|[1-9][0-9]{0,4}))"
 )
-#: the longest stop timeout the guest takes (its run config's bound)
-MAX_STOP_TIMEOUT = 86400
-#: a machine's stop timeout unless ``run --stop-timeout`` says otherwise (docker's)
-DEFAULT_STOP_TIMEOUT = 10
-#: ``run --stop-timeout -1``, ``stop -t -1`` (docker's): no timeout, never SIGKILL
-NO_STOP_TIMEOUT = -1
 _MAX_LINE = 64
 _MAX_CLIENTS = 64
-
-
-def stop_request(timeout: int | None) -> bytes:
-    """The control lines of ``ember stop -t``: the guest sends the StopSignal and arms its
-    SIGKILL after ``timeout`` seconds (None: never).  The timeout is a line of its own
-    before ``stop``: an older monitor drops it and an older ember-init logs and skips it,
-    and both still stop the program (with the run config's timeout)."""
-    if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
-        raise ValueError(f"stop timeout {timeout} is not 0..{MAX_STOP_TIMEOUT} or None")
-    return f"stop_timeout {-1 if timeout is None else timeout}\nstop\n".encode()
-
-
-def stop_timeout_of(st: MachineState) -> int | None:
-    """The machine's own stop timeout (``run --stop-timeout``, in its record), as
-    ``stop_request`` takes it: None for -1 (no SIGKILL)."""
-    value = st.config.get("stop_timeout", DEFAULT_STOP_TIMEOUT)
-    if type(value) is not int or not NO_STOP_TIMEOUT <= value <= MAX_STOP_TIMEOUT:
-        value = DEFAULT_STOP_TIMEOUT  # (edited by hand: the record is checked for types only)
-    return None if value == NO_STOP_TIMEOUT else value
 
 
 class ControlRelay:

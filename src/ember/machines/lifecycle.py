@@ -10,6 +10,7 @@ any process through the state on disk, the guest's control socket and pids.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -17,36 +18,41 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.machines import state as mstate
-from ember.machines.control import DEFAULT_STOP_TIMEOUT, MAX_STOP_TIMEOUT, NO_STOP_TIMEOUT
-from ember.machines.errors import MachineError, MachineNotRunning, MachineRunning
+from ember.machines.controllines import (
+    DEFAULT_STOP_TIMEOUT,
+    KILL_REQUEST,
+    MAX_STOP_TIMEOUT,
+    NO_STOP_TIMEOUT,
+    signal_request,
+    stop_request,
+)
+from ember.machines.errors import DamagedMachine, MachineError, MachineNotRunning, MachineRunning
 from ember.machines.logs import LogConfig
-from ember.machines.procs import proc_start_time
 from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.net.ports import PortMapping
-from ember.vm.vmm.base import (
-    Channels,
-    ControlChannelError,
-    open_control,
-    pid_alive,
-    wait_pid_exit,
-    write_control,
-)
+from ember.process import pid_alive, proc_start_time, wait_pid_exit
+from ember.vm.vmm.base import Channels, open_control, write_control
+from ember.vm.vmm.errors import ControlChannelError
 
 if TYPE_CHECKING:
     import socket
+    from concurrent.futures import Future, ThreadPoolExecutor
 
+    from ember.images.model import Image
     from ember.net.manager import MachineNetwork
     from ember.vm.kernel import KernelInfo
-    from ember.vm.runconfig import RunConfig
+    from ember.vm.runconfig import RunConfig, RunOverrides
     from ember.vm.template import Template
+
+log = logging.getLogger("ember.machines")
 
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_CPUS = 1
@@ -107,11 +113,9 @@ def create(
     released when the clone ends)."""
     from ember.images import ImageService
     from ember.net.manager import NetworkManager
-    from ember.snapshots.chain import clone_root_disk, release_root_disk
-    from ember.vm.errors import KernelNotFound
+    from ember.snapshots.chain import clone_root_disk
     from ember.vm.initramfs import base_initramfs
-    from ember.vm.kernel import configured_kernel, find_kernel, install_kernel
-    from ember.vm.runconfig import RootDevice, RunConfig, RunOverrides
+    from ember.vm.runconfig import RootDevice, RunConfig
     from ember.vm.vmm.accel import detect_accel
 
     timings: dict[str, float] = {}
@@ -128,63 +132,21 @@ def create(
     LogConfig.load(home)
     image = ImageService(home).ensure(req.image, plain_http=req.plain_http)
     lap("image")
-    try:
-        kernel = find_kernel(home, req.kernel, req.kernel_modules)
-    except KernelNotFound:
-        # a kernel the user named (--kernel, or config.json) that is not there is their
-        # mistake to hear about, not a reason to install and boot Debian's instead
-        if req.kernel is not None or configured_kernel(home) is not None:
-            raise
-        progress("no guest kernel installed yet: installing Debian's linux-image-amd64")
-        kernel = install_kernel(home)
+    kernel = _guest_kernel(home, req, progress)
     accel = detect_accel(home, kernel.vmlinux)
     base_initrd = base_initramfs(home, kernel)
     lap("kernel")
     # validate the run config before anything is allocated
-    no_kill = req.stop_timeout == NO_STOP_TIMEOUT
-    overrides = RunOverrides(
-        entrypoint=req.entrypoint,
-        args=req.args or None,
-        env=req.env,
-        user=req.user,
-        workdir=req.workdir,
-        # a run config holds 0..86400 (as ember-init reads it), so "no SIGKILL" is the
-        # record's -1, which every stop sends on its control line (``stop_timeout_of``);
-        # the config's longest timeout only covers a bare `stop` from elsewhere
-        stop_timeout=MAX_STOP_TIMEOUT if no_kill else req.stop_timeout,
-    )
-    draft = RunConfig.from_image(image.config, overrides)
+    draft = RunConfig.from_image(image.config, _run_overrides(req))
 
     # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
     # made or its monitor started, not by `ember ps/logs/stop` that only check on one
     import secrets
-    from concurrent.futures import Future, ThreadPoolExecutor, wait
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     machine_id = secrets.token_hex(32)
     d = store.root / machine_id
-    st = MachineState(
-        id=machine_id,
-        name="",
-        image=image.reference,
-        image_digest=str(image.manifest_digest),
-        created_at=mstate.now(),
-        command=list(draft.argv),
-        config={},
-        vm=VMConfig(
-            vmm="qemu",
-            accel=accel,
-            kernel=str(kernel.vmlinux if kernel.vmlinux else kernel.vmlinuz),
-            initrd=str(d / "initrd.img"),
-            base_initrd=str(base_initrd),
-            root_disk="",
-            memory_mib=req.memory_mib,
-            cpus=req.cpus,
-            kernel_args=list(req.kernel_args),
-        ),
-        auto_remove=req.auto_remove,
-        labels=dict(req.labels),
-        restart_policy=str(req.restart),
-    )
+    st = _new_state(machine_id, d, req, image, draft, kernel, base_initrd, accel)
     if made is not None:
         made.append(machine_id)  # before anything exists: no moment the caller misses it
     cloning: Future[Path] | None = None
@@ -214,45 +176,146 @@ def create(
         _write_boot_config(d, st.name, rc, net, base_initrd, templated=restore is not None)
         machine_channels(d).precreate()
         lap("config_initrd")
-        with mstate.update(d) as cur:
-            cur.vm.root_disk = str(disk)
-            if restore is not None:
-                cur.vm.restore, cur.vm.restore_initrd = str(restore.state), str(restore.initrd)
-            if template_key:
-                cur.labels["ember.template"] = template_key
-            cur.network = net.to_json()
-            cur.config = {
-                "argv": list(rc.argv),
-                "env": list(rc.env),
-                "user": rc.user,
-                "workdir": rc.workdir,
-                "hostname": rc.hostname,
-                "stop_signal": rc.stop_signal,
-                "stop_timeout": NO_STOP_TIMEOUT if no_kill else rc.stop_timeout,
-                "kernel_version": kernel.version,
-            }
-            cur.labels["ember.timings.create"] = ",".join(f"{k}={v}" for k, v in timings.items())
-            st = cur
+        config = _config_summary(rc, kernel, no_kill=req.stop_timeout == NO_STOP_TIMEOUT)
+        st = _finish_record(d, disk, restore, template_key, net, config, timings)
     except BaseException:
-        from ember.snapshots.interrupts import deferred
-
-        # a second Ctrl-C must not cut the cleanup in half
-        with deferred():
-            with contextlib.suppress(Exception):
-                NetworkManager(home).teardown(machine_id)
-            if cloning is None:
-                with contextlib.suppress(Exception):
-                    release_root_disk(home, machine_id)
-            else:
-                # released once the clone is over, by whichever thread sees it end: an
-                # interrupt in wait() above leaves it running, and what it then makes
-                # must go too (the interpreter waits for the thread before it exits)
-                cloning.add_done_callback(lambda _f: _release_quietly(home, machine_id))
-            if pool is not None:
-                pool.shutdown(wait=False)
-            store.remove_dir(machine_id)
+        _undo_create(home, machine_id, cloning, pool)
         raise
     return st
+
+
+def _guest_kernel(home: Home, req: RunRequest, progress: Progress) -> KernelInfo:
+    """The kernel the machine boots: the one the run or config.json names, else the
+    installed one, else Debian's, installed now."""
+    from ember.vm.errors import KernelNotFound
+    from ember.vm.kernel import configured_kernel, find_kernel, install_kernel
+
+    try:
+        return find_kernel(home, req.kernel, req.kernel_modules)
+    except KernelNotFound:
+        # a kernel the user named (--kernel, or config.json) that is not there is their
+        # mistake to hear about, not a reason to install and boot Debian's instead
+        if req.kernel is not None or configured_kernel(home) is not None:
+            raise
+        progress("no guest kernel installed yet: installing Debian's linux-image-amd64")
+        return install_kernel(home)
+
+
+def _run_overrides(req: RunRequest) -> RunOverrides:
+    """What the run asks to change of the image's config."""
+    from ember.vm.runconfig import RunOverrides
+
+    return RunOverrides(
+        entrypoint=req.entrypoint,
+        args=req.args or None,
+        env=req.env,
+        user=req.user,
+        workdir=req.workdir,
+        # a run config holds 0..86400 (as ember-init reads it), so "no SIGKILL" is the
+        # record's -1, which every stop sends on its control line (``stop_timeout_of``);
+        # the config's longest timeout only covers a bare `stop` from elsewhere
+        stop_timeout=MAX_STOP_TIMEOUT if req.stop_timeout == NO_STOP_TIMEOUT else req.stop_timeout,
+    )
+
+
+def _new_state(
+    machine_id: str,
+    d: Path,
+    req: RunRequest,
+    image: Image,
+    draft: RunConfig,
+    kernel: KernelInfo,
+    base_initrd: Path,
+    accel: str,
+) -> MachineState:
+    """The record of a machine about to be made in ``d``: no root disk or network yet."""
+    return MachineState(
+        id=machine_id,
+        name="",
+        image=image.reference,
+        image_digest=str(image.manifest_digest),
+        created_at=mstate.now(),
+        command=list(draft.argv),
+        config={},
+        vm=VMConfig(
+            vmm="qemu",
+            accel=accel,
+            kernel=str(kernel.vmlinux if kernel.vmlinux else kernel.vmlinuz),
+            initrd=str(d / "initrd.img"),
+            base_initrd=str(base_initrd),
+            root_disk="",
+            memory_mib=req.memory_mib,
+            cpus=req.cpus,
+            kernel_args=list(req.kernel_args),
+        ),
+        auto_remove=req.auto_remove,
+        labels=dict(req.labels),
+        restart_policy=str(req.restart),
+    )
+
+
+def _config_summary(rc: RunConfig, kernel: KernelInfo, *, no_kill: bool) -> dict[str, Any]:
+    """The record's ``config``: what the machine runs and how it is stopped."""
+    return {
+        "argv": list(rc.argv),
+        "env": list(rc.env),
+        "user": rc.user,
+        "workdir": rc.workdir,
+        "hostname": rc.hostname,
+        "stop_signal": rc.stop_signal,
+        "stop_timeout": NO_STOP_TIMEOUT if no_kill else rc.stop_timeout,
+        "kernel_version": kernel.version,
+    }
+
+
+def _finish_record(
+    d: Path,
+    disk: Path,
+    restore: Template | None,
+    template_key: str | None,
+    net: MachineNetwork,
+    config: dict[str, Any],
+    timings: dict[str, float],
+) -> MachineState:
+    """The record of machine ``d`` once it has all it needs to start."""
+    with mstate.update(d) as cur:
+        cur.vm.root_disk = str(disk)
+        if restore is not None:
+            cur.vm.restore, cur.vm.restore_initrd = str(restore.state), str(restore.initrd)
+        if template_key:
+            cur.labels["ember.template"] = template_key
+        cur.network = net.to_json()
+        cur.config = config
+        cur.labels["ember.timings.create"] = ",".join(f"{k}={v}" for k, v in timings.items())
+    return cur
+
+
+def _undo_create(
+    home: Home,
+    machine_id: str,
+    cloning: Future[Path] | None,
+    pool: ThreadPoolExecutor | None,
+) -> None:
+    """Remove what a failed or interrupted ``create`` made of machine ``machine_id``."""
+    from ember.net.manager import NetworkManager
+    from ember.snapshots.chain import release_root_disk
+    from ember.snapshots.interrupts import deferred
+
+    # a second Ctrl-C must not cut the cleanup in half
+    with deferred():
+        with contextlib.suppress(Exception):
+            NetworkManager(home).teardown(machine_id)
+        if cloning is None:
+            with contextlib.suppress(Exception):
+                release_root_disk(home, machine_id)
+        else:
+            # released once the clone is over, by whichever thread sees it end: an
+            # interrupt in wait() in ``create`` leaves it running, and what it then makes
+            # must go too (the interpreter waits for the thread before it exits)
+            cloning.add_done_callback(lambda _f: _release_quietly(home, machine_id))
+        if pool is not None:
+            pool.shutdown(wait=False)
+        MachineStore(home).remove_dir(machine_id)
 
 
 def _release_quietly(home: Home, machine_id: str) -> None:
@@ -261,7 +324,7 @@ def _release_quietly(home: Home, machine_id: str) -> None:
     try:
         release_root_disk(home, machine_id)
     except Exception as e:  # a cleanup: say it, do not mask the cause
-        print(f"ember: cannot release machine {machine_id[:12]}'s root disk: {e}", file=sys.stderr)
+        log.warning("cannot release machine %s's root disk: %s", machine_id[:12], e)
 
 
 def discard(home: Home, machine_id: str) -> None:
@@ -356,7 +419,10 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
                 f"machine {cur.name}'s root disk is gone",
                 hint=f"remove it and run the image anew: ember rm {cur.name}",
             ) from None
-        old = MachineNetwork.from_json(cur.network) if cur.network else None
+        try:
+            old = MachineNetwork.from_json(cur.network) if cur.network else None
+        except ValueError as e:  # (its types were checked when the record was read)
+            raise DamagedMachine(cur.id, f"field 'network': {e}") from None
         manager = NetworkManager(home)
         manager.teardown(cur.id)  # whatever a crashed monitor left (exited: none is running)
         net = manager.setup(
@@ -373,7 +439,7 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
                 cur.vm.restore = cur.vm.restore_initrd = None
             _write_boot_config(d, cur.name, rc, net, Path(base), templated=bool(cur.vm.restore))
             # the previous run's exit report must not be read as this run's
-            Channels.in_dir(d).status_file.write_bytes(b"")
+            machine_channels(d).status_file.write_bytes(b"")
             cur.network = net.to_json()
             cur.status = mstate.CREATED
             cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
@@ -500,7 +566,7 @@ def start_monitor(home: Home) -> MonitorHandle:
             "--go-fd", str(go_r), "--sync-fd", str(sync_w)]  # fmt: skip
     try:
         # until it knows its machine, the monitor logs next to the other runtime files
-        with open(home.run / "monitor.log", "ab") as log:
+        with open(home.monitor_log, "ab") as log:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -520,13 +586,6 @@ def start_monitor(home: Home) -> MonitorHandle:
     # the monitor outlives us; nobody needs to reap it here
     proc.returncode = 0
     return MonitorHandle(proc.pid, go_w, sync_r)
-
-
-def spawn_monitor(home: Home, st: MachineState) -> MonitorHandle:
-    """Start the monitor of an already created machine."""
-    handle = start_monitor(home)
-    handle.hand_over(st)
-    return handle
 
 
 def _proc_mentions(pid: int, needle: str) -> bool:
@@ -587,8 +646,7 @@ def refresh(home: Home, st: MachineState) -> MachineState:
             mstate.record_removed_exit(home.run, cur)
             _release_and_delete(home, cur.id, cur.name)
         except (EmberError, OSError) as e:
-            print(f"ember: cannot remove --rm machine {cur.name} whose monitor is gone: {e}",
-                  file=sys.stderr)
+            log.warning("cannot remove --rm machine %s whose monitor is gone: %s", cur.name, e)
     return cur
 
 
@@ -649,49 +707,78 @@ def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
     return mstate.read_state(d)
 
 
+@dataclass
+class StopRequested:
+    """A graceful stop asked of a running machine (``request_stop``)."""
+
+    #: the machine's record, marked stopped by the user
+    machine: MachineState
+    #: the stop timeout the guest was given: it SIGKILLs the program after it (None: never)
+    timeout: int | None
+    #: the connection the stop went out on, open for a ``kill`` after it; None when the
+    #: control channel could not be reached or written (the machine may be ending)
+    conn: socket.socket | None
+    #: why ``conn`` is None
+    failure: ControlChannelError | None = None
+
+    @property
+    def kill_after(self) -> float | None:
+        """Seconds after the request past which a machine that still runs gets its VMM
+        killed from the host: the guest had its timeout, then ``KILL_GRACE`` to end the
+        program and report (None: no timeout)."""
+        return None if self.timeout is None else self.timeout + KILL_GRACE
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def __enter__(self) -> StopRequested:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request_stop(home: Home, st: MachineState, timeout: int | None) -> StopRequested:
+    """Ask running machine ``st`` to stop: marked stopped by the user (its restart policy
+    does not apply), then the guest told to send the StopSignal and to SIGKILL the program
+    after ``timeout`` seconds (None: never).  MachineNotRunning when it is not running
+    (any more); a control channel that cannot be reached is the result's ``failure``."""
+    request = stop_request(timeout)  # (a bad timeout fails before anything is done)
+    st = mark_stopped_by_user(home, _require_running(home, st))
+    try:
+        conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
+    except ControlChannelError as e:
+        return StopRequested(st, timeout, None, e)
+    try:
+        write_control(conn, request)
+    except ControlChannelError as e:
+        conn.close()
+        return StopRequested(st, timeout, None, e)
+    return StopRequested(st, timeout, conn)
+
+
 def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOUT) -> MachineState:
     """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
     is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is.
     ``timeout`` None: no SIGKILL, wait as long as the program takes (``docker stop -t -1``)."""
-    from ember.machines.control import stop_request
-
     pending = _stop_pending_restart(home, st)
     if pending is not None:
         return pending
-    request = stop_request(timeout)  # (a bad timeout fails before anything is done)
-    st = mark_stopped_by_user(home, _require_running(home, st))
-    conn = _send_control(MachineStore(home).dir(st.id), request)
-    if conn is None and timeout is None:
-        timeout = int(KILL_GRACE)  # nothing reached the guest: no end to wait for ever for
-    try:
+    with request_stop(home, st, timeout) as asked:
+        st = asked.machine
+        if asked.conn is None:
+            # nothing reached the guest: no end to wait for ever for
+            end = wait_exited(home, st, KILL_GRACE if timeout is None else timeout)
+            return end if end is not None else kill_vmm(home, st)
         end = wait_exited(home, st, timeout)
         if end is not None:
             return end
-        if conn is not None:
-            with contextlib.suppress(ControlChannelError):
-                write_control(conn, "kill")
-            end = wait_exited(home, st, KILL_GRACE)
-            if end is not None:
-                return end
-        return kill_vmm(home, st)
-    finally:
-        if conn is not None:
-            conn.close()
-
-
-def _send_control(d: Path, data: bytes) -> socket.socket | None:
-    """The connection to the machine's control channel ``data`` went out on (kept open
-    for a ``kill`` after it), None when the channel cannot be reached (it may be ending)."""
-    try:
-        conn = open_control(machine_channels(d).control_socket)
-    except ControlChannelError:
-        return None
-    try:
-        conn.sendall(data)
-    except OSError:
-        conn.close()
-        return None
-    return conn
+        with contextlib.suppress(ControlChannelError):
+            write_control(asked.conn, KILL_REQUEST)
+        end = wait_exited(home, st, KILL_GRACE)
+        return end if end is not None else kill_vmm(home, st)
 
 
 def kill(home: Home, st: MachineState) -> MachineState:
@@ -706,13 +793,26 @@ def kill(home: Home, st: MachineState) -> MachineState:
     except ControlChannelError:
         return kill_vmm(home, st)
     try:
-        write_control(conn, "kill")
+        write_control(conn, KILL_REQUEST)
         end = wait_exited(home, st, KILL_GRACE)
     except ControlChannelError:
         end = None
     finally:
         conn.close()
     return end if end is not None else kill_vmm(home, st)
+
+
+def send_signal(home: Home, st: MachineState, signo: int) -> None:
+    """``ember kill -s SIG`` (not KILL): ember-init delivers ``signo`` to the program;
+    like docker kill, this does not wait for any effect."""
+    st = _require_running(home, st)
+    conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
+    try:
+        # the monitor serves control.sock and passes the line on over its own connection
+        # to the guest: hanging up right after writing loses nothing
+        write_control(conn, signal_request(signo))
+    finally:
+        conn.close()
 
 
 def kill_vmm(home: Home, st: MachineState) -> MachineState:
@@ -754,7 +854,7 @@ def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
             try:
                 mstate.record_removed_exit(home.run, end)
             except OSError as e:
-                print(f"ember: cannot keep machine {st.name}'s exit code: {e}", file=sys.stderr)
+                log.warning("cannot keep machine %s's exit code: %s", st.name, e)
     _release_and_delete(home, st.id, st.name)
 
 

@@ -3,9 +3,8 @@
 Started detached (own session) by ``ember run``; it owns the VMM process: starts
 it, records ``running`` with the pids, waits for it, records how the machine
 ended (the guest's exit report, else what the host saw), frees the network and,
-for ``--rm``, removes the machine.  Progress goes to the optional sync fd as JSON
-lines (``started``, ``exited``, ``error``) so a foreground ``ember run`` can follow
-without polling; the monitor never blocks on it (a gone reader is fine).
+for ``--rm``, removes the machine.  Progress goes to the optional sync fd as events
+(``ember.machines.events``) so a foreground ``ember run`` can follow without polling.
 
 It is a module entry point rather than an ``ember`` sub-command so that it starts
 without importing the CLI tree (its start is on the critical path of a boot).
@@ -14,9 +13,8 @@ without importing the CLI tree (its start is on the critical path of a boot).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
+import logging
 import os
 import re
 import signal
@@ -25,14 +23,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
-from ember.machines.control import VMM_CONTROL, ControlRelay, stop_request, stop_timeout_of
+from ember.machines.control import VMM_CONTROL, ControlRelay
+from ember.machines.controllines import stop_request, stop_timeout_of
+from ember.machines.events import EventWriter, Exited, MonitorFailed
 from ember.machines.logs import LogConfig
-from ember.machines.procs import proc_start_time
 from ember.machines.report import (
     CONSOLE_REASON,
     PANIC_TAIL,
@@ -46,38 +44,10 @@ from ember.machines.restartpolicy import backoff_s, parse_restart_policy
 from ember.machines.restore import AfterRestore, after_unacknowledged_restore
 from ember.machines.store import MachineStore
 from ember.machines.streams import StreamPump, vmm_fifo
+from ember.process import proc_start_time
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
 from ember.vm.vmm.base import VM, Channels, VMExit
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
-
-
-class Sync:
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-        #: this run started (the VMM got through its set-up, see ``_run_held``): said
-        self.started = False
-
-    def send_started(self, vmm_pid: int) -> None:
-        """Say once a run that the machine started: ``ember run -d`` and ``start`` return
-        then."""
-        if not self.started:
-            self.started = True
-            self.send("started", vmm_pid=vmm_pid)
-
-    def send(self, event: str, **data: Any) -> None:
-        if self.fd is None:
-            return
-        line = json.dumps({"event": event, **data}).encode() + b"\n"
-        try:
-            os.write(self.fd, line)
-        except OSError:
-            self.close()  # the reader went away: keep going without it
-
-    def close(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
 
 
 def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) -> VMSpec:
@@ -165,20 +135,20 @@ def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
 
 
 def _failed_to_start(
-    home: Home, st: mstate.MachineState, d: Path, sync: Sync, message: str
+    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, message: str
 ) -> None:
     with mstate.update(d) as cur:
         cur.record_not_started(message, "the VMM failed to start")
-    sync.send("error", message=message)
+    sync.send(MonitorFailed(message))
     _cleanup(home, st, st.auto_remove)
 
 
-def run(home: Home, machine_id: str, sync: Sync) -> int:
+def run(home: Home, machine_id: str, sync: EventWriter) -> int:
     store = MachineStore(home)
     d = store.dir(machine_id)
     st = mstate.read_state(d)
     if st.status != mstate.CREATED:
-        sync.send("error", message=f"machine {st.name} was already started")
+        sync.send(MonitorFailed(f"machine {st.name} was already started"))
         return 1
     delay: float | None = None
     while True:
@@ -199,9 +169,10 @@ def run(home: Home, machine_id: str, sync: Sync) -> int:
         )
         if not sync.started and policy.name != "no" and not final.stopped_by_user:
             _record_given_up(d, "not restarting: the machine did not start")
-        sync.send("exited", exit_code=final.exit_code, signal=final.signal,
-                  oom_killed=final.oom_killed, end_reason=final.end_reason, error=final.error,
-                  restarting=again, stopped_by_user=final.stopped_by_user)  # fmt: skip
+        assert final.exit_code is not None  # (_run_held recorded the run's exit code)
+        sync.send(Exited(final.exit_code, signal=final.signal, oom_killed=final.oom_killed,
+                         end_reason=final.end_reason, error=final.error, restarting=again,
+                         stopped_by_user=final.stopped_by_user))  # fmt: skip
         # a foreground `ember run` follows the first run only (docker run does the same)
         sync.close()
         if not again:
@@ -248,7 +219,7 @@ def _wait_unless_stopped(d: Path, seconds: float) -> bool:
 
 
 def _run_once(
-    home: Home, st: mstate.MachineState, d: Path, sync: Sync
+    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter
 ) -> mstate.MachineState | None:
     """One run of the machine, from the VMM's start to its recorded end (network freed);
     None when the VMM could not start."""
@@ -288,7 +259,7 @@ def stop_on_term(relay: ControlRelay, st: mstate.MachineState) -> None:
 
 
 def _run_held(
-    home: Home, st: mstate.MachineState, d: Path, sync: Sync, pump: StreamPump
+    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, pump: StreamPump
 ) -> mstate.MachineState | None:
     """``_run_once`` with the machine's host ports held."""
     logs = Channels.in_dir(d)
@@ -324,7 +295,7 @@ def _run_held(
         else:
             # the VMM runs; the restored guest now waits for its config
             try:
-                vm, pid, started = _hand_config_or_boot(home, st, d, vm, spec, pump)
+                vm, pid, started = _hand_config_or_boot(st, d, vm, spec, pump)
             except EmberError as e:
                 _failed_to_start(home, st, d, sync, str(e))
                 return None
@@ -413,7 +384,7 @@ def _set_up(vm: VM) -> bool:
 
 
 def _hand_config_or_boot(
-    home: Home, st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec, pump: StreamPump
+    st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec, pump: StreamPump
 ) -> tuple[VM, int, bool]:
     """A restored template waits for its run config: send it.  When the restore does not
     take (a template the VMM cannot load, a guest that never answers), drop the template
@@ -486,6 +457,15 @@ def _wait_for_machine(home: Home, go_fd: int | None) -> str | None:
     return machine_id
 
 
+def _warnings_to_stderr() -> None:
+    """What ember's libraries warn of (ember.machines, ember.snapshots: a cleanup that
+    failed) goes to the monitor's log (its stderr) as the CLI shows it: ``ember: ...``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ember: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("ember").addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ember-monitor")
     p.add_argument("--home", required=True)
@@ -496,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     # the monitor belongs to no terminal: a Ctrl-C meant for the CLI must not reach it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    sync = Sync(args.sync_fd)
+    _warnings_to_stderr()
+    sync = EventWriter(args.sync_fd)
     home = Home(Path(args.home))
     try:
         machine_id = args.machine_id
@@ -507,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(home, machine_id, sync)
     except Exception as e:
         traceback.print_exc()
-        sync.send("error", message=f"monitor failed: {e}")
+        sync.send(MonitorFailed(f"monitor failed: {e}"))
         return 1
     finally:
         sync.close()

@@ -10,7 +10,6 @@ the monitor's own log.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 from ember import jsonutil
 from ember.fsutil import atomic_write
+from ember.locks import FileLock
 from ember.machines.errors import DamagedMachine, MachineError
 
 CREATED = "created"
@@ -108,24 +108,27 @@ class MachineState:
         three calls later)."""
         if not isinstance(data, dict):
             raise MachineError(f"expected an object, found {type(data).__name__}")
-        values = _checked(cls, data)
+        values = checked_fields(cls, data)
         if not isinstance(data.get("vm"), dict):
             raise MachineError("field 'vm' is missing or not an object")
-        values["vm"] = VMConfig(**_checked(VMConfig, data["vm"]))
+        values["vm"] = VMConfig(**checked_fields(VMConfig, data["vm"]))
+        if values.get("network"):  # (None or empty: no network, as every reader takes it)
+            _check_network(values["network"])
         st = cls(**values)
         if st.status not in STATUSES:
             raise MachineError(f"machine {st.id[:12]} has an unknown status {st.status!r}")
         return st
 
 
-# The JSON types each annotation allows (the dataclasses above use no others).
+# The JSON types each annotation allows (the dataclasses above and the monitor's events,
+# ember.machines.events, use no others).
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "bool": (bool,), "list[str]": (list,),
     "dict[str, Any]": (dict,), "dict[str, str]": (dict,), "VMConfig": (dict,),
 }  # fmt: skip
 
 
-def _checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def checked_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """``data``'s fields of dataclass ``cls``, each of its declared JSON type (None where
     the annotation allows it); MachineError for a missing or mistyped one."""
     out: dict[str, Any] = {}
@@ -148,6 +151,56 @@ def _checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             raise MachineError(f"field {f.name!r} must be a list of strings")
         out[f.name] = value
     return out
+
+
+# The record's ``network``: what ``MachineNetwork.to_json`` (ember.net.manager) writes, as
+# ``ember start``, the monitor and ``ps``/``port`` read it.  Checked here for its types
+# only (the values are the network's to check): ember.net is too heavy to import for
+# every ``ember ps``.
+_NETWORK_FIELDS: dict[str, tuple[type, ...]] = {
+    "machine_id": (str,), "tap": (str,), "mac": (str,), "network": (str,), "guest_ip": (str,),
+    "gateway": (str,), "prefix": (int,), "mtu": (int,),
+}  # fmt: skip
+_PORT_FIELDS: dict[str, tuple[type, ...]] = {
+    "host_port": (int,), "guest_port": (int,), "protocol": (str,),
+}  # fmt: skip
+
+
+def _check_network(net: dict[str, Any]) -> None:
+    """MachineError naming what is wrong with the record's ``network`` section."""
+
+    def damaged(what: str) -> MachineError:
+        return MachineError(f"field 'network': {what}")
+
+    def check(obj: dict[str, Any], wanted: dict[str, tuple[type, ...]], where: str) -> None:
+        for key, types in wanted.items():
+            if key not in obj:
+                raise damaged(f"{where}{key!r} is missing")
+            value = obj[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise damaged(f"{where}{key!r} has the wrong type ({type(value).__name__})")
+
+    check(net, _NETWORK_FIELDS, "")
+    nameservers = net.get("nameservers", [])
+    if not isinstance(nameservers, list) or not all(isinstance(n, str) for n in nameservers):
+        raise damaged("'nameservers' must be a list of strings")
+    ports = net.get("ports", [])
+    if not isinstance(ports, list):
+        raise damaged("'ports' must be a list")
+    for i, port in enumerate(ports):
+        if not isinstance(port, dict):
+            raise damaged(f"port {i} is not an object")
+        check(port, _PORT_FIELDS, f"port {i}: ")
+        if not isinstance(port.get("host_ip"), str | None):
+            raise damaged(f"port {i}: 'host_ip' must be a string")
+        bounds = port.get("host_range")
+        if bounds is not None and not (
+            isinstance(bounds, list) and len(bounds) == 2
+            and all(type(b) is int for b in bounds)
+        ):  # fmt: skip
+            raise damaged(f"port {i}: 'host_range' must be two whole numbers")
+    if not isinstance(net.get("netns"), dict | None):
+        raise damaged("'netns' must be an object")
 
 
 def state_path(machine_dir: Path) -> Path:
@@ -173,14 +226,9 @@ def write_state(machine_dir: Path, st: MachineState) -> None:
     atomic_write(state_path(machine_dir), json.dumps(st.to_json(), indent=1).encode(), 0o600)
 
 
-@contextmanager
-def locked(machine_dir: Path) -> Iterator[None]:
-    fd = os.open(machine_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def locked(machine_dir: Path) -> FileLock:
+    """The machine's lock (enter it): held while its record is read and rewritten."""
+    return FileLock(machine_dir / "lock")
 
 
 @contextmanager

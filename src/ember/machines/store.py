@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ember.home import Home
+from ember.locks import FileLock
 from ember.machines.errors import AmbiguousMachine, DamagedMachine, MachineNotFound, NameInUse
 from ember.machines.options import check_name
 from ember.machines.state import MachineState, read_state, write_state
@@ -42,8 +42,7 @@ class MachineStore:
     @contextmanager
     def _names_lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".names.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with FileLock(self.home.machine_names_lock):
             yield
 
     def ids(self) -> list[str]:

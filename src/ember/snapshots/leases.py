@@ -24,9 +24,10 @@ from typing import Any
 
 from ember import jsonutil
 from ember.fsutil import atomic_write
+from ember.locks import FileLock
+from ember.process import boot_id, proc_start_time, proc_stat
 from ember.snapshots import names
 from ember.snapshots.errors import LeaseError, LeaseNotFound, SnapshotError
-from ember.snapshots.locks import FileLock
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,14 @@ class Owner:
         """This process; None when /proc does not say enough to check it later (a lease
         without an owner then ends by its TTL only, as before owners existed)."""
         pid = os.getpid()
-        start, boot = _start_time(pid), _boot_id()
+        start, boot = proc_start_time(pid), boot_id()
         if start is None or boot is None:
             return None
         return cls(pid, start, boot, _pid_namespace())
 
     def alive(self) -> bool:
         """False only when it is certain that the process is gone."""
-        boot = _boot_id()
+        boot = boot_id()
         if boot is None:
             return True  # nothing to compare with
         if boot != self.boot:
@@ -65,14 +66,12 @@ class Owner:
         if self.pidns is not None and self.pidns != _pid_namespace():
             return True
         try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                state, start = _parse_stat(f.read())
+            stat = proc_stat(self.pid)
         except (FileNotFoundError, ProcessLookupError):
             return False
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             return True  # hidden (hidepid) or unreadable: cannot tell
-        # a zombie has exited: only its exit status waits for its parent
-        return start == self.start and state not in (b"Z", b"X", b"x")
+        return stat.start_time == self.start and not stat.ended
 
     def to_json(self) -> dict[str, Any]:
         return {"pid": self.pid, "start": self.start, "boot": self.boot, "pidns": self.pidns}
@@ -90,30 +89,6 @@ def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"not a whole number: {value!r}")
     return value
-
-
-def _parse_stat(data: bytes) -> tuple[bytes, int]:
-    """(state, starttime) from /proc/PID/stat.  The command name (field 2) may hold spaces
-    and parentheses: the fields after it start after its last ')'."""
-    rest = data[data.rindex(b")") + 2 :].split()
-    return rest[0], int(rest[19])  # fields 3 and 22
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return _parse_stat(f.read())[1]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@functools.cache
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 @functools.cache

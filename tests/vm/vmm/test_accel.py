@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,28 @@ def test_probe_once_then_cached(
     other = "kvm" if first == "tcg" else "tcg"
     cache_path(home).write_text(json.dumps({key: other}))
     assert detect_accel(home, kernel.vmlinux, quiet=True) == other
+
+
+@pytest.mark.vm
+def test_a_fallback_to_tcg_is_a_warning_of_the_vm_logger(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    kernel: KernelInfo,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The CLI shows ember.vm's warnings as ``ember: ...`` lines (``warnings_as_messages``);
+    the probe's verdict is said when it is made, not again when the cache answers."""
+    monkeypatch.delenv("EMBER_ACCEL", raising=False)
+    home = Home(tmp_path)
+    with caplog.at_level(logging.WARNING, "ember.vm"):
+        accel = detect_accel(home, kernel.vmlinux)
+        assert detect_accel(home, kernel.vmlinux) == accel
+        detect_accel(home, kernel.vmlinux, quiet=True)
+    said = [r.getMessage() for r in caplog.records if r.name == "ember.vm"]
+    if accel == "kvm":
+        assert said == []
+    elif kvm_usable_device():
+        assert said == ["/dev/kvm does not boot this kernel (probe timed out): using TCG "
+                        "(software emulation, slower)"]  # fmt: skip
+    else:  # no probe, nothing cached: each detection says it
+        assert said == ["/dev/kvm is not available: using TCG (software emulation, slower)"] * 2

@@ -137,7 +137,7 @@ def test_channels_and_graceful_stop(
         assert b"to-stdout" not in ch.console_log.read_bytes()
         conn = open_control(ch.control_socket)
         try:
-            write_control(conn, "stop")
+            write_control(conn, b"stop\n")
             end = vm.wait(60)
         finally:
             conn.close()

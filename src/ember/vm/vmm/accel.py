@@ -12,15 +12,16 @@ in ``$EMBER_HOME/accel.json`` per (host boot, kernel), so the probe runs once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.home import Home
+from ember.process import boot_id
 from ember.vm.vmm.base import ACCELS
 from ember.vm.vmm.errors import VMMError
 from ember.vm.vmm.qemu import find_qemu
@@ -28,21 +29,22 @@ from ember.vm.vmm.qemu import find_qemu
 PROBE_TIMEOUT = 10.0
 _MARKER = b"Linux version"
 
+log = logging.getLogger("ember.vm")
+
 
 def cache_path(home: Home) -> Path:
-    return home.root / "accel.json"
+    return home.accel_cache
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
+def _boot_key() -> str:
+    """The boot part of a cache key: a reboot may bring another host kernel or KVM, so a
+    probe's answer holds for one boot."""
+    return boot_id() or "unknown"
 
 
 def cache_key(kernel: Path) -> str:
     st = kernel.stat()
-    return f"{_boot_id()}:{kernel.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{_boot_key()}:{kernel.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def kvm_usable_device() -> bool:
@@ -89,7 +91,9 @@ def _read_cache(path: Path) -> dict[str, str]:
 
 
 def detect_accel(home: Home, kernel: Path | None = None, *, quiet: bool = False) -> str:
-    """``"kvm"`` or ``"tcg"`` for booting ``kernel`` (default: the installed kernel)."""
+    """``"kvm"`` or ``"tcg"`` for booting ``kernel`` (default: the installed kernel).  A
+    fallback to TCG is reported as a warning of the ``ember.vm`` logger (not when ``quiet``;
+    the CLI shows it as an ``ember:`` line)."""
     forced = os.environ.get("EMBER_ACCEL")
     if forced:
         if forced not in ACCELS:
@@ -97,8 +101,7 @@ def detect_accel(home: Home, kernel: Path | None = None, *, quiet: bool = False)
         return forced
     if not kvm_usable_device():
         if not quiet:
-            print("ember: /dev/kvm is not available: using TCG (software emulation, slower)",
-                  file=sys.stderr)  # fmt: skip
+            log.warning("/dev/kvm is not available: using TCG (software emulation, slower)")
         return "tcg"
     if kernel is None:
         from ember.vm.kernel import find_kernel
@@ -113,9 +116,9 @@ def detect_accel(home: Home, kernel: Path | None = None, *, quiet: bool = False)
     with tempfile.TemporaryDirectory(dir=home.run, prefix="accel-probe-") as tmp:
         accel = "kvm" if probe_kvm(kernel, Path(tmp)) else "tcg"
     if accel == "tcg" and not quiet:
-        print("ember: /dev/kvm does not boot this kernel (probe timed out): using TCG "
-              "(software emulation, slower)", file=sys.stderr)  # fmt: skip
-    cached = {k: v for k, v in _read_cache(path).items() if k.startswith(_boot_id())}
+        log.warning("/dev/kvm does not boot this kernel (probe timed out): using TCG "
+                    "(software emulation, slower)")  # fmt: skip
+    cached = {k: v for k, v in _read_cache(path).items() if k.startswith(_boot_key())}
     cached[key] = accel
     atomic_write(path, json.dumps(cached, indent=1).encode())
     return accel

@@ -2,7 +2,8 @@
 
 A ``VMSpec`` describes one machine (kernel, initrd, command line, CPUs, memory,
 disks, NICs and the host ends of the guest channels); ``VMM.create`` turns it into
-a ``VM`` that can be started, asked to stop, killed and waited for.  Another
+a ``VM`` that can be started, killed and waited for (a graceful stop is a line on the
+guest's control socket, see ``open_control``).  Another
 process (the CLI, while a per-machine monitor owns the hypervisor) can get a
 handle to a running VM with ``VMM.attach(spec, pid)``.
 
@@ -14,10 +15,8 @@ exit report and a control socket taking ``stop``/``kill`` lines.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
-import select
 import signal
 import socket
 import time
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ember.process import pid_alive
 from ember.vm.vmm.errors import ControlChannelError, VMMError
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}", re.IGNORECASE)
@@ -122,12 +122,6 @@ class VMExit:
     returncode: int | None
     signal: int | None
 
-    @classmethod
-    def from_wait_status(cls, status: int) -> VMExit:
-        if os.WIFSIGNALED(status):
-            return cls(None, os.WTERMSIG(status))
-        return cls(os.waitstatus_to_exitcode(status), None)
-
 
 class VM(ABC):
     """One machine of a VMM: a process that runs the guest."""
@@ -139,14 +133,6 @@ class VM(ABC):
     @abstractmethod
     def start(self) -> int:
         """Spawn the hypervisor; return its pid.  The guest boots asynchronously."""
-
-    def stop(self) -> None:
-        """Ask the guest to stop gracefully (StopSignal, then SIGKILL after its timeout)."""
-        send_control(self.spec.channels.control_socket, "stop")
-
-    def request_kill(self) -> None:
-        """Ask the guest's init to SIGKILL the program (the exit report still comes back)."""
-        send_control(self.spec.channels.control_socket, "kill")
 
     def kill(self) -> None:
         """Kill the hypervisor at once (the guest gets no say)."""
@@ -176,39 +162,6 @@ class VMM(ABC):
     @abstractmethod
     def attach(self, spec: VMSpec, pid: int) -> VM:
         """A handle to a VM another process started (stop/kill/wait by pid)."""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive for our purposes
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
-def wait_pid_exit(pid: int, timeout: float | None) -> bool:
-    """Wait for a process that is not our child to exit (pidfd); True once it has."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    except OSError as e:
-        if e.errno == errno.ESRCH:
-            return True
-        raise
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready) or not pid_alive(pid)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -277,19 +230,10 @@ def _connect_retrying(address: str, timeout: float, deadline: float) -> socket.s
             raise
 
 
-def write_control(s: socket.socket, command: str) -> None:
-    if command not in ("stop", "kill"):
-        raise ValueError(command)
+def write_control(s: socket.socket, lines: bytes) -> None:
+    """Write control ``lines`` (each ending in a newline) on a connection ``open_control``
+    made; ControlChannelError when the channel is gone."""
     try:
-        s.sendall(command.encode() + b"\n")
+        s.sendall(lines)
     except OSError as e:
         raise ControlChannelError(f"cannot write to the machine's control channel: {e}") from e
-
-
-def send_control(path: Path, command: str, timeout: float = 2.0) -> None:
-    """Write one control line (``stop``/``kill``) to the guest's control socket."""
-    s = open_control(path, timeout)
-    try:
-        write_control(s, command)
-    finally:
-        s.close()

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ember.process import wait_pid_exit
 from ember.vm.vmm.base import (
     VM,
     VMM,
@@ -47,7 +48,6 @@ from ember.vm.vmm.base import (
     VMExit,
     VMSpec,
     listen_unix,
-    wait_pid_exit,
 )
 from ember.vm.vmm.errors import VMMError, VMMNotInstalled
 from ember.vm.vmm.jail import (
