@@ -5,20 +5,30 @@ Layers}``), the config file and one file per layer, usually uncompressed tars
 (newer Docker stores them as ``blobs/sha256/...``, the same content).  Layer
 files may be symlinks to others in the archive, which are followed inside it.
 
+The archive is indexed with ember's own tar header reader (the layer
+unpacker's, ``ember.unpack.tarstream``), never with tarfile's archive walk:
+Python 3.11's tarfile loops for ever on a negative size (CVE-2025-8194), takes
+quadratic time on a pax header of digits (CVE-2024-6232) and reads extended
+headers whole into memory, however large they claim to be.
+
 An uncompressed layer's digest is its DiffID, so it is imported as an OCI tar
-layer and verified against the config while it is copied.  A compressed one
-(gzip/zstd by magic) is hashed first.  The manifest ember records is
-synthesised from these descriptors in canonical JSON, so importing the same
-archive twice gives the same manifest digest.
+layer and verified against the config, in the archive and again while it is
+copied.  A compressed one (gzip/zstd by magic) is hashed first, which proves
+nothing about it: its uncompressed content is checked against the DiffID
+before it is published.  The manifest ember records is synthesised from these
+descriptors in canonical JSON, so importing the same archive twice gives the
+same manifest digest.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,19 +36,25 @@ from ember import jsonutil
 from ember.fsutil import open_regular, why_unopened
 from ember.images.cancel import Cancellation
 from ember.images.errors import ImageNotFound, InvalidSource
-from ember.images.sources import Resolved
+from ember.images.sources import Resolved, fetch_local
 from ember.oci import mediatypes as mt
 from ember.oci.config import MAX_CONFIG_SIZE, parse_config
 from ember.oci.digest import Digest
 from ember.oci.errors import DigestMismatch, FormatError
 from ember.oci.manifest import Descriptor, ImageManifest
+from ember.oci.mediatypes import Compression
 from ember.oci.platform import Platform
 from ember.oci.reference import Reference
 from ember.store.content import ContentStore
+from ember.unpack.compression import UncompressedReader
+from ember.unpack.errors import InvalidLayer
+from ember.unpack.tarstream import FileReader, TarStream
 
 _CHUNK = 1 << 20
 _MAX_MANIFEST_JSON = 4 * 1024 * 1024
 _MAX_LINK_HOPS = 16
+#: members indexed (each kept in memory); ``docker save`` writes a few per layer
+_MAX_MEMBERS = 1 << 16
 #: compressed archives recognised by their magic, to say so instead of "not a tar"
 _MAGIC = {
     "gzip": b"\x1f\x8b",
@@ -68,6 +84,20 @@ def _norm(name: str) -> str | None:
     return path
 
 
+@dataclass(frozen=True)
+class _Blob:
+    """What ``fetch`` copies for a digest: the config's bytes, or an archive member."""
+
+    member: tarfile.TarInfo | None = None
+    data: bytes | None = None
+    #: its name in the archive, for messages
+    name: str = ""
+    #: a compressed layer: its compression and the DiffID its uncompressed content must
+    #: have (None for the others: an uncompressed layer's digest is its DiffID)
+    compression: Compression = "none"
+    diff_id: Digest | None = None
+
+
 class DockerArchiveSource:
     def __init__(self, path: Path, selector: str | None, name: str) -> None:
         self.path = path
@@ -79,39 +109,50 @@ class DockerArchiveSource:
         except BaseException:
             self._file.close()
             raise
-        self._blobs: dict[Digest, tuple[tarfile.TarInfo | None, bytes | None]] = {}
+        self._blobs: dict[Digest, _Blob] = {}
 
     def _index(self) -> dict[str, tarfile.TarInfo]:
         """The archive's members by normalised name (the last of a name wins, as tar does)."""
         members: dict[str, tarfile.TarInfo] = {}
+        count = 0
         try:
             # The whole walk, not only the first header, reads outside input: a
-            # truncated or corrupt archive fails part-way through it.
-            with tarfile.open(fileobj=self._file, mode="r:") as tar:
-                for member in tar:
-                    key = _norm(member.name)
-                    if key is not None:
-                        members[key] = member
-        except (OSError, tarfile.TarError) as e:
-            if members:
+            # truncated or corrupt archive fails part-way through it.  The reader
+            # bounds every header and seeks over file data (never reading it here).
+            for entry in TarStream(FileReader(self._file.fileno())):
+                count += 1
+                if count > _MAX_MEMBERS:
+                    raise InvalidSource(
+                        f"docker archive {self.path} has more than {_MAX_MEMBERS} members: "
+                        "not an image that docker save writes"
+                    )
+                key = _norm(entry.info.name)
+                if key is not None:
+                    members[key] = entry.info
+        except (OSError, InvalidLayer) as e:
+            detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+            if count:  # a header was read: what follows it is wrong
                 raise InvalidSource(
-                    f"docker archive {self.path} is truncated or damaged ({e})"
+                    f"docker archive {self.path} is truncated or damaged ({detail})"
                 ) from None
-            compression = self._compression()
-            if compression is not None:
-                # ``docker load`` takes ``docker save | gzip``; ember reads the archive's
-                # members in place (by offset, several at once), which a compressed
-                # stream does not allow without a decompressed copy on disk first.
-                raise InvalidSource(
-                    f"docker archive {self.path} is {compression}-compressed: ember reads "
-                    "uncompressed archives only",
-                    hint=f"decompress it first ({_DECOMPRESS[compression]}), or write it "
-                    "with docker save -o FILE",
-                ) from None
-            raise InvalidSource(
-                f"{self.path} is not a docker archive (an uncompressed tar): {e}"
-            ) from None
+            raise self._not_an_archive(detail) from None
+        if not members:
+            raise self._not_an_archive("it holds no file")
         return members
+
+    def _not_an_archive(self, detail: str) -> InvalidSource:
+        compression = self._compression()
+        if compression is not None:
+            # ``docker load`` takes ``docker save | gzip``; ember reads the archive's
+            # members in place (by offset, several at once), which a compressed
+            # stream does not allow without a decompressed copy on disk first.
+            return InvalidSource(
+                f"docker archive {self.path} is {compression}-compressed: ember reads "
+                "uncompressed archives only",
+                hint=f"decompress it first ({_DECOMPRESS[compression]}), or write it "
+                "with docker save -o FILE",
+            )
+        return InvalidSource(f"{self.path} is not a docker archive (an uncompressed tar): {detail}")
 
     def _compression(self) -> str | None:
         """The compression the archive's first bytes announce, if any."""
@@ -233,18 +274,29 @@ class DockerArchiveSource:
                     continue
         raise ImageNotFound(f"no image {self.selector} in docker archive {self.path}")
 
-    def _layer_descriptor(self, member: tarfile.TarInfo, diff_id: Digest) -> Descriptor:
+    def _layer_descriptor(self, name: str, diff_id: Digest) -> Descriptor:
+        member = self._member(name)
         head = b"".join(self._chunks(member, 4))
         if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
-            media_type = mt.OCI_LAYER_GZIP if head[:2] == b"\x1f\x8b" else mt.OCI_LAYER_ZSTD
+            compression: Compression = "gzip" if head[:2] == b"\x1f\x8b" else "zstd"
+            media_type = mt.OCI_LAYER_GZIP if compression == "gzip" else mt.OCI_LAYER_ZSTD
             h = hashlib.sha256()
             for chunk in self._chunks(member):
                 h.update(chunk)
+            # A digest of the member itself, true by construction: ``fetch`` checks what
+            # it decompresses to against the DiffID.
             digest = Digest("sha256", h.hexdigest())
+            known = self._blobs.get(digest)
+            if known is not None and known.diff_id != diff_id:
+                raise InvalidSource(
+                    f"docker archive {self.path}: layers {known.name[:200]!r} and {name[:200]!r} "
+                    "hold the same data, but the config gives them different DiffIDs"
+                )
+            self._blobs[digest] = _Blob(member, None, name, compression, diff_id)
         else:
-            # Uncompressed: the blob digest is the DiffID, checked while copying.
+            # Uncompressed: the blob digest is the DiffID, checked before and while copying.
             media_type, digest = mt.OCI_LAYER_TAR, diff_id
-        self._blobs[digest] = (member, None)
+            self._blobs[digest] = _Blob(member, None, name)
         return Descriptor(media_type, digest, member.size)
 
     def resolve(self, platform: Platform | None) -> Resolved:
@@ -261,12 +313,12 @@ class DockerArchiveSource:
                 f"docker archive {self.path}: {len(layer_names)} layers but the config lists {len(config.diff_ids)}"
             )
         config_digest = Digest.of(config_data)
-        self._blobs[config_digest] = (None, config_data)
+        self._blobs[config_digest] = _Blob(data=config_data, name=config_name)
         layers = []
         for name, diff_id in zip(layer_names, config.diff_ids, strict=True):
             if not isinstance(name, str):
                 raise InvalidSource(f"docker archive {self.path}: a layer name is not a string")
-            layers.append(self._layer_descriptor(self._member(name), diff_id))
+            layers.append(self._layer_descriptor(name, diff_id))
         manifest = ImageManifest(
             media_type=mt.OCI_MANIFEST,
             config=Descriptor(mt.OCI_CONFIG, config_digest, len(config_data)),
@@ -282,18 +334,53 @@ class DockerArchiveSource:
         progress: Callable[[int], None] | None,
         cancel: Cancellation | None = None,
     ) -> None:
-        member, data = self._blobs[desc.digest]
-        if store.exists(desc.digest):
-            if progress:
-                progress(desc.size)
-            return
-        if data is not None:
-            store.put_bytes(data, desc.digest)
-            return
-        assert member is not None
+        blob = self._blobs[desc.digest]
+
+        def read() -> Iterable[bytes]:
+            if blob.data is not None:
+                return (blob.data,)
+            assert blob.member is not None
+            return self._chunks(blob.member, cancel=cancel)
+
+        check = None
+        if blob.diff_id is not None:
+            check = functools.partial(self._check_diff_id, blob, cancel)
         try:
-            store.ingest(desc.digest, desc.size, self._chunks(member, cancel=cancel), progress)
+            fetch_local(desc, store, read, progress, f"docker archive {self.path}", check)
         except DigestMismatch as e:
+            if blob.diff_id is not None:  # its digest was computed from the member itself
+                raise InvalidSource(
+                    f"docker archive {self.path} changed while it was read ({e})"
+                ) from None
             raise InvalidSource(
                 f"docker archive {self.path}: a layer does not match the DiffID its config declares ({e})"
             ) from None
+
+    def _check_diff_id(self, blob: _Blob, cancel: Cancellation | None, path: Path) -> None:
+        """Refuse a compressed layer (copied to ``path``, not yet published) that does not
+        decompress to its DiffID: its digest, computed from it, vouches for nothing.  The
+        unpacker would refuse it too, but an image that names it would be recorded first,
+        its blob of any size (a gzip magic, then a hole) kept."""
+        assert blob.diff_id is not None
+        hasher = blob.diff_id.hasher()
+        view = memoryview(bytearray(_CHUNK))
+        with UncompressedReader(path, blob.compression) as reader:
+            while True:
+                if cancel is not None:
+                    cancel.check()
+                try:
+                    n = reader.readinto(view)
+                except Exception as e:  # the decompressor's own errors: corrupt data
+                    raise InvalidSource(
+                        f"docker archive {self.path}: layer {blob.name[:200]!r} is not valid "
+                        f"{blob.compression} data ({str(e)[:200] or type(e).__name__})"
+                    ) from None
+                if not n:
+                    break
+                hasher.update(view[:n])
+        got = Digest(blob.diff_id.algorithm, hasher.hexdigest())
+        if got != blob.diff_id:
+            raise InvalidSource(
+                f"docker archive {self.path}: layer {blob.name[:200]!r} does not decompress to "
+                f"the DiffID its config declares (expected {blob.diff_id}, got {got})"
+            )

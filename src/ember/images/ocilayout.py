@@ -2,7 +2,8 @@
 
 The layout is outside input: ``index.json`` is parsed like any index, tags
 come from ``org.opencontainers.image.ref.name`` annotations, and every blob
-is verified (digest and size) on its way into the content store.
+is verified (digest and size) where it lies before it is copied, and again on
+its way into the content store (``sources.fetch_local``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ember import jsonutil
 from ember.fsutil import NotRegularFile, open_regular
 from ember.images.cancel import Cancellation
 from ember.images.errors import ImageNotFound, InvalidSource
-from ember.images.sources import Resolved
+from ember.images.sources import Resolved, fetch_local
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest, Verifier
 from ember.oci.errors import DigestMismatch, FormatError
@@ -162,22 +163,32 @@ class OciLayoutSource:
         progress: Callable[[int], None] | None,
         cancel: Cancellation | None = None,
     ) -> None:
-        if store.exists(desc.digest):
-            if progress:
-                progress(desc.size)
-            return
-        with self._open_blob(desc.digest) as src:
-            try:
-                chunks = self._chunks(src, desc.digest, cancel)
-                store.ingest(desc.digest, desc.size, chunks, progress)
-            except DigestMismatch as e:
-                raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None
+        src: BinaryIO | None = None
+
+        def read() -> Iterator[bytes]:
+            nonlocal src
+            if src is None:  # opened on the first read: a blob the store has needs none
+                src = self._open_blob(desc.digest)
+            return self._chunks(src, desc.digest, cancel)
+
+        try:
+            fetch_local(desc, store, read, progress, f"OCI layout {self.path}")
+        except DigestMismatch as e:
+            raise InvalidSource(f"OCI layout {self.path} holds a corrupt blob: {e}") from None
+        finally:
+            if src is not None:
+                src.close()
 
     def _chunks(
         self, src: BinaryIO, digest: Digest, cancel: Cancellation | None = None
     ) -> Iterator[bytes]:
+        """The blob from its start (every read of it: it is read twice)."""
         # Only errors reading the layout are the source's fault; the store's own
         # (a full disk) pass through ingest unchanged.
+        try:
+            src.seek(0)
+        except OSError as e:
+            raise self._unreadable(digest, e) from None
         while True:
             if cancel is not None:
                 cancel.check()

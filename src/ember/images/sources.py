@@ -4,24 +4,29 @@ Names follow skopeo's transports: ``oci:DIR[:TAG]`` and
 ``docker-archive:FILE[:REF]``; anything else is a registry reference.  Every
 source resolves to one image manifest (choosing from an index by platform)
 and copies blobs into the content store through its verifying writer.
+
+The local sources copy through ``fetch_local``: their blobs are files, read
+twice when need be rather than trusted once, so that a blob that is not what
+its descriptor says is refused before a byte of it is written.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ember.images.cancel import Cancellation
 from ember.images.errors import InvalidSource
-from ember.oci.digest import Digest
+from ember.oci.digest import Digest, Verifier
 from ember.oci.manifest import Descriptor
 from ember.oci.platform import Platform
 from ember.oci.reference import Reference
 from ember.store.content import ContentStore
+from ember.store.errors import BlobNotFound
 
 OCI_PREFIX = "oci:"
 DOCKER_ARCHIVE_PREFIX = "docker-archive:"
@@ -61,10 +66,54 @@ class Source(Protocol):
         cancel: Cancellation | None = None,
     ) -> None:
         """Copy the blob into ``store``, verified; stops (PullCancelled) soon after
-        ``cancel`` is cancelled, keeping what arrived where it can be resumed."""
+        ``cancel`` is cancelled, keeping what arrived where it can be resumed (a
+        registry download; a local source, never resumed, keeps nothing)."""
         ...
 
     def close(self) -> None: ...
+
+
+def already_stored(store: ContentStore, desc: Descriptor, where: str) -> bool:
+    """Whether ``store`` holds ``desc``'s blob already.  Its size must then be the one
+    ``desc`` declares: the image's size is counted from the descriptors, and a stored
+    blob is verified content, so a descriptor that differs from it is lying."""
+    try:
+        size = store.size(desc.digest)
+    except BlobNotFound:
+        return False
+    if size != desc.size:
+        raise InvalidSource(
+            f"{where}: blob {desc.digest} is {size} bytes, its descriptor declares {desc.size}"
+        )
+    return True
+
+
+def fetch_local(
+    desc: Descriptor,
+    store: ContentStore,
+    read: Callable[[], Iterable[bytes]],
+    progress: Callable[[int], None] | None,
+    where: str,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Copy a blob of a local source into ``store``, verified before and while it is copied.
+
+    ``read()`` yields the blob's bytes from the start each time it is called (a
+    seekable file).  A first pass checks digest and size in place, so that a blob that
+    is not what ``desc`` says (a 4 GiB hole under a wrong digest) writes nothing: it
+    raises DigestMismatch.  The copy is verified again (the file may change meanwhile)
+    and ``check`` sees it before it is published (ContentStore.ingest).  Costs a second
+    read of the blob, from the page cache as a rule.
+    """
+    if already_stored(store, desc, where):
+        if progress:
+            progress(desc.size)
+        return
+    verifier = Verifier(desc.digest, desc.size)
+    for chunk in read():
+        verifier.update(chunk)  # stops at the first byte beyond the declared size
+    verifier.verify()
+    store.ingest(desc.digest, desc.size, read(), progress, check)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ Layout under its root::
 
 A blob becomes visible only by an atomic rename after its digest and size were
 verified and its bytes fsync'ed, so a kill -9 at any moment leaves either no
-blob or a complete one.  Partial ingests survive for resume; ``prune_ingests``
-discards stale ones (``stale_ingests`` counts them without deleting).
+blob or a complete one.  Partial downloads survive for resume; ``prune_ingests``
+discards stale ones (``stale_ingests`` counts them without deleting).  A blob
+copied from a local file (``ingest``) is never resumed: it keeps nothing when it
+fails.
 
 The rename itself is made durable by an fsync of the blob directory: at once
 per blob, or, inside ``batch()``, once for all the blobs of the batch when it
@@ -32,7 +34,6 @@ from typing import BinaryIO
 
 from ember.fsutil import fsync_dir
 from ember.oci.digest import Digest, Verifier
-from ember.oci.errors import DigestMismatch
 from ember.store.errors import BlobNotFound, DamagedBlob, StoreError
 
 _CHUNK = 1 << 20
@@ -154,11 +155,7 @@ class ContentStore:
             check.verify()
         digest = expected or Digest.of(data)
         if not self.exists(digest):
-            with self.writer(digest, len(data)) as w:
-                if not w.already_committed:
-                    w.reset()
-                    w.write(data)
-                    w.commit()
+            self.ingest(digest, len(data), [data])
         return digest
 
     def ingest(
@@ -167,29 +164,53 @@ class ContentStore:
         size: int | None,
         chunks: Iterable[bytes | memoryview],
         progress: Callable[[int], None] | None = None,
+        check: Callable[[Path], None] | None = None,
     ) -> None:
         """Store a blob from a local stream in one go (no resume), verified.
 
-        Raises DigestMismatch (and keeps nothing) when the stream is not what
-        ``expected``/``size`` promise.
+        Raises DigestMismatch when the stream is not what ``expected``/``size``
+        promise, StoreError when ``size`` exceeds the free space.  ``check`` gets the
+        written file, once its digest and size are verified and before it is
+        published: what it raises refuses the blob.  Whatever fails, nothing is kept:
+        a local source is read again from its start, so a partial file would only
+        take space until ``ember gc``.
         """
-        with self.writer(expected, size) as w:
+        with self.writer(expected, size, resumable=False) as w:
             if w.already_committed:
                 return
             w.reset()
             try:
+                if size is not None:
+                    self._check_space(expected, size)
                 for chunk in chunks:
                     w.write(chunk)
                     if progress:
                         progress(len(chunk))
+                w.verify()
+                if check is not None:
+                    check(w.ingest_path)
                 w.commit()
-            except DigestMismatch:
-                w.reset()  # a local stream is not resumed: keep nothing of it
+            except BaseException:
+                w.reset()  # __exit__ then removes the empty file
                 raise
 
-    def writer(self, expected: Digest, expected_size: int | None = None) -> BlobWriter:
-        """A resumable writer for one blob; ``commit()`` verifies and publishes it."""
-        return BlobWriter(self, expected, expected_size)
+    def _check_space(self, digest: Digest, size: int) -> None:
+        """Refuse at once a blob the file system cannot hold, rather than fill it first."""
+        st = os.statvfs(self.ingest_dir)
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise StoreError(
+                f"no space for blob {digest} in {self.root}: it is {size} bytes, "
+                f"{free} are free",
+                hint="free space (ember gc removes what no image uses), then try again",
+            )
+
+    def writer(
+        self, expected: Digest, expected_size: int | None = None, *, resumable: bool = True
+    ) -> BlobWriter:
+        """A writer for one blob; ``commit()`` verifies and publishes it.  ``resumable``:
+        its caller resumes partial content (a download), which a full disk keeps."""
+        return BlobWriter(self, expected, expected_size, resumable=resumable)
 
     def delete(self, digest: Digest) -> bool:
         try:
@@ -241,10 +262,18 @@ class BlobWriter:
     the blob committed.
     """
 
-    def __init__(self, store: ContentStore, expected: Digest, expected_size: int | None) -> None:
+    def __init__(
+        self,
+        store: ContentStore,
+        expected: Digest,
+        expected_size: int | None,
+        *,
+        resumable: bool = True,
+    ) -> None:
         self.store = store
         self.expected = expected
         self.expected_size = expected_size
+        self.resumable = resumable
         self.ingest_path = store.ingest_dir / f"{expected.algorithm}-{expected.hex}"
         self._fd = -1
         self._verifier = Verifier(expected, expected_size)
@@ -322,6 +351,12 @@ class BlobWriter:
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
+                if not self.resumable:  # its caller drops what was written
+                    raise StoreError(
+                        f"no space left for blob {self.expected} in {self.store.root} "
+                        f"({e.strerror}): nothing of it was kept",
+                        hint="free space (ember gc removes what no image uses), then try again",
+                    ) from e
                 raise StoreError(
                     f"no space left for blob {self.expected} in {self.store.root} "
                     f"({e.strerror}): what arrived stays in {self.ingest_path} for a later pull "
@@ -330,14 +365,19 @@ class BlobWriter:
                 ) from e
             view = view[n:]
 
-    def commit(self) -> Digest:
-        """Verify digest and size, then publish the blob atomically."""
-        target = self.store.path(self.expected)
+    def verify(self) -> None:
+        """Check the digest and size of what was written (DigestMismatch, and the content
+        is thrown away); ``commit`` does it too."""
         try:
             self._verifier.verify()
         except Exception:
             self._restart()
             raise
+
+    def commit(self) -> Digest:
+        """Verify digest and size, then publish the blob atomically."""
+        target = self.store.path(self.expected)
+        self.verify()
         os.fsync(self._fd)
         os.fchmod(self._fd, 0o444)
         try:

@@ -8,6 +8,10 @@ copied once, pipe -> page cache), strict end-of-archive handling (tarfile
 silently treats a corrupt header as the end of the archive), bounds on
 header sizes, the validation of offsets and sparse maps, and the parsing of
 pax records (``_TarInfo``).
+
+The same header reading indexes ``docker save`` archives (``FileReader``: a
+regular file, read by offset, whose file data is skipped by seeking), so that
+no untrusted tar header ever reaches tarfile's own archive walk.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ _TruncatedHeader: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore
 class PipeReader:
     """Buffered, forward-only reader of a file descriptor that tracks its offset."""
 
+    #: what the stream is, in messages
+    subject = "layer"
+
     def __init__(self, fd: int, read_size: int = READ_SIZE) -> None:
         self._fd = fd
         self._read_size = read_size
@@ -45,9 +52,13 @@ class PipeReader:
         self._base = 0  # stream offset of _buf[0]
         self.header_budget = MAX_HEADER_BYTES
 
+    def _read_more(self) -> bytes:
+        """The bytes after the buffer (at stream offset ``_base + len(_buf)``); empty at EOF."""
+        return os.read(self._fd, self._read_size)
+
     def _fill(self) -> bool:
         """Replace the (fully consumed) buffer with the next read; False at EOF."""
-        data = os.read(self._fd, self._read_size)
+        data = self._read_more()
         if not data:
             return False
         self._base += len(self._buf)
@@ -89,7 +100,7 @@ class PipeReader:
         """The next ``n`` bytes (fewer at the end of the stream) without consuming them,
         reading more when the buffer ends before them."""
         while len(self._buf) - self._pos < n:
-            data = os.read(self._fd, self._read_size)
+            data = self._read_more()
             if not data:
                 break
             self._base += self._pos
@@ -124,6 +135,35 @@ class PipeReader:
         self._pos = len(self._buf)
         while self._fill():
             self._pos = len(self._buf)
+
+
+class FileReader(PipeReader):
+    """A PipeReader over a regular file that reads by offset and skips file data by seeking.
+
+    ``pread`` leaves the file position alone (others may read the same file), and
+    skipping does not read the data of the members it passes: indexing an archive of
+    gigabytes reads its headers only.
+    """
+
+    subject = "archive"
+
+    def __init__(self, fd: int, read_size: int = READ_SIZE) -> None:
+        super().__init__(fd, read_size)
+        self._size = os.fstat(fd).st_size
+
+    def _read_more(self) -> bytes:
+        return os.pread(self._fd, self._read_size, self._base + len(self._buf))
+
+    def skip_to(self, offset: int) -> None:
+        n = offset - self.tell()
+        if n < 0:
+            raise InvalidLayer(f"tar entry overlaps the previous one at offset {self.tell()}")
+        if self._pos + n <= len(self._buf):
+            self._pos += n
+            return
+        if offset > self._size:  # what reading the data would have found
+            raise InvalidLayer(f"archive ends in the middle of a file's data (offset {self._size})")
+        self._base, self._buf, self._pos = offset, b"", 0
 
 
 # name mode uid gid size mtime chksum type linkname magic version uname gname devmajor devminor prefix
@@ -378,7 +418,9 @@ class TarStream:
             # Go's archive/tar (Docker, containerd) accepts that as the end, so do we.
             raise _End from None
         except _TruncatedHeader:
-            raise InvalidLayer(f"layer ends in the middle of a tar header (offset {start})") from None
+            raise InvalidLayer(
+                f"{self.reader.subject} ends in the middle of a tar header (offset {start})"
+            ) from None
         except (tarfile.HeaderError, ValueError, UnicodeError) as e:
             raise InvalidLayer(f"invalid tar header at offset {start}: {e}") from None
         except RecursionError:
