@@ -331,3 +331,21 @@ def test_a_cancel_stops_a_download_blocked_on_a_stalled_registry_and_it_resumes(
         client.fetch_blob("app", desc, store)
     assert b"range: bytes=1000-" in requests[1].lower()
     assert store.read_bytes(desc.digest) == blob
+
+
+def test_a_stored_blob_described_with_another_size_is_refused(tmp_path: Path) -> None:
+    """A blob already in the store was taken as is, whatever size the manifest claimed
+    for it: the image's size, counted from its descriptors, then said what the registry
+    made up.  Nothing is asked of the registry for it either way."""
+    blob = b"stored layer"
+    store = ContentStore(tmp_path / "content")
+    store.put_bytes(blob)
+    with (
+        raw_server(lambda _n, _r: b"") as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=0) as client,
+    ):
+        client.fetch_blob("app", Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob)), store)
+        lying = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), 4 << 30)
+        with pytest.raises(RegistryError, match=f"describes blob {Digest.of(blob)} as {4 << 30} bytes; it is 12"):
+            client.fetch_blob("app", lying, store)
+    assert seen == []

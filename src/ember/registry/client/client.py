@@ -43,6 +43,7 @@ from ember.registry.client.errors import (
 )
 from ember.registry.client.transport import ConnectionPool, Response, TransportError, split_url
 from ember.store.content import BlobWriter, ContentStore
+from ember.store.errors import BlobNotFound
 
 _MAX_TOKEN_RESPONSE = 1 << 20
 _MAX_ERROR_BODY = 64 * 1024
@@ -551,7 +552,18 @@ class RegistryClient:
         not hold the caller for the read timeout.  What arrived stays in the ingest file
         for the next try to resume.
         """
-        if store.exists(desc.digest):
+        try:
+            stored = store.size(desc.digest)
+        except BlobNotFound:
+            stored = None
+        if stored is not None:
+            # stored content is verified: a descriptor that gives another size is lying
+            # (and the image's size, counted from its descriptors, would be)
+            if stored != desc.size:
+                raise RegistryError(
+                    f"{repository} on {self.host} describes blob {desc.digest} as {desc.size} "
+                    f"bytes; it is {stored}"
+                )
             if progress:
                 progress(desc.size)
             return
