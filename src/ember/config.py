@@ -16,10 +16,6 @@ from ember import jsonutil
 from ember.errors import EmberError
 from ember.home import Home
 
-#: the largest size any option or setting takes, 1 PiB (a disk of 9000000T was an
-#: OverflowError in truncate); the CLI's and config.json's size grammars differ, not this
-MAX_SIZE = 1 << 50
-
 
 class ConfigError(EmberError):
     """``config.json`` cannot be read or does not have the expected shape."""

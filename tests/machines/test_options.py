@@ -12,7 +12,6 @@ from ember.machines.options import (
     host_memory_mib,
     parse_env,
     parse_memory_mib,
-    parse_size,
     read_env_file,
 )
 
@@ -59,23 +58,6 @@ def test_env_file_errors(tmp_path: Path) -> None:
     big.write_bytes(b"A=" + b"x" * (1 << 20) + b"\n")
     with pytest.raises(InvalidOption, match="larger"):
         read_env_file(big, HOST)
-
-
-@pytest.mark.parametrize(
-    ("text", "want"),
-    [("4096", 4096), ("2G", 2 << 30), ("512M", 512 << 20), ("1GiB", 1 << 30), ("1.5g", 3 << 29),
-     ("10k", 10240), ("1T", 1 << 40), ("3mb", 3 << 20)],
-)  # fmt: skip
-def test_sizes(text: str, want: int) -> None:
-    assert parse_size(text) == want
-
-
-@pytest.mark.parametrize(
-    "bad", ["", "G", "-1G", "1X", "1 GB extra", "0", "nan", "1e3", "\u0661G", "9000000T", "2048T"]
-)
-def test_sizes_reject(bad: str) -> None:
-    with pytest.raises(InvalidOption):
-        parse_size(bad)
 
 
 def test_memory() -> None:

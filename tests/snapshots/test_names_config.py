@@ -37,7 +37,9 @@ def test_parse_size() -> None:
     assert parse_size("4G") == 4 << 30
     assert parse_size("512MiB") == 512 << 20
     assert parse_size(1 << 30) == 1 << 30
-    for bad in ("lots", "1M", -5, True, "4.5G", 4097 * 1024 * 16 + 1, "\u0664G", "9000000T", 1 << 70):
+    # the grammar of every other size (ember.sizes): "1.5G" was refused here alone
+    assert parse_size("1.5G") == 3 << 29 and parse_size(" 8g ") == 8 << 30
+    for bad in ("lots", "1M", -5, True, "4.5k", 1.5, 4097 * 1024 * 16 + 1, "\u0664G", "9000000T", 1 << 70):
         with pytest.raises(ConfigError):
             parse_size(bad)
 

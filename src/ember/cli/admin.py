@@ -97,7 +97,7 @@ def org_quota(name: str, size: str, db_url: str | None) -> None:
     Counted: the distinct blobs and manifests of its repositories (what two of its
     repositories share counts once) and the bytes of its unfinished uploads.  Uploads
     and manifests that would pass it are refused; what is stored already stays."""
-    from ember.machines.options import parse_size
+    from ember.sizes import parse_size
 
     quota = None if size.lower() in ("none", "unlimited") else parse_size(size)
     _metadata(db_url).set_quota(name, quota)

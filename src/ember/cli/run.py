@@ -346,12 +346,12 @@ def run(
         check_name,
         parse_env,
         parse_memory_mib,
-        parse_size,
         read_env_file,
     )
     from ember.machines.restartpolicy import parse_restart_policy
     from ember.net.nftables import check_requested_network
     from ember.net.ports import parse_publish
+    from ember.sizes import parse_size
 
     home = home_from_ctx()
     warnings_as_messages()  # the snapshotter's, as ember: lines

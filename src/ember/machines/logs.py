@@ -44,8 +44,8 @@ from typing import Any
 
 from ember.config import config_section
 from ember.home import Home
-from ember.machines.errors import InvalidOption, MachineError
-from ember.machines.options import parse_size
+from ember.machines.errors import MachineError
+from ember.sizes import InvalidSize, parse_size
 
 DEFAULT_MAX_SIZE = 16 << 20
 DEFAULT_MAX_FILES = 2
@@ -98,7 +98,7 @@ def _size(value: object, where: str) -> int:
     elif isinstance(value, str):
         try:
             n = parse_size(value)
-        except InvalidOption:
+        except InvalidSize:
             n = -1
     else:
         n = -1

@@ -12,12 +12,10 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ember.config import MAX_SIZE
 from ember.machines.errors import InvalidOption
+from ember.sizes import InvalidSize, parse_size
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MAX_ENV_FILE = 1 << 20
 
 
@@ -54,21 +52,6 @@ def check_kernel_args(args: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
-def parse_size(text: str, *, default_unit: str = "") -> int:
-    """``2G``, ``512M``, ``1GiB``, ``1.5g``, ``4096`` (bytes unless ``default_unit``)."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise InvalidOption(f"invalid size {text!r} (examples: 512M, 2G, 1GiB)")
-    number, unit, _ = m.groups()
-    unit = (unit or default_unit).lower()
-    value = float(number) * _UNITS[unit]
-    if value < 1 or value != value:  # NaN guard
-        raise InvalidOption(f"invalid size {text!r}: it must be at least 1 byte")
-    if value > MAX_SIZE:
-        raise InvalidOption(f"invalid size {text!r}: more than {MAX_SIZE >> 50} PiB")
-    return int(value)
-
-
 def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """The host's ``MemTotal`` in MiB (None when it cannot be read)."""
     try:
@@ -93,7 +76,7 @@ def parse_memory_mib(text: str, host_mib: int | None = -1) -> int:
     would only fail to start with it, after everything else was set up."""
     try:
         mib = parse_size(text, default_unit="m") // (1 << 20)
-    except InvalidOption as e:  # "invalid size '0'", with the option named
+    except InvalidSize as e:  # "invalid size '0'", with the option named
         raise InvalidOption(f"--memory: {e}", hint=f"between {MIN_MEMORY_MIB} MiB and 1 TiB") from None
     if mib < MIN_MEMORY_MIB:
         raise InvalidOption(

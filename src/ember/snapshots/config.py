@@ -18,11 +18,11 @@ Environment variables ``EMBER_SNAPSHOT_BACKEND``, ``EMBER_SNAPSHOT_BASE_SIZE`` a
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ember.config import MAX_SIZE, config_section
+from ember import sizes
+from ember.config import config_section
 from ember.home import Home
 from ember.snapshots.errors import SnapshotError
 
@@ -34,8 +34,6 @@ DEFAULT_POOL_SIZE = 64 * GiB
 DEFAULT_HOST_RESERVE = 1 * GiB
 MIN_SIZE = 64 << 20
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 
 class ConfigError(SnapshotError):
@@ -43,19 +41,26 @@ class ConfigError(SnapshotError):
 
 
 def parse_size(value: object, what: str = "size") -> int:
-    """``4294967296``, ``"4G"``, ``"4GiB"``, ``"512M"`` -> bytes (binary units)."""
+    """A disk or pool size from config.json or the environment: a number of bytes or a
+    size in ``ember.sizes``' grammar (``8G``, ``512MiB``), at least 64M, in whole 4 KiB
+    blocks."""
     if isinstance(value, bool):
         raise ConfigError(f"{what} must be a size like 8G, not {value!r}")
     if isinstance(value, int):
         n = value
-    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
-        n = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    elif isinstance(value, str):
+        try:
+            n = sizes.parse_size(value)
+        except sizes.InvalidSize:
+            n = -1
     else:
+        n = -1
+    if n < 0:
         raise ConfigError(f"{what} must be a size like 8G or a number of bytes, not {value!r}")
     if n < MIN_SIZE:
         raise ConfigError(f"{what} {value!r} is too small (at least 64M)")
-    if n > MAX_SIZE:
-        raise ConfigError(f"{what} {value!r} is too large (at most {MAX_SIZE >> 50} PiB)")
+    if n > sizes.MAX_SIZE:
+        raise ConfigError(f"{what} {value!r} is too large (at most {sizes.MAX_SIZE >> 50} PiB)")
     if n % 4096:
         raise ConfigError(f"{what} {value!r} is not a multiple of 4 KiB")
     return n
