@@ -1,4 +1,5 @@
-"""Sizes as people write them (pure): ``512M``, ``2G``, ``1GiB``, ``1.5g``, ``4096``.
+"""Sizes as people write them, and as ember prints them (pure): ``512M``, ``2G``,
+``1GiB``, ``1.5g``, ``4096``.
 
 One grammar for every option and setting that takes a size (``--memory``,
 ``--disk-size``, quotas, ``config.json``'s sizes): binary units, the ``B``/``iB``
@@ -36,3 +37,19 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
     if value > MAX_SIZE:
         raise InvalidSize(f"invalid size {text!r}: more than {MAX_SIZE >> 50} PiB")
     return int(value)
+
+
+def human_size(n: int, *, decimal: bool = False) -> str:
+    """One decimal: ``1.5 GiB`` (binary units, as the sizes ember takes: quotas, disks);
+    ``decimal``: ``1.6 GB``, as ``docker images`` shows an image's size."""
+    base, units = (
+        (1000, ("B", "kB", "MB", "GB", "TB"))
+        if decimal
+        else (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+    )
+    value = float(n)
+    for unit in units:
+        if value < base or unit == units[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= base
+    return f"{n} B"

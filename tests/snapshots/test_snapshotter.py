@@ -14,6 +14,7 @@ from ember.home import Home
 from ember.locks import FileLock
 from ember.snapshots import Kind, Snapshotter, system
 from ember.snapshots.errors import (
+    InvalidDiskSize,
     SnapshotError,
     SnapshotExists,
     SnapshotInUse,
@@ -273,13 +274,26 @@ def test_native_reflink_directory_needs_no_pool_file(tmp_path: Path) -> None:
 
 
 def test_bad_sizes_are_refused(home: Home) -> None:
-    from ember.snapshots.config import ConfigError
-
     snap = Snapshotter(home)
     for bad in (0, 4096, (1 << 30) + 1):
-        with pytest.raises(ConfigError, match="disk size"):
+        with pytest.raises(InvalidDiskSize, match="disk size"):
             snap.prepare("k", size=bad)
     assert snap.list() == []
+
+
+def test_a_disk_too_small_for_its_image_says_so(home: Home) -> None:
+    """--disk-size 100M said only "cannot resize disk.ext4: after the aborted resize
+    operation." (resize2fs' last line): the 8 GiB file system's own metadata does not
+    fit in it, whatever little data the image holds."""
+    snap = Snapshotter(home)
+    data = b"x" * (96 << 20)
+    _commit_with(snap, A, None, {"f": data})
+    with pytest.raises(InvalidDiskSize, match=r"too small for this image: its file system needs at least \d"):
+        snap.prepare("small", A, size=80 << 20)
+    assert [s.name for s in snap.list()] == [A]
+    snap.prepare("fits", A, size=256 << 20)
+    with snap.mount("fits") as root:
+        assert (root / "f").read_bytes() == data
 
 
 def _cached_bases(snap: Snapshotter) -> list[Path]:

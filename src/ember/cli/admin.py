@@ -14,6 +14,7 @@ import click
 from ember.cli import common
 from ember.cli.common import home_from_ctx, json_option, print_json
 from ember.errors import UsageError
+from ember.sizes import human_size
 
 if TYPE_CHECKING:
     from ember.registry.server.metadata import RegistryMetadata
@@ -78,8 +79,8 @@ def org_ls(db_url: str | None, as_json: bool) -> None:
         ("NAME", "REPOSITORIES", "TOKENS", "USED", "QUOTA", "CREATED (UTC)"),
         [
             (
-                o.name, str(o.repositories), str(o.tokens), common.human_bytes(o.used_bytes),
-                "-" if o.quota_bytes is None else common.human_bytes(o.quota_bytes),
+                o.name, str(o.repositories), str(o.tokens), human_size(o.used_bytes),
+                "-" if o.quota_bytes is None else human_size(o.quota_bytes),
                 _when(o.created_at),
             )  # fmt: skip
             for o in orgs
@@ -101,7 +102,7 @@ def org_quota(name: str, size: str, db_url: str | None) -> None:
 
     quota = None if size.lower() in ("none", "unlimited") else parse_size(size)
     _metadata(db_url).set_quota(name, quota)
-    click.echo(f"{name}: {'no quota' if quota is None else common.human_bytes(quota)}")
+    click.echo(f"{name}: {'no quota' if quota is None else human_size(quota)}")
 
 
 @admin.group()

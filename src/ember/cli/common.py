@@ -72,22 +72,6 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def human_bytes(n: int, *, decimal: bool = False) -> str:
-    """One decimal: ``1.5 GiB`` (binary units, as the sizes ember takes: quotas, disks);
-    ``decimal``: ``1.6 GB``, as ``docker images`` shows an image's size."""
-    base, units = (
-        (1000, ("B", "kB", "MB", "GB", "TB"))
-        if decimal
-        else (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
-    )
-    value = float(n)
-    for unit in units:
-        if value < base or unit == units[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= base
-    return f"{n} B"
-
-
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     """Columns on stdout.  Plain when piped: aligned, two spaces apart, one row a line,
     without rich's ~25 ms import.  On a terminal drawn by rich, but no cell but the last

@@ -14,6 +14,7 @@ from ember.cli import common
 from ember.cli.common import home_from_ctx, json_option, print_json, say
 from ember.errors import EmberError, UsageError
 from ember.oci.platform import Platform
+from ember.sizes import human_size
 
 if TYPE_CHECKING:
     from ember.images import ImageService
@@ -109,7 +110,7 @@ def list_images(as_json: bool) -> None:
             r.reference,
             r.manifest_digest.short,
             r.platform,
-            common.human_bytes(r.size, decimal=True),
+            human_size(r.size, decimal=True),
             _age(r.updated_at),
         )
         for r in records

@@ -11,7 +11,6 @@ import click
 from ember.cli import common
 from ember.cli.common import (
     home_from_ctx,
-    human_bytes,
     json_option,
     print_json,
     say,
@@ -19,6 +18,7 @@ from ember.cli.common import (
 )
 from ember.cli.image import image as image_group
 from ember.cli.image import plain_http_option, platform_option
+from ember.sizes import human_size
 
 if TYPE_CHECKING:
     from ember.snapshots import Snapshotter
@@ -47,7 +47,7 @@ def snapshot_ls(as_json: bool) -> None:
         [
             (
                 _short(r["name"]), r["kind"], _short(r["parent"]) if r["parent"] else "-",
-                human_bytes(r["size"]), human_bytes(r["usage"]), human_bytes(r["exclusive"]),
+                human_size(r["size"]), human_size(r["usage"]), human_size(r["exclusive"]),
             )  # fmt: skip
             for r in rows
         ],
@@ -291,9 +291,9 @@ def gc(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
         f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s), "
         f"{len(report.templates)} machine template(s); "
-        f"{freed} {human_bytes(report.snapshot_bytes)} in the snapshot pool, "
-        f"{human_bytes(report.content_bytes + report.ingest_bytes)} of content and "
-        f"{human_bytes(report.template_bytes)} of templates"
+        f"{freed} {human_size(report.snapshot_bytes)} in the snapshot pool, "
+        f"{human_size(report.content_bytes + report.ingest_bytes)} of content and "
+        f"{human_size(report.template_bytes)} of templates"
     )
 
 

@@ -29,6 +29,10 @@ class AmbiguousName(UsageError, SnapshotError):
     """A short name (a digest prefix) that more than one snapshot starts with."""
 
 
+class InvalidDiskSize(UsageError, SnapshotError):
+    """A disk size asked for (``--disk-size``) that no disk of this image can have."""
+
+
 class PoolError(SnapshotError):
     """The copy-on-write pool cannot be set up or mounted."""
 

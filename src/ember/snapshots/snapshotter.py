@@ -33,12 +33,14 @@ from pathlib import Path
 from ember.fsutil import atomic_write, fsync_dir, fsync_file
 from ember.home import Home
 from ember.locks import FileLock, try_lock
+from ember.sizes import MAX_SIZE, human_size
 from ember.snapshots import interrupts, names, superblock, system
-from ember.snapshots.config import SnapshotConfig, parse_size
+from ember.snapshots.config import MIN_SIZE, SnapshotConfig
 from ember.snapshots.errors import (
     AmbiguousName,
     CheckFailed,
     CommandFailed,
+    InvalidDiskSize,
     PoolError,
     SnapshotError,
     SnapshotExists,
@@ -323,7 +325,7 @@ class Snapshotter:
         if parent is not None:
             names.validate_key(parent, "parent")
         if size is not None:
-            parse_size(size, "disk size")
+            _check_disk_size(size)
         if self.exists(key):
             raise SnapshotExists(f"snapshot {key!r} already exists")
         self._check_host_space()
@@ -345,7 +347,14 @@ class Snapshotter:
                 self._new_base(disk, size or self.config.base_size)
             else:
                 self._clone_parent(parent, disk)
-                if size is not None and size != system.fs_size(disk):
+                if size is not None and size != (current := system.fs_size(disk)):
+                    if size < current and size < (least := system.min_ext4_size(disk)):
+                        # resize2fs' own last words ("after the aborted resize operation")
+                        # said nothing of why
+                        raise InvalidDiskSize(
+                            f"disk size {human_size(size)} is too small for this image: its "
+                            f"file system needs at least {human_size(least)}"
+                        )
                     system.resize_ext4(disk, size)
             if kind is Kind.VIEW:
                 os.chmod(disk, 0o444)
@@ -775,6 +784,15 @@ class Snapshotter:
             log.warning("keeping %s: its metadata is damaged (%s)", key, e)
             return False
         return True
+
+
+def _check_disk_size(size: int) -> None:
+    if size < MIN_SIZE:
+        raise InvalidDiskSize(f"disk size {human_size(size)} is too small (at least 64 MiB)")
+    if size > MAX_SIZE:
+        raise InvalidDiskSize(f"disk size {human_size(size)} is too large (at most 1 PiB)")
+    if size % 4096:
+        raise InvalidDiskSize(f"disk size {size} bytes is not a whole number of 4 KiB blocks")
 
 
 def _mtime(p: Path) -> float:

@@ -328,17 +328,35 @@ def fsck_readonly(image: Path) -> None:
     run(["e2fsck", "-f", "-n", image], f"file system check of {image.name} failed")
 
 
-def fs_size(image: Path) -> int:
-    """Size of the ext4 file system in ``image`` (block count x block size), from its superblock."""
+def _superblock(image: Path) -> bytes:
     with open(image, "rb") as f:
         f.seek(1024)
         sb = f.read(1024)
     if len(sb) < 1024 or sb[56:58] != b"\x53\xef":
         raise CommandFailed(f"{image} does not hold an ext4 file system")
+    return sb
+
+
+def _block_size(sb: bytes) -> int:
+    return 1024 << int.from_bytes(sb[24:28], "little")
+
+
+def fs_size(image: Path) -> int:
+    """Size of the ext4 file system in ``image`` (block count x block size), from its superblock."""
+    sb = _superblock(image)
     blocks_lo = int.from_bytes(sb[4:8], "little")
     blocks_hi = int.from_bytes(sb[0x150:0x154], "little")
-    log_block = int.from_bytes(sb[24:28], "little")
-    return (blocks_lo | (blocks_hi << 32)) * (1024 << log_block)
+    return (blocks_lo | (blocks_hi << 32)) * _block_size(sb)
+
+
+def min_ext4_size(image: Path) -> int:
+    """The least size (bytes) ``image``'s file system can be shrunk to (``resize2fs -P``:
+    its data, and the metadata its current size laid out)."""
+    out = run(["resize2fs", "-P", image], f"cannot size {image.name}").stdout
+    for line in out.splitlines():
+        if line.startswith("Estimated minimum size of the filesystem:"):
+            return int(line.rpartition(":")[2]) * _block_size(_superblock(image))
+    raise CommandFailed(f"cannot size {image.name}: resize2fs -P gave no estimate")
 
 
 def resize_ext4(image: Path, size: int) -> None:
