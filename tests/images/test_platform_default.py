@@ -35,7 +35,7 @@ def test_an_image_pulled_for_another_platform_is_refused_not_used(
     message = str(refused.value)
     assert "is for linux/arm64, not for this host (linux/amd64)" in message
     assert f"ember image pull --platform linux/amd64 {ref}" in message
-    assert "pass --platform linux/arm64" in message
+    assert "take --platform linux/arm64" in message and "ember run" not in message
     with pytest.raises(NoMatchingPlatform), service.ensuring(ref):
         pass
     assert [r.platform for r in service.list()] == ["linux/arm64"]  # nothing pulled
@@ -56,7 +56,7 @@ def test_a_single_platform_image_for_another_platform_needs_platform(
     ref = layout_ref(_busybox("arm64"))
     with pytest.raises(NoMatchingPlatform, match=r"is for linux/arm64, not for this host") as e:
         service.ensure(ref)
-    assert "pass --platform linux/arm64" in str(e.value)
+    assert "take --platform linux/arm64" in str(e.value)
     assert service.list() == []
     assert service.ensure(ref, ARM64).platform == ARM64
     with pytest.raises(NoMatchingPlatform, match=r"is for linux/arm64, not for this host"):
@@ -90,6 +90,8 @@ def test_pulling_another_platforms_image_warns_as_docker_does(tmp_path: Path) ->
                             text=True, timeout=120)  # fmt: skip
     assert pulled.returncode == 0, pulled.stderr
     assert f"warning: {ref} is for linux/arm64, not this host (linux/amd64)" in pulled.stderr
+    # run has no --platform (it boots this host's images): it is not sent there
+    assert "unpack and prepare need --platform linux/arm64" in pulled.stderr
     asked = subprocess.run([EMBER, "image", "pull", "--platform", "linux/arm64", ref], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert "warning" not in asked.stderr  # asked for by name: nothing to warn about

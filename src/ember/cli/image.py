@@ -87,7 +87,8 @@ def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> 
         host = host_platform()
         if not host.matches(img.platform):  # a single-platform image for another host
             say(f"warning: {img.reference} is for {img.platform}, not this host ({host}): "
-                f"unpack, prepare and run need --platform {img.platform} to use it")  # fmt: skip
+                f"unpack and prepare need --platform {img.platform} to use it (ember run "
+                "boots images for this host only)")  # fmt: skip
     # stdout: something to pin or inspect later (a digest reference for registry images)
     click.echo(_pinned(img.reference, str(img.manifest_digest)))
 

@@ -353,7 +353,8 @@ class ImageService:
                 if for_host:
                     raise NoMatchingPlatform(
                         f"{source.name} is for {image.platform}, not for this host ({platform})",
-                        hint=f"to use it anyway, pass --platform {image.platform}",
+                        # ember run boots images for this host only: no --platform there
+                        hint=f"image pull, unpack and prepare take --platform {image.platform}",
                     )
                 raise NoMatchingPlatform(f"{source.name} is for {image.platform}, not {platform}")
 
@@ -500,8 +501,8 @@ class ImageService:
             raise NoMatchingPlatform(
                 f"image {image.reference} in the local store is for {image.platform}, "
                 f"not for this host ({host})",
-                hint=f"to use it, pass --platform {image.platform}; if {ref} also has an image "
-                f"for this host, ember image pull --platform {host} {ref} gets it",
+                hint=f"if {ref} also has an image for this host, ember image pull --platform "
+                f"{host} {ref} gets it; image unpack and prepare take --platform {image.platform}",
             )
         if image is not None and (platform is None or platform.matches(image.platform)):
             digests = [image.manifest_digest, image.config_digest]
