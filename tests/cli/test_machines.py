@@ -133,6 +133,14 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     assert waiting.status == mstate.EXITED  # the record itself says exited
     done = _record(Home(tmp_path), "done", status=mstate.EXITED, exit_code=1, restart_policy="always")
     assert shown(done)["status"] == "exited"  # no monitor: nothing will run it again
+    # and plain ps lists it, as docker ps lists a restarting container (it showed nothing)
+    listed = json.loads(_ember(tmp_path, "ps", "--json").stdout)
+    assert [(m["name"], m["status"]) for m in listed] == [("again", "restarting")]
+    assert "Restarting (1)" in _ember(tmp_path, "ps").stdout
+    # a signal for its program says why it cannot be delivered ("not running (exited)")
+    killed = _ember(tmp_path, "kill", "-s", "TERM", "again")
+    assert killed.returncode != 0 and killed.stderr.count("\n") <= 2, killed.stderr
+    assert killed.stderr.startswith("ember: machine again is restarting"), killed.stderr
 
 
 def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:

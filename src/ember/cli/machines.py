@@ -67,14 +67,14 @@ def _ago(iso: str | None) -> str:
 
 
 def _restarting(st: MachineState) -> bool:
-    """Exited, between two runs of its --restart policy (its monitor waits to run it)."""
+    """Between two runs of its --restart policy (``lifecycle.restart_pending``)."""
     from ember.machines.state import EXITED
 
     if st.status != EXITED or st.restart_policy == "no" or st.stopped_by_user:
-        return False
-    from ember.machines.lifecycle import monitor_alive
+        return False  # the common cases, without importing the lifecycle (~20 ms)
+    from ember.machines.lifecycle import restart_pending
 
-    return monitor_alive(st)
+    return restart_pending(st)
 
 
 def _record(st: MachineState) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def find_machine(ref: str, home: Home | None = None) -> MachineState:
 @click.option("-q", "--quiet", is_flag=True, help="Only print machine ids.")
 @json_option
 def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
-    """List machines (running ones unless -a)."""
+    """List machines (running and restarting ones unless -a)."""
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
@@ -159,7 +159,8 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
         warnings_as_messages()  # refresh's, as ember: lines
         machines = [refresh(home, m) for m in machines]
     if not show_all:
-        machines = [m for m in machines if m.status == RUNNING]
+        # as docker ps: a machine between two runs of its restart policy is listed
+        machines = [m for m in machines if m.status == RUNNING or _restarting(m)]
     if as_json:
         print_json([_record(m) for m in machines])
         return

@@ -602,6 +602,13 @@ def monitor_alive(st: MachineState) -> bool:
     return st.monitor_start is not None and proc_start_time(st.monitor_pid) == st.monitor_start
 
 
+def restart_pending(st: MachineState) -> bool:
+    """Exited, between two runs of its --restart policy (its monitor waits to run it)."""
+    if st.status != mstate.EXITED or st.restart_policy == "no" or st.stopped_by_user:
+        return False
+    return monitor_alive(st)
+
+
 def vmm_alive(st: MachineState) -> bool:
     return (
         st.vmm_pid is not None and pid_alive(st.vmm_pid) and _proc_mentions(st.vmm_pid, st.id[:12])
@@ -655,6 +662,12 @@ def refresh(home: Home, st: MachineState) -> MachineState:
 
 def _require_running(home: Home, st: MachineState) -> MachineState:
     st = refresh(home, st)
+    if restart_pending(st):
+        # as docker: a signal cannot reach a program that is not there between two runs
+        raise MachineNotRunning(
+            f"machine {st.name} is restarting (its --restart policy runs it again soon)",
+            hint=f"wait until it runs, or ember stop {st.name}",
+        )
     if st.status != mstate.RUNNING:
         raise MachineNotRunning(f"machine {st.name} is not running ({st.status})")
     return st
