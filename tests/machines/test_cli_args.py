@@ -86,3 +86,25 @@ def test_a_configured_kernel_that_is_not_there_is_an_error(
     assert "installing" not in res.stderr and "Traceback" not in res.stderr
     assert f"kernel {kernel}" in res.stderr
     assert ("does not exist" if kernel.startswith("/nonexistent") else "is not a regular file") in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"network": {"subnet": "foo"}}, "subnet"),
+        ({"snapshots": {"base_size": "lots"}}, "snapshots.base_size"),
+        ({"logs": {"max_size": "lots"}}, "logs.max_size"),
+    ],
+)
+def test_a_broken_config_section_fails_the_run_before_any_work(
+    tmp_path: Path, busybox_layout: Path, section: dict[str, object], message: str
+) -> None:
+    """A bad network subnet was found after `run` had installed a kernel with apt and
+    probed the accelerator for 10 s (found by QA)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(section))
+    res = ember(tmp_path, "run", "--rm", f"oci:{busybox_layout}:latest", "true")
+    assert res.returncode != 0 and res.stderr.count("\n") <= 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "kernels").exists()  # no kernel was installed for it

@@ -112,8 +112,9 @@ def create(
     made itself, the root disk included even when its clone is still under way (it is
     released when the clone ends)."""
     from ember.images import ImageService
-    from ember.net.manager import NetworkManager
+    from ember.net.manager import NetConfig, NetworkManager
     from ember.snapshots.chain import clone_root_disk
+    from ember.snapshots.config import SnapshotConfig
     from ember.vm.initramfs import base_initramfs
     from ember.vm.runconfig import RootDevice, RunConfig
     from ember.vm.vmm.accel import detect_accel
@@ -128,8 +129,12 @@ def create(
         t0 = t
 
     store = MachineStore(home)
-    # a broken logs section fails the run now, not in the monitor after the boot began
+    # a broken section of config.json fails the run now: not in the monitor after the
+    # boot began (logs), nor after a kernel install and an accelerator probe (network,
+    # snapshots)
     LogConfig.load(home)
+    NetConfig.load(home)
+    SnapshotConfig.load(home)
     image = ImageService(home).ensure(req.image, plain_http=req.plain_http)
     lap("image")
     kernel = _guest_kernel(home, req, progress)
