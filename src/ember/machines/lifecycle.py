@@ -10,6 +10,7 @@ any process through the state on disk, the guest's control socket and pids.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -170,7 +171,8 @@ def create(
         disk = cloning.result()
         pool.shutdown()
         lap("root_disk+network")
-        rc = draft.replace(
+        rc = dataclasses.replace(
+            draft,
             hostname=machine_id[:12],
             root=RootDevice("/dev/vda", "ext4", "defaults"),
             # the monitor says "bye" once it has the guest's last output (see streams.py)
@@ -360,7 +362,8 @@ def _write_boot_config(
     from ember.vm.runconfig import HostEntry, Interface
 
     hostname = rc.hostname or d.name[:12]
-    rc = rc.replace(
+    rc = dataclasses.replace(
+        rc,
         hosts=(HostEntry(net.guest_ip, (hostname, name)),),
         nameservers=net.nameservers,
         network=(Interface("eth0", net.guest_ip, net.prefix, net.gateway, net.mtu),),
@@ -369,7 +372,7 @@ def _write_boot_config(
     if templated:
         # the restored NIC keeps the template's MAC unless the config names this one
         macs = (("eth0", net.mac),)
-        atomic_write(d / RESTORE_CONFIG, rc.replace(macs=macs).render(), 0o600)
+        atomic_write(d / RESTORE_CONFIG, dataclasses.replace(rc, macs=macs).render(), 0o600)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(d / RESTORE_CONFIG)

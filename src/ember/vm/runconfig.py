@@ -15,7 +15,6 @@ detected).  NUL bytes are never allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 import signal as _signal
@@ -189,9 +188,6 @@ class RunConfig:
         )
         base.update(fields)
         return cls(**base)  # type: ignore[arg-type]
-
-    def replace(self, **changes: object) -> RunConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     # ---- the wire format ----------------------------------------------------------
 
