@@ -41,8 +41,10 @@ def test_stop_ends_once_the_program_has_exited_and_stops_machines_together(
         assert st["exit_code"] == 143, st
         console = (ember.home.machines / str(st["id"]) / "console.log").read_text()
         assert "no bye from the host" not in console, console[-500:]
-    # the guest waited out its 3 s exit_ack for each machine in turn before: ~7 s
-    assert took < 2.5, f"ember stop c1 c2 took {took:.1f} s"
+    # the guest waited out its 3 s exit_ack for each machine in turn before: ~7 s (the
+    # console check above is the direct sign); a bound with room for a loaded host under
+    # TCG (2.6 s was seen once against an earlier 2.5 s bound), well short of 7
+    assert took < 5, f"ember stop c1 c2 took {took:.1f} s"
     # stopping a stopped machine is no error (docker stop)
     res = ember("stop", "c1")
     assert (res.returncode, res.stdout) == (0, "c1\n"), res.stderr
