@@ -141,6 +141,8 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     killed = _ember(tmp_path, "kill", "-s", "TERM", "again")
     assert killed.returncode != 0 and killed.stderr.count("\n") <= 2, killed.stderr
     assert killed.stderr.startswith("ember: machine again is restarting"), killed.stderr
+    bogus = _ember(tmp_path, "kill", "-s", "BOGUS", "again")
+    assert bogus.returncode == 2 and "'-s' / '--signal': 'BOGUS': not a signal" in bogus.stderr
 
 
 def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:

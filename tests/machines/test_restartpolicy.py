@@ -36,6 +36,11 @@ def test_parse_rejects(text: str) -> None:
         parse_restart_policy(text)
 
 
+def test_a_negative_maximum_is_named_as_such() -> None:
+    with pytest.raises(InvalidOption, match="retry count must be a whole number, 0 or more"):
+        parse_restart_policy("on-failure:-1")
+
+
 def test_decisions() -> None:
     assert not RestartPolicy("no").should_restart(1, 0, False)
     assert RestartPolicy("always").should_restart(0, 100, False)

@@ -317,7 +317,9 @@ def parse_kill_signal(text: str) -> int:
     except InvalidRunConfig:
         signo = 0
     if not 1 <= signo <= 64:
-        raise click.BadParameter(f"{text!r}: not a signal (a name like HUP or SIGHUP, or 1-64)")
+        raise click.BadParameter(
+            f"{text!r}: not a signal (a name like HUP or SIGHUP, or 1-64)", param_hint="'-s' / '--signal'"
+        )
     return signo
 
 

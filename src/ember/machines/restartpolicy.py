@@ -52,7 +52,9 @@ def parse_restart_policy(text: str) -> RestartPolicy:
     if name != "on-failure":
         raise InvalidOption(f"invalid --restart {text!r}: only on-failure takes a maximum")
     if not (count.isascii() and count.isdigit()) or len(count) > 6:
-        raise InvalidOption(f"invalid --restart {text!r}: the maximum must be a number")
+        raise InvalidOption(
+            f"invalid --restart {text!r}: the maximum retry count must be a whole number, 0 or more"
+        )
     return RestartPolicy(name, int(count))
 
 
