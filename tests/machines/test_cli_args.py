@@ -103,8 +103,15 @@ def test_a_broken_config_section_fails_the_run_before_any_work(
     probed the accelerator for 10 s (found by QA)."""
     import json
 
+    from ember.home import Home
+    from tests.snapshots.conftest import teardown_home
+
     (tmp_path / "config.json").write_text(json.dumps(section))
-    res = ember(tmp_path, "run", "--rm", f"oci:{busybox_layout}:latest", "true")
-    assert res.returncode != 0 and res.stderr.count("\n") <= 2, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
-    assert not (tmp_path / "kernels").exists()  # no kernel was installed for it
+    try:
+        res = ember(tmp_path, "run", "--rm", f"oci:{busybox_layout}:latest", "true")
+        assert res.returncode != 0 and res.stderr.count("\n") <= 2, res.stderr
+        assert message in res.stderr and "Traceback" not in res.stderr
+        # no kernel was installed for it, no snapshot pool set up
+        assert not (tmp_path / "kernels").exists() and not (tmp_path / "snapshots").exists()
+    finally:
+        teardown_home(Home(tmp_path))  # whatever a failing run set up goes
