@@ -54,6 +54,10 @@ class RunningAgent:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(TIMEOUT)
+        # every test's stop checks this: a SIGTERM that reached a relay just forked was
+        # lost in it, and the stop took the agent's 5 s grace and a SIGKILL (1 in 5 stops
+        # after a declined caller)
+        assert "did not stop on SIGTERM" not in self.log_text(), self.log_text()[-2000:]
 
 
 def env_for(home: Path, **extra: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TextIO
 
 from ember.agent import client as client_module
@@ -68,6 +69,37 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 class _Stop(Exception):
     pass
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """SIGTERM and SIGINT blocked while inside (delivered, if they came, on the way out)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_wakeup() -> Iterator[int]:
+    """A descriptor that turns readable when a signal with a Python handler (SIGTERM,
+    SIGINT: ``_raise_stop``) arrives while inside.  Python runs the handler only between
+    bytecodes, or when a blocking call fails with EINTR: a signal that lands after the
+    handler is set but before the call blocks interrupts nothing, and the call waits
+    on (a relay stayed in accept() until the agent's 5 s grace ran out).  Waiting on
+    this descriptor too closes that window."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    try:
+        yield r
+    finally:
+        signal.set_wakeup_fd(old)
+        os.close(r)
+        os.close(w)
 
 
 def preload() -> list[str]:
@@ -166,15 +198,21 @@ class Agent:
         idle: int | None = None
         self._log(f"serving {self.home.root} on {self.socket_path} (pid {os.getpid()})")
         try:
-            while True:
-                idle = self._fork_relay(listener, accepted_w, fingerprint)
-                self._wait_turn(idle, accepted_r)
-                idle = None
+            with _stop_wakeup() as stop_r:
+                while True:
+                    # A stop that comes meanwhile waits until the new relay is known (to
+                    # be stopped in turn) and has its own handlers: one delivered in the
+                    # child first ran the agent's handler there, inside Python's at-fork
+                    # hooks, which swallow exceptions, and the relay waited on unstopped.
+                    with _stops_held():
+                        idle = self._fork_relay(listener, accepted_w, fingerprint)
+                    self._wait_turn(idle, accepted_r, stop_r)
+                    idle = None
         except _Stop:
             self._log("stopping")
         finally:
             if idle is not None and not _readable(accepted_r):
-                _stop_relay(idle)  # still waiting in accept(): nobody's command yet
+                _stop_relay(idle, self._log)  # still waiting in accept(): nobody's command yet
             os.close(accepted_r)
             os.close(accepted_w)
             gc.unfreeze()
@@ -194,11 +232,14 @@ class Agent:
             return pid
 
     @staticmethod
-    def _wait_turn(relay: int, accepted_r: int) -> None:
-        """Until the idle relay took a connection (a byte on the pipe) or died."""
+    def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> None:
+        """Until the idle relay took a connection (a byte on the pipe) or died; _Stop
+        when the agent is told to stop (``_stop_wakeup``)."""
         pidfd = os.pidfd_open(relay)
         try:
-            ready, _, _ = select.select([accepted_r, pidfd], [], [])
+            ready, _, _ = select.select([accepted_r, pidfd, stop_r], [], [])
+            if stop_r in ready:
+                raise _Stop  # (its handler has raised it already, as a rule)
             if accepted_r in ready:
                 os.read(accepted_r, 1)
         finally:
@@ -213,6 +254,7 @@ class Agent:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held over the fork
             os.setsid()  # out of the agent's group: a Ctrl-C meant for the agent spares commands
             _die_with(self.pid)  # an agent killed with -9 leaves no relay waiting
             spare = _SpareRunner.fork(
@@ -405,7 +447,12 @@ def _accept_unless_stopped(
     waiting runner is dismissed and reaped (nobody else would: init may not reap)."""
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        conn, _ = listener.accept()
+        with _stop_wakeup() as stop_r:
+            # a connection waiting is never taken back: accept() returns at once then
+            ready, _, _ = select.select([listener.fileno(), stop_r], [], [])
+            if stop_r in ready:
+                raise _Stop  # (its handler has raised it already, as a rule)
+            conn, _ = listener.accept()
     except _Stop:
         if spare is not None:
             spare.retire()
@@ -415,9 +462,10 @@ def _accept_unless_stopped(
     return conn
 
 
-def _stop_relay(pid: int, grace: float = 5.0) -> None:
+def _stop_relay(pid: int, log: Callable[[str], None], grace: float = 5.0) -> None:
     """SIGTERM the idle relay and wait until it has gone (it reaps its runner first;
-    SIGCHLD is ignored here, so the kernel reaps it); SIGKILL after ``grace`` s."""
+    SIGCHLD is ignored here, so the kernel reaps it); SIGKILL after ``grace`` s, said
+    in the log (a relay deaf to SIGTERM is a bug)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -425,6 +473,7 @@ def _stop_relay(pid: int, grace: float = 5.0) -> None:
     try:
         _kill(pid)
         if not select.select([pidfd], [], [], grace)[0]:
+            log(f"the idle relay (pid {pid}) did not stop on SIGTERM within {grace:g} s: killed")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     finally:
