@@ -101,6 +101,12 @@ def over_quota(org: str, quota: Quota, needs: str | None, what: str = "upload") 
     return ApiError("DENIED", f"organization {org} is over its storage quota: {', '.join(parts)}")
 
 
+#: the most Retry-After a refused upload session is told: the hour a session counts is
+#: the latest time room comes, but the organization's other sessions may end any moment
+#: (skopeo, which honours Retry-After up to 60 s, waited a minute after one had)
+RETRY_AFTER_MAX = 10
+
+
 def limit_reached(e: OrgLimitReached) -> ApiError:
     """The answer to a request that wanted one upload session (or repository) more than
     its organization may have.  Too many open sessions is 429 TOOMANYREQUESTS, what
@@ -114,7 +120,9 @@ def limit_reached(e: OrgLimitReached) -> ApiError:
             f"organization {e.org} has opened {e.limit} uploads in the last hour that are "
             f"not finished, the most it may have: finish or cancel some, or try again {later} "
             "(an upload counts for an hour after it started)",
-            headers={} if e.retry_after is None else {"Retry-After": str(e.retry_after)},
+            headers={}
+            if e.retry_after is None
+            else {"Retry-After": str(min(e.retry_after, RETRY_AFTER_MAX))},
         )
     return ApiError(
         "DENIED",
