@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import images
 from tests.support.registry import Registry, running_registry
+from tests.support.treecmp import umoci_unpack
 
 AUTH_USER = "ember"
 AUTH_PASSWORD = "ember-test-password"
@@ -49,6 +50,13 @@ def busybox_layout() -> Path:
 def debian_layout() -> Path:
     """debootstrap --variant=minbase bookworm, one layer (first build takes minutes)."""
     return images.build_debian_layout()
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs(debian_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The debian image unpacked by umoci, once per session (read-only by convention:
+    copy it to change anything)."""
+    return umoci_unpack(debian_layout, "latest", tmp_path_factory.mktemp("debian") / "bundle")
 
 
 @pytest.fixture(scope="session")

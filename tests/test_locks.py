@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from ember.locks import FileLock, try_lock, waiting_message
+from tests.support.proc import wait_flock_blocked
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_a_waiter_never_holds_a_lock_its_holder_unlinked(tmp_path: Path) -> None
     thread = threading.Thread(target=waiter.acquire)
     thread.start()
     assert waiting.wait(10)
-    time.sleep(0.2)  # from its notice to blocking on the file it opened again
+    wait_flock_blocked(path, os.getpid())  # from its notice to blocking on the file again
     holder.release()
     thread.join(10)
     held = os.fstat(waiter.fd)

@@ -22,6 +22,7 @@ from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.process import proc_start_time
 from tests.machines.records import network_json
+from tests.support.proc import in_nanosleep, poll_until, wait_poll_round
 
 PORTS = [
     {"host_ip": None, "host_port": 32771, "guest_port": 80, "protocol": "tcp"},
@@ -202,13 +203,15 @@ def test_wait_prints_the_code_of_an_rm_machine_that_ended_first(tmp_path: Path) 
             [EMBER, "wait", "w1", "w2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env={**os.environ, "EMBER_HOME": str(tmp_path)},
         )  # fmt: skip
-        time.sleep(1.0)
+        # asleep in its poll loop: both machines were looked up and read once
+        poll_until(lambda: in_nanosleep(waiter.pid) or waiter.poll() is not None, "wait never polled")
+        assert waiter.poll() is None, waiter.communicate()
         # w2 ends with 9 and its monitor removes it (as monitor._cleanup does)
         with mstate.update(MachineStore(home).dir(w2.id)) as cur:
             cur.status, cur.exit_code = mstate.EXITED, 9
         mstate.record_removed_exit(home.run, mstate.read_state(MachineStore(home).dir(w2.id)))
         MachineStore(home).remove_dir(w2.id)
-        time.sleep(0.5)
+        wait_poll_round(waiter.pid)  # it has seen w2 gone while w1 still runs
         with mstate.update(MachineStore(home).dir(w1.id)) as cur:
             cur.status, cur.exit_code = mstate.EXITED, 7
         out, err = waiter.communicate(timeout=30)

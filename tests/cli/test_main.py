@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 EMBER = str(Path(sys.executable).parent / "ember")
 
 
@@ -79,6 +81,8 @@ def test_an_error_quoting_a_huge_argument_stays_bounded(tmp_path: Path) -> None:
     assert len(res.stderr) < 2100 and res.stderr.count("\n") == 1
 
 
+@pytest.mark.root  # a snapshot pool: loop device, mount
+@pytest.mark.integration
 def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path, debian_layout: Path) -> None:
     """``timeout``/``kill`` during a prepare: the build's mount, loop device and lease
     were left (the process died at once) until the next command's recovery."""

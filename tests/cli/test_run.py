@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from ember.cli.run import _await_start, _follow, _Interrupts
 from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import MachineError
-from ember.machines.events import EventReader
+from ember.machines.events import EventReader, Exited
 from ember.machines.lifecycle import machine_channels
 from ember.machines.logs import LogFollower
 from ember.machines.state import MachineState, VMConfig
@@ -37,9 +38,30 @@ def _events(*events: dict[str, Any]) -> int:
 
 
 def test_detached_start_returns_once_started() -> None:
-    r = _events({"event": "started", "vmm_pid": 1}, {"event": "exited", "exit_code": 0})
+    """It returns at "started" with the monitor still there (its end of the pipe open),
+    and leaves what came after it to be read."""
+    r, w = os.pipe()
+    events = EventReader(r)
+    failed: list[BaseException] = []
+
+    def await_start() -> None:
+        try:
+            _await_start(_machine(), events)
+        except BaseException as e:
+            failed.append(e)
+
     try:
-        _await_start(_machine(), EventReader(r))
+        os.write(w, b"".join(json.dumps(e).encode() + b"\n" for e in (
+            {"event": "started", "vmm_pid": 1}, {"event": "exited", "exit_code": 0})))  # fmt: skip
+        waiter = threading.Thread(target=await_start, daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "it waited for more than 'started'"
+        assert failed == [] and not events.closed
+    finally:
+        os.close(w)  # (ends a wait for the pipe's end)
+    try:
+        assert events.next() == Exited(exit_code=0)  # not consumed
     finally:
         os.close(r)
 

@@ -23,7 +23,6 @@ from ember.images import ImageService
 from ember.oci.errors import NoMatchingPlatform
 from ember.oci.platform import Platform
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
-from tests.support.images import push_layout
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -32,13 +31,6 @@ EMBER = str(Path(sys.executable).with_name("ember"))
 STALL_AT = 2_000_000
 #: seconds within which a cancelled pull must have ended (the stall lasts 60 s and more)
 PROMPT = 10.0
-
-
-@pytest.fixture(scope="module")
-def debian_ref(registry: Registry, debian_layout: Path) -> str:
-    """One big layer (~49 MB), so the download is caught mid-blob."""
-    push_layout(debian_layout, registry, "cancel/debian")
-    return "cancel/debian:latest"
 
 
 def env_for(home: Path) -> dict[str, str]:

@@ -16,13 +16,6 @@ from tests.support.registry import Registry
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def debian_ref(registry: Registry, debian_layout: Path) -> str:
-    """The debian image: one big layer, so a cut lands mid-blob."""
-    push_layout(debian_layout, registry, "faults/debian")
-    return "faults/debian:latest"
-
-
 def test_resume_after_cut_connection(
     service: ImageService, registry: Registry, debian_ref: str
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,13 @@ def test_pull_multilayer_and_unpack_equals_umoci(
     assert image.config.labels["org.ember.test"] == "multilayer"
     assert image.config.volumes == ["/data/volume"]
     assert image.config.stop_signal == "SIGTERM"
-    if "manifest_digest" in raw:
-        assert str(image.manifest_digest) == raw["manifest_digest"]
+    # the digest skopeo pushed (--preserve-digests): the layout's, and its bytes' sha256
+    (entry,) = json.loads((multilayer_layout / "index.json").read_text())["manifests"]
+    assert str(image.manifest_digest) == entry["digest"]
+    algorithm, hex_ = entry["digest"].split(":")
+    manifest_bytes = (multilayer_layout / "blobs" / algorithm / hex_).read_bytes()
+    assert json.loads(manifest_bytes) == raw
+    assert image.manifest_digest.hex == hashlib.sha256(manifest_bytes).hexdigest()
     for layer in image.layers:
         assert service.content.exists(layer.digest)
         assert service.layer_path(layer).stat().st_size == layer.size

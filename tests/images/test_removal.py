@@ -19,6 +19,7 @@ from ember.images.errors import AmbiguousImage
 from ember.images.sources import parse_source
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.support.images import copy_layout, layout_ref, push_layout
+from tests.support.proc import read_line, wait_flock_blocked
 from tests.support.registry import Registry
 
 EMBER = str(Path(sys.executable).with_name("ember"))
@@ -106,6 +107,7 @@ def test_a_hex_string_that_is_no_image_id_says_so(service: ImageService) -> None
     assert "docker.io/library" not in str(e.value)
 
 
+@pytest.mark.integration  # docker-registry, skopeo
 def test_removal_does_not_wait_for_a_pull_of_another_image_and_spares_its_blobs(
     service: ImageService,
     registry: Registry,
@@ -184,15 +186,13 @@ def test_a_pull_says_so_when_it_waits_for_ember_gc(
             [EMBER, "image", "pull", layout_ref(busybox_layout)],
             env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(1.0)
-        assert proc.poll() is None  # waiting
+        assert proc.stderr is not None
+        first = read_line(proc.stderr)  # said before it waits: the lock is still held
     finally:
         os.close(fd)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert err.splitlines()[0] == (
-        f"waiting for another ember command to finish (it holds {lock})..."
-    )
+    assert proc.returncode == 0, first + err
+    assert first == f"waiting for another ember command to finish (it holds {lock})...\n"
 
 
 def test_removal_says_so_when_it_waits_for_ember_gc(
@@ -211,13 +211,13 @@ def test_removal_says_so_when_it_waits_for_ember_gc(
             [EMBER, "image", "rm", layout_ref(busybox_layout)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(1.0)
-        assert proc.poll() is None
+        assert proc.stderr is not None
+        first = read_line(proc.stderr)  # said before it waits: the lock is still held
     finally:
         os.close(fd)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert err.splitlines() == [
+    assert proc.returncode == 0, first + err
+    assert (first + err).splitlines() == [
         f"waiting for another ember command to finish (it holds {lock})...",
         f"removed oci:{busybox_layout}:latest",
     ]
@@ -247,6 +247,8 @@ def test_a_local_image_in_use_keeps_its_blobs_when_removed(
     assert service.list() == []
 
 
+@pytest.mark.root  # a snapshot pool: loop device, mount
+@pytest.mark.integration
 def test_removal_and_gc_started_together_both_finish(tmp_path: Path, busybox_layout: Path) -> None:
     """`image rm` took claims.lock then gc.lock, `gc` gc.lock then claims.lock: started
     together they could wait for each other for ever (and every pull with them).  The
@@ -267,7 +269,7 @@ def test_removal_and_gc_started_together_both_finish(tmp_path: Path, busybox_lay
                 for args in (["image", "rm", image], ["gc"]):
                     procs.append(subprocess.Popen([EMBER, *args], env=env, stdout=subprocess.DEVNULL,
                                                   stderr=subprocess.PIPE, text=True))  # fmt: skip
-                    time.sleep(0.3)
+                    wait_flock_blocked(pid=procs[-1].pid)  # lined up: rm first, then gc
             finally:
                 os.close(fd)
             for proc in procs:

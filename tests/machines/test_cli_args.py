@@ -57,9 +57,12 @@ def test_unknown_image(tmp_path: Path) -> None:
 
 
 def test_args_after_the_image_belong_to_the_program(tmp_path: Path) -> None:
-    # `-p 80` after IMAGE is the program's, so ember complains about the image, not -p
-    res = ember(tmp_path, "run", "oci:/nonexistent/layout:latest", "-p", "80")
-    assert res.returncode != 0 and "-p" not in res.stderr
+    # `-p 1:2:3:4` after IMAGE is the program's: ember, which refuses that -p of its own
+    # before it looks for the image (test_bad_options), complains about the image
+    res = ember(tmp_path, "run", "oci:/nonexistent/layout:latest", "-p", "1:2:3:4")
+    assert (res.returncode, res.stderr) == (
+        125, "ember: /nonexistent/layout is not an OCI image layout (no oci-layout file)\n"
+    )
 
 
 def test_control_commands_on_unknown_machines(tmp_path: Path) -> None:

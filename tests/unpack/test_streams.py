@@ -65,10 +65,22 @@ def test_sha512_diff_id(root: Path, layers: Layers) -> None:
     assert stats.diff_ids[0].algorithm == "sha512"
 
 
-def test_docker_media_types(root: Path, layers: Layers) -> None:
-    blob, _, diff_id = layers.blob(tar_bytes(ENTRIES), "gzip")
-    apply_layer(root, blob, "application/vnd.docker.image.rootfs.diff.tar.gzip", diff_id)
-    apply_layer(root, blob, "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", diff_id)
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/vnd.docker.image.rootfs.diff.tar.gzip",
+     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"],
+)  # fmt: skip
+def test_docker_media_types(root: Path, layers: Layers, media_type: str) -> None:
+    raw = tar_bytes(ENTRIES)
+    blob, _, diff_id = layers.blob(raw, "gzip")
+    stats = apply_layer(root, blob, media_type, diff_id)
+    assert stats.diff_ids == (diff_id,) and stats.tar_bytes == len(raw)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "bin", "etc", "etc/os-release", "etc/x", "zeros"]  # fmt: skip
+    assert (root / "etc/os-release").read_bytes() == b"ID=ember\n"
+    assert os.readlink(root / "bin") == "usr/bin"
+    assert os.path.samefile(root / "etc/x", root / "etc/os-release")
+    assert (root / "zeros").read_bytes() == bytes(1 << 20)
 
 
 def test_unsupported_media_type(root: Path, layers: Layers) -> None:

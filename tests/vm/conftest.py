@@ -1,4 +1,5 @@
-"""Fixtures for the guest tests: ember-init built from init/, the busybox image's tree."""
+"""Fixtures for the guest tests: ember-init built from init/, the busybox image's tree,
+the cached Debian kernel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ember.vm.kernel import KernelInfo
 from tests.support.treecmp import umoci_unpack
+from tests.vm.vmm.kernelcache import cached_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,3 +28,9 @@ def ember_init() -> Path:
 def busybox_rootfs(busybox_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The busybox image unpacked by umoci (read-only by convention: copy it)."""
     return umoci_unpack(busybox_layout, "latest", tmp_path_factory.mktemp("busybox") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def kernel() -> KernelInfo:
+    """Debian's kernel, installed once per test cache (tests.vm.vmm.kernelcache)."""
+    return cached_kernel()

@@ -25,7 +25,6 @@ import pytest
 
 from ember.vm.errors import InvalidRunConfig
 from ember.vm.runconfig import HostEntry, Interface, RunConfig, RunOverrides
-from tests.support.treecmp import umoci_unpack
 
 pytestmark = pytest.mark.root
 
@@ -541,10 +540,12 @@ def test_docker_argv_rules_end_to_end(root: Path, overrides: RunOverrides, expec
 
 @pytest.fixture(scope="module")
 def debian_root(
-    debian_layout: Path, ember_init: Path, tmp_path_factory: pytest.TempPathFactory
+    debian_rootfs: Path, ember_init: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """Unpacked once for this module; the tests only read it (no hostname/hosts records)."""
-    root = umoci_unpack(debian_layout, "latest", tmp_path_factory.mktemp("debian") / "bundle")
+    """A copy for this module (the session's tree stays as umoci left it); the tests
+    only read it (no hostname/hosts records)."""
+    root = tmp_path_factory.mktemp("debian") / "root"
+    subprocess.run(["cp", "-a", str(debian_rootfs), str(root)], check=True)
     shutil.copy2(ember_init, root / ".ember-init")
     return root
 

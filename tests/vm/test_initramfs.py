@@ -28,7 +28,6 @@ from ember.vm.initramfs import (
 )
 from ember.vm.kernel import KernelInfo
 from ember.vm.runconfig import RunConfig
-from tests.vm.vmm.kernelcache import cached_kernel
 
 DEP = """\
 kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
@@ -93,11 +92,6 @@ def test_find_init(tmp_path: Path, ember_init: Path) -> None:
 def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     """A private home: archives are written to its kernels/initramfs, not the shared cache."""
     return Home(tmp_path_factory.mktemp("initramfs-home"))
-
-
-@pytest.fixture(scope="module")
-def kernel() -> KernelInfo:
-    return cached_kernel()
 
 
 def _cpio_list(data: bytes) -> list[str]:

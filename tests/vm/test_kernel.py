@@ -25,11 +25,6 @@ from ember.vm.kernel import (
 from tests.vm.vmm.kernelcache import cached_kernel_home, share_kernels
 
 
-@pytest.fixture(scope="module")
-def kernel() -> KernelInfo:
-    return find_kernel(cached_kernel_home())
-
-
 def test_installed_layout(kernel: KernelInfo) -> None:
     assert kernel.vmlinuz is not None and kernel.vmlinuz.name == "vmlinuz"
     assert kernel.vmlinux.read_bytes()[:4] == b"\x7fELF"

@@ -259,7 +259,10 @@ def misbehaving_proxy(
     upstream: str, behaviour: Behaviour | None = None
 ) -> Iterator[MisbehavingProxy]:
     proxy = MisbehavingProxy(upstream, behaviour or Behaviour())
-    thread = threading.Thread(target=proxy.server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for it (0.5 s by default, at every proxy's end)
+    thread = threading.Thread(
+        target=proxy.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield proxy

@@ -319,11 +319,9 @@ def test_a_cancel_stops_a_download_blocked_on_a_stalled_registry_and_it_resumes(
         while not (ingest.exists() and ingest.stat().st_size >= 1000):
             assert time.monotonic() < deadline, "the first 1000 bytes never arrived"
             time.sleep(0.01)
-        started = time.monotonic()
         cancel.cancel()
         worker.join(10)
         assert not worker.is_alive(), "the download waited for the read timeout"
-        assert time.monotonic() - started < 10
         assert len(outcome) == 1 and isinstance(outcome[0], PullCancelled)
         assert len(requests) == 1  # an abort is not a cut connection to retry
         assert ingest.stat().st_size == 1000 and not store.exists(desc.digest)

@@ -47,7 +47,8 @@ def serve(answer: Handler) -> Iterator[_Server]:
 
     server = _Server(("127.0.0.1", 0), H)
     server.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for it (0.5 s by default)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server

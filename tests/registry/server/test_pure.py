@@ -309,16 +309,6 @@ def test_fuzz_manifest_put_validation(doc: dict[str, object], content_type: str)
     assert new.subject == (str(parsed.subject.digest) if parsed.subject else None)
 
 
-@FUZZ
-@given(st.binary(max_size=400))
-def test_fuzz_manifest_bytes(body: bytes) -> None:
-    from ember.oci.errors import FormatError
-    from ember.oci.manifest import parse_manifest
-
-    with contextlib.suppress(FormatError):
-        parse_manifest(body, "application/vnd.oci.image.manifest.v1+json")
-
-
 def test_parse_listen() -> None:
     from ember.errors import UsageError
     from ember.registry.server.serve import parse_listen

@@ -31,6 +31,7 @@ from tests.registry.server.support import (
     push_image,
     sha256,
 )
+from tests.support.proc import poll_until, session_pids, thread_wchans
 
 pytestmark = pytest.mark.integration
 
@@ -310,7 +311,16 @@ def test_two_uploads_finishing_at_once_cannot_both_take_the_last_room(
         db.execute("BEGIN IMMEDIATE")
         with ThreadPoolExecutor(2) as pool:
             jobs = [pool.submit(finish, loc, blob) for loc, blob in zip(locs, blobs, strict=True)]
-            time.sleep(1.5)
+            # both wait for the lock at once: two of the server's threads in SQLite's busy
+            # handler (it sleeps between its tries)
+            assert srv.process is not None
+            server = srv.process.pid
+            poll_until(
+                lambda: sum("nanosleep" in w for w in thread_wchans(session_pids(server))) >= 2
+                or any(j.done() for j in jobs),
+                "the two PUTs never waited for the database together",
+            )
+            assert not any(j.done() for j in jobs), [j.result() for j in jobs if j.done()]
             db.execute("ROLLBACK")
             statuses = sorted(j.result() for j in jobs)
     finally:
