@@ -134,6 +134,12 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     assert waiting.status == mstate.EXITED  # the record itself says exited
     done = _record(Home(tmp_path), "done", status=mstate.EXITED, exit_code=1, restart_policy="always")
     assert shown(done)["status"] == "exited"  # no monitor: nothing will run it again
+    # a monitor that gave up is alive a moment longer: it read as restarting meanwhile
+    # (test_control_vm's give-up test saw it once)
+    given_up = _record(Home(tmp_path), "gaveup", status=mstate.EXITED, exit_code=1,
+                       finished_at=mstate.now(), restart_policy="always", restart_given_up=True,
+                       monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))  # fmt: skip
+    assert shown(given_up)["status"] == "exited"
     # and plain ps lists it, as docker ps lists a restarting container (it showed nothing)
     listed = json.loads(_ember(tmp_path, "ps", "--json").stdout)
     assert [(m["name"], m["status"]) for m in listed] == [("again", "restarting")]

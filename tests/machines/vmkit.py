@@ -128,16 +128,15 @@ def fetch(ember: Ember, url: str) -> str:
 def built_template(ember: Ember, image: str, *run_options: str, timeout: float = 180) -> Path:
     """Run a first machine of a shape (``run_options``, e.g. ``-m 320``; it starts the
     template's build unless an earlier run left the template); the template, built."""
-    from ember.vm.template import templates_dir
 
     name = f"tpl-{secrets.token_hex(3)}"
     first = ember("run", "--name", name, *run_options, image, "true")
     assert first.returncode == 0, first.stderr
     key = ember.inspect(name)["labels"]["ember.template"]
     assert ember("rm", name).returncode == 0
-    state = templates_dir(ember.home) / f"{key}.vmstate"
+    state = ember.home.templates / f"{key}.vmstate"
     deadline = time.monotonic() + timeout
     while not state.is_file():
-        assert time.monotonic() < deadline, (templates_dir(ember.home) / "build.log").read_text()
+        assert time.monotonic() < deadline, (ember.home.templates / "build.log").read_text()
         time.sleep(0.2)
     return state

@@ -134,7 +134,7 @@ def test_gc_never_removes_a_chain_a_prepare_is_building(home: Home) -> None:
 
 
 def test_gc_drops_machine_templates_nothing_used_for_a_while(home: Home, tmp_path: Path) -> None:
-    from ember.vm.template import UNUSED_FOR, templates_dir
+    from ember.vm.template import UNUSED_FOR
     from tests.support.templates import age, make_template
 
     _, old = make_template(home, tmp_path, "old")
@@ -142,11 +142,11 @@ def test_gc_drops_machine_templates_nothing_used_for_a_while(home: Home, tmp_pat
     age(home, old, UNUSED_FOR + 3600)
     report = collect(home, dry_run=True)
     assert report.templates == [old] and report.template_bytes > 5000
-    assert (templates_dir(home) / f"{old}.vmstate").exists()
+    assert (home.templates / f"{old}.vmstate").exists()
     report = collect(home, templates_unused_for=UNUSED_FOR)
     assert report.to_json()["templates"] == [old]
-    assert not (templates_dir(home) / f"{old}.vmstate").exists()
-    assert (templates_dir(home) / f"{recent}.vmstate").exists()
+    assert not (home.templates / f"{old}.vmstate").exists()
+    assert (home.templates / f"{recent}.vmstate").exists()
 
 
 def test_a_lease_file_naming_another_lease_stops_gc(home: Home) -> None:

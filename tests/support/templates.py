@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ember.home import Home
-from ember.vm.template import TemplateShape, templates_dir
+from ember.vm.template import TemplateShape
 
 
 def make_template(home: Home, tmp_path: Path, name: str = "a") -> tuple[TemplateShape, str]:
@@ -23,7 +23,7 @@ def make_template(home: Home, tmp_path: Path, name: str = "a") -> tuple[Template
         kernel=inputs / "vmlinuz", base_initrd=inputs / "initrd.img", accel="tcg",
         memory_mib=512, cpus=1, cmdline=(), nics=1, vmm_binary=str(inputs / "qemu"),
     )  # fmt: skip
-    key, d = shape.key(), templates_dir(home)
+    key, d = shape.key(), home.templates
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{key}.json").write_text(json.dumps(asdict(shape), default=str))
     (d / f"{key}.initrd").write_bytes(b"i" * 1000)
@@ -33,6 +33,6 @@ def make_template(home: Home, tmp_path: Path, name: str = "a") -> tuple[Template
 
 
 def age(home: Home, key: str, seconds: float) -> None:
-    meta = templates_dir(home) / f"{key}.json"
+    meta = home.templates / f"{key}.json"
     then = time.time() - seconds
     os.utime(meta, (then, then))

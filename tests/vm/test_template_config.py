@@ -79,7 +79,7 @@ def test_a_failed_build_is_not_retried_at_once(tmp_path: Path) -> None:
     import sys
 
     from ember.home import Home
-    from ember.vm.template import build_in_background, templates_dir
+    from ember.vm.template import build_in_background
     from ember.vm.vmm.qemu import find_qemu
 
     home = Home(tmp_path / "home")
@@ -95,13 +95,13 @@ def test_a_failed_build_is_not_retried_at_once(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 1, res.stderr
     assert b"template build failed" in res.stderr
-    marker = templates_dir(home) / f"{shape.key()}.failed"
+    marker = home.templates / f"{shape.key()}.failed"
     assert marker.is_file()
-    assert not list(templates_dir(home).glob("*.vmstate"))
+    assert not list(home.templates.glob("*.vmstate"))
     build_in_background(home, shape)  # within RETRY_AFTER: starts nothing
     # (a builder it starts has its build.log opened before it returns)
-    assert not (templates_dir(home) / "build.log").exists()
-    assert not list(templates_dir(home).glob(".build-*"))
+    assert not (home.templates / "build.log").exists()
+    assert not list(home.templates.glob(".build-*"))
 
 
 def test_the_builder_refuses_a_bad_shape(tmp_path: Path) -> None:

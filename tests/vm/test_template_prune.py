@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 
 from ember.home import Home
-from ember.vm.template import UNUSED_FOR, find_template, prune_unused, templates_dir
+from ember.vm.template import UNUSED_FOR, find_template, prune_unused
 from tests.support.templates import age, make_template
 
 WEEK_AND_A_DAY = UNUSED_FOR + 86400
 
 
 def size(home: Home, key: str) -> int:
-    return sum(p.stat().st_size for p in templates_dir(home).glob(f"{key}.*"))
+    return sum(p.stat().st_size for p in home.templates.glob(f"{key}.*"))
 
 
 def files(home: Home) -> list[str]:
-    return sorted(p.name for p in templates_dir(home).iterdir())
+    return sorted(p.name for p in home.templates.iterdir())
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_a_template_of_replaced_inputs_goes_however_recent(home: Home, tmp_path:
 def test_a_template_a_builder_holds_is_left_alone(home: Home, tmp_path: Path) -> None:
     _, key = make_template(home, tmp_path)
     age(home, key, WEEK_AND_A_DAY)
-    with open(templates_dir(home) / f"{key}.lock") as lock:
+    with open(home.templates / f"{key}.lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert prune_unused(home) == []
     expected = [(key, size(home, key))]
@@ -73,7 +73,7 @@ def test_no_templates_directory_is_nothing_to_do(home: Home) -> None:
 def test_a_damaged_shape_file_goes_instead_of_failing_gc(home: Home, text: str) -> None:
     """A shape file holding valid JSON that is not an object was a TypeError traceback
     from ``ember gc``."""
-    d = templates_dir(home)
+    d = home.templates
     d.mkdir(parents=True)
     (d / "k.json").write_text(text)
     (d / "k.vmstate").write_bytes(b"s" * 10)

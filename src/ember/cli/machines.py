@@ -68,9 +68,7 @@ def _ago(iso: str | None) -> str:
 
 def _restarting(st: MachineState) -> bool:
     """Between two runs of its --restart policy (``lifecycle.restart_pending``)."""
-    from ember.machines.state import EXITED
-
-    if st.status != EXITED or st.restart_policy == "no" or st.stopped_by_user:
+    if not st.may_restart:
         return False  # the common cases, without importing the lifecycle (~20 ms)
     from ember.machines.lifecycle import restart_pending
 

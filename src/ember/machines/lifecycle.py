@@ -454,7 +454,7 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
             cur.exit_code = cur.signal = None
             cur.oom_killed = False
             cur.vmm_pid = None
-            cur.stopped_by_user = False
+            cur.stopped_by_user = cur.restart_given_up = False
             if restart:
                 # the same monitor runs it again: `ember stop/kill/rm` see that one is
                 # about to start it (its start then ends at once, see _stop_pending_restart)
@@ -612,9 +612,7 @@ def monitor_alive(st: MachineState) -> bool:
 
 def restart_pending(st: MachineState) -> bool:
     """Exited, between two runs of its --restart policy (its monitor waits to run it)."""
-    if st.status != mstate.EXITED or st.restart_policy == "no" or st.stopped_by_user:
-        return False
-    return monitor_alive(st)
+    return st.may_restart and monitor_alive(st)
 
 
 def vmm_alive(st: MachineState) -> bool:

@@ -199,7 +199,9 @@ def _record_given_up(d: Path, why: str) -> None:
     try:
         with mstate.update(d) as cur:
             if not cur.stopped_by_user and cur.status == mstate.EXITED:
-                cur.error = why
+                # said before this monitor exits: until then it is alive, and the
+                # machine would read as restarting
+                cur.error, cur.restart_given_up = why, True
     except (FileNotFoundError, EmberError) as e:  # removed meanwhile
         print(f"monitor: cannot record why: {e}", file=sys.stderr)
 

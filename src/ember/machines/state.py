@@ -87,6 +87,19 @@ class MachineState:
     restart_policy: str = "no"
     restart_count: int = 0
     stopped_by_user: bool = False
+    #: the monitor gave up restarting it (``error`` says why); it exits next
+    restart_given_up: bool = False
+
+    @property
+    def may_restart(self) -> bool:
+        """Exited with a restart policy that may run it again: its monitor waits to,
+        if it is alive (``lifecycle.restart_pending``)."""
+        return (
+            self.status == EXITED
+            and self.restart_policy != "no"
+            and not self.stopped_by_user
+            and not self.restart_given_up
+        )
 
     @property
     def short_id(self) -> str:

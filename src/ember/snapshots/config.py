@@ -57,13 +57,21 @@ def parse_size(value: object, what: str = "size") -> int:
         n = -1
     if n < 0:
         raise ConfigError(f"{what} must be a size like 8G or a number of bytes, not {value!r}")
-    if n < MIN_SIZE:
-        raise ConfigError(f"{what} {value!r} is too small (at least 64M)")
-    if n > sizes.MAX_SIZE:
-        raise ConfigError(f"{what} {value!r} is too large (at most {sizes.MAX_SIZE >> 50} PiB)")
-    if n % 4096:
-        raise ConfigError(f"{what} {value!r} is not a multiple of 4 KiB")
+    problem = disk_size_problem(n)
+    if problem is not None:
+        raise ConfigError(f"{what} {value!r} {problem}")
     return n
+
+
+def disk_size_problem(n: int) -> str | None:
+    """Why ``n`` bytes cannot be a disk's size (None: it can), the words after its name."""
+    if n < MIN_SIZE:
+        return "is too small (at least 64 MiB)"
+    if n > sizes.MAX_SIZE:
+        return f"is too large (at most {sizes.MAX_SIZE >> 50} PiB)"
+    if n % 4096:
+        return "is not a whole number of 4 KiB blocks"
+    return None
 
 
 @dataclass(frozen=True)

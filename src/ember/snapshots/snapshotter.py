@@ -33,9 +33,9 @@ from pathlib import Path
 from ember.fsutil import atomic_write, fsync_dir, fsync_file
 from ember.home import Home
 from ember.locks import FileLock, try_lock
-from ember.sizes import MAX_SIZE, human_size
+from ember.sizes import human_size
 from ember.snapshots import interrupts, names, superblock, system
-from ember.snapshots.config import MIN_SIZE, SnapshotConfig
+from ember.snapshots.config import SnapshotConfig, disk_size_problem
 from ember.snapshots.errors import (
     AmbiguousName,
     CheckFailed,
@@ -324,8 +324,8 @@ class Snapshotter:
         enc = names.encode(key)
         if parent is not None:
             names.validate_key(parent, "parent")
-        if size is not None:
-            _check_disk_size(size)
+        if size is not None and (problem := disk_size_problem(size)) is not None:
+            raise InvalidDiskSize(f"disk size {human_size(size)} {problem}")
         if self.exists(key):
             raise SnapshotExists(f"snapshot {key!r} already exists")
         self._check_host_space()
@@ -784,15 +784,6 @@ class Snapshotter:
             log.warning("keeping %s: its metadata is damaged (%s)", key, e)
             return False
         return True
-
-
-def _check_disk_size(size: int) -> None:
-    if size < MIN_SIZE:
-        raise InvalidDiskSize(f"disk size {human_size(size)} is too small (at least 64 MiB)")
-    if size > MAX_SIZE:
-        raise InvalidDiskSize(f"disk size {human_size(size)} is too large (at most 1 PiB)")
-    if size % 4096:
-        raise InvalidDiskSize(f"disk size {size} bytes is not a whole number of 4 KiB blocks")
 
 
 def _mtime(p: Path) -> float:

@@ -102,15 +102,11 @@ class Template:
     initrd: Path
 
 
-def templates_dir(home: Home) -> Path:
-    return home.templates
-
-
 def find_template(home: Home, shape: TemplateShape) -> Template | None:
     """The ready template of this shape, if one was built (its state file is written last).
     Finding it counts as using it (``prune_unused`` goes by that)."""
     key = shape.key()
-    d = templates_dir(home)
+    d = home.templates
     state, initrd = d / f"{key}.vmstate", d / f"{key}.initrd"
     if state.is_file() and initrd.is_file():
         with contextlib.suppress(OSError):
@@ -130,7 +126,7 @@ def prune_unused(
     seconds (each holds ~70 MB; the next machine of that shape builds one again), and
     failed-build markers past their retry time.  Returns the keys removed and their bytes.
     A template a builder holds (its lock) is left alone."""
-    d = templates_dir(home)
+    d = home.templates
     return _prune(d, older_than, dry_run=dry_run) if d.is_dir() else []
 
 
@@ -251,7 +247,7 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
 
     ``wait=False``: return None at once if another process is building it."""
     # resolved: the VMM's command line then names the real files, not a home's links
-    d = templates_dir(home).resolve()
+    d = home.templates.resolve()
     d.mkdir(parents=True, exist_ok=True)
     key = shape.key()
     lock = FileLock(d / f"{key}.lock")
@@ -372,7 +368,7 @@ RETRY_AFTER = 3600.0
 
 
 def _failed_marker(home: Home, key: str) -> Path:
-    return templates_dir(home) / f"{key}.failed"
+    return home.templates / f"{key}.failed"
 
 
 def build_in_background(home: Home, shape: TemplateShape) -> None:
@@ -386,7 +382,7 @@ def build_in_background(home: Home, shape: TemplateShape) -> None:
         if time.time() - _failed_marker(home, shape.key()).stat().st_mtime < RETRY_AFTER:
             return
     argv = [sys.executable, "-m", "ember.vm.template"]
-    d = templates_dir(home).resolve()
+    d = home.templates.resolve()
     d.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "EMBER_HOME": str(home.root)}
     with open(d / "build.log", "ab") as log:
