@@ -152,6 +152,27 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     assert bogus.returncode == 2 and "'-s' / '--signal': 'BOGUS': not a signal" in bogus.stderr
 
 
+def test_a_machine_its_monitor_is_starting_again_is_restarting(tmp_path: Path) -> None:
+    """Between `prepare_start(restart=True)` and the VMM's start the record says created
+    (the monitor's pid kept): inspect said "created" there and a script (and CI's
+    test_always_restarts_until_stopped) took the machine for never started."""
+    from ember.cli.machines import _record as shown
+    from ember.cli.machines import _status
+
+    me = {"monitor_pid": os.getpid(), "monitor_start": proc_start_time(os.getpid())}
+    again = _record(Home(tmp_path), "again", status=mstate.CREATED, restart_policy="always",
+                    restart_count=1, **me)  # fmt: skip
+    assert shown(again)["status"] == "restarting"
+    assert _status(again) == "Restarting"
+    assert json.loads(_ember(tmp_path, "inspect", "again").stdout)[0]["status"] == "restarting"
+    assert [m["name"] for m in json.loads(_ember(tmp_path, "ps", "--json").stdout)] == ["again"]
+    killed = _ember(tmp_path, "kill", "-s", "TERM", "again")
+    assert killed.stderr.startswith("ember: machine again is restarting"), killed.stderr
+    # a machine no monitor has taken yet (its `ember run` is creating it) is created
+    fresh = _record(Home(tmp_path), "fresh", status=mstate.CREATED)
+    assert shown(fresh)["status"] == "created" and _status(fresh) == "Created"
+
+
 def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:
     from ember.cli.machines import _ports
 

@@ -68,7 +68,7 @@ def _ago(iso: str | None) -> str:
 
 def _restarting(st: MachineState) -> bool:
     """Between two runs of its --restart policy (``lifecycle.restart_pending``)."""
-    if not st.may_restart:
+    if not st.between_restarts:
         return False  # the common cases, without importing the lifecycle (~20 ms)
     from ember.machines.lifecycle import restart_pending
 
@@ -93,6 +93,8 @@ def _status(st: MachineState) -> str:
         if _restarting(st):
             return f"Restarting ({st.exit_code}) {_ago(st.finished_at)}"
         return f"Exited ({st.exit_code}) {_ago(st.finished_at)}"
+    if _restarting(st):
+        return "Restarting"  # (being started again: the last run's exit is cleared)
     return "Created"
 
 

@@ -611,8 +611,9 @@ def monitor_alive(st: MachineState) -> bool:
 
 
 def restart_pending(st: MachineState) -> bool:
-    """Exited, between two runs of its --restart policy (its monitor waits to run it)."""
-    return st.may_restart and monitor_alive(st)
+    """Between two runs of its --restart policy: exited with its monitor waiting to run
+    it, or being started again by that monitor."""
+    return st.between_restarts and monitor_alive(st)
 
 
 def vmm_alive(st: MachineState) -> bool:

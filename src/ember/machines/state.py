@@ -102,6 +102,13 @@ class MachineState:
         )
 
     @property
+    def between_restarts(self) -> bool:
+        """Between two runs of its restart policy, if its monitor is alive: exited and
+        waiting to run again, or being started again (created with the monitor's pid
+        kept: only the restart path keeps it, ``lifecycle.prepare_start``)."""
+        return self.may_restart or (self.status == CREATED and self.monitor_pid is not None)
+
+    @property
     def short_id(self) -> str:
         return self.id[:12]
 
