@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from ember.agent import prefault
+from tests.support.cli import EMBER, ember_env, run_ember
 from tests.support.registry import free_port
 from tests.support.spawn import spawn_server
 
-EMBER = str(Path(sys.executable).with_name("ember"))
 TIMEOUT = 30.0
 
 
@@ -61,8 +61,8 @@ class RunningAgent:
 
 
 def env_for(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "EMBER_AGENT"}
-    return {**env, "EMBER_HOME": str(home), **extra}
+    """Without ``EMBER_AGENT`` (unless ``extra`` sets it): commands go to the agent."""
+    return ember_env(home, **{"EMBER_AGENT": None, **extra})
 
 
 @pytest.fixture
@@ -78,17 +78,9 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningAg
 
 
 def ember(
-    home: Path, *args: str, cwd: Path | None = None, **kwargs: object
+    home: Path, *args: str, cwd: Path | None = None, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [EMBER, *args],
-        env=env_for(home),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        **kwargs,  # type: ignore[call-overload]
-    )
+    return run_ember(*args, env=env_for(home), cwd=cwd, input=input, timeout=TIMEOUT)
 
 
 def test_a_command_runs_in_the_agent_with_the_callers_directory_and_output(

@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import EMBER, ember_env, run_ember
 from tests.support.images import copy_layout, layout_ref, push_layout
 from tests.support.registry import Registry, free_port
 from tests.support.terminal import on_terminal, plain
 
 pytestmark = pytest.mark.integration
 
-EMBER = str(Path(sys.executable).with_name("ember"))
-
 
 def ember(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBER_HOME": str(home), "DOCKER_CONFIG": str(home / "no-docker")}
-    return subprocess.run(
-        [EMBER, *args], capture_output=True, text=True, env=env, input=stdin, timeout=300
-    )
+    env = ember_env(home, DOCKER_CONFIG=str(home / "no-docker"))
+    return run_ember(*args, env=env, input=stdin, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -177,7 +172,7 @@ def test_registry_login_logout(
 
 def test_progress_on_a_terminal(tmp_path: Path, busybox_layout: Path) -> None:
     """stderr on a pseudo-terminal: rich draws one bar per layer and a total."""
-    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "COLUMNS": "120", "TERM": "xterm"}
+    env = ember_env(tmp_path / "home", COLUMNS="120", TERM="xterm")
     code, text = on_terminal([EMBER, "image", "pull", layout_ref(busybox_layout)], env, stream="stderr")
     assert code == 0
     assert "layer 1/1" in text and "total" in text
@@ -294,7 +289,7 @@ def test_ls_on_a_narrow_terminal_never_cuts_a_reference(
         refs.append(layout_ref(layout))
         assert ember(home, "image", "pull", refs[-1]).returncode == 0
     assert all(len(r) > 80 for r in refs)
-    env = {**os.environ, "EMBER_HOME": str(home), "COLUMNS": "80", "TERM": "xterm"}
+    env = ember_env(home, COLUMNS="80", TERM="xterm")
     code, drawn = on_terminal([EMBER, "image", "ls"], env)
     assert code == 0
     text = plain(drawn)

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.process import proc_start_time
 from tests.machines.records import network_json
+from tests.support.cli import EMBER, ember_env, run_ember
 from tests.support.proc import in_nanosleep, poll_until, wait_poll_round
 
 PORTS = [
@@ -67,17 +67,11 @@ def test_ps_keeps_one_machine_per_line_whatever_the_images_command(tmp_path: Pat
         exit_code=0,
     )
     MachineStore(Home(tmp_path)).create(st, "hostile")
-    res = subprocess.run(
-        [str(Path(sys.executable).parent / "ember"), "ps", "-a"],
-        capture_output=True, text=True, env={**os.environ, "EMBER_HOME": str(tmp_path)},
-    )  # fmt: skip
+    res = run_ember("ps", "-a", env=ember_env(tmp_path))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert len(lines) == 2 and "hostile" in lines[1]
     assert '"sh -c a\\nfake\\x1b[2Jrow"' in lines[1]
-
-
-EMBER = str(Path(sys.executable).parent / "ember")
 
 
 def _record(home: Home, name: str, **kw: object) -> MachineState:
@@ -91,8 +85,7 @@ def _record(home: Home, name: str, **kw: object) -> MachineState:
 
 
 def _ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBER_HOME": str(home)}
-    return subprocess.run([EMBER, *args], capture_output=True, text=True, env=env, timeout=60)
+    return run_ember(*args, env=ember_env(home), timeout=60)
 
 
 def test_human_durations_are_dockers() -> None:
@@ -228,7 +221,7 @@ def test_wait_prints_the_code_of_an_rm_machine_that_ended_first(tmp_path: Path) 
         w2 = _record(home, "w2", auto_remove=True, **alive)
         waiter = subprocess.Popen(
             [EMBER, "wait", "w1", "w2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "EMBER_HOME": str(tmp_path)},
+            text=True, env=ember_env(tmp_path),
         )  # fmt: skip
         # asleep in its poll loop: both machines were looked up and read once
         poll_until(lambda: in_nanosleep(waiter.pid) or waiter.poll() is not None, "wait never polled")
@@ -280,7 +273,7 @@ def test_logs_without_follow_end_while_the_machine_keeps_writing(tmp_path: Path)
     writer.start()
     try:
         proc = subprocess.Popen([EMBER, "logs", "chatty"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={**os.environ, "EMBER_HOME": str(tmp_path)})  # fmt: skip
+                                stderr=subprocess.PIPE, env=ember_env(tmp_path))  # fmt: skip
         assert proc.stdout is not None
         out = b""
         deadline = time.monotonic() + 20

@@ -8,20 +8,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-EMBER = str(Path(sys.executable).parent / "ember")
+from tests.support.cli import EMBER, ember_env, run_ember
 
 
 def ember(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
-    return subprocess.run(
-        [EMBER, *args], capture_output=True, text=True, env=env, timeout=60, cwd=cwd
-    )
+    return run_ember(*args, env=ember_env(home, EMBER_AGENT="0"), cwd=cwd, timeout=60)
 
 
 def test_a_path_the_host_refuses_is_one_line(tmp_path: Path, busybox_layout: Path) -> None:
@@ -98,7 +94,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path, debian_layout: Path) -
 def _terminate_a_prepare(home: Path, debian_layout: Path) -> None:
     image = f"oci:{debian_layout}:latest"
     assert ember(home, "image", "pull", image).returncode == 0
-    env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
+    env = ember_env(home, EMBER_AGENT="0")
     mounts = home / "snapshots" / "mnt"
     proc = subprocess.Popen([EMBER, "image", "prepare", image], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

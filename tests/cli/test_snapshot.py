@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 from ember.home import Home
 from tests.snapshots.conftest import SNAPSHOT_ENV, make_home, teardown_home
 from tests.snapshots.leaks import ours
+from tests.support.cli import ember_env, run_ember
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -36,15 +35,7 @@ def home(tmp_path: Path) -> Iterator[Home]:
 
 
 def ember(home: Home, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ember"), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "EMBER_HOME": str(home.root)},
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    return run_ember(*args, env=ember_env(home.root), check=ok)
 
 
 def test_prepare_ls_rm_gc(home: Home, busybox_layout: Path, multilayer_layout: Path) -> None:

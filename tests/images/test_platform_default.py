@@ -5,9 +5,7 @@ used whatever platform was last pulled under the name."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,9 @@ import pytest
 from ember.images import ImageService
 from ember.oci.errors import NoMatchingPlatform
 from ember.oci.platform import Platform, host_platform
+from tests.support.cli import ember_env, run_ember
 from tests.support.images import _busybox, layout_ref
 
-EMBER = str(Path(sys.executable).with_name("ember"))
 ARM64 = Platform.parse("linux/arm64")
 
 pytestmark = pytest.mark.skipif(
@@ -67,11 +65,11 @@ def test_a_single_platform_image_for_another_platform_needs_platform(
 def test_unpack_without_platform_refuses_the_other_platforms_image(
     tmp_path: Path, multiarch_layout: Path
 ) -> None:
-    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "EMBER_AGENT": "0"}
+    env = ember_env(tmp_path / "home", EMBER_AGENT="0")
     ref = layout_ref(multiarch_layout)
 
     def ember(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([EMBER, *args], env=env, capture_output=True, text=True, timeout=120)
+        return run_ember(*args, env=env, timeout=120)
 
     assert ember("image", "pull", "--platform", "linux/arm64", ref).returncode == 0
     refused = ember("image", "unpack", ref, str(tmp_path / "root"))
@@ -84,14 +82,12 @@ def test_unpack_without_platform_refuses_the_other_platforms_image(
 
 
 def test_pulling_another_platforms_image_warns_as_docker_does(tmp_path: Path) -> None:
-    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "EMBER_AGENT": "0"}
+    env = ember_env(tmp_path / "home", EMBER_AGENT="0")
     ref = layout_ref(_busybox("arm64"))
-    pulled = subprocess.run([EMBER, "image", "pull", ref], env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    pulled = run_ember("image", "pull", ref, env=env, timeout=120)
     assert pulled.returncode == 0, pulled.stderr
     assert f"warning: {ref} is for linux/arm64, not this host (linux/amd64)" in pulled.stderr
     # run has no --platform (it boots this host's images): it is not sent there
     assert "unpack and prepare need --platform linux/arm64" in pulled.stderr
-    asked = subprocess.run([EMBER, "image", "pull", "--platform", "linux/arm64", ref], env=env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    asked = run_ember("image", "pull", "--platform", "linux/arm64", ref, env=env, timeout=120)
     assert "warning" not in asked.stderr  # asked for by name: nothing to warn about

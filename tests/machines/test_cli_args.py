@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-EMBER = str(Path(sys.executable).parent / "ember")
+from tests.support.cli import ember_env, run_ember
 
 
 def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBER_HOME": str(home)}
-    return subprocess.run([EMBER, *args], capture_output=True, text=True, env=env, timeout=60)
+    return run_ember(*args, env=ember_env(home), timeout=60)
 
 
 @pytest.mark.parametrize(

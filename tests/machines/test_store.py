@@ -208,12 +208,11 @@ def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
     """``ps -a`` lists the others and names the damaged one on stderr; ``rm`` says to
     force, ``rm -f`` removes it (network and root disk released, in a namespace of
     the test's own)."""
-    import os
     import subprocess
-    import sys
 
     from tests.machines.vmkit import delete_netns, new_netns
     from tests.snapshots.conftest import make_home, teardown_home
+    from tests.support.cli import ember_env, run_ember
 
     home = make_home(tmp_path / "home")
     store = MachineStore(home)
@@ -222,13 +221,10 @@ def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
     store.create(bad, "bad")
     (store.dir(bad.id) / "state.json").write_text("[]")
     netns = new_netns()
-    env = {**os.environ, "EMBER_HOME": str(home.root), "EMBER_AGENT": "0"}
+    env = ember_env(home.root, EMBER_AGENT="0")
 
     def ember(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["ip", "netns", "exec", netns, str(Path(sys.executable).parent / "ember"), *args],
-            capture_output=True, text=True, env=env, timeout=120,
-        )  # fmt: skip
+        return run_ember(*args, prefix=["ip", "netns", "exec", netns], env=env, timeout=120)
 
     try:
         ps = ember("ps", "-a")

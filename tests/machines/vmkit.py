@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from ember.home import Home
+from tests.support.cli import EMBER as EMBER  # the tests that Popen ember import it from here
+from tests.support.cli import ember_env, run_ember
 from tests.vm.vmm.kernelcache import share_kernels
-
-EMBER = str(Path(sys.executable).parent / "ember")
 
 
 def vm_home_fixture(prefix: str) -> Callable[..., Iterator[Home]]:
@@ -65,24 +65,20 @@ class Ember:
     home: Home
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_ACCEL")}
-        env["EMBER_HOME"] = str(self.home.root)
-        return env
+        accel = {k: None for k in os.environ if k.startswith("EMBER_ACCEL")}
+        return ember_env(self.home.root, **accel)
 
     def __call__(
         self, *args: str, timeout: float = 180, check: bool = False
     ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            ["ip", "netns", "exec", self.netns, EMBER, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+        return run_ember(
+            *args,
+            prefix=["ip", "netns", "exec", self.netns],
             env=self.env(),
             stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            check=check,
         )
-        if check and res.returncode != 0:
-            raise AssertionError(f"ember {' '.join(args)} -> {res.returncode}\n{res.stderr}")
-        return res
 
     def inspect(self, name: str) -> dict[str, Any]:
         res = self("inspect", name, check=True)

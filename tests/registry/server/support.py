@@ -8,17 +8,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from tests.support.cli import EMBER, run_ember
 from tests.support.registry import free_port
 from tests.support.spawn import spawn_server
-
-EMBER = str(Path(sys.executable).with_name("ember"))
 
 #: plain HTTP on loopback: no proxies or CA bundles from the environment
 CLIENT_OPTIONS: dict[str, object] = {"trust_env": False, "verify": False, "timeout": 60}
@@ -27,9 +25,7 @@ START_TIMEOUT = 30.0
 
 
 def ember(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [EMBER, "--home", str(home), *args], capture_output=True, text=True, check=check
-    )
+    return run_ember("--home", str(home), *args, check=check)
 
 
 @dataclass
