@@ -145,6 +145,30 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     assert bogus.returncode == 2 and "'-s' / '--signal': 'BOGUS': not a signal" in bogus.stderr
 
 
+def test_a_machine_its_policy_will_not_run_again_is_exited_while_its_monitor_ends(
+    tmp_path: Path,
+) -> None:
+    """After on-failure's last retry, or an exit 0 under on-failure, the monitor lives a
+    moment longer (teardown): the machine read as restarting then."""
+    from ember.cli.machines import _record as shown
+    from ember.cli.machines import _status
+
+    me = {"monitor_pid": os.getpid(), "monitor_start": proc_start_time(os.getpid())}
+    ended = {"status": mstate.EXITED, "finished_at": mstate.now()}
+    last = _record(Home(tmp_path), "last", exit_code=1, restart_policy="on-failure:2",
+                   restart_count=2, **ended, **me)  # fmt: skip
+    assert shown(last)["status"] == "exited" and _status(last).startswith("Exited (1)")
+    ok = _record(Home(tmp_path), "ok", exit_code=0, restart_policy="on-failure", **ended, **me)
+    assert shown(ok)["status"] == "exited"
+    # one retry left: restarting
+    more = _record(Home(tmp_path), "more", exit_code=1, restart_policy="on-failure:2",
+                   restart_count=1, **ended, **me)  # fmt: skip
+    assert shown(more)["status"] == "restarting"
+    # a damaged policy in the record is not a traceback
+    bad = _record(Home(tmp_path), "bad", exit_code=1, restart_policy="sometimes", **ended, **me)
+    assert shown(bad)["status"] == "exited"
+
+
 def test_a_machine_its_monitor_is_starting_again_is_restarting(tmp_path: Path) -> None:
     """Between `prepare_start(restart=True)` and the VMM's start the record says created
     (the monitor's pid kept): inspect said "created" there and a script (and CI's

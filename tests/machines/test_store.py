@@ -242,3 +242,39 @@ def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
     finally:
         delete_netns(netns)
         teardown_home(home)
+
+
+def test_start_waits_for_the_monitor_of_the_last_run_to_end(tmp_path: Path) -> None:
+    """The record says exited before the monitor frees the network and host ports:
+    `ember restart` (stop, then start) went on meanwhile, found the old ports taken, and
+    the old monitor's teardown could remove the new run's TAP."""
+    import subprocess
+    import threading
+    import time
+
+    from ember.machines import lifecycle
+    from ember.process import proc_start_time
+
+    home = Home(tmp_path)
+    st = make_state()
+    # an ending monitor: this child stands in for it (not restarting: policy "no")
+    monitor = subprocess.Popen(["sleep", "60"])
+    try:
+        st.status, st.exit_code, st.finished_at = mstate.EXITED, 0, mstate.now()
+        st.monitor_pid, st.monitor_start = monitor.pid, proc_start_time(monitor.pid)
+        MachineStore(home).create(st, "ending")
+        ended = threading.Event()
+
+        def end_it() -> None:
+            time.sleep(0.5)
+            ended.set()
+            monitor.kill()
+
+        threading.Thread(target=end_it, daemon=True).start()
+        # (a record from an older ember: refused, but only once the monitor is gone)
+        with pytest.raises(MachineError, match="older ember"):
+            lifecycle.prepare_start(home, st)
+        assert ended.is_set()
+    finally:
+        monitor.kill()
+        monitor.wait()

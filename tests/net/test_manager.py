@@ -348,6 +348,57 @@ def test_held_host_ports_keep_host_programs_off_them(netns: str, tmp_path: Path)
     assert out["after"] == ["bound", "bound"]
 
 
+SETUP_HOLDING_SCRIPT = HOLD_SCRIPT.split("held = hold_host_ports")[0] + """
+held = []
+a = mgr.setup(sys.argv[2], ports=parse_publish("8080:80") + parse_publish("53/udp"), holder=held)
+out["held"] = len(held)
+out["tcp"] = try_bind(socket.SOCK_STREAM, 8080, True)
+out["udp"] = try_bind(socket.SOCK_DGRAM, a.ports[1].host_port, False)
+# a set-up refused (the port is another machine's) holds nothing
+failed = []
+try:
+    mgr.setup(sys.argv[3], ports=parse_publish("9090:90") + parse_publish("8080:80"), holder=failed)
+except EmberError as e:
+    out["conflict"] = str(e)
+out["failed"] = failed
+out["9090"] = try_bind(socket.SOCK_STREAM, 9090, False)
+# one that fails after holding (here: the TAP cannot be made) lets go and empties the list
+from ember.net import tap
+def no_tap(*args, **kwargs):
+    raise OSError("no TAP today")
+tap.create_tap, real_create_tap = no_tap, tap.create_tap
+try:
+    mgr.setup(sys.argv[3], ports=parse_publish("9191:91"), holder=failed)
+except OSError as e:
+    out["tap failed"] = str(e)
+tap.create_tap = real_create_tap
+out["failed after hold"] = failed
+out["9191"] = try_bind(socket.SOCK_STREAM, 9191, False)
+mgr.teardown(sys.argv[2])
+out["still held after teardown"] = try_bind(socket.SOCK_STREAM, 8080, True)
+for s in held:
+    s.close()
+out["after"] = try_bind(socket.SOCK_STREAM, 8080, False)
+print(json.dumps(out))
+"""
+
+
+def test_setup_can_hold_the_ports_it_found_free(netns: str, tmp_path: Path) -> None:
+    """A restart's monitor held the ports only after the set-up, ~100 ms later: a program
+    binding one meanwhile made the restart fail as a start that never was."""
+    import errno
+
+    out = run_in_netns(netns, SETUP_HOLDING_SCRIPT, tmp_path)
+    assert out["held"] == 2
+    assert out["tcp"] == errno.EADDRINUSE and out["udp"] == errno.EADDRINUSE
+    assert "8080/tcp is already published" in out["conflict"]
+    assert out["failed"] == [] and out["9090"] == "bound"
+    assert out["tap failed"] == "no TAP today"
+    assert out["failed after hold"] == [] and out["9191"] == "bound"
+    assert out["still held after teardown"] == errno.EADDRINUSE  # the caller's to close
+    assert out["after"] == "bound"
+
+
 # ---- teardown in the machine's own network namespace ----------------------------------
 
 #: the helpers the namespace scripts share (after PRELUDE)

@@ -378,20 +378,29 @@ def _write_boot_config(
             os.unlink(d / RESTORE_CONFIG)
 
 
-def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> MachineState:
+def prepare_start(
+    home: Home,
+    st: MachineState,
+    *,
+    restart: bool = False,
+    holder: list[socket.socket] | None = None,
+) -> MachineState:
     """Make an exited machine ready for its monitor again (``ember start``): a network
     (ports and network name as before; the address may differ), its boot config with that
     network, the exit record cleared.  The root disk and the logs are kept, as docker keeps
     a container's file system and logs across a restart.
 
     ``restart``: the monitor applying the restart policy, which yields to a user's
-    ``ember stop/kill`` that came meanwhile (MachineError)."""
+    ``ember stop/kill`` that came meanwhile (MachineError); it holds the host ports from
+    their check on (``holder``, see ``NetworkManager.setup``)."""
     from ember.net.manager import MachineNetwork, NetworkManager
     from ember.snapshots.chain import root_disk
     from ember.snapshots.errors import SnapshotNotFound
     from ember.vm.runconfig import RunConfig
 
     st = refresh(home, st)
+    if not restart:
+        _wait_for_ending_monitor(st)
     d = MachineStore(home).dir(st.id)
     with mstate.locked(d):
         cur = mstate.read_state(d)
@@ -437,6 +446,7 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
             cur.id,
             ports=old.ports if old else (),
             network=old.network if old else "default",
+            holder=holder,
         )
         try:
             # a template gone since (rebuilt, collected): the machine boots its kernel
@@ -466,6 +476,21 @@ def prepare_start(home: Home, st: MachineState, *, restart: bool = False) -> Mac
             manager.teardown(cur.id)
             raise
     return cur
+
+
+#: how long ``ember start`` waits for the monitor of the machine's last run to end
+ENDING_MONITOR_WAIT_S = 30.0
+
+
+def _wait_for_ending_monitor(st: MachineState) -> None:
+    """An exited machine whose monitor is still alive and will not run it again is
+    ending: the record says exited before the monitor frees the network and the host
+    ports.  `ember restart` (a stop, then a start) went on meanwhile: the old ports read
+    as taken, and the old monitor's teardown could remove the new run's TAP and rules.
+    Wait for it, as docker's start waits for the container's end to be processed."""
+    if st.status == mstate.EXITED and not st.between_restarts and monitor_alive(st):
+        assert st.monitor_pid is not None
+        wait_pid_exit(st.monitor_pid, ENDING_MONITOR_WAIT_S)
 
 
 def abandon_start(home: Home, st: MachineState, message: str) -> None:

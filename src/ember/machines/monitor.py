@@ -151,10 +151,13 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
         sync.send(MonitorFailed(f"machine {st.name} was already started"))
         return 1
     delay: float | None = None
+    #: a restart's host ports, held since prepare_start found them free (None: the
+    #: first run, whose ports _run_once takes)
+    held: list[socket.socket] | None = None
     while True:
         began = time.monotonic()
         sync.started = False  # (after the first run only the record hears of it)
-        final = _run_once(home, st, d, sync)
+        final = _run_once(home, st, d, sync, held)
         if final is None:
             return 1  # the VMM did not start (recorded, cleaned up, said)
         if final.end_reason in (None, CONSOLE_REASON) and final.vmm_pid is not None:
@@ -184,10 +187,13 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
             return 0  # `ember stop/kill/rm` meanwhile: they wait for this exit
         from ember.machines.lifecycle import prepare_start
 
+        held = []
         try:
-            st = prepare_start(home, final, restart=True)
+            st = prepare_start(home, final, restart=True, holder=held)
         except (EmberError, OSError) as e:
             # stopped or removed meanwhile, or the machine cannot run again
+            for sock in held:
+                sock.close()
             print(f"monitor: not restarting: {e}", file=sys.stderr)
             _record_given_up(d, f"not restarting: {e}")
             return 0
@@ -221,22 +227,30 @@ def _wait_unless_stopped(d: Path, seconds: float) -> bool:
 
 
 def _run_once(
-    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter
+    home: Home,
+    st: mstate.MachineState,
+    d: Path,
+    sync: EventWriter,
+    held: list[socket.socket] | None,
 ) -> mstate.MachineState | None:
     """One run of the machine, from the VMM's start to its recorded end (network freed);
-    None when the VMM could not start."""
+    None when the VMM could not start.  ``held``: its host ports, held already (a
+    restart); closed at the end of the run, as those this takes."""
     try:
         # the VMM writes into FIFOs; the monitor keeps the logs, capped (machines.logs)
         pump = StreamPump.create(d, LogConfig.load(home))
     except (EmberError, OSError) as e:
+        for sock in held or ():
+            sock.close()
         _failed_to_start(home, st, d, sync, f"cannot set up the machine's logs: {e}")
         return None
-    try:
-        held = _hold_ports(st)
-    except EmberError as e:
-        pump.close()
-        _failed_to_start(home, st, d, sync, str(e))
-        return None
+    if held is None:
+        try:
+            held = _hold_ports(st)
+        except EmberError as e:
+            pump.close()
+            _failed_to_start(home, st, d, sync, str(e))
+            return None
     try:
         return _run_held(home, st, d, sync, pump)
     finally:

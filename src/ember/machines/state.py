@@ -21,7 +21,8 @@ from typing import Any
 from ember import jsonutil
 from ember.fsutil import atomic_write
 from ember.locks import FileLock
-from ember.machines.errors import DamagedMachine, MachineError
+from ember.machines.errors import DamagedMachine, InvalidOption, MachineError
+from ember.machines.restartpolicy import parse_restart_policy
 
 CREATED = "created"
 RUNNING = "running"
@@ -92,14 +93,17 @@ class MachineState:
 
     @property
     def may_restart(self) -> bool:
-        """Exited with a restart policy that may run it again: its monitor waits to,
-        if it is alive (``lifecycle.restart_pending``)."""
-        return (
-            self.status == EXITED
-            and self.restart_policy != "no"
-            and not self.stopped_by_user
-            and not self.restart_given_up
-        )
+        """Exited, and its restart policy runs it again after this run: its monitor waits
+        to, if it is alive (``lifecycle.restart_pending``).  The policy itself is asked:
+        after on-failure's last retry (or an exit 0) the monitor lives a moment longer,
+        and the machine read as restarting meanwhile."""
+        if self.status != EXITED or self.restart_given_up:
+            return False
+        try:
+            policy = parse_restart_policy(self.restart_policy)
+        except InvalidOption:
+            return False  # (checked when the machine was made: a damaged record)
+        return policy.should_restart(self.exit_code, self.restart_count, self.stopped_by_user)
 
     @property
     def between_restarts(self) -> bool:

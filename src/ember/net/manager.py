@@ -246,9 +246,37 @@ class NetworkManager:
     # ---- machines -----------------------------------------------------------------
 
     def setup(
-        self, machine_id: str, *, ports: Sequence[PortMapping] = (), network: str = "default"
+        self,
+        machine_id: str,
+        *,
+        ports: Sequence[PortMapping] = (),
+        network: str = "default",
+        holder: list[socket.socket] | None = None,
     ) -> MachineNetwork:
-        """Allocate addresses, create the TAP and publish ports for one machine."""
+        """Allocate addresses, create the TAP and publish ports for one machine.
+
+        ``holder``: the published host ports are held (``hold_host_ports``) from the
+        moment they are found free, the sockets put in ``holder`` for the caller to keep
+        while the machine runs and close after.  The monitor starting a machine again
+        does this: holding them later left a moment when a program could take one, and
+        the restart failed as a start that never was (its last exit code lost).  They
+        are closed again (and ``holder`` emptied) when the set-up fails."""
+        try:
+            return self._setup(machine_id, ports, network, holder)
+        except BaseException:
+            for held in holder or ():
+                held.close()
+            if holder:
+                holder.clear()
+            raise
+
+    def _setup(
+        self,
+        machine_id: str,
+        ports: Sequence[PortMapping],
+        network: str,
+        holder: list[socket.socket] | None,
+    ) -> MachineNetwork:
         check_network_name(network)
         name = tap_name(machine_id)
         with self._locked() as state:
@@ -281,6 +309,8 @@ class NetworkManager:
                         hint="stop that program, or publish another host port",
                     )
             ports = _choose_host_ports(ports, [*taken, *fixed])
+            if holder is not None:
+                holder.extend(hold_host_ports(ports))
             subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
             used = {int(m["slot"]) for m in state["machines"].values()}
             slot = ipam.first_free(subnet, state["prefix"], used)
