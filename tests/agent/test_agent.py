@@ -473,37 +473,68 @@ def test_the_exit_code_a_runner_says_early_is_read_strictly(said: bytes, code: i
         assert _exit_code_said(mine) == code
 
 
-def _ember_zombies() -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
-        if state == "Z" and comm.startswith(("ember", "python")):
-            found.add(int(entry.name))
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name: state, ppid, pgrp, session, ...
+    (a zombie's too); None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
+
+
+def _in_session(sid: int) -> dict[int, str]:
+    """The processes of session ``sid``, zombies included: pid -> state."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None and int(fields[3]) == sid:
+            found[int(entry)] = fields[0]
     return found
+
+
+# Who the agent's processes are, whatever their pids (they wrap every few minutes under a
+# test run, so "a pid above the agent's" says nothing): each relay is the agent's child
+# and leads a session of its own (setsid), which its runner and the runner's applier
+# child stay in, also once orphaned, and also as zombies.  A session's id is its leader's
+# pid, which the kernel gives no other process while anything of the session is left.
+
+
+def _waiting_relays(agent: RunningAgent, known: set[int]) -> set[int]:
+    """The relay the agent keeps waiting in accept() for the next command: its children
+    that are none of the relays ``known`` (those had a command, or were seen before)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (new := set(_children(agent.process.pid)) - known):
+        assert agent.process.poll() is None, agent.log_text()
+        assert time.monotonic() < deadline, "the agent has no relay waiting"
+        time.sleep(0.01)
+    return new
+
+
+def _sessions_ended(sessions: set[int]) -> None:
+    """Until nothing is left in ``sessions`` (the relays' sessions): each relay, runner
+    and applier gone, reaped by its parent.  One left a zombie stays one for ever where
+    init does not reap (as here), and fails the test; so does one that never exits."""
+    deadline = time.monotonic() + TIMEOUT
+    while left := {sid: procs for sid in sorted(sessions) if (procs := _in_session(sid))}:
+        assert time.monotonic() < deadline, f"left in the relays' sessions (pid: state): {left}"
+        time.sleep(0.05)
 
 
 def test_commands_leave_no_zombies_behind(agent: RunningAgent) -> None:
     """Runners and the applier children they fork ahead are reaped by us, not left to
     an init that may not reap (whether the command used the applier or not)."""
-    before = _ember_zombies()
+    relays: set[int] = set()
     for words in (["image", "ls"], ["--version"], ["image", "frobnicate"]):
+        relays |= _waiting_relays(agent, relays)  # the one that takes this command
         ember(agent.home, *words)
     agent.wait_log("ember image frobnicate -> exit 2")
-    time.sleep(0.5)
-    # (only this agent's descendants: a stopped agent's idle relay and runner may
-    # still be dying around us, and become zombies where init does not reap)
-    new = {pid for pid in _ember_zombies() - before if pid > agent.process.pid}
-    assert new == set()
+    # (only the sessions of this agent's relays that had a command: a stopped agent's
+    # idle relay and runner may still be dying around us, and become zombies where init
+    # does not reap; the relay waiting now keeps its runner and applier)
+    _sessions_ended(relays)
 
 
 def test_a_stopping_agent_reaps_its_waiting_relay_runner_and_applier(agent: RunningAgent) -> None:
-    before = _ember_zombies()
     runner = _spare_runner(agent, prefaulted=False)
     deadline = time.monotonic() + TIMEOUT
     while not _children(runner):  # the applier child it forks ahead
@@ -511,13 +542,11 @@ def test_a_stopping_agent_reaps_its_waiting_relay_runner_and_applier(agent: Runn
         time.sleep(0.05)
     (applier,) = _children(runner)
     (relay,) = _children(agent.process.pid)
+    # what finds them once orphaned (their parents gone): the relay's session
+    assert set(_in_session(relay)) == {relay, runner, applier}, _in_session(relay)
     agent.stop()
-    for pid in (relay, runner, applier):
-        assert _gone(pid)
-    time.sleep(0.3)
-    assert {pid for pid in _ember_zombies() - before if pid > agent.process.pid} == set()
-    # gone, not zombies: _gone accepts a zombie, so look again
-    assert not any(Path(f"/proc/{pid}").exists() for pid in (relay, runner, applier))
+    # gone, not zombies: nothing left of the relay's session
+    _sessions_ended({relay})
 
 
 def _server_request(agent: RunningAgent, port: int) -> bytes:

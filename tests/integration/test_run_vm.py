@@ -21,6 +21,7 @@ from ember.snapshots.pool import close_pool
 from tests.machines.vmkit import EMBER, Ember, delete_netns, fetch, make_vm_home, new_netns
 from tests.snapshots.leaks import ours
 from tests.support.images import layout_ref
+from tests.support.proc import read_line
 from tests.vm.vmm.kernelcache import cached_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.integration]
@@ -91,12 +92,18 @@ def test_user_by_name_workdir_exit_7_and_rm_leaves_nothing(ember: Ember, busybox
 
 
 def test_rm_leaves_nothing_behind(ember: Ember, busybox: str) -> None:
+    # it ends by itself (exit 3), but only once told to (USR1): after the look below
     res = ember("run", "-d", "--rm", "--name", "short-lived", "-p", "8081:80", busybox,
-                "sh", "-c", "sleep 1; exit 3")  # fmt: skip
+                "sh", "-c", "trap 'exit 3' USR1; echo ready; while :; do sleep 0.1; done")  # fmt: skip
     assert res.returncode == 0, res.stderr
     machine_id = res.stdout.strip()
     assert len(machine_id) == 64
     assert leftovers(ember, machine_id)  # while it runs there is something to find
+    deadline = time.monotonic() + 120
+    while "ready" not in ember("logs", "short-lived").stdout:  # its trap is set
+        assert time.monotonic() < deadline, ember("logs", "short-lived")
+        time.sleep(0.1)
+    assert ember("kill", "-s", "USR1", "short-lived").returncode == 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and leftovers(ember, machine_id):
         time.sleep(0.5)
@@ -411,7 +418,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-http.server.HTTPServer((sys.argv[1], 8000), H).serve_forever()
+server = http.server.HTTPServer((sys.argv[1], 8000), H)
+print("ready", flush=True)  # bound and listening
+server.serve_forever()
 """
 
 
@@ -430,10 +439,12 @@ def test_egress_is_masqueraded(ember: Ember, busybox: str) -> None:
         subprocess.run(["ip", "-n", internet, "link", "set", "eth0", "up"], check=True)
         server = subprocess.Popen(
             ["ip", "netns", "exec", internet, sys.executable, "-c", WHOAMI, "10.99.0.2"],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         try:
+            assert server.stdout is not None
+            assert read_line(server.stdout) == "ready\n"  # it listens before the guest asks
             res = ember("run", "--rm", busybox, "wget", "-q", "-O", "-",
                         "http://10.99.0.2:8000/")  # fmt: skip
         finally:

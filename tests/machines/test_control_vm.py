@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.machines.vmkit import EMBER, Ember, vm_home_fixture, wait_for
+from tests.support.proc import in_nanosleep, poll_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -28,10 +29,11 @@ def test_stop_ends_once_the_program_has_exited_and_stops_machines_together(
     ember: Ember, busybox: str
 ) -> None:
     for name in ("c1", "c2"):
-        ember("run", "-d", "--name", name, busybox, "sleep", "100", check=True)
+        ember("run", "-d", "--name", name, busybox, "sh", "-c", "echo ready; exec sleep 100",
+              check=True)  # fmt: skip
     for name in ("c1", "c2"):
         wait_for(ember, name, _running)
-    time.sleep(0.5)  # the program runs (sleep dies of SIGTERM at once)
+    _wait_ready(ember, "c1", "c2")  # the program runs (sleep dies of SIGTERM at once)
     began = time.monotonic()
     res = ember("stop", "c1", "c2")
     took = time.monotonic() - began
@@ -253,7 +255,9 @@ def test_the_host_killing_the_vmm_wins_over_a_forged_console_line(
         assert ember("start", "forger").returncode == 0
         _ready_again(ember, "forger", 4)
         wait = _ember_bg(ember, "wait", "forger")
-        time.sleep(1)  # it has found the machine
+        # it has found the machine: asleep in its poll loop (`ip netns exec` execs ember)
+        poll_until(lambda: in_nanosleep(wait.pid) or wait.poll() is not None, "wait never polled")
+        assert wait.poll() is None, wait.communicate()
         assert ember("rm", "-f", "forger").returncode == 0
         out, err = wait.communicate(timeout=30)
         assert (wait.returncode, out) == (0, "137\n"), err

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.machines.vmkit import Ember, vm_home_fixture, wait_for
+from tests.support.proc import poll_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -89,13 +89,16 @@ def test_start_of_a_machine_its_run_never_started_says_what_to_do(
 
 
 def test_start_of_a_running_machine_attaches_or_is_a_no_op(ember: Ember, busybox: str) -> None:
+    # "late" comes long after "early": the attach below, made once "early" is in the
+    # logs (the guest's boot takes seconds, and varies), is made before "late" is out
     ember("run", "-d", "--name", "live", busybox, "sh", "-c",
-          "echo early; sleep 4; echo late; echo to-err >&2; exit 5", check=True)  # fmt: skip
+          "echo early; sleep 15; echo late; echo to-err >&2; exit 5", check=True)  # fmt: skip
     try:
         wait_for(ember, "live", lambda st: st["status"] == "running")
         plain = ember("start", "live")  # docker start of a running container: its name
         assert (plain.returncode, plain.stdout) == (0, "live\n"), plain.stderr
-        time.sleep(1)  # "early" is out before we attach
+        # "early" is out before we attach
+        poll_until(lambda: "early" in ember("logs", "live").stdout, "no early in the logs", 120)
         attached = ember("start", "-a", "live")
         assert attached.returncode == 5, attached.stderr
         assert attached.stdout == "late\n"

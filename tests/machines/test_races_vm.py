@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.machines.vmkit import EMBER, Ember, vm_home_fixture, wait_for
+from tests.support.proc import flock_waiters, poll_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -74,7 +75,18 @@ def test_stop_while_the_restart_policy_starts_the_machine_again(ember: Ember, bu
             ["ip", "netns", "exec", ember.netns, EMBER, "stop", "again"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ember.env(),
         )  # fmt: skip
-        time.sleep(1.0)  # the stop is on its way (or has failed) before the monitor goes on
+        # the stop is on its way (or has failed) before the monitor goes on: blocked on
+        # the machine's lock (the frozen monitor holds it) or past it, the record marked
+        lock = ember.home.machines / machine_id / "lock"
+        poll_until(
+            lambda: (
+                stop.poll() is not None
+                or stop.pid in flock_waiters(lock)  # `ip netns exec` execs ember
+                or bool((record(ember, machine_id) or {}).get("stopped_by_user"))
+            ),
+            "the stop never reached the machine's lock or record",
+            60,
+        )
         os.kill(monitor, signal.SIGCONT)
         out, err = stop.communicate(timeout=60)
         assert (stop.returncode, out) == (0, "again\n"), err
@@ -83,10 +95,10 @@ def test_stop_while_the_restart_policy_starts_the_machine_again(ember: Ember, bu
         assert (st["status"], st["stopped_by_user"], st["exit_code"]) == ("exited", True, 137), st
         assert ember("logs", "again").stdout == "", "the program ran after the stop"
         count = st["restart_count"]
-        time.sleep(1.5)  # stopped by the user: not run again
+        # stopped by the user: not run again (the monitor, which alone restarts it, ends)
+        poll_until(lambda: not alive(monitor), f"the monitor {monitor} still runs", 60)
         st = ember.inspect("again")
         assert (st["status"], st["restart_count"]) == ("exited", count)
-        assert not alive(monitor)
     finally:
         if monitor is not None and alive(monitor):
             os.kill(monitor, signal.SIGCONT)

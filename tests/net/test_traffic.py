@@ -4,6 +4,7 @@ so the forward/nat rules match exactly as they do for a machine's TAP."""
 
 from __future__ import annotations
 
+import os
 import select
 import subprocess
 import sys
@@ -192,17 +193,32 @@ def test_a_guest_reaches_neither_host_loopback_nor_passes_for_another(
             if fetch(host, "127.0.0.1", 8099).startswith("HTTP/"):
                 break
             time.sleep(0.1)
+        else:  # else the FAIL below would prove nothing
+            pytest.fail("the loopback-only server never answered on the host")
         assert fetch(g1, "127.0.0.1", 8099).startswith("FAIL")
         # machine c sends once as itself, then as machine a: only the first arrives
         sh("ip", "-n", g3, "addr", "add", f"{a.guest_ip}/32", "dev", "eth0")
         send = [sys.executable, "-c", UDP_SEND]
         assert log.stdout is not None
+        out = log.stdout.fileno()  # read unbuffered: select() sees what is still to read
         seen: list[str] = []
+        partial = b""
 
-        def heard(word: str) -> bool:
-            while select.select([log.stdout], [], [], 0.3)[0]:
-                seen.append(log.stdout.readline().strip())
-            return any(word in line for line in seen)
+        def heard(word: str, timeout: float = 0.3) -> bool:
+            """The logger's lines read until ``word`` is among them or ``timeout`` s have
+            passed, then until it has been quiet for 0.3 s: whether ``word`` came."""
+            nonlocal partial
+            deadline = time.monotonic() + timeout
+            while True:
+                found = any(word in line for line in seen)
+                wait = 0.3 if found else deadline - time.monotonic()
+                if wait <= 0 or not select.select([out], [], [], wait)[0]:
+                    return found
+                data = os.read(out, 4096)
+                if not data:
+                    return found
+                *lines, partial = (partial + data).split(b"\n")
+                seen.extend(line.decode(errors="replace").strip() for line in lines)
 
         for _ in range(30):  # the logger may still be starting
             sh("ip", "netns", "exec", g3, *send, c.guest_ip, "172.30.0.9", "9999", "honest")
@@ -210,7 +226,7 @@ def test_a_guest_reaches_neither_host_loopback_nor_passes_for_another(
                 break
         sh("ip", "netns", "exec", g3, *send, a.guest_ip, "172.30.0.9", "9999", "spoofed")
         sh("ip", "netns", "exec", g3, *send, c.guest_ip, "172.30.0.9", "9999", "end")
-        heard("end")
+        assert heard("end", timeout=30), seen  # sent after "spoofed": that had its chance
         assert not any("spoofed" in line for line in seen), seen
         assert f"{c.guest_ip} honest" in seen and any("end" in line for line in seen), seen
     finally:

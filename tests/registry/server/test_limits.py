@@ -118,6 +118,26 @@ def _wait_for(what: Callable[[], bool], timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def _last_purge(srv: EmberServer) -> float:
+    """When the last purge of the server (or of any over its state directory) began, as
+    its purge lock file says (0: none yet, or the file is being rewritten)."""
+    try:
+        return float((srv.home / "registry" / "purge.lock").read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _purges_run(srv: EmberServer, count: int = 1) -> None:
+    """Until ``count`` purges that began after this call have run to their end (purges
+    with nothing to do included; each records when it began as it ends)."""
+    for _ in range(count):
+        _purge_after(srv, time.time())
+
+
+def _purge_after(srv: EmberServer, since: float) -> None:
+    _wait_for(lambda: _last_purge(srv) > since)
+
+
 def _purged(srv: EmberServer) -> tuple[int, int, int]:
     """(sessions, bytes, repositories) that the server's log says its purges removed."""
     found = re.findall(
@@ -191,7 +211,7 @@ def test_the_server_purges_expired_uploads_by_itself(start: Callable[..., EmberS
         assert not (uploads / gone).exists() and not (uploads / empty).exists()
         _wait_for(lambda: not crashed.exists())
         _wait_for(lambda: "acme/old-empty" not in _repos(srv))
-        time.sleep(0.5)  # a few more purges: the session being appended to stays
+        _purges_run(srv, 2)  # more purges: the session being appended to stays
         assert busy in _sessions(srv) and (uploads / busy).exists()
     assert status() == 202  # its request began before the expiry and ends normally
     _wait_for(lambda: busy not in _sessions(srv) and not (uploads / busy).exists())
@@ -200,6 +220,8 @@ def test_the_server_purges_expired_uploads_by_itself(start: Callable[..., EmberS
     with t.client() as c:  # the unexpired one goes on
         assert c.get(live_loc).status_code == 204
         assert c.put(at(live_loc, digest=sha256(b"live"))).status_code == 201
+    # the purge that removed the busy session logs it after that: wait for its line
+    _wait_for(lambda: _purged(srv)[0] >= 4)
     sessions, size, repositories = _purged(srv)
     assert (sessions, size, repositories) == (4, 5000 + 5 + (1 << 20) + 10, 1), srv.log_tail()
 
@@ -223,7 +245,10 @@ def test_one_purge_at_a_time_and_none_during_gc(start: Callable[..., EmberServer
             assert all((_uploads_dir(a) / s).exists() for s in sessions)
         _wait_for(lambda: not set(sessions) & _sessions(a))  # noqa: B023 - called at once
         assert not any((_uploads_dir(a) / s).exists() for s in sessions)
-    time.sleep(0.5)
+    # a purge logs what it removed just after removing it: wait for the 30 in the log,
+    # then give a second count of some session (the bug) one more purge to show in
+    _wait_for(lambda: _purged(a)[0] >= 30)
+    _purges_run(a)
     assert _purged(a)[0] == 30, a.log_tail()  # a and b share the log: each session once
     # a gc at the same time as the purges: each does its part, nothing fails
     with t.client() as c:
@@ -231,7 +256,8 @@ def test_one_purge_at_a_time_and_none_during_gc(start: Callable[..., EmberServer
         _expire(a, *more)
         report = json.loads(ember(a.home, "admin", "registry", "gc", "--json").stdout)
     _wait_for(lambda: not set(more) & _sessions(a))
-    time.sleep(0.5)
+    _wait_for(lambda: _purged(a)[0] + report["uploads"] >= 50)
+    _purges_run(a)
     assert _purged(a)[0] + report["uploads"] == 50
     assert "Traceback" not in a.log_path.read_text()
     assert b.process is not None and b.process.poll() is None
