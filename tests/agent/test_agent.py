@@ -409,7 +409,7 @@ def test_commands_outlive_an_agent_killed_with_9_and_a_new_agent_can_start(
 
 
 def test_a_client_of_another_installation_runs_the_command_itself(
-    agent: RunningAgent, tmp_path: Path
+    init_that_does_not_reap: None, agent: RunningAgent, tmp_path: Path
 ) -> None:
     import shutil
 
@@ -419,6 +419,7 @@ def test_a_client_of_another_installation_runs_the_command_itself(
     shutil.copytree(
         Path(ember.__file__).parent, other / "ember", ignore=shutil.ignore_patterns("__pycache__")
     )
+    relay = _waiting_relays(agent, set())  # the one that declines it
     proc = subprocess.run(
         [sys.executable, "-c", "from ember.agent.client import main; main()", "image", "ls"],
         env=env_for(agent.home, PYTHONPATH=str(other)), capture_output=True, text=True,
@@ -429,6 +430,8 @@ def test_a_client_of_another_installation_runs_the_command_itself(
     text = agent.wait_log("declined")
     assert f"runs ember from {other}" in text
     assert agent.served() == 0
+    # the runner it kept waiting for a command was reaped, not left a zombie
+    _sessions_ended(relay)
 
 
 def test_a_client_sending_garbage_mid_command_is_ignored_and_hanging_up_ends_the_command(
@@ -499,6 +502,26 @@ def _in_session(sid: int) -> dict[int, str]:
 # pid, which the kernel gives no other process while anything of the session is left.
 
 
+@pytest.fixture
+def init_that_does_not_reap() -> Iterator[None]:
+    """This process as the subreaper of its descendants for one test: what the agent's
+    processes leave orphaned comes to us, and stays a zombie, as under an init that does
+    not reap (this host's reaps, and hid such leaks).  Requested before ``agent``, it
+    outlives it; what came to us is reaped at the end."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_child_subreaper = 36
+    assert libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    try:
+        yield
+    finally:
+        libc.prctl(pr_set_child_subreaper, 0, 0, 0, 0)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
+
 def _waiting_relays(agent: RunningAgent, known: set[int]) -> set[int]:
     """The relay the agent keeps waiting in accept() for the next command: its children
     that are none of the relays ``known`` (those had a command, or were seen before)."""
@@ -520,7 +543,9 @@ def _sessions_ended(sessions: set[int]) -> None:
         time.sleep(0.05)
 
 
-def test_commands_leave_no_zombies_behind(agent: RunningAgent) -> None:
+def test_commands_leave_no_zombies_behind(
+    init_that_does_not_reap: None, agent: RunningAgent
+) -> None:
     """Runners and the applier children they fork ahead are reaped by us, not left to
     an init that may not reap (whether the command used the applier or not)."""
     relays: set[int] = set()
@@ -534,7 +559,9 @@ def test_commands_leave_no_zombies_behind(agent: RunningAgent) -> None:
     _sessions_ended(relays)
 
 
-def test_a_stopping_agent_reaps_its_waiting_relay_runner_and_applier(agent: RunningAgent) -> None:
+def test_a_stopping_agent_reaps_its_waiting_relay_runner_and_applier(
+    init_that_does_not_reap: None, agent: RunningAgent
+) -> None:
     runner = _spare_runner(agent, prefaulted=False)
     deadline = time.monotonic() + TIMEOUT
     while not _children(runner):  # the applier child it forks ahead

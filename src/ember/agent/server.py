@@ -269,8 +269,12 @@ class Agent:
                 try:
                     self._serve_one(conn, fp, spare)
                 finally:
-                    if spare is not None:
-                        spare.dismiss()
+                    if spare is not None and spare.handed:
+                        spare.dismiss()  # (the command's runner now: _watch reaped it)
+                    elif spare is not None:
+                        # a declined caller's: reaped here, or a zombie where init does
+                        # not reap once this relay exits
+                        spare.retire()
             status = 0
         except BaseException as e:  # a broken client must never reach the agent's loop
             self._log(f"a command's relay failed: {e!r}")
@@ -533,6 +537,8 @@ class _SpareRunner:
 
     def __init__(self, pid: int, ctl: socket.socket) -> None:
         self.pid, self.ctl = pid, ctl
+        #: it got a command (``hand_over``): whoever runs it reaps it
+        self.handed = False
 
     @classmethod
     def fork(cls, keep_out: tuple[int, ...], *, prefault_memory: bool) -> _SpareRunner | None:
@@ -567,6 +573,7 @@ class _SpareRunner:
             return None
         # It may still be in a slice of pre-faulting at idle priority: the command
         # runs at the relay's.
+        self.handed = True
         _set_policy(self.pid, os.sched_getscheduler(0))
         return self.pid
 
