@@ -178,16 +178,20 @@ def test_a_machine_its_monitor_is_starting_again_is_restarting(tmp_path: Path) -
 
     me = {"monitor_pid": os.getpid(), "monitor_start": proc_start_time(os.getpid())}
     again = _record(Home(tmp_path), "again", status=mstate.CREATED, restart_policy="always",
-                    restart_count=1, **me)  # fmt: skip
+                    restart_count=1, restarting=True, **me)  # fmt: skip
     assert shown(again)["status"] == "restarting"
     assert _status(again) == "Restarting"
     assert json.loads(_ember(tmp_path, "inspect", "again").stdout)[0]["status"] == "restarting"
     assert [m["name"] for m in json.loads(_ember(tmp_path, "ps", "--json").stdout)] == ["again"]
     killed = _ember(tmp_path, "kill", "-s", "TERM", "again")
     assert killed.stderr.startswith("ember: machine again is restarting"), killed.stderr
-    # a machine no monitor has taken yet (its `ember run` is creating it) is created
+    # a machine no monitor has taken yet (its `ember run` is creating it) is created, and
+    # so is one `ember start` is starting (its monitor named in the record)
     fresh = _record(Home(tmp_path), "fresh", status=mstate.CREATED)
     assert shown(fresh)["status"] == "created" and _status(fresh) == "Created"
+    starting = _record(Home(tmp_path), "starting", status=mstate.CREATED,
+                       restart_policy="always", restart_count=1, **me)  # fmt: skip
+    assert shown(starting)["status"] == "created" and _status(starting) == "Created"
 
 
 def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:

@@ -106,3 +106,28 @@ def test_start_of_a_running_machine_attaches_or_is_a_no_op(ember: Ember, busybox
     finally:
         ember("rm", "-f", "live")
     assert machines_and_disks(ember) == []
+
+
+def test_a_start_killed_before_the_hand_over_leaves_a_machine_that_starts_again(
+    ember: Ember, busybox: str
+) -> None:
+    """`ember start` killed (SIGKILL) after preparing the record and before its monitor
+    had the machine: the record said created with no monitor, and every later start said
+    to `rm -f` it, root disk and all."""
+    ember("run", "-d", "--name", "ks", busybox, "true", check=True)
+    try:
+        wait_for(ember, "ks", lambda s: s["status"] == "exited")
+        res = subprocess.run(
+            ["ip", "netns", "exec", ember.netns, sys.executable, "-c",
+             INTERRUPTED_AT.replace("raise exc()", "import os; os._exit(9)"),
+             "ember.machines.lifecycle", "MonitorHandle.hand_over", "INT", "start", "ks"],
+            capture_output=True, text=True, env=ember.env(), timeout=180,
+        )  # fmt: skip
+        assert res.returncode == 9, res.stderr
+        again = ember("start", "ks")
+        assert again.returncode == 0, again.stderr
+        st = wait_for(ember, "ks", lambda s: s["status"] == "exited")
+        assert st["exit_code"] == 0, st
+    finally:
+        assert ember("rm", "-f", "ks").returncode == 0
+    assert machines_and_disks(ember) == []

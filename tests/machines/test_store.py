@@ -278,3 +278,31 @@ def test_start_waits_for_the_monitor_of_the_last_run_to_end(tmp_path: Path) -> N
     finally:
         monitor.kill()
         monitor.wait()
+
+
+def test_a_start_killed_before_its_monitor_took_the_machine_leaves_it_startable(
+    tmp_path: Path,
+) -> None:
+    """`ember start` killed between preparing the record (created) and handing it to its
+    monitor (which then exits): no command could start, stop or kill the machine again,
+    only `rm -f` it, root disk and all.  The record names that monitor now, and the next
+    command finds it gone and records the end."""
+    import subprocess
+
+    from ember.machines import lifecycle
+    from ember.process import proc_start_time
+
+    home = Home(tmp_path)
+    st = make_state()
+    monitor = subprocess.Popen(["sleep", "60"])  # stands in for the monitor it started
+    st.status = mstate.CREATED
+    st.monitor_pid, st.monitor_start = monitor.pid, proc_start_time(monitor.pid)
+    MachineStore(home).create(st, "killedstart")
+    monitor.kill()  # the CLI died: its monitor read EOF and exited
+    monitor.wait()
+    # (a record from an older ember: refused for that, not as "being created")
+    with pytest.raises(MachineError, match="older ember"):
+        lifecycle.prepare_start(home, st)
+    after = mstate.read_state(MachineStore(home).dir(st.id))
+    assert (after.status, after.exit_code) == (mstate.EXITED, 255)
+    assert after.end_reason == "the machine's monitor disappeared"

@@ -523,7 +523,7 @@ def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
     prepared = False
     try:
         with deferred():  # (quick) no moment when it is prepared and we do not know it
-            st = lifecycle.prepare_start(home, st)
+            st = lifecycle.prepare_start(home, st, monitor_pid=monitor.pid)
             prepared = True
         return _launch(home, st, monitor, attach=attach, fresh_logs=False)
     except BaseException:

@@ -384,6 +384,7 @@ def prepare_start(
     *,
     restart: bool = False,
     holder: list[socket.socket] | None = None,
+    monitor_pid: int | None = None,
 ) -> MachineState:
     """Make an exited machine ready for its monitor again (``ember start``): a network
     (ports and network name as before; the address may differ), its boot config with that
@@ -392,7 +393,10 @@ def prepare_start(
 
     ``restart``: the monitor applying the restart policy, which yields to a user's
     ``ember stop/kill`` that came meanwhile (MachineError); it holds the host ports from
-    their check on (``holder``, see ``NetworkManager.setup``)."""
+    their check on (``holder``, see ``NetworkManager.setup``).  ``monitor_pid``: the
+    monitor ``ember start`` started for it, named in the record from now on: a start
+    killed before it handed the machine over leaves a record whose monitor is gone, which
+    ``refresh`` repairs (it was a machine no command could start or stop again)."""
     from ember.net.manager import MachineNetwork, NetworkManager
     from ember.snapshots.chain import root_disk
     from ember.snapshots.errors import SnapshotNotFound
@@ -405,13 +409,18 @@ def prepare_start(
     with mstate.locked(d):
         cur = mstate.read_state(d)
         if cur.status == mstate.CREATED and not restart and cur.monitor_pid is None:
-            # being started by its `ember run` right now, or left by one that was killed
+            # being created by its `ember run` right now, or left by one that was killed
             # (SIGKILL) before it handed the machine over: which, the record cannot tell,
             # and starting it twice would boot two VMMs on one disk
             raise MachineRunning(
-                f"machine {cur.name} is being created or started by another ember command "
+                f"machine {cur.name} is being created by another ember command "
                 "(or one was killed before its monitor took the machine)",
                 hint=f"if no other ember command is at it, remove it: ember rm -f {cur.name}",
+            )
+        if cur.status == mstate.CREATED and not restart:  # (its monitor lives: refreshed)
+            raise MachineRunning(
+                f"machine {cur.name} is being started (by another ember command, or again "
+                "by its restart policy)"
             )
         if cur.status != mstate.EXITED:
             raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
@@ -465,12 +474,14 @@ def prepare_start(
             cur.oom_killed = False
             cur.vmm_pid = None
             cur.stopped_by_user = cur.restart_given_up = False
+            cur.restarting = restart
             if restart:
                 # the same monitor runs it again: `ember stop/kill/rm` see that one is
                 # about to start it (its start then ends at once, see _stop_pending_restart)
                 cur.restart_count += 1
             else:
-                cur.monitor_pid = cur.monitor_start = None
+                cur.monitor_pid = monitor_pid
+                cur.monitor_start = None if monitor_pid is None else proc_start_time(monitor_pid)
             mstate.write_state(d, cur)
         except BaseException:
             manager.teardown(cur.id)
@@ -668,7 +679,7 @@ def refresh(home: Home, st: MachineState) -> MachineState:
         if vmm_alive(cur) and cur.vmm_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(cur.vmm_pid, signal.SIGKILL)
-        cur.status = mstate.EXITED
+        cur.status, cur.restarting = mstate.EXITED, False
         cur.finished_at = cur.finished_at or mstate.now()
         if cur.exit_code is None:
             cur.exit_code = 255
@@ -734,12 +745,14 @@ def mark_stopped_by_user(home: Home, st: MachineState) -> MachineState:
 
 def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
     """A machine between two runs of its restart policy (exited, or being started again
-    by its monitor): marked stopped, its monitor waited for (it then does not restart it,
-    or kills the VMM it was starting); None when it is not such a machine (or it is
-    running again by now: it is stopped as a running one)."""
+    by its monitor), or one `ember start` is starting: marked stopped, its monitor waited
+    for (it then does not restart it, or kills the VMM it was starting); None when it is
+    not such a machine (or it is running by now: it is stopped as a running one)."""
     st = refresh(home, st)
-    if st.status == mstate.RUNNING or st.restart_policy == "no" or not monitor_alive(st):
+    if st.status == mstate.RUNNING or not monitor_alive(st):
         return None
+    if st.status == mstate.EXITED and st.restart_policy == "no":
+        return None  # (its monitor is ending)
     d = MachineStore(home).dir(st.id)
     with mstate.locked(d):
         cur = mstate.read_state(d)

@@ -298,6 +298,7 @@ def _run_held(
             return None
         with mstate.update(d) as cur:
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
+            cur.restarting = False
             cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
             cur.monitor_start = proc_start_time(os.getpid())
             stopped = cur.stopped_by_user

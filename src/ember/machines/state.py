@@ -90,6 +90,9 @@ class MachineState:
     stopped_by_user: bool = False
     #: the monitor gave up restarting it (``error`` says why); it exits next
     restart_given_up: bool = False
+    #: created again by its monitor under the restart policy (``ember start`` names the
+    #: monitor it started too, in ``monitor_pid``, but is no restart)
+    restarting: bool = False
 
     @property
     def may_restart(self) -> bool:
@@ -108,9 +111,8 @@ class MachineState:
     @property
     def between_restarts(self) -> bool:
         """Between two runs of its restart policy, if its monitor is alive: exited and
-        waiting to run again, or being started again (created with the monitor's pid
-        kept: only the restart path keeps it, ``lifecycle.prepare_start``)."""
-        return self.may_restart or (self.status == CREATED and self.monitor_pid is not None)
+        waiting to run again, or being started again (``lifecycle.prepare_start``)."""
+        return self.may_restart or (self.status == CREATED and self.restarting)
 
     @property
     def short_id(self) -> str:
@@ -121,6 +123,7 @@ class MachineState:
         could not be started."""
         self.status, self.finished_at = EXITED, now()
         self.exit_code, self.error, self.end_reason = 125, message, reason
+        self.restarting = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
