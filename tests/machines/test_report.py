@@ -26,6 +26,13 @@ def test_report() -> None:
     assert got == ExitReport(125, None, False, "no?[31m user")
 
 
+def test_a_report_whose_error_text_is_not_utf8_still_counts() -> None:
+    """An image's user name (or a message cut inside a character) put raw bytes into
+    init's error text, and the whole report was dropped: "no exit report"."""
+    got = parse_report(b'{"exit_code": 125, "signal": null, "error": "unable to find user \xff\xc3"}')
+    assert got == ExitReport(125, None, False, "unable to find user \ufffd\ufffd")
+
+
 def test_the_output_counts_are_taken_when_plausible_and_ignored_otherwise() -> None:
     base = b'{"exit_code": 0, "signal": null, "oom_killed": false, "sent": %s}'
     assert parse_report(base % b"[4700000, 12]") == ExitReport(0, None, False, sent=(4700000, 12))

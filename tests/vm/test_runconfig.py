@@ -93,6 +93,9 @@ def test_user_workdir_and_signal_from_image_then_overrides() -> None:
         cfg, RunOverrides(user="1:2", workdir="/tmp", stop_signal="INT", stop_timeout=3)
     )
     assert (rc.user, rc.workdir, rc.stop_signal, rc.stop_timeout) == ("1:2", "/tmp", 2, 3)
+    # empty options are no options, as docker merges them: `-u ""` ran as root
+    rc = RunConfig.from_image(cfg, RunOverrides(user="", workdir="", stop_signal=""))
+    assert (rc.user, rc.workdir, rc.stop_signal) == ("nobody", "/srv", int(signal.SIGQUIT))
 
 
 def test_relative_workdir_refused() -> None:
@@ -102,13 +105,18 @@ def test_relative_workdir_refused() -> None:
 
 @pytest.mark.parametrize(
     ("text", "num"),
-    [("SIGTERM", 15), ("term", 15), ("9", 9), ("SIGRTMIN+3", int(signal.SIGRTMIN) + 3), (10, 10)],
-)
+    [("SIGTERM", 15), ("term", 15), ("9", 9), ("SIGRTMIN+3", int(signal.SIGRTMIN) + 3), (10, 10),
+     ("RTMIN", int(signal.SIGRTMIN)), ("SIGRTMAX", int(signal.SIGRTMAX)),
+     ("SIGRTMAX-1", int(signal.SIGRTMAX) - 1), ("rtmax-14", int(signal.SIGRTMAX) - 14)],
+)  # fmt: skip
 def test_parse_signal(text: str | int, num: int) -> None:
     assert parse_signal(text) == num
 
 
-@pytest.mark.parametrize("bad", ["SIGNOPE", "0", "999", "", "\u0669"])
+@pytest.mark.parametrize(
+    "bad", ["SIGNOPE", "0", "999", "", "\u0669", "SIGRTMIN-1", "SIGRTMAX+1", "SIGRTMAX-40",
+            "SIGRTMIN+99"],
+)  # fmt: skip
 def test_parse_signal_refuses(bad: str) -> None:
     with pytest.raises(InvalidRunConfig):
         parse_signal(bad)
@@ -274,3 +282,22 @@ def test_render_parse_round_trip_any_text(
 def test_parse_random_bytes_only_raises_invalid(data: bytes) -> None:
     with contextlib.suppress(InvalidRunConfig):
         RunConfig.parse(b"ember-run-config 1\n" + data)
+
+
+def test_a_config_must_leave_room_for_what_the_host_adds() -> None:
+    """An image's environment near the guest's 1 MiB passed `ember run` (the size was
+    checked only once rendered with the network, after the disk clone), and the same
+    machine restored from a template (clock and seed added) failed in the guest."""
+    from ember.vm.runconfig import HOST_RECORDS_ROOM, MAX_CONFIG_SIZE, restore_message
+
+    near = RunConfig.from_image(Cfg(cmd=["x"], env=["A=" + "x" * (MAX_CONFIG_SIZE - 400)]))
+    assert len(near.render()) <= MAX_CONFIG_SIZE  # it renders...
+    with pytest.raises(InvalidRunConfig, match="kept for the machine's network"):
+        near.check_room()  # ...but leaves no room
+    with pytest.raises(InvalidRunConfig, match="with the clock and seed"):
+        restore_message(near.render(), 1, bytes(256))
+    fits = RunConfig.from_image(
+        Cfg(cmd=["x"], env=["A=" + "x" * (MAX_CONFIG_SIZE - HOST_RECORDS_ROOM - 200)])
+    )
+    fits.check_room()
+    assert len(restore_message(fits.render(), 1, bytes(256))) <= MAX_CONFIG_SIZE

@@ -144,6 +144,7 @@ def create(
     lap("kernel")
     # validate the run config before anything is allocated
     draft = RunConfig.from_image(image.config, _run_overrides(req))
+    draft.check_room()
 
     # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
     # made or its monitor started, not by `ember ps/logs/stop` that only check on one

@@ -48,7 +48,9 @@ def parse_report(data: bytes) -> ExitReport | None:
     if not line:
         return None
     try:
-        obj = jsonutil.loads(line)
+        # (an image's bytes, e.g. a user name, may reach init's error text undecoded:
+        # that costs the text, not the report)
+        obj = jsonutil.loads(line.decode("utf-8", "replace"))
     except ValueError:
         return None
     if not isinstance(obj, dict):

@@ -28,6 +28,10 @@ FORMAT_VERSION = 1
 MAGIC = b"ember-run-config"
 #: ember-init refuses configs bigger than this; keep the two in step (init/config.c)
 MAX_CONFIG_SIZE = 1 << 20
+#: what the host adds to a config after the image's and the user's part was checked:
+#: hosts, nameservers and network records (again at each `ember start`, with an address
+#: that may differ) and a restored template's clock and seed
+HOST_RECORDS_ROOM = 4096
 DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_NOFILE = 1048576
 DEFAULT_MTU = 1420
@@ -169,9 +173,11 @@ class RunConfig:
         o = overrides or RunOverrides()
         argv = docker_argv(config.entrypoint, config.cmd, o.entrypoint, o.args)
         env = merge_env(config.env or (), o.env)
-        user = o.user if o.user is not None else (config.user or "")
-        workdir = o.workdir if o.workdir is not None else (config.working_dir or "")
-        if o.stop_signal is not None:
+        # an empty option is no option, as docker's merge of run and image configs has
+        # it: `-u "$RUN_AS"` with the variable unset ran as root, not as the image's user
+        user = o.user or config.user or ""
+        workdir = o.workdir or config.working_dir or ""
+        if o.stop_signal:
             sig = parse_signal(o.stop_signal)
         elif config.stop_signal:
             sig = parse_signal(config.stop_signal)
@@ -190,6 +196,20 @@ class RunConfig:
         return cls(**base)  # type: ignore[arg-type]
 
     # ---- the wire format ----------------------------------------------------------
+
+    def check_room(self) -> None:
+        """InvalidRunConfig unless this config, rendered, leaves ``HOST_RECORDS_ROOM`` for
+        what the host adds: checked before a machine is made (an image's environment
+        near the limit passed `ember run`, and then a restored template, or a start with
+        a longer address, went over it in the guest)."""
+        size = len(self.render())
+        if size > MAX_CONFIG_SIZE - HOST_RECORDS_ROOM:
+            raise InvalidRunConfig(
+                f"run config is {size} bytes: the guest accepts {MAX_CONFIG_SIZE} in all, "
+                f"{HOST_RECORDS_ROOM} of them kept for the machine's network and clock",
+                hint="the image's environment and command (with -e and the arguments) "
+                "must be smaller",
+            )
 
     def render(self) -> bytes:
         lines: list[bytes] = [_record(MAGIC.decode(), str(FORMAT_VERSION))]
@@ -291,7 +311,7 @@ def _check_env_key(key: str) -> None:
 
 
 def parse_signal(value: str | int) -> int:
-    """Docker accepts ``SIGTERM``, ``TERM``, ``15`` and ``SIGRTMIN+3``."""
+    """Docker accepts ``SIGTERM``, ``TERM``, ``15``, ``SIGRTMIN+3`` and ``SIGRTMAX-1``."""
     if isinstance(value, int):
         num = value
     else:
@@ -302,9 +322,14 @@ def parse_signal(value: str | int) -> int:
             num = int(text)
         else:
             name = text if text.startswith("SIG") else "SIG" + text
-            m = re.fullmatch(r"SIGRTMIN\+(\d+)", name)
+            m = re.fullmatch(r"SIGRTMIN(?:\+(\d+))?|SIGRTMAX(?:-(\d+))?", name)
             if m:
-                num = int(_signal.SIGRTMIN) + int(m.group(1))
+                if name.startswith("SIGRTMIN"):
+                    num = int(_signal.SIGRTMIN) + int(m.group(1) or 0)
+                else:  # (counted down within the real-time signals only)
+                    num = int(_signal.SIGRTMAX) - int(m.group(2) or 0)
+                    if num < int(_signal.SIGRTMIN):
+                        raise InvalidRunConfig(f"stop signal {value!r} is out of range")
             else:
                 try:
                     num = int(_signal.Signals[name])
@@ -462,7 +487,10 @@ def restore_message(config: bytes, now_ns: int, seed: bytes) -> bytes:
         raise InvalidRunConfig("the seed for a restored machine must be 16 to 256 bytes")
     extra = _record("clock", str(now_ns // 1_000_000_000), str(now_ns % 1_000_000_000))
     extra += _record("seed", seed.hex())
-    return config[: -len(b"end\n")] + extra + b"end\n"
+    message = config[: -len(b"end\n")] + extra + b"end\n"
+    if len(message) > MAX_CONFIG_SIZE:  # (RunConfig.check_room keeps room for these)
+        raise InvalidRunConfig(f"run config is {len(message)} bytes with the clock and seed")
+    return message
 
 
 def _record(key: str, *fields_: str) -> bytes:
