@@ -92,6 +92,22 @@ def test_gc_keeps_what_images_and_leases_need(home: Home, busybox_layout: Path) 
     assert prepare_image(home, kept_image).built == ()
 
 
+def test_gc_keeps_the_layers_a_failed_prepare_finished(
+    home: Home, multilayer_layout: Path
+) -> None:
+    """A prepare that fails (or is killed) keeps the layers it committed for the next one
+    to build on (docs/snapshots.md); gc marked from the image's top snapshot only, which
+    did not exist, and removed them all."""
+    image = ImageService(home).pull(f"oci:{multilayer_layout}:latest", progress=False)
+    prepare_image(home, image)
+    snap = Snapshotter(home)
+    *finished, top = [str(layer.chain_id) for layer in image.layers]
+    snap.remove(top)  # as if the prepare had failed on the last layer
+    collect(home)
+    assert all(snap.exists(name) for name in finished)
+    assert prepare_image(home, image).built == (top,)
+
+
 def test_gc_spares_the_blobs_a_running_command_claims(home: Home, busybox_layout: Path) -> None:
     """An unpack of a local image claims its blobs (ember.images.locking); `image rm`
     then forgets the image while the unpack still reads them: gc must not delete them."""

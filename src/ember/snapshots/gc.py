@@ -109,8 +109,9 @@ def image_roots(home: Home) -> Roots:
                 f"cannot read image {record.reference} ({e}); gc stopped, nothing removed"
             ) from e
         roots.content.update(layer.digest for layer in image.layers)
-        if image.layers:
-            roots.snapshots.add(str(image.layers[-1].chain_id))
+        # every layer's, not only the top's (which reaches the rest): a prepare that
+        # failed keeps the layers it finished for the next one to build on
+        roots.snapshots.update(str(layer.chain_id) for layer in image.layers)
     return roots
 
 
