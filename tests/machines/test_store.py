@@ -306,3 +306,34 @@ def test_a_start_killed_before_its_monitor_took_the_machine_leaves_it_startable(
     after = mstate.read_state(MachineStore(home).dir(st.id))
     assert (after.status, after.exit_code) == (mstate.EXITED, 255)
     assert after.end_reason == "the machine's monitor disappeared"
+
+
+def test_a_record_whose_monitor_is_gone_says_exited_only_once_its_network_is_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorded exited first, a repair killed before the teardown left an exited record
+    whose TAP, rules and host ports no later command freed (refresh looks at running
+    records only).  Network first: killed in between, the next refresh does it again."""
+    import subprocess
+
+    from ember.machines import lifecycle
+    from ember.net.manager import NetworkManager
+    from ember.process import proc_start_time
+
+    home = Home(tmp_path)
+    st = make_state()
+    monitor = subprocess.Popen(["sleep", "60"])
+    st.status, st.started_at = mstate.RUNNING, mstate.now()
+    st.monitor_pid, st.monitor_start = monitor.pid, proc_start_time(monitor.pid)
+    MachineStore(home).create(st, "lost")
+    monitor.kill()
+    monitor.wait()
+    seen: list[str] = []
+
+    def teardown(self: NetworkManager, machine_id: str) -> None:
+        seen.append(mstate.read_state(MachineStore(home).dir(machine_id)).status)
+
+    monkeypatch.setattr(NetworkManager, "teardown", teardown)
+    after = lifecycle.refresh(home, st)
+    assert seen == [mstate.RUNNING]  # freed while the record still said running
+    assert (after.status, after.exit_code) == (mstate.EXITED, 255)

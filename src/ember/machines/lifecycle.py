@@ -668,6 +668,19 @@ def _monitor_lost(st: MachineState) -> bool:
     return has_monitor and not monitor_alive(st)
 
 
+def _free_network(home: Home, st: MachineState) -> None:
+    """Tear a machine's network down before its record says exited: killed in between,
+    the record still names a dead monitor, and the next refresh frees it again (the other
+    order left an exited record whose TAP, rules and host ports nothing freed until the
+    machine was started or removed).  A failure is said, and the end recorded anyway."""
+    from ember.net.manager import NetworkManager
+
+    try:
+        NetworkManager(home).teardown(st.id)
+    except EmberError as e:
+        log.warning("cannot free machine %s's network: %s", st.name, e)
+
+
 def refresh(home: Home, st: MachineState) -> MachineState:
     """Repair a record whose monitor is gone (killed, host crash)."""
     if not _monitor_lost(st):
@@ -680,15 +693,13 @@ def refresh(home: Home, st: MachineState) -> MachineState:
         if vmm_alive(cur) and cur.vmm_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(cur.vmm_pid, signal.SIGKILL)
+        _free_network(home, cur)
         cur.status, cur.restarting = mstate.EXITED, False
         cur.finished_at = cur.finished_at or mstate.now()
         if cur.exit_code is None:
             cur.exit_code = 255
             cur.end_reason = "the machine's monitor disappeared"
         mstate.write_state(d, cur)
-    from ember.net.manager import NetworkManager
-
-    NetworkManager(home).teardown(st.id)
     if cur.auto_remove:
         # --rm: what its monitor would have done had it lived (and its `ember run`, had
         # that not been killed too), as dockerd removes such containers when it comes

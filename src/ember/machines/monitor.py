@@ -137,10 +137,12 @@ def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
 def _failed_to_start(
     home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, message: str
 ) -> None:
+    _cleanup(home, st, removing=False)  # (the network before the record: see _run_held)
     with mstate.update(d) as cur:
         cur.record_not_started(message, "the VMM failed to start")
     sync.send(MonitorFailed(message))
-    _cleanup(home, st, st.auto_remove)
+    if st.auto_remove:
+        _cleanup(home, st, removing=True)
 
 
 def run(home: Home, machine_id: str, sync: EventWriter) -> int:
@@ -346,6 +348,9 @@ def _run_held(
         # of an earlier run is no word on this one
         console_bytes = pump.received(pump.channels.console_log)
         pump.close()
+    # the network first, then the record (lifecycle._free_network says why); a stop
+    # waiting for "exited" then also finds the network and the host ports free
+    _cleanup(home, st, removing=False)
     with mstate.update(d) as cur:
         # `ember kill/rm -f/stop` mark the machine before they SIGKILL its VMM
         host_killed = cur.stopped_by_user and end.signal == signal.SIGKILL
@@ -358,7 +363,6 @@ def _run_held(
         )
         cur.end_reason, cur.error = result.end_reason, result.error
         final = cur
-    _cleanup(home, final, removing=False)
     return final
 
 
