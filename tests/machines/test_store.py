@@ -337,3 +337,53 @@ def test_a_record_whose_monitor_is_gone_says_exited_only_once_its_network_is_fre
     after = lifecycle.refresh(home, st)
     assert seen == [mstate.RUNNING]  # freed while the record still said running
     assert (after.status, after.exit_code) == (mstate.EXITED, 255)
+
+
+LOST_HOLDER = """
+import json, subprocess, sys
+from pathlib import Path
+from ember.home import Home
+from ember.machines import lifecycle, state as mstate
+from ember.machines.store import MachineStore
+from ember.net.manager import NetworkManager
+from ember.net.ports import parse_publish
+from ember.process import proc_start_time
+home = Home(Path(sys.argv[1]))
+old = MachineStore(home).find(sys.argv[2])
+NetworkManager(home).setup(old.id, ports=parse_publish("8080:80"))
+gone = subprocess.Popen(["sleep", "60"])
+with mstate.update(MachineStore(home).dir(old.id)) as cur:  # running, its monitor ...
+    cur.status, cur.monitor_pid, cur.monitor_start = "running", gone.pid, proc_start_time(gone.pid)
+gone.kill(); gone.wait()  # ... gone (a host reboot, a kill -9)
+net = lifecycle._setup_network(home, "b" * 64, ports=parse_publish("8080:80"), network="default")
+print(json.dumps({"port": net.ports[0].host_port,
+                  "old": mstate.read_state(MachineStore(home).dir(old.id)).status,
+                  "networks": sorted(NetworkManager(home).machines())}))
+NetworkManager(home).teardown("b" * 64)
+"""
+
+
+def test_a_port_held_by_a_machine_whose_monitor_is_gone_is_freed_for_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """After a reboot (or a monitor's kill -9) its machine's network allocation stayed
+    until a command looked at that machine: `ember run -p` of its port said "already
+    published by machine ..." for a machine that was not running."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.machines.vmkit import delete_netns, new_netns
+
+    home = Home(tmp_path)
+    st = make_state()
+    MachineStore(home).create(st, "old")
+    netns = new_netns()
+    try:
+        res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", LOST_HOLDER,
+                              str(tmp_path), st.id], capture_output=True, text=True)  # fmt: skip
+    finally:
+        delete_netns(netns)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out == {"port": 8080, "old": "exited", "networks": ["b" * 64]}

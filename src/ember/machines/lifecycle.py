@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,7 +113,7 @@ def create(
     made itself, the root disk included even when its clone is still under way (it is
     released when the clone ends)."""
     from ember.images import ImageService
-    from ember.net.manager import NetConfig, NetworkManager
+    from ember.net.manager import NetConfig
     from ember.snapshots.chain import clone_root_disk
     from ember.snapshots.config import SnapshotConfig
     from ember.vm.initramfs import base_initramfs
@@ -166,7 +166,7 @@ def create(
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone")
         cloning = pool.submit(clone_root_disk, home, image, machine_id, req.disk_size)
         try:
-            net = NetworkManager(home).setup(machine_id, ports=req.ports, network=req.network)
+            net = _setup_network(home, machine_id, ports=req.ports, network=req.network)
         finally:
             wait([cloning])  # never leave the clone running behind a failure
         disk = cloning.result()
@@ -452,7 +452,8 @@ def prepare_start(
             raise DamagedMachine(cur.id, f"field 'network': {e}") from None
         manager = NetworkManager(home)
         manager.teardown(cur.id)  # whatever a crashed monitor left (exited: none is running)
-        net = manager.setup(
+        net = _setup_network(
+            home,
             cur.id,
             ports=old.ports if old else (),
             network=old.network if old else "default",
@@ -666,6 +667,33 @@ def _monitor_lost(st: MachineState) -> bool:
         st.status == mstate.CREATED and st.monitor_pid is not None
     )
     return has_monitor and not monitor_alive(st)
+
+
+def _setup_network(
+    home: Home,
+    machine_id: str,
+    *,
+    ports: Sequence[PortMapping],
+    network: str,
+    holder: list[socket.socket] | None = None,
+) -> MachineNetwork:
+    """``NetworkManager.setup``, tried once more when a port or the subnet was taken and
+    machines whose monitor is gone (a host reboot, a monitor killed) were holding
+    network: their records are repaired first, which frees it.  Without this, after a
+    reboot a run refused the old machines' ports until some command (ps) looked at them."""
+    from ember.net.errors import PortConflict, SubnetExhausted
+    from ember.net.manager import NetworkManager
+
+    manager = NetworkManager(home)
+    try:
+        return manager.setup(machine_id, ports=ports, network=network, holder=holder)
+    except (PortConflict, SubnetExhausted):
+        lost = [m for m in MachineStore(home).list() if m.id != machine_id and _monitor_lost(m)]
+        if not lost:
+            raise
+    for m in lost:
+        refresh(home, m)
+    return manager.setup(machine_id, ports=ports, network=network, holder=holder)
 
 
 def _free_network(home: Home, st: MachineState) -> None:
