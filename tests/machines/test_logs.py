@@ -154,6 +154,20 @@ def test_reopen_continues_the_current_file_and_rotates_when_over(tmp_path: Path)
     assert path.read_bytes() == b"next\n"
 
 
+def test_a_rotation_a_kill_cut_short_is_finished_when_the_log_is_opened(tmp_path: Path) -> None:
+    """Killed between rotate's two renames: the full file under the current name and
+    under .1; the next run appended to it, and `ember logs` printed it twice."""
+    path = tmp_path / "stdout.log"
+    path.write_bytes(b"full\n")
+    os.link(path, tmp_path / "stdout.log.1")
+    (tmp_path / "stdout.log.new").write_bytes(b"")
+    log = RotatingLog(path, LogConfig(4096, 3))
+    log.write(b"next\n")
+    log.close()
+    assert [p.read_bytes() for p in log_files(path)] == [b"full\n", b"next\n"]
+    assert not (tmp_path / "stdout.log.new").exists()
+
+
 def test_capped_file_keeps_the_first_bytes(tmp_path: Path) -> None:
     f = CappedFile(tmp_path / "status.json", 10)
     f.write(b"0123456")

@@ -162,11 +162,27 @@ class RotatingLog:
         self.path = path
         self.cap = config.max_size
         self.max_files = config.max_files
+        self._finish_rotation(path)
         self.fd = self._open(path, trunc=False)
         self.size = os.fstat(self.fd).st_size
         self.rotations = 0
         #: fds of dropped files an attached reader still held when they were dropped
         self._held: list[int] = []
+
+    @classmethod
+    def _finish_rotation(cls, path: Path) -> None:
+        """A monitor killed between the two renames of ``rotate`` left the full file
+        under the current name and under ``.1``: the next run appended to it, and
+        ``ember logs`` printed up to a file's worth twice.  The current name gets its
+        fresh file now, as the rotation would have given it."""
+        try:
+            if not os.path.samefile(path, rotated_name(path, 1)):
+                return
+        except FileNotFoundError:
+            return
+        fresh = path.with_name(f"{path.name}.new")
+        os.close(cls._open(fresh, trunc=True))
+        os.rename(fresh, path)
 
     @staticmethod
     def _open(path: Path, trunc: bool) -> int:
