@@ -78,6 +78,10 @@ void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 int mkdir_p(const char *path, mode_t mode);
 int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode);
+/* Open a path that must be a regular file (following symlinks, as open does): -1 with
+ * errno EINVAL when it is anything else.  An image's /etc/passwd or /etc/hosts may be a
+ * FIFO, whose open or read would hang init before the program starts, or a device. */
+int open_regular(const char *path, int flags, mode_t mode);
 char *read_file(const char *path, size_t max, size_t *len);
 int dir_is_empty(const char *path);
 void msleep(int ms);

@@ -125,6 +125,66 @@ static long long port_sent(int i)
 	return n;
 }
 
+/* Length of the UTF-8 character at s (1-4 bytes), 0 when the bytes there are not one
+ * (RFC 3629: no overlong forms, surrogates or code points past U+10FFFF), -1 when the
+ * string ends inside one that was valid so far. */
+static int utf8_len(const unsigned char *s)
+{
+	int n;
+	unsigned char lo = 0x80, hi = 0xbf; /* the range of the second byte */
+	if (s[0] < 0x80) {
+		return 1;
+	} else if (s[0] >= 0xc2 && s[0] <= 0xdf) {
+		n = 2;
+	} else if (s[0] >= 0xe0 && s[0] <= 0xef) {
+		n = 3;
+		if (s[0] == 0xe0)
+			lo = 0xa0; /* overlong */
+		if (s[0] == 0xed)
+			hi = 0x9f; /* surrogates */
+	} else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+		n = 4;
+		if (s[0] == 0xf0)
+			lo = 0x90; /* overlong */
+		if (s[0] == 0xf4)
+			hi = 0x8f; /* past U+10FFFF */
+	} else {
+		return 0; /* a continuation byte, overlong 0xc0 0xc1, or past U+10FFFF */
+	}
+	for (int i = 1; i < n; i++) {
+		if (!s[i])
+			return -1;
+		if (s[i] < (i == 1 ? lo : 0x80) || s[i] > (i == 1 ? hi : 0xbf))
+			return 0;
+	}
+	return n;
+}
+
+/* Append the message as the body of a JSON string, stopping while the longest escape
+ * (6 bytes) and the closing "}\n still fit.  The host refuses a report that is not
+ * UTF-8, and the message may quote the image's bytes (a user name, a WORKDIR) or have
+ * been cut at its buffer's end: a byte that is no UTF-8 becomes \u00XX (its Latin-1
+ * reading), a character cut at the end is left out, and a whole one is never split. */
+static size_t append_json_string(char *json, size_t size, size_t n, const char *msg)
+{
+	const unsigned char *p = (const unsigned char *)msg;
+	while (*p && n < size - 16) {
+		int len = utf8_len(p);
+		if (len < 0)
+			break;
+		if (*p == '"' || *p == '\\')
+			n = append(json, size, n, "\\%c", *p);
+		else if (*p < 0x20 || len == 0)
+			n = append(json, size, n, "\\u%04x", *p);
+		else {
+			memcpy(json + n, p, (size_t)len);
+			n += (size_t)len;
+		}
+		p += len ? len : 1;
+	}
+	return n;
+}
+
 static void report(int exit_code, int sig, int oom, const char *error)
 {
 	char json[1024];
@@ -137,18 +197,9 @@ static void report(int exit_code, int sig, int oom, const char *error)
 		n = append(json, sizeof(json), n, ", \"sent\": [%lld, %lld]",
 		           out - G.sent_base[0], errs - G.sent_base[1]);
 	if (error) {
-		/* the message is ours, but may quote config values: escape for JSON, and stop
-		 * where the longest escape (6) and the closing "}\n still fit */
+		/* the message is ours, but may quote config values and the image's bytes */
 		n = append(json, sizeof(json), n, ", \"error\": \"");
-		for (const char *p = error; *p && n < sizeof(json) - 16; p++) {
-			unsigned char ch = (unsigned char)*p;
-			if (ch == '"' || ch == '\\')
-				n = append(json, sizeof(json), n, "\\%c", ch);
-			else if (ch < 0x20)
-				n = append(json, sizeof(json), n, "\\u%04x", ch);
-			else
-				json[n++] = (char)ch;
-		}
+		n = append_json_string(json, sizeof(json), n, error);
 		n = append(json, sizeof(json), n, "\"");
 	}
 	n = append(json, sizeof(json), n, "}\n");
@@ -352,16 +403,20 @@ static void set_hostname_and_files(const struct config *c)
 	}
 	/* Append the host records, starting on a fresh line if the image's file lacks a
 	 * final newline.  Programs expect localhost to resolve, and scratch images often
-	 * ship no /etc/hosts: add Docker's localhost lines when no line names it. */
+	 * ship no /etc/hosts: add Docker's localhost lines when no line names it.  A hosts
+	 * that is not a regular file (a FIFO would hang init) is the image's business. */
 	size_t len = 0;
 	char *old = read_file("/etc/hosts", 1 << 20, &len);
+	int not_regular = !old && errno == EINVAL;
 	int need_nl = old && len > 0 && old[len - 1] != '\n';
 	int need_localhost = !old || !names_localhost(old);
 	free(old);
-	if (c->nhosts > 0 || need_localhost) {
-		int fd = open("/etc/hosts", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	if (not_regular) {
+		logmsg("/etc/hosts is not a regular file: no records added");
+	} else if (c->nhosts > 0 || need_localhost) {
+		int fd = open_regular("/etc/hosts", O_WRONLY | O_APPEND | O_CREAT, 0644);
 		if (fd < 0) {
-			logmsg("/etc/hosts: %s", strerror(errno));
+			logmsg("/etc/hosts: %s", errno == EINVAL ? "not a regular file" : strerror(errno));
 		} else {
 			if (need_nl)
 				write_all(fd, "\n", 1);
@@ -417,16 +472,35 @@ static const char *env_get(char **env, const char *key)
 	return NULL;
 }
 
+static char *env_entry(const char *key, const char *value)
+{
+	size_t n = strlen(key) + strlen(value) + 2;
+	char *s = xrealloc(NULL, n);
+	snprintf(s, n, "%s=%s", key, value);
+	return s;
+}
+
 static void env_add(struct config *c, const char *key, const char *value)
 {
 	if (env_has(c->env, key))
 		return;
-	size_t n = strlen(key) + strlen(value) + 2;
-	char *s = xrealloc(NULL, n);
-	snprintf(s, n, "%s=%s", key, value);
 	/* config_parse left three spare slots for exactly these additions */
-	c->env[c->envc++] = s;
+	c->env[c->envc++] = env_entry(key, value);
 	c->env[c->envc] = NULL;
+}
+
+/* HOME as runc sets it: the user's home from passwd (else "/") when the environment has
+ * none, or an empty one (`ENV HOME=`), which no program could use. */
+static void env_set_home(struct config *c, const char *home)
+{
+	for (char **e = c->env; *e; e++) {
+		if (!strncmp(*e, "HOME=", 5)) {
+			if (!(*e)[5])
+				*e = env_entry("HOME", home);
+			return;
+		}
+	}
+	env_add(c, "HOME", home);
 }
 
 static void raise_nofile(long want)
@@ -533,6 +607,14 @@ static pid_t spawn(struct config *c, const struct exec_user *u, const char *work
 		dup2(G.ports[PORT_STDOUT], 1);
 	if (G.ports[PORT_STDERR] >= 0)
 		dup2(G.ports[PORT_STDERR], 2);
+	/* chdir as root first, like runc: `USER app` with `WORKDIR /root/app` (/root 0700)
+	 * starts there, though the user cannot go through /root.  Only when root may not
+	 * enter (a root-squashed or FUSE volume) is it tried again as the user. */
+	int cd = chdir(workdir) < 0 ? errno : 0;
+	if (cd && cd != EACCES && cd != EPERM) {
+		child_error("chdir", workdir, cd);
+		_exit(EXIT_CANNOT_EXEC);
+	}
 	if (setgroups((size_t)u->ngroups, u->groups) < 0) {
 		child_error("setgroups", "", errno);
 		_exit(EXIT_CANNOT_EXEC);
@@ -541,7 +623,7 @@ static pid_t spawn(struct config *c, const struct exec_user *u, const char *work
 		child_error("setuid/setgid", c->user ? c->user : "", errno);
 		_exit(EXIT_CANNOT_EXEC);
 	}
-	if (chdir(workdir) < 0) {
+	if (cd && chdir(workdir) < 0) {
 		child_error("chdir", workdir, errno);
 		_exit(EXIT_CANNOT_EXEC);
 	}
@@ -903,7 +985,7 @@ int main(int argc, char **argv)
 	                 sizeof(err)) < 0)
 		fail(err);
 	env_add(c, "PATH", DEFAULT_PATH);
-	env_add(c, "HOME", u.home ? u.home : "/");
+	env_set_home(c, u.home ? u.home : "/");
 	if (c->hostname)
 		env_add(c, "HOSTNAME", c->hostname);
 	const char *workdir = c->workdir ? c->workdir : "/";

@@ -23,17 +23,45 @@ static int numeric(const char *s, unsigned long *out)
 	return 1;
 }
 
-/* Split a colon-separated line into at most n fields (in place). Returns the count. */
+/* Split a colon-separated line into at most n fields (in place). Returns the count of
+ * fields the line has; the missing ones are set to "" (runc takes a passwd line without
+ * its shell, a group line without its member list). */
 static int split(char *line, char **f, int n)
 {
 	int i = 0;
 	f[i++] = line;
-	for (char *p = line; *p && i < n; p++)
+	char *p = line;
+	for (; *p && i < n; p++)
 		if (*p == ':') {
 			*p = 0;
 			f[i++] = p + 1;
 		}
-	return i;
+	int count = i;
+	p += strlen(p); /* the line's final NUL: an empty string */
+	while (i < n)
+		f[i++] = p;
+	return count;
+}
+
+/* The next line of a passwd or group file, without the '\r' of a file with CRLF line
+ * endings (else the last field keeps it, and a member "app\r" is never "app"). */
+static char *next_line(char *data, char **save)
+{
+	char *line = strtok_r(data, "\n", save);
+	size_t len = line ? strlen(line) : 0;
+	if (len > 0 && line[len - 1] == '\r')
+		line[len - 1] = 0;
+	return line;
+}
+
+/* The image's passwd or group file, NULL when it has none (or one that is not a
+ * regular file: a FIFO would hang init, so it counts as absent). */
+static char *read_db(const char *path)
+{
+	char *data = read_file(path, 16 << 20, NULL);
+	if (!data && errno == EINVAL)
+		logmsg("%s is not a regular file: ignored", path);
+	return data;
 }
 
 struct pwent {
@@ -44,10 +72,9 @@ struct pwent {
 /* Find a passwd entry by name (when name != NULL) or by uid. */
 static int find_passwd(char *data, const char *name, unsigned long uid, struct pwent *out)
 {
-	for (char *save = NULL, *line = strtok_r(data, "\n", &save); line;
-	     line = strtok_r(NULL, "\n", &save)) {
+	for (char *save = NULL, *line = next_line(data, &save); line; line = next_line(NULL, &save)) {
 		char *f[7];
-		if (line[0] == '#' || split(line, f, 7) < 7)
+		if (line[0] == '#' || split(line, f, 7) < 6)
 			continue;
 		unsigned long u, g;
 		if (!numeric(f[2], &u) || !numeric(f[3], &g))
@@ -75,7 +102,7 @@ int resolve_user(const char *spec, const char *passwd_path, const char *group_pa
 		*colon = 0;
 		grouppart = colon + 1;
 	}
-	char *passwd = read_file(passwd_path, 16 << 20, NULL);
+	char *passwd = read_db(passwd_path);
 	struct pwent pw;
 	int matched = 0;
 	unsigned long id;
@@ -108,13 +135,13 @@ int resolve_user(const char *spec, const char *passwd_path, const char *group_pa
 	}
 	if (!grouppart && !pwname)
 		return 0;
-	char *group = read_file(group_path, 16 << 20, NULL);
+	char *group = read_db(group_path);
 	int found = 0;
-	for (char *save = NULL, *line = group ? strtok_r(group, "\n", &save) : NULL; line;
-	     line = strtok_r(NULL, "\n", &save)) {
+	for (char *save = NULL, *line = group ? next_line(group, &save) : NULL; line;
+	     line = next_line(NULL, &save)) {
 		char *f[4];
 		unsigned long g;
-		if (line[0] == '#' || split(line, f, 4) < 4 || !numeric(f[2], &g))
+		if (line[0] == '#' || split(line, f, 4) < 3 || !numeric(f[2], &g))
 			continue;
 		if (grouppart) {
 			if (!strcmp(f[0], grouppart)) {

@@ -106,10 +106,29 @@ int write_file(const char *path, const char *data, size_t len, int flags, mode_t
 	return close(fd);
 }
 
-/* Read a whole (small) file; NUL-terminated.  NULL with errno set on failure or if > max. */
+int open_regular(const char *path, int flags, mode_t mode)
+{
+	/* look before opening: opening a device can do things of its own (a watchdog arms) */
+	struct stat st;
+	if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+		return errno = EINVAL, -1;
+	/* O_NONBLOCK: should it have become a FIFO meanwhile, the open must not wait for a
+	 * writer (or reader); on a regular file the flag changes nothing */
+	int fd = open(path, flags | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, mode);
+	if (fd < 0)
+		return -1;
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		close(fd);
+		return errno = EINVAL, -1;
+	}
+	return fd;
+}
+
+/* Read a whole (small) regular file; NUL-terminated.  NULL with errno set on failure or
+ * if > max: EINVAL when it is not a regular file (a FIFO would block init). */
 char *read_file(const char *path, size_t max, size_t *len)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd = open_regular(path, O_RDONLY, 0);
 	if (fd < 0)
 		return NULL;
 	size_t cap = 4096, n = 0;

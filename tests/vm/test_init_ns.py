@@ -46,10 +46,12 @@ def root(busybox_rootfs: Path, ember_init: Path, tmp_path: Path) -> Path:
 
 
 def _argv(root: Path, control: bool) -> list[str]:
+    # --kill-child: a run that times out (init hung) must not leave its PID 1 behind,
+    # holding the output pipes open
     argv = [
         "unshare",
         "--pid",
-        "--fork",
+        "--kill-child",
         "--mount",
         "--uts",
         "--net",
@@ -70,13 +72,20 @@ def _argv(root: Path, control: bool) -> list[str]:
 
 def _result(root: Path, returncode: int, stdout: str, console: str) -> Result:
     status_file = root / ".ember-status"
-    status = json.loads(status_file.read_text()) if status_file.exists() else None
+    # bytes, as the host parses them: the report must be UTF-8 JSON whatever it quotes
+    status = json.loads(status_file.read_bytes()) if status_file.exists() else None
     return Result(returncode, stdout, console, status)
 
 
-def run_init(root: Path, rc: RunConfig | bytes) -> Result:
+def run_init(root: Path, rc: RunConfig | bytes, timeout: float = 60) -> Result:
     (root / ".ember-config").write_bytes(rc if isinstance(rc, bytes) else rc.render())
-    p = subprocess.run(_argv(root, False), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        _argv(root, False),
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=timeout,
+    )
     return _result(root, p.returncode, p.stdout, p.stderr)
 
 
@@ -162,6 +171,41 @@ def test_a_long_error_keeps_the_exit_report_whole(root: Path) -> None:
     assert "unable to find user aaaaa\x01" in str(r.status["error"])
 
 
+def test_the_exit_report_is_utf8_whatever_the_message_quotes(root: Path) -> None:
+    """The image's bytes went into the report raw (a user name with 0xff), and a message
+    cut at init's 512-byte buffer could end inside a character: the host's parser, which
+    takes UTF-8 JSON only, dropped the whole report (and with it the exit code)."""
+    r = run_init(root, sh("true", user="\udcffx"))  # the byte 0xff (surrogateescape)
+    assert r.returncode == 125
+    assert r.status is not None and r.status["exit_code"] == 125
+    # a byte that is no UTF-8 is escaped as its Latin-1 reading
+    assert r.status["error"] == "unable to find user \u00ffx: no matching entries in passwd file"
+    # whole characters go through as they are
+    r = run_init(root, sh("true", user="ünïcödé"))
+    assert r.status is not None and r.status["exit_code"] == 125
+    assert r.status["error"] == "unable to find user ünïcödé: no matching entries in passwd file"
+    # what is UTF-8 and what is not, as Python's strict decoder sees it: overlong forms,
+    # a surrogate, past U+10FFFF, a lone continuation byte, a character cut short
+    name = (
+        b"a\xe0\x80\x80\xed\xa0\x80\xf4\x90\x80\x80\xc0\xaf"  # invalid, byte by byte
+        b"\x80\xe2\x82x\xf0\x9f\x98\x80\xe2\x82\xac"  # lone, cut short, valid 4 and 3 bytes
+    )
+    text = name.decode("utf-8", "surrogateescape")
+    r = run_init(root, sh("true", user=text))
+    assert r.status is not None and r.status["exit_code"] == 125
+    latin1 = "".join(chr(ord(c) - 0xDC00) if "\udc80" <= c <= "\udcff" else c for c in text)
+    expected = f"unable to find user {latin1}: no matching entries in passwd file"
+    assert r.status["error"] == expected
+    # too long a name for mkdir: the message is cut after 511 bytes, inside an "é"
+    prefix = "cannot create working directory /a"
+    r = run_init(root, sh("true", workdir="/a" + "é" * 250))
+    assert r.returncode == 125
+    assert r.status is not None and r.status["exit_code"] == 125
+    error = str(r.status["error"])
+    assert error.startswith(prefix + "é" * 200), error
+    assert set(error[len(prefix) :]) == {"é"}, error  # the cut character left out
+
+
 # ---- users --------------------------------------------------------------------------
 
 
@@ -193,6 +237,55 @@ def test_numeric_user_is_always_an_id(root: Path) -> None:
     assert r.stdout.strip() == "1000"
 
 
+def test_passwd_line_without_shell_and_group_line_without_members(root: Path) -> None:
+    """Lines runc takes (missing trailing fields are empty) were skipped."""
+    with open(root / "etc" / "passwd", "a") as f:
+        f.write("short:x:1100:1100::/home/short\n")
+    with open(root / "etc" / "group", "a") as f:
+        f.write("bare:x:2100\n")
+    r = run_init(root, sh('id -u; id -g; echo "$HOME"', user="short"))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split() == ["1100", "1100", "/home/short"]
+    r = run_init(root, sh("id -u; id -g", user="app:bare"))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split() == ["1000", "2100"]
+
+
+def test_crlf_passwd_and_group(root: Path) -> None:
+    """A file with CRLF line endings left '\\r' on each line's last field: a member
+    "crlf\\r" was never the user crlf, a 3-field group's gid was not a number."""
+    (root / "etc" / "passwd").write_bytes(
+        b"root:x:0:0:root:/root:/bin/sh\r\ncrlf:x:1200:1200::/home/crlf:/bin/sh\r\n"
+    )
+    (root / "etc" / "group").write_bytes(
+        b"root:x:0:\r\ncrlf:x:1200:\r\nteam:x:2200:other,crlf\r\nbare:x:2300\r\n"
+    )
+    r = run_init(root, sh('id -u; id -g; id -G; echo "$HOME"', user="crlf"))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split("\n")[:4] == ["1200", "1200", "1200 2200", "/home/crlf"]
+    r = run_init(root, sh("id -g", user="crlf:bare"))
+    assert (r.returncode, r.stdout) == (0, "2300\n"), r.console
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "evil:x:99999999999:0::/:/bin/sh",  # past 2^31-1
+        "evil:x:-1:0::/:/bin/sh",
+        "evil:x: 5:0::/:/bin/sh",
+        "evil:x:5:0x10::/:/bin/sh",
+        "evil:x::0::/:/bin/sh",
+        "evil:x:5\r:0::/:/bin/sh",  # only a line's last '\\r' is its ending
+    ],
+)
+def test_hostile_numeric_passwd_fields_are_still_refused(root: Path, line: str) -> None:
+    with open(root / "etc" / "passwd", "a") as f:
+        f.write(line + "\r\n")
+    r = run_init(root, sh("id -u", user="evil"))
+    assert r.returncode == 125
+    assert "unable to find user evil" in r.console
+
+
 @pytest.mark.parametrize(
     ("user", "message"),
     [
@@ -219,6 +312,24 @@ def test_workdir_is_created_like_docker(root: Path) -> None:
     assert r.stdout == "/\n"
 
 
+def test_workdir_only_root_can_enter(root: Path) -> None:
+    """`USER app` with `WORKDIR /root/app` (/root is 0700): init changed to the user
+    before the directory and failed with 126; runc changes directory as root first."""
+    assert (root / "root").stat().st_mode & 0o777 == 0o700
+    script = "pwd; id -u; ls /root 2>/dev/null || echo cannot-list-root"
+    r = run_init(root, sh(script, workdir="/root/app", user="app"))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split("\n")[:3] == ["/root/app", "1000", "cannot-list-root"]
+
+
+@pytest.mark.parametrize(("user", "home"), [("app", "/home/app"), ("4242", "/"), ("", "/root")])
+def test_empty_home_is_replaced_like_runc(root: Path, user: str, home: str) -> None:
+    """`ENV HOME=` is no home: runc sets the passwd one (or "/"); init kept it empty."""
+    r = run_init(root, sh('echo "[$HOME]"; env | grep -c ^HOME=', env=("HOME=",), user=user))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split() == [f"[{home}]", "1"]
+
+
 def test_hostname_hosts_and_resolv_conf(root: Path) -> None:
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost")  # no final newline
     os.symlink("/run/elsewhere/resolv.conf", root / "etc" / "resolv.conf")
@@ -236,6 +347,40 @@ def test_hostname_hosts_and_resolv_conf(root: Path) -> None:
         "search example.com\nnameserver 10.0.0.1\nnameserver 1.1.1.1\n"
     )
     assert not (root / "etc" / "resolv.conf").is_symlink()
+
+
+def test_fifo_passwd_group_and_hosts_do_not_hang_init(root: Path) -> None:
+    """An image's /etc/passwd, /etc/group or /etc/hosts that is a FIFO (or a symlink to
+    one) hung init in its open or read before the program ran: anything but a regular
+    file now counts as absent, and hosts is left alone."""
+    etc = root / "etc"
+    for name in ("passwd", "hosts"):
+        (etc / name).unlink(missing_ok=True)
+        os.mkfifo(etc / name)
+    os.mkfifo(root / "group.fifo")
+    (etc / "group").unlink()
+    os.symlink("/group.fifo", etc / "group")
+    # (busybox's id would itself block on the FIFO passwd: the IDs from /proc)
+    ids = 'grep -E "^(Uid|Gid):" /proc/self/status | cut -f2; echo "$HOME"'
+    rc = sh(
+        ids,
+        user="4242",
+        hostname="box",
+        hosts=(HostEntry("10.0.0.1", ("gateway",)),),
+    )
+    r = run_init(root, rc, timeout=20)
+    assert r.returncode == 0, r.console
+    assert r.stdout.split() == ["4242", "0", "/"]
+    assert "ember-init: /etc/hosts is not a regular file: no records added" in r.console
+    assert "ember-init: /etc/passwd is not a regular file: ignored" in r.console
+    assert (etc / "hosts").is_fifo() and (etc / "passwd").is_fifo()
+    # as root (no user), and with names to look up: absent files, no hang
+    r = run_init(root, sh(ids), timeout=20)
+    assert (r.returncode, r.stdout) == (0, "0\n0\n/\n"), r.console
+    r = run_init(root, sh("true", user="4242:staff"), timeout=20)
+    assert r.returncode == 125
+    assert "ember-init: /etc/group is not a regular file: ignored" in r.console
+    assert "unable to find group staff" in r.console
 
 
 def test_pseudo_filesystems_symlinks_and_nofile(root: Path) -> None:
