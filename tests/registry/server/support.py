@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,15 @@ class Tenant:
         )
         r.raise_for_status()
         return str(r.json()["token"])
+
+
+def send_partial(host: str, method: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
+    """Send a request whose body is cut short; the socket stays open."""
+    h, p = host.split(":")
+    s = socket.create_connection((h, int(p)))
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    s.sendall(head.encode() + b"\r\n" + body)
+    return s
 
 
 def sha256(data: bytes) -> str:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from tests.registry.server.support import (
     Tenant,
     at,
     push_blob,
+    send_partial,
     sha256,
 )
 from tests.support.images import layout_ref
@@ -30,15 +30,6 @@ pytestmark = pytest.mark.integration
 
 def _tenant(srv: EmberServer) -> Tenant:
     return Tenant(srv, "acme", srv.create_token("acme", "pull,push,delete"))
-
-
-def _send_partial(host: str, method: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
-    """Send a request whose body is cut short; the socket stays open."""
-    h, p = host.split(":")
-    s = socket.create_connection((h, int(p)))
-    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    s.sendall(head.encode() + b"\r\n" + body)
-    return s
 
 
 def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -62,7 +53,7 @@ def test_kill_mid_chunked_upload(fresh_server: Callable[[], EmberServer]) -> Non
         loc = r.headers["location"]
     upload_file = srv.home / "registry" / "uploads" / session
     # the second chunk is 10 MiB; send 6 MiB of it and kill while the server waits for the rest
-    sock = _send_partial(srv.host, "PATCH", loc, {
+    sock = send_partial(srv.host, "PATCH", loc, {
         "Authorization": f"Bearer {t.token}", "Content-Range": f"{first}-{len(data) - 1}",
         "Content-Length": str(len(data) - first), "Content-Type": "application/octet-stream",
     }, data[first : first + 6 * 1024 * 1024])
@@ -98,7 +89,7 @@ def test_kill_mid_manifest_put(fresh_server: Callable[[], EmberServer]) -> None:
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(layer), "size": len(layer)}],
         "annotations": {"pad": "x" * 20000},
     }).encode()
-    sock = _send_partial(srv.host, "PUT", "/v2/app/manifests/v1", {
+    sock = send_partial(srv.host, "PUT", "/v2/app/manifests/v1", {
         "Authorization": f"Bearer {t.token}", "Content-Type": OCI_MANIFEST, "Content-Length": str(len(manifest)),
     }, manifest[: len(manifest) // 2])
     time.sleep(0.2)  # let the server read what was sent; the outcome must not depend on it

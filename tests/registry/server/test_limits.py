@@ -22,6 +22,8 @@ import httpx
 import pytest
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from ember.locks import FileLock
+from ember.oci.digest import Digest
 from ember.registry.server.config import ServerLimits, limits_from_env
 from ember.registry.server.errors import RegistryError
 from ember.registry.server.gc import purge
@@ -43,6 +45,7 @@ from tests.registry.server.support import (
     at,
     ember,
     push_blob,
+    send_partial,
     sha256,
 )
 from tests.support.images import layout_ref
@@ -307,6 +310,154 @@ def test_gc_keeps_an_expired_session_a_request_still_appends_to(start: Callable[
     report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
     assert (report["uploads"], report["repositories"]) == (1, 1)
     assert busy not in _sessions(srv) and not (_uploads_dir(srv) / busy).exists()
+
+
+def _held_bytes(srv: EmberServer, session: str) -> int | None:
+    """What the session's row holds under its organization's quota (None: no row)."""
+    with _db(srv) as db:
+        row = db.execute("SELECT held_bytes FROM reg_uploads WHERE id = ?", (session,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _org_use(srv: EmberServer, org: str) -> tuple[int, int]:
+    """(used_bytes, upload_bytes) as `ember admin org ls` says."""
+    rows = json.loads(ember(srv.home, "admin", "org", "ls", "--json").stdout)
+    (row,) = [r for r in rows if r["name"] == org]
+    return int(row["used_bytes"]), int(row["upload_bytes"])
+
+
+def _recovered(srv: EmberServer) -> tuple[int, int, int]:
+    """(sessions whose file was gone, reservations cut, partial manifest writes) that
+    the server's log says its purges recovered."""
+    found = re.findall(
+        r"recovered from interrupted requests: (\d+) upload sessions whose file was gone, "
+        r"(\d+) upload reservations cut to what their file holds, (\d+) partial manifest writes",
+        srv.log_path.read_text(),
+    )
+    return (sum(int(f[0]) for f in found), sum(int(f[1]) for f in found), sum(int(f[2]) for f in found))
+
+
+def test_a_purge_drops_sessions_whose_file_a_kill_took(start: Callable[..., EmberServer]) -> None:
+    """A kill between a session's file going (published into the content store, or
+    deleted by a cancel) and its row's delete left the row, holding its bytes under the
+    quota for the 24 h until it expired: an organization near its quota was refused
+    (the retry of the very blob too) with nothing stored.  The purge deletes such rows,
+    never one a publication is about to delete (it holds the GC lock shared) nor a fresh
+    one that holds nothing (a session's row is written just before its file)."""
+    srv = start("--upload-purge-interval", QUICK)
+    ember(srv.home, "admin", "org", "quota", "acme", "10000")
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    storage = BlobStorage(srv.home / "registry")
+    uploads = _uploads_dir(srv)
+    published, cancelled = os.urandom(4000), os.urandom(3000)
+    with FileLock(storage.gc_lock, shared=True), t.client() as c:  # as a publication does
+        with _held(storage.purge_lock):  # no purge while the leftovers are made
+            # killed after publish renamed the file into the content store, before its row went
+            pub, loc = _start(c, "a")
+            assert c.patch(loc, content=published).status_code == 202
+            os.rename(uploads / pub, storage.blob_path(Digest.parse(sha256(published))))
+            # killed in a cancel after the file was deleted, before the row was
+            gone, loc = _start(c, "a")
+            assert c.patch(loc, content=cancelled).status_code == 202
+            os.unlink(uploads / gone)
+            # sessions that hold nothing, without a file: one long ago, one just made
+            old, _ = _start(c, "a")
+            fresh, _ = _start(c, "a")
+            os.unlink(uploads / old)
+            os.unlink(uploads / fresh)
+            with _db(srv) as db:
+                db.execute("UPDATE reg_uploads SET created_at = ? WHERE id = ?", (time.time() - 7200, old))
+            assert (_held_bytes(srv, pub), _held_bytes(srv, gone)) == (4000, 3000)
+            assert _org_use(srv, "acme") == (7000, 7000)
+        # while a publication holds the GC lock shared, no row without a file goes: it
+        # may be that publication's, whose commit deletes it with the blob's link
+        _purges_run(srv, 2)
+        assert {pub, gone, old, fresh} <= _sessions(srv)
+    _purges_run(srv)
+    assert _sessions(srv) == {fresh}
+    assert _org_use(srv, "acme") == (0, 0)
+    with t.client() as c:  # the room is back: the retried blob and another one fit
+        push_blob(c, "a", published)
+        push_blob(c, "a", os.urandom(5000))
+    assert _org_use(srv, "acme") == (9000, 0)
+    _wait_for(lambda: _recovered(srv)[0] >= 3)
+    _purges_run(srv)
+    assert _recovered(srv) == (3, 0, 0), srv.log_tail()
+    assert _sessions(srv) == {fresh}  # within the grace period: its file may be on the way
+
+
+def test_a_purge_gives_back_what_a_killed_patch_reserved(start: Callable[..., EmberServer]) -> None:
+    """A PATCH reserves room under the quota before it writes (all of a known length at
+    once) and settles to what it wrote when it ends; killed in between, the session
+    held the whole reservation until it expired, 24 h.  The purge cuts it down to the
+    session's file (the session goes on), never while a request holds the session."""
+    srv = start("--upload-purge-interval", QUICK)
+    ember(srv.home, "admin", "org", "quota", "acme", "12M")
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    uploads = _uploads_dir(srv)
+    with t.client() as c:
+        live, live_loc = _start(c, "a")
+    # a streamed PATCH reserves ahead of what it has written; while it holds the
+    # session, purges leave its reservation alone
+    with _appending(t, live_loc) as status:
+        _purges_run(srv, 2)
+        held = _held_bytes(srv, live)
+        assert held is not None and held > (uploads / live).stat().st_size >= 1 << 20
+    assert status() == 202
+    assert _held_bytes(srv, live) == (uploads / live).stat().st_size  # settled by itself
+    with t.client() as c:
+        assert c.delete(live_loc).status_code == 204
+        session, loc = _start(c, "a")
+    # an 8 MiB chunk of which 2 MiB arrive before the kill: it reserved all 8 MiB
+    chunk = os.urandom(8 << 20)
+    sock = send_partial(srv.host, "PATCH", loc, {
+        "Authorization": f"Bearer {t.token}", "Content-Range": f"0-{len(chunk) - 1}",
+        "Content-Length": str(len(chunk)), "Content-Type": "application/octet-stream",
+    }, chunk[: 2 << 20])  # fmt: skip
+    _wait_for(lambda: (uploads / session).stat().st_size >= 1 << 20)
+    srv.kill()
+    sock.close()
+    size = (uploads / session).stat().st_size
+    assert _held_bytes(srv, session) == len(chunk) > size
+    srv.restart_on_same_port()
+    _purges_run(srv)
+    assert _held_bytes(srv, session) == size
+    assert _org_use(srv, "acme") == (size, size)
+    with t.client() as c:
+        push_blob(c, "a", os.urandom(6 << 20))  # 14 MiB with the 8 reserved: refused
+        r = c.get(loc)  # the session itself goes on from what arrived
+        assert r.status_code == 204 and r.headers["Range"] == f"0-{size - 1}"
+    _wait_for(lambda: _recovered(srv)[1] >= 1)
+    assert _recovered(srv) == (0, 1, 0), srv.log_tail()
+
+
+def test_a_purge_deletes_partial_manifest_writes(start: Callable[..., EmberServer]) -> None:
+    """A manifest PUT killed inside ContentStore.put_bytes left its ingest file in the
+    registry's content store for ever (the host store's gc prunes its own): the purge
+    deletes those older than the grace period that no writer holds."""
+    srv = start("--upload-purge-interval", QUICK)
+    storage = BlobStorage(srv.home / "registry")
+    ingest = storage.content.ingest_dir
+    with _held(storage.purge_lock):
+        killed, fresh, writing = (ingest / f"sha256-{c * 64}" for c in "abc")
+        for path in (killed, fresh, writing):
+            path.write_bytes(b'{"schemaVersion": 2, "mediaTy')
+        for path in (killed, writing):
+            os.utime(path, (time.time() - 7200,) * 2)
+    with open(writing, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a writer holds its ingest file
+        _purges_run(srv)
+        assert sorted(p.name for p in ingest.iterdir()) == sorted(p.name for p in (fresh, writing))
+    _wait_for(lambda: not writing.exists())  # its writer is gone now
+    _wait_for(lambda: _recovered(srv)[2] >= 2)
+    _purges_run(srv)
+    assert _recovered(srv) == (0, 0, 2), srv.log_tail()
+    assert fresh.exists()  # within the grace period
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    with t.client() as c:  # manifests are written as before
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+        r = c.put("/v2/a/manifests/v1", content=index, headers={"Content-Type": OCI_INDEX})
+        assert r.status_code == 201, r.text
 
 
 def test_open_uploads_per_organization_are_capped(start: Callable[..., EmberServer]) -> None:

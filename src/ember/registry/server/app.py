@@ -128,9 +128,10 @@ class RegistryApp:
                 return
 
     async def _purge_every(self, interval: float) -> None:
-        """Delete expired upload sessions and empty repositories at start and then every
-        ``interval`` seconds (gc.purge: one process of the server at a time), in a worker
-        thread: requests go on being served meanwhile."""
+        """Delete expired upload sessions and empty repositories, and what killed
+        requests left (gc.purge), at start and then every ``interval`` seconds (one
+        process of the server at a time), in a worker thread: requests go on being
+        served meanwhile."""
         while True:
             try:
                 report = await run_in_threadpool(purge, self.meta, self.storage, interval)
@@ -143,6 +144,17 @@ class RegistryApp:
                         report.uploads.sessions,
                         report.uploads.bytes,
                         report.repositories,
+                    )
+                if report is not None and (
+                    report.dead_uploads or report.settled_uploads or report.ingests
+                ):
+                    log.info(
+                        "recovered from interrupted requests: %d upload sessions whose file "
+                        "was gone, %d upload reservations cut to what their file holds, "
+                        "%d partial manifest writes",
+                        report.dead_uploads,
+                        report.settled_uploads,
+                        report.ingests,
                     )
             await asyncio.sleep(interval)
 

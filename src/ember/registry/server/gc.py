@@ -8,7 +8,9 @@ freed; everything younger than the grace period is left alone, so an image
 being pushed right now (layers uploaded, manifest not yet put) survives.
 
 The server runs part of it by itself (``purge``): expired upload sessions and
-empty repositories, periodically.
+empty repositories, periodically; with what a kill -9 of a request left behind
+(upload sessions whose file is gone, reservations a request did not settle, the
+content store's partial writes of manifests).
 
 The whole sweep holds the exclusive GC lock; writers hold the shared lock
 from checking that what they reference exists (or making a blob fresh) until
@@ -24,7 +26,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.engine import Connection
 
 from ember.locks import try_lock
@@ -172,6 +174,67 @@ def sweep_uploads(
     return sweep
 
 
+def settle_uploads(meta: RegistryMetadata, storage: BlobStorage, now: float) -> int:
+    """Cut the reservation of each unexpired upload session that holds more room under
+    its organization's quota than its file has bytes down to the file's size; how many.
+
+    A request reserves room before it writes and settles to what it wrote when it ends
+    (``Allowance.settle``); one killed in between (mid-PATCH) left its reservation, which
+    counted against the quota until the session expired.  Each cut is made under the
+    session's lock, taken without waiting: a request holding it now is between its
+    reservation and its settle (its own settle follows), and no request starts on the
+    session until the cut is committed."""
+    with meta.db.connect() as conn:
+        rows = conn.execute(
+            select(s.uploads.c.id, s.uploads.c.held_bytes).where(
+                s.uploads.c.expires_at > now, s.uploads.c.held_bytes > 0
+            )
+        ).all()
+    cut = 0
+    for session, held in rows:
+        size = storage.session_size(session)
+        if size is None or size >= held:
+            continue  # as settled (or the file is gone: _dead_uploads)
+        with storage.idle_session(session) as idle_size:
+            if idle_size is not None and meta.cut_upload(session, idle_size):
+                cut += 1
+    return cut
+
+
+def _dead_upload(cutoff: float) -> ColumnElement[bool]:
+    """A session whose row may go if its file is gone: one that holds room under a
+    quota, or was made before ``cutoff``.  A session's row commits just before its file
+    is made, and holds nothing until a request on it (which needs the file) reserves
+    room: a fresh row without a file may be one whose file is being made."""
+    return or_(s.uploads.c.created_at < cutoff, s.uploads.c.held_bytes > 0)
+
+
+def _dead_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float) -> list[str]:
+    """Upload sessions (``_dead_upload``) whose file is gone: rows a kill left between
+    the file going (published into the content store, deleted by a cancel or a refusal)
+    and the row's delete.  No URL reaches them (a request needs the file), yet they
+    counted against the quota and the cap on open sessions until they expired."""
+    with meta.db.connect() as conn:
+        rows = conn.execute(select(s.uploads.c.id).where(_dead_upload(cutoff))).all()
+    return [sid for (sid,) in rows if storage.session_size(sid) is None]
+
+
+def _drop_dead_uploads(
+    conn: Connection, storage: BlobStorage, sessions: list[str], cutoff: float
+) -> int:
+    """Delete the rows of ``sessions`` (``_dead_uploads``) whose file is still gone; how
+    many.  Under the exclusive GC lock: an upload being published holds it shared from
+    renaming its file into the content store until the commit that deletes its row (and
+    links the blob), so a file gone now is not one being published."""
+    gone = [sid for sid in sessions if storage.session_size(sid) is None]
+    dropped = 0
+    for i in range(0, len(gone), 500):
+        dropped += conn.execute(
+            delete(s.uploads).where(s.uploads.c.id.in_(gone[i : i + 500]), _dead_upload(cutoff))
+        ).rowcount
+    return int(dropped)
+
+
 def _sweep_repositories(conn: Connection, cutoff: float) -> int:
     """Delete the repositories left with nothing (an upload started and cancelled,
     everything deleted) that are older than ``cutoff``; how many."""
@@ -254,6 +317,12 @@ class PurgeReport:
     uploads: UploadSweep
     #: repositories left with nothing that were deleted
     repositories: int = 0
+    #: what killed requests left: unexpired upload sessions whose file was gone (rows
+    #: deleted), reservations cut down to their session's file, partial writes of the
+    #: content store (manifests) deleted
+    dead_uploads: int = 0
+    settled_uploads: int = 0
+    ingests: int = 0
 
 
 #: how many times (50 ms apart) a purge tries for the exclusive GC lock, which pushes
@@ -266,15 +335,21 @@ def purge(
 ) -> PurgeReport | None:
     """The server's own periodic sweep (every ``interval`` seconds): upload sessions past
     their expiry (``sweep_uploads``: with upload files no session names, once older than
-    ``grace``), then repositories left with nothing, once older than ``grace``.
+    ``grace``), then what killed requests left: reservations above their session's file
+    (``settle_uploads``), partial writes of the content store (manifests) untouched for
+    ``grace`` and that no writer holds (``ContentStore.prune_ingests``), and unexpired
+    sessions whose file is gone (``_dead_uploads``); then repositories left with
+    nothing, once older than ``grace``.
 
     None when it did not run: another process (a worker, a replica over this state
     directory) purges now or did less than half an interval ago (each runs the timer;
-    one of them purges), or ``ember admin registry gc`` is sweeping, which does all of
-    this too.  Uploads are swept under the shared GC lock (alongside pushes, never
-    during a gc); repositories under the exclusive one, as gc does (pushes hold it
-    shared from making sure their repository exists until their rows are in), if it can
-    be had within about a second, else at the next purge."""
+    one of them purges), or ``ember admin registry gc`` is sweeping (which does the
+    expired sessions and the repositories too; the rest waits for the next purge).
+    Uploads are swept under the shared GC lock (alongside pushes, never during a gc);
+    the rows of sessions whose file is gone and repositories under the exclusive one,
+    as gc does (pushes hold it shared from making sure their repository exists, or from
+    publishing a session's file, until their rows are in), if it can be had within
+    about a second, else at the next purge."""
     lock = try_lock(storage.purge_lock)
     if lock is None:
         return None
@@ -288,7 +363,12 @@ def purge(
             if not free:
                 return None
             report = PurgeReport(sweep_uploads(meta, storage, now - grace, now))
-        report.repositories = _purge_repositories(meta, storage, now - grace)
+        report.settled_uploads = settle_uploads(meta, storage, now)
+        report.ingests = storage.content.prune_ingests(grace)
+        dead = _dead_uploads(meta, storage, now - grace)
+        report.dead_uploads, report.repositories = _purge_exclusive(
+            meta, storage, dead, now - grace
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, repr(now).encode(), 0)
         return report
@@ -304,11 +384,17 @@ def _last_purge(fd: int) -> float | None:
         return None
 
 
-def _purge_repositories(meta: RegistryMetadata, storage: BlobStorage, cutoff: float) -> int:
+def _purge_exclusive(
+    meta: RegistryMetadata, storage: BlobStorage, dead: list[str], cutoff: float
+) -> tuple[int, int]:
+    """Under the exclusive GC lock: the rows of the ``dead`` upload sessions whose file
+    is still gone, then the repositories left with nothing (those sessions' too);
+    (sessions, repositories) deleted, (0, 0) when the lock was not had."""
     for _ in range(_REPO_LOCK_TRIES):
         with storage.gc_lock_if_free(exclusive=True) as free:
             if free:
                 with meta.db.begin() as conn:
-                    return _sweep_repositories(conn, cutoff)
+                    dropped = _drop_dead_uploads(conn, storage, dead, cutoff)
+                    return dropped, _sweep_repositories(conn, cutoff)
         time.sleep(0.05)
-    return 0
+    return 0, 0

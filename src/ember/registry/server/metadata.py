@@ -296,6 +296,18 @@ class RegistryMetadata:
                 update(s.uploads).where(s.uploads.c.id == session).values(held_bytes=size)
             )
 
+    def cut_upload(self, session: str, size: int) -> bool:
+        """Upload ``session`` holds no more than ``size`` bytes: a reservation that a
+        request killed before it settled left above what the session's file holds is
+        cut down to it (never raised).  Whether it was."""
+        with self.db.begin() as conn:
+            cut = conn.execute(
+                update(s.uploads)
+                .where(s.uploads.c.id == session, s.uploads.c.held_bytes > size)
+                .values(held_bytes=size)
+            ).rowcount
+        return bool(cut)
+
     def create_token(self, org: str, label: str, actions: frozenset[str]) -> tuple[str, str]:
         token_id, secret = new_api_token()
         with self.db.begin() as conn:

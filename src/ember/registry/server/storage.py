@@ -105,6 +105,19 @@ class BlobStorage:
         return True
 
     @contextlib.contextmanager
+    def idle_session(self, session: str) -> Iterator[int | None]:
+        """The session's size, with its lock held until the block ends (no request
+        appends to or publishes it meanwhile; one that comes is refused, as while
+        another request holds it); None, and no lock, when a request holds it now or
+        its file is gone."""
+        with contextlib.ExitStack() as stack:
+            try:
+                fd = stack.enter_context(self._locked(session, os.O_RDONLY, busy_status=None))
+            except ApiError:  # busy, or gone
+                fd = -1
+            yield None if fd < 0 else os.fstat(fd).st_size
+
+    @contextlib.contextmanager
     def _locked(
         self, session: str, flags: int = os.O_WRONLY | os.O_APPEND, busy_status: int | None = 416
     ) -> Iterator[int]:

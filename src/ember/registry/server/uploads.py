@@ -202,7 +202,8 @@ class Uploads:
             )  # fmt: skip
         except OrgLimitReached as e:
             raise limit_reached(e) from None
-        # after the row: a file is never without its session's row (gc._stale_uploads)
+        # after the row: a file is never without its session's row (gc._stale_uploads);
+        # the row holds no room before its file exists (gc._dead_upload relies on it)
         try:
             self.storage.create_session(session)
         except OSError:
