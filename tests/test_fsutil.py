@@ -60,3 +60,51 @@ def test_remove_tree_never_follows_a_symlink(tmp_path: Path) -> None:
     remove_tree(tree)
     assert not tree.exists()
     assert (outside / "sub" / "keep").read_text() == "x"
+
+
+def test_stale_temps_sweeps_only_old_temp_files_never_through_a_symlink(tmp_path: Path) -> None:
+    """What ``atomic_write`` leaves when its writer is killed before the rename."""
+    import time
+
+    from ember.fsutil import stale_temps
+
+    d = tmp_path / "d"
+    d.mkdir()
+    hour_ago = time.time() - 3600
+    old = d / ".state.json.abcd1234.tmp"
+    old.write_bytes(b"half")
+    young = d / ".state.json.efgh5678.tmp"
+    young.write_bytes(b"writing")
+    kept = [d / "state.json", d / "name.tmp", d / ".hidden"]  # not named like its temp files
+    for p in kept:
+        p.write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"mine")
+    link, subdir, fifo = (d / f".{n}.abcd1234.tmp" for n in ("link", "dir", "fifo"))
+    link.symlink_to(outside)
+    subdir.mkdir()
+    os.mkfifo(fifo)
+    for p in [old, *kept, link, subdir, fifo]:
+        os.utime(p, (hour_ago, hour_ago), follow_symlinks=False)
+    assert stale_temps(d, 600) == (1, 4) and old.exists()  # a dry run: counted only
+    assert stale_temps(d, 600, remove=True) == (1, 4)
+    assert not old.exists() and young.exists() and all(p.exists() for p in kept)
+    assert link.is_symlink() and outside.read_bytes() == b"mine"
+    assert subdir.is_dir() and fifo.exists()
+    assert stale_temps(tmp_path / "missing", 600, remove=True) == (0, 0)
+
+
+def test_stale_temps_follows_the_directory_only_when_told(tmp_path: Path) -> None:
+    import time
+
+    from ember.fsutil import stale_temps
+
+    real = tmp_path / "real"
+    real.mkdir()
+    temp = real / ".f.abcd1234.tmp"
+    temp.write_bytes(b"x")
+    os.utime(temp, (time.time() - 3600,) * 2)
+    (tmp_path / "link").symlink_to(real)
+    assert stale_temps(tmp_path / "link", 600, remove=True) == (0, 0) and temp.exists()
+    assert stale_temps(tmp_path / "link", 600, remove=True, follow=True) == (1, 1)
+    assert not temp.exists()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,13 +29,19 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+#: how ``atomic_write`` (and writers like it) name their temp file: ``.NAME.<random>.tmp``
+#: beside NAME (hidden, and no reader's pattern takes it for the file itself)
+TEMP_SUFFIX = ".tmp"
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix.
 
-    temp file in the same directory, fsync, rename, fsync the directory.
+    temp file in the same directory, fsync, rename, fsync the directory.  A writer
+    killed (SIGKILL) before its rename leaves the temp file: ``stale_temps`` sweeps those.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -46,6 +54,60 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is named like ``atomic_write``'s temp files (``.*.tmp``)."""
+    return len(name) > len(TEMP_SUFFIX) + 1 and name[0] == "." and name.endswith(TEMP_SUFFIX)
+
+
+def stale_temps(
+    directory: Path,
+    older_than: float,
+    *,
+    remove: bool = False,
+    follow: bool = False,
+    now: float | None = None,
+) -> tuple[int, int]:
+    """The temp files writers killed half-way left in ``directory`` (``atomic_write``'s
+    ``.NAME.*.tmp``): regular files so named, not modified for ``older_than`` seconds (a
+    live writer's is seconds old).  How many, and their bytes; ``remove``: delete them
+    (without it nothing changes: a dry run's count).
+
+    Never follows a symlink: neither ``directory`` itself unless ``follow`` (a directory
+    ember makes inside its state directory is never one; the state directory may be, by
+    its owner's choice) nor any entry (a symlink, a directory or a FIFO so named is left
+    alone).  A missing directory holds none.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(directory, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, 0
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink
+            return 0, 0
+        raise
+    count = size = 0
+    now = time.time() if now is None else now
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if not is_temp_name(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < older_than:
+                        continue
+                    if remove:
+                        os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:  # gone meanwhile (its writer's rename, another sweep)
+                    continue
+                count += 1
+                size += st.st_size
+    finally:
+        os.close(fd)
+    return count, size
 
 
 #: FICLONE, _IOW(0x94, 9, int): <linux/fs.h>

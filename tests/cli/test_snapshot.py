@@ -193,3 +193,28 @@ def test_library_warnings_are_ember_messages(tmp_path: Path, multilayer_layout: 
         assert len(warning) == 1 and warning[0].startswith("ember: snapshot backend 'copy'")
     finally:
         teardown_home(home)
+
+
+def test_gc_says_what_it_swept_of_killed_commands(home: Home) -> None:
+    """The temp files of writers killed before their rename (config.json's, net/'s) are
+    counted, as everything else gc removes (old enough: a live command's are left alone;
+    the machine directories are tests/snapshots/test_gc.py's)."""
+    import os
+    import time
+
+    net = home.net_state.parent
+    net.mkdir()
+    temps = [home.root / ".config.json.abcd1234.tmp", net / ".state.json.abcd1234.tmp"]
+    young = home.root / ".accel.json.abcd1234.tmp"
+    for t in [*temps, young]:
+        t.write_bytes(b"x" * 1024)
+    hour_ago = time.time() - 3600
+    for t in temps:
+        os.utime(t, (hour_ago, hour_ago))
+    dry = json.loads(ember(home, "gc", "--dry-run", "--json").stdout)
+    assert (dry["machine_dirs"], dry["temp_files"], dry["leftover_bytes"]) == (0, 2, 2048)
+    assert all(t.exists() for t in temps)
+    out = ember(home, "gc").stdout
+    assert "0 leftover machine dir(s), 2 temp file(s)" in out, out
+    assert "2.0 KiB of leftovers" in out, out
+    assert not any(t.exists() for t in temps) and young.exists()

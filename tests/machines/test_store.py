@@ -387,3 +387,103 @@ def test_a_port_held_by_a_machine_whose_monitor_is_gone_is_freed_for_a_new_one(
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out == {"port": 8080, "old": "exited", "networks": ["b" * 64]}
+
+
+# ---- leftovers of commands killed half-way (MachineStore.sweep, run by ember gc) ----
+
+
+def _later() -> float:
+    """A ``now`` past the sweep's age threshold: a directory's age is its ctime, which
+    no test can set back."""
+    import time
+
+    from ember.machines.store import LEFTOVER_AGE
+
+    return time.time() + LEFTOVER_AGE + 60
+
+
+def test_sweep_removes_what_an_rm_killed_while_deleting_left(tmp_path: Path) -> None:
+    """``ember rm`` renames the directory to ``.removing-<id>`` and then deletes it: killed
+    in between, the tombstone (logs, initrd) stayed for ever."""
+    store = MachineStore(Home(tmp_path))
+    tomb = store.root / f".removing-{'a' * 64}"
+    (tomb / "sub").mkdir(parents=True)
+    (tomb / "console.log").write_bytes(b"x" * 1000)
+    (tomb / "sub" / "f").write_bytes(b"y" * 24)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    (tomb / "link").symlink_to(outside)
+    planted = store.root / f".removing-{'b' * 64}"
+    planted.symlink_to(outside)  # a symlink so named: not followed, not removed
+    assert store.sweep().dirs == 0  # too recent: an rm may be deleting it right now
+    assert tomb.is_dir()
+    dry = store.sweep(remove=False, now=_later())
+    assert (dry.dirs, dry.bytes) == (1, 1024) and tomb.is_dir()
+    swept = store.sweep(now=_later())
+    assert (swept.dirs, swept.bytes) == (1, 1024)
+    assert not tomb.exists() and planted.is_symlink()
+    assert (outside / "keep").read_text() == "mine"
+
+
+def test_sweep_removes_a_directory_a_run_killed_before_its_first_record_left(
+    tmp_path: Path,
+) -> None:
+    """``ember run`` killed between ``mkdir`` and the first ``write_state`` left a directory
+    no command lists, finds or removes."""
+    from ember.locks import FileLock
+
+    store = MachineStore(Home(tmp_path))
+    kept = make_state()
+    store.create(kept, "kept")
+    half = store.root / secrets.token_hex(32)
+    half.mkdir(mode=0o700)
+    (half / f".state.json.{'x' * 8}.tmp").write_bytes(b'{"id"')
+    assert store.list() == [kept] and store.scan()[1] == []  # invisible to ps
+    assert store.sweep().dirs == 0 and half.is_dir()  # too recent: a create under way
+    dry = store.sweep(remove=False, now=_later())
+    assert (dry.dirs, dry.bytes) == (1, 5) and half.is_dir()
+    assert not (half / "lock").exists()  # a dry run changes nothing
+    # a command holding the names lock may be creating it; one holding the machine's
+    # lock is at it
+    for held in (store.home.machine_names_lock, half / "lock"):
+        with FileLock(held):
+            assert store.sweep(now=_later()).dirs == 0 and half.is_dir()
+    assert store.sweep(now=_later()).dirs == 1
+    assert not half.exists()
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".removing-")]
+    assert store.list() == [kept]  # a machine with its record is never one of them
+
+
+def test_sweep_never_takes_a_symlink_for_a_machine_without_record(tmp_path: Path) -> None:
+    store = MachineStore(Home(tmp_path))
+    store.root.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    link = store.root / secrets.token_hex(32)
+    link.symlink_to(outside)
+    assert store.sweep(now=_later()).dirs == 0
+    assert link.is_symlink() and (outside / "keep").read_text() == "mine"
+
+
+def test_sweep_removes_temp_files_killed_writers_left_in_machine_directories(
+    tmp_path: Path,
+) -> None:
+    import os
+    import time
+
+    store = MachineStore(Home(tmp_path))
+    st = make_state()
+    d = store.create(st, "t")
+    old = d / f".state.json.{'a' * 8}.tmp"
+    old.write_bytes(b"half")
+    young = d / f".run.config.{'b' * 8}.tmp"
+    young.write_bytes(b"writing")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert store.sweep(remove=False).temp_files == 1 and old.exists()
+    swept = store.sweep()
+    assert (swept.temp_files, swept.bytes, swept.dirs) == (1, 4, 0)
+    assert not old.exists() and young.exists()  # a writer's of a moment ago stays
+    assert store.find("t").id == st.id

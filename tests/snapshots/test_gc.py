@@ -302,3 +302,47 @@ def test_gc_drops_partial_downloads_on_a_full_disk(tmp_path: Path, busybox_layou
         assert len(ImageService(home).list()) == 1  # and the database opens again
     finally:
         subprocess.run(["umount", "-l", str(small)], check=True)  # the database may still be open
+
+
+def test_gc_sweeps_what_commands_killed_half_way_left(home: Home) -> None:
+    """A kill -9 of `ember rm` while it deleted the renamed directory, of `ember run`
+    before its machine's first record, or of any atomic_write before its rename left
+    files no command ever removed (disk space only: none is read)."""
+    snap = Snapshotter(home)
+    snap.leases.create("op/keep")
+    machines = home.machines
+    tomb = machines / f".removing-{'a' * 64}"
+    tomb.mkdir(parents=True)
+    (tomb / "console.log").write_bytes(b"l" * 100)
+    unrecorded = machines / ("b" * 64)
+    unrecorded.mkdir()
+    (unrecorded / ".state.json.abcd1234.tmp").write_bytes(b"s" * 10)
+    machine = machines / ("c" * 64)
+    machine.mkdir()
+    (machine / "state.json").write_text("{}")  # a record, damaged or not: the machine stays
+    temps = [
+        machine / ".run.config.abcd1234.tmp",
+        home.root / ".config.json.abcd1234.tmp",
+        home.snapshots / ".pool.json.abcd1234.tmp",
+        home.snapshots / "leases" / ".op%2Fkeep.json.abcd1234.tmp",
+        home.net_state.parent / ".state.json.abcd1234.tmp",
+    ]
+    home.net_state.parent.mkdir()
+    for t in temps:
+        t.write_bytes(b"t")
+    kept = home.snapshots / "leases" / "op%2Fkeep.json"
+    assert kept.is_file()
+
+    fresh = collect(home)  # all of it a moment old: a live command's, maybe
+    assert (fresh.machine_dirs, fresh.temp_files, fresh.leftover_bytes) == (0, 0, 0)
+    dry = collect(home, dry_run=True, leftover_grace=0)
+    assert (dry.machine_dirs, dry.temp_files, dry.leftover_bytes) == (2, 5, 115)
+    assert tomb.exists() and unrecorded.exists() and all(t.exists() for t in temps)
+    report = collect(home, leftover_grace=0)
+    assert report.to_json()["machine_dirs"] == 2 and report.to_json()["temp_files"] == 5
+    assert report.leftover_bytes == 115
+    assert not tomb.exists() and not unrecorded.exists() and not any(t.exists() for t in temps)
+    assert {p.name for p in machines.iterdir()} - {".names.lock"} == {"c" * 64}
+    assert (machine / "state.json").exists() and kept.is_file()
+    assert (home.root / "config.json").is_file()
+    assert [x.name for x in snap.leases.list()] == ["op/keep"]

@@ -269,7 +269,7 @@ def gc(
     as_json: bool,
 ) -> None:
     """Remove snapshots, content and leases that no image and no live lease needs,
-    and machine templates nothing used for a while."""
+    machine templates nothing used for a while, and what killed commands left behind."""
     warnings_as_messages()
     from ember.snapshots.gc import collect
 
@@ -290,10 +290,12 @@ def gc(
     click.echo(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
         f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s), "
-        f"{len(report.templates)} machine template(s); "
+        f"{len(report.templates)} machine template(s), "
+        f"{report.machine_dirs} leftover machine dir(s), {report.temp_files} temp file(s); "
         f"{freed} {human_size(report.snapshot_bytes)} in the snapshot pool, "
-        f"{human_size(report.content_bytes + report.ingest_bytes)} of content and "
-        f"{human_size(report.template_bytes)} of templates"
+        f"{human_size(report.content_bytes + report.ingest_bytes)} of content, "
+        f"{human_size(report.template_bytes)} of templates and "
+        f"{human_size(report.leftover_bytes)} of leftovers"
     )
 
 

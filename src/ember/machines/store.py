@@ -5,15 +5,19 @@ from __future__ import annotations
 import builtins
 import os
 import shutil
+import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from ember.fsutil import remove_tree, stale_temps
 from ember.home import Home
-from ember.locks import FileLock
+from ember.locks import FileLock, try_lock
 from ember.machines.errors import AmbiguousMachine, DamagedMachine, MachineNotFound, NameInUse
 from ember.machines.options import check_name
-from ember.machines.state import MachineState, read_state, write_state
+from ember.machines.state import MachineState, locked, read_state, state_path, write_state
 
 _ADJECTIVES = (
     "amber", "brave", "calm", "clever", "eager", "fuzzy", "gentle", "happy", "jolly", "keen",
@@ -25,8 +29,26 @@ _NOUNS = (
 )  # fmt: skip
 
 
+#: what ``remove_dir`` renames a machine's directory to before deleting it
+REMOVING = ".removing-"
+#: leftovers of commands killed half-way (``MachineStore.sweep``) untouched for this long
+#: are swept: a live command's are seconds old
+LEFTOVER_AGE = 600.0
+
+
 def is_machine_id(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclass
+class Swept:
+    """What ``MachineStore.sweep`` removed (or, without ``remove``, would remove)."""
+
+    #: ``.removing-<id>`` and ``<id>`` without a record
+    dirs: int = 0
+    #: atomic_write temp files in the machines' directories
+    temp_files: int = 0
+    bytes: int = 0
 
 
 class MachineStore:
@@ -124,9 +146,122 @@ class MachineStore:
     def remove_dir(self, machine_id: str) -> None:
         d = self.dir(machine_id)
         # rename first so that readers never see a half-deleted machine
-        tomb = self.root / f".removing-{machine_id}"
+        tomb = self.root / f"{REMOVING}{machine_id}"
         try:
             os.rename(d, tomb)
         except FileNotFoundError:
             return
         shutil.rmtree(tomb, ignore_errors=True)
+
+    def sweep(
+        self, older_than: float = LEFTOVER_AGE, *, remove: bool = True, now: float | None = None
+    ) -> Swept:
+        """Remove what commands killed half-way (SIGKILL) left under ``machines/`` and no
+        other command ever removes, untouched for ``older_than`` seconds (``ember gc``):
+
+        - ``.removing-<id>``: an ``ember rm`` killed while it deleted the renamed directory
+          (its capped logs, its initrd);
+        - ``<id>/`` with no ``state.json``: an ``ember run`` killed between making the
+          directory and writing its first record, which no command lists or finds.  Only
+          while nobody holds the names lock (``create`` makes the directory and writes
+          the record under it) nor the machine's lock; nothing else of the machine exists
+          yet (its disk and network come after the record);
+        - ``atomic_write`` temp files in the machines' directories.
+
+        ``remove=False``: count them, change nothing.  A directory's age is its last
+        change (ctime: a rename makes it, and a deletion under way keeps it, recent).
+        Nothing found through a symlink is followed.
+        """
+        now = time.time() if now is None else now
+        swept = Swept()
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return swept
+        for name in names:
+            if name.startswith(REMOVING) and is_machine_id(name[len(REMOVING) :]):
+                tomb = self.root / name
+                if _older(tomb, older_than, now):
+                    _sweep_tree(tomb, remove, swept)
+        ids = [n for n in names if is_machine_id(n)]
+        unrecorded = [m for m in ids if self._unrecorded(m, older_than, now)]
+        names_lock = try_lock(self.home.machine_names_lock) if unrecorded else None
+        if names_lock is not None:
+            try:
+                gone = {m for m in unrecorded if self._sweep_unrecorded(m, remove, swept)}
+            finally:
+                names_lock.release()
+            ids = [m for m in ids if m not in gone]
+        for mid in ids:
+            count, size = stale_temps(self.root / mid, older_than, remove=remove, now=now)
+            swept.temp_files += count
+            swept.bytes += size
+        return swept
+
+    def _unrecorded(self, machine_id: str, older_than: float, now: float) -> bool:
+        d = self.root / machine_id
+        return _older(d, older_than, now) and not os.path.lexists(state_path(d))
+
+    def _sweep_unrecorded(self, machine_id: str, remove: bool, swept: Swept) -> bool:
+        """Sweep ``machines/<id>``, found without a record, the names lock now held:
+        whether it went (or would go)."""
+        d = self.root / machine_id
+        lock_path = locked(d).path
+        if not remove and not os.path.lexists(lock_path):
+            return _sweep_tree(d, False, swept)  # nobody holds it (a dry run makes no lock)
+        try:
+            lock = try_lock(lock_path)
+        except OSError:  # "lock" is a symlink, or the directory went
+            return False
+        if lock is None:
+            return False  # a command is at it
+        try:
+            if os.path.lexists(state_path(d)):
+                return False
+            if not remove:
+                return _sweep_tree(d, False, swept)
+            tomb = self.root / f"{REMOVING}{machine_id}"
+            try:
+                os.rename(d, tomb)  # as remove_dir does: a failure below leaves a tombstone
+            except OSError:
+                return False
+        finally:
+            lock.release()
+        return _sweep_tree(tomb, True, swept)
+
+
+def _older(path: Path, older_than: float, now: float) -> bool:
+    """Whether ``path`` is a directory (not a symlink) unchanged for ``older_than`` seconds."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and now - max(st.st_mtime, st.st_ctime) >= older_than
+
+
+def _sweep_tree(path: Path, remove: bool, swept: Swept) -> bool:
+    """Count the directory ``path`` in ``swept``, deleted if ``remove`` (never through a
+    symlink: remove_tree opens every level O_NOFOLLOW); whether it went (or would go)."""
+    size = _tree_bytes(path)
+    if remove:
+        try:
+            remove_tree(path)
+        except OSError:  # gone meanwhile (another sweep), or a symlink put in its place
+            return False
+    swept.dirs += 1
+    swept.bytes += size
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    """The bytes of the regular files under the directory ``path`` (no symlink followed)."""
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(top, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total

@@ -5,9 +5,10 @@ index it came from, and its chain of snapshots) and every live lease.  Marked
 snapshots keep their parents.  Everything else goes: expired leases (or
 leases whose owner process is gone), active snapshots nobody leases (stale),
 committed snapshots no root reaches, blobs no image or lease names and stale
-partial downloads.  A damaged snapshot is kept with its parents, and when
-its metadata cannot be read (its parents unknown) every committed snapshot is
-kept; the report's warnings say so.
+partial downloads; also what commands killed half-way (SIGKILL) left that nothing
+else removes (``sweep_leftovers``).  A damaged snapshot is kept with its parents,
+and when its metadata cannot be read (its parents unknown) every committed snapshot
+is kept; the report's warnings say so.
 
 Runs under the image service's lock (no pull in progress) and the exclusive GC lock; lease changes take it shared, so a lease
 made by a concurrent prepare is either seen or not yet made (and then the
@@ -28,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.fsutil import stale_temps
 from ember.home import Home
 from ember.locks import FileLock, try_lock
+from ember.machines.store import LEFTOVER_AGE, MachineStore
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
 from ember.snapshots import names
@@ -47,6 +50,8 @@ log = logging.getLogger("ember.snapshots")
 DEFAULT_CONTENT_GRACE = 0.0
 #: partial downloads untouched for this long are dropped (younger ones may be resumed)
 INGEST_GRACE = 3600.0
+#: leftovers of killed commands untouched for this long are swept (``sweep_leftovers``)
+LEFTOVER_GRACE = LEFTOVER_AGE
 
 
 @dataclass
@@ -63,6 +68,11 @@ class GCReport:
     #: machine templates (ember.vm.template) unused for long or built from old inputs
     templates: list[str] = field(default_factory=list)
     template_bytes: int = 0
+    #: leftovers of commands killed half-way (``sweep_leftovers``): machine directories
+    #: (``.removing-<id>``, and ``<id>`` without a record) and atomic_write temp files
+    machine_dirs: int = 0
+    temp_files: int = 0
+    leftover_bytes: int = 0
     dry_run: bool = False
     #: what a person should know (damaged snapshots kept, and what they keep)
     warnings: list[str] = field(default_factory=list)
@@ -80,6 +90,9 @@ class GCReport:
             "content_bytes": self.content_bytes,
             "templates": self.templates,
             "template_bytes": self.template_bytes,
+            "machine_dirs": self.machine_dirs,
+            "temp_files": self.temp_files,
+            "leftover_bytes": self.leftover_bytes,
             "warnings": self.warnings,
         }
 
@@ -124,12 +137,15 @@ def collect(
     snapshotter: Snapshotter | None = None,
     roots: Roots | None = None,
     templates_unused_for: float | None = None,
+    leftover_grace: float = LEFTOVER_GRACE,
     notice: Callable[[str], None] | None = None,
 ) -> GCReport:
     """Mark from images, live leases and claims, sweep snapshots, blobs and expired leases;
     also drop machine templates no machine started from for ``templates_unused_for``
     seconds (default ``ember.vm.template.UNUSED_FOR``: a week) or built from inputs since
-    replaced.  ``notice``: told (one line) when another command holds a lock gc waits for."""
+    replaced, and what killed commands left for ``leftover_grace`` seconds
+    (``sweep_leftovers``).  ``notice``: told (one line) when another command holds a lock
+    gc waits for."""
     from ember.images.locking import Claims, images_lock
     from ember.vm import template  # a cache of its own, outside the mark-and-sweep
 
@@ -149,6 +165,9 @@ def collect(
     report.ingests, report.ingest_bytes = ContentStore(home.content).stale_ingests(
         older_than=ingest_grace, remove=not dry_run
     )
+    # the same for the leftovers of killed commands: each is known stale by its age and
+    # its own locks
+    sweep_leftovers(home, report, leftover_grace, dry_run=dry_run)
     with contextlib.ExitStack() as held:
         # a dry run changes nothing: it reads beside running pulls instead of waiting
         held.enter_context(images_lock(home, exclusive=not dry_run, notice=notice))
@@ -168,6 +187,31 @@ def collect(
         report.templates.append(key)
         report.template_bytes += size
     return report
+
+
+def sweep_leftovers(home: Home, report: GCReport, older_than: float, *, dry_run: bool) -> None:
+    """Remove (count, in a dry run) what commands killed half-way (SIGKILL) left and no
+    other command removes, untouched for ``older_than`` seconds: the machine directories
+    of an ``ember rm`` or ``ember run`` cut short (``MachineStore.sweep``), and the temp
+    files of ``atomic_write`` (``fsutil.stale_temps``) in the machines' directories,
+    ``snapshots/leases/``, ``snapshots/`` (pool.json), ``net/`` and the state directory
+    itself (config.json, credentials.json, accel.json).  None is ever read in place of
+    the file it was to become: this is for disk space only."""
+    swept = MachineStore(home).sweep(older_than, remove=not dry_run)
+    report.machine_dirs += swept.dirs
+    report.temp_files += swept.temp_files
+    report.leftover_bytes += swept.bytes
+    # the state directory and snapshots/ may be symlinks of their owner's choosing (the
+    # pool follows snapshots/); the directories ember makes inside them never are
+    for directory, follow in (
+        (home.root, True),
+        (home.snapshots, True),
+        (home.snapshots / "leases", False),
+        (home.net_state.parent, False),
+    ):
+        count, size = stale_temps(directory, older_than, remove=not dry_run, follow=follow)
+        report.temp_files += count
+        report.leftover_bytes += size
 
 
 def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float) -> None:

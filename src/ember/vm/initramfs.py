@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.fsutil import atomic_write, reflink
+from ember.fsutil import atomic_write, reflink, stale_temps
 from ember.home import Home
 from ember.vm.cpio import CpioWriter
 from ember.vm.errors import InitNotBuilt, KernelError, ModuleNotFoundInKernel
@@ -270,7 +270,8 @@ def _prune(keep: Path) -> None:
         for old in keep.parent.glob(f"{version}-*.cpio")
         if old != keep and old.name.rsplit("-", 1)[0] == version
     ]
-    stale += list(keep.parent.glob(".*.tmp"))  # temp files of writers killed half-way
+    with contextlib.suppress(OSError):  # temp files of writers killed half-way
+        stale_temps(keep.parent, PRUNE_AFTER, remove=True, follow=True, now=now)
     for old in stale:
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > PRUNE_AFTER:
