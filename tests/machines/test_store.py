@@ -97,6 +97,24 @@ def test_dir_refuses_hostile_ids(tmp_path: Path) -> None:
             store.dir(bad)
 
 
+def _script_in_netns(script: str, home_dir: Path, machine_id: str) -> Any:
+    """Run ``script`` (argv: the state directory, the machine id) in a network namespace
+    of its own, for the TAPs and rules it makes; what it printed, as JSON."""
+    import subprocess
+    import sys
+
+    from tests.machines.vmkit import delete_netns, new_netns
+
+    netns = new_netns()
+    try:
+        res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script,
+                              str(home_dir), machine_id], capture_output=True, text=True)  # fmt: skip
+    finally:
+        delete_netns(netns)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 ABANDON = """
 import json, sys
 from pathlib import Path
@@ -116,24 +134,9 @@ print(json.dumps({"state": mstate.read_state(MachineStore(home).dir(st.id)).to_j
 
 def test_a_start_no_monitor_took_is_recorded_and_its_network_freed(tmp_path: Path) -> None:
     """What `ember start` does when its monitor does not take the machine."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.machines.vmkit import delete_netns, new_netns
-
-    home = Home(tmp_path)
     st = make_state()
-    store = MachineStore(home)
-    store.create(st, "again")
-    netns = new_netns()
-    try:
-        res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", ABANDON,
-                              str(tmp_path), st.id], capture_output=True, text=True)  # fmt: skip
-    finally:
-        delete_netns(netns)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    MachineStore(Home(tmp_path)).create(st, "again")
+    out = _script_in_netns(ABANDON, tmp_path, st.id)
     got = out["state"]
     assert (got["status"], got["exit_code"], got["error"]) == ("exited", 125, "no monitor")
     assert got["end_reason"] and got["finished_at"]
@@ -369,23 +372,9 @@ def test_a_port_held_by_a_machine_whose_monitor_is_gone_is_freed_for_a_new_one(
     """After a reboot (or a monitor's kill -9) its machine's network allocation stayed
     until a command looked at that machine: `ember run -p` of its port said "already
     published by machine ..." for a machine that was not running."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.machines.vmkit import delete_netns, new_netns
-
-    home = Home(tmp_path)
     st = make_state()
-    MachineStore(home).create(st, "old")
-    netns = new_netns()
-    try:
-        res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", LOST_HOLDER,
-                              str(tmp_path), st.id], capture_output=True, text=True)  # fmt: skip
-    finally:
-        delete_netns(netns)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    MachineStore(Home(tmp_path)).create(st, "old")
+    out = _script_in_netns(LOST_HOLDER, tmp_path, st.id)
     assert out == {"port": 8080, "old": "exited", "networks": ["b" * 64]}
 
 
