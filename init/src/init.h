@@ -77,6 +77,9 @@ size_t append(char *buf, size_t size, size_t at, const char *fmt, ...)
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 int mkdir_p(const char *path, mode_t mode);
+/* mkdir_p for a path inside the image (WorkingDir): symlinks, dangling ones too, are
+ * resolved inside the root (at most 40, then ELOOP); AT gets where a failure stopped. */
+int mkdir_in_root(const char *path, mode_t mode, char *at, size_t atlen);
 int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode);
 /* Open a path that must be a regular file (following symlinks, as open does): -1 with
  * errno EINVAL when it is anything else.  An image's /etc/passwd or /etc/hosts may be a

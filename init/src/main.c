@@ -989,9 +989,20 @@ int main(int argc, char **argv)
 	if (c->hostname)
 		env_add(c, "HOSTNAME", c->hostname);
 	const char *workdir = c->workdir ? c->workdir : "/";
-	if (mkdir_p(workdir, 0755) < 0) {
-		snprintf(err, sizeof(err), "cannot create working directory %s: %s", workdir,
-		         strerror(errno));
+	/* chrooted into the image by now (switch_root in a VM, the test's chroot), so links
+	 * in the WorkingDir resolve inside it, and dangling ones get their target created */
+	char at[4096];
+	if (mkdir_in_root(workdir, 0755, at, sizeof(at)) < 0) {
+		int e = errno;
+		/* where the walk stopped, when that is not the path itself: a link's target */
+		size_t n = append(err, sizeof(err), 0, "cannot create working directory %s: ", workdir);
+		if (strcmp(at, workdir))
+			n = append(err, sizeof(err), n, "%s: ", at);
+		if (e == ELOOP)
+			append(err, sizeof(err), n,
+			       "too many levels of symbolic links (more than 40 followed)");
+		else
+			append(err, sizeof(err), n, "%s", strerror(e));
 		fail(err);
 	}
 

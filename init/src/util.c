@@ -86,6 +86,109 @@ int mkdir_p(const char *path, mode_t mode)
 	return 0;
 }
 
+/* Create the directory PATH (absolute) and what is missing on the way, the way Docker
+ * creates a WorkingDir: symlinks are resolved inside the current root (init has
+ * chrooted into the image by then), one component at a time, so a link whose target
+ * does not exist yet (`/app -> /srv/app`, `/app -> srv/app`) gets its target created
+ * instead of failing with EEXIST.  An absolute target starts again from the root, a
+ * relative one from the link's directory; ".." never goes above "/".  At most
+ * MAX_LINKS links are followed (the kernel's limit): ELOOP beyond.  Anything on the way
+ * that is not a directory (a file, a link to one) is ENOTDIR.  Directories are created
+ * with MODE (less the umask) and init's owner, as mkdir_p's.  On failure, AT (when
+ * given) holds the path inside the root where the walk stopped. */
+#define MAX_LINKS 40
+int mkdir_in_root(const char *path, mode_t mode, char *at, size_t atlen)
+{
+	char done[4096] = "";        /* resolved so far, every component a directory; "" is / */
+	char todo[4096], next[4096]; /* what is left to walk */
+	char target[4096];           /* a link's (a truncated one is ENAMETOOLONG below) */
+	size_t dlen = 0;
+	int links = 0, e;
+	if (strlen(path) >= sizeof(todo)) {
+		if (at && atlen)
+			snprintf(at, atlen, "%s", path);
+		return errno = ENAMETOOLONG, -1;
+	}
+	strcpy(todo, path);
+	const char *p = todo;
+	for (;;) {
+		while (*p == '/')
+			p++;
+		if (!*p)
+			return 0;
+		size_t n = strcspn(p, "/");
+		if (n == 1 && p[0] == '.') {
+			p += n;
+			continue;
+		}
+		if (n == 2 && p[0] == '.' && p[1] == '.') {
+			/* up one, never above the root */
+			while (dlen > 0 && done[dlen - 1] != '/')
+				dlen--;
+			if (dlen > 0)
+				dlen--;
+			done[dlen] = 0;
+			p += n;
+			continue;
+		}
+		if (dlen + 1 + n >= sizeof(done)) {
+			e = ENAMETOOLONG;
+			goto fail;
+		}
+		done[dlen] = '/';
+		memcpy(done + dlen + 1, p, n);
+		done[dlen + 1 + n] = 0;
+		p += n;
+		struct stat st;
+		if (lstat(done, &st) < 0) {
+			if (errno != ENOENT || (mkdir(done, mode) < 0 && errno != EEXIST) ||
+			    lstat(done, &st) < 0) {
+				e = errno;
+				goto fail;
+			}
+		}
+		if (S_ISDIR(st.st_mode)) {
+			dlen += 1 + n;
+			continue;
+		}
+		if (!S_ISLNK(st.st_mode)) {
+			e = ENOTDIR;
+			goto fail;
+		}
+		if (++links > MAX_LINKS) {
+			e = ELOOP;
+			goto fail;
+		}
+		ssize_t tl = readlink(done, target, sizeof(target));
+		if (tl < 0) {
+			e = errno;
+			goto fail;
+		}
+		if (tl == 0) { /* an empty link resolves to nothing, as for the kernel */
+			e = ENOENT;
+			goto fail;
+		}
+		/* the link's target, then what was left after the link */
+		if ((size_t)tl + 1 + strlen(p) >= sizeof(next)) {
+			e = ENAMETOOLONG;
+			goto fail;
+		}
+		memcpy(next, target, (size_t)tl);
+		next[tl] = '/';
+		strcpy(next + tl + 1, p);
+		strcpy(todo, next);
+		p = todo;
+		/* relative: from the link's directory (done without the link); absolute: the root */
+		if (target[0] == '/')
+			dlen = 0;
+		done[dlen] = 0;
+	}
+fail:
+	if (at && atlen)
+		snprintf(at, atlen, "%s", done[0] ? done : "/");
+	return errno = e, -1;
+}
+
 int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode)
 {
 	int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, mode);

@@ -322,6 +322,115 @@ def test_workdir_only_root_can_enter(root: Path) -> None:
     assert r.stdout.split("\n")[:3] == ["/root/app", "1000", "cannot-list-root"]
 
 
+def _assert_created_like_docker(path: Path) -> None:
+    st = path.lstat()
+    assert path.is_dir() and not path.is_symlink(), path
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o755, 0, 0), oct(st.st_mode)
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "created"),
+    [
+        ("app", "/srv/app", "srv/app"),  # absolute: from the image's root
+        ("app", "srv/app", "srv/app"),  # relative: from the link's directory
+        ("home/app/data", "../../srv/data", "srv/data"),
+        ("home/up", "../../../../../srv/up", "srv/up"),  # ".." above "/" stays at "/"
+        ("home/abs-up", "/../../srv/abs-up", "srv/abs-up"),
+    ],
+)
+def test_workdir_that_is_a_dangling_symlink_gets_its_target_created(
+    root: Path, link: str, target: str, created: str
+) -> None:
+    """`WORKDIR /app` with `/app -> /srv/app` (or `srv/app`) and no /srv/app: mkdir_p's
+    mkdir gave EEXIST, its stat ENOENT, and the machine failed with 125. Docker resolves
+    the link inside the container's root and creates the target (and /srv on the way)."""
+    os.symlink(target, root / link)
+    r = run_init(root, sh("pwd; id -u", workdir="/" + link, user="app"))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split("\n")[:2] == ["/" + created, "1000"]
+    assert os.readlink(root / link) == target  # the link itself is left as it is
+    _assert_created_like_docker(root / created)
+    _assert_created_like_docker(root / "srv")
+
+
+def test_dangling_symlink_inside_the_workdir_path(root: Path) -> None:
+    """`WORKDIR /app/sub` with `/app -> /srv/app`: an intermediate component, and a
+    chain of links (/lnk -> app -> /srv/app) through a relative one."""
+    os.symlink("/srv/app", root / "app")
+    r = run_init(root, sh("pwd", workdir="/app/sub"))
+    assert (r.returncode, r.stdout) == (0, "/srv/app/sub\n"), r.console
+    _assert_created_like_docker(root / "srv" / "app")
+    _assert_created_like_docker(root / "srv" / "app" / "sub")
+    os.symlink("app", root / "lnk")
+    os.symlink("sub/more", root / "srv" / "app" / "deeper")
+    # ".." after a link goes up from where the link led (/srv/app/sub), not back to
+    # /srv/app: the kernel's reading, which the program's chdir then agrees with
+    r = run_init(root, sh("pwd", workdir="/lnk/./deeper/../y"))
+    assert (r.returncode, r.stdout) == (0, "/srv/app/sub/y\n"), r.console
+    _assert_created_like_docker(root / "srv" / "app" / "sub" / "more")
+    _assert_created_like_docker(root / "srv" / "app" / "sub" / "y")
+    assert not (root / "srv" / "app" / "y").exists()
+
+
+def test_workdir_symlink_chain_limit_and_loops(root: Path) -> None:
+    """A loop fails with 125 and says so (no hang); 40 links are followed, as the
+    kernel does, the 41st is refused."""
+    for i in range(40):  # /c0 -> /c1 -> ... -> /c39 -> /srv/end (missing)
+        os.symlink(f"/c{i + 1}" if i < 39 else "/srv/end", root / f"c{i}")
+    r = run_init(root, sh("pwd", workdir="/c0"), timeout=20)
+    assert (r.returncode, r.stdout) == (0, "/srv/end\n"), r.console
+    os.symlink("/c0", root / "c-1")
+    r = run_init(root, sh("echo should-not-run", workdir="/c-1/x"), timeout=20)
+    assert (r.returncode, r.stdout) == (125, ""), r.console
+    assert not (root / "srv" / "end" / "x").exists()
+    assert r.status is not None and r.status["error"] == (
+        "cannot create working directory /c-1/x: /c39: "
+        "too many levels of symbolic links (more than 40 followed)"
+    )
+    os.symlink("/b", root / "a")
+    os.symlink("a", root / "b")
+    os.symlink("/self/x", root / "self")  # grows with each turn
+    # the message says where the walk stopped when that is not the workdir itself
+    for workdir, stop in [("/a", ""), ("/b/sub", "/b: "), ("/self", "")]:
+        r = run_init(root, sh("echo should-not-run", workdir=workdir), timeout=20)
+        assert (r.returncode, r.stdout) == (125, ""), r.console
+        message = (
+            f"cannot create working directory {workdir}: {stop}"
+            "too many levels of symbolic links (more than 40 followed)"
+        )
+        assert f"ember-init: error: {message}" in r.console
+        assert r.status is not None and r.status["error"] == message
+    assert not (root / "sub").exists() and not (root / "x").exists()
+
+
+def test_workdir_symlink_to_a_file_still_fails(root: Path) -> None:
+    """A link to a file is no directory: 125, and the message names the file the link
+    led to (it named only the link, with nothing to say where the file was)."""
+    passwd = (root / "etc" / "passwd").read_bytes()
+    os.symlink("/etc/passwd", root / "app")
+    (root / "srv").mkdir()
+    os.symlink("file", root / "srv" / "rel")
+    (root / "srv" / "file").write_text("a file\n")
+    os.symlink("/srv/via/x", root / "dangling")  # /srv/via is a link to the file
+    os.symlink("rel", root / "srv" / "via")
+    cases = [
+        ("/app", "/etc/passwd: Not a directory"),
+        ("/app/sub", "/etc/passwd: Not a directory"),
+        ("/srv/rel", "/srv/file: Not a directory"),
+        ("/dangling", "/srv/file: Not a directory"),
+        ("/etc/passwd", "Not a directory"),  # no link: as before
+    ]
+    for workdir, error in cases:
+        r = run_init(root, sh("echo should-not-run", workdir=workdir))
+        assert (r.returncode, r.stdout) == (125, ""), r.console
+        message = f"cannot create working directory {workdir}: {error}"
+        assert f"ember-init: error: {message}" in r.console
+        assert r.status is not None and r.status["error"] == message
+    assert (root / "etc" / "passwd").read_bytes() == passwd
+    assert (root / "srv" / "file").read_text() == "a file\n"
+    assert sorted(p.name for p in (root / "srv").iterdir()) == ["file", "rel", "via"]
+
+
 @pytest.mark.parametrize(("user", "home"), [("app", "/home/app"), ("4242", "/"), ("", "/root")])
 def test_empty_home_is_replaced_like_runc(root: Path, user: str, home: str) -> None:
     """`ENV HOME=` is no home: runc sets the passwd one (or "/"); init kept it empty."""
