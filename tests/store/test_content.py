@@ -116,6 +116,31 @@ def test_prune_ingests_removes_only_old_unlocked_partials(store: ContentStore) -
     assert not old.exists()
 
 
+def test_prune_ingests_never_unlinks_a_file_made_under_the_name_since_it_looked(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pruners (the registry's purge and its gc): the other removed the old partial
+    write this one had opened, and a writer made a new one under the name before this
+    one locked its (gone) file; that new file was unlinked under the writer."""
+    import fcntl
+
+    d = Digest.of(b"one")
+    with store.writer(d, 3) as w:
+        w.write(b"o")
+    path = store.ingest_dir / f"sha256-{d.hex}"
+    os.utime(path, (1, 1))
+    real_flock = fcntl.flock
+
+    def the_other_pruner_and_a_writer_come_first(fd: int, op: int) -> None:
+        path.unlink()
+        path.write_bytes(b"a new write")
+        real_flock(fd, op)
+
+    monkeypatch.setattr("ember.store.content.fcntl.flock", the_other_pruner_and_a_writer_come_first)
+    assert store.prune_ingests(older_than=60) == 0
+    assert path.read_bytes() == b"a new write"
+
+
 def _write_same_blob(root: str, data: bytes) -> None:
     s = ContentStore(Path(root))
     s.put_bytes(data)

@@ -243,10 +243,15 @@ class ContentStore:
                 os.close(fd)
                 continue
             try:
+                held, named = os.fstat(fd), os.stat(entry.path, follow_symlinks=False)
+                if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+                    # another pruner removed the file we opened, and a writer made a new
+                    # one under its name since: that one is not ours to unlink
+                    continue
                 if remove:
                     os.unlink(entry.path)
                 count += 1
-                size += os.fstat(fd).st_size
+                size += held.st_size
             except FileNotFoundError:
                 pass
             finally:
