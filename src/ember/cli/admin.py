@@ -175,13 +175,18 @@ def registry() -> None:
 @registry.command("gc")
 @click.option("--grace", type=click.IntRange(0), default=3600, show_default=True,
               help="Seconds new content stays safe from collection (uploads in flight).")
-@click.option("--dry-run", is_flag=True, help="Report what would be freed, free nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Report what would be freed or repaired, change nothing.")
 @click.option("--keep-untagged", is_flag=True,
               help="Keep manifests that no tag, index or subject reaches (pushed by digest).")
 @db_option
 @json_option
 def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | None, as_json: bool) -> None:
-    """Free blobs, manifests and upload sessions nothing references any more."""
+    """Free blobs, manifests and upload sessions nothing references any more.
+
+    Also repairs what interrupted requests (kill -9, a crash) left, as the server's
+    periodic purge does: upload sessions whose file is gone, upload reservations above
+    what their file holds, partial manifest writes."""
     from ember.registry.server.config import registry_root
     from ember.registry.server.gc import collect
 
@@ -192,10 +197,14 @@ def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | No
     if as_json:
         print_json(report.as_dict())
         return
-    verb = "would free" if dry_run else "freed"
+    free, recover = ("would free", "would recover") if dry_run else ("freed", "recovered")
     click.echo(
-        f"{verb} {report.manifests} manifests, {report.links} blob links, {report.blobs} blobs "
-        f"({report.bytes} bytes), {report.uploads} upload sessions, {report.repositories} empty repositories"
+        f"{free} {report.manifests} manifests, {report.links} blob links, {report.blobs} blobs "
+        f"({report.bytes} bytes), {report.uploads} upload sessions, "
+        f"{report.repositories} empty repositories; {recover} from interrupted requests: "
+        f"{report.dead_uploads} upload sessions whose file was gone, "
+        f"{report.settled_uploads} upload reservations cut to what their file holds, "
+        f"{report.ingests} partial manifest writes"
     )
 
 

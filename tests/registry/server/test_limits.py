@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -337,6 +338,63 @@ def _recovered(srv: EmberServer) -> tuple[int, int, int]:
     return (sum(int(f[0]) for f in found), sum(int(f[1]) for f in found), sum(int(f[2]) for f in found))
 
 
+@dataclass
+class _FilesGone:
+    """Upload sessions of acme in its repository ``a`` whose file is gone, as kills
+    leave them (``_sessions_whose_file_a_kill_took``)."""
+
+    tenant: Tenant
+    #: 4000 bytes held: killed after its final PUT renamed its file into the content
+    #: store (``blob``, now a blob file no link names), before its row went
+    published: str
+    blob: bytes
+    #: 3000 bytes held: killed in a cancel after the file was deleted, before the row was
+    cancelled: str
+    #: sessions that hold nothing, without a file: one made two hours ago, one just now
+    old: str
+    fresh: str
+
+    @property
+    def sessions(self) -> set[str]:
+        return {self.published, self.cancelled, self.old, self.fresh}
+
+
+def _sessions_whose_file_a_kill_took(srv: EmberServer) -> _FilesGone:
+    """Made by hand, with acme's quota set to 10000 bytes (7000 of it taken by them)."""
+    ember(srv.home, "admin", "org", "quota", "acme", "10000")
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    storage = BlobStorage(srv.home / "registry")
+    uploads = _uploads_dir(srv)
+    published, cancelled = os.urandom(4000), os.urandom(3000)
+    with t.client() as c:
+        pub, loc = _start(c, "a")
+        assert c.patch(loc, content=published).status_code == 202
+        os.rename(uploads / pub, storage.blob_path(Digest.parse(sha256(published))))
+        gone, loc = _start(c, "a")
+        assert c.patch(loc, content=cancelled).status_code == 202
+        os.unlink(uploads / gone)
+        old, _ = _start(c, "a")
+        fresh, _ = _start(c, "a")
+    os.unlink(uploads / old)
+    os.unlink(uploads / fresh)
+    with _db(srv) as db:
+        db.execute("UPDATE reg_uploads SET created_at = ? WHERE id = ?", (time.time() - 7200, old))
+    assert (_held_bytes(srv, pub), _held_bytes(srv, gone)) == (4000, 3000)
+    assert _org_use(srv, "acme") == (7000, 7000)
+    return _FilesGone(t, pub, published, gone, old, fresh)
+
+
+def _room_is_back(left: _FilesGone) -> None:
+    """After the rows of ``left``'s sessions but ``fresh`` went: the retried blob and
+    another one fit acme's quota."""
+    assert _sessions(left.tenant.server) == {left.fresh}
+    assert _org_use(left.tenant.server, "acme") == (0, 0)
+    with left.tenant.client() as c:
+        push_blob(c, "a", left.blob)
+        push_blob(c, "a", os.urandom(5000))
+    assert _org_use(left.tenant.server, "acme") == (9000, 0)
+
+
 def test_a_purge_drops_sessions_whose_file_a_kill_took(start: Callable[..., EmberServer]) -> None:
     """A kill between a session's file going (published into the content store, or
     deleted by a cancel) and its row's delete left the row, holding its bytes under the
@@ -345,45 +403,53 @@ def test_a_purge_drops_sessions_whose_file_a_kill_took(start: Callable[..., Embe
     never one a publication is about to delete (it holds the GC lock shared) nor a fresh
     one that holds nothing (a session's row is written just before its file)."""
     srv = start("--upload-purge-interval", QUICK)
-    ember(srv.home, "admin", "org", "quota", "acme", "10000")
-    t = Tenant(srv, "acme", srv.create_token("acme"))
     storage = BlobStorage(srv.home / "registry")
-    uploads = _uploads_dir(srv)
-    published, cancelled = os.urandom(4000), os.urandom(3000)
-    with FileLock(storage.gc_lock, shared=True), t.client() as c:  # as a publication does
+    with FileLock(storage.gc_lock, shared=True):  # as a publication does
         with _held(storage.purge_lock):  # no purge while the leftovers are made
-            # killed after publish renamed the file into the content store, before its row went
-            pub, loc = _start(c, "a")
-            assert c.patch(loc, content=published).status_code == 202
-            os.rename(uploads / pub, storage.blob_path(Digest.parse(sha256(published))))
-            # killed in a cancel after the file was deleted, before the row was
-            gone, loc = _start(c, "a")
-            assert c.patch(loc, content=cancelled).status_code == 202
-            os.unlink(uploads / gone)
-            # sessions that hold nothing, without a file: one long ago, one just made
-            old, _ = _start(c, "a")
-            fresh, _ = _start(c, "a")
-            os.unlink(uploads / old)
-            os.unlink(uploads / fresh)
-            with _db(srv) as db:
-                db.execute("UPDATE reg_uploads SET created_at = ? WHERE id = ?", (time.time() - 7200, old))
-            assert (_held_bytes(srv, pub), _held_bytes(srv, gone)) == (4000, 3000)
-            assert _org_use(srv, "acme") == (7000, 7000)
+            left = _sessions_whose_file_a_kill_took(srv)
         # while a publication holds the GC lock shared, no row without a file goes: it
         # may be that publication's, whose commit deletes it with the blob's link
         _purges_run(srv, 2)
-        assert {pub, gone, old, fresh} <= _sessions(srv)
+        assert left.sessions <= _sessions(srv)
     _purges_run(srv)
-    assert _sessions(srv) == {fresh}
-    assert _org_use(srv, "acme") == (0, 0)
-    with t.client() as c:  # the room is back: the retried blob and another one fit
-        push_blob(c, "a", published)
-        push_blob(c, "a", os.urandom(5000))
-    assert _org_use(srv, "acme") == (9000, 0)
+    _room_is_back(left)
     _wait_for(lambda: _recovered(srv)[0] >= 3)
     _purges_run(srv)
     assert _recovered(srv) == (3, 0, 0), srv.log_tail()
-    assert _sessions(srv) == {fresh}  # within the grace period: its file may be on the way
+    assert _sessions(srv) == {left.fresh}  # within the grace period: its file may be on the way
+
+
+def _patch_killed_with_its_reservation(t: Tenant) -> tuple[str, str, int]:
+    """A new upload session of ``t`` in ``a`` whose server was SIGKILLed in the middle of
+    a PATCH of an 8 MiB chunk, 2 MiB of it sent: it reserved all 8 MiB (the quota must
+    allow them), more than its file holds.  (The session, its URL, its file's size);
+    the server is left stopped."""
+    srv = t.server
+    uploads = _uploads_dir(srv)
+    with t.client() as c:
+        session, loc = _start(c, "a")
+    chunk = os.urandom(8 << 20)
+    sock = send_partial(srv.host, "PATCH", loc, {
+        "Authorization": f"Bearer {t.token}", "Content-Range": f"0-{len(chunk) - 1}",
+        "Content-Length": str(len(chunk)), "Content-Type": "application/octet-stream",
+    }, chunk[: 2 << 20])  # fmt: skip
+    _wait_for(lambda: (uploads / session).stat().st_size >= 1 << 20)
+    srv.kill()
+    sock.close()
+    size = (uploads / session).stat().st_size
+    assert _held_bytes(srv, session) == len(chunk) > size
+    return session, loc, size
+
+
+def _reservation_is_cut(t: Tenant, session: str, loc: str, size: int) -> None:
+    """``_patch_killed_with_its_reservation``'s session holds what its file does, under a
+    12 MiB quota, and goes on (its server running)."""
+    assert _held_bytes(t.server, session) == size
+    assert _org_use(t.server, "acme") == (size, size)
+    with t.client() as c:
+        push_blob(c, "a", os.urandom(6 << 20))  # 14 MiB with the 8 reserved: refused
+        r = c.get(loc)  # the session itself goes on from what arrived
+        assert r.status_code == 204 and r.headers["Range"] == f"0-{size - 1}"
 
 
 def test_a_purge_gives_back_what_a_killed_patch_reserved(start: Callable[..., EmberServer]) -> None:
@@ -407,28 +473,25 @@ def test_a_purge_gives_back_what_a_killed_patch_reserved(start: Callable[..., Em
     assert _held_bytes(srv, live) == (uploads / live).stat().st_size  # settled by itself
     with t.client() as c:
         assert c.delete(live_loc).status_code == 204
-        session, loc = _start(c, "a")
-    # an 8 MiB chunk of which 2 MiB arrive before the kill: it reserved all 8 MiB
-    chunk = os.urandom(8 << 20)
-    sock = send_partial(srv.host, "PATCH", loc, {
-        "Authorization": f"Bearer {t.token}", "Content-Range": f"0-{len(chunk) - 1}",
-        "Content-Length": str(len(chunk)), "Content-Type": "application/octet-stream",
-    }, chunk[: 2 << 20])  # fmt: skip
-    _wait_for(lambda: (uploads / session).stat().st_size >= 1 << 20)
-    srv.kill()
-    sock.close()
-    size = (uploads / session).stat().st_size
-    assert _held_bytes(srv, session) == len(chunk) > size
+    session, loc, size = _patch_killed_with_its_reservation(t)
     srv.restart_on_same_port()
     _purges_run(srv)
-    assert _held_bytes(srv, session) == size
-    assert _org_use(srv, "acme") == (size, size)
-    with t.client() as c:
-        push_blob(c, "a", os.urandom(6 << 20))  # 14 MiB with the 8 reserved: refused
-        r = c.get(loc)  # the session itself goes on from what arrived
-        assert r.status_code == 204 and r.headers["Range"] == f"0-{size - 1}"
+    _reservation_is_cut(t, session, loc, size)
     _wait_for(lambda: _recovered(srv)[1] >= 1)
     assert _recovered(srv) == (0, 1, 0), srv.log_tail()
+
+
+def _partial_manifest_writes(storage: BlobStorage) -> tuple[Path, Path, Path]:
+    """Partial writes in the registry's content store, as manifest PUTs killed inside
+    ContentStore.put_bytes leave them: (two hours old, just made, two hours old: for a
+    test to hold as a writer would)."""
+    ingest = storage.content.ingest_dir
+    killed, fresh, writing = (ingest / f"sha256-{c * 64}" for c in "abc")
+    for path in (killed, fresh, writing):
+        path.write_bytes(b'{"schemaVersion": 2, "mediaTy')
+    for path in (killed, writing):
+        os.utime(path, (time.time() - 7200,) * 2)
+    return killed, fresh, writing
 
 
 def test_a_purge_deletes_partial_manifest_writes(start: Callable[..., EmberServer]) -> None:
@@ -439,11 +502,7 @@ def test_a_purge_deletes_partial_manifest_writes(start: Callable[..., EmberServe
     storage = BlobStorage(srv.home / "registry")
     ingest = storage.content.ingest_dir
     with _held(storage.purge_lock):
-        killed, fresh, writing = (ingest / f"sha256-{c * 64}" for c in "abc")
-        for path in (killed, fresh, writing):
-            path.write_bytes(b'{"schemaVersion": 2, "mediaTy')
-        for path in (killed, writing):
-            os.utime(path, (time.time() - 7200,) * 2)
+        killed, fresh, writing = _partial_manifest_writes(storage)
     with open(writing, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a writer holds its ingest file
         _purges_run(srv)
@@ -458,6 +517,96 @@ def test_a_purge_deletes_partial_manifest_writes(start: Callable[..., EmberServe
         index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
         r = c.put("/v2/a/manifests/v1", content=index, headers={"Content-Type": OCI_INDEX})
         assert r.status_code == 201, r.text
+
+
+#: ``ember admin registry gc --json`` when it found nothing to do
+_GC_NOTHING = {
+    "manifests": 0, "links": 0, "blobs": 0, "bytes": 0, "uploads": 0, "repositories": 0,
+    "dead_uploads": 0, "settled_uploads": 0, "ingests": 0,
+}  # fmt: skip
+
+
+def _gc(srv: EmberServer, *options: str) -> dict[str, int]:
+    """``ember admin registry gc --json`` on ``srv``'s state directory (running or not)."""
+    report: dict[str, int] = json.loads(
+        ember(srv.home, "admin", "registry", "gc", *options, "--json").stdout
+    )
+    return report
+
+
+def test_admin_gc_drops_sessions_whose_file_a_kill_took(start: Callable[..., EmberServer]) -> None:
+    """Only the server's purge deleted the rows a kill left of sessions whose file was
+    gone: with it off (--upload-purge-interval 0), they held their bytes under the quota
+    until they expired, 24 h, whatever `ember admin registry gc` was run.  The gc
+    deletes them as the purge does (the same code, under its exclusive GC lock); a dry
+    run counts them and deletes nothing."""
+    srv = start("--upload-purge-interval", "0")
+    left = _sessions_whose_file_a_kill_took(srv)
+    expected = {**_GC_NOTHING, "dead_uploads": 3}  # not the fresh one: within the grace
+    assert _gc(srv, "--dry-run") == expected
+    assert _sessions(srv) == left.sessions
+    assert _org_use(srv, "acme") == (7000, 7000)
+    assert _gc(srv) == expected
+    _room_is_back(left)
+    assert _gc(srv) == _GC_NOTHING
+
+
+def test_admin_gc_gives_back_what_a_killed_patch_reserved(
+    start: Callable[..., EmberServer],
+) -> None:
+    """A reservation a killed PATCH left above its session's file was cut only by the
+    server's purge: with it off, `ember admin registry gc` left it counting against the
+    quota until the session expired.  The gc cuts it (the server stopped, here); a dry
+    run counts it and cuts nothing."""
+    srv = start("--upload-purge-interval", "0")
+    ember(srv.home, "admin", "org", "quota", "acme", "12M")
+    t = Tenant(srv, "acme", srv.create_token("acme"))
+    session, loc, size = _patch_killed_with_its_reservation(t)
+    expected = {**_GC_NOTHING, "settled_uploads": 1}
+    assert _gc(srv, "--dry-run") == expected
+    assert _held_bytes(srv, session) == 8 << 20
+    assert _gc(srv) == expected
+    srv.restart_on_same_port()
+    _reservation_is_cut(t, session, loc, size)
+    assert _gc(srv) == _GC_NOTHING
+
+
+def test_admin_gc_deletes_partial_manifest_writes(tmp_path: Path) -> None:
+    """The partial writes killed manifest PUTs left in the registry's content store were
+    deleted only by the server's purge: with it off, they stayed for ever, whatever
+    `ember admin registry gc` was run.  The gc deletes those older than its grace
+    period that no writer holds, and says so; a dry run counts them."""
+    home = tmp_path / "home"
+    ember(home, "admin", "org", "create", "acme")
+    storage = BlobStorage(home / "registry")
+    killed, fresh, writing = _partial_manifest_writes(storage)
+    srv = EmberServer(home)  # never started: the state directory gc works on
+
+    def left() -> set[Path]:
+        return set(storage.content.ingest_dir.iterdir())
+
+    with open(writing, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a writer holds its ingest file
+        assert _gc(srv, "--dry-run") == {**_GC_NOTHING, "ingests": 1}
+        assert left() == {killed, fresh, writing}
+        out = ember(home, "admin", "registry", "gc", "--dry-run").stdout
+        assert out == (
+            "would free 0 manifests, 0 blob links, 0 blobs (0 bytes), 0 upload sessions, "
+            "0 empty repositories; would recover from interrupted requests: 0 upload sessions "
+            "whose file was gone, 0 upload reservations cut to what their file holds, "
+            "1 partial manifest writes\n"
+        )
+        assert left() == {killed, fresh, writing}
+        assert _gc(srv) == {**_GC_NOTHING, "ingests": 1}
+        assert left() == {fresh, writing}
+    out = ember(home, "admin", "registry", "gc").stdout  # its writer is gone now
+    assert out.endswith("; recovered from interrupted requests: 0 upload sessions whose file "
+                        "was gone, 0 upload reservations cut to what their file holds, "
+                        "1 partial manifest writes\n")  # fmt: skip
+    assert out.startswith("freed 0 manifests, ")
+    assert left() == {fresh}  # within the grace period
+    assert _gc(srv, "--grace", "0") == {**_GC_NOTHING, "ingests": 1}
+    assert left() == set()
 
 
 def test_open_uploads_per_organization_are_capped(start: Callable[..., EmberServer]) -> None:

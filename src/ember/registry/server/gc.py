@@ -8,9 +8,10 @@ freed; everything younger than the grace period is left alone, so an image
 being pushed right now (layers uploaded, manifest not yet put) survives.
 
 The server runs part of it by itself (``purge``): expired upload sessions and
-empty repositories, periodically; with what a kill -9 of a request left behind
-(upload sessions whose file is gone, reservations a request did not settle, the
-content store's partial writes of manifests).
+empty repositories, periodically.  Both repair what a kill -9 of a request left
+behind (upload sessions whose file is gone, reservations a request did not settle,
+the content store's partial writes of manifests), with the same code
+(``_repair_interrupted``, ``_sweep_rows``).
 
 The whole sweep holds the exclusive GC lock; writers hold the shared lock
 from checking that what they reference exists (or making a blob fresh) until
@@ -48,6 +49,12 @@ class GcReport:
     bytes: int = 0
     uploads: int = 0
     repositories: int = 0
+    #: what killed requests left (``PurgeReport``'s): unexpired upload sessions whose
+    #: file was gone (rows deleted), reservations cut down to their session's file,
+    #: partial writes of the content store (manifests) deleted
+    dead_uploads: int = 0
+    settled_uploads: int = 0
+    ingests: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -185,20 +192,30 @@ def settle_uploads(meta: RegistryMetadata, storage: BlobStorage, now: float) -> 
     reservation and its settle (its own settle follows), and no request starts on the
     session until the cut is committed."""
     with meta.db.connect() as conn:
-        rows = conn.execute(
-            select(s.uploads.c.id, s.uploads.c.held_bytes).where(
-                s.uploads.c.expires_at > now, s.uploads.c.held_bytes > 0
-            )
-        ).all()
+        sessions = _unsettled_uploads(conn, storage, now)
     cut = 0
-    for session, held in rows:
-        size = storage.session_size(session)
-        if size is None or size >= held:
-            continue  # as settled (or the file is gone: _dead_uploads)
+    for session in sessions:
         with storage.idle_session(session) as idle_size:
             if idle_size is not None and meta.cut_upload(session, idle_size):
                 cut += 1
     return cut
+
+
+def _unsettled_uploads(conn: Connection, storage: BlobStorage, now: float) -> list[str]:
+    """The unexpired upload sessions that hold more room under a quota than their file
+    has bytes (``settle_uploads`` cuts them; a dry run of a gc counts them, a request
+    in the middle of its body included: it takes no session's lock)."""
+    rows = conn.execute(
+        select(s.uploads.c.id, s.uploads.c.held_bytes).where(
+            s.uploads.c.expires_at > now, s.uploads.c.held_bytes > 0
+        )
+    ).all()
+    unsettled = []
+    for session, held in rows:
+        size = storage.session_size(session)
+        if size is not None and size < held:  # else as settled (or gone: _dead_uploads)
+            unsettled.append(session)
+    return unsettled
 
 
 def _dead_upload(cutoff: float) -> ColumnElement[bool]:
@@ -209,13 +226,12 @@ def _dead_upload(cutoff: float) -> ColumnElement[bool]:
     return or_(s.uploads.c.created_at < cutoff, s.uploads.c.held_bytes > 0)
 
 
-def _dead_uploads(meta: RegistryMetadata, storage: BlobStorage, cutoff: float) -> list[str]:
+def _dead_uploads(conn: Connection, storage: BlobStorage, cutoff: float) -> list[str]:
     """Upload sessions (``_dead_upload``) whose file is gone: rows a kill left between
     the file going (published into the content store, deleted by a cancel or a refusal)
     and the row's delete.  No URL reaches them (a request needs the file), yet they
     counted against the quota and the cap on open sessions until they expired."""
-    with meta.db.connect() as conn:
-        rows = conn.execute(select(s.uploads.c.id).where(_dead_upload(cutoff))).all()
+    rows = conn.execute(select(s.uploads.c.id).where(_dead_upload(cutoff))).all()
     return [sid for (sid,) in rows if storage.session_size(sid) is None]
 
 
@@ -233,6 +249,37 @@ def _drop_dead_uploads(
             delete(s.uploads).where(s.uploads.c.id.in_(gone[i : i + 500]), _dead_upload(cutoff))
         ).rowcount
     return int(dropped)
+
+
+def _repair_interrupted(
+    meta: RegistryMetadata, storage: BlobStorage, now: float, grace: float
+) -> tuple[int, int, list[str]]:
+    """What killed requests left, the part that needs no GC lock: reservations above
+    their session's file cut down (``settle_uploads``), partial writes of the content
+    store (manifests) untouched for ``grace`` that no writer holds deleted
+    (``ContentStore.prune_ingests``); and the sessions whose file is gone
+    (``_dead_uploads``), whose rows ``_sweep_rows`` deletes under the exclusive GC lock.
+    (reservations cut, partial writes deleted, those sessions).
+
+    The purge's, and ``collect``'s, which calls it holding the exclusive GC lock: the
+    locks taken here (a session's, a partial write's) are taken without waiting, and
+    no request waits for the GC lock while it holds one of them (a publication takes
+    its session's lock, a manifest PUT its partial write's, inside the GC lock)."""
+    settled = settle_uploads(meta, storage, now)
+    ingests = storage.content.prune_ingests(grace)
+    with meta.db.connect() as conn:
+        dead = _dead_uploads(conn, storage, now - grace)
+    return settled, ingests, dead
+
+
+def _sweep_rows(
+    conn: Connection, storage: BlobStorage, dead: list[str], cutoff: float
+) -> tuple[int, int]:
+    """Under the exclusive GC lock, in ``conn``'s transaction: the rows of the ``dead``
+    upload sessions whose file is still gone (``_drop_dead_uploads``), then the
+    repositories left with nothing (those sessions' too), older than ``cutoff``;
+    (sessions, repositories) deleted.  The purge's and ``collect``'s."""
+    return _drop_dead_uploads(conn, storage, dead, cutoff), _sweep_repositories(conn, cutoff)
 
 
 def _sweep_repositories(conn: Connection, cutoff: float) -> int:
@@ -278,33 +325,50 @@ def collect(
     dry_run: bool = False,
     keep_untagged: bool = False,
 ) -> GcReport:
-    """Sweep once; ``keep_untagged`` keeps manifests pushed by digest and never tagged."""
+    """Sweep once; ``keep_untagged`` keeps manifests pushed by digest and never tagged.
+
+    Also repairs what killed requests left, as the server's purge does (the same code):
+    reservations above their session's file, partial writes of manifests, unexpired
+    upload sessions whose file is gone (``_repair_interrupted``, ``_sweep_rows``)."""
     storage = BlobStorage(root)
-    cutoff = time.time() - grace
+    now = time.time()
+    cutoff = now - grace
     report = GcReport()
     if dry_run:
         # The same sweep in one transaction that is rolled back, so each phase
         # sees what the earlier ones would free (a blob whose last link goes, a
-        # repository left empty); no file is touched and no lock taken.
+        # repository left empty; an expired session whose file is gone is the upload
+        # sweep's, not counted again as dead).  No file is changed, and the only locks
+        # are a moment's flock (without waiting) of each old partial write, to leave
+        # out one a writer holds, as a sweep does.
         with meta.db.connect() as conn, conn.begin() as transaction:
             _sweep_metadata(conn, cutoff, keep_untagged, report)
-            expired, leftovers = _stale_uploads(conn, storage, time.time(), cutoff)
+            expired, leftovers = _stale_uploads(conn, storage, now, cutoff)
             _delete_upload_rows(conn, expired)
             report.uploads = len(expired) + len(leftovers)
-            report.repositories = _sweep_repositories(conn, cutoff)
+            report.settled_uploads = len(_unsettled_uploads(conn, storage, now))
+            report.ingests = storage.content.stale_ingests(grace)[0]
+            dead = _dead_uploads(conn, storage, cutoff)
+            report.dead_uploads, report.repositories = _sweep_rows(conn, storage, dead, cutoff)
             _unnamed_blobs(conn, storage, cutoff, report)
             transaction.rollback()
         return report
     # Exclusive against every writer that checks and then links (upload PUT, mount,
     # manifest PUT): they wait while GC decides and deletes, so nothing it frees can
     # gain a reference half way.  Rows are committed before the files they named
-    # go: a failed commit must not leave rows naming deleted files.
+    # go: a failed commit must not leave rows naming deleted files.  The rows of
+    # sessions whose file is gone are deleted under it as the purge's are (a file gone
+    # now is not one being published), in the transaction of the repository sweep,
+    # directly: the purge's way to the lock (gc_lock_if_free) would find it held, by
+    # this very sweep.
     with storage.collecting():
         with meta.db.begin() as conn:
             _sweep_metadata(conn, cutoff, keep_untagged, report)
-        report.uploads = sweep_uploads(meta, storage, cutoff).sessions
+        report.uploads = sweep_uploads(meta, storage, cutoff, now).sessions
+        settled, ingests, dead = _repair_interrupted(meta, storage, now, grace)
+        report.settled_uploads, report.ingests = settled, ingests
         with meta.db.begin() as conn:
-            report.repositories = _sweep_repositories(conn, cutoff)
+            report.dead_uploads, report.repositories = _sweep_rows(conn, storage, dead, cutoff)
         with meta.db.connect() as conn:
             unnamed = _unnamed_blobs(conn, storage, cutoff, report)
         for digest in unnamed:
@@ -343,8 +407,8 @@ def purge(
 
     None when it did not run: another process (a worker, a replica over this state
     directory) purges now or did less than half an interval ago (each runs the timer;
-    one of them purges), or ``ember admin registry gc`` is sweeping (which does the
-    expired sessions and the repositories too; the rest waits for the next purge).
+    one of them purges), or ``ember admin registry gc`` is sweeping (which does all of
+    this too).
     Uploads are swept under the shared GC lock (alongside pushes, never during a gc);
     the rows of sessions whose file is gone and repositories under the exclusive one,
     as gc does (pushes hold it shared from making sure their repository exists, or from
@@ -363,9 +427,8 @@ def purge(
             if not free:
                 return None
             report = PurgeReport(sweep_uploads(meta, storage, now - grace, now))
-        report.settled_uploads = settle_uploads(meta, storage, now)
-        report.ingests = storage.content.prune_ingests(grace)
-        dead = _dead_uploads(meta, storage, now - grace)
+        settled, ingests, dead = _repair_interrupted(meta, storage, now, grace)
+        report.settled_uploads, report.ingests = settled, ingests
         report.dead_uploads, report.repositories = _purge_exclusive(
             meta, storage, dead, now - grace
         )
@@ -387,14 +450,12 @@ def _last_purge(fd: int) -> float | None:
 def _purge_exclusive(
     meta: RegistryMetadata, storage: BlobStorage, dead: list[str], cutoff: float
 ) -> tuple[int, int]:
-    """Under the exclusive GC lock: the rows of the ``dead`` upload sessions whose file
-    is still gone, then the repositories left with nothing (those sessions' too);
-    (sessions, repositories) deleted, (0, 0) when the lock was not had."""
+    """``_sweep_rows`` under the exclusive GC lock, if it can be had within about a
+    second; (0, 0) when it was not."""
     for _ in range(_REPO_LOCK_TRIES):
         with storage.gc_lock_if_free(exclusive=True) as free:
             if free:
                 with meta.db.begin() as conn:
-                    dropped = _drop_dead_uploads(conn, storage, dead, cutoff)
-                    return dropped, _sweep_repositories(conn, cutoff)
+                    return _sweep_rows(conn, storage, dead, cutoff)
         time.sleep(0.05)
     return 0, 0
