@@ -188,7 +188,7 @@ def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | No
     periodic purge does: upload sessions whose file is gone, upload reservations above
     what their file holds, partial manifest writes."""
     from ember.registry.server.config import registry_root
-    from ember.registry.server.gc import collect
+    from ember.registry.server.gc import collect, repairs_said
 
     home = home_from_ctx()
     report = collect(
@@ -202,9 +202,7 @@ def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | No
         f"{free} {report.manifests} manifests, {report.links} blob links, {report.blobs} blobs "
         f"({report.bytes} bytes), {report.uploads} upload sessions, "
         f"{report.repositories} empty repositories; {recover} from interrupted requests: "
-        f"{report.dead_uploads} upload sessions whose file was gone, "
-        f"{report.settled_uploads} upload reservations cut to what their file holds, "
-        f"{report.ingests} partial manifest writes"
+        f"{repairs_said(report)}"
     )
 
 

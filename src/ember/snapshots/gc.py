@@ -50,8 +50,6 @@ log = logging.getLogger("ember.snapshots")
 DEFAULT_CONTENT_GRACE = 0.0
 #: partial downloads untouched for this long are dropped (younger ones may be resumed)
 INGEST_GRACE = 3600.0
-#: leftovers of killed commands untouched for this long are swept (``sweep_leftovers``)
-LEFTOVER_GRACE = LEFTOVER_AGE
 
 
 @dataclass
@@ -137,7 +135,7 @@ def collect(
     snapshotter: Snapshotter | None = None,
     roots: Roots | None = None,
     templates_unused_for: float | None = None,
-    leftover_grace: float = LEFTOVER_GRACE,
+    leftover_grace: float = LEFTOVER_AGE,
     notice: Callable[[str], None] | None = None,
 ) -> GCReport:
     """Mark from images, live leases and claims, sweep snapshots, blobs and expired leases;

@@ -34,7 +34,7 @@ from ember.registry.server.config import ServerConfig
 from ember.registry.server.context import RequestContext, read_limited
 from ember.registry.server.dbcalls import DbCalls
 from ember.registry.server.errors import ApiError
-from ember.registry.server.gc import purge
+from ember.registry.server.gc import purge, repairs_said
 from ember.registry.server.metadata import RegistryMetadata
 from ember.registry.server.names import qualify, unqualify, valid_repo_name
 from ember.registry.server.protocol import accepts, page_size, parse_range
@@ -148,14 +148,7 @@ class RegistryApp:
                 if report is not None and (
                     report.dead_uploads or report.settled_uploads or report.ingests
                 ):
-                    log.info(
-                        "recovered from interrupted requests: %d upload sessions whose file "
-                        "was gone, %d upload reservations cut to what their file holds, "
-                        "%d partial manifest writes",
-                        report.dead_uploads,
-                        report.settled_uploads,
-                        report.ingests,
-                    )
+                    log.info("recovered from interrupted requests: %s", repairs_said(report))
             await asyncio.sleep(interval)
 
     # -- /v2/ dispatch -----------------------------------------------------------------

@@ -251,6 +251,16 @@ def _drop_dead_uploads(
     return int(dropped)
 
 
+def repairs_said(report: GcReport | PurgeReport) -> str:
+    """The repairs of what killed requests left, as the server's log and ``ember admin
+    registry gc`` say them."""
+    return (
+        f"{report.dead_uploads} upload sessions whose file was gone, "
+        f"{report.settled_uploads} upload reservations cut to what their file holds, "
+        f"{report.ingests} partial manifest writes"
+    )
+
+
 def _repair_interrupted(
     meta: RegistryMetadata, storage: BlobStorage, now: float, grace: float
 ) -> tuple[int, int, list[str]]:
