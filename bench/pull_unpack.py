@@ -116,7 +116,7 @@ def bench_image(
             apply_layers(
                 ember_root,
                 [(service.layer_path(x), x.media_type, x.diff_id) for x in pulled.image.layers],
-                wait=pulled.layer_path,
+                opener=pulled.open_layer,
             )
 
     def ember_pull() -> None:

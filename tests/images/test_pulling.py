@@ -15,6 +15,7 @@ import pytest
 from ember.images import ImageService
 from ember.oci.digest import Digest
 from ember.registry.client.errors import BlobCorrupt
+from ember.unpack import apply_layers
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.support.images import push_layout
 from tests.support.registry import Registry
@@ -53,6 +54,33 @@ def test_lower_layers_are_handed_out_while_the_top_one_still_downloads(
             assert pulled.layer_path(len(digests) - 1).is_file()
         assert [r.reference for r in service.list()] == [f"{proxy.host}/{repo}:latest"]
         assert service.content.exists(pulled.image.manifest_digest)
+
+
+def test_a_layer_is_read_from_its_first_bytes_while_it_still_downloads(
+    service: ImageService, registry: Registry, multilayer_layout: Path,
+    pushed: tuple[str, list[Digest]],
+) -> None:
+    """``open_layer``: the bytes in so far, unverified, before the blob is stored."""
+    repo, digests = pushed
+    stall = 8192  # the proxy sends this much of every bigger blob, then nothing more
+    with (
+        misbehaving_proxy(registry.host, Behaviour(stall_blob_after=stall)) as proxy,
+        pytest.raises(RuntimeError, match="seen"),
+        service.pulling(f"{proxy.host}/{repo}", progress=False) as pulled,
+    ):
+        layers = pulled.image.layers
+        big = max(range(len(layers)), key=lambda i: layers[i].size)
+        assert layers[big].size > stall
+        head = b""
+        with pulled.open_layer(big) as blob:
+            while len(head) < stall:
+                head += blob.read(stall - len(head))
+        expected = (multilayer_layout / "blobs" / "sha256" / digests[big].hex).read_bytes()
+        assert head == expected[:stall]
+        assert not service.content.exists(digests[big])
+        raise RuntimeError("seen")  # ends the pull: its stalled download is cancelled
+    assert service.list() == []
+    assert not service.content.exists(digests[big])
 
 
 def test_a_caller_failing_before_every_blob_is_in_abandons_the_pull(
@@ -106,6 +134,34 @@ def test_a_corrupt_layer_fails_its_turn_and_nothing_is_recorded(
         pulled.layer_path(len(digests) - 1)
     assert service.list() == []
     assert not service.content.exists(digests[-1])
+
+
+def test_a_corrupt_layer_applied_as_it_arrives_fails_as_the_download_does(
+    service: ImageService, registry: Registry, multilayer_layout: Path,
+    pushed: tuple[str, list[Digest]], tmp_path: Path,
+) -> None:
+    """Its first byte is wrong, so it is no gzip; but the applier reading it then says why:
+    the registry served a corrupt blob (what its digest finds at the end), not a layer
+    that is not gzip data."""
+    repo, digests = pushed
+    blobs = multilayer_layout / "blobs" / "sha256"
+    big = max(digests, key=lambda d: (blobs / d.hex).stat().st_size)
+    root = tmp_path / "root"
+    root.mkdir()
+    # sent slowly (~0.5 s for the biggest layer) so that it is read while it arrives
+    slow_and_corrupt = Behaviour(corrupt_only={big.hex}, blob_rate=2_000_000)
+    with (
+        misbehaving_proxy(registry.host, slow_and_corrupt) as proxy,
+        pytest.raises(BlobCorrupt, match="corrupt"),
+        service.pulling(f"{proxy.host}/{repo}", progress=False) as pulled,
+    ):
+        layers = pulled.image.layers
+        apply_layers(
+            root, [(service.layer_path(x), x.media_type, x.diff_id) for x in layers],
+            opener=pulled.open_layer,
+        )  # fmt: skip
+    assert service.list() == []
+    assert not service.content.exists(big)
 
 
 def test_unpack_of_an_image_with_a_corrupt_layer_fails_cleanly(

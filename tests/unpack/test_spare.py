@@ -3,6 +3,7 @@ instead of forking, once; a dead one is passed over."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -86,11 +87,12 @@ def test_a_spare_killed_with_layers_queued_is_an_unpack_error(root: Path, layers
     children, spare = _fork_spare()
     blob = layers.blob(tar_bytes([reg("a", b"1")]), "gzip")
 
-    def kill_first(i: int) -> None:  # runs once every layer's command was sent
+    def kill_first(i: int) -> io.RawIOBase:  # runs once every layer's command was sent
         if i == 0:
             os.kill(spare, signal.SIGKILL)
             os.waitid(os.P_PID, spare, os.WEXITED | os.WNOWAIT)
+        return open(blob[0], "rb", buffering=0)
 
     with pytest.raises(UnpackError, match="killed by signal 9"):
-        apply_layers(root, [blob, blob, blob], wait=kill_first)
+        apply_layers(root, [blob, blob, blob], opener=kill_first)
     assert own_children() == children

@@ -193,7 +193,7 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
                 stats = apply_layers(
                     directory,
                     [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers],
-                    wait=pulled.layer_path,
+                    opener=pulled.open_layer,
                 )
             except (InvalidLayer, DiffIDMismatch) as e:
                 service.content.raise_if_damaged([x.digest for x in img.layers], e)

@@ -45,7 +45,7 @@ from ember.oci.manifest import Descriptor, ImageManifest
 from ember.oci.mediatypes import Compression
 from ember.oci.platform import Platform
 from ember.oci.reference import Reference
-from ember.store.content import ContentStore
+from ember.store.content import ContentStore, WriteObserver
 from ember.unpack.compression import UncompressedReader
 from ember.unpack.errors import InvalidLayer
 from ember.unpack.tarstream import FileReader, TarStream
@@ -333,6 +333,8 @@ class DockerArchiveSource:
         store: ContentStore,
         progress: Callable[[int], None] | None,
         cancel: Cancellation | None = None,
+        *,
+        observer: WriteObserver | None = None,  # a local copy is not followed (see Source)
     ) -> None:
         blob = self._blobs[desc.digest]
 

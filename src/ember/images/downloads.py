@@ -1,12 +1,25 @@
 """A pull's downloads: daemon threads that fetch a pull's blobs a few at once, and stop at
-once when the pull is cancelled (``ember.images.cancel``)."""
+once when the pull is cancelled (``ember.images.cancel``).
+
+A blob can be read while it arrives (``Download.open_arriving``): the reader
+follows the download's ingest file (``ContentStore.BlobWriter.watch``) and
+reads its end only once the whole blob matched its digest.  What it hands out
+before that is unverified, so its consumer must check what it made of the
+bytes (the layer appliers check the uncompressed stream against the DiffID,
+which the verified config names) and throw the result away if the blob then
+fails.  A layer thus starts being applied with its first bytes rather than
+after its last byte and the fsync that makes it durable.
+"""
 
 from __future__ import annotations
 
+import io
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 
 from ember.images.cancel import Cancellation, PullCancelled
 from ember.images.sources import Source
@@ -15,23 +28,143 @@ from ember.store.content import ContentStore
 
 
 class Download:
-    """One blob to fetch: what the layer appliers and the recorder wait on."""
+    """One blob to fetch: what the layer appliers and the recorder wait on.
+
+    Also the observer of the blob's ingest file while it is written (a
+    ``WriteObserver``), for readers that take the blob as it arrives."""
 
     def __init__(self, desc: Descriptor, progress: Callable[[int], None] | None) -> None:
         self.desc = desc
         self.progress = progress
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        #: our duplicate of the ingest file's descriptor, while the blob is written
+        self._fd = -1
+        self._closed = False
+        #: bytes the ingest file holds, and whether they matched the digest
+        self._size = 0
+        self._verified = False
 
     def finish(self, error: BaseException | None) -> None:
-        self._error = error
-        self._done.set()
+        with self._changed:
+            self._error = error
+            self._done.set()
+            self._changed.notify_all()
 
     def result(self) -> None:
         """Once fetched (a wait an interrupt cuts short); raises what the fetch raised."""
         self._done.wait()
         if self._error is not None:
             raise self._error
+
+    # -- the ingest file, as the downloading thread writes it (WriteObserver) ----------
+
+    def opened(self, fd: int, size: int) -> None:
+        with self._changed:
+            if self._fd < 0 and not self._closed:
+                # A file of our own, not a dup of the writer's: that would share the
+                # writer's lock on it (flock belongs to the open file) and hold it after
+                # the writer is done, keeping another process's pull of the same blob
+                # waiting for ours to end (while ours waited for it: a deadlock).
+                with suppress(OSError):  # (out of descriptors) readers wait for the stored blob
+                    self._fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            self._size = size
+            self._changed.notify_all()
+
+    def wrote(self, size: int) -> None:
+        with self._changed:
+            self._size = size
+            self._changed.notify_all()
+
+    def reset(self) -> None:
+        with self._changed:
+            self._size = 0
+            self._changed.notify_all()
+
+    def verified(self) -> None:
+        with self._changed:
+            self._verified = True
+            self._changed.notify_all()
+
+    # -- readers -----------------------------------------------------------------------
+
+    def open_arriving(self) -> ArrivingBlob | None:
+        """A reader of the blob from its first byte while it is still being written; None
+        when there is nothing to follow (the blob was already stored, the source copies
+        it whole, or the download failed or ended first): then ``result()`` and read the
+        stored blob.  Waits for the download to start writing."""
+        with self._changed:
+            while self._fd < 0 and not self._done.is_set() and not self._closed:
+                self._changed.wait()
+            if self._fd < 0 or self._done.is_set():
+                return None
+            return ArrivingBlob(self, os.dup(self._fd))
+
+    def close(self) -> None:
+        """The pull is over: stop following the ingest file (readers keep their own copy)."""
+        with self._changed:
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._changed.notify_all()
+
+    def _available(self, pos: int) -> int:
+        """Bytes readable from ``pos`` on: waits for more; 0 at the verified end; raises what
+        failed the download."""
+        with self._changed:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if pos < self._size:
+                    return self._size - pos
+                if self._verified and pos >= self._size:
+                    return 0
+                if self._done.is_set():  # ended without an error, yet short: never here
+                    raise RuntimeError(f"download of {self.desc.digest} ended at {self._size} bytes")
+                self._changed.wait()
+
+
+class ArrivingBlob(io.RawIOBase):
+    """Reads a blob as its download writes it (``Download.open_arriving``).
+
+    Bytes before the end are handed out as they arrive, unverified; the end (a
+    read of 0 bytes) comes only once the whole blob matched its digest, and a
+    failed download raises its error instead.  A download that starts over (the
+    registry ignored a resume's Range) rewrites the same bytes: reading goes on
+    where it was once they are back (a registry that served different bytes the
+    second time fails the digest, or the DiffID check of what was read)."""
+
+    def __init__(self, download: Download, fd: int) -> None:
+        super().__init__()
+        self._download = download
+        self._fd = fd
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        while view.nbytes:
+            available = self._download._available(self._pos)
+            if not available:
+                return 0
+            n = os.preadv(self._fd, [view[: min(available, view.nbytes)]], self._pos)
+            if n:  # 0: the file was emptied by a restart meanwhile; wait for it again
+                self._pos += n
+                return n
+        return 0
+
+    def close(self) -> None:
+        if not self.closed and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
 
 
 class Downloads:
@@ -65,7 +198,9 @@ class Downloads:
     def _work(self) -> None:
         while (job := self._take()) is not None:
             try:
-                self._source.fetch(job.desc, self._content, job.progress, self.cancellation)
+                self._source.fetch(
+                    job.desc, self._content, job.progress, self.cancellation, observer=job
+                )
             except BaseException as e:  # raised by whoever waits for this blob
                 job.finish(e)
             else:

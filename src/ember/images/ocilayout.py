@@ -22,7 +22,7 @@ from ember.oci.digest import Digest, Verifier
 from ember.oci.errors import DigestMismatch, FormatError
 from ember.oci.manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, parse_manifest
 from ember.oci.platform import Platform, select_manifest
-from ember.store.content import ContentStore
+from ember.store.content import ContentStore, WriteObserver
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1 << 20
@@ -162,6 +162,8 @@ class OciLayoutSource:
         store: ContentStore,
         progress: Callable[[int], None] | None,
         cancel: Cancellation | None = None,
+        *,
+        observer: WriteObserver | None = None,  # a local copy is not followed (see Source)
     ) -> None:
         src: BinaryIO | None = None
 

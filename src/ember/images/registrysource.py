@@ -12,7 +12,7 @@ from ember.oci.reference import Reference
 from ember.registry.client.client import RegistryClient
 from ember.registry.client.credentials import Credentials
 from ember.registry.client.errors import BlobCorrupt
-from ember.store.content import ContentStore
+from ember.store.content import ContentStore, WriteObserver
 
 _MAX_NESTING = 4
 
@@ -56,5 +56,9 @@ class RegistrySource:
         store: ContentStore,
         progress: Callable[[int], None] | None,
         cancel: Cancellation | None = None,
+        *,
+        observer: WriteObserver | None = None,
     ) -> None:
-        self.client.fetch_blob(self.ref.repository, desc, store, progress, cancel=cancel)
+        self.client.fetch_blob(
+            self.ref.repository, desc, store, progress, cancel=cancel, observer=observer
+        )

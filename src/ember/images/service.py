@@ -13,9 +13,11 @@ removal never deletes a blob that a concurrent pull is about to record, and
 it does not wait for pulls.
 
 ``pulling``/``ensuring`` hand the image out as soon as its config is checked,
-while the layers still download: whoever applies the layers (``ember image
-unpack``, a snapshot chain) asks ``Pulling.layer_path(i)``, which waits for
-that one verified blob, so applying layer 1 overlaps downloading layers 2..n.
+while the layers still download: whoever applies the layers asks
+``Pulling.layer_path(i)``, which waits for that one verified blob (a snapshot
+chain), so applying layer 1 overlaps downloading layers 2..n, or
+``Pulling.open_layer(i)``, which reads it from its first byte as it arrives,
+unverified until its end (``ember image unpack``; see ``downloads``).
 The image is recorded as soon as everything is fetched, in a thread beside the
 caller's work; a caller that fails before then abandons the pull and nothing is
 recorded.
@@ -30,6 +32,7 @@ daemon thread, and records nothing.
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import re
 import threading
@@ -120,6 +123,28 @@ class Pulling:
         if download is not None:
             download.result()
         return self._content.path(digest)
+
+    def open_layer(self, index: int) -> io.RawIOBase:
+        """Layer ``index``'s blob for reading from its first byte, which may come before
+        its download has ended: the bytes are then unverified until the end of the
+        stream, and reading raises what failed the download (``ArrivingBlob``)."""
+        download = self._downloads.get(self.image.layers[index].digest)
+        if download is not None:
+            arriving = download.open_arriving()
+            if arriving is not None:
+                return arriving
+        return builtins.open(self.layer_path(index), "rb", buffering=0)
+
+
+def _verified_bytes(download: Download, content: ContentStore) -> bytes:
+    """A small blob's bytes once they matched its digest: before the fsync that makes it
+    durable, when it is being downloaded (the pull records nothing before that fsync)."""
+    arriving = download.open_arriving()
+    if arriving is None:
+        download.result()
+        return content.read_bytes(download.desc.digest)
+    with arriving:
+        return arriving.readall()
 
 
 class _Recorder:
@@ -343,8 +368,7 @@ class ImageService:
         )
         recorder: _Recorder | None = None
         try:
-            config_fetch.result()
-            config = parse_config(self.content.read_bytes(cfg.digest))
+            config = parse_config(_verified_bytes(config_fetch, self.content))
             image = build_image(
                 source.name, resolved.digest, manifest, cfg.digest, config,
                 manifest_size=len(resolved.data),
@@ -375,6 +399,9 @@ class ImageService:
                 recorder.abandon()
             workers.join(CANCEL_GRACE)
             raise
+        finally:
+            for d in (config_fetch, *downloads.values()):
+                d.close()
 
     # -- local queries -------------------------------------------------------
 

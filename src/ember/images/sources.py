@@ -25,7 +25,7 @@ from ember.oci.digest import Digest, Verifier
 from ember.oci.manifest import Descriptor
 from ember.oci.platform import Platform
 from ember.oci.reference import Reference
-from ember.store.content import ContentStore
+from ember.store.content import ContentStore, WriteObserver
 from ember.store.errors import BlobNotFound
 
 OCI_PREFIX = "oci:"
@@ -64,10 +64,14 @@ class Source(Protocol):
         store: ContentStore,
         progress: Callable[[int], None] | None,
         cancel: Cancellation | None = None,
+        *,
+        observer: WriteObserver | None = None,
     ) -> None:
         """Copy the blob into ``store``, verified; stops (PullCancelled) soon after
         ``cancel`` is cancelled, keeping what arrived where it can be resumed (a
-        registry download; a local source, never resumed, keeps nothing)."""
+        registry download; a local source, never resumed, keeps nothing).
+        ``observer`` follows the blob's file while a download writes it; a local
+        source copies a blob in one go, already verified, and tells it nothing."""
         ...
 
     def close(self) -> None: ...

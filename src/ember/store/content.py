@@ -30,13 +30,32 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ember.fsutil import fsync_dir
 from ember.oci.digest import Digest, Verifier
 from ember.store.errors import BlobNotFound, DamagedBlob, StoreError
 
 _CHUNK = 1 << 20
+
+
+class WriteObserver(Protocol):
+    """Follows a BlobWriter's ingest file while it is written (``BlobWriter.watch``):
+    what lets a reader consume a blob as it arrives."""
+
+    def opened(self, fd: int, size: int) -> None:
+        """The ingest file (the writer's descriptor: dup it to keep it), holding ``size``
+        bytes already (a resumed write)."""
+
+    def wrote(self, size: int) -> None:
+        """The file now holds ``size`` bytes."""
+
+    def reset(self) -> None:
+        """Its content was thrown away: the file is empty again."""
+
+    def verified(self) -> None:
+        """Its content matched the digest and size (just before it is made durable and
+        published)."""
 
 
 class ContentStore:
@@ -283,6 +302,7 @@ class BlobWriter:
         self._fd = -1
         self._verifier = Verifier(expected, expected_size)
         self.committed = False
+        self._observer: WriteObserver | None = None
 
     def __enter__(self) -> BlobWriter:
         while True:
@@ -333,6 +353,13 @@ class BlobWriter:
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         self._verifier = Verifier(self.expected, self.expected_size)
+        if self._observer is not None:
+            self._observer.reset()
+
+    def watch(self, observer: WriteObserver) -> None:
+        """Tell ``observer`` about this (entered) writer's file from now on."""
+        self._observer = observer
+        observer.opened(self._fd, self.offset)
 
     @property
     def offset(self) -> int:
@@ -369,6 +396,8 @@ class BlobWriter:
                     hint="free space, or drop partial downloads: ember gc --ingest-grace 0",
                 ) from e
             view = view[n:]
+        if self._observer is not None:
+            self._observer.wrote(self._verifier.size)
 
     def verify(self) -> None:
         """Check the digest and size of what was written (DigestMismatch, and the content
@@ -383,6 +412,8 @@ class BlobWriter:
         """Verify digest and size, then publish the blob atomically."""
         target = self.store.path(self.expected)
         self.verify()
+        if self._observer is not None:
+            self._observer.verified()
         os.fsync(self._fd)
         os.fchmod(self._fd, 0o444)
         try:

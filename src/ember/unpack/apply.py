@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -57,21 +58,25 @@ def apply_layers(
     root: Path,
     layers: Sequence[tuple[Path, str, Digest | None]],
     *,
-    wait: Callable[[int], object] | None = None,
+    opener: Callable[[int], io.RawIOBase] | None = None,
 ) -> ApplyStats:
     """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``.
 
     One chroot-ed child applies up to MAX_LAYERS_PER_CHILD layers; each layer's
     DiffID is checked before the next one reaches the child (which is streamed
-    while the child still applies the one before).  With ``wait``, blobs may
-    still be arriving (a pull in progress): ``wait(i)`` runs before layer ``i``'s
-    blob is opened, and what it raises ends the apply.
+    while the child still applies the one before).  With ``opener``, blobs may
+    still be arriving (a pull in progress): ``opener(i)`` opens layer ``i``'s
+    blob when its turn comes (``Pulling.open_layer``), and what it or reading
+    raises ends the apply.  Such a blob may be read before it is verified: its
+    layer needs a ``diff_id``, the check of what was read.
     """
     root = Path(root)
     if not root.is_dir():
         raise UnpackError(f"cannot apply a layer onto {root}: not a directory")
+    if opener is not None and any(diff_id is None for _, _, diff_id in layers):
+        raise UnpackError("layers read as they arrive need their DiffIDs to be checked against")
     prepared = [
-        _prepare(Path(blob), media_type, diff_id, None if wait is None else partial(wait, i))
+        _prepare(Path(blob), media_type, diff_id, None if opener is None else partial(opener, i))
         for i, (blob, media_type, diff_id) in enumerate(layers)
     ]
     total = ApplyStats()
@@ -162,19 +167,20 @@ class _Prepared:
 
 
 def _prepare(
-    blob: Path, media_type: str, diff_id: Digest | None, wait: Callable[[], object] | None = None
+    blob: Path, media_type: str, diff_id: Digest | None,
+    opener: Callable[[], io.RawIOBase] | None = None,
 ) -> _Prepared:
     """Check a layer before anything is applied: media type known, blob readable and
-    plausible (a blob still to ``wait`` for: when its turn comes)."""
+    plausible (a blob that ``opener`` opens as it arrives: its first bytes, when its
+    turn comes)."""
     compression = compression_of(media_type)
-    if wait is None:
+    if opener is None:
         _check_blob(blob, compression)
 
     def open_blob() -> UncompressedReader:
-        if wait is not None:
-            wait()
-            _check_blob(blob, compression)
-        return UncompressedReader(blob, compression)
+        if opener is None:
+            return UncompressedReader(blob, compression)
+        return UncompressedReader(blob, compression, opener())
 
     algorithm = diff_id.algorithm if diff_id is not None else "sha256"
     hasher: _Hash = hashlib.new(algorithm)

@@ -42,7 +42,7 @@ from ember.registry.client.errors import (
     RegistryUnreachable,
 )
 from ember.registry.client.transport import ConnectionPool, Response, TransportError, split_url
-from ember.store.content import BlobWriter, ContentStore
+from ember.store.content import BlobWriter, ContentStore, WriteObserver
 from ember.store.errors import BlobNotFound
 
 _MAX_TOKEN_RESPONSE = 1 << 20
@@ -544,8 +544,12 @@ class RegistryClient:
         progress: ProgressCallback | None = None,
         *,
         cancel: CancelToken | None = None,
+        observer: WriteObserver | None = None,
     ) -> None:
         """Download one blob into the content store, verified; resumes after a cut connection.
+
+        ``observer`` follows the ingest file as it is written (see ``BlobWriter.watch``);
+        it hears nothing of a blob the store already has.
 
         ``cancel`` stops the download between chunks, and a cancel while a read waits on
         the connection shuts the connection down (``Response.abort``), so a stalled registry does
@@ -574,6 +578,8 @@ class RegistryClient:
                 if progress:
                     progress(desc.size)
                 return
+            if observer is not None:
+                writer.watch(observer)
             if progress and writer.offset:
                 progress(writer.offset)
             attempt = 0

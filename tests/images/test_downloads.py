@@ -1,0 +1,186 @@
+"""Reading a blob while its download writes it (``Download.open_arriving``).
+
+A real content store and its real writer; the downloading thread is played by
+the test, which writes, restarts, verifies and fails the blob at chosen moments.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ember.images.downloads import ArrivingBlob, Download
+from ember.oci.digest import Digest
+from ember.oci.errors import DigestMismatch
+from ember.oci.manifest import Descriptor
+from ember.store.content import BlobWriter, ContentStore
+
+DATA = os.urandom(300_000)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ContentStore:
+    return ContentStore(tmp_path / "content")
+
+
+def descriptor(data: bytes = DATA) -> Descriptor:
+    return Descriptor(
+        media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+        digest=Digest.of(data),
+        size=len(data),
+    )
+
+
+@contextmanager
+def downloading(store: ContentStore, download: Download) -> Iterator[BlobWriter]:
+    """The writer a registry download would use, followed by ``download``."""
+    with store.writer(download.desc.digest, download.desc.size) as writer:
+        writer.watch(download)
+        yield writer
+
+
+class Reader(threading.Thread):
+    """Reads an arriving blob to its end in the background, as a layer applier does."""
+
+    def __init__(self, blob: ArrivingBlob) -> None:
+        super().__init__(daemon=True)
+        self.blob = blob
+        self.data = b""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while chunk := self.blob.read(65536):
+                self.data += chunk
+        except BaseException as e:
+            self.error = e
+
+
+def test_bytes_are_read_as_they_arrive_and_the_end_waits_for_the_digest(
+    store: ContentStore,
+) -> None:
+    download = Download(descriptor(), None)
+    with downloading(store, download) as writer:
+        writer.write(DATA[:1000])
+        blob = download.open_arriving()
+        assert blob is not None
+        assert blob.read(5000) == DATA[:1000]  # what is there, without waiting for the rest
+        reader = Reader(blob)
+        reader.start()
+        writer.write(DATA[1000:])
+        reader.join(0.3)
+        assert reader.is_alive(), "the end of an unverified blob was read"
+        writer.commit()
+    download.finish(None)
+    reader.join(10)
+    assert not reader.is_alive() and reader.error is None
+    assert DATA[:1000] + reader.data == DATA
+    blob.close()
+    download.close()
+
+
+def test_a_download_that_starts_over_is_read_on_from_where_the_reader_was(
+    store: ContentStore,
+) -> None:
+    """The registry ignored a resume's Range: the writer empties the file and the whole
+    body comes again; the reader takes up where it was once the bytes are back."""
+    download = Download(descriptor(), None)
+    with downloading(store, download) as writer:
+        writer.write(DATA[:50_000])
+        blob = download.open_arriving()
+        assert blob is not None
+        first = blob.read(40_000)
+        writer.reset()
+        reader = Reader(blob)
+        reader.start()
+        writer.write(DATA[:20_000])  # not yet back where the reader is
+        reader.join(0.2)
+        assert reader.is_alive() and reader.data == b""
+        writer.write(DATA[20_000:])
+        writer.commit()
+    download.finish(None)
+    reader.join(10)
+    assert reader.error is None
+    assert first + reader.data == DATA
+
+
+def test_a_blob_that_fails_its_digest_raises_instead_of_ending(store: ContentStore) -> None:
+    wrong = bytearray(DATA)
+    wrong[-1] ^= 1
+    download = Download(descriptor(), None)
+    with downloading(store, download) as writer:
+        blob = download.open_arriving()
+        assert blob is not None
+        reader = Reader(blob)
+        reader.start()
+        writer.write(bytes(wrong))
+        with pytest.raises(DigestMismatch) as failed:
+            writer.commit()
+    download.finish(failed.value)  # what the download thread does with its error
+    reader.join(10)
+    assert isinstance(reader.error, DigestMismatch)
+    assert reader.data == bytes(wrong)[: len(reader.data)]  # never more than was written
+
+
+def test_there_is_nothing_to_follow_once_a_download_has_ended(store: ContentStore) -> None:
+    stored = Download(descriptor(), None)
+    with downloading(store, stored) as writer:
+        writer.write(DATA)
+        writer.commit()
+    stored.finish(None)
+    assert stored.open_arriving() is None  # read the stored blob instead
+    stored.close()
+
+    failed = Download(descriptor(), None)
+    failed.finish(RuntimeError("the registry went away"))
+    assert failed.open_arriving() is None
+    with pytest.raises(RuntimeError, match="went away"):
+        failed.result()
+
+
+def test_a_reader_waiting_for_a_download_to_start_is_let_go_when_the_pull_ends() -> None:
+    download = Download(descriptor(), None)
+    opened: list[ArrivingBlob | None] = []
+    waiter = threading.Thread(target=lambda: opened.append(download.open_arriving()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()
+    download.close()
+    waiter.join(10)
+    assert opened == [None]
+
+
+def test_the_pull_ending_leaves_open_readers_their_own_descriptor(store: ContentStore) -> None:
+    download = Download(descriptor(), None)
+    with downloading(store, download) as writer:
+        writer.write(DATA)
+        blob = download.open_arriving()
+        assert blob is not None
+        download.close()  # a late reader may still be applying the layer
+        writer.commit()
+    download.finish(None)
+    assert blob.read() == DATA
+    blob.close()
+
+
+def test_following_a_blob_leaves_its_lock_to_the_writers(store: ContentStore) -> None:
+    """Another process's pull of the same blob waits on the ingest file's lock while a
+    writer holds it, never longer: the two pulls of one image in two processes each
+    followed blobs the other then waited for, and both waited for ever."""
+    download = Download(descriptor(), None)
+    with downloading(store, download) as writer:
+        writer.write(DATA[:1000])
+        ingest = writer.ingest_path
+    # the writer stopped (a cut connection), its bytes kept for a resume; still followed
+    fd = os.open(ingest, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if we still held it
+    finally:
+        os.close(fd)
+        download.close()
