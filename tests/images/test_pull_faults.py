@@ -58,6 +58,31 @@ def test_corrupt_blob_refused_and_not_stored(
     assert service.pull(f"{registry.host}/faults/busybox", progress=False).layers
 
 
+def test_a_resumed_blob_that_fails_its_digest_is_fetched_again_whole(
+    service: ImageService, registry: Registry, busybox_layout: Path
+) -> None:
+    """What a pull cancelled mid-body by a corrupt registry keeps for a resume may be
+    wrong itself: the next pull, from a healthy registry, used to resume it and fail
+    as corrupt (once; then it started over).  It now starts over at once."""
+    push_layout(busybox_layout, registry, "faults/resume-bad")
+    ref = f"{registry.host}/faults/resume-bad"
+    with service.pulling(ref, progress=False) as pulled:
+        layers = pulled.image.layers
+    big = max(layers, key=lambda x: x.size)
+    assert service.content.delete(big.digest)
+    with service.content.writer(big.digest, big.size) as writer:  # kept for a resume
+        writer.write(b"not the blob" * 100)
+    assert service.remove(ref)
+    with misbehaving_proxy(registry.host, Behaviour()) as proxy:
+        image = service.pull(f"{proxy.host}/faults/resume-bad", progress=False)
+    assert big.digest in {x.digest for x in image.layers}
+    gets = proxy.requests(f"/blobs/{big.digest}", "GET")
+    assert [g.headers.get("range") for g in gets] == ["bytes=1200-", None]
+    assert service.content.path(big.digest).read_bytes() == (
+        busybox_layout / "blobs" / "sha256" / big.digest.hex
+    ).read_bytes()
+
+
 def test_retries_on_503(service: ImageService, registry: Registry, busybox_layout: Path) -> None:
     push_layout(busybox_layout, registry, "faults/flaky")
     with misbehaving_proxy(

@@ -582,41 +582,63 @@ class RegistryClient:
                 writer.watch(observer)
             if progress and writer.offset:
                 progress(writer.offset)
-            attempt = 0
+            # Bytes kept from an earlier try are checked only with the rest: a whole that
+            # does not match may be their fault (a corrupt body cut short by a cancel), so
+            # a resumed blob that fails its digest is fetched once more, from its start.
+            resumed = writer.offset > 0
             while True:
-                before = writer.offset
+                self._download_retrying(repository, desc, writer, progress, cancel)
+                if cancel is not None:
+                    # A body cut by the abort can end like a whole one: keep it for a resume
+                    # rather than verify it (which discards what does not match).
+                    cancel.check()
                 try:
-                    self._download_into(repository, desc, writer, progress, cancel)
-                    break
-                except (TransportError, _Retry) as e:
-                    if cancel is not None:
-                        cancel.check()  # an aborted read looks like a cut connection
-                    if self._gives_up(e, attempt, progressed=writer.offset > before):
-                        stalled = isinstance(e, TransportError) and e.timed_out
-                        raise RegistryUnreachable(
-                            f"download of blob {desc.digest.short} from {self.host} "
-                            + (
-                                f"stalled: no data for {self.http.timeout:g} s"
-                                if stalled
-                                else f"keeps failing ({e or type(e).__name__})"
-                            )
+                    writer.commit()
+                    return
+                except DigestMismatch as e:  # the writer has emptied the file
+                    if progress:
+                        progress(-desc.size)
+                    if not resumed:
+                        raise BlobCorrupt(
+                            f"registry {self.host} served a corrupt blob: {e}"
                         ) from None
-                    pause = self.backoff * (2**attempt)
-                    if cancel is not None:
-                        cancel.wait(pause)
-                    else:
-                        time.sleep(pause)
-                    attempt += 1
-            if cancel is not None:
-                # A body cut by the abort can end like a whole one: keep it for a resume
-                # rather than verify it (which discards what does not match).
-                cancel.check()
+                    resumed = False
+
+    def _download_retrying(
+        self,
+        repository: str,
+        desc: Descriptor,
+        writer: BlobWriter,
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+    ) -> None:
+        """The rest of the blob into ``writer``, resuming after cut connections until the
+        retries run out."""
+        attempt = 0
+        while True:
+            before = writer.offset
             try:
-                writer.commit()
-            except DigestMismatch as e:
-                if progress:
-                    progress(-desc.size)
-                raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
+                self._download_into(repository, desc, writer, progress, cancel)
+                return
+            except (TransportError, _Retry) as e:
+                if cancel is not None:
+                    cancel.check()  # an aborted read looks like a cut connection
+                if self._gives_up(e, attempt, progressed=writer.offset > before):
+                    stalled = isinstance(e, TransportError) and e.timed_out
+                    raise RegistryUnreachable(
+                        f"download of blob {desc.digest.short} from {self.host} "
+                        + (
+                            f"stalled: no data for {self.http.timeout:g} s"
+                            if stalled
+                            else f"keeps failing ({e or type(e).__name__})"
+                        )
+                    ) from None
+                pause = self.backoff * (2**attempt)
+                if cancel is not None:
+                    cancel.wait(pause)
+                else:
+                    time.sleep(pause)
+                attempt += 1
 
     def _download_into(
         self,
