@@ -184,3 +184,25 @@ def test_following_a_blob_leaves_its_lock_to_the_writers(store: ContentStore) ->
     finally:
         os.close(fd)
         download.close()
+
+
+def test_a_download_resuming_an_earlier_ones_bytes_is_not_followed(store: ContentStore) -> None:
+    """Those bytes are checked only with the rest, and thrown away (the blob fetched
+    again whole) when the whole does not match: a reader would have used them."""
+    with store.writer(Digest.of(DATA), len(DATA)) as writer:
+        writer.write(b"what an earlier, cancelled pull got")  # kept for a resume
+    download = Download(descriptor(), None)
+    opened: list[ArrivingBlob | None] = []
+    waiter = threading.Thread(target=lambda: opened.append(download.open_arriving()))
+    with downloading(store, download) as writer:
+        waiter.start()
+        assert writer.offset > 0
+        waiter.join(0.2)
+        assert waiter.is_alive()  # nothing to follow: it waits for the download to end
+        writer.reset()
+        writer.write(DATA)
+        writer.commit()
+    download.finish(None)
+    waiter.join(10)
+    assert opened == [None]  # read the stored blob
+    download.close()

@@ -39,7 +39,7 @@ class Download:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._changed = threading.Condition()
-        #: our duplicate of the ingest file's descriptor, while the blob is written
+        #: the ingest file, opened for reading while the blob is written
         self._fd = -1
         self._closed = False
         #: bytes the ingest file holds, and whether they matched the digest
@@ -62,7 +62,9 @@ class Download:
 
     def opened(self, fd: int, size: int) -> None:
         with self._changed:
-            if self._fd < 0 and not self._closed:
+            # Not followed when it resumes bytes an earlier try kept: they are what a
+            # failed digest then throws away, after a reader would have used them.
+            if self._fd < 0 and not self._closed and size == 0:
                 # A file of our own, not a dup of the writer's: that would share the
                 # writer's lock on it (flock belongs to the open file) and hold it after
                 # the writer is done, keeping another process's pull of the same blob
@@ -92,8 +94,9 @@ class Download:
     def open_arriving(self) -> ArrivingBlob | None:
         """A reader of the blob from its first byte while it is still being written; None
         when there is nothing to follow (the blob was already stored, the source copies
-        it whole, or the download failed or ended first): then ``result()`` and read the
-        stored blob.  Waits for the download to start writing."""
+        it whole, the download resumes an earlier one's bytes, or it failed or ended
+        first): then ``result()`` and read the stored blob.  Waits for the download to
+        start writing."""
         with self._changed:
             while self._fd < 0 and not self._done.is_set() and not self._closed:
                 self._changed.wait()
