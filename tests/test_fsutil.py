@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ember.fsutil import NotRegularFile, atomic_write, open_regular, remove_tree, why_unopened
+from ember.fsutil import (
+    NotRegularFile,
+    atomic_write,
+    empty_directory,
+    open_regular,
+    remove_tree,
+    why_unopened,
+)
 
 
 def test_open_regular_refuses_what_is_not_a_file_without_blocking(tmp_path: Path) -> None:
@@ -60,6 +67,26 @@ def test_remove_tree_never_follows_a_symlink(tmp_path: Path) -> None:
     remove_tree(tree)
     assert not tree.exists()
     assert (outside / "sub" / "keep").read_text() == "x"
+
+
+def test_empty_directory_keeps_the_directory_and_what_its_symlinks_point_at(
+    tmp_path: Path,
+) -> None:
+    """What a failed ``ember image unpack`` does to a directory it was given."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_text("y")
+    (tree / "link").symlink_to(outside)
+    (tree / "a" / "link").symlink_to(outside / "keep")
+    empty_directory(tree)
+    assert tree.is_dir() and list(tree.iterdir()) == []
+    assert (outside / "keep").read_text() == "x"
+    (tmp_path / "to-tree").symlink_to(tree)
+    with pytest.raises(OSError):  # not through a symlink to a directory either
+        empty_directory(tmp_path / "to-tree")
 
 
 def test_stale_temps_sweeps_only_old_temp_files_never_through_a_symlink(tmp_path: Path) -> None:

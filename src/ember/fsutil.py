@@ -164,6 +164,13 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     nothing else moves directories in meanwhile (the applier, alone in its chroot; a
     directory ember has just made and filled).
     """
+    empty_directory(path)
+    os.rmdir(path)
+
+
+def empty_directory(path: str | os.PathLike[str]) -> None:
+    """Remove everything below the directory ``path`` (not a symlink to one), keeping it:
+    ``remove_tree`` but the last step."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags)
     names: list[str] = []  # from ``path`` down to the directory open in ``fd``
@@ -187,7 +194,6 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
             os.rmdir(names.pop(), dir_fd=fd)
     finally:
         os.close(fd)
-    os.rmdir(path)
 
 
 def _empty_but_subdirectories(fd: int) -> list[str]:

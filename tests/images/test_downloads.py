@@ -206,3 +206,42 @@ def test_a_download_resuming_an_earlier_ones_bytes_is_not_followed(store: Conten
     waiter.join(10)
     assert opened == [None]  # read the stored blob
     download.close()
+
+
+def test_an_applier_stopped_by_bad_bytes_reports_the_download_failing(
+    store: ContentStore, tmp_path: Path
+) -> None:
+    """A tar header mangled on the way stops the applier child at once; the download's
+    error (its digest fails at the end) is what happened, and what the user reads,
+    rather than the child's "invalid tar header"."""
+    from ember.oci import mediatypes as mt
+    from ember.unpack import apply_layers
+
+    expected = os.urandom(4 << 20)
+    mangled = b"\xff" * 512 + bytes(3 << 20)  # more than the pipe holds: the child must read
+    download = Download(descriptor(expected), None)
+    root = tmp_path / "root"
+    root.mkdir()
+    failures: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            apply_layers(
+                root, [(tmp_path / "layer", mt.OCI_LAYER_TAR, Digest.of(expected))],
+                opener=lambda _i: download.open_arriving(),
+            )  # fmt: skip
+        except BaseException as e:
+            failures.append(e)
+
+    with downloading(store, download) as writer:
+        writer.write(mangled)
+        applying = threading.Thread(target=apply)
+        applying.start()
+        applying.join(0.5)
+        assert applying.is_alive()  # the child has stopped; the parent waits for the end
+        with pytest.raises(DigestMismatch) as failed:
+            writer.commit()
+    download.finish(failed.value)
+    applying.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], DigestMismatch), failures
+    download.close()

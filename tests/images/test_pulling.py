@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -15,8 +16,10 @@ import pytest
 from ember.images import ImageService
 from ember.oci.digest import Digest
 from ember.registry.client.errors import BlobCorrupt
+from ember.store.content import BlobWriter
 from ember.unpack import apply_layers
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
+from tests.support.cli import ember_env, run_ember
 from tests.support.images import push_layout
 from tests.support.registry import Registry
 
@@ -162,6 +165,54 @@ def test_a_corrupt_layer_applied_as_it_arrives_fails_as_the_download_does(
         )  # fmt: skip
     assert service.list() == []
     assert not service.content.exists(big)
+
+
+def test_a_config_read_before_it_was_stored_fails_the_pull_if_storing_it_fails(
+    service: ImageService, registry: Registry, multilayer_layout: Path,
+    pushed: tuple[str, list[Digest]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The config is parsed once it matched its digest, before its fsync and rename:
+    an image whose config then could not be stored was recorded all the same (and
+    read as damaged ever after)."""
+    repo, _digests = pushed
+    index = json.loads((multilayer_layout / "index.json").read_text())
+    manifest_hex = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((multilayer_layout / "blobs" / "sha256" / manifest_hex).read_text())
+    config = Digest.parse(manifest["config"]["digest"])
+    store = BlobWriter.commit
+
+    def disk_fails_for_the_config(writer: BlobWriter) -> Digest:
+        if writer.expected != config:
+            return store(writer)
+        writer.verify()
+        if writer._observer is not None:  # what commit tells a reader before its fsync
+            writer._observer.verified()
+        time.sleep(0.5)  # a slow fsync, which then fails: the layers are in by now
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(BlobWriter, "commit", disk_fails_for_the_config)
+    with pytest.raises(OSError, match="Input/output"):
+        service.pull(f"{registry.host}/{repo}", progress=False)
+    assert service.list() == []
+    assert not service.content.exists(config)
+
+
+def test_a_failed_unpack_empties_the_directory_it_was_given(
+    tmp_path: Path, registry: Registry, pushed: tuple[str, list[Digest]]
+) -> None:
+    """Layers are applied as their bytes arrive: what a failed unpack wrote (here the
+    lower layers, and maybe part of the corrupt one) must not stay in a directory that
+    existed before, as it stays in none the command made."""
+    repo, digests = pushed
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    with misbehaving_proxy(registry.host, Behaviour(corrupt_only={digests[-1].hex})) as proxy:
+        proc = run_ember(
+            "image", "unpack", f"{proxy.host}/{repo}", str(target),
+            env=ember_env(tmp_path / "home", EMBER_AGENT="0"), timeout=120,
+        )  # fmt: skip
+    assert proc.returncode != 0 and "corrupt" in proc.stderr, proc.stderr
+    assert target.is_dir() and list(target.iterdir()) == []
 
 
 def test_unpack_of_an_image_with_a_corrupt_layer_fails_cleanly(

@@ -199,13 +199,18 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
                 service.content.raise_if_damaged([x.digest for x in img.layers], e)
                 raise
     except BaseException:
-        if created is not None:
-            from ember.fsutil import remove_tree
+        from ember.fsutil import empty_directory, remove_tree
 
-            # not shutil.rmtree: the layers may have built a tree deeper than its recursion;
-            # the parents it made too (``new/a`` of ``new/a/b``), none that existed before
-            with contextlib.suppress(OSError):
+        # What a failed unpack wrote goes: parts of layers, or of a blob that then failed
+        # its digest (layers are applied as their bytes arrive).  Not shutil.rmtree: the
+        # layers may have built a tree deeper than its recursion; the parents this made
+        # too (``new/a`` of ``new/a/b``), none that existed before; a directory that
+        # existed (empty, checked above) is emptied.
+        with contextlib.suppress(OSError):
+            if created is not None:
                 remove_tree(created)
+            else:
+                empty_directory(directory)
         raise
     layers = f"{stats.layers} layer{'' if stats.layers == 1 else 's'}"
     say(f"unpacked {img.reference} into {directory} ({layers}, {stats.entries} entries)")

@@ -50,6 +50,7 @@ class Download:
         with self._changed:
             self._error = error
             self._done.set()
+            self._stop_following()
             self._changed.notify_all()
 
     def result(self) -> None:
@@ -108,10 +109,14 @@ class Download:
         """The pull is over: stop following the ingest file (readers keep their own copy)."""
         with self._changed:
             self._closed = True
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            self._stop_following()
             self._changed.notify_all()
+
+    def _stop_following(self) -> None:
+        """No more readers: ours goes (under ``_changed``)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _available(self, pos: int) -> int:
         """Bytes readable from ``pos`` on: waits for more; 0 at the verified end; raises what

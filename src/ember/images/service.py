@@ -124,21 +124,24 @@ class Pulling:
             download.result()
         return self._content.path(digest)
 
-    def open_layer(self, index: int) -> io.RawIOBase:
-        """Layer ``index``'s blob for reading from its first byte, which may come before
-        its download has ended: the bytes are then unverified until the end of the
-        stream, and reading raises what failed the download (``ArrivingBlob``)."""
+    def open_layer(self, index: int) -> io.RawIOBase | None:
+        """Layer ``index``'s blob for reading from its first byte while it still
+        downloads (an ``ArrivingBlob``: unverified until the end of the stream; reading
+        raises what failed the download); None once it is stored (read ``layer_path``):
+        raises what its download raised."""
         download = self._downloads.get(self.image.layers[index].digest)
         if download is not None:
             arriving = download.open_arriving()
             if arriving is not None:
                 return arriving
-        return builtins.open(self.layer_path(index), "rb", buffering=0)
+        self.layer_path(index)
+        return None
 
 
 def _verified_bytes(download: Download, content: ContentStore) -> bytes:
-    """A small blob's bytes once they matched its digest: before the fsync that makes it
-    durable, when it is being downloaded (the pull records nothing before that fsync)."""
+    """A small blob's bytes once they matched its digest: before the fsync and rename that
+    store it, when it is being downloaded (the recorder waits for those, and fails the
+    pull if they fail)."""
     arriving = download.open_arriving()
     if arriving is None:
         download.result()
@@ -388,9 +391,11 @@ class ImageService:
                 self.content.sync_names()  # before the table names the blobs
                 record(image)
 
-            recorder = _Recorder(list(downloads.values()), store_and_record)
+            # the config too: it was read before its fsync and rename (_verified_bytes)
+            fetches = [config_fetch, *downloads.values()]
+            recorder = _Recorder(fetches, store_and_record)
             yield Pulling(image, self.content, downloads)
-            for d in downloads.values():
+            for d in fetches:
                 d.result()
             recorder.wait()
         except BaseException:

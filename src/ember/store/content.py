@@ -44,8 +44,9 @@ class WriteObserver(Protocol):
     what lets a reader consume a blob as it arrives."""
 
     def opened(self, fd: int, size: int) -> None:
-        """The ingest file (the writer's descriptor: dup it to keep it), holding ``size``
-        bytes already (a resumed write)."""
+        """The ingest file (the writer's descriptor: open it anew through /proc/self/fd to
+        keep it; a dup would share, and keep, the writer's lock), holding ``size`` bytes
+        already (a resumed write)."""
 
     def wrote(self, size: int) -> None:
         """The file now holds ``size`` bytes."""

@@ -58,7 +58,7 @@ def apply_layers(
     root: Path,
     layers: Sequence[tuple[Path, str, Digest | None]],
     *,
-    opener: Callable[[int], io.RawIOBase] | None = None,
+    opener: Callable[[int], io.RawIOBase | None] | None = None,
 ) -> ApplyStats:
     """Apply ``(blob, media_type, diff_id)`` layers in order (lowest first) onto ``root``.
 
@@ -66,9 +66,10 @@ def apply_layers(
     DiffID is checked before the next one reaches the child (which is streamed
     while the child still applies the one before).  With ``opener``, blobs may
     still be arriving (a pull in progress): ``opener(i)`` opens layer ``i``'s
-    blob when its turn comes (``Pulling.open_layer``), and what it or reading
-    raises ends the apply.  Such a blob may be read before it is verified: its
-    layer needs a ``diff_id``, the check of what was read.
+    blob when its turn comes (``Pulling.open_layer``), or returns None once the
+    file named for it is there, and what it or reading raises ends the apply.
+    Such a blob may be read before it is verified: its layer needs a
+    ``diff_id``, the check of what was read.
     """
     root = Path(root)
     if not root.is_dir():
@@ -168,7 +169,7 @@ class _Prepared:
 
 def _prepare(
     blob: Path, media_type: str, diff_id: Digest | None,
-    opener: Callable[[], io.RawIOBase] | None = None,
+    opener: Callable[[], io.RawIOBase | None] | None = None,
 ) -> _Prepared:
     """Check a layer before anything is applied: media type known, blob readable and
     plausible (a blob that ``opener`` opens as it arrives: its first bytes, when its
@@ -178,9 +179,12 @@ def _prepare(
         _check_blob(blob, compression)
 
     def open_blob() -> UncompressedReader:
-        if opener is None:
-            return UncompressedReader(blob, compression)
-        return UncompressedReader(blob, compression, opener())
+        stream = opener() if opener is not None else None
+        if stream is not None:
+            return UncompressedReader(blob, compression, stream)
+        if opener is not None:
+            _check_blob(blob, compression)
+        return UncompressedReader(blob, compression)
 
     algorithm = diff_id.algorithm if diff_id is not None else "sha256"
     hasher: _Hash = hashlib.new(algorithm)

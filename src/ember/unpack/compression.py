@@ -165,6 +165,13 @@ class UncompressedReader:
             raise
         return n
 
+    def settle(self) -> None:
+        """For a blob read as it arrives, once its reader stopped early: read it to its
+        end, which raises the download's error if it failed (a corrupt body is caught
+        by its digest only there); nothing for a stored blob."""
+        if self._stream is not None:
+            _read_to_end(self._stream)
+
     def __enter__(self) -> UncompressedReader:
         return self
 

@@ -49,6 +49,9 @@ MAX_LAYERS_PER_CHILD = 64
 
 class ChunkSource(Protocol):
     def readinto(self, buf: memoryview, /) -> int: ...
+    def settle(self) -> None:
+        """After the child stopped reading: raise what was wrong with the bytes on their
+        way in, if anything (see UncompressedReader.settle)."""
     def __enter__(self) -> ChunkSource: ...
     def __exit__(self, *exc: object) -> None: ...
 
@@ -180,16 +183,19 @@ def _pump(layer: LayerStream, data_w: int, view: memoryview) -> tuple[int, BaseE
     total = 0
     try:
         with layer.open() as source:
-            while True:
-                n = source.readinto(view)
-                if not n:
-                    break
-                chunk = view[:n]
-                layer.hasher.update(chunk)
-                total += n
-                _write_all(data_w, chunk)
-    except BrokenPipeError:
-        pass  # the child stopped reading: its report says why
+            try:
+                while True:
+                    n = source.readinto(view)
+                    if not n:
+                        break
+                    chunk = view[:n]
+                    layer.hasher.update(chunk)
+                    total += n
+                    _write_all(data_w, chunk)
+            except BrokenPipeError:
+                # the child stopped reading: its report says why, unless the bytes were
+                # bad on their way in (a download failing its digest), which says it better
+                source.settle()
     except Exception as e:  # corrupt compressed data, unreadable blob
         return total, e
     finally:
