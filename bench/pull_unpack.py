@@ -24,10 +24,12 @@ tools alike, and the figure then measures that mount option more than the tools.
 ``--latency MS`` puts a proxy in front of the registry that holds every blob
 GET for MS milliseconds (a distant registry; ember and the anchor both go
 through it): there ember applies its first layers while the last ones still
-download.  ``--images`` picks the images.
+download.  ``--rate MBPS`` has the proxy send each blob body at that many
+megabytes a second (a slow link): there ``ember image unpack`` applies a
+layer while its bytes arrive.  ``--images`` picks the images.
 
     .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4] [--base REV]
-                                          [--latency MS] [--images multilayer,debian]
+                                          [--latency MS] [--rate MBPS] [--images multilayer,debian]
 """
 
 from __future__ import annotations
@@ -204,6 +206,10 @@ def main() -> None:
         "--latency", type=float, default=0.0,
         help="milliseconds a proxy holds each blob GET (a distant registry)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rate", type=float, default=0.0,
+        help="megabytes a second at which a proxy sends each blob body (a slow link)",
+    )  # fmt: skip
     parser.add_argument("--images", default="multilayer,debian")
     parser.add_argument(
         "--base", metavar="REV",
@@ -217,13 +223,16 @@ def main() -> None:
     )
     if args.latency:
         where += f"; through a proxy holding each blob GET {args.latency:g} ms"
+    if args.rate:
+        where += f"; through a proxy sending each blob body at {args.rate:g} MB/s"
     with contextlib.ExitStack() as stack:
         reg = stack.enter_context(registry())
         host = reg.host
-        if args.latency:
-            proxy = stack.enter_context(
-                misbehaving_proxy(reg.host, Behaviour(blob_delay=args.latency / 1000))
+        if args.latency or args.rate:
+            behaviour = Behaviour(
+                blob_delay=args.latency / 1000, blob_rate=args.rate * 1e6 if args.rate else None
             )
+            proxy = stack.enter_context(misbehaving_proxy(reg.host, behaviour))
             host = proxy.host
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-bench-pull-")))
         work = stack.enter_context(scratch_ext4(tmp)) if args.scratch == "ext4" else tmp
