@@ -89,6 +89,51 @@ def test_empty_directory_keeps_the_directory_and_what_its_symlinks_point_at(
         empty_directory(tmp_path / "to-tree")
 
 
+def test_a_tree_walk_stops_where_a_directory_was_moved_out_from_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write in the tree (an image's 1777 /tmp) moves the directory the
+    walk is in elsewhere: going back up through ".." would land there and remove, by the
+    names still to do, what lies beside it (``elsewhere/victim/precious``)."""
+    from ember import fsutil
+
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    (tree / "tmp" / "A").mkdir(parents=True)
+    (tree / "tmp" / "victim").mkdir()
+    (elsewhere / "victim").mkdir(parents=True)
+    (elsewhere / "victim" / "precious").write_text("x")
+    a = (tree / "tmp" / "A").stat()
+    real = fsutil._empty_but_subdirectories
+
+    def racing(fd: int) -> list[str]:
+        names = real(fd)
+        here = os.fstat(fd)
+        if (here.st_dev, here.st_ino) == (a.st_dev, a.st_ino):
+            os.rename(tree / "tmp" / "A", elsewhere / "A")  # the walk is inside A now
+        return sorted(names, key=lambda n: n == "A")  # A first (popped from the end)
+
+    monkeypatch.setattr(fsutil, "_empty_but_subdirectories", racing)
+    with pytest.raises(fsutil.MovedDuringRemoval):
+        empty_directory(tree)
+    assert (elsewhere / "victim" / "precious").read_text() == "x"
+
+
+def test_empty_directory_leaves_a_directory_put_in_the_place_of_the_one_checked(
+    tmp_path: Path,
+) -> None:
+    from ember.fsutil import MovedDuringRemoval
+
+    checked = tmp_path / "dir"
+    checked.mkdir()
+    before = os.lstat(checked)
+    checked.rename(tmp_path / "moved")
+    checked.mkdir()
+    (checked / "theirs").write_text("x")
+    with pytest.raises(MovedDuringRemoval):
+        empty_directory(checked, expect=before)
+    assert (checked / "theirs").read_text() == "x"
+
+
 def test_stale_temps_sweeps_only_old_temp_files_never_through_a_symlink(tmp_path: Path) -> None:
     """What ``atomic_write`` leaves when its writer is killed before the rename."""
     import time

@@ -160,21 +160,33 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     recursion limit or the process's descriptor limit (PATH_MAX allows 2047 levels
     of "/a", and a symlink into the deepest one lets the next entry go on from there).
     Each directory is listed once (its subdirectories kept in ``levels``), so a wide
-    one costs no more than with shutil.  It goes back up through "..": only for a tree
-    nothing else moves directories in meanwhile (the applier, alone in its chroot; a
-    directory ember has just made and filled).
+    one costs no more than with shutil.  It goes back up through "..", and stops
+    (MovedDuringRemoval) where ".." is not the directory it came down from: someone
+    moved a directory of the tree elsewhere meanwhile, and going on would remove
+    what is beside it there.
     """
     empty_directory(path)
     os.rmdir(path)
 
 
-def empty_directory(path: str | os.PathLike[str]) -> None:
+class MovedDuringRemoval(OSError):
+    """A directory of a tree being removed was moved out of it meanwhile."""
+
+
+def empty_directory(
+    path: str | os.PathLike[str], *, expect: os.stat_result | None = None
+) -> None:
     """Remove everything below the directory ``path`` (not a symlink to one), keeping it:
-    ``remove_tree`` but the last step."""
+    ``remove_tree`` but the last step.  ``expect``: ``path``'s ``lstat`` from before;
+    a directory put in its place since is left alone (MovedDuringRemoval)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags)
     names: list[str] = []  # from ``path`` down to the directory open in ``fd``
     try:
+        if expect is not None and not _same_file(os.fstat(fd), expect):
+            raise MovedDuringRemoval(errno.ESTALE, "replaced since it was checked", os.fspath(path))
+        # (st_dev, st_ino) of each directory from ``path`` down to the one open in ``fd``
+        seen = [_identity(os.fstat(fd))]
         levels = [_empty_but_subdirectories(fd)]  # per open level: subdirectories left
         while True:
             if levels[-1]:
@@ -183,6 +195,7 @@ def empty_directory(path: str | os.PathLike[str]) -> None:
                 os.close(fd)
                 fd = child
                 names.append(name)
+                seen.append(_identity(os.fstat(fd)))
                 levels.append(_empty_but_subdirectories(fd))
                 continue
             levels.pop()
@@ -191,9 +204,23 @@ def empty_directory(path: str | os.PathLike[str]) -> None:
             parent = os.open("..", flags, dir_fd=fd)
             os.close(fd)
             fd = parent
+            seen.pop()
+            if _identity(os.fstat(fd)) != seen[-1]:
+                raise MovedDuringRemoval(
+                    errno.ESTALE, "a directory below it was moved elsewhere meanwhile",
+                    os.path.join(os.fspath(path), *names),
+                )
             os.rmdir(names.pop(), dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return _identity(a) == _identity(b)
 
 
 def _empty_but_subdirectories(fd: int) -> list[str]:

@@ -245,3 +245,43 @@ def test_an_applier_stopped_by_bad_bytes_reports_the_download_failing(
     applying.join(30)
     assert len(failures) == 1 and isinstance(failures[0], DigestMismatch), failures
     download.close()
+
+
+def test_an_applier_failing_on_an_earlier_layer_does_not_wait_for_the_next_download(
+    store: ContentStore, tmp_path: Path
+) -> None:
+    """The child refused layer 0 (stored, verified) while layer 1 still arrives: its error
+    is raised at once, not after layer 1's download ends (which here it never does)."""
+    from ember.oci import mediatypes as mt
+    from ember.unpack import InvalidLayer, apply_layers
+
+    refused = b"\xff" * 1024  # not a tar header
+    (tmp_path / "layer0").write_bytes(refused)
+    expected = os.urandom(4 << 20)
+    download = Download(descriptor(expected), None)
+    root = tmp_path / "root"
+    root.mkdir()
+    failures: list[BaseException] = []
+    with downloading(store, download) as writer:
+        writer.write(bytes(3 << 20))  # more than a pipe holds: the parent meets the dead child
+
+        def apply() -> None:
+            try:
+                apply_layers(
+                    root,
+                    [(tmp_path / "layer0", mt.OCI_LAYER_TAR, Digest.of(refused)),
+                     (tmp_path / "layer1", mt.OCI_LAYER_TAR, Digest.of(expected))],
+                    opener=lambda i: download.open_arriving() if i == 1 else None,
+                )
+            except BaseException as e:
+                failures.append(e)
+
+        applying = threading.Thread(target=apply)
+        applying.start()
+        applying.join(30)
+        alive = applying.is_alive()
+        download.finish(RuntimeError("the test ends the download"))  # lets a waiting reader go
+        applying.join(30)
+    download.close()
+    assert not alive, "the child's error for layer 0 waited for layer 1's download"
+    assert len(failures) == 1 and isinstance(failures[0], InvalidLayer), failures

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -184,12 +183,15 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
     else:
         created = _first_missing(directory)
         directory.mkdir(parents=True)
+    checked = os.lstat(directory)  # what a failure empties again, and nothing put in its place
+    applying = False
     service = _service()
     try:
         # layers are applied as they arrive, while the later ones still download
         with service.ensuring(ref, _platform(platform_text), plain_http=plain_http) as pulled:
             img = pulled.image
             try:
+                applying = True
                 stats = apply_layers(
                     directory,
                     [(service.layer_path(x), x.media_type, x.diff_id) for x in img.layers],
@@ -205,12 +207,15 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
         # its digest (layers are applied as their bytes arrive).  Not shutil.rmtree: the
         # layers may have built a tree deeper than its recursion; the parents this made
         # too (``new/a`` of ``new/a/b``), none that existed before; a directory that
-        # existed (empty, checked above) is emptied.
-        with contextlib.suppress(OSError):
+        # existed (empty, checked above) is emptied, once layers were applied to it.
+        try:
             if created is not None:
                 remove_tree(created)
-            else:
-                empty_directory(directory)
+            elif applying:
+                empty_directory(directory, expect=checked)
+        except OSError as e:
+            say(f"warning: could not remove what the failed unpack wrote in {directory}: "
+                f"{e.strerror or e}")  # fmt: skip
         raise
     layers = f"{stats.layers} layer{'' if stats.layers == 1 else 's'}"
     say(f"unpacked {img.reference} into {directory} ({layers}, {stats.entries} entries)")

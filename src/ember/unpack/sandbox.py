@@ -30,7 +30,7 @@ import socket
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -177,12 +177,16 @@ class LayerStream:
     describe: str
 
 
-def _pump(layer: LayerStream, data_w: int, view: memoryview) -> tuple[int, BaseException | None]:
+def _pump(
+    layer: LayerStream, data_w: int, view: memoryview
+) -> tuple[int, BaseException | None, ChunkSource | None]:
     """Stream one layer into its pipe (closing it) through the buffer ``view``; returns
-    bytes sent and a read error, if any."""
+    bytes sent, a read error if any, and, when the child stopped reading before the
+    end, the layer's source, left open for ``_blamed`` (the caller closes it)."""
     total = 0
     try:
-        with layer.open() as source:
+        with ExitStack() as stack:
+            source = stack.enter_context(layer.open())
             try:
                 while True:
                     n = source.readinto(view)
@@ -193,14 +197,30 @@ def _pump(layer: LayerStream, data_w: int, view: memoryview) -> tuple[int, BaseE
                     total += n
                     _write_all(data_w, chunk)
             except BrokenPipeError:
-                # the child stopped reading: its report says why, unless the bytes were
-                # bad on their way in (a download failing its digest), which says it better
-                source.settle()
+                stack.pop_all()  # the child stopped reading: its report says why
+                return total, None, source
     except Exception as e:  # corrupt compressed data, unreadable blob
-        return total, e
+        return total, e, None
     finally:
         os.close(data_w)
-    return total, None
+    return total, None, None
+
+
+def _blamed(report: dict[str, object] | None, cut: ChunkSource) -> BaseException | None:
+    """The child stopped reading a layer (``cut``, its source) and sent ``report``: when
+    that refuses the layer's bytes, the bytes may have been bad on their way in (a
+    download then failing its digest), and that error says it better.  Closes ``cut``.
+
+    Only then: a child that failed on an earlier layer, or for want of room or rights,
+    says why itself, without waiting for this layer's download to end."""
+    try:
+        if report is not None and report.get("kind") == "invalid":
+            cut.settle()
+    except Exception as e:
+        return e
+    finally:
+        cut.__exit__(None, None, None)
+    return None
 
 
 class _Reports:
@@ -249,6 +269,8 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
     spare = _take_spare()
     child: _Child = _QueuedSession(spare, root, len(layers)) if spare else _OneShot(root, len(layers))
     finished = False
+    # the layer the child stopped reading, and its source (open until its report is in)
+    cut: tuple[int, ChunkSource] | None = None
     # one buffer for every layer: allocating (and first touching) 1 MiB costs ~0.3-1 ms each time
     view = memoryview(bytearray(CHUNK))
     try:
@@ -260,8 +282,11 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         # (else its blob could not be read)
         stop: tuple[int, EmberError, bool] | None = None
         for i, layer in enumerate(layers):
-            total, source_error = _pump(layer, child.pending.pop(0), view)
+            total, source_error, cut_source = _pump(layer, child.pending.pop(0), view)
             streamed.append(total)
+            if cut_source is not None:
+                cut = (i, cut_source)  # the child stopped: nothing more goes to it
+                break
             if source_error is not None:
                 # ember's own errors (an unreadable blob, a pull that failed while
                 # its layers were being applied) say what happened already
@@ -281,6 +306,14 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
             report = child.next_report()
             if stop is not None and stop[0] == i and not stop[2]:
                 raise stop[1]  # a blob we could not read: the child's view of it says nothing more
+            if cut is not None and cut[0] == i:
+                _, source = cut
+                cut = None
+                better = _blamed(report, source)
+                if better is not None:
+                    raise better
+                if report is not None and report.get("ok"):
+                    raise UnpackError(f"the layer applier stopped reading {layer.describe} before its end")
             if report is None:
                 status = child.end()
                 finished = True
@@ -301,6 +334,8 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         if status != 0:
             raise UnpackError(f"the layer applier {_describe_status(status)}")
     finally:
+        if cut is not None:  # its report never came, or an earlier layer's failed
+            cut[1].__exit__(None, None, None)
         if not finished:
             # An error (or an interrupt) on our side: the child may be applying a
             # layer or waiting for the next one; stop it before closing its pipes
@@ -637,10 +672,20 @@ class ApplierSession:
             finally:
                 os.close(root_fd)
                 os.close(data_r)
-            total, source_error = _pump(layer, data_w, self._view)
-            report = self._recv()
+            total, source_error, cut = _pump(layer, data_w, self._view)
+            report: dict[str, object] | None = None
+            try:
+                report = self._recv()
+            finally:
+                better = _blamed(report, cut) if cut is not None else None  # closes it
+            if better is not None:
+                raise better
+            if cut is not None and report is not None and report.get("ok"):
+                raise UnpackError(f"the layer applier stopped reading {layer.describe} before its end")
             if source_error is not None:
-                if isinstance(source_error, UnpackError):
+                # ember's own errors (a blob's download that failed or was cancelled while
+                # it was applied as it arrived) say what happened already
+                if isinstance(source_error, EmberError):
                     raise source_error
                 raise InvalidLayer(f"cannot read {layer.describe}: {source_error}") from None
             if report is None:
