@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,12 @@ from ember.snapshots.errors import SnapshotError, SnapshotExists
 from ember.store.content import ContentStore
 from ember.store.errors import DamagedBlob
 from ember.unpack.errors import DiffIDMismatch
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
 from tests.snapshots.leaks import ours
+from tests.support.images import push_layout
+from tests.support.registry import Registry
+from tests.support.treecmp import assert_same_tree, umoci_unpack
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -318,3 +324,70 @@ def test_a_full_pool_is_said_so_not_a_damaged_journal(tmp_path: Path) -> None:
         assert prepare_image(home, big).built  # with room again it builds
     finally:
         teardown_home(home)
+
+
+def test_a_layer_is_built_from_its_first_bytes_while_they_arrive(
+    home: Home, registry: Registry, multilayer_layout: Path
+) -> None:
+    """``open_layer``: the first layer's disk gets files while the proxy holds back the rest
+    of its blob; the pull then cancelled, that build is discarded and nothing leaks."""
+    from ember.images import ImageService
+    from ember.images.cancel import PullCancelled
+
+    ref = push_layout(multilayer_layout, registry, "chain/streamed")
+    service = ImageService(home)
+    failures: list[BaseException] = []
+    # ISA-L hands out 1 MiB of tar at a time: let through enough of the 1 MB blob for that
+    stall = 700_000
+    with misbehaving_proxy(registry.host, Behaviour(stall_blob_after=stall)) as proxy:
+        with (
+            pytest.raises(RuntimeError, match="seen"),
+            service.pulling(ref.replace(registry.host, proxy.host, 1), progress=False) as pulled,
+        ):
+            first = pulled.image.layers[0]
+            assert first.size > stall  # busybox's layer: its symlinks come first
+
+            def prepare() -> None:
+                try:
+                    prepare_image(
+                        home, pulled.image, layer_path=pulled.layer_path,
+                        open_layer=pulled.open_layer,
+                    )  # fmt: skip
+                except BaseException as e:
+                    failures.append(e)
+
+            preparing = threading.Thread(target=prepare)
+            preparing.start()
+            deadline = time.monotonic() + 60
+            while not any(os.path.lexists(f"{m}/bin/[") for m in ours(home.root)[0]):
+                assert time.monotonic() < deadline, "no file of the first layer while it arrived"
+                assert preparing.is_alive(), failures
+                time.sleep(0.02)
+            assert not service.content.exists(first.digest)
+            raise RuntimeError("seen")  # ends the pull: the stalled download is cancelled
+        preparing.join(60)
+    assert not preparing.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], PullCancelled), failures
+    snap = Snapshotter(home)
+    assert [s.name for s in snap.list()] == []  # the build was discarded, nothing committed
+
+
+def test_a_chain_built_as_its_layers_arrive_equals_umoci_unpack(
+    home: Home, registry: Registry, multilayer_layout: Path, tmp_path: Path
+) -> None:
+    from ember.images import ImageService
+
+    ref = push_layout(multilayer_layout, registry, "chain/streamed-whole")
+    service = ImageService(home)
+    # ~0.5 s for the biggest blob: its layer is built while it arrives
+    with (
+        misbehaving_proxy(registry.host, Behaviour(blob_rate=2_000_000)) as proxy,
+        service.pulling(ref.replace(registry.host, proxy.host, 1), progress=False) as pulled,
+    ):
+        prepared = prepare_image(
+            home, pulled.image, layer_path=pulled.layer_path, open_layer=pulled.open_layer
+        )
+    subprocess.run(["e2fsck", "-fn", str(prepared.path)], check=True, capture_output=True)
+    expected = umoci_unpack(multilayer_layout, "latest", tmp_path / "umoci")
+    with Snapshotter(home).mount(prepared.snapshot) as root:
+        assert_same_tree(expected, root, ignore=("lost+found",))

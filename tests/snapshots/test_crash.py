@@ -49,10 +49,10 @@ image = build_image(args["reference"], md, parse_manifest(store.read_bytes(md)),
 real_apply, real_rename = ember.unpack.LayerSession.apply, os.rename
 target = args["target"]
 
-def apply_layer(self, root, blob, media_type, diff_id=None):
+def apply_layer(self, root, blob, media_type, diff_id=None, *, opener=None):
     if mode == "during-apply" and str(diff_id) == target:
         marker.write_text("applying")
-    stats = real_apply(self, root, blob, media_type, diff_id)
+    stats = real_apply(self, root, blob, media_type, diff_id, opener=opener)
     if mode == "after-apply" and str(diff_id) == target:
         marker.write_text("applied")
         time.sleep(3600)

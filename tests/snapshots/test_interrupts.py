@@ -86,8 +86,8 @@ from ember.cli.main import main
 marker = Path(sys.argv[1])
 real_apply, real_umount = ember.unpack.LayerSession.apply, loop.umount
 
-def apply(self, root, blob, media_type, diff_id=None):
-    stats = real_apply(self, root, blob, media_type, diff_id)
+def apply(self, root, blob, media_type, diff_id=None, *, opener=None):
+    stats = real_apply(self, root, blob, media_type, diff_id, opener=opener)
     subprocess.Popen(["sleep", "2"], cwd=root)
     return stats
 

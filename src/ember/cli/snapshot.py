@@ -319,7 +319,9 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
     # the chain's first layers are built while the last ones still download
     with service.ensuring(ref, platform, plain_http=plain_http) as pulled:
         img = pulled.image
-        prepared = prepare_image(home, img, layer_path=pulled.layer_path)
+        prepared = prepare_image(
+            home, img, layer_path=pulled.layer_path, open_layer=pulled.open_layer
+        )
     seconds = time.perf_counter() - start
     if as_json:
         print_json(

@@ -16,6 +16,8 @@ disk twice as big, so the configured base size is a starting point, not a limit.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import os
 import secrets
@@ -70,13 +72,17 @@ def prepare_image(
     *,
     snapshotter: Snapshotter | None = None,
     layer_path: Callable[[int], Path] | None = None,
+    open_layer: Callable[[int], io.RawIOBase | None] | None = None,
 ) -> PreparedImage:
     """Build (or reuse) the committed snapshots of every layer of ``image``.
 
     ``layer_path(i)``, when given, is how to get layer ``i``'s blob: it may wait
     for a pull still in progress (``ImageService.pulling``), so that building the
-    first layers overlaps downloading the last ones.  By default the blobs must
-    be in the content store already.
+    first layers overlaps downloading the last ones.  ``open_layer(i)`` goes
+    further (``Pulling.open_layer``): a layer is built from its blob's first
+    bytes as they arrive, unverified until the end (its DiffID is checked, and a
+    layer whose download fails is discarded); a rebuild on a bigger disk reads
+    the stored blob.  By default the blobs must be in the content store already.
     """
     start = time.perf_counter()
     snap = snapshotter or Snapshotter(home)
@@ -116,7 +122,7 @@ def prepare_image(
                             except BaseException:
                                 lock.release()
                                 raise
-                            blob = _blob_getter(store, layer, index, layer_path)
+                            blob = _LayerBlob(store, layer, index, layer_path, open_layer)
                             builder.build(
                                 name, parent, layer, blob, top=name == top, chain_lock=lock
                             )
@@ -139,18 +145,37 @@ def prepare_image(
     )
 
 
-def _blob_getter(
-    store: ContentStore, layer: Layer, index: int, layer_path: Callable[[int], Path] | None
-) -> Callable[[], Path]:
-    def blob() -> Path:
-        path = layer_path(index) if layer_path is not None else store.path(layer.digest)
+class _LayerBlob:
+    """Layer ``index``'s blob for its builds: read as it arrives the first time, when
+    the pull offers that (``open_layer``), else (and for a rebuild on a bigger disk)
+    from the content store, once there (``layer_path`` waits for a pull)."""
+
+    def __init__(
+        self, store: ContentStore, layer: Layer, index: int,
+        layer_path: Callable[[int], Path] | None,
+        open_layer: Callable[[int], io.RawIOBase | None] | None,
+    ) -> None:
+        self._store, self._layer, self._index = store, layer, index
+        self._layer_path = layer_path
+        self._open_layer = open_layer
+
+    def take(self) -> tuple[Path, Callable[[], io.RawIOBase | None] | None]:
+        """The blob's path and, the first time only, how to open it as it arrives (the
+        path then names it in messages, and is read if it turns out stored)."""
+        if self._open_layer is not None:
+            opener = functools.partial(self._open_layer, self._index)
+            self._open_layer = None
+            return self._store.path(self._layer.digest), opener
+        path = (
+            self._layer_path(self._index)
+            if self._layer_path is not None
+            else self._store.path(self._layer.digest)
+        )
         if not path.is_file():
             raise SnapshotError(
-                f"layer {layer.digest} is not in the content store: pull the image again"
+                f"layer {self._layer.digest} is not in the content store: pull the image again"
             )
-        return path
-
-    return blob
+        return path, None
 
 
 def _chain_lock(snap: Snapshotter, name: str) -> Path:
@@ -206,13 +231,13 @@ class _ChainBuilder:
         name: str,
         parent: str | None,
         layer: Layer,
-        blob: Callable[[], Path],
+        blob: _LayerBlob,
         *,
         top: bool,
         chain_lock: FileLock,
     ) -> None:
-        """Build layer ``name`` (owns ``chain_lock`` from here on, whatever happens);
-        ``blob()`` gives its blob, waiting for it if it is still being pulled."""
+        """Build layer ``name`` (owns ``chain_lock`` from here on, whatever happens) from
+        ``blob``, which may still be arriving."""
         try:
             source = self.built.key if self.built is not None and self.built.name == parent else None
             t0 = time.perf_counter()
@@ -251,7 +276,7 @@ class _ChainBuilder:
         name: str,
         parent: str | None,
         layer: Layer,
-        blob: Callable[[], Path],
+        blob: _LayerBlob,
         size: int | None,
         *,
         top: bool,
@@ -265,7 +290,10 @@ class _ChainBuilder:
             with snap.mount(key, held=lock) as root:
                 try:
                     # the blob as late as possible: a pull may still be fetching it
-                    self._applier().apply(root, blob(), layer.media_type, layer.diff_id)
+                    path, opener = blob.take()
+                    self._applier().apply(
+                        root, path, layer.media_type, layer.diff_id, opener=opener
+                    )
                 except Exception as e:
                     if _nearly_full(root):
                         raise _OutOfSpace(system.fs_size(snap.path(key))) from e

@@ -121,11 +121,18 @@ class LayerSession:
     def close(self) -> None:
         self._session.close()
 
-    def apply(self, root: Path, blob: Path, media_type: str, diff_id: Digest | None = None) -> ApplyStats:
+    def apply(
+        self, root: Path, blob: Path, media_type: str, diff_id: Digest | None = None,
+        *, opener: Callable[[], io.RawIOBase | None] | None = None,
+    ) -> ApplyStats:
+        """``opener``: as ``apply_layers``' for this one layer (its blob read as it arrives,
+        or None once ``blob`` is stored); it then needs ``diff_id``."""
         root = Path(root)
         if not root.is_dir():
             raise UnpackError(f"cannot apply a layer onto {root}: not a directory")
-        layer = _prepare(Path(blob), media_type, diff_id)
+        if opener is not None and diff_id is None:
+            raise UnpackError("a layer read as it arrives needs its DiffID to be checked against")
+        layer = _prepare(Path(blob), media_type, diff_id, opener)
         counts, streamed = self._session.apply(os.fspath(root), layer.stream, lambda: _check(layer))
         known = {f.name for f in fields(ApplyStats)}
         return ApplyStats(
