@@ -14,7 +14,11 @@
    machines costing little more disk than one.
 
     .venv/bin/python bench/prepare.py [--runs N] [--no-record] [--skip-prepare] [--skip-clone]
-                                      [--images multilayer,debian] [--latency MS]
+                                      [--images multilayer,debian] [--latency MS] [--rate MBPS]
+
+``--latency MS`` holds every blob GET that long, ``--rate MBPS`` sends each blob
+body at that many megabytes a second (a proxy in front of the registry, for every
+contestant): a distant registry, a slow link.
 """
 
 from __future__ import annotations
@@ -124,9 +128,11 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
     def library() -> None:
         """The same work without the CLI's interpreter start and imports."""
         home = lib_homes[0]
-        # as the CLI does: the chain's first layers built while the last ones download
+        # as the CLI does: each layer's disk built as its blob arrives
         with ImageService(home).pulling(ref, progress=False) as pulled:
-            prepare_image(home, pulled.image, layer_path=pulled.layer_path)
+            prepare_image(
+                home, pulled.image, layer_path=pulled.layer_path, open_layer=pulled.open_layer
+            )
 
     def anchor() -> None:
         run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])
@@ -245,6 +251,10 @@ def main() -> None:
         help="milliseconds a proxy holds each blob GET (a distant registry), for every contestant",
     )  # fmt: skip
     parser.add_argument(
+        "--rate", type=float, default=0.0,
+        help="megabytes a second at which a proxy sends each blob body (a slow link)",
+    )  # fmt: skip
+    parser.add_argument(
         "--images",
         default="multilayer,debian",
         help="comma-separated images for the cold prepare (default: multilayer,debian)",
@@ -262,14 +272,19 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 reg = stack.enter_context(registry())
                 host = reg.host
-                if args.latency:
-                    behaviour = Behaviour(blob_delay=args.latency / 1000)
+                if args.latency or args.rate:
+                    behaviour = Behaviour(
+                        blob_delay=args.latency / 1000,
+                        blob_rate=args.rate * 1e6 if args.rate else None,
+                    )
                     host = stack.enter_context(misbehaving_proxy(reg.host, behaviour)).host
                 for name, layout in images.items():
                     ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
                     found = bench_prepare(name, ref, work, args.runs)
                     if args.latency:
                         found = [f"{x}; through a proxy holding each blob GET {args.latency:g} ms" for x in found]
+                    if args.rate:
+                        found = [f"{x}; through a proxy sending each blob body at {args.rate:g} MB/s" for x in found]
                     lines.extend(found)
         if not args.skip_clone:
             for label, size in (("10 MB", 10 << 20), ("100 MB", 100 << 20), ("1 GB", 1 << 30)):
