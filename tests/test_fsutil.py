@@ -180,3 +180,19 @@ def test_stale_temps_follows_the_directory_only_when_told(tmp_path: Path) -> Non
     assert stale_temps(tmp_path / "link", 600, remove=True) == (0, 0) and temp.exists()
     assert stale_temps(tmp_path / "link", 600, remove=True, follow=True) == (1, 1)
     assert not temp.exists()
+
+
+def test_remove_tree_leaves_a_directory_put_in_the_place_of_the_one_made(tmp_path: Path) -> None:
+    """What ``ember image unpack`` removes after a failure: the directory it made, not one
+    someone who can write beside it put there meanwhile."""
+    from ember.fsutil import MovedDuringRemoval
+
+    made = tmp_path / "new"
+    made.mkdir()
+    before = os.lstat(made)
+    made.rename(tmp_path / "moved")
+    made.mkdir()
+    (made / "theirs").write_text("x")
+    with pytest.raises(MovedDuringRemoval):
+        remove_tree(made, expect=before)
+    assert (made / "theirs").read_text() == "x"

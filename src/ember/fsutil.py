@@ -152,7 +152,7 @@ def open_regular(path: Path) -> BinaryIO:
         raise
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
+def remove_tree(path: str | os.PathLike[str], *, expect: os.stat_result | None = None) -> None:
     """Remove the directory ``path`` and everything below it, never following a symlink.
 
     Iterative, with one directory open at a time: shutil.rmtree recurses (and keeps a
@@ -163,9 +163,9 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     one costs no more than with shutil.  It goes back up through "..", and stops
     (MovedDuringRemoval) where ".." is not the directory it came down from: someone
     moved a directory of the tree elsewhere meanwhile, and going on would remove
-    what is beside it there.
+    what is beside it there.  ``expect``: as for ``empty_directory``.
     """
-    empty_directory(path)
+    empty_directory(path, expect=expect)
     os.rmdir(path)
 
 

@@ -183,7 +183,9 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
     else:
         created = _first_missing(directory)
         directory.mkdir(parents=True)
-    checked = os.lstat(directory)  # what a failure empties again, and nothing put in its place
+    # what a failure removes or empties again, and not a directory put in its place
+    made = os.lstat(created) if created is not None else None
+    checked = os.lstat(directory)
     applying = False
     service = _service()
     try:
@@ -210,7 +212,7 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
         # existed (empty, checked above) is emptied, once layers were applied to it.
         try:
             if created is not None:
-                remove_tree(created)
+                remove_tree(created, expect=made)
             elif applying:
                 empty_directory(directory, expect=checked)
         except OSError as e:

@@ -84,6 +84,9 @@ def prepare_image(
     layer whose download fails is discarded); a rebuild on a bigger disk reads
     the stored blob.  By default the blobs must be in the content store already.
     """
+    if open_layer is not None and layer_path is None:
+        # a rebuild on a bigger disk reads the stored blob, which may still be arriving
+        raise ValueError("prepare_image: open_layer needs layer_path (Pulling gives both)")
     start = time.perf_counter()
     snap = snapshotter or Snapshotter(home)
     if not image.layers:

@@ -187,18 +187,18 @@ def _pump(
     try:
         with ExitStack() as stack:
             source = stack.enter_context(layer.open())
-            try:
-                while True:
-                    n = source.readinto(view)
-                    if not n:
-                        break
-                    chunk = view[:n]
-                    layer.hasher.update(chunk)
-                    total += n
+            while True:
+                n = source.readinto(view)
+                if not n:
+                    break
+                chunk = view[:n]
+                layer.hasher.update(chunk)
+                total += n
+                try:
                     _write_all(data_w, chunk)
-            except BrokenPipeError:
-                stack.pop_all()  # the child stopped reading: its report says why
-                return total, None, source
+                except BrokenPipeError:
+                    stack.pop_all()  # the child stopped reading: its report says why
+                    return total, None, source
     except Exception as e:  # corrupt compressed data, unreadable blob
         return total, e, None
     finally:
@@ -216,8 +216,10 @@ def _blamed(report: dict[str, object] | None, cut: ChunkSource) -> BaseException
     try:
         if report is not None and report.get("kind") == "invalid":
             cut.settle()
-    except Exception as e:
+    except EmberError as e:
         return e
+    except Exception as e:  # as _pump says a source's own failure
+        return InvalidLayer(f"cannot read the layer: {e}")
     finally:
         cut.__exit__(None, None, None)
     return None
@@ -335,7 +337,8 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
             raise UnpackError(f"the layer applier {_describe_status(status)}")
     finally:
         if cut is not None:  # its report never came, or an earlier layer's failed
-            cut[1].__exit__(None, None, None)
+            with suppress(Exception):  # the child below is stopped whatever happens here
+                cut[1].__exit__(None, None, None)
         if not finished:
             # An error (or an interrupt) on our side: the child may be applying a
             # layer or waiting for the next one; stop it before closing its pipes
