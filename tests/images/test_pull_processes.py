@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from ember.home import Home
 from ember.images import ImageService
+from tests.images.test_pull_cancel import partial_download
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.support.images import push_layout
 from tests.support.registry import Registry
@@ -28,16 +28,6 @@ def env_for(home: Path) -> dict[str, str]:
     return {**os.environ, "EMBER_HOME": str(home), "DOCKER_CONFIG": str(home / "no-docker")}
 
 
-def _sizes(ingest: Path) -> list[int]:
-    """The sizes of the partial downloads now; a blob done meanwhile (its ingest file
-    renamed into blobs/ between the listing and the stat) is not one."""
-    sizes = []
-    for p in ingest.glob("sha256-*") if ingest.is_dir() else ():
-        with contextlib.suppress(FileNotFoundError):
-            sizes.append(p.stat().st_size)
-    return sizes
-
-
 def test_kill_9_mid_download_then_resume(
     tmp_path: Path, registry: Registry, debian_layout: Path
 ) -> None:
@@ -50,8 +40,7 @@ def test_kill_9_mid_download_then_resume(
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                sizes = _sizes(ingest)
-                if any(size >= STALL_AT for size in sizes):
+                if partial_download(ingest, STALL_AT) is not None:
                     break
                 assert proc.poll() is None, "the pull ended before it was killed"
                 time.sleep(0.05)
