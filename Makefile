@@ -2,7 +2,8 @@
 # `make run` boots the demo image in a micro-VM, `make test` runs the whole
 # suite, `make lint` runs ruff and mypy.
 SHELL := /bin/bash
-PYTHON ?= python3
+# empty: Debian's /usr/bin/python3 where there is one (scripts/setup-venv says why)
+PYTHON ?=
 VENV := .venv
 BIN := $(VENV)/bin
 # Test images are built once and cached outside the repository.
@@ -28,18 +29,9 @@ apt:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,postgres]'
-	touch $@
-
-# Bytecode for every module, as an installed package has it (an editable
-# install compiles on first import, never when PYTHONDONTWRITEBYTECODE is set).
-venv: $(VENV)/.installed
-	@$(BIN)/python -m compileall -q src >/dev/null
+# .venv with ember installed editable; made anew when made by another interpreter
+venv: apt
+	scripts/setup-venv $(PYTHON)
 
 # ember-init, the guest's PID 1: static musl binary init/build/ember-init
 init: apt

@@ -128,7 +128,12 @@ def print_ratio(what: str, ours: Timing, anchor: Timing) -> str:
 
 
 def machine_note() -> str:
-    return f"{platform.node()}, {platform.machine()}, Python {platform.python_version()}"
+    # which interpreter: pyenv's default build ran ember's Python code 1.3x to 2.4x as
+    # slow as Debian's /usr/bin/python3 here (scripts/setup-venv)
+    return (
+        f"{platform.node()}, {platform.machine()}, "
+        f"Python {platform.python_version()} from {sys.base_prefix}"
+    )
 
 
 def record(section: str, line: str, path: Path = PERFORMANCE_MD) -> None:
