@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.locks import FileLock, try_lock, waiting_message
+from ember.locks import FileLock, is_held, try_lock, waiting_message
 from tests.support.proc import wait_flock_blocked
 
 
@@ -135,3 +135,13 @@ def test_a_forked_child_that_releases_its_copy_leaves_the_parent_holding(tmp_pat
     free = try_lock(path)
     assert free is not None
     free.release()
+
+
+def test_is_held_only_looks(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    assert not is_held(path) and not path.exists()  # makes no lock file
+    with FileLock(path):
+        assert is_held(path)
+    assert not is_held(path)
+    with FileLock(path):  # the look dropped its own lock: a holder gets it again
+        pass

@@ -114,6 +114,32 @@ def stale_temps(
 _FICLONE = 0x40049409
 
 
+def old_directory(path: Path, older_than: float, now: float | None = None) -> bool:
+    """Whether ``path`` is a directory (not a symlink) unchanged for ``older_than``
+    seconds: neither its entries (mtime) nor its name (ctime: a rename makes it, and a
+    deletion under way keeps it, recent)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    now = time.time() if now is None else now
+    return stat.S_ISDIR(st.st_mode) and now - max(st.st_mtime, st.st_ctime) >= older_than
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of the regular files under the directory ``path`` (no symlink followed)."""
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(top, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
 def reflink(src_fd: int, dst_fd: int) -> None:
     """Make the file ``dst_fd`` share every block of ``src_fd`` (FICLONE): constant time
     and space.  OSError where the file system has no reflinks (ext4) or the two files are

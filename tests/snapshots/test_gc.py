@@ -346,3 +346,52 @@ def test_gc_sweeps_what_commands_killed_half_way_left(home: Home) -> None:
     assert (machine / "state.json").exists() and kept.is_file()
     assert (home.root / "config.json").is_file()
     assert [x.name for x in snap.leases.list()] == ["op/keep"]
+
+
+def test_gc_sweeps_what_killed_vm_side_runs_left_only_while_nothing_uses_it(
+    home: Home, tmp_path: Path
+) -> None:
+    """A kill -9 during a KVM probe, a kernel install or a template build leaves its work
+    directory; during an atomic write of the default kernel, of a custom kernel's vmlinux
+    or of a template's shape, a temp file.  gc removes them once old, but not a work
+    directory whose install or build lock is held, and nothing through a symlink."""
+    from ember.locks import FileLock
+
+    def leftover(path: Path, size: int) -> Path:
+        path.mkdir(parents=True)
+        (path / "data").write_bytes(b"x" * size)
+        return path
+
+    probe = leftover(home.run / "accel-probe-k2j4x9aa", 10)
+    install = leftover(home.kernels / ".install-6.1.0-28-amd64.q8w7e6r5", 100)
+    key = "ab" * 32
+    build = leftover(home.templates / f".build-{key}-zx81_a2b", 1000)
+    temps = [
+        home.kernels / ".default.abcd1234.tmp",
+        home.custom_kernels / ("cd" * 32) / ".vmlinux.abcd1234.tmp",
+        home.templates / f".{key}.json.abcd1234.tmp",
+    ]
+    for t in temps:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.write_bytes(b"t")
+    # a symlink named like a work dir, and a custom kernel directory that is a symlink:
+    # what they point at is not ember's
+    outside = leftover(tmp_path / "outside", 1)
+    (outside / ".vmlinux.abcd1234.tmp").write_bytes(b"o")
+    (home.run / "accel-probe-linked").symlink_to(outside)
+    (home.custom_kernels / ("ef" * 32)).symlink_to(outside)
+
+    fresh = collect(home)  # a moment old: a live run's, maybe
+    assert (fresh.work_dirs, fresh.temp_files) == (0, 0)
+    with FileLock(home.kernel_install_lock), FileLock(home.templates / f"{key}.lock"):
+        busy = collect(home, leftover_grace=0)
+    assert (busy.work_dirs, busy.temp_files, busy.leftover_bytes) == (1, 3, 13)
+    assert not probe.exists() and install.exists() and build.exists()
+    assert not any(t.exists() for t in temps)
+    dry = collect(home, dry_run=True, leftover_grace=0)
+    assert (dry.work_dirs, dry.leftover_bytes) == (2, 1100) and install.exists()
+    report = collect(home, leftover_grace=0)
+    assert report.to_json()["work_dirs"] == 2 and report.leftover_bytes == 1100
+    assert not install.exists() and not build.exists()
+    assert sorted(p.name for p in outside.iterdir()) == [".vmlinux.abcd1234.tmp", "data"]
+    assert (home.run / "accel-probe-linked").is_symlink()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import builtins
 import os
 import shutil
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.fsutil import remove_tree, stale_temps
+from ember.fsutil import old_directory, remove_tree, stale_temps, tree_bytes
 from ember.home import Home
 from ember.locks import FileLock, try_lock
 from ember.machines.errors import AmbiguousMachine, DamagedMachine, MachineNotFound, NameInUse
@@ -181,7 +180,7 @@ class MachineStore:
         for name in names:
             if name.startswith(REMOVING) and is_machine_id(name[len(REMOVING) :]):
                 tomb = self.root / name
-                if _older(tomb, older_than, now):
+                if old_directory(tomb, older_than, now):
                     _sweep_tree(tomb, remove, swept)
         ids = [n for n in names if is_machine_id(n)]
         unrecorded = [m for m in ids if self._unrecorded(m, older_than, now)]
@@ -200,7 +199,7 @@ class MachineStore:
 
     def _unrecorded(self, machine_id: str, older_than: float, now: float) -> bool:
         d = self.root / machine_id
-        return _older(d, older_than, now) and not os.path.lexists(state_path(d))
+        return old_directory(d, older_than, now) and not os.path.lexists(state_path(d))
 
     def _sweep_unrecorded(self, machine_id: str, remove: bool, swept: Swept) -> bool:
         """Sweep ``machines/<id>``, found without a record, the names lock now held:
@@ -230,19 +229,10 @@ class MachineStore:
         return _sweep_tree(tomb, True, swept)
 
 
-def _older(path: Path, older_than: float, now: float) -> bool:
-    """Whether ``path`` is a directory (not a symlink) unchanged for ``older_than`` seconds."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and now - max(st.st_mtime, st.st_ctime) >= older_than
-
-
 def _sweep_tree(path: Path, remove: bool, swept: Swept) -> bool:
     """Count the directory ``path`` in ``swept``, deleted if ``remove`` (never through a
     symlink: remove_tree opens every level O_NOFOLLOW); whether it went (or would go)."""
-    size = _tree_bytes(path)
+    size = tree_bytes(path)
     if remove:
         try:
             remove_tree(path)
@@ -252,16 +242,3 @@ def _sweep_tree(path: Path, remove: bool, swept: Swept) -> bool:
     swept.bytes += size
     return True
 
-
-def _tree_bytes(path: Path) -> int:
-    """The bytes of the regular files under the directory ``path`` (no symlink followed)."""
-    total = 0
-    for top, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(top, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.fsutil import stale_temps
+from ember.fsutil import old_directory, remove_tree, stale_temps, tree_bytes
 from ember.home import Home
-from ember.locks import FileLock, try_lock
+from ember.locks import FileLock, is_held, try_lock
 from ember.machines.store import LEFTOVER_AGE, MachineStore
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
@@ -70,6 +70,8 @@ class GCReport:
     #: (``.removing-<id>``, and ``<id>`` without a record) and atomic_write temp files
     machine_dirs: int = 0
     temp_files: int = 0
+    #: work directories of a KVM probe, a kernel install or a template build
+    work_dirs: int = 0
     leftover_bytes: int = 0
     dry_run: bool = False
     #: what a person should know (damaged snapshots kept, and what they keep)
@@ -90,6 +92,7 @@ class GCReport:
             "template_bytes": self.template_bytes,
             "machine_dirs": self.machine_dirs,
             "temp_files": self.temp_files,
+            "work_dirs": self.work_dirs,
             "leftover_bytes": self.leftover_bytes,
             "warnings": self.warnings,
         }
@@ -210,6 +213,62 @@ def sweep_leftovers(home: Home, report: GCReport, older_than: float, *, dry_run:
         count, size = stale_temps(directory, older_than, remove=not dry_run, follow=follow)
         report.temp_files += count
         report.leftover_bytes += size
+    _sweep_vm_leftovers(home, report, older_than, dry_run=dry_run)
+
+
+def _sweep_vm_leftovers(home: Home, report: GCReport, older_than: float, *, dry_run: bool) -> None:
+    """What the VM side's killed runs leave (``sweep_leftovers``): the temp files of
+    ``atomic_write`` in ``kernels/`` (the default kernel), ``kernels/custom/<sha256>/``
+    (a vmlinux extracted from a user's bzImage) and ``kernels/templates/`` (a template's
+    shape); and work directories, each only while nothing can be using it: a KVM probe's
+    (``run/accel-probe-*``: a probe ends within seconds), a kernel install's
+    (``kernels/.install-*``, while no install holds its lock) and a template build's
+    (``kernels/templates/.build-<key>-*``, while no builder holds that shape's lock)."""
+    from ember.vm import template
+
+    def count(found: tuple[int, int]) -> None:
+        report.temp_files += found[0]
+        report.leftover_bytes += found[1]
+
+    # kernels/ may be shared between state directories by their owner (a symlink)
+    count(stale_temps(home.kernels, older_than, remove=not dry_run, follow=True))
+    count(stale_temps(home.templates, older_than, remove=not dry_run))
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(home.custom_kernels):
+            if entry.is_dir(follow_symlinks=False):
+                count(stale_temps(Path(entry.path), older_than, remove=not dry_run))
+
+    def probe_ended(_name: str) -> bool:
+        return True
+
+    def no_install(_name: str) -> bool:
+        return not is_held(home.kernel_install_lock)
+
+    def no_builder(name: str) -> bool:
+        # .build-<key>-<mkdtemp's suffix, which has no "-">
+        return not template.building(home.templates, name[len(".build-"):].rpartition("-")[0])
+
+    for directory, prefix, unused in (
+        (home.run, "accel-probe-", probe_ended),
+        (home.kernels, ".install-", no_install),
+        (home.templates, ".build-", no_builder),
+    ):
+        try:
+            names_found = [n for n in os.listdir(directory) if n.startswith(prefix)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names_found:
+            path = directory / name
+            if not old_directory(path, older_than) or not unused(name):
+                continue
+            size = tree_bytes(path)
+            if not dry_run:
+                try:
+                    remove_tree(path)
+                except OSError:  # gone meanwhile (another sweep), or a symlink put there
+                    continue
+            report.work_dirs += 1
+            report.leftover_bytes += size
 
 
 def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float) -> None:

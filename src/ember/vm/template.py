@@ -32,7 +32,6 @@ the saved state from a descriptor the monitor opened (``-incoming fd:N``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -50,7 +49,7 @@ from pathlib import Path
 from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir
 from ember.home import Home
-from ember.locks import FileLock
+from ember.locks import FileLock, is_held
 from ember.vm.errors import ConfigUnanswered, TemplateError
 from ember.vm.initramfs import write_machine_initrd
 from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
@@ -139,7 +138,7 @@ def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[s
             unused = now - meta.stat().st_mtime > older_than
         except (OSError, ValueError, KeyError, TemplateError):
             stale, unused = True, True
-        if not (stale or unused) or _building(d, key):
+        if not (stale or unused) or building(d, key):
             continue
         size = sum(_size(d / f"{key}{suffix}") for suffix in _FILES)
         if not dry_run:
@@ -159,19 +158,9 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _building(d: Path, key: str) -> bool:
+def building(d: Path, key: str) -> bool:
     """Whether a builder holds this shape's lock right now."""
-    try:
-        fd = os.open(d / f"{key}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the lock taken just to look
-    return False
+    return is_held(d / f"{key}.lock")
 
 
 #: the files of one template, KEY + suffix (a builder may hold the lock: see _remove)
