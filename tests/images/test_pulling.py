@@ -20,17 +20,10 @@ from ember.store.content import BlobWriter
 from ember.unpack import apply_layers
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.support.cli import ember_env, run_ember
-from tests.support.images import push_layout
+from tests.support.images import layer_digests, push_layout
 from tests.support.registry import Registry
 
 EMBER = str(Path(sys.executable).with_name("ember"))
-
-
-def layer_digests(layout: Path) -> list[Digest]:
-    index = json.loads((layout / "index.json").read_text())
-    algorithm, hex_ = index["manifests"][0]["digest"].split(":")
-    manifest = json.loads((layout / "blobs" / algorithm / hex_).read_text())
-    return [Digest.parse(layer["digest"]) for layer in manifest["layers"]]
 
 
 @pytest.fixture(scope="module")

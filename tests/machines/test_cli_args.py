@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.support.cli import ember_env, run_ember
+from tests.support.images import layer_digests, push_layout
+from tests.support.registry import Registry
 
 
 def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -87,6 +90,30 @@ def test_a_configured_kernel_that_is_not_there_is_an_error(
     assert "installing" not in res.stderr and "Traceback" not in res.stderr
     assert f"kernel {kernel}" in res.stderr
     assert ("does not exist" if kernel.startswith("/nonexistent") else "is not a regular file") in res.stderr
+
+
+def test_a_run_that_fails_on_its_kernel_does_not_wait_for_the_image_layers(
+    tmp_path: Path, registry: Registry, multilayer_layout: Path
+) -> None:
+    """`run` pulls an image that is not local beside the rest of its work, from the
+    moment its config is checked: a kernel that is not one fails the run while the
+    registry still holds a layer back, and cancels the pull (it used to wait for every
+    layer first: here, a minute per try of the held one)."""
+    ref = push_layout(multilayer_layout, registry, "cliargs/held")
+    held = layer_digests(multilayer_layout)[-1]
+    bad = tmp_path / "bzImage"
+    bad.write_bytes(b"not a kernel\n" * 100)
+    home = tmp_path / "home"
+    with misbehaving_proxy(registry.host, Behaviour(hold_blobs={held.hex})) as proxy:
+        res = run_ember(
+            "run", "--rm", "--kernel", str(bad), ref.replace(registry.host, proxy.host, 1),
+            "true", env=ember_env(home), timeout=45,
+        )  # fmt: skip
+        assert any(held.hex in seen.path for seen in proxy.seen)  # it was asked for
+    assert res.returncode == 125, res.stderr
+    assert f"kernel {bad}" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert run_ember("image", "ls", "--json", env=ember_env(home), check=True).stdout.strip() == "[]"
+    assert not (home / "machines").exists() or not any((home / "machines").iterdir())
 
 
 @pytest.mark.parametrize(

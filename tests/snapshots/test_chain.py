@@ -25,7 +25,7 @@ from ember.unpack.errors import DiffIDMismatch
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
 from tests.snapshots.imagekit import Entry, LayerSpec, base_layers, make_image
 from tests.snapshots.leaks import ours
-from tests.support.images import push_layout
+from tests.support.images import layer_digests, push_layout
 from tests.support.registry import Registry
 from tests.support.treecmp import assert_same_tree, umoci_unpack
 
@@ -370,6 +370,54 @@ def test_a_layer_is_built_from_its_first_bytes_while_they_arrive(
     assert len(failures) == 1 and isinstance(failures[0], PullCancelled), failures
     snap = Snapshotter(home)
     assert [s.name for s in snap.list()] == []  # the build was discarded, nothing committed
+
+
+def test_a_root_disk_is_cloned_from_a_chain_built_as_its_layers_arrive(
+    home: Home, registry: Registry, multilayer_layout: Path
+) -> None:
+    """What ``ember run`` does for an image that is not local (``lifecycle.create``):
+    ``clone_root_disk`` given the pull's ``layer_path`` and ``open_layer`` builds the
+    chain while the last layer is held back by the registry, and clones the disk once
+    it arrives."""
+    from ember.images import ImageService
+
+    ref = push_layout(multilayer_layout, registry, "chain/streamed-disk")
+    service = ImageService(home)
+    built: list[Path] = []
+    failures: list[BaseException] = []
+    held = layer_digests(multilayer_layout)[-1]
+    with (
+        misbehaving_proxy(registry.host, Behaviour(hold_blobs={held.hex})) as proxy,
+        service.pulling(ref.replace(registry.host, proxy.host, 1), progress=False) as pulled,
+    ):
+        last = pulled.image.layers[-1]
+        assert last.digest == held
+
+        def clone() -> None:
+            try:
+                built.append(clone_root_disk(
+                    home, pulled.image, "e" * 64, layer_path=pulled.layer_path,
+                    open_layer=pulled.open_layer,
+                ))  # fmt: skip
+            except BaseException as e:
+                failures.append(e)
+
+        cloning = threading.Thread(target=clone)
+        cloning.start()
+        snap = Snapshotter(home)
+        below = [str(layer.chain_id) for layer in pulled.image.layers[:-1]]
+        deadline = time.monotonic() + 60
+        while not all(snap.exists(name) for name in below):
+            assert time.monotonic() < deadline, "the lower layers were not built"
+            assert cloning.is_alive(), failures
+            time.sleep(0.02)
+        assert cloning.is_alive() and not service.content.exists(last.digest)
+        proxy.release()
+        cloning.join(60)
+    assert not failures and len(built) == 1, failures
+    with Snapshotter(home).mount(f"machine/{'e' * 64}") as root:
+        assert (root / "bin" / "busybox").is_file()
+    release_root_disk(home, "e" * 64)
 
 
 def test_a_chain_built_as_its_layers_arrive_equals_umoci_unpack(

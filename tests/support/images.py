@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ember.oci.digest import Digest
 from tests.support.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -618,3 +619,11 @@ def push_layout(
         cmd += ["--dest-creds", creds]
     run([*cmd, layout_ref(layout, src_tag), f"docker://{ref}"])
     return ref
+
+
+def layer_digests(layout: Path) -> list[Digest]:
+    """The layer digests of the first image in the OCI layout ``layout``."""
+    index = json.loads((layout / "index.json").read_text())
+    algorithm, hex_ = index["manifests"][0]["digest"].split(":")
+    manifest = json.loads((layout / "blobs" / algorithm / hex_).read_text())
+    return [Digest.parse(layer["digest"]) for layer in manifest["layers"]]

@@ -136,59 +136,69 @@ def create(
     LogConfig.load(home)
     NetConfig.load(home)
     SnapshotConfig.load(home)
-    image = ImageService(home).ensure(req.image, plain_http=req.plain_http)
-    lap("image")
-    kernel = _guest_kernel(home, req, progress)
-    accel = detect_accel(home, kernel.vmlinux)
-    base_initrd = base_initramfs(home, kernel)
-    lap("kernel")
-    # validate the run config before anything is allocated
-    draft = RunConfig.from_image(image.config, _run_overrides(req))
-    draft.check_room()
+    # An image that is not local is pulled while the rest is set up: handed out once its
+    # config is checked, its layers still arriving (built into the root disk's snapshot
+    # chain as they do, in the clone below); leaving this block waits for the last of
+    # them and records the image, and a failure or an interrupt in it cancels the pull.
+    with ImageService(home).ensuring(req.image, plain_http=req.plain_http) as pulled:
+        image = pulled.image
+        lap("image")
+        kernel = _guest_kernel(home, req, progress)
+        accel = detect_accel(home, kernel.vmlinux)
+        base_initrd = base_initramfs(home, kernel)
+        lap("kernel")
+        # validate the run config before anything is allocated
+        draft = RunConfig.from_image(image.config, _run_overrides(req))
+        draft.check_room()
 
-    # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
-    # made or its monitor started, not by `ember ps/logs/stop` that only check on one
-    import secrets
-    from concurrent.futures import ThreadPoolExecutor, wait
+        # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
+        # made or its monitor started, not by `ember ps/logs/stop` that only check on one
+        import secrets
+        from concurrent.futures import ThreadPoolExecutor, wait
 
-    machine_id = secrets.token_hex(32)
-    d = store.root / machine_id
-    st = _new_state(machine_id, d, req, image, draft, kernel, base_initrd, accel)
-    if made is not None:
-        made.append(machine_id)  # before anything exists: no moment the caller misses it
-    cloning: Future[Path] | None = None
-    pool = None
-    try:
-        store.create(st, req.name)
-        lap("record")
-        # the disk clone and the network (TAP, nft) both wait on the kernel and on
-        # subprocesses: do them side by side
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone")
-        cloning = pool.submit(clone_root_disk, home, image, machine_id, req.disk_size)
+        machine_id = secrets.token_hex(32)
+        d = store.root / machine_id
+        st = _new_state(machine_id, d, req, image, draft, kernel, base_initrd, accel)
+        if made is not None:
+            made.append(machine_id)  # before anything exists: no moment the caller misses it
+        cloning: Future[Path] | None = None
+        pool = None
         try:
-            net = _setup_network(home, machine_id, ports=req.ports, network=req.network)
-        finally:
-            wait([cloning])  # never leave the clone running behind a failure
-        disk = cloning.result()
-        pool.shutdown()
-        lap("root_disk+network")
-        rc = dataclasses.replace(
-            draft,
-            hostname=machine_id[:12],
-            root=RootDevice("/dev/vda", "ext4", "defaults"),
-            # the monitor says "bye" once it has the guest's last output (see streams.py)
-            exit_ack_ms=EXIT_ACK_MS,
-        )
-        restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
-        atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
-        _write_boot_config(d, st.name, rc, net, base_initrd, templated=restore is not None)
-        machine_channels(d).precreate()
-        lap("config_initrd")
-        config = _config_summary(rc, kernel, no_kill=req.stop_timeout == NO_STOP_TIMEOUT)
-        st = _finish_record(d, disk, restore, template_key, net, config, timings)
-    except BaseException:
-        _undo_create(home, machine_id, cloning, pool)
-        raise
+            store.create(st, req.name)
+            lap("record")
+            # the disk clone and the network (TAP, nft) both wait on the kernel and on
+            # subprocesses: do them side by side
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-clone")
+            # the chain is built from each layer's first bytes while they arrive (a
+            # pull still under way: ``ensuring`` above)
+            cloning = pool.submit(
+                clone_root_disk, home, image, machine_id, req.disk_size,
+                layer_path=pulled.layer_path, open_layer=pulled.open_layer,
+            )  # fmt: skip
+            try:
+                net = _setup_network(home, machine_id, ports=req.ports, network=req.network)
+            finally:
+                wait([cloning])  # never leave the clone running behind a failure
+            disk = cloning.result()
+            pool.shutdown()
+            lap("root_disk+network")
+            rc = dataclasses.replace(
+                draft,
+                hostname=machine_id[:12],
+                root=RootDevice("/dev/vda", "ext4", "defaults"),
+                # the monitor says "bye" once it has the guest's last output (see streams.py)
+                exit_ack_ms=EXIT_ACK_MS,
+            )
+            restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
+            atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
+            _write_boot_config(d, st.name, rc, net, base_initrd, templated=restore is not None)
+            machine_channels(d).precreate()
+            lap("config_initrd")
+            config = _config_summary(rc, kernel, no_kill=req.stop_timeout == NO_STOP_TIMEOUT)
+            st = _finish_record(d, disk, restore, template_key, net, config, timings)
+        except BaseException:
+            _undo_create(home, machine_id, cloning, pool)
+            raise
     return st
 
 

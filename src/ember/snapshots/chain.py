@@ -428,17 +428,29 @@ def machine_key(machine_id: str) -> str:
     return names.validate_key(f"machine/{machine_id}", "machine id")
 
 
-def clone_root_disk(home: Home, image: Image, machine_id: str, size: int | None = None) -> Path:
+def clone_root_disk(
+    home: Home,
+    image: Image,
+    machine_id: str,
+    size: int | None = None,
+    *,
+    layer_path: Callable[[int], Path] | None = None,
+    open_layer: Callable[[int], io.RawIOBase | None] | None = None,
+) -> Path:
     """The machine's root disk: a writable clone of the image's top snapshot, grown to ``size``.
 
     Constant time and space (a reflink and a resize2fs).  A lease named after
     the machine (``machine/<id>``) protects it from GC until
     ``release_root_disk``.  Calling it again for the same machine and image
     returns the existing disk: a restarted machine keeps its root file system.
+    ``layer_path`` and ``open_layer``: as for ``prepare_image`` (an image still being
+    pulled: its chain is built as its layers arrive).
     """
     snap = Snapshotter(home)
     key = machine_key(machine_id)
-    prepared = prepare_image(home, image, snapshotter=snap)
+    prepared = prepare_image(
+        home, image, snapshotter=snap, layer_path=layer_path, open_layer=open_layer
+    )
     # the lease names the disk (and the image snapshot it is cloned from) before the
     # disk exists: GC never sees either unprotected
     snap.leases.create(
