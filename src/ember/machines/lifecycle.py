@@ -138,9 +138,13 @@ def create(
     SnapshotConfig.load(home)
     # An image that is not local is pulled while the rest is set up: handed out once its
     # config is checked, its layers still arriving (built into the root disk's snapshot
-    # chain as they do, in the clone below); leaving this block waits for the last of
-    # them and records the image, and a failure or an interrupt in it cancels the pull.
-    with ImageService(home).ensuring(req.image, plain_http=req.plain_http) as pulled:
+    # chain as they do, in the clone below).  ``pulling.close()`` once the disk is made
+    # records the image and lets go of the pull's lock (``ember gc`` waits for it); a
+    # failure or an interrupt before that cancels the pull.
+    with contextlib.ExitStack() as pulling:
+        pulled = pulling.enter_context(
+            ImageService(home).ensuring(req.image, plain_http=req.plain_http)
+        )
         image = pulled.image
         lap("image")
         kernel = _guest_kernel(home, req, progress)
@@ -181,6 +185,7 @@ def create(
                 wait([cloning])  # never leave the clone running behind a failure
             disk = cloning.result()
             pool.shutdown()
+            pulling.close()  # every layer is in the disk
             lap("root_disk+network")
             rc = dataclasses.replace(
                 draft,
