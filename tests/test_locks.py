@@ -145,3 +145,6 @@ def test_is_held_only_looks(tmp_path: Path) -> None:
     assert not is_held(path)
     with FileLock(path):  # the look dropped its own lock: a holder gets it again
         pass
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")  # cannot tell: leave alone what it guards
+    assert is_held(path) and not (tmp_path / "elsewhere").exists()

@@ -116,11 +116,15 @@ def try_lock(path: Path, *, shared: bool = False) -> FileLock | None:
 
 def is_held(path: Path) -> bool:
     """Whether some process holds the lock file ``path`` right now.  Only looks: makes no
-    lock file (a missing one is held by nobody), and drops the lock it takes to find out."""
+    lock file (a missing one is held by nobody), and drops the lock it takes to find out.
+    One that cannot be opened (a symlink in its place, no permission) counts as held:
+    callers leave alone what it guards."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

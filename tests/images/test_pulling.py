@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from ember.images import ImageService
+from ember.images.cancel import PullCancelled
+from ember.images.service import Pulling
 from ember.oci.digest import Digest
 from ember.registry.client.errors import BlobCorrupt
 from ember.store.content import BlobWriter
@@ -77,6 +80,55 @@ def test_a_layer_is_read_from_its_first_bytes_while_it_still_downloads(
         raise RuntimeError("seen")  # ends the pull: its stalled download is cancelled
     assert service.list() == []
     assert not service.content.exists(digests[big])
+
+
+class LayerWaiter(threading.Thread):
+    """Waits for a layer as a root disk's clone does (``ember run``), in a thread of its
+    own: through ``open_layer`` (or ``layer_path`` once that says it is stored)."""
+
+    def __init__(self, pulled: Pulling, index: int) -> None:
+        super().__init__(daemon=True)
+        self.pulled, self.index = pulled, index
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            blob = self.pulled.open_layer(self.index)
+            if blob is not None:
+                with blob:
+                    blob.readall()
+        except BaseException as e:
+            self.error = e
+
+
+@pytest.mark.parametrize("how", ["cancel", "leave"])
+def test_a_cancelled_pull_ends_the_wait_for_a_layer_the_registry_has_not_answered(
+    service: ImageService, registry: Registry, pushed: tuple[str, list[Digest]], how: str
+) -> None:
+    """A thread waiting for a layer whose request the registry holds ends with the pull
+    (``Pulling.cancel``, or the block left with an error), not when the request times
+    out (a minute a try): an interrupted `ember run` stayed that long after its
+    message, its root disk's clone waiting."""
+    repo, digests = pushed
+    with misbehaving_proxy(registry.host, Behaviour(hold_blobs={digests[-1].hex})) as proxy:
+        with contextlib.suppress(RuntimeError), service.pulling(
+            f"{proxy.host}/{repo}", progress=False
+        ) as pulled:
+            waiter = LayerWaiter(pulled, len(digests) - 1)
+            waiter.start()
+            deadline = time.monotonic() + 30
+            while not proxy.requests(digests[-1].hex):
+                assert time.monotonic() < deadline, "the held layer was never asked for"
+                time.sleep(0.01)
+            if how == "cancel":
+                pulled.cancel()
+                waiter.join(10)
+                assert not waiter.is_alive(), "still waiting for the held layer"
+            raise RuntimeError("the caller failed")
+        waiter.join(10)
+        assert not waiter.is_alive(), "still waiting for the held layer"
+        assert isinstance(waiter.error, PullCancelled), waiter.error
+    assert service.list() == []
 
 
 def test_a_caller_failing_before_every_blob_is_in_abandons_the_pull(

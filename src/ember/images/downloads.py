@@ -47,7 +47,11 @@ class Download:
         self._verified = False
 
     def finish(self, error: BaseException | None) -> None:
+        """The download's end: the first one said wins (a cancelled pull finishes the
+        downloads still running; their workers' own end comes later, or never)."""
         with self._changed:
+            if self._done.is_set():
+                return
             self._error = error
             self._done.set()
             self._stop_following()
@@ -186,6 +190,8 @@ class Downloads:
         self._source = source
         self._content = content
         self._queue = deque(jobs)
+        #: the downloads workers are fetching
+        self._running: set[Download] = set()
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._work, name="ember-download", daemon=True)
@@ -198,7 +204,9 @@ class Downloads:
         with self._lock:
             if self.cancellation.cancelled or not self._queue:
                 return None
-            return self._queue.popleft()
+            job = self._queue.popleft()
+            self._running.add(job)
+            return job
 
     def _work(self) -> None:
         while (job := self._take()) is not None:
@@ -210,12 +218,19 @@ class Downloads:
                 job.finish(e)
             else:
                 job.finish(None)
+            finally:
+                with self._lock:
+                    self._running.discard(job)
 
     def cancel(self) -> None:
-        """Stop every download: queued ones never start, running ones stop at once."""
+        """Stop every download: queued ones never start, running ones stop at once.  Both
+        end now for whoever waits on them: a request still waiting for the registry's
+        answer cannot be cut short, and its worker (a daemon thread) may go on until
+        the read timeout, but nobody waits for it (a root disk's clone reading a layer
+        as it arrives, in ``ember run``, would have)."""
         self.cancellation.cancel()
         with self._lock:
-            left = list(self._queue)
+            left = [*self._queue, *self._running]
             self._queue.clear()
         for job in left:
             job.finish(PullCancelled("the pull was cancelled"))

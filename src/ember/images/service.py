@@ -109,11 +109,24 @@ class Pulling:
     """An image whose layers may still be downloading (see ``ImageService.pulling``)."""
 
     def __init__(
-        self, image: Image, content: ContentStore, downloads: Mapping[Digest, Download]
+        self,
+        image: Image,
+        content: ContentStore,
+        downloads: Mapping[Digest, Download],
+        cancel: Callable[[], None] | None = None,
     ) -> None:
         self.image = image
         self._content = content
         self._downloads = downloads
+        self._cancel = cancel
+
+    def cancel(self) -> None:
+        """Stop the downloads now, for a caller about to fail that would otherwise wait
+        for them (a thread of its own reading the layers): what reads a layer still
+        arriving raises PullCancelled.  Leaving the pull's block with an error cancels
+        them too; nothing for a local image."""
+        if self._cancel is not None:
+            self._cancel()
 
     def layer_path(self, index: int) -> Path:
         """Layer ``index``'s blob, once it is downloaded and verified (raises what its
@@ -394,7 +407,7 @@ class ImageService:
             # the config too: it was read before its fsync and rename (_verified_bytes)
             fetches = [config_fetch, *downloads.values()]
             recorder = _Recorder(fetches, store_and_record)
-            yield Pulling(image, self.content, downloads)
+            yield Pulling(image, self.content, downloads, cancel=workers.cancel)
             for d in fetches:
                 d.result()
             recorder.wait()

@@ -181,6 +181,9 @@ def create(
             )  # fmt: skip
             try:
                 net = _setup_network(home, machine_id, ports=req.ports, network=req.network)
+            except BaseException:
+                pulled.cancel()  # the clone may be waiting on layers: not for them now
+                raise
             finally:
                 wait([cloning])  # never leave the clone running behind a failure
             disk = cloning.result()
