@@ -37,6 +37,9 @@ def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["--network", "none"], "--network none: ember has no machine without a network"),
         (["--network", "host"], "--network host: a machine has a kernel"),
         (["--kernel-modules", "/"], "--kernel-modules needs --kernel"),
+        # ember-init's limit: said before a kernel install and an accelerator probe
+        (["-u", "u" * 256], "-u: user 'uuuu"),
+        (["-u", "a:b:c"], "-u: invalid user 'a:b:c'"),
         # a quote made the guest kernel read the arguments after it as its value
         (["--kernel-arg", 'foo="', "--kernel-arg", "loglevel=7"], "invalid kernel argument"),
         # past 2047 bytes in all the guest hangs before its console, without a word

@@ -223,6 +223,7 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
         {"nameservers": ("not-an-ip",)},
         {"hosts": (HostEntry("10.0.0.1", ()),)},
         {"user": "a:b:c"},
+        {"user": "u" * 256},  # ember-init's limit: refused before a boot
         {"modules": ("../evil",)},
         {"stop_timeout": -1},
     ],

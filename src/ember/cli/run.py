@@ -344,6 +344,7 @@ def run(
     from ember.machines.options import (
         check_kernel_args,
         check_name,
+        check_user,
         parse_env,
         parse_memory_mib,
         read_env_file,
@@ -365,6 +366,8 @@ def run(
         raise UsageError("--rm and --restart cannot go together (a removed machine cannot restart)")
     if name is not None:
         check_name(name)
+    if user is not None:
+        check_user(user)
     check_requested_network(network)
     host_env = dict(os.environ)
     all_env: list[str] = []

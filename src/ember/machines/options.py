@@ -52,6 +52,19 @@ def check_kernel_args(args: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
+def check_user(user: str) -> str:
+    """``-u``, refused before any work (a kernel install, an accelerator probe) rather than
+    by the run config or the booted guest."""
+    from ember.vm.errors import InvalidRunConfig
+    from ember.vm.runconfig import check_user as check_spec
+
+    try:
+        check_spec(user)
+    except InvalidRunConfig as e:
+        raise InvalidOption(f"-u: {e.message}") from None
+    return user
+
+
 def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """The host's ``MemTotal`` in MiB (None when it cannot be read)."""
     try:

@@ -343,6 +343,20 @@ def parse_signal(value: str | int) -> int:
 # ---- validation ----------------------------------------------------------------------
 
 
+#: the longest user spec ember-init takes (its buffer, init/src/user.c)
+MAX_USER_BYTES = 255
+
+
+def check_user(user: str) -> None:
+    """A user spec ember-init can resolve (Docker's forms; "" is the image's default)."""
+    _text(user, "user")
+    if user.count(":") > 1 or user.startswith(":") or user.endswith(":"):
+        raise InvalidRunConfig(f"invalid user {user!r}: use NAME, UID, NAME:GROUP or UID:GID")
+    if len(user.encode()) > MAX_USER_BYTES:
+        # said here, not by the booted guest's init
+        raise InvalidRunConfig(f"user {user[:40]!r}... is too long: at most {MAX_USER_BYTES} bytes")
+
+
 def validate(rc: RunConfig) -> None:
     """Refuse what the guest would refuse, with a message naming the field."""
     if not rc.argv and not rc.template:
@@ -354,9 +368,7 @@ def validate(rc: RunConfig) -> None:
         key, sep, _ = e.partition("=")
         if not sep or not key:
             raise InvalidRunConfig(f"environment entry {e!r} is not KEY=VALUE")
-    _text(rc.user, "user")
-    if rc.user.count(":") > 1 or rc.user.startswith(":") or rc.user.endswith(":"):
-        raise InvalidRunConfig(f"invalid user {rc.user!r}: use NAME, UID, NAME:GROUP or UID:GID")
+    check_user(rc.user)
     _text(rc.workdir, "working directory")
     if rc.workdir and not rc.workdir.startswith("/"):
         raise InvalidRunConfig(
