@@ -247,6 +247,53 @@ def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
         teardown_home(home)
 
 
+def test_rm_of_a_machine_another_run_is_creating(tmp_path: Path) -> None:
+    """`ember run` holds ``state.creating`` from before the machine's first record until
+    its disk and network are made: `rm` refuses it (it freed them while the run was
+    making them); `rm -f` waits for that run, then removes;
+    a created machine nobody is making goes without -f, as docker rm's."""
+    import subprocess
+
+    from tests.machines.vmkit import delete_netns, new_netns
+    from tests.snapshots.conftest import make_home, teardown_home
+    from tests.support.cli import EMBER, ember_env, run_ember
+    from tests.support.proc import wait_flock_blocked
+
+    home = make_home(tmp_path / "home")
+    store = MachineStore(home)
+    making, made = make_state("ab" + "0" * 62), make_state("cd" + "0" * 62)
+    hold = mstate.creating(store.dir(making.id))
+    store.create(making, "making", holding=hold)
+    store.create(made, "made")
+    netns = new_netns()
+    env = ember_env(home.root, EMBER_AGENT="0")
+    prefix = ["ip", "netns", "exec", netns]
+    try:
+        refused = run_ember("rm", "making", prefix=prefix, env=env, timeout=120)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert "is being created by another ember command" in refused.stderr, refused.stderr
+        assert store.dir(making.id).is_dir()
+        forced = subprocess.Popen([*prefix, EMBER, "rm", "-f", "making"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            wait_flock_blocked(store.dir(making.id) / mstate.CREATING, forced.pid)
+            assert store.dir(making.id).is_dir()
+            hold.release()  # the run is done with it
+            out, err = forced.communicate(timeout=120)
+        finally:
+            if forced.poll() is None:
+                forced.kill()
+        assert forced.returncode == 0, err
+        assert not store.dir(making.id).exists()
+        plain = run_ember("rm", "made", prefix=prefix, env=env, timeout=120)
+        assert plain.returncode == 0, plain.stderr
+        assert store.list() == []
+    finally:
+        hold.release()
+        delete_netns(netns)
+        teardown_home(home)
+
+
 def test_start_waits_for_the_monitor_of_the_last_run_to_end(tmp_path: Path) -> None:
     """The record says exited before the monitor frees the network and host ports:
     `ember restart` (stop, then start) went on meanwhile, found the old ports taken, and

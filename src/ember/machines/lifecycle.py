@@ -33,7 +33,13 @@ from ember.machines.controllines import (
     signal_request,
     stop_request,
 )
-from ember.machines.errors import DamagedMachine, MachineError, MachineNotRunning, MachineRunning
+from ember.machines.errors import (
+    DamagedMachine,
+    MachineError,
+    MachineNotFound,
+    MachineNotRunning,
+    MachineRunning,
+)
 from ember.machines.logs import LogConfig
 from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
@@ -167,8 +173,9 @@ def create(
             made.append(machine_id)  # before anything exists: no moment the caller misses it
         cloning: Future[Path] | None = None
         pool = None
+        hold = mstate.creating(d)
         try:
-            store.create(st, req.name)
+            store.create(st, req.name, holding=hold)
             lap("record")
             # the disk clone and the network (TAP, nft) both wait on the kernel and on
             # subprocesses: do them side by side
@@ -207,6 +214,8 @@ def create(
         except BaseException:
             _undo_create(home, machine_id, cloning, pool)
             raise
+        finally:
+            hold.release()  # after any undo: a removal waiting for it finds nothing half made
     return st
 
 
@@ -956,7 +965,25 @@ def remove_damaged(home: Home, machine_id: str) -> None:
 
 
 def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
-    """Delete a machine: its root disk, network, logs and record."""
+    """Delete a machine: its root disk, network, logs and record.  One another command is
+    still creating (``ember run`` making its disk and network) is refused, or with
+    ``force`` removed once that command is done with it."""
+    from ember.locks import is_held
+
+    d = MachineStore(home).dir(st.id)
+    if st.status == mstate.CREATED and is_held(d / mstate.CREATING):
+        if not force:
+            raise MachineRunning(
+                f"machine {st.name} is being created by another ember command",
+                hint="wait for it, or use ember rm -f to remove it once it is made",
+            )
+        # waits for that create to end (FileNotFoundError: it was undone, gone)
+        with contextlib.suppress(FileNotFoundError), mstate.creating(d):
+            pass
+        try:
+            st = MachineStore(home).find(st.id)
+        except MachineNotFound:
+            return  # its create failed and undid it
     st = _stop_pending_restart(home, st) or refresh(home, st)
     if st.status == mstate.RUNNING:
         if not force:

@@ -258,6 +258,17 @@ def locked(machine_dir: Path) -> FileLock:
     return FileLock(machine_dir / "lock")
 
 
+#: the lock file ``creating`` holds
+CREATING = "creating"
+
+
+def creating(machine_dir: Path) -> FileLock:
+    """Held by the command creating the machine, from before its first record until its
+    root disk, network and run config are made or undone (``lifecycle.create``): a
+    removal meanwhile would free them while they are being made."""
+    return FileLock(machine_dir / CREATING)
+
+
 @contextmanager
 def update(machine_dir: Path) -> Iterator[MachineState]:
     """Read-modify-write under the machine's lock."""

@@ -101,8 +101,12 @@ class MachineStore:
                 return name
         return f"machine_{secrets.token_hex(4)}"
 
-    def create(self, st: MachineState, name: str | None) -> Path:
-        """Reserve the name and write the first state (the name is unique under a lock)."""
+    def create(
+        self, st: MachineState, name: str | None, *, holding: FileLock | None = None
+    ) -> Path:
+        """Reserve the name and write the first state (the name is unique under a lock).
+        ``holding``: a lock in the new directory taken before the record appears
+        (``state.creating``)."""
         with self._names_lock():
             taken = {m.name for m in self.list()}
             if name is None:
@@ -116,6 +120,8 @@ class MachineStore:
             st.name = name
             d = self.dir(st.id)
             d.mkdir(mode=0o700)
+            if holding is not None:
+                holding.acquire()  # a new directory's: nobody else knows it yet
             write_state(d, st)
             return d
 
