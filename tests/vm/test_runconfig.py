@@ -224,6 +224,7 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
         {"hosts": (HostEntry("10.0.0.1", ()),)},
         {"user": "a:b:c"},
         {"user": "u" * 256},  # ember-init's limit: refused before a boot
+        {"user": "\udcff" * 256},  # counted in the bytes it is rendered as
         {"modules": ("../evil",)},
         {"stop_timeout": -1},
     ],

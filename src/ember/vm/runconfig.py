@@ -352,7 +352,7 @@ def check_user(user: str) -> None:
     _text(user, "user")
     if user.count(":") > 1 or user.startswith(":") or user.endswith(":"):
         raise InvalidRunConfig(f"invalid user {user!r}: use NAME, UID, NAME:GROUP or UID:GID")
-    if len(user.encode()) > MAX_USER_BYTES:
+    if len(user.encode("utf-8", "surrogateescape")) > MAX_USER_BYTES:  # as rendered
         # said here, not by the booted guest's init
         raise InvalidRunConfig(f"user {user[:40]!r}... is too long: at most {MAX_USER_BYTES} bytes")
 
