@@ -249,11 +249,15 @@ def test_ps_and_rm_of_a_damaged_machine(tmp_path: Path) -> None:
 
 def test_rm_of_a_machine_another_run_is_creating(tmp_path: Path) -> None:
     """`ember run` holds ``state.creating`` from before the machine's first record until
-    its disk and network are made: `rm` refuses it (it freed them while the run was
-    making them); `rm -f` waits for that run, then removes;
-    a created machine nobody is making goes without -f, as docker rm's."""
+    its disk and network are made, and names in that record the monitor it will hand the
+    machine to: `rm` refuses the machine meanwhile (it freed disk and network while the
+    run was making them); `rm -f` waits for the run, then stops the machine as one being
+    started (marked stopped, its monitor waited for: it kills the VMM it was starting)
+    and removes it.  A created machine nobody is making goes without -f, as docker rm's."""
     import subprocess
+    import time
 
+    from ember.process import proc_start_time
     from tests.machines.vmkit import delete_netns, new_netns
     from tests.snapshots.conftest import make_home, teardown_home
     from tests.support.cli import EMBER, ember_env, run_ember
@@ -261,35 +265,53 @@ def test_rm_of_a_machine_another_run_is_creating(tmp_path: Path) -> None:
 
     home = make_home(tmp_path / "home")
     store = MachineStore(home)
+    monitor = subprocess.Popen(["sleep", "300"])  # plays the run's monitor
     making, made = make_state("ab" + "0" * 62), make_state("cd" + "0" * 62)
+    making.monitor_pid, making.monitor_start = monitor.pid, proc_start_time(monitor.pid)
     hold = mstate.creating(store.dir(making.id))
     store.create(making, "making", holding=hold)
     store.create(made, "made")
     netns = new_netns()
     env = ember_env(home.root, EMBER_AGENT="0")
     prefix = ["ip", "netns", "exec", netns]
+    forced: subprocess.Popen[str] | None = None
     try:
         refused = run_ember("rm", "making", prefix=prefix, env=env, timeout=120)
         assert refused.returncode != 0 and "Traceback" not in refused.stderr
         assert "is being created by another ember command" in refused.stderr, refused.stderr
-        assert store.dir(making.id).is_dir()
+        assert store.dir(making.id).is_dir() and monitor.poll() is None
         forced = subprocess.Popen([*prefix, EMBER, "rm", "-f", "making"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            wait_flock_blocked(store.dir(making.id) / mstate.CREATING, forced.pid)
-            assert store.dir(making.id).is_dir()
-            hold.release()  # the run is done with it
-            out, err = forced.communicate(timeout=120)
-        finally:
-            if forced.poll() is None:
-                forced.kill()
+        wait_flock_blocked(store.dir(making.id) / mstate.CREATING, forced.pid)
+        assert store.dir(making.id).is_dir()
+        hold.release()  # the run is done with it and hands it to its monitor
+        deadline = time.monotonic() + 60
+        while not store.find(making.id).stopped_by_user:
+            assert time.monotonic() < deadline and forced.poll() is None, forced.communicate()
+            time.sleep(0.05)
+        assert store.dir(making.id).is_dir()  # waiting for the monitor to end
+        monitor.kill()  # as the monitor does once it killed the VMM it was starting
+        monitor.wait()
+        out, err = forced.communicate(timeout=120)
         assert forced.returncode == 0, err
         assert not store.dir(making.id).exists()
         plain = run_ember("rm", "made", prefix=prefix, env=env, timeout=120)
         assert plain.returncode == 0, plain.stderr
         assert store.list() == []
+        # a `creating` that cannot be opened (a symlink put there) is not a wait forever
+        linked = make_state("ef" + "0" * 62)
+        store.create(linked, "linked")
+        (store.dir(linked.id) / mstate.CREATING).symlink_to(tmp_path / "elsewhere")
+        assert run_ember("rm", "linked", prefix=prefix, env=env, timeout=120).returncode != 0
+        gone = run_ember("rm", "-f", "linked", prefix=prefix, env=env, timeout=120)
+        assert gone.returncode == 0, gone.stderr
+        assert store.list() == [] and not (tmp_path / "elsewhere").exists()
     finally:
         hold.release()
+        for proc in (forced, monitor):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         delete_netns(netns)
         teardown_home(home)
 

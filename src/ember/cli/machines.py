@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ember.cli.common import home_from_ctx, json_option, print_json, warnings_as_messages
+from ember.cli.common import home_from_ctx, json_option, print_json, say, warnings_as_messages
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines.controllines import NO_STOP_TIMEOUT
@@ -370,7 +370,7 @@ def rm(force: bool, machines: tuple[str, ...]) -> None:
             if force:
                 return SILENT  # docker rm -f: nothing to remove is no error
             raise
-        lifecycle.remove(home, st, force=force)
+        lifecycle.remove(home, st, force=force, notice=say)
         return None
 
     for_each(machines, remove)

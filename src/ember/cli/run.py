@@ -399,7 +399,7 @@ def run(
     monitor = lifecycle.start_monitor(home)
     made: list[str] = []
     try:
-        st = lifecycle.create(home, req, progress=_say, made=made)
+        st = lifecycle.create(home, req, progress=_say, made=made, monitor_pid=monitor.pid)
         code = _launch(home, st, monitor, attach=not detach)
     except BaseException:
         # until the monitor has it, the machine is ours to remove (an interrupt, SIGTERM,

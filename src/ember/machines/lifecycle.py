@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ember.errors import EmberError
 from ember.fsutil import atomic_write
 from ember.home import Home
+from ember.locks import Notice, is_held
 from ember.machines import state as mstate
 from ember.machines.controllines import (
     DEFAULT_STOP_TIMEOUT,
@@ -110,8 +111,14 @@ def create(
     req: RunRequest,
     progress: Progress = _quiet,
     made: list[str] | None = None,
+    monitor_pid: int | None = None,
 ) -> MachineState:
     """Everything but booting: the machine exists afterwards with status ``created``.
+
+    ``monitor_pid``: the monitor the caller started to hand the machine to (``ember
+    run``), named in the first record as ``ember start`` names its own: a removal or a
+    stop between this and the monitor's start of the VMM then marks the machine stopped
+    and waits for that monitor (which kills the VMM it was starting), as for a start.
 
     ``made`` gets the machine's id before anything of it exists: a caller interrupted
     after ``create`` returned (before it could hand the machine to its monitor) removes
@@ -169,6 +176,8 @@ def create(
         machine_id = secrets.token_hex(32)
         d = store.root / machine_id
         st = _new_state(machine_id, d, req, image, draft, kernel, base_initrd, accel)
+        if monitor_pid is not None:
+            st.monitor_pid, st.monitor_start = monitor_pid, proc_start_time(monitor_pid)
         if made is not None:
             made.append(machine_id)  # before anything exists: no moment the caller misses it
         cloning: Future[Path] | None = None
@@ -964,21 +973,23 @@ def remove_damaged(home: Home, machine_id: str) -> None:
     _release_and_delete(home, machine_id, machine_id[:12])
 
 
-def remove(home: Home, st: MachineState, *, force: bool = False) -> None:
+def remove(
+    home: Home, st: MachineState, *, force: bool = False, notice: Notice | None = None
+) -> None:
     """Delete a machine: its root disk, network, logs and record.  One another command is
     still creating (``ember run`` making its disk and network) is refused, or with
-    ``force`` removed once that command is done with it."""
-    from ember.locks import is_held
-
+    ``force`` removed once that command is done with it (``notice``: told when it waits);
+    one being started is stopped first (its monitor kills the VMM it was starting)."""
     d = MachineStore(home).dir(st.id)
     if st.status == mstate.CREATED and is_held(d / mstate.CREATING):
         if not force:
             raise MachineRunning(
                 f"machine {st.name} is being created by another ember command",
-                hint="wait for it, or use ember rm -f to remove it once it is made",
+                hint="wait for it, or use ember rm -f to stop and remove it once it is made",
             )
-        # waits for that create to end (FileNotFoundError: it was undone, gone)
-        with contextlib.suppress(FileNotFoundError), mstate.creating(d):
+        # waits for that create to end; a lock that cannot be opened (gone with an undone
+        # create, or a symlink put in its place) waits for nothing
+        with contextlib.suppress(OSError), mstate.creating(d, notice=notice):
             pass
         try:
             st = MachineStore(home).find(st.id)

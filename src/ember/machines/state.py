@@ -20,7 +20,7 @@ from typing import Any
 
 from ember import jsonutil
 from ember.fsutil import atomic_write
-from ember.locks import FileLock
+from ember.locks import FileLock, Notice
 from ember.machines.errors import DamagedMachine, InvalidOption, MachineError
 from ember.machines.restartpolicy import parse_restart_policy
 
@@ -262,11 +262,11 @@ def locked(machine_dir: Path) -> FileLock:
 CREATING = "creating"
 
 
-def creating(machine_dir: Path) -> FileLock:
+def creating(machine_dir: Path, notice: Notice | None = None) -> FileLock:
     """Held by the command creating the machine, from before its first record until its
     root disk, network and run config are made or undone (``lifecycle.create``): a
     removal meanwhile would free them while they are being made."""
-    return FileLock(machine_dir / CREATING)
+    return FileLock(machine_dir / CREATING, notice=notice)
 
 
 @contextmanager
