@@ -67,24 +67,48 @@ def test_an_interrupt_between_create_and_the_hand_over_leaves_nothing(
     assert machines_and_disks(ember) == []
 
 
-def test_start_of_a_machine_its_run_never_started_says_what_to_do(
+def test_a_machine_whose_run_was_killed_after_creating_it_starts(
     ember: Ember, busybox: str
 ) -> None:
-    """A run killed (SIGKILL: nothing can clean up) between create and the hand-over."""
+    """A run killed (SIGKILL: nothing can clean up) between create and the hand-over:
+    the record names the run's monitor, gone with it, so the machine reads as ended and
+    `start` runs it, as docker start runs a container its killed `docker run` made."""
     res = subprocess.run(
         ["ip", "netns", "exec", ember.netns, sys.executable, "-c",
          INTERRUPTED_AT.replace("raise exc()", "import os; os._exit(9)"),
          "ember.machines.logs", "LogFollower.current", "INT", "run", "--name", "orphan",
+         busybox, "sh", "-c", "echo ran; exit 3"],
+        capture_output=True, text=True, env=ember.env(), timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 9, res.stderr
+    try:
+        start = ember("start", "-a", "orphan")
+        assert (start.returncode, start.stdout) == (3, "ran\n"), start.stderr
+    finally:
+        assert ember("rm", "-f", "orphan").returncode == 0
+    assert machines_and_disks(ember) == []
+
+
+def test_start_of_a_machine_its_run_never_finished_making_says_what_to_do(
+    ember: Ember, busybox: str
+) -> None:
+    """A run killed in the middle of create (its network being set up): the first record
+    is there, without disk or network; `start` says to remove it, and `rm -f` frees
+    what the create had made."""
+    res = subprocess.run(
+        ["ip", "netns", "exec", ember.netns, sys.executable, "-c",
+         INTERRUPTED_AT.replace("raise exc()", "import os; os._exit(9)"),
+         "ember.machines.lifecycle", "_setup_network", "INT", "run", "--name", "half",
          busybox, "true"],
         capture_output=True, text=True, env=ember.env(), timeout=180,
     )  # fmt: skip
     assert res.returncode == 9, res.stderr
     try:
-        start = ember("start", "orphan")
-        assert start.returncode == 1
-        assert "ember rm -f orphan" in start.stderr, start.stderr
+        start = ember("start", "half")
+        assert start.returncode == 1, start.stderr
+        assert "never completely made" in start.stderr and "ember rm -f half" in start.stderr
     finally:
-        assert ember("rm", "-f", "orphan").returncode == 0
+        assert ember("rm", "-f", "half").returncode == 0
     assert machines_and_disks(ember) == []
 
 

@@ -461,6 +461,14 @@ def prepare_start(
             )
         if cur.status != mstate.EXITED:
             raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
+        if not cur.vm.root_disk:
+            # the first record of a `run` killed (SIGKILL) before its create was done,
+            # found ended (its monitor gone) by ``refresh``: no disk, network or config
+            raise MachineError(
+                f"machine {cur.name} was never completely made (the ember run that made "
+                "it was killed)",
+                hint=f"remove it: ember rm -f {cur.name}",
+            )
         if restart and cur.stopped_by_user:
             raise MachineError(f"machine {cur.name} was stopped: not restarting it")
         base = cur.vm.base_initrd
