@@ -9,6 +9,7 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -138,6 +139,38 @@ def tree_bytes(path: Path) -> int:
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
     return total
+
+
+def stale_work_dirs(
+    directory: Path,
+    prefix: str,
+    older_than: float,
+    unused: Callable[[str], bool],
+    *,
+    remove: bool = False,
+) -> tuple[int, int]:
+    """The work directories killed commands left in ``directory``: named ``prefix...``,
+    unchanged for ``older_than`` seconds (``old_directory``: never a symlink) and for
+    which ``unused(name)`` says nothing works in them now (their lock is free, say).
+    How many, and their bytes; ``remove``: delete them (never through a symlink)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, 0
+    count = size = 0
+    for name in names:
+        path = directory / name
+        if not old_directory(path, older_than) or not unused(name):
+            continue
+        found = tree_bytes(path)
+        if remove:
+            try:
+                remove_tree(path)
+            except OSError:  # gone meanwhile (another sweep), or a symlink put there
+                continue
+        count += 1
+        size += found
+    return count, size
 
 
 def reflink(src_fd: int, dst_fd: int) -> None:

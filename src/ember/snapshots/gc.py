@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.fsutil import old_directory, remove_tree, stale_temps, tree_bytes
+from ember.fsutil import stale_temps, stale_work_dirs
 from ember.home import Home
 from ember.locks import FileLock, is_held, try_lock
 from ember.machines.store import LEFTOVER_AGE, MachineStore
@@ -230,6 +230,10 @@ def _sweep_vm_leftovers(home: Home, report: GCReport, older_than: float, *, dry_
         report.temp_files += found[0]
         report.leftover_bytes += found[1]
 
+    def count_dirs(found: tuple[int, int]) -> None:
+        report.work_dirs += found[0]
+        report.leftover_bytes += found[1]
+
     # kernels/ may be shared between state directories by their owner (a symlink)
     count(stale_temps(home.kernels, older_than, remove=not dry_run, follow=True))
     count(stale_temps(home.templates, older_than, remove=not dry_run))
@@ -244,31 +248,12 @@ def _sweep_vm_leftovers(home: Home, report: GCReport, older_than: float, *, dry_
     def no_install(_name: str) -> bool:
         return not is_held(home.kernel_install_lock)
 
-    def no_builder(name: str) -> bool:
-        # .build-<key>-<mkdtemp's suffix, which has no "-">
-        return not template.building(home.templates, name[len(".build-"):].rpartition("-")[0])
-
     for directory, prefix, unused in (
         (home.run, "accel-probe-", probe_ended),
         (home.kernels, ".install-", no_install),
-        (home.templates, ".build-", no_builder),
     ):
-        try:
-            names_found = [n for n in os.listdir(directory) if n.startswith(prefix)]
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names_found:
-            path = directory / name
-            if not old_directory(path, older_than) or not unused(name):
-                continue
-            size = tree_bytes(path)
-            if not dry_run:
-                try:
-                    remove_tree(path)
-                except OSError:  # gone meanwhile (another sweep), or a symlink put there
-                    continue
-            report.work_dirs += 1
-            report.leftover_bytes += size
+        count_dirs(stale_work_dirs(directory, prefix, older_than, unused, remove=not dry_run))
+    count_dirs(template.stale_build_dirs(home.templates, older_than, remove=not dry_run))
 
 
 def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float) -> None:

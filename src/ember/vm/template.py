@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ember import jsonutil
-from ember.fsutil import atomic_write, fsync_dir
+from ember.fsutil import atomic_write, fsync_dir, stale_work_dirs
 from ember.home import Home
 from ember.locks import FileLock, is_held
 from ember.vm.errors import ConfigUnanswered, TemplateError
@@ -341,14 +341,22 @@ def _shape_from_json(raw: object) -> TemplateShape:
     )  # fmt: skip
 
 
+def stale_build_dirs(d: Path, older_than: float, *, remove: bool = False) -> tuple[int, int]:
+    """The work dirs of builders killed half-way (``.build-<key>-<mkdtemp's suffix, which
+    has no "-">``) untouched for ``older_than`` seconds, while no builder holds that
+    shape's lock (``fsutil.stale_work_dirs``): how many, their bytes."""
+
+    def no_builder(name: str) -> bool:
+        return not building(d, name[len(".build-"):].rpartition("-")[0])
+
+    return stale_work_dirs(d, ".build-", older_than, no_builder, remove=remove)
+
+
 def _prune_stale(d: Path) -> None:
     """Remove templates whose inputs changed or went away (a new kernel, ember-init or
     QEMU): nothing can restore them any more, and each holds ~70 MB.  Also the work
-    dirs of builders killed half-way."""
-    for work in d.glob(".build-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - work.stat().st_mtime > 3600:
-                shutil.rmtree(work, ignore_errors=True)
+    dirs of builders killed half-way, an hour old."""
+    stale_build_dirs(d, 3600, remove=True)
     _prune(d, float("inf"))
 
 
