@@ -3,14 +3,23 @@
 An agent imported ember once; after an upgrade (or an edit of an editable
 install) it would go on running the old code.  The agent notes every loaded
 ember module file's identity when it starts and checks them again before each
-command (~100 stat calls, a fraction of a millisecond); on a difference it
-declines the command, which then runs in the caller with the new code, and
-stops.
+command; on a difference it declines the command, which then runs in the
+caller with the new code, and stops.
+
+Checking means ~130 stat calls, ~0.9 ms in a freshly forked relay.  An
+inotify descriptor on the files' directories, taken before the identities,
+says whether anything there changed at all: while it has nothing to read, the
+stat calls are skipped.  (A file changed through a hard link in another
+directory goes unnoticed then: inotify tells a directory of changes made
+through its own entries.  Installers and editors write through the path.)
+Where inotify is unavailable (no watches left), every check stats.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import sys
 from collections.abc import Iterable
 
@@ -38,11 +47,61 @@ def loaded_files(package: str = "ember") -> list[str]:
 
 class Fingerprint:
     def __init__(self, files: Iterable[str]) -> None:
+        files = list(files)
+        # first: a change made while the identities are taken is noticed
+        self._watch = _watch({os.path.dirname(path) for path in files})
         self.stamps = {path: _stamp(path) for path in files}
+
+    @property
+    def watching(self) -> bool:
+        """Whether inotify tells when checking is needed (else every check stats)."""
+        return self._watch is not None
 
     def changed(self) -> str | None:
         """The first file that changed or vanished since the fingerprint was taken."""
+        if self._watch is not None and not _readable(self._watch):
+            return None
         for path, stamp in self.stamps.items():
             if _stamp(path) != stamp:
                 return path
+        if self._watch is not None:
+            # something else changed there (a new file): nothing to check again for it
+            _drain(self._watch)
         return None
+
+
+# <sys/inotify.h>
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF = 0x400, 0x800
+_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+_CHANGES = (
+    _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
+    | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
+)  # fmt: skip
+
+
+def _watch(directories: Iterable[str]) -> int | None:
+    """An inotify descriptor watching ``directories`` for changes to what they hold (and
+    to themselves); None if one cannot be had."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        return None
+    for directory in sorted(directories):
+        if libc.inotify_add_watch(fd, os.fsencode(directory), _CHANGES) < 0:
+            os.close(fd)  # a directory left unwatched would hide its changes
+            return None
+    return int(fd)
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass

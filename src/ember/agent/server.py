@@ -5,8 +5,10 @@ The agent imports all of ember once, then waits on ``$EMBER_HOME/run/agent.sock`
 relay keeps its *runner* forked ahead too, waiting for a command and meanwhile
 taking the copy-on-write faults the command would otherwise take (see
 ``prefault``).  The relay that takes a connection tells the agent, which forks
-the next one, and reads the request (argv, working directory, environment,
-umask, and the caller's stdin, stdout and stderr as descriptors), checks the
+the next one (once that command ends, another caller comes or 0.3 s have
+passed: not beside the command as it starts), and reads the request (argv,
+working directory, environment, umask, and the caller's stdin, stdout and
+stderr as descriptors), checks the
 caller (same user, same namespaces and root, see ``peer``) and the code (see
 ``freshness``), and hands the request to its runner: the runner takes over the
 caller's descriptors, directory, environment and umask, and runs
@@ -55,6 +57,9 @@ from ember.unpack.sandbox import dismiss_spare, fork_spare_session
 # What a client of this very installation sends as its code (see protocol).
 _OWN_CODE = os.fsencode(os.path.realpath(client_module.__file__))
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
+#: seconds a command runs before the agent forks the relay for the next one (sooner
+#: when the command ends or another caller comes; Agent._wait_for_need)
+NEXT_RELAY_DELAY = 0.3
 # Imported lazily (rich by the commands that draw, idna by the first connection
 # to a host name, zstandard and isal's threaded reader by the layers that need
 # them); preloaded so that they are free.
@@ -127,6 +132,8 @@ class Agent:
         self.lock = FileLock(home.agent_lock)
         self.log_fd = (log or sys.stderr).fileno()
         self.pid = os.getpid()
+        #: the agent's namespaces, root and privileges, which callers must share (peer)
+        self._view: peer.View | None = None
 
     def _log(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -148,6 +155,8 @@ class Agent:
             if missing:
                 self._log("not preloaded (optional, imported on use): " + ", ".join(missing))
             fingerprint = Fingerprint(loaded_files())
+            with contextlib.suppress(OSError):  # (no /proc: each check says so)
+                self._view = peer.View("self")
             listener = self._listen()
             try:
                 self._loop(listener, fingerprint)
@@ -206,8 +215,9 @@ class Agent:
                     # hooks, which swallow exceptions, and the relay waited on unstopped.
                     with _stops_held():
                         idle = self._fork_relay(listener, accepted_w, fingerprint)
-                    self._wait_turn(idle, accepted_r, stop_r)
+                    busy = self._wait_turn(idle, accepted_r, stop_r)
                     idle = None
+                    self._wait_for_need(listener, busy, stop_r)
         except _Stop:
             self._log("stopping")
         finally:
@@ -232,9 +242,10 @@ class Agent:
             return pid
 
     @staticmethod
-    def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> None:
+    def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> int:
         """Until the idle relay took a connection (a byte on the pipe) or died; _Stop
-        when the agent is told to stop (``_stop_wakeup``)."""
+        when the agent is told to stop (``_stop_wakeup``).  Returns a pidfd of the relay
+        (the caller's to close)."""
         pidfd = os.pidfd_open(relay)
         try:
             ready, _, _ = select.select([accepted_r, pidfd, stop_r], [], [])
@@ -242,8 +253,25 @@ class Agent:
                 raise _Stop  # (its handler has raised it already, as a rule)
             if accepted_r in ready:
                 os.read(accepted_r, 1)
-        finally:
+        except BaseException:
             os.close(pidfd)
+            raise
+        return pidfd
+
+    @staticmethod
+    def _wait_for_need(listener: socket.socket, busy: int, stop_r: int) -> None:
+        """Before the next relay: until another caller waits, the busy relay (``busy``,
+        a pidfd, closed here) is done, or NEXT_RELAY_DELAY has passed.  Forking the
+        next relay at once made three forks of the agent (the relay, its runner,
+        that runner's applier) run beside the command that just started, on the
+        cores it needs; a command that follows another one still finds its relay
+        ready, forked as the one before ended."""
+        try:
+            ready, _, _ = select.select([listener.fileno(), busy, stop_r], [], [], NEXT_RELAY_DELAY)
+        finally:
+            os.close(busy)
+        if stop_r in ready:
+            raise _Stop
 
     # -- the relay: one per command ------------------------------------------
 
@@ -287,7 +315,7 @@ class Agent:
         # caller checked only once its request had come could have exited, its pid
         # taken by a process with more privileges.  One that fails the check also
         # holds this relay for no longer than the check.
-        pid, reason = peer.check_caller(conn)
+        pid, reason = peer.check_caller(conn, self._view)
         if reason is not None:
             self._decline(conn, pid, reason)
             return
