@@ -101,6 +101,33 @@ def test_a_command_runs_in_the_agent_with_the_callers_directory_and_output(
     assert agent.served() == 2
 
 
+def test_commands_at_once_and_back_to_back_are_all_served_by_the_agent(
+    agent: RunningAgent,
+) -> None:
+    # The relay for the next command is forked when the running one ends, after a
+    # while, or at once when a caller waits: each way here.
+    spare = _spare_runner(agent, prefaulted=False)
+    waiting = subprocess.Popen(
+        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
+        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_until_it_runs(agent, spare, waiting)
+        for _ in range(3):  # while it waits for its password; then back to back
+            proc = ember(agent.home, "--version")
+            assert proc.returncode == 0, proc.stderr
+        assert waiting.poll() is None
+        assert waiting.stdin is not None
+        waiting.stdin.write("secret\n")
+        waiting.stdin.close()
+        waiting.wait(TIMEOUT)
+    finally:
+        waiting.kill()
+    agent.wait_log("ember registry login")
+    assert agent.served() == 4, agent.log_text()
+
+
 def test_errors_and_exit_codes_come_back_as_if_run_locally(agent: RunningAgent) -> None:
     missing = ember(agent.home, "image", "inspect", "nosuch")
     assert missing.returncode == 1
@@ -282,6 +309,22 @@ def _spare_runner(agent: RunningAgent, *, prefaulted: bool, besides: int = 0) ->
         time.sleep(0.05)
 
 
+def _wait_until_it_runs(agent: RunningAgent, runner: int, client: subprocess.Popen[str]) -> None:
+    """Until ``runner`` holds the client's stdin pipe as its own: it is the command."""
+    assert client.stdin is not None
+    ours = os.fstat(client.stdin.fileno())
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            theirs = os.stat(f"/proc/{runner}/fd/0")
+            if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        assert time.monotonic() < deadline, agent.log_text()
+        time.sleep(0.05)
+
+
 def _gone(pid: int) -> bool:
     deadline = time.monotonic() + TIMEOUT
     while Path(f"/proc/{pid}").exists():
@@ -305,18 +348,7 @@ def test_the_command_runs_in_the_runner_forked_and_pre_faulted_ahead(
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert client.stdin is not None
-        ours = os.fstat(client.stdin.fileno())
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # the spare runner holds our pipe as its stdin: it is the command
-            try:
-                theirs = os.stat(f"/proc/{spare}/fd/0")
-                if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
-                    break
-            except FileNotFoundError:
-                pass
-            assert time.monotonic() < deadline, agent.log_text()
-            time.sleep(0.05)
+        _wait_until_it_runs(agent, spare, client)
         assert os.getpgid(spare) == spare  # its own group, for the forwarded signals
         assert os.sched_getscheduler(spare) == os.sched_getscheduler(agent.process.pid)
         fresh = _spare_runner(agent, prefaulted=False, besides=spare)  # the next relay's
