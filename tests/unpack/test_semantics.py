@@ -67,6 +67,36 @@ def test_special_mode_bits_survive_chown(root: Path, layers: Layers) -> None:
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2775, 1000, 2000)
 
 
+def test_root_owned_entries_in_a_setgid_directory_of_another_group_stay_root_owned(
+    root: Path, layers: Layers
+) -> None:
+    # New entries there get the directory's group from the kernel: the applier must
+    # not take them for already owned as the layer says (it skips chown when they are).
+    shared = [dir_("srv/shared", mode=0o2775, uid=0, gid=2000)]
+    inside = [
+        reg("srv/plain", b"y"),  # first: root-owned as created, so skipping is on
+        reg("srv/shared/file", b"x"), sym("srv/shared/link", "file"), dir_("srv/shared/sub"),
+        dev("srv/shared/fifo", tarfile.FIFOTYPE),
+    ]  # fmt: skip
+    layers.apply(root, inside[:1] + shared + inside[1:])  # the same layer
+    for name in ("file", "link", "sub", "fifo"):
+        st = os.lstat(root / "srv/shared" / name)
+        assert (st.st_uid, st.st_gid) == (0, 0), name
+    assert os.lstat(root / "srv/plain").st_gid == 0
+    other = root.parent / "other-root"
+    other.mkdir()
+    layers.apply(other, shared, inside)  # the directory from a lower layer
+    for name in ("file", "link", "sub", "fifo"):
+        st = os.lstat(other / "srv/shared" / name)
+        assert (st.st_uid, st.st_gid) == (0, 0), name
+    # a directory made setgid after entries went into it
+    third = root.parent / "third-root"
+    third.mkdir()
+    layers.apply(third, [reg("d/a", b"1"), dir_("d", mode=0o2775, gid=2000),
+                         reg("d/b", b"2")])  # fmt: skip
+    assert os.lstat(third / "d/b").st_gid == 0
+
+
 def test_xattrs_restored_after_chown(root: Path, layers: Layers) -> None:
     # a file capability (v2, cap_net_bind_service), binary and not UTF-8
     cap = bytes.fromhex("0100000200040000000000000000000000000000")
