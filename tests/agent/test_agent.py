@@ -128,6 +128,29 @@ def test_commands_at_once_and_back_to_back_are_all_served_by_the_agent(
     assert agent.served() == 4, agent.log_text()
 
 
+def test_a_ctrl_c_of_a_command_leaves_the_agent_serving(agent: RunningAgent) -> None:
+    # The runner handles SIGINT in Python; the agent's signal wakeup pipe, inherited
+    # by its relays and runners, once took that for a stop of the agent itself.
+    spare = _spare_runner(agent, prefaulted=False)
+    waiting = subprocess.Popen(
+        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
+        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_until_it_runs(agent, spare, waiting)
+        waiting.send_signal(signal.SIGINT)  # forwarded to the command's group
+        assert waiting.wait(TIMEOUT) == 130
+    finally:
+        waiting.kill()
+    agent.wait_log("ember registry login")
+    proc = ember(agent.home, "--version")
+    assert proc.returncode == 0, proc.stderr
+    agent.wait_log("-> exit 0")  # served by the agent, which did not stop
+    assert agent.process.poll() is None, agent.log_text()
+    assert "stopping" not in agent.log_text()
+
+
 def test_errors_and_exit_codes_come_back_as_if_run_locally(agent: RunningAgent) -> None:
     missing = ember(agent.home, "image", "inspect", "nosuch")
     assert missing.returncode == 1

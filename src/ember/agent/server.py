@@ -216,8 +216,13 @@ class Agent:
                     with _stops_held():
                         idle = self._fork_relay(listener, accepted_w, fingerprint)
                     busy = self._wait_turn(idle, accepted_r, stop_r)
+                    # (stops held since the relay was seen taken: delivered now)
                     idle = None
-                    self._wait_for_need(listener, busy, stop_r)
+                    try:
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                        self._wait_for_need(listener, busy, stop_r)
+                    finally:
+                        os.close(busy)
         except _Stop:
             self._log("stopping")
         finally:
@@ -245,12 +250,15 @@ class Agent:
     def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> int:
         """Until the idle relay took a connection (a byte on the pipe) or died; _Stop
         when the agent is told to stop (``_stop_wakeup``).  Returns a pidfd of the relay
-        (the caller's to close)."""
+        (the caller's to close), with SIGTERM and SIGINT blocked (the caller unblocks
+        them once it has noted that the relay is no longer idle: a stop in between
+        would take a relay serving a command for the idle one and stop it)."""
         pidfd = os.pidfd_open(relay)
         try:
             ready, _, _ = select.select([accepted_r, pidfd, stop_r], [], [])
             if stop_r in ready:
                 raise _Stop  # (its handler has raised it already, as a rule)
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             if accepted_r in ready:
                 os.read(accepted_r, 1)
         except BaseException:
@@ -261,15 +269,12 @@ class Agent:
     @staticmethod
     def _wait_for_need(listener: socket.socket, busy: int, stop_r: int) -> None:
         """Before the next relay: until another caller waits, the busy relay (``busy``,
-        a pidfd, closed here) is done, or NEXT_RELAY_DELAY has passed.  Forking the
+        a pidfd) is done, or NEXT_RELAY_DELAY has passed.  Forking the
         next relay at once made three forks of the agent (the relay, its runner,
         that runner's applier) run beside the command that just started, on the
         cores it needs; a command that follows another one still finds its relay
         ready, forked as the one before ended."""
-        try:
-            ready, _, _ = select.select([listener.fileno(), busy, stop_r], [], [], NEXT_RELAY_DELAY)
-        finally:
-            os.close(busy)
+        ready, _, _ = select.select([listener.fileno(), busy, stop_r], [], [], NEXT_RELAY_DELAY)
         if stop_r in ready:
             raise _Stop
 
@@ -282,11 +287,15 @@ class Agent:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # The agent's stop pipe is not ours: a signal this relay or its runner
+            # handles in Python (a command's Ctrl-C) would write to it and stop the agent.
+            signal.set_wakeup_fd(-1)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held over the fork
             os.setsid()  # out of the agent's group: a Ctrl-C meant for the agent spares commands
             _die_with(self.pid)  # an agent killed with -9 leaves no relay waiting
             spare = _SpareRunner.fork(
-                keep_out=(listener.fileno(), accepted_w), prefault_memory=self.prefault_runners
+                keep_out=(listener.fileno(), accepted_w, *fp.descriptors()),
+                prefault_memory=self.prefault_runners,
             )
             conn = _accept_unless_stopped(listener, spare)
             if conn is not None:
@@ -344,6 +353,7 @@ class Agent:
                 runner = os.fork()
                 if runner == 0:
                     conn.close()
+                    _close_all(list(fp.descriptors()))
                     _run_command(request, fds)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.setpgid(runner, runner)  # also done by the runner: whoever comes first
