@@ -190,7 +190,7 @@ def source_tree(rev: str, into: Path) -> Path:
     archive = subprocess.run(
         ["git", "-C", str(REPO_ROOT), "archive", rev, "src"], stdout=subprocess.PIPE, check=True
     ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    subprocess.run(["tar", "-x", "-f", "-", "-C", str(into)], input=archive, check=True)
     compileall.compile_dir(into / "src", quiet=2)
     return into / "src"
 

@@ -38,6 +38,41 @@ def test_a_file_replaced_by_rename_is_reported(tmp_path: Path) -> None:
     assert fp.changed() == str(a)
 
 
+def test_a_quiet_watch_skips_the_files_own_checks(tmp_path: Path) -> None:
+    # A change made through a hard link elsewhere is the one inotify does not tell
+    # the file's directory of: unseen while the watch is quiet, which shows the
+    # stat calls are skipped, and seen once anything there changes.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    a = tmp_path / "pkg" / "a.py"
+    a.write_text("x = 1\n")
+    other = tmp_path / "elsewhere" / "a.py"
+    os.link(a, other)
+    fp = Fingerprint([str(a)])
+    with open(other, "a") as f:
+        f.write("y = 2\n")
+    assert fp.changed() is None
+    (tmp_path / "pkg" / "b.py").write_text("")
+    assert fp.changed() == str(a)
+
+
+def test_a_tree_swapped_in_above_the_files_is_reported(tmp_path: Path) -> None:
+    # a release directory renamed into place, or a symlink re-pointed at another one
+    for release in ("r1", "r2"):
+        (tmp_path / release / "pkg").mkdir(parents=True)
+        (tmp_path / release / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "current").symlink_to("r1")
+    via_link = str(tmp_path / "current" / "pkg" / "a.py")
+    fp = Fingerprint([via_link])
+    (tmp_path / "next").symlink_to("r2")
+    os.replace(tmp_path / "next", tmp_path / "current")
+    assert fp.changed() == via_link
+    fp = Fingerprint([str(tmp_path / "r2" / "pkg" / "a.py")])
+    os.rename(tmp_path / "r2", tmp_path / "old")
+    os.rename(tmp_path / "r1", tmp_path / "r2")
+    assert fp.changed() == str(tmp_path / "r2" / "pkg" / "a.py")
+
+
 def test_other_changes_beside_the_files_are_not_reported(tmp_path: Path) -> None:
     a = tmp_path / "a.py"
     a.write_text("x = 1\n")

@@ -95,6 +95,12 @@ def test_root_owned_entries_in_a_setgid_directory_of_another_group_stay_root_own
     layers.apply(third, [reg("d/a", b"1"), dir_("d", mode=0o2775, gid=2000),
                          reg("d/b", b"2")])  # fmt: skip
     assert os.lstat(third / "d/b").st_gid == 0
+    # a directory replaced by a symlink to a setgid one, after entries went into it
+    fourth = root.parent / "fourth-root"
+    fourth.mkdir()
+    layers.apply(fourth, [dir_("d"), dir_("e", mode=0o2775, gid=2000)],
+                 [reg("d/f1", b"1"), sym("d", "e"), reg("d/f2", b"2")])  # fmt: skip
+    assert os.lstat(fourth / "e/f2").st_gid == 0
 
 
 def test_xattrs_restored_after_chown(root: Path, layers: Layers) -> None:
