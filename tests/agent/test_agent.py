@@ -107,21 +107,14 @@ def test_commands_at_once_and_back_to_back_are_all_served_by_the_agent(
     # The relay for the next command is forked when the running one ends, after a
     # while, or at once when a caller waits: each way here.
     spare = _spare_runner(agent, prefaulted=False)
-    waiting = subprocess.Popen(
-        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
-        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    waiting = _login_waiting_for_its_password(agent)
     try:
         _wait_until_it_runs(agent, spare, waiting)
         for _ in range(3):  # while it waits for its password; then back to back
             proc = ember(agent.home, "--version")
             assert proc.returncode == 0, proc.stderr
         assert waiting.poll() is None
-        assert waiting.stdin is not None
-        waiting.stdin.write("secret\n")
-        waiting.stdin.close()
-        waiting.wait(TIMEOUT)
+        _give_the_password(waiting)
     finally:
         waiting.kill()
     agent.wait_log("ember registry login")
@@ -132,11 +125,7 @@ def test_a_ctrl_c_of_a_command_leaves_the_agent_serving(agent: RunningAgent) -> 
     # The runner handles SIGINT in Python; the agent's signal wakeup pipe, inherited
     # by its relays and runners, once took that for a stop of the agent itself.
     spare = _spare_runner(agent, prefaulted=False)
-    waiting = subprocess.Popen(
-        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
-        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    waiting = _login_waiting_for_its_password(agent)
     try:
         _wait_until_it_runs(agent, spare, waiting)
         waiting.send_signal(signal.SIGINT)  # forwarded to the command's group
@@ -332,6 +321,23 @@ def _spare_runner(agent: RunningAgent, *, prefaulted: bool, besides: int = 0) ->
         time.sleep(0.05)
 
 
+def _login_waiting_for_its_password(agent: RunningAgent) -> subprocess.Popen[str]:
+    """A command through the agent that waits on its stdin (nothing listens on port 9:
+    given a password, it fails with a clean error)."""
+    return subprocess.Popen(
+        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
+        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _give_the_password(client: subprocess.Popen[str]) -> None:
+    assert client.stdin is not None
+    client.stdin.write("secret\n")
+    client.stdin.close()
+    client.wait(TIMEOUT)
+
+
 def _wait_until_it_runs(agent: RunningAgent, runner: int, client: subprocess.Popen[str]) -> None:
     """Until ``runner`` holds the client's stdin pipe as its own: it is the command."""
     assert client.stdin is not None
@@ -364,20 +370,13 @@ def test_the_command_runs_in_the_runner_forked_and_pre_faulted_ahead(
     agent: RunningAgent,
 ) -> None:
     spare = _spare_runner(agent, prefaulted=True)
-    # a command that waits on its stdin: the password of a login
-    client = subprocess.Popen(
-        [EMBER, "registry", "login", "-u", "someone", "--password-stdin", "127.0.0.1:9"],
-        env=env_for(agent.home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    client = _login_waiting_for_its_password(agent)
     try:
         _wait_until_it_runs(agent, spare, client)
         assert os.getpgid(spare) == spare  # its own group, for the forwarded signals
         assert os.sched_getscheduler(spare) == os.sched_getscheduler(agent.process.pid)
         fresh = _spare_runner(agent, prefaulted=False, besides=spare)  # the next relay's
-        client.stdin.write("secret\n")
-        client.stdin.close()
-        client.wait(TIMEOUT)
+        _give_the_password(client)
     finally:
         client.kill()
     assert client.returncode == 1  # nothing listens on port 9: a clean error, not a hang
