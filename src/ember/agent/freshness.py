@@ -108,7 +108,7 @@ def _watch(directories: Iterable[str]) -> int | None:
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         return None
-    for directory in sorted(directories):
+    for directory in directories:
         if libc.inotify_add_watch(fd, os.fsencode(directory), _CHANGES) < 0:
             os.close(fd)  # a directory left unwatched would hide its changes
             return None

@@ -8,9 +8,9 @@ taking the copy-on-write faults the command would otherwise take (see
 the next one (once that command ends, another caller comes or 0.3 s have
 passed: not beside the command as it starts), and reads the request (argv,
 working directory, environment, umask, and the caller's stdin, stdout and
-stderr as descriptors), checks the
-caller (same user, same namespaces and root, see ``peer``) and the code (see
-``freshness``), and hands the request to its runner: the runner takes over the
+stderr as descriptors), checks the caller (same user, same namespaces and
+root, see ``peer``) and the code (see ``freshness``), and hands the request
+to its runner: the runner takes over the
 caller's descriptors, directory, environment and umask, and runs
 ``ember.cli.main.main(argv)`` as a fresh process would.  The relay
 forwards the caller's signals to the runner's process group, sends SIGHUP when
@@ -269,11 +269,11 @@ class Agent:
     @staticmethod
     def _wait_for_need(listener: socket.socket, busy: int, stop_r: int) -> None:
         """Before the next relay: until another caller waits, the busy relay (``busy``,
-        a pidfd) is done, or NEXT_RELAY_DELAY has passed.  Forking the
-        next relay at once made three forks of the agent (the relay, its runner,
-        that runner's applier) run beside the command that just started, on the
-        cores it needs; a command that follows another one still finds its relay
-        ready, forked as the one before ended."""
+        a pidfd) is done, or NEXT_RELAY_DELAY has passed.  Forking the next relay at
+        once made three forks of the agent (the relay, its runner, that runner's
+        applier) run beside the command that just started, on the cores it needs; a
+        command that follows another one still finds its relay ready, forked as the
+        one before ended."""
         ready, _, _ = select.select([listener.fileno(), busy, stop_r], [], [], NEXT_RELAY_DELAY)
         if stop_r in ready:
             raise _Stop
