@@ -6,8 +6,9 @@
    the same size, for the multi-layer test image and the debootstrap minbase
    image pushed to a Debian docker-registry on loopback; alternating, medians.
    ember is timed as the CLI, as the CLI served by ``ember agent`` (started
-   for the fresh home before each timed run, untimed) and in-process.
-   Goal: ember <= 0.5x.
+   for the fresh home before each timed run, untimed) and in-process; with
+   ``--base REV`` also by that commit's agent (its ``src/`` on ``PYTHONPATH``),
+   alternating: before and after a change in one run.  Goal: ember <= 0.5x.
 2. Machine root disks: for images of 10 MB, 100 MB and 1 GB, the time of
    ``clone_root_disk`` (reflink clone + resize2fs to 8 GiB) for ten machines,
    and the pool space those ten disks take.  Goal: flat, under 50 ms, and ten
@@ -15,6 +16,7 @@
 
     .venv/bin/python bench/prepare.py [--runs N] [--no-record] [--skip-prepare] [--skip-clone]
                                       [--images multilayer,debian] [--latency MS] [--rate MBPS]
+                                      [--base REV]
 
 ``--latency MS`` holds every blob GET that long, ``--rate MBPS`` sends each blob
 body at that many megabytes a second (a proxy in front of the registry, for every
@@ -51,6 +53,7 @@ from bench._common import (  # noqa: E402
     print_ratio,
     record,
     registry,
+    source_tree,
 )
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
@@ -94,18 +97,25 @@ def new_home(root: Path, base_size: str, pool_size: str) -> Home:
 # -- 1. cold prepare against skopeo + umoci + mkfs.ext4 -d --------------------------------
 
 
-def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
+def bench_prepare(
+    name: str, ref: str, work: Path, runs: int, base: tuple[str, Path] | None = None
+) -> list[str]:
+    """``base``: (commit, its src/) whose agent is timed too, alternating (before/after)."""
     home_root = work / f"{name}-home"
     layout, bundle, disk = work / f"{name}-layout", work / f"{name}-bundle", work / f"{name}.ext4"
     lib_homes: list[Home] = []
-    agent = HostAgent(EMBER)
+    agents = {VIA_AGENT: HostAgent(EMBER)}
+    via_base = f"ember image prepare via the agent at {base[0]}" if base else ""
+    if base is not None:
+        agents[via_base] = HostAgent(EMBER, pythonpath=base[1])
 
     def setup(contestant: str) -> None:
-        agent.stop()
+        for agent in agents.values():
+            agent.stop()
         for path in (layout, bundle):
             shutil.rmtree(path, ignore_errors=True)
         disk.unlink(missing_ok=True)
-        if contestant in (CLI, VIA_AGENT):
+        if contestant == CLI or contestant in agents:
             new_home(home_root, DISK_SIZE, "8G")
         if contestant == "library":
             for old in lib_homes:
@@ -114,15 +124,17 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
             # a fresh path each time: the database layer caches engines per URL
             lib_homes[:] = [new_home(work / f"{name}-lib-{time.monotonic_ns()}", DISK_SIZE, "8G")]
         os.sync()  # do not bill one contestant for the other's dirty pages
-        if contestant == VIA_AGENT:
-            agent.start(home_root)
+        if contestant in agents:
+            agents[contestant].start(home_root)
 
     def ember() -> None:
         env = {**os.environ, "EMBER_HOME": str(home_root), "EMBER_AGENT": "0"}
         run([EMBER, "image", "prepare", ref, "--json"], env)
 
-    def ember_via_agent() -> None:
+    def ember_via_agent(pythonpath: Path | None = None) -> None:
         env = {**os.environ, "EMBER_HOME": str(home_root)}
+        if pythonpath is not None:  # the client of that commit: its agent serves only it
+            env["PYTHONPATH"] = str(pythonpath)
         run([EMBER, "image", "prepare", ref, "--json"], env)
 
     def library() -> None:
@@ -145,15 +157,23 @@ def bench_prepare(name: str, ref: str, work: Path, runs: int) -> list[str]:
         "library": library,
         "skopeo+umoci+mkfs": anchor,
     }
+    if base is not None:
+        contestants[via_base] = lambda: ember_via_agent(base[1])
     try:
         timings = alternate(contestants, runs, setup=setup)
     finally:
-        agent.stop()
+        for agent in agents.values():
+            agent.stop()
         close_pool(Home(home_root))
         for old in lib_homes:
             close_pool(old)
     anchor_t = timings["skopeo+umoci+mkfs"]
-    return [
+    before = (
+        [print_ratio(f"cold prepare, {name} image, via the agent, this tree vs {base[0]}",
+                     timings[VIA_AGENT], timings[via_base])]
+        if base is not None else []
+    )  # fmt: skip
+    return before + [
         print_ratio(f"cold prepare, {name} image, CLI", timings[CLI], anchor_t),
         print_ratio(f"cold prepare, {name} image, CLI via the agent", timings[VIA_AGENT], anchor_t),
         print_ratio(f"cold prepare, {name} image, library", timings["library"], anchor_t),
@@ -255,6 +275,10 @@ def main() -> None:
         help="megabytes a second at which a proxy sends each blob body (a slow link)",
     )  # fmt: skip
     parser.add_argument(
+        "--base", metavar="REV",
+        help="also time the agent of this commit (its src/ on PYTHONPATH), alternating",
+    )  # fmt: skip
+    parser.add_argument(
         "--images",
         default="multilayer,debian",
         help="comma-separated images for the cold prepare (default: multilayer,debian)",
@@ -267,6 +291,7 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory(prefix="ember-bench-prepare-") as tmp:
         work = Path(tmp)
+        base = (args.base, source_tree(args.base, work / "base")) if args.base else None
         if not args.skip_prepare:
             images = {name: builders[name]() for name in chosen}
             with contextlib.ExitStack() as stack:
@@ -280,7 +305,7 @@ def main() -> None:
                     host = stack.enter_context(misbehaving_proxy(reg.host, behaviour)).host
                 for name, layout in images.items():
                     ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
-                    found = bench_prepare(name, ref, work, args.runs)
+                    found = bench_prepare(name, ref, work, args.runs, base)
                     if args.latency:
                         found = [f"{x}; through a proxy holding each blob GET {args.latency:g} ms" for x in found]
                     if args.rate:
