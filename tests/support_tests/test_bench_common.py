@@ -63,3 +63,12 @@ def test_bench_registry_runs_and_cleans_up() -> None:
             assert resp.status == 200
         root = reg.root
     assert not root.exists()
+
+
+def test_source_tree_is_a_commits_src_ready_to_import(tmp_path: Path) -> None:
+    # what --base puts first on PYTHONPATH (it once used a tarfile option that
+    # Debian 12's Python 3.11.2 lacks)
+    src = bc.source_tree("HEAD", tmp_path / "base")
+    assert src == tmp_path / "base" / "src"
+    assert (src / "ember" / "__init__.py").is_file()
+    assert list((src / "ember" / "__pycache__").glob("__init__.*.pyc"))
