@@ -128,11 +128,16 @@ def test_a_ctrl_c_of_a_command_leaves_the_agent_serving(agent: RunningAgent) -> 
     waiting = _login_waiting_for_its_password(agent)
     try:
         _wait_until_it_runs(agent, spare, waiting)
+        # the client installs its forwarding as "started" comes, just after the
+        # runner took its descriptors
+        time.sleep(0.2)
         waiting.send_signal(signal.SIGINT)  # forwarded to the command's group
         assert waiting.wait(TIMEOUT) == 130
     finally:
         waiting.kill()
-    agent.wait_log("ember registry login")
+    # 130: the runner itself got the Ctrl-C (a hang-up, had the client not forwarded
+    # it, ends it with 129)
+    agent.wait_log("ember registry login -> exit 130")
     proc = ember(agent.home, "--version")
     assert proc.returncode == 0, proc.stderr
     agent.wait_log("-> exit 0")  # served by the agent, which did not stop
@@ -374,6 +379,8 @@ def test_the_command_runs_in_the_runner_forked_and_pre_faulted_ahead(
     try:
         _wait_until_it_runs(agent, spare, client)
         assert os.getpgid(spare) == spare  # its own group, for the forwarded signals
+        held = [os.readlink(f) for f in Path(f"/proc/{spare}/fd").iterdir()]
+        assert "anon_inode:inotify" not in held  # the agent's code watch is not the command's
         assert os.sched_getscheduler(spare) == os.sched_getscheduler(agent.process.pid)
         fresh = _spare_runner(agent, prefaulted=False, besides=spare)  # the next relay's
         _give_the_password(client)

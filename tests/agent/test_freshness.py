@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from ember.agent import freshness
 from ember.agent.freshness import Fingerprint, loaded_files
 
 
@@ -82,4 +85,46 @@ def test_other_changes_beside_the_files_are_not_reported(tmp_path: Path) -> None
     assert fp.changed() is None
     assert fp.changed() is None
     a.write_text("x = 22\n")  # and a real change after them still is
+    assert fp.changed() == str(a)
+
+
+def test_a_change_made_during_a_check_is_seen_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = tmp_path / "a.py"
+    a.write_text("x = 1\n")
+    fp = Fingerprint([str(a)])
+    (tmp_path / "notes.txt").write_text("")  # something changed: the next check stats
+    real = freshness._stamp
+
+    def stamp_then_change(path: str) -> freshness.Stamp | None:
+        stamp = real(path)
+        if path == str(a) and a.read_text() == "x = 1\n":
+            a.write_text("x = 22\n")  # right after its stat, within the check
+        return stamp
+
+    monkeypatch.setattr(freshness, "_stamp", stamp_then_change)
+    assert fp.changed() is None  # it was stat-ed before the change
+    monkeypatch.setattr(freshness, "_stamp", real)
+    assert fp.changed() == str(a)  # the change's event was left for this check
+
+
+def test_a_tree_swapped_in_while_the_fingerprint_is_taken_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for release in ("r1", "r2"):
+        (tmp_path / release / "pkg").mkdir(parents=True)
+        (tmp_path / release / "pkg" / "a.py").write_text("x = 1\n")
+    a = tmp_path / "r1" / "pkg" / "a.py"
+    real = freshness._watch
+
+    def watch_then_swap(directories: list[str]) -> int | None:
+        fd = real(directories)  # on the tree that is then swapped out
+        os.rename(tmp_path / "r1", tmp_path / "old")
+        os.rename(tmp_path / "r2", tmp_path / "r1")
+        return fd
+
+    monkeypatch.setattr(freshness, "_watch", watch_then_swap)
+    fp = Fingerprint([str(a)])
+    a.write_text("x = 22\n")  # in the tree swapped in, which no watch covers
     assert fp.changed() == str(a)

@@ -52,9 +52,11 @@ class Fingerprint:
     def __init__(self, files: Iterable[str]) -> None:
         files = list(files)
         directories = sorted({os.path.dirname(path) for path in files})
-        # first: a change made while the identities are taken is noticed
-        self._watch = _watch(directories)
+        # In this order: a tree swapped in before the watch is set makes the
+        # directories' identities differ (every check stats then); a file changed
+        # while the stamps are taken leaves an event.
         self._directories = {d: _identity(d) for d in directories}
+        self._watch = _watch(directories)
         self.stamps = {path: _stamp(path) for path in files}
 
     @property

@@ -82,8 +82,10 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 @contextlib.contextmanager
 def _stops_held() -> Iterator[None]:
     """SIGTERM and SIGINT blocked while inside (delivered, if they came, on the way out)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        # inside: a stop that came just before runs its handler in this very call,
+        # after the mask changed, and must not leave the signals blocked
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -258,7 +260,11 @@ class Agent:
             ready, _, _ = select.select([accepted_r, pidfd, stop_r], [], [])
             if stop_r in ready:
                 raise _Stop  # (its handler has raised it already, as a rule)
-            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            except _Stop:  # one that came just before ran its handler in the call
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                raise
             if accepted_r in ready:
                 os.read(accepted_r, 1)
         except BaseException:
