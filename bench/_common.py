@@ -126,6 +126,20 @@ def print_ratio(what: str, ours: Timing, anchor: Timing) -> str:
     return line
 
 
+def at_base(contestant: str, rev: str) -> str:
+    """The name under which ``--base REV`` times that commit's ``contestant``."""
+    return f"{contestant} at {rev}"
+
+
+def base_lines(what: str, timings: Mapping[str, Timing], contestant: str, rev: str | None) -> list[str]:
+    """The before/after line of a ``--base REV`` run (this tree's ``contestant`` against
+    that commit's, same run); none without one."""
+    if rev is None:
+        return []
+    return [print_ratio(f"{what}, this tree vs {rev}", timings[contestant],
+                        timings[at_base(contestant, rev)])]  # fmt: skip
+
+
 def machine_note() -> str:
     # which interpreter: pyenv's default build ran ember's Python code 1.3x to 2.4x as
     # slow as Debian's /usr/bin/python3 here (scripts/setup-venv)

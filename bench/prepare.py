@@ -48,6 +48,8 @@ from tests.support.images import build_debian_layout, build_multilayer_layout, p
 from bench._common import (  # noqa: E402
     HostAgent,
     alternate,
+    at_base,
+    base_lines,
     fmt_seconds,
     machine_note,
     print_ratio,
@@ -105,7 +107,7 @@ def bench_prepare(
     layout, bundle, disk = work / f"{name}-layout", work / f"{name}-bundle", work / f"{name}.ext4"
     lib_homes: list[Home] = []
     agents = {VIA_AGENT: HostAgent(EMBER)}
-    via_base = f"ember image prepare via the agent at {base[0]}" if base else ""
+    via_base = at_base(VIA_AGENT, base[0]) if base else ""
     if base is not None:
         agents[via_base] = HostAgent(EMBER, pythonpath=base[1])
 
@@ -168,10 +170,9 @@ def bench_prepare(
         for old in lib_homes:
             close_pool(old)
     anchor_t = timings["skopeo+umoci+mkfs"]
-    before = (
-        [print_ratio(f"cold prepare, {name} image, via the agent, this tree vs {base[0]}",
-                     timings[VIA_AGENT], timings[via_base])]
-        if base is not None else []
+    before = base_lines(
+        f"cold prepare, {name} image, via the agent", timings, VIA_AGENT,
+        base[0] if base else None,
     )  # fmt: skip
     return before + [
         print_ratio(f"cold prepare, {name} image, CLI", timings[CLI], anchor_t),

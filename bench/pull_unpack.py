@@ -54,6 +54,8 @@ from tests.support.images import build_debian_layout, build_multilayer_layout, p
 from bench._common import (  # noqa: E402
     HostAgent,
     alternate,
+    at_base,
+    base_lines,
     machine_note,
     print_ratio,
     record,
@@ -87,7 +89,7 @@ def bench_image(
     layout, bundle = work / f"{name}-layout", work / f"{name}-bundle"
 
     agents = {VIA_AGENT: HostAgent(EMBER), VIA_SHARING_AGENT: HostAgent(EMBER, "--no-prefault")}
-    via_base = f"ember image unpack via the agent at {base[0]}" if base else ""
+    via_base = at_base(VIA_AGENT, base[0]) if base else ""
     if base is not None:
         agents[via_base] = HostAgent(EMBER, pythonpath=base[1])
 
@@ -158,11 +160,7 @@ def bench_image(
         {"ember pull (library)": ember_pull, "skopeo copy": skopeo}, runs, setup=clean
     )
     clean("")
-    before = (
-        [print_ratio(f"{name}: pull+unpack via the agent, this tree vs {base[0]}",
-                     full[VIA_AGENT], full[via_base])]
-        if base is not None else []
-    )  # fmt: skip
+    before = base_lines(f"{name}: pull+unpack via the agent", full, VIA_AGENT, base[0] if base else None)
     return before + [
         print_ratio(f"{name}: pull+unpack, CLI", full[CLI], full["skopeo+umoci"]),
         print_ratio(

@@ -72,3 +72,14 @@ def test_source_tree_is_a_commits_src_ready_to_import(tmp_path: Path) -> None:
     assert src == tmp_path / "base" / "src"
     assert (src / "ember" / "__init__.py").is_file()
     assert list((src / "ember" / "__pycache__").glob("__init__.*.pyc"))
+
+
+def test_base_lines_compare_this_tree_with_the_commit_of_the_same_run() -> None:
+    timings = {
+        "via the agent": bc.Timing("via the agent", [1.0, 1.0, 1.0]),
+        bc.at_base("via the agent", "abc123"): bc.Timing("old", [2.0, 2.0, 2.0]),
+    }
+    assert bc.base_lines("unpack", timings, "via the agent", None) == []
+    (line,) = bc.base_lines("unpack", timings, "via the agent", "abc123")
+    assert line.startswith("unpack, this tree vs abc123: via the agent 1.00 s vs old 2.00 s")
+    assert "ratio 0.50x" in line

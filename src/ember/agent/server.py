@@ -218,10 +218,13 @@ class Agent:
                     with _stops_held():
                         idle = self._fork_relay(listener, accepted_w, fingerprint)
                     busy = self._wait_turn(idle, accepted_r, stop_r)
-                    # (stops held since the relay was seen taken: delivered now)
-                    idle = None
                     try:
-                        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                        # Until it is noted, a stop would take the busy relay for the
+                        # idle one (the byte read: nothing tells them apart) and stop it.
+                        with _stops_held():
+                            if _readable(accepted_r):
+                                os.read(accepted_r, 1)
+                            idle = None
                         self._wait_for_need(listener, busy, stop_r)
                     finally:
                         os.close(busy)
@@ -250,23 +253,14 @@ class Agent:
 
     @staticmethod
     def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> int:
-        """Until the idle relay took a connection (a byte on the pipe) or died; _Stop
-        when the agent is told to stop (``_stop_wakeup``).  Returns a pidfd of the relay
-        (the caller's to close), with SIGTERM and SIGINT blocked (the caller unblocks
-        them once it has noted that the relay is no longer idle: a stop in between
-        would take a relay serving a command for the idle one and stop it)."""
+        """Until the idle relay took a connection (a byte on the pipe, left there) or
+        died; _Stop when the agent is told to stop (``_stop_wakeup``).  Returns a pidfd
+        of the relay (the caller's to close)."""
         pidfd = os.pidfd_open(relay)
         try:
             ready, _, _ = select.select([accepted_r, pidfd, stop_r], [], [])
             if stop_r in ready:
                 raise _Stop  # (its handler has raised it already, as a rule)
-            try:
-                signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-            except _Stop:  # one that came just before ran its handler in the call
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-                raise
-            if accepted_r in ready:
-                os.read(accepted_r, 1)
         except BaseException:
             os.close(pidfd)
             raise

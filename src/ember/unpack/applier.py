@@ -97,13 +97,6 @@ class LayerApplier:
         #: directories with something this layer touched below them
         self._holds_touched: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
-        #: the owner a new entry gets here (when its directory's group is ours too)
-        self._creator = (os.geteuid(), os.getegid())
-        #: whether new entries were seen to get ``_creator`` (None: not looked yet)
-        self._creator_seen: bool | None = None
-        #: group of the directories entries were created in; emptied whenever a
-        #: directory is made, changed or removed
-        self._dir_gids: dict[str, int] = {}
         self.counts = {
             "entries": 0, "files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0,
             "devices": 0, "whiteouts": 0, "bytes_written": 0, "hole_bytes": 0,
@@ -167,30 +160,7 @@ class LayerApplier:
             self._holds_touched.add(parent)
             parent = posixpath.dirname(parent)
 
-    def _owned_as_created(self, path: str, info: tarfile.TarInfo) -> bool:
-        """Whether the entry just created at ``path`` has the owner ``info`` gives it
-        already, so that chown would change nothing (~7 us a call; busybox's 270
-        symlinks, a distribution's thousands of root-owned files).  A new entry is
-        owned by our user, and by our group unless its directory hands down its
-        own (setgid, or a ``grpid`` mount): so only when the layer, we and the
-        directory all say the same.  The first time, the entry itself is checked
-        (a file system that owns new entries otherwise, such as NFS squashing
-        root, gets every chown)."""
-        if (info.uid, info.gid) != self._creator or self._creator_seen is False:
-            return False
-        parent = posixpath.dirname(path)
-        gid = self._dir_gids.get(parent)
-        if gid is None:
-            gid = self._dir_gids[parent] = os.stat(parent).st_gid
-        if gid != self._creator[1]:
-            return False
-        if self._creator_seen is None:
-            st = os.lstat(path)
-            self._creator_seen = (st.st_uid, st.st_gid) == self._creator
-        return self._creator_seen
-
     def _make_parents(self, path: str) -> None:
-        self._dir_gids.clear()
         for p in parents(path):
             try:
                 os.mkdir(p, 0o755)
@@ -204,7 +174,6 @@ class LayerApplier:
             self.counts["directories"] += 1
 
     def _remove(self, path: str, st: os.stat_result | None = None) -> None:
-        self._dir_gids.clear()
         if st is None:
             st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -247,8 +216,7 @@ class LayerApplier:
                 writer.finish(info.size)
             self.counts["bytes_written"] += entry.data_size
             self.counts["hole_bytes"] += writer.holes
-            if not self._owned_as_created(path, info):
-                os.fchown(fd, info.uid, info.gid)
+            os.fchown(fd, info.uid, info.gid)
             os.fchmod(fd, info.mode & 0o7777)
             for name, value in _xattrs(info):
                 self._setxattr(fd, name, value, info, regular=True)
@@ -283,9 +251,7 @@ class LayerApplier:
             for name in os.listxattr(path, follow_symlinks=False):
                 if name not in _IGNORED_XATTRS and not name.startswith(_IGNORED_XATTR_PREFIXES):
                     os.removexattr(path, name, follow_symlinks=False)
-        self._dir_gids.clear()
-        if not (created and self._owned_as_created(path, info)):
-            os.chown(path, info.uid, info.gid, follow_symlinks=False)
+        os.chown(path, info.uid, info.gid, follow_symlinks=False)
         os.chmod(path, info.mode & 0o7777)  # path is a real directory here, not a symlink
         for name, value in _xattrs(info):
             self._setxattr(path, name, value, info, regular=True)
@@ -301,8 +267,7 @@ class LayerApplier:
         # The target is stored verbatim, absolute or not: it is only ever resolved
         # later, inside the VM or inside this chroot.
         self._create(path, lambda: os.symlink(target, path))
-        if not self._owned_as_created(path, info):
-            os.chown(path, info.uid, info.gid, follow_symlinks=False)
+        os.chown(path, info.uid, info.gid, follow_symlinks=False)
         self._finish_special(path, info)
         self.counts["symlinks"] += 1
 
@@ -339,8 +304,7 @@ class LayerApplier:
             except (OverflowError, ValueError):
                 raise InvalidLayer(f"device entry {info.name[:200]!r} has an invalid device number") from None
             self._create(path, lambda: os.mknod(path, fmt | 0o600, dev))
-        if not self._owned_as_created(path, info):
-            os.chown(path, info.uid, info.gid, follow_symlinks=False)
+        os.chown(path, info.uid, info.gid, follow_symlinks=False)
         os.chmod(path, info.mode & 0o7777)  # just created by us: a device or fifo, not a symlink
         self._finish_special(path, info)
         self.counts["devices"] += 1
