@@ -16,6 +16,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -887,6 +888,28 @@ static void await_restore(char *err, size_t errlen)
 	mark("late modules loaded");
 }
 
+/* PID 1 must not need a new page while the guest is out of memory: the OOM killer never
+ * picks init, and when the program it killed has had its memory reaped but init's fault
+ * finds nothing else to kill, the kernel panics ("System is deadlocked on memory")
+ * instead of letting init report the death.  So fault in the stack init can use and lock
+ * every page it maps, now and later.  Neither lock passes to the program: fork does not
+ * inherit them, and execve would drop them. */
+#define STACK_RESERVE (256 * 1024) /* init's deepest path uses well under 64 KiB */
+static void __attribute__((noinline)) touch_stack(void)
+{
+	volatile char stack[STACK_RESERVE];
+	for (size_t i = 0; i < sizeof(stack); i += 4096)
+		stack[i] = 0;
+}
+
+static void pin_memory(void)
+{
+	touch_stack();
+	if (mlockall(MCL_CURRENT | MCL_FUTURE) < 0)
+		logmsg("mlockall: %s (init may fault while the guest is out of memory)",
+		       strerror(errno));
+}
+
 int main(int argc, char **argv)
 {
 	for (int i = 1; i < argc; i++) {
@@ -906,6 +929,8 @@ int main(int argc, char **argv)
 		logmsg("must run as PID 1 (in a VM, or with --test in a PID namespace)");
 		return 2;
 	}
+	if (!G.test)
+		pin_memory();
 	umask(022);
 	char err[512];
 	timing = getenv("EMBER_INIT_TIMING") != NULL;
