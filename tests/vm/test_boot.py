@@ -9,6 +9,7 @@ Few boots on purpose: each costs seconds under TCG.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -159,7 +160,8 @@ def test_boot_runs_program_with_config_and_reports_exit(
     script = (
         'echo "hello from $(uname -r) as $(id -u):$(id -G) in $(pwd) on $(hostname)"; '
         "echo to-stderr >&2; ip -4 addr show eth0; ip route; cat /etc/hosts /etc/resolv.conf; "
-        "ulimit -n; echo persisted > /data/file; exit 7"
+        "ulimit -n; echo persisted > /data/file; grep VmLck /proc/1/status /proc/self/status; "
+        "exit 7"
     )
     volume = tmp_path / "volume.ext4"
     with open(volume, "wb") as f:
@@ -190,6 +192,9 @@ def test_boot_runs_program_with_config_and_reports_exit(
     assert "10.0.2.2\tgateway" in out
     assert "nameserver 10.0.2.3" in out
     assert "1048576" in out
+    # init keeps its memory locked (an OOM must not make it fault); the program has no lock
+    locked = dict(re.findall(r"^/proc/(\w+)/status:VmLck:\s+(\d+) kB$", out, re.M))
+    assert int(locked["1"]) > 256 and locked["self"] == "0", out
     assert m.read("stderr.log") == "to-stderr\n"
     assert "to-stderr" not in out
     assert json.loads(m.read("status.json")) == {
