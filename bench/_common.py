@@ -109,17 +109,30 @@ def ratio(ours: Timing, anchor: Timing) -> float:
     return ours.median / anchor.median
 
 
-def ratio_line(what: str, ours: Timing, anchor: Timing) -> str:
-    """``what: ember X vs anchor Y (ratio R)``: the form printed and recorded."""
-    return (
+def round_ratios(ours: Timing, anchor: Timing) -> list[float]:
+    """Each round's ratio: ``alternate`` times the contestants one after the other in
+    every round, so a slow minute on this shared host slows both sides of a round,
+    where it shifts the two medians by different amounts."""
+    return [o / a for o, a in zip(ours.samples, anchor.samples, strict=True)]
+
+
+def ratio_line(what: str, ours: Timing, anchor: Timing, *, rounds: bool = True) -> str:
+    """``what: ember X vs anchor Y (ratio R)``: the form printed and recorded, with the
+    median and middle half of the rounds' own ratios (``round_ratios``) unless
+    ``rounds`` is False (samples not timed round by round together)."""
+    line = (
         f"{what}: {ours.name} {fmt_seconds(ours.median)} vs {anchor.name} "
         f"{fmt_seconds(anchor.median)}, ratio {ratio(ours, anchor):.2f}x "
-        f"(medians of {len(ours.samples)} alternating runs)"
+        f"(medians of {len(ours.samples)} alternating runs"
     )
+    if not rounds or len(ours.samples) != len(anchor.samples) or len(ours.samples) < 2:
+        return line + ")"
+    q1, mid, q3 = statistics.quantiles(round_ratios(ours, anchor), n=4)
+    return line + f"; round by round {mid:.2f}x, middle half {q1:.2f}-{q3:.2f}x)"
 
 
-def print_ratio(what: str, ours: Timing, anchor: Timing) -> str:
-    line = ratio_line(what, ours, anchor)
+def print_ratio(what: str, ours: Timing, anchor: Timing, *, rounds: bool = True) -> str:
+    line = ratio_line(what, ours, anchor, rounds=rounds)
     print(ours)
     print(anchor)
     print(line)

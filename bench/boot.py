@@ -345,7 +345,8 @@ def main() -> None:
                 homes.append(h)
                 shutil.copy(home.root / "accel.json", h.root / "accel.json")
                 t_cold.samples.append(first_line_time(run_argv(ns, image), ember_env(h), MARK))
-            line = print_ratio(f"{label}: first output line, cold", t_cold, t_floor)
+            # not round by round: the cold runs come after all the floor's
+            line = print_ratio(f"{label}: first output line, cold", t_cold, t_floor, rounds=False)
             lines.append(f"{line}; {note}")
 
         if not args.only_detached:

@@ -32,6 +32,25 @@ def test_ratio_line_uses_medians() -> None:
     assert line.startswith("unpack debian: ember 2.00 s vs umoci 4.00 s, ratio 0.50x")
 
 
+def test_ratio_line_gives_the_rounds_own_ratios() -> None:
+    """The host slows down for good in round 3, between ember's run and the anchor's:
+    the medians come from different minutes (1.0 vs 8.0 s), the rounds do not."""
+    ours = bc.Timing("ember", [1.0, 1.0, 1.0, 4.0, 4.0])
+    anchor = bc.Timing("umoci", [2.0, 2.0, 8.0, 8.0, 8.0])
+    assert bc.round_ratios(ours, anchor) == [0.5, 0.5, 0.125, 0.5, 0.5]
+    line = bc.ratio_line("pull", ours, anchor)
+    assert line == (
+        "pull: ember 1.00 s vs umoci 8.00 s, ratio 0.12x (medians of 5 alternating runs; "
+        "round by round 0.50x, middle half 0.31-0.50x)"
+    )
+    single = bc.ratio_line("pull", bc.Timing("ember", [1.0]), bc.Timing("umoci", [2.0]))
+    assert single.endswith("ratio 0.50x (medians of 1 alternating runs)")
+    apart = bc.ratio_line("boot", ours, anchor, rounds=False)  # timed in separate loops
+    assert apart.endswith("ratio 0.12x (medians of 5 alternating runs)")
+    uneven = bc.ratio_line("boot", bc.Timing("ember", [1.0, 2.0]), anchor)
+    assert uneven.endswith("(medians of 2 alternating runs)")
+
+
 def test_insert_under_section() -> None:
     text = "# Performance\n\nintro\n\n## unpack\n\n- old\n\n## pull\n\n- p\n"
     out = bc.insert_under_section(text, "unpack", "- new")
