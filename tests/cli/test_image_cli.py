@@ -90,16 +90,6 @@ def test_unpack_does_not_follow_a_symlink_named_as_its_directory(
     assert list(elsewhere.iterdir()) == [] and elsewhere.stat().st_mode & 0o777 == 0o700
 
 
-def test_unpack_into_a_directory_that_cannot_be_made_says_so(
-    tmp_path: Path, busybox_layout: Path
-) -> None:
-    (tmp_path / "file").write_text("x")
-    result = ember(tmp_path / "home", "image", "unpack", layout_ref(busybox_layout),
-                   str(tmp_path / "file" / "root"))  # fmt: skip
-    assert_one_line_error(result, f"cannot create {tmp_path / 'file' / 'root'}: Not a directory")
-    assert (tmp_path / "file").read_text() == "x"
-
-
 def test_user_errors_are_one_line(
     tmp_path: Path, registry: Registry, auth_registry: Registry, busybox_layout: Path
 ) -> None:

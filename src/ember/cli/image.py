@@ -182,10 +182,7 @@ def unpack(ref: str, directory_text: str, platform_text: str | None, plain_http:
             raise UsageError(f"{directory} is not empty: unpack needs an empty or new directory")
     else:
         created = _first_missing(directory)
-        try:
-            directory.mkdir(parents=True)
-        except OSError as e:  # a parent that is a file, read-only, in /proc ...
-            raise UsageError(f"cannot create {directory}: {e.strerror}") from None
+        directory.mkdir(parents=True)
     # what a failure removes or empties again, and not a directory put in its place
     made = os.lstat(created) if created is not None else None
     checked = os.lstat(directory)
