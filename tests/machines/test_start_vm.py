@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.machines.vmkit import EMBER, Ember, fetch, vm_home_fixture, wait_for
+from tests.support.images import copy_layout, layout_ref, run
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -114,6 +115,32 @@ def test_a_published_port_range_works_before_and_after_a_restart(ember: Ember, b
         assert chosen[0] == chosen[1]
     finally:
         ember("rm", "-f", "ranged")
+
+
+def test_publish_all_publishes_the_ports_the_image_exposes(
+    ember: Ember, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """-P: every ExposedPorts entry on a host port ember picks, but one -p names."""
+    layout = copy_layout(busybox_layout, tmp_path / "exposed")
+    run(["umoci", "config", "--image", f"{layout}:latest", "--tag", "exposed",
+         "--config.exposedports", "80/tcp", "--config.exposedports", "81/tcp"])  # fmt: skip
+    res = ember("run", "-d", "--name", "exposed", "-P", "-p", "18181:81",
+                layout_ref(layout, "exposed"), "sh", "-c", TWO_SERVERS)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in ember("logs", "exposed").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        ports = ember.inspect("exposed")["network"]["ports"]  # type: ignore[index]
+        assert [(p["guest_port"], p.get("auto", False)) for p in ports] == [(81, False), (80, True)]
+        assert ports[0]["host_port"] == 18181
+        for p in ports:
+            assert fetch(ember, f"http://127.0.0.1:{p['host_port']}/index.html") == "hi\n", p
+        port_lines = ember("port", "exposed").stdout.splitlines()
+        assert f"80/tcp -> 0.0.0.0:{ports[1]['host_port']}" in port_lines, port_lines
+    finally:
+        ember("rm", "-f", "exposed")
 
 
 def test_restart_refuses_a_machine_that_stopping_removes(ember: Ember, busybox: str) -> None:

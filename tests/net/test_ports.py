@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ember.net.errors import InvalidPortSpec
@@ -8,6 +10,7 @@ from ember.net.ports import (
     PortMapping,
     conflicts,
     ephemeral_range,
+    exposed_mappings,
     parse_publish,
     pick_host_port,
 )
@@ -151,3 +154,34 @@ def test_a_damaged_stored_mapping_is_a_value_or_key_error(damaged: dict[str, obj
     an error its readers catch (they turn it into "damaged record"), not a TypeError."""
     with pytest.raises((KeyError, ValueError)):
         PortMapping.from_json(damaged)
+
+
+def test_publish_all_maps_every_exposed_port_the_p_options_leave() -> None:
+    explicit = parse_publish("8080:80")
+    got = exposed_mappings(["80/tcp", "53/udp", "9000-9002/tcp", "443", "132/sctp", "53/UDP"], explicit)
+    assert got == (
+        PortMapping(0, 53, "udp"),
+        PortMapping(0, 9000), PortMapping(0, 9001), PortMapping(0, 9002),
+        PortMapping(0, 443),
+    )  # fmt: skip
+    assert exposed_mappings([]) == ()
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("http", "invalid port 'http' in the image's ExposedPorts 'http'"),
+        ("80/icmp", "unknown protocol 'icmp' in the image's ExposedPorts '80/icmp'"),
+        ("0/tcp", "invalid port '0'"),
+        ("90-80/tcp", "first > last"),
+        ("1-65535/tcp", "longer than 1024"),
+    ],
+)
+def test_publish_all_refuses_an_exposed_port_that_is_none(key: str, message: str) -> None:
+    with pytest.raises(InvalidPortSpec, match=re.escape(message)):
+        exposed_mappings([key])
+
+
+def test_publish_all_is_bounded() -> None:
+    with pytest.raises(InvalidPortSpec, match="exposes more than 1024 ports"):
+        exposed_mappings(["1-1000/tcp", "2001-3000/tcp"])

@@ -299,6 +299,8 @@ class _RunUsageError(click.UsageError):
 @click.option("-p", "--publish", "publish", multiple=True,
               metavar="[[HOST_IP:][HOST_PORT[-END]]:]GUEST_PORT[-END][/tcp|udp]",
               help="Publish a port (or a range); without HOST_PORT, or with a host range for one port, ember picks a free one.")  # fmt: skip
+@click.option("-P", "--publish-all", is_flag=True,
+              help="Publish every port the image exposes (EXPOSE) on a host port ember picks.")  # fmt: skip
 @click.option("--memory", "-m", "memory", default="512", show_default=True,
               help="Guest memory in MiB (or with a unit: 1G).")  # fmt: skip
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
@@ -327,6 +329,7 @@ def run(
     user: str | None,
     workdir: str | None,
     publish: tuple[str, ...],
+    publish_all: bool,
     memory: str,
     cpus: int,
     disk_size: str | None,
@@ -383,6 +386,7 @@ def run(
         user=user,
         workdir=workdir,
         ports=tuple(m for p in publish for m in parse_publish(p)),
+        publish_all=publish_all,
         memory_mib=parse_memory_mib(memory),
         cpus=cpus,
         disk_size=parse_size(disk_size) if disk_size else None,

@@ -45,7 +45,7 @@ from ember.machines.logs import LogConfig
 from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-from ember.net.ports import PortMapping
+from ember.net.ports import PortMapping, exposed_mappings
 from ember.process import pid_alive, proc_start_time, wait_pid_exit
 from ember.vm.vmm.base import Channels, open_control, write_control
 from ember.vm.vmm.errors import ControlChannelError
@@ -85,6 +85,8 @@ class RunRequest:
     user: str | None = None
     workdir: str | None = None
     ports: tuple[PortMapping, ...] = ()
+    #: ``-P``: also publish the image's ExposedPorts that ``ports`` does not
+    publish_all: bool = False
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = DEFAULT_CPUS
     disk_size: int | None = None
@@ -167,6 +169,9 @@ def create(
         # validate the run config before anything is allocated
         draft = RunConfig.from_image(image.config, _run_overrides(req))
         draft.check_room()
+        ports = req.ports
+        if req.publish_all:
+            ports += exposed_mappings(image.config.exposed_ports, req.ports)
 
         # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
         # made or its monitor started, not by `ember ps/logs/stop` that only check on one
@@ -196,7 +201,7 @@ def create(
                 layer_path=pulled.layer_path, open_layer=pulled.open_layer,
             )  # fmt: skip
             try:
-                net = _setup_network(home, machine_id, ports=req.ports, network=req.network)
+                net = _setup_network(home, machine_id, ports=ports, network=req.network)
             except BaseException:
                 pulled.cancel()  # the clone may be waiting on layers: not for them now
                 raise

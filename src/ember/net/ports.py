@@ -88,27 +88,28 @@ def _stored_int(value: object, what: str) -> int:
     return value
 
 
-def _port(text: str, spec: str) -> int:
+def _port(text: str, where: str) -> int:
+    """``where``: what holds the text, for messages (``-p '80:80'``)."""
     # isascii: str.isdigit (and int) take other scripts' digits too
     if not (text.isascii() and text.isdigit()) or len(text) > 5:
-        raise InvalidPortSpec(f"invalid port {text!r} in -p {spec!r} (expected 1-65535)")
+        raise InvalidPortSpec(f"invalid port {text!r} in {where} (expected 1-65535)")
     n = int(text)
     if not 1 <= n <= 65535:
-        raise InvalidPortSpec(f"invalid port {text!r} in -p {spec!r} (expected 1-65535)")
+        raise InvalidPortSpec(f"invalid port {text!r} in {where} (expected 1-65535)")
     return n
 
 
-def _ports(text: str, spec: str) -> range:
+def _ports(text: str, where: str) -> range:
     """``PORT`` or ``FIRST-LAST`` (inclusive, FIRST <= LAST)."""
     first, dash, last = text.partition("-")
     if not dash:
-        n = _port(text, spec)
+        n = _port(text, where)
         return range(n, n + 1)
-    lo, hi = _port(first, spec), _port(last, spec)
+    lo, hi = _port(first, where), _port(last, where)
     if lo > hi:
-        raise InvalidPortSpec(f"invalid port range {text!r} in -p {spec!r} (first > last)")
+        raise InvalidPortSpec(f"invalid port range {text!r} in {where} (first > last)")
     if hi - lo + 1 > MAX_RANGE:
-        raise InvalidPortSpec(f"port range {text!r} in -p {spec!r} is longer than {MAX_RANGE}")
+        raise InvalidPortSpec(f"port range {text!r} in {where} is longer than {MAX_RANGE}")
     return range(lo, hi + 1)
 
 
@@ -146,11 +147,11 @@ def parse_publish(spec: str) -> tuple[PortMapping, ...]:
         raise InvalidPortSpec(
             f"invalid -p {spec!r}: expected [[HOST_IP:][HOST_PORT]:]GUEST_PORT[/tcp|udp]"
         )
-    guests = _ports(guest_port, spec)
+    guests = _ports(guest_port, f"-p {spec!r}")
     if not host_port or host_port == "0":
         # Docker's `-p 80`, `-p 127.0.0.1::80` and `-p 0:80`: ephemeral host ports
         return tuple(PortMapping(0, g, proto, host_ip) for g in guests)
-    hosts = _ports(host_port, spec)
+    hosts = _ports(host_port, f"-p {spec!r}")
     if len(hosts) > 1 and len(guests) == 1:  # one free port of the host range
         return (PortMapping(0, guests[0], proto, host_ip, (hosts[0], hosts[-1])),)
     if len(hosts) != len(guests):
@@ -158,6 +159,34 @@ def parse_publish(spec: str) -> tuple[PortMapping, ...]:
             f"invalid -p {spec!r}: the host and guest port ranges must be the same length"
         )
     return tuple(PortMapping(h, g, proto, host_ip) for h, g in zip(hosts, guests, strict=True))
+
+
+def exposed_mappings(
+    exposed: Iterable[str], published: Iterable[PortMapping] = ()
+) -> tuple[PortMapping, ...]:
+    """``-P``: a mapping to a host port ember chooses for every port the image's config
+    exposes (``ExposedPorts`` keys: ``PORT``, ``PORT/PROTO``, ``FIRST-LAST/PROTO``), but
+    those ``published`` (the ``-p`` mappings) already gives a host port, as Docker
+    does; sctp ports are left out (tcp and udp only).  The config comes with the
+    image: a key that is no port, or more than MAX_RANGE ports in all, raises
+    InvalidPortSpec naming it."""
+    taken = {(m.guest_port, m.protocol) for m in published}
+    out: list[PortMapping] = []
+    for key in exposed:
+        where = f"the image's ExposedPorts {key[:40]!r}"
+        text, slash, proto = key.partition("/")
+        proto = proto.lower() if slash else "tcp"
+        if proto == "sctp":  # Docker publishes it; ember's guests get tcp and udp only
+            continue
+        if proto not in PROTOCOLS:
+            raise InvalidPortSpec(f"unknown protocol {proto[:20]!r} in {where} (tcp or udp)")
+        for port in _ports(text, where):
+            if (port, proto) not in taken:
+                taken.add((port, proto))
+                out.append(PortMapping(0, port, proto))
+        if len(out) > MAX_RANGE:
+            raise InvalidPortSpec(f"the image exposes more than {MAX_RANGE} ports: -P publishes at most that many")
+    return tuple(out)
 
 
 def conflicts(a: PortMapping, b: PortMapping) -> bool:
