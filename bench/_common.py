@@ -45,7 +45,9 @@ PERFORMANCE_HEADER = (
     "# Performance\n\n"
     "Figures appended by the scripts in `bench/` (one command each, see `bench/`).\n"
     "Each line: date, what was measured, ember's median, the anchor's median measured\n"
-    "in the same run, and the ratio ember/anchor (lower is better).\n"
+    "in the same run, and the ratio ember/anchor (lower is better), then the median\n"
+    "of the rounds' own ratios and their middle half (one run after the other in each\n"
+    "round, so a slow minute slows both sides of a round).\n"
 )
 
 
@@ -125,9 +127,12 @@ def ratio_line(what: str, ours: Timing, anchor: Timing, *, rounds: bool = True) 
         f"{fmt_seconds(anchor.median)}, ratio {ratio(ours, anchor):.2f}x "
         f"(medians of {len(ours.samples)} alternating runs"
     )
-    if not rounds or len(ours.samples) != len(anchor.samples) or len(ours.samples) < 2:
+    if not rounds:
         return line + ")"
-    q1, mid, q3 = statistics.quantiles(round_ratios(ours, anchor), n=4)
+    each = round_ratios(ours, anchor)  # unequal counts raise: not timed round by round
+    if len(each) < 4:  # too few for quartiles that mean something
+        return line + f"; round by round {statistics.median(each):.2f}x)"
+    q1, mid, q3 = statistics.quantiles(each, n=4, method="inclusive")
     return line + f"; round by round {mid:.2f}x, middle half {q1:.2f}-{q3:.2f}x)"
 
 

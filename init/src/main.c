@@ -111,10 +111,12 @@ static void kill_everything(void)
  * it lets the guest power off (a "quiet for a while" guess loses output under load). */
 static long long port_sent(int i)
 {
+	static int debugfs;
 	if (G.test || !G.port_dev[i][0])
 		return -1;
-	if (mkdir_p("/sys/kernel/debug", 0755) == 0)
-		mount("debugfs", "/sys/kernel/debug", "debugfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	if (!debugfs && mkdir_p("/sys/kernel/debug", 0755) == 0)  /* once: mounts stack */
+		debugfs = mount("debugfs", "/sys/kernel/debug", "debugfs",
+		                MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) == 0;
 	char path[128];
 	snprintf(path, sizeof(path), "/sys/kernel/debug/virtio-ports/%s", G.port_dev[i]);
 	char *text = read_file(path, 4096, NULL);
@@ -811,14 +813,20 @@ static int config_complete(const char *buf, size_t len)
 	return len >= 5 && !memcmp(buf + len - 5, "\nend\n", 5);
 }
 
+/* The buffer grows as read_file's does: init's memory is locked (pin_memory), so a
+ * CONFIG_MAX_SIZE buffer up front would be 1 MiB of RAM in every restored machine. */
 static char *receive_config(int fd, size_t *out_len)
 {
-	size_t len = 0;
-	char *buf = xrealloc(NULL, CONFIG_MAX_SIZE);
+	size_t len = 0, cap = 4096;
+	char *buf = xrealloc(NULL, cap);
 	while (!config_complete(buf, len)) {
-		if (len == CONFIG_MAX_SIZE)
-			fail("the run config from the host is too large");
-		ssize_t n = read_control(fd, buf + len, CONFIG_MAX_SIZE - len, -1);
+		if (len == cap) {
+			if (cap >= CONFIG_MAX_SIZE)
+				fail("the run config from the host is too large");
+			cap *= 2;
+			buf = xrealloc(buf, cap);
+		}
+		ssize_t n = read_control(fd, buf + len, cap - len, -1);
 		if (n < 0)
 			fail("cannot read the run config from the control port");
 		len += (size_t)n;
@@ -893,7 +901,8 @@ static void await_restore(char *err, size_t errlen)
  * finds nothing else to kill, the kernel panics ("System is deadlocked on memory")
  * instead of letting init report the death.  So fault in the stack init can use and lock
  * every page it maps, now and later.  Neither lock passes to the program: fork does not
- * inherit them, and execve would drop them. */
+ * inherit them, and execve would drop them.  What the kernel allocates on init's behalf
+ * (console and port writes, /dev/kmsg reads) is not covered; nothing here can be. */
 #define STACK_RESERVE (256 * 1024) /* init's deepest path uses well under 64 KiB */
 static void __attribute__((noinline)) touch_stack(void)
 {

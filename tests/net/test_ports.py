@@ -185,3 +185,12 @@ def test_publish_all_refuses_an_exposed_port_that_is_none(key: str, message: str
 def test_publish_all_is_bounded() -> None:
     with pytest.raises(InvalidPortSpec, match="exposes more than 1024 ports"):
         exposed_mappings(["1-1000/tcp", "2001-3000/tcp"])
+    # keys that name the same ranges again publish nothing new, but each is walked
+    with pytest.raises(InvalidPortSpec, match="names 1025 exposed ports: -P publishes at most 1024"):
+        exposed_mappings([f"{i}-1000/tcp" for i in range(1, 1026)])
+
+
+def test_an_exposed_key_is_quoted_short() -> None:
+    with pytest.raises(InvalidPortSpec) as e:
+        exposed_mappings(["9" * 5000])
+    assert len(str(e.value)) < 200 and "the image's ExposedPorts" in str(e.value)

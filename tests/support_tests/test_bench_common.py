@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+import pytest
 from bench import _common as bc
 
 
@@ -41,14 +42,17 @@ def test_ratio_line_gives_the_rounds_own_ratios() -> None:
     line = bc.ratio_line("pull", ours, anchor)
     assert line == (
         "pull: ember 1.00 s vs umoci 8.00 s, ratio 0.12x (medians of 5 alternating runs; "
-        "round by round 0.50x, middle half 0.31-0.50x)"
+        "round by round 0.50x, middle half 0.50-0.50x)"
     )
-    single = bc.ratio_line("pull", bc.Timing("ember", [1.0]), bc.Timing("umoci", [2.0]))
-    assert single.endswith("ratio 0.50x (medians of 1 alternating runs)")
+    spread = bc.ratio_line("pull", bc.Timing("ember", [1.0, 2.0, 3.0, 4.0]),
+                           bc.Timing("umoci", [4.0, 4.0, 4.0, 4.0]))  # fmt: skip
+    assert spread.endswith("round by round 0.62x, middle half 0.44-0.81x)")  # within the data
+    few = bc.ratio_line("pull", bc.Timing("ember", [1.0, 3.0]), bc.Timing("umoci", [2.0, 4.0]))
+    assert few.endswith("(medians of 2 alternating runs; round by round 0.62x)")
     apart = bc.ratio_line("boot", ours, anchor, rounds=False)  # timed in separate loops
     assert apart.endswith("ratio 0.12x (medians of 5 alternating runs)")
-    uneven = bc.ratio_line("boot", bc.Timing("ember", [1.0, 2.0]), anchor)
-    assert uneven.endswith("(medians of 2 alternating runs)")
+    with pytest.raises(ValueError):  # not timed round by round: the caller says rounds=False
+        bc.ratio_line("boot", bc.Timing("ember", [1.0, 2.0]), anchor)
 
 
 def test_insert_under_section() -> None:

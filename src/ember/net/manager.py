@@ -398,7 +398,7 @@ def _choose_host_ports(
         got = pick_host_port(m, [*taken, *out], ephemeral, _bindable, start=start)
         if got is None:
             where = "the host's ephemeral range" if m.host_range is None else "its range"
-            raise PortConflict(f"no host port of {where} is free for -p {m}")
+            raise PortConflict(f"no host port of {where} is free for {m}")
         out.append(got)
     return tuple(out)
 

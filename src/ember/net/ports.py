@@ -92,7 +92,7 @@ def _port(text: str, where: str) -> int:
     """``where``: what holds the text, for messages (``-p '80:80'``)."""
     # isascii: str.isdigit (and int) take other scripts' digits too
     if not (text.isascii() and text.isdigit()) or len(text) > 5:
-        raise InvalidPortSpec(f"invalid port {text!r} in {where} (expected 1-65535)")
+        raise InvalidPortSpec(f"invalid port {text[:20]!r} in {where} (expected 1-65535)")
     n = int(text)
     if not 1 <= n <= 65535:
         raise InvalidPortSpec(f"invalid port {text!r} in {where} (expected 1-65535)")
@@ -168,11 +168,16 @@ def exposed_mappings(
     exposes (``ExposedPorts`` keys: ``PORT``, ``PORT/PROTO``, ``FIRST-LAST/PROTO``), but
     those ``published`` (the ``-p`` mappings) already gives a host port, as Docker
     does; sctp ports are left out (tcp and udp only).  The config comes with the
-    image: a key that is no port, or more than MAX_RANGE ports in all, raises
-    InvalidPortSpec naming it."""
+    image: a key that is no port, more than MAX_RANGE keys, or more than MAX_RANGE
+    ports in all, raises InvalidPortSpec naming it."""
+    keys = list(exposed)
+    if len(keys) > MAX_RANGE:  # each may be a range walked in full: bound the work
+        raise InvalidPortSpec(
+            f"the image names {len(keys)} exposed ports: -P publishes at most {MAX_RANGE}"
+        )
     taken = {(m.guest_port, m.protocol) for m in published}
     out: list[PortMapping] = []
-    for key in exposed:
+    for key in keys:
         where = f"the image's ExposedPorts {key[:40]!r}"
         text, slash, proto = key.partition("/")
         proto = proto.lower() if slash else "tcp"
