@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 PROBE = (
     "echo env=$GREETING; cat /proc/sys/kernel/random/boot_id; "
     "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
-    "date +%s; cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; exit 3"
+    "date +%s; cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; "
+    "grep VmLck /proc/1/status; exit 3"
 )
 
 
@@ -50,6 +51,10 @@ def test_restored_machines_get_their_own_config_clock_randomness_and_mac(
         assert isinstance(net, dict)
         assert mac == net["mac"], "the restored NIC kept the template's MAC"
         assert f"inet {net['guest_ip']}/" in addr
+        # init's memory is locked (ember-init's pin_memory); the config it received grew
+        # its buffer as it came, not 1 MiB locked at once in every restored machine
+        locked_kb = int(lines[6].split()[1])
+        assert 256 < locked_kb < 1024, lines[6]
         outs.append((boot_id, random_hex))
         assert ember("rm", name).returncode == 0
     # two copies of one saved kernel must not share their random state
