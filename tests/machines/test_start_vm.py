@@ -101,7 +101,7 @@ def test_a_published_port_range_works_before_and_after_a_restart(ember: Ember, b
         for attempt in ("first run", "after restart"):
             deadline = time.monotonic() + 120
             while ember("logs", "ranged").stdout.count("ready") < (1 if attempt == "first run" else 2):
-                assert time.monotonic() < deadline, attempt
+                assert time.monotonic() < deadline, (attempt, ember.inspect("exposed"), ember("logs", "exposed").stdout)
                 time.sleep(0.2)
             ports = ember.inspect("ranged")["network"]["ports"]  # type: ignore[index]
             assert [(p["host_port"], p["guest_port"]) for p in ports[:2]] == [(18080, 80), (18081, 81)]
@@ -128,17 +128,25 @@ def test_publish_all_publishes_the_ports_the_image_exposes(
                 layout_ref(layout, "exposed"), "sh", "-c", TWO_SERVERS)  # fmt: skip
     assert res.returncode == 0, res.stderr
     try:
-        deadline = time.monotonic() + 120
-        while "ready" not in ember("logs", "exposed").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        ports = ember.inspect("exposed")["network"]["ports"]  # type: ignore[index]
-        assert [(p["guest_port"], p.get("auto", False)) for p in ports] == [(81, False), (80, True)]
-        assert ports[0]["host_port"] == 18181
-        for p in ports:
-            assert fetch(ember, f"http://127.0.0.1:{p['host_port']}/index.html") == "hi\n", p
-        port_lines = ember("port", "exposed").stdout.splitlines()
-        assert f"80/tcp -> 0.0.0.0:{ports[1]['host_port']}" in port_lines, port_lines
+        first: list[object] = []
+        for runs, attempt in enumerate(("first run", "after restart"), start=1):
+            deadline = time.monotonic() + 120
+            while ember("logs", "exposed").stdout.count("ready") < runs:
+                assert time.monotonic() < deadline, attempt
+                time.sleep(0.2)
+            ports = ember.inspect("exposed")["network"]["ports"]  # type: ignore[index]
+            assert [(p["guest_port"], p.get("auto", False)) for p in ports] == [(81, False), (80, True)]
+            assert ports[0]["host_port"] == 18181
+            for p in ports:
+                assert fetch(ember, f"http://127.0.0.1:{p['host_port']}/index.html") == "hi\n", p
+            port_lines = ember("port", "exposed").stdout.splitlines()
+            assert f"80/tcp -> 0.0.0.0:{ports[1]['host_port']}" in port_lines, port_lines
+            if first:  # the restart publishes the same ports again
+                assert ports == first
+            else:
+                first = list(ports)
+                res = ember("restart", "-t", "1", "exposed")
+                assert res.returncode == 0, res.stderr
     finally:
         ember("rm", "-f", "exposed")
 
