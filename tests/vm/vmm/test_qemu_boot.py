@@ -41,9 +41,12 @@ while [ $(ls /sys/class/virtio-ports/*/name 2>/dev/null | wc -l) -lt 4 ] && [ $n
 for p in /sys/class/virtio-ports/*; do ln -s /dev/${{p##*/}} /tmp/$(cat $p/name); done
 echo "to-stdout" > /tmp/org.ember.stdout
 echo "to-stderr" > /tmp/org.ember.stderr
-# reads see EOF while no host client is connected: poll until a line arrives
+# reads see EOF while no host client is connected: poll until a line arrives, on one
+# descriptor: closing the port discards what arrived unread (virtio_console), so opening
+# it per read lost a "stop" that came between a read's EOF and its close
+exec 3< /tmp/org.ember.control
 line=""
-while [ -z "$line" ]; do read line < /tmp/org.ember.control; [ -n "$line" ] || sleep 0.1; done
+while [ -z "$line" ]; do read line <&3; [ -n "$line" ] || sleep 0.1; done
 echo "{{\\"got\\": \\"$line\\"}}" > /tmp/org.ember.status
 poweroff -f
 """
