@@ -113,6 +113,17 @@ def _ports(text: str, where: str) -> range:
     return range(lo, hi + 1)
 
 
+def _split_protocol(text: str, where: str) -> tuple[str, str]:
+    """``PORTS[/PROTO]``: the ports' text and the protocol, tcp when none is named."""
+    ports, slash, proto = text.rpartition("/")
+    if not slash:
+        return text, "tcp"
+    proto = proto.lower()
+    if proto not in PROTOCOLS:
+        raise InvalidPortSpec(f"unknown protocol {proto[:20]!r} in {where} (tcp or udp)")
+    return ports, proto
+
+
 def _host_ip(text: str, spec: str) -> str | None:
     try:
         addr = ipaddress.ip_address(text)
@@ -127,13 +138,7 @@ def parse_publish(spec: str) -> tuple[PortMapping, ...]:
     """Parse one ``-p`` value: one mapping per guest port.  Equal host and guest ranges
     pair their ports in order (``-p 8000-8002:9000-9002``); host ports left to choose
     have ``host_port`` 0.  IPv6 host addresses are not supported (yet)."""
-    text = spec.strip()
-    proto = "tcp"
-    if "/" in text:
-        text, proto = text.rsplit("/", 1)
-        proto = proto.lower()
-        if proto not in PROTOCOLS:
-            raise InvalidPortSpec(f"unknown protocol {proto!r} in -p {spec!r} (tcp or udp)")
+    text, proto = _split_protocol(spec.strip(), f"-p {spec!r}")
     parts = text.split(":")
     host_ip: str | None = None
     if len(parts) == 1:
@@ -178,13 +183,10 @@ def exposed_mappings(
     taken = {(m.guest_port, m.protocol) for m in published}
     out: list[PortMapping] = []
     for key in keys:
-        where = f"the image's ExposedPorts {key[:40]!r}"
-        text, slash, proto = key.partition("/")
-        proto = proto.lower() if slash else "tcp"
-        if proto == "sctp":  # Docker publishes it; ember's guests get tcp and udp only
+        if key.lower().endswith("/sctp"):  # Docker publishes it; ember: tcp and udp only
             continue
-        if proto not in PROTOCOLS:
-            raise InvalidPortSpec(f"unknown protocol {proto[:20]!r} in {where} (tcp or udp)")
+        where = f"the image's ExposedPorts {key[:40]!r}"
+        text, proto = _split_protocol(key, where)
         for port in _ports(text, where):
             if (port, proto) not in taken:
                 taken.add((port, proto))
