@@ -120,13 +120,16 @@ def test_a_published_port_range_works_before_and_after_a_restart(ember: Ember, b
 def test_publish_all_publishes_the_ports_the_image_exposes(
     ember: Ember, busybox_layout: Path, tmp_path: Path
 ) -> None:
-    """-P: every ExposedPorts entry on a host port ember picks, but one -p names."""
+    """-P: every ExposedPorts entry on a host port ember picks, but one -p names; an sctp
+    one is left out, and said so."""
     layout = copy_layout(busybox_layout, tmp_path / "exposed")
     run(["umoci", "config", "--image", f"{layout}:latest", "--tag", "exposed",
-         "--config.exposedports", "80/tcp", "--config.exposedports", "81/tcp"])  # fmt: skip
+         "--config.exposedports", "80/tcp", "--config.exposedports", "81/tcp",
+         "--config.exposedports", "82/sctp"])  # fmt: skip
     res = ember("run", "-d", "--name", "exposed", "-P", "-p", "18181:81",
                 layout_ref(layout, "exposed"), "sh", "-c", TWO_SERVERS)  # fmt: skip
     assert res.returncode == 0, res.stderr
+    assert "ember: -P does not publish the image's '82/sctp': ember publishes tcp and udp" in res.stderr
     try:
         first: list[object] = []
         for runs, attempt in enumerate(("first run", "after restart"), start=1):

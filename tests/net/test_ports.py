@@ -13,6 +13,7 @@ from ember.net.ports import (
     exposed_mappings,
     parse_publish,
     pick_host_port,
+    unpublished_exposed,
 )
 
 
@@ -165,6 +166,7 @@ def test_publish_all_maps_every_exposed_port_the_p_options_leave() -> None:
         PortMapping(0, 443),
     )  # fmt: skip
     assert exposed_mappings([]) == ()
+    assert unpublished_exposed(["80/tcp", "132/sctp", "9/SCTP", "53/udp"]) == ["132/sctp", "9/SCTP"]
 
 
 @pytest.mark.parametrize(

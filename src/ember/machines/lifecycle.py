@@ -45,7 +45,7 @@ from ember.machines.logs import LogConfig
 from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-from ember.net.ports import PortMapping, exposed_mappings
+from ember.net.ports import PortMapping, exposed_mappings, unpublished_exposed
 from ember.process import pid_alive, proc_start_time, wait_pid_exit
 from ember.vm.vmm.base import Channels, open_control, write_control
 from ember.vm.vmm.errors import ControlChannelError
@@ -172,6 +172,12 @@ def create(
         ports = req.ports
         if req.publish_all:
             ports += exposed_mappings(image.config.exposed_ports, req.ports)
+            left_out = unpublished_exposed(image.config.exposed_ports)
+            if left_out:
+                shown = ", ".join(repr(k[:40]) for k in left_out[:5])
+                more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+                log.warning("-P does not publish the image's %s%s: ember publishes tcp and udp ports only",
+                            shown, more)
 
         # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
         # made or its monitor started, not by `ember ps/logs/stop` that only check on one

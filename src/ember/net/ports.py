@@ -166,6 +166,16 @@ def parse_publish(spec: str) -> tuple[PortMapping, ...]:
     return tuple(PortMapping(h, g, proto, host_ip) for h, g in zip(hosts, guests, strict=True))
 
 
+def _is_sctp(key: str) -> bool:
+    return key.lower().endswith("/sctp")
+
+
+def unpublished_exposed(exposed: Iterable[str]) -> list[str]:
+    """The image's ``ExposedPorts`` keys that ``-P`` leaves out: sctp ones (Docker
+    publishes them; ember publishes tcp and udp)."""
+    return [key for key in exposed if _is_sctp(key)]
+
+
 def exposed_mappings(
     exposed: Iterable[str], published: Iterable[PortMapping] = ()
 ) -> tuple[PortMapping, ...]:
@@ -183,7 +193,7 @@ def exposed_mappings(
     taken = {(m.guest_port, m.protocol) for m in published}
     out: list[PortMapping] = []
     for key in keys:
-        if key.lower().endswith("/sctp"):  # Docker publishes it; ember: tcp and udp only
+        if _is_sctp(key):  # Docker publishes it; ember: tcp and udp only (unpublished_exposed)
             continue
         where = f"the image's ExposedPorts {key[:40]!r}"
         text, proto = _split_protocol(key, where)
