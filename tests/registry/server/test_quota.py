@@ -29,6 +29,7 @@ from tests.registry.server.support import (
     image_manifest,
     push_blob,
     push_image,
+    send_partial,
     sha256,
 )
 from tests.support.proc import poll_until, session_pids, thread_wchans
@@ -124,6 +125,43 @@ def test_a_held_digest_does_not_carry_other_bytes_past_the_quota(server: EmberSe
         assert c.get(loc).status_code == 204
         c.delete(loc)
     assert {p.name for p in uploads.iterdir()} - before == set()
+
+
+def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
+    server: EmberServer,
+) -> None:
+    """Bytes that claim a blob the organization holds are free only if they become it.
+    A final PUT whose client hangs up mid-body leaves them in the session, which the
+    client may resume: counted against the quota until it ends (they were uncounted, and
+    sessions cut short one after another put any amount past the quota).  A monolithic
+    POST cut short leaves no session: its client never got the URL to resume it."""
+    server.create_org("quota7")
+    t = Tenant(server, "quota7", server.create_token("quota7", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota7", "200000")
+    uploads = server.home / "registry" / "uploads"
+    data = os.urandom(50_000)
+    auth = {"Authorization": f"Bearer {t.token}", "Content-Length": str(len(data))}
+    with t.client() as c:
+        held = push_blob(c, "a", data)
+        before = {p.name for p in uploads.iterdir()}
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        session = loc.split("/uploads/")[1].split("?")[0]
+        send_partial(t.host, "PUT", at(loc, digest=held), auth, data[:30_000]).close()
+        poll_until(lambda: org_row(server, "quota7")["upload_bytes"] == 30_000,
+                   "the cut PUT's bytes counted")  # fmt: skip
+        assert (uploads / session).stat().st_size == 30_000
+        assert org_row(server, "quota7")["used_bytes"] == 80_000
+        send_partial(t.host, "POST", f"/v2/a/blobs/uploads/?digest={held}", auth, data[:30_000]).close()
+        poll_until(lambda: {p.name for p in uploads.iterdir()} - before == {session},
+                   "the cut POST's session gone")  # fmt: skip
+        # the PUT's session resumes, and its bytes become the blob again: free once more
+        r = c.get(loc)
+        assert r.status_code == 204 and r.headers["Range"] == "0-29999", r.headers
+        r = c.put(at(r.headers["Location"], digest=held), content=data[30_000:],
+                  headers={"Content-Range": f"30000-{len(data) - 1}"})  # fmt: skip
+        assert r.status_code == 201, r.text
+    row = org_row(server, "quota7")
+    assert (row["used_bytes"], row["upload_bytes"]) == (50_000, 0)
 
 
 def test_skopeo_push_over_the_quota_fails_with_the_reason(

@@ -58,7 +58,7 @@ class Quotas:
         if digest is not None:
             held = await self.db.read(self.meta.held_size, org, str(digest))
             if held is not None:
-                return HeldBlob(digest, held)
+                return HeldBlob(self.meta, self.db, session, digest, held)
         return Room(self.meta, self.db, org, session, expected)
 
     async def reserve(
@@ -173,9 +173,20 @@ class HeldBlob:
     """The room of an upload that claims to be a blob its organization holds already
     (free under the quota): that blob's size, no more.  A body that grows past it cannot
     be the blob; unbounded, it could put any amount past the quota on disk while it
-    streamed, to be refused only when its digest was checked."""
+    streamed, to be refused only when its digest was checked.
 
-    def __init__(self, digest: Digest, size: int) -> None:
+    What the body left in the session is recorded as the session's when it ends
+    (``settle``), as a Room's is: an upload that is never finished (the client hung
+    up mid-body, or the chunk was refused) keeps its bytes on disk until the session
+    expires, and they count against the quota meanwhile.  Free only if they become
+    the blob, when the session ends in one transaction with its bytes."""
+
+    def __init__(
+        self, meta: RegistryMetadata, db: DbCalls, session: str, digest: Digest, size: int
+    ) -> None:
+        self.meta = meta
+        self.db = db
+        self.session = session
         self.digest = digest
         self.size = size
 
@@ -188,4 +199,4 @@ class HeldBlob:
         return self.size
 
     async def settle(self, size: int) -> None:
-        pass  # nothing was reserved
+        await self.db.write(self.meta.settle_upload, self.session, size)

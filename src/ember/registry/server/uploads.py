@@ -79,8 +79,9 @@ class Uploads:
                 room = await self.quotas.allowance(ctx.org, session, digest, length)
                 await self._append_within_quota(ctx, session, 0, None, room)
                 return await self._finish(ctx, repo_id, session, digest)
-            except ApiError:
-                # the client never got this session's URL: nothing can resume or end it
+            except BaseException:
+                # the client never got this session's URL (refused, or it hung up
+                # mid-body): nothing can resume or end it, and its bytes would stay
                 await self._drop_session(session)
                 raise
         return Response(
