@@ -15,6 +15,9 @@ from ember.process import (
     pid_alive,
     proc_start_time,
     proc_stat,
+    reap_exited,
+    reap_exiting,
+    reap_later,
     wait_pid_exit,
 )
 
@@ -65,3 +68,40 @@ def test_waiting_for_a_process_that_is_not_a_child() -> None:
 def test_boot_id_is_this_boots() -> None:
     with open("/proc/sys/kernel/random/boot_id") as f:
         assert boot_id() == f.read().strip()
+
+
+def _fork_exiting(after: float) -> int:
+    """A child that exits ``after`` seconds from now."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(after)
+        os._exit(0)
+    return pid
+
+
+def _state(pid: int) -> bytes | None:
+    try:
+        return proc_stat(pid).state
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return None
+
+
+def test_a_child_reaped_later_is_reaped_without_waiting_then_waited_for() -> None:
+    slow, quick = _fork_exiting(2.0), _fork_exiting(0.0)
+    while _state(quick) not in (b"Z", None):  # exited: a zombie until reaped
+        time.sleep(0.01)
+    reap_later(slow)  # still running: not waited for (else it would be gone below)
+    reap_later(quick)  # exited already: reaped right here
+    assert _state(quick) is None and _state(slow) not in (b"Z", None)
+    reap_exited()  # never waits either
+    assert _state(slow) not in (b"Z", None)
+    reap_exiting()  # waits for it
+    assert _state(slow) is None
+    reap_exiting()  # nothing left: returns at once
+
+
+def test_a_child_someone_else_reaped_is_forgotten() -> None:
+    pid = _fork_exiting(0.0)
+    os.waitpid(pid, 0)
+    reap_later(pid)
+    reap_exiting()

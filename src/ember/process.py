@@ -3,11 +3,13 @@ other processes in ``/proc`` (whether one is alive, which one a pid names)."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import functools
 import os
 import select
+import threading
 from dataclasses import dataclass
 
 _PR_SET_PDEATHSIG = 1
@@ -124,3 +126,46 @@ def boot_id() -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+# -- children told to exit, reaped off the caller's path -----------------------------------
+
+#: children told to exit (``reap_later``) and not reaped yet
+_exiting: list[int] = []
+_exiting_lock = threading.Lock()
+
+
+def reap_later(pid: int) -> None:
+    """Reap ``pid``, a child told to exit that holds nothing of ours any more, later:
+    the kernel's teardown of a forked copy of our address space takes ~3 ms, which no
+    caller needs to wait for.  Reaped without waiting by ``reap_exited`` (this and
+    the applier's next fork call it), waited for by ``reap_exiting``, which also runs
+    at exit: where init does not reap, an orphan would stay a zombie.  No thread: one
+    started here waited up to a GIL switch interval before it first ran."""
+    with _exiting_lock:
+        if not _exiting:
+            atexit.unregister(reap_exiting)  # registered once, however often this empties
+            atexit.register(reap_exiting)
+        _exiting.append(pid)
+    reap_exited()
+
+
+def reap_exited() -> None:
+    """Reap those of ``reap_later``'s children that have exited; never waits."""
+    _reap(block=False)
+
+
+def reap_exiting() -> None:
+    """Wait until every child given to ``reap_later`` has been reaped."""
+    _reap(block=True)
+
+
+def _reap(*, block: bool) -> None:
+    with _exiting_lock:
+        for pid in list(_exiting):
+            try:
+                done = os.waitpid(pid, 0 if block else os.WNOHANG)[0] != 0
+            except ChildProcessError:  # reaped by someone else (SIGCHLD ignored, say)
+                done = True
+            if done:
+                _exiting.remove(pid)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.process import reap_exiting
 from ember.unpack import sandbox
 from tests.unpack.layers import Layers
 
@@ -56,6 +57,7 @@ def own_children() -> frozenset[int]:
 def each_applier_child(request: pytest.FixtureRequest) -> Iterator[ApplierChild]:
     """Every test twice: the applier child forked by the apply, and the spare session
     child forked ahead, which the first apply takes (the rest fork their own)."""
+    reap_exiting()  # children an earlier test's applies left exiting (reap_later)
     children, fds = own_children(), frozenset(os.listdir("/proc/self/fd"))
     spare = request.param == "spare"
     if spare:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.process import reap_exiting
 from ember.unpack import InvalidLayer, LayerSession, apply_layers, sandbox
 from tests.unpack.conftest import own_children
 from tests.unpack.layers import Layers, reg, tar_bytes
@@ -19,8 +20,17 @@ def _no_fork() -> int:
     raise AssertionError("forked although a spare applier child was waiting")
 
 
+def _outside(pid: int, root: Path) -> bool:
+    """Process ``pid`` has no root or working directory in ``root`` (or is gone)."""
+    try:
+        return all(os.readlink(f"/proc/{pid}/{what}") == "/" for what in ("root", "cwd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def _fork_spare() -> tuple[frozenset[int], int]:
     """This process's children before, and the spare's pid."""
+    reap_exiting()  # an earlier test's appliers, still exiting (reap_later)
     children = own_children()
     sandbox.fork_spare_session()
     (spare,) = own_children() - children
@@ -38,6 +48,10 @@ def test_the_next_apply_runs_in_the_spare_and_forks_nothing(
         stats = apply_layers(root, [first, second])
     assert stats.layers == 2 and (root / "a").read_bytes() == b"1"
     assert (root / "b").read_bytes() == b"2"
+    # It left the root before apply_layers returned (it could be a mount to unmount),
+    # and was told to exit; reaped off the caller's path (its exit takes ~3 ms).
+    assert _outside(spare, root)
+    reap_exiting()
     assert own_children() == children  # the spare applied both layers, then went
     assert not os.path.exists(f"/proc/{spare}")
     # taken once: the next apply forks its own child again
@@ -76,6 +90,7 @@ def test_a_layer_session_adopts_the_spare(
             session.apply(r, *layers.blob(tar_bytes([reg("f", str(i).encode())]), "gzip"))
             assert session._session._pid == spare
     assert [(r / "f").read_bytes() for r in roots] == [b"0", b"1"]
+    reap_exiting()
     assert own_children() == children
 
 

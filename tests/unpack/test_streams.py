@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from ember.oci.digest import Digest
-from ember.unpack import DiffIDMismatch, InvalidLayer, UnpackError, UnsupportedLayer, apply_layer
+from ember.process import reap_exiting
+from ember.unpack import (
+    DiffIDMismatch,
+    InvalidLayer,
+    UnpackError,
+    UnsupportedLayer,
+    apply_layer,
+)
 from ember.unpack.tarstream import MAX_HEADER_BYTES
 from tests.unpack.conftest import ApplierChild, own_children
 from tests.unpack.layers import MEDIA, Layers, dir_, hard, reg, sym, tar_bytes
@@ -166,8 +173,10 @@ def test_no_descriptor_leaks_and_no_children_left(
         apply_layer(root, blob, media_type, diff_id)
     with pytest.raises(InvalidLayer):
         layers.apply(root, [reg(".wh.", b"")])
-    # (with a spare: it was used and is gone, its socket too)
+    # (with a spare: it was used and is gone, its socket too; told to exit, it is
+    # reaped off the caller's path, or at the latest by reap_exiting)
     assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before
+    reap_exiting()
     assert own_children() == each_applier_child.children_before
 
 
@@ -332,6 +341,7 @@ def test_a_session_applies_root_after_root_with_one_child(
         session.apply(roots[2], *layers.blob(tar_bytes([reg("g", b"2")]), "gzip"))
         assert (roots[2] / "g").read_bytes() == b"2"
         assert _session_pid(session) not in pids
+    reap_exiting()  # closing told it to exit; it is reaped off the caller's path
     assert own_children() == each_applier_child.children_before
     assert frozenset(os.listdir("/proc/self/fd")) == each_applier_child.fds_before
 

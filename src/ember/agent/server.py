@@ -51,7 +51,7 @@ from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files
 from ember.home import Home
 from ember.locks import FileLock
-from ember.process import parent_death_signal
+from ember.process import parent_death_signal, reap_exiting
 from ember.unpack.sandbox import dismiss_spare, fork_spare_session
 
 # What a client of this very installation sends as its code (see protocol).
@@ -785,6 +785,7 @@ def _finish(code: int, report: socket.socket | None = None) -> NoReturn:
     if spare is not None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(spare, 0)
+    reap_exiting()  # appliers still exiting (process.reap_later): the exit code is out
     os._exit(code)
 
 

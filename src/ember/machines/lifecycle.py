@@ -46,7 +46,7 @@ from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.net.ports import PortMapping, exposed_mappings, unpublished_exposed
-from ember.process import pid_alive, proc_start_time, wait_pid_exit
+from ember.process import pid_alive, proc_start_time, reap_exiting, wait_pid_exit
 from ember.vm.vmm.base import Channels, open_control, write_control
 from ember.vm.vmm.errors import ControlChannelError
 
@@ -236,6 +236,10 @@ def create(
             raise
         finally:
             hold.release()  # after any undo: a removal waiting for it finds nothing half made
+    # the snapshot chain's applier child, told to exit once the last layer was built
+    # (process.reap_later), is surely gone by now: reaped, not left a zombie for the
+    # life of an attached run
+    reap_exiting()
     return st
 
 

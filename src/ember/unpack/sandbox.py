@@ -36,6 +36,7 @@ from typing import Protocol
 
 from ember import jsonutil
 from ember.errors import EmberError
+from ember.process import reap_exited, reap_later
 from ember.unpack.applier import LayerApplier
 from ember.unpack.errors import InvalidLayer, UnpackError
 from ember.unpack.tarstream import PipeReader, TarStream
@@ -449,8 +450,14 @@ class _QueuedSession(_Child):
         return _recv_report(self._ctl)
 
     def end(self) -> int:
-        self._ctl.close()  # after its last command it reads EOF and exits
-        return super().end()
+        # Out of the root first (one round trip), then told to exit (EOF): its exit,
+        # the kernel tearing down its copy of our memory (~3 ms), is nobody's wait.
+        if not _park(self._ctl):
+            self._ctl.close()
+            return super().end()  # gone or confused: its wait status says which
+        self._ctl.close()
+        reap_later(self.pid)
+        return 0
 
     def close(self) -> None:
         super().close()
@@ -542,6 +549,7 @@ def _discard_queued(ctl: socket.socket) -> None:
 
 def _fork_session() -> tuple[int, socket.socket]:
     """A session child, and our end of its socket."""
+    reap_exited()  # earlier ones told to exit (reap_later), not to pile up as zombies
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()
@@ -554,6 +562,21 @@ def _fork_session() -> tuple[int, socket.socket]:
         _session_child(child)
     child.close()
     return pid, parent
+
+
+def _park(ctl: socket.socket) -> bool:
+    """Move an idle session child out of the root it applied to, to the host's root
+    (the caller may unmount the root then); whether it says it did."""
+    try:
+        host_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            socket.send_fds(ctl, [b"park"], [host_root])
+        finally:
+            os.close(host_root)
+    except OSError:
+        return False
+    parked = _recv_report(ctl)
+    return parked is not None and parked.get("parked") is True
 
 
 # A session child forked ahead: the next apply of this process takes it.
@@ -648,7 +671,15 @@ class ApplierSession:
         return status
 
     def close(self) -> None:
-        self._stop(kill=False)
+        """The child, if any, is parked at the host's root (every ``apply`` that returned
+        left it there; one that raised stopped it): told to exit, it is reaped off our
+        path (``reap_later``)."""
+        pid, ctl = self._pid, self._ctl
+        self._pid, self._ctl = -1, None
+        if ctl is not None:
+            ctl.close()
+        if pid >= 0:
+            reap_later(pid)
 
     def apply(self, root: str | os.PathLike[str], layer: LayerStream,
               check: Callable[[], None]) -> tuple[dict[str, int], int]:
@@ -703,13 +734,7 @@ class ApplierSession:
             if not isinstance(counts, dict):
                 raise UnpackError(f"the layer applier for {layer.describe} sent a malformed report")
             check()
-            host_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                socket.send_fds(ctl, [b"park"], [host_root])
-            finally:
-                os.close(host_root)
-            parked = self._recv()
-            if parked is None or not parked.get("parked"):
+            if not _park(ctl):
                 raise UnpackError("the layer applier did not leave the root it applied")
             return {str(k): int(v) for k, v in counts.items()}, total
         except BaseException:
