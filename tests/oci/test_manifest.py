@@ -96,6 +96,7 @@ def test_schema1_refused_clearly() -> None:
         b(manifest(schemaVersion=3)),
         b(manifest(schemaVersion=True)),
         b(manifest(schemaVersion="2")),
+        b(manifest(schemaVersion=2.0)),  # equal to 2 in Python; Go clients cannot read it
         b(manifest(config=None)),
         b(manifest(layers=None)),
         b(manifest(config={"mediaType": mt.OCI_CONFIG, "digest": D1})),

@@ -124,8 +124,13 @@ class ImageIndex:
         return _document(self, manifests=[m.as_dict() for m in self.manifests])
 
 
+def valid_media_type(value: str) -> bool:
+    """``type/subtype`` as RFC 6838 and the OCI specs write media types (no parameters)."""
+    return _MEDIA_TYPE.fullmatch(value) is not None
+
+
 def _media_type(value: str, what: str) -> str:
-    if not _MEDIA_TYPE.fullmatch(value):
+    if not valid_media_type(value):
         raise InvalidManifest(f"{what}: invalid media type {value[:150]!r}")
     return value
 
@@ -239,7 +244,8 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> ImageManifest 
     version = doc.get("schemaVersion")
     if version == 1:
         raise UnsupportedSchema(_SCHEMA1_MESSAGE)
-    if isinstance(version, bool) or version != 2:
+    # an integer, as Go clients read it: 2.0 equals 2 in Python, and skopeo cannot read it
+    if type(version) is not int or version != 2:
         raise InvalidManifest(f"manifest has schemaVersion {str(version)[:20]}, expected 2")
     kind = _kind(doc, f.text("mediaType"), _strip_params(media_type))
     subject_doc = doc.get("subject")

@@ -311,6 +311,9 @@ def test_tags_list_pagination_and_cap(acme: Tenant) -> None:
         assert r.headers["link"] == '</v2/tagged/tags/list?n=2&last=b>; rel="next"'
         assert c.get("/v2/tagged/tags/list", params={"n": 2, "last": "b"}).json()["tags"] == ["c", "d"]
         assert c.get("/v2/tagged/tags/list", params={"n": 10, "last": "e"}).json()["tags"] == []
+        # no tag holds a NUL: a "last" with one pages as what comes before it
+        assert c.get("/v2/tagged/tags/list", params={"last": "b\x00x"}).json()["tags"] == ["c", "d", "e"]
+        assert c.get("/v2/tagged/tags/list", params={"last": "\x00"}).json()["tags"] == ["a", "b", "c", "d", "e"]
         r = c.get("/v2/tagged/tags/list", params={"n": 100000})
         assert r.status_code == 400 and r.json()["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
         assert c.get("/v2/no-such-repo/tags/list").status_code == 404
@@ -339,6 +342,8 @@ def test_referrers_api(acme: Tenant) -> None:
             assert r.status_code == 201, r.text
             assert r.headers["oci-subject"] == subject
             referrers[atype] = sha256(body)
+        r = c.get(f"/v2/refs/referrers/{subject}", params={"artifactType": "no/such\x00type"})
+        assert r.status_code == 200 and r.json()["manifests"] == [], r.text
         r = c.get(f"/v2/refs/referrers/{subject}")
         got = {m["artifactType"]: m for m in r.json()["manifests"]}
         assert set(got) == set(referrers)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +129,34 @@ def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], Em
         # the upload in flight completes after GC
         r = c.put(at(in_flight, digest=sha256(b"partial")))
         assert r.status_code == 201, r.text
+
+
+def test_pushing_again_restarts_the_grace_period(fresh_server: Callable[[], EmberServer]) -> None:
+    """A blob or manifest pushed again is as young as its latest push: GC frees
+    unreferenced links and untagged manifests by their age, and a client that pushes an
+    image's blobs again (its old tag long moved) must not lose them before the manifest
+    that references them comes."""
+    srv = fresh_server()
+    t = Tenant(srv, "acme", srv.create_token("acme", "pull,push,delete"))
+    config, layer = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}', os.urandom(1000)
+    child = image_manifest(config, [layer])
+    with t.client() as c:
+        for data in (config, layer):
+            push_blob(c, "web", data)
+        assert c.put(f"/v2/web/manifests/{sha256(child)}", content=child,
+                     headers={"Content-Type": OCI_MANIFEST}).status_code == 201  # fmt: skip
+        with contextlib.closing(sqlite3.connect(srv.home / "ember.db", isolation_level=None)) as db:
+            for table in ("reg_blob_links", "reg_manifests"):  # an earlier push, two hours ago
+                db.execute(f"UPDATE {table} SET created_at = created_at - 7200")
+        for data in (config, layer):
+            push_blob(c, "web", data)
+        assert c.put(f"/v2/web/manifests/{sha256(child)}", content=child,
+                     headers={"Content-Type": OCI_MANIFEST}).status_code == 201  # fmt: skip
+    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--json").stdout)
+    assert (report["manifests"], report["links"]) == (0, 0), report
+    # an hour after the latest push they go (the manifest untagged, its blobs then unused)
+    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
+    assert (report["manifests"], report["links"]) == (1, 2), report
 
 
 def old_layer_hex(data: bytes) -> str:

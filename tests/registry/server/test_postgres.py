@@ -95,6 +95,11 @@ def test_registry_on_postgres(postgres_url: str, tmp_path: Path, busybox_layout:
         with acme.client() as c:
             digest, _ = push_image(c, "web", "2", [os.urandom(100)])
             assert c.get("/v2/web/tags/list").json()["tags"] == ["1", "2"]
+            # PostgreSQL refuses a NUL in text: a client's one is no 500
+            r = c.get("/v2/web/tags/list", params={"last": "1\x00x"})
+            assert r.status_code == 200 and r.json()["tags"] == ["2"], r.text
+            r = c.get(f"/v2/web/referrers/{digest}", params={"artifactType": "a/b\x00"})
+            assert r.status_code == 200 and r.json()["manifests"] == [], r.text
         with beta.client() as c:
             assert c.get(f"/v2/web/manifests/{digest}").status_code == 404
             assert c.get("/v2/_catalog").json()["repositories"] == []

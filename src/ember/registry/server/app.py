@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
-from ember.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest
+from ember.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest, valid_media_type
 from ember.registry.server import routes as r
 from ember.registry.server.auth import Authenticator, deny, require
 from ember.registry.server.config import ServerConfig
@@ -198,6 +198,10 @@ class RegistryApp:
         params = ctx.request.query_params
         n = page_size(params.get("n"))
         last = params.get("last") or None
+        if last is not None:
+            # No tag holds a NUL, so the tags after "a\0b" are those after "a"; PostgreSQL
+            # refuses a NUL in text (a 500 for a client's mistake).
+            last = last.split("\x00", 1)[0] or None
         tags = await self.db.read(self.meta.list_tags, ctx.full, n, last)
         if tags is None:
             raise ApiError("NAME_UNKNOWN", f"repository {ctx.route.name!r} is not known")
@@ -307,7 +311,10 @@ class RegistryApp:
     async def _referrers(self, ctx: RequestContext) -> Response:
         artifact_type = ctx.request.query_params.get("artifactType") or None
         assert ctx.route.digest is not None
-        refs = await self.db.read(self.meta.referrers, ctx.full, str(ctx.route.digest), artifact_type)
+        if artifact_type is not None and not valid_media_type(artifact_type):
+            refs = []  # matches no stored manifest (all valid), and may hold a NUL (see _tags)
+        else:
+            refs = await self.db.read(self.meta.referrers, ctx.full, str(ctx.route.digest), artifact_type)
         manifests = []
         for ref in refs:
             desc: dict[str, Any] = {"mediaType": ref.media_type, "digest": ref.digest, "size": ref.size}

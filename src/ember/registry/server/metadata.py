@@ -504,21 +504,21 @@ class RegistryMetadata:
                 refused = _refusal(conn, quota_org, m.size, m.digest)
                 if refused is not None:
                     return refused
-            insert_ignore(
+            # Pushed again: its GC grace period starts again (GC frees an untagged
+            # manifest by its age, and a client pushing an index's children first may
+            # take a while to push the index that references them).
+            upsert(
                 conn,
                 s.manifests,
-                [
-                    {
-                        "repo_id": repo_id,
-                        "digest": m.digest,
-                        "media_type": m.media_type,
-                        "size": m.size,
-                        "artifact_type": m.artifact_type,
-                        "subject": m.subject,
-                        "annotations": json.dumps(m.annotations) if m.annotations else None,
-                        "created_at": now,
-                    }
-                ],
+                {"repo_id": repo_id, "digest": m.digest},
+                {"created_at": now},
+                {
+                    "media_type": m.media_type,
+                    "size": m.size,
+                    "artifact_type": m.artifact_type,
+                    "subject": m.subject,
+                    "annotations": json.dumps(m.annotations) if m.annotations else None,
+                },
             )
             refs = [
                 {"repo_id": repo_id, "manifest": m.digest, "child": d, "kind": "blob"}
@@ -654,10 +654,15 @@ def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:
 
 
 def _insert_link(conn: Connection, repo_id: int, digest: str, size: int) -> None:
-    insert_ignore(
+    """Link ``digest`` into the repository; linked already (pushed or mounted again), its
+    GC grace period starts again: GC frees an unreferenced link by its age, and the
+    manifest that will reference it may come a while after its blobs."""
+    upsert(
         conn,
         s.blob_links,
-        [{"repo_id": repo_id, "digest": digest, "size": size, "created_at": time.time()}],
+        {"repo_id": repo_id, "digest": digest},
+        {"created_at": time.time()},
+        {"size": size},
     )
 
 
