@@ -184,3 +184,25 @@ def test_a_sigterm_while_the_relay_is_locked_stops_the_machine(tmp_path: Path) -
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout == "b'stop_timeout -1\\nstop\\n'\n", res.stderr
+
+
+def test_a_vmm_that_cannot_be_made_is_a_failed_start_not_a_dead_monitor(tmp_path: Path) -> None:
+    """A kernel given with --kernel and moved since (or a spec out of range) failed
+    before the guarded VMM start: the monitor died with a traceback, the record stayed
+    "created" and the machine's network allocated.  Now the start fails and says why."""
+    from ember.home import Home
+    from ember.machines import monitor
+    from ember.machines import state as mstate
+    from ember.machines.events import EventWriter
+    from ember.machines.store import MachineStore
+    from tests.machines.test_store import make_state
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.vm.kernel = str(tmp_path / "moved-away" / "vmlinux")
+    store = MachineStore(home)
+    store.create(st, None)
+    assert monitor.run(home, st.id, EventWriter(None)) == 1
+    cur = mstate.read_state(store.dir(st.id))
+    assert (cur.status, cur.exit_code) == (mstate.EXITED, 125)
+    assert "moved-away/vmlinux does not exist" in (cur.error or ""), cur

@@ -545,3 +545,21 @@ def test_sweep_removes_temp_files_killed_writers_left_in_machine_directories(
     assert (swept.temp_files, swept.bytes, swept.dirs) == (1, 4, 0)
     assert not old.exists() and young.exists()  # a writer's of a moment ago stays
     assert store.find("t").id == st.id
+
+
+def test_start_refuses_a_machine_whose_kernel_is_gone(tmp_path: Path) -> None:
+    """A kernel given with --kernel and moved since: `ember start` says so before it sets
+    up a network, rather than hand its monitor a VMM that cannot be made."""
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    st = make_state()
+    base = tmp_path / "base.initrd"
+    base.write_bytes(b"")
+    st.vm.base_initrd, st.vm.kernel = str(base), str(tmp_path / "moved-away")
+    st.status = mstate.EXITED
+    store = MachineStore(home)
+    store.create(st, None)
+    (store.dir(st.id) / lifecycle.RUN_CONFIG).write_bytes(b"")
+    with pytest.raises(MachineError, match="kernel files are gone .*moved-away"):
+        lifecycle.prepare_start(home, st)

@@ -492,11 +492,12 @@ def prepare_start(
                 f"machine {cur.name} was made by an older ember and cannot be started again",
                 hint=f"remove it and run the image anew: ember rm {cur.name}",
             )
-        if not Path(base).is_file():
-            raise MachineError(
-                f"machine {cur.name}'s kernel files are gone ({base})",
-                hint=f"remove it and run the image anew: ember rm {cur.name}",
-            )
+        for needed in (base, cur.vm.kernel):  # (a --kernel file may have moved since)
+            if not Path(needed).is_file():
+                raise MachineError(
+                    f"machine {cur.name}'s kernel files are gone ({needed[:200]})",
+                    hint=f"remove it and run the image anew: ember rm {cur.name}",
+                )
         rc = RunConfig.parse((d / RUN_CONFIG).read_bytes())
         try:
             cur.vm.root_disk = str(root_disk(home, cur.id))

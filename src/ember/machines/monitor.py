@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from ember.errors import EmberError
@@ -112,13 +113,20 @@ def vmm_last_error(log_tail: bytes) -> str | None:
     return None
 
 
-def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
+def _cleanup(
+    home: Home, st: mstate.MachineState, removing: bool, held: Sequence[socket.socket] = ()
+) -> None:
+    """The machine's network, then the host ports the monitor ``held`` (after the rules:
+    no moment when a program could bind a port while a rule still takes its traffic,
+    and before the record says exited: a command that waited for that may take them)."""
     from ember.net.manager import NetworkManager
 
     try:
         NetworkManager(home).teardown(st.id)
     except EmberError as e:
         print(f"monitor: network teardown failed: {e}", file=sys.stderr)
+    for sock in held:
+        sock.close()
     if removing:
         from ember.machines.lifecycle import remove
 
@@ -135,9 +143,10 @@ def _cleanup(home: Home, st: mstate.MachineState, removing: bool) -> None:
 
 
 def _failed_to_start(
-    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, message: str
+    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, message: str,
+    held: Sequence[socket.socket] = (),
 ) -> None:
-    _cleanup(home, st, removing=False)  # (the network before the record: see _run_held)
+    _cleanup(home, st, removing=False, held=held)  # (before the record: see _run_held)
     with mstate.update(d) as cur:
         cur.record_not_started(message, "the VMM failed to start")
     sync.send(MonitorFailed(message))
@@ -242,9 +251,7 @@ def _run_once(
         # the VMM writes into FIFOs; the monitor keeps the logs, capped (machines.logs)
         pump = StreamPump.create(d, LogConfig.load(home))
     except (EmberError, OSError) as e:
-        for sock in held or ():
-            sock.close()
-        _failed_to_start(home, st, d, sync, f"cannot set up the machine's logs: {e}")
+        _failed_to_start(home, st, d, sync, f"cannot set up the machine's logs: {e}", held or ())
         return None
     if held is None:
         try:
@@ -254,11 +261,9 @@ def _run_once(
             _failed_to_start(home, st, d, sync, str(e))
             return None
     try:
-        return _run_held(home, st, d, sync, pump)
+        return _run_held(home, st, d, sync, pump, held)
     finally:
-        # after the network's teardown: no moment when a program could bind the port
-        # while the rule still takes its traffic
-        for sock in held:
+        for sock in held:  # (closed already by _cleanup, unless something raised)
             sock.close()
 
 
@@ -277,26 +282,33 @@ def stop_on_term(relay: ControlRelay, st: mstate.MachineState) -> None:
 
 
 def _run_held(
-    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, pump: StreamPump
+    home: Home, st: mstate.MachineState, d: Path, sync: EventWriter, pump: StreamPump,
+    held: Sequence[socket.socket],
 ) -> mstate.MachineState | None:
-    """``_run_once`` with the machine's host ports held."""
+    """``_run_once`` with the machine's host ports ``held`` (closed by ``_cleanup``)."""
     logs = Channels.in_dir(d)
     relay: ControlRelay | None = None
     try:
         # QEMU listens on a socket of its own; control.sock is the monitor's relay
         channels = dataclasses.replace(pump.channels, control_socket=d / VMM_CONTROL)
-        spec = vm_spec(st, d, channels)
-        vm = get_vmm(st.vm.vmm).create(spec)
+        try:
+            # a kernel given with --kernel and moved since, a spec out of range: the
+            # start fails and says why (its network released), not the monitor
+            spec = vm_spec(st, d, channels)
+            vm = get_vmm(st.vm.vmm).create(spec)
+        except EmberError as e:
+            _failed_to_start(home, st, d, sync, str(e), held)
+            return None
         try:
             relay = ControlRelay(logs.control_socket, spec.channels.control_socket)
         except OSError as e:
-            _failed_to_start(home, st, d, sync, f"cannot open the control socket: {e}")
+            _failed_to_start(home, st, d, sync, f"cannot open the control socket: {e}", held)
             return None
         stop_on_term(relay, st)
         try:
             pid = vm.start()
         except EmberError as e:
-            _failed_to_start(home, st, d, sync, str(e))
+            _failed_to_start(home, st, d, sync, str(e), held)
             return None
         with mstate.update(d) as cur:
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
@@ -316,7 +328,7 @@ def _run_held(
             try:
                 vm, pid, started = _hand_config_or_boot(st, d, vm, spec, pump)
             except EmberError as e:
-                _failed_to_start(home, st, d, sync, str(e))
+                _failed_to_start(home, st, d, sync, str(e), held)
                 return None
             if started:
                 sync.send_started(pid)
@@ -350,7 +362,7 @@ def _run_held(
         pump.close()
     # the network first, then the record (lifecycle._free_network says why); a stop
     # waiting for "exited" then also finds the network and the host ports free
-    _cleanup(home, st, removing=False)
+    _cleanup(home, st, removing=False, held=held)
     with mstate.update(d) as cur:
         # `ember kill/rm -f/stop` mark the machine before they SIGKILL its VMM
         host_killed = cur.stopped_by_user and end.signal == signal.SIGKILL
