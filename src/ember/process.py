@@ -90,7 +90,7 @@ def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie has)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a number no process can have)
         return False
     except PermissionError:
         return True  # another user's

@@ -152,6 +152,16 @@ def _damages(st: MachineState) -> dict[str, bytes]:
         "no vm": json.dumps({k: v for k, v in good.items() if k != "vm"}).encode(),
         "vm of the wrong shape": json.dumps({**good, "vm": {**good["vm"], "cpus": "1"}}).encode(),
         "command not strings": json.dumps({**good, "command": [1]}).encode(),
+        # every path of a machine is found by its id: a record copied into another
+        # machine's directory had `rm` free that machine's disk and network
+        "another machine's": json.dumps({**good, "id": "ab" + "0" * 62}).encode(),
+        "an id that is none": json.dumps({**good, "id": "abc"}).encode(),
+        # os.kill raised OverflowError in every command that looked at the machine
+        "a pid out of range": json.dumps({**good, "status": "running", "monitor_pid": 1 << 40}).encode(),
+        "a vmm pid of 0": json.dumps({**good, "vmm_pid": 0}).encode(),
+        # `ps -a` subtracted it from an aware now(): a TypeError
+        "a time without a zone": json.dumps({**good, "created_at": "2024-01-01T00:00:00"}).encode(),
+        "a time that is none": json.dumps({**good, "finished_at": "yesterday"}).encode(),
         **{f"network {what}": json.dumps({**good, "network": net}).encode()
            for what, net in _network_damages().items()},
     }

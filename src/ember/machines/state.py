@@ -144,7 +144,26 @@ class MachineState:
         st = cls(**values)
         if st.status not in STATUSES:
             raise MachineError(f"machine {st.id[:12]} has an unknown status {st.status!r}")
+        for name in ("monitor_pid", "vmm_pid"):  # signalled and looked up in /proc
+            pid = getattr(st, name)
+            if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
+                raise MachineError(f"field {name!r} is no process id ({pid})")
+        for name in ("created_at", "started_at", "finished_at"):  # compared with now()
+            text = getattr(st, name)
+            if text is not None and not _aware_time(text):
+                raise MachineError(f"field {name!r} is no time with a time zone ({text[:40]!r})")
         return st
+
+
+#: the largest process id Linux hands out (its PID_MAX_LIMIT on 64-bit hosts)
+PID_MAX_LIMIT = 1 << 22
+
+
+def _aware_time(text: str) -> bool:
+    try:
+        return _dt.datetime.fromisoformat(text).tzinfo is not None
+    except ValueError:
+        return False
 
 
 # The JSON types each annotation allows (the dataclasses above and the monitor's events,
@@ -240,13 +259,21 @@ def read_state(machine_dir: Path) -> MachineState:
     path = state_path(machine_dir)
     try:
         data = jsonutil.loads(path.read_bytes())
-        return MachineState.from_json(data)
+        st = MachineState.from_json(data)
     except FileNotFoundError:
         raise
     except MachineError as e:
         raise DamagedMachine(machine_dir.name, e.message) from None
     except (OSError, ValueError, TypeError) as e:
         raise DamagedMachine(machine_dir.name, f"{path.name}: {e}") from None
+    if st.id != machine_dir.name:
+        # Every path of a machine is found by its id (its directory, its disk, its
+        # network): a record copied into another machine's directory would have `rm`
+        # free that other machine's.
+        raise DamagedMachine(
+            machine_dir.name, f"{path.name} names another machine ({st.id[:64]!r})"
+        )
+    return st
 
 
 def write_state(machine_dir: Path, st: MachineState) -> None:
