@@ -15,6 +15,7 @@ from ember.machines.errors import (
     InvalidOption,
     MachineError,
     MachineNotFound,
+    MachineRunning,
     NameInUse,
 )
 from ember.machines.state import MachineState, VMConfig
@@ -573,3 +574,39 @@ def test_start_refuses_a_machine_whose_kernel_is_gone(tmp_path: Path) -> None:
     (store.dir(st.id) / lifecycle.RUN_CONFIG).write_bytes(b"")
     with pytest.raises(MachineError, match="kernel files are gone .*moved-away"):
         lifecycle.prepare_start(home, st)
+
+
+def test_rm_does_not_free_a_machine_a_start_took_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm` decided from a record read before it locked the machine: an `ember start`
+    that set the machine up in between (its network, a new monitor) had that freed
+    under it.  Under the lock the record is read again; changed, the machine stays."""
+    import subprocess
+
+    from ember.machines import lifecycle
+    from ember.process import proc_start_time
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.status, st.finished_at = mstate.EXITED, mstate.now()
+    store = MachineStore(home)
+    store.create(st, "raced")
+    d = store.dir(st.id)
+    monitor = subprocess.Popen(["sleep", "60"])
+    try:
+        looked_at = mstate.read_state(d)
+
+        def a_start_meanwhile(_home: Home, _st: MachineState) -> MachineState:
+            with mstate.update(d) as cur:  # what prepare_start leaves for its monitor
+                cur.status, cur.monitor_pid = mstate.CREATED, monitor.pid
+                cur.monitor_start = proc_start_time(monitor.pid)
+            return looked_at  # what rm saw before it
+
+        monkeypatch.setattr(lifecycle, "_stop_pending_restart", a_start_meanwhile)
+        with pytest.raises(MachineRunning, match="started by another ember command meanwhile"):
+            lifecycle.remove(home, looked_at)
+        assert mstate.read_state(d).status == mstate.CREATED  # record, disk, network kept
+    finally:
+        monitor.kill()
+        monitor.wait()

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -458,7 +458,7 @@ def prepare_start(
     if not restart:
         _wait_for_ending_monitor(st)
     d = MachineStore(home).dir(st.id)
-    with mstate.locked(d):
+    with _locked_unless_removed(d, st.name):
         cur = mstate.read_state(d)
         if cur.status == mstate.CREATED and not restart and cur.monitor_pid is None:
             # being created by its `ember run` right now, or left by one that was killed
@@ -998,7 +998,8 @@ def remove_damaged(home: Home, machine_id: str) -> None:
 
 
 def remove(
-    home: Home, st: MachineState, *, force: bool = False, notice: Notice | None = None
+    home: Home, st: MachineState, *, force: bool = False, notice: Notice | None = None,
+    _retries: int = 2,
 ) -> None:
     """Delete a machine: its root disk, network, logs and record.  One another command is
     still creating (``ember run`` making its disk and network) is refused, or with
@@ -1025,15 +1026,51 @@ def remove(
             raise MachineRunning(
                 f"machine {st.name} is running", hint="stop it first or use ember rm -f"
             )
-        end = kill_vmm(home, st)
-        if end.status == mstate.EXITED:
+        st = kill_vmm(home, st)
+        if st.status == mstate.EXITED:
             # for an `ember wait` on it (docker wait prints 137 for a container rm -f
             # killed): its exit code outlives it a while, as a --rm machine's does
             try:
-                mstate.record_removed_exit(home.run, end)
+                mstate.record_removed_exit(home.run, st)
             except OSError as e:
                 log.warning("cannot keep machine %s's exit code: %s", st.name, e)
-    _release_and_delete(home, st.id, st.name)
+    try:
+        # Under the machine's lock, which `ember start` holds while it sets the machine
+        # up: one that took the machine since it was looked at above (a network, a new
+        # monitor) must not have it freed under it.  That start then finds it gone.
+        with mstate.locked(d):
+            cur = mstate.read_state(d)
+            if _run_of(cur) == _run_of(st):
+                _release_and_delete(home, st.id, st.name)
+                return
+    except FileNotFoundError:
+        return  # removed by another command meanwhile
+    if not force or _retries <= 0:
+        raise MachineRunning(
+            f"machine {st.name} was started by another ember command meanwhile",
+            hint=f"stop it first or use ember rm -f {st.name}",
+        )
+    remove(home, cur, force=True, notice=notice, _retries=_retries - 1)
+
+
+@contextlib.contextmanager
+def _locked_unless_removed(d: Path, name: str) -> Iterator[None]:
+    """Inside the machine's lock; MachineNotFound when the machine was removed while
+    this waited for it (``remove`` deletes it under that lock)."""
+    lock = mstate.locked(d)
+    try:
+        lock.acquire()
+    except FileNotFoundError:
+        raise MachineNotFound(f"machine {name} was removed by another ember command") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_of(st: MachineState) -> tuple[object, ...]:
+    """What a start or a run changes in a record."""
+    return st.status, st.monitor_pid, st.vmm_pid, st.started_at
 
 
 def _release_and_delete(home: Home, machine_id: str, shown: str) -> None:
