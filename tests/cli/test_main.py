@@ -79,19 +79,26 @@ def test_an_error_quoting_a_huge_argument_stays_bounded(tmp_path: Path) -> None:
 
 @pytest.mark.root  # a snapshot pool: loop device, mount
 @pytest.mark.integration
-def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path, debian_layout: Path) -> None:
-    """``timeout``/``kill`` during a prepare: the build's mount, loop device and lease
-    were left (the process died at once) until the next command's recovery."""
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+)
+def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(
+    tmp_path: Path, debian_layout: Path, signum: int, status: int, said: str
+) -> None:
+    """``timeout``/``kill`` during a prepare, or its terminal closed (an ssh session
+    dropped; through the agent, its client gone): the build's mount, loop device and
+    lease were left (the process died at once) until the next command's recovery."""
     from tests.snapshots.conftest import make_home, teardown_home
 
     home = make_home(tmp_path / "home").root
     try:
-        _terminate_a_prepare(home, debian_layout)
+        _terminate_a_prepare(home, debian_layout, signum, status, said)
     finally:
         teardown_home(make_home(home))  # and no mount or loop device of the build is left
 
 
-def _terminate_a_prepare(home: Path, debian_layout: Path) -> None:
+def _terminate_a_prepare(home: Path, debian_layout: Path, signum: int, status: int, said: str) -> None:
     image = f"oci:{debian_layout}:latest"
     assert ember(home, "image", "pull", image).returncode == 0
     env = ember_env(home, EMBER_AGENT="0")
@@ -103,12 +110,12 @@ def _terminate_a_prepare(home: Path, debian_layout: Path) -> None:
         while not (mounts.is_dir() and any(mounts.iterdir())):  # the layer is being applied
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.005)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 143, err
-    assert err.endswith("ember: terminated\n") and "" not in err.splitlines(), err  # no blank line
+    assert proc.returncode == status, err
+    assert err.endswith(f"ember: {said}\n") and "" not in err.splitlines(), err  # no blank line
     assert str(home / "snapshots" / "mnt") not in Path("/proc/self/mounts").read_text()
     leases = json.loads(ember(home, "snapshot", "leases", "--json").stdout)
     assert leases == []

@@ -92,13 +92,21 @@ class Terminated(KeyboardInterrupt):
     devices, leases, half-built snapshots) it cleans up on SIGTERM too."""
 
 
-def _raise_terminated(_signum: int, _frame: object) -> None:
-    raise Terminated
+class HungUp(Terminated):
+    """SIGHUP: the terminal closed, an ssh session dropped, or the ember client that a
+    command runs for in the agent went away; the command stops and cleans up as on
+    SIGTERM (it died with a machine half made, its network allocated)."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise HungUp if signum == signal.SIGHUP else Terminated
 
 
 def main(argv: list[str] | None = None) -> None:
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not if our caller set its own
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        # not if our caller set its own, or ignores it (nohup)
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _raise_terminated)
     try:
         cli.main(args=argv, prog_name="ember", standalone_mode=False)
     except EmberError as e:
@@ -108,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         # click turns an interrupt while parsing (a prompt) into Abort (its cause)
         if sys.stderr.isatty():
             click.echo(err=True)  # after the terminal's ^C
+        if isinstance(e, HungUp) or isinstance(e.__cause__, HungUp):
+            click.echo("ember: hung up", err=True)
+            sys.exit(129)
         if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
             click.echo("ember: terminated", err=True)
             sys.exit(143)

@@ -86,9 +86,12 @@ class _Interrupts:
     def exception(self) -> KeyboardInterrupt:
         """What the last signal pending would have raised (the CLI's exit status tells
         them apart)."""
-        from ember.cli.main import Terminated
+        from ember.cli.main import HungUp, Terminated
 
-        return Terminated() if self.pending[-1] == signal.SIGTERM else KeyboardInterrupt()
+        last = self.pending[-1]
+        if last == signal.SIGHUP:
+            return HungUp()
+        return Terminated() if last == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _follow(

@@ -4,7 +4,7 @@ A KeyboardInterrupt is raised wherever the main thread happens to be.  When it
 lands in the middle of a cleanup (an unmount waiting for a busy mount to be
 let go, say), that cleanup is abandoned: the mount and its loop device stay,
 and the next step (removing the mount point) fails with an error that then
-replaces the interrupt.  ``deferred()`` holds SIGINT and SIGTERM while a
+replaces the interrupt.  ``deferred()`` holds SIGINT, SIGTERM and SIGHUP while a
 cleanup runs and raises them once it is over.
 """
 
@@ -18,14 +18,14 @@ from types import FrameType
 
 _Handler = Callable[[int, FrameType | None], object]
 
-#: the signals a CLI turns into exceptions (SIGINT: KeyboardInterrupt; SIGTERM: the
-#: CLI may install a handler that raises too)
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: the signals a CLI turns into exceptions (SIGINT: KeyboardInterrupt; SIGTERM and
+#: SIGHUP: the CLI may install a handler that raises too)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Run the block to its end; a SIGINT or SIGTERM that arrives meanwhile is delivered
+    """Run the block to its end; a SIGINT, SIGTERM or SIGHUP that arrives meanwhile is delivered
     (its handler runs: KeyboardInterrupt is raised) once the block is done.
 
     Only signals with a Python handler are held: one at its default disposition
