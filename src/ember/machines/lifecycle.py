@@ -544,6 +544,8 @@ def prepare_start(
             else:
                 cur.monitor_pid = monitor_pid
                 cur.monitor_start = None if monitor_pid is None else proc_start_time(monitor_pid)
+                # as docker start: the policy starts over (on-failure:N's N restarts again)
+                cur.restart_count = 0
             mstate.write_state(d, cur)
         except BaseException:
             manager.teardown(cur.id)
