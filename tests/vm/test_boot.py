@@ -161,7 +161,7 @@ def test_boot_runs_program_with_config_and_reports_exit(
         'echo "hello from $(uname -r) as $(id -u):$(id -G) in $(pwd) on $(hostname)"; '
         "echo to-stderr >&2; ip -4 addr show eth0; ip route; cat /etc/hosts /etc/resolv.conf; "
         "ulimit -n; echo persisted > /data/file; grep VmLck /proc/1/status /proc/self/status; "
-        "exit 7"
+        "grep ' /dev ' /proc/mounts; exit 7"
     )
     volume = tmp_path / "volume.ext4"
     with open(volume, "wb") as f:
@@ -191,6 +191,7 @@ def test_boot_runs_program_with_config_and_reports_exit(
     assert "default via 10.0.2.2 dev eth0" in out
     assert "10.0.2.2\tgateway" in out
     assert "nameserver 10.0.2.3" in out
+    assert "devtmpfs /dev devtmpfs " in out  # (test_init_ns's runs have a tmpfs of their own)
     assert "1048576" in out
     # init keeps its memory locked (an OOM must not make it fault); the program has no lock
     locked = dict(re.findall(r"^/proc/(\w+)/status:VmLck:\s+(\d+) kB$", out, re.M))

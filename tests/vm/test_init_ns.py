@@ -45,9 +45,22 @@ def root(busybox_rootfs: Path, ember_init: Path, tmp_path: Path) -> Path:
     return dest
 
 
+#: Run before init, in its new mount namespace: a private tmpfs on the root's /dev with
+#: the host's usual device nodes bound in.  Init mounts devtmpfs on a /dev that is no
+#: tmpfs, and devtmpfs is one instance for the whole kernel: its /dev/core and other
+#: links landed in the host's own /dev.  (A VM's is devtmpfs: tests/vm/test_boot.py.)
+_PRIVATE_DEV = (
+    'mount -t tmpfs -o mode=0755 tmpfs "$0/dev" && '
+    'for n in null zero full random urandom tty kmsg; do '
+    ': > "$0/dev/$n" && mount --bind "/dev/$n" "$0/dev/$n" || exit 1; done && '
+    'exec chroot "$0" "$@"'
+)
+
+
 def _argv(root: Path, control: bool) -> list[str]:
     # --kill-child: a run that times out (init hung) must not leave its PID 1 behind,
-    # holding the output pipes open
+    # holding the output pipes open.  --cgroup: init mounts cgroup2, and a mount from
+    # the host's own cgroup namespace sets the host's cgroup2 options to init's.
     argv = [
         "unshare",
         "--pid",
@@ -56,7 +69,10 @@ def _argv(root: Path, control: bool) -> list[str]:
         "--uts",
         "--net",
         "--ipc",
-        "chroot",
+        "--cgroup",
+        "sh",
+        "-c",
+        _PRIVATE_DEV,
         str(root),
         "/.ember-init",
         "--test",
@@ -505,7 +521,7 @@ def test_pseudo_filesystems_symlinks_and_nofile(root: Path) -> None:
     }
     assert mounts.get("/proc") == "proc"
     assert mounts.get("/sys") == "sysfs"
-    assert mounts.get("/dev") == "devtmpfs"
+    assert mounts.get("/dev") == "tmpfs"  # the harness's (_PRIVATE_DEV): not mounted over
     assert mounts.get("/dev/pts") == "devpts"
     assert mounts.get("/dev/shm") == "tmpfs"
     assert mounts.get("/dev/mqueue") == "mqueue"
