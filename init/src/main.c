@@ -392,6 +392,53 @@ static int names_localhost(const char *hosts)
 	return 0;
 }
 
+/* The comment that ends every line init adds to /etc/hosts (set_hostname_and_files). */
+#define HOSTS_TAG "\t# ember"
+
+/* Drop, in place, the lines of buf[0..len) that end with HOSTS_TAG (a line may end with
+ * "\r\n" too); the length left, NUL-terminated. */
+static size_t drop_tagged_lines(char *buf, size_t len)
+{
+	const size_t tag = sizeof(HOSTS_TAG) - 1;
+	size_t out = 0;
+	for (size_t at = 0; at < len;) {
+		char *nl = memchr(buf + at, '\n', len - at);
+		size_t next = nl ? (size_t)(nl - buf) + 1 : len;
+		size_t end = nl ? next - 1 : len;
+		if (end > at && buf[end - 1] == '\r')
+			end--;
+		if (!(end - at >= tag && !memcmp(buf + end - tag, HOSTS_TAG, tag))) {
+			memmove(buf + out, buf + at, next - at);
+			out += next - at;
+		}
+		at = next;
+	}
+	buf[out] = 0;
+	return out;
+}
+
+/* Replace the regular file at path with data: a new file beside it (the old one's mode
+ * and owner, else mode), renamed over it.  -1 with errno on failure. */
+static int replace_file(const char *path, const char *data, size_t len, mode_t mode)
+{
+	char tmp[256];
+	if ((size_t)snprintf(tmp, sizeof(tmp), "%s.ember-new", path) >= sizeof(tmp))
+		return errno = ENAMETOOLONG, -1;
+	struct stat st;
+	int had = stat(path, &st) == 0;
+	unlink(tmp);
+	if (write_file(tmp, data, len, O_TRUNC | O_EXCL | O_NOFOLLOW, had ? st.st_mode & 07777 : mode) < 0)
+		return -1;
+	/* (write_file's mode went through the umask) */
+	if (chmod(tmp, had ? st.st_mode & 07777 : mode) < 0 ||
+	    (had && chown(tmp, st.st_uid, st.st_gid) < 0) || rename(tmp, path) < 0) {
+		int e = errno;
+		unlink(tmp);
+		return errno = e, -1;
+	}
+	return 0;
+}
+
 static void set_hostname_and_files(const struct config *c)
 {
 	mkdir_p("/etc", 0755);
@@ -404,41 +451,53 @@ static void set_hostname_and_files(const struct config *c)
 		if (write_file("/etc/hostname", line, (size_t)n, O_TRUNC, 0644) < 0)
 			logmsg("/etc/hostname: %s", strerror(errno));
 	}
-	/* Append the host records, starting on a fresh line if the image's file lacks a
-	 * final newline.  Programs expect localhost to resolve, and scratch images often
-	 * ship no /etc/hosts: add Docker's localhost lines when no line names it.  A hosts
-	 * that is not a regular file (a FIFO would hang init) is the image's business. */
+	/* Add the host records, starting on a fresh line if the image's file lacks a final
+	 * newline.  Programs expect localhost to resolve, and scratch images often ship no
+	 * /etc/hosts: add Docker's localhost lines when no line names it.  The lines added
+	 * are tagged (HOSTS_TAG) and the last boot's are taken out first: the root disk
+	 * outlives a run, and a restarted machine's address may differ (the old line, found
+	 * first, named an address it no longer has).  Written to a new file renamed over
+	 * the old one.  A hosts that is not a regular file (a FIFO would hang init) is the
+	 * image's business. */
 	size_t len = 0;
 	char *old = read_file("/etc/hosts", 1 << 20, &len);
-	int not_regular = !old && errno == EINVAL;
-	int need_nl = old && len > 0 && old[len - 1] != '\n';
+	int unreadable = !old && errno != ENOENT;  /* (rewritten, it would lose its lines) */
+	int not_regular = unreadable && errno == EINVAL;
+	size_t kept = old ? drop_tagged_lines(old, len) : 0;
 	int need_localhost = !old || !names_localhost(old);
-	free(old);
 	if (not_regular) {
 		logmsg("/etc/hosts is not a regular file: no records added");
-	} else if (c->nhosts > 0 || need_localhost) {
-		int fd = open_regular("/etc/hosts", O_WRONLY | O_APPEND | O_CREAT, 0644);
-		if (fd < 0) {
-			logmsg("/etc/hosts: %s", errno == EINVAL ? "not a regular file" : strerror(errno));
-		} else {
-			if (need_nl)
-				write_all(fd, "\n", 1);
-			if (need_localhost) {
-				static const char lh[] =
-				    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
-				write_all(fd, lh, sizeof(lh) - 1);
-			}
-			for (int i = 0; i < c->nhosts; i++) {
-				write_all(fd, c->hosts[i].addr, strlen(c->hosts[i].addr));
-				for (int j = 0; j < c->hosts[i].nnames; j++) {
-					write_all(fd, j ? " " : "\t", 1);
-					write_all(fd, c->hosts[i].names[j], strlen(c->hosts[i].names[j]));
-				}
-				write_all(fd, "\n", 1);
-			}
-			close(fd);
+	} else if (unreadable) {
+		logmsg("/etc/hosts: %s: no records added", strerror(errno));
+	} else if (c->nhosts > 0 || need_localhost || kept != len) {
+		size_t cap = kept + 256;
+		for (int i = 0; i < c->nhosts; i++) {
+			cap += strlen(c->hosts[i].addr) + sizeof(HOSTS_TAG) + 1;
+			for (int j = 0; j < c->hosts[i].nnames; j++)
+				cap += strlen(c->hosts[i].names[j]) + 1;
 		}
+		char *buf = xrealloc(NULL, cap);
+		size_t n = 0;
+		if (kept) {
+			memcpy(buf, old, kept);
+			n = kept;
+			if (buf[n - 1] != '\n')
+				buf[n++] = '\n';
+		}
+		if (need_localhost)
+			n = append(buf, cap, n, "127.0.0.1\tlocalhost" HOSTS_TAG "\n"
+			                        "::1\tlocalhost ip6-localhost ip6-loopback" HOSTS_TAG "\n");
+		for (int i = 0; i < c->nhosts; i++) {
+			n = append(buf, cap, n, "%s", c->hosts[i].addr);
+			for (int j = 0; j < c->hosts[i].nnames; j++)
+				n = append(buf, cap, n, "%c%s", j ? ' ' : '\t', c->hosts[i].names[j]);
+			n = append(buf, cap, n, HOSTS_TAG "\n");
+		}
+		if (replace_file("/etc/hosts", buf, n, 0644) < 0)
+			logmsg("/etc/hosts: %s", strerror(errno));
+		free(buf);
 	}
+	free(old);
 	if (c->nnameservers > 0 || c->nsearch > 0) {
 		char buf[8192];
 		size_t n = 0;

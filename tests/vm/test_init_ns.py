@@ -468,10 +468,28 @@ def test_hostname_hosts_and_resolv_conf(root: Path) -> None:
     r = run_init(root, rc)
     assert r.stdout == (
         "web-1\nweb-1\n"
-        "127.0.0.1\tlocalhost\n10.0.0.1\tgateway gw\n10.0.0.2\tweb-1\n"
+        "127.0.0.1\tlocalhost\n10.0.0.1\tgateway gw\t# ember\n10.0.0.2\tweb-1\t# ember\n"
         "search example.com\nnameserver 10.0.0.1\nnameserver 1.1.1.1\n"
     )
     assert not (root / "etc" / "resolv.conf").is_symlink()
+
+
+def test_a_restart_replaces_the_host_records_of_the_run_before(root: Path) -> None:
+    """The root disk outlives a run: each start appended its records, and a machine
+    restarted with a new address found its own name on the old one first."""
+    hosts = root / "etc" / "hosts"
+    hosts.write_text("10.9.9.9 image-own\r\n")
+    hosts.chmod(0o640)
+    for addr in ("10.0.0.5", "10.0.0.9", "10.0.0.9"):
+        r = run_init(root, sh("cat /etc/hosts", hosts=(HostEntry(addr, ("abc123", "web")),)))
+        assert r.returncode == 0, r.console
+    assert hosts.read_bytes() == (
+        b"10.9.9.9 image-own\r\n"
+        b"127.0.0.1\tlocalhost\t# ember\n::1\tlocalhost ip6-localhost ip6-loopback\t# ember\n"
+        b"10.0.0.9\tabc123 web\t# ember\n"
+    )
+    assert hosts.stat().st_mode & 0o777 == 0o640  # the image's mode kept
+    assert not list((root / "etc").glob("hosts.*"))
 
 
 def test_fifo_passwd_group_and_hosts_do_not_hang_init(root: Path) -> None:
@@ -892,10 +910,10 @@ def test_mutated_configs_c_refuses_only_what_python_refuses(root: Path) -> None:
 @pytest.mark.parametrize(
     ("existing", "expected"),
     [
-        (None, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        (None, "127.0.0.1\tlocalhost\t# ember\n::1\tlocalhost ip6-localhost ip6-loopback\t# ember\n"),
         ("# localhost here is only a comment\n10.1.1.1 notlocalhost\n",
          "# localhost here is only a comment\n10.1.1.1 notlocalhost\n"
-         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+         "127.0.0.1\tlocalhost\t# ember\n::1\tlocalhost ip6-localhost ip6-loopback\t# ember\n"),
         ("127.0.0.1 localhost.localdomain localhost\n",
          "127.0.0.1 localhost.localdomain localhost\n"),
     ],
