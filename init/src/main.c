@@ -1007,6 +1007,13 @@ int main(int argc, char **argv)
 	 * signals it handles, and blocked ones are queued rather than dropped */
 	sigset_t all;
 	sigfillset(&all);
+	/* musl's sigfillset leaves out the signals it keeps for its own use (32-34: timers,
+	 * thread cancellation; init uses neither), and a signal PID 1 neither blocks nor
+	 * handles is dropped: set by hand (sigaddset refuses them), they are forwarded too
+	 * (glibc's SIGRTMIN is 34).  musl's sigset_t is the kernel's mask, bit N-1 for N. */
+	for (int sig = 32; sig <= 34; sig++)
+		((unsigned long *)(void *)&all)[(sig - 1) / (8 * sizeof(long))] |=
+		    1UL << ((sig - 1) % (8 * sizeof(long)));
 	sigprocmask(SIG_BLOCK, &all, NULL);
 	int sigfd = signalfd(-1, &all, SFD_CLOEXEC | SFD_NONBLOCK);
 
