@@ -135,9 +135,9 @@ def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
     client may resume: counted against the quota until it ends (they were uncounted, and
     sessions cut short one after another put any amount past the quota).  A monolithic
     POST cut short leaves no session: its client never got the URL to resume it."""
-    server.create_org("quota7")
-    t = Tenant(server, "quota7", server.create_token("quota7", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota7", "200000")
+    server.create_org("quota-heldcut")
+    t = Tenant(server, "quota-heldcut", server.create_token("quota-heldcut", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota-heldcut", "200000")
     uploads = server.home / "registry" / "uploads"
     data = os.urandom(50_000)
     auth = {"Authorization": f"Bearer {t.token}", "Content-Length": str(len(data))}
@@ -147,10 +147,10 @@ def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
         loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
         session = loc.split("/uploads/")[1].split("?")[0]
         send_partial(t.host, "PUT", at(loc, digest=held), auth, data[:30_000]).close()
-        poll_until(lambda: org_row(server, "quota7")["upload_bytes"] == 30_000,
+        poll_until(lambda: org_row(server, "quota-heldcut")["upload_bytes"] == 30_000,
                    "the cut PUT's bytes counted")  # fmt: skip
         assert (uploads / session).stat().st_size == 30_000
-        assert org_row(server, "quota7")["used_bytes"] == 80_000
+        assert org_row(server, "quota-heldcut")["used_bytes"] == 80_000
         send_partial(t.host, "POST", f"/v2/a/blobs/uploads/?digest={held}", auth, data[:30_000]).close()
         poll_until(lambda: {p.name for p in uploads.iterdir()} - before == {session},
                    "the cut POST's session gone")  # fmt: skip
@@ -160,7 +160,7 @@ def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
         r = c.put(at(r.headers["Location"], digest=held), content=data[30_000:],
                   headers={"Content-Range": f"30000-{len(data) - 1}"})  # fmt: skip
         assert r.status_code == 201, r.text
-    row = org_row(server, "quota7")
+    row = org_row(server, "quota-heldcut")
     assert (row["used_bytes"], row["upload_bytes"]) == (50_000, 0)
 
 
