@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ember.home import Home
 from ember.images import ImageService
+from ember.oci.config import parse_config
 from ember.registry.client.credentials import Credentials, CredentialStore
 from ember.registry.client.errors import AuthenticationFailed, BlobCorrupt
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy
@@ -41,6 +43,28 @@ def test_resume_when_server_ignores_range(
     gets = proxy.requests(f"/blobs/{big.digest}", "GET")
     assert len(gets) == 2 and gets[1].status == 200  # whole blob again, writer restarted
     assert service.content.exists(big.digest)
+
+
+def test_a_config_whose_download_started_over_is_read_from_its_verified_bytes(
+    service: ImageService, registry: Registry, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """The config is read as it arrives.  A registry that sent a forged start, cut the
+    connection and answered the resume with the whole real blob (200, Range ignored):
+    the reader went on where it was, and handed out the forged start with the real rest
+    as verified (the digest checks the second download only), so a pinned image's
+    config could be changed.  Now the start-over is seen and the stored blob read."""
+    ref = push_layout(busybox_layout, registry, "faults/forged")
+    config = service.pull(ref, progress=False).config_digest
+    other = ImageService(Home(tmp_path / "second-home"))
+    behaviour = Behaviour(cut_blob_after=40, ignore_range=True, corrupt_first_get={str(config)})
+    with (
+        misbehaving_proxy(registry.host, behaviour) as proxy,
+        other.pulling(ref.replace(registry.host, proxy.host, 1), progress=False) as pulled,
+    ):
+        handed = pulled.image.config
+    gets = proxy.requests(f"/blobs/{config}", "GET")
+    assert [g.status for g in gets] == [200, 200]  # the forged cut one, then the whole again
+    assert handed == parse_config(other.content.read_bytes(config))
 
 
 def test_corrupt_blob_refused_and_not_stored(

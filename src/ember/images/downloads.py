@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 
 from ember.images.cancel import Cancellation, PullCancelled
+from ember.images.errors import ImageError
 from ember.images.sources import Source
 from ember.oci.manifest import Descriptor
 from ember.store.content import ContentStore
@@ -45,6 +46,8 @@ class Download:
         #: bytes the ingest file holds, and whether they matched the digest
         self._size = 0
         self._verified = False
+        #: times the download started over from the blob's first byte (``reset``)
+        self._restarts = 0
 
     def finish(self, error: BaseException | None) -> None:
         """The download's end: the first one said wins (a cancelled pull finishes the
@@ -87,6 +90,7 @@ class Download:
     def reset(self) -> None:
         with self._changed:
             self._size = 0
+            self._restarts += 1
             self._changed.notify_all()
 
     def verified(self) -> None:
@@ -107,7 +111,7 @@ class Download:
                 self._changed.wait()
             if self._fd < 0 or self._done.is_set():
                 return None
-            return ArrivingBlob(self, os.dup(self._fd))
+            return ArrivingBlob(self, os.dup(self._fd), self._restarts)
 
     def close(self) -> None:
         """The pull is over: stop following the ingest file (readers keep their own copy)."""
@@ -122,13 +126,21 @@ class Download:
             os.close(self._fd)
             self._fd = -1
 
-    def _available(self, pos: int) -> int:
-        """Bytes readable from ``pos`` on: waits for more; 0 at the verified end; raises what
-        failed the download."""
+    def _available(self, pos: int, restarts: int) -> int:
+        """Bytes readable from ``pos`` on by a reader opened after ``restarts`` restarts:
+        waits for more; 0 at the verified end; raises what failed the download, and
+        BlobRestarted once it started over (see ``ArrivingBlob``)."""
         with self._changed:
             while True:
                 if self._error is not None:
                     raise self._error
+                if self._restarts != restarts:
+                    # Emptied under the reader: how the download ends says more (a digest
+                    # that failed, the store emptying the file for the next try) than this.
+                    if self._done.is_set():
+                        raise self._restarted()
+                    self._changed.wait()
+                    continue
                 if pos < self._size:
                     return self._size - pos
                 if self._verified and pos >= self._size:
@@ -137,6 +149,18 @@ class Download:
                     raise RuntimeError(f"download of {self.desc.digest} ended at {self._size} bytes")
                 self._changed.wait()
 
+    def _restarted(self) -> BlobRestarted:
+        return BlobRestarted(
+            f"the download of blob {self.desc.digest} started over while it was being "
+            "read (the registry ignored a resume after a cut connection, or sent bytes "
+            "that failed the digest): nothing read of it was kept",
+            hint="pull again",
+        )
+
+
+class BlobRestarted(ImageError):
+    """A blob's download started over while it was read as it arrived."""
+
 
 class ArrivingBlob(io.RawIOBase):
     """Reads a blob as its download writes it (``Download.open_arriving``).
@@ -144,27 +168,35 @@ class ArrivingBlob(io.RawIOBase):
     Bytes before the end are handed out as they arrive, unverified; the end (a
     read of 0 bytes) comes only once the whole blob matched its digest, and a
     failed download raises its error instead.  A download that starts over (the
-    registry ignored a resume's Range) rewrites the same bytes: reading goes on
-    where it was once they are back (a registry that served different bytes the
-    second time fails the digest, or the DiffID check of what was read)."""
+    registry ignored a resume's Range, after a cut connection) raises
+    BlobRestarted: the digest checks the second download's bytes only, so a
+    reader that went on where it was would get the first one's bytes and then
+    the second one's, handed out as verified (a registry could change a pinned
+    image's config that way)."""
 
-    def __init__(self, download: Download, fd: int) -> None:
+    def __init__(self, download: Download, fd: int, restarts: int) -> None:
         super().__init__()
         self._download = download
         self._fd = fd
         self._pos = 0
+        self._restarts = restarts
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
+        download = self._download
         while view.nbytes:
-            available = self._download._available(self._pos)
+            available = download._available(self._pos, self._restarts)
             if not available:
                 return 0
             n = os.preadv(self._fd, [view[: min(available, view.nbytes)]], self._pos)
-            if n:  # 0: the file was emptied by a restart meanwhile; wait for it again
+            if download._restarts != self._restarts:
+                # emptied (and maybe written again) meanwhile: these bytes may be the
+                # second download's; _available says how it ends
+                continue
+            if n:
                 self._pos += n
                 return n
         return 0

@@ -43,7 +43,7 @@ from functools import partial
 from pathlib import Path
 
 from ember.home import Home
-from ember.images.downloads import Download, Downloads
+from ember.images.downloads import BlobRestarted, Download, Downloads
 from ember.images.errors import AmbiguousImage, ImageNotFound, InvalidImage, InvalidSource
 from ember.images.locking import Claims, images_lock
 from ember.images.model import Image, Layer
@@ -154,13 +154,13 @@ class Pulling:
 def _verified_bytes(download: Download, content: ContentStore) -> bytes:
     """A small blob's bytes once they matched its digest: before the fsync and rename that
     store it, when it is being downloaded (the recorder waits for those, and fails the
-    pull if they fail)."""
+    pull if they fail); read from the store once its download started over."""
     arriving = download.open_arriving()
-    if arriving is None:
-        download.result()
-        return content.read_bytes(download.desc.digest)
-    with arriving:
-        return arriving.readall()
+    if arriving is not None:
+        with arriving, suppress(BlobRestarted):
+            return arriving.readall()
+    download.result()
+    return content.read_bytes(download.desc.digest)
 
 
 class _Recorder:

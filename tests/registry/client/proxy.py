@@ -38,6 +38,8 @@ class Behaviour:
     corrupt_blobs: bool = False
     #: flip one byte in the bodies of these blobs (digests) only
     corrupt_only: set[str] = field(default_factory=set)
+    #: flip one byte in the body of the first GET of these blobs (digests) only
+    corrupt_first_get: set[str] = field(default_factory=set)
     #: GETs of these blobs (digests) wait until ``release()`` (or the proxy stops)
     hold_blobs: set[str] = field(default_factory=set)
     #: seconds each blob GET waits before it is forwarded (a distant registry)
@@ -159,6 +161,11 @@ class MisbehavingProxy:
         seen.status = resp.status
         blob = _BLOB.match(h.path)
         corrupt = b.corrupt_blobs or any(d in h.path for d in b.corrupt_only)
+        if blob and h.command == "GET" and any(d in h.path for d in b.corrupt_first_get):
+            with self._lock:
+                if ("corrupt", h.path) not in self._cut:
+                    self._cut.add(("corrupt", h.path))
+                    corrupt = True
         if blob and h.command == "GET" and resp.status in (200, 206) and corrupt and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         if b.pad_manifests and "/manifests/" in h.path and resp.status == 200:
