@@ -1,5 +1,6 @@
 import base64
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -68,7 +69,6 @@ def test_token_cache_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
         ("127.0.0.1:5000", True),
         ("127.1.2.3", True),
         ("[::1]:5000", True),
-        ("registry.localhost:80", True),
         ("docker.io", False),
         ("10.0.0.1:5000", False),
         ("localhost.example.com", False),
@@ -77,6 +77,42 @@ def test_token_cache_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_plain_http_only_for_loopback(host: str, plain: bool) -> None:
     assert uses_plain_http(host) is plain
+
+
+@pytest.mark.parametrize(
+    ("addresses", "plain"),
+    [(["127.0.0.1", "::1"], True), (["127.0.0.1", "10.1.2.3"], False), ([], False), (None, False)],
+)
+def test_a_localhost_name_is_loopback_by_what_it_resolves_to(
+    monkeypatch: pytest.MonkeyPatch, addresses: list[str] | None, plain: bool
+) -> None:
+    """RFC 6761 makes *.localhost loopback, but glibc asks DNS for it (/etc/nsswitch.conf),
+    which may answer anything: plain HTTP (and credentials in clear) only for loopback."""
+
+    def getaddrinfo(name: str, *_a: object, **_k: object) -> list[tuple[object, ...]]:
+        assert name == "registry.localhost"
+        if addresses is None:
+            raise socket.gaierror("no such name")
+        return [(0, 0, 0, "", (a, 0)) for a in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert uses_plain_http("registry.localhost:80") is plain
+
+
+def test_credentials_go_in_clear_to_no_third_host() -> None:
+    """A plain-HTTP registry (loopback, or --plain-http) may name a plain-HTTP token realm
+    on its own host or on loopback; one on another host got the Basic credentials in
+    clear text (the rule said: unless the registry itself is plain HTTP)."""
+    from ember.registry.client.client import RegistryClient
+
+    with RegistryClient("127.0.0.1:5000") as loopback:
+        assert loopback._may_send_in_clear("127.0.0.1") and loopback._may_send_in_clear("localhost")
+        assert not loopback._may_send_in_clear("auth.example.com")
+    with RegistryClient("reg.example.com:5000", plain_http=True) as flagged:
+        assert flagged._may_send_in_clear("reg.example.com")
+        assert not flagged._may_send_in_clear("auth.example.com")
+    with RegistryClient("reg.example.com") as tls:
+        assert not tls._may_send_in_clear("reg.example.com")
 
 
 def test_content_range() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import socket
 import ssl
 import threading
 import time
@@ -99,12 +100,26 @@ def uses_plain_http(host: str) -> bool:
         name = name[1 : name.find("]")] if "]" in name else name
     else:
         name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
-    if name == "localhost" or name.endswith(".localhost"):
+    if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
+        pass
+    if name.endswith(".localhost"):
+        # RFC 6761 names it loopback, but a resolver that asks DNS for it (glibc's, by
+        # /etc/nsswitch.conf) may get anything: trusted by what it resolves to, as
+        # Docker decides by the addresses
+        return _resolves_to_loopback(name)
+    return False
+
+
+def _resolves_to_loopback(name: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
         return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 @dataclass(frozen=True)
@@ -227,12 +242,14 @@ class RegistryClient:
 
     def _fetch_token(self, realm: str, service: str, scope: str) -> str:
         try:
+            if not realm.isascii():  # (http.client cannot send it: a traceback)
+                raise ValueError(realm)
             origin, _target = split_url(realm)
         except ValueError:
             raise RegistryProtocolError(
                 f"registry {self.host} names an invalid token realm {realm[:200]!r}"
             ) from None
-        if origin.scheme == "http" and not self.plain_http and not uses_plain_http(origin.host):
+        if origin.scheme == "http" and not self._may_send_in_clear(origin.host):
             # Credentials would cross the network in clear text.
             raise RegistryProtocolError(
                 f"registry {self.host} asks for a token from a plain-HTTP realm {realm[:200]}: refused"
@@ -274,6 +291,7 @@ class RegistryClient:
                 or not token
                 or len(token) > 64 * 1024
                 or not token.isprintable()
+                or not token.isascii()  # a header value: http.client cannot send others
             ):
                 raise RegistryProtocolError(f"token service {origin.host} returned no usable token")
             if not isinstance(expires_in, int) or isinstance(expires_in, bool):
@@ -282,6 +300,15 @@ class RegistryClient:
             resp.close()
         self.tokens.put(realm, service, scope, token, expires_in)
         return token
+
+    def _may_send_in_clear(self, host: str) -> bool:
+        """Whether credentials may go to ``host`` over plain HTTP: a loopback host, or
+        the registry's own when it is spoken to in plain HTTP (loopback, or the user
+        said --plain-http for it); never a third host, whatever the registry is."""
+        if uses_plain_http(host):
+            return True
+        own = split_url(self.base_url)[0].host
+        return self.plain_http and host.lower() == own.lower()
 
     def _auth_failed(self) -> AuthenticationFailed:
         if self.credentials is None:

@@ -295,6 +295,9 @@ class ConnectionPool:
                 if reused and not isinstance(e, (TimeoutError, ssl.SSLError)):
                     continue  # the server closed the idle connection: once more on a new one
                 raise _transport_error(e, f"{method} {origin.netloc}") from None
+            except UnicodeError as e:  # a target or header value that is not ASCII/latin-1
+                conn.close()
+                raise TransportError(f"{method} {origin.netloc}: cannot be sent ({e})") from None
             return Response(self, key, conn, raw)
 
     def send(self, method: str, url: str, headers: dict[str, str]) -> Response:
@@ -308,6 +311,8 @@ class ConnectionPool:
             resp.close()
             url = urljoin(url, location)
             try:
+                if not url.isascii():  # (http.client cannot send it)
+                    raise ValueError(url)
                 new_origin = split_url(url)[0]
             except ValueError:
                 raise TransportError(f"redirected to an unusable URL {url[:200]!r}") from None
