@@ -222,6 +222,66 @@ def test_recover_unmounts_and_detaches_leftovers(home: Home) -> None:
     assert not snap.exists("build/b") and snap.is_committed(A)
 
 
+def test_stray_entries_in_the_pool_are_left_alone(home: Home) -> None:
+    """A file in active/ made recovery (which every command runs) fail with
+    NotADirectoryError, a file or an undecodable name in committed/ made `snapshot ls`
+    and gc fail: they are no snapshots of ember's, said and skipped."""
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {})
+    (snap.active_dir / "stray-file").write_text("x")
+    (snap.committed_dir / "stray-file").write_text("x")
+    (snap.committed_dir / "a%20b").mkdir()
+    snap.recover()
+    assert {s.name for s in snap.list()} == {A}
+    assert (snap.active_dir / "stray-file").exists() and (snap.committed_dir / "a%20b").is_dir()
+    (snap.active_dir / "stray-file").unlink()
+    (snap.committed_dir / "stray-file").unlink()
+    (snap.committed_dir / "a%20b").rmdir()
+
+
+def test_a_mount_waits_for_a_recovery_under_way(home: Home) -> None:
+    """Recovery reads the loop devices, then the mounts: a mount made between the two
+    looked like one nobody holds, and was unmounted under its builder.  Mounts take the
+    recovery's lock shared."""
+    import threading
+
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {"f": b"x"})
+    mounted = threading.Event()
+
+    def mount() -> None:
+        with snap.mount(A):
+            mounted.set()
+
+    with FileLock(snap.pool.locks / "recover.lock"):  # a recovery under way
+        t = threading.Thread(target=mount)
+        t.start()
+        assert not mounted.wait(0.5)
+    t.join(30)
+    assert mounted.is_set()
+
+
+def test_a_full_pool_is_no_missing_reflink(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from ember.snapshots import backends
+    from ember.snapshots.errors import PoolError, SnapshotError
+
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {})
+
+    def reflink(_src: int, _dest: int, err: int = errno.ENOSPC) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(backends, "reflink", reflink)
+    with pytest.raises(PoolError, match="no space left in the snapshot pool") as e:
+        snap.prepare("machine/x", A)
+    assert "backend to copy" not in str(e.value)
+    monkeypatch.setattr(backends, "reflink", lambda s, d: reflink(s, d, errno.EOPNOTSUPP))
+    with pytest.raises(SnapshotError, match="has no reflinks; set snapshots.backend to copy"):
+        snap.prepare("machine/y", A)
+
+
 def test_mount_is_released_on_error(home: Home) -> None:
     snap = Snapshotter(home)
     snap.prepare("k")

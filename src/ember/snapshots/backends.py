@@ -11,6 +11,7 @@ implement the same two calls with thin volumes and snapshots.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ember.fsutil import reflink
 from ember.snapshots import system
-from ember.snapshots.errors import SnapshotError
+from ember.snapshots.errors import PoolError, SnapshotError
 
 log = logging.getLogger("ember.snapshots")
 
@@ -49,10 +50,18 @@ class ReflinkBackend(Backend):
             except OSError as e:
                 os.close(dfd)
                 os.unlink(dest)
-                raise SnapshotError(
-                    f"cannot reflink {src.name}: {e.strerror} (the pool's file system has no reflinks;"
-                    " set snapshots.backend to copy)"
-                ) from e
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # a clone takes room for its metadata: a full pool, not missing reflinks
+                    raise PoolError(
+                        f"no space left in the snapshot pool to clone {src.name} ({e.strerror})",
+                        hint="free space (ember image rm, ember gc) or grow the pool (docs/snapshots.md)",
+                    ) from e
+                why = (
+                    " (the pool's file system has no reflinks; set snapshots.backend to copy)"
+                    if e.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY)
+                    else ""
+                )
+                raise SnapshotError(f"cannot reflink {src.name}: {e.strerror}{why}") from e
             os.close(dfd)
         finally:
             os.close(sfd)

@@ -54,6 +54,28 @@ from ember.snapshots.pool import Pool, open_pool, pool_exists, private_dir
 
 log = logging.getLogger("ember.snapshots")
 
+#: taken by ``recover`` (exclusive) and by every ``mount`` (shared), in the pool's locks
+RECOVER_LOCK = "recover.lock"
+
+
+def _stray(d: Path) -> bool:
+    """``d`` (in committed/ or active/) is no snapshot ember made: not a directory, or a
+    name that is no encoded key.  Said once, and left alone: one such entry made every
+    command that opens the store fail, or `snapshot ls` and gc."""
+    try:
+        name_ok = names.encode(names.decode(d.name)) == d.name
+    except SnapshotError:
+        name_ok = False
+    if name_ok and d.is_dir() and not d.is_symlink():
+        return False
+    if d not in _SAID_STRAY:
+        _SAID_STRAY.add(d)
+        log.warning("%s is no snapshot of ember's (left alone; remove it if nothing uses it)", d)
+    return True
+
+
+_SAID_STRAY: set[Path] = set()
+
 DISK = "disk.ext4"
 META = "meta.json"
 LOCK = "lock"
@@ -249,7 +271,7 @@ class Snapshotter:
         out: list[SnapshotInfo] = []
         for tree, kind in ((self.committed_dir, Kind.COMMITTED), (self.active_dir, Kind.ACTIVE)):
             for entry in sorted(os.listdir(tree)):
-                if entry.startswith("."):
+                if entry.startswith(".") or _stray(tree / entry):
                     continue
                 try:
                     out.append(self._info(tree / entry, kind))
@@ -487,8 +509,12 @@ class Snapshotter:
         target = self.pool.mnt / secrets.token_hex(8)
         device: system.LoopDevice | None = None
         try:
-            target.mkdir()
-            device = system.mount_image(d / DISK, target, readonly=readonly, barrier=barrier)
+            # Shared with other mounts, exclusive for ``recover``: it reads the loop
+            # devices, then the mounts; one made between its two reads looked like a
+            # mount nobody holds, and was unmounted under its builder.
+            with FileLock(self.pool.locks / RECOVER_LOCK, shared=True):
+                target.mkdir()
+                device = system.mount_image(d / DISK, target, readonly=readonly, barrier=barrier)
             yield target
         except BaseException:
             self._release_mount(target, device, failing=True)
@@ -675,7 +701,7 @@ class Snapshotter:
         process is never disturbed.  Returns a line per action, for logs.
         """
         done: list[str] = []
-        with FileLock(self.pool.locks / "recover.lock"):
+        with FileLock(self.pool.locks / RECOVER_LOCK):
             # 1. mounts of our snapshots nobody holds
             loops = {(lo.major, lo.minor): lo for lo in system.loops_backed_under(self.pool.root)}
             for m in system.mounts_under(self.pool.mnt):
@@ -715,6 +741,8 @@ class Snapshotter:
             # 3. half-created and half-built snapshots, and the trash
             for entry in sorted(os.listdir(self.active_dir)):
                 d = self.active_dir / entry
+                if not entry.startswith(".new-") and _stray(d):
+                    continue
                 if entry.startswith(".new-") and not (d / LOCK).exists() and _age(d) < 10:
                     continue  # its creator is between mkdir and taking the lock
                 lock = try_lock(d / LOCK)
