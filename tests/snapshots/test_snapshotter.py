@@ -59,6 +59,25 @@ def test_pool_is_mounted_again_after_a_reboot(home: Home) -> None:
         assert (root / "f").read_bytes() == b"kept"
 
 
+def test_a_pool_file_moved_and_symlinked_back_is_its_own_mount(home: Home, tmp_path: Path) -> None:
+    """The pool file moved to a bigger disk and symlinked: the first command after the
+    reboot mounted it, every later one said it was mounted from another device (the
+    kernel names the resolved file)."""
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {"f": b"kept"})
+    close_pool(home)
+    image = snap.pool.image
+    assert image is not None
+    moved = tmp_path / "bigger-disk" / image.name
+    moved.parent.mkdir()
+    os.rename(image, moved)
+    image.symlink_to(moved)
+    Snapshotter(home)  # mounts it again
+    again = Snapshotter(home)  # finds it mounted
+    with again.mount(A) as root:
+        assert (root / "f").read_bytes() == b"kept"
+
+
 def test_a_lost_pool_json_never_reformats_the_pool(home: Home) -> None:
     snap = Snapshotter(home)
     _commit_with(snap, A, None, {"f": b"kept"})

@@ -203,7 +203,10 @@ def _ensure_mounted(image: Path, root: Path) -> None:
     for m in system.mounts():
         if m.mountpoint != root:
             continue
-        ours = [lo for lo in system.loop_devices() if lo.backing_file == str(image)]
+        # the kernel names a loop device's file by its resolved path (a pool.img moved
+        # to a bigger disk and symlinked back was "mounted from another device")
+        backing = os.path.realpath(image)
+        ours = [lo for lo in system.loop_devices() if lo.backing_file == backing]
         if any((lo.major, lo.minor) == (m.major, m.minor) for lo in ours):
             return
         raise PoolError(f"{root} is mounted from {m.source}, not from the pool file {image}")

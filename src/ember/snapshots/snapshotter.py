@@ -411,11 +411,12 @@ class Snapshotter:
         image, reserve = self.pool.image, self.config.host_reserve
         if image is None or reserve <= 0:
             return
-        st = os.statvfs(image.parent)
+        under = Path(os.path.realpath(image)).parent  # (a pool file moved and symlinked back)
+        st = os.statvfs(under)
         free = st.f_bavail * st.f_frsize
         if free < reserve:
             raise PoolError(
-                f"the file system under the snapshot pool ({image.parent}) has "
+                f"the file system under the snapshot pool ({under}) has "
                 f"{free >> 20} MiB free, less than the {reserve >> 20} MiB ember keeps "
                 "there (snapshots.host_reserve): the pool file would grow into a full disk",
                 hint="free space on that file system, or remove images and machines "
