@@ -1036,17 +1036,18 @@ def remove(
                 mstate.record_removed_exit(home.run, st)
             except OSError as e:
                 log.warning("cannot keep machine %s's exit code: %s", st.name, e)
-    try:
-        # Under the machine's lock, which `ember start` holds while it sets the machine
-        # up: one that took the machine since it was looked at above (a network, a new
-        # monitor) must not have it freed under it.  That start then finds it gone.
-        with mstate.locked(d):
+    # Under the machine's lock, which `ember start` holds while it sets the machine up:
+    # one that took the machine since it was looked at above (a network, a new monitor)
+    # must not have it freed under it.  That start then finds it gone.
+    with contextlib.ExitStack() as locked:
+        try:
+            locked.enter_context(_locked_unless_removed(d, st.name))
             cur = mstate.read_state(d)
-            if _run_of(cur) == _run_of(st):
-                _release_and_delete(home, st.id, st.name)
-                return
-    except FileNotFoundError:
-        return  # removed by another command meanwhile
+        except (MachineNotFound, FileNotFoundError):
+            return  # removed by another command meanwhile
+        if _run_of(cur) == _run_of(st):
+            _release_and_delete(home, st.id, st.name)
+            return
     if not force or _retries <= 0:
         raise MachineRunning(
             f"machine {st.name} was started by another ember command meanwhile",
