@@ -708,16 +708,18 @@ class Snapshotter:
             for m in system.mounts_under(self.pool.mnt):
                 lo = loops.get((m.major, m.minor))
                 owner = Path(lo.backing_file).parent if lo else None
+                # (with its device: once released, another program may bind that
+                # number at once, and the wait must not take its file for ours)
                 if owner is not None and owner.exists():
                     lock = try_lock(owner / LOCK)
                     if lock is None:
                         continue
                     try:
-                        system.unmount(m.mountpoint)
+                        system.unmount(m.mountpoint, device=lo)
                     finally:
                         lock.release()
                 else:
-                    system.unmount(m.mountpoint)
+                    system.unmount(m.mountpoint, device=lo)
                 done.append(f"unmounted {m.mountpoint}")
                 with suppress(OSError):
                     m.mountpoint.rmdir()
