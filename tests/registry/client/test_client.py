@@ -347,3 +347,37 @@ def test_a_stored_blob_described_with_another_size_is_refused(tmp_path: Path) ->
         with pytest.raises(RegistryError, match=f"describes blob {Digest.of(blob)} as {4 << 30} bytes; it is 12"):
             client.fetch_blob("app", lying, store)
     assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        # a realm, a redirect and a token that HTTP cannot carry: http.client raised
+        # UnicodeEncodeError, which nothing caught (a traceback)
+        (b'WWW-Authenticate: Bearer realm="http://127.0.0.1:PORT/tok\xc3\xa9n"', None,
+         "invalid token realm"),
+        (b"Location: /v2/caf\xc3\xa9", None, "unusable URL"),
+        (b'WWW-Authenticate: Bearer realm="http://127.0.0.1:PORT/token"',
+         '{"token": "t\u20ac"}'.encode(), "returned no usable token"),
+    ],
+)  # fmt: skip
+def test_what_http_cannot_carry_is_one_error_not_a_crash(
+    first: bytes, then: bytes | None, message: str
+) -> None:
+    port = [0]
+
+    def answer(n: int, _request: bytes) -> bytes:
+        if n == 0:
+            status = b"307 Temporary Redirect" if first.startswith(b"Location") else b"401 Unauthorized"
+            header = first.replace(b"PORT", str(port[0]).encode())
+            return b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n" + header + b"\r\n\r\n"
+        body = then or b"{}"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+    with raw_server(answer) as (listening, _seen):
+        port[0] = listening
+        with (
+            RegistryClient(f"127.0.0.1:{listening}", retries=0, backoff=0.01) as client,
+            pytest.raises(RegistryError, match=message),
+        ):
+            client.get_manifest("app", "latest")
