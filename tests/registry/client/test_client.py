@@ -381,3 +381,26 @@ def test_what_http_cannot_carry_is_one_error_not_a_crash(
             pytest.raises(RegistryError, match=message),
         ):
             client.get_manifest("app", "latest")
+
+
+def test_a_loopback_registry_sends_no_credentials_to_a_plain_http_realm_elsewhere() -> None:
+    """The registry is on loopback (plain HTTP), its token realm a plain-HTTP URL on
+    another host: the Basic credentials went there in clear text (through any proxy on
+    the way); now the realm is refused before anything is sent to it (the old client
+    tried to reach it: unreachable here, another error)."""
+    from ember.registry.client.credentials import Credentials
+    from ember.registry.client.errors import RegistryProtocolError
+
+    def answer(_n: int, _request: bytes) -> bytes:
+        return (
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
+            b'WWW-Authenticate: Bearer realm="http://auth.example.com/token",service="x"\r\n\r\n'
+        )
+
+    with raw_server(answer) as (listening, _seen):
+        credentials = Credentials("alice", "s3cret")
+        with (
+            RegistryClient(f"127.0.0.1:{listening}", credentials=credentials, retries=0) as client,
+            pytest.raises(RegistryProtocolError, match="plain-HTTP realm .*: refused"),
+        ):
+            client.get_manifest("app", "latest")
