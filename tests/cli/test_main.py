@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import EMBER, ember_env, run_ember
+from tests.support.images import copy_layout
 
 
 def ember(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -75,6 +76,23 @@ def test_an_error_quoting_a_huge_argument_stays_bounded(tmp_path: Path) -> None:
     assert res.stderr.startswith("ember: invalid machine name '///")
     assert re.search(r"\.\.\. \(9\d{4} more characters\)$", res.stderr.rstrip())
     assert len(res.stderr) < 2100 and res.stderr.count("\n") == 1
+
+
+def test_what_a_message_quotes_cannot_drive_the_terminal(tmp_path: Path, busybox_layout: Path) -> None:
+    """An OCI layout's tags are quoted in the error for a missing tag: an escape sequence
+    (OSC: retitle the terminal) and a newline (a line ember did not write) went out raw."""
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    index = json.loads((layout / "index.json").read_text())
+    tagged = index["manifests"][0]
+    index["manifests"] = [
+        {**tagged, "annotations": {"org.opencontainers.image.ref.name": name}}
+        for name in ("v1\x1b]0;PWNED\x07", "v2\nember: pulled fine")
+    ]
+    (layout / "index.json").write_text(json.dumps(index))
+    res = ember(tmp_path / "home", "image", "pull", f"oci:{layout}:nope")
+    assert res.returncode != 0
+    assert res.stderr.count("\n") == 1 and "\x1b" not in res.stderr and "\x07" not in res.stderr, res.stderr
+    assert "(tags: v1\\x1b]0;PWNED\\x07, v2\\nember: pulled fine)" in res.stderr, res.stderr
 
 
 @pytest.mark.root  # a snapshot pool: loop device, mount

@@ -53,7 +53,7 @@ def warnings_as_messages() -> None:
     class WarningLine(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             try:
-                click.echo(f"ember: {record.getMessage()}", err=True)
+                click.echo(f"ember: {printable(record.getMessage())}", err=True)
             except Exception:
                 self.handleError(record)
 
@@ -61,6 +61,15 @@ def warnings_as_messages() -> None:
     if logger.handlers or logging.getLogger().handlers:
         return
     logger.addHandler(WarningLine(logging.WARNING))
+
+
+def printable(text: str) -> str:
+    """``text`` as one line of plain text: newlines, escape sequences and other control
+    characters shown escaped (``\\n``, ``\\x1b``), as ``docker ps`` quotes its COMMAND
+    column.  For what ember prints that came from outside (an image's values, a tag, a
+    tool's last words): a terminal must not act on it, nor a log reader see a line that
+    ember did not write."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def say(text: str) -> None:

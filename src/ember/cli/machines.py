@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ember.cli.common import home_from_ctx, json_option, print_json, say, warnings_as_messages
+from ember.cli.common import (
+    home_from_ctx,
+    json_option,
+    print_json,
+    printable,
+    say,
+    warnings_as_messages,
+)
 from ember.errors import EmberError
 from ember.home import Home
 from ember.machines.controllines import NO_STOP_TIMEOUT
@@ -121,12 +128,6 @@ def _ports(st: MachineState) -> str:
     return ", ".join(f"{h}:{span(hp, n)}->{span(gp, n)}/{proto}" for h, proto, hp, gp, n in runs)
 
 
-def _printable(text: str) -> str:
-    """A value from an image (its Cmd) as one line of plain text: newlines and control
-    characters escaped, as ``docker ps`` quotes its COMMAND column."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def find_machine(ref: str, home: Home | None = None) -> MachineState:
     """The machine ``ref`` names, its record repaired if its monitor is gone (which may
     remove a --rm machine: the caller shows lifecycle's warnings, ``warnings_as_messages``)."""
@@ -171,9 +172,9 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     header = ("MACHINE ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")
     rows = []
     for m in machines:
-        cmd = _printable(" ".join(m.command))
+        cmd = printable(" ".join(m.command))
         cmd = cmd if len(cmd) <= 30 else cmd[:29] + "…"
-        rows.append((m.short_id, _printable(m.image), f'"{cmd}"', _ago(m.created_at),
+        rows.append((m.short_id, printable(m.image), f'"{cmd}"', _ago(m.created_at),
                      _status(m), _ports(m), m.name))  # fmt: skip
     # plain aligned columns (like docker ps): never wrapped, so scripts and narrow pipes
     # see one machine per line

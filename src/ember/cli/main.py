@@ -150,9 +150,14 @@ MESSAGE_LIMIT = 2000
 
 
 def _bounded(message: str) -> str:
-    if len(message) <= MESSAGE_LIMIT:
-        return message
-    return f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
+    """The message as one line a terminal shows as text: it may quote a tag, a file name
+    or a tool's output, and an escape sequence in those must not reach the terminal
+    (click strips only colour codes, and only when stderr is not one)."""
+    from ember.cli.common import printable  # on the error path only: it loads ember.home
+
+    if len(message) > MESSAGE_LIMIT:
+        message = f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
+    return printable(message)
 
 
 def describe_os_error(e: OSError) -> str:
