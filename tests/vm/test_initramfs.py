@@ -82,6 +82,25 @@ def test_compressed_modules_are_decompressed(tmp_path: Path) -> None:
         read_module(p)
 
 
+def test_corrupt_gzip_and_zstd_modules_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    """zlib.error and ZstdError are not OSErrors: a bad --kernel-modules file was a
+    traceback."""
+    import gzip
+
+    import zstandard
+
+    elf = b"\x7fELF" + os.urandom(1000)
+    packed = {"m.ko.gz": gzip.compress(elf), "m.ko.zst": zstandard.ZstdCompressor().compress(elf)}
+    for name, data in packed.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        assert read_module(p) == elf
+        # a bad deflate block type; a frame that names a dictionary it was not given
+        p.write_bytes(data[:10] + b"\xff" * 8 if name.endswith(".gz") else data[:5] + b"\xff\xff\xff\xff" + data[9:])
+        with pytest.raises(KernelError, match=f"module {p} is corrupt"):
+            read_module(p)
+
+
 def test_find_init(tmp_path: Path, ember_init: Path) -> None:
     assert find_init() == ember_init
     with pytest.raises(InitNotBuilt, match="make init"):

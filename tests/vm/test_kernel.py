@@ -86,8 +86,8 @@ def test_payload_decompression_is_bounded(compress: str) -> None:
     payload = _fake_bzimage(packed)
     assert extract_vmlinux(payload) == bomb  # under the default limit: whole
     with pytest.raises(KernelError, match="decompresses to more than 1 MiB"):
-        kernel_module._decompress_payload(packed, limit=1 << 20)
-    assert kernel_module._decompress_payload(packed, limit=len(bomb)) == bomb
+        kernel_module.decompress_bounded(packed, limit=1 << 20)
+    assert kernel_module.decompress_bounded(packed, limit=len(bomb)) == bomb
 
 
 def test_oversized_kernel_file_is_refused(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     payload = bzimage[start : start + length]
     if len(payload) != length or length == 0:
         raise KernelError("bzImage payload lies outside the file")
-    elf = _decompress_payload(payload)
+    elf = decompress_bounded(payload)
     if elf[:4] != _ELF_MAGIC:
         raise KernelError("bzImage payload did not decompress to an ELF kernel")
     return elf
@@ -110,7 +110,11 @@ _ET_EXEC = 2
 MAX_KERNEL_BYTES = 1 << 30
 
 
-def _decompress_payload(payload: bytes, limit: int = MAX_KERNEL_BYTES) -> bytes:
+def decompress_bounded(
+    payload: bytes, limit: int = MAX_KERNEL_BYTES, what: str = "bzImage payload"
+) -> bytes:
+    """``payload`` (xz, gzip, zstd or lzma, told by its magic) decompressed, at most
+    ``limit`` bytes of it; a corrupt or oversized stream is a KernelError about ``what``."""
     # The kernel appends the decompressed size after the stream: decompressors
     # must stop at the end of their stream rather than reject trailing bytes.
     # Each one is asked for at most limit + 1 bytes, so a bomb costs limit, not more.
@@ -120,31 +124,28 @@ def _decompress_payload(payload: bytes, limit: int = MAX_KERNEL_BYTES) -> bytes:
         elif payload[:2] == b"\x1f\x8b":
             out = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload, limit + 1)
         elif payload[:4] == b"\x28\xb5\x2f\xfd":
-            out = _unzstd(payload, limit + 1)
+            out = _unzstd(payload, limit + 1, what)
         elif payload[:3] == b"\x5d\x00\x00":
             out = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload, limit + 1)
         else:
             raise KernelError(
-                f"bzImage payload compression {payload[:6].hex()} is not supported "
-                "(xz, gzip, zstd, lzma)"
+                f"{what}: compression {payload[:6].hex()} is not supported (xz, gzip, zstd, lzma)"
             )
     except (lzma.LZMAError, zlib.error, OSError, EOFError) as e:
-        raise KernelError(f"bzImage payload is corrupt: {e}") from None
+        raise KernelError(f"{what} is corrupt: {e}") from None
     if len(out) > limit:
-        raise KernelError(
-            f"bzImage payload decompresses to more than {limit >> 20} MiB: not a kernel ember boots"
-        )
+        raise KernelError(f"{what} decompresses to more than {limit >> 20} MiB: not something ember boots")
     return out
 
 
-def _unzstd(payload: bytes, at_most: int) -> bytes:
+def _unzstd(payload: bytes, at_most: int, what: str) -> bytes:
     import zstandard  # only zstd kernels pay for the import
 
     try:
         with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
             return reader.read(at_most)
     except zstandard.ZstdError as e:
-        raise KernelError(f"bzImage payload is corrupt: {e}") from None
+        raise KernelError(f"{what} is corrupt: {e}") from None
 
 
 # ---- Debian's kernel through apt ---------------------------------------------------------
