@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import importlib.machinery
 import json
+import linecache
 import os
 import signal
 import socket
+import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
@@ -80,7 +84,8 @@ def _report(fd: int, report: dict[str, object]) -> None:
 
 def _detach_from_parent(keep: set[int]) -> None:
     """First steps of every applier child: no collector, default SIGINT and SIGTERM,
-    /dev/null as stdio, nothing open but ``keep``."""
+    /dev/null as stdio, nothing open but ``keep``, an interpreter that reads no file
+    of its own accord (``_seal_interpreter``)."""
     # The parent's objects stay alive in this copy of its heap; a collection
     # could close a file object whose descriptor number we have since reused.
     gc.disable()
@@ -92,6 +97,33 @@ def _detach_from_parent(keep: set[int]) -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     _close_all_but(keep)
+    _seal_interpreter()
+
+
+def _no_source_lines(filename: str, module_globals: object = None) -> list[str]:
+    return []
+
+
+def _seal_interpreter() -> None:
+    """Leave the interpreter nothing that reads a file the applier did not open itself.
+
+    Inside the chroot every path names what the layers wrote.  A Python that
+    imports a module, or looks up a source line for a traceback or a warning,
+    reads one: a layer that puts ``usr/lib/python3.11/encodings/x.py`` there and
+    a ``# coding: x`` line in the source file of a frame (``tarfile.py``) had its
+    code run as root by the lookup of that line, code that could leave the
+    chroot; a fifo there hung the child, ``/dev/zero`` filled its memory.  So
+    the path-based importer goes (modules already imported stay usable; any
+    other import fails: the applier imports nothing once it runs), source lines
+    read as absent, warnings and unraisable errors are dropped unformatted.
+    """
+    sys.meta_path[:] = [f for f in sys.meta_path if f is not importlib.machinery.PathFinder]
+    sys.path_importer_cache.clear()
+    linecache.clearcache()
+    linecache.getlines = _no_source_lines
+    linecache.updatecache = _no_source_lines
+    warnings.simplefilter("ignore")
+    sys.unraisablehook = lambda _unraisable: None
 
 
 def _enter(root_fd: int) -> None:
@@ -128,9 +160,10 @@ def _failure(e: BaseException) -> dict[str, object]:
                 "message": f"cannot enter the target root ({e.strerror}): applying layers needs root"}
     if isinstance(e, OSError):
         return {"ok": False, "kind": "unpack", "message": f"{e.strerror or e}"}
-    # a bug: say where, the parent raises it as an UnpackError
-    tb = traceback.extract_tb(e.__traceback__)[-3:]
-    where = "; ".join(f"{f.name}:{f.lineno}" for f in tb)
+    # a bug: say where, the parent raises it as an UnpackError.  Names and line
+    # numbers only: extract_tb would read source files, here the layers' files.
+    frames = list(traceback.walk_tb(e.__traceback__))[-3:]
+    where = "; ".join(f"{frame.f_code.co_name}:{lineno}" for frame, lineno in frames)
     return {"ok": False, "kind": "unpack",
             "message": f"internal error in the layer applier: {type(e).__name__}: {e} [{where}]"}
 
@@ -138,17 +171,17 @@ def _failure(e: BaseException) -> dict[str, object]:
 def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
     """Never returns: applies the tar on each of ``data_fds`` in turn inside the root, then ``_exit``s."""
     code = 1
-    report: dict[str, object] | None = None
-    try:
-        _detach_from_parent({root_fd, report_fd, *data_fds})
-        _enter(root_fd)
-        os.umask(0)
-        for data_fd in data_fds:
-            _report(report_fd, {"ok": True, "counts": _apply_one(data_fd)})
-        code = 0
-    except BaseException as e:
-        report = _failure(e)
-    try:
+    try:  # whatever happens below, this process ends here: it never returns to its caller
+        report: dict[str, object] | None = None
+        try:
+            _detach_from_parent({root_fd, report_fd, *data_fds})
+            _enter(root_fd)
+            os.umask(0)
+            for data_fd in data_fds:
+                _report(report_fd, {"ok": True, "counts": _apply_one(data_fd)})
+            code = 0
+        except BaseException as e:
+            report = _failure(e)
         if report is not None:
             _report(report_fd, report)
     finally:
@@ -487,7 +520,7 @@ def _kill_and_reap(pid: int) -> None:
 _CTL_MESSAGE = 64 * 1024  # largest control message: a report
 
 
-def _session_child(ctl: socket.socket) -> None:
+def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
     """Never returns: applies layers on command until the parent hangs up, then ``_exit``s.
 
     Commands (one datagram each, descriptors attached): ``apply`` with the root
@@ -498,27 +531,28 @@ def _session_child(ctl: socket.socket) -> None:
     Any failure is reported, then the child exits.
     """
     code = 1
-    report: dict[str, object] | None = None
-    try:
-        _detach_from_parent({ctl.fileno()})
-        os.umask(0)
-        while True:
-            msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
-            if not msg:  # the parent closed the session
-                code = 0
-                break
-            if msg == b"apply" and len(fds) == 2:
-                root_fd, data_fd = fds
-                _enter(root_fd)
-                ctl.send(json.dumps({"ok": True, "counts": _apply_one(data_fd)}).encode())
-            elif msg == b"park" and len(fds) == 1:
-                _enter(fds[0])
-                ctl.send(b'{"ok": true, "parked": true}')
-            else:
-                raise UnpackError(f"the layer applier got a bad command ({msg[:20]!r}, {len(fds)} fds)")
-    except BaseException as e:
-        report = _failure(e)
-    try:
+    try:  # whatever happens below, this process ends here: it never returns to its caller
+        report: dict[str, object] | None = None
+        try:
+            parent_end.close()
+            _detach_from_parent({ctl.fileno()})
+            os.umask(0)
+            while True:
+                msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
+                if not msg:  # the parent closed the session
+                    code = 0
+                    break
+                if msg == b"apply" and len(fds) == 2:
+                    root_fd, data_fd = fds
+                    _enter(root_fd)
+                    ctl.send(json.dumps({"ok": True, "counts": _apply_one(data_fd)}).encode())
+                elif msg == b"park" and len(fds) == 1:
+                    _enter(fds[0])
+                    ctl.send(b'{"ok": true, "parked": true}')
+                else:
+                    raise UnpackError(f"the layer applier got a bad command ({msg[:20]!r}, {len(fds)} fds)")
+        except BaseException as e:
+            report = _failure(e)
         if report is not None:
             if isinstance(report.get("message"), str):
                 report["message"] = str(report["message"])[:2000]
@@ -558,8 +592,7 @@ def _fork_session() -> tuple[int, socket.socket]:
         child.close()
         raise
     if pid == 0:
-        parent.close()
-        _session_child(child)
+        _session_child(child, parent)
     child.close()
     return pid, parent
 
