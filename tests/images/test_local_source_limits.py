@@ -166,7 +166,7 @@ def test_a_docker_archive_pulls_within_the_memory_limit_the_hostile_ones_get(
 @pytest.mark.parametrize(
     ("hostile", "message"),
     [
-        ("negative-size", "is truncated or damaged (tar entry 'x' has a negative size)"),
+        ("negative-size", "is truncated or damaged (tar entry 'x' has an invalid size (-512))"),
         ("pax-digits", "invalid tar header at offset 0: malformed pax record"),
         ("huge-long-name", "tar header at offset 512 is too large (4611686018427387904 bytes)"),
         ("huge-pax-hole", "tar header at offset 512 is too large (4294967296 bytes)"),

@@ -96,7 +96,9 @@ class LayerApplier:
         self.touched: set[str] = set()
         #: directories with something this layer touched below them
         self._holds_touched: set[str] = set()
-        self._dir_times: list[tuple[str, int]] = []
+        #: directory -> mtime its last header gave, set once the layer is done (insertion
+        #: order: a directory's header comes before its children's, whose times go first)
+        self._dir_times: dict[str, int] = {}
         self.counts = {
             "entries": 0, "files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0,
             "devices": 0, "whiteouts": 0, "bytes_written": 0, "hole_bytes": 0,
@@ -255,9 +257,12 @@ class LayerApplier:
         os.chmod(path, info.mode & 0o7777)  # path is a real directory here, not a symlink
         for name, value in _xattrs(info):
             self._setxattr(path, name, value, info, regular=True)
+        # A directory's header may come again (a hostile layer: once per entry, each
+        # growing a list): the last one's time is the directory's, as its mode is.
+        self._dir_times.pop(path, None)
         ns = _mtime_ns(info)
         if ns is not None:
-            self._dir_times.append((path, ns))
+            self._dir_times[path] = ns
         self._touch(path)
 
     def _symlink(self, path: str, info: tarfile.TarInfo) -> None:
@@ -377,7 +382,7 @@ class LayerApplier:
                     self._remove(path)
 
     def _finish_dirs(self) -> None:
-        for path, ns in reversed(self._dir_times):
+        for path, ns in reversed(self._dir_times.items()):
             with suppress(FileNotFoundError):  # removed later in the same layer
                 os.utime(path, ns=(ns, ns), follow_symlinks=False)
 

@@ -173,11 +173,75 @@ _PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, t
 _DATA_TYPES = frozenset(tarfile.REGULAR_TYPES)
 
 
-def _octal(field: bytes) -> int:
-    if field[0] & 0x80:
-        n: int = tarfile.nti(field)  # type: ignore[attr-defined]  # GNU base-256
-        return n
-    return int(field.split(b"\0", 1)[0] or b"0", 8)
+_OCTAL_DIGITS = b"01234567"
+
+
+def _octal(field: bytes) -> int | None:
+    """A numeric header field's value where tarfile and Go's archive/tar (Docker,
+    containerd, umoci) read the same number from it; None where they do not, or where
+    either refuses it.
+
+    They differ on fields no writer makes: tarfile stops at the first NUL, so a field
+    that starts with one is 0 to it, where Go skips leading NULs and reads the
+    digits after them (a size read differently frames every entry after it
+    differently: ember saw a file that Docker did not, a uid of 0 that was 1000);
+    tarfile's int() also takes signs, underscores and inner spaces, which Go refuses.
+    """
+    text = field.rstrip(b" \x00")
+    if text.isdigit():  # ASCII digits only (all but a few fields): padding after them
+        try:
+            return int(text, 8)
+        except ValueError:  # an 8 or a 9
+            return None
+    if field[0] & 0x80:  # base-256, as both read it (tarfile refuses leads Go takes)
+        try:
+            value: int = tarfile.nti(field)  # type: ignore[attr-defined]
+        except tarfile.HeaderError:
+            return None
+        return value
+    if b"\x00" in text:  # a NUL before digits: 0 to tarfile, not to Go
+        return None
+    text = text.lstrip(b" ")
+    if text.translate(None, _OCTAL_DIGITS):
+        return None
+    return int(text, 8) if text else 0
+
+
+#: where the numeric fields of a header block lie: mode, uid, gid, size, mtime,
+#: checksum, device major and minor
+_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156),
+                   (329, 337), (337, 345))
+#: an old GNU sparse header's: four (offset, length) pairs of its map, its real size
+_OLD_GNU_SPARSE_FIELDS = (*((386 + 12 * i, 398 + 12 * i) for i in range(8)), (483, 495))
+
+
+def _check_numeric_fields(block: bytes) -> None:
+    fields = _NUMERIC_FIELDS + (_OLD_GNU_SPARSE_FIELDS if block[156:157] == tarfile.GNUTYPE_SPARSE else ())
+    for start, end in fields:
+        if _octal(block[start:end]) is None:
+            raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]
+                f"a numeric field (bytes {start}-{end}) that tar readers read differently: "
+                f"{block[start:end]!r}"
+            )
+
+
+def _old_gnu_sparse_map(block: bytes, start: int, entries: int) -> list[tuple[int, int]]:
+    """The (offset, length) pairs of an old GNU sparse map in ``block``, read as GNU tar
+    and Go do: up to the first entry whose offset field starts with a NUL.  (tarfile
+    reads past such an entry, and drops zero pairs in extension blocks: the file's
+    data would be placed elsewhere than Docker places it.)"""
+    regions: list[tuple[int, int]] = []
+    for i in range(entries):
+        pos = start + 24 * i
+        if block[pos] == 0:
+            if block[pos:start + 24 * entries].strip(b"\x00"):
+                raise tarfile.InvalidHeaderError("an old GNU sparse map goes on after its end")  # type: ignore[attr-defined]
+            break
+        offset, length = _octal(block[pos:pos + 12]), _octal(block[pos + 12:pos + 24])
+        if offset is None or length is None:
+            raise tarfile.InvalidHeaderError("an invalid old GNU sparse map entry")  # type: ignore[attr-defined]
+        regions.append((offset, length))
+    return regions
 
 
 def _fast_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
@@ -187,19 +251,16 @@ def _fast_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
      devmajor, devminor, prefix) = _USTAR.unpack(block)
     if type_ not in _PLAIN_TYPES:
         return None
+    numbers = [_octal(f) for f in (chksum, mode, uid, gid, size, mtime, devmajor, devminor)]
+    if None in numbers:
+        return None  # tarfile's decoder says what is wrong
+    if numbers[0] != 256 + sum(block) - sum(block[148:156]):
+        return None  # tarfile also accepts signed-char checksums, or explains
     try:
-        if int(chksum.split(b"\0", 1)[0] or b"0", 8) != 256 + sum(block) - sum(block[148:156]):
-            return None  # tarfile also accepts signed-char checksums, or explains
         ti = tarfile.TarInfo(name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
-        ti.mode = _octal(mode)
-        ti.uid = _octal(uid)
-        ti.gid = _octal(gid)
-        ti.size = _octal(size)
-        ti.mtime = _octal(mtime)
-        ti.devmajor = _octal(devmajor)
-        ti.devminor = _octal(devminor)
-    except (ValueError, tarfile.HeaderError):
+    except ValueError:
         return None
+    ti.mode, ti.uid, ti.gid, ti.size, ti.mtime, ti.devmajor, ti.devminor = numbers[1:]  # type: ignore[assignment]
     ti.chksum = 0
     ti.type = type_
     ti.linkname = linkname.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -219,6 +280,7 @@ _PAX_INTEGERS = frozenset((b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sp
 _PAX_TIMES = frozenset((b"mtime", b"atime", b"ctime"))
 #: the extended header types; one may not follow another ``x`` (see _TarInfo)
 _EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_GNU_LONG_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 
 
 def _int64(text: bytes, *, signed: bool = False) -> bool:
@@ -274,6 +336,57 @@ class _TarInfo(tarfile.TarInfo):
     formats, applying the records to the next member) is tarfile's.
     """
 
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _TarInfo:
+        """tarfile's decoding of one header block, refused where Go would read its numbers
+        otherwise, with an old GNU sparse map read as Go reads it."""
+        if len(buf) == BLOCK and buf.count(0) != BLOCK:  # (tarfile's own word on those)
+            _check_numeric_fields(bytes(buf))
+        info = super().frombuf(buf, encoding, errors)
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            _, extended, real_size = info._sparse_structs  # type: ignore[attr-defined]
+            info._sparse_structs = (_old_gnu_sparse_map(bytes(buf), 386, 4), extended, real_size)  # type: ignore[attr-defined]
+        return info
+
+    def _proc_sparse(self, tf: Any) -> tarfile.TarInfo:
+        """An old GNU sparse member: its map's extension blocks, read as Go reads them."""
+        regions, extended, real_size = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        while extended:
+            block = tf.fileobj.read(BLOCK)
+            if len(block) < BLOCK:
+                raise _TruncatedHeader("truncated old GNU sparse map")
+            regions += _old_gnu_sparse_map(block, 0, 21)
+            extended = bool(block[504])
+        self.sparse = regions
+        self.offset_data = tf.fileobj.tell()
+        tf.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = real_size
+        return self
+
+    def _proc_gnulong(self, tf: Any) -> tarfile.TarInfo:
+        """A GNU long name (``L``) or link name (``K``) and the member it names.
+
+        Two of a kind in a row are refused: tarfile keeps the first, Go the last."""
+        buf = tf.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+        if len(buf) < self.size:
+            raise _TruncatedHeader("truncated GNU long name")
+        if tf.fileobj.peek_filled(BLOCK)[156:157] == self.type:
+            raise tarfile.InvalidHeaderError("two GNU long names of one kind for one member")  # type: ignore[attr-defined]
+        try:
+            member: tarfile.TarInfo = self.fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None  # type: ignore[attr-defined]
+        member.offset = self.offset
+        text = tarfile.nts(buf, tf.encoding, tf.errors)  # type: ignore[attr-defined]
+        if self.type == tarfile.GNUTYPE_LONGNAME:
+            member.name = text
+        else:
+            member.linkname = text
+        if member.isdir():
+            member.name = member.name.removesuffix("/")
+        return member
+
     def _proc_pax(self, tf: Any) -> tarfile.TarInfo:
         if self.type == tarfile.SOLARIS_XHDTYPE:
             # Go returns it as an entry of its own, which containerd and Docker refuse
@@ -282,10 +395,14 @@ class _TarInfo(tarfile.TarInfo):
         if len(buf) < self.size:
             raise _TruncatedHeader("truncated pax header")
         records = _pax_records(buf[: self.size])
-        if self.type == tarfile.XHDTYPE and tf.fileobj.peek_filled(BLOCK)[156:157] in _EXTENDED_TYPES:
+        following = tf.fileobj.peek_filled(BLOCK)[156:157]
+        if self.type == tarfile.XHDTYPE and following in _EXTENDED_TYPES:
             # Go keeps the last of two x headers (tarfile the first) and drops an x that a
             # g follows: no writer makes either, and no reading of them is the right one
             raise tarfile.InvalidHeaderError("an extended header followed by another")  # type: ignore[attr-defined]
+        if self.type == tarfile.XHDTYPE and following in _GNU_LONG_TYPES:
+            # a name in both: tarfile takes the pax one, Go the GNU one
+            raise tarfile.InvalidHeaderError("an extended header followed by a GNU long name")  # type: ignore[attr-defined]
         try:
             member: tarfile.TarInfo = self.fromtarfile(tf)
         except tarfile.HeaderError as e:
@@ -303,6 +420,8 @@ class _TarInfo(tarfile.TarInfo):
         elif headers.get("GNU.sparse.major") == "1" and headers.get("GNU.sparse.minor") == "0":
             self._proc_gnusparse_10(member, headers, tf)  # type: ignore[attr-defined]
         member._apply_pax_info(headers, tf.encoding, tf.errors)  # type: ignore[attr-defined]
+        if member.type == tarfile.AREGTYPE and headers.get("path", "").endswith("/"):
+            member.name += "/"  # tarfile drops the "/" that makes it a directory to Go (TarStream)
         member.offset = self.offset
         if "size" in headers:  # the data of the member ends elsewhere
             offset = member.offset_data
@@ -387,8 +506,18 @@ class TarStream:
             here = reader.tell()
             if info.offset_data != here:
                 raise InvalidLayer(f"tar entry {info.name[:200]!r} has an inconsistent data offset")
-            if info.size < 0:
-                raise InvalidLayer(f"tar entry {info.name[:200]!r} has a negative size")
+            if not 0 <= info.size < 1 << 63:  # Go's int64
+                raise InvalidLayer(f"tar entry {info.name[:200]!r} has an invalid size ({info.size})")
+            if info.type == tarfile.AREGTYPE and info.name.endswith("/"):
+                # A long or pax name ending in "/" on a type-'\0' member: Go reads a
+                # directory, with no data, where tarfile reads a file and skips its data
+                if info.size:
+                    raise InvalidLayer(
+                        f"tar entry {info.name[:200]!r} is a directory to some tar readers and a "
+                        "file to others"
+                    )
+                info.type = tarfile.DIRTYPE
+                info.name = info.name.rstrip("/")
             next_offset = src.offset
             stored = next_offset - here
             if stored < 0:
@@ -412,6 +541,15 @@ class TarStream:
             info: tarfile.TarInfo = _TarInfo.fromtarfile(self._src)  # type: ignore[arg-type]
             return info
         except _EOFHeader:
+            # A zero block ends the archive if what follows is another or nothing; Go's
+            # reader refuses anything else there, so must we (entries after it would be
+            # files only Docker does not see)
+            after = self.reader.peek_filled(BLOCK)
+            if after and after != bytes(BLOCK):
+                raise InvalidLayer(
+                    f"{self.reader.subject} has entries after a zero block (offset {start}): "
+                    "not a valid tar archive"
+                ) from None
             raise _End from None
         except _EmptyHeader:
             # The stream stopped on a header boundary without the zero blocks;
@@ -425,3 +563,7 @@ class TarStream:
             raise InvalidLayer(f"invalid tar header at offset {start}: {e}") from None
         except RecursionError:
             raise InvalidLayer(f"tar entry at offset {start} chains too many extended headers") from None
+        except Exception as e:
+            # whatever else tarfile's decoding of a hostile header raises (IndexError on
+            # a truncated sparse map, OverflowError): the archive is bad, say so
+            raise InvalidLayer(f"invalid tar header at offset {start}: {type(e).__name__}: {e}") from None
