@@ -164,6 +164,36 @@ def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
     assert (row["used_bytes"], row["upload_bytes"]) == (50_000, 0)
 
 
+def test_a_put_on_a_session_another_request_streams_to_keeps_its_reservation(
+    server: EmberServer,
+) -> None:
+    """The final PUT reserved the session's bytes before it found the session busy: it
+    set what the session holds to the few bytes its file had, under a PATCH still
+    streaming megabytes it had been allowed; other sessions then took the same room
+    (three sessions held 24 MiB of a 10 MiB quota)."""
+    server.create_org("quota-busyput")
+    t = Tenant(server, "quota-busyput", server.create_token("quota-busyput", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota-busyput", str(10 << 20))
+    body = 8 << 20
+    with t.client() as c:
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        path = loc.split(t.host, 1)[-1]
+        auth = {"Authorization": f"Bearer {t.token}", "Content-Length": str(body)}
+        streaming = send_partial(t.host, "PATCH", path, auth, b"s" * 65536)
+        try:
+            poll_until(lambda: org_row(server, "quota-busyput")["upload_bytes"] >= body,
+                       "the PATCH's reservation")  # fmt: skip
+            r = c.put(at(loc, digest=sha256(b"")))
+            assert r.status_code == 400 and "another request is using" in r.text, r.text
+            assert org_row(server, "quota-busyput")["upload_bytes"] >= body
+            # so another session cannot take the same room
+            r = c.post("/v2/b/blobs/uploads/", params={"digest": sha256(b"y" * (4 << 20))},
+                       content=b"y" * (4 << 20))  # fmt: skip
+            assert r.status_code == 403, r.text
+        finally:
+            streaming.close()
+
+
 def test_skopeo_push_over_the_quota_fails_with_the_reason(
     server: EmberServer, busybox_layout: Path
 ) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     delete,
     func,
     or_,
@@ -274,6 +275,12 @@ class RegistryMetadata:
         session keeps what it held).  No quota, or a ``digest`` the organization holds
         (which costs nothing): ``need + ahead``, and nothing is recorded.
 
+        What the session holds is only ever raised here, never lowered (``settle_upload``
+        lowers it, for the request that holds the session): a request that reserves
+        before it finds another one streaming to the session (a final PUT during a
+        PATCH) would set it to the few bytes the file has so far, under a body allowed
+        megabytes, and other sessions would be given that room too.
+
         One transaction under the organization's lock (``_lock_org``), so that two
         sessions are never given the same room."""
         with self.db.begin() as conn:
@@ -283,8 +290,11 @@ class RegistryMetadata:
             if need > quota.room:
                 return quota
             granted = need + min(ahead, (quota.room - need) // 4)
+            held = s.uploads.c.held_bytes
             conn.execute(
-                update(s.uploads).where(s.uploads.c.id == session).values(held_bytes=granted)
+                update(s.uploads)
+                .where(s.uploads.c.id == session)
+                .values(held_bytes=case((held > granted, held), else_=granted))
             )
             return granted
 
