@@ -22,6 +22,7 @@ from ember.vm.initramfs import (
     extra_modules,
     find_init,
     module_name,
+    pin_base_initramfs,
     read_module,
     strip_signature,
     write_machine_initrd,
@@ -252,3 +253,24 @@ def test_stale_archives_of_the_same_kernel_are_pruned(
     assert not stale.exists() and not killed.exists()
     assert first.exists()  # recent: a machine may be copying it right now
     assert foreign.exists()
+
+
+def test_a_machine_keeps_the_base_archive_it_was_made_with(
+    kernel: KernelInfo, ember_init: Path, tmp_path: Path
+) -> None:
+    """An archive of an older ember-init is pruned an hour after a newer one is built;
+    `ember start` remakes a machine's initrd from its base and refused every machine
+    made before ("kernel files are gone").  Each machine now links its own."""
+    home = Home(tmp_path / "home")
+    first = base_initramfs(home, kernel)
+    machine_dir = home.root / "machine"
+    machine_dir.mkdir()
+    pinned = pin_base_initramfs(first, machine_dir / "base.initrd")
+    content = first.read_bytes()
+    hour_ago = time.time() - 2 * 3600
+    os.utime(first, (hour_ago, hour_ago))
+    other = tmp_path / "ember-init"
+    other.write_bytes(ember_init.read_bytes() + b"\0")
+    assert base_initramfs(home, kernel, other) != first
+    assert not first.exists()  # pruned
+    assert pinned.read_bytes() == content

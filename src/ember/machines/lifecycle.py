@@ -131,7 +131,7 @@ def create(
     from ember.net.manager import NetConfig
     from ember.snapshots.chain import clone_root_disk
     from ember.snapshots.config import SnapshotConfig
-    from ember.vm.initramfs import base_initramfs
+    from ember.vm.initramfs import base_initramfs, pin_base_initramfs
     from ember.vm.runconfig import RootDevice, RunConfig
     from ember.vm.vmm.accel import detect_accel
 
@@ -186,7 +186,8 @@ def create(
 
         machine_id = secrets.token_hex(32)
         d = store.root / machine_id
-        st = _new_state(machine_id, d, req, image, draft, kernel, base_initrd, accel)
+        own_base = d / BASE_INITRD
+        st = _new_state(machine_id, d, req, image, draft, kernel, own_base, accel)
         if monitor_pid is not None:
             st.monitor_pid, st.monitor_start = monitor_pid, proc_start_time(monitor_pid)
         if made is not None:
@@ -196,6 +197,7 @@ def create(
         hold = mstate.creating(d)
         try:
             store.create(st, req.name, holding=hold)
+            pin_base_initramfs(base_initrd, own_base)
             lap("record")
             # the disk clone and the network (TAP, nft) both wait on the kernel and on
             # subprocesses: do them side by side
@@ -226,7 +228,7 @@ def create(
             )
             restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
             atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
-            _write_boot_config(d, st.name, rc, net, base_initrd, templated=restore is not None)
+            _write_boot_config(d, st.name, rc, net, own_base, templated=restore is not None)
             machine_channels(d).precreate()
             lap("config_initrd")
             config = _config_summary(rc, kernel, no_kill=req.stop_timeout == NO_STOP_TIMEOUT)
@@ -402,6 +404,8 @@ RESTORE_CONFIG = "restore.config"
 #: the machine's run config without its network (rendered, 0600): ``ember start`` adds
 #: the network it gets then
 RUN_CONFIG = "run.config"
+#: the machine's link to the base initramfs it was made with (initramfs.pin_base_initramfs)
+BASE_INITRD = "base.initrd"
 
 
 def _write_boot_config(

@@ -51,8 +51,10 @@ class VMConfig:
     #: then send the machine's config (``restore.config`` in the machine's dir)
     restore: str | None = None
     restore_initrd: str | None = None
-    #: the base initramfs ``initrd`` was made from: ``ember start`` makes it again with
-    #: the machine's new network (None: a machine from an older ember, not restartable)
+    #: the base initramfs ``initrd`` was made from (the machine's own link to it, in its
+    #: directory; older records name the cache's file): ``ember start`` makes
+    #: it again with the machine's new network (None: a machine from an older ember, not
+    #: restartable)
     base_initrd: str | None = None
 
 

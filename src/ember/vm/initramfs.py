@@ -289,6 +289,24 @@ def _copy_in_kernel(src: int, dst: int, size: int) -> None:
         copied += n
 
 
+def pin_base_initramfs(base: Path, dest: Path) -> Path:
+    """``dest``: a machine's own hard link to the cached base archive it was made with.
+
+    The cache drops an archive an hour after a newer ember-init or modules dir
+    replaced it (``_prune``); ``ember start`` remakes a machine's initrd from its
+    base, and found it gone.  A link costs nothing while the cache keeps the
+    archive, and keeps it for the machine after; a copy where links fail."""
+    try:
+        os.link(base, dest)
+    except OSError:
+        with open(base, "rb") as src, open(dest, "xb") as out:
+            try:
+                reflink(src.fileno(), out.fileno())
+            except OSError:
+                _copy_in_kernel(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
+    return dest
+
+
 def write_machine_initrd(base: Path, runconfig: RunConfig, dest: Path) -> Path:
     """``dest`` = base archive + this machine's config archive (reflink-copied base
     where the file system can, so a machine costs only its config's few hundred bytes)."""
