@@ -132,9 +132,12 @@ class RegistryApp:
         requests left (gc.purge), at start and then every ``interval`` seconds (one
         process of the server at a time), in a worker thread: requests go on being
         served meanwhile."""
+        at_start = True
         while True:
             try:
-                report = await run_in_threadpool(purge, self.meta, self.storage, interval)
+                report = await run_in_threadpool(
+                    purge, self.meta, self.storage, interval, at_start=at_start
+                )
             except Exception:
                 log.exception("purging expired uploads failed; trying again in %g s", interval)
             else:
@@ -149,6 +152,7 @@ class RegistryApp:
                     report.dead_uploads or report.settled_uploads or report.ingests
                 ):
                     log.info("recovered from interrupted requests: %s", repairs_said(report))
+            at_start = False
             await asyncio.sleep(interval)
 
     # -- /v2/ dispatch -----------------------------------------------------------------

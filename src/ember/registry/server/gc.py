@@ -405,7 +405,12 @@ _REPO_LOCK_TRIES = 20
 
 
 def purge(
-    meta: RegistryMetadata, storage: BlobStorage, interval: float, grace: float = DEFAULT_GRACE
+    meta: RegistryMetadata,
+    storage: BlobStorage,
+    interval: float,
+    grace: float = DEFAULT_GRACE,
+    *,
+    at_start: bool = False,
 ) -> PurgeReport | None:
     """The server's own periodic sweep (every ``interval`` seconds): upload sessions past
     their expiry (``sweep_uploads``: with upload files no session names, once older than
@@ -417,8 +422,9 @@ def purge(
 
     None when it did not run: another process (a worker, a replica over this state
     directory) purges now or did less than half an interval ago (each runs the timer;
-    one of them purges), or ``ember admin registry gc`` is sweeping (which does all of
-    this too).
+    one of them purges; not ``at_start``: a server killed and started again at once had
+    purged at its own start, and what its killed requests held waited an hour for the
+    next purge), or ``ember admin registry gc`` is sweeping (which does all of this too).
     Uploads are swept under the shared GC lock (alongside pushes, never during a gc);
     the rows of sessions whose file is gone and repositories under the exclusive one,
     as gc does (pushes hold it shared from making sure their repository exists, or from
@@ -431,7 +437,7 @@ def purge(
     try:
         now = time.time()
         last = _last_purge(fd)
-        if last is not None and 0 <= now - last < interval / 2:
+        if not at_start and last is not None and 0 <= now - last < interval / 2:
             return None
         with storage.gc_lock_if_free(exclusive=False) as free:
             if not free:
