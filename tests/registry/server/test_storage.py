@@ -146,3 +146,36 @@ def test_a_session_dropped_between_open_and_lock_is_unknown(
     with pytest.raises(ApiError) as e:
         _append(store, "s4", b"late bytes", 0)
     assert e.value.code == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_a_write_that_fails_after_a_short_one_writes_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short write, then ENOSPC: the flush on the way out wrote the whole buffer again,
+    so the file held the short write's bytes twice while the session's size was taken
+    for the offset (and releasing the buffer's views failed with BufferError)."""
+    from ember.registry.server import storage as storage_module
+
+    store = BlobStorage(tmp_path)
+    store.create_session("s")
+    data = os.urandom(1 << 20)
+    real_write = os.write
+    calls = iter(["short", "full"])
+
+    def failing_write(fd: int, view: memoryview) -> int:
+        step = next(calls, "ok")
+        if step == "short":
+            return real_write(fd, view[:1000])
+        if step == "full":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, view)
+
+    monkeypatch.setattr(storage_module.os, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        _append(store, "s", data, 0)
+    monkeypatch.undo()
+    size = store.session_size("s")
+    assert size == len(data)  # the flush on the way out wrote the rest once
+    assert store.session_path("s").read_bytes() == data
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    assert store.publish("s", digest) == len(data)

@@ -208,16 +208,25 @@ class BlobStorage:
         buf = bytearray()
 
         def flush() -> None:
+            """Write ``buf`` out.  What reached the file, and only that, is hashed, counted
+            and dropped from ``buf``, also when a write fails after a short one: the
+            flush on the way out (``finally`` below) must not write those bytes again
+            (the file would no longer be what the client sent, its size the offset)."""
             nonlocal offset
-            with memoryview(buf) as whole:
-                view = whole
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                view.release()
-            hasher.update(buf)
-            offset += len(buf)
-            buf.clear()
+            written = 0
+            try:
+                with memoryview(buf) as whole:
+                    while written < len(whole):
+                        with whole[written:] as rest:
+                            written += os.write(fd, rest)
+            finally:
+                if written == len(buf):
+                    hasher.update(buf)
+                    buf.clear()
+                elif written:
+                    hasher.update(bytes(buf[:written]))
+                    del buf[:written]
+                offset += written
 
         left = limit
         cap = offset  # the size this request may reach without asking ``room`` for more
