@@ -81,3 +81,20 @@ def test_a_damaged_database_is_a_clear_error(tmp_path: Path) -> None:
         conn.execute(text("DROP TABLE ember_migrations"))
     with pytest.raises(DatabaseError, match="ok.db is not usable"), db.begin() as conn:
         conn.execute(text("SELECT count(*) FROM ember_migrations"))
+
+
+def test_a_lock_that_was_not_granted_is_busy_not_damage(tmp_path: Path) -> None:
+    """Another writer holding SQLite's lock past the busy timeout said "database ... is not
+    usable", and the registry answered 500; it is DatabaseBusy now (a 503 to retry)."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from ember.store.errors import DatabaseBusy
+
+    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    locked = OperationalError("INSERT ...", {}, sqlite3.OperationalError("database is locked"))
+    assert isinstance(db._unusable(locked), DatabaseBusy)
+    assert "is busy: database is locked" in str(db._unusable(locked))
+    damaged = OperationalError("SELECT ...", {}, sqlite3.OperationalError("no such table: x"))
+    assert type(db._unusable(damaged)) is DatabaseError

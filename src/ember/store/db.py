@@ -37,10 +37,11 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.pool import QueuePool
 
-from ember.store.errors import DatabaseError
+from ember.store.errors import DatabaseBusy, DatabaseError
 from ember.store.localdb import migration_lock
 
 #: modules that carry migrations, applied in this order
@@ -85,12 +86,22 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: connections an engine keeps, and opens past those when all are in use (SQLAlchemy's
+#: defaults, named: the registry's request handlers count on them, see dbcalls.py)
+POOL_SIZE = 5
+POOL_OVERFLOW = 10
+
+
 class Database:
+    #: connections that may be in use at once; one more waits for one to come back
+    pool_capacity = POOL_SIZE + POOL_OVERFLOW
+
     def __init__(self, url: str) -> None:
         self.url = url
         #: the URL as messages show it: never with its password
         self.display_url = masked_url(url)
         kwargs: dict[str, Any] = {"future": True}
+        kwargs.update(poolclass=QueuePool, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         try:
@@ -139,6 +150,8 @@ class Database:
             self._migrated = True
 
     def _unusable(self, e: SADatabaseError) -> DatabaseError:
+        if _lock_timed_out(e):
+            return DatabaseBusy(f"database {self.display_url} is busy: {e.orig}")
         return DatabaseError(f"database {self.display_url} is not usable: {e.orig}")
 
     @contextmanager
@@ -200,6 +213,14 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _lock_timed_out(e: SADatabaseError) -> bool:
+    """Whether ``e`` is a wait for another writer's lock that ran out (SQLite "database is
+    locked", PostgreSQL lock_not_available)."""
+    if getattr(e.orig, "pgcode", None) == "55P03":
+        return True
+    return isinstance(e, OperationalError) and "locked" in str(e.orig)
 
 
 _cache: dict[str, Database] = {}

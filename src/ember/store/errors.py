@@ -21,6 +21,11 @@ class DatabaseError(StoreError):
     pass
 
 
+class DatabaseBusy(DatabaseError):
+    """Another writer held the database past the wait ember allows (SQLite's busy
+    timeout, PostgreSQL's lock timeout): nothing is wrong with it, a retry may pass."""
+
+
 class DamagedImageRecord(DatabaseError):
     """A row of the image table whose values cannot be read back."""
 

@@ -9,6 +9,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,6 +158,40 @@ def test_pushing_again_restarts_the_grace_period(fresh_server: Callable[[], Embe
     # an hour after the latest push they go (the manifest untagged, its blobs then unused)
     report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
     assert (report["manifests"], report["links"]) == (1, 2), report
+
+
+def test_writes_waiting_on_another_writer_leave_the_server_answering(
+    fresh_server: Callable[[], EmberServer],
+) -> None:
+    """Pushes whose writes wait for another process's write lock (a gc, another replica)
+    each held one of the pool's connections in its thread; twenty of them took them all,
+    and the next read on the event loop waited for one: a HEAD of a stored blob and
+    `GET /v2/` took 30 s, every request of the server with them."""
+    srv = fresh_server()
+    t = Tenant(srv, "acme", srv.create_token("acme", "pull,push,delete"))
+    with t.client() as c:
+        blob = push_blob(c, "web", b"stored")
+
+    def start_upload() -> int:
+        with t.client() as c:
+            return c.post("/v2/web/blobs/uploads/", timeout=60).status_code
+
+    holder = sqlite3.connect(srv.home / "ember.db", isolation_level=None)
+    pool = ThreadPoolExecutor(20)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        uploads = [pool.submit(start_upload) for _ in range(20)]
+        time.sleep(2)  # (their writes reach the lock; nothing is timed)
+        with t.client() as c:
+            # SQLite makes the writes wait up to 30 s: these answer well before
+            assert c.head(f"/v2/web/blobs/{blob}", timeout=15).status_code == 200
+            assert c.get("/v2/", timeout=15).status_code == 200
+        assert not any(u.done() for u in uploads)  # the lock held them all along
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        pool.shutdown()
+    assert [u.result() for u in uploads] == [202] * 20
 
 
 def old_layer_hex(data: bytes) -> str:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -44,7 +45,7 @@ from ember.registry.server.responses import API_VERSION, BlobResponse, error_res
 from ember.registry.server.storage import BlobStorage, touch
 from ember.registry.server.tokens import Grant
 from ember.registry.server.uploads import Uploads
-from ember.store.errors import BlobNotFound
+from ember.store.errors import BlobNotFound, DatabaseBusy
 
 log = logging.getLogger("ember.registry")
 
@@ -104,6 +105,14 @@ class RegistryApp:
             response = error_response(e)
         except ClientDisconnect:
             return
+        except (DatabaseBusy, PoolTimeout) as e:
+            # another writer held the database (or its connections) past the wait: the
+            # request may pass when tried again, as a 503 tells clients
+            log.warning("%s %s: %s", scope.get("method"), scope.get("path"), e)
+            response = error_response(ApiError(
+                "UNAVAILABLE", "the registry's database is busy: try again",
+                status=503, headers={"Retry-After": "1"},
+            ))  # fmt: skip
         except Exception:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             response = error_response(ApiError("UNKNOWN", "internal server error", status=500))
