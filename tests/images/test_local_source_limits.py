@@ -323,7 +323,47 @@ def test_a_compressed_member_that_matches_is_pulled(
     ]
 
 
-# --------------------------------------------------------------------------- 3. stored blobs
+def _repeated_layer_archive(layout: Path, path: Path, times: int) -> Path:
+    """The busybox image's gzip layer named ``times`` over in manifest.json (and its
+    DiffID as often in the config): one member, ``times`` layers."""
+    manifest = _layout_manifest(layout)
+    config = json.loads(_blob(layout, manifest["config"]["digest"]).read_bytes())
+    config["rootfs"]["diff_ids"] = config["rootfs"]["diff_ids"] * times
+    config_data = json.dumps(config).encode()
+    layer = _blob(layout, str(_layer_descriptor(layout).digest)).read_bytes()
+    entry = json.dumps([{"Config": "config.json", "Layers": ["layer.tar"] * times}]).encode()
+    _write_tar(path, [("manifest.json", entry, len(entry)), ("config.json", config_data, len(config_data)),
+                      ("layer.tar", layer, len(layer))])  # fmt: skip
+    return path
+
+
+def test_a_member_named_many_times_is_hashed_once(
+    service: ImageService, busybox_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each name of a compressed member in manifest.json hashed it whole again: 10,000
+    names of one 100 MB member were 13 minutes of hashing before any limit applied."""
+    archive = _repeated_layer_archive(busybox_layout, tmp_path / "repeated.tar", 50)
+    passes = []
+    real_chunks = DockerArchiveSource._chunks
+
+    def counting(self: DockerArchiveSource, member: tarfile.TarInfo, limit: int | None = None,
+                 **kwargs: Any) -> Any:  # fmt: skip
+        if limit is None:  # a read of the whole member
+            passes.append(member.name)
+        return real_chunks(self, member, limit, **kwargs)
+
+    monkeypatch.setattr(DockerArchiveSource, "_chunks", counting)
+    image = service.pull(f"docker-archive:{archive}", progress=False)
+    assert len(image.layers) == 50
+    assert passes.count("layer.tar") <= 3  # hashed once; fetched once (its DiffID checked, then copied)
+    too_many = _repeated_layer_archive(busybox_layout, tmp_path / "too-many.tar", 10_001)
+    passes.clear()
+    with pytest.raises(InvalidSource, match="10001 layers, more than the 10000 ember accepts"):
+        service.pull(f"docker-archive:{too_many}", progress=False)
+    assert "layer.tar" not in passes  # refused before any layer was read
+
+
+# --------------------------------------------------------------------------- 3. stored blobs# --------------------------------------------------------------------------- 3. stored blobs
 
 
 def test_an_oci_size_claim_on_a_stored_blob_is_checked(

@@ -106,6 +106,11 @@ def test_docker_archive_selection_and_errors(
     assert service.pull(f"docker-archive:{archive}:example.org/bb:1", progress=False).layers
     with pytest.raises(ImageNotFound):
         service.pull(f"docker-archive:{archive}:example.org/other:1", progress=False)
+    assert service.pull(f"docker-archive:{archive}:@0", progress=False).layers
+    # int() took these too: "-1" named the last image, and one image had many names
+    for number in ("-1", "+0", "0_0", " 0", "\u0660"):
+        with pytest.raises(ImageNotFound, match="has no image number"):
+            service.pull(f"docker-archive:{archive}:@{number}", progress=False)
     with pytest.raises(InvalidSource, match="does not exist"):
         service.pull(f"docker-archive:{tmp_path}/missing.tar", progress=False)
     not_tar = tmp_path / "junk.tar"
