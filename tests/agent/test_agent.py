@@ -24,11 +24,11 @@ TIMEOUT = 30.0
 
 
 class RunningAgent:
-    def __init__(self, home: Path, *options: str) -> None:
+    def __init__(self, home: Path, *options: str, prefix: tuple[str, ...] = ()) -> None:
         self.home = home
         self.socket = home / "run" / "agent.sock"
         self.log = home.parent / f"{home.name}-agent.log"
-        self.process = spawn_server([EMBER, "agent", *options], self.log)
+        self.process = spawn_server([*prefix, EMBER, "agent", *options], self.log)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + TIMEOUT
@@ -260,6 +260,31 @@ def test_a_caller_with_fewer_privileges_runs_the_command_itself(
     assert "REFERENCE" in proc.stdout
     assert "other capabilities" in agent.wait_log("declined")
     assert agent.served() == 0
+
+
+def test_a_caller_under_seccomp_filters_runs_the_command_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc says how many seccomp filters a process has, not which: an agent under one
+    filter (a service's SystemCallFilter=) served any caller under one filter of its
+    own, whatever that filter forbade."""
+    import sys
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EMBER_HOME", str(home))
+    under_filter = (sys.executable, "-m", "tests.support.seccomp_exec")
+    running = RunningAgent(home, prefix=under_filter)
+    try:
+        running.wait_ready()
+        proc = subprocess.run(
+            [*under_filter, EMBER, "image", "ls"],
+            env=env_for(home), capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "seccomp filters, which cannot be compared" in running.wait_log("declined")
+        assert running.served() == 0
+    finally:
+        running.stop()
 
 
 def _raw(agent: RunningAgent, payload: bytes, fds: list[int] | None = None) -> bytes:

@@ -20,6 +20,9 @@ NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
 PRIVILEGES = (
     "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters",
 )  # fmt: skip
+# A process's labels under the security modules that keep one in /proc (SELinux and
+# AppArmor's shared file, AppArmor's and Smack's own): another label is another policy.
+LSM_LABELS = ("attr/current", "attr/apparmor/current", "attr/smack/current")
 
 
 def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
@@ -93,15 +96,29 @@ def _privileges(pid: int | str) -> dict[str, str]:
     return out
 
 
+def _labels(pid: int | str) -> dict[str, bytes | None]:
+    """The process's security module labels (None: that module keeps none here)."""
+    out: dict[str, bytes | None] = {}
+    for name in LSM_LABELS:
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                out[name] = f.read(4096)
+        except OSError:  # ENOENT, EINVAL: no such module, or none active
+            out[name] = None
+    return out
+
+
 class View:
-    """What ``mismatch`` compares of a process: its namespaces, root directory and
-    privileges.  The agent takes its own once: its relays, forked from it, share
-    them, and reading them again cost each command ~1 ms in a freshly forked relay."""
+    """What ``mismatch`` compares of a process: its namespaces, root directory,
+    privileges and security labels.  The agent takes its own once: its relays, forked
+    from it, share them, and reading them again cost each command ~1 ms in a freshly
+    forked relay."""
 
     def __init__(self, pid: int | str) -> None:
         self.namespaces = {ns: _identity(f"/proc/{pid}/ns/{ns}") for ns in NAMESPACES}
         self.root = _identity(f"/proc/{pid}/root")
         self.privileges = _privileges(pid)
+        self.labels = _labels(pid)
 
 
 def check_caller(sock: _socket.socket, own: View | None = None) -> tuple[int, str | None]:
@@ -134,8 +151,14 @@ def mismatch(pid: int, uid: int, own: View | None = None) -> str | None:
                 return f"the caller is in another {ns} namespace"
         if _identity(f"/proc/{pid}/root") != own.root:
             return "the caller has another root directory"
-        if _privileges(pid) != own.privileges:
+        privileges = _privileges(pid)
+        if privileges != own.privileges:
             return "the caller has other capabilities (or seccomp, no_new_privs) than the agent"
+        if privileges.get("Seccomp_filters", "0") != "0":
+            # /proc gives how many filters, not which: the same count may be other rules
+            return "the caller runs under seccomp filters, which cannot be compared with the agent's"
+        if _labels(pid) != own.labels:
+            return "the caller has another security label (SELinux, AppArmor, Smack) than the agent"
     except OSError as e:
         return f"cannot inspect the caller ({e.strerror})"
     return None
