@@ -6,6 +6,7 @@ See tests/support/README.md.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,17 @@ import pytest
 from tests.support import images
 from tests.support.registry import Registry, running_registry
 from tests.support.treecmp import umoci_unpack
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Commands the tests start read no terminal: run from one, the suite's `ember`
+    commands would see it as their stdin, and the client runs those itself rather
+    than through an agent (docs/agent.md); CI has none.  Tests that need a terminal
+    make a pty of their own."""
+    if os.isatty(0):
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
 
 AUTH_USER = "ember"
 AUTH_PASSWORD = "ember-test-password"

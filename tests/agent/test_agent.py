@@ -203,6 +203,47 @@ def test_signals_reach_the_command_and_a_vanished_caller_hangs_it_up(
         client.kill()
 
 
+def test_a_signal_the_caller_ignores_is_not_forwarded(agent: RunningAgent) -> None:
+    """`nohup ember server &` then a SIGHUP (the terminal closing): the client forwarded
+    it over the ignore it inherited, and the server through the agent died of it."""
+    port = free_port()
+    client = subprocess.Popen(
+        [EMBER, "server", "--listen", f"127.0.0.1:{port}"],
+        env=env_for(agent.home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        _wait_port(port, open_=True)
+        client.send_signal(signal.SIGHUP)
+        client.send_signal(signal.SIGTERM)  # (after the HUP: what ends it is this one)
+        assert client.wait(TIMEOUT) == 0
+        assert "signal 1" not in agent.log_text() and agent.served() == 1
+        agent.wait_log("ember server -> exit 0")
+    finally:
+        client.kill()
+
+
+def test_a_command_reading_a_terminal_runs_in_the_callers_session(agent: RunningAgent) -> None:
+    """The runner is in a session of its own: the terminal never stops it for reading
+    (SIGTTIN), so after Ctrl-Z, or started with "&", a prompt read what was typed at the
+    shell.  With a terminal as stdin the client runs the command itself."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [EMBER, "image", "ls"], env=env_for(agent.home), stdin=follower,
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0, proc.stderr
+    assert agent.served() == 0
+    assert ember(agent.home, "image", "ls").returncode == 0  # (stdin a pipe: the agent's)
+    agent.wait_log("image ls -> exit 0")
+
+
 def test_a_command_killed_by_sigkill_kills_its_client_alike(agent: RunningAgent) -> None:
     """The OOM killer's SIGKILL on the runner: the client printed a traceback (a
     disposition cannot be set for SIGKILL) and exited 1, instead of dying of it."""

@@ -61,6 +61,12 @@ def _wanted(argv: list[str]) -> bool:
         return False
     if argv[:1] == ["agent"]:
         return False
+    if os.isatty(0):
+        # A terminal's job control is between the shell and the process it started:
+        # the runner, in a session of its own, is never stopped for reading the
+        # terminal (SIGTTIN), so after Ctrl-Z, or started with "&", it went on reading
+        # what was typed at the shell (a password prompt took the next command line).
+        return False
     # The socket belongs to one home; a home named on the command line is not
     # worth parsing the options for here.
     return not any(a == "--home" or a.startswith("--home=") for a in argv)
@@ -126,7 +132,9 @@ def _wait(sock: _socket.socket) -> tuple[int, int]:
             pass
 
     for signum in protocol.FORWARDED_SIGNALS:
-        _signal.signal(signum, forward)
+        # one the caller ignores (nohup, trap '') is not the command's either
+        if _signal.getsignal(signum) != _signal.SIG_IGN:
+            _signal.signal(signum, forward)
     while True:
         message = _read_frame(sock)
         if message is None:
