@@ -141,6 +141,33 @@ def _terminate_a_prepare(home: Path, debian_layout: Path, signum: int, status: i
     assert snapshots == []  # the half-built layer discarded
 
 
+def test_a_hang_up_stops_the_registry_server_as_sigterm_does(tmp_path: Path) -> None:
+    """SIGHUP raised the CLI's HungUp inside uvicorn's loop: two tracebacks, exit 0."""
+    from tests.support.registry import free_port
+
+    codes = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        port = free_port()
+        server = subprocess.Popen(
+            [EMBER, "server", "--listen", f"127.0.0.1:{port}"],
+            env=ember_env(tmp_path / "home", EMBER_AGENT="0"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                                 text=True).stdout.strip() == "":  # fmt: skip
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            server.send_signal(signum)
+            _, err = server.communicate(timeout=60)
+        finally:
+            server.kill()
+        assert "Traceback" not in err, err
+        codes[signum] = server.returncode
+    assert codes[signal.SIGHUP] == codes[signal.SIGTERM]
+
+
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     """click printed its usage, a hint and the error: three lines, not ember's one."""
     for args, status in ((["image", "pul"], 2), (["image", "pull"], 2), (["run", "--bogus", "x"], 125)):

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import re
+import signal
 import socket
 from typing import Any
 
@@ -128,6 +129,12 @@ def serve(
         "log_level": "warning",
         "timeout_keep_alive": 30,
     }
+    # A hang-up (the terminal closed, the agent's client gone) stops the server as SIGTERM
+    # does, gracefully: the CLI's handler raised inside uvicorn's loop, which printed
+    # two tracebacks and exited 0.
+    # (Not under nohup.  With workers, uvicorn's supervisor takes SIGHUP: it restarts them.)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: os.kill(os.getpid(), signal.SIGTERM))
     if workers <= 1:
         uvicorn.run(app, lifespan="on", **common)  # type: ignore[arg-type]
         return
