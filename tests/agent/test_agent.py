@@ -891,3 +891,18 @@ def test_the_socket_is_the_users_alone(agent: RunningAgent) -> None:
     st = agent.socket.lstat()
     assert stat_module.S_ISSOCK(st.st_mode)
     assert stat_module.S_IMODE(st.st_mode) == 0o600
+
+
+def test_a_relay_gone_before_the_agent_watches_it_does_not_end_the_agent() -> None:
+    """A relay that took a caller, declined it and exited before the agent opened its
+    pidfd (a loaded host) ended the agent with "No such process"."""
+    from ember.agent.server import Agent
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    r, w = os.pipe()
+    try:
+        assert Agent._wait_turn(gone.pid, r, w) is None
+    finally:
+        os.close(r)
+        os.close(w)

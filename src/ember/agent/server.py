@@ -225,9 +225,11 @@ class Agent:
                             if _readable(accepted_r):
                                 os.read(accepted_r, 1)
                             idle = None
-                        self._wait_for_need(listener, busy, stop_r)
+                        if busy is not None:
+                            self._wait_for_need(listener, busy, stop_r)
                     finally:
-                        os.close(busy)
+                        if busy is not None:
+                            os.close(busy)
         except _Stop:
             self._log("stopping")
         finally:
@@ -252,11 +254,16 @@ class Agent:
             return pid
 
     @staticmethod
-    def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> int:
+    def _wait_turn(relay: int, accepted_r: int, stop_r: int) -> int | None:
         """Until the idle relay took a connection (a byte on the pipe, left there) or
         died; _Stop when the agent is told to stop (``_stop_wakeup``).  Returns a pidfd
-        of the relay (the caller's to close)."""
-        pidfd = os.pidfd_open(relay)
+        of the relay (the caller's to close), or None when the relay was gone before
+        it could be opened: it took a caller, declined it and exited at once (reaped
+        already: SIGCHLD is ignored), which ended the agent with "No such process"."""
+        try:
+            pidfd = os.pidfd_open(relay)
+        except ProcessLookupError:
+            return None
         try:
             ready, _, _ = select.select([accepted_r, pidfd, stop_r], [], [])
             if stop_r in ready:
