@@ -168,6 +168,64 @@ def test_a_hang_up_stops_the_registry_server_as_sigterm_does(tmp_path: Path) -> 
     assert codes[signal.SIGHUP] == codes[signal.SIGTERM]
 
 
+def test_a_reader_gone_is_sigpipes_status_quietly(tmp_path: Path) -> None:
+    """`ember ... | head -1`: click turned EPIPE into exit status 1."""
+    proc = subprocess.Popen([EMBER, "image", "ls"], env=ember_env(tmp_path / "home", EMBER_AGENT="0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes anything: it starts in tens of ms
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and err == b"", err
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    """`ember image ls >&-`: AttributeError: 'NoneType' object has no attribute 'isatty'."""
+    proc = subprocess.run([EMBER, "image", "ls"], env=ember_env(tmp_path / "home", EMBER_AGENT="0"),
+                          stderr=subprocess.PIPE, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_a_tilde_in_ember_home_is_the_home_directory(tmp_path: Path) -> None:
+    """EMBER_HOME='~/x' made ./~/x for the commands and ~/x for the client (homedir.py)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = ember_env(tmp_path / "unused", EMBER_AGENT="0", EMBER_HOME="~/state", HOME=str(tmp_path / "me"))
+    res = run_ember("admin", "org", "create", "zed", env=env, cwd=work, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "me" / "state" / "ember.db").exists()
+    assert not (work / "~").exists()
+
+
+def test_a_signal_at_a_prompt_says_which(tmp_path: Path) -> None:
+    """click turns an interrupt at a prompt into Abort() from None: SIGTERM and SIGHUP
+    there said "interrupted", exit 130."""
+    import pty
+
+    for signum, code, said in ((signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")):
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(
+            [EMBER, "registry", "login", "127.0.0.1:1", "-u", "bob"],
+            env=ember_env(tmp_path / "home", EMBER_AGENT="0"),
+            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        os.close(follower)
+        try:
+            assert proc.stderr is not None
+            seen = ""
+            while "Password" not in seen:  # (getpass says it on stderr without a terminal)
+                chunk = proc.stderr.read(1)
+                assert chunk, seen
+                seen += chunk
+            proc.send_signal(signum)
+            rest = proc.stderr.read()
+            assert proc.wait(60) == code, seen + rest
+            assert f"ember: {said}" in rest
+        finally:
+            proc.kill()
+            os.close(leader)
+
+
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     """click printed its usage, a hint and the error: three lines, not ember's one."""
     for args, status in ((["image", "pul"], 2), (["image", "pull"], 2), (["run", "--bogus", "x"], 125)):

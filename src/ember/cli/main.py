@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -45,12 +46,19 @@ class _Interrupted(BaseException):
     print an empty line before turning it into Abort, a stray blank line in a log."""
 
 
+class _PipeClosed(BaseException):
+    """Whoever read our output went away (``ember ... | head -1``), out of a command past
+    click, which would make any EPIPE exit status 1."""
+
+
 class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
             raise _Interrupted(e) from e
+        except BrokenPipeError as e:
+            raise _PipeClosed from e
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMAND_MODULES)
@@ -83,7 +91,9 @@ def cli(ctx: click.Context, home: str | None) -> None:
 
     from ember.home import Home
 
-    ctx.obj = {"home": Home(Path(home).absolute()) if home else None}
+    # "~" as the client and the default home read EMBER_HOME (homedir.py): the shell
+    # leaves it alone in EMBER_HOME='~/x' and in --home=~/x
+    ctx.obj = {"home": Home(Path(home).expanduser().absolute()) if home else None}
 
 
 class Terminated(KeyboardInterrupt):
@@ -102,7 +112,18 @@ def _raise_terminated(signum: int, _frame: object) -> None:
     raise HungUp if signum == signal.SIGHUP else Terminated
 
 
+def _cause(e: BaseException) -> BaseException | None:
+    """What ``e`` stands for: click turns an interrupt at a prompt into ``Abort() from
+    None``, which keeps the interrupt as the context, not the cause."""
+    return e.__cause__ or e.__context__
+
+
 def main(argv: list[str] | None = None) -> None:
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            # Started with that descriptor closed (>&-): /dev/null takes its number, which
+            # a file opened later (the database) would otherwise get, and print() write to
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 (for the process's life)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         # not if our caller set its own, or ignores it (nohup)
         if signal.getsignal(signum) == signal.SIG_DFL:
@@ -116,10 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         # click turns an interrupt while parsing (a prompt) into Abort (its cause)
         if sys.stderr.isatty():
             click.echo(err=True)  # after the terminal's ^C
-        if isinstance(e, HungUp) or isinstance(e.__cause__, HungUp):
+        if isinstance(e, HungUp) or isinstance(_cause(e), HungUp):
             click.echo("ember: hung up", err=True)
             sys.exit(129)
-        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+        if isinstance(e, Terminated) or isinstance(_cause(e), Terminated):
             click.echo("ember: terminated", err=True)
             sys.exit(143)
         click.echo("ember: interrupted", err=True)
@@ -134,7 +155,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except BrokenPipeError:
+    except (_PipeClosed, BrokenPipeError):
+        # as a program killed by SIGPIPE, quietly; what is left in stdout's buffer goes
+        # nowhere (flushed at exit, it would fail again)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except OSError as e:
         # The host refused something the command needed (a permission, a path that
