@@ -906,3 +906,31 @@ def test_a_relay_gone_before_the_agent_watches_it_does_not_end_the_agent() -> No
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_command_takes_the_callers_time_zone() -> None:
+    """The runner took the caller's environment but kept the agent's time zone: `ember
+    server`'s log said 03:38 where the caller's TZ said 12:38."""
+    script = (
+        "import os, time\n"
+        "from ember.agent import protocol\n"
+        "from ember.agent.server import _take_over_caller\n"
+        "os.environ['TZ'] = 'UTC0'; time.tzset()\n"
+        "req = protocol.Request([b'--version'], os.getcwdb(), [b'TZ=JST-9'], 0o022)\n"
+        "_take_over_caller(req)\n"
+        "print(time.strftime('%Z', time.localtime(0)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.stdout.strip() == "JST", out.stderr
+
+
+def test_a_password_that_is_not_utf8_is_one_line(agent: RunningAgent) -> None:
+    """Through the agent the runner's stdin decoded strictly: a UnicodeDecodeError
+    traceback (and locally too under a strict locale)."""
+    for env in (env_for(agent.home), env_for(agent.home, EMBER_AGENT="0", PYTHONIOENCODING="utf-8:strict")):
+        proc = subprocess.run(
+            [EMBER, "registry", "login", "127.0.0.1:1", "-u", "bob", "--password-stdin"],
+            input=b"p\xffw\n", env=env, capture_output=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == b"ember: the password on standard input is not valid UTF-8\n"

@@ -732,9 +732,12 @@ def _take_over_caller(request: protocol.Request) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at start-up
     os.environb.clear()
     os.environb.update(request.environment())
+    time.tzset()  # the caller's TZ: log lines and times in its zone, as when run locally
     os.umask(request.umask)
     encoding = sys.stdout.encoding if sys.stdout is not None else "utf-8"
-    sys.stdin = open(0, encoding=encoding, closefd=False)  # noqa: SIM115
+    # surrogateescape: bytes that are not text reach the command, as Python's own
+    # stdin in the C and UTF-8 locales passes them (strict, a traceback here)
+    sys.stdin = open(0, encoding=encoding, errors="surrogateescape", closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", encoding=encoding, closefd=False)  # noqa: SIM115
     sys.stderr = open(  # noqa: SIM115
         2, "w", encoding=encoding, errors="backslashreplace", buffering=1, closefd=False

@@ -48,7 +48,15 @@ def login(
     if username is None:
         username = click.prompt("Username")
     if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        stdin = sys.stdin
+        line = (
+            stdin.buffer.readline() if hasattr(stdin, "buffer")
+            else stdin.readline().encode("utf-8", "surrogateescape")
+        )  # fmt: skip
+        try:
+            password = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UsageError("the password on standard input is not valid UTF-8") from None
     elif password is None:
         password = click.prompt("Password", hide_input=True)
     if not username or not password:

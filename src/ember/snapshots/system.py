@@ -23,8 +23,12 @@ from ember.snapshots import loop
 from ember.snapshots.errors import CommandFailed, MountFailed
 from ember.snapshots.loop import LOOP_MAJOR
 
-# Tools live in /usr/sbin, which a non-login PATH may lack.
-_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+
+def _tool_path() -> str:
+    """The caller's PATH, then where the tools live (/usr/sbin, which a non-login PATH
+    may lack).  Read at each call: a command run by ``ember agent`` gets its caller's
+    environment after this module was imported."""
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 
 
 def run(argv: Sequence[str | os.PathLike[str]], what: str) -> subprocess.CompletedProcess[str]:
@@ -35,7 +39,7 @@ def run(argv: Sequence[str | os.PathLike[str]], what: str) -> subprocess.Complet
             args,
             capture_output=True,
             text=True,
-            env={**os.environ, "PATH": _PATH, "LC_ALL": "C"},
+            env={**os.environ, "PATH": _tool_path(), "LC_ALL": "C"},
             check=False,
         )
     except FileNotFoundError:
