@@ -128,3 +128,16 @@ def test_a_tree_swapped_in_while_the_fingerprint_is_taken_is_seen(
     fp = Fingerprint([str(a)])
     a.write_text("x = 22\n")  # in the tree swapped in, which no watch covers
     assert fp.changed() == str(a)
+
+
+def test_a_same_size_edit_in_place_with_its_mtime_put_back_is_reported(tmp_path: Path) -> None:
+    """rsync --inplace, cp -p, an archive unpacked over the tree: inode, size and mtime
+    all as before, the agent went on running the old code."""
+    a = tmp_path / "a.py"
+    a.write_text('__version__ = "0.1.0"\n')
+    before = os.stat(a)
+    fp = Fingerprint([str(a)])
+    with open(a, "r+") as f:
+        f.write('__version__ = "0.1.9"\n')
+    os.utime(a, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert fp.changed() == str(a)

@@ -26,15 +26,17 @@ import select
 import sys
 from collections.abc import Iterable
 
-Stamp = tuple[int, int, int]  # inode, size, mtime in ns
+Stamp = tuple[int, int, int, int]  # inode, size, mtime and ctime in ns
 
 
 def _stamp(path: str) -> Stamp | None:
+    # ctime too: a write in place of the same size whose mtime was put back (rsync
+    # --inplace, cp -p, an archive unpacked over the tree) changes only that
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def loaded_files(package: str = "ember") -> list[str]:
