@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -809,6 +810,41 @@ def test_a_state_directory_too_deep_for_a_socket_is_one_clear_line(tmp_path: Pat
     assert proc.returncode == 1
     assert proc.stderr.startswith("ember: cannot create the agent's socket")
     assert proc.stderr.rstrip().endswith("AF_UNIX path too long"), proc.stderr
+
+
+def test_a_state_directory_whose_socket_fits_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket was bound under ".agent.sock.PID" first: a home whose socket path fits
+    the 107 bytes the client accepts failed on the longer temporary name."""
+    socket_tail = len("/run/agent.sock")
+    home = tmp_path / ("d" * (107 - socket_tail - len(str(tmp_path)) - 1))
+    assert len(str(home / "run" / "agent.sock")) == 107
+    monkeypatch.setenv("EMBER_HOME", str(home))
+    running = RunningAgent(home)
+    try:
+        running.wait_ready()
+        assert ember(home, "image", "ls").returncode == 0
+        running.wait_log("image ls -> exit 0")
+    finally:
+        running.stop()
+
+
+def test_a_working_directory_too_long_to_enter_by_path_runs_here(agent: RunningAgent) -> None:
+    """A caller in a directory whose path is past PATH_MAX: the runner could not chdir
+    there, and the command failed ("cannot enter the working directory")."""
+    base = agent.home.parent / "deep"
+    base.mkdir()
+
+    def descend() -> None:  # (a path this long can only be reached step by step)
+        os.chdir(base)
+        for _ in range(20):
+            os.makedirs("d" * 250, exist_ok=True)
+            os.chdir("d" * 250)
+
+    proc = subprocess.run([EMBER, "image", "ls"], env=env_for(agent.home), capture_output=True,
+                          text=True, timeout=TIMEOUT, preexec_fn=descend)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert agent.served() == 0
+    shutil.rmtree(base)
 
 
 def _restricted_connect(path: Path, sock: socket.socket) -> int:

@@ -92,7 +92,15 @@ def _via_agent(argv: list[str]) -> tuple[int, int] | None:
         sock.close()
 
 
+#: PATH_MAX: a working directory as long as this cannot be entered by its path (the
+#: runner's chdir), though this process is in it
+_PATH_MAX = 4096
+
+
 def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, int] | None:
+    cwd = os.fsencode(os.getcwd())
+    if len(cwd) >= _PATH_MAX:
+        return None
     sock.connect(path)  # no agent: FileNotFoundError / ConnectionRefusedError -> run here
     if peer_credentials(sock)[1] != os.geteuid():
         # Not an agent of our own user (a state directory in a shared place): it gets
@@ -100,7 +108,7 @@ def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, in
         return None
     request = protocol.Request(
         argv=[os.fsencode(a) for a in argv],
-        cwd=os.fsencode(os.getcwd()),
+        cwd=cwd,
         env=[k + b"=" + v for k, v in os.environb.items()],
         umask=_current_umask(),
         code=os.fsencode(os.path.realpath(__file__)),

@@ -171,7 +171,9 @@ class Agent:
         # Bind under a temporary name and rename: the socket appears with its
         # final mode, and replaces a dead agent's socket in one step (the lock
         # says no live agent owns it).
-        tmp = self.socket_path.with_name(f".{SOCKET_NAME}.{os.getpid()}")
+        # (No longer than the final name: a home whose socket path fits must not fail
+        # on the temporary one, ".agent.sock.PID" did.)
+        tmp = self.socket_path.with_name(f".s{os.getpid():x}")
         tmp.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # The mode comes from the umask at bind(), not from a chmod after it, which
