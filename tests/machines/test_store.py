@@ -610,3 +610,26 @@ def test_rm_does_not_free_a_machine_a_start_took_meanwhile(
     finally:
         monitor.kill()
         monitor.wait()
+
+
+def test_templates_are_built_only_for_kernels_ember_installed(tmp_path: Path) -> None:
+    """The template builder's QEMU runs unconfined: a --kernel (with --kernel-modules) or
+    config.json kernel ran there, with the modules ember-init loads."""
+    from ember.machines.lifecycle import _installed_by_ember
+    from ember.vm.kernel import KernelInfo
+
+    home = Home(tmp_path / "home")
+    installed = home.kernels / "6.1.0-1-amd64"
+    mods = installed / "lib" / "modules" / "6.1.0-1-amd64"
+    mods.mkdir(parents=True)
+    (installed / "vmlinux").write_bytes(b"")
+    assert _installed_by_ember(home, KernelInfo(None, installed / "vmlinux", mods, "6.1.0-1-amd64"))
+    elsewhere = tmp_path / "mine"
+    elsewhere.mkdir()
+    (elsewhere / "vmlinux").write_bytes(b"")
+    assert not _installed_by_ember(home, KernelInfo(None, elsewhere / "vmlinux", mods, "x"))
+    assert not _installed_by_ember(home, KernelInfo(None, installed / "vmlinux", elsewhere, "x"))
+    converted = home.custom_kernels / "abc" / "vmlinux"  # a --kernel bzImage, extracted
+    converted.parent.mkdir(parents=True)
+    converted.write_bytes(b"")
+    assert not _installed_by_ember(home, KernelInfo(elsewhere / "vmlinuz", converted, mods, "x"))

@@ -607,8 +607,15 @@ def _template_for(
     from ember.vm.vmm.qemu import find_qemu
 
     # own kernel arguments change the boot itself; a kernel without modules has
-    # nothing to split between before and after the restore
-    if req.kernel_args or kernel.modules_dir is None or not templates_enabled(home):
+    # nothing to split between before and after the restore; and the builder's QEMU
+    # runs unconfined (docs/machines.md): only a kernel and modules ember installed
+    # (Debian's, through apt) may run there, not a --kernel or config.json one
+    if (
+        req.kernel_args
+        or kernel.modules_dir is None
+        or not _installed_by_ember(home, kernel)
+        or not templates_enabled(home)
+    ):
         return None, None
     shape = TemplateShape(
         kernel=kernel.vmlinux, base_initrd=base_initrd, accel=accel,
@@ -620,6 +627,18 @@ def _template_for(
     if found is None:
         build_in_background(home, shape)
     return found, shape.key()
+
+
+def _installed_by_ember(home: Home, kernel: KernelInfo) -> bool:
+    """Whether ``kernel`` is one ``ember kernel install`` put under the state directory
+    (not a custom one: those are converted under ``kernels/custom``)."""
+    installed = home.kernels.resolve()
+    paths = [kernel.vmlinux, *([kernel.modules_dir] if kernel.modules_dir else [])]
+    return all(
+        p.resolve().is_relative_to(installed)
+        and not p.resolve().is_relative_to(home.custom_kernels.resolve())
+        for p in paths
+    )
 
 
 # ---- the monitor ----------------------------------------------------------------------
