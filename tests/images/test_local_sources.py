@@ -73,6 +73,46 @@ def test_oci_layout_corrupt_blob_refused(
     assert not any(d.hex == layer.name for d in service.content.list())
 
 
+def test_oci_layout_links_leading_out_of_it_are_refused(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """A blob (or index.json) that is a symlink to a file outside the layout: ember read
+    any file its caller could (stored it when the digest matched, said its size and
+    digest when not).  Links inside the layout, and a layout reached through a link,
+    still work."""
+    import hashlib
+
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"not the layout's\n")
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest_path = layout / "blobs" / "sha256" / manifest_digest
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"] = {"mediaType": "application/vnd.oci.image.config.v1+json",
+                          "digest": f"sha256:{digest}", "size": outside.stat().st_size}  # fmt: skip
+    data = json.dumps(manifest).encode()
+    new_digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / new_digest).write_bytes(data)
+    index["manifests"][0].update(digest=f"sha256:{new_digest}", size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+    (layout / "blobs" / "sha256" / digest).symlink_to(outside)
+    with pytest.raises(InvalidSource, match=f"blob sha256:{digest} is a link that leads outside"):
+        service.pull(f"oci:{layout}:latest", progress=False)
+    assert not any(d.hex == digest for d in service.content.list())
+    (layout / "index.json").rename(tmp_path / "index.json")
+    (layout / "index.json").symlink_to(tmp_path / "index.json")
+    with pytest.raises(InvalidSource, match="index.json: a link that leads outside the layout"):
+        service.pull(f"oci:{layout}:latest", progress=False)
+    # a layout reached through a link, with links inside it, is fine
+    good = copy_layout(busybox_layout, tmp_path / "good")
+    (good / "index.json").rename(good / "index.real")
+    (good / "index.json").symlink_to("index.real")
+    (tmp_path / "via").symlink_to(good)
+    assert service.pull(f"oci:{tmp_path / 'via'}:latest", progress=False).layers
+
+
 def test_oci_layout_multiarch(service: ImageService, multiarch_layout: Path) -> None:
     from ember.oci.platform import Platform
 

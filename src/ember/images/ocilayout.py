@@ -8,6 +8,7 @@ its way into the content store (``sources.fetch_local``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -40,9 +41,30 @@ def _reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def _read_capped(path: Path, limit: int) -> bytes:
-    """A small file of the layout, whole; OSError if it is not a regular file or holds more than ``limit`` bytes."""
-    with open_regular(path) as f:
+class _Outside(OSError):
+    pass
+
+
+def _open_inside(layout: Path, path: Path) -> BinaryIO:
+    """``open_regular(path)``, refused (``_Outside``) when the file opened lies outside
+    ``layout``: a symlink in a layout made elsewhere (a downloaded archive) made ember
+    read any file its caller may (and say its size and digest when they did not match).
+    The file checked is the one opened: the descriptor's own path."""
+    f = open_regular(path)
+    try:
+        opened = os.readlink(f"/proc/self/fd/{f.fileno()}")
+        if not opened.startswith(os.path.join(os.path.realpath(layout), "")):
+            raise _Outside(0, "a link that leads outside the layout")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _read_capped(layout: Path, path: Path, limit: int) -> bytes:
+    """A small file of the layout, whole; OSError if it is not a regular file inside the
+    layout or holds more than ``limit`` bytes."""
+    with _open_inside(layout, path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise _TooLarge(f"larger than {limit} bytes")
@@ -63,7 +85,11 @@ class OciLayoutSource:
 
     def _open_blob(self, digest: Digest) -> BinaryIO:
         try:
-            return open_regular(self._blob_path(digest))
+            return _open_inside(self.path, self._blob_path(digest))
+        except _Outside:
+            raise InvalidSource(
+                f"OCI layout {self.path}: blob {digest} is a link that leads outside the layout"
+            ) from None
         except (FileNotFoundError, NotADirectoryError):
             # NotADirectoryError: ``blobs`` or ``blobs/ALG`` is a file, so no blob is there
             raise InvalidSource(f"OCI layout {self.path} lacks blob {digest}") from None
@@ -97,7 +123,7 @@ class OciLayoutSource:
 
     def _index(self) -> ImageIndex:
         try:
-            layout = jsonutil.loads(_read_capped(self.path / "oci-layout", _MAX_LAYOUT_FILE))
+            layout = jsonutil.loads(_read_capped(self.path, self.path / "oci-layout", _MAX_LAYOUT_FILE))
         except (FileNotFoundError, NotADirectoryError):
             raise InvalidSource(
                 f"{self.path} is not an OCI image layout (no oci-layout file)"
@@ -110,7 +136,7 @@ class OciLayoutSource:
         ):
             raise InvalidSource(f"{self.path}: unsupported OCI layout version")
         try:
-            data = _read_capped(self.path / "index.json", MAX_MANIFEST_SIZE)
+            data = _read_capped(self.path, self.path / "index.json", MAX_MANIFEST_SIZE)
         except OSError as e:
             raise InvalidSource(f"cannot read {self.path / 'index.json'}: {_reason(e)}") from None
         try:
