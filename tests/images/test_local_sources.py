@@ -190,6 +190,14 @@ def test_parse_source_names() -> None:
     assert parse_source("docker-archive:/a.tar:@1").selector == "@1"
 
 
+def test_the_path_ends_at_the_first_colon_whatever_exists(tmp_path: Path) -> None:
+    """`oci:/x/a:b` named the directory `a:b` while it existed and tag `b` of `a` after:
+    two images recorded under one name (ember run then took the last one pulled)."""
+    (tmp_path / "a:b").mkdir()
+    spec = parse_source(f"oci:{tmp_path}/a:b")
+    assert (spec.path, spec.selector) == (tmp_path / "a", "b")
+
+
 def test_progress_display_on_request(
     service: ImageService, busybox_layout: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -130,14 +130,17 @@ class SourceSpec:
 
 
 def _split_path(rest: str, what: str) -> tuple[Path, str | None]:
-    """``PATH[:SELECTOR]``: the path is everything before the first ':' unless the whole exists."""
+    """``PATH[:SELECTOR]``: the path is everything before the first ':', as skopeo reads
+    it.  (Not "unless the whole exists": ``oci:/x/a:b`` then named directory ``a:b`` or
+    tag ``b`` of ``a`` as the file system stood, two images under one name in the image
+    table.  A path with a ':' in it cannot be named, as with skopeo.)"""
     if not rest:
         raise InvalidSource(f"{what} needs a path, e.g. {what}/path/to/it")
     try:
         rest.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes: the image table stores names as UTF-8
         raise InvalidSource(f"{what} path {rest!r:.200} is not valid UTF-8") from None
-    if os.path.exists(rest) or ":" not in rest:
+    if ":" not in rest:
         return _absolute(rest), None
     path, _, selector = rest.partition(":")
     if not path:
