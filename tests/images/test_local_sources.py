@@ -190,6 +190,17 @@ def test_parse_source_names() -> None:
     assert parse_source("docker-archive:/a.tar:@1").selector == "@1"
 
 
+def test_a_layout_version_must_be_a_string(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """{"imageLayoutVersion": 1.5} (a number) was read as "1.5"."""
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    for version in (1.5, ["1.0.0"], "2.0.0"):
+        (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": version}))
+        with pytest.raises(InvalidSource, match="unsupported OCI layout version"):
+            service.pull(f"oci:{layout}:latest", progress=False)
+
+
 def test_the_path_ends_at_the_first_colon_whatever_exists(tmp_path: Path) -> None:
     """`oci:/x/a:b` named the directory `a:b` while it existed and tag `b` of `a` after:
     two images recorded under one name (ember run then took the last one pulled)."""

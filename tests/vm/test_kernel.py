@@ -187,6 +187,10 @@ def test_kernel_from_configuration(kernel: KernelInfo, tmp_path: Path) -> None:
         find_kernel(home)
     home.config_file.write_text('{"network": {}}')
     assert find_kernel(home).version == kernel.version
+    # relative to whatever directory each command ran in: refused
+    home.config_file.write_text(json.dumps({"kernel": {"path": "vmlinux"}}))
+    with pytest.raises(KernelError, match="'kernel.path' must be an absolute path"):
+        find_kernel(home)
 
 
 @pytest.mark.integration

@@ -115,7 +115,7 @@ def test_parse_signal(text: str | int, num: int) -> None:
 
 @pytest.mark.parametrize(
     "bad", ["SIGNOPE", "0", "999", "", "\u0669", "SIGRTMIN-1", "SIGRTMAX+1", "SIGRTMAX-40",
-            "SIGRTMIN+99"],
+            "SIGRTMIN+99", "SIGRTMIN+\u0663", "RTMAX-\u0661"],
 )  # fmt: skip
 def test_parse_signal_refuses(bad: str) -> None:
     with pytest.raises(InvalidRunConfig):

@@ -131,9 +131,8 @@ class OciLayoutSource:
         except (OSError, ValueError) as e:
             detail = _reason(e) if isinstance(e, OSError) else f"not JSON ({e})"
             raise InvalidSource(f"cannot read {self.path / 'oci-layout'}: {detail}") from None
-        if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith(
-            "1."
-        ):
+        version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
+        if not (isinstance(version, str) and version.startswith("1.")):
             raise InvalidSource(f"{self.path}: unsupported OCI layout version")
         try:
             data = _read_capped(self.path, self.path / "index.json", MAX_MANIFEST_SIZE)

@@ -323,6 +323,10 @@ def configured_kernel(home: Home) -> tuple[Path, Path | None] | None:
     modules = section.get("modules")
     if modules is not None and not isinstance(modules, str):
         raise KernelError(f"{home.config_file}: 'kernel.modules' must be a string")
+    for key, value in (("path", section["path"]), ("modules", modules)):
+        if value and not os.path.isabs(value):
+            # relative to what? (it was the working directory of each command)
+            raise KernelError(f"{home.config_file}: 'kernel.{key}' must be an absolute path")
     return Path(section["path"]), Path(modules) if modules else None
 
 

@@ -322,7 +322,8 @@ def parse_signal(value: str | int) -> int:
             num = int(text)
         else:
             name = text if text.startswith("SIG") else "SIG" + text
-            m = re.fullmatch(r"SIGRTMIN(?:\+(\d+))?|SIGRTMAX(?:-(\d+))?", name)
+            # [0-9], not \d: that also takes other scripts' digits ("SIGRTMIN+\u0663")
+            m = re.fullmatch(r"SIGRTMIN(?:\+([0-9]+))?|SIGRTMAX(?:-([0-9]+))?", name)
             if m:
                 if name.startswith("SIGRTMIN"):
                     num = int(_signal.SIGRTMIN) + int(m.group(1) or 0)
