@@ -176,6 +176,41 @@ def test_a_quick_restart_gives_back_what_killed_requests_held(
         push_blob(c, "b", os.urandom((10 << 20) - written))  # the room the session leaves
 
 
+def test_a_monolithic_upload_killed_mid_body_is_dropped_by_the_repairs(
+    fresh_server: Callable[[], EmberServer],
+) -> None:
+    """`POST ?digest=` with its body cut by a kill -9 of the server: its session (whose
+    URL no client ever got) stayed, file and reservation, counted against the quota
+    for a day; the repairs drop it once it is older than their grace period."""
+    import contextlib
+    import sqlite3
+
+    from tests.registry.server.support import ember
+
+    srv = fresh_server()
+    t = _tenant(srv)
+    ember(srv.home, "admin", "org", "quota", "acme", str(20 << 20))
+
+    def held() -> int:
+        rows = json.loads(ember(srv.home, "admin", "org", "ls", "--json").stdout)
+        return int(next(r for r in rows if r["name"] == "acme")["upload_bytes"])
+
+    uploads = srv.home / "registry" / "uploads"
+    sock = send_partial(srv.host, "POST", f"/v2/a/blobs/uploads/?digest={sha256(b'whole')}", {
+        "Authorization": f"Bearer {t.token}", "Content-Length": str(8 << 20),
+    }, b"s" * (2 << 20))  # fmt: skip
+    _wait_for(lambda: held() >= 8 << 20 and any(p.stat().st_size for p in uploads.iterdir()),
+              "the POST under way")  # fmt: skip
+    srv.kill()
+    sock.close()
+    with contextlib.closing(sqlite3.connect(srv.home / "ember.db", isolation_level=None)) as db:
+        db.execute("UPDATE reg_uploads SET created_at = created_at - 7200")  # two hours ago
+    srv.restart_on_same_port()  # its purge at start repairs what the kill left
+    _wait_for(lambda: held() == 0 and not any(uploads.iterdir()), "the session dropped", timeout=15)
+    with t.client() as c:
+        push_blob(c, "b", os.urandom(19 << 20))  # the whole quota is free again
+
+
 def test_kill_mid_gc(fresh_server: Callable[[], EmberServer]) -> None:
     """GC killed at random moments leaves a registry whose tagged images all read back;
     the next GC finishes the job."""

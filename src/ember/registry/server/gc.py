@@ -218,6 +218,10 @@ def _unsettled_uploads(conn: Connection, storage: BlobStorage, now: float) -> li
     return unsettled
 
 
+#: the first letter of a monolithic upload's session id (the others are hex: a uuid4's)
+MONOLITHIC_PREFIX = "m"
+
+
 def _dead_upload(cutoff: float) -> ColumnElement[bool]:
     """A session whose row may go if its file is gone: one that holds room under a
     quota, or was made before ``cutoff``.  A session's row commits just before its file
@@ -278,8 +282,24 @@ def _repair_interrupted(
     settled = settle_uploads(meta, storage, now)
     ingests = storage.content.prune_ingests(grace)
     with meta.db.connect() as conn:
+        _drop_stranded_monolithic(conn, storage, now - grace)
         dead = _dead_uploads(conn, storage, now - grace)
     return settled, ingests, dead
+
+
+def _drop_stranded_monolithic(conn: Connection, storage: BlobStorage, cutoff: float) -> None:
+    """Delete the files of monolithic uploads (``POST ?digest=``) begun before ``cutoff``
+    that no request holds: one whose request was killed mid-body.  Its client never got
+    a URL for it, so nothing resumes or ends it, yet its bytes counted against the quota
+    (and stayed on disk) until it expired a day later.  Its row then goes as a session
+    whose file is gone (``_dead_uploads``)."""
+    rows = conn.execute(
+        select(s.uploads.c.id).where(
+            s.uploads.c.id.startswith(MONOLITHIC_PREFIX), s.uploads.c.created_at < cutoff
+        )
+    ).all()
+    for (sid,) in rows:
+        storage.drop_session_if_idle(sid)
 
 
 def _sweep_rows(
