@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,47 @@ def test_a_readable_copy_holds_the_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         os.close(copy)
+
+
+def test_a_uid_is_cleared_of_what_an_earlier_vmm_left_before_it_is_leased(tmp_path: Path) -> None:
+    """A QEMU that cleared its parent-death signal outlived its monitor (killed with -9,
+    which dropped the lease): the next machine got the same uid, and with it ptrace and
+    pidfd_getfd over the old QEMU's reach (its disk, its run config).  The processes of
+    a uid are killed when it is leased, and when it is given back."""
+    import subprocess
+
+    ids = range(300010, 300011)
+    uid = ids.start
+    as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    def running_as_uid() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([*as_uid, "sleep", "600"], start_new_session=True)
+        while f"Uid:\t{uid}\t" not in Path(f"/proc/{proc.pid}/status").read_text():
+            time.sleep(0.005)  # (setpriv changes its uid after it started)
+        return proc
+
+    left = running_as_uid()
+    again = None
+    try:
+        lease = lease_identity(ids, tmp_path)  # its lock was free: its monitor is gone
+        assert left.wait(10) == -9
+        again = running_as_uid()
+        lease.release()
+        assert again.wait(10) == -9
+    finally:
+        left.kill()
+        if again is not None:
+            again.kill()
+
+
+def test_a_vmm_never_gets_roots_group_for_dev_kvm(tmp_path: Path) -> None:
+    """/dev/kvm root:root 0600 gave a KVM machine's QEMU supplementary group 0."""
+    from ember.vm.vmm.jail import kvm_group
+
+    device = tmp_path / "kvm"
+    device.write_bytes(b"")
+    os.chown(device, 0, 0)
+    with pytest.raises(VMMError, match="belongs to group root"):
+        kvm_group(str(device))
+    os.chown(device, 0, 12345)
+    assert kvm_group(str(device)) == (12345,)
+    assert kvm_group(str(tmp_path / "none")) == ()

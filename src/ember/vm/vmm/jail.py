@@ -36,6 +36,7 @@ import ctypes
 import os
 import signal
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,82 @@ class IdentityLease:
         self._lock = lock
 
     def release(self) -> None:
-        self._lock.release()
+        """Kill whatever still runs as the uid (an escaped VMM's helpers), then let it go."""
+        try:
+            clear_identity(self.identity.uid)
+        finally:
+            self._lock.release()
+
+
+#: how long ``clear_identity`` waits for the processes it killed to be gone
+_CLEAR_TIMEOUT = 5.0
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Live (not zombie) processes whose real, effective or saved uid is ``uid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        uids = state = b""
+        for line in status.splitlines():
+            if line.startswith(b"Uid:"):
+                uids = line
+            elif line.startswith(b"State:"):
+                state = line
+        if b"Z" not in state.split()[1:2] and str(uid).encode() in uids.split()[1:4]:
+            found.append(int(name))
+    return found
+
+
+def clear_identity(uid: int, timeout: float = _CLEAR_TIMEOUT) -> None:
+    """Kill every process still running as ``uid``, and wait until none is left.
+
+    A VMM dies with its monitor by its parent-death signal, but a guest that took over
+    its QEMU can clear that (``prctl`` is QEMU's to call), and a monitor killed with -9
+    drops its lease: the uid went to the next machine while the old QEMU ran on, and
+    one uid lets a process ptrace, and take the descriptors (``pidfd_getfd``) of,
+    another machine's QEMU: its disk, its initrd with the run config.  So a uid is
+    cleared when it is leased and when it is given back.  A pidfd names each process:
+    a pid freed and taken again between the scan and the kill is never signalled."""
+    deadline = time.monotonic() + timeout
+    while pids := _processes_of(uid):
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                if pid in _processes_of_pid(pid, uid):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
+        if time.monotonic() > deadline:
+            raise VMMError(
+                f"processes of VMM identity {uid} survive SIGKILL ({', '.join(map(str, pids[:5]))})"
+            )
+        time.sleep(0.01)
+
+
+def _processes_of_pid(pid: int, uid: int) -> list[int]:
+    """``[pid]`` if process ``pid`` (opened as a pidfd by the caller: the number is
+    its) still runs as ``uid``, else ``[]``."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+    except OSError:
+        return []
+    for line in status.splitlines():
+        if line.startswith(b"Uid:"):
+            return [pid] if str(uid).encode() in line.split()[1:4] else []
+    return []
 
 
 def id_range(env: Mapping[str, str] = os.environ) -> range:
@@ -112,14 +188,21 @@ def lease_identity(ids: range | None = None, directory: Path = LEASE_DIR) -> Ide
     """The first uid of ``ids`` no running VMM holds, leased (its gid is the same number).
 
     A lease is an ``flock`` on ``directory/UID``: the kernel drops it when its holder
-    (the monitor) dies, and the monitor's QEMU dies with it (its parent-death signal),
-    so a uid is never in use by two VMMs and never leaks."""
+    (the monitor) dies, and the monitor's QEMU dies with it (its parent-death signal);
+    whatever of the uid still runs then (a QEMU that cleared that signal) is killed
+    before the uid is leased again (``clear_identity``), so a uid is never in use by
+    two VMMs."""
     ids = id_range() if ids is None else ids
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for uid in ids:
             lock = try_lock(directory / str(uid))  # held: a running VMM has that uid
             if lock is not None:
+                try:
+                    clear_identity(uid)  # what an earlier holder left running
+                except BaseException:
+                    lock.release()
+                    raise
                 return IdentityLease(Identity(uid, uid), lock)
     except OSError as e:
         raise VMMError(f"cannot lease a VMM identity in {directory}: {e.strerror or e}") from e
@@ -129,12 +212,21 @@ def lease_identity(ids: range | None = None, directory: Path = LEASE_DIR) -> Ide
     )
 
 
-def kvm_group() -> tuple[int, ...]:
-    """The group that may open ``/dev/kvm`` (QEMU opens it by that fixed name)."""
+def kvm_group(device: str = "/dev/kvm") -> tuple[int, ...]:
+    """The group that may open ``/dev/kvm`` (QEMU opens it by that fixed name).
+
+    Never root's: a VMM with supplementary group 0 reaches every file of that group
+    (a host whose /dev/kvm is root:root 0600 would have given it just that)."""
     try:
-        return (os.stat("/dev/kvm").st_gid,)
+        gid = os.stat(device).st_gid
     except OSError:
         return ()
+    if gid == 0:
+        raise VMMError(
+            f"{device} belongs to group root: a confined VMM would need root's group to open it",
+            hint=f"give it a group of its own: groupadd -r kvm; chgrp kvm {device}; chmod 660 {device}",
+        )
+    return (gid,)
 
 
 def enter(identity: Identity | None) -> None:
