@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -633,3 +634,26 @@ def test_templates_are_built_only_for_kernels_ember_installed(tmp_path: Path) ->
     converted.parent.mkdir(parents=True)
     converted.write_bytes(b"")
     assert not _installed_by_ember(home, KernelInfo(elsewhere / "vmlinuz", converted, mods, "x"))
+
+
+def test_a_vmm_is_known_by_its_start_time_not_its_command_line(tmp_path: Path) -> None:
+    """A QEMU a guest escaped into can rewrite its argv: found by the machine id in its
+    command line, it was taken for gone (its network torn down, the record exited) and
+    `ember kill` / `rm -f` never killed it."""
+    import subprocess
+
+    from ember.machines.lifecycle import vmm_alive
+    from ember.process import proc_start_time
+
+    st = make_state()
+    vmm = subprocess.Popen(["sleep", "60"])  # a command line without the machine's id
+    try:
+        st.vmm_pid, st.vmm_start = vmm.pid, proc_start_time(vmm.pid)
+        assert vmm_alive(st)
+        st.vmm_start = (st.vmm_start or 0) + 1  # another process that got the same pid
+        assert not vmm_alive(st)
+    finally:
+        vmm.kill()
+        vmm.wait()
+    st.vmm_start = proc_start_time(os.getpid())
+    assert not vmm_alive(st)  # gone

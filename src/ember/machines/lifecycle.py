@@ -538,7 +538,7 @@ def prepare_start(
             cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
             cur.exit_code = cur.signal = None
             cur.oom_killed = False
-            cur.vmm_pid = None
+            cur.vmm_pid = cur.vmm_start = None
             cur.stopped_by_user = cur.restart_given_up = False
             cur.restarting = restart
             if restart:
@@ -740,9 +740,15 @@ def restart_pending(st: MachineState) -> bool:
 
 
 def vmm_alive(st: MachineState) -> bool:
-    return (
-        st.vmm_pid is not None and pid_alive(st.vmm_pid) and _proc_mentions(st.vmm_pid, st.id[:12])
-    )
+    """Whether the machine's VMM runs: its pid with the start time recorded for it (a
+    record from before start times: the pid's command line naming the machine, which
+    a QEMU a guest escaped into can rewrite, and then was neither killed by `ember
+    kill` / `rm -f` nor seen as running)."""
+    if st.vmm_pid is None or not pid_alive(st.vmm_pid):
+        return False
+    if st.vmm_start is not None:
+        return proc_start_time(st.vmm_pid) == st.vmm_start
+    return _proc_mentions(st.vmm_pid, st.id[:12])
 
 
 def _monitor_lost(st: MachineState) -> bool:

@@ -314,6 +314,7 @@ def _run_held(
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
             cur.restarting = False
             cur.vmm_pid, cur.monitor_pid = pid, os.getpid()
+            cur.vmm_start = proc_start_time(pid)
             cur.monitor_start = proc_start_time(os.getpid())
             stopped = cur.stopped_by_user
         if stopped:
@@ -464,7 +465,7 @@ def _hand_config_or_boot(
     boot = get_vmm(st.vm.vmm).create(vm_spec(st, d, spec.channels))
     pid = boot.start()
     with mstate.update(d) as cur:
-        cur.vmm_pid = pid
+        cur.vmm_pid, cur.vmm_start = pid, proc_start_time(pid)
     return boot, pid, _set_up(boot)
 
 

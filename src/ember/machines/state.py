@@ -83,6 +83,9 @@ class MachineState:
     #: the monitor's start time (clock ticks since boot): pid + start time name one process
     monitor_start: int | None = None
     vmm_pid: int | None = None
+    #: the VMM's start time: with ``vmm_pid`` it names that process (its command line,
+    #: which an escaped QEMU may rewrite, does not)
+    vmm_start: int | None = None
     error: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     #: ``--restart`` (machines.restartpolicy), how often the monitor restarted the
