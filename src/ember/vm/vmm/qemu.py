@@ -74,6 +74,9 @@ PORT_CONTROL = "org.ember.control"
 #: before its console comes up (no message at all)
 MAX_CMDLINE = 2047
 
+#: all of the environment a VMM gets
+VMM_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
 
 def _escape(value: str) -> str:
     """QEMU option values separate fields with ``,``; a literal comma is written ``,,``."""
@@ -457,6 +460,9 @@ class QemuVM(VM):
                 pass_fds=inherited,
                 # nothing is named relative to it, and the machine's directory is root's
                 cwd="/",
+                # not the caller's environment (tokens, EMBER_REGISTRY_SECRET, cloud
+                # settings): a QEMU a guest escaped into reads its own /proc/PID/environ
+                env=VMM_ENVIRONMENT,
                 # enters the identity, then sets the parent-death signal: QEMU dies when
                 # its monitor dies (no orphaned VMs)
                 preexec_fn=functools.partial(enter, identity),  # noqa: PLW1509
