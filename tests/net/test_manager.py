@@ -490,3 +490,29 @@ out["links"], out["state"] = links(), state()
     finally:
         holder.kill()
         holder.wait()
+
+
+TAP_OWNER_SCRIPT = r"""
+import fcntl, os, struct
+from ember.net import tap
+tap.create_tap("em-owner0", "10.99.0.1", 30, route_localnet=False)
+pid = os.fork()
+if pid == 0:
+    fd = os.open("/dev/net/tun", os.O_RDWR)  # (as if it were 0666, as on Debian)
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    try:
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"em-owner0", 0x0002 | 0x1000).ljust(40, b"\0"))
+        os._exit(0)
+    except PermissionError:
+        os._exit(13)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"attach": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def test_a_machines_tap_is_roots_to_attach_to(netns: str, tmp_path: Path) -> None:
+    """The persistent TAP had no owner: any uid that can open /dev/net/tun could attach
+    to it while its QEMU was not (before it starts, after it ends)."""
+    out = run_in_netns(netns, TAP_OWNER_SCRIPT, tmp_path)
+    assert out["attach"] == 13  # EPERM

@@ -27,6 +27,7 @@ _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _SIOCSIFADDR = 0x8916
 _SIOCSIFBRDADDR = 0x891A
+_TUNSETOWNER = 0x400454CC  # _IOW('T', 204, int)
 _SIOCSIFNETMASK = 0x891C
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -47,6 +48,10 @@ def _make_persistent_tap(name: str) -> None:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, _TUNSETIFF, _ifreq_flags(name, _IFF_TAP | _IFF_NO_PI))
+        # Owned by root: without an owner any uid that can open /dev/net/tun (0666 on
+        # Debian) could attach to a machine's TAP while its QEMU is not attached
+        # (before it starts, after it ends) and speak as the machine on its network.
+        fcntl.ioctl(fd, _TUNSETOWNER, 0)
         fcntl.ioctl(fd, _TUNSETPERSIST, 1)
     finally:
         os.close(fd)
