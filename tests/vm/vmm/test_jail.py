@@ -134,3 +134,38 @@ def test_a_vmm_never_gets_roots_group_for_dev_kvm(tmp_path: Path) -> None:
     os.chown(device, 0, 12345)
     assert kvm_group(str(device)) == (12345,)
     assert kvm_group(str(tmp_path / "none")) == ()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="ember's filter is x86-64's")
+def test_a_confined_vmm_cannot_reach_what_qemus_own_filter_leaves_open() -> None:
+    """QEMU's -sandbox is a deny-list: ptrace, keyctl, bpf, io_uring (which seccomp never
+    sees through) and prctl(PR_SET_PDEATHSIG) (which lets a VMM outlive its monitor)
+    stayed callable by a QEMU a guest escaped into.  ember's filter, installed by
+    ``enter`` under QEMU's, refuses them; what QEMU uses goes on working."""
+    import functools
+    import json
+    import subprocess
+    import sys
+
+    from ember.vm.vmm.jail import enter
+
+    probe = (
+        "import ctypes, json, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def call(nr, *a):\n"
+        "    return 0 if libc.syscall(nr, *a) >= 0 else ctypes.get_errno()\n"
+        "print(json.dumps({'ptrace': call(101, 0x4206, os.getppid(), 0, 0),\n"
+        "    'keyctl': call(250, 0, 0, 0, 0), 'bpf': call(321, 0, 0, 0),\n"
+        "    'pidfd_getfd': call(438, 0, 0, 0), 'io_uring_setup': call(425, 1, 0),\n"
+        "    'pdeathsig': call(157, 1, 0, 0, 0), 'set_name': call(157, 15, b'x', 0, 0),\n"
+        "    'getpid': call(39)}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
+        preexec_fn=functools.partial(enter, Identity(300020, 300020)),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    eperm, enosys = 1, 38
+    assert got == {"ptrace": eperm, "keyctl": eperm, "bpf": eperm, "pidfd_getfd": eperm,
+                   "io_uring_setup": enosys, "pdeathsig": eperm, "set_name": 0, "getpid": 0}  # fmt: skip

@@ -34,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import signal
 import stat
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from pathlib import Path
 
 from ember.locks import FileLock, try_lock
 from ember.process import parent_death_signal
+from ember.vm.vmm import seccomp
 from ember.vm.vmm.errors import VMMError
 
 #: QEMU's seccomp filter for a tenant's VMM (``-sandbox``)
@@ -60,6 +63,25 @@ _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
 # loaded at import: a preexec function must not run the dynamic loader (ember.process)
 _LIBC = ctypes.CDLL(None, use_errno=True)
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+def _filter_program() -> ctypes.Array[ctypes.c_char] | None:
+    """``struct sock_fprog`` of ember's filter (``seccomp.program``), built before any
+    fork: the child only hands it to the kernel.  None off x86-64."""
+    if platform.machine() != "x86_64":
+        return None
+    code = ctypes.create_string_buffer(seccomp.program())
+    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(code.raw) // 8, ctypes.addressof(code)))
+    _FILTER_KEEP.append(code)  # (the program must outlive every fork that uses it)
+    return fprog
+
+
+_FILTER_KEEP: list[ctypes.Array[ctypes.c_char]] = []
+_FILTER = _filter_program()
 
 
 @dataclass(frozen=True)
@@ -232,7 +254,8 @@ def kvm_group(device: str = "/dev/kvm") -> tuple[int, ...]:
 def enter(identity: Identity | None) -> None:
     """In the VMM's child, before exec: its own empty network and IPC namespaces and its
     identity (when there is one: the monitor runs as root), then the parent-death signal,
-    which the kernel clears on a change of credentials and so must come last."""
+    which the kernel clears on a change of credentials and so must come after it, then
+    no_new_privs and ember's seccomp filter (``seccomp``)."""
     if identity is not None:
         if _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWIPC) != 0:
             e = ctypes.get_errno()
@@ -241,6 +264,17 @@ def enter(identity: Identity | None) -> None:
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
     parent_death_signal(signal.SIGKILL)
+    # last: the filter refuses prctl(PR_SET_PDEATHSIG) from here on
+    if (
+        identity is not None
+        and _FILTER is not None
+        and (
+            _LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            or _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _FILTER, 0, 0) != 0
+        )
+    ):
+        e = ctypes.get_errno()
+        raise OSError(e, f"cannot install the VMM's seccomp filter: {os.strerror(e)}")
 
 
 def can_confine() -> bool:
