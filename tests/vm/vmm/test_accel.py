@@ -60,7 +60,11 @@ def test_a_fallback_to_tcg_is_a_warning_of_the_vm_logger(
     if accel == "kvm":
         assert said == []
     elif kvm_usable_device():
-        assert said == ["/dev/kvm does not boot this kernel (probe timed out): using TCG "
-                        "(software emulation, slower)"]  # fmt: skip
+        # why: the probe timed out or failed, or /dev/kvm is root's group (this host's),
+        # which a confined VMM is never given
+        assert len(said) == 1, said
+        assert said[0].startswith("/dev/kvm ") and said[0].endswith(
+            ": using TCG (software emulation, slower)"
+        ), said
     else:  # no probe, nothing cached: each detection says it
         assert said == ["/dev/kvm is not available: using TCG (software emulation, slower)"] * 2

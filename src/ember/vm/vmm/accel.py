@@ -11,11 +11,11 @@ in ``$EMBER_HOME/accel.json`` per (host boot, kernel), so the probe runs once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ember import jsonutil
@@ -24,7 +24,8 @@ from ember.home import Home
 from ember.process import boot_id
 from ember.vm.vmm.base import ACCELS
 from ember.vm.vmm.errors import VMMError
-from ember.vm.vmm.qemu import find_qemu
+from ember.vm.vmm.jail import SANDBOX, Identity, can_confine, enter, kvm_group, lease_identity
+from ember.vm.vmm.qemu import VMM_ENVIRONMENT, find_qemu
 
 PROBE_TIMEOUT = 10.0
 _MARKER = b"Linux version"
@@ -56,28 +57,49 @@ def kvm_usable_device() -> bool:
     return True
 
 
-def probe_kvm(kernel: Path, workdir: Path, timeout: float = PROBE_TIMEOUT) -> bool:
-    """Boot ``kernel`` under KVM to a root-fs panic; True if that completed in time."""
-    console = workdir / "probe-console.log"
-    argv = [
-        find_qemu(), "-M", "microvm,x-option-roms=off", "-accel", "kvm", "-cpu", "host",
-        "-m", "128", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-        "-no-reboot", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
-        "-serial", f"file:{console}",
-    ]  # fmt: skip
+def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Boot ``kernel`` under KVM to a root-fs panic: None if that completed in time, else
+    why not (words that follow "/dev/kvm").
+
+    The probe's QEMU is confined as a machine's is (``jail``: a leased uid, empty
+    network and IPC namespaces, the seccomp filters, death with its parent): the kernel
+    may be one a user gave (``--kernel``), and a root QEMU running it with the host's
+    namespaces was out of every confinement.  Its console is a pipe."""
+    lease = lease_identity() if can_confine() else None
+    identity = None
+    kernel_fd = -1
     try:
-        proc = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    except OSError as e:
-        raise VMMError(f"cannot run {argv[0]}: {e}") from e
-    try:
-        out = console.read_bytes()
-    except OSError:
-        return False
-    return proc.returncode == 0 and _MARKER in out
+        if lease is not None:
+            try:
+                groups = kvm_group()
+            except VMMError:  # group root: a confined QEMU may not open it
+                return "belongs to group root, which a confined VMM is never given"
+            identity = Identity(lease.identity.uid, lease.identity.gid, groups)
+        kernel_fd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
+        argv = [
+            find_qemu(), "-M", "microvm,x-option-roms=off", "-accel", "kvm", "-cpu", "host",
+            "-m", "128", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+            "-no-reboot", "-sandbox", SANDBOX, "-kernel", f"/proc/self/fd/{kernel_fd}",
+            "-append", "console=ttyS0 panic=-1 loglevel=4", "-serial", "stdio",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                check=False, pass_fds=(kernel_fd,), cwd="/", env=VMM_ENVIRONMENT,
+                preexec_fn=functools.partial(enter, identity),  # noqa: PLW1509
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return "does not boot this kernel (probe timed out)"
+        except (OSError, subprocess.SubprocessError) as e:
+            raise VMMError(f"cannot run {argv[0]}: {e}") from e
+        if proc.returncode == 0 and _MARKER in proc.stdout:
+            return None
+        return "does not boot this kernel (the probe failed)"
+    finally:
+        if kernel_fd >= 0:
+            os.close(kernel_fd)
+        if lease is not None:
+            lease.release()
 
 
 def _read_cache(path: Path) -> dict[str, str]:
@@ -112,12 +134,10 @@ def detect_accel(home: Home, kernel: Path | None = None, *, quiet: bool = False)
     cached = _read_cache(path)
     if key in cached:
         return cached[key]
-    home.run.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=home.run, prefix="accel-probe-") as tmp:
-        accel = "kvm" if probe_kvm(kernel, Path(tmp)) else "tcg"
-    if accel == "tcg" and not quiet:
-        log.warning("/dev/kvm does not boot this kernel (probe timed out): using TCG "
-                    "(software emulation, slower)")  # fmt: skip
+    why_not = probe_kvm(kernel)
+    accel = "kvm" if why_not is None else "tcg"
+    if why_not is not None and not quiet:
+        log.warning("/dev/kvm %s: using TCG (software emulation, slower)", why_not)
     cached = {k: v for k, v in _read_cache(path).items() if k.startswith(_boot_key())}
     cached[key] = accel
     atomic_write(path, json.dumps(cached, indent=1).encode())
