@@ -169,3 +169,38 @@ def test_a_confined_vmm_cannot_reach_what_qemus_own_filter_leaves_open() -> None
     eperm, enosys = 1, 38
     assert got == {"ptrace": eperm, "keyctl": eperm, "bpf": eperm, "pidfd_getfd": eperm,
                    "io_uring_setup": enosys, "pdeathsig": eperm, "set_name": 0, "getpid": 0}  # fmt: skip
+
+
+def test_a_confined_vmm_sees_no_shared_writable_place_nor_the_hosts_sockets() -> None:
+    """An escaped QEMU connected to pathname sockets under /run (D-Bus, journald: the
+    empty network namespace does not cover them), wrote to /tmp and /dev/shm (memory
+    charged to no one), had no bound on its threads and could dump the guest's memory
+    in a core file."""
+    import functools
+    import json
+    import subprocess
+    import sys
+
+    from ember.vm.vmm.jail import VMM_NPROC, enter
+
+    probe = (
+        "import json, os, resource\n"
+        "def writable(d):\n"
+        "    try:\n"
+        "        open(os.path.join(d, 'x'), 'w').close()\n"
+        "        return True\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "print(json.dumps({'run': os.listdir('/run'), 'tmp': os.listdir('/tmp'),\n"
+        "    'writable': [d for d in ('/tmp', '/var/tmp', '/dev/shm', '/run') if writable(d)],\n"
+        "    'core': resource.getrlimit(resource.RLIMIT_CORE),\n"
+        "    'nproc': resource.getrlimit(resource.RLIMIT_NPROC)}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
+        preexec_fn=functools.partial(enter, Identity(300020, 300020)),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got == {"run": [], "tmp": [], "writable": [], "core": [0, 0], "nproc": [VMM_NPROC] * 2}
+    assert os.listdir("/run")  # the host's own are untouched

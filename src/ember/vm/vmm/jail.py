@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import resource
 import signal
 import stat
 import struct
@@ -59,10 +60,22 @@ DEFAULT_IDS = range(0x70000000, 0x70010000)
 #: one lock file per leased uid; host-wide, since homes on one host must not share a uid
 LEASE_DIR = Path("/run/ember/vm-ids")
 
+_CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+#: the host directories a VMM sees as empty and unwritable (a tmpfs of root's): shared
+#: writable places (/tmp, /var/tmp, /dev/shm: memory no one is charged for) and /run,
+#: where the host's services listen (D-Bus, journald, systemd: pathname sockets, which
+#: the empty network namespace does not cover) and ember keeps its leases
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+#: threads (and processes) a VMM's uid may have: QEMU's vCPUs, I/O and RCU threads
+#: are a few dozen; this bounds what an escaped one can spawn
+VMM_NPROC = 1024
 # loaded at import: a preexec function must not run the dynamic loader (ember.process)
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_LIBC.mount.restype = ctypes.c_int
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -257,9 +270,13 @@ def enter(identity: Identity | None) -> None:
     which the kernel clears on a change of credentials and so must come after it, then
     no_new_privs and ember's seccomp filter (``seccomp``)."""
     if identity is not None:
-        if _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWIPC) != 0:
+        if _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWNS) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"unshare: {os.strerror(e)}")
+        _hide_host_dirs()
+        # no core dump (it would hold the guest's memory); a bound on its threads
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (VMM_NPROC, VMM_NPROC))
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
@@ -275,6 +292,21 @@ def enter(identity: Identity | None) -> None:
     ):
         e = ctypes.get_errno()
         raise OSError(e, f"cannot install the VMM's seccomp filter: {os.strerror(e)}")
+
+
+def _hide_host_dirs() -> None:
+    """In the VMM's own mount namespace (mounts made private first, so nothing goes back
+    to the host's): an empty tmpfs of root's over each of ``HIDDEN_DIRS``."""
+    if _LIBC.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount --make-rprivate /: {os.strerror(e)}")
+    for target in HIDDEN_DIRS:
+        if not os.path.isdir(target):
+            continue
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        if _LIBC.mount(b"tmpfs", target.encode(), b"tmpfs", flags, b"size=4k,mode=0755") != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"cannot hide {target} from the VMM: {os.strerror(e)}")
 
 
 def can_confine() -> bool:
