@@ -154,7 +154,8 @@ def mismatch(pid: int, uid: int, own: View | None = None) -> str | None:
         privileges = _privileges(pid)
         if privileges != own.privileges:
             return "the caller has other capabilities (or seccomp, no_new_privs) than the agent"
-        if privileges.get("Seccomp_filters", "0") != "0":
+        if privileges.get("Seccomp", "0") != "0" or privileges.get("Seccomp_filters", "0") != "0":
+            # (kernels before 5.9 have no Seccomp_filters line: the mode says it then)
             # /proc gives how many filters, not which: the same count may be other rules
             return "the caller runs under seccomp filters, which cannot be compared with the agent's"
         if _labels(pid) != own.labels:

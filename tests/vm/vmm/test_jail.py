@@ -24,7 +24,7 @@ def test_the_id_range_comes_from_the_environment() -> None:
     assert id_range({IDS_ENV: "200000-200009"}) == range(200000, 200010)
 
 
-@pytest.mark.parametrize("raw", ["0-10", "10", "10-5", "a-b", "1-2147483647", "-5-10"])
+@pytest.mark.parametrize("raw", ["0-10", "10", "10-5", "a-b", "1-2147483647", "-5-10", "1000-2000"])
 def test_an_id_range_that_could_name_root_or_nothing_is_refused(raw: str) -> None:
     with pytest.raises(VMMError, match=IDS_ENV):
         id_range({IDS_ENV: raw})
@@ -204,3 +204,34 @@ def test_a_confined_vmm_sees_no_shared_writable_place_nor_the_hosts_sockets() ->
     got = json.loads(res.stdout)
     assert got == {"run": [], "tmp": [], "writable": [], "core": [0, 0], "nproc": [VMM_NPROC] * 2}
     assert os.listdir("/run")  # the host's own are untouched
+
+
+def test_a_process_whose_leader_exited_alone_is_cleared_too() -> None:
+    """A leader thread that calls exit(2), not exit_group, shows as a zombie in /proc while
+    its other threads run on as the uid: clear_identity took it for gone."""
+    import subprocess
+    import sys
+
+    from ember.vm.vmm.jail import clear_identity
+
+    uid = 300030
+    script = (
+        "import ctypes, os, threading, time\n"
+        f"os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid})\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "time.sleep(0.2)\n"
+        "ctypes.CDLL(None).syscall(60, 0)  # exit(2): this thread only\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        status = ""
+        while "Z (zombie)" not in status:
+            assert time.monotonic() < deadline, status
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            time.sleep(0.01)
+        assert f"Uid:\t{uid}" in status and "Threads:\t2" in status
+        clear_identity(uid)
+        assert proc.wait(10) == -9
+    finally:
+        proc.kill()

@@ -25,7 +25,7 @@ from ember.process import boot_id
 from ember.vm.vmm.base import ACCELS
 from ember.vm.vmm.errors import VMMError
 from ember.vm.vmm.jail import SANDBOX, Identity, can_confine, enter, kvm_group, lease_identity
-from ember.vm.vmm.qemu import VMM_ENVIRONMENT, find_qemu
+from ember.vm.vmm.qemu import VMM_ENVIRONMENT, find_qemu, open_readable
 
 PROBE_TIMEOUT = 10.0
 _MARKER = b"Linux version"
@@ -75,7 +75,7 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> str | None:
             except VMMError:  # group root: a confined QEMU may not open it
                 return "belongs to group root, which a confined VMM is never given"
             identity = Identity(lease.identity.uid, lease.identity.gid, groups)
-        kernel_fd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
+        kernel_fd = open_readable(kernel, identity)  # (a root-only --kernel: a copy)
         argv = [
             find_qemu(), "-M", "microvm,x-option-roms=off", "-accel", "kvm", "-cpu", "host",
             "-m", "128", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",

@@ -20,12 +20,16 @@ runs:
   fork or exec, no scheduler or resource-limit changes;
 - in a network and an IPC namespace of its own, empty: the TAP is an inherited
   descriptor, so the guest's network works while an escaped QEMU reaches no host
-  service (nothing on the host's loopback, no other host) and no host SysV IPC.
+  service (nothing on the host's loopback, no other host) and no host SysV IPC;
+- in a mount namespace of its own where the host's shared writable places and
+  ``/run`` (the host's services' sockets) are empty tmpfs of root's
+  (``HIDDEN_DIRS``), with no core dumps and a bound on its threads;
+- under ember's own seccomp filter too (``seccomp``), installed last.
 
-What it does not get: a chroot or a mount namespace of its own (``-chroot`` needs root
-inside QEMU, which it never has; a minimal root tree is more than 7.2 asks for).  It
-sees the host's file system as an unprivileged user does: ember's state directory,
-machine directories (0700) and disks (0600) are root's, so no other machine's disk is
+What it does not get: a chroot (``-chroot`` needs root inside QEMU, which it never
+has; a minimal root tree is more than 7.2 asks for).  It sees the rest of the
+host's file system as an unprivileged user does: ember's state directory, machine
+directories (0700) and disks (0600) are root's, so no other machine's disk is
 within its reach (docs/machines.md, "Confinement").
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import platform
 import resource
@@ -57,8 +62,11 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 #: ranges, below the "foreign" range), so it collides with no user or container
 IDS_ENV = "EMBER_VM_IDS"
 DEFAULT_IDS = range(0x70000000, 0x70010000)
+_LOWEST_ID = 65536
 #: one lock file per leased uid; host-wide, since homes on one host must not share a uid
 LEASE_DIR = Path("/run/ember/vm-ids")
+
+log = logging.getLogger("ember.vm")
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
@@ -68,7 +76,7 @@ _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000,
 #: writable places (/tmp, /var/tmp, /dev/shm: memory no one is charged for) and /run,
 #: where the host's services listen (D-Bus, journald, systemd: pathname sockets, which
 #: the empty network namespace does not cover) and ember keeps its leases
-HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run")
 #: threads (and processes) a VMM's uid may have: QEMU's vCPUs, I/O and RCU threads
 #: are a few dozen; this bounds what an escaped one can spawn
 VMM_NPROC = 1024
@@ -123,9 +131,12 @@ class IdentityLease:
         self._lock = lock
 
     def release(self) -> None:
-        """Kill whatever still runs as the uid (an escaped VMM's helpers), then let it go."""
+        """Kill whatever still runs as the uid (an escaped VMM's helpers), then let it go
+        (what survives is killed again before the uid is leased again)."""
         try:
             clear_identity(self.identity.uid)
+        except VMMError as e:
+            log.warning("%s", e)
         finally:
             self._lock.release()
 
@@ -135,7 +146,9 @@ _CLEAR_TIMEOUT = 5.0
 
 
 def _processes_of(uid: int) -> list[int]:
-    """Live (not zombie) processes whose real, effective or saved uid is ``uid``."""
+    """Live processes whose real, effective or saved uid is ``uid``: not zombies, but a
+    zombie leader whose other threads still run counts (its leader called exit(2), not
+    exit_group: /proc lists only the leader, and shows it as a zombie)."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -145,13 +158,16 @@ def _processes_of(uid: int) -> list[int]:
                 status = f.read()
         except OSError:  # gone meanwhile
             continue
-        uids = state = b""
+        uids = state = threads = b""
         for line in status.splitlines():
             if line.startswith(b"Uid:"):
                 uids = line
             elif line.startswith(b"State:"):
                 state = line
-        if b"Z" not in state.split()[1:2] and str(uid).encode() in uids.split()[1:4]:
+            elif line.startswith(b"Threads:"):
+                threads = line
+        zombie = b"Z" in state.split()[1:2] and threads.split()[1:2] in ([b"0"], [b"1"], [])
+        if not zombie and str(uid).encode() in uids.split()[1:4]:
             found.append(int(name))
     return found
 
@@ -211,10 +227,12 @@ def id_range(env: Mapping[str, str] = os.environ) -> range:
         first, last = int(first_s), int(last_s)
     except ValueError:
         first = last = -1
-    # 0 is root; from 2^31 on, ids are negative to some tools (systemd avoids them too)
-    if not sep or not 0 < first <= last < 0x7FFFFFFF:
+    # below 65536: system and login users (every process of a leased uid is killed);
+    # from 2^31 on, ids are negative to some tools (systemd avoids them too)
+    if not sep or not _LOWEST_ID <= first <= last < 0x7FFFFFFF:
         raise VMMError(
-            f"{IDS_ENV} must be FIRST-LAST, two uids from 1 to {0x7FFFFFFF - 1}, not {raw!r}"
+            f"{IDS_ENV} must be FIRST-LAST, two uids from {_LOWEST_ID} to {0x7FFFFFFF - 1} "
+            f"(below are the host's own users), not {raw!r}"
         )
     return range(first, last + 1)
 
@@ -235,6 +253,10 @@ def lease_identity(ids: range | None = None, directory: Path = LEASE_DIR) -> Ide
             if lock is not None:
                 try:
                     clear_identity(uid)  # what an earlier holder left running
+                except VMMError as e:  # still dying (a process in D state): another uid
+                    log.warning("%s; leasing another", e)
+                    lock.release()
+                    continue
                 except BaseException:
                     lock.release()
                     raise
@@ -281,10 +303,10 @@ def enter(identity: Identity | None) -> None:
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
     parent_death_signal(signal.SIGKILL)
-    # last: the filter refuses prctl(PR_SET_PDEATHSIG) from here on
+    # last: the filter refuses prctl(PR_SET_PDEATHSIG) from here on (also for a QEMU of
+    # a non-root ember's, with its caller's uid: no_new_privs needs no privilege)
     if (
-        identity is not None
-        and _FILTER is not None
+        _FILTER is not None
         and (
             _LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
             or _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _FILTER, 0, 0) != 0

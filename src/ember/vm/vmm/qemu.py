@@ -335,7 +335,7 @@ def _open_disk(disk: Disk) -> tuple[int, ...]:
         raise
 
 
-def _open_readable(path: Path, identity: Identity | None) -> int:
+def open_readable(path: Path, identity: Identity | None) -> int:
     """A descriptor of ``path`` for QEMU to read through ``/proc/self/fd``: the file
     itself, or a copy in memory when its mode keeps ``identity`` out (a machine's
     initrd is root's and 0600: it holds the run config).  The kernel and a template's
@@ -371,8 +371,8 @@ def open_inherited(
     ch = spec.channels
     initrd, restore = spec.initrd, spec.restore
     return Inherited(
-        kernel=keep(_open_readable(spec.kernel, identity)),
-        initrd=None if initrd is None else keep(_open_readable(initrd, identity)),
+        kernel=keep(open_readable(spec.kernel, identity)),
+        initrd=None if initrd is None else keep(open_readable(initrd, identity)),
         console=keep(_open_channel(ch.console_log)),
         stdout=keep(_open_channel(ch.stdout_log)),
         stderr=keep(_open_channel(ch.stderr_log)),
@@ -426,11 +426,11 @@ class QemuVM(VM):
             raise VMMError(f"machine {self.spec.name} is already started")
         lease = lease_identity() if can_confine() else None
         identity = None
-        if lease is not None:
-            kvm = kvm_group() if self.spec.accel == "kvm" else ()
-            identity = Identity(lease.identity.uid, lease.identity.gid, kvm)
         opened: list[int] = []
         try:
+            if lease is not None:
+                kvm = kvm_group() if self.spec.accel == "kvm" else ()
+                identity = Identity(lease.identity.uid, lease.identity.gid, kvm)
             try:
                 fds = open_inherited(self.spec, identity, self._vhost(), opened)
             except OSError as e:
