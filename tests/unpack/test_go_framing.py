@@ -177,3 +177,56 @@ def test_a_directory_header_given_twice_keeps_the_last_time(root: Path, layers: 
     layers.apply(root, tar_bytes([dir_("d", mode=0o700, mtime=1000), dir_("d", mode=0o755, mtime=2000)]))
     st = os.lstat(root / "d")
     assert (st.st_mode & 0o777, st.st_mtime) == (0o755, 2000)
+
+
+HIDDEN = header(b"etc/ld.so.preload", tarfile.REGTYPE, size=12) + data(b"/lib/evil.so")
+
+
+@pytest.mark.parametrize("records", [
+    {"size": "1536", "GNU.sparse.realsize": "3"},
+    {"size": "1536", "GNU.sparse.size": "3"},
+    {"GNU.sparse.name": "etc/shadow"},
+])  # fmt: skip
+def test_gnu_sparse_records_on_a_member_go_does_not_take_for_sparse_are_refused(
+    records: dict[str, str], root: Path, layers: Layers
+) -> None:
+    """tarfile applies GNU.sparse.size/.realsize/.name to any member, Go only to one it
+    takes for sparse: the motd's data (a hidden ld.so.preload to ember) framed as 512
+    bytes by one and 1536 by the other, or another name."""
+    size = int(records.get("size", "3"))
+    body = data(b"hi\n") + (HIDDEN if size > 512 else b"")
+    raw = pax(records) + header(b"etc/motd", tarfile.REGTYPE, size=size) + body + END
+    with pytest.raises(InvalidLayer, match="GNU sparse records on a member that is not sparse"):
+        layers.apply(root, raw)
+    assert os.listdir(root) == []
+
+
+def test_an_old_style_directory_given_a_file_name_is_refused(root: Path, layers: Layers) -> None:
+    """Type '\\0' named "d/" is a directory without data to tarfile; a long or pax name
+    without the "/" makes it a file with its data to Go (the hidden entry is that data)."""
+    for name in (long_name(b"etc/motd"), pax({"path": "etc/motd"})):
+        raw = name + header(b"d/", tarfile.AREGTYPE, size=len(HIDDEN)) + HIDDEN + END
+        with pytest.raises(InvalidLayer, match="a directory to some tar readers and a file"):
+            layers.apply(root, raw)
+    assert os.listdir(root) == []
+
+
+def test_long_names_go_reads_otherwise_are_refused(root: Path, layers: Layers) -> None:
+    """L, K, L: tarfile kept the first name, Go the last; L then g: Go returns the g as
+    an entry and forgets the name."""
+    chained = long_name(b"first/name") + long_name(b"t", tarfile.GNUTYPE_LONGLINK) + long_name(b"second/name")
+    with pytest.raises(InvalidLayer, match="two GNU long names of one kind"):
+        layers.apply(root, chained + header(b"x", tarfile.REGTYPE) + END)
+    with pytest.raises(InvalidLayer, match="followed by a global header"):
+        layers.apply(root, long_name(b"etc/shadow") + header(b"PaxHeaders/g", tarfile.XGLTYPE)
+                     + header(b"short", tarfile.REGTYPE) + END)  # fmt: skip
+    assert os.listdir(root) == []
+
+
+def test_the_prefix_field_counts_only_in_ustar_headers(root: Path, layers: Layers) -> None:
+    """In a GNU header bytes 345-500 are atime and ctime (`tar --format=gnu -G` fills
+    them): tarfile joined them to the name as a "prefix" ("15303175061/small")."""
+    atime = _octal(1_700_000_000, 12)
+    raw = header(b"small", tarfile.REGTYPE, size=1, gnu=True, extra={345: atime, 357: atime})
+    layers.apply(root, raw + data(b"x") + END)
+    assert os.listdir(root) == ["small"]

@@ -268,7 +268,7 @@ def _fast_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
         ti.type = tarfile.DIRTYPE
     if ti.type == tarfile.DIRTYPE:
         ti.name = ti.name.rstrip("/")
-    prefix_text = prefix.split(b"\0", 1)[0]
+    prefix_text = prefix.split(b"\0", 1)[0] if _magic == _USTAR_MAGIC else b""  # (as Go reads it)
     if prefix_text:
         ti.name = prefix_text.decode("utf-8", "surrogateescape") + "/" + ti.name
     ti.offset = offset
@@ -323,6 +323,33 @@ def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+_USTAR_MAGIC = b"ustar\x00"
+#: the types whose members have no data to Go's reader (isHeaderOnlyType)
+_HEADER_ONLY = frozenset((tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
+                          tarfile.DIRTYPE, tarfile.FIFOTYPE))  # fmt: skip
+
+
+def _go_reads_as_sparse(headers: dict[str, str]) -> bool:
+    """Whether Go's archive/tar takes a pax member for a GNU sparse file: versions 0.0 and
+    0.1 by their map (0.0's offset/numbytes records make one), 1.0 by its version records;
+    an unknown version is not sparse to it."""
+    major, minor = headers.get("GNU.sparse.major"), headers.get("GNU.sparse.minor")
+    if (major, minor) in (("0", "0"), ("0", "1"), ("1", "0")):
+        return True
+    if major is not None or minor is not None:
+        return False
+    return bool(headers.get("GNU.sparse.map")) or "GNU.sparse.offset" in headers
+
+
+def _name_replaced(member: tarfile.TarInfo, name: str) -> None:
+    """A type-'\0' header whose own name ends in "/" (a directory to tarfile, without data)
+    given a long or pax name that does not: a file with data to Go."""
+    if getattr(member, "_old_style_dir", False) and not name.endswith("/"):
+        raise tarfile.InvalidHeaderError(  # type: ignore[attr-defined]
+            "a member that is a directory to some tar readers and a file to others"
+        )
+
+
 class _TarInfo(tarfile.TarInfo):
     """tarfile's TarInfo with ember's own pax header parsing.
 
@@ -343,6 +370,15 @@ class _TarInfo(tarfile.TarInfo):
         if len(buf) == BLOCK and buf.count(0) != BLOCK:  # (tarfile's own word on those)
             _check_numeric_fields(bytes(buf))
         info = super().frombuf(buf, encoding, errors)
+        raw = bytes(buf)
+        prefix = tarfile.nts(raw[345:500], encoding, errors)  # type: ignore[attr-defined]
+        if prefix and raw[257:263] != _USTAR_MAGIC and info.name.startswith(prefix + "/"):
+            # tarfile joins the prefix field whatever the magic; Go only for ustar (in GNU
+            # headers those bytes are atime and ctime: `tar --format=gnu -G` output)
+            info.name = info.name[len(prefix) + 1 :]
+        # type '\0' with a name ending in "/": a directory to tarfile by this name, to Go
+        # by the final one (a long or pax name may end otherwise: ``_name_replaced``)
+        info._old_style_dir = raw[156:157] == tarfile.AREGTYPE and info.type == tarfile.DIRTYPE  # type: ignore[attr-defined]
         if info.type == tarfile.GNUTYPE_SPARSE:
             _, extended, real_size = info._sparse_structs  # type: ignore[attr-defined]
             info._sparse_structs = (_old_gnu_sparse_map(bytes(buf), 386, 4), extended, real_size)  # type: ignore[attr-defined]
@@ -371,15 +407,26 @@ class _TarInfo(tarfile.TarInfo):
         buf = tf.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
         if len(buf) < self.size:
             raise _TruncatedHeader("truncated GNU long name")
-        if tf.fileobj.peek_filled(BLOCK)[156:157] == self.type:
+        following = tf.fileobj.peek_filled(BLOCK)[156:157]
+        if following == self.type:
             raise tarfile.InvalidHeaderError("two GNU long names of one kind for one member")  # type: ignore[attr-defined]
+        if following == tarfile.XGLTYPE:
+            # Go returns the g as an entry of its own and forgets the long name
+            raise tarfile.InvalidHeaderError("a GNU long name followed by a global header")  # type: ignore[attr-defined]
         try:
             member: tarfile.TarInfo = self.fromtarfile(tf)
         except tarfile.HeaderError as e:
             raise tarfile.SubsequentHeaderError(str(e)) from None  # type: ignore[attr-defined]
+        # another of the same kind further down the chain (L, K, L): tarfile keeps this
+        # one, Go the last
+        seen: frozenset[bytes] = getattr(member, "_gnu_long", frozenset())
+        if self.type in seen:
+            raise tarfile.InvalidHeaderError("two GNU long names of one kind for one member")  # type: ignore[attr-defined]
+        member._gnu_long = seen | {self.type}  # type: ignore[attr-defined]
         member.offset = self.offset
         text = tarfile.nts(buf, tf.encoding, tf.errors)  # type: ignore[attr-defined]
         if self.type == tarfile.GNUTYPE_LONGNAME:
+            _name_replaced(member, text)
             member.name = text
         else:
             member.linkname = text
@@ -409,8 +456,19 @@ class _TarInfo(tarfile.TarInfo):
             raise tarfile.SubsequentHeaderError(str(e)) from None  # type: ignore[attr-defined]
         if self.type == tarfile.XGLTYPE:
             return member
+        data_start, header_size = member.offset_data, member.size
         headers = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
                    for k, v in records}
+        sparse = _go_reads_as_sparse(headers)
+        if not sparse and any(k.startswith("GNU.sparse.") for k in headers):
+            # tarfile applies GNU.sparse.size, .realsize and .name to any member; Go only
+            # to one it takes for sparse: the same bytes, another size or name
+            raise tarfile.InvalidHeaderError("GNU sparse records on a member that is not sparse")  # type: ignore[attr-defined]
+        if sparse and len({headers.get("GNU.sparse.size"), headers.get("GNU.sparse.realsize")} - {None}) > 1:
+            # tarfile takes the later one, Go GNU.sparse.size
+            raise tarfile.InvalidHeaderError("two different sizes of a sparse member")  # type: ignore[attr-defined]
+        if "path" in headers:
+            _name_replaced(member, headers["path"])
         if "GNU.sparse.map" in headers:  # GNU sparse 0.1
             self._proc_gnusparse_01(member, headers)  # type: ignore[attr-defined]
         elif "GNU.sparse.size" in headers:  # GNU sparse 0.0: offset/numbytes records in order
@@ -420,6 +478,8 @@ class _TarInfo(tarfile.TarInfo):
         elif headers.get("GNU.sparse.major") == "1" and headers.get("GNU.sparse.minor") == "0":
             self._proc_gnusparse_10(member, headers, tf)  # type: ignore[attr-defined]
         member._apply_pax_info(headers, tf.encoding, tf.errors)  # type: ignore[attr-defined]
+        if sparse and headers.get("GNU.sparse.name"):
+            member.name = headers["GNU.sparse.name"]  # Go's choice over path, whatever the order
         if member.type == tarfile.AREGTYPE and headers.get("path", "").endswith("/"):
             member.name += "/"  # tarfile drops the "/" that makes it a directory to Go (TarStream)
         member.offset = self.offset
@@ -428,6 +488,12 @@ class _TarInfo(tarfile.TarInfo):
             if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES:
                 offset += member._block(member.size)  # type: ignore[attr-defined]
             tf.offset = offset
+        # Where Go's reader finds the next header: after the pax size (else the header's)
+        # of data, none for header-only types.  Any other framing is refused: the entries
+        # after it would not be Docker's.
+        stored = 0 if member.type in _HEADER_ONLY else int(headers.get("size", header_size))
+        if tf.offset != data_start + self._block(stored):  # type: ignore[attr-defined]
+            raise tarfile.InvalidHeaderError("a member whose data Go's tar reader frames otherwise")  # type: ignore[attr-defined]
         return member
 
 
