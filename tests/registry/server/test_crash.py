@@ -205,6 +205,8 @@ def test_a_monolithic_upload_killed_mid_body_is_dropped_by_the_repairs(
     sock.close()
     with contextlib.closing(sqlite3.connect(srv.home / "ember.db", isolation_level=None)) as db:
         db.execute("UPDATE reg_uploads SET created_at = created_at - 7200")  # two hours ago
+    for cut in uploads.iterdir():  # its last byte came then too
+        os.utime(cut, (time.time() - 7200, time.time() - 7200))
     srv.restart_on_same_port()  # its purge at start repairs what the kill left
     _wait_for(lambda: held() == 0 and not any(uploads.iterdir()), "the session dropped", timeout=15)
     with t.client() as c:

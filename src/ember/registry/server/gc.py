@@ -299,7 +299,14 @@ def _drop_stranded_monolithic(conn: Connection, storage: BlobStorage, cutoff: fl
         )
     ).all()
     for (sid,) in rows:
-        storage.drop_session_if_idle(sid)
+        try:
+            written = os.stat(storage.session_path(sid)).st_mtime
+        except FileNotFoundError:
+            continue  # (published or dropped meanwhile: its row goes as a dead one)
+        # Not one whose body arrived within the grace period: a long upload between its
+        # last byte and its publication holds no lock for a moment (its reservation)
+        if written < cutoff:
+            storage.drop_session_if_idle(sid)
 
 
 def _sweep_rows(
