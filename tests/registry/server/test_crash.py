@@ -141,6 +141,24 @@ def test_kill_at_random_moments_of_a_push(fresh_server: Callable[[], EmberServer
     assert _consistent(t) == 4
 
 
+def _quota_server(
+    fresh_server: Callable[[], EmberServer], quota: int
+) -> tuple[EmberServer, Tenant, Callable[[], int]]:
+    """A private server whose organization "acme" has ``quota`` bytes; with a function
+    that says how many of them its unfinished uploads hold."""
+    from tests.registry.server.support import ember
+
+    srv = fresh_server()
+    t = _tenant(srv)
+    ember(srv.home, "admin", "org", "quota", "acme", str(quota))
+
+    def held() -> int:
+        rows = json.loads(ember(srv.home, "admin", "org", "ls", "--json").stdout)
+        return int(next(r for r in rows if r["name"] == "acme")["upload_bytes"])
+
+    return srv, t, held
+
+
 def test_a_quick_restart_gives_back_what_killed_requests_held(
     fresh_server: Callable[[], EmberServer],
 ) -> None:
@@ -148,15 +166,8 @@ def test_a_quick_restart_gives_back_what_killed_requests_held(
     purge at start gives it back.  It did not after a quick restart (the killed server
     had purged at its own start, less than half an interval before): the organization
     stayed "full" of it for up to an hour, a retried push refused."""
-    from tests.registry.server.support import ember
 
-    srv = fresh_server()
-    t = _tenant(srv)
-    ember(srv.home, "admin", "org", "quota", "acme", str(10 << 20))
-
-    def held() -> int:
-        rows = json.loads(ember(srv.home, "admin", "org", "ls", "--json").stdout)
-        return int(next(r for r in rows if r["name"] == "acme")["upload_bytes"])
+    srv, t, held = _quota_server(fresh_server, 10 << 20)
 
     with t.client() as c:
         loc = c.post("/v2/a/blobs/uploads/").headers["location"]
@@ -185,15 +196,8 @@ def test_a_monolithic_upload_killed_mid_body_is_dropped_by_the_repairs(
     import contextlib
     import sqlite3
 
-    from tests.registry.server.support import ember
 
-    srv = fresh_server()
-    t = _tenant(srv)
-    ember(srv.home, "admin", "org", "quota", "acme", str(20 << 20))
-
-    def held() -> int:
-        rows = json.loads(ember(srv.home, "admin", "org", "ls", "--json").stdout)
-        return int(next(r for r in rows if r["name"] == "acme")["upload_bytes"])
+    srv, t, held = _quota_server(fresh_server, 20 << 20)
 
     uploads = srv.home / "registry" / "uploads"
     sock = send_partial(srv.host, "POST", f"/v2/a/blobs/uploads/?digest={sha256(b'whole')}", {

@@ -142,13 +142,6 @@ def test_a_confined_vmm_cannot_reach_what_qemus_own_filter_leaves_open() -> None
     sees through) and prctl(PR_SET_PDEATHSIG) (which lets a VMM outlive its monitor)
     stayed callable by a QEMU a guest escaped into.  ember's filter, installed by
     ``enter`` under QEMU's, refuses them; what QEMU uses goes on working."""
-    import functools
-    import json
-    import subprocess
-    import sys
-
-    from ember.vm.vmm.jail import enter
-
     probe = (
         "import ctypes, json, os\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -160,12 +153,7 @@ def test_a_confined_vmm_cannot_reach_what_qemus_own_filter_leaves_open() -> None
         "    'pdeathsig': call(157, 1, 0, 0, 0), 'set_name': call(157, 15, b'x', 0, 0),\n"
         "    'getpid': call(39)}))\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
-        preexec_fn=functools.partial(enter, Identity(300020, 300020)),
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _run_confined(probe)
     eperm, enosys = 1, 38
     assert got == {"ptrace": eperm, "keyctl": eperm, "bpf": eperm, "pidfd_getfd": eperm,
                    "io_uring_setup": enosys, "pdeathsig": eperm, "set_name": 0, "getpid": 0}  # fmt: skip
@@ -176,12 +164,7 @@ def test_a_confined_vmm_sees_no_shared_writable_place_nor_the_hosts_sockets() ->
     empty network namespace does not cover them), wrote to /tmp and /dev/shm (memory
     charged to no one), had no bound on its threads and could dump the guest's memory
     in a core file."""
-    import functools
-    import json
-    import subprocess
-    import sys
-
-    from ember.vm.vmm.jail import VMM_NPROC, enter
+    from ember.vm.vmm.jail import VMM_NPROC
 
     probe = (
         "import json, os, resource\n"
@@ -196,12 +179,7 @@ def test_a_confined_vmm_sees_no_shared_writable_place_nor_the_hosts_sockets() ->
         "    'core': resource.getrlimit(resource.RLIMIT_CORE),\n"
         "    'nproc': resource.getrlimit(resource.RLIMIT_NPROC)}))\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
-        preexec_fn=functools.partial(enter, Identity(300020, 300020)),
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _run_confined(probe)
     assert got == {"run": [], "tmp": [], "writable": [], "core": [0, 0], "nproc": [VMM_NPROC] * 2}
     assert os.listdir("/run")  # the host's own are untouched
 
@@ -235,3 +213,21 @@ def test_a_process_whose_leader_exited_alone_is_cleared_too() -> None:
         assert proc.wait(10) == -9
     finally:
         proc.kill()
+
+
+def _run_confined(probe: str) -> dict:  # type: ignore[type-arg]
+    """What a Python ``probe`` prints (JSON), run as a confined VMM would be (``enter``)."""
+    import functools
+    import json
+    import subprocess
+    import sys
+
+    from ember.vm.vmm.jail import enter
+
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
+        preexec_fn=functools.partial(enter, Identity(300020, 300020)),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got: dict = json.loads(res.stdout)  # type: ignore[type-arg]
+    return got
