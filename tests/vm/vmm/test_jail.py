@@ -224,8 +224,11 @@ def _run_confined(probe: str) -> dict:  # type: ignore[type-arg]
 
     from ember.vm.vmm.jail import enter
 
+    # The interpreter itself, not the virtualenv's link to it: the confined process's
+    # /tmp is an empty tmpfs, and a checkout there (a CI's clone) took the link with it
+    python = os.path.realpath(sys.executable)
     res = subprocess.run(
-        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
+        [python, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
         preexec_fn=functools.partial(enter, Identity(300020, 300020)),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
