@@ -612,7 +612,9 @@ static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
 	if (!path)
 		path = DEFAULT_PATH;
 	int eacces = 0;
-	for (const char *p = path;;) {
+	/* An empty PATH searches nowhere, as Go's LookPath in runc does (an empty
+	 * entry inside a longer PATH still means the working directory). */
+	for (const char *p = path; *path;) {
 		const char *colon = strchrnul(p, ':');
 		char full[4096];
 		int dl = (int)(colon - p);

@@ -82,7 +82,8 @@ def test_empty_diff_ids_allowed() -> None:
         {"rootfs": {"type": "layers"}},
         {"rootfs": {"type": "layers", "diff_ids": ["sha256:bad"]}},
         {"rootfs": {"type": "layers", "diff_ids": [5]}},
-        {"config": {"Cmd": "echo"}},
+        {"config": {"Cmd": 5}},
+        {"config": {"Entrypoint": ["sh", 1]}},
         {"config": {"Env": [1]}},
         {"config": {"Labels": {"a": 1}}},
         {"config": {"ExposedPorts": ["80/tcp"]}},
@@ -98,6 +99,13 @@ def test_empty_diff_ids_allowed() -> None:
 def test_invalid(over: dict[str, Any]) -> None:
     with pytest.raises(InvalidConfig):
         parse_config(config(**over))
+
+
+def test_string_cmd_and_entrypoint_read_as_one_argument() -> None:
+    # Docker's strslice: a string is a list of one, not split and not given to a shell
+    parsed = parse_config(config(config={"Entrypoint": "/bin/echo a b", "Cmd": "c d"}))
+    assert parsed.entrypoint == ["/bin/echo a b"]
+    assert parsed.cmd == ["c d"]
 
 
 def test_platform_names_in_any_case_and_an_empty_variant_pass() -> None:

@@ -154,6 +154,13 @@ def test_command_not_found_and_not_executable(root: Path) -> None:
     r = run_init(root, RunConfig(argv=("no-such-program",)))
     assert r.returncode == 127
     assert "executable file not found in $PATH" in r.console
+    # an empty PATH searches nowhere (Docker), not the working directory as execvp would
+    (root / "here").write_text("#!/bin/sh\necho ran\n")
+    (root / "here").chmod(0o755)
+    r = run_init(root, RunConfig(argv=("here",), env=("PATH=",)))
+    assert (r.returncode, r.stdout) == (127, "")
+    r = run_init(root, RunConfig(argv=("here",), env=("PATH=/nowhere:",)))
+    assert (r.returncode, r.stdout) == (0, "ran\n")
     (root / "notexec").write_text("#!/bin/sh\n")
     r = run_init(root, RunConfig(argv=("/notexec",)))
     assert r.returncode == 126

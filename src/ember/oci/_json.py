@@ -94,6 +94,18 @@ class Fields:
             raise self.fail(key, "must be a list of strings")
         return list(value)
 
+    def str_slice(self, key: str) -> list[str] | None:
+        """A list of strings, or one string read as a list of one.
+
+        Docker's ``strslice`` type (Cmd, Entrypoint) takes both forms, and
+        images written by older tools carry the string form; it is not a shell
+        command line: Docker does not split or wrap it either.
+        """
+        value = self.doc.get(key)
+        if isinstance(value, str):
+            return [value]
+        return self.texts(key)
+
     def text_map(self, key: str) -> dict[str, str] | None:
         value = self.obj(key)
         if value is None:
