@@ -143,6 +143,12 @@ def test_a_machine_between_two_runs_of_its_policy_is_restarting_in_json_too(tmp_
     assert killed.stderr.startswith("ember: machine again is restarting"), killed.stderr
     bogus = _ember(tmp_path, "kill", "-s", "BOGUS", "again")
     assert bogus.returncode == 2 and "'-s' / '--signal': 'BOGUS': not a signal" in bogus.stderr
+    # rm without -f refuses it, as docker rm refuses a restarting container (it deleted it)
+    removed = _ember(tmp_path, "rm", "again")
+    assert removed.returncode != 0, removed
+    assert removed.stderr.startswith("ember: machine again is restarting"), removed.stderr
+    assert "ember rm -f" in removed.stderr
+    assert json.loads(_ember(tmp_path, "inspect", "again").stdout)[0]["status"] == "restarting"
 
 
 def test_a_machine_its_policy_will_not_run_again_is_exited_while_its_monitor_ends(

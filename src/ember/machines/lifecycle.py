@@ -1051,6 +1051,12 @@ def remove(
             st = MachineStore(home).find(st.id)
         except MachineNotFound:
             return  # its create failed and undid it
+    if not force and restart_pending(refresh(home, st)):
+        # as docker rm: its policy would run it again any moment; say so, not delete it
+        raise MachineRunning(
+            f"machine {st.name} is restarting (its --restart policy runs it again soon)",
+            hint=f"ember stop {st.name} first, or use ember rm -f",
+        )
     st = _stop_pending_restart(home, st) or refresh(home, st)
     if st.status == mstate.RUNNING:
         if not force:
