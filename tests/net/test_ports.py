@@ -23,6 +23,7 @@ from ember.net.ports import (
         ("8080:80", PortMapping(8080, 80, "tcp", None)),
         ("8080:80/udp", PortMapping(8080, 80, "udp", None)),
         ("8080:80/TCP", PortMapping(8080, 80, "tcp", None)),
+        ("8080:80/", PortMapping(8080, 80, "tcp", None)),
         ("127.0.0.1:8080:80", PortMapping(8080, 80, "tcp", "127.0.0.1")),
         ("0.0.0.0:53:53/udp", PortMapping(53, 53, "udp", None)),
         ("65535:1", PortMapping(65535, 1, "tcp", None)),

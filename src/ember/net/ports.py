@@ -118,7 +118,7 @@ def _split_protocol(text: str, where: str) -> tuple[str, str]:
     ports, slash, proto = text.rpartition("/")
     if not slash:
         return text, "tcp"
-    proto = proto.lower()
+    proto = proto.lower() or "tcp"  # Docker reads `80/` as 80/tcp
     if proto not in PROTOCOLS:
         raise InvalidPortSpec(f"unknown protocol {proto[:20]!r} in {where} (tcp or udp)")
     return ports, proto
