@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,6 +153,39 @@ def test_a_bad_layer_commits_nothing_and_leaks_nothing(home: Home) -> None:
     mounts, loops = ours(snap.pool.root)
     assert mounts == [] and loops == []
     assert snap.leases.list() == []
+
+
+def test_a_layer_committed_meanwhile_by_recovery_is_used(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery rolls a killed builder's finished commit forward without the chain's lock:
+    a prepare building that chain ID meanwhile failed at its own commit (the name taken)
+    instead of using the complete disk now there."""
+    image = make_image(home, base_layers())
+    chain = [str(layer.chain_id) for layer in image.layers]
+    real_commit = Snapshotter.commit
+    raced: list[str] = []
+
+    def commit(self: Snapshotter, name: str, key: str, **kw: Any) -> Any:
+        if name == chain[0] and not raced:
+            # what recovery does with a killed builder's disk of the same layer
+            other = f"build/{name}/killed"
+            self.prepare(other, None)
+            with self.mount(key, held=kw.get("held")) as src, self.mount(other) as dst:
+                subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
+            real_commit(self, name, other)
+            raced.append(name)
+        return real_commit(self, name, key, **kw)
+
+    monkeypatch.setattr(Snapshotter, "commit", commit)
+    prepared = prepare_image(home, image)
+    assert raced == [chain[0]] and prepared.snapshot == chain[-1]
+    snap = Snapshotter(home)
+    assert {(s.name, s.kind) for s in snap.list()} == {(c, Kind.COMMITTED) for c in chain}
+    with snap.mount(prepared.snapshot) as root:
+        assert (root / "etc/motd").read_text() == "hello\n"
+    mounts, loops = ours(snap.pool.root)
+    assert mounts == [] and loops == []
 
 
 def test_a_layer_blob_damaged_in_the_store_is_removed_and_named(home: Home) -> None:

@@ -353,6 +353,14 @@ class _ChainBuilder:
     def _commit(self, b: _Built) -> None:
         try:
             self.snap.commit(b.name, b.key, held=b.lock, checked=b.checked)
+        except SnapshotExists as e:
+            self._discard(b.key, b.lock, e)
+            # Another process's recovery rolled forward the commit of a builder killed
+            # while building the same chain ID (recovery does not take chain locks): that
+            # disk holds the same layers, complete and checked.  Use it.
+            if not self.snap.is_committed(b.name):
+                raise
+            log.info("snapshot %s was committed meanwhile by recovery; using it", b.name)
         except BaseException as e:
             self._discard(b.key, b.lock, e)
             raise

@@ -20,6 +20,7 @@ it; a free lock on a transient (builder's) snapshot means its builder died, and
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import logging
 import os
@@ -793,7 +794,12 @@ class Snapshotter:
         target = self.committed_dir / names.encode(meta.key)
         if target.exists():
             return None  # someone committed that name meanwhile: this one is garbage
-        os.rename(d, target)
+        try:
+            os.rename(d, target)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return None  # committed between the look and the rename (a builder of the name)
         fsync_dir(self.active_dir)
         fsync_dir(self.committed_dir)
         return meta.key
