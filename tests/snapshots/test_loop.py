@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ember.snapshots import loop, system
-from ember.snapshots.errors import MountFailed
+from ember.snapshots.errors import CommandFailed, MountFailed
 from tests.snapshots.leaks import ours
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -280,13 +280,16 @@ def test_detach_of_a_device_still_open(work: Path) -> None:
     system.detach_loop(att.device)  # detaching an unbound device is not an error
 
 
-def test_busy_mount_is_detached_lazily(work: Path) -> None:
+def test_busy_mount_is_detached_lazily_and_said_to_be_busy(work: Path) -> None:
+    """Detached lazily after its retries, unmount returned as if done: a commit would then
+    seal a disk whose file system still lives (and may be written)."""
     image, target = _ext4(work / "disk.ext4"), work / "mnt"
     target.mkdir()
     dev = system.mount_image(image, target, readonly=False)
     held = open(target / "open-file", "w")  # noqa: SIM115 - kept open across the unmount
     try:
-        system.unmount(target, device=dev, attempts=2)
+        with pytest.raises(CommandFailed, match="still in use; detached lazily"):
+            system.unmount(target, device=dev, attempts=2)
         assert not system.is_mountpoint(target)  # gone from the namespace at once
     finally:
         held.close()

@@ -711,16 +711,19 @@ class Snapshotter:
                 owner = Path(lo.backing_file).parent if lo else None
                 # (with its device: once released, another program may bind that
                 # number at once, and the wait must not take its file for ours)
+                lock = None
                 if owner is not None and owner.exists():
                     lock = try_lock(owner / LOCK)
                     if lock is None:
                         continue
-                    try:
-                        system.unmount(m.mountpoint, device=lo)
-                    finally:
-                        lock.release()
-                else:
+                try:
                     system.unmount(m.mountpoint, device=lo)
+                except CommandFailed as e:  # busy: detached lazily; the rest goes on
+                    log.warning("recovery: %s", e)
+                    continue
+                finally:
+                    if lock is not None:
+                        lock.release()
                 done.append(f"unmounted {m.mountpoint}")
                 with suppress(OSError):
                     m.mountpoint.rmdir()

@@ -267,9 +267,38 @@ def unmount(target: Path, *, device: LoopDevice | None = None, attempts: int = 2
             raise CommandFailed(f"cannot unmount {target}: {e.strerror}") from e
         if last is not None and is_mountpoint(target):
             raise CommandFailed(f"cannot unmount {target}: {last.strerror}")
-        return  # a lazy unmount releases the device when its last user goes
+        # Detached lazily: gone from view, but the file system lives on (and may be
+        # written) until its last user lets go.  Not an unmount a caller may build on
+        # (a commit would seal a disk that still changes): say so unless it ends soon.
+        backing = device.backing_file if device is not None else None
+        if major == LOOP_MAJOR and not _loop_released(major, minor, backing, LAZY_GRACE):
+            raise CommandFailed(
+                f"cannot unmount {target}: it is still in use; detached lazily, its loop "
+                "device is released when the last process using it lets go"
+            )
+        return
     if major == LOOP_MAJOR:
         wait_loop_released(major, minor, device.backing_file if device is not None else None)
+
+
+#: how long a lazily detached mount may take to let go of its loop device
+LAZY_GRACE = 2.0
+
+
+def _loop_released(major: int, minor: int, backing: str | None, timeout: float) -> bool:
+    """Whether the loop device drops ``backing`` (or any file, when None) within ``timeout``."""
+    path = Path(f"/sys/dev/block/{major}:{minor}/loop/backing_file")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            current = path.read_text().rstrip("\n")
+        except OSError:
+            return True  # not bound
+        if backing is not None and current.removesuffix(" (deleted)") != backing:
+            return True  # bound again, by someone else: ours was released
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
 
 
 def wait_loop_released(
@@ -282,23 +311,13 @@ def wait_loop_released(
     file is no longer ours, ours was released and the device is not ours to
     detach.
     """
-    path = Path(f"/sys/dev/block/{major}:{minor}/loop/backing_file")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            current = path.read_text().rstrip("\n")
-        except OSError:
-            return  # not bound
-        if backing is not None and current.removesuffix(" (deleted)") != backing:
-            return
-        if time.monotonic() > deadline:
-            try:
-                name = Path(f"/sys/dev/block/{major}:{minor}").resolve().name
-                detach_loop(Path("/dev") / name)
-            except (CommandFailed, OSError):
-                pass
-            return
-        time.sleep(0.005)
+    if _loop_released(major, minor, backing, timeout):
+        return
+    try:
+        name = Path(f"/sys/dev/block/{major}:{minor}").resolve().name
+        detach_loop(Path("/dev") / name)
+    except (CommandFailed, OSError):
+        pass
 
 
 # -- ext4 tools ----------------------------------------------------------------------------
