@@ -116,6 +116,12 @@ def test_a_uid_is_cleared_of_what_an_earlier_vmm_left_before_it_is_leased(tmp_pa
         again = running_as_uid()
         lease.release()
         assert again.wait(10) == -9
+        # the uid is free: the next machine's VMM runs as it; a second release of the old
+        # lease (QemuVM.wait, called again after its QEMU ended) killed that one
+        again = running_as_uid()
+        lease.release()
+        time.sleep(0.2)
+        assert again.poll() is None, "a released lease killed the uid's next holder"
     finally:
         left.kill()
         if again is not None:

@@ -128,17 +128,22 @@ class IdentityLease:
 
     def __init__(self, identity: Identity, lock: FileLock) -> None:
         self.identity = identity
-        self._lock = lock
+        self._lock: FileLock | None = lock
 
     def release(self) -> None:
         """Kill whatever still runs as the uid (an escaped VMM's helpers), then let it go
-        (what survives is killed again before the uid is leased again)."""
+        (what survives is killed again before the uid is leased again).  Once only: a
+        second release came after the uid was free, when the next VMM may hold it, and
+        killed that other machine's QEMU."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
         try:
             clear_identity(self.identity.uid)
         except VMMError as e:
             log.warning("%s", e)
         finally:
-            self._lock.release()
+            lock.release()
 
 
 #: how long ``clear_identity`` waits for the processes it killed to be gone

@@ -479,8 +479,10 @@ class QemuVM(VM):
                 rc = self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 return None
-            if self._lease is not None:
-                self._lease.release()  # QEMU has exited: its uid is free again
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                lease.release()  # QEMU has exited: its uid is free again (once: wait is
+                # called again after the end, when the uid may be another VMM's)
             return VMExit(None, -rc) if rc < 0 else VMExit(rc, None)
         if self.pid is None:
             raise VMMError(f"machine {self.spec.name} was never started")
