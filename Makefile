@@ -14,7 +14,7 @@ export EMBER_TEST_CACHE ?= /var/cache/ember-tests
 APT_PACKAGES := \
 	podman skopeo buildah umoci docker-registry apache2-utils \
 	qemu-system-x86 qemu-utils debootstrap busybox-static musl-tools linux-libc-dev \
-	xfsprogs e2fsprogs btrfs-progs nftables iproute2 kmod cpio zstd \
+	xfsprogs e2fsprogs btrfs-progs nftables conntrack iproute2 kmod cpio zstd \
 	fuse-overlayfs uidmap util-linux wrk postgresql python3-venv openssl strace
 
 .PHONY: setup apt venv init kernel demo run test lint clean

@@ -459,6 +459,34 @@ def test_a_port_held_by_a_machine_whose_monitor_is_gone_is_freed_for_a_new_one(
     assert out == {"port": 8080, "old": "exited", "networks": ["b" * 64]}
 
 
+AFTER_REBOOT = LOST_HOLDER.split("net = lifecycle")[0] + """
+# the host rebooted since: the TAP is gone (here: deleted), the allocation not
+import json as j
+from ember.net import tap
+tap.delete_link(NetworkManager(home).machines()[old.id].tap)
+path = home.root / "net" / "state.json"
+path.write_text(j.dumps({**j.loads(path.read_text()), "boot_id": "an-earlier-boot"}))
+net = lifecycle._setup_network(home, "b" * 64, ports=parse_publish("9090:80"), network="default")
+rules = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
+print(json.dumps({"old": mstate.read_state(MachineStore(home).dir(old.id)).status,
+                  "networks": sorted(NetworkManager(home).machines()),
+                  "old_rule": "dport 8080" in rules.stdout}))
+NetworkManager(home).teardown("b" * 64)
+"""
+
+
+def test_after_a_reboot_the_first_setup_does_not_put_dead_machines_rules_back(
+    tmp_path: Path,
+) -> None:
+    """Review finding: after a reboot the first machine's set-up wrote the ruleset with
+    every recorded machine's DNAT rules: a host program that took 8080 since the boot
+    lost its traffic to a machine that no longer ran."""
+    st = make_state()
+    MachineStore(Home(tmp_path)).create(st, "old")
+    out = _script_in_netns(AFTER_REBOOT, tmp_path, st.id)
+    assert out == {"old": "exited", "networks": ["b" * 64], "old_rule": False}
+
+
 # ---- leftovers of commands killed half-way (MachineStore.sweep, run by ember gc) ----
 
 

@@ -516,3 +516,33 @@ def test_a_machines_tap_is_roots_to_attach_to(netns: str, tmp_path: Path) -> Non
     to it while its QEMU was not (before it starts, after it ends)."""
     out = run_in_netns(netns, TAP_OWNER_SCRIPT, tmp_path)
     assert out["attach"] == 13  # EPERM
+
+
+FLOWS_SCRIPT = r"""
+def flows(addr):
+    r = subprocess.run(["conntrack", "-L", "-f", "ipv4", "--reply-src", addr],
+                       capture_output=True, text=True)
+    return r.stdout.count("\n")
+a = mgr.setup(sys.argv[2], ports=parse_publish("5353:53/udp"))
+# another machine keeps the table (and its NAT hooks, whose removal drops NAT'd flows)
+b = mgr.setup(sys.argv[3], ports=parse_publish("5354:53/udp"))
+out["disable_ipv6"] = Path(f"/proc/sys/net/ipv6/conf/{a.tap}/disable_ipv6").read_text().strip()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+# DNAT'd to the machine: a tracked flow (from a host address that is not masqueraded,
+# as a client on the network is not: a masqueraded one goes with the TAP)
+s.sendto(b"q", (b.gateway, 5353))
+out["before"] = flows(a.guest_ip)
+mgr.teardown(sys.argv[2])
+out["after"] = flows(a.guest_ip)
+mgr.teardown(sys.argv[3])
+print(json.dumps(out))
+"""
+
+
+def test_a_machines_tap_has_no_ipv6_and_its_flows_go_with_it(netns: str, tmp_path: Path) -> None:
+    """Review findings: IPv6 on the TAP let a guest's router advertisement route the
+    host; and a removed machine's tracked flows kept sending its published port's
+    clients to its address, which the next machine (maybe another tenant's) gets."""
+    out = run_in_netns(netns, FLOWS_SCRIPT, tmp_path)
+    assert out["disable_ipv6"] == "1"
+    assert out["before"] >= 1 and out["after"] == 0, out

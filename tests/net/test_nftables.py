@@ -44,13 +44,20 @@ def test_ruleset_contents() -> None:
     assert 'ip saddr 172.30.0.0/16 oifname != "em-*" masquerade' in lines
     guard = lines[lines.index("chain guard {"):]
     assert guard[1] == "type filter hook prerouting priority raw; policy accept;"
-    assert 'iifname "em-*" ip daddr 127.0.0.0/8 drop' in guard
+    assert 'iifname "em-*" ip daddr { 127.0.0.0/8, 169.254.0.0/16 } drop' in guard
+    assert 'iifname "em-*" meta nfproto ipv6 drop' in guard
+    assert 'iifname "em-*" drop' not in lines  # egress on: what leaves is masqueraded
     assert 'iifname "em-aaaaaaaaaaaa" ip saddr != 172.30.0.2 drop' in guard
 
 
-def test_no_egress_no_masquerade() -> None:
+def test_no_egress_no_masquerade_and_nothing_forwarded_out() -> None:
     script = render_ruleset([A], subnet="172.30.0.0/16", egress=False)
     assert "oifname != " not in script
+    lines = [line.strip() for line in script.splitlines()]
+    forward = lines[lines.index("chain forward {"):]
+    forward = forward[: forward.index("}")]
+    # last: replies and published ports pass before it
+    assert forward[-1] == 'iifname "em-*" drop'
 
 
 @pytest.mark.parametrize(

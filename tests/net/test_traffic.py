@@ -233,3 +233,107 @@ def test_a_guest_reaches_neither_host_loopback_nor_passes_for_another(
         for p in (secret, log):
             p.kill()
             p.wait()
+
+
+RA_SEND = """
+import socket, struct, sys, time
+idx = socket.if_nametoindex("eth0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
+# a router advertisement (lifetime 1800 s) with an autoconfiguration prefix
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+ra += struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0,
+                  socket.inet_pton(socket.AF_INET6, sys.argv[1]))
+for _ in range(10):
+    s.sendto(ra, ("ff02::1", 0, 0, idx))
+    time.sleep(0.1)
+"""
+
+
+def _ipv6_ready(ns: str, dev: str) -> None:
+    """Until ``dev`` has a link-local address past duplicate address detection (the
+    source a router advertisement needs)."""
+    for _ in range(100):
+        out = sh("ip", "-n", ns, "-6", "addr", "show", "dev", dev, "scope", "link").stdout
+        if "inet6" in out and "tentative" not in out:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{dev} in {ns} never got a link-local address")
+
+
+def test_a_guest_can_neither_route_the_hosts_ipv6_nor_reach_link_local_or_leave_without_egress(
+    make_netns: Callable[[], str],
+) -> None:
+    """Review findings: a guest's router advertisement gave the host a default IPv6
+    route through the guest; a guest reached 169.254.169.254 (a cloud host's metadata,
+    credentials) NATed as the host; and with egress off it still reached networks that
+    route back to the host (a docker0 neighbour), only without the masquerade."""
+    host, g1, ctl, world = (make_netns() for _ in range(4))
+    a = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2", ports=(PortMapping(8080, 80),))
+    attach_guest(host, g1, a.tap, "172.30.0.1", a.guest_ip)
+    # a control "guest" on an interface ember does not name: its advertisement is taken,
+    # which shows that the one on ember's TAP would have been
+    attach_guest(host, ctl, "vx-control", "192.168.77.1", "192.168.77.2")
+    # the world: a neighbour 10.0.0.2 that routes back through the host, and the
+    # metadata address behind it
+    sh("ip", "-n", host, "link", "add", "up0", "type", "veth", "peer", "name", "eth0",
+       "netns", world)  # fmt: skip
+    sh("ip", "-n", host, "addr", "add", "10.0.0.1/24", "dev", "up0")
+    sh("ip", "-n", host, "link", "set", "up0", "up")
+    sh("ip", "-n", host, "route", "add", "169.254.169.254/32", "via", "10.0.0.2")
+    sh("ip", "-n", world, "addr", "add", "10.0.0.2/24", "dev", "eth0")
+    sh("ip", "-n", world, "addr", "add", "169.254.169.254/32", "dev", "lo")
+    sh("ip", "-n", world, "link", "set", "eth0", "up")
+    sh("ip", "-n", world, "route", "add", "default", "via", "10.0.0.1")
+    sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh("ip", "netns", "exec", host, "sysctl", "-qw", f"net.ipv4.conf.{a.tap}.route_localnet=1")
+
+    def rules(egress: bool) -> None:
+        script = render_ruleset([a], subnet="172.30.0.0/16", egress=egress)
+        subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script,
+                       text=True, check=True)  # fmt: skip
+
+    servers = [
+        subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "80"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for ns in (world, g1)
+    ]  # fmt: skip
+    try:
+        rules(egress=True)
+        for _ in range(100):
+            if fetch(host, "10.0.0.2", 80).startswith("HTTP/") and fetch(
+                host, a.guest_ip, 80
+            ).startswith("HTTP/"):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the test's servers never answered")
+        assert fetch(host, "169.254.169.254", 80).startswith("HTTP/1.0 200")  # it is there
+        # egress on: out it goes, but not to link-local addresses
+        assert fetch(g1, "10.0.0.2", 80).startswith("HTTP/1.0 200")
+        assert fetch(g1, "169.254.169.254", 80).startswith("FAIL")
+        # egress off: nothing leaves; replies of a published port still do
+        rules(egress=False)
+        assert fetch(g1, "10.0.0.2", 80).startswith("FAIL")
+        assert fetch(host, "127.0.0.1", 8080).startswith("HTTP/1.0 200")
+        assert fetch(world, "10.0.0.1", 8080).startswith("HTTP/1.0 200")
+
+        # IPv6: router advertisements from the guest and from the control
+        for ns, dev in ((g1, "eth0"), (ctl, "eth0"), (host, a.tap), (host, "vx-control")):
+            _ipv6_ready(ns, dev)
+        for ns, prefix in ((g1, "2001:db8:66::"), (ctl, "2001:db8:77::")):
+            sh("ip", "netns", "exec", ns, sys.executable, "-c", RA_SEND, prefix)
+        routes = ""
+        for _ in range(50):
+            routes = sh("ip", "-n", host, "-6", "route", "show").stdout
+            if "2001:db8:77::/64" in routes:
+                break
+            time.sleep(0.1)
+        assert "2001:db8:77::/64" in routes, f"the control advertisement was not taken: {routes}"
+        assert "2001:db8:66" not in routes and a.tap not in routes.split("default")[-1], routes
+        assert "2001:db8:66" not in sh("ip", "-n", host, "-6", "addr").stdout
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait()

@@ -357,7 +357,7 @@ def run(
     )
     from ember.machines.restartpolicy import parse_restart_policy
     from ember.net.nftables import check_requested_network
-    from ember.net.ports import parse_publish
+    from ember.net.ports import check_port_count, parse_publish
     from ember.sizes import parse_size
 
     home = home_from_ctx()
@@ -375,6 +375,8 @@ def run(
     if user is not None:
         check_user(user)
     check_requested_network(network)
+    ports = tuple(m for p in publish for m in parse_publish(p))
+    check_port_count(ports)  # before the image is pulled (-P's are counted once it is)
     host_env = dict(os.environ)
     all_env: list[str] = []
     for f in env_files:
@@ -388,7 +390,7 @@ def run(
         entrypoint=None if entrypoint is None else ((entrypoint,) if entrypoint else ()),
         user=user,
         workdir=workdir,
-        ports=tuple(m for p in publish for m in parse_publish(p)),
+        ports=ports,
         publish_all=publish_all,
         memory_mib=parse_memory_mib(memory),
         cpus=cpus,

@@ -45,7 +45,12 @@ from ember.machines.logs import LogConfig
 from ember.machines.restartpolicy import RestartPolicy
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-from ember.net.ports import PortMapping, exposed_mappings, unpublished_exposed
+from ember.net.ports import (
+    PortMapping,
+    check_port_count,
+    exposed_mappings,
+    unpublished_exposed,
+)
 from ember.process import pid_alive, proc_start_time, reap_exiting, wait_pid_exit
 from ember.vm.vmm.base import Channels, open_control, write_control
 from ember.vm.vmm.errors import ControlChannelError
@@ -178,6 +183,7 @@ def create(
                 more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
                 log.warning("-P does not publish the image's %s%s: ember publishes tcp and udp ports only",
                             shown, more)
+        check_port_count(ports)
 
         # secrets, subprocess and concurrent.futures (~8 ms) are imported where a machine is
         # made or its monitor started, not by `ember ps/logs/stop` that only check on one
@@ -771,19 +777,27 @@ def _setup_network(
     """``NetworkManager.setup``, tried once more when a port or the subnet was taken and
     machines whose monitor is gone (a host reboot, a monitor killed) were holding
     network: their records are repaired first, which frees it.  Without this, after a
-    reboot a run refused the old machines' ports until some command (ps) looked at them."""
+    reboot a run refused the old machines' ports until some command (ps) looked at them.
+    After a reboot they are repaired before the first set-up in any case: it rewrote
+    the ruleset with their DNAT rules, on ports host programs may have taken since."""
     from ember.net.errors import PortConflict, SubnetExhausted
     from ember.net.manager import NetworkManager
 
     manager = NetworkManager(home)
+
+    def repair_lost() -> bool:
+        lost = [m for m in MachineStore(home).list() if m.id != machine_id and _monitor_lost(m)]
+        for m in lost:
+            refresh(home, m)
+        return bool(lost)
+
+    if manager.allocated_before_this_boot():
+        repair_lost()  # their rules would be applied again with this machine's
     try:
         return manager.setup(machine_id, ports=ports, network=network, holder=holder)
     except (PortConflict, SubnetExhausted):
-        lost = [m for m in MachineStore(home).list() if m.id != machine_id and _monitor_lost(m)]
-        if not lost:
+        if not repair_lost():
             raise
-    for m in lost:
-        refresh(home, m)
     return manager.setup(machine_id, ports=ports, network=network, holder=holder)
 
 

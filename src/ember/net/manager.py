@@ -36,7 +36,14 @@ from ember.net.nftables import (
     check_rules,
     render_ruleset,
 )
-from ember.net.ports import PortMapping, conflicts, ephemeral_range, pick_host_port
+from ember.net.ports import (
+    PortMapping,
+    check_port_count,
+    conflicts,
+    ephemeral_range,
+    pick_host_port,
+)
+from ember.process import boot_id
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 
@@ -216,7 +223,15 @@ class NetworkManager:
         return state
 
     def _save(self, state: dict[str, Any]) -> None:
+        state["boot_id"] = boot_id()
         atomic_write(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode(), 0o600)
+
+    def allocated_before_this_boot(self) -> bool:
+        """Whether some allocation was recorded before the host last booted: its TAP is
+        gone, but the next ruleset would put its DNAT rules back (a host port taken by a
+        program since the boot would silently lose its traffic to a dead machine)."""
+        with self._locked() as state:
+            return bool(state["machines"]) and state.get("boot_id") != boot_id()
 
     def machines(self) -> dict[str, MachineNetwork]:
         with self._locked() as state:
@@ -278,6 +293,7 @@ class NetworkManager:
         holder: list[socket.socket] | None,
     ) -> MachineNetwork:
         check_network_name(network)
+        check_port_count(ports)
         name = tap_name(machine_id)
         with self._locked() as state:
             if machine_id in state["machines"]:
@@ -366,6 +382,8 @@ class NetworkManager:
             def release() -> None:
                 tap.delete_link(m.tap)
                 netfilter.apply(rules)
+                # after the rules: no new translation to the address can begin meanwhile
+                netfilter.forget_flows(m.guest_ip)
 
             if m.netns is None or m.netns.same(netns.here()):
                 release()  # (an older ember's entry: where the command runs, as before)

@@ -5,12 +5,14 @@ persisted allocations in one ``nft -f`` transaction each time a machine comes or
 goes (no rule handles to track, nothing half-applied, and ``nft delete table
 inet ember`` removes all of it).  The table holds:
 
-- ``guard`` (filter, prerouting, before conntrack): a machine sends from its own
-  address only, and never to 127.0.0.0/8 (see ``render_ruleset``).
+- ``guard`` (filter, prerouting, before conntrack): a machine sends IPv4 from its
+  own address only, never to 127.0.0.0/8 or 169.254.0.0/16, and no IPv6 (see
+  ``render_ruleset``).
 - ``forward`` (filter): replies pass; machines of the same network may talk
   (a named ifname set per network); a published port may be reached from any
   machine through a host address (``ct status dnat``, as with Docker); any
-  other TAP-to-TAP traffic is dropped.
+  other TAP-to-TAP traffic is dropped; with egress off, so is anything else a
+  machine sends through the host.
   The policy stays ``accept`` so ember does not change the host's other traffic.
 - ``prerouting``/``output`` (nat): DNAT for published ports.  ``output`` makes a
   published port reachable from the host itself; for 127.0.0.0/8 the TAP gets
@@ -155,10 +157,14 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
     # to the host's loopback-only services (CVE-2020-8558's class).  Replies to a
     # published 127.0.0.1 port still carry the gateway address here: their
     # un-masquerading to 127.0.0.1 happens later, in conntrack.
+    # Nor IPv6 at all (machines are IPv4 only: a router advertisement from a guest gave
+    # the host a default route through it), nor link-local IPv4: 169.254.169.254 is a
+    # cloud host's metadata service, with its credentials.
     body += [
         "\tchain guard {",
         "\t\ttype filter hook prerouting priority raw; policy accept;",
-        f'\t\tiifname "{TAP_PREFIX}*" ip daddr 127.0.0.0/8 drop',
+        f'\t\tiifname "{TAP_PREFIX}*" meta nfproto ipv6 drop',
+        f'\t\tiifname "{TAP_PREFIX}*" ip daddr {{ 127.0.0.0/8, 169.254.0.0/16 }} drop',
     ]
     body += [f'\t\tiifname "{m.tap}" ip saddr != {m.guest_ip} drop' for m in machines]
     body += ["\t}"]
@@ -171,7 +177,12 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
     body += [f"\t\tiifname @nw_{n} oifname @nw_{n} accept" for n in sorted(networks)]
     # a published port is public: any machine may reach it through a host address
     body += [f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" ct status dnat accept']
-    body += [f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" drop', "\t}"]
+    body += [f'\t\tiifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" drop']
+    if not egress:
+        # no masquerade is not enough: routed as they are, a guest's packets still
+        # reached networks that route back to the host (a docker0 neighbour)
+        body += [f'\t\tiifname "{TAP_PREFIX}*" drop']
+    body += ["\t}"]
     dnat = _dnat_rules(machines)
     for chain, hook, prio in (("prerouting", "prerouting", "dstnat"), ("output", "output", "-100")):
         body += [f"\tchain {chain} {{", f"\t\ttype nat hook {hook} priority {prio}; policy accept;"]

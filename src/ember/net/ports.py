@@ -18,6 +18,10 @@ from ember.net.errors import InvalidPortSpec
 PROTOCOLS = ("tcp", "udp")
 #: ports one ``-p`` range may publish (each is a DNAT rule)
 MAX_RANGE = 1024
+#: ports one machine may publish in all: every new connection of the host, its own
+#: loopback ones too, walks the DNAT rules (20 ranges of 1024 made a local connect
+#: ~90x slower)
+MAX_PORTS = 1024
 #: Linux's default ``net.ipv4.ip_local_port_range``
 DEFAULT_EPHEMERAL = range(32768, 61000)
 
@@ -131,7 +135,19 @@ def _host_ip(text: str, spec: str) -> str | None:
         raise InvalidPortSpec(f"invalid host address {text!r} in -p {spec!r}") from None
     if addr.version != 4:
         raise InvalidPortSpec(f"only IPv4 host addresses are supported in -p {spec!r}")
+    if addr.is_multicast or addr.is_reserved:
+        # a DNAT rule for a group or the broadcast address would take what the host's
+        # own programs send there (mDNS, DHCP) to the machine
+        raise InvalidPortSpec(f"-p {spec!r}: {addr} is not a unicast address")
     return None if addr.is_unspecified else str(addr)
+
+
+def check_port_count(ports: Sequence[PortMapping]) -> None:
+    """At most MAX_PORTS published ports for one machine, however many ``-p``/``-P``."""
+    if len(ports) > MAX_PORTS:
+        raise InvalidPortSpec(
+            f"{len(ports)} published ports: a machine publishes at most {MAX_PORTS}"
+        )
 
 
 def parse_publish(spec: str) -> tuple[PortMapping, ...]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from ember.net.errors import NetworkError
 
 PROC_NET = Path("/proc/sys/net/ipv4")
+PROC_NET6 = Path("/proc/sys/net/ipv6")
 
 
 # linux/if_tun.h, linux/sockios.h, linux/if.h
@@ -75,13 +76,27 @@ def create_tap(name: str, gateway: str, prefix: int, *, route_localnet: bool) ->
     except OSError as e:
         raise NetworkError(f"cannot create TAP {name}: {e.strerror}") from e
     try:
+        _without_ipv6(name)
         _address_and_up(name, gateway, prefix)
     except OSError as e:
         delete_link(name)
         raise NetworkError(f"cannot configure TAP {name}: {e.strerror}") from e
+    except NetworkError:
+        delete_link(name)
+        raise
     if route_localnet:
         # lets DNAT'd 127.0.0.1 traffic be routed out of this TAP (published ports)
         set_sysctl(PROC_NET / "conf" / name / "route_localnet", "1")
+
+
+def _without_ipv6(name: str) -> None:
+    """No IPv6 on the host end of a machine's TAP, before it is up.  Machines are IPv4
+    only, and with IPv6 on, the host took router advertisements from the guest (a
+    default route through it, preferred over the host's own) and answered it on
+    link-local addresses."""
+    if not PROC_NET6.is_dir():
+        return  # a kernel without IPv6
+    set_sysctl(PROC_NET6 / "conf" / name / "disable_ipv6", "1")
 
 
 def delete_link(name: str) -> None:
