@@ -10,9 +10,9 @@ fork), which saves a fork, an exit and several process hand-offs per layer.
 Why a chroot: every path the child touches is resolved by the kernel inside
 the root, so no archive (absolute or ``..`` symlinks, symlinked parents,
 hard links out, whiteouts through links) can make it write outside.  The
-child keeps only three descriptors (the data pipe, the report pipe and
-/dev/null as stdio): no directory descriptor from outside survives that
-``fchdir`` could use to walk back out.
+child keeps only pipes and /dev/null (a data pipe per layer, each closed
+after its layer, the report pipe, /dev/null as stdio): no directory descriptor
+from outside survives that ``fchdir`` could use to walk back out.
 
 The child reports one JSON line per layer on a second pipe: its counters,
 or the error class and message (and then exits).  Anything else (a crash, a signal) is reported by
