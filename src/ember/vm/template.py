@@ -32,11 +32,13 @@ the saved state from a descriptor the monitor opened (``-incoming fd:N``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +52,7 @@ from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir, stale_work_dirs
 from ember.home import Home
 from ember.locks import FileLock, is_held
+from ember.process import parent_death_signal
 from ember.vm.errors import ConfigUnanswered, TemplateError
 from ember.vm.initramfs import write_machine_initrd
 from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
@@ -251,7 +254,7 @@ def build_template(home: Home, shape: TemplateShape, *, wait: bool = True) -> Te
 def _build(shape: TemplateShape, d: Path, key: str) -> Template:
     """Boot the template VM, save it, and publish its files (the shape's lock held)."""
     from ember.vm.vmm.base import Channels, Disk, Nic, VMSpec
-    from ember.vm.vmm.qemu import QemuVM
+    from ember.vm.vmm.qemu import VMM_ENVIRONMENT, QemuVM
 
     work = Path(tempfile.mkdtemp(dir=d, prefix=f".build-{key}-"))
     proc: subprocess.Popen[bytes] | None = None
@@ -287,13 +290,21 @@ def _build(shape: TemplateShape, d: Path, key: str) -> Template:
             proc = subprocess.Popen(
                 argv, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
+                # not the caller's environment; and it dies with this builder (this
+                # thread waits for it to the end): a builder killed -9 left a root,
+                # unconfined QEMU running for ever, and the next run started another
+                env=VMM_ENVIRONMENT,
+                preexec_fn=functools.partial(parent_death_signal, signal.SIGKILL),  # noqa: PLW1509
             )  # fmt: skip
         deadline = time.monotonic() + BUILD_TIMEOUT
         _wait_for_ready(channels.console_log, proc, deadline)
         qmp = _Qmp(work / "qmp.sock")
         try:
-            state_tmp = work / "vmstate"
-            qmp.call("migrate", uri=f"exec:cat > {shlex.quote(str(state_tmp))}")
+            state_tmp, written = work / "vmstate", work / "vmstate.written"
+            # the marker once cat has written the last byte: "completed" comes when QEMU
+            # has sent it, and killing QEMU then could publish a cut state
+            save = f"cat > {shlex.quote(str(state_tmp))} && : > {shlex.quote(str(written))}"
+            qmp.call("migrate", uri=f"exec:{save}")
             while True:
                 status = qmp.call("query-migrate").get("status")
                 if status == "completed":
@@ -301,6 +312,10 @@ def _build(shape: TemplateShape, d: Path, key: str) -> Template:
                 if status in ("failed", "cancelled") or time.monotonic() > deadline:
                     raise TemplateError(f"saving the template VM: migration {status}")
                 time.sleep(0.02)
+            while not written.exists():
+                if time.monotonic() > deadline:
+                    raise TemplateError("saving the template VM: the state was not written out")
+                time.sleep(0.005)
         finally:
             qmp.close()
         proc.kill()
