@@ -169,6 +169,8 @@ while b"".join(got) != b"stop_timeout -1\nstop\n" and time.monotonic() < deadlin
     time.sleep(0.01)
 relay.close()
 os.kill(os.getpid(), signal.SIGTERM)  # after close: nothing to do, nothing written
+import ember.machines.monitor as monitor
+assert monitor._terminated  # and no restart after it
 print(repr(b"".join(got)))
 """
 
@@ -206,3 +208,36 @@ def test_a_vmm_that_cannot_be_made_is_a_failed_start_not_a_dead_monitor(tmp_path
     cur = mstate.read_state(store.dir(st.id))
     assert (cur.status, cur.exit_code) == (mstate.EXITED, 125)
     assert "moved-away/vmlinux does not exist" in (cur.error or ""), cur
+
+
+def test_a_sigterm_stops_the_machine_for_good(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: `kill MONITOR` stopped the run but not the restart policy (the
+    record never said stopped by the user): --restart always ran the machine again,
+    and a SIGTERM between two runs was lost."""
+    import time
+
+    from ember.home import Home
+    from ember.machines import monitor
+    from ember.machines import state as mstate
+    from ember.machines.store import MachineStore
+    from tests.machines.test_store import make_state
+
+    store = MachineStore(Home(tmp_path))
+    st = make_state()
+    st.status, st.exit_code, st.restart_policy = mstate.EXITED, 143, "always"
+    store.create(st, None)
+    d = store.dir(st.id)
+    final = mstate.read_state(d)
+    assert monitor._stopped_by_term(d, final) is final  # no SIGTERM: as it was
+    assert monitor._wait_unless_stopped(d, 0.3) is True
+    monkeypatch.setattr(monitor, "_terminated", True)
+    marked = monitor._stopped_by_term(d, final)
+    assert marked.stopped_by_user and mstate.read_state(d).stopped_by_user
+    # between two runs: the backoff ends at once, and the record says so
+    with mstate.update(d) as cur:
+        cur.stopped_by_user = False
+    began = time.monotonic()
+    assert monitor._wait_unless_stopped(d, 30) is False
+    assert time.monotonic() - began < 5 and mstate.read_state(d).stopped_by_user

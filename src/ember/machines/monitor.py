@@ -171,6 +171,7 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
         final = _run_once(home, st, d, sync, held)
         if final is None:
             return 1  # the VMM did not start (recorded, cleaned up, said)
+        final = _stopped_by_term(d, final)
         if final.end_reason in (None, CONSOLE_REASON) and final.vmm_pid is not None:
             # the guest reported how its program ended before the VMM's set-up was
             # known to be over (a fast boot): it did start
@@ -230,6 +231,10 @@ def _wait_unless_stopped(d: Path, seconds: float) -> bool:
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
         try:
+            if _terminated:  # a SIGTERM between two runs (no relay to tell then)
+                with mstate.update(d) as cur:
+                    cur.stopped_by_user = True
+                return False
             if mstate.read_state(d).stopped_by_user:
                 return False
         except (FileNotFoundError, EmberError):
@@ -267,18 +272,41 @@ def _run_once(
             sock.close()
 
 
+#: a SIGTERM came: the machine is being stopped as by ``ember stop``, so its restart
+#: policy does not run it again (set by the handler: no lock may be taken there)
+_terminated = False
+
+
 def stop_on_term(relay: ControlRelay, st: mstate.MachineState) -> None:
     """A plain `kill MONITOR` (SIGTERM) stops the machine the graceful way, as ``ember
-    stop`` does with the machine's own stop timeout.  The handler only hands the lines
-    to the relay's thread (``send_soon``): it runs on this thread, which it may have
-    interrupted inside ``relay.send`` holding the relay's lock."""
+    stop`` does with the machine's own stop timeout, and for good: no restart after it
+    (it restarted under --restart always; a host shutting down does this).  The handler
+    only hands the lines to the relay's thread (``send_soon``): it runs on this thread,
+    which it may have interrupted inside ``relay.send`` holding the relay's lock."""
     lines = stop_request(stop_timeout_of(st)).splitlines()
 
     def on_term(_sig: int, _frame: object) -> None:
+        global _terminated
+        _terminated = True
         for line in lines:
-            relay.send_soon(line)
+            relay.send_soon(line)  # (nothing once the relay is closed: between two runs)
 
     signal.signal(signal.SIGTERM, on_term)
+    if _terminated:  # came while the restart was being set up: this run is stopped too
+        on_term(signal.SIGTERM, None)
+
+
+def _stopped_by_term(d: Path, final: mstate.MachineState) -> mstate.MachineState:
+    """The run's final record, marked stopped by the user when a SIGTERM came (it is
+    then not restarted, and ``inspect`` says why, as after ``ember stop``)."""
+    if not _terminated or final.stopped_by_user:
+        return final
+    try:
+        with mstate.update(d) as cur:
+            cur.stopped_by_user = True
+        return cur
+    except (FileNotFoundError, EmberError):  # removed meanwhile
+        return dataclasses.replace(final, stopped_by_user=True)
 
 
 def _run_held(
