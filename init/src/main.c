@@ -42,10 +42,15 @@ static struct {
 	int console_fd;
 	struct config cfg;
 	int have_cfg;
+	/* in the program's child until its exec: the write end of a close-on-exec pipe
+	 * that says why the program could not be started (an exec closes it unwritten) */
+	int start_err_fd;
+	char start_error[512];
 } G = {.config_path = "/ember/config",
        .ports = {-1, -1, -1, -1},
        .sent_base = {-1, -1},
-       .console_fd = 2};
+       .console_fd = 2,
+       .start_err_fd = -1};
 
 /* Best effort: a dead host side must not hang init.  On the non-blocking control port a
  * write fails with EAGAIN while this guest has not yet learnt that the host connected
@@ -593,6 +598,8 @@ static void child_error(const char *what, const char *arg, int err)
 	write_all(2, buf, n);
 	if (G.console_fd != 2)
 		write_all(G.console_fd, buf, n);
+	if (G.start_err_fd >= 0) /* for init's report: the line without prefix and newline */
+		write_all(G.start_err_fd, buf + 12, n - 13);
 }
 
 static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
@@ -650,14 +657,50 @@ static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
 	write_all(2, buf, n);
 	if (G.console_fd != 2)
 		write_all(G.console_fd, buf, n);
+	if (G.start_err_fd >= 0)
+		write_all(G.start_err_fd, buf + 12, n - 13);
 	_exit(EXIT_NOT_FOUND);
+}
+
+/* Why the child could not start the program, into G.start_error ("" when it did):
+ * what it wrote before its exit, or nothing when its exec closed the pipe. */
+static void read_start_error(int fd)
+{
+	size_t have = 0;
+	for (;;) {
+		ssize_t n = read(fd, G.start_error + have, sizeof(G.start_error) - 1 - have);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		have += (size_t)n;
+		if (have == sizeof(G.start_error) - 1)
+			break;
+	}
+	G.start_error[have] = 0;
+	close(fd);
 }
 
 static pid_t spawn(struct config *c, const struct exec_user *u, const char *workdir)
 {
+	int errpipe[2];
+	if (pipe2(errpipe, O_CLOEXEC) < 0)
+		errpipe[0] = errpipe[1] = -1;
 	pid_t pid = fork();
-	if (pid != 0)
+	if (pid != 0) {
+		if (errpipe[1] >= 0)
+			close(errpipe[1]);
+		if (errpipe[0] >= 0) {
+			if (pid > 0)
+				read_start_error(errpipe[0]);
+			else
+				close(errpipe[0]);
+		}
 		return pid;
+	}
+	if (errpipe[0] >= 0)
+		close(errpipe[0]);
+	G.start_err_fd = errpipe[1];
 	sigset_t none;
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
@@ -1146,5 +1189,6 @@ int main(int argc, char **argv)
 		code = 128 + sig;
 	}
 	mark("program ended");
-	finish(code, sig, oom, NULL);
+	/* an error only when the program never ran (its own exit 127 is not one) */
+	finish(code, sig, oom, G.start_error[0] ? G.start_error : NULL);
 }

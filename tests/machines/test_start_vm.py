@@ -210,6 +210,23 @@ def test_a_vmm_that_dies_at_once_fails_run_d_and_start(ember: Ember, busybox: st
     assert "dud2" not in ember("ps", "-a").stdout  # --rm: removed all the same
 
 
+def test_a_program_that_cannot_be_started_is_not_restarted(ember: Ember, busybox: str) -> None:
+    """Review finding: a command the guest could not start (not found: 127) counted as a
+    run, and --restart always booted the machine again for ever; docker restarts no
+    container whose process could not be started."""
+    res = ember("run", "-d", "--name", "nocmd", "--restart", "always", busybox, "no-such-cmd")
+    assert res.returncode == 0, res.stderr
+    try:
+        st = wait_status(ember, "nocmd", "exited")
+        assert st["exit_code"] == 127, st
+        time.sleep(1.5)  # the policy's first restart would have come after 100 ms
+        st = ember.inspect("nocmd")
+        assert (st["status"], st["restart_count"]) == ("exited", 0), st
+        assert st["error"] == "not restarting: exec no-such-cmd: executable file not found in $PATH"
+    finally:
+        ember("rm", "-f", "nocmd")
+
+
 def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:
     script = "echo run >> /runs; wc -l < /runs; exit 1"
     # in the foreground: the first run's exit code at once; the restarts go on behind

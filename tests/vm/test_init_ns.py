@@ -154,6 +154,11 @@ def test_command_not_found_and_not_executable(root: Path) -> None:
     r = run_init(root, RunConfig(argv=("no-such-program",)))
     assert r.returncode == 127
     assert "executable file not found in $PATH" in r.console
+    # the report says the program never ran (no restart policy runs it again), which a
+    # program's own exit 127 does not
+    assert r.status["error"] == "exec no-such-program: executable file not found in $PATH"
+    r = run_init(root, sh("exit 127"))
+    assert r.returncode == 127 and "error" not in r.status
     # an empty PATH searches nowhere (Docker), not the working directory as execvp would
     (root / "here").write_text("#!/bin/sh\necho ran\n")
     (root / "here").chmod(0o755)
@@ -165,6 +170,7 @@ def test_command_not_found_and_not_executable(root: Path) -> None:
     r = run_init(root, RunConfig(argv=("/notexec",)))
     assert r.returncode == 126
     assert "permission denied" in r.console.lower()
+    assert r.status["error"] == "exec /notexec: Permission denied"
 
 
 @pytest.mark.parametrize("program", ["/nonexistent/" + "x" * 3000, "y" * 3000])

@@ -177,13 +177,22 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
             # known to be over (a fast boot): it did start
             sync.send_started(final.vmm_pid)
         policy = parse_restart_policy(final.restart_policy)
+        # the guest's report says why its program could not be started (not found, not
+        # executable, a user or workdir it cannot take): it never ran
+        never_ran = final.end_reason is None and final.error is not None
         # as docker's, a policy applies to a machine that started: one whose VMM cannot
-        # set it up would fail the same way again and again
-        again = sync.started and policy.should_restart(
-            final.exit_code, final.restart_count, final.stopped_by_user
+        # set it up, or whose program cannot be started, would fail the same way again
+        # and again (docker restarts no container whose process could not be started)
+        again = (
+            sync.started
+            and not never_ran
+            and policy.should_restart(final.exit_code, final.restart_count, final.stopped_by_user)
         )
-        if not sync.started and policy.name != "no" and not final.stopped_by_user:
-            _record_given_up(d, "not restarting: the machine did not start")
+        if policy.name != "no" and not final.stopped_by_user:
+            if not sync.started:
+                _record_given_up(d, "not restarting: the machine did not start")
+            elif never_ran:
+                _record_given_up(d, f"not restarting: {final.error}")
         assert final.exit_code is not None  # (_run_held recorded the run's exit code)
         sync.send(Exited(final.exit_code, signal=final.signal, oom_killed=final.oom_killed,
                          end_reason=final.end_reason, error=final.error, restarting=again,
