@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,7 +74,5 @@ def test_a_killed_builder_takes_its_qemu_with_it(kernel: KernelInfo, tmp_path: P
     finally:
         builder.kill()
         for pid in qemu:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

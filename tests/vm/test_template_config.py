@@ -113,3 +113,37 @@ def test_the_builder_refuses_a_bad_shape(tmp_path: Path) -> None:
         env={"EMBER_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True,
     )  # fmt: skip
     assert res.returncode == 2 and b"bad shape" in res.stderr
+
+
+def test_no_more_than_max_builders_at_once(tmp_path: Path) -> None:
+    """Review finding: every --memory/--cpus value is a shape, each shape started a
+    builder (a root VM) at once: a loop over values ran as many as it liked."""
+    import subprocess
+    import sys
+
+    from ember.home import Home
+    from ember.locks import FileLock
+    from ember.vm.template import MAX_BUILDERS
+    from ember.vm.vmm.qemu import find_qemu
+
+    home = Home(tmp_path / "home")
+    home.templates.mkdir(parents=True)
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
+    kernel.write_bytes(b"\x7fELF not a kernel")
+    initrd.write_bytes(b"")
+    shape = TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
+    busy = [FileLock(home.templates / f".builder-{i}.lock") for i in range(MAX_BUILDERS)]
+    for lock in busy:  # what running builders hold
+        lock.acquire()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "ember.vm.template"],
+            input=json.dumps(asdict(shape), default=str).encode(),
+            env={"EMBER_HOME": str(home.root), "PATH": "/usr/bin:/bin"},
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        for lock in busy:
+            lock.release()
+    assert res.returncode == 0 and b"enough builders are running" in res.stderr, res.stderr
+    assert not (home.templates / f"{shape.key()}.failed").exists()  # not tried at all

@@ -477,6 +477,12 @@ def _main(argv: list[str]) -> int:
     except (TemplateError, ValueError, KeyError, OSError) as e:
         print(f"template builder: bad shape: {e}", file=sys.stderr)
         return 2
+    slot = _builder_slot(home)
+    if slot is None:
+        # each --memory/--cpus is a shape of its own: a loop over them started as many
+        # root VMs at once; the machines boot without a template meanwhile
+        print("template builder: enough builders are running; not building", file=sys.stderr)
+        return 0
     try:
         build_template(home, shape, wait=False)
     except (TemplateError, OSError) as e:
@@ -484,7 +490,24 @@ def _main(argv: list[str]) -> int:
         with contextlib.suppress(OSError):
             _failed_marker(home, key).touch()
         return 1
+    finally:
+        slot.release()
     return 0
+
+
+#: template builders that may run at once (each boots a VM as root)
+MAX_BUILDERS = 2
+
+
+def _builder_slot(home: Home) -> FileLock | None:
+    """One of MAX_BUILDERS builder slots, held until released; None when all are taken."""
+    d = home.templates.resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(MAX_BUILDERS):
+        lock = FileLock(d / f".builder-{i}.lock")
+        if lock.acquire(blocking=False):
+            return lock
+    return None
 
 
 if __name__ == "__main__":

@@ -210,3 +210,25 @@ def test_a_restore_needs_its_state_as_a_descriptor() -> None:
     have to spawn a process to read the state."""
     with pytest.raises(VMMError, match="descriptor"):
         qemu_argv(spec(restore=Path("/t/x.vmstate")))
+
+
+def test_kill_after_the_vmm_was_reaped_signals_nothing() -> None:
+    """VM.kill signalled its pid even after wait() had reaped QEMU: the monitor kills
+    after a restore fails, and by then the number may be another process's."""
+    import subprocess
+
+    from ember.vm.vmm.qemu import QemuVM
+
+    vm = QemuVM(spec())
+    vm._proc = subprocess.Popen(["true"])
+    vm.pid = vm._proc.pid
+    assert vm.wait(10) is not None
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        vm.pid = other.pid  # (as if the kernel had given the number out again)
+        vm.kill()
+        with pytest.raises(subprocess.TimeoutExpired):  # not killed: still running
+            other.wait(0.3)
+    finally:
+        other.kill()
+        other.wait()

@@ -473,6 +473,14 @@ class QemuVM(VM):
             if log and not isinstance(out, int):
                 out.close()
 
+    def kill(self) -> None:
+        if self._proc is not None:
+            # through Popen, which signals nothing once it has reaped the process: by
+            # pid, a reaped QEMU's number could be another process's by now
+            self._proc.kill()
+            return
+        super().kill()
+
     def wait(self, timeout: float | None = None) -> VMExit | None:
         if self._proc is not None:
             try:
