@@ -496,13 +496,18 @@ def _hand_config_or_boot(
     vm.wait()
     assert spec.restore is not None and spec.initrd is not None
     discard_template(Template(spec.restore, spec.initrd))
-    with mstate.update(d) as cur:
+    # One step under the machine's lock: a stop that came during the restore is seen
+    # (it was not, and the machine booted all the same), and a kill or rm -f finds the
+    # new VMM's pid, not the dead one's (it signalled that and then waited in vain).
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        if cur.stopped_by_user:
+            return vm, vm.pid, False
         cur.vm.restore = cur.vm.restore_initrd = None
-        st = cur
-    boot = get_vmm(st.vm.vmm).create(vm_spec(st, d, spec.channels))
-    pid = boot.start()
-    with mstate.update(d) as cur:
+        boot = get_vmm(cur.vm.vmm).create(vm_spec(cur, d, spec.channels))
+        pid = boot.start()
         cur.vmm_pid, cur.vmm_start = pid, proc_start_time(pid)
+        mstate.write_state(d, cur)
     return boot, pid, _set_up(boot)
 
 
