@@ -11,7 +11,17 @@ CLEAN, FAILED, KILLED = VMExit(0, None), VMExit(1, None), VMExit(None, 9)
 @pytest.mark.parametrize("sent", [False, True])
 @pytest.mark.parametrize("spoke", [False, True])
 def test_a_vmm_killed_while_restoring_is_not_booted_again(sent: bool, spoke: bool) -> None:
-    assert after_unacknowledged_restore(sent, KILLED, spoke) is AfterRestore.KILLED
+    assert after_unacknowledged_restore(sent, KILLED, spoke, True) is AfterRestore.KILLED
+
+
+@pytest.mark.parametrize("sent", [False, True])
+def test_a_vmm_that_crashed_on_the_state_means_boot(sent: bool) -> None:
+    """Review finding: any signal death counted as the user's kill, the template was
+    kept, and every machine of its shape failed the same way."""
+    aborted = VMExit(None, 6)
+    assert after_unacknowledged_restore(sent, aborted, False, False) is AfterRestore.BOOT
+    # a guest whose program had spoken ran it: never a second run
+    assert after_unacknowledged_restore(True, aborted, True, False) is AfterRestore.KEEP
 
 
 @pytest.mark.parametrize("ended", [None, CLEAN, FAILED])

@@ -147,3 +147,25 @@ def test_no_more_than_max_builders_at_once(tmp_path: Path) -> None:
             lock.release()
     assert res.returncode == 0 and b"enough builders are running" in res.stderr, res.stderr
     assert not (home.templates / f"{shape.key()}.failed").exists()  # not tried at all
+
+
+def test_a_discarded_template_is_not_built_again_at_once(tmp_path: Path) -> None:
+    """Review finding: a template that never restores was discarded and rebuilt by the
+    next machine of its shape, each time a root boot and a failed restore."""
+    from ember.home import Home
+    from ember.vm.template import Template, build_in_background, discard_template
+    from ember.vm.vmm.qemu import find_qemu
+
+    home = Home(tmp_path / "home")
+    home.templates.mkdir(parents=True)
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
+    kernel.write_bytes(b"\x7fELF")
+    initrd.write_bytes(b"")
+    shape = TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
+    key = shape.key()
+    for suffix in (".vmstate", ".initrd", ".json"):
+        (home.templates / f"{key}{suffix}").write_bytes(b"x")
+    discard_template(Template(home.templates / f"{key}.vmstate", home.templates / f"{key}.initrd"))
+    assert sorted(p.name for p in home.templates.iterdir()) == [f"{key}.failed"]
+    build_in_background(home, shape)  # within RETRY_AFTER: starts nothing
+    assert not (home.templates / "build.log").exists()

@@ -485,7 +485,11 @@ def _hand_config_or_boot(
     # what we saw, give it a moment); one killed by `ember kill`/`rm -f` during the
     # restore dies of the signal
     ended = vm.wait(5.0 if vm.alive() else 1.0)
-    verdict = after_unacknowledged_restore(sent, ended, pump.program_spoke())
+    try:
+        stopped = mstate.read_state(d).stopped_by_user
+    except (FileNotFoundError, EmberError):
+        stopped = True  # removed meanwhile (rm -f)
+    verdict = after_unacknowledged_restore(sent, ended, pump.program_spoke(), stopped)
     if verdict is AfterRestore.KILLED:
         return vm, vm.pid, False
     if verdict is AfterRestore.KEEP:

@@ -23,13 +23,18 @@ class AfterRestore(enum.Enum):
 
 
 def after_unacknowledged_restore(
-    config_sent: bool, ended: VMExit | None, program_spoke: bool
+    config_sent: bool, ended: VMExit | None, program_spoke: bool, stopped_by_user: bool = True
 ) -> AfterRestore:
     """``config_sent``: the whole config reached the VMM's socket; ``ended``: the VMM's
     exit if it has exited (``None``: still running); ``program_spoke``: the guest wrote
-    on the program's stdout or stderr port, or sent its exit report, since the restore."""
+    on the program's stdout or stderr port, or sent its exit report, since the restore;
+    ``stopped_by_user``: the record says ``ember stop/kill/rm -f`` came."""
     if ended is not None and ended.signal is not None:
-        return AfterRestore.KILLED
+        if stopped_by_user:
+            return AfterRestore.KILLED
+        # nobody killed it: the VMM crashed on the state (an abort, a segfault while
+        # loading it), which every machine of the shape would do: as a failed load
+        return AfterRestore.KEEP if config_sent and program_spoke else AfterRestore.BOOT
     if not config_sent:
         return AfterRestore.BOOT  # ember-init acts only on a whole config
     if program_spoke:

@@ -179,8 +179,13 @@ def _remove(d: Path, key: str, *, lock: bool = False) -> None:
 
 
 def discard_template(template: Template) -> None:
-    """A template that failed to restore is not used again (rebuilt on demand)."""
-    _remove(template.state.parent, template.state.stem)
+    """A template that failed to restore is not used again, and not built again before
+    RETRY_AFTER (as after a failed build): one that never restores cost a root boot to
+    build and a failed restore per machine, over and over."""
+    d, key = template.state.parent, template.state.stem
+    _remove(d, key)
+    with contextlib.suppress(OSError):
+        (d / f"{key}.failed").touch()
 
 
 def template_config() -> RunConfig:
