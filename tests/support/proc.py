@@ -55,8 +55,9 @@ def wait_flock_blocked(
     )
 
 
-def session_pids(sid: int) -> list[int]:
-    """The processes of session ``sid`` (a server started in a session of its own)."""
+def _pids_whose(field: int, value: int) -> list[int]:
+    """The processes whose /proc stat field ``field`` (counted after the command name:
+    0 state, 1 ppid, 2 pgrp, 3 session) is ``value``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -66,9 +67,19 @@ def session_pids(sid: int) -> list[int]:
         except OSError:
             continue
         # pid (comm) state ppid pgrp session ...: comm may hold spaces and parentheses
-        if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
+        if int(stat.rsplit(")", 1)[1].split()[field]) == value:
             pids.append(int(entry))
     return pids
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` (a server started in a session of its own)."""
+    return _pids_whose(3, sid)
+
+
+def child_pids(ppid: int) -> list[int]:
+    """The children of process ``ppid``."""
+    return _pids_whose(1, ppid)
 
 
 def thread_wchans(pids: Iterable[int]) -> list[str]:

@@ -17,21 +17,9 @@ import pytest
 from ember.vm.kernel import KernelInfo
 from ember.vm.template import TemplateShape
 from ember.vm.vmm.qemu import find_qemu
+from tests.support.proc import child_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def test_a_killed_builder_takes_its_qemu_with_it(kernel: KernelInfo, tmp_path: Path) -> None:
@@ -54,7 +42,7 @@ def test_a_killed_builder_takes_its_qemu_with_it(kernel: KernelInfo, tmp_path: P
         while not qemu:
             assert builder.poll() is None, "the builder ended before its QEMU was seen"
             assert time.monotonic() < deadline, "the builder never started QEMU"
-            qemu = [p for p in _children(builder.pid)
+            qemu = [p for p in child_pids(builder.pid)
                     if Path(f"/proc/{p}/comm").read_text().startswith("qemu")]  # fmt: skip
             time.sleep(0.02)
         env = Path(f"/proc/{qemu[0]}/environ").read_bytes().split(b"\0")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from ember.home import Home
 from ember.vm.errors import InvalidRunConfig, NoCommand
 from ember.vm.runconfig import RunConfig, restore_message
 from ember.vm.template import LATE_MODULES, TemplateShape, _shape_from_json, template_config
@@ -75,24 +78,13 @@ def test_shape_key_follows_its_inputs(tmp_path: Path) -> None:
 def test_a_failed_build_is_not_retried_at_once(tmp_path: Path) -> None:
     """A shape whose template cannot be built (here: a kernel QEMU cannot boot) leaves
     a marker; builds of that shape are then not started again for a while."""
-    import subprocess
-    import sys
 
     from ember.home import Home
     from ember.vm.template import build_in_background
-    from ember.vm.vmm.qemu import find_qemu
 
     home = Home(tmp_path / "home")
-    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
-    kernel.write_bytes(b"\x7fELF not a kernel")
-    initrd.write_bytes(b"")
-    shape = TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
-    res = subprocess.run(
-        [sys.executable, "-m", "ember.vm.template"],
-        input=json.dumps(asdict(shape), default=str).encode(),
-        env={"EMBER_HOME": str(home.root), "PATH": "/usr/bin:/bin"},
-        capture_output=True, timeout=120,
-    )  # fmt: skip
+    shape = _unbootable_shape(tmp_path)
+    res = _run_builder(home, shape)
     assert res.returncode == 1, res.stderr
     assert b"template build failed" in res.stderr
     marker = home.templates / f"{shape.key()}.failed"
@@ -118,30 +110,19 @@ def test_the_builder_refuses_a_bad_shape(tmp_path: Path) -> None:
 def test_no_more_than_max_builders_at_once(tmp_path: Path) -> None:
     """Review finding: every --memory/--cpus value is a shape, each shape started a
     builder (a root VM) at once: a loop over values ran as many as it liked."""
-    import subprocess
-    import sys
 
     from ember.home import Home
     from ember.locks import FileLock
     from ember.vm.template import MAX_BUILDERS
-    from ember.vm.vmm.qemu import find_qemu
 
     home = Home(tmp_path / "home")
     home.templates.mkdir(parents=True)
-    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
-    kernel.write_bytes(b"\x7fELF not a kernel")
-    initrd.write_bytes(b"")
-    shape = TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
+    shape = _unbootable_shape(tmp_path)
     busy = [FileLock(home.templates / f".builder-{i}.lock") for i in range(MAX_BUILDERS)]
     for lock in busy:  # what running builders hold
         lock.acquire()
     try:
-        res = subprocess.run(
-            [sys.executable, "-m", "ember.vm.template"],
-            input=json.dumps(asdict(shape), default=str).encode(),
-            env={"EMBER_HOME": str(home.root), "PATH": "/usr/bin:/bin"},
-            capture_output=True, timeout=120,
-        )  # fmt: skip
+        res = _run_builder(home, shape)
     finally:
         for lock in busy:
             lock.release()
@@ -154,14 +135,10 @@ def test_a_discarded_template_is_not_built_again_at_once(tmp_path: Path) -> None
     next machine of its shape, each time a root boot and a failed restore."""
     from ember.home import Home
     from ember.vm.template import Template, build_in_background, discard_template
-    from ember.vm.vmm.qemu import find_qemu
 
     home = Home(tmp_path / "home")
     home.templates.mkdir(parents=True)
-    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
-    kernel.write_bytes(b"\x7fELF")
-    initrd.write_bytes(b"")
-    shape = TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
+    shape = _unbootable_shape(tmp_path)
     key = shape.key()
     for suffix in (".vmstate", ".initrd", ".json"):
         (home.templates / f"{key}{suffix}").write_bytes(b"x")
@@ -169,3 +146,23 @@ def test_a_discarded_template_is_not_built_again_at_once(tmp_path: Path) -> None
     assert sorted(p.name for p in home.templates.iterdir()) == [f"{key}.failed"]
     build_in_background(home, shape)  # within RETRY_AFTER: starts nothing
     assert not (home.templates / "build.log").exists()
+
+
+def _unbootable_shape(tmp_path: Path) -> TemplateShape:
+    """A shape whose kernel QEMU refuses at once (no VM boots)."""
+    from ember.vm.vmm.qemu import find_qemu
+
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "base.cpio"
+    kernel.write_bytes(b"\x7fELF not a kernel")
+    initrd.write_bytes(b"")
+    return TemplateShape(kernel, initrd, "tcg", 128, 1, (), 0, find_qemu())
+
+
+def _run_builder(home: Home, shape: TemplateShape) -> subprocess.CompletedProcess[bytes]:
+    """``python -m ember.vm.template`` for ``shape``, with ``home`` as its state dir."""
+    return subprocess.run(
+        [sys.executable, "-m", "ember.vm.template"],
+        input=json.dumps(asdict(shape), default=str).encode(),
+        env={"EMBER_HOME": str(home.root), "PATH": "/usr/bin:/bin"},
+        capture_output=True, timeout=120,
+    )  # fmt: skip
