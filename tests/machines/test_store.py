@@ -470,7 +470,7 @@ net = lifecycle._setup_network(home, "b" * 64, ports=parse_publish("9090:80"), n
 rules = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
 print(json.dumps({"old": mstate.read_state(MachineStore(home).dir(old.id)).status,
                   "networks": sorted(NetworkManager(home).machines()),
-                  "old_rule": "dport 8080" in rules.stdout}))
+                  "old_rule": "tcp . 8080" in rules.stdout}))
 NetworkManager(home).teardown("b" * 64)
 """
 

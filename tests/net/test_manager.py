@@ -95,12 +95,12 @@ def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
     assert out["links"] == ["em-a1a1a1a1a1a1", "em-b2b2b2b2b2b2"]
     assert out["addr_a"] == ["172.30.0.1/30"]
     assert out["route_localnet_a"] == "1" and out["forwarding"] == "1"
-    assert "dnat ip to 172.30.0.2:80" in out["nft"]
+    assert "tcp . 8080 : 172.30.0.2 . 80" in out["nft"]
     assert "nw_tenant_b" in out["nft"]
     assert out["conflict"][0] == "PortConflict" and "8080/tcp" in out["conflict"][1]
     assert out["links_after_conflict"] == out["links"]
     assert out["links_after_a"] == ["em-b2b2b2b2b2b2"]
-    assert "dnat ip to" not in out["nft_after_a"]
+    assert "172.30.0.2 . 80" not in out["nft_after_a"]
     assert out["c"]["guest_ip"] == "172.30.0.2"
     assert out["links_end"] == [] and out["nft_end"] is None and out["state_end"] == {}
 
@@ -180,8 +180,8 @@ def test_host_ports_left_open_are_chosen_free(netns: str, tmp_path: Path) -> Non
         assert out[f"explicit_{i}"][0] == "PortConflict", out[f"explicit_{i}"]
         assert f"host port {where} is in use by a program on this host" in out[f"explicit_{i}"][1]
     assert out["time_wait"] == [9500]
-    assert f"tcp dport {tcp['host_port']} " in out["nft"] and f"udp dport {udp['host_port']} " in out["nft"]
-    assert "tcp dport 9001 " in out["nft"]
+    assert f"tcp . {tcp['host_port']} : " in out["nft"] and f"udp . {udp['host_port']} : " in out["nft"]
+    assert "tcp . 9001 : " in out["nft"]
     # what is recorded (and what `ember ps` and `ember start` read) is the chosen port
     assert out["state"]["a1"][0]["host_port"] == 9001
     assert out["state"]["c3"][0]["host_port"] == tcp["host_port"]
@@ -453,7 +453,7 @@ out["links_again"] = links()
 """, tmp_path)  # fmt: skip
     # this namespace's table holds its own machine's rules only
     assert tap_name(ID_B) in out["nft"] and tap_name(ID_A) not in out["nft"], out["nft"]
-    assert "dport 8080" not in out["nft"]
+    assert "tcp . 8080" not in out["nft"]
     assert out["links"] == out["links_again"] == sorted([tap_name(ID_A), tap_name(ID_B)])
     assert tap_name(ID_B) in out["nft_after"]
     assert out["state"] == [ID_B]

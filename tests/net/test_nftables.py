@@ -33,14 +33,16 @@ def test_ruleset_contents() -> None:
     assert lines.index('iifname "em-*" oifname "em-*" drop') > lines.index(
         "iifname @nw_tenant_b oifname @nw_tenant_b accept"
     )
-    dnat = 'fib daddr type local tcp dport 8080 dnat ip to 172.30.0.2:80 comment "aaaaaaaaaaaa"'
-    assert lines.count(dnat) == 2  # prerouting and output
-    assert (
-        lines.count(
-            'ip daddr 127.0.0.1 udp dport 5353 dnat ip to 172.30.0.2:53 comment "aaaaaaaaaaaa"'
-        )
-        == 2
-    )
+    # one map lookup per new connection, however many ports (a rule a port made every
+    # new connection of the host walk them all)
+    assert "elements = { tcp . 8080 : 172.30.0.2 . 80 }" in lines
+    assert "elements = { 127.0.0.1 . udp . 5353 : 172.30.0.2 . 53 }" in lines
+    lookups = [
+        "meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @published",
+        "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @published_at",
+    ]
+    assert [lines.count(rule) for rule in lookups] == [2, 2]  # prerouting and output
+    assert sum("dnat" in line and "ct status" not in line for line in lines) == 4
     assert 'ip saddr 172.30.0.0/16 oifname != "em-*" masquerade' in lines
     guard = lines[lines.index("chain guard {"):]
     assert guard[1] == "type filter hook prerouting priority raw; policy accept;"

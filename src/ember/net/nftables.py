@@ -14,7 +14,8 @@ inet ember`` removes all of it).  The table holds:
   other TAP-to-TAP traffic is dropped; with egress off, so is anything else a
   machine sends through the host.
   The policy stays ``accept`` so ember does not change the host's other traffic.
-- ``prerouting``/``output`` (nat): DNAT for published ports.  ``output`` makes a
+- ``prerouting``/``output`` (nat): DNAT for published ports, through two maps
+  (``published``, ``published_at``): one lookup, however many ports.  ``output`` makes a
   published port reachable from the host itself; for 127.0.0.0/8 the TAP gets
   ``route_localnet`` and ``postrouting`` masquerades the loopback source (what
   Docker does without its userland proxy).  Chosen over a userspace proxy: no
@@ -115,16 +116,38 @@ def check_rules(m: MachineRules) -> None:
             _ipv4(p.host_ip, "host address")
 
 
-def _dnat_rules(machines: Iterable[MachineRules]) -> list[str]:
-    rules = []
+def _published_maps(machines: Iterable[MachineRules]) -> list[str]:
+    """The published ports as two verdict-free NAT maps, one lookup per new connection
+    whatever their number (a rule each made every new connection of the host walk all
+    of them: 20,480 ports made a local connect ~90x slower): ``published`` for ports on
+    every local address (protocol . port), ``published_at`` for ports on one host
+    address (address . protocol . port); both give the guest's address . port."""
+    anywhere: list[str] = []
+    at_address: list[str] = []
     for m in machines:
         for p in m.ports:
-            match = f"ip daddr {p.host_ip}" if p.host_ip else "fib daddr type local"
-            rules.append(
-                f"{match} {p.protocol} dport {p.host_port} "
-                f'dnat ip to {m.guest_ip}:{p.guest_port} comment "{m.machine_id[:12]}"'
-            )
-    return rules
+            to = f"{m.guest_ip} . {p.guest_port}"
+            if p.host_ip:
+                at_address.append(f"{p.host_ip} . {p.protocol} . {p.host_port} : {to}")
+            else:
+                anywhere.append(f"{p.protocol} . {p.host_port} : {to}")
+    out: list[str] = []
+    for name, key, elements in (
+        ("published", "inet_proto . inet_service", anywhere),
+        ("published_at", "ipv4_addr . inet_proto . inet_service", at_address),
+    ):
+        out += [f"\tmap {name} {{", f"\t\ttype {key} : ipv4_addr . inet_service"]
+        if elements:
+            out.append(f"\t\telements = {{ {', '.join(elements)} }}")
+        out.append("\t}")
+    return out
+
+
+#: the DNAT rules, the same in prerouting and output: the published maps do the work
+_DNAT_RULES = (
+    "meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @published",
+    "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @published_at",
+)
 
 
 def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: bool) -> str:
@@ -183,10 +206,10 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
         # reached networks that route back to the host (a docker0 neighbour)
         body += [f'\t\tiifname "{TAP_PREFIX}*" drop']
     body += ["\t}"]
-    dnat = _dnat_rules(machines)
+    body += _published_maps(machines)
     for chain, hook, prio in (("prerouting", "prerouting", "dstnat"), ("output", "output", "-100")):
         body += [f"\tchain {chain} {{", f"\t\ttype nat hook {hook} priority {prio}; policy accept;"]
-        body += [f"\t\t{r}" for r in dnat]
+        body += [f"\t\t{r}" for r in _DNAT_RULES]
         body.append("\t}")
     body += [
         "\tchain postrouting {",
