@@ -49,7 +49,8 @@ def test_ruleset_contents() -> None:
     assert 'iifname "em-*" ip daddr { 127.0.0.0/8, 169.254.0.0/16 } drop' in guard
     assert 'iifname "em-*" meta nfproto ipv6 drop' in guard
     assert 'iifname "em-*" drop' not in lines  # egress on: what leaves is masqueraded
-    assert 'iifname "em-aaaaaaaaaaaa" ip saddr != 172.30.0.2 drop' in guard
+    assert 'iifname "em-*" iifname . ip saddr != @sources drop' in guard
+    assert 'elements = { "em-aaaaaaaaaaaa" . 172.30.0.2, "em-bbbbbbbbbbbb" . 172.30.0.6 }' in lines
 
 
 def test_no_egress_no_masquerade_and_nothing_forwarded_out() -> None:

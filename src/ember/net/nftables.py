@@ -174,6 +174,13 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
             f"\t\telements = {{ {elements} }}",
             "\t}",
         ]
+    sources = ", ".join(f'"{m.tap}" . {m.guest_ip}' for m in sorted(machines, key=lambda m: m.tap))
+    body += [
+        "\tset sources {",
+        "\t\ttype ifname . ipv4_addr",
+        f"\t\telements = {{ {sources} }}",
+        "\t}",
+    ]
     # Before conntrack and NAT (priority raw), on what a guest sends: its own address
     # only (a guest cannot pass for another machine), and never to 127.0.0.0/8, which
     # route_localnet (set on TAPs for published loopback ports) would otherwise route
@@ -189,8 +196,8 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
         f'\t\tiifname "{TAP_PREFIX}*" meta nfproto ipv6 drop',
         f'\t\tiifname "{TAP_PREFIX}*" ip daddr {{ 127.0.0.0/8, 169.254.0.0/16 }} drop',
     ]
-    body += [f'\t\tiifname "{m.tap}" ip saddr != {m.guest_ip} drop' for m in machines]
-    body += ["\t}"]
+    # (the sources as one set: a rule a machine made each guest packet walk them all)
+    body += [f'\t\tiifname "{TAP_PREFIX}*" iifname . ip saddr != @sources drop', "\t}"]
     body += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
