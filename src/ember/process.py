@@ -9,6 +9,7 @@ import errno
 import functools
 import os
 import select
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -16,6 +17,15 @@ _PR_SET_PDEATHSIG = 1
 # Loaded once, at import: after a fork (a preexec function, a forked relay) loading a
 # library could take the dynamic loader's lock that another thread held at the fork.
 _LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """In a child before exec: SIGKILL when the thread that forked it ends, and exit at
+    once if ``parent`` (the forking process) has ended already (between fork and this
+    call the signal could not yet be asked for)."""
+    parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def parent_death_signal(signum: int) -> None:

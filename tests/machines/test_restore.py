@@ -22,6 +22,8 @@ def test_a_vmm_that_crashed_on_the_state_means_boot(sent: bool) -> None:
     assert after_unacknowledged_restore(sent, aborted, False, False) is AfterRestore.BOOT
     # a guest whose program had spoken ran it: never a second run
     assert after_unacknowledged_restore(True, aborted, True, False) is AfterRestore.KEEP
+    # SIGKILL that the user did not send: the host's OOM killer, no fault of the template
+    assert after_unacknowledged_restore(sent, KILLED, False, False) is AfterRestore.KILLED
 
 
 @pytest.mark.parametrize("ended", [None, CLEAN, FAILED])

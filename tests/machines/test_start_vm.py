@@ -225,6 +225,10 @@ def test_a_program_that_cannot_be_started_is_not_restarted(ember: Ember, busybox
         assert st["error"] == "not restarting: exec no-such-cmd: executable file not found in $PATH"
     finally:
         ember("rm", "-f", "nocmd")
+    # in the foreground the reason is said once (the guest's line), not again by ember
+    res = ember("run", "--rm", busybox, "no-such-cmd")
+    assert res.returncode == 127
+    assert res.stderr.count("executable file not found in $PATH") == 1, res.stderr
 
 
 def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:

@@ -465,7 +465,10 @@ import json as j
 from ember.net import tap
 tap.delete_link(NetworkManager(home).machines()[old.id].tap)
 path = home.root / "net" / "state.json"
-path.write_text(j.dumps({**j.loads(path.read_text()), "boot_id": "an-earlier-boot"}))
+saved = j.loads(path.read_text())
+for entry in saved["machines"].values():
+    entry["boot_id"] = "an-earlier-boot"
+path.write_text(j.dumps(saved))
 net = lifecycle._setup_network(home, "b" * 64, ports=parse_publish("9090:80"), network="default")
 rules = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
 print(json.dumps({"old": mstate.read_state(MachineStore(home).dir(old.id)).status,

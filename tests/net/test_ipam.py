@@ -49,7 +49,9 @@ def test_first_free_and_exhaustion() -> None:
 @pytest.mark.parametrize(
     ("text", "prefix"),
     [("172.30.0.1/16", 30), ("fd00::/64", 30), ("nonsense", 30), ("10.0.0.0/31", 30),
-     ("10.0.0.0/16", 29)],
+     ("10.0.0.0/16", 29),
+     # what the guard drops machines' traffic to: they could not reach their gateway
+     ("169.254.0.0/16", 30), ("127.0.0.0/24", 30), ("224.0.0.0/24", 30), ("0.0.0.0/0", 30)],
 )  # fmt: skip
 def test_parse_subnet_rejects(text: str, prefix: int) -> None:
     with pytest.raises(NetworkError):

@@ -546,3 +546,33 @@ def test_a_machines_tap_has_no_ipv6_and_its_flows_go_with_it(netns: str, tmp_pat
     out = run_in_netns(netns, FLOWS_SCRIPT, tmp_path)
     assert out["disable_ipv6"] == "1"
     assert out["before"] >= 1 and out["after"] == 0, out
+
+
+EARLIER_BOOT_SCRIPT = r"""
+def nft():
+    r = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else ""
+mgr.setup(sys.argv[2], ports=parse_publish("8080:80"))
+mgr.setup(sys.argv[3], ports=parse_publish("8081:80"))
+# the host rebooted: both allocations are of an earlier boot
+path = home.root / "net" / "state.json"
+saved = json.loads(path.read_text())
+for entry in saved["machines"].values():
+    entry["boot_id"] = "an-earlier-boot"
+path.write_text(json.dumps(saved))
+out["before"] = mgr.allocated_before_this_boot()
+mgr.teardown(sys.argv[2])  # one machine repaired (`ember inspect` of it, say)
+out["after_one"] = [mgr.allocated_before_this_boot(), "tcp . 8081" in nft()]
+c = mgr.setup(sys.argv[4], ports=parse_publish("9090:80"))  # a new machine of this boot
+out["new"] = ["tcp . 9090" in nft(), "tcp . 8081" in nft()]
+mgr.teardown(sys.argv[3]); mgr.teardown(sys.argv[4])
+print(json.dumps(out))
+"""
+
+
+def test_allocations_of_an_earlier_boot_write_no_rules(netns: str, tmp_path: Path) -> None:
+    """Review finding: after a reboot, the teardown of one dead machine rewrote the table
+    with the other dead machines' DNAT rules, and the boot check then passed: their
+    rules stayed, taking ports host programs may have taken since the boot."""
+    out = run_in_netns(netns, EARLIER_BOOT_SCRIPT, tmp_path)
+    assert out == {"before": True, "after_one": [True, False], "new": [True, False]}, out

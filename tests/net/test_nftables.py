@@ -39,7 +39,8 @@ def test_ruleset_contents() -> None:
     assert "elements = { 127.0.0.1 . udp . 5353 : 172.30.0.2 . 53 }" in lines
     lookups = [
         "meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @published",
-        "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @published_at",
+        "meta nfproto ipv4 fib daddr type local dnat ip to ip daddr . meta l4proto . th dport "
+        "map @published_at",
     ]
     assert [lines.count(rule) for rule in lookups] == [2, 2]  # prerouting and output
     assert sum("dnat" in line and "ct status" not in line for line in lines) == 4

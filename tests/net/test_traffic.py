@@ -270,7 +270,9 @@ def test_a_guest_can_neither_route_the_hosts_ipv6_nor_reach_link_local_or_leave_
     credentials) NATed as the host; and with egress off it still reached networks that
     route back to the host (a docker0 neighbour), only without the masquerade."""
     host, g1, ctl, world = (make_netns() for _ in range(4))
-    a = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2", ports=(PortMapping(8080, 80),))
+    # its resolver is the metadata address, as on GCE: DNS there must still work
+    a = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2", ports=(PortMapping(8080, 80),),
+                     nameservers=("169.254.169.254",))  # fmt: skip
     attach_guest(host, g1, a.tap, "172.30.0.1", a.guest_ip)
     # a control "guest" on an interface ember does not name: its advertisement is taken,
     # which shows that the one on ember's TAP would have been
@@ -299,6 +301,9 @@ def test_a_guest_can_neither_route_the_hosts_ipv6_nor_reach_link_local_or_leave_
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for ns in (world, g1)
     ]  # fmt: skip
+    servers.append(subprocess.Popen(
+        ["ip", "netns", "exec", world, sys.executable, "-c", UDP_ECHO, "169.254.169.254", "53"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
     try:
         rules(egress=True)
         for _ in range(100):
@@ -313,6 +318,7 @@ def test_a_guest_can_neither_route_the_hosts_ipv6_nor_reach_link_local_or_leave_
         # egress on: out it goes, but not to link-local addresses
         assert fetch(g1, "10.0.0.2", 80).startswith("HTTP/1.0 200")
         assert fetch(g1, "169.254.169.254", 80).startswith("FAIL")
+        assert udp_ask(g1, "169.254.169.254", 53) == "echo:ping"  # but its DNS resolver
         # egress off: nothing leaves; replies of a published port still do
         rules(egress=False)
         assert fetch(g1, "10.0.0.2", 80).startswith("FAIL")

@@ -108,6 +108,7 @@ def _follow(
     during its set-up) is MachineError, as for ``run -d`` (``_await_start``)."""
     from ember.machines import lifecycle
     from ember.machines.events import Exited, MonitorFailed, Started
+    from ember.machines.report import program_not_started
     from ember.machines.state import EXITED, RUNNING, read_state
     from ember.machines.store import MachineStore
 
@@ -183,8 +184,8 @@ def _follow(
     if not started and not exited.stopped_by_user:
         # ember's failure, not the program's: 125 and the VMM's last words, as run -d
         raise _not_started(st, exited)
-    if exited.error:
-        _say(exited.error)
+    if exited.error and not program_not_started(exited.exit_code, exited.error):
+        _say(exited.error)  # (a child's reason is on the program's stderr already)
     if exited.end_reason:
         _say(f"machine ended: {exited.end_reason}")
     return exited.exit_code

@@ -40,6 +40,7 @@ from ember.machines.report import (
     parse_console_tail,
     parse_kernel_panic,
     parse_report,
+    program_not_started,
 )
 from ember.machines.restartpolicy import backoff_s, parse_restart_policy
 from ember.machines.restore import AfterRestore, after_unacknowledged_restore
@@ -178,8 +179,8 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
             sync.send_started(final.vmm_pid)
         policy = parse_restart_policy(final.restart_policy)
         # the guest's report says why its program could not be started (not found, not
-        # executable, a user or workdir it cannot take): it never ran
-        never_ran = final.end_reason is None and final.error is not None
+        # executable, a workdir or user the child cannot take): it never ran
+        never_ran = final.end_reason is None and program_not_started(final.exit_code, final.error)
         # as docker's, a policy applies to a machine that started: one whose VMM cannot
         # set it up, or whose program cannot be started, would fail the same way again
         # and again (docker restarts no container whose process could not be started)
@@ -204,8 +205,8 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
                 _cleanup(home, final, removing=True)
             return 0
         delay = backoff_s(delay, time.monotonic() - began)
-        if not _wait_unless_stopped(d, delay):
-            return 0  # `ember stop/kill/rm` meanwhile: they wait for this exit
+        if not _wait_unless_stopped(d, delay) or _stopped_by_term(d, final).stopped_by_user:
+            return 0  # `ember stop/kill/rm` or a SIGTERM meanwhile: they wait for this exit
         from ember.machines.lifecycle import prepare_start
 
         held = []
@@ -505,7 +506,7 @@ def _hand_config_or_boot(
     # new VMM's pid, not the dead one's (it signalled that and then waited in vain).
     with mstate.locked(d):
         cur = mstate.read_state(d)
-        if cur.stopped_by_user:
+        if cur.stopped_by_user or _terminated:
             return vm, vm.pid, False
         cur.vm.restore = cur.vm.restore_initrd = None
         boot = get_vmm(cur.vm.vmm).create(vm_spec(cur, d, spec.channels))

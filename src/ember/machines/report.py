@@ -32,6 +32,14 @@ class ExitReport:
     sent: tuple[int, int] | None = None
 
 
+def program_not_started(exit_code: int | None, error: str | None) -> bool:
+    """Whether the guest's child could not start the program (chdir, setuid, exec: 126
+    or 127 with the reason in the report; the child said it on the program's stderr
+    too).  A program's own 126/127 carries no reason; ember-init's own failures are 125
+    (some of them, a disk that did not appear in time, may not happen again)."""
+    return error is not None and exit_code in (126, 127)
+
+
 @dataclass(frozen=True)
 class Outcome:
     exit_code: int

@@ -9,6 +9,7 @@ program twice is worse than reporting one failed start.
 from __future__ import annotations
 
 import enum
+import signal
 
 from ember.vm.vmm.base import VMExit
 
@@ -30,10 +31,11 @@ def after_unacknowledged_restore(
     on the program's stdout or stderr port, or sent its exit report, since the restore;
     ``stopped_by_user``: the record says ``ember stop/kill/rm -f`` came."""
     if ended is not None and ended.signal is not None:
-        if stopped_by_user:
+        if stopped_by_user or ended.signal == signal.SIGKILL:
+            # the user's kill, or the host's OOM killer: the template is not to blame
             return AfterRestore.KILLED
-        # nobody killed it: the VMM crashed on the state (an abort, a segfault while
-        # loading it), which every machine of the shape would do: as a failed load
+        # another signal nobody sent: the VMM crashed on the state (an abort, a segfault
+        # while loading it), which every machine of the shape would do: a failed load
         return AfterRestore.KEEP if config_sent and program_spoke else AfterRestore.BOOT
     if not config_sent:
         return AfterRestore.BOOT  # ember-init acts only on a whole config

@@ -40,7 +40,18 @@ def parse_subnet(text: str, prefix: int = DEFAULT_PREFIX) -> ipaddress.IPv4Netwo
         raise NetworkError(f"per-machine prefix must be 30 or 31, not {prefix}")
     if net.prefixlen > prefix:
         raise NetworkError(f"machine subnet {text} is smaller than one /{prefix}")
+    for special in _NOT_FOR_MACHINES:
+        if net.overlaps(special):
+            # the guard drops what machines send there (host loopback, link-local)
+            raise NetworkError(f"machine subnet {text} overlaps {special}, which machines may not use")
     return net
+
+
+_NOT_FOR_MACHINES = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv4Network("169.254.0.0/16"),
+    ipaddress.IPv4Network("224.0.0.0/3"),  # multicast and reserved
+)
 
 
 def slot_count(subnet: ipaddress.IPv4Network, prefix: int) -> int:

@@ -38,7 +38,6 @@ from ember.net.nftables import (
 )
 from ember.net.ports import (
     PortMapping,
-    check_port_count,
     conflicts,
     ephemeral_range,
     pick_host_port,
@@ -151,6 +150,13 @@ class MachineNetwork:
         )
 
 
+def _this_boot(entry: dict[str, Any]) -> bool:
+    """Whether an allocation entry was made since the host last booted (an older
+    ember's entry names no boot: taken as this one's, as before)."""
+    made = entry.get("boot_id")
+    return made is None or made == boot_id()
+
+
 def tap_name(machine_id: str) -> str:
     """``em-<first 12 hex of the id>``: 15 characters, the kernel's IFNAMSIZ limit."""
     return TAP_PREFIX + check_machine_id(machine_id)[:12]
@@ -223,15 +229,14 @@ class NetworkManager:
         return state
 
     def _save(self, state: dict[str, Any]) -> None:
-        state["boot_id"] = boot_id()
         atomic_write(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode(), 0o600)
 
     def allocated_before_this_boot(self) -> bool:
-        """Whether some allocation was recorded before the host last booted: its TAP is
-        gone, but the next ruleset would put its DNAT rules back (a host port taken by a
-        program since the boot would silently lose its traffic to a dead machine)."""
+        """Whether some allocation was made before the host last booted (its entry names
+        another boot): its TAP is gone, and the allocation waits for its machine's
+        repair; its rules are no longer written (``_ruleset``)."""
         with self._locked() as state:
-            return bool(state["machines"]) and state.get("boot_id") != boot_id()
+            return any(not _this_boot(e) for e in state["machines"].values())
 
     def machines(self) -> dict[str, MachineNetwork]:
         with self._locked() as state:
@@ -243,8 +248,12 @@ class NetworkManager:
         """The nftables script for namespace ``where``: the rules of the machines whose
         network is in it (and of those set up by an older ember, which recorded none)."""
         rules = [
-            MachineRules(m.machine_id, m.tap, m.guest_ip, m.network, m.ports)
-            for m in (MachineNetwork.from_json(v) for v in state["machines"].values())
+            MachineRules(m.machine_id, m.tap, m.guest_ip, m.network, m.ports, m.nameservers)
+            for m in (
+                # an allocation of an earlier boot: its machine is dead and its TAP gone;
+                # its DNAT rules would take ports host programs may have taken since
+                MachineNetwork.from_json(v) for v in state["machines"].values() if _this_boot(v)
+            )
             if m.netns is None or where is None or m.netns.same(where)
         ]
         return render_ruleset(rules, subnet=state["subnet"], egress=self.config.egress)
@@ -293,7 +302,6 @@ class NetworkManager:
         holder: list[socket.socket] | None,
     ) -> MachineNetwork:
         check_network_name(network)
-        check_port_count(ports)
         name = tap_name(machine_id)
         with self._locked() as state:
             if machine_id in state["machines"]:
@@ -346,7 +354,7 @@ class NetworkManager:
                 netns=netns.current(),
             )
             # record first: a crash from here on leaves an allocation teardown can undo
-            state["machines"][machine_id] = {**net.to_json(), "slot": slot}
+            state["machines"][machine_id] = {**net.to_json(), "slot": slot, "boot_id": boot_id()}
             self._save(state)
             try:
                 tap.delete_link(name)  # a leftover of a crashed earlier machine

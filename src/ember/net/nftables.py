@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from ember.net.errors import NetworkError
 from ember.net.ports import PROTOCOLS, PortMapping
 
+_LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 TABLE_FAMILY = "inet"
 TABLE_NAME = "ember"
 TAP_PREFIX = "em-"
@@ -53,6 +54,9 @@ class MachineRules:
     guest_ip: str
     network: str = "default"
     ports: Sequence[PortMapping] = field(default_factory=tuple)
+    #: the DNS servers the machine was given: one on a link-local address (a cloud
+    #: host's resolver, 169.254.169.254) stays reachable on port 53
+    nameservers: Sequence[str] = field(default_factory=tuple)
 
 
 #: Docker's special network modes, which an ember network name would silently not be
@@ -114,6 +118,8 @@ def check_rules(m: MachineRules) -> None:
             raise NetworkError(f"invalid published port {p!s:.80} of machine {m.machine_id[:12]}")
         if p.host_ip is not None:
             _ipv4(p.host_ip, "host address")
+    for n in m.nameservers:
+        _ipv4(n, "nameserver address")
 
 
 def _published_maps(machines: Iterable[MachineRules]) -> list[str]:
@@ -146,7 +152,9 @@ def _published_maps(machines: Iterable[MachineRules]) -> list[str]:
 #: the DNAT rules, the same in prerouting and output: the published maps do the work
 _DNAT_RULES = (
     "meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @published",
-    "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @published_at",
+    # (a host address that is local: a directed broadcast one given as -p HOST_IP would
+    # take the host's own broadcasts)
+    "meta nfproto ipv4 fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @published_at",
 )
 
 
@@ -189,15 +197,24 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
     # un-masquerading to 127.0.0.1 happens later, in conntrack.
     # Nor IPv6 at all (machines are IPv4 only: a router advertisement from a guest gave
     # the host a default route through it), nor link-local IPv4: 169.254.169.254 is a
-    # cloud host's metadata service, with its credentials.
+    # cloud host's metadata service, with its credentials; but DNS to a link-local
+    # resolver the machines were given (that address is a cloud host's resolver too).
+    # (The sources as one set: a rule a machine made each guest packet walk them all.)
     body += [
         "\tchain guard {",
         "\t\ttype filter hook prerouting priority raw; policy accept;",
         f'\t\tiifname "{TAP_PREFIX}*" meta nfproto ipv6 drop',
-        f'\t\tiifname "{TAP_PREFIX}*" ip daddr {{ 127.0.0.0/8, 169.254.0.0/16 }} drop',
+        f'\t\tiifname "{TAP_PREFIX}*" iifname . ip saddr != @sources drop',
     ]
-    # (the sources as one set: a rule a machine made each guest packet walk them all)
-    body += [f'\t\tiifname "{TAP_PREFIX}*" iifname . ip saddr != @sources drop', "\t}"]
+    link_local_dns = sorted(
+        {n for m in machines for n in m.nameservers if ipaddress.IPv4Address(n) in _LINK_LOCAL}
+    )
+    if link_local_dns:
+        body.append(
+            f'\t\tiifname "{TAP_PREFIX}*" ip daddr {{ {", ".join(link_local_dns)} }} '
+            "meta l4proto { tcp, udp } th dport 53 accept"
+        )
+    body += [f'\t\tiifname "{TAP_PREFIX}*" ip daddr {{ 127.0.0.0/8, {_LINK_LOCAL} }} drop', "\t}"]
     body += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",

@@ -38,7 +38,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir, stale_work_dirs
 from ember.home import Home
 from ember.locks import FileLock, is_held
-from ember.process import parent_death_signal
+from ember.process import die_with_parent
 from ember.vm.errors import ConfigUnanswered, TemplateError
 from ember.vm.initramfs import write_machine_initrd
 from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
@@ -299,7 +298,7 @@ def _build(shape: TemplateShape, d: Path, key: str) -> Template:
                 # thread waits for it to the end): a builder killed -9 left a root,
                 # unconfined QEMU running for ever, and the next run started another
                 env=VMM_ENVIRONMENT,
-                preexec_fn=functools.partial(parent_death_signal, signal.SIGKILL),  # noqa: PLW1509
+                preexec_fn=functools.partial(die_with_parent, os.getpid()),  # noqa: PLW1509
             )  # fmt: skip
         deadline = time.monotonic() + BUILD_TIMEOUT
         _wait_for_ready(channels.console_log, proc, deadline)
