@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.registry import Registry, running_registry  # noqa: E402
+from tests.support.treecmp import compare_trees  # noqa: E402
 
 # Time ember as installed (with bytecode), not the compiler: an editable
 # install compiles on first import, and never keeps it with PYTHONDONTWRITEBYTECODE.
@@ -95,16 +96,20 @@ def alternate(
     *,
     warmup: int = 1,
     setup: Callable[[str], object] | None = None,
+    after: Callable[[str], object] | None = None,
 ) -> dict[str, Timing]:
     """Time each contestant ``runs`` times, interleaved A B A B ..., after
     ``warmup`` untimed rounds.  ``setup(name)`` runs untimed before every call
-    (e.g. to remove the previous run's output)."""
+    (e.g. to remove the previous run's output), ``after(name)`` untimed right
+    after it, warm-up rounds included (e.g. to check what the call produced)."""
     timings = {name: Timing(name) for name in contestants}
     for round_no in range(warmup + runs):
         for name, fn in contestants.items():
             if setup is not None:
                 setup(name)
             elapsed = time_once(fn)
+            if after is not None:
+                after(name)
             if round_no >= warmup:
                 timings[name].samples.append(elapsed)
     return timings
@@ -235,6 +240,99 @@ def source_tree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+def run_command(cmd: list[str], env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run ``cmd`` to its end: (its pid, its stdout).  A failure ends the bench with
+    its stderr.  The pid is what ``HostAgent.confirm_served`` looks for."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )  # fmt: skip
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-2000:]}")
+    return proc.pid, out
+
+
+@contextlib.contextmanager
+def scratch_ext4(parent: Path, size: str = "16G") -> Iterator[Path]:
+    """A fresh ext4 in a sparse file under ``parent`` (default mkfs options), loop-mounted
+    without ``discard``; unmounted and removed afterwards.
+
+    Where the contestants write, when it is not the host's root: there (mounted with
+    ``discard`` on this host) every file created right after ``rm -rf`` of the previous
+    run's tree costs ~250 us of system time, twice and more what it costs on a fresh
+    file system, for ember and the anchor alike (docs/performance.md), and ember itself
+    builds its snapshots on fresh loop-mounted ext4 disks in its pool.
+    """
+    image, mnt = parent / "scratch.ext4", parent / "scratch"
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        image.unlink(missing_ok=True)
+
+
+def umoci(kind: str, layout: Path, bundle: Path) -> Path:
+    """The anchor's unpack of ``layout``'s ``latest`` into ``bundle``; the rootfs.
+
+    ``kind`` "unpack": ``umoci unpack``, the anchor the goals name, which
+    also writes an mtree manifest of the tree, a SHA-256 of every file (work ember does
+    not do); "raw": ``umoci raw unpack``, the same tree without the manifest.
+    """
+    if kind == "raw":
+        rootfs = bundle / "rootfs"
+        bundle.mkdir()
+        run_command(["umoci", "raw", "unpack", "--image", f"{layout}:latest", str(rootfs)])
+        return rootfs
+    run_command(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
+    return bundle / "rootfs"
+
+
+@contextlib.contextmanager
+def mounted_ro(disk: Path) -> Iterator[Path]:
+    """The ext4 image ``disk`` mounted read-only (``mount -o ro,loop``), for a look."""
+    with tempfile.TemporaryDirectory(prefix="ember-bench-check-") as mnt:
+        proc = subprocess.run(
+            ["mount", "-o", "ro,loop", str(disk), mnt], capture_output=True, text=True
+        )  # fmt: skip
+        if proc.returncode != 0:
+            sys.exit(f"ABORTED: cannot mount {disk} read-only to check it: {proc.stderr.strip()}")
+        try:
+            yield Path(mnt)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+
+
+def require_same_tree(what: str, expected: Path, got: Path) -> None:
+    """End the bench, before any ratio is printed or recorded, unless tree ``got`` (ember's
+    result) holds what ``expected`` (umoci's rootfs of the same image) does: paths,
+    types, modes, owners, sizes and contents, link targets, hard links and xattrs
+    (``tests/support/treecmp.py``; ``lost+found`` ignored).  A faster tool that leaves
+    something out would otherwise pass for a better one."""
+    diffs = compare_trees(expected, got, ignore=("lost+found",))
+    if diffs:
+        shown = "\n  ".join(diffs[:50])
+        more = f"\n  ... and {len(diffs) - 50} more" if len(diffs) > 50 else ""
+        sys.exit(
+            f"ABORTED: {what}: ember's result is not umoci's ({len(diffs)} difference(s), "
+            f"umoci's {expected} vs ember's {got}); no ratio printed or recorded:\n  {shown}{more}"
+        )
+
+
+def agent_env(home: Path, pythonpath: Path | None = None) -> dict[str, str]:
+    """The environment of a command meant for the agent serving ``home``: this one's,
+    less ``EMBER_AGENT`` (``EMBER_AGENT=0`` in the caller's environment would have the
+    client run the command itself, timed as if served)."""
+    env = {**os.environ, "EMBER_HOME": str(home)}
+    env.pop("EMBER_AGENT", None)
+    if pythonpath is not None:  # the client of that commit: its agent serves only it
+        env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
 class HostAgent:
     """``ember agent`` for one state directory, as a host that runs machines keeps it.
 
@@ -243,6 +341,11 @@ class HostAgent:
     that home, waits for its socket and then ``settle`` seconds more, as a
     command on a host meets an agent that has sat idle a while (its runner
     pre-faulted, docs/agent.md); ``stop()`` ends it.
+
+    The agent's log (its stderr) goes to a file of its own for each start:
+    ``confirm_served(pid, words)`` reads there whether it ran that client's
+    command, as a client that the agent declines, or that cannot reach it, runs
+    the command itself without a word (src/ember/agent/client.py).
     """
 
     def __init__(self, ember: str, *options: str, pythonpath: Path | None = None) -> None:
@@ -250,6 +353,8 @@ class HostAgent:
         self.options = options
         self.pythonpath = pythonpath  # another commit's src/ (source_tree): its agent
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+        self._log_seen = 0  # bytes of the log already matched by confirm_served
 
     def start(self, home: Path, timeout: float = 30.0, settle: float = 0.5) -> None:
         self.stop()
@@ -257,20 +362,66 @@ class HostAgent:
         env.pop("EMBER_AGENT", None)
         if self.pythonpath is not None:
             env["PYTHONPATH"] = str(self.pythonpath)
-        self.process = subprocess.Popen(
-            [self.ember, "agent", *self.options], env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        self._drop_log()
+        fd, name = tempfile.mkstemp(prefix="ember-bench-agent-", suffix=".log")
+        self.log_path, self._log_seen = Path(name), 0
+        with os.fdopen(fd, "wb") as log:
+            self.process = subprocess.Popen(
+                [self.ember, "agent", *self.options], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            )  # fmt: skip
         sock = home / "run" / "agent.sock"
         deadline = time.monotonic() + timeout
         while not sock.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ember agent did not start for {home}")
+                raise RuntimeError(f"ember agent did not start for {home}: {self._log_tail()}")
             time.sleep(0.01)
         time.sleep(settle)
+
+    def confirm_served(self, pid: int, words: str, timeout: float = 30.0) -> None:
+        """End the bench unless this agent's log says that it ran ``ember WORDS`` for
+        the client of process id ``pid`` to exit 0, after what earlier calls matched.
+        (The agent writes that line just after it told the client the exit code: it
+        may come a moment after the client has exited.)"""
+        served = f" ember agent: pid {pid}: ember {words} -> exit 0 (".encode()
+        declined = f" ember agent: declined pid {pid}:".encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self.log_path.read_bytes() if self.log_path is not None else b""
+            offset = self._log_seen
+            for line in data[self._log_seen :].splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break  # being written
+                offset += len(line)
+                if declined in line:
+                    sys.exit(f"ABORTED: the agent declined the timed command: {line.decode().strip()}")
+                if served in line:
+                    self._log_seen = offset
+                    return
+            if time.monotonic() > deadline:
+                sys.exit(
+                    f"ABORTED: `ember {words}` (pid {pid}) was timed as served by the agent, "
+                    f"but its log has no such command (it ran in the client?): {self._log_tail()}"
+                )
+            time.sleep(0.01)
+
+    def _log_tail(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        return f"{self.log_path}:\n" + self.log_path.read_text(errors="replace")[-2000:]
+
+    def _drop_log(self) -> None:
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(30)
         self.process = None
+
+    def close(self) -> None:
+        """``stop()``, and the last log removed."""
+        self.stop()
+        self._drop_log()

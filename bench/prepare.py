@@ -6,9 +6,43 @@
    the same size, for the multi-layer test image and the debootstrap minbase
    image pushed to a Debian docker-registry on loopback; alternating, medians.
    ember is timed as the CLI, as the CLI served by ``ember agent`` (started
-   for the fresh home before each timed run, untimed) and in-process; with
-   ``--base REV`` also by that commit's agent (its ``src/`` on ``PYTHONPATH``),
+   for the fresh home before each timed run, untimed) and in-process (the
+   library calls the CLI command makes, pull and ``prepare_image``, in this
+   already-started Python: what ``ember run`` does for an image it has not
+   prepared yet, before it clones the machine's root disk); with ``--base
+   REV`` also by that commit's agent (its ``src/`` on ``PYTHONPATH``),
    alternating: before and after a change in one run.  Goal: ember <= 0.5x.
+
+   Untimed for ember: its snapshot pool (an XFS file system in a loop-mounted
+   sparse file, made once per host) is set up in each fresh home before the
+   run.  Timed by default (``--empty-base timed``): the empty ext4 of the base
+   size that ember formats once per host and size and keeps in its pool
+   (``bases/``, cloned for every new base layer): it is removed after the pool
+   is set up, so each timed prepare formats it as a fresh host's first one
+   does; ``--empty-base cached`` leaves it there, untimed.  Its making is also
+   timed on its own in every setup and printed (and recorded) either way.
+
+   Checked, untimed, after every run: each ember contestant's committed disk,
+   mounted read-only (``mount -o ro,loop``), holds what ``umoci unpack`` gives
+   for the same image (``tests/support/treecmp.py``, ``lost+found`` ignored),
+   and each command timed "via the agent" was run by the agent (its log names
+   the client's pid; a client the agent declines runs the command itself,
+   silently).  Either failing ends the bench before any ratio is printed or
+   recorded.
+
+   ``--anchor unpack`` (default; the anchor the goals name) uses ``umoci
+   unpack``, which also writes an mtree manifest of the tree, hashing every
+   file with SHA-256 (work ember does not do); ``--anchor raw`` uses ``umoci raw
+   unpack``, the same tree without the manifest.
+
+   ``--scratch ext4`` (the default) puts the work of the cold prepare (homes and
+   their pools, layouts, umoci's tree, the anchor's ext4 image) on a fresh
+   loop-mounted ext4 made for the run, not mounted with ``discard``; ``--scratch
+   tmp`` on the temporary directory's file system.  The fresh ext4 is the fair
+   default: ember writes into fresh loop-mounted ext4 disks in its pool, while
+   the anchor's tree went to this host's root, mounted with ``discard``, where
+   each file created right after the previous run's tree was deleted costs ~2x
+   as much (docs/performance.md).
 2. Machine root disks: for images of 10 MB, 100 MB and 1 GB, the time of
    ``clone_root_disk`` (reflink clone + resize2fs to 8 GiB) for ten machines,
    and the pool space those ten disks take.  Goal: flat, under 50 ms, and ten
@@ -16,7 +50,8 @@
 
     .venv/bin/python bench/prepare.py [--runs N] [--no-record] [--skip-prepare] [--skip-clone]
                                       [--images multilayer,debian] [--latency MS] [--rate MBPS]
-                                      [--base REV]
+                                      [--base REV] [--anchor unpack|raw] [--scratch ext4|tmp]
+                                      [--empty-base timed|cached]
 
 ``--latency MS`` holds every blob GET that long, ``--rate MBPS`` sends each blob
 body at that many megabytes a second (a proxy in front of the registry, for every
@@ -32,7 +67,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -47,15 +81,21 @@ from tests.support.images import build_debian_layout, build_multilayer_layout, p
 
 from bench._common import (  # noqa: E402
     HostAgent,
+    agent_env,
     alternate,
     at_base,
     base_lines,
     fmt_seconds,
     machine_note,
+    mounted_ro,
     print_ratio,
     record,
     registry,
+    require_same_tree,
+    run_command,
+    scratch_ext4,
     source_tree,
+    umoci,
 )
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
@@ -76,11 +116,9 @@ GiB = 1 << 30
 CLI, VIA_AGENT = "ember image prepare", "ember image prepare via the agent"
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(cmd, capture_output=True, env=env, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
+#: the anchors (--anchor): the goals' ``umoci unpack`` (tree and mtree manifest), or the
+#: same tree alone
+ANCHORS = {"unpack": "skopeo+umoci+mkfs", "raw": "skopeo+umoci raw+mkfs"}
 
 
 def new_home(root: Path, base_size: str, pool_size: str) -> Home:
@@ -96,20 +134,46 @@ def new_home(root: Path, base_size: str, pool_size: str) -> Home:
     return home
 
 
+def remake_empty_base(home: Home, keep: bool) -> float:
+    """Remove the cached empty base disk(s) that setting up ``home``'s pool made, make the
+    one of the configured size again as a prepare would (``Snapshotter._empty_base``:
+    mkfs.ext4 of a sparse file in the pool, fsync, rename) and time that; then remove it
+    again unless ``keep``, so that the next prepare makes it, timed."""
+    snap = Snapshotter(home)
+    for cached in snap.bases.iterdir():
+        cached.unlink()
+    os.sync()
+    start = time.perf_counter()
+    made = snap._empty_base(snap.config.base_size)
+    seconds = time.perf_counter() - start
+    if not keep:
+        made.unlink()
+    return seconds
+
+
 # -- 1. cold prepare against skopeo + umoci + mkfs.ext4 -d --------------------------------
 
 
 def bench_prepare(
-    name: str, ref: str, work: Path, runs: int, base: tuple[str, Path] | None = None
+    name: str,
+    ref: str,
+    work: Path,
+    runs: int,
+    base: tuple[str, Path] | None = None,
+    anchor_kind: str = "unpack",
+    base_timed: bool = True,
 ) -> list[str]:
     """``base``: (commit, its src/) whose agent is timed too, alternating (before/after)."""
     home_root = work / f"{name}-home"
     layout, bundle, disk = work / f"{name}-layout", work / f"{name}-bundle", work / f"{name}.ext4"
+    anchor_name = ANCHORS[anchor_kind]
     lib_homes: list[Home] = []
     agents = {VIA_AGENT: HostAgent(EMBER)}
     via_base = at_base(VIA_AGENT, base[0]) if base else ""
     if base is not None:
         agents[via_base] = HostAgent(EMBER, pythonpath=base[1])
+    base_made: list[float] = []  # seconds to make the empty base, each setup
+    last: dict[str, tuple[int, Path]] = {}  # contestant -> (client pid or 0, its disk)
 
     def setup(contestant: str) -> None:
         for agent in agents.values():
@@ -118,66 +182,99 @@ def bench_prepare(
             shutil.rmtree(path, ignore_errors=True)
         disk.unlink(missing_ok=True)
         if contestant == CLI or contestant in agents:
-            new_home(home_root, DISK_SIZE, "8G")
+            base_made.append(remake_empty_base(new_home(home_root, DISK_SIZE, "8G"), not base_timed))
         if contestant == "library":
             for old in lib_homes:
                 close_pool(old)
                 shutil.rmtree(old.root, ignore_errors=True)
             # a fresh path each time: the database layer caches engines per URL
             lib_homes[:] = [new_home(work / f"{name}-lib-{time.monotonic_ns()}", DISK_SIZE, "8G")]
+            base_made.append(remake_empty_base(lib_homes[0], not base_timed))
         os.sync()  # do not bill one contestant for the other's dirty pages
         if contestant in agents:
             agents[contestant].start(home_root)
 
-    def ember() -> None:
-        env = {**os.environ, "EMBER_HOME": str(home_root), "EMBER_AGENT": "0"}
-        run([EMBER, "image", "prepare", ref, "--json"], env)
+    def cli(contestant: str, env: dict[str, str]) -> None:
+        pid, out = run_command([EMBER, "image", "prepare", ref, "--json"], env)
+        last[contestant] = (pid, Path(json.loads(out)["path"]))
 
-    def ember_via_agent(pythonpath: Path | None = None) -> None:
-        env = {**os.environ, "EMBER_HOME": str(home_root)}
-        if pythonpath is not None:  # the client of that commit: its agent serves only it
-            env["PYTHONPATH"] = str(pythonpath)
-        run([EMBER, "image", "prepare", ref, "--json"], env)
+    def ember() -> None:
+        cli(CLI, {**os.environ, "EMBER_HOME": str(home_root), "EMBER_AGENT": "0"})
 
     def library() -> None:
         """The same work without the CLI's interpreter start and imports."""
         home = lib_homes[0]
         # as the CLI does: each layer's disk built as its blob arrives
         with ImageService(home).pulling(ref, progress=False) as pulled:
-            prepare_image(
+            prepared = prepare_image(
                 home, pulled.image, layer_path=pulled.layer_path, open_layer=pulled.open_layer
             )
+        last["library"] = (0, prepared.path)
 
     def anchor() -> None:
-        run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])
-        run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
-        run(["mkfs.ext4", "-q", "-F", "-d", str(bundle / "rootfs"), str(disk), DISK_SIZE])
+        run_command(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:latest"])
+        rootfs = umoci(anchor_kind, layout, bundle)
+        run_command(["mkfs.ext4", "-q", "-F", "-d", str(rootfs), str(disk), DISK_SIZE])
+
+    # umoci's tree of the image, made once untimed and kept: what every ember disk must hold
+    reference = work / f"{name}-reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    reference.mkdir()
+    run_command(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}",
+                 f"oci:{reference / 'layout'}:latest"])  # fmt: skip
+    expected = umoci("unpack", reference / "layout", reference / "bundle")
+    checked = [0]
+
+    def check(contestant: str) -> None:
+        """Untimed, after each run: served by the agent if so timed; ember's disk complete."""
+        if contestant == anchor_name:
+            return
+        pid, got = last.pop(contestant)
+        if contestant in agents:
+            agents[contestant].confirm_served(pid, "image prepare")
+        with mounted_ro(got) as root:
+            require_same_tree(f"cold prepare, {name}: {contestant}", expected, root)
+        checked[0] += 1
 
     contestants = {
         CLI: ember,
-        VIA_AGENT: ember_via_agent,
+        VIA_AGENT: lambda: cli(VIA_AGENT, agent_env(home_root)),
         "library": library,
-        "skopeo+umoci+mkfs": anchor,
+        anchor_name: anchor,
     }
     if base is not None:
-        contestants[via_base] = lambda: ember_via_agent(base[1])
+        contestants[via_base] = lambda: cli(via_base, agent_env(home_root, base[1]))
     try:
-        timings = alternate(contestants, runs, setup=setup)
+        timings = alternate(contestants, runs, setup=setup, after=check)
     finally:
         for agent in agents.values():
-            agent.stop()
+            agent.close()
         close_pool(Home(home_root))
         for old in lib_homes:
             close_pool(old)
-    anchor_t = timings["skopeo+umoci+mkfs"]
+    shutil.rmtree(reference, ignore_errors=True)
+    print(f"cold prepare, {name}: all {checked[0]} disks ember committed hold umoci's tree; "
+          "every command timed via an agent was run by it")  # fmt: skip
+    anchor_t = timings[anchor_name]
     before = base_lines(
         f"cold prepare, {name} image, via the agent", timings, VIA_AGENT,
         base[0] if base else None,
     )  # fmt: skip
+    made = statistics.median(base_made)
+    base_line = (
+        f"cold prepare, {name} image: ember's empty {DISK_SIZE} base ext4 (made once per host "
+        f"and size, kept in its pool) took {fmt_seconds(made)} to make (median of "
+        f"{len(base_made)}, {fmt_seconds(min(base_made))}-{fmt_seconds(max(base_made))}, timed "
+        "alone in each setup); "
+        + ("each timed ember prepare made it again (--empty-base timed)" if base_timed
+           else "NOT in ember's times above: cached before each run (--empty-base cached)")
+    )  # fmt: skip
+    print(base_line)
     return before + [
         print_ratio(f"cold prepare, {name} image, CLI", timings[CLI], anchor_t),
         print_ratio(f"cold prepare, {name} image, CLI via the agent", timings[VIA_AGENT], anchor_t),
-        print_ratio(f"cold prepare, {name} image, library", timings["library"], anchor_t),
+        print_ratio(f"cold prepare, {name} image, library (in-process)", timings["library"], anchor_t),
+        base_line,
     ]
 
 
@@ -284,6 +381,21 @@ def main() -> None:
         default="multilayer,debian",
         help="comma-separated images for the cold prepare (default: multilayer,debian)",
     )
+    parser.add_argument(
+        "--anchor", choices=sorted(ANCHORS), default="unpack",
+        help="umoci unpack (default: the goals' anchor, with its SHA-256 mtree manifest) or "
+        "umoci raw unpack (the same tree, no manifest)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scratch", choices=["tmp", "ext4"], default="ext4",
+        help="where the cold prepare writes: a fresh loop-mounted ext4 (default), or the temp "
+        "dir's file system (here the root, mounted with discard)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--empty-base", choices=["timed", "cached"], default="timed",
+        help="ember's cached empty base ext4 made in each timed prepare (default, as on a "
+        "fresh host), or made before it, untimed",
+    )  # fmt: skip
     args = parser.parse_args()
     builders = {"multilayer": build_multilayer_layout, "debian": build_debian_layout}
     chosen = [n.strip() for n in args.images.split(",") if n.strip()]
@@ -304,9 +416,26 @@ def main() -> None:
                         blob_rate=args.rate * 1e6 if args.rate else None,
                     )
                     host = stack.enter_context(misbehaving_proxy(reg.host, behaviour)).host
+                scratch = (
+                    stack.enter_context(scratch_ext4(work)) if args.scratch == "ext4" else work
+                )
+                where = (
+                    "work dir on a fresh loop-mounted ext4" if args.scratch == "ext4"
+                    else "work dir in /tmp"
+                )  # fmt: skip
+                if args.anchor == "raw":
+                    where += "; anchor umoci raw unpack (no mtree manifest)"
+                where += (
+                    "; ember's empty base ext4 made in each timed prepare" if args.empty_base == "timed"
+                    else "; ember's empty base ext4 cached, untimed"
+                )  # fmt: skip
+                where += "; each ember disk checked equal to umoci's tree, each via-agent run found in the agent's log"
                 for name, layout in images.items():
                     ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
-                    found = bench_prepare(name, ref, work, args.runs, base)
+                    found = bench_prepare(
+                        name, ref, scratch, args.runs, base, args.anchor, args.empty_base == "timed"
+                    )
+                    found = [f"{x}; {where}" for x in found]
                     if args.latency:
                         found = [f"{x}; through a proxy holding each blob GET {args.latency:g} ms" for x in found]
                     if args.rate:

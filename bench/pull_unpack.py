@@ -10,16 +10,30 @@ run), as the CLI served by ``ember agent`` (docs/agent.md: the agent is
 started for the fresh store before each timed run, untimed and left idle for
 0.5 s, as a host keeps it running), the same served by ``ember agent
 --no-prefault`` (what the pre-faulted runner saves, same run), with ``--base
-REV`` by that commit's agent too (before and after a change, same run), and as
-the library call ``ember run`` makes in-process; the pull
-alone is also compared with ``skopeo copy``.
+REV`` by that commit's agent too (before and after a change, same run), and
+in-process ("library": the library calls ``ember image unpack`` makes, pull
+and apply, in this already-started Python, without the interpreter start and
+the CLI's imports); the pull alone is also compared with ``skopeo copy``.
 
-``--scratch ext4`` puts every contestant's work (stores, layouts, unpacked trees)
-on a fresh loop-mounted ext4 made for the run (default mkfs options, mounted
-without ``discard``) instead of the temporary directory's file system: where the
-host's own root is mounted with ``discard`` (as this one is), deleting the
-previous run's tree makes every file creation of the next run slow for both
-tools alike, and the figure then measures that mount option more than the tools.
+Checked, untimed, after every run: each ember contestant's tree equals what
+``umoci unpack`` gives for the same image (``tests/support/treecmp.py``: paths,
+types, modes, owners, sizes, contents, link targets, hard links, xattrs), and
+each command timed "via the agent" was run by the agent (its log names the
+client's pid; a client the agent declines runs the command itself, silently).
+Either failing ends the bench before any ratio is printed or recorded.
+
+``--anchor unpack`` (the default) is the anchor the goals name: ``umoci
+unpack``, which also writes an mtree manifest of the tree, hashing every file
+with SHA-256 (work ember does not do); ``--anchor raw`` times ``umoci raw
+unpack`` instead, the same tree without the manifest.
+
+``--scratch ext4`` (the default) puts every contestant's work (stores, layouts,
+unpacked trees) on a fresh loop-mounted ext4 made for the run (default mkfs
+options, mounted without ``discard``); ``--scratch tmp`` uses the temporary
+directory's file system.  The fresh ext4 is the fair default: where the host's
+own root is mounted with ``discard`` (as this one is), deleting the previous
+run's tree makes every file creation of the next run ~2x as slow for both tools
+alike, so the figure measures that mount option more than the tools.
 
 ``--latency MS`` puts a proxy in front of the registry that holds every blob
 GET for MS milliseconds (a distant registry; ember and the anchor both go
@@ -28,8 +42,9 @@ download.  ``--rate MBPS`` has the proxy send each blob body at that many
 megabytes a second (a slow link): there ``ember image unpack`` applies a
 layer while its bytes arrive.  ``--images`` picks the images.
 
-    .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4] [--base REV]
-                                          [--latency MS] [--rate MBPS] [--images multilayer,debian]
+    .venv/bin/python bench/pull_unpack.py [--runs N] [--no-record] [--scratch ext4|tmp] [--base REV]
+                                          [--anchor unpack|raw] [--latency MS] [--rate MBPS]
+                                          [--images multilayer,debian]
 """
 
 from __future__ import annotations
@@ -38,7 +53,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,13 +60,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collections.abc import Iterator  # noqa: E402
-
 from tests.registry.client.proxy import Behaviour, misbehaving_proxy  # noqa: E402
 from tests.support.images import build_debian_layout, build_multilayer_layout, push_layout  # noqa: E402
 
 from bench._common import (  # noqa: E402
     HostAgent,
+    agent_env,
     alternate,
     at_base,
     base_lines,
@@ -60,7 +73,11 @@ from bench._common import (  # noqa: E402
     print_ratio,
     record,
     registry,
+    require_same_tree,
+    run_command,
+    scratch_ext4,
     source_tree,
+    umoci,
 )
 from ember.home import Home  # noqa: E402
 from ember.images import ImageService  # noqa: E402
@@ -73,25 +90,29 @@ CLI, VIA_AGENT = "ember image unpack", "ember image unpack via the agent"
 VIA_SHARING_AGENT = "ember image unpack via an agent without pre-faulting"
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
-    )
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+#: the anchors (--anchor): the goals' ``umoci unpack`` (tree and mtree manifest), or the
+#: same tree alone
+ANCHORS = {"unpack": "skopeo+umoci", "raw": "skopeo+umoci raw"}
 
 
 def bench_image(
-    name: str, ref: str, work: Path, runs: int, base: tuple[str, Path] | None = None
+    name: str,
+    ref: str,
+    work: Path,
+    runs: int,
+    base: tuple[str, Path] | None = None,
+    anchor_kind: str = "unpack",
 ) -> list[str]:
     """``base``: (commit, its src/) whose agent is timed too, alternating (before/after)."""
     home, ember_root = work / f"{name}-home", work / f"{name}-ember-root"
     layout, bundle = work / f"{name}-layout", work / f"{name}-bundle"
+    anchor_name = ANCHORS[anchor_kind]
 
     agents = {VIA_AGENT: HostAgent(EMBER), VIA_SHARING_AGENT: HostAgent(EMBER, "--no-prefault")}
     via_base = at_base(VIA_AGENT, base[0]) if base else ""
     if base is not None:
         agents[via_base] = HostAgent(EMBER, pythonpath=base[1])
+    last_pid: dict[str, int] = {}  # contestant -> the pid of its last client
 
     def clean(contestant: str) -> None:
         for agent in agents.values():
@@ -104,16 +125,17 @@ def bench_image(
 
     def ember_cli() -> None:
         env = {**os.environ, "EMBER_HOME": str(home), "EMBER_AGENT": "0"}
-        run([EMBER, "image", "unpack", ref, str(ember_root)], env)
+        run_command([EMBER, "image", "unpack", ref, str(ember_root)], env)
 
-    def ember_via_agent(pythonpath: Path | None = None) -> None:
-        env = {**os.environ, "EMBER_HOME": str(home)}
-        if pythonpath is not None:  # the client of that commit: its agent serves only it
-            env["PYTHONPATH"] = str(pythonpath)
-        run([EMBER, "image", "unpack", ref, str(ember_root)], env)
+    def ember_via_agent(contestant: str, pythonpath: Path | None = None) -> None:
+        pid, _ = run_command(
+            [EMBER, "image", "unpack", ref, str(ember_root)], agent_env(home, pythonpath)
+        )  # fmt: skip
+        last_pid[contestant] = pid
 
     def ember_library() -> None:
-        # what `ember run` does in-process: no interpreter start, no CLI imports
+        # the library calls `ember image unpack` makes, in this process: no interpreter
+        # start, no CLI imports
         service = ImageService(Home(home))
         ember_root.mkdir()
         with service.pulling(ref, progress=False) as pulled:  # layers applied as they arrive
@@ -126,68 +148,72 @@ def bench_image(
     def ember_pull() -> None:
         ImageService(Home(home)).pull(ref, progress=False)
 
-    def skopeo() -> None:
-        run(
+    def skopeo(into: Path = layout) -> None:
+        run_command(
             [
                 "skopeo",
                 "copy",
                 "--quiet",
                 "--src-tls-verify=false",
                 f"docker://{ref}",
-                f"oci:{layout}:latest",
+                f"oci:{into}:latest",
             ]
         )
 
     def anchor() -> None:
         skopeo()
-        run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
+        umoci(anchor_kind, layout, bundle)
+
+    # umoci's tree of the image, made once untimed and kept: what every ember tree must be
+    reference = work / f"{name}-reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    reference.mkdir()
+    skopeo(reference / "layout")
+    expected = umoci("unpack", reference / "layout", reference / "bundle")
+    checked = [0]
+
+    def check(contestant: str) -> None:
+        """Untimed, after each run: served by the agent if so timed; ember's tree complete."""
+        if contestant in agents:
+            agents[contestant].confirm_served(last_pid.pop(contestant), "image unpack")
+        if contestant != anchor_name:
+            require_same_tree(f"{name}: {contestant}", expected, ember_root)
+            checked[0] += 1
 
     contestants = {
         CLI: ember_cli,
-        VIA_AGENT: ember_via_agent,
-        VIA_SHARING_AGENT: ember_via_agent,
+        VIA_AGENT: lambda: ember_via_agent(VIA_AGENT),
+        VIA_SHARING_AGENT: lambda: ember_via_agent(VIA_SHARING_AGENT),
         "library": ember_library,
-        "skopeo+umoci": anchor,
+        anchor_name: anchor,
     }
     if base is not None:
-        contestants[via_base] = lambda: ember_via_agent(base[1])
+        contestants[via_base] = lambda: ember_via_agent(via_base, base[1])
     try:
-        full = alternate(contestants, runs, setup=clean)
+        full = alternate(contestants, runs, setup=clean, after=check)
     finally:
         for agent in agents.values():
-            agent.stop()
+            agent.close()
+    print(f"{name}: all {checked[0]} trees ember made equal umoci's; every command timed "
+          "via an agent was run by it")  # fmt: skip
     pulls = alternate(
         {"ember pull (library)": ember_pull, "skopeo copy": skopeo}, runs, setup=clean
     )
     clean("")
+    shutil.rmtree(reference, ignore_errors=True)
     before = base_lines(f"{name}: pull+unpack via the agent", full, VIA_AGENT, base[0] if base else None)
     return before + [
-        print_ratio(f"{name}: pull+unpack, CLI", full[CLI], full["skopeo+umoci"]),
+        print_ratio(f"{name}: pull+unpack, CLI", full[CLI], full[anchor_name]),
         print_ratio(
-            f"{name}: pull+unpack, CLI via the agent", full[VIA_AGENT], full["skopeo+umoci"]
+            f"{name}: pull+unpack, CLI via the agent", full[VIA_AGENT], full[anchor_name]
         ),
-        print_ratio(f"{name}: pull+unpack, library", full["library"], full["skopeo+umoci"]),
+        print_ratio(f"{name}: pull+unpack, library (in-process)", full["library"], full[anchor_name]),
         print_ratio(
             f"{name}: pull+unpack via the agent, its runner pre-faulted or not",
             full[VIA_AGENT], full[VIA_SHARING_AGENT],
         ),  # fmt: skip
         print_ratio(f"{name}: pull only", pulls["ember pull (library)"], pulls["skopeo copy"]),
     ]
-
-
-@contextlib.contextmanager
-def scratch_ext4(parent: Path, size: str = "16G") -> Iterator[Path]:
-    """A fresh ext4 in a sparse file under ``parent``, loop-mounted; removed afterwards."""
-    image, mnt = parent / "scratch.ext4", parent / "scratch"
-    run(["truncate", "-s", size, str(image)])
-    run(["mkfs.ext4", "-q", "-F", str(image)])
-    mnt.mkdir()
-    run(["mount", "-o", "loop", str(image), str(mnt)])
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-        image.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -197,8 +223,14 @@ def main() -> None:
         "--no-record", action="store_true", help="do not append to docs/performance.md"
     )
     parser.add_argument(
-        "--scratch", choices=["tmp", "ext4"], default="tmp",
-        help="where the contestants write: the temp dir's file system, or a fresh ext4",
+        "--scratch", choices=["tmp", "ext4"], default="ext4",
+        help="where the contestants write: a fresh loop-mounted ext4 (default), or the temp "
+        "dir's file system (here the root, mounted with discard)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--anchor", choices=sorted(ANCHORS), default="unpack",
+        help="umoci unpack (default: the goals' anchor, with its SHA-256 mtree manifest) or "
+        "umoci raw unpack (the same tree, no manifest)",
     )  # fmt: skip
     parser.add_argument(
         "--latency", type=float, default=0.0,
@@ -219,6 +251,9 @@ def main() -> None:
     where = (
         "work dir on a fresh loop-mounted ext4" if args.scratch == "ext4" else "work dir in /tmp"
     )
+    if args.anchor == "raw":
+        where += "; anchor umoci raw unpack (no mtree manifest)"
+    where += "; each ember tree checked equal to umoci's, each via-agent run found in the agent's log"
     if args.latency:
         where += f"; through a proxy holding each blob GET {args.latency:g} ms"
     if args.rate:
@@ -238,7 +273,7 @@ def main() -> None:
         lines = []
         for name, layout in images.items():
             ref = push_layout(layout, reg, f"bench/{name}").replace(reg.host, host, 1)
-            lines.extend(bench_image(name, ref, work, args.runs, base))
+            lines.extend(bench_image(name, ref, work, args.runs, base, args.anchor))
     if not args.no_record:
         for line in lines:
             record(SECTION, f"{line}; {where}; {machine_note()}")

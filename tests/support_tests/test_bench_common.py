@@ -24,6 +24,68 @@ def test_alternate_interleaves_and_skips_warmup() -> None:
     assert all(s >= 0 for t in timings.values() for s in t.samples)
 
 
+def test_alternate_checks_each_call_right_after_it() -> None:
+    events: list[str] = []
+    bc.alternate(
+        {"ember": lambda: events.append("run ember"), "anchor": lambda: events.append("run anchor")},
+        runs=1,
+        warmup=1,
+        setup=lambda name: events.append(f"setup {name}"),
+        after=lambda name: events.append(f"check {name}"),
+    )
+    one_round = ["setup ember", "run ember", "check ember", "setup anchor", "run anchor", "check anchor"]
+    assert events == one_round * 2  # the warm-up round is checked too
+
+
+def test_a_check_that_fails_stops_the_timing() -> None:
+    def check(name: str) -> None:
+        if name == "ember":
+            raise SystemExit("ABORTED: ember's result is not umoci's")
+
+    with pytest.raises(SystemExit, match="ABORTED"):
+        bc.alternate({"ember": lambda: None, "anchor": lambda: None}, runs=3, after=check)
+
+
+def test_require_same_tree_aborts_on_a_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "a" / "etc").mkdir(parents=True)
+    (tmp_path / "a" / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    (tmp_path / "b" / "etc").mkdir(parents=True)
+    (tmp_path / "b" / "lost+found").mkdir()
+    with pytest.raises(SystemExit, match=r"only in a: etc/passwd"):
+        bc.require_same_tree("test", tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    bc.require_same_tree("test", tmp_path / "a", tmp_path / "b")  # lost+found ignored
+
+
+def test_agent_env_drops_ember_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EMBER_AGENT", "0")  # would make the client run the command itself
+    env = bc.agent_env(tmp_path / "home", tmp_path / "src")
+    assert "EMBER_AGENT" not in env
+    assert env["EMBER_HOME"] == str(tmp_path / "home")
+    assert env["PYTHONPATH"] == str(tmp_path / "src")
+
+
+def test_confirm_served_reads_the_agents_log(tmp_path: Path) -> None:
+    """The lines ember agent writes (src/ember/agent/server.py, Agent._serve_one/_decline)."""
+    agent = bc.HostAgent("ember")
+    agent.log_path = tmp_path / "agent.log"
+    agent.log_path.write_text(
+        "06:00:00 ember agent: serving /h on /h/run/agent.sock (pid 10)\n"
+        "06:00:01 ember agent: pid 41: ember image unpack -> exit 0 (80 ms)\n"
+        "06:00:02 ember agent: pid 42: ember image unpack -> exit 1 (80 ms)\n"
+        "06:00:03 ember agent: declined pid 43: ember's code changed on disk\n"
+        "06:00:04 ember agent: pid 44: ember  -> exit 0 (3 ms)\n"
+    )
+    agent.confirm_served(41, "image unpack")
+    with pytest.raises(SystemExit, match="no such command"):  # served, but failed
+        agent.confirm_served(42, "image unpack", timeout=0.05)
+    with pytest.raises(SystemExit, match="declined"):
+        agent.confirm_served(43, "image unpack", timeout=0.05)
+    agent.confirm_served(44, "")  # `ember --version`: no words before its option
+    with pytest.raises(SystemExit, match="no such command"):  # matched once only
+        agent.confirm_served(41, "image unpack", timeout=0.05)
+
+
 def test_ratio_line_uses_medians() -> None:
     ours = bc.Timing("ember", [1.0, 9.0, 2.0])
     anchor = bc.Timing("umoci", [4.0, 4.0, 100.0])
