@@ -130,20 +130,28 @@ def test_no_more_than_max_builders_at_once(tmp_path: Path) -> None:
     assert not (home.templates / f"{shape.key()}.failed").exists()  # not tried at all
 
 
-def test_a_discarded_template_is_not_built_again_at_once(tmp_path: Path) -> None:
+def test_a_template_discarded_twice_is_not_built_again_at_once(tmp_path: Path) -> None:
     """Review finding: a template that never restores was discarded and rebuilt by the
-    next machine of its shape, each time a root boot and a failed restore."""
-    from ember.home import Home
+    next machine of its shape, each time a root boot and a failed restore.  It is
+    rebuilt once; a second discard within the retry time blocks the shape's builds."""
     from ember.vm.template import Template, build_in_background, discard_template
 
     home = Home(tmp_path / "home")
     home.templates.mkdir(parents=True)
     shape = _unbootable_shape(tmp_path)
     key = shape.key()
-    for suffix in (".vmstate", ".initrd", ".json"):
-        (home.templates / f"{key}{suffix}").write_bytes(b"x")
-    discard_template(Template(home.templates / f"{key}.vmstate", home.templates / f"{key}.initrd"))
-    assert sorted(p.name for p in home.templates.iterdir()) == [f"{key}.failed"]
+
+    def discard() -> None:
+        for suffix in (".vmstate", ".initrd", ".json"):
+            (home.templates / f"{key}{suffix}").write_bytes(b"x")
+        discard_template(
+            Template(home.templates / f"{key}.vmstate", home.templates / f"{key}.initrd")
+        )
+
+    discard()
+    assert sorted(p.name for p in home.templates.iterdir()) == [f"{key}.discarded"]
+    discard()  # the rebuilt one failed too
+    assert f"{key}.failed" in [p.name for p in home.templates.iterdir()]
     build_in_background(home, shape)  # within RETRY_AFTER: starts nothing
     assert not (home.templates / "build.log").exists()
 

@@ -146,7 +146,7 @@ def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[s
         if not dry_run:
             _remove(d, key, lock=True)
         removed.append((key, size))
-    for marker in d.glob("*.failed"):
+    for marker in (*d.glob("*.failed"), *d.glob("*.discarded")):
         with contextlib.suppress(OSError):
             if now - marker.stat().st_mtime > RETRY_AFTER and not dry_run:
                 marker.unlink()
@@ -178,13 +178,19 @@ def _remove(d: Path, key: str, *, lock: bool = False) -> None:
 
 
 def discard_template(template: Template) -> None:
-    """A template that failed to restore is not used again, and not built again before
-    RETRY_AFTER (as after a failed build): one that never restores cost a root boot to
-    build and a failed restore per machine, over and over."""
+    """A template that failed to restore is not used again.  The next machine of its
+    shape builds it again, once: a second discard within RETRY_AFTER blocks builds of
+    the shape for that long, as a failed build does (one that never restores cost a
+    root boot to build and a failed restore per machine, over and over)."""
     d, key = template.state.parent, template.state.stem
+    earlier = d / f"{key}.discarded"
+    try:
+        again = time.time() - earlier.stat().st_mtime < RETRY_AFTER
+    except OSError:
+        again = False
     _remove(d, key)
     with contextlib.suppress(OSError):
-        (d / f"{key}.failed").touch()
+        (d / f"{key}.failed" if again else earlier).touch()
 
 
 def template_config() -> RunConfig:
