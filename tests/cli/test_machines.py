@@ -371,3 +371,59 @@ def test_the_machines_areas_warnings_are_ember_lines(tmp_path: Path) -> None:
     assert res.stderr.startswith("ember: cannot remove --rm machine orphan whose monitor is "
                                  "gone: [Errno 17] File exists")  # fmt: skip
     assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_logs_follow_ends_when_the_monitor_dies(tmp_path: Path) -> None:
+    """Review finding: `ember logs -f` read the record's status only, and a record whose
+    monitor was killed (-9, the OOM killer) says running for ever: it never ended."""
+    home = Home(tmp_path)
+    monitor = subprocess.Popen(["sleep", "600"])
+    st = _record(home, "m", status=mstate.RUNNING, started_at=mstate.now(),
+                 monitor_pid=monitor.pid, monitor_start=proc_start_time(monitor.pid))  # fmt: skip
+    d = MachineStore(home).dir(st.id)
+    (d / "stdout.log").write_bytes(b"before\n")
+    (d / "stderr.log").touch()
+    follower = subprocess.Popen([EMBER, "logs", "-f", "m"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ember_env(tmp_path))  # fmt: skip
+    try:
+        time.sleep(1.0)
+        assert follower.poll() is None  # following while the monitor lives
+        monitor.kill()
+        monitor.wait()
+        out, err = follower.communicate(timeout=20)
+    finally:
+        follower.kill()
+        monitor.kill()
+    assert (follower.returncode, out) == (0, b"before\n"), err
+
+
+def test_start_attached_to_an_rm_machine_removed_at_its_end_gives_its_exit_code(
+    tmp_path: Path,
+) -> None:
+    """Review finding: `ember start -a` of a running --rm machine failed ("removed before
+    its exit code could be read", exit 1) when its poll missed the moment between the
+    end and the removal, though the monitor keeps the code for `ember wait`."""
+    home = Home(tmp_path)
+    monitor = subprocess.Popen(["sleep", "60"])
+    try:
+        m = _record(home, "m", auto_remove=True, status=mstate.RUNNING, started_at=mstate.now(),
+                    monitor_pid=monitor.pid, monitor_start=proc_start_time(monitor.pid))  # fmt: skip
+        d = MachineStore(home).dir(m.id)
+        (d / "stdout.log").touch()
+        (d / "stderr.log").touch()
+        attached = subprocess.Popen([EMBER, "start", "-a", "m"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=ember_env(tmp_path))  # fmt: skip
+        poll_until(lambda: in_nanosleep(attached.pid) or attached.poll() is not None,
+                   "start -a never polled")  # fmt: skip
+        assert attached.poll() is None, attached.communicate()
+        # the end and the removal in one step, as a poll that came too late sees them
+        with mstate.update(d) as cur:
+            cur.status, cur.exit_code = mstate.EXITED, 9
+        mstate.record_removed_exit(home.run, mstate.read_state(d))
+        MachineStore(home).remove_dir(m.id)
+        monitor.kill()
+        monitor.wait()
+        out, err = attached.communicate(timeout=30)
+    finally:
+        monitor.kill()
+    assert attached.returncode == 9, err

@@ -145,13 +145,46 @@ def test_line_longer_than_a_file_is_cut_not_lost(tmp_path: Path) -> None:
 
 def test_reopen_continues_the_current_file_and_rotates_when_over(tmp_path: Path) -> None:
     path = tmp_path / "stderr.log"
-    path.write_bytes(b"z" * 6000)  # written under a bigger cap
+    path.write_bytes(b"z" * 5999 + b"\n")  # written under a bigger cap
     log = RotatingLog(path, LogConfig(4096, 2))
     assert log.size == 6000
     log.write(b"next\n")
     log.close()
-    assert (tmp_path / "stderr.log.1").read_bytes() == b"z" * 6000
+    assert (tmp_path / "stderr.log.1").read_bytes() == b"z" * 5999 + b"\n"
     assert path.read_bytes() == b"next\n"
+
+
+def test_a_cut_last_line_is_ended_before_the_next_run_writes(tmp_path: Path) -> None:
+    """Review finding: a monitor killed mid-line left the line open, and the next run's
+    first line was glued to it in `ember logs` (`...yyyysecond`)."""
+    path = tmp_path / "stdout.log"
+    path.write_bytes(b"whole\ncut sho")
+    log = RotatingLog(path, LogConfig(4096, 2))
+    log.write(b"second run\n")
+    log.close()
+    assert path.read_bytes() == b"whole\ncut sho\nsecond run\n"
+    RotatingLog(path, LogConfig(4096, 2)).close()  # a whole last line: left as it is
+    assert path.read_bytes() == b"whole\ncut sho\nsecond run\n"
+
+
+def test_a_failed_rotation_leaks_no_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: rotate opened the fresh file before its renames and kept it open
+    when one failed (a full disk): each later write leaked one, towards EMFILE."""
+    path = tmp_path / "stdout.log"
+    log = RotatingLog(path, LogConfig(4096, 3))
+    log.write(b"x" * 4000 + b"\n")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "link", full)
+    for _ in range(20):
+        with pytest.raises(OSError):
+            log.write(b"y" * 200 + b"\n")
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+    log.close()
 
 
 def test_a_rotation_a_kill_cut_short_is_finished_when_the_log_is_opened(tmp_path: Path) -> None:

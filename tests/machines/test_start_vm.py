@@ -200,6 +200,10 @@ def test_a_vmm_that_dies_at_once_fails_run_d_and_start(ember: Ember, busybox: st
         res = ember("start", *attach, "dud")
         assert (res.returncode, res.stdout) == (1, ""), res.stderr
         assert why in res.stderr, res.stderr
+    # vmm.log holds this run's words only (it kept its first MiB across runs, so a long-
+    # lived machine's end reason could quote an earlier run)
+    vmm_log = (ember.home.machines / str(st["id"]) / "vmm.log").read_text()
+    assert vmm_log.count("qemu-system-x86_64: ") == 1, vmm_log
     assert ember("rm", "dud").returncode == 0
     # and so does `run` in the foreground (it exited 255, the record's code)
     res = ember("run", "--rm", "--name", "dud2", "--kernel", "/bin/busybox", busybox, "true")

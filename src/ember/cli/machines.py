@@ -193,7 +193,7 @@ def logs(follow: bool, machine: str) -> None:
     is kept, the rotated files oldest first, then the current ones.  Without -f,
     what they hold when the command starts (a guest that writes faster than the
     output is read does not keep it going)."""
-    from ember.machines.lifecycle import machine_channels
+    from ember.machines.lifecycle import machine_channels, monitor_alive
     from ember.machines.logs import LogFollower, LogSnapshot
     from ember.machines.state import RUNNING, read_state
     from ember.machines.store import MachineStore
@@ -223,7 +223,10 @@ def logs(follow: bool, machine: str) -> None:
             if not follow:
                 return
             try:
-                if read_state(d).status != RUNNING:
+                now = read_state(d)
+                # a record that says running while its monitor is gone (killed -9, the
+                # OOM killer): the machine ended with it, and nothing will write more
+                if now.status != RUNNING or not monitor_alive(now):
                     follow = False  # one more pass drains what is left
             except FileNotFoundError:
                 follow = False

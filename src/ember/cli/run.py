@@ -109,7 +109,7 @@ def _follow(
     from ember.machines import lifecycle
     from ember.machines.events import Exited, MonitorFailed, Started
     from ember.machines.report import program_not_started
-    from ember.machines.state import EXITED, RUNNING, read_state
+    from ember.machines.state import EXITED, RUNNING, read_state, removed_exit_code
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
@@ -171,10 +171,15 @@ def _follow(
                 end = lifecycle.wait_exited(home, read_state(d), 5)
             except FileNotFoundError:
                 end = seen  # removed (--rm) once it ended
+        if (end is None or end.exit_code is None) and events is None:
+            # removed (--rm) between two looks: its monitor kept its exit code a while,
+            # for `ember wait` and for this
+            kept = removed_exit_code(home.run, st.id)
+            if kept is not None:
+                return kept
+            raise MachineError("the machine ended and was removed (--rm) before its exit "
+                               "code could be read")  # fmt: skip
         if end is None or end.exit_code is None:
-            if events is None:
-                raise MachineError("the machine ended and was removed (--rm) before its exit "
-                                   "code could be read")  # fmt: skip
             raise MachineError("the machine's monitor ended without reporting an exit code")
         if end.end_reason:
             _say(f"machine ended: {end.end_reason}")

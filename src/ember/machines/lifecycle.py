@@ -537,8 +537,11 @@ def prepare_start(
             ):
                 cur.vm.restore = cur.vm.restore_initrd = None
             _write_boot_config(d, cur.name, rc, net, Path(base), templated=bool(cur.vm.restore))
-            # the previous run's exit report must not be read as this run's
+            # the previous run's exit report must not be read as this run's, nor its
+            # VMM's last words (vmm.log keeps its first MiB only: over many runs it
+            # held none of the last one's)
             machine_channels(d).status_file.write_bytes(b"")
+            (d / "vmm.log").write_bytes(b"")
             cur.network = net.to_json()
             cur.status = mstate.CREATED
             cur.started_at = cur.finished_at = cur.error = cur.end_reason = None

@@ -165,6 +165,11 @@ class RotatingLog:
         self._finish_rotation(path)
         self.fd = self._open(path, trunc=False)
         self.size = os.fstat(self.fd).st_size
+        if self.size and not _ends_a_line(path, self.size):
+            # an earlier run's last line, cut (its monitor killed mid-write): this run's
+            # first line must not be glued to it
+            _write_all(self.fd, memoryview(b"\n"))
+            self.size += 1
         self.rotations = 0
         #: fds of dropped files an attached reader still held when they were dropped
         self._held: list[int] = []
@@ -229,17 +234,23 @@ class RotatingLog:
             self._held.append(victim)  # watch it: see the module's docstring
         fresh = path.with_name(f"{path.name}.new")
         new_fd = self._open(fresh, trunc=True)
-        if self.max_files > 1:
-            for i in range(self.max_files - 2, 0, -1):
+        try:
+            if self.max_files > 1:
+                for i in range(self.max_files - 2, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(rotated_name(path, i), rotated_name(path, i + 1))
+                # a second name first, then the rename over .1: the full file is never
+                # nameless
+                tmp = path.with_name(f"{path.name}.rot")
                 with contextlib.suppress(FileNotFoundError):
-                    os.rename(rotated_name(path, i), rotated_name(path, i + 1))
-            # a second name first, then the rename over .1: the full file is never nameless
-            tmp = path.with_name(f"{path.name}.rot")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            os.link(path, tmp)
-            os.rename(tmp, rotated_name(path, 1))
-        os.rename(fresh, path)
+                    os.unlink(tmp)
+                os.link(path, tmp)
+                os.rename(tmp, rotated_name(path, 1))
+            os.rename(fresh, path)
+        except BaseException:
+            # (a full disk: each later write tries again, and leaked one each time)
+            os.close(new_fd)
+            raise
         os.close(self.fd)
         self.fd, self.size = new_fd, 0
         self.rotations += 1
@@ -294,6 +305,18 @@ class CappedFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _ends_a_line(path: Path, size: int) -> bool:
+    """Whether the file's last byte (of ``size``) is a newline."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        return os.pread(fd, 1, size - 1) in (b"\n", b"")
+    finally:
+        os.close(fd)
 
 
 def _still_held(fd: int) -> bool:
