@@ -444,3 +444,23 @@ def test_snapshots_taken_while_the_writer_rotates_are_whole(tmp_path: Path) -> N
         writer.kill()
         writer.wait()
     assert len(firsts) > 1  # the snapshots did not all see the same files
+
+
+def test_a_reader_stops_at_the_end_mark_of_a_run(tmp_path: Path) -> None:
+    """Review finding: an attached `ember run --restart ...` drained until the log was
+    momentarily empty, and a reader behind read on into the next run's output (which
+    appends to the same files), printing it and holding back its rotations."""
+    path = tmp_path / "stdout.log"
+    log = RotatingLog(path, LogConfig(4096, 3))
+    reader = LogFollower.current(path)
+    log.write(b"a" * 3000 + b"\n")
+    log.write(b"b" * 3000 + b"\n")  # rotates: the reader is one file behind
+    mark = reader.end_mark()
+    log.write(b"next run\n")  # the next run, after the mark
+    got = b""
+    while data := reader.read(1000, until=mark):
+        got += data
+    assert got == b"a" * 3000 + b"\n" + b"b" * 3000 + b"\n"
+    assert reader.read(until=None) == b"next run\n"  # (without a mark: on it goes)
+    reader.close()
+    log.close()

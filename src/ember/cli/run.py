@@ -40,11 +40,14 @@ def _say(text: str) -> None:
     click.echo(f"ember: {text}", err=True)
 
 
-def _pump(src: LogFollower, dst: IO[bytes], limit: int = 16) -> bool:
-    """Copy what the log has (up to ``limit`` reads); True when something moved."""
+def _pump(
+    src: LogFollower, dst: IO[bytes], limit: int = 16, until: tuple[tuple[int, int], int] | None = None
+) -> bool:
+    """Copy what the log has (up to ``limit`` reads, up to the ``until`` end mark); True
+    when something moved."""
     moved = False
     for _ in range(limit):
-        data = src.read(1 << 16)
+        data = src.read(1 << 16, until=until)
         if not data:
             break
         dst.write(data)
@@ -155,8 +158,11 @@ def _follow(
     finally:
         if stopping is not None:
             stopping.close()
+    # this run's output ends where the logs end now: a --restart run appends to the same
+    # files (a reader still behind read on into it, and held its rotations back)
     for src, dst in sinks:
-        while _pump(src, dst):
+        mark = src.end_mark()
+        while _pump(src, dst, until=mark):
             pass
     # the monitor finishes its cleanup (network, --rm) before we return, like docker run
     # --rm; one that restarts the machine (--restart) goes on by itself

@@ -382,9 +382,25 @@ class LogFollower:
                 continue  # rotated away or dropped while we looked
         return cls.current(path)
 
-    def read(self, size: int = 1 << 16) -> bytes:
-        """The next bytes of the stream; ``b""`` when the writer has written nothing more."""
+    def end_mark(self) -> tuple[tuple[int, int], int] | None:
+        """Where the stream ends now (the current file and its size), for ``read(until=)``:
+        what a run wrote, without what the next run of the machine appends."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return _ident(st), st.st_size
+
+    def read(
+        self, size: int = 1 << 16, *, until: tuple[tuple[int, int], int] | None = None
+    ) -> bytes:
+        """The next bytes of the stream; ``b""`` when the writer has written nothing more
+        (or, with ``until``, once the stream reached that ``end_mark``)."""
         while True:
+            if until is not None and self.ident == until[0]:
+                size = min(size, until[1] - os.lseek(self.fd, 0, os.SEEK_CUR))
+                if size <= 0:
+                    return b""
             data = os.read(self.fd, size)
             if data:
                 return data
