@@ -427,3 +427,23 @@ def test_start_attached_to_an_rm_machine_removed_at_its_end_gives_its_exit_code(
     finally:
         monitor.kill()
     assert attached.returncode == 9, err
+
+
+def test_logs_tail_prints_the_last_lines_of_each_stream(tmp_path: Path) -> None:
+    """docker logs --tail N (-n): was "No such option"."""
+    home = Home(tmp_path)
+    st = _record(home, "m", status=mstate.EXITED, exit_code=0)
+    d = MachineStore(home).dir(st.id)
+    (d / "stdout.log").write_bytes(b"o1\no2\no3\n")
+    (d / "stderr.log").write_bytes(b"e1\ne2\n")
+    res = _ember(tmp_path, "logs", "--tail", "2", "m")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "o2\no3\n", "e1\ne2\n")
+    res = _ember(tmp_path, "logs", "-n", "0", "m")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    res = _ember(tmp_path, "logs", "--tail", "all", "m")
+    assert res.stdout == "o1\no2\no3\n"
+    res = _ember(tmp_path, "logs", "--tail", "-1", "m")
+    assert res.returncode == 2 and "a number of lines or 'all'" in res.stderr
+    # with -f: the last lines, then what comes, until the machine ends (here: ended)
+    res = _ember(tmp_path, "logs", "-f", "--tail", "1", "m")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "o3\n", "e2\n")

@@ -464,3 +464,53 @@ def test_a_reader_stops_at_the_end_mark_of_a_run(tmp_path: Path) -> None:
     assert reader.read(until=None) == b"next run\n"  # (without a mark: on it goes)
     reader.close()
     log.close()
+
+
+@pytest.mark.parametrize(
+    ("n", "want"),
+    [
+        (0, b""),
+        (1, b"l5\n"),
+        (2, b"l4\nl5\n"),
+        (4, b"l2\nl3\nl4\nl5\n"),  # across the rotated file and the current one
+        (5, b"l1\nl2\nl3\nl4\nl5\n"),
+        (9, b"l1\nl2\nl3\nl4\nl5\n"),  # fewer lines than asked: all of them
+    ],
+)
+def test_the_last_lines_across_rotated_files(tmp_path: Path, n: int, want: bytes) -> None:
+    path = tmp_path / "stdout.log"
+    (tmp_path / "stdout.log.1").write_bytes(b"l1\nl2\nl3\n")
+    path.write_bytes(b"l4\nl5\n")
+    snap = LogSnapshot.take(path)
+    snap.keep_last_lines(n)
+    got = b""
+    while data := snap.read(2):
+        got += data
+    snap.close()
+    assert got == want
+
+
+def test_the_last_lines_count_an_unended_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    path.write_bytes(b"a\nb\npartial")
+    snap = LogSnapshot.take(path)
+    snap.keep_last_lines(2)
+    assert snap.read() == b"b\npartial"
+    snap.close()
+
+
+def test_a_follower_from_the_last_lines_goes_on_with_what_comes(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    log = RotatingLog(path, LogConfig(4096, 3))
+    log.write(b"".join(b"line %d\n" % i for i in range(10)))
+    snap = LogSnapshot.take(path)
+    snap.keep_last_lines(2)
+    follower = snap.follower(path)
+    log.write(b"x" * 4090 + b"\n")  # rotates: the follower moves on to the new file
+    log.write(b"after\n")
+    got = b""
+    while data := follower.read():
+        got += data
+    follower.close()
+    log.close()
+    assert got == b"line 8\nline 9\n" + b"x" * 4090 + b"\nafter\n"

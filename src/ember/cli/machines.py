@@ -183,16 +183,35 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
         click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+class _TailLines(click.ParamType):
+    """``--tail``: a number of lines, or ``all`` (docker's words)."""
+
+    name = "N|all"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | None:
+        if value is None or value == "all":
+            return None
+        text = str(value)
+        if text.isascii() and text.isdigit() and len(text) <= 9:
+            return int(text)
+        self.fail(f"{text[:40]!r}: a number of lines or 'all'", param, ctx)
+
+
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the machine ends.")
+@click.option("-n", "--tail", "tail", type=_TailLines(), default="all",
+              help="Only the last N lines of stdout and of stderr (default: all).")  # fmt: skip
 @click.argument("machine")
-def logs(follow: bool, machine: str) -> None:
+def logs(follow: bool, tail: int | None, machine: str) -> None:
     """Print a machine's program output (stdout and stderr).
 
     The logs are capped (config.json's "logs" section): what is printed is what
     is kept, the rotated files oldest first, then the current ones.  Without -f,
     what they hold when the command starts (a guest that writes faster than the
-    output is read does not keep it going)."""
+    output is read does not keep it going).  --tail counts the lines of each
+    stream on its own (the two are kept in separate files, without times)."""
     from ember.machines.lifecycle import machine_channels, monitor_alive
     from ember.machines.logs import LogFollower, LogSnapshot
     from ember.machines.state import RUNNING, read_state
@@ -206,7 +225,13 @@ def logs(follow: bool, machine: str) -> None:
     with contextlib.ExitStack() as stack:
         srcs: list[LogFollower | LogSnapshot] = []
         for p in (channels.stdout_log, channels.stderr_log):
-            src = LogFollower.oldest(p) if follow else LogSnapshot.take(p)
+            src: LogFollower | LogSnapshot
+            if tail is None:
+                src = LogFollower.oldest(p) if follow else LogSnapshot.take(p)
+            else:
+                snapshot = LogSnapshot.take(p)
+                snapshot.keep_last_lines(tail)
+                src = snapshot.follower(p) if follow else snapshot
             srcs.append(src)
             stack.callback(src.close)
         sinks = ((srcs[0], sys.stdout.buffer), (srcs[1], sys.stderr.buffer))

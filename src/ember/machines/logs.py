@@ -504,6 +504,28 @@ class LogSnapshot:
         fds.reverse()
         return cls([(fd, os.fstat(fd).st_size) for fd in fds])
 
+    def keep_last_lines(self, n: int) -> None:
+        """Read only the last ``n`` lines of the log as taken (``ember logs --tail``)."""
+        part, offset = _tail_start(self._parts, n)
+        for fd, _ in self._parts[:part]:
+            os.close(fd)
+        self._parts = self._parts[part:]
+        if self._parts:
+            fd, size = self._parts[0]
+            os.lseek(fd, offset, os.SEEK_SET)
+            self._parts[0] = (fd, size - offset)
+
+    def follower(self, path: Path) -> LogFollower:
+        """A follower of ``path`` from where this snapshot's reading starts, on through
+        what the writer adds after it (``ember logs -f --tail``); closes the snapshot."""
+        if not self._parts:
+            return LogFollower.oldest(path)
+        fd = self._parts[0][0]
+        for other, _ in self._parts[1:]:
+            os.close(other)
+        self._parts = []
+        return LogFollower(path, fd)
+
     def read(self, size: int = 1 << 16) -> bytes:
         """The next bytes of the log as it was taken; ``b""`` at its end."""
         while self._parts:
@@ -526,6 +548,34 @@ class LogSnapshot:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tail_start(parts: list[tuple[int, int]], n: int) -> tuple[int, int]:
+    """Where the last ``n`` lines of the files ``parts`` (fd, size; oldest first, read
+    as one stream) begin: (index of the part, offset in it).  A newline that ends the
+    stream ends its last line; a last line without one counts as a line."""
+    if not parts:
+        return 0, 0
+    if n <= 0:
+        return len(parts) - 1, parts[-1][1]
+    seen, last_byte = 0, True
+    for i in range(len(parts) - 1, -1, -1):
+        fd, end = parts[i]
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            chunk = os.pread(fd, end - start, start)
+            pos = len(chunk)
+            if last_byte:
+                last_byte = False
+                if chunk.endswith(b"\n"):
+                    pos -= 1
+            while (k := chunk.rfind(b"\n", 0, pos)) >= 0:
+                seen += 1
+                if seen == n:
+                    return i, start + k + 1
+                pos = k
+            end = start
+    return 0, 0
 
 
 def _open_newest_first(path: Path) -> list[int]:
