@@ -46,6 +46,9 @@ static struct {
 	 * that says why the program could not be started (an exec closes it unwritten) */
 	int start_err_fd;
 	char start_error[512];
+	/* the program cannot be started with this image and config (a user, a workdir,
+	 * an exec that fails): the report says so, and the host does not try again */
+	int not_started;
 } G = {.config_path = "/ember/config",
        .ports = {-1, -1, -1, -1},
        .sent_base = {-1, -1},
@@ -199,6 +202,8 @@ static void report(int exit_code, int sig, int oom, const char *error)
 	size_t n = append(json, sizeof(json), 0, "{\"exit_code\": %d, \"signal\": ", exit_code);
 	n = sig ? append(json, sizeof(json), n, "%d", sig) : append(json, sizeof(json), n, "null");
 	n = append(json, sizeof(json), n, ", \"oom_killed\": %s", oom ? "true" : "false");
+	if (G.not_started)
+		n = append(json, sizeof(json), n, ", \"not_started\": true");
 	long long out = port_sent(PORT_STDOUT), errs = port_sent(PORT_STDERR);
 	if (G.sent_base[0] >= 0 && G.sent_base[1] >= 0 && out >= G.sent_base[0] &&
 	    errs >= G.sent_base[1])
@@ -295,6 +300,14 @@ static __attribute__((noreturn)) void fail(const char *msg)
 {
 	logmsg("error: %s", msg);
 	finish(EXIT_INIT_FAILED, 0, 0, msg);
+}
+
+/* A failure of the image and config themselves (an unknown user, a working directory
+ * that cannot be made): the same run would fail the same way again. */
+static __attribute__((noreturn)) void fail_not_started(const char *msg)
+{
+	G.not_started = 1;
+	fail(msg);
 }
 
 /* ---- host channels ---------------------------------------------------------------- */
@@ -1128,7 +1141,7 @@ int main(int argc, char **argv)
 	struct exec_user u;
 	if (resolve_user(c->user ? c->user : "", "/etc/passwd", "/etc/group", &u, err,
 	                 sizeof(err)) < 0)
-		fail(err);
+		fail_not_started(err);
 	env_add(c, "PATH", DEFAULT_PATH);
 	env_set_home(c, u.home ? u.home : "/");
 	if (c->hostname)
@@ -1148,7 +1161,7 @@ int main(int argc, char **argv)
 			       "too many levels of symbolic links (more than 40 followed)");
 		else
 			append(err, sizeof(err), n, "%s", strerror(e));
-		fail(err);
+		fail_not_started(err);
 	}
 
 	int control_fd = G.ports[PORT_CONTROL];
@@ -1190,5 +1203,7 @@ int main(int argc, char **argv)
 	}
 	mark("program ended");
 	/* an error only when the program never ran (its own exit 127 is not one) */
+	if (G.start_error[0])
+		G.not_started = 1;
 	finish(code, sig, oom, G.start_error[0] ? G.start_error : NULL);
 }

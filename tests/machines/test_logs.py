@@ -154,19 +154,6 @@ def test_reopen_continues_the_current_file_and_rotates_when_over(tmp_path: Path)
     assert path.read_bytes() == b"next\n"
 
 
-def test_a_cut_last_line_is_ended_before_the_next_run_writes(tmp_path: Path) -> None:
-    """Review finding: a monitor killed mid-line left the line open, and the next run's
-    first line was glued to it in `ember logs` (`...yyyysecond`)."""
-    path = tmp_path / "stdout.log"
-    path.write_bytes(b"whole\ncut sho")
-    log = RotatingLog(path, LogConfig(4096, 2))
-    log.write(b"second run\n")
-    log.close()
-    assert path.read_bytes() == b"whole\ncut sho\nsecond run\n"
-    RotatingLog(path, LogConfig(4096, 2)).close()  # a whole last line: left as it is
-    assert path.read_bytes() == b"whole\ncut sho\nsecond run\n"
-
-
 def test_a_failed_rotation_leaks_no_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review finding: rotate opened the fresh file before its renames and kept it open
     when one failed (a full disk): each later write leaked one, towards EMFILE."""

@@ -42,6 +42,16 @@ def test_the_output_counts_are_taken_when_plausible_and_ignored_otherwise() -> N
         assert parse_report(base % bad) == ExitReport(0, None, False), bad
 
 
+def test_a_program_that_cannot_be_started_is_said_so() -> None:
+    got = parse_report(
+        b'{"exit_code": 127, "signal": null, "oom_killed": false, "not_started": true, '
+        b'"error": "exec x: executable file not found in $PATH"}'
+    )
+    assert got is not None and got.not_started and got.exit_code == 127
+    plain = parse_report(b'{"exit_code": 127, "signal": null, "oom_killed": false}')
+    assert plain is not None and not plain.not_started
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -56,6 +66,7 @@ def test_the_output_counts_are_taken_when_plausible_and_ignored_otherwise() -> N
         b'{"exit_code": 0, "signal": 65, "oom_killed": false}',
         b'{"exit_code": 0, "signal": null, "oom_killed": "no"}',
         b'{"exit_code": 0, "signal": null, "oom_killed": false, "error": 5}',
+        b'{"exit_code": 127, "signal": null, "oom_killed": false, "not_started": 1}',
         b'{"signal": null}',
         b" " * 5000 + b'{"exit_code": 0}',
         b"[" * 4000,  # a RecursionError in the monitor (a guest writes the status port)

@@ -233,6 +233,20 @@ def test_a_program_that_cannot_be_started_is_not_restarted(ember: Ember, busybox
     res = ember("run", "--rm", busybox, "no-such-cmd")
     assert res.returncode == 127
     assert res.stderr.count("executable file not found in $PATH") == 1, res.stderr
+    # nor a user the image does not have (ember-init's own 125: only such failures of the
+    # image and config stop the policy, not one that may not happen again)
+    res = ember("run", "-d", "--name", "nouser", "--restart", "always", "-u", "nosuch",
+                busybox, "true")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        st = wait_status(ember, "nouser", "exited")
+        assert st["exit_code"] == 125, st
+        time.sleep(1.5)
+        st = ember.inspect("nouser")
+        assert (st["status"], st["restart_count"]) == ("exited", 0), st
+        assert "not restarting: unable to find user nosuch" in str(st["error"]), st
+    finally:
+        ember("rm", "-f", "nouser")
 
 
 def test_on_failure_restarts_up_to_its_maximum(ember: Ember, busybox: str) -> None:

@@ -116,3 +116,19 @@ def test_nft_accepts_the_ruleset(netns: str) -> None:
         input=script, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
+
+
+def test_nameservers_of_any_family_and_only_link_local_ipv4_ones_opened() -> None:
+    """An IPv6 nameserver in config.json made every ruleset fail (the review of the
+    link-local DNS exception): any address is accepted, only IPv4 link-local ones get
+    the exception, and what is no address is refused (it would go into the script)."""
+    m = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2",
+                     nameservers=("2606:4700:4700::1111", "1.1.1.1", "169.254.169.254"))  # fmt: skip
+    script = render_ruleset([m], subnet="172.30.0.0/16", egress=True)
+    accepts = [line.strip() for line in script.splitlines() if "dport 53 accept" in line]
+    assert accepts == [
+        'iifname "em-*" ip daddr { 169.254.169.254 } meta l4proto { tcp, udp } th dport 53 accept'
+    ]
+    bad = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2", nameservers=("1.1.1.1; x",))
+    with pytest.raises(NetworkError):
+        render_ruleset([bad], subnet="172.30.0.0/16", egress=True)

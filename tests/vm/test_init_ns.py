@@ -157,8 +157,9 @@ def test_command_not_found_and_not_executable(root: Path) -> None:
     # the report says the program never ran (no restart policy runs it again), which a
     # program's own exit 127 does not
     assert r.status["error"] == "exec no-such-program: executable file not found in $PATH"
+    assert r.status["not_started"] is True
     r = run_init(root, sh("exit 127"))
-    assert r.returncode == 127 and "error" not in r.status
+    assert r.returncode == 127 and "error" not in r.status and "not_started" not in r.status
     # an empty PATH searches nowhere (Docker), not the working directory as execvp would
     (root / "here").write_text("#!/bin/sh\necho ran\n")
     (root / "here").chmod(0o755)
@@ -329,6 +330,7 @@ def test_unknown_user_or_group_is_an_error(root: Path, user: str, message: str) 
     assert message in r.console
     assert r.status is not None and r.status["exit_code"] == 125
     assert message in str(r.status["error"])
+    assert r.status["not_started"] is True  # the same run fails again: no restart
 
 
 # ---- workdir, files, mounts -----------------------------------------------------------
@@ -582,6 +584,7 @@ def test_malformed_config_refused_with_message(root: Path) -> None:
     assert r.stdout == ""
     assert "ember-init: error: run config is truncated" in r.console
     assert r.status is not None and "truncated" in str(r.status["error"])
+    assert "not_started" not in r.status  # init's own failures may not come again
     r = run_init(root, b"garbage\x00\n")
     assert r.returncode == 125 and "NUL" in r.console
 

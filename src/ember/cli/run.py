@@ -111,7 +111,7 @@ def _follow(
     during its set-up) is MachineError, as for ``run -d`` (``_await_start``)."""
     from ember.machines import lifecycle
     from ember.machines.events import Exited, MonitorFailed, Started
-    from ember.machines.report import program_not_started
+    from ember.machines.report import said_on_program_stderr
     from ember.machines.state import EXITED, RUNNING, read_state, removed_exit_code
     from ember.machines.store import MachineStore
 
@@ -159,9 +159,10 @@ def _follow(
         if stopping is not None:
             stopping.close()
     # this run's output ends where the logs end now: a --restart run appends to the same
-    # files (a reader still behind read on into it, and held its rotations back)
-    for src, dst in sinks:
-        mark = src.end_mark()
+    # files (a reader still behind read on into it, and held its rotations back); both
+    # marks before either stream is drained (stdout's backlog may take a while)
+    marks = [src.end_mark() for src, _ in sinks]
+    for (src, dst), mark in zip(sinks, marks, strict=True):
         while _pump(src, dst, until=mark):
             pass
     # the monitor finishes its cleanup (network, --rm) before we return, like docker run
@@ -195,7 +196,7 @@ def _follow(
     if not started and not exited.stopped_by_user:
         # ember's failure, not the program's: 125 and the VMM's last words, as run -d
         raise _not_started(st, exited)
-    if exited.error and not program_not_started(exited.exit_code, exited.error):
+    if exited.error and not said_on_program_stderr(exited.exit_code, exited.error):
         _say(exited.error)  # (a child's reason is on the program's stderr already)
     if exited.end_reason:
         _say(f"machine ended: {exited.end_reason}")

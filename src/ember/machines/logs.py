@@ -165,11 +165,6 @@ class RotatingLog:
         self._finish_rotation(path)
         self.fd = self._open(path, trunc=False)
         self.size = os.fstat(self.fd).st_size
-        if self.size and not _ends_a_line(path, self.size):
-            # an earlier run's last line, cut (its monitor killed mid-write): this run's
-            # first line must not be glued to it
-            _write_all(self.fd, memoryview(b"\n"))
-            self.size += 1
         self.rotations = 0
         #: fds of dropped files an attached reader still held when they were dropped
         self._held: list[int] = []
@@ -305,18 +300,6 @@ class CappedFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _ends_a_line(path: Path, size: int) -> bool:
-    """Whether the file's last byte (of ``size``) is a newline."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True
-    try:
-        return os.pread(fd, 1, size - 1) in (b"\n", b"")
-    finally:
-        os.close(fd)
 
 
 def _still_held(fd: int) -> bool:

@@ -40,7 +40,6 @@ from ember.machines.report import (
     parse_console_tail,
     parse_kernel_panic,
     parse_report,
-    program_not_started,
 )
 from ember.machines.restartpolicy import backoff_s, parse_restart_policy
 from ember.machines.restore import AfterRestore, after_unacknowledged_restore
@@ -178,9 +177,9 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
             # known to be over (a fast boot): it did start
             sync.send_started(final.vmm_pid)
         policy = parse_restart_policy(final.restart_policy)
-        # the guest's report says why its program could not be started (not found, not
-        # executable, a workdir or user the child cannot take): it never ran
-        never_ran = final.end_reason is None and program_not_started(final.exit_code, final.error)
+        # the guest's report (this run's: the file starts empty each run) says its
+        # program cannot be started with this image and config: it never ran
+        never_ran = final.end_reason is None and _report_says_not_started(d)
         # as docker's, a policy applies to a machine that started: one whose VMM cannot
         # set it up, or whose program cannot be started, would fail the same way again
         # and again (docker restarts no container whose process could not be started)
@@ -219,6 +218,11 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
             print(f"monitor: not restarting: {e}", file=sys.stderr)
             _record_given_up(d, f"not restarting: {e}")
             return 0
+
+
+def _report_says_not_started(d: Path) -> bool:
+    report = parse_report(_read_limited(Channels.in_dir(d).status_file))
+    return report is not None and report.not_started
 
 
 def _record_given_up(d: Path, why: str) -> None:

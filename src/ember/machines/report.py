@@ -30,13 +30,15 @@ class ExitReport:
     error: str | None = None
     #: bytes the program's stdout and stderr ports queued for the host (None: not told)
     sent: tuple[int, int] | None = None
+    #: the program cannot be started with this image and config (an unknown user, a
+    #: workdir that cannot be made, an exec that fails): the same run fails again
+    not_started: bool = False
 
 
-def program_not_started(exit_code: int | None, error: str | None) -> bool:
-    """Whether the guest's child could not start the program (chdir, setuid, exec: 126
-    or 127 with the reason in the report; the child said it on the program's stderr
-    too).  A program's own 126/127 carries no reason; ember-init's own failures are 125
-    (some of them, a disk that did not appear in time, may not happen again)."""
+def said_on_program_stderr(exit_code: int | None, error: str | None) -> bool:
+    """Whether the report's error is one the guest's child also wrote on the program's
+    stderr (chdir, setuid, exec: 126 or 127 with a reason; a program's own 126/127
+    carries none), so that a caller showing that stderr need not say it again."""
     return error is not None and exit_code in (126, 127)
 
 
@@ -76,7 +78,10 @@ def parse_report(data: bytes) -> ExitReport | None:
             return None
         # shown on the user's terminal: printable text only, one bounded line
         error = "".join(c if c.isprintable() else "?" for c in error[:500]) or None
-    return ExitReport(code, sig, oom, error, _sent(obj.get("sent")))
+    not_started = obj.get("not_started", False)
+    if type(not_started) is not bool:
+        return None
+    return ExitReport(code, sig, oom, error, _sent(obj.get("sent")), not_started)
 
 
 def _sent(value: object) -> tuple[int, int] | None:

@@ -119,7 +119,10 @@ def check_rules(m: MachineRules) -> None:
         if p.host_ip is not None:
             _ipv4(p.host_ip, "host address")
     for n in m.nameservers:
-        _ipv4(n, "nameserver address")
+        try:
+            ipaddress.ip_address(n)  # (IPv6 ones too: a guest has no use for them yet)
+        except ValueError:
+            raise NetworkError(f"invalid nameserver address {n!r:.60}") from None
 
 
 def _published_maps(machines: Iterable[MachineRules]) -> list[str]:
@@ -207,7 +210,12 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
         f'\t\tiifname "{TAP_PREFIX}*" iifname . ip saddr != @sources drop',
     ]
     link_local_dns = sorted(
-        {n for m in machines for n in m.nameservers if ipaddress.IPv4Address(n) in _LINK_LOCAL}
+        {
+            str(a)
+            for m in machines
+            for a in map(ipaddress.ip_address, m.nameservers)
+            if isinstance(a, ipaddress.IPv4Address) and a in _LINK_LOCAL
+        }
     )
     if link_local_dns:
         body.append(
