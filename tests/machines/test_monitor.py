@@ -240,4 +240,7 @@ def test_a_sigterm_stops_the_machine_for_good(
         cur.stopped_by_user = False
     began = time.monotonic()
     assert monitor._wait_unless_stopped(d, 30) is False
-    assert time.monotonic() - began < 5 and mstate.read_state(d).stopped_by_user
+    assert time.monotonic() - began < 5
+    # and run() records it as a stop, as after the run
+    assert monitor._stopped_by_term(d, mstate.read_state(d)).stopped_by_user
+    assert mstate.read_state(d).stopped_by_user

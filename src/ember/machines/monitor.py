@@ -204,7 +204,8 @@ def run(home: Home, machine_id: str, sync: EventWriter) -> int:
                 _cleanup(home, final, removing=True)
             return 0
         delay = backoff_s(delay, time.monotonic() - began)
-        if not _wait_unless_stopped(d, delay) or _stopped_by_term(d, final).stopped_by_user:
+        stopped = not _wait_unless_stopped(d, delay)
+        if _stopped_by_term(d, final).stopped_by_user or stopped:
             return 0  # `ember stop/kill/rm` or a SIGTERM meanwhile: they wait for this exit
         from ember.machines.lifecycle import prepare_start
 
@@ -244,11 +245,9 @@ def _wait_unless_stopped(d: Path, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
+        if _terminated:
+            return False  # a SIGTERM between two runs (``run`` records it as a stop)
         try:
-            if _terminated:  # a SIGTERM between two runs (no relay to tell then)
-                with mstate.update(d) as cur:
-                    cur.stopped_by_user = True
-                return False
             if mstate.read_state(d).stopped_by_user:
                 return False
         except (FileNotFoundError, EmberError):

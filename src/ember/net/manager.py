@@ -36,12 +36,7 @@ from ember.net.nftables import (
     check_rules,
     render_ruleset,
 )
-from ember.net.ports import (
-    PortMapping,
-    conflicts,
-    ephemeral_range,
-    pick_host_port,
-)
+from ember.net.ports import PortMapping, conflicts, ephemeral_range, pick_host_port
 from ember.process import boot_id
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
