@@ -140,16 +140,22 @@ def _published_maps(machines: Iterable[MachineRules]) -> list[str]:
                 at_address.append(f"{p.host_ip} . {p.protocol} . {p.host_port} : {to}")
             else:
                 anywhere.append(f"{p.protocol} . {p.host_port} : {to}")
-    out: list[str] = []
-    for name, key, elements in (
-        ("published", "inet_proto . inet_service", anywhere),
-        ("published_at", "ipv4_addr . inet_proto . inet_service", at_address),
-    ):
-        out += [f"\tmap {name} {{", f"\t\ttype {key} : ipv4_addr . inet_service"]
-        if elements:
-            out.append(f"\t\telements = {{ {', '.join(elements)} }}")
-        out.append("\t}")
-    return out
+    to_guest = " : ipv4_addr . inet_service"
+    return [
+        *_collection("map", "published", "inet_proto . inet_service" + to_guest, anywhere),
+        *_collection(
+            "map", "published_at", "ipv4_addr . inet_proto . inet_service" + to_guest, at_address
+        ),
+    ]
+
+
+def _collection(kind: str, name: str, type_: str, elements: list[str]) -> list[str]:
+    """A named ``set`` or ``map`` of the table (no elements line when empty: nft refuses
+    ``elements = { }``)."""
+    lines = [f"\t{kind} {name} {{", f"\t\ttype {type_}"]
+    if elements:
+        lines.append(f"\t\telements = {{ {', '.join(elements)} }}")
+    return [*lines, "\t}"]
 
 
 #: the DNAT rules, the same in prerouting and output: the published maps do the work
@@ -173,25 +179,16 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
     ]
     if not machines:
         return "\n".join(out) + "\n"
+    by_tap = sorted(machines, key=lambda m: m.tap)
     networks: dict[str, list[str]] = {}
-    for m in sorted(machines, key=lambda m: m.tap):
+    for m in by_tap:
         networks.setdefault(m.network, []).append(m.tap)
     body: list[str] = []
     for name, taps in sorted(networks.items()):
-        elements = ", ".join(f'"{t}"' for t in taps)
-        body += [
-            f"\tset nw_{name} {{",
-            "\t\ttype ifname",
-            f"\t\telements = {{ {elements} }}",
-            "\t}",
-        ]
-    sources = ", ".join(f'"{m.tap}" . {m.guest_ip}' for m in sorted(machines, key=lambda m: m.tap))
-    body += [
-        "\tset sources {",
-        "\t\ttype ifname . ipv4_addr",
-        f"\t\telements = {{ {sources} }}",
-        "\t}",
-    ]
+        body += _collection("set", f"nw_{name}", "ifname", [f'"{t}"' for t in taps])
+    body += _collection(
+        "set", "sources", "ifname . ipv4_addr", [f'"{m.tap}" . {m.guest_ip}' for m in by_tap]
+    )
     # Before conntrack and NAT (priority raw), on what a guest sends: its own address
     # only (a guest cannot pass for another machine), and never to 127.0.0.0/8, which
     # route_localnet (set on TAPs for published loopback ports) would otherwise route
