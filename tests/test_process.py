@@ -105,3 +105,49 @@ def test_a_child_someone_else_reaped_is_forgotten() -> None:
     os.waitpid(pid, 0)
     reap_later(pid)
     reap_exiting()
+
+
+_SIGNAL_IN_AN_AT_FORK_CALLBACK = """
+import os, signal, sys
+from ember import process
+
+class HungUp(Exception):
+    pass
+
+def raise_hung_up(signum, frame):
+    raise HungUp
+
+signal.signal(signal.SIGHUP, raise_hung_up)
+# what a hang-up that comes while the parent runs logging's after-fork callback does
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGHUP))
+try:
+    pid = process.fork() if sys.argv[1] == "process" else os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+except HungUp:
+    print("hung up")
+else:
+    print("went on")
+"""
+
+
+def test_a_signal_that_comes_during_a_fork_still_raises_in_the_parent() -> None:
+    """A handler that raises inside one of Python's at-fork callbacks raises into a
+    place that swallows the exception: the hang-up of an agent's runner was lost and
+    its command ran on."""
+    import subprocess
+    import sys
+
+    def run(how: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _SIGNAL_IN_AN_AT_FORK_CALLBACK, how],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+
+    # the hazard is real (else this test shows nothing): a bare os.fork() loses it
+    plain = run("os")
+    assert plain.stdout == "went on\n" and "Exception ignored" in plain.stderr
+    held = run("process")
+    assert held.stdout == "hung up\n", held.stderr
+    assert "Exception ignored" not in held.stderr

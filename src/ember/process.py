@@ -35,6 +35,29 @@ def parent_death_signal(signum: int) -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
+#: the signals ember turns into exceptions (SIGINT: KeyboardInterrupt; SIGTERM and
+#: SIGHUP: the CLI's handler raises)
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def fork() -> int:
+    """``os.fork()``, with SIGINT, SIGTERM and SIGHUP held over it.
+
+    Python runs ``register_at_fork`` callbacks (logging's lock release, among
+    others) around the fork, and a signal handler that raises inside one of them
+    raises into a place that reports the exception as "ignored" and goes on: a
+    Ctrl-C or a hang-up was lost, the command ran on.  Blocked over the fork, such
+    a signal stays pending and is delivered once this returns to the parent (its
+    handler raising from here, as it could a moment later anyway).  The child
+    starts with none pending, and with the caller's mask.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        return os.fork()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 _MADV_POPULATE_WRITE = 23  # Linux 5.14
 _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _LIBC.madvise.restype = ctypes.c_int

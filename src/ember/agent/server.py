@@ -44,6 +44,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TextIO
 
+from ember import process
 from ember.agent import client as client_module
 from ember.agent import peer, prefault, protocol
 from ember.agent.client import SOCKET_NAME
@@ -246,7 +247,7 @@ class Agent:
     def _fork_relay(self, listener: socket.socket, accepted_w: int, fp: Fingerprint) -> int:
         while True:
             try:
-                pid = os.fork()
+                pid = process.fork()
             except OSError as e:
                 self._log(f"cannot fork a relay ({e.strerror}); trying again")
                 time.sleep(0.5)
@@ -296,6 +297,9 @@ class Agent:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # Not the CLI's handler that raises HungUp: a hang-up of the spare runner
+            # before its command took over ends it (the command never started).
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             # The agent's stop pipe is not ours: a signal this relay or its runner
             # handles in Python (a command's Ctrl-C) would write to it and stop the agent.
             signal.set_wakeup_fd(-1)
@@ -359,7 +363,7 @@ class Agent:
             started = time.monotonic()
             runner = spare.hand_over(request, fds) if spare is not None else None
             if runner is None:  # no runner waiting (it died): fork one now
-                runner = os.fork()
+                runner = process.fork()
                 if runner == 0:
                     conn.close()
                     _close_all(list(fp.descriptors()))
@@ -596,7 +600,7 @@ class _SpareRunner:
         except OSError:
             return None
         try:
-            pid = os.fork()
+            pid = process.fork()
         except OSError:
             mine.close()
             its.close()

@@ -16,11 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-_Handler = Callable[[int, FrameType | None], object]
+from ember.process import INTERRUPTS
 
-#: the signals a CLI turns into exceptions (SIGINT: KeyboardInterrupt; SIGTERM and
-#: SIGHUP: the CLI may install a handler that raises too)
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_Handler = Callable[[int, FrameType | None], object]
 
 
 @contextmanager
@@ -43,7 +41,7 @@ def deferred() -> Iterator[None]:
         pending.append((signum, frame))
 
     try:
-        for signum in SIGNALS:
+        for signum in INTERRUPTS:
             handler = signal.getsignal(signum)
             if callable(handler):
                 saved[signum] = handler  # before replacing it: always restored below

@@ -38,7 +38,7 @@ from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import Protocol
 
-from ember import jsonutil
+from ember import jsonutil, process
 from ember.errors import EmberError
 from ember.process import reap_exited, reap_later
 from ember.unpack.applier import LayerApplier
@@ -432,7 +432,7 @@ class _OneShot(_Child):
             for fd in fds:
                 os.close(fd)
             raise
-        pid = os.fork()
+        pid = process.fork()
         if pid == 0:
             _child(root_fd, [r for r, _ in pipes], report_w)
         for fd in (root_fd, report_w, *(r for r, _ in pipes)):
@@ -586,7 +586,7 @@ def _fork_session() -> tuple[int, socket.socket]:
     reap_exited()  # earlier ones told to exit (reap_later), not to pile up as zombies
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid = os.fork()
+        pid = process.fork()
     except BaseException:
         parent.close()
         child.close()
