@@ -264,3 +264,38 @@ def test_the_host_killing_the_vmm_wins_over_a_forged_console_line(
     finally:
         run.kill()
         ember("rm", "-f", "forger")
+
+
+def test_ctrl_c_stops_an_attached_run_whose_reader_stopped_reading(
+    ember: Ember, busybox: str
+) -> None:
+    """`ember run ... | less` with the pager paused: the loop that copies the machine's
+    output blocked in a write to the full pipe, and acted on Ctrl-C only once the
+    reader read again.  Now the machine stops while nobody reads; what it wrote is
+    still all there, in order, for the reader that comes back."""
+    run = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--name", "flood", busybox,
+         "sh", "-c", "echo ready >&2; exec seq 0 999999999"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ember.env(),
+    )  # fmt: skip
+    try:
+        assert run.stderr is not None and run.stdout is not None
+        said = b""
+        while not said.endswith(b"ready\n"):  # (after ember's notes: no KVM here, ...)
+            line = run.stderr.readline()
+            assert line, said
+            said += line
+        # nobody reads stdout: the pipe (64 KiB) and what ember keeps for it (256 KiB,
+        # OutputSink.LIMIT) fill, and the guest writes on into its logs
+        logs = ember.home.machines / str(ember.inspect("flood")["id"]) / "stdout.log"
+        poll_until(lambda: logs.stat().st_size > 1 << 20, "the guest never wrote 1 MiB", 120)
+        run.send_signal(signal.SIGINT)  # Ctrl-C (`ip netns exec` execs ember)
+        st = wait_for(ember, "flood", lambda st: st["status"] == "exited", timeout=60)
+        out = run.stdout.read()  # the reader comes back
+        assert run.wait(30) == st["exit_code"] == 143  # seq stopped by the guest's SIGTERM
+        *whole, last = out.splitlines()  # (seq's last buffer, cut short by its end)
+        assert [int(line) for line in whole] == list(range(len(whole)))
+        assert str(len(whole)).startswith(last.decode()), last
+    finally:
+        run.kill()
+        ember("rm", "-f", "flood")

@@ -17,12 +17,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ember.cli.common import home_from_ctx, warnings_as_messages
 from ember.cli.machines import stop_time_option
+from ember.cli.sinks import OutputSink
 from ember.errors import EmberError, UsageError
 from ember.home import Home
 from ember.machines.errors import MachineError, MachineRunning
@@ -41,20 +42,46 @@ def _say(text: str) -> None:
 
 
 def _pump(
-    src: LogFollower, dst: IO[bytes], limit: int = 16, until: tuple[tuple[int, int], int] | None = None
+    src: LogFollower, dst: OutputSink, limit: int = 16,
+    until: tuple[tuple[int, int], int] | None = None,
 ) -> bool:
-    """Copy what the log has (up to ``limit`` reads, up to the ``until`` end mark); True
-    when something moved."""
+    """Copy what the log has (up to ``limit`` reads, up to the ``until`` end mark, while
+    ``dst`` has room); True when something moved."""
     moved = False
     for _ in range(limit):
+        if not dst.has_room():
+            break
         data = src.read(1 << 16, until=until)
         if not data:
             break
-        dst.write(data)
+        dst.put(data)
         moved = True
-    if moved:
-        dst.flush()
     return moved
+
+
+def _drain(
+    src: LogFollower, dst: OutputSink, mark: tuple[tuple[int, int], int] | None,
+    intr: _Interrupts,
+) -> None:
+    """Copy the rest of the log, up to ``mark``, as its reader takes it; a signal
+    meanwhile (Ctrl-C while our reader sleeps) ends the run now, the rest unread."""
+    while True:
+        if intr.pending:
+            raise intr.exception()
+        if dst.error is not None:
+            raise dst.error
+        if not dst.has_room():
+            dst.wait_room(0.05)
+        elif not _pump(src, dst, until=mark):
+            return
+
+
+def _wait_written(dst: OutputSink, intr: _Interrupts) -> None:
+    while not dst.wait_written(0.05):
+        if intr.pending:
+            raise intr.exception()
+    if dst.error is not None:
+        raise dst.error
 
 
 class _Interrupts:
@@ -109,15 +136,35 @@ def _follow(
     monitor this process started (None: attached to a machine already running, whose
     end is read from its record).  A run that ended before it started (its VMM failed
     during its set-up) is MachineError, as for ``run -d`` (``_await_start``)."""
-    from ember.machines import lifecycle
-    from ember.machines.events import Exited, MonitorFailed, Started
-    from ember.machines.report import said_on_program_stderr
-    from ember.machines.state import EXITED, RUNNING, read_state, removed_exit_code
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
     stdout, stderr = outs
-    sinks = ((stdout, sys.stdout.buffer), (stderr, sys.stderr.buffer))
+    sinks = (
+        (stdout, OutputSink(sys.stdout.buffer, "stdout")),
+        (stderr, OutputSink(sys.stderr.buffer, "stderr")),
+    )
+    try:
+        return _copy_until_exit(home, st, d, events, monitor_pid, sinks, intr)
+    finally:
+        for _, sink in sinks:
+            sink.close()
+
+
+def _copy_until_exit(
+    home: Home,
+    st: MachineState,
+    d: Path,
+    events: EventReader | None,
+    monitor_pid: int | None,
+    sinks: tuple[tuple[LogFollower, OutputSink], ...],
+    intr: _Interrupts,
+) -> int:
+    from ember.machines import lifecycle
+    from ember.machines.events import Exited, MonitorFailed, Started
+    from ember.machines.report import said_on_program_stderr
+    from ember.machines.state import EXITED, RUNNING, read_state, removed_exit_code
+
     exited: Exited | None = None
     started = False  # the monitor said so (its events only)
     stopping: StopRequested | None = None
@@ -140,6 +187,8 @@ def _follow(
             moved = False
             for src, dst in sinks:
                 moved = _pump(src, dst) or moved
+                if dst.error is not None:
+                    raise dst.error  # our reader went away (EPIPE)
             while intr.pending:
                 stopping = _pass_on(home, d, intr, intr.pending.pop(0)) or stopping
             if intr.kill_at is not None and time.monotonic() >= intr.kill_at[0]:
@@ -163,8 +212,9 @@ def _follow(
     # marks before either stream is drained (stdout's backlog may take a while)
     marks = [src.end_mark() for src, _ in sinks]
     for (src, dst), mark in zip(sinks, marks, strict=True):
-        while _pump(src, dst, until=mark):
-            pass
+        _drain(src, dst, mark, intr)
+    for _, dst in sinks:
+        _wait_written(dst, intr)
     # the monitor finishes its cleanup (network, --rm) before we return, like docker run
     # --rm; one that restarts the machine (--restart) goes on by itself
     if monitor_pid is not None and not (exited is not None and exited.restarting):
