@@ -159,3 +159,50 @@ def test_credential_store_bad_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(CredentialsError, match="cannot read"):
         CredentialStore(path, docker_config=tmp_path / "none").lookup("x")
+
+
+def test_a_host_the_registry_redirects_to_never_gets_its_credentials() -> None:
+    """A blob redirected to another host (a CDN, a bucket) that answers 401 with a Bearer
+    challenge of its own: the client took it for the registry's and sent the registry's
+    stored password, as Basic, to the token realm that host named."""
+    import base64
+    import re
+    from http.server import BaseHTTPRequestHandler
+
+    from ember.registry.client.client import RegistryClient
+    from ember.registry.client.credentials import Credentials
+    from ember.registry.client.errors import RegistryError
+    from tests.registry.client.test_transport import serve
+
+    def answer(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:
+        h.send_response(status)
+        for k, v in {**headers, "Content-Length": "0"}.items():
+            h.send_header(k, v)
+        h.end_headers()
+
+    with serve(lambda h: answer(h, 200, {})) as collector, serve(
+        lambda h: answer(h, 401, {"WWW-Authenticate": (
+            f'Bearer realm="http://127.0.0.1:{collector.server_address[1]}/token",service=evil'
+        )})
+    ) as cdn:  # fmt: skip
+
+        def registry(h: BaseHTTPRequestHandler) -> None:
+            if h.path.startswith("/v2/r/blobs/"):
+                answer(h, 307, {"Location": f"http://127.0.0.1:{cdn.server_address[1]}/blob"})
+            else:
+                answer(h, 200, {})
+
+        with (
+            serve(registry) as reg,
+            RegistryClient(
+                f"127.0.0.1:{reg.server_address[1]}",
+                credentials=Credentials("alice", "alice-secret"),
+                retries=0,
+            ) as client,
+            pytest.raises(RegistryError, match="asks for credentials: ember sends it none"),
+        ):
+            client.request("GET", "r/blobs/sha256:" + "0" * 64, scope="repository:r:pull")
+        secret = base64.b64encode(b"alice:alice-secret").decode()
+        assert not [s for s in collector.seen if secret in str(s[2])], collector.seen
+        assert not collector.seen
+        assert all(not re.search("alice", str(s[2])) for s in cdn.seen)

@@ -434,6 +434,15 @@ class RegistryClient:
             if resp.status_code != 401:
                 return resp
             resp.close()
+            answered = resp.origin
+            if answered != split_url(url)[0]:
+                # A host the registry redirected to (a CDN, a bucket) asks for credentials:
+                # its challenge is not the registry's, and following it would send the
+                # registry's password to a token service of that host's choosing.
+                raise RegistryError(
+                    f"registry {self.host} redirected a request to {answered.netloc}, which "
+                    "asks for credentials: ember sends it none of the registry's"
+                )
             if authenticated_once:
                 raise self._auth_failed()
             # A cached token may have been revoked: forget it, then follow the new challenge.

@@ -134,6 +134,8 @@ class Response:
         self._pool, self._key, self._conn, self._raw = pool, key, conn, raw
         self.status_code = raw.status
         self.headers = Headers(raw.msg)
+        #: who answered: the origin of the request's last redirect, if it was redirected
+        self.origin: Origin = key[0]
         self._done = False  # the body was read to its end
         self._closed = False
 
