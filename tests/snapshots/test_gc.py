@@ -395,3 +395,27 @@ def test_gc_sweeps_what_killed_vm_side_runs_left_only_while_nothing_uses_it(
     assert not install.exists() and not build.exists()
     assert sorted(p.name for p in outside.iterdir()) == [".vmlinux.abcd1234.tmp", "data"]
     assert (home.run / "accel-probe-linked").is_symlink()
+
+
+def test_gc_keeps_a_machines_root_disk_while_its_record_exists_even_without_its_lease(
+    home: Home,
+) -> None:
+    """`ember snapshot leases rm --force machine/ID` of a running machine, then `ember gc`:
+    the machine's root disk went to the trash under its VMM, which wrote on into a
+    deleted file.  Its lease was all that kept it; a machine's record keeps it now, as a
+    container record does in containerd."""
+    import shutil
+
+    from ember.machines.store import MachineStore
+
+    image = make_image(home, [LayerSpec([Entry("m", b"m")])], "test/machine:1")
+    machine_id = "ab" * 32
+    disk = clone_root_disk(home, image, machine_id)
+    record = MachineStore(home).dir(machine_id)
+    record.mkdir(parents=True)
+    snap = Snapshotter(home)
+    assert snap.leases.delete(f"machine/{machine_id}")
+    collect(home)
+    assert snap.exists(f"machine/{machine_id}") and disk.is_file()
+    shutil.rmtree(record)  # `ember rm` done, but for its disk
+    assert f"machine/{machine_id}" in collect(home).snapshots

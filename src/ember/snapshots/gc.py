@@ -36,6 +36,7 @@ from ember.machines.store import LEFTOVER_AGE, MachineStore
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
 from ember.snapshots import names
+from ember.snapshots.chain import machine_key
 from ember.snapshots.errors import RootsUnreadable, SnapshotInUse, SnapshotNotFound
 from ember.snapshots.fiemap import exclusive_bytes, physical_extents
 from ember.snapshots.model import Kind, SnapshotInfo
@@ -179,6 +180,10 @@ def collect(
         if roots is None:
             roots = image_roots(home)
         roots.content.update(claimed)
+        # A machine's record keeps its root disk, as a container record does in
+        # containerd: its lease alone did, and a lease removed with --force (or lost)
+        # let gc delete the disk of a running machine under its VMM.
+        roots.snapshots.update(machine_key(m) for m in MachineStore(home).ids())
         if snap is not None:
             _mark_leases(snap, roots, report, dry_run, now)
             _sweep_snapshots(snap, roots, report, dry_run)
