@@ -177,11 +177,12 @@ def registry() -> None:
               help="Seconds new content stays safe from collection (uploads in flight).")
 @click.option("--dry-run", is_flag=True,
               help="Report what would be freed or repaired, change nothing.")
-@click.option("--keep-untagged", is_flag=True,
-              help="Keep manifests that no tag, index or subject reaches (pushed by digest).")
+@click.option("--delete-untagged", is_flag=True,
+              help="Also delete manifests that no tag, index or subject reaches (pushed by "
+              "digest, or whose tag moved on; kept by default, as Distribution keeps them).")
 @db_option
 @json_option
-def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | None, as_json: bool) -> None:
+def registry_gc(grace: int, dry_run: bool, delete_untagged: bool, db_url: str | None, as_json: bool) -> None:
     """Free blobs, manifests and upload sessions nothing references any more.
 
     Also repairs what interrupted requests (kill -9, a crash) left, as the server's
@@ -192,7 +193,8 @@ def registry_gc(grace: int, dry_run: bool, keep_untagged: bool, db_url: str | No
 
     home = home_from_ctx()
     report = collect(
-        _metadata(db_url), registry_root(home), grace=grace, dry_run=dry_run, keep_untagged=keep_untagged
+        _metadata(db_url), registry_root(home), grace=grace, dry_run=dry_run,
+        delete_untagged=delete_untagged,
     )
     if as_json:
         print_json(report.as_dict())

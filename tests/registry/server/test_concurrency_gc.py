@@ -101,13 +101,17 @@ def test_gc_frees_unreferenced_and_keeps_in_flight(fresh_server: Callable[[], Em
     out = ember(srv.home, "admin", "registry", "gc", "--json").stdout
     assert json.loads(out) == {"manifests": 0, "links": 0, "blobs": 0, "bytes": 0, "uploads": 0, "repositories": 0,
                                "dead_uploads": 0, "settled_uploads": 0, "ingests": 0}  # fmt: skip
-    dry = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run", "--json").stdout)
+    dry = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run",
+                           "--delete-untagged", "--json").stdout)  # fmt: skip
     assert dry["manifests"] == 1 and dry["links"] == 2
     assert (store / old_layer_hex(old_layer)).exists()
+    # untagged manifests are kept unless asked (Distribution's default: deployments pull
+    # them by digest)
     kept = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--dry-run",
-                            "--keep-untagged", "--json").stdout)
+                            "--json").stdout)  # fmt: skip
     assert kept["manifests"] == 0 and kept["links"] == 1  # only the never-referenced orphan
-    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
+    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0",
+                              "--delete-untagged", "--json").stdout)  # fmt: skip
     assert report["manifests"] == 1  # the untagged v0 manifest
     assert report["links"] == 2  # its layer, the orphan
     assert report["blobs"] >= 3  # their files and the v0 manifest's bytes
@@ -153,10 +157,12 @@ def test_pushing_again_restarts_the_grace_period(fresh_server: Callable[[], Embe
             push_blob(c, "web", data)
         assert c.put(f"/v2/web/manifests/{sha256(child)}", content=child,
                      headers={"Content-Type": OCI_MANIFEST}).status_code == 201  # fmt: skip
-    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--json").stdout)
+    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--delete-untagged", "--json").stdout)
     assert (report["manifests"], report["links"]) == (0, 0), report
     # an hour after the latest push they go (the manifest untagged, its blobs then unused)
-    report = json.loads(ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--json").stdout)
+    report = json.loads(
+        ember(srv.home, "admin", "registry", "gc", "--grace", "0", "--delete-untagged", "--json").stdout
+    )
     assert (report["manifests"], report["links"]) == (1, 2), report
 
 

@@ -231,7 +231,7 @@ def test_kill_mid_gc(fresh_server: Callable[[], EmberServer]) -> None:
         for i in range(0, 30, 2):  # untag half: their manifests and unique layers become garbage
             assert c.delete(f"/v2/gc/{i % 3}/manifests/v{i}").status_code == 202
     rng = random.Random(99)
-    gc = [EMBER, "--home", str(srv.home), "admin", "registry", "gc", "--grace", "0", "--json"]
+    gc = [EMBER, "--home", str(srv.home), "admin", "registry", "gc", "--grace", "0", "--delete-untagged", "--json"]
     for _ in range(3):
         proc = subprocess.Popen(gc, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, 1.2))

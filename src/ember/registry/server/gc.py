@@ -83,7 +83,7 @@ def _reachable(
     return seen
 
 
-def _sweep_metadata(conn: Connection, cutoff: float, keep_untagged: bool, report: GcReport) -> None:
+def _sweep_metadata(conn: Connection, cutoff: float, delete_untagged: bool, report: GcReport) -> None:
     manifests = conn.execute(
         select(s.manifests.c.repo_id, s.manifests.c.digest, s.manifests.c.subject, s.manifests.c.created_at)
     ).all()
@@ -107,7 +107,7 @@ def _sweep_metadata(conn: Connection, cutoff: float, keep_untagged: bool, report
         per_repo[repo_id].append((digest, created))
     doomed: list[tuple[int, str]] = []
     for repo_id, rows in per_repo.items():
-        roots = tagged[repo_id] | ({d for d, _ in rows} if keep_untagged else set())
+        roots = tagged[repo_id] | (set() if delete_untagged else {d for d, _ in rows})
         keep = _reachable(roots, children[repo_id], referrers[repo_id])
         doomed += [(repo_id, d) for d, created in rows if d not in keep and created < cutoff]
     report.manifests = len(doomed)
@@ -360,9 +360,11 @@ def collect(
     *,
     grace: float = DEFAULT_GRACE,
     dry_run: bool = False,
-    keep_untagged: bool = False,
+    delete_untagged: bool = False,
 ) -> GcReport:
-    """Sweep once; ``keep_untagged`` keeps manifests pushed by digest and never tagged.
+    """Sweep once; ``delete_untagged`` also deletes manifests no tag reaches (pushed by
+    digest, or whose tag moved on), which are otherwise kept, as Distribution keeps them:
+    deployments pull them by digest.
 
     Also repairs what killed requests left, as the server's purge does (the same code):
     reservations above their session's file, partial writes of manifests, unexpired
@@ -379,7 +381,7 @@ def collect(
         # are a moment's flock (without waiting) of each old partial write, to leave
         # out one a writer holds, as a sweep does.
         with meta.db.connect() as conn, conn.begin() as transaction:
-            _sweep_metadata(conn, cutoff, keep_untagged, report)
+            _sweep_metadata(conn, cutoff, delete_untagged, report)
             expired, leftovers = _stale_uploads(conn, storage, now, cutoff)
             _delete_upload_rows(conn, expired)
             report.uploads = len(expired) + len(leftovers)
@@ -400,7 +402,7 @@ def collect(
     # this very sweep.
     with storage.collecting():
         with meta.db.begin() as conn:
-            _sweep_metadata(conn, cutoff, keep_untagged, report)
+            _sweep_metadata(conn, cutoff, delete_untagged, report)
         report.uploads = sweep_uploads(meta, storage, cutoff, now).sessions
         settled, ingests, dead = _repair_interrupted(meta, storage, now, grace)
         report.settled_uploads, report.ingests = settled, ingests
