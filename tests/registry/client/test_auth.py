@@ -206,3 +206,49 @@ def test_a_host_the_registry_redirects_to_never_gets_its_credentials() -> None:
         assert not [s for s in collector.seen if secret in str(s[2])], collector.seen
         assert not collector.seen
         assert all(not re.search("alice", str(s[2])) for s in cdn.seen)
+
+
+def test_logins_at_once_keep_every_entry(tmp_path: Path) -> None:
+    """Each login read the file, added its entry and wrote it back: of 8 at once, as few
+    as 2 entries were left (and a logout could be undone by a login's write)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "credentials.json"
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from ember.registry.client.credentials import CredentialStore, Credentials\n"
+        "store = CredentialStore(Path(sys.argv[1]), docker_config=Path(sys.argv[1] + '.none'))\n"
+        "for i in range(20):\n"
+        "    store.save(f'h{sys.argv[2]}-{i}.example', Credentials('u', 'p'))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(n)]) for n in range(6)]
+    assert [p.wait(60) for p in procs] == [0] * 6
+    store = CredentialStore(path, docker_config=tmp_path / "none")
+    missing = [(n, i) for n in range(6) for i in range(20) if store.lookup(f"h{n}-{i}.example") is None]
+    assert missing == []
+
+
+def test_a_broken_docker_config_is_passed_over_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Docker's config.json is a fallback: one that does not parse failed every pull,
+    even from a registry that needs no login; a FIFO there hung it, a link to /dev/zero
+    filled memory.  The docker CLI warns and goes on; so does ember."""
+    import os
+
+    docker = tmp_path / "config.json"
+    store = CredentialStore(tmp_path / "credentials.json", docker_config=docker)
+    store.save("mine.example", Credentials("u", "p"))
+    for make in (
+        lambda: docker.write_text("{not json"),
+        lambda: os.mkfifo(docker),
+        lambda: docker.symlink_to("/dev/zero"),
+        lambda: docker.write_bytes(b" " * (5 << 20)),
+    ):
+        docker.unlink(missing_ok=True)
+        make()
+        caplog.clear()
+        assert store.lookup("other.example") is None
+        assert "going on without it" in caplog.text, caplog.text
+        assert store.lookup("mine.example") == Credentials("u", "p")

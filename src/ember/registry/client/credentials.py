@@ -13,14 +13,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ember import jsonutil
-from ember.fsutil import atomic_write
+from ember.fsutil import atomic_write, open_regular, why_unopened
+from ember.locks import FileLock
 from ember.registry.client.errors import CredentialsError
+
+log = logging.getLogger("ember.registry")
 
 _DOCKER_HUB_KEYS = (
     "https://index.docker.io/v1/",
@@ -74,12 +78,28 @@ def _decode(entry: Any, where: str) -> Credentials | None:
     return None
 
 
+#: bytes of a credentials file read at most (Docker's holds a few entries)
+MAX_FILE_SIZE = 4 << 20
+
+
 def _read_auths(path: Path) -> dict[str, Any]:
+    """The ``auths`` of a credentials file ({} if there is none); CredentialsError if it
+    cannot be read.  Only a regular file, and only so much of it: a FIFO there hung every
+    pull, a link to /dev/zero filled memory."""
     try:
-        doc = jsonutil.loads(path.read_bytes())
+        with open_regular(path) as f:
+            data = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise CredentialsError(f"credentials file {path} {why_unopened(e)}") from None
+    if len(data) > MAX_FILE_SIZE:
+        raise CredentialsError(
+            f"credentials file {path} is larger than {MAX_FILE_SIZE >> 20} MiB: not read"
+        )
+    try:
+        doc = jsonutil.loads(data)
+    except ValueError as e:
         raise CredentialsError(f"cannot read credentials file {path}: {e}") from None
     auths = doc.get("auths") if isinstance(doc, dict) else None
     return auths if isinstance(auths, dict) else {}
@@ -97,7 +117,16 @@ class CredentialStore:
 
     def lookup(self, host: str) -> Credentials | None:
         for source in (self.path, self.docker_config):
-            auths = {_host_of(k): v for k, v in _read_auths(source).items()}
+            try:
+                found = _read_auths(source)
+            except CredentialsError as e:
+                if source != self.docker_config:
+                    raise  # ember's own: `ember registry login` writes it again
+                # Docker's, a fallback: as the docker CLI does with a broken config.json,
+                # say so and go on without it (a pull that needs no login works)
+                log.warning("%s; going on without it", e)
+                continue
+            auths = {_host_of(k): v for k, v in found.items()}
             for key in _lookup_keys(host):
                 if key in auths:
                     creds = _decode(auths[key], str(source))
@@ -108,18 +137,26 @@ class CredentialStore:
     def save(self, host: str, creds: Credentials) -> None:
         if ":" in creds.username:
             raise CredentialsError("a user name must not contain ':'")
-        auths = _read_auths(self.path)
-        auths[host.lower()] = {
-            "auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        }
-        self._write(auths)
+        with self._changing():
+            auths = _read_auths(self.path)
+            auths[host.lower()] = {
+                "auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+            }
+            self._write(auths)
 
     def remove(self, host: str) -> bool:
-        auths = _read_auths(self.path)
-        found = auths.pop(host.lower(), None) is not None
-        if found:
-            self._write(auths)
+        with self._changing():
+            auths = _read_auths(self.path)
+            found = auths.pop(host.lower(), None) is not None
+            if found:
+                self._write(auths)
         return found
+
+    def _changing(self) -> FileLock:
+        """Held over each read-modify-write of the file: two logins at once each wrote
+        back what it read, and one lost the other's entry (a logout could be undone)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return FileLock(self.path.with_name(f".{self.path.name}.lock"))
 
     def _write(self, auths: dict[str, Any]) -> None:
         atomic_write(self.path, json.dumps({"auths": auths}, indent=2).encode() + b"\n", mode=0o600)
