@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -331,3 +332,26 @@ def test_a_token_header_nested_too_deep_is_invalid_not_a_crash() -> None:
     deep = base64.urlsafe_b64encode(b"[" * 5000).rstrip(b"=").decode()
     with pytest.raises(InvalidToken, match="not JSON"):
         decode_token(KEY, f"{deep}.e30.c2ln", int(time.time()))
+
+
+def test_a_registry_secret_set_in_config_is_never_replaced(tmp_path: Path) -> None:
+    """A `registry_secret` a person put in config.json (shared by replicas) that was
+    shorter than 32 characters was replaced by a random one without a word, and the
+    replicas then refused each other's tokens.  The same value in the environment was
+    an error; now both are."""
+    import json
+
+    from ember.home import Home
+    from ember.registry.server.config import load_secret
+    from ember.registry.server.errors import RegistryError
+
+    home = Home(tmp_path / "home")
+    made = load_secret(home)
+    assert len(made) >= 32 and load_secret(home) == made  # made once, then kept
+    config = home.config_file
+    config.write_text(json.dumps({"registry_secret": "shared-between-replicas"}))
+    with pytest.raises(RegistryError, match="at least 32 characters"):
+        load_secret(home)
+    assert json.loads(config.read_text())["registry_secret"] == "shared-between-replicas"
+    config.write_text(json.dumps({"registry_secret": "s" * 40}))
+    assert load_secret(home) == b"s" * 40

@@ -122,7 +122,15 @@ def load_secret(home: Home) -> bytes:
     with FileLock(home.config_lock):  # two first starts at once must agree on one secret
         config = read_config(home, RegistryError)
         value = config.get(_CONFIG_KEY)
-        if isinstance(value, str) and len(value) >= MIN_SECRET:
+        if value is not None:
+            # one a person set (shared by replicas): never replaced behind their back,
+            # which made the replicas refuse each other's tokens
+            if not isinstance(value, str) or len(value) < MIN_SECRET:
+                raise RegistryError(
+                    f"{home.config_file}: {_CONFIG_KEY} must be a string of at least "
+                    f"{MIN_SECRET} characters",
+                    hint="remove it to have one made, or set a longer one (the same on every replica)",
+                )
             return value.encode()
         config[_CONFIG_KEY] = secrets.token_hex(32)
         atomic_write(home.config_file, json.dumps(config, indent=2).encode() + b"\n", mode=0o600)
