@@ -17,6 +17,7 @@ from ember.vm import kernel as kernel_module
 from ember.vm.errors import KernelError, KernelNotFound
 from ember.vm.kernel import (
     KernelInfo,
+    check_installed_vmlinux,
     extract_vmlinux,
     find_kernel,
     install_kernel,
@@ -215,6 +216,14 @@ def test_fresh_install_from_apt(tmp_path: Path) -> None:
         said.clear()
         assert install_kernel(home, progress=said.append) == info
         assert said == []
+        # a vmlinux cut short was taken as installed: reused by install, and `run` got
+        # QEMU's "could not load kernel '/proc/self/fd/18': Success"
+        with open(info.vmlinux, "r+b") as f:
+            f.truncate(info.vmlinux.stat().st_size // 2)
+        with pytest.raises(KernelError, match="is damaged: .* is cut short"):
+            find_kernel(home)
+        assert install_kernel(home, progress=said.append) == info and said
+        check_installed_vmlinux(find_kernel(home).vmlinux)
     finally:
         shutil.rmtree(home.root, ignore_errors=True)  # ~450 MB: do not keep it around
 
@@ -236,3 +245,91 @@ def test_an_elf_that_is_no_x86_64_kernel_is_refused(kernel: KernelInfo, tmp_path
         f.write_bytes(data)
         with pytest.raises(KernelError, match=message):
             find_kernel(home, f)
+
+
+def _elf(segment_end: int) -> bytes:
+    """An x86-64 executable ELF header whose one loadable segment ends at ``segment_end``."""
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<HH", head, 16, 2, 62)  # ET_EXEC, EM_X86_64
+    struct.pack_into("<Q", head, 32, 64)  # e_phoff
+    struct.pack_into("<HH", head, 54, 56, 1)  # e_phentsize, e_phnum
+    phdr = bytearray(56)
+    struct.pack_into("<IIQ", phdr, 0, 1, 5, 0x1000)  # PT_LOAD at offset 0x1000
+    struct.pack_into("<Q", phdr, 32, segment_end - 0x1000)  # p_filesz
+    return bytes(head + phdr)
+
+
+def test_an_installed_kernel_cut_short_is_told_from_a_whole_one(
+    kernel: KernelInfo, tmp_path: Path
+) -> None:
+    check_installed_vmlinux(kernel.vmlinux)  # Debian's, as installed
+    whole = tmp_path / "vmlinux"
+    whole.write_bytes(_elf(0x3000).ljust(0x3000, b"\0"))
+    check_installed_vmlinux(whole)
+    for data, message in (
+        (b"", "not an ELF"),
+        (_elf(0x3000).ljust(0x2000, b"\0"), "cut short"),
+        (_elf(0x3000)[:80], "program headers are missing"),
+    ):
+        whole.write_bytes(data)
+        with pytest.raises(KernelError, match=message):
+            check_installed_vmlinux(whole)
+
+
+def test_a_killed_install_takes_its_dpkg_deb_along(tmp_path: Path) -> None:
+    """kill -9 of `ember kernel install` left dpkg-deb running, writing on into the temp
+    directory that the next install removes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.proc import poll_until
+
+    home = tmp_path / "home"
+    installer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from ember.home import Home; "
+         "from ember.vm.kernel import install_kernel; install_kernel(Home(Path(sys.argv[1])))",
+         str(home)],
+    )  # fmt: skip
+
+    def dpkg_deb() -> int | None:
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except (OSError, ValueError):
+                continue
+            if int(fields[1]) == installer.pid and comm.startswith("dpkg-deb"):
+                return int(pid)
+        return None
+
+    child: int | None = None
+
+    def started() -> bool:
+        nonlocal child
+        child = dpkg_deb()
+        return child is not None
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not reaped yet
+        except FileNotFoundError:
+            return True
+
+    try:
+        poll_until(started, "the install never ran dpkg-deb", 300)
+        assert child is not None
+        os.kill(child, signal.SIGSTOP)  # held where it is: it cannot finish by itself
+        installer.send_signal(signal.SIGKILL)
+        installer.wait(30)
+        poll_until(gone, "dpkg-deb was left behind when its installer was killed", 10)
+    finally:
+        installer.kill()
+        if child is not None and not gone():
+            os.kill(child, signal.SIGKILL)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(home)], check=False)

@@ -20,7 +20,8 @@ def kernel() -> None:
     "--kernel",
     "kernel_path",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Check and register a kernel you bring (bzImage or ELF) instead of Debian's.",
+    help="Check a kernel you bring (bzImage or ELF) and extract its ELF now; it is not "
+    "made the default: `ember run --kernel PATH` or config.json's kernel.path boots it.",
 )
 @click.option(
     "--modules",

@@ -17,7 +17,9 @@ or a complete kernel.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import lzma
 import os
 import re
@@ -34,7 +36,10 @@ from ember.config import config_section
 from ember.fsutil import atomic_write, fsync_dir, open_regular, why_unopened
 from ember.home import Home
 from ember.locks import FileLock
+from ember.process import die_with_parent
 from ember.vm.errors import KernelError, KernelNotFound
+
+log = logging.getLogger("ember.vm")
 
 META_PACKAGE = "linux-image-amd64"
 _VERSION_RE = re.compile(r"^[0-9][A-Za-z0-9.+_-]{0,100}$")
@@ -102,6 +107,37 @@ def check_elf_kernel(elf: bytes, where: Path | str) -> None:
 
 _EM_X86_64 = 62
 _ET_EXEC = 2
+_PT_LOAD = 1
+
+
+def check_installed_vmlinux(vmlinux: Path) -> None:
+    """KernelError unless ``vmlinux`` holds a whole x86-64 kernel ELF: its header checks
+    out and the file reaches the end of every loadable segment (an install cut short,
+    a file truncated since).  Reads the headers only (a few hundred bytes)."""
+    try:
+        with open_regular(vmlinux) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(64)
+            if head[:4] != _ELF_MAGIC:
+                raise KernelError(f"{vmlinux} is not an ELF file")
+            check_elf_kernel(head, vmlinux)
+            (phoff,) = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            if phentsize < 56 or phnum > 256:
+                raise KernelError(f"{vmlinux} has an invalid program header table")
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError as e:
+        raise KernelError(f"{vmlinux} {why_unopened(e)}") from None
+    if len(table) < phentsize * phnum:
+        raise KernelError(f"{vmlinux} is cut short (its program headers are missing)")
+    for i in range(phnum):
+        p_type, _flags, p_offset = struct.unpack_from("<IIQ", table, i * phentsize)
+        (p_filesz,) = struct.unpack_from("<Q", table, i * phentsize + 32)
+        if p_type == _PT_LOAD and p_offset + p_filesz > size:
+            raise KernelError(
+                f"{vmlinux} is cut short ({size} bytes; its segments reach {p_offset + p_filesz})"
+            )
 
 
 #: Far above any kernel's size (Debian's vmlinux is ~60 MB, one with debug info
@@ -185,11 +221,11 @@ def install_kernel(
         _run(["apt-get", "update", "-q"], what="apt-get update")
         pkg, version = resolve_debian_version(package)
     final = home.kernels / version
-    if not (final / "vmlinux").exists():
+    if not _intact(final / "vmlinux"):
         home.kernels.mkdir(parents=True, exist_ok=True)
         # one installer at a time: a second `ember` waits, then finds the kernel there
         with FileLock(home.kernel_install_lock):
-            if not (final / "vmlinux").exists():
+            if not _intact(final / "vmlinux"):
                 _remove_leftovers(home)
                 if progress:
                     progress(f"downloading {pkg} (apt-get download) into {home.kernels}")
@@ -241,7 +277,7 @@ def _install_from_apt(home: Home, pkg: str, version: str) -> None:
                 _run(["depmod", "-b", str(out), version], what="depmod")
         _write_vmlinux(out / "vmlinuz", out / "vmlinux")
         final = home.kernels / version
-        if final.exists():  # a half-finished earlier attempt (no vmlinux): replace it
+        if final.exists():  # a half-finished or damaged earlier install: replace it
             shutil.rmtree(final)
         os.rename(out, final)
         fsync_dir(home.kernels)
@@ -255,7 +291,12 @@ def _write_vmlinux(vmlinuz: Path, dest: Path) -> None:
 
 def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> None:
     try:
-        res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            argv, cwd=cwd, capture_output=True, text=True, check=False,
+            # killed with us (kill -9 of `ember kernel install`): a dpkg-deb left running
+            # wrote on into the temp dir that the next install removes
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),  # noqa: PLW1509
+        )  # fmt: skip
     except FileNotFoundError:
         raise KernelError(f"{argv[0]} not found (Debian's apt/dpkg/kmod are needed)") from None
     if res.returncode != 0:
@@ -278,10 +319,29 @@ def _set_default(home: Home, version: str) -> None:
     fsync_dir(home.kernels)
 
 
+def _intact(vmlinux: Path) -> bool:
+    if not vmlinux.exists():
+        return False
+    try:
+        check_installed_vmlinux(vmlinux)
+    except KernelError as e:
+        log.warning("installing the kernel again: %s", e)
+        return False
+    return True
+
+
 def _load(d: Path, version: str) -> KernelInfo:
     vmlinux = d / "vmlinux"
     if not vmlinux.is_file():
         raise KernelNotFound(f"kernel {version} is not installed", hint="run: ember kernel install")
+    try:
+        check_installed_vmlinux(vmlinux)
+    except KernelError as e:
+        # QEMU's own word for it was "could not load kernel '/proc/self/fd/18': Success"
+        raise KernelError(
+            f"installed kernel {version} is damaged: {e}",
+            hint="run: ember kernel install (it installs it again)",
+        ) from None
     mods = d / "lib" / "modules" / version
     return KernelInfo(
         version=version,
