@@ -495,3 +495,27 @@ def test_the_pool_readied_beside_a_pull_has_its_empty_base_and_reports_failures(
     (home.root / "config.json").write_text('{"snapshots": {"base_size": "1K"}}')
     with opening_snapshotter(home) as opening, pytest.raises(SnapshotError, match="base_size"):
         opening.result()
+
+
+def test_a_root_disk_clone_of_a_built_chain_is_never_without_a_lease(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the chain built already, ``prepare_image`` takes no lease, and the machine's
+    lease came only after it returned: a gc in that moment (the image removed
+    meanwhile) deleted the chain, and the clone failed.  Now the machine's lease names
+    the image's top before the prepare."""
+    from ember.snapshots import chain
+    from ember.snapshots.gc import collect
+
+    image = make_image(home, base_layers())
+    real = chain.prepare_image
+    real(home, image)  # built; the image table does not name it (as after `image rm`)
+
+    def prepare_then_gc(*args: Any, **kwargs: Any) -> chain.PreparedImage:
+        prepared = real(*args, **kwargs)
+        collect(home)  # another command's gc, right then
+        return prepared
+
+    monkeypatch.setattr(chain, "prepare_image", prepare_then_gc)
+    disk = clone_root_disk(home, image, "ab" * 32)
+    subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True)

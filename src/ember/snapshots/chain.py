@@ -492,13 +492,14 @@ def clone_root_disk(
     """
     snap = snapshotter or Snapshotter(home)
     key = machine_key(machine_id)
+    # The lease names the disk and the image's top snapshot before either is made or
+    # looked at: GC never sees them unprotected.  (Made after the prepare, it left a
+    # moment when a chain built earlier had no lease at all, only the image table's
+    # record, which a concurrent `image rm` takes away.)
+    top = chain_names(image)[-1:]
+    snap.leases.create(key, exist_ok=True, snapshots=[key, *top], labels={"machine": machine_id})
     prepared = prepare_image(
         home, image, snapshotter=snap, layer_path=layer_path, open_layer=open_layer
-    )
-    # the lease names the disk (and the image snapshot it is cloned from) before the
-    # disk exists: GC never sees either unprotected
-    snap.leases.create(
-        key, exist_ok=True, snapshots=[key, prepared.snapshot], labels={"machine": machine_id}
     )
     if snap.exists(key):
         info = snap.stat(key)
