@@ -299,3 +299,24 @@ def test_ctrl_c_stops_an_attached_run_whose_reader_stopped_reading(
     finally:
         run.kill()
         ember("rm", "-f", "flood")
+
+
+def test_an_attached_run_whose_reader_went_away_passes_it_sigpipe(
+    ember: Ember, busybox: str
+) -> None:
+    """`ember run --rm IMAGE yes | head -1`: ember exited 141 when head did, and left
+    the machine running for ever, unread (--rm never came).  In that pipeline without
+    ember, `yes` gets SIGPIPE; so it does in the machine now."""
+    run = subprocess.Popen(
+        ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", "--name", "yes1", busybox,
+         "yes"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ember.env(),
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None and run.stdout.readline() == b"y\n"
+        run.stdout.close()  # head -1 is done
+        assert run.wait(60) == 141
+        poll_until(lambda: "yes1" not in ember("ps", "-a").stdout, "the machine ran on", 60)
+    finally:
+        run.kill()
+        ember("rm", "-f", "yes1")

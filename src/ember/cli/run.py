@@ -146,9 +146,25 @@ def _follow(
     )
     try:
         return _copy_until_exit(home, st, d, events, monitor_pid, sinks, intr)
+    except BrokenPipeError:
+        # Whoever read our output went away (`ember run IMAGE yes | head -1`): the
+        # program gets SIGPIPE, as it would in that pipeline on its next write, rather
+        # than run on unread (with --rm: for ever); ember exits 141 (main.py).
+        _pass_sigpipe(home, d)
+        raise
     finally:
         for _, sink in sinks:
             sink.close()
+
+
+def _pass_sigpipe(home: Home, d: Path) -> None:
+    from ember.machines import lifecycle
+    from ember.machines.state import RUNNING
+
+    st = _current(home, d)
+    if st is not None and st.status == RUNNING:
+        with contextlib.suppress(EmberError):  # ended meanwhile: nothing to tell it
+            lifecycle.send_signal(home, st, signal.SIGPIPE)
 
 
 def _copy_until_exit(
