@@ -576,3 +576,42 @@ def test_allocations_of_an_earlier_boot_write_no_rules(netns: str, tmp_path: Pat
     rules stayed, taking ports host programs may have taken since the boot."""
     out = run_in_netns(netns, EARLIER_BOOT_SCRIPT, tmp_path)
     assert out == {"before": True, "after_one": [True, False], "new": [True, False]}, out
+
+
+TWO_HOMES = """
+other = NetworkManager(Home(Path(sys.argv[1]) / "other"), NetConfig(nameservers=("192.0.2.53",)))
+def nft():
+    r = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+a = mgr.setup(sys.argv[2], ports=parse_publish("8080:80"))
+try:
+    other.setup(sys.argv[3], ports=parse_publish("8081:80"))
+except EmberError as e:
+    out["refused"] = str(e)
+out["nft_kept"] = nft()
+kept = home.root / "other" / "net" / "state.json"
+out["other_state"] = json.loads(kept.read_text())["machines"] if kept.exists() else {}
+# this home's machines gone without a teardown (a crash, its state directory deleted):
+# the table is stale, and the other home takes it over
+subprocess.run(["ip", "link", "delete", a.tap], check=True)
+b = other.setup(sys.argv[3], ports=parse_publish("8081:80"))
+out["nft_taken_over"] = nft()
+mgr.teardown(sys.argv[2])  # the first home's late teardown leaves the other's rules alone
+out["nft_after_late_teardown"] = nft()
+other.teardown(sys.argv[3])
+out["nft_end"] = nft()
+print(json.dumps(out))
+"""
+
+
+def test_a_second_state_directory_in_the_namespace_is_refused(netns: str, tmp_path: Path) -> None:
+    """Two state directories in one network namespace: the second replaced the first's
+    rules (its published ports, the guard keeping guests off host-only addresses),
+    gave its TAPs the same addresses, and deleted the table with its last machine."""
+    out = run_in_netns(netns, TWO_HOMES, tmp_path)
+    assert "another ember state directory runs machines in this network namespace" in out["refused"]
+    assert "tcp . 8080 : 172.30.0.2 . 80" in out["nft_kept"] and "8081" not in out["nft_kept"]
+    assert out["other_state"] == {}
+    assert "8081" in out["nft_taken_over"] and "8080" not in out["nft_taken_over"]
+    assert out["nft_after_late_teardown"] == out["nft_taken_over"]
+    assert out["nft_end"] is None

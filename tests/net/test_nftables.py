@@ -132,3 +132,17 @@ def test_nameservers_of_any_family_and_only_link_local_ipv4_ones_opened() -> Non
     bad = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2", nameservers=("1.1.1.1; x",))
     with pytest.raises(NetworkError):
         render_ruleset([bad], subnet="172.30.0.0/16", egress=True)
+
+
+def test_the_table_names_the_state_directory_it_belongs_to() -> None:
+    from ember.net.nftables import owner_in_listing, owner_of
+
+    owner = owner_of("/var/lib/ember")
+    assert owner.startswith("ember home ") and owner != owner_of("/var/lib/ember2")
+    script = render_ruleset([A], subnet="172.30.0.0/16", egress=True, owner=owner)
+    assert f'table inet ember {{\n\tcomment "{owner}"\n' in script
+    # nft prints it back the same way (checked against nft 1.0.6 in test_manager)
+    assert owner_in_listing(f'table inet ember {{\n\tcomment "{owner}"\n\tset nw_default {{') == owner
+    assert owner_in_listing("table inet ember {\n\tset nw_default {") is None
+    with pytest.raises(NetworkError):
+        render_ruleset([A], subnet="172.30.0.0/16", egress=True, owner='x" ; flush ruleset')

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import os
 import re
 import secrets
 import socket
@@ -29,11 +30,15 @@ from ember.net import ipam, netfilter, netns, tap
 from ember.net.errors import InvalidPortSpec, NetworkError, PortConflict
 from ember.net.netns import Netns
 from ember.net.nftables import (
+    TABLE_FAMILY,
+    TABLE_NAME,
     TAP_PREFIX,
     MachineRules,
     check_machine_id,
     check_network_name,
     check_rules,
+    owner_in_listing,
+    owner_of,
     render_ruleset,
 )
 from ember.net.ports import PortMapping, conflicts, ephemeral_range, pick_host_port
@@ -183,6 +188,8 @@ class NetworkManager:
         self.config = config or NetConfig.load(home)
         self.state_path = home.net_state
         self.lock_path = home.net_lock
+        #: the nftables table's comment while it holds this home's machines' rules
+        self.owner = owner_of(os.path.realpath(home.root))
 
     # ---- persisted state ------------------------------------------------------------
 
@@ -251,7 +258,41 @@ class NetworkManager:
             )
             if m.netns is None or where is None or m.netns.same(where)
         ]
-        return render_ruleset(rules, subnet=state["subnet"], egress=self.config.egress)
+        return render_ruleset(
+            rules, subnet=state["subnet"], egress=self.config.egress, owner=self.owner
+        )
+
+    def _table_owner(self) -> str | None:
+        """Whose rules table ``inet ember`` here holds: this home's (``self.owner``), no
+        one's (None: no table, or an older ember's without a comment), or another
+        state directory's."""
+        listing = netfilter.table_listing(TABLE_FAMILY, TABLE_NAME)
+        return None if listing is None else owner_in_listing(listing)
+
+    def _refuse_another_homes_table(self, state: dict[str, Any]) -> None:
+        """Two state directories in one network namespace share the table's name and the
+        default subnet: the second replaced the first's rules (its published ports and
+        its guard against guests reaching host-only addresses), gave its TAPs the same
+        addresses, and deleted the table with its last machine.  While another home's
+        machines are here, refuse; a table whose machines are all gone (that home
+        crashed or was deleted) is replaced."""
+        owner = self._table_owner()
+        if owner is None or owner == self.owner:
+            return
+        ours = {v["tap"] for v in state["machines"].values()}
+        theirs = sorted(
+            name for _, name in socket.if_nameindex()
+            if name.startswith(TAP_PREFIX) and name not in ours
+        )  # fmt: skip
+        if theirs:
+            raise NetworkError(
+                "another ember state directory runs machines in this network namespace "
+                f"(nftables table {TABLE_FAMILY} {TABLE_NAME} and {', '.join(theirs[:3])}"
+                f"{' ...' if len(theirs) > 3 else ''} are its): one state directory per "
+                "network namespace",
+                hint="run this one's machines in a network namespace of their own (ip netns "
+                "exec), or stop the other's (docs/networking.md)",
+            )
 
     def nameservers(self) -> tuple[str, ...]:
         if self.config.nameservers is not None:
@@ -301,6 +342,7 @@ class NetworkManager:
         with self._locked() as state:
             if machine_id in state["machines"]:
                 raise NetworkError(f"machine {machine_id[:12]} already has a network")
+            self._refuse_another_homes_table(state)
             taken: list[PortMapping] = []
             fixed = [m for m in ports if m.chosen and not m.auto]
             for other in state["machines"].values():
@@ -384,6 +426,10 @@ class NetworkManager:
 
             def release() -> None:
                 tap.delete_link(m.tap)
+                if self._table_owner() not in (None, self.owner):
+                    # another home's rules since (this one's were replaced when it was
+                    # found stale): neither they nor its flows to the address are ours
+                    return
                 netfilter.apply(rules)
                 # after the rules: no new translation to the address can begin meanwhile
                 netfilter.forget_flows(m.guest_ip)

@@ -23,6 +23,22 @@ def apply(script: str) -> None:
         raise NetworkError(f"nft rejected ember's ruleset: {first}")
 
 
+def table_listing(family: str, name: str) -> str | None:
+    """``nft list table FAMILY NAME`` here (None: there is no such table)."""
+    try:
+        res = subprocess.run(
+            ["nft", "list", "table", family, name], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        raise NetworkError("nft not found", hint="install nftables") from None
+    if res.returncode != 0:
+        if "No such file or directory" in res.stderr:
+            return None
+        first = (res.stderr.strip().splitlines() or ["no output"])[0]
+        raise NetworkError(f"cannot read nftables table {family} {name}: {first}")
+    return res.stdout
+
+
 def forget_flows(address: str) -> None:
     """Delete the connection tracking entries of a machine's address that is being freed.
 

@@ -28,7 +28,9 @@ inet ember`` removes all of it).  The table holds:
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -167,10 +169,37 @@ _DNAT_RULES = (
 )
 
 
-def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: bool) -> str:
-    """The whole ``nft -f`` script: replace table ``inet ember`` (or just delete it)."""
+#: what the table's comment says of the state directory whose machines' rules it holds
+_OWNER_RE = re.compile(r"^ember home [0-9a-f]{16}$")
+_COMMENT_RE = re.compile(r'^\s*comment "([^"\\]*)"\s*$')
+
+
+def owner_of(home_root: str) -> str:
+    """The table's comment for a state directory: ``ember home <16 hex>``, its real path
+    hashed (a path is free text; a comment is at most 128 bytes, quoted)."""
+    return "ember home " + hashlib.sha256(os.fsencode(home_root)).hexdigest()[:16]
+
+
+def owner_in_listing(listing: str) -> str | None:
+    """The owner comment in ``nft list table inet ember``'s output (None: none, as in
+    an older ember's table)."""
+    for line in listing.splitlines()[1:4]:  # it comes right after "table inet ember {"
+        m = _COMMENT_RE.match(line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def render_ruleset(
+    machines: Sequence[MachineRules], *, subnet: str, egress: bool, owner: str | None = None
+) -> str:
+    """The whole ``nft -f`` script: replace table ``inet ember`` (or just delete it).
+    ``owner``: ``owner_of`` the state directory it is made for, kept as the table's
+    comment (``NetworkManager`` refuses a table another one owns)."""
     for m in machines:
         check_rules(m)
+    if owner is not None and not _OWNER_RE.fullmatch(owner):
+        raise NetworkError(f"invalid table owner {owner[:80]!r}")
     _ipv4(subnet, "machine subnet")
     out = [
         # create-then-delete makes the delete valid whether or not the table exists
@@ -252,6 +281,8 @@ def render_ruleset(machines: Sequence[MachineRules], *, subnet: str, egress: boo
         body.append(f'\t\tip saddr {subnet} oifname != "{TAP_PREFIX}*" masquerade')
     body.append("\t}")
     out.append(f"table {TABLE_FAMILY} {TABLE_NAME} {{")
+    if owner is not None:
+        out.append(f'\tcomment "{owner}"')
     out += body
     out.append("}")
     return "\n".join(out) + "\n"
