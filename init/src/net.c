@@ -3,6 +3,7 @@
  * address, and a default route through its gateway. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/if.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
@@ -128,6 +129,10 @@ int net_setup(const struct config *c, char *err, size_t errlen)
 		return -1;
 	}
 	int rc = -1, e;
+	/* What Docker (20.10 and later) sets in every container: a program running as a
+	 * non-root image user may bind port 80.  The machine's kernel is its own. */
+	if (write_file("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0", 1, O_TRUNC, 0644) < 0)
+		logmsg("ip_unprivileged_port_start: %s", strerror(errno));
 	unsigned int lo = if_nametoindex("lo");
 	if (lo && (e = link_up(fd, (int)lo, 0, NULL)) < 0)
 		logmsg("lo up: %s", strerror(-e));

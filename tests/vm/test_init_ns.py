@@ -798,7 +798,8 @@ def run_in_netns(root: Path, netns: str, rc: RunConfig) -> Result:
 
 def test_network_configured_over_netlink(root: Path, netns: str) -> None:
     rc = sh(
-        "ip -4 addr show eth0; ip link show lo; ip route",
+        "ip -4 addr show eth0; ip link show lo; ip route; "
+        "echo unprivileged from $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)",
         network=(Interface("eth0", "172.30.5.2", 24, "172.30.5.1", 1400),),
     )
     r = run_in_netns(root, netns, rc)
@@ -807,6 +808,8 @@ def test_network_configured_over_netlink(root: Path, netns: str) -> None:
     assert "mtu 1400" in r.stdout
     assert "default via 172.30.5.1 dev eth0" in r.stdout
     assert "LOOPBACK,UP" in r.stdout
+    # as Docker sets it: a non-root image user may bind port 80
+    assert "unprivileged from 0\n" in r.stdout
 
 
 def test_missing_interface_is_an_error(root: Path, netns: str) -> None:
