@@ -447,3 +447,22 @@ def test_logs_tail_prints_the_last_lines_of_each_stream(tmp_path: Path) -> None:
     # with -f: the last lines, then what comes, until the machine ends (here: ended)
     res = _ember(tmp_path, "logs", "-f", "--tail", "1", "m")
     assert (res.returncode, res.stdout, res.stderr) == (0, "o3\n", "e2\n")
+
+
+def test_kill_of_a_machine_ending_meanwhile_says_it_is_not_running(tmp_path: Path) -> None:
+    """`ember kill -s USR1 NAME` as the machine ended: its monitor had taken the control
+    channel away but not yet recorded the end, and the user read "cannot reach the
+    machine's control channel .../control.sock: No such file or directory"."""
+    home = Home(tmp_path)
+    monitor = subprocess.Popen(["sleep", "60"])  # stands in for the machine's monitor
+    try:
+        _record(home, "ending", status=mstate.RUNNING, started_at=mstate.now(),
+                monitor_pid=monitor.pid, monitor_start=proc_start_time(monitor.pid))  # fmt: skip
+        # (no control.sock: gone with the VMM) the monitor ends a moment later
+        threading.Timer(0.3, monitor.kill).start()
+        res = _ember(tmp_path, "kill", "-s", "USR1", "ending")
+    finally:
+        monitor.kill()
+        monitor.wait()
+    assert res.returncode == 1
+    assert res.stderr == "ember: machine ending is not running (exited)\n", res.stderr

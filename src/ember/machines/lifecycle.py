@@ -1016,13 +1016,24 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
     """``ember kill -s SIG`` (not KILL): ember-init delivers ``signo`` to the program;
     like docker kill, this does not wait for any effect."""
     st = _require_running(home, st)
-    conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
     try:
-        # the monitor serves control.sock and passes the line on over its own connection
-        # to the guest: hanging up right after writing loses nothing
-        write_control(conn, signal_request(signo))
-    finally:
-        conn.close()
+        conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
+        try:
+            # the monitor serves control.sock and passes the line on over its own
+            # connection to the guest: hanging up right after writing loses nothing
+            write_control(conn, signal_request(signo))
+        finally:
+            conn.close()
+    except ControlChannelError:
+        # The machine was ending: its monitor takes the channel away before it records
+        # the end.  Say that (as for any machine not running), not the socket's errno.
+        if wait_exited(home, st, CHANNEL_GONE_GRACE) is not None:
+            raise MachineNotRunning(f"machine {st.name} is not running (exited)") from None
+        raise
+
+
+#: how long a machine whose control channel is gone may take to be recorded as ended
+CHANNEL_GONE_GRACE = 2.0
 
 
 def kill_vmm(home: Home, st: MachineState) -> MachineState:
