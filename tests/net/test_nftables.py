@@ -146,3 +146,10 @@ def test_the_table_names_the_state_directory_it_belongs_to() -> None:
     assert owner_in_listing("table inet ember {\n\tset nw_default {") is None
     with pytest.raises(NetworkError):
         render_ruleset([A], subnet="172.30.0.0/16", egress=True, owner='x" ; flush ruleset')
+
+
+def test_dockers_name_for_the_default_network_is_embers_default() -> None:
+    from ember.net.nftables import check_requested_network
+
+    assert check_requested_network("bridge") == "default"
+    assert check_requested_network("tenant_b") == "tenant_b"

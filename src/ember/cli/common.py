@@ -119,3 +119,20 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+class WholeNumber(click.IntRange):
+    """An integer option in a range, with one line a person can act on for what is not
+    a whole number (click's own: "'1.5' is not a valid integer range.")."""
+
+    def __init__(self, low: int, high: int, unit: str) -> None:
+        super().__init__(low, high)
+        self.unit = unit
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                int(value.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number of {self.unit}", param, ctx)
+        return super().convert(value, param, ctx)

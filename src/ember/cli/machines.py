@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ember.cli.common import (
+    WholeNumber,
     home_from_ctx,
     json_option,
     print_json,
@@ -295,7 +296,7 @@ def for_each(
 
 
 stop_time_option = click.option(
-    "-t", "--time", "timeout", type=click.IntRange(NO_STOP_TIMEOUT, 3600), default=None,
+    "-t", "--time", "timeout", type=WholeNumber(NO_STOP_TIMEOUT, 3600, "seconds"), default=None,
     help="Seconds to wait for a graceful stop before killing (-1: wait for ever; "
     "default: the machine's).",
 )  # fmt: skip

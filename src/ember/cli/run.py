@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ember.cli.common import home_from_ctx, warnings_as_messages
+from ember.cli.common import WholeNumber, home_from_ctx, warnings_as_messages
 from ember.cli.machines import stop_time_option
 from ember.cli.sinks import OutputSink
 from ember.errors import EmberError, UsageError
@@ -385,7 +385,7 @@ class _RunUsageError(click.UsageError):
               help="Publish every port the image exposes (EXPOSE) on a host port ember picks.")  # fmt: skip
 @click.option("--memory", "-m", "memory", default="512", show_default=True,
               help="Guest memory in MiB (or with a unit: 1G).")  # fmt: skip
-@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--cpus", type=WholeNumber(1, 64, "vCPUs"), default=1, show_default=True)
 @click.option("--disk-size", help=f"Root disk size, e.g. 2G (default: {DEFAULT_DISK_HELP}).")
 @click.option("--kernel", type=click.Path(path_type=Path, dir_okay=False),
               help="Boot this kernel (bzImage or ELF) instead of the installed one.")  # fmt: skip
@@ -453,7 +453,7 @@ def run(
         check_name(name)
     if user is not None:
         check_user(user)
-    check_requested_network(network)
+    network = check_requested_network(network)
     ports = tuple(m for p in publish for m in parse_publish(p))
     check_port_count(ports)  # before the image is pulled (-P's are counted once it is)
     host_env = dict(os.environ)

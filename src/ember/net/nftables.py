@@ -70,9 +70,12 @@ _DOCKER_MODES = {
 
 
 def check_requested_network(name: str) -> str:
-    """A network a new machine asks for (``--network``): a valid name, and not one of
-    Docker's special modes (``none``, ``host``), which here would be an ordinary
-    network, with full networking."""
+    """The network a new machine asks for (``--network``), as ember names it: a valid
+    name, and not one of Docker's special modes (``none``, ``host``), which here would
+    be an ordinary network, with full networking.  ``bridge``, Docker's name for its
+    default network, is ember's ``default``."""
+    if name == "bridge":
+        return "default"
     if name in _DOCKER_MODES:
         raise NetworkError(f"--network {name}: {_DOCKER_MODES[name]}",
                            hint="give a network name of its own to keep a machine from others")  # fmt: skip
@@ -83,6 +86,7 @@ def check_network_name(name: str) -> str:
     if not _NETWORK_RE.fullmatch(name):
         raise NetworkError(
             f"invalid network name {name!r} (lowercase letters, digits, _; at most 31)"
+            + ("; '-' is Docker's, use '_'" if "-" in name else "")
         )
     return name
 
