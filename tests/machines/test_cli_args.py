@@ -33,7 +33,7 @@ def ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["--disk-size", "lots"], "invalid size"),
         (["--name", "no/slashes"], "invalid machine name"),
         (["--network", "Bad-Net"], "invalid network name"),
-        (["--network", "my-net"], "'-' is Docker's, use '_'"),
+        (["--network", "-net"], "invalid network name"),
         (["--cpus", "1.5"], "'1.5' is not a whole number of vCPUs"),
         # Docker's special modes were ordinary networks here: "none" with full networking
         (["--network", "none"], "--network none: ember has no machine without a network"),

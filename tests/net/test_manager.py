@@ -59,7 +59,7 @@ def nft():
     return r.stdout if r.returncode == 0 else None
 
 a = mgr.setup(sys.argv[2], ports=parse_publish("8080:80"))
-b = mgr.setup(sys.argv[3], network="tenant_b")
+b = mgr.setup(sys.argv[3], network="tenant-b")  # (Docker's names have dashes)
 out["a"], out["b"] = a.to_json(), b.to_json()
 out["links"] = links()
 out["addr_a"] = addrs(a.tap)
@@ -96,7 +96,7 @@ def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
     assert out["addr_a"] == ["172.30.0.1/30"]
     assert out["route_localnet_a"] == "1" and out["forwarding"] == "1"
     assert "tcp . 8080 : 172.30.0.2 . 80" in out["nft"]
-    assert "nw_tenant_b" in out["nft"]
+    assert "nw_tenant-b" in out["nft"]
     assert out["conflict"][0] == "PortConflict" and "8080/tcp" in out["conflict"][1]
     assert out["links_after_conflict"] == out["links"]
     assert out["links_after_a"] == ["em-b2b2b2b2b2b2"]

@@ -42,7 +42,7 @@ _LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 TABLE_FAMILY = "inet"
 TABLE_NAME = "ember"
 TAP_PREFIX = "em-"
-_NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
+_NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 _TAP_RE = re.compile(r"^em-[0-9a-f]{1,12}$")
 _ID_RE = re.compile(r"^[0-9a-f]{12,64}$")
 
@@ -85,8 +85,7 @@ def check_requested_network(name: str) -> str:
 def check_network_name(name: str) -> str:
     if not _NETWORK_RE.fullmatch(name):
         raise NetworkError(
-            f"invalid network name {name!r} (lowercase letters, digits, _; at most 31)"
-            + ("; '-' is Docker's, use '_'" if "-" in name else "")
+            f"invalid network name {name!r} (lowercase letters, digits, _ and -; at most 31)"
         )
     return name
 
