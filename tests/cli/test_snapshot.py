@@ -218,3 +218,25 @@ def test_gc_says_what_it_swept_of_killed_commands(home: Home) -> None:
     assert "0 leftover machine dir(s), 2 temp file(s)" in out, out
     assert "2.0 KiB of leftovers" in out, out
     assert not any(t.exists() for t in temps) and young.exists()
+
+
+def test_a_machines_root_disk_is_not_removed_under_it_even_forced(home: Home) -> None:
+    """`snapshot rm --force machine/ID` of a running machine removed its disk (the VMM
+    wrote on into a deleted file; its next start failed): it is its machine's to remove."""
+    from ember.machines.store import MachineStore
+    from ember.snapshots import Snapshotter
+    from ember.snapshots.chain import clone_root_disk
+    from tests.snapshots.imagekit import base_layers, make_image
+
+    machine_id = "cd" * 32
+    clone_root_disk(home, make_image(home, base_layers()), machine_id)
+    record = MachineStore(home).dir(machine_id)
+    record.mkdir(parents=True)
+    refused = ember(home, "snapshot", "rm", "--force", f"machine/{machine_id}", ok=False)
+    assert refused.returncode != 0, refused.stdout
+    assert f"is the root disk of machine {machine_id[:12]}" in refused.stderr
+    assert f"ember rm {machine_id[:12]}" in refused.stderr
+    assert Snapshotter(home).exists(f"machine/{machine_id}")
+    record.rmdir()  # the machine gone (its disk left over): the disk may go by hand
+    ember(home, "snapshot", "rm", "--force", f"machine/{machine_id}")
+    assert not Snapshotter(home).exists(f"machine/{machine_id}")

@@ -76,10 +76,33 @@ def _short(name: str) -> str:
     return name
 
 
+def _refuse_a_machines_disk(key: str) -> None:
+    """A machine's root disk goes with its machine (`ember rm`), never under it: removed
+    while the machine ran, its VMM wrote on into a deleted file, and the machine's next
+    start failed for want of its disk."""
+    from ember.errors import EmberError
+    from ember.machines.store import MachineStore
+    from ember.snapshots.errors import SnapshotInUse
+
+    machine_id = key.removeprefix("machine/")
+    if machine_id == key:
+        return
+    try:
+        exists = MachineStore(home_from_ctx()).dir(machine_id).is_dir()
+    except EmberError:  # not a machine id: not a machine's disk
+        return
+    if exists:
+        raise SnapshotInUse(
+            f"snapshot {key!r} is the root disk of machine {machine_id[:12]}",
+            hint=f"ember rm {machine_id[:12]} removes the machine and its disk",
+        )
+
+
 @snapshot.command("rm", short_help="Remove snapshots.")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--force", "-f", is_flag=True,
-              help="Remove snapshots that a lease holds (a machine's root disk) too.")  # fmt: skip
+              help="Remove snapshots that a lease holds too (a machine's root disk only "
+              "once its machine is gone: ember rm removes both).")  # fmt: skip
 def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
     """Remove snapshots, named as `ember snapshot ls` shows them (a digest prefix that
     only one snapshot starts with is enough).
@@ -112,6 +135,7 @@ def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
     if snap is not None:
         for key in _children_first(snap, list(resolved)):
             try:
+                _refuse_a_machines_disk(key)
                 snap.remove(key, respect_leases=not force)
                 click.echo(resolved[key])
             except EmberError as e:
