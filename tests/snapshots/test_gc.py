@@ -419,3 +419,60 @@ def test_gc_keeps_a_machines_root_disk_while_its_record_exists_even_without_its_
     assert snap.exists(f"machine/{machine_id}") and disk.is_file()
     shutil.rmtree(record)  # `ember rm` done, but for its disk
     assert f"machine/{machine_id}" in collect(home).snapshots
+
+
+def _kernel_dir(path: Path, age: float) -> Path:
+    path.mkdir(parents=True)
+    (path / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 60)
+    then = time.time() - age
+    for p in (path / "vmlinux", path):
+        os.utime(p, (then, then))
+    return path
+
+
+def test_gc_removes_the_kernels_no_machine_boots(home: Home, tmp_path: Path) -> None:
+    """A kernel update installs a new Debian version (~470 MB with its modules) and
+    makes it the default: the old one stayed for ever, as did the ELFs extracted from
+    bzImages users brought (kernels/custom/<sha256>, ~60 MB each)."""
+    import secrets
+
+    from ember.machines.state import MachineState, VMConfig
+    from ember.machines.store import MachineStore
+
+    kernels = home.kernels
+    hour = 3600.0
+    old_default = _kernel_dir(kernels / "6.1.0-1-amd64", hour)
+    booted_old = _kernel_dir(kernels / "6.1.0-0-amd64", hour)
+    current = _kernel_dir(kernels / "6.1.0-2-amd64", hour)
+    (kernels / "default").symlink_to(current.name)
+    then = time.time() - hour
+    os.utime(kernels / "default", (then, then), follow_symlinks=False)
+    unused_custom = _kernel_dir(kernels / "custom" / ("a" * 64), hour)
+    booted_custom = _kernel_dir(kernels / "custom" / ("b" * 64), hour)
+    fresh_custom = _kernel_dir(kernels / "custom" / ("c" * 64), 1)  # a run may be using it
+    for name, kernel in (("m1", booted_old), ("m2", booted_custom)):
+        st = MachineState(
+            id=secrets.token_hex(32), name="", image="oci:/x:latest",
+            image_digest="sha256:" + "0" * 64, created_at="2026-01-01T00:00:00.000+00:00",
+            command=["true"], config={},
+            vm=VMConfig("qemu", "tcg", str(kernel / "vmlinux"), "/i", "/d", 512, 1),
+        )  # fmt: skip
+        MachineStore(home).create(st, name)
+
+    dry = collect(home, dry_run=True, leftover_grace=600)
+    assert sorted(dry.kernels) == ["6.1.0-1-amd64", f"custom/{'a' * 64}"]
+    assert old_default.is_dir() and unused_custom.is_dir()
+    report = collect(home, leftover_grace=600)
+    assert sorted(report.kernels) == sorted(dry.kernels) and report.kernel_bytes == 2 * 64
+    assert not old_default.exists() and not unused_custom.exists()
+    assert all(d.is_dir() for d in (booted_old, current, booted_custom, fresh_custom))
+
+    # a kernels directory shared between state directories (a symlink): theirs to judge
+    shared = tmp_path / "shared-kernels"
+    kernels.rename(shared)
+    kernels.symlink_to(shared)
+    (shared / "default").unlink()
+    (shared / "default").symlink_to("6.1.0-0-amd64")
+    os.utime(shared / "default", (then, then), follow_symlinks=False)
+    assert collect(home, leftover_grace=600).kernels == []
+    assert current.name in os.listdir(shared)

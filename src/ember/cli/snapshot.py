@@ -314,12 +314,13 @@ def gc(
     click.echo(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "
         f"{len(report.leases)} expired lease(s), {report.ingests} partial download(s), "
-        f"{len(report.templates)} machine template(s), "
+        f"{len(report.templates)} machine template(s), {len(report.kernels)} unused kernel(s), "
         f"{report.machine_dirs} leftover machine dir(s), {report.temp_files} temp file(s), "
         f"{report.work_dirs} work dir(s) of killed runs; "
         f"{freed} {human_size(report.snapshot_bytes)} in the snapshot pool, "
         f"{human_size(report.content_bytes + report.ingest_bytes)} of content, "
-        f"{human_size(report.template_bytes)} of templates and "
+        f"{human_size(report.template_bytes)} of templates, "
+        f"{human_size(report.kernel_bytes)} of kernels and "
         f"{human_size(report.leftover_bytes)} of leftovers"
     )
 

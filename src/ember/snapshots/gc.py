@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.fsutil import stale_temps, stale_work_dirs
+from ember.fsutil import remove_tree, stale_temps, stale_work_dirs, tree_bytes
 from ember.home import Home
 from ember.locks import FileLock, is_held, try_lock
 from ember.machines.store import LEFTOVER_AGE, MachineStore
@@ -71,6 +71,10 @@ class GCReport:
     #: (``.removing-<id>``, and ``<id>`` without a record) and atomic_write temp files
     machine_dirs: int = 0
     temp_files: int = 0
+    #: guest kernels no machine boots: Debian versions no longer the default, and ELFs
+    #: extracted from a user's bzImage (``ember.vm.kernel.unused_kernels``)
+    kernels: list[str] = field(default_factory=list)
+    kernel_bytes: int = 0
     #: work directories of a KVM probe, a kernel install or a template build
     work_dirs: int = 0
     leftover_bytes: int = 0
@@ -91,6 +95,8 @@ class GCReport:
             "content_bytes": self.content_bytes,
             "templates": self.templates,
             "template_bytes": self.template_bytes,
+            "kernels": self.kernels,
+            "kernel_bytes": self.kernel_bytes,
             "machine_dirs": self.machine_dirs,
             "temp_files": self.temp_files,
             "work_dirs": self.work_dirs,
@@ -170,6 +176,7 @@ def collect(
     # the same for the leftovers of killed commands: each is known stale by its age and
     # its own locks
     sweep_leftovers(home, report, leftover_grace, dry_run=dry_run)
+    _sweep_kernels(home, report, leftover_grace, dry_run=dry_run)
     with contextlib.ExitStack() as held:
         # a dry run changes nothing: it reads beside running pulls instead of waiting
         held.enter_context(images_lock(home, exclusive=not dry_run, notice=notice))
@@ -193,6 +200,39 @@ def collect(
         report.templates.append(key)
         report.template_bytes += size
     return report
+
+
+def _sweep_kernels(home: Home, report: GCReport, older_than: float, *, dry_run: bool) -> None:
+    """Remove (count, in a dry run) the guest kernels no machine boots any more
+    (``unused_kernels``); none while an install runs (its lock) or while a machine's
+    record cannot be read (which kernel it boots is unknown)."""
+    from ember.vm.kernel import unused_kernels
+
+    if not home.kernels.is_dir() or home.kernels.is_symlink():
+        return
+    machines, damaged = MachineStore(home).scan()
+    if damaged:
+        report.warnings.append(
+            f"kept the kernels no machine seems to boot: the record of machine "
+            f"{damaged[0].machine_id[:12]} cannot be read"
+        )
+        return
+    lock = try_lock(home.kernel_install_lock)
+    if lock is None:
+        return  # an install is under way: it may be making the next default
+    try:
+        for d in unused_kernels(home, [m.vm.kernel for m in machines], older_than):
+            size = tree_bytes(d)
+            if not dry_run:
+                try:
+                    remove_tree(d)
+                except OSError as e:
+                    log.warning("gc: cannot remove kernel %s: %s", d, e)
+                    continue
+            report.kernels.append(d.name if d.parent == home.kernels else f"custom/{d.name}")
+            report.kernel_bytes += size
+    finally:
+        lock.release()
 
 
 def sweep_leftovers(home: Home, report: GCReport, older_than: float, *, dry_run: bool) -> None:

@@ -27,8 +27,9 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,6 +365,47 @@ def list_kernels(home: Home) -> list[KernelInfo]:
         ):
             out.append(_load(d, d.name))
     return out
+
+
+def unused_kernels(
+    home: Home, booted: Iterable[str], older_than: float, now: float | None = None
+) -> list[Path]:
+    """The kernel directories nothing needs any more, for ``ember gc``: Debian versions
+    other than the default (each ~470 MB with its modules; a new one comes with every
+    kernel update) once the default moved away ``older_than`` seconds ago, and the
+    ELFs extracted from a user's bzImage (``custom/<sha256>``, ~60 MB) untouched for
+    that long, that no machine boots (``booted``: the kernel paths of the machines'
+    records; a stopped machine starts again with its own).  None when ``kernels/`` is
+    a symlink: its owner shares it between state directories, whose machines these
+    records are not all of."""
+    kernels = home.kernels
+    if kernels.is_symlink() or not kernels.is_dir():
+        return []
+    now = time.time() if now is None else now
+    needed = {Path(os.path.abspath(p)).parent for p in booted}
+
+    def old(path: Path) -> bool:
+        try:
+            return now - path.lstat().st_mtime >= older_than
+        except OSError:
+            return False
+
+    found: list[Path] = []
+    default = default_version(home)
+    if default is not None and old(home.default_kernel):
+        found += [
+            d for d in sorted(kernels.iterdir())
+            if _VERSION_RE.fullmatch(d.name) and d.name != default
+            and d.is_dir() and not d.is_symlink() and d not in needed
+        ]  # fmt: skip
+    custom = home.custom_kernels
+    if custom.is_dir() and not custom.is_symlink():
+        found += [
+            d for d in sorted(custom.iterdir())
+            if re.fullmatch(r"[0-9a-f]{64}", d.name) and d.is_dir() and not d.is_symlink()
+            and d not in needed and old(d) and old(d / "vmlinux")
+        ]  # fmt: skip
+    return found
 
 
 def default_version(home: Home) -> str | None:
