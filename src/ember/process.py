@@ -12,6 +12,7 @@ import select
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 # Loaded once, at import: after a fork (a preexec function, a forked relay) loading a
@@ -41,21 +42,38 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def fork() -> int:
-    """``os.fork()``, with SIGINT, SIGTERM and SIGHUP held over it.
+    """``os.fork()``, with a SIGINT, SIGTERM or SIGHUP that comes meanwhile acted on once
+    it has returned to the parent.
 
     Python runs ``register_at_fork`` callbacks (logging's lock release, among
     others) around the fork, and a signal handler that raises inside one of them
     raises into a place that reports the exception as "ignored" and goes on: a
-    Ctrl-C or a hang-up was lost, the command ran on.  Blocked over the fork, such
-    a signal stays pending and is delivered once this returns to the parent (its
-    handler raising from here, as it could a moment later anyway).  The child
-    starts with none pending, and with the caller's mask.
+    Ctrl-C or a hang-up was lost, the command ran on.  Blocking the signals in
+    this thread is not enough: another thread of the process takes them then, and
+    Python still runs the handler here, in the main thread.  So the handlers that
+    Python runs are replaced by one that only records the signal, over the fork;
+    the parent then runs the first one recorded with its own handler (which
+    raises from here, as it could a moment later anyway).  The child starts with
+    the handlers it had, and none of the parent's signals.  Handlers run in the
+    main thread only: a fork from another thread has nothing to guard.
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-    try:
+    if threading.current_thread() is not threading.main_thread():
         return os.fork()
+    came: list[int] = []
+    saved: dict[int, Any] = {}
+    try:
+        for interrupt in INTERRUPTS:
+            handler = signal.getsignal(interrupt)
+            if callable(handler):
+                saved[interrupt] = handler  # before replacing it: always restored below
+                signal.signal(interrupt, lambda got, _frame: came.append(got))
+        pid = os.fork()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for held, old in saved.items():
+            signal.signal(held, old)
+    if pid != 0 and came:
+        saved[came[0]](came[0], None)
+    return pid
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14
