@@ -615,3 +615,52 @@ def test_a_second_state_directory_in_the_namespace_is_refused(netns: str, tmp_pa
     assert "8081" in out["nft_taken_over"] and "8080" not in out["nft_taken_over"]
     assert out["nft_after_late_teardown"] == out["nft_taken_over"]
     assert out["nft_end"] is None
+
+
+RACER = """
+import time
+first = sys.argv[5] == "first"
+if first:
+    real = NetworkManager._refuse_another_homes_table
+    def checked_then_slow(self, state):
+        real(self, state)
+        Path(sys.argv[6]).touch()  # checked: the table is free
+        time.sleep(1.5)  # the other home checks meanwhile
+    NetworkManager._refuse_another_homes_table = checked_then_slow
+else:
+    while not Path(sys.argv[6]).exists():
+        time.sleep(0.01)
+try:
+    out["net"] = mgr.setup(sys.argv[2] if first else sys.argv[3]).to_json()
+except EmberError as e:
+    out["refused"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_two_state_directories_starting_at_once_are_not_both_let_in(
+    netns: str, tmp_path: Path
+) -> None:
+    """Each home checked whose the namespace's table was under its own lock only: two
+    first machines started at once both found it free, and both got 172.30.0.2."""
+    import subprocess
+
+    mark = tmp_path / "checked"
+    procs = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", PRELUDE + RACER,
+             str(tmp_path / role), ID_A, ID_B, ID_C, role, str(mark)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for role in ("first", "second")
+    ]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 0, stderr
+        outs.append(json.loads(stdout))
+    first, second = outs
+    assert first["net"]["guest_ip"] == "172.30.0.2"
+    assert "another ember state directory" in second.get("refused", ""), second
+    sh("ip", "netns", "exec", netns, sys.executable, "-c",
+       PRELUDE + "mgr.teardown(sys.argv[2]); print('{}')", str(tmp_path / "first"), ID_A)  # fmt: skip

@@ -182,6 +182,10 @@ def host_nameservers(resolv_conf: str) -> tuple[str, ...]:
 _STATE_HINT = "with no machine running, delete the file: ember makes a new one"
 
 
+#: one lock per network namespace (its nsfs identity), shared by every state directory
+NETNS_LOCKS = Path("/run/ember")
+
+
 class NetworkManager:
     def __init__(self, home: Home, config: NetConfig | None = None) -> None:
         self.home = home
@@ -269,6 +273,15 @@ class NetworkManager:
         listing = netfilter.table_listing(TABLE_FAMILY, TABLE_NAME)
         return None if listing is None else owner_in_listing(listing)
 
+    @contextmanager
+    def _namespace_locked(self, where: Netns) -> Iterator[None]:
+        """Held over reading whose the namespace's table is and writing it: two homes
+        each hold their own lock only, and two first machines started at once both
+        found the table free, and both got the same addresses."""
+        NETNS_LOCKS.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with FileLock(NETNS_LOCKS / f"netns-{where.dev}-{where.ino}.lock"):
+            yield
+
     def _refuse_another_homes_table(self, state: dict[str, Any]) -> None:
         """Two state directories in one network namespace share the table's name and the
         default subnet: the second replaced the first's rules (its published ports and
@@ -276,9 +289,10 @@ class NetworkManager:
         addresses, and deleted the table with its last machine.  While another home's
         machines are here, refuse; a table whose machines are all gone (that home
         crashed or was deleted) is replaced."""
-        owner = self._table_owner()
-        if owner is None or owner == self.owner:
+        if self._table_owner() == self.owner:
             return
+        # (no table, or an older ember's without a comment: another home's machines may
+        # still be here, their table removed by a `flush ruleset`; their TAPs tell)
         ours = {v["tap"] for v in state["machines"].values()}
         theirs = sorted(
             name for _, name in socket.if_nameindex()
@@ -291,7 +305,8 @@ class NetworkManager:
                 f"{' ...' if len(theirs) > 3 else ''} are its): one state directory per "
                 "network namespace",
                 hint="run this one's machines in a network namespace of their own (ip netns "
-                "exec), or stop the other's (docs/networking.md)",
+                "exec), or stop the other's; if that state directory is gone, delete its "
+                f"interfaces (ip link delete {theirs[0]}) (docs/networking.md)",
             )
 
     def nameservers(self) -> tuple[str, ...]:
@@ -342,71 +357,84 @@ class NetworkManager:
         with self._locked() as state:
             if machine_id in state["machines"]:
                 raise NetworkError(f"machine {machine_id[:12]} already has a network")
-            self._refuse_another_homes_table(state)
-            taken: list[PortMapping] = []
-            fixed = [m for m in ports if m.chosen and not m.auto]
-            for other in state["machines"].values():
-                for theirs in MachineNetwork.from_json(other).ports:
-                    taken.append(theirs)
-                    for mine in fixed:
-                        if conflicts(mine, theirs):
-                            raise PortConflict(
-                                f"host port {mine.host_port}/{mine.protocol} is already "
-                                f"published by machine {other['machine_id'][:12]}"
-                            )
-            for i, first in enumerate(fixed):
-                for second in fixed[i + 1 :]:
-                    if conflicts(first, second):
+            with self._namespace_locked(netns.here()):
+                return self._setup_locked(state, machine_id, name, ports, network, holder)
+
+    def _setup_locked(
+        self,
+        state: dict[str, Any],
+        machine_id: str,
+        name: str,
+        ports: Sequence[PortMapping],
+        network: str,
+        holder: list[socket.socket] | None,
+    ) -> MachineNetwork:
+        """``_setup`` under the home's lock and the namespace's."""
+        self._refuse_another_homes_table(state)
+        taken: list[PortMapping] = []
+        fixed = [m for m in ports if m.chosen and not m.auto]
+        for other in state["machines"].values():
+            for theirs in MachineNetwork.from_json(other).ports:
+                taken.append(theirs)
+                for mine in fixed:
+                    if conflicts(mine, theirs):
                         raise PortConflict(
-                            f"host port {first.host_port}/{first.protocol} given twice"
+                            f"host port {mine.host_port}/{mine.protocol} is already "
+                            f"published by machine {other['machine_id'][:12]}"
                         )
-            for m in fixed:
-                # The DNAT rule would take this port's traffic away from a program
-                # of the host that serves it: refuse, as Docker does.
-                if not _bindable(m, ignore_time_wait=True):
-                    where = f"{m.host_ip}:{m.host_port}" if m.host_ip else str(m.host_port)
+        for i, first in enumerate(fixed):
+            for second in fixed[i + 1 :]:
+                if conflicts(first, second):
                     raise PortConflict(
-                        f"host port {where}/{m.protocol} is in use by a program on this host",
-                        hint="stop that program, or publish another host port",
+                        f"host port {first.host_port}/{first.protocol} given twice"
                     )
-            ports = _choose_host_ports(ports, [*taken, *fixed])
-            if holder is not None:
-                holder.extend(hold_host_ports(ports))
-            subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
-            used = {int(m["slot"]) for m in state["machines"].values()}
-            slot = ipam.first_free(subnet, state["prefix"], used)
-            b = ipam.block(subnet, state["prefix"], slot)
-            net = MachineNetwork(
-                machine_id=machine_id,
-                tap=name,
-                mac=ipam.mac_for(b.guest),
-                network=network,
-                guest_ip=str(b.guest),
-                gateway=str(b.gateway),
-                prefix=b.prefix,
-                mtu=self.config.mtu,
-                nameservers=self.nameservers(),
-                ports=tuple(ports),
-                # where the TAP and the rules go: teardown acts there, from anywhere
-                netns=netns.current(),
-            )
-            # record first: a crash from here on leaves an allocation teardown can undo
-            state["machines"][machine_id] = {**net.to_json(), "slot": slot, "boot_id": boot_id()}
+        for m in fixed:
+            # The DNAT rule would take this port's traffic away from a program
+            # of the host that serves it: refuse, as Docker does.
+            if not _bindable(m, ignore_time_wait=True):
+                where = f"{m.host_ip}:{m.host_port}" if m.host_ip else str(m.host_port)
+                raise PortConflict(
+                    f"host port {where}/{m.protocol} is in use by a program on this host",
+                    hint="stop that program, or publish another host port",
+                )
+        ports = _choose_host_ports(ports, [*taken, *fixed])
+        if holder is not None:
+            holder.extend(hold_host_ports(ports))
+        subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
+        used = {int(m["slot"]) for m in state["machines"].values()}
+        slot = ipam.first_free(subnet, state["prefix"], used)
+        b = ipam.block(subnet, state["prefix"], slot)
+        net = MachineNetwork(
+            machine_id=machine_id,
+            tap=name,
+            mac=ipam.mac_for(b.guest),
+            network=network,
+            guest_ip=str(b.guest),
+            gateway=str(b.gateway),
+            prefix=b.prefix,
+            mtu=self.config.mtu,
+            nameservers=self.nameservers(),
+            ports=tuple(ports),
+            # where the TAP and the rules go: teardown acts there, from anywhere
+            netns=netns.current(),
+        )
+        # record first: a crash from here on leaves an allocation teardown can undo
+        state["machines"][machine_id] = {**net.to_json(), "slot": slot, "boot_id": boot_id()}
+        self._save(state)
+        try:
+            tap.delete_link(name)  # a leftover of a crashed earlier machine
+            tap.create_tap(name, net.gateway, net.prefix, route_localnet=bool(ports))
+            if self.config.egress or ports:
+                tap.enable_forwarding()
+            netfilter.apply(self._ruleset(state, net.netns))
+        except BaseException:
+            # the link goes before the record: no moment a TAP exists unrecorded
+            tap.delete_link(name)
+            del state["machines"][machine_id]
             self._save(state)
-            try:
-                tap.delete_link(name)  # a leftover of a crashed earlier machine
-                tap.create_tap(name, net.gateway, net.prefix, route_localnet=bool(ports))
-                if self.config.egress or ports:
-                    tap.enable_forwarding()
-                netfilter.apply(self._ruleset(state, net.netns))
-            except BaseException:
-                # the link goes before the record: no moment a TAP exists unrecorded
-                tap.delete_link(name)
-                del state["machines"][machine_id]
-                self._save(state)
-                netfilter.apply(self._ruleset(state, net.netns))
-                raise
-            return net
+            netfilter.apply(self._ruleset(state, net.netns))
+            raise
+        return net
 
     def teardown(self, machine_id: str) -> None:
         """Remove the machine's TAP, rules and allocation (idempotent), in the network
@@ -426,13 +454,14 @@ class NetworkManager:
 
             def release() -> None:
                 tap.delete_link(m.tap)
-                if self._table_owner() not in (None, self.owner):
-                    # another home's rules since (this one's were replaced when it was
-                    # found stale): neither they nor its flows to the address are ours
-                    return
-                netfilter.apply(rules)
-                # after the rules: no new translation to the address can begin meanwhile
-                netfilter.forget_flows(m.guest_ip)
+                with self._namespace_locked(netns.here()):
+                    if self._table_owner() not in (None, self.owner):
+                        # another home's rules since (this one's were replaced when it was
+                        # found stale): neither they nor its flows to the address are ours
+                        return
+                    netfilter.apply(rules)
+                    # after the rules: no new translation to the address can begin
+                    netfilter.forget_flows(m.guest_ip)
 
             if m.netns is None or m.netns.same(netns.here()):
                 release()  # (an older ember's entry: where the command runs, as before)
