@@ -279,7 +279,9 @@ def test_an_installed_kernel_cut_short_is_told_from_a_whole_one(
 
 def test_a_killed_install_takes_its_dpkg_deb_along(tmp_path: Path) -> None:
     """kill -9 of `ember kernel install` left dpkg-deb running, writing on into the temp
-    directory that the next install removes."""
+    directory that the next install removes, and with it the tar and decompressors it
+    writes through."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -294,42 +296,54 @@ def test_a_killed_install_takes_its_dpkg_deb_along(tmp_path: Path) -> None:
          str(home)],
     )  # fmt: skip
 
-    def dpkg_deb() -> int | None:
-        for pid in os.listdir("/proc"):
+    def processes() -> dict[int, tuple[int, str, str]]:
+        """pid -> (parent pid, state, command name) of every process now."""
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/comm") as f:
-                    comm = f.read().strip()
-            except (OSError, ValueError):
+                    name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+            except (OSError, ValueError, IndexError):
                 continue
-            if int(fields[1]) == installer.pid and comm.startswith("dpkg-deb"):
-                return int(pid)
-        return None
+            fields = rest.split()
+            found[int(pid)] = (int(fields[1]), fields[0], name)
+        return found
 
-    child: int | None = None
+    def descendants() -> dict[int, str]:
+        """The installer's living descendants: pid -> command name."""
+        procs, tree, todo = processes(), {}, [installer.pid]
+        while todo:
+            parent = todo.pop()
+            for pid, (ppid, state, name) in procs.items():
+                if ppid == parent and state != "Z":
+                    tree[pid] = name
+                    todo.append(pid)
+        return tree
 
-    def started() -> bool:
-        nonlocal child
-        child = dpkg_deb()
-        return child is not None
+    stopped: dict[int, str] = {}
 
-    def gone() -> bool:
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not reaped yet
-        except FileNotFoundError:
-            return True
+    def extracting() -> bool:
+        # dpkg-deb and what it writes through (tar, decompressors) all started
+        tree = descendants()
+        if sum(name.startswith("dpkg-deb") for name in tree.values()) < 2 or "tar" not in tree.values():
+            return False
+        stopped.update(tree)
+        return True
+
+    def all_gone() -> bool:
+        procs = processes()
+        return not any(pid in procs and procs[pid][1] != "Z" for pid in stopped)
 
     try:
-        poll_until(started, "the install never ran dpkg-deb", 300)
-        assert child is not None
-        os.kill(child, signal.SIGSTOP)  # held where it is: it cannot finish by itself
+        poll_until(extracting, "the install never ran dpkg-deb's tar", 300)
+        for pid in stopped:  # held where they are: none can finish by itself
+            os.kill(pid, signal.SIGSTOP)
         installer.send_signal(signal.SIGKILL)
         installer.wait(30)
-        poll_until(gone, "dpkg-deb was left behind when its installer was killed", 10)
+        poll_until(all_gone, "dpkg-deb, or a process it writes through, outlived the installer", 10)
     finally:
         installer.kill()
-        if child is not None and not gone():
-            os.kill(child, signal.SIGKILL)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", "--one-file-system", str(home)], check=False)

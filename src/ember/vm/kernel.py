@@ -293,7 +293,7 @@ def _write_vmlinux(vmlinuz: Path, dest: Path) -> None:
 def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> None:
     try:
         res = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, check=False,
+            _with_its_children(argv), cwd=cwd, capture_output=True, text=True, check=False,
             # killed with us (kill -9 of `ember kernel install`): a dpkg-deb left running
             # wrote on into the temp dir that the next install removes
             preexec_fn=functools.partial(die_with_parent, os.getpid()),  # noqa: PLW1509
@@ -303,6 +303,17 @@ def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> None:
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise KernelError(f"{what} failed: {last}")
+
+
+def _with_its_children(argv: list[str]) -> list[str]:
+    """``argv`` run so that its whole process tree dies with it: as root, in a PID
+    namespace of its own (``unshare --pid --kill-child``: the namespace's first process
+    goes when unshare does, and the kernel kills the rest), since the parent-death
+    signal reaches the direct child only, and ``dpkg-deb -x`` writes through a tar and
+    two decompressors of its own.  Otherwise as it is."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return argv
+    return ["unshare", "--fork", "--pid", "--kill-child", "--", *argv]
 
 
 def _set_default(home: Home, version: str) -> None:
