@@ -143,8 +143,9 @@ def test_credential_store(tmp_path: Path) -> None:
     )
     assert store.lookup("docker.io") == Credentials("hub", "pw")
     assert store.lookup("other.io") == Credentials("o", "q")
-    with pytest.raises(CredentialsError):
-        store.lookup("broken.io")
+    # an entry of Docker's that does not decode is passed over (a warning), as a
+    # config.json that does not parse
+    assert store.lookup("broken.io") is None
     # ember's own file wins over Docker's
     store.save("other.io", Credentials("mine", "x"))
     assert store.lookup("other.io") == Credentials("mine", "x")
@@ -180,15 +181,17 @@ def test_a_host_the_registry_redirects_to_never_gets_its_credentials() -> None:
             h.send_header(k, v)
         h.end_headers()
 
-    with serve(lambda h: answer(h, 200, {})) as collector, serve(
+    # three hosts: the registry, the CDN it redirects blobs to, the CDN's token realm
+    with serve(lambda h: answer(h, 200, {}), "127.0.0.3") as collector, serve(
         lambda h: answer(h, 401, {"WWW-Authenticate": (
-            f'Bearer realm="http://127.0.0.1:{collector.server_address[1]}/token",service=evil'
-        )})
+            f'Bearer realm="http://127.0.0.3:{collector.server_address[1]}/token",service=evil'
+        )}),
+        "127.0.0.2",
     ) as cdn:  # fmt: skip
 
         def registry(h: BaseHTTPRequestHandler) -> None:
             if h.path.startswith("/v2/r/blobs/"):
-                answer(h, 307, {"Location": f"http://127.0.0.1:{cdn.server_address[1]}/blob"})
+                answer(h, 307, {"Location": f"http://127.0.0.2:{cdn.server_address[1]}/blob"})
             else:
                 answer(h, 200, {})
 
@@ -241,6 +244,7 @@ def test_a_broken_docker_config_is_passed_over_with_a_warning(
     store = CredentialStore(tmp_path / "credentials.json", docker_config=docker)
     store.save("mine.example", Credentials("u", "p"))
     for make in (
+        lambda: docker.write_text('{"auths": {"other.example": {"auth": "!!!not-base64"}}}'),
         lambda: docker.write_text("{not json"),
         lambda: os.mkfifo(docker),
         lambda: docker.symlink_to("/dev/zero"),

@@ -29,7 +29,7 @@ Handler = Callable[[BaseHTTPRequestHandler], None]
 
 
 @contextmanager
-def serve(answer: Handler) -> Iterator[_Server]:
+def serve(answer: Handler, host: str = "127.0.0.1") -> Iterator[_Server]:
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -45,7 +45,7 @@ def serve(answer: Handler) -> Iterator[_Server]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = _Server(("127.0.0.1", 0), H)
+    server = _Server((host, 0), H)
     server.seen = []
     # a short poll: shutdown() waits for it (0.5 s by default)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

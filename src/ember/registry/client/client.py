@@ -435,7 +435,7 @@ class RegistryClient:
                 return resp
             resp.close()
             answered = resp.origin
-            if answered != split_url(url)[0]:
+            if answered.host != split_url(url)[0].host:
                 # A host the registry redirected to (a CDN, a bucket) asks for credentials:
                 # its challenge is not the registry's, and following it would send the
                 # registry's password to a token service of that host's choosing.

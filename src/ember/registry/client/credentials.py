@@ -129,7 +129,13 @@ class CredentialStore:
             auths = {_host_of(k): v for k, v in found.items()}
             for key in _lookup_keys(host):
                 if key in auths:
-                    creds = _decode(auths[key], str(source))
+                    try:
+                        creds = _decode(auths[key], str(source))
+                    except CredentialsError as e:
+                        if source != self.docker_config:
+                            raise
+                        log.warning("%s; going on without it", e)
+                        continue
                     if creds is not None:
                         return creds
         return None
