@@ -476,3 +476,36 @@ def test_gc_removes_the_kernels_no_machine_boots(home: Home, tmp_path: Path) -> 
     os.utime(shared / "default", (then, then), follow_symlinks=False)
     assert collect(home, leftover_grace=600).kernels == []
     assert current.name in os.listdir(shared)
+
+
+def test_gc_drops_the_lease_of_a_machine_whose_run_was_killed_before_its_record(
+    home: Home,
+) -> None:
+    """The machine's lease is made as its run begins (before the pull): an `ember run`
+    killed during the pull left it, with no machine, and it kept the image's whole chain
+    for good.  Once the machine has no directory, for as long as leftovers are kept,
+    gc drops it; a machine that exists keeps its lease."""
+    from ember.machines.state import MachineState, VMConfig
+    from ember.machines.store import MachineStore
+
+    image = make_image(home, base_layers())
+    top = str(image.layers[-1].chain_id)
+    prepare_image(home, image)
+    snap = Snapshotter(home)
+    alive, killed = "ab" * 32, "cd" * 32
+    MachineStore(home).create(
+        MachineState(
+            id=alive, name="", image="oci:/x:latest", image_digest="sha256:" + "0" * 64,
+            created_at="2026-01-01T00:00:00.000+00:00", command=["true"], config={},
+            vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1),
+        ),
+        "alive",
+    )  # fmt: skip
+    for machine_id in (alive, killed):
+        snap.leases.create(f"machine/{machine_id}", snapshots=[top], labels={"machine": machine_id})
+    kept = collect(home)  # both younger than the leftovers' grace
+    assert kept.leases == [] and snap.is_committed(top)
+    report = collect(home, leftover_grace=0)
+    assert report.leases == [f"machine/{killed}"]
+    assert [lease.name for lease in snap.leases.list()] == [f"machine/{alive}"]
+    assert snap.is_committed(top)  # the living machine's lease still keeps it

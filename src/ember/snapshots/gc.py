@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.errors import EmberError
 from ember.fsutil import remove_tree, stale_temps, stale_work_dirs, tree_bytes
 from ember.home import Home
 from ember.locks import FileLock, is_held, try_lock
@@ -39,6 +40,7 @@ from ember.snapshots import names
 from ember.snapshots.chain import machine_key
 from ember.snapshots.errors import RootsUnreadable, SnapshotInUse, SnapshotNotFound
 from ember.snapshots.fiemap import exclusive_bytes, physical_extents
+from ember.snapshots.leases import Lease
 from ember.snapshots.model import Kind, SnapshotInfo
 from ember.snapshots.snapshotter import LOCK, Snapshotter
 from ember.store.content import ContentStore
@@ -192,7 +194,7 @@ def collect(
         # let gc delete the disk of a running machine under its VMM.
         roots.snapshots.update(machine_key(m) for m in MachineStore(home).ids())
         if snap is not None:
-            _mark_leases(snap, roots, report, dry_run, now)
+            _mark_leases(snap, roots, report, dry_run, now, home, leftover_grace)
             _sweep_snapshots(snap, roots, report, dry_run)
         _sweep_blobs(ContentStore(home.content), roots, report, dry_run, content_grace, now)
     age = template.UNUSED_FOR if templates_unused_for is None else templates_unused_for
@@ -301,10 +303,16 @@ def _sweep_vm_leftovers(home: Home, report: GCReport, older_than: float, *, dry_
     count_dirs(template.stale_build_dirs(home.templates, older_than, remove=not dry_run))
 
 
-def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float) -> None:
-    """Add what live leases hold to ``roots``; drop expired leases."""
+def _mark_leases(
+    snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float,
+    home: Home | None = None, leftover_grace: float = LEFTOVER_AGE,
+) -> None:
+    """Add what live leases hold to ``roots``; drop expired leases, and the leases of
+    machines that are gone (``_machine_gone``)."""
     for lease in snap.leases.list():
-        if lease.expired(now):
+        if lease.expired(now) or (
+            home is not None and _machine_gone(home, lease, now, leftover_grace)
+        ):
             report.leases.append(lease.name)
             if not dry_run:
                 # direct unlink: Leases.delete would wait for the lock we hold
@@ -316,6 +324,20 @@ def _mark_leases(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: boo
             for text in lease.content:
                 with contextlib.suppress(FormatError):  # names no blob: protects none
                     roots.content.add(Digest.parse(text))
+
+
+def _machine_gone(home: Home, lease: Lease, now: float, grace: float) -> bool:
+    """A machine's lease (``machine/<id>``, made as its run begins) whose machine has
+    no directory, for ``grace`` seconds: an `ember run` killed during its pull left
+    it, and it kept the image's whole chain for good (its directory, without a
+    record, is swept as a leftover)."""
+    machine_id = lease.labels.get("machine")
+    if machine_id is None or lease.name != f"machine/{machine_id}" or now - lease.created < grace:
+        return False
+    try:
+        return not MachineStore(home).dir(machine_id).exists()
+    except EmberError:  # not a machine id
+        return False
 
 
 def _sweep_snapshots(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool) -> None:
