@@ -140,10 +140,13 @@ def _follow(
 
     d = MachineStore(home).dir(st.id)
     stdout, stderr = outs
-    sinks = (
-        (stdout, OutputSink(sys.stdout.buffer, "stdout")),
-        (stderr, OutputSink(sys.stderr.buffer, "stderr")),
-    )
+    out = OutputSink(sys.stdout.buffer, "stdout")
+    try:
+        err = OutputSink(sys.stderr.buffer, "stderr")
+    except BaseException:
+        out.close()
+        raise
+    sinks = ((stdout, out), (stderr, err))
     try:
         return _copy_until_exit(home, st, d, events, monitor_pid, sinks, intr)
     except BrokenPipeError:
