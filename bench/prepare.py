@@ -105,7 +105,7 @@ from ember.oci.config import parse_config  # noqa: E402
 from ember.oci.digest import Digest  # noqa: E402
 from ember.oci.manifest import ImageManifest, parse_manifest  # noqa: E402
 from ember.snapshots import Snapshotter  # noqa: E402
-from ember.snapshots.chain import clone_root_disk, opening_snapshotter, prepare_image  # noqa: E402
+from ember.snapshots.chain import clone_root_disk, prepare_image  # noqa: E402
 from ember.snapshots.pool import close_pool  # noqa: E402
 from ember.store.content import ContentStore  # noqa: E402
 
@@ -204,16 +204,11 @@ def bench_prepare(
     def library() -> None:
         """The same work without the CLI's interpreter start and imports."""
         home = lib_homes[0]
-        # as the CLI does: the pool readied during the pull, each layer's disk built as
-        # its blob arrives
-        with (
-            opening_snapshotter(home) as opening,
-            ImageService(home).pulling(ref, progress=False) as pulled,
-        ):
+        # as the CLI does: each layer's disk built as its blob arrives
+        with ImageService(home).pulling(ref, progress=False) as pulled:
             prepared = prepare_image(
-                home, pulled.image, snapshotter=opening.result(),
-                layer_path=pulled.layer_path, open_layer=pulled.open_layer,
-            )  # fmt: skip
+                home, pulled.image, layer_path=pulled.layer_path, open_layer=pulled.open_layer
+            )
         last["library"] = (0, prepared.path)
 
     def anchor() -> None:

@@ -475,28 +475,6 @@ def test_a_chain_built_as_its_layers_arrive_equals_umoci_unpack(
         assert_same_tree(expected, root, ignore=("lost+found",))
 
 
-def test_the_pool_readied_beside_a_pull_has_its_empty_base_and_reports_failures(
-    home: Home,
-) -> None:
-    """``opening_snapshotter`` (image prepare, run): the empty base disk a new base layer
-    clones is made while the image's manifest arrives, and what fails there reaches
-    whoever prepares, not the thread."""
-    from ember.snapshots.chain import opening_snapshotter
-
-    snap = Snapshotter(home)
-    for cached in snap.bases.iterdir():  # as on a host whose pool exists, without it
-        cached.unlink()
-    with opening_snapshotter(home) as opening:
-        ready = opening.result()
-    assert [p.name for p in ready.bases.iterdir() if p.name.startswith("empty-")]
-    image = make_image(home, base_layers())
-    assert prepare_image(home, image, snapshotter=ready).built
-
-    (home.root / "config.json").write_text('{"snapshots": {"base_size": "1K"}}')
-    with opening_snapshotter(home) as opening, pytest.raises(SnapshotError, match="base_size"):
-        opening.result()
-
-
 def test_a_root_disk_clone_of_a_built_chain_is_never_without_a_lease(
     home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -336,23 +336,18 @@ def prepare(ref: str, platform_text: str | None, plain_http: bool, as_json: bool
     warnings_as_messages()
     from ember.images import ImageService
     from ember.oci.platform import Platform
-    from ember.snapshots.chain import opening_snapshotter, prepare_image
+    from ember.snapshots.chain import prepare_image
 
     start = time.perf_counter()
     home = home_from_ctx()
     service = ImageService(home, notice=say)
     platform = Platform.parse(platform_text) if platform_text is not None else None
-    # the snapshot pool is readied while the image's manifest and config arrive, and the
-    # chain's first layers are built while the last ones still download
-    with (
-        opening_snapshotter(home) as opening,
-        service.ensuring(ref, platform, plain_http=plain_http) as pulled,
-    ):
+    # the chain's first layers are built while the last ones still download
+    with service.ensuring(ref, platform, plain_http=plain_http) as pulled:
         img = pulled.image
         prepared = prepare_image(
-            home, img, snapshotter=opening.result(),
-            layer_path=pulled.layer_path, open_layer=pulled.open_layer,
-        )  # fmt: skip
+            home, img, layer_path=pulled.layer_path, open_layer=pulled.open_layer
+        )
     seconds = time.perf_counter() - start
     if as_json:
         print_json(

@@ -134,7 +134,7 @@ def create(
     released when the clone ends)."""
     from ember.images import ImageService
     from ember.net.manager import NetConfig
-    from ember.snapshots.chain import clone_root_disk, opening_snapshotter
+    from ember.snapshots.chain import clone_root_disk
     from ember.snapshots.config import SnapshotConfig
     from ember.vm.initramfs import base_initramfs, pin_base_initramfs
     from ember.vm.runconfig import RootDevice, RunConfig
@@ -162,8 +162,6 @@ def create(
     # records the image and lets go of the pull's lock (``ember gc`` waits for it); a
     # failure or an interrupt before that cancels the pull.
     with contextlib.ExitStack() as pulling:
-        # the snapshot pool is readied meanwhile (on a fresh host: its empty base disk)
-        opening = pulling.enter_context(opening_snapshotter(home))
         pulled = pulling.enter_context(
             ImageService(home).ensuring(req.image, plain_http=req.plain_http)
         )
@@ -213,10 +211,8 @@ def create(
             # the chain is built from each layer's first bytes while they arrive (a
             # pull still under way: ``ensuring`` above)
             cloning = pool.submit(
-                lambda: clone_root_disk(
-                    home, image, machine_id, req.disk_size, snapshotter=opening.result(),
-                    layer_path=pulled.layer_path, open_layer=pulled.open_layer,
-                )
+                clone_root_disk, home, image, machine_id, req.disk_size,
+                layer_path=pulled.layer_path, open_layer=pulled.open_layer,
             )  # fmt: skip
             try:
                 net = _setup_network(home, machine_id, ports=ports, network=req.network)

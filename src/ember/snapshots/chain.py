@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,27 +61,6 @@ class PreparedImage:
     path: Path  # that snapshot's ext4 image
     built: tuple[str, ...]  # snapshots this call built (the rest were reused)
     seconds: float
-
-
-@contextlib.contextmanager
-def opening_snapshotter(home: Home) -> Iterator[Future[Snapshotter]]:
-    """``home``'s snapshotter, opened in a helper thread while the block runs (a pull
-    whose image is then prepared): its pool set up or recovered, and the cached empty
-    base disk made if it is missing.  On a fresh host that is ~15 ms of mkfs.ext4
-    (~45 ms with the pool) that would otherwise wait for the pull's manifest and
-    config.  Leaving the block waits for the thread; its error, if any, is raised by
-    ``result()``, to whoever goes on to prepare."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-snapshots")
-    try:
-        yield pool.submit(_opened, home)
-    finally:
-        pool.shutdown(wait=True)
-
-
-def _opened(home: Home) -> Snapshotter:
-    snap = Snapshotter(home)
-    snap.ensure_empty_base()
-    return snap
 
 
 def chain_names(image: Image) -> list[str]:
@@ -477,7 +456,6 @@ def clone_root_disk(
     machine_id: str,
     size: int | None = None,
     *,
-    snapshotter: Snapshotter | None = None,
     layer_path: Callable[[int], Path] | None = None,
     open_layer: Callable[[int], io.RawIOBase | None] | None = None,
 ) -> Path:
@@ -490,7 +468,7 @@ def clone_root_disk(
     ``layer_path`` and ``open_layer``: as for ``prepare_image`` (an image still being
     pulled: its chain is built as its layers arrive).
     """
-    snap = snapshotter or Snapshotter(home)
+    snap = Snapshotter(home)
     key = machine_key(machine_id)
     # The lease names the disk and the image's top snapshot before either is made or
     # looked at: GC never sees them unprotected.  (Made after the prepare, it left a

@@ -424,12 +424,6 @@ class Snapshotter:
                 "and run ember gc",
             )
 
-    def ensure_empty_base(self) -> None:
-        """Make the cached empty disk of the configured base size now if it is missing
-        (reflink backend): a new base layer clones it."""
-        if self.pool.backend.name == "reflink":
-            self._empty_base(self.config.base_size)
-
     def _new_base(self, disk: Path, size: int) -> None:
         """An empty ext4 of ``size`` bytes at ``disk``.
 
