@@ -279,7 +279,10 @@ class NetworkManager:
         each hold their own lock only, and two first machines started at once both
         found the table free, and both got the same addresses."""
         NETNS_LOCKS.mkdir(mode=0o755, parents=True, exist_ok=True)
-        with FileLock(NETNS_LOCKS / f"netns-{where.dev}-{where.ino}.lock"):
+        # removed on release: one file per namespace ever used would pile up (the
+        # lock re-checks the inode it took, so a waiter never holds a deleted one)
+        path = NETNS_LOCKS / f"netns-{where.dev}-{where.ino}.lock"
+        with FileLock(path, unlink_on_release=True):
             yield
 
     def _refuse_another_homes_table(self, state: dict[str, Any]) -> None:
