@@ -11,8 +11,10 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from types import FrameType
 
 _PR_SET_PDEATHSIG = 1
 # Loaded once, at import: after a fork (a preexec function, a forked relay) loading a
@@ -41,6 +43,50 @@ def parent_death_signal(signum: int) -> None:
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+_Handler = Callable[[int, FrameType | None], object]
+
+
+class HeldInterrupts:
+    """The interrupts that came while ``interrupts_held`` held them, and the handlers
+    they were held from."""
+
+    def __init__(self) -> None:
+        self.came: list[tuple[int, FrameType | None]] = []
+        self.saved: dict[int, _Handler] = {}
+
+    def deliver(self) -> None:
+        """Run the handler of the first one that came (KeyboardInterrupt, or what the
+        CLI made it raise), now that it is restored."""
+        if self.came:
+            first, frame = self.came[0]
+            self.saved[first](first, frame)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[HeldInterrupts]:
+    """While inside, a SIGINT, SIGTERM or SIGHUP with a Python handler is only recorded;
+    the handlers are restored on the way out, and ``deliver`` runs the first one's.
+
+    Only signals with a Python handler are held: one at its default disposition still
+    ends the process at once.  Python runs signal handlers in the main thread only,
+    so elsewhere there is nothing to hold (and nothing is recorded).
+    """
+    held = HeldInterrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    try:
+        for signum in INTERRUPTS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                held.saved[signum] = handler  # before replacing it: always restored below
+                signal.signal(signum, lambda got, frame: held.came.append((got, frame)))
+        yield held
+    finally:
+        for held_signum, handler in held.saved.items():
+            signal.signal(held_signum, handler)
+
+
 def fork() -> int:
     """``os.fork()``, with a SIGINT, SIGTERM or SIGHUP that comes meanwhile acted on once
     it has returned to the parent.
@@ -50,29 +96,15 @@ def fork() -> int:
     raises into a place that reports the exception as "ignored" and goes on: a
     Ctrl-C or a hang-up was lost, the command ran on.  Blocking the signals in
     this thread is not enough: another thread of the process takes them then, and
-    Python still runs the handler here, in the main thread.  So the handlers that
-    Python runs are replaced by one that only records the signal, over the fork;
-    the parent then runs the first one recorded with its own handler (which
-    raises from here, as it could a moment later anyway).  The child starts with
-    the handlers it had, and none of the parent's signals.  Handlers run in the
-    main thread only: a fork from another thread has nothing to guard.
+    Python still runs the handler here, in the main thread.  So the handlers are
+    held over the fork (``interrupts_held``), and the parent then runs the first
+    one that came (which raises from here, as it could a moment later anyway).
+    The child starts with the handlers it had, and none of the parent's signals.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return os.fork()
-    came: list[int] = []
-    saved: dict[int, Any] = {}
-    try:
-        for interrupt in INTERRUPTS:
-            handler = signal.getsignal(interrupt)
-            if callable(handler):
-                saved[interrupt] = handler  # before replacing it: always restored below
-                signal.signal(interrupt, lambda got, _frame: came.append(got))
+    with interrupts_held() as held:
         pid = os.fork()
-    finally:
-        for held, old in saved.items():
-            signal.signal(held, old)
-    if pid != 0 and came:
-        saved[came[0]](came[0], None)
+    if pid != 0:
+        held.deliver()
     return pid
 
 

@@ -80,18 +80,11 @@ def _refuse_a_machines_disk(key: str) -> None:
     """A machine's root disk goes with its machine (`ember rm`), never under it: removed
     while the machine ran, its VMM wrote on into a deleted file, and the machine's next
     start failed for want of its disk."""
-    from ember.errors import EmberError
     from ember.machines.store import MachineStore
     from ember.snapshots.errors import SnapshotInUse
 
     machine_id = key.removeprefix("machine/")
-    if machine_id == key:
-        return
-    try:
-        exists = MachineStore(home_from_ctx()).dir(machine_id).is_dir()
-    except EmberError:  # not a machine id: not a machine's disk
-        return
-    if exists:
+    if machine_id != key and machine_id in MachineStore(home_from_ctx()).ids():
         raise SnapshotInUse(
             f"snapshot {key!r} is the root disk of machine {machine_id[:12]}",
             hint=f"ember rm {machine_id[:12]} removes the machine and its disk",

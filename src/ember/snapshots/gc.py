@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.errors import EmberError
 from ember.fsutil import remove_tree, stale_temps, stale_work_dirs, tree_bytes
 from ember.home import Home
 from ember.locks import FileLock, is_held, try_lock
@@ -192,9 +191,10 @@ def collect(
         # A machine's record keeps its root disk, as a container record does in
         # containerd: its lease alone did, and a lease removed with --force (or lost)
         # let gc delete the disk of a running machine under its VMM.
-        roots.snapshots.update(machine_key(m) for m in MachineStore(home).ids())
+        machines = set(MachineStore(home).ids())
+        roots.snapshots.update(machine_key(m) for m in machines)
         if snap is not None:
-            _mark_leases(snap, roots, report, dry_run, now, home, leftover_grace)
+            _mark_leases(snap, roots, report, dry_run, now, machines, leftover_grace)
             _sweep_snapshots(snap, roots, report, dry_run)
         _sweep_blobs(ContentStore(home.content), roots, report, dry_run, content_grace, now)
     age = template.UNUSED_FOR if templates_unused_for is None else templates_unused_for
@@ -305,14 +305,13 @@ def _sweep_vm_leftovers(home: Home, report: GCReport, older_than: float, *, dry_
 
 def _mark_leases(
     snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool, now: float,
-    home: Home | None = None, leftover_grace: float = LEFTOVER_AGE,
+    machines: set[str], leftover_grace: float,
 ) -> None:
     """Add what live leases hold to ``roots``; drop expired leases, and the leases of
-    machines that are gone (``_machine_gone``)."""
+    machines that are gone (``_machine_gone``; ``machines``: the ids that have a
+    directory)."""
     for lease in snap.leases.list():
-        if lease.expired(now) or (
-            home is not None and _machine_gone(home, lease, now, leftover_grace)
-        ):
+        if lease.expired(now) or _machine_gone(lease, machines, now, leftover_grace):
             report.leases.append(lease.name)
             if not dry_run:
                 # direct unlink: Leases.delete would wait for the lock we hold
@@ -326,18 +325,18 @@ def _mark_leases(
                     roots.content.add(Digest.parse(text))
 
 
-def _machine_gone(home: Home, lease: Lease, now: float, grace: float) -> bool:
+def _machine_gone(lease: Lease, machines: set[str], now: float, grace: float) -> bool:
     """A machine's lease (``machine/<id>``, made as its run begins) whose machine has
     no directory, for ``grace`` seconds: an `ember run` killed during its pull left
     it, and it kept the image's whole chain for good (its directory, without a
     record, is swept as a leftover)."""
     machine_id = lease.labels.get("machine")
-    if machine_id is None or lease.name != f"machine/{machine_id}" or now - lease.created < grace:
-        return False
-    try:
-        return not MachineStore(home).dir(machine_id).exists()
-    except EmberError:  # not a machine id
-        return False
+    return (
+        machine_id is not None
+        and lease.name == f"machine/{machine_id}"
+        and machine_id not in machines
+        and now - lease.created >= grace
+    )
 
 
 def _sweep_snapshots(snap: Snapshotter, roots: Roots, report: GCReport, dry_run: bool) -> None:

@@ -105,6 +105,18 @@ def _read_auths(path: Path) -> dict[str, Any]:
     return auths if isinstance(auths, dict) else {}
 
 
+def _lookup_in(source: Path, host: str) -> Credentials | None:
+    """``host``'s credentials in one credentials file; CredentialsError if the file or
+    the entry cannot be read."""
+    auths = {_host_of(k): v for k, v in _read_auths(source).items()}
+    for key in _lookup_keys(host):
+        if key in auths:
+            creds = _decode(auths[key], str(source))
+            if creds is not None:
+                return creds
+    return None
+
+
 def docker_config_path() -> Path:
     base = os.environ.get("DOCKER_CONFIG")
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
@@ -118,7 +130,7 @@ class CredentialStore:
     def lookup(self, host: str) -> Credentials | None:
         for source in (self.path, self.docker_config):
             try:
-                found = _read_auths(source)
+                creds = _lookup_in(source, host)
             except CredentialsError as e:
                 if source != self.docker_config:
                     raise  # ember's own: `ember registry login` writes it again
@@ -126,18 +138,8 @@ class CredentialStore:
                 # say so and go on without it (a pull that needs no login works)
                 log.warning("%s; going on without it", e)
                 continue
-            auths = {_host_of(k): v for k, v in found.items()}
-            for key in _lookup_keys(host):
-                if key in auths:
-                    try:
-                        creds = _decode(auths[key], str(source))
-                    except CredentialsError as e:
-                        if source != self.docker_config:
-                            raise
-                        log.warning("%s; going on without it", e)
-                        continue
-                    if creds is not None:
-                        return creds
+            if creds is not None:
+                return creds
         return None
 
     def save(self, host: str, creds: Credentials) -> None:
