@@ -347,3 +347,16 @@ def test_a_killed_install_takes_its_dpkg_deb_along(tmp_path: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", "--one-file-system", str(home)], check=False)
+
+
+def test_a_damaged_kernel_fails_its_boot_not_the_listing(tmp_path: Path) -> None:
+    """The damage check of a vmlinux was made for every kernel `kernel ls` listed: one
+    cut short made the whole listing fail."""
+    home = Home(tmp_path / "home")
+    version = "6.1.0-9-amd64"
+    (home.kernels / version).mkdir(parents=True)
+    (home.kernels / version / "vmlinux").write_bytes(_elf(0x3000)[:80])
+    (home.kernels / "default").symlink_to(version)
+    assert [k.version for k in list_kernels(home)] == [version]
+    with pytest.raises(KernelError, match="is damaged"):
+        find_kernel(home)

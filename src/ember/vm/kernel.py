@@ -342,12 +342,15 @@ def _intact(vmlinux: Path) -> bool:
     return True
 
 
-def _load(d: Path, version: str) -> KernelInfo:
+def _load(d: Path, version: str, *, check: bool = True) -> KernelInfo:
+    """The installed kernel in ``d``; ``check``: KernelError if its vmlinux is damaged
+    (for booting it, not for listing it)."""
     vmlinux = d / "vmlinux"
     if not vmlinux.is_file():
         raise KernelNotFound(f"kernel {version} is not installed", hint="run: ember kernel install")
     try:
-        check_installed_vmlinux(vmlinux)
+        if check:
+            check_installed_vmlinux(vmlinux)
     except KernelError as e:
         # QEMU's own word for it was "could not load kernel '/proc/self/fd/18': Success"
         raise KernelError(
@@ -374,7 +377,8 @@ def list_kernels(home: Home) -> list[KernelInfo]:
             and _VERSION_RE.fullmatch(d.name)
             and (d / "vmlinux").is_file()
         ):
-            out.append(_load(d, d.name))
+            # listed even when damaged: `kernel ls` failed as a whole for one of them
+            out.append(_load(d, d.name, check=False))
     return out
 
 
