@@ -449,6 +449,89 @@ def test_logs_tail_prints_the_last_lines_of_each_stream(tmp_path: Path) -> None:
     assert (res.returncode, res.stdout, res.stderr) == (0, "o3\n", "e2\n")
 
 
+def _dated_logs(home: Home, name: str, lines: dict[str, list[tuple[int, bytes]]], **kw: object) -> Path:
+    """A machine whose logs hold ``lines`` (stream -> [(arrival ns, bytes)]), written by
+    the monitor's writer with its clock at those times."""
+    from ember.machines.logs import LogConfig, RotatingLog
+
+    st = _record(home, name, **kw)
+    d = MachineStore(home).dir(st.id)
+    now = [0]
+    for stream, timed in lines.items():
+        log = RotatingLog(d / f"{stream}.log", LogConfig(1 << 20, 2), clock=lambda: now[0])
+        for now[0], data in timed:
+            log.write(data)
+        log.close()
+    return d
+
+
+def test_logs_timestamps_since_and_until(tmp_path: Path) -> None:
+    """docker logs -t / --since / --until: were "No such option" (the logs kept no times)."""
+    now = time.time_ns()
+    hour, minute = 3600 * 10**9, 60 * 10**9
+    _dated_logs(Home(tmp_path), "m", {
+        "stdout": [(now - 2 * hour, b"old\n"), (now - 30 * minute, b"half an hour\n"),
+                   (now - minute, b"a minute\nago\n")],
+        "stderr": [(now - 2 * hour, b"e-old\n"), (now - 10 * minute, b"e-new\n")],
+    }, status=mstate.EXITED, exit_code=0)  # fmt: skip
+    res = _ember(tmp_path, "logs", "-t", "m")
+    assert res.returncode == 0, res.stderr
+    from ember.machines.logtimes import format_time
+
+    assert res.stdout.splitlines() == [
+        f"{format_time(now - 2 * hour)} old",
+        f"{format_time(now - 30 * minute)} half an hour",
+        f"{format_time(now - minute)} a minute",
+        f"{format_time(now - minute)} ago",  # arrived in the same chunk
+    ]
+    assert res.stderr.splitlines() == [f"{format_time(now - 2 * hour)} e-old", f"{format_time(now - 10 * minute)} e-new"]
+    res = _ember(tmp_path, "logs", "--since", "1h", "m")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "half an hour\na minute\nago\n", "e-new\n")
+    res = _ember(tmp_path, "logs", "--until", "45m", "m")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "old\n", "e-old\n")
+    stamp = format_time(now - 20 * minute)  # an RFC 3339 time, then a unix one
+    res = _ember(tmp_path, "logs", "--since", "90m", "--until", stamp, "m")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "half an hour\n", "")
+    res = _ember(tmp_path, "logs", "--since", str((now - 5 * minute) // 10**9), "m")
+    assert (res.stdout, res.stderr) == ("a minute\nago\n", "")
+    # --tail picks the last lines, then the window picks among them (as docker)
+    res = _ember(tmp_path, "logs", "--tail", "2", "--since", "40m", "-t", "m")
+    assert res.stdout.splitlines() == [f"{format_time(now - minute)} a minute", f"{format_time(now - minute)} ago"]
+    res = _ember(tmp_path, "logs", "--since", "yesterday", "m")
+    assert res.returncode == 2 and "'yesterday': give a duration back from now" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_logs_without_times_print_as_they_are(tmp_path: Path) -> None:
+    """Logs of a machine from before ember kept times: -t prints the lines bare, and no
+    line is in a window of time."""
+    st = _record(Home(tmp_path), "old", status=mstate.EXITED, exit_code=0)
+    d = MachineStore(Home(tmp_path)).dir(st.id)
+    (d / "stdout.log").write_bytes(b"o1\no2\n")
+    (d / "stderr.log").write_bytes(b"")
+    res = _ember(tmp_path, "logs", "-t", "old")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "o1\no2\n", "")
+    res = _ember(tmp_path, "logs", "--since", "1000h", "old")
+    assert (res.returncode, res.stdout) == (0, "")
+
+
+def test_logs_follow_until_a_past_time_ends_while_the_machine_runs(tmp_path: Path) -> None:
+    """docker logs -f --until T stops following at T; ember's -f followed the running
+    machine for ever."""
+    monitor = subprocess.Popen(["sleep", "60"])  # stands in for the machine's monitor
+    try:
+        now = time.time_ns()
+        _dated_logs(Home(tmp_path), "live", {
+            "stdout": [(now - 10 * 60 * 10**9, b"before\n"), (now, b"after\n")], "stderr": [],
+        }, status=mstate.RUNNING, started_at=mstate.now(), monitor_pid=monitor.pid,
+           monitor_start=proc_start_time(monitor.pid))  # fmt: skip
+        res = _ember(tmp_path, "logs", "-f", "--until", "5m", "live")
+    finally:
+        monitor.kill()
+        monitor.wait()
+    assert (res.returncode, res.stdout, res.stderr) == (0, "before\n", "")
+
+
 def test_kill_of_a_machine_ending_meanwhile_says_it_is_not_running(tmp_path: Path) -> None:
     """`ember kill -s USR1 NAME` as the machine ended: its monitor had taken the control
     channel away but not yet recorded the end, and the user read "cannot reach the

@@ -106,6 +106,11 @@ def _kept(path: Path) -> bytes:
     return b"".join(p.read_bytes() for p in log_files(path))
 
 
+def _marks_size(log_file: Path) -> int:
+    marks = log_file.with_name(f".{log_file.name.split('.log')[0]}.log.times.{log_file.stat().st_ino}")
+    return marks.stat().st_size if marks.exists() else 0
+
+
 @pytest.mark.parametrize("max_files", [1, 2, 4])
 def test_rotation_caps_and_keeps_the_newest_bytes_in_order(tmp_path: Path, max_files: int) -> None:
     path = tmp_path / "stdout.log"
@@ -120,10 +125,14 @@ def test_rotation_caps_and_keeps_the_newest_bytes_in_order(tmp_path: Path, max_f
         pos += n
         files = log_files(path)
         assert len(files) <= max_files
-        assert all(p.stat().st_size <= cap for p in files)
+        # a file and its time marks together stay under the cap
+        assert all(p.stat().st_size + _marks_size(p) <= cap for p in files)
     log.close()
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["stdout.log"] + [f"stdout.log.{i}" for i in range(1, max_files)]
+    # one marks file per log file kept (named by its inode), none for the dropped ones
+    marks = sorted(f".stdout.log.times.{p.stat().st_ino}" for p in log_files(path))
+    assert names == marks + ["stdout.log"] + [f"stdout.log.{i}" for i in range(1, max_files)]
+    assert all(_marks_size(p) > 0 for p in log_files(path))
     kept = _kept(path)
     # what is kept is the end of the stream, nothing lost between the files, nothing reordered
     assert stream.endswith(kept)
@@ -140,7 +149,8 @@ def test_line_longer_than_a_file_is_cut_not_lost(tmp_path: Path) -> None:
     log.write(b"a\n")
     log.write(b"y" * 5000 + b"\n")
     log.close()
-    assert [p.read_bytes() for p in log_files(path)] == [b"a\n", b"y" * 4096, b"y" * 904 + b"\n"]
+    # each file holds its time mark (16 bytes) too: the long line is cut where the two fill it
+    assert [p.read_bytes() for p in log_files(path)] == [b"a\n", b"y" * 4080, b"y" * 920 + b"\n"]
 
 
 def test_reopen_continues_the_current_file_and_rotates_when_over(tmp_path: Path) -> None:

@@ -40,6 +40,13 @@ def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     close_pool(home)
 
 
+def iso_ns(text: str) -> int:
+    """Unix ns of an RFC 3339 time as ember prints them (nanoseconds, or fewer digits)."""
+    from ember.machines.logtimes import parse_when
+
+    return parse_when(text, 0)
+
+
 def numbers(text: str, word: str) -> list[int]:
     return [int(line.split()[1]) for line in text.splitlines() if line.startswith(word + " ")]
 
@@ -78,6 +85,20 @@ def test_flood_is_capped_and_followed_in_order(ember: Ember, busybox: str) -> No
     assert CAP < len(kept) <= CAP * FILES
     assert expected.endswith(logs.stdout)
     assert numbers(logs.stderr, "err") == list(range(0, LINES, 10))  # stderr did not rotate
+
+    # the monitor dated what it wrote: each kept file has its marks, within the cap with it
+    for p in (d / "stdout.log.1", d / "stdout.log", d / "stderr.log"):
+        marks = d / f".{p.name.split('.log')[0]}.log.times.{p.stat().st_ino}"
+        assert marks.stat().st_size > 0 and p.stat().st_size + marks.stat().st_size <= CAP
+    ran = ember.inspect("flood")
+    started, ended = (iso_ns(ran[k]) for k in ("started_at", "finished_at"))
+    dated = ember("logs", "-t", "flood", check=True)
+    stamps = [line.split(" ", 1) for line in dated.stdout.splitlines()]
+    assert "".join(f"{rest}\n" for _, rest in stamps) == logs.stdout
+    times = [iso_ns(t) for t, _ in stamps]
+    assert times == sorted(times) and started - 10**9 <= times[0] and times[-1] <= ended + 10**9
+    assert ember("logs", "--since", "0s", "flood", check=True).stdout == ""
+    assert ember("logs", "--until", stamps[0][0], "flood", check=True).stdout.startswith(stamps[0][1])
 
     ember("rm", "flood", check=True)
     assert not d.exists()

@@ -200,21 +200,59 @@ class _TailLines(click.ParamType):
         self.fail(f"{text[:40]!r}: a number of lines or 'all'", param, ctx)
 
 
+class _When(click.ParamType):
+    """A point in time as ``docker logs --since/--until`` takes it (``logtimes.parse_when``),
+    as unix nanoseconds; a duration counts back from when the command started."""
+
+    name = "TIME"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        from ember.machines.logtimes import InvalidTime, parse_when
+
+        # one "now" for --since and --until of one command (not the agent's start)
+        now = time.time_ns() if ctx is None else ctx.meta.setdefault("ember.now_ns", time.time_ns())
+        try:
+            return parse_when(str(value), now)
+        except InvalidTime:
+            self.fail(
+                f"{str(value)[:64]!r}: give a duration back from now (10m, 1h30m), a unix "
+                "time (1796036000) or a date and time (2026-11-30T12:00:00Z)",
+                param, ctx,
+            )  # fmt: skip
+
+
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the machine ends.")
 @click.option("-n", "--tail", "tail", type=_TailLines(), default="all",
               help="Only the last N lines of stdout and of stderr (default: all).")  # fmt: skip
+@click.option("-t", "--timestamps", is_flag=True,
+              help="Begin each line with the time it arrived (RFC 3339, UTC, nanoseconds).")  # fmt: skip
+@click.option("--since", type=_When(), default=None,
+              help="Only lines that arrived at or after TIME: a duration back from now "
+              "(10m, 1h30m), a unix time, or a date and time (2026-11-30T12:00:00Z).")  # fmt: skip
+@click.option("--until", type=_When(), default=None,
+              help="Only lines that arrived at or before TIME (as --since); with -f, "
+              "stop following then.")  # fmt: skip
 @click.argument("machine")
-def logs(follow: bool, tail: int | None, machine: str) -> None:
+def logs(
+    follow: bool, tail: int | None, timestamps: bool, since: int | None, until: int | None,
+    machine: str,
+) -> None:  # fmt: skip
     """Print a machine's program output (stdout and stderr).
 
     The logs are capped (config.json's "logs" section): what is printed is what
     is kept, the rotated files oldest first, then the current ones.  Without -f,
     what they hold when the command starts (a guest that writes faster than the
     output is read does not keep it going).  --tail counts the lines of each
-    stream on its own (the two are kept in separate files, without times)."""
+    stream on its own (the two are kept in separate files); --since and
+    --until then pick among those lines by the time each arrived."""
     from ember.machines.lifecycle import machine_channels, monitor_alive
     from ember.machines.logs import LogFollower, LogSnapshot
+    from ember.machines.logtimes import LineFilter, MarksReader
     from ember.machines.state import RUNNING, read_state
     from ember.machines.store import MachineStore
 
@@ -223,9 +261,10 @@ def logs(follow: bool, tail: int | None, machine: str) -> None:
     st = find_machine(machine)
     d = MachineStore(home).dir(st.id)
     channels = machine_channels(d)
+    dated = timestamps or since is not None or until is not None
     with contextlib.ExitStack() as stack:
-        srcs: list[LogFollower | LogSnapshot] = []
-        for p in (channels.stdout_log, channels.stderr_log):
+        streams: list[tuple[LogFollower | LogSnapshot, Any, LineFilter, MarksReader]] = []
+        for p, dst in ((channels.stdout_log, sys.stdout.buffer), (channels.stderr_log, sys.stderr.buffer)):
             src: LogFollower | LogSnapshot
             if tail is None:
                 src = LogFollower.oldest(p) if follow else LogSnapshot.take(p)
@@ -233,21 +272,29 @@ def logs(follow: bool, tail: int | None, machine: str) -> None:
                 snapshot = LogSnapshot.take(p)
                 snapshot.keep_last_lines(tail)
                 src = snapshot.follower(p) if follow else snapshot
-            srcs.append(src)
             stack.callback(src.close)
-        sinks = ((srcs[0], sys.stdout.buffer), (srcs[1], sys.stderr.buffer))
+            marks = MarksReader(p)
+            stack.callback(marks.close)
+            streams.append((src, dst, LineFilter(timestamps=timestamps, since=since, until=until), marks))
         while True:
             moved = False
-            for src, dst in sinks:
-                data = src.read(1 << 16)
+            for src, dst, line_filter, marks in streams:
+                data, fd, offset = src.read_at(1 << 16)
+                if not data:
+                    continue
+                moved = True
+                if dated:
+                    data = line_filter.feed(data, offset, marks.marks_of(fd).time_at)
                 if data:
                     dst.write(data)
                     dst.flush()
-                    moved = True
             if moved:
                 continue
             if not follow:
                 return
+            if until is not None and time.time_ns() > until:
+                follow = False  # nothing that comes now is wanted; one more pass drains
+                continue
             try:
                 now = read_state(d)
                 # a record that says running while its monitor is gone (killed -9, the

@@ -27,6 +27,10 @@ waits for a reader that is still behind as long as it makes progress (a file
 finished within ``streams.DRAIN_WAIT_S``), and until it has opened the current
 file (``files_behind``) before it lets the logs go (``--rm`` deletes them).
 
+Each log file has its time marks beside it (``logtimes``: when its bytes
+arrived, for ``ember logs -t/--since/--until``), written by the same writer
+before the bytes they date, counted against the file's cap, and removed with it.
+
 Settings, the ``"logs"`` section of ``$EMBER_HOME/config.json``::
 
     {"logs": {"max_size": "16M", "max_files": 2}}
@@ -38,6 +42,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from typing import Any
 from ember.config import config_section
 from ember.home import Home
 from ember.machines.errors import MachineError
+from ember.machines.logtimes import MARK_SIZE, MarkWriter, remove_marks, sweep_marks
 from ember.sizes import InvalidSize, parse_size
 
 DEFAULT_MAX_SIZE = 16 << 20
@@ -114,12 +121,13 @@ def _size(value: object, where: str) -> int:
 # ---- writing ---------------------------------------------------------------------------
 
 
-def fits(used: int, data: bytes, cap: int) -> int:
+def fits(used: int, data: bytes, cap: int, *, fresh: bool | None = None) -> int:
     """How many leading bytes of ``data`` go into a file holding ``used`` bytes (pure).
 
     Everything when it fits under ``cap``; else whole lines up to the cap; 0 means
     "rotate first" (the file has data and not even one line fits); a line longer than
-    a whole file is cut at the cap."""
+    a whole file is cut at the cap.  ``fresh``: the file holds no data yet (default:
+    ``used == 0``; ``used`` may count more than the file's data: its time marks)."""
     room = cap - used
     if len(data) <= room:
         return len(data)
@@ -127,8 +135,8 @@ def fits(used: int, data: bytes, cap: int) -> int:
         cut = data.rfind(b"\n", 0, room) + 1
         if cut:
             return cut
-    if used == 0:
-        return cap
+    if used == 0 if fresh is None else fresh:
+        return max(room, 1)
     return 0
 
 
@@ -156,9 +164,12 @@ def log_files(path: Path) -> list[Path]:
 
 
 class RotatingLog:
-    """The writer of one capped log: append, rotate by rename when full."""
+    """The writer of one capped log: append, rotate by rename when full; each file's
+    time marks beside it (``logtimes``), counted against the cap with it."""
 
-    def __init__(self, path: Path, config: LogConfig) -> None:
+    def __init__(
+        self, path: Path, config: LogConfig, *, clock: Callable[[], int] = time.time_ns
+    ) -> None:
         self.path = path
         self.cap = config.max_size
         self.max_files = config.max_files
@@ -168,6 +179,10 @@ class RotatingLog:
         self.rotations = 0
         #: fds of dropped files an attached reader still held when they were dropped
         self._held: list[int] = []
+        # marks of files gone meanwhile (a monitor killed while it rotated) go now
+        kept = {ident[1] for p in log_files(path) if (ident := _stat_ident(p)) is not None}
+        sweep_marks(path, kept | {os.fstat(self.fd).st_ino})
+        self.marks = MarkWriter(path, self.fd, clock)
 
     @classmethod
     def _finish_rotation(cls, path: Path) -> None:
@@ -198,11 +213,16 @@ class RotatingLog:
         # released on return: the caller may resize a bytearray it passed
         with memoryview(data) as view:
             while done < len(data):
-                n = fits(self.size, bytes(view[done : done + self.cap + 1]), self.cap)
+                ns = self.marks.due()
+                used = self.size + self.marks.size + (MARK_SIZE if ns is not None else 0)
+                chunk = bytes(view[done : done + self.cap + 1])
+                n = fits(used, chunk, self.cap, fresh=self.size == 0)
                 if n == 0:
                     if not self.rotate(force=force):
                         break
                     continue
+                if ns is not None:  # before the bytes: a reader that has them has their time
+                    self.marks.mark(self.size, ns)
                 _write_all(self.fd, view[done : done + n])
                 self.size += n
                 done += n
@@ -225,6 +245,7 @@ class RotatingLog:
             return False  # the attached reader has not opened the files after that one
         path = self.path
         victim = _open_existing(self.dropped_by_rotation())
+        victim_inode = os.fstat(victim).st_ino if victim is not None else None
         if victim is not None and _still_held(victim):
             self._held.append(victim)  # watch it: see the module's docstring
         fresh = path.with_name(f"{path.name}.new")
@@ -248,6 +269,9 @@ class RotatingLog:
             raise
         os.close(self.fd)
         self.fd, self.size = new_fd, 0
+        self.marks.switch(new_fd)
+        if victim_inode is not None:
+            remove_marks(path, victim_inode)  # (readers that opened them keep them)
         self.rotations += 1
         return True
 
@@ -270,6 +294,7 @@ class RotatingLog:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.marks.close()
         for fd in self._held:
             os.close(fd)
         self._held = []
@@ -379,22 +404,30 @@ class LogFollower:
     ) -> bytes:
         """The next bytes of the stream; ``b""`` when the writer has written nothing more
         (or, with ``until``, once the stream reached that ``end_mark``)."""
+        return self.read_at(size, until=until)[0]
+
+    def read_at(
+        self, size: int = 1 << 16, *, until: tuple[tuple[int, int], int] | None = None
+    ) -> tuple[bytes, int, int]:
+        """``read``, and where the bytes are: the descriptor of their file (open until
+        the next read) and their offset in it."""
         while True:
+            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
             if until is not None and self.ident == until[0]:
-                size = min(size, until[1] - os.lseek(self.fd, 0, os.SEEK_CUR))
+                size = min(size, until[1] - pos)
                 if size <= 0:
-                    return b""
+                    return b"", self.fd, pos
             data = os.read(self.fd, size)
             if data:
-                return data
+                return data, self.fd, pos
             nxt = self._successor()
             if nxt is None:
-                return b""
+                return b"", self.fd, pos
             # the file we hold is complete now that another one follows it: finish it
             data = os.read(self.fd, size)
             if data:
                 os.close(nxt)
-                return data
+                return data, self.fd, pos
             if self.hold:
                 fcntl.flock(nxt, fcntl.LOCK_SH)  # the next file before letting go of this one
             os.close(self.fd)
@@ -511,15 +544,21 @@ class LogSnapshot:
 
     def read(self, size: int = 1 << 16) -> bytes:
         """The next bytes of the log as it was taken; ``b""`` at its end."""
+        return self.read_at(size)[0]
+
+    def read_at(self, size: int = 1 << 16) -> tuple[bytes, int, int]:
+        """``read``, and where the bytes are: the descriptor of their file (open until
+        the next read) and their offset in it; (b"", -1, 0) at the end."""
         while self._parts:
             fd, left = self._parts[0]
+            pos = os.lseek(fd, 0, os.SEEK_CUR)
             data = os.read(fd, min(size, left)) if left > 0 else b""
             if data:
                 self._parts[0] = (fd, left - len(data))
-                return data
+                return data, fd, pos
             os.close(fd)
             self._parts.pop(0)
-        return b""
+        return b"", -1, 0
 
     def close(self) -> None:
         for fd, _ in self._parts:
