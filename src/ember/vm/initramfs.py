@@ -16,8 +16,10 @@ takes (the kernel unpacks concatenated archives in order).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -247,6 +249,20 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
     atomic_write(dest, archive, mode=0o644)
     _prune(dest)
     return dest
+
+
+def cached_archives(home: Home, version: str) -> list[Path]:
+    """The cached base archives of kernel ``version`` (``ember gc`` removes them with
+    their kernel; a machine keeps its own hard link, ``pin_base_initramfs``)."""
+    cache = home.initramfs_cache
+    if cache.is_symlink() or not cache.is_dir():
+        return []
+    found = []
+    for p in cache.glob(f"{glob.escape(version)}-*.cpio"):
+        key = p.name[len(version) + 1 : -len(".cpio")]
+        if re.fullmatch(r"[0-9a-f]{16}", key) and p.is_file() and not p.is_symlink():
+            found.append(p)
+    return sorted(found)
 
 
 #: archives of the same kernel not rebuilt for this long are from an older ember-init

@@ -493,5 +493,20 @@ def _custom_kernel(home: Home, path: Path, modules: Path | None) -> KernelInfo:
             except KernelError as e:
                 raise KernelError(f"kernel {path}: {e}") from None
             atomic_write(vmlinux, payload)
-    version = modules.name if modules is not None else f"custom-{digest[:12]}"
+    version = modules.name if modules is not None else custom_version(digest)
     return KernelInfo(version=version, vmlinuz=vmlinuz, vmlinux=vmlinux, modules_dir=modules)
+
+
+def custom_version(digest: str) -> str:
+    """The version of a custom kernel given without modules (its sha256's hex)."""
+    return f"custom-{digest[:12]}"
+
+
+def dir_version(home: Home, d: Path) -> str | None:
+    """The version the kernel of an installed kernel directory gets (what its cached
+    initramfs archives are named after): a Debian version's directory name, or a
+    custom ELF's ``custom_version`` (given with modules, it is their directory's name,
+    not known from here: None)."""
+    if d.parent == home.custom_kernels:
+        return custom_version(d.name)
+    return d.name if _VERSION_RE.fullmatch(d.name) else None
