@@ -502,6 +502,22 @@ def test_logs_timestamps_since_and_until(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_logs_2_to_1_reads_as_the_program_wrote(tmp_path: Path) -> None:
+    """docker logs interleaves stdout and stderr by time; ember printed all of stdout's
+    64 KiB chunk, then stderr's."""
+    t = time.time_ns()
+    _dated_logs(Home(tmp_path), "m", {
+        "stdout": [(t, b"starting\n"), (t + 2, b"listening\n"), (t + 4 * 10**6, b"bye\n")],
+        "stderr": [(t + 10**6, b"warning: x\n"), (t + 3 * 10**6, b"error: y\n")],
+    }, status=mstate.EXITED, exit_code=0)  # fmt: skip
+    res = subprocess.run([EMBER, "logs", "m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=ember_env(tmp_path), timeout=60)  # fmt: skip
+    assert res.returncode == 0
+    assert res.stdout == b"starting\nlistening\nwarning: x\nerror: y\nbye\n"
+    apart = _ember(tmp_path, "logs", "m")
+    assert (apart.stdout, apart.stderr) == ("starting\nlistening\nbye\n", "warning: x\nerror: y\n")
+
+
 def test_logs_without_times_print_as_they_are(tmp_path: Path) -> None:
     """Logs of a machine from before ember kept times: -t prints the lines bare, and no
     line is in a window of time."""

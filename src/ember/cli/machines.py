@@ -247,10 +247,12 @@ def logs(
     The logs are capped (config.json's "logs" section): what is printed is what
     is kept, the rotated files oldest first, then the current ones.  Without -f,
     what they hold when the command starts (a guest that writes faster than the
-    output is read does not keep it going).  --tail counts the lines of each
-    stream on its own (the two are kept in separate files); --since and
-    --until then pick among those lines by the time each arrived."""
+    output is read does not keep it going).  The two streams are interleaved
+    by the time each line arrived.  --tail counts the lines of each stream on
+    its own (the two are kept in separate files); --since and --until then
+    pick among those lines by their time."""
     from ember.machines.lifecycle import machine_channels, monitor_alive
+    from ember.machines.logmerge import MergedStream, step
     from ember.machines.logs import LogFollower, LogSnapshot
     from ember.machines.logtimes import LineFilter, MarksReader
     from ember.machines.state import RUNNING, read_state
@@ -263,7 +265,7 @@ def logs(
     channels = machine_channels(d)
     dated = timestamps or since is not None or until is not None
     with contextlib.ExitStack() as stack:
-        streams: list[tuple[LogFollower | LogSnapshot, Any, LineFilter, MarksReader]] = []
+        streams: list[MergedStream] = []
         for p, dst in ((channels.stdout_log, sys.stdout.buffer), (channels.stderr_log, sys.stderr.buffer)):
             src: LogFollower | LogSnapshot
             if tail is None:
@@ -275,20 +277,10 @@ def logs(
             stack.callback(src.close)
             marks = MarksReader(p)
             stack.callback(marks.close)
-            streams.append((src, dst, LineFilter(timestamps=timestamps, since=since, until=until), marks))
+            line_filter = LineFilter(timestamps=timestamps, since=since, until=until) if dated else None
+            streams.append(MergedStream(src, marks, dst, line_filter))
         while True:
-            moved = False
-            for src, dst, line_filter, marks in streams:
-                data, fd, offset = src.read_at(1 << 16)
-                if not data:
-                    continue
-                moved = True
-                if dated:
-                    data = line_filter.feed(data, offset, marks.marks_of(fd).time_at)
-                if data:
-                    dst.write(data)
-                    dst.flush()
-            if moved:
+            if step(streams):  # the stream whose next line came first (docker logs' order)
                 continue
             if not follow:
                 return
