@@ -12,10 +12,12 @@ from ember.oci.reference import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST
 from ember.registry.client.credentials import Credentials, CredentialStore
 
 
-def _normalise_host(host: str) -> str:
-    host = host.strip().lower().removeprefix("https://").removeprefix("http://").rstrip("/")
-    if not host or "/" in host or any(c.isspace() for c in host):
-        raise UsageError(f"invalid registry host {host[:100]!r}: give HOST or HOST:PORT")
+def _normalise_host(given: str) -> str:
+    # as the docker CLI: a URL's scheme and path go (``https://index.docker.io/v1/``,
+    # what ``docker login`` itself records for Docker Hub, is Docker Hub)
+    host = given.strip().lower().removeprefix("https://").removeprefix("http://").split("/", 1)[0]
+    if not host or any(c.isspace() for c in host):
+        raise UsageError(f"invalid registry host {given[:100]!r}: give HOST or HOST:PORT")
     return DEFAULT_REGISTRY if host in ("index.docker.io", "registry-1.docker.io") else host
 
 
