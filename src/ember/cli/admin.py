@@ -119,17 +119,34 @@ def token() -> None:
     show_default=True,
     help="Comma-separated actions: pull, push, delete (pull always; delete must be asked for).",
 )
+@click.option(
+    "--expires-in", "expires_in", metavar="DURATION", default=None,
+    help="Refuse the token after this long (30d, 12h, 90m; default: it does not expire).",
+)  # fmt: skip
 @db_option
-def token_create(org_name: str, label: str, access: str, db_url: str | None) -> None:
+def token_create(
+    org_name: str, label: str, access: str, expires_in: str | None, db_url: str | None
+) -> None:
     """Create a token; its secret is printed once, as the last line."""
+    from ember.durations import parse_duration_ns
     from ember.registry.server.tokens import parse_actions
 
     try:
         actions = parse_actions(access)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    token_id, secret = _metadata(db_url).create_token(org_name, label, actions)
-    click.echo(f"token {token_id} for {org_name} ({','.join(sorted(actions))}); the secret is shown only now:", err=True)
+    expires_at = None
+    if expires_in is not None:
+        ns = parse_duration_ns(expires_in)
+        if not ns:
+            raise UsageError(
+                f"--expires-in {expires_in[:64]!r}: give a duration such as 30d, 12h or 90m"
+            )
+        expires_at = time.time() + ns / 1e9
+    token_id, secret = _metadata(db_url).create_token(org_name, label, actions, expires_at)
+    until = f", expires {_when(expires_at)} UTC" if expires_at is not None else ""
+    click.echo(f"token {token_id} for {org_name} ({','.join(sorted(actions))}{until}); "
+               "the secret is shown only now:", err=True)  # fmt: skip
     click.echo(secret)
 
 
@@ -144,18 +161,20 @@ def token_ls(org_name: str | None, db_url: str | None, as_json: bool) -> None:
         print_json(
             [
                 {"id": t.id, "org": t.org, "name": t.label, "access": sorted(t.actions),
-                 "created_at": t.created_at, "revoked_at": t.revoked_at}
+                 "created_at": t.created_at, "revoked_at": t.revoked_at,
+                 "expires_at": t.expires_at}
                 for t in tokens
             ]
         )
         return
     common.print_table(
-        ("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)"),
+        ("ID", "ORG", "NAME", "ACCESS", "CREATED (UTC)", "REVOKED (UTC)", "EXPIRES (UTC)"),
         [
-            (t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at), _when(t.revoked_at))
+            (t.id, t.org, t.label, ",".join(sorted(t.actions)), _when(t.created_at),
+             _when(t.revoked_at), _when(t.expires_at))
             for t in tokens
         ],
-    )
+    )  # fmt: skip
 
 
 @token.command("revoke")

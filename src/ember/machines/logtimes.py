@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ember.durations import MAX_LENGTH, parse_duration_ns
+
 #: one mark: offset in the log file, unix time in nanoseconds (little-endian)
 MARK = struct.Struct("<QQ")
 MARK_SIZE = MARK.size
@@ -90,28 +92,21 @@ class InvalidTime(ValueError):
     """A --since/--until value that is none of the accepted forms."""
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
-            "m": 60_000_000_000, "h": 3_600_000_000_000}  # fmt: skip
 _UNIX = re.compile(r"\d{1,12}(\.\d{1,9})?")
 _FRACTION = re.compile(r"(?<=\d\d:\d\d:\d\d)[.,](\d+)")
 
 
 def parse_when(text: str, now_ns: int) -> int:
     """A point in time (unix ns) from what ``docker logs --since/--until`` takes: a
-    duration back from now (``10m``, ``1h30m``, ``1.5h``, ``90s``), a unix time in
+    duration back from now (``10m``, ``1h30m``, ``1.5h``, ``90s``, ``2d``), a unix time in
     seconds (``1796036000``, ``1796036000.5``), or an RFC 3339 date or time
     (``2026-11-30``, ``2026-11-30T12:00:00Z``, ``...+01:00``; without a zone: local
     time, as Docker takes it)."""
     s = text.strip()
-    if not s or len(s) > 64:
+    if not s or len(s) > MAX_LENGTH:
         raise InvalidTime(text)
-    pos, total = 0, 0
-    while m := _DURATION_PART.match(s, pos):
-        total += int(float(m.group(1)) * _UNIT_NS[m.group(2)])
-        pos = m.end()
-    if pos and pos == len(s):
-        return now_ns - total
+    if (back := parse_duration_ns(s)) is not None:
+        return now_ns - back
     if _UNIX.fullmatch(s):
         whole, _, frac = s.partition(".")
         return int(whole) * 1_000_000_000 + int((frac + "000000000")[:9])

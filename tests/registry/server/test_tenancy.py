@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -267,6 +268,70 @@ def test_registry_tokens_die_with_the_api_token_they_came_from(
     assert codes == (401, 401)
     r = http.get(manifest, headers={"Authorization": f"Bearer {jwt}", **accept})
     assert "revoked" in r.text and 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+def test_an_expired_token_is_refused_and_nothing_made_from_it_outlives_it(server: EmberServer) -> None:
+    """`admin token create --expires-in`: API tokens never expired (a leaked one worked for
+    ever unless someone revoked it)."""
+
+    def live_tokens() -> int:
+        orgs = json.loads(ember(server.home, "admin", "org", "ls", "--json").stdout)
+        return next(o["tokens"] for o in orgs if o["name"] == "acme")
+
+    before = live_tokens()
+    out = ember(server.home, "admin", "token", "create", "--org", "acme", "--name", "brief",
+                "--access", "pull", "--expires-in", "4s")  # fmt: skip
+    token = out.stdout.strip().splitlines()[-1]
+    assert "expires " in out.stderr
+    listed = [t for t in json.loads(ember(server.home, "admin", "token", "ls", "--json").stdout)
+              if t["name"] == "brief"]  # fmt: skip
+    expires_at = listed[0]["expires_at"]
+    assert time.time() < expires_at <= time.time() + 4
+    assert live_tokens() == before + 1
+    assert http.get(f"{server.url}/v2/", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    answer = http.get(f"{server.url}/token", auth=("x", token)).json()
+    assert 1 <= answer["expires_in"] <= 4
+    jwt = answer["token"]
+    claims = json.loads(base64.urlsafe_b64decode(jwt.split(".")[1] + "=="))
+    assert claims["exp"] <= expires_at  # the registry token ends with the API token
+    assert http.get(f"{server.url}/v2/", headers={"Authorization": f"Bearer {jwt}"}).status_code == 200
+    time.sleep(max(0.0, expires_at - time.time()) + 1.1)
+    assert http.get(f"{server.url}/v2/", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert http.get(f"{server.url}/token", auth=("x", token)).status_code == 401
+    # the registry token made from it: refused once the servers' revocation lists
+    # (refreshed every 5 s) hold its expiry, not 30 s later when its own clock-skew
+    # leeway would end
+    deadline = time.monotonic() + 10
+    while http.get(f"{server.url}/v2/", headers={"Authorization": f"Bearer {jwt}"}).status_code != 401:
+        assert time.monotonic() < deadline, "a registry token outlived its expired API token"
+        time.sleep(0.25)
+    assert live_tokens() == before  # `org ls` counts the live ones
+    for bad in ("soon", "0s", "-1h", "1y"):
+        res = ember(server.home, "admin", "token", "create", "--org", "acme", "--expires-in", bad, check=False)
+        assert res.returncode == 2 and "give a duration such as 30d" in res.stderr, res.stderr
+
+
+def test_tokens_of_a_database_from_before_expiry_do_not_expire(tmp_path: Path) -> None:
+    """0005 adds the expiry column; the tokens made before it keep working."""
+    import contextlib
+    import sqlite3
+
+    from ember.registry.server.metadata import RegistryMetadata
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    meta = RegistryMetadata(url)
+    meta.create_org("old")
+    _, secret = meta.create_token("old", "before", frozenset({"pull"}))
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db, db:  # as 0004 left it
+        db.execute("ALTER TABLE reg_tokens DROP COLUMN expires_at")
+        db.execute("DELETE FROM ember_migrations WHERE id = '0005-token-expiry'")
+    listed = json.loads(ember(tmp_path, "admin", "token", "ls", "--db", url, "--json").stdout)
+    assert [(t["name"], t["expires_at"]) for t in listed] == [("before", None)]
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(reg_tokens)")}
+    assert "expires_at" in columns
+    found = meta.resolve_token(secret)  # (the column is back: the CLI migrated the file)
+    assert found is not None and found.expires_at is None
 
 
 def test_revoked_token(server: EmberServer) -> None:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from ember.registry.server.context import RequestContext, read_limited
 from ember.registry.server.dbcalls import DbCalls
 from ember.registry.server.errors import ApiError
-from ember.registry.server.metadata import RegistryMetadata
+from ember.registry.server.metadata import RegistryMetadata, ResolvedToken
 from ember.registry.server.protocol import challenge
 from ember.registry.server.revocations import Revocations
 from ember.registry.server.tokens import (
@@ -41,7 +41,7 @@ class Authenticator:
         self.meta = meta
         self.db = db
         self._token_key = token_key
-        self._token_cache: dict[str, tuple[float, tuple[str, str, frozenset[str]] | None]] = {}
+        self._token_cache: dict[str, tuple[float, ResolvedToken | None]] = {}
         self._revocations = Revocations()
 
     async def authenticate(self, request: Request) -> tuple[Grant | None, bool]:
@@ -107,13 +107,16 @@ class Authenticator:
             )
         scoped = grant_for(grant.org, grant.subject, grant.org_actions, parse_scopes(scopes_raw))
         now = int(time.time())
-        token = encode_token(self._token_key, scoped, now)
+        ttl = TOKEN_TTL
+        if grant.expires_at is not None:  # never past the API token's own end
+            ttl = max(1, min(ttl, int(grant.expires_at) - now))
+        token = encode_token(self._token_key, scoped, now, ttl)
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return JSONResponse(
-            {"token": token, "access_token": token, "expires_in": TOKEN_TTL, "issued_at": issued}
+            {"token": token, "access_token": token, "expires_in": ttl, "issued_at": issued}
         )
 
-    async def _resolve_api_token(self, secret: str) -> tuple[str, str, frozenset[str]] | None:
+    async def _resolve_api_token(self, secret: str) -> ResolvedToken | None:
         now = time.monotonic()
         cached = self._token_cache.get(secret)
         if cached is not None and cached[0] > now:
@@ -132,12 +135,11 @@ class Authenticator:
 
     async def _api_grant(self, secret: str) -> Grant | None:
         found = await self._resolve_api_token(secret) if is_api_token(secret) else None
-        if found is None:
+        if found is None or found.expired(time.time()):  # (it may have expired since cached)
             return None
-        org, token_id, actions = found
-        if await self._revoked(token_id):  # resolved (and cached) before its revocation
+        if await self._revoked(found.token_id):  # resolved (and cached) before its revocation
             return None
-        return Grant(org, token_id, org_actions=actions)
+        return Grant(found.org, found.token_id, org_actions=found.actions, expires_at=found.expires_at)
 
 
 def realm(request: Request) -> str:

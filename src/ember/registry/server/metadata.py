@@ -89,6 +89,20 @@ class TokenInfo:
     actions: frozenset[str]
     created_at: float
     revoked_at: float | None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedToken:
+    """A live API token: whom it acts for, with what, until when."""
+
+    org: str
+    token_id: str
+    actions: frozenset[str]
+    expires_at: float | None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 @dataclass(frozen=True)
@@ -204,9 +218,10 @@ class RegistryMetadata:
         repo_count = (
             select(func.count()).where(s.repos.c.org_id == s.orgs.c.id).scalar_subquery()
         )
+        live = or_(s.tokens.c.expires_at.is_(None), s.tokens.c.expires_at > time.time())
         token_count = (
             select(func.count())
-            .where(and_(s.tokens.c.org_id == s.orgs.c.id, s.tokens.c.revoked_at.is_(None)))
+            .where(and_(s.tokens.c.org_id == s.orgs.c.id, s.tokens.c.revoked_at.is_(None), live))
             .scalar_subquery()
         )
         with self.db.connect() as conn:
@@ -318,7 +333,10 @@ class RegistryMetadata:
             ).rowcount
         return bool(cut)
 
-    def create_token(self, org: str, label: str, actions: frozenset[str]) -> tuple[str, str]:
+    def create_token(
+        self, org: str, label: str, actions: frozenset[str], expires_at: float | None = None
+    ) -> tuple[str, str]:
+        """A new API token (id, secret); ``expires_at``: refused from then on (unix s)."""
         token_id, secret = new_api_token()
         with self.db.begin() as conn:
             org_id = self._org_id(conn, org)
@@ -330,6 +348,7 @@ class RegistryMetadata:
                     hash=hash_api_token(secret),
                     actions=",".join(sorted(actions)),
                     created_at=time.time(),
+                    expires_at=expires_at,
                 )
             )
         return token_id, secret
@@ -342,13 +361,14 @@ class RegistryMetadata:
             s.tokens.c.actions,
             s.tokens.c.created_at,
             s.tokens.c.revoked_at,
+            s.tokens.c.expires_at,
         ).join(s.orgs, s.orgs.c.id == s.tokens.c.org_id)
         with self.db.connect() as conn:
             if org is not None:
                 q = q.where(s.tokens.c.org_id == self._org_id(conn, org))
             rows = conn.execute(q.order_by(s.orgs.c.name, s.tokens.c.created_at)).all()
         return [
-            TokenInfo(r[0], r[1], r[2], frozenset(r[3].split(",")), r[4], r[5]) for r in rows
+            TokenInfo(r[0], r[1], r[2], frozenset(r[3].split(",")), r[4], r[5], r[6]) for r in rows
         ]
 
     def revoke_token(self, token_id: str) -> None:
@@ -362,24 +382,30 @@ class RegistryMetadata:
             raise TokenNotFound(f"no active token with id {token_id!r}", hint="see `ember admin token ls`")
 
     def revoked_since(self, since: float) -> list[str]:
-        """Ids of the tokens revoked at or after ``since`` (wall-clock seconds)."""
+        """Ids of the tokens revoked, or expired, at or after ``since`` (wall-clock
+        seconds): an expiry is a revocation the token was made with, and the registry
+        tokens made from it (whose own expiry allows for clock skew) go with it."""
+        expired = and_(s.tokens.c.expires_at >= since, s.tokens.c.expires_at <= time.time())
         with self.db.connect() as conn:
             rows = conn.execute(
-                select(s.tokens.c.id).where(s.tokens.c.revoked_at >= since)
+                select(s.tokens.c.id).where(or_(s.tokens.c.revoked_at >= since, expired))
             ).all()
         return [r[0] for r in rows]
 
-    def resolve_token(self, secret: str) -> tuple[str, str, frozenset[str]] | None:
-        """(org, token id, actions) for a live API token secret, else None."""
+    def resolve_token(self, secret: str) -> ResolvedToken | None:
+        """What a live API token secret stands for, else None (unknown, revoked, or
+        expired).  Its expiry comes with it: a caller that keeps the answer a while
+        must refuse it after that time itself."""
         with self.db.connect() as conn:
             row = conn.execute(
-                select(s.orgs.c.name, s.tokens.c.id, s.tokens.c.actions)
+                select(s.orgs.c.name, s.tokens.c.id, s.tokens.c.actions, s.tokens.c.expires_at)
                 .join(s.orgs, s.orgs.c.id == s.tokens.c.org_id)
                 .where(s.tokens.c.hash == hash_api_token(secret), s.tokens.c.revoked_at.is_(None))
             ).first()
         if row is None:
             return None
-        return row[0], row[1], frozenset(row[2].split(","))
+        found = ResolvedToken(row[0], row[1], frozenset(row[2].split(",")), row[3])
+        return None if found.expired(time.time()) else found
 
     # -- repositories ------------------------------------------------------------
 

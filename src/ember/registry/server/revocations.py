@@ -7,7 +7,8 @@ the caller) for the tokens revoked within the last ``TOKEN_TTL`` plus a margin f
 clocks that differ between hosts: older revocations cannot matter, since every
 registry token they could concern has expired.  Both registry tokens (their ``sub``)
 and API tokens used directly are then refused within ``REFRESH_S`` of a revocation,
-whichever server process they reach.
+whichever server process they reach.  A token's expiry counts as its revocation
+(``RegistryMetadata.revoked_since``), so what was made from it ends with it too.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ tokens = Table(
     Column("actions", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
+    #: wall-clock seconds after which the token is refused (NULL: it does not expire)
+    Column("expires_at", Float, nullable=True),
 )
 
 repos = Table(
@@ -173,9 +175,16 @@ def _upload_orgs(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _token_expiry(conn: Connection) -> None:
+    # API tokens may expire (``admin token create --expires-in``); older ones do not
+    if "expires_at" not in {c["name"] for c in sa_inspect(conn).get_columns("reg_tokens")}:
+        conn.execute(sa_text("ALTER TABLE reg_tokens ADD COLUMN expires_at FLOAT"))
+
+
 MIGRATIONS = [
     Migration("0001-initial", _initial),
     Migration("0002-org-quota", _org_quota),
     Migration("0003-quota-uploads", _quota_uploads),
     Migration("0004-upload-orgs", _upload_orgs),
+    Migration("0005-token-expiry", _token_expiry),
 ]

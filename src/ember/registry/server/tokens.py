@@ -132,6 +132,9 @@ class Grant:
     catalog: bool = False
     #: an API token used directly: every repository of the org with these actions
     org_actions: frozenset[str] = frozenset()
+    #: when the API token behind it expires (unix s; None: never): no registry token
+    #: made from it outlives it
+    expires_at: float | None = None
 
     def allows(self, full_name: str, action: str) -> bool:
         if action in self.org_actions:
