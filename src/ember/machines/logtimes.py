@@ -132,11 +132,10 @@ class LineFilter:
     """Turns one stream's bytes into ``ember logs`` output: each line prefixed with its
     time (``timestamps``), lines outside ``[since, until]`` left out.
 
-    Fed chunks in order with the offset of their first byte in their file and that
-    file's marks; a line split across chunks (or across files: a line is never
-    split across files, the writer rotates at line ends) is decided once, at its
-    start.  ``past_until`` tells a follower that a line later than ``until`` came:
-    every later line is later too."""
+    Fed chunks in order, each with the offset of its first byte in its file and that
+    file's marks; a line split across chunks is decided once, at its start (also a
+    line longer than a whole file, which the writer cuts at the cap and goes on
+    with in the next file)."""
 
     def __init__(
         self, *, timestamps: bool = False, since: int | None = None, until: int | None = None
@@ -144,7 +143,6 @@ class LineFilter:
         self.timestamps = timestamps
         self.since = since
         self.until = until
-        self.past_until = False
         self._at_line_start = True
         self._keep = True
 
@@ -153,11 +151,9 @@ class LineFilter:
             # no time known (logs from before marks were kept): in no window
             self._keep = self.since is None and self.until is None
             return
-        if self.until is not None and ns > self.until:
-            self.past_until = True
-            self._keep = False
-            return
-        self._keep = self.since is None or ns >= self.since
+        self._keep = (self.since is None or ns >= self.since) and (
+            self.until is None or ns <= self.until
+        )
 
     def feed(self, data: bytes, offset: int, time_at: Callable[[int], int | None]) -> bytes:
         out: list[bytes] = []
