@@ -502,6 +502,39 @@ def test_logs_timestamps_since_and_until(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_logs_follow_until_ends_while_the_guest_keeps_printing(tmp_path: Path) -> None:
+    """`-f --until T` with a guest printing faster than the lines are read: the stop was
+    checked only when a pass read nothing, so it followed (and spun) for ever."""
+    import sys
+
+    monitor = subprocess.Popen(["sleep", "60"])  # stands in for the machine's monitor
+    st = _record(Home(tmp_path), "live", status=mstate.RUNNING, started_at=mstate.now(),
+                 monitor_pid=monitor.pid, monitor_start=proc_start_time(monitor.pid))  # fmt: skip
+    d = MachineStore(Home(tmp_path)).dir(st.id)
+    (d / "stderr.log").write_bytes(b"")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from pathlib import Path
+from ember.machines.logs import LogConfig, RotatingLog
+log = RotatingLog(Path({str(d / "stdout.log")!r}), LogConfig(1 << 20, 2))
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    log.write(b"\\n" * 60000)
+"""])  # fmt: skip
+    try:
+        poll_until(lambda: (d / "stdout.log").exists() and (d / "stdout.log").stat().st_size > 0,
+                   "the writer never wrote")  # fmt: skip
+        until = f"{(time.time_ns() + 10**9) / 1e9:.6f}"  # a second from now
+        # (it never ended: the writer goes on for 30 s, and this would time out)
+        res = run_ember("logs", "-f", "--until", until, "live", env=ember_env(tmp_path), timeout=25)
+    finally:
+        writer.kill()
+        writer.wait()
+        monitor.kill()
+        monitor.wait()
+    assert res.returncode == 0, res.stderr
+
+
 def test_logs_2_to_1_reads_as_the_program_wrote(tmp_path: Path) -> None:
     """docker logs interleaves stdout and stderr by time; ember printed all of stdout's
     64 KiB chunk, then stderr's."""

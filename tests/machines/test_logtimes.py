@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -96,7 +98,11 @@ def test_a_date_or_time_without_a_zone_is_local_time() -> None:
     assert parse_when("2026-11-30", T0) == int(dt.datetime(2026, 11, 30).astimezone().timestamp()) * S
 
 
-@pytest.mark.parametrize("text", ["", " ", "abc", "10x", "-5m", "1h30", "m", "10m ago", "1" * 80, "2026-13-01"])
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "abc", "10x", "-5m", "1h30", "m", "10m ago", "1" * 80, "2026-13-01",
+     "0001-01-01", "１０m"],
+)  # fmt: skip
 def test_anything_else_is_refused(text: str) -> None:
     with pytest.raises(InvalidTime):
         parse_when(text, T0)
@@ -106,6 +112,22 @@ def _times(*pairs: tuple[int, int]) -> Marks:
     marks = Marks()
     marks.add_records(b"".join(MARK.pack(o, t) for o, t in pairs))
     return marks
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo", "UTC"])
+def test_the_ends_of_the_calendar_are_an_error_in_any_zone(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local times at year 1 or 9999 overflow when taken to UTC: a traceback."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        for text in ("0001-01-01", "0001-01-01T00:30:00", "9999-12-31T23:59:59"):
+            with contextlib.suppress(InvalidTime):  # a value or this error, nothing else
+                parse_when(text, T0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_each_line_gets_the_time_of_its_start_across_chunks() -> None:
@@ -234,7 +256,7 @@ def test_a_damaged_marks_file_is_read_up_to_its_last_whole_record(tmp_path: Path
     marks_path(path, path.stat().st_ino).write_bytes(MARK.pack(0, T0) + b"\x01\x02\x03")
     reader = MarksReader(path)
     fd = os.open(path, os.O_RDONLY)
-    assert reader.marks_of(fd).offsets == [0]
+    assert list(reader.marks_of(fd).offsets) == [0]
     os.close(fd)
     reader.close()
     # and the writer starts after the whole records, so later ones are not shifted
@@ -243,3 +265,80 @@ def test_a_damaged_marks_file_is_read_up_to_its_last_whole_record(tmp_path: Path
     log.close()
     assert _records(marks_path(path, path.stat().st_ino)) == [(0, T0), (4, T0 + S)]
     assert marks_path(path, path.stat().st_ino).stat().st_size == 2 * MARK_SIZE
+
+
+def test_a_snapshot_keeps_the_times_of_files_dropped_while_it_reads(tmp_path: Path) -> None:
+    """`ember logs -t busy | less`: the guest goes on, rotations drop files the snapshot
+    holds (and, with them, their marks): their lines came out without times."""
+    path, clock = tmp_path / "stdout.log", Clock()
+    log = RotatingLog(path, LogConfig(4096, 2), clock=clock)
+    for i in range(300):
+        clock.ns += 2 * MIN_GAP_NS
+        log.write(b"early %04d\n" % i)
+    snapshot, reader, f = LogSnapshot.take(path), MarksReader(path), LineFilter(timestamps=True)
+    reader.hold(snapshot.fds())
+    out, first = b"", True
+    while (got := snapshot.read_at(64))[0]:
+        data, fd, offset = got
+        out += f.feed(data, offset, reader.marks_of(fd).time_at)
+        if first:  # a slow reader: two rotations meanwhile
+            first = False
+            for i in range(400):
+                clock.ns += 2 * MIN_GAP_NS
+                log.write(b"later %04d\n" % i)
+    lines = out.splitlines()
+    assert lines and all(line[:4] == b"2026" for line in lines), [x for x in lines if x[:4] != b"2026"][:3]
+    reader.close()
+    log.close()
+
+
+def test_a_rotation_after_one_cut_short_keeps_the_marks_of_what_it_keeps(tmp_path: Path) -> None:
+    """A monitor killed between rotate's renames (.1 moved to .2, no .1 yet): the next
+    rotation kept .2 (no .1 to move over it) but removed its marks as if dropped."""
+    path, clock = tmp_path / "stdout.log", Clock()
+    log = RotatingLog(path, LogConfig(4096, 3), clock=clock)
+    for _ in range(2):
+        clock.ns += S
+        log.write(b"x" * 100 + b"\n")
+        log.rotate()
+    log.close()
+    os.rename(tmp_path / "stdout.log.1", tmp_path / "stdout.log.2")  # killed after the first rename
+    log = RotatingLog(path, LogConfig(4096, 3), clock=clock)
+    clock.ns += S
+    log.write(b"y\n")
+    log.rotate()
+    log.close()
+    kept = tmp_path / "stdout.log.2"
+    assert kept.exists() and marks_path(path, kept.stat().st_ino).exists()
+
+
+def test_a_marks_file_that_cannot_be_made_fails_one_rotation_not_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC when a rotation made the new file's marks: the writer had already let go
+    of the old ones, and every later write failed (EBADF) until the monitor restarted."""
+    path, clock = tmp_path / "stdout.log", Clock()
+    log = RotatingLog(path, LogConfig(4096, 2), clock=clock)
+    real_open, fail = os.open, [True]
+
+    def flaky_open(p: object, *a: object, **kw: object) -> int:
+        if fail[0] and ".times." in str(p):
+            fail[0] = False
+            raise OSError(28, "No space left on device")
+        return real_open(p, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", flaky_open)
+    errors = 0
+    for i in range(1000):
+        clock.ns += 2 * MIN_GAP_NS
+        try:
+            log.write(b"line %04d\n" % i)
+        except OSError:
+            errors += 1
+    monkeypatch.undo()
+    log.close()
+    assert errors == 1
+    # a fresh file whose inode a dropped one had: its marks start empty
+    for p in log_files(path):
+        marks = _records(marks_path(path, p.stat().st_ino))
+        assert marks and marks[0][0] == 0 and all(o < p.stat().st_size for o, _ in marks)

@@ -277,6 +277,9 @@ def logs(
             stack.callback(src.close)
             marks = MarksReader(p)
             stack.callback(marks.close)
+            if isinstance(src, LogSnapshot):
+                # the files' marks now: rotations while they are read drop files, marks too
+                marks.hold(src.fds())
             line_filter = LineFilter(timestamps=timestamps, since=since, until=until) if dated else None
             streams.append(MergedStream(src, marks, dst, line_filter))
         while True:

@@ -51,8 +51,13 @@ class MergedStream:
         self.at_line_start = True
         self._file_marks: Marks | None = None
 
+    @property
+    def finished(self) -> bool:
+        """Nothing more of this stream is wanted (a line came after ``--until``)."""
+        return self.filter is not None and self.filter.past_until
+
     def fill(self) -> None:
-        if not self.buf:
+        if not self.buf and not self.finished:
             self.buf, self.fd, self.offset = self.src.read_at(1 << 16)
             # read after the bytes: the writer marks before it writes, so they are dated
             self._file_marks = self.marks.marks_of(self.fd) if self.buf else None
@@ -106,7 +111,7 @@ def step(streams: list[MergedStream]) -> bool:
     when no stream has bytes for now."""
     for s in streams:
         s.fill()
-    ready = [s for s in streams if s.buf]
+    ready = [s for s in streams if s.buf and not s.finished]
     if not ready:
         return False
     for s in ready:

@@ -245,11 +245,23 @@ class RotatingLog:
             return False  # the attached reader has not opened the files after that one
         path = self.path
         victim = _open_existing(self.dropped_by_rotation())
-        victim_inode = os.fstat(victim).st_ino if victim is not None else None
+        # (a second descriptor: after the renames, whether the file still has a name;
+        # after a rotation cut short by a kill it may not be the one dropped)
+        victim_check = os.dup(victim) if victim is not None else None
         if victim is not None and _still_held(victim):
             self._held.append(victim)  # watch it: see the module's docstring
         fresh = path.with_name(f"{path.name}.new")
-        new_fd = self._open(fresh, trunc=True)
+        try:
+            new_fd = self._open(fresh, trunc=True)
+            try:
+                new_marks = self.marks.open_for(new_fd, fresh=True)
+            except BaseException:
+                os.close(new_fd)
+                raise
+        except BaseException:
+            if victim_check is not None:
+                os.close(victim_check)
+            raise
         try:
             if self.max_files > 1:
                 for i in range(self.max_files - 2, 0, -1):
@@ -266,12 +278,18 @@ class RotatingLog:
         except BaseException:
             # (a full disk: each later write tries again, and leaked one each time)
             os.close(new_fd)
+            os.close(new_marks)
+            if victim_check is not None:
+                os.close(victim_check)
             raise
         os.close(self.fd)
         self.fd, self.size = new_fd, 0
-        self.marks.switch(new_fd)
-        if victim_inode is not None:
-            remove_marks(path, victim_inode)  # (readers that opened them keep them)
+        self.marks.switch(new_marks)
+        if victim_check is not None:
+            st = os.fstat(victim_check)
+            os.close(victim_check)
+            if st.st_nlink == 0:  # dropped: its marks go (readers that opened them keep them)
+                remove_marks(path, st.st_ino)
         self.rotations += 1
         return True
 
@@ -545,6 +563,10 @@ class LogSnapshot:
     def read(self, size: int = 1 << 16) -> bytes:
         """The next bytes of the log as it was taken; ``b""`` at its end."""
         return self.read_at(size)[0]
+
+    def fds(self) -> list[int]:
+        """The descriptors of the files still to be read, oldest first."""
+        return [fd for fd, _ in self._parts]
 
     def read_at(self, size: int = 1 << 16) -> tuple[bytes, int, int]:
         """``read``, and where the bytes are: the descriptor of their file (open until

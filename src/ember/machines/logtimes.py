@@ -26,6 +26,7 @@ apart from the file handling (``MarkWriter``, ``MarksReader``).
 
 from __future__ import annotations
 
+import array
 import bisect
 import contextlib
 import datetime as dt
@@ -61,11 +62,12 @@ def _marks_glob_prefix(log: Path) -> str:
 
 
 class Marks:
-    """The marks of one log file, in the order written (offsets never go down)."""
+    """The marks of one log file, in the order written (offsets never go down).  In
+    arrays: a guest printing a byte a millisecond gives a 16 MiB file a million."""
 
     def __init__(self) -> None:
-        self.offsets: list[int] = []
-        self.times: list[int] = []
+        self.offsets = array.array("Q")
+        self.times = array.array("Q")
 
     def add_records(self, data: bytes) -> None:
         """Append whole records from ``data`` (a multiple of MARK_SIZE); a record whose
@@ -92,8 +94,8 @@ class InvalidTime(ValueError):
     """A --since/--until value that is none of the accepted forms."""
 
 
-_UNIX = re.compile(r"\d{1,12}(\.\d{1,9})?")
-_FRACTION = re.compile(r"(?<=\d\d:\d\d:\d\d)[.,](\d+)")
+_UNIX = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+_FRACTION = re.compile(r"(?<=[0-9]{2}:[0-9]{2}:[0-9]{2})[.,]([0-9]+)")
 
 
 def parse_when(text: str, now_ns: int) -> int:
@@ -120,11 +122,11 @@ def parse_when(text: str, now_ns: int) -> int:
         s = s[: m.start()] + s[m.end() :]
     try:
         when = dt.datetime.fromisoformat(s.replace("z", "Z"))
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.astimezone()  # local time, as Docker reads a time without a zone
+        delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    except (ValueError, OverflowError):  # (also a date at the ends of the calendar)
         raise InvalidTime(text) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time, as Docker reads a time without a zone
-    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + fraction_ns
 
 
@@ -135,7 +137,8 @@ class LineFilter:
     Fed chunks in order, each with the offset of its first byte in its file and that
     file's marks; a line split across chunks is decided once, at its start (also a
     line longer than a whole file, which the writer cuts at the cap and goes on
-    with in the next file)."""
+    with in the next file).  ``past_until``: a line that arrived after ``until``
+    came, so every later one did too: a follower can stop reading the stream."""
 
     def __init__(
         self, *, timestamps: bool = False, since: int | None = None, until: int | None = None
@@ -143,6 +146,7 @@ class LineFilter:
         self.timestamps = timestamps
         self.since = since
         self.until = until
+        self.past_until = False
         self._at_line_start = True
         self._keep = True
 
@@ -151,9 +155,9 @@ class LineFilter:
             # no time known (logs from before marks were kept): in no window
             self._keep = self.since is None and self.until is None
             return
-        self._keep = (self.since is None or ns >= self.since) and (
-            self.until is None or ns <= self.until
-        )
+        if self.until is not None and ns > self.until:
+            self.past_until = True
+        self._keep = (self.since is None or ns >= self.since) and not self.past_until
 
     def feed(self, data: bytes, offset: int, time_at: Callable[[int], int | None]) -> bytes:
         out: list[bytes] = []
@@ -185,14 +189,21 @@ class MarkWriter:
         self.fd = -1
         self.size = 0
         self._last = 0
-        self.switch(log_fd)
+        self.switch(self.open_for(log_fd, fresh=False))
 
-    def switch(self, log_fd: int) -> None:
-        """Start marking the log file ``log_fd`` (a fresh one after a rotation, or the
-        one a restarted machine appends to)."""
-        self.close()
+    def open_for(self, log_fd: int, *, fresh: bool) -> int:
+        """Open the marks file of the log file ``log_fd``: emptied for a ``fresh`` one
+        (what is there is a dropped file's whose inode it got), else kept to append to
+        (the file a restarted machine goes on with).  Raises OSError; nothing changes
+        then, so a rotation that cannot make it is not half done."""
         path = marks_path(self.log, os.fstat(log_fd).st_ino)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if fresh else 0)
+        return os.open(path, flags, 0o640)
+
+    def switch(self, marks_fd: int) -> None:
+        """Mark from now on into ``marks_fd`` (from ``open_for``)."""
+        self.close()
+        self.fd = marks_fd
         # a record cut short (a full disk) would shift every later one: start after it
         self.size = os.fstat(self.fd).st_size
         if self.size % MARK_SIZE:
@@ -220,8 +231,9 @@ class MarkWriter:
 
 
 def remove_marks(log: Path, inode: int) -> None:
-    """Remove the marks of the log file whose inode is ``inode`` (it is being dropped)."""
-    with contextlib.suppress(FileNotFoundError):
+    """Remove the marks of the log file whose inode is ``inode`` (it was dropped); a
+    failure is left to the sweep at the writer's next start."""
+    with contextlib.suppress(OSError):
         os.unlink(marks_path(log, inode))
 
 
@@ -278,9 +290,22 @@ class MarksReader:
     def __init__(self, log: Path) -> None:
         self.log = log
         self._files: dict[int, _MarksFile] = {}  # by inode, most recently used last
+        self._held: set[int] = set()  # inodes whose marks stay open (``hold``)
+
+    def hold(self, log_fds: list[int]) -> None:
+        """Open the marks of these log files now, and keep them: a snapshot's files,
+        which rotations may drop (and their marks with them) before they are read."""
+        for fd in log_fds:
+            self._entry(fd)
+            self._held.add(os.fstat(fd).st_ino)
 
     def marks_of(self, log_fd: int) -> Marks:
         """The marks of the log file open as ``log_fd``, with what was appended since."""
+        found = self._entry(log_fd)
+        found.refresh()
+        return found.marks
+
+    def _entry(self, log_fd: int) -> _MarksFile:
         inode = os.fstat(log_fd).st_ino
         found = self._files.pop(inode, None)
         if found is None:
@@ -289,11 +314,11 @@ class MarksReader:
             except FileNotFoundError:
                 marks_fd = -1  # from before marks were kept, or dropped meanwhile
             found = _MarksFile(log_fd, marks_fd)
-            while len(self._files) >= self.KEEP:
-                self._files.pop(next(iter(self._files))).close()
+            spare = [i for i in self._files if i not in self._held]
+            while len(spare) >= self.KEEP:
+                self._files.pop(spare.pop(0)).close()
         self._files[inode] = found
-        found.refresh()
-        return found.marks
+        return found
 
     def close(self) -> None:
         for f in self._files.values():
