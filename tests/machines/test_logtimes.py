@@ -342,3 +342,15 @@ def test_a_marks_file_that_cannot_be_made_fails_one_rotation_not_the_log(
     for p in log_files(path):
         marks = _records(marks_path(path, p.stat().st_ino))
         assert marks and marks[0][0] == 0 and all(o < p.stat().st_size for o, _ in marks)
+
+
+def test_marks_left_under_the_inode_of_an_empty_log_are_not_its_own(tmp_path: Path) -> None:
+    """A dropped file's marks a kill left behind, under the inode the new empty file got:
+    appended to, their larger offsets hid the new file's marks (wrong times)."""
+    path, clock = tmp_path / "stdout.log", Clock()
+    path.touch()
+    marks_path(path, path.stat().st_ino).write_bytes(MARK.pack(5000, 1) + MARK.pack(9000, 2))
+    log = RotatingLog(path, LogConfig(1 << 20, 2), clock=clock)
+    log.write(b"fresh\n")
+    log.close()
+    assert _records(marks_path(path, path.stat().st_ino)) == [(0, T0)]

@@ -189,7 +189,8 @@ class MarkWriter:
         self.fd = -1
         self.size = 0
         self._last = 0
-        self.switch(self.open_for(log_fd, fresh=False))
+        # an empty log file has nothing to date: marks under its inode are a dropped file's
+        self.switch(self.open_for(log_fd, fresh=os.fstat(log_fd).st_size == 0))
 
     def open_for(self, log_fd: int, *, fresh: bool) -> int:
         """Open the marks file of the log file ``log_fd``: emptied for a ``fresh`` one
