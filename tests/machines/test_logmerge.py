@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from ember.machines.logmerge import MergedStream, step
-from ember.machines.logs import LogConfig, LogSnapshot, RotatingLog
+from ember.machines.logs import LogConfig, LogFollower, LogSnapshot, RotatingLog
 from ember.machines.logtimes import LineFilter, MarksReader
 
 S = 1_000_000_000
@@ -101,3 +101,21 @@ def test_logs_without_marks_keep_each_stream_whole(tmp_path: Path) -> None:
     # a last line without a newline is printed all the same
     (tmp_path / "stdout.log").write_bytes(b"o1\nno newline")
     assert _merged(tmp_path).getvalue() == b"o1\nno newlinee1\n"
+
+
+def test_a_follower_stops_at_until_inside_a_line_the_guest_never_ends(tmp_path: Path) -> None:
+    now = [T0]
+    path = tmp_path / "stdout.log"
+    log = RotatingLog(path, LogConfig(1 << 20, 2), clock=lambda: now[0])
+    log.write(b"begun before --until ")
+    out = io.BytesIO()
+    stream = MergedStream(LogFollower.current(path), MarksReader(path), out, LineFilter(until=T0 + S))
+    steps = 0
+    for k in range(200):
+        now[0] = T0 + (10 + k) * S
+        log.write(b"x" * 1000)
+        steps += step([stream])
+    assert out.getvalue() == b"begun before --until "
+    assert stream.finished and steps == 1
+    stream.marks.close()
+    log.close()

@@ -354,3 +354,15 @@ def test_marks_left_under_the_inode_of_an_empty_log_are_not_its_own(tmp_path: Pa
     log.write(b"fresh\n")
     log.close()
     assert _records(marks_path(path, path.stat().st_ino)) == [(0, T0)]
+
+
+def test_the_rest_of_a_line_that_came_after_until_ends_the_stream() -> None:
+    """A line begun before --until that the guest never ends (`yes | tr -d '\\n'`): its
+    later bytes were printed, and kept `-f --until` following for ever."""
+    marks = _times((0, T0), (21, T0 + 10 * S))
+    f = LineFilter(until=T0 + S)
+    assert f.feed(b"begun before --until ", 0, marks.time_at) == b"begun before --until "
+    assert not f.past_until
+    assert f.feed(b"x" * 1000, 21, marks.time_at) == b""
+    assert f.past_until
+    assert f.feed(b"\nnext line\n", 1021, marks.time_at) == b""

@@ -466,18 +466,23 @@ def test_gc_removes_the_kernels_no_machine_boots(home: Home, tmp_path: Path) -> 
         for key in ("0123456789abcdef", "fedcba9876543210"):
             (archives / f"{version}-{key}.cpio").write_bytes(b"x" * 10)
     (archives / "6.1.0-1-amd64-notakey.cpio").write_bytes(b"x")  # not an archive of ours
+    for p in archives.iterdir():
+        os.utime(p, (time.time() - 2 * hour, time.time() - 2 * hour))
+    # used a moment ago (a custom kernel whose modules' directory has the removed
+    # version's name; a machine being made about to link it): kept
+    (archives / "6.1.0-1-amd64-00000000000000aa.cpio").write_bytes(b"x" * 10)
 
     dry = collect(home, dry_run=True, leftover_grace=600)
     assert sorted(dry.kernels) == ["6.1.0-1-amd64", f"custom/{'a' * 64}"]
     assert old_default.is_dir() and unused_custom.is_dir()
-    assert len(list(archives.iterdir())) == 9
+    assert len(list(archives.iterdir())) == 10
     report = collect(home, leftover_grace=600)
     assert sorted(report.kernels) == sorted(dry.kernels)
     assert report.kernel_bytes == dry.kernel_bytes == 2 * 64 + 4 * 10
     assert not old_default.exists() and not unused_custom.exists()
     assert all(d.is_dir() for d in (booted_old, current, booted_custom, fresh_custom))
     assert sorted(p.name for p in archives.iterdir()) == [
-        "6.1.0-1-amd64-notakey.cpio",
+        "6.1.0-1-amd64-00000000000000aa.cpio", "6.1.0-1-amd64-notakey.cpio",
         "6.1.0-2-amd64-0123456789abcdef.cpio", "6.1.0-2-amd64-fedcba9876543210.cpio",
         f"custom-{'b' * 12}-0123456789abcdef.cpio", f"custom-{'b' * 12}-fedcba9876543210.cpio",
     ]  # fmt: skip

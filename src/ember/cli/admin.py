@@ -36,6 +36,12 @@ def _metadata(db_url: str | None) -> RegistryMetadata:
     return RegistryMetadata(database_url(home_from_ctx(), db_url))
 
 
+#: bounds of --expires-in: a token that expires before it can be handed over is a
+#: mistake, and past a century the date no longer formats everywhere
+MIN_TOKEN_LIFE_NS = 10**9
+MAX_TOKEN_LIFE_NS = 36_500 * 86_400 * 10**9
+
+
 def _when(ts: float | None) -> str:
     return "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
@@ -138,10 +144,12 @@ def token_create(
     expires_at = None
     if expires_in is not None:
         ns = parse_duration_ns(expires_in)
-        if not ns:
+        if ns is None:
             raise UsageError(
                 f"--expires-in {expires_in[:64]!r}: give a duration such as 30d, 12h or 90m"
             )
+        if not MIN_TOKEN_LIFE_NS <= ns <= MAX_TOKEN_LIFE_NS:
+            raise UsageError(f"--expires-in {expires_in[:64]!r}: from 1s to 100 years (36500d)")
         expires_at = time.time() + ns / 1e9
     token_id, secret = _metadata(db_url).create_token(org_name, label, actions, expires_at)
     until = f", expires {_when(expires_at)} UTC" if expires_at is not None else ""

@@ -76,12 +76,13 @@ class MergedStream:
         before ``until`` (or at it, with ``ties``): up to the first line that starts at
         or after the first mark past that."""
         marks = self._marks()
+        # the marks within the buffer only: a file's later marks are for later reads
+        # (walking them all from each read made a long log quadratic)
         i = bisect.bisect_right(marks.offsets, self.offset)
-        for k in range(i, len(marks.offsets)):
+        j = bisect.bisect_left(marks.offsets, self.offset + len(self.buf), i)
+        for k in range(i, j):
             if marks.times[k] > until or (marks.times[k] == until and not ties):
                 at = marks.offsets[k] - self.offset
-                if at >= len(self.buf):
-                    break
                 # the line holding byte ``at`` began before it (in the run): the
                 # run ends at the first line start from ``at`` on
                 end = self.buf.find(b"\n", at - 1)

@@ -137,8 +137,8 @@ class LineFilter:
     Fed chunks in order, each with the offset of its first byte in its file and that
     file's marks; a line split across chunks is decided once, at its start (also a
     line longer than a whole file, which the writer cuts at the cap and goes on
-    with in the next file).  ``past_until``: a line that arrived after ``until``
-    came, so every later one did too: a follower can stop reading the stream."""
+    with in the next file).  ``past_until``: a line, or the rest of one, that
+    arrived after ``until`` came, so everything later did too: the stream is done."""
 
     def __init__(
         self, *, timestamps: bool = False, since: int | None = None, until: int | None = None
@@ -170,11 +170,40 @@ class LineFilter:
                     out.append(format_time(ns).encode() + b" ")
             end = data.find(b"\n", pos)
             stop = len(data) if end < 0 else end + 1
+            if self._keep and self.until is not None:
+                # bytes of a line begun in the window that came after ``until`` end the
+                # stream there (a line a guest never ends kept a follower going)
+                late = _first_later(time_at, offset, pos, stop, self.until)
+                if late < stop:
+                    out.append(data[pos:late])
+                    self.past_until, self._keep = True, False
             if self._keep:
                 out.append(data[pos:stop])
             self._at_line_start = end >= 0
             pos = stop
         return b"".join(out)
+
+
+def _first_later(
+    time_at: Callable[[int], int | None], offset: int, start: int, stop: int, until: int
+) -> int:
+    """The first position in ``[start, stop)`` whose byte came after ``until`` (``stop``
+    if none), found by halving: arrival times only grow along a file."""
+
+    def late(i: int) -> bool:
+        ns = time_at(offset + i)
+        return ns is not None and ns > until
+
+    if stop <= start or not late(stop - 1):
+        return stop
+    lo, hi = start, stop - 1  # late(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if late(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 # ---- files ---------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def _sweep_kernels(home: Home, report: GCReport, older_than: float, *, dry_run: 
     """Remove (count, in a dry run) the guest kernels no machine boots any more
     (``unused_kernels``); none while an install runs (its lock) or while a machine's
     record cannot be read (which kernel it boots is unknown)."""
-    from ember.vm.initramfs import cached_archives
+    from ember.vm.initramfs import unused_archives
     from ember.vm.kernel import dir_version, unused_kernels
 
     if not home.kernels.is_dir() or home.kernels.is_symlink():
@@ -234,10 +234,11 @@ def _sweep_kernels(home: Home, report: GCReport, older_than: float, *, dry_run: 
                     continue
             report.kernels.append(d.name if d.parent == home.kernels else f"custom/{d.name}")
             report.kernel_bytes += size
-            # its cached base initramfs archives (a few MB each) go with it: nothing
-            # asks for them again, and machines made with one hold their own link
+            # its cached base initramfs archives (a few MB each) go with it, once unused
+            # for an hour (a custom kernel may share the version's name): machines
+            # made with one hold their own link
             version = dir_version(home, d)
-            for archive in cached_archives(home, version) if version is not None else []:
+            for archive in unused_archives(home, version) if version is not None else []:
                 with contextlib.suppress(FileNotFoundError):
                     report.kernel_bytes += archive.stat().st_size
                     if not dry_run:

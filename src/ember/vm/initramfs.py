@@ -20,6 +20,7 @@ import glob
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -236,6 +237,10 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
         key.update(part.encode() + b"\0")
     dest = home.initramfs_cache / f"{kernel.version}-{key.hexdigest()[:16]}.cpio"
     if dest.is_file():
+        # dated by its last use, not its making: what prunes the cache (``_prune``, ``ember
+        # gc``) leaves alone an archive a machine being made is about to link
+        with contextlib.suppress(OSError):
+            os.utime(dest)
         return dest
     index = _module_index(kernel)
     load = index.load_order(REQUIRED_MODULES) if index else []
@@ -251,17 +256,25 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
     return dest
 
 
-def cached_archives(home: Home, version: str) -> list[Path]:
-    """The cached base archives of kernel ``version`` (``ember gc`` removes them with
-    their kernel; a machine keeps its own hard link, ``pin_base_initramfs``)."""
+def unused_archives(home: Home, version: str, now: float | None = None) -> list[Path]:
+    """The cached base archives of kernel ``version`` not used for ``PRUNE_AFTER``
+    (``ember gc`` removes them with their kernel; a machine keeps its own hard link,
+    ``pin_base_initramfs``).  Unused: another kernel of the same version (a custom one
+    whose modules' directory has that name) keeps its archive while it is in use,
+    and loses it, to be made again, only after an hour without."""
     cache = home.initramfs_cache
     if cache.is_symlink() or not cache.is_dir():
         return []
+    now = time.time() if now is None else now
     found = []
     for p in cache.glob(f"{glob.escape(version)}-*.cpio"):
         key = p.name[len(version) + 1 : -len(".cpio")]
-        if re.fullmatch(r"[0-9a-f]{16}", key) and p.is_file() and not p.is_symlink():
-            found.append(p)
+        if not re.fullmatch(r"[0-9a-f]{16}", key):
+            continue
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > PRUNE_AFTER:
+                found.append(p)
     return sorted(found)
 
 

@@ -109,7 +109,12 @@ class Authenticator:
         now = int(time.time())
         ttl = TOKEN_TTL
         if grant.expires_at is not None:  # never past the API token's own end
-            ttl = max(1, min(ttl, int(grant.expires_at) - now))
+            ttl = min(ttl, int(grant.expires_at) - now)
+            if ttl < 1:  # (it expires within the second)
+                raise ApiError(
+                    "UNAUTHORIZED", "unknown or revoked ember token",
+                    headers={"WWW-Authenticate": 'Basic realm="ember"'},
+                )  # fmt: skip
         token = encode_token(self._token_key, scoped, now, ttl)
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return JSONResponse(
