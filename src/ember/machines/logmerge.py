@@ -36,7 +36,8 @@ class _Source(Protocol):
 
 class MergedStream:
     """One stream of ``ember logs``: where its bytes come from and go, and what of them
-    has been read and not printed yet."""
+    has been read and not printed yet (``buf`` from ``start`` on: the buffer is not
+    copied down at each run, which made many short runs quadratic)."""
 
     def __init__(
         self, src: _Source, marks: MarksReader, dst: BinaryIO, line_filter: LineFilter | None
@@ -46,10 +47,14 @@ class MergedStream:
         self.dst = dst
         self.filter = line_filter  # None: the bytes as they are
         self.buf = b""
-        self.fd = -1
-        self.offset = 0  # of buf's first byte, in the file open as fd
+        self.start = 0  # the first byte of buf not printed yet
+        self.base = 0  # buf[0]'s offset in its file
         self.at_line_start = True
         self._file_marks: Marks | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.buf) - self.start
 
     @property
     def finished(self) -> bool:
@@ -57,50 +62,51 @@ class MergedStream:
         return self.filter is not None and self.filter.past_until
 
     def fill(self) -> None:
-        if not self.buf and not self.finished:
-            self.buf, self.fd, self.offset = self.src.read_at(1 << 16)
+        if not self.pending and not self.finished:
+            self.buf, fd, self.base = self.src.read_at(1 << 16)
+            self.start = 0
             # read after the bytes: the writer marks before it writes, so they are dated
-            self._file_marks = self.marks.marks_of(self.fd) if self.buf else None
+            self._file_marks = self.marks.marks_of(fd) if self.buf else None
 
     def _marks(self) -> Marks:
         assert self._file_marks is not None  # (only asked while buf holds bytes)
         return self._file_marks
 
     def head_time(self) -> int:
-        """When the line that starts the buffer arrived (``_UNKNOWN`` if not known)."""
-        ns = self._marks().time_at(self.offset)
+        """When the next line arrived (``_UNKNOWN`` if not known)."""
+        ns = self._marks().time_at(self.base + self.start)
         return _UNKNOWN if ns is None else ns
 
     def run_end(self, until: int, *, ties: bool) -> int:
-        """How much of the buffer (whole lines, at least one, or all of it) arrived
-        before ``until`` (or at it, with ``ties``): up to the first line that starts at
-        or after the first mark past that."""
+        """How much of what is pending (whole lines, at least one, or all of it)
+        arrived before ``until`` (or at it, with ``ties``): up to the first line that
+        starts at or after the first mark past that."""
         marks = self._marks()
         # the marks within the buffer only: a file's later marks are for later reads
         # (walking them all from each read made a long log quadratic)
-        i = bisect.bisect_right(marks.offsets, self.offset)
-        j = bisect.bisect_left(marks.offsets, self.offset + len(self.buf), i)
+        i = bisect.bisect_right(marks.offsets, self.base + self.start)
+        j = bisect.bisect_left(marks.offsets, self.base + len(self.buf), i)
         for k in range(i, j):
             if marks.times[k] > until or (marks.times[k] == until and not ties):
-                at = marks.offsets[k] - self.offset
+                at = marks.offsets[k] - self.base
                 # the line holding byte ``at`` began before it (in the run): the
                 # run ends at the first line start from ``at`` on
                 end = self.buf.find(b"\n", at - 1)
-                return len(self.buf) if end < 0 else end + 1
-        return len(self.buf)
+                return (len(self.buf) if end < 0 else end + 1) - self.start
+        return self.pending
 
     def line_end(self) -> int:
-        """The end of the buffer's first line (all of it if it holds no line end)."""
-        end = self.buf.find(b"\n")
-        return len(self.buf) if end < 0 else end + 1
+        """How much of what is pending ends its first line (all of it if no line end)."""
+        end = self.buf.find(b"\n", self.start)
+        return (len(self.buf) if end < 0 else end + 1) - self.start
 
     def emit(self, n: int) -> None:
-        data, self.buf = self.buf[:n], self.buf[n:]
+        data = self.buf[self.start : self.start + n]
         if self.filter is not None:
-            out = self.filter.feed(data, self.offset, self._marks().time_at)
+            out = self.filter.feed(data, self.base + self.start, self._marks().time_at)
         else:
             out = data
-        self.offset += n
+        self.start += n
         self.at_line_start = data.endswith(b"\n")
         if out:
             self.dst.write(out)
@@ -112,7 +118,7 @@ def step(streams: list[MergedStream]) -> bool:
     when no stream has bytes for now."""
     for s in streams:
         s.fill()
-    ready = [s for s in streams if s.buf and not s.finished]
+    ready = [s for s in streams if s.pending and not s.finished]
     if not ready:
         return False
     for s in ready:
@@ -120,7 +126,7 @@ def step(streams: list[MergedStream]) -> bool:
             s.emit(s.line_end())
             return True
     if len(ready) == 1:
-        ready[0].emit(len(ready[0].buf))
+        ready[0].emit(ready[0].pending)
         return True
     # (time, position): on a tie the stream listed first (stdout) goes first
     keys = sorted((s.head_time(), i) for i, s in enumerate(ready))
