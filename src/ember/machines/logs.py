@@ -251,45 +251,36 @@ class RotatingLog:
         if victim is not None and _still_held(victim):
             self._held.append(victim)  # watch it: see the module's docstring
         fresh = path.with_name(f"{path.name}.new")
-        try:
-            new_fd = self._open(fresh, trunc=True)
-            try:
+        with contextlib.ExitStack() as done:
+            if victim_check is not None:
+                done.callback(os.close, victim_check)
+            with contextlib.ExitStack() as undo:  # unless the rotation goes through
+                new_fd = self._open(fresh, trunc=True)
+                undo.callback(os.close, new_fd)
+                # before any rename: a marks file that cannot be made fails this
+                # rotation (each later write tries again), not every write after it
                 new_marks = self.marks.open_for(new_fd, fresh=True)
-            except BaseException:
-                os.close(new_fd)
-                raise
-        except BaseException:
-            if victim_check is not None:
-                os.close(victim_check)
-            raise
-        try:
-            if self.max_files > 1:
-                for i in range(self.max_files - 2, 0, -1):
+                undo.callback(os.close, new_marks)
+                if self.max_files > 1:
+                    for i in range(self.max_files - 2, 0, -1):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(rotated_name(path, i), rotated_name(path, i + 1))
+                    # a second name first, then the rename over .1: the full file is
+                    # never nameless
+                    tmp = path.with_name(f"{path.name}.rot")
                     with contextlib.suppress(FileNotFoundError):
-                        os.rename(rotated_name(path, i), rotated_name(path, i + 1))
-                # a second name first, then the rename over .1: the full file is never
-                # nameless
-                tmp = path.with_name(f"{path.name}.rot")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                os.link(path, tmp)
-                os.rename(tmp, rotated_name(path, 1))
-            os.rename(fresh, path)
-        except BaseException:
-            # (a full disk: each later write tries again, and leaked one each time)
-            os.close(new_fd)
-            os.close(new_marks)
+                        os.unlink(tmp)
+                    os.link(path, tmp)
+                    os.rename(tmp, rotated_name(path, 1))
+                os.rename(fresh, path)
+                undo.pop_all()
+            os.close(self.fd)
+            self.fd, self.size = new_fd, 0
+            self.marks.switch(new_marks)
             if victim_check is not None:
-                os.close(victim_check)
-            raise
-        os.close(self.fd)
-        self.fd, self.size = new_fd, 0
-        self.marks.switch(new_marks)
-        if victim_check is not None:
-            st = os.fstat(victim_check)
-            os.close(victim_check)
-            if st.st_nlink == 0:  # dropped: its marks go (readers that opened them keep them)
-                remove_marks(path, st.st_ino)
+                st = os.fstat(victim_check)
+                if st.st_nlink == 0:  # dropped: its marks go (readers that opened them keep them)
+                    remove_marks(path, st.st_ino)
         self.rotations += 1
         return True
 
