@@ -98,6 +98,12 @@ class Authenticator:
         else:
             raise ApiError("UNSUPPORTED", "use GET or POST on /token")
         grant = await self._api_grant(secret) if secret else None
+        now = int(time.time())
+        ttl = TOKEN_TTL
+        if grant is not None and grant.expires_at is not None:  # none outlives its API token
+            ttl = min(ttl, int(grant.expires_at) - now)
+            if ttl < 1:
+                grant = None  # it expires within the second
         if grant is None:
             raise ApiError(
                 "UNAUTHORIZED",
@@ -106,15 +112,6 @@ class Authenticator:
                 headers={"WWW-Authenticate": 'Basic realm="ember"'},
             )
         scoped = grant_for(grant.org, grant.subject, grant.org_actions, parse_scopes(scopes_raw))
-        now = int(time.time())
-        ttl = TOKEN_TTL
-        if grant.expires_at is not None:  # never past the API token's own end
-            ttl = min(ttl, int(grant.expires_at) - now)
-            if ttl < 1:  # (it expires within the second)
-                raise ApiError(
-                    "UNAUTHORIZED", "unknown or revoked ember token",
-                    headers={"WWW-Authenticate": 'Basic realm="ember"'},
-                )  # fmt: skip
         token = encode_token(self._token_key, scoped, now, ttl)
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return JSONResponse(
