@@ -468,7 +468,7 @@ def test_gc_removes_the_kernels_no_machine_boots(home: Home, tmp_path: Path) -> 
     (archives / "6.1.0-1-amd64-notakey.cpio").write_bytes(b"x")  # not an archive of ours
     for p in archives.iterdir():
         os.utime(p, (time.time() - 2 * hour, time.time() - 2 * hour))
-    # used a moment ago (a custom kernel whose modules' directory has the removed
+    # made a moment ago (a custom kernel whose modules' directory has the removed
     # version's name; a machine being made about to link it): kept
     (archives / "6.1.0-1-amd64-00000000000000aa.cpio").write_bytes(b"x" * 10)
 

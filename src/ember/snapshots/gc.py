@@ -234,8 +234,8 @@ def _sweep_kernels(home: Home, report: GCReport, older_than: float, *, dry_run: 
                     continue
             report.kernels.append(d.name if d.parent == home.kernels else f"custom/{d.name}")
             report.kernel_bytes += size
-            # its cached base initramfs archives (a few MB each) go with it, once unused
-            # for an hour (a custom kernel may share the version's name): machines
+            # its cached base initramfs archives (a few MB each) go with it, those made
+            # over an hour ago (a custom kernel may share the version's name): machines
             # made with one hold their own link
             version = dir_version(home, d)
             for archive in unused_archives(home, version) if version is not None else []:

@@ -237,10 +237,7 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
         key.update(part.encode() + b"\0")
     dest = home.initramfs_cache / f"{kernel.version}-{key.hexdigest()[:16]}.cpio"
     if dest.is_file():
-        # dated by its last use, not its making: what prunes the cache (``_prune``, ``ember
-        # gc``) leaves alone an archive a machine being made is about to link
-        with contextlib.suppress(OSError):
-            os.utime(dest)
+        # (not touched: its mtime is part of the template shape's key, vm/template.py)
         return dest
     index = _module_index(kernel)
     load = index.load_order(REQUIRED_MODULES) if index else []
@@ -257,11 +254,11 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
 
 
 def unused_archives(home: Home, version: str, now: float | None = None) -> list[Path]:
-    """The cached base archives of kernel ``version`` not used for ``PRUNE_AFTER``
-    (``ember gc`` removes them with their kernel; a machine keeps its own hard link,
-    ``pin_base_initramfs``).  Unused: another kernel of the same version (a custom one
-    whose modules' directory has that name) keeps its archive while it is in use,
-    and loses it, to be made again, only after an hour without."""
+    """The cached base archives of kernel ``version`` not made for ``PRUNE_AFTER``, as
+    ``_prune`` judges them (``ember gc`` removes them with their kernel; a machine
+    keeps its own hard link, ``pin_base_initramfs``).  Not those just made: another
+    kernel of the same version (a custom one whose modules' directory has that name)
+    may be about to link one; an older one it loses is made again when needed."""
     cache = home.initramfs_cache
     if cache.is_symlink() or not cache.is_dir():
         return []
