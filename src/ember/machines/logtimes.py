@@ -30,6 +30,7 @@ import array
 import bisect
 import contextlib
 import datetime as dt
+import errno
 import os
 import re
 import struct
@@ -51,10 +52,11 @@ _MAX_MARKS_READ = 1 << 20  # bytes of marks read at once
 def marks_path(log: Path, inode: int) -> Path:
     """The marks file of the log file ``log`` names (whichever rotated name it has now)
     when its inode is ``inode``."""
-    return log.with_name(f".{log.name}{_PREFIX}{inode}")
+    return log.with_name(f"{_marks_prefix(log)}{inode}")
 
 
-def _marks_glob_prefix(log: Path) -> str:
+def _marks_prefix(log: Path) -> str:
+    """What the names of the marks files of ``log``'s stream begin with."""
     return f".{log.name}{_PREFIX}"
 
 
@@ -250,7 +252,7 @@ class MarkWriter:
         record = MARK.pack(offset, ns)
         if os.write(self.fd, record) != MARK_SIZE:  # (a full disk) cut it off again
             os.ftruncate(self.fd, self.size)
-            raise OSError(28, "no space left for the log's time marks")
+            raise OSError(errno.ENOSPC, "no space left for the log's time marks")
         self.size += MARK_SIZE
         self._last = ns
 
@@ -269,7 +271,7 @@ def remove_marks(log: Path, inode: int) -> None:
 
 def sweep_marks(log: Path, keep: set[int]) -> None:
     """Remove marks files of ``log``'s stream whose log file is gone (inodes not in ``keep``)."""
-    prefix = _marks_glob_prefix(log)
+    prefix = _marks_prefix(log)
     try:
         names = os.listdir(log.parent)
     except FileNotFoundError:

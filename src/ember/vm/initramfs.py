@@ -253,7 +253,7 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
     return dest
 
 
-def unused_archives(home: Home, version: str, now: float | None = None) -> list[Path]:
+def unused_archives(home: Home, version: str) -> list[Path]:
     """The cached base archives of kernel ``version`` not made for ``PRUNE_AFTER``, as
     ``_prune`` judges them (``ember gc`` removes them with their kernel; a machine
     keeps its own hard link, ``pin_base_initramfs``).  Not those just made: another
@@ -262,7 +262,7 @@ def unused_archives(home: Home, version: str, now: float | None = None) -> list[
     cache = home.initramfs_cache
     if cache.is_symlink() or not cache.is_dir():
         return []
-    now = time.time() if now is None else now
+    now = time.time()
     found = []
     for p in cache.glob(f"{glob.escape(version)}-*.cpio"):
         key = p.name[len(version) + 1 : -len(".cpio")]
