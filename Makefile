@@ -15,7 +15,8 @@ APT_PACKAGES := \
 	podman skopeo buildah umoci docker-registry apache2-utils \
 	qemu-system-x86 qemu-utils debootstrap busybox-static musl-tools linux-libc-dev \
 	xfsprogs e2fsprogs btrfs-progs nftables conntrack iproute2 kmod cpio zstd \
-	fuse-overlayfs uidmap util-linux wrk postgresql python3-venv openssl strace
+	fuse-overlayfs uidmap util-linux wrk postgresql python3-venv openssl strace \
+	golang-docker-credential-helpers pass
 
 .PHONY: setup apt venv init kernel demo run test lint clean
 

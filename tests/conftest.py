@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import images
+from tests.support.passstore import PassStore, pass_store
 from tests.support.registry import Registry, running_registry
 from tests.support.treecmp import umoci_unpack
 
@@ -45,6 +46,14 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
         tmp_path_factory.mktemp("auth-registry"), username=AUTH_USER, password=AUTH_PASSWORD
     ) as reg:
         yield reg
+
+
+@pytest.fixture(scope="session")
+def docker_pass_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PassStore]:
+    """A real Docker credential store (docker-credential-pass over pass and gpg); a test
+    reaches it with ``monkeypatch.setenv`` of each item of its ``.env``."""
+    with pass_store(tmp_path_factory.mktemp("pass")) as store:
+        yield store
 
 
 # Test images: OCI layouts (tag "latest") built once and cached under

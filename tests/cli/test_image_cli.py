@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.cli import EMBER, ember_env, run_ember
 from tests.support.images import copy_layout, layout_ref, push_layout
+from tests.support.passstore import PassStore
 from tests.support.registry import Registry, free_port
 from tests.support.terminal import on_terminal, plain
 
@@ -297,3 +298,36 @@ def test_ls_on_a_narrow_terminal_never_cuts_a_reference(
     for ref in refs:
         assert ref in text
     assert "DIGEST" in text and "linux/amd64" in text
+
+
+def test_pull_with_docker_credential_helpers(
+    tmp_path: Path, auth_registry: Registry, busybox_layout: Path, docker_pass_store: PassStore
+) -> None:
+    """`docker login` with `credsStore: pass` keeps the password in pass, not in
+    config.json: ember asks the helper, as docker pull does (it did not, and said
+    "requires authentication")."""
+    home = tmp_path / "home"
+    private = push_layout(busybox_layout, auth_registry, "cli/helper")
+    docker_pass_store.store(auth_registry.host, auth_registry.username or "", auth_registry.password or "")
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    config = docker / "config.json"
+
+    def pull(docker_config: dict[str, object]) -> subprocess.CompletedProcess[str]:
+        config.write_text(json.dumps(docker_config))
+        env = ember_env(home, DOCKER_CONFIG=str(docker), **docker_pass_store.env)
+        return run_ember("image", "pull", private, env=env, timeout=300)
+
+    # as docker login leaves it: an empty auths entry, the secret in the store
+    done = pull({"auths": {auth_registry.host: {}}, "credsStore": "pass"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"pulled {private} (linux/amd64, 1 layer)\n"
+    ember(home, "image", "rm", private)
+    # a helper that is not installed: one warning line, then what it says without one
+    missing = pull({"credHelpers": {auth_registry.host: "nosuch"}})
+    assert missing.returncode != 0
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert "docker-credential-nosuch is not installed" in lines[0]
+    assert "going on without it" in lines[0]
+    assert "requires authentication" in lines[1]

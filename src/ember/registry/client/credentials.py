@@ -3,9 +3,12 @@
 ``ember registry login`` writes ``$EMBER_HOME/credentials.json`` (mode 0600)
 in Docker's format (``{"auths": {HOST: {"auth": base64(user:password)}}}``).
 Lookups try ember's file first, then ``$DOCKER_CONFIG/config.json`` (default
-``~/.docker/config.json``), whose ``auths`` keys may be bare hosts or URLs
-(``https://index.docker.io/v1/`` for Docker Hub).  Credential helpers
-(``credsStore``) are not run.
+``~/.docker/config.json``), where a credential helper named for the host
+(``credHelpers``) or for all of them (``credsStore``) is asked first
+(``ember.registry.client.credhelpers``), then ``auths``, whose keys may be bare
+hosts or URLs (``https://index.docker.io/v1/`` for Docker Hub).  Anything
+wrong with Docker's file or its helpers is a warning: ember goes on without
+them, as a pull that needs no login works.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from ember.registry.client.errors import CredentialsError
 
 log = logging.getLogger("ember.registry")
 
+#: the key `docker login` keeps Docker Hub's credentials under (in auths and helpers)
+DOCKER_HUB_ADDRESS = "https://index.docker.io/v1/"
 _DOCKER_HUB_KEYS = (
-    "https://index.docker.io/v1/",
+    DOCKER_HUB_ADDRESS,
     "index.docker.io",
     "docker.io",
     "registry-1.docker.io",
@@ -82,10 +87,10 @@ def _decode(entry: Any, where: str) -> Credentials | None:
 MAX_FILE_SIZE = 4 << 20
 
 
-def _read_auths(path: Path) -> dict[str, Any]:
-    """The ``auths`` of a credentials file ({} if there is none); CredentialsError if it
-    cannot be read.  Only a regular file, and only so much of it: a FIFO there hung every
-    pull, a link to /dev/zero filled memory."""
+def _read_config(path: Path) -> dict[str, Any]:
+    """A credentials file's document ({} if there is none); CredentialsError if it cannot
+    be read.  Only a regular file, and only so much of it: a FIFO there hung every pull,
+    a link to /dev/zero filled memory."""
     try:
         with open_regular(path) as f:
             data = f.read(MAX_FILE_SIZE + 1)
@@ -101,20 +106,84 @@ def _read_auths(path: Path) -> dict[str, Any]:
         doc = jsonutil.loads(data)
     except ValueError as e:
         raise CredentialsError(f"cannot read credentials file {path}: {e}") from None
-    auths = doc.get("auths") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _auths_of(doc: dict[str, Any]) -> dict[str, Any]:
+    auths = doc.get("auths")
     return auths if isinstance(auths, dict) else {}
 
 
-def _lookup_in(source: Path, host: str) -> Credentials | None:
-    """``host``'s credentials in one credentials file; CredentialsError if the file or
-    the entry cannot be read."""
-    auths = {_host_of(k): v for k, v in _read_auths(source).items()}
+def _read_auths(path: Path) -> dict[str, Any]:
+    return _auths_of(_read_config(path))
+
+
+def _in_auths(auths: dict[str, Any], host: str, where: str) -> Credentials | None:
+    """``host``'s credentials in an ``auths`` map; CredentialsError if its entry cannot
+    be read."""
+    by_host = {_host_of(k): v for k, v in auths.items()}
     for key in _lookup_keys(host):
-        if key in auths:
-            creds = _decode(auths[key], str(source))
+        if key in by_host:
+            creds = _decode(by_host[key], where)
             if creds is not None:
                 return creds
     return None
+
+
+def _helper_for(doc: dict[str, Any], host: str, where: str) -> str | None:
+    """The credential helper Docker's config names for ``host``: its ``credHelpers``
+    entry (keys normalised as those of ``auths``), else ``credsStore``."""
+    helpers = doc.get("credHelpers")
+    if isinstance(helpers, dict):
+        by_host = {_host_of(k): v for k, v in helpers.items()}
+        for key in _lookup_keys(host):
+            if key in by_host:
+                name = by_host[key]
+                if not isinstance(name, str):
+                    raise CredentialsError(f"{where}: credHelpers[{key!r}] is not a string")
+                return name or None
+    store = doc.get("credsStore")
+    if store is not None and not isinstance(store, str):
+        raise CredentialsError(f"{where}: credsStore is not a string")
+    return store or None
+
+
+def helper_address(host: str) -> str:
+    """The address ``docker login`` keeps ``host``'s credentials under in a helper."""
+    return DOCKER_HUB_ADDRESS if host.lower() in _DOCKER_HUB_KEYS else host.lower()
+
+
+def _lookup_in(source: Path, host: str) -> Credentials | None:
+    """``host``'s credentials in one credentials file's ``auths``; CredentialsError if the
+    file or the entry cannot be read."""
+    return _in_auths(_read_auths(source), host, str(source))
+
+
+def _lookup_docker(config: Path, host: str) -> Credentials | None:
+    """``host``'s credentials by Docker's config.json: its credential helper's, else its
+    ``auths`` entry.  A helper that fails is warned about and passed over, as is the file."""
+    try:
+        doc = _read_config(config)
+        helper = _helper_for(doc, host, str(config))
+    except CredentialsError as e:
+        # as the docker CLI does with a broken config.json: say so, go on without it
+        log.warning("%s; going on without it", e)
+        return None
+    if helper is not None:
+        from ember.registry.client.credhelpers import helper_get  # subprocess: only then
+
+        try:
+            creds = helper_get(helper, helper_address(host))
+        except CredentialsError as e:
+            log.warning("credential helper %r of %s: %s; going on without it", helper, config, e)
+        else:
+            if creds is not None:
+                return creds
+    try:
+        return _in_auths(_auths_of(doc), host, str(config))
+    except CredentialsError as e:
+        log.warning("%s; going on without it", e)
+        return None
 
 
 def docker_config_path() -> Path:
@@ -128,19 +197,9 @@ class CredentialStore:
         self.docker_config = docker_config if docker_config is not None else docker_config_path()
 
     def lookup(self, host: str) -> Credentials | None:
-        for source in (self.path, self.docker_config):
-            try:
-                creds = _lookup_in(source, host)
-            except CredentialsError as e:
-                if source != self.docker_config:
-                    raise  # ember's own: `ember registry login` writes it again
-                # Docker's, a fallback: as the docker CLI does with a broken config.json,
-                # say so and go on without it (a pull that needs no login works)
-                log.warning("%s; going on without it", e)
-                continue
-            if creds is not None:
-                return creds
-        return None
+        # ember's own file first; a broken one is an error: `ember registry login` mends it
+        creds = _lookup_in(self.path, host)
+        return creds if creds is not None else _lookup_docker(self.docker_config, host)
 
     def save(self, host: str, creds: Credentials) -> None:
         if ":" in creds.username:

@@ -1,0 +1,183 @@
+"""Docker credential helpers (credsStore, credHelpers), against Debian's real
+docker-credential-pass over pass and gpg (tests.support.passstore)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from ember.registry.client.credentials import Credentials, CredentialStore
+from ember.registry.client.credhelpers import (
+    NOT_FOUND_MESSAGE,
+    helper_get,
+    parse_get_output,
+    program_name,
+)
+from ember.registry.client.errors import CredentialsError
+from tests.support.passstore import PassStore
+
+
+@pytest.fixture
+def pass_env(docker_pass_store: PassStore, monkeypatch: pytest.MonkeyPatch) -> PassStore:
+    for key, value in docker_pass_store.env.items():
+        monkeypatch.setenv(key, value)
+    return docker_pass_store
+
+
+def _store(tmp_path: Path, docker_config: dict[str, object]) -> CredentialStore:
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(json.dumps(docker_config))
+    return CredentialStore(tmp_path / "home" / "credentials.json", docker_config=config)
+
+
+# -- the protocol, pure --------------------------------------------------------
+
+
+def test_program_names_are_plain_words() -> None:
+    assert program_name("pass") == "docker-credential-pass"
+    assert program_name("ecr-login") == "docker-credential-ecr-login"
+    for bad in ("", "../../bin/sh", "a/b", "-rf", "x y", "a" * 65):
+        with pytest.raises(CredentialsError, match="not valid"):
+            program_name(bad)
+
+
+def test_parse_get_output() -> None:
+    out = json.dumps({"ServerURL": "h", "Username": "alice", "Secret": "s:e:c"}).encode()
+    assert parse_get_output(out, "p") == Credentials("alice", "s:e:c")
+    # what docker-credential-pass 0.6.4 prints, exit 0, for an address it does not hold
+    assert parse_get_output(b'{"ServerURL":"h","Username":"","Secret":""}', "p") is None
+    assert parse_get_output(b"{}", "p") is None
+    for bad, says in (
+        (b"not json", "did not print JSON"),
+        (b"[1]", "did not print JSON"),
+        (b"\xff\xfe", "did not print JSON"),
+        (b'{"Username": 1, "Secret": "x"}', "not a string"),
+        (b'{"Username": "a:b", "Secret": "x"}', "cannot send"),
+        (b'{"Username": "", "Secret": "x"}', "cannot send"),
+        (b'{"Username": "<token>", "Secret": "refresh"}', "identity token"),
+        (b" " * (65 << 10), "more than 64 KiB"),
+    ):
+        with pytest.raises(CredentialsError, match=says):
+            parse_get_output(bad, "p")
+
+
+# -- a real helper ---------------------------------------------------------------
+
+
+def test_helper_get_from_a_real_store(pass_env: PassStore) -> None:
+    pass_env.store("creds-a.example:5000", "alice", "alice-secret")
+    assert helper_get("pass", "creds-a.example:5000") == Credentials("alice", "alice-secret")
+    assert helper_get("pass", "nothing-there.example") is None
+
+
+def test_a_failing_helper_says_why(pass_env: PassStore, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    pass_env.store("creds-b.example", "bob", "bob-secret")
+    # the entry is there, but gpg has no key to decrypt it with
+    empty = tmp_path / "gnupg"
+    empty.mkdir(mode=0o700)
+    monkeypatch.setenv("GNUPGHOME", str(empty))
+    with pytest.raises(CredentialsError, match=r"docker-credential-pass get failed \(exit status"):
+        helper_get("pass", "creds-b.example")
+
+
+def test_a_missing_helper(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(CredentialsError, match="docker-credential-nosuch is not installed"):
+        helper_get("nosuch", "h.example")
+
+
+def _script_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, body: str) -> None:
+    """A helper of the test's own, as a user might write one (a shell script)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / f"docker-credential-{name}"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+
+def test_the_helpers_not_found_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helpers' shared library exits 1 printing this line for an address it does
+    not hold (newer docker-credential-pass, secretservice, desktop)."""
+    _script_helper(tmp_path, monkeypatch, "newer", f"echo '{NOT_FOUND_MESSAGE}'; exit 1")
+    assert helper_get("newer", "h.example") is None
+    _script_helper(tmp_path, monkeypatch, "broken", "cat >/dev/null; echo 'one'; echo 'keychain locked'; exit 3")
+    with pytest.raises(CredentialsError, match=r"broken get failed \(exit status 3\): keychain locked$"):
+        helper_get("broken", "h.example")
+    # it is given the address on stdin, nothing else
+    _script_helper(tmp_path, monkeypatch, "echo",
+                   'printf \'{"Username":"u","Secret":"%s|%s"}\' "$(cat)" "$1"')  # fmt: skip
+    assert helper_get("echo", "h.example:5000") == Credentials("u", "h.example:5000|get")
+
+
+def test_a_helper_that_does_not_answer_in_time(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A helper waiting for a passphrase nobody types (gpg's pinentry; here a child
+    that sleeps, holding the helper's stdout, as gpg would)."""
+    _script_helper(tmp_path, monkeypatch, "slow", "sleep 30 & wait")
+    start = time.monotonic()
+    with pytest.raises(CredentialsError, match="did not answer within 0.5 s"):
+        helper_get("slow", "h.example", timeout=0.5)
+    assert time.monotonic() - start < 10  # not the child's 30 s
+
+
+# -- the lookup: ember's file, then Docker's helpers, then Docker's auths -----------
+
+
+def test_creds_store_answers_for_every_host(pass_env: PassStore, tmp_path: Path) -> None:
+    pass_env.store("creds-c.example:5000", "carol", "carol-secret")
+    pass_env.store("https://index.docker.io/v1/", "hubuser", "hub-secret")
+    store = _store(tmp_path, {"auths": {"creds-c.example:5000": {}}, "credsStore": "pass"})
+    assert store.lookup("creds-c.example:5000") == Credentials("carol", "carol-secret")
+    assert store.lookup("CREDS-C.example:5000") == Credentials("carol", "carol-secret")
+    # Docker Hub's credentials are kept under its v1 URL, whatever ember calls the host
+    assert store.lookup("docker.io") == Credentials("hubuser", "hub-secret")
+    assert store.lookup("unknown.example") is None
+    # ember's own login comes first
+    store.save("creds-c.example:5000", Credentials("mine", "x"))
+    assert store.lookup("creds-c.example:5000") == Credentials("mine", "x")
+
+
+def test_cred_helpers_name_a_helper_per_host(pass_env: PassStore, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    pass_env.store("creds-d.example", "dave", "dave-secret")
+    store = _store(tmp_path, {
+        "credsStore": "nosuch",
+        "credHelpers": {"https://creds-d.example/v2/": "pass"},
+        "auths": {"other.example": {"auth": "b3RoZXI6cHc="}},  # other:pw
+    })  # fmt: skip
+    assert store.lookup("creds-d.example") == Credentials("dave", "dave-secret")
+    assert caplog.text == ""
+    # other hosts go to credsStore, which is not installed: a warning, then auths
+    with caplog.at_level(logging.WARNING, logger="ember.registry"):
+        assert store.lookup("other.example") == Credentials("other", "pw")
+    assert "docker-credential-nosuch is not installed" in caplog.text
+    assert "going on without it" in caplog.text
+
+
+def test_a_helper_that_holds_nothing_falls_back_to_auths(pass_env: PassStore, tmp_path: Path) -> None:
+    store = _store(tmp_path, {"credsStore": "pass", "auths": {"creds-e.example": {"auth": "ZTpwdw=="}}})
+    assert helper_get("pass", "creds-e.example") is None  # nothing stored for it
+    assert store.lookup("creds-e.example") == Credentials("e", "pw")
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ({"credsStore": 5}, "credsStore is not a string"),
+        ({"credHelpers": {"creds-f.example": ["pass"]}}, "is not a string"),
+        ({"credsStore": "../../bin/sh"}, "not valid"),
+    ],
+)
+def test_a_bad_helper_entry_is_passed_over_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, config: dict[str, object], says: str
+) -> None:
+    store = _store(tmp_path, config)
+    with caplog.at_level(logging.WARNING, logger="ember.registry"):
+        assert store.lookup("creds-f.example") is None
+    assert says in caplog.text and "going on without it" in caplog.text
