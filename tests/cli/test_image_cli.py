@@ -331,3 +331,52 @@ def test_pull_with_docker_credential_helpers(
     assert "docker-credential-nosuch is not installed" in lines[0]
     assert "going on without it" in lines[0]
     assert "requires authentication" in lines[1]
+
+
+def test_tag_names_an_image_again_and_ls_q_lists_ids(
+    tmp_path: Path, registry: Registry, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    """`ember image tag` as `docker tag`; `ember image ls -q` as `docker images -q`."""
+    home = tmp_path / "home"
+    busybox = push_layout(busybox_layout, registry, "cli/tag-busybox")
+    other = push_layout(multilayer_layout, registry, "cli/tag-other")
+    for ref in (busybox, other):
+        assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    records = {r["reference"]: r for r in json.loads(ember(home, "image", "ls", "--json").stdout)}
+    busybox_id = records[busybox]["manifest_digest"].split(":")[1][:12]
+
+    done = ember(home, "image", "tag", busybox, "mine/bb:v1")
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+    assert ember(home, "image", "tag", busybox_id, "bb2").returncode == 0  # by ID; normalised
+    records = {r["reference"]: r for r in json.loads(ember(home, "image", "ls", "--json").stdout)}
+    assert set(records) == {busybox, other, "docker.io/mine/bb:v1", "docker.io/library/bb2:latest"}
+    for name in ("docker.io/mine/bb:v1", "docker.io/library/bb2:latest"):
+        assert records[name]["manifest_digest"] == records[busybox]["manifest_digest"]
+        assert records[name]["size"] == records[busybox]["size"]
+    quiet = ember(home, "image", "ls", "-q")
+    assert sorted(quiet.stdout.split()) == sorted(
+        {r["manifest_digest"].split(":")[1][:12] for r in records.values()}
+    )  # each ID once
+
+    # a name another image had moves (as docker tag does)
+    assert ember(home, "image", "tag", other, "bb2").returncode == 0
+    moved = json.loads(ember(home, "image", "inspect", "bb2").stdout)
+    assert moved["manifest_digest"] == records[other]["manifest_digest"]
+    # the image outlives the name it was pulled under
+    assert ember(home, "image", "rm", busybox).returncode == 0
+    assert ember(home, "image", "unpack", "mine/bb:v1", str(tmp_path / "tree")).returncode == 0
+    assert (tmp_path / "tree" / "bin" / "busybox").is_file()
+
+    for args, says in (
+        (("mine/bb:v1", f"x/y@sha256:{'a' * 64}"), "refusing to create a tag with a digest"),
+        (("mine/bb:v1", f"oci:{tmp_path}/l"), "a tag is a registry reference"),
+        (("mine/bb:v1", "Not/Valid"), "lowercase"),
+        (("nothere:1", "x/y"), "not in the local store"),
+    ):
+        assert_one_line_error(ember(home, "image", "tag", *args), says)
+    assert_one_line_error(ember(home, "image", "ls", "-q", "--json"), "cannot be used together")
+
+    # every ID once, so that removing them all by ID works in one go
+    ids = ember(home, "image", "ls", "-q").stdout.split()
+    assert ember(home, "image", "rm", "-f", *ids).returncode == 0
+    assert ember(home, "image", "ls", "-q").stdout == ""

@@ -94,15 +94,25 @@ def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> 
 
 @image.command("ls")
 @json_option
-def list_images(as_json: bool) -> None:
+@click.option(
+    "-q", "--quiet", is_flag=True,
+    help="Print only image IDs (short manifest digests), each once: for ember image rm -f.",
+)  # fmt: skip
+def list_images(as_json: bool, quiet: bool) -> None:
     """List local images."""
     # The image table alone (all that ImageService.list reads): the service's pull
     # machinery (parsers, sources, content store: ~15 ms of imports) is not needed.
     from ember.store.images import ImageTable, open_image_db
 
+    if as_json and quiet:
+        raise UsageError("--json and --quiet cannot be used together")
     records = ImageTable(open_image_db(home_from_ctx().db_path)).list()
     if as_json:
         print_json([r.as_dict() for r in records])
+        return
+    if quiet:
+        for image_id in dict.fromkeys(r.manifest_digest.short for r in records):
+            click.echo(image_id)
         return
     header = ("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED")
     rows = [
@@ -116,6 +126,14 @@ def list_images(as_json: bool) -> None:
         for r in records
     ]
     common.print_table(header, rows)
+
+
+@image.command()
+@click.argument("source")
+@click.argument("target")
+def tag(source: str, target: str) -> None:
+    """Name the local image SOURCE (a name or ID) also TARGET (NAME[:TAG]), as docker tag."""
+    _service().tag(source, target)
 
 
 @image.command()

@@ -572,6 +572,34 @@ class ImageService:
     def layer_path(self, layer: Layer) -> Path:
         return self.content.path(layer.digest)
 
+    def tag(self, source: str, target: str) -> ImageRecord:
+        """Name the local image ``source`` (a name, or an ID: a digest prefix) also
+        ``target``, as ``docker tag``: a registry reference, normalised (``busybox`` is
+        ``docker.io/library/busybox:latest``); a name another image had moves to this one."""
+        spec = parse_source(target)
+        if spec.reference is None:
+            raise InvalidSource(
+                f"cannot tag an image as {target[:200]!r}: a tag is a registry reference "
+                "(NAME[:TAG]), not an oci: or docker-archive: source"
+            )
+        if spec.reference.digest is not None:
+            raise InvalidSource(f"refusing to create a tag with a digest reference: {target[:200]}")
+        # Under the claims lock, as a removal reads and deletes: an `image rm` of the source
+        # at the same moment either goes first (the source is gone: not found) or sees the
+        # new name (and keeps the blobs it names).
+        with self.claims.frozen():
+            record = self._record(source)
+            self._load(record)  # complete in the store: a damaged image is not named again
+            return self.table.put(
+                spec.name,
+                manifest_digest=record.manifest_digest,
+                config_digest=record.config_digest,
+                media_type=record.media_type,
+                platform=record.platform,
+                size=record.size,
+                index_digest=record.index_digest,
+            )
+
     # -- removal -------------------------------------------------------------
 
     def _blobs_of(self, record: ImageRecord) -> set[Digest]:
