@@ -380,3 +380,33 @@ def test_tag_names_an_image_again_and_ls_q_lists_ids(
     ids = ember(home, "image", "ls", "-q").stdout.split()
     assert ember(home, "image", "rm", "-f", *ids).returncode == 0
     assert ember(home, "image", "ls", "-q").stdout == ""
+
+
+def test_history_as_docker_history(tmp_path: Path, multilayer_layout: Path) -> None:
+    home = tmp_path / "home"
+    ref = layout_ref(multilayer_layout)
+    assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)
+    layers = [x["digest"] for x in inspected["layers"]]
+    history = inspected["config"]["history"]
+    assert len(history) == 14 and sum(not h["empty_layer"] for h in history) == len(layers) == 5
+
+    steps = json.loads(ember(home, "image", "history", "--json", ref).stdout)
+    assert [s["created_by"] for s in steps] == [h["created_by"] for h in reversed(history)]  # newest first
+    assert [s["layer"] for s in steps if s["layer"]] == list(reversed(layers))
+    assert steps[0]["created_by"] == '/bin/sh -c #(nop) CMD ["default-cmd"]'
+    assert steps[0]["layer"] is None and steps[0]["size"] == 0
+    assert steps[-1]["size"] == inspected["layers"][0]["size"]
+
+    table = ember(home, "image", "history", ref).stdout.splitlines()
+    assert table[0].split() == ["LAYER", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
+    assert len(table) == 15
+    assert table[1].startswith("-") and "years ago" in table[1]
+    assert "/bin/sh -c #(nop) CMD [\"default-cmd\"]" in table[1]
+    run = next(line for line in table if "mkdir -p /data/dir/deep" in line)
+    assert run.startswith(layers[1].split(":")[1][:12])
+    # cut to 45 characters as docker history does, the whole with --no-trunc
+    assert "/bin/sh -c mkdir -p /data/dir/deep /data/opa…" in run
+    whole = ember(home, "image", "history", "--no-trunc", ref).stdout
+    assert "needs-a-pax-or-gnu-header" in whole
+    assert_one_line_error(ember(home, "image", "history", "nothere:1"), "not in the local store")

@@ -89,7 +89,7 @@ def _ember(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_human_durations_are_dockers() -> None:
-    from ember.cli.machines import human_duration
+    from ember.cli.common import human_duration
 
     cases = [(0.4, "Less than a second"), (1.2, "1 second"), (59, "59 seconds"),
              (60, "About a minute"), (150, "2 minutes"), (3600, "About an hour"),

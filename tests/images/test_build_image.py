@@ -54,3 +54,20 @@ def test_unknown_layer_type() -> None:
     layers = [Descriptor("application/x-rar", d, 1) for d in BLOBS]
     with pytest.raises(UnsupportedMediaType, match="application/x-rar"):
         build_image("r", Digest.of(b"m"), manifest(layers), CONFIG.digest, config())
+
+
+def test_history_steps_get_the_layers_they_made() -> None:
+    from ember.oci.config import HistoryEntry
+
+    made, env, more = HistoryEntry(created_by="RUN a"), HistoryEntry(created_by="ENV x", empty_layer=True), HistoryEntry(created_by="RUN b")
+    with_history = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, history=[made, env, more])
+    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, with_history)
+    assert image.history() == [(made, image.layers[0]), (env, None), (more, image.layers[1])]
+    # fewer steps than layers (an image made by hand): the rest come last, with no step
+    short = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, history=[made])
+    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, short)
+    assert image.history() == [(made, image.layers[0]), (None, image.layers[1])]
+    # more steps than layers: the extra ones made none
+    long = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, history=[made, more, made])
+    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, long)
+    assert image.history() == [(made, image.layers[0]), (more, image.layers[1]), (made, None)]

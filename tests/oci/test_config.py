@@ -118,3 +118,38 @@ def test_not_json() -> None:
         parse_config(b"\xff\xfe")
     with pytest.raises(InvalidConfig):
         parse_config(b"null")
+
+
+def test_history() -> None:
+    steps = [
+        {"created": "2024-01-01T00:00:00Z", "created_by": "/bin/sh -c make", "comment": "c"},
+        {"created_by": "ENV A=b", "empty_layer": True, "author": "me"},
+        {},
+    ]
+    parsed = parse_config(config(history=steps)).history
+    assert [h.as_dict() for h in parsed] == [
+        {"created": "2024-01-01T00:00:00Z", "created_by": "/bin/sh -c make", "author": None,
+         "comment": "c", "empty_layer": False},
+        {"created": None, "created_by": "ENV A=b", "author": "me", "comment": None,
+         "empty_layer": True},
+        {"created": None, "created_by": None, "author": None, "comment": None,
+         "empty_layer": False},
+    ]  # fmt: skip
+    assert parse_config(config(history=None)).history == []  # Docker's null
+    without = json.loads(config())
+    del without["history"]
+    assert parse_config(json.dumps(without).encode()).history == []
+
+
+@pytest.mark.parametrize(
+    "history, says",
+    [
+        ("make", "'history' must be a list"),
+        ([["make"]], r"history\[0\] must be an object"),
+        ([{}, {"created_by": 5}], r"history\[1\]: field 'created_by' must be a string"),
+        ([{"empty_layer": "true"}], "'empty_layer' must be true or false"),
+    ],
+)
+def test_invalid_history(history: object, says: str) -> None:
+    with pytest.raises(InvalidConfig, match=says):
+        parse_config(config(history=history))

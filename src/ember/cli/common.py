@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -136,3 +137,56 @@ class WholeNumber(click.IntRange):
             except ValueError:
                 self.fail(f"{value!r} is not a whole number of {self.unit}", param, ctx)
         return super().convert(value, param, ctx)
+
+
+def human_duration(seconds: float) -> str:
+    """Docker's ``units.HumanDuration``: "Less than a second", "1 second", "5 seconds",
+    "About a minute", "3 minutes", "About an hour", "5 hours", "3 days", ..."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = s // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
+
+
+def since(when: str | _dt.datetime | None) -> str | None:
+    """How long ago ``when`` (a datetime, or an RFC 3339 / ISO 8601 string; without a
+    zone: UTC) was, as ``human_duration`` words; None for no time, a string that is
+    not a time as it is."""
+    if not when:
+        return None
+    if isinstance(when, str):
+        try:
+            moment = _dt.datetime.fromisoformat(when)  # Python 3.11: "Z", nanoseconds cut
+        except ValueError:
+            return when[:40]
+    else:
+        moment = when
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return human_duration(max(0.0, (_dt.datetime.now(_dt.UTC) - moment).total_seconds()))
+
+
+def ago(when: str | _dt.datetime | None) -> str:
+    """``since`` words and " ago" ("" for no time)."""
+    words = since(when)
+    return "" if words is None else f"{words} ago"

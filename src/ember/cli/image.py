@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from ember.cli import common
-from ember.cli.common import home_from_ctx, json_option, print_json, say
+from ember.cli.common import ago, home_from_ctx, json_option, print_json, say
 from ember.errors import EmberError, UsageError
 from ember.oci.platform import Platform
 from ember.sizes import human_size
@@ -49,15 +48,6 @@ def _pinned(reference: str, digest: str) -> str:
     if reference.startswith(("oci:", "docker-archive:")):
         return digest
     return f"{reference.split('@', 1)[0]}@{digest}"
-
-
-def _age(when: datetime) -> str:
-    seconds = int((datetime.now(UTC) - when).total_seconds())
-    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= length:
-            count = seconds // length
-            return f"{count} {unit}{'s' if count > 1 else ''} ago"
-    return "just now"
 
 
 @click.group()
@@ -121,9 +111,54 @@ def list_images(as_json: bool, quiet: bool) -> None:
             r.manifest_digest.short,
             r.platform,
             human_size(r.size, decimal=True),
-            _age(r.updated_at),
+            ago(r.updated_at),
         )
         for r in records
+    ]
+    common.print_table(header, rows)
+
+
+#: CREATED BY is cut to this many characters, as docker history cuts it (--no-trunc: whole)
+CREATED_BY_WIDTH = 45
+
+
+def _one_line(text: str, width: int | None) -> str:
+    line = " ".join(text.split())  # a Dockerfile RUN with newlines and tabs: one row
+    if width is not None and len(line) > width:
+        return line[: width - 1] + "…"
+    return line
+
+
+@image.command()
+@click.argument("ref")
+@json_option
+@click.option("--no-trunc", is_flag=True, help="Do not cut CREATED BY.")
+def history(ref: str, as_json: bool, no_trunc: bool) -> None:
+    """Show how REF was built: its config's history, newest step first, with the layer
+    each step made (SIZE is the layer's compressed size), as docker history."""
+    img = _service().get(ref)
+    steps = list(reversed(img.history()))
+    if as_json:
+        print_json([
+            {
+                **(entry.as_dict() if entry is not None else {}),
+                "layer": str(layer.digest) if layer is not None else None,
+                "size": layer.size if layer is not None else 0,
+            }
+            for entry, layer in steps
+        ])  # fmt: skip
+        return
+    width = None if no_trunc else CREATED_BY_WIDTH
+    header = ("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT")
+    rows = [
+        (
+            layer.digest.short if layer is not None else "-",
+            ago(entry.created) if entry is not None else "",
+            _one_line(entry.created_by or "", width) if entry is not None else "",
+            human_size(layer.size if layer is not None else 0, decimal=True),
+            _one_line(entry.comment or "", None) if entry is not None else "",
+        )
+        for entry, layer in steps
     ]
     common.print_table(header, rows)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import functools
 import sys
 import time
@@ -14,11 +13,13 @@ import click
 
 from ember.cli.common import (
     WholeNumber,
+    ago,
     home_from_ctx,
     json_option,
     print_json,
     printable,
     say,
+    since,
     warnings_as_messages,
 )
 from ember.errors import EmberError
@@ -27,51 +28,6 @@ from ember.machines.controllines import NO_STOP_TIMEOUT
 
 if TYPE_CHECKING:
     from ember.machines.state import MachineState
-
-
-def human_duration(seconds: float) -> str:
-    """Docker's ``units.HumanDuration``: "Less than a second", "1 second", "5 seconds",
-    "About a minute", "3 minutes", "About an hour", "5 hours", "3 days", ..."""
-    s = int(seconds)
-    if s < 1:
-        return "Less than a second"
-    if s == 1:
-        return "1 second"
-    if s < 60:
-        return f"{s} seconds"
-    minutes = s // 60
-    if minutes == 1:
-        return "About a minute"
-    if minutes < 60:
-        return f"{minutes} minutes"
-    hours = int(seconds / 3600 + 0.5)
-    if hours == 1:
-        return "About an hour"
-    if hours < 48:
-        return f"{hours} hours"
-    if hours < 24 * 7 * 2:
-        return f"{hours // 24} days"
-    if hours < 24 * 30 * 2:
-        return f"{hours // 24 // 7} weeks"
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24 // 30} months"
-    return f"{int(seconds / 3600) // 24 // 365} years"
-
-
-def _since(iso: str | None) -> str | None:
-    """How long ago ``iso`` was, as ``human_duration`` words (None: no time)."""
-    if not iso:
-        return None
-    try:
-        t = _dt.datetime.fromisoformat(iso)
-    except ValueError:
-        return iso
-    return human_duration(max(0.0, (_dt.datetime.now(_dt.UTC) - t).total_seconds()))
-
-
-def _ago(iso: str | None) -> str:
-    since = _since(iso)
-    return "" if since is None else f"{since} ago"
 
 
 def _restarting(st: MachineState) -> bool:
@@ -96,11 +52,11 @@ def _status(st: MachineState) -> str:
     from ember.machines.state import EXITED, RUNNING
 
     if st.status == RUNNING:
-        return f"Up {_since(st.started_at) or ''}".rstrip()
+        return f"Up {since(st.started_at) or ''}".rstrip()
     if st.status == EXITED:
         if _restarting(st):
-            return f"Restarting ({st.exit_code}) {_ago(st.finished_at)}"
-        return f"Exited ({st.exit_code}) {_ago(st.finished_at)}"
+            return f"Restarting ({st.exit_code}) {ago(st.finished_at)}"
+        return f"Exited ({st.exit_code}) {ago(st.finished_at)}"
     if _restarting(st):
         return "Restarting"  # (being started again: the last run's exit is cleared)
     return "Created"
@@ -175,7 +131,7 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     for m in machines:
         cmd = printable(" ".join(m.command))
         cmd = cmd if len(cmd) <= 30 else cmd[:29] + "…"
-        rows.append((m.short_id, printable(m.image), f'"{cmd}"', _ago(m.created_at),
+        rows.append((m.short_id, printable(m.image), f'"{cmd}"', ago(m.created_at),
                      _status(m), _ports(m), m.name))  # fmt: skip
     # plain aligned columns (like docker ps): never wrapped, so scripts and narrow pipes
     # see one machine per line

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ember.oci.config import ImageConfig
+from ember.oci.config import HistoryEntry, ImageConfig
 from ember.oci.digest import Digest
 from ember.oci.manifest import ImageManifest
 from ember.oci.platform import Platform
@@ -51,6 +51,18 @@ class Image:
         """Bytes of the image's blobs as pulled: manifest, config and (compressed) layers,
         the size the image table records and ``ember image ls`` shows."""
         return self.manifest_size + self.manifest.config.size + self.size
+
+    def history(self) -> list[tuple[HistoryEntry | None, Layer | None]]:
+        """The config's build steps, oldest first, each with the layer it made (None for
+        an ``empty_layer`` step, or a step past the last layer); layers the history does
+        not account for come last, with no step (an image made without history)."""
+        layers = iter(self.layers)
+        steps: list[tuple[HistoryEntry | None, Layer | None]] = [
+            (entry, None if entry.empty_layer else next(layers, None))
+            for entry in self.config.history
+        ]
+        steps += [(None, layer) for layer in layers]
+        return steps
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON ``ember image inspect`` prints."""

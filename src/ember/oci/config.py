@@ -19,6 +19,27 @@ MAX_CONFIG_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class HistoryEntry:
+    """One step of how the image was built (config ``history``, oldest first); each
+    step that is not an ``empty_layer`` made the next layer."""
+
+    created: str | None = None
+    created_by: str | None = None
+    author: str | None = None
+    comment: str | None = None
+    empty_layer: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "created_by": self.created_by,
+            "author": self.author,
+            "comment": self.comment,
+            "empty_layer": self.empty_layer,
+        }
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     architecture: str
     os: str
@@ -35,6 +56,7 @@ class ImageConfig:
     diff_ids: list[Digest] = field(default_factory=list)
     created: str | None = None
     author: str | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view (for ``ember image inspect``)."""
@@ -54,6 +76,7 @@ class ImageConfig:
             "volumes": list(self.volumes),
             "labels": dict(self.labels),
             "diff_ids": [str(d) for d in self.diff_ids],
+            "history": [h.as_dict() for h in self.history],
         }
 
 
@@ -61,6 +84,24 @@ def _key_set(f: Fields, key: str) -> list[str]:
     """Docker's ``{"80/tcp": {}}`` sets, as a sorted list of keys."""
     value = f.obj(key)
     return sorted(value) if value else []
+
+
+def _history(top: Fields) -> list[HistoryEntry]:
+    out = []
+    for i, item in enumerate(top.array("history") or []):
+        if not isinstance(item, dict):
+            raise InvalidConfig(f"image config.history[{i}] must be an object")
+        h = Fields(item, f"image config.history[{i}]", InvalidConfig)
+        out.append(
+            HistoryEntry(
+                created=h.text("created"),
+                created_by=h.text("created_by"),
+                author=h.text("author"),
+                comment=h.text("comment"),
+                empty_layer=bool(h.boolean("empty_layer")),
+            )
+        )
+    return out
 
 
 def parse_config(data: bytes) -> ImageConfig:
@@ -110,4 +151,5 @@ def parse_config(data: bytes) -> ImageConfig:
         diff_ids=diff_ids,
         created=top.text("created"),
         author=top.text("author"),
+        history=_history(top),
     )
