@@ -410,3 +410,78 @@ def test_history_as_docker_history(tmp_path: Path, multilayer_layout: Path) -> N
     whole = ember(home, "image", "history", "--no-trunc", ref).stdout
     assert "needs-a-pax-or-gnu-header" in whole
     assert_one_line_error(ember(home, "image", "history", "nothere:1"), "not in the local store")
+
+
+def test_save_writes_what_docker_load_podman_skopeo_and_ember_read(
+    tmp_path: Path, registry: Registry, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    """`ember image save` as `docker save`: one tar that is a docker-archive and an OCI
+    layout, read back by podman load, skopeo (both transports) and ember itself."""
+    from tests.support.images import podman_storage
+    from tests.support.treecmp import assert_same_tree, umoci_unpack
+
+    home = tmp_path / "home"
+    bb = push_layout(busybox_layout, registry, "cli/save-bb", tag="one")
+    ml = push_layout(multilayer_layout, registry, "cli/save-ml", tag="two")
+    for ref in (bb, ml):
+        assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    archive = tmp_path / "images.tar"
+    done = ember(home, "image", "save", "-o", str(archive), bb, ml)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+    # the same bytes on standard output (and the same images give the same archive)
+    piped = subprocess.run([EMBER, "image", "save", bb, ml], env=ember_env(home, DOCKER_CONFIG="-"),
+                           capture_output=True, check=True)  # fmt: skip
+    assert piped.stdout == archive.read_bytes()
+
+    ml_digest = json.loads(ember(home, "image", "inspect", ml).stdout)["manifest_digest"]
+    expected = umoci_unpack(multilayer_layout, "latest", tmp_path / "expected")
+    # skopeo, as a docker-archive (by its name in RepoTags) and as an OCI archive (by tag)
+    for source, out in ((f"docker-archive:{archive}:{ml}", "from-docker"), (f"oci-archive:{archive}:two", "from-oci")):
+        subprocess.run(["skopeo", "copy", "--quiet", source, f"oci:{tmp_path / out}:latest"], check=True)
+        assert_same_tree(umoci_unpack(tmp_path / out, "latest", tmp_path / f"{out}-tree"), expected)
+    inspected = subprocess.run(["skopeo", "inspect", f"oci-archive:{archive}:two"], capture_output=True,
+                               text=True, check=True)  # fmt: skip
+    assert json.loads(inspected.stdout)["Digest"] == ml_digest  # the manifest as pulled: same ID
+
+    # podman load: both images, under their names
+    (tmp_path / "podman").mkdir()
+    with podman_storage(tmp_path / "podman") as podman:
+        podman("load", "--quiet", "-i", str(archive))
+        names = podman("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+    assert sorted(names) == sorted([bb, ml])
+
+    # ember itself, on another host
+    other = tmp_path / "other"
+    assert ember(other, "image", "pull", "-q", f"docker-archive:{archive}:{ml}").returncode == 0
+    assert ember(other, "image", "unpack", f"docker-archive:{archive}:{ml}", str(tmp_path / "ours")).returncode == 0
+    assert_same_tree(tmp_path / "ours", expected)
+
+
+def test_save_refuses_what_it_cannot_do_and_leaves_nothing(
+    tmp_path: Path, registry: Registry, busybox_layout: Path
+) -> None:
+    home = tmp_path / "home"
+    ref = push_layout(busybox_layout, registry, "cli/save-errors")
+    assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line_error(ember(home, "image", "save", "-o", str(out / "a.tar"), "nothere:1"),
+                          "not in the local store")  # fmt: skip
+    assert_one_line_error(ember(home, "image", "save", "-o", str(out / "no" / "a.tar"), ref),
+                          "cannot write")  # fmt: skip
+    assert_one_line_error(ember(home, "image", "save", "-o", str(out), ref), "is a directory")
+    status, drawn = on_terminal([EMBER, "image", "save", ref], ember_env(home, DOCKER_CONFIG="-"),
+                                stream="stdout")  # fmt: skip
+    assert status == 2 and drawn == ""  # refused (the message goes to stderr), no tar drawn
+    # a layer damaged in the store: no archive, and the file that was there stays
+    layer = json.loads(ember(home, "image", "inspect", ref).stdout)["layers"][0]["digest"]
+    blob = home / "content" / "blobs" / "sha256" / layer.split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    (out / "a.tar").write_text("the old archive")
+    damaged = ember(home, "image", "save", "-o", str(out / "a.tar"), ref)
+    assert_one_line_error(damaged, "no longer matches its digest")
+    assert sorted(p.name for p in out.iterdir()) == ["a.tar"]
+    assert (out / "a.tar").read_text() == "the old archive"

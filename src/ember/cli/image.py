@@ -1,8 +1,9 @@
-"""``ember image ...``: pull, list, inspect, remove and unpack images."""
+"""``ember image ...``: pull, list, inspect, tag, history, save, remove and unpack images."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,6 +162,42 @@ def history(ref: str, as_json: bool, no_trunc: bool) -> None:
         for entry, layer in steps
     ]
     common.print_table(header, rows)
+
+
+@image.command()
+@click.argument("refs", metavar="REF...", nargs=-1, required=True)
+@click.option(
+    "-o", "--output", "output_text", metavar="FILE",
+    help="Write to FILE (whole or not at all) instead of standard output.",
+)  # fmt: skip
+def save(refs: tuple[str, ...], output_text: str | None) -> None:
+    """Write images (names or IDs) to one tar archive, as docker save.
+
+    docker load, podman load, skopeo (docker-archive:, oci-archive:) and ember
+    image pull docker-archive:FILE read it; unpacked, it is an OCI layout (oci:DIR)."""
+    from ember.images.save import SavedImage, write_archive, write_archive_file
+    from ember.images.sources import parse_source
+
+    if output_text is None and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write an archive to a terminal: give -o FILE or redirect the output"
+        )
+    if output_text == "":
+        raise UsageError("-o needs a file name")
+    service = _service()
+    with service.holding(refs) as images:
+        saved = [SavedImage(img, parse_source(img.reference).reference) for img in images]
+        if output_text is None:
+            write_archive(saved, service.content, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        path = Path(output_text)
+        if path.is_dir():
+            raise UsageError(f"{output_text} is a directory: -o takes the archive's file name")
+        try:
+            write_archive_file(saved, service.content, path)
+        except OSError as e:
+            raise EmberError(f"cannot write {output_text}: {e.strerror or e}") from None
 
 
 @image.command()

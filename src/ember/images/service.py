@@ -37,7 +37,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
@@ -571,6 +571,23 @@ class ImageService:
 
     def layer_path(self, layer: Layer) -> Path:
         return self.content.path(layer.digest)
+
+    @contextmanager
+    def holding(self, refs: Sequence[str]) -> Iterator[builtins.list[Image]]:
+        """The local images ``refs`` name (names or IDs), their blobs claimed while inside:
+        a removal meanwhile spares them.  ImageNotFound if one is missing or lost a blob."""
+        images = [self.get(ref) for ref in refs]
+        digests = [d for img in images for d in (img.manifest_digest, img.config_digest)]
+        digests += [layer.digest for img in images for layer in img.layers]
+        with self.claims.hold(digests):
+            for img in images:
+                for layer in img.layers:
+                    if not self.content.exists(layer.digest):
+                        raise ImageNotFound(
+                            f"image {img.reference} lost layer {layer.digest} from the local store",
+                            hint=f"pull it again: ember image pull {img.reference}",
+                        )
+            yield images
 
     def tag(self, source: str, target: str) -> ImageRecord:
         """Name the local image ``source`` (a name, or an ID: a digest prefix) also
