@@ -454,6 +454,8 @@ def test_save_writes_what_docker_load_podman_skopeo_and_ember_read(
     # ember itself, on another host
     other = tmp_path / "other"
     assert ember(other, "image", "pull", "-q", f"docker-archive:{archive}:{ml}").returncode == 0
+    loaded = json.loads(ember(other, "image", "inspect", f"docker-archive:{archive}:{ml}").stdout)
+    assert loaded["manifest_digest"] == ml_digest  # the same ID
     assert ember(other, "image", "unpack", f"docker-archive:{archive}:{ml}", str(tmp_path / "ours")).returncode == 0
     assert_same_tree(tmp_path / "ours", expected)
 

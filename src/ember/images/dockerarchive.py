@@ -41,8 +41,15 @@ from ember.oci import mediatypes as mt
 from ember.oci.config import MAX_CONFIG_SIZE, parse_config
 from ember.oci.digest import Digest
 from ember.oci.errors import DigestMismatch, FormatError
-from ember.oci.manifest import MAX_DESCRIPTORS, Descriptor, ImageManifest
-from ember.oci.mediatypes import Compression
+from ember.oci.manifest import (
+    MAX_DESCRIPTORS,
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    parse_manifest,
+)
+from ember.oci.mediatypes import Compression, layer_compression
 from ember.oci.platform import Platform
 from ember.oci.reference import Reference
 from ember.store.content import ContentStore, WriteObserver
@@ -53,6 +60,9 @@ from ember.unpack.tarstream import FileReader, TarStream
 _CHUNK = 1 << 20
 _MAX_MANIFEST_JSON = 4 * 1024 * 1024
 _MAX_LINK_HOPS = 16
+#: bytes of index.json's manifests read at most looking for an image's own (a hostile
+#: index could name thousands of 4 MiB ones; a real one names a few KiB per image)
+_MAX_SAVED_MANIFEST_BYTES = 16 << 20
 #: members indexed (each kept in memory); ``docker save`` writes a few per layer
 _MAX_MEMBERS = 1 << 16
 #: compressed archives recognised by their magic, to say so instead of "not a tar"
@@ -334,6 +344,9 @@ class DockerArchiveSource:
             if not isinstance(name, str):
                 raise InvalidSource(f"docker archive {self.path}: a layer name is not a string")
             layers.append(self._layer_descriptor(name, diff_id))
+        saved = self._saved_manifest(config_digest, layers)
+        if saved is not None:
+            return saved
         manifest = ImageManifest(
             media_type=mt.OCI_MANIFEST,
             config=Descriptor(mt.OCI_CONFIG, config_digest, len(config_data)),
@@ -341,6 +354,46 @@ class DockerArchiveSource:
         )
         data = manifest.to_json()
         return Resolved(data, mt.OCI_MANIFEST, Digest.of(data))
+
+    def _saved_manifest(self, config: Digest, layers: list[Descriptor]) -> Resolved | None:
+        """The image's own manifest, when the archive also is an OCI layout (Docker 25's
+        ``docker save``, ``ember image save``) and its ``index.json`` names one for exactly
+        this config and these layers: the image keeps its ID (manifest digest) through a
+        save and a load.  Anything else (no index, a manifest that differs in a layer, a
+        damaged one) leaves the manifest made from ``manifest.json``."""
+        if _norm("index.json") not in self._members:
+            return None
+        try:
+            index = parse_manifest(self._read("index.json", MAX_MANIFEST_SIZE), mt.OCI_INDEX)
+        except (InvalidSource, FormatError):
+            return None
+        if not isinstance(index, ImageIndex):
+            return None
+        wanted = [(d.digest, d.size, layer_compression(d.media_type)) for d in layers]
+        budget = _MAX_SAVED_MANIFEST_BYTES
+        for desc in index.manifests:
+            if desc.digest.algorithm != "sha256" or desc.size > min(MAX_MANIFEST_SIZE, budget):
+                continue
+            budget -= desc.size
+            name = f"blobs/sha256/{desc.digest.hex}"
+            try:
+                data = self._read(name, desc.size)  # no more than the index declares
+                if len(data) != desc.size or Digest.of(data) != desc.digest:
+                    continue
+                manifest = parse_manifest(data, desc.media_type)
+            except (InvalidSource, ImageNotFound, FormatError):
+                continue
+            if not isinstance(manifest, ImageManifest) or manifest.config.digest != config:
+                continue
+            try:
+                theirs = [
+                    (d.digest, d.size, layer_compression(d.media_type)) for d in manifest.layers
+                ]
+            except FormatError:  # a layer type ember does not unpack: not this one
+                continue
+            if theirs == wanted:
+                return Resolved(data, manifest.media_type, desc.digest)
+        return None
 
     def fetch(
         self,

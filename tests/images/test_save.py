@@ -1,0 +1,114 @@
+"""``ember.images.save``: the archive ``ember image save`` writes, and reading it back
+(``docker-archive:``) with the image's own manifest.  The peers (podman load, skopeo)
+read it in tests/cli/test_image_cli.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ember.images import ImageService
+from ember.images.save import SavedImage, archive_documents, write_archive
+from ember.oci.reference import Reference
+from tests.support.images import layout_ref
+
+pytestmark = pytest.mark.integration
+
+
+def _save(service: ImageService, refs: list[str], names: list[str | None], path: Path) -> None:
+    with service.holding(refs) as images:
+        saved = [
+            SavedImage(img, Reference.parse(n) if n else None)
+            for img, n in zip(images, names, strict=True)
+        ]
+        with path.open("wb") as f:
+            write_archive(saved, service.content, f)
+
+
+def test_documents_name_each_image_once_with_all_its_tags(
+    service: ImageService, busybox_layout: Path
+) -> None:
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    docs = archive_documents([
+        SavedImage(image, Reference.parse("bb:1")),
+        SavedImage(image, Reference.parse("example.org:5000/team/bb:2")),
+        SavedImage(image, Reference.parse(f"bb@{image.manifest_digest}")),  # no tag: no RepoTag
+        SavedImage(image, None),
+    ])  # fmt: skip
+    assert json.loads(docs["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
+    entries = json.loads(docs["manifest.json"])
+    assert entries == [{
+        "Config": f"blobs/sha256/{image.config_digest.hex}",
+        "RepoTags": ["bb:1", "example.org:5000/team/bb:2"],
+        "Layers": [f"blobs/sha256/{x.digest.hex}" for x in image.layers],
+    }]  # fmt: skip
+    index = json.loads(docs["index.json"])["manifests"]
+    assert [m["digest"] for m in index] == [str(image.manifest_digest)] * 4
+    assert index[0]["annotations"] == {
+        "io.containerd.image.name": "docker.io/library/bb:1",
+        "org.opencontainers.image.ref.name": "1",
+    }
+    assert "annotations" not in index[3]
+
+
+def test_an_image_keeps_its_id_through_save_and_pull(
+    service: ImageService, busybox_layout: Path, multilayer_layout: Path, tmp_path: Path
+) -> None:
+    bb = service.pull(layout_ref(busybox_layout), progress=False)
+    ml = service.pull(layout_ref(multilayer_layout), progress=False)
+    archive = tmp_path / "two.tar"
+    _save(service, [bb.reference, ml.reference], ["bb:1", "ml:2"], archive)
+    other = ImageService(service.home.__class__(tmp_path / "other").ensure())
+    for name, original in (("bb:1", bb), ("ml:2", ml)):
+        loaded = other.pull(f"docker-archive:{archive}:{name}", progress=False)
+        assert loaded.manifest_digest == original.manifest_digest
+        assert loaded.config_digest == original.config_digest
+        assert [x.digest for x in loaded.layers] == [x.digest for x in original.layers]
+
+
+def _rewrite(src: Path, dest: Path, index: dict[str, object]) -> None:
+    """``src`` with another index.json."""
+    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
+        for member in tin.getmembers():
+            if member.name == "index.json":
+                data = json.dumps(index).encode()
+                member.size = len(data)
+                tout.addfile(member, io.BytesIO(data))
+            else:
+                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+
+
+def test_an_index_that_does_not_describe_the_image_is_passed_over(
+    service: ImageService, busybox_layout: Path, multilayer_layout: Path, tmp_path: Path
+) -> None:
+    """A docker save archive whose index.json names no manifest of exactly this config and
+    these layers (or a damaged one, or a lying one) loads as before: ember makes the
+    manifest from manifest.json, and the layers are checked against the DiffIDs."""
+    bb = service.pull(layout_ref(busybox_layout), progress=False)
+    ml = service.pull(layout_ref(multilayer_layout), progress=False)
+    archive = tmp_path / "saved.tar"
+    _save(service, [bb.reference, ml.reference], ["bb:1", "ml:2"], archive)
+    index = json.loads(archive_documents([SavedImage(bb, None), SavedImage(ml, None)])["index.json"])
+    bb_entry, ml_entry = index["manifests"]
+    cases = {
+        "none": [],
+        # ml's manifest only: another config than bb's
+        "other": [ml_entry],
+        # bb's manifest with a size that is not its member's (a descriptor that lies)
+        "oversized": [{**bb_entry, "size": 4 << 20}],
+        "undersized": [{**bb_entry, "size": 100}],
+        # a digest no member has
+        "missing": [{**bb_entry, "digest": "sha256:" + "0" * 64}],
+    }
+    for label, manifests in cases.items():
+        tampered = tmp_path / f"{label}.tar"
+        _rewrite(archive, tampered, {**index, "manifests": manifests})
+        home = service.home.__class__(tmp_path / f"home-{label}").ensure()
+        loaded = ImageService(home).pull(f"docker-archive:{tampered}:bb:1", progress=False)
+        assert loaded.manifest_digest != bb.manifest_digest, label  # made from manifest.json
+        assert loaded.config_digest == bb.config_digest, label
+        assert [x.digest for x in loaded.layers] == [x.digest for x in bb.layers], label
