@@ -328,7 +328,7 @@ def test_pull_with_docker_credential_helpers(
     assert missing.returncode != 0
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in missing.stderr, missing.stderr
-    assert "docker-credential-nosuch is not installed" in lines[0]
+    assert lines[0].startswith("ember: ") and "docker-credential-nosuch is not installed" in lines[0]
     assert "going on without it" in lines[0]
     assert "requires authentication" in lines[1]
 
@@ -367,14 +367,29 @@ def test_tag_names_an_image_again_and_ls_q_lists_ids(
     assert ember(home, "image", "unpack", "mine/bb:v1", str(tmp_path / "tree")).returncode == 0
     assert (tmp_path / "tree" / "bin" / "busybox").is_file()
 
+    # what `image pull` prints (NAME@DIGEST) names the image too, as docker tag takes it
+    pinned = ember(home, "image", "pull", "-q", other).stdout.strip()
+    assert "@sha256:" in pinned
+    assert ember(home, "image", "tag", pinned, "pinned:1").returncode == 0
+    assert json.loads(ember(home, "image", "inspect", "pinned:1").stdout)["manifest_digest"] == (
+        records[other]["manifest_digest"]
+    )
+
     for args, says in (
         (("mine/bb:v1", f"x/y@sha256:{'a' * 64}"), "refusing to create a tag with a digest"),
+        # names that read as an ID: `image rm ID` would then remove this image's name
+        (("mine/bb:v1", "a" * 64), "64 hexadecimal characters are an image ID"),
+        (("mine/bb:v1", f"sha256:{'a' * 64}"), "reads as an image ID"),
         (("mine/bb:v1", f"oci:{tmp_path}/l"), "a tag is a registry reference"),
         (("mine/bb:v1", "Not/Valid"), "lowercase"),
         (("nothere:1", "x/y"), "not in the local store"),
     ):
         assert_one_line_error(ember(home, "image", "tag", *args), says)
     assert_one_line_error(ember(home, "image", "ls", "-q", "--json"), "cannot be used together")
+    # an image that lost a layer is not named again (the name would be a broken image)
+    layer = json.loads(ember(home, "image", "inspect", other).stdout)["layers"][-1]["digest"]
+    (home / "content" / "blobs" / "sha256" / layer.split(":")[1]).unlink()
+    assert_one_line_error(ember(home, "image", "tag", other, "broken:1"), "lost layer")
 
     # every ID once, so that removing them all by ID works in one go
     ids = ember(home, "image", "ls", "-q").stdout.split()

@@ -122,3 +122,13 @@ def test_an_invalid_repository_is_named_as_written(text: str, written: str) -> N
     """'a:b:c' was reported as "invalid repository name 'library/a:b'"."""
     with pytest.raises(InvalidReference, match=re.escape(f"invalid repository name {written!r} in {text!r}")):
         Reference.parse(text)
+
+
+def test_an_image_id_is_not_a_repository_name() -> None:
+    """As Docker: 64 hex characters name an image (its ID), never docker.io/library/<hex>."""
+    with pytest.raises(InvalidReference, match="64 hexadecimal characters are an image ID"):
+        Reference.parse("a" * 64)
+    # shorter, or with a tag or a path, it is a name as any other (Docker takes those too)
+    assert Reference.parse("a" * 12).name == f"docker.io/library/{'a' * 12}"
+    assert Reference.parse(f"{'a' * 64}:1").tag == "1"
+    assert Reference.parse(f"team/{'a' * 64}").repository == f"team/{'a' * 64}"

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 import click
 
 from ember.cli import common
-from ember.cli.common import ago, home_from_ctx, json_option, print_json, say
+from ember.cli.common import (
+    ago,
+    home_from_ctx,
+    json_option,
+    print_json,
+    say,
+    warnings_as_messages,
+)
 from ember.errors import EmberError, UsageError
 from ember.oci.platform import Platform
 from ember.sizes import human_size
@@ -41,6 +48,7 @@ def _service() -> ImageService:
     # for at start-up.
     from ember.images import ImageService
 
+    warnings_as_messages()  # e.g. a credential helper that fails: as ember: lines
     # a command that must wait for another's lock says so (one line) before it blocks
     return ImageService(home_from_ctx(), notice=say)
 

@@ -54,6 +54,7 @@ from ember.locks import FileLock, Notice
 from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
 from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
+from ember.oci.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError, NoMatchingPlatform
 from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
@@ -70,6 +71,15 @@ MAX_PARALLEL_BLOBS = 6
 #: ends at once; this only bounds the wait for one blocked where it cannot be woken)
 CANCEL_GRACE = 2.0
 _HEX_PREFIX = re.compile(r"^(?:sha256:)?[0-9a-f]{6,64}$")
+
+
+def _repository_of(name: str) -> str | None:
+    """``registry/repository`` of a recorded registry name (None for a local source's)."""
+    try:
+        ref = parse_source(name).reference
+    except (FormatError, InvalidSource):
+        return None
+    return ref.name if ref is not None else None
 
 
 def build_image(
@@ -428,8 +438,10 @@ class ImageService:
         unambiguous hex prefix of one, every name the image has."""
         name = ref
         invalid: Exception | None = None
+        spec: SourceSpec | None = None
         try:
-            name = parse_source(ref).name
+            spec = parse_source(ref)
+            name = spec.name
         except (FormatError, InvalidSource) as e:
             invalid = e  # unless it is a digest prefix (or a name recorded as given)
         # the name as given too: oci: names recorded before paths were normalised
@@ -437,6 +449,16 @@ class ImageService:
             record = self.table.get(candidate)
             if record is not None:
                 return [record]
+        if spec is not None and spec.reference is not None and spec.reference.digest is not None:
+            # NAME[:TAG]@DIGEST, what `image pull` prints: the image of that digest that
+            # has a name in that repository (the tag aside, as Docker reads it)
+            pinned = spec.reference
+            matches = [
+                r for r in self.table.find_by_digest(str(pinned.digest))
+                if r.manifest_digest == pinned.digest and _repository_of(r.reference) == pinned.name
+            ]  # fmt: skip
+            if matches:
+                return matches
         if _HEX_PREFIX.fullmatch(ref):
             matches = self.table.find_by_digest(ref)
             if len({m.manifest_digest for m in matches}) > 1:
@@ -601,12 +623,24 @@ class ImageService:
             )
         if spec.reference.digest is not None:
             raise InvalidSource(f"refusing to create a tag with a digest reference: {target[:200]}")
+        if spec.reference.familiar().split(":", 1)[0] in DIGEST_ALGORITHMS:
+            # "sha256:<hex>" parses as repository sha256, tag <hex>: a name that reads as an
+            # ID, which `image rm sha256:<hex>` would then remove instead of that image
+            raise InvalidSource(
+                f"refusing to create a tag that reads as an image ID: {target[:200]}"
+            )
         # Under the claims lock, as a removal reads and deletes: an `image rm` of the source
         # at the same moment either goes first (the source is gone: not found) or sees the
         # new name (and keeps the blobs it names).
         with self.claims.frozen():
             record = self._record(source)
-            self._load(record)  # complete in the store: a damaged image is not named again
+            image = self._load(record)
+            for layer in image.layers:  # complete in the store: a damaged image is not named again
+                if not self.content.exists(layer.digest):
+                    raise ImageNotFound(
+                        f"image {record.reference} lost layer {layer.digest} from the local store",
+                        hint=f"pull it again: ember image pull {record.reference}",
+                    )
             return self.table.put(
                 spec.name,
                 manifest_digest=record.manifest_digest,

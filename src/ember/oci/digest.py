@@ -15,6 +15,8 @@ from typing import Any
 from ember.oci.errors import DigestMismatch, InvalidDigest
 
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
+#: the digest algorithms ember accepts
+ALGORITHMS = frozenset(_HEX_LENGTH)
 _SHAPE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 
 

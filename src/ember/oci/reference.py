@@ -34,6 +34,8 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])"
 _DOMAIN_RE = re.compile(rf"^{_HOST}(?::[0-9]+)?$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
+#: a whole reference that is an image ID: as Docker, never read as a repository name
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class Reference:
         if text != text.strip() or any(c.isspace() for c in text):
             raise InvalidReference(f"invalid image reference {shown!r}: contains whitespace")
 
+        if _ID_RE.fullmatch(text):
+            raise InvalidReference(
+                f"invalid repository name {shown!r}: 64 hexadecimal characters are an image ID, "
+                "not a name"
+            )
         rest = text
         digest: Digest | None = None
         if "@" in rest:

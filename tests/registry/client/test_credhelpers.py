@@ -118,12 +118,66 @@ def test_the_helpers_not_found_answer(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_a_helper_that_does_not_answer_in_time(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A helper waiting for a passphrase nobody types (gpg's pinentry; here a child
-    that sleeps, holding the helper's stdout, as gpg would)."""
-    _script_helper(tmp_path, monkeypatch, "slow", "sleep 30 & wait")
+    that sleeps, holding the helper's stdout, as gpg would): it goes with its child."""
+    child = tmp_path / "child.pid"
+    _script_helper(tmp_path, monkeypatch, "slow", f"sleep 30 & echo $! > {child}; wait")
     start = time.monotonic()
     with pytest.raises(CredentialsError, match="did not answer within 0.5 s"):
         helper_get("slow", "h.example", timeout=0.5)
     assert time.monotonic() - start < 10  # not the child's 30 s
+    assert not _alive(int(child.read_text()))
+    # one that answers and leaves a child behind: the child goes too
+    _script_helper(tmp_path, monkeypatch, "quick",
+                   f'sleep 30 & echo $! > {child}; echo \'{{"Username":"u","Secret":"s"}}\'')  # fmt: skip
+    assert helper_get("quick", "h.example") == Credentials("u", "s")
+    assert not _alive(int(child.read_text()))
+
+
+def _alive(pid: int) -> bool:
+    """A process still there, not a zombie, 5 s after (a SIGKILL takes effect soon
+    after it is sent, not at once)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+        except FileNotFoundError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.01)
+
+
+def test_a_helper_in_the_current_directory_is_never_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PATH=/usr/bin:` (an empty entry) or `.` would run a docker-credential-desktop a
+    repository carries when ember runs in it; Go's exec (so Docker) refuses that too."""
+    ran = tmp_path / "ran"
+    script = tmp_path / "docker-credential-desktop"
+    script.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    for path in ("/usr/bin:/bin:", ":/usr/bin", ".:/usr/bin", "bin/..:/usr/bin"):
+        monkeypatch.setenv("PATH", path)
+        with pytest.raises(CredentialsError, match="not installed"):
+            helper_get("desktop", "h.example")
+    assert not ran.exists()
+
+
+def test_hostile_helper_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 30000)
+    _script_helper(tmp_path, monkeypatch, "deep", f"cat {deep}")
+    with pytest.raises(CredentialsError, match="did not print JSON"):  # not a RecursionError
+        helper_get("deep", "h.example")
+    # a failing helper's output is quoted in the error, unless it holds a secret
+    _script_helper(tmp_path, monkeypatch, "leaky",
+                   """echo '{"Username":"alice","Secret":"TOPSECRET"}'; exit 1""")  # fmt: skip
+    with pytest.raises(CredentialsError) as err:
+        helper_get("leaky", "h.example")
+    assert "TOPSECRET" not in str(err.value) and "not shown" in str(err.value)
 
 
 # -- the lookup: ember's file, then Docker's helpers, then Docker's auths -----------
@@ -134,7 +188,9 @@ def test_creds_store_answers_for_every_host(pass_env: PassStore, tmp_path: Path)
     pass_env.store("https://index.docker.io/v1/", "hubuser", "hub-secret")
     store = _store(tmp_path, {"auths": {"creds-c.example:5000": {}}, "credsStore": "pass"})
     assert store.lookup("creds-c.example:5000") == Credentials("carol", "carol-secret")
-    assert store.lookup("CREDS-C.example:5000") == Credentials("carol", "carol-secret")
+    # the host as written, as docker passes it: pass keeps names apart by case
+    pass_env.store("Creds-C.example:5000", "caroline", "other-secret")
+    assert store.lookup("Creds-C.example:5000") == Credentials("caroline", "other-secret")
     # Docker Hub's credentials are kept under its v1 URL, whatever ember calls the host
     assert store.lookup("docker.io") == Credentials("hubuser", "hub-secret")
     assert store.lookup("unknown.example") is None
@@ -153,17 +209,23 @@ def test_cred_helpers_name_a_helper_per_host(pass_env: PassStore, tmp_path: Path
     })  # fmt: skip
     assert store.lookup("creds-d.example") == Credentials("dave", "dave-secret")
     assert caplog.text == ""
-    # other hosts go to credsStore, which is not installed: a warning, then auths
+    # other hosts go to credsStore, which is not installed: a warning, and no credentials
+    # (as with a helper: auths is not read, its entry is from before the helper)
     with caplog.at_level(logging.WARNING, logger="ember.registry"):
-        assert store.lookup("other.example") == Credentials("other", "pw")
+        assert store.lookup("other.example") is None
     assert "docker-credential-nosuch is not installed" in caplog.text
     assert "going on without it" in caplog.text
+    # no helper named at all: auths
+    store = _store(tmp_path, {"auths": {"other.example": {"auth": "b3RoZXI6cHc="}}})
+    assert store.lookup("other.example") == Credentials("other", "pw")
 
 
-def test_a_helper_that_holds_nothing_falls_back_to_auths(pass_env: PassStore, tmp_path: Path) -> None:
+def test_a_helpers_answer_is_final(pass_env: PassStore, tmp_path: Path) -> None:
+    """As Docker: with a helper for the host, an auths entry (left from before the
+    helper: `docker login` then writes an empty one) is not read."""
     store = _store(tmp_path, {"credsStore": "pass", "auths": {"creds-e.example": {"auth": "ZTpwdw=="}}})
     assert helper_get("pass", "creds-e.example") is None  # nothing stored for it
-    assert store.lookup("creds-e.example") == Credentials("e", "pw")
+    assert store.lookup("creds-e.example") is None
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,11 @@
 in Docker's format (``{"auths": {HOST: {"auth": base64(user:password)}}}``).
 Lookups try ember's file first, then ``$DOCKER_CONFIG/config.json`` (default
 ``~/.docker/config.json``), where a credential helper named for the host
-(``credHelpers``) or for all of them (``credsStore``) is asked first
-(``ember.registry.client.credhelpers``), then ``auths``, whose keys may be bare
-hosts or URLs (``https://index.docker.io/v1/`` for Docker Hub).  Anything
-wrong with Docker's file or its helpers is a warning: ember goes on without
-them, as a pull that needs no login works.
+(``credHelpers``) or for all of them (``credsStore``) is asked
+(``ember.registry.client.credhelpers``), else ``auths`` is read, whose keys may
+be bare hosts or URLs (``https://index.docker.io/v1/`` for Docker Hub).
+Anything wrong with Docker's file or its helpers is a warning: ember goes on
+without credentials, as a pull that needs no login works.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def _helper_for(doc: dict[str, Any], host: str, where: str) -> str | None:
 
 
 def helper_address(host: str) -> str:
-    """The address ``docker login`` keeps ``host``'s credentials under in a helper."""
-    return DOCKER_HUB_ADDRESS if host.lower() in _DOCKER_HUB_KEYS else host.lower()
+    """The address ``docker login`` keeps ``host``'s credentials under in a helper: the
+    host as written (a helper's store may tell case apart), Docker Hub's v1 URL for it."""
+    return DOCKER_HUB_ADDRESS if host.lower() in _DOCKER_HUB_KEYS else host
 
 
 def _lookup_in(source: Path, host: str) -> Credentials | None:
@@ -160,8 +161,11 @@ def _lookup_in(source: Path, host: str) -> Credentials | None:
 
 
 def _lookup_docker(config: Path, host: str) -> Credentials | None:
-    """``host``'s credentials by Docker's config.json: its credential helper's, else its
-    ``auths`` entry.  A helper that fails is warned about and passed over, as is the file."""
+    """``host``'s credentials by Docker's config.json: those of its credential helper when
+    it names one (whatever it answers: as Docker, ``auths`` is then not read: an entry
+    left from before the helper is stale), else its ``auths`` entry.  A broken file, or
+    a helper that cannot be run or fails, is warned about and ember goes on without
+    credentials (the docker CLI fails the pull then; a pull that needs none works)."""
     try:
         doc = _read_config(config)
         helper = _helper_for(doc, host, str(config))
@@ -173,12 +177,10 @@ def _lookup_docker(config: Path, host: str) -> Credentials | None:
         from ember.registry.client.credhelpers import helper_get  # subprocess: only then
 
         try:
-            creds = helper_get(helper, helper_address(host))
+            return helper_get(helper, helper_address(host))
         except CredentialsError as e:
             log.warning("credential helper %r of %s: %s; going on without it", helper, config, e)
-        else:
-            if creds is not None:
-                return creds
+            return None
     try:
         return _in_auths(_auths_of(doc), host, str(config))
     except CredentialsError as e:

@@ -15,12 +15,14 @@ The parsing is pure (``parse_get_output``); ``helper_get`` runs the program.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import re
-import shutil
+import select
+import signal
 import subprocess
 import tempfile
 
+from ember import jsonutil
 from ember.registry.client.credentials import Credentials
 from ember.registry.client.errors import CredentialsError
 
@@ -52,8 +54,8 @@ def parse_get_output(output: bytes, program: str) -> Credentials | None:
     if len(output) > MAX_OUTPUT:
         raise CredentialsError(f"{program} printed more than {MAX_OUTPUT >> 10} KiB: not read")
     try:
-        doc = json.loads(output)
-    except (ValueError, UnicodeDecodeError):
+        doc = jsonutil.loads(output)  # bounded nesting: "[[[[..." is an error, not a crash
+    except ValueError:
         raise CredentialsError(f"{program} did not print JSON credentials") from None
     if not isinstance(doc, dict):
         raise CredentialsError(f"{program} did not print JSON credentials")
@@ -72,19 +74,36 @@ def parse_get_output(output: bytes, program: str) -> Credentials | None:
     return Credentials(user, secret)
 
 
+def find_program(program: str) -> str | None:
+    """``program``'s path in the absolute directories of ``$PATH``: an empty or relative
+    entry (``PATH=/usr/bin:``, ``.``) would run a file of the current directory, which
+    Go's exec (and so Docker) refuses too."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        if not os.path.isabs(directory):
+            continue
+        path = os.path.join(directory, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def helper_get(helper: str, address: str, *, timeout: float = HELPER_TIMEOUT) -> Credentials | None:
     """Ask helper ``helper`` for ``address``'s credentials: None if it has none;
     CredentialsError if it cannot be run or fails."""
     program = program_name(helper)
-    path = shutil.which(program)
+    path = find_program(program)
     if path is None:
         raise CredentialsError(f"{program} is not installed (not found on $PATH)")
-    # Its answer goes to a file, not a pipe: a helper killed at the timeout may leave
-    # children (pass's gpg) holding its stdout, and reading a pipe to its end would wait
-    # for them.  Its stderr is the user's: a helper may prompt there (pinentry).
+    # Its answer goes to a file, not a pipe, and it runs in a process group of its own,
+    # which goes whole at a timeout or an interrupt: pass's gpg, or any child a helper
+    # starts, would otherwise outlive it holding its stdout (reading a pipe to its end
+    # waits for them) and our stderr.  Its stderr is the user's: a helper may say why
+    # it fails there (gpg's pinentry asks through gpg-agent, in a session of its own).
     with tempfile.TemporaryFile() as answer:
         try:
-            proc = subprocess.Popen([path, "get"], stdin=subprocess.PIPE, stdout=answer)
+            proc = subprocess.Popen(
+                [path, "get"], stdin=subprocess.PIPE, stdout=answer, process_group=0
+            )
         except OSError as e:
             raise CredentialsError(f"cannot run {program}: {e.strerror}") from None
         try:
@@ -92,21 +111,34 @@ def helper_get(helper: str, address: str, *, timeout: float = HELPER_TIMEOUT) ->
             # a helper need not read it all; a few bytes: the write never blocks
             with contextlib.suppress(BrokenPipeError), proc.stdin:
                 proc.stdin.write(address.encode())
-            status = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise CredentialsError(f"{program} get did not answer within {timeout:g} s") from None
+            if not _exits_within(proc.pid, timeout):
+                raise CredentialsError(f"{program} get did not answer within {timeout:g} s")
         finally:
-            if proc.returncode is None:  # timed out, or interrupted
-                proc.kill()
-                proc.wait()
+            # Its group goes, with what it started (answered, timed out or interrupted);
+            # before it is reaped: until then its pid, the group's id, cannot be reused.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            status = proc.wait()
         answer.seek(0)
         output = answer.read(MAX_OUTPUT + 1)
     if status != 0:
         said = output[:MAX_OUTPUT].decode(errors="replace").strip()
         if said == NOT_FOUND_MESSAGE:
             return None
+        last = said.splitlines()[-1][:200] if said else ""
+        if "Secret" in said:  # what it printed may hold the very secret: never repeat it
+            last = "(its output is not shown: it names a Secret)"
         raise CredentialsError(
-            f"{program} get failed (exit status {status})"
-            + (f": {said.splitlines()[-1][:200]}" if said else "")
+            f"{program} get failed (exit status {status})" + (f": {last}" if last else "")
         )
     return parse_get_output(output, program)
+
+
+def _exits_within(pid: int, timeout: float) -> bool:
+    """Whether child ``pid`` ends within ``timeout`` seconds, leaving it unreaped."""
+    fd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return bool(ready)
