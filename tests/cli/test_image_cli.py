@@ -502,3 +502,58 @@ def test_save_refuses_what_it_cannot_do_and_leaves_nothing(
     assert_one_line_error(damaged, "no longer matches its digest")
     assert sorted(p.name for p in out.iterdir()) == ["a.tar"]
     assert (out / "a.tar").read_text() == "the old archive"
+
+
+def test_load_names_images_as_docker_load(
+    tmp_path: Path, registry: Registry, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    """`ember image load` as `docker load`: every image of the archive, under the names
+    its RepoTags give, from -i FILE or standard input."""
+    home = tmp_path / "home"
+    bb = push_layout(busybox_layout, registry, "cli/load-bb", tag="one")
+    ml = push_layout(multilayer_layout, registry, "cli/load-ml", tag="two")
+    for ref in (bb, ml):
+        assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    assert ember(home, "image", "tag", bb, "extra/name:3").returncode == 0
+    archive = tmp_path / "images.tar"
+    assert ember(home, "image", "save", "-o", str(archive), bb, ml, "extra/name:3").returncode == 0
+    ids = {r["reference"]: r["manifest_digest"] for r in json.loads(ember(home, "image", "ls", "--json").stdout)}
+
+    def loaded(where: Path) -> dict[str, str]:
+        return {r["reference"]: r["manifest_digest"] for r in json.loads(ember(where, "image", "ls", "--json").stdout)}
+
+    by_file = tmp_path / "by-file"
+    done = ember(by_file, "image", "load", "-i", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == sorted(f"Loaded image: {n}" for n in ids)
+    assert loaded(by_file) == ids  # the same names, the same IDs
+    by_stdin = tmp_path / "by-stdin"
+    with archive.open("rb") as f:
+        piped = subprocess.run([EMBER, "image", "load"], stdin=f, capture_output=True, text=True,
+                               env=ember_env(by_stdin, DOCKER_CONFIG="-"))  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert loaded(by_stdin) == ids
+
+    # an archive another tool wrote (skopeo, as docker save): its RepoTags name the image
+    other = tmp_path / "skopeo.tar"
+    subprocess.run(["skopeo", "copy", "--quiet", layout_ref(busybox_layout),
+                    f"docker-archive:{other}:example.org/made/by:skopeo"], check=True)  # fmt: skip
+    assert ember(tmp_path / "from-skopeo", "image", "load", "-i", str(other)).stdout == (
+        "Loaded image: example.org/made/by:skopeo\n"
+    )
+    # untagged (the archive's own name then, which only a file has)
+    untagged = tmp_path / "untagged.tar"
+    subprocess.run(["skopeo", "copy", "--quiet", layout_ref(busybox_layout),
+                    f"docker-archive:{untagged}"], check=True)  # fmt: skip
+    quiet = tmp_path / "untagged-home"
+    assert ember(quiet, "image", "load", "-i", str(untagged)).stdout == (
+        f"Loaded image: docker-archive:{untagged}:@0\n"
+    )
+    with untagged.open("rb") as f:
+        refused = subprocess.run([EMBER, "image", "load"], stdin=f, capture_output=True, text=True,
+                                 env=ember_env(tmp_path / "refused", DOCKER_CONFIG="-"))  # fmt: skip
+    assert_one_line_error(refused, "has no name (RepoTags)")
+    assert ember(tmp_path / "refused", "image", "ls", "-q").stdout == ""
+    not_tar = tmp_path / "not.tar"
+    not_tar.write_text("hello")
+    assert_one_line_error(ember(tmp_path / "bad", "image", "load", "-i", str(not_tar)), "not.tar")

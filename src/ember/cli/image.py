@@ -1,8 +1,10 @@
-"""``ember image ...``: pull, list, inspect, tag, history, save, remove and unpack images."""
+"""``ember image ...``: pull, list, inspect, tag, history, save, load, remove and unpack images."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,6 +208,54 @@ def save(refs: tuple[str, ...], output_text: str | None) -> None:
             write_archive_file(saved, service.content, path)
         except OSError as e:
             raise EmberError(f"cannot write {output_text}: {e.strerror or e}") from None
+
+
+@image.command()
+@click.option(
+    "-i", "--input", "input_text", metavar="FILE",
+    help="Read the archive from FILE instead of standard input.",
+)  # fmt: skip
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def load(input_text: str | None, quiet: bool) -> None:
+    """Load the images of a docker save archive (ember image save, docker save, podman
+    save) under the names it gives them, as docker load.
+
+    Prints each name loaded.  Read from standard input, the archive is first copied to
+    an unnamed file (it is read in place, by offsets); its images must have names then."""
+    import tempfile
+
+    from ember.images.dockerarchive import DockerArchiveSource
+
+    service = _service()
+    with contextlib.ExitStack() as stack:
+        if input_text is not None:
+            if input_text == "":
+                raise UsageError("-i needs a file name")
+            path = Path(os.path.abspath(input_text))
+        else:
+            if sys.stdin.isatty():
+                raise UsageError("requested load from standard input, but it is a terminal: "
+                                 "give -i FILE or redirect the archive in")  # fmt: skip
+            # unnamed (gone with this process, whatever ends it), beside the store: the
+            # archive can be as big as the images
+            spool = stack.enter_context(tempfile.TemporaryFile(dir=service.home.content))
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+            spool.flush()
+            path = Path(f"/proc/self/fd/{spool.fileno()}")
+            listing = DockerArchiveSource(path, None, "standard input")
+            try:
+                untagged = [n for n, tags in enumerate(listing.image_names()) if not tags]
+            finally:
+                listing.close()
+            if untagged:
+                raise UsageError(
+                    f"image number {untagged[0]} of the archive has no name (RepoTags) to load "
+                    "it under: save the archive to a file and give -i FILE (it is then named "
+                    "docker-archive:FILE:@N)"
+                )
+        for _image, names in service.load(path, progress=False if quiet else None):
+            for name in names:
+                click.echo(f"Loaded image: {name}")
 
 
 @image.command()

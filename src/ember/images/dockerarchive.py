@@ -108,6 +108,12 @@ class _Blob:
     diff_id: Digest | None = None
 
 
+def _tags(item: dict[str, Any]) -> list[str]:
+    """A manifest.json entry's RepoTags, the strings among them."""
+    raw = item.get("RepoTags") or []
+    return [t for t in raw if isinstance(t, str)] if isinstance(raw, list) else []
+
+
 class DockerArchiveSource:
     def __init__(self, path: Path, selector: str | None, name: str) -> None:
         self.path = path
@@ -242,7 +248,8 @@ class DockerArchiveSource:
             )
         return b"".join(self._chunks(member))
 
-    def _entry(self) -> dict[str, Any]:
+    def _entries(self) -> list[dict[str, Any]]:
+        """manifest.json: one entry an image."""
         try:
             entries = jsonutil.loads(self._read("manifest.json", _MAX_MANIFEST_JSON))
         except ValueError as e:
@@ -257,14 +264,29 @@ class DockerArchiveSource:
             raise InvalidSource(
                 f"docker archive {self.path}: manifest.json must be a non-empty list"
             )
+        return entries
 
-        def tags(item: dict[str, Any]) -> list[str]:
-            raw = item.get("RepoTags") or []
-            return [t for t in raw if isinstance(t, str)] if isinstance(raw, list) else []
+    def image_names(self) -> list[list[str]]:
+        """The names ``docker load`` gives each image of the archive (its ``RepoTags``,
+        normalised; those that are not references are passed over), in order."""
+        out = []
+        for item in self._entries():
+            names: dict[str, None] = {}
+            for tag in _tags(item):
+                try:
+                    ref = Reference.parse(tag)
+                except FormatError:
+                    continue
+                if ref.digest is None:
+                    names[str(ref)] = None
+            out.append(list(names))
+        return out
 
+    def _entry(self) -> dict[str, Any]:
+        entries = self._entries()
         if self.selector is None:
             if len(entries) > 1:
-                names = ", ".join(t for item in entries for t in tags(item)) or "untagged"
+                names = ", ".join(t for item in entries for t in _tags(item)) or "untagged"
                 raise InvalidSource(
                     f"docker archive {self.path} holds {len(entries)} images: name one with "
                     f"docker-archive:{self.path}:REF or :@INDEX ({names})"
@@ -282,7 +304,7 @@ class DockerArchiveSource:
                     f"docker archive {self.path} has no image number {self.selector[1:]!r}"
                 ) from None
         for item in entries:
-            for t in tags(item):
+            for t in _tags(item):
                 try:
                     if str(Reference.parse(t)) == self.selector:
                         return item

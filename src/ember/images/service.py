@@ -250,12 +250,35 @@ class ImageService:
         *,
         plain_http: bool = False,
         progress: bool | None = None,
+        names: Sequence[str] = (),
     ) -> Image:
         """Fetch ``ref`` (registry reference, ``oci:DIR[:TAG]``, ``docker-archive:FILE``) and
-        record it.  Without ``platform``, an index gives this host's image."""
-        with self.pulling(ref, platform, plain_http=plain_http, progress=progress) as pulled:
+        record it, under ``names`` if given (registry references, as ``docker load`` names
+        an archive's images), else its own.  Without ``platform``, an index gives this
+        host's image."""
+        with self._pull(
+            ref, platform, plain_http=plain_http, progress=progress, names=names
+        ) as pulled:
             pass
         return pulled.image
+
+    def load(self, path: Path, *, progress: bool | None = None) -> builtins.list[tuple[Image, builtins.list[str]]]:
+        """Every image of the ``docker save`` archive at ``path`` (as ``docker load``), under
+        the names its ``RepoTags`` give; one without any under ``docker-archive:PATH:@N``.
+        Returns each image with the names it was recorded under."""
+        from ember.images.dockerarchive import DockerArchiveSource
+
+        listing = DockerArchiveSource(path, None, f"docker-archive:{path}")
+        try:
+            names = listing.image_names()
+        finally:
+            listing.close()
+        loaded = []
+        for number, tags in enumerate(names):
+            ref = f"docker-archive:{path}:@{number}"
+            image = self.pull(ref, progress=progress, names=tags)
+            loaded.append((image, tags or [image.reference]))
+        return loaded
 
     @contextmanager
     def pulling(
@@ -281,16 +304,18 @@ class ImageService:
         plain_http: bool,
         progress: bool | None,
         for_host: bool = False,
+        names: Sequence[str] = (),
     ) -> Iterator[Pulling]:
         """``for_host``: ``platform`` is this host's, which the caller did not name (the
-        refusal says how to ask for another)."""
+        refusal says how to ask for another).  ``names``: see ``pull``."""
         spec = parse_source(ref)
+        recorded = [parse_source(n).name for n in names] or [spec.name]
         source = self._open_source(spec, plain_http)
         try:
             with (
                 images_lock(self.home, exclusive=False, notice=self.notice),
                 make_progress(progress) as display,
-                self._pulling(source, platform, display, for_host) as pulled,
+                self._pulling(source, platform, display, for_host, recorded) as pulled,
             ):
                 yield pulled
         finally:
@@ -298,7 +323,12 @@ class ImageService:
 
     @contextmanager
     def _pulling(
-        self, source: Source, platform: Platform | None, display: PullProgress, for_host: bool
+        self,
+        source: Source,
+        platform: Platform | None,
+        display: PullProgress,
+        for_host: bool,
+        names: Sequence[str],
     ) -> Iterator[Pulling]:
         resolved = source.resolve(platform)
         manifest = parse_manifest(resolved.data, resolved.media_type)
@@ -322,15 +352,16 @@ class ImageService:
 
         def record(image: Image) -> None:
             migrating.join()
-            self.table.put(
-                source.name,
-                manifest_digest=resolved.digest,
-                config_digest=cfg.digest,
-                media_type=manifest.media_type,
-                platform=str(image.platform),
-                size=image.content_size,
-                index_digest=resolved.index_digest,
-            )
+            for name in names:
+                self.table.put(
+                    name,
+                    manifest_digest=resolved.digest,
+                    config_digest=cfg.digest,
+                    media_type=manifest.media_type,
+                    platform=str(image.platform),
+                    size=image.content_size,
+                    index_digest=resolved.index_digest,
+                )
 
         # The claim comes before anything looks at the store (a removal spares what it
         # names) and goes after the image is recorded.  One directory fsync for all the
