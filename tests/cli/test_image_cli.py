@@ -557,3 +557,24 @@ def test_load_names_images_as_docker_load(
     not_tar = tmp_path / "not.tar"
     not_tar.write_text("hello")
     assert_one_line_error(ember(tmp_path / "bad", "image", "load", "-i", str(not_tar)), "not.tar")
+
+
+def test_history_shows_what_an_image_says_as_text(tmp_path: Path, busybox_layout: Path) -> None:
+    """A history's escape sequences never reach the terminal, and its brackets are not
+    rich markup (`RUN echo [/]` was a traceback on a terminal, `[bold]` vanished)."""
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    said = "RUN echo \x1b]0;PWNED\x07 [bold] x [/] y"
+    subprocess.run(["umoci", "config", "--image", f"{layout}:latest", "--history.created_by", said,
+                    "--history.comment", "c\x1b[2J", "--config.cmd", "sh"],
+                   check=True, capture_output=True)  # fmt: skip
+    home = tmp_path / "home"
+    ref = layout_ref(layout)
+    assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    shown = "RUN echo \\x1b]0;PWNED\\x07 [bold] x [/] y"
+    piped = ember(home, "image", "history", "--no-trunc", ref)
+    assert piped.returncode == 0 and shown in piped.stdout and "c\\x1b[2J" in piped.stdout
+    assert "\x1b" not in piped.stdout and "\x07" not in piped.stdout
+    status, drawn = on_terminal([EMBER, "image", "history", "--no-trunc", ref],
+                                ember_env(home, DOCKER_CONFIG="-"))  # fmt: skip
+    assert status == 0 and shown in plain(drawn), drawn
+    assert "\x1b]0;" not in drawn and "\x1b[2J" not in drawn

@@ -88,8 +88,11 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     column's is ever cut or wrapped: rich fitted tables to the terminal by ending
     references and names with "…", and two that differ only at the end then read the
     same.  The last column wraps first; if the table still does not fit, it is drawn as
-    wide as it needs and the terminal wraps its lines (docker never truncates names)."""
-    rows = [list(r) for r in rows]
+    wide as it needs and the terminal wraps its lines (docker never truncates names).
+    Every cell is made ``printable`` and never read as rich markup: cells come from
+    images and guests (a history's ``RUN echo [bold]`` was a traceback, its escape
+    sequences reached the terminal)."""
+    rows = [[printable(c) for c in r] for r in rows]
     if not sys.stdout.isatty():
         lines = [list(header), *rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -99,6 +102,7 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
     last = len(header) - 1
@@ -109,7 +113,7 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
             width = max(len(row[i]) for row in [header, *rows])
             table.add_column(column, no_wrap=True, min_width=width)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(c) for c in row))
     # through the module object: a bare name would skip the module's __getattr__
     console: Console = sys.modules[__name__].out_console
     unbounded = console.options.update_width(1 << 16)
@@ -178,7 +182,7 @@ def since(when: str | _dt.datetime | None) -> str | None:
         try:
             moment = _dt.datetime.fromisoformat(when)  # Python 3.11: "Z", nanoseconds cut
         except ValueError:
-            return when[:40]
+            return printable(when[:40])
     else:
         moment = when
     if moment.tzinfo is None:

@@ -163,7 +163,7 @@ def history(ref: str, as_json: bool, no_trunc: bool) -> None:
     header = ("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT")
     rows = [
         (
-            layer.digest.short if layer is not None else "-",
+            (str(layer.digest) if no_trunc else layer.digest.short) if layer is not None else "-",
             ago(entry.created) if entry is not None else "",
             _one_line(entry.created_by or "", width) if entry is not None else "",
             human_size(layer.size if layer is not None else 0, decimal=True),

@@ -66,12 +66,6 @@ class Fields:
             raise self.fail(key, "does not fit in a 64-bit signed integer")
         return value
 
-    def boolean(self, key: str) -> bool | None:
-        value = self.doc.get(key)
-        if value is None or isinstance(value, bool):
-            return value
-        raise self.fail(key, f"must be true or false, not {type(value).__name__}")
-
     def obj(self, key: str, *, required: bool = False) -> dict[str, Any] | None:
         value = self.doc.get(key)
         if value is None:

@@ -56,7 +56,28 @@ class ImageConfig:
     diff_ids: list[Digest] = field(default_factory=list)
     created: str | None = None
     author: str | None = None
-    history: list[HistoryEntry] = field(default_factory=list)
+    #: the config's ``history`` as it came (JSON values), read by ``history`` on demand:
+    #: nothing needs it to run the image, and a config can hold millions of entries
+    raw_history: list[Any] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """The build steps, oldest first.  Read leniently, for display: an entry or a field
+        of the wrong type reads as empty (Go's decoder takes ``null`` entries; an image
+        is never refused over its history)."""
+        out = []
+        for item in self.raw_history:
+            doc = item if isinstance(item, dict) else {}
+
+            def text(key: str, doc: dict[str, Any] = doc) -> str | None:
+                value = doc.get(key)
+                return value if isinstance(value, str) else None
+
+            out.append(HistoryEntry(
+                created=text("created"), created_by=text("created_by"), author=text("author"),
+                comment=text("comment"), empty_layer=doc.get("empty_layer") is True,
+            ))  # fmt: skip
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view (for ``ember image inspect``)."""
@@ -84,24 +105,6 @@ def _key_set(f: Fields, key: str) -> list[str]:
     """Docker's ``{"80/tcp": {}}`` sets, as a sorted list of keys."""
     value = f.obj(key)
     return sorted(value) if value else []
-
-
-def _history(top: Fields) -> list[HistoryEntry]:
-    out = []
-    for i, item in enumerate(top.array("history") or []):
-        if not isinstance(item, dict):
-            raise InvalidConfig(f"image config.history[{i}] must be an object")
-        h = Fields(item, f"image config.history[{i}]", InvalidConfig)
-        out.append(
-            HistoryEntry(
-                created=h.text("created"),
-                created_by=h.text("created_by"),
-                author=h.text("author"),
-                comment=h.text("comment"),
-                empty_layer=bool(h.boolean("empty_layer")),
-            )
-        )
-    return out
 
 
 def parse_config(data: bytes) -> ImageConfig:
@@ -151,5 +154,6 @@ def parse_config(data: bytes) -> ImageConfig:
         diff_ids=diff_ids,
         created=top.text("created"),
         author=top.text("author"),
-        history=_history(top),
+        # not checked here: see ImageConfig.history (Go takes only a list, or null)
+        raw_history=history if isinstance(history := doc.get("history"), list) else [],
     )
