@@ -57,6 +57,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
+def link_open_file(fd: int, path: Path) -> None:
+    """Give the open, unnamed file ``fd`` (``O_TMPFILE``) the name ``path`` (which must not
+    exist): ``linkat`` of its ``/proc/self/fd`` link, followed (``AT_SYMLINK_FOLLOW``),
+    which needs no capability (``AT_EMPTY_PATH`` would).  ``os.link`` calls ``link``,
+    which links the /proc entry itself: EXDEV."""
+    import ctypes  # only for this
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    if libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd, os.fsencode(path),
+                   at_symlink_follow) != 0:  # fmt: skip
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is named like ``atomic_write``'s temp files (``.*.tmp``)."""
     return len(name) > len(TEMP_SUFFIX) + 1 and name[0] == "." and name.endswith(TEMP_SUFFIX)

@@ -502,6 +502,105 @@ def test_save_refuses_what_it_cannot_do_and_leaves_nothing(
     assert_one_line_error(damaged, "no longer matches its digest")
     assert sorted(p.name for p in out.iterdir()) == ["a.tar"]
     assert (out / "a.tar").read_text() == "the old archive"
+    # on standard output, the damaged blob is never sent (checked before it goes out)
+    with (tmp_path / "piped.tar").open("wb") as f:
+        piped = subprocess.run([EMBER, "image", "save", ref], stdout=f, stderr=subprocess.PIPE,
+                               env=ember_env(home, DOCKER_CONFIG="-"))  # fmt: skip
+    assert piped.returncode != 0 and b"no longer matches its digest" in piped.stderr
+    assert f"blobs/sha256/{layer.split(':')[1]}" not in _member_names(tmp_path / "piped.tar")
+
+
+def _member_names(path: Path) -> list[str]:
+    """The members of a tar stream, as far as it goes (a stream cut short: up to there)."""
+    import tarfile
+
+    names: list[str] = []
+    try:
+        with tarfile.open(path, "r|") as t:
+            names.extend(m.name for m in t)
+    except tarfile.TarError:
+        pass
+    return names
+
+
+def test_save_never_replaces_what_is_not_a_file_and_leaves_nothing_when_killed(
+    tmp_path: Path, busybox_layout: Path, debian_layout: Path
+) -> None:
+    import os
+    import signal
+    import stat
+    import time
+
+    home = tmp_path / "home"
+    bb = layout_ref(busybox_layout)
+    assert ember(home, "image", "pull", "-q", bb).returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mknod(out / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(out / "fifo")
+    (out / "target").write_text("kept")
+    (out / "link").symlink_to("target")
+    for name in ("null", "fifo", "link"):
+        assert_one_line_error(ember(home, "image", "save", "-o", str(out / name), bb), "not a regular file")
+    assert stat.S_ISCHR((out / "null").lstat().st_mode) and stat.S_ISFIFO((out / "fifo").lstat().st_mode)
+    assert (out / "link").is_symlink() and (out / "target").read_text() == "kept"
+    # the archive is private, as docker save -o makes it
+    assert ember(home, "image", "save", "-o", str(out / "bb.tar"), bb).returncode == 0
+    assert stat.S_IMODE((out / "bb.tar").stat().st_mode) == 0o600
+
+    # killed while it writes: nothing of it is left in the directory (it has no name yet)
+    deb = layout_ref(debian_layout)
+    assert ember(home, "image", "pull", "-q", deb).returncode == 0
+    before = sorted(p.name for p in out.iterdir())
+    proc = subprocess.Popen([EMBER, "image", "save", "-o", str(out / "deb.tar"), deb],
+                            env=ember_env(home, DOCKER_CONFIG="-", EMBER_AGENT="0"))  # fmt: skip
+    deadline = time.monotonic() + 60
+    writing = False
+    while not writing and proc.poll() is None and time.monotonic() < deadline:
+        for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(str(out)) and os.path.getsize(fd) > 1 << 20:
+                writing = True  # the archive's file is open, and a megabyte is in
+        time.sleep(0.002)
+    assert writing, "the save ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_save_names_images_as_they_were_given(
+    tmp_path: Path, registry: Registry, busybox_layout: Path
+) -> None:
+    """As docker save: an image given by ID goes without a name (not whichever name it
+    has here, which a load would then put on another host's image); NAME@DIGEST without a
+    tag; a name given twice once."""
+    import tarfile
+
+    home = tmp_path / "home"
+    ref = push_layout(busybox_layout, registry, "cli/save-names", tag="one")
+    pinned = ember(home, "image", "pull", "-q", ref).stdout.strip()
+    image_id = pinned.split("@sha256:")[1][:12]
+    archive = tmp_path / "a.tar"
+
+    def documents(*refs: str) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        done = ember(home, "image", "save", "-o", str(archive), *refs)
+        assert done.returncode == 0, done.stderr
+        with tarfile.open(archive) as t:
+            read = lambda name: json.loads(t.extractfile(name).read())  # type: ignore[union-attr]  # noqa: E731
+            return read("manifest.json"), read("index.json")["manifests"]
+
+    entries, index = documents(image_id)
+    assert entries[0]["RepoTags"] == [] and "annotations" not in index[0]
+    entries, index = documents(pinned)
+    assert entries[0]["RepoTags"] == []
+    assert index[0]["annotations"] == {
+        "io.containerd.image.name": pinned, "org.opencontainers.image.ref.name": "one",
+    }  # fmt: skip
+    entries, index = documents(ref, ref, image_id)
+    assert entries[0]["RepoTags"] == [ref] and len(index) == 2
 
 
 def test_load_names_images_as_docker_load(

@@ -7,12 +7,16 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ember.images import ImageService
+from ember.images.model import Image
 from ember.images.save import SavedImage, archive_documents, write_archive
+from ember.oci.digest import Digest
 from ember.oci.reference import Reference
 from tests.support.images import layout_ref
 
@@ -70,8 +74,8 @@ def test_an_image_keeps_its_id_through_save_and_pull(
         assert [x.digest for x in loaded.layers] == [x.digest for x in original.layers]
 
 
-def _rewrite(src: Path, dest: Path, index: dict[str, object]) -> None:
-    """``src`` with another index.json."""
+def _rewrite(src: Path, dest: Path, index: dict[str, object], extra: dict[str, bytes] | None = None) -> None:
+    """``src`` with another index.json, and ``extra`` members (name: content) added."""
     with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
         for member in tin.getmembers():
             if member.name == "index.json":
@@ -80,6 +84,21 @@ def _rewrite(src: Path, dest: Path, index: dict[str, object]) -> None:
                 tout.addfile(member, io.BytesIO(data))
             else:
                 tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def _manifest_variant(image: Image, change: Callable[[dict[str, Any]], None]) -> tuple[dict[str, object], dict[str, bytes]]:
+    """An index entry and its blob for ``image``'s manifest as stored, changed by ``change``."""
+    doc = json.loads(image.manifest.to_json())
+    change(doc)
+    data = json.dumps(doc).encode()
+    digest = Digest.of(data)
+    entry = {"mediaType": doc["mediaType"], "digest": str(digest), "size": len(data),
+             "annotations": {"io.containerd.image.name": "docker.io/library/bb:1"}}  # fmt: skip
+    return entry, {f"blobs/sha256/{digest.hex}": data}
 
 
 def test_an_index_that_does_not_describe_the_image_is_passed_over(
@@ -94,21 +113,85 @@ def test_an_index_that_does_not_describe_the_image_is_passed_over(
     _save(service, [bb.reference, ml.reference], ["bb:1", "ml:2"], archive)
     index = json.loads(archive_documents([SavedImage(bb, None), SavedImage(ml, None)])["index.json"])
     bb_entry, ml_entry = index["manifests"]
-    cases = {
-        "none": [],
+
+    def one_more_layer(doc: dict[str, Any]) -> None:
+        doc["layers"].append(doc["layers"][0])
+
+    def config_size(doc: dict[str, Any]) -> None:
+        doc["config"]["size"] += 1
+
+    def foreign(doc: dict[str, Any]) -> None:
+        doc["layers"][0]["urls"] = ["https://example.org/layer"]
+
+    def helm(doc: dict[str, Any]) -> None:
+        doc["config"]["mediaType"] = "application/vnd.cncf.helm.config.v1+json"
+
+    variants = {label: _manifest_variant(bb, change) for label, change in
+                (("more-layers", one_more_layer), ("config-size", config_size),
+                 ("foreign", foreign), ("helm", helm))}  # fmt: skip
+    cases: dict[str, tuple[list[dict[str, object]], dict[str, bytes]]] = {
+        "none": ([], {}),
         # ml's manifest only: another config than bb's
-        "other": [ml_entry],
+        "other": ([ml_entry], {}),
         # bb's manifest with a size that is not its member's (a descriptor that lies)
-        "oversized": [{**bb_entry, "size": 4 << 20}],
-        "undersized": [{**bb_entry, "size": 100}],
+        "oversized": ([{**bb_entry, "size": 4 << 20}], {}),
+        "undersized": ([{**bb_entry, "size": 100}], {}),
         # a digest no member has
-        "missing": [{**bb_entry, "digest": "sha256:" + "0" * 64}],
+        "missing": ([{**bb_entry, "digest": "sha256:" + "0" * 64}], {}),
+        # a member whose content is not what its name says
+        "not-its-name": ([{**bb_entry, "digest": ml_entry["digest"]}], {}),
+        **{label: ([entry], blobs) for label, (entry, blobs) in variants.items()},
     }
-    for label, manifests in cases.items():
+    made: Digest | None = None  # the manifest ember makes from manifest.json ("none" first)
+    for label, (manifests, extra) in cases.items():
         tampered = tmp_path / f"{label}.tar"
-        _rewrite(archive, tampered, {**index, "manifests": manifests})
+        if label == "not-its-name":  # bb's manifest bytes under ml's manifest's name
+            extra = {f"blobs/sha256/{Digest.parse(str(ml_entry['digest'])).hex}": bb.manifest.to_json()}
+            manifests = [{**bb_entry, "digest": ml_entry["digest"], "size": len(extra[next(iter(extra))])}]
+        _rewrite(archive, tampered, {**index, "manifests": manifests}, extra)
         home = service.home.__class__(tmp_path / f"home-{label}").ensure()
         loaded = ImageService(home).pull(f"docker-archive:{tampered}:bb:1", progress=False)
-        assert loaded.manifest_digest != bb.manifest_digest, label  # made from manifest.json
+        made = made or loaded.manifest_digest
+        assert loaded.manifest_digest == made != bb.manifest_digest, label  # made, not taken
         assert loaded.config_digest == bb.config_digest, label
         assert [x.digest for x in loaded.layers] == [x.digest for x in bb.layers], label
+
+
+def test_the_entry_of_the_selected_name_comes_first(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """One image saved under two names whose manifests differ (an annotation): each name
+    loads with its own manifest."""
+    bb = service.pull(layout_ref(busybox_layout), progress=False)
+    archive = tmp_path / "saved.tar"
+    _save(service, [bb.reference], ["bb:1"], archive)
+    index = json.loads(archive_documents([SavedImage(bb, Reference.parse("bb:1"))])["index.json"])
+
+    def annotate(doc: dict[str, Any]) -> None:
+        doc["annotations"] = {"org.example": "yes"}
+
+    entry, blobs = _manifest_variant(bb, annotate)
+    entry["annotations"] = {"io.containerd.image.name": "docker.io/library/ann:1"}
+    tampered = tmp_path / "two-names.tar"
+    # manifest.json names the image bb:1 only: give it the second name too
+    _rewrite(archive, tampered, {**index, "manifests": [*index["manifests"], entry]}, blobs)
+    with tarfile.open(tampered) as t:
+        entries = json.loads(t.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    entries[0]["RepoTags"].append("ann:1")
+    _replace_member(tampered, "manifest.json", json.dumps(entries).encode())
+    for name, wanted in (("bb:1", bb.manifest_digest), ("ann:1", Digest.parse(str(entry["digest"])))):
+        home = service.home.__class__(tmp_path / f"home-{name}").ensure()
+        loaded = ImageService(home).pull(f"docker-archive:{tampered}:{name}", progress=False)
+        assert loaded.manifest_digest == wanted, name
+
+
+def _replace_member(path: Path, name: str, data: bytes) -> None:
+    out = path.with_suffix(".new")
+    with tarfile.open(path) as tin, tarfile.open(out, "w") as tout:
+        for member in tin.getmembers():
+            if member.name == name:
+                member.size = len(data)
+                tout.addfile(member, io.BytesIO(data))
+            else:
+                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+    out.replace(path)

@@ -26,6 +26,7 @@ from ember.sizes import human_size
 
 if TYPE_CHECKING:
     from ember.images import ImageService
+    from ember.oci.reference import Reference
 
 platform_option = click.option(
     "--platform",
@@ -174,6 +175,22 @@ def history(ref: str, as_json: bool, no_trunc: bool) -> None:
     common.print_table(header, rows)
 
 
+def _saved_as(given: str, recorded: str) -> Reference | None:
+    """The name an image given as ``given`` goes into an archive under, as docker save
+    names it: the name as given (``NAME@DIGEST`` too, which then gets no tag); none for
+    an image given by ID, whichever names it has here."""
+    from ember.images.sources import parse_source
+    from ember.oci.errors import FormatError
+
+    try:
+        ref = parse_source(given).reference
+    except (FormatError, EmberError):
+        return None
+    if ref is None or (ref.digest is None and str(ref) != recorded):
+        return None  # a local source's name, or an ID that also reads as a name
+    return ref
+
+
 @image.command()
 @click.argument("refs", metavar="REF...", nargs=-1, required=True)
 @click.option(
@@ -186,7 +203,6 @@ def save(refs: tuple[str, ...], output_text: str | None) -> None:
     docker load, podman load, skopeo (docker-archive:, oci-archive:) and ember
     image pull docker-archive:FILE read it; unpacked, it is an OCI layout (oci:DIR)."""
     from ember.images.save import SavedImage, write_archive, write_archive_file
-    from ember.images.sources import parse_source
 
     if output_text is None and sys.stdout.isatty():
         raise UsageError(
@@ -196,9 +212,9 @@ def save(refs: tuple[str, ...], output_text: str | None) -> None:
         raise UsageError("-o needs a file name")
     service = _service()
     with service.holding(refs) as images:
-        saved = [SavedImage(img, parse_source(img.reference).reference) for img in images]
+        saved = [SavedImage(img, _saved_as(ref, img.reference)) for ref, img in zip(refs, images, strict=True)]
         if output_text is None:
-            write_archive(saved, service.content, sys.stdout.buffer)
+            write_archive(saved, service.content, sys.stdout.buffer, check_first=True)
             sys.stdout.buffer.flush()
             return
         path = Path(output_text)

@@ -63,6 +63,8 @@ _MAX_LINK_HOPS = 16
 #: bytes of index.json's manifests read at most looking for an image's own (a hostile
 #: index could name thousands of 4 MiB ones; a real one names a few KiB per image)
 _MAX_SAVED_MANIFEST_BYTES = 16 << 20
+#: the annotation Docker and containerd give an OCI index entry: the image's full name
+IMAGE_NAME = "io.containerd.image.name"
 #: members indexed (each kept in memory); ``docker save`` writes a few per layer
 _MAX_MEMBERS = 1 << 16
 #: compressed archives recognised by their magic, to say so instead of "not a tar"
@@ -366,23 +368,22 @@ class DockerArchiveSource:
             if not isinstance(name, str):
                 raise InvalidSource(f"docker archive {self.path}: a layer name is not a string")
             layers.append(self._layer_descriptor(name, diff_id))
-        saved = self._saved_manifest(config_digest, layers)
+        config_desc = Descriptor(mt.OCI_CONFIG, config_digest, len(config_data))
+        saved = self._saved_manifest(config_desc, layers)
         if saved is not None:
             return saved
-        manifest = ImageManifest(
-            media_type=mt.OCI_MANIFEST,
-            config=Descriptor(mt.OCI_CONFIG, config_digest, len(config_data)),
-            layers=layers,
-        )
+        manifest = ImageManifest(media_type=mt.OCI_MANIFEST, config=config_desc, layers=layers)
         data = manifest.to_json()
         return Resolved(data, mt.OCI_MANIFEST, Digest.of(data))
 
-    def _saved_manifest(self, config: Digest, layers: list[Descriptor]) -> Resolved | None:
+    def _saved_manifest(self, config: Descriptor, layers: list[Descriptor]) -> Resolved | None:
         """The image's own manifest, when the archive also is an OCI layout (Docker 25's
         ``docker save``, ``ember image save``) and its ``index.json`` names one for exactly
-        this config and these layers: the image keeps its ID (manifest digest) through a
-        save and a load.  Anything else (no index, a manifest that differs in a layer, a
-        damaged one) leaves the manifest made from ``manifest.json``."""
+        this config and these layers (digests, sizes, a config media type, layers of the
+        same compression and no ``urls``): the image keeps its ID (manifest digest)
+        through a save and a load.  The entry named as the image was selected comes
+        first.  Anything else (no index, a manifest that differs in anything, a damaged
+        one) leaves the manifest made from ``manifest.json``."""
         if _norm("index.json") not in self._members:
             return None
         try:
@@ -392,8 +393,14 @@ class DockerArchiveSource:
         if not isinstance(index, ImageIndex):
             return None
         wanted = [(d.digest, d.size, layer_compression(d.media_type)) for d in layers]
+        # the entry of the name the image was selected by first (one saved under several
+        # names may have several manifests: the same layers, other annotations)
+        entries = sorted(
+            index.manifests,
+            key=lambda d: (d.annotations or {}).get(IMAGE_NAME) != self.selector,
+        )
         budget = _MAX_SAVED_MANIFEST_BYTES
-        for desc in index.manifests:
+        for desc in entries:
             if desc.digest.algorithm != "sha256" or desc.size > min(MAX_MANIFEST_SIZE, budget):
                 continue
             budget -= desc.size
@@ -405,7 +412,12 @@ class DockerArchiveSource:
                 manifest = parse_manifest(data, desc.media_type)
             except (InvalidSource, ImageNotFound, FormatError):
                 continue
-            if not isinstance(manifest, ImageManifest) or manifest.config.digest != config:
+            if (
+                not isinstance(manifest, ImageManifest)
+                or (manifest.config.digest, manifest.config.size) != (config.digest, config.size)
+                or manifest.config.media_type not in mt.CONFIG_TYPES
+                or any(d.urls for d in manifest.layers)
+            ):
                 continue
             try:
                 theirs = [

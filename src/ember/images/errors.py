@@ -23,3 +23,7 @@ class InvalidSource(UsageError, ImageError):
 
 class AmbiguousImage(UsageError, ImageError):
     """A digest that names an image under several names, where one was expected."""
+
+
+class SaveError(ImageError):
+    """An archive that cannot be written (``ember image save``)."""

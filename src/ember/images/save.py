@@ -17,10 +17,13 @@ pure part (the small JSON files); ``write_archive`` the tar.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import secrets
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterable
@@ -28,16 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ember.fsutil import TEMP_SUFFIX, fsync_dir
-from ember.images.errors import ImageNotFound
+from ember.fsutil import TEMP_SUFFIX, fsync_dir, link_open_file
+from ember.images.dockerarchive import IMAGE_NAME
+from ember.images.errors import SaveError
 from ember.images.model import Image
 from ember.images.ocilayout import REF_NAME
 from ember.oci.digest import Digest
 from ember.oci.reference import Reference
 from ember.store.content import ContentStore
 
-#: the annotation containerd and Docker give an index entry: the image's full name
-IMAGE_NAME = "io.containerd.image.name"
 _OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 _CHUNK = 1 << 20
 
@@ -62,8 +64,13 @@ def archive_documents(saved: Iterable[SavedImage]) -> dict[str, bytes]:
     image, with all its names as ``RepoTags``."""
     index: list[dict[str, object]] = []
     by_image: dict[Digest, dict[str, object]] = {}
+    named: set[tuple[Digest, str | None]] = set()
     for s in saved:
         img = s.image
+        key = (img.manifest_digest, str(s.reference) if s.reference is not None else None)
+        if key in named:  # the same image under the same name (or none) twice: once
+            continue
+        named.add(key)
         entry: dict[str, object] = {
             "mediaType": img.manifest.media_type,
             "digest": str(img.manifest_digest),
@@ -129,14 +136,23 @@ class _Verified(io.RawIOBase):
 
     def check(self) -> None:
         if self._hash.hexdigest() != self._digest.hex:
-            raise ImageNotFound(
-                f"blob {self._digest} in the local store no longer matches its digest",
-                hint="pull the image again (ember image pull) and save it again",
-            )
+            raise _damaged(self._digest)
 
 
-def write_archive(saved: list[SavedImage], store: ContentStore, out: BinaryIO) -> None:
-    """Write the archive of ``saved`` to ``out`` (a stream: nothing is sought)."""
+def _damaged(digest: Digest) -> SaveError:
+    return SaveError(
+        f"blob {digest} in the local store no longer matches its digest",
+        hint="pull the image again (ember image pull) and save it again",
+    )
+
+
+def write_archive(
+    saved: list[SavedImage], store: ContentStore, out: BinaryIO, *, check_first: bool = False
+) -> None:
+    """Write the archive of ``saved`` to ``out`` (a stream: nothing is sought).  Each blob
+    is checked against its digest as it is copied; with ``check_first`` (for a stream
+    nobody takes back, standard output) also before any of it goes out, so that a blob
+    damaged in the store is never sent whole before the error ends the stream."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         documents = archive_documents(saved)
         for name in ("oci-layout", "index.json", "manifest.json"):
@@ -146,34 +162,59 @@ def write_archive(saved: list[SavedImage], store: ContentStore, out: BinaryIO) -
         for algorithm in sorted({d.algorithm for d in _blobs(saved)}):
             tar.addfile(_member(f"blobs/{algorithm}", directory=True))
         for digest in _blobs(saved):
+            if check_first and not store.matches(digest):
+                raise _damaged(digest)
             with store.open(digest) as blob:
-                size = store.size(digest)
+                size = os.fstat(blob.fileno()).st_size
                 verified = _Verified(blob, digest)
                 tar.addfile(_member(blob_name(digest), size), verified)
                 if blob.read(1):  # grew while it was copied: damaged
-                    raise ImageNotFound(f"blob {digest} in the local store changed while saved")
+                    raise _damaged(digest)
                 verified.check()
 
 
 def write_archive_file(saved: list[SavedImage], store: ContentStore, path: Path) -> None:
-    """``write_archive`` to ``path``, which then holds the whole archive or is as it was:
-    written beside it under a temporary name, fsynced and renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    """``write_archive`` to ``path``, which then holds the whole archive or is as it was.
+
+    The archive is written to an unnamed file in ``path``'s directory (``O_TMPFILE``:
+    a save killed part-way leaves nothing behind), fsynced, named, and renamed over
+    ``path``.  Mode 0600, as ``docker save -o`` makes it: an image may be private.  A
+    ``path`` that is there and not a regular file (a device, a FIFO, a symlink) is
+    refused, as Docker refuses it: renaming over it would replace it (``-o /dev/null``
+    as root replaced the system's)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise SaveError(
+                f"{path} is there and is not a regular file: -o takes a file to write "
+                "(a new one, or one to replace); for a device or a pipe, redirect standard "
+                "output instead"
+            )
+    directory = path.parent
+    tmp: str | None = None  # the file's temporary name, once it has one
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise
+        # a file system without unnamed files: a named one from the start
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write_archive(saved, store, f)
             f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # as open() would have made it
             os.fsync(f.fileno())
+            if tmp is None:
+                name = str(directory / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+                link_open_file(f.fileno(), Path(name))
+                tmp = name
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    fsync_dir(directory)

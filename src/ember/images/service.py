@@ -633,11 +633,12 @@ class ImageService:
         digests = [d for img in images for d in (img.manifest_digest, img.config_digest)]
         digests += [layer.digest for img in images for layer in img.layers]
         with self.claims.hold(digests):
+            # all of them, now claimed: one removed between the load and the claim is gone
             for img in images:
-                for layer in img.layers:
-                    if not self.content.exists(layer.digest):
+                for digest in (img.manifest_digest, img.config_digest, *(x.digest for x in img.layers)):
+                    if not self.content.exists(digest):
                         raise ImageNotFound(
-                            f"image {img.reference} lost layer {layer.digest} from the local store",
+                            f"image {img.reference} lost blob {digest} from the local store",
                             hint=f"pull it again: ember image pull {img.reference}",
                         )
             yield images
