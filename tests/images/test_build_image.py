@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ember.images import InvalidImage
+from ember.images.model import Image
 from ember.images.service import build_image
 from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
@@ -57,17 +58,18 @@ def test_unknown_layer_type() -> None:
 
 
 def test_history_steps_get_the_layers_they_made() -> None:
-    from ember.oci.config import HistoryEntry
+    made, env, more = {"created_by": "RUN a"}, {"created_by": "ENV x", "empty_layer": True}, {"created_by": "RUN b"}
 
-    made, env, more = HistoryEntry(created_by="RUN a"), HistoryEntry(created_by="ENV x", empty_layer=True), HistoryEntry(created_by="RUN b")
-    with_history = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, history=[made, env, more])
-    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, with_history)
-    assert image.history() == [(made, image.layers[0]), (env, None), (more, image.layers[1])]
+    def image_of(history: list[dict[str, object]]) -> Image:
+        cfg = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, raw_history=history)
+        return build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, cfg)
+
+    def steps(image: Image) -> list[tuple[str | None, Digest | None]]:
+        return [(e.created_by if e else None, x.digest if x else None) for e, x in image.history()]
+
+    image = image_of([made, env, more])
+    assert steps(image) == [("RUN a", BLOBS[0]), ("ENV x", None), ("RUN b", BLOBS[1])]
     # fewer steps than layers (an image made by hand): the rest come last, with no step
-    short = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, history=[made])
-    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, short)
-    assert image.history() == [(made, image.layers[0]), (None, image.layers[1])]
+    assert steps(image_of([made])) == [("RUN a", BLOBS[0]), (None, BLOBS[1])]
     # more steps than layers: the extra ones made none
-    long = ImageConfig(architecture="arm64", os="linux", diff_ids=DIFFS, history=[made, more, made])
-    image = build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, long)
-    assert image.history() == [(made, image.layers[0]), (more, image.layers[1]), (made, None)]
+    assert steps(image_of([made, more, made])) == [("RUN a", BLOBS[0]), ("RUN b", BLOBS[1]), ("RUN a", None)]

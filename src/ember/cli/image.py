@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,6 +237,7 @@ def load(input_text: str | None, quiet: bool) -> None:
 
     Prints each name loaded.  Read from standard input, the archive is first copied to
     an unnamed file (it is read in place, by offsets); its images must have names then."""
+    import shutil
     import tempfile
 
     from ember.images.dockerarchive import DockerArchiveSource
