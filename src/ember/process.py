@@ -134,6 +134,8 @@ class ProcStat:
     #: field 22, clock ticks after the boot: with the pid it names one process, as a pid
     #: alone does not once the pid is reused
     start_time: int
+    #: field 4: the parent's pid
+    ppid: int = 0
 
     @property
     def ended(self) -> bool:
@@ -147,7 +149,7 @@ def parse_proc_stat(data: bytes) -> ProcStat:
     after its last ')'."""
     try:
         rest = data[data.rindex(b")") + 2 :].split()
-        return ProcStat(rest[0], int(rest[19]))  # fields 3 and 22
+        return ProcStat(rest[0], int(rest[19]), int(rest[1]))  # fields 3, 22 and 4
     except IndexError:
         raise ValueError("not a /proc/PID/stat line") from None
 
@@ -158,6 +160,26 @@ def proc_stat(pid: int) -> ProcStat:
     ValueError when what was read is not a stat line."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         return parse_proc_stat(f.read())
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` now (its children, theirs, ...), from /proc; those that
+    left it (a daemon that detached, reparented to init) are not found."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            children.setdefault(proc_stat(int(entry.name)).ppid, []).append(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def proc_start_time(pid: int) -> int | None:

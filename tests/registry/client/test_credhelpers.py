@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -126,11 +127,29 @@ def test_a_helper_that_does_not_answer_in_time(tmp_path: Path,
         helper_get("slow", "h.example", timeout=0.5)
     assert time.monotonic() - start < 10  # not the child's 30 s
     assert not _alive(int(child.read_text()))
-    # one that answers and leaves a child behind: the child goes too
-    _script_helper(tmp_path, monkeypatch, "quick",
-                   f'sleep 30 & echo $! > {child}; echo \'{{"Username":"u","Secret":"s"}}\'')  # fmt: skip
-    assert helper_get("quick", "h.example") == Credentials("u", "s")
-    assert not _alive(int(child.read_text()))
+
+
+def test_a_helper_may_ask_on_the_terminal(tmp_path: Path) -> None:
+    """A helper of the user's own (or gpg with a loopback pinentry) reads the terminal:
+    it runs in ember's process group, as Docker runs it (in a group of its own it was
+    stopped by SIGTTIN and timed out)."""
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-ttyask"
+    helper.write_text("#!/bin/sh\nprintf 'password: ' >/dev/tty\nread pw </dev/tty\n"
+                      'printf \'{"Username":"u","Secret":"%s"}\' "$pw"\n')  # fmt: skip
+    helper.chmod(0o755)
+    code = ("from ember.registry.client.credhelpers import helper_get; "
+            "print('got', helper_get('ttyask', 'h.example', timeout=20))")  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    # script(1) gives it a terminal of its own, and types what it is given on stdin
+    done = subprocess.run(["script", "-qec", f"{sys.executable} -c \"{code}\"", "/dev/null"],
+                          input="typed-secret\n", capture_output=True, text=True, env=env,
+                          timeout=60)  # fmt: skip
+    assert "got Credentials(username='u', password=***)" in done.stdout, done.stdout + done.stderr
 
 
 def _alive(pid: int) -> bool:

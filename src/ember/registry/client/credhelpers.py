@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 
 from ember import jsonutil
+from ember.process import descendants
 from ember.registry.client.credentials import Credentials
 from ember.registry.client.errors import CredentialsError
 
@@ -94,16 +95,15 @@ def helper_get(helper: str, address: str, *, timeout: float = HELPER_TIMEOUT) ->
     path = find_program(program)
     if path is None:
         raise CredentialsError(f"{program} is not installed (not found on $PATH)")
-    # Its answer goes to a file, not a pipe, and it runs in a process group of its own,
-    # which goes whole at a timeout or an interrupt: pass's gpg, or any child a helper
-    # starts, would otherwise outlive it holding its stdout (reading a pipe to its end
-    # waits for them) and our stderr.  Its stderr is the user's: a helper may say why
-    # it fails there (gpg's pinentry asks through gpg-agent, in a session of its own).
+    # Its answer goes to a file, not a pipe: a child it leaves behind (pass's gpg) would
+    # hold a pipe open, and reading it to its end wait for that child.  It runs in our
+    # process group, as Docker runs it: it may ask on the terminal (a helper of the
+    # user's own, gpg's loopback pinentry), which a background group cannot.  At a
+    # timeout or an interrupt it goes with what it started, which would otherwise hold
+    # our stderr.  Its stderr is the user's: a helper may say why it fails there.
     with tempfile.TemporaryFile() as answer:
         try:
-            proc = subprocess.Popen(
-                [path, "get"], stdin=subprocess.PIPE, stdout=answer, process_group=0
-            )
+            proc = subprocess.Popen([path, "get"], stdin=subprocess.PIPE, stdout=answer)
         except OSError as e:
             raise CredentialsError(f"cannot run {program}: {e.strerror}") from None
         try:
@@ -114,10 +114,8 @@ def helper_get(helper: str, address: str, *, timeout: float = HELPER_TIMEOUT) ->
             if not _exits_within(proc.pid, timeout):
                 raise CredentialsError(f"{program} get did not answer within {timeout:g} s")
         finally:
-            # Its group goes, with what it started (answered, timed out or interrupted);
-            # before it is reaped: until then its pid, the group's id, cannot be reused.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:  # timed out, or interrupted
+                _kill_with_descendants(proc.pid)
             status = proc.wait()
         answer.seek(0)
         output = answer.read(MAX_OUTPUT + 1)
@@ -142,3 +140,14 @@ def _exits_within(pid: int, timeout: float) -> bool:
     finally:
         os.close(fd)
     return bool(ready)
+
+
+def _kill_with_descendants(pid: int) -> None:
+    """SIGKILL child ``pid`` and the processes below it, stopped first so that it starts
+    no more while they are looked for (killed first, its children would be reparented
+    and no longer found below it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    for victim in [*descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
