@@ -648,11 +648,30 @@ def test_load_names_images_as_docker_load(
     assert ember(quiet, "image", "load", "-i", str(untagged)).stdout == (
         f"Loaded image: docker-archive:{untagged}:@0\n"
     )
-    with untagged.open("rb") as f:
-        refused = subprocess.run([EMBER, "image", "load"], stdin=f, capture_output=True, text=True,
-                                 env=ember_env(tmp_path / "refused", DOCKER_CONFIG="-"))  # fmt: skip
+    with untagged.open("rb") as f:  # a pipe: nothing to name it after
+        refused = subprocess.run(f"cat | {EMBER} image load", shell=True, stdin=f, capture_output=True,
+                                 text=True, env=ember_env(tmp_path / "refused", DOCKER_CONFIG="-"))  # fmt: skip
     assert_one_line_error(refused, "has no name (RepoTags)")
     assert ember(tmp_path / "refused", "image", "ls", "-q").stdout == ""
+    # a path with ':' in it (docker load takes any path), and compressed (as docker load)
+    colon = tmp_path / "a:b.tar"
+    shutil.copy(archive, colon)
+    assert ember(tmp_path / "colon", "image", "load", "-i", str(colon)).returncode == 0
+    assert loaded(tmp_path / "colon") == ids
+    with gzip.open(tmp_path / "images.tar.gz", "wb") as z:
+        z.write(archive.read_bytes())
+    assert ember(tmp_path / "gz", "image", "load", "-i", str(tmp_path / "images.tar.gz")).returncode == 0
+    assert loaded(tmp_path / "gz") == ids
+    with (tmp_path / "images.tar.gz").open("rb") as f:
+        piped = subprocess.run(f"cat | {EMBER} image load", shell=True, stdin=f, capture_output=True,
+                               text=True, env=ember_env(tmp_path / "gz-pipe", DOCKER_CONFIG="-"))  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert loaded(tmp_path / "gz-pipe") == ids
+    (tmp_path / "bad.tar.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 100)
+    with (tmp_path / "bad.tar.gz").open("rb") as f:
+        bad = subprocess.run([EMBER, "image", "load"], stdin=f, capture_output=True, text=True,
+                             env=ember_env(tmp_path / "bad-gz", DOCKER_CONFIG="-"))  # fmt: skip
+    assert_one_line_error(bad, "standard input is not valid gzip data")
     not_tar = tmp_path / "not.tar"
     not_tar.write_text("hello")
     assert_one_line_error(ember(tmp_path / "bad", "image", "load", "-i", str(not_tar)), "not.tar")
@@ -677,3 +696,60 @@ def test_history_shows_what_an_image_says_as_text(tmp_path: Path, busybox_layout
                                 ember_env(home, DOCKER_CONFIG="-"))  # fmt: skip
     assert status == 0 and shown in plain(drawn), drawn
     assert "\x1b]0;" not in drawn and "\x1b[2J" not in drawn
+
+
+def _retagged(src: Path, dest: Path, entries: list[dict[str, object]]) -> None:
+    """``src`` (a saved archive) with another manifest.json."""
+    import io
+    import tarfile
+
+    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
+        for member in tin.getmembers():
+            if member.name == "manifest.json":
+                data = json.dumps(entries).encode()
+                member.size = len(data)
+                tout.addfile(member, io.BytesIO(data))
+            else:
+                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+
+
+def test_load_says_what_it_loaded_as_it_goes_and_what_it_could_not_name(
+    tmp_path: Path, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    """An image that fails part-way leaves those before it loaded, and said so (docker
+    load prints each as it goes); RepoTags that are no names to record an image under
+    (an ID's shape, a local source's, a transport, invalid) are said and passed over."""
+    home = tmp_path / "home"
+    bb, ml = layout_ref(busybox_layout), layout_ref(multilayer_layout)
+    for ref in (bb, ml):
+        assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    archive = tmp_path / "two.tar"
+    assert ember(home, "image", "save", "-o", str(archive), bb, ml).returncode == 0
+    import tarfile
+
+    with tarfile.open(archive) as t:
+        entries = json.loads(t.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    bb_id = json.loads(ember(home, "image", "inspect", bb).stdout)["manifest_digest"]
+    first, second = ({**e} for e in entries)
+    first["RepoTags"] = ["first:1", f"sha256:{bb_id.split(':')[1]}", "oci:5000/foo:1", "dir:5000/x:1", "BUSYBOX"]
+    broken = {**second, "Layers": ["nope.tar"] * len(second["Layers"]), "RepoTags": ["broken:1"]}
+    third = {**second, "RepoTags": ["third:1"]}
+    odd = tmp_path / "odd.tar"
+    _retagged(archive, odd, [first, broken, third])
+    other = tmp_path / "other"
+    done = ember(other, "image", "load", "-i", str(odd))
+    assert done.returncode != 0
+    assert done.stdout == "Loaded image: docker.io/library/first:1\n"  # said before the failure
+    warnings = [line for line in done.stderr.splitlines() if "not used" in line]
+    assert len(warnings) == 4, done.stderr
+    assert "reads as an image ID" in warnings[0] and "not an oci: or docker-archive: source" in warnings[1]
+    assert "unsupported image transport" in warnings[2] and "lowercase" in warnings[3]
+    assert "lacks 'nope.tar'" in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
+    names = {r["reference"] for r in json.loads(ember(other, "image", "ls", "--json").stdout)}
+    assert names == {"docker.io/library/first:1"}
+
+    # a name another image had moves, and says so
+    _retagged(archive, odd, [{**second, "RepoTags": ["first:1"]}])
+    moved = ember(other, "image", "load", "-i", str(odd))
+    assert moved.returncode == 0, moved.stderr
+    assert f"docker.io/library/first:1 moved from image {bb_id.split(':')[1][:12]}" in moved.stderr

@@ -284,3 +284,34 @@ def test_removal_and_gc_started_together_both_finish(tmp_path: Path, busybox_lay
                                   capture_output=True).returncode == 0  # fmt: skip
     finally:
         teardown_home(home)
+
+
+def test_name_at_digest_removes_no_name_the_user_did_not_give(
+    service: ImageService, busybox_layout: Path
+) -> None:
+    """`image tag/inspect/run` read NAME@DIGEST as the image of that digest in that
+    repository; `image rm NAME@DIGEST` removed every tag of it there."""
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    for name in ("demo:1", "demo:2"):
+        service.tag(image.reference, name)
+    pinned = f"demo:7@{image.manifest_digest}"
+    assert service.get(pinned).manifest_digest == image.manifest_digest
+    with pytest.raises(ImageNotFound):
+        service.remove(pinned, force=True)
+    names = {r.reference for r in service.list()}
+    assert {"docker.io/library/demo:1", "docker.io/library/demo:2"} <= names
+
+
+def test_a_whole_id_is_an_id_whatever_names_there_are(
+    service: ImageService, busybox_layout: Path, multilayer_layout: Path
+) -> None:
+    """`sha256:<hex>` names the image with that ID, even where a name of that shape
+    (repository sha256, recorded before such names were refused) names another."""
+    bb = service.pull(layout_ref(busybox_layout), progress=False)
+    ml = service.pull(layout_ref(multilayer_layout), progress=False)
+    record = service.table.get(ml.reference)
+    assert record is not None
+    lookalike = f"docker.io/library/sha256:{bb.manifest_digest.hex}"
+    service.table.put(lookalike, manifest_digest=ml.manifest_digest, config_digest=ml.config_digest,
+                      media_type=record.media_type, platform=record.platform, size=record.size)  # fmt: skip
+    assert service.get(str(bb.manifest_digest)).manifest_digest == bb.manifest_digest

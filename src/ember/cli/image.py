@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from ember.cli.common import (
     home_from_ctx,
     json_option,
     print_json,
+    printable,
     say,
     warnings_as_messages,
 )
@@ -235,43 +237,48 @@ def load(input_text: str | None, quiet: bool) -> None:
     """Load the images of a docker save archive (ember image save, docker save, podman
     save) under the names it gives them, as docker load.
 
-    Prints each name loaded.  Read from standard input, the archive is first copied to
-    an unnamed file (it is read in place, by offsets); its images must have names then."""
-    import shutil
-    import tempfile
+    Prints each name as its image is loaded.  A compressed archive (gzip, bzip2, xz,
+    zstd), standard input or a pipe is first copied, decompressed, to an unnamed file
+    beside the store (the archive is read in place, by offsets)."""
+    import stat
 
-    from ember.images.dockerarchive import DockerArchiveSource
+    from ember.images.spool import compression_of, spool
 
     service = _service()
     with contextlib.ExitStack() as stack:
-        if input_text is not None:
-            if input_text == "":
-                raise UsageError("-i needs a file name")
-            path = Path(os.path.abspath(input_text))
-        else:
+        if input_text is None:
             if sys.stdin.isatty():
                 raise UsageError("requested load from standard input, but it is a terminal: "
                                  "give -i FILE or redirect the archive in")  # fmt: skip
-            # unnamed (gone with this process, whatever ends it), beside the store: the
-            # archive can be as big as the images
-            spool = stack.enter_context(tempfile.TemporaryFile(dir=service.home.content))
-            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
-            spool.flush()
-            path = Path(f"/proc/self/fd/{spool.fileno()}")
-            listing = DockerArchiveSource(path, None, "standard input")
+            stream, label = sys.stdin.buffer, "standard input"
+        else:
+            if input_text == "":
+                raise UsageError("-i needs a file name")
             try:
-                untagged = [n for n, tags in enumerate(listing.image_names()) if not tags]
-            finally:
-                listing.close()
-            if untagged:
-                raise UsageError(
-                    f"image number {untagged[0]} of the archive has no name (RepoTags) to load "
-                    "it under: save the archive to a file and give -i FILE (it is then named "
-                    "docker-archive:FILE:@N)"
-                )
-        for _image, names in service.load(path, progress=False if quiet else None):
-            for name in names:
-                click.echo(f"Loaded image: {name}")
+                stream = stack.enter_context(open(input_text, "rb"))  # noqa: SIM115
+            except OSError as e:
+                raise EmberError(f"cannot read {input_text}: {e.strerror or e}") from None
+            label = input_text
+        # the first bytes, left in the stream (a pipe cannot seek back)
+        head = stream.peek(8)[:8] if isinstance(stream, io.BufferedReader) else b""
+        named_at: Path | None = None
+        if stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and compression_of(head) is None:
+            # read in place (an untagged image is then named after the file given)
+            path = Path(f"/proc/self/fd/{stream.fileno()}")
+            if input_text is not None:
+                named_at = Path(os.path.abspath(input_text))
+        else:
+            spooled = stack.enter_context(spool(stream, service.home.content, label))
+            path = Path(f"/proc/self/fd/{spooled.fileno()}")
+        for loaded in service.load(path, label=label, named_at=named_at,
+                                   progress=False if quiet else None):  # fmt: skip
+            for tag, why in loaded.skipped:
+                say(f"warning: RepoTag {printable(tag[:200])!r} not used: {why}")
+            for name, old in loaded.moved:
+                say(f"{name} moved from image {old.short} to {loaded.image.manifest_digest.short}")
+            for name in loaded.names:
+                click.echo(f"Loaded image: {name}", nl=True)
+                sys.stdout.flush()
 
 
 @image.command()

@@ -22,6 +22,7 @@ same manifest digest.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -68,7 +69,7 @@ IMAGE_NAME = "io.containerd.image.name"
 #: members indexed (each kept in memory); ``docker save`` writes a few per layer
 _MAX_MEMBERS = 1 << 16
 #: compressed archives recognised by their magic, to say so instead of "not a tar"
-_MAGIC = {
+ARCHIVE_MAGIC = {
     "gzip": b"\x1f\x8b",
     "zstd": b"\x28\xb5\x2f\xfd",
     "xz": b"\xfd7zXZ\x00",
@@ -82,11 +83,11 @@ _DECOMPRESS = {
 }
 
 
-def _open_archive(path: Path) -> BinaryIO:
+def _open_archive(path: Path, label: str) -> BinaryIO:
     try:
         return open_regular(path)
     except OSError as e:
-        raise InvalidSource(f"docker archive {path} {why_unopened(e)}") from None
+        raise InvalidSource(f"docker archive {label} {why_unopened(e)}") from None
 
 
 def _norm(name: str) -> str | None:
@@ -117,11 +118,15 @@ def _tags(item: dict[str, Any]) -> list[str]:
 
 
 class DockerArchiveSource:
-    def __init__(self, path: Path, selector: str | None, name: str) -> None:
+    def __init__(self, path: Path, selector: str | None, name: str, *, label: str | None = None) -> None:
+        """``label``: how messages name the archive (default: its path; e.g. "standard
+        input" for one copied from there)."""
         self.path = path
         self.selector = selector
         self.name = name
-        self._file = _open_archive(path)
+        self.label = label if label is not None else str(path)
+        self._file = _open_archive(path, self.label)
+        self._owner = True
         try:
             self._members = self._index()
         except BaseException:
@@ -130,6 +135,17 @@ class DockerArchiveSource:
         self._blobs: dict[Digest, _Blob] = {}
         #: digests of compressed layer members, by where their data lies in the archive
         self._member_digests: dict[int, Digest] = {}
+        self._entries_cache: list[dict[str, Any]] | None = None
+
+    def select(self, selector: str, name: str) -> DockerArchiveSource:
+        """Another image of the same archive (``:REF`` or ``:@N``), recorded as ``name``:
+        the archive read and indexed once for all of them (``ember image load``).  Closing
+        the view leaves the archive open; closing this closes it."""
+        view = copy.copy(self)
+        view.selector, view.name = selector, name
+        view._owner = False
+        view._blobs = {}
+        return view
 
     def _index(self) -> dict[str, tarfile.TarInfo]:
         """The archive's members by normalised name (the last of a name wins, as tar does)."""
@@ -143,7 +159,7 @@ class DockerArchiveSource:
                 count += 1
                 if count > _MAX_MEMBERS:
                     raise InvalidSource(
-                        f"docker archive {self.path} has more than {_MAX_MEMBERS} members: "
+                        f"docker archive {self.label} has more than {_MAX_MEMBERS} members: "
                         "not an image that docker save writes"
                     )
                 key = _norm(entry.info.name)
@@ -153,7 +169,7 @@ class DockerArchiveSource:
             detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
             if count:  # a header was read: what follows it is wrong
                 raise InvalidSource(
-                    f"docker archive {self.path} is truncated or damaged ({detail})"
+                    f"docker archive {self.label} is truncated or damaged ({detail})"
                 ) from None
             raise self._not_an_archive(detail) from None
         if not members:
@@ -167,12 +183,12 @@ class DockerArchiveSource:
             # members in place (by offset, several at once), which a compressed
             # stream does not allow without a decompressed copy on disk first.
             return InvalidSource(
-                f"docker archive {self.path} is {compression}-compressed: ember reads "
+                f"docker archive {self.label} is {compression}-compressed: ember reads "
                 "uncompressed archives only",
                 hint=f"decompress it first ({_DECOMPRESS[compression]}), or write it "
                 "with docker save -o FILE",
             )
-        return InvalidSource(f"{self.path} is not a docker archive (an uncompressed tar): {detail}")
+        return InvalidSource(f"{self.label} is not a docker archive (an uncompressed tar): {detail}")
 
     def _compression(self) -> str | None:
         """The compression the archive's first bytes announce, if any."""
@@ -180,13 +196,14 @@ class DockerArchiveSource:
             head = os.pread(self._file.fileno(), 6, 0)
         except OSError:
             return None
-        for name, magic in _MAGIC.items():
+        for name, magic in ARCHIVE_MAGIC.items():
             if head.startswith(magic):
                 return name
         return None
 
     def close(self) -> None:
-        self._file.close()
+        if self._owner:
+            self._file.close()
 
     def _member(self, name: str) -> tarfile.TarInfo:
         key = _norm(name)
@@ -194,13 +211,13 @@ class DockerArchiveSource:
             member = self._members.get(key) if key else None
             if member is None:
                 if not hop:
-                    raise InvalidSource(f"docker archive {self.path} lacks {name[:200]!r}")
+                    raise InvalidSource(f"docker archive {self.label} lacks {name[:200]!r}")
                 if key is None:
                     raise InvalidSource(
-                        f"docker archive {self.path}: {name[:200]!r} is a link that leads out of the archive"
+                        f"docker archive {self.label}: {name[:200]!r} is a link that leads out of the archive"
                     )
                 raise InvalidSource(
-                    f"docker archive {self.path} lacks {name[:200]!r} "
+                    f"docker archive {self.label} lacks {name[:200]!r} "
                     f"(a link to {key[:200]!r}, which is not there)"
                 )
             if member.isfile():
@@ -210,8 +227,8 @@ class DockerArchiveSource:
             elif member.islnk():
                 key = _norm(member.linkname)
             else:
-                raise InvalidSource(f"docker archive {self.path}: {name[:200]!r} is not a file")
-        raise InvalidSource(f"docker archive {self.path}: too many links for {name[:200]!r}")
+                raise InvalidSource(f"docker archive {self.label}: {name[:200]!r} is not a file")
+        raise InvalidSource(f"docker archive {self.label}: too many links for {name[:200]!r}")
 
     def _chunks(
         self,
@@ -222,7 +239,7 @@ class DockerArchiveSource:
         """A member's bytes, read by offset (pread leaves the file position alone): safe from several threads."""
         if member.issparse():
             raise InvalidSource(
-                f"docker archive {self.path}: {member.name[:200]!r} is a sparse member"
+                f"docker archive {self.label}: {member.name[:200]!r} is a sparse member"
             )
         remaining = member.size if limit is None else min(limit, member.size)
         offset = member.offset_data
@@ -234,10 +251,10 @@ class DockerArchiveSource:
                 chunk = os.pread(fd, min(_CHUNK, remaining), offset)
             except OSError as e:
                 raise InvalidSource(
-                    f"cannot read docker archive {self.path}: {e.strerror or e}"
+                    f"cannot read docker archive {self.label}: {e.strerror or e}"
                 ) from None
             if not chunk:
-                raise InvalidSource(f"docker archive {self.path} is truncated")
+                raise InvalidSource(f"docker archive {self.label} is truncated")
             offset += len(chunk)
             remaining -= len(chunk)
             yield chunk
@@ -246,17 +263,22 @@ class DockerArchiveSource:
         member = self._member(name)
         if member.size > limit:
             raise InvalidSource(
-                f"docker archive {self.path}: {name[:200]!r} is larger than {limit} bytes"
+                f"docker archive {self.label}: {name[:200]!r} is larger than {limit} bytes"
             )
         return b"".join(self._chunks(member))
 
     def _entries(self) -> list[dict[str, Any]]:
-        """manifest.json: one entry an image."""
+        """manifest.json: one entry an image (read once, shared with ``select``'s views)."""
+        if self._entries_cache is None:
+            self._entries_cache = self._read_entries()
+        return self._entries_cache
+
+    def _read_entries(self) -> list[dict[str, Any]]:
         try:
             entries = jsonutil.loads(self._read("manifest.json", _MAX_MANIFEST_JSON))
         except ValueError as e:
             raise InvalidSource(
-                f"docker archive {self.path}: manifest.json is not JSON: {e}"
+                f"docker archive {self.label}: manifest.json is not JSON: {e}"
             ) from None
         if (
             not isinstance(entries, list)
@@ -264,25 +286,14 @@ class DockerArchiveSource:
             or not entries
         ):
             raise InvalidSource(
-                f"docker archive {self.path}: manifest.json must be a non-empty list"
+                f"docker archive {self.label}: manifest.json must be a non-empty list"
             )
         return entries
 
-    def image_names(self) -> list[list[str]]:
-        """The names ``docker load`` gives each image of the archive (its ``RepoTags``,
-        normalised; those that are not references are passed over), in order."""
-        out = []
-        for item in self._entries():
-            names: dict[str, None] = {}
-            for tag in _tags(item):
-                try:
-                    ref = Reference.parse(tag)
-                except FormatError:
-                    continue
-                if ref.digest is None:
-                    names[str(ref)] = None
-            out.append(list(names))
-        return out
+    def repo_tags(self) -> list[list[str]]:
+        """Each image's ``RepoTags`` as the archive gives them (the strings), in order: the
+        names ``docker load`` gives them (checked by the caller)."""
+        return [_tags(item) for item in self._entries()]
 
     def _entry(self) -> dict[str, Any]:
         entries = self._entries()
@@ -290,8 +301,8 @@ class DockerArchiveSource:
             if len(entries) > 1:
                 names = ", ".join(t for item in entries for t in _tags(item)) or "untagged"
                 raise InvalidSource(
-                    f"docker archive {self.path} holds {len(entries)} images: name one with "
-                    f"docker-archive:{self.path}:REF or :@INDEX ({names})"
+                    f"docker archive {self.label} holds {len(entries)} images: name one with "
+                    f"docker-archive:{self.label}:REF or :@INDEX ({names})"
                 )
             return entries[0]
         if self.selector.startswith("@"):
@@ -303,7 +314,7 @@ class DockerArchiveSource:
                 return entries[int(number)]
             except (ValueError, IndexError):
                 raise ImageNotFound(
-                    f"docker archive {self.path} has no image number {self.selector[1:]!r}"
+                    f"docker archive {self.label} has no image number {self.selector[1:]!r}"
                 ) from None
         for item in entries:
             for t in _tags(item):
@@ -312,7 +323,7 @@ class DockerArchiveSource:
                         return item
                 except FormatError:
                     continue
-        raise ImageNotFound(f"no image {self.selector} in docker archive {self.path}")
+        raise ImageNotFound(f"no image {self.selector} in docker archive {self.label}")
 
     def _layer_descriptor(self, name: str, diff_id: Digest) -> Descriptor:
         member = self._member(name)
@@ -333,7 +344,7 @@ class DockerArchiveSource:
             known = self._blobs.get(digest)
             if known is not None and known.diff_id != diff_id:
                 raise InvalidSource(
-                    f"docker archive {self.path}: layers {known.name[:200]!r} and {name[:200]!r} "
+                    f"docker archive {self.label}: layers {known.name[:200]!r} and {name[:200]!r} "
                     "hold the same data, but the config gives them different DiffIDs"
                 )
             self._blobs[digest] = _Blob(member, None, name, compression, diff_id)
@@ -348,25 +359,25 @@ class DockerArchiveSource:
         config_name, layer_names = entry.get("Config"), entry.get("Layers")
         if not isinstance(config_name, str) or not isinstance(layer_names, list):
             raise InvalidSource(
-                f"docker archive {self.path}: manifest.json entry lacks Config or Layers"
+                f"docker archive {self.label}: manifest.json entry lacks Config or Layers"
             )
         if len(layer_names) > MAX_DESCRIPTORS:  # before any of them is read
             raise InvalidSource(
-                f"docker archive {self.path}: {len(layer_names)} layers, more than the "
+                f"docker archive {self.label}: {len(layer_names)} layers, more than the "
                 f"{MAX_DESCRIPTORS} ember accepts"
             )
         config_data = self._read(config_name, MAX_CONFIG_SIZE)
         config = parse_config(config_data)
         if len(layer_names) != len(config.diff_ids):
             raise InvalidSource(
-                f"docker archive {self.path}: {len(layer_names)} layers but the config lists {len(config.diff_ids)}"
+                f"docker archive {self.label}: {len(layer_names)} layers but the config lists {len(config.diff_ids)}"
             )
         config_digest = Digest.of(config_data)
         self._blobs[config_digest] = _Blob(data=config_data, name=config_name)
         layers = []
         for name, diff_id in zip(layer_names, config.diff_ids, strict=True):
             if not isinstance(name, str):
-                raise InvalidSource(f"docker archive {self.path}: a layer name is not a string")
+                raise InvalidSource(f"docker archive {self.label}: a layer name is not a string")
             layers.append(self._layer_descriptor(name, diff_id))
         config_desc = Descriptor(mt.OCI_CONFIG, config_digest, len(config_data))
         saved = self._saved_manifest(config_desc, layers)
@@ -450,14 +461,14 @@ class DockerArchiveSource:
         if blob.diff_id is not None:
             check = functools.partial(self._check_diff_id, blob, cancel)
         try:
-            fetch_local(desc, store, read, progress, f"docker archive {self.path}", check)
+            fetch_local(desc, store, read, progress, f"docker archive {self.label}", check)
         except DigestMismatch as e:
             if blob.diff_id is not None:  # its digest was computed from the member itself
                 raise InvalidSource(
-                    f"docker archive {self.path} changed while it was read ({e})"
+                    f"docker archive {self.label} changed while it was read ({e})"
                 ) from None
             raise InvalidSource(
-                f"docker archive {self.path}: a layer does not match the DiffID its config declares ({e})"
+                f"docker archive {self.label}: a layer does not match the DiffID its config declares ({e})"
             ) from None
 
     def _check_diff_id(self, blob: _Blob, cancel: Cancellation | None, path: Path) -> None:
@@ -476,7 +487,7 @@ class DockerArchiveSource:
                     n = reader.readinto(view)
                 except Exception as e:  # the decompressor's own errors: corrupt data
                     raise InvalidSource(
-                        f"docker archive {self.path}: layer {blob.name[:200]!r} is not valid "
+                        f"docker archive {self.label}: layer {blob.name[:200]!r} is not valid "
                         f"{blob.compression} data ({str(e)[:200] or type(e).__name__})"
                     ) from None
                 if not n:
@@ -485,6 +496,6 @@ class DockerArchiveSource:
         got = Digest(blob.diff_id.algorithm, hasher.hexdigest())
         if got != blob.diff_id:
             raise InvalidSource(
-                f"docker archive {self.path}: layer {blob.name[:200]!r} does not decompress to "
+                f"docker archive {self.label}: layer {blob.name[:200]!r} does not decompress to "
                 f"the DiffID its config declares (expected {blob.diff_id}, got {got})"
             )

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -49,12 +50,11 @@ from ember.images.locking import Claims, images_lock
 from ember.images.model import Image, Layer
 from ember.images.ocilayout import OciLayoutSource
 from ember.images.progress import PullProgress, make_progress
-from ember.images.sources import Resolved, Source, SourceSpec, parse_source
+from ember.images.sources import Resolved, Source, SourceSpec, name_for_tag, parse_source
 from ember.locks import FileLock, Notice
 from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
 from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
-from ember.oci.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError, NoMatchingPlatform
 from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
@@ -71,6 +71,38 @@ MAX_PARALLEL_BLOBS = 6
 #: ends at once; this only bounds the wait for one blocked where it cannot be woken)
 CANCEL_GRACE = 2.0
 _HEX_PREFIX = re.compile(r"^(?:sha256:)?[0-9a-f]{6,64}$")
+_FULL_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An image ``load`` recorded: under ``names``; the RepoTags it could not use, each
+    with why (``skipped``); names it took from another image (name, that image's ID)."""
+
+    image: Image
+    names: builtins.list[str]
+    skipped: builtins.list[tuple[str, str]]
+    moved: builtins.list[tuple[str, Digest]]
+
+
+#: RepoTags of one image that load records at most (an archive could name it millions)
+MAX_LOAD_NAMES = 1000
+
+
+def _load_names(tags: builtins.list[str]) -> tuple[builtins.list[str], builtins.list[tuple[str, str]]]:
+    """An archive image's RepoTags as names to record it under (normalised, each once),
+    and those that cannot be, each with why: what ``image tag`` would refuse."""
+    names: dict[str, None] = {}
+    skipped: builtins.list[tuple[str, str]] = []
+    for tag in tags:
+        if len(names) >= MAX_LOAD_NAMES:
+            skipped.append((tag, f"more than {MAX_LOAD_NAMES} names for one image"))
+            continue
+        try:
+            names[str(name_for_tag(tag))] = None
+        except (FormatError, InvalidSource) as e:
+            skipped.append((tag, e.message))
+    return list(names), skipped
 
 
 def _repository_of(name: str) -> str | None:
@@ -262,23 +294,48 @@ class ImageService:
             pass
         return pulled.image
 
-    def load(self, path: Path, *, progress: bool | None = None) -> builtins.list[tuple[Image, builtins.list[str]]]:
-        """Every image of the ``docker save`` archive at ``path`` (as ``docker load``), under
-        the names its ``RepoTags`` give; one without any under ``docker-archive:PATH:@N``.
-        Returns each image with the names it was recorded under."""
+    def load(
+        self,
+        path: Path,
+        *,
+        label: str | None = None,
+        named_at: Path | None = None,
+        progress: bool | None = None,
+    ) -> Iterator[Loaded]:
+        """Every image of the ``docker save`` archive at ``path`` (as ``docker load``), one
+        by one as each is recorded, under the names its ``RepoTags`` give.  One without
+        any ember can use is recorded as ``docker-archive:NAMED_AT:@N``: without
+        ``named_at`` (an archive that has no path of its own: standard input), or one
+        that cannot be named so, such an image is refused before anything is loaded.
+        The archive is opened and indexed once.  ``label``: how messages name it."""
         from ember.images.dockerarchive import DockerArchiveSource
 
-        listing = DockerArchiveSource(path, None, f"docker-archive:{path}")
+        archive = DockerArchiveSource(path, None, "", label=label)
         try:
-            names = listing.image_names()
+            plan = [_load_names(tags) for tags in archive.repo_tags()]
+            nameable = named_at is not None and ":" not in str(named_at)
+            for number, (names, _skipped) in enumerate(plan):
+                if not names and not nameable:
+                    raise InvalidSource(
+                        f"image {number} of {archive.label} has no name (RepoTags) ember can "
+                        "record it under",
+                        hint="load it from a file whose path has no ':' (ember image load -i "
+                        "FILE), where it is named docker-archive:FILE:@N, or give it a name "
+                        "when saving it",
+                    )
+            for number, (names, skipped) in enumerate(plan):
+                own = f"docker-archive:{named_at}:@{number}"
+                source = archive.select(f"@{number}", own)
+                recorded = names or [own]
+                before = {n: r.manifest_digest for n in recorded if (r := self.table.get(n))}
+                with self._pull_from(source, None, progress, False, recorded) as pulled:
+                    pass
+                moved = [
+                    (n, old) for n, old in before.items() if old != pulled.image.manifest_digest
+                ]
+                yield Loaded(pulled.image, recorded, skipped, moved)
         finally:
-            listing.close()
-        loaded = []
-        for number, tags in enumerate(names):
-            ref = f"docker-archive:{path}:@{number}"
-            image = self.pull(ref, progress=progress, names=tags)
-            loaded.append((image, tags or [image.reference]))
-        return loaded
+            archive.close()
 
     @contextmanager
     def pulling(
@@ -312,14 +369,27 @@ class ImageService:
         recorded = [parse_source(n).name for n in names] or [spec.name]
         source = self._open_source(spec, plain_http)
         try:
-            with (
-                images_lock(self.home, exclusive=False, notice=self.notice),
-                make_progress(progress) as display,
-                self._pulling(source, platform, display, for_host, recorded) as pulled,
-            ):
+            with self._pull_from(source, platform, progress, for_host, recorded) as pulled:
                 yield pulled
         finally:
             source.close()
+
+    @contextmanager
+    def _pull_from(
+        self,
+        source: Source,
+        platform: Platform | None,
+        progress: bool | None,
+        for_host: bool,
+        names: Sequence[str],
+    ) -> Iterator[Pulling]:
+        """``_pull`` of an open source, recorded under ``names``."""
+        with (
+            images_lock(self.home, exclusive=False, notice=self.notice),
+            make_progress(progress) as display,
+            self._pulling(source, platform, display, for_host, names) as pulled,
+        ):
+            yield pulled
 
     @contextmanager
     def _pulling(
@@ -352,16 +422,15 @@ class ImageService:
 
         def record(image: Image) -> None:
             migrating.join()
-            for name in names:
-                self.table.put(
-                    name,
-                    manifest_digest=resolved.digest,
-                    config_digest=cfg.digest,
-                    media_type=manifest.media_type,
-                    platform=str(image.platform),
-                    size=image.content_size,
-                    index_digest=resolved.index_digest,
-                )
+            self.table.put(
+                names,
+                manifest_digest=resolved.digest,
+                config_digest=cfg.digest,
+                media_type=manifest.media_type,
+                platform=str(image.platform),
+                size=image.content_size,
+                index_digest=resolved.index_digest,
+            )
 
         # The claim comes before anything looks at the store (a removal spares what it
         # names) and goes after the image is recorded.  One directory fsync for all the
@@ -464,9 +533,16 @@ class ImageService:
 
     # -- local queries -------------------------------------------------------
 
-    def _lookup(self, ref: str) -> list[ImageRecord]:
+    def _lookup(self, ref: str, *, by_repository: bool = True) -> list[ImageRecord]:
         """The records ``ref`` names: one for a name; for a manifest digest or an
-        unambiguous hex prefix of one, every name the image has."""
+        unambiguous hex prefix of one, every name the image has; for ``NAME@DIGEST``
+        (``by_repository``), the names of that image in that repository."""
+        if _FULL_ID.fullmatch(ref):
+            # `sha256:<hex>` is an ID, whatever names there are: Docker reads it so, and a
+            # name of that shape (from before such names were refused) must not hide it
+            matches = self.table.find_by_digest(ref)
+            if matches:
+                return matches
         name = ref
         invalid: Exception | None = None
         spec: SourceSpec | None = None
@@ -480,10 +556,10 @@ class ImageService:
             record = self.table.get(candidate)
             if record is not None:
                 return [record]
-        if spec is not None and spec.reference is not None and spec.reference.digest is not None:
+        pinned = spec.reference if spec is not None else None
+        if by_repository and pinned is not None and pinned.digest is not None:
             # NAME[:TAG]@DIGEST, what `image pull` prints: the image of that digest that
             # has a name in that repository (the tag aside, as Docker reads it)
-            pinned = spec.reference
             matches = [
                 r for r in self.table.find_by_digest(str(pinned.digest))
                 if r.manifest_digest == pinned.digest and _repository_of(r.reference) == pinned.name
@@ -647,20 +723,7 @@ class ImageService:
         """Name the local image ``source`` (a name, or an ID: a digest prefix) also
         ``target``, as ``docker tag``: a registry reference, normalised (``busybox`` is
         ``docker.io/library/busybox:latest``); a name another image had moves to this one."""
-        spec = parse_source(target)
-        if spec.reference is None:
-            raise InvalidSource(
-                f"cannot tag an image as {target[:200]!r}: a tag is a registry reference "
-                "(NAME[:TAG]), not an oci: or docker-archive: source"
-            )
-        if spec.reference.digest is not None:
-            raise InvalidSource(f"refusing to create a tag with a digest reference: {target[:200]}")
-        if spec.reference.familiar().split(":", 1)[0] in DIGEST_ALGORITHMS:
-            # "sha256:<hex>" parses as repository sha256, tag <hex>: a name that reads as an
-            # ID, which `image rm sha256:<hex>` would then remove instead of that image
-            raise InvalidSource(
-                f"refusing to create a tag that reads as an image ID: {target[:200]}"
-            )
+        name = str(name_for_tag(target))
         # Under the claims lock, as a removal reads and deletes: an `image rm` of the source
         # at the same moment either goes first (the source is gone: not found) or sees the
         # new name (and keeps the blobs it names).
@@ -674,7 +737,7 @@ class ImageService:
                         hint=f"pull it again: ember image pull {record.reference}",
                     )
             return self.table.put(
-                spec.name,
+                name,
                 manifest_digest=record.manifest_digest,
                 config_digest=record.config_digest,
                 media_type=record.media_type,
@@ -741,7 +804,9 @@ class ImageService:
             leased = stack.enter_context(self._leases_held())
             claimed = stack.enter_context(self.claims.frozen())
             try:
-                records = self._lookup(ref)
+                # NAME@DIGEST is not read as every name of that image in that repository:
+                # removing names the user did not give
+                records = self._lookup(ref, by_repository=False)
             except DamagedImageRecord as e:
                 self.table.delete(e.reference)
                 return [e.reference]

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from ember.images.cancel import Cancellation
 from ember.images.errors import InvalidSource
+from ember.oci.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from ember.oci.digest import Digest, Verifier
 from ember.oci.manifest import Descriptor
 from ember.oci.platform import Platform
@@ -178,3 +179,22 @@ def parse_source(text: str) -> SourceSpec:
         )
     ref = Reference.parse(text.removeprefix(DOCKER_PREFIX))
     return SourceSpec("registry", str(ref), reference=ref)
+
+
+def name_for_tag(text: str) -> Reference:
+    """``text`` as a name to record an image under (``image tag``'s TARGET, a ``docker
+    load`` RepoTag): a registry reference without a digest, normalised as a pull would
+    (``bb`` is ``docker.io/library/bb:latest``).  FormatError or InvalidSource otherwise,
+    also for a name that reads as an ID (``sha256:<hex>``: repository ``sha256``), which
+    ``image rm ID`` would then remove instead of the image with that ID."""
+    spec = parse_source(text)
+    if spec.reference is None:
+        raise InvalidSource(
+            f"cannot name an image {text[:200]!r}: a tag is a registry reference "
+            "(NAME[:TAG]), not an oci: or docker-archive: source"
+        )
+    if spec.reference.digest is not None:
+        raise InvalidSource(f"refusing to create a tag with a digest reference: {text[:200]}")
+    if spec.reference.familiar().split(":", 1)[0] in DIGEST_ALGORITHMS:
+        raise InvalidSource(f"refusing to create a tag that reads as an image ID: {text[:200]}")
+    return spec.reference

@@ -7,6 +7,7 @@ moves a tag.  Blobs live in the content store; this table only names them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,7 +119,7 @@ class ImageTable:
 
     def put(
         self,
-        reference: str,
+        reference: str | Sequence[str],
         *,
         manifest_digest: Digest,
         config_digest: Digest,
@@ -128,9 +129,11 @@ class ImageTable:
         index_digest: Digest | None = None,
     ) -> ImageRecord:
         """Record ``reference`` (a re-pull moves the name and keeps its creation time);
-        one statement, so two processes recording the same name at once both succeed."""
+        one statement, so two processes recording the same name at once both succeed.
+        Several references (``docker load``'s names of one image): all in one
+        transaction; the record of the first is returned."""
+        references = [reference] if isinstance(reference, str) else list(reference)
         values = {
-            "reference": reference,
             "manifest_digest": str(manifest_digest),
             "config_digest": str(config_digest),
             "media_type": media_type,
@@ -140,8 +143,11 @@ class ImageTable:
             "now": to_db_time(datetime.now(UTC)),
         }
         with self.db.begin() as conn:
-            conn.execute(_UPSERT, values)
-            row = conn.execute("SELECT * FROM images WHERE reference = ?", (reference,)).fetchone()
+            for name in references:
+                conn.execute(_UPSERT, {**values, "reference": name})
+            row = conn.execute(
+                "SELECT * FROM images WHERE reference = ?", (references[0],)
+            ).fetchone()
         return _record(row)
 
     def get(self, reference: str) -> ImageRecord | None:
