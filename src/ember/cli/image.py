@@ -277,8 +277,8 @@ def load(input_text: str | None, quiet: bool) -> None:
             for name, old in loaded.moved:
                 say(f"{name} moved from image {old.short} to {loaded.image.manifest_digest.short}")
             for name in loaded.names:
-                click.echo(f"Loaded image: {name}", nl=True)
-                sys.stdout.flush()
+                click.echo(f"Loaded image: {name}")
+                sys.stdout.flush()  # as it goes, also into a pipe
 
 
 @image.command()

@@ -41,7 +41,6 @@ from ember.oci.reference import Reference
 from ember.store.content import ContentStore
 
 _OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -282,15 +282,10 @@ class ImageService:
         *,
         plain_http: bool = False,
         progress: bool | None = None,
-        names: Sequence[str] = (),
     ) -> Image:
         """Fetch ``ref`` (registry reference, ``oci:DIR[:TAG]``, ``docker-archive:FILE``) and
-        record it, under ``names`` if given (registry references, as ``docker load`` names
-        an archive's images), else its own.  Without ``platform``, an index gives this
-        host's image."""
-        with self._pull(
-            ref, platform, plain_http=plain_http, progress=progress, names=names
-        ) as pulled:
+        record it.  Without ``platform``, an index gives this host's image."""
+        with self.pulling(ref, platform, plain_http=plain_http, progress=progress) as pulled:
             pass
         return pulled.image
 
@@ -361,15 +356,13 @@ class ImageService:
         plain_http: bool,
         progress: bool | None,
         for_host: bool = False,
-        names: Sequence[str] = (),
     ) -> Iterator[Pulling]:
         """``for_host``: ``platform`` is this host's, which the caller did not name (the
-        refusal says how to ask for another).  ``names``: see ``pull``."""
+        refusal says how to ask for another)."""
         spec = parse_source(ref)
-        recorded = [parse_source(n).name for n in names] or [spec.name]
         source = self._open_source(spec, plain_http)
         try:
-            with self._pull_from(source, platform, progress, for_host, recorded) as pulled:
+            with self._pull_from(source, platform, progress, for_host, [spec.name]) as pulled:
                 yield pulled
         finally:
             source.close()
