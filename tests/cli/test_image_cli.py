@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.archives import rewrite_tar
 from tests.support.cli import EMBER, ember_env, run_ember
 from tests.support.images import copy_layout, layout_ref, push_layout
 from tests.support.passstore import PassStore
@@ -700,17 +701,7 @@ def test_history_shows_what_an_image_says_as_text(tmp_path: Path, busybox_layout
 
 def _retagged(src: Path, dest: Path, entries: list[dict[str, object]]) -> None:
     """``src`` (a saved archive) with another manifest.json."""
-    import io
-    import tarfile
-
-    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
-        for member in tin.getmembers():
-            if member.name == "manifest.json":
-                data = json.dumps(entries).encode()
-                member.size = len(data)
-                tout.addfile(member, io.BytesIO(data))
-            else:
-                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+    rewrite_tar(src, dest, {"manifest.json": json.dumps(entries).encode()})
 
 
 def test_load_says_what_it_loaded_as_it_goes_and_what_it_could_not_name(

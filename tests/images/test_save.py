@@ -4,7 +4,6 @@ read it in tests/cli/test_image_cli.py."""
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from ember.images.model import Image
 from ember.images.save import SavedImage, archive_documents, write_archive
 from ember.oci.digest import Digest
 from ember.oci.reference import Reference
+from tests.support.archives import rewrite_tar
 from tests.support.images import layout_ref
 
 pytestmark = pytest.mark.integration
@@ -76,18 +76,7 @@ def test_an_image_keeps_its_id_through_save_and_pull(
 
 def _rewrite(src: Path, dest: Path, index: dict[str, object], extra: dict[str, bytes] | None = None) -> None:
     """``src`` with another index.json, and ``extra`` members (name: content) added."""
-    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
-        for member in tin.getmembers():
-            if member.name == "index.json":
-                data = json.dumps(index).encode()
-                member.size = len(data)
-                tout.addfile(member, io.BytesIO(data))
-            else:
-                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
-        for name, data in (extra or {}).items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tout.addfile(info, io.BytesIO(data))
+    rewrite_tar(src, dest, {"index.json": json.dumps(index).encode()}, extra)
 
 
 def _manifest_variant(image: Image, change: Callable[[dict[str, Any]], None]) -> tuple[dict[str, object], dict[str, bytes]]:
@@ -178,20 +167,8 @@ def test_the_entry_of_the_selected_name_comes_first(
     with tarfile.open(tampered) as t:
         entries = json.loads(t.extractfile("manifest.json").read())  # type: ignore[union-attr]
     entries[0]["RepoTags"].append("ann:1")
-    _replace_member(tampered, "manifest.json", json.dumps(entries).encode())
+    rewrite_tar(tampered, tampered, {"manifest.json": json.dumps(entries).encode()})
     for name, wanted in (("bb:1", bb.manifest_digest), ("ann:1", Digest.parse(str(entry["digest"])))):
         home = service.home.__class__(tmp_path / f"home-{name}").ensure()
         loaded = ImageService(home).pull(f"docker-archive:{tampered}:{name}", progress=False)
         assert loaded.manifest_digest == wanted, name
-
-
-def _replace_member(path: Path, name: str, data: bytes) -> None:
-    out = path.with_suffix(".new")
-    with tarfile.open(path) as tin, tarfile.open(out, "w") as tout:
-        for member in tin.getmembers():
-            if member.name == name:
-                member.size = len(data)
-                tout.addfile(member, io.BytesIO(data))
-            else:
-                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
-    out.replace(path)
