@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import signal
 import subprocess
 import tempfile
@@ -111,8 +110,9 @@ def helper_get(helper: str, address: str, *, timeout: float = HELPER_TIMEOUT) ->
             # a helper need not read it all; a few bytes: the write never blocks
             with contextlib.suppress(BrokenPipeError), proc.stdin:
                 proc.stdin.write(address.encode())
-            if not _exits_within(proc.pid, timeout):
-                raise CredentialsError(f"{program} get did not answer within {timeout:g} s")
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise CredentialsError(f"{program} get did not answer within {timeout:g} s") from None
         finally:
             if proc.poll() is None:  # timed out, or interrupted
                 _kill_with_descendants(proc.pid)
@@ -130,16 +130,6 @@ def helper_get(helper: str, address: str, *, timeout: float = HELPER_TIMEOUT) ->
             f"{program} get failed (exit status {status})" + (f": {last}" if last else "")
         )
     return parse_get_output(output, program)
-
-
-def _exits_within(pid: int, timeout: float) -> bool:
-    """Whether child ``pid`` ends within ``timeout`` seconds, leaving it unreaped."""
-    fd = os.pidfd_open(pid)
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
-    return bool(ready)
 
 
 def _kill_with_descendants(pid: int) -> None:
