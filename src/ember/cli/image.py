@@ -242,7 +242,8 @@ def load(input_text: str | None, quiet: bool) -> None:
     beside the store (the archive is read in place, by offsets)."""
     import stat
 
-    from ember.images.spool import compression_of, spool
+    from ember.images.dockerarchive import compression_of
+    from ember.images.spool import spool
 
     service = _service()
     with contextlib.ExitStack() as stack:

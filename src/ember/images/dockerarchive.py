@@ -83,6 +83,14 @@ _DECOMPRESS = {
 }
 
 
+def compression_of(head: bytes) -> str | None:
+    """The compression an archive's first bytes announce, if any."""
+    for name, magic in ARCHIVE_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
 def _open_archive(path: Path, label: str) -> BinaryIO:
     try:
         return open_regular(path)
@@ -186,7 +194,7 @@ class DockerArchiveSource:
                 f"docker archive {self.label} is {compression}-compressed: ember reads "
                 "uncompressed archives only",
                 hint=f"decompress it first ({_DECOMPRESS[compression]}), or write it "
-                "with docker save -o FILE",
+                "with docker save -o FILE; ember image load -i FILE takes it as it is",
             )
         return InvalidSource(f"{self.label} is not a docker archive (an uncompressed tar): {detail}")
 
@@ -196,10 +204,7 @@ class DockerArchiveSource:
             head = os.pread(self._file.fileno(), 6, 0)
         except OSError:
             return None
-        for name, magic in ARCHIVE_MAGIC.items():
-            if head.startswith(magic):
-                return name
-        return None
+        return compression_of(head)
 
     def close(self) -> None:
         if self._owner:

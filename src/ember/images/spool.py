@@ -15,18 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
-from ember.images.dockerarchive import ARCHIVE_MAGIC
+from ember.images.dockerarchive import compression_of
 from ember.images.errors import InvalidSource
 
 _CHUNK = 1 << 20
-
-
-def compression_of(head: bytes) -> str | None:
-    """The compression an archive's first bytes announce, if any."""
-    for name, magic in ARCHIVE_MAGIC.items():
-        if head.startswith(magic):
-            return name
-    return None
 
 
 def spool(stream: IO[bytes], directory: Path, label: str) -> BinaryIO:

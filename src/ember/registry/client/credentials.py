@@ -118,15 +118,20 @@ def _read_auths(path: Path) -> dict[str, Any]:
     return _auths_of(_read_config(path))
 
 
+def _entries_for(table: dict[str, Any], host: str) -> list[tuple[str, Any]]:
+    """``host``'s entries in a map keyed by registry (``auths``, ``credHelpers``: bare
+    hosts or URLs, any case; Docker Hub under any of its names), in lookup order."""
+    by_host = {_host_of(k): v for k, v in table.items()}
+    return [(key, by_host[key]) for key in _lookup_keys(host) if key in by_host]
+
+
 def _in_auths(auths: dict[str, Any], host: str, where: str) -> Credentials | None:
     """``host``'s credentials in an ``auths`` map; CredentialsError if its entry cannot
     be read."""
-    by_host = {_host_of(k): v for k, v in auths.items()}
-    for key in _lookup_keys(host):
-        if key in by_host:
-            creds = _decode(by_host[key], where)
-            if creds is not None:
-                return creds
+    for _key, entry in _entries_for(auths, host):
+        creds = _decode(entry, where)
+        if creds is not None:
+            return creds
     return None
 
 
@@ -134,14 +139,10 @@ def _helper_for(doc: dict[str, Any], host: str, where: str) -> str | None:
     """The credential helper Docker's config names for ``host``: its ``credHelpers``
     entry (keys normalised as those of ``auths``), else ``credsStore``."""
     helpers = doc.get("credHelpers")
-    if isinstance(helpers, dict):
-        by_host = {_host_of(k): v for k, v in helpers.items()}
-        for key in _lookup_keys(host):
-            if key in by_host:
-                name = by_host[key]
-                if not isinstance(name, str):
-                    raise CredentialsError(f"{where}: credHelpers[{key!r}] is not a string")
-                return name or None
+    for key, name in _entries_for(helpers, host) if isinstance(helpers, dict) else []:
+        if not isinstance(name, str):
+            raise CredentialsError(f"{where}: credHelpers[{key!r}] is not a string")
+        return name or None
     store = doc.get("credsStore")
     if store is not None and not isinstance(store, str):
         raise CredentialsError(f"{where}: credsStore is not a string")
