@@ -688,3 +688,51 @@ def test_a_vmm_is_known_by_its_start_time_not_its_command_line(tmp_path: Path) -
         vmm.wait()
     st.vmm_start = proc_start_time(os.getpid())
     assert not vmm_alive(st)  # gone
+
+
+#: stands in for a machine's monitor: once the record says the user stopped the machine,
+#: it records the run's end, as the monitor does when the guest has ended
+_STOPPABLE_MONITOR = """
+import sys, time
+from pathlib import Path
+from ember.machines import state as mstate
+d = Path(sys.argv[1])
+while not mstate.read_state(d).stopped_by_user:
+    time.sleep(0.02)
+with mstate.update(d) as cur:
+    cur.status, cur.exit_code, cur.finished_at = mstate.EXITED, 143, mstate.now()
+"""
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_machine_restarted_as_it_is_stopped_is_stopped(tmp_path: Path, how: str) -> None:
+    """A stop (or kill) that looked at the machine between two runs of its restart policy,
+    then found it running again (its monitor had started the next run meanwhile), took
+    it for not running: `ember stop` exited 0 without stopping or marking it, and the
+    policy went on running it (CI saw a --restart always machine still restarting after
+    a stop).  The look that decides and the mark are one step under the machine's lock."""
+    import subprocess
+    import sys
+
+    from ember.machines import lifecycle
+    from ember.process import proc_start_time
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.restart_policy, st.status, st.exit_code = "always", mstate.EXITED, 0
+    store = MachineStore(home)
+    store.create(st, "restarted")
+    d = store.dir(st.id)
+    monitor = subprocess.Popen([sys.executable, "-c", _STOPPABLE_MONITOR, str(d)])
+    try:
+        with mstate.update(d) as cur:
+            cur.monitor_pid, cur.monitor_start = monitor.pid, proc_start_time(monitor.pid)
+        looked_at = mstate.read_state(d)  # exited, its monitor about to run it again
+        with mstate.update(d) as cur:  # which it did: the next run
+            cur.status, cur.exit_code, cur.restart_count = mstate.RUNNING, None, 1
+        end = getattr(lifecycle, how)(home, looked_at)
+        assert (end.status, end.stopped_by_user, end.restart_count) == (mstate.EXITED, True, 1)
+        assert monitor.wait(timeout=10) == 0
+    finally:
+        monitor.kill()
+        monitor.wait()

@@ -853,15 +853,19 @@ def refresh(home: Home, st: MachineState) -> MachineState:
 
 def _require_running(home: Home, st: MachineState) -> MachineState:
     st = refresh(home, st)
+    if st.status != mstate.RUNNING:
+        raise _not_running(st)
+    return st
+
+
+def _not_running(st: MachineState) -> MachineNotRunning:
     if restart_pending(st):
         # as docker: a signal cannot reach a program that is not there between two runs
-        raise MachineNotRunning(
+        return MachineNotRunning(
             f"machine {st.name} is restarting (its --restart policy runs it again soon)",
             hint=f"wait until it runs, or ember stop {st.name}",
         )
-    if st.status != mstate.RUNNING:
-        raise MachineNotRunning(f"machine {st.name} is not running ({st.status})")
-    return st
+    return MachineNotRunning(f"machine {st.name} is not running ({st.status})")
 
 
 def wait_exited(home: Home, st: MachineState, timeout: float | None) -> MachineState | None:
@@ -897,10 +901,8 @@ def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
     for (it then does not restart it, or kills the VMM it was starting); None when it is
     not such a machine (or it is running by now: it is stopped as a running one)."""
     st = refresh(home, st)
-    if st.status == mstate.RUNNING or not monitor_alive(st):
+    if st.status == mstate.RUNNING or not _monitor_runs_it_again(st):
         return None
-    if st.status == mstate.EXITED and st.restart_policy == "no":
-        return None  # (its monitor is ending)
     d = MachineStore(home).dir(st.id)
     with mstate.locked(d):
         cur = mstate.read_state(d)
@@ -908,9 +910,48 @@ def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
             return None
         cur.stopped_by_user = True
         mstate.write_state(d, cur)
-    if cur.monitor_pid is not None:
-        wait_pid_exit(cur.monitor_pid, 30)
-    return mstate.read_state(d)
+    return _after_its_monitor(home, cur)
+
+
+def _monitor_runs_it_again(st: MachineState) -> bool:
+    """Not running, and its monitor is alive to run it (again): between two runs of its
+    restart policy, or being started (an exited machine without policy: its monitor is
+    ending)."""
+    if st.status == mstate.EXITED and st.restart_policy == "no":
+        return False
+    return monitor_alive(st)
+
+
+def _after_its_monitor(home: Home, st: MachineState) -> MachineState:
+    """The record once the monitor told (by the record) not to run the machine again
+    has ended."""
+    if st.monitor_pid is not None:
+        wait_pid_exit(st.monitor_pid, 30)
+    return mstate.read_state(MachineStore(home).dir(st.id))
+
+
+def _mark_stopped(
+    home: Home, st: MachineState, *, between_runs: bool = True
+) -> tuple[MachineState, bool]:
+    """Mark the machine stopped by the user (its restart policy does not run it again) in
+    one step, under its lock, with the look that decides what to do: a stop that looked
+    at it between two runs of its restart policy, then found its next run begun, took it
+    for not running and marked nothing, and the policy went on running it.
+
+    Returns the marked record, and True for a running machine (the guest is to be told)
+    or False for one its monitor is to run (again) and now will not (wait for the
+    monitor).  MachineNotRunning for any other, and with ``between_runs`` False for the
+    latter too (then left unmarked)."""
+    st = refresh(home, st)
+    d = MachineStore(home).dir(st.id)
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        running = cur.status == mstate.RUNNING
+        if not running and not (between_runs and _monitor_runs_it_again(cur)):
+            raise _not_running(cur)
+        cur.stopped_by_user = True
+        mstate.write_state(d, cur)
+    return cur, running
 
 
 @dataclass
@@ -952,7 +993,14 @@ def request_stop(home: Home, st: MachineState, timeout: int | None) -> StopReque
     after ``timeout`` seconds (None: never).  MachineNotRunning when it is not running
     (any more); a control channel that cannot be reached is the result's ``failure``."""
     request = stop_request(timeout)  # (a bad timeout fails before anything is done)
-    st = mark_stopped_by_user(home, _require_running(home, st))
+    st, _ = _mark_stopped(home, st, between_runs=False)
+    return _send_stop(home, st, timeout, request)
+
+
+def _send_stop(
+    home: Home, st: MachineState, timeout: int | None, request: bytes
+) -> StopRequested:
+    """Send ``request`` (``stop_request``) to the running machine's guest."""
     try:
         conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
     except ControlChannelError as e:
@@ -968,12 +1016,13 @@ def request_stop(home: Home, st: MachineState, timeout: int | None) -> StopReque
 def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOUT) -> MachineState:
     """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
     is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is.
-    ``timeout`` None: no SIGKILL, wait as long as the program takes (``docker stop -t -1``)."""
-    pending = _stop_pending_restart(home, st)
-    if pending is not None:
-        return pending
-    with request_stop(home, st, timeout) as asked:
-        st = asked.machine
+    ``timeout`` None: no SIGKILL, wait as long as the program takes (``docker stop -t -1``).
+    A machine between two runs of its restart policy is not run again."""
+    request = stop_request(timeout)  # (a bad timeout fails before anything is done)
+    st, running = _mark_stopped(home, st)
+    if not running:
+        return _after_its_monitor(home, st)
+    with _send_stop(home, st, timeout, request) as asked:
         if asked.conn is None:
             # nothing reached the guest: no end to wait for ever for
             end = wait_exited(home, st, KILL_GRACE if timeout is None else timeout)
@@ -988,11 +1037,11 @@ def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOU
 
 
 def kill(home: Home, st: MachineState) -> MachineState:
-    """SIGKILL the program (through the guest, so its exit report comes back), else the VMM."""
-    pending = _stop_pending_restart(home, st)
-    if pending is not None:
-        return pending
-    st = mark_stopped_by_user(home, _require_running(home, st))
+    """SIGKILL the program (through the guest, so its exit report comes back), else the
+    VMM.  A machine between two runs of its restart policy is not run again."""
+    st, running = _mark_stopped(home, st)
+    if not running:
+        return _after_its_monitor(home, st)
     d = MachineStore(home).dir(st.id)
     try:
         conn = open_control(machine_channels(d).control_socket)
