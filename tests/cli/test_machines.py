@@ -598,3 +598,30 @@ def test_kill_of_a_machine_ending_meanwhile_says_it_is_not_running(tmp_path: Pat
         monitor.wait()
     assert res.returncode == 1
     assert res.stderr == "ember: machine ending is not running (exited)\n", res.stderr
+
+
+def test_start_and_restart_of_a_machine_between_two_runs_of_its_policy(tmp_path: Path) -> None:
+    """`ember start` of a machine whose monitor waits to run it again set up a second
+    monitor beside that one; as docker's start of a restarting container, it now does
+    nothing, successfully.  `ember restart` stops it first (its monitor ends without
+    running it again), then starts it."""
+    from tests.machines.records import start_stoppable_monitor
+
+    home = Home(tmp_path)
+    st = _record(home, "looping", status=mstate.EXITED, exit_code=1, finished_at=mstate.now(),
+                 restart_policy="always", restart_count=3)  # fmt: skip
+    d = MachineStore(home).dir(st.id)
+    monitor = start_stoppable_monitor(d)
+    try:
+        waiting = mstate.read_state(d)
+        res = _ember(tmp_path, "start", "looping")
+        assert (res.returncode, res.stdout, res.stderr) == (0, "looping\n", ""), res.stderr
+        assert mstate.read_state(d) == waiting
+        res = _ember(tmp_path, "restart", "-t", "1", "looping")
+        assert monitor.wait(timeout=10) == 0  # stopped: not run again by the old monitor
+        # (the record, made without a VM, cannot be started: that start fails as such)
+        assert res.returncode == 1 and "older ember" in res.stderr, res.stderr
+        assert mstate.read_state(d).stopped_by_user
+    finally:
+        monitor.kill()
+        monitor.wait()

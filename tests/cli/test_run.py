@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ember.machines.lifecycle import machine_channels
 from ember.machines.logs import LogFollower
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
+from tests.machines.records import start_stoppable_monitor
 
 
 def _machine() -> MachineState:
@@ -116,3 +118,48 @@ def test_an_attached_run_whose_vm_ended_before_it_started_fails_as_run_d(tmp_pat
     # stopped (Ctrl-C, ember kill) before it started: the user's doing, not a failure
     killed = {"event": "exited", "exit_code": 137, "end_reason": "killed", "stopped_by_user": True}
     assert _follow_events(tmp_path, killed) == 137
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_monitor_starts_the_vmm_is_not_dropped(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C (or a `timeout`'s SIGTERM) after the hand-over, before the monitor records
+    the machine running: the attached run took it for ended and dropped the signal, and
+    the machine ran on.  It is marked stopped now, which the monitor acts on as it
+    records the VMM started (it kills it before the program runs)."""
+    from ember.cli.run import _pass_on
+
+    home = Home(tmp_path)
+    st = _machine()
+    st.status = mstate.CREATED
+    MachineStore(home).create(st, "m1")
+    d = MachineStore(home).dir(st.id)
+    monitor = start_stoppable_monitor(d)
+    try:
+        intr = _Interrupts()
+        assert _pass_on(home, d, intr, sig) is None  # (nothing to keep open for)
+        assert intr.stops == 1  # a second one kills it
+        assert mstate.read_state(d).stopped_by_user
+        assert monitor.wait(timeout=10) == 0
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
+def test_a_signal_between_two_runs_of_an_attached_machine_stops_nothing(tmp_path: Path) -> None:
+    """`ember start -a` of a running --restart machine follows that run: a Ctrl-C after it
+    ended, while its monitor starts the next one, stops no restart (docker's attach ends
+    with the run too)."""
+    from ember.cli.run import _pass_on
+
+    home = Home(tmp_path)
+    st = _machine()
+    st.status, st.restarting, st.restart_policy = mstate.CREATED, True, "always"
+    MachineStore(home).create(st, "m1")
+    d = MachineStore(home).dir(st.id)
+    monitor = start_stoppable_monitor(d)
+    try:
+        assert _pass_on(home, d, _Interrupts(), signal.SIGINT) is None
+        assert not mstate.read_state(d).stopped_by_user
+    finally:
+        monitor.kill()
+        monitor.wait()

@@ -21,7 +21,7 @@ from ember.machines.errors import (
 )
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-from tests.machines.records import network_json
+from tests.machines.records import network_json, start_stoppable_monitor
 
 
 def make_state(machine_id: str | None = None) -> MachineState:
@@ -690,19 +690,6 @@ def test_a_vmm_is_known_by_its_start_time_not_its_command_line(tmp_path: Path) -
     assert not vmm_alive(st)  # gone
 
 
-#: stands in for a machine's monitor: once the record says the user stopped the machine,
-#: it records the run's end, as the monitor does when the guest has ended
-_STOPPABLE_MONITOR = """
-import sys, time
-from pathlib import Path
-from ember.machines import state as mstate
-d = Path(sys.argv[1])
-while not mstate.read_state(d).stopped_by_user:
-    time.sleep(0.02)
-with mstate.update(d) as cur:
-    cur.status, cur.exit_code, cur.finished_at = mstate.EXITED, 143, mstate.now()
-"""
-
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_a_machine_restarted_as_it_is_stopped_is_stopped(tmp_path: Path, how: str) -> None:
@@ -711,11 +698,7 @@ def test_a_machine_restarted_as_it_is_stopped_is_stopped(tmp_path: Path, how: st
     it for not running: `ember stop` exited 0 without stopping or marking it, and the
     policy went on running it (CI saw a --restart always machine still restarting after
     a stop).  The look that decides and the mark are one step under the machine's lock."""
-    import subprocess
-    import sys
-
     from ember.machines import lifecycle
-    from ember.process import proc_start_time
 
     home = Home(tmp_path)
     st = make_state()
@@ -723,16 +706,65 @@ def test_a_machine_restarted_as_it_is_stopped_is_stopped(tmp_path: Path, how: st
     store = MachineStore(home)
     store.create(st, "restarted")
     d = store.dir(st.id)
-    monitor = subprocess.Popen([sys.executable, "-c", _STOPPABLE_MONITOR, str(d)])
+    monitor = start_stoppable_monitor(d)
     try:
-        with mstate.update(d) as cur:
-            cur.monitor_pid, cur.monitor_start = monitor.pid, proc_start_time(monitor.pid)
         looked_at = mstate.read_state(d)  # exited, its monitor about to run it again
         with mstate.update(d) as cur:  # which it did: the next run
             cur.status, cur.exit_code, cur.restart_count = mstate.RUNNING, None, 1
         end = getattr(lifecycle, how)(home, looked_at)
         assert (end.status, end.stopped_by_user, end.restart_count) == (mstate.EXITED, True, 1)
         assert monitor.wait(timeout=10) == 0
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_stopping_a_machine_its_monitor_removes_as_it_ends(tmp_path: Path, how: str) -> None:
+    """A --rm machine being started, stopped: its monitor ends it and deletes it, and the
+    stop that waited for that failed reading the record gone (a traceback-like "No such
+    file or directory", exit 1)."""
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.status, st.auto_remove = mstate.CREATED, True
+    store = MachineStore(home)
+    store.create(st, "once")
+    d = store.dir(st.id)
+    monitor = start_stoppable_monitor(d, removes=True)
+    try:
+        end = getattr(lifecycle, how)(home, mstate.read_state(d))
+        assert end.id == st.id and not d.exists()
+        assert monitor.wait(timeout=10) == 0
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
+def test_a_start_leaves_a_machine_between_two_restarts_to_its_monitor(tmp_path: Path) -> None:
+    """`ember start` of a machine whose monitor waits out the backoff to run it again set
+    it up for a second monitor: the first then ran it again as well (an on-failure job
+    that had succeeded under the second ran again), the record naming the other one.  As
+    docker's start of a restarting container, it leaves it be; and a monitor finding the
+    machine taken by another start does not restart it."""
+    from ember.machines import lifecycle
+    from ember.machines.errors import MachineRestarting
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.restart_policy, st.status, st.exit_code = "on-failure", mstate.EXITED, 1
+    store = MachineStore(home)
+    store.create(st, "looping")
+    d = store.dir(st.id)
+    monitor = start_stoppable_monitor(d)
+    try:
+        with pytest.raises(MachineRestarting, match="is restarting"):
+            lifecycle.prepare_start(home, mstate.read_state(d))
+        assert mstate.read_state(d).monitor_pid == monitor.pid
+        # (this process is not the monitor the record names)
+        with pytest.raises(MachineError, match="started by another ember command"):
+            lifecycle.prepare_start(home, mstate.read_state(d), restart=True)
     finally:
         monitor.kill()
         monitor.wait()

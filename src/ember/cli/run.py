@@ -26,7 +26,7 @@ from ember.cli.machines import stop_time_option
 from ember.cli.sinks import OutputSink
 from ember.errors import EmberError, UsageError
 from ember.home import Home
-from ember.machines.errors import MachineError, MachineRunning
+from ember.machines.errors import MachineError, MachineNotRunning, MachineRestarting, MachineRunning
 
 if TYPE_CHECKING:
     from ember.machines.events import EventReader, Exited, MonitorFailed
@@ -277,15 +277,18 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> StopRequested 
     for (its control connection kept open until the machine ends), if any."""
     from ember.machines import lifecycle
     from ember.machines.controllines import stop_timeout_of
-    from ember.machines.errors import MachineNotRunning
-    from ember.machines.state import RUNNING
+    from ember.machines.state import CREATED, RUNNING
 
     st = _current(home, d)
-    if st is None or st.status != RUNNING:
+    # handed over, its monitor starting the VMM: a stop now ends it before the program
+    # runs (it was dropped, and the machine ran on, a `timeout`'s SIGTERM lost)
+    starting = st is not None and st.status == CREATED and not st.restarting
+    if st is None or (st.status != RUNNING and not starting):
         return None  # it ended by itself meanwhile: nothing to pass on, no restart lost
     if sig == signal.SIGHUP:
-        with contextlib.suppress(EmberError):  # `ember kill -s HUP`'s way; gone meanwhile: fine
-            lifecycle.send_signal(home, st, signal.SIGHUP)
+        if not starting:  # (no program yet to deliver it to)
+            with contextlib.suppress(EmberError):  # `ember kill -s HUP`'s way; gone: fine
+                lifecycle.send_signal(home, st, signal.SIGHUP)
         return None
     intr.stops += 1
     if intr.stops > 1:
@@ -297,9 +300,11 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> StopRequested 
     _say(f"stopping {st.name} ({again} again to kill it)")
     try:
         # the machine's own timeout (-1: none), as `ember stop` sends it
-        asked = lifecycle.request_stop(home, st, stop_timeout_of(st))
+        asked = lifecycle.request_stop(home, st, stop_timeout_of(st), starting=starting)
     except MachineNotRunning:
         return None  # it ended just now
+    if asked.conn is None and asked.failure is None:
+        return None  # marked before it ran: its monitor ends it as the VMM starts
     if asked.conn is None:
         now = _current(home, d)
         if now is None or now.status != RUNNING:
@@ -671,6 +676,8 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
             return
         try:
             _start_one(home, st, attach=False)
+        except MachineRestarting:
+            return  # its policy runs it again: as docker's, that counts as running
         except MachineRunning:
             # another `ember start` (or run) of it is under way: once it runs, this
             # start has what it asked for, as a second `docker start` has
@@ -686,7 +693,6 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
 def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
     """Stop machines (gracefully, as ember stop) and start them again, all at once."""
     from ember.cli.machines import find_machine, for_each, stop_gracefully
-    from ember.machines.state import RUNNING
 
     home = home_from_ctx()
     warnings_as_messages()  # the snapshotter's, as ember: lines
@@ -696,7 +702,9 @@ def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
         st = find_machine(ref, home)
         if st.auto_remove:
             raise UsageError(f"machine {st.name} was run with --rm: stopping it removes it")
-        if st.status == RUNNING:
+        # running, or between two runs of its restart policy (whose monitor must not run
+        # it beside the new one): stopped first; one that has just ended is started
+        with contextlib.suppress(MachineNotRunning):
             st = stop_gracefully(st, timeout, home)
         _start_one(home, st, attach=False)
 

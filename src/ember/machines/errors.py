@@ -40,5 +40,9 @@ class MachineRunning(UsageError, MachineError):
     """The operation needs a stopped machine."""
 
 
+class MachineRestarting(MachineRunning):
+    """Between two runs of its restart policy: its monitor runs it again soon."""
+
+
 class MachineNotRunning(UsageError, MachineError):
     """The operation needs a running machine."""

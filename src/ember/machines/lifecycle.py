@@ -39,6 +39,7 @@ from ember.machines.errors import (
     MachineError,
     MachineNotFound,
     MachineNotRunning,
+    MachineRestarting,
     MachineRunning,
 )
 from ember.machines.logs import LogConfig
@@ -484,6 +485,18 @@ def prepare_start(
                 f"machine {cur.name} is being started (by another ember command, or again "
                 "by its restart policy)"
             )
+        if not restart and restart_pending(cur):
+            # its monitor runs it again after its backoff: a second monitor started now
+            # would race that one for the machine (and on-failure ran a job again after
+            # it had succeeded); docker's start of a restarting container does nothing
+            raise MachineRestarting(
+                f"machine {cur.name} is restarting (its --restart policy runs it again soon)",
+                hint=f"ember restart {cur.name} to run it now",
+            )
+        if restart and cur.monitor_pid != os.getpid():
+            # (only the monitor restarts a machine, and its pid is in the record since its
+            # run began): another ember start took the machine meanwhile
+            raise MachineError(f"machine {cur.name} was started by another ember command")
         if cur.status != mstate.EXITED:
             raise MachineRunning(f"machine {cur.name} is {cur.status}, not exited")
         if not cur.vm.root_disk:
@@ -904,7 +917,7 @@ def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
     if st.status == mstate.RUNNING or not _monitor_runs_it_again(st):
         return None
     d = MachineStore(home).dir(st.id)
-    with mstate.locked(d):
+    with _locked_unless_removed(d, st.name):
         cur = mstate.read_state(d)
         if cur.status == mstate.RUNNING:
             return None
@@ -924,10 +937,13 @@ def _monitor_runs_it_again(st: MachineState) -> bool:
 
 def _after_its_monitor(home: Home, st: MachineState) -> MachineState:
     """The record once the monitor told (by the record) not to run the machine again
-    has ended."""
+    has ended (``st`` when that monitor removed it: --rm)."""
     if st.monitor_pid is not None:
         wait_pid_exit(st.monitor_pid, 30)
-    return mstate.read_state(MachineStore(home).dir(st.id))
+    try:
+        return mstate.read_state(MachineStore(home).dir(st.id))
+    except FileNotFoundError:
+        return st
 
 
 def _mark_stopped(
@@ -944,7 +960,7 @@ def _mark_stopped(
     latter too (then left unmarked)."""
     st = refresh(home, st)
     d = MachineStore(home).dir(st.id)
-    with mstate.locked(d):
+    with _locked_unless_removed(d, st.name):
         cur = mstate.read_state(d)
         running = cur.status == mstate.RUNNING
         if not running and not (between_runs and _monitor_runs_it_again(cur)):
@@ -987,13 +1003,21 @@ class StopRequested:
         self.close()
 
 
-def request_stop(home: Home, st: MachineState, timeout: int | None) -> StopRequested:
+def request_stop(
+    home: Home, st: MachineState, timeout: int | None, *, starting: bool = False
+) -> StopRequested:
     """Ask running machine ``st`` to stop: marked stopped by the user (its restart policy
     does not apply), then the guest told to send the StopSignal and to SIGKILL the program
     after ``timeout`` seconds (None: never).  MachineNotRunning when it is not running
-    (any more); a control channel that cannot be reached is the result's ``failure``."""
+    (any more); a control channel that cannot be reached is the result's ``failure``.
+
+    ``starting``: a machine its monitor is starting (or runs again after a backoff) is
+    marked too, and so ends before its program runs: the result has neither a
+    connection nor a failure then."""
     request = stop_request(timeout)  # (a bad timeout fails before anything is done)
-    st, _ = _mark_stopped(home, st, between_runs=False)
+    st, running = _mark_stopped(home, st, between_runs=starting)
+    if not running:
+        return StopRequested(st, timeout, None)
     return _send_stop(home, st, timeout, request)
 
 
@@ -1176,7 +1200,7 @@ def _locked_unless_removed(d: Path, name: str) -> Iterator[None]:
     try:
         lock.acquire()
     except FileNotFoundError:
-        raise MachineNotFound(f"machine {name} was removed by another ember command") from None
+        raise MachineNotFound(f"machine {name} was removed meanwhile") from None
     try:
         yield
     finally:
