@@ -605,14 +605,13 @@ def test_start_and_restart_of_a_machine_between_two_runs_of_its_policy(tmp_path:
     monitor beside that one; as docker's start of a restarting container, it now does
     nothing, successfully.  `ember restart` stops it first (its monitor ends without
     running it again), then starts it."""
-    from tests.machines.records import start_stoppable_monitor
+    from tests.machines.records import stoppable_monitor
 
     home = Home(tmp_path)
     st = _record(home, "looping", status=mstate.EXITED, exit_code=1, finished_at=mstate.now(),
                  restart_policy="always", restart_count=3)  # fmt: skip
     d = MachineStore(home).dir(st.id)
-    monitor = start_stoppable_monitor(d)
-    try:
+    with stoppable_monitor(d) as monitor:
         waiting = mstate.read_state(d)
         res = _ember(tmp_path, "start", "looping")
         assert (res.returncode, res.stdout, res.stderr) == (0, "looping\n", ""), res.stderr
@@ -622,6 +621,3 @@ def test_start_and_restart_of_a_machine_between_two_runs_of_its_policy(tmp_path:
         # (the record, made without a VM, cannot be started: that start fails as such)
         assert res.returncode == 1 and "older ember" in res.stderr, res.stderr
         assert mstate.read_state(d).stopped_by_user
-    finally:
-        monitor.kill()
-        monitor.wait()

@@ -21,7 +21,7 @@ from ember.machines.lifecycle import machine_channels
 from ember.machines.logs import LogFollower
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-from tests.machines.records import start_stoppable_monitor
+from tests.machines.records import stoppable_monitor
 
 
 def _machine() -> MachineState:
@@ -133,16 +133,12 @@ def test_a_stop_while_the_monitor_starts_the_vmm_is_not_dropped(tmp_path: Path, 
     st.status = mstate.CREATED
     MachineStore(home).create(st, "m1")
     d = MachineStore(home).dir(st.id)
-    monitor = start_stoppable_monitor(d)
-    try:
+    with stoppable_monitor(d) as monitor:
         intr = _Interrupts()
         assert _pass_on(home, d, intr, sig) is None  # (nothing to keep open for)
         assert intr.stops == 1  # a second one kills it
         assert mstate.read_state(d).stopped_by_user
         assert monitor.wait(timeout=10) == 0
-    finally:
-        monitor.kill()
-        monitor.wait()
 
 
 def test_a_signal_between_two_runs_of_an_attached_machine_stops_nothing(tmp_path: Path) -> None:
@@ -156,10 +152,6 @@ def test_a_signal_between_two_runs_of_an_attached_machine_stops_nothing(tmp_path
     st.status, st.restarting, st.restart_policy = mstate.CREATED, True, "always"
     MachineStore(home).create(st, "m1")
     d = MachineStore(home).dir(st.id)
-    monitor = start_stoppable_monitor(d)
-    try:
+    with stoppable_monitor(d):
         assert _pass_on(home, d, _Interrupts(), signal.SIGINT) is None
         assert not mstate.read_state(d).stopped_by_user
-    finally:
-        monitor.kill()
-        monitor.wait()

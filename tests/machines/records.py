@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,19 @@ else:
 """
 
 
-def start_stoppable_monitor(machine_dir: Path, *, removes: bool = False) -> subprocess.Popen[bytes]:
+@contextmanager
+def stoppable_monitor(machine_dir: Path, *, removes: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     """A process named in the machine's record as its monitor, which, once the record
     says the user stopped the machine, records the run's end and exits, as the monitor
     does when the guest has ended (``removes``: deletes the machine instead, as the
-    monitor of a ``--rm`` machine does)."""
+    monitor of a ``--rm`` machine does).  Killed on the way out if it still runs."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _STOPPABLE_MONITOR, str(machine_dir), "rm" if removes else "-"]
     )
-    with mstate.update(machine_dir) as cur:
-        cur.monitor_pid, cur.monitor_start = proc.pid, proc_start_time(proc.pid)
-    return proc
+    try:
+        with mstate.update(machine_dir) as cur:
+            cur.monitor_pid, cur.monitor_start = proc.pid, proc_start_time(proc.pid)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

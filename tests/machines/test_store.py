@@ -21,7 +21,7 @@ from ember.machines.errors import (
 )
 from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
-from tests.machines.records import network_json, start_stoppable_monitor
+from tests.machines.records import network_json, stoppable_monitor
 
 
 def make_state(machine_id: str | None = None) -> MachineState:
@@ -691,6 +691,17 @@ def test_a_vmm_is_known_by_its_start_time_not_its_command_line(tmp_path: Path) -
 
 
 
+def _stored(tmp_path: Path, name: str, **fields: Any) -> tuple[Home, Path]:
+    """A machine record made without a VM, with ``fields``; its home and directory."""
+    home = Home(tmp_path)
+    st = make_state()
+    for field, value in fields.items():
+        setattr(st, field, value)
+    store = MachineStore(home)
+    store.create(st, name)
+    return home, store.dir(st.id)
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_a_machine_restarted_as_it_is_stopped_is_stopped(tmp_path: Path, how: str) -> None:
     """A stop (or kill) that looked at the machine between two runs of its restart policy,
@@ -700,23 +711,15 @@ def test_a_machine_restarted_as_it_is_stopped_is_stopped(tmp_path: Path, how: st
     a stop).  The look that decides and the mark are one step under the machine's lock."""
     from ember.machines import lifecycle
 
-    home = Home(tmp_path)
-    st = make_state()
-    st.restart_policy, st.status, st.exit_code = "always", mstate.EXITED, 0
-    store = MachineStore(home)
-    store.create(st, "restarted")
-    d = store.dir(st.id)
-    monitor = start_stoppable_monitor(d)
-    try:
+    home, d = _stored(tmp_path, "restarted", restart_policy="always", status=mstate.EXITED,
+                      exit_code=0)  # fmt: skip
+    with stoppable_monitor(d) as monitor:
         looked_at = mstate.read_state(d)  # exited, its monitor about to run it again
         with mstate.update(d) as cur:  # which it did: the next run
             cur.status, cur.exit_code, cur.restart_count = mstate.RUNNING, None, 1
         end = getattr(lifecycle, how)(home, looked_at)
         assert (end.status, end.stopped_by_user, end.restart_count) == (mstate.EXITED, True, 1)
         assert monitor.wait(timeout=10) == 0
-    finally:
-        monitor.kill()
-        monitor.wait()
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
@@ -726,20 +729,12 @@ def test_stopping_a_machine_its_monitor_removes_as_it_ends(tmp_path: Path, how: 
     file or directory", exit 1)."""
     from ember.machines import lifecycle
 
-    home = Home(tmp_path)
-    st = make_state()
-    st.status, st.auto_remove = mstate.CREATED, True
-    store = MachineStore(home)
-    store.create(st, "once")
-    d = store.dir(st.id)
-    monitor = start_stoppable_monitor(d, removes=True)
-    try:
-        end = getattr(lifecycle, how)(home, mstate.read_state(d))
-        assert end.id == st.id and not d.exists()
+    home, d = _stored(tmp_path, "once", status=mstate.CREATED, auto_remove=True)
+    with stoppable_monitor(d, removes=True) as monitor:
+        looked_at = mstate.read_state(d)
+        end = getattr(lifecycle, how)(home, looked_at)
+        assert end.id == looked_at.id and not d.exists()
         assert monitor.wait(timeout=10) == 0
-    finally:
-        monitor.kill()
-        monitor.wait()
 
 
 def test_a_start_leaves_a_machine_between_two_restarts_to_its_monitor(tmp_path: Path) -> None:
@@ -751,20 +746,12 @@ def test_a_start_leaves_a_machine_between_two_restarts_to_its_monitor(tmp_path: 
     from ember.machines import lifecycle
     from ember.machines.errors import MachineRestarting
 
-    home = Home(tmp_path)
-    st = make_state()
-    st.restart_policy, st.status, st.exit_code = "on-failure", mstate.EXITED, 1
-    store = MachineStore(home)
-    store.create(st, "looping")
-    d = store.dir(st.id)
-    monitor = start_stoppable_monitor(d)
-    try:
+    home, d = _stored(tmp_path, "looping", restart_policy="on-failure", status=mstate.EXITED,
+                      exit_code=1)  # fmt: skip
+    with stoppable_monitor(d) as monitor:
         with pytest.raises(MachineRestarting, match="is restarting"):
             lifecycle.prepare_start(home, mstate.read_state(d))
         assert mstate.read_state(d).monitor_pid == monitor.pid
         # (this process is not the monitor the record names)
         with pytest.raises(MachineError, match="started by another ember command"):
             lifecycle.prepare_start(home, mstate.read_state(d), restart=True)
-    finally:
-        monitor.kill()
-        monitor.wait()
