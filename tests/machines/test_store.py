@@ -99,9 +99,9 @@ def test_dir_refuses_hostile_ids(tmp_path: Path) -> None:
             store.dir(bad)
 
 
-def _script_in_netns(script: str, home_dir: Path, machine_id: str) -> Any:
-    """Run ``script`` (argv: the state directory, the machine id) in a network namespace
-    of its own, for the TAPs and rules it makes; what it printed, as JSON."""
+def _script_in_netns(script: str, home_dir: Path, machine_id: str, *more: str) -> Any:
+    """Run ``script`` (argv: the state directory, the machine id, ``more``) in a network
+    namespace of its own, for the TAPs and rules it makes; what it printed, as JSON."""
     import subprocess
     import sys
 
@@ -110,7 +110,7 @@ def _script_in_netns(script: str, home_dir: Path, machine_id: str) -> Any:
     netns = new_netns()
     try:
         res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script,
-                              str(home_dir), machine_id], capture_output=True, text=True)  # fmt: skip
+                              str(home_dir), machine_id, *more], capture_output=True, text=True)  # fmt: skip
     finally:
         delete_netns(netns)
     assert res.returncode == 0, res.stderr
@@ -128,6 +128,9 @@ from ember.net.ports import parse_publish
 home = Home(Path(sys.argv[1]))
 st = MachineStore(home).find(sys.argv[2])
 NetworkManager(home).setup(st.id, ports=parse_publish("8080:80"))
+if sys.argv[3:] == ["taken"]:  # by another start meanwhile: its monitor in the record
+    with mstate.update(MachineStore(home).dir(st.id)) as cur:
+        cur.monitor_pid = 1
 lifecycle.abandon_start(home, st, "no monitor")
 print(json.dumps({"state": mstate.read_state(MachineStore(home).dir(st.id)).to_json(),
                   "networks": list(NetworkManager(home).machines())}))
@@ -143,6 +146,17 @@ def test_a_start_no_monitor_took_is_recorded_and_its_network_freed(tmp_path: Pat
     assert (got["status"], got["exit_code"], got["error"]) == ("exited", 125, "no monitor")
     assert got["end_reason"] and got["finished_at"]
     assert out["networks"] == []
+
+
+def test_a_start_no_monitor_took_leaves_a_start_made_since_alone(tmp_path: Path) -> None:
+    """The record found without its monitor (by `refresh`) and taken by another `ember
+    start` before the first one undid its start: the undo freed the other start's network
+    and recorded its machine as not started."""
+    st = make_state()
+    MachineStore(Home(tmp_path)).create(st, "again")
+    out = _script_in_netns(ABANDON, tmp_path, st.id, "taken")
+    assert (out["state"]["status"], out["state"]["exit_code"]) == ("created", None)
+    assert out["networks"] == [st.id]
 
 
 def _damages(st: MachineState) -> dict[str, bytes]:

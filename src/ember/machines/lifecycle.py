@@ -599,9 +599,16 @@ def abandon_start(home: Home, st: MachineState, message: str) -> None:
     the network it was given."""
     from ember.net.manager import NetworkManager
 
-    NetworkManager(home).teardown(st.id)
-    with mstate.update(MachineStore(home).dir(st.id)) as cur:
+    d = MachineStore(home).dir(st.id)
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        if cur.status != mstate.CREATED or cur.monitor_pid != st.monitor_pid:
+            # found without its monitor since (by `refresh`, which freed the network),
+            # and maybe started by another command: that start is not undone
+            return
+        NetworkManager(home).teardown(st.id)
         cur.record_not_started(message, "its monitor did not take it")
+        mstate.write_state(d, cur)
 
 
 def templates_enabled(home: Home) -> bool:
