@@ -769,3 +769,18 @@ def test_a_start_leaves_a_machine_between_two_restarts_to_its_monitor(tmp_path: 
         # (this process is not the monitor the record names)
         with pytest.raises(MachineError, match="started by another ember command"):
             lifecycle.prepare_start(home, mstate.read_state(d), restart=True)
+
+
+@pytest.mark.parametrize("removes", [False, True])
+def test_rm_f_of_a_machine_being_started(tmp_path: Path, removes: bool) -> None:
+    """Marked stopped, its monitor waited for (which ends it as it starts); its exit code
+    kept for an `ember wait` on it (it was only for a running one rm -f killed), and one
+    its --rm monitor deleted meanwhile is no error."""
+    from ember.machines import lifecycle
+
+    home, d = _stored(tmp_path, "starting", status=mstate.CREATED, auto_remove=removes)
+    with stoppable_monitor(d, removes=removes):
+        st = mstate.read_state(d)
+        lifecycle.remove(home, st, force=True)
+    assert not d.exists()
+    assert mstate.removed_exit_code(home.run, st.id) == (None if removes else 143)

@@ -1165,20 +1165,25 @@ def remove(
             f"machine {st.name} is restarting (its --restart policy runs it again soon)",
             hint=f"ember stop {st.name} first, or use ember rm -f",
         )
-    st = _stop_pending_restart(home, st) or refresh(home, st)
+    try:
+        ended = _stop_pending_restart(home, st)
+    except MachineNotFound:
+        return  # removed by another command (or its --rm monitor) meanwhile
+    st = ended or refresh(home, st)
     if st.status == mstate.RUNNING:
         if not force:
             raise MachineRunning(
                 f"machine {st.name} is running", hint="stop it first or use ember rm -f"
             )
-        st = kill_vmm(home, st)
-        if st.status == mstate.EXITED:
-            # for an `ember wait` on it (docker wait prints 137 for a container rm -f
-            # killed): its exit code outlives it a while, as a --rm machine's does
-            try:
-                mstate.record_removed_exit(home.run, st)
-            except OSError as e:
-                log.warning("cannot keep machine %s's exit code: %s", st.name, e)
+        st = ended = kill_vmm(home, st)
+    if ended is not None and ended.status == mstate.EXITED:
+        # for an `ember wait` on it (docker wait prints 137 for a container rm -f
+        # killed; one being started ends as it starts): its exit code outlives it a
+        # while, as a --rm machine's does
+        try:
+            mstate.record_removed_exit(home.run, ended)
+        except OSError as e:
+            log.warning("cannot keep machine %s's exit code: %s", st.name, e)
     # Under the machine's lock, which `ember start` holds while it sets the machine up:
     # one that took the machine since it was looked at above (a network, a new monitor)
     # must not have it freed under it.  That start then finds it gone.
