@@ -621,3 +621,14 @@ def test_start_and_restart_of_a_machine_between_two_runs_of_its_policy(tmp_path:
         # (the record, made without a VM, cannot be started: that start fails as such)
         assert res.returncode == 1 and "older ember" in res.stderr, res.stderr
         assert mstate.read_state(d).stopped_by_user
+
+
+def test_restart_leaves_a_machine_another_command_is_starting_to_it(tmp_path: Path) -> None:
+    """`ember restart` of a machine an `ember run` is still making (its monitor not handed
+    it yet) marked it stopped, waited 30 s for a monitor that does not act on that, and
+    failed: the run's VMM was then killed as it started.  It fails at once now."""
+    me = {"monitor_pid": os.getpid(), "monitor_start": proc_start_time(os.getpid())}
+    st = _record(Home(tmp_path), "making", status=mstate.CREATED, **me)
+    res = _ember(tmp_path, "restart", "making")
+    assert res.returncode != 0 and "is being started" in res.stderr, res.stderr
+    assert not mstate.read_state(MachineStore(Home(tmp_path)).dir(st.id)).stopped_by_user

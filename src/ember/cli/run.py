@@ -693,6 +693,8 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
 def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
     """Stop machines (gracefully, as ember stop) and start them again, all at once."""
     from ember.cli.machines import find_machine, for_each, stop_gracefully
+    from ember.machines.lifecycle import restart_pending
+    from ember.machines.state import RUNNING
 
     home = home_from_ctx()
     warnings_as_messages()  # the snapshotter's, as ember: lines
@@ -702,10 +704,13 @@ def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
         st = find_machine(ref, home)
         if st.auto_remove:
             raise UsageError(f"machine {st.name} was run with --rm: stopping it removes it")
-        # running, or between two runs of its restart policy (whose monitor must not run
-        # it beside the new one): stopped first; one that has just ended is started
-        with contextlib.suppress(MachineNotRunning):
-            st = stop_gracefully(st, timeout, home)
+        if st.status == RUNNING or restart_pending(st):
+            # running, or between two runs of its restart policy (whose monitor must not
+            # run it beside the new one): stopped first; one that has ended meanwhile is
+            # started all the same.  One being made or started by another command is
+            # left to it (the start below says so).
+            with contextlib.suppress(MachineNotRunning):
+                st = stop_gracefully(st, timeout, home)
         _start_one(home, st, attach=False)
 
     # together, as stop and kill: `restart a b` takes as long as the slower machine

@@ -455,8 +455,11 @@ def prepare_start(
     a container's file system and logs across a restart.
 
     ``restart``: the monitor applying the restart policy, which yields to a user's
-    ``ember stop/kill`` that came meanwhile (MachineError); it holds the host ports from
-    their check on (``holder``, see ``NetworkManager.setup``).  ``monitor_pid``: the
+    ``ember stop/kill`` that came meanwhile, and to an ``ember start`` that took the
+    machine (MachineError); it holds the host ports from their check on (``holder``, see
+    ``NetworkManager.setup``).  Not ``restart``: MachineRestarting for a machine whose
+    monitor runs it again after its backoff (as docker's start of a restarting
+    container, that start has nothing to do), MachineRunning for one being started.  ``monitor_pid``: the
     monitor ``ember start`` started for it, named in the record from now on: a start
     killed before it handed the machine over leaves a record whose monitor is gone, which
     ``refresh`` repairs (it was a machine no command could start or stop again)."""
@@ -565,7 +568,7 @@ def prepare_start(
             cur.restarting = restart
             if restart:
                 # the same monitor runs it again: `ember stop/kill/rm` see that one is
-                # about to start it (its start then ends at once, see _stop_pending_restart)
+                # about to start it (its start then ends at once, see _mark_stopped)
                 cur.restart_count += 1
             else:
                 cur.monitor_pid = monitor_pid
@@ -600,15 +603,24 @@ def abandon_start(home: Home, st: MachineState, message: str) -> None:
     from ember.net.manager import NetworkManager
 
     d = MachineStore(home).dir(st.id)
-    with mstate.locked(d):
+    with contextlib.ExitStack() as locked:
+        try:
+            locked.enter_context(_locked_unless_removed(d, st.name))
+        except MachineNotFound:
+            return  # removed meanwhile (rm -f): nothing to undo
         cur = mstate.read_state(d)
-        if cur.status != mstate.CREATED or cur.monitor_pid != st.monitor_pid:
+        if cur.status != mstate.CREATED or _monitor_of(cur) != _monitor_of(st):
             # found without its monitor since (by `refresh`, which freed the network),
             # and maybe started by another command: that start is not undone
             return
         NetworkManager(home).teardown(st.id)
         cur.record_not_started(message, "its monitor did not take it")
         mstate.write_state(d, cur)
+
+
+def _monitor_of(st: MachineState) -> tuple[int | None, int | None]:
+    """The monitor process the record names (its pid and start time)."""
+    return st.monitor_pid, st.monitor_start
 
 
 def templates_enabled(home: Home) -> bool:
@@ -916,10 +928,11 @@ def mark_stopped_by_user(home: Home, st: MachineState) -> MachineState:
 
 
 def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
-    """A machine between two runs of its restart policy (exited, or being started again
-    by its monitor), or one `ember start` is starting: marked stopped, its monitor waited
-    for (it then does not restart it, or kills the VMM it was starting); None when it is
-    not such a machine (or it is running by now: it is stopped as a running one)."""
+    """For ``remove``: a machine between two runs of its restart policy (exited, or being
+    started again by its monitor), or one `ember start` is starting: marked stopped, its
+    monitor waited for (it then does not restart it, or kills the VMM it was starting);
+    None when it is not such a machine, or is running by now (``remove`` refuses it, or
+    kills its VMM under ``-f``).  MachineNotFound when it was removed meanwhile."""
     st = refresh(home, st)
     if st.status == mstate.RUNNING or not _monitor_runs_it_again(st):
         return None
@@ -979,14 +992,16 @@ def _mark_stopped(
 
 @dataclass
 class StopRequested:
-    """A graceful stop asked of a running machine (``request_stop``)."""
+    """A graceful stop asked of a running machine, or of one being started
+    (``request_stop``)."""
 
     #: the machine's record, marked stopped by the user
     machine: MachineState
     #: the stop timeout the guest was given: it SIGKILLs the program after it (None: never)
     timeout: int | None
     #: the connection the stop went out on, open for a ``kill`` after it; None when the
-    #: control channel could not be reached or written (the machine may be ending)
+    #: control channel could not be reached or written (the machine may be ending), or
+    #: when the machine was not running yet (``failure`` None then: it was only marked)
     conn: socket.socket | None
     #: why ``conn`` is None
     failure: ControlChannelError | None = None
