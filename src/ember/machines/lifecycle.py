@@ -459,10 +459,12 @@ def prepare_start(
     machine (MachineError); it holds the host ports from their check on (``holder``, see
     ``NetworkManager.setup``).  Not ``restart``: MachineRestarting for a machine whose
     monitor runs it again after its backoff (as docker's start of a restarting
-    container, that start has nothing to do), MachineRunning for one being started.  ``monitor_pid``: the
-    monitor ``ember start`` started for it, named in the record from now on: a start
-    killed before it handed the machine over leaves a record whose monitor is gone, which
-    ``refresh`` repairs (it was a machine no command could start or stop again)."""
+    container, that start has nothing to do), MachineRunning for one being started.
+
+    ``monitor_pid``: the monitor ``ember start`` started for it, named in the record
+    from now on: a start killed before it handed the machine over leaves a record whose
+    monitor is gone, which ``refresh`` repairs (it was a machine no command could start
+    or stop again)."""
     from ember.net.manager import MachineNetwork, NetworkManager
     from ember.snapshots.chain import root_disk
     from ember.snapshots.errors import SnapshotNotFound
