@@ -307,3 +307,45 @@ def test_loop_config_layout() -> None:
     )
     assert raw[8 + 56 : 8 + 56 + 13] == b"/x/disk.ext4\0"
     assert raw[240:] == bytes(64)  # __reserved
+
+
+def test_a_mount_copied_into_another_namespace_is_released_with_its_mount_point(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confined VMM started while a layer was being applied has a copy of the builder's
+    mount in its own mount namespace: after the host's unmount, that copy held the file
+    system and its loop device, and the unmount waited its full 5 s for the device, per
+    layer, then detached it in vain (the mount point, removed after, freed it).  Its
+    mount point removed first, the kernel detaches such copies at once."""
+    forced: list[Path] = []
+    detach = system.detach_loop
+
+    def detach_seen(device: Path) -> None:
+        forced.append(device)  # (only when the device was not released in time)
+        detach(device)
+
+    monkeypatch.setattr(system, "detach_loop", detach_seen)
+    image, target = _ext4(work / "disk.ext4"), work / "mnt"
+    target.mkdir()
+    dev = system.mount_image(image, target, readonly=False)
+    # a process in a mount namespace of its own, made now: it holds a copy of the mount
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"])
+    try:
+        ns = f"/proc/{holder.pid}/ns/mnt"
+        while os.readlink(ns) == os.readlink("/proc/self/ns/mnt"):
+            time.sleep(0.01)  # (until unshare has made it)
+        system.unmount(target, device=dev, remove_mountpoint=True)
+        assert not target.exists()
+        backing = Path(f"/sys/dev/block/{dev.major}:{dev.minor}/loop/backing_file")
+        try:
+            still = backing.read_text().strip() == str(image)
+        except OSError:
+            still = False
+        assert not still  # released when unmount returned, not later (or never)
+        assert forced == []  # and by itself, not after a wait that ran out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _released(dev.major, dev.minor, image)
+    subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
+    assert ours(work) == ([], [])

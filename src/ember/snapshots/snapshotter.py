@@ -542,7 +542,7 @@ class Snapshotter:
         with interrupts.deferred():
             try:
                 if device is not None or system.is_mountpoint(target):
-                    system.unmount(target, device=device)
+                    system.unmount(target, device=device, remove_mountpoint=True)
                 with suppress(FileNotFoundError):
                     target.rmdir()
             except (OSError, SnapshotError) as e:
@@ -717,7 +717,7 @@ class Snapshotter:
                     if lock is None:
                         continue
                 try:
-                    system.unmount(m.mountpoint, device=lo)
+                    system.unmount(m.mountpoint, device=lo, remove_mountpoint=True)
                 except CommandFailed as e:  # busy: detached lazily; the rest goes on
                     log.warning("recovery: %s", e)
                     continue

@@ -10,6 +10,7 @@ The ext4 tools (mkfs.ext4, e2fsck, resize2fs) stay programs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -233,13 +234,25 @@ def _has_ext4_magic(image: Path) -> bool:
         return False
 
 
-def unmount(target: Path, *, device: LoopDevice | None = None, attempts: int = 20) -> None:
+def unmount(
+    target: Path,
+    *,
+    device: LoopDevice | None = None,
+    attempts: int = 20,
+    remove_mountpoint: bool = False,
+) -> None:
     """Unmount, retrying while busy; as a last resort detach lazily so nothing stays visible.
 
     Returns once the loop device under the mount (if any) is released too: the
     kernel may clear an autoclear loop device after umount2 returns (when
     another opener, such as udev's probe, closes it last).  ``device``: the
     loop device ``mount_image`` returned, which spares reading mountinfo.
+
+    ``remove_mountpoint``: remove the (empty) directory once unmounted, before that
+    wait.  A copy of the mount in a mount namespace made while it was mounted (a
+    confined VMM's, started meanwhile) keeps the file system, and so the loop device,
+    until its mount point goes: the kernel detaches such copies then (removed after
+    the wait, it held every such unmount for the wait's full 5 s).
     """
     if device is not None:
         major, minor = device.major, device.minor
@@ -265,6 +278,8 @@ def unmount(target: Path, *, device: LoopDevice | None = None, attempts: int = 2
             loop.umount(target, loop.MNT_DETACH)
         except OSError as e:
             raise CommandFailed(f"cannot unmount {target}: {e.strerror}") from e
+        if remove_mountpoint:
+            _remove_mountpoint(target)
         if last is not None and is_mountpoint(target):
             raise CommandFailed(f"cannot unmount {target}: {last.strerror}")
         # Detached lazily: gone from view, but the file system lives on (and may be
@@ -277,8 +292,17 @@ def unmount(target: Path, *, device: LoopDevice | None = None, attempts: int = 2
                 "device is released when the last process using it lets go"
             )
         return
+    if remove_mountpoint:
+        _remove_mountpoint(target)
     if major == LOOP_MAJOR:
         wait_loop_released(major, minor, device.backing_file if device is not None else None)
+
+
+def _remove_mountpoint(target: Path) -> None:
+    # (best effort: one that stays, say another mount made on it meanwhile, leaves the
+    # wait for the loop device as it was)
+    with contextlib.suppress(OSError):
+        target.rmdir()
 
 
 #: how long a lazily detached mount may take to let go of its loop device
