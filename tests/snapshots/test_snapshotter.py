@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from ember.home import Home
 from ember.locks import FileLock
-from ember.snapshots import Kind, Snapshotter, system
+from ember.snapshots import Kind, Snapshotter, names, system
 from ember.snapshots.errors import (
     InvalidDiskSize,
     SnapshotError,
@@ -256,6 +258,34 @@ def test_stray_entries_in_the_pool_are_left_alone(home: Home) -> None:
     (snap.active_dir / "stray-file").unlink()
     (snap.committed_dir / "stray-file").unlink()
     (snap.committed_dir / "a%20b").rmdir()
+
+
+def test_entries_recovery_cannot_make_sense_of_are_left_alone(home: Home) -> None:
+    """Recovery runs in every command that opens the store: one entry it stumbled on
+    failed them all until someone mended the pool by hand.  A file named as a builder's
+    (NotADirectoryError), a directory named as a builder's empty base (IsADirectoryError),
+    and a committed record whose key is no key (InvalidSnapshotKey) are now left alone."""
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {})
+    old = time.time() - 3600
+    builder = snap.active_dir / ".new-x"
+    builder.write_text("x")
+    base = snap.bases / ".new-y"
+    base.mkdir()
+    os.utime(builder, (old, old))
+    os.utime(base, (old, old))
+    odd = snap.active_dir / "odd"
+    odd.mkdir()
+    meta = json.loads((snap.committed_dir / names.encode(A) / "meta.json").read_text())
+    (odd / "meta.json").write_text(json.dumps({**meta, "key": ".evil"}))
+    try:
+        snap.recover()
+        assert A in {s.name for s in snap.list()} and snap.is_committed(A)
+        assert builder.is_file() and base.is_dir() and odd.is_dir()
+    finally:
+        builder.unlink()
+        base.rmdir()
+        shutil.rmtree(odd)
 
 
 def test_a_mount_waits_for_a_recovery_under_way(home: Home) -> None:

@@ -747,28 +747,19 @@ class Snapshotter:
                         lock.release()
             # 3. half-created and half-built snapshots, and the trash
             for entry in sorted(os.listdir(self.active_dir)):
-                d = self.active_dir / entry
-                if not entry.startswith(".new-") and _stray(d):
-                    continue
-                if entry.startswith(".new-") and not (d / LOCK).exists() and _age(d) < 10:
-                    continue  # its creator is between mkdir and taking the lock
-                lock = try_lock(d / LOCK)
-                if lock is None:
-                    continue
                 try:
-                    if not entry.startswith(".new-") and (name := self._interrupted_commit(d)):
-                        done.append(f"completed the commit of {name}")
-                    elif entry.startswith(".new-") or self._abandoned(d):
-                        self._discard(d)
-                        done.append(f"discarded half-built snapshot {names.decode(entry)}")
-                finally:
-                    lock.release()
+                    if action := self._recover_active(entry):
+                        done.append(action)
+                except (OSError, SnapshotError) as e:
+                    # one entry ember cannot make sense of must not fail every command
+                    # that opens the store (each one recovers first)
+                    log.warning("recovery: left %s alone: %s", self.active_dir / entry, e)
             for entry in os.listdir(self.trash):
                 shutil.rmtree(self.trash / entry, ignore_errors=True)
             # 4. empty bases whose builder died before publishing them
             for entry in os.listdir(self.bases):
                 if entry.startswith(".new-") and _age(self.bases / entry) > 600:
-                    with suppress(FileNotFoundError):
+                    with suppress(FileNotFoundError, IsADirectoryError):  # (not ember's)
                         (self.bases / entry).unlink()
             # 5. empty mount points left between mkdir and mount
             for entry in os.listdir(self.pool.mnt):
@@ -781,6 +772,30 @@ class Snapshotter:
         for line in done:
             log.info("recovery: %s", line)
         return done
+
+    def _recover_active(self, entry: str) -> str | None:
+        """Recover one entry of active/: complete its interrupted commit, or discard it if
+        half-built (``recover``'s step 3); what was done, if anything."""
+        d = self.active_dir / entry
+        building = entry.startswith(".new-")
+        if building and (d.is_symlink() or not d.is_dir()):
+            raise SnapshotError("not a directory ember made")
+        if not building and _stray(d):
+            return None
+        if building and not (d / LOCK).exists() and _age(d) < 10:
+            return None  # its creator is between mkdir and taking the lock
+        lock = try_lock(d / LOCK)
+        if lock is None:
+            return None
+        try:
+            if not building and (name := self._interrupted_commit(d)):
+                return f"completed the commit of {name}"
+            if building or self._abandoned(d):
+                self._discard(d)
+                return f"discarded half-built snapshot {names.decode(entry)}"
+            return None
+        finally:
+            lock.release()
 
     def _interrupted_commit(self, d: Path) -> str | None:
         """Finish a commit killed between its metadata write and its rename.
