@@ -22,6 +22,7 @@ from ember.snapshots.errors import (
     SnapshotInUse,
     SnapshotNotFound,
 )
+from ember.snapshots.model import Meta
 from ember.snapshots.pool import LOOPFILE, close_pool
 from tests.snapshots.leaks import ours
 
@@ -286,6 +287,23 @@ def test_entries_recovery_cannot_make_sense_of_are_left_alone(home: Home) -> Non
         builder.unlink()
         base.rmdir()
         shutil.rmtree(odd)
+
+
+def test_a_snapshot_removed_as_it_is_looked_at_is_not_committed(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removed (gc, snapshot rm) between is_committed's look at its directory and the read
+    of its metadata: a raw FileNotFoundError failed the prepare that asked."""
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {})
+    read_meta = snap._meta
+
+    def removed_first(d: Path) -> Meta:
+        shutil.rmtree(d)  # what a removal does between the two
+        return read_meta(d)
+
+    monkeypatch.setattr(snap, "_meta", removed_first)
+    assert not snap.is_committed(A)
 
 
 def test_a_mount_waits_for_a_recovery_under_way(home: Home) -> None:

@@ -148,7 +148,10 @@ class Snapshotter:
         """Is ``key`` committed and usable?  One whose metadata is damaged or whose disk is
         missing is not: ``prepare_image`` builds it again (``replace_damaged``)."""
         d = self.committed_dir / names.encode(key)
-        return d.is_dir() and self._damage(d, Kind.COMMITTED) is None
+        try:
+            return d.is_dir() and self._damage(d, Kind.COMMITTED) is None
+        except FileNotFoundError:
+            return False  # removed since the look (gc, snapshot rm)
 
     def _damage(self, d: Path, kind: Kind) -> str | None:
         """Why the snapshot in ``d`` is unusable, or None.  FileNotFoundError when it is gone."""
