@@ -306,6 +306,26 @@ def test_a_snapshot_removed_as_it_is_looked_at_is_not_committed(
     assert not snap.is_committed(A)
 
 
+def test_a_symlink_in_place_of_a_snapshot_leads_nowhere(home: Home, tmp_path: Path) -> None:
+    """Left alone by recovery and `snapshot ls` (no snapshot of ember's), it was still
+    followed by the lookups: `snapshot rm` made its lock file in the directory it named,
+    outside the pool, and a prepare would have cloned a disk from there."""
+    snap = Snapshotter(home)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = snap.committed_dir / names.encode(A)
+    link.symlink_to(outside)
+    try:
+        assert not snap.exists(A) and not snap.is_committed(A)
+        with pytest.raises(SnapshotNotFound):
+            snap.remove(A)
+        with pytest.raises(SnapshotNotFound):
+            snap.prepare("child", A)
+        assert list(outside.iterdir()) == []
+    finally:
+        link.unlink()
+
+
 def test_a_mount_waits_for_a_recovery_under_way(home: Home) -> None:
     """Recovery reads the loop devices, then the mounts: a mount made between the two
     looked like one nobody holds, and was unmounted under its builder.  Mounts take the

@@ -59,6 +59,12 @@ log = logging.getLogger("ember.snapshots")
 RECOVER_LOCK = "recover.lock"
 
 
+def _real_dir(d: Path) -> bool:
+    """A directory, not a symlink to one: a snapshot is never a symlink, and one in its
+    place (no snapshot of ember's, see ``_stray``) must not lead ember out of the pool."""
+    return not d.is_symlink() and d.is_dir()
+
+
 def _stray(d: Path) -> bool:
     """``d`` (in committed/ or active/) is no snapshot ember made: not a directory, or a
     name that is no encoded key.  Said once, and left alone: one such entry made every
@@ -67,7 +73,7 @@ def _stray(d: Path) -> bool:
         name_ok = names.encode(names.decode(d.name)) == d.name
     except SnapshotError:
         name_ok = False
-    if name_ok and d.is_dir() and not d.is_symlink():
+    if name_ok and _real_dir(d):
         return False
     if d not in _SAID_STRAY:
         _SAID_STRAY.add(d)
@@ -124,10 +130,10 @@ class Snapshotter:
         found too (``remove`` must reach it); what needs its metadata fails on it clearly."""
         enc = names.encode(key)
         d = self.committed_dir / enc
-        if d.is_dir():
+        if _real_dir(d):
             return d, Kind.COMMITTED
         d = self.active_dir / enc
-        if d.is_dir():
+        if _real_dir(d):
             try:
                 return d, (Kind.VIEW if self._meta(d).kind is Kind.VIEW else Kind.ACTIVE)
             except (FileNotFoundError, SnapshotError):
@@ -149,7 +155,7 @@ class Snapshotter:
         missing is not: ``prepare_image`` builds it again (``replace_damaged``)."""
         d = self.committed_dir / names.encode(key)
         try:
-            return d.is_dir() and self._damage(d, Kind.COMMITTED) is None
+            return _real_dir(d) and self._damage(d, Kind.COMMITTED) is None
         except FileNotFoundError:
             return False  # removed since the look (gc, snapshot rm)
 
@@ -472,7 +478,7 @@ class Snapshotter:
 
     def _clone_parent(self, parent: str, disk: Path) -> None:
         pdir = self.committed_dir / names.encode(parent)
-        if not pdir.is_dir():
+        if not _real_dir(pdir):
             if (self.active_dir / names.encode(parent)).is_dir():
                 raise SnapshotError(f"parent {parent!r} is not committed")
             raise SnapshotNotFound(f"parent snapshot {parent!r} does not exist")
@@ -781,7 +787,7 @@ class Snapshotter:
         half-built (``recover``'s step 3); what was done, if anything."""
         d = self.active_dir / entry
         building = entry.startswith(".new-")
-        if building and (d.is_symlink() or not d.is_dir()):
+        if building and not _real_dir(d):
             raise SnapshotError("not a directory ember made")
         if not building and _stray(d):
             return None
