@@ -632,3 +632,50 @@ def test_restart_leaves_a_machine_another_command_is_starting_to_it(tmp_path: Pa
     res = _ember(tmp_path, "restart", "making")
     assert res.returncode != 0 and "is being started" in res.stderr, res.stderr
     assert not mstate.read_state(MachineStore(Home(tmp_path)).dir(st.id)).stopped_by_user
+
+
+def test_start_attach_of_a_restarting_machine_follows_its_next_run(tmp_path: Path) -> None:
+    """It was refused ("is restarting", exit 2); as docker's start -a of a restarting
+    container, it now waits for the next run and follows it to its exit code."""
+    from ember.machines.lifecycle import machine_channels
+    from tests.machines.records import stoppable_monitor
+    from tests.support.proc import read_line
+
+    home = Home(tmp_path)
+    st = _record(home, "looping", status=mstate.EXITED, exit_code=1, finished_at=mstate.now(),
+                 restart_policy="always")  # fmt: skip
+    d = MachineStore(home).dir(st.id)
+    logs = machine_channels(d)
+    for log in (logs.stdout_log, logs.stderr_log):
+        log.touch()
+    with stoppable_monitor(d):
+        attached = subprocess.Popen([EMBER, "start", "-a", "looping"], env=ember_env(tmp_path),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        writing = threading.Event()
+        try:
+            # it waits (in its sleep between two looks) while the machine is restarting
+            poll_until(lambda: attached.poll() is not None or in_nanosleep(attached.pid),
+                       "start -a neither waiting nor done")  # fmt: skip
+            assert attached.poll() is None, attached.communicate()
+            with mstate.update(d) as cur:  # its monitor runs it again
+                cur.status, cur.started_at = mstate.RUNNING, mstate.now()
+                cur.exit_code, cur.restart_count = None, 1
+            writing.set()
+
+            def run_writes() -> None:  # until what it writes reaches the attached command
+                while writing.is_set():
+                    with logs.stdout_log.open("a") as out:
+                        out.write("tick\n")
+                    time.sleep(0.1)
+
+            threading.Thread(target=run_writes, daemon=True).start()
+            assert attached.stdout is not None
+            assert read_line(attached.stdout) == "tick\n"
+            writing.clear()
+            with mstate.update(d) as cur:  # that run ends with 3
+                cur.status, cur.exit_code, cur.finished_at = mstate.EXITED, 3, mstate.now()
+            assert attached.wait(timeout=60) == 3
+        finally:
+            writing.clear()
+            attached.kill()
+            attached.wait()

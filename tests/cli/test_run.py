@@ -155,3 +155,40 @@ def test_a_signal_between_two_runs_of_an_attached_machine_stops_nothing(tmp_path
     with stoppable_monitor(d):
         assert _pass_on(home, d, _Interrupts(), signal.SIGINT) is None
         assert not mstate.read_state(d).stopped_by_user
+
+
+def test_start_attach_of_a_restarting_machine_waits_for_its_next_run(tmp_path: Path) -> None:
+    """`ember start -a` of a machine between two runs of its restart policy was refused
+    ("is restarting", exit 2); as docker's, it attaches to the next run: the record it
+    gets is that run's.  One that stops restarting meanwhile (stopped, or its policy gave
+    up) comes back as it is, to be started as any exited machine."""
+    import threading
+    import time
+
+    from ember.cli.run import _next_run
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    st = _machine()
+    st.status, st.exit_code, st.restart_policy = mstate.EXITED, 1, "always"
+    MachineStore(home).create(st, "m1")
+    d = MachineStore(home).dir(st.id)
+    with stoppable_monitor(d) as monitor:
+        waiting = mstate.read_state(d)
+
+        def next_run() -> None:
+            time.sleep(0.3)  # the backoff
+            with mstate.update(d) as cur:
+                cur.status, cur.exit_code, cur.restart_count = mstate.RUNNING, None, 1
+
+        runner = threading.Thread(target=next_run)
+        runner.start()
+        got = _next_run(home, waiting)
+        runner.join()
+        assert (got.status, got.restart_count) == (mstate.RUNNING, 1)
+        with mstate.update(d) as cur:  # that run ended: the monitor waits again
+            cur.status, cur.exit_code = mstate.EXITED, 1
+        lifecycle.stop(home, mstate.read_state(d))  # stopped between two runs
+        assert monitor.wait(timeout=10) == 0
+        got = _next_run(home, mstate.read_state(d))
+        assert (got.status, got.stopped_by_user) == (mstate.EXITED, True)

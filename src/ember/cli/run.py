@@ -334,6 +334,26 @@ def _kill_unstopped(home: Home, d: Path, intr: _Interrupts) -> None:
         lifecycle.kill_vmm(home, st)
 
 
+def _next_run(home: Home, st: MachineState) -> MachineState:
+    """``start -a`` of a machine between two runs of its restart policy: its record once
+    its monitor runs it again (attached to then, as docker's ``start -a`` of a
+    restarting container; it was refused), or once it no longer waits to (stopped
+    meanwhile, or the policy gave up: started then as any exited machine).  Any other
+    machine's record as it is."""
+    from ember.machines.errors import MachineNotFound
+    from ember.machines.lifecycle import restart_pending
+    from ember.machines.store import MachineStore
+
+    d = MachineStore(home).dir(st.id)
+    while restart_pending(st):
+        time.sleep(0.05)
+        now = _current(home, d)
+        if now is None:
+            raise MachineNotFound(f"machine {st.name} was removed meanwhile")
+        st = now
+    return st
+
+
 def _current(home: Home, d: Path) -> MachineState | None:
     """The machine's record now (repaired if its monitor is gone); None once removed."""
     from ember.machines import lifecycle
@@ -664,7 +684,7 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
     if attach:
         if len(machines) != 1:
             raise UsageError("--attach takes one machine")
-        st = find_machine(machines[0])
+        st = _next_run(home, find_machine(machines[0]))
         if st.status == RUNNING:  # docker start -a: attach to it
             raise SystemExit(_attach_running(home, st))
         code = _start_one(home, st, attach=True)
