@@ -230,6 +230,20 @@ def test_network_config_read(tmp_path: Path) -> None:
     assert NetConfig.load(Home(tmp_path / "none")) == NetConfig()
 
 
+def test_a_subnet_written_with_a_netmask_is_kept_as_its_network(tmp_path: Path) -> None:
+    """`10.0.0.0/255.0.0.0` passed the config's check, then every machine's setup failed
+    rendering the ruleset ("invalid machine subnet")."""
+    from ember.home import Home
+    from ember.net.manager import NetConfig
+    from ember.net.nftables import MachineRules, render_ruleset
+
+    (tmp_path / "config.json").write_text(json.dumps({"network": {"subnet": "10.0.0.0/255.0.0.0"}}))
+    cfg = NetConfig.load(Home(tmp_path))
+    assert cfg.subnet == "10.0.0.0/8"
+    machine = MachineRules("aaaaaaaaaaaa0000", "em-aaaaaaaaaaaa", "10.0.0.2")
+    assert "10.0.0.0/8" in render_ruleset([machine], subnet=cfg.subnet, egress=True)
+
+
 def test_damaged_network_state_says_what_to_do(tmp_path: Path) -> None:
     from ember.home import Home
     from ember.net.errors import NetworkError

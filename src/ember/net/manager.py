@@ -85,15 +85,17 @@ class NetConfig:
         mtu = typed("mtu", int, DEFAULT_MTU)
         if not 576 <= mtu <= 65535:
             raise NetworkError(f"network.mtu in config.json must be 576-65535, not {mtu}")
-        cfg = cls(
-            subnet=typed("subnet", str, ipam.DEFAULT_SUBNET),
-            prefix=typed("prefix", int, ipam.DEFAULT_PREFIX),
+        prefix = typed("prefix", int, ipam.DEFAULT_PREFIX)
+        # kept as its network prints (10.0.0.0/8): one written with a netmask
+        # (10.0.0.0/255.0.0.0) passed here and then failed every setup's ruleset
+        subnet = ipam.parse_subnet(typed("subnet", str, ipam.DEFAULT_SUBNET), prefix)
+        return cls(
+            subnet=str(subnet),
+            prefix=prefix,
             egress=typed("egress", bool, True),
             mtu=mtu,
             nameservers=tuple(ns) if ns is not None else None,
         )
-        ipam.parse_subnet(cfg.subnet, cfg.prefix)
-        return cfg
 
 
 _KINDS = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
