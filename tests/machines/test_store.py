@@ -784,3 +784,30 @@ def test_rm_f_of_a_machine_being_started(tmp_path: Path, removes: bool) -> None:
         lifecycle.remove(home, st, force=True)
     assert not d.exists()
     assert mstate.removed_exit_code(home.run, st.id) == (None if removes else 143)
+
+
+def test_a_create_undone_in_part_keeps_its_record_for_rm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed `ember run` whose network could not be freed either (the disk full for
+    the state file too) deleted the machine all the same: the network entry then held
+    its address and host ports for good, with no machine `rm` could find.  The record
+    stays, and `rm -f` frees the rest."""
+    from ember.machines import lifecycle
+    from ember.net.errors import NetworkError
+    from ember.net.manager import NetworkManager
+
+    home, d = _stored(tmp_path, "failed", status=mstate.CREATED)
+    machine_id = d.name
+
+    def full_disk(self: NetworkManager, machine_id: str) -> None:
+        raise NetworkError("cannot write the network state: No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(NetworkManager, "teardown", full_disk)
+        lifecycle._undo_create(home, machine_id, None, None)
+    assert d.is_dir()
+    assert f"ember rm -f {machine_id[:12]} frees the rest" in caplog.text
+    assert "No space left on device" in caplog.text
+    lifecycle.remove(home, mstate.read_state(d), force=True)
+    assert not d.exists()

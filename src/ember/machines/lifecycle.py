@@ -371,11 +371,16 @@ def _undo_create(
 
     # a second Ctrl-C must not cut the cleanup in half
     with deferred():
-        with contextlib.suppress(Exception):
+        left: list[str] = []
+        try:
             NetworkManager(home).teardown(machine_id)
+        except Exception as e:  # (the create's own failure is the one raised)
+            left.append(f"its network: {e}")
         if cloning is None:
-            with contextlib.suppress(Exception):
+            try:
                 release_root_disk(home, machine_id)
+            except Exception as e:
+                left.append(f"its root disk: {e}")
         else:
             # released once the clone is over, by whichever thread sees it end: an
             # interrupt in wait() in ``create`` leaves it running, and what it then makes
@@ -383,6 +388,13 @@ def _undo_create(
             cloning.add_done_callback(lambda _f: _release_quietly(home, machine_id))
         if pool is not None:
             pool.shutdown(wait=False)
+        if left:
+            # the record stays, so that `rm -f` can free the rest: without it, a network
+            # entry nothing removes held its address and host ports for good
+            short = machine_id[:12]
+            log.warning("machine %s was not completely undone (%s); ember rm -f %s "
+                        "frees the rest", short, "; ".join(left), short)  # fmt: skip
+            return
         MachineStore(home).remove_dir(machine_id)
 
 
