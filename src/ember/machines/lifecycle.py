@@ -949,14 +949,11 @@ def _stop_pending_restart(home: Home, st: MachineState) -> MachineState | None:
     kills its VMM under ``-f``).  MachineNotFound when it was removed meanwhile."""
     st = refresh(home, st)
     if st.status == mstate.RUNNING or not _monitor_runs_it_again(st):
-        return None
-    d = MachineStore(home).dir(st.id)
-    with _locked_unless_removed(d, st.name):
-        cur = mstate.read_state(d)
-        if cur.status == mstate.RUNNING:
-            return None
-        cur.stopped_by_user = True
-        mstate.write_state(d, cur)
+        return None  # (looked at without the lock, to take it only when it may be needed)
+    try:
+        cur, _ = _mark_stopped(home, st, running=False)
+    except MachineNotRunning:
+        return None  # running by now, or its monitor gone
     return _after_its_monitor(home, cur)
 
 
@@ -981,7 +978,7 @@ def _after_its_monitor(home: Home, st: MachineState) -> MachineState:
 
 
 def _mark_stopped(
-    home: Home, st: MachineState, *, between_runs: bool = True
+    home: Home, st: MachineState, *, running: bool = True, between_runs: bool = True
 ) -> tuple[MachineState, bool]:
     """Mark the machine stopped by the user (its restart policy does not run it again) in
     one step, under its lock, with the look that decides what to do: a stop that looked
@@ -990,18 +987,18 @@ def _mark_stopped(
 
     Returns the marked record, and True for a running machine (the guest is to be told)
     or False for one its monitor is to run (again) and now will not (wait for the
-    monitor).  MachineNotRunning for any other, and with ``between_runs`` False for the
-    latter too (then left unmarked)."""
+    monitor).  MachineNotRunning for any other, and with ``running`` (``between_runs``)
+    False for the former (the latter) too: then left unmarked."""
     st = refresh(home, st)
     d = MachineStore(home).dir(st.id)
     with _locked_unless_removed(d, st.name):
         cur = mstate.read_state(d)
-        running = cur.status == mstate.RUNNING
-        if not running and not (between_runs and _monitor_runs_it_again(cur)):
+        is_running = cur.status == mstate.RUNNING
+        if not (running if is_running else between_runs and _monitor_runs_it_again(cur)):
             raise _not_running(cur)
         cur.stopped_by_user = True
         mstate.write_state(d, cur)
-    return cur, running
+    return cur, is_running
 
 
 @dataclass
