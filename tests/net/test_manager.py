@@ -282,9 +282,10 @@ def _entry(**changes: Any) -> str:
         _entry(guest_ip='172.30.0.2:80 comment "x"\n\t\tip saddr 0.0.0.0/0 accept #'),
         "[" * 100_000,
         _entry(mac="02:ee:ac:1e:00:02,romfile=/etc/shadow"),
+        _entry(netns={"dev": 4, "ino": 4026531840, "path": None, "cookie": "1"}),
     ],
     ids=["not-an-object", "no-keys", "slot", "id", "port", "protocol", "host-ip", "guest-ip",
-         "deep", "mac"],
+         "deep", "mac", "netns-cookie"],
 )  # fmt: skip
 def test_a_damaged_machine_entry_is_reported_not_a_traceback(tmp_path: Path, junk: str) -> None:
     """Entries were not checked: a damaged one was a TypeError/KeyError/RecursionError in
@@ -504,6 +505,53 @@ out["links"], out["state"] = links(), state()
     finally:
         holder.kill()
         holder.wait()
+
+
+def _unshared_net() -> tuple[subprocess.Popen[bytes], int]:
+    """A process in a network namespace of its own, made by `unshare -n` (no name),
+    and that namespace's inode."""
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "120"])
+    deadline = time.monotonic() + 10
+    while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        assert time.monotonic() < deadline  # (until unshare has made its namespace)
+        time.sleep(0.01)
+    return proc, os.stat(f"/proc/{proc.pid}/ns/net").st_ino
+
+
+def test_a_later_namespace_given_a_gone_ones_inode_is_not_taken_for_it(tmp_path: Path) -> None:
+    """The kernel gives a freed namespace's inode to the next namespace made: the rules
+    of a machine whose namespace was gone went into the new one's table (its published
+    port DNAT'd there), and its teardown deleted a TAP of its name there."""
+    first, ino = _unshared_net()
+    holders = [first]
+    try:
+        enter = ["nsenter", f"--net=/proc/{first.pid}/ns/net"]
+        run_script(enter, 'mgr.setup(sys.argv[2], ports=parse_publish("8080:80"))', tmp_path)
+        first.kill()
+        first.wait()  # nothing holds its namespace: the kernel frees it (soon after)
+        for _ in range(100):
+            again, again_ino = _unshared_net()
+            holders.append(again)
+            if again_ino == ino:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.skip("this kernel did not hand the freed namespace's inode out again")
+        out = run_script(["nsenter", f"--net=/proc/{again.pid}/ns/net"], f"""
+mgr.setup(sys.argv[3])
+out["nft"] = nft()
+subprocess.run(["ip", "tuntap", "add", "dev", "{tap_name(ID_A)}", "mode", "tap"], check=True)
+mgr.teardown(sys.argv[2])
+out["links"], out["state"] = links(), state()
+""", tmp_path)  # fmt: skip
+        assert tap_name(ID_B) in out["nft"], out["nft"]
+        assert tap_name(ID_A) not in out["nft"] and "8080" not in out["nft"], out["nft"]
+        assert out["links"] == sorted([tap_name(ID_A), tap_name(ID_B)])
+        assert out["state"] == [ID_B]
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
 
 
 TAP_OWNER_SCRIPT = r"""

@@ -6,8 +6,8 @@ which is also where its monitor and VMM run.  A later ``ember rm``, or the repai
 machine whose monitor died, may run in another namespace; acting there would leave the
 machine's TAP and rules behind and could delete another namespace's same-named TAP.
 So the namespace is recorded with the machine's network (``Netns``: the nsfs device
-and inode that identify it, and the ``ip netns`` name that reaches it, if it has one),
-and teardown enters it (``run_in``: ``setns`` in a thread of its own, whose
+and inode that find it, the cookie that tells it from a later namespace given the same
+inode, and the ``ip netns`` name that reaches it, if it has one), and teardown enters it (``run_in``: ``setns`` in a thread of its own, whose
 subprocesses, ``ip`` and ``nft``, inherit it).
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,53 +28,77 @@ from ember.net.errors import NetworkError
 NAMED_DIR = "/run/netns"
 _SELF = "/proc/thread-self/ns/net"
 _CLONE_NEWNET = 0x40000000
+#: asm-generic/socket.h (Linux 5.14): a network namespace's 64-bit id, never reused
+_SO_NETNS_COOKIE = 71
 
 
 @dataclass(frozen=True)
 class Netns:
     """A network namespace: ``dev``/``ino`` of its nsfs file identify it while it
-    exists; ``path`` (``/run/netns/NAME``) reaches it while that name stays bound."""
+    exists; ``path`` (``/run/netns/NAME``) reaches it while that name stays bound.
+
+    Once it is freed the kernel hands its inode to the next namespace made (the
+    lowest free number: a machine's namespace, gone, and the next ``unshare -n``
+    share it), so ``cookie`` (``SO_NETNS_COOKIE``, unique while the host runs; None
+    from a kernel before 5.14 or an older ember) tells the two apart."""
 
     dev: int
     ino: int
     path: str | None = None
+    cookie: int | None = None
 
     def same(self, other: Netns) -> bool:
-        return (self.dev, self.ino) == (other.dev, other.ino)
+        if (self.dev, self.ino) != (other.dev, other.ino):
+            return False
+        return self.cookie is None or other.cookie is None or self.cookie == other.cookie
 
     def __str__(self) -> str:
         return self.path or f"net:[{self.ino}]"
 
     def to_json(self) -> dict[str, Any]:
-        return {"dev": self.dev, "ino": self.ino, "path": self.path}
+        return {"dev": self.dev, "ino": self.ino, "path": self.path, "cookie": self.cookie}
 
     @classmethod
     def from_json(cls, d: Any) -> Netns:
         """ValueError when ``d`` is not what ``to_json`` writes."""
         if not isinstance(d, dict):
             raise ValueError("netns is not an object")
-        dev, ino, path = d.get("dev"), d.get("ino"), d.get("path")
+        dev, ino, path, cookie = d.get("dev"), d.get("ino"), d.get("path"), d.get("cookie")
         if type(dev) is not int or type(ino) is not int or dev < 0 or ino <= 0:
             raise ValueError("netns dev and ino must be positive integers")
         if path is not None and (not isinstance(path, str) or not path.startswith("/")):
             raise ValueError("netns path must be an absolute path")
-        return cls(dev, ino, path)
+        if cookie is not None and (type(cookie) is not int or cookie <= 0):
+            raise ValueError("netns cookie must be a positive integer")
+        return cls(dev, ino, path, cookie)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _cookie() -> int | None:
+    """The calling thread's network namespace's cookie (a socket is made in the
+    thread's namespace); None when the kernel has none (before 5.14)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8)
+    except OSError:
+        return None
+    cookie: int = struct.unpack("=Q", raw)[0]
+    return cookie
+
+
 def here() -> Netns:
     """The calling thread's network namespace (no path: for comparisons)."""
-    return Netns(*_identity(os.stat(_SELF)))
+    return Netns(*_identity(os.stat(_SELF)), cookie=_cookie())
 
 
 def current() -> Netns:
     """The calling thread's network namespace, with its ``ip netns`` name's path when
     it has one (what a later command in another namespace enters it by)."""
     ns = here()
-    return Netns(ns.dev, ns.ino, _named_path(ns))
+    return Netns(ns.dev, ns.ino, _named_path(ns), ns.cookie)
 
 
 def _named_path(ns: Netns) -> str | None:
@@ -104,7 +130,10 @@ def _candidates(ns: Netns) -> list[str]:
 def open_netns(ns: Netns) -> int | None:
     """An fd of namespace ``ns``, None when nothing reaches it any more: neither its name
     nor a process.  Such a namespace was freed by the kernel (unless an fd or a bind
-    mount ember does not know holds it), and the TAPs in it were deleted with it."""
+    mount ember does not know holds it), and the TAPs in it were deleted with it.
+
+    The fd found may be of a later namespace that was given the freed one's inode:
+    only entering it shows its cookie (``run_in`` does)."""
     for path in _candidates(ns):
         try:
             if _identity(os.stat(path)) != (ns.dev, ns.ino):
@@ -134,13 +163,14 @@ def _setns(fd: int) -> None:
 
 def run_in(ns: Netns, fn: Callable[[], None]) -> bool:
     """Run ``fn`` in namespace ``ns``; False (``fn`` not run) when nothing reaches ``ns``
-    any more (``open_netns``).  ``fn`` runs in a thread of its own that enters ``ns``
+    any more (``open_netns``), or what does is a later namespace with its inode.  ``fn`` runs in a thread of its own that enters ``ns``
     and ends with ``fn`` (the namespace is per thread: the caller's stays as it was);
     what it raises is raised here, NetworkError when ``ns`` cannot be entered."""
     fd = open_netns(ns)
     if fd is None:
         return False
     failure: list[BaseException] = []
+    reused: list[bool] = []
 
     def enter_and_run() -> None:
         try:
@@ -152,6 +182,9 @@ def run_in(ns: Netns, fn: Callable[[], None]) -> bool:
                     hint="run the command in that namespace (ip netns exec NAME ember ...)",
                 )
             )
+            return
+        if not here().same(ns):
+            reused.append(True)  # ns itself is gone, and its TAPs with it
             return
         try:
             fn()
@@ -166,4 +199,4 @@ def run_in(ns: Netns, fn: Callable[[], None]) -> bool:
         os.close(fd)
     if failure:
         raise failure[0]
-    return True
+    return not reused
