@@ -105,6 +105,31 @@ def test_setup_teardown_in_netns(netns: str, tmp_path: Path) -> None:
     assert out["links_end"] == [] and out["nft_end"] is None and out["state_end"] == {}
 
 
+def test_without_egress_or_ports_a_tap_still_forwards_and_has_the_configured_mtu(
+    netns: str, tmp_path: Path
+) -> None:
+    """With egress off and no ports nothing turned forwarding on: machines of one
+    network, which the host routes between, could not reach each other
+    (tests/net/test_traffic.py shows the traffic); and the TAP kept MTU 1500 whatever
+    network.mtu gave the guest."""
+    out = run_in_netns(netns, """
+# (a new namespace starts with the host's ip_forward: off here, as on a fresh host)
+Path("/proc/sys/net/ipv4/ip_forward").write_text("0")
+mgr = NetworkManager(home, NetConfig(nameservers=("192.0.2.53",), egress=False, mtu=1400))
+a = mgr.setup(sys.argv[2])
+link = json.loads(subprocess.run(["ip", "-j", "link", "show", a.tap], capture_output=True,
+                                 text=True).stdout)[0]
+out["mtu"], out["guest_mtu"] = link["mtu"], a.mtu
+out["tap_forwarding"] = Path(f"/proc/sys/net/ipv4/conf/{a.tap}/forwarding").read_text().strip()
+out["ip_forward"] = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+mgr.teardown(sys.argv[2])
+print(json.dumps(out))
+""", tmp_path)  # fmt: skip
+    assert out["mtu"] == out["guest_mtu"] == 1400
+    assert out["tap_forwarding"] == "1"
+    assert out["ip_forward"] == "0"  # egress off: the host routes for no one else
+
+
 def test_host_nameservers_skip_loopback() -> None:
     conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1%eth0\nsearch lan\nnameserver bogus\n"
     assert host_nameservers(conf) == ("10.0.0.2",)

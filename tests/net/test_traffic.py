@@ -132,6 +132,46 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
             p.wait()
 
 
+def test_without_egress_machines_of_a_network_reach_each_other(
+    make_netns: Callable[[], str],
+) -> None:
+    """The host routes between two machines' TAPs: with egress off and no published
+    ports nothing turned forwarding on, and machines of one network could not reach
+    each other.  Forwarding on the TAPs alone (what ``tap.create_tap`` sets) lets them,
+    while the host routes nothing else (ip_forward stays off)."""
+    from ember.net.tap import PROC_NET
+
+    host, g1, g2 = (make_netns() for _ in range(3))
+    # a new namespace starts with the host's ip_forward (and its TAPs with its default
+    # forwarding): off here, as on a fresh host
+    sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+    a = MachineRules("a" * 12, "em-aaaaaaaaaaaa", "172.30.0.2")
+    b = MachineRules("b" * 12, "em-bbbbbbbbbbbb", "172.30.0.6")
+    attach_guest(host, g1, a.tap, "172.30.0.1", a.guest_ip)
+    attach_guest(host, g2, b.tap, "172.30.0.5", b.guest_ip)
+    script = render_ruleset([a, b], subnet="172.30.0.0/16", egress=False)
+    subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script, text=True,
+                   check=True)  # fmt: skip
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", g1, sys.executable, "-m", "http.server", "80", "--bind",
+         a.guest_ip],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if fetch(host, a.guest_ip, 80).startswith("HTTP/"):
+                break
+            time.sleep(0.1)
+        assert fetch(g2, a.guest_ip, 80).startswith("FAIL")  # nothing forwards
+        for tap in (a.tap, b.tap):
+            sh("ip", "netns", "exec", host, "sh", "-c",
+               f"echo 1 > {PROC_NET}/conf/{tap}/forwarding")  # fmt: skip
+        assert fetch(g2, a.guest_ip, 80).startswith("HTTP/1.0 200")
+    finally:
+        srv.kill()
+        srv.wait()
+
+
 UDP_LOG = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

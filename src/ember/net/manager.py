@@ -428,8 +428,12 @@ class NetworkManager:
         self._save(state)
         try:
             tap.delete_link(name)  # a leftover of a crashed earlier machine
-            tap.create_tap(name, net.gateway, net.prefix, route_localnet=bool(ports))
+            tap.create_tap(
+                name, net.gateway, net.prefix, route_localnet=bool(ports), mtu=net.mtu
+            )
             if self.config.egress or ports:
+                # host-wide: replies from the outside, and published ports' clients,
+                # come in on the host's other interfaces
                 tap.enable_forwarding()
             netfilter.apply(self._ruleset(state, net.netns))
         except BaseException:

@@ -32,6 +32,7 @@ _TUNSETOWNER = 0x400454CC  # _IOW('T', 204, int)
 _SIOCSIFNETMASK = 0x891C
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
+_SIOCSIFMTU = 0x8922
 _IFF_UP = 0x1
 _IFREQ_SIZE = 40
 
@@ -58,9 +59,13 @@ def _make_persistent_tap(name: str) -> None:
         os.close(fd)
 
 
-def _address_and_up(name: str, gateway: str, prefix: int) -> None:
+def _address_and_up(name: str, gateway: str, prefix: int, mtu: int) -> None:
     iface = ipaddress.IPv4Interface(f"{gateway}/{prefix}")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        # the guest's eth0 is given the same MTU: with the TAP's left at 1500, a
+        # smaller one (a host behind a tunnel) was the guest's only, and the host
+        # still sent it 1500-byte packets, which it dropped
+        fcntl.ioctl(s, _SIOCSIFMTU, struct.pack("16si", name.encode(), mtu).ljust(_IFREQ_SIZE, b"\0"))
         fcntl.ioctl(s, _SIOCSIFADDR, _ifreq_addr(name, iface.ip))
         fcntl.ioctl(s, _SIOCSIFNETMASK, _ifreq_addr(name, iface.netmask))
         if prefix < 31:
@@ -69,15 +74,22 @@ def _address_and_up(name: str, gateway: str, prefix: int) -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, _ifreq_flags(name, flags | _IFF_UP))
 
 
-def create_tap(name: str, gateway: str, prefix: int, *, route_localnet: bool) -> None:
-    """A persistent TAP named ``name`` holding the gateway address, up."""
+def create_tap(
+    name: str, gateway: str, prefix: int, *, route_localnet: bool, mtu: int = 1500
+) -> None:
+    """A persistent TAP named ``name`` holding the gateway address, with MTU ``mtu``, up;
+    what arrives on it may be routed on (to another machine's TAP: the rules decide)."""
     try:
         _make_persistent_tap(name)
     except OSError as e:
         raise NetworkError(f"cannot create TAP {name}: {e.strerror}") from e
     try:
         _without_ipv6(name)
-        _address_and_up(name, gateway, prefix)
+        # Machines of one network reach each other through the host, which routes
+        # between their TAPs: that takes forwarding on the TAP the packet comes in
+        # on, not host-wide (ip_forward, which only egress and published ports need)
+        set_sysctl(PROC_NET / "conf" / name / "forwarding", "1")
+        _address_and_up(name, gateway, prefix, mtu)
     except OSError as e:
         delete_link(name)
         raise NetworkError(f"cannot configure TAP {name}: {e.strerror}") from e
