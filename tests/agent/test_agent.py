@@ -291,20 +291,29 @@ def test_a_caller_in_another_network_namespace_runs_the_command_itself(
 
 
 @pytest.mark.parametrize(
-    "setpriv", [["--bounding-set", "-net_admin"], ["--no-new-privs"]], ids=["capability", "nnp"]
+    ("setpriv", "said"),
+    [
+        (["--bounding-set", "-net_admin"], "other capabilities"),
+        (["--no-new-privs"], "no_new_privs"),
+        (["--groups", "4242"], "group ids"),
+        (["--regid", "4242", "--keep-groups"], "group ids"),
+    ],
+    ids=["capability", "nnp", "groups", "gid"],
 )
 def test_a_caller_with_fewer_privileges_runs_the_command_itself(
-    agent: RunningAgent, setpriv: list[str]
+    agent: RunningAgent, setpriv: list[str], said: str
 ) -> None:
     """Root without CAP_NET_ADMIN (or under no_new_privs) is still uid 0: the agent ran
-    its commands with all of the agent's capabilities."""
+    its commands with all of the agent's capabilities.  Nor were the caller's groups
+    compared: a caller without a group of the agent's read files through it that it
+    could not read itself (and one with other groups lost theirs)."""
     proc = subprocess.run(
         ["setpriv", *setpriv, EMBER, "image", "ls"],
         env=env_for(agent.home), capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "REFERENCE" in proc.stdout
-    assert "other capabilities" in agent.wait_log("declined")
+    assert said in agent.wait_log("declined")
     assert agent.served() == 0
 
 

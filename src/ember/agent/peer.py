@@ -15,11 +15,14 @@ import sys
 
 # The namespaces whose difference would change what a command does or sees.
 NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup")
-# What bounds a process beyond its uid (/proc/PID/status): a caller with fewer
-# capabilities, or under a seccomp filter or no_new_privs, must not get the agent's.
-PRIVILEGES = (
-    "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters",
-)  # fmt: skip
+# What a process may do besides its effective uid (/proc/PID/status): a caller with
+# other ids (real, saved, file system), other groups (a user dropped from a group, a
+# service without its supplementary groups), fewer capabilities, or under a seccomp
+# filter or no_new_privs, must not get the agent's.
+IDS = ("Uid", "Gid", "Groups")
+CAPABILITIES = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+CONFINEMENT = ("NoNewPrivs", "Seccomp", "Seccomp_filters")
+PRIVILEGES = (*IDS, *CAPABILITIES, *CONFINEMENT)
 # A process's labels under the security modules that keep one in /proc (SELinux and
 # AppArmor's shared file, AppArmor's and Smack's own): another label is another policy.
 LSM_LABELS = ("attr/current", "attr/apparmor/current", "attr/smack/current")
@@ -152,8 +155,13 @@ def mismatch(pid: int, uid: int, own: View | None = None) -> str | None:
         if _identity(f"/proc/{pid}/root") != own.root:
             return "the caller has another root directory"
         privileges = _privileges(pid)
-        if privileges != own.privileges:
-            return "the caller has other capabilities (or seccomp, no_new_privs) than the agent"
+        differ = {k for k in PRIVILEGES if privileges.get(k) != own.privileges.get(k)}
+        if differ & set(IDS):
+            return "the caller has other user or group ids (or supplementary groups) than the agent"
+        if differ & set(CAPABILITIES):
+            return "the caller has other capabilities than the agent"
+        if differ:
+            return "the caller runs under other seccomp or no_new_privs settings than the agent"
         if privileges.get("Seccomp", "0") != "0" or privileges.get("Seccomp_filters", "0") != "0":
             # (kernels before 5.9 have no Seccomp_filters line: the mode says it then)
             # /proc gives how many filters, not which: the same count may be other rules
