@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,52 @@ def test_open_regular_refuses_what_is_not_a_file_without_blocking(tmp_path: Path
     assert why_unopened(PermissionError(13, "Permission denied")) == "cannot be read (Permission denied)"
     atomic_write(tmp_path / "f", b"data")
     with open_regular(tmp_path / "f") as f:
+        assert f.read() == b"data"
+
+
+_IN_OPEN = 0x20
+
+
+def opened(path: Path) -> Callable[[], bool]:
+    """Whether ``path`` was opened since this was called (inotify's IN_OPEN, which an
+    O_PATH descriptor does not raise: it opens nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(path), _IN_OPEN) >= 0
+
+    def any_open() -> bool:
+        try:
+            return bool(os.read(fd, 4096))
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    return any_open
+
+
+def test_open_regular_opens_nothing_it_refuses(tmp_path: Path) -> None:
+    """What is not a regular file was opened before its type was looked at: a device's
+    driver ran (opening /dev/watchdog arms it; a FIFO stands in for it here), also for a
+    file that ``vet`` refuses by where it is."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    was_opened = opened(fifo)
+    with pytest.raises(NotRegularFile):
+        open_regular(fifo)
+    assert not was_opened()
+    atomic_write(tmp_path / "f", b"data")
+    was_opened = opened(tmp_path / "f")
+    seen: list[str] = []
+
+    def refuse(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        raise PermissionError(1, "refused")
+
+    with pytest.raises(PermissionError):
+        open_regular(tmp_path / "f", vet=refuse)
+    assert seen == [str(tmp_path / "f")] and not was_opened()
+    with open_regular(tmp_path / "f", vet=lambda fd: None) as f:
         assert f.read() == b"data"
 
 

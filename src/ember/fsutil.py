@@ -208,22 +208,28 @@ def why_unopened(e: OSError) -> str:
     return f"cannot be read ({e.strerror or e})"
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path, *, vet: Callable[[int], None] | None = None) -> BinaryIO:
     """``path`` opened for reading if it is a regular file; NotRegularFile (or the
     open's own OSError) otherwise.
 
-    O_NONBLOCK because opening a FIFO for reading waits for a writer, forever; the
-    type is checked on the descriptor every read then uses, so the file checked is
-    the file read.  Reads of a regular file ignore the flag.
+    The file is first reached with O_PATH, which opens nothing: a device's driver is
+    not called (opening /dev/watchdog arms it, a tape rewinds, a tty may become the
+    controlling terminal), a FIFO does not wait for a writer.  Its type is checked on
+    that descriptor, and ``vet``, when given, is called with it (to refuse a file by
+    where it is, say) before the file itself is opened through it: the file checked
+    is the file read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(pfd).st_mode):
             raise NotRegularFile(0, "not a regular file", os.fspath(path))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        if vet is not None:
+            vet(pfd)
+        # the magic link opens the very inode the O_PATH descriptor holds
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)
+    return os.fdopen(fd, "rb")
 
 
 def remove_tree(path: str | os.PathLike[str], *, expect: os.stat_result | None = None) -> None:

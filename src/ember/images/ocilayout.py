@@ -46,19 +46,18 @@ class _Outside(OSError):
 
 
 def _open_inside(layout: Path, path: Path) -> BinaryIO:
-    """``open_regular(path)``, refused (``_Outside``) when the file opened lies outside
+    """``open_regular(path)``, refused (``_Outside``) when the file lies outside
     ``layout``: a symlink in a layout made elsewhere (a downloaded archive) made ember
     read any file its caller may (and say its size and digest when they did not match).
-    The file checked is the one opened: the descriptor's own path."""
-    f = open_regular(path)
-    try:
-        opened = os.readlink(f"/proc/self/fd/{f.fileno()}")
-        if not opened.startswith(os.path.join(os.path.realpath(layout), "")):
+    The check is made on the file reached, before it is opened (``open_regular``'s
+    ``vet``): opening a device outside (/dev/watchdog) has effects of its own."""
+    inside = os.path.join(os.path.realpath(layout), "")
+
+    def vet(fd: int) -> None:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(inside):
             raise _Outside(0, "a link that leads outside the layout")
-    except BaseException:
-        f.close()
-        raise
-    return f
+
+    return open_regular(path, vet=vet)
 
 
 def _read_capped(layout: Path, path: Path, limit: int) -> bytes:
