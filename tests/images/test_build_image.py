@@ -45,6 +45,22 @@ def test_layer_count_must_match_diff_ids() -> None:
         build_image("r", Digest.of(b"m"), manifest(), CONFIG.digest, config(DIFFS[:1]))
 
 
+def test_more_layers_than_a_host_takes_are_refused() -> None:
+    """Every layer is a snapshot on every host that runs the image: a manifest may list
+    10,000 (empty) layers, which cost minutes and pool space before the first boot."""
+    from ember.images.service import MAX_LAYERS
+
+    def of(n: int) -> tuple[ImageManifest, ImageConfig]:
+        blobs = [Descriptor(mt.OCI_LAYER_GZIP, Digest.of(b"b%d" % i), 10) for i in range(n)]
+        return manifest(blobs), config([Digest.of(b"d%d" % i) for i in range(n)])
+
+    assert len(build_image("r", Digest.of(b"m"), of(MAX_LAYERS)[0], CONFIG.digest,
+                           of(MAX_LAYERS)[1]).layers) == MAX_LAYERS  # fmt: skip
+    too_many, its_config = of(MAX_LAYERS + 1)
+    with pytest.raises(InvalidImage, match=f"r has {MAX_LAYERS + 1} layers; .* at most {MAX_LAYERS}"):
+        build_image("r", Digest.of(b"m"), too_many, CONFIG.digest, its_config)
+
+
 def test_not_a_container_image() -> None:
     artifact = Descriptor("application/vnd.example.sbom+json", Digest.of(b"c"), 1)
     with pytest.raises(InvalidImage, match="not a container image"):

@@ -278,6 +278,30 @@ def small_fs(tmp_path: Path) -> Any:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def test_an_image_of_too_many_layers_is_refused_before_any_download(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    from ember.images import InvalidImage
+    from ember.images.service import MAX_LAYERS
+
+    layout = copy_layout(busybox_layout, tmp_path / "layout")
+    manifest = _layout_manifest(layout)
+    config = _json(_blob(layout, manifest["config"]["digest"]))
+    config["rootfs"]["diff_ids"] *= MAX_LAYERS + 1
+    config_data = json.dumps(config).encode()
+    manifest["config"].update(digest=str(Digest.of(config_data)), size=len(config_data))
+    manifest["layers"] *= MAX_LAYERS + 1
+    manifest_data = json.dumps(manifest).encode()
+    for data in (config_data, manifest_data):
+        _blob(layout, str(Digest.of(data))).write_bytes(data)
+    index = _json(layout / "index.json")
+    index["manifests"][0].update(digest=str(Digest.of(manifest_data)), size=len(manifest_data))
+    (layout / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidImage, match=f"{MAX_LAYERS + 1} layers"):
+        service.pull(f"oci:{layout}:latest", progress=False)
+    _nothing_stored(service.content)
+
+
 def test_a_local_blob_larger_than_the_free_space_is_refused_before_copying(
     busybox_layout: Path, small_fs: Path
 ) -> None:

@@ -67,6 +67,11 @@ from ember.store.images import ImageRecord, ImageTable, open_image_db
 #: blobs downloaded at once, as skopeo does (with a distant registry, a 5-layer image at 4
 #: at a time took two round trips: 1.13x -> 0.60x of skopeo copy at 30 ms per blob)
 MAX_PARALLEL_BLOBS = 6
+#: layers an image may have.  Each is a snapshot of its own on every host that runs
+#: it (a clone, a mount, an apply, a commit: ~15 ms and a disk image in the pool), so
+#: an image of 10,000 empty layers (what a manifest may list) cost minutes and pool
+#: space before its first boot.  Docker's overlay2 refuses images deeper than 125.
+MAX_LAYERS = 128
 #: seconds a stopping pull waits for its cancelled downloads to let go (an aborted read
 #: ends at once; this only bounds the wait for one blocked where it cannot be woken)
 CANCEL_GRACE = 2.0
@@ -124,6 +129,7 @@ def build_image(
     manifest_size: int = 0,
 ) -> Image:
     """Check that manifest and config make an image ember can unpack, and describe it."""
+    check_layer_count(reference, manifest)
     if manifest.config.media_type not in mt.CONFIG_TYPES:
         raise InvalidImage(
             f"{reference} is not a container image (its config has media type {manifest.config.media_type[:120]!r})"
@@ -145,6 +151,16 @@ def build_image(
         reference, manifest_digest, manifest, config_digest, config, platform, layers,
         manifest_size=manifest_size,
     )  # fmt: skip
+
+
+def check_layer_count(reference: str, manifest: ImageManifest) -> None:
+    """InvalidImage when ``manifest`` lists more layers than ember runs (``MAX_LAYERS``)."""
+    if len(manifest.layers) > MAX_LAYERS:
+        raise InvalidImage(
+            f"{reference} has {len(manifest.layers)} layers; ember takes images of at most "
+            f"{MAX_LAYERS}",
+            hint="squash some of its layers (buildah bud --squash, docker build --squash)",
+        )
 
 
 class Pulling:
@@ -466,6 +482,7 @@ class ImageService:
         blob, the caller's error, Ctrl-C) cancels every download, the running ones
         too; what they received stays in the ingest files for the next pull.
         """
+        check_layer_count(source.name, manifest)  # before any download starts
         cfg = manifest.config
         unique: dict[Digest, Descriptor] = {}
         for desc in manifest.layers:
