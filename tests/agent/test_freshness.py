@@ -24,10 +24,9 @@ def test_a_changed_or_removed_file_is_reported(tmp_path: Path) -> None:
     assert fp.changed() == str(a)
 
 
-def test_loaded_files_are_ember_modules() -> None:
+def test_loaded_files_are_ember_modules() -> None:  # and its dependencies (below)
     files = loaded_files()
     assert any(f.endswith(os.path.join("ember", "agent", "freshness.py")) for f in files)
-    assert all("ember" in f for f in files)
 
 
 def test_a_file_replaced_by_rename_is_reported(tmp_path: Path) -> None:
@@ -141,3 +140,42 @@ def test_a_same_size_edit_in_place_with_its_mtime_put_back_is_reported(tmp_path:
         f.write('__version__ = "0.1.9"\n')
     os.utime(a, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert fp.changed() == str(a)
+
+
+def test_a_file_changed_as_the_agent_started_counts_as_changed(tmp_path: Path) -> None:
+    """A module replaced between its import and the stamps (an upgrade writing files
+    as a restarted agent imports them) was stamped as it is now: the agent served the
+    code it had imported before, until some other file changed."""
+    a = tmp_path / "a.py"
+    a.write_text("x = 1\n")
+    changed_ns = os.stat(a).st_ctime_ns
+    # a process that began before the change (or within the slack after it)
+    assert Fingerprint([str(a)], started_ns=changed_ns - 1).changed() == str(a)
+    assert Fingerprint([str(a)], started_ns=changed_ns + freshness.START_SLACK_NS // 2).changed() == str(a)
+    # one that began well after it imported what is there
+    assert Fingerprint([str(a)], started_ns=changed_ns + 2 * freshness.START_SLACK_NS).changed() is None
+
+
+def test_this_process_began_before_now_on_the_file_clock(tmp_path: Path) -> None:
+    import time
+
+    started = freshness.process_started_ns()
+    assert started is not None and started <= time.time_ns()
+    (tmp_path / "f").write_text("")
+    assert os.stat(tmp_path / "f").st_ctime_ns >= started - freshness.START_SLACK_NS
+
+
+def test_the_dependencies_installed_beside_ember_are_fingerprinted() -> None:
+    """An upgrade of click or httpx (a security fix) was never noticed: only ember's own
+    files were fingerprinted."""
+    import sysconfig
+
+    import click
+
+    files = loaded_files()
+    assert click.__file__ in files
+    assert os.__file__ not in files  # the standard library is the interpreter's
+    assert all(
+        "ember" in f or f.startswith(sysconfig.get_path("purelib")) or f.startswith(sysconfig.get_path("platlib"))
+        for f in files
+    )

@@ -16,6 +16,14 @@ link in another directory goes unnoticed then: inotify tells a directory of
 changes made through its own entries.  Installers and editors write through
 the path.)  Where inotify is unavailable (no watches left), every check stats
 every file.
+
+A file changed while the agent was starting (between its import and the
+stamps: an upgrade writing files as a restarted agent imports them) would be
+stamped as it is now, and the agent would serve what it imported before; so a
+loaded file changed since shortly before the agent's process began counts as
+changed at the first check.  The dependencies installed beside ember (click,
+httpx, rich, ...) are fingerprinted too: an upgrade of one (a security fix)
+must reach the commands as ember's own does.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import ctypes
 import os
 import select
 import sys
+import sysconfig
+import time
 from collections.abc import Iterable
 
 Stamp = tuple[int, int, int, int]  # inode, size, mtime and ctime in ns
@@ -40,18 +50,42 @@ def _stamp(path: str) -> Stamp | None:
 
 
 def loaded_files(package: str = "ember") -> list[str]:
+    """The files of ``package``'s loaded modules, and of every loaded module installed
+    beside it (in site-packages: its dependencies)."""
     prefix = package + "."
+    installed = tuple(
+        os.path.join(p, "") for p in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    )
     files = []
     for name, module in list(sys.modules.items()):
-        if name == package or name.startswith(prefix):
-            path = getattr(module, "__file__", None)
-            if path:
-                files.append(path)
-    return sorted(files)
+        path = getattr(module, "__file__", None)
+        if path and (name == package or name.startswith(prefix) or path.startswith(installed)):
+            files.append(path)
+    return sorted(set(files))
+
+
+#: how long before its process began a file's change still counts as made while the
+#: agent started (the start time is known to a clock tick, file times to a few)
+START_SLACK_NS = 1_000_000_000
+
+
+def process_started_ns() -> int | None:
+    """When this process began, on the clock file times use; None without /proc."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # the fields after the command name (which may hold spaces and parentheses)
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = int(fields[19])  # starttime: clock ticks after boot (field 22 of proc(5))
+    since_boot_ns = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return time.time_ns() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - since_boot_ns)
 
 
 class Fingerprint:
-    def __init__(self, files: Iterable[str]) -> None:
+    def __init__(self, files: Iterable[str], *, started_ns: int | None = None) -> None:
+        """``started_ns``: when the process that imported ``files`` began; a file
+        changed after (or just before) then may have been imported as it was before."""
         files = list(files)
         directories = sorted({os.path.dirname(path) for path in files})
         # In this order: a tree swapped in before the watch is set makes the
@@ -60,6 +94,15 @@ class Fingerprint:
         self._directories = {d: _identity(d) for d in directories}
         self._watch = _watch(directories)
         self.stamps = {path: _stamp(path) for path in files}
+        self._changed_as_started: str | None = None
+        if started_ns is not None:
+            self._changed_as_started = next(
+                (
+                    path for path, stamp in self.stamps.items()
+                    if stamp is not None and stamp[3] >= started_ns - START_SLACK_NS
+                ),
+                None,
+            )  # fmt: skip
 
     @property
     def watching(self) -> bool:
@@ -71,7 +114,10 @@ class Fingerprint:
         return () if self._watch is None else (self._watch,)
 
     def changed(self) -> str | None:
-        """The first file that changed or vanished since the fingerprint was taken."""
+        """The first file that changed or vanished since the fingerprint was taken (or
+        as the process that loaded it started)."""
+        if self._changed_as_started is not None:
+            return self._changed_as_started
         if self._watch is not None:
             if not _readable(self._watch) and all(
                 _identity(d) == identity for d, identity in self._directories.items()

@@ -49,7 +49,7 @@ from ember.agent import client as client_module
 from ember.agent import peer, prefault, protocol
 from ember.agent.client import SOCKET_NAME
 from ember.agent.errors import AgentError, AgentRunning
-from ember.agent.freshness import Fingerprint, loaded_files
+from ember.agent.freshness import Fingerprint, loaded_files, process_started_ns
 from ember.home import Home
 from ember.locks import FileLock
 from ember.process import parent_death_signal, reap_exiting
@@ -157,7 +157,7 @@ class Agent:
             missing = preload()
             if missing:
                 self._log("not preloaded (optional, imported on use): " + ", ".join(missing))
-            fingerprint = Fingerprint(loaded_files())
+            fingerprint = Fingerprint(loaded_files(), started_ns=process_started_ns())
             with contextlib.suppress(OSError):  # (no /proc: each check says so)
                 self._view = peer.View("self")
             listener = self._listen()
