@@ -256,6 +256,37 @@ def test_stale_archives_of_the_same_kernel_are_pruned(
     assert foreign.exists()
 
 
+def test_an_archive_in_use_is_not_pruned_however_old(
+    kernel: KernelInfo, ember_init: Path, tmp_path: Path
+) -> None:
+    """An archive is never touched when used (its mtime is in the template shape's key):
+    judged by when it was built, the one in use was pruned whenever another of its
+    kernel version was built (another ember-init: EMBER_INIT), built again (a new
+    mtime: every template of it stale), and an `ember run` between its cache hit and
+    its pin failed."""
+    home = Home(tmp_path / "home")
+    first = base_initramfs(home, kernel)
+    hour_ago = time.time() - 2 * 3600
+    os.utime(first, (hour_ago, hour_ago))
+    built = first.stat().st_mtime_ns
+    assert base_initramfs(home, kernel) == first  # in use: a cache hit
+    assert first.stat().st_mtime_ns == built  # (still not touched)
+    other = tmp_path / "ember-init"
+    other.write_bytes(ember_init.read_bytes() + b"\0")
+    second = base_initramfs(home, kernel, other)
+    assert second != first and first.exists()
+    # unused for an hour: pruned, with the mark of its use
+    marks = list(first.parent.glob("*.used"))
+    assert marks
+    for p in (first, *marks):
+        os.utime(p, (hour_ago, hour_ago))
+    third = tmp_path / "ember-init-3"
+    third.write_bytes(ember_init.read_bytes() + b"\0\0")
+    base_initramfs(home, kernel, third)
+    assert not first.exists() and not Path(f"{first}.used").exists()
+    assert second.exists()  # just built
+
+
 def test_a_machine_keeps_the_base_archive_it_was_made_with(
     kernel: KernelInfo, ember_init: Path, tmp_path: Path
 ) -> None:

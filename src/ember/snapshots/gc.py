@@ -208,7 +208,7 @@ def _sweep_kernels(home: Home, report: GCReport, older_than: float, *, dry_run: 
     """Remove (count, in a dry run) the guest kernels no machine boots any more
     (``unused_kernels``); none while an install runs (its lock) or while a machine's
     record cannot be read (which kernel it boots is unknown)."""
-    from ember.vm.initramfs import unused_archives
+    from ember.vm.initramfs import remove_archive, unused_archives
     from ember.vm.kernel import dir_version, unused_kernels
 
     if not home.kernels.is_dir() or home.kernels.is_symlink():
@@ -242,7 +242,7 @@ def _sweep_kernels(home: Home, report: GCReport, older_than: float, *, dry_run: 
                 with contextlib.suppress(FileNotFoundError):
                     report.kernel_bytes += archive.stat().st_size
                     if not dry_run:
-                        archive.unlink()
+                        remove_archive(archive)
     finally:
         lock.release()
 

@@ -237,7 +237,9 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
         key.update(part.encode() + b"\0")
     dest = home.initramfs_cache / f"{kernel.version}-{key.hexdigest()[:16]}.cpio"
     if dest.is_file():
-        # (not touched: its mtime is part of the template shape's key, vm/template.py)
+        # (not touched: its mtime is part of the template shape's key, vm/template.py;
+        # its use is noted beside it, for _prune)
+        _note_use(dest)
         return dest
     index = _module_index(kernel)
     load = index.load_order(REQUIRED_MODULES) if index else []
@@ -254,11 +256,12 @@ def base_initramfs(home: Home, kernel: KernelInfo, init: Path | None = None) -> 
 
 
 def unused_archives(home: Home, version: str) -> list[Path]:
-    """The cached base archives of kernel ``version`` not made for ``PRUNE_AFTER``, as
-    ``_prune`` judges them (``ember gc`` removes them with their kernel; a machine
-    keeps its own hard link, ``pin_base_initramfs``).  Not those just made: another
-    kernel of the same version (a custom one whose modules' directory has that name)
-    may be about to link one; an older one it loses is made again when needed."""
+    """The cached base archives of kernel ``version`` not made or used for
+    ``PRUNE_AFTER``, as ``_prune`` judges them (``ember gc`` removes them with their
+    kernel, ``remove_archive``; a machine keeps its own hard link,
+    ``pin_base_initramfs``).  Not those just made or used: another kernel of the same
+    version (a custom one whose modules' directory has that name) may be about to link
+    one; an older one it loses is made again when needed."""
     cache = home.initramfs_cache
     if cache.is_symlink() or not cache.is_dir():
         return []
@@ -270,15 +273,50 @@ def unused_archives(home: Home, version: str) -> list[Path]:
             continue
         with contextlib.suppress(OSError):
             st = p.lstat()
-            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > PRUNE_AFTER:
+            if stat.S_ISREG(st.st_mode) and now - _last_use(p, st) > PRUNE_AFTER:
                 found.append(p)
     return sorted(found)
 
 
-#: archives of the same kernel not rebuilt for this long are from an older ember-init
-#: or modules dir and are never asked for again; the delay leaves alone any archive a
-#: machine being created right now may still be copying
+#: archives of the same kernel not built or used for this long are from an older
+#: ember-init or modules dir and are not asked for any more; the delay leaves alone any
+#: archive a machine being created right now may still be copying
 PRUNE_AFTER = 3600.0
+
+
+def _use_mark(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".used")
+
+
+def _note_use(archive: Path) -> None:
+    """Note that ``archive`` is in use (the mtime of a mark beside it: the archive's
+    own is part of the template shape's key).  Judged by when it was built, an archive
+    in use was pruned whenever another of its kernel version was built (another
+    ember-init, ``EMBER_INIT``, or a custom kernel of that version's name), and was
+    built again, which made every template of it stale."""
+    mark = _use_mark(archive)
+    try:
+        os.utime(mark)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError:
+        pass  # a read-only cache: the archive is rebuilt if it is pruned
+
+
+def _last_use(archive: Path, st: os.stat_result) -> float:
+    """When ``archive`` (whose stat is ``st``) was last built or used."""
+    try:
+        return max(st.st_mtime, _use_mark(archive).stat().st_mtime)
+    except OSError:
+        return st.st_mtime
+
+
+def remove_archive(archive: Path) -> None:
+    """Remove a cached base archive and its use mark."""
+    archive.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        _use_mark(archive).unlink()
 
 
 def _prune(keep: Path) -> None:
@@ -293,8 +331,12 @@ def _prune(keep: Path) -> None:
         stale_temps(keep.parent, PRUNE_AFTER, remove=True, follow=True, now=now)
     for old in stale:
         with contextlib.suppress(OSError):
-            if now - old.stat().st_mtime > PRUNE_AFTER:
-                old.unlink()
+            if now - _last_use(old, old.stat()) > PRUNE_AFTER:
+                remove_archive(old)
+    for mark in keep.parent.glob(f"{version}-*.cpio.used"):
+        with contextlib.suppress(OSError):  # the mark of an archive gc removed
+            if not mark.with_suffix("").exists() and now - mark.stat().st_mtime > PRUNE_AFTER:
+                mark.unlink()
 
 
 def _module_index(kernel: KernelInfo) -> ModuleIndex | None:
