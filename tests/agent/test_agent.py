@@ -12,12 +12,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ember.agent import prefault
+from ember.agent import prefault, protocol
 from tests.support.cli import EMBER, ember_env, run_ember
 from tests.support.registry import free_port
 from tests.support.spawn import spawn_server
@@ -228,17 +229,23 @@ def test_a_signal_the_caller_ignores_is_not_forwarded(agent: RunningAgent) -> No
         client.kill()
 
 
-def test_a_command_reading_a_terminal_runs_in_the_callers_session(agent: RunningAgent) -> None:
+@pytest.mark.parametrize("stream", ["stdin", "stdout", "stderr"])
+def test_a_command_at_a_terminal_runs_in_the_callers_session(
+    agent: RunningAgent, stream: str
+) -> None:
     """The runner is in a session of its own: the terminal never stops it for reading
     (SIGTTIN), so after Ctrl-Z, or started with "&", a prompt read what was typed at the
-    shell.  With a terminal as stdin the client runs the command itself."""
+    shell; nor does Ctrl-Z stop it writing there (`ember pull ... </dev/null` drew its
+    progress over the shell's prompt).  With a terminal as stdin, stdout or stderr the
+    client runs the command itself."""
     import pty
 
     leader, follower = pty.openpty()
+    streams: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
+                               "stderr": subprocess.PIPE, stream: follower}  # fmt: skip
     try:
         proc = subprocess.run(
-            [EMBER, "image", "ls"], env=env_for(agent.home), stdin=follower,
-            capture_output=True, text=True, timeout=TIMEOUT,
+            [EMBER, "image", "ls"], env=env_for(agent.home), **streams, timeout=TIMEOUT,
         )  # fmt: skip
     finally:
         os.close(follower)
@@ -247,6 +254,57 @@ def test_a_command_reading_a_terminal_runs_in_the_callers_session(agent: Running
     assert agent.served() == 0
     assert ember(agent.home, "image", "ls").returncode == 0  # (stdin a pipe: the agent's)
     agent.wait_log("image ls -> exit 0")
+
+
+def test_a_signal_before_the_agent_answers_goes_to_the_command_it_started(tmp_path: Path) -> None:
+    """Ctrl-C after the request was sent but before the agent said "started" raised
+    KeyboardInterrupt in the client: it said "interrupted" and hung up, while the agent
+    may have started the command already (then hung up, not interrupted, its output
+    still coming after the shell's prompt).  Now the signal waits for the answer: it is
+    forwarded to a command that started, and acts here as before on one that did not."""
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    path = home / "run" / "agent.sock"
+    for answer in (protocol.started(4242), protocol.declined("no")):
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            listener.listen(1)
+            client = subprocess.Popen(
+                [EMBER, "image", "ls"], env=env_for(home), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            listener.settimeout(TIMEOUT)
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                header = conn.recv(protocol.HEADER)  # the request has been sent
+                assert len(header) == protocol.HEADER
+                _read_all(conn, protocol.frame_length(header))
+                client.send_signal(signal.SIGINT)
+                with contextlib.suppress(OSError):  # (the client of old was gone by now)
+                    conn.sendall(protocol.frame(answer))
+                if answer[:1] == b"S":
+                    header = conn.recv(protocol.HEADER)
+                    assert header, "the client hung up instead of passing the signal on"
+                    message = _read_all(conn, protocol.frame_length(header))
+                    assert protocol.parse_signal(message) == signal.SIGINT
+                    conn.sendall(protocol.frame(protocol.exited(130)))
+            out, err = client.communicate(timeout=TIMEOUT)
+            path.unlink()
+        assert client.returncode == 130, err
+        if answer[:1] == b"S":
+            assert b"interrupted" not in err  # the command's to say, and it said nothing
+        else:  # declined: the command never started, and is not run here either
+            assert err == b"ember: interrupted\n" and out == b""
+
+
+def _read_all(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        assert chunk, "the client closed the connection"
+        data += chunk
+    return data
 
 
 def test_a_command_killed_by_sigkill_kills_its_client_alike(agent: RunningAgent) -> None:

@@ -61,11 +61,13 @@ def _wanted(argv: list[str]) -> bool:
         return False
     if argv[:1] == ["agent"]:
         return False
-    if os.isatty(0):
+    if os.isatty(0) or os.isatty(1) or os.isatty(2):
         # A terminal's job control is between the shell and the process it started:
         # the runner, in a session of its own, is never stopped for reading the
         # terminal (SIGTTIN), so after Ctrl-Z, or started with "&", it went on reading
-        # what was typed at the shell (a password prompt took the next command line).
+        # what was typed at the shell (a password prompt took the next command line);
+        # and one that writes there (`ember pull ... </dev/null`) went on drawing its
+        # progress over the shell's prompt after Ctrl-Z had stopped only this process.
         return False
     # The socket belongs to one home; a home named on the command line is not
     # worth parsing the options for here.
@@ -114,35 +116,70 @@ def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, in
         code=os.fsencode(os.path.realpath(__file__)),
     )
     fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
-    sock.sendmsg(
-        [protocol.frame(protocol.encode_request(request))],
-        [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)],
-    )
-    answer = _read_frame(sock)
-    if answer is None or answer[:1] == b"D":
-        return None
-    if answer[:1] != b"S":
-        raise protocol.ProtocolError("unexpected answer from the agent")
+    # Once the request is sent the agent may start the command at any moment: a signal
+    # (Ctrl-C) from then until its answer is held, and goes to the command if it
+    # started; raised here as it would have been (KeyboardInterrupt) if not.  Taken
+    # here, it left the command started and hung up, and said "interrupted" over it.
+    held: list[int] = []
+    before = _hold_signals(held)
+    started = False
+    try:
+        sock.sendmsg(
+            [protocol.frame(protocol.encode_request(request))],
+            [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)],
+        )
+        answer = _read_frame(sock)
+        if answer is None or answer[:1] == b"D":
+            return None
+        if answer[:1] != b"S":
+            raise protocol.ProtocolError("unexpected answer from the agent")
+        started = True
+    finally:
+        if not started:
+            for signum, handler in before.items():
+                _signal.signal(signum, handler)
+            for signum in held:
+                _signal.raise_signal(signum)
     # From here on the command runs in the agent: never fall back to running
     # it a second time here, whatever happens.
     try:
-        return _wait(sock)
+        return _wait(sock, before, held)
     except (OSError, protocol.ProtocolError):
         os.write(2, b"ember: lost the connection to the agent running this command\n")
         return 1, 0
 
 
-def _wait(sock: _socket.socket) -> tuple[int, int]:
+def _hold_signals(held: list[int]) -> dict[int, object]:
+    """Note the forwarded signals in ``held`` instead of acting on them; the handlers
+    they had (those the caller ignores, nohup or trap '', are left alone: they are not
+    the command's either)."""
+
+    def hold(signum: int, _frame: object) -> None:
+        held.append(signum)
+
+    before = {}
+    for signum in protocol.FORWARDED_SIGNALS:
+        handler = _signal.getsignal(signum)
+        if handler != _signal.SIG_IGN:
+            before[signum] = handler
+            _signal.signal(signum, hold)
+    return before
+
+
+def _wait(sock: _socket.socket, handled: dict[int, object], held: list[int]) -> tuple[int, int]:
+    """The command's exit; the signals in ``handled`` are forwarded to it, those
+    ``held`` before it started first."""
+
     def forward(signum: int, _frame: object) -> None:
         try:  # noqa: SIM105 (contextlib is not worth its import here)
             sock.sendall(protocol.frame(protocol.signal_message(signum)))
         except OSError:
             pass
 
-    for signum in protocol.FORWARDED_SIGNALS:
-        # one the caller ignores (nohup, trap '') is not the command's either
-        if _signal.getsignal(signum) != _signal.SIG_IGN:
-            _signal.signal(signum, forward)
+    for signum in handled:
+        _signal.signal(signum, forward)
+    for signum in held:
+        forward(signum, None)
     while True:
         message = _read_frame(sock)
         if message is None:
