@@ -63,3 +63,25 @@ def test_mac_is_local_unicast_and_unique() -> None:
     assert mac == "02:ee:ac:1e:01:02"
     first = int(mac.split(":")[0], 16)
     assert first & 0b10 and not first & 0b1
+
+
+ROUTES = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+wg0\t00051EAC\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+em-a1a1a1a1a1a1\t00001EAC\t00000000\t0001\t0\t0\t0\tFCFFFFFF\t0\t0\t0
+"""
+
+
+def test_routes_overlapping_the_machine_subnet_are_found() -> None:
+    """A subnet the host also routes elsewhere (a LAN, a VPN: 172.30.5.0/24 on wg0 here)
+    was handed out as it was: a machine there hid that network from the host."""
+    def clashes(subnet: str) -> list[tuple[str, str]]:
+        found = ipam.overlapping_routes(ipam.parse_subnet(subnet), ROUTES, own_prefix="em-")
+        return [(iface, str(net)) for iface, net in found]
+
+    assert clashes("172.30.0.0/16") == [("wg0", "172.30.5.0/24")]  # not the default, not a TAP's
+    assert clashes("172.30.0.0/22") == []
+    assert clashes("192.0.2.0/28") == [("eth0", "192.0.2.0/24")]
+    assert clashes("10.0.0.0/8") == []
+    assert ipam.overlapping_routes(ipam.parse_subnet("10.0.0.0/8"), "junk\nnot a route", own_prefix="em-") == []

@@ -130,6 +130,28 @@ print(json.dumps(out))
     assert out["ip_forward"] == "0"  # egress off: the host routes for no one else
 
 
+def test_a_subnet_the_host_routes_elsewhere_is_refused(netns: str, tmp_path: Path) -> None:
+    sh("ip", "-n", netns, "link", "add", "vpn0", "type", "veth", "peer", "name", "vpn1")
+    sh("ip", "-n", netns, "addr", "add", "172.30.5.1/24", "dev", "vpn0")
+    for end in ("vpn0", "vpn1"):
+        sh("ip", "-n", netns, "link", "set", end, "up")
+    out = run_in_netns(netns, """
+try:
+    mgr.setup(sys.argv[2])
+except EmberError as e:
+    out["refused"] = str(e)
+out["links"] = sorted(socket.if_nameindex())
+mgr = NetworkManager(home, NetConfig(nameservers=("192.0.2.53",), subnet="10.77.0.0/16"))
+out["other"] = mgr.setup(sys.argv[2]).guest_ip
+mgr.teardown(sys.argv[2])
+print(json.dumps(out))
+""", tmp_path)  # fmt: skip
+    assert "overlaps this host's network 172.30.5.0/24 (on vpn0)" in out["refused"]
+    assert "network.subnet" in out["refused"]
+    assert not any(name.startswith("em-") for _, name in out["links"])
+    assert out["other"] == "10.77.0.2"
+
+
 def test_host_nameservers_skip_loopback() -> None:
     conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1%eth0\nsearch lan\nnameserver bogus\n"
     assert host_nameservers(conf) == ("10.0.0.2",)

@@ -87,3 +87,26 @@ def mac_for(address: ipaddress.IPv4Address) -> str:
     """A locally administered unicast MAC derived from the guest address (unique per host)."""
     b = address.packed
     return "02:ee:" + ":".join(f"{x:02x}" for x in b)
+
+
+def overlapping_routes(
+    subnet: ipaddress.IPv4Network, route_table: str, *, own_prefix: str
+) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """The routes of a ``/proc/net/route`` text (interface, network) whose network
+    overlaps ``subnet``, but for the default route and those of interfaces named
+    ``own_prefix...`` (the machines' own TAPs).  A machine given an address the host
+    also reaches elsewhere (a LAN, a VPN, a docker0 of that range) shadows that network
+    for the host and cannot reach it itself."""
+    found = []
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[0].startswith(own_prefix):
+            continue
+        try:
+            destination, mask = (int.from_bytes(bytes.fromhex(f), "little") for f in (fields[1], fields[7]))
+            network = ipaddress.IPv4Network((destination, bin(mask).count("1")), strict=False)
+        except ValueError:
+            continue  # not a line of the kernel's: nothing to say about it
+        if network.prefixlen and network.overlaps(subnet):
+            found.append((fields[0], network))
+    return found

@@ -406,6 +406,7 @@ class NetworkManager:
         if holder is not None:
             holder.extend(hold_host_ports(ports))
         subnet = ipam.parse_subnet(state["subnet"], state["prefix"])
+        _refuse_overlapping_routes(subnet)
         used = {int(m["slot"]) for m in state["machines"].values()}
         slot = ipam.first_free(subnet, state["prefix"], used)
         b = ipam.block(subnet, state["prefix"], slot)
@@ -478,6 +479,23 @@ class NetworkManager:
                 netns.run_in(m.netns, release)  # False: gone, and its TAP with it
             # only once it is gone: a failure above leaves the entry for another try
             self._save(state)
+
+
+def _refuse_overlapping_routes(subnet: ipaddress.IPv4Network) -> None:
+    """NetworkError when the host routes part of the machine subnet elsewhere (in this
+    thread's network namespace): its machines would shadow that network."""
+    try:
+        table = Path("/proc/thread-self/net/route").read_text()
+    except OSError:
+        return  # no /proc (or no IPv4): nothing known to clash with
+    clashes = ipam.overlapping_routes(subnet, table, own_prefix=TAP_PREFIX)
+    if clashes:
+        iface, network = clashes[0]
+        raise NetworkError(
+            f"the machine subnet {subnet} overlaps this host's network {network} (on {iface}): "
+            "machines would hide it from the host, and could not reach it",
+            hint="set another network.subnet in config.json (docs/networking.md)",
+        )
 
 
 # ---- host ports left to choose (`-p 80`, `-p 8000-8010:80`) --------------------------------
