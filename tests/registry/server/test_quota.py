@@ -164,6 +164,56 @@ def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
     assert (row["used_bytes"], row["upload_bytes"]) == (50_000, 0)
 
 
+def test_held_digest_bytes_that_do_not_become_the_blob_must_fit_the_quota(
+    server: EmberServer,
+) -> None:
+    """Bytes that claim a blob the organization holds are free only if they become it.
+    When a final PUT ends otherwise (its client hangs up mid-body, or its body is longer
+    than its Content-Range: 416) and they do not fit the quota, the session is dropped,
+    as a refused upload's is.  They were kept and counted past the quota: sessions ended
+    that way one after another held 299,996 bytes of a 60,000-byte quota for a day."""
+    server.create_org("quota-heldstack")
+    t = Tenant(server, "quota-heldstack", server.create_token("quota-heldstack", "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", "quota-heldstack", "60000")
+    uploads = server.home / "registry" / "uploads"
+    data = os.urandom(50_000)
+    auth = {"Authorization": f"Bearer {t.token}", "Content-Length": str(len(data))}
+    with t.client() as c:
+        held = push_blob(c, "a", data)
+        locs = [c.post("/v2/a/blobs/uploads/").headers["Location"] for _ in range(4)]
+        sessions = [loc.split("/uploads/")[1].split("?")[0] for loc in locs]
+        for loc, session in zip(locs[:3], sessions, strict=False):
+            send_partial(t.host, "PUT", at(loc, digest=held), auth, os.urandom(49_999)).close()
+            poll_until(lambda s=session: not (uploads / s).exists(),
+                       "the cut PUT's session dropped")  # fmt: skip
+            assert c.get(loc).status_code == 404
+
+        def longer() -> Iterator[bytes]:
+            yield os.urandom(50_001)
+
+        r = c.put(at(locs[3], digest=held), content=longer(), headers={"Content-Range": "0-49999"})
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0]["code"] == "DENIED" and "storage quota" in r.text
+        assert not (uploads / sessions[3]).exists()
+        # a PUT that wrote nothing (out of order: 416) costs its session nothing, even
+        # with the organization over its quota (lowered below the session's bytes)
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        loc = c.patch(loc, content=data[:5000]).headers["Location"]
+        ember(server.home, "admin", "org", "quota", "quota-heldstack", "52000")
+        r = c.put(at(loc, digest=held), content=data[9000:10_000],
+                  headers={"Content-Range": "9000-9999"})  # fmt: skip
+        assert r.status_code == 416 and r.headers["Range"] == "0-4999", r.text
+        assert c.delete(loc).status_code == 204
+        # bytes that fit still count until their session goes, and resume (the test above)
+        ember(server.home, "admin", "org", "quota", "quota-heldstack", "100000")
+        loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
+        send_partial(t.host, "PUT", at(loc, digest=held), auth, data[:30_000]).close()
+        poll_until(lambda: org_row(server, "quota-heldstack")["upload_bytes"] == 30_000,
+                   "the cut PUT's bytes counted")  # fmt: skip
+    row = org_row(server, "quota-heldstack")
+    assert (row["used_bytes"], row["upload_bytes"]) == (80_000, 30_000)
+
+
 def test_a_put_on_a_session_another_request_streams_to_keeps_its_reservation(
     server: EmberServer,
 ) -> None:

@@ -176,10 +176,12 @@ class HeldBlob:
     streamed, to be refused only when its digest was checked.
 
     What the body left in the session is recorded as the session's when it ends
-    (``settle``), as a Room's is: an upload that is never finished (the client hung
-    up mid-body, or the chunk was refused) keeps its bytes on disk until the session
-    expires, and they count against the quota meanwhile.  Free only if they become
-    the blob, when the session ends in one transaction with its bytes."""
+    (``settle``), as a Room's is, so they count from then on.  Free only if they become
+    the blob, when the session ends in one transaction with its bytes; a request that
+    ends any other way (the client hung up mid-body, the chunk was refused, publication
+    failed) must have them fit the quota or lose the session (Uploads.put): recorded
+    unchecked, sessions ended that way one after another held up to the blob's size
+    each past the quota."""
 
     def __init__(
         self, meta: RegistryMetadata, db: DbCalls, session: str, digest: Digest, size: int
@@ -189,6 +191,8 @@ class HeldBlob:
         self.session = session
         self.digest = digest
         self.size = size
+        #: whether the request wrote bytes under it, for free (else nothing to check)
+        self.granted = False
 
     async def grow(self, size: int) -> int:
         if size > self.size:
@@ -196,6 +200,7 @@ class HeldBlob:
                 "DIGEST_INVALID",
                 f"the upload is larger than {self.digest}, which has {self.size} bytes",
             )
+        self.granted = True
         return self.size
 
     async def settle(self, size: int) -> None:

@@ -24,7 +24,13 @@ from ember.registry.server.gc import MONOLITHIC_PREFIX
 from ember.registry.server.metadata import Quota, RegistryMetadata
 from ember.registry.server.names import qualify, valid_repo_name
 from ember.registry.server.protocol import content_length, parse_content_range
-from ember.registry.server.quota import Quotas, limit_reached, over_quota, quota_org
+from ember.registry.server.quota import (
+    HeldBlob,
+    Quotas,
+    limit_reached,
+    over_quota,
+    quota_org,
+)
 from ember.registry.server.responses import API_VERSION
 from ember.registry.server.storage import Allowance, BlobStorage, range_header, touch
 from ember.registry.server.uploadstate import (
@@ -119,7 +125,8 @@ class Uploads:
                 # gets to read the refusal rather than a reset connection
                 await discard(ctx.request, QUOTA_DRAIN_LIMIT)
                 raise
-        size = await self._append(ctx, state, start, limit)
+        room = await self._room(ctx, state.session, start, limit)
+        size = await self._append(ctx, state, start, limit, room)
         headers = self._upload_headers(ctx, state.session, size, state.expires)
         return Response(b"", status_code=202, headers=headers)
 
@@ -130,10 +137,17 @@ class Uploads:
         has_body = bool(content_length(ctx.request.headers.get("content-length"))) or (
             "chunked" in ctx.request.headers.get("transfer-encoding", "").lower()
         )
-        if has_body or ctx.request.headers.get("content-range"):
-            start, limit = self._chunk_range(ctx, state)
-            await self._append(ctx, state, start, limit, digest)
-        return await self._finish(ctx, None, state.session, digest)
+        if not (has_body or ctx.request.headers.get("content-range")):
+            return await self._finish(ctx, None, state.session, digest)
+        start, limit = self._chunk_range(ctx, state)
+        room = await self._room(ctx, state.session, start, limit, digest)
+        try:
+            await self._append(ctx, state, start, limit, room)
+            return await self._finish(ctx, None, state.session, digest)
+        except Exception as e:
+            if isinstance(room, HeldBlob) and room.granted:
+                await self._count_unpublished(ctx, state.session, e)
+            raise
 
     async def cancel(self, ctx: RequestContext) -> Response:
         state = self._session(ctx)
@@ -262,21 +276,32 @@ class Uploads:
             e.headers.update(self._upload_headers(ctx, state.session, current, state.expires))
         return e
 
+    async def _room(
+        self,
+        ctx: RequestContext,
+        session: str,
+        start: int,
+        limit: int | None,
+        digest: Digest | None = None,
+    ) -> Allowance | None:
+        """What the request's body, a chunk starting at ``start`` (``limit``: its length
+        by Content-Range), may take ``session`` to under the quota (a final PUT's
+        ``digest``, if the organization holds it, costs nothing)."""
+        length = content_length(ctx.request.headers.get("content-length"))
+        known = length if length is not None else limit
+        expected = None if known is None else start + known
+        return await self.quotas.allowance(ctx.org, session, digest, expected)
+
     async def _append(
         self,
         ctx: RequestContext,
         state: UploadState,
         start: int,
         limit: int | None,
-        digest: Digest | None = None,
+        room: Allowance | None,
     ) -> int:
         """Append the request's body as a chunk starting at ``start`` (``limit``: its
-        length by Content-Range), within the quota's room (a final PUT's ``digest``,
-        if the organization holds it, costs nothing)."""
-        length = content_length(ctx.request.headers.get("content-length"))
-        known = length if length is not None else limit
-        expected = None if known is None else start + known
-        room = await self.quotas.allowance(ctx.org, state.session, digest, expected)
+        length by Content-Range), within ``room``."""
         try:
             return await self._append_within_quota(ctx, state.session, start, limit, room)
         except ApiError as e:
@@ -325,6 +350,22 @@ class Uploads:
             return None
         await self._drop_session(session)
         return refused
+
+    async def _count_unpublished(self, ctx: RequestContext, session: str, e: Exception) -> None:
+        """A final PUT whose body claimed a blob the organization holds (free while it
+        streamed, see HeldBlob) ended without publishing it: the client hung up mid-body,
+        the body outran its Content-Range, or publication failed.  Its bytes are not
+        that blob, so they must fit the quota like any others or go, as a refused
+        upload's do: kept free, sessions ended that way one after another would each
+        hold up to that blob's size past the quota.  Raises 403 DENIED (caused by ``e``)
+        when the session was dropped: a 416 would send the client to a session that is
+        gone."""
+        size = self.storage.session_size(session)
+        if size is None:  # published, or dropped already (a wrong digest that did not fit)
+            return
+        refused = await self._hold(ctx, session, size)
+        if refused is not None:
+            raise over_quota(ctx.org, refused, str(size)) from e
 
     # -- publishing --------------------------------------------------------------------
 
