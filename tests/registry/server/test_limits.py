@@ -4,6 +4,7 @@ capped per organization (``--max-uploads``, ``--max-repositories``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import click
 import httpx
@@ -26,11 +28,15 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from ember.locks import FileLock
 from ember.oci.digest import Digest
 from ember.registry.server.config import ServerLimits, limits_from_env
+from ember.registry.server.context import RequestContext
+from ember.registry.server.dbcalls import DbCalls
 from ember.registry.server.errors import RegistryError
 from ember.registry.server.gc import purge
 from ember.registry.server.metadata import _OPEN_UPLOADS, RegistryMetadata
-from ember.registry.server.quota import RETRY_AFTER_MAX
+from ember.registry.server.quota import RETRY_AFTER_MAX, Quotas
 from ember.registry.server.storage import BlobStorage
+from ember.registry.server.tokens import Grant
+from ember.registry.server.uploads import Uploads
 from ember.registry.server.uploadstate import (
     UPLOAD_TTL,
     InvalidUploadState,
@@ -293,6 +299,48 @@ def test_a_purge_skips_when_another_process_just_purged(tmp_path: Path) -> None:
     report = purge(meta, storage, 0.2)
     assert report is not None and report.uploads.sessions == 2
     assert list(storage.uploads.iterdir()) == []
+
+
+def test_a_purge_cannot_take_the_repository_of_a_session_being_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new session's repository was looked up, and the session's row that names it
+    written, without the GC lock: a purge between the two deleted the repository (still
+    empty: an upload started and cancelled an hour ago) and the insert failed on its
+    foreign key, a 500.  The purge runs here exactly there, from the lookup; it must
+    leave the repository to its next run.  (No limit on open sessions: with one, on
+    SQLite, the organization's lock taken first held the purge's delete off.)"""
+    meta = RegistryMetadata(f"sqlite:///{tmp_path / 'registry.db'}")
+    meta.create_org("acme")
+    meta.ensure_repo("acme", "acme/r")
+    storage = BlobStorage(tmp_path / "registry")
+    reports = []
+    lookup = meta._repo_id
+
+    def lookup_then_purge(conn: Any, full: str) -> int | None:
+        found = lookup(conn, full)
+        if found is not None and not reports:
+            reports.append(purge(meta, storage, 60, grace=0, at_start=True))
+        return found
+
+    monkeypatch.setattr(meta, "_repo_id", lookup_then_purge)
+
+    async def open_session() -> int:
+        db = DbCalls(meta)
+        limits = ServerLimits(max_uploads=0, max_repositories=0)
+        uploads = Uploads(meta, storage, db, Quotas(meta, db, limits), limits, b"k" * 32)
+        ctx = RequestContext(cast(Any, None), cast(Any, None), Grant("acme", "t"), False, "acme/r")
+        return await uploads._open_session(ctx, "a" * 32, int(time.time()) + UPLOAD_TTL)
+
+    repo_id = asyncio.run(open_session())
+    (report,) = reports
+    assert report is not None and report.repositories == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
+        assert db.execute("SELECT repo_id FROM reg_uploads").fetchall() == [(repo_id,)]
+        assert db.execute("SELECT name FROM reg_repos WHERE id = ?", (repo_id,)).fetchall() == [("acme/r",)]
+    # the purge after it, with the session open, leaves the repository too
+    report = purge(meta, storage, 60, grace=0, at_start=True)
+    assert report is not None and report.repositories == 0
 
 
 def test_gc_keeps_an_expired_session_a_request_still_appends_to(start: Callable[..., EmberServer]) -> None:

@@ -212,12 +212,18 @@ class Uploads:
     async def _open_session(self, ctx: RequestContext, session: str, expires: int) -> int:
         """A new upload session: its row (with its repository, if new), then its file;
         refused when the organization has as many open sessions, or repositories, as
-        it may.  The repository's id."""
+        it may.  The repository's id.
+
+        Under the shared GC lock, as every write that makes sure its repository exists:
+        the purge deletes a repository left with nothing under the exclusive one, and one
+        between the lookup of an empty repository and the session's row that names it
+        failed the row's insert (a foreign key, answered 500)."""
         try:
-            repo_id = await self.db.write(
-                self.meta.create_upload, ctx.org, ctx.full, session, expires,
-                self.limits.max_uploads, self.limits.max_repositories,
-            )  # fmt: skip
+            async with self.storage.publishing():
+                repo_id = await self.db.write(
+                    self.meta.create_upload, ctx.org, ctx.full, session, expires,
+                    self.limits.max_uploads, self.limits.max_repositories,
+                )  # fmt: skip
         except OrgLimitReached as e:
             raise limit_reached(e) from None
         # after the row: a file is never without its session's row (gc._stale_uploads);
