@@ -218,6 +218,53 @@ def test_range_reads(acme: Tenant) -> None:
         assert r.status_code == 416
 
 
+def test_an_invalid_range_and_a_head_get_the_whole_blob(acme: Tenant) -> None:
+    """RFC 9110: ``bytes=5-2`` is an invalid range, ignored (14.1.1: it was a 416); a
+    HEAD ignores Range, only GET has range handling (14.2: an unsatisfiable one was a
+    416, a satisfiable one a 200 anyway)."""
+    data = os.urandom(100)
+    with acme.client() as c:
+        digest = push_blob(c, "badranges", data)
+        r = c.get(f"/v2/badranges/blobs/{digest}", headers={"Range": "bytes=5-2"})
+        assert r.status_code == 200 and r.content == data, r.status_code
+        for value in ("bytes=500-", "bytes=5-2", "bytes=0-9"):
+            r = c.head(f"/v2/badranges/blobs/{digest}", headers={"Range": value})
+            assert r.status_code == 200 and r.headers["content-length"] == "100", (value, r.status_code)
+            assert "content-range" not in r.headers
+
+
+def test_accept_with_q0_excludes_the_type(acme: Tenant) -> None:
+    """``q=0`` is "not acceptable" (RFC 9110 12.4.2): it was taken as acceptable."""
+    with acme.client() as c:
+        push_image(c, "q0", "v1", [os.urandom(100)])
+        for accept in (f"{OCI_MANIFEST};q=0", f"*/*, {OCI_MANIFEST}; q=0.0"):
+            r = c.get("/v2/q0/manifests/v1", headers={"Accept": accept})
+            assert r.status_code == 404, (accept, r.status_code)
+            assert r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        r = c.get("/v2/q0/manifests/v1", headers={"Accept": f"{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.1"})
+        assert r.status_code == 200
+
+
+def test_a_405_says_which_methods_are_allowed(acme: Tenant) -> None:
+    """A 405 must carry Allow (RFC 9110 15.5.6): it carried none."""
+    digest = f"sha256:{'4' * 64}"
+    cases = {
+        ("POST", "/v2/"): "GET, HEAD",
+        ("DELETE", "/v2/_catalog"): "GET, HEAD",
+        ("PUT", f"/v2/allow/blobs/{digest}"): "DELETE, GET, HEAD",
+        ("POST", f"/v2/allow/manifests/{digest}"): "DELETE, GET, HEAD, PUT",
+        ("POST", "/v2/allow/tags/list"): "GET",
+        ("GET", "/v2/allow/blobs/uploads/"): "POST",
+        ("POST", f"/v2/allow/blobs/uploads/{'a' * 32}"): "DELETE, GET, PATCH, PUT",
+    }
+    with acme.client() as c:
+        for (method, path), allow in cases.items():
+            r = c.request(method, path)
+            assert r.status_code == 405 and r.json()["errors"][0]["code"] == "UNSUPPORTED", (method, path)
+            assert r.headers.get("allow") == allow, (method, path, r.headers.get("allow"))
+    r = http.put(f"{acme.server.url}/token")
+    assert r.status_code == 405 and r.headers.get("allow") == "GET, POST"
+
 def test_manifest_put_get_accept_and_validation(acme: Tenant) -> None:
     with acme.client() as c:
         digest, manifest = push_image(c, "app", "v1", [os.urandom(1000), os.urandom(2000)])

@@ -198,6 +198,24 @@ def test_header_parsing() -> None:
             page_size(bad)
 
 
+def test_an_invalid_range_is_ignored_and_q0_excludes_a_type() -> None:
+    """RFC 9110 14.1.1: a byte range whose last position is before its first is invalid,
+    and an invalid Range is ignored (the whole blob), not unsatisfiable (it was a 416).
+    RFC 9110 12.4.2: ``q=0`` means not acceptable, and the most specific media range
+    that matches decides (12.5.1); the parameters were dropped, q=0 taken for yes."""
+    assert parse_range("bytes=5-2", 100) is None
+    assert parse_range("bytes=500-2", 100) is None
+    with pytest.raises(ApiError):
+        parse_range("bytes=100-200", 100)  # a valid range past the end is still a 416
+    assert not accepts(["application/x;q=0"], "application/x")
+    assert not accepts(["application/x ; Q=0.000"], "application/x")
+    assert not accepts(["*/*, application/x;q=0"], "application/x")
+    assert not accepts(["application/*;q=0", "*/*"], "application/x")
+    assert accepts(["application/*;q=0, application/x;q=0.001"], "application/x")
+    assert accepts(["application/x;charset=utf-8;q=1"], "application/x")
+    assert accepts(["application/y;q=0, */*"], "application/x")
+
+
 # -- bounded fuzzing: parsers of hostile input never fail any other way -------------
 
 _path_alphabet = st.sampled_from(list("/v2abcz09.-_:%2eE\\") + ["/v2/", "blobs", "uploads", "manifests", "tags/list", "..", D])

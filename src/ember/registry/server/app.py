@@ -34,7 +34,7 @@ from ember.registry.server.auth import Authenticator, deny, require
 from ember.registry.server.config import ServerConfig
 from ember.registry.server.context import RequestContext, read_limited
 from ember.registry.server.dbcalls import DbCalls
-from ember.registry.server.errors import ApiError
+from ember.registry.server.errors import ApiError, method_not_allowed
 from ember.registry.server.gc import purge, repairs_said
 from ember.registry.server.metadata import RegistryMetadata
 from ember.registry.server.names import qualify, unqualify, valid_repo_name
@@ -171,7 +171,7 @@ class RegistryApp:
         grant, jwt = await self.auth.authenticate(request)
         method = request.method
         if route.kind in (r.BASE, r.CATALOG) and method not in ("GET", "HEAD"):
-            raise ApiError("UNSUPPORTED", f"{method} is not supported here")
+            raise method_not_allowed(method, ("GET", "HEAD"))
         if route.kind == r.BASE:
             if grant is None:
                 raise deny(request, None, False, "", "")
@@ -187,8 +187,9 @@ class RegistryApp:
         ctx = RequestContext(request, route, grant, jwt, full)
         handler = self._handlers.get((route.kind, method))
         if handler is None:
-            if (route.kind, "GET") in self._handlers or route.kind in (r.UPLOAD_START, r.UPLOAD):
-                raise ApiError("UNSUPPORTED", f"{method} is not supported here")
+            allowed = [m for kind, m in self._handlers if kind == route.kind]
+            if allowed:
+                raise method_not_allowed(method, allowed)
             raise ApiError("NAME_UNKNOWN", "not found", status=404)
         action, fn = handler
         require(ctx, action)
@@ -359,16 +360,15 @@ class RegistryApp:
             "Content-Type": "application/octet-stream",
             "Cache-Control": "max-age=31536000",
         }
-        span = None
-        range_value = ctx.request.headers.get("range")
-        if range_value:
-            span = parse_range(range_value, size)
         if ctx.request.method == "HEAD":
-            # clients skip uploading what HEAD says exists: say so only if the bytes are there
+            # clients skip uploading what HEAD says exists: say so only if the bytes are
+            # there.  Range is ignored: only GET has range handling (RFC 9110 14.2).
             if not path.is_file():
                 raise ApiError("BLOB_UNKNOWN", f"blob {digest} is not available")
             headers["Content-Length"] = str(size)
             return Response(b"", headers=headers)
+        range_value = ctx.request.headers.get("range")
+        span = parse_range(range_value, size) if range_value else None
         return BlobResponse(str(path), size, span, headers)
 
     async def _delete_blob(self, ctx: RequestContext) -> Response:

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from ember.registry.server.context import RequestContext, read_limited
 from ember.registry.server.dbcalls import DbCalls
-from ember.registry.server.errors import ApiError
+from ember.registry.server.errors import ApiError, method_not_allowed
 from ember.registry.server.metadata import RegistryMetadata, ResolvedToken
 from ember.registry.server.protocol import challenge
 from ember.registry.server.revocations import Revocations
@@ -96,7 +96,7 @@ class Authenticator:
             cred = credential(request)
             secret = cred[1] if cred else None
         else:
-            raise ApiError("UNSUPPORTED", "use GET or POST on /token")
+            raise method_not_allowed(request.method, ("GET", "POST"))
         grant = await self._api_grant(secret) if secret else None
         now = int(time.time())
         ttl = TOKEN_TTL

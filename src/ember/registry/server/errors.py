@@ -9,6 +9,7 @@ such token, unreadable secret).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from ember.errors import EmberError, NotFound, UsageError
@@ -97,3 +98,12 @@ class ApiError(Exception):
         if self.detail is not None:
             err["detail"] = self.detail
         return {"errors": [err]}
+
+
+def method_not_allowed(method: str, allowed: Iterable[str]) -> ApiError:
+    """405 for ``method`` on a resource that supports ``allowed``, which the response's
+    Allow header must list (RFC 9110 15.5.6)."""
+    methods = ", ".join(sorted(allowed))
+    return ApiError(
+        "UNSUPPORTED", f"{method} is not supported here (use {methods})", headers={"Allow": methods}
+    )

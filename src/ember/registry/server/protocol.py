@@ -33,8 +33,10 @@ def parse_content_range(value: str) -> tuple[int, int]:
 def parse_range(value: str, size: int) -> tuple[int, int] | None:
     """One ``Range: bytes=a-b`` of a blob read as (start, end inclusive).
 
-    None means "send the whole blob" (what RFC 9110 allows for anything we do
-    not support, such as several ranges); ApiError 416 when unsatisfiable.
+    None means "send the whole blob": what RFC 9110 14.2 asks for an invalid range
+    (``bytes=5-2``: its last position before its first, 14.1.1) and allows for
+    anything we do not support, such as several ranges; ApiError 416 when
+    unsatisfiable.
     """
     m = _RANGE.fullmatch(value.strip())
     if not m:
@@ -53,7 +55,9 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
         return max(size - n, 0), size - 1
     start = int(first)
     end = int(last) if last else size - 1
-    if start >= size or end < start:
+    if last and end < start:
+        return None
+    if start >= size:
         raise ApiError(
             "RANGE_INVALID",
             f"range {value[:60]!r} is outside the blob of {size} bytes",
@@ -62,26 +66,50 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def _media_ranges(accept_values: list[str]) -> list[str]:
+#: a weight (RFC 9110 12.4.2): 0 to 1, at most three decimals
+_QVALUE = re.compile(r"^(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)$")
+
+
+def _media_ranges(accept_values: list[str]) -> list[tuple[str, float]]:
+    """The media ranges of Accept headers, each with its weight (``q``)."""
     out = []
     for value in accept_values:
         for item in value.split(","):
-            mt = item.split(";", 1)[0].strip().lower()
+            mt, *params = item.split(";")
+            mt = mt.strip().lower()
             if mt:
-                out.append(mt)
+                out.append((mt, _weight(params)))
     return out
+
+
+def _weight(params: list[str]) -> float:
+    """The ``q`` among a media range's parameters: 1 without one (and for one that is
+    not a weight: a client's typo should not make a manifest unreadable)."""
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            value = value.strip()
+            return float(value) if _QVALUE.fullmatch(value) else 1.0
+    return 1.0
 
 
 def accepts(accept_values: list[str], media_type: str) -> bool:
     """Whether the client's Accept headers allow a manifest of ``media_type``.
 
-    No Accept at all means anything goes (curl, old clients).
+    No Accept at all means anything goes (curl, old clients).  The most specific
+    media range that matches decides (RFC 9110 12.5.1), and ``q=0`` means "not
+    acceptable" (12.4.2): ``*/*, X;q=0`` refuses X.
     """
     ranges = _media_ranges(accept_values)
     if not ranges:
         return True
+    media_type = media_type.lower()
     main = media_type.split("/", 1)[0]
-    return any(r in (media_type, "*/*", f"{main}/*") for r in ranges)
+    for candidate in (media_type, f"{main}/*", "*/*"):
+        weights = [q for mt, q in ranges if mt == candidate]
+        if weights:
+            return max(weights) > 0
+    return False
 
 
 def page_size(value: str | None) -> int:
