@@ -206,6 +206,41 @@ def test_signals_reach_the_command_and_a_vanished_caller_hangs_it_up(
         client.kill()
 
 
+def _listener_pid(port: int) -> int:
+    """The pid of the process listening on ``port`` (``ss -ltnp``)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return int(out.split("pid=", 1)[1].split(",", 1)[0])
+
+
+def test_a_command_whose_relay_dies_is_hung_up(agent: RunningAgent) -> None:
+    """The relay is a command's only link to its caller: killed (the OOM killer, a kill
+    -9), its client said "lost the connection" and exited 1, and the command went on
+    running for nobody, writing to the caller's terminal."""
+    port = free_port()
+    client = subprocess.Popen(
+        [EMBER, "server", "--listen", f"127.0.0.1:{port}"], env=env_for(agent.home),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    runner = None
+    try:
+        _wait_port(port, open_=True)
+        runner = _listener_pid(port)
+        with open(f"/proc/{runner}/stat") as f:
+            relay = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert relay != agent.process.pid
+        os.kill(relay, signal.SIGKILL)
+        _, err = client.communicate(timeout=TIMEOUT)
+        assert client.returncode == 1 and b"lost the connection" in err
+        _wait_port(port, open_=False)  # the command is hung up with it
+    finally:
+        client.kill()
+        client.wait()
+        if runner is not None:  # (left running for nobody, as it was)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(runner, signal.SIGKILL)
+
+
 def test_a_signal_the_caller_ignores_is_not_forwarded(agent: RunningAgent) -> None:
     """`nohup ember server &` then a SIGHUP (the terminal closing): the client forwarded
     it over the ignore it inherited, and the server through the agent died of it."""

@@ -363,11 +363,12 @@ class Agent:
             started = time.monotonic()
             runner = spare.hand_over(request, fds) if spare is not None else None
             if runner is None:  # no runner waiting (it died): fork one now
+                relay = os.getpid()
                 runner = process.fork()
                 if runner == 0:
                     conn.close()
                     _close_all(list(fp.descriptors()))
-                    _run_command(request, fds)
+                    _run_command(request, fds, relay)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.setpgid(runner, runner)  # also done by the runner: whoever comes first
         finally:
@@ -669,10 +670,9 @@ def _wait_for_command(relay: int, ctl: socket.socket, *, prefault_memory: bool) 
             if spare is not None:
                 os.waitpid(spare, 0)
             os._exit(0)
-        _die_with(None)  # somebody's command now: it outlives the relay and the agent
     except BaseException:
         os._exit(1)
-    _run_command(request, fds, report=ctl)
+    _run_command(request, fds, relay, report=ctl)
 
 
 def _idle_priority() -> int | None:
@@ -709,10 +709,17 @@ def _set_policy(pid: int, policy: int) -> None:
 
 
 def _run_command(
-    request: protocol.Request, fds: list[int], report: socket.socket | None = None
+    request: protocol.Request, fds: list[int], relay: int, report: socket.socket | None = None
 ) -> NoReturn:
     code = 1
     try:
+        # Somebody's command now: it outlives the agent, not its relay.  The relay is
+        # its caller's only link to it: when the relay dies (the OOM killer, a kill
+        # -9), the client says "lost the connection" and exits, and the command is
+        # hung up, as by a closing terminal, not left running for nobody.
+        parent_death_signal(signal.SIGHUP)
+        if os.getppid() != relay:  # it died before prctl took effect
+            os._exit(128 + signal.SIGHUP)
         os.setpgid(0, 0)  # its own group, so that forwarded signals reach its children too
         # Out of the way first: a received descriptor may itself be 0, 1 or 2
         # (an agent started with those closed).
@@ -790,6 +797,8 @@ def _finish(code: int, report: socket.socket | None = None) -> NoReturn:
         except (OSError, ValueError):
             pass
     spare = dismiss_spare()  # an applier child forked ahead that this command did not need
+    # done: a relay that ends once it has the exit code below must not hang up our exit
+    parent_death_signal(0)
     if report is not None:
         # Done: close everything (the caller's terminal or pipes, files and their
         # locks) as exit would, then say so before the kernel tears down our memory.
