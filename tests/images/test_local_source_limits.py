@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from ember.home import Home
 from ember.images import ImageService, InvalidSource
@@ -25,6 +26,7 @@ from ember.images.ocilayout import OciLayoutSource
 from ember.oci.digest import Digest
 from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
 from ember.store.content import ContentStore
+from ember.unpack import compression
 from tests.support.images import copy_layout
 
 pytestmark = pytest.mark.integration
@@ -345,6 +347,31 @@ def test_a_compressed_member_that_matches_is_pulled(
     assert [(la.media_type, la.digest) for la in image.layers] == [
         ("application/vnd.oci.image.layer.v1.tar+gzip", _layer_descriptor(busybox_layout).digest)
     ]
+
+
+def test_a_compressed_member_that_expands_past_the_budget_is_refused(
+    service: ImageService, busybox_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its DiffID check inflated and hashed it whole, unbounded: zstd packs zeros ~32000:1,
+    so a 32 KB member was a GiB of work, a 100 MB one ~3 TB.  The unpacker's budget
+    applies (made small here: 16 MiB of zeros in a few hundred bytes is over it)."""
+    monkeypatch.setattr(compression, "EXPANSION_LIMIT", compression.ExpansionLimit(128, 4 << 20))
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 16 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    member = zstandard.ZstdCompressor().compress(bomb.getvalue())
+    archive = _busybox_archive(busybox_layout, tmp_path / "bomb.tar", member)
+    with pytest.raises(InvalidSource) as e:
+        service.pull(f"docker-archive:{archive}", progress=False)
+    assert str(e.value) == (
+        f"docker archive {archive}: layer {Digest.of(member)} ('layer.tar' in the archive) expands "
+        f"to more than {4 << 20} bytes (compressed {len(member)}): refused as a decompression bomb "
+        f"(a layer may expand to 128 times its compressed size, and to {4 << 20} bytes whatever its size)"
+    )
+    assert service.list() == []
+    _nothing_stored(service.content, Digest.parse(_layout_manifest(busybox_layout)["config"]["digest"]))
 
 
 def _repeated_layer_archive(layout: Path, path: Path, times: int) -> Path:

@@ -464,7 +464,7 @@ class DockerArchiveSource:
 
         check = None
         if blob.diff_id is not None:
-            check = functools.partial(self._check_diff_id, blob, cancel)
+            check = functools.partial(self._check_diff_id, blob, desc.digest, cancel)
         try:
             fetch_local(desc, store, read, progress, f"docker archive {self.label}", check)
         except DigestMismatch as e:
@@ -476,20 +476,26 @@ class DockerArchiveSource:
                 f"docker archive {self.label}: a layer does not match the DiffID its config declares ({e})"
             ) from None
 
-    def _check_diff_id(self, blob: _Blob, cancel: Cancellation | None, path: Path) -> None:
+    def _check_diff_id(
+        self, blob: _Blob, digest: Digest, cancel: Cancellation | None, path: Path
+    ) -> None:
         """Refuse a compressed layer (copied to ``path``, not yet published) that does not
         decompress to its DiffID: its digest, computed from it, vouches for nothing.  The
         unpacker would refuse it too, but an image that names it would be recorded first,
-        its blob of any size (a gzip magic, then a hole) kept."""
+        its blob of any size (a gzip magic, then a hole) kept.  One that expands further
+        than the unpacker's budget (a decompression bomb) is refused as it would be."""
         assert blob.diff_id is not None
         hasher = blob.diff_id.hasher()
         view = memoryview(bytearray(_CHUNK))
-        with UncompressedReader(path, blob.compression) as reader:
+        name = f"layer {digest} ({blob.name[:200]!r} in the archive)"
+        with UncompressedReader(path, blob.compression, name=name) as reader:
             while True:
                 if cancel is not None:
                     cancel.check()
                 try:
                     n = reader.readinto(view)
+                except InvalidLayer as e:  # more than its expansion budget
+                    raise InvalidSource(f"docker archive {self.label}: {e.message}") from None
                 except Exception as e:  # the decompressor's own errors: corrupt data
                     raise InvalidSource(
                         f"docker archive {self.label}: layer {blob.name[:200]!r} is not valid "

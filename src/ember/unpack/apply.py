@@ -161,6 +161,14 @@ def _check(layer: _Prepared) -> None:
         )
 
 
+def _layer_name(blob: Path) -> str:
+    """How the bomb check's message names a layer: by its digest where its blob is in a
+    content store (``.../sha256/HEX``), else by its file name."""
+    if blob.parent.name in ("sha256", "sha512"):
+        return f"layer {blob.parent.name}:{blob.name[:128]}"
+    return f"layer {blob.name[:80]}"
+
+
 class _Hash(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
@@ -185,13 +193,15 @@ def _prepare(
     if opener is None:
         _check_blob(blob, compression)
 
+    name = _layer_name(blob)
+
     def open_blob() -> UncompressedReader:
         stream = opener() if opener is not None else None
         if stream is not None:
-            return UncompressedReader(blob, compression, stream)
+            return UncompressedReader(blob, compression, stream, name=name)
         if opener is not None:
             _check_blob(blob, compression)
-        return UncompressedReader(blob, compression)
+        return UncompressedReader(blob, compression, name=name)
 
     algorithm = diff_id.algorithm if diff_id is not None else "sha256"
     hasher: _Hash = hashlib.new(algorithm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -27,6 +28,30 @@ THREADED_GZIP_MIN = 4 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@dataclass(frozen=True)
+class ExpansionLimit:
+    """How far one layer's compressed bytes may expand: to ``ratio`` times their size,
+    and never less than ``floor`` bytes."""
+
+    ratio: int
+    floor: int
+
+    def allowed(self, compressed: int) -> int:
+        return max(compressed * self.ratio, self.floor)
+
+
+#: The budget of uncompressed bytes of every compressed layer (looked up when a layer is
+#: opened).  Without one a decompression bomb cost no disk (zero blocks become holes,
+#: bytes after the end of the archive are only hashed) but unbounded work: zstd packs
+#: zeros ~32000:1, gzip ~1000:1, so a 100 MB blob made ember inflate and hash ~3 TB.
+#: Real layers compress 2-10x (a Debian rootfs ~3x, text-heavy ones up to ~15x with
+#: zstd -19): 128x leaves an order of magnitude to spare above them and stays an order
+#: below what runs of zeros give.  The floor keeps small layers that hold one big
+#: compressible file (a zero-filled image, a sparse database) working, and 512 MiB costs
+#: about half a second of inflating and hashing per layer.
+EXPANSION_LIMIT = ExpansionLimit(ratio=128, floor=512 << 20)
 
 
 def compression_of(media_type: str) -> Compression:
@@ -99,19 +124,53 @@ class _HeadChecked(io.RawIOBase):
         super().close()
 
 
+class _Counted(io.RawIOBase):
+    """A blob's compressed bytes on their way to the decompressor, counted (the layer's
+    expansion budget grows with them)."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        super().__init__()
+        self._raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        # the decompressors call read(); one copy of the data, as the file's own read
+        data = self._raw.read(size) or b""
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(buffer) or 0
+        self.count += n
+        return n
+
+
 class UncompressedReader:
     """The uncompressed bytes of a layer blob; a context manager closing everything it opened.
 
     gzip uses ISA-L, with one helper thread for big blobs so that inflating
     overlaps the caller's hashing and piping (which matters on a 2-core host).
+
+    A compressed blob may expand to ``EXPANSION_LIMIT`` of its size (that of a stored
+    blob; of the bytes received so far for one still arriving), counted per chunk:
+    beyond, reading raises InvalidLayer (a decompression bomb).
     """
 
     def __init__(
-        self, blob: Path, compression: Compression, stream: io.RawIOBase | None = None
+        self, blob: Path, compression: Compression, stream: io.RawIOBase | None = None,
+        *, name: str | None = None,
     ) -> None:
         """``stream``: the blob's bytes, read instead of opening ``blob`` (which then only
         names it in messages), and closed with this; they may still be arriving (a
-        download), which already runs beside the inflating: no helper thread then."""
+        download), which already runs beside the inflating: no helper thread then.
+        ``name``: what messages call the layer (default: after ``blob``)."""
+        self._name = name or f"layer {blob.name}"
+        self._limit = EXPANSION_LIMIT
+        self._size = 0  # the compressed size, when known before reading
+        self._out = 0  # uncompressed bytes read so far
         self._stack = ExitStack()
         with self._stack as stack:
             raw: io.RawIOBase
@@ -124,7 +183,11 @@ class UncompressedReader:
                 )
             else:
                 raw = stack.enter_context(open(blob, "rb", buffering=0))  # noqa: SIM115
-                threaded = os.fstat(raw.fileno()).st_size >= THREADED_GZIP_MIN
+                self._size = os.fstat(raw.fileno()).st_size
+                threaded = self._size >= THREADED_GZIP_MIN
+            self._counted = _Counted(raw)
+            # a plain tar is its own size: nothing to bound
+            self._allowed = self._limit.allowed(self._size) if compression != "none" else 1 << 63
             reader: Any
             if compression == "none":
                 reader = raw
@@ -135,11 +198,11 @@ class UncompressedReader:
                 from isal import igzip_threaded
 
                 reader = stack.enter_context(
-                    igzip_threaded.open(raw, "rb", threads=1, block_size=CHUNK)
+                    igzip_threaded.open(self._counted, "rb", threads=1, block_size=CHUNK)
                 )
             elif compression == "gzip":
                 # small blobs: starting and feeding a helper thread costs more than it saves
-                reader = stack.enter_context(isal.igzip.open(raw, "rb"))
+                reader = stack.enter_context(isal.igzip.open(self._counted, "rb"))
             else:
                 import zstandard
 
@@ -147,7 +210,7 @@ class UncompressedReader:
                 reader = stack.enter_context(
                     # a raw stream is what it reads (its stubs ask for a typing.IO)
                     dctx.stream_reader(
-                        cast(BinaryIO, raw), read_size=CHUNK, read_across_frames=True,
+                        cast(BinaryIO, self._counted), read_size=CHUNK, read_across_frames=True,
                         closefd=False,
                     )
                 )
@@ -163,7 +226,26 @@ class UncompressedReader:
             if self._stream is not None:
                 _read_to_end(self._stream)
             raise
+        self._out += n
+        if self._out > self._allowed:
+            self._check_expansion()
         return n
+
+    def _check_expansion(self) -> None:
+        """Past the budget of what was known: recount with the compressed bytes read
+        since (a blob still arriving), and refuse the layer if it is still over."""
+        compressed = max(self._size, self._counted.count)
+        self._allowed = self._limit.allowed(compressed)
+        if self._out <= self._allowed:
+            return
+        if self._stream is not None:
+            _read_to_end(self._stream)  # a failing download says what went wrong instead
+        limit = self._limit
+        raise InvalidLayer(
+            f"{self._name} expands to more than {self._allowed} bytes (compressed {compressed}): "
+            f"refused as a decompression bomb (a layer may expand to {limit.ratio} times its "
+            f"compressed size, and to {limit.floor} bytes whatever its size)"
+        )
 
     def settle(self) -> None:
         """For a blob read as it arrives, once its reader stopped early: read it to its

@@ -216,7 +216,7 @@ def _pump(
 ) -> tuple[int, BaseException | None, ChunkSource | None]:
     """Stream one layer into its pipe (closing it) through the buffer ``view``; returns
     bytes sent, a read error if any, and, when the child stopped reading before the
-    end, the layer's source, left open for ``_blamed`` (the caller closes it)."""
+    end, the layer's source, left open for ``_blamed`` or ``_hash_rest`` (which close it)."""
     total = 0
     try:
         with ExitStack() as stack:
@@ -238,6 +238,27 @@ def _pump(
     finally:
         os.close(data_w)
     return total, None, None
+
+
+def _applied(report: dict[str, object] | None) -> bool:
+    """Whether the child's ``report`` says it applied its layer."""
+    return report is not None and report.get("ok") is True
+
+
+def _hash_rest(layer: LayerStream, source: ChunkSource, view: memoryview) -> tuple[int, BaseException | None]:
+    """The child applied ``layer`` and stopped reading a little past the end of its
+    archive (``PipeReader.drain``): hash the rest of the stream here, since the DiffID
+    covers all of it as Docker and containerd read it (the source's expansion budget
+    bounds it).  Closes ``source``; returns bytes hashed and a read error, as ``_pump``."""
+    total = 0
+    try:
+        with source:
+            while n := source.readinto(view):
+                layer.hasher.update(view[:n])
+                total += n
+    except Exception as e:
+        return total, e
+    return total, None
 
 
 def _blamed(report: dict[str, object] | None, cut: ChunkSource) -> BaseException | None:
@@ -317,12 +338,26 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
         # the layer that failed on this side: its error, and whether its check failed
         # (else its blob could not be read)
         stop: tuple[int, EmberError, bool] | None = None
+        # the child's reports so far, in layer order (read ahead of the loop below when a
+        # layer's pipe was cut: whether the child failed or finished that layer)
+        reports: list[dict[str, object] | None] = []
+
+        def report_of(i: int) -> dict[str, object] | None:
+            while len(reports) <= i:
+                reports.append(child.next_report())
+            return reports[i]
+
         for i, layer in enumerate(layers):
             total, source_error, cut_source = _pump(layer, child.pending.pop(0), view)
             streamed.append(total)
             if cut_source is not None:
-                cut = (i, cut_source)  # the child stopped: nothing more goes to it
-                break
+                # The child stopped reading: it failed (then nothing more goes to it), or
+                # it applied the layer and left the bytes after its archive to us
+                if not _applied(report_of(i)):
+                    cut = (i, cut_source)
+                    break
+                more, source_error = _hash_rest(layer, cut_source, view)
+                streamed[i] += more
             if source_error is not None:
                 # ember's own errors (an unreadable blob, a pull that failed while
                 # its layers were being applied) say what happened already
@@ -339,7 +374,7 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
                 stop = (i, e, True)
                 break
         for i, layer in enumerate(layers[: len(streamed)]):
-            report = child.next_report()
+            report = report_of(i)
             if stop is not None and stop[0] == i and not stop[2]:
                 raise stop[1]  # a blob we could not read: the child's view of it says nothing more
             if cut is not None and cut[0] == i:
@@ -348,8 +383,6 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
                 better = _blamed(report, source)
                 if better is not None:
                     raise better
-                if report is not None and report.get("ok"):
-                    raise UnpackError(f"the layer applier stopped reading {layer.describe} before its end")
             if report is None:
                 status = child.end()
                 finished = True
@@ -743,12 +776,18 @@ class ApplierSession:
             report: dict[str, object] | None = None
             try:
                 report = self._recv()
-            finally:
-                better = _blamed(report, cut) if cut is not None else None  # closes it
-            if better is not None:
-                raise better
-            if cut is not None and report is not None and report.get("ok"):
-                raise UnpackError(f"the layer applier stopped reading {layer.describe} before its end")
+            except BaseException:
+                if cut is not None:
+                    cut.__exit__(None, None, None)
+                raise
+            if cut is not None and _applied(report):
+                # it left the bytes after the archive to us (as apply_streams)
+                more, source_error = _hash_rest(layer, cut, self._view)  # closes it
+                total += more
+            elif cut is not None:
+                better = _blamed(report, cut)  # closes it
+                if better is not None:
+                    raise better
             if source_error is not None:
                 # ember's own errors (a blob's download that failed or was cancelled while
                 # it was applied as it arrived) say what happened already

@@ -30,6 +30,11 @@ READ_SIZE = 1 << 20
 #: Go's archive/tar limit (Docker, containerd), which reads no larger one; 16 MiB of
 #: sparse map became ~8M Python ints (~0.8 GB) in the applier
 MAX_HEADER_BYTES = 1 << 20
+#: bytes read past the end of an archive (``PipeReader.drain``): what tar writers pad it
+#: with, to a record of 10240 bytes by default (tarfile, GNU tar; 64 KiB with GNU tar's
+#: largest usual blocking factor, -b 128).  Whatever follows is hashed by the parent for
+#: the DiffID, not piped here: reading it cost the applier as much as its data, unbounded.
+TRAILER_ALLOWANCE = 64 << 10
 
 # tarfile's header exceptions are not in its __all__ (nor in typeshed), but
 # telling them apart is the point: zero block = end, short block = truncated.
@@ -130,10 +135,14 @@ class PipeReader:
         for _ in self.chunks(n):
             pass
 
-    def drain(self) -> None:
-        """Read to EOF so the writer (which hashes the whole stream) is never cut off."""
+    def drain(self, allowance: int = TRAILER_ALLOWANCE) -> None:
+        """After the end of the archive: read on to EOF, but no further than ``allowance``
+        bytes past here.  Those bytes are padding, which the writer, hashing the whole
+        stream for the DiffID, should not be cut off by; when more follow, the writer
+        hashes them without sending them (``sandbox._hash_rest``)."""
+        stop = self.tell() + allowance
         self._pos = len(self._buf)
-        while self._fill():
+        while self._base + len(self._buf) < stop and self._fill():
             self._pos = len(self._buf)
 
 
