@@ -344,3 +344,49 @@ def test_a_tree_made_deeper_through_symlinks_is_removed(root: Path, layers: Laye
              sym("s2", "s1/" + "b/" * (n - 1) + "b"), reg("s2/" + "c/" * n + "f", b"x")]
     layers.apply(root, lower, [whiteout("a")])
     assert sorted(p.name for p in root.iterdir()) == ["s1", "s2"]  # dangling now
+
+
+# A directory's time is set at the end of its layer, by path: only where that path
+# still leads to the directory its header was applied to.
+
+
+def test_a_directory_whose_parent_became_a_file_later_in_the_layer(root: Path, layers: Layers) -> None:
+    """Its time, set at the end, failed the layer ("Not a directory"); Docker and umoci
+    apply it."""
+    layers.apply(root, [dir_("a/x/z"), reg("a/x", b"file", mtime=1_000_000_000)])
+    assert (root / "a/x").read_bytes() == b"file"
+    assert os.lstat(root / "a/x").st_mtime == 1_000_000_000
+
+
+def test_a_directory_whose_parent_became_a_symlink_loop_later_in_the_layer(root: Path, layers: Layers) -> None:
+    """The layer failed: "Too many levels of symbolic links"."""
+    layers.apply(root, [dir_("a/x/z"), sym("a/x", "x", mtime=1_000_000_000)])
+    assert os.readlink(root / "a/x") == "x"
+    assert os.lstat(root / "a/x").st_mtime == 1_000_000_000
+
+
+def test_a_directory_whose_parent_became_a_symlink_leaves_its_target_alone(root: Path, layers: Layers) -> None:
+    """Its time went to the directory the symlink points at, which no header named."""
+    layers.apply(root, [dir_("b", mtime=1_000_000_000), dir_("b/z", mtime=1_000_000_000)])
+    layers.apply(root, [dir_("a/x/z", mtime=1_600_000_000), sym("a/x", "/b")])
+    assert os.stat(root / "b/z").st_mtime == 1_000_000_000
+    # a directory made there after the symlink, in the same layer (maybe with the inode
+    # number the first one freed), keeps its own header's time
+    layers.apply(root, [dir_("c/x/z", mtime=1_600_000_000), sym("c/x", "/e"), dir_("e/z", mtime=1_000_000_000)])
+    assert os.stat(root / "e/z").st_mtime == 1_000_000_000
+
+
+def test_a_directory_replaced_by_a_file_leaves_the_file_its_time(root: Path, layers: Layers) -> None:
+    layers.apply(root, [dir_("d", mtime=1_600_000_000), reg("d", b"f", mtime=1_000_000_000)])
+    assert os.lstat(root / "d").st_mtime == 1_000_000_000
+    # and one replaced by another directory gets the second header's time
+    layers.apply(root, [dir_("e", mtime=1_600_000_000), reg("e", b"f"), dir_("e", mtime=1_000_000_000)])
+    assert os.lstat(root / "e").st_mtime == 1_000_000_000
+
+
+def test_a_directory_reached_through_a_lower_symlink_gets_its_time(root: Path, layers: Layers) -> None:
+    """A merged /usr: "lib/modules" is usr/lib/modules, and still the directory its
+    header made at the end of the layer."""
+    layers.apply(root, [dir_("usr/lib"), sym("lib", "usr/lib")])
+    layers.apply(root, [dir_("lib/modules", mtime=1_234_567_890), reg("lib/modules/f", b"1")])
+    assert os.stat(root / "usr/lib/modules").st_mtime == 1_234_567_890

@@ -30,7 +30,6 @@ import posixpath
 import stat
 import tarfile
 from collections.abc import Callable
-from contextlib import suppress
 from typing import TypeVar
 from urllib.parse import unquote
 
@@ -46,6 +45,10 @@ _IGNORED_XATTR_PREFIXES = ("trusted.overlay.",)
 
 #: the largest uid or gid (2**32 - 1 is chown's "leave unchanged")
 _MAX_ID = 2**32 - 2
+
+#: what lstat of a directory recorded earlier in the layer fails with once a later entry
+#: replaced an ancestor: nothing there, a file, a symlink loop
+_GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
 
 _O_CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -97,8 +100,12 @@ class LayerApplier:
         #: directories with something this layer touched below them
         self._holds_touched: set[str] = set()
         #: directory -> mtime its last header gave, set once the layer is done (insertion
-        #: order: a directory's header comes before its children's, whose times go first)
-        self._dir_times: dict[str, int] = {}
+        #: order: a directory's header comes before its children's, whose times go first),
+        #: with the (st_dev, st_ino) the header was applied to and ``_removals`` then
+        self._dir_times: dict[str, tuple[int, int, int, int]] = {}
+        #: path -> ``_removals`` after its last removal (an entry replaced it, a whiteout)
+        self._removed: dict[str, int] = {}
+        self._removals = 0
         self.counts = {
             "entries": 0, "files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0,
             "devices": 0, "whiteouts": 0, "bytes_written": 0, "hole_bytes": 0,
@@ -182,6 +189,8 @@ class LayerApplier:
             remove_tree(path)  # iterative: a layer's tree may be thousands of levels deep
         else:
             os.unlink(path)
+        self._removals += 1
+        self._removed[path] = self._removals
 
     def _create(self, path: str, make: Callable[[], T]) -> T:
         """Run ``make()``, which creates ``path`` exclusively, replacing whatever is there:
@@ -262,7 +271,8 @@ class LayerApplier:
         self._dir_times.pop(path, None)
         ns = _mtime_ns(info)
         if ns is not None:
-            self._dir_times[path] = ns
+            st = os.lstat(path)
+            self._dir_times[path] = (ns, st.st_dev, st.st_ino, self._removals)
         self._touch(path)
 
     def _symlink(self, path: str, info: tarfile.TarInfo) -> None:
@@ -382,7 +392,32 @@ class LayerApplier:
                     self._remove(path)
 
     def _finish_dirs(self) -> None:
-        for path, ns in reversed(self._dir_times.items()):
-            with suppress(FileNotFoundError):  # removed later in the same layer
+        """Give each directory its header's time, where the path still leads to that
+        directory.  A later entry of the layer may have replaced the directory (by a
+        file: the time was the file's) or an ancestor (by a file or a symlink loop: the
+        layer failed, though Docker and umoci apply it; by a symlink: the time went to
+        the directory it points at)."""
+        for path, (ns, dev, ino, removals) in reversed(self._dir_times.items()):
+            if self._removed_since(path, removals):
+                continue  # gone, whatever has its inode number now
+            try:
+                st = os.lstat(path)
+            except OSError as e:
+                if e.errno in _GONE:
+                    continue
+                raise
+            if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISDIR(st.st_mode):
                 os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+    def _removed_since(self, path: str, removals: int) -> bool:
+        """Whether ``path`` or a parent of it was removed after ``removals`` removals (the
+        identity check alone would miss a directory made since with a reused inode)."""
+        if self._removals == removals:
+            return False
+        while True:
+            if self._removed.get(path, 0) > removals:
+                return True
+            if path == "/":
+                return False
+            path = posixpath.dirname(path)
 
