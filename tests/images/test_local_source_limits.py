@@ -374,6 +374,20 @@ def test_a_compressed_member_that_expands_past_the_budget_is_refused(
     _nothing_stored(service.content, Digest.parse(_layout_manifest(busybox_layout)["config"]["digest"]))
 
 
+def test_a_truncated_zstd_member_is_refused(
+    service: ImageService, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """Cut in its checksum, it decompressed to the whole layer, matched its DiffID and was
+    stored: zstandard's reader takes a cut frame for the end of the data."""
+    member = zstandard.ZstdCompressor(write_checksum=True).compress(_uncompressed_layer(busybox_layout))
+    archive = _busybox_archive(busybox_layout, tmp_path / "cut.tar", member[:-2])
+    with pytest.raises(
+        InvalidSource, match="layer 'layer.tar' is not valid zstd data \\(zstd data ends in the middle of a frame"
+    ):
+        service.pull(f"docker-archive:{archive}", progress=False)
+    assert service.list() == []
+
+
 def _repeated_layer_archive(layout: Path, path: Path, times: int) -> Path:
     """The busybox image's gzip layer named ``times`` over in manifest.json (and its
     DiffID as often in the config): one member, ``times`` layers."""

@@ -1,15 +1,16 @@
-"""Pure helpers: entry-name cleaning, whiteout classification, zero-block extents."""
+"""Pure helpers: entry-name cleaning, whiteout classification, zero-block extents, zstd framing."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ember.unpack import InvalidLayer
-from ember.unpack.compression import compression_of
+from ember.unpack.compression import ZstdFrames, compression_of
 from ember.unpack.paths import Whiteout, clean, parents, whiteout_of
 from ember.unpack.sparse import HOLE_BLOCK, data_extents
 
@@ -168,3 +169,74 @@ def test_tar_reader_decodes_like_tarfile(fmt: str) -> None:
     ours, theirs = _entries_both_ways(tar_bytes(entries, f))
     assert ours == theirs
     assert len(ours) == len(entries)
+
+
+# -- zstd frame boundaries -------------------------------------------------------------
+
+
+def _skippable(payload: bytes) -> bytes:
+    return b"\x5a\x2a\x4d\x18" + len(payload).to_bytes(4, "little") + payload
+
+
+def _streamed(data: bytes) -> bytes:
+    """A frame as a stream writer makes it: no content size, a window descriptor."""
+    out = zstandard.ZstdCompressor(write_checksum=True).compressobj()
+    return out.compress(data) + out.flush()
+
+
+#: a frame header with every optional field: window descriptor, 2-byte dictionary id,
+#: 8-byte content size, checksum flag; one raw last block of 5 bytes; the checksum
+_FULL_HEADER = (b"\x28\xb5\x2f\xfd\xc6" + b"\x58" + b"\x01\x02" + (5).to_bytes(8, "little")
+                + (5 << 3 | 1).to_bytes(3, "little") + b"hello" + b"\x00" * 4)
+_TEXT = b"".join(b"line %d of some text\n" % i for i in range(20_000))
+
+ZSTD_STREAMS = {
+    "one-shot": [zstandard.ZstdCompressor().compress(_TEXT)],
+    "checksum, no content size": [
+        zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(_TEXT)],
+    "streamed": [_streamed(_TEXT)],
+    "RLE blocks": [zstandard.ZstdCompressor(write_checksum=True).compress(bytes(600_000))],
+    "raw blocks": [zstandard.ZstdCompressor().compress(os.urandom(300_000))],
+    "empty frame": [zstandard.ZstdCompressor().compress(b"")],
+    "all header fields": [_FULL_HEADER],
+    "frames and skippable frames": [_skippable(b"meta"), zstandard.ZstdCompressor().compress(_TEXT[:5000]),
+                                    _skippable(b""), _streamed(_TEXT[5000:])],
+}  # fmt: skip
+
+
+def _fed(data: bytes | memoryview, step: int) -> ZstdFrames:
+    frames = ZstdFrames()
+    for i in range(0, len(data), step):
+        frames.feed(data[i:i + step])
+    return frames
+
+
+@pytest.mark.parametrize("frames", ZSTD_STREAMS.values(), ids=ZSTD_STREAMS.keys())
+def test_zstd_frames_tell_a_frame_boundary_from_a_cut(frames: list[bytes]) -> None:
+    stream = b"".join(frames)
+    for step in (len(stream), 1, 3, 4096):  # headers split across reads anywhere
+        fed = _fed(stream, step)
+        assert fed.complete and not fed.lost
+    boundaries = {sum(len(f) for f in frames[:i]) for i in range(len(frames) + 1)}
+    near = {b + d for b in boundaries for d in range(-9, 10)}
+    cuts = (set(range(1, len(stream), max(1, len(stream) // 300))) | near) - boundaries
+    view = memoryview(stream)
+    for cut in sorted(c for c in cuts if 0 < c < len(stream)):
+        assert not _fed(view[:cut], 1 << 20).complete, cut
+
+
+def test_zstd_frames_give_up_on_what_they_do_not_know() -> None:
+    """A legacy frame or a reserved block type: the decompressor judges those bytes, the
+    end is not checked."""
+    legacy = _fed(b"\x27\xb5\x2f\xfd" + b"\x00" * 20, 1 << 20)
+    reserved = _fed(b"\x28\xb5\x2f\xfd\x20\x05" + (3 << 1 | 1).to_bytes(3, "little"), 1 << 20)
+    assert legacy.lost and legacy.complete
+    assert reserved.lost and reserved.complete
+
+
+@given(st.binary(max_size=20_000), st.integers(1, 9), st.booleans(), st.integers(1, 5000), st.data())
+def test_zstd_frames_of_any_data(data: bytes, level: int, checksum: bool, step: int, draw: st.DataObject) -> None:
+    stream = zstandard.ZstdCompressor(level=level, write_checksum=checksum).compress(data)
+    assert _fed(stream, step).complete
+    cut = draw.draw(st.integers(1, len(stream) - 1))
+    assert not _fed(stream[:cut], step).complete

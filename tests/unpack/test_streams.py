@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from ember.oci.digest import Digest
 from ember.process import reap_exiting
@@ -113,6 +114,29 @@ def test_corrupt_compressed_stream(compression: str, root: Path, layers: Layers)
     blob.write_bytes(bytes(data[: len(data) * 3 // 4]))
     with pytest.raises(UnpackError, match="layer"):
         apply_layer(root, blob, media_type)
+
+
+@pytest.mark.parametrize("cut", [6, 100, 0.5, -2])  # header, block, middle, checksum
+def test_a_truncated_zstd_blob_is_reported_as_such(cut: float, root: Path, layers: Layers) -> None:
+    """zstandard's reader took a cut frame for the end of the data: the tar seemed to
+    end early, or, cut in the frame's checksum, the layer applied."""
+    raw = tar_bytes([reg("a", os.urandom(300_000)), reg("b", os.urandom(300_000))])
+    blob = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    end = int(len(blob) * cut) if isinstance(cut, float) else cut
+    path = layers.blobs / "cut.zst"
+    path.write_bytes(blob[:end])
+    with pytest.raises(InvalidLayer, match="cannot read layer cut.zst: zstd data ends in the middle of a frame"):
+        apply_layer(root, path, MEDIA["zstd"], Digest.of(raw))
+
+
+def test_zstd_frames_and_skippable_frames(root: Path, layers: Layers) -> None:
+    raw = tar_bytes(ENTRIES)
+    skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"meta"
+    path = layers.blobs / "frames.zst"
+    path.write_bytes(skippable + zstandard.ZstdCompressor().compress(raw[:5000]) + skippable
+                     + zstandard.ZstdCompressor(write_checksum=True).compress(raw[5000:]))
+    stats = apply_layer(root, path, MEDIA["zstd"], Digest.of(raw))
+    assert stats.tar_bytes == len(raw) and (root / "etc/os-release").read_bytes() == b"ID=ember\n"
 
 
 def test_truncated_tar(root: Path, layers: Layers) -> None:
