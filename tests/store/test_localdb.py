@@ -194,3 +194,67 @@ def test_what_a_killed_creator_left_is_cleared(tmp_path: Path) -> None:
         (tmp_path / leftover).write_bytes(b"half a database")
     _migrate(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db", "x.db.migrate-lock"]
+
+
+def _held_writer(path: Path) -> sqlite3.Connection:
+    """Another process's long write transaction (the registry's garbage collection)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_a_reader_waits_for_no_writer(tmp_path: Path) -> None:
+    """Every process's first use took the write lock (for migrations it almost never
+    had to apply): `image ls` behind a long writer waited 30 s, then failed."""
+    path = tmp_path / "x.db"
+    _migrate(path)
+    writer = _held_writer(path)
+    try:
+        db = LocalDatabase(path, "test", AREA_MIGRATIONS)  # a new process's
+        db.busy_timeout = 0.2
+        with db.read() as conn:
+            assert conn.execute("SELECT count(*) FROM things").fetchone()[0] == 0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_writer_held_past_the_wait_is_busy_not_broken(tmp_path: Path) -> None:
+    from ember.store.errors import DatabaseBusy
+
+    path = tmp_path / "x.db"
+    _migrate(path)
+    writer = _held_writer(path)
+    try:
+        db = LocalDatabase(path, "test", AREA_MIGRATIONS)
+        db.busy_timeout = 0.2
+        with pytest.raises(DatabaseBusy, match="is busy: another process held it") as e, db.begin():
+            pass
+        assert e.value.hint and "try again" in e.value.hint
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_an_emptied_file_is_not_taken_for_a_new_database(tmp_path: Path) -> None:
+    """SQLite takes a 0-byte file for a new database: a truncated ember.db became an
+    empty image table, and `ember gc` then removed every blob of the content store."""
+    path = tmp_path / "ember.db"
+    table = ImageTable(open_image_db(path))
+    table.put("example.org/a:1", manifest_digest=M, config_digest=C, media_type="m",
+              platform="linux/amd64", size=1)  # fmt: skip
+    for side in ("-wal", "-shm"):
+        Path(f"{path}{side}").unlink(missing_ok=True)
+    path.write_bytes(b"")
+    with pytest.raises(DatabaseError, match=r"is empty \(0 bytes\)") as e:
+        ImageTable(open_image_db(path)).list()
+    assert e.value.hint and "restore it" in e.value.hint
+    assert path.stat().st_size == 0  # nothing made in it
+
+
+def test_commits_are_on_disk_when_they_return(tmp_path: Path) -> None:
+    """synchronous=NORMAL: a commit waited for a checkpoint, which another open connection
+    put off; after a power cut an `image rm` whose blobs were unlinked was back."""
+    db = LocalDatabase(tmp_path / "x.db", "test", AREA_MIGRATIONS)
+    with db.read() as conn:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ember.locks import FileLock
-from ember.store.errors import DatabaseError
+from ember.store.errors import DatabaseBusy, DatabaseError
 
 _MIGRATIONS_DDL = """
 CREATE TABLE IF NOT EXISTS ember_migrations (
@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS ember_migrations (
     PRIMARY KEY (area, id)
 )
 """
+
+#: sqlite3.Error.sqlite_errorcode of "database is locked" past the busy timeout
+_SQLITE_BUSY = 5
 
 #: how SQLAlchemy's SQLite DateTime stores a value: naive, UTC by ember's convention
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
@@ -64,6 +67,9 @@ class LocalMigration:
 class LocalDatabase:
     """One SQLite file; a short-lived connection per transaction (thread-safe by construction)."""
 
+    #: seconds a transaction waits for another process's write lock
+    busy_timeout = 30.0
+
     def __init__(self, path: Path, area: str, migrations: list[LocalMigration]) -> None:
         self.path = path
         self.area = area
@@ -73,10 +79,15 @@ class LocalDatabase:
     def _connect(self) -> sqlite3.Connection:
         try:
             # isolation_level=None: transactions are begun explicitly below
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            # FULL, as ember.store.db: a commit is on disk when it returns.  With NORMAL a
+            # commit waited for the next checkpoint, which only comes when no other
+            # connection is open: after a power cut an `image rm` whose blobs were
+            # unlinked could be back, naming blobs that are gone (gc then stopped on
+            # it every time), and a pull said done could be lost.
+            conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as e:
             raise DatabaseError(f"database {self.path} is not usable: {e}{self._full()}") from None
         conn.row_factory = sqlite3.Row
@@ -106,6 +117,12 @@ class LocalDatabase:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY:
+                raise DatabaseBusy(
+                    f"database {self.path} is busy: another process held it for over "
+                    f"{self.busy_timeout:g} s",
+                    hint="try again; a long `ember gc` or registry garbage collection may hold it",
+                ) from None
             raise DatabaseError(f"database {self.path}: {e}{self._full()}") from None
         finally:
             conn.close()
@@ -127,10 +144,41 @@ class LocalDatabase:
         self._migrated = True
 
     def _migrate_locked(self) -> None:
-        if not self.path.exists() and self._create_locked():
+        try:
+            size: int | None = self.path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size is None and self._create_locked():
             return
+        if size == 0:
+            # SQLite takes an empty file for a new database (and makes empty tables in it);
+            # under this lock no ember process leaves one, so this one lost its contents:
+            # taken for new, `image ls` said nothing and `ember gc` removed every blob
+            raise DatabaseError(
+                f"database {self.path} is empty (0 bytes): it was truncated or damaged, "
+                "and the names of the images in the content store are lost",
+                hint="restore it from a backup; or remove it (and its -wal, -shm files) to "
+                "start anew: ember gc then removes the blobs no image names",
+            )
+        # Most commands find nothing to do: a read, which waits for no writer (WAL).  The
+        # write lock, taken by every process's first use, made `image ls` wait for, and
+        # fail behind, any long writer (the registry's garbage collection).
+        with self._transaction("DEFERRED") as conn:
+            if not self._pending(conn):
+                return
         with self._transaction("IMMEDIATE") as conn:
             self._apply_pending(conn)
+
+    def _pending(self, conn: sqlite3.Connection) -> list[LocalMigration]:
+        """This area's migrations not applied yet in ``conn``'s database."""
+        try:
+            rows = conn.execute("SELECT id FROM ember_migrations WHERE area = ?", (self.area,))
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):
+                raise
+            return list(self._migrations)  # a file with no migrations table yet
+        done = {row[0] for row in rows}
+        return [m for m in self._migrations if m.id not in done]
 
     def _apply_pending(self, conn: sqlite3.Connection) -> None:
         conn.execute(_MIGRATIONS_DDL)
