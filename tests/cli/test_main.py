@@ -233,3 +233,58 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
         assert res.returncode == status, res.stderr
         assert res.stderr.count("\n") == 1 and res.stderr.startswith("ember: "), res.stderr
         assert "--help)" in res.stderr
+
+
+def test_a_group_without_a_command_prints_its_help(tmp_path: Path) -> None:
+    """`ember` alone printed its help as one line of escaped newlines, as an error."""
+    for group in ([], ["image"], ["snapshot"]):
+        res = ember(tmp_path / "home", *group)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(f"Usage: {' '.join(['ember', *group])} [OPTIONS] COMMAND")
+        assert "\nCommands:\n" in res.stdout and "\\n" not in res.stdout
+
+
+def test_an_empty_home_on_the_command_line_is_refused(tmp_path: Path) -> None:
+    """`ember --home "$DIR" rm -f ...` with DIR unset acted on the host's own state
+    directory."""
+    res = ember(tmp_path / "home", "--home", "", "ps")
+    assert res.returncode == 2
+    assert res.stderr.startswith("ember: Invalid value for --home: is empty"), res.stderr
+
+
+def test_each_machines_error_is_bounded_and_printable(tmp_path: Path) -> None:
+    """The errors of commands that go on past one machine (stop, rm, inspect, wait...)
+    were printed raw: an escape sequence in an argument reached the terminal, and a
+    120 KB argument came back whole."""
+    for command in (["stop"], ["rm"], ["inspect"], ["wait"], ["kill"], ["start"]):
+        res = ember(tmp_path / "home", *command, "x\x1b]0;pwned\x07", "y" * 120_000)
+        assert res.returncode == 1, res.stderr
+        lines = res.stderr.splitlines()
+        assert len(lines) == 2 and "\x1b" not in res.stderr, res.stderr[:300]
+        assert "x\\x1b]0;pwned\\x07" in lines[0]
+        assert len(lines[1]) < 2100
+
+
+def test_a_reference_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (the shell passes them as they are) reached the image
+    table's query: a traceback from image rm, inspect, tag, and from run."""
+    bad = os.fsdecode(b"\xff")
+    for args in (["image", "rm", bad], ["image", "inspect", bad], ["image", "tag", bad, "x"],
+                 ["run", "--rm", bad]):  # fmt: skip
+        res = ember(tmp_path / "home", *args)
+        assert res.returncode == (125 if args[0] == "run" else 1), (args, res.stderr)
+        assert "Traceback" not in res.stderr and "is not valid UTF-8" in res.stderr, res.stderr
+
+
+def test_a_token_label_must_be_printable_text(tmp_path: Path) -> None:
+    for label in (os.fsdecode(b"t\xff"), "x" * 201, "two\nlines"):
+        res = ember(tmp_path / "home", "admin", "token", "create", "--org", "acme", "--name", label)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and "token label" in res.stderr, res.stderr
+
+
+def test_an_ambiguous_machine_prefix_fails_alike_everywhere() -> None:
+    """As a usage error it was status 2 from `logs` and `port`, 1 from `rm`."""
+    from ember.machines.errors import AmbiguousMachine
+
+    assert AmbiguousMachine("'a' matches 2 machines").exit_code == 1

@@ -320,3 +320,23 @@ def test_an_attached_run_whose_reader_went_away_passes_it_sigpipe(
     finally:
         run.kill()
         ember("rm", "-f", "yes1")
+
+
+def test_an_attached_run_whose_output_cannot_be_written_stops_the_machine(
+    ember: Ember, busybox: str
+) -> None:
+    """`ember run --rm IMAGE ... > /dev/full` (a full disk behind `> out.log`): ember
+    said "No space left on device" and exited 1, which a script cannot tell from the
+    program's own 1, and the machine ran on for nobody (with --rm, for ever)."""
+    with open("/dev/full", "wb") as full:
+        run = subprocess.run(
+            ["ip", "netns", "exec", ember.netns, EMBER, "run", "--rm", "--name", "full1", busybox,
+             "sh", "-c", "echo hi; sleep 300"],
+            stdout=full, stderr=subprocess.PIPE, env=ember.env(), timeout=120,
+        )  # fmt: skip
+    try:
+        assert run.returncode == 125, run.stderr
+        assert b"cannot write the machine's stdout: No space left on device" in run.stderr
+        poll_until(lambda: "full1" not in ember("ps", "-a").stdout, "the machine ran on", 60)
+    finally:
+        ember("rm", "-f", "full1")

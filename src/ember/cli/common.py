@@ -73,6 +73,27 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+#: characters of an error message shown: messages quote what they refuse, and an
+#: argument or an image's value may be megabytes long
+MESSAGE_LIMIT = 2000
+
+
+def bounded(message: str) -> str:
+    """The message as one line a terminal shows as text (``printable``), cut to
+    ``MESSAGE_LIMIT``: it may quote a tag, a file name or a tool's output, and an escape
+    sequence in those must not reach the terminal (click strips only colour codes, and
+    only when stderr is not one)."""
+    if len(message) > MESSAGE_LIMIT:
+        message = f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
+    return printable(message)
+
+
+def say_error(message: object) -> None:
+    """``ember: MESSAGE`` on stderr, as the entry point says an error that ends a
+    command: for one a command reports and goes on past (a machine of several)."""
+    click.echo(f"ember: {bounded(str(message))}", err=True)
+
+
 def say(text: str) -> None:
     """A status line on stderr (never wrapped: paths and digests stay whole)."""
     click.echo(text, err=True)

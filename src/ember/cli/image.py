@@ -19,6 +19,7 @@ from ember.cli.common import (
     print_json,
     printable,
     say,
+    say_error,
     warnings_as_messages,
 )
 from ember.errors import EmberError, UsageError
@@ -316,7 +317,7 @@ def remove(refs: tuple[str, ...], force: bool) -> None:
         except EmberError as e:
             if len(refs) == 1:
                 raise
-            click.echo(f"ember: {str(e)[:2000]}", err=True)
+            say_error(e)
             failed.append((ref, e))
             continue
         for name in names:

@@ -19,6 +19,7 @@ from ember.cli.common import (
     print_json,
     printable,
     say,
+    say_error,
     since,
     warnings_as_messages,
 )
@@ -108,7 +109,7 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
     machines, damaged = MachineStore(home).scan()
     if show_all:
         for broken in damaged:  # listed on stderr: stdout keeps its format
-            click.echo(f"ember: {broken}", err=True)
+            say_error(broken)
     if any(m.status == RUNNING for m in machines):
         # refresh only changes a record that says running (its monitor may be gone);
         # without one, ps skips importing the lifecycle and VMM layers (~20 ms)
@@ -276,7 +277,7 @@ def for_each(
             if result() is not SILENT:
                 click.echo(ref)
         except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
+            say_error(e)
             failed = True
 
     if parallel and len(machines) > 1:
@@ -418,7 +419,7 @@ def inspect(machines: tuple[str, ...]) -> None:
         try:
             st = find_machine(ref, home)
         except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
+            say_error(e)
             failed = True
             continue
         data = _record(st)
@@ -493,7 +494,7 @@ def wait(machines: tuple[str, ...]) -> None:
         try:
             found.append(find_machine(ref, home))
         except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
+            say_error(e)
             found.append(None)
             failed = True
     results: list[int | str | None] = [None] * len(found)
@@ -520,7 +521,7 @@ def wait(machines: tuple[str, ...]) -> None:
             if isinstance(result, int):
                 click.echo(str(result))
             elif result is not None:
-                click.echo(f"ember: {result}", err=True)
+                say_error(result)
                 failed = True
             shown += 1
         if shown == len(found):

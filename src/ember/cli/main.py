@@ -93,6 +93,10 @@ def cli(ctx: click.Context, home: str | None) -> None:
 
     # "~" as the client and the default home read EMBER_HOME (homedir.py): the shell
     # leaves it alone in EMBER_HOME='~/x' and in --home=~/x
+    if home == "" and ctx.get_parameter_source("home") == click.core.ParameterSource.COMMANDLINE:
+        # a script's `--home "$DIR"` with DIR unset would act on the host's own state
+        # directory (an empty EMBER_HOME keeps meaning the default, as an unset one)
+        raise click.BadParameter("is empty", param_hint="--home")
     ctx.obj = {"home": Home(Path(home).expanduser().absolute()) if home else None}
 
 
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="ember", standalone_mode=False)
     except EmberError as e:
-        click.echo(f"ember: {_bounded(str(e))}", err=True)
+        with contextlib.suppress(OSError):  # stderr itself may be what failed (2>/dev/full)
+            click.echo(f"ember: {_bounded(str(e))}", err=True)
         sys.exit(e.exit_code)
     except (_Interrupted, click.exceptions.Abort, KeyboardInterrupt) as e:
         # click turns an interrupt while parsing (a prompt) into Abort (its cause)
@@ -145,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(143)
         click.echo("ember: interrupted", err=True)
         sys.exit(130)
+    except _NoArgsIsHelp as e:
+        # `ember`, `ember image` alone: their help, as it is written (the line below
+        # made it one line of escaped newlines), on stdout with status 0, as docker's
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
     except click.UsageError as e:
         # one line, as every other error (click's own is usage, a hint and the error)
         where = e.ctx.command_path if e.ctx is not None else "ember"
@@ -169,20 +179,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-#: characters of an error message shown: messages quote what they refuse, and an
-#: argument or an image's value may be megabytes long
-MESSAGE_LIMIT = 2000
-
+#: click 8.2+ raises it for a group given no command (8.1 printed the help itself)
+_NoArgsIsHelp: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 def _bounded(message: str) -> str:
-    """The message as one line a terminal shows as text: it may quote a tag, a file name
-    or a tool's output, and an escape sequence in those must not reach the terminal
-    (click strips only colour codes, and only when stderr is not one)."""
-    from ember.cli.common import printable  # on the error path only: it loads ember.home
+    from ember.cli.common import bounded  # on the error path only: it loads ember.home
 
-    if len(message) > MESSAGE_LIMIT:
-        message = f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
-    return printable(message)
+    return bounded(message)
 
 
 def describe_os_error(e: OSError) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ember.cli.common import WholeNumber, home_from_ctx, warnings_as_messages
+from ember.cli.common import WholeNumber, home_from_ctx, say_error, warnings_as_messages
 from ember.cli.machines import stop_time_option
 from ember.cli.sinks import OutputSink
 from ember.errors import EmberError, UsageError
@@ -38,7 +38,8 @@ DEFAULT_DISK_HELP = "the image's size plus headroom"
 
 
 def _say(text: str) -> None:
-    click.echo(f"ember: {text}", err=True)
+    with contextlib.suppress(OSError):  # (stderr may be what cannot be written: 2>/dev/full)
+        say_error(text)
 
 
 def _pump(
@@ -185,6 +186,7 @@ def _copy_until_exit(
     from ember.machines.state import EXITED, RUNNING, read_state, removed_exit_code
 
     exited: Exited | None = None
+    lost: OutputSink | None = None  # a stream of ours that could not be written
     started = False  # the monitor said so (its events only)
     stopping: StopRequested | None = None
     started_at = read_state(d).started_at if events is None else None
@@ -206,8 +208,14 @@ def _copy_until_exit(
             moved = False
             for src, dst in sinks:
                 moved = _pump(src, dst) or moved
-                if dst.error is not None:
+                if isinstance(dst.error, BrokenPipeError):
                     raise dst.error  # our reader went away (EPIPE)
+                if dst.error is not None and lost is None:
+                    # a full disk or an I/O error behind `> file`: the output is lost from
+                    # here on, and a machine left running would be nobody's (with --rm,
+                    # for ever): stopped, as on Ctrl-C, and the run fails (125)
+                    lost = dst
+                    intr.pending.append(signal.SIGTERM)
             while intr.pending:
                 stopping = _pass_on(home, d, intr, intr.pending.pop(0)) or stopping
             if intr.kill_at is not None and time.monotonic() >= intr.kill_at[0]:
@@ -239,6 +247,11 @@ def _copy_until_exit(
     if monitor_pid is not None and not (exited is not None and exited.restarting):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
+    if lost is not None and lost.error is not None:
+        raise MachineError(
+            f"cannot write the machine's {lost.name}: {lost.error.strerror or lost.error}; "
+            "it was stopped"
+        )
     if exited is None:
         if events is None and seen is not None and seen.status == EXITED:
             end: MachineState | None = seen  # (its restart policy may run it again soon)

@@ -27,6 +27,7 @@ class OutputSink:
 
     def __init__(self, file: IO[bytes], name: str) -> None:
         file.flush()  # what was written through it before goes first
+        self.name = name
         self._fd = file.fileno()
         self._chunks: deque[bytes] = deque()
         self._waiting = 0  # bytes in _chunks

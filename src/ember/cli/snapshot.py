@@ -14,6 +14,7 @@ from ember.cli.common import (
     json_option,
     print_json,
     say,
+    say_error,
     warnings_as_messages,
 )
 from ember.cli.image import image as image_group
@@ -114,7 +115,7 @@ def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
     failures: list[EmberError] = []
 
     def failed(e: EmberError) -> None:
-        click.echo(f"ember: {e}", err=True)
+        say_error(e)
         failures.append(e)
 
     resolved: dict[str, str] = {}  # key -> the name it was given as
@@ -229,7 +230,7 @@ def leases_rm(names: tuple[str, ...], force: bool) -> None:
                 raise LeaseNotFound(f"no lease {name!r}")
             click.echo(name)
         except EmberError as e:
-            click.echo(f"ember: {e}", err=True)
+            say_error(e)
             failures.append(e)
     if failures:
         raise SystemExit(failures[0].exit_code if len(failures) == 1 else 1)
@@ -302,7 +303,7 @@ def gc(
         print_json(report.to_json())
         return
     for warning in report.warnings:
-        click.echo(f"ember: {warning}", err=True)
+        say_error(warning)
     verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
     click.echo(
         f"{verb} {len(report.snapshots)} snapshot(s), {len(report.content)} blob(s), "

@@ -56,7 +56,7 @@ from ember.oci import mediatypes as mt
 from ember.oci.chainid import chain_ids
 from ember.oci.config import MAX_CONFIG_SIZE, ImageConfig, parse_config
 from ember.oci.digest import Digest
-from ember.oci.errors import FormatError, NoMatchingPlatform
+from ember.oci.errors import FormatError, InvalidReference, NoMatchingPlatform
 from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
 from ember.oci.platform import Platform, host_platform
 from ember.registry.client.credentials import CredentialStore
@@ -547,6 +547,12 @@ class ImageService:
         """The records ``ref`` names: one for a name; for a manifest digest or an
         unambiguous hex prefix of one, every name the image has; for ``NAME@DIGEST``
         (``by_repository``), the names of that image in that repository."""
+        try:
+            ref.encode()
+        except UnicodeEncodeError:
+            # an argument of bytes that are not UTF-8 (the shell passes them as they are):
+            # no name can hold it, and the database refused it with a traceback
+            raise InvalidReference(f"{ref!r:.200} is not valid UTF-8") from None
         if _FULL_ID.fullmatch(ref):
             # `sha256:<hex>` is an ID, whatever names there are: Docker reads it so, and a
             # name of that shape (from before such names were refused) must not hide it

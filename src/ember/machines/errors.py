@@ -24,8 +24,9 @@ class MachineNotFound(NotFound, MachineError):
     """No machine has that name or id."""
 
 
-class AmbiguousMachine(UsageError, MachineError):
-    """An id prefix matches more than one machine."""
+class AmbiguousMachine(MachineError):
+    """An id prefix matches more than one machine (status 1 from every command, as
+    docker's: as a usage error it was 2 from `logs` and `port`, 1 from `rm`)."""
 
 
 class NameInUse(UsageError, MachineError):

@@ -46,10 +46,21 @@ def run(argv: Sequence[str | os.PathLike[str]], what: str) -> subprocess.Complet
     except FileNotFoundError:
         raise CommandFailed(f"{what}: {args[0]} is not installed") from None
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise CommandFailed(f"{what}: {detail}")
+        said = last_words(args[0], proc.stderr or proc.stdout)
+        raise CommandFailed(f"{what}: {said or f'exit status {proc.returncode}'}")
     return proc
+
+
+def last_words(tool: str, output: str) -> str | None:
+    """What a failed tool said last in its own name (``resize2fs: New size results in
+    too many block group descriptors.``), else its last line: after its reason it may
+    go on with advice (resize2fs's "Please run 'e2fsck -fy ...' to fix the file system
+    / after the aborted resize operation.", which alone read as a damaged disk)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    own = [ln for ln in lines if ln.startswith(f"{os.path.basename(tool)}: ")]
+    if own:
+        return own[-1]
+    return lines[-1] if lines else None
 
 
 # -- /proc/self/mountinfo ------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ember.registry.server.errors import (
     RegistryError,
     TokenNotFound,
 )
-from ember.registry.server.names import check_org_name
+from ember.registry.server.names import check_org_name, check_token_label
 from ember.registry.server.references import NewManifest
 from ember.registry.server.tokens import hash_api_token, new_api_token
 from ember.store.db import Database, insert_ignore, masked_url, open_database, upsert
@@ -337,6 +337,8 @@ class RegistryMetadata:
         self, org: str, label: str, actions: frozenset[str], expires_at: float | None = None
     ) -> tuple[str, str]:
         """A new API token (id, secret); ``expires_at``: refused from then on (unix s)."""
+        check_org_name(org)  # (one that cannot be, non-UTF-8 say, was a traceback)
+        check_token_label(label)
         token_id, secret = new_api_token()
         with self.db.begin() as conn:
             org_id = self._org_id(conn, org)

@@ -42,6 +42,24 @@ def check_org_name(name: str) -> str:
     return name
 
 
+#: characters of a token's label (the column's size: PostgreSQL refuses longer ones)
+MAX_TOKEN_LABEL = 200
+
+
+def check_token_label(label: str) -> str:
+    """A token's label as given, if it is printable UTF-8 text of at most
+    ``MAX_TOKEN_LABEL`` characters (``token ls`` prints it to terminals)."""
+    try:
+        label.encode()
+    except UnicodeEncodeError:
+        raise InvalidName(f"token label {label!r:.80} is not valid UTF-8") from None
+    if len(label) > MAX_TOKEN_LABEL or not label.isprintable():
+        raise InvalidName(
+            f"invalid token label {label[:80]!r}: printable text of at most {MAX_TOKEN_LABEL} characters"
+        )
+    return label
+
+
 def qualify(org: str, name: str) -> str:
     """The stored name of the client's repository ``name`` inside ``org``."""
     return f"{org}/{name}"
