@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ember.oci.digest import Digest
 from ember.oci.errors import DigestMismatch
 from ember.store.content import ContentStore
 from ember.store.errors import BlobNotFound, DamagedBlob, StoreError
+from tests.support.proc import flock_waiters, poll_until
 
 
 @pytest.fixture()
@@ -213,6 +215,83 @@ def test_a_blob_damaged_after_it_was_stored_is_blamed_and_removed(store: Content
     assert e.value.hint and "again" in e.value.hint
     assert not store.exists(damaged) and store.exists(intact)
     assert not store.matches(damaged)  # missing: no match, no error
+
+
+def _damage(store: ContentStore, digest: Digest, data: bytes) -> None:
+    """What a torn write or disk damage leaves: other bytes under the blob's name."""
+    path = store.path(digest)
+    path.chmod(0o644)
+    path.write_bytes(data)
+
+
+def test_put_bytes_replaces_a_damaged_stored_copy(store: ContentStore) -> None:
+    """A manifest stored over a damaged copy of itself was skipped ("the store has it"):
+    the pull said it succeeded, and the next command said the image was damaged."""
+    manifest = b'{"schemaVersion": 2}'
+    d = store.put_bytes(manifest)
+    _damage(store, d, b"{}")
+    assert store.put_bytes(manifest, d) == d
+    assert store.read_bytes(d) == manifest and store.matches(d)
+    assert store.stale_ingests(older_than=0) == (0, 0)  # nothing left in ingest/
+
+
+def test_size_for_reuse_hashes_what_it_cannot_trust(store: ContentStore) -> None:
+    from ember.store.content import REHASH_LIMIT
+
+    small = b"small blob"
+    d = store.put_bytes(small)
+    assert store.size_for_reuse(d, len(small)) == len(small)  # intact: reused
+    assert store.size_for_reuse(d, 4 << 30) == len(small)  # intact: the descriptor lies
+    assert store.size_for_reuse(Digest.of(b"absent"), 6) is None
+    _damage(store, d, b"smalL blob")  # one bit flipped, the same size
+    assert store.size_for_reuse(d, len(small)) is None  # small: hashed, damaged, removed
+    assert not store.exists(d)
+
+    big = os.urandom(REHASH_LIMIT + 1)
+    b = store.put_bytes(big)
+    torn = big[: len(big) // 2]
+    _damage(store, b, torn)
+    assert store.size_for_reuse(b, len(big)) is None  # its size says so: hashed, removed
+    assert not store.exists(b)
+    store.put_bytes(big)
+    _damage(store, b, bytes(len(big)))
+    # the same size: trusted unread (a pull must not hash every stored layer); its
+    # DiffID is checked where it is applied (raise_if_damaged)
+    assert store.size_for_reuse(b, len(big)) == len(big)
+
+
+def test_a_damaged_blob_is_not_removed_under_a_writer_putting_a_good_copy_there(
+    store: ContentStore,
+) -> None:
+    """raise_if_damaged unlinked the blob's name after hashing it: a pull that had just
+    replaced the damaged copy with a good one (and was about to record the image) lost
+    it.  The removal now waits for the blob's writer and looks again."""
+    good = b"layer bytes"
+    d = store.put_bytes(good)
+    _damage(store, d, b"layer")
+    errors: list[BaseException] = []
+
+    def blame() -> None:
+        try:
+            store.raise_if_damaged([d], ValueError("unexpected end of data"))
+        except BaseException as e:  # noqa: BLE001 (checked below)
+            errors.append(e)
+
+    with store.writer(d, len(good)) as w:  # a pull fetching it again
+        remover = threading.Thread(target=blame)
+        remover.start()
+        ingest = w.ingest_path
+        poll_until(
+            lambda: not remover.is_alive() or os.getpid() in flock_waiters(ingest),
+            "the remover to end or wait for the writer",
+        )
+        assert remover.is_alive(), f"removed without waiting for the writer: {errors}"
+        w.write(good)
+        w.commit()
+    remover.join()
+    assert errors == []  # a good copy by then: nothing to blame
+    assert store.read_bytes(d) == good
+    assert not ingest.exists()
 
 
 def test_a_symlink_planted_in_ingest_is_refused_not_written_through(

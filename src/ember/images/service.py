@@ -61,7 +61,7 @@ from ember.oci.manifest import Descriptor, ImageManifest, parse_manifest
 from ember.oci.platform import Platform, host_platform
 from ember.registry.client.credentials import CredentialStore
 from ember.store.content import ContentStore
-from ember.store.errors import BlobNotFound, DamagedImageRecord
+from ember.store.errors import BlobNotFound, DamagedBlob, DamagedImageRecord
 from ember.store.images import ImageRecord, ImageTable, open_image_db
 
 #: blobs downloaded at once, as skopeo does (with a distant registry, a 5-layer image at 4
@@ -212,13 +212,24 @@ class Pulling:
 def _verified_bytes(download: Download, content: ContentStore) -> bytes:
     """A small blob's bytes once they matched its digest: before the fsync and rename that
     store it, when it is being downloaded (the recorder waits for those, and fails the
-    pull if they fail); read from the store once its download started over."""
+    pull if they fail); else read from the store (it was there already, or its download
+    started over), and checked again: a stored copy can be damaged on disk."""
     arriving = download.open_arriving()
     if arriving is not None:
         with arriving, suppress(BlobRestarted):
             return arriving.readall()
     download.result()
-    return content.read_bytes(download.desc.digest)
+    digest = download.desc.digest
+    data = content.read_bytes(digest)
+    if Digest.of(data, digest.algorithm) != digest:
+        if content.remove_if_damaged(digest):
+            raise DamagedBlob(
+                f"blob {digest} in the content store no longer matches its digest (damaged "
+                "on disk); it was removed",
+                hint="run the command again: it fetches the blob again",
+            )
+        data = content.read_bytes(digest)  # intact now: another pull put a good copy there
+    return data
 
 
 class _Recorder:
@@ -631,7 +642,7 @@ class ImageService:
         pulling the image again fetches it: the store only skips blobs it has."""
         data = self.content.read_bytes(digest)
         if Digest.of(data, digest.algorithm) != digest:
-            self.content.delete(digest)
+            self.content.remove_if_damaged(digest)  # unless a pull just put a good copy there
             raise BlobNotFound(f"blob {digest} no longer matches its digest and was removed")
         return data
 
@@ -698,7 +709,7 @@ class ImageService:
             digests = [image.manifest_digest, image.config_digest]
             digests += [layer.digest for layer in image.layers]
             with self.claims.hold(digests) if claim else nullcontext():
-                if all(self.content.exists(d) for d in digests):
+                if self._complete(image):
                     yield Pulling(image, self.content, {})
                     return
             platform = platform or image.platform  # it lost a blob: fetch it again
@@ -710,6 +721,18 @@ class ImageService:
             for_host=platform is None,
         ) as pulled:
             yield pulled
+
+    def _complete(self, image: Image) -> bool:
+        """Whether the store has every blob of ``image`` (manifest and config were just
+        read and checked), each layer of the size its descriptor declares: a layer torn
+        on disk is then fetched again by a pull (which hashes the stored copy and
+        replaces it) rather than fail where it is applied."""
+        if not all(self.content.exists(d) for d in (image.manifest_digest, image.config_digest)):
+            return False
+        try:
+            return all(self.content.size(x.digest) == x.size for x in image.layers)
+        except BlobNotFound:
+            return False
 
     def list(self) -> list[ImageRecord]:
         return self.table.list()

@@ -27,7 +27,6 @@ from ember.oci.manifest import Descriptor
 from ember.oci.platform import Platform
 from ember.oci.reference import Reference
 from ember.store.content import ContentStore, WriteObserver
-from ember.store.errors import BlobNotFound
 
 OCI_PREFIX = "oci:"
 DOCKER_ARCHIVE_PREFIX = "docker-archive:"
@@ -79,16 +78,17 @@ class Source(Protocol):
 
 
 def already_stored(store: ContentStore, desc: Descriptor, where: str) -> bool:
-    """Whether ``store`` holds ``desc``'s blob already.  Its size must then be the one
-    ``desc`` declares: the image's size is counted from the descriptors, and a stored
-    blob is verified content, so a descriptor that differs from it is lying."""
-    try:
-        size = store.size(desc.digest)
-    except BlobNotFound:
+    """Whether ``store`` holds an intact copy of ``desc``'s blob already (one damaged on
+    disk is removed, to be copied again: ``ContentStore.size_for_reuse``).  Its size must
+    then be the one ``desc`` declares: the image's size is counted from the descriptors,
+    and the stored copy matches the digest, so a descriptor that differs from it is lying."""
+    size = store.size_for_reuse(desc.digest, desc.size)
+    if size is None:
         return False
     if size != desc.size:
         raise InvalidSource(
-            f"{where}: blob {desc.digest} is {size} bytes, its descriptor declares {desc.size}"
+            f"{where}: blob {desc.digest} is {size} bytes, its descriptor declares {desc.size} "
+            "(the copy in the local store matches its digest: the descriptor is wrong)"
         )
     return True
 

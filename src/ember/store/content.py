@@ -37,6 +37,10 @@ from ember.oci.digest import Digest, Verifier
 from ember.store.errors import BlobNotFound, DamagedBlob, StoreError
 
 _CHUNK = 1 << 20
+#: stored blobs up to this size are hashed before a fetch skips them (``size_for_reuse``):
+#: manifests (at most 4 MiB), configs (kilobytes as a rule) and small layers, a few
+#: milliseconds at most; larger ones only when their size is not the one declared
+REHASH_LIMIT = 4 << 20
 
 
 class WriteObserver(Protocol):
@@ -152,13 +156,71 @@ class ContentStore:
         blob is deleted, so that the next pull fetches it again, since a pull skips the blobs
         the store has; DamagedBlob says so.  Returns when every blob is intact."""
         for digest in digests:
-            if self.exists(digest) and not self.matches(digest):
-                self.delete(digest)
+            if self.remove_if_damaged(digest):
                 raise DamagedBlob(
                     f"blob {digest} in the content store no longer matches its digest "
                     f"(damaged on disk; reading it failed: {str(failure)[:200]}); it was removed",
                     hint="run the command again: it fetches the blob again",
                 )
+
+    def remove_if_damaged(self, digest: Digest) -> bool:
+        """Whether the stored blob ``digest`` no longer matches its digest (damaged on disk
+        after it was verified and named): it is then removed, so that a fetch stores it
+        anew, since every fetch skips what the store has.  False when it is intact or
+        missing.  Reads all of it.
+
+        The removal holds the lock under which every writer of this blob publishes it
+        (``_publishing``): a concurrent pull may have put a good copy in its place since
+        the first look, and that copy, which it is about to record, must not be the one
+        removed."""
+        if not self.exists(digest) or self.matches(digest):  # as a rule: no lock to take
+            return False
+        with self._publishing(digest):
+            if self.matches(digest):  # replaced by a good copy meanwhile
+                return False
+            self.delete(digest)  # (or removed meanwhile, by another that found it damaged)
+            return True
+
+    def size_for_reuse(self, digest: Digest, declared: int) -> int | None:
+        """The size of the stored blob ``digest``, for a fetch that would skip it, its
+        descriptor declaring ``declared`` bytes; None when the store has no intact copy
+        (missing, or damaged and now removed: fetch it).
+
+        A stored blob was verified, so a size other than ``declared`` means either that
+        the copy was damaged since (a torn write, a truncated file) or that the descriptor
+        is wrong: the copy is hashed to tell which, and when it is intact its size is
+        returned for the caller to refuse the descriptor.  A small blob (a manifest, a
+        config) is hashed whatever its size; a large one whose size matches is trusted,
+        since hashing every stored layer on every pull would cost the pull a read of
+        each (its DiffID is checked when it is applied, ``raise_if_damaged``)."""
+        try:
+            size = self.size(digest)
+        except BlobNotFound:
+            return None
+        if size == declared and size > REHASH_LIMIT:
+            return size
+        if self.remove_if_damaged(digest):
+            return None
+        try:
+            return self.size(digest)  # intact (perhaps a good copy that replaced it)
+        except BlobNotFound:
+            return None  # removed meanwhile (an image rm): fetch it
+
+    @contextlib.contextmanager
+    def _publishing(self, digest: Digest) -> Iterator[None]:
+        """Hold the lock a writer of ``digest`` holds from its first byte through its
+        rename into ``blobs/`` (its ingest file's flock): no copy of the blob is published
+        meanwhile.  Waits for a writer at work."""
+        path = self.ingest_dir / f"{digest.algorithm}-{digest.hex}"
+        fd = _lock_ingest(path)
+        try:
+            yield
+        finally:
+            # made by us (or left empty): as a writer does, not a partial download to keep
+            if os.fstat(fd).st_size == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            os.close(fd)
 
     def list(self) -> Iterator[Digest]:
         for algdir in sorted(self.blobs.iterdir()):
@@ -174,7 +236,9 @@ class ContentStore:
             check.update(data)
             check.verify()
         digest = expected or Digest.of(data)
-        if not self.exists(digest):
+        # a stored copy is hashed first (it is small): one damaged on disk is replaced,
+        # not taken for the verified bytes in hand
+        if self.size_for_reuse(digest, len(data)) != len(data):
             self.ingest(digest, len(data), [data])
         return digest
 
@@ -306,19 +370,7 @@ class BlobWriter:
         self._observer: WriteObserver | None = None
 
     def __enter__(self) -> BlobWriter:
-        while True:
-            fd = self._open_ingest()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            # The holder we waited for may have published this very inode as the
-            # blob: only keep the lock if the ingest path still names our file.
-            try:
-                same = os.stat(self.ingest_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self._fd = fd
+        fd = self._fd = _lock_ingest(self.ingest_path)
         # Re-hash what an earlier, interrupted writer left, so that a resume is verified too.
         while chunk := os.read(fd, _CHUNK):
             if not self._within_size(len(chunk)):
@@ -326,26 +378,6 @@ class BlobWriter:
                 break
             self._verifier.update(chunk)
         return self
-
-    def _open_ingest(self) -> int:
-        """The ingest file, never through a symlink: a writer truncates and writes it, then
-        publishes it, so a link planted there would overwrite its target and make the blob
-        a link to it."""
-        try:
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(self.ingest_path, flags, 0o644)
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.EISDIR):
-                raise
-            fd = -1
-        if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-        if fd >= 0:
-            os.close(fd)
-        raise StoreError(
-            f"{self.ingest_path} is not a regular file (ember never makes anything else "
-            "there): remove it"
-        )
 
     def _within_size(self, n: int) -> bool:
         return self.expected_size is None or self._verifier.size + n <= self.expected_size
@@ -434,3 +466,41 @@ class BlobWriter:
                 os.unlink(self.ingest_path)
         os.close(self._fd)
         self._fd = -1
+
+
+def _lock_ingest(path: Path) -> int:
+    """``path`` (a blob's ingest file) opened, made if missing, and flock'ed exclusively:
+    the lock every writer of that blob holds from its first byte through the rename that
+    publishes it."""
+    while True:
+        fd = _open_ingest(path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # The holder we waited for may have published this very inode as the
+        # blob: only keep the lock if the ingest path still names our file.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _open_ingest(path: Path) -> int:
+    """The ingest file, never through a symlink: a writer truncates and writes it, then
+    publishes it, so a link planted there would overwrite its target and make the blob
+    a link to it."""
+    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        fd = -1
+    if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    raise StoreError(
+        f"{path} is not a regular file (ember never makes anything else there): remove it"
+    )

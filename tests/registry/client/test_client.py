@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -347,6 +348,28 @@ def test_a_stored_blob_described_with_another_size_is_refused(tmp_path: Path) ->
         with pytest.raises(RegistryError, match=f"describes blob {Digest.of(blob)} as {4 << 30} bytes; it is 12"):
             client.fetch_blob("app", lying, store)
     assert seen == []
+
+
+def test_a_damaged_stored_blob_is_fetched_again_not_blamed_on_the_registry(
+    tmp_path: Path,
+) -> None:
+    """A stored blob truncated on disk (its size no longer the descriptor's) made every
+    pull of an image sharing it fail with "describes blob ... as N bytes; it is M",
+    blaming the registry for the store's damage, forever: nothing ever replaced it."""
+    blob = b"a stored layer, truncated on disk since"
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    store = ContentStore(tmp_path / "content")
+    store.put_bytes(blob)
+    path = store.path(desc.digest)
+    path.chmod(0o644)
+    os.truncate(path, len(blob) // 2)
+    with (
+        raw_server(lambda _n, _r: _ranged_head(blob, 0) + blob) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=0) as client,
+    ):
+        client.fetch_blob("app", desc, store)
+    assert len(seen) == 1  # downloaded again
+    assert store.read_bytes(desc.digest) == blob and store.matches(desc.digest)
 
 
 @pytest.mark.parametrize(

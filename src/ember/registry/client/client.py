@@ -44,7 +44,6 @@ from ember.registry.client.errors import (
 )
 from ember.registry.client.transport import ConnectionPool, Response, TransportError, split_url
 from ember.store.content import BlobWriter, ContentStore, WriteObserver
-from ember.store.errors import BlobNotFound
 
 _MAX_TOKEN_RESPONSE = 1 << 20
 _MAX_ERROR_BODY = 64 * 1024
@@ -592,17 +591,16 @@ class RegistryClient:
         not hold the caller for the read timeout.  What arrived stays in the ingest file
         for the next try to resume.
         """
-        try:
-            stored = store.size(desc.digest)
-        except BlobNotFound:
-            stored = None
+        # None too for a stored copy damaged since it was verified: removed, fetched again
+        stored = store.size_for_reuse(desc.digest, desc.size)
         if stored is not None:
-            # stored content is verified: a descriptor that gives another size is lying
-            # (and the image's size, counted from its descriptors, would be)
+            # an intact stored copy: a descriptor that gives another size is lying (and
+            # the image's size, counted from its descriptors, would be)
             if stored != desc.size:
                 raise RegistryError(
                     f"{repository} on {self.host} describes blob {desc.digest} as {desc.size} "
-                    f"bytes; it is {stored}"
+                    f"bytes; it is {stored} (the copy in the local store matches its digest: "
+                    "the image's manifest is wrong)"
                 )
             if progress:
                 progress(desc.size)
