@@ -315,3 +315,75 @@ def test_a_whole_id_is_an_id_whatever_names_there_are(
     service.table.put(lookalike, manifest_digest=ml.manifest_digest, config_digest=ml.config_digest,
                       media_type=record.media_type, platform=record.platform, size=record.size)  # fmt: skip
     assert service.get(str(bb.manifest_digest)).manifest_digest == bb.manifest_digest
+
+
+def _damage_row(service: ImageService, reference: str, assignments: str) -> None:
+    """Values ember never writes, as an edit or a damaged database file leaves them."""
+    import sqlite3
+
+    with sqlite3.connect(service.home.db_path) as conn:
+        conn.execute(f"UPDATE images SET {assignments} WHERE reference = ?", (reference,))
+
+
+def test_removal_spares_the_blobs_of_another_image_whose_record_is_damaged(
+    service: ImageService,
+    busybox_layout: Path,
+    sized_layout: Callable[[int], Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``rm`` listed every other record to find the blobs still in use, and the first
+    damaged one failed the command half-way: its row deleted, "removed" never said, its
+    blobs left.  The damaged record's blobs (the busybox layer too: the other image is
+    built on it) are kept; the rest of the removed image's go."""
+    base = service.pull(layout_ref(busybox_layout), progress=False)
+    other = service.pull(layout_ref(sized_layout(1)), progress=False)
+    assert base.layers[0].digest == other.layers[0].digest
+    _damage_row(service, other.reference, "created_at = 'yesterday', size = 'big'")
+
+    assert service.remove(base.reference) == [base.reference]
+    assert not service.content.exists(base.manifest_digest)
+    assert not service.content.exists(base.config_digest)
+    for digest in (other.manifest_digest, other.config_digest, *(x.digest for x in other.layers)):
+        assert service.content.exists(digest)
+    assert f"record of {other.reference} is damaged" in caplog.text
+    assert f"ember image rm {other.reference}" in caplog.text  # what to do about it
+
+
+def test_removal_keeps_every_blob_when_a_damaged_record_names_unknown_blobs(
+    service: ImageService,
+    busybox_layout: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A damaged record whose manifest digest cannot be read may name any blob: none is
+    deleted, and the warning says how to get them collected."""
+    copy = copy_layout(busybox_layout, tmp_path / "copy")
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    other = service.pull(layout_ref(copy), progress=False).reference
+    _damage_row(service, other, "manifest_digest = 'not a digest'")
+
+    assert service.remove(image.reference) == [image.reference]
+    assert service.table.get(image.reference) is None
+    for digest in (image.manifest_digest, image.config_digest, image.layers[0].digest):
+        assert service.content.exists(digest)
+    assert f"kept every blob of {image.reference}" in caplog.text
+    assert f"ember image rm {other}" in caplog.text and "ember gc" in caplog.text
+
+
+def test_rm_says_removed_beside_a_damaged_record(tmp_path: Path, busybox_layout: Path) -> None:
+    """The command's own output: "removed NAME" and the warning as an ``ember:`` line."""
+    from ember.home import Home
+    from tests.support.cli import ember_env, run_ember
+
+    home = tmp_path / "home"
+    service = ImageService(Home(home))
+    copy = copy_layout(busybox_layout, tmp_path / "copy")
+    image = service.pull(layout_ref(busybox_layout), progress=False)
+    other = service.pull(layout_ref(copy), progress=False).reference
+    _damage_row(service, other, "size = 'big'")
+    done = run_ember("image", "rm", image.reference, env=ember_env(home, EMBER_AGENT="0"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert f"removed {image.reference}" in lines
+    assert any(line.startswith(f"ember: the image table's record of {other}") for line in lines)
+    assert service.content.exists(image.layers[0].digest)  # the damaged record names it

@@ -232,6 +232,23 @@ def _verified_bytes(download: Download, content: ContentStore) -> bytes:
     return data
 
 
+def _digest_in(value: object) -> Digest | None:
+    """A digest an image table column holds, or None when it holds something else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return Digest.parse(value)
+    except FormatError:
+        return None
+
+
+def _warn(text: str) -> None:
+    """A warning the CLI shows as an ``ember:`` line (``warnings_as_messages``)."""
+    import logging  # only when there is something to say: ``image ls`` loads this module
+
+    logging.getLogger("ember.images").warning("%s", text)
+
+
 class _Recorder:
     """Runs ``store`` in its own thread once every download in ``downloads`` succeeded,
     unless the pull was abandoned before."""
@@ -787,6 +804,63 @@ class ImageService:
 
     # -- removal -------------------------------------------------------------
 
+    def _blobs_in_use(self, removing: str) -> set[Digest] | None:
+        """The blobs the image table's records name (those of ``removing`` deleted
+        already); None when a damaged record's cannot be known: every blob then stays.
+
+        ``ImageTable.list`` refuses the whole table at its first damaged row, which made
+        ``image rm`` of any image fail half-way (its row deleted, its blobs left) while
+        another image's record was damaged: the rows are then read one by one."""
+        try:
+            return {d for other in self.table.list() for d in self._blobs_of(other)}
+        except DamagedImageRecord:
+            pass
+        with self.table.db.read() as conn:
+            rows = conn.execute(
+                "SELECT reference, manifest_digest, config_digest, media_type, index_digest "
+                "FROM images"
+            ).fetchall()
+        in_use: set[Digest] = set()
+        for reference, manifest_text, config_text, media_type, index_text in rows:
+            try:
+                record = self.table.get(reference)
+            except DamagedImageRecord as e:
+                named = self._blobs_of_damaged(manifest_text, config_text, media_type, index_text)
+                if named is None:
+                    _warn(
+                        f"kept every blob of {removing}: {e.message}, and which blobs it names "
+                        f"cannot be read ({e.hint}; ember gc then removes what no image uses)"
+                    )
+                    return None
+                _warn(f"{e.message}: the blobs it names were kept ({e.hint})")
+                in_use |= named
+                continue
+            if record is not None:  # (not removed meanwhile)
+                in_use |= self._blobs_of(record)
+        return in_use
+
+    def _blobs_of_damaged(
+        self, manifest_text: object, config_text: object, media_type: object, index_text: object
+    ) -> set[Digest] | None:
+        """The blobs a damaged record may name, from the values of it that can still be
+        read and its manifest blob; None when its manifest cannot be read: any blob may
+        then be one of its layers."""
+        named = {d for t in (manifest_text, config_text, index_text) if (d := _digest_in(t))}
+        manifest_digest = _digest_in(manifest_text)
+        if manifest_digest is None:
+            return None
+        try:
+            manifest = parse_manifest(
+                self.content.read_bytes(manifest_digest),
+                media_type if isinstance(media_type, str) else None,
+            )
+        except (BlobNotFound, FormatError):
+            return None
+        if isinstance(manifest, ImageManifest):
+            named.add(manifest.config.digest)
+            named.update(d.digest for d in manifest.layers)
+        return named
+
     def _blobs_of(self, record: ImageRecord) -> set[Digest]:
         out = {record.manifest_digest, record.config_digest}
         try:
@@ -833,6 +907,8 @@ class ImageService:
         A digest (prefix) names the image under all its names: with several, only
         ``force`` removes them (all), as ``docker rmi -f`` does.  A damaged record is
         only forgotten: which blobs it used is unknown, so they are left to ``ember gc``.
+        Another image's damaged record does not stop the removal: the blobs it may
+        name are kept (all of them when its manifest cannot be read), with a warning.
 
         Removal does not take ``images.lock`` and so does not wait for pulls (of this
         image or any other): it spares the blobs they claim (``ember.images.locking``).
@@ -863,8 +939,8 @@ class ImageService:
                 doomed |= self._blobs_of(record)
             for record in records:
                 self.table.delete(record.reference)
-            for other in self.table.list():
-                doomed -= self._blobs_of(other)
+            in_use = self._blobs_in_use(ref)
+            doomed = set() if in_use is None else doomed - in_use
             for digest in doomed - leased - claimed:
                 self.content.delete(digest)
         return [r.reference for r in records]
