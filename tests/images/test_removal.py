@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -387,3 +388,43 @@ def test_rm_says_removed_beside_a_damaged_record(tmp_path: Path, busybox_layout:
     assert f"removed {image.reference}" in lines
     assert any(line.startswith(f"ember: the image table's record of {other}") for line in lines)
     assert service.content.exists(image.layers[0].digest)  # the damaged record names it
+
+
+def test_a_claim_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path: Path) -> None:
+    """``hold`` ignored a short write: on a nearly full disk its claim named only the
+    first digests, and an ``image rm`` meanwhile deleted the others under the pull.  A
+    claim that cannot be written whole is now an error, and leaves no claim file."""
+    from ember.home import Home
+    from ember.images.locking import Claims
+    from ember.oci.digest import Digest
+    from ember.store.errors import StoreError
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        home = Home(mnt / "home")
+        claims = Claims(home)
+        digests = [Digest.of(str(i).encode()) for i in range(200)]  # ~14 KiB of claim
+        with claims.hold(digests[:1]):  # makes run/claims/ and claims.lock while there is room
+            pass
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            with suppress(OSError):  # ENOSPC: full
+                while os.write(fd, bytes(4096)):
+                    pass
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 4096)  # one page left: a short write
+
+        with pytest.raises(StoreError, match="cannot claim the blobs") as e, claims.hold(digests):
+            pytest.fail("claimed with a partial claim")
+        assert "No space left on device" in str(e.value) and "ember gc" in str(e.value)
+        assert list(home.claims.iterdir()) == []
+
+        filler.unlink()
+        with claims.hold(digests), claims.frozen() as claimed:
+            assert claimed == set(digests)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

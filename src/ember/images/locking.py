@@ -36,6 +36,7 @@ from ember.home import Home
 from ember.locks import FileLock, Notice
 from ember.oci.digest import Digest
 from ember.oci.errors import FormatError
+from ember.store.errors import StoreError
 
 _MAX_CLAIM = 1 << 20
 
@@ -66,7 +67,7 @@ class Claims:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: never waits
-                os.write(fd, text.encode())
+                _write_claim(fd, text.encode(), path)
             except BaseException:
                 os.unlink(path)
                 os.close(fd)
@@ -112,3 +113,24 @@ class Claims:
             with contextlib.suppress(FormatError):
                 out.add(Digest.parse(line))
         return out
+
+
+def _write_claim(fd: int, data: bytes, path: Path) -> None:
+    """All of ``data`` into the claim, or StoreError: a claim that names only some of
+    the digests (a short write on a nearly full disk) would let a removal delete the
+    others under the command that relies on them."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except OSError as e:
+            raise StoreError(
+                f"cannot claim the blobs this command uses (so that image rm spares "
+                f"them): writing {path} failed ({e.strerror})",
+                hint="free space (ember gc removes what no image uses), then try again",
+            ) from e
+        if written == 0:  # never for a regular file with room; no endless loop if it were
+            raise StoreError(
+                f"cannot claim the blobs this command uses: writing {path} wrote nothing"
+            )
+        view = view[written:]
