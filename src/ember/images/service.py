@@ -815,15 +815,10 @@ class ImageService:
             return {d for other in self.table.list() for d in self._blobs_of(other)}
         except DamagedImageRecord:
             pass
-        with self.table.db.read() as conn:
-            rows = conn.execute(
-                "SELECT reference, manifest_digest, config_digest, media_type, index_digest "
-                "FROM images"
-            ).fetchall()
         in_use: set[Digest] = set()
-        for reference, manifest_text, config_text, media_type, index_text in rows:
+        for reference, manifest_text, config_text, media_type, index_text in self.table.raw_rows():
             try:
-                record = self.table.get(reference)
+                record = self.table.get(reference) if isinstance(reference, str) else None
             except DamagedImageRecord as e:
                 named = self._blobs_of_damaged(manifest_text, config_text, media_type, index_text)
                 if named is None:

@@ -176,6 +176,19 @@ class ImageTable:
             rows = conn.execute("SELECT * FROM images ORDER BY reference").fetchall()
         return [_record(r) for r in rows]
 
+    def raw_rows(self) -> Sequence[tuple[object, ...]]:
+        """Every row's (reference, manifest_digest, config_digest, media_type,
+        index_digest) as stored, unchecked: for reading what it can of a damaged record,
+        which ``list`` refuses with the whole table."""
+        if not self.db.exists():
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(
+                "SELECT reference, manifest_digest, config_digest, media_type, index_digest "
+                "FROM images ORDER BY reference"
+            ).fetchall()
+        return [tuple(r) for r in rows]
+
     def delete(self, reference: str) -> bool:
         with self.db.begin() as conn:
             cur = conn.execute("DELETE FROM images WHERE reference = ?", (reference,))
