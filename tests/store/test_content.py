@@ -339,3 +339,23 @@ def test_a_full_disk_names_the_blob_and_how_to_free_the_partial(tmp_path: Path) 
         assert store.stale_ingests(older_than=0) == (0, 0)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_sync_names_makes_the_named_blobs_names_durable_too(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull that found every blob already there (renamed into place by a concurrent
+    pull that had not synced their directory yet) recorded its image with no directory
+    fsync of its own: after a crash the record could name blobs whose names were lost."""
+    import ember.store.content as content_module
+
+    other = ContentStore(store.root)  # the other pull's
+    with other.batch():  # its directory fsync comes at the end of its batch
+        digest = other.put_bytes(b"a layer")
+        synced: list[Path] = []
+        real = content_module.fsync_dir
+        monkeypatch.setattr(content_module, "fsync_dir", lambda d: (synced.append(Path(d)), real(d)))
+        store.sync_names()  # nothing of its own
+        assert synced == []
+        store.sync_names([digest])
+        assert synced == [store.path(digest).parent]

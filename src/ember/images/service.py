@@ -549,7 +549,8 @@ class ImageService:
             def store_and_record() -> None:
                 # last: a failed pull leaves no manifest whose blobs are missing
                 self.content.put_bytes(resolved.data, resolved.digest)
-                self.content.sync_names()  # before the table names the blobs
+                # before the table names the blobs
+                self.content.sync_names([resolved.digest, cfg.digest, *downloads])
                 record(image)
 
             # the config too: it was read before its fsync and rename (_verified_bytes)

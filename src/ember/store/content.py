@@ -100,13 +100,17 @@ class ContentStore:
             for d in dirs:
                 fsync_dir(d)
 
-    def sync_names(self) -> None:
+    def sync_names(self, named: Iterable[Digest] = ()) -> None:
         """Make the names of the blobs committed so far durable now, inside a batch too
-        (before recording something that names them while the batch goes on)."""
+        (before recording something that names them while the batch goes on); and those
+        of the blobs ``named`` (what the record will name), which another process may
+        have renamed into place and not synced yet: a pull that found every blob already
+        there recorded its image before their names were on disk."""
         with self._batch_lock:
-            dirs = sorted(self._unsynced)
+            dirs = set(self._unsynced)
             self._unsynced.clear()
-        for d in dirs:
+        dirs.update(self.path(d).parent for d in named)
+        for d in sorted(dirs):
             fsync_dir(d)
 
     def _published(self, directory: Path) -> None:
