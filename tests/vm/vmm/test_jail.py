@@ -190,6 +190,51 @@ def test_a_confined_vmm_sees_no_shared_writable_place_nor_the_hosts_sockets() ->
     assert os.listdir("/run")  # the host's own are untouched
 
 
+def test_a_confined_vmm_cannot_grow_its_disk_nor_reach_the_hosts_devices_or_processes(
+    tmp_path: Path,
+) -> None:
+    """Review findings, from an escaped QEMU's side: it grew its disk through its own
+    descriptor (fallocate, pwrite) until the pool every machine's disk lives in, and
+    the host's file system, were full; it opened every pseudo-terminal of the host
+    (/dev/ptmx) and whatever udev leaves open to all; and it read every process's
+    command line (secrets given with `ember run -e`, other tenants' kernel arguments)."""
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\0" * 8192)
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        os.fchmod(fd, 0o666)  # (the monitor's descriptor of a disk QEMU may write)
+        probe = (
+            "import json, os, resource\n"
+            f"fd = {fd}\n"
+            "def write_at(offset):\n"
+            "    try:\n"
+            "        os.pwrite(fd, b'x', offset)\n"
+            "        return 'written'\n"
+            "    except OSError as e:\n"
+            "        return e.errno\n"
+            "def opens(path):\n"
+            "    try:\n"
+            "        os.close(os.open(path, os.O_RDWR))\n"
+            "        return True\n"
+            "    except OSError:\n"
+            "        return False\n"
+            "print(json.dumps({'inside': write_at(8191), 'past': write_at(8192),\n"
+            "    'fsize': resource.getrlimit(resource.RLIMIT_FSIZE),\n"
+            "    'dev': sorted(os.listdir('/dev')), 'null': opens('/dev/null'),\n"
+            "    'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),\n"
+            "    'me': os.getpid(), 'nofile': resource.getrlimit(resource.RLIMIT_NOFILE)[1]}))\n"
+        )
+        got = _run_confined(probe, (fd,), file_size_limit=8192, parent=os.getpid())
+    finally:
+        os.close(fd)
+    assert got["inside"] == "written" and got["past"] == 27  # EFBIG
+    assert got["fsize"] == [8192, 8192] and disk.stat().st_size == 8192
+    assert got["dev"] == ["null", "random", "urandom", "zero"] and got["null"]
+    assert got["pids"] == [got["me"]]  # no other process, the host's init neither
+    assert got["nofile"] <= 4096
+    assert Path("/dev/ptmx").exists() and os.listdir("/proc")  # the host's own are untouched
+
+
 def test_a_process_whose_leader_exited_alone_is_cleared_too() -> None:
     """A leader thread that calls exit(2), not exit_group, shows as a zombie in /proc while
     its other threads run on as the uid: clear_identity took it for gone."""
@@ -221,8 +266,9 @@ def test_a_process_whose_leader_exited_alone_is_cleared_too() -> None:
         proc.kill()
 
 
-def _run_confined(probe: str) -> dict:  # type: ignore[type-arg]
-    """What a Python ``probe`` prints (JSON), run as a confined VMM would be (``enter``)."""
+def _run_confined(probe: str, pass_fds: tuple[int, ...] = (), **confinement: object) -> dict:  # type: ignore[type-arg]
+    """What a Python ``probe`` prints (JSON), run as a confined VMM would be (``enter``,
+    with ``confinement`` as its keyword arguments)."""
     import functools
     import json
     import subprocess
@@ -235,7 +281,8 @@ def _run_confined(probe: str) -> dict:  # type: ignore[type-arg]
     python = os.path.realpath(sys.executable)
     res = subprocess.run(
         [python, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
-        preexec_fn=functools.partial(enter, Identity(300020, 300020)),
+        pass_fds=pass_fds,
+        preexec_fn=functools.partial(enter, Identity(300020, 300020), **confinement),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     got: dict = json.loads(res.stdout)  # type: ignore[type-arg]

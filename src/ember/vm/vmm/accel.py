@@ -86,7 +86,7 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> str | None:
             proc = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                 check=False, pass_fds=(kernel_fd,), cwd="/", env=VMM_ENVIRONMENT,
-                preexec_fn=functools.partial(enter, identity),  # noqa: PLW1509
+                preexec_fn=functools.partial(enter, identity, kvm=True, parent=os.getpid()),  # noqa: PLW1509
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return "does not boot this kernel (probe timed out)"

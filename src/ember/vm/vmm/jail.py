@@ -80,6 +80,12 @@ HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run")
 #: threads (and processes) a VMM's uid may have: QEMU's vCPUs, I/O and RCU threads
 #: are a few dozen; this bounds what an escaped one can spawn
 VMM_NPROC = 1024
+#: descriptors a VMM may have open: QEMU holds a few dozen (disks, TAP, channels,
+#: eventfds per virtqueue)
+VMM_NOFILE = 4096
+#: the device nodes a VMM's /dev holds (and "kvm" under KVM): QEMU opens these by name;
+#: everything else it needs it inherits as descriptors
+VMM_DEVICES = ("null", "zero", "random", "urandom")
 # loaded at import: a preexec function must not run the dynamic loader (ember.process)
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -293,23 +299,42 @@ def kvm_group(device: str = "/dev/kvm") -> tuple[int, ...]:
     return (gid,)
 
 
-def enter(identity: Identity | None) -> None:
-    """In the VMM's child, before exec: its own empty network and IPC namespaces and its
-    identity (when there is one: the monitor runs as root), then the parent-death signal,
-    which the kernel clears on a change of credentials and so must come after it, then
-    no_new_privs and ember's seccomp filter (``seccomp``)."""
+def enter(
+    identity: Identity | None,
+    *,
+    kvm: bool = False,
+    file_size_limit: int | None = None,
+    parent: int | None = None,
+) -> None:
+    """In the VMM's child, before exec: its own empty network and IPC namespaces, its
+    own view of /dev (``kvm``: with /dev/kvm) and /proc, its limits and its identity
+    (when there is one: the monitor runs as root), then the parent-death signal, which
+    the kernel clears on a change of credentials and so must come after it, then
+    no_new_privs and ember's seccomp filter (``seccomp``).
+
+    ``file_size_limit``: the size no file may be written past (the largest disk it
+    writes): an escaped QEMU grew its disk through its descriptor (fallocate, pwrite)
+    until the pool every machine's disk lives in, and the host's file system under it,
+    were full.  ``parent``: the monitor's pid; if it died before the parent-death signal
+    was set, the VMM would outlive it, unseen, so this child ends instead."""
     if identity is not None:
         if _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWNS) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"unshare: {os.strerror(e)}")
-        _hide_host_dirs()
-        # no core dump (it would hold the guest's memory); a bound on its threads
+        _hide_host_dirs(kvm)
+        # no core dump (it would hold the guest's memory); a bound on its threads and
+        # its descriptors
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NPROC, (VMM_NPROC, VMM_NPROC))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (VMM_NOFILE, VMM_NOFILE))
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
     parent_death_signal(signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)  # the monitor died before the signal was set: nobody to run for
     # last: the filter refuses prctl(PR_SET_PDEATHSIG) from here on (also for a QEMU of
     # a non-root ember's, with its caller's uid: no_new_privs needs no privilege)
     if (
@@ -323,19 +348,45 @@ def enter(identity: Identity | None) -> None:
         raise OSError(e, f"cannot install the VMM's seccomp filter: {os.strerror(e)}")
 
 
-def _hide_host_dirs() -> None:
+def _hide_host_dirs(kvm: bool) -> None:
     """In the VMM's own mount namespace (mounts made private first, so nothing goes back
-    to the host's): an empty tmpfs of root's over each of ``HIDDEN_DIRS``."""
+    to the host's): a /dev of its own, an empty tmpfs of root's over each of
+    ``HIDDEN_DIRS``, and a /proc that shows no other user's processes."""
     if _LIBC.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount --make-rprivate /: {os.strerror(e)}")
+    _own_dev(VMM_DEVICES + (("kvm",) if kvm else ()))
     for target in HIDDEN_DIRS:
         if not os.path.isdir(target):
-            continue
-        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-        if _LIBC.mount(b"tmpfs", target.encode(), b"tmpfs", flags, b"size=4k,mode=0755") != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"cannot hide {target} from the VMM: {os.strerror(e)}")
+            continue  # (/dev/shm, /dev/mqueue: gone with the host's /dev)
+        _mount(b"tmpfs", target, b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"size=4k,mode=0755")
+    # Other processes' command lines held secrets (`ember run -e PASSWORD=...`, another
+    # tenant's kernel arguments): a procfs of its own (Linux 5.8: options per mount)
+    # where only its own uid's processes exist
+    _mount(b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2")
+
+
+def _own_dev(names: tuple[str, ...]) -> None:
+    """A tmpfs over /dev holding only the device nodes ``names``, made as the host's
+    (mode, owner, device number).  The host's /dev gave an escaped QEMU every
+    pseudo-terminal (/dev/ptmx: kernel.pty.max is host-wide, and SSH logins need one)
+    and whatever udev leaves open to all (/dev/vhost-net, /dev/vhost-vsock)."""
+    found = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            found.append((name, os.stat(f"/dev/{name}")))
+    _mount(b"tmpfs", "/dev", b"tmpfs", _MS_NOSUID | _MS_NOEXEC, b"size=4k,mode=0755")
+    for name, st in found:
+        path = f"/dev/{name}"
+        os.mknod(path, st.st_mode, st.st_rdev)
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # (mknod's mode went through the umask)
+
+
+def _mount(source: bytes, target: str, fstype: bytes, flags: int, options: bytes) -> None:
+    if _LIBC.mount(source, target.encode(), fstype, flags, options) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"cannot give the VMM its own {target}: {os.strerror(e)}")
 
 
 def can_confine() -> bool:

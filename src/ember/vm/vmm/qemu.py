@@ -435,7 +435,7 @@ class QemuVM(VM):
                 fds = open_inherited(self.spec, identity, self._vhost(), opened)
             except OSError as e:
                 raise VMMError(f"cannot open what the VMM needs: {e}") from e
-            self._proc = self._spawn(self.argv(fds), opened, identity)
+            self._proc = self._spawn(self.argv(fds), opened, identity, self._largest_disk())
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -446,8 +446,17 @@ class QemuVM(VM):
         self.pid = self._proc.pid
         return self.pid
 
+    def _largest_disk(self) -> int | None:
+        """The size of the largest disk this VMM writes (its file size limit)."""
+        sizes = [os.stat(d.path).st_size for d in self.spec.disks if not d.read_only]
+        return max(sizes, default=None)
+
     def _spawn(
-        self, argv: list[str], inherited: list[int], identity: Identity | None
+        self,
+        argv: list[str],
+        inherited: list[int],
+        identity: Identity | None,
+        file_size_limit: int | None = None,
     ) -> subprocess.Popen[bytes]:
         log = self.spec.vmm_log
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
@@ -465,7 +474,10 @@ class QemuVM(VM):
                 env=VMM_ENVIRONMENT,
                 # enters the identity, then sets the parent-death signal: QEMU dies when
                 # its monitor dies (no orphaned VMs)
-                preexec_fn=functools.partial(enter, identity),  # noqa: PLW1509
+                preexec_fn=functools.partial(  # noqa: PLW1509
+                    enter, identity, kvm=self.spec.accel == "kvm",
+                    file_size_limit=file_size_limit, parent=os.getpid(),
+                ),  # fmt: skip
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise VMMError(f"cannot start {argv[0]}: {e}") from e
