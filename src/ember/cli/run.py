@@ -239,9 +239,11 @@ def _copy_until_exit(
     # marks before either stream is drained (stdout's backlog may take a while)
     marks = [src.end_mark() for src, _ in sinks]
     for (src, dst), mark in zip(sinks, marks, strict=True):
-        _drain(src, dst, mark, intr)
+        if dst is not lost:  # (what could not be written is said below)
+            _drain(src, dst, mark, intr)
     for _, dst in sinks:
-        _wait_written(dst, intr)
+        if dst is not lost:
+            _wait_written(dst, intr)
     # the monitor finishes its cleanup (network, --rm) before we return, like docker run
     # --rm; one that restarts the machine (--restart) goes on by itself
     if monitor_pid is not None and not (exited is not None and exited.restarting):
