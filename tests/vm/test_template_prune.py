@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ember.home import Home
-from ember.vm.template import UNUSED_FOR, find_template, prune_unused
+from ember.vm.template import MAX_TEMPLATES, UNUSED_FOR, find_template, keep_at_most, prune_unused
 from tests.support.templates import age, make_template
 
 WEEK_AND_A_DAY = UNUSED_FOR + 86400
@@ -79,3 +79,18 @@ def test_a_damaged_shape_file_goes_instead_of_failing_gc(home: Home, text: str) 
     (d / "k.vmstate").write_bytes(b"s" * 10)
     assert prune_unused(home) == [("k", len(text) + 10)]
     assert files(home) == []
+
+
+def test_no_more_than_max_templates_are_kept(home: Home, tmp_path: Path) -> None:
+    """The shape holds --memory and --cpus: `run --memory 300`, `301`, `302`... had a
+    template (~70 MB, a root boot) built for each, all kept for a week."""
+    keys = []
+    for i in range(MAX_TEMPLATES + 2):
+        _, key = make_template(home, tmp_path, f"t{i}")
+        age(home, key, 3600 * (MAX_TEMPLATES + 2 - i))  # t0 used longest ago
+        keys.append(key)
+    _, newest = make_template(home, tmp_path, "new")  # just built
+    removed = keep_at_most(home.templates, MAX_TEMPLATES, newest)
+    assert [k for k, _ in removed] == [keys[2], keys[1], keys[0]]  # the least used go
+    left = {p.name[: -len(".vmstate")] for p in home.templates.glob("*.vmstate")}
+    assert left == {newest, *keys[3:]} and len(left) == MAX_TEMPLATES

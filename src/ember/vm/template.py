@@ -344,6 +344,7 @@ def _build(shape: TemplateShape, d: Path, key: str) -> Template:
         os.replace(state_tmp, d / f"{key}.vmstate")
         fsync_dir(d)
         _prune_stale(d)
+        keep_at_most(d, MAX_TEMPLATES, key)
         return Template(d / f"{key}.vmstate", d / f"{key}.initrd")
     finally:
         if proc is not None and proc.poll() is None:
@@ -383,6 +384,32 @@ def _prune_stale(d: Path) -> None:
     dirs of builders killed half-way, an hour old."""
     stale_build_dirs(d, 3600, remove=True)
     _prune(d, float("inf"))
+
+
+#: templates kept (~70 MB each): the shape holds --memory and --cpus, so a tenant
+#: giving a new value to each run had a template built for each (a root boot) and kept
+#: for a week, until the disk under the templates was full
+MAX_TEMPLATES = 8
+
+
+def keep_at_most(d: Path, limit: int, keep: str) -> list[tuple[str, int]]:
+    """Remove the least recently used ready templates of ``d`` beyond ``limit`` (``keep``,
+    the one just built, counts as one and stays); the keys removed and their bytes.
+    One a builder holds is left alone.  A machine restored from one keeps running (its
+    VMM read the state at its start); its next start builds or boots afresh."""
+    ready = []
+    for meta in d.glob("*.json"):
+        key = meta.name[: -len(".json")]
+        if key == keep or building(d, key) or not (d / f"{key}.vmstate").is_file():
+            continue
+        with contextlib.suppress(OSError):
+            ready.append((meta.stat().st_mtime, key))
+    ready.sort(reverse=True)  # the most recently used first
+    removed = []
+    for _, key in ready[max(limit - 1, 0) :]:
+        removed.append((key, sum(_size(d / f"{key}{suffix}") for suffix in _FILES)))
+        _remove(d, key, lock=True)
+    return removed
 
 
 #: after a failed build, no new attempt for this long (each costs a boot's CPU)
