@@ -235,6 +235,30 @@ def test_a_confined_vmm_cannot_grow_its_disk_nor_reach_the_hosts_devices_or_proc
     assert Path("/dev/ptmx").exists() and os.listdir("/proc")  # the host's own are untouched
 
 
+def test_a_confined_vmm_holds_no_copy_of_the_hosts_loop_mounts(tmp_path: Path) -> None:
+    """Its mount namespace copied every mount of the host: a snapshot pool (or a layer
+    being built) mounted then stayed mounted there, its loop device busy, for as long
+    as the machine ran."""
+    import subprocess
+
+    image, mnt = tmp_path / "pool.img", tmp_path / "a pool"  # (a space: mountinfo's escapes)
+    subprocess.run(["truncate", "-s", "16M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        got = _run_confined(
+            "import json\n"
+            "print(json.dumps([l.split(' - ')[1].split()[1] + ' ' + l.split()[4]\n"
+            "    for l in open('/proc/self/mountinfo').read().splitlines()]))\n"
+        )
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    sources = [entry.split(" ", 1)[0] for entry in got]
+    assert not [s for s in sources if s.startswith("/dev/loop")], got
+    assert any(entry.endswith(" /") for entry in got)  # what it runs from is there
+
+
 def test_a_process_whose_leader_exited_alone_is_cleared_too() -> None:
     """A leader thread that calls exit(2), not exit_group, shows as a zombie in /proc while
     its other threads run on as the uid: clear_identity took it for gone."""

@@ -40,6 +40,7 @@ import ctypes
 import logging
 import os
 import platform
+import re
 import resource
 import signal
 import stat
@@ -72,6 +73,12 @@ _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+_MNT_DETACH = 2
+#: mount points a loop-backed mount is left at in a VMM's namespace: what QEMU and its
+#: libraries may run from (a live system's root is a loop-backed image)
+_SYSTEM_MOUNTS = {b"/", b"/usr", b"/lib", b"/lib64", b"/bin", b"/sbin", b"/etc", b"/opt", b"/nix"}
+#: mountinfo's escapes (space, tab, newline, backslash: ``\040``)
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 #: the host directories a VMM sees as empty and unwritable (a tmpfs of root's): shared
 #: writable places (/tmp, /var/tmp, /dev/shm: memory no one is charged for) and /run,
 #: where the host's services listen (D-Bus, journald, systemd: pathname sockets, which
@@ -90,6 +97,8 @@ VMM_DEVICES = ("null", "zero", "random", "urandom")
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _LIBC.mount.restype = ctypes.c_int
+_LIBC.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_LIBC.umount2.restype = ctypes.c_int
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -355,6 +364,7 @@ def _hide_host_dirs(kvm: bool) -> None:
     if _LIBC.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount --make-rprivate /: {os.strerror(e)}")
+    _detach_loop_mounts()
     _own_dev(VMM_DEVICES + (("kvm",) if kvm else ()))
     for target in HIDDEN_DIRS:
         if not os.path.isdir(target):
@@ -364,6 +374,31 @@ def _hide_host_dirs(kvm: bool) -> None:
     # tenant's kernel arguments): a procfs of its own (Linux 5.8: options per mount)
     # where only its own uid's processes exist
     _mount(b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2")
+
+
+def _detach_loop_mounts() -> None:
+    """Detach the copies of the host's loop-backed mounts (every state directory's
+    snapshot pool, the mounts of layers being built) that the new namespace got: QEMU
+    reaches its disk through a descriptor, and a copy kept the loop device busy for as
+    long as the machine ran (a pool could not be released, a builder's loop device not
+    freed, until then).  Not those the VMM may run from (``/``, the system's own
+    directories)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    targets = []
+    for line in lines:
+        fields, _, rest = line.partition(b" - ")
+        parts, described = fields.split(), rest.split()
+        if len(parts) < 5 or len(described) < 2 or not described[1].startswith(b"/dev/loop"):
+            continue
+        target = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), parts[4])
+        if target not in _SYSTEM_MOUNTS:
+            targets.append(target)
+    for target in sorted(targets, key=len, reverse=True):  # the deepest first
+        _LIBC.umount2(target, _MNT_DETACH)  # (gone already with its parent: fine)
 
 
 def _own_dev(names: tuple[str, ...]) -> None:
