@@ -74,6 +74,21 @@ def attach_guest(host_ns: str, guest_ns: str, tap: str, gw: str, ip: str) -> Non
     sh("ip", "-n", guest_ns, "route", "add", "default", "via", gw)
 
 
+def load_rules(host: str, machines: list[MachineRules], *, egress: bool) -> None:
+    """ember's ruleset for ``machines``, loaded in the namespace standing for the host."""
+    script = render_ruleset(machines, subnet="172.30.0.0/16", egress=egress)
+    subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script, text=True,
+                   check=True)  # fmt: skip
+
+
+def http_server(ns: str, address: str) -> subprocess.Popen[bytes]:
+    """An HTTP server on ``address``:80 in namespace ``ns`` (a guest's program)."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "80", "--bind", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
     host, g1, g2, g3 = (make_netns() for _ in range(4))
     a = MachineRules(
@@ -90,14 +105,8 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
     # what NetworkManager does on the host besides creating the TAP
     sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     sh("ip", "netns", "exec", host, "sysctl", "-qw", f"net.ipv4.conf.{a.tap}.route_localnet=1")
-    script = render_ruleset([a, b, c], subnet="172.30.0.0/16", egress=True)
-    subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script, text=True,
-                   check=True)  # fmt: skip
-    srv = subprocess.Popen(
-        ["ip", "netns", "exec", g1, sys.executable, "-m", "http.server", "80", "--bind",
-         a.guest_ip],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    load_rules(host, [a, b, c], egress=True)
+    srv = http_server(g1, a.guest_ip)
     udp = subprocess.Popen(
         ["ip", "netns", "exec", g1, sys.executable, "-c", UDP_ECHO, a.guest_ip, "53"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -122,9 +131,7 @@ def test_published_port_and_isolation(make_netns: Callable[[], str]) -> None:
         assert fetch(g1, "172.30.0.9", 8080).startswith("HTTP/1.0 200")
         assert fetch(g2, a.guest_ip, 80).startswith("FAIL")  # still only the published port
         # after the machine is gone the port is no longer published
-        script = render_ruleset([b, c], subnet="172.30.0.0/16", egress=True)
-        subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script,
-                       text=True, check=True)  # fmt: skip
+        load_rules(host, [b, c], egress=True)
         assert fetch(host, "127.0.0.1", 8080).startswith("FAIL")
     finally:
         for p in (srv, udp):
@@ -149,14 +156,8 @@ def test_without_egress_machines_of_a_network_reach_each_other(
     b = MachineRules("b" * 12, "em-bbbbbbbbbbbb", "172.30.0.6")
     attach_guest(host, g1, a.tap, "172.30.0.1", a.guest_ip)
     attach_guest(host, g2, b.tap, "172.30.0.5", b.guest_ip)
-    script = render_ruleset([a, b], subnet="172.30.0.0/16", egress=False)
-    subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script, text=True,
-                   check=True)  # fmt: skip
-    srv = subprocess.Popen(
-        ["ip", "netns", "exec", g1, sys.executable, "-m", "http.server", "80", "--bind",
-         a.guest_ip],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    load_rules(host, [a, b], egress=False)
+    srv = http_server(g1, a.guest_ip)
     try:
         for _ in range(100):
             if fetch(host, a.guest_ip, 80).startswith("HTTP/"):
@@ -206,9 +207,7 @@ def test_a_guest_reaches_neither_host_loopback_nor_passes_for_another(
     sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     sh("ip", "netns", "exec", host, "sysctl", "-qw", f"net.ipv4.conf.{a.tap}.route_localnet=1")
     sh("ip", "-n", host, "link", "set", "lo", "up")
-    script = render_ruleset([a, c], subnet="172.30.0.0/16", egress=True)
-    subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script, text=True,
-                   check=True)  # fmt: skip
+    load_rules(host, [a, c], egress=True)
     # the guest's side of the trick: 127.0.0.1 is not local but behind the gateway
     for key in ("all", "eth0"):
         sh("ip", "netns", "exec", g1, "sysctl", "-qw", f"net.ipv4.conf.{key}.route_localnet=1")
@@ -332,9 +331,7 @@ def test_a_guest_can_neither_route_the_hosts_ipv6_nor_reach_link_local_or_leave_
     sh("ip", "netns", "exec", host, "sysctl", "-qw", f"net.ipv4.conf.{a.tap}.route_localnet=1")
 
     def rules(egress: bool) -> None:
-        script = render_ruleset([a], subnet="172.30.0.0/16", egress=egress)
-        subprocess.run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=script,
-                       text=True, check=True)  # fmt: skip
+        load_rules(host, [a], egress=egress)
 
     servers = [
         subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "80"],

@@ -37,6 +37,14 @@ from tests.support.proc import poll_until, session_pids, thread_wchans
 pytestmark = pytest.mark.integration
 
 
+
+def quota_tenant(server: EmberServer, org: str, quota: str) -> Tenant:
+    """A new organization with a pull,push token, under ``quota``."""
+    server.create_org(org)
+    t = Tenant(server, org, server.create_token(org, "pull,push", "q"))
+    ember(server.home, "admin", "org", "quota", org, quota)
+    return t
+
 def org_row(server: EmberServer, org: str) -> dict[str, object]:
     rows = json.loads(ember(server.home, "admin", "org", "ls", "--json").stdout)
     (row,) = [r for r in rows if r["name"] == org]
@@ -44,9 +52,7 @@ def org_row(server: EmberServer, org: str) -> dict[str, object]:
 
 
 def test_uploads_past_the_quota_are_refused_and_leave_nothing(server: EmberServer) -> None:
-    server.create_org("quota1")
-    t = Tenant(server, "quota1", server.create_token("quota1", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota1", "10000")
+    t = quota_tenant(server, "quota1", "10000")
     first, second = os.urandom(6000), os.urandom(6000)
     with t.client() as c:
         push_blob(c, "a", first)
@@ -102,9 +108,7 @@ def test_a_held_digest_does_not_carry_other_bytes_past_the_quota(server: EmberSe
     (the final PUT or a monolithic POST) are not that blob and must not stay behind.
     Nor may they go past that blob's size while they stream: they were unbounded until
     their digest was checked at the end (any amount on disk meanwhile)."""
-    server.create_org("quota3")
-    t = Tenant(server, "quota3", server.create_token("quota3", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota3", "10000")
+    t = quota_tenant(server, "quota3", "10000")
     uploads = server.home / "registry" / "uploads"
     before = {p.name for p in uploads.iterdir()}
     big = os.urandom(200_000)
@@ -135,9 +139,7 @@ def test_bytes_cut_short_under_a_held_digest_count_until_their_session_goes(
     client may resume: counted against the quota until it ends (they were uncounted, and
     sessions cut short one after another put any amount past the quota).  A monolithic
     POST cut short leaves no session: its client never got the URL to resume it."""
-    server.create_org("quota-heldcut")
-    t = Tenant(server, "quota-heldcut", server.create_token("quota-heldcut", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota-heldcut", "200000")
+    t = quota_tenant(server, "quota-heldcut", "200000")
     uploads = server.home / "registry" / "uploads"
     data = os.urandom(50_000)
     auth = {"Authorization": f"Bearer {t.token}", "Content-Length": str(len(data))}
@@ -172,9 +174,7 @@ def test_held_digest_bytes_that_do_not_become_the_blob_must_fit_the_quota(
     than its Content-Range: 416) and they do not fit the quota, the session is dropped,
     as a refused upload's is.  They were kept and counted past the quota: sessions ended
     that way one after another held 299,996 bytes of a 60,000-byte quota for a day."""
-    server.create_org("quota-heldstack")
-    t = Tenant(server, "quota-heldstack", server.create_token("quota-heldstack", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota-heldstack", "60000")
+    t = quota_tenant(server, "quota-heldstack", "60000")
     uploads = server.home / "registry" / "uploads"
     data = os.urandom(50_000)
     auth = {"Authorization": f"Bearer {t.token}", "Content-Length": str(len(data))}
@@ -221,9 +221,7 @@ def test_a_put_on_a_session_another_request_streams_to_keeps_its_reservation(
     set what the session holds to the few bytes its file had, under a PATCH still
     streaming megabytes it had been allowed; other sessions then took the same room
     (three sessions held 24 MiB of a 10 MiB quota)."""
-    server.create_org("quota-busyput")
-    t = Tenant(server, "quota-busyput", server.create_token("quota-busyput", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota-busyput", str(10 << 20))
+    t = quota_tenant(server, "quota-busyput", str(10 << 20))
     body = 8 << 20
     with t.client() as c:
         loc = c.post("/v2/a/blobs/uploads/").headers["Location"]
@@ -276,9 +274,7 @@ def test_a_body_past_the_quota_is_not_written_whole(server: EmberServer) -> None
     its quota was checked: one org could fill the disk for as long as a request ran."""
     import httpx
 
-    server.create_org("quota4")
-    t = Tenant(server, "quota4", server.create_token("quota4", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota4", "10000")
+    t = quota_tenant(server, "quota4", "10000")
     uploads = server.home / "registry" / "uploads"
     before = {p.name for p in uploads.iterdir()}
     most = [0]  # the most bytes the server's upload files held while the body was sent
@@ -312,9 +308,7 @@ def test_a_body_past_the_quota_is_not_written_whole(server: EmberServer) -> None
 def test_unfinished_uploads_count_against_the_quota(server: EmberServer) -> None:
     """Each upload session was bounded by what the quota leaves but not counted, so N open
     sessions could hold N times that; now their bytes are part of what is used."""
-    server.create_org("quota5")
-    t = Tenant(server, "quota5", server.create_token("quota5", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota5", "10000")
+    t = quota_tenant(server, "quota5", "10000")
     data = os.urandom(6000)
     with t.client() as c:
         r = c.patch(c.post("/v2/a/blobs/uploads/").headers["Location"], content=data[:5000])
@@ -493,9 +487,7 @@ def test_an_upload_counts_until_it_expires(server: EmberServer) -> None:
     """An abandoned session stops counting when it expires, 24 h after it started; its
     URLs expire with it however often it is used (each answer gave a URL good for 24 h
     more, so a session could outlive its place in the quota)."""
-    server.create_org("quota8")
-    t = Tenant(server, "quota8", server.create_token("quota8", "pull,push", "q"))
-    ember(server.home, "admin", "org", "quota", "quota8", "10000")
+    t = quota_tenant(server, "quota8", "10000")
     with t.client() as c:
         r = c.post("/v2/a/blobs/uploads/")
         session, started = r.headers["Docker-Upload-UUID"], r.headers["Location"]
