@@ -333,6 +333,32 @@ def test_a_signal_before_the_agent_answers_goes_to_the_command_it_started(tmp_pa
             assert err == b"ember: interrupted\n" and out == b""
 
 
+def test_a_second_signal_before_an_agent_that_never_answers_acts_here(tmp_path: Path) -> None:
+    """Held until the agent answered, signals could not stop a client whose agent never
+    did (stopped, wedged): it took a SIGKILL.  A second one gives up the wait."""
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(home / "run" / "agent.sock"))
+        listener.listen(1)
+        client = subprocess.Popen(
+            [EMBER, "image", "ls"], env=env_for(home), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        listener.settimeout(TIMEOUT)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT)
+            header = conn.recv(protocol.HEADER)
+            _read_all(conn, protocol.frame_length(header))
+            client.send_signal(signal.SIGINT)  # held: the agent may be starting it
+            # (another signal: two SIGINTs may arrive as one)
+            client.send_signal(signal.SIGTERM)
+            out, err = client.communicate(timeout=TIMEOUT)
+    assert client.returncode == 130 and err == b"ember: interrupted\n", err
+    assert out == b""
+
+
 def _read_all(conn: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:

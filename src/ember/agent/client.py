@@ -149,6 +149,13 @@ def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, in
         return 1, 0
 
 
+_SIGWINCH = 28  # (a window resize is no request to stop)
+
+
+class _GaveUp(KeyboardInterrupt):
+    """A second signal came before the agent answered (``_hold_signals``)."""
+
+
 def _hold_signals(held: list[int]) -> dict[int, object]:
     """Note the forwarded signals in ``held`` instead of acting on them; the handlers
     they had (those the caller ignores, nohup or trap '', are left alone: they are not
@@ -156,6 +163,10 @@ def _hold_signals(held: list[int]) -> dict[int, object]:
 
     def hold(signum: int, _frame: object) -> None:
         held.append(signum)
+        if sum(s != _SIGWINCH for s in held) > 1:
+            # a second one (Ctrl-C again): an agent that does not answer (stopped,
+            # wedged) must not keep the caller waiting; the held signals act here
+            raise _GaveUp
 
     before = {}
     for signum in protocol.FORWARDED_SIGNALS:
