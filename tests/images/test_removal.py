@@ -350,6 +350,20 @@ def test_removal_spares_the_blobs_of_another_image_whose_record_is_damaged(
     assert f"ember image rm {other.reference}" in caplog.text  # what to do about it
 
 
+def test_removal_spares_the_blobs_of_a_record_whose_reference_is_not_text(
+    service: ImageService, busybox_layout: Path, sized_layout: Callable[[int], Path]
+) -> None:
+    """A row whose reference column holds a BLOB was passed over as no record at all:
+    the layer it shares with the image removed went with it."""
+    base = service.pull(layout_ref(busybox_layout), progress=False)
+    other = service.pull(layout_ref(sized_layout(1)), progress=False)
+    _damage_row(service, other.reference, "reference = CAST(reference AS BLOB)")
+
+    assert service.remove(base.reference) == [base.reference]
+    for digest in (other.manifest_digest, other.config_digest, *(x.digest for x in other.layers)):
+        assert service.content.exists(digest)
+
+
 def test_removal_keeps_every_blob_when_a_damaged_record_names_unknown_blobs(
     service: ImageService,
     busybox_layout: Path,

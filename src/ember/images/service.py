@@ -219,17 +219,7 @@ def _verified_bytes(download: Download, content: ContentStore) -> bytes:
         with arriving, suppress(BlobRestarted):
             return arriving.readall()
     download.result()
-    digest = download.desc.digest
-    data = content.read_bytes(digest)
-    if Digest.of(data, digest.algorithm) != digest:
-        if content.remove_if_damaged(digest):
-            raise DamagedBlob(
-                f"blob {digest} in the content store no longer matches its digest (damaged "
-                "on disk); it was removed",
-                hint="run the command again: it fetches the blob again",
-            )
-        data = content.read_bytes(digest)  # intact now: another pull put a good copy there
-    return data
+    return content.read_intact(download.desc.digest)
 
 
 def _digest_in(value: object) -> Digest | None:
@@ -658,11 +648,10 @@ class ImageService:
 
         One that no longer matches (edited, damaged on disk) is deleted, so that
         pulling the image again fetches it: the store only skips blobs it has."""
-        data = self.content.read_bytes(digest)
-        if Digest.of(data, digest.algorithm) != digest:
-            self.content.remove_if_damaged(digest)  # unless a pull just put a good copy there
-            raise BlobNotFound(f"blob {digest} no longer matches its digest and was removed")
-        return data
+        try:
+            return self.content.read_intact(digest)
+        except DamagedBlob:
+            raise BlobNotFound(f"blob {digest} no longer matches its digest and was removed") from None
 
     def get(self, ref: str) -> Image:
         """The local image named ``ref`` (a reference, source name or digest prefix)."""
@@ -819,7 +808,9 @@ class ImageService:
         in_use: set[Digest] = set()
         for reference, manifest_text, config_text, media_type, index_text in self.table.raw_rows():
             try:
-                record = self.table.get(reference) if isinstance(reference, str) else None
+                if not isinstance(reference, str):
+                    raise DamagedImageRecord(repr(reference), "its reference is not text")
+                record = self.table.get(reference)
             except DamagedImageRecord as e:
                 named = self._blobs_of_damaged(manifest_text, config_text, media_type, index_text)
                 if named is None:

@@ -167,6 +167,21 @@ class ContentStore:
                     hint="run the command again: it fetches the blob again",
                 )
 
+    def read_intact(self, digest: Digest) -> bytes:
+        """A small stored blob's bytes, checked against its digest; one damaged on disk is
+        removed (``remove_if_damaged``: the next fetch stores it anew) and DamagedBlob
+        raised, unless a good copy took its place meanwhile, which is read instead."""
+        data = self.read_bytes(digest)
+        if Digest.of(data, digest.algorithm) == digest:
+            return data
+        if self.remove_if_damaged(digest):
+            raise DamagedBlob(
+                f"blob {digest} in the content store no longer matches its digest (damaged "
+                "on disk); it was removed",
+                hint="run the command again: it fetches the blob again",
+            )
+        return self.read_bytes(digest)  # intact now: another pull put a good copy there
+
     def remove_if_damaged(self, digest: Digest) -> bool:
         """Whether the stored blob ``digest`` no longer matches its digest (damaged on disk
         after it was verified and named): it is then removed, so that a fetch stores it
