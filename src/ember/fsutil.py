@@ -195,6 +195,17 @@ def reflink(src_fd: int, dst_fd: int) -> None:
     fcntl.ioctl(dst_fd, _FICLONE, src_fd)
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (os.write may write less: a pipe, a full disk);
+    OSError when it cannot, ENOSPC when a write wrote nothing."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:  # never for a file with room or a pipe: no endless loop if it were
+            raise OSError(errno.ENOSPC, "wrote nothing")
+        view = view[written:]
+
+
 class NotRegularFile(OSError):
     """A FIFO, device, socket or directory where a regular file was expected."""
 

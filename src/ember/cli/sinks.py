@@ -15,10 +15,11 @@ lock, which the interpreter's last flush of it then waits for.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from typing import IO
+
+from ember.fsutil import write_all
 
 
 class OutputSink:
@@ -79,7 +80,7 @@ class OutputSink:
                 data = self._chunks.popleft()
                 self._writing = True
             try:
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
             except OSError as e:
                 with self._cond:
                     self.error = e
@@ -92,9 +93,3 @@ class OutputSink:
                 self._waiting -= len(data)
                 self._writing = False
                 self._cond.notify_all()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ember.fsutil import write_all
 from ember.home import Home
 from ember.locks import FileLock, Notice
 from ember.oci.digest import Digest
@@ -119,18 +120,11 @@ def _write_claim(fd: int, data: bytes, path: Path) -> None:
     """All of ``data`` into the claim, or StoreError: a claim that names only some of
     the digests (a short write on a nearly full disk) would let a removal delete the
     others under the command that relies on them."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(fd, view)
-        except OSError as e:
-            raise StoreError(
-                f"cannot claim the blobs this command uses (so that image rm spares "
-                f"them): writing {path} failed ({e.strerror})",
-                hint="free space (ember gc removes what no image uses), then try again",
-            ) from e
-        if written == 0:  # never for a regular file with room; no endless loop if it were
-            raise StoreError(
-                f"cannot claim the blobs this command uses: writing {path} wrote nothing"
-            )
-        view = view[written:]
+    try:
+        write_all(fd, data)
+    except OSError as e:
+        raise StoreError(
+            f"cannot claim the blobs this command uses (so that image rm spares "
+            f"them): writing {path} failed ({e.strerror})",
+            hint="free space (ember gc removes what no image uses), then try again",
+        ) from e

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.config import config_section
+from ember.fsutil import write_all
 from ember.home import Home
 from ember.machines.errors import MachineError
 from ember.machines.logtimes import MARK_SIZE, MarkWriter, remove_marks, sweep_marks
@@ -223,7 +224,7 @@ class RotatingLog:
                     continue
                 if ns is not None:  # before the bytes: a reader that has them has their time
                     self.marks.mark(self.size, ns)
-                _write_all(self.fd, view[done : done + n])
+                write_all(self.fd, view[done : done + n])
                 self.size += n
                 done += n
         return done
@@ -322,7 +323,7 @@ class CappedFile:
     def write(self, data: bytes | bytearray, *, force: bool = False) -> int:
         keep = max(0, min(len(data), self.limit - self.size))
         if keep:
-            _write_all(self.fd, memoryview(data)[:keep])
+            write_all(self.fd, memoryview(data)[:keep])
             self.size += keep
         self.dropped += len(data) - keep
         return len(data)
@@ -344,12 +345,6 @@ def _still_held(fd: int) -> bool:
         return True
     os.close(fd)  # releases the probe's lock too
     return False
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
 
 
 # ---- reading ---------------------------------------------------------------------------

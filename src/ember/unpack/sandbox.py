@@ -40,6 +40,7 @@ from typing import Protocol
 
 from ember import jsonutil, process
 from ember.errors import EmberError
+from ember.fsutil import write_all
 from ember.process import reap_exited, reap_later
 from ember.unpack.applier import LayerApplier
 from ember.unpack.errors import InvalidLayer, UnpackError
@@ -188,12 +189,6 @@ def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
         os._exit(code)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def _describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"was killed by signal {os.WTERMSIG(status)}"
@@ -229,7 +224,7 @@ def _pump(
                 layer.hasher.update(chunk)
                 total += n
                 try:
-                    _write_all(data_w, chunk)
+                    write_all(data_w, chunk)
                 except BrokenPipeError:
                     stack.pop_all()  # the child stopped reading: its report says why
                     return total, None, source
