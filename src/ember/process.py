@@ -22,13 +22,13 @@ _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent(parent: int) -> None:
-    """In a child before exec: SIGKILL when the thread that forked it ends, and exit at
-    once if ``parent`` (the forking process) has ended already (between fork and this
-    call the signal could not yet be asked for)."""
-    parent_death_signal(signal.SIGKILL)
+def die_with_parent(parent: int, signum: int = signal.SIGKILL) -> None:
+    """In a child: ``signum`` when the thread that forked it ends, and exit at once if
+    ``parent`` (the forking process) has ended already (between fork and this call the
+    signal could not yet be asked for)."""
+    parent_death_signal(signum)
     if os.getppid() != parent:
-        os._exit(1)
+        os._exit(128 + signum)
 
 
 def parent_death_signal(signum: int) -> None:

@@ -283,8 +283,17 @@ def test_a_token_label_must_be_printable_text(tmp_path: Path) -> None:
         assert res.stderr.count("\n") == 1 and "token label" in res.stderr, res.stderr
 
 
-def test_an_ambiguous_machine_prefix_fails_alike_everywhere() -> None:
+def test_an_ambiguous_machine_prefix_fails_alike_everywhere(tmp_path: Path) -> None:
     """As a usage error it was status 2 from `logs` and `port`, 1 from `rm`."""
-    from ember.machines.errors import AmbiguousMachine
+    from ember.home import Home
+    from ember.machines.store import MachineStore
+    from tests.machines.test_store import make_state
 
-    assert AmbiguousMachine("'a' matches 2 machines").exit_code == 1
+    home = tmp_path / "home"
+    store = MachineStore(Home(home))
+    for prefix in ("ab", "ac"):  # (records made without a VM: exited machines)
+        store.create(make_state(prefix + "0" * 62), None)
+    for command in (["logs"], ["port"], ["rm"], ["inspect"], ["stop"], ["wait"]):
+        res = ember(home, *command, "a")
+        assert res.returncode == 1, (command, res.stderr)
+        assert "'a' matches 2 machines" in res.stderr, res.stderr

@@ -28,6 +28,7 @@ must reach the commands as ember's own does.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -53,15 +54,26 @@ def loaded_files(package: str = "ember") -> list[str]:
     """The files of ``package``'s loaded modules, and of every loaded module installed
     beside it (in site-packages: its dependencies)."""
     prefix = package + "."
-    installed = tuple(
-        os.path.join(p, "") for p in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    )
+    installed = tuple(os.path.join(p, "") for p in package_dirs())
     files = []
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         if path and (name == package or name.startswith(prefix) or path.startswith(installed)):
             files.append(path)
     return sorted(set(files))
+
+
+def package_dirs() -> set[str]:
+    """Where installed packages live: this interpreter's site-packages (a virtualenv's),
+    the system's (Debian's python3-click is in /usr/lib/python3/dist-packages, not in
+    sysconfig's purelib, /usr/local/...) and the user's."""
+    import site  # (loaded at start as a rule: ``-S`` aside)
+
+    dirs = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    with contextlib.suppress(AttributeError):  # (an old virtualenv's site module)
+        dirs.update(site.getsitepackages())
+        dirs.add(site.getusersitepackages())
+    return dirs
 
 
 #: how long before its process began a file's change still counts as made while the

@@ -52,7 +52,7 @@ from ember.agent.errors import AgentError, AgentRunning
 from ember.agent.freshness import Fingerprint, loaded_files, process_started_ns
 from ember.home import Home
 from ember.locks import FileLock
-from ember.process import parent_death_signal, reap_exiting
+from ember.process import die_with_parent, parent_death_signal, reap_exiting
 from ember.unpack.sandbox import dismiss_spare, fork_spare_session
 
 # What a client of this very installation sends as its code (see protocol).
@@ -538,9 +538,10 @@ def _stop_relay(pid: int, log: Callable[[str], None], grace: float = 5.0) -> Non
 
 def _die_with(parent: int | None) -> None:
     """SIGTERM when ``parent`` dies (None: no longer)."""
-    parent_death_signal(signal.SIGTERM if parent else 0)
-    if parent is not None and os.getppid() != parent:  # it died before prctl took effect
-        os._exit(0)
+    if parent is None:
+        parent_death_signal(0)
+    else:
+        die_with_parent(parent, signal.SIGTERM)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -717,9 +718,7 @@ def _run_command(
         # its caller's only link to it: when the relay dies (the OOM killer, a kill
         # -9), the client says "lost the connection" and exits, and the command is
         # hung up, as by a closing terminal, not left running for nobody.
-        parent_death_signal(signal.SIGHUP)
-        if os.getppid() != relay:  # it died before prctl took effect
-            os._exit(128 + signal.SIGHUP)
+        die_with_parent(relay, signal.SIGHUP)
         os.setpgid(0, 0)  # its own group, so that forwarded signals reach its children too
         # Out of the way first: a received descriptor may itself be 0, 1 or 2
         # (an agent started with those closed).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -16,6 +17,8 @@ import subprocess
 from pathlib import Path
 
 from ember.net.errors import NetworkError
+
+log = logging.getLogger("ember.net")
 
 PROC_NET = Path("/proc/sys/net/ipv4")
 PROC_NET6 = Path("/proc/sys/net/ipv6")
@@ -87,8 +90,12 @@ def create_tap(
         _without_ipv6(name)
         # Machines of one network reach each other through the host, which routes
         # between their TAPs: that takes forwarding on the TAP the packet comes in
-        # on, not host-wide (ip_forward, which only egress and published ports need)
-        set_sysctl(PROC_NET / "conf" / name / "forwarding", "1")
+        # on, not host-wide (ip_forward, which only egress and published ports need).
+        # Where it cannot be set (a read-only /proc/sys) the machine still runs alone.
+        try:
+            set_sysctl(PROC_NET / "conf" / name / "forwarding", "1")
+        except NetworkError as e:
+            log.warning("%s: machines of one network will not reach each other", e)
         _address_and_up(name, gateway, prefix, mtu)
     except OSError as e:
         delete_link(name)

@@ -152,7 +152,8 @@ class LocalDatabase:
             return
         if size == 0:
             # SQLite takes an empty file for a new database (and makes empty tables in it);
-            # under this lock no ember process leaves one, so this one lost its contents:
+            # under this lock ember leaves none (but the registry's layer, killed between
+            # its first connect and first write), so this one lost its contents:
             # taken for new, `image ls` said nothing and `ember gc` removed every blob
             raise DatabaseError(
                 f"database {self.path} is empty (0 bytes): it was truncated or damaged, "
@@ -172,20 +173,21 @@ class LocalDatabase:
     def _pending(self, conn: sqlite3.Connection) -> list[LocalMigration]:
         """This area's migrations not applied yet in ``conn``'s database."""
         try:
-            rows = conn.execute("SELECT id FROM ember_migrations WHERE area = ?", (self.area,))
+            done = self._done(conn)
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e):
                 raise
             return list(self._migrations)  # a file with no migrations table yet
-        done = {row[0] for row in rows}
         return [m for m in self._migrations if m.id not in done]
+
+    def _done(self, conn: sqlite3.Connection) -> set[str]:
+        """The ids of this area's migrations applied in ``conn``'s database."""
+        rows = conn.execute("SELECT id FROM ember_migrations WHERE area = ?", (self.area,))
+        return {row[0] for row in rows}
 
     def _apply_pending(self, conn: sqlite3.Connection) -> None:
         conn.execute(_MIGRATIONS_DDL)
-        done = {
-            row[0]
-            for row in conn.execute("SELECT id FROM ember_migrations WHERE area = ?", (self.area,))
-        }
+        done = self._done(conn)
         for m in self._migrations:
             if m.id in done:
                 continue

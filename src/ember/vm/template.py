@@ -142,7 +142,7 @@ def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[s
             stale, unused = True, True
         if not (stale or unused) or building(d, key):
             continue
-        size = sum(_size(d / f"{key}{suffix}") for suffix in _FILES)
+        size = _template_bytes(d, key)
         if not dry_run:
             _remove(d, key, lock=True)
         removed.append((key, size))
@@ -151,6 +151,10 @@ def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[s
             if now - marker.stat().st_mtime > RETRY_AFTER and not dry_run:
                 marker.unlink()
     return removed
+
+
+def _template_bytes(d: Path, key: str) -> int:
+    return sum(_size(d / f"{key}{suffix}") for suffix in _FILES)
 
 
 def _size(path: Path) -> int:
@@ -407,7 +411,7 @@ def keep_at_most(d: Path, limit: int, keep: str) -> list[tuple[str, int]]:
     ready.sort(reverse=True)  # the most recently used first
     removed = []
     for _, key in ready[max(limit - 1, 0) :]:
-        removed.append((key, sum(_size(d / f"{key}{suffix}") for suffix in _FILES)))
+        removed.append((key, _template_bytes(d, key)))
         _remove(d, key, lock=True)
     return removed
 

@@ -247,10 +247,14 @@ def test_a_confined_vmm_holds_no_copy_of_the_hosts_loop_mounts(tmp_path: Path) -
     mnt.mkdir()
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
+        from ember.vm.vmm.jail import loop_mounts
+
+        assert os.fsencode(mnt) in loop_mounts()
         got = _run_confined(
             "import json\n"
             "print(json.dumps([l.split(' - ')[1].split()[1] + ' ' + l.split()[4]\n"
-            "    for l in open('/proc/self/mountinfo').read().splitlines()]))\n"
+            "    for l in open('/proc/self/mountinfo').read().splitlines()]))\n",
+            detach=loop_mounts(),
         )
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

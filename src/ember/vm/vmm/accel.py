@@ -24,7 +24,15 @@ from ember.home import Home
 from ember.process import boot_id
 from ember.vm.vmm.base import ACCELS
 from ember.vm.vmm.errors import VMMError
-from ember.vm.vmm.jail import SANDBOX, Identity, can_confine, enter, kvm_group, lease_identity
+from ember.vm.vmm.jail import (
+    SANDBOX,
+    Identity,
+    can_confine,
+    enter,
+    kvm_group,
+    lease_identity,
+    loop_mounts,
+)
 from ember.vm.vmm.qemu import VMM_ENVIRONMENT, find_qemu, open_readable
 
 PROBE_TIMEOUT = 10.0
@@ -86,7 +94,10 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> str | None:
             proc = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                 check=False, pass_fds=(kernel_fd,), cwd="/", env=VMM_ENVIRONMENT,
-                preexec_fn=functools.partial(enter, identity, kvm=True, parent=os.getpid()),  # noqa: PLW1509
+                preexec_fn=functools.partial(  # noqa: PLW1509
+                    enter, identity, kvm=True, parent=os.getpid(),
+                    detach=loop_mounts() if identity is not None else (),
+                ),  # fmt: skip
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return "does not boot this kernel (probe timed out)"

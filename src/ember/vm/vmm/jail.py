@@ -23,7 +23,10 @@ runs:
   service (nothing on the host's loopback, no other host) and no host SysV IPC;
 - in a mount namespace of its own where the host's shared writable places and
   ``/run`` (the host's services' sockets) are empty tmpfs of root's
-  (``HIDDEN_DIRS``), with no core dumps and a bound on its threads;
+  (``HIDDEN_DIRS``), ``/dev`` holds four device nodes (``VMM_DEVICES``), ``/proc``
+  shows its own processes only, and no copy of the host's loop-backed mounts is
+  kept (``loop_mounts``); with no core dumps and bounds on its threads, descriptors
+  and file sizes;
 - under ember's own seccomp filter too (``seccomp``), installed last.
 
 What it does not get: a chroot (``-chroot`` needs root inside QEMU, which it never
@@ -40,7 +43,6 @@ import ctypes
 import logging
 import os
 import platform
-import re
 import resource
 import signal
 import stat
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.locks import FileLock, try_lock
-from ember.process import parent_death_signal
+from ember.process import die_with_parent, parent_death_signal
 from ember.vm.vmm import seccomp
 from ember.vm.vmm.errors import VMMError
 
@@ -74,16 +76,15 @@ _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 _MNT_DETACH = 2
-#: mount points a loop-backed mount is left at in a VMM's namespace: what QEMU and its
-#: libraries may run from (a live system's root is a loop-backed image)
-_SYSTEM_MOUNTS = {b"/", b"/usr", b"/lib", b"/lib64", b"/bin", b"/sbin", b"/etc", b"/opt", b"/nix"}
-#: mountinfo's escapes (space, tab, newline, backslash: ``\040``)
-_OCTAL = re.compile(rb"\\([0-7]{3})")
+#: trees a loop-backed mount is left alone under in a VMM's namespace: what QEMU, its
+#: libraries and firmware may come from
+_SYSTEM_TREES = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/opt", "/nix", "/snap")
 #: the host directories a VMM sees as empty and unwritable (a tmpfs of root's): shared
-#: writable places (/tmp, /var/tmp, /dev/shm: memory no one is charged for) and /run,
+#: writable places (/tmp, /var/tmp; /dev/shm, memory no one is charged for, goes with
+#: the host's /dev, ``_own_dev``) and /run,
 #: where the host's services listen (D-Bus, journald, systemd: pathname sockets, which
 #: the empty network namespace does not cover) and ember keeps its leases
-HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run")
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/run")
 #: threads (and processes) a VMM's uid may have: QEMU's vCPUs, I/O and RCU threads
 #: are a few dozen; this bounds what an escaped one can spawn
 VMM_NPROC = 1024
@@ -314,6 +315,7 @@ def enter(
     kvm: bool = False,
     file_size_limit: int | None = None,
     parent: int | None = None,
+    detach: tuple[bytes, ...] = (),
 ) -> None:
     """In the VMM's child, before exec: its own empty network and IPC namespaces, its
     own view of /dev (``kvm``: with /dev/kvm) and /proc, its limits and its identity
@@ -325,12 +327,13 @@ def enter(
     writes): an escaped QEMU grew its disk through its descriptor (fallocate, pwrite)
     until the pool every machine's disk lives in, and the host's file system under it,
     were full.  ``parent``: the monitor's pid; if it died before the parent-death signal
-    was set, the VMM would outlive it, unseen, so this child ends instead."""
+    was set, the VMM would outlive it, unseen, so this child ends instead.  ``detach``:
+    the mount points whose copies its namespace drops (``loop_mounts``)."""
     if identity is not None:
         if _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWNS) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"unshare: {os.strerror(e)}")
-        _hide_host_dirs(kvm)
+        _hide_host_dirs(kvm, detach)
         # no core dump (it would hold the guest's memory); a bound on its threads and
         # its descriptors
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -341,9 +344,10 @@ def enter(
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
-    parent_death_signal(signal.SIGKILL)
-    if parent is not None and os.getppid() != parent:
-        os._exit(1)  # the monitor died before the signal was set: nobody to run for
+    if parent is None:
+        parent_death_signal(signal.SIGKILL)
+    else:
+        die_with_parent(parent)  # (the monitor may have died before the signal was set)
     # last: the filter refuses prctl(PR_SET_PDEATHSIG) from here on (also for a QEMU of
     # a non-root ember's, with its caller's uid: no_new_privs needs no privilege)
     if (
@@ -357,18 +361,18 @@ def enter(
         raise OSError(e, f"cannot install the VMM's seccomp filter: {os.strerror(e)}")
 
 
-def _hide_host_dirs(kvm: bool) -> None:
+def _hide_host_dirs(kvm: bool, detach: tuple[bytes, ...]) -> None:
     """In the VMM's own mount namespace (mounts made private first, so nothing goes back
     to the host's): a /dev of its own, an empty tmpfs of root's over each of
     ``HIDDEN_DIRS``, and a /proc that shows no other user's processes."""
     if _LIBC.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount --make-rprivate /: {os.strerror(e)}")
-    _detach_loop_mounts()
+    _detach(detach)
     _own_dev(VMM_DEVICES + (("kvm",) if kvm else ()))
     for target in HIDDEN_DIRS:
         if not os.path.isdir(target):
-            continue  # (/dev/shm, /dev/mqueue: gone with the host's /dev)
+            continue
         _mount(b"tmpfs", target, b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"size=4k,mode=0755")
     # Other processes' command lines held secrets (`ember run -e PASSWORD=...`, another
     # tenant's kernel arguments): a procfs of its own (Linux 5.8: options per mount)
@@ -376,28 +380,29 @@ def _hide_host_dirs(kvm: bool) -> None:
     _mount(b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2")
 
 
-def _detach_loop_mounts() -> None:
-    """Detach the copies of the host's loop-backed mounts (every state directory's
-    snapshot pool, the mounts of layers being built) that the new namespace got: QEMU
-    reaches its disk through a descriptor, and a copy kept the loop device busy for as
-    long as the machine ran (a pool could not be released, a builder's loop device not
-    freed, until then).  Not those the VMM may run from (``/``, the system's own
-    directories)."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return
-    targets = []
-    for line in lines:
-        fields, _, rest = line.partition(b" - ")
-        parts, described = fields.split(), rest.split()
-        if len(parts) < 5 or len(described) < 2 or not described[1].startswith(b"/dev/loop"):
-            continue
-        target = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), parts[4])
-        if target not in _SYSTEM_MOUNTS:
-            targets.append(target)
-    for target in sorted(targets, key=len, reverse=True):  # the deepest first
+def loop_mounts() -> tuple[bytes, ...]:
+    """The host's loop-backed mount points a VMM's namespace detaches its copies of
+    (``enter``'s ``detach``), deepest first: every state directory's snapshot pool, the
+    mounts of layers being built.  QEMU reaches its disk through a descriptor, and a
+    copy kept a loop device busy for as long as the machine ran (a pool could not be
+    released, a builder's loop device not freed, until then).  Not those under the
+    system's own trees, which QEMU, its libraries and firmware may come from (a live
+    system's root is a loop-backed image).  Read in the parent: the child only detaches."""
+    from ember.snapshots.system import mounts  # (mountinfo's parser)
+
+    found = [
+        os.fsencode(m.mountpoint) for m in mounts()
+        if m.source.startswith("/dev/loop") and not _under_system_tree(str(m.mountpoint))
+    ]  # fmt: skip
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def _under_system_tree(path: str) -> bool:
+    return any(path == top or path.startswith(f"{top}/") for top in _SYSTEM_TREES) or path == "/"
+
+
+def _detach(targets: tuple[bytes, ...]) -> None:
+    for target in targets:
         _LIBC.umount2(target, _MNT_DETACH)  # (gone already with its parent: fine)
 
 

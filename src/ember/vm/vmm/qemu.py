@@ -59,6 +59,7 @@ from ember.vm.vmm.jail import (
     enter,
     kvm_group,
     lease_identity,
+    loop_mounts,
     readable_copy,
 )
 
@@ -435,7 +436,7 @@ class QemuVM(VM):
                 fds = open_inherited(self.spec, identity, self._vhost(), opened)
             except OSError as e:
                 raise VMMError(f"cannot open what the VMM needs: {e}") from e
-            self._proc = self._spawn(self.argv(fds), opened, identity, self._largest_disk())
+            self._proc = self._spawn(self.argv(fds), opened, identity, self._largest_disk(fds))
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -446,9 +447,14 @@ class QemuVM(VM):
         self.pid = self._proc.pid
         return self.pid
 
-    def _largest_disk(self) -> int | None:
-        """The size of the largest disk this VMM writes (its file size limit)."""
-        sizes = [os.stat(d.path).st_size for d in self.spec.disks if not d.read_only]
+    def _largest_disk(self, fds: Inherited) -> int | None:
+        """The size of the largest disk this VMM writes (its file size limit), as the
+        descriptors it inherits have them."""
+        sizes = [
+            os.fstat(opened[0]).st_size
+            for disk, opened in zip(self.spec.disks, fds.disks, strict=True)
+            if not disk.read_only
+        ]
         return max(sizes, default=None)
 
     def _spawn(
@@ -477,6 +483,7 @@ class QemuVM(VM):
                 preexec_fn=functools.partial(  # noqa: PLW1509
                     enter, identity, kvm=self.spec.accel == "kvm",
                     file_size_limit=file_size_limit, parent=os.getpid(),
+                    detach=loop_mounts() if identity is not None else (),
                 ),  # fmt: skip
             )
         except (OSError, subprocess.SubprocessError) as e:
