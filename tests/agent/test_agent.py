@@ -291,23 +291,20 @@ def test_a_command_at_a_terminal_runs_in_the_callers_session(
     agent.wait_log("image ls -> exit 0")
 
 
-def test_a_signal_before_the_agent_answers_goes_to_the_command_it_started(tmp_path: Path) -> None:
-    """Ctrl-C after the request was sent but before the agent said "started" raised
-    KeyboardInterrupt in the client: it said "interrupted" and hung up, while the agent
-    may have started the command already (then hung up, not interrupted, its output
-    still coming after the shell's prompt).  Now the signal waits for the answer: it is
-    forwarded to a command that started, and acts here as before on one that did not."""
-    home = tmp_path / "home"
-    (home / "run").mkdir(parents=True)
+@contextlib.contextmanager
+def _stand_in_agent(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """A client running `ember image ls` and the connection of a stand-in agent (a plain
+    socket at the agent's path), once the client's request has been read whole."""
+    (home / "run").mkdir(parents=True, exist_ok=True)
     path = home / "run" / "agent.sock"
-    for answer in (protocol.started(4242), protocol.declined("no")):
-        with socket.socket(socket.AF_UNIX) as listener:
-            listener.bind(str(path))
-            listener.listen(1)
-            client = subprocess.Popen(
-                [EMBER, "image", "ls"], env=env_for(home), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )  # fmt: skip
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        client = subprocess.Popen(
+            [EMBER, "image", "ls"], env=env_for(home), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
             listener.settimeout(TIMEOUT)
             conn, _ = listener.accept()
             with conn:
@@ -315,17 +312,32 @@ def test_a_signal_before_the_agent_answers_goes_to_the_command_it_started(tmp_pa
                 header = conn.recv(protocol.HEADER)  # the request has been sent
                 assert len(header) == protocol.HEADER
                 _read_all(conn, protocol.frame_length(header))
-                client.send_signal(signal.SIGINT)
-                with contextlib.suppress(OSError):  # (the client of old was gone by now)
-                    conn.sendall(protocol.frame(answer))
-                if answer[:1] == b"S":
-                    header = conn.recv(protocol.HEADER)
-                    assert header, "the client hung up instead of passing the signal on"
-                    message = _read_all(conn, protocol.frame_length(header))
-                    assert protocol.parse_signal(message) == signal.SIGINT
-                    conn.sendall(protocol.frame(protocol.exited(130)))
-            out, err = client.communicate(timeout=TIMEOUT)
+                yield client, conn
+        finally:
+            if client.poll() is None:  # (a failed assertion: not left behind)
+                client.kill()
+                client.wait()
             path.unlink()
+
+
+def test_a_signal_before_the_agent_answers_goes_to_the_command_it_started(tmp_path: Path) -> None:
+    """Ctrl-C after the request was sent but before the agent said "started" raised
+    KeyboardInterrupt in the client: it said "interrupted" and hung up, while the agent
+    may have started the command already (then hung up, not interrupted, its output
+    still coming after the shell's prompt).  Now the signal waits for the answer: it is
+    forwarded to a command that started, and acts here as before on one that did not."""
+    for answer in (protocol.started(4242), protocol.declined("no")):
+        with _stand_in_agent(tmp_path / "home") as (client, conn):
+            client.send_signal(signal.SIGINT)
+            with contextlib.suppress(OSError):  # (the client of old was gone by now)
+                conn.sendall(protocol.frame(answer))
+            if answer[:1] == b"S":
+                header = conn.recv(protocol.HEADER)
+                assert header, "the client hung up instead of passing the signal on"
+                message = _read_all(conn, protocol.frame_length(header))
+                assert protocol.parse_signal(message) == signal.SIGINT
+                conn.sendall(protocol.frame(protocol.exited(130)))
+            out, err = client.communicate(timeout=TIMEOUT)
         assert client.returncode == 130, err
         if answer[:1] == b"S":
             assert b"interrupted" not in err  # the command's to say, and it said nothing
@@ -336,25 +348,11 @@ def test_a_signal_before_the_agent_answers_goes_to_the_command_it_started(tmp_pa
 def test_a_second_signal_before_an_agent_that_never_answers_acts_here(tmp_path: Path) -> None:
     """Held until the agent answered, signals could not stop a client whose agent never
     did (stopped, wedged): it took a SIGKILL.  A second one gives up the wait."""
-    home = tmp_path / "home"
-    (home / "run").mkdir(parents=True)
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(home / "run" / "agent.sock"))
-        listener.listen(1)
-        client = subprocess.Popen(
-            [EMBER, "image", "ls"], env=env_for(home), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        listener.settimeout(TIMEOUT)
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(TIMEOUT)
-            header = conn.recv(protocol.HEADER)
-            _read_all(conn, protocol.frame_length(header))
-            client.send_signal(signal.SIGINT)  # held: the agent may be starting it
-            # (another signal: two SIGINTs may arrive as one)
-            client.send_signal(signal.SIGTERM)
-            out, err = client.communicate(timeout=TIMEOUT)
+    with _stand_in_agent(tmp_path / "home") as (client, _):
+        client.send_signal(signal.SIGINT)  # held: the agent may be starting it
+        # (another signal: two SIGINTs may arrive as one)
+        client.send_signal(signal.SIGTERM)
+        out, err = client.communicate(timeout=TIMEOUT)
     assert client.returncode == 130 and err == b"ember: interrupted\n", err
     assert out == b""
 
