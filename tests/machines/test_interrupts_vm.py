@@ -148,6 +148,15 @@ def test_a_start_killed_before_the_hand_over_leaves_a_machine_that_starts_again(
             capture_output=True, text=True, env=ember.env(), timeout=180,
         )  # fmt: skip
         assert res.returncode == 9, res.stderr
+        # the monitor it had started ends once it sees its starter gone (its go pipe
+        # closed); a start while it still lives is refused as "being started", rightly
+        from ember.machines.lifecycle import monitor_alive
+        from ember.machines.state import read_state
+        from ember.machines.store import MachineStore
+
+        store = MachineStore(ember.home)
+        d = store.dir(store.find("ks").id)
+        poll_until(lambda: not monitor_alive(read_state(d)), "the killed start's monitor lingered", 60)
         again = ember("start", "ks")
         assert again.returncode == 0, again.stderr
         st = wait_for(ember, "ks", lambda s: s["status"] == "exited")

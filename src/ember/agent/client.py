@@ -138,7 +138,9 @@ def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, in
         if not started:
             for signum, handler in before.items():
                 _signal.signal(signum, handler)
-            for signum in held:
+            # in a fixed order: a handler may run inside another's, so the order they
+            # were noted in is not the order they came in (SIGINT first: "interrupted")
+            for signum in sorted(set(held)):
                 _signal.raise_signal(signum)
     # From here on the command runs in the agent: never fall back to running
     # it a second time here, whatever happens.
