@@ -151,9 +151,6 @@ def _converse(sock: _socket.socket, path: str, argv: list[str]) -> tuple[int, in
         return 1, 0
 
 
-_SIGWINCH = 28  # (a window resize is no request to stop)
-
-
 class _GaveUp(KeyboardInterrupt):
     """A second signal came before the agent answered (``_hold_signals``)."""
 
@@ -165,7 +162,7 @@ def _hold_signals(held: list[int]) -> dict[int, object]:
 
     def hold(signum: int, _frame: object) -> None:
         held.append(signum)
-        if sum(s != _SIGWINCH for s in held) > 1:
+        if sum(s != _signal.SIGWINCH for s in held) > 1:  # (a resize asks no stop)
             # a second one (Ctrl-C again): an agent that does not answer (stopped,
             # wedged) must not keep the caller waiting; the held signals act here
             raise _GaveUp
