@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -75,10 +76,11 @@ def test_ps_keeps_one_machine_per_line_whatever_the_images_command(tmp_path: Pat
 
 
 def _record(home: Home, name: str, **kw: object) -> MachineState:
+    fields: dict[str, Any] = {"image": "oci:/x:latest", "image_digest": "sha256:" + "0" * 64,
+                              "command": ["true"], **kw}  # fmt: skip
     st = MachineState(
-        id=secrets.token_hex(32), name="", image="oci:/x:latest",
-        image_digest="sha256:" + "0" * 64, created_at=mstate.now(), command=["true"],
-        config={}, vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1), **kw,  # type: ignore[arg-type]
+        id=secrets.token_hex(32), name="", created_at=mstate.now(), config={},
+        vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1), **fields,
     )  # fmt: skip
     MachineStore(home).create(st, name)
     return mstate.read_state(MachineStore(home).dir(st.id))
@@ -209,6 +211,52 @@ def test_ps_folds_a_range_of_ports_as_docker(tmp_path: Path) -> None:
     st = _record(Home(tmp_path), "r", status=mstate.RUNNING, started_at=mstate.now(),
                  network=network_json([*ranged, lone]))  # fmt: skip
     assert _ports(st) == "0.0.0.0:9000-9002->9000-9002/udp, 127.0.0.1:8080->80/tcp"
+
+
+def test_ps_filters_limits_and_untruncated_output_as_docker(tmp_path: Path) -> None:
+    """docker ps's --filter, -n, -l and --no-trunc: a status filter lists stopped
+    machines without -a; an image is found by the name the record holds, also when the
+    image is no longer in the local store."""
+    home = Home(tmp_path)
+    long_cmd = ["sh", "-c", "echo " + "x" * 60]
+    old = _record(home, "old", status=mstate.EXITED, exit_code=0, started_at=mstate.now(),
+                  finished_at=mstate.now(), image="docker.io/library/busybox:latest")  # fmt: skip
+    time.sleep(0.01)  # created_at orders them
+    new = _record(home, "new", status=mstate.EXITED, exit_code=3, started_at=mstate.now(),
+                  finished_at=mstate.now(), command=long_cmd, labels={"app": "web"})  # fmt: skip
+    time.sleep(0.01)
+    _record(home, "fresh")
+
+    def listed(*args: str) -> list[str]:
+        res = _ember(tmp_path, "ps", "--json", *args)
+        assert res.returncode == 0, res.stderr
+        return [m["name"] for m in json.loads(res.stdout)]
+
+    assert listed() == []
+    assert listed("-f", "status=exited") == ["new", "old"]
+    assert listed("-f", "status=created", "-f", "status=exited") == ["fresh", "new", "old"]
+    assert listed("-a", "-f", "exited=3") == ["new"]
+    assert listed("-f", "label=app=web", "-a") == ["new"]
+    assert listed("-a", "-f", "name=^ol") == ["old"]
+    assert listed("-a", "-f", "ancestor=busybox") == ["old"]
+    assert listed("-a", "-f", "ancestor=" + old.image_digest) == ["fresh", "new", "old"]
+    assert listed("-a", "-f", "before=new") == ["old"]
+    assert listed("-a", "-f", "since=" + old.id[:12]) == ["fresh", "new"]
+    assert listed("-n", "2") == ["fresh", "new"]
+    assert listed("-l") == ["fresh"]
+    assert listed("-l", "-n", "2") == ["fresh", "new"]  # -n wins, as docker's
+    quiet = _ember(tmp_path, "ps", "-q", "--no-trunc", "-f", "name=new", "-a")
+    assert quiet.stdout == new.id + "\n"
+    table = _ember(tmp_path, "ps", "--no-trunc", "-f", "name=new", "-a").stdout.splitlines()
+    assert new.id in table[1] and " ".join(long_cmd) in table[1]
+    short = _ember(tmp_path, "ps", "-f", "name=new", "-a").stdout.splitlines()
+    assert new.id not in short[1] and new.short_id in short[1] and "…" in short[1]
+    for bad, words in (("--filter=colour=red", "invalid filter 'colour'"),
+                       ("--filter=status=gone", "invalid filter 'status=gone'"),
+                       ("--filter=before=nobody", "no such machine: nobody")):  # fmt: skip
+        res = _ember(tmp_path, "ps", bad)
+        assert res.returncode in (1, 2) and words in res.stderr and not res.stdout
+        assert "Traceback" not in res.stderr
 
 
 def test_commands_on_several_machines_go_on_and_fail_at_the_end(tmp_path: Path) -> None:

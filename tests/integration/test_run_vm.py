@@ -158,7 +158,8 @@ SERVER = (
 
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
     # -p 80: a host port left for ember to choose, as docker does
-    res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", busybox, "sh", "-c", SERVER)
+    res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", "-l", "app=web",
+                "--label", "tier", busybox, "sh", "-c", SERVER)  # fmt: skip
     assert res.returncode == 0, res.stderr
     try:
         deadline = time.monotonic() + 120
@@ -167,6 +168,13 @@ def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> No
         ps = ember("ps", "--json", check=True)
         (row,) = json.loads(ps.stdout)
         assert row["name"] == "web" and row["status"] == "running"
+        assert {k: v for k, v in row["labels"].items() if not k.startswith("ember.")} == {
+            "app": "web", "tier": ""
+        }  # fmt: skip
+        for matching in (["label=app=web", "label=tier"], ["status=running"], ["ancestor=" + busybox]):
+            got = ember("ps", "-q", *(f"--filter={f}" for f in matching), check=True).stdout
+            assert got == row["id"][:12] + "\n", matching
+        assert ember("ps", "-q", "--filter=status=exited", check=True).stdout == ""
         gateway = row["network"]["gateway"]
         chosen = next(p["host_port"] for p in row["network"]["ports"] if p["host_port"] != 8080)
         # from the host itself: loopback and the host's own address on the TAP
@@ -189,6 +197,8 @@ def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> No
         assert "got TERM" in ember("logs", "web").stdout
         assert ember("ps", "-q").stdout == ""
         assert "web" in ember("ps", "-a").stdout
+        exited = ember("ps", "-q", "--no-trunc", "--filter=status=exited", "--filter=exited=42")
+        assert exited.stdout == row["id"] + "\n"
         assert fetch(ember, "http://127.0.0.1:8080/index.html").startswith("FAIL")
         assert bind_on_host(ember, 8080) == "bound"  # let go with the machine
     finally:

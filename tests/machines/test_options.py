@@ -126,3 +126,24 @@ def test_an_empty_entrypoint_says_it_cleared_the_cmd_too() -> None:
     assert docker_argv(["/bin/sh"], ["-c", "true"], [], ["echo", "hi"]) == ["echo", "hi"]
     with pytest.raises(NoCommand, match="the image has no Entrypoint or Cmd"):
         docker_argv(None, None, None, None)
+
+
+def test_labels_as_docker_reads_them() -> None:
+    from ember.machines.options import parse_labels
+
+    assert parse_labels(["app=web", "tier", "a=b=c", "app=api"]) == {
+        "app": "api", "tier": "", "a": "b=c"
+    }  # fmt: skip
+    assert parse_labels([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [("", "with a KEY"), ("=x", "with a KEY"), (" app=x", "with a KEY"), ("a\x00=b", "with a KEY"),
+     ("ember.template=x", "ember's own"), ("x=" + "y" * (64 << 10), "more than 64 KiB")],
+)  # fmt: skip
+def test_bad_labels_are_refused(entry: str, words: str) -> None:
+    from ember.machines.options import parse_labels
+
+    with pytest.raises(InvalidOption, match=words):
+        parse_labels([entry])

@@ -98,13 +98,35 @@ def find_machine(ref: str, home: Home | None = None) -> MachineState:
 
 @click.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show stopped machines too.")
+@click.option(
+    "-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+    help="Only machines that match: id, name (regular expressions), label=KEY[=VALUE], "
+    "status (created, running, restarting, exited...), exited=CODE, ancestor=IMAGE, "
+    "before=MACHINE, since=MACHINE.  Repeat a key for any of its values.",
+)  # fmt: skip
+@click.option(
+    "-n", "--last", type=WholeNumber(1, 2**31 - 1, "machines"), default=None,
+    help="Show the N newest machines, whatever their state.",
+)  # fmt: skip
+@click.option("-l", "--latest", is_flag=True, help="Show the newest machine, whatever its state.")
+@click.option("--no-trunc", is_flag=True, help="Do not shorten ids and commands.")
 @click.option("-q", "--quiet", is_flag=True, help="Only print machine ids.")
 @json_option
-def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
-    """List machines (running and restarting ones unless -a)."""
+def ps(
+    show_all: bool,
+    filters: tuple[str, ...],
+    last: int | None,
+    latest: bool,
+    no_trunc: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """List machines (running and restarting ones unless -a, -n, -l or a status filter)."""
+    from ember.machines.listing import Filters, select
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
+    chosen = Filters.parse(filters)  # before reading anything: a typo is said at once
     home = home_from_ctx()
     machines, damaged = MachineStore(home).scan()
     if show_all:
@@ -117,23 +139,32 @@ def ps(show_all: bool, quiet: bool, as_json: bool) -> None:
 
         warnings_as_messages()  # refresh's, as ember: lines
         machines = [refresh(home, m) for m in machines]
-    if not show_all:
-        # as docker ps: a machine between two runs of its restart policy is listed
-        machines = [m for m in machines if m.status == RUNNING or _restarting(m)]
+    ancestry: set[str] = set()
+    if chosen.get("ancestor"):
+        from ember.images import ImageService
+
+        service = ImageService(home)
+        for ref in chosen.get("ancestor"):
+            ancestry |= service.known_as(ref)
+    machines = select(
+        machines, chosen, state_of=lambda m: _record(m)["status"], show_all=show_all,
+        last=1 if latest and last is None else last, ancestry=ancestry,
+    )  # fmt: skip
     if as_json:
         print_json([_record(m) for m in machines])
         return
     if quiet:
         for m in machines:
-            click.echo(m.short_id)
+            click.echo(m.id if no_trunc else m.short_id)
         return
     header = ("MACHINE ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")
     rows = []
     for m in machines:
         cmd = printable(" ".join(m.command))
-        cmd = cmd if len(cmd) <= 30 else cmd[:29] + "…"
-        rows.append((m.short_id, printable(m.image), f'"{cmd}"', ago(m.created_at),
-                     _status(m), _ports(m), m.name))  # fmt: skip
+        if not no_trunc and len(cmd) > 30:
+            cmd = cmd[:29] + "…"
+        rows.append((m.id if no_trunc else m.short_id, printable(m.image), f'"{cmd}"',
+                     ago(m.created_at), _status(m), _ports(m), m.name))  # fmt: skip
     # plain aligned columns (like docker ps): never wrapped, so scripts and narrow pipes
     # see one machine per line
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -418,6 +418,8 @@ class _RunUsageError(click.UsageError):
               help="Set an environment variable (bare KEY: take it from this environment).")  # fmt: skip
 @click.option("--env-file", "env_files", multiple=True, type=click.Path(path_type=Path),
               help="Read KEY=VALUE lines from a file.")  # fmt: skip
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY[=VALUE]",
+              help="Set a label on the machine (ember ps --filter label=KEY[=VALUE]).")  # fmt: skip
 @click.option("--entrypoint", help='Override the image\'s entrypoint ("" clears it).')
 @click.option("-u", "--user", help="NAME, UID, NAME:GROUP or UID:GID (resolved in the image).")
 @click.option("-w", "--workdir", help="Working directory inside the machine.")
@@ -450,6 +452,7 @@ def run(
     name: str | None,
     env: tuple[str, ...],
     env_files: tuple[Path, ...],
+    labels: tuple[str, ...],
     entrypoint: str | None,
     user: str | None,
     workdir: str | None,
@@ -474,6 +477,7 @@ def run(
         check_name,
         check_user,
         parse_env,
+        parse_labels,
         parse_memory_mib,
         read_env_file,
     )
@@ -509,6 +513,7 @@ def run(
         args=tuple(args),
         name=name,
         env=tuple(all_env),
+        labels=parse_labels(labels),
         entrypoint=None if entrypoint is None else ((entrypoint,) if entrypoint else ()),
         user=user,
         workdir=workdir,

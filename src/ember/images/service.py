@@ -621,6 +621,18 @@ class ImageService:
             f"image {name} is not in the local store", hint=f"pull it: ember image pull {ref}"
         )
 
+    def known_as(self, ref: str) -> set[str]:
+        """What ``ref`` may be recorded as in a machine's record (``ember ps --filter
+        ancestor=REF``): the manifest digest and names of the local images it names, and
+        its full name even when no local image has it now (a machine outlives its image)."""
+        names = {ref}
+        with suppress(FormatError, InvalidSource):
+            names.add(parse_source(ref).name)
+        with suppress(ImageNotFound, AmbiguousImage, FormatError, InvalidSource):
+            for record in self._lookup(ref):
+                names.update((str(record.manifest_digest), record.reference))
+        return names
+
     def _record(self, ref: str) -> ImageRecord:
         return self._lookup(ref)[0]
 

@@ -122,6 +122,30 @@ def parse_env(entries: Iterable[str], host_env: Mapping[str, str], origin: str =
     return out
 
 
+#: labels ember writes itself (``ember.template``, ``ember.timings.create``)
+OWN_LABELS = "ember."
+#: all of a machine's labels together, as written: its record stays small
+MAX_LABEL_BYTES = 64 << 10
+
+
+def parse_labels(entries: Iterable[str]) -> dict[str, str]:
+    """``--label KEY[=VALUE]`` (docker's: a bare KEY has the empty value; the last of a
+    KEY given twice wins)."""
+    labels: dict[str, str] = {}
+    for entry in entries:
+        key, _sep, value = entry.partition("=")
+        if "\x00" in entry or not key or key != key.strip():
+            raise InvalidOption(f"--label {entry!r:.100}: expected KEY[=VALUE] with a KEY")
+        if key.startswith(OWN_LABELS):
+            raise InvalidOption(
+                f"--label {key!r:.100}: labels starting with {OWN_LABELS!r} are ember's own"
+            )
+        labels[key] = value
+    if sum(len(k.encode()) + len(v.encode()) for k, v in labels.items()) > MAX_LABEL_BYTES:
+        raise InvalidOption(f"--label: the labels take more than {MAX_LABEL_BYTES >> 10} KiB")
+    return labels
+
+
 def read_env_file(path: Path, host_env: Mapping[str, str]) -> list[str]:
     try:
         with open(path, "rb") as f:

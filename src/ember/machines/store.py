@@ -6,7 +6,7 @@ import builtins
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,28 @@ LEFTOVER_AGE = 600.0
 
 def is_machine_id(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def pick(
+    ref: str, machines: Sequence[MachineState], damaged: Sequence[DamagedMachine] = ()
+) -> MachineState:
+    """The machine of ``machines`` (and ``damaged``, records that do not read) that ``ref``
+    names: its name or full id first, else a unique id prefix (Docker's lookup order)."""
+    for m in machines:
+        if m.name == ref or m.id == ref:
+            return m
+    if ref and all(c in "0123456789abcdef" for c in ref):
+        hits = [m for m in machines if m.id.startswith(ref)]
+        broken = [d for d in damaged if d.machine_id.startswith(ref)]
+        if len(hits) + len(broken) > 1:
+            raise AmbiguousMachine(
+                f"{ref!r} matches {len(hits) + len(broken)} machines: give more of the id"
+            )
+        if broken:
+            raise broken[0]
+        if hits:
+            return hits[0]
+    raise MachineNotFound(f"no such machine: {ref}")
 
 
 @dataclass
@@ -131,22 +153,7 @@ class MachineStore:
         An id (prefix) that names a machine with a damaged record raises
         DamagedMachine, which says how to remove it.
         """
-        machines, damaged = self.scan()
-        for m in machines:
-            if m.name == ref or m.id == ref:
-                return m
-        if ref and all(c in "0123456789abcdef" for c in ref):
-            hits = [m for m in machines if m.id.startswith(ref)]
-            broken = [d for d in damaged if d.machine_id.startswith(ref)]
-            if len(hits) + len(broken) > 1:
-                raise AmbiguousMachine(
-                    f"{ref!r} matches {len(hits) + len(broken)} machines: give more of the id"
-                )
-            if broken:
-                raise broken[0]
-            if hits:
-                return hits[0]
-        raise MachineNotFound(f"no such machine: {ref}")
+        return pick(ref, *self.scan())
 
     def remove_dir(self, machine_id: str) -> None:
         d = self.dir(machine_id)
