@@ -43,7 +43,7 @@ kernel: venv
 	$(BIN)/ember kernel install
 
 # The demo image (busybox-static, scratch) as an OCI layout; idempotent.
-demo:
+demo: apt
 	scripts/build-demo-image build/demo
 
 # ember's main job on the embedded default: the demo image as a micro-VM.

@@ -123,7 +123,7 @@ def token() -> None:
     "--access",
     default="pull,push",
     show_default=True,
-    help="Comma-separated actions: pull, push, delete (pull always; delete must be asked for).",
+    help="Comma-separated actions: pull, push, delete (pull must be among them; delete must be asked for).",
 )
 @click.option(
     "--expires-in", "expires_in", metavar="DURATION", default=None,

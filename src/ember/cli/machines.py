@@ -215,7 +215,7 @@ class _When(click.ParamType):
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the machine ends.")
-@click.option("-n", "--tail", "tail", type=_TailLines(), default="all",
+@click.option("-n", "--tail", "tail", type=_TailLines(), default="all", metavar="N|all",
               help="Only the last N lines of stdout and of stderr (default: all).")  # fmt: skip
 @click.option("-t", "--timestamps", is_flag=True,
               help="Begin each line with the time it arrived (RFC 3339, UTC, nanoseconds).")  # fmt: skip
