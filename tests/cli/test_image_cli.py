@@ -55,11 +55,15 @@ def test_pull_ls_inspect_unpack_rm(
     table = ember(home, "image", "ls")
     assert "REFERENCE" in table.stdout and "cli/busybox" in table.stdout
 
-    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)
+    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)[0]
     assert inspected["manifest_digest"] == pulled.stdout.strip().split("@")[1]
     assert inspected["platform"] == "linux/amd64"
     assert inspected["config"]["cmd"] == ["/bin/sh", "-c", "echo hello from busybox"]
     assert len(inspected["layers"]) == 1 and inspected["layers"][0]["diff_id"].startswith("sha256:")
+    # several at once, as docker image inspect: the ones found, an error for each other
+    both = ember(home, "image", "inspect", ref, "nosuch", inspected["manifest_digest"])
+    assert both.returncode == 1 and json.loads(both.stdout) == [inspected, inspected]
+    assert both.stderr.count("\n") == 1 and "nosuch" in both.stderr
 
     root = tmp_path / "root"
     unpacked = ember(home, "image", "unpack", ref, str(root))
@@ -69,7 +73,9 @@ def test_pull_ls_inspect_unpack_rm(
 
     assert ember(home, "image", "rm", ref).returncode == 0
     assert json.loads(ember(home, "image", "ls", "--json").stdout) == []
-    assert_one_line_error(ember(home, "image", "inspect", ref), "not in the local store")
+    gone = ember(home, "image", "inspect", ref)
+    assert_one_line_error(gone, "not in the local store")
+    assert gone.stdout == "[]\n"
 
 
 def test_unpack_pulls_local_source(tmp_path: Path, busybox_layout: Path) -> None:
@@ -188,7 +194,7 @@ def test_a_layer_damaged_in_the_store_is_named_removed_and_fetched_again(
     pull skips the blobs the store has."""
     home, ref = tmp_path / "home", layout_ref(busybox_layout)
     assert ember(home, "image", "pull", ref).returncode == 0
-    layer = json.loads(ember(home, "image", "inspect", ref).stdout)["layers"][0]["digest"]
+    layer = json.loads(ember(home, "image", "inspect", ref).stdout)[0]["layers"][0]["digest"]
     blob = home / "content" / "blobs" / "sha256" / layer.split(":")[1]
     blob.chmod(0o644)
     with open(blob, "r+b") as f:
@@ -210,7 +216,7 @@ def test_rm_names_what_went_refuses_a_shared_digest_and_goes_on_past_failures(
     a, b = layout_ref(busybox_layout), layout_ref(copy)
     for ref in (a, b):
         assert ember(home, "image", "pull", ref).returncode == 0
-    digest = json.loads(ember(home, "image", "inspect", a).stdout)["manifest_digest"]
+    digest = json.loads(ember(home, "image", "inspect", a).stdout)[0]["manifest_digest"]
     short = digest.split(":")[1][:12]
 
     names = ", ".join(sorted((a, b)))
@@ -264,7 +270,7 @@ def test_what_ember_cannot_read_is_named(
 def test_inspect_and_ls_report_the_same_size(tmp_path: Path, busybox_layout: Path) -> None:
     home, ref = tmp_path / "home", layout_ref(busybox_layout)
     assert ember(home, "image", "pull", ref).returncode == 0
-    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)
+    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)[0]
     listed = json.loads(ember(home, "image", "ls", "--json").stdout)[0]
     assert inspected["size"] == listed["size"]
     assert inspected["layers_size"] == sum(x["size"] for x in inspected["layers"])
@@ -361,7 +367,7 @@ def test_tag_names_an_image_again_and_ls_q_lists_ids(
 
     # a name another image had moves (as docker tag does)
     assert ember(home, "image", "tag", other, "bb2").returncode == 0
-    moved = json.loads(ember(home, "image", "inspect", "bb2").stdout)
+    moved = json.loads(ember(home, "image", "inspect", "bb2").stdout)[0]
     assert moved["manifest_digest"] == records[other]["manifest_digest"]
     # the image outlives the name it was pulled under
     assert ember(home, "image", "rm", busybox).returncode == 0
@@ -372,7 +378,7 @@ def test_tag_names_an_image_again_and_ls_q_lists_ids(
     pinned = ember(home, "image", "pull", "-q", other).stdout.strip()
     assert "@sha256:" in pinned
     assert ember(home, "image", "tag", pinned, "pinned:1").returncode == 0
-    assert json.loads(ember(home, "image", "inspect", "pinned:1").stdout)["manifest_digest"] == (
+    assert json.loads(ember(home, "image", "inspect", "pinned:1").stdout)[0]["manifest_digest"] == (
         records[other]["manifest_digest"]
     )
 
@@ -388,7 +394,7 @@ def test_tag_names_an_image_again_and_ls_q_lists_ids(
         assert_one_line_error(ember(home, "image", "tag", *args), says)
     assert_one_line_error(ember(home, "image", "ls", "-q", "--json"), "cannot be used together")
     # an image that lost a layer is not named again (the name would be a broken image)
-    layer = json.loads(ember(home, "image", "inspect", other).stdout)["layers"][-1]["digest"]
+    layer = json.loads(ember(home, "image", "inspect", other).stdout)[0]["layers"][-1]["digest"]
     (home / "content" / "blobs" / "sha256" / layer.split(":")[1]).unlink()
     assert_one_line_error(ember(home, "image", "tag", other, "broken:1"), "lost layer")
 
@@ -402,7 +408,7 @@ def test_history_as_docker_history(tmp_path: Path, multilayer_layout: Path) -> N
     home = tmp_path / "home"
     ref = layout_ref(multilayer_layout)
     assert ember(home, "image", "pull", "-q", ref).returncode == 0
-    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)
+    inspected = json.loads(ember(home, "image", "inspect", ref).stdout)[0]
     layers = [x["digest"] for x in inspected["layers"]]
     history = inspected["config"]["history"]
     assert len(history) == 14 and sum(not h["empty_layer"] for h in history) == len(layers) == 5
@@ -450,7 +456,7 @@ def test_save_writes_what_docker_load_podman_skopeo_and_ember_read(
                            capture_output=True, check=True)  # fmt: skip
     assert piped.stdout == archive.read_bytes()
 
-    ml_digest = json.loads(ember(home, "image", "inspect", ml).stdout)["manifest_digest"]
+    ml_digest = json.loads(ember(home, "image", "inspect", ml).stdout)[0]["manifest_digest"]
     expected = umoci_unpack(multilayer_layout, "latest", tmp_path / "expected")
     # skopeo, as a docker-archive (by its name in RepoTags) and as an OCI archive (by tag)
     for source, out in ((f"docker-archive:{archive}:{ml}", "from-docker"), (f"oci-archive:{archive}:two", "from-oci")):
@@ -470,7 +476,7 @@ def test_save_writes_what_docker_load_podman_skopeo_and_ember_read(
     # ember itself, on another host
     other = tmp_path / "other"
     assert ember(other, "image", "pull", "-q", f"docker-archive:{archive}:{ml}").returncode == 0
-    loaded = json.loads(ember(other, "image", "inspect", f"docker-archive:{archive}:{ml}").stdout)
+    loaded = json.loads(ember(other, "image", "inspect", f"docker-archive:{archive}:{ml}").stdout)[0]
     assert loaded["manifest_digest"] == ml_digest  # the same ID
     assert ember(other, "image", "unpack", f"docker-archive:{archive}:{ml}", str(tmp_path / "ours")).returncode == 0
     assert_same_tree(tmp_path / "ours", expected)
@@ -493,7 +499,7 @@ def test_save_refuses_what_it_cannot_do_and_leaves_nothing(
                                 stream="stdout")  # fmt: skip
     assert status == 2 and drawn == ""  # refused (the message goes to stderr), no tar drawn
     # a layer damaged in the store: no archive, and the file that was there stays
-    layer = json.loads(ember(home, "image", "inspect", ref).stdout)["layers"][0]["digest"]
+    layer = json.loads(ember(home, "image", "inspect", ref).stdout)[0]["layers"][0]["digest"]
     blob = home / "content" / "blobs" / "sha256" / layer.split(":")[1]
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -720,7 +726,7 @@ def test_load_says_what_it_loaded_as_it_goes_and_what_it_could_not_name(
 
     with tarfile.open(archive) as t:
         entries = json.loads(t.extractfile("manifest.json").read())  # type: ignore[union-attr]
-    bb_id = json.loads(ember(home, "image", "inspect", bb).stdout)["manifest_digest"]
+    bb_id = json.loads(ember(home, "image", "inspect", bb).stdout)[0]["manifest_digest"]
     first, second = ({**e} for e in entries)
     first["RepoTags"] = ["first:1", f"sha256:{bb_id.split(':')[1]}", "oci:5000/foo:1", "dir:5000/x:1", "BUSYBOX"]
     broken = {**second, "Layers": ["nope.tar"] * len(second["Layers"]), "RepoTags": ["broken:1"]}

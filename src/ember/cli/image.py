@@ -292,10 +292,23 @@ def tag(source: str, target: str) -> None:
 
 
 @image.command()
-@click.argument("ref")
-def inspect(ref: str) -> None:
-    """Print an image's manifest digest, platform, config and layers as JSON."""
-    print_json(_service().get(ref).as_dict())
+@click.argument("refs", nargs=-1, required=True)
+def inspect(refs: tuple[str, ...]) -> None:
+    """Print images' manifest digests, platforms, configs and layers as a JSON array.
+
+    As docker image inspect: the images found are printed, each other REF is
+    reported, and the exit status is then 1."""
+    service = _service()
+    found, failed = [], False
+    for ref in refs:
+        try:
+            found.append(service.get(ref).as_dict())
+        except EmberError as e:
+            say_error(e)
+            failed = True
+    print_json(found)
+    if failed:
+        raise SystemExit(1)
 
 
 @image.command("rm")
