@@ -192,3 +192,16 @@ def test_start_attach_of_a_restarting_machine_waits_for_its_next_run(tmp_path: P
         assert monitor.wait(timeout=10) == 0
         got = _next_run(home, mstate.read_state(d))
         assert (got.status, got.stopped_by_user) == (mstate.EXITED, True)
+
+
+def test_an_os_error_of_embers_own_is_125_not_the_programs_1(tmp_path: Path) -> None:
+    """docker run's 125 is for any failure of its own: an OSError (a full disk, a path
+    that is a file) reached main's handler and exited 1, the program's own code."""
+    from tests.support.cli import ember_env, run_ember
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "run").write_text("")  # where ember's run-time directory must be
+    res = run_ember("run", "--rm", "oci:/nowhere:latest", "true", env=ember_env(home))
+    assert res.returncode == 125, res.stderr
+    assert res.stderr.count("\n") == 1 and "run" in res.stderr and "Traceback" not in res.stderr

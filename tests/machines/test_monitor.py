@@ -244,3 +244,31 @@ def test_a_sigterm_stops_the_machine_for_good(
     # and run() records it as a stop, as after the run
     assert monitor._stopped_by_term(d, mstate.read_state(d)).stopped_by_user
     assert mstate.read_state(d).stopped_by_user
+
+
+def test_handing_a_machine_to_a_monitor_that_has_exited_is_said() -> None:
+    """The monitor gone before it took the id (killed, crashed at import): the write's
+    BrokenPipeError reached main as a closed stdout, and ember run exited 141 without a
+    word."""
+    import os
+
+    from ember.machines import state as mstate
+    from ember.machines.errors import MachineError
+    from ember.machines.lifecycle import MonitorHandle
+    from ember.machines.state import MachineState, VMConfig
+
+    go_r, go_w = os.pipe()
+    sync_r, sync_w = os.pipe()
+    os.close(go_r)  # the monitor's end, gone with it
+    os.close(sync_w)
+    handle = MonitorHandle(os.getpid(), go_w, sync_r, log=Path("/x/monitor.log"))
+    st = MachineState(
+        id="a" * 64, name="m", image="oci:/x:latest", image_digest="sha256:" + "0" * 64,
+        created_at=mstate.now(), command=["true"], config={},
+        vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1),
+    )  # fmt: skip
+    with pytest.raises(MachineError, match="exited before it took the machine") as caught:
+        handle.hand_over(st)
+    assert not handle.handed and handle.go_w is None
+    assert "/x/monitor.log" in (caught.value.hint or "")
+    handle.close()

@@ -811,3 +811,70 @@ def test_a_create_undone_in_part_keeps_its_record_for_rm(
     assert "No space left on device" in caplog.text
     lifecycle.remove(home, mstate.read_state(d), force=True)
     assert not d.exists()
+
+
+def _dead_monitor(st: MachineState) -> None:
+    """Name a monitor in ``st`` that has exited (killed, or died)."""
+    import subprocess
+
+    from ember.process import proc_start_time
+
+    gone = subprocess.Popen(["sleep", "60"])
+    st.monitor_pid, st.monitor_start = gone.pid, proc_start_time(gone.pid)
+    gone.kill()
+    gone.wait()
+
+
+def test_an_rm_machine_repaired_twice_is_removed_once_without_an_error(tmp_path: Path) -> None:
+    """Two commands repairing a --rm machine whose monitor died: the second one's lock
+    was in the directory the first removed (FileNotFoundError: "No such file or
+    directory: .../lock", exit 1; in `stop a b` the other machines went unreported)."""
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.status, st.started_at, st.auto_remove = mstate.RUNNING, mstate.now(), True
+    _dead_monitor(st)
+    MachineStore(home).create(st, "gone-rm")
+    first = lifecycle.refresh(home, st)
+    assert (first.status, first.exit_code) == (mstate.EXITED, 255)
+    assert not MachineStore(home).dir(st.id).exists()
+    assert lifecycle.refresh(home, st) is st  # as it was seen: the caller finds it gone
+    with pytest.raises(MachineNotFound):
+        lifecycle.mark_stopped_by_user(home, st)
+    assert lifecycle.kill_vmm(home, st) is st  # ended meanwhile: nothing left to kill
+
+
+def test_an_ended_rm_machine_whose_monitor_died_before_removing_it_is_removed(
+    tmp_path: Path,
+) -> None:
+    """The monitor records the end, then removes a --rm machine: killed in between (or
+    its removal failed), the record stayed in `ps -a` for ever (refresh repaired
+    running records only)."""
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.status, st.exit_code, st.auto_remove = mstate.EXITED, 3, True
+    st.started_at = st.finished_at = mstate.now()
+    _dead_monitor(st)
+    MachineStore(home).create(st, "ended-rm")
+    kept = make_state()  # the same, without --rm: an exited record stays
+    kept.status, kept.exit_code = mstate.EXITED, 3
+    _dead_monitor(kept)
+    MachineStore(home).create(kept, "ended")
+    assert lifecycle.refresh(home, kept).status == mstate.EXITED
+    assert lifecycle.refresh(home, st).exit_code == 3
+    assert [m.name for m in MachineStore(home).list()] == ["ended"]
+    # its code is kept for an `ember wait` that was waiting for it
+    assert mstate.removed_exit_code(home.run, st.id) == 3
+    # and `ember ps -a` is what finds it
+    again = make_state()
+    again.status, again.exit_code, again.auto_remove = mstate.EXITED, 4, True
+    _dead_monitor(again)
+    MachineStore(home).create(again, "ended-rm-2")
+    from tests.support.cli import ember_env, run_ember
+
+    listed = run_ember("ps", "-a", "--json", env=ember_env(tmp_path))
+    assert [m["name"] for m in json.loads(listed.stdout)] == ["ended"], listed.stderr
+    assert [m.name for m in MachineStore(home).list()] == ["ended"]

@@ -132,13 +132,16 @@ def ps(
     if show_all:
         for broken in damaged:  # listed on stderr: stdout keeps its format
             say_error(broken)
-    if any(m.status == RUNNING for m in machines):
-        # refresh only changes a record that says running (its monitor may be gone);
-        # without one, ps skips importing the lifecycle and VMM layers (~20 ms)
+    if any(m.status == RUNNING or m.auto_remove for m in machines):
+        # refresh only changes a record that says running (its monitor may be gone), or
+        # a --rm one (its monitor may have died before removing it); without one, ps
+        # skips importing the lifecycle and VMM layers (~20 ms)
         from ember.machines.lifecycle import refresh
 
         warnings_as_messages()  # refresh's, as ember: lines
+        store = MachineStore(home)
         machines = [refresh(home, m) for m in machines]
+        machines = [m for m in machines if not m.auto_remove or store.dir(m.id).is_dir()]
     ancestry: set[str] = set()
     if chosen.get("ancestor"):
         from ember.images import ImageService

@@ -397,6 +397,16 @@ class _RunCommand(click.Command):
         except EmberError as e:
             e.exit_code = RUN_FAILED
             raise
+        except BrokenPipeError:
+            raise  # stdout closed: ember's caller went away (141, as for SIGPIPE)
+        except OSError as e:
+            # the host refused ember something (a full disk, a path that is a file):
+            # ember's failure, not the program's exit status 1
+            from ember.cli.main import describe_os_error
+
+            failed = EmberError(describe_os_error(e))
+            failed.exit_code = RUN_FAILED
+            raise failed from e
 
 
 #: ``ember run``'s exit status when ember, not the program, failed (as docker's)

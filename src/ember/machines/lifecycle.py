@@ -711,6 +711,8 @@ class MonitorHandle:
     pid: int
     go_w: int | None
     sync_r: int
+    #: where the monitor says why, until it knows its machine (``Home.monitor_log``)
+    log: Path | None = None
     #: the monitor has the machine's id: it is the monitor's to start (and clean up) now
     handed: bool = False
 
@@ -725,6 +727,12 @@ class MonitorHandle:
             try:
                 os.write(self.go_w, st.id.encode() + b"\n")
                 self.handed = True
+            except BrokenPipeError:
+                # (not SIGPIPE's silent 141 in main: this is no closed stdout)
+                raise MachineError(
+                    f"the monitor of machine {st.name} exited before it took the machine",
+                    hint=f"what it said is at the end of {self.log}" if self.log else None,
+                ) from None
             finally:
                 os.close(self.go_w)
                 self.go_w = None
@@ -771,7 +779,7 @@ def start_monitor(home: Home) -> MonitorHandle:
         os.close(sync_w)
     # the monitor outlives us; nobody needs to reap it here
     proc.returncode = 0
-    return MonitorHandle(proc.pid, go_w, sync_r)
+    return MonitorHandle(proc.pid, go_w, sync_r, log=home.monitor_log)
 
 
 def _proc_mentions(pid: int, needle: str) -> bool:
@@ -864,34 +872,57 @@ def _free_network(home: Home, st: MachineState) -> None:
 
 
 def refresh(home: Home, st: MachineState) -> MachineState:
-    """Repair a record whose monitor is gone (killed, host crash)."""
-    if not _monitor_lost(st):
+    """Repair a record whose monitor is gone (killed, host crash); a ``--rm`` machine's
+    is then removed (the one that says it ended too: its monitor died before removing
+    it)."""
+    if not (_monitor_lost(st) or _removal_lost(st)):
         return st
     d = MachineStore(home).dir(st.id)
-    with mstate.locked(d):
-        cur = mstate.read_state(d)
-        if not _monitor_lost(cur):
-            return cur
-        if vmm_alive(cur) and cur.vmm_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(cur.vmm_pid, signal.SIGKILL)
-        _free_network(home, cur)
-        cur.status, cur.restarting = mstate.EXITED, False
-        cur.finished_at = cur.finished_at or mstate.now()
-        if cur.exit_code is None:
-            cur.exit_code = 255
-            cur.end_reason = "the machine's monitor disappeared"
-        mstate.write_state(d, cur)
+    try:
+        with _locked_unless_removed(d, st.name):
+            cur = mstate.read_state(d)
+            if _monitor_lost(cur):
+                _record_lost(home, d, cur)
+            elif not _removal_lost(cur):
+                return cur
+    except MachineNotFound:
+        # removed meanwhile (another command repaired and removed a --rm one first): as
+        # it was; what a caller does with it next finds it gone and says so
+        return st
     if cur.auto_remove:
         # --rm: what its monitor would have done had it lived (and its `ember run`, had
         # that not been killed too), as dockerd removes such containers when it comes
-        # back; only the process that marked it ended gets here
+        # back; only the process that marked it ended gets here, or, for one that was
+        # marked ended, whoever finds it first (the others find it gone)
         try:
             mstate.record_removed_exit(home.run, cur)
             _release_and_delete(home, cur.id, cur.name)
         except (EmberError, OSError) as e:
             log.warning("cannot remove --rm machine %s whose monitor is gone: %s", cur.name, e)
     return cur
+
+
+def _removal_lost(st: MachineState) -> bool:
+    """A ``--rm`` machine that ended, whose monitor is gone without removing it (killed
+    between recording the end and the removal, or the removal failed)."""
+    return (
+        st.auto_remove and st.status == mstate.EXITED and st.monitor_pid is not None
+        and not monitor_alive(st)
+    )  # fmt: skip
+
+
+def _record_lost(home: Home, d: Path, cur: MachineState) -> None:
+    """Record the end of a run whose monitor is gone (under the machine's lock)."""
+    if vmm_alive(cur) and cur.vmm_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cur.vmm_pid, signal.SIGKILL)
+    _free_network(home, cur)
+    cur.status, cur.restarting = mstate.EXITED, False
+    cur.finished_at = cur.finished_at or mstate.now()
+    if cur.exit_code is None:
+        cur.exit_code = 255
+        cur.end_reason = "the machine's monitor disappeared"
+    mstate.write_state(d, cur)
 
 
 # ---- control --------------------------------------------------------------------------
@@ -935,9 +966,13 @@ def wait_exited(home: Home, st: MachineState, timeout: float | None) -> MachineS
 
 
 def mark_stopped_by_user(home: Home, st: MachineState) -> MachineState:
-    """Record that the user is ending the machine: its restart policy does not apply."""
-    with mstate.update(MachineStore(home).dir(st.id)) as cur:
+    """Record that the user is ending the machine: its restart policy does not apply.
+    MachineNotFound when it is gone (a --rm machine that ended meanwhile)."""
+    d = MachineStore(home).dir(st.id)
+    with _locked_unless_removed(d, st.name):
+        cur = mstate.read_state(d)
         cur.stopped_by_user = True
+        mstate.write_state(d, cur)
     return cur
 
 
@@ -1139,8 +1174,12 @@ CHANNEL_GONE_GRACE = 2.0
 
 
 def kill_vmm(home: Home, st: MachineState) -> MachineState:
-    """Kill the VMM process itself; the monitor records the end (exit code 137)."""
-    cur = mark_stopped_by_user(home, st)
+    """Kill the VMM process itself; the monitor records the end (exit code 137).  A
+    machine removed meanwhile (--rm, ended) is ended: its record as last seen."""
+    try:
+        cur = mark_stopped_by_user(home, st)
+    except MachineNotFound:
+        return st
     if cur.vmm_pid is not None and vmm_alive(cur):
         with contextlib.suppress(ProcessLookupError):
             os.kill(cur.vmm_pid, signal.SIGKILL)
@@ -1239,6 +1278,11 @@ def _locked_unless_removed(d: Path, name: str) -> Iterator[None]:
         lock.acquire()
     except FileNotFoundError:
         raise MachineNotFound(f"machine {name} was removed meanwhile") from None
+    if not d.is_dir():
+        # removed while this waited: the lock granted is the one in the directory
+        # ``remove_dir`` renamed away before it let go
+        lock.release()
+        raise MachineNotFound(f"machine {name} was removed meanwhile")
     try:
         yield
     finally:
