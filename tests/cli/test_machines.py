@@ -727,3 +727,14 @@ def test_start_attach_of_a_restarting_machine_follows_its_next_run(tmp_path: Pat
             writing.clear()
             attached.kill()
             attached.wait()
+
+
+def test_logs_of_a_machine_without_log_files_print_nothing_with_or_without_follow(
+    tmp_path: Path,
+) -> None:
+    """An `ember run` killed before the logs were made leaves a record without them:
+    `logs -f` failed with "No such file or directory: .../stdout.log", exit 1."""
+    _record(Home(tmp_path), "nologs", status=mstate.EXITED, exit_code=137)
+    for args in ((), ("-f",), ("-f", "--tail", "3"), ("-t",)):
+        res = _ember(tmp_path, "logs", *args, "nologs")
+        assert (res.returncode, res.stdout, res.stderr) == (0, "", ""), args

@@ -164,6 +164,27 @@ def test_reopen_continues_the_current_file_and_rotates_when_over(tmp_path: Path)
     assert path.read_bytes() == b"next\n"
 
 
+def test_files_kept_under_a_higher_max_files_go_when_it_is_lowered(tmp_path: Path) -> None:
+    """logs.max_files lowered from 5 to 2, the machine started again: rotation shifts
+    only the files below the new count, so .2 to .4 (and their marks) stayed for ever,
+    past the documented bound, and `ember logs` printed the old run's files first."""
+    path = tmp_path / "stdout.log"
+    log = RotatingLog(path, LogConfig(4096, 5))
+    for i in range(6):
+        log.write(f"{i}".encode() * 4000 + b"\n")
+    log.close()
+    assert len(log_files(path)) == 5
+    marks_before = list(tmp_path.glob(".stdout.log.*"))  # one per log file (logtimes)
+    log = RotatingLog(path, LogConfig(4096, 2))
+    log.write(b"again\n")
+    log.close()
+    assert [p.name for p in log_files(path)] == ["stdout.log.1", "stdout.log"]
+    assert not any(tmp_path.glob("stdout.log.[2-9]*"))
+    marks_after = list(tmp_path.glob(".stdout.log.*"))
+    assert len(marks_after) <= 2 < len(marks_before)  # the dropped files' marks went too
+    assert path.read_bytes().endswith(b"again\n")
+
+
 def test_a_failed_rotation_leaks_no_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review finding: rotate opened the fresh file before its renames and kept it open
     when one failed (a full disk): each later write leaked one, towards EMFILE."""
@@ -308,6 +329,18 @@ def test_follower_with_a_concurrent_writer(tmp_path: Path) -> None:
         t.join()
     assert got == stream
     assert len(log_files(path)) > 50
+
+
+def test_a_follower_of_a_log_not_made_yet_waits_for_it(tmp_path: Path) -> None:
+    """A machine whose `ember run` was killed before its logs were made: `ember logs -f`
+    failed with "No such file or directory" (without -f: nothing, status 0)."""
+    path = tmp_path / "stdout.log"
+    with LogFollower.oldest(path) as follower:
+        assert follower.read() == b""
+        log = RotatingLog(path, LogConfig(4096, 2))
+        log.write(b"late\n")
+        assert _read_all(follower) == b"late\n"
+        log.close()
 
 
 def test_follower_when_the_machine_is_removed(tmp_path: Path) -> None:

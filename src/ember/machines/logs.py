@@ -175,6 +175,7 @@ class RotatingLog:
         self.cap = config.max_size
         self.max_files = config.max_files
         self._finish_rotation(path)
+        self._drop_past(path, self.max_files)
         self.fd = self._open(path, trunc=False)
         self.size = os.fstat(self.fd).st_size
         self.rotations = 0
@@ -184,6 +185,18 @@ class RotatingLog:
         kept = {ident[1] for p in log_files(path) if (ident := _stat_ident(p)) is not None}
         sweep_marks(path, kept | {os.fstat(self.fd).st_ino})
         self.marks = MarkWriter(path, self.fd, clock)
+
+    @staticmethod
+    def _drop_past(path: Path, max_files: int) -> None:
+        """Rotated files numbered ``max_files`` and up: kept by a run under a higher
+        ``logs.max_files``, which no rotation under this one drops (the cap would not
+        hold, and ``ember logs`` would print them before this run's output).  Their
+        marks go with them (the sweep after this)."""
+        for p in log_files(path):
+            number = p.name.removeprefix(path.name).removeprefix(".")
+            if number.isdigit() and int(number) >= max_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
 
     @classmethod
     def _finish_rotation(cls, path: Path) -> None:
@@ -386,13 +399,18 @@ class LogFollower:
 
     @classmethod
     def oldest(cls, path: Path) -> LogFollower:
-        """From the oldest file still kept (``ember logs``)."""
+        """From the oldest file still kept (``ember logs``).  With none (a machine whose
+        ``ember run`` was killed before its logs were made, one being removed): an
+        empty stand-in, followed by the log once one appears (``_successor``)."""
         for p in log_files(path):
             try:
                 return cls(path, os.open(p, os.O_RDONLY | os.O_CLOEXEC))
             except FileNotFoundError:
                 continue  # rotated away or dropped while we looked
-        return cls.current(path)
+        try:
+            return cls.current(path)
+        except FileNotFoundError:
+            return cls(path, os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
 
     def end_mark(self) -> tuple[tuple[int, int], int] | None:
         """Where the stream ends now (the current file and its size), for ``read(until=)``:
