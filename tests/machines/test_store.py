@@ -878,3 +878,58 @@ def test_an_ended_rm_machine_whose_monitor_died_before_removing_it_is_removed(
     listed = run_ember("ps", "-a", "--json", env=ember_env(tmp_path))
     assert [m["name"] for m in json.loads(listed.stdout)] == ["ended"], listed.stderr
     assert [m.name for m in MachineStore(home).list()] == ["ended"]
+
+
+KILLED_START = """
+import json, os, signal, subprocess, sys
+from pathlib import Path
+from ember.home import Home
+from ember.machines import lifecycle, state as mstate
+from ember.machines.store import MachineStore
+from ember.net.manager import NetworkManager
+import ember.snapshots.chain as chain
+home = Home(Path(sys.argv[1]))
+d = MachineStore(home).dir(sys.argv[2])
+chain.root_disk = lambda home, machine_id: Path("/nowhere/disk.ext4")  # (no pool here)
+real = lifecycle._setup_network
+
+def set_up_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of the start
+
+lifecycle._setup_network = set_up_then_die
+monitor = subprocess.Popen(["sleep", "60"])  # the monitor `ember start` started
+pid = os.fork()
+if pid == 0:
+    lifecycle.prepare_start(home, mstate.read_state(d), monitor_pid=monitor.pid)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+taken = sorted(NetworkManager(home).machines())
+monitor.kill(); monitor.wait()  # it read EOF and exited
+after = lifecycle.refresh(home, mstate.read_state(d))
+print(json.dumps({"killed": os.WIFSIGNALED(status), "taken": taken, "status": after.status,
+                  "left": sorted(NetworkManager(home).machines())}))
+"""
+
+
+def test_a_start_killed_while_it_sets_up_the_network_leaves_nothing_held(tmp_path: Path) -> None:
+    """The network was set up while the record still said exited: an `ember start` (or
+    a monitor restarting its machine) killed before the record changed left the TAP,
+    rules and host ports held by an exited machine, which no command freed until it was
+    started or removed.  The record says created, naming the monitor, first."""
+    from ember.machines import lifecycle
+    from ember.vm.runconfig import RunConfig
+
+    base, kernel = tmp_path / "base.initrd", tmp_path / "vmlinuz"
+    base.write_bytes(b"")
+    kernel.write_bytes(b"")
+    home, d = _stored(tmp_path, "halfstarted", status=mstate.EXITED, exit_code=0,
+                      network=network_json([{"host_ip": None, "host_port": 8080,
+                                             "guest_port": 80, "protocol": "tcp"}]))  # fmt: skip
+    with mstate.update(d) as cur:
+        cur.vm.base_initrd, cur.vm.kernel = str(base), str(kernel)
+    (d / lifecycle.RUN_CONFIG).write_bytes(RunConfig(argv=("true",)).render())
+    out = _script_in_netns(KILLED_START, tmp_path, d.name)
+    assert out["killed"] and out["taken"] == [d.name]  # killed with the network set up
+    assert out["status"] == mstate.EXITED
+    assert out["left"] == []

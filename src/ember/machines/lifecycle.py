@@ -10,6 +10,7 @@ any process through the state on disk, the guest's control socket and pids.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -550,16 +551,39 @@ def prepare_start(
             old = MachineNetwork.from_json(cur.network) if cur.network else None
         except ValueError as e:  # (its types were checked when the record was read)
             raise DamagedMachine(cur.id, f"field 'network': {e}") from None
+        # The record first: created, naming the monitor that will run it.  Killed while
+        # the network is set up (a start, or a monitor restarting its machine), it names
+        # a monitor that is gone, and ``refresh`` frees the network and records the end;
+        # the other order left an exited record whose TAP, rules and host ports nothing
+        # freed until the machine was started or removed.
+        ended = copy.deepcopy(cur)  # put back if this start fails
+        cur.status = mstate.CREATED
+        cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
+        cur.exit_code = cur.signal = None
+        cur.oom_killed = False
+        cur.vmm_pid = cur.vmm_start = None
+        cur.stopped_by_user = cur.restart_given_up = False
+        cur.restarting = restart
+        if restart:
+            # the same monitor runs it again: `ember stop/kill/rm` see that one is
+            # about to start it (its start then ends at once, see _mark_stopped)
+            cur.restart_count += 1
+        else:
+            cur.monitor_pid = monitor_pid
+            cur.monitor_start = None if monitor_pid is None else proc_start_time(monitor_pid)
+            # as docker start: the policy starts over (on-failure:N's N restarts again)
+            cur.restart_count = 0
+        mstate.write_state(d, cur)
         manager = NetworkManager(home)
-        manager.teardown(cur.id)  # whatever a crashed monitor left (exited: none is running)
-        net = _setup_network(
-            home,
-            cur.id,
-            ports=old.ports if old else (),
-            network=old.network if old else "default",
-            holder=holder,
-        )
         try:
+            manager.teardown(cur.id)  # whatever a crashed monitor left (exited: none runs)
+            net = _setup_network(
+                home,
+                cur.id,
+                ports=old.ports if old else (),
+                network=old.network if old else "default",
+                holder=holder,
+            )
             # a template gone since (rebuilt, collected): the machine boots its kernel
             restore = cur.vm.restore
             if restore and not (
@@ -573,25 +597,12 @@ def prepare_start(
             machine_channels(d).status_file.write_bytes(b"")
             (d / "vmm.log").write_bytes(b"")
             cur.network = net.to_json()
-            cur.status = mstate.CREATED
-            cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
-            cur.exit_code = cur.signal = None
-            cur.oom_killed = False
-            cur.vmm_pid = cur.vmm_start = None
-            cur.stopped_by_user = cur.restart_given_up = False
-            cur.restarting = restart
-            if restart:
-                # the same monitor runs it again: `ember stop/kill/rm` see that one is
-                # about to start it (its start then ends at once, see _mark_stopped)
-                cur.restart_count += 1
-            else:
-                cur.monitor_pid = monitor_pid
-                cur.monitor_start = None if monitor_pid is None else proc_start_time(monitor_pid)
-                # as docker start: the policy starts over (on-failure:N's N restarts again)
-                cur.restart_count = 0
             mstate.write_state(d, cur)
         except BaseException:
-            manager.teardown(cur.id)
+            try:
+                _free_network(home, cur)  # before the record says exited again
+            finally:
+                mstate.write_state(d, ended)
             raise
     return cur
 
