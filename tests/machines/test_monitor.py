@@ -160,7 +160,7 @@ relay.connect()
 st = MachineState(id="0" * 64, name="m", image="i", image_digest="d", created_at="",
                   command=[], config={"stop_timeout": -1},
                   vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1))
-stop_on_term(relay, st)
+stop_on_term(relay, st, d)
 with relay._lock:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)  # the handler runs meanwhile, on this thread
@@ -272,3 +272,79 @@ def test_handing_a_machine_to_a_monitor_that_has_exited_is_said() -> None:
     assert not handle.handed and handle.go_w is None
     assert "/x/monitor.log" in (caught.value.hint or "")
     handle.close()
+
+
+class _Process:
+    """A VM stand-in: a real process, killed as ``VM.kill`` kills a VMM."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(["sleep", "60"])
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def test_a_sigterm_the_guest_does_not_end_by_is_a_host_kill_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kill MONITOR` asked the guest to stop and nothing more: a hung guest never ended
+    (ember stop kills the VMM once the stop timeout and KILL_GRACE are over)."""
+    from ember.home import Home
+    from ember.machines import monitor
+    from ember.machines import state as mstate
+    from ember.machines.store import MachineStore
+    from tests.machines.test_store import make_state
+
+    monkeypatch.setattr(monitor, "KILL_GRACE", 0.3)
+    home = Home(tmp_path)
+    st = make_state()
+    MachineStore(home).create(st, "hung")
+    d = MachineStore(home).dir(st.id)
+    hung, prompt = _Process(), _Process()
+    try:
+        stopper = monitor.TermStop(d, 0)
+        stopper.vm = hung  # type: ignore[assignment]
+        stopper.ask()
+        assert hung.proc.wait(timeout=10) == -9
+        assert mstate.read_state(d).stopped_by_user  # the end is the host's kill: 137
+        # one that ends in time is left alone; so is one whose stop timeout is -1
+        for timeout, vm in ((0, prompt), (None, prompt)):
+            stopper = monitor.TermStop(d, timeout)
+            stopper.vm = vm  # type: ignore[assignment]
+            stopper.ask()
+            if timeout is not None:
+                stopper.end()
+            time.sleep(0.6)
+            assert vm.proc.poll() is None
+            stopper.end()
+        stopper.end()  # twice, and a late ask: nothing happens
+        stopper.ask()
+    finally:
+        for p in (hung, prompt):
+            p.proc.kill()
+            p.proc.wait()
+
+
+def test_a_sigterm_while_the_monitor_starts_does_not_kill_it(tmp_path: Path) -> None:
+    """Before its handler was installed (in the first run), a SIGTERM killed the monitor
+    outright: its machine ended as "the machine's monitor disappeared" (255) instead of
+    being stopped.  It starts with SIGTERM blocked and notes it."""
+    import os
+    import signal
+
+    from ember.home import Home
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    handle = lifecycle.start_monitor(home)
+    try:
+        os.kill(handle.pid, signal.SIGTERM)  # while its interpreter starts
+        time.sleep(1.5)  # started by now, waiting for its machine
+        assert os.waitpid(handle.pid, os.WNOHANG) == (0, 0), "the SIGTERM killed it"
+        status = Path(f"/proc/{handle.pid}/status").read_text().splitlines()
+        blocked = int(next(line.split()[1] for line in status if line.startswith("SigBlk:")), 16)
+        assert not blocked & (1 << (signal.SIGTERM - 1))  # its handler took over
+    finally:
+        handle.abandon()  # no machine: it exits
+        handle.close()
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, set()) & {signal.SIGTERM}

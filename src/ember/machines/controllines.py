@@ -18,6 +18,9 @@ MAX_STOP_TIMEOUT = 86400
 DEFAULT_STOP_TIMEOUT = 10
 #: ``run --stop-timeout -1``, ``stop -t -1`` (docker's): no timeout, never SIGKILL
 NO_STOP_TIMEOUT = -1
+#: after the stop timeout (the guest's SIGKILL of its program), how long the guest gets
+#: to end before the host kills its VMM
+KILL_GRACE = 5.0
 #: ember-init SIGKILLs the program (its exit report still comes back)
 KILL_REQUEST = b"kill\n"
 

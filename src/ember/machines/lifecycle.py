@@ -29,6 +29,7 @@ from ember.locks import Notice, is_held
 from ember.machines import state as mstate
 from ember.machines.controllines import (
     DEFAULT_STOP_TIMEOUT,
+    KILL_GRACE,
     KILL_REQUEST,
     MAX_STOP_TIMEOUT,
     NO_STOP_TIMEOUT,
@@ -71,8 +72,6 @@ log = logging.getLogger("ember.machines")
 
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_CPUS = 1
-#: after ``kill`` on the control channel, how long the guest gets before the VMM is killed
-KILL_GRACE = 5.0
 
 Progress = Callable[[str], None]
 
@@ -769,6 +768,10 @@ def start_monitor(home: Home) -> MonitorHandle:
     sync_r, sync_w = os.pipe()
     argv = [sys.executable, "-m", "ember.machines.monitor", "--home", str(home.root),
             "--go-fd", str(go_r), "--sync-fd", str(sync_w)]  # fmt: skip
+    # SIGTERM blocked in the monitor until it has its own handler (``monitor.main``):
+    # one that comes while its interpreter starts then stops its machine, as any later
+    # one does, instead of killing the monitor (the machine ended "monitor disappeared")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         # until it knows its machine, the monitor logs next to the other runtime files
         with open(home.monitor_log, "ab") as log:
@@ -786,6 +789,7 @@ def start_monitor(home: Home) -> MonitorHandle:
             os.close(fd)
         raise
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(go_r)
         os.close(sync_w)
     # the monitor outlives us; nobody needs to reap it here

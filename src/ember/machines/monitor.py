@@ -13,13 +13,16 @@ without importing the CLI tree (its start is on the critical path of a boot).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -29,7 +32,7 @@ from ember.errors import EmberError
 from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.control import VMM_CONTROL, ControlRelay
-from ember.machines.controllines import stop_request, stop_timeout_of
+from ember.machines.controllines import KILL_GRACE, stop_request, stop_timeout_of
 from ember.machines.events import EventWriter, Exited, MonitorFailed
 from ember.machines.logs import LogConfig
 from ember.machines.report import (
@@ -290,23 +293,92 @@ def _run_once(
 _terminated = False
 
 
-def stop_on_term(relay: ControlRelay, st: mstate.MachineState) -> None:
+def _note_term(_sig: int, _frame: object) -> None:
+    """The SIGTERM handler until a run installs ``stop_on_term``'s (while the monitor
+    starts, waits for its machine, sets it up): that run is then stopped as it begins."""
+    global _terminated
+    _terminated = True
+
+
+class TermStop:
+    """The host's side of a stop a SIGTERM asked for, as ``ember stop`` does it: once the
+    guest had its stop timeout and ``KILL_GRACE`` to end, the VMM is killed if it still
+    runs (a guest that hangs, or thrashes, never ended).  A thread of its own waits for
+    that on a pipe: the signal handler (``ask``) and the end of the run (``end``) each
+    write a byte to it, which takes no lock a handler could wait on for ever."""
+
+    def __init__(self, d: Path, timeout: int | None) -> None:
+        #: the VMM this run runs (set once it is started; replaced by a fall-back boot)
+        self.vm: VM | None = None
+        self._d = d
+        self._timeout = timeout
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(self._r, True)
+        threading.Thread(target=self._watch, name="ember-term-stop", daemon=True).start()
+
+    def ask(self) -> None:
+        if self._w < 0:
+            return  # (the handler of a run that is over: the next run installs its own)
+        with contextlib.suppress(OSError):  # (a full pipe: asked already)
+            os.write(self._w, b"t")
+
+    def end(self) -> None:
+        """On the main thread, as the handler runs: it sees the pipe open or closed."""
+        w, self._w = self._w, -1
+        if w < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(w, b"e")
+        os.close(w)
+
+    def _watch(self) -> None:
+        try:
+            if os.read(self._r, 1) != b"t":
+                return  # the run ended unasked
+            if self._timeout is None:  # stop timeout -1: the guest is never killed
+                return
+            ready, _, _ = select.select([self._r], [], [], self._timeout + KILL_GRACE)
+            if ready:
+                return  # ended in time (or asked twice: the run still ends on its own)
+            vm = self.vm
+            if vm is None:
+                return
+            # marked first, as ``lifecycle.kill_vmm`` does: the end is the host's kill (137)
+            try:
+                with mstate.update(self._d) as cur:
+                    cur.stopped_by_user = True
+            except (FileNotFoundError, EmberError) as e:
+                print(f"monitor: cannot mark the machine stopped: {e}", file=sys.stderr)
+            print("monitor: the guest did not end after its stop timeout: killing its VMM",
+                  file=sys.stderr)  # fmt: skip
+            vm.kill()
+        finally:
+            os.close(self._r)
+
+
+def stop_on_term(relay: ControlRelay, st: mstate.MachineState, d: Path) -> TermStop:
     """A plain `kill MONITOR` (SIGTERM) stops the machine the graceful way, as ``ember
     stop`` does with the machine's own stop timeout, and for good: no restart after it
     (it restarted under --restart always; a host shutting down does this).  The handler
     only hands the lines to the relay's thread (``send_soon``): it runs on this thread,
-    which it may have interrupted inside ``relay.send`` holding the relay's lock."""
-    lines = stop_request(stop_timeout_of(st)).splitlines()
+    which it may have interrupted inside ``relay.send`` holding the relay's lock.  The
+    returned ``TermStop`` kills the VMM if the guest does not end in time (its ``vm``
+    is the caller's to set, and its ``end`` to call when the run is over)."""
+    timeout = stop_timeout_of(st)
+    lines = stop_request(timeout).splitlines()
+    stopper = TermStop(d, timeout)
 
     def on_term(_sig: int, _frame: object) -> None:
         global _terminated
         _terminated = True
         for line in lines:
             relay.send_soon(line)  # (nothing once the relay is closed: between two runs)
+        stopper.ask()
 
     signal.signal(signal.SIGTERM, on_term)
     if _terminated:  # came while the restart was being set up: this run is stopped too
         on_term(signal.SIGTERM, None)
+    return stopper
 
 
 def _stopped_by_term(d: Path, final: mstate.MachineState) -> mstate.MachineState:
@@ -329,6 +401,7 @@ def _run_held(
     """``_run_once`` with the machine's host ports ``held`` (closed by ``_cleanup``)."""
     logs = Channels.in_dir(d)
     relay: ControlRelay | None = None
+    stopper: TermStop | None = None
     try:
         # QEMU listens on a socket of its own; control.sock is the monitor's relay
         channels = dataclasses.replace(pump.channels, control_socket=d / VMM_CONTROL)
@@ -345,12 +418,13 @@ def _run_held(
         except OSError as e:
             _failed_to_start(home, st, d, sync, f"cannot open the control socket: {e}", held)
             return None
-        stop_on_term(relay, st)
+        stopper = stop_on_term(relay, st, d)
         try:
             pid = vm.start()
         except EmberError as e:
             _failed_to_start(home, st, d, sync, str(e), held)
             return None
+        stopper.vm = vm
         with mstate.update(d) as cur:
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
             cur.restarting = False
@@ -372,6 +446,7 @@ def _run_held(
             except EmberError as e:
                 _failed_to_start(home, st, d, sync, str(e), held)
                 return None
+            stopper.vm = vm  # (a boot instead of the restore is another VMM)
             if started:
                 sync.send_started(pid)
 
@@ -396,6 +471,8 @@ def _run_held(
             except InterruptedError:
                 continue
     finally:
+        if stopper is not None:
+            stopper.end()
         if relay is not None:
             relay.close()
         # console.log goes on across runs (`ember start`, --restart): init's last line
@@ -560,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     # the monitor belongs to no terminal: a Ctrl-C meant for the CLI must not reach it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # started with SIGTERM blocked (``lifecycle.start_monitor``): one that came during
+    # the interpreter's start and the imports is noted now, and its run stopped
+    signal.signal(signal.SIGTERM, _note_term)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _warnings_to_stderr()
     sync = EventWriter(args.sync_fd)
     home = Home(Path(args.home))
