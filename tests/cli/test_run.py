@@ -141,6 +141,43 @@ def test_a_stop_while_the_monitor_starts_the_vmm_is_not_dropped(tmp_path: Path, 
         assert monitor.wait(timeout=10) == 0
 
 
+def test_a_second_signal_kills_without_waiting_for_the_monitor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second Ctrl-C waited (up to 30 s) inside kill_vmm for the monitor to record
+    the end, while nobody read the logs: the monitor's last drain waits for the attached
+    reader, so the kill took ~10 s and could lose the last output (--rm removed the logs
+    before they were read).  The attached run goes back to reading at once."""
+    from ember.cli.run import _pass_on
+    from ember.machines import lifecycle
+
+    home = Home(tmp_path)
+    st = _machine()
+    st.status, st.started_at = mstate.RUNNING, mstate.now()
+    MachineStore(home).create(st, "m1")
+    d = MachineStore(home).dir(st.id)
+
+    def waited(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the attached run waited for the monitor")
+
+    monkeypatch.setattr(lifecycle, "wait_exited", waited)
+    import subprocess
+
+    from ember.process import proc_start_time
+
+    monitor = subprocess.Popen(["sleep", "60"])  # a monitor that has not recorded the end
+    try:
+        with mstate.update(d) as cur:
+            cur.monitor_pid, cur.monitor_start = monitor.pid, proc_start_time(monitor.pid)
+        intr = _Interrupts()
+        intr.stops = 1  # the first one asked for a stop already
+        assert _pass_on(home, d, intr, signal.SIGINT) is None
+        assert mstate.read_state(d).stopped_by_user  # marked: its end is the host's kill
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
 def test_a_signal_between_two_runs_of_an_attached_machine_stops_nothing(tmp_path: Path) -> None:
     """`ember start -a` of a running --restart machine follows that run: a Ctrl-C after it
     ended, while its monitor starts the next one, stops no restart (docker's attach ends

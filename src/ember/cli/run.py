@@ -309,7 +309,9 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> StopRequested 
     if intr.stops > 1:
         _say(f"killing {st.name}")
         with contextlib.suppress(EmberError):
-            lifecycle.kill_vmm(home, st)
+            # not waiting for the end here: the monitor's last drain waits for this
+            # run to read the logs (attached), which the copy loop does meanwhile
+            lifecycle.kill_vmm(home, st, wait=False)
         return None
     again = "Ctrl-C" if sig == signal.SIGINT else "the signal"
     _say(f"stopping {st.name} ({again} again to kill it)")
@@ -325,7 +327,7 @@ def _pass_on(home: Home, d: Path, intr: _Interrupts, sig: int) -> StopRequested 
         if now is None or now.status != RUNNING:
             return None  # it ended just now
         _say(f"{asked.failure}: killing it")
-        lifecycle.kill_vmm(home, asked.machine)
+        lifecycle.kill_vmm(home, asked.machine, wait=False)
         return None
     if asked.timeout is not None and asked.kill_after is not None:  # (both or neither)
         intr.kill_at = (time.monotonic() + asked.kill_after, asked.timeout)
@@ -346,7 +348,7 @@ def _kill_unstopped(home: Home, d: Path, intr: _Interrupts) -> None:
         return
     _say(f"{st.name} did not stop within {timeout:g} s: killing it")
     with contextlib.suppress(EmberError):  # gone meanwhile: fine
-        lifecycle.kill_vmm(home, st)
+        lifecycle.kill_vmm(home, st, wait=False)
 
 
 def _next_run(home: Home, st: MachineState) -> MachineState:

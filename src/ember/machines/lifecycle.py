@@ -1188,9 +1188,11 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
 CHANNEL_GONE_GRACE = 2.0
 
 
-def kill_vmm(home: Home, st: MachineState) -> MachineState:
+def kill_vmm(home: Home, st: MachineState, *, wait: bool = True) -> MachineState:
     """Kill the VMM process itself; the monitor records the end (exit code 137).  A
-    machine removed meanwhile (--rm, ended) is ended: its record as last seen."""
+    machine removed meanwhile (--rm, ended) is ended: its record as last seen.
+    ``wait``: for the monitor to record the end (else the record as marked: an attached
+    run goes on reading the logs meanwhile, which the monitor's last drain waits for)."""
     try:
         cur = mark_stopped_by_user(home, st)
     except MachineNotFound:
@@ -1198,6 +1200,8 @@ def kill_vmm(home: Home, st: MachineState) -> MachineState:
     if cur.vmm_pid is not None and vmm_alive(cur):
         with contextlib.suppress(ProcessLookupError):
             os.kill(cur.vmm_pid, signal.SIGKILL)
+    if not wait:
+        return cur
     end = wait_exited(home, cur, 30)
     if end is None:
         raise MachineError(f"machine {cur.name} did not end after its VMM was killed")
