@@ -773,3 +773,21 @@ def test_two_state_directories_starting_at_once_are_not_both_let_in(
     assert "another ember state directory" in second.get("refused", ""), second
     sh("ip", "netns", "exec", netns, sys.executable, "-c",
        PRELUDE + "mgr.teardown(sys.argv[2]); print('{}')", str(tmp_path / "first"), ID_A)  # fmt: skip
+
+
+def test_teardown_removes_the_rules_before_the_tap(netns: str, tmp_path: Path) -> None:
+    """The TAP went first: for a moment the published port was still translated to an
+    address no interface held."""
+    out = run_in_netns(netns, """
+import ember.net.manager as manager
+a = mgr.setup(sys.argv[2], ports=parse_publish("8080:80"))
+real = manager.tap.delete_link
+def delete_link(name):
+    r = subprocess.run(["nft", "list", "table", "inet", "ember"], capture_output=True, text=True)
+    out["rule_when_tap_deleted"] = "172.30.0.2 . 80" in r.stdout
+    real(name)
+manager.tap.delete_link = delete_link
+mgr.teardown(sys.argv[2])
+print(json.dumps(out))
+""", tmp_path)  # fmt: skip
+    assert out["rule_when_tap_deleted"] is False

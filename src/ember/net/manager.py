@@ -463,15 +463,16 @@ class NetworkManager:
             rules = self._ruleset(state, m.netns)  # what stays in its namespace
 
             def release() -> None:
-                tap.delete_link(m.tap)
                 with self._namespace_locked(netns.here()):
-                    if self._table_owner() not in (None, self.owner):
-                        # another home's rules since (this one's were replaced when it was
-                        # found stale): neither they nor its flows to the address are ours
-                        return
-                    netfilter.apply(rules)
-                    # after the rules: no new translation to the address can begin
-                    netfilter.forget_flows(m.guest_ip)
+                    if self._table_owner() in (None, self.owner):
+                        # (else another home's rules since: this one's were replaced when
+                        # found stale, and neither they nor its flows are ours)
+                        netfilter.apply(rules)
+                        # after the rules: no new translation to the address can begin
+                        netfilter.forget_flows(m.guest_ip)
+                # the TAP last: until the rules are gone, traffic they translate to the
+                # address still has its interface (none goes to an address nothing holds)
+                tap.delete_link(m.tap)
 
             if m.netns is None or m.netns.same(netns.here()):
                 release()  # (an older ember's entry: where the command runs, as before)
