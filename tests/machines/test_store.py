@@ -473,6 +473,28 @@ def test_a_port_held_by_a_machine_whose_monitor_is_gone_is_freed_for_a_new_one(
     assert out == {"port": 8080, "old": "exited", "networks": ["b" * 64]}
 
 
+ORPHAN_HOLDER = """
+import json, sys
+from pathlib import Path
+from ember.home import Home
+from ember.machines import lifecycle
+from ember.net.manager import NetworkManager
+from ember.net.ports import parse_publish
+home = Home(Path(sys.argv[1]))
+NetworkManager(home).setup(sys.argv[2], ports=parse_publish("8080:80"))  # no machine has it
+net = lifecycle._setup_network(home, "b" * 64, ports=parse_publish("8080:80"), network="default")
+print(json.dumps({"port": net.ports[0].host_port, "networks": sorted(NetworkManager(home).machines())}))
+NetworkManager(home).teardown("b" * 64)
+"""
+
+
+def test_a_port_held_for_a_machine_that_no_longer_exists_is_freed(tmp_path: Path) -> None:
+    """A removal that could not free a machine's network deletes the rest: its
+    allocation (TAP, rules, host port) then stayed for ever, nothing names it."""
+    out = _script_in_netns(ORPHAN_HOLDER, tmp_path, "c" * 64)
+    assert out == {"port": 8080, "networks": ["b" * 64]}
+
+
 AFTER_REBOOT = LOST_HOLDER.split("net = lifecycle")[0] + """
 # the host rebooted since: the TAP is gone (here: deleted), the allocation not
 import json as j

@@ -858,10 +858,19 @@ def _setup_network(
     manager = NetworkManager(home)
 
     def repair_lost() -> bool:
-        lost = [m for m in MachineStore(home).list() if m.id != machine_id and _monitor_lost(m)]
+        # first: a machine's directory is made before its network, and freed after it
+        allocated = set(manager.machines())
+        store = MachineStore(home)
+        lost = [m for m in store.list() if m.id != machine_id and _monitor_lost(m)]
         for m in lost:
             refresh(home, m)
-        return bool(lost)
+        # held for a machine that no longer exists (its removal failed to free it, and
+        # removed the rest): nothing else ever frees it
+        orphans = allocated - set(store.ids()) - {machine_id}
+        for gone in orphans:
+            log.info("freeing the network of machine %s, which no longer exists", gone[:12])
+            manager.teardown(gone)
+        return bool(lost or orphans)
 
     if manager.allocated_before_this_boot():
         repair_lost()  # their rules would be applied again with this machine's
