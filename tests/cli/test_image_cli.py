@@ -227,7 +227,7 @@ def test_rm_names_what_went_refuses_a_shared_digest_and_goes_on_past_failures(
 
     forced = ember(home, "image", "rm", "--force", short)
     assert forced.returncode == 0, forced.stderr
-    assert sorted(forced.stderr.splitlines()) == sorted([f"removed {a}", f"removed {b}"])
+    assert sorted(forced.stdout.splitlines()) == sorted([f"Untagged: {a}", f"Untagged: {b}"])
 
     # docker rmi A nonexist B: A and B go, nonexist is reported, the status says so
     c = layout_ref(multilayer_layout)
@@ -235,11 +235,10 @@ def test_rm_names_what_went_refuses_a_shared_digest_and_goes_on_past_failures(
         assert ember(home, "image", "pull", ref).returncode == 0
     mixed = ember(home, "image", "rm", a, "nonexist", c)
     assert mixed.returncode == 1
+    assert mixed.stdout.splitlines() == [f"Untagged: {a}", f"Untagged: {c}"]
     assert mixed.stderr.splitlines() == [
-        f"removed {a}",
         # as docker rmi: no advice to pull what is being removed
         "ember: image docker.io/library/nonexist:latest is not in the local store",
-        f"removed {c}",
         "ember: 1 of 3 images not removed: nonexist",
     ]
     assert json.loads(ember(home, "image", "ls", "--json").stdout) == []

@@ -148,7 +148,7 @@ def test_removal_does_not_wait_for_a_pull_of_another_image_and_spares_its_blobs(
         assert removing.returncode == 0, removing.stderr
         assert time.monotonic() - started < 10
         assert "waiting" not in removing.stderr
-        assert removing.stderr == f"removed {busybox.reference}\n"
+        assert removing.stdout == f"Untagged: {busybox.reference}\n" and not removing.stderr
         assert not service.content.exists(busybox.manifest_digest)
         assert service.content.exists(base)  # claimed by the running pull
         proxy.release()
@@ -210,18 +210,18 @@ def test_removal_says_so_when_it_waits_for_ember_gc(
     try:
         proc = subprocess.Popen(
             [EMBER, "image", "rm", layout_ref(busybox_layout)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert proc.stderr is not None
         first = read_line(proc.stderr)  # said before it waits: the lock is still held
     finally:
         os.close(fd)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, first + err
     assert (first + err).splitlines() == [
         f"waiting for another ember command to finish (it holds {lock})...",
-        f"removed oci:{busybox_layout}:latest",
     ]
+    assert out == f"Untagged: oci:{busybox_layout}:latest\n"
 
 
 def test_a_stale_claim_is_ignored_and_cleared(service: ImageService, busybox_layout: Path) -> None:
@@ -386,7 +386,7 @@ def test_removal_keeps_every_blob_when_a_damaged_record_names_unknown_blobs(
 
 
 def test_rm_says_removed_beside_a_damaged_record(tmp_path: Path, busybox_layout: Path) -> None:
-    """The command's own output: "removed NAME" and the warning as an ``ember:`` line."""
+    """The command's own output: "Untagged: NAME" and the warning as an ``ember:`` line."""
     from ember.home import Home
     from tests.support.cli import ember_env, run_ember
 
@@ -399,7 +399,7 @@ def test_rm_says_removed_beside_a_damaged_record(tmp_path: Path, busybox_layout:
     done = run_ember("image", "rm", image.reference, env=ember_env(home, EMBER_AGENT="0"))
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
-    assert f"removed {image.reference}" in lines
+    assert done.stdout == f"Untagged: {image.reference}\n"
     assert any(line.startswith(f"ember: the image table's record of {other}") for line in lines)
     assert service.content.exists(image.layers[0].digest)  # the damaged record names it
 

@@ -333,8 +333,8 @@ def remove(refs: tuple[str, ...], force: bool) -> None:
             say_error(e)
             failed.append((ref, e))
             continue
-        for name in names:
-            say(f"removed {name}")
+        for name in names:  # on stdout, docker rmi's words: what scripts read
+            click.echo(f"Untagged: {name}")
     if failed:
         listing = ", ".join(ref for ref, _ in failed)
         error = EmberError(f"{len(failed)} of {len(refs)} images not removed: {listing}")
