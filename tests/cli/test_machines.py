@@ -251,6 +251,8 @@ def test_ps_filters_limits_and_untruncated_output_as_docker(tmp_path: Path) -> N
     assert new.id in table[1] and " ".join(long_cmd) in table[1]
     short = _ember(tmp_path, "ps", "-f", "name=new", "-a").stdout.splitlines()
     assert new.id not in short[1] and new.short_id in short[1] and "…" in short[1]
+    both = _ember(tmp_path, "ps", "-q", "--json")
+    assert both.returncode == 2 and "cannot be used together" in both.stderr and not both.stdout
     for bad, words in (("--filter=colour=red", "invalid filter 'colour'"),
                        ("--filter=status=gone", "invalid filter 'status=gone'"),
                        ("--filter=before=nobody", "no such machine: nobody")):  # fmt: skip

@@ -23,7 +23,7 @@ from ember.cli.common import (
     since,
     warnings_as_messages,
 )
-from ember.errors import EmberError
+from ember.errors import EmberError, UsageError
 from ember.home import Home
 from ember.machines.controllines import NO_STOP_TIMEOUT
 
@@ -126,6 +126,8 @@ def ps(
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
+    if as_json and quiet:  # (as image ls)
+        raise UsageError("--json and --quiet cannot be used together")
     chosen = Filters.parse(filters)  # before reading anything: a typo is said at once
     home = home_from_ctx()
     machines, damaged = MachineStore(home).scan()
