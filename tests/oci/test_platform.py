@@ -23,7 +23,12 @@ def test_parse() -> None:
     assert Platform.parse("Linux/x86_64") == Platform("linux", "amd64", "")
     assert Platform.parse("arm64") == Platform("linux", "arm64", "")
     assert str(Platform.parse("linux/arm/v7")) == "linux/arm/v7"
-    for bad in ["", "a/b/c/d", "linux//amd64", "linux/am d64", "linux/../x" + "y" * 100]:
+    assert Platform.parse("aarch64") == Platform("linux", "arm64", "")
+    assert Platform.parse("riscv64") == Platform("linux", "riscv64", "")
+    # a lone word that is neither an OS nor an architecture: a typo, not linux/<word>
+    # (which then read as "the image is for linux/amd64, not linux/bogus")
+    for bad in ["", "a/b/c/d", "linux//amd64", "linux/am d64", "linux/../x" + "y" * 100,
+                "bogus", "amd46"]:  # fmt: skip
         with pytest.raises(InvalidPlatform):
             Platform.parse(bad)
 

@@ -43,6 +43,13 @@ _KNOWN_OS = {
     "wasip1",
     "dragonfly",
 }
+#: Go's architecture names (GOARCH), which a lone ``--platform ARCH`` must be one of (a
+#: lone word that is neither an OS nor one of these is a typo, as containerd reads it)
+_KNOWN_ARCH = {
+    "386", "amd64", "amd64p32", "arm", "arm64", "arm64be", "armbe", "loong64", "mips",
+    "mips64", "mips64le", "mips64p32", "mips64p32le", "mipsle", "ppc", "ppc64", "ppc64le",
+    "riscv", "riscv64", "s390", "s390x", "sparc", "sparc64", "wasm",
+}  # fmt: skip
 _COMPONENT = re.compile(r"^[a-z0-9_.-]{1,64}$")
 
 
@@ -87,6 +94,11 @@ class Platform:
             if parts[0] in _KNOWN_OS:
                 host = host_platform()
                 return cls.of(parts[0], host.architecture, host.variant)
+            if parts[0] not in _KNOWN_ARCH and parts[0] not in _ARCH_ALIASES:
+                raise InvalidPlatform(
+                    f"invalid platform {text[:100]!r}: not an operating system or architecture "
+                    "ember knows; expected OS/ARCH[/VARIANT], e.g. linux/arm64"
+                )
             return cls.of("linux", parts[0])
         return cls.of(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
