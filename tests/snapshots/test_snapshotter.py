@@ -622,3 +622,39 @@ def test_a_machine_disk_is_fsynced_before_it_is_named(
     renamed = [i for i, line in enumerate(lines) if "rename(" in line and "/.new-" in line]
     assert fsynced and renamed, "\n".join(lines)
     assert fsynced[0] < renamed[-1]
+
+
+def test_a_lease_made_while_rm_looks_is_never_missed(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`snapshot rm` (respect_leases) read the leases, then discarded the snapshot without
+    the GC lock that every lease change takes shared: a prepare that leased it in between
+    (to reuse it) lost it.  The lease now waits until the snapshot is gone (the prepare
+    then builds it again)."""
+    import threading
+
+    snap = Snapshotter(home)
+    _commit_with(snap, A, None, {})
+    discard = snap._discard
+    leased_in_between: list[bool] = []
+    threads: list[threading.Thread] = []
+
+    def lease_then_discard(d: Path) -> None:
+        t = threading.Thread(target=snap.leases.create, args=("prepare/x",),
+                             kwargs={"ttl": 60, "snapshots": [A]})  # fmt: skip
+        t.start()
+        t.join(0.5)
+        leased_in_between.append(not t.is_alive())
+        discard(d)
+        threads.append(t)
+
+    monkeypatch.setattr(snap, "_discard", lease_then_discard)
+    snap.remove(A, respect_leases=True)
+    threads[0].join(10)
+    assert leased_in_between == [False], "a lease was made between rm's check and its discard"
+    assert not snap.exists(A) and snap.leases.get("prepare/x").snapshots == (A,)
+    # and a lease made before the look is seen: refused
+    _commit_with(snap, A, None, {})
+    with pytest.raises(SnapshotInUse, match="held by lease 'prepare/x'"):
+        snap.remove(A, respect_leases=True)
+    assert snap.exists(A)

@@ -130,7 +130,8 @@ def snapshot_rm(names: tuple[str, ...], force: bool) -> None:
         for key in _children_first(snap, list(resolved)):
             try:
                 _refuse_a_machines_disk(key)
-                snap.remove(key, respect_leases=not force)
+                # (a wait for a running ember gc is said: it holds the lock leases take)
+                snap.remove(key, respect_leases=not force, notice=say)
                 click.echo(resolved[key])
             except EmberError as e:
                 failed(e)

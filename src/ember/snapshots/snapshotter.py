@@ -28,12 +28,12 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from ember.fsutil import atomic_write, fsync_dir, fsync_file
 from ember.home import Home
-from ember.locks import FileLock, try_lock
+from ember.locks import FileLock, Notice, try_lock
 from ember.sizes import human_size
 from ember.snapshots import interrupts, names, superblock, system
 from ember.snapshots.config import SnapshotConfig, disk_size_problem
@@ -649,15 +649,36 @@ class Snapshotter:
         return [s.name for s in self.list() if s.parent == name]
 
     def remove(
-        self, key: str, *, held: FileLock | None = None, respect_leases: bool = False
+        self,
+        key: str,
+        *,
+        held: FileLock | None = None,
+        respect_leases: bool = False,
+        notice: Notice | None = None,
     ) -> None:
         """Remove a snapshot; a committed one only when nothing has it as parent.
 
         ``respect_leases``: refuse one that a live lease names (a machine's root disk,
         an image being prepared): what a person asks for, unlike the owner of the
-        lease releasing its own snapshot.
+        lease releasing its own snapshot.  It holds the GC lock exclusively from the
+        look at the leases to the discard (never pass it while holding that lock);
+        ``notice`` is told when that waits for ``ember gc``.
         """
         d, kind = self._locate(key)
+        with ExitStack() as stack:
+            if respect_leases:
+                # Exclusive, as gc takes it: every lease change takes it shared, so no
+                # lease can name the snapshot between the check below and the discard.
+                # A prepare that reuses it made its lease before, or finds it gone after
+                # and builds it again; read without it, a lease made in between was
+                # missed and the snapshot removed under that prepare.  (Taken before the
+                # snapshot's own lock: no snapshot stays locked while gc sweeps.)
+                stack.enter_context(FileLock(self.gc_lock, notice=notice))
+            self._remove(key, d, kind, held, respect_leases)
+
+    def _remove(
+        self, key: str, d: Path, kind: Kind, held: FileLock | None, respect_leases: bool
+    ) -> None:
         lock = held or _require_lock(d / LOCK, f"snapshot {key!r}")
         try:
             if not d.is_dir():
