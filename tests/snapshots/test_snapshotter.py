@@ -658,3 +658,39 @@ def test_a_lease_made_while_rm_looks_is_never_missed(
     with pytest.raises(SnapshotInUse, match="held by lease 'prepare/x'"):
         snap.remove(A, respect_leases=True)
     assert snap.exists(A)
+
+
+def test_recovery_does_not_wait_for_a_busy_leftover_mount(
+    home: Home, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leftover mount a process keeps a file open in is detached lazily, and its loop
+    device (autoclear) lives until that file is closed.  Every later recovery detached it
+    again and waited 5 s for it under recover.lock, which every mount waits for."""
+    import logging
+
+    from ember.snapshots import loop
+
+    snap = Snapshotter(home)
+    snap.prepare("k")
+    target = snap.pool.mnt / "leftover"
+    target.mkdir()
+    system.mount_image(snap.path("k"), target, readonly=False)
+    busy = open(target / "open-file", "w")  # noqa: SIM115 (kept open across the recovery)
+    try:
+        loop.umount(target, loop.MNT_DETACH)  # what the first recovery left of it
+        target.rmdir()
+        assert ours(snap.pool.root)[1], "the loop device should outlive the lazy unmount"
+        with caplog.at_level(logging.INFO, logger="ember.snapshots"):
+            start = time.monotonic()
+            snap.recover()
+            took = time.monotonic() - start
+        assert took < 2.5, f"recovery waited {took:.1f}s for a device only its user can release"
+        assert ours(snap.pool.root)[1], "a busy device is no leftover to detach"
+        said = [r.getMessage() for r in caplog.records if "last process" in r.getMessage()]
+        assert len(said) == 1 and str(snap.path("k")) in said[0], caplog.text
+    finally:
+        busy.close()
+    deadline = time.monotonic() + 10
+    while ours(snap.pool.root)[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours(snap.pool.root) == ([], []), "released on its last user's close"

@@ -759,8 +759,17 @@ class Snapshotter:
                     m.mountpoint.rmdir()
             # 2. loop devices on our disks that nothing mounts and nobody holds
             mounted = {(m.major, m.minor) for m in system.mounts()}
+            releasing: list[system.LoopDevice] = []
             for lo in system.loops_backed_under(self.pool.root):
                 if (lo.major, lo.minor) in mounted:
+                    continue
+                if system.loop_autoclear(lo):
+                    # Already set to go on its last close: it is still open (a file kept
+                    # open in a lazily detached mount, a copy of the mount in another
+                    # namespace).  Detaching it again changes nothing, and the wait for
+                    # it (5 s, in vain) held this lock, which every mount waits for, in
+                    # every ember command until that user let go.
+                    releasing.append(lo)
                     continue
                 owner = Path(lo.backing_file.removesuffix(" (deleted)")).parent
                 lock = try_lock(owner / LOCK) if owner.exists() else None
@@ -775,6 +784,12 @@ class Snapshotter:
                 finally:
                     if lock is not None:
                         lock.release()
+            if releasing:
+                log.info(
+                    "recovery: left %s: still in use, released when the last process "
+                    "using it lets go",
+                    ", ".join(f"{lo.device} ({lo.backing_file})" for lo in releasing),
+                )
             # 3. half-created and half-built snapshots, and the trash
             for entry in sorted(os.listdir(self.active_dir)):
                 try:

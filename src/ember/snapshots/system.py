@@ -149,6 +149,15 @@ def loops_backed_under(prefix: Path) -> list[LoopDevice]:
     return [lo for lo in loop_devices() if lo.backing_file.startswith(text)]
 
 
+def loop_autoclear(lo: LoopDevice) -> bool:
+    """Whether ``lo`` is set to release itself on its last close (LO_FLAGS_AUTOCLEAR, as
+    every device ember binds is).  False when that cannot be read (released meanwhile)."""
+    try:
+        return Path(f"/sys/dev/block/{lo.major}:{lo.minor}/loop/autoclear").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def detach_loop(device: Path) -> None:
     try:
         loop.detach(device)
