@@ -497,3 +497,64 @@ def test_a_root_disk_clone_of_a_built_chain_is_never_without_a_lease(
     monkeypatch.setattr(chain, "prepare_image", prepare_then_gc)
     disk = clone_root_disk(home, image, "ab" * 32)
     subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True)
+
+
+def _unreadable(meta: Path, how: str) -> None:
+    """``meta`` made unreadable for a reason other than "missing"."""
+    meta.unlink()
+    if how == "directory":  # EISDIR
+        meta.mkdir()
+    else:  # ELOOP
+        meta.symlink_to(meta.name)
+
+
+@pytest.mark.parametrize("how", ["directory", "symlink-loop"])
+def test_metadata_that_cannot_be_read_is_damage(home: Home, how: str) -> None:
+    """A meta.json that could not be read for a reason other than "missing" (EISDIR,
+    ELOOP, EIO) raised from the lookups: prepare, snapshot ls, gc and rm all failed on
+    it, and rm could not remove it (it lists the snapshots to find children)."""
+    from ember.snapshots.gc import Roots, collect
+
+    third = LayerSpec([Entry("etc/third", b"3\n")])
+    image = make_image(home, [*base_layers(), third])
+    chain = [str(layer.chain_id) for layer in image.layers]
+    prepare_image(home, image)
+    snap = Snapshotter(home)
+    _unreadable(snap.path(chain[1]).parent / "meta.json", how)
+    assert not snap.is_committed(chain[1])
+    info = next(s for s in snap.list() if s.name == chain[1])
+    assert info.damaged is not None and "cannot be read" in info.damaged, info.damaged
+    report = collect(home, roots=Roots({chain[-1]}, {layer.digest for layer in image.layers}))
+    assert report.snapshots == [] and any(chain[1] in w for w in report.warnings)
+    again = prepare_image(home, image)  # built again under its name
+    assert again.built == (chain[1],) and snap.is_committed(chain[1])
+    # and rm removes one (a top: nothing is built on it)
+    _unreadable(snap.path(chain[-1]).parent / "meta.json", how)
+    snap.remove(chain[-1], respect_leases=True)
+    assert not snap.exists(chain[-1])
+
+
+def test_a_lookup_failing_under_the_chain_lock_releases_it(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """is_committed raising after the chain ID's lock was taken left that lock held for
+    the life of the process: every later prepare of the layer waited on it."""
+    from ember.locks import is_held
+    from ember.snapshots.chain import _chain_lock
+
+    image = make_image(home, base_layers())
+    snap = Snapshotter(home)
+    name = str(image.layers[0].chain_id)
+    assert len(image.layers) > 1  # the look before the build stops at the top
+    looks: list[str] = []
+
+    def is_committed(key: str) -> bool:
+        looks.append(key)
+        if looks.count(name) == 2:  # the layer's look, then its look under its lock
+            raise OSError(5, "Input/output error")
+        return False
+
+    monkeypatch.setattr(snap, "is_committed", is_committed)
+    with pytest.raises(OSError, match="Input/output"):
+        prepare_image(home, image, snapshotter=snap)
+    assert looks.count(name) == 2 and not is_held(_chain_lock(snap, name))

@@ -116,16 +116,21 @@ def prepare_image(
                     if not snap.is_committed(name):
                         lock = FileLock(_chain_lock(snap, name), unlink_on_release=True)
                         lock.acquire()
-                        if snap.is_committed(name):  # someone else built it while we waited
-                            lock.release()
-                        else:
-                            try:
+                        try:
+                            # someone else built it while we waited?
+                            done = snap.is_committed(name)
+                            if not done:
                                 # a committed one whose disk is missing or whose metadata
                                 # is damaged: built again under its name
                                 snap.replace_damaged(name)
-                            except BaseException:
-                                lock.release()
-                                raise
+                        except BaseException:
+                            # (held on, it kept every later prepare of the layer waiting
+                            # for as long as this process lives)
+                            lock.release()
+                            raise
+                        if done:
+                            lock.release()
+                        else:
                             blob = _LayerBlob(store, layer, index, layer_path, open_layer)
                             builder.build(
                                 name, parent, layer, blob, top=name == top, chain_lock=lock

@@ -141,7 +141,19 @@ class Snapshotter:
         raise SnapshotNotFound(f"no snapshot {key!r}")
 
     def _meta(self, d: Path) -> Meta:
-        return Meta.load((d / META).read_bytes(), d / META)
+        """The metadata in ``d``: FileNotFoundError when it is missing (or ``d`` gone), else
+        SnapshotError when it cannot be used, read or not."""
+        path = d / META
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            # EIO, EISDIR, ELOOP: damage like a file that holds no metadata.  Raised raw, it
+            # failed prepare, ls, gc and rm (which lists the snapshots to find children), and
+            # nothing could remove the snapshot.
+            raise SnapshotError(f"snapshot metadata {path} cannot be read: {e.strerror}") from e
+        return Meta.load(data, path)
 
     def exists(self, key: str) -> bool:
         try:
