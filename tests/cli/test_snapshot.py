@@ -240,3 +240,29 @@ def test_a_machines_root_disk_is_not_removed_under_it_even_forced(home: Home) ->
     record.rmdir()  # the machine gone (its disk left over): the disk may go by hand
     ember(home, "snapshot", "rm", "--force", f"machine/{machine_id}")
     assert not Snapshotter(home).exists(f"machine/{machine_id}")
+
+
+def test_a_damaged_lease_is_listed_and_removed_by_the_name_gc_gives(home: Home) -> None:
+    """One damaged lease file made `snapshot leases` fail too, and gc's error did not say
+    how to get rid of it."""
+    from ember.snapshots import Snapshotter
+
+    leases = Snapshotter(home).leases
+    leases.create("machine/m1", snapshots=["machine/m1"], labels={"machine": "m1"})
+    (leases.dir / "prepare%2Fbad.json").write_text("{nope")
+    shown = ember(home, "snapshot", "leases")
+    assert re.search(r"^prepare/bad +damaged ", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^machine/m1 +never expires ", shown.stdout, re.M), shown.stdout
+    assert "prepare%2Fbad.json is damaged" in shown.stderr
+    listed = json.loads(ember(home, "snapshot", "leases", "ls", "--json").stdout)
+    damaged = {x["name"]: x["damaged"] for x in listed}
+    assert damaged["machine/m1"] is None and "is damaged" in damaged["prepare/bad"]
+    gc = ember(home, "gc", ok=False)
+    assert gc.returncode != 0
+    hint = re.search(r"ember snapshot leases rm (\S+) removes it", gc.stderr)
+    assert hint, gc.stderr
+    assert ember(home, "snapshot", "leases", "rm", hint.group(1)).stdout == "prepare/bad\n"
+    ember(home, "gc")
+    assert [x["name"] for x in json.loads(ember(home, "snapshot", "leases", "--json").stdout)] == [
+        "machine/m1"
+    ]

@@ -180,6 +180,19 @@ def test_a_lease_file_naming_another_lease_stops_gc(home: Home) -> None:
     assert snap.leases.get("machine/m1").expires is None and snap.exists("machine/m1")
 
 
+def test_a_damaged_lease_stops_gc_and_image_rm_and_says_how_to_remove_it(home: Home) -> None:
+    """gc and image rm stop on a damaged lease file (what it protects is unknown), and
+    said nothing of how to go on."""
+    snap = Snapshotter(home)
+    snap.prepare("machine/m1")
+    (snap.pool.leases / "machine%2Fm1.json").write_text('{"name": "machine/m1"')
+    for stopped in (lambda: collect(home), lambda: ImageService(home).remove("test/x:1")):
+        with pytest.raises(LeaseError, match=r"machine%2Fm1.json is damaged") as e:
+            stopped()
+        assert "ember snapshot leases rm machine/m1" in str(e.value)
+    assert snap.exists("machine/m1")
+
+
 def test_a_lease_whose_expiry_is_not_a_number_is_damaged(home: Home) -> None:
     """'expires': NaN was read as a lease that never expires (NaN compares false)."""
     snap = Snapshotter(home)

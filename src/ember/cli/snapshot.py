@@ -177,12 +177,17 @@ def _list_leases(as_json: bool) -> None:
     from ember.snapshots import Snapshotter
 
     snap = Snapshotter.existing(home_from_ctx())
-    leases = snap.leases.list() if snap is not None else []
+    # a damaged lease file is shown, not fatal: this is where one is looked for, after
+    # gc or image rm stopped on it
+    leases, damaged = snap.leases.scan() if snap is not None else ([], [])
     now = time.time()
     if as_json:
-        print_json([{**lease.to_json(), "expired": lease.expired(now)} for lease in leases])
+        print_json(
+            [{**lease.to_json(), "expired": lease.expired(now), "damaged": None} for lease in leases]
+            + [{"name": d.name, "file": str(d.path), "damaged": d.error.message} for d in damaged]
+        )
         return
-    rows = []
+    rows = [(d.name, "damaged", "-", "-") for d in damaged]
     for lease in leases:
         if lease.owner is not None and lease.orphaned():
             until = f"expired (its process {lease.owner.pid} is gone)"
@@ -194,7 +199,9 @@ def _list_leases(as_json: bool) -> None:
             until = f"expires in {lease.expires - now:.0f}s"
         rows.append((lease.name, until, str(len(lease.snapshots)), str(len(lease.content))))
     # a header even with no lease, as snapshot ls and image ls print theirs
-    common.print_table(("NAME", "EXPIRES", "SNAPSHOTS", "BLOBS"), rows)
+    common.print_table(("NAME", "EXPIRES", "SNAPSHOTS", "BLOBS"), sorted(rows))
+    for d in damaged:  # on stderr: stdout keeps its format
+        say_error(d.error)
 
 
 @snapshot_leases.command("rm", short_help="Remove leases.")

@@ -10,11 +10,13 @@ after the change, never a window where a new claim is invisible.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import math
 import os
 import secrets
+import shlex
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -156,6 +158,15 @@ class Lease:
             raise LeaseError(f"lease file {where} is damaged: {e}") from e
 
 
+@dataclass(frozen=True)
+class DamagedLease:
+    """A lease file that cannot be used (``Leases.scan``)."""
+
+    name: str  # the lease name its file is under, as ``ember snapshot leases rm`` takes it
+    path: Path
+    error: LeaseError  # why, with how to remove it
+
+
 class Leases:
     def __init__(self, directory: Path, gc_lock: Path) -> None:
         self.dir = directory
@@ -178,15 +189,20 @@ class Leases:
         )
 
     def _read(self, path: Path) -> Lease:
+        """The lease in ``path``; LeaseNotFound when there is none, LeaseError (with how to
+        remove the file) when it is damaged or cannot be read."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise LeaseNotFound(f"no lease {names.decode(path.stem)!r}") from None
+        except OSError as e:  # EIO, EISDIR, ELOOP: as damaged as bad JSON
+            raise self._damaged(path, f"lease file {path} cannot be read: {e.strerror}") from e
         try:
-            raw = jsonutil.loads(data)
+            lease = Lease.from_json(jsonutil.loads(data), path)
+        except LeaseError as e:
+            raise self._damaged(path, e.message) from e
         except ValueError as e:
-            raise LeaseError(f"lease file {path} is damaged: {e}") from e
-        lease = Lease.from_json(raw, path)
+            raise self._damaged(path, f"lease file {path} is damaged: {e}") from e
         # gc deletes an expired lease by its name: a file that names another lease (a
         # copy kept under another name) would take that one's file with it
         try:
@@ -194,11 +210,31 @@ class Leases:
         except SnapshotError:
             matches = False
         if not matches:
-            raise LeaseError(
+            raise self._damaged(
+                path,
                 f"lease file {path} is damaged: it holds lease {lease.name[:100]!r}",
-                hint=f"remove {path} if it is a stray copy",
+                "if it is a stray copy",
             )
         return lease
+
+    def _damaged(self, path: Path, message: str, when: str = "") -> LeaseError:
+        """The error for a lease file that cannot be used, with how to remove it.
+
+        What it protects is unknown, so gc and ``image rm`` stop on it, and it stayed
+        until someone found the file: the hint names it as ``ember snapshot leases rm``
+        takes it (by the lease name its file is under), or by its path when no lease
+        name leads to that file."""
+        name = names.decode(path.stem)
+        try:
+            addressable = path == self._path(name)
+        except SnapshotError:
+            addressable = False
+        how = (
+            f"ember snapshot leases rm {shlex.quote(name)} removes it"
+            if addressable
+            else f"remove {path}"
+        )
+        return LeaseError(message, hint=f"{when}, {how}" if when else how)
 
     def create(
         self,
@@ -280,14 +316,28 @@ class Leases:
                 return False
 
     def list(self) -> list[Lease]:
-        out = []
+        """Every lease.  LeaseError when a lease file is damaged: what it protects is
+        unknown, so gc and ``image rm`` must not go on (its hint says how to remove it)."""
+        leases, damaged = self.scan()
+        if damaged:
+            raise damaged[0].error
+        return leases
+
+    def scan(self) -> tuple[builtins.list[Lease], builtins.list[DamagedLease]]:
+        """Every lease, and every lease file that cannot be used (for a listing that
+        shows them rather than fail on them)."""
+        leases: list[Lease] = []
+        damaged: list[DamagedLease] = []
         for entry in sorted(os.listdir(self.dir)):
             if entry.endswith(".json") and not entry.startswith("."):
+                path = self.dir / entry
                 try:
-                    out.append(self._read(self.dir / entry))
+                    leases.append(self._read(path))
                 except LeaseNotFound:
-                    continue
-        return out
+                    continue  # deleted since the listing
+                except LeaseError as e:
+                    damaged.append(DamagedLease(names.decode(path.stem), path, e))
+        return leases, damaged
 
     @contextmanager
     def temporary(
