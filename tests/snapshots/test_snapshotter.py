@@ -694,3 +694,39 @@ def test_recovery_does_not_wait_for_a_busy_leftover_mount(
     while ours(snap.pool.root)[1] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ours(snap.pool.root) == ([], []), "released on its last user's close"
+
+
+def test_a_build_committed_as_it_is_listed_is_no_stray(
+    home: Home, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """list() and recover() list active/ and then look at each entry: a build committed
+    in between (active/build%2F... renamed away) was warned about as "no snapshot of
+    ember's"."""
+    import logging
+
+    from ember.snapshots import snapshotter
+
+    snap = Snapshotter(home)
+    _active, lock = snap.prepare_held("build/racing", None)
+    real_listdir = os.listdir
+
+    def listdir_then_commit(path: object) -> list[str]:
+        found = real_listdir(path)  # type: ignore[call-overload]
+        if path == snap.active_dir and snap.exists("build/racing"):
+            snap.commit(A, "build/racing", held=lock)  # a concurrent commit, just then
+        return found
+
+    monkeypatch.setattr(snapshotter.os, "listdir", listdir_then_commit)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ember.snapshots"):
+            assert "build/racing" not in {s.name for s in snap.list()}
+    finally:
+        monkeypatch.undo()
+        lock.release()
+    assert "no snapshot of ember's" not in caplog.text, caplog.text
+    # a real stray is still said (a dangling symlink: lstat finds it)
+    (snap.active_dir / "dangling").symlink_to("nowhere")
+    with caplog.at_level(logging.WARNING, logger="ember.snapshots"):
+        snap.recover()
+    assert "dangling is no snapshot of ember's" in caplog.text
+    (snap.active_dir / "dangling").unlink()

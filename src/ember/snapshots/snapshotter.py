@@ -68,13 +68,20 @@ def _real_dir(d: Path) -> bool:
 def _stray(d: Path) -> bool:
     """``d`` (in committed/ or active/) is no snapshot ember made: not a directory, or a
     name that is no encoded key.  Said once, and left alone: one such entry made every
-    command that opens the store fail, or `snapshot ls` and gc."""
+    command that opens the store fail, or `snapshot ls` and gc.  An entry that is gone
+    (since the listing its caller made) is skipped too, unsaid."""
     try:
         name_ok = names.encode(names.decode(d.name)) == d.name
     except SnapshotError:
         name_ok = False
     if name_ok and _real_dir(d):
         return False
+    try:
+        os.lstat(d)
+    except FileNotFoundError:
+        # gone since the listing: a commit renamed a build away (active/build%2F... is
+        # committed/<chain id> now), a removal; it was said to be a foreign entry
+        return True
     if d not in _SAID_STRAY:
         _SAID_STRAY.add(d)
         log.warning("%s is no snapshot of ember's (left alone; remove it if nothing uses it)", d)
