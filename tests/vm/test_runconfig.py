@@ -85,6 +85,27 @@ def test_bad_env_refused(bad: str) -> None:
         RunConfig.from_image(Cfg(cmd=["x"]), RunOverrides(env=[bad]))
 
 
+def test_image_env_entries_without_a_value_or_a_name_are_dropped_like_docker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An image's Env entry without '=' (or with an empty name) made `ember run` refuse
+    the image; Docker runs it.  A bare KEY sets nothing, and does not unset a value the
+    same list set before it (Docker's ReplaceOrAppendEnvValues only unsets keys of its
+    defaults); an empty name is skipped with a warning."""
+    image_env = ["A=1", "BARE", "A", "=nameless", "", "B=2=3", "C="]
+    with caplog.at_level("WARNING", logger="ember.vm"):
+        rc = RunConfig.from_image(Cfg(cmd=["x"], env=image_env))
+    assert rc.env == ("A=1", "B=2=3", "C=")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "'=nameless'" in warnings[0], warnings
+    # the user's -e after it sets the key as usual
+    rc = RunConfig.from_image(Cfg(cmd=["x"], env=image_env), RunOverrides(env=["BARE=u"]))
+    assert rc.env == ("A=1", "B=2=3", "C=", "BARE=u")
+    # what cannot be passed at all is still refused
+    with pytest.raises(InvalidRunConfig):
+        RunConfig.from_image(Cfg(cmd=["x"], env=["A\x00B=1"]))
+
+
 def test_user_workdir_and_signal_from_image_then_overrides() -> None:
     cfg = Cfg(cmd=["x"], user="nobody", working_dir="/srv", stop_signal="SIGQUIT")
     rc = RunConfig.from_image(cfg)

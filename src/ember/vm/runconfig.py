@@ -16,6 +16,8 @@ detected).  NUL bytes are never allowed.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import posixpath
 import re
 import signal as _signal
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ember.vm.errors import InvalidRunConfig, NoCommand
+
+log = logging.getLogger("ember.vm")
 
 FORMAT_VERSION = 1
 MAGIC = b"ember-run-config"
@@ -281,11 +285,24 @@ def docker_argv(
 
 
 def merge_env(image_env: Iterable[str], user_env: Sequence[str] | Mapping[str, str]) -> list[str]:
-    """Later entries replace earlier ones with the same key, keeping the first position."""
+    """Later entries replace earlier ones with the same key, keeping the first position.
+
+    The image's entries are taken as Docker takes them (moby's and containerd's
+    ReplaceOrAppendEnvValues): one without '=' (``KEY``) sets nothing and is dropped;
+    it only unsets a key of the list the entries are applied to, which is Docker's own
+    defaults, never a key set earlier in the same list, so such an earlier value stays.
+    An entry with an empty key (``=x``) is skipped with a warning.  The user's ``-e``
+    entries stay strict: ``KEY=VALUE`` with a non-empty key, or an error."""
     merged: dict[str, str] = {}
     for item in image_env:
-        k, v = _split_env(item, "image")
-        merged[k] = v
+        key, sep, value = item.partition("=")
+        if not key:
+            log.warning("skipping the image's environment entry %r: its name is empty", item)
+            continue
+        if not sep:
+            continue  # unsets nothing ember would have set before the image's list
+        _check_env_key(key)
+        merged[key] = value
     pairs: Iterable[tuple[str, str]]
     if isinstance(user_env, Mapping):
         pairs = user_env.items()
