@@ -71,6 +71,27 @@ static char **push(char **arr, int *n, char *s, int spare)
 	return arr;
 }
 
+/* A volume target must name a directory below "/": absolute, no ".." component (as the
+ * host checks), and something besides "/" and "." components ("//", "/.", "/./" are the
+ * root itself, and a volume mounted there would hide the image). */
+static int good_mount_target(const char *t)
+{
+	int named = 0;
+	if (t[0] != '/')
+		return 0;
+	for (const char *p = t; *p;) {
+		size_t n = strcspn(p, "/");
+		if (n == 2 && p[0] == '.' && p[1] == '.')
+			return 0;
+		if (n > 0 && !(n == 1 && p[0] == '.'))
+			named = 1;
+		p += n;
+		while (*p == '/')
+			p++;
+	}
+	return named;
+}
+
 struct rec {
 	const char *key;
 	int min, max, single;
@@ -205,7 +226,7 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 			c->ifaces[c->nifaces++] = ifc;
 		} else if (!strcmp(key, "mount")) {
 			struct vmount m = {fields[0], fields[1], fields[2], fields[3]};
-			if (m.source[0] != '/' || m.target[0] != '/' || !strcmp(m.target, "/"))
+			if (m.source[0] != '/' || !good_mount_target(m.target))
 				return seterr(err, errlen, "run config line %d: bad mount paths", lineno), -1;
 			c->mounts = xrealloc(c->mounts, sizeof(*c->mounts) * (size_t)(c->nmounts + 1));
 			c->mounts[c->nmounts++] = m;

@@ -754,6 +754,11 @@ def test_arguments_and_env_arrive_byte_exact(root: Path) -> None:
         b"ember-run-config 1\narg /bin/true\nnet eth0 10.0.0.2 - 1500\nend\n",
         b"ember-run-config 1\narg /bin/true\nnet eth0 10.0.0.2/24 - 20\nend\n",
         b"ember-run-config 1\narg /bin/true\nmount /dev/vdb / ext4 defaults\nend\n",
+        # the root as well: the volume was mounted over "/"
+        b"ember-run-config 1\narg /bin/true\nmount /dev/vdb // ext4 defaults\nend\n",
+        b"ember-run-config 1\narg /bin/true\nmount /dev/vdb /. ext4 defaults\nend\n",
+        b"ember-run-config 1\narg /bin/true\nmount /dev/vdb /./ ext4 defaults\nend\n",
+        b"ember-run-config 1\narg /bin/true\nmount /dev/vdb /a/.. ext4 defaults\nend\n",
         b"ember-run-config 1\narg /bin/true\nmodule ../x\nend\n",
         b"ember-run-config 1\narg /bin/true\nend\narg /bin/false\n",  # data after end
         b"ember-run-config 1\narg /bin/true\narg\nend\n",  # arg without a field
@@ -768,6 +773,16 @@ def test_c_parser_refuses_what_python_refuses(root: Path, data: bytes) -> None:
     assert r.returncode == 125, r.console
     assert "ember-init: error: " in r.console
     assert r.status is not None and r.status["exit_code"] == 125
+
+
+@pytest.mark.parametrize("target", [b"/", b"//", b"/.", b"/./", b"///./.", b"/a/..", b"/a/../b"])
+def test_c_parser_refuses_a_volume_over_the_root(root: Path, target: bytes) -> None:
+    """Only "/" itself was refused: "//", "/." and "/./" passed, and the volume was
+    mounted over the image's root."""
+    data = b"ember-run-config 1\narg /bin/true\nmount /dev/vdb " + target + b" ext4 ro\nend\n"
+    r = run_init(root, data)
+    assert r.returncode == 125, r.console
+    assert "ember-init: error: run config line 3: bad mount paths" in r.console
 
 
 # ---- network over rtnetlink, in a network namespace with a dummy eth0 ------------------

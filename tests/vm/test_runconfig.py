@@ -240,6 +240,10 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
         {"network": (Interface("eth0", "10.0.0.2", 24, mtu=20),)},
         {"mounts": (Mount("/dev/vdb", "/"),)},
         {"mounts": (Mount("/dev/vdb", "/a/../b"),)},
+        {"mounts": (Mount("/dev/vdb", "//"),)},  # the root too, once normalized
+        {"mounts": (Mount("/dev/vdb", "/."),)},
+        {"mounts": (Mount("/dev/vdb", "/./"),)},
+        {"mounts": (Mount("/dev/vdb", "///./."),)},
         {"mounts": (Mount("vdb", "/data"),)},
         {"nameservers": ("not-an-ip",)},
         {"hosts": (HostEntry("10.0.0.1", ()),)},

@@ -426,7 +426,10 @@ def validate(rc: RunConfig) -> None:
             _text(value, what)
             if not value.startswith("/"):
                 raise InvalidRunConfig(f"{what} {value!r} must be an absolute path")
-        if m.target == "/" or ".." in m.target.split("/"):
+        # "//", "/.", "/./" are "/" too: a volume over the root (normpath keeps a
+        # leading "//", POSIX's implementation-defined root, as it is)
+        root_itself = not posixpath.normpath(m.target).strip("/")
+        if root_itself or ".." in m.target.split("/"):
             raise InvalidRunConfig(f"mount target {m.target!r} is not allowed")
         if not _FSTYPE_RE.fullmatch(m.fstype):
             raise InvalidRunConfig(f"invalid file system type {m.fstype!r}")
