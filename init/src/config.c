@@ -228,6 +228,9 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 			struct vmount m = {fields[0], fields[1], fields[2], fields[3]};
 			if (m.source[0] != '/' || !good_mount_target(m.target))
 				return seterr(err, errlen, "run config line %d: bad mount paths", lineno), -1;
+			if (strlen(m.options) > MOUNT_OPTIONS_MAX)
+				return seterr(err, errlen, "run config line %d: mount options longer than %d bytes",
+				              lineno, MOUNT_OPTIONS_MAX), -1;
 			c->mounts = xrealloc(c->mounts, sizeof(*c->mounts) * (size_t)(c->nmounts + 1));
 			c->mounts[c->nmounts++] = m;
 		} else if (!strcmp(key, "stop_signal")) {
@@ -241,6 +244,9 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 		} else if (!strcmp(key, "root")) {
 			if (strncmp(fields[0], "/dev/", 5) != 0 || !*fields[1])
 				return seterr(err, errlen, "run config: bad root device"), -1;
+			if (strlen(fields[2]) > MOUNT_OPTIONS_MAX)
+				return seterr(err, errlen, "run config: root mount options longer than %d bytes",
+				              MOUNT_OPTIONS_MAX), -1;
 			c->root_dev = fields[0];
 			c->root_fstype = fields[1];
 			c->root_opts = fields[2];

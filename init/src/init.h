@@ -17,6 +17,9 @@
 #define EXIT_NOT_FOUND 127   /* command not found */
 
 #define CONFIG_MAX_SIZE (1 << 20) /* keep in step with runconfig.MAX_CONFIG_SIZE */
+/* the longest fstab-style option string of a mount (mount_with_options' buffers):
+ * keep in step with runconfig.MAX_MOUNT_OPTIONS */
+#define MOUNT_OPTIONS_MAX 1023
 
 struct iface {
 	char *name, *addr, *gateway; /* gateway NULL when "-" */

@@ -104,12 +104,18 @@ static const struct flagname FLAGS[] = {
 	{"nodiratime", MS_NODIRATIME, 0}, {"relatime", MS_RELATIME, 0}, {"dirsync", MS_DIRSYNC, 0},
 };
 
-/* mount(2) with an fstab-style option string: known flags become MS_*, the rest is data. */
+/* mount(2) with an fstab-style option string: known flags become MS_*, the rest is data.
+ * Options longer than MOUNT_OPTIONS_MAX are E2BIG, never cut (a trailing "ro" would be
+ * lost); the config parser refuses them first.  The data is never longer than them. */
 int mount_with_options(const char *src, const char *target, const char *fstype, const char *opts)
 {
 	unsigned long flags = 0;
-	char data[1024] = "", copy[1024];
-	snprintf(copy, sizeof(copy), "%s", opts ? opts : "");
+	char data[MOUNT_OPTIONS_MAX + 1] = "", copy[MOUNT_OPTIONS_MAX + 1];
+	if (!opts)
+		opts = "";
+	if (strlen(opts) > MOUNT_OPTIONS_MAX)
+		return errno = E2BIG, -1;
+	strcpy(copy, opts);
 	for (char *save = NULL, *o = strtok_r(copy, ",", &save); o; o = strtok_r(NULL, ",", &save)) {
 		size_t i;
 		for (i = 0; i < sizeof(FLAGS) / sizeof(FLAGS[0]); i++)

@@ -18,6 +18,7 @@ from ember.vm.runconfig import (
     HostEntry,
     Interface,
     Mount,
+    RootDevice,
     RunConfig,
     RunOverrides,
     escape,
@@ -83,6 +84,11 @@ def test_env_user_replaces_image_keeping_order() -> None:
 def test_bad_env_refused(bad: str) -> None:
     with pytest.raises(InvalidRunConfig):
         RunConfig.from_image(Cfg(cmd=["x"]), RunOverrides(env=[bad]))
+
+
+def test_mount_options_up_to_1023_bytes() -> None:
+    rc = RunConfig(argv=("x",), mounts=(Mount("/dev/vdb", "/data", "ext4", "o" * 1023),))
+    assert RunConfig.parse(rc.render()) == rc
 
 
 def test_image_env_entries_without_a_value_or_a_name_are_dropped_like_docker(
@@ -244,6 +250,10 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
         {"mounts": (Mount("/dev/vdb", "/."),)},
         {"mounts": (Mount("/dev/vdb", "/./"),)},
         {"mounts": (Mount("/dev/vdb", "///./."),)},
+        # longer than the guest's 1023 bytes: it cut them (a trailing "ro" was lost)
+        {"mounts": (Mount("/dev/vdb", "/data", "ext4", "rw," * 341 + "ro"),)},
+        {"mounts": (Mount("/dev/vdb", "/data", "ext4", "\udcff" * 1024),)},
+        {"root": RootDevice(options="noatime," * 128)},
         {"mounts": (Mount("vdb", "/data"),)},
         {"nameservers": ("not-an-ip",)},
         {"hosts": (HostEntry("10.0.0.1", ()),)},

@@ -46,6 +46,9 @@ _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 _ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+#: the longest mount option string ember-init takes (its buffers, init/src/init.h
+#: MOUNT_OPTIONS_MAX), counted in the bytes it is rendered as
+MAX_MOUNT_OPTIONS = 1023
 #: bytes of host randomness a restored machine's kernel is reseeded with
 SEED_BYTES = 64
 
@@ -433,14 +436,14 @@ def validate(rc: RunConfig) -> None:
             raise InvalidRunConfig(f"mount target {m.target!r} is not allowed")
         if not _FSTYPE_RE.fullmatch(m.fstype):
             raise InvalidRunConfig(f"invalid file system type {m.fstype!r}")
-        _text(m.options, "mount options")
+        _mount_options(m.options, "mount options")
     if not 1 <= rc.stop_signal <= int(_signal.SIGRTMAX):
         raise InvalidRunConfig(f"invalid stop signal {rc.stop_signal}")
     if not 0 <= rc.stop_timeout <= 24 * 3600:
         raise InvalidRunConfig(f"invalid stop timeout {rc.stop_timeout}")
     if not rc.root.device.startswith("/dev/") or not _FSTYPE_RE.fullmatch(rc.root.fstype):
         raise InvalidRunConfig(f"invalid root device {rc.root.device!r} ({rc.root.fstype})")
-    _text(rc.root.options, "root mount options")
+    _mount_options(rc.root.options, "root mount options")
     for mod in (*rc.modules, *rc.late):
         if not _MODULE_RE.fullmatch(mod):
             raise InvalidRunConfig(f"invalid module name {mod!r}")
@@ -460,6 +463,15 @@ def _text(value: str, what: str) -> None:
         value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raise InvalidRunConfig(f"{what} {value!r} cannot be encoded") from None
+
+
+def _mount_options(value: str, what: str) -> None:
+    _text(value, what)
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > MAX_MOUNT_OPTIONS:  # the guest refuses them rather than cut a trailing "ro"
+        raise InvalidRunConfig(
+            f"{what} {value[:40]!r}... are {size} bytes: at most {MAX_MOUNT_OPTIONS}"
+        )
 
 
 def _ip(value: str, what: str) -> None:
