@@ -225,7 +225,7 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 			c->ifaces = xrealloc(c->ifaces, sizeof(*c->ifaces) * (size_t)(c->nifaces + 1));
 			c->ifaces[c->nifaces++] = ifc;
 		} else if (!strcmp(key, "mount")) {
-			struct vmount m = {fields[0], fields[1], fields[2], fields[3]};
+			struct vmount m = {fields[0], fields[1], fields[2], fields[3], NULL};
 			if (m.source[0] != '/' || !good_mount_target(m.target))
 				return seterr(err, errlen, "run config line %d: bad mount paths", lineno), -1;
 			if (strlen(m.options) > MOUNT_OPTIONS_MAX)

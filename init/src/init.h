@@ -32,6 +32,7 @@ struct hostent_rec {
 };
 struct vmount {
 	char *source, *target, *fstype, *options;
+	char *resolved; /* where it was mounted (its target resolved inside the root), or NULL */
 };
 struct macaddr {
 	char *iface;
@@ -80,9 +81,13 @@ size_t append(char *buf, size_t size, size_t at, const char *fmt, ...)
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 int mkdir_p(const char *path, mode_t mode);
-/* mkdir_p for a path inside the image (WorkingDir): symlinks, dangling ones too, are
- * resolved inside the root (at most 40, then ELOOP); AT gets where a failure stopped. */
+/* mkdir_p for a path inside the image (WorkingDir, volume targets): symlinks, dangling
+ * ones too, are resolved inside the root (at most 40, then ELOOP); AT gets the path it
+ * resolved to, without links, or where a failure stopped. */
 int mkdir_in_root(const char *path, mode_t mode, char *at, size_t atlen);
+/* "WHAT PATH: [AT: ]REASON" for a failed mkdir_in_root (AT when it is not PATH). */
+void walk_error(char *err, size_t errlen, const char *what, const char *path, const char *at,
+                int e);
 int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode);
 /* Open a path that must be a regular file (following symlinks, as open does): -1 with
  * errno EINVAL when it is anything else.  An image's /etc/passwd or /etc/hosts may be a
@@ -96,9 +101,10 @@ long long now_ms(void);
 /* mounts.c */
 int load_modules(const char *dir, char **extra, int nextra, char **skip, int nskip);
 int load_named(const char *dir, char **names, int n);
+/* -1 on a failure, -2 when the image itself cannot be used (a symlinked /dev or /sys) */
 int mount_root_and_switch(const struct config *c, char *err, size_t errlen);
-void mount_pseudo(void);
-int mount_volumes(const struct config *c, char *err, size_t errlen);
+int mount_pseudo(char *err, size_t errlen);
+int mount_volumes(struct config *c, char *err, size_t errlen);
 void unmount_volumes(const struct config *c);
 int mount_with_options(const char *src, const char *target, const char *fstype, const char *opts);
 int wait_for_path(const char *path, int timeout_ms);

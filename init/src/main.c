@@ -1125,10 +1125,14 @@ int main(int argc, char **argv)
 	G.have_cfg = 1;
 	struct config *c = &G.cfg;
 
-	if (!G.test && mount_root_and_switch(c, err, sizeof(err)) < 0)
+	int switched = G.test ? 0 : mount_root_and_switch(c, err, sizeof(err));
+	if (switched == -2)
+		fail_not_started(err);
+	if (switched < 0)
 		fail(err);
 	mark("root switched");
-	mount_pseudo();
+	if (mount_pseudo(err, sizeof(err)) < 0)
+		fail_not_started(err);
 	mark("pseudo file systems");
 	raise_nofile(c->nofile);
 	set_hostname_and_files(c);
@@ -1151,16 +1155,7 @@ int main(int argc, char **argv)
 	 * in the WorkingDir resolve inside it, and dangling ones get their target created */
 	char at[4096];
 	if (mkdir_in_root(workdir, 0755, at, sizeof(at)) < 0) {
-		int e = errno;
-		/* where the walk stopped, when that is not the path itself: a link's target */
-		size_t n = append(err, sizeof(err), 0, "cannot create working directory %s: ", workdir);
-		if (strcmp(at, workdir))
-			n = append(err, sizeof(err), n, "%s: ", at);
-		if (e == ELOOP)
-			append(err, sizeof(err), n,
-			       "too many levels of symbolic links (more than 40 followed)");
-		else
-			append(err, sizeof(err), n, "%s", strerror(e));
+		walk_error(err, sizeof(err), "cannot create working directory", workdir, at, errno);
 		fail_not_started(err);
 	}
 

@@ -131,6 +131,20 @@ int mount_with_options(const char *src, const char *target, const char *fstype, 
 	return mount(src, target, fstype, flags, data[0] ? data : NULL);
 }
 
+/* Init's own mount points in the image must not be symbolic links: mkdir and mount follow
+ * them, before switch_root relative to the initramfs's root (an image's `/dev -> /ember`
+ * moved /dev there), and runc refuses a symlinked /proc or /sys as well.  -1 with the
+ * message when PATH (SHOWN in the message) is one. */
+static int refuse_symlink(const char *path, const char *shown, char *err, size_t errlen)
+{
+	struct stat st;
+	if (lstat(path, &st) < 0 || !S_ISLNK(st.st_mode))
+		return 0;
+	snprintf(err, errlen, "the image's %s is a symbolic link: it must be a directory (%s is "
+	         "mounted there)", shown, shown);
+	return -1;
+}
+
 int mount_root_and_switch(const struct config *c, char *err, size_t errlen)
 {
 	if (wait_for_path(c->root_dev, 10000) < 0) {
@@ -149,6 +163,8 @@ int mount_root_and_switch(const struct config *c, char *err, size_t errlen)
 		char src[32], dst[64];
 		snprintf(src, sizeof(src), "/%s", moves[i]);
 		snprintf(dst, sizeof(dst), "/newroot/%s", moves[i]);
+		if (refuse_symlink(dst, src, err, errlen) < 0)
+			return -2;
 		if (mkdir_p(dst, 0755) < 0 || mount(src, dst, NULL, MS_MOVE, NULL) < 0) {
 			snprintf(err, errlen, "cannot move %s into the root disk: %s", src, strerror(errno));
 			return -1;
@@ -195,10 +211,16 @@ static void dev_symlink(const char *target, const char *link)
 
 /* What Linux programs expect.  Standard pseudo file systems are mounted even over
  * what the image ships there (Docker does too); /run only when the image's is empty,
- * so an image that ships files in /run keeps them. */
-void mount_pseudo(void)
+ * so an image that ships files in /run keeps them.  -1 with the message when the
+ * image has a symbolic link at /dev, /proc, /sys or /run: the start fails, as runc's
+ * does for /proc and /sys (the submounts are inside file systems init mounted). */
+int mount_pseudo(char *err, size_t errlen)
 {
 	const unsigned long std = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+	static const char *own[] = {"/dev", "/proc", "/sys", "/run"};
+	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
+		if (refuse_symlink(own[i], own[i], err, errlen) < 0)
+			return -1;
 	mnt("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755", TMPFS_MAGIC);
 	mnt("proc", "/proc", "proc", std, NULL, PROC_MAGIC);
 	mnt("sysfs", "/sys", "sysfs", std, NULL, SYSFS_MAGIC);
@@ -215,22 +237,45 @@ void mount_pseudo(void)
 	dev_symlink("/proc/self/fd/1", "/dev/stdout");
 	dev_symlink("/proc/self/fd/2", "/dev/stderr");
 	dev_symlink("/proc/kcore", "/dev/core");
+	return 0;
 }
 
-int mount_volumes(const struct config *c, char *err, size_t errlen)
+/* Volumes, after switch_root (init is chrooted into the image).  A target is resolved
+ * inside the image's root as Docker resolves it: its links, dangling ones too, are
+ * followed there and what is missing is created (mkdir_in_root, as for the WorkingDir);
+ * one that resolves to "/" is refused.  The mount goes through an O_PATH descriptor of
+ * the directory resolved, so no path is looked up (and no link followed) again. */
+int mount_volumes(struct config *c, char *err, size_t errlen)
 {
 	for (int i = 0; i < c->nmounts; i++) {
-		const struct vmount *m = &c->mounts[i];
+		struct vmount *m = &c->mounts[i];
 		if (!strncmp(m->source, "/dev/", 5) && wait_for_path(m->source, 5000) < 0) {
 			snprintf(err, errlen, "volume device %s did not appear", m->source);
 			return -1;
 		}
-		if (mkdir_p(m->target, 0755) < 0 ||
-		    mount_with_options(m->source, m->target, m->fstype, m->options) < 0) {
-			snprintf(err, errlen, "cannot mount %s on %s: %s", m->source, m->target,
-			         strerror(errno));
+		char at[4096], via[64];
+		if (mkdir_in_root(m->target, 0755, at, sizeof(at)) < 0) {
+			walk_error(err, errlen, "cannot create volume target", m->target, at, errno);
 			return -1;
 		}
+		if (!strcmp(at, "/")) {
+			snprintf(err, errlen, "volume target %s resolves to /: not mounting over the root",
+			         m->target);
+			return -1;
+		}
+		int fd = open(at, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
+		if (fd >= 0)
+			snprintf(via, sizeof(via), "/proc/self/fd/%d", fd);
+		if (fd < 0 || mount_with_options(m->source, via, m->fstype, m->options) < 0) {
+			int e = errno;
+			snprintf(err, errlen, "cannot mount %s on %s: %s", m->source, at,
+			         e == E2BIG ? "mount options too long" : strerror(e));
+			if (fd >= 0)
+				close(fd);
+			return -1;
+		}
+		close(fd);
+		m->resolved = xstrdup(at);
 	}
 	return 0;
 }
@@ -239,16 +284,19 @@ int mount_volumes(const struct config *c, char *err, size_t errlen)
 void unmount_volumes(const struct config *c)
 {
 	for (int i = c->nmounts - 1; i >= 0; i--) {
-		const char *t = c->mounts[i].target;
+		/* where it was mounted, not its target: the program may have changed the links */
+		const char *t = c->mounts[i].resolved;
 		int tries;
+		if (!t)
+			continue;
 		for (tries = 0; tries < 20; tries++) {
-			if (umount2(t, 0) == 0 || errno == EINVAL || errno == ENOENT)
+			if (umount2(t, UMOUNT_NOFOLLOW) == 0 || errno == EINVAL || errno == ENOENT)
 				break;
 			msleep(50);
 		}
 		if (tries == 20) {
 			logmsg("volume %s still busy: detaching it", t);
-			umount2(t, MNT_DETACH);
+			umount2(t, MNT_DETACH | UMOUNT_NOFOLLOW);
 		}
 	}
 }

@@ -114,8 +114,11 @@ int mkdir_in_root(const char *path, mode_t mode, char *at, size_t atlen)
 	for (;;) {
 		while (*p == '/')
 			p++;
-		if (!*p)
+		if (!*p) {
+			if (at && atlen)
+				snprintf(at, atlen, "%s", done[0] ? done : "/");
 			return 0;
+		}
 		size_t n = strcspn(p, "/");
 		if (n == 1 && p[0] == '.') {
 			p += n;
@@ -187,6 +190,20 @@ fail:
 	if (at && atlen)
 		snprintf(at, atlen, "%s", done[0] ? done : "/");
 	return errno = e, -1;
+}
+
+void walk_error(char *err, size_t errlen, const char *what, const char *path, const char *at,
+                int e)
+{
+	size_t n = append(err, errlen, 0, "%s %s: ", what, path);
+	/* where the walk stopped, when that is not the path itself: a link's target */
+	if (strcmp(at, path))
+		n = append(err, errlen, n, "%s: ", at);
+	if (e == ELOOP)
+		append(err, errlen, n, "too many levels of symbolic links (more than %d followed)",
+		       MAX_LINKS);
+	else
+		append(err, errlen, n, "%s", strerror(e));
 }
 
 int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode)

@@ -792,6 +792,60 @@ def _tmpfs_volume(target: str, options: str) -> bytes:
     return ok.render().replace(b"mount /none /vol tmpfs x", f"mount /none {target} tmpfs {options}".encode())
 
 
+@pytest.mark.parametrize("name", ["proc", "sys", "run"])
+def test_a_symlinked_pseudo_filesystem_mount_point_is_refused(root: Path, name: str) -> None:
+    """mkdir and mount followed an image's `/proc -> /elsewhere` (in a VM, `/dev` and
+    `/sys` were followed relative to the initramfs's root before switch_root): the start
+    fails now, as runc's does for a symlinked /proc or /sys.  (/dev is the harness's
+    own mount here, so it cannot be a link in this test; the check is the same.)"""
+    shutil.rmtree(root / name)
+    (root / "elsewhere").mkdir()
+    os.symlink("/elsewhere", root / name)
+    r = run_init(root, sh("echo should-not-run"))
+    assert (r.returncode, r.stdout) == (125, ""), r.console
+    message = f"the image's /{name} is a symbolic link: it must be a directory (/{name} is mounted there)"
+    assert f"ember-init: error: {message}" in r.console
+    assert r.status is not None and r.status["error"] == message
+    assert r.status["not_started"] is True  # the image: the same run fails again
+    assert not list((root / "elsewhere").iterdir())
+
+
+def test_volume_targets_are_resolved_inside_the_root_and_created(root: Path) -> None:
+    """A volume target that is a dangling link failed with 125 (Docker creates its
+    target); one through links was mounted wherever they led.  Resolved inside the
+    image's root now, as the WorkingDir is, and mounted on what was resolved."""
+    os.symlink("/srv/vol", root / "vol")  # dangling
+    os.symlink("../../srv/deep", root / "home" / "rel")  # relative, ".." clamped at /
+    (root / "out").mkdir()
+    vols = (
+        Mount("/none", "/vol", "tmpfs", "size=1m"),
+        Mount("/none", "/home/rel/sub", "tmpfs", "ro"),
+    )
+    r = run_init(root, sh("grep tmpfs /proc/mounts | cut -d' ' -f2,4 | cut -d, -f1", mounts=vols))
+    assert r.returncode == 0, r.console
+    assert r.stdout.splitlines()[-2:] == ["/srv/vol rw", "/srv/deep/sub ro"], r.stdout
+    _assert_created_like_docker(root / "srv" / "vol")
+    _assert_created_like_docker(root / "srv" / "deep" / "sub")
+    assert os.readlink(root / "vol") == "/srv/vol"
+
+
+def test_volume_targets_that_cannot_be_used_fail_the_start(root: Path) -> None:
+    os.symlink("../..", root / "up")  # the root itself
+    os.symlink("/etc/passwd", root / "file")
+    os.symlink("loop", root / "loop")
+    cases = [
+        ("/up", "volume target /up resolves to /: not mounting over the root"),
+        ("/up/.", "volume target /up/. resolves to /: not mounting over the root"),
+        ("/file/x", "cannot create volume target /file/x: /etc/passwd: Not a directory"),
+        ("/loop", "cannot create volume target /loop: "
+                  "too many levels of symbolic links (more than 40 followed)"),
+    ]  # fmt: skip
+    for target, message in cases:
+        r = run_init(root, sh("echo should-not-run", mounts=(Mount("/none", target, "tmpfs"),)))
+        assert (r.returncode, r.stdout) == (125, ""), r.console
+        assert r.status is not None and r.status["error"] == message
+
+
 def test_mount_options_too_long_are_refused_not_cut(root: Path) -> None:
     """Options past 1023 bytes were cut by snprintf: a trailing "ro" was lost and the
     volume mounted read-write.  Refused now (125); 1023 bytes still work."""
