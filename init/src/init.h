@@ -89,11 +89,14 @@ int mkdir_in_root(const char *path, mode_t mode, char *at, size_t atlen);
 void walk_error(char *err, size_t errlen, const char *what, const char *path, const char *at,
                 int e);
 int write_file(const char *path, const char *data, size_t len, int flags, mode_t mode);
-/* Open a path that must be a regular file (following symlinks, as open does): -1 with
- * errno EINVAL when it is anything else.  An image's /etc/passwd or /etc/hosts may be a
- * FIFO, whose open or read would hang init before the program starts, or a device. */
+/* Open a path that must be a regular file (following symlinks, as open does, unless
+ * FLAGS has O_NOFOLLOW: a symlink is then ELOOP): -1 with errno EINVAL when it is
+ * anything else.  An image's /etc/passwd or /etc/hosts may be a FIFO, whose open or
+ * read would hang init before the program starts, or a device. */
 int open_regular(const char *path, int flags, mode_t mode);
 char *read_file(const char *path, size_t max, size_t *len);
+/* read_file with open flags added (O_NOFOLLOW) */
+char *read_file_flags(const char *path, size_t max, size_t *len, int flags);
 int dir_is_empty(const char *path);
 void msleep(int ms);
 long long now_ms(void);

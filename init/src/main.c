@@ -435,15 +435,16 @@ static size_t drop_tagged_lines(char *buf, size_t len)
 	return out;
 }
 
-/* Replace the regular file at path with data: a new file beside it (the old one's mode
- * and owner, else mode), renamed over it.  -1 with errno on failure. */
+/* Replace the file at path with data: a new file beside it (the old one's mode and owner
+ * when it is a regular file, never a link's target's; else mode), renamed over it (over
+ * a link, the link itself).  -1 with errno on failure. */
 static int replace_file(const char *path, const char *data, size_t len, mode_t mode)
 {
 	char tmp[256];
 	if ((size_t)snprintf(tmp, sizeof(tmp), "%s.ember-new", path) >= sizeof(tmp))
 		return errno = ENAMETOOLONG, -1;
 	struct stat st;
-	int had = stat(path, &st) == 0;
+	int had = lstat(path, &st) == 0 && S_ISREG(st.st_mode);
 	unlink(tmp);
 	if (write_file(tmp, data, len, O_TRUNC | O_EXCL | O_NOFOLLOW, had ? st.st_mode & 07777 : mode) < 0)
 		return -1;
@@ -475,19 +476,21 @@ static void set_hostname_and_files(const struct config *c)
 	 * are tagged (HOSTS_TAG) and the last boot's are taken out first: the root disk
 	 * outlives a run, and a restarted machine's address may differ (the old line, found
 	 * first, named an address it no longer has).  Written to a new file renamed over
-	 * the old one.  A hosts that is not a regular file (a FIFO would hang init) is the
-	 * image's business. */
+	 * the old one.  A hosts that is a symlink (it may lead anywhere: init reads as root,
+	 * and /proc/modules would have been copied in) or anything else but a regular file
+	 * (a FIFO would hang init) counts as absent: replaced, never read. */
 	size_t len = 0;
-	char *old = read_file("/etc/hosts", 1 << 20, &len);
-	int unreadable = !old && errno != ENOENT;  /* (rewritten, it would lose its lines) */
-	int not_regular = unreadable && errno == EINVAL;
+	char *old = read_file_flags("/etc/hosts", 1 << 20, &len, O_NOFOLLOW);
+	int e = old ? 0 : errno;
+	int not_regular = e == ELOOP || e == EINVAL;
+	int unreadable = e && e != ENOENT && !not_regular; /* (rewritten, it would lose lines) */
 	size_t kept = old ? drop_tagged_lines(old, len) : 0;
 	int need_localhost = !old || !names_localhost(old);
-	if (not_regular) {
-		logmsg("/etc/hosts is not a regular file: no records added");
-	} else if (unreadable) {
-		logmsg("/etc/hosts: %s: no records added", strerror(errno));
-	} else if (c->nhosts > 0 || need_localhost || kept != len) {
+	if (unreadable) {
+		logmsg("/etc/hosts: %s: no records added", strerror(e));
+	} else if (not_regular || c->nhosts > 0 || need_localhost || kept != len) {
+		if (not_regular)
+			logmsg("/etc/hosts is not a regular file: replaced without reading it");
 		size_t cap = kept + 256;
 		for (int i = 0; i < c->nhosts; i++) {
 			cap += strlen(c->hosts[i].addr) + sizeof(HOSTS_TAG) + 1;

@@ -230,8 +230,14 @@ int open_regular(const char *path, int flags, mode_t mode)
 {
 	/* look before opening: opening a device can do things of its own (a watchdog arms) */
 	struct stat st;
-	if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+	if (flags & O_NOFOLLOW) {
+		if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+			return errno = ELOOP, -1;
+		if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
+			return errno = EINVAL, -1;
+	} else if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
 		return errno = EINVAL, -1;
+	}
 	/* O_NONBLOCK: should it have become a FIFO meanwhile, the open must not wait for a
 	 * writer (or reader); on a regular file the flag changes nothing */
 	int fd = open(path, flags | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, mode);
@@ -248,7 +254,12 @@ int open_regular(const char *path, int flags, mode_t mode)
  * if > max: EINVAL when it is not a regular file (a FIFO would block init). */
 char *read_file(const char *path, size_t max, size_t *len)
 {
-	int fd = open_regular(path, O_RDONLY, 0);
+	return read_file_flags(path, max, len, 0);
+}
+
+char *read_file_flags(const char *path, size_t max, size_t *len, int flags)
+{
+	int fd = open_regular(path, O_RDONLY | flags, 0);
 	if (fd < 0)
 		return NULL;
 	size_t cap = 4096, n = 0;

@@ -510,7 +510,7 @@ def test_a_restart_replaces_the_host_records_of_the_run_before(root: Path) -> No
 def test_fifo_passwd_group_and_hosts_do_not_hang_init(root: Path) -> None:
     """An image's /etc/passwd, /etc/group or /etc/hosts that is a FIFO (or a symlink to
     one) hung init in its open or read before the program ran: anything but a regular
-    file now counts as absent, and hosts is left alone."""
+    file now counts as absent, and hosts is replaced without being read."""
     etc = root / "etc"
     for name in ("passwd", "hosts"):
         (etc / name).unlink(missing_ok=True)
@@ -529,9 +529,10 @@ def test_fifo_passwd_group_and_hosts_do_not_hang_init(root: Path) -> None:
     r = run_init(root, rc, timeout=20)
     assert r.returncode == 0, r.console
     assert r.stdout.split() == ["4242", "0", "/"]
-    assert "ember-init: /etc/hosts is not a regular file: no records added" in r.console
+    assert "ember-init: /etc/hosts is not a regular file: replaced without reading it" in r.console
     assert "ember-init: /etc/passwd is not a regular file: ignored" in r.console
-    assert (etc / "hosts").is_fifo() and (etc / "passwd").is_fifo()
+    assert (etc / "passwd").is_fifo()
+    assert (etc / "hosts").read_text().endswith("10.0.0.1\tgateway\t# ember\n")
     # as root (no user), and with names to look up: absent files, no hang
     r = run_init(root, sh(ids), timeout=20)
     assert (r.returncode, r.stdout) == (0, "0\n0\n/\n"), r.console
@@ -539,6 +540,31 @@ def test_fifo_passwd_group_and_hosts_do_not_hang_init(root: Path) -> None:
     assert r.returncode == 125
     assert "ember-init: /etc/group is not a regular file: ignored" in r.console
     assert "unable to find group staff" in r.console
+
+
+@pytest.mark.parametrize("link", ["/secret", "../secret", "/missing"])
+def test_a_symlinked_hosts_file_is_replaced_without_reading_it(root: Path, link: str) -> None:
+    """Init read /etc/hosts as root through the image's links: `/etc/hosts -> /proc/modules`
+    (or any file only root may read) was copied into the new /etc/hosts, with its mode."""
+    secret = root / "secret"
+    secret.write_text("10.6.6.6 only-root-may-read-this\n")
+    secret.chmod(0o600)
+    hosts = root / "etc" / "hosts"
+    hosts.unlink(missing_ok=True)
+    os.symlink(link, hosts)
+    r = run_init(root, sh("cat /etc/hosts", hosts=(HostEntry("10.0.0.1", ("gw",)),)))
+    assert r.returncode == 0, r.console
+    expected = (
+        "127.0.0.1\tlocalhost\t# ember\n::1\tlocalhost ip6-localhost ip6-loopback\t# ember\n"
+        "10.0.0.1\tgw\t# ember\n"
+    )
+    assert r.stdout == expected
+    assert "ember-init: /etc/hosts is not a regular file: replaced without reading it" in r.console
+    assert not hosts.is_symlink() and hosts.read_text() == expected
+    assert hosts.stat().st_mode & 0o7777 == 0o644
+    assert secret.read_text() == "10.6.6.6 only-root-may-read-this\n"
+    assert secret.stat().st_mode & 0o7777 == 0o600
+    assert not (root / "missing").exists()
 
 
 def test_pseudo_filesystems_symlinks_and_nofile(root: Path) -> None:
