@@ -43,9 +43,11 @@ static struct {
 	struct config cfg;
 	int have_cfg;
 	/* in the program's child until its exec: the write end of a close-on-exec pipe
-	 * that says why the program could not be started (an exec closes it unwritten) */
+	 * that says why the program could not be started (an exec closes it unwritten):
+	 * the errno (an int), then the message */
 	int start_err_fd;
 	char start_error[512];
+	int start_errno;
 	/* the program cannot be started with this image and config (a user, a workdir,
 	 * an exec that fails): the report says so, and the host does not try again */
 	int not_started;
@@ -606,16 +608,35 @@ static void raise_nofile(long want)
 
 /* ---- the program ------------------------------------------------------------------- */
 
+/* The child's "ember-init: ...\n" line about a start that failed with ERR: on the
+ * program's stderr, the console, and (the errno, then the line without prefix and
+ * newline) into the pipe for init's report. */
+static void child_say(const char *buf, size_t n, int err)
+{
+	write_all(2, buf, n);
+	if (G.console_fd != 2)
+		write_all(G.console_fd, buf, n);
+	if (G.start_err_fd >= 0) {
+		write_all(G.start_err_fd, (const char *)&err, sizeof(err));
+		write_all(G.start_err_fd, buf + 12, n - 13);
+	}
+}
+
 static void child_error(const char *what, const char *arg, int err)
 {
 	/* arg may be the image's command, of any length: cut it, keep the line whole */
 	char buf[600];
 	size_t n = append(buf, sizeof(buf), 0, "ember-init: %s %.400s: %s\n", what, arg, strerror(err));
-	write_all(2, buf, n);
-	if (G.console_fd != 2)
-		write_all(G.console_fd, buf, n);
-	if (G.start_err_fd >= 0) /* for init's report: the line without prefix and newline */
-		write_all(G.start_err_fd, buf + 12, n - 13);
+	child_say(buf, n, err);
+}
+
+/* An exec of one PATH entry that failed with this errno: look at the next entry (the
+ * file is not there, or cannot be reached through this entry), as Go's LookPath, which
+ * runc uses, goes on past any entry that does not give an executable. */
+static int search_on(int e)
+{
+	return e == ENOENT || e == ENOTDIR || e == EACCES || e == ELOOP || e == ENAMETOOLONG ||
+	       e == ESTALE || e == ENODEV;
 }
 
 static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
@@ -654,8 +675,8 @@ static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
 			snprintf(full, sizeof(full), "%.*s/%s", dl, p, file);
 		execve(full, argv, envp);
 		if (errno == EACCES)
-			eacces = 1;
-		else if (errno != ENOENT && errno != ENOTDIR) {
+			eacces = 1; /* the final word when nothing later is found */
+		else if (!search_on(errno)) {
 			child_error("exec", full, errno);
 			_exit(EXIT_CANNOT_EXEC);
 		}
@@ -670,31 +691,42 @@ static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
 	char buf[600];
 	size_t n = append(buf, sizeof(buf), 0,
 	                  "ember-init: exec %.400s: executable file not found in $PATH\n", file);
-	write_all(2, buf, n);
-	if (G.console_fd != 2)
-		write_all(G.console_fd, buf, n);
-	if (G.start_err_fd >= 0)
-		write_all(G.start_err_fd, buf + 12, n - 13);
+	child_say(buf, n, ENOENT);
 	_exit(EXIT_NOT_FOUND);
 }
 
-/* Why the child could not start the program, into G.start_error ("" when it did):
- * what it wrote before its exit, or nothing when its exec closed the pipe. */
+/* Why the child could not start the program, into G.start_error ("" when it did) and
+ * G.start_errno: what it wrote before its exit, or nothing when its exec closed the pipe. */
 static void read_start_error(int fd)
 {
+	char buf[sizeof(int) + sizeof(G.start_error)];
 	size_t have = 0;
 	for (;;) {
-		ssize_t n = read(fd, G.start_error + have, sizeof(G.start_error) - 1 - have);
+		ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0)
 			break;
 		have += (size_t)n;
-		if (have == sizeof(G.start_error) - 1)
+		if (have == sizeof(buf) - 1)
 			break;
 	}
-	G.start_error[have] = 0;
 	close(fd);
+	G.start_error[0] = 0;
+	if (have <= sizeof(int))
+		return;
+	memcpy(&G.start_errno, buf, sizeof(int));
+	memcpy(G.start_error, buf + sizeof(int), have - sizeof(int));
+	G.start_error[have - sizeof(int)] = 0;
+}
+
+/* Whether a start that failed with this errno fails again with the same image and config
+ * (not found, not a directory, not permitted, not an executable format, a link loop): the
+ * report then says not_started, and the host's restart policy does not run it again.
+ * Others may pass (ENOMEM, EAGAIN, ETXTBSY, E2BIG, a setgroups/setuid that failed). */
+static int start_fails_again(int e)
+{
+	return e == ENOENT || e == ENOTDIR || e == EACCES || e == ENOEXEC || e == ELOOP;
 }
 
 static pid_t spawn(struct config *c, const struct exec_user *u, const char *workdir)
@@ -1200,8 +1232,9 @@ int main(int argc, char **argv)
 		code = 128 + sig;
 	}
 	mark("program ended");
-	/* an error only when the program never ran (its own exit 127 is not one) */
-	if (G.start_error[0])
+	/* an error only when the program never ran (its own exit 127 is not one); not started
+	 * (no restart) only when the same start would fail the same way again */
+	if (G.start_error[0] && start_fails_again(G.start_errno))
 		G.not_started = 1;
 	finish(code, sig, oom, G.start_error[0] ? G.start_error : NULL);
 }

@@ -174,6 +174,51 @@ def test_command_not_found_and_not_executable(root: Path) -> None:
     assert r.status["error"] == "exec /notexec: Permission denied"
 
 
+def test_the_path_search_goes_on_past_entries_that_cannot_be_looked_in(root: Path) -> None:
+    """Only ENOENT, ENOTDIR and EACCES let the search go on: a PATH entry that is a link
+    loop (ELOOP) or has a name too long for the file system (ENAMETOOLONG) ended it with
+    126, though a later entry had the program."""
+    os.symlink("/loopdir", root / "loopdir")
+    for path in ("/loopdir:/bin", "/" + "n" * 300 + ":/bin", "/loopdir:/" + "n" * 300 + ":/bin"):
+        r = run_init(root, RunConfig(argv=("echo", "found"), env=(f"PATH={path}",)))
+        assert (r.returncode, r.stdout) == (0, "found\n"), (path, r.console)
+    # nothing found after them: not found, and a non-executable one seen is still 126
+    r = run_init(root, RunConfig(argv=("nowhere",), env=("PATH=/loopdir:/bin",)))
+    assert r.returncode == 127, r.console
+    (root / "srv").mkdir()
+    (root / "srv" / "nowhere").write_text("#!/bin/sh\n")
+    r = run_init(root, RunConfig(argv=("nowhere",), env=("PATH=/srv:/loopdir:/bin",)))
+    assert r.returncode == 126, r.console
+    assert r.status is not None and r.status["error"] == "exec nowhere: Permission denied"
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "error", "not_started"),
+    [
+        (("/nothere",), 127, "exec /nothere: No such file or directory", True),
+        (("/loop",), 126, "exec /loop: Symbolic link loop", True),  # (musl's words for ELOOP)
+        (("/etc/passwd/x",), 127, "exec /etc/passwd/x: Not a directory", True),
+        (("/garbage",), 126, "exec /garbage: Exec format error", True),
+        # a single argument over the kernel's 128 KiB: E2BIG, which a smaller command
+        # or a later version of the config passes; the host may try it again
+        (("/bin/true", "a" * 200_000), 126, "exec /bin/true: Argument list too long", False),
+    ],
+)
+def test_not_started_only_when_the_start_fails_the_same_way_again(
+    root: Path, argv: tuple[str, ...], code: int, error: str, not_started: bool
+) -> None:
+    """Any start error said not_started (the host's restart policy gives up), transient
+    ones too (ENOMEM, EAGAIN, ETXTBSY, E2BIG, setgroups/setuid): only ENOENT, ENOTDIR,
+    EACCES, ENOEXEC and ELOOP (and an unknown user, a workdir) say so now."""
+    os.symlink("/loop", root / "loop")
+    (root / "garbage").write_bytes(b"\x7fELF not really")
+    (root / "garbage").chmod(0o755)
+    r = run_init(root, RunConfig(argv=argv))
+    assert r.returncode == code, r.console
+    assert r.status is not None and r.status["error"] == error
+    assert r.status.get("not_started", False) is not_started
+
+
 @pytest.mark.parametrize("program", ["/nonexistent/" + "x" * 3000, "y" * 3000])
 def test_a_long_command_that_cannot_run_gives_one_bounded_line(root: Path, program: str) -> None:
     """The message's length came from snprintf's return value, not from what fit in its

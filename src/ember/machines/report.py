@@ -31,7 +31,8 @@ class ExitReport:
     #: bytes the program's stdout and stderr ports queued for the host (None: not told)
     sent: tuple[int, int] | None = None
     #: the program cannot be started with this image and config (an unknown user, a
-    #: workdir that cannot be made, an exec that fails): the same run fails again
+    #: workdir that cannot be made, an exec that fails with ENOENT, ENOTDIR, EACCES,
+    #: ENOEXEC or ELOOP; not ENOMEM, E2BIG and the like): the same run fails again
     not_started: bool = False
 
 
