@@ -271,7 +271,9 @@ char *read_file_flags(const char *path, size_t max, size_t *len, int flags)
 				close(fd);
 				return errno = EFBIG, NULL;
 			}
-			cap *= 2;
+			/* never more than max + 1 (what tells a file too large): init's memory
+			 * is locked, and a 1 MiB limit must not cost 2 MiB */
+			cap = cap * 2 > max + 1 ? max + 1 : cap * 2;
 			buf = xrealloc(buf, cap + 1);
 		}
 		ssize_t r = read(fd, buf + n, cap - n);

@@ -342,6 +342,63 @@ def test_crlf_passwd_and_group(root: Path) -> None:
     assert (r.returncode, r.stdout) == (0, "2300\n"), r.console
 
 
+def test_passwd_and_group_lines_are_read_as_runc_reads_them(root: Path) -> None:
+    """runc trims the white space around each line (Go's unicode.IsSpace, NBSP too),
+    splits a group line on every ':' (an extra field is not part of the member list)
+    and reads NUL as a byte like any other; init kept the spaces, gave a group's extra
+    field to its last member, and stopped reading at the first NUL."""
+    with open(root / "etc" / "passwd", "ab") as f:
+        f.write(b"  spacey:x:1300:1300::/home/spacey:/bin/sh \t\n")
+        f.write(b"nul\0x:x:1400:1400::/:/bin/sh\n")  # everything after it was lost
+        f.write(b"after:x:1500:1500::/home/after:/bin/sh\n")
+        f.write(b"ap\0p:x:1600:1600::/:/bin/sh\n")  # no user "ap" here
+    with open(root / "etc" / "group", "ab") as f:
+        f.write(b" team:x:2400:other,spacey \r\n")
+        f.write(b"uni:x:2500:spacey\xc2\xa0\n")  # U+00A0 at the end: white space too
+        f.write(b"\xe3\x80\x80wide:x:2600:spacey:junk\n")  # U+3000 first; a fifth field
+        f.write(b"odd:x:2700:sp\0acey,,spacey\0\n")  # NULs in names: no match
+    r = run_init(root, sh('id -u; id -g; id -G; echo "$HOME"', user="spacey"))
+    assert r.returncode == 0, r.console
+    assert r.stdout.split("\n")[:4] == ["1300", "1300", "1300 2400 2500 2600", "/home/spacey"]
+    r = run_init(root, sh('id -u; echo "$HOME"', user="after"))
+    assert (r.returncode, r.stdout) == (0, "1500\n/home/after\n"), r.console
+    r = run_init(root, sh("id -g", user="after:wide"))
+    assert (r.returncode, r.stdout) == (0, "2600\n"), r.console
+    r = run_init(root, sh("echo should-not-run", user="ap"))
+    assert r.returncode == 125
+    assert "unable to find user ap: no matching entries in passwd file" in r.console
+
+
+def test_passwd_or_group_over_1_mib_is_refused(root: Path) -> None:
+    """Up to 16 MiB were read into init's locked memory (a guest may have 128 MiB).  At
+    most 1 MiB now; a larger file is refused (125) rather than read in part, which would
+    miss the entries after the first MiB."""
+    passwd = root / "etc" / "passwd"
+    base = passwd.read_bytes()
+    pad = (1 << 20) - len(base) - 2
+    passwd.write_bytes(base + b"#" + b"x" * pad + b"\n")
+    assert passwd.stat().st_size == 1 << 20
+    r = run_init(root, sh("id -u", user="app"))
+    assert (r.returncode, r.stdout) == (0, "1000\n"), r.console
+    passwd.write_bytes(base + b"#" + b"x" * (pad + 1) + b"\n")
+    for user in ("app", "4242", ""):
+        r = run_init(root, sh("echo should-not-run", user=user))
+        assert (r.returncode, r.stdout) == (125, ""), r.console
+        message = "/etc/passwd is larger than 1 MiB: not reading it"
+        assert f"ember-init: error: {message}" in r.console
+        assert r.status is not None and r.status["error"] == message
+        assert r.status["not_started"] is True
+    passwd.write_bytes(base)
+    group = root / "etc" / "group"
+    group.write_bytes(group.read_bytes() + b"#" * (1 << 20) + b"\n")
+    r = run_init(root, sh("echo should-not-run", user="app"))
+    assert r.returncode == 125
+    assert r.status is not None
+    assert r.status["error"] == "/etc/group is larger than 1 MiB: not reading it"
+    r = run_init(root, sh("id -g", user="app:4000"))  # a numeric group: no group file read
+    assert (r.returncode, r.stdout) == (0, "4000\n"), r.console
+
+
 @pytest.mark.parametrize(
     "line",
     [
