@@ -917,7 +917,8 @@ def _tmpfs_volume(target: str, options: str) -> bytes:
     """A config with a tmpfs volume (its source need not be a device), rendered by hand:
     RunConfig refuses what ember-init is tested against here."""
     ok = sh("grep ' /vol ' /proc/mounts", mounts=(Mount("/none", "/vol", "tmpfs", "x"),))
-    return ok.render().replace(b"mount /none /vol tmpfs x", f"mount /none {target} tmpfs {options}".encode())
+    record = f"mount /none {target} tmpfs {options}".encode()
+    return ok.render().replace(b"mount /none /vol tmpfs x", record)
 
 
 @pytest.mark.parametrize("name", ["proc", "sys", "run"])
@@ -931,7 +932,9 @@ def test_a_symlinked_pseudo_filesystem_mount_point_is_refused(root: Path, name: 
     os.symlink("/elsewhere", root / name)
     r = run_init(root, sh("echo should-not-run"))
     assert (r.returncode, r.stdout) == (125, ""), r.console
-    message = f"the image's /{name} is a symbolic link: it must be a directory (/{name} is mounted there)"
+    message = (
+        f"the image's /{name} is a symbolic link: it must be a directory (/{name} is mounted there)"
+    )
     assert f"ember-init: error: {message}" in r.console
     assert r.status is not None and r.status["error"] == message
     assert r.status["not_started"] is True  # the image: the same run fails again
