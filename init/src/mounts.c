@@ -210,14 +210,15 @@ static void dev_symlink(const char *target, const char *link)
 }
 
 /* What Linux programs expect.  Standard pseudo file systems are mounted even over
- * what the image ships there (Docker does too); /run only when the image's is empty,
- * so an image that ships files in /run keeps them.  -1 with the message when the
- * image has a symbolic link at /dev, /proc, /sys or /run: the start fails, as runc's
- * does for /proc and /sys (the submounts are inside file systems init mounted). */
+ * what the image ships there (Docker does too); /run only when the image's is an
+ * empty directory, so an image that ships files in /run, or a link there, keeps them
+ * (Docker mounts nothing at /run).  -1 with the message when the image has a symbolic
+ * link at /dev, /proc or /sys: the start fails, as runc's does for /proc and /sys (the
+ * submounts are inside file systems init mounted). */
 int mount_pseudo(char *err, size_t errlen)
 {
 	const unsigned long std = MS_NOSUID | MS_NODEV | MS_NOEXEC;
-	static const char *own[] = {"/dev", "/proc", "/sys", "/run"};
+	static const char *own[] = {"/dev", "/proc", "/sys"};
 	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
 		if (refuse_symlink(own[i], own[i], err, errlen) < 0)
 			return -1;
@@ -228,7 +229,9 @@ int mount_pseudo(char *err, size_t errlen)
 	    "newinstance,ptmxmode=0666,mode=0620,gid=5", DEVPTS_MAGIC);
 	mnt("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", TMPFS_MAGIC);
 	mnt("mqueue", "/dev/mqueue", "mqueue", std, NULL, MQUEUE_MAGIC);
-	if (dir_is_empty("/run"))
+	struct stat run;
+	int missing = lstat("/run", &run) < 0 && errno == ENOENT;
+	if (missing || (S_ISDIR(run.st_mode) && dir_is_empty("/run")))
 		mnt("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", TMPFS_MAGIC);
 	if (access("/sys/fs/cgroup", F_OK) == 0)
 		mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", std, "nsdelegate", CGROUP2_MAGIC);

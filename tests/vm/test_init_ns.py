@@ -921,7 +921,7 @@ def _tmpfs_volume(target: str, options: str) -> bytes:
     return ok.render().replace(b"mount /none /vol tmpfs x", record)
 
 
-@pytest.mark.parametrize("name", ["proc", "sys", "run"])
+@pytest.mark.parametrize("name", ["proc", "sys"])
 def test_a_symlinked_pseudo_filesystem_mount_point_is_refused(root: Path, name: str) -> None:
     """mkdir and mount followed an image's `/proc -> /elsewhere` (in a VM, `/dev` and
     `/sys` were followed relative to the initramfs's root before switch_root): the start
@@ -939,6 +939,24 @@ def test_a_symlinked_pseudo_filesystem_mount_point_is_refused(root: Path, name: 
     assert r.status is not None and r.status["error"] == message
     assert r.status["not_started"] is True  # the image: the same run fails again
     assert not list((root / "elsewhere").iterdir())
+
+
+def test_a_symlinked_run_is_left_as_the_image_has_it(root: Path) -> None:
+    """Docker mounts nothing at /run: an image with a link there runs, and ember's tmpfs
+    (for an empty /run) is not mounted through the link."""
+    shutil.rmtree(root / "run")
+    (root / "var" / "run").mkdir(parents=True, exist_ok=True)
+    os.symlink("/var/run", root / "run")
+    r = run_init(root, sh("echo ran; grep -c ' /var/run ' /proc/mounts || true"))
+    assert r.returncode == 0, r.console
+    assert r.stdout == "ran\n0\n"
+    assert os.path.islink(root / "run")
+
+
+def test_a_missing_run_gets_its_tmpfs(root: Path) -> None:
+    shutil.rmtree(root / "run")
+    r = run_init(root, sh("grep ' /run ' /proc/mounts | cut -d' ' -f3"))
+    assert (r.returncode, r.stdout) == (0, "tmpfs\n"), r.console
 
 
 def test_volume_targets_are_resolved_inside_the_root_and_created(root: Path) -> None:
