@@ -71,8 +71,10 @@ static size_t space_len(const unsigned char *p, size_t n, int backward)
 			return k;
 	}
 	/* U+2000..U+200A: e2 80 80..8a */
+	if (n < 3)
+		return 0;
 	const unsigned char *q = backward ? p + n - 3 : p;
-	if (n >= 3 && q[0] == 0xe2 && q[1] == 0x80 && q[2] >= 0x80 && q[2] <= 0x8a)
+	if (q[0] == 0xe2 && q[1] == 0x80 && q[2] >= 0x80 && q[2] <= 0x8a)
 		return 3;
 	return 0;
 }
