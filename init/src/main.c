@@ -1040,6 +1040,10 @@ static void await_restore(char *err, size_t errlen)
 		fail("the run config sent after a restore is a template's");
 	/* the host keeps the connection until this: QEMU would drop unread bytes otherwise */
 	write_all(fd, "ok\n", 3);
+	/* and on the console (RESTORE_TAKEN in streams.py), which the host reads whatever
+	 * became of its connection: one that gave up waiting for the "ok" finds here that
+	 * the program may run, and does not boot the machine a second time */
+	logmsg("run config taken");
 	G.cfg = fresh;
 	set_clock(&G.cfg);
 	reseed(&G.cfg);

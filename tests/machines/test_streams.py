@@ -257,3 +257,31 @@ def test_the_vmms_own_output_is_capped(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(kept) == 4096  # of ~140 KB
     assert kept.startswith(b"qemu-system-x86_64: warning 000000\n")
     assert not streams.vmm_fifo(tmp_path).exists()
+
+
+def test_the_console_says_when_a_restored_guest_took_its_config(tmp_path: Path) -> None:
+    """A monitor that gave up waiting for a restored guest's "ok" booted the machine
+    again when its program had printed nothing yet: a program that started late ran
+    twice.  ember-init says on the console that it took the config, which the monitor
+    reads whatever became of its connection (a marker split across writes too)."""
+    from ember.machines.streams import RESTORE_TAKEN
+
+    for said, taken in ((b"[ 1.2] some kernel warning\n", False),
+                        (b"noise " + RESTORE_TAKEN + b"\n", True)):  # fmt: skip
+        d = tmp_path / str(taken)
+        d.mkdir()
+        Channels.in_dir(d).precreate()
+        pump = StreamPump.create(d, LogConfig(1 << 20, 2))
+        try:
+            assert not pump.config_taken()
+            fd = os.open(d / "console.fifo", os.O_WRONLY | os.O_APPEND)
+            try:
+                half = len(said) - 10
+                os.write(fd, said[:half])
+                pump.pump(next(f for f in pump.fds() if pump._by_fd[f].fifo.name == "console.fifo"))
+                os.write(fd, said[half:])
+                assert pump.config_taken() is taken
+            finally:
+                os.close(fd)
+        finally:
+            pump.close()

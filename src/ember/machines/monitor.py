@@ -570,15 +570,22 @@ def _hand_config_or_boot(
         stopped = mstate.read_state(d).stopped_by_user
     except (FileNotFoundError, EmberError):
         stopped = True  # removed meanwhile (rm -f)
-    verdict = after_unacknowledged_restore(sent, ended, pump.program_spoke(), stopped)
+    spoke = pump.program_spoke() or (sent and pump.config_taken())
+    verdict = after_unacknowledged_restore(sent, ended, spoke, stopped)
     if verdict is AfterRestore.KILLED:
         return vm, vm.pid, False
     if verdict is AfterRestore.KEEP:
         print(f"monitor: {failure}; the guest took its config all the same", file=sys.stderr)
         return vm, vm.pid, True
-    print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
     vm.kill()
     vm.wait()
+    if sent and pump.config_taken():
+        # it took its config between the look above and the kill: its program may have
+        # begun, so the machine is not booted again (a program must not run twice)
+        print(f"monitor: {failure}; the guest took its config as it was killed: not "
+              "booting it again", file=sys.stderr)  # fmt: skip
+        return vm, vm.pid, False
+    print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
     assert spec.restore is not None and spec.initrd is not None
     discard_template(Template(spec.restore, spec.initrd))
     # One step under the machine's lock: a stop that came during the restore is seen

@@ -103,6 +103,12 @@ def vmm_fifo(d: Path) -> Path:
     return d / "vmm.fifo"
 
 
+#: what ember-init writes on the console once it has taken a restored template's run
+#: config (after its "ok", before anything of the program's): from then on the program
+#: may run, whatever became of the "ok" (without its line's end: \r\n on a console tty)
+RESTORE_TAKEN = b"ember-init: run config taken"
+
+
 class StreamPump:
     """The FIFOs of one machine and the logs they feed."""
 
@@ -117,6 +123,10 @@ class StreamPump:
         #: program's stdout and stderr ports sent (None: it does not say)
         self._status = bytearray()
         self.owed: tuple[int, int] | None = None
+        #: the console said ``RESTORE_TAKEN`` (and the end of what it said, for a marker
+        #: split across two reads)
+        self._config_taken = False
+        self._console_tail = b""
 
     def _hold_limit(self) -> int:
         return FINAL_HOLD_LIMIT if self.report_seen else HOLD_LIMIT
@@ -174,6 +184,10 @@ class StreamPump:
                     self.report_seen = True
                     report = parse_report(bytes(self._status))
                     self.owed = report.sent if report is not None else None
+            if s.fifo == self.channels.console_log and not self._config_taken:
+                seen = self._console_tail + data
+                self._config_taken = RESTORE_TAKEN in seen
+                self._console_tail = seen[-(len(RESTORE_TAKEN) - 1) :]
             if s.pending:
                 s.pending += data  # behind what is held back already
                 self._deliver(s)
@@ -210,6 +224,17 @@ class StreamPump:
             if waiting[0] > 0 or s.received > 0:
                 return True
         return False
+
+    def config_taken(self) -> bool:
+        """Whether ember-init said on the console that it took a restored template's run
+        config (``RESTORE_TAKEN``), reading what waits in the console's FIFO first.  Only
+        ember-init writes there before it has taken the config, so unlike the rest of the
+        console this is no restored kernel's noise."""
+        for s in self.streams:
+            if s.fifo == self.channels.console_log:
+                while not self._config_taken and self.pump(s.fd):
+                    pass
+        return self._config_taken
 
     def retry(self, force: bool = False) -> bool:
         """Offer held-back bytes again; True when none are left anywhere."""
