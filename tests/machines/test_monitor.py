@@ -348,3 +348,48 @@ def test_a_sigterm_while_the_monitor_starts_does_not_kill_it(tmp_path: Path) -> 
         handle.abandon()  # no machine: it exits
         handle.close()
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, set()) & {signal.SIGTERM}
+
+
+def test_a_template_gone_before_its_restore_boots_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template was looked at when the machine was made and opened by its VMM's
+    start: removed in between (another machine's failed restore, a build's pruning,
+    ember gc), the start failed and the machine ended with 125 instead of booting."""
+    from ember.home import Home
+    from ember.machines import monitor
+    from ember.machines import state as mstate
+    from ember.machines.store import MachineStore
+    from ember.vm.vmm.errors import VMMError
+    from tests.machines.test_store import make_state
+
+    home = Home(tmp_path)
+    st = make_state()
+    st.vm.restore = str(tmp_path / "gone.vmstate")
+    st.vm.restore_initrd = str(tmp_path / "gone.initrd")
+    MachineStore(home).create(st, "late")
+    d = MachineStore(home).dir(st.id)
+
+    class FakeVM:
+        def __init__(self, spec: object) -> None:
+            self.spec = spec
+
+        def start(self) -> int:
+            if self.spec.restore is not None:  # type: ignore[attr-defined]
+                raise VMMError("cannot open what the VMM needs: No such file or directory")
+            return 4242
+
+    class FakeVMM:
+        def create(self, spec: object) -> FakeVM:
+            return FakeVM(spec)
+
+    monkeypatch.setattr(monitor, "get_vmm", lambda name: FakeVMM())
+    spec = monitor.vm_spec(st, d)
+    vm, booted, pid = monitor._start_or_boot(d, FakeVM(spec), spec)  # type: ignore[arg-type]
+    assert pid == 4242 and booted.restore is None and booted.initrd == Path(st.vm.initrd)
+    assert mstate.read_state(d).vm.restore is None  # the record says it booted
+    # a template that is there and still fails: a failed start, as before
+    (tmp_path / "gone.vmstate").write_bytes(b"")
+    (tmp_path / "gone.initrd").write_bytes(b"")
+    with pytest.raises(VMMError):
+        monitor._start_or_boot(d, FakeVM(spec), spec)  # type: ignore[arg-type]

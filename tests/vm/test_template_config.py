@@ -156,6 +156,26 @@ def test_a_template_discarded_twice_is_not_built_again_at_once(tmp_path: Path) -
     assert not (home.templates / "build.log").exists()
 
 
+def test_a_discard_leaves_a_template_published_since_the_failed_one(tmp_path: Path) -> None:
+    """The failed restore's discard removed whatever had the key's name by then: a good
+    template a build had just published went with the one that failed."""
+    from ember.vm.template import Template, discard_template, state_identity
+
+    d = tmp_path / "templates"
+    d.mkdir()
+    template = Template(d / "k.vmstate", d / "k.initrd")
+    for suffix in (".vmstate", ".initrd", ".json"):
+        (d / f"k{suffix}").write_bytes(b"failed")
+    failed = state_identity(template)
+    new = d / "new.vmstate"
+    new.write_bytes(b"published since")
+    new.replace(template.state)  # a build renames its state file in last
+    discard_template(template, failed)
+    assert template.state.read_bytes() == b"published since"
+    discard_template(template, state_identity(template))  # that one failing: it goes
+    assert not template.state.exists()
+
+
 def _unbootable_shape(tmp_path: Path) -> TemplateShape:
     """A shape whose kernel QEMU refuses at once (no VM boots)."""
     from ember.vm.vmm.qemu import find_qemu

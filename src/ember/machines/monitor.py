@@ -420,7 +420,7 @@ def _run_held(
             return None
         stopper = stop_on_term(relay, st, d)
         try:
-            pid = vm.start()
+            vm, spec, pid = _start_or_boot(d, vm, spec)
         except EmberError as e:
             _failed_to_start(home, st, d, sync, str(e), held)
             return None
@@ -497,6 +497,28 @@ def _run_held(
     return final
 
 
+def _start_or_boot(d: Path, vm: VM, spec: VMSpec) -> tuple[VM, VMSpec, int]:
+    """Start ``vm``; the VM, its spec and its VMM's pid.  A template that went between
+    the machine's look at it and this start (another machine's failed restore discarded
+    it, a build pruned it, ``ember gc``) is no failed start: the machine boots its kernel
+    instead, as when a template does not restore (it ended with 125)."""
+    try:
+        return vm, spec, vm.start()
+    except EmberError as e:
+        gone = spec.restore is not None and not (
+            spec.restore.is_file() and spec.initrd is not None and spec.initrd.is_file()
+        )
+        if not gone:
+            raise
+        print(f"monitor: the template went before its restore ({e}): booting instead",
+              file=sys.stderr)  # fmt: skip
+    with mstate.update(d) as cur:
+        cur.vm.restore = cur.vm.restore_initrd = None
+    boot_spec = vm_spec(cur, d, spec.channels)
+    boot = get_vmm(cur.vm.vmm).create(boot_spec)
+    return boot, boot_spec, boot.start()
+
+
 def _how_it_ended(d: Path, end: VMExit, console_bytes: int, *, host_killed: bool) -> Outcome:
     """How the run ended (``report.outcome``): what the host did to it (``host_killed``),
     else the guest's exit report, else how the VMM ended; ``console_bytes``: how much of
@@ -553,9 +575,14 @@ def _hand_config_or_boot(
         TemplateError,
         discard_template,
         send_restore_config,
+        state_identity,
     )
 
     assert vm.pid is not None
+    assert spec.restore is not None and spec.initrd is not None
+    template = Template(spec.restore, spec.initrd)
+    # the file its VMM opened a moment ago: a discard must not take a newer one
+    restored = state_identity(template)
     try:
         config = (d / RESTORE_CONFIG).read_bytes()
         send_restore_config(spec.channels.control_socket, config, alive=vm.alive)
@@ -586,8 +613,7 @@ def _hand_config_or_boot(
               "booting it again", file=sys.stderr)  # fmt: skip
         return vm, vm.pid, False
     print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
-    assert spec.restore is not None and spec.initrd is not None
-    discard_template(Template(spec.restore, spec.initrd))
+    discard_template(template, restored)
     # One step under the machine's lock: a stop that came during the restore is seen
     # (it was not, and the machine booted all the same), and a kill or rm -f finds the
     # new VMM's pid, not the dead one's (it signalled that and then waited in vain).

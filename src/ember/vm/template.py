@@ -181,12 +181,27 @@ def _remove(d: Path, key: str, *, lock: bool = False) -> None:
             (d / f"{key}{suffix}").unlink()
 
 
-def discard_template(template: Template) -> None:
+def state_identity(template: Template) -> tuple[int, int] | None:
+    """(device, inode) of the template's state file now, None when it is gone."""
+    try:
+        st = os.stat(template.state)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def discard_template(template: Template, identity: tuple[int, int] | None = None) -> None:
     """A template that failed to restore is not used again.  The next machine of its
     shape builds it again, once: a second discard within RETRY_AFTER blocks builds of
     the shape for that long, as a failed build does (one that never restores cost a
-    root boot to build and a failed restore per machine, over and over)."""
+    root boot to build and a failed restore per machine, over and over).
+
+    ``identity`` (``state_identity`` of the one that failed): nothing is removed when
+    another state file has its name by now (a build published a new template meanwhile:
+    that one is not the one that failed)."""
     d, key = template.state.parent, template.state.stem
+    if identity is not None and state_identity(template) != identity:
+        return
     earlier = d / f"{key}.discarded"
     try:
         again = time.time() - earlier.stat().st_mtime < RETRY_AFTER
