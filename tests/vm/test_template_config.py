@@ -75,6 +75,27 @@ def test_shape_key_follows_its_inputs(tmp_path: Path) -> None:
     assert shape.key() != before
 
 
+def test_shape_key_follows_how_ember_drives_the_vmm_and_the_host_cpu_under_kvm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to ember's QEMU command line (devices, options) or late modules without a
+    TEMPLATE_VERSION bump kept restoring old templates; under KVM so did a host whose CPU
+    features changed (a microcode update, a mitigation)."""
+    from ember.vm import template
+
+    kernel, initrd, vmm = (tmp_path / n for n in ("vmlinux", "base.cpio", "qemu"))
+    for p in (kernel, initrd, vmm):
+        p.write_bytes(b"x")
+    tcg = TemplateShape(kernel, initrd, "tcg", 512, 1, (), 1, str(vmm))
+    kvm = TemplateShape(kernel, initrd, "kvm", 512, 1, (), 1, str(vmm))
+    keys = (tcg.key(), kvm.key())
+    monkeypatch.setattr(template, "_vmm_code_fingerprint", lambda: b"another qemu.py")
+    assert tcg.key() != keys[0] and kvm.key() != keys[1]
+    monkeypatch.undo()
+    monkeypatch.setattr(template, "_host_cpu_fingerprint", lambda: b"fewer flags")
+    assert tcg.key() == keys[0] and kvm.key() != keys[1]  # TCG emulates its own CPU
+
+
 def test_a_failed_build_is_not_retried_at_once(tmp_path: Path) -> None:
     """A shape whose template cannot be built (here: a kernel QEMU cannot boot) leaves
     a marker; builds of that shape are then not started again for a while."""

@@ -65,6 +65,29 @@ READY_MARK = b"ember-init: template ready"
 BUILD_TIMEOUT = 120.0
 
 
+@functools.cache
+def _vmm_code_fingerprint() -> bytes:
+    """The source of the modules that make the VMM's command line and the template's
+    config, this one's too (read once per process, by path: not imported for this)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256(repr(LATE_MODULES).encode())
+    for source in (here / "vmm" / "qemu.py", here / "runconfig.py", Path(__file__)):
+        with contextlib.suppress(OSError):
+            h.update(source.read_bytes())
+    return h.digest()
+
+
+@functools.cache
+def _host_cpu_fingerprint() -> bytes:
+    """The host kernel's release and the CPU's feature flags (one per CPU model line)."""
+    h = hashlib.sha256(os.uname().release.encode())
+    with contextlib.suppress(OSError):
+        flags = {line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith(("flags", "model name"))}  # fmt: skip
+        h.update("\n".join(sorted(flags)).encode())
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class TemplateShape:
     """Everything a restored machine must share with its template."""
@@ -82,6 +105,14 @@ class TemplateShape:
 
     def key(self) -> str:
         h = hashlib.sha256(f"v{TEMPLATE_VERSION}".encode())
+        # how ember drives the VMM (its command line, devices, the late modules): a
+        # restore needs the device set its state was saved with, and a change there
+        # without a TEMPLATE_VERSION bump restored old templates
+        h.update(_vmm_code_fingerprint())
+        if self.accel == "kvm":
+            # the guest kernel picked its code paths for the host CPU it was saved on: a
+            # host update that hides a feature (microcode, a mitigation) must not restore it
+            h.update(_host_cpu_fingerprint())
         for path in (self.kernel, self.base_initrd, Path(self.vmm_binary)):
             # by the real file: homes that share a kernel directory share its templates
             real = path.resolve()
