@@ -360,3 +360,49 @@ def test_a_damaged_kernel_fails_its_boot_not_the_listing(tmp_path: Path) -> None
     assert [k.version for k in list_kernels(home)] == [version]
     with pytest.raises(KernelError, match="is damaged"):
         find_kernel(home)
+
+
+def test_a_merged_usr_packages_modules_are_found(tmp_path: Path) -> None:
+    """A package shipping usr/lib/modules (merged /usr) installed "successfully" without
+    modules: every machine then failed its boot (no virtio, no ext4)."""
+    from ember.vm.kernel import package_modules
+
+    version = "6.12.0-1-amd64"
+    assert package_modules(tmp_path, version) is None  # the install refuses it then
+    merged = tmp_path / "usr" / "lib" / "modules" / version
+    merged.mkdir(parents=True)
+    assert package_modules(tmp_path, version) == merged
+    classic = tmp_path / "lib" / "modules" / version
+    classic.mkdir(parents=True)
+    assert package_modules(tmp_path, version) == classic
+
+
+def test_a_newer_build_of_the_same_abi_name_is_installed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed kernel was kept as long as its ABI name (6.1.0-57-amd64) matched:
+    Debian ships fixes as new builds of that name (6.1.192-2, then -3), never taken."""
+    home = Home(tmp_path / "home")
+    version = "6.1.0-57-amd64"
+    vmlinux = home.kernels / version / "vmlinux"
+    vmlinux.parent.mkdir(parents=True)
+    vmlinux.write_bytes(b"\0" * 64 + b"Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org) "
+                        b"(gcc-12) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2 (2026-10-01)\n\0")  # fmt: skip
+    assert kernel_module.installed_package_version(vmlinux) == "6.1.192-2"
+    installs: list[str] = []
+    pkg = f"linux-image-{version}"
+    monkeypatch.setattr(kernel_module, "resolve_debian_version", lambda package: (pkg, version))
+    monkeypatch.setattr(kernel_module, "_intact", lambda path: True)
+    monkeypatch.setattr(kernel_module, "_load", lambda final, v: v)
+    monkeypatch.setattr(kernel_module, "_set_default", lambda home, v: None)
+    monkeypatch.setattr(kernel_module, "_install_from_apt", lambda home, p, v: installs.append(p))
+    for candidate, again in (("6.1.192-2", False), ("6.1.192-3", True), (None, False)):
+        monkeypatch.setattr(kernel_module, "_candidate_version", lambda p, c=candidate: c)
+        installs.clear()
+        install_kernel(home)
+        assert installs == ([pkg] if again else []), candidate
+    vmlinux.write_bytes(b"a kernel that names no Debian version")  # kept: nothing to compare
+    monkeypatch.setattr(kernel_module, "_candidate_version", lambda p: "6.1.192-3")
+    installs.clear()
+    install_kernel(home)
+    assert installs == []

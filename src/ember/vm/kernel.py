@@ -21,6 +21,7 @@ import functools
 import hashlib
 import logging
 import lzma
+import mmap
 import os
 import re
 import shutil
@@ -222,11 +223,14 @@ def install_kernel(
         _run(["apt-get", "update", "-q"], what="apt-get update")
         pkg, version = resolve_debian_version(package)
     final = home.kernels / version
-    if not _intact(final / "vmlinux"):
+    # a newer build of the package under the same ABI name (Debian ships fixes so, as
+    # 6.1.192-2 and -3 of linux-image-6.1.0-57-amd64): installed again, not kept for ever
+    superseded = _superseded(pkg, final / "vmlinux")
+    if superseded or not _intact(final / "vmlinux"):
         home.kernels.mkdir(parents=True, exist_ok=True)
         # one installer at a time: a second `ember` waits, then finds the kernel there
         with FileLock(home.kernel_install_lock):
-            if not _intact(final / "vmlinux"):
+            if not _intact(final / "vmlinux") or _superseded(pkg, final / "vmlinux"):
                 _remove_leftovers(home)
                 if progress:
                     progress(f"downloading {pkg} (apt-get download) into {home.kernels}")
@@ -237,6 +241,55 @@ def install_kernel(
     info = _load(final, version)
     _set_default(home, version)
     return info
+
+
+#: where Debian's kernel names its package's version: the end of its banner
+#: ("Linux version 6.1.0-57-amd64 (...) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3 (2026-11-26)")
+_BANNER = re.compile(rb"Linux version [^\n\0]*? Debian ([0-9][A-Za-z0-9.+~:-]*) \(\d{4}-\d\d-\d\d\)")
+
+
+def installed_package_version(vmlinux: Path) -> str | None:
+    """The Debian package version an installed kernel was built as (its banner), None
+    when it says none (not a Debian build, or unreadable)."""
+    try:
+        with open(vmlinux, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            at = m.find(b"Linux version ")
+            m_ = _BANNER.match(m[at : at + 512]) if at >= 0 else None
+    except (OSError, ValueError):
+        return None
+    return m_.group(1).decode() if m_ else None
+
+
+def _candidate_version(pkg: str) -> str | None:
+    """The version of ``pkg`` apt would download now (None when it cannot say)."""
+    try:
+        res = subprocess.run(["apt-cache", "show", "--no-all-versions", pkg],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+    except OSError:
+        return None
+    m = re.search(r"^Version:\s*(\S+)\s*$", res.stdout, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def _superseded(pkg: str, vmlinux: Path) -> bool:
+    """Whether apt has another build of the installed kernel's package: a kernel whose
+    banner names no version is kept (nothing to compare)."""
+    if not vmlinux.is_file():
+        return False
+    installed = installed_package_version(vmlinux)
+    if installed is None:
+        return False
+    candidate = _candidate_version(pkg)
+    return candidate is not None and candidate != installed
+
+
+def package_modules(tree: Path, version: str) -> Path | None:
+    """A kernel package's modules directory in its unpacked ``tree``: ``lib/modules`` or,
+    in a merged-/usr package (newer Debian releases, backports), ``usr/lib/modules``."""
+    for d in (tree / "lib" / "modules" / version, tree / "usr" / "lib" / "modules" / version):
+        if d.is_dir() and not d.is_symlink():
+            return d
+    return None
 
 
 def _remove_leftovers(home: Home) -> None:
@@ -270,12 +323,14 @@ def _install_from_apt(home: Home, pkg: str, version: str) -> None:
         ):
             if (boot / name).is_file():
                 os.replace(boot / name, out / dest)
-        mods = tree / "lib" / "modules" / version
-        if mods.is_dir():
-            (out / "lib" / "modules").mkdir(parents=True)
-            os.replace(mods, out / "lib" / "modules" / version)
-            if not (out / "lib" / "modules" / version / "modules.dep").exists():
-                _run(["depmod", "-b", str(out), version], what="depmod")
+        mods = package_modules(tree, version)
+        if mods is None:
+            # installed without them, every machine failed its boot (no virtio, no ext4)
+            raise KernelError(f"{pkg} has no lib/modules/{version}: its modules are needed")
+        (out / "lib" / "modules").mkdir(parents=True)
+        os.replace(mods, out / "lib" / "modules" / version)
+        if not (out / "lib" / "modules" / version / "modules.dep").exists():
+            _run(["depmod", "-b", str(out), version], what="depmod")
         _write_vmlinux(out / "vmlinuz", out / "vmlinux")
         final = home.kernels / version
         if final.exists():  # a half-finished or damaged earlier install: replace it
