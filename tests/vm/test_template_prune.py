@@ -65,6 +65,27 @@ def test_a_template_a_builder_holds_is_left_alone(home: Home, tmp_path: Path) ->
     assert prune_unused(home) == expected
 
 
+def test_a_builder_that_takes_the_lock_after_the_look_keeps_its_template(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning looked whether a builder held the shape's lock, then unlinked the lock
+    file: a builder that took it in between held a lock on a nameless file, and a third
+    process made a new one and built beside it.  The lock is taken to remove it."""
+    from ember.vm import template
+
+    _, key = make_template(home, tmp_path)
+    age(home, key, WEEK_AND_A_DAY)
+    lock_path = home.templates / f"{key}.lock"
+    monkeypatch.setattr(template, "building", lambda d, k: False)  # the look said free
+    with open(lock_path) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ... and a builder took it just after
+        assert prune_unused(home) == []
+        assert lock_path.exists() and (home.templates / f"{key}.vmstate").exists()
+    expected = [(key, size(home, key))]
+    assert prune_unused(home) == expected
+    assert not lock_path.exists()
+
+
 def test_no_templates_directory_is_nothing_to_do(home: Home) -> None:
     assert prune_unused(home) == []
 

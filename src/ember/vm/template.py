@@ -50,7 +50,7 @@ from pathlib import Path
 from ember import jsonutil
 from ember.fsutil import atomic_write, fsync_dir, stale_work_dirs
 from ember.home import Home
-from ember.locks import FileLock, is_held
+from ember.locks import FileLock, is_held, try_lock
 from ember.process import die_with_parent
 from ember.vm.errors import ConfigUnanswered, TemplateError
 from ember.vm.initramfs import write_machine_initrd
@@ -174,9 +174,8 @@ def _prune(d: Path, older_than: float, *, dry_run: bool = False) -> list[tuple[s
         if not (stale or unused) or building(d, key):
             continue
         size = _template_bytes(d, key)
-        if not dry_run:
-            _remove(d, key, lock=True)
-        removed.append((key, size))
+        if dry_run or _remove(d, key, lock=True):
+            removed.append((key, size))
     for marker in (*d.glob("*.failed"), *d.glob("*.discarded")):
         with contextlib.suppress(OSError):
             if now - marker.stat().st_mtime > RETRY_AFTER and not dry_run:
@@ -204,12 +203,25 @@ def building(d: Path, key: str) -> bool:
 _FILES = (".vmstate", ".initrd", ".json", ".failed")
 
 
-def _remove(d: Path, key: str, *, lock: bool = False) -> None:
-    """Remove a template's files; its lock file only for a shape nothing builds again
-    (removing a held lock would let a second builder start beside the first)."""
-    for suffix in (*_FILES, ".lock") if lock else _FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (d / f"{key}{suffix}").unlink()
+def _remove(d: Path, key: str, *, lock: bool = False) -> bool:
+    """Remove a template's files (False: not done).  With ``lock``, its lock file too, for
+    a shape nothing builds again: taken first and unlinked while held, and nothing is
+    removed when a builder holds it (one that took it between its caller's look and this
+    held a lock on a file that then had no name, and a third process made a new one and
+    built beside it; ``FileLock`` re-checks the name of what it took)."""
+    held = None
+    if lock:
+        held = try_lock(d / f"{key}.lock")
+        if held is None:
+            return False  # a builder holds it: its template stays
+    try:
+        for suffix in (*_FILES, ".lock") if lock else _FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (d / f"{key}{suffix}").unlink()
+    finally:
+        if held is not None:
+            held.release()
+    return True
 
 
 def state_identity(template: Template) -> tuple[int, int] | None:
@@ -457,8 +469,9 @@ def keep_at_most(d: Path, limit: int, keep: str) -> list[tuple[str, int]]:
     ready.sort(reverse=True)  # the most recently used first
     removed = []
     for _, key in ready[max(limit - 1, 0) :]:
-        removed.append((key, _template_bytes(d, key)))
-        _remove(d, key, lock=True)
+        size = _template_bytes(d, key)
+        if _remove(d, key, lock=True):
+            removed.append((key, size))
     return removed
 
 
