@@ -1178,7 +1178,10 @@ int main(int argc, char **argv)
 	if (net_setup(c, err, sizeof(err)) < 0)
 		fail(err);
 	mark("network");
-	if (mount_volumes(c, err, sizeof(err)) < 0)
+	int volumes = mount_volumes(c, err, sizeof(err));
+	if (volumes == -2)
+		fail_not_started(err); /* the image: the same start fails again */
+	if (volumes < 0)
 		fail(err);
 
 	struct exec_user u;

@@ -230,8 +230,9 @@ int mount_pseudo(char *err, size_t errlen)
 	mnt("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", TMPFS_MAGIC);
 	mnt("mqueue", "/dev/mqueue", "mqueue", std, NULL, MQUEUE_MAGIC);
 	struct stat run;
-	int missing = lstat("/run", &run) < 0 && errno == ENOENT;
-	if (missing || (S_ISDIR(run.st_mode) && dir_is_empty("/run")))
+	int found = lstat("/run", &run) == 0;
+	int missing = !found && errno == ENOENT;
+	if (missing || (found && S_ISDIR(run.st_mode) && dir_is_empty("/run")))
 		mnt("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", TMPFS_MAGIC);
 	if (access("/sys/fs/cgroup", F_OK) == 0)
 		mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", std, "nsdelegate", CGROUP2_MAGIC);
@@ -247,7 +248,9 @@ int mount_pseudo(char *err, size_t errlen)
  * inside the image's root as Docker resolves it: its links, dangling ones too, are
  * followed there and what is missing is created (mkdir_in_root, as for the WorkingDir);
  * one that resolves to "/" is refused.  The mount goes through an O_PATH descriptor of
- * the directory resolved, so no path is looked up (and no link followed) again. */
+ * the directory resolved, so no path is looked up (and no link followed) again.
+ * -2 (with the message) when the image is why a target cannot be made (it resolves to
+ * "/", goes through a file, loops): the same start fails again; -1 otherwise. */
 int mount_volumes(struct config *c, char *err, size_t errlen)
 {
 	for (int i = 0; i < c->nmounts; i++) {
@@ -258,13 +261,14 @@ int mount_volumes(struct config *c, char *err, size_t errlen)
 		}
 		char at[4096], via[64];
 		if (mkdir_in_root(m->target, 0755, at, sizeof(at)) < 0) {
-			walk_error(err, errlen, "cannot create volume target", m->target, at, errno);
-			return -1;
+			int e = errno;
+			walk_error(err, errlen, "cannot create volume target", m->target, at, e);
+			return e == ENOTDIR || e == ELOOP || e == ENAMETOOLONG || e == EEXIST ? -2 : -1;
 		}
 		if (!strcmp(at, "/")) {
 			snprintf(err, errlen, "volume target %s resolves to /: not mounting over the root",
 			         m->target);
-			return -1;
+			return -2;
 		}
 		int fd = open(at, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
 		if (fd >= 0)

@@ -231,10 +231,8 @@ int open_regular(const char *path, int flags, mode_t mode)
 	/* look before opening: opening a device can do things of its own (a watchdog arms) */
 	struct stat st;
 	if (flags & O_NOFOLLOW) {
-		if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
-			return errno = ELOOP, -1;
 		if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
-			return errno = EINVAL, -1;
+			return errno = S_ISLNK(st.st_mode) ? ELOOP : EINVAL, -1;
 	} else if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
 		return errno = EINVAL, -1;
 	}

@@ -305,6 +305,7 @@ def test_a_sigterm_the_guest_does_not_end_by_is_a_host_kill_after_the_timeout(
         stopper = monitor.TermStop(d, 0)
         stopper.vm = hung  # type: ignore[assignment]
         stopper.ask()
+        stopper.ask()  # a second SIGTERM (systemd, then someone) took the kill back
         assert hung.proc.wait(timeout=10) == -9
         assert mstate.read_state(d).stopped_by_user  # the end is the host's kill: 137
         # one that ends in time is left alone; so is one whose stop timeout is -1
@@ -314,8 +315,8 @@ def test_a_sigterm_the_guest_does_not_end_by_is_a_host_kill_after_the_timeout(
             stopper.ask()
             if timeout is not None:
                 stopper.end()
-            time.sleep(0.6)
-            assert vm.proc.poll() is None
+            stopper.watcher.join(10)  # done with this run, without a kill
+            assert not stopper.watcher.is_alive() and vm.proc.poll() is None
             stopper.end()
         stopper.end()  # twice, and a late ask: nothing happens
         stopper.ask()
@@ -335,15 +336,23 @@ def test_a_sigterm_while_the_monitor_starts_does_not_kill_it(tmp_path: Path) -> 
     from ember.home import Home
     from ember.machines import lifecycle
 
+    def sigterm_blocked() -> bool:
+        status = Path(f"/proc/{handle.pid}/status").read_text().splitlines()
+        blocked = int(next(line.split()[1] for line in status if line.startswith("SigBlk:")), 16)
+        return bool(blocked & (1 << (signal.SIGTERM - 1)))
+
     home = Home(tmp_path)
     handle = lifecycle.start_monitor(home)
     try:
         os.kill(handle.pid, signal.SIGTERM)  # while its interpreter starts
-        time.sleep(1.5)  # started by now, waiting for its machine
+        deadline = time.monotonic() + 60
+        # until its handler takes over (unblocking delivers the pending one to it)
+        while sigterm_blocked():
+            assert os.waitpid(handle.pid, os.WNOHANG) == (0, 0), "the SIGTERM killed it"
+            assert time.monotonic() < deadline, "the monitor never unblocked SIGTERM"
+            time.sleep(0.02)
+        time.sleep(0.1)  # (a default action would have ended it by now)
         assert os.waitpid(handle.pid, os.WNOHANG) == (0, 0), "the SIGTERM killed it"
-        status = Path(f"/proc/{handle.pid}/status").read_text().splitlines()
-        blocked = int(next(line.split()[1] for line in status if line.startswith("SigBlk:")), 16)
-        assert not blocked & (1 << (signal.SIGTERM - 1))  # its handler took over
     finally:
         handle.abandon()  # no machine: it exits
         handle.close()

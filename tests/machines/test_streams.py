@@ -272,6 +272,7 @@ def test_the_console_says_when_a_restored_guest_took_its_config(tmp_path: Path) 
         d.mkdir()
         Channels.in_dir(d).precreate()
         pump = StreamPump.create(d, LogConfig(1 << 20, 2))
+        pump.watch_restore = True  # (the monitor's, while it hands a restored guest its config)
         try:
             assert not pump.config_taken()
             fd = os.open(d / "console.fifo", os.O_WRONLY | os.O_APPEND)

@@ -993,6 +993,8 @@ def test_volume_targets_that_cannot_be_used_fail_the_start(root: Path) -> None:
         r = run_init(root, sh("echo should-not-run", mounts=(Mount("/none", target, "tmpfs"),)))
         assert (r.returncode, r.stdout) == (125, ""), r.console
         assert r.status is not None and r.status["error"] == message
+        # the image is why: the same start fails again, no restart policy applies
+        assert r.status.get("not_started") is True, target
 
 
 def test_mount_options_too_long_are_refused_not_cut(root: Path) -> None:

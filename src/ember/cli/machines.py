@@ -152,7 +152,8 @@ def ps(
         for ref in chosen.get("ancestor"):
             ancestry |= service.known_as(ref)
     machines = select(
-        machines, chosen, state_of=lambda m: _record(m)["status"], show_all=show_all,
+        machines, chosen, state_of=lambda m: "restarting" if _restarting(m) else m.status,
+        show_all=show_all,
         last=1 if latest and last is None else last, ancestry=ancestry,
     )  # fmt: skip
     if as_json:

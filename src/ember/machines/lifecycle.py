@@ -1303,14 +1303,11 @@ def _locked_unless_removed(d: Path, name: str) -> Iterator[None]:
     this waited for it (``remove`` deletes it under that lock)."""
     lock = mstate.locked(d)
     try:
+        # (removed while this waited: the lock granted is in the directory ``remove_dir``
+        # renamed away, which FileLock finds by its name and gives up, FileNotFoundError)
         lock.acquire()
     except FileNotFoundError:
         raise MachineNotFound(f"machine {name} was removed meanwhile") from None
-    if not d.is_dir():
-        # removed while this waited: the lock granted is the one in the directory
-        # ``remove_dir`` renamed away before it let go
-        lock.release()
-        raise MachineNotFound(f"machine {name} was removed meanwhile")
     try:
         yield
     finally:

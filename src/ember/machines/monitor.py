@@ -27,6 +27,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.errors import EmberError
 from ember.home import Home
@@ -52,6 +53,9 @@ from ember.process import proc_start_time
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
 from ember.vm.vmm.base import VM, Channels, VMExit
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
+
+if TYPE_CHECKING:
+    from ember.vm import template as template_module
 
 
 def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) -> VMSpec:
@@ -314,7 +318,9 @@ class TermStop:
         self._timeout = timeout
         self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(self._r, True)
-        threading.Thread(target=self._watch, name="ember-term-stop", daemon=True).start()
+        #: ends once the run is over, or after the kill (or at once for a timeout of -1)
+        self.watcher = threading.Thread(target=self._watch, name="ember-term-stop", daemon=True)
+        self.watcher.start()
 
     def ask(self) -> None:
         if self._w < 0:
@@ -337,9 +343,11 @@ class TermStop:
                 return  # the run ended unasked
             if self._timeout is None:  # stop timeout -1: the guest is never killed
                 return
-            ready, _, _ = select.select([self._r], [], [], self._timeout + KILL_GRACE)
-            if ready:
-                return  # ended in time (or asked twice: the run still ends on its own)
+            deadline = time.monotonic() + self._timeout + KILL_GRACE
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self._r], [], [], left)
+                if ready and os.read(self._r, 1) == b"e":
+                    return  # ended in time (a second SIGTERM changes nothing)
             vm = self.vm
             if vm is None:
                 return
@@ -512,11 +520,30 @@ def _start_or_boot(d: Path, vm: VM, spec: VMSpec) -> tuple[VM, VMSpec, int]:
             raise
         print(f"monitor: the template went before its restore ({e}): booting instead",
               file=sys.stderr)  # fmt: skip
-    with mstate.update(d) as cur:
+    # (a stop that came meanwhile: the caller sees it in the record and kills this VMM)
+    booted = _boot_instead(d, spec.channels, unless_stopped=False)
+    assert booted is not None
+    return booted
+
+
+def _boot_instead(
+    d: Path, channels: Channels, *, unless_stopped: bool
+) -> tuple[VM, VMSpec, int] | None:
+    """Boot the machine's kernel in place of a template: its record names no template
+    any more, and the new VMM's pid, in one step under the machine's lock (a kill or rm
+    -f then finds this VMM's pid, not the dead one's).  ``unless_stopped``: None, nothing
+    started, when a stop came (the record says so, or a SIGTERM)."""
+    with mstate.locked(d):
+        cur = mstate.read_state(d)
+        if unless_stopped and (cur.stopped_by_user or _terminated):
+            return None
         cur.vm.restore = cur.vm.restore_initrd = None
-    boot_spec = vm_spec(cur, d, spec.channels)
-    boot = get_vmm(cur.vm.vmm).create(boot_spec)
-    return boot, boot_spec, boot.start()
+        spec = vm_spec(cur, d, channels)
+        boot = get_vmm(cur.vm.vmm).create(spec)
+        pid = boot.start()
+        cur.vmm_pid, cur.vmm_start = pid, proc_start_time(pid)
+        mstate.write_state(d, cur)
+    return boot, spec, pid
 
 
 def _how_it_ended(d: Path, end: VMExit, console_bytes: int, *, host_killed: bool) -> Outcome:
@@ -568,21 +595,33 @@ def _hand_config_or_boot(
     Returns the VM that runs the machine, its pid, and whether it started: the guest
     answered its config (the VMM loaded the template, the guest runs), or took it all the
     same, or the VMM booted instead got through its set-up (``_set_up``)."""
-    from ember.machines.lifecycle import RESTORE_CONFIG
-    from ember.vm.template import (
-        ConfigUnanswered,
-        Template,
-        TemplateError,
-        discard_template,
-        send_restore_config,
-        state_identity,
-    )
+    from ember.vm.template import Template, state_identity
 
-    assert vm.pid is not None
     assert spec.restore is not None and spec.initrd is not None
     template = Template(spec.restore, spec.initrd)
     # the file its VMM opened a moment ago: a discard must not take a newer one
     restored = state_identity(template)
+    pump.watch_restore = True
+    try:
+        return _hand_config(st, d, vm, spec, pump, template, restored)
+    finally:
+        pump.watch_restore = False
+
+
+def _hand_config(
+    st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec, pump: StreamPump,
+    template: template_module.Template, restored: tuple[int, int] | None,
+) -> tuple[VM, int, bool]:
+    """``_hand_config_or_boot`` once the console is watched for ember-init's word."""
+    from ember.machines.lifecycle import RESTORE_CONFIG
+    from ember.vm.template import (
+        ConfigUnanswered,
+        TemplateError,
+        discard_template,
+        send_restore_config,
+    )
+
+    assert vm.pid is not None
     try:
         config = (d / RESTORE_CONFIG).read_bytes()
         send_restore_config(spec.channels.control_socket, config, alive=vm.alive)
@@ -614,18 +653,12 @@ def _hand_config_or_boot(
         return vm, vm.pid, False
     print(f"monitor: restoring the template failed ({failure}): booting instead", file=sys.stderr)
     discard_template(template, restored)
-    # One step under the machine's lock: a stop that came during the restore is seen
-    # (it was not, and the machine booted all the same), and a kill or rm -f finds the
-    # new VMM's pid, not the dead one's (it signalled that and then waited in vain).
-    with mstate.locked(d):
-        cur = mstate.read_state(d)
-        if cur.stopped_by_user or _terminated:
-            return vm, vm.pid, False
-        cur.vm.restore = cur.vm.restore_initrd = None
-        boot = get_vmm(cur.vm.vmm).create(vm_spec(cur, d, spec.channels))
-        pid = boot.start()
-        cur.vmm_pid, cur.vmm_start = pid, proc_start_time(pid)
-        mstate.write_state(d, cur)
+    # a stop that came during the restore is seen (it was not, and the machine booted
+    # all the same), and a kill or rm -f finds the new VMM's pid, not the dead one's
+    booted = _boot_instead(d, spec.channels, unless_stopped=True)
+    if booted is None:
+        return vm, vm.pid, False
+    boot, _spec, pid = booted
     return boot, pid, _set_up(boot)
 
 

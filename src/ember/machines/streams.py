@@ -123,6 +123,9 @@ class StreamPump:
         #: program's stdout and stderr ports sent (None: it does not say)
         self._status = bytearray()
         self.owed: tuple[int, int] | None = None
+        #: a restored guest is being handed its config: the console is looked at for
+        #: ``RESTORE_TAKEN`` (the monitor sets it for that handshake only)
+        self.watch_restore = False
         #: the console said ``RESTORE_TAKEN`` (and the end of what it said, for a marker
         #: split across two reads)
         self._config_taken = False
@@ -184,7 +187,7 @@ class StreamPump:
                     self.report_seen = True
                     report = parse_report(bytes(self._status))
                     self.owed = report.sent if report is not None else None
-            if s.fifo == self.channels.console_log and not self._config_taken:
+            if self.watch_restore and s.fifo == self.channels.console_log and not self._config_taken:
                 seen = self._console_tail + data
                 self._config_taken = RESTORE_TAKEN in seen
                 self._console_tail = seen[-(len(RESTORE_TAKEN) - 1) :]
