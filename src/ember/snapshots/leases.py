@@ -223,10 +223,11 @@ class Leases:
         What it protects is unknown, so gc and ``image rm`` stop on it, and it stayed
         until someone found the file: the hint names it as ``ember snapshot leases rm``
         takes it (by the lease name its file is under), or by its path when no lease
-        name leads to that file."""
+        name leads to that file, or when it is no file ``leases rm`` can unlink (a
+        directory)."""
         name = names.decode(path.stem)
         try:
-            addressable = path == self._path(name)
+            addressable = path == self._path(name) and not path.is_dir()
         except SnapshotError:
             addressable = False
         how = (
