@@ -349,3 +349,16 @@ def test_a_mount_copied_into_another_namespace_is_released_with_its_mount_point(
     assert _released(dev.major, dev.minor, image)
     subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
     assert ours(work) == ([], [])
+
+
+def test_waiting_for_a_release_says_whether_it_came(work: Path) -> None:
+    """Recovery said "detached /dev/loopN" of a device still bound: the wait for its
+    release gave up (after its own detach) without saying so."""
+    image = _ext4(work / "held.img")
+    att = loop.attach(image, readonly=True)
+    try:
+        # still open (ours): it stays bound, set to go on its last close
+        assert system.wait_loop_released(att.major, att.minor, str(image), timeout=0.2) is False
+    finally:
+        os.close(att.fd)
+    assert system.wait_loop_released(att.major, att.minor, str(image)) is True

@@ -297,16 +297,20 @@ class Snapshotter:
     def list(self) -> list[SnapshotInfo]:
         """Every snapshot, damaged ones too (``damaged`` says why; their parent is unknown
         when their metadata is what is damaged)."""
-        out: list[SnapshotInfo] = []
-        for tree, kind in ((self.committed_dir, Kind.COMMITTED), (self.active_dir, Kind.ACTIVE)):
+        found: dict[Kind, list[SnapshotInfo]] = {}
+        # active/ first: a commit moves a build from there to committed/, so one that
+        # commits meanwhile is seen (in one or both); the other order missed it (in
+        # neither listing), and a removal looking for children could miss a child
+        for tree, kind in ((self.active_dir, Kind.ACTIVE), (self.committed_dir, Kind.COMMITTED)):
+            found[kind] = []
             for entry in sorted(os.listdir(tree)):
                 if entry.startswith(".") or _stray(tree / entry):
                     continue
                 try:
-                    out.append(self._info(tree / entry, kind))
+                    found[kind].append(self._info(tree / entry, kind))
                 except FileNotFoundError:
-                    continue  # removed while we looked
-        return out
+                    continue  # removed (or committed) while we looked
+        return found[Kind.COMMITTED] + found[Kind.ACTIVE]
 
     def usage(self, key: str) -> Usage:
         u = file_usage(self.path(key))
@@ -796,8 +800,11 @@ class Snapshotter:
                     continue
                 try:
                     system.detach_loop(lo.device)
-                    system.wait_loop_released(lo.major, lo.minor, lo.backing_file)
-                    done.append(f"detached {lo.device} ({lo.backing_file})")
+                    if system.wait_loop_released(lo.major, lo.minor, lo.backing_file):
+                        done.append(f"detached {lo.device} ({lo.backing_file})")
+                    else:  # (it said "detached" of one still bound)
+                        done.append(f"set {lo.device} ({lo.backing_file}) to detach once "
+                                    "nothing uses it")  # fmt: skip
                 except SnapshotError as e:
                     log.warning("%s", e)
                 finally:

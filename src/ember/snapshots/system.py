@@ -347,8 +347,10 @@ def _loop_released(major: int, minor: int, backing: str | None, timeout: float) 
 
 def wait_loop_released(
     major: int, minor: int, backing: str | None = None, timeout: float = 5.0
-) -> None:
-    """Wait for an autoclear loop device to drop its backing file; detach it if it does not.
+) -> bool:
+    """Wait for an autoclear loop device to drop its backing file; detach it if it does
+    not.  Whether it is released by the end (False: still in use, set to go on its last
+    close).
 
     ``backing``: the file we bound.  Once the device is released another
     process may bind the same (free again) device at once; when the backing
@@ -356,12 +358,13 @@ def wait_loop_released(
     detach.
     """
     if _loop_released(major, minor, backing, timeout):
-        return
+        return True
     try:
         name = Path(f"/sys/dev/block/{major}:{minor}").resolve().name
         detach_loop(Path("/dev") / name)
     except (CommandFailed, OSError):
         pass
+    return _loop_released(major, minor, backing, 0.0)
 
 
 # -- ext4 tools ----------------------------------------------------------------------------
