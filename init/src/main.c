@@ -721,12 +721,14 @@ static void read_start_error(int fd)
 }
 
 /* Whether a start that failed with this errno fails again with the same image and config
- * (not found, not a directory, not permitted, not an executable format, a link loop): the
- * report then says not_started, and the host's restart policy does not run it again.
+ * (not found, not a directory, not permitted, not an executable format, a link loop, a
+ * name too long): the report then says not_started, and the host's restart policy does
+ * not run it again.
  * Others may pass (ENOMEM, EAGAIN, ETXTBSY, E2BIG, a setgroups/setuid that failed). */
 static int start_fails_again(int e)
 {
-	return e == ENOENT || e == ENOTDIR || e == EACCES || e == ENOEXEC || e == ELOOP;
+	return e == ENOENT || e == ENOTDIR || e == EACCES || e == ENOEXEC || e == ELOOP ||
+	       e == ENAMETOOLONG;
 }
 
 static pid_t spawn(struct config *c, const struct exec_user *u, const char *workdir)

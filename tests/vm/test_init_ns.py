@@ -199,6 +199,8 @@ def test_the_path_search_goes_on_past_entries_that_cannot_be_looked_in(root: Pat
         (("/loop",), 126, "exec /loop: Symbolic link loop", True),  # (musl's words for ELOOP)
         (("/etc/passwd/x",), 127, "exec /etc/passwd/x: Not a directory", True),
         (("/garbage",), 126, "exec /garbage: Exec format error", True),
+        # a name too long for the file system: the same command fails the same way
+        (("/" + "n" * 300,), 126, f"exec /{'n' * 300}: Filename too long", True),
         # a single argument over the kernel's 128 KiB: E2BIG, which a smaller command
         # or a later version of the config passes; the host may try it again
         (("/bin/true", "a" * 200_000), 126, "exec /bin/true: Argument list too long", False),
