@@ -242,3 +242,48 @@ def test_an_os_error_of_embers_own_is_125_not_the_programs_1(tmp_path: Path) -> 
     res = run_ember("run", "--rm", "oci:/nowhere:latest", "true", env=ember_env(home))
     assert res.returncode == 125, res.stderr
     assert res.stderr.count("\n") == 1 and "run" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_start_attach_takes_the_code_of_its_run_when_the_next_began_between_two_looks(
+    tmp_path: Path,
+) -> None:
+    """`ember start -a` of a running machine polls its record: when its restart policy
+    began the next run between two looks (the record is that run's, its exit code
+    cleared), the attach waited for the next run to end and failed with 125, "removed
+    (--rm) before its exit code could be read".  The record keeps the previous run's code."""
+    import subprocess
+    import time
+
+    from ember.process import proc_start_time
+
+    home = Home(tmp_path)
+    st = _machine()
+    monitor = subprocess.Popen(["sleep", "60"])  # the machine's monitor, alive throughout
+    try:
+        st.status, st.started_at, st.restart_policy = mstate.RUNNING, mstate.now(), "always"
+        st.monitor_pid, st.monitor_start = monitor.pid, proc_start_time(monitor.pid)
+        MachineStore(home).create(st, "m1")
+        d = MachineStore(home).dir(st.id)
+        channels = machine_channels(d)
+        outs = []
+        for log in (channels.stdout_log, channels.stderr_log):
+            log.touch()
+            outs.append(LogFollower.current(log, at_end=True))
+
+        def next_run_at_once() -> None:
+            time.sleep(0.2)
+            with mstate.update(d) as cur:  # exited with 3 and running again, in one step
+                cur.started_at, cur.restart_count = mstate.now(), 1
+                cur.exit_code, cur.previous_exit_code = None, 3
+
+        runner = threading.Thread(target=next_run_at_once)
+        runner.start()
+        try:
+            assert _follow(home, mstate.read_state(d), None, None, outs, _Interrupts()) == 3
+        finally:
+            runner.join()
+            for out in outs:
+                out.close()
+    finally:
+        monitor.kill()
+        monitor.wait()

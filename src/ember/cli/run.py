@@ -189,7 +189,8 @@ def _copy_until_exit(
     lost: OutputSink | None = None  # a stream of ours that could not be written
     started = False  # the monitor said so (its events only)
     stopping: StopRequested | None = None
-    started_at = read_state(d).started_at if events is None else None
+    attached = read_state(d) if events is None else None
+    started_at = attached.started_at if attached is not None else None
     seen: MachineState | None = None  # attached to a running machine: its last record read
     ended = False
     try:
@@ -255,6 +256,13 @@ def _copy_until_exit(
             "it was stopped"
         )
     if exited is None:
+        if (events is None and attached is not None and seen is not None
+                and seen.started_at != started_at
+                and seen.restart_count == attached.restart_count + 1
+                and seen.previous_exit_code is not None):  # fmt: skip
+            # its restart policy began the next run between two looks: the record is that
+            # run's now, and keeps the code of the one this followed
+            return seen.previous_exit_code
         if events is None and seen is not None and seen.status == EXITED:
             end: MachineState | None = seen  # (its restart policy may run it again soon)
         else:

@@ -556,6 +556,7 @@ def prepare_start(
         # the other order left an exited record whose TAP, rules and host ports nothing
         # freed until the machine was started or removed.
         ended = copy.deepcopy(cur)  # put back if this start fails
+        cur.previous_exit_code = cur.exit_code if restart else None
         cur.status = mstate.CREATED
         cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
         cur.exit_code = cur.signal = None

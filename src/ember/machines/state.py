@@ -92,6 +92,9 @@ class MachineState:
     #: machine, and whether ``ember stop/kill/rm -f`` ended its last run (no restart then)
     restart_policy: str = "no"
     restart_count: int = 0
+    #: the exit code of the run before this one, when its monitor restarted the machine
+    #: (``ember start -a`` attached to that run finds it here once the next one began)
+    previous_exit_code: int | None = None
     stopped_by_user: bool = False
     #: the monitor gave up restarting it (``error`` says why); it exits next
     restart_given_up: bool = False
