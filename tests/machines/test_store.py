@@ -495,6 +495,31 @@ def test_a_port_held_for_a_machine_that_no_longer_exists_is_freed(tmp_path: Path
     assert out == {"port": 8080, "networks": ["b" * 64]}
 
 
+ORPHAN_GC = """
+import json, sys
+from pathlib import Path
+from ember.home import Home
+from ember.net.manager import NetworkManager
+from ember.net.ports import parse_publish
+from ember.snapshots.gc import collect
+home = Home(Path(sys.argv[1]))
+NetworkManager(home).setup(sys.argv[2], ports=parse_publish("8080:80"))  # no machine has it
+dry = collect(home, dry_run=True)
+left_by_dry_run = sorted(NetworkManager(home).machines())
+report = collect(home)
+print(json.dumps({"dry": dry.networks, "after_dry": left_by_dry_run,
+                  "freed": report.networks, "left": sorted(NetworkManager(home).machines())}))
+"""
+
+
+def test_ember_gc_frees_the_network_of_a_machine_that_no_longer_exists(tmp_path: Path) -> None:
+    """Freed only when a set-up found its port taken, an orphaned allocation kept its
+    DNAT rule: a host program listening on that port lost its traffic to an address
+    nothing held."""
+    out = _script_in_netns(ORPHAN_GC, tmp_path, "c" * 64)
+    assert out == {"dry": ["c" * 12], "after_dry": ["c" * 64], "freed": ["c" * 12], "left": []}
+
+
 AFTER_REBOOT = LOST_HOLDER.split("net = lifecycle")[0] + """
 # the host rebooted since: the TAP is gone (here: deleted), the allocation not
 import json as j

@@ -859,18 +859,10 @@ def _setup_network(
     manager = NetworkManager(home)
 
     def repair_lost() -> bool:
-        # first: a machine's directory is made before its network, and freed after it
-        allocated = set(manager.machines())
-        store = MachineStore(home)
-        lost = [m for m in store.list() if m.id != machine_id and _monitor_lost(m)]
+        lost = [m for m in MachineStore(home).list() if m.id != machine_id and _monitor_lost(m)]
         for m in lost:
             refresh(home, m)
-        # held for a machine that no longer exists (its removal failed to free it, and
-        # removed the rest): nothing else ever frees it
-        orphans = allocated - set(store.ids()) - {machine_id}
-        for gone in orphans:
-            log.info("freeing the network of machine %s, which no longer exists", gone[:12])
-            manager.teardown(gone)
+        orphans = free_orphaned_networks(home, keep=machine_id)
         return bool(lost or orphans)
 
     if manager.allocated_before_this_boot():
@@ -881,6 +873,28 @@ def _setup_network(
         if not repair_lost():
             raise
     return manager.setup(machine_id, ports=ports, network=network, holder=holder)
+
+
+def free_orphaned_networks(
+    home: Home, *, keep: str | None = None, dry_run: bool = False
+) -> list[str]:
+    """Free the network allocations of machines that no longer exist (a removal that
+    could not free a machine's network deleted the rest): their TAPs, their rules (a
+    published port's DNAT took a host program's traffic to an address nothing holds)
+    and their host ports; nothing else ever frees them.  ``keep``: a machine id left
+    alone whatever (the one the caller is setting up).  The machine ids freed (or, with
+    ``dry_run``, that would be)."""
+    from ember.net.manager import NetworkManager
+
+    manager = NetworkManager(home)
+    # first: a machine's directory is made before its network, and removed after it
+    allocated = set(manager.machines())
+    orphans = sorted(allocated - set(MachineStore(home).ids()) - {keep})
+    for gone in orphans:
+        if not dry_run:
+            log.info("freeing the network of machine %s, which no longer exists", gone[:12])
+            manager.teardown(gone)
+    return orphans
 
 
 def _free_network(home: Home, st: MachineState) -> None:

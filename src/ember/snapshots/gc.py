@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.errors import EmberError
 from ember.fsutil import remove_tree, stale_temps, stale_work_dirs, tree_bytes
 from ember.home import Home
 from ember.locks import FileLock, is_held, try_lock
@@ -78,6 +79,8 @@ class GCReport:
     kernel_bytes: int = 0
     #: work directories of a KVM probe, a kernel install or a template build
     work_dirs: int = 0
+    #: network allocations of machines that no longer exist (``free_orphaned_networks``)
+    networks: list[str] = field(default_factory=list)
     leftover_bytes: int = 0
     dry_run: bool = False
     #: what a person should know (damaged snapshots kept, and what they keep)
@@ -101,6 +104,7 @@ class GCReport:
             "machine_dirs": self.machine_dirs,
             "temp_files": self.temp_files,
             "work_dirs": self.work_dirs,
+            "networks": self.networks,
             "leftover_bytes": self.leftover_bytes,
             "warnings": self.warnings,
         }
@@ -271,6 +275,13 @@ def sweep_leftovers(home: Home, report: GCReport, older_than: float, *, dry_run:
         report.temp_files += count
         report.leftover_bytes += size
     _sweep_vm_leftovers(home, report, older_than, dry_run=dry_run)
+    if home.net_state.exists():  # (no machine ever had a network here: nothing to load)
+        from ember.machines.lifecycle import free_orphaned_networks
+
+        try:
+            report.networks = [m[:12] for m in free_orphaned_networks(home, dry_run=dry_run)]
+        except EmberError as e:  # (the rest of the sweep is done: say it, go on)
+            report.warnings.append(f"cannot free the networks of removed machines: {e}")
 
 
 def _sweep_vm_leftovers(home: Home, report: GCReport, older_than: float, *, dry_run: bool) -> None:
