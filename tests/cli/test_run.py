@@ -245,14 +245,13 @@ def test_an_os_error_of_embers_own_is_125_not_the_programs_1(tmp_path: Path) -> 
 
 
 def test_start_attach_takes_the_code_of_its_run_when_the_next_began_between_two_looks(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`ember start -a` of a running machine polls its record: when its restart policy
     began the next run between two looks (the record is that run's, its exit code
     cleared), the attach waited for the next run to end and failed with 125, "removed
     (--rm) before its exit code could be read".  The record keeps the previous run's code."""
     import subprocess
-    import time
 
     from ember.process import proc_start_time
 
@@ -270,8 +269,20 @@ def test_start_attach_takes_the_code_of_its_run_when_the_next_began_between_two_
             log.touch()
             outs.append(LogFollower.current(log, at_end=True))
 
+        following = mstate.read_state(d)  # (read before the stand-in below counts reads)
+        # the next run begins only once the attach has read the run it follows
+        looked = threading.Event()
+        real_read = mstate.read_state
+
+        def read_state(machine_dir: Path) -> MachineState:
+            found = real_read(machine_dir)
+            looked.set()
+            return found
+
+        monkeypatch.setattr(mstate, "read_state", read_state)
+
         def next_run_at_once() -> None:
-            time.sleep(0.2)
+            assert looked.wait(30)
             with mstate.update(d) as cur:  # exited with 3 and running again, in one step
                 cur.started_at, cur.restart_count = mstate.now(), 1
                 cur.exit_code, cur.previous_exit_code = None, 3
@@ -279,7 +290,7 @@ def test_start_attach_takes_the_code_of_its_run_when_the_next_began_between_two_
         runner = threading.Thread(target=next_run_at_once)
         runner.start()
         try:
-            assert _follow(home, mstate.read_state(d), None, None, outs, _Interrupts()) == 3
+            assert _follow(home, following, None, None, outs, _Interrupts()) == 3
         finally:
             runner.join()
             for out in outs:

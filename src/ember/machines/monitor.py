@@ -27,7 +27,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ember.errors import EmberError
 from ember.home import Home
@@ -53,9 +52,6 @@ from ember.process import proc_start_time
 from ember.vm.vmm import Disk, Nic, VMSpec, get_vmm
 from ember.vm.vmm.base import VM, Channels, VMExit
 from ember.vm.vmm.qemu import QemuMicrovm  # noqa: F401  (imported before the machine is known)
-
-if TYPE_CHECKING:
-    from ember.vm import template as template_module
 
 
 def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) -> VMSpec:
@@ -595,33 +591,23 @@ def _hand_config_or_boot(
     Returns the VM that runs the machine, its pid, and whether it started: the guest
     answered its config (the VMM loaded the template, the guest runs), or took it all the
     same, or the VMM booted instead got through its set-up (``_set_up``)."""
-    from ember.vm.template import Template, state_identity
+    from ember.machines.lifecycle import RESTORE_CONFIG
+    from ember.vm.template import (
+        ConfigUnanswered,
+        Template,
+        TemplateError,
+        discard_template,
+        send_restore_config,
+        state_identity,
+    )
 
+    assert vm.pid is not None
     assert spec.restore is not None and spec.initrd is not None
     template = Template(spec.restore, spec.initrd)
     # the file its VMM opened a moment ago: a discard must not take a newer one
     restored = state_identity(template)
+    # (it stops looking once it has seen the word, which comes right after the "ok")
     pump.watch_restore = True
-    try:
-        return _hand_config(st, d, vm, spec, pump, template, restored)
-    finally:
-        pump.watch_restore = False
-
-
-def _hand_config(
-    st: mstate.MachineState, d: Path, vm: VM, spec: VMSpec, pump: StreamPump,
-    template: template_module.Template, restored: tuple[int, int] | None,
-) -> tuple[VM, int, bool]:
-    """``_hand_config_or_boot`` once the console is watched for ember-init's word."""
-    from ember.machines.lifecycle import RESTORE_CONFIG
-    from ember.vm.template import (
-        ConfigUnanswered,
-        TemplateError,
-        discard_template,
-        send_restore_config,
-    )
-
-    assert vm.pid is not None
     try:
         config = (d / RESTORE_CONFIG).read_bytes()
         send_restore_config(spec.channels.control_socket, config, alive=vm.alive)

@@ -123,8 +123,8 @@ class StreamPump:
         #: program's stdout and stderr ports sent (None: it does not say)
         self._status = bytearray()
         self.owed: tuple[int, int] | None = None
-        #: a restored guest is being handed its config: the console is looked at for
-        #: ``RESTORE_TAKEN`` (the monitor sets it for that handshake only)
+        #: a restored guest is handed its config: the console is looked at for
+        #: ``RESTORE_TAKEN`` until it comes (a booted machine's console never is)
         self.watch_restore = False
         #: the console said ``RESTORE_TAKEN`` (and the end of what it said, for a marker
         #: split across two reads)
