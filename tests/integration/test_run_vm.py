@@ -156,6 +156,42 @@ SERVER = (
 )
 
 
+def test_hostname_add_host_and_dns_reach_the_guest_again_at_each_start(
+    ember: Ember, busybox: str
+) -> None:
+    show = ("hostname; grep ember /etc/hosts | grep -v localhost; cat /etc/resolv.conf; "
+            "ip route | grep ^default")
+    res = ember("run", "--name", "named", "--hostname", "web-1",
+                "--add-host", "db:10.1.2.3", "--add-host", "host.docker.internal:host-gateway",
+                "--add-host", "v6=[2001:db8::1]", "--dns", "10.0.0.53", "--dns-search", "example.com",
+                busybox, "sh", "-c", show)  # fmt: skip
+    try:
+        assert res.returncode == 0, res.stderr
+        record = ember.inspect("named")
+        assert record["config"]["extra_hosts"] == [
+            "db:10.1.2.3", "host.docker.internal:host-gateway", "v6:2001:db8::1"
+        ]
+        assert (record["config"]["dns"], record["config"]["dns_search"]) == (
+            ["10.0.0.53"], ["example.com"]
+        )
+        # `ember start` makes the run config again, with that start's network
+        for out in (res.stdout, ember("start", "-a", "named").stdout):
+            lines = out.splitlines()
+            gateway = lines[-1].split()[2]  # "default via ADDR dev eth0"
+            guest_ip = ember.inspect("named")["network"]["guest_ip"]
+            assert lines[:-1] == [
+                "web-1",
+                f"{guest_ip}\tweb-1 named\t# ember",
+                "10.1.2.3\tdb\t# ember",
+                f"{gateway}\thost.docker.internal\t# ember",
+                "2001:db8::1\tv6\t# ember",
+                "search example.com",
+                "nameserver 10.0.0.53",
+            ], out
+    finally:
+        ember("rm", "-f", "named")
+
+
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
     # -p 80: a host port left for ember to choose, as docker does
     res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", "-l", "app=web",

@@ -6,10 +6,15 @@ import pytest
 
 from ember.machines.errors import InvalidOption
 from ember.machines.options import (
+    check_hostname,
     check_kernel_arg,
     check_kernel_args,
     check_name,
     host_memory_mib,
+    parse_add_host,
+    parse_add_hosts,
+    parse_dns,
+    parse_dns_search,
     parse_env,
     parse_memory_mib,
     read_env_file,
@@ -147,3 +152,57 @@ def test_bad_labels_are_refused(entry: str, words: str) -> None:
 
     with pytest.raises(InvalidOption, match=words):
         parse_labels([entry])
+
+
+def test_hostname() -> None:
+    assert check_hostname("web-1.example") == "web-1.example"
+    assert check_hostname("h" * 64) == "h" * 64
+    for bad in ("", "-web", "a b", "a_b", "h" * 65, "x\n", "ü"):
+        with pytest.raises(InvalidOption, match="--hostname"):
+            check_hostname(bad)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("db:10.1.2.3", ("db", "10.1.2.3")),
+        ("db=10.1.2.3", ("db", "10.1.2.3")),  # docker 25's spelling
+        ("my_host.local:192.168.0.1", ("my_host.local", "192.168.0.1")),
+        # IPv6, bare (split at the first colon) or in brackets; normalized
+        ("v6:2001:db8:0::1", ("v6", "2001:db8::1")),
+        ("v6:[2001:db8::1]", ("v6", "2001:db8::1")),
+        ("v6=[::1]", ("v6", "::1")),
+        ("host.docker.internal:host-gateway", ("host.docker.internal", "host-gateway")),
+    ],
+)
+def test_add_host(entry: str, expected: tuple[str, str]) -> None:
+    assert parse_add_host(entry) == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["db", "db:", ":10.0.0.1", "db:10.0.0.256", "db:name", "a b:10.0.0.1", "db:10.0.0.1 x",
+     "a\nb:10.0.0.1", "db:[10.0.0.1", "x" * 254 + ":10.0.0.1"],
+)  # fmt: skip
+def test_add_host_refuses(bad: str) -> None:
+    with pytest.raises(InvalidOption, match="--add-host"):
+        parse_add_host(bad)
+
+
+def test_add_hosts_keep_their_order_as_docker_extra_hosts() -> None:
+    got = parse_add_hosts(["b:10.0.0.2", "a=10.0.0.1", "v6:[::1]", "gw:host-gateway"])
+    assert got == ("b:10.0.0.2", "a:10.0.0.1", "v6:::1", "gw:host-gateway")
+    # what a record keeps is read back the same way
+    assert [parse_add_host(e) for e in got][2] == ("v6", "::1")
+
+
+def test_dns_and_search() -> None:
+    assert parse_dns(["10.0.0.53", "2001:db8::0:53"]) == ("10.0.0.53", "2001:db8::53")
+    for bad in ("", "dns.example", "10.0.0.1 10.0.0.2", "1.2.3"):
+        with pytest.raises(InvalidOption, match="--dns"):
+            parse_dns([bad])
+    # docker's "." alone: no search domain
+    assert parse_dns_search(["example.com", ".", "corp"]) == ("example.com", "corp")
+    for bad in ("", "a b", "x;y", "a\nb", "x" * 254):
+        with pytest.raises(InvalidOption, match="--dns-search"):
+            parse_dns_search([bad])

@@ -462,6 +462,13 @@ class _RunUsageError(click.UsageError):
               help="Seconds between the stop signal and SIGKILL (default 10; -1: no SIGKILL).")  # fmt: skip
 @click.option("--network", default="default", show_default=True,
               help="Machines see each other only within the same network.")  # fmt: skip
+@click.option("--hostname", help="The machine's hostname (default: its short id).")
+@click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:ADDRESS",
+              help="Add a line to the machine's /etc/hosts (ADDRESS host-gateway: the host).")  # fmt: skip
+@click.option("--dns", "dns", multiple=True, metavar="ADDRESS",
+              help="A nameserver for the machine (instead of the host's).")  # fmt: skip
+@click.option("--dns-search", "dns_search", multiple=True, metavar="DOMAIN",
+              help="A DNS search domain for the machine.")  # fmt: skip
 @click.option("--plain-http", is_flag=True, help="Pull over plain HTTP.")
 @click.argument("image")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -486,6 +493,10 @@ def run(
     kernel_args: tuple[str, ...],
     stop_timeout: int | None,
     network: str,
+    hostname: str | None,
+    add_hosts: tuple[str, ...],
+    dns: tuple[str, ...],
+    dns_search: tuple[str, ...],
     plain_http: bool,
     image: str,
     args: tuple[str, ...],
@@ -493,9 +504,13 @@ def run(
     """Run IMAGE in a new micro-VM."""
     from ember.machines import lifecycle
     from ember.machines.options import (
+        check_hostname,
         check_kernel_args,
         check_name,
         check_user,
+        parse_add_hosts,
+        parse_dns,
+        parse_dns_search,
         parse_env,
         parse_labels,
         parse_memory_mib,
@@ -550,6 +565,10 @@ def run(
         network=network,
         stop_timeout=stop_timeout,
         plain_http=plain_http,
+        hostname=None if hostname is None else check_hostname(hostname),
+        extra_hosts=parse_add_hosts(add_hosts),
+        dns=parse_dns(dns),
+        dns_search=parse_dns_search(dns_search),
     )
     # the monitor starts first: its start-up overlaps with preparing the machine
     monitor = lifecycle.start_monitor(home)

@@ -38,6 +38,7 @@ from ember.machines.controllines import (
 )
 from ember.machines.errors import (
     DamagedMachine,
+    InvalidOption,
     MachineError,
     MachineNotFound,
     MachineNotRunning,
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from ember.images.model import Image
     from ember.net.manager import MachineNetwork
     from ember.vm.kernel import KernelInfo
-    from ember.vm.runconfig import RunConfig, RunOverrides
+    from ember.vm.runconfig import HostEntry, RunConfig, RunOverrides
     from ember.vm.template import Template
 
 log = logging.getLogger("ember.machines")
@@ -108,6 +109,13 @@ class RunRequest:
     plain_http: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    #: None: the machine id's first 12 characters, as docker's
+    hostname: str | None = None
+    #: ``--add-host`` as ``NAME:ADDR`` (``options.parse_add_hosts``; ADDR may be host-gateway)
+    extra_hosts: tuple[str, ...] = ()
+    #: ``--dns`` (none: the host's, as the network set-up finds them) and ``--dns-search``
+    dns: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
 
 
 def machine_channels(d: Path) -> Channels:
@@ -173,8 +181,14 @@ def create(
         base_initrd = base_initramfs(home, kernel)
         lap("kernel")
         # validate the run config before anything is allocated
-        draft = RunConfig.from_image(image.config, _run_overrides(req))
-        draft.check_room()
+        draft = RunConfig.from_image(
+            image.config, _run_overrides(req), nameservers=req.dns, search=req.dns_search
+        )
+        # the extra hosts are added at each start (host-gateway: that start's gateway),
+        # counted here at their longest
+        dataclasses.replace(
+            draft, hosts=_extra_host_entries(req.extra_hosts, gateway=_LONGEST_IPV4)
+        ).check_room()
         ports = req.ports
         if req.publish_all:
             ports += exposed_mappings(image.config.exposed_ports, req.ports)
@@ -228,17 +242,21 @@ def create(
             lap("root_disk+network")
             rc = dataclasses.replace(
                 draft,
-                hostname=machine_id[:12],
+                hostname=req.hostname or machine_id[:12],
                 root=RootDevice("/dev/vda", "ext4", "defaults"),
                 # the monitor says "bye" once it has the guest's last output (see streams.py)
                 exit_ack_ms=EXIT_ACK_MS,
             )
             restore, template_key = _template_for(home, req, kernel, base_initrd, accel)
             atomic_write(d / RUN_CONFIG, rc.render(), 0o600)
-            _write_boot_config(d, st.name, rc, net, own_base, templated=restore is not None)
+            _write_boot_config(
+                d, st.name, rc, net, own_base, req.extra_hosts, templated=restore is not None
+            )
             machine_channels(d).precreate()
             lap("config_initrd")
-            config = _config_summary(rc, kernel, no_kill=req.stop_timeout == NO_STOP_TIMEOUT)
+            config = _config_summary(
+                rc, kernel, req.extra_hosts, no_kill=req.stop_timeout == NO_STOP_TIMEOUT
+            )
             st = _finish_record(d, disk, restore, template_key, net, config, timings)
         except BaseException:
             _undo_create(home, machine_id, cloning, pool)
@@ -322,14 +340,20 @@ def _new_state(
     )
 
 
-def _config_summary(rc: RunConfig, kernel: KernelInfo, *, no_kill: bool) -> dict[str, Any]:
-    """The record's ``config``: what the machine runs and how it is stopped."""
+def _config_summary(
+    rc: RunConfig, kernel: KernelInfo, extra_hosts: Sequence[str], *, no_kill: bool
+) -> dict[str, Any]:
+    """The record's ``config``: what the machine runs and how it is stopped, and the
+    ``--add-host`` entries each start adds to its hosts (``extra_hosts_of``)."""
     return {
         "argv": list(rc.argv),
         "env": list(rc.env),
         "user": rc.user,
         "workdir": rc.workdir,
         "hostname": rc.hostname,
+        "extra_hosts": list(extra_hosts),
+        "dns": list(rc.nameservers),
+        "dns_search": list(rc.search),
         "stop_signal": rc.stop_signal,
         "stop_timeout": NO_STOP_TIMEOUT if no_kill else rc.stop_timeout,
         "kernel_version": kernel.version,
@@ -427,22 +451,71 @@ RUN_CONFIG = "run.config"
 BASE_INITRD = "base.initrd"
 
 
-def _write_boot_config(
-    d: Path, name: str, rc: RunConfig, net: MachineNetwork, base_initrd: Path, *, templated: bool
-) -> None:
-    """The machine's run config (``RUN_CONFIG``) with this network in it: the initrd it
-    boots with (base + config), and for a machine started from a template the config its
-    monitor sends."""
-    from ember.vm.initramfs import write_machine_initrd
+#: the longest address an extra host's ``host-gateway`` can become (``check_room``)
+_LONGEST_IPV4 = "255.255.255.255"
+
+
+def _extra_host_entries(extra_hosts: Sequence[str], *, gateway: str) -> tuple[HostEntry, ...]:
+    """/etc/hosts lines of ``--add-host`` entries (``NAME:ADDR``), ``host-gateway`` being
+    ``gateway``: one line per entry, in order, as docker writes them."""
+    from ember.machines.options import HOST_GATEWAY, parse_add_host
+    from ember.vm.runconfig import HostEntry
+
+    entries = []
+    for entry in extra_hosts:
+        host, addr = parse_add_host(entry)
+        entries.append(HostEntry(gateway if addr == HOST_GATEWAY else addr, (host,)))
+    return tuple(entries)
+
+
+def extra_hosts_of(st: MachineState) -> tuple[str, ...]:
+    """The ``--add-host`` entries of a machine's record (DamagedMachine if malformed)."""
+    entries = st.config.get("extra_hosts", [])  # (none in records of older embers)
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise DamagedMachine(st.id, "'config.extra_hosts' must be a list of strings")
+    try:
+        _extra_host_entries(entries, gateway=_LONGEST_IPV4)
+    except InvalidOption as e:
+        raise DamagedMachine(st.id, f"'config.extra_hosts': {e.message}") from None
+    return tuple(entries)
+
+
+def boot_run_config(
+    rc: RunConfig, machine_id: str, name: str, net: MachineNetwork, extra_hosts: Sequence[str]
+) -> RunConfig:
+    """The run config a start boots with: ``rc`` (``RUN_CONFIG``) plus this start's
+    network: the machine's own /etc/hosts line first, then the ``--add-host`` ones;
+    the host's nameservers unless the run named its own (``--dns``)."""
     from ember.vm.runconfig import HostEntry, Interface
 
-    hostname = rc.hostname or d.name[:12]
-    rc = dataclasses.replace(
+    hostname = rc.hostname or machine_id[:12]
+    return dataclasses.replace(
         rc,
-        hosts=(HostEntry(net.guest_ip, (hostname, name)),),
-        nameservers=net.nameservers,
+        hosts=(
+            HostEntry(net.guest_ip, (hostname, name)),
+            *_extra_host_entries(extra_hosts, gateway=net.gateway),
+        ),
+        nameservers=rc.nameservers or net.nameservers,
         network=(Interface("eth0", net.guest_ip, net.prefix, net.gateway, net.mtu),),
     )
+
+
+def _write_boot_config(
+    d: Path,
+    name: str,
+    rc: RunConfig,
+    net: MachineNetwork,
+    base_initrd: Path,
+    extra_hosts: Sequence[str],
+    *,
+    templated: bool,
+) -> None:
+    """The machine's run config (``RUN_CONFIG``) with this network in it
+    (``boot_run_config``): the initrd it boots with (base + config), and for a machine
+    started from a template the config its monitor sends."""
+    from ember.vm.initramfs import write_machine_initrd
+
+    rc = boot_run_config(rc, d.name, name, net, extra_hosts)
     write_machine_initrd(base_initrd, rc, d / "initrd.img")
     if templated:
         # the restored NIC keeps the template's MAC unless the config names this one
@@ -539,6 +612,7 @@ def prepare_start(
                     hint=f"remove it and run the image anew: ember rm {cur.name}",
                 )
         rc = RunConfig.parse((d / RUN_CONFIG).read_bytes())
+        extra_hosts = extra_hosts_of(cur)
         try:
             cur.vm.root_disk = str(root_disk(home, cur.id))
         except SnapshotNotFound:
@@ -590,7 +664,9 @@ def prepare_start(
                 Path(restore).is_file() and Path(cur.vm.restore_initrd or "").is_file()
             ):
                 cur.vm.restore = cur.vm.restore_initrd = None
-            _write_boot_config(d, cur.name, rc, net, Path(base), templated=bool(cur.vm.restore))
+            _write_boot_config(
+                d, cur.name, rc, net, Path(base), extra_hosts, templated=bool(cur.vm.restore)
+            )
             # the previous run's exit report must not be read as this run's, nor its
             # VMM's last words (vmm.log keeps its first MiB only: over many runs it
             # held none of the last one's)

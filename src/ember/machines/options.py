@@ -65,6 +65,83 @@ def check_user(user: str) -> str:
     return user
 
 
+def check_hostname(name: str) -> str:
+    """``--hostname``: what the guest's sethostname(2) and /etc/hostname take."""
+    from ember.vm.runconfig import is_hostname
+
+    if not is_hostname(name):
+        raise InvalidOption(
+            f"--hostname {name!r:.100}: use letters, digits, '.' and '-' (starting with a "
+            "letter or digit, at most 64)"
+        )
+    return name
+
+
+#: ``--add-host NAME:host-gateway``: the host as the machine reaches it (its gateway,
+#: whose address is known at each start)
+HOST_GATEWAY = "host-gateway"
+
+
+def parse_add_host(entry: str) -> tuple[str, str]:
+    """``--add-host`` as docker takes it: ``NAME:ADDR`` or ``NAME=ADDR``, an IPv6 ADDR
+    bare or in brackets, or ``host-gateway``; returns (NAME, ADDR), ADDR normalized."""
+    import ipaddress
+
+    from ember.vm.runconfig import is_dns_name
+
+    # "=" first: NAME never holds one, and an IPv6 address holds ":"
+    name, sep, addr = entry.partition("=")
+    if not sep:
+        name, sep, addr = entry.partition(":")
+    if addr.startswith("[") and addr.endswith("]"):
+        addr = addr[1:-1]
+    if not sep or not is_dns_name(name):
+        raise InvalidOption(
+            f"--add-host {entry!r:.100}: expected NAME:ADDRESS (or NAME=ADDRESS), NAME of "
+            "letters, digits, '.', '_', '-'"
+        )
+    if addr == HOST_GATEWAY:
+        return name, addr
+    try:
+        return name, str(ipaddress.ip_address(addr))
+    except ValueError:
+        raise InvalidOption(
+            f"--add-host {entry!r:.100}: {addr!r:.60} is not an IP address (or {HOST_GATEWAY})"
+        ) from None
+
+
+def parse_add_hosts(entries: Iterable[str]) -> tuple[str, ...]:
+    """Every ``--add-host``, as ``NAME:ADDR`` strings (docker's ExtraHosts), in order."""
+    return tuple(":".join(parse_add_host(e)) for e in entries)
+
+
+def parse_dns(entries: Iterable[str]) -> tuple[str, ...]:
+    """``--dns``: nameserver addresses (IPv4 or IPv6), in order."""
+    import ipaddress
+
+    out = []
+    for entry in entries:
+        try:
+            out.append(str(ipaddress.ip_address(entry)))
+        except ValueError:
+            raise InvalidOption(f"--dns {entry!r:.100}: not an IP address") from None
+    return tuple(out)
+
+
+def parse_dns_search(entries: Iterable[str]) -> tuple[str, ...]:
+    """``--dns-search``: search domains; docker's ``.`` alone means none."""
+    from ember.vm.runconfig import is_dns_name
+
+    out = []
+    for entry in entries:
+        if entry == ".":
+            continue
+        if not is_dns_name(entry):
+            raise InvalidOption(f"--dns-search {entry!r:.100}: not a domain name")
+        out.append(entry)
+    return tuple(out)
+
+
 def host_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """The host's ``MemTotal`` in MiB (None when it cannot be read)."""
     try:

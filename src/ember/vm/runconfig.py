@@ -395,19 +395,19 @@ def validate(rc: RunConfig) -> None:
         raise InvalidRunConfig(
             f"working directory {rc.workdir!r} is invalid: it needs to be an absolute path"
         )
-    if rc.hostname is not None and not _HOSTNAME_RE.fullmatch(rc.hostname):
+    if rc.hostname is not None and not is_hostname(rc.hostname):
         raise InvalidRunConfig(f"invalid hostname {rc.hostname!r}")
     for h in rc.hosts:
         _ip(h.address, "hosts entry")
         if not h.names:
             raise InvalidRunConfig(f"hosts entry for {h.address} has no names")
         for n in h.names:
-            if not _HOSTNAME_RE.fullmatch(n) and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", n):
+            if not is_dns_name(n):
                 raise InvalidRunConfig(f"invalid host name {n!r} in hosts entry")
     for n in rc.nameservers:
         _ip(n, "nameserver")
     for s in rc.search:
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", s):
+        if not is_dns_name(s):
             raise InvalidRunConfig(f"invalid DNS search domain {s!r}")
     names = set()
     for i in rc.network:
@@ -472,6 +472,22 @@ def _mount_options(value: str, what: str) -> None:
         raise InvalidRunConfig(
             f"{what} {value[:40]!r}... are {size} bytes: at most {MAX_MOUNT_OPTIONS}"
         )
+
+
+def is_hostname(name: str) -> bool:
+    """A name the guest's sethostname(2) takes (at most HOST_NAME_MAX bytes) and
+    ember-init writes to /etc/hostname."""
+    return _HOSTNAME_RE.fullmatch(name) is not None
+
+
+_DNS_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
+
+
+def is_dns_name(name: str) -> bool:
+    """A name ember writes to /etc/hosts or as a /etc/resolv.conf ``search`` domain:
+    letters, digits, ``.``, ``_``, ``-`` (every hostname is one); nothing that would
+    split or end the line."""
+    return _DNS_NAME_RE.fullmatch(name) is not None
 
 
 def _ip(value: str, what: str) -> None:
