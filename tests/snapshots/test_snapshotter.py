@@ -703,6 +703,46 @@ def test_recovery_does_not_wait_for_a_busy_leftover_mount(
     assert ours(snap.pool.root) == ([], []), "released on its last user's close"
 
 
+def test_recovery_detaches_a_busy_leftover_mount_after_a_few_tries(
+    home: Home, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leftover mount something keeps busy (a file open in it) was tried 20 times and
+    then waited for, ~10 s under recover.lock, in the first ember command to meet it."""
+    import logging
+
+    from ember.snapshots import loop, snapshotter
+
+    snap = Snapshotter(home)
+    snap.prepare("k")
+    target = snap.pool.mnt / "leftover"
+    target.mkdir()
+    system.mount_image(snap.path("k"), target, readonly=False)
+    busy = open(target / "open-file", "w")  # noqa: SIM115 (kept open across the recovery)
+    tries: list[int] = []
+    real_umount = loop.umount
+
+    def umount(path: Path, flags: int = 0) -> None:
+        if path == target:
+            tries.append(flags)
+        real_umount(path, flags)
+
+    try:
+        monkeypatch.setattr(loop, "umount", umount)
+        with caplog.at_level(logging.INFO, logger="ember.snapshots"):
+            snap.recover()
+        monkeypatch.undo()
+        assert tries.count(0) == snapshotter.RECOVERY_UNMOUNT_ATTEMPTS
+        assert tries[-1] == loop.MNT_DETACH  # then detached lazily: out of view
+        assert not system.is_mountpoint(target)
+        assert "still in use; detached lazily" in caplog.text
+    finally:
+        busy.close()
+    deadline = time.monotonic() + 10
+    while ours(snap.pool.root)[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours(snap.pool.root) == ([], []), "released on its last user's close"
+
+
 def test_a_build_committed_as_it_is_listed_is_no_stray(
     home: Home, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -93,6 +93,9 @@ _SAID_STRAY: set[Path] = set()
 DISK = "disk.ext4"
 META = "meta.json"
 LOCK = "lock"
+#: unmount attempts recovery makes of a leftover mount before it detaches it lazily
+#: (~1 s of waiting in all; ``system.unmount``)
+RECOVERY_UNMOUNT_ATTEMPTS = 6
 CHECKED = "checked"  # present when the disk passed e2fsck -fn (committed disks never change)
 _CHECKED_MARK = b"e2fsck -fn\n"
 
@@ -770,7 +773,13 @@ class Snapshotter:
                     if lock is None:
                         continue
                 try:
-                    system.unmount(m.mountpoint, device=lo, remove_mountpoint=True)
+                    # Its builder is gone: a mount still busy after a moment (a file
+                    # open in it, a shell's working directory) stays busy, and retrying
+                    # for the usual ~8 s, then waiting for the lazy detach, held this
+                    # lock, so every ember command, ~10 s.  A killed builder's applier
+                    # child, chrooted in it, is gone within that moment.
+                    system.unmount(m.mountpoint, device=lo, remove_mountpoint=True,
+                                   attempts=RECOVERY_UNMOUNT_ATTEMPTS, lazy_grace=0.2)  # fmt: skip
                 except CommandFailed as e:  # busy: detached lazily; the rest goes on
                     log.warning("recovery: %s", e)
                     continue

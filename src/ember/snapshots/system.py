@@ -260,6 +260,7 @@ def unmount(
     device: LoopDevice | None = None,
     attempts: int = 20,
     remove_mountpoint: bool = False,
+    lazy_grace: float | None = None,
 ) -> None:
     """Unmount, retrying while busy; as a last resort detach lazily so nothing stays visible.
 
@@ -273,6 +274,9 @@ def unmount(
     confined VMM's, started meanwhile) keeps the file system, and so the loop device,
     until its mount point goes: the kernel detaches such copies then (removed after
     the wait, it held every such unmount for the wait's full 5 s).
+
+    ``lazy_grace``: how long a lazily detached mount may take to let go of its loop
+    device before this says it is still in use (default ``LAZY_GRACE``).
     """
     if device is not None:
         major, minor = device.major, device.minor
@@ -306,7 +310,8 @@ def unmount(
         # written) until its last user lets go.  Not an unmount a caller may build on
         # (a commit would seal a disk that still changes): say so unless it ends soon.
         backing = device.backing_file if device is not None else None
-        if major == LOOP_MAJOR and not _loop_released(major, minor, backing, LAZY_GRACE):
+        grace = LAZY_GRACE if lazy_grace is None else lazy_grace
+        if major == LOOP_MAJOR and not _loop_released(major, minor, backing, grace):
             raise CommandFailed(
                 f"cannot unmount {target}: it is still in use; detached lazily, its loop "
                 "device is released when the last process using it lets go"
