@@ -151,6 +151,9 @@ def test_ephemeral_range() -> None:
         {"host_port": "8080", "guest_port": 80},
         {"host_port": 8080, "guest_port": None},
         {"host_port": 8080, "guest_port": 80, "host_range": ["1", 2]},
+        {"host_port": 0, "guest_port": 80, "host_range": [1, 10**12]},
+        {"host_port": 0, "guest_port": 80, "host_range": [0, 10]},
+        {"host_port": 0, "guest_port": 80, "host_range": [9000, 8000]},
     ],
 )
 def test_a_damaged_stored_mapping_is_a_value_or_key_error(damaged: dict[str, object]) -> None:

@@ -66,6 +66,9 @@ class PortMapping:
         if isinstance(bounds, list) and len(bounds) == 2:
             low, high = bounds
             host_range = (_stored_int(low, "host_range"), _stored_int(high, "host_range"))
+            # (set-up walks it to choose a port: a damaged record must not make it walk 10**12)
+            if not 1 <= host_range[0] <= host_range[1] <= 65535:
+                raise ValueError(f"host_range {bounds!r:.60} is not a range of ports")
         return cls(
             host_port=_stored_int(d["host_port"], "host_port"),
             guest_port=_stored_int(d["guest_port"], "guest_port"),
