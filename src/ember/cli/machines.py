@@ -511,6 +511,17 @@ def port(machine: str, port: str | None) -> None:
 
 
 @click.command()
+@click.argument("machine")
+@click.argument("new_name")
+def rename(machine: str, new_name: str) -> None:
+    """Give MACHINE the name NEW_NAME (running or not)."""
+    from ember.machines import lifecycle
+
+    warnings_as_messages()  # the machines area's, as ember: lines
+    lifecycle.rename(home_from_ctx(), find_machine(machine), new_name)
+
+
+@click.command()
 @click.argument("machines", nargs=-1, required=True)
 def wait(machines: tuple[str, ...]) -> None:
     """Block until each machine has stopped, then print its exit code (one line each).
@@ -568,4 +579,4 @@ def wait(machines: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
-commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port, wait]
+commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port, rename, wait]

@@ -36,6 +36,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "rm": ("ember.cli.machines",),
     "inspect": ("ember.cli.machines",),
     "port": ("ember.cli.machines",),
+    "rename": ("ember.cli.machines",),
     "wait": ("ember.cli.machines",),
     "agent": ("ember.cli.agent",),
 }

@@ -1320,6 +1320,19 @@ def remove_damaged(home: Home, machine_id: str) -> None:
     _release_and_delete(home, machine_id, machine_id[:12])
 
 
+def rename(home: Home, st: MachineState, new_name: str) -> None:
+    """Give machine ``st`` the name ``new_name`` (docker rename), running or not.  The
+    guest sees it at its next start (its /etc/hosts line names the machine)."""
+    if new_name == st.name:
+        raise InvalidOption(f"machine {st.name} is already named {new_name!r}")
+    store = MachineStore(home)
+    d = store.dir(st.id)
+    with store.name_free(new_name, st.id), _locked_unless_removed(d, st.name):
+        cur = mstate.read_state(d)
+        cur.name = new_name
+        mstate.write_state(d, cur)
+
+
 def remove(
     home: Home, st: MachineState, *, force: bool = False, notice: Notice | None = None,
     _retries: int = 2,

@@ -147,6 +147,20 @@ class MachineStore:
             write_state(d, st)
             return d
 
+    @contextmanager
+    def name_free(self, name: str, machine_id: str) -> Iterator[None]:
+        """Under the names lock, ``name`` not taken by another machine (NameInUse): for
+        ``rename``, which writes the name in the machine's record inside this block."""
+        check_name(name)
+        with self._names_lock():
+            owner = next((m for m in self.list() if m.name == name), None)
+            if owner is not None and owner.id != machine_id:
+                raise NameInUse(
+                    f"the name {name!r} is already used by machine {owner.id[:12]}",
+                    hint=f"remove it (ember rm {name}) or choose another name",
+                )
+            yield
+
     def find(self, ref: str) -> MachineState:
         """A machine by name, full id or unique id prefix (Docker's lookup order).
 
