@@ -192,6 +192,30 @@ def test_hostname_add_host_and_dns_reach_the_guest_again_at_each_start(
         ember("rm", "-f", "named")
 
 
+def test_a_volume_keeps_what_one_machine_wrote_for_the_next(ember: Ember, busybox: str) -> None:
+    write = ember("run", "--rm", "-v", "vdata:/data/sub", busybox, "sh", "-c",
+                  "echo kept > /data/sub/f && grep ' /data/sub ' /proc/mounts")  # fmt: skip
+    assert write.returncode == 0, write.stderr
+    assert write.stdout.startswith("/dev/vdb /data/sub ext4 rw,"), write.stdout
+    read = ember("run", "--rm", "-v", "vdata:/srv:ro", busybox, "sh", "-c",
+                 "cat /srv/f; touch /srv/x 2>/dev/null || echo read-only")  # fmt: skip
+    assert (read.returncode, read.stdout) == (0, "kept\nread-only\n"), read.stderr
+    # (that the guest leaves a volume clean: tests/vm/test_boot.py)
+    assert json.loads(ember("volume", "inspect", "vdata").stdout)[0]["machines"] == []
+    holder = ember("run", "-d", "--name", "holder", "-v", "vdata:/data", busybox, "sleep", "600")
+    try:
+        assert holder.returncode == 0, holder.stderr
+        second = ember("run", "--rm", "-v", "vdata:/data", busybox, "true")
+        assert second.returncode == 125
+        assert "ember: volume vdata is in use by machine holder, which is running" in second.stderr
+        removal = ember("volume", "rm", "vdata")
+        assert removal.returncode != 0 and "in use by machine holder" in removal.stderr
+    finally:
+        ember("rm", "-f", "holder")
+    assert ember("volume", "rm", "vdata").stdout == "vdata\n"
+    assert ember("volume", "ls", "-q").stdout == ""
+
+
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
     # -p 80: a host port left for ember to choose, as docker does
     res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", "-l", "app=web",

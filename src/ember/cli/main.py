@@ -39,6 +39,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "rename": ("ember.cli.machines",),
     "wait": ("ember.cli.machines",),
     "agent": ("ember.cli.agent",),
+    "volume": ("ember.cli.volume",),
 }
 
 

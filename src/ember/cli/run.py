@@ -462,6 +462,8 @@ class _RunUsageError(click.UsageError):
               help="Seconds between the stop signal and SIGKILL (default 10; -1: no SIGKILL).")  # fmt: skip
 @click.option("--network", default="default", show_default=True,
               help="Machines see each other only within the same network.")  # fmt: skip
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="NAME:TARGET[:ro]",
+              help="Mount volume NAME (made empty if new) at TARGET in the machine.")  # fmt: skip
 @click.option("--hostname", help="The machine's hostname (default: its short id).")
 @click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:ADDRESS",
               help="Add a line to the machine's /etc/hosts (ADDRESS host-gateway: the host).")  # fmt: skip
@@ -493,6 +495,7 @@ def run(
     kernel_args: tuple[str, ...],
     stop_timeout: int | None,
     network: str,
+    volumes: tuple[str, ...],
     hostname: str | None,
     add_hosts: tuple[str, ...],
     dns: tuple[str, ...],
@@ -520,6 +523,7 @@ def run(
     from ember.net.nftables import check_requested_network
     from ember.net.ports import check_port_count, parse_publish
     from ember.sizes import parse_size
+    from ember.volumes.spec import parse_volumes
 
     home = home_from_ctx()
     warnings_as_messages()  # the snapshotter's, as ember: lines
@@ -569,6 +573,7 @@ def run(
         extra_hosts=parse_add_hosts(add_hosts),
         dns=parse_dns(dns),
         dns_search=parse_dns_search(dns_search),
+        volumes=parse_volumes(volumes),
     )
     # the monitor starts first: its start-up overlaps with preparing the machine
     monitor = lifecycle.start_monitor(home)

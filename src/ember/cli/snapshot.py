@@ -90,6 +90,12 @@ def _refuse_a_machines_disk(key: str) -> None:
             f"snapshot {key!r} is the root disk of machine {machine_id[:12]}",
             hint=f"ember rm {machine_id[:12]} removes the machine and its disk",
         )
+    # (a volume's disk goes with `ember volume rm`, which checks no machine uses it)
+    volume = key.removeprefix("volume/")
+    if volume != key:
+        raise SnapshotInUse(
+            f"snapshot {key!r} is volume {volume}", hint=f"remove it with ember volume rm {volume}"
+        )
 
 
 @snapshot.command("rm", short_help="Remove snapshots.")

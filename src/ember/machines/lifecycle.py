@@ -66,8 +66,9 @@ if TYPE_CHECKING:
     from ember.images.model import Image
     from ember.net.manager import MachineNetwork
     from ember.vm.kernel import KernelInfo
-    from ember.vm.runconfig import HostEntry, RunConfig, RunOverrides
+    from ember.vm.runconfig import HostEntry, Mount, RunConfig, RunOverrides
     from ember.vm.template import Template
+    from ember.volumes.spec import VolumeMount
 
 log = logging.getLogger("ember.machines")
 
@@ -116,6 +117,8 @@ class RunRequest:
     #: ``--dns`` (none: the host's, as the network set-up finds them) and ``--dns-search``
     dns: tuple[str, ...] = ()
     dns_search: tuple[str, ...] = ()
+    #: ``-v NAME:TARGET[:ro]``: volumes, made empty when they do not exist yet
+    volumes: tuple[VolumeMount, ...] = ()
 
 
 def machine_channels(d: Path) -> Channels:
@@ -182,8 +185,9 @@ def create(
         lap("kernel")
         # validate the run config before anything is allocated
         draft = RunConfig.from_image(
-            image.config, _run_overrides(req), nameservers=req.dns, search=req.dns_search
-        )
+            image.config, _run_overrides(req), nameservers=req.dns, search=req.dns_search,
+            mounts=_volume_mounts(req.volumes),
+        )  # fmt: skip
         # the extra hosts are added at each start (host-gateway: that start's gateway),
         # counted here at their longest
         dataclasses.replace(
@@ -219,6 +223,8 @@ def create(
         try:
             store.create(st, req.name, holding=hold)
             pin_base_initramfs(base_initrd, own_base)
+            # after the record that names them: `ember volume rm` looks for such records
+            volumes = attach_volumes(home, st)
             lap("record")
             # the disk clone and the network (TAP, nft) both wait on the kernel and on
             # subprocesses: do them side by side
@@ -257,7 +263,7 @@ def create(
             config = _config_summary(
                 rc, kernel, req.extra_hosts, no_kill=req.stop_timeout == NO_STOP_TIMEOUT
             )
-            st = _finish_record(d, disk, restore, template_key, net, config, timings)
+            st = _finish_record(d, disk, volumes, restore, template_key, net, config, timings)
         except BaseException:
             _undo_create(home, machine_id, cloning, pool)
             raise
@@ -333,6 +339,7 @@ def _new_state(
             memory_mib=req.memory_mib,
             cpus=req.cpus,
             kernel_args=list(req.kernel_args),
+            volumes=[str(v) for v in req.volumes],
         ),
         auto_remove=req.auto_remove,
         labels=dict(req.labels),
@@ -363,6 +370,7 @@ def _config_summary(
 def _finish_record(
     d: Path,
     disk: Path,
+    volumes: Sequence[Path],
     restore: Template | None,
     template_key: str | None,
     net: MachineNetwork,
@@ -372,6 +380,7 @@ def _finish_record(
     """The record of machine ``d`` once it has all it needs to start."""
     with mstate.update(d) as cur:
         cur.vm.root_disk = str(disk)
+        cur.vm.volume_disks = [str(v) for v in volumes]
         if restore is not None:
             cur.vm.restore, cur.vm.restore_initrd = str(restore.state), str(restore.initrd)
         if template_key:
@@ -449,6 +458,58 @@ RESTORE_CONFIG = "restore.config"
 RUN_CONFIG = "run.config"
 #: the machine's link to the base initramfs it was made with (initramfs.pin_base_initramfs)
 BASE_INITRD = "base.initrd"
+
+
+def _volume_mounts(volumes: Sequence[VolumeMount]) -> tuple[Mount, ...]:
+    """What ember-init mounts: the machine's volumes, its disks after the root disk."""
+    from ember.vm.runconfig import Mount
+
+    return tuple(
+        Mount(v.device(i), v.target, "ext4", "ro" if v.read_only else "rw")
+        for i, v in enumerate(volumes)
+    )
+
+
+def volumes_of(st: MachineState) -> tuple[VolumeMount, ...]:
+    """The ``-v`` volumes of a machine's record (DamagedMachine if malformed)."""
+    from ember.volumes.errors import InvalidVolumeSpec
+    from ember.volumes.spec import parse_volumes
+
+    try:
+        return parse_volumes(st.vm.volumes)
+    except InvalidVolumeSpec as e:
+        raise DamagedMachine(st.id, f"'vm.volumes': {e.message}") from None
+
+
+def volume_users(home: Home, name: str) -> list[str]:
+    """The machines (names) whose record names volume ``name``, whatever their state."""
+    return [m.name for m in MachineStore(home).list() if any(v.name == name for v in volumes_of(m))]
+
+
+def attach_volumes(home: Home, st: MachineState) -> list[Path]:
+    """The disks of machine ``st``'s volumes, made empty for names that have none yet;
+    VolumeInUse when another machine that is not stopped has one: one ext4 mounted by two
+    kernels at once is corrupted (QEMU's lock on the disk refuses a second VMM anyway,
+    with words less clear)."""
+    from ember.volumes.errors import VolumeInUse
+    from ember.volumes.store import Volumes
+
+    wanted = volumes_of(st)
+    if not wanted:
+        return []
+    names = {v.name for v in wanted}
+    for other in MachineStore(home).list():
+        if other.id == st.id or other.status == mstate.EXITED:
+            continue
+        shared = names & {v.name for v in volumes_of(other)}
+        if shared and refresh(home, other).status != mstate.EXITED:
+            name = sorted(shared)[0]
+            raise VolumeInUse(
+                f"volume {name} is in use by machine {other.name}, which is {other.status}",
+                hint=f"stop it first (ember stop {other.name})",
+            )
+    volumes = Volumes(home)
+    return [volumes.ensure(v.name).path for v in wanted]
 
 
 #: the longest address an extra host's ``host-gateway`` can become (``check_room``)
@@ -613,6 +674,7 @@ def prepare_start(
                 )
         rc = RunConfig.parse((d / RUN_CONFIG).read_bytes())
         extra_hosts = extra_hosts_of(cur)
+        cur.vm.volume_disks = [str(p) for p in attach_volumes(home, cur)]
         try:
             cur.vm.root_disk = str(root_disk(home, cur.id))
         except SnapshotNotFound:
@@ -752,8 +814,11 @@ def _template_for(
     # nothing to split between before and after the restore; and the builder's QEMU
     # runs unconfined (docs/machines.md): only a kernel and modules ember installed
     # (Debian's, through apt) may run there, not a --kernel or config.json one
+    # a template is restored with the devices it was saved with (one disk): a machine
+    # with volumes boots
     if (
         req.kernel_args
+        or req.volumes
         or kernel.modules_dir is None
         or not _installed_by_ember(home, kernel)
         or not templates_enabled(home)

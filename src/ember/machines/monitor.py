@@ -33,6 +33,7 @@ from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.control import VMM_CONTROL, ControlRelay
 from ember.machines.controllines import KILL_GRACE, stop_request, stop_timeout_of
+from ember.machines.errors import MachineError
 from ember.machines.events import EventWriter, Exited, MonitorFailed
 from ember.machines.logs import LogConfig
 from ember.machines.report import (
@@ -73,9 +74,23 @@ def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) 
         cpus=st.vm.cpus,
         accel=st.vm.accel,
         cmdline=tuple(st.vm.kernel_args),
-        disks=(Disk(Path(st.vm.root_disk)),),
+        disks=(Disk(Path(st.vm.root_disk)), *volume_disks(st)),
         nics=nics,
         vmm_log=vmm_fifo(d),  # the monitor caps what QEMU says into vmm.log
+    )
+
+
+def volume_disks(st: mstate.MachineState) -> tuple[Disk, ...]:
+    """The disks of the machine's volumes, in the order its run config mounts them."""
+    from ember.volumes.spec import parse_volume
+
+    if len(st.vm.volumes) != len(st.vm.volume_disks):
+        raise MachineError(
+            f"machine {st.name}'s volumes are not set up (start it again: ember start {st.name})"
+        )
+    return tuple(
+        Disk(Path(path), read_only=parse_volume(spec).read_only)
+        for spec, path in zip(st.vm.volumes, st.vm.volume_disks, strict=True)
     )
 
 

@@ -56,6 +56,11 @@ class VMConfig:
     #: it again with the machine's new network (None: a machine from an older ember, not
     #: restartable)
     base_initrd: str | None = None
+    #: ``-v``: each ``NAME:TARGET[:ro]`` (``ember.volumes.spec``), its disk the guest's
+    #: ``/dev/vdb``, ``/dev/vdc``, ... in this order; and those disks' paths, found again
+    #: at each start
+    volumes: list[str] = field(default_factory=list)
+    volume_disks: list[str] = field(default_factory=list)
 
 
 @dataclass

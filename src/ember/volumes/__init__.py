@@ -1,0 +1,1 @@
+"""Volumes: ext4 block devices that outlive machines (docs/volumes.md)."""
