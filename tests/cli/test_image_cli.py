@@ -403,6 +403,71 @@ def test_tag_names_an_image_again_and_ls_q_lists_ids(
     assert ember(home, "image", "ls", "-q").stdout == ""
 
 
+def test_ls_format_as_docker_images_format(tmp_path: Path, busybox_layout: Path) -> None:
+    """``image ls --format``: docker's image fields; a template wins over -q, as docker's
+    (``table`` does not); refusals are one line with exit code 2."""
+    from ember.cli.common import ago
+    from ember.sizes import human_size
+
+    home = tmp_path / "home"
+    ref = layout_ref(busybox_layout)
+    assert ember(home, "image", "pull", "-q", ref).returncode == 0
+    assert ember(home, "image", "tag", ref, "demo:1").returncode == 0
+    assert ember(home, "image", "tag", ref, "registry.example:5000/team/web:2").returncode == 0
+    inspected = json.loads(ember(home, "image", "inspect", "demo:1").stdout)[0]
+    digest, built = inspected["manifest_digest"], inspected["config"]["created"]
+    short, size = digest.split(":")[1][:12], human_size(inspected["size"], decimal=True)
+
+    def ls(*args: str) -> subprocess.CompletedProcess[str]:
+        env = ember_env(home, DOCKER_CONFIG=str(home / "no-docker"), TZ="UTC")
+        return run_ember("image", "ls", *args, env=env, timeout=300)
+
+    # one row a name, in ls's order: the familiar name and the tag apart
+    fields = "{{.Repository}}|{{.Tag}}|{{.ID}}|{{.Digest}}|{{.Size}}|{{.CreatedSince}}"
+    assert ls("--format", fields).stdout.splitlines() == [
+        f"{name}|{tag}|{short}|{digest}|{size}|{ago(built)}"
+        for name, tag in (("demo", "1"), (f"oci:{busybox_layout}", "latest"),
+                          ("registry.example:5000/team/web", "2"))  # fmt: skip
+    ]
+    assert built == "2024-01-01T00:00:00Z"  # the image's build time, from its config
+    assert ls("--format", "{{.CreatedAt}}").stdout == "2024-01-01 00:00:00 +0000 UTC\n" * 3
+    objects = [json.loads(line) for line in ls("--format", "json").stdout.splitlines()]
+    assert objects[0] == {
+        "ID": short, "Repository": "demo", "Tag": "1", "Digest": digest, "Size": size,
+        "CreatedSince": ago(built), "CreatedAt": "2024-01-01 00:00:00 +0000 UTC",
+    }  # fmt: skip
+    table = ls("--format", "table {{.Repository}}\\t{{.Tag}}\\t{{.ID}}").stdout.splitlines()
+    assert table[0] == "REPOSITORY" + " " * (len(f"oci:{busybox_layout}") - 7) + "TAG       IMAGE ID"
+    assert table[1].split() == ["demo", "1", short] and len(table) == 4
+    # the default table (without its PULLED times, which move on between two commands)
+    default, plain = (ls(*args).stdout.splitlines() for args in (("--format", "table"), ()))
+    assert [line.split()[:4] for line in default] == [line.split()[:4] for line in plain]
+    assert default[0] == plain[0] and len(default) == 4
+
+    # a template wins over -q (docker images'), table does not
+    assert ls("-q", "--format", "{{.Tag}}").stdout == "1\nlatest\n2\n"
+    assert ls("-q", "--format", "table").stdout == f"{short}\n"
+    for args, says in (
+        (("--format", "{{.Containers}}"), "ember image ls has no .Containers"),
+        (("--format", '{{.Label "x"}}'), "unknown field .Label for ember image ls"),
+        (("--format", "{{.Tag}"), "'{{' without its '}}'"),
+        (("--json", "--format", "json"), "--json and --format cannot be used together"),
+    ):
+        res = ls(*args)
+        assert (res.returncode, res.stdout) == (2, ""), res.stderr
+        assert_one_line_error(res, says)
+
+
+def test_repository_and_tag_of_local_names() -> None:
+    from ember.cli.image import _repository_and_tag
+
+    assert _repository_and_tag("docker.io/library/debian:12") == ("debian", "12")
+    assert _repository_and_tag("docker.io/team/web:latest") == ("team/web", "latest")
+    assert _repository_and_tag(f"127.0.0.1:5000/x@sha256:{'a' * 64}") == ("127.0.0.1:5000/x", "<none>")
+    assert _repository_and_tag("oci:/srv/layout:v1") == ("oci:/srv/layout", "v1")
+    assert _repository_and_tag("docker-archive:/srv/web.tar") == ("docker-archive:/srv/web.tar", "<none>")
+
+
 def test_history_as_docker_history(tmp_path: Path, multilayer_layout: Path) -> None:
     home = tmp_path / "home"
     ref = layout_ref(multilayer_layout)

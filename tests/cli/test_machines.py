@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import click
 import pytest
 
+from ember.cli.common import ago
 from ember.cli.machines import port_lines
 from ember.home import Home
 from ember.machines import state as mstate
@@ -259,6 +261,96 @@ def test_ps_filters_limits_and_untruncated_output_as_docker(tmp_path: Path) -> N
         res = _ember(tmp_path, "ps", bad)
         assert res.returncode in (1, 2) and words in res.stderr and not res.stdout
         assert "Traceback" not in res.stderr
+
+
+def test_ps_format_as_docker_ps_format(tmp_path: Path) -> None:
+    """``ps --format``: docker's template fields, with -a, --filter, -n, -l and --no-trunc
+    as without it; ``json``, ``table``; -q wins (with a warning) once the template is
+    checked; every refusal one line and exit code 2."""
+    home = Home(tmp_path)
+    me = {"monitor_pid": os.getpid(), "monitor_start": proc_start_time(os.getpid())}
+    long_cmd = ["sh", "-c", "echo " + "x" * 60 + "\nfake row"]
+    old = _record(home, "old", status=mstate.EXITED, exit_code=3, started_at=mstate.now(),
+                  finished_at=mstate.now(), command=long_cmd,
+                  labels={"app": "web", "com.example.tier-name": "front"})  # fmt: skip
+    time.sleep(0.01)  # created_at orders them
+    up = _record(home, "up", status=mstate.RUNNING, started_at=mstate.now(),
+                 network=network_json([PORTS[0]]), **me)  # fmt: skip
+    # years ago: the duration words stay the same from one command to the next
+    for st, created in ((old, "2020-01-01T00:00:00+00:00"), (up, "2020-01-02T00:00:00+00:00")):
+        with mstate.update(MachineStore(home).dir(st.id)) as cur:
+            cur.created_at = cur.started_at = created
+            cur.finished_at = created if cur.status == mstate.EXITED else None
+    years = ago("2020-01-01T00:00:00+00:00")
+    assert years.endswith("years ago")
+
+    def ps(*args: str, env: dict[str, str] | None = None) -> str:
+        res = run_ember("ps", *args, env=ember_env(tmp_path, **(env or {})), timeout=60)
+        assert (res.returncode, res.stderr) == (0, ""), res.stderr
+        return res.stdout
+
+    assert ps("--format", "{{.Names}}") == "up\n"
+    assert ps("-a", "--format", "{{.Names}}") == "up\nold\n"
+    assert ps("-a", "-f", "label=app=web", "--format", "{{.Names}}") == "old\n"
+    assert ps("-n", "1", "--format", "{{.Names}}") == ps("-l", "--format", "{{.Names}}") == "up\n"
+    fields = "{{.ID}}|{{.State}}|{{.Status}}|{{.Ports}}|{{.Networks}}|{{.Labels}}|{{.Label \"app\"}}"
+    assert ps("-a", "--format", fields).splitlines() == [
+        f"{up.short_id}|running|Up {years.removesuffix(' ago')}|0.0.0.0:32771->80/tcp|default||",
+        f"{old.short_id}|exited|Exited (3) {years}|||app=web,com.example.tier-name=front|web",
+    ]
+    # the command as the table shows it: quoted, one line, cut unless --no-trunc
+    short, full = (ps("-f", "name=old", "-a", *more, "--format", "{{.ID}} {{.Command}}")
+                   for more in ((), ("--no-trunc",)))  # fmt: skip
+    assert short == f'{old.short_id} "sh -c echo {"x" * 18}…"\n'
+    assert full == f'{old.id} "sh -c echo {"x" * 60}\\nfake row"\n'
+    # Go's time.Time string, in the local zone (docker's .CreatedAt)
+    created_at = ps("-f", "name=old", "-a", "--format", "{{.CreatedAt}}", env={"TZ": "UTC"})
+    assert created_at == "2020-01-01 00:00:00 +0000 UTC\n"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} \S+\n",
+                        ps("-l", "--format", "{{.CreatedAt}}"))  # fmt: skip
+    assert ps("-l", "--format", "{{.RunningFor}}") == f"{years}\n"
+
+    objects = [json.loads(line) for line in ps("-a", "--format", "json").splitlines()]
+    assert [(o["Names"], o["State"], o["ID"]) for o in objects] == [
+        ("up", "running", up.short_id), ("old", "exited", old.short_id)
+    ]
+    assert sorted(objects[0]) == sorted(["Command", "CreatedAt", "ID", "Image", "Labels", "Names",
+                                         "Networks", "Ports", "RunningFor", "State", "Status"])  # fmt: skip
+    assert ps("-a", "--format", "{{json .}}") == ps("-a", "--format", "json")
+
+    table = ps("-a", "--format", "table {{.ID}}\\t{{.Names}}\\t{{.Label \"com.example.tier-name\"}}")
+    assert table.splitlines() == [
+        "MACHINE ID     NAMES     tier name",
+        f"{up.short_id}   up        ",
+        f"{old.short_id}   old       front",
+    ]
+    assert ps("-a", "--format", "table") == ps("-a")  # docker's: the default table
+    assert ps("--format", "table {{.Names}}", "-f", "name=nobody") == "NAMES\n"
+
+    # -q wins over a template, as docker ps's (which says so on stderr)
+    quiet = _ember(tmp_path, "ps", "-a", "-q", "--format", "{{.Names}}")
+    assert quiet.returncode == 0 and quiet.stdout == f"{up.short_id}\n{old.short_id}\n"
+    assert quiet.stderr == "ember: warning: ignoring --format, because -q is set\n"
+    for args, says in (
+        (("-q", "--format", "{{.Nope}}"), "unknown field .Nope for ember ps"),
+        (("--json", "--format", "json"), "--json and --format cannot be used together"),
+        (("--format", "{{.Size}}"), "ember ps has no .Size"),
+        (("--format", "{{.Mounts}}"), "ember ps has no .Mounts"),
+        (("--format", "{{.ID"), "'{{' without its '}}'"),
+        (("--format", "{{.ID | upper}}"), "pipelines (|) are not supported"),
+        (("--format", "{{if .ID}}up{{end}}"), "'if' is not supported"),
+    ):
+        res = _ember(tmp_path, "ps", *args)
+        assert (res.returncode, res.stdout) == (2, ""), res.stderr
+        assert res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
+        assert res.stderr.startswith("ember: ") and "Traceback" not in res.stderr
+
+
+def test_ps_fields_each_have_a_header() -> None:
+    from ember.cli.machines import _PS_FIELDS, _ps_schema
+
+    assert _ps_schema().headers.keys() == _PS_FIELDS.keys()
+    assert not _ps_schema().missing.keys() & _PS_FIELDS.keys()
 
 
 def test_commands_on_several_machines_go_on_and_fail_at_the_end(tmp_path: Path) -> None:

@@ -146,6 +146,13 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
+#: docker's ``--format`` (``ember.cli.goformat`` reads it)
+format_option = click.option(
+    "--format", "format_text", metavar="FORMAT", default=None,
+    help="Print each item with a Go template, as docker: 'table {{.ID}}\\t{{.Names}}', "
+    "'{{.Names}}', json (one object a line), table (the default table).",
+)  # fmt: skip
+
 
 class WholeNumber(click.IntRange):
     """An integer option in a range, with one line a person can act on for what is not
@@ -209,6 +216,21 @@ def since(when: str | _dt.datetime | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=_dt.UTC)
     return human_duration(max(0.0, (_dt.datetime.now(_dt.UTC) - moment).total_seconds()))
+
+
+def go_time(when: str | None) -> str:
+    """An RFC 3339 time as docker's templates print one (``.CreatedAt``: Go's
+    ``time.Time`` string of whole seconds, in the local zone): ``2026-11-30 13:00:00
+    +0100 CET``; "" for no time, a string that is not a time as it is (printable)."""
+    if not when:
+        return ""
+    try:
+        moment = _dt.datetime.fromisoformat(when)
+    except ValueError:
+        return printable(when[:40])
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
 
 def ago(when: str | _dt.datetime | None) -> str:

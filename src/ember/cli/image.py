@@ -14,6 +14,8 @@ import click
 from ember.cli import common
 from ember.cli.common import (
     ago,
+    format_option,
+    go_time,
     home_from_ctx,
     json_option,
     print_json,
@@ -27,8 +29,12 @@ from ember.oci.platform import Platform
 from ember.sizes import human_size
 
 if TYPE_CHECKING:
+    from ember.cli.goformat import Row, Schema, Template
+    from ember.home import Home
     from ember.images import ImageService
+    from ember.oci.digest import Digest
     from ember.oci.reference import Reference
+    from ember.store.images import ImageRecord
 
 platform_option = click.option(
     "--platform",
@@ -102,17 +108,31 @@ def pull(ref: str, platform_text: str | None, plain_http: bool, quiet: bool) -> 
     "-q", "--quiet", is_flag=True,
     help="Print only image IDs (short manifest digests), each once: for ember image rm -f.",
 )  # fmt: skip
-def list_images(as_json: bool, quiet: bool) -> None:
-    """List local images."""
+@format_option
+def list_images(as_json: bool, quiet: bool, format_text: str | None) -> None:
+    """List local images.
+
+    --format takes docker image ls's template fields: .ID (the short manifest digest,
+    as -q prints it) .Repository .Tag .Digest .CreatedSince .CreatedAt (when the image
+    was built, from its config) .Size.  A template wins over -q, as docker's."""
     # The image table alone (all that ImageService.list reads): the service's pull
     # machinery (parsers, sources, content store: ~15 ms of imports) is not needed.
     from ember.store.images import ImageTable, open_image_db
 
     if as_json and quiet:
         raise UsageError("--json and --quiet cannot be used together")
-    records = ImageTable(open_image_db(home_from_ctx().db_path)).list()
+    template = None
+    if format_text:
+        from ember.cli.goformat import from_options
+
+        template = from_options(format_text, as_json, _image_schema())
+    home = home_from_ctx()
+    records = ImageTable(open_image_db(home.db_path)).list()
     if as_json:
         print_json([r.as_dict() for r in records])
+        return
+    if template is not None:
+        click.echo(template.render(_image_rows(home, records, template)), nl=False)
         return
     if quiet:
         for image_id in dict.fromkeys(r.manifest_digest.short for r in records):
@@ -130,6 +150,81 @@ def list_images(as_json: bool, quiet: bool) -> None:
         for r in records
     ]
     common.print_table(header, rows)
+
+
+def _image_schema() -> Schema:
+    from ember.cli.goformat import Schema
+
+    return Schema(
+        "ember image ls",
+        {"ID": "IMAGE ID", "Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
+         "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE"},
+        missing={
+            "Containers": "ember does not count the machines of an image",
+            "SharedSize": "ember does not measure what images share",
+            "UniqueSize": "ember does not measure what images share",
+            "VirtualSize": "docker's deprecated name of .Size",
+        },
+    )  # fmt: skip
+
+
+def _image_rows(home: Home, records: list[ImageRecord], template: Template) -> list[Row]:
+    """Each record's values of the fields ``template`` uses; an image's creation time
+    (in its config blob) is only read when asked for."""
+    from ember.cli.goformat import Row
+
+    built: dict[str, str | None] = {}  # config digest -> its "created"
+    rows = []
+    for r in records:
+        repository, tag = _repository_and_tag(r.reference)
+        values = {
+            "ID": r.manifest_digest.short,
+            "Repository": repository,
+            "Tag": tag,
+            "Digest": str(r.manifest_digest),
+            "Size": human_size(r.size, decimal=True),
+        }
+        if template.fields & {"CreatedAt", "CreatedSince"}:
+            key = str(r.config_digest)
+            if key not in built:
+                built[key] = _created(home, r.config_digest)
+            values["CreatedAt"] = go_time(built[key])
+            values["CreatedSince"] = ago(built[key])
+        rows.append(Row(values))
+    return rows
+
+
+def _repository_and_tag(reference: str) -> tuple[str, str]:
+    """docker's REPOSITORY and TAG of a local name: the familiar name (``debian``,
+    ``registry:5000/team/web``) and its tag, ``<none>`` for a name without one (a
+    ``NAME@DIGEST``); a local source's name (``oci:DIR:TAG``) split at its last ':'."""
+    from dataclasses import replace
+
+    from ember.oci.errors import FormatError
+    from ember.oci.reference import Reference
+
+    try:
+        ref = Reference.parse(reference)
+    except FormatError:
+        name, colon, tag = reference.rpartition(":")
+        if not colon or "/" in tag:
+            return reference, "<none>"
+        return name, tag
+    return replace(ref, tag=None, digest=None).familiar(), ref.tag or "<none>"
+
+
+def _created(home: Home, config_digest: Digest) -> str | None:
+    """The image's build time as its config says it (docker's image ``Created``); None
+    when the config does not say, or cannot be read (a listing shows what it can)."""
+    from ember import jsonutil
+    from ember.store.content import ContentStore
+
+    try:
+        config = jsonutil.loads(ContentStore(home.content).read_bytes(config_digest))
+    except (EmberError, OSError, ValueError):
+        return None
+    created = config.get("created") if isinstance(config, dict) else None
+    return created if isinstance(created, str) else None
 
 
 #: CREATED BY is cut to this many characters, as docker history cuts it (--no-trunc: whole)

@@ -14,6 +14,8 @@ import click
 from ember.cli.common import (
     WholeNumber,
     ago,
+    format_option,
+    go_time,
     home_from_ctx,
     json_option,
     print_json,
@@ -28,6 +30,7 @@ from ember.home import Home
 from ember.machines.controllines import NO_STOP_TIMEOUT
 
 if TYPE_CHECKING:
+    from ember.cli.goformat import Schema
     from ember.machines.state import MachineState
 
 
@@ -86,6 +89,57 @@ def _ports(st: MachineState) -> str:
     return ", ".join(f"{h}:{span(hp, n)}->{span(gp, n)}/{proto}" for h, proto, hp, gp, n in runs)
 
 
+def _command(st: MachineState, no_trunc: bool) -> str:
+    """The COMMAND column (and ``.Command``): quoted, one printable line, cut to 30
+    characters unless ``no_trunc``."""
+    cmd = printable(" ".join(st.command))
+    if not no_trunc and len(cmd) > 30:
+        cmd = cmd[:29] + "…"
+    return f'"{cmd}"'
+
+
+def _state(st: MachineState) -> str:
+    """docker's ``.State``: created, running, restarting or exited."""
+    return "restarting" if _restarting(st) else st.status
+
+
+#: docker ps's template fields ember has: each one's value of a machine, given --no-trunc
+_PS_FIELDS: dict[str, Callable[[MachineState, bool], str]] = {
+    "ID": lambda st, full: st.id if full else st.short_id,
+    "Image": lambda st, _: st.image,
+    "Command": _command,
+    "CreatedAt": lambda st, _: go_time(st.created_at),
+    "RunningFor": lambda st, _: ago(st.created_at),
+    "Ports": lambda st, _: _ports(st),
+    "State": lambda st, _: _state(st),
+    "Status": lambda st, _: _status(st),
+    "Names": lambda st, _: st.name,
+    # sorted, as docker's (a label map has no order of its own)
+    "Labels": lambda st, _: ",".join(sorted(f"{k}={v}" for k, v in st.labels.items())),
+    "Networks": lambda st, _: str((st.network or {}).get("network") or ""),
+}
+
+
+def _ps_schema() -> Schema:
+    from ember.cli.goformat import Schema
+
+    headers = {
+        # MACHINE ID, not docker's CONTAINER ID: `--format table` is ember ps's own table
+        "ID": "MACHINE ID", "Image": "IMAGE", "Command": "COMMAND", "CreatedAt": "CREATED AT",
+        "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE", "Status": "STATUS",
+        "Names": "NAMES", "Labels": "LABELS", "Networks": "NETWORKS",
+    }  # fmt: skip
+    missing = {
+        "Size": "ember does not measure what a machine wrote to its disk",
+        "Mounts": "ember machines have no volumes or bind mounts",
+        "LocalVolumes": "ember machines have no volumes",
+        "Platform": "a machine's record does not keep its image's platform",
+        "HealthStatus": "ember has no health checks",
+        "IPAddresses": "not listed by ember ps (ember inspect shows the guest's address)",
+    }
+    return Schema("ember ps", headers, labels=True, missing=missing)
+
+
 def find_machine(ref: str, home: Home | None = None) -> MachineState:
     """The machine ``ref`` names, its record repaired if its monitor is gone (which may
     remove a --rm machine: the caller shows lifecycle's warnings, ``warnings_as_messages``)."""
@@ -110,8 +164,9 @@ def find_machine(ref: str, home: Home | None = None) -> MachineState:
 )  # fmt: skip
 @click.option("-l", "--latest", is_flag=True, help="Show the newest machine, whatever its state.")
 @click.option("--no-trunc", is_flag=True, help="Do not shorten ids and commands.")
-@click.option("-q", "--quiet", is_flag=True, help="Only print machine ids.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print machine ids (--format is then ignored, as docker's).")
 @json_option
+@format_option
 def ps(
     show_all: bool,
     filters: tuple[str, ...],
@@ -120,14 +175,25 @@ def ps(
     no_trunc: bool,
     quiet: bool,
     as_json: bool,
+    format_text: str | None,
 ) -> None:
-    """List machines (running and restarting ones unless -a, -n, -l or a status filter)."""
+    """List machines (running and restarting ones unless -a, -n, -l or a status filter).
+
+    --format takes docker ps's template fields: .ID .Image .Command .CreatedAt
+    .RunningFor .Ports .State .Status .Names .Labels .Networks and .Label "KEY"."""
     from ember.machines.listing import Filters, select
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
     if as_json and quiet:  # (as image ls)
         raise UsageError("--json and --quiet cannot be used together")
+    template = None
+    if format_text:  # (goformat is imported only then: ps's start-up is measured)
+        from ember.cli.goformat import from_options
+
+        template = from_options(format_text, as_json, _ps_schema())
+        if quiet:  # docker ps's rule: the template is checked, then -q wins
+            say_error("warning: ignoring --format, because -q is set")
     chosen = Filters.parse(filters)  # before reading anything: a typo is said at once
     home = home_from_ctx()
     machines, damaged = MachineStore(home).scan()
@@ -152,7 +218,7 @@ def ps(
         for ref in chosen.get("ancestor"):
             ancestry |= service.known_as(ref)
     machines = select(
-        machines, chosen, state_of=lambda m: "restarting" if _restarting(m) else m.status,
+        machines, chosen, state_of=_state,
         show_all=show_all,
         last=1 if latest and last is None else last, ancestry=ancestry,
     )  # fmt: skip
@@ -163,13 +229,18 @@ def ps(
         for m in machines:
             click.echo(m.id if no_trunc else m.short_id)
         return
+    if template is not None:
+        from ember.cli.goformat import Row
+
+        click.echo(template.render(
+            Row({name: _PS_FIELDS[name](m, no_trunc) for name in template.fields}, m.labels)
+            for m in machines
+        ), nl=False)  # fmt: skip
+        return
     header = ("MACHINE ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")
     rows = []
     for m in machines:
-        cmd = printable(" ".join(m.command))
-        if not no_trunc and len(cmd) > 30:
-            cmd = cmd[:29] + "…"
-        rows.append((m.id if no_trunc else m.short_id, printable(m.image), f'"{cmd}"',
+        rows.append((m.id if no_trunc else m.short_id, printable(m.image), _command(m, no_trunc),
                      ago(m.created_at), _status(m), _ports(m), m.name))  # fmt: skip
     # plain aligned columns (like docker ps): never wrapped, so scripts and narrow pipes
     # see one machine per line
