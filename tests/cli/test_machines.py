@@ -315,7 +315,8 @@ def test_ps_format_as_docker_ps_format(tmp_path: Path) -> None:
         ("up", "running", up.short_id), ("old", "exited", old.short_id)
     ]
     assert sorted(objects[0]) == sorted(["Command", "CreatedAt", "ID", "Image", "Labels", "Names",
-                                         "Networks", "Ports", "RunningFor", "State", "Status"])  # fmt: skip
+                                         "Networks", "Ports", "RunningFor", "State", "Status",
+                                         "Mounts", "LocalVolumes"])  # fmt: skip
     assert ps("-a", "--format", "{{json .}}") == ps("-a", "--format", "json")
 
     table = ps("-a", "--format", "table {{.ID}}\\t{{.Names}}\\t{{.Label \"com.example.tier-name\"}}")
@@ -335,7 +336,7 @@ def test_ps_format_as_docker_ps_format(tmp_path: Path) -> None:
         (("-q", "--format", "{{.Nope}}"), "unknown field .Nope for ember ps"),
         (("--json", "--format", "json"), "--json and --format cannot be used together"),
         (("--format", "{{.Size}}"), "ember ps has no .Size"),
-        (("--format", "{{.Mounts}}"), "ember ps has no .Mounts"),
+        (("--format", "{{.Platform}}"), "ember ps has no .Platform"),
         (("--format", "{{.ID"), "'{{' without its '}}'"),
         (("--format", "{{.ID | upper}}"), "pipelines (|) are not supported"),
         (("--format", "{{if .ID}}up{{end}}"), "'if' is not supported"),
@@ -854,3 +855,12 @@ def test_rename_as_docker(tmp_path: Path) -> None:
         assert res.returncode != 0 and res.stderr.startswith(said), res
         assert "Traceback" not in res.stderr
     assert sorted(m.name for m in MachineStore(home).list()) == ["a", "b"]
+
+
+def test_ps_format_mounts_are_the_volumes_names(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    st = _record(home, "withvol", status=mstate.EXITED, exit_code=0, finished_at=mstate.now())
+    with mstate.update(MachineStore(home).dir(st.id)) as cur:
+        cur.vm.volumes = ["data:/data", "logs:/var/log:ro"]
+    res = _ember(tmp_path, "ps", "-a", "--format", "{{.Names}} {{.Mounts}} {{.LocalVolumes}}")
+    assert (res.returncode, res.stdout) == (0, "withvol data,logs 2\n"), res.stderr

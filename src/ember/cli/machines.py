@@ -117,6 +117,9 @@ _PS_FIELDS: dict[str, Callable[[MachineState, bool], str]] = {
     # sorted, as docker's (a label map has no order of its own)
     "Labels": lambda st, _: ",".join(sorted(f"{k}={v}" for k, v in st.labels.items())),
     "Networks": lambda st, _: str((st.network or {}).get("network") or ""),
+    # docker's: the volumes' names (ember has no bind mounts); .LocalVolumes: their count
+    "Mounts": lambda st, _: ",".join(v.split(":", 1)[0] for v in st.vm.volumes),
+    "LocalVolumes": lambda st, _: str(len(st.vm.volumes)),
 }
 
 
@@ -127,12 +130,11 @@ def _ps_schema() -> Schema:
         # MACHINE ID, not docker's CONTAINER ID: `--format table` is ember ps's own table
         "ID": "MACHINE ID", "Image": "IMAGE", "Command": "COMMAND", "CreatedAt": "CREATED AT",
         "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE", "Status": "STATUS",
-        "Names": "NAMES", "Labels": "LABELS", "Networks": "NETWORKS",
+        "Names": "NAMES", "Labels": "LABELS", "Networks": "NETWORKS", "Mounts": "MOUNTS",
+        "LocalVolumes": "LOCAL VOLUMES",
     }  # fmt: skip
     missing = {
         "Size": "ember does not measure what a machine wrote to its disk",
-        "Mounts": "ember machines have no volumes or bind mounts",
-        "LocalVolumes": "ember machines have no volumes",
         "Platform": "a machine's record does not keep its image's platform",
         "HealthStatus": "ember has no health checks",
         "IPAddresses": "not listed by ember ps (ember inspect shows the guest's address)",
@@ -180,7 +182,8 @@ def ps(
     """List machines (running and restarting ones unless -a, -n, -l or a status filter).
 
     --format takes docker ps's template fields: .ID .Image .Command .CreatedAt
-    .RunningFor .Ports .State .Status .Names .Labels .Networks and .Label "KEY"."""
+    .RunningFor .Ports .State .Status .Names .Labels .Networks .Mounts .LocalVolumes and
+    .Label "KEY"."""
     from ember.machines.listing import Filters, select
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
