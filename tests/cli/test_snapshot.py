@@ -183,6 +183,19 @@ def test_leases_show_a_dead_owner_and_can_be_removed(home: Home) -> None:
     assert json.loads(ember(home, "snapshot", "leases", "--json").stdout) == []
 
 
+def test_a_volumes_lease_and_disk_go_with_ember_volume_rm(home: Home) -> None:
+    from ember.volumes.store import Volumes
+
+    Volumes(home).create("data")
+    res = ember(home, "snapshot", "leases", "rm", "volume/data", ok=False)
+    assert res.returncode == 1 and "lease 'volume/data' is volume data's" in res.stderr
+    assert "ember volume rm data" in res.stderr
+    res = ember(home, "snapshot", "rm", "-f", "volume/data", ok=False)
+    assert res.returncode == 1 and "snapshot 'volume/data' is volume data" in res.stderr
+    assert ember(home, "volume", "rm", "data").stdout == "data\n"
+    assert json.loads(ember(home, "snapshot", "leases", "--json").stdout) == []
+
+
 def test_library_warnings_are_ember_messages(tmp_path: Path, multilayer_layout: Path) -> None:
     """A warning from the snapshotter was printed bare, a stray line among `ember: ...` ones."""
     home = make_home(tmp_path / "copy", backend="copy")

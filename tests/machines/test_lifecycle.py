@@ -1,18 +1,31 @@
-"""The run config a start boots with (``lifecycle.boot_run_config``): pure, no VM."""
+"""Pieces of the machine lifecycle that need no VM: the run config a start boots with
+(``boot_run_config``, pure), the volumes a machine attaches (a real snapshot pool)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ember.home import Home
 from ember.machines import state as mstate
 from ember.machines.errors import DamagedMachine
-from ember.machines.lifecycle import boot_run_config, extra_hosts_of
+from ember.machines.lifecycle import (
+    attaching_volumes,
+    boot_run_config,
+    extra_hosts_of,
+    volume_users,
+)
 from ember.machines.state import MachineState, VMConfig
+from ember.machines.store import MachineStore
 from ember.net.manager import MachineNetwork
 from ember.vm.runconfig import HostEntry, Interface, RunConfig
+from ember.volumes.errors import VolumeInUse
+from ember.volumes.store import Volumes
 
 MACHINE_ID = "ab" * 32
 NET = MachineNetwork(
@@ -69,3 +82,70 @@ def test_extra_hosts_of_a_record() -> None:
 def test_a_damaged_extra_hosts_field_is_a_damaged_record(damaged: object) -> None:
     with pytest.raises(DamagedMachine, match="extra_hosts"):
         extra_hosts_of(_record({"extra_hosts": damaged}))
+
+
+def test_a_volume_inside_another_ones_target_is_mounted_after_it() -> None:
+    from ember.machines.lifecycle import _volume_mounts
+    from ember.vm.runconfig import Mount
+    from ember.volumes.spec import parse_volumes
+
+    got = _volume_mounts(parse_volumes(["inner:/data/sub", "outer:/data:ro", "other:/srv"]))
+    assert got == (
+        Mount("/dev/vdc", "/data", "ext4", "ro"),  # each keeps its disk (the order given)
+        Mount("/dev/vdd", "/srv", "ext4", "rw"),
+        Mount("/dev/vdb", "/data/sub", "ext4", "rw"),
+    )
+
+
+@pytest.fixture
+def pool_home(tmp_path: Path) -> Iterator[Home]:
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    h = make_home(tmp_path / "home")
+    yield h
+    teardown_home(h)
+
+
+def _machine_with(home: Home, name: str, volumes: list[str], **kw: object) -> MachineState:
+    st = _record({})
+    st.name, st.vm.volumes = "", volumes
+    for k, v in kw.items():
+        setattr(st, k, v)
+    MachineStore(home).create(st, name)
+    return st
+
+
+@pytest.mark.root
+def test_a_volume_is_held_by_a_machine_its_restart_policy_runs_again(pool_home: Home) -> None:
+    """A machine between two runs of `--restart always` is exited, and was not counted: a
+    `run -v` took its volume, and its restart then gave up for good."""
+    from ember.process import proc_start_time
+
+    me = os.getpid()  # the "monitor" waiting out the backoff: alive
+    _machine_with(pool_home, "policy", ["data:/data"], status=mstate.EXITED, exit_code=1,
+                  finished_at=mstate.now(), restart_policy="always", monitor_pid=me,
+                  monitor_start=proc_start_time(me))  # fmt: skip
+    newcomer = _machine_with(pool_home, "new", ["data:/x"])
+    said = "volume data is in use by machine policy, which is restarting"
+    with pytest.raises(VolumeInUse, match=said), attaching_volumes(pool_home, newcomer, make=True):
+        pass
+    # its monitor gone: nothing will run it again, the volume is free
+    with mstate.update(MachineStore(pool_home).dir(MachineStore(pool_home).find("policy").id)) as cur:
+        cur.monitor_pid, cur.monitor_start = 1, 0.0
+    with attaching_volumes(pool_home, newcomer, make=True) as disks:
+        assert [d.name for d in disks] == ["disk.ext4"]
+
+
+@pytest.mark.root
+def test_removal_is_refused_while_a_record_cannot_be_read(pool_home: Home) -> None:
+    Volumes(pool_home).create("data")
+    st = _machine_with(pool_home, "user", ["not a spec"], status=mstate.EXITED)
+    with pytest.raises(VolumeInUse, match=f"cannot tell whether machine {st.id[:12]} uses volume data"):
+        volume_users(pool_home, "data")
+    with mstate.update(MachineStore(pool_home).dir(st.id)) as cur:
+        cur.vm.volumes = ["data:/data"]
+    assert volume_users(pool_home, "data") == ["user"]
+    # one whose record is unreadable may use it too
+    (MachineStore(pool_home).dir(st.id) / "state.json").write_text("{")
+    with pytest.raises(VolumeInUse, match="cannot tell whether machine"):
+        volume_users(pool_home, "data")

@@ -98,3 +98,15 @@ def test_truncated_and_foreign_images_are_refused(tmp_path: Path) -> None:
     tiny = tmp_path / "tiny"
     tiny.write_bytes(b"\0" * 100)
     assert any("too small" in p for p in superblock.check_image(tiny))
+
+
+def test_needs_recovery(tmp_path: Path) -> None:
+    image = _ext4(tmp_path / "disk.ext4")
+    assert not superblock.needs_recovery(image)
+    _debugfs(image, "feature needs_recovery")
+    assert superblock.needs_recovery(image)
+    foreign = tmp_path / "foreign"
+    foreign.write_bytes(b"\0" * 4096)
+    assert not superblock.needs_recovery(foreign)
+    (tmp_path / "short").write_bytes(b"x")
+    assert not superblock.needs_recovery(tmp_path / "short")

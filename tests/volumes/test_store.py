@@ -12,6 +12,8 @@ from ember.snapshots.gc import collect
 from ember.volumes.errors import VolumeError, VolumeExists, VolumeInUse, VolumeNotFound
 from ember.volumes.store import DEFAULT_VOLUME_SIZE, Volumes, volume_key
 
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
 
 def test_create_list_get_and_remove(home: Home) -> None:
     volumes = Volumes(home)
@@ -20,8 +22,11 @@ def test_create_list_get_and_remove(home: Home) -> None:
     assert (made.name, made.size, made.labels) == ("data", 64 << 20, {"team": "a"})
     fsck = subprocess.run(["e2fsck", "-fn", str(made.path)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
-    with pytest.raises(VolumeExists, match="volume data already exists"):
-        volumes.create("data")
+    # docker volume create of a name it has: that one, unless asked for as another
+    assert volumes.create("data") == made == volumes.create("data", 64 << 20)
+    for other in ({"size": 128 << 20}, {"labels": {"team": "b"}}):
+        with pytest.raises(VolumeExists, match="volume data already exists, with a size of 64"):
+            volumes.create("data", **other)  # type: ignore[arg-type]
     assert volumes.ensure("data") == made  # an existing one is used as it is
     other = volumes.ensure("other")  # a new name: made, of the default size
     assert other.size == DEFAULT_VOLUME_SIZE
@@ -42,12 +47,25 @@ def test_what_a_volume_holds_outlives_mounts_and_gc(home: Home) -> None:
     snap = Snapshotter(home)
     with snap.mount(volume_key("keep")) as root:
         (root / "file").write_text("kept")
-    assert collect(home).snapshots == []  # its lease keeps it
+    assert collect(home).snapshots == []
     with snap.mount(volume_key("keep")) as root:
         assert (root / "file").read_text() == "kept"
-    # (without it, gc takes it as any active snapshot nothing leases)
+    # its lease removed (`snapshot leases rm --force`, a damaged lease file removed as gc's
+    # hint says): gc took it as any active snapshot nothing leases, and the machine's next
+    # start made an empty one
     snap.leases.delete(volume_key("keep"))
-    assert collect(home).snapshots == [volume_key("keep")]
+    assert collect(home).snapshots == []
+    with snap.mount(volume_key("keep")) as root:
+        assert (root / "file").read_text() == "kept"
+
+
+def test_a_volume_that_is_gone_is_not_made_again_when_a_start_asks(home: Home) -> None:
+    volumes = Volumes(home)
+    with volumes.holding(["a-vol", "b-vol"]) as get:
+        assert get("a-vol", True).name == "a-vol"  # `run -v`: made
+        with pytest.raises(VolumeNotFound, match="volume b-vol is gone"):
+            get("b-vol", False)  # `start` of a machine that had it
+    assert [v.name for v in volumes.list()] == ["a-vol"]
 
 
 def test_removal_is_refused_while_a_machine_uses_it(home: Home) -> None:

@@ -240,6 +240,12 @@ def leases_rm(names: tuple[str, ...], force: bool) -> None:
                     f"lease {name!r} keeps machine {lease.labels['machine']}'s root disk",
                     hint=f"ember rm {lease.labels['machine']} removes the machine, or pass --force",
                 )
+            if lease and "volume" in lease.labels and not force:
+                raise LeaseError(
+                    f"lease {name!r} is volume {lease.labels['volume']}'s",
+                    hint=f"ember volume rm {lease.labels['volume']} removes the volume, or pass "
+                    "--force (gc keeps a volume without it)",
+                )
             if not snap.leases.delete(name):
                 raise LeaseNotFound(f"no lease {name!r}")
             click.echo(name)

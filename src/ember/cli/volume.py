@@ -21,13 +21,15 @@ def volume() -> None:
 
 @volume.command("create")
 @click.argument("name", required=False)
-@click.option("--size", default="1G", show_default=True, help="File system size (e.g. 512M, 10G).")
-def volume_create(name: str | None, size: str) -> None:
-    """Make an empty volume NAME (default: a generated name) and print its name."""
+@click.option("--size", help="File system size (e.g. 512M, 10G; default 1G).")
+def volume_create(name: str | None, size: str | None) -> None:
+    """Make an empty volume NAME (default: a generated name) and print its name; for a
+    NAME that exists, print it (unless asked for with another --size)."""
     from ember.sizes import parse_size
     from ember.volumes.store import Volumes
 
-    made = Volumes(home_from_ctx()).create(name or secrets.token_hex(32), parse_size(size))
+    wanted = None if size is None else parse_size(size)
+    made = Volumes(home_from_ctx()).create(name or secrets.token_hex(32), wanted)
     click.echo(made.name)
 
 

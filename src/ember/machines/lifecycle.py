@@ -223,8 +223,10 @@ def create(
         try:
             store.create(st, req.name, holding=hold)
             pin_base_initramfs(base_initrd, own_base)
-            # after the record that names them: `ember volume rm` looks for such records
-            volumes = attach_volumes(home, st)
+            # after the record that names them: `ember volume rm` looks for such records, and
+            # a start that checks after this sees this machine as their user
+            with attaching_volumes(home, st, make=True) as volumes:
+                pass
             lap("record")
             # the disk clone and the network (TAP, nft) both wait on the kernel and on
             # subprocesses: do them side by side
@@ -461,13 +463,16 @@ BASE_INITRD = "base.initrd"
 
 
 def _volume_mounts(volumes: Sequence[VolumeMount]) -> tuple[Mount, ...]:
-    """What ember-init mounts: the machine's volumes, its disks after the root disk."""
+    """What ember-init mounts, in order: the machine's volumes (its disks after the root
+    disk, in the order given), a target before the ones inside it."""
     from ember.vm.runconfig import Mount
+    from ember.volumes.spec import mount_order
 
     return tuple(
-        Mount(v.device(i), v.target, "ext4", "ro" if v.read_only else "rw")
-        for i, v in enumerate(volumes)
-    )
+        Mount(volumes[i].device(i), volumes[i].target, "ext4",
+              "ro" if volumes[i].read_only else "rw")
+        for i in mount_order(volumes)
+    )  # fmt: skip
 
 
 def volumes_of(st: MachineState) -> tuple[VolumeMount, ...]:
@@ -482,34 +487,71 @@ def volumes_of(st: MachineState) -> tuple[VolumeMount, ...]:
 
 
 def volume_users(home: Home, name: str) -> list[str]:
-    """The machines (names) whose record names volume ``name``, whatever their state."""
-    return [m.name for m in MachineStore(home).list() if any(v.name == name for v in volumes_of(m))]
+    """The machines (names) whose record names volume ``name``, whatever their state;
+    VolumeInUse when a record cannot be read (it may name the volume)."""
+    from ember.volumes.errors import VolumeInUse
+
+    found, damaged = MachineStore(home).scan()
+    users = []
+    for m in found:
+        try:
+            if any(v.name == name for v in volumes_of(m)):
+                users.append(m.name)
+        except DamagedMachine as e:
+            damaged.append(e)
+    if damaged:
+        raise VolumeInUse(
+            f"cannot tell whether machine {damaged[0].machine_id[:12]} uses volume {name}: "
+            f"{damaged[0].message}",
+            hint=damaged[0].hint,
+        )
+    return users
 
 
-def attach_volumes(home: Home, st: MachineState) -> list[Path]:
-    """The disks of machine ``st``'s volumes, made empty for names that have none yet;
-    VolumeInUse when another machine that is not stopped has one: one ext4 mounted by two
-    kernels at once is corrupted (QEMU's lock on the disk refuses a second VMM anyway,
-    with words less clear)."""
+def _holds_its_volumes(st: MachineState) -> bool:
+    """Whether machine ``st`` has its volumes attached or is about to: not stopped (its
+    VMM runs or is being started), or between two runs of its restart policy.  Looked at
+    without its lock (whoever holds it may wait for a volume's)."""
+    if st.status == mstate.EXITED:
+        return restart_pending(st)
+    if st.status == mstate.CREATED and st.monitor_pid is None:
+        return True  # being made by its `ember run` (which starts its monitor first)
+    return not _monitor_lost(st)
+
+
+@contextlib.contextmanager
+def attaching_volumes(home: Home, st: MachineState, *, make: bool) -> Iterator[list[Path]]:
+    """The disks of machine ``st``'s volumes (``make``: made empty for names that have
+    none yet, as ``run -v`` does; else VolumeNotFound), under the volumes' locks, which
+    stay held while the caller makes its record say that the machine is being started.
+    VolumeInUse when another machine holds one (``_holds_its_volumes``): one ext4 mounted
+    by two kernels at once is corrupted.  (QEMU's lock on a disk refuses a second VMM
+    too, in words less clear.)"""
     from ember.volumes.errors import VolumeInUse
     from ember.volumes.store import Volumes
 
     wanted = volumes_of(st)
     if not wanted:
-        return []
+        yield []
+        return
     names = {v.name for v in wanted}
-    for other in MachineStore(home).list():
-        if other.id == st.id or other.status == mstate.EXITED:
-            continue
-        shared = names & {v.name for v in volumes_of(other)}
-        if shared and refresh(home, other).status != mstate.EXITED:
-            name = sorted(shared)[0]
-            raise VolumeInUse(
-                f"volume {name} is in use by machine {other.name}, which is {other.status}",
-                hint=f"stop it first (ember stop {other.name})",
-            )
-    volumes = Volumes(home)
-    return [volumes.ensure(v.name).path for v in wanted]
+    with Volumes(home).holding(names) as get:
+        for other in MachineStore(home).list():
+            if other.id == st.id:
+                continue
+            try:
+                shared = names & {v.name for v in volumes_of(other)}
+            except DamagedMachine as e:
+                log.warning("%s: not looked at for the volumes it may use", e)
+                continue
+            if shared and _holds_its_volumes(other):
+                state = "restarting" if other.status == mstate.EXITED else other.status
+                raise VolumeInUse(
+                    f"volume {sorted(shared)[0]} is in use by machine {other.name}, which is "
+                    f"{state}",
+                    hint=f"stop it first (ember stop {other.name})",
+                )
+        yield [get(v.name, make).path for v in wanted]
 
 
 #: the longest address an extra host's ``host-gateway`` can become (``check_room``)
@@ -674,7 +716,6 @@ def prepare_start(
                 )
         rc = RunConfig.parse((d / RUN_CONFIG).read_bytes())
         extra_hosts = extra_hosts_of(cur)
-        cur.vm.volume_disks = [str(p) for p in attach_volumes(home, cur)]
         try:
             cur.vm.root_disk = str(root_disk(home, cur.id))
         except SnapshotNotFound:
@@ -692,24 +733,28 @@ def prepare_start(
         # the other order left an exited record whose TAP, rules and host ports nothing
         # freed until the machine was started or removed.
         ended = copy.deepcopy(cur)  # put back if this start fails
-        cur.previous_exit_code = cur.exit_code if restart else None
-        cur.status = mstate.CREATED
-        cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
-        cur.exit_code = cur.signal = None
-        cur.oom_killed = False
-        cur.vmm_pid = cur.vmm_start = None
-        cur.stopped_by_user = cur.restart_given_up = False
-        cur.restarting = restart
-        if restart:
-            # the same monitor runs it again: `ember stop/kill/rm` see that one is
-            # about to start it (its start then ends at once, see _mark_stopped)
-            cur.restart_count += 1
-        else:
-            cur.monitor_pid = monitor_pid
-            cur.monitor_start = None if monitor_pid is None else proc_start_time(monitor_pid)
-            # as docker start: the policy starts over (on-failure:N's N restarts again)
-            cur.restart_count = 0
-        mstate.write_state(d, cur)
+        # the volumes' check and the record that makes this machine their user, under
+        # their locks: two starts (or a start and a run) never both take one
+        with attaching_volumes(home, cur, make=False) as volume_disks:
+            cur.vm.volume_disks = [str(v) for v in volume_disks]
+            cur.previous_exit_code = cur.exit_code if restart else None
+            cur.status = mstate.CREATED
+            cur.started_at = cur.finished_at = cur.error = cur.end_reason = None
+            cur.exit_code = cur.signal = None
+            cur.oom_killed = False
+            cur.vmm_pid = cur.vmm_start = None
+            cur.stopped_by_user = cur.restart_given_up = False
+            cur.restarting = restart
+            if restart:
+                # the same monitor runs it again: `ember stop/kill/rm` see that one is
+                # about to start it (its start then ends at once, see _mark_stopped)
+                cur.restart_count += 1
+            else:
+                cur.monitor_pid = monitor_pid
+                cur.monitor_start = None if monitor_pid is None else proc_start_time(monitor_pid)
+                # as docker start: the policy starts over (on-failure:N's N restarts again)
+                cur.restart_count = 0
+            mstate.write_state(d, cur)
         manager = NetworkManager(home)
         try:
             manager.teardown(cur.id)  # whatever a crashed monitor left (exited: none runs)
@@ -1392,7 +1437,9 @@ def rename(home: Home, st: MachineState, new_name: str) -> None:
         raise InvalidOption(f"machine {st.name} is already named {new_name!r}")
     store = MachineStore(home)
     d = store.dir(st.id)
-    with store.name_free(new_name, st.id), _locked_unless_removed(d, st.name):
+    # (the machine's lock first: waiting for it, a start under way, with the names lock
+    # held would stall every `ember run` meanwhile)
+    with _locked_unless_removed(d, st.name), store.name_free(new_name, st.id):
         cur = mstate.read_state(d)
         cur.name = new_name
         mstate.write_state(d, cur)

@@ -81,17 +81,27 @@ def vm_spec(st: mstate.MachineState, d: Path, channels: Channels | None = None) 
 
 
 def volume_disks(st: mstate.MachineState) -> tuple[Disk, ...]:
-    """The disks of the machine's volumes, in the order its run config mounts them."""
+    """The disks of the machine's volumes, in the order they were given (the guest's
+    vdb, vdc, ...).  A read-only one is attached read-only, unless its journal needs
+    replaying (a machine that had it read-write ended without unmounting it): a kernel
+    refuses to mount such an ext4 from a read-only device, and mounted read-only from a
+    writable one it replays the journal and writes nothing else."""
+    from ember.snapshots.superblock import needs_recovery
     from ember.volumes.spec import parse_volume
 
     if len(st.vm.volumes) != len(st.vm.volume_disks):
         raise MachineError(
             f"machine {st.name}'s volumes are not set up (start it again: ember start {st.name})"
         )
-    return tuple(
-        Disk(Path(path), read_only=parse_volume(spec).read_only)
-        for spec, path in zip(st.vm.volumes, st.vm.volume_disks, strict=True)
-    )
+    disks = []
+    for spec, path in zip(st.vm.volumes, st.vm.volume_disks, strict=True):
+        read_only = parse_volume(spec).read_only
+        if read_only and needs_recovery(Path(path)):
+            print(f"monitor: volume {spec}: attached writable for its journal's replay, "
+                  "mounted read-only", file=sys.stderr)  # fmt: skip
+            read_only = False
+        disks.append(Disk(Path(path), read_only=read_only))
+    return tuple(disks)
 
 
 def _hold_ports(st: mstate.MachineState) -> list[socket.socket]:

@@ -58,8 +58,9 @@ class PortMapping:
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> PortMapping:
-        """KeyError or ValueError when a field is missing or not of its type (a record
-        on disk may be damaged); the ports' ranges are check_rules' to check."""
+        """KeyError or ValueError when a field is missing or not of its type, or
+        ``host_range`` is not a range of ports (a record on disk may be damaged); the
+        ports themselves are check_rules' to check."""
         host_ip = d.get("host_ip")
         bounds = d.get("host_range")
         host_range = None

@@ -45,6 +45,7 @@ from ember.snapshots.model import Kind, SnapshotInfo
 from ember.snapshots.snapshotter import LOCK, Snapshotter
 from ember.store.content import ContentStore
 from ember.store.errors import StoreError
+from ember.volumes.spec import KEY_PREFIX as VOLUME
 
 log = logging.getLogger("ember.snapshots")
 
@@ -198,6 +199,10 @@ def collect(
         machines = set(MachineStore(home).ids())
         roots.snapshots.update(machine_key(m) for m in machines)
         if snap is not None:
+            # A volume stays until `ember volume rm` (which checks that no machine names
+            # it): its lease alone did, and a lease removed (or lost) let gc delete what a
+            # machine had written there, and its next start made an empty one.
+            roots.snapshots.update(s.name for s in snap.list() if s.name.startswith(VOLUME))
             _mark_leases(snap, roots, report, dry_run, now, machines, leftover_grace)
             _sweep_snapshots(snap, roots, report, dry_run)
         _sweep_blobs(ContentStore(home.content), roots, report, dry_run, content_grace, now)

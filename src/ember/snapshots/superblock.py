@@ -114,3 +114,18 @@ def check_image(image: Path) -> list[str]:
     finally:
         os.close(fd)
     return problems(sb, size)
+
+
+def needs_recovery(image: Path) -> bool:
+    """Whether the ext4 file system in ``image`` has a journal to replay (it was in use
+    when its machine ended without unmounting it): a kernel then refuses to mount it from
+    a read-only device.  False for what is not ext4 (its mount says why)."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sb = os.pread(fd, SUPERBLOCK_SIZE, SUPERBLOCK_OFFSET)
+    finally:
+        os.close(fd)
+    if len(sb) < 0x64 or struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
+        return False
+    (incompat,) = struct.unpack_from("<I", sb, 0x60)
+    return bool(incompat & INCOMPAT_RECOVER)

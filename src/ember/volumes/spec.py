@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ember.volumes.errors import InvalidVolumeSpec
@@ -20,6 +20,8 @@ from ember.volumes.errors import InvalidVolumeSpec
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{1,127}$")
 #: volumes one machine may have: its disks are vdb.. after the root disk's vda
 MAX_VOLUMES = 16
+#: a volume's disk is the snapshot (and its lease) of this key and its name
+KEY_PREFIX = "volume/"
 
 
 def check_volume_name(name: str) -> str:
@@ -61,7 +63,8 @@ def parse_volume(text: str) -> VolumeMount:
         )
     if len(parts) == 1:
         raise InvalidVolumeSpec(
-            f"{what}: give the volume a name, NAME:TARGET (anonymous volumes are not kept)"
+            f"{what}: expected NAME:TARGET (a volume needs a name and a place in the machine; "
+            "anonymous volumes are not kept)"
         )
     if len(parts) > 3:
         raise InvalidVolumeSpec(f"{what}: expected NAME:TARGET[:ro|rw]")
@@ -80,6 +83,17 @@ def parse_volume(text: str) -> VolumeMount:
     if normalized.startswith("//"):  # (normpath keeps POSIX's implementation-defined "//")
         normalized = "/" + normalized.lstrip("/")
     return VolumeMount(name, normalized, mode == "ro")
+
+
+def volume_key(name: str) -> str:
+    return KEY_PREFIX + check_volume_name(name)
+
+
+def mount_order(volumes: Sequence[VolumeMount]) -> list[int]:
+    """The order to mount a machine's volumes in (their indexes): a target before the
+    targets inside it (as Docker sorts mounts), so that ``-v a:/data/sub -v b:/data``
+    does not hide ``a`` under ``b``; the order given otherwise."""
+    return sorted(range(len(volumes)), key=lambda i: volumes[i].target.count("/"))
 
 
 def parse_volumes(texts: Iterable[str]) -> tuple[VolumeMount, ...]:

@@ -11,8 +11,8 @@ lock too.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +25,11 @@ from ember.snapshots.errors import SnapshotNotFound
 from ember.snapshots.model import Kind, SnapshotInfo
 from ember.snapshots.snapshotter import Snapshotter
 from ember.volumes.errors import VolumeError, VolumeExists, VolumeInUse, VolumeNotFound
-from ember.volumes.spec import check_volume_name
+from ember.volumes.spec import KEY_PREFIX as PREFIX
+from ember.volumes.spec import volume_key
 
 #: what ``ember volume create`` and a ``run -v`` of a new name make
 DEFAULT_VOLUME_SIZE = 1 << 30
-PREFIX = "volume/"
-
-
-def volume_key(name: str) -> str:
-    return PREFIX + check_volume_name(name)
 
 
 @dataclass(frozen=True)
@@ -74,27 +70,52 @@ class Volumes:
             yield
 
     def create(
-        self, name: str, size: int = DEFAULT_VOLUME_SIZE, labels: dict[str, str] | None = None
+        self, name: str, size: int | None = None, labels: dict[str, str] | None = None
     ) -> VolumeInfo:
-        """A new empty volume (VolumeExists if the name is taken)."""
+        """A new empty volume of ``size`` (default ``DEFAULT_VOLUME_SIZE``); the one that
+        exists, as ``docker volume create`` of a name it has, unless it was asked for with
+        another size or other labels (VolumeExists)."""
         key = volume_key(name)
-        if (problem := disk_size_problem(size)) is not None:  # (the snapshotter's rule)
-            raise VolumeError(f"volume size {human_size(size)} {problem}")
+        wanted = DEFAULT_VOLUME_SIZE if size is None else size
+        if (problem := disk_size_problem(wanted)) is not None:  # (the snapshotter's rule)
+            raise VolumeError(f"volume size {human_size(wanted)} {problem}")
         snap = Snapshotter(self.home)
         with self._locked(snap, name):
-            if snap.exists(key):
-                raise VolumeExists(f"volume {name} already exists")
-            return self._make(snap, key, name, size, labels or {})
+            if not snap.exists(key):
+                return self._make(snap, key, name, wanted, labels or {})
+            found = self._usable(snap.stat(key))
+        if (size is not None and size != found.size) or (labels and labels != found.labels):
+            raise VolumeExists(
+                f"volume {name} already exists, with a size of {human_size(found.size)}"
+                + (f" and the labels {found.labels}" if found.labels else "")
+            )
+        return found
 
     def ensure(self, name: str) -> VolumeInfo:
         """Volume ``name``, made empty of the default size if there is none (what ``docker
         run -v NAME:...`` does for a name it does not know)."""
-        key = volume_key(name)
+        with self.holding([name]) as get:
+            return get(name, True)
+
+    @contextmanager
+    def holding(self, names: Iterable[str]) -> Iterator[Callable[[str, bool], VolumeInfo]]:
+        """The locks of volumes ``names``, taken in name order (two holders never wait for
+        each other), and while they are held a way to get each one: ``get(name, make)``,
+        made empty when it does not exist and ``make``, else VolumeNotFound."""
         snap = Snapshotter(self.home)
-        with self._locked(snap, name):
+
+        def get(name: str, make: bool) -> VolumeInfo:
+            key = volume_key(name)
             if snap.exists(key):
                 return self._usable(snap.stat(key))
+            if not make:
+                raise VolumeNotFound(f"volume {name} is gone")
             return self._make(snap, key, name, DEFAULT_VOLUME_SIZE, {})
+
+        with ExitStack() as held:
+            for name in sorted(set(names)):
+                held.enter_context(self._locked(snap, name))
+            yield get
 
     def _make(
         self, snap: Snapshotter, key: str, name: str, size: int, labels: dict[str, str]
