@@ -216,6 +216,27 @@ def test_a_volume_keeps_what_one_machine_wrote_for_the_next(ember: Ember, busybo
     assert ember("volume", "ls", "-q").stdout == ""
 
 
+def test_a_volume_left_mounted_by_a_killed_machine_mounts_read_only(
+    ember: Ember, busybox: str
+) -> None:
+    """Its journal needs replaying: from a read-only disk the guest's kernel refused to
+    mount it ("cannot mount /dev/vdb on /data: Read-only file system", exit 125)."""
+    res = ember("run", "-d", "--name", "dies", "-v", "vrec:/data", busybox, "sh", "-c",
+                "echo x > /data/f && sync && echo ready && sleep 600")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in ember("logs", "dies").stdout:
+            assert time.monotonic() < deadline, ember("logs", "dies")
+            time.sleep(0.2)
+    finally:
+        assert ember("rm", "-f", "dies").returncode == 0  # its VMM killed, /data mounted
+    read = ember("run", "--rm", "-v", "vrec:/data:ro", busybox, "sh", "-c",
+                 "cat /data/f; touch /data/y 2>/dev/null || echo read-only")  # fmt: skip
+    assert (read.returncode, read.stdout) == (0, "x\nread-only\n"), read.stderr
+    assert ember("volume", "rm", "vrec").returncode == 0
+
+
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
     # -p 80: a host port left for ember to choose, as docker does
     res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", "-l", "app=web",
