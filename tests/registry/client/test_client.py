@@ -427,3 +427,78 @@ def test_a_loopback_registry_sends_no_credentials_to_a_plain_http_realm_elsewher
             pytest.raises(RegistryProtocolError, match="plain-HTTP realm .*: refused"),
         ):
             client.get_manifest("app", "latest")
+
+
+@pytest.mark.parametrize(
+    "first_head",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",  # no Content-Length: the close ends it
+        b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n",  # a Content-Length too small
+    ],
+    ids=["no-content-length", "small-content-length"],
+)
+def test_a_blob_body_that_ends_short_is_resumed_not_thrown_away(
+    tmp_path: Path, first_head: bytes
+) -> None:
+    """A body that ended cleanly but short was committed, failed the size check, was
+    thrown away and raised BlobCorrupt, without a resume; progress went negative."""
+    blob = bytes(range(256)) * 4
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    requests: list[bytes] = []
+
+    def answer(n: int, request: bytes) -> bytes:
+        requests.append(request)
+        if n == 0:
+            return first_head + blob[:400]
+        start = _range_start(request)
+        return _ranged_head(blob, start) + blob[start:]
+
+    store = ContentStore(tmp_path / "content")
+    reported: list[int] = []
+    with (
+        raw_server(answer) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.001) as client,
+    ):
+        client.fetch_blob("app", desc, store, reported.append)
+    assert len(seen) == 2
+    assert b"range: bytes=400-" in requests[1].lower()
+    assert store.read_bytes(desc.digest) == blob
+    assert sum(reported) == len(blob) and all(n > 0 for n in reported)
+
+
+def test_a_blob_body_always_short_is_given_up_as_unreachable(tmp_path: Path) -> None:
+    blob = bytes(range(256)) * 4
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+
+    def answer(_n: int, request: bytes) -> bytes:
+        start = _range_start(request)
+        return _ranged_head(blob, start).replace(b"Content-Length", b"X-Length") + blob[start : start + 1]
+
+    store = ContentStore(tmp_path / "content")
+    with (
+        raw_server(answer) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=2, backoff=0.001) as client,
+        pytest.raises(RegistryUnreachable, match=r"keeps failing \(body ended \d+ bytes short\)"),
+    ):
+        client.fetch_blob("app", desc, store)
+    assert len(seen) == 3
+    assert not store.exists(desc.digest)
+
+
+def test_a_blob_body_too_long_leaves_progress_at_zero(tmp_path: Path) -> None:
+    """The chunk that overruns the size is refused before it is written or counted: the
+    progress taken back was the writer's offset, that chunk included (below zero)."""
+    from ember.registry.client.errors import BlobCorrupt
+
+    blob = bytes(range(256)) * 4
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    body = blob + b"and more"
+    store = ContentStore(tmp_path / "content")
+    reported: list[int] = []
+    with (
+        raw_server(lambda _n, _r: _ranged_head(body, 0) + body) as (port, _seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=0) as client,
+        pytest.raises(BlobCorrupt, match="larger than"),
+    ):
+        client.fetch_blob("app", desc, store, reported.append)
+    assert sum(reported) == 0

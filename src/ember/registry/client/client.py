@@ -626,12 +626,15 @@ class RegistryClient:
                     # A body cut by the abort can end like a whole one: keep it for a resume
                     # rather than verify it (which discards what does not match).
                     cancel.check()
+                # every byte counted in progress is in the file (and no more: a chunk
+                # beyond the size is refused before it is counted)
+                held = writer.offset
                 try:
                     writer.commit()
                     return
                 except DigestMismatch as e:  # the writer has emptied the file
                     if progress:
-                        progress(-desc.size)
+                        progress(-held)
                     if not resumed:
                         raise BlobCorrupt(
                             f"registry {self.host} served a corrupt blob: {e}"
@@ -715,20 +718,29 @@ class RegistryClient:
                 )
         else:
             self._check(resp, f"blob {desc.digest}", BlobUnknown)
+        counted = writer.offset  # what progress has been told of (the restarts above included)
         try:
             # No re-chunking: every byte received is written before a cut
             # connection (or a cancel) raises, so a resume loses nothing.
             for chunk in resp.iter_bytes():
                 writer.write(chunk)
+                counted += len(chunk)
                 if progress:
                     progress(len(chunk))
                 if cancel is not None:
                     cancel.check()
         except DigestMismatch as e:
-            if progress:
-                progress(-writer.offset)
+            # a chunk that overran the size: refused before it was written or counted
+            if progress and counted:
+                progress(-counted)
             writer.reset()
             raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
+        if writer.offset < desc.size:
+            # A body that ended cleanly but short (no Content-Length and the server
+            # closed, or a Content-Length too small): a cut connection like any other,
+            # resumed with Range; committing it would fail the size check and throw
+            # away what did arrive.
+            raise TransportError(f"body ended {desc.size - writer.offset} bytes short")
 
     @staticmethod
     def _restart(writer: BlobWriter, progress: ProgressCallback | None) -> None:
