@@ -256,3 +256,41 @@ def test_a_broken_docker_config_is_passed_over_with_a_warning(
         assert store.lookup("other.example") is None
         assert "going on without it" in caplog.text, caplog.text
         assert store.lookup("mine.example") == Credentials("u", "p")
+
+
+def test_parse_keeps_so_many_parameters_at_most() -> None:
+    """Each parameter sliced the rest of the header off (quadratic): ~6 MB of challenge
+    kept a client busy for 393 s. Now one pass, and the parameters are capped."""
+    header = "Bearer " + ",".join(f"p{i}=v" for i in range(2000))
+    [c] = parse_challenges(header[:16000])
+    assert len(c.params) == 32
+    assert c.params["p0"] == "v"
+    # what follows a capped challenge is not taken for more challenges
+    assert [x.scheme for x in parse_challenges(header[:16000] + ", Basic realm=x")] == ["bearer"]
+
+
+def test_a_challenge_header_too_long_is_refused_before_parsing() -> None:
+    limit = 16 * 1024
+    ok = 'Bearer realm="' + "r" * (limit - 20) + '"'
+    assert parse_challenges(ok)[0].realm == "r" * (limit - 20)
+    with pytest.raises(ValueError, match="more than 16384"):  # ChallengeTooLarge
+        parse_challenges("Bearer " + "a=b," * limit)
+
+
+def test_a_registry_sending_megabytes_of_challenge_gets_one_clear_error() -> None:
+    """A hostile registry's 401 with many WWW-Authenticate headers (http.client joins up
+    to 100 of 64 KiB each: 6 MB took 393 s to parse; these 80 KB take about a second
+    of the old parser)."""
+    from ember.registry.client.client import RegistryClient
+    from ember.registry.client.errors import RegistryProtocolError
+    from tests.registry.client.test_client import raw_server
+
+    line = b"WWW-Authenticate: Bearer " + b"a=b," * 5000 + b"\r\n"
+    reply = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n" + line * 4 + b"\r\n"
+    with (
+        raw_server(lambda _n, _r: reply) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=0) as client,
+        pytest.raises(RegistryProtocolError, match=r"sent a WWW-Authenticate header of \d+ bytes \(more than 16384\): refused"),
+    ):
+        client.get_manifest("app", "latest")
+    assert len(seen) == 1

@@ -12,7 +12,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)\s*")
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*(?:,|$)')
+_SEPARATORS = re.compile(r"[\s,]*")
+
+#: a challenge header longer than this is refused unparsed: a registry's is a few hundred
+#: bytes, and a hostile one sent ~6 MB (http.client takes 100 headers of 64 KiB each)
+MAX_CHALLENGE_HEADER = 16 * 1024
+#: parameters kept per challenge, and challenges per header, at most (the rest is ignored)
+MAX_PARAMS = 32
+MAX_CHALLENGES = 16
+
+
+class ChallengeTooLarge(ValueError):
+    """A ``WWW-Authenticate`` value longer than ``MAX_CHALLENGE_HEADER``."""
 
 
 @dataclass(frozen=True)
@@ -26,27 +39,42 @@ class Challenge:
 
 
 def parse_challenges(header: str) -> list[Challenge]:
-    """All challenges in one ``WWW-Authenticate`` value; tolerant of junk, never raises."""
+    """All challenges in one ``WWW-Authenticate`` value; tolerant of junk.
+
+    ChallengeTooLarge for a value longer than ``MAX_CHALLENGE_HEADER``, and nothing else
+    raises.  The value is scanned once with a moving position (slicing off what each
+    match consumed copied the rest every time: quadratic, minutes for megabytes).
+    """
+    if len(header) > MAX_CHALLENGE_HEADER:
+        raise ChallengeTooLarge(
+            f"a WWW-Authenticate header of {len(header)} bytes (more than {MAX_CHALLENGE_HEADER})"
+        )
     out: list[Challenge] = []
-    rest = header.strip()
-    while rest:
-        m = re.match(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)\s*", rest)
+    pos = _skip_separators(header, 0)
+    while pos < len(header) and len(out) < MAX_CHALLENGES:
+        m = _SCHEME.match(header, pos)
         if not m:
             break
-        scheme = m.group(1).lower()
-        rest = rest[m.end() :]
+        scheme, pos = m.group(1).lower(), m.end()
         params: dict[str, str] = {}
-        while rest:
-            pm = _PARAM.match(rest)
+        for _ in range(MAX_PARAMS):
+            pm = _PARAM.match(header, pos) if pos < len(header) else None
             if not pm:
                 break
-            key = pm.group(1).lower()
             value = pm.group(2) if pm.group(2) is not None else pm.group(3)
-            params[key] = re.sub(r"\\(.)", r"\1", value)
-            rest = rest[pm.end() :]
+            params[pm.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+            pos = pm.end()
+        else:
+            out.append(Challenge(scheme, params))
+            break  # no telling where this challenge's parameters end: the rest is ignored
         out.append(Challenge(scheme, params))
-        rest = rest.lstrip(", ")
+        pos = _skip_separators(header, pos)
     return out
+
+
+def _skip_separators(header: str, pos: int) -> int:
+    m = _SEPARATORS.match(header, pos)
+    return m.end() if m else pos
 
 
 def pull_scope(repository: str) -> str:

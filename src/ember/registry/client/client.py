@@ -31,7 +31,13 @@ from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest, Verifier
 from ember.oci.errors import DigestMismatch
 from ember.oci.manifest import MAX_MANIFEST_SIZE, Descriptor
-from ember.registry.client.auth import Challenge, TokenCache, parse_challenges, pull_scope
+from ember.registry.client.auth import (
+    Challenge,
+    ChallengeTooLarge,
+    TokenCache,
+    parse_challenges,
+    pull_scope,
+)
 from ember.registry.client.credentials import Credentials
 from ember.registry.client.errors import (
     AuthenticationFailed,
@@ -321,7 +327,10 @@ class RegistryClient:
         )
 
     def _learn_challenge(self, resp: Response) -> None:
-        challenges = parse_challenges(resp.headers.get("WWW-Authenticate") or "")
+        try:
+            challenges = parse_challenges(resp.headers.get("WWW-Authenticate") or "")
+        except ChallengeTooLarge as e:
+            raise RegistryProtocolError(f"registry {self.host} sent {e}: refused") from None
         by_scheme = {c.scheme: c for c in challenges}
         chosen = by_scheme.get("bearer") or by_scheme.get("basic")
         if chosen is None:
