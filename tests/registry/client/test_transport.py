@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from ember.registry.client.errors import ProxyConfigError
 from ember.registry.client.transport import (
     ConnectionPool,
     Origin,
@@ -215,7 +216,7 @@ def test_proxy_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (proxy_for(reg) == (None, None)) == bypassed, no_proxy
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy:1080")
-    with pytest.raises(TransportError, match="unsupported proxy"):
+    with pytest.raises(ProxyConfigError, match="unsupported proxy"):
         proxy_for(reg)
 
 
@@ -254,10 +255,50 @@ def test_split_url_refuses_ports_out_of_range() -> None:
     assert split_url("http://host:65535/")[0].port == 65535
 
 
-def test_a_proxy_with_a_bad_port_is_a_transport_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
+def _no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+
+def test_a_proxy_with_a_bad_port_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_proxy_settings(monkeypatch)
     for port in ("0", "70000"):
-        monkeypatch.setenv("HTTPS_PROXY", f"http://proxy.corp:{port}")
-        with pytest.raises(TransportError, match="port"):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://alice:s3cret@proxy.corp:{port}")
+        with pytest.raises(ProxyConfigError, match="port") as e:
             proxy_for(Origin("https", "registry.example.com", 443))
+        assert f"invalid proxy 'http://proxy.corp:{port}' in HTTPS_PROXY" in str(e.value)
+        assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "shown"),
+    [
+        ("socks5://alice:s3cret@proxy.corp:1080", "'socks5://proxy.corp:1080'"),
+        # a "/" in the password: urlsplit takes the rest for the path
+        ("socks5://alice:s3/cret@proxy.corp:1080/x?token=s3cret", "'socks5://proxy.corp:1080'"),
+        ("https://alice:s3cret@proxy.corp", "'https://proxy.corp'"),
+    ],
+)
+def test_an_unsupported_proxy_is_one_error_without_its_password_and_not_retried(
+    monkeypatch: pytest.MonkeyPatch, setting: str, shown: str
+) -> None:
+    """The proxy URL was printed whole (user and password), as a TransportError: retried
+    five times, then reported as "cannot reach registry"."""
+    import ember.registry.client.client as client_module
+    from ember.registry.client.client import RegistryClient
+
+    _no_proxy_settings(monkeypatch)
+    monkeypatch.setenv("https_proxy", setting)
+    pauses: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", pauses.append)
+    with (
+        RegistryClient("registry.example.com") as client,  # refused before any connection
+        pytest.raises(ProxyConfigError) as e,
+    ):
+        client.get_manifest("app", "latest")
+    message = str(e.value)
+    assert f"unsupported proxy {shown} in https_proxy" in message
+    assert "s3" not in message and "alice" not in message and "cannot reach" not in message
+    assert e.value.hint is not None and "http:// proxy" in e.value.hint
+    assert pauses == []  # not retried

@@ -13,6 +13,11 @@ class RegistryUnreachable(RegistryError):
     pass
 
 
+class ProxyConfigError(RegistryError):
+    """A proxy setting (``HTTPS_PROXY`` and the like) ember cannot use: the user's to
+    fix, so never retried nor reported as an unreachable registry."""
+
+
 class AuthenticationFailed(RegistryError):
     pass
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
+from ember.registry.client.errors import ProxyConfigError
+
 #: bytes asked of the socket per read of a body
 READ_SIZE = 64 * 1024
 MAX_REDIRECTS = 10
@@ -339,8 +341,12 @@ def _transport_error(e: BaseException, what: str) -> TransportError:
 # -- proxies (Go's net/http/httpproxy rules) -------------------------------------------------
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name.upper()) or os.environ.get(name.lower()) or ""
+def _env(name: str) -> tuple[str, str]:
+    """(the variable's name as set, its value): the upper-case one first, as Go reads them."""
+    for var in (name.upper(), name.lower()):
+        if value := os.environ.get(var):
+            return var, value
+    return name.upper(), ""
 
 
 def _bypassed(origin: Origin, no_proxy: str) -> bool:
@@ -369,21 +375,42 @@ def _bypassed(origin: Origin, no_proxy: str) -> bool:
 
 
 def proxy_for(origin: Origin) -> tuple[Origin | None, str | None]:
-    """The proxy (and its Proxy-Authorization) for ``origin``, from the environment."""
-    value = _env("https_proxy" if origin.scheme == "https" else "http_proxy") or _env("all_proxy")
-    if not value or _bypassed(origin, _env("no_proxy")):
+    """The proxy (and its Proxy-Authorization) for ``origin``, from the environment;
+    ProxyConfigError for a setting that cannot be used (not retried: it will not change)."""
+    var, value = _env("https_proxy" if origin.scheme == "https" else "http_proxy")
+    if not value:
+        var, value = _env("all_proxy")
+    if not value or _bypassed(origin, _env("no_proxy")[1]):
         return None, None
     if "://" not in value:
         value = "http://" + value
     parts = urlsplit(value)
     if parts.scheme.lower() != "http" or not parts.hostname:
-        raise TransportError(f"unsupported proxy {value[:200]!r} (ember speaks to http:// proxies)")
+        raise ProxyConfigError(
+            f"unsupported proxy {_shown(value)} in {var}: ember speaks to http:// proxies only",
+            hint=f"set {var} to an http:// proxy (http://HOST:PORT), or unset it",
+        )
     try:
         port = _port(parts, 80)
     except ValueError as e:
-        raise TransportError(f"invalid proxy {parts.hostname[:200]}: {e}") from None
+        raise ProxyConfigError(
+            f"invalid proxy {_shown(value)} in {var}: {e}",
+            hint=f"set {var} to http://HOST:PORT with a port from 1 to 65535",
+        ) from None
     auth = None
     if parts.username is not None:
         raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         auth = "Basic " + base64.b64encode(raw).decode()
     return Origin("http", parts.hostname, port), auth
+
+
+def _shown(value: str) -> str:
+    """A proxy URL as it may be printed: scheme://host:port, never its user and password
+    (cut at the last "@": a password may hold a "/" that urlsplit takes for the path's
+    start), nor a path or query, which may hold a token."""
+    scheme, _, rest = value.partition("://")
+    where = rest.rpartition("@")[2]
+    for end in "/?#":
+        where = where.split(end, 1)[0]
+    text = f"{scheme}://{where}"[:200]
+    return repr("".join(c if c.isprintable() else "?" for c in text))
