@@ -502,3 +502,40 @@ def test_a_blob_body_too_long_leaves_progress_at_zero(tmp_path: Path) -> None:
     ):
         client.fetch_blob("app", desc, store, reported.append)
     assert sum(reported) == 0
+
+
+def _manifest_with_digest_header(header: bytes) -> Answer:
+    def answer(_n: int, _request: bytes) -> bytes:
+        return _head(len(MANIFEST)).replace(b"\r\n\r\n", b"\r\nDocker-Content-Digest: " + header + b"\r\n\r\n") + MANIFEST
+
+    return answer
+
+
+def test_a_manifest_by_tag_that_does_not_match_its_digest_header_is_refused() -> None:
+    """By tag, the Docker-Content-Digest header was not compared with the body: a
+    manifest changed on the way (a proxy, a cache) was taken as the registry's."""
+    from ember.registry.client.errors import BlobCorrupt
+
+    other = Digest.of(b"another manifest")
+    with (
+        raw_server(_manifest_with_digest_header(str(other).encode())) as (port, _seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=0) as client,
+        pytest.raises(BlobCorrupt, match=f"does not match {other} \\(its Docker-Content-Digest header\\): it is {Digest.of(MANIFEST)}"),
+    ):
+        client.get_manifest("app", "latest")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"junk", b"md5:0123", b"sha256:" + b"0" * 10, str(Digest.of(MANIFEST)).encode(),
+     str(Digest.of(MANIFEST, "sha512")).encode()],
+)  # fmt: skip
+def test_a_manifest_digest_header_that_matches_or_does_not_parse_is_accepted(header: bytes) -> None:
+    with (
+        raw_server(_manifest_with_digest_header(header)) as (port, _seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=0) as client,
+    ):
+        fetched = client.get_manifest("app", "latest")
+    assert fetched.data == MANIFEST
+    algorithm = "sha512" if header.startswith(b"sha512:") else "sha256"
+    assert fetched.digest == Digest.of(MANIFEST, algorithm)

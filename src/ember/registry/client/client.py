@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 from ember import __version__, jsonutil
 from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest, Verifier
-from ember.oci.errors import DigestMismatch
+from ember.oci.errors import DigestMismatch, InvalidDigest
 from ember.oci.manifest import MAX_MANIFEST_SIZE, Descriptor
 from ember.registry.client.auth import (
     Challenge,
@@ -150,6 +150,17 @@ def _error_detail(resp: Response) -> str:
         return "".join(c if c.isprintable() else "?" for c in text[:300])
     except Exception:
         return ""
+
+
+def _parsed_digest(value: str | None) -> Digest | None:
+    """A Docker-Content-Digest header's digest; None when there is none or it does not
+    parse (an algorithm ember does not know, junk)."""
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except InvalidDigest:
+        return None
 
 
 def _wants_https(resp: Response) -> bool:
@@ -521,17 +532,21 @@ class RegistryClient:
             attempt += 1
         if target.startswith(("sha256:", "sha512:")):
             digest = Digest.parse(target)
+            said = "the digest asked for"
         else:
-            digest = Digest.of(body)
-            if header_digest and header_digest.startswith("sha512:"):
-                digest = Digest.of(body, "sha512")
+            # By tag, the registry's Docker-Content-Digest is the only word on what the
+            # body should be (a proxy or cache on the way may have changed it): checked
+            # when it is a digest at all, else ignored (some registries send none).
+            digest = _parsed_digest(header_digest) or Digest.of(body)
+            said = "its Docker-Content-Digest header"
         check = Verifier(digest)
         check.update(body)
         try:
             check.verify()
         except DigestMismatch:
             raise BlobCorrupt(
-                f"registry {self.host} served a manifest for {what} that does not match {digest}"
+                f"registry {self.host} served a manifest for {what} that does not match "
+                f"{digest} ({said}): it is {Digest.of(body, digest.algorithm)}"
             ) from None
         return FetchedManifest(body, media_type, digest)
 
