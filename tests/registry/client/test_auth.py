@@ -294,3 +294,45 @@ def test_a_registry_sending_megabytes_of_challenge_gets_one_clear_error() -> Non
     ):
         client.get_manifest("app", "latest")
     assert len(seen) == 1
+
+
+def test_an_unreadable_credentials_file_says_how_to_mend_it(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    path.write_text("{not json")
+    with pytest.raises(CredentialsError, match="cannot read credentials file") as e:
+        CredentialStore(path, docker_config=tmp_path / "none").lookup("reg.example")
+    assert e.value.hint == f"remove or fix {path}, or run ember registry login reg.example again"
+
+
+@pytest.mark.parametrize("damage", ["not-json", "fifo", "directory"])
+def test_login_moves_an_unreadable_credentials_file_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """A broken $EMBER_HOME/credentials.json failed every pull, and `ember registry
+    login`, which the comment said mends it, failed on it too."""
+    import os
+
+    path = tmp_path / "credentials.json"
+    if damage == "not-json":
+        path.write_text("{not json")
+    elif damage == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    store = CredentialStore(path, docker_config=tmp_path / "none")
+    store.save("reg.example", Credentials("u", "p"))
+    assert store.lookup("reg.example") == Credentials("u", "p")
+    assert store.lookup("other.example") is None
+    bad = tmp_path / "credentials.json.bad"
+    assert f"moved it to {bad} and started a new one" in caplog.text
+    if damage == "not-json":
+        assert bad.read_text() == "{not json"  # kept for the user to look at
+
+
+def test_logout_moves_an_unreadable_credentials_file_aside(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    path.write_text("{not json")
+    store = CredentialStore(path, docker_config=tmp_path / "none")
+    assert store.remove("reg.example") is False  # its entry, if any, is in the file moved aside
+    assert not path.exists() and (tmp_path / "credentials.json.bad").read_text() == "{not json"
+    assert store.lookup("reg.example") is None

@@ -8,7 +8,9 @@ Lookups try ember's file first, then ``$DOCKER_CONFIG/config.json`` (default
 (``ember.registry.client.credhelpers``), else ``auths`` is read, whose keys may
 be bare hosts or URLs (``https://index.docker.io/v1/`` for Docker Hub).
 Anything wrong with Docker's file or its helpers is a warning: ember goes on
-without credentials, as a pull that needs no login works.
+without credentials, as a pull that needs no login works.  Ember's own file
+that cannot be read is an error saying how to mend it; login and logout move
+it aside (``credentials.json.bad``) and start a new one.
 """
 
 from __future__ import annotations
@@ -200,15 +202,23 @@ class CredentialStore:
         self.docker_config = docker_config if docker_config is not None else docker_config_path()
 
     def lookup(self, host: str) -> Credentials | None:
-        # ember's own file first; a broken one is an error: `ember registry login` mends it
-        creds = _lookup_in(self.path, host)
+        # ember's own file first. One that cannot be read is an error, not passed over as
+        # Docker's is: credentials stored there would silently go unused. `ember registry
+        # login` mends it (``save`` moves an unreadable file aside).
+        try:
+            creds = _lookup_in(self.path, host)
+        except CredentialsError as e:
+            raise CredentialsError(
+                e.message,
+                hint=f"remove or fix {self.path}, or run ember registry login {host} again",
+            ) from None
         return creds if creds is not None else _lookup_docker(self.docker_config, host)
 
     def save(self, host: str, creds: Credentials) -> None:
         if ":" in creds.username:
             raise CredentialsError("a user name must not contain ':'")
         with self._changing():
-            auths = _read_auths(self.path)
+            auths = self._auths_to_change()
             auths[host.lower()] = {
                 "auth": base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
             }
@@ -216,11 +226,30 @@ class CredentialStore:
 
     def remove(self, host: str) -> bool:
         with self._changing():
-            auths = _read_auths(self.path)
+            auths = self._auths_to_change()
             found = auths.pop(host.lower(), None) is not None
             if found:
                 self._write(auths)
         return found
+
+    def _auths_to_change(self) -> dict[str, Any]:
+        """The file's entries, for a login or logout to change (under ``_changing``).  A
+        file that cannot be read (not JSON, not a regular file, too large) is moved aside
+        with a warning and the change starts afresh: the commands that mend a broken file
+        must not fail on it."""
+        try:
+            return _read_auths(self.path)
+        except CredentialsError as e:
+            bad = self.path.with_name(self.path.name + ".bad")
+            try:
+                os.replace(self.path, bad)  # atomic: the file is either there or moved
+            except OSError as moving:
+                raise CredentialsError(
+                    f"{e.message}; cannot move it aside to {bad}: {moving.strerror}",
+                    hint=f"remove or fix {self.path}",
+                ) from None
+            log.warning("%s; moved it to %s and started a new one", e.message, bad)
+            return {}
 
     def _changing(self) -> FileLock:
         """Held over each read-modify-write of the file: two logins at once each wrote
