@@ -539,3 +539,56 @@ def test_a_manifest_digest_header_that_matches_or_does_not_parse_is_accepted(hea
     assert fetched.data == MANIFEST
     algorithm = "sha512" if header.startswith(b"sha512:") else "sha256"
     assert fetched.digest == Digest.of(MANIFEST, algorithm)
+
+
+def _denying_registry(port: list[int]) -> Answer:
+    """401 with a Bearer challenge, a token from the realm, then 401 again for that token
+    (error="insufficient_scope"), as Docker Hub answers for a repository that does not
+    exist or that the user may not read."""
+    body = b'{"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}'
+
+    def answer(n: int, _request: bytes) -> bytes:
+        challenge = (
+            b'WWW-Authenticate: Bearer realm="http://127.0.0.1:' + str(port[0]).encode()
+            + b'/token",service="reg",scope="repository:team/nothere:pull"'
+        )  # fmt: skip
+        if n == 1:
+            token = b'{"token": "t"}'
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(token) + token
+        if n == 2:
+            challenge += b',error="insufficient_scope"'
+        return (
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n" % len(body) + challenge
+            + b"\r\n\r\n" + body
+        )  # fmt: skip
+
+    return answer
+
+
+@pytest.mark.parametrize("user", [None, "alice"])
+def test_a_401_after_a_granted_token_says_access_denied(user: str | None) -> None:
+    """A second 401 after a token was granted was "requires authentication: run ember
+    registry login" (or "refused the credentials for user X"): the credentials were
+    fine, the repository does not exist or they may not read it."""
+    from ember.registry.client.credentials import Credentials
+    from ember.registry.client.errors import AuthenticationFailed
+
+    port = [0]
+    with raw_server(_denying_registry(port)) as (listening, seen):
+        port[0] = listening
+        credentials = Credentials(user, "pw") if user else None
+        with (
+            RegistryClient(f"127.0.0.1:{listening}", credentials=credentials, retries=0) as client,
+            pytest.raises(AuthenticationFailed) as e,
+        ):
+            client.get_manifest("team/nothere", "latest")
+    who = "user 'alice'" if user else "anonymous users"
+    assert e.value.message == (
+        f"access to team/nothere on 127.0.0.1:{listening} denied: it does not exist, or {who} "
+        "may not pull it (insufficient_scope; UNAUTHORIZED: authentication required)"
+    )
+    if user:
+        assert e.value.hint is None
+    else:
+        assert e.value.hint == f"if it is private, run: ember registry login 127.0.0.1:{listening}"
+    assert len(seen) == 3

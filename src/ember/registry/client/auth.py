@@ -81,6 +81,13 @@ def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
 
+def repository_of(scope: str) -> str | None:
+    """The repository a ``pull_scope`` names; None for another kind of scope."""
+    kind, _, rest = scope.partition(":")
+    name, _, actions = rest.rpartition(":")
+    return name if kind == "repository" and name and actions == "pull" else None
+
+
 @dataclass(frozen=True)
 class Token:
     value: str

@@ -37,6 +37,7 @@ from ember.registry.client.auth import (
     TokenCache,
     parse_challenges,
     pull_scope,
+    repository_of,
 )
 from ember.registry.client.credentials import Credentials
 from ember.registry.client.errors import (
@@ -161,6 +162,21 @@ def _parsed_digest(value: str | None) -> Digest | None:
         return Digest.parse(value.strip())
     except InvalidDigest:
         return None
+
+
+def _denial_detail(resp: Response) -> str:
+    """What a refusing 401 says: its challenge's ``error`` (and ``error_description``),
+    and its body's distribution-spec error, printable, short."""
+    words: list[str] = []
+    try:
+        challenges = parse_challenges(resp.headers.get("WWW-Authenticate") or "")
+    except ChallengeTooLarge:
+        challenges = []
+    for c in challenges[:1]:
+        words += [c.params[k] for k in ("error", "error_description") if c.params.get(k)]
+    words.append(_error_detail(resp))
+    text = "; ".join(w for w in words if w)[:300]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _wants_https(resp: Response) -> bool:
@@ -337,6 +353,24 @@ class RegistryClient:
             hint=f"check them with: ember registry login {self.host}",
         )
 
+    def _refused_after_auth(self, resp: Response, scope: str | None) -> AuthenticationFailed:
+        """The error for a 401 that follows an authentication round.  After a Bearer
+        token was granted (the token service took the credentials, or gave an anonymous
+        token), it means that token does not reach the repository: Docker Hub says so
+        (``insufficient_scope``) for a repository that does not exist as for one the
+        user may not read, and cannot be told apart from here, so both are said."""
+        challenge = self._challenge
+        repository = repository_of(scope) if scope else None
+        if challenge is None or challenge.scheme != "bearer" or repository is None:
+            return self._auth_failed()
+        who = f"user {self.credentials.username!r}" if self.credentials else "anonymous users"
+        detail = _denial_detail(resp)
+        return AuthenticationFailed(
+            f"access to {repository} on {self.host} denied: it does not exist, or {who} "
+            f"may not pull it" + (f" ({detail})" if detail else ""),
+            hint=None if self.credentials else f"if it is private, run: ember registry login {self.host}",
+        )
+
     def _learn_challenge(self, resp: Response) -> None:
         try:
             challenges = parse_challenges(resp.headers.get("WWW-Authenticate") or "")
@@ -452,18 +486,20 @@ class RegistryClient:
                 )
             if resp.status_code != 401:
                 return resp
-            resp.close()
-            answered = resp.origin
-            if answered.host != split_url(url)[0].host:
-                # A host the registry redirected to (a CDN, a bucket) asks for credentials:
-                # its challenge is not the registry's, and following it would send the
-                # registry's password to a token service of that host's choosing.
-                raise RegistryError(
-                    f"registry {self.host} redirected a request to {answered.netloc}, which "
-                    "asks for credentials: ember sends it none of the registry's"
-                )
-            if authenticated_once:
-                raise self._auth_failed()
+            try:
+                answered = resp.origin
+                if answered.host != split_url(url)[0].host:
+                    # A host the registry redirected to (a CDN, a bucket) asks for
+                    # credentials: its challenge is not the registry's, and following it
+                    # would send the registry's password to a token service of its choosing.
+                    raise RegistryError(
+                        f"registry {self.host} redirected a request to {answered.netloc}, "
+                        "which asks for credentials: ember sends it none of the registry's"
+                    )
+                if authenticated_once:
+                    raise self._refused_after_auth(resp, scope)
+            finally:
+                resp.close()
             # A cached token may have been revoked: forget it, then follow the new challenge.
             challenge = self._challenge
             if challenge is not None and challenge.scheme == "bearer":
