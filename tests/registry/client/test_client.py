@@ -592,3 +592,37 @@ def test_a_401_after_a_granted_token_says_access_denied(user: str | None) -> Non
     else:
         assert e.value.hint == f"if it is private, run: ember registry login 127.0.0.1:{listening}"
     assert len(seen) == 3
+
+
+def test_manifest_token_and_blob_requests_ask_for_identity_encoding(tmp_path: Path) -> None:
+    """Only blob requests said Accept-Encoding: identity; a manifest or a token answer
+    gzip-encoded by a server that assumes what is not refused would not parse."""
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.registry.client.test_transport import serve
+
+    blob = b"layer bytes"
+
+    def registry(h: BaseHTTPRequestHandler) -> None:
+        authorized = h.headers.get("Authorization") == "Bearer t"
+        if h.path.startswith("/token"):
+            status, body, extra = 200, b'{"token": "t"}', {}
+        elif not authorized:
+            realm = f"http://127.0.0.1:{h.server.server_address[1]}/token"
+            status, body, extra = 401, b"", {"WWW-Authenticate": f'Bearer realm="{realm}",service="s"'}
+        elif "/manifests/" in h.path:
+            status, body, extra = 200, MANIFEST, {"Content-Type": mt.OCI_MANIFEST}
+        else:
+            status, body, extra = 200, blob, {}
+        h.send_response(status)
+        for k, v in {**extra, "Content-Length": str(len(body))}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(body)
+
+    with serve(registry) as server, RegistryClient(f"127.0.0.1:{server.server_address[1]}", retries=0) as client:
+        client.get_manifest("app", "latest")
+        client.fetch_blob("app", Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob)), ContentStore(tmp_path / "c"))
+    paths = [path.split("?")[0] for _m, path, _h, _p in server.seen]
+    assert paths == ["/v2/app/manifests/latest", "/token", "/v2/app/manifests/latest", f"/v2/app/blobs/{Digest.of(blob)}"]
+    assert [h.get("accept-encoding") for _m, _path, h, _p in server.seen] == ["identity"] * 4

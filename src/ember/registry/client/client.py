@@ -287,7 +287,7 @@ class RegistryClient:
                 f"registry {self.host} asks for a token from a plain-HTTP realm {realm[:200]}: refused"
             )
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
-        headers = {}
+        headers = {"Accept-Encoding": "identity"}  # JSON read as is, never decoded
         basic = self._basic()
         if basic:
             headers["Authorization"] = basic
@@ -469,7 +469,8 @@ class RegistryClient:
             url = self.base_url + path
 
             def send(url: str = url) -> Response:
-                hdrs = dict(headers or {})
+                # bodies are hashed as they come and never decoded: asked for as they are
+                hdrs = {"Accept-Encoding": "identity", **(headers or {})}
                 auth = self._authorization(scope)
                 if auth:
                     hdrs["Authorization"] = auth
@@ -617,7 +618,7 @@ class RegistryClient:
     def _blob_stream(
         self, repository: str, desc: Descriptor, offset: int
     ) -> Iterator[Response]:
-        headers = {"Accept-Encoding": "identity"}
+        headers: dict[str, str] = {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         resp = self.request(
