@@ -626,3 +626,56 @@ def test_manifest_token_and_blob_requests_ask_for_identity_encoding(tmp_path: Pa
     paths = [path.split("?")[0] for _m, path, _h, _p in server.seen]
     assert paths == ["/v2/app/manifests/latest", "/token", "/v2/app/manifests/latest", f"/v2/app/blobs/{Digest.of(blob)}"]
     assert [h.get("accept-encoding") for _m, _path, h, _p in server.seen] == ["identity"] * 4
+
+
+@pytest.mark.parametrize("target", ["loopback", "elsewhere"])
+def test_a_redirect_from_https_to_plain_http_is_refused_unless_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """A registry on HTTPS redirecting a request to plain HTTP on another host was
+    followed: the manifest (and a token in a signed URL) travelled unprotected. Only a
+    host spoken to in plain HTTP anyway (loopback, --plain-http) may be redirected to."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    from ember.registry.client.errors import RegistryProtocolError
+    from tests.registry.client.test_transport import ok, serve
+    from tests.support.registry import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path / "tls")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    with serve(ok(MANIFEST)) as plain:
+        # a host that is not loopback is reached through this (local) proxy, so nothing
+        # leaves the machine whatever the client does
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{plain.server_address[1]}")
+        location = (
+            f"http://127.0.0.1:{plain.server_address[1]}/m" if target == "loopback"
+            else "http://registry.example.com/m"
+        )  # fmt: skip
+
+        def redirect(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(307)
+            h.send_header("Location", location)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        with (
+            serve(redirect, tls=tls) as secure,
+            RegistryClient(f"127.0.0.1:{secure.server_address[1]}", retries=0) as client,
+        ):
+            client._switch_to_https()  # as a loopback registry that wants HTTPS gets it
+            if target == "loopback":
+                assert client.get_manifest("app", "latest").data == MANIFEST
+                assert [p for _m, p, _h, _c in plain.seen] == ["/m"]
+                return
+            with pytest.raises(RegistryProtocolError) as e:
+                client.get_manifest("app", "latest")
+    assert e.value.message == (
+        f"127.0.0.1:{secure.server_address[1]} redirected an HTTPS request to plain HTTP "
+        "(registry.example.com): refused, it would travel unprotected"
+    )
+    assert plain.seen == [] and len(secure.seen) == 1  # not retried

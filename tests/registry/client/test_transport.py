@@ -30,7 +30,10 @@ Handler = Callable[[BaseHTTPRequestHandler], None]
 
 
 @contextmanager
-def serve(answer: Handler, host: str = "127.0.0.1") -> Iterator[_Server]:
+def serve(
+    answer: Handler, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+) -> Iterator[_Server]:
+    """An HTTP/1.1 server on ``host`` (HTTPS with ``tls``, a server-side context)."""
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -48,6 +51,8 @@ def serve(answer: Handler, host: str = "127.0.0.1") -> Iterator[_Server]:
 
     server = _Server((host, 0), H)
     server.seen = []
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     # a short poll: shutdown() waits for it (0.5 s by default)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

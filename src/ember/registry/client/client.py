@@ -237,6 +237,7 @@ class RegistryClient:
             connect_timeout=15.0,
             max_idle=max_connections,
             user_agent=USER_AGENT,
+            plain_http_ok=self._may_send_in_clear,
         )
         self.tokens = TokenCache()
         self._challenge: Challenge | None = None

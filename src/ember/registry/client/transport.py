@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from ember.registry.client.errors import ProxyConfigError
+from ember.registry.client.errors import ProxyConfigError, RegistryProtocolError
 
 #: bytes asked of the socket per read of a body
 READ_SIZE = 64 * 1024
@@ -191,7 +191,11 @@ class ConnectionPool:
         connect_timeout: float,
         max_idle: int,
         user_agent: str,
+        plain_http_ok: Callable[[str], bool] | None = None,
     ) -> None:
+        #: whether a redirect from HTTPS may lead to this host in plain HTTP (none may
+        #: without it): what the caller trusts in plain HTTP (loopback, --plain-http)
+        self._plain_http_ok = plain_http_ok or (lambda _host: False)
         #: a context, or what makes one when the first HTTPS connection needs it
         self._ssl: ssl.SSLContext | Callable[[], ssl.SSLContext] = ssl_context
         self.timeout = timeout
@@ -320,6 +324,8 @@ class ConnectionPool:
                 new_origin = split_url(url)[0]
             except ValueError:
                 raise TransportError(f"redirected to an unusable URL {url[:200]!r}") from None
+            if origin.scheme == "https" and new_origin.scheme == "http":
+                self._check_downgrade(origin, new_origin)
             if new_origin != origin:
                 # credentials for one origin never go to another (S3 and CDN redirects)
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -327,6 +333,20 @@ class ConnectionPool:
             if resp.status_code == 303:
                 method = "GET"
         raise TransportError(f"more than {MAX_REDIRECTS} redirects")
+
+
+    def _check_downgrade(self, origin: Origin, target: Origin) -> None:
+        """A redirect from HTTPS to plain HTTP: refused (not retried: the server will say
+        the same) unless the caller trusts the target host in plain HTTP, as the bytes
+        and the request (a token in its URL) would otherwise travel unprotected."""
+        if self._plain_http_ok(target.host):
+            return
+        raise RegistryProtocolError(
+            f"{origin.netloc} redirected an HTTPS request to plain HTTP ({target.netloc}): "
+            "refused, it would travel unprotected",
+            hint="ember follows such a redirect only to a loopback host or to a registry "
+            "given --plain-http",
+        )
 
 
 def _transport_error(e: BaseException, what: str) -> TransportError:
