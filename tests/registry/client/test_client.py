@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -18,6 +19,7 @@ from ember.oci.digest import Digest
 from ember.oci.manifest import Descriptor
 from ember.registry.client.client import RegistryClient
 from ember.registry.client.errors import RegistryError, RegistryUnreachable
+from ember.registry.client.transport import Response
 from ember.store.content import ContentStore
 
 MANIFEST = b'{"schemaVersion": 2, "mediaType": "' + mt.OCI_MANIFEST.encode() + b'"}'
@@ -679,3 +681,100 @@ def test_a_redirect_from_https_to_plain_http_is_refused_unless_loopback(
         "(registry.example.com): refused, it would travel unprotected"
     )
     assert plain.seen == [] and len(secure.seen) == 1  # not retried
+
+
+def _too_many(retry_after: bytes | None) -> bytes:
+    header = b"Retry-After: " + retry_after + b"\r\n" if retry_after is not None else b""
+    return b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n" + header + b"\r\n"
+
+
+def test_a_blob_rate_limited_is_tried_retries_plus_one_times_and_said_so(tmp_path: Path) -> None:
+    """The request's own retries ran inside the download's: 25 requests (in 18 s) for a
+    registry answering 429, then "keeps failing (HTTP 429)"."""
+    from ember.registry.client.errors import RateLimited
+
+    blob = b"layer"
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    with (
+        raw_server(lambda _n, _r: _too_many(None)) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.001) as client,
+        pytest.raises(RateLimited) as e,
+    ):
+        client.fetch_blob("app", desc, ContentStore(tmp_path / "content"))
+    assert len(seen) == 5
+    assert e.value.message == f"registry 127.0.0.1:{port} rate limited the requests for blob {desc.digest.short} (HTTP 429)"
+    assert e.value.hint == f"try again later (or log in: ember registry login 127.0.0.1:{port})"
+
+
+@pytest.mark.parametrize("what", ["manifest", "blob"])
+def test_a_retry_after_is_waited_for(tmp_path: Path, what: str) -> None:
+    blob = b"layer"
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    body = MANIFEST if what == "manifest" else blob
+
+    def answer(n: int, _request: bytes) -> bytes:
+        if n == 0:
+            return _too_many(b"7")
+        if n == 1:
+            return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 3\r\n\r\n"
+        return _head(len(body)) + body
+
+    pauses: list[float] = []
+    store = ContentStore(tmp_path / "content")
+    with (
+        raw_server(answer) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.001) as client,
+    ):
+        client._sleep = pauses.append  # what it would wait, without waiting
+        if what == "manifest":
+            assert client.get_manifest("app", "latest").data == MANIFEST
+        else:
+            client.fetch_blob("app", desc, store)
+            assert store.read_bytes(desc.digest) == blob
+    assert pauses == [7.0, 3.0]
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("what", ["manifest", "blob"])
+def test_a_retry_after_beyond_the_cap_is_said_at_once(tmp_path: Path, what: str) -> None:
+    """A Retry-After that would take the waits past max_retry_wait is not sat through,
+    nor hammered at with the backoff: one request, and when to try again."""
+    from ember.registry.client.credentials import Credentials
+    from ember.registry.client.errors import RateLimited
+
+    blob = b"layer"
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    pauses: list[float] = []
+    with (
+        raw_server(lambda _n, _r: _too_many(b"3600")) as (port, seen),
+        RegistryClient(
+            f"127.0.0.1:{port}", retries=4, backoff=0.001, credentials=Credentials("u", "p")
+        ) as client,
+        pytest.raises(RateLimited, match="rate limited the requests for") as e,
+    ):
+        client._sleep = pauses.append
+        if what == "manifest":
+            client.get_manifest("app", "latest")
+        else:
+            client.fetch_blob("app", desc, ContentStore(tmp_path / "content"))
+    assert len(seen) == 1 and pauses == []
+    assert e.value.hint == "try again in 3600 s"
+
+
+def test_retry_after_is_read_as_seconds_or_a_date() -> None:
+    import email.utils
+    from types import SimpleNamespace
+
+    from ember.registry.client.client import _retry_after
+
+    def resp(status: int, value: str) -> Response:
+        return cast(Response, SimpleNamespace(status_code=status, headers={"Retry-After": value}))
+
+    assert _retry_after(resp(429, "12")) == 12.0
+    assert _retry_after(resp(503, " 0 ")) == 0.0
+    assert _retry_after(resp(500, "12")) is None  # only 429 and 503 say it
+    for junk in ("", "soon", "-5", "1.5", "9" * 40):
+        assert _retry_after(resp(429, junk)) is None, junk
+    later = _retry_after(resp(429, email.utils.formatdate(time.time() + 100, usegmt=True)))
+    assert later is not None and 90 < later <= 100
+    assert _retry_after(resp(429, "Mon, 01 Jan 2001 00:00:00 GMT")) == 0.0

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import os
+import re
 import socket
 import ssl
 import threading
@@ -45,6 +47,7 @@ from ember.registry.client.errors import (
     BlobCorrupt,
     BlobUnknown,
     ManifestUnknown,
+    RateLimited,
     RegistryError,
     RegistryProtocolError,
     RegistryUnreachable,
@@ -54,6 +57,10 @@ from ember.store.content import BlobWriter, ContentStore, WriteObserver
 
 _MAX_TOKEN_RESPONSE = 1 << 20
 _MAX_ERROR_BODY = 64 * 1024
+#: seconds a request, or a blob download, waits in all between its tries at most: a
+#: Retry-After (429, 503) that would take it past this is not waited for, the error is
+#: said at once (a rate limit of minutes is better told than sat through)
+MAX_RETRY_WAIT = 30.0
 USER_AGENT = f"ember/{__version__}"
 
 #: called with the number of bytes just received (negative: a restart discarded them)
@@ -210,6 +217,7 @@ class RegistryClient:
         timeout: float = 60.0,
         max_connections: int = 8,
         api_host: str | None = None,
+        max_retry_wait: float = MAX_RETRY_WAIT,
     ) -> None:
         self.host = host
         self.api_host = api_host or host
@@ -226,6 +234,9 @@ class RegistryClient:
         self.credentials = credentials
         self.retries = retries
         self.backoff = backoff
+        self.max_retry_wait = max_retry_wait
+        #: how the client waits between tries (tests record the pauses instead)
+        self._sleep: Callable[[float], None] = time.sleep
         # follows redirects, dropping Authorization when one leaves the origin
         host_ = self.api_host
         self.http = ConnectionPool(
@@ -302,6 +313,8 @@ class RegistryClient:
         try:
             if resp.status_code in (401, 403):
                 raise self._auth_failed()
+            if resp.status_code == 429:
+                raise self._rate_limited(f"a token from {origin.host}", resp)
             if resp.status_code != 200:
                 raise RegistryError(
                     f"token service {origin.host} answered HTTP {resp.status_code} for {self.host}"
@@ -395,13 +408,20 @@ class RegistryClient:
     # -- requests ------------------------------------------------------------
 
     def _with_retries(
-        self, send: Callable[[], Response], token_service: str | None = None
+        self,
+        send: Callable[[], Response],
+        token_service: str | None = None,
+        *,
+        retry_statuses: bool = True,
     ) -> Response:
         """Run ``send`` until it gives an answer that is neither 5xx nor 429, backing off
-        between tries (the last answer is returned when the tries are used up).
-        ``token_service``: the host sent to is the registry's token service, and the
-        error says so (the registry itself answered)."""
-        attempt = 0
+        between tries, or as long as a Retry-After asks (``_pause``); the last answer is
+        returned when the tries are used up, or at once when it asks for a longer wait.
+        ``retry_statuses=False``: only connection failures are retried here, 5xx and 429
+        are returned at once (a blob download retries them itself: both loops made 25
+        requests of one 429).  ``token_service``: the host sent to is the registry's
+        token service, and the error says so (the registry itself answered)."""
+        attempt, waited = 0, 0.0
         while True:
             try:
                 resp = send()
@@ -419,14 +439,29 @@ class RegistryClient:
                     ) from None
                 if self._gives_up(e, attempt):
                     raise self._unreachable(e, token_service) from None
+                pause = self.backoff * (2**attempt)
             else:
-                if resp.status_code < 500 and resp.status_code != 429:
+                if not (retry_statuses and _transient(resp.status_code)) or attempt >= self.retries:
                     return resp
-                if attempt >= self.retries:
-                    return resp
+                asked = self._pause(attempt, _retry_after(resp), waited)
+                if asked is None:
+                    return resp  # it asks to wait longer than ember would: told at once
                 resp.close()
-            time.sleep(self.backoff * (2**attempt))
+                pause = asked
+            self._sleep(pause)
+            waited += pause
             attempt += 1
+
+    def _pause(self, attempt: int, retry_after: float | None, waited: float) -> float | None:
+        """Seconds to wait before the try after ``attempt`` (from 0): the backoff, or what
+        a Retry-After asks when that is longer; None when it would take the waits of this
+        request past ``max_retry_wait``."""
+        backoff = self.backoff * (2**attempt)
+        if retry_after is None or retry_after <= backoff:
+            return backoff
+        if waited + retry_after > self.max_retry_wait:
+            return None
+        return retry_after
 
     def _gives_up(self, e: Exception, attempt: int, *, progressed: bool = False) -> bool:
         """Whether failure ``e`` of try ``attempt`` (from 0) ends the retries.  A peer that
@@ -462,9 +497,11 @@ class RegistryClient:
         *,
         scope: str | None = None,
         headers: dict[str, str] | None = None,
+        retry_statuses: bool = True,
     ) -> Response:
-        """One API request with auth and retries; the caller closes the response (its
-        body is read as it arrives)."""
+        """One API request with auth and retries (of 5xx and 429 too, unless
+        ``retry_statuses`` is false); the caller closes the response (its body is read
+        as it arrives)."""
         authenticated_once = False
         while True:
             url = self.base_url + path
@@ -477,7 +514,7 @@ class RegistryClient:
                     hdrs["Authorization"] = auth
                 return self.http.send(method, url, hdrs)
 
-            resp = self._with_retries(send)
+            resp = self._with_retries(send, retry_statuses=retry_statuses)
             if resp.status_code == 400 and self.plain_http and _wants_https(resp):
                 if self._may_want_https:
                     self._switch_to_https()
@@ -529,6 +566,8 @@ class RegistryClient:
         """Check that the registry is there and accepts our credentials (``GET /v2/``)."""
         resp = self.request("GET", "", scope=scope)
         try:
+            if resp.status_code == 429:
+                raise self._rate_limited("/v2/", resp)
             if resp.status_code != 200:
                 raise RegistryError(
                     f"registry {self.host} answered HTTP {resp.status_code} on /v2/"
@@ -539,6 +578,8 @@ class RegistryClient:
     def _check(self, resp: Response, what: str, not_found: type[RegistryError]) -> None:
         if resp.status_code == 200:
             return
+        if resp.status_code == 429:
+            raise self._rate_limited(what, resp)
         detail = _error_detail(resp)
         suffix = f" ({detail})" if detail else ""
         if resp.status_code == 404:
@@ -547,6 +588,21 @@ class RegistryClient:
             raise AuthenticationFailed(f"registry {self.host} denies access to {what}{suffix}")
         raise RegistryError(
             f"registry {self.host} answered HTTP {resp.status_code} for {what}{suffix}"
+        )
+
+    def _rate_limited(self, what: str, resp: Response | None, retry_after: float | None = None) -> RateLimited:
+        """The error for a 429 that outlasted the retries (or asked for a longer wait)."""
+        if resp is not None:
+            retry_after = _retry_after(resp)
+            detail = _error_detail(resp)
+        else:
+            detail = ""
+        when = f"in {math.ceil(retry_after)} s" if retry_after else "later"
+        login = "" if self.credentials else f" (or log in: ember registry login {self.host})"
+        return RateLimited(
+            f"registry {self.host} rate limited the requests for {what} (HTTP 429"
+            + (f": {detail})" if detail else ")"),
+            hint=f"try again {when}{login}",
         )
 
     # -- manifests -----------------------------------------------------------
@@ -566,7 +622,7 @@ class RegistryClient:
                 # retried inside the request): retried like one, as blobs are.
                 if self._gives_up(e, attempt):
                     raise self._unreachable(e) from None
-            time.sleep(self.backoff * (2**attempt))
+            self._sleep(self.backoff * (2**attempt))
             attempt += 1
         if target.startswith(("sha256:", "sha512:")):
             digest = Digest.parse(target)
@@ -627,6 +683,7 @@ class RegistryClient:
             f"{repository}/blobs/{desc.digest}",
             scope=pull_scope(repository),
             headers=headers,
+            retry_statuses=False,  # _download_retrying retries them, resuming
         )
         try:
             yield resp
@@ -713,7 +770,7 @@ class RegistryClient:
     ) -> None:
         """The rest of the blob into ``writer``, resuming after cut connections until the
         retries run out."""
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             before = writer.offset
             try:
@@ -722,22 +779,33 @@ class RegistryClient:
             except (TransportError, _Retry) as e:
                 if cancel is not None:
                     cancel.check()  # an aborted read looks like a cut connection
-                if self._gives_up(e, attempt, progressed=writer.offset > before):
-                    stalled = isinstance(e, TransportError) and e.timed_out
-                    raise RegistryUnreachable(
-                        f"download of blob {desc.digest.short} from {self.host} "
-                        + (
-                            f"stalled: no data for {self.http.timeout:g} s"
-                            if stalled
-                            else f"keeps failing ({e or type(e).__name__})"
-                        )
-                    ) from None
-                pause = self.backoff * (2**attempt)
+                retry_after = e.retry_after if isinstance(e, _Retry) else None
+                pause = (
+                    None
+                    if self._gives_up(e, attempt, progressed=writer.offset > before)
+                    else self._pause(attempt, retry_after, waited)
+                )
+                if pause is None:
+                    raise self._download_failed(desc, e) from None
                 if cancel is not None:
                     cancel.wait(pause)
                 else:
-                    time.sleep(pause)
+                    self._sleep(pause)
+                waited += pause
                 attempt += 1
+
+    def _download_failed(self, desc: Descriptor, e: TransportError | _Retry) -> RegistryError:
+        if isinstance(e, _Retry) and e.status == 429:
+            return self._rate_limited(f"blob {desc.digest.short}", None, e.retry_after)
+        stalled = isinstance(e, TransportError) and e.timed_out
+        return RegistryUnreachable(
+            f"download of blob {desc.digest.short} from {self.host} "
+            + (
+                f"stalled: no data for {self.http.timeout:g} s"
+                if stalled
+                else f"keeps failing ({e or type(e).__name__})"
+            )
+        )
 
     def _download_into(
         self,
@@ -768,8 +836,8 @@ class RegistryClient:
             # The server cannot serve our range: start again from zero.
             self._restart(writer, progress)
             raise _Retry("range not satisfiable")
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise _Retry(f"HTTP {resp.status_code}")
+        if _transient(resp.status_code):
+            raise _Retry(f"HTTP {resp.status_code}", resp.status_code, _retry_after(resp))
         if offset and resp.status_code == 200:
             self._restart(writer, progress)  # the server ignored Range: full body follows
         elif resp.status_code == 206:
@@ -812,7 +880,45 @@ class RegistryClient:
 
 
 class _Retry(Exception):
-    """A transient failure inside a download: back off and resume."""
+    """A transient failure inside a download: back off (or wait what ``retry_after``
+    asks) and resume."""
+
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _transient(status: int) -> bool:
+    """An HTTP status worth another try: 5xx, and 429 (rate limited)."""
+    return status >= 500 or status == 429
+
+
+#: a Retry-After in seconds: digits only, and not so many that int() works hard
+_DELTA_SECONDS = re.compile(r"[0-9]{1,9}")
+
+
+def _retry_after(resp: Response) -> float | None:
+    """What a 429's or 503's Retry-After asks to wait, in seconds (delta-seconds or an
+    HTTP-date); None without one, or one that does not parse."""
+    if resp.status_code not in (429, 503):
+        return None
+    value = (resp.headers.get("Retry-After") or "").strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    if not value:
+        return None
+    # here only: a few milliseconds of imports every pull would pay for a rare header
+    import email.utils
+    from datetime import UTC, datetime
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # "-0000": UTC, said without a zone
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _content_range_start(value: str) -> int | None:

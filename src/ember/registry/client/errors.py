@@ -18,6 +18,11 @@ class ProxyConfigError(RegistryError):
     fix, so never retried nor reported as an unreachable registry."""
 
 
+class RateLimited(RegistryError):
+    """The registry kept answering 429 (too many requests), or asked for a longer wait
+    than ember makes: a matter of time, not of reachability."""
+
+
 class AuthenticationFailed(RegistryError):
     pass
 
