@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -660,6 +661,17 @@ def test_a_lease_made_while_rm_looks_is_never_missed(
     assert snap.exists(A)
 
 
+def _busy_leftover_mount(home: Home) -> tuple[Snapshotter, Path, IO[str]]:
+    """A snapshot mounted under the pool's mnt/ as a killed builder leaves it, and a file
+    kept open in it (the caller closes it)."""
+    snap = Snapshotter(home)
+    snap.prepare("k")
+    target = snap.pool.mnt / "leftover"
+    target.mkdir()
+    system.mount_image(snap.path("k"), target, readonly=False)
+    return snap, target, open(target / "open-file", "w")  # noqa: SIM115
+
+
 def test_recovery_does_not_wait_for_a_busy_leftover_mount(
     home: Home, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -670,12 +682,7 @@ def test_recovery_does_not_wait_for_a_busy_leftover_mount(
 
     from ember.snapshots import loop
 
-    snap = Snapshotter(home)
-    snap.prepare("k")
-    target = snap.pool.mnt / "leftover"
-    target.mkdir()
-    system.mount_image(snap.path("k"), target, readonly=False)
-    busy = open(target / "open-file", "w")  # noqa: SIM115 (kept open across the recovery)
+    snap, target, busy = _busy_leftover_mount(home)
     try:
         loop.umount(target, loop.MNT_DETACH)  # what the first recovery left of it
         target.rmdir()
@@ -712,12 +719,7 @@ def test_recovery_detaches_a_busy_leftover_mount_after_a_few_tries(
 
     from ember.snapshots import loop, snapshotter
 
-    snap = Snapshotter(home)
-    snap.prepare("k")
-    target = snap.pool.mnt / "leftover"
-    target.mkdir()
-    system.mount_image(snap.path("k"), target, readonly=False)
-    busy = open(target / "open-file", "w")  # noqa: SIM115 (kept open across the recovery)
+    snap, target, busy = _busy_leftover_mount(home)
     tries: list[int] = []
     real_umount = loop.umount
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from ember.errors import EmberError
 from ember.home import Home
 
 if TYPE_CHECKING:
@@ -92,6 +93,22 @@ def say_error(message: object) -> None:
     """``ember: MESSAGE`` on stderr, as the entry point says an error that ends a
     command: for one a command reports and goes on past (a machine of several)."""
     click.echo(f"ember: {bounded(str(message))}", err=True)
+
+
+def each_named(names: Sequence[str], action: Callable[[str], object]) -> None:
+    """``action`` on each name in turn: the name printed when it succeeds, an error said
+    and the rest gone on with when it fails; then the exit status of the one failure, or
+    1 for several (``ember volume rm a b``, ``snapshot leases rm``)."""
+    failures: list[EmberError] = []
+    for name in names:
+        try:
+            action(name)
+            click.echo(name)
+        except EmberError as e:
+            say_error(e)
+            failures.append(e)
+    if failures:
+        raise SystemExit(failures[0].exit_code if len(failures) == 1 else 1)
 
 
 def say(text: str) -> None:

@@ -219,41 +219,35 @@ def leases_rm(names: tuple[str, ...], force: bool) -> None:
 
     A machine's lease (`machine/ID`) keeps its root disk; it is removed only with
     --force (`ember rm ID` removes the machine, its disk and its lease)."""
-    from ember.errors import EmberError
     from ember.snapshots import Snapshotter
     from ember.snapshots.errors import LeaseError, LeaseNotFound
 
     snap = Snapshotter.existing(home_from_ctx())
-    failures: list[EmberError] = []
-    for name in names:
+
+    def remove(name: str) -> None:
+        if snap is None:
+            raise LeaseNotFound(f"no lease {name!r}")
         try:
-            if snap is None:
-                raise LeaseNotFound(f"no lease {name!r}")
-            try:
-                lease = snap.leases.get(name)
-            except LeaseNotFound:
-                raise
-            except LeaseError:  # a damaged file: removing it is what was asked
-                lease = None
-            if lease and "machine" in lease.labels and not lease.expired() and not force:
-                raise LeaseError(
-                    f"lease {name!r} keeps machine {lease.labels['machine']}'s root disk",
-                    hint=f"ember rm {lease.labels['machine']} removes the machine, or pass --force",
-                )
-            if lease and "volume" in lease.labels and not force:
-                raise LeaseError(
-                    f"lease {name!r} is volume {lease.labels['volume']}'s",
-                    hint=f"ember volume rm {lease.labels['volume']} removes the volume, or pass "
-                    "--force (gc keeps a volume without it)",
-                )
-            if not snap.leases.delete(name):
-                raise LeaseNotFound(f"no lease {name!r}")
-            click.echo(name)
-        except EmberError as e:
-            say_error(e)
-            failures.append(e)
-    if failures:
-        raise SystemExit(failures[0].exit_code if len(failures) == 1 else 1)
+            lease = snap.leases.get(name)
+        except LeaseNotFound:
+            raise
+        except LeaseError:  # a damaged file: removing it is what was asked
+            lease = None
+        if lease and "machine" in lease.labels and not lease.expired() and not force:
+            raise LeaseError(
+                f"lease {name!r} keeps machine {lease.labels['machine']}'s root disk",
+                hint=f"ember rm {lease.labels['machine']} removes the machine, or pass --force",
+            )
+        if lease and "volume" in lease.labels and not force:
+            raise LeaseError(
+                f"lease {name!r} is volume {lease.labels['volume']}'s",
+                hint=f"ember volume rm {lease.labels['volume']} removes the volume, or pass "
+                "--force (gc keeps a volume without it)",
+            )
+        if not snap.leases.delete(name):
+            raise LeaseNotFound(f"no lease {name!r}")
+
+    common.each_named(names, remove)
 
 
 class _Seconds(click.ParamType):

@@ -91,16 +91,7 @@ def volume_rm(names: tuple[str, ...]) -> None:
 
     home = home_from_ctx()
     volumes = Volumes(home)
-    failures: list[EmberError] = []
-    for name in names:
-        try:
-            volumes.remove(name, lambda n: volume_users(home, n))
-            click.echo(name)
-        except EmberError as e:
-            say_error(e)
-            failures.append(e)
-    if failures:
-        raise SystemExit(failures[0].exit_code if len(failures) == 1 else 1)
+    common.each_named(names, lambda name: volumes.remove(name, lambda n: volume_users(home, n)))
 
 
 commands: list[click.Command] = [volume]
