@@ -672,6 +672,13 @@ def _busy_leftover_mount(home: Home) -> tuple[Snapshotter, Path, IO[str]]:
     return snap, target, open(target / "open-file", "w")  # noqa: SIM115
 
 
+def _released_on_its_last_close(snap: Snapshotter) -> None:
+    deadline = time.monotonic() + 10
+    while ours(snap.pool.root)[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours(snap.pool.root) == ([], []), "released on its last user's close"
+
+
 def test_recovery_does_not_wait_for_a_busy_leftover_mount(
     home: Home, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -704,10 +711,7 @@ def test_recovery_does_not_wait_for_a_busy_leftover_mount(
         assert len(said) == 1 and str(snap.path("k")) in said[0], caplog.text
     finally:
         busy.close()
-    deadline = time.monotonic() + 10
-    while ours(snap.pool.root)[1] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ours(snap.pool.root) == ([], []), "released on its last user's close"
+    _released_on_its_last_close(snap)
 
 
 def test_recovery_detaches_a_busy_leftover_mount_after_a_few_tries(
@@ -739,10 +743,7 @@ def test_recovery_detaches_a_busy_leftover_mount_after_a_few_tries(
         assert "still in use; detached lazily" in caplog.text
     finally:
         busy.close()
-    deadline = time.monotonic() + 10
-    while ours(snap.pool.root)[1] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ours(snap.pool.root) == ([], []), "released on its last user's close"
+    _released_on_its_last_close(snap)
 
 
 def test_a_build_committed_as_it_is_listed_is_no_stray(
