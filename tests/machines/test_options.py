@@ -197,10 +197,15 @@ def test_add_hosts_keep_their_order_as_docker_extra_hosts() -> None:
 
 
 def test_dns_and_search() -> None:
-    assert parse_dns(["10.0.0.53", "2001:db8::0:53"]) == ("10.0.0.53", "2001:db8::53")
+    assert parse_dns(["10.0.0.53", "192.0.2.1"]) == ("10.0.0.53", "192.0.2.1")
     for bad in ("", "dns.example", "10.0.0.1 10.0.0.2", "1.2.3"):
-        with pytest.raises(InvalidOption, match="--dns"):
+        with pytest.raises(InvalidOption, match="--dns .*not an IP address"):
             parse_dns([bad])
+    # what the host never lets a machine reach: refused, not silently unanswered (a
+    # link-local one may be a cloud's metadata service)
+    for unreachable in ("127.0.0.53", "169.254.169.254", "2001:db8::53", "::1"):
+        with pytest.raises(InvalidOption, match="a machine cannot reach it"):
+            parse_dns([unreachable])
     # docker's "." alone: no search domain
     assert parse_dns_search(["example.com", ".", "corp"]) == ("example.com", "corp")
     for bad in ("", "a b", "x;y", "a\nb", "x" * 254):

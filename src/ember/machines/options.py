@@ -116,15 +116,23 @@ def parse_add_hosts(entries: Iterable[str]) -> tuple[str, ...]:
 
 
 def parse_dns(entries: Iterable[str]) -> tuple[str, ...]:
-    """``--dns``: nameserver addresses (IPv4 or IPv6), in order."""
+    """``--dns``: nameserver addresses, in order: IPv4 ones a machine can reach (its
+    network is IPv4 only, and the host drops what it sends to loopback and link-local
+    addresses: docs/networking.md), refused otherwise rather than never answered."""
     import ipaddress
 
     out = []
     for entry in entries:
         try:
-            out.append(str(ipaddress.ip_address(entry)))
+            address = ipaddress.ip_address(entry)
         except ValueError:
             raise InvalidOption(f"--dns {entry!r:.100}: not an IP address") from None
+        if address.version != 4 or address.is_loopback or address.is_link_local:
+            raise InvalidOption(
+                f"--dns {entry}: a machine cannot reach it (machines have IPv4 only, and no "
+                "way to loopback or link-local addresses)"
+            )
+        out.append(str(address))
     return tuple(out)
 
 
