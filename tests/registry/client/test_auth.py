@@ -336,3 +336,39 @@ def test_logout_moves_an_unreadable_credentials_file_aside(tmp_path: Path) -> No
     assert store.remove("reg.example") is False  # its entry, if any, is in the file moved aside
     assert not path.exists() and (tmp_path / "credentials.json.bad").read_text() == "{not json"
     assert store.lookup("reg.example") is None
+
+
+def test_a_credentials_file_that_cannot_be_opened_is_left_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not opened (its mode, its owner: one `sudo ember registry login` on a shared home)
+    is not damaged: a login moved it aside and its other entries were lost."""
+    from ember.registry.client import credentials
+
+    path = tmp_path / "credentials.json"
+    store = CredentialStore(path, docker_config=tmp_path / "none")
+    store.save("a.example", Credentials("u", "p"))
+    kept = path.read_bytes()
+
+    def refused(p: Path, **kw: object) -> object:
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(credentials, "open_regular", refused)
+    for action in (lambda: store.lookup("a.example"),
+                   lambda: store.save("c.example", Credentials("v", "q"))):  # fmt: skip
+        with pytest.raises(CredentialsError, match=r"cannot be read \(Permission denied\)") as e:
+            action()
+        assert e.value.hint == f"check its owner and mode (ls -l {path})"
+    monkeypatch.undo()
+    assert path.read_bytes() == kept and not (tmp_path / "credentials.json.bad").exists()
+
+
+def test_a_file_moved_aside_never_replaces_an_earlier_one(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    store = CredentialStore(path, docker_config=tmp_path / "none")
+    for junk in ["{first", "{second", "{third"]:
+        path.write_text(junk)
+        store.save("reg.example", Credentials("u", "p"))
+    assert (tmp_path / "credentials.json.bad").read_text() == "{first"
+    assert (tmp_path / "credentials.json.bad.1").read_text() == "{second"
+    assert (tmp_path / "credentials.json.bad.2").read_text() == "{third"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import logging
 import os
@@ -25,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ember import jsonutil
-from ember.fsutil import atomic_write, open_regular, why_unopened
+from ember.fsutil import NotRegularFile, atomic_write, open_regular, why_unopened
 from ember.locks import FileLock
-from ember.registry.client.errors import CredentialsError
+from ember.registry.client.errors import CredentialsError, DamagedCredentials
 
 log = logging.getLogger("ember.registry")
 
@@ -98,17 +99,35 @@ def _read_config(path: Path) -> dict[str, Any]:
             data = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         return {}
+    except NotRegularFile as e:
+        raise DamagedCredentials(f"credentials file {path} {why_unopened(e)}") from None
     except OSError as e:
-        raise CredentialsError(f"credentials file {path} {why_unopened(e)}") from None
-    if len(data) > MAX_FILE_SIZE:
+        # (permissions, a full descriptor table, an I/O error: the file may be intact)
         raise CredentialsError(
+            f"credentials file {path} {why_unopened(e)}",
+            hint=f"check its owner and mode (ls -l {path})",
+        ) from None
+    if len(data) > MAX_FILE_SIZE:
+        raise DamagedCredentials(
             f"credentials file {path} is larger than {MAX_FILE_SIZE >> 20} MiB: not read"
         )
     try:
         doc = jsonutil.loads(data)
     except ValueError as e:
-        raise CredentialsError(f"cannot read credentials file {path}: {e}") from None
+        raise DamagedCredentials(f"cannot read credentials file {path}: {e}") from None
     return doc if isinstance(doc, dict) else {}
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` (a file, a directory, ...) to ``<name>.bad``, or ``.bad.1``, ...
+    when taken: an earlier one is a backup too, never replaced.  Called under the lock
+    every login and logout takes, so no other ember process picks the same name."""
+    for n in range(1000):
+        bad = path.with_name(path.name + (".bad" if n == 0 else f".bad.{n}"))
+        if not os.path.lexists(bad):
+            os.rename(path, bad)
+            return bad
+    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), f"{path.name}.bad.*")
 
 
 def _auths_of(doc: dict[str, Any]) -> dict[str, Any]:
@@ -207,8 +226,8 @@ class CredentialStore:
         # login` mends it (``save`` moves an unreadable file aside).
         try:
             creds = _lookup_in(self.path, host)
-        except CredentialsError as e:
-            raise CredentialsError(
+        except DamagedCredentials as e:
+            raise DamagedCredentials(
                 e.message,
                 hint=f"remove or fix {self.path}, or run ember registry login {host} again",
             ) from None
@@ -234,18 +253,18 @@ class CredentialStore:
 
     def _auths_to_change(self) -> dict[str, Any]:
         """The file's entries, for a login or logout to change (under ``_changing``).  A
-        file that cannot be read (not JSON, not a regular file, too large) is moved aside
-        with a warning and the change starts afresh: the commands that mend a broken file
-        must not fail on it."""
+        file whose content cannot be used (not JSON, not a regular file, too large) is
+        moved aside, to a name no earlier one has, with a warning, and the change starts
+        afresh: the commands that mend a broken file must not fail on it.  One that could
+        not be opened (its permissions) may be intact: that is an error, and it stays."""
         try:
             return _read_auths(self.path)
-        except CredentialsError as e:
-            bad = self.path.with_name(self.path.name + ".bad")
+        except DamagedCredentials as e:
             try:
-                os.replace(self.path, bad)  # atomic: the file is either there or moved
+                bad = _move_aside(self.path)
             except OSError as moving:
                 raise CredentialsError(
-                    f"{e.message}; cannot move it aside to {bad}: {moving.strerror}",
+                    f"{e.message}; cannot move it aside: {moving.strerror}",
                     hint=f"remove or fix {self.path}",
                 ) from None
             log.warning("%s; moved it to %s and started a new one", e.message, bad)

@@ -45,3 +45,8 @@ class RegistryProtocolError(RegistryError):
 
 class CredentialsError(RegistryError):
     pass
+
+
+class DamagedCredentials(CredentialsError):
+    """A credentials file whose content cannot be used (not JSON, too large, not a
+    regular file): what a login may move aside, unlike a file it could not open."""
