@@ -18,7 +18,7 @@ from ember.oci import mediatypes as mt
 from ember.oci.digest import Digest
 from ember.oci.manifest import Descriptor
 from ember.registry.client.client import RegistryClient
-from ember.registry.client.errors import RegistryError, RegistryUnreachable
+from ember.registry.client.errors import BlobCorrupt, RegistryError, RegistryUnreachable
 from ember.registry.client.transport import Response
 from ember.store.content import ContentStore
 
@@ -431,19 +431,10 @@ def test_a_loopback_registry_sends_no_credentials_to_a_plain_http_realm_elsewher
             client.get_manifest("app", "latest")
 
 
-@pytest.mark.parametrize(
-    "first_head",
-    [
-        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",  # no Content-Length: the close ends it
-        b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n",  # a Content-Length too small
-    ],
-    ids=["no-content-length", "small-content-length"],
-)
-def test_a_blob_body_that_ends_short_is_resumed_not_thrown_away(
-    tmp_path: Path, first_head: bytes
-) -> None:
-    """A body that ended cleanly but short was committed, failed the size check, was
-    thrown away and raised BlobCorrupt, without a resume; progress went negative."""
+def test_a_blob_body_that_ends_short_is_resumed_not_thrown_away(tmp_path: Path) -> None:
+    """A body that ended cleanly but short (no Content-Length: the close ends it) was
+    committed, failed the size check, was thrown away and raised BlobCorrupt, without a
+    resume; progress went negative."""
     blob = bytes(range(256)) * 4
     desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
     requests: list[bytes] = []
@@ -451,7 +442,7 @@ def test_a_blob_body_that_ends_short_is_resumed_not_thrown_away(
     def answer(n: int, request: bytes) -> bytes:
         requests.append(request)
         if n == 0:
-            return first_head + blob[:400]
+            return b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + blob[:400]
         start = _range_start(request)
         return _ranged_head(blob, start) + blob[start:]
 
@@ -466,6 +457,35 @@ def test_a_blob_body_that_ends_short_is_resumed_not_thrown_away(
     assert b"range: bytes=400-" in requests[1].lower()
     assert store.read_bytes(desc.digest) == blob
     assert sum(reported) == len(blob) and all(n > 0 for n in reported)
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["416-with-its-size", "200-with-its-size"])
+def test_a_blob_smaller_than_its_descriptor_is_said_at_once(tmp_path: Path, ranges: bool) -> None:
+    """The registry serves the whole blob, with its size, and it is smaller than the
+    manifest says: a wrong manifest, which no resume mends.  Taken for a cut body, it was
+    fetched again and again from 0 and said as "keeps failing (body ended 100 bytes
+    short)", a network fault."""
+    blob = bytes(range(256)) * 4
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob) + 100)
+
+    def answer(_n: int, request: bytes) -> bytes:
+        start = _range_start(request)
+        if start >= len(blob):  # the resume: its Content-Range says the blob's size
+            return f"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len(blob)}\r\nContent-Length: 0\r\n\r\n".encode()
+        if ranges:  # no length: the body looks cut, and is resumed
+            return b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + blob
+        return f"HTTP/1.1 200 OK\r\nContent-Length: {len(blob)}\r\n\r\n".encode() + blob
+
+    store = ContentStore(tmp_path / "content")
+    reported: list[int] = []
+    with (
+        raw_server(answer) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.001) as client,
+        pytest.raises(BlobCorrupt, match=f"with {len(blob)} bytes; its descriptor declares {len(blob) + 100}"),
+    ):
+        client.fetch_blob("app", desc, store, reported.append)
+    assert len(seen) == (2 if ranges else 1)
+    assert sum(reported) == 0
 
 
 def test_a_blob_body_always_short_is_given_up_as_unreachable(tmp_path: Path) -> None:

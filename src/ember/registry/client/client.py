@@ -833,8 +833,10 @@ class RegistryClient:
         cancel: CancelToken | None,
     ) -> None:
         if resp.status_code == 416 and offset:
-            # The server cannot serve our range: start again from zero.
+            # The server cannot serve our range: start again from zero, unless it says the
+            # blob is not the size its descriptor declares ("bytes */TOTAL")
             self._restart(writer, progress)
+            self._refuse_other_size(desc, _content_range_total(resp))
             raise _Retry("range not satisfiable")
         if _transient(resp.status_code):
             raise _Retry(f"HTTP {resp.status_code}", resp.status_code, _retry_after(resp))
@@ -866,11 +868,26 @@ class RegistryClient:
             writer.reset()
             raise BlobCorrupt(f"registry {self.host} served a corrupt blob: {e}") from None
         if writer.offset < desc.size:
-            # A body that ended cleanly but short (no Content-Length and the server
-            # closed, or a Content-Length too small): a cut connection like any other,
-            # resumed with Range; committing it would fail the size check and throw
-            # away what did arrive.
+            # The whole answer came and the blob is smaller than its descriptor says (a
+            # wrong manifest): no resume can mend that, say it now.
+            whole = _content_range_total(resp) if resp.status_code == 206 else _length(resp)
+            if whole is not None and whole != desc.size:
+                self._restart(writer, progress)
+                self._refuse_other_size(desc, whole)
+            # Else a body that ended cleanly but short (no Content-Length, the server
+            # closed; or only part of the range asked for): a cut connection like any
+            # other, resumed with Range; committing it would fail the size check and
+            # throw away what did arrive.
             raise TransportError(f"body ended {desc.size - writer.offset} bytes short")
+
+    def _refuse_other_size(self, desc: Descriptor, size: int | None) -> None:
+        """BlobCorrupt when the registry says the blob has ``size`` bytes, not the
+        descriptor's (None: it did not say)."""
+        if size is not None and size != desc.size:
+            raise BlobCorrupt(
+                f"registry {self.host} serves blob {desc.digest} with {size} bytes; its "
+                f"descriptor declares {desc.size}"
+            )
 
     @staticmethod
     def _restart(writer: BlobWriter, progress: ProgressCallback | None) -> None:
@@ -919,6 +936,22 @@ def _retry_after(resp: Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)  # "-0000": UTC, said without a zone
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _content_range_total(resp: Response) -> int | None:
+    """The TOTAL of a ``Content-Range: bytes START-END/TOTAL`` (or ``bytes */TOTAL``);
+    None when there is none, it is ``*`` or it does not parse."""
+    unit, _, rng = (resp.headers.get("Content-Range") or "").strip().partition(" ")
+    total = rng.rpartition("/")[2]
+    if unit.lower() != "bytes" or not (total.isascii() and total.isdigit()) or len(total) > 19:
+        return None
+    return int(total)
+
+
+def _length(resp: Response) -> int | None:
+    """A whole answer's Content-Length, when it has one that parses."""
+    value = (resp.headers.get("Content-Length") or "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 19 else None
 
 
 def _content_range_start(value: str) -> int | None:
