@@ -43,3 +43,28 @@ def test_a_table_on_a_narrow_terminal_cuts_no_name() -> None:
     for name in names:
         assert name in text
     assert "1.0 MiB" in text
+
+
+@pytest.mark.parametrize(
+    ("tz", "when", "shown"),
+    [
+        # Go's zero time (crane's for an image built without one): an OverflowError in
+        # any zone west of UTC, and year 1 printed as "1"
+        ("America/New_York", "0001-01-01T00:00:00Z", "0001-01-01 00:00:00 +0000 UTC"),
+        ("Asia/Tokyo", "9999-12-31T23:59:59Z", "9999-12-31 23:59:59 +0000 UTC"),
+        ("UTC", "2026-11-30T12:00:00Z", "2026-11-30 12:00:00 +0000 UTC"),
+        ("UTC", "not a time", "not a time"),
+    ],
+)
+def test_go_time(monkeypatch: pytest.MonkeyPatch, tz: str, when: str, shown: str) -> None:
+    import time
+
+    from ember.cli.common import go_time
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        assert go_time(when) == shown
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -247,7 +247,14 @@ def go_time(when: str | None) -> str:
         return printable(when[:40])
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=_dt.UTC)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %z %Z")
+    try:
+        local = moment.astimezone()
+    except (OverflowError, ValueError, OSError):
+        # year 1 west of UTC, 9999 east of it (Go's zero time is what crane writes for
+        # an image built without a time): it stays in its own zone
+        local = moment
+    # (the year as Go prints it, four digits: %Y gives "1" for year 1)
+    return f"{local.year:04d}" + local.strftime("-%m-%d %H:%M:%S %z %Z")
 
 
 def ago(when: str | _dt.datetime | None) -> str:
