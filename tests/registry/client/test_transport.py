@@ -276,6 +276,18 @@ def test_a_proxy_with_a_bad_port_is_a_configuration_error(monkeypatch: pytest.Mo
         assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
 
 
+@pytest.mark.parametrize("setting", ["http://[::1", "http://u:s3cret@[zz]:80", "http://[::1]x:80"])
+def test_a_proxy_url_that_does_not_parse_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """urlsplit's ValueError ("Invalid IPv6 URL") went up to the user as a traceback."""
+    _no_proxy_settings(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", setting)
+    with pytest.raises(ProxyConfigError, match="invalid proxy .* in HTTPS_PROXY") as e:
+        proxy_for(Origin("https", "registry.example.com", 443))
+    assert "s3cret" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("setting", "shown"),
     [

@@ -404,8 +404,15 @@ def proxy_for(origin: Origin) -> tuple[Origin | None, str | None]:
         return None, None
     if "://" not in value:
         value = "http://" + value
-    parts = urlsplit(value)
-    if parts.scheme.lower() != "http" or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        hostname = parts.hostname  # (parsed here: a bad [IPv6] host raises only now)
+    except ValueError as e:
+        raise ProxyConfigError(
+            f"invalid proxy {_shown(value)} in {var}: {e}",
+            hint=f"set {var} to http://HOST:PORT, or unset it",
+        ) from None
+    if parts.scheme.lower() != "http" or not hostname:
         raise ProxyConfigError(
             f"unsupported proxy {_shown(value)} in {var}: ember speaks to http:// proxies only",
             hint=f"set {var} to an http:// proxy (http://HOST:PORT), or unset it",
@@ -421,7 +428,7 @@ def proxy_for(origin: Origin) -> tuple[Origin | None, str | None]:
     if parts.username is not None:
         raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         auth = "Basic " + base64.b64encode(raw).decode()
-    return Origin("http", parts.hostname, port), auth
+    return Origin("http", hostname, port), auth
 
 
 def _shown(value: str) -> str:
