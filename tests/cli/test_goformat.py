@@ -195,3 +195,14 @@ def test_label_is_unknown_where_the_listing_has_no_labels() -> None:
     schema = Schema("ember image ls", {"ID": "IMAGE ID"})
     with pytest.raises(TemplateError, match=r"unknown field \.Label"):
         parse('{{.Label "x"}}', schema)
+
+
+def test_a_table_of_too_many_columns_is_refused() -> None:
+    """~1000 tab-separated cells ended in a RecursionError (a traceback), rows or not."""
+    from ember.cli.goformat import MAX_COLUMNS
+
+    schema = Schema("ember ps", {"ID": "ID"})
+    with pytest.raises(TemplateError, match=f"more than {MAX_COLUMNS} columns"):
+        parse("table " + "{{.ID}}\\t" * 1000, schema)
+    wide = parse("table " + "{{.ID}}\\t" * MAX_COLUMNS, schema)
+    assert wide.render([Row({"ID": "x"})]).count("\n") == 2

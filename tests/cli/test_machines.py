@@ -864,3 +864,13 @@ def test_ps_format_mounts_are_the_volumes_names(tmp_path: Path) -> None:
         cur.vm.volumes = ["data:/data", "logs:/var/log:ro"]
     res = _ember(tmp_path, "ps", "-a", "--format", "{{.Names}} {{.Mounts}} {{.LocalVolumes}}")
     assert (res.returncode, res.stdout) == (0, "withvol data,logs 2\n"), res.stderr
+
+
+def test_the_command_is_quoted_as_docker_quotes_it(tmp_path: Path) -> None:
+    """Quotes and backslashes in it were shown bare between the quotes: `"sh -c echo "hi"
+    \\ x"` read back as another command."""
+    home = Home(tmp_path)
+    _record(home, "q", command=["sh", "-c", 'echo "hi" \\ x'], status=mstate.EXITED,
+            exit_code=0, finished_at=mstate.now())  # fmt: skip
+    res = _ember(tmp_path, "ps", "-a", "--no-trunc", "--format", "{{.Command}}")
+    assert res.stdout == '"sh -c echo \\"hi\\" \\\\ x"\n', res.stderr

@@ -35,6 +35,8 @@ _KEYWORDS = (
     "continue", "nil", "and", "or", "not", "len", "index", "print", "printf", "println",
     "slice", "eq", "ne", "lt", "le", "gt", "ge", "call", "html", "js", "urlquery",
 )  # fmt: skip
+#: columns a table may have (values never hold a tab: they are shown printable)
+MAX_COLUMNS = 256
 #: docker's tabwriter settings for tables (minimum cell width, padding)
 _MIN_WIDTH, _PADDING = 10, 3
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -154,6 +156,8 @@ def parse(text: str, schema: Schema) -> Template:
     body = text[len("table") :] if table else text
     # as docker's CLI: spaces around it go, then \t and \n are a tab and a newline
     body = re.sub(r"\\[tn]", lambda m: "\t" if m.group() == "\\t" else "\n", body.strip(" "))
+    if table and body.count("\t") > MAX_COLUMNS:  # (align() walks a column per level)
+        raise TemplateError(f"bad --format: a table of more than {MAX_COLUMNS} columns")
     return Template(schema, tuple(_Parser(body, schema).nodes()), table)
 
 

@@ -90,12 +90,13 @@ def _ports(st: MachineState) -> str:
 
 
 def _command(st: MachineState, no_trunc: bool) -> str:
-    """The COMMAND column (and ``.Command``): quoted, one printable line, cut to 30
-    characters unless ``no_trunc``."""
-    cmd = printable(" ".join(st.command))
+    """The COMMAND column (and ``.Command``): cut to 30 characters unless ``no_trunc``,
+    then quoted as docker quotes it (Go's strconv.Quote: ``\\`` and ``\"`` inside, control
+    characters escaped), so the text between the quotes reads back as the command."""
+    cmd = " ".join(st.command)
     if not no_trunc and len(cmd) > 30:
         cmd = cmd[:29] + "…"
-    return f'"{cmd}"'
+    return '"' + printable(cmd.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def _state(st: MachineState) -> str:

@@ -781,6 +781,28 @@ def test_a_retry_after_beyond_the_cap_is_said_at_once(tmp_path: Path, what: str)
     assert e.value.hint == "try again in 3600 s"
 
 
+@pytest.mark.parametrize("what", ["manifest", "blob"])
+def test_a_503_asking_for_a_longer_wait_than_ember_waits_says_so(tmp_path: Path, what: str) -> None:
+    """It was tried once and said as "keeps failing (HTTP 503)" / "answered HTTP 503",
+    without the wait the registry asked for."""
+    blob = b"layer"
+    desc = Descriptor(mt.OCI_LAYER_GZIP, Digest.of(blob), len(blob))
+    unavailable = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 600\r\n\r\n"
+    pauses: list[float] = []
+    with (
+        raw_server(lambda _n, _r: unavailable) as (port, seen),
+        RegistryClient(f"127.0.0.1:{port}", retries=4, backoff=0.001) as client,
+        pytest.raises(RegistryError, match="asks to wait 600 s") as e,
+    ):
+        client._sleep = pauses.append
+        if what == "manifest":
+            client.get_manifest("app", "latest")
+        else:
+            client.fetch_blob("app", desc, ContentStore(tmp_path / "content"))
+    assert len(seen) == 1 and pauses == []
+    assert e.value.hint == "try again in 600 s"
+
+
 def test_retry_after_is_read_as_seconds_or_a_date() -> None:
     import email.utils
     from types import SimpleNamespace

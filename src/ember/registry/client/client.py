@@ -586,6 +586,13 @@ class RegistryClient:
             raise not_found(f"{what} not found on {self.host}{suffix}")
         if resp.status_code == 403:
             raise AuthenticationFailed(f"registry {self.host} denies access to {what}{suffix}")
+        asked = _retry_after(resp) if resp.status_code == 503 else None
+        if asked is not None:  # (longer than ember waits, or it would have been waited for)
+            raise RegistryError(
+                f"registry {self.host} answered HTTP 503 for {what}{suffix} and asks to wait "
+                f"{math.ceil(asked)} s",
+                hint=f"try again in {math.ceil(asked)} s",
+            )
         raise RegistryError(
             f"registry {self.host} answered HTTP {resp.status_code} for {what}{suffix}"
         )
@@ -798,13 +805,18 @@ class RegistryClient:
         if isinstance(e, _Retry) and e.status == 429:
             return self._rate_limited(f"blob {desc.digest.short}", None, e.retry_after)
         stalled = isinstance(e, TransportError) and e.timed_out
+        # a 503 whose Retry-After asked for more than ember waits was tried once: said so
+        asked = e.retry_after if isinstance(e, _Retry) else None
         return RegistryUnreachable(
             f"download of blob {desc.digest.short} from {self.host} "
             + (
                 f"stalled: no data for {self.http.timeout:g} s"
                 if stalled
                 else f"keeps failing ({e or type(e).__name__})"
-            )
+                if asked is None
+                else f"failed ({e}) and the registry asks to wait {math.ceil(asked)} s"
+            ),
+            hint=None if asked is None else f"try again in {math.ceil(asked)} s",
         )
 
     def _download_into(
