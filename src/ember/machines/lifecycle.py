@@ -515,7 +515,9 @@ def _holds_its_volumes(st: MachineState) -> bool:
     if st.status == mstate.EXITED:
         return restart_pending(st)
     if st.status == mstate.CREATED and st.monitor_pid is None:
-        return True  # being made by its `ember run` (which starts its monitor first)
+        # being made with no monitor named yet (`ember run` names the one it started
+        # first): no telling whether it is abandoned, so it holds them
+        return True
     return not _monitor_lost(st)
 
 
