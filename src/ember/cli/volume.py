@@ -22,14 +22,19 @@ def volume() -> None:
 @volume.command("create")
 @click.argument("name", required=False)
 @click.option("--size", help="File system size (e.g. 512M, 10G; default 1G).")
-def volume_create(name: str | None, size: str | None) -> None:
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY[=VALUE]",
+              help="Set a label on the volume (ember volume inspect shows them).")  # fmt: skip
+def volume_create(name: str | None, size: str | None, labels: tuple[str, ...]) -> None:
     """Make an empty volume NAME (default: a generated name) and print its name; for a
-    NAME that exists, print it (unless asked for with another --size)."""
+    NAME that exists, print it (unless asked for with another --size or labels)."""
+    from ember.machines.options import parse_labels
     from ember.sizes import parse_size
     from ember.volumes.store import Volumes
 
     wanted = None if size is None else parse_size(size)
-    made = Volumes(home_from_ctx()).create(name or secrets.token_hex(32), wanted)
+    made = Volumes(home_from_ctx()).create(
+        name or secrets.token_hex(32), wanted, labels=parse_labels(labels)
+    )
     click.echo(made.name)
 
 
