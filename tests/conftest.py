@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.home import Home
 from tests.support import images
 from tests.support.passstore import PassStore, pass_store
 from tests.support.registry import Registry, running_registry
@@ -115,3 +116,14 @@ def push_layout() -> Callable[..., str]:
     """``push_layout(layout, registry, repo, tag="latest", creds=None, *, format=None)``
     -> ``"HOST/REPO:TAG"`` (``format="v2s2"``: Docker schema 2 media types)."""
     return images.push_layout
+
+
+@pytest.fixture
+def pool_home(tmp_path: Path) -> Iterator[Home]:
+    """A state directory with a small snapshot pool (XFS on a loop device), checked for
+    leaked mounts and loop devices on teardown."""
+    from tests.snapshots.conftest import make_home, teardown_home
+
+    h = make_home(tmp_path / "home")
+    yield h
+    teardown_home(h)

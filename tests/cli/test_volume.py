@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ember.home import Home
-from tests.snapshots.conftest import make_home, teardown_home
 from tests.support.cli import ember_env, run_ember
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Home]:
-    h = make_home(tmp_path / "home")
-    yield h
-    teardown_home(h)
 
 
 def ember(home: Home, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     return run_ember(*args, env=ember_env(home.root), check=ok)
 
 
-def test_create_ls_inspect_rm(home: Home) -> None:
+def test_create_ls_inspect_rm(pool_home: Home) -> None:
+    home = pool_home
     assert ember(home, "volume", "ls", "-q").stdout == ""  # (no pool made to say so)
     assert ember(home, "volume", "create", "data", "--size", "128M", "-l", "team=a").stdout == "data\n"
     # again: docker prints the name of the one it has; asked for as another, refused

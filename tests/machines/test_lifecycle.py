@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -95,15 +93,6 @@ def test_a_volume_inside_another_ones_target_is_mounted_after_it() -> None:
         Mount("/dev/vdd", "/srv", "ext4", "rw"),
         Mount("/dev/vdb", "/data/sub", "ext4", "rw"),
     )
-
-
-@pytest.fixture
-def pool_home(tmp_path: Path) -> Iterator[Home]:
-    from tests.snapshots.conftest import make_home, teardown_home
-
-    h = make_home(tmp_path / "home")
-    yield h
-    teardown_home(h)
 
 
 def _machine_with(home: Home, name: str, volumes: list[str], **kw: object) -> MachineState:

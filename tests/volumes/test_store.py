@@ -15,8 +15,8 @@ from ember.volumes.store import DEFAULT_VOLUME_SIZE, Volumes, volume_key
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
 
-def test_create_list_get_and_remove(home: Home) -> None:
-    volumes = Volumes(home)
+def test_create_list_get_and_remove(pool_home: Home) -> None:
+    volumes = Volumes(pool_home)
     assert volumes.list() == []  # (no pool was made to find that out)
     made = volumes.create("data", 64 << 20, labels={"team": "a"})
     assert (made.name, made.size, made.labels) == ("data", 64 << 20, {"team": "a"})
@@ -38,29 +38,29 @@ def test_create_list_get_and_remove(home: Home) -> None:
     with pytest.raises(VolumeNotFound):
         volumes.remove("data", lambda name: [])
     assert not made.path.exists()
-    assert [lease.name for lease in Snapshotter(home).leases.list()] == [volume_key("other")]
+    assert [lease.name for lease in Snapshotter(pool_home).leases.list()] == [volume_key("other")]
 
 
-def test_what_a_volume_holds_outlives_mounts_and_gc(home: Home) -> None:
-    volumes = Volumes(home)
+def test_what_a_volume_holds_outlives_mounts_and_gc(pool_home: Home) -> None:
+    volumes = Volumes(pool_home)
     volumes.create("keep", 64 << 20)
-    snap = Snapshotter(home)
+    snap = Snapshotter(pool_home)
     with snap.mount(volume_key("keep")) as root:
         (root / "file").write_text("kept")
-    assert collect(home).snapshots == []
+    assert collect(pool_home).snapshots == []
     with snap.mount(volume_key("keep")) as root:
         assert (root / "file").read_text() == "kept"
     # its lease removed (`snapshot leases rm --force`, a damaged lease file removed as gc's
     # hint says): gc took it as any active snapshot nothing leases, and the machine's next
     # start made an empty one
     snap.leases.delete(volume_key("keep"))
-    assert collect(home).snapshots == []
+    assert collect(pool_home).snapshots == []
     with snap.mount(volume_key("keep")) as root:
         assert (root / "file").read_text() == "kept"
 
 
-def test_a_volume_that_is_gone_is_not_made_again_when_a_start_asks(home: Home) -> None:
-    volumes = Volumes(home)
+def test_a_volume_that_is_gone_is_not_made_again_when_a_start_asks(pool_home: Home) -> None:
+    volumes = Volumes(pool_home)
     with volumes.holding(["a-vol", "b-vol"]) as get:
         assert get("a-vol", True).name == "a-vol"  # `run -v`: made
         with pytest.raises(VolumeNotFound, match="volume b-vol is gone"):
@@ -68,8 +68,8 @@ def test_a_volume_that_is_gone_is_not_made_again_when_a_start_asks(home: Home) -
     assert [v.name for v in volumes.list()] == ["a-vol"]
 
 
-def test_removal_is_refused_while_a_machine_uses_it(home: Home) -> None:
-    volumes = Volumes(home)
+def test_removal_is_refused_while_a_machine_uses_it(pool_home: Home) -> None:
+    volumes = Volumes(pool_home)
     volumes.create("busy", 64 << 20)
     asked: list[str] = []
 
@@ -82,15 +82,15 @@ def test_removal_is_refused_while_a_machine_uses_it(home: Home) -> None:
     assert asked == ["busy"] and volumes.get("busy").name == "busy"
 
 
-def test_a_create_killed_before_its_disk_is_made_leaves_a_name_that_can_be_made(home: Home) -> None:
-    snap = Snapshotter(home)
+def test_a_create_killed_before_its_disk_is_made_leaves_a_name_that_can_be_made(pool_home: Home) -> None:
+    snap = Snapshotter(pool_home)
     snap.leases.create(volume_key("half"), snapshots=[volume_key("half")])  # and no disk
     with pytest.raises(VolumeNotFound):
-        Volumes(home).get("half")
-    assert Volumes(home).create("half", 64 << 20).name == "half"
+        Volumes(pool_home).get("half")
+    assert Volumes(pool_home).create("half", 64 << 20).name == "half"
 
 
-def test_sizes_are_bounded(home: Home) -> None:
+def test_sizes_are_bounded(pool_home: Home) -> None:
     for size, said in ((1 << 20, "too small"), (1 << 60, "too large"), ((64 << 20) + 1, "4 KiB")):
         with pytest.raises(VolumeError, match=f"volume size .* {said}"):
-            Volumes(home).create("sized", size)
+            Volumes(pool_home).create("sized", size)
