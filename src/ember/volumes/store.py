@@ -2,7 +2,8 @@
 
 A volume is an active snapshot keyed ``volume/<name>``, made from an empty ext4
 of its size (a reflink of the pool's cached empty base: constant time), and
-protected from ``ember gc`` by a lease of the same name.  Creating and removing
+protected from ``ember gc`` by a lease of the same name, and by gc itself, which
+keeps every ``volume/`` snapshot whatever its lease.  Creating and removing
 one happen under its own lock in the pool's lock directory, so a name is made
 once, and a removal looks at the machines that use it (``in_use_by``) under that
 lock too.
