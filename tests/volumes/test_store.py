@@ -27,8 +27,9 @@ def test_create_list_get_and_remove(pool_home: Home) -> None:
     for other in ({"size": 128 << 20}, {"labels": {"team": "b"}}):
         with pytest.raises(VolumeExists, match="volume data already exists, with a size of 64"):
             volumes.create("data", **other)  # type: ignore[arg-type]
-    assert volumes.ensure("data") == made  # an existing one is used as it is
-    other = volumes.ensure("other")  # a new name: made, of the default size
+    with volumes.holding(["other", "data"]) as get:
+        assert get("data", True) == made  # an existing one is used as it is
+        other = get("other", True)  # a new name: made, of the default size
     assert other.size == DEFAULT_VOLUME_SIZE
     assert [v.name for v in volumes.list()] == ["data", "other"]
     assert volumes.get("data") == made

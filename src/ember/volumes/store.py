@@ -92,17 +92,12 @@ class Volumes:
             )
         return found
 
-    def ensure(self, name: str) -> VolumeInfo:
-        """Volume ``name``, made empty of the default size if there is none (what ``docker
-        run -v NAME:...`` does for a name it does not know)."""
-        with self.holding([name]) as get:
-            return get(name, True)
-
     @contextmanager
     def holding(self, names: Iterable[str]) -> Iterator[Callable[[str, bool], VolumeInfo]]:
         """The locks of volumes ``names``, taken in name order (two holders never wait for
         each other), and while they are held a way to get each one: ``get(name, make)``,
-        made empty when it does not exist and ``make``, else VolumeNotFound."""
+        made empty (of the default size) when it does not exist and ``make``, as ``docker
+        run -v NAME:...`` makes a name it does not know, else VolumeNotFound."""
         snap = Snapshotter(self.home)
 
         def get(name: str, make: bool) -> VolumeInfo:
