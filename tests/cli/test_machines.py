@@ -836,25 +836,26 @@ def test_logs_of_a_machine_without_log_files_print_nothing_with_or_without_follo
 
 
 def test_rename_as_docker(tmp_path: Path) -> None:
+    # (names no id can start with: "a" was also a unique prefix of a random "a780..." id)
     home = Home(tmp_path)
-    first = _record(home, "a", status=mstate.EXITED, exit_code=0, finished_at=mstate.now())
-    _record(home, "b", status=mstate.EXITED, exit_code=0, finished_at=mstate.now())
-    done = _ember(tmp_path, "rename", "a", "c")
+    first = _record(home, "web", status=mstate.EXITED, exit_code=0, finished_at=mstate.now())
+    _record(home, "job", status=mstate.EXITED, exit_code=0, finished_at=mstate.now())
+    done = _ember(tmp_path, "rename", "web", "new")
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
-    assert mstate.read_state(MachineStore(home).dir(first.id)).name == "c"
-    assert _ember(tmp_path, "inspect", "a").returncode != 0
+    assert mstate.read_state(MachineStore(home).dir(first.id)).name == "new"
+    assert _ember(tmp_path, "inspect", "web").returncode != 0
     # by id prefix too, and back
-    assert _ember(tmp_path, "rename", first.id[:8], "a").returncode == 0
+    assert _ember(tmp_path, "rename", first.id[:8], "web").returncode == 0
     for args, said in [
-        (("a", "b"), "ember: the name 'b' is already used by machine "),
-        (("a", "a"), "ember: machine a is already named 'a'"),
-        (("a", "no way"), "ember: invalid machine name 'no way'"),
+        (("web", "job"), "ember: the name 'job' is already used by machine "),
+        (("web", "web"), "ember: machine web is already named 'web'"),
+        (("web", "no way"), "ember: invalid machine name 'no way'"),
         (("nosuch", "x"), "ember: no such machine: nosuch"),
     ]:
         res = _ember(tmp_path, "rename", *args)
         assert res.returncode != 0 and res.stderr.startswith(said), res
         assert "Traceback" not in res.stderr
-    assert sorted(m.name for m in MachineStore(home).list()) == ["a", "b"]
+    assert sorted(m.name for m in MachineStore(home).list()) == ["job", "web"]
 
 
 def test_ps_format_mounts_are_the_volumes_names(tmp_path: Path) -> None:
