@@ -216,6 +216,20 @@ def test_a_volume_keeps_what_one_machine_wrote_for_the_next(ember: Ember, busybo
     assert ember("volume", "ls", "-q").stdout == ""
 
 
+def test_an_empty_volume_gets_the_image_files_at_its_target_unless_nocopy(
+    ember: Ember, busybox: str
+) -> None:
+    """Docker's copy-up: a new volume over the image's /bin holds its busybox and applet
+    links (the shell the program runs is the volume's); one over /etc with ``nocopy``
+    stays empty."""
+    res = ember("run", "--rm", "-v", "vbin:/bin", "-v", "vetc:/etc:nocopy", busybox, "sh", "-c",
+                "grep -E ' /(bin|etc) ' /proc/mounts | cut -d' ' -f1,2; readlink /bin/sh; "
+                "test -e /etc/passwd || echo no-passwd")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "/dev/vdb /bin\n/dev/vdc /etc\nbusybox\nno-passwd\n", res.stdout
+    assert ember("volume", "rm", "vbin", "vetc").returncode == 0
+
+
 def test_a_volume_left_mounted_by_a_killed_machine_mounts_read_only(
     ember: Ember, busybox: str
 ) -> None:

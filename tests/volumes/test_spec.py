@@ -19,12 +19,16 @@ from ember.volumes.spec import (
         ("data:/srv/db/:rw", VolumeMount("data", "/srv/db")),
         ("my.vol_1-x:/a//b/./c:ro", VolumeMount("my.vol_1-x", "/a/b/c", read_only=True)),
         ("db://var/lib", VolumeMount("db", "/var/lib")),
+        ("data:/data:nocopy", VolumeMount("data", "/data", copy=False)),
+        ("data:/data:ro,nocopy", VolumeMount("data", "/data", read_only=True, copy=False)),
+        ("data:/data:nocopy,rw", VolumeMount("data", "/data", copy=False)),
     ],
 )
 def test_named_volumes(text: str, expected: VolumeMount) -> None:
     got = parse_volume(text)
-    assert got == expected
+    assert (got, got.copy) == (expected, expected.copy)
     assert parse_volume(str(got)) == got  # what a record keeps reads back the same
+    assert ":nocopy" not in str(got) and "," not in str(got)  # copy-up is done at run only
 
 
 @pytest.mark.parametrize(
@@ -36,7 +40,10 @@ def test_named_volumes(text: str, expected: VolumeMount) -> None:
         ("/data", "expected NAME:TARGET"),
         ("data", "expected NAME:TARGET"),
         ("data:/x:ro:z", "expected NAME:TARGET"),
-        ("data:/x:z", "unknown mode"),
+        ("data:/x:z", "unknown option 'z'"),
+        ("data:/x:ro,rw", "ro and rw both given"),
+        ("data:/x:nocopy,nocopy", "nocopy is given twice"),
+        ("data:/x:ro,", "unknown option ''"),
         ("data:relative", "must be an absolute path"),
         ("data:/a/../etc", "must not contain '..'"),
         ("data:/", "cannot be mounted over /"),

@@ -462,8 +462,9 @@ class _RunUsageError(click.UsageError):
               help="Seconds between the stop signal and SIGKILL (default 10; -1: no SIGKILL).")  # fmt: skip
 @click.option("--network", default="default", show_default=True,
               help="Machines see each other only within the same network.")  # fmt: skip
-@click.option("-v", "--volume", "volumes", multiple=True, metavar="NAME:TARGET[:ro]",
-              help="Mount volume NAME (made empty if new) at TARGET in the machine.")  # fmt: skip
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="NAME:TARGET[:ro][,nocopy]",
+              help="Mount volume NAME (made if new) at TARGET in the machine; an empty volume "
+                   "gets the image's files at TARGET first, unless nocopy.")  # fmt: skip
 @click.option("--hostname", help="The machine's hostname (default: its short id).")
 @click.option("--add-host", "add_hosts", multiple=True, metavar="NAME:ADDRESS",
               help="Add a line to the machine's /etc/hosts (ADDRESS host-gateway: the host).")  # fmt: skip

@@ -248,6 +248,8 @@ def create(
             pool.shutdown()
             pulling.close()  # every layer is in the disk
             lap("root_disk+network")
+            if _copy_up_volumes(home, image, req.volumes):
+                lap("volume_copy_up")
             rc = dataclasses.replace(
                 draft,
                 hostname=req.hostname or machine_id[:12],
@@ -460,6 +462,28 @@ RESTORE_CONFIG = "restore.config"
 RUN_CONFIG = "run.config"
 #: the machine's link to the base initramfs it was made with (initramfs.pin_base_initramfs)
 BASE_INITRD = "base.initrd"
+
+
+def _copy_up_volumes(home: Home, image: Image, volumes: Sequence[VolumeMount]) -> bool:
+    """Docker's copy-up (docs/volumes.md): each volume that is empty gets the image's
+    files at its target, unless its ``-v`` says ``nocopy``; whether any volume was
+    looked at.  Under the volumes' locks; this machine's record (made before) already
+    keeps every other machine from attaching them."""
+    wanted = [v for v in volumes if v.copy]
+    if not wanted or not image.layers:  # an image of no layers has no files to copy
+        return False
+    from ember.snapshots.chain import chain_names
+    from ember.snapshots.snapshotter import Snapshotter
+    from ember.volumes.copyup import copy_up
+    from ember.volumes.store import Volumes
+
+    snap = Snapshotter(home)
+    top = chain_names(image)[-1]  # leased for this machine by clone_root_disk
+    with Volumes(home).holding(v.name for v in wanted):
+        for v in wanted:
+            if copy_up(snap, top, v.name, v.target):
+                log.info("volume %s: copied the image's files at %s into it", v.name, v.target)
+    return True
 
 
 def _volume_mounts(volumes: Sequence[VolumeMount]) -> tuple[Mount, ...]:

@@ -83,7 +83,7 @@ def _report(fd: int, report: dict[str, object]) -> None:
         data = data[os.write(fd, data):]
 
 
-def _detach_from_parent(keep: set[int]) -> None:
+def detach_from_parent(keep: set[int]) -> None:
     """First steps of every applier child: no collector, default SIGINT and SIGTERM,
     /dev/null as stdio, nothing open but ``keep``, an interpreter that reads no file
     of its own accord (``_seal_interpreter``)."""
@@ -127,7 +127,7 @@ def _seal_interpreter() -> None:
     sys.unraisablehook = lambda _unraisable: None
 
 
-def _enter(root_fd: int) -> None:
+def enter_root(root_fd: int) -> None:
     """chroot into the directory ``root_fd`` and close it: from here on no descriptor
     of a directory outside remains."""
     expected = os.fstat(root_fd)
@@ -175,8 +175,8 @@ def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
     try:  # whatever happens below, this process ends here: it never returns to its caller
         report: dict[str, object] | None = None
         try:
-            _detach_from_parent({root_fd, report_fd, *data_fds})
-            _enter(root_fd)
+            detach_from_parent({root_fd, report_fd, *data_fds})
+            enter_root(root_fd)
             os.umask(0)
             for data_fd in data_fds:
                 _report(report_fd, {"ok": True, "counts": _apply_one(data_fd)})
@@ -563,7 +563,7 @@ def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
         report: dict[str, object] | None = None
         try:
             parent_end.close()
-            _detach_from_parent({ctl.fileno()})
+            detach_from_parent({ctl.fileno()})
             os.umask(0)
             while True:
                 msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
@@ -572,10 +572,10 @@ def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
                     break
                 if msg == b"apply" and len(fds) == 2:
                     root_fd, data_fd = fds
-                    _enter(root_fd)
+                    enter_root(root_fd)
                     ctl.send(json.dumps({"ok": True, "counts": _apply_one(data_fd)}).encode())
                 elif msg == b"park" and len(fds) == 1:
-                    _enter(fds[0])
+                    enter_root(fds[0])
                     ctl.send(b'{"ok": true, "parked": true}')
                 else:
                     raise UnpackError(f"the layer applier got a bad command ({msg[:20]!r}, {len(fds)} fds)")

@@ -2,7 +2,7 @@
 
 A volume is an ext4 block device of its own, attached to a machine as another
 virtio disk and mounted by ember-init (docs/volumes.md).  ``-v`` takes Docker's
-named-volume form, ``NAME:TARGET[:ro|rw]``; a host directory (``/srv:/data``)
+named-volume form, ``NAME:TARGET[:OPTIONS]`` (``ro`` or ``rw``, ``nocopy``); a host directory (``/srv:/data``)
 cannot be shared with a guest that has its own kernel, and an anonymous volume
 (``-v /data``) would be a disk nobody can name again: both are refused.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ember.volumes.errors import InvalidVolumeSpec
 
@@ -40,6 +40,9 @@ class VolumeMount:
     name: str
     target: str
     read_only: bool = False
+    #: copy the image's files at ``target`` into the volume when it is empty (Docker's
+    #: copy-up, done by ``ember run``; ``nocopy`` turns it off).  Not kept in the record.
+    copy: bool = field(default=True, compare=False)
 
     def __str__(self) -> str:
         """The form a machine's record keeps (and ``-v`` takes): ``NAME:TARGET[:ro]``."""
@@ -51,7 +54,8 @@ class VolumeMount:
 
 
 def parse_volume(text: str) -> VolumeMount:
-    """``NAME:TARGET[:ro|rw]``; InvalidVolumeSpec, saying why, for anything else."""
+    """``NAME:TARGET[:OPTIONS]``, the options comma-separated: ``ro`` or ``rw``, and
+    ``nocopy``; InvalidVolumeSpec, saying why, for anything else."""
     what = f"-v {text!r:.200}"
     if "\x00" in text or "\n" in text:
         raise InvalidVolumeSpec(f"{what}: not a volume (control characters)")
@@ -67,11 +71,16 @@ def parse_volume(text: str) -> VolumeMount:
             "anonymous volumes are not kept)"
         )
     if len(parts) > 3:
-        raise InvalidVolumeSpec(f"{what}: expected NAME:TARGET[:ro|rw]")
+        raise InvalidVolumeSpec(f"{what}: expected NAME:TARGET[:ro|rw][,nocopy]")
     name, target = parts[0], parts[1]
-    mode = parts[2] if len(parts) == 3 else "rw"
-    if mode not in ("ro", "rw"):
-        raise InvalidVolumeSpec(f"{what}: unknown mode {mode!r:.40} (ro or rw)")
+    options = parts[2].split(",") if len(parts) == 3 else []
+    for option in options:
+        if option not in ("ro", "rw", "nocopy"):
+            raise InvalidVolumeSpec(f"{what}: unknown option {option!r:.40} (ro, rw, nocopy)")
+        if options.count(option) > 1:
+            raise InvalidVolumeSpec(f"{what}: {option} is given twice")
+    if "ro" in options and "rw" in options:
+        raise InvalidVolumeSpec(f"{what}: ro and rw both given")
     check_volume_name(name)
     if not target.startswith("/"):
         raise InvalidVolumeSpec(f"{what}: the target {target!r:.100} must be an absolute path")
@@ -82,7 +91,7 @@ def parse_volume(text: str) -> VolumeMount:
         raise InvalidVolumeSpec(f"{what}: a volume cannot be mounted over /")
     if normalized.startswith("//"):  # (normpath keeps POSIX's implementation-defined "//")
         normalized = "/" + normalized.lstrip("/")
-    return VolumeMount(name, normalized, mode == "ro")
+    return VolumeMount(name, normalized, "ro" in options, copy="nocopy" not in options)
 
 
 def volume_key(name: str) -> str:
