@@ -46,3 +46,62 @@ def test_create_ls_inspect_rm(pool_home: Home) -> None:
     removed = ember(home, "volume", "rm", "data", "nope", generated, ok=False)
     assert (removed.returncode, removed.stdout) == (1, f"data\n{generated}\n")
     assert ember(home, "volume", "ls", "--json").stdout.strip() == "[]"
+
+
+def _machine_using(home: Home, volumes: list[str]) -> None:
+    """A stopped machine whose record names ``volumes`` (no VM needed to use one)."""
+    import secrets
+
+    from ember.machines import state as mstate
+    from ember.machines.state import MachineState, VMConfig
+    from ember.machines.store import MachineStore
+
+    st = MachineState(
+        id=secrets.token_hex(32), name="", created_at=mstate.now(), config={},
+        image="oci:/x:latest", image_digest="sha256:" + "0" * 64, command=["true"],
+        vm=VMConfig("qemu", "tcg", "/k", "/i", "/d", 512, 1, volumes=volumes),
+        status=mstate.EXITED, exit_code=0, finished_at=mstate.now(),
+    )  # fmt: skip
+    MachineStore(home).create(st, "user")
+
+
+def test_ls_filters_rm_force_and_prune(pool_home: Home) -> None:
+    home = pool_home
+    for name, labels in (("used", ["-l", "team=a"]), ("idle-a", ["-l", "team=a"]), ("idle-b", [])):
+        ember(home, "volume", "create", name, "--size", "64M", *labels)
+    _machine_using(home, ["used:/data"])
+
+    def ls(*filters: str) -> list[str]:
+        return ember(home, "volume", "ls", "-q", *(x for f in filters for x in ("-f", f))).stdout.split()
+
+    assert ls("dangling=true") == ["idle-a", "idle-b"]
+    assert ls("dangling=false") == ["used"]
+    assert ls("label=team=a") == ["idle-a", "used"]
+    assert ls("label=team", "dangling=1") == ["idle-a"]
+    assert ls("name=^idle", "name=used") == ["idle-a", "idle-b", "used"]
+    assert ls("name=-b$") == ["idle-b"]
+    for bad, said in (("dangling=maybe", "true or false"), ("size=1", "invalid filter 'size'"),
+                      ("name=(", "invalid filter 'name=('"), ("nokey", "expected KEY=VALUE")):  # fmt: skip
+        res = ember(home, "volume", "ls", "-f", bad, ok=False)
+        assert res.returncode == 2 and said in res.stderr and "Traceback" not in res.stderr
+
+    # rm -f: a name with no volume is no error (docker's); one in use still is
+    res = ember(home, "volume", "rm", "-f", "nope", "used", ok=False)
+    assert (res.returncode, res.stdout) == (1, "nope\n")
+    assert "volume used is in use by machine user" in res.stderr
+
+    # prune: nothing without --all (ember makes no anonymous volumes); --all needs --force
+    # off a terminal; it keeps what a machine uses and what the label filter leaves out
+    res = ember(home, "volume", "prune")
+    assert res.stdout == "Total reclaimed space: 0 B\n" and "--all" in res.stderr
+    res = ember(home, "volume", "prune", "-a", ok=False)
+    assert res.returncode == 2 and "--force" in res.stderr
+    assert ls() == ["idle-a", "idle-b", "used"]
+    res = ember(home, "volume", "prune", "-a", "-f", "--filter", "label=team=a")
+    assert res.stdout.startswith("Deleted Volumes:\nidle-a\n\nTotal reclaimed space: ")
+    assert ls() == ["idle-b", "used"]
+    bad = ember(home, "volume", "prune", "-a", "-f", "--filter", "dangling=false", ok=False)
+    assert bad.returncode == 2 and "invalid filter 'dangling'" in bad.stderr
+    res = ember(home, "volume", "prune", "--all", "--force")
+    assert res.stdout.startswith("Deleted Volumes:\nidle-b\n\n")
+    assert ls() == ["used"]

@@ -1,16 +1,22 @@
-"""``ember volume create/ls/inspect/rm``: disks that outlive machines (docs/volumes.md)."""
+"""``ember volume create/ls/inspect/rm/prune``: disks that outlive machines (docs/volumes.md)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import secrets
+import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from ember.cli import common
 from ember.cli.common import home_from_ctx, json_option, print_json, say_error, warnings_as_messages
-from ember.errors import EmberError
+from ember.errors import EmberError, UsageError
+from ember.home import Home
 from ember.sizes import human_size
+
+if TYPE_CHECKING:
+    from ember.volumes.listing import VolumeFilters
 
 
 @click.group()
@@ -40,12 +46,22 @@ def volume_create(name: str | None, size: str | None, labels: tuple[str, ...]) -
 
 @volume.command("ls")
 @click.option("-q", "--quiet", is_flag=True, help="Only print volume names.")
+@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only volumes that match: name (a regular expression), label=KEY[=VALUE], "
+                   "dangling=true|false (used by no machine).  Repeat a key for any of its values.")  # fmt: skip
 @json_option
-def volume_ls(quiet: bool, as_json: bool) -> None:
+def volume_ls(quiet: bool, filters: tuple[str, ...], as_json: bool) -> None:
     """List volumes."""
+    from ember.volumes.listing import VolumeFilters
     from ember.volumes.store import Volumes
 
-    found = Volumes(home_from_ctx()).list()
+    home = home_from_ctx()
+    wanted = VolumeFilters.parse(filters)
+    found = Volumes(home).list()
+    if wanted.dangling is not None:
+        found = wanted.select(found, _in_use(home, "not sure which volumes are dangling"))
+    else:
+        found = wanted.select(found, ())
     if as_json:
         print_json([v.to_json() for v in found])
     elif quiet:
@@ -86,17 +102,93 @@ def volume_inspect(names: tuple[str, ...]) -> None:
         raise SystemExit(failed)
 
 
+def _in_use(home: Home, unsure: str) -> set[str]:
+    """The volumes machines' records name; a warning for each record that cannot be read."""
+    from ember.machines.lifecycle import volumes_in_use
+
+    used, damaged = volumes_in_use(home)
+    for e in damaged:
+        click.echo(f"ember: {e.message}: {unsure}", err=True)
+    return used
+
+
 @volume.command("rm")
+@click.option("-f", "--force", is_flag=True, help="Say nothing of names that have no volume.")
 @click.argument("names", nargs=-1, required=True)
-def volume_rm(names: tuple[str, ...]) -> None:
+def volume_rm(force: bool, names: tuple[str, ...]) -> None:
     """Remove volumes and what they hold (refused while a machine uses one: remove the
     machine first).  Every name is tried; the exit status is not 0 if any failed."""
     from ember.machines.lifecycle import volume_users
+    from ember.volumes.errors import VolumeNotFound
     from ember.volumes.store import Volumes
 
     home = home_from_ctx()
     volumes = Volumes(home)
-    common.each_named(names, lambda name: volumes.remove(name, lambda n: volume_users(home, n)))
+
+    def remove(name: str) -> None:
+        try:
+            volumes.remove(name, lambda n: volume_users(home, n))
+        except VolumeNotFound:
+            if not force:
+                raise
+
+    common.each_named(names, remove)
+
+
+@volume.command("prune")
+@click.option("-a", "--all", "prune_all", is_flag=True,
+              help="Remove every volume no machine uses (without it: none, since ember's "
+                   "volumes are all named).")  # fmt: skip
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--filter", "filters", multiple=True, metavar="label=KEY[=VALUE]",
+              help="Only volumes with these labels.")
+def volume_prune(prune_all: bool, force: bool, filters: tuple[str, ...]) -> None:
+    """Remove the volumes no machine uses, and what they hold (with --all)."""
+    from ember.volumes.listing import PRUNE_KEYS, VolumeFilters
+
+    home = home_from_ctx()
+    wanted = VolumeFilters.parse(filters, PRUNE_KEYS)
+    if not prune_all:
+        # docker (23.0 on) prunes anonymous volumes unless --all; ember makes none
+        click.echo(f"Total reclaimed space: {human_size(0)}")
+        click.echo("ember: ember's volumes are all named: --all removes the ones no machine "
+                   "uses", err=True)  # fmt: skip
+        return
+    if not force:
+        if not sys.stdin.isatty():
+            raise UsageError("volume prune --all removes data: add --force to run it without a terminal")
+        if not click.confirm("WARNING! This will remove every volume no machine uses, and "
+                             "the data in it.\nAre you sure you want to continue?"):  # fmt: skip
+            return
+    _prune(home, wanted)
+
+
+def _prune(home: Home, wanted: VolumeFilters) -> None:
+    from ember.machines.lifecycle import volume_users
+    from ember.snapshots.errors import SnapshotNotFound
+    from ember.snapshots.snapshotter import Snapshotter
+    from ember.volumes.errors import VolumeInUse, VolumeNotFound
+    from ember.volumes.store import Volumes, volume_key
+
+    volumes = Volumes(home)
+    chosen = wanted.select(volumes.list(), _in_use(home, "its volumes are kept"))
+    snap = Snapshotter.existing(home)
+    removed: list[str] = []
+    freed = 0
+    for v in chosen:
+        try:
+            usage = snap.usage(volume_key(v.name)).exclusive if snap is not None else 0
+            volumes.remove(v.name, lambda n: volume_users(home, n))
+        except (VolumeInUse, VolumeNotFound, SnapshotNotFound):
+            continue  # a machine took it meanwhile, or it went: not this prune's
+        removed.append(v.name)
+        freed += usage
+    if removed:
+        click.echo("Deleted Volumes:")
+        for name in removed:
+            click.echo(name)
+        click.echo()
+    click.echo(f"Total reclaimed space: {human_size(freed)}")
 
 
 commands: list[click.Command] = [volume]

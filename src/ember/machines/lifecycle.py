@@ -510,6 +510,19 @@ def volumes_of(st: MachineState) -> tuple[VolumeMount, ...]:
         raise DamagedMachine(st.id, f"'vm.volumes': {e.message}") from None
 
 
+def volumes_in_use(home: Home) -> tuple[set[str], list[DamagedMachine]]:
+    """The names of the volumes any machine's record names, whatever its state, and the
+    records that cannot be read (they may name more)."""
+    found, damaged = MachineStore(home).scan()
+    used: set[str] = set()
+    for m in found:
+        try:
+            used.update(v.name for v in volumes_of(m))
+        except DamagedMachine as e:
+            damaged.append(e)
+    return used, damaged
+
+
 def volume_users(home: Home, name: str) -> list[str]:
     """The machines (names) whose record names volume ``name``, whatever their state;
     VolumeInUse when a record cannot be read (it may name the volume)."""

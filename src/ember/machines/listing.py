@@ -2,16 +2,16 @@
 
 Pure: the caller reads the records, says what state each one is in (``restarting``
 needs its monitor asked) and which images ``ancestor=`` names (a store lookup).
-Filters of one key match when any of their values does; filters of different keys
-must all match; ``label=`` filters must all match, as docker's.
+How filters combine: ``ember.filters``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ember import filters
+from ember.filters import labels_match, matches
 from ember.machines.errors import InvalidOption
 from ember.machines.state import RUNNING, MachineState
 from ember.machines.store import pick
@@ -22,7 +22,7 @@ STATES = ("created", "restarting", "running", "removing", "paused", "exited", "d
 KEYS = ("ancestor", "before", "exited", "id", "label", "name", "since", "status")
 
 
-class InvalidFilter(InvalidOption):
+class InvalidFilter(InvalidOption, filters.InvalidFilter):
     """A ``--filter`` that is not KEY=VALUE, has an unknown key or a bad value."""
 
 
@@ -33,19 +33,14 @@ class Filters:
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> Filters:
-        found: dict[str, list[str]] = {}
-        for spec in specs:
-            key, eq, value = spec.partition("=")
-            key, value = key.strip().lower(), value.strip()
-            if not eq or not key:
-                raise InvalidFilter(
-                    f"bad filter {spec!r}: expected KEY=VALUE", hint=f"keys: {', '.join(KEYS)}"
-                )
-            if key not in KEYS:
-                raise InvalidFilter(f"invalid filter {key!r}", hint=f"keys: {', '.join(KEYS)}")
-            _check_value(key, value)
-            found.setdefault(key, []).append(value)
-        return cls({k: tuple(v) for k, v in found.items()})
+        try:
+            found = filters.parse_filters(specs, KEYS)
+            for key, values in found.items():
+                for value in values:
+                    _check_value(key, value)
+        except filters.InvalidFilter as e:
+            raise InvalidFilter(e.message, hint=e.hint) from None
+        return cls(found)
 
     def __bool__(self) -> bool:
         return bool(self.values)
@@ -70,30 +65,14 @@ def _check_value(key: str, value: str) -> None:
         except ValueError:
             raise InvalidFilter(f"invalid filter 'exited={value}': not an exit code") from None
     if key in ("id", "name"):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise InvalidFilter(f"invalid filter '{key}={value}': {e}") from None
+        filters.check_pattern(key, value)
     if key in ("before", "since", "ancestor", "label") and not value:
         raise InvalidFilter(f"invalid filter '{key}=': it needs a value")
 
 
-def _matches(pattern: str, text: str) -> bool:
-    """docker's ``Match``: the same text, or a regular expression found in it."""
-    return pattern == text or re.search(pattern, text) is not None
-
-
-def _labels_match(wanted: Sequence[str], labels: Mapping[str, str]) -> bool:
-    for item in wanted:
-        key, eq, value = item.partition("=")
-        if key not in labels or (eq and labels[key] != value):
-            return False
-    return True
-
-
 def select(
     machines: Sequence[MachineState],
-    filters: Filters,
+    wanted: Filters,
     *,
     state_of: Callable[[MachineState], str],
     show_all: bool = False,
@@ -103,14 +82,14 @@ def select(
     """The machines ``ps`` lists, of ``machines`` (newest first, as ``MachineStore.scan``
     gives them).  ``state_of``: a machine's docker state (``created``, ``running``,
     ``restarting``, ``exited``); ``last``: the ``last`` newest, whatever their state,
-    after the filters; ``ancestry``: the manifest digests and image names ``ancestor=``
+    after the filters ``wanted``; ``ancestry``: the manifest digests and image names ``ancestor=``
     filters stand for.  ``before=``/``since=`` name a machine of ``machines`` (a
     ``MachineNotFound`` otherwise)."""
-    show_all = show_all or filters.implies_all or last is not None
+    show_all = show_all or wanted.implies_all or last is not None
     # before=X: created before X, after it in this order; since=X: created after it
-    after = max((machines.index(pick(v, machines)) for v in filters.get("before")), default=-1)
-    until = min((machines.index(pick(v, machines)) for v in filters.get("since")), default=len(machines))
-    codes = {int(v, 10) for v in filters.get("exited")}
+    after = max((machines.index(pick(v, machines)) for v in wanted.get("before")), default=-1)
+    until = min((machines.index(pick(v, machines)) for v in wanted.get("since")), default=len(machines))
+    codes = {int(v, 10) for v in wanted.get("exited")}
     chosen: list[MachineState] = []
     for m in machines[after + 1 : until]:
         if last is not None and len(chosen) >= last:
@@ -118,16 +97,16 @@ def select(
         state = state_of(m)
         if not show_all and state not in (RUNNING, "restarting"):
             continue
-        if not all(any(_matches(p, text) for p in filters.get(key))
-                   for key, text in (("name", m.name), ("id", m.id)) if filters.get(key)):  # fmt: skip
+        if not all(any(matches(p, text) for p in wanted.get(key))
+                   for key, text in (("name", m.name), ("id", m.id)) if wanted.get(key)):  # fmt: skip
             continue
-        if not _labels_match(filters.get("label"), m.labels):
+        if not labels_match(wanted.get("label"), m.labels):
             continue
         if codes and (state == RUNNING or m.started_at is None or m.exit_code not in codes):
             continue
-        if filters.get("status") and state not in filters.get("status"):
+        if wanted.get("status") and state not in wanted.get("status"):
             continue
-        if filters.get("ancestor") and not (m.image_digest in ancestry or m.image in ancestry):
+        if wanted.get("ancestor") and not (m.image_digest in ancestry or m.image in ancestry):
             continue
         chosen.append(m)
     return chosen
