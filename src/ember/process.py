@@ -136,6 +136,8 @@ class ProcStat:
     start_time: int
     #: field 4: the parent's pid
     ppid: int = 0
+    #: fields 14 and 15, utime + stime: the CPU time it used, in clock ticks
+    cpu_ticks: int = 0
 
     @property
     def ended(self) -> bool:
@@ -149,7 +151,8 @@ def parse_proc_stat(data: bytes) -> ProcStat:
     after its last ')'."""
     try:
         rest = data[data.rindex(b")") + 2 :].split()
-        return ProcStat(rest[0], int(rest[19]), int(rest[1]))  # fields 3, 22 and 4
+        # fields 3, 22, 4, 14 + 15
+        return ProcStat(rest[0], int(rest[19]), int(rest[1]), int(rest[11]) + int(rest[12]))
     except IndexError:
         raise ValueError("not a /proc/PID/stat line") from None
 

@@ -282,6 +282,12 @@ def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> No
         assert f"80/tcp -> 0.0.0.0:{chosen}" in ember("port", "web", check=True).stdout
         missing = ember("port", "web", "81")
         assert missing.returncode == 1 and "no public port 81/tcp" in missing.stderr
+        # what it used: the VMM's memory against the guest's, the bytes of those requests
+        used = json.loads(ember("stats", "--no-stream", "--format", "json", "web", check=True).stdout)
+        assert used["Name"] == "web" and used["CPUPerc"].endswith("%")
+        assert used["MemUsage"].endswith(" / 512MiB") and not used["MemUsage"].startswith("0B")
+        received, sent = used["NetIO"].split(" / ")
+        assert received != "0B" and sent != "0B", used
         # the machine's monitor holds its host ports: a host program cannot take one
         assert bind_on_host(ember, 8080) == str(errno.EADDRINUSE)
         assert ember("rm", "web").returncode != 0  # running: needs -f

@@ -38,6 +38,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "port": ("ember.cli.machines",),
     "rename": ("ember.cli.machines",),
     "wait": ("ember.cli.machines",),
+    "stats": ("ember.cli.stats",),
     "agent": ("ember.cli.agent",),
     "volume": ("ember.cli.volume",),
 }
