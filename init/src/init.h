@@ -123,6 +123,26 @@ struct exec_user {
 int resolve_user(const char *spec, const char *passwd_path, const char *group_path,
                  struct exec_user *out, char *err, size_t errlen);
 
+/* exec.c: `ember exec` sessions, one per exec port (docs/guest.md, "Exec") */
+#define EXEC_PORTS 4
+struct exec_env {
+	char **env; int envc;              /* the program's environment */
+	const struct exec_user *user;      /* its user, the default one */
+	const char *workdir;
+};
+struct pollfd;
+/* FDS/DEVS: the exec ports (-1: absent); TEST_PATH: a unix socket to connect to instead */
+void exec_setup(const int *fds, const char (*devs)[64], int n, const char *test_path,
+                const struct exec_env *env);
+/* Fill at most MAX pollfds (4 per port); *WAKE lowered to when the ports want a look */
+int exec_pollfds(struct pollfd *fds, int max, long long *wake);
+void exec_handle(struct pollfd *fds, int n);
+void exec_host_changed(void);
+/* Whether PID was a session's command (its end is then reported) */
+int exec_reaped(pid_t pid, int status);
+/* main.c: exec ARGV with ENVP as the program's start does (PATH search, errors, exit codes) */
+__attribute__((noreturn)) void exec_command(char **argv, char **envp);
+
 /* net.c */
 int net_setup(const struct config *c, char *err, size_t errlen);
 

@@ -29,13 +29,15 @@
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-enum { PORT_STDOUT, PORT_STDERR, PORT_STATUS, PORT_CONTROL, NPORTS };
+enum { PORT_STDOUT, PORT_STDERR, PORT_STATUS, PORT_CONTROL, PORT_EXEC, NPORTS = PORT_EXEC + EXEC_PORTS };
 static const char *PORT_NAMES[NPORTS] = {"org.ember.stdout", "org.ember.stderr",
-                                         "org.ember.status", "org.ember.control"};
+                                         "org.ember.status", "org.ember.control",
+                                         "org.ember.exec.0", "org.ember.exec.1",
+                                         "org.ember.exec.2", "org.ember.exec.3"};
 
 static struct {
 	int test;
-	const char *config_path, *control_path, *status_path;
+	const char *config_path, *control_path, *status_path, *exec_path;
 	int ports[NPORTS];
 	char port_dev[NPORTS][64]; /* the ports' device names (vportNpM): their debugfs files */
 	long long sent_base[2];    /* stdout's and stderr's bytes_sent when the program started */
@@ -52,7 +54,7 @@ static struct {
 	 * an exec that fails): the report says so, and the host does not try again */
 	int not_started;
 } G = {.config_path = "/ember/config",
-       .ports = {-1, -1, -1, -1},
+       .ports = {-1, -1, -1, -1, -1, -1, -1, -1},
        .sent_base = {-1, -1},
        .console_fd = 2,
        .start_err_fd = -1};
@@ -364,7 +366,7 @@ static int scan_ports(void)
 					mknod(dev, S_IFCHR | 0600, makedev(ma, mi));
 				free(mm);
 			}
-			int flags = i == PORT_CONTROL ? O_RDWR | O_NONBLOCK : O_WRONLY;
+			int flags = i >= PORT_CONTROL ? O_RDWR | O_NONBLOCK : O_WRONLY;
 			G.ports[i] = open(dev, flags | O_CLOEXEC | O_NOCTTY);
 			if (strlen(e->d_name) < sizeof(G.port_dev[i]))
 				memcpy(G.port_dev[i], e->d_name, strlen(e->d_name) + 1);
@@ -639,7 +641,7 @@ static int search_on(int e)
 	       e == ESTALE || e == ENODEV;
 }
 
-static __attribute__((noreturn)) void exec_program(char **argv, char **envp)
+__attribute__((noreturn)) void exec_command(char **argv, char **envp)
 {
 	const char *file = argv[0];
 	if (!*file) {
@@ -784,7 +786,7 @@ static pid_t spawn(struct config *c, const struct exec_user *u, const char *work
 		child_error("chdir", workdir, errno);
 		_exit(EXIT_CANNOT_EXEC);
 	}
-	exec_program(c->argv, c->env);
+	exec_command(c->argv, c->env);
 }
 
 /* ---- supervision ------------------------------------------------------------------- */
@@ -887,7 +889,7 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 	long long kill_at = -1, control_retry = -1;
 	int stopping = 0;
 	for (;;) {
-		struct pollfd fds[3] = {
+		struct pollfd fds[3 + 4 * EXEC_PORTS] = {
 		    {sigfd, POLLIN, 0},
 		    {control_retry < 0 ? control_fd : -1, POLLIN, 0},
 		    {kmsg_fd, POLLIN, 0},
@@ -897,8 +899,9 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 			wake = kill_at;
 		if (control_retry >= 0 && (wake < 0 || control_retry < wake))
 			wake = control_retry;
+		int nexec = exec_pollfds(fds + 3, 4 * EXEC_PORTS, &wake);
 		int timeout = wake < 0 ? -1 : (int)(wake > now ? wake - now : 0);
-		int r = poll(fds, 3, timeout);
+		int r = poll(fds, (nfds_t)(3 + nexec), timeout);
 		if (r < 0 && errno != EINTR)
 			logmsg("poll: %s", strerror(errno));
 		now = now_ms();
@@ -932,18 +935,24 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 				kill(child, SIGKILL);
 			}
 		}
+		exec_handle(fds + 3, nexec);
 		if (fds[0].revents & POLLIN) {
 			struct signalfd_siginfo si;
 			while (read(sigfd, &si, sizeof(si)) == sizeof(si)) {
-				/* SIGCHLD is ours; SIGPIPE would come from init's own writes */
-				if (si.ssi_signo != SIGCHLD && si.ssi_signo != SIGPIPE)
+				/* SIGCHLD is ours; SIGPIPE would come from init's own writes; SIGIO
+				 * from the exec ports' driver (a host came or went) */
+				if (si.ssi_signo == SIGIO)
+					exec_host_changed();
+				else if (si.ssi_signo != SIGCHLD && si.ssi_signo != SIGPIPE)
 					kill(child, (int)si.ssi_signo);
 			}
 			pid_t p;
 			int st;
-			while ((p = waitpid(-1, &st, WNOHANG)) > 0)
+			while ((p = waitpid(-1, &st, WNOHANG)) > 0) {
 				if (p == child)
 					return st;
+				exec_reaped(p, st);
+			}
 		}
 	}
 }
@@ -952,7 +961,7 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 
 static void usage(void)
 {
-	logmsg("usage: ember-init [--test --config PATH [--control FIFO] [--status PATH]]");
+	logmsg("usage: ember-init [--test --config PATH [--control FIFO] [--status PATH] [--exec SOCKET]]");
 	exit(2);
 }
 
@@ -1086,6 +1095,8 @@ int main(int argc, char **argv)
 			G.config_path = argv[++i];
 		else if (!strcmp(argv[i], "--control") && i + 1 < argc)
 			G.control_path = argv[++i];
+		else if (!strcmp(argv[i], "--exec") && i + 1 < argc)
+			G.exec_path = argv[++i];
 		else if (!strcmp(argv[i], "--status") && i + 1 < argc)
 			G.status_path = argv[++i];
 		else if (G.test)
@@ -1217,6 +1228,10 @@ int main(int argc, char **argv)
 		if (kmsg_fd >= 0)
 			lseek(kmsg_fd, 0, SEEK_END);
 	}
+
+	struct exec_env xenv = {c->env, c->envc, &u, workdir};
+	exec_setup(G.ports + PORT_EXEC, (const char (*)[64])G.port_dev[PORT_EXEC], EXEC_PORTS,
+	           G.exec_path, &xenv);
 
 	mark("configured, starting the program");
 	G.sent_base[0] = port_sent(PORT_STDOUT);

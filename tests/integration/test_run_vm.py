@@ -251,6 +251,30 @@ def test_a_volume_left_mounted_by_a_killed_machine_mounts_read_only(
     assert ember("volume", "rm", "vrec").returncode == 0
 
 
+def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "host", "-e", "FROM_RUN=run", busybox, "sleep", "600")
+    assert res.returncode == 0, res.stderr
+    try:
+        out = ember("exec", "host", "sh", "-c", 'echo "out $FROM_RUN $(id -u) $(pwd)"; echo err >&2; exit 3')
+        assert (out.returncode, out.stdout, out.stderr) == (3, "out run 0 /\n", "err\n")
+        piped = ember("exec", "-i", "-e", "X=1", "-u", "app", "-w", "/tmp", "host", "sh", "-c",
+                      'cat; echo "$X $(id -un) $(pwd)"', input="through stdin\n")  # fmt: skip
+        assert (piped.returncode, piped.stdout) == (0, "through stdin\n1 app /tmp\n"), piped.stderr
+        missing = ember("exec", "host", "no-such-command")
+        assert missing.returncode == 127 and "executable file not found" in missing.stderr
+        refused = ember("exec", "-u", "nobody-here", "host", "true")
+        assert refused.returncode == 126 and "nobody-here" in refused.stderr
+        assert ember("exec", "-d", "host", "sh", "-c", "echo later > /tmp/d").returncode == 0
+        deadline = time.monotonic() + 30
+        while ember("exec", "host", "cat", "/tmp/d").stdout != "later\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        ember("rm", "-f", "host")
+    gone = ember("exec", "host", "true")
+    assert gone.returncode == 1 and "no such machine" in gone.stderr
+
+
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
     # -p 80: a host port left for ember to choose, as docker does
     res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", "-l", "app=web",

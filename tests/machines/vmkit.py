@@ -69,13 +69,14 @@ class Ember:
         return ember_env(self.home.root, **accel)
 
     def __call__(
-        self, *args: str, timeout: float = 180, check: bool = False
+        self, *args: str, timeout: float = 180, check: bool = False, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return run_ember(
             *args,
             prefix=["ip", "netns", "exec", self.netns],
             env=self.env(),
-            stdin=subprocess.DEVNULL,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
             timeout=timeout,
             check=check,
         )

@@ -23,6 +23,19 @@ from pathlib import Path
 
 import pytest
 
+from ember.machines.execproto import (
+    EXIT,
+    REFUSED,
+    STARTED,
+    STDERR,
+    STDIN_END,
+    STDOUT,
+    ExecRequest,
+    FrameReader,
+    exit_code,
+    frame,
+    stdin_frames,
+)
 from ember.vm.errors import InvalidRunConfig
 from ember.vm.runconfig import HostEntry, Interface, Mount, RunConfig, RunOverrides
 
@@ -57,7 +70,7 @@ _PRIVATE_DEV = (
 )
 
 
-def _argv(root: Path, control: bool) -> list[str]:
+def _argv(root: Path, control: bool, exec_socket: bool = False) -> list[str]:
     # --kill-child: a run that times out (init hung) must not leave its PID 1 behind,
     # holding the output pipes open.  --cgroup: init mounts cgroup2, and a mount from
     # the host's own cgroup namespace sets the host's cgroup2 options to init's.
@@ -83,6 +96,8 @@ def _argv(root: Path, control: bool) -> list[str]:
     ]
     if control:
         argv += ["--control", "/.ember-control"]
+    if exec_socket:
+        argv += ["--exec", "/.ember-exec.sock"]
     return argv
 
 
@@ -725,13 +740,14 @@ def test_malformed_config_refused_with_message(root: Path) -> None:
 class Running:
     """ember-init running in the background with a control FIFO."""
 
-    def __init__(self, root: Path, rc: RunConfig) -> None:
+    def __init__(self, root: Path, rc: RunConfig, exec_socket: bool = False) -> None:
         self.root = root
         (root / ".ember-config").write_bytes(rc.render())
         os.mkfifo(root / ".ember-control")
         self.proc = subprocess.Popen(
-            _argv(root, True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+            _argv(root, True, exec_socket), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
 
     def wait_for_line(self, expected: str) -> None:
         assert self.proc.stdout is not None
@@ -1210,3 +1226,92 @@ def test_signal_request(root: Path, running: list[Running]) -> None:
     assert res.returncode == 9
     assert "bad control request 'signal 0'" in res.console
     assert "bad control request 'signal x'" in res.console
+
+
+# ---- exec sessions (``ember exec``'s guest side, over a socket instead of a port) -----
+
+
+class ExecHost:
+    """The host end of init's exec port: a unix socket init connects to (``--exec``),
+    again after each hang-up, as a virtio port sees host connections come and go."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(root / ".ember-exec.sock"))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+
+    def session(self, request: ExecRequest, stdin: bytes = b"", hang_up: bool = False
+                ) -> tuple[list[tuple[bytes, bytes]], bytes, bytes, int | None]:  # fmt: skip
+        """Frames, stdout, stderr and exit code of one session (None: none came)."""
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.sendall(request.encode())
+            if request.stdin:
+                for f in stdin_frames(stdin):
+                    conn.sendall(f)
+                conn.sendall(frame(STDIN_END))
+            reader = FrameReader()
+            frames: list[tuple[bytes, bytes]] = []
+            while not frames or (frames[-1][0] not in (EXIT, REFUSED) and not hang_up):
+                data = conn.recv(65536)
+                if not data:
+                    break
+                frames += reader.feed(data)
+                if hang_up and any(k == STARTED for k, _ in frames):
+                    break
+        out = b"".join(p for k, p in frames if k == STDOUT)
+        err = b"".join(p for k, p in frames if k == STDERR)
+        code = exit_code(frames[-1][1]) if frames and frames[-1][0] == EXIT else None
+        return frames, out, err, code
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+WAIT_FOR_STOP = "echo ready; while [ ! -e /stop ]; do sleep 0.05; done; echo stopped"
+
+
+def test_exec_sessions_run_beside_the_program(root: Path, running: list[Running]) -> None:
+    host = ExecHost(root)
+    r = Running(root, sh(WAIT_FOR_STOP, env=("FOO=image", "KEEP=1"), user="app", workdir="/home"),
+                exec_socket=True)  # fmt: skip
+    running.append(r)
+    try:
+        r.wait_for_line("ready")
+        # the program's user, environment and directory, the request's over them
+        script = 'read line; echo "got $line"; echo "$FOO $KEEP $(id -u) $(pwd) $HOME" ; echo oops >&2; exit 3'
+        frames, out, err, code = host.session(
+            ExecRequest(["sh", "-c", script], env=["FOO=exec"], stdin=True, nonce="n1"),
+            stdin=b"hello\n",
+        )
+        assert frames[0] == (STARTED, b"n1")
+        assert (out, err, code) == (b"got hello\nexec 1 1000 /home /home/app\n", b"oops\n", 3)
+        # another user and directory; HOME is that user's
+        _, out, _, code = host.session(
+            ExecRequest(["sh", "-c", "echo $(id -un) $(pwd) $HOME"], user="root", workdir="/tmp")
+        )
+        assert (out, code) == (b"root /tmp /root\n", 0)
+        # a command that is not there: the program's words and code
+        _, _, err, code = host.session(ExecRequest(["no-such-command"]))
+        assert code == 127 and b"executable file not found in $PATH" in err
+        frames, _, _, code = host.session(ExecRequest(["true"], user="nobody-here"))
+        assert frames[-1][0] == REFUSED and b"nobody-here" in frames[-1][1] and code is None
+        # a host that hangs up takes its command with it; a detached one stays
+        host.session(ExecRequest(["sleep", "1000"]), hang_up=True)
+        host.session(ExecRequest(["sh", "-c", "sleep 0.3; touch /detached"], user="root", detach=True),
+                     hang_up=True)  # fmt: skip
+        _, out, _, _ = host.session(ExecRequest(["sh", "-c", "sleep 0.6; ps -o comm,args"]))
+        assert b"sleep 1000" not in out, out
+        assert (root / "detached").exists()
+        # a malformed request is refused, and the port works again after the hang-up
+        frames, _, _, _ = host.session(ExecRequest([], env=["A=1"]))
+        assert frames == [(REFUSED, b"no command")]
+    finally:
+        (root / "stop").touch()
+        host.close()
+    res = r.finish()
+    assert res.returncode == 0 and res.stdout.endswith("stopped\n"), res.console

@@ -39,6 +39,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "rename": ("ember.cli.machines",),
     "wait": ("ember.cli.machines",),
     "stats": ("ember.cli.stats",),
+    "exec": ("ember.cli.execcmd",),
     "agent": ("ember.cli.agent",),
     "volume": ("ember.cli.volume",),
 }

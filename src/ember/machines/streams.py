@@ -95,6 +95,7 @@ def fifo_channels(d: Path) -> Channels:
         stderr_log=d / "stderr.fifo",
         status_file=d / "status.fifo",
         control_socket=logs.control_socket,
+        exec_sockets=logs.exec_sockets,
     )
 
 

@@ -57,7 +57,7 @@ from ember.vm.initramfs import write_machine_initrd
 from ember.vm.runconfig import SEED_BYTES, RunConfig, restore_message
 
 #: bump when what a template holds changes (init protocol, module split)
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 #: drivers that bind to per-machine devices: loaded after the restore, so they probe the
 #: restored machine's disk (its size) and NIC rather than the template's placeholders
 LATE_MODULES = ("virtio_blk", "virtio_net")

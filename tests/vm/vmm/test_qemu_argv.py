@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.vm.vmm.base import Channels, Disk, Nic, VMSpec
+from ember.vm.vmm.base import EXEC_PORTS, Channels, Disk, Nic, VMSpec
 from ember.vm.vmm.errors import VMMError
 from ember.vm.vmm.qemu import (
     MAX_CMDLINE,
@@ -88,7 +88,7 @@ def test_devices_are_virtio_mmio() -> None:
     devices = opt_values(argv, "-device")
     assert "virtio-blk-device,drive=disk0" in devices
     assert "virtio-net-device,netdev=net0,mac=02:00:ac:1e:00:02" in devices
-    assert "virtio-serial-device,max_ports=8" in devices
+    assert "virtio-serial-device,max_ports=16" in devices
     assert not [d for d in devices if "pci" in d]
     (drive,) = opt_values(argv, "-drive")
     assert drive.startswith("id=disk0,file=/m/root.img,format=raw,if=none")
@@ -105,7 +105,10 @@ def test_guest_channel_ports_match_the_contract(tmp_path: Path) -> None:
         if d.startswith("virtserialport,"):
             fields = dict(f.split("=", 1) for f in d.split(",")[1:])
             ports[fields["name"]] = chardevs[fields["chardev"]]
-    assert set(ports) == {PORT_STDOUT, PORT_STDERR, PORT_STATUS, PORT_CONTROL}
+    execs = {f"org.ember.exec.{n}" for n in range(EXEC_PORTS)}
+    assert set(ports) == {PORT_STDOUT, PORT_STDERR, PORT_STATUS, PORT_CONTROL, *execs}
+    for n in range(EXEC_PORTS):  # one session each (init/src/exec.c)
+        assert ports[f"org.ember.exec.{n}"] == f"socket,id=exec{n},path=exec-{n}.sock,server=on,wait=off"
     assert ports[PORT_STDOUT] == f"file,id=out,path={tmp_path}/stdout.log,append=on"
     assert ports[PORT_STDERR] == f"file,id=err,path={tmp_path}/stderr.log,append=on"
     assert ports[PORT_STATUS] == f"file,id=status,path={tmp_path}/status.json,append=on"
@@ -165,7 +168,7 @@ def test_a_nic_whose_values_would_add_qemu_options_is_refused(tap: str, mac: str
 def fds(**kw: object) -> Inherited:
     base: dict[str, object] = dict(
         kernel=10, initrd=11, console=12, stdout=13, stderr=14, status=15, control=16,
-        disks=((17, 18),), taps=(19,), vhost=(None,), restore=None,
+        disks=((17, 18),), taps=(19,), vhost=(None,), restore=None, execs=(30, 31, 32, 33),
     )  # fmt: skip
     base.update(kw)
     return Inherited(**base)  # type: ignore[arg-type]
@@ -191,6 +194,8 @@ def test_a_confined_vmm_runs_sandboxed_on_inherited_descriptors(tmp_path: Path) 
         path = dict(f.split("=", 1) for f in chardevs[cid].split(",")[1:])["path"]
         assert fdset_of(argv, path) == [fd], chardevs[cid]
     assert chardevs["control"] == "socket,id=control,fd=16,server=on,wait=off"
+    for n in range(EXEC_PORTS):
+        assert chardevs[f"exec{n}"] == f"socket,id=exec{n},fd={30 + n},server=on,wait=off"
     (drive,) = opt_values(argv, "-drive")
     assert fdset_of(argv, drive.split(",")[1].removeprefix("file=")) == [17, 18]
     # an attached TAP: no ifname QEMU would open, no script it would run

@@ -68,6 +68,9 @@ class Channels:
     stderr_log: Path
     status_file: Path
     control_socket: Path
+    #: one socket per exec port (``ember exec``: each serves one session at a time, its
+    #: client talking to ember-init directly); none: the guest has no exec ports
+    exec_sockets: tuple[Path, ...] = ()
 
     @classmethod
     def in_dir(cls, d: Path) -> Channels:
@@ -77,6 +80,7 @@ class Channels:
             stderr_log=d / "stderr.log",
             status_file=d / "status.json",
             control_socket=d / "control.sock",
+            exec_sockets=exec_sockets(d),
         )
 
     def precreate(self) -> None:
@@ -84,6 +88,16 @@ class Channels:
         for p in (self.console_log, self.stdout_log, self.stderr_log, self.status_file):
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             os.close(fd)
+
+
+#: exec ports per machine (init/src/init.h EXEC_PORTS): sessions at once
+EXEC_PORTS = 4
+PORT_EXEC = "org.ember.exec."
+
+
+def exec_sockets(d: Path) -> tuple[Path, ...]:
+    """The exec ports' sockets of the machine whose directory is ``d``."""
+    return tuple(d / f"exec-{n}.sock" for n in range(EXEC_PORTS))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ember.process import wait_pid_exit
 from ember.vm.vmm.base import (
+    PORT_EXEC,
     VM,
     VMM,
     Disk,
@@ -156,6 +157,8 @@ class Inherited:
     status: int
     #: a unix socket bound and listening at the control socket's path
     control: int
+    #: the same for each exec port
+    execs: tuple[int, ...]
     #: per disk: read-write and read-only descriptors (QEMU's block layer opens it both
     #: ways), or a read-only one alone for a read-only disk
     disks: tuple[tuple[int, ...], ...]
@@ -256,7 +259,7 @@ def qemu_argv(
     for i, nic in enumerate(spec.nics):
         argv += ["-netdev", _netdev(i, nic.tap, vhost, fds)]
         argv += ["-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
-    argv += ["-device", "virtio-serial-device,max_ports=8"]
+    argv += ["-device", "virtio-serial-device,max_ports=16"]
     for cid, port, path, attr in (
         ("out", PORT_STDOUT, ch.stdout_log, "stdout"),
         ("err", PORT_STDERR, ch.stderr_log, "stderr"),
@@ -272,6 +275,11 @@ def qemu_argv(
     else:
         control = f"socket,id=control,fd={fds.control},server=on,wait=off"
     argv += ["-chardev", control, "-device", f"virtserialport,chardev=control,name={PORT_CONTROL}"]
+    for n, path in enumerate(ch.exec_sockets):
+        # one session each; its client (`ember exec`) talks to ember-init directly
+        where = f"path={_escape(path.name)}" if fds is None else f"fd={fds.execs[n]}"
+        argv += ["-chardev", f"socket,id=exec{n},{where},server=on,wait=off",
+                 "-device", f"virtserialport,chardev=exec{n},name={PORT_EXEC}{n}"]  # fmt: skip
     if spec.restore is not None:
         # start from a saved state (a template) instead of booting; the devices above
         # must be those the state was saved with
@@ -379,6 +387,7 @@ def open_inherited(
         stderr=keep(_open_channel(ch.stderr_log)),
         status=keep(_open_channel(ch.status_file)),
         control=keep(_listen_control(ch.control_socket)),
+        execs=tuple(keep(_listen_control(p)) for p in ch.exec_sockets),
         disks=tuple(keep_disk(d) for d in spec.disks),
         taps=tuple(keep(_attach_tap(n.tap)) if n.tap else None for n in spec.nics),
         vhost=tuple(

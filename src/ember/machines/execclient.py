@@ -1,0 +1,227 @@
+"""``ember exec``'s host side: one session on one of a running machine's exec ports.
+
+The machine's QEMU listens on ``exec-N.sock`` for each port (one client each: a
+second one would wait unseen in the socket's backlog), so a session first takes
+the port's lock, ``exec-N.lock`` in the machine's directory, without waiting,
+trying each port in turn.  Then it talks to ember-init directly
+(``execproto``): the request, the command's stdin, its output and exit code.
+Hanging up ends the command (unless detached), as a closed terminal ends a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ember.machines import execproto as proto
+from ember.machines.errors import MachineError, MachineNotRunning
+from ember.machines.state import MachineState
+from ember.vm.vmm.base import exec_sockets, unix_address
+
+#: seconds to wait for ember-init to take the request (a machine still booting)
+START_TIMEOUT = 60.0
+#: what ``ember exec`` exits with when the machine stopped under its command (docker's
+#: code for a container killed under an exec)
+MACHINE_GONE = 137
+#: signals passed on to the command
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class ExecError(MachineError):
+    """A session could not be started (exit status 126, as docker's)."""
+
+    exit_code = 126
+
+
+class ExecBusy(ExecError):
+    pass
+
+
+@contextlib.contextmanager
+def _port(d: Path, name: str) -> Iterator[socket.socket]:
+    """A connection to the first free exec port of the machine in ``d``, held locked."""
+    for n, path in enumerate(exec_sockets(d)):
+        fd = os.open(d / f"exec-{n}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                with unix_address(path) as address:
+                    s.connect(address)
+            except OSError as e:
+                s.close()
+                if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise ExecError(f"machine {name} has no exec port: it was started by an "
+                                    "older ember", hint=f"restart it (ember restart {name})") from None  # fmt: skip
+                raise
+            with s:
+                yield s
+            return
+        finally:
+            os.close(fd)
+    raise ExecBusy(f"machine {name} runs {len(exec_sockets(d))} exec sessions already",
+                   hint="wait for one to end")  # fmt: skip
+
+
+class _Session:
+    def __init__(self, sock: socket.socket, stdin_fd: int | None, out_fd: int, err_fd: int) -> None:
+        self.sock = sock
+        self.stdin_fd = stdin_fd
+        self.out_fd, self.err_fd = out_fd, err_fd
+        self.reader = proto.FrameReader()
+        self.sel = selectors.DefaultSelector()
+        self.pending = b""  # frames not yet sent
+        self.started = False
+        #: a Ctrl-C was passed on: the next one hangs up
+        self.interrupted = False
+
+    def send(self, data: bytes) -> None:
+        self.pending += data
+
+    def run(self, nonce: str, wake: int, *, until_started: bool = False) -> int:
+        """Relay until the command's exit code comes; the code (or MACHINE_GONE).
+        ``until_started``: only until ember-init started the command (0 then)."""
+        self.sock.setblocking(False)
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.sel.register(wake, selectors.EVENT_READ)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.started and self.stdin_fd is not None and len(self.pending) < 1 << 20:
+                self._watch(self.stdin_fd, True)
+            elif self.stdin_fd is not None:
+                self._watch(self.stdin_fd, False)
+            self.sel.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pending else 0))
+            timeout = None if self.started else max(0.0, deadline - time.monotonic())
+            events = self.sel.select(timeout)
+            if not events and not self.started:
+                raise ExecError("the machine did not take the command: its init may predate "
+                                "ember exec", hint="restart the machine")  # fmt: skip
+            for key, mask in events:
+                if key.fileobj is self.sock:
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush()
+                    if mask & selectors.EVENT_READ:
+                        code = self._receive(nonce)
+                        if code is not None:
+                            return code
+                        if until_started and self.started:
+                            return 0
+                elif key.fileobj == wake:
+                    self._signals(wake)
+                else:
+                    self._read_stdin()
+
+    def _watch(self, fd: int, on: bool) -> None:
+        registered = fd in self.sel.get_map()
+        if on and not registered:
+            self.sel.register(fd, selectors.EVENT_READ)
+        elif not on and registered:
+            self.sel.unregister(fd)
+
+    def _flush(self) -> None:
+        try:
+            n = self.sock.send(self.pending)
+        except BlockingIOError:
+            return
+        self.pending = self.pending[n:]
+
+    def _read_stdin(self) -> None:
+        assert self.stdin_fd is not None
+        data = os.read(self.stdin_fd, proto.STDIN_CHUNK)
+        if data:
+            self.send(proto.frame(proto.STDIN, data))
+            return
+        self.send(proto.frame(proto.STDIN_END))
+        self._watch(self.stdin_fd, False)
+        self.stdin_fd = None
+
+    def _signals(self, wake: int) -> None:
+        for signum in os.read(wake, 64):
+            if not self.started or (signum == signal.SIGINT and self.interrupted):
+                # before the command runs, or a second Ctrl-C: hang up (which ends it)
+                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+            self.interrupted |= signum == signal.SIGINT
+            self.send(proto.signal_frame(signum))
+
+    def _receive(self, nonce: str) -> int | None:
+        try:
+            data = self.sock.recv(1 << 16)
+        except BlockingIOError:
+            return None
+        if not data:
+            return MACHINE_GONE  # the machine stopped (its VMM closed the socket)
+        for kind, payload in self.reader.feed(data):
+            if not self.started:
+                # what came before our start belongs to an earlier client's session
+                if kind == proto.STARTED and payload == nonce.encode():
+                    self.started = True
+                elif kind == proto.REFUSED:
+                    raise ExecError(f"cannot run the command: {payload.decode('utf-8', 'replace')}")
+                continue
+            if kind == proto.STDOUT:
+                _write_all(self.out_fd, payload)
+            elif kind == proto.STDERR:
+                _write_all(self.err_fd, payload)
+            elif kind == proto.EXIT:
+                return proto.exit_code(payload)
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        view = view[n:]
+
+
+def run_exec(d: Path, st: MachineState, request: proto.ExecRequest, *, stdin_fd: int | None,
+             out_fd: int = 1, err_fd: int = 2) -> int:  # fmt: skip
+    """Run ``request`` in machine ``st`` (its directory ``d``); its exit code (0 for a
+    detached one once started).  ExecError when it could not be started."""
+    from ember.machines.lifecycle import vmm_alive
+
+    if not vmm_alive(st):
+        raise MachineNotRunning(f"machine {st.name} is not running")
+    nonce = secrets.token_hex(8)
+    payload = proto.ExecRequest(request.argv, request.env, request.user, request.workdir,
+                                stdin=stdin_fd is not None, detach=request.detach, nonce=nonce)  # fmt: skip
+    try:
+        opening = payload.encode()
+    except ValueError as e:
+        raise ExecError(f"cannot run the command: {e}") from None
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    old = {s: signal.getsignal(s) for s in FORWARDED}
+    try:
+        for s in FORWARDED:
+            signal.signal(s, lambda signum, _frame: _note(wake_w, signum))
+        with _port(d, st.name) as sock:
+            session = _Session(sock, None if request.detach else stdin_fd, out_fd, err_fd)
+            session.send(opening)
+            return session.run(nonce, wake_r, until_started=request.detach)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _note(fd: int, signum: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, bytes([signum]))

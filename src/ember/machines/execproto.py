@@ -1,0 +1,110 @@
+"""The exec port's frames (pure): what ``ember exec`` and ember-init say to each other.
+
+One session per exec port (docs/guest.md, "Exec").  A frame is a type byte, a
+4-byte big-endian payload length and the payload.  The host sends ``O`` (open:
+the request), ``I`` (stdin bytes), ``C`` (stdin ends), ``S`` (a signal for the
+command, 4 bytes); the guest answers ``N`` (started: the request's nonce) or
+``R`` (refused: why), then ``o``/``e`` (stdout, stderr bytes) and ``X`` (the exit
+code, 4 bytes: 128 + N for a command killed by signal N).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+OPEN, STDIN, STDIN_END, SIGNAL = b"O", b"I", b"C", b"S"
+STARTED, REFUSED, STDOUT, STDERR, EXIT = b"N", b"R", b"o", b"e", b"X"
+_HEADER = struct.Struct(">cI")
+#: the longest frame the guest takes (init/src/exec.c FRAME_IN_MAX)
+MAX_IN = 128 * 1024
+#: the longest the guest sends (one virtio-serial write)
+MAX_OUT = 32 * 1024
+#: stdin bytes per frame
+STDIN_CHUNK = 32 * 1024
+
+
+class ExecProtocolError(Exception):
+    """The other side sent something that is not a frame of this protocol."""
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: Sequence[str]
+    #: ``KEY=VALUE`` entries over the program's environment
+    env: Sequence[str] = ()
+    #: the user (``NAME|UID[:GROUP|GID]``); empty: the program's
+    user: str = ""
+    #: absolute; empty: the program's working directory
+    workdir: str = ""
+    stdin: bool = False
+    detach: bool = False
+    nonce: str = ""
+
+    def encode(self) -> bytes:
+        """The ``O`` frame.  ValueError when it cannot be one (a NUL in a string, too long)."""
+        fields = [b"a" + _text(a) for a in self.argv]
+        fields += [b"e" + _text(e) for e in self.env]
+        if self.user:
+            fields.append(b"u" + _text(self.user))
+        if self.workdir:
+            fields.append(b"w" + _text(self.workdir))
+        if self.stdin:
+            fields.append(b"i")
+        if self.detach:
+            fields.append(b"d")
+        if self.nonce:
+            fields.append(b"n" + _text(self.nonce))
+        payload = b"".join(f + b"\0" for f in fields)
+        if len(payload) > MAX_IN:
+            raise ValueError(f"the command and its environment take more than {MAX_IN >> 10} KiB")
+        return frame(OPEN, payload)
+
+
+def _text(s: str) -> bytes:
+    data = s.encode("utf-8", "surrogateescape")
+    if b"\0" in data:
+        raise ValueError(f"{s[:60]!r} holds a NUL byte")
+    return data
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def stdin_frames(data: bytes) -> Iterator[bytes]:
+    for i in range(0, len(data), STDIN_CHUNK):
+        yield frame(STDIN, data[i : i + STDIN_CHUNK])
+
+
+def signal_frame(signum: int) -> bytes:
+    return frame(SIGNAL, struct.pack(">I", signum))
+
+
+def exit_code(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ExecProtocolError("malformed exit frame")
+    return int(struct.unpack(">I", payload)[0]) & 0xFF
+
+
+class FrameReader:
+    """Frames out of a byte stream fed in pieces."""
+
+    def __init__(self, limit: int = MAX_OUT) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= _HEADER.size:
+            kind, length = _HEADER.unpack_from(self._buf)
+            if length > self._limit:
+                raise ExecProtocolError(f"a frame of {length} bytes (at most {self._limit})")
+            end = _HEADER.size + length
+            if len(self._buf) < end:
+                break
+            out.append((kind, bytes(self._buf[_HEADER.size : end])))
+            del self._buf[:end]
+        return out
