@@ -216,7 +216,7 @@ def test_a_volume_keeps_what_one_machine_wrote_for_the_next(ember: Ember, busybo
     assert ember("volume", "ls", "-q").stdout == ""
 
 
-def test_an_empty_volume_gets_the_image_files_at_its_target_unless_nocopy(
+def test_a_new_volume_gets_the_image_files_at_its_target_unless_nocopy(
     ember: Ember, busybox: str
 ) -> None:
     """Docker's copy-up: a new volume over the image's /bin holds its busybox and applet

@@ -5,19 +5,22 @@ and the applier, both chroot-ed."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ember.home import Home
 from ember.snapshots import Snapshotter
 from ember.volumes import copyup
-from ember.volumes.copyup import STAGED, STAGING, copy_up
+from ember.volumes.copyup import STAGED, STAGING, attach, copy_up
 from ember.volumes.errors import VolumeError
-from ember.volumes.store import Volumes, volume_key
+from ember.volumes.store import VolumeInfo, Volumes, volume_key
 from tests.support.treecmp import assert_same_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -55,6 +58,9 @@ def _write_image(root: Path, outside: Path) -> None:
         f.truncate(8 << 20)
         f.seek(4 << 20)
         f.write(b"middle")
+    with open(data / "huge", "wb") as f:  # 2 GiB of holes, in a 1 GiB volume: copied sparse
+        f.seek((2 << 30) - 5)
+        f.write(b"end\n!")
     (data / os.fsdecode(b"latin-\xe9")).write_text("not utf-8\n")
     (data / ("n" * 200)).write_text("long name\n")
     deep = data / "deep"
@@ -95,14 +101,26 @@ def snap(pool_home: Home, outside: Path) -> Iterator[Snapshotter]:
     yield s
 
 
+def _new(snap: Snapshotter, name: str, size: int | None = None) -> VolumeInfo:
+    made = Volumes(snap.home).create(name, size)
+    assert made.pristine and made.copy_up is None
+    return made
+
+
+def _info(snap: Snapshotter, name: str) -> VolumeInfo:
+    return Volumes(snap.home).get(name)
+
+
 def _volume_tree(snap: Snapshotter, name: str) -> dict[str, object]:
     with snap.mount(volume_key(name)) as root:
         return {p.name: p.is_dir() for p in root.iterdir()}
 
 
 def test_an_empty_volume_gets_the_image_files_at_its_target(snap: Snapshotter, outside: Path) -> None:
-    Volumes(snap.home).create("vol")
-    assert copy_up(snap, IMAGE, "vol", "/data")
+    assert copy_up(snap, IMAGE, _new(snap, "vol"), "/data")
+    after = _info(snap, "vol")
+    assert not after.pristine and after.copy_up is None and after.labels == {}
+    assert not copy_up(snap, IMAGE, after, "/data")  # copied once: it holds something now
     with snap.mount(IMAGE) as image, snap.mount(volume_key("vol")) as vol:
         assert_same_tree(image / "data", vol, ignore=("lost+found", "sock"))
         assert not (vol / "sock").exists()
@@ -114,14 +132,14 @@ def test_an_empty_volume_gets_the_image_files_at_its_target(snap: Snapshotter, o
         assert os.getxattr(vol / "cap", "security.capability") == os.getxattr(
             image / "data" / "cap", "security.capability"
         )
-        assert os.stat(vol / "sparse").st_blocks * 512 < 1 << 20  # written sparse
+        assert os.stat(vol / "sparse").st_blocks * 512 <= 64 << 10  # written sparse
+        assert os.stat(vol / "huge").st_size == 2 << 30 and os.stat(vol / "huge").st_blocks <= 64
         assert not {STAGING, STAGED} & set(os.listdir(vol))
     assert (outside / "secret").read_text() == "host\n" and os.listdir(outside) == ["secret"]
 
 
 def test_a_symlinked_target_is_resolved_inside_the_image(snap: Snapshotter, outside: Path) -> None:
-    Volumes(snap.home).create("vol")
-    assert copy_up(snap, IMAGE, "vol", "/up/data")
+    assert copy_up(snap, IMAGE, _new(snap, "vol"), "/up/data")
     with snap.mount(IMAGE) as image, snap.mount(volume_key("vol")) as vol:
         assert_same_tree(image / "data", vol, ignore=("lost+found", "sock"))
 
@@ -130,65 +148,92 @@ def test_a_symlinked_target_is_resolved_inside_the_image(snap: Snapshotter, outs
 def test_a_target_that_is_no_directory_of_the_image_copies_nothing(
     snap: Snapshotter, outside: Path, target: str
 ) -> None:
-    Volumes(snap.home).create("vol")
-    assert not copy_up(snap, IMAGE, "vol", target)
+    assert not copy_up(snap, IMAGE, _new(snap, "vol"), target)
     assert _volume_tree(snap, "vol") == {"lost+found": True}
     assert os.listdir(outside) == ["secret"]
+    assert _info(snap, "vol").pristine  # a later run of another image may copy into it
 
 
-def test_a_volume_that_holds_anything_is_left_as_it_is(snap: Snapshotter) -> None:
-    volumes = Volumes(snap.home)
-    volumes.create("file")
-    volumes.create("found")
-    with snap.mount(volume_key("file")) as vol:
-        (vol / "mine").write_text("mine\n")
-    with snap.mount(volume_key("found")) as vol:
-        (vol / "lost+found" / "#12").write_text("recovered by fsck\n")
-    assert not copy_up(snap, IMAGE, "file", "/data")
-    assert not copy_up(snap, IMAGE, "found", "/data")
-    assert _volume_tree(snap, "file") == {"lost+found": True, "mine": False}
-    assert _volume_tree(snap, "found") == {"lost+found": True}
-
-
-def test_staging_names_a_guest_made_are_never_followed(snap: Snapshotter, outside: Path) -> None:
-    """The volume was a guest's: its entries may be symlinks to host paths."""
-    Volumes(snap.home).create("vol")
-    with snap.mount(volume_key("vol")) as vol:
-        os.symlink(str(outside), vol / STAGED)
-        os.symlink(str(outside), vol / STAGING)
-    assert not copy_up(snap, IMAGE, "vol", "/data")
-    assert os.listdir(outside) == ["secret"]
-    assert set(_volume_tree(snap, "vol")) == {"lost+found", STAGED, STAGING}
-
-
-def test_a_copy_killed_while_staging_is_made_again(snap: Snapshotter) -> None:
-    Volumes(snap.home).create("vol")
-    with snap.mount(volume_key("vol")) as vol:
-        (vol / STAGING / "half").mkdir(parents=True)
-    assert copy_up(snap, IMAGE, "vol", "/data")
-    with snap.mount(IMAGE) as image, snap.mount(volume_key("vol")) as vol:
-        assert_same_tree(image / "data", vol, ignore=("lost+found", "sock"))
-
-
-def test_a_copy_killed_while_moving_its_files_in_is_finished(
+def test_a_volume_a_machine_had_is_never_mounted_nor_copied_into(
     snap: Snapshotter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Volumes(snap.home).create("vol")
-    renames = []
-    real_rename = os.rename
-
-    def rename(src: str, dst: str, **kw: int) -> None:
-        renames.append(src)
-        if len(renames) == 5:  # the staging directory's rename, then three entries
-            raise KeyboardInterrupt
-        real_rename(src, dst, **kw)
-
-    monkeypatch.setattr(copyup.os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        copy_up(snap, IMAGE, "vol", "/data")
+    """A guest wrote it: what it holds (a file system tuned to panic the host's kernel,
+    names that look like ember's) is not for the host to read."""
+    had = _new(snap, "had")
+    attach(snap, had)  # a machine's start
+    with snap.mount(volume_key("had")) as vol:  # what its guest may have made there
+        (vol / STAGED).mkdir()
+        (vol / STAGED / "db").write_text("the guest's\n")
+    subprocess.run(["tune2fs", "-e", "panic", str(_info(snap, "had").path)], check=True,
+                   capture_output=True)  # fmt: skip
+    mounts = []
+    monkeypatch.setattr(Snapshotter, "mount", lambda self, key, **kw: mounts.append(key))
+    assert not copy_up(snap, IMAGE, _info(snap, "had"), "/data")
+    attach(snap, _info(snap, "had"))
+    assert mounts == []
     monkeypatch.undo()
-    assert STAGED in _volume_tree(snap, "vol")
-    assert copy_up(snap, IMAGE, "vol", "/data")
+    with snap.mount(volume_key("had")) as vol:
+        assert (vol / STAGED / "db").read_text() == "the guest's\n"
+
+
+def test_an_image_entry_named_like_the_staging_directories_is_left_out(
+    pool_home: Home
+) -> None:
+    s = Snapshotter(pool_home)
+    s.prepare("named-build", None, size=128 << 20)
+    with s.mount("named-build") as root:
+        for name in ("file", STAGING, STAGED):
+            (root / "data" / name).mkdir(parents=True)
+            (root / "data" / name / "x").write_text(name)
+    s.commit("named-top", "named-build")
+    assert copy_up(s, "named-top", _new(s, "vol"), "/data")
+    assert _volume_tree(s, "vol") == {"lost+found": True, "file": True}
+
+
+@pytest.mark.parametrize("phase", ["staging", "moving"])
+def test_a_copy_killed_midway_is_thrown_away_or_finished_by_the_next_attach(
+    snap: Snapshotter, phase: str
+) -> None:
+    """SIGKILL while it staged, or while it moved files in (a forked copy kills itself
+    there): the labels say which, and the next run or start acts on them, not on names."""
+    volume = _new(snap, "vol")
+    pid = os.fork()
+    if pid == 0:  # the copy, killed midway
+        try:
+            if phase == "moving":
+                def move_one_then_die(vol: Path) -> None:
+                    os.rename(vol / STAGING, vol / STAGED)
+                    os.rename(vol / STAGED / "a", vol / "a")
+                    os.sync()  # on the disk, as after a while it would be
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                copyup._move_in = move_one_then_die  # type: ignore[assignment]
+            else:
+                real = copyup.apply_streams
+
+                def stage_then_die(*args: Any, **kw: Any) -> None:
+                    real(*args, **kw)
+                    os.sync()
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                copyup.apply_streams = stage_then_die  # type: ignore[assignment]
+            copy_up(Snapshotter(snap.home), IMAGE, volume, "/data")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    snap = Snapshotter(snap.home)  # a new command: it cleans up the dead one's mounts
+    pending = _info(snap, "vol")
+    assert pending.pristine and pending.copy_up == phase
+    if phase == "staging":
+        assert _volume_tree(snap, "vol") == {"lost+found": True, STAGING: True}
+        attach(snap, pending)  # a start (a nocopy run too) throws it away
+        assert _volume_tree(snap, "vol") == {"lost+found": True}
+        assert not _info(snap, "vol").pristine
+        return
+    assert copy_up(snap, IMAGE, pending, "/data")  # the next run finishes it
+    after = _info(snap, "vol")
+    assert not after.pristine and after.copy_up is None
     with snap.mount(IMAGE) as image, snap.mount(volume_key("vol")) as vol:
         assert_same_tree(image / "data", vol, ignore=("lost+found", "sock"))
         assert stat.S_IMODE(os.stat(vol).st_mode) == 0o750
@@ -204,8 +249,8 @@ def test_a_copy_that_does_not_fit_leaves_the_volume_empty(pool_home: Home) -> No
             for _ in range(100):
                 f.write(os.urandom(1 << 20))
     s.commit("big-top", "big-build")
-    Volumes(pool_home).create("small", 64 << 20)
-    with pytest.raises(VolumeError, match=r"volume small has no room for the image's files at /data") as e:
-        copy_up(s, "big-top", "small", "/data")
-    assert "nocopy" in (e.value.hint or "")
+    with pytest.raises(VolumeError, match=r"volume small \(64 MiB\) has no room for the image's files at /data") as e:
+        copy_up(s, "big-top", _new(s, "small", 64 << 20), "/data")
+    assert "nocopy" in (e.value.hint or "") and "ember volume rm small" in (e.value.hint or "")
     assert _volume_tree(s, "small") == {"lost+found": True}
+    assert _info(s, "small").pristine and _info(s, "small").copy_up is None

@@ -465,9 +465,9 @@ BASE_INITRD = "base.initrd"
 
 
 def _copy_up_volumes(home: Home, image: Image, volumes: Sequence[VolumeMount]) -> bool:
-    """Docker's copy-up (docs/volumes.md): each volume that is empty gets the image's
-    files at its target, unless its ``-v`` says ``nocopy``; whether any volume was
-    looked at.  Under the volumes' locks; this machine's record (made before) already
+    """Docker's copy-up (docs/volumes.md): each volume no machine has had attached gets
+    the image's files at its target, unless its ``-v`` says ``nocopy``; whether any
+    volume was looked at.  Under the volumes' locks; this machine's record (made before) already
     keeps every other machine from attaching them."""
     wanted = [v for v in volumes if v.copy]
     if not wanted or not image.layers:  # an image of no layers has no files to copy
@@ -479,9 +479,9 @@ def _copy_up_volumes(home: Home, image: Image, volumes: Sequence[VolumeMount]) -
 
     snap = Snapshotter(home)
     top = chain_names(image)[-1]  # leased for this machine by clone_root_disk
-    with Volumes(home).holding(v.name for v in wanted):
+    with Volumes(home).holding(v.name for v in wanted) as get:
         for v in wanted:
-            if copy_up(snap, top, v.name, v.target):
+            if copy_up(snap, top, get(v.name, False), v.target):
                 log.info("volume %s: copied the image's files at %s into it", v.name, v.target)
     return True
 
@@ -590,7 +590,15 @@ def attaching_volumes(home: Home, st: MachineState, *, make: bool) -> Iterator[l
                     f"{state}",
                     hint=f"stop it first (ember stop {other.name})",
                 )
-        yield [get(v.name, make).path for v in wanted]
+        found = [get(v.name, make) for v in wanted]
+        if not make:  # this start attaches them: a copy-up is settled, they are a guest's now
+            from ember.snapshots.snapshotter import Snapshotter
+            from ember.volumes.copyup import attach
+
+            snap = Snapshotter(home)
+            for info in found:
+                attach(snap, info)
+        yield [info.path for info in found]
 
 
 #: the longest address an extra host's ``host-gateway`` can become (``check_room``)

@@ -20,6 +20,7 @@ it; a free lock on a transient (builder's) snapshot means its builder died, and
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -27,7 +28,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
@@ -292,6 +293,21 @@ class Snapshotter:
     def stat(self, key: str) -> SnapshotInfo:
         d, kind = self._locate(key)
         return self._info(d, kind)
+
+    def set_labels(self, key: str, changes: Mapping[str, str | None]) -> None:
+        """Change an active snapshot's labels (None removes one), in one atomic write of
+        its metadata.  The caller serializes its own changes (a volume's lock)."""
+        d, kind = self._locate(key)
+        if kind is not Kind.ACTIVE:
+            raise SnapshotError(f"snapshot {key!r} is {kind.value}: only an active one's labels change")
+        meta = self._meta(d)
+        labels = dict(meta.labels)
+        for name, value in changes.items():
+            if value is None:
+                labels.pop(name, None)
+            else:
+                labels[name] = value
+        atomic_write(d / META, dataclasses.replace(meta, labels=labels).dump())
 
     def path(self, key: str) -> Path:
         """The disk image of a snapshot."""

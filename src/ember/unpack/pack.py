@@ -20,13 +20,16 @@ applier (``sandbox.apply_streams``), which applies it as it applies a layer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ember import process
 from ember.unpack.errors import UnpackError
 from ember.unpack.sandbox import detach_from_parent, enter_root
 
@@ -71,48 +74,59 @@ class Packer:
             return
         self.__exit__()  # a packer still writing gets EPIPE and ends
         message = _read_all(self.verdict_fd).decode("utf-8", "replace")[:_MESSAGE_LIMIT]
-        os.close(self.verdict_fd)
         _, status = os.waitpid(self.pid, 0)
         self.pid = 0
+        self._close_verdict()
         if status != 0:
             why = message or f"it {_exit_text(status)}"
             raise UnpackError(f"cannot read the image's files at {self.target}: {why}")
 
     def kill(self) -> None:
-        """Stop the packer at once (the apply failed or was interrupted)."""
+        """Stop the packer at once (the apply failed or was interrupted).  Idempotent."""
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            self.__exit__()
-            os.close(self.verdict_fd)
             os.waitpid(self.pid, 0)
             self.pid = 0
+        self.__exit__()
+        self._close_verdict()
+
+    def _close_verdict(self) -> None:
+        if self.verdict_fd >= 0:
+            os.close(self.verdict_fd)
+            self.verdict_fd = -1
 
 
-def start_packer(root: str | os.PathLike[str], target: str) -> Packer | None:
+def start_packer(root: str | os.PathLike[str], target: str, *, skip: Sequence[str] = ()) -> Packer | None:
     """Fork a packer chroot-ed into ``root`` for directory ``target`` (absolute, inside
     the root); None when ``target`` is no directory there (absent, a file, or a
-    symlink that leads to no directory inside the root)."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    symlink that leads to no directory inside the root).  ``skip``: names left out
+    of the archive in ``target`` itself."""
+    fds: list[int] = []
     try:
+        fds.append(root_fd := os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         verdict_r, verdict_w = os.pipe2(os.O_CLOEXEC)
+        fds += (verdict_r, verdict_w)
         data_r, data_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        fds += (data_r, data_w)
+        pid = process.fork()
         if pid == 0:
-            _packer_child(root_fd, target, verdict_w, data_w)  # never returns
-    finally:
-        os.close(root_fd)
-    os.close(verdict_w)
-    os.close(data_w)
+            _packer_child(root_fd, target, frozenset(skip), verdict_w, data_w)  # never returns
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for fd in (root_fd, verdict_w, data_w):
+        os.close(fd)
     packer = Packer(pid, data_r, verdict_r, target)
     try:
         verdict = os.read(verdict_r, 1)
+        if verdict == _DIRECTORY:
+            return packer
+        packer.finish()  # raises what it failed on, if it did
     except BaseException:
         packer.kill()
         raise
-    if verdict == _DIRECTORY:
-        return packer
-    packer.finish()  # raises what it failed on, if it did
     if verdict != _NONE:
         raise UnpackError(f"cannot read the image's files at {target}: the reader ended without a word")
     return None
@@ -134,7 +148,7 @@ def _exit_text(status: int) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
-def _packer_child(root_fd: int, target: str, verdict_w: int, data_w: int) -> None:
+def _packer_child(root_fd: int, target: str, skip: frozenset[str], verdict_w: int, data_w: int) -> None:
     """Never returns: writes the verdict, then the archive of ``target``, then ``_exit``s."""
     code = 1
     try:
@@ -149,7 +163,7 @@ def _packer_child(root_fd: int, target: str, verdict_w: int, data_w: int) -> Non
                 return
             os.write(verdict_w, _DIRECTORY)
             with os.fdopen(data_w, "wb", buffering=1 << 20) as out:
-                write_tree(out)
+                write_tree(out, skip)
             code = 0
         except BaseException as e:
             text = f"{getattr(e, 'strerror', None) or e}"
@@ -161,7 +175,7 @@ def _packer_child(root_fd: int, target: str, verdict_w: int, data_w: int) -> Non
         os._exit(code)
 
 
-def write_tree(out: BinaryIO) -> None:
+def write_tree(out: BinaryIO, skip: frozenset[str] = frozenset()) -> None:
     """Write the tree under the working directory to ``out`` as a pax archive: the
     directory itself as ``./``, then everything below it, each directory before what
     it holds; hard links as links to the first name of their inode; sockets left out.
@@ -186,7 +200,10 @@ def write_tree(out: BinaryIO) -> None:
             else:
                 tar.addfile(info)
             if stat.S_ISDIR(st.st_mode):
-                stack.extend(f"{path}/{name}" for name in sorted(os.listdir(path), reverse=True))
+                names = sorted(os.listdir(path), reverse=True)
+                if path == ".":
+                    names = [n for n in names if n not in skip]
+                stack.extend(f"{path}/{name}" for name in names)
 
 
 def _header(path: str, st: os.stat_result) -> tarfile.TarInfo | None:
@@ -224,4 +241,69 @@ def _add_file(tar: tarfile.TarFile, info: tarfile.TarInfo, path: str, st: os.sta
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
             raise OSError(0, "changed while it was read", path)
-        tar.addfile(info, f)
+        if st.st_blocks * 512 >= st.st_size:
+            tar.addfile(info, f)
+            return
+        # Holes: a GNU sparse 1.0 member holds only the data (the applier makes the holes
+        # again), so the work is the file's blocks, not its size (8 GiB of `truncate`
+        # took 23 s, written whole, and filled a volume)
+        regions = data_regions(fd, st.st_size)
+        sparse = _SparseData(fd, regions)
+        info.pax_headers = {
+            **info.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+            "GNU.sparse.name": info.name, "GNU.sparse.realsize": str(st.st_size),
+        }  # fmt: skip
+        head, _, tail = info.name.rpartition("/")
+        info.name = f"{head}/GNUSparseFile.0/{tail}"
+        info.size = sparse.size
+        tar.addfile(info, sparse)  # type: ignore[arg-type]
+
+
+def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) runs of data of a file of ``size`` bytes (SEEK_DATA and
+    SEEK_HOLE), ended by a (size, 0) entry when it ends in a hole, as GNU tar writes."""
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from here
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        regions.append((start, end - start))
+        pos = end
+    if not regions or sum(regions[-1]) < size:
+        regions.append((size, 0))
+    return regions
+
+
+class _SparseData:
+    """A GNU sparse 1.0 member's data, read as a file: the map (its entry count and
+    each offset and length, one decimal a line, padded to a block), then the data runs."""
+
+    def __init__(self, fd: int, regions: list[tuple[int, int]]) -> None:
+        text = f"{len(regions)}\n" + "".join(f"{o}\n{n}\n" for o, n in regions)
+        blocks = -(-len(text) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        self._map = text.encode().ljust(blocks, b"\0")
+        self._fd = fd
+        self._runs = [r for r in regions if r[1]]
+        self.size = len(self._map) + sum(n for _, n in self._runs)
+
+    def read(self, n: int) -> bytes:
+        """``n`` bytes (fewer only at the end): tarfile's copy takes a short read for an end."""
+        out = bytearray()
+        if self._map:
+            out += self._map[:n]
+            self._map = self._map[n:]
+        while len(out) < n and self._runs:
+            offset, length = self._runs[0]
+            data = os.pread(self._fd, min(n - len(out), length), offset)
+            if not data:
+                raise OSError(0, "the file ended early")
+            out += data
+            self._runs[0] = (offset + len(data), length - len(data))
+            if self._runs[0][1] == 0:
+                self._runs.pop(0)
+        return bytes(out)

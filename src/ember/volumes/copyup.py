@@ -1,27 +1,33 @@
-"""Docker's copy-up: an empty volume gets the image's files at its target.
+"""Docker's copy-up: a new volume gets the image's files at its target.
 
 ``docker run -v NAME:/data IMAGE`` copies what IMAGE has at /data into volume
-NAME when the volume is empty, owner and mode of /data itself included, unless the mount says ``nocopy``; a volume that holds anything is
-mounted as it is.  ember does the same when ``ember run`` makes a machine
-(not at later starts, as Docker copies when it creates a container).
+NAME when the volume is empty, owner and mode of /data itself included, unless
+the mount says ``nocopy``.  ember does the same when ``ember run`` makes a
+machine (not at later starts, as Docker copies when it creates a container),
+for a volume no machine has had attached yet: a *pristine* one (a label on its
+snapshot, set when it is made, cleared under its lock before the first VMM that
+gets it starts).  That is stricter than Docker's "empty": a volume a machine had
+and left empty is not copied into.  It is so because the host then never
+mounts a file system a guest wrote: a guest owns its volume's disk, and could
+write one that crashes the host kernel's ext4 (``errors=panic`` in its
+superblock, a crafted directory block), or plant names that steer the copy.
 
-Empty means: nothing in the volume's root but an empty ``lost+found``
-directory, which every new ext4 has.  The volume was written by a guest, so its
-root is looked at and changed through descriptors only, never through a path
-a symlink could bend.  The image's files are read by ``ember.unpack.pack`` in
-a child chroot-ed into the image's (read-only) root file system and written by
-the layer applier chroot-ed into a staging directory in the volume:
+The image's files are read by ``ember.unpack.pack`` in a child chroot-ed into the
+image's read-only top snapshot and written by the layer applier chroot-ed into
+a staging directory in the volume.  Where a copy stands is kept in another label
+(``COPY_UP``), never in names inside the volume:
 
-1. ``.ember-copy-up`` is made in the volume's root and filled;
-2. it is renamed ``.ember-copy-up.done`` once its files are on the disk;
-3. its entries are renamed into the volume's root, and the root takes the
-   owner, mode and extended attributes of the image's directory;
-4. the emptied staging directory is removed.
+1. ``staging``: ``.ember-copy-up`` is made in the volume's root and filled, then
+   synced;
+2. ``moving``: it is renamed ``.ember-copy-up.done``, its entries are renamed into
+   the volume's root, which takes the owner, mode and xattrs of the image's
+   directory, and it is removed; the file system is synced;
+3. the label goes, and so does the pristine one: the volume holds the image's
+   files, and is never copied into again.
 
-A copy killed during step 1 leaves a staging directory in an otherwise empty
-volume: the next copy removes it and starts again.  One killed during step 3
-leaves the ``.done`` one, which the next copy finishes.  Either way a volume
-never looks populated before it is.
+A copy killed in step 1 is thrown away (the staging directory removed) by the
+next ``run`` or start that attaches the volume, a run then copying afresh; one
+killed in step 2 is finished by it.  So no machine ever sees half a copy.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from ember.snapshots import interrupts
 from ember.snapshots.loop import syncfs
 from ember.snapshots.snapshotter import Snapshotter
 from ember.unpack.errors import UnpackError
@@ -38,10 +45,11 @@ from ember.unpack.pack import Packer, start_packer
 from ember.unpack.sandbox import LayerStream, apply_streams
 from ember.volumes.errors import VolumeError
 from ember.volumes.spec import volume_key
+from ember.volumes.store import COPY_UP, PRISTINE, VolumeInfo
 
 STAGING = ".ember-copy-up"
 STAGED = ".ember-copy-up.done"
-_LOST_FOUND = "lost+found"
+_STAGING, _MOVING = "staging", "moving"
 
 
 class _NoHash:
@@ -51,34 +59,72 @@ class _NoHash:
         pass
 
 
-def copy_up(snap: Snapshotter, image_root_key: str, volume: str, target: str) -> bool:
+def copy_up(snap: Snapshotter, image_root_key: str, volume: VolumeInfo, target: str) -> bool:
     """Copy what committed snapshot ``image_root_key`` (an image's top) has at directory
-    ``target`` into volume ``volume`` if that is empty; whether it copied.  The caller
-    holds the volume's lock (``Volumes.holding``) and no machine has it attached."""
-    with snap.mount(volume_key(volume)) as vol:
-        root_fd = os.open(vol, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    ``target`` into ``volume`` if it is pristine; whether it copied.  The caller holds
+    the volume's lock (``Volumes.holding``) and no machine has it attached."""
+    if not volume.pristine:
+        return False
+    key = volume_key(volume.name)
+    if settle(snap, volume):
+        return True  # an earlier run's copy, now finished
+    with snap.mount(image_root_key) as image:
+        packer = start_packer(image, target, skip=(STAGING, STAGED))
+        if packer is None:
+            return False
         try:
-            if _is_dir(root_fd, STAGED):
-                _finish(root_fd)  # a copy killed while it moved its files in
-                syncfs(vol)
-                return True
-            if not _empty(root_fd):
-                return False
-            with snap.mount(image_root_key) as image:
-                packer = start_packer(image, target)
-                if packer is None:
-                    return False
+            snap.set_labels(key, {COPY_UP: _STAGING})
+            with snap.mount(key) as vol:
                 try:
-                    _stage(vol, root_fd, packer, volume)
+                    _stage(vol, packer, volume)
                 except BaseException:
-                    packer.kill()
+                    with interrupts.deferred():  # (_stage removed what it staged)
+                        snap.set_labels(key, {COPY_UP: None})
                     raise
-            os.rename(STAGING, STAGED, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-            _finish(root_fd)
+                snap.set_labels(key, {COPY_UP: _MOVING})
+                _move_in(vol)
+        except BaseException:
+            packer.kill()
+            raise
+    # copied: never again (a later run finds a volume that holds something)
+    snap.set_labels(key, {COPY_UP: None, PRISTINE: None})
+    return True
+
+
+def settle(snap: Snapshotter, volume: VolumeInfo) -> bool:
+    """Finish (``moving``) or throw away (``staging``) an interrupted copy into ``volume``;
+    whether it finished one."""
+    if volume.copy_up is None:
+        return False
+    key = volume_key(volume.name)
+    finished = volume.copy_up == _MOVING
+    with snap.mount(key) as vol:
+        if finished:
+            _move_in(vol)
+        else:
+            _remove_staging(vol)
             syncfs(vol)
-            return True
-        finally:
-            os.close(root_fd)
+    snap.set_labels(key, {COPY_UP: None, **({PRISTINE: None} if finished else {})})
+    return finished
+
+
+def attach(snap: Snapshotter, volume: VolumeInfo) -> None:
+    """Before a machine first gets ``volume``: settle its copy-up, then it is no longer
+    pristine (from now on a guest writes it, and the host does not mount it again)."""
+    if not volume.pristine:
+        return
+    settle(snap, volume)
+    snap.set_labels(volume_key(volume.name), {PRISTINE: None})
+
+
+def _remove_staging(vol: Path) -> None:
+    root = os.open(vol, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in (STAGING, STAGED):
+            if _is_dir(root, name):
+                shutil.rmtree(name, dir_fd=root)
+    finally:
+        os.close(root)
 
 
 def _is_dir(dir_fd: int, name: str) -> bool:
@@ -88,28 +134,12 @@ def _is_dir(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _empty(root_fd: int) -> bool:
-    """Nothing in the root but an empty ``lost+found`` directory (and a staging
-    directory left by a copy that was killed: removed here)."""
-    for name in os.listdir(root_fd):
-        if name == _LOST_FOUND and _is_dir(root_fd, name):
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
-            try:
-                if os.listdir(fd):
-                    return False
-            finally:
-                os.close(fd)
-        elif name != STAGING or not _is_dir(root_fd, name):
-            return False
-    if _is_dir(root_fd, STAGING):
-        shutil.rmtree(STAGING, dir_fd=root_fd)
-    return True
-
-
-def _stage(vol: Path, root_fd: int, packer: Packer, volume: str) -> None:
-    """The image's files into ``STAGING``, through the applier chroot-ed there, and on
-    the volume's disk before the staging directory is renamed."""
-    os.mkdir(STAGING, 0o700, dir_fd=root_fd)
+def _stage(vol: Path, packer: Packer, volume: VolumeInfo) -> None:
+    """The image's files into ``STAGING`` through the applier chroot-ed there, on the
+    volume's disk before the caller moves on.  On any failure the staging directory is
+    removed (the volume is left as it was) before the error goes on."""
+    _remove_staging(vol)  # one a cleanup could not remove (the volume is ember's alone)
+    os.mkdir(vol / STAGING, 0o700)
     try:
         apply_streams(
             vol / STAGING,
@@ -119,36 +149,53 @@ def _stage(vol: Path, root_fd: int, packer: Packer, volume: str) -> None:
         )
         packer.finish()
         syncfs(vol)
-    except UnpackError as e:
-        # a partial copy is no copy: the volume is left empty, as it was
-        shutil.rmtree(STAGING, dir_fd=root_fd, ignore_errors=True)
-        if "No space left on device" in e.message:
-            raise VolumeError(
-                f"volume {volume} has no room for the image's files at {packer.target}",
-                hint=f"use a larger volume (ember volume create {volume} --size ...), or "
-                f"-v {volume}:{packer.target}:nocopy to mount it empty",
-            ) from None
-        raise VolumeError(f"cannot copy the image's files into volume {volume}: {e.message}") from None
+    except BaseException as e:
+        with interrupts.deferred():  # a Ctrl-C now waits for the removal
+            shutil.rmtree(vol / STAGING, ignore_errors=True)
+        if isinstance(e, UnpackError):
+            raise _copy_failed(e, volume, packer.target) from None
+        if isinstance(e, OSError):
+            raise VolumeError(f"cannot copy the image's files into volume {volume.name}: "
+                              f"{e.strerror or e}") from None  # fmt: skip
+        raise
 
 
-def _finish(root_fd: int) -> None:
-    """Move the staged entries into the volume's root and give the root the staged
-    directory's owner, mode and xattrs (not its times, as Docker's copy: the moves
-    changed them); remove what is left of it.  Safe to run
-    again after being killed at any point."""
-    staged = os.open(STAGED, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+def _copy_failed(e: UnpackError, volume: VolumeInfo, target: str) -> VolumeError:
+    if "No space left on device" in e.message:
+        return VolumeError(
+            f"volume {volume.name} ({volume.size >> 20} MiB) has no room for the image's files at {target}",
+            hint=f"make it larger (ember volume rm {volume.name}; ember volume create {volume.name} "
+            f"--size ...), or mount it empty: -v {volume.name}:{target}:nocopy",
+        )
+    return VolumeError(f"cannot copy the image's files into volume {volume.name}: {e.message}")
+
+
+def _move_in(vol: Path) -> None:
+    """Step 2: the staged entries into the volume's root, which takes the staged
+    directory's owner, mode and xattrs (not its times, as Docker's copy); what is left
+    of it removed.  Safe to run again after being killed at any point."""
+    root = os.open(vol, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for name in os.listdir(staged):
-            try:
-                os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                os.rename(name, name, src_dir_fd=staged, dst_dir_fd=root_fd)
-            # else: the root has it already (lost+found), and keeps its own
-        st = os.fstat(staged)
-        os.chown(root_fd, st.st_uid, st.st_gid)
-        os.chmod(root_fd, stat.S_IMODE(st.st_mode))  # after chown, which may clear setgid
-        for name in os.listxattr(staged):
-            os.setxattr(root_fd, name, os.getxattr(staged, name))
+        if not _is_dir(root, STAGED):
+            if not _is_dir(root, STAGING):
+                return  # moved in and removed: killed before the label went
+            os.rename(STAGING, STAGED, src_dir_fd=root, dst_dir_fd=root)
+        staged = os.open(STAGED, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        try:
+            for name in os.listdir(staged):
+                try:
+                    os.stat(name, dir_fd=root, follow_symlinks=False)
+                except FileNotFoundError:
+                    os.rename(name, name, src_dir_fd=staged, dst_dir_fd=root)
+                # else: the root has it already (its lost+found), and keeps its own
+            st = os.fstat(staged)
+            os.chown(root, st.st_uid, st.st_gid)
+            os.chmod(root, stat.S_IMODE(st.st_mode))  # after chown, which may clear setgid
+            for name in os.listxattr(staged):
+                os.setxattr(root, name, os.getxattr(staged, name))
+        finally:
+            os.close(staged)
+        shutil.rmtree(STAGED, dir_fd=root)
     finally:
-        os.close(staged)
-    shutil.rmtree(STAGED, dir_fd=root_fd)
+        os.close(root)
+    syncfs(vol)

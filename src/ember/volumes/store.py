@@ -31,6 +31,12 @@ from ember.volumes.spec import volume_key
 
 #: what ``ember volume create`` and a ``run -v`` of a new name make
 DEFAULT_VOLUME_SIZE = 1 << 30
+#: ember's own labels on a volume's snapshot (never shown as the volume's labels):
+#: no machine has had it attached yet (only ember wrote to it; ``copyup``)
+PRISTINE = "ember.pristine"
+#: a copy-up under way: ``staging`` or ``moving`` (``copyup``)
+COPY_UP = "ember.copy-up"
+_OWN = "ember."
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,17 @@ class VolumeInfo:
     path: Path
     created: float
     labels: dict[str, str] = field(default_factory=dict)
+    #: no machine has had it attached: what it holds, ember wrote (its copy-up)
+    pristine: bool = False
+    #: a copy-up that was interrupted: ``staging`` or ``moving``
+    copy_up: str | None = None
 
     @classmethod
     def of(cls, info: SnapshotInfo) -> VolumeInfo:
+        own = {k: v for k, v in info.labels.items() if k == "volume" or k.startswith(_OWN)}
         return cls(info.name.removeprefix(PREFIX), info.size, info.path, info.created,
-                   {k: v for k, v in info.labels.items() if k != "volume"})  # fmt: skip
+                   {k: v for k, v in info.labels.items() if k not in own},
+                   pristine=PRISTINE in own, copy_up=own.get(COPY_UP))  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -119,7 +131,7 @@ class Volumes:
         # the lease first: gc never sees the disk unprotected (a lease left by a create
         # killed before its disk was made names nothing; this one takes it over)
         snap.leases.create(key, exist_ok=True, snapshots=[key], labels={"volume": name})
-        made = snap.prepare(key, None, size=size, labels={**labels, "volume": name})
+        made = snap.prepare(key, None, size=size, labels={**labels, "volume": name, PRISTINE: "1"})
         return VolumeInfo.of(snap.stat(made.key))
 
     @staticmethod
