@@ -19,6 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <termios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -27,9 +29,10 @@
 #include "init.h"
 
 #define FRAME_IN_MAX (128 * 1024)  /* a request from the host: keep in step with execproto.py */
-#define FRAME_OUT_MAX (32 * 1024)  /* one virtio-serial write is at most 32 KiB, whole */
-#define STDIN_MAX (1024 * 1024)    /* stdin held for a command that has not read it yet */
 #define HDR 5
+#define FRAME_OUT_MAX (32 * 1024 - HDR) /* a frame is one virtio-serial write (32 KiB) */
+#define OUT_HIGH (64 * 1024)       /* frames queued for the host before the pipes wait */
+#define STDIN_MAX (1024 * 1024)    /* stdin held for a command that has not read it yet */
 
 enum { S_NONE, S_RUNNING, S_ENDING };
 
@@ -38,8 +41,10 @@ struct eport {
 	char dev[64];        /* the port's device (for reopening); "" for the test socket */
 	int hup;             /* no host connected: not polled until SIGIO or the retry time */
 	int broken;          /* a malformed frame: ignore everything until the host hangs up */
-	unsigned char in[HDR + FRAME_IN_MAX];
+	unsigned char *in;   /* a frame being read (HDR + FRAME_IN_MAX, while a host is there) */
 	size_t inlen;
+	unsigned char *out;  /* frames for the host, written as the port takes them */
+	size_t olen, ocap;
 	int state;
 	pid_t pid;
 	int sin, sout, serr; /* the command's pipes, -1 once closed */
@@ -47,6 +52,7 @@ struct eport {
 	size_t plen;
 	int close_stdin;     /* close sin once pending is written */
 	int status, reaped;
+	int tty;             /* sout is a terminal's master (serr unused) */
 };
 
 static struct eport P[EXEC_PORTS];
@@ -68,32 +74,36 @@ static uint32_t get32(const unsigned char *p)
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* One frame to the host, in one write when the port takes it (a virtio port takes a
- * write of up to 32 KiB whole or not at all); waits a while when it is full. */
+/* Queue a frame for the host (written by flush_out as the port takes it: init never
+ * waits on a host, and never drops what it queued; the command's output waits instead,
+ * OUT_HIGH) */
 static void send_frame(struct eport *p, char type, const void *data, size_t n)
 {
-	unsigned char buf[HDR + FRAME_OUT_MAX];
-	if (p->fd < 0 || n > FRAME_OUT_MAX)
-		return;
-	buf[0] = (unsigned char)type;
-	put32(buf + 1, (uint32_t)n);
-	memcpy(buf + HDR, data, n);
-	size_t len = HDR + n, off = 0;
-	long long deadline = now_ms() + 10000;
-	while (off < len) {
-		ssize_t w = write(p->fd, buf + off, len - off);
-		if (w > 0) {
-			off += (size_t)w;
-			continue;
-		}
+	if (p->fd < 0 || p->hup)
+		return; /* nobody to send it to */
+	if (p->olen + HDR + n > p->ocap) {
+		p->ocap = p->olen + HDR + n + OUT_HIGH;
+		p->out = xrealloc(p->out, p->ocap);
+	}
+	unsigned char *f = p->out + p->olen;
+	f[0] = (unsigned char)type;
+	put32(f + 1, (uint32_t)n);
+	memcpy(f + HDR, data, n);
+	p->olen += HDR + n;
+}
+
+static void flush_out(struct eport *p)
+{
+	while (p->olen > 0) {
+		/* a virtio port takes a write of up to 32 KiB whole, or none of it */
+		size_t n = p->olen < 32 * 1024 ? p->olen : 32 * 1024;
+		ssize_t w = write(p->fd, p->out, n);
 		if (w < 0 && errno == EINTR)
 			continue;
-		if (w < 0 && errno == EAGAIN && now_ms() < deadline) {
-			struct pollfd q = {.fd = p->fd, .events = POLLOUT};
-			poll(&q, 1, 50);
-			continue;
-		}
-		return; /* the host went away (or stopped reading for 10 s) */
+		if (w <= 0)
+			return; /* full (EAGAIN): POLLOUT says when to go on; gone: POLLHUP */
+		memmove(p->out, p->out + w, p->olen - (size_t)w);
+		p->olen -= (size_t)w;
 	}
 }
 
@@ -122,16 +132,31 @@ static void reset(struct eport *p)
 	p->state = S_NONE;
 	p->pid = 0;
 	p->reaped = 0;
+	p->tty = 0;
 }
 
-/* The host hung up: its command goes too, as a closed terminal ends a shell's. */
+/* The session ends before its command: the command goes (its process group). */
+static void end_session(struct eport *p)
+{
+	if (p->state != S_NONE && p->pid > 0 && !p->reaped) {
+		kill(-p->pid, SIGKILL);
+		kill(p->pid, SIGKILL); /* one that has not made its own group (setsid) yet */
+	}
+	reset(p);
+}
+
+/* The host hung up: its command goes too, as a closed terminal ends a shell's; what was
+ * queued for it and read from it goes. */
 static void host_gone(struct eport *p)
 {
-	if (p->state != S_NONE && p->pid > 0 && !p->reaped)
-		kill(-p->pid, SIGKILL);
-	reset(p);
+	end_session(p);
 	p->broken = 0;
 	p->inlen = 0;
+	free(p->in);
+	p->in = NULL;
+	free(p->out);
+	p->out = NULL;
+	p->olen = p->ocap = 0;
 }
 
 static int connect_test(void)
@@ -183,11 +208,13 @@ struct request {
 	const char *user, *workdir;
 	int want_stdin, detach;
 	const char *nonce;
+	int tty, rows, cols; /* a terminal for the command, of this size */
 };
 
 /* The payload: NUL-terminated strings, each tagged by its first byte: 'a' an argument,
  * 'e' an environment entry, 'u' the user, 'w' the working directory, 'i' stdin wanted,
- * 'd' detached, 'n' the host's nonce (echoed in the start frame).  NULL when malformed. */
+ * 'd' detached, 'n' the host's nonce (echoed in the start frame), 't' a terminal of
+ * "ROWS COLS".  -1 when malformed. */
 static int parse_request(unsigned char *data, size_t n, struct request *r, char *err, size_t errlen)
 {
 	memset(r, 0, sizeof(*r));
@@ -221,6 +248,14 @@ static int parse_request(unsigned char *data, size_t n, struct request *r, char 
 		case 'i': r->want_stdin = 1; break;
 		case 'd': r->detach = 1; break;
 		case 'n': r->nonce = s + 1; break;
+		case 't':
+			r->tty = 1;
+			if (sscanf(s + 1, "%d %d", &r->rows, &r->cols) != 2 || r->rows < 0 || r->cols < 0 ||
+			    r->rows > 65535 || r->cols > 65535) {
+				snprintf(err, errlen, "invalid terminal size");
+				return -1;
+			}
+			break;
 		default:
 			snprintf(err, errlen, "unknown exec request field");
 			return -1;
@@ -283,16 +318,60 @@ static void child_fail(int fd, const char *what, const char *arg, int e, int cod
 	_exit(code);
 }
 
+/* A pseudo-terminal's master (close-on-exec, non-blocking) and its slave's path; -1 when
+ * none can be had.  /dev/ptmx is devtmpfs's; --test's private /dev has none, and the
+ * devpts instance's own ptmx serves then. */
+static int open_terminal(const struct request *r, char *slave, size_t len)
+{
+	int m = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+	if (m < 0)
+		m = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+	if (m < 0)
+		return -1;
+	int unlock = 0;
+	if (ioctl(m, TIOCSPTLCK, &unlock) < 0 || ptsname_r(m, slave, len) != 0) {
+		close(m);
+		return -1;
+	}
+	struct winsize ws = {.ws_row = (unsigned short)r->rows, .ws_col = (unsigned short)r->cols};
+	ioctl(m, TIOCSWINSZ, &ws);
+	return m;
+}
+
+/* The request's nonce ("" when it has none or is malformed before it) */
+static const char *nonce_of(const unsigned char *data, size_t n)
+{
+	if (n == 0 || data[n - 1] != 0)
+		return "";
+	for (size_t i = 0; i < n; i += strlen((const char *)data + i) + 1)
+		if (data[i] == 'n')
+			return (const char *)data + i + 1;
+	return "";
+}
+
+/* 'R': the request's nonce, a NUL, why (a refusal a later client reads is not its own) */
+static void refuse(struct eport *p, const unsigned char *data, size_t n, const char *why)
+{
+	char buf[512];
+	const char *nonce = nonce_of(data, n);
+	size_t a = strnlen(nonce, 64), b = strnlen(why, sizeof(buf) - 66);
+	memcpy(buf, nonce, a);
+	buf[a] = 0;
+	memcpy(buf + a + 1, why, b);
+	send_frame(p, 'R', buf, a + 1 + b);
+}
+
 static void start(struct eport *p, unsigned char *data, size_t n)
 {
 	char err[300];
 	struct request r;
 	if (p->state != S_NONE) {
-		/* a new host connection that came before init saw the last one go */
-		host_gone(p);
+		/* a new host connection that came before init saw the last one go (frames for
+		 * the old one still queued go to the new one, which ignores them: the nonce) */
+		end_session(p);
 	}
 	if (parse_request(data, n, &r, err, sizeof(err)) < 0) {
-		send_text(p, 'R', err);
+		refuse(p, data, n, err);
 		free(r.argv);
 		free(r.env);
 		return;
@@ -301,7 +380,7 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 	const struct exec_user *u = base.user;
 	if (r.user && r.user[0]) {
 		if (resolve_user(r.user, "/etc/passwd", "/etc/group", &own, err, sizeof(err)) < 0) {
-			send_text(p, 'R', err);
+			refuse(p, data, n, err);
 			free(r.argv);
 			free(r.env);
 			return;
@@ -312,8 +391,17 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 	char **env = session_env(&r, u == base.user ? NULL : (u->home ? u->home : "/"), &made);
 	const char *workdir = r.workdir ? r.workdir : base.workdir;
 	int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
-	int ok = 1;
-	if (!r.detach) {
+	int ok = 1, master = -1;
+	char slave[64] = "";
+	if (!r.detach && r.tty) {
+		/* one stream both ways: the terminal's master is stdin (a dup) and output */
+		master = open_terminal(&r, slave, sizeof(slave));
+		ok = master >= 0;
+		if (ok) {
+			out[0] = master;
+			in[1] = r.want_stdin ? fcntl(master, F_DUPFD_CLOEXEC, 3) : -1;
+		}
+	} else if (!r.detach) {
 		ok = pipe2(out, O_CLOEXEC) == 0 && pipe2(errp, O_CLOEXEC) == 0 &&
 		     (!r.want_stdin || pipe2(in, O_CLOEXEC) == 0);
 	}
@@ -324,9 +412,24 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		setsid();
 		int devnull = open("/dev/null", O_RDWR);
-		dup2(in[0] >= 0 ? in[0] : devnull, 0);
-		dup2(out[1] >= 0 ? out[1] : devnull, 1);
-		dup2(errp[1] >= 0 ? errp[1] : devnull, 2);
+		if (slave[0]) {
+			/* the session's controlling terminal; stdin too, even without -i (as
+			 * docker's -t): a shell then sees a terminal, whose input never comes */
+			int t = open(slave, O_RDWR);
+			if (t < 0)
+				child_fail(devnull, "open", slave, errno, EXIT_CANNOT_EXEC);
+			ioctl(t, TIOCSCTTY, 0);
+			for (int fd = 0; fd < 3; fd++)
+				dup2(t, fd);
+			if (t > 2)
+				close(t);
+		} else {
+			dup2(in[0] >= 0 ? in[0] : devnull, 0);
+			dup2(out[1] >= 0 ? out[1] : devnull, 1);
+			dup2(errp[1] >= 0 ? errp[1] : devnull, 2);
+		}
+		if (devnull > 2)
+			close(devnull);
 		int cd = chdir(workdir) < 0 ? errno : 0;
 		if (cd && cd != EACCES && cd != EPERM)
 			child_fail(2, "chdir", workdir, cd, EXIT_CANNOT_EXEC);
@@ -353,10 +456,11 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 		close_fd(&out[0]);
 		close_fd(&errp[0]);
 		snprintf(err, sizeof(err), "cannot start the command: %s", strerror(fork_errno));
-		send_text(p, 'R', err);
+		refuse(p, data, n, err);
 	} else {
 		send_text(p, 'N', r.nonce ? r.nonce : "");
 		if (!r.detach) {
+			p->tty = r.tty;
 			p->state = S_RUNNING;
 			p->pid = pid;
 			p->sin = in[1];
@@ -377,8 +481,8 @@ static void start(struct eport *p, unsigned char *data, size_t n)
  * sends is ignored until it hangs up (there is no telling where a next frame starts). */
 static void protocol_error(struct eport *p, const char *what)
 {
-	send_text(p, 'R', what);
-	host_gone(p);
+	refuse(p, (const unsigned char *)"", 0, what);
+	end_session(p);
 	p->broken = 1;
 }
 
@@ -403,6 +507,13 @@ static void frame(struct eport *p, unsigned char type, unsigned char *data, size
 	case 'C':
 		p->close_stdin = 1;
 		break;
+	case 'W':
+		if (n == 4 && p->state == S_RUNNING && p->tty && p->sout >= 0) {
+			struct winsize ws = {.ws_row = (unsigned short)(data[0] << 8 | data[1]),
+			                     .ws_col = (unsigned short)(data[2] << 8 | data[3])};
+			ioctl(p->sout, TIOCSWINSZ, &ws);
+		}
+		break;
 	case 'S':
 		if (n == 4 && p->state == S_RUNNING && !p->reaped) {
 			uint32_t sig = get32(data);
@@ -415,23 +526,34 @@ static void frame(struct eport *p, unsigned char type, unsigned char *data, size
 	}
 }
 
-static void read_port(struct eport *p)
+/* The host hung up (or never came): look again on SIGIO, or a while later */
+static void hung_up(struct eport *p)
+{
+	host_gone(p);
+	p->hup = 1;
+	if (test_socket)
+		close_fd(&p->fd);
+	long long again = now_ms() + (test_socket ? 100 : 1000);
+	if (retry_at < 0 || again < retry_at)
+		retry_at = again;
+}
+
+static void read_port(struct eport *p, short revents)
 {
 	for (;;) {
-		if (p->plen > STDIN_MAX)
-			return; /* the command reads its stdin first */
-		ssize_t n = read(p->fd, p->in + p->inlen, sizeof(p->in) - p->inlen);
+		if (p->plen > STDIN_MAX) {
+			/* the command reads its stdin first; a host that left meanwhile ends it */
+			if (revents & (POLLHUP | POLLERR))
+				hung_up(p);
+			return;
+		}
+		if (!p->in)
+			p->in = xrealloc(NULL, HDR + FRAME_IN_MAX);
+		ssize_t n = read(p->fd, p->in + p->inlen, HDR + FRAME_IN_MAX - p->inlen);
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n == 0) { /* the host hung up (or never came) */
-			host_gone(p);
-			p->hup = 1;
-			if (test_socket)
-				close_fd(&p->fd);
-			/* SIGIO says when a host connects; in case it never comes, look anyway */
-			long long again = now_ms() + (test_socket ? 100 : 1000);
-			if (retry_at < 0 || again < retry_at)
-				retry_at = again;
+		if (n == 0) {
+			hung_up(p);
 			return;
 		}
 		if (n < 0)
@@ -440,7 +562,7 @@ static void read_port(struct eport *p)
 			continue;
 		p->inlen += (size_t)n;
 		size_t off = 0;
-		while (p->inlen - off >= HDR) {
+		while (!p->broken && p->inlen - off >= HDR) {
 			uint32_t len = get32(p->in + off + 1);
 			if (len > FRAME_IN_MAX) {
 				protocol_error(p, "exec frame too long");
@@ -450,8 +572,6 @@ static void read_port(struct eport *p)
 				break;
 			frame(p, p->in[off], p->in + off + HDR, len);
 			off += HDR + len;
-			if (p->broken)
-				break;
 		}
 		if (p->broken) {
 			p->inlen = 0;
@@ -490,7 +610,7 @@ static void pump_output(struct eport *p, int *fd, char type)
 	ssize_t n = read(*fd, buf, sizeof(buf));
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return;
-	if (n <= 0) {
+	if (n <= 0) { /* (a terminal's master reads EIO once its last slave is closed) */
 		close_fd(fd);
 		return;
 	}
@@ -528,11 +648,13 @@ int exec_pollfds(struct pollfd *fds, int max, long long *wake)
 	}
 	for (int i = 0; i < nports && n + 4 <= max; i++) {
 		struct eport *p = &P[i];
-		short ev = p->plen > STDIN_MAX ? 0 : POLLIN;
+		short ev = (short)((p->plen > STDIN_MAX ? 0 : POLLIN) | (p->olen ? POLLOUT : 0));
+		/* the command's output waits while the host is behind (never dropped) */
+		int out_ok = p->olen < OUT_HIGH;
 		fds[n++] = (struct pollfd){p->fd >= 0 && !p->hup ? p->fd : -1, ev, 0};
 		fds[n++] = (struct pollfd){p->plen ? p->sin : -1, POLLOUT, 0};
-		fds[n++] = (struct pollfd){p->sout, POLLIN, 0};
-		fds[n++] = (struct pollfd){p->serr, POLLIN, 0};
+		fds[n++] = (struct pollfd){out_ok ? p->sout : -1, POLLIN, 0};
+		fds[n++] = (struct pollfd){out_ok ? p->serr : -1, POLLIN, 0};
 	}
 	if (retry_at >= 0 && (*wake < 0 || retry_at < *wake))
 		*wake = retry_at;
@@ -544,8 +666,10 @@ void exec_handle(struct pollfd *fds, int n)
 	for (int i = 0; i < nports && 4 * i + 3 < n; i++) {
 		struct eport *p = &P[i];
 		struct pollfd *f = fds + 4 * i;
+		if (f[0].fd >= 0 && f[0].revents & POLLOUT)
+			flush_out(p);
 		if (f[0].fd >= 0 && f[0].revents & (POLLIN | POLLHUP | POLLERR))
-			read_port(p);
+			read_port(p, f[0].revents);
 		if (f[1].fd >= 0 && f[1].revents && p->sin >= 0)
 			pump_stdin(p);
 		if (p->close_stdin && p->plen == 0)
@@ -555,6 +679,8 @@ void exec_handle(struct pollfd *fds, int n)
 		if (f[3].fd >= 0 && f[3].revents && p->serr >= 0)
 			pump_output(p, &p->serr, 'e');
 		maybe_end(p);
+		if (p->olen && p->fd >= 0)
+			flush_out(p); /* at once, not only on the next POLLOUT */
 	}
 }
 

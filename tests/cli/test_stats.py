@@ -19,7 +19,7 @@ from ember.machines.state import MachineState, VMConfig
 from ember.machines.store import MachineStore
 from ember.process import proc_start_time
 from tests.machines.records import network_json
-from tests.support.cli import ember_env, run_ember
+from tests.support.cli import EMBER, ember_env, run_ember
 
 
 @pytest.fixture
@@ -81,3 +81,29 @@ def test_stats_of_named_machines_says_each_missing_one(tmp_path: Path) -> None:
     assert none.returncode == 1 and none.stdout == ""
     bad = _stats(tmp_path, "--format", "{{.Nope}}")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_streamed_machine_is_looked_up_again_each_second(tmp_path: Path, vmm: int) -> None:
+    """A restarted machine (another VMM) shows its new VMM's figures, not its old one's."""
+    home = Home(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    st = _record(home, "up", status=mstate.RUNNING, started_at=mstate.now(),
+                 vmm_pid=gone.pid, vmm_start=1, network={**network_json(), "tap": "lo"},
+                 monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))  # fmt: skip
+    proc = subprocess.Popen([EMBER, "stats", "--format", "{{.Name}} {{.CPUPerc}}", "up"],
+                            env=ember_env(tmp_path), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "up 0.00%\n"  # its VMM is gone
+        with mstate.update(MachineStore(home).dir(st.id)) as cur:  # `ember restart`
+            cur.vmm_pid, cur.vmm_start = vmm, proc_start_time(vmm)
+        for _ in range(10):
+            line = proc.stdout.readline()
+            if line != "up 0.00%\n":
+                break
+        name, cpu = line.split()
+        assert name == "up" and (cpu == "--" or float(cpu.rstrip("%")) > 10), line
+    finally:
+        proc.kill()
+        proc.wait()

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,6 +252,23 @@ def test_a_volume_left_mounted_by_a_killed_machine_mounts_read_only(
     assert ember("volume", "rm", "vrec").returncode == 0
 
 
+def _read_until(fd: int, token: bytes, timeout: float = 60) -> bytes:
+    """Read a terminal's master until ``token`` comes, answering cursor position queries
+    as a terminal does."""
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while token not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], seen
+        data = os.read(fd, 4096)
+        if b"\x1b[6n" in data:  # busybox's line editing asks where the cursor is
+            os.write(fd, b"\x1b[1;1R")
+        seen += data
+    return seen
+
+
 def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str) -> None:
     res = ember("run", "-d", "--name", "host", "-e", "FROM_RUN=run", busybox, "sleep", "600")
     assert res.returncode == 0, res.stderr
@@ -260,6 +278,29 @@ def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str) -> No
         piped = ember("exec", "-i", "-e", "X=1", "-u", "app", "-w", "/tmp", "host", "sh", "-c",
                       'cat; echo "$X $(id -un) $(pwd)"', input="through stdin\n")  # fmt: skip
         assert (piped.returncode, piped.stdout) == (0, "through stdin\n1 app /tmp\n"), piped.stderr
+        # a terminal (its size the client's: 24 x 80 when it has none), output on stdout
+        # (its CRLFs read back as newlines by the text-mode capture)
+        term = ember("exec", "-t", "host", "sh", "-c", "tty; stty size; echo e >&2")
+        assert (term.returncode, term.stdout) == (0, "/dev/pts/0\n24 80\ne\n"), term.stderr
+        # on a real terminal: raw while it runs, Ctrl-C a key for the command's terminal
+        master, slave = os.openpty()
+        try:
+            proc = subprocess.Popen(["ip", "netns", "exec", ember.netns, EMBER, "exec", "-it", "host", "sh"],
+                                    stdin=slave, stdout=slave, stderr=slave, env=ember.env())  # fmt: skip
+            _read_until(master, b"# ")  # its prompt: busybox's sh has a terminal
+            os.write(master, b"echo go; sleep 100\n")
+            _read_until(master, b"\r\ngo\r\n")  # (the line itself is echoed first)
+            time.sleep(0.5)  # the sleep runs
+            os.write(master, b"\x03")  # SIGINT for it, by its terminal in the guest
+            os.write(master, b"echo after-$?; exit 7\n")
+            _read_until(master, b"after-130")
+            assert proc.wait(60) == 7
+            assert termios.tcgetattr(slave)[3] & termios.ECHO  # the terminal restored
+        finally:
+            os.close(master)
+            os.close(slave)
+        not_tty = ember("exec", "-it", "host", "true", input="")
+        assert not_tty.returncode == 2 and "not a terminal" in not_tty.stderr
         missing = ember("exec", "host", "no-such-command")
         assert missing.returncode == 127 and "executable file not found" in missing.stderr
         refused = ember("exec", "-u", "nobody-here", "host", "true")

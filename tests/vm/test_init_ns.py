@@ -16,8 +16,10 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ from ember.machines.execproto import (
     FrameReader,
     exit_code,
     frame,
+    refusal,
+    resize_frame,
+    signal_frame,
     stdin_frames,
 )
 from ember.vm.errors import InvalidRunConfig
@@ -1243,13 +1248,14 @@ class ExecHost:
         self.listener.listen(1)
         self.listener.settimeout(30)
 
-    def session(self, request: ExecRequest, stdin: bytes = b"", hang_up: bool = False
-                ) -> tuple[list[tuple[bytes, bytes]], bytes, bytes, int | None]:  # fmt: skip
-        """Frames, stdout, stderr and exit code of one session (None: none came)."""
+    def session(self, request: ExecRequest, stdin: bytes = b"", hang_up: bool = False,
+                first: bytes = b"") -> tuple[list[tuple[bytes, bytes]], bytes, bytes, int | None]:  # fmt: skip
+        """Frames, stdout, stderr and exit code of one session (None: none came);
+        ``first``: frames sent after the request, before its stdin."""
         conn, _ = self.listener.accept()
         with conn:
             conn.settimeout(30)
-            conn.sendall(request.encode())
+            conn.sendall(request.encode() + first)
             if request.stdin:
                 for f in stdin_frames(stdin):
                     conn.sendall(f)
@@ -1298,8 +1304,10 @@ def test_exec_sessions_run_beside_the_program(root: Path, running: list[Running]
         # a command that is not there: the program's words and code
         _, _, err, code = host.session(ExecRequest(["no-such-command"]))
         assert code == 127 and b"executable file not found in $PATH" in err
-        frames, _, _, code = host.session(ExecRequest(["true"], user="nobody-here"))
-        assert frames[-1][0] == REFUSED and b"nobody-here" in frames[-1][1] and code is None
+        frames, _, _, code = host.session(ExecRequest(["true"], user="nobody-here", nonce="n2"))
+        assert frames[-1][0] == REFUSED and code is None
+        nonce, why = refusal(frames[-1][1])
+        assert nonce == "n2" and "nobody-here" in why
         # a host that hangs up takes its command with it; a detached one stays
         host.session(ExecRequest(["sleep", "1000"]), hang_up=True)
         host.session(ExecRequest(["sh", "-c", "sleep 0.3; touch /detached"], user="root", detach=True),
@@ -1307,11 +1315,88 @@ def test_exec_sessions_run_beside_the_program(root: Path, running: list[Running]
         _, out, _, _ = host.session(ExecRequest(["sh", "-c", "sleep 0.6; ps -o comm,args"]))
         assert b"sleep 1000" not in out, out
         assert (root / "detached").exists()
+        # a terminal: its size, then another one; input echoed, output on stdout only
+        _, out, err, code = host.session(
+            ExecRequest(["sh", "-c", "tty; stty size; read x; stty size; echo $x >&2; exit 4"],
+                        user="root", stdin=True, tty=(30, 100)),
+            stdin=b"typed\n", first=resize_frame(40, 120),
+        )  # fmt: skip
+        assert code == 4 and err == b"", (out, err)
+        assert b"/dev/pts/0\r\n" in out and out.count(b"40 120\r\n") == 2, out
+        assert out.count(b"typed\r\n") == 2, out  # the terminal's echo, then the command's
+        _, out, _, code = host.session(ExecRequest(["stty", "size"], tty=(30, 100)))
+        assert (out, code) == (b"30 100\r\n", 0)
         # a malformed request is refused, and the port works again after the hang-up
-        frames, _, _, _ = host.session(ExecRequest([], env=["A=1"]))
-        assert frames == [(REFUSED, b"no command")]
+        frames, _, _, _ = host.session(ExecRequest([], env=["A=1"], nonce="n3"))
+        assert frames == [(REFUSED, b"n3\0no command")]
     finally:
         (root / "stop").touch()
         host.close()
     res = r.finish()
     assert res.returncode == 0 and res.stdout.endswith("stopped\n"), res.console
+
+
+def _frames_until(conn: socket.socket, reader: FrameReader, done: Callable[[list[tuple[bytes, bytes]]], bool]
+                  ) -> list[tuple[bytes, bytes]]:  # fmt: skip
+    frames: list[tuple[bytes, bytes]] = []
+    while not done(frames):
+        data = conn.recv(1 << 16)
+        assert data, frames
+        frames += reader.feed(data)
+    return frames
+
+
+def test_exec_sessions_hold_up_against_odd_hosts(root: Path, running: list[Running]) -> None:
+    """A second request on one connection, a host that does not read, stdin the command
+    never reads, signals: nothing lost, nothing left running, init not stalled."""
+    host = ExecHost(root)
+    r = Running(root, sh(WAIT_FOR_STOP), exec_socket=True)
+    running.append(r)
+    try:
+        r.wait_for_line("ready")
+        # a new request on a port whose session runs: the old command goes, the new runs
+        conn, _ = host.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.sendall(ExecRequest(["sleep", "1000"], nonce="a").encode())
+            conn.sendall(ExecRequest(["echo", "second"], nonce="b").encode())
+            frames = _frames_until(conn, FrameReader(), lambda f: bool(f) and f[-1][0] == EXIT)
+        assert [f for f in frames if f[0] != STARTED] == [(STDOUT, b"second\n"), (EXIT, b"\0\0\0\0")]
+        # a host that reads nothing for a while: the output waits, whole
+        conn, _ = host.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.sendall(ExecRequest(["sh", "-c", "yes 0123456789 | head -c 3000000; exit 7"]).encode())
+            time.sleep(1.5)
+            frames = _frames_until(conn, FrameReader(), lambda f: bool(f) and f[-1][0] == EXIT)
+        out = b"".join(p for k, p in frames if k == STDOUT)
+        assert (len(out), out[:11], exit_code(frames[-1][1])) == (3000000, b"0123456789\n", 7)
+        # a signal for the command
+        conn, _ = host.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.sendall(ExecRequest(["sh", "-c", "trap 'echo got-usr1; exit 9' USR1; echo up; "
+                                      "while :; do sleep 0.05; done"]).encode())  # fmt: skip
+            reader = FrameReader()
+            _frames_until(conn, reader, lambda f: (STDOUT, b"up\n") in f)
+            conn.sendall(signal_frame(signal.SIGUSR1))
+            frames = _frames_until(conn, reader, lambda f: bool(f) and f[-1][0] == EXIT)
+        assert frames == [(STDOUT, b"got-usr1\n"), (EXIT, b"\0\0\0\x09")]
+        # 1.5 MB of stdin a command never reads, then a hang-up: the command goes, and
+        # the port takes the next session
+        conn, _ = host.listener.accept()
+        with conn:
+            conn.sendall(ExecRequest(["sleep", "1001"], stdin=True).encode())
+            conn.settimeout(5)
+            try:
+                for f in stdin_frames(b"x" * 1_500_000):
+                    conn.sendall(f)
+            except TimeoutError:
+                pass  # (init stopped reading: the command reads its stdin first)
+        _, out, _, code = host.session(ExecRequest(["sh", "-c", "sleep 0.3; ps -o args"]))
+        assert code == 0 and b"sleep 100" not in out, out
+    finally:
+        (root / "stop").touch()
+        host.close()
+    res = r.finish()
+    assert res.returncode == 0, res.console

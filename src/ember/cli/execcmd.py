@@ -19,14 +19,16 @@ from ember.cli.common import home_from_ctx
               help="Run as this user (default: the program's).")
 @click.option("-w", "--workdir", default="", metavar="DIR",
               help="Start in this directory (default: the program's).")
-@click.option("-t", "--tty", is_flag=True, hidden=True)
+@click.option("-t", "--tty", is_flag=True,
+              help="Give it a terminal (its output then all comes on stdout).")
 @click.argument("machine")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(interactive: bool, detach: bool, env: tuple[str, ...], user: str, workdir: str,
           tty: bool, machine: str, command: tuple[str, ...]) -> None:  # fmt: skip
     """Run COMMAND in the running MACHINE, with the program's environment, user and
     working directory unless -e, -u or -w say otherwise; exit with its exit code.
-    Ctrl-C is passed on to it; a second one, or this command's end, ends it."""
+    Ctrl-C is passed on to it (with -t, it is a key for its terminal); a second one, or
+    this command's end, ends it."""
     from ember.cli.machines import find_machine
     from ember.errors import UsageError
     from ember.machines.execclient import run_exec
@@ -34,17 +36,16 @@ def exec_(interactive: bool, detach: bool, env: tuple[str, ...], user: str, work
     from ember.machines.options import parse_env
     from ember.machines.store import MachineStore
 
-    if tty:
-        raise UsageError("ember exec has no terminal mode (-t) yet",
-                         hint="run without -t (with -i for stdin): the command's output comes "
-                              "back as it is written")  # fmt: skip
+    if tty and interactive and not sys.stdin.isatty():
+        raise UsageError("the input device is not a terminal: use -i without -t")
     if workdir and not workdir.startswith("/"):
         raise UsageError(f"-w {workdir!r}: the working directory must be an absolute path")
     if detach and interactive:
         raise UsageError("-d and -i cannot be used together")
     home = home_from_ctx()
     st = find_machine(machine, home)
-    request = ExecRequest(list(command), parse_env(env, os.environ), user, workdir, detach=detach)
+    request = ExecRequest(list(command), parse_env(env, os.environ), user, workdir, detach=detach,
+                          tty=(0, 0) if tty else None)  # (its size: the client's terminal's)
     code = run_exec(MachineStore(home).dir(st.id), st, request,
                     stdin_fd=sys.stdin.fileno() if interactive else None)  # fmt: skip
     raise SystemExit(code)

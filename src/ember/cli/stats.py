@@ -59,8 +59,8 @@ def stats(show_all: bool, no_stream: bool, no_trunc: bool, format_text: str | No
     redraw = not no_stream and sys.stdout.isatty()
     while True:
         time.sleep(NO_STREAM_WINDOW if no_stream else INTERVAL)
-        if not no_stream and not machines:  # machines started or ended meanwhile
-            chosen = _machines(home, machines, show_all)
+        if not no_stream:  # started, restarted (another VMM), ended or removed meanwhile
+            chosen = _machines(home, machines, show_all, missing_ok=True)
         now = _samples(chosen)
         text = _render(chosen, before, now, template, no_trunc)
         if redraw:
@@ -71,9 +71,11 @@ def stats(show_all: bool, no_stream: bool, no_trunc: bool, format_text: str | No
         before = now
 
 
-def _machines(home: Home, refs: tuple[str, ...], show_all: bool) -> list[MachineState]:
-    """The machines named (each missing one said, exit 1 if none is found), else the
-    running ones (all with ``show_all``), newest first."""
+def _machines(home: Home, refs: tuple[str, ...], show_all: bool, *, missing_ok: bool = False
+              ) -> list[MachineState]:  # fmt: skip
+    """The machines named (each missing one said, exit 1 if none is found; ``missing_ok``:
+    left out quietly, as one removed while the table streams), else the running ones
+    (all with ``show_all``), newest first."""
     from ember.machines.lifecycle import refresh
     from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
@@ -85,9 +87,11 @@ def _machines(home: Home, refs: tuple[str, ...], show_all: bool) -> list[Machine
             try:
                 found.append(refresh(home, store.find(ref)))
             except EmberError as e:
+                if missing_ok:
+                    continue
                 say_error(e)
                 failed = e.exit_code
-        if not found:
+        if not found and not missing_ok:
             raise SystemExit(failed or 1)
         return found
     machines, _ = store.scan()
@@ -95,14 +99,22 @@ def _machines(home: Home, refs: tuple[str, ...], show_all: bool) -> list[Machine
     return [m for m in machines if show_all or m.status == RUNNING]
 
 
-def _samples(machines: list[MachineState]) -> dict[str, Sample | None]:
+#: a machine's VMM: a restarted machine's samples are not measured against its last VMM's
+_VMMKey = tuple[str, int | None, int | None]
+
+
+def _vmm(m: MachineState) -> _VMMKey:
+    return m.id, m.vmm_pid, m.vmm_start
+
+
+def _samples(machines: list[MachineState]) -> dict[_VMMKey, Sample | None]:
     from ember.machines.statsprobe import sample
 
-    return {m.id: sample(m) for m in machines}
+    return {_vmm(m): sample(m) for m in machines}
 
 
-def _render(machines: list[MachineState], before: dict[str, Sample | None],
-            now: dict[str, Sample | None], template: Template | None, no_trunc: bool) -> str:  # fmt: skip
+def _render(machines: list[MachineState], before: dict[_VMMKey, Sample | None],
+            now: dict[_VMMKey, Sample | None], template: Template | None, no_trunc: bool) -> str:  # fmt: skip
     import os
 
     from ember.cli.goformat import Row, align
@@ -112,10 +124,10 @@ def _render(machines: list[MachineState], before: dict[str, Sample | None],
     rows = []
     for m in machines:
         limit = m.vm.memory_mib << 20
-        current = now.get(m.id)
+        current = now.get(_vmm(m))
         used = (
             Usage.stopped(limit) if current is None
-            else usage(before.get(m.id), current, memory_limit=limit, ticks_per_second=ticks)
+            else usage(before.get(_vmm(m)), current, memory_limit=limit, ticks_per_second=ticks)
         )  # fmt: skip
         ident = m.id if no_trunc else m.short_id
         rows.append({"Container": ident, "ID": ident, "Name": m.name, **columns(used)})

@@ -47,3 +47,18 @@ class MachineRestarting(MachineRunning):
 
 class MachineNotRunning(UsageError, MachineError):
     """The operation needs a running machine."""
+
+
+class ExecError(MachineError):
+    """An ``ember exec`` session could not be started or went wrong (exit status 126, as
+    docker's for a command it cannot invoke)."""
+
+    exit_code = 126
+
+
+class ExecBusy(ExecError):
+    """Every exec port of the machine has a session."""
+
+
+class ExecProtocolError(ExecError):
+    """The guest sent something that is not a frame of the exec protocol."""

@@ -11,6 +11,7 @@ Hanging up ends the command (unless detached), as a closed terminal ends a shell
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ember.machines import execproto as proto
-from ember.machines.errors import MachineError, MachineNotRunning
+from ember.machines.errors import ExecBusy, ExecError, MachineNotRunning
 from ember.machines.state import MachineState
 from ember.vm.vmm.base import exec_sockets, unix_address
 
@@ -32,18 +33,8 @@ START_TIMEOUT = 60.0
 #: what ``ember exec`` exits with when the machine stopped under its command (docker's
 #: code for a container killed under an exec)
 MACHINE_GONE = 137
-#: signals passed on to the command
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class ExecError(MachineError):
-    """A session could not be started (exit status 126, as docker's)."""
-
-    exit_code = 126
-
-
-class ExecBusy(ExecError):
-    pass
+#: signals passed on to the command (SIGHUP hangs up: the caller's terminal went away)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @contextlib.contextmanager
@@ -150,6 +141,14 @@ class _Session:
 
     def _signals(self, wake: int) -> None:
         for signum in os.read(wake, 64):
+            if signum == signal.SIGHUP:
+                # the caller is gone (its terminal closed, the agent's client died): hang
+                # up, which ends the command, as a closed terminal ends a shell
+                raise SystemExit(128 + signum)
+            if signum == signal.SIGWINCH:
+                if self.started:
+                    self.send(proto.resize_frame(*_size(self.out_fd)))
+                continue
             if not self.started or (signum == signal.SIGINT and self.interrupted):
                 # before the command runs, or a second Ctrl-C: hang up (which ends it)
                 raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
@@ -164,12 +163,15 @@ class _Session:
         if not data:
             return MACHINE_GONE  # the machine stopped (its VMM closed the socket)
         for kind, payload in self.reader.feed(data):
+            if kind == proto.REFUSED:
+                # ours (or one whose request the guest could not read); another one is the
+                # end of an earlier client's session, as any frame before our start is
+                theirs, why = proto.refusal(payload)
+                if theirs in ("", nonce):
+                    raise ExecError(f"cannot run the command: {why}")
+                continue
             if not self.started:
-                # what came before our start belongs to an earlier client's session
-                if kind == proto.STARTED and payload == nonce.encode():
-                    self.started = True
-                elif kind == proto.REFUSED:
-                    raise ExecError(f"cannot run the command: {payload.decode('utf-8', 'replace')}")
+                self.started = kind == proto.STARTED and payload == nonce.encode()
                 continue
             if kind == proto.STDOUT:
                 _write_all(self.out_fd, payload)
@@ -200,18 +202,20 @@ def run_exec(d: Path, st: MachineState, request: proto.ExecRequest, *, stdin_fd:
     if not vmm_alive(st):
         raise MachineNotRunning(f"machine {st.name} is not running")
     nonce = secrets.token_hex(8)
-    payload = proto.ExecRequest(request.argv, request.env, request.user, request.workdir,
-                                stdin=stdin_fd is not None, detach=request.detach, nonce=nonce)  # fmt: skip
+    terminal = request.tty is not None and not request.detach
+    payload = dataclasses.replace(request, stdin=stdin_fd is not None, nonce=nonce,
+                                  tty=_size(out_fd) if terminal else None)  # fmt: skip
     try:
         opening = payload.encode()
     except ValueError as e:
         raise ExecError(f"cannot run the command: {e}") from None
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    old = {s: signal.getsignal(s) for s in FORWARDED}
+    signals = FORWARDED + (signal.SIGHUP,) + ((signal.SIGWINCH,) if terminal else ())
+    old = {s: signal.getsignal(s) for s in signals}
     try:
-        for s in FORWARDED:
+        for s in signals:
             signal.signal(s, lambda signum, _frame: _note(wake_w, signum))
-        with _port(d, st.name) as sock:
+        with _port(d, st.name) as sock, _raw(stdin_fd if terminal else None):
             session = _Session(sock, None if request.detach else stdin_fd, out_fd, err_fd)
             session.send(opening)
             return session.run(nonce, wake_r, until_started=request.detach)
@@ -220,6 +224,33 @@ def run_exec(d: Path, st: MachineState, request: proto.ExecRequest, *, stdin_fd:
             signal.signal(s, handler)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _size(fd: int) -> tuple[int, int]:
+    """The terminal's (rows, columns) at ``fd``, else 24 x 80."""
+    try:
+        size = os.get_terminal_size(fd)
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+@contextlib.contextmanager
+def _raw(fd: int | None) -> Iterator[None]:
+    """The terminal at ``fd`` in raw mode meanwhile (keys go to the command as they are
+    typed: Ctrl-C is a byte for its terminal, not a signal for this process)."""
+    if fd is None or not os.isatty(fd):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _note(fd: int, signum: int) -> None:

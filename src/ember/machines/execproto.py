@@ -3,8 +3,9 @@
 One session per exec port (docs/guest.md, "Exec").  A frame is a type byte, a
 4-byte big-endian payload length and the payload.  The host sends ``O`` (open:
 the request), ``I`` (stdin bytes), ``C`` (stdin ends), ``S`` (a signal for the
-command, 4 bytes); the guest answers ``N`` (started: the request's nonce) or
-``R`` (refused: why), then ``o``/``e`` (stdout, stderr bytes) and ``X`` (the exit
+command, 4 bytes), ``W`` (its terminal's new size: rows and columns, 2 bytes each);
+the guest answers ``N`` (started: the request's nonce) or
+``R`` (refused: the request's nonce, a NUL, why), then ``o``/``e`` (stdout, stderr bytes) and ``X`` (the exit
 code, 4 bytes: 128 + N for a command killed by signal N).
 """
 
@@ -14,7 +15,9 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-OPEN, STDIN, STDIN_END, SIGNAL = b"O", b"I", b"C", b"S"
+from ember.machines.errors import ExecProtocolError
+
+OPEN, STDIN, STDIN_END, SIGNAL, RESIZE = b"O", b"I", b"C", b"S", b"W"
 STARTED, REFUSED, STDOUT, STDERR, EXIT = b"N", b"R", b"o", b"e", b"X"
 _HEADER = struct.Struct(">cI")
 #: the longest frame the guest takes (init/src/exec.c FRAME_IN_MAX)
@@ -23,10 +26,6 @@ MAX_IN = 128 * 1024
 MAX_OUT = 32 * 1024
 #: stdin bytes per frame
 STDIN_CHUNK = 32 * 1024
-
-
-class ExecProtocolError(Exception):
-    """The other side sent something that is not a frame of this protocol."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,9 @@ class ExecRequest:
     stdin: bool = False
     detach: bool = False
     nonce: str = ""
+    #: a terminal of (rows, columns) for the command (``-t``): its output all comes as
+    #: stdout then
+    tty: tuple[int, int] | None = None
 
     def encode(self) -> bytes:
         """The ``O`` frame.  ValueError when it cannot be one (a NUL in a string, too long)."""
@@ -56,6 +58,9 @@ class ExecRequest:
             fields.append(b"d")
         if self.nonce:
             fields.append(b"n" + _text(self.nonce))
+        if self.tty is not None:
+            rows, cols = (max(0, min(v, 0xFFFF)) for v in self.tty)
+            fields.append(f"t{rows} {cols}".encode())
         payload = b"".join(f + b"\0" for f in fields)
         if len(payload) > MAX_IN:
             raise ValueError(f"the command and its environment take more than {MAX_IN >> 10} KiB")
@@ -80,6 +85,16 @@ def stdin_frames(data: bytes) -> Iterator[bytes]:
 
 def signal_frame(signum: int) -> bytes:
     return frame(SIGNAL, struct.pack(">I", signum))
+
+
+def resize_frame(rows: int, cols: int) -> bytes:
+    return frame(RESIZE, struct.pack(">HH", max(0, min(rows, 0xFFFF)), max(0, min(cols, 0xFFFF))))
+
+
+def refusal(payload: bytes) -> tuple[str, str]:
+    """An ``R`` frame's nonce (empty: the guest could not tell it) and message."""
+    nonce, _, why = payload.partition(b"\0")
+    return nonce.decode("ascii", "replace"), why.decode("utf-8", "replace")
 
 
 def exit_code(payload: bytes) -> int:
