@@ -43,8 +43,8 @@ struct eport {
 	int broken;          /* a malformed frame: ignore everything until the host hangs up */
 	unsigned char *in;   /* a frame being read (HDR + FRAME_IN_MAX, while a host is there) */
 	size_t inlen;
-	unsigned char *out;  /* frames for the host, written as the port takes them */
-	size_t olen, ocap;
+	unsigned char *out;  /* frames for the host, written as the port takes them: */
+	size_t ohead, olen, ocap; /* out[ohead .. ohead + olen) */
 	int state;
 	pid_t pid;
 	int sin, sout, serr; /* the command's pipes, -1 once closed */
@@ -81,30 +81,41 @@ static void send_frame(struct eport *p, char type, const void *data, size_t n)
 {
 	if (p->fd < 0 || p->hup)
 		return; /* nobody to send it to */
-	if (p->olen + HDR + n > p->ocap) {
-		p->ocap = p->olen + HDR + n + OUT_HIGH;
-		p->out = xrealloc(p->out, p->ocap);
+	if (p->ohead + p->olen + HDR + n > p->ocap) {
+		memmove(p->out, p->out + p->ohead, p->olen);
+		p->ohead = 0;
+		if (p->olen + HDR + n > p->ocap) {
+			p->ocap = p->olen + HDR + n + OUT_HIGH;
+			p->out = xrealloc(p->out, p->ocap);
+		}
 	}
-	unsigned char *f = p->out + p->olen;
+	unsigned char *f = p->out + p->ohead + p->olen;
 	f[0] = (unsigned char)type;
 	put32(f + 1, (uint32_t)n);
 	memcpy(f + HDR, data, n);
 	p->olen += HDR + n;
 }
 
+static void hung_up(struct eport *p);
+
 static void flush_out(struct eport *p)
 {
 	while (p->olen > 0) {
 		/* a virtio port takes a write of up to 32 KiB whole, or none of it */
 		size_t n = p->olen < 32 * 1024 ? p->olen : 32 * 1024;
-		ssize_t w = write(p->fd, p->out, n);
+		ssize_t w = write(p->fd, p->out + p->ohead, n);
 		if (w < 0 && errno == EINTR)
 			continue;
-		if (w <= 0)
-			return; /* full (EAGAIN): POLLOUT says when to go on; gone: POLLHUP */
-		memmove(p->out, p->out + w, p->olen - (size_t)w);
+		if (w < 0 && errno == EAGAIN)
+			return; /* full: POLLOUT says when to go on */
+		if (w <= 0) {
+			hung_up(p); /* (a socket the host shut: EPIPE, at once again and again) */
+			return;
+		}
+		p->ohead += (size_t)w;
 		p->olen -= (size_t)w;
 	}
+	p->ohead = 0;
 }
 
 static void send_text(struct eport *p, char type, const char *text)
@@ -138,9 +149,12 @@ static void reset(struct eport *p)
 /* The session ends before its command: the command goes (its process group). */
 static void end_session(struct eport *p)
 {
-	if (p->state != S_NONE && p->pid > 0 && !p->reaped) {
+	if (p->state != S_NONE && p->pid > 0) {
+		/* its group, also once its leader was reaped (a background child that holds the
+		 * output: the group's id is not reused while it has members) */
 		kill(-p->pid, SIGKILL);
-		kill(p->pid, SIGKILL); /* one that has not made its own group (setsid) yet */
+		if (!p->reaped)
+			kill(p->pid, SIGKILL); /* one that has not made its own group (setsid) yet */
 	}
 	reset(p);
 }
@@ -156,7 +170,7 @@ static void host_gone(struct eport *p)
 	p->in = NULL;
 	free(p->out);
 	p->out = NULL;
-	p->olen = p->ocap = 0;
+	p->ohead = p->olen = p->ocap = 0;
 }
 
 static int connect_test(void)
@@ -184,6 +198,8 @@ void exec_setup(const int *fds, const char (*devs)[64], int n, const char *test_
 		nports = 1;
 		P[0].fd = connect_test();
 		P[0].hup = P[0].fd < 0;
+		if (P[0].fd < 0)
+			retry_at = 0;
 		return;
 	}
 	nports = n;
@@ -365,21 +381,22 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 {
 	char err[300];
 	struct request r;
-	if (p->state != S_NONE) {
-		/* a new host connection that came before init saw the last one go (frames for
-		 * the old one still queued go to the new one, which ignores them: the nonce) */
-		end_session(p);
-	}
+	/* a new host connection that came before init saw the last one go ends that one's
+	 * session (frames for it still queued go to the new one, which ignores them: the
+	 * nonce); a session's state never carries over */
+	end_session(p);
 	if (parse_request(data, n, &r, err, sizeof(err)) < 0) {
 		refuse(p, data, n, err);
 		free(r.argv);
 		free(r.env);
 		return;
 	}
-	struct exec_user own;
+	struct exec_user own = {0};
 	const struct exec_user *u = base.user;
 	if (r.user && r.user[0]) {
 		if (resolve_user(r.user, "/etc/passwd", "/etc/group", &own, err, sizeof(err)) < 0) {
+			free(own.groups); /* (what it found before it failed) */
+			free(own.home);
 			refuse(p, data, n, err);
 			free(r.argv);
 			free(r.env);
@@ -391,16 +408,22 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 	char **env = session_env(&r, u == base.user ? NULL : (u->home ? u->home : "/"), &made);
 	const char *workdir = r.workdir ? r.workdir : base.workdir;
 	int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
-	int ok = 1, master = -1;
-	char slave[64] = "";
+	int ok = 1, master = -1, slave = -1;
 	if (!r.detach && r.tty) {
-		/* one stream both ways: the terminal's master is stdin (a dup) and output */
-		master = open_terminal(&r, slave, sizeof(slave));
-		ok = master >= 0;
-		if (ok) {
-			out[0] = master;
-			in[1] = r.want_stdin ? fcntl(master, F_DUPFD_CLOEXEC, 3) : -1;
+		/* one stream both ways: the terminal's master is stdin (a dup) and output; the
+		 * slave is opened here (a master whose slave was never opened never ends) */
+		char name[64];
+		master = open_terminal(&r, name, sizeof(name));
+		slave = master < 0 ? -1 : open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (slave < 0) {
+			close_fd(&master);
+			free(r.argv);
+			free(r.env);
+			refuse(p, data, n, "cannot open a terminal for the command");
+			return;
 		}
+		out[0] = master;
+		in[1] = r.want_stdin ? fcntl(master, F_DUPFD_CLOEXEC, 3) : -1;
 	} else if (!r.detach) {
 		ok = pipe2(out, O_CLOEXEC) == 0 && pipe2(errp, O_CLOEXEC) == 0 &&
 		     (!r.want_stdin || pipe2(in, O_CLOEXEC) == 0);
@@ -412,17 +435,12 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		setsid();
 		int devnull = open("/dev/null", O_RDWR);
-		if (slave[0]) {
+		if (slave >= 0) {
 			/* the session's controlling terminal; stdin too, even without -i (as
 			 * docker's -t): a shell then sees a terminal, whose input never comes */
-			int t = open(slave, O_RDWR);
-			if (t < 0)
-				child_fail(devnull, "open", slave, errno, EXIT_CANNOT_EXEC);
-			ioctl(t, TIOCSCTTY, 0);
+			ioctl(slave, TIOCSCTTY, 0);
 			for (int fd = 0; fd < 3; fd++)
-				dup2(t, fd);
-			if (t > 2)
-				close(t);
+				dup2(slave, fd);
 		} else {
 			dup2(in[0] >= 0 ? in[0] : devnull, 0);
 			dup2(out[1] >= 0 ? out[1] : devnull, 1);
@@ -446,6 +464,7 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 		free(own.groups);
 		free(own.home);
 	}
+	close_fd(&slave);
 	close_fd(&in[0]);
 	close_fd(&out[1]);
 	close_fd(&errp[1]);
@@ -505,7 +524,8 @@ static void frame(struct eport *p, unsigned char type, unsigned char *data, size
 		stdin_data(p, data, n);
 		break;
 	case 'C':
-		p->close_stdin = 1;
+		if (p->state == S_RUNNING)
+			p->close_stdin = 1;
 		break;
 	case 'W':
 		if (n == 4 && p->state == S_RUNNING && p->tty && p->sout >= 0) {
@@ -540,9 +560,11 @@ static void hung_up(struct eport *p)
 
 static void read_port(struct eport *p, short revents)
 {
-	for (;;) {
-		if (p->plen > STDIN_MAX) {
-			/* the command reads its stdin first; a host that left meanwhile ends it */
+	/* a few reads a turn: the rest of the loop (the program's supervision) goes on */
+	for (int reads = 0; reads < 8; reads++) {
+		if (p->plen > STDIN_MAX || p->olen >= OUT_HIGH) {
+			/* the command reads its stdin first, the host its frames (each request
+			 * queues an answer); a host that left meanwhile ends the session */
 			if (revents & (POLLHUP | POLLERR))
 				hung_up(p);
 			return;
@@ -556,8 +578,11 @@ static void read_port(struct eport *p, short revents)
 			hung_up(p);
 			return;
 		}
-		if (n < 0)
-			return; /* EAGAIN: all read */
+		if (n < 0) {
+			if (errno != EAGAIN)
+				hung_up(p); /* (a connection reset) */
+			return;
+		}
 		if (p->broken)
 			continue;
 		p->inlen += (size_t)n;
@@ -648,7 +673,8 @@ int exec_pollfds(struct pollfd *fds, int max, long long *wake)
 	}
 	for (int i = 0; i < nports && n + 4 <= max; i++) {
 		struct eport *p = &P[i];
-		short ev = (short)((p->plen > STDIN_MAX ? 0 : POLLIN) | (p->olen ? POLLOUT : 0));
+		int held = p->plen > STDIN_MAX || p->olen >= OUT_HIGH; /* (read_port) */
+		short ev = (short)((held ? 0 : POLLIN) | (p->olen ? POLLOUT : 0));
 		/* the command's output waits while the host is behind (never dropped) */
 		int out_ok = p->olen < OUT_HIGH;
 		fds[n++] = (struct pollfd){p->fd >= 0 && !p->hup ? p->fd : -1, ev, 0};
@@ -668,7 +694,7 @@ void exec_handle(struct pollfd *fds, int n)
 		struct pollfd *f = fds + 4 * i;
 		if (f[0].fd >= 0 && f[0].revents & POLLOUT)
 			flush_out(p);
-		if (f[0].fd >= 0 && f[0].revents & (POLLIN | POLLHUP | POLLERR))
+		if (f[0].fd >= 0 && !p->hup && f[0].revents & (POLLIN | POLLHUP | POLLERR))
 			read_port(p, f[0].revents);
 		if (f[1].fd >= 0 && f[1].revents && p->sin >= 0)
 			pump_stdin(p);
@@ -679,7 +705,7 @@ void exec_handle(struct pollfd *fds, int n)
 		if (f[3].fd >= 0 && f[3].revents && p->serr >= 0)
 			pump_output(p, &p->serr, 'e');
 		maybe_end(p);
-		if (p->olen && p->fd >= 0)
+		if (p->olen && p->fd >= 0 && !p->hup)
 			flush_out(p); /* at once, not only on the next POLLOUT */
 	}
 }
@@ -694,7 +720,7 @@ void exec_host_changed(void)
 int exec_reaped(pid_t pid, int status)
 {
 	for (int i = 0; i < nports; i++) {
-		if (P[i].state == S_RUNNING && P[i].pid == pid) {
+		if (P[i].state == S_RUNNING && P[i].pid == pid && !P[i].reaped) {
 			P[i].status = status;
 			P[i].reaped = 1;
 			maybe_end(&P[i]);

@@ -30,6 +30,7 @@ from ember.machines.execproto import (
     REFUSED,
     STARTED,
     STDERR,
+    STDIN,
     STDIN_END,
     STDOUT,
     ExecRequest,
@@ -1395,6 +1396,55 @@ def test_exec_sessions_hold_up_against_odd_hosts(root: Path, running: list[Runni
                 pass  # (init stopped reading: the command reads its stdin first)
         _, out, _, code = host.session(ExecRequest(["sh", "-c", "sleep 0.3; ps -o args"]))
         assert code == 0 and b"sleep 100" not in out, out
+    finally:
+        (root / "stop").touch()
+        host.close()
+    res = r.finish()
+    assert res.returncode == 0, res.console
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_exec_sessions_leave_nothing_behind(root: Path, running: list[Running]) -> None:
+    """A stdin end that comes late does not close the next session's stdin; a background
+    child of a command goes with its session; a host that floods requests and reads
+    nothing does not grow init."""
+    host = ExecHost(root)
+    r = Running(root, sh(WAIT_FOR_STOP), exec_socket=True)
+    running.append(r)
+    try:
+        r.wait_for_line("ready")
+        conn, _ = host.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            reader = FrameReader()
+            conn.sendall(ExecRequest(["true"], stdin=True, nonce="a").encode())
+            _frames_until(conn, reader, lambda f: bool(f) and f[-1][0] == EXIT)
+            conn.sendall(frame(STDIN_END))  # late: that session is over
+            conn.sendall(ExecRequest(["cat"], stdin=True, nonce="b").encode()
+                         + frame(STDIN, b"data\n") + frame(STDIN_END))  # fmt: skip
+            frames = _frames_until(conn, reader, lambda f: bool(f) and f[-1][0] == EXIT)
+        assert (STDOUT, b"data\n") in frames, frames
+        # a command's background child, holding its output: gone with the session
+        host.session(ExecRequest(["sh", "-c", "sleep 1002 & echo up"]), hang_up=True)
+        _, out, _, _ = host.session(ExecRequest(["sh", "-c", "sleep 0.3; ps -o args"]))
+        assert b"sleep 1002" not in out, out
+        # 6 MB of requests, none of whose answers is read
+        pid = r.init_pid()
+        before = _rss_kib(pid)
+        conn, _ = host.listener.accept()
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.sendall(b"O\0\0\0\x01\0" * 1_000_000)
+            except TimeoutError:
+                pass  # (init stopped reading: its answers wait for this host)
+            assert _rss_kib(pid) - before < 2048
     finally:
         (root / "stop").touch()
         host.close()
