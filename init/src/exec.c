@@ -53,6 +53,7 @@ struct eport {
 	int close_stdin;     /* close sin once pending is written */
 	int status, reaped;
 	int tty;             /* sout is a terminal's master (serr unused) */
+	char nonce[65];      /* the running session's request's */
 };
 
 static struct eport P[EXEC_PORTS];
@@ -60,6 +61,10 @@ static int nports;
 static const char *test_socket;
 static long long retry_at = -1;
 static struct exec_env base;
+/* the nonces of the last detached starts: a client's request sent again is not started again */
+#define DETACHED_KEPT 16
+static char detached[DETACHED_KEPT][65];
+static int detached_next;
 
 static void put32(unsigned char *p, uint32_t v)
 {
@@ -144,6 +149,7 @@ static void reset(struct eport *p)
 	p->pid = 0;
 	p->reaped = 0;
 	p->tty = 0;
+	p->nonce[0] = 0;
 }
 
 /* The session ends before its command: the command goes (its process group). */
@@ -377,10 +383,29 @@ static void refuse(struct eport *p, const unsigned char *data, size_t n, const c
 	send_frame(p, 'R', buf, a + 1 + b);
 }
 
+static int started_already(const struct eport *p, const char *nonce)
+{
+	if (!nonce[0])
+		return 0;
+	if (p->state == S_RUNNING && !strcmp(p->nonce, nonce))
+		return 1;
+	for (int i = 0; i < DETACHED_KEPT; i++)
+		if (!strcmp(detached[i], nonce))
+			return 1;
+	return 0;
+}
+
 static void start(struct eport *p, unsigned char *data, size_t n)
 {
 	char err[300];
 	struct request r;
+	/* a client that had no answer sends its request again, on a new connection: the
+	 * command it started (still running here, or detached) is not started twice */
+	const char *again = nonce_of(data, n);
+	if (started_already(p, again)) {
+		send_text(p, 'N', again);
+		return;
+	}
 	/* a new host connection that came before init saw the last one go ends that one's
 	 * session (frames for it still queued go to the new one, which ignores them: the
 	 * nonce); a session's state never carries over */
@@ -478,7 +503,12 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 		refuse(p, data, n, err);
 	} else {
 		send_text(p, 'N', r.nonce ? r.nonce : "");
+		if (r.detach && r.nonce) {
+			snprintf(detached[detached_next], sizeof(detached[0]), "%s", r.nonce);
+			detached_next = (detached_next + 1) % DETACHED_KEPT;
+		}
 		if (!r.detach) {
+			snprintf(p->nonce, sizeof(p->nonce), "%s", r.nonce ? r.nonce : "");
 			p->tty = r.tty;
 			p->state = S_RUNNING;
 			p->pid = pid;

@@ -149,3 +149,30 @@ def test_a_fifth_session_is_refused(tmp_path: Path) -> None:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_request_without_an_answer_goes_again_on_a_new_connection(tmp_path: Path) -> None:
+    """ember-init now and then never sees a request that came right after another
+    session's end: the client hangs up and sends it again, with the same nonce."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(exec_sockets(tmp_path)[0]))
+    listener.listen(1)
+    nonces = []
+
+    def guest() -> None:
+        with listener.accept()[0] as lost:  # takes the request, never answers
+            nonces.append(_request(lost)["n"][0])
+            while lost.recv(1 << 16):
+                pass
+        with listener.accept()[0] as conn:
+            nonces.append(nonce := _request(conn)["n"][0])
+            conn.sendall(proto.frame(proto.STARTED, nonce.encode()) + proto.frame(proto.EXIT, b"\0\0\0\5"))
+
+    t = threading.Thread(target=guest, daemon=True)
+    t.start()
+    try:
+        assert run_exec(tmp_path, _machine(), proto.ExecRequest(["x"]), stdin_fd=None) == 5
+    finally:
+        t.join(10)
+        listener.close()
+    assert len(nonces) == 2 and nonces[0] == nonces[1]

@@ -1435,6 +1435,12 @@ def test_exec_sessions_leave_nothing_behind(root: Path, running: list[Running]) 
         host.session(ExecRequest(["sh", "-c", "sleep 1002 & echo up"]), hang_up=True)
         _, out, _, _ = host.session(ExecRequest(["sh", "-c", "sleep 0.3; ps -o args"]))
         assert b"sleep 1002" not in out, out
+        # a request sent again (a client that had no answer): a detached command once
+        for _ in range(2):
+            host.session(ExecRequest(["sh", "-c", "echo run >> /ran"], user="root", detach=True,
+                                     nonce="same"), hang_up=True)  # fmt: skip
+        time.sleep(0.5)
+        assert (root / "ran").read_text() == "run\n"
         # 6 MB of requests, none of whose answers is read
         pid = r.init_pid()
         before = _rss_kib(pid)

@@ -14,13 +14,14 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import selectors
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ember.machines import execproto as proto
@@ -30,6 +31,10 @@ from ember.vm.vmm.base import exec_sockets, unix_address
 
 #: seconds to wait for ember-init to take the request (a machine still booting)
 START_TIMEOUT = 60.0
+#: seconds without an answer after which the request goes again on a new connection:
+#: now and then (a connection that came right after another one's end, on a loaded
+#: host) ember-init never sees a request; init does not start a command twice
+RESEND_AFTER = 3.0
 #: what ``ember exec`` exits with when the machine stopped under its command (docker's
 #: code for a container killed under an exec)
 MACHINE_GONE = 137
@@ -37,9 +42,24 @@ MACHINE_GONE = 137
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def _connect(path: Path, name: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with unix_address(path) as address:
+            s.connect(address)
+    except OSError as e:
+        s.close()
+        if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            raise ExecError(f"machine {name} has no exec port: it was started by an "
+                            "older ember", hint=f"restart it (ember restart {name})") from None  # fmt: skip
+        raise
+    return s
+
+
 @contextlib.contextmanager
-def _port(d: Path, name: str) -> Iterator[socket.socket]:
-    """A connection to the first free exec port of the machine in ``d``, held locked."""
+def _port(d: Path, name: str) -> Iterator[Callable[[], socket.socket]]:
+    """The first free exec port of the machine in ``d``, held locked: a way to connect
+    to it (again)."""
     for n, path in enumerate(exec_sockets(d)):
         fd = os.open(d / f"exec-{n}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -48,18 +68,7 @@ def _port(d: Path, name: str) -> Iterator[socket.socket]:
             os.close(fd)
             continue
         try:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                with unix_address(path) as address:
-                    s.connect(address)
-            except OSError as e:
-                s.close()
-                if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                    raise ExecError(f"machine {name} has no exec port: it was started by an "
-                                    "older ember", hint=f"restart it (ember restart {name})") from None  # fmt: skip
-                raise
-            with s:
-                yield s
+            yield functools.partial(_connect, path, name)
             return
         finally:
             os.close(fd)
@@ -68,13 +77,15 @@ def _port(d: Path, name: str) -> Iterator[socket.socket]:
 
 
 class _Session:
-    def __init__(self, sock: socket.socket, stdin_fd: int | None, out_fd: int, err_fd: int) -> None:
-        self.sock = sock
+    def __init__(self, connect: Callable[[], socket.socket], opening: bytes,
+                 stdin_fd: int | None, out_fd: int, err_fd: int) -> None:  # fmt: skip
+        self.connect, self.opening = connect, opening
+        self.sock = connect()
         self.stdin_fd = stdin_fd
         self.out_fd, self.err_fd = out_fd, err_fd
         self.reader = proto.FrameReader()
         self.sel = selectors.DefaultSelector()
-        self.pending = b""  # frames not yet sent
+        self.pending = opening  # frames not yet sent
         self.started = False
         #: a Ctrl-C was passed on: the next one hangs up
         self.interrupted = False
@@ -89,15 +100,19 @@ class _Session:
         self.sel.register(self.sock, selectors.EVENT_READ)
         self.sel.register(wake, selectors.EVENT_READ)
         deadline = time.monotonic() + START_TIMEOUT
+        resend = time.monotonic() + RESEND_AFTER
         while True:
+            if not self.started and time.monotonic() >= resend:
+                self._reconnect()
+                resend = time.monotonic() + RESEND_AFTER
             if self.started and self.stdin_fd is not None and len(self.pending) < 1 << 20:
                 self._watch(self.stdin_fd, True)
             elif self.stdin_fd is not None:
                 self._watch(self.stdin_fd, False)
             self.sel.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pending else 0))
-            timeout = None if self.started else max(0.0, deadline - time.monotonic())
+            timeout = None if self.started else max(0.0, min(deadline, resend) - time.monotonic())
             events = self.sel.select(timeout)
-            if not events and not self.started:
+            if not events and not self.started and time.monotonic() >= deadline:
                 raise ExecError("the machine did not take the command: its init may predate "
                                 "ember exec", hint="restart the machine")  # fmt: skip
             for key, mask in events:
@@ -114,6 +129,17 @@ class _Session:
                     self._signals(wake)
                 else:
                     self._read_stdin()
+
+    def _reconnect(self) -> None:
+        """The request again, on a new connection (hanging up the old one resets the
+        port's state in ember-init; the same nonce: a command is not started twice)."""
+        self.sel.unregister(self.sock)
+        self.sock.close()
+        self.sock = self.connect()
+        self.sock.setblocking(False)
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.reader = proto.FrameReader()
+        self.pending = self.opening
 
     def _watch(self, fd: int, on: bool) -> None:
         registered = fd in self.sel.get_map()
@@ -215,10 +241,12 @@ def run_exec(d: Path, st: MachineState, request: proto.ExecRequest, *, stdin_fd:
     try:
         for s in signals:
             signal.signal(s, lambda signum, _frame: _note(wake_w, signum))
-        with _port(d, st.name) as sock, _raw(stdin_fd if terminal else None):
-            session = _Session(sock, None if request.detach else stdin_fd, out_fd, err_fd)
-            session.send(opening)
-            return session.run(nonce, wake_r, until_started=request.detach)
+        with _port(d, st.name) as connect, _raw(stdin_fd if terminal else None):
+            session = _Session(connect, opening, None if request.detach else stdin_fd, out_fd, err_fd)
+            try:
+                return session.run(nonce, wake_r, until_started=request.detach)
+            finally:
+                session.sock.close()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
