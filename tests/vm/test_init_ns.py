@@ -1280,6 +1280,23 @@ class ExecHost:
         self.listener.close()
 
 
+@contextlib.contextmanager
+def init_with_exec(root: Path, running: list[Running], rc: RunConfig) -> Iterator[tuple[ExecHost, Running]]:
+    """ember-init running ``rc`` (it waits for /stop), its exec port at an ``ExecHost``;
+    stopped afterwards, and it must end cleanly."""
+    host = ExecHost(root)
+    r = Running(root, rc, exec_socket=True)
+    running.append(r)
+    try:
+        r.wait_for_line("ready")
+        yield host, r
+    finally:
+        (root / "stop").touch()
+        host.close()
+    res = r.finish()
+    assert res.returncode == 0 and res.stdout.endswith("stopped\n"), res.console
+
+
 WAIT_FOR_STOP = "echo ready; while [ ! -e /stop ]; do sleep 0.05; done; echo stopped"
 
 
@@ -1351,11 +1368,7 @@ def _frames_until(conn: socket.socket, reader: FrameReader, done: Callable[[list
 def test_exec_sessions_hold_up_against_odd_hosts(root: Path, running: list[Running]) -> None:
     """A second request on one connection, a host that does not read, stdin the command
     never reads, signals: nothing lost, nothing left running, init not stalled."""
-    host = ExecHost(root)
-    r = Running(root, sh(WAIT_FOR_STOP), exec_socket=True)
-    running.append(r)
-    try:
-        r.wait_for_line("ready")
+    with init_with_exec(root, running, sh(WAIT_FOR_STOP)) as (host, _):
         # a new request on a port whose session runs: the old command goes, the new runs
         conn, _ = host.listener.accept()
         with conn:
@@ -1397,11 +1410,6 @@ def test_exec_sessions_hold_up_against_odd_hosts(root: Path, running: list[Runni
                 pass  # (init stopped reading: the command reads its stdin first)
         _, out, _, code = host.session(ExecRequest(["sh", "-c", "sleep 0.3; ps -o args"]))
         assert code == 0 and b"sleep 100" not in out, out
-    finally:
-        (root / "stop").touch()
-        host.close()
-    res = r.finish()
-    assert res.returncode == 0, res.console
 
 
 def _rss_kib(pid: int) -> int:
@@ -1415,11 +1423,7 @@ def test_exec_sessions_leave_nothing_behind(root: Path, running: list[Running]) 
     """A stdin end that comes late does not close the next session's stdin; a background
     child of a command goes with its session; a host that floods requests and reads
     nothing does not grow init."""
-    host = ExecHost(root)
-    r = Running(root, sh(WAIT_FOR_STOP), exec_socket=True)
-    running.append(r)
-    try:
-        r.wait_for_line("ready")
+    with init_with_exec(root, running, sh(WAIT_FOR_STOP)) as (host, r):
         conn, _ = host.listener.accept()
         with conn:
             conn.settimeout(30)
@@ -1450,8 +1454,3 @@ def test_exec_sessions_leave_nothing_behind(root: Path, running: list[Running]) 
             with contextlib.suppress(TimeoutError):  # (init stops reading: its answers wait)
                 conn.sendall(b"O\0\0\0\x01\0" * 1_000_000)
             assert _rss_kib(pid) - before < 2048
-    finally:
-        (root / "stop").touch()
-        host.close()
-    res = r.finish()
-    assert res.returncode == 0, res.console
