@@ -34,11 +34,10 @@
 #define OUT_HIGH (64 * 1024)       /* frames queued for the host before the pipes wait */
 #define STDIN_MAX (1024 * 1024)    /* stdin held for a command that has not read it yet */
 
-enum { S_NONE, S_RUNNING, S_ENDING };
+enum { S_NONE, S_RUNNING };
 
 struct eport {
 	int fd;
-	char dev[64];        /* the port's device (for reopening); "" for the test socket */
 	int hup;             /* no host connected: not polled until SIGIO or the retry time */
 	int broken;          /* a malformed frame: ignore everything until the host hangs up */
 	unsigned char *in;   /* a frame being read (HDR + FRAME_IN_MAX, while a host is there) */
@@ -191,7 +190,7 @@ static int connect_test(void)
 	return -1;
 }
 
-void exec_setup(const int *fds, const char (*devs)[64], int n, const char *test_path,
+void exec_setup(const int *fds, int n, const char *test_path,
                 const struct exec_env *env)
 {
 	base = *env;
@@ -211,7 +210,6 @@ void exec_setup(const int *fds, const char (*devs)[64], int n, const char *test_
 	nports = n;
 	for (int i = 0; i < n; i++) {
 		P[i].fd = fds[i];
-		snprintf(P[i].dev, sizeof(P[i].dev), "%s", devs[i]);
 		if (P[i].fd >= 0) {
 			/* the driver sends SIGIO when the host connects or hangs up */
 			fcntl(P[i].fd, F_SETOWN, getpid());

@@ -131,8 +131,8 @@ struct exec_env {
 	const char *workdir;
 };
 struct pollfd;
-/* FDS/DEVS: the exec ports (-1: absent); TEST_PATH: a unix socket to connect to instead */
-void exec_setup(const int *fds, const char (*devs)[64], int n, const char *test_path,
+/* FDS: the exec ports (-1: absent); TEST_PATH: a unix socket to connect to instead */
+void exec_setup(const int *fds, int n, const char *test_path,
                 const struct exec_env *env);
 /* Fill at most MAX pollfds (4 per port); *WAKE lowered to when the ports want a look */
 int exec_pollfds(struct pollfd *fds, int max, long long *wake);

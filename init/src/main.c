@@ -1230,8 +1230,7 @@ int main(int argc, char **argv)
 	}
 
 	struct exec_env xenv = {c->env, c->envc, &u, workdir};
-	exec_setup(G.ports + PORT_EXEC, (const char (*)[64])G.port_dev[PORT_EXEC], EXEC_PORTS,
-	           G.exec_path, &xenv);
+	exec_setup(G.ports + PORT_EXEC, EXEC_PORTS, G.exec_path, &xenv);
 
 	mark("configured, starting the program");
 	G.sent_base[0] = port_sent(PORT_STDOUT);
