@@ -2,8 +2,9 @@
 
 One committed snapshot per layer, named by the layer's chain ID, so images that
 share base layers share those snapshots.  Building layer N: clone the
-snapshot of layers 0..N-1 (or the cached empty ext4), loop-mount it, apply
-layer N with ember's hardened unpacker, unmount, check (the superblock of every
+snapshot of layers 0..N-1 (or the cached empty ext4), apply layer N with ember's
+hardened unpacker straight into that disk image (through libext2fs: no loop
+device, no mount; ``ember.unpack.ext4tree``), check (the superblock of every
 layer, ``e2fsck -fn`` of the image's top one; see docs/snapshots.md), commit.
 Layer N's commit (I/O waits) runs in a helper thread while layer N+1, cloned
 from N's finished disk, is built; a child is never committed before its parent.  A
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 from ember.fsutil import fsync_file
 from ember.home import Home
 from ember.locks import FileLock
-from ember.snapshots import loop, names, system
+from ember.snapshots import names, system
 from ember.snapshots.errors import (
     CommandFailed,
     PoolError,
@@ -296,32 +297,24 @@ class _ChainBuilder:
         _active, lock = snap.prepare_held(key, parent, size=size, source=source)
         try:
             self._hand_off()  # cloned: the parent's disk may move to committed/ now
-            with snap.mount(key, held=lock) as root:
-                try:
-                    # the blob as late as possible: a pull may still be fetching it
-                    path, opener = blob.take()
-                    self._applier().apply(
-                        root, path, layer.media_type, layer.diff_id, opener=opener
-                    )
-                except Exception as e:
-                    if _nearly_full(root):
-                        raise _OutOfSpace(system.fs_size(snap.path(key))) from e
-                    from ember.unpack import DiffIDMismatch, InvalidLayer  # loaded by now
+            disk = snap.path(key)
+            try:
+                # the blob as late as possible: a pull may still be fetching it
+                path, opener = blob.take()
+                # Written into the disk image through libext2fs: no loop device, no
+                # mount (ext4tree).  A pool that runs out under this sparse disk fails
+                # the applier's writes (ENOSPC / a short write): the build fails.
+                self._applier().apply(
+                    disk, path, layer.media_type, layer.diff_id, opener=opener, image=True
+                )
+            except Exception as e:
+                from ember.unpack import DiffIDMismatch, InvalidLayer, NoSpace  # loaded by now
 
-                    if isinstance(e, (InvalidLayer, DiffIDMismatch)):
-                        self.store.raise_if_damaged([layer.digest], e)
-                    raise
-                # Written back now, to know it was: when the pool under this sparse
-                # disk runs out, the loop device fails ext4's writes (EIO), and neither
-                # the applier nor umount nor the superblock check may notice: the disk
-                # would be committed with its files' data missing.
-                try:
-                    loop.syncfs(root)
-                except OSError as e:
-                    raise CommandFailed(
-                        f"writing layer {name.removeprefix('sha256:')[:12]} to its disk failed: "
-                        f"{e.strerror}"
-                    ) from e
+                if isinstance(e, NoSpace) and not _pool_nearly_full(snap.pool.root):
+                    raise _OutOfSpace(system.fs_size(disk)) from e
+                if isinstance(e, (InvalidLayer, DiffIDMismatch)):
+                    self.store.raise_if_damaged([layer.digest], e)
+                raise
             mode = snap.config.check
             full = mode == "full" or (mode == "top" and top)
             if mode != "none":
@@ -443,12 +436,6 @@ def _pool_nearly_full(pool: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < max(64 << 20, st.f_blocks * st.f_frsize // 100)
-
-
-def _nearly_full(root: Path) -> bool:
-    """After a failed apply: did it fail because blocks or inodes ran out?"""
-    st = os.statvfs(root)
-    return st.f_bavail * 100 < st.f_blocks * 2 or st.f_favail * 100 < st.f_files
 
 
 def machine_key(machine_id: str) -> str:

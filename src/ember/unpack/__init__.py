@@ -6,13 +6,14 @@ design and the security argument.
 """
 
 from ember.unpack.apply import ApplyStats, LayerSession, apply_layer, apply_layers
-from ember.unpack.errors import DiffIDMismatch, InvalidLayer, UnpackError, UnsupportedLayer
+from ember.unpack.errors import DiffIDMismatch, InvalidLayer, NoSpace, UnpackError, UnsupportedLayer
 
 __all__ = [
     "ApplyStats",
     "DiffIDMismatch",
     "InvalidLayer",
     "LayerSession",
+    "NoSpace",
     "UnpackError",
     "UnsupportedLayer",
     "apply_layer",

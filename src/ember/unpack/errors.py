@@ -21,5 +21,9 @@ class DiffIDMismatch(UnpackError):
     """The uncompressed layer does not hash to the DiffID its image config declares."""
 
 
+class NoSpace(UnpackError):
+    """The target ran out of blocks or inodes while a layer was applied."""
+
+
 class UnsupportedLayer(UnpackError):
     """The layer's media type names a format ember cannot decompress."""
