@@ -100,6 +100,12 @@ class Ext4Tree:
             raise
         #: directory path -> inode, followed through symlinks (forgotten on every removal)
         self._dirs: dict[str, int] = {"/": ext2.ROOT_INO}
+        #: directory inode -> its entries (name -> inode), once listed: libext2fs looks a
+        #: name up by reading the whole (unindexed) directory, per lookup
+        self._entries: dict[int, dict[bytes, int]] = {}
+        #: directories whose entries changed: their mtime and ctime become "now" at close,
+        #: as the kernel does on each change (unless a utime sets them first)
+        self._changed: set[int] = set()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -111,6 +117,13 @@ class Ext4Tree:
     def close(self) -> None:
         """Write everything back (superblock, group descriptors, bitmaps) and close."""
         if self._fs:
+            now = time.time_ns()
+            for directory in sorted(self._changed):
+                inode = self.read_inode(directory)
+                _set_time(inode, "m", now)
+                _set_time(inode, "c", now)
+                self.write_inode(directory, inode)
+            self._changed.clear()
             fs, self._fs = self._fs, ctypes.c_void_p()
             self._dirs.clear()
             code = self._lib.ext2fs_close_free(ctypes.byref(fs))
@@ -157,14 +170,10 @@ class Ext4Tree:
         return out.value
 
     def _lookup(self, directory: int, name: bytes) -> int | None:
-        out = ext2.ino_t()
-        code = self._lib.ext2fs_lookup(self._fs, directory, name, len(name), None, ctypes.byref(out))
-        if code == 0:
-            return out.value
-        err = ext2.failure(code, name.decode("utf-8", "replace"))
-        if err.errno == errno.ENOENT:
-            return None
-        raise err
+        entries = self._entries.get(directory)
+        if entries is None:
+            entries = self._entries[directory] = {n: i for n, i, _ in self._children(directory)}
+        return entries.get(name)
 
     def _entry(self, path: str) -> tuple[int, bytes, int | None]:
         """``path``'s directory, its name there and its inode (None: no such entry)."""
@@ -193,6 +202,8 @@ class Ext4Tree:
         for _ in range(2):
             code = self._lib.ext2fs_link(self._fs, directory, name, ino, file_type)
             if code == 0:
+                self._entries.setdefault(directory, {})[name] = ino
+                self._changed.add(directory)
                 return
             err = ext2.failure(code, name.decode("utf-8", "replace"))
             if err.errno != errno.ENOSPC or ext2.message(code) != "No free space in the directory":
@@ -261,13 +272,11 @@ class Ext4Tree:
         inode.i_mode = stat.S_IFDIR | mode
         self._stamp(inode, created=True)
         self.write_inode(ino, inode)
+        self._entries[ino] = {}
         self._link(directory, name, ino, ext2.FT_DIR)
-        self._touch(directory)
 
     def create_file(self, path: str) -> Ext4File:
-        ino = self._create_inode(path, stat.S_IFREG | 0o600, ext2.FT_REG_FILE)
-        self._touch(self._dir(_split(path)[0]))
-        return Ext4File(self, ino)
+        return Ext4File(self, self._create_inode(path, stat.S_IFREG | 0o600, ext2.FT_REG_FILE))
 
     def symlink(self, target: str, path: str) -> None:
         raw = _encode(target)
@@ -280,7 +289,6 @@ class Ext4Tree:
         self._stamp(inode, created=True)
         self.write_inode(ino, inode)
         self._link(directory, name, ino, ext2.FT_SYMLINK)
-        self._touch(directory)
 
     def link(self, target: str, path: str) -> None:
         ino = self._existing(target)
@@ -295,11 +303,9 @@ class Ext4Tree:
         inode.i_links_count += 1
         self._stamp(inode)
         self.write_inode(ino, inode)
-        self._touch(directory)
 
     def mkfifo(self, path: str, mode: int) -> None:
         self._create_inode(path, stat.S_IFIFO | (mode & 0o7777), ext2.FT_FIFO)
-        self._touch(self._dir(_split(path)[0]))
 
     def mknod(self, path: str, mode: int, device: int) -> None:
         kind = stat.S_IFMT(mode)
@@ -307,7 +313,6 @@ class Ext4Tree:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         file_type = ext2.FT_CHRDEV if kind == stat.S_IFCHR else ext2.FT_BLKDEV
         self._create_inode(path, mode, file_type, device)
-        self._touch(self._dir(_split(path)[0]))
 
     def unlink(self, path: str) -> None:
         directory, name, ino = self._entry(path)
@@ -316,8 +321,7 @@ class Ext4Tree:
         if stat.S_ISDIR(self.read_inode(ino).i_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         self._dirs.clear()  # a symlink among the cached paths' components may be going
-        self._call("unlink", self._fs, directory, name, ino, 0)
-        self._touch(directory)
+        self._unlink(directory, name, ino)
         self._drop_link(ino)
 
     def remove_tree(self, path: str) -> None:
@@ -327,12 +331,10 @@ class Ext4Tree:
         if not stat.S_ISDIR(self.read_inode(top).i_mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
         self._dirs.clear()
-        self._call("unlink", self._fs, directory, name, top, 0)
+        self._unlink(directory, name, top)
         parent = self.read_inode(directory)
         if parent.i_links_count > 2:
             parent.i_links_count -= 1  # the removed directory's ".."
-        self._stamp(parent)
-        _set_time(parent, "m", time.time_ns())
         self.write_inode(directory, parent)
         # Unlinked whole: its entries need not be removed one by one, only their inodes
         # released.  A loop, not recursion: a tree may be thousands of levels deep.
@@ -386,6 +388,7 @@ class Ext4Tree:
 
     def utime(self, path: str, ns: int) -> None:
         ino = self._existing(path)
+        self._changed.discard(ino)  # its entries' changes are older than this time
         inode = self.read_inode(ino)
         _set_time(inode, "a", ns)
         _set_time(inode, "m", ns)
@@ -405,13 +408,12 @@ class Ext4Tree:
     def _xattrs(self, ino: int, path: str) -> _XattrHandle:
         return _XattrHandle(self, ino, path)
 
-    def _touch(self, directory: int) -> None:
-        """A directory's entries changed: its mtime and ctime are now, as the kernel does."""
-        inode = self.read_inode(directory)
-        now = time.time_ns()
-        _set_time(inode, "m", now)
-        self._stamp(inode)
-        self.write_inode(directory, inode)
+    def _unlink(self, directory: int, name: bytes, ino: int) -> None:
+        self._call("unlink", self._fs, directory, name, ino, 0)
+        entries = self._entries.get(directory)
+        if entries is not None:
+            entries.pop(name, None)
+        self._changed.add(directory)
 
     def _children(self, directory: int) -> list[tuple[bytes, int, bool]]:
         out: list[tuple[bytes, int, bool]] = []
@@ -445,6 +447,9 @@ class Ext4Tree:
         if inode.i_file_acl or inode.l_i_file_acl_high:
             self._call("free_ext_attr", self._fs, ino, ctypes.byref(inode))
             inode = self.read_inode(ino)
+        if is_dir:  # its number may come back for a new directory
+            self._entries.pop(ino, None)
+            self._changed.discard(ino)
         inode.i_links_count = 0
         inode.i_dtime = int(time.time()) & 0xFFFFFFFF
         self.write_inode(ino, inode)
@@ -609,3 +614,4 @@ class Ext4File:
         self.holes += whole - written
         del self._pending[:whole]
         self._start += whole
+
