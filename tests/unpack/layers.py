@@ -169,8 +169,8 @@ class ImageLayers(Layers):
             self.mounted.discard(root)
 
     def close(self) -> None:
-        for root in list(self.mounted):
-            self.unmount(root)
+        for root in sorted(self.mounted, key=lambda r: len(r.parts), reverse=True):
+            self.unmount(root)  # roots made inside another root's image first
 
     def apply(self, root: Path, *layers: Sequence[E] | bytes, compression: str = "none",
               session: LayerSession | None = None) -> ApplyStats:

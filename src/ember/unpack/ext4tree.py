@@ -36,6 +36,8 @@ _FLUSH = 1 << 20
 #: the kernel's limit on an ext4 file's hard links
 _LINK_MAX = 65000
 _NAME_MAX = 255
+#: symlinks followed in one path at most (the kernel's MAXSYMLINKS)
+_MAX_LINKS = 40
 _INCOMPAT_EXTENTS = 0x40
 
 
@@ -154,20 +156,87 @@ class Ext4Tree:
         self._call("write_inode_full", self._fs, ino, ctypes.byref(inode), self._inode_size)
 
     def _dir(self, path: str) -> int:
-        """The inode of directory ``path``, following symlinks (inside the image)."""
+        """The inode of directory ``path``, following symlinks inside the image (as the
+        kernel does in a chroot: ``..`` of the root is the root, an absolute target
+        starts there, 40 links at most).
+
+        Resolved from the deepest prefix of ``path`` resolved before (``_dirs``), so that
+        a layer's entries, which come parents first, cost one lookup each: resolving
+        every path from the root (``ext2fs_namei``) made a tree 2,000 levels deep take
+        minutes."""
         ino = self._dirs.get(path)
         if ino is not None:
             return ino
+        # the deepest known prefix, and the components after it
+        rest: list[str] = []
+        prefix = path
+        while prefix not in self._dirs:
+            prefix, _, name = prefix.rpartition("/")
+            prefix = prefix or "/"
+            rest.append(name)
+        # a stack of (component, the lexical prefix it completes: None inside a link's target)
+        todo: list[tuple[bytes, str | None]] = []
+        lexical = prefix
+        for name in reversed(rest):
+            lexical = f"{lexical.rstrip('/')}/{name}"
+            todo.append((_encode(name), lexical))
+        todo.reverse()
+        current = self._dirs[prefix]
+        links = 0
+        while todo:
+            name, completes = todo.pop()
+            if name in (b"", b"."):
+                pass
+            elif name == b"..":
+                current = self._parent(current)
+            else:
+                if len(name) > _NAME_MAX:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
+                found = self._lookup(current, name)
+                if found is None:
+                    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+                inode = self.read_inode(found)
+                if stat.S_ISLNK(inode.i_mode):
+                    links += 1
+                    if links > _MAX_LINKS:
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                    target = self._readlink(found, inode)
+                    if target.startswith(b"/"):
+                        current = ext2.ROOT_INO
+                    # the target's components first; this component is done after them
+                    todo.append((b"", completes))
+                    todo.extend((part, None) for part in reversed(target.split(b"/")))
+                    continue
+                if not stat.S_ISDIR(inode.i_mode):
+                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+                current = found
+            if completes is not None:
+                self._dirs[completes] = current
+        return current
+
+    def _forget_paths(self) -> None:
+        """After a removal: what a path names may have changed (its directory, or a
+        symlink on its way, is gone)."""
+        self._dirs = {"/": ext2.ROOT_INO}
+
+    def _parent(self, directory: int) -> int:
         out = ext2.ino_t()
-        code = self._lib.ext2fs_namei_follow(
-            self._fs, ext2.ROOT_INO, ext2.ROOT_INO, _encode(path.lstrip("/")), ctypes.byref(out)
-        )
-        if code:
-            raise ext2.failure(code, path)
-        if not stat.S_ISDIR(self.read_inode(out.value).i_mode):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        self._dirs[path] = out.value
+        self._call("lookup", self._fs, directory, b"..", 2, None, ctypes.byref(out))
         return out.value
+
+    def _readlink(self, ino: int, inode: Inode) -> bytes:
+        size = inode.i_size
+        if self._lib.ext2fs_is_fast_symlink(ctypes.byref(inode)):
+            return ctypes.string_at(ctypes.addressof(inode.i_block), min(size, 60))
+        file = ctypes.c_void_p()
+        self._call("file_open", self._fs, ino, 0, ctypes.byref(file))
+        try:
+            buf = ctypes.create_string_buffer(size)
+            got = ctypes.c_uint()
+            self._call("file_read", file, buf, size, ctypes.byref(got))
+        finally:
+            self._lib.ext2fs_file_close(file)
+        return buf.raw[:got.value]
 
     def _lookup(self, directory: int, name: bytes) -> int | None:
         entries = self._entries.get(directory)
@@ -274,6 +343,7 @@ class Ext4Tree:
         self.write_inode(ino, inode)
         self._entries[ino] = {}
         self._link(directory, name, ino, ext2.FT_DIR)
+        self._dirs[path] = ino
 
     def create_file(self, path: str) -> Ext4File:
         return Ext4File(self, self._create_inode(path, stat.S_IFREG | 0o600, ext2.FT_REG_FILE))
@@ -320,7 +390,7 @@ class Ext4Tree:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if stat.S_ISDIR(self.read_inode(ino).i_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        self._dirs.clear()  # a symlink among the cached paths' components may be going
+        self._forget_paths()  # a symlink among the cached paths' components may be going
         self._unlink(directory, name, ino)
         self._drop_link(ino)
 
@@ -330,7 +400,7 @@ class Ext4Tree:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if not stat.S_ISDIR(self.read_inode(top).i_mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        self._dirs.clear()
+        self._forget_paths()
         self._unlink(directory, name, top)
         parent = self.read_inode(directory)
         if parent.i_links_count > 2:

@@ -111,8 +111,6 @@ _PROTOTYPES: dict[str, list[Any]] = {
     "ext2fs_read_bitmaps": [_P],
     "ext2fs_close_free": [ctypes.POINTER(_P)],
     "ext2fs_free": [_P],
-    "ext2fs_namei": [_P, ino_t, ino_t, ctypes.c_char_p, ctypes.POINTER(ino_t)],
-    "ext2fs_namei_follow": [_P, ino_t, ino_t, ctypes.c_char_p, ctypes.POINTER(ino_t)],
     "ext2fs_lookup": [_P, ino_t, ctypes.c_char_p, ctypes.c_int, _P, ctypes.POINTER(ino_t)],
     "ext2fs_new_inode": [_P, ino_t, ctypes.c_int, _P, ctypes.POINTER(ino_t)],
     "ext2fs_write_new_inode": [_P, ino_t, ctypes.POINTER(Inode)],
@@ -137,11 +135,15 @@ _PROTOTYPES: dict[str, list[Any]] = {
     "ext2fs_xattr_remove": [_P, ctypes.c_char_p],
     "ext2fs_xattrs_iterate": [_P, XATTR_ITERATE_FUNC, _P],
     "io_channel_write_blk64": [_P, ctypes.c_ulonglong, ctypes.c_int, _P],
+    "ext2fs_is_fast_symlink": [ctypes.POINTER(Inode)],
+    "ext2fs_file_open": [_P, ino_t, ctypes.c_int, ctypes.POINTER(_P)],
+    "ext2fs_file_read": [_P, _P, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint)],
+    "ext2fs_file_close": [_P],
 }
 _VOID = {"ext2fs_inode_alloc_stats2": [_P, ino_t, ctypes.c_int, ctypes.c_int],
          "ext2fs_block_alloc_stats2": [_P, blk64_t, ctypes.c_int],
          "ext2fs_free": [_P]}
-_INT = {"ext2fs_inode_has_valid_blocks2"}
+_INT = {"ext2fs_inode_has_valid_blocks2", "ext2fs_is_fast_symlink"}
 
 
 class Ext2fsUnavailable(OSError):
