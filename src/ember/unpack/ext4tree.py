@@ -38,6 +38,9 @@ _LINK_MAX = 65000
 _NAME_MAX = 255
 #: symlinks followed in one path at most (the kernel's MAXSYMLINKS)
 _MAX_LINKS = 40
+#: the xattr namespaces ext4 stores (the kernel refuses others with EOPNOTSUPP)
+_XATTR_PREFIXES = ("user.", "trusted.", "security.")
+_XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 _INCOMPAT_EXTENTS = 0x40
 
 
@@ -335,8 +338,15 @@ class Ext4Tree:
     def mkdir(self, path: str, mode: int) -> None:
         directory, name = self._free_slot(path)
         ino = self._new_ino(directory, stat.S_IFDIR | mode)
+        links = self.read_inode(directory).i_links_count
         # no name: ext2fs_mkdir would not grow a full parent; _link does
         self._call("mkdir", self._fs, directory, ino, None)
+        if links == 1 or links + 1 >= _LINK_MAX:
+            # too many subdirectories to count (ext4's dir_nlink, as the kernel does it):
+            # ext2fs_mkdir counted one more, which would wrap around at 65,535
+            parent = self.read_inode(directory)
+            parent.i_links_count = 1
+            self.write_inode(directory, parent)
         inode = self.read_inode(ino)
         inode.i_mode = stat.S_IFDIR | mode
         self._stamp(inode, created=True)
@@ -468,8 +478,11 @@ class Ext4Tree:
     # -- used by Ext4File and the methods above ------------------------------------------
 
     def set_xattr(self, ino: int, name: str, value: bytes, path: str) -> None:
-        if name.startswith("user.") and not stat.S_ISREG(self.read_inode(ino).i_mode) and \
-                not stat.S_ISDIR(self.read_inode(ino).i_mode):
+        if not name.startswith(_XATTR_PREFIXES) and name not in _XATTR_NAMES:
+            # a namespace ext4 does not have: the kernel refuses it so
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+        mode = self.read_inode(ino).i_mode
+        if name.startswith("user.") and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             # as the kernel: user.* only on regular files and directories
             raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
         with self._xattrs(ino, path) as handle:
