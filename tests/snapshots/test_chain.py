@@ -276,6 +276,33 @@ def test_a_layer_too_big_for_the_disk_grows_it(tmp_path: Path) -> None:
         teardown_home(home)
 
 
+def test_a_layer_too_slow_for_libext2fs_is_applied_to_the_mounted_disk(
+    home: Home, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libext2fs adds a directory entry by reading the whole directory: a layer that would
+    make it read too many (a directory of 100,000 entries) is built through the kernel."""
+    import logging
+
+    from ember.unpack import ext4tree
+
+    monkeypatch.setattr(ext4tree, "_LINK_SCAN_BUDGET", 5000)  # the applier child forks after
+    crowded = LayerSpec([Entry("crowded"), *(Entry(f"crowded/f{i}", b"%d" % i) for i in range(200))])
+    small = LayerSpec([Entry("etc/motd", b"hi\n")])
+    image = make_image(home, [*base_layers(), crowded, small])
+    with caplog.at_level(logging.INFO, "ember.snapshots"):
+        prepared = prepare_image(home, image)
+    kernel = [r for r in caplog.records if "applying it to the mounted disk" in r.getMessage()]
+    assert len(kernel) == 1 and str(image.layers[-2].digest) in kernel[0].getMessage()
+    subprocess.run(["e2fsck", "-fn", str(prepared.path)], check=True, capture_output=True)
+    snap = Snapshotter(home)
+    with snap.mount(prepared.snapshot) as root:
+        assert sorted(os.listdir(root / "crowded")) == sorted(f"f{i}" for i in range(200))
+        assert (root / "crowded/f199").read_bytes() == b"199"
+        assert (root / "etc/motd").read_bytes() == b"hi\n"
+    assert not [s.name for s in snap.list() if s.kind is Kind.ACTIVE]
+    assert ours(snap.pool.mnt) == ([], [])  # the mounted disk was released
+
+
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
 def test_a_committed_snapshot_whose_disk_is_gone_is_built_again(home: Home, how: str) -> None:
     """With committed/<top>/disk.ext4 deleted (or truncated), prepare said 'all 5 layer

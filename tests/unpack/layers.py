@@ -147,7 +147,7 @@ class ImageLayers(Layers):
     def __init__(self, blobs: Path) -> None:
         super().__init__(blobs)
         self.images: dict[Path, Path] = {}
-        self.mounted: set[Path] = set()
+        self.mounted: dict[Path, system.LoopDevice] = {}
 
     def image(self, root: Path) -> Path:
         """The image behind ``root``, made (empty, like a snapshot pool's base) on first use."""
@@ -160,13 +160,15 @@ class ImageLayers(Layers):
         return self.images[root]
 
     def mount(self, root: Path) -> None:
-        subprocess.run(["mount", "-o", "loop", str(self.image(root)), str(root)], check=True)
-        self.mounted.add(root)
+        self.mounted[root] = system.mount_image(self.image(root), root, readonly=False)
 
     def unmount(self, root: Path) -> None:
-        if root in self.mounted:
-            subprocess.run(["umount", "-d", str(root)], check=True)
-            self.mounted.discard(root)
+        device = self.mounted.pop(root, None)
+        if device is not None:
+            # the mount point removed first, as ember's own unmounts do: a copy of the
+            # mount in a namespace made meanwhile would keep the disk in use
+            system.unmount(root, device=device, remove_mountpoint=True)
+            root.mkdir()
 
     def close(self) -> None:
         for root in sorted(self.mounted, key=lambda r: len(r.parts), reverse=True):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.unpack import InvalidLayer
+from ember.unpack import InvalidLayer, UnpackError
 from tests.unpack.layers import (
     MTIME,
     Layers,
@@ -112,6 +112,38 @@ def test_root_owned_entries_in_a_setgid_directory_of_another_group_stay_root_own
     layers.apply(fourth, [dir_("d"), dir_("e", mode=0o2775, gid=2000)],
                  [reg("d/f1", b"1"), sym("d", "e"), reg("d/f2", b"2")])  # fmt: skip
     assert os.lstat(fourth / "e/f2").st_gid == 0
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL xattr (version 2): (tag, perm, id) entries."""
+    return (2).to_bytes(4, "little") + b"".join(
+        t.to_bytes(2, "little") + p.to_bytes(2, "little") + i.to_bytes(4, "little") for t, p, i in entries
+    )
+
+
+def test_posix_acls_set_the_mode_as_the_kernel_does(root: Path, layers: Layers) -> None:
+    """An access ACL gives the file its owner, mask (else group) and other bits; one that
+    says no more than the mode is not kept; a default ACL only on a directory."""
+    user_obj, user, group_obj, mask, other = 1, 2, 4, 16, 32
+    no_id = 0xFFFFFFFF  # what the kernel gives the unnamed entries
+    extended = _acl((user_obj, 7, no_id), (user, 5, 1000), (group_obj, 4, no_id), (mask, 5, no_id),
+                    (other, 0, no_id))
+    plain = _acl((user_obj, 6, no_id), (group_obj, 4, no_id), (other, 4, no_id))
+    layers.apply(root, [
+        reg("extended", b"x", mode=0o600, xattrs={"system.posix_acl_access": extended}),
+        reg("plain", b"y", mode=0o600, xattrs={"system.posix_acl_access": plain}),
+        dir_("d", mode=0o700, xattrs={"system.posix_acl_default": extended}),
+    ])
+    assert stat.S_IMODE(os.lstat(root / "extended").st_mode) == 0o750
+    assert os.getxattr(root / "extended", "system.posix_acl_access") == extended
+    assert stat.S_IMODE(os.lstat(root / "plain").st_mode) == 0o644
+    assert "system.posix_acl_access" not in os.listxattr(root / "plain")
+    assert os.getxattr(root / "d", "system.posix_acl_default") == extended
+    assert stat.S_IMODE(os.lstat(root / "d").st_mode) == 0o700
+    with pytest.raises(UnpackError, match="posix_acl_default"):
+        layers.apply(root, [reg("f", b"z", xattrs={"system.posix_acl_default": extended})])
+    with pytest.raises(UnpackError, match="posix_acl_access"):
+        layers.apply(root, [reg("g", b"z", xattrs={"system.posix_acl_access": b"\x02\0\0\0junk"})])
 
 
 def test_xattrs_restored_after_chown(root: Path, layers: Layers) -> None:

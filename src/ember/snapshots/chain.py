@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from ember.fsutil import fsync_file
 from ember.home import Home
 from ember.locks import FileLock
-from ember.snapshots import names, system
+from ember.snapshots import loop, names, system
 from ember.snapshots.errors import (
     CommandFailed,
     PoolError,
@@ -192,6 +192,10 @@ def _chain_lock(snap: Snapshotter, name: str) -> Path:
     return snap.pool.locks / f"chain-{names.encode(name)}.lock"
 
 
+class _ThroughKernel(Exception):
+    """Build the layer again on its mounted disk (``NeedsKernel``)."""
+
+
 class _OutOfSpace(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -252,12 +256,19 @@ class _ChainBuilder:
             source = self.built.key if self.built is not None and self.built.name == parent else None
             t0 = time.perf_counter()
             size: int | None = None
+            mounted = False
             while True:
                 try:
                     key, lock, checked = self._build_once(
-                        name, parent, layer, blob, size, top=top, source=source
+                        name, parent, layer, blob, size, top=top, source=source, mounted=mounted
                     )
                     break
+                except _ThroughKernel:
+                    log.info("layer %s: many entries in a directory; applying it to the "
+                             "mounted disk", layer.digest)  # fmt: skip
+                    mounted = True
+                    self._drain()  # the parent is committed now: clone it from there
+                    source = None
                 except _OutOfSpace as full:
                     if full.size * 2 > MAX_AUTO_SIZE:
                         raise SnapshotError(
@@ -291,6 +302,7 @@ class _ChainBuilder:
         *,
         top: bool,
         source: str | None,
+        mounted: bool = False,
     ) -> tuple[str, FileLock, bool]:
         snap = self.snap
         key = f"build/{name}/{secrets.token_hex(4)}"
@@ -299,17 +311,22 @@ class _ChainBuilder:
             self._hand_off()  # cloned: the parent's disk may move to committed/ now
             disk = snap.path(key)
             try:
-                # the blob as late as possible: a pull may still be fetching it
-                path, opener = blob.take()
-                # Written into the disk image through libext2fs: no loop device, no
-                # mount (ext4tree).  A pool that runs out under this sparse disk fails
-                # the applier's writes (ENOSPC / a short write): the build fails.
-                self._applier().apply(
-                    disk, path, layer.media_type, layer.diff_id, opener=opener, image=True
-                )
+                if mounted:
+                    self._apply_mounted(key, lock, layer, blob)
+                else:
+                    # the blob as late as possible: a pull may still be fetching it
+                    path, opener = blob.take()
+                    # Written into the disk image through libext2fs: no loop device, no
+                    # mount (ext4tree).  A pool that runs out under this sparse disk
+                    # fails the applier's writes (ENOSPC, a short write): the build fails.
+                    self._applier().apply(
+                        disk, path, layer.media_type, layer.diff_id, opener=opener, image=True
+                    )
             except Exception as e:
-                from ember.unpack import DiffIDMismatch, InvalidLayer, NoSpace  # loaded by now
+                from ember.unpack import DiffIDMismatch, InvalidLayer, NeedsKernel, NoSpace
 
+                if isinstance(e, NeedsKernel):
+                    raise _ThroughKernel() from e
                 if isinstance(e, NoSpace) and not _pool_nearly_full(snap.pool.root):
                     raise _OutOfSpace(system.fs_size(disk)) from e
                 if isinstance(e, (InvalidLayer, DiffIDMismatch)):
@@ -338,6 +355,24 @@ class _ChainBuilder:
                 ) from e
             raise
         return key, lock, full
+
+    def _apply_mounted(self, key: str, lock: FileLock, layer: Layer, blob: _LayerBlob) -> None:
+        """Apply the layer to snapshot ``key``'s disk through the kernel: loop-mounted, the
+        chroot-ed applier, a syncfs.  For the layers ``NeedsKernel`` sends here."""
+        with self.snap.mount(key, held=lock) as root:
+            path, opener = blob.take()
+            self._applier().apply(root, path, layer.media_type, layer.diff_id, opener=opener)
+            # Written back now, to know it was: when the pool under this sparse disk runs
+            # out, the loop device fails ext4's writes (EIO), and neither the applier nor
+            # umount nor the superblock check may notice: the disk would be committed
+            # with its files' data missing.
+            try:
+                loop.syncfs(root)
+            except OSError as e:
+                raise CommandFailed(
+                    f"writing layer {str(layer.digest).removeprefix('sha256:')[:12]} to its "
+                    f"disk failed: {e.strerror}"
+                ) from e
 
     def _discard(self, key: str, lock: FileLock, cause: BaseException) -> None:
         """Remove a build that failed with ``cause``; a failure here never replaces it."""

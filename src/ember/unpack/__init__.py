@@ -6,13 +6,21 @@ design and the security argument.
 """
 
 from ember.unpack.apply import ApplyStats, LayerSession, apply_layer, apply_layers
-from ember.unpack.errors import DiffIDMismatch, InvalidLayer, NoSpace, UnpackError, UnsupportedLayer
+from ember.unpack.errors import (
+    DiffIDMismatch,
+    InvalidLayer,
+    NeedsKernel,
+    NoSpace,
+    UnpackError,
+    UnsupportedLayer,
+)
 
 __all__ = [
     "ApplyStats",
     "DiffIDMismatch",
     "InvalidLayer",
     "LayerSession",
+    "NeedsKernel",
     "NoSpace",
     "UnpackError",
     "UnsupportedLayer",

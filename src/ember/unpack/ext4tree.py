@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 from ember.unpack import libext2fs as ext2
+from ember.unpack.errors import NeedsKernel
 from ember.unpack.libext2fs import Inode
 from ember.unpack.sparse import data_extents
 
@@ -41,6 +42,10 @@ _MAX_LINKS = 40
 #: the xattr namespaces ext4 stores (the kernel refuses others with EOPNOTSUPP)
 _XATTR_PREFIXES = ("user.", "trusted.", "security.")
 _XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+#: directory entries read by ext2fs_link in one layer (~35 ns each here) before the layer
+#: is handed to the kernel: each link reads its whole directory, so a layer that puts
+#: 100,000 entries in one directory would take minutes (the kernel's are hashed)
+_LINK_SCAN_BUDGET = 30_000_000
 _INCOMPAT_EXTENTS = 0x40
 
 
@@ -111,6 +116,8 @@ class Ext4Tree:
         #: directories whose entries changed: their mtime and ctime become "now" at close,
         #: as the kernel does on each change (unless a utime sets them first)
         self._changed: set[int] = set()
+        #: directory entries ext2fs_link has read so far (see _LINK_SCAN_BUDGET)
+        self._link_scans = 0
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -131,8 +138,11 @@ class Ext4Tree:
             self._changed.clear()
             fs, self._fs = self._fs, ctypes.c_void_p()
             self._dirs.clear()
-            code = self._lib.ext2fs_close_free(ctypes.byref(fs))
+            # no fsync here: the snapshot's commit fsyncs the disk (and a disk that is
+            # not committed is discarded)
+            code = self._lib.ext2fs_close2(fs, ext2.FLUSH_NO_SYNC)
             if code:
+                self._lib.ext2fs_free(fs)  # close2 frees it only once it wrote it all
                 raise ext2.failure(code, f"writing the ext4 file system in {self.image}")
 
     def abandon(self) -> None:
@@ -271,6 +281,12 @@ class Ext4Tree:
 
     def _link(self, directory: int, name: bytes, ino: int, file_type: int) -> None:
         """Add an entry, growing the directory by a block when it is full."""
+        self._link_scans += len(self._entries.get(directory, ()))
+        if self._link_scans > _LINK_SCAN_BUDGET:
+            raise NeedsKernel(
+                "the layer puts too many entries in one directory to be written through "
+                "libext2fs in reasonable time"
+            )
         for _ in range(2):
             code = self._lib.ext2fs_link(self._fs, directory, name, ino, file_type)
             if code == 0:
@@ -339,11 +355,15 @@ class Ext4Tree:
         directory, name = self._free_slot(path)
         ino = self._new_ino(directory, stat.S_IFDIR | mode)
         links = self.read_inode(directory).i_links_count
+        if links >= _LINK_MAX:
+            # the kernel's limit for an unhashed directory (ours are: past it, only a
+            # hashed one counts its subdirectories as 1, ext4's dir_nlink)
+            raise OSError(errno.EMLINK, os.strerror(errno.EMLINK), path)
         # no name: ext2fs_mkdir would not grow a full parent; _link does
         self._call("mkdir", self._fs, directory, ino, None)
-        if links == 1 or links + 1 >= _LINK_MAX:
-            # too many subdirectories to count (ext4's dir_nlink, as the kernel does it):
-            # ext2fs_mkdir counted one more, which would wrap around at 65,535
+        if links == 1:
+            # a (hashed) directory past 65,000 subdirectories, from a layer the kernel
+            # applied: it stays at 1, where ext2fs_mkdir counted one more
             parent = self.read_inode(directory)
             parent.i_links_count = 1
             self.write_inode(directory, parent)
@@ -481,10 +501,29 @@ class Ext4Tree:
         if not name.startswith(_XATTR_PREFIXES) and name not in _XATTR_NAMES:
             # a namespace ext4 does not have: the kernel refuses it so
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
-        mode = self.read_inode(ino).i_mode
+        inode = self.read_inode(ino)
+        mode = inode.i_mode
         if name.startswith("user.") and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             # as the kernel: user.* only on regular files and directories
             raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
+        if name in _XATTR_NAMES:
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+            if name == "system.posix_acl_default" and not stat.S_ISDIR(mode):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+            bits, equivalent = acl_mode(value, path)
+            if name == "system.posix_acl_access":
+                # as the kernel: the ACL's owner, mask (or group) and other entries are the
+                # mode's bits, and an ACL that says no more than the mode is not kept
+                inode.i_mode = (mode & ~0o777) | bits
+                self._stamp(inode)
+                self.write_inode(ino, inode)
+                if equivalent:
+                    with self._xattrs(ino, path) as handle:
+                        code = self._lib.ext2fs_xattr_remove(handle, _encode(name))
+                    if code and ext2.failure(code, path).errno != errno.ENODATA:
+                        raise ext2.failure(code, path)
+                    return
         with self._xattrs(ino, path) as handle:
             self._call("xattr_set", handle, _encode(name), value, len(value), what=path)
 
@@ -589,6 +628,37 @@ class _XattrHandle:
         self.tree._lib.ext2fs_xattrs_close(ctypes.byref(self.handle))
 
 
+# POSIX ACL tags (the xattr's entries: tag u16, perm u16, id u32, after a u32 version 2)
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
+
+
+def acl_mode(value: bytes, path: str) -> tuple[int, bool]:
+    """The permission bits a POSIX ACL xattr gives a file, and whether it says no more than
+    they do (no named entries, no mask).  EINVAL for a malformed one, as the kernel."""
+    invalid = OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
+        raise invalid
+    seen: dict[int, int] = {}
+    named = False
+    for offset in range(4, len(value), 8):
+        tag = int.from_bytes(value[offset:offset + 2], "little")
+        perm = int.from_bytes(value[offset + 2:offset + 4], "little")
+        if perm & ~7 or tag not in (_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP,
+                                    _ACL_MASK, _ACL_OTHER):
+            raise invalid
+        if tag in (_ACL_USER, _ACL_GROUP):
+            named = True
+        elif tag in seen:
+            raise invalid
+        else:
+            seen[tag] = perm
+    if not {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER} <= seen.keys() or (named and _ACL_MASK not in seen):
+        raise invalid
+    group = seen.get(_ACL_MASK, seen[_ACL_GROUP_OBJ])
+    bits = seen[_ACL_USER_OBJ] << 6 | group << 3 | seen[_ACL_OTHER]
+    return bits, not named and _ACL_MASK not in seen
+
+
 def _file_type(mode: int) -> int:
     return {
         stat.S_IFREG: ext2.FT_REG_FILE, stat.S_IFDIR: ext2.FT_DIR, stat.S_IFLNK: ext2.FT_SYMLINK,
@@ -609,8 +679,8 @@ def _set_time(inode: Inode, which: str, ns: int) -> None:
 
 
 class Ext4File:
-    """A new regular file's data and metadata, kept until ``close`` writes them: data
-    in whole blocks (zero blocks left out: holes), the inode once."""
+    """A new regular file: its data written in whole blocks (zero blocks left out:
+    holes), its metadata kept until ``close`` writes the inode (xattrs set at once)."""
 
     def __init__(self, tree: Ext4Tree, ino: int) -> None:
         self.tree = tree
@@ -623,7 +693,6 @@ class Ext4File:
         self._owner = (0, 0)
         self._mode = 0o600
         self._time: int | None = None
-        self._xattrs: list[tuple[str, bytes]] = []
 
     def write(self, buf: bytes, start: int, end: int) -> None:
         if self.offset != self._start + len(self._pending):
@@ -648,16 +717,23 @@ class Ext4File:
         self._mode = mode & 0o7777
 
     def setxattr(self, name: str, value: bytes) -> None:
-        self._xattrs.append((name, value))
+        """Set now (its errors belong to this call), after the owner and mode so far: an
+        ACL changes the mode, as after the kernel's chmod."""
+        tree = self.tree
+        inode = tree.read_inode(self.ino)
+        inode.i_mode = stat.S_IFREG | self._mode
+        _set_owner(inode, *self._owner)
+        tree.write_inode(self.ino, inode)
+        tree.set_xattr(self.ino, name, value, f"inode {self.ino}")
+        self._mode = tree.read_inode(self.ino).i_mode & 0o7777
 
     def utime(self, ns: int) -> None:
         self._time = ns
 
     def close(self) -> None:
+        """The rest of the data, then the inode."""
         tree = self.tree
         self._flush(final=True)
-        for name, value in self._xattrs:
-            tree.set_xattr(self.ino, name, value, f"inode {self.ino}")
         inode = tree.read_inode(self.ino)
         size = self._size if self._size is not None else self.offset
         inode.i_size, inode.i_size_high = size & 0xFFFFFFFF, size >> 32

@@ -21,6 +21,8 @@ from typing import Any
 FLAG_RW = 0x01
 FLAG_MASTER_SB_ONLY = 0x200  # like the kernel: backup superblocks are left as mkfs wrote them
 FLAG_64BITS = 0x20000
+# ext2fs_close2 / ext2fs_flush2 flags
+FLUSH_NO_SYNC = 0x1  # write, do not fsync: the snapshot's commit fsyncs the disk
 
 # directory entry file types (ext2_fs.h): the low bits of ext2fs_link's flags
 FT_REG_FILE, FT_DIR, FT_CHRDEV, FT_BLKDEV, FT_FIFO, FT_SOCK, FT_SYMLINK = 1, 2, 3, 4, 5, 6, 7
@@ -109,8 +111,7 @@ XATTR_ITERATE_FUNC = ctypes.CFUNCTYPE(
 _PROTOTYPES: dict[str, list[Any]] = {
     "ext2fs_open": [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint, _P, ctypes.POINTER(_P)],
     "ext2fs_read_bitmaps": [_P],
-    "ext2fs_close_free": [ctypes.POINTER(_P)],
-    "ext2fs_free": [_P],
+    "ext2fs_close2": [_P, ctypes.c_int],
     "ext2fs_lookup": [_P, ino_t, ctypes.c_char_p, ctypes.c_int, _P, ctypes.POINTER(ino_t)],
     "ext2fs_new_inode": [_P, ino_t, ctypes.c_int, _P, ctypes.POINTER(ino_t)],
     "ext2fs_write_new_inode": [_P, ino_t, ctypes.POINTER(Inode)],

@@ -44,7 +44,7 @@ from ember.fsutil import write_all
 from ember.process import reap_exited, reap_later
 from ember.unpack import libext2fs
 from ember.unpack.applier import LayerApplier
-from ember.unpack.errors import InvalidLayer, NoSpace, UnpackError
+from ember.unpack.errors import InvalidLayer, NeedsKernel, NoSpace, UnpackError
 from ember.unpack.ext4tree import Ext4Tree
 from ember.unpack.tarstream import PipeReader, TarStream
 
@@ -177,6 +177,8 @@ def _failure(e: BaseException) -> dict[str, object]:
         return {"ok": False, "kind": "invalid", "message": e.message}
     if isinstance(e, NoSpace):
         return {"ok": False, "kind": "nospace", "message": e.message}
+    if isinstance(e, NeedsKernel):
+        return {"ok": False, "kind": "kernel", "message": e.message}
     if isinstance(e, UnpackError):
         return {"ok": False, "kind": "unpack", "message": e.message}
     if isinstance(e, PermissionError):
@@ -213,7 +215,9 @@ def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
 
 
 #: a child's report kind -> the error the parent raises
-_ERROR_KINDS: dict[str, type[UnpackError]] = {"invalid": InvalidLayer, "nospace": NoSpace}
+_ERROR_KINDS: dict[str, type[UnpackError]] = {
+    "invalid": InvalidLayer, "nospace": NoSpace, "kernel": NeedsKernel,
+}
 
 
 def _describe_status(status: int) -> str:
