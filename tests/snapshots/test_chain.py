@@ -56,6 +56,27 @@ def test_prepare_builds_every_layer_and_checks(home: Home) -> None:
     assert snap.leases.list() == []  # the build's temporary lease is gone
 
 
+def test_every_layer_of_a_chain_is_complete_on_its_own(home: Home) -> None:
+    """The applier goes on from one layer's disk to the next one's clone without opening
+    it anew: each committed disk must still hold exactly its own layers, whole."""
+    layers = [
+        LayerSpec([Entry("etc"), Entry(f"etc/f{i}", b"%d" % i), Entry("etc/last", b"%d" % i),
+                   *(Entry(f"d{i}/x{j}", b"y") for j in range(50))])
+        for i in range(5)
+    ]  # fmt: skip
+    image = make_image(home, layers)
+    prepare_image(home, image)
+    snap = Snapshotter(home)
+    for i, layer in enumerate(image.layers):
+        disk = snap.path(str(layer.chain_id))
+        subprocess.run(["e2fsck", "-fn", str(disk)], check=True, capture_output=True)
+        with snap.mount(str(layer.chain_id)) as root:
+            assert sorted(os.listdir(root / "etc")) == sorted(["last", *(f"f{k}" for k in range(i + 1))])
+            assert (root / "etc/last").read_bytes() == b"%d" % i
+            assert all(len(os.listdir(root / f"d{k}")) == 50 for k in range(i + 1))
+            assert not (root / f"d{i + 1}").exists()
+
+
 def test_images_sharing_a_base_share_its_snapshots(home: Home) -> None:
     first = make_image(home, base_layers(), "test/first:1")
     extra = LayerSpec(

@@ -320,7 +320,9 @@ class _ChainBuilder:
                     # mount (ext4tree).  A pool that runs out under this sparse disk
                     # fails the applier's writes (ENOSPC, a short write): the build fails.
                     self._applier().apply(
-                        disk, path, layer.media_type, layer.diff_id, opener=opener, image=True
+                        disk, path, layer.media_type, layer.diff_id, opener=opener, image=True,
+                        # a clone of the disk this session just wrote: it goes on in it
+                        continues=source is not None,
                     )
             except Exception as e:
                 from ember.unpack import DiffIDMismatch, InvalidLayer, NeedsKernel, NoSpace

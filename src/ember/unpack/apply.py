@@ -124,11 +124,15 @@ class LayerSession:
     def apply(
         self, root: Path, blob: Path, media_type: str, diff_id: Digest | None = None,
         *, opener: Callable[[], io.RawIOBase | None] | None = None, image: bool = False,
+        continues: bool = False,
     ) -> ApplyStats:
         """``opener``: as ``apply_layers``' for this one layer (its blob read as it arrives,
         or None once ``blob`` is stored); it then needs ``diff_id``.  ``image``: ``root``
         is an ext4 image file, written through libext2fs instead of a mounted directory
-        (``ext4tree``); after a failure it is half written, to be discarded."""
+        (``ext4tree``); after a failure it is half written, to be discarded.
+        ``continues``: that image is a clone of the one the last ``apply`` wrote, made
+        after it returned (the next layer of a chain): the applier goes on in it
+        without opening it anew."""
         root = Path(root)
         if not (root.is_file() if image else root.is_dir()):
             what = "an ext4 image file" if image else "a directory"
@@ -137,7 +141,7 @@ class LayerSession:
             raise UnpackError("a layer read as it arrives needs its DiffID to be checked against")
         layer = _prepare(Path(blob), media_type, diff_id, opener)
         counts, streamed = self._session.apply(
-            os.fspath(root), layer.stream, lambda: _check(layer), image=image
+            os.fspath(root), layer.stream, lambda: _check(layer), image=image, continues=continues
         )
         known = {f.name for f in fields(ApplyStats)}
         return ApplyStats(

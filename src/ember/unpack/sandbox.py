@@ -152,23 +152,37 @@ def _apply_one(data_fd: int) -> dict[str, int]:
     return counts
 
 
-def _apply_to_image(image_fd: int, data_fd: int) -> dict[str, int]:
+def _apply_to_image(
+    tree: Ext4Tree | None, image_fd: int, data_fd: int
+) -> tuple[Ext4Tree, dict[str, int]]:
     """Apply the layer on ``data_fd`` to the ext4 image open on ``image_fd``: written
-    through libext2fs, nothing on the host is resolved by a path the layer names."""
+    through libext2fs, nothing on the host is resolved by a path the layer names.
+    ``tree``: the one the last layer went into, when this image is a clone of it as
+    written then (it goes on in the clone: ``Ext4Tree.switch_to``; else it is dropped).
+    Returns the tree, flushed and left open for the next layer."""
+    name = f"/proc/self/fd/{image_fd}"
     try:
-        tree = Ext4Tree(f"/proc/self/fd/{image_fd}")
+        if tree is None or not tree.switch_to(image_fd, name):
+            _drop(tree)
+            tree = Ext4Tree(name)
     finally:
-        os.close(image_fd)  # the library opened its own descriptor
+        os.close(image_fd)  # the library has its own descriptor
     try:
         stream = TarStream(PipeReader(data_fd))
         counts = LayerApplier(tree).apply(stream)
         stream.reader.drain()
+        tree.flush()
     except BaseException:
         tree.abandon()
         raise
-    tree.close()
     os.close(data_fd)
-    return counts
+    return tree, counts
+
+
+def _drop(tree: Ext4Tree | None) -> None:
+    """Let go of the last layer's image (written back already)."""
+    if tree is not None:
+        tree.abandon()
 
 
 def _failure(e: BaseException) -> dict[str, object]:
@@ -586,6 +600,8 @@ def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
     directory and the layer's pipe: chroot into that root, apply, report;
     ``image`` with an ext4 image file and the layer's pipe: apply into the image
     through libext2fs (``ext4tree``: no chroot needed, no host path is looked up);
+    ``image+`` the same for a clone of the image the last layer went into (the open
+    file system goes on in it);
     ``park`` with the host's root directory: chroot there, so that the parent
     can unmount the last root.  While a layer is applied the child holds no
     descriptor of a directory outside its root, as the one-shot child does.
@@ -598,18 +614,21 @@ def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
             parent_end.close()
             detach_from_parent({ctl.fileno()})
             os.umask(0)
+            tree: Ext4Tree | None = None  # the image the last layer went into, still open
             while True:
                 msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
                 if not msg:  # the parent closed the session
                     code = 0
                     break
+                if msg in (b"image", b"image+") and len(fds) == 2:
+                    tree, counts = _apply_to_image(tree if msg == b"image+" else _drop(tree), *fds)
+                    ctl.send(json.dumps({"ok": True, "counts": counts}).encode())
+                    continue
+                tree = _drop(tree)
                 if msg == b"apply" and len(fds) == 2:
                     root_fd, data_fd = fds
                     enter_root(root_fd)
                     ctl.send(json.dumps({"ok": True, "counts": _apply_one(data_fd)}).encode())
-                elif msg == b"image" and len(fds) == 2:
-                    counts = _apply_to_image(*fds)
-                    ctl.send(json.dumps({"ok": True, "counts": counts}).encode())
                 elif msg == b"park" and len(fds) == 1:
                     enter_root(fds[0])
                     ctl.send(b'{"ok": true, "parked": true}')
@@ -781,12 +800,15 @@ class ApplierSession:
             reap_later(pid)
 
     def apply(self, root: str | os.PathLike[str], layer: LayerStream,
-              check: Callable[[], None], *, image: bool = False) -> tuple[dict[str, int], int]:
+              check: Callable[[], None], *, image: bool = False,
+              continues: bool = False) -> tuple[dict[str, int], int]:
         """Apply one layer onto ``root``; ``check()`` runs once it is streamed and applied
         (it raises to refuse it).  Returns the child's counters and the bytes streamed.
         When this returns or raises, no child of ours is inside ``root`` any more.
         ``image``: ``root`` is an ext4 image file, written through libext2fs (its
-        metadata is written back when this returns; on an error it is to be discarded)."""
+        metadata is written back when this returns; on an error it is to be discarded);
+        ``continues``: it is a clone of the image of this session's last apply, as that
+        was when it returned."""
         ctl = self._ctl or self._start()
         if self._view is None:
             self._view = memoryview(bytearray(CHUNK))
@@ -801,7 +823,8 @@ class ApplierSession:
             with suppress(OSError):
                 fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             try:
-                socket.send_fds(ctl, [b"image" if image else b"apply"], [root_fd, data_r])
+                command = (b"image+" if continues else b"image") if image else b"apply"
+                socket.send_fds(ctl, [command], [root_fd, data_r])
             except BaseException:
                 os.close(data_w)
                 raise
