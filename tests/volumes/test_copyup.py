@@ -70,8 +70,13 @@ def _write_image(root: Path, outside: Path) -> None:
         path = path / "d"
     path.mkdir(parents=True)
     (path / "bottom").write_text("bottom\n")
-    with socket.socket(socket.AF_UNIX) as s:
-        s.bind(str(data / "sock"))  # left out: nothing can copy a socket
+    here = os.getcwd()
+    os.chdir(data)  # bound by a relative name: the mount's path may be too long for one
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind("sock")  # left out: nothing can copy a socket
+    finally:
+        os.chdir(here)
     (data / "lost+found").mkdir()
     (data / "lost+found" / "image-file").write_text("the volume keeps its own\n")
     os.chown(data, 70, 71)
