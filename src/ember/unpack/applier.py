@@ -36,7 +36,7 @@ from urllib.parse import unquote
 from ember.unpack.errors import InvalidLayer, NoSpace, UnpackError
 from ember.unpack.paths import Whiteout, clean, parents, whiteout_of
 from ember.unpack.tarstream import Entry, TarStream
-from ember.unpack.trees import HostTree, NewFile, StatLike, Tree
+from ember.unpack.trees import HostTree, Meta, NewFile, StatLike, Tree
 
 # Host-specific or overlay-internal attributes are never restored (umoci skips the same).
 _IGNORED_XATTRS = ("security.selinux", "system.nfs4_acl")
@@ -86,6 +86,14 @@ def _mtime_ns(info: tarfile.TarInfo) -> int | None:
     if not -(1 << 62) < ns < (1 << 62):
         return None
     return ns
+
+
+def _meta(info: tarfile.TarInfo, mode: int | None) -> Meta | None:
+    """An entry's metadata to give it as it is created; None where it has xattrs (set
+    between the mode and the time, by the applier)."""
+    if _xattrs(info):
+        return None
+    return Meta(info.uid, info.gid, mode, _mtime_ns(info))
 
 
 class LayerApplier:
@@ -278,9 +286,12 @@ class LayerApplier:
             raise InvalidLayer(f"symlink entry {info.name[:200]!r} has an empty or invalid target")
         # The target is stored verbatim, absolute or not: it is only ever resolved
         # later, inside the VM or inside this chroot.
-        self._create(path, lambda: self.fs.symlink(target, path))
-        self.fs.chown(path, info.uid, info.gid)
-        self._finish_special(path, info)
+        meta = _meta(info, mode=None)
+        self._create(path, lambda: self.fs.symlink(target, path, meta))
+        if meta is None:
+            self.fs.chown(path, info.uid, info.gid)
+            self._finish_special(path, info)
+        self._touch(path)
         self.counts["symlinks"] += 1
 
     def _hardlink(self, path: str, info: tarfile.TarInfo) -> None:
@@ -307,18 +318,21 @@ class LayerApplier:
         self.counts["hardlinks"] += 1
 
     def _device(self, path: str, info: tarfile.TarInfo) -> None:
+        meta = _meta(info, mode=info.mode & 0o7777)
         if info.type == tarfile.FIFOTYPE:
-            self._create(path, lambda: self.fs.mkfifo(path, 0o600))
+            self._create(path, lambda: self.fs.mkfifo(path, 0o600, meta))
         else:
             fmt = stat.S_IFCHR if info.type == tarfile.CHRTYPE else stat.S_IFBLK
             try:
                 dev = os.makedev(info.devmajor, info.devminor)
             except (OverflowError, ValueError):
                 raise InvalidLayer(f"device entry {info.name[:200]!r} has an invalid device number") from None
-            self._create(path, lambda: self.fs.mknod(path, fmt | 0o600, dev))
-        self.fs.chown(path, info.uid, info.gid)
-        self.fs.chmod(path, info.mode & 0o7777)  # just created by us: a device or fifo, not a symlink
-        self._finish_special(path, info)
+            self._create(path, lambda: self.fs.mknod(path, fmt | 0o600, dev, meta))
+        if meta is None:
+            self.fs.chown(path, info.uid, info.gid)
+            self.fs.chmod(path, info.mode & 0o7777)  # just created by us: a device or fifo
+            self._finish_special(path, info)
+        self._touch(path)
         self.counts["devices"] += 1
 
     def _finish_special(self, path: str, info: tarfile.TarInfo) -> None:

@@ -32,12 +32,15 @@ from ember.unpack import libext2fs as ext2
 from ember.unpack.errors import NeedsKernel
 from ember.unpack.libext2fs import Inode
 from ember.unpack.sparse import data_extents
+from ember.unpack.trees import Meta
 
 #: data is written to the image in runs of up to this much
 _FLUSH = 1 << 20
 #: the kernel's limit on an ext4 file's hard links
 _LINK_MAX = 65000
 _NAME_MAX = 255
+#: a symlink target shorter than this is kept in the inode (its i_block)
+_FAST_SYMLINK_MAX = 60
 #: symlinks followed in one path at most (the kernel's MAXSYMLINKS)
 _MAX_LINKS = 40
 #: the xattr namespaces ext4 stores (the kernel refuses others with EOPNOTSUPP)
@@ -116,7 +119,8 @@ class Ext4Tree:
             if bytes(sb[56:58]) != b"\x53\xef":
                 raise OSError(errno.EINVAL, "not an ext4 superblock", self.image)
             self.block_size = 1024 << int.from_bytes(bytes(sb[24:28]), "little")
-            self._inode_size = min(int.from_bytes(bytes(sb[88:90]), "little") or 128, ctypes.sizeof(Inode))
+            self._inode_size_on_disk = int.from_bytes(bytes(sb[88:90]), "little") or 128
+            self._inode_size = min(self._inode_size_on_disk, ctypes.sizeof(Inode))
             self._extents = bool(int.from_bytes(bytes(sb[96:100]), "little") & _INCOMPAT_EXTENTS)
         except BaseException:
             self.abandon()
@@ -131,6 +135,9 @@ class Ext4Tree:
         self._changed: set[int] = set()
         #: directory entries ext2fs_link has read so far (see _LINK_SCAN_BUDGET)
         self._link_scans = 0
+        #: a whole on-disk inode, for writing new ones (_write_new)
+        self._new_inode_buffer = ctypes.create_string_buffer(self._inode_size_on_disk)
+        self._generation = int.from_bytes(os.urandom(4), "little")
 
     # -- a chain of images ---------------------------------------------------------------
 
@@ -174,7 +181,7 @@ class Ext4Tree:
     # -- plumbing ------------------------------------------------------------------------
 
     def _call(self, fn: str, *args: object, what: str = "") -> None:
-        code = getattr(self._lib, f"ext2fs_{fn}")(*args)
+        code = ext2.function(fn)(*args)
         if code:
             raise ext2.failure(code, what or f"{fn} in {self.image}")
 
@@ -367,8 +374,12 @@ class Ext4Tree:
             inode.i_mtime, inode.i_mtime_extra = now
             inode.i_crtime, inode.i_crtime_extra = now
 
-    def _create_inode(self, path: str, mode: int, file_type: int, device: int | None = None) -> int:
-        """A new regular file, fifo or device node at ``path``, root-owned, not yet written."""
+    def _create_inode(
+        self, path: str, mode: int, file_type: int, *, device: int | None = None,
+        target: bytes | None = None, meta: Meta | None = None,
+    ) -> int:
+        """A new regular file, fifo, device node or fast symlink (``target``) at ``path``,
+        its inode written once: root-owned and stamped now unless ``meta`` says else."""
         directory, name = self._free_slot(path)
         ino = self._new_ino(directory, mode)
         inode = Inode()
@@ -385,13 +396,34 @@ class Ext4Tree:
                 inode.i_block[0] = (major << 8) | minor
             else:
                 inode.i_block[1] = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
-        self._call("write_new_inode", self._fs, ino, ctypes.byref(inode))
-        self._lib.ext2fs_inode_alloc_stats2(self._fs, ino, 1, 0)
-        inode = self.read_inode(ino)  # write_new_inode filled in the extra fields
+        elif target is not None:
+            ctypes.memmove(ctypes.addressof(inode.i_block), target, len(target))
+            inode.i_size = len(target)
         self._stamp(inode, created=True)
-        self.write_inode(ino, inode)
+        if meta is not None:
+            _set_owner(inode, meta.uid, meta.gid)
+            if meta.mode is not None:
+                inode.i_mode = stat.S_IFMT(mode) | (meta.mode & 0o7777)
+            if meta.ns is not None:
+                _set_time(inode, "a", meta.ns)
+                _set_time(inode, "m", meta.ns)
+        self._write_new(ino, inode)
+        self._lib.ext2fs_inode_alloc_stats2(self._fs, ino, 1, 0)
         self._link(directory, name, ino, file_type)
         return ino
+
+    def _write_new(self, ino: int, inode: Inode) -> None:
+        """Write a new inode whole: what ext2fs_write_new_inode does (the rest of the
+        on-disk inode zeroed, the extra fields' size, a generation number), in one call
+        that keeps the times' nanoseconds."""
+        inode.i_extra_isize = ctypes.sizeof(Inode) - 128 if self._inode_size > 128 else 0
+        self._generation = (self._generation + 0x9E3779B1) & 0xFFFFFFFF
+        inode.i_generation = self._generation
+        full = self._new_inode_buffer
+        ctypes.memset(full, 0, len(full))
+        ctypes.memmove(full, ctypes.addressof(inode), min(ctypes.sizeof(Inode), len(full)))
+        self._call("write_inode_full", self._fs, ino, ctypes.cast(full, ctypes.POINTER(Inode)),
+                   len(full))  # fmt: skip
 
     # -- Tree ----------------------------------------------------------------------------
 
@@ -433,10 +465,13 @@ class Ext4Tree:
     def create_file(self, path: str) -> Ext4File:
         return Ext4File(self, self._create_inode(path, stat.S_IFREG | 0o600, ext2.FT_REG_FILE))
 
-    def symlink(self, target: str, path: str) -> None:
+    def symlink(self, target: str, path: str, meta: Meta | None = None) -> None:
         raw = _encode(target)
         if len(raw) >= self.block_size:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
+        if len(raw) < _FAST_SYMLINK_MAX:  # in the inode itself
+            self._create_inode(path, stat.S_IFLNK | 0o777, ext2.FT_SYMLINK, target=raw, meta=meta)
+            return
         directory, name = self._free_slot(path)
         ino = self._new_ino(directory, stat.S_IFLNK | 0o777)
         self._call("symlink", self._fs, directory, ino, None, raw)
@@ -444,6 +479,10 @@ class Ext4Tree:
         self._stamp(inode, created=True)
         self.write_inode(ino, inode)
         self._link(directory, name, ino, ext2.FT_SYMLINK)
+        if meta is not None:
+            self.chown(path, meta.uid, meta.gid)
+            if meta.ns is not None:
+                self.utime(path, meta.ns)
 
     def link(self, target: str, path: str) -> None:
         ino = self._existing(target)
@@ -459,15 +498,15 @@ class Ext4Tree:
         self._stamp(inode)
         self.write_inode(ino, inode)
 
-    def mkfifo(self, path: str, mode: int) -> None:
-        self._create_inode(path, stat.S_IFIFO | (mode & 0o7777), ext2.FT_FIFO)
+    def mkfifo(self, path: str, mode: int, meta: Meta | None = None) -> None:
+        self._create_inode(path, stat.S_IFIFO | (mode & 0o7777), ext2.FT_FIFO, meta=meta)
 
-    def mknod(self, path: str, mode: int, device: int) -> None:
+    def mknod(self, path: str, mode: int, device: int, meta: Meta | None = None) -> None:
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFCHR, stat.S_IFBLK):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         file_type = ext2.FT_CHRDEV if kind == stat.S_IFCHR else ext2.FT_BLKDEV
-        self._create_inode(path, mode, file_type, device)
+        self._create_inode(path, mode, file_type, device=device, meta=meta)
 
     def unlink(self, path: str) -> None:
         directory, name, ino = self._entry(path)
@@ -642,6 +681,39 @@ class Ext4Tree:
             "fallocate", self._fs, ext2.FALLOCATE_FORCE_INIT | ext2.FALLOCATE_INIT_BEYOND_EOF,
             ino, None, (1 << 64) - 1, first, count,
         )
+        for logical, physical, n in self._extents_of(ino, first, count):
+            # through the library's I/O channel: its block cache stays coherent (a block
+            # freed earlier in this layer may still sit there)
+            address = ctypes.c_void_p(base + start + (logical - first) * bs)
+            code = self._lib.io_channel_write_blk64(self._io, physical, n, address)
+            if code:
+                raise ext2.failure(code, f"writing file data to {self.image}")
+
+    def _extents_of(self, ino: int, first: int, count: int) -> list[tuple[int, int, int]]:
+        """Where logical blocks ``first``... (``count``, allocated) of file ``ino`` are:
+        (logical, physical, length) runs.  Read from the inode's extent tree where it is
+        all in the inode (up to four extents), else block by block (ext2fs_bmap2)."""
+        inode = self.read_inode(ino)
+        words = inode.i_block
+        header_magic, entries, depth = words[0] & 0xFFFF, words[0] >> 16, words[1] >> 16
+        if inode.i_flags & ext2.EXTENTS_FL and header_magic == 0xF30A and depth == 0 and entries <= 4:
+            runs = []
+            end = first + count
+            for k in range(entries):
+                logical = words[3 + 3 * k]
+                length = words[4 + 3 * k] & 0xFFFF
+                physical = (words[4 + 3 * k] >> 16) << 32 | words[5 + 3 * k]
+                if length > 32768:  # an unwritten extent: not what fallocate made here
+                    break
+                lo, hi = max(logical, first), min(logical + length, end)
+                if lo < hi:
+                    runs.append((lo, physical + (lo - logical), hi - lo))
+            if sum(n for _, _, n in runs) == count:
+                return runs
+        return self._mapped(ino, first, count)
+
+    def _mapped(self, ino: int, first: int, count: int) -> list[tuple[int, int, int]]:
+        runs: list[tuple[int, int, int]] = []
         phys = ext2.blk64_t()
         i = 0
         while i < count:
@@ -655,13 +727,9 @@ class Ext4Tree:
                 n += 1
             if first_phys == 0:
                 raise OSError(errno.EIO, "a block just allocated is not mapped", self.image)
-            # through the library's I/O channel: its block cache stays coherent (a block
-            # freed earlier in this layer may still sit there)
-            address = ctypes.c_void_p(base + start + i * bs)
-            code = self._lib.io_channel_write_blk64(self._io, first_phys, n, address)
-            if code:
-                raise ext2.failure(code, f"writing file data to {self.image}")
+            runs.append((first + i, first_phys, n))
             i += n
+        return runs
 
 
 class _XattrHandle:

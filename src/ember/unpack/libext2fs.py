@@ -176,6 +176,12 @@ def lib() -> Any:
 
 
 @functools.cache
+def function(name: str) -> Any:
+    """``ext2fs_<name>`` of the library (looked up once)."""
+    return getattr(lib(), f"ext2fs_{name}")
+
+
+@functools.cache
 def unix_io_manager() -> ctypes.c_void_p:
     return ctypes.c_void_p.in_dll(lib(), "unix_io_manager")
 

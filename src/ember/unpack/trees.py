@@ -15,10 +15,22 @@ paths inside its root, and fails as the kernel's calls do (``FileExistsError``,
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 from ember.fsutil import remove_tree
 from ember.unpack.sparse import SparseWriter
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a new symlink, fifo or device gets right away: owner, then permission bits
+    (not for a symlink), then its time (mtime and atime, ns; None: now)."""
+
+    uid: int
+    gid: int
+    mode: int | None
+    ns: int | None
 
 
 class StatLike(Protocol):
@@ -55,10 +67,10 @@ class Tree(Protocol):
     def is_dir(self, path: str) -> bool: ...
     def mkdir(self, path: str, mode: int) -> None: ...
     def create_file(self, path: str) -> NewFile: ...
-    def symlink(self, target: str, path: str) -> None: ...
+    def symlink(self, target: str, path: str, meta: Meta | None = None) -> None: ...
     def link(self, target: str, path: str) -> None: ...
-    def mkfifo(self, path: str, mode: int) -> None: ...
-    def mknod(self, path: str, mode: int, device: int) -> None: ...
+    def mkfifo(self, path: str, mode: int, meta: Meta | None = None) -> None: ...
+    def mknod(self, path: str, mode: int, device: int, meta: Meta | None = None) -> None: ...
     def unlink(self, path: str) -> None: ...
     def remove_tree(self, path: str) -> None: ...
     def listdir(self, path: str) -> list[tuple[str, bool]]: ...
@@ -125,18 +137,30 @@ class HostTree:
     def create_file(self, path: str) -> HostFile:
         return HostFile(os.open(path, _O_CREATE_FILE, 0o600))
 
-    def symlink(self, target: str, path: str) -> None:
+    def symlink(self, target: str, path: str, meta: Meta | None = None) -> None:
         os.symlink(target, path)
+        self._meta(path, meta)
 
     def link(self, target: str, path: str) -> None:
         # follow_symlinks=False: a link to a symlink links the symlink itself
         os.link(target, path, follow_symlinks=False)
 
-    def mkfifo(self, path: str, mode: int) -> None:
+    def mkfifo(self, path: str, mode: int, meta: Meta | None = None) -> None:
         os.mkfifo(path, mode)
+        self._meta(path, meta)
 
-    def mknod(self, path: str, mode: int, device: int) -> None:
+    def mknod(self, path: str, mode: int, device: int, meta: Meta | None = None) -> None:
         os.mknod(path, mode, device)
+        self._meta(path, meta)
+
+    def _meta(self, path: str, meta: Meta | None) -> None:
+        """In the kernel's order: chown (which clears set-id bits), chmod, times."""
+        if meta is not None:
+            self.chown(path, meta.uid, meta.gid)
+            if meta.mode is not None:
+                self.chmod(path, meta.mode)
+            if meta.ns is not None:
+                self.utime(path, meta.ns)
 
     def unlink(self, path: str) -> None:
         os.unlink(path)
