@@ -105,9 +105,8 @@ def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(
     tmp_path: Path, debian_layout: Path, signum: int, status: int, said: str
 ) -> None:
     """``timeout``/``kill`` during a prepare, or its terminal closed (an ssh session
-    dropped; through the agent, its client gone): the build's half-made disk and lease
-    (and, when builds mounted their disks, the mount and loop device) were left (the
-    process died at once) until the next command's recovery."""
+    dropped; through the agent, its client gone): the build's mount, loop device and
+    lease were left (the process died at once) until the next command's recovery."""
     from tests.snapshots.conftest import make_home, teardown_home
 
     home = make_home(tmp_path / "home").root
@@ -121,12 +120,12 @@ def _terminate_a_prepare(home: Path, debian_layout: Path, signum: int, status: i
     image = f"oci:{debian_layout}:latest"
     assert ember(home, "image", "pull", image).returncode == 0
     env = ember_env(home, EMBER_AGENT="0")
-    building = home / "snapshots" / "pool" / "active"
+    mounts = home / "snapshots" / "mnt"
     proc = subprocess.Popen([EMBER, "image", "prepare", image], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not (building.is_dir() and any(building.iterdir())):  # the layer's disk is being built
+        while not (mounts.is_dir() and any(mounts.iterdir())):  # the layer is being applied
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.005)
         proc.send_signal(signum)

@@ -72,34 +72,44 @@ def test_a_failed_cleanup_never_replaces_the_interrupt(
     snap.remove("k")
 
 
-# Runs `ember image prepare REF` (the CLI's own main), instrumented: once the layer is
-# applied into its disk the marker is written and the build waits (SIGINT arrives there:
-# the disk written, not yet checked nor committed).  argv: marker, REF.
+# Runs `ember image prepare REF` (the CLI's own main) with two instruments: after the
+# layer is applied a process sits in the mount (`cd $M && sleep`), so that the unmount
+# waits for it; the first EBUSY of the unmount writes the marker.  argv: marker, REF.
 _CHILD = """
-import signal, sys, time
+import errno, os, signal, subprocess, sys
 from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with it ignored
 import ember.unpack
+from ember.snapshots import loop
 from ember.cli.main import main
 
 marker = Path(sys.argv[1])
-real_apply = ember.unpack.LayerSession.apply
+real_apply, real_umount = ember.unpack.LayerSession.apply, loop.umount
 
-def apply(self, *args, **kwargs):
-    stats = real_apply(self, *args, **kwargs)
-    marker.write_text("applied")
-    time.sleep(30)
+def apply(self, root, blob, media_type, diff_id=None, *, opener=None):
+    stats = real_apply(self, root, blob, media_type, diff_id, opener=opener)
+    subprocess.Popen(["sleep", "2"], cwd=root)
     return stats
 
+def umount(target, flags=0):
+    try:
+        real_umount(target, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY and not marker.exists():
+            marker.write_text("busy")
+        raise
+
 ember.unpack.LayerSession.apply = apply
+loop.umount = umount
 main(["image", "prepare", sys.argv[2]])
 """
 
 
-def test_ctrl_c_during_a_layer_build(home: Home, busybox_layout: Path, tmp_path: Path) -> None:
-    """Ctrl-C while a layer is built (once from QA: 'cannot discard failed build ...', rc 1,
-    a mount and a loop device left, when builds mounted their disks); a second Ctrl-C
-    during the cleanup too: rc 130, one line, nothing left behind."""
+def test_ctrl_c_while_a_busy_layer_disk_is_unmounted(
+    home: Home, busybox_layout: Path, tmp_path: Path
+) -> None:
+    """QA's report: 'cannot discard failed build ...' and 'ember: Device or resource busy',
+    rc 1, a mount and a loop device left; a second Ctrl-C during the cleanup too."""
     script, marker = tmp_path / "child.py", tmp_path / "busy"
     script.write_text(_CHILD)
     proc = subprocess.Popen(
@@ -113,7 +123,7 @@ def test_ctrl_c_during_a_layer_build(home: Home, busybox_layout: Path, tmp_path:
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the layer was never applied"
+        assert time.monotonic() < deadline, "the unmount never waited for the busy mount"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)

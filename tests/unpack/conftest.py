@@ -11,7 +11,7 @@ import pytest
 
 from ember.process import reap_exiting
 from ember.unpack import sandbox
-from tests.unpack.layers import ImageLayers, Layers
+from tests.unpack.layers import Layers
 
 
 @pytest.fixture(autouse=True)
@@ -30,24 +30,6 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def layers(tmp_path: Path) -> Layers:
     return Layers(tmp_path / "blobs")
-
-
-@pytest.fixture(params=["directory", "ext4-image"])
-def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, Layers]]:
-    """A root and its layer writer, twice: a directory (``ember image unpack``: the
-    chroot-ed applier), and an ext4 image written through libext2fs and mounted at the
-    root between applies (how snapshot disks are built)."""
-    r = tmp_path / "root"
-    r.mkdir()
-    if request.param == "directory":
-        yield r, Layers(tmp_path / "blobs")
-        return
-    writer = ImageLayers(tmp_path / "blobs")
-    writer.mount(r)
-    try:
-        yield r, writer
-    finally:
-        writer.close()
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
-import os
-import subprocess
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +12,6 @@ from pathlib import Path
 import zstandard
 
 from ember.oci.digest import Digest
-from ember.snapshots import system
 from ember.unpack import ApplyStats, LayerSession, apply_layers
 
 MEDIA = {
@@ -134,68 +130,4 @@ class Layers:
         total = ApplyStats()
         for spec in specs:
             total = total + session.apply(root, *spec)
-        return total
-
-
-class ImageLayers(Layers):
-    """``Layers`` whose roots are ext4 images, each loop-mounted at its root between
-    applies (the tests look at it and may change it there): an apply unmounts it,
-    writes the layers into the image through libext2fs (``ext4tree``, as snapshots are
-    built), checks it (``e2fsck -fn``) and mounts it again.  A failed apply leaves the
-    image as it was before (a build's disk is discarded after a failure)."""
-
-    def __init__(self, blobs: Path) -> None:
-        super().__init__(blobs)
-        self.images: dict[Path, Path] = {}
-        self.mounted: dict[Path, system.LoopDevice] = {}
-
-    def image(self, root: Path) -> Path:
-        """The image behind ``root``, made (empty, like a snapshot pool's base) on first use."""
-        if root not in self.images:
-            # beside the blobs: a root may be made inside another root's mounted image
-            image = self.blobs.parent / "images" / f"{len(self.images)}.ext4"
-            image.parent.mkdir(exist_ok=True)
-            system.mkfs_ext4(image, 1 << 30)  # 4 KiB blocks, as the default base disk
-            self.images[root] = image
-        return self.images[root]
-
-    def mount(self, root: Path) -> None:
-        self.mounted[root] = system.mount_image(self.image(root), root, readonly=False)
-
-    def unmount(self, root: Path) -> None:
-        device = self.mounted.pop(root, None)
-        if device is not None:
-            # the mount point removed first, as ember's own unmounts do: a copy of the
-            # mount in a namespace made meanwhile would keep the disk in use
-            system.unmount(root, device=device, remove_mountpoint=True)
-            root.mkdir()
-
-    def close(self) -> None:
-        for root in sorted(self.mounted, key=lambda r: len(r.parts), reverse=True):
-            self.unmount(root)  # roots made inside another root's image first
-
-    def apply(self, root: Path, *layers: Sequence[E] | bytes, compression: str = "none",
-              session: LayerSession | None = None) -> ApplyStats:
-        specs = []
-        for layer in layers:
-            raw = layer if isinstance(layer, bytes) else tar_bytes(layer)
-            specs.append(self.blob(raw, compression))
-        image = self.image(root)
-        self.unmount(root)
-        before = image.with_name(image.name + ".before")
-        subprocess.run(["cp", "--sparse=always", str(image), str(before)], check=True)
-        try:
-            total = ApplyStats()
-            with contextlib.ExitStack() as stack:
-                own = session or stack.enter_context(LayerSession())
-                for spec in specs:
-                    total = total + own.apply(image, *spec, image=True)
-        except BaseException:
-            os.replace(before, image)
-            raise
-        finally:
-            if before.exists():
-                before.unlink()
-            subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
-            self.mount(root)
         return total

@@ -29,16 +29,6 @@ SENTINEL_CONTENT = b"sentinel: must never change\n"
 SENTINEL_MTIME = 1_234_567_890
 
 
-@pytest.fixture
-def root(any_target: tuple[Path, Layers]) -> Path:
-    return any_target[0]
-
-
-@pytest.fixture
-def layers(any_target: tuple[Path, Layers]) -> Layers:
-    return any_target[1]
-
-
 @dataclass(frozen=True)
 class Case:
     entries: Callable[[str, str], list[E]]  # (sentinel's absolute path, its directory) -> entries

@@ -2,9 +2,8 @@
 
 One committed snapshot per layer, named by the layer's chain ID, so images that
 share base layers share those snapshots.  Building layer N: clone the
-snapshot of layers 0..N-1 (or the cached empty ext4), apply layer N with ember's
-hardened unpacker straight into that disk image (through libext2fs: no loop
-device, no mount; ``ember.unpack.ext4tree``), check (the superblock of every
+snapshot of layers 0..N-1 (or the cached empty ext4), loop-mount it, apply
+layer N with ember's hardened unpacker, unmount, check (the superblock of every
 layer, ``e2fsck -fn`` of the image's top one; see docs/snapshots.md), commit.
 Layer N's commit (I/O waits) runs in a helper thread while layer N+1, cloned
 from N's finished disk, is built; a child is never committed before its parent.  A
@@ -53,8 +52,6 @@ log = logging.getLogger("ember.snapshots")
 PREPARE_LEASE_TTL = 6 * 3600.0
 #: layers that do not fit grow their disk by doubling, up to this
 MAX_AUTO_SIZE = 1 << 40
-#: a layer blob up to this size is written into its disk image through libext2fs
-IMAGE_WRITE_MAX = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -194,10 +191,6 @@ def _chain_lock(snap: Snapshotter, name: str) -> Path:
     return snap.pool.locks / f"chain-{names.encode(name)}.lock"
 
 
-class _ThroughKernel(Exception):
-    """Build the layer again on its mounted disk (``NeedsKernel``)."""
-
-
 class _OutOfSpace(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -258,22 +251,12 @@ class _ChainBuilder:
             source = self.built.key if self.built is not None and self.built.name == parent else None
             t0 = time.perf_counter()
             size: int | None = None
-            # small layers into the disk image through libext2fs (no loop device, mount,
-            # sync, unmount: more than such a layer's own work); bigger ones on the
-            # mounted disk, where the kernel writes many files faster (docs/snapshots.md)
-            mounted = layer.size > IMAGE_WRITE_MAX
             while True:
                 try:
                     key, lock, checked = self._build_once(
-                        name, parent, layer, blob, size, top=top, source=source, mounted=mounted
+                        name, parent, layer, blob, size, top=top, source=source
                     )
                     break
-                except _ThroughKernel:
-                    log.info("layer %s: many entries in a directory; applying it to the "
-                             "mounted disk", layer.digest)  # fmt: skip
-                    mounted = True
-                    self._drain()  # the parent is committed now: clone it from there
-                    source = None
                 except _OutOfSpace as full:
                     if full.size * 2 > MAX_AUTO_SIZE:
                         raise SnapshotError(
@@ -307,38 +290,38 @@ class _ChainBuilder:
         *,
         top: bool,
         source: str | None,
-        mounted: bool = False,
     ) -> tuple[str, FileLock, bool]:
         snap = self.snap
         key = f"build/{name}/{secrets.token_hex(4)}"
         _active, lock = snap.prepare_held(key, parent, size=size, source=source)
         try:
             self._hand_off()  # cloned: the parent's disk may move to committed/ now
-            disk = snap.path(key)
-            try:
-                if mounted:
-                    self._apply_mounted(key, lock, layer, blob)
-                else:
+            with snap.mount(key, held=lock) as root:
+                try:
                     # the blob as late as possible: a pull may still be fetching it
                     path, opener = blob.take()
-                    # Written into the disk image through libext2fs: no loop device, no
-                    # mount (ext4tree).  A pool that runs out under this sparse disk
-                    # fails the applier's writes (ENOSPC, a short write): the build fails.
                     self._applier().apply(
-                        disk, path, layer.media_type, layer.diff_id, opener=opener, image=True,
-                        # a clone of the disk this session just wrote: it goes on in it
-                        continues=source is not None,
+                        root, path, layer.media_type, layer.diff_id, opener=opener
                     )
-            except Exception as e:
-                from ember.unpack import DiffIDMismatch, InvalidLayer, NeedsKernel, NoSpace
+                except Exception as e:
+                    if _nearly_full(root):
+                        raise _OutOfSpace(system.fs_size(snap.path(key))) from e
+                    from ember.unpack import DiffIDMismatch, InvalidLayer  # loaded by now
 
-                if isinstance(e, NeedsKernel):
-                    raise _ThroughKernel() from e
-                if isinstance(e, NoSpace) and not _pool_nearly_full(snap.pool.root):
-                    raise _OutOfSpace(system.fs_size(disk)) from e
-                if isinstance(e, (InvalidLayer, DiffIDMismatch)):
-                    self.store.raise_if_damaged([layer.digest], e)
-                raise
+                    if isinstance(e, (InvalidLayer, DiffIDMismatch)):
+                        self.store.raise_if_damaged([layer.digest], e)
+                    raise
+                # Written back now, to know it was: when the pool under this sparse
+                # disk runs out, the loop device fails ext4's writes (EIO), and neither
+                # the applier nor umount nor the superblock check may notice: the disk
+                # would be committed with its files' data missing.
+                try:
+                    loop.syncfs(root)
+                except OSError as e:
+                    raise CommandFailed(
+                        f"writing layer {name.removeprefix('sha256:')[:12]} to its disk failed: "
+                        f"{e.strerror}"
+                    ) from e
             mode = snap.config.check
             full = mode == "full" or (mode == "top" and top)
             if mode != "none":
@@ -362,24 +345,6 @@ class _ChainBuilder:
                 ) from e
             raise
         return key, lock, full
-
-    def _apply_mounted(self, key: str, lock: FileLock, layer: Layer, blob: _LayerBlob) -> None:
-        """Apply the layer to snapshot ``key``'s disk through the kernel: loop-mounted, the
-        chroot-ed applier, a syncfs.  For the layers ``NeedsKernel`` sends here."""
-        with self.snap.mount(key, held=lock) as root:
-            path, opener = blob.take()
-            self._applier().apply(root, path, layer.media_type, layer.diff_id, opener=opener)
-            # Written back now, to know it was: when the pool under this sparse disk runs
-            # out, the loop device fails ext4's writes (EIO), and neither the applier nor
-            # umount nor the superblock check may notice: the disk would be committed
-            # with its files' data missing.
-            try:
-                loop.syncfs(root)
-            except OSError as e:
-                raise CommandFailed(
-                    f"writing layer {str(layer.digest).removeprefix('sha256:')[:12]} to its "
-                    f"disk failed: {e.strerror}"
-                ) from e
 
     def _discard(self, key: str, lock: FileLock, cause: BaseException) -> None:
         """Remove a build that failed with ``cause``; a failure here never replaces it."""
@@ -478,6 +443,12 @@ def _pool_nearly_full(pool: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < max(64 << 20, st.f_blocks * st.f_frsize // 100)
+
+
+def _nearly_full(root: Path) -> bool:
+    """After a failed apply: did it fail because blocks or inodes ran out?"""
+    st = os.statvfs(root)
+    return st.f_bavail * 100 < st.f_blocks * 2 or st.f_favail * 100 < st.f_files
 
 
 def machine_key(machine_id: str) -> str:

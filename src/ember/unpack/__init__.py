@@ -6,22 +6,13 @@ design and the security argument.
 """
 
 from ember.unpack.apply import ApplyStats, LayerSession, apply_layer, apply_layers
-from ember.unpack.errors import (
-    DiffIDMismatch,
-    InvalidLayer,
-    NeedsKernel,
-    NoSpace,
-    UnpackError,
-    UnsupportedLayer,
-)
+from ember.unpack.errors import DiffIDMismatch, InvalidLayer, UnpackError, UnsupportedLayer
 
 __all__ = [
     "ApplyStats",
     "DiffIDMismatch",
     "InvalidLayer",
     "LayerSession",
-    "NeedsKernel",
-    "NoSpace",
     "UnpackError",
     "UnsupportedLayer",
     "apply_layer",

@@ -33,10 +33,11 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import unquote
 
-from ember.unpack.errors import InvalidLayer, NoSpace, UnpackError
+from ember.fsutil import remove_tree
+from ember.unpack.errors import InvalidLayer, UnpackError
 from ember.unpack.paths import Whiteout, clean, parents, whiteout_of
+from ember.unpack.sparse import SparseWriter
 from ember.unpack.tarstream import Entry, TarStream
-from ember.unpack.trees import HostTree, Meta, NewFile, StatLike, Tree
 
 # Host-specific or overlay-internal attributes are never restored (umoci skips the same).
 _IGNORED_XATTRS = ("security.selinux", "system.nfs4_acl")
@@ -48,6 +49,8 @@ _MAX_ID = 2**32 - 2
 #: what lstat of a directory recorded earlier in the layer fails with once a later entry
 #: replaced an ancestor: nothing there, a file, a symlink loop
 _GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
+
+_O_CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 T = TypeVar("T")
 
@@ -88,20 +91,10 @@ def _mtime_ns(info: tarfile.TarInfo) -> int | None:
     return ns
 
 
-def _meta(info: tarfile.TarInfo, mode: int | None) -> Meta | None:
-    """An entry's metadata to give it as it is created; None where it has xattrs (set
-    between the mode and the time, by the applier)."""
-    if _xattrs(info):
-        return None
-    return Meta(info.uid, info.gid, mode, _mtime_ns(info))
-
-
 class LayerApplier:
-    """Apply the entries of one layer onto ``tree``: by default ``/``, the chroot-ed
-    target root; an ``Ext4Tree`` for a snapshot's disk."""
+    """Apply the entries of one layer onto ``/`` (the chroot-ed target root)."""
 
-    def __init__(self, tree: Tree | None = None) -> None:
-        self.fs: Tree = tree if tree is not None else HostTree()
+    def __init__(self) -> None:
         #: paths this layer created or changed; whiteouts never remove these
         self.touched: set[str] = set()
         #: directories with something this layer touched below them
@@ -129,8 +122,9 @@ class LayerApplier:
             except UnpackError:
                 raise
             except OSError as e:
-                cls = NoSpace if e.errno == errno.ENOSPC else UnpackError
-                raise cls(f"cannot apply layer entry {name[:200]!r}: {e.strerror or e}") from None
+                raise UnpackError(
+                    f"cannot apply layer entry {name[:200]!r}: {e.strerror or e}"
+                ) from None
         self._finish_dirs()
         return self.counts
 
@@ -178,9 +172,9 @@ class LayerApplier:
     def _make_parents(self, path: str) -> None:
         for p in parents(path):
             try:
-                self.fs.mkdir(p, 0o755)
+                os.mkdir(p, 0o755)
             except FileExistsError:
-                if not self.fs.is_dir(p):  # follows symlinks, inside the root
+                if not os.path.isdir(p):  # follows symlinks, inside the root
                     raise InvalidLayer(
                         f"cannot create {path[:200]!r}: its parent {p[:200]!r} is not a directory"
                     ) from None
@@ -188,13 +182,13 @@ class LayerApplier:
             self._touch(p)
             self.counts["directories"] += 1
 
-    def _remove(self, path: str, st: StatLike | None = None) -> None:
+    def _remove(self, path: str, st: os.stat_result | None = None) -> None:
         if st is None:
-            st = self.fs.lstat(path)
+            st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
-            self.fs.remove_tree(path)
+            remove_tree(path)  # iterative: a layer's tree may be thousands of levels deep
         else:
-            self.fs.unlink(path)
+            os.unlink(path)
         self._removals += 1
         self._removed[path] = self._removals
 
@@ -215,8 +209,9 @@ class LayerApplier:
 
     def _file(self, stream: TarStream, entry: Entry, path: str) -> None:
         info = entry.info
-        writer: NewFile = self._create(path, lambda: self.fs.create_file(path))
+        fd = self._create(path, lambda: os.open(path, _O_CREATE_FILE, 0o600))
         try:
+            writer = SparseWriter(fd)
             reader = stream.reader
             if entry.regions is None:
                 for buf, s, e in reader.chunks(entry.data_size):
@@ -232,29 +227,29 @@ class LayerApplier:
                 writer.finish(info.size)
             self.counts["bytes_written"] += entry.data_size
             self.counts["hole_bytes"] += writer.holes
-            writer.chown(info.uid, info.gid)
-            writer.chmod(info.mode & 0o7777)
+            os.fchown(fd, info.uid, info.gid)
+            os.fchmod(fd, info.mode & 0o7777)
             for name, value in _xattrs(info):
-                self._setxattr(writer, name, value, info, regular=True)
+                self._setxattr(fd, name, value, info, regular=True)
             ns = _mtime_ns(info)
             if ns is not None:
-                writer.utime(ns)
+                os.utime(fd, ns=(ns, ns))
         finally:
-            writer.close()
+            os.close(fd)
         self._touch(path)
         self.counts["files"] += 1
 
     def _mkdir(self, path: str) -> bool:
         """Make directory ``path``; False when a directory is already there (kept as is)."""
         try:
-            self.fs.mkdir(path, 0o700)
+            os.mkdir(path, 0o700)
             return True
         except FileExistsError:
-            if stat.S_ISDIR(self.fs.lstat(path).st_mode):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
                 return False
         except (FileNotFoundError, NotADirectoryError):
             pass  # _create makes the parents or says which one is in the way
-        self._create(path, lambda: self.fs.mkdir(path, 0o700))
+        self._create(path, lambda: os.mkdir(path, 0o700))
         return True
 
     def _directory(self, path: str, info: tarfile.TarInfo) -> None:
@@ -264,11 +259,11 @@ class LayerApplier:
         else:
             # Directory over directory: metadata only, but the new header's xattrs are
             # the whole set, as if the directory had been created afresh.
-            for name in self.fs.listxattr(path):
+            for name in os.listxattr(path, follow_symlinks=False):
                 if name not in _IGNORED_XATTRS and not name.startswith(_IGNORED_XATTR_PREFIXES):
-                    self.fs.removexattr(path, name)
-        self.fs.chown(path, info.uid, info.gid)
-        self.fs.chmod(path, info.mode & 0o7777)  # path is a real directory here, not a symlink
+                    os.removexattr(path, name, follow_symlinks=False)
+        os.chown(path, info.uid, info.gid, follow_symlinks=False)
+        os.chmod(path, info.mode & 0o7777)  # path is a real directory here, not a symlink
         for name, value in _xattrs(info):
             self._setxattr(path, name, value, info, regular=True)
         # A directory's header may come again (a hostile layer: once per entry, each
@@ -276,7 +271,7 @@ class LayerApplier:
         self._dir_times.pop(path, None)
         ns = _mtime_ns(info)
         if ns is not None:
-            st = self.fs.lstat(path)
+            st = os.lstat(path)
             self._dir_times[path] = (ns, st.st_dev, st.st_ino, self._removals)
         self._touch(path)
 
@@ -286,12 +281,9 @@ class LayerApplier:
             raise InvalidLayer(f"symlink entry {info.name[:200]!r} has an empty or invalid target")
         # The target is stored verbatim, absolute or not: it is only ever resolved
         # later, inside the VM or inside this chroot.
-        meta = _meta(info, mode=None)
-        self._create(path, lambda: self.fs.symlink(target, path, meta))
-        if meta is None:
-            self.fs.chown(path, info.uid, info.gid)
-            self._finish_special(path, info)
-        self._touch(path)
+        self._create(path, lambda: os.symlink(target, path))
+        os.chown(path, info.uid, info.gid, follow_symlinks=False)
+        self._finish_special(path, info)
         self.counts["symlinks"] += 1
 
     def _hardlink(self, path: str, info: tarfile.TarInfo) -> None:
@@ -303,8 +295,8 @@ class LayerApplier:
         if target == "/":
             raise InvalidLayer(f"hard link entry {info.name[:200]!r} points at the root directory")
         try:
-            # a link to a symlink links the symlink itself
-            self._create(path, lambda: self.fs.link(target, path))
+            # follow_symlinks=False: a link to a symlink links the symlink itself.
+            self._create(path, lambda: os.link(target, path, follow_symlinks=False))
         except FileNotFoundError:
             raise InvalidLayer(
                 f"hard link {info.name[:200]!r} points at {info.linkname[:200]!r}, which does not exist"
@@ -318,21 +310,18 @@ class LayerApplier:
         self.counts["hardlinks"] += 1
 
     def _device(self, path: str, info: tarfile.TarInfo) -> None:
-        meta = _meta(info, mode=info.mode & 0o7777)
         if info.type == tarfile.FIFOTYPE:
-            self._create(path, lambda: self.fs.mkfifo(path, 0o600, meta))
+            self._create(path, lambda: os.mkfifo(path, 0o600))
         else:
             fmt = stat.S_IFCHR if info.type == tarfile.CHRTYPE else stat.S_IFBLK
             try:
                 dev = os.makedev(info.devmajor, info.devminor)
             except (OverflowError, ValueError):
                 raise InvalidLayer(f"device entry {info.name[:200]!r} has an invalid device number") from None
-            self._create(path, lambda: self.fs.mknod(path, fmt | 0o600, dev, meta))
-        if meta is None:
-            self.fs.chown(path, info.uid, info.gid)
-            self.fs.chmod(path, info.mode & 0o7777)  # just created by us: a device or fifo
-            self._finish_special(path, info)
-        self._touch(path)
+            self._create(path, lambda: os.mknod(path, fmt | 0o600, dev))
+        os.chown(path, info.uid, info.gid, follow_symlinks=False)
+        os.chmod(path, info.mode & 0o7777)  # just created by us: a device or fifo, not a symlink
+        self._finish_special(path, info)
         self.counts["devices"] += 1
 
     def _finish_special(self, path: str, info: tarfile.TarInfo) -> None:
@@ -341,16 +330,16 @@ class LayerApplier:
             self._setxattr(path, name, value, info, regular=False)
         ns = _mtime_ns(info)
         if ns is not None:
-            self.fs.utime(path, ns)
+            os.utime(path, ns=(ns, ns), follow_symlinks=False)
         self._touch(path)
 
-    def _setxattr(self, target: NewFile | str, name: str, value: bytes, info: tarfile.TarInfo,
+    def _setxattr(self, target: int | str, name: str, value: bytes, info: tarfile.TarInfo,
                   *, regular: bool) -> None:
         try:
-            if isinstance(target, str):
-                self.fs.setxattr(target, name, value)
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
             else:
-                target.setxattr(name, value)
+                os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as e:
             # user.* is not allowed on symlinks and devices by Linux: skip there.
             if not regular and e.errno == errno.EPERM and name.startswith("user."):
@@ -371,7 +360,7 @@ class LayerApplier:
         if wh.path in self.touched or wh.path == "/":
             return  # whiteouts hide lower layers only
         try:
-            st = self.fs.lstat(wh.path)
+            st = os.lstat(wh.path)
         except (FileNotFoundError, NotADirectoryError):
             return
         if stat.S_ISDIR(st.st_mode) and wh.path in self._holds_touched:
@@ -384,7 +373,7 @@ class LayerApplier:
     def _opaque(self, directory: str) -> None:
         """Remove what lower layers put under ``directory``, keeping this layer's entries."""
         try:
-            st = self.fs.lstat(directory)
+            st = os.lstat(directory)
         except (FileNotFoundError, NotADirectoryError):
             return
         if not stat.S_ISDIR(st.st_mode):
@@ -392,10 +381,12 @@ class LayerApplier:
         pending = [directory]  # a loop, not recursion: a tree may be thousands of levels deep
         while pending:
             current = pending.pop()
-            for name, is_dir in self.fs.listdir(current):
-                path = posixpath.join(current, name)
+            with os.scandir(current) as it:
+                children = list(it)
+            for child in children:
+                path = posixpath.join(current, child.name)
                 keep = path in self.touched or path in self._holds_touched
-                if keep and is_dir:
+                if keep and child.is_dir(follow_symlinks=False):
                     pending.append(path)
                 elif not keep:
                     self._remove(path)
@@ -410,13 +401,13 @@ class LayerApplier:
             if self._removed_since(path, removals):
                 continue  # gone, whatever has its inode number now
             try:
-                st = self.fs.lstat(path)
+                st = os.lstat(path)
             except OSError as e:
                 if e.errno in _GONE:
                     continue
                 raise
             if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISDIR(st.st_mode):
-                self.fs.utime(path, ns)
+                os.utime(path, ns=(ns, ns), follow_symlinks=False)
 
     def _removed_since(self, path: str, removals: int) -> bool:
         """Whether ``path`` or a parent of it was removed after ``removals`` removals (the

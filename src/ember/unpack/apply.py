@@ -123,26 +123,17 @@ class LayerSession:
 
     def apply(
         self, root: Path, blob: Path, media_type: str, diff_id: Digest | None = None,
-        *, opener: Callable[[], io.RawIOBase | None] | None = None, image: bool = False,
-        continues: bool = False,
+        *, opener: Callable[[], io.RawIOBase | None] | None = None,
     ) -> ApplyStats:
         """``opener``: as ``apply_layers``' for this one layer (its blob read as it arrives,
-        or None once ``blob`` is stored); it then needs ``diff_id``.  ``image``: ``root``
-        is an ext4 image file, written through libext2fs instead of a mounted directory
-        (``ext4tree``); after a failure it is half written, to be discarded.
-        ``continues``: that image is a clone of the one the last ``apply`` wrote, made
-        after it returned (the next layer of a chain): the applier goes on in it
-        without opening it anew."""
+        or None once ``blob`` is stored); it then needs ``diff_id``."""
         root = Path(root)
-        if not (root.is_file() if image else root.is_dir()):
-            what = "an ext4 image file" if image else "a directory"
-            raise UnpackError(f"cannot apply a layer onto {root}: not {what}")
+        if not root.is_dir():
+            raise UnpackError(f"cannot apply a layer onto {root}: not a directory")
         if opener is not None and diff_id is None:
             raise UnpackError("a layer read as it arrives needs its DiffID to be checked against")
         layer = _prepare(Path(blob), media_type, diff_id, opener)
-        counts, streamed = self._session.apply(
-            os.fspath(root), layer.stream, lambda: _check(layer), image=image, continues=continues
-        )
+        counts, streamed = self._session.apply(os.fspath(root), layer.stream, lambda: _check(layer))
         known = {f.name for f in fields(ApplyStats)}
         return ApplyStats(
             layers=1, tar_bytes=streamed, diff_ids=(_digest(layer),),

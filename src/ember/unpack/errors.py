@@ -21,15 +21,5 @@ class DiffIDMismatch(UnpackError):
     """The uncompressed layer does not hash to the DiffID its image config declares."""
 
 
-class NoSpace(UnpackError):
-    """The target ran out of blocks or inodes while a layer was applied."""
-
-
-class NeedsKernel(UnpackError):
-    """Writing this layer into an ext4 image through libext2fs would take too long (a
-    directory with very many entries: libext2fs adds each by reading the whole
-    directory); the caller applies it to the mounted disk instead."""
-
-
 class UnsupportedLayer(UnpackError):
     """The layer's media type names a format ember cannot decompress."""

@@ -42,10 +42,8 @@ from ember import jsonutil, process
 from ember.errors import EmberError
 from ember.fsutil import write_all
 from ember.process import reap_exited, reap_later
-from ember.unpack import libext2fs
 from ember.unpack.applier import LayerApplier
-from ember.unpack.errors import InvalidLayer, NeedsKernel, NoSpace, UnpackError
-from ember.unpack.ext4tree import Ext4Tree
+from ember.unpack.errors import InvalidLayer, UnpackError
 from ember.unpack.tarstream import PipeReader, TarStream
 
 PIPE_SIZE = 1 << 20
@@ -152,47 +150,10 @@ def _apply_one(data_fd: int) -> dict[str, int]:
     return counts
 
 
-def _apply_to_image(
-    tree: Ext4Tree | None, image_fd: int, data_fd: int
-) -> tuple[Ext4Tree, dict[str, int]]:
-    """Apply the layer on ``data_fd`` to the ext4 image open on ``image_fd``: written
-    through libext2fs, nothing on the host is resolved by a path the layer names.
-    ``tree``: the one the last layer went into, when this image is a clone of it as
-    written then (it goes on in the clone: ``Ext4Tree.switch_to``; else it is dropped).
-    Returns the tree, flushed and left open for the next layer."""
-    name = f"/proc/self/fd/{image_fd}"
-    try:
-        if tree is None or not tree.switch_to(image_fd, name):
-            _drop(tree)
-            tree = Ext4Tree(name)
-    finally:
-        os.close(image_fd)  # the library has its own descriptor
-    try:
-        stream = TarStream(PipeReader(data_fd))
-        counts = LayerApplier(tree).apply(stream)
-        stream.reader.drain()
-        tree.flush()
-    except BaseException:
-        tree.abandon()
-        raise
-    os.close(data_fd)
-    return tree, counts
-
-
-def _drop(tree: Ext4Tree | None) -> None:
-    """Let go of the last layer's image (written back already)."""
-    if tree is not None:
-        tree.abandon()
-
-
 def _failure(e: BaseException) -> dict[str, object]:
     """The report of an applier child that stops on ``e``."""
     if isinstance(e, InvalidLayer):
         return {"ok": False, "kind": "invalid", "message": e.message}
-    if isinstance(e, NoSpace):
-        return {"ok": False, "kind": "nospace", "message": e.message}
-    if isinstance(e, NeedsKernel):
-        return {"ok": False, "kind": "kernel", "message": e.message}
     if isinstance(e, UnpackError):
         return {"ok": False, "kind": "unpack", "message": e.message}
     if isinstance(e, PermissionError):
@@ -226,12 +187,6 @@ def _child(root_fd: int, data_fds: list[int], report_fd: int) -> None:
             _report(report_fd, report)
     finally:
         os._exit(code)
-
-
-#: a child's report kind -> the error the parent raises
-_ERROR_KINDS: dict[str, type[UnpackError]] = {
-    "invalid": InvalidLayer, "nospace": NoSpace, "kernel": NeedsKernel,
-}
 
 
 def _describe_status(status: int) -> str:
@@ -430,7 +385,7 @@ def apply_streams(root: str | os.PathLike[str], layers: Sequence[LayerStream],
                     f"the layer applier for {layer.describe} {_describe_status(status)} without a report"
                 )
             if not report.get("ok"):
-                cls = _ERROR_KINDS.get(str(report.get("kind")), UnpackError)
+                cls = InvalidLayer if report.get("kind") == "invalid" else UnpackError
                 raise cls(f"{layer.describe}: {report.get('message')}")
             if stop is not None and stop[0] == i:
                 raise stop[1]
@@ -598,10 +553,6 @@ def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
 
     Commands (one datagram each, descriptors attached): ``apply`` with the root
     directory and the layer's pipe: chroot into that root, apply, report;
-    ``image`` with an ext4 image file and the layer's pipe: apply into the image
-    through libext2fs (``ext4tree``: no chroot needed, no host path is looked up);
-    ``image+`` the same for a clone of the image the last layer went into (the open
-    file system goes on in it);
     ``park`` with the host's root directory: chroot there, so that the parent
     can unmount the last root.  While a layer is applied the child holds no
     descriptor of a directory outside its root, as the one-shot child does.
@@ -614,17 +565,11 @@ def _session_child(ctl: socket.socket, parent_end: socket.socket) -> None:
             parent_end.close()
             detach_from_parent({ctl.fileno()})
             os.umask(0)
-            tree: Ext4Tree | None = None  # the image the last layer went into, still open
             while True:
                 msg, fds, _flags, _addr = socket.recv_fds(ctl, 64, 2)
                 if not msg:  # the parent closed the session
                     code = 0
                     break
-                if msg in (b"image", b"image+") and len(fds) == 2:
-                    tree, counts = _apply_to_image(tree if msg == b"image+" else _drop(tree), *fds)
-                    ctl.send(json.dumps({"ok": True, "counts": counts}).encode())
-                    continue
-                tree = _drop(tree)
                 if msg == b"apply" and len(fds) == 2:
                     root_fd, data_fd = fds
                     enter_root(root_fd)
@@ -667,8 +612,6 @@ def _discard_queued(ctl: socket.socket) -> None:
 def _fork_session() -> tuple[int, socket.socket]:
     """A session child, and our end of its socket."""
     reap_exited()  # earlier ones told to exit (reap_later), not to pile up as zombies
-    with suppress(OSError):
-        libext2fs.lib()  # loaded here: the child cannot load anything once sealed
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = process.fork()
@@ -800,21 +743,15 @@ class ApplierSession:
             reap_later(pid)
 
     def apply(self, root: str | os.PathLike[str], layer: LayerStream,
-              check: Callable[[], None], *, image: bool = False,
-              continues: bool = False) -> tuple[dict[str, int], int]:
+              check: Callable[[], None]) -> tuple[dict[str, int], int]:
         """Apply one layer onto ``root``; ``check()`` runs once it is streamed and applied
         (it raises to refuse it).  Returns the child's counters and the bytes streamed.
-        When this returns or raises, no child of ours is inside ``root`` any more.
-        ``image``: ``root`` is an ext4 image file, written through libext2fs (its
-        metadata is written back when this returns; on an error it is to be discarded);
-        ``continues``: it is a clone of the image of this session's last apply, as that
-        was when it returned."""
+        When this returns or raises, no child of ours is inside ``root`` any more."""
         ctl = self._ctl or self._start()
         if self._view is None:
             self._view = memoryview(bytearray(CHUNK))
         try:
-            flags = os.O_RDWR if image else os.O_RDONLY | os.O_DIRECTORY
-            root_fd = os.open(root, flags | os.O_CLOEXEC)
+            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 data_r, data_w = os.pipe2(os.O_CLOEXEC)
             except BaseException:
@@ -823,8 +760,7 @@ class ApplierSession:
             with suppress(OSError):
                 fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             try:
-                command = (b"image+" if continues else b"image") if image else b"apply"
-                socket.send_fds(ctl, [command], [root_fd, data_r])
+                socket.send_fds(ctl, [b"apply"], [root_fd, data_r])
             except BaseException:
                 os.close(data_w)
                 raise
@@ -859,13 +795,13 @@ class ApplierSession:
                     f"the layer applier for {layer.describe} {_describe_status(status)} without a report"
                 )
             if not report.get("ok"):
-                cls = _ERROR_KINDS.get(str(report.get("kind")), UnpackError)
+                cls = InvalidLayer if report.get("kind") == "invalid" else UnpackError
                 raise cls(f"{layer.describe}: {report.get('message')}")
             counts = report.get("counts")
             if not isinstance(counts, dict):
                 raise UnpackError(f"the layer applier for {layer.describe} sent a malformed report")
             check()
-            if not image and not _park(ctl):
+            if not _park(ctl):
                 raise UnpackError("the layer applier did not leave the root it applied")
             return {str(k): int(v) for k, v in counts.items()}, total
         except BaseException:
