@@ -269,12 +269,18 @@ def _read_until(fd: int, token: bytes, timeout: float = 60) -> bytes:
     return seen
 
 
-def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str) -> None:
+def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str, tmp_path: Path) -> None:
     res = ember("run", "-d", "--name", "host", "-e", "FROM_RUN=run", busybox, "sleep", "600")
     assert res.returncode == 0, res.stderr
     try:
         out = ember("exec", "host", "sh", "-c", 'echo "out $FROM_RUN $(id -u) $(pwd)"; echo err >&2; exit 3')
         assert (out.returncode, out.stdout, out.stderr) == (3, "out run 0 /\n", "err\n")
+        (tmp_path / "env").write_text("# comment\nFROM_RUN=file\nF=from file\n")
+        filed = ember("exec", "--env-file", str(tmp_path / "env"), "-e", "F=flag", "host", "sh", "-c",
+                      'echo "$FROM_RUN $F"')  # fmt: skip
+        assert (filed.returncode, filed.stdout) == (0, "file flag\n"), filed.stderr
+        unreadable = ember("exec", "--env-file", str(tmp_path / "none"), "host", "true")
+        assert unreadable.returncode == 2 and "cannot read env file" in unreadable.stderr
         piped = ember("exec", "-i", "-e", "X=1", "-u", "app", "-w", "/tmp", "host", "sh", "-c",
                       'cat; echo "$X $(id -un) $(pwd)"', input="through stdin\n")  # fmt: skip
         assert (piped.returncode, piped.stdout) == (0, "through stdin\n1 app /tmp\n"), piped.stderr
