@@ -322,6 +322,50 @@ def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str, tmp_p
     assert gone.returncode == 1 and "no such machine" in gone.stderr
 
 
+def test_pause_freezes_a_machine_until_unpause(ember: Ember, busybox: str) -> None:
+    res = ember("run", "-d", "--name", "frozen", busybox, "sh", "-c",
+                "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+
+    def lines() -> int:
+        return len(ember("logs", "frozen", check=True).stdout.splitlines())
+
+    def grows_by(n: int) -> None:
+        start, deadline = lines(), time.monotonic() + 60
+        while lines() < start + n:
+            assert time.monotonic() < deadline, "the machine's program does not run"
+            time.sleep(0.2)
+
+    try:
+        grows_by(3)
+        assert ember("pause", "frozen", check=True).stdout == "frozen\n"
+        (row,) = json.loads(ember("ps", "--json", check=True).stdout)  # listed without -a
+        assert row["status"] == "paused"
+        assert "(Paused)" in ember("ps", "--format", "{{.Status}}", check=True).stdout
+        assert ember("ps", "-q", "--filter", "status=paused", check=True).stdout.strip() == row["id"][:12]
+        frozen_at = lines()
+        time.sleep(1.5)  # ~15 lines, were it running
+        assert lines() <= frozen_at + 1
+        for refused in (["stop", "frozen"], ["kill", "frozen"], ["kill", "-s", "HUP", "frozen"],
+                        ["exec", "frozen", "true"]):  # fmt: skip
+            out = ember(*refused)
+            assert out.returncode != 0 and "paused" in out.stderr and "ember unpause frozen" in out.stderr, refused
+        again = ember("pause", "frozen")
+        assert again.returncode == 1 and "already paused" in again.stderr
+        assert ember("unpause", "frozen", check=True).stdout == "frozen\n"
+        grows_by(3)
+        (row,) = json.loads(ember("ps", "--json", check=True).stdout)
+        assert row["status"] == "running"
+        not_paused = ember("unpause", "frozen")
+        assert not_paused.returncode == 1 and "not paused" in not_paused.stderr
+        # a paused machine is removed with rm -f as a running one is (its VMM killed)
+        ember("pause", "frozen", check=True)
+        assert ember("rm", "-f", "frozen").returncode == 0
+        assert ember("ps", "-aq", check=True).stdout == ""
+    finally:
+        ember("rm", "-f", "frozen")
+
+
 def test_http_through_published_port_then_stop(ember: Ember, busybox: str) -> None:
     # -p 80: a host port left for ember to choose, as docker does
     res = ember("run", "-d", "--name", "web", "-p", "8080:80", "-p", "80", "-l", "app=web",

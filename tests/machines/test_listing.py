@@ -130,3 +130,17 @@ def test_keys_are_read_as_docker_reads_them() -> None:
     assert parsed.get("status") == ("exited",)
     assert parsed.get("label") == ("a=b=c",)  # the value keeps its own '='
     assert parsed.implies_all and not Filters.parse(["name=x"]).implies_all
+
+
+def test_a_paused_machine_is_listed_without_a_and_matches_status_paused_only() -> None:
+    def paused_web_1(m: MachineState) -> str:
+        return "paused" if m.name == "web-1" else state_of(m)
+
+    def pick(filters: list[str], **kw: object) -> list[str]:
+        chosen = select(fleet(), Filters.parse(filters), state_of=paused_web_1, **kw)  # type: ignore[arg-type]
+        return [m.name for m in chosen]
+
+    assert pick([]) == ["web-2", "web-1", "again"]
+    assert pick(["status=paused"]) == ["web-1"]
+    assert pick(["status=running"]) == ["web-2"]
+    assert pick(["exited=0"]) == ["done"]  # a paused machine has no exit code to match

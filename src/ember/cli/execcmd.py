@@ -37,6 +37,7 @@ def exec_(interactive: bool, detach: bool, env: tuple[str, ...], env_files: tupl
     from ember.machines.execclient import run_exec
     from ember.machines.execproto import ExecRequest
     from ember.machines.options import parse_env, read_env_file
+    from ember.machines.pause import refuse_if_paused
     from ember.machines.store import MachineStore
 
     if tty and interactive and not sys.stdin.isatty():
@@ -52,6 +53,7 @@ def exec_(interactive: bool, detach: bool, env: tuple[str, ...], env_files: tupl
     variables += parse_env(env, host_env)
     home = home_from_ctx()
     st = find_machine(machine, home)
+    refuse_if_paused(MachineStore(home).dir(st.id), st, "exec in")
     request = ExecRequest(list(command), variables, user, workdir, detach=detach,
                           tty=(0, 0) if tty else None)  # (its size: the client's terminal's)
     code = run_exec(MachineStore(home).dir(st.id), st, request,

@@ -43,12 +43,23 @@ def _restarting(st: MachineState) -> bool:
     return restart_pending(st)
 
 
+def _paused(st: MachineState) -> bool:
+    """Whether its current run is paused (``ember pause``)."""
+    from ember.machines.pause import is_paused
+    from ember.machines.store import MachineStore
+
+    return is_paused(MachineStore(home_from_ctx()).dir(st.id), st)
+
+
 def _record(st: MachineState) -> dict[str, Any]:
     """A machine's record as ``inspect`` and ``ps --json`` print it: ``status`` is
-    ``restarting`` between two runs of its restart policy, as docker's State.Status."""
+    ``restarting`` between two runs of its restart policy and ``paused`` while paused,
+    as docker's State.Status."""
     data: dict[str, Any] = st.to_json()
     if _restarting(st):
         data["status"] = "restarting"
+    elif _paused(st):
+        data["status"] = "paused"
     return data
 
 
@@ -56,7 +67,8 @@ def _status(st: MachineState) -> str:
     from ember.machines.state import EXITED, RUNNING
 
     if st.status == RUNNING:
-        return f"Up {since(st.started_at) or ''}".rstrip()
+        up = f"Up {since(st.started_at) or ''}".rstrip()
+        return f"{up} (Paused)" if _paused(st) else up
     if st.status == EXITED:
         if _restarting(st):
             return f"Restarting ({st.exit_code}) {ago(st.finished_at)}"
@@ -100,8 +112,10 @@ def _command(st: MachineState, no_trunc: bool) -> str:
 
 
 def _state(st: MachineState) -> str:
-    """docker's ``.State``: created, running, restarting or exited."""
-    return "restarting" if _restarting(st) else st.status
+    """docker's ``.State``: created, running, paused, restarting or exited."""
+    if _restarting(st):
+        return "restarting"
+    return "paused" if _paused(st) else st.status
 
 
 #: docker ps's template fields ember has: each one's value of a machine, given --no-trunc
@@ -654,4 +668,25 @@ def wait(machines: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
-commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port, rename, wait]
+@click.command()
+@click.argument("machines", nargs=-1, required=True)
+def pause(machines: tuple[str, ...]) -> None:
+    """Freeze running machines whole (their VMM stopped): nothing in them runs until
+    ember unpause; stop, kill and exec are refused meanwhile."""
+    from ember.machines import lifecycle
+
+    home = home_from_ctx()
+    for_each(machines, lambda ref: lifecycle.pause(home, find_machine(ref, home)))
+
+
+@click.command()
+@click.argument("machines", nargs=-1, required=True)
+def unpause(machines: tuple[str, ...]) -> None:
+    """Let paused machines run on."""
+    from ember.machines import lifecycle
+
+    home = home_from_ctx()
+    for_each(machines, lambda ref: lifecycle.unpause(home, find_machine(ref, home)))
+
+
+commands: list[click.Command] = [ps, logs, stop, kill, rm, inspect, port, rename, wait, pause, unpause]

@@ -38,6 +38,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "port": ("ember.cli.machines",),
     "rename": ("ember.cli.machines",),
     "wait": ("ember.cli.machines",),
+    "pause": ("ember.cli.machines",),
+    "unpause": ("ember.cli.machines",),
     "stats": ("ember.cli.stats",),
     "exec": ("ember.cli.execcmd",),
     "agent": ("ember.cli.agent",),

@@ -26,6 +26,7 @@ from ember.errors import EmberError
 from ember.fsutil import atomic_write
 from ember.home import Home
 from ember.locks import Notice, is_held
+from ember.machines import pause as mpause
 from ember.machines import state as mstate
 from ember.machines.controllines import (
     DEFAULT_STOP_TIMEOUT,
@@ -1381,8 +1382,10 @@ def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOU
     """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
     is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is.
     ``timeout`` None: no SIGKILL, wait as long as the program takes (``docker stop -t -1``).
-    A machine between two runs of its restart policy is not run again."""
+    A machine between two runs of its restart policy is not run again.  A paused one is
+    refused (``MachinePaused``), as docker refuses it."""
     request = stop_request(timeout)  # (a bad timeout fails before anything is done)
+    refuse_if_paused(home, st, "stop")
     st, running = _mark_stopped(home, st)
     if not running:
         return _after_its_monitor(home, st)
@@ -1402,7 +1405,9 @@ def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOU
 
 def kill(home: Home, st: MachineState) -> MachineState:
     """SIGKILL the program (through the guest, so its exit report comes back), else the
-    VMM.  A machine between two runs of its restart policy is not run again."""
+    VMM.  A machine between two runs of its restart policy is not run again.  A paused
+    one is refused (``MachinePaused``), as docker refuses it."""
+    refuse_if_paused(home, st, "kill")
     st, running = _mark_stopped(home, st)
     if not running:
         return _after_its_monitor(home, st)
@@ -1425,6 +1430,7 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
     """``ember kill -s SIG`` (not KILL): ember-init delivers ``signo`` to the program;
     like docker kill, this does not wait for any effect."""
     st = _require_running(home, st)
+    refuse_if_paused(home, st, "kill")
     try:
         conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
         try:
@@ -1443,6 +1449,27 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
 
 #: how long a machine whose control channel is gone may take to be recorded as ended
 CHANNEL_GONE_GRACE = 2.0
+
+
+def refuse_if_paused(home: Home, st: MachineState, what: str) -> None:
+    """``MachinePaused`` when machine ``st``'s current run is paused (``ember pause``)."""
+    d = MachineStore(home).dir(st.id)
+    if (d / mpause.MARKER).exists():  # (the record read again only then)
+        mpause.refuse_if_paused(d, refresh(home, st), what)
+
+
+def pause(home: Home, st: MachineState) -> None:
+    """``ember pause``: freeze running machine ``st`` whole (its VMM stopped)."""
+    st = _require_running(home, st)
+    if not vmm_alive(st):
+        raise MachineNotRunning(f"machine {st.name} is not running (its VMM is gone)")
+    mpause.pause(MachineStore(home).dir(st.id), st)
+
+
+def unpause(home: Home, st: MachineState) -> None:
+    """``ember unpause``: let paused machine ``st`` run on."""
+    st = _require_running(home, st)
+    mpause.unpause(MachineStore(home).dir(st.id), st)
 
 
 def kill_vmm(home: Home, st: MachineState, *, wait: bool = True) -> MachineState:

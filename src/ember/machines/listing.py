@@ -16,8 +16,8 @@ from ember.machines.errors import InvalidOption
 from ember.machines.state import RUNNING, MachineState
 from ember.machines.store import pick
 
-#: the states docker's ``status=`` takes (ember's machines are never paused, being
-#: removed as listed, or dead: those values are valid and match nothing)
+#: the states docker's ``status=`` takes (ember's machines are never being removed as
+#: listed, or dead: those values are valid and match nothing)
 STATES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 KEYS = ("ancestor", "before", "exited", "id", "label", "name", "since", "status")
 
@@ -95,14 +95,14 @@ def select(
         if last is not None and len(chosen) >= last:
             break
         state = state_of(m)
-        if not show_all and state not in (RUNNING, "restarting"):
+        if not show_all and state not in (RUNNING, "paused", "restarting"):
             continue
         if not all(any(matches(p, text) for p in wanted.get(key))
                    for key, text in (("name", m.name), ("id", m.id)) if wanted.get(key)):  # fmt: skip
             continue
         if not labels_match(wanted.get("label"), m.labels):
             continue
-        if codes and (state == RUNNING or m.started_at is None or m.exit_code not in codes):
+        if codes and (state in (RUNNING, "paused") or m.started_at is None or m.exit_code not in codes):
             continue
         if wanted.get("status") and state not in wanted.get("status"):
             continue
