@@ -1385,7 +1385,7 @@ def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOU
     A machine between two runs of its restart policy is not run again.  A paused one is
     refused (``MachinePaused``), as docker refuses it."""
     request = stop_request(timeout)  # (a bad timeout fails before anything is done)
-    refuse_if_paused(home, st, "stop")
+    _refuse_if_paused(home, st, "stop")
     st, running = _mark_stopped(home, st)
     if not running:
         return _after_its_monitor(home, st)
@@ -1407,7 +1407,7 @@ def kill(home: Home, st: MachineState) -> MachineState:
     """SIGKILL the program (through the guest, so its exit report comes back), else the
     VMM.  A machine between two runs of its restart policy is not run again.  A paused
     one is refused (``MachinePaused``), as docker refuses it."""
-    refuse_if_paused(home, st, "kill")
+    _refuse_if_paused(home, st, "kill")
     st, running = _mark_stopped(home, st)
     if not running:
         return _after_its_monitor(home, st)
@@ -1430,7 +1430,7 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
     """``ember kill -s SIG`` (not KILL): ember-init delivers ``signo`` to the program;
     like docker kill, this does not wait for any effect."""
     st = _require_running(home, st)
-    refuse_if_paused(home, st, "kill")
+    _refuse_if_paused(home, st, "kill")
     try:
         conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
         try:
@@ -1451,7 +1451,7 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
 CHANNEL_GONE_GRACE = 2.0
 
 
-def refuse_if_paused(home: Home, st: MachineState, what: str) -> None:
+def _refuse_if_paused(home: Home, st: MachineState, what: str) -> None:
     """``MachinePaused`` when machine ``st``'s current run is paused (``ember pause``)."""
     d = MachineStore(home).dir(st.id)
     if (d / mpause.MARKER).exists():  # (the record read again only then)
