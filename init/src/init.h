@@ -122,6 +122,10 @@ struct exec_user {
 };
 int resolve_user(const char *spec, const char *passwd_path, const char *group_path,
                  struct exec_user *out, char *err, size_t errlen);
+int uid_name(const char *passwd_path, unsigned long uid, char *out, size_t outlen);
+
+/* ps.c: `ember-init --ps`, the guest's processes for `ember top` */
+int ps_main(void);
 
 /* exec.c: `ember exec` sessions, one per exec port (docs/guest.md, "Exec") */
 #define EXEC_PORTS 4

@@ -1088,6 +1088,8 @@ static void pin_memory(void)
 
 int main(int argc, char **argv)
 {
+	if (argc == 2 && !strcmp(argv[1], "--ps"))
+		return ps_main(); /* (a tool, run by `ember top` in an exec session: not PID 1) */
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--test"))
 			G.test = 1;

@@ -275,3 +275,20 @@ int resolve_user(const char *spec, const char *passwd_path, const char *group_pa
 	}
 	return 0;
 }
+
+/* The name of UID in the passwd database at PATH (0), or -1 (then OUT is the number). */
+int uid_name(const char *path, unsigned long uid, char *out, size_t outlen)
+{
+	char *data, err[128];
+	size_t len;
+	struct pwent pw;
+	int found = read_db(path, &data, &len, err, sizeof(err)) == 0 &&
+	            find_passwd(data, len, NULL, uid, &pw) && pw.name.n > 0 && pw.name.n < outlen;
+	if (found)
+		snprintf(out, outlen, "%.*s", (int)pw.name.n, pw.name.p);
+	else
+		snprintf(out, outlen, "%lu", uid);
+	if (data)
+		free(data);
+	return found ? 0 : -1;
+}

@@ -311,6 +311,12 @@ def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str, tmp_p
         assert missing.returncode == 127 and "executable file not found" in missing.stderr
         refused = ember("exec", "-u", "nobody-here", "host", "true")
         assert refused.returncode == 126 and "nobody-here" in refused.stderr
+        # ember top: the guest's processes, read by its ember-init; the program's parent is PID 1
+        top = ember("top", "host", check=True).stdout.splitlines()
+        assert top[0].split() == ["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"]
+        rows = [line.split(None, 7) for line in top[1:]]
+        assert ["root", "1", "sleep 600"] in [[r[0], r[2], r[7]] for r in rows], top
+        assert not any("--ps" in r[7] for r in rows)  # not the tool itself
         assert ember("exec", "-d", "host", "sh", "-c", "echo later > /tmp/d").returncode == 0
         deadline = time.monotonic() + 30
         while ember("exec", "host", "cat", "/tmp/d").stdout != "later\n":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ember.cli.common import home_from_ctx
+from ember.cli.common import home_from_ctx, printable
 
 
 @click.command("exec", context_settings={"allow_interspersed_args": False})
@@ -61,4 +61,64 @@ def exec_(interactive: bool, detach: bool, env: tuple[str, ...], env_files: tupl
     raise SystemExit(code)
 
 
-commands: list[click.Command] = [exec_]
+#: docker top's columns (``ps -ef``'s), as ``ember-init --ps`` gives them
+TOP_COLUMNS = ("UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD")
+
+
+def top_table(rows: list[list[str]]) -> str:
+    """docker top's layout: every column but the last at least 20 wide, 3 spaces after
+    its widest cell (Go's tabwriter as docker sets it up)."""
+    table = [list(TOP_COLUMNS), *rows]
+    widths = [max(20, max(len(r[i]) for r in table) + 3) for i in range(len(TOP_COLUMNS) - 1)]
+    return "".join(
+        "".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)) + r[-1] + "\n" for r in table
+    )
+
+
+def parse_ps(text: str) -> list[list[str]]:
+    """``ember-init --ps``'s lines: eight tab-separated fields each (the command may hold
+    tabs of its own: only the first seven split)."""
+    rows = []
+    for line in text.splitlines():
+        fields = line.split("\t", len(TOP_COLUMNS) - 1)
+        if len(fields) == len(TOP_COLUMNS):
+            rows.append([printable(f) for f in fields])
+    return rows
+
+
+@click.command("top")
+@click.argument("machine")
+def top(machine: str) -> None:
+    """Show the processes running in MACHINE, as docker top does (UID PID PPID C STIME
+    TTY TIME CMD; the guest's process ids), read in the guest by its ember-init."""
+    import tempfile
+
+    from ember.cli.machines import find_machine
+    from ember.machines.errors import MachineError
+    from ember.machines.execclient import run_exec
+    from ember.machines.execproto import ExecRequest
+    from ember.machines.pause import refuse_if_paused
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    st = find_machine(machine, home)
+    d = MachineStore(home).dir(st.id)
+    refuse_if_paused(d, st, "list the processes of")
+    # ember-init's own binary, as a tool (it is PID 1's executable in every guest)
+    request = ExecRequest(["/proc/1/exe", "--ps"], user="0", workdir="/")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        code = run_exec(d, st, request, stdin_fd=None, out_fd=out.fileno(), err_fd=err.fileno())
+        out.seek(0)
+        err.seek(0)
+        text = out.read(16 << 20).decode("utf-8", "replace")
+        why = err.read(4096).decode("utf-8", "replace").strip()
+    if code != 0:
+        if "must run as PID 1" in why:
+            raise MachineError(f"machine {st.name} runs an ember-init that predates ember top",
+                               hint=f"restart it: ember restart {st.name}")  # fmt: skip
+        raise MachineError(f"cannot list the processes of machine {st.name}: "
+                           f"{printable(why) or f'exit code {code}'}")  # fmt: skip
+    click.echo(top_table(parse_ps(text)), nl=False)
+
+
+commands: list[click.Command] = [exec_, top]

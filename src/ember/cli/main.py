@@ -42,6 +42,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "unpause": ("ember.cli.machines",),
     "stats": ("ember.cli.stats",),
     "exec": ("ember.cli.execcmd",),
+    "top": ("ember.cli.execcmd",),
     "agent": ("ember.cli.agent",),
     "volume": ("ember.cli.volume",),
 }

@@ -1,0 +1,57 @@
+"""``ember-init --ps`` (what ``ember top`` runs in the guest), run here against the host's
+own /proc: the fields of processes this test knows."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ember.cli.execcmd import TOP_COLUMNS, parse_ps, top_table
+
+
+def _ps(ember_init: Path) -> dict[int, list[str]]:
+    out = subprocess.run([str(ember_init), "--ps"], check=True, capture_output=True, text=True).stdout
+    return {int(row[1]): row for row in parse_ps(out)}
+
+
+def test_it_lists_processes_with_docker_tops_fields(ember_init: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)", "two\targs\nhere"])
+    try:
+        rows = _ps(ember_init)
+        mine = rows[os.getpid()]
+        assert mine[0] == pwd.getpwuid(os.getuid()).pw_name
+        assert mine[2] == str(os.getppid())
+        assert len(mine[4]) == 5 and mine[4][2] == ":"  # started today: HH:MM
+        assert mine[6].count(":") == 2  # its CPU time, hh:mm:ss
+        row = rows[child.pid]
+        # arguments joined by spaces, control characters shown as "?"
+        assert row[2] == str(os.getpid())
+        assert row[7] == f"{sys.executable} -c import time; time.sleep(100) two?args?here"
+        assert 1 not in rows and 2 not in rows  # init, kthreadd: neither the program's nor a command's
+        assert all(r[7] for r in rows.values())  # kernel threads have no command line: left out
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_it_is_a_tool_not_pid_1(ember_init: Path) -> None:
+    """Anything else but ``--ps`` alone, run outside PID 1, is refused as before."""
+    r = subprocess.run([str(ember_init), "--ps", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "must run as PID 1" in r.stderr
+
+
+def test_top_table_lays_out_as_docker_top() -> None:
+    rows = parse_ps("root\t7\t1\t0\t10:00\t?\t00:00:01\tsleep 600\nbroken line\n")
+    assert rows == [["root", "7", "1", "0", "10:00", "?", "00:00:01", "sleep 600"]]
+    text = top_table(rows)
+    head, line = text.splitlines()
+    assert head.split() == list(TOP_COLUMNS) and head.index("PID") == 20 and head.index("CMD") == 140
+    assert line.index("7") == 20 and line.endswith("00:00:01" + " " * 12 + "sleep 600")
+
+
+pytestmark = pytest.mark.filterwarnings("error")
