@@ -19,6 +19,8 @@
 /* /proc/PID/stat's fields after the command name: state is field 3, so FIELD(n) is
  * n - 3 into what follows ") " */
 #define FIELD(n) ((n) - 3)
+/* more than this much command line is shown as the process's name */
+#define CMDLINE_MAX (256 << 10)
 
 static long long boot_time(void)
 {
@@ -59,22 +61,28 @@ static void print_process(pid_t pid, long long btime, long hz, long long now)
 {
 	char path[64], *stat = NULL, *status = NULL, *cmdline = NULL;
 	size_t slen = 0, stlen = 0, clen = 0;
-	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
-	cmdline = read_file(path, 64 << 10, &clen);
-	if (!cmdline || clen == 0)
-		goto out; /* a kernel thread, or gone */
 	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
 	stat = read_file(path, 4096, &slen);
 	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
 	status = read_file(path, 64 << 10, &stlen);
 	if (!stat || !status)
+		goto out; /* gone */
+	char *lparen = strchr(stat, '('), *rparen = strrchr(stat, ')');
+	if (!lparen || !rparen || rparen < lparen || rparen[1] != ' ')
 		goto out;
-	char *close = strrchr(stat, ')');
-	if (!close || close[1] != ' ')
-		goto out;
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+	cmdline = read_file(path, CMDLINE_MAX, &clen);
+	if (!cmdline && errno == EFBIG) { /* a huge command line: its name, as ps shows one */
+		clen = (size_t)(rparen - lparen) + 2;
+		cmdline = xrealloc(NULL, clen);
+		snprintf(cmdline, clen, "[%.*s]", (int)(rparen - lparen - 1), lparen + 1);
+		clen = strlen(cmdline) + 1;
+	}
+	if (!cmdline || clen == 0)
+		goto out; /* a kernel thread (or a zombie), or gone */
 	char *fields[64];
 	int nf = 0;
-	for (char *p = strtok(close + 2, " \n"); p && nf < 64; p = strtok(NULL, " \n"))
+	for (char *p = strtok(rparen + 2, " \n"); p && nf < 64; p = strtok(NULL, " \n"))
 		fields[nf++] = p;
 	if (nf <= FIELD(22))
 		goto out;

@@ -7,6 +7,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,22 @@ def test_it_lists_processes_with_docker_tops_fields(ember_init: Path) -> None:
         assert row[7] == f"{sys.executable} -c import time; time.sleep(100) two?args?here"
         assert 1 not in rows and 2 not in rows  # init, kthreadd: neither the program's nor a command's
         assert all(r[7] for r in rows.values())  # kernel threads have no command line: left out
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_huge_command_line_is_shown_as_the_name(ember_init: Path) -> None:
+    """More than 256 KiB of arguments: the process's name in brackets, as ps shows one
+    whose command line it cannot give (it was left out of the list)."""
+    huge = ["x" * 100_000] * 3
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)", *huge])
+    try:
+        deadline = time.monotonic() + 10
+        name = f"[{Path(f'/proc/{child.pid}/comm').read_text().strip()}]"
+        while (row := _ps(ember_init).get(child.pid)) is None or row[7] != name:
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
     finally:
         child.kill()
         child.wait()
