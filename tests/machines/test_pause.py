@@ -88,3 +88,26 @@ def test_a_mark_of_another_run_counts_for_nothing(tmp_path: Path, vmm: subproces
         assert pause.is_paused(tmp_path, st) and not pause.is_paused(tmp_path, earlier)
     finally:
         os.kill(vmm.pid, signal.SIGCONT)
+
+
+def test_a_mark_without_a_stopped_vmm_is_put_right_by_unpause(
+    tmp_path: Path, vmm: subprocess.Popen[bytes]
+) -> None:
+    """What a pause killed between its mark and its SIGSTOP leaves: the machine reads as
+    paused though it runs; unpause (a SIGCONT to a running process) clears it."""
+    st = _machine(vmm.pid)
+    (tmp_path / pause.MARKER).write_text(f"{st.vmm_pid} {st.vmm_start}\n")
+    assert pause.is_paused(tmp_path, st)
+    _wait_state(vmm.pid, "S")  # it runs (sleeps): never stopped
+    pause.unpause(tmp_path, st)
+    assert not pause.is_paused(tmp_path, st)
+    _wait_state(vmm.pid, "S")
+
+
+def test_a_vmm_gone_before_its_stop_leaves_no_mark(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["true"])
+    st = _machine(proc.pid)
+    proc.wait()
+    with pytest.raises(ProcessLookupError):
+        pause.pause(tmp_path, st)
+    assert not (tmp_path / pause.MARKER).exists()

@@ -63,12 +63,15 @@ def pause(machine_dir: Path, st: MachineState) -> None:
         if is_paused(machine_dir, st):
             raise MachineError(f"machine {st.name} is already paused")
         assert st.vmm_pid is not None
-        os.kill(st.vmm_pid, signal.SIGSTOP)
+        # the mark first: killed between the two, the machine reads as paused while it
+        # runs, and unpause puts that right (the other way round, a frozen machine would
+        # read as running, and unpause refuse it)
+        atomic_write(machine_dir / MARKER, _run(st).encode(), mode=0o600)
         try:
-            atomic_write(machine_dir / MARKER, _run(st).encode(), mode=0o600)
+            os.kill(st.vmm_pid, signal.SIGSTOP)
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(st.vmm_pid, signal.SIGCONT)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(machine_dir / MARKER)
             raise
 
 
@@ -80,5 +83,6 @@ def unpause(machine_dir: Path, st: MachineState) -> None:
         assert st.vmm_pid is not None
         with contextlib.suppress(ProcessLookupError):  # killed meanwhile: not paused either
             os.kill(st.vmm_pid, signal.SIGCONT)
+        # (killed here: marked, running; the next unpause removes the mark)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(machine_dir / MARKER)
