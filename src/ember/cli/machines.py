@@ -46,8 +46,11 @@ def _restarting(st: MachineState) -> bool:
 def _paused(st: MachineState) -> bool:
     """Whether its current run is paused (``ember pause``)."""
     from ember.machines.pause import is_paused
+    from ember.machines.state import RUNNING
     from ember.machines.store import MachineStore
 
+    if st.status != RUNNING or st.vmm_pid is None:
+        return False  # (without looking for the state directory)
     return is_paused(MachineStore(home_from_ctx()).dir(st.id), st)
 
 
