@@ -16,7 +16,7 @@ import pytest
 
 from ember.machines import pause
 from ember.machines import state as mstate
-from ember.machines.errors import MachineError
+from ember.machines.errors import MachineError, MachinePaused
 from ember.machines.state import MachineState, VMConfig
 from ember.process import proc_start_time
 
@@ -64,7 +64,7 @@ def test_pause_stops_the_vmm_and_unpause_continues_it(
     assert (tmp_path / pause.MARKER).stat().st_mode & 0o777 == 0o600
     with pytest.raises(MachineError, match="already paused"):
         pause.pause(tmp_path, st)
-    with pytest.raises(pause.MachinePaused, match="cannot stop machine m: it is paused") as refused:
+    with pytest.raises(MachinePaused, match="cannot stop machine m: it is paused") as refused:
         pause.refuse_if_paused(tmp_path, st, "stop")
     assert refused.value.hint == "ember unpause m first"
     pause.unpause(tmp_path, st)

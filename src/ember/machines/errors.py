@@ -49,6 +49,12 @@ class MachineNotRunning(UsageError, MachineError):
     """The operation needs a running machine."""
 
 
+class MachinePaused(UsageError, MachineError):
+    """The machine is paused (``ember pause``): what was asked needs it running, as
+    docker's.  Not a MachineNotRunning: ``ember stop`` of a stopped machine is fine, of a
+    paused one not."""
+
+
 class ExecError(MachineError):
     """An ``ember exec`` session could not be started or went wrong (exit status 126, as
     docker's for a command it cannot invoke)."""

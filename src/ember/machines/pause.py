@@ -18,19 +18,13 @@ import os
 import signal
 from pathlib import Path
 
-from ember.errors import UsageError
 from ember.fsutil import atomic_write
 from ember.locks import FileLock
-from ember.machines.errors import MachineError
+from ember.machines.errors import MachineError, MachinePaused
 from ember.machines.state import RUNNING, MachineState
 
 MARKER = "paused"
 _LOCK = "pause.lock"
-
-
-class MachinePaused(UsageError, MachineError):
-    """The machine is paused: what was asked needs it running (as docker's).  Not a
-    MachineNotRunning: ``ember stop`` of a stopped machine is fine, of a paused one not."""
 
 
 def _run(st: MachineState) -> str:
