@@ -1088,8 +1088,10 @@ static void pin_memory(void)
 
 int main(int argc, char **argv)
 {
-	if (argc == 2 && !strcmp(argv[1], "--ps"))
-		return ps_main(); /* (a tool, run by `ember top` in an exec session: not PID 1) */
+	/* a tool, run by `ember top` in an exec session; never as PID 1 (a kernel command line
+	 * word passes through to init's argv) */
+	if (argc == 2 && !strcmp(argv[1], "--ps") && getpid() != 1)
+		return ps_main();
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--test"))
 			G.test = 1;

@@ -21,6 +21,8 @@
 #define FIELD(n) ((n) - 3)
 /* more than this much command line is shown as the process's name */
 #define CMDLINE_MAX (256 << 10)
+/* a command line is shown up to this many bytes (then "...") */
+#define CMD_SHOWN 4096
 
 static long long boot_time(void)
 {
@@ -57,6 +59,29 @@ static void tty_name(unsigned long nr, char *out, size_t outlen)
 		snprintf(out, outlen, "?");
 }
 
+/* a name with nothing a reader could take for a field or line break */
+static int plain(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			return 0;
+	return 1;
+}
+
+/* UTF-8 NEL (C2 85), LINE and PARAGRAPH SEPARATOR (E2 80 A8/A9): line breaks to some
+ * readers; shown as "?" like the control characters */
+static void unicode_breaks(char *s)
+{
+	for (unsigned char *p = (unsigned char *)s; *p; p++) {
+		if (p[0] == 0xc2 && p[1] == 0x85) {
+			p[0] = '?';
+			p[1] = '?';
+		} else if (p[0] == 0xe2 && p[1] == 0x80 && (p[2] == 0xa8 || p[2] == 0xa9)) {
+			p[0] = p[1] = p[2] = '?';
+		}
+	}
+}
+
 static void print_process(pid_t pid, long long btime, long hz, long long now)
 {
 	char path[64], *stat = NULL, *status = NULL, *cmdline = NULL;
@@ -91,7 +116,9 @@ static void print_process(pid_t pid, long long btime, long hz, long long now)
 	if (u)
 		uid = strtoul(u + 5, NULL, 10);
 	char user[64], tty[32], stime[32];
-	uid_name("/etc/passwd", uid, user, sizeof(user));
+	/* the image's name for it, unless that name could pass for more than one field */
+	if (uid_name("/etc/passwd", uid, user, sizeof(user)) == 0 && !plain(user))
+		snprintf(user, sizeof(user), "%lu", uid);
 	tty_name(strtoul(fields[FIELD(7)], NULL, 10), tty, sizeof(tty));
 	unsigned long long ticks = strtoull(fields[FIELD(14)], NULL, 10) + strtoull(fields[FIELD(15)], NULL, 10);
 	long long started = btime + (long long)(strtoull(fields[FIELD(22)], NULL, 10) / (unsigned long long)hz);
@@ -108,9 +135,14 @@ static void print_process(pid_t pid, long long btime, long hz, long long now)
 		strftime(stime, sizeof(stime), "%b%d", &tm);
 	for (size_t i = 0; i + 1 < clen; i++) /* arguments with spaces between, as ps shows them */
 		cmdline[i] = cmdline[i] == 0 ? ' ' : cmdline[i];
+	if (clen > CMD_SHOWN) { /* (the host keeps a top's output bounded) */
+		memcpy(cmdline + CMD_SHOWN - 4, "...", 4);
+		clen = CMD_SHOWN;
+	}
 	for (size_t i = 0; i < clen; i++)
 		if (cmdline[i] && (iscntrl((unsigned char)cmdline[i])))
 			cmdline[i] = '?';
+	unicode_breaks(cmdline);
 	printf("%s\t%d\t%s\t%d\t%s\t%s\t%02lld:%02lld:%02lld\t%s\n", user, (int)pid, fields[FIELD(4)], c,
 	       stime, tty, cpu / 3600, cpu / 60 % 60, cpu % 60, cmdline);
 out:

@@ -16,7 +16,7 @@ import pytest
 
 from ember.machines import pause
 from ember.machines import state as mstate
-from ember.machines.errors import MachineError, MachinePaused
+from ember.machines.errors import MachineError, MachineNotRunning, MachinePaused
 from ember.machines.state import MachineState, VMConfig
 from ember.process import proc_start_time
 
@@ -108,6 +108,34 @@ def test_a_vmm_gone_before_its_stop_leaves_no_mark(tmp_path: Path) -> None:
     proc = subprocess.Popen(["true"])
     st = _machine(proc.pid)
     proc.wait()
-    with pytest.raises(ProcessLookupError):
+    with pytest.raises(MachineNotRunning, match="its VMM is gone"):  # (a message, not a traceback)
         pause.pause(tmp_path, st)
     assert not (tmp_path / pause.MARKER).exists()
+
+
+def test_resume_lets_a_stopped_vmm_run_on_and_drops_the_mark(
+    tmp_path: Path, vmm: subprocess.Popen[bytes]
+) -> None:
+    """What a stop or kill of a paused machine does once its request is queued."""
+    st = _machine(vmm.pid)
+    pause.pause(tmp_path, st)
+    _wait_state(vmm.pid, "T")
+    pause.resume(tmp_path, vmm.pid)
+    _wait_state(vmm.pid, "S")
+    assert not pause.is_paused(tmp_path, st)
+
+
+def test_no_pause_while_a_restored_guest_is_handed_its_config(
+    tmp_path: Path, vmm: subprocess.Popen[bytes]
+) -> None:
+    """Paused then, its silence made the monitor throw the template away and boot the
+    machine again, unpaused (a helper's review)."""
+    st = _machine(vmm.pid)
+    pause.setting_up(tmp_path, vmm.pid, st.vmm_start)
+    with pytest.raises(MachineError, match="still starting"):
+        pause.pause(tmp_path, st)
+    assert _process_state(vmm.pid) != "T"
+    pause.done_setting_up(tmp_path)
+    pause.pause(tmp_path, st)
+    _wait_state(vmm.pid, "T")
+    pause.resume(tmp_path, vmm.pid)

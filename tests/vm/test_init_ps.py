@@ -56,6 +56,33 @@ def test_a_huge_command_line_is_shown_as_the_name(ember_init: Path) -> None:
         child.wait()
 
 
+def test_names_and_commands_cannot_pass_for_rows(ember_init: Path, tmp_path: Path) -> None:
+    """A guest's /etc/passwd name with a tab or a carriage return, and a command line with
+    Unicode line breaks, are what a tenant controls: neither may forge or hide a row."""
+    passwd = tmp_path / "passwd"
+    forged = "x\rroot\t4242\t1\t0\tDec01\t?\t0\tFAKE-PROC"
+    passwd.write_text(f"{forged}:x:0:0::/root:/bin/sh\n")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)", "a\u2028b\u0085c"])
+    try:
+        # the tool as the guest runs it: with the image's /etc/passwd
+        out = subprocess.run(
+            ["unshare", "-m", "sh", "-c", 'mount --bind "$1" /etc/passwd && exec "$2" --ps', "-",
+             str(passwd), str(ember_init)],
+            check=True, capture_output=True,
+        ).stdout.decode()  # fmt: skip
+        rows = {int(r[1]): r for r in parse_ps(out)}
+        assert 4242 not in rows and all("FAKE" not in " ".join(r) for r in rows.values())
+        assert rows[os.getpid()][0] == "0"  # the number, not that name
+        assert rows[child.pid][7].endswith("a???b??c")
+        # and the host splits lines at "\n" only, taking only rows with numbers
+        assert parse_ps("root\t1\t0\t0\tx\t?\t0\tone\u2028two\nroot\tX\t0\t0\tx\t?\t0\tbad\n") == [
+            ["root", "1", "0", "0", "x", "?", "0", "one\\u2028two"]
+        ]
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_it_is_a_tool_not_pid_1(ember_init: Path) -> None:
     """Anything else but ``--ps`` alone, run outside PID 1, is refused as before."""
     r = subprocess.run([str(ember_init), "--ps", "x"], capture_output=True, text=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -77,13 +80,65 @@ def top_table(rows: list[list[str]]) -> str:
 
 def parse_ps(text: str) -> list[list[str]]:
     """``ember-init --ps``'s lines: eight tab-separated fields each (the command may hold
-    tabs of its own: only the first seven split)."""
+    tabs of its own: only the first seven split).  Lines end at ``\n`` only (a guest's
+    text may hold what ``str.splitlines`` also breaks at); a line whose PID, PPID or C
+    is not a number is not one of its rows."""
     rows = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         fields = line.split("\t", len(TOP_COLUMNS) - 1)
-        if len(fields) == len(TOP_COLUMNS):
+        if len(fields) == len(TOP_COLUMNS) and all(fields[i].isascii() and fields[i].isdigit()
+                                                  for i in (1, 2, 3)):  # fmt: skip
             rows.append([printable(f) for f in fields])
     return rows
+
+
+#: what ``ember top`` takes from the guest at most, and how long it waits for it
+TOP_OUTPUT_MAX = 16 << 20
+TOP_TIMEOUT = 30.0
+
+
+def _capture(run: Callable[[int], int]) -> tuple[int, bytes, str | None]:
+    """``run(fd)``'s exit code and what it wrote to ``fd``, read beside it up to
+    ``TOP_OUTPUT_MAX`` bytes and for ``TOP_TIMEOUT`` seconds (a guest decides what it
+    sends: it must not fill the host); the third item says what cut it short."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    got = bytearray()
+    too_much, too_late = threading.Event(), threading.Event()
+
+    def drain() -> None:
+        try:
+            while chunk := os.read(r, 1 << 16):
+                got.extend(chunk)
+                if len(got) > TOP_OUTPUT_MAX:
+                    too_much.set()
+                    break
+        finally:
+            os.close(r)  # (the writer then fails with EPIPE, and hangs up)
+
+    def hang_up() -> None:
+        too_late.set()
+        os.kill(os.getpid(), signal.SIGHUP)  # run_exec hangs up on it
+
+    reader = threading.Thread(target=drain, name="ember-top", daemon=True)
+    reader.start()
+    timer = threading.Timer(TOP_TIMEOUT, hang_up)
+    timer.start()
+    code, cut = 0, None
+    try:
+        code = run(w)
+    except BrokenPipeError:
+        cut = f"it sent more than {TOP_OUTPUT_MAX >> 20} MiB"
+    except SystemExit:
+        if not too_late.is_set():
+            raise
+        cut = f"it did not answer within {TOP_TIMEOUT:.0f} s"
+    finally:
+        timer.cancel()
+        os.close(w)
+        reader.join()
+    if too_much.is_set():
+        cut = f"it sent more than {TOP_OUTPUT_MAX >> 20} MiB"
+    return code, bytes(got), cut
 
 
 @click.command("top")
@@ -91,8 +146,6 @@ def parse_ps(text: str) -> list[list[str]]:
 def top(machine: str) -> None:
     """Show the processes running in MACHINE, as docker top does (UID PID PPID C STIME
     TTY TIME CMD; the guest's process ids), read in the guest by its ember-init."""
-    import tempfile
-
     from ember.cli.machines import find_machine
     from ember.machines.errors import MachineError
     from ember.machines.execclient import run_exec
@@ -106,12 +159,11 @@ def top(machine: str) -> None:
     refuse_if_paused(d, st, "list the processes of")
     # ember-init's own binary, as a tool (it is PID 1's executable in every guest)
     request = ExecRequest(["/proc/1/exe", "--ps"], user="0", workdir="/")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        code = run_exec(d, st, request, stdin_fd=None, out_fd=out.fileno(), err_fd=err.fileno())
-        out.seek(0)
-        err.seek(0)
-        text = out.read(16 << 20).decode("utf-8", "replace")
-        why = err.read(4096).decode("utf-8", "replace").strip()
+    code, out, cut = _capture(lambda fd: run_exec(d, st, request, stdin_fd=None, out_fd=fd, err_fd=fd))
+    if cut is not None:
+        raise MachineError(f"cannot list the processes of machine {st.name}: {cut}")
+    text = out.decode("utf-8", "replace")
+    why = text.strip()[-2000:]  # (stderr: a failure's message)
     if code != 0:
         if "must run as PID 1" in why:
             raise MachineError(f"machine {st.name} runs an ember-init that predates ember top",

@@ -1382,14 +1382,14 @@ def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOU
     """Graceful stop: the guest sends the StopSignal; after ``timeout`` seconds the program
     is SIGKILLed by the guest's init, and if the guest still does not end, the VMM is.
     ``timeout`` None: no SIGKILL, wait as long as the program takes (``docker stop -t -1``).
-    A machine between two runs of its restart policy is not run again.  A paused one is
-    refused (``MachinePaused``), as docker refuses it."""
+    A machine between two runs of its restart policy is not run again.  A paused one
+    runs on once the request is queued (as docker stops a paused container)."""
     request = stop_request(timeout)  # (a bad timeout fails before anything is done)
-    _refuse_if_paused(home, st, "stop")
     st, running = _mark_stopped(home, st)
     if not running:
         return _after_its_monitor(home, st)
     with _send_stop(home, st, timeout, request) as asked:
+        _resume_if_paused(home, st)
         if asked.conn is None:
             # nothing reached the guest: no end to wait for ever for
             end = wait_exited(home, st, KILL_GRACE if timeout is None else timeout)
@@ -1406,8 +1406,7 @@ def stop(home: Home, st: MachineState, timeout: int | None = DEFAULT_STOP_TIMEOU
 def kill(home: Home, st: MachineState) -> MachineState:
     """SIGKILL the program (through the guest, so its exit report comes back), else the
     VMM.  A machine between two runs of its restart policy is not run again.  A paused
-    one is refused (``MachinePaused``), as docker refuses it."""
-    _refuse_if_paused(home, st, "kill")
+    one runs on once the request is queued (as docker kills a paused container)."""
     st, running = _mark_stopped(home, st)
     if not running:
         return _after_its_monitor(home, st)
@@ -1418,6 +1417,7 @@ def kill(home: Home, st: MachineState) -> MachineState:
         return kill_vmm(home, st)
     try:
         write_control(conn, KILL_REQUEST)
+        _resume_if_paused(home, st)
         end = wait_exited(home, st, KILL_GRACE)
     except ControlChannelError:
         end = None
@@ -1428,9 +1428,9 @@ def kill(home: Home, st: MachineState) -> MachineState:
 
 def send_signal(home: Home, st: MachineState, signo: int) -> None:
     """``ember kill -s SIG`` (not KILL): ember-init delivers ``signo`` to the program;
-    like docker kill, this does not wait for any effect."""
+    like docker kill, this does not wait for any effect.  A paused machine stays paused:
+    the guest takes the signal when it runs on, as docker queues it."""
     st = _require_running(home, st)
-    _refuse_if_paused(home, st, "kill")
     try:
         conn = open_control(machine_channels(MachineStore(home).dir(st.id)).control_socket)
         try:
@@ -1451,11 +1451,13 @@ def send_signal(home: Home, st: MachineState, signo: int) -> None:
 CHANNEL_GONE_GRACE = 2.0
 
 
-def _refuse_if_paused(home: Home, st: MachineState, what: str) -> None:
-    """``MachinePaused`` when machine ``st``'s current run is paused (``ember pause``)."""
+def _resume_if_paused(home: Home, st: MachineState) -> None:
+    """Let machine ``st`` run on if its current run is paused (a stop or kill is queued)."""
     d = MachineStore(home).dir(st.id)
     if (d / mpause.MARKER).exists():  # (the record read again only then)
-        mpause.refuse_if_paused(d, refresh(home, st), what)
+        cur = refresh(home, st)
+        if mpause.is_paused(d, cur) and cur.vmm_pid is not None:
+            mpause.resume(d, cur.vmm_pid)
 
 
 def pause(home: Home, st: MachineState) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.home import Home
+from ember.machines import pause as mpause
 from ember.machines import state as mstate
 from ember.machines.control import VMM_CONTROL, ControlRelay
 from ember.machines.controllines import KILL_GRACE, stop_request, stop_timeout_of
@@ -362,6 +363,10 @@ class TermStop:
         try:
             if os.read(self._r, 1) != b"t":
                 return  # the run ended unasked
+            # a paused machine (ember pause) runs on to take its stop, as docker unpauses
+            # a container it stops
+            if self.vm is not None and self.vm.pid is not None:
+                mpause.resume(self._d, self.vm.pid)
             if self._timeout is None:  # stop timeout -1: the guest is never killed
                 return
             deadline = time.monotonic() + self._timeout + KILL_GRACE
@@ -454,6 +459,10 @@ def _run_held(
             _failed_to_start(home, st, d, sync, str(e), held)
             return None
         stopper.vm = vm
+        if spec.restore is not None:
+            # (before the record says running: no pause while the guest is handed its config)
+            with contextlib.suppress(OSError):
+                mpause.setting_up(d, pid, proc_start_time(pid))
         with mstate.update(d) as cur:
             cur.status, cur.started_at = mstate.RUNNING, mstate.now()
             cur.restarting = False
@@ -475,6 +484,8 @@ def _run_held(
             except EmberError as e:
                 _failed_to_start(home, st, d, sync, str(e), held)
                 return None
+            finally:
+                mpause.done_setting_up(d)
             stopper.vm = vm  # (a boot instead of the restore is another VMM)
             if started:
                 sync.send_started(pid)
