@@ -3,6 +3,8 @@ and the VMM's last words in the end reason."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -279,6 +281,7 @@ class _Process:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(["sleep", "60"])
+        self.pid = self.proc.pid
 
     def kill(self) -> None:
         self.proc.kill()
@@ -402,3 +405,32 @@ def test_a_template_gone_before_its_restore_boots_the_machine(
     (tmp_path / "gone.initrd").write_bytes(b"")
     with pytest.raises(VMMError):
         monitor._start_or_boot(d, FakeVM(spec), spec)  # type: ignore[arg-type]
+
+
+def test_a_sigterm_lets_a_paused_machine_run_on_to_take_its_stop(tmp_path: Path) -> None:
+    """`kill MONITOR` of a paused machine (ember pause): docker unpauses a container it
+    stops; the guest must run to read the stop."""
+    from ember.home import Home
+    from ember.machines import monitor, pause
+    from ember.machines.store import MachineStore
+    from tests.machines.test_store import make_state
+
+    home = Home(tmp_path)
+    st = make_state()
+    MachineStore(home).create(st, "paused")
+    d = MachineStore(home).dir(st.id)
+    vm = _Process()
+    try:
+        os.kill(vm.pid, signal.SIGSTOP)
+        (d / pause.MARKER).write_text("a mark\n")
+        stopper = monitor.TermStop(d, None)  # (no kill after: -1)
+        stopper.vm = vm  # type: ignore[assignment]
+        stopper.ask()
+        stopper.watcher.join(10)
+        with open(f"/proc/{vm.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"
+        assert not (d / pause.MARKER).exists()
+        stopper.end()
+    finally:
+        vm.proc.kill()
+        vm.proc.wait()

@@ -366,7 +366,8 @@ class TermStop:
             # a paused machine (ember pause) runs on to take its stop, as docker unpauses
             # a container it stops
             if self.vm is not None and self.vm.pid is not None:
-                mpause.resume(self._d, self.vm.pid)
+                with contextlib.suppress(OSError):  # (never in the way of the kill below)
+                    mpause.resume(self._d, self.vm.pid)
             if self._timeout is None:  # stop timeout -1: the guest is never killed
                 return
             deadline = time.monotonic() + self._timeout + KILL_GRACE
