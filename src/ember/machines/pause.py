@@ -62,7 +62,7 @@ def done_setting_up(machine_dir: Path) -> None:
 
 
 def refuse_if_paused(machine_dir: Path, st: MachineState, what: str) -> None:
-    """``MachinePaused`` for ``what`` (``stop``, ``kill``, ``exec`` ...) on a paused machine."""
+    """``MachinePaused`` for ``what`` (``exec``, ``top``: they need the guest) on a paused machine."""
     if is_paused(machine_dir, st):
         raise MachinePaused(
             f"cannot {what} machine {st.name}: it is paused", hint=f"ember unpause {st.name} first"
@@ -108,8 +108,4 @@ def unpause(machine_dir: Path, st: MachineState) -> None:
         if not is_paused(machine_dir, st):
             raise MachineError(f"machine {st.name} is not paused")
         assert st.vmm_pid is not None
-        with contextlib.suppress(ProcessLookupError):  # killed meanwhile: not paused either
-            os.kill(st.vmm_pid, signal.SIGCONT)
-        # (killed here: marked, running; the next unpause removes the mark)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(machine_dir / MARKER)
+        resume(machine_dir, st.vmm_pid)  # (killed between its two steps: the next unpause)
