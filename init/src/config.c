@@ -105,6 +105,8 @@ static const struct rec RECORDS[] = {
 	/* template boots and restores from a template (docs/run-config.md, "Templates") */
 	{"template", 0, 0, 1},    {"late", 1, 1, 0},        {"clock", 2, 2, 1},
 	{"seed", 1, 1, 1},        {"mac", 2, 2, 0},         {"exit_ack", 1, 1, 1},
+	/* the program's stdin held open, its terminal (run -i, -t: attach.c) */
+	{"stdin", 0, 0, 1},       {"tty", 2, 2, 1},
 };
 #define NRECORDS (int)(sizeof(RECORDS) / sizeof(RECORDS[0]))
 
@@ -264,6 +266,15 @@ int config_parse(char *buf, size_t len, struct config *c, char *err, size_t errl
 			c->exit_ack_ms = (int)v;
 		} else if (!strcmp(key, "template")) {
 			c->template = 1;
+		} else if (!strcmp(key, "stdin")) {
+			c->open_stdin = 1;
+		} else if (!strcmp(key, "tty")) {
+			long cols;
+			if (parse_int(f0, 0, 65535, &v) < 0 || parse_int(fields[1], 0, 65535, &cols) < 0)
+				return seterr(err, errlen, "run config: bad tty size"), -1;
+			c->tty = 1;
+			c->tty_rows = (int)v;
+			c->tty_cols = (int)cols;
 		} else if (!strcmp(key, "late")) {
 			if (!*f0 || strchr(f0, '/') || f0[0] == '.')
 				return seterr(err, errlen, "run config: bad module name"), -1;

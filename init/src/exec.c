@@ -34,7 +34,8 @@
 #define OUT_HIGH (64 * 1024)       /* frames queued for the host before the pipes wait */
 #define STDIN_MAX (1024 * 1024)    /* stdin held for a command that has not read it yet */
 
-enum { S_NONE, S_RUNNING };
+/* S_ATTACHED: the session writes the program's own stdin (attach.c), runs nothing */
+enum { S_NONE, S_RUNNING, S_ATTACHED };
 
 struct eport {
 	int fd;
@@ -227,6 +228,7 @@ struct request {
 	int argc, envc;
 	const char *user, *workdir;
 	int want_stdin, detach;
+	int attach;          /* 'm': attach to the program's stdin (no command) */
 	const char *nonce;
 	int tty, rows, cols; /* a terminal for the command, of this size */
 };
@@ -267,6 +269,7 @@ static int parse_request(unsigned char *data, size_t n, struct request *r, char 
 		case 'w': r->workdir = s + 1; break;
 		case 'i': r->want_stdin = 1; break;
 		case 'd': r->detach = 1; break;
+		case 'm': r->attach = 1; break;
 		case 'n': r->nonce = s + 1; break;
 		case 't':
 			r->tty = 1;
@@ -283,7 +286,11 @@ static int parse_request(unsigned char *data, size_t n, struct request *r, char 
 		i += len + 1;
 	}
 	r->argv[r->argc] = NULL;
-	if (r->argc == 0) {
+	if (r->attach && (r->argc || r->envc || r->user || r->workdir || r->detach)) {
+		snprintf(err, errlen, "an attach request names no command");
+		return -1;
+	}
+	if (r->argc == 0 && !r->attach) {
 		snprintf(err, errlen, "no command");
 		return -1;
 	}
@@ -341,7 +348,7 @@ static void child_fail(int fd, const char *what, const char *arg, int e, int cod
 /* A pseudo-terminal's master (close-on-exec, non-blocking) and its slave's path; -1 when
  * none can be had.  /dev/ptmx is devtmpfs's; --test's private /dev has none, and the
  * devpts instance's own ptmx serves then. */
-static int open_terminal(const struct request *r, char *slave, size_t len)
+int open_pty(int rows, int cols, char *slave, size_t len)
 {
 	int m = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
 	if (m < 0)
@@ -353,7 +360,7 @@ static int open_terminal(const struct request *r, char *slave, size_t len)
 		close(m);
 		return -1;
 	}
-	struct winsize ws = {.ws_row = (unsigned short)r->rows, .ws_col = (unsigned short)r->cols};
+	struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
 	ioctl(m, TIOCSWINSZ, &ws);
 	return m;
 }
@@ -385,12 +392,35 @@ static int started_already(const struct eport *p, const char *nonce)
 {
 	if (!nonce[0])
 		return 0;
-	if (p->state == S_RUNNING && !strcmp(p->nonce, nonce))
+	if (p->state != S_NONE && !strcmp(p->nonce, nonce))
 		return 1;
 	for (int i = 0; i < DETACHED_KEPT; i++)
 		if (!strcmp(detached[i], nonce))
 			return 1;
 	return 0;
+}
+
+/* An attach request: the session writes the program's stdin from now on (its 'I'
+ * frames), resizes its terminal ('W'), signals it ('S'); the program's output is not
+ * sent here (the host reads it from the log).  Refused when the program's stdin is not
+ * held open (not run with -i). */
+static void attach(struct eport *p, const struct request *r, const unsigned char *data, size_t n)
+{
+	int fd = attach_stdin_fd();
+	if (fd < 0) {
+		refuse(p, data, n, "the program's stdin is not open (it was not run with -i)");
+		return;
+	}
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	p->tty = attach_is_tty();
+	if (p->tty && r->tty && r->rows > 0 && r->cols > 0) {
+		struct winsize ws = {.ws_row = (unsigned short)r->rows, .ws_col = (unsigned short)r->cols};
+		ioctl(fd, TIOCSWINSZ, &ws);
+	}
+	send_text(p, 'N', r->nonce ? r->nonce : "");
+	snprintf(p->nonce, sizeof(p->nonce), "%s", r->nonce ? r->nonce : "");
+	p->state = S_ATTACHED;
+	p->sin = fd;
 }
 
 static void start(struct eport *p, unsigned char *data, size_t n)
@@ -410,6 +440,12 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 	end_session(p);
 	if (parse_request(data, n, &r, err, sizeof(err)) < 0) {
 		refuse(p, data, n, err);
+		free(r.argv);
+		free(r.env);
+		return;
+	}
+	if (r.attach) {
+		attach(p, &r, data, n);
 		free(r.argv);
 		free(r.env);
 		return;
@@ -436,7 +472,7 @@ static void start(struct eport *p, unsigned char *data, size_t n)
 		/* one stream both ways: the terminal's master is stdin (a dup) and output; the
 		 * slave is opened here (a master whose slave was never opened never ends) */
 		char name[64];
-		master = open_terminal(&r, name, sizeof(name));
+		master = open_pty(r.rows, r.cols, name, sizeof(name));
 		slave = master < 0 ? -1 : open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
 		if (slave < 0) {
 			close_fd(&master);
@@ -533,13 +569,18 @@ static void protocol_error(struct eport *p, const char *what)
 	p->broken = 1;
 }
 
+static void pump_stdin(struct eport *p);
+
 static void stdin_data(struct eport *p, const unsigned char *data, size_t n)
 {
-	if (p->state != S_RUNNING || p->sin < 0 || p->close_stdin)
+	if (p->state == S_NONE || p->sin < 0 || p->close_stdin)
 		return; /* no stdin asked for, or it was closed: dropped */
 	p->pending = xrealloc(p->pending, p->plen + n);
 	memcpy(p->pending + p->plen, data, n);
 	p->plen += n;
+	/* written now as far as it goes: an attached host that hangs up right after it
+	 * sent something must not take it back (the rest waits for POLLOUT) */
+	pump_stdin(p);
 }
 
 static void frame(struct eport *p, unsigned char type, unsigned char *data, size_t n)
@@ -552,21 +593,28 @@ static void frame(struct eport *p, unsigned char type, unsigned char *data, size
 		stdin_data(p, data, n);
 		break;
 	case 'C':
-		if (p->state == S_RUNNING)
+		if (p->state != S_NONE)
 			p->close_stdin = 1;
+		if (p->state == S_ATTACHED)
+			attach_close_stdin(); /* this host's stdin ended: the program's does */
 		break;
-	case 'W':
-		if (n == 4 && p->state == S_RUNNING && p->tty && p->sout >= 0) {
+	case 'W': {
+		/* the terminal's master: the command's output, or an attached one's stdin */
+		int term = p->state == S_ATTACHED ? p->sin : p->state == S_RUNNING ? p->sout : -1;
+		if (n == 4 && p->tty && term >= 0) {
 			struct winsize ws = {.ws_row = (unsigned short)(data[0] << 8 | data[1]),
 			                     .ws_col = (unsigned short)(data[2] << 8 | data[3])};
-			ioctl(p->sout, TIOCSWINSZ, &ws);
+			ioctl(term, TIOCSWINSZ, &ws);
 		}
 		break;
+	}
 	case 'S':
-		if (n == 4 && p->state == S_RUNNING && !p->reaped) {
+		if (n == 4) {
 			uint32_t sig = get32(data);
-			if (sig >= 1 && sig <= 64)
-				kill(p->pid, (int)sig);
+			pid_t to = p->state == S_RUNNING && !p->reaped ? p->pid
+			           : p->state == S_ATTACHED ? attach_pid() : 0;
+			if (sig >= 1 && sig <= 64 && to > 0)
+				kill(to, (int)sig);
 		}
 		break;
 	default:

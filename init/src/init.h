@@ -65,6 +65,10 @@ struct config {
 	int have_clock; long long clock_sec; long clock_nsec;
 	char *seed;
 	struct macaddr *macs; int nmacs;
+	/* run -i: the program's stdin is a pipe the host feeds; run -t: its stdio is a
+	 * terminal of this size (attach.c) */
+	int open_stdin;
+	int tty, tty_rows, tty_cols;
 };
 
 /* config.c */
@@ -146,6 +150,31 @@ void exec_host_changed(void);
 int exec_reaped(pid_t pid, int status);
 /* main.c: exec ARGV with ENVP as the program's start does (PATH search, errors, exit codes) */
 __attribute__((noreturn)) void exec_command(char **argv, char **envp);
+
+/* A pseudo-terminal of ROWS x COLS: its master (close-on-exec, non-blocking), its
+ * slave's path in SLAVE; -1 when none can be had (exec.c) */
+int open_pty(int rows, int cols, char *slave, size_t len);
+
+/* attach.c: the program's stdin (run -i) and terminal (run -t), which exec ports
+ * attach to (docs/guest.md, "Attach") */
+/* Before the program's fork; OUT: where its terminal's output goes (the stdout port) */
+int attach_prepare(const struct config *c, int out, char *err, size_t errlen);
+/* In the program's child, after setsid: what it set up of the child's stdio, bits 1
+ * (stdin) and 2 (stdout and stderr) */
+int attach_child_stdio(void);
+/* In init after the fork: the program's pid (signals from attached hosts) */
+void attach_started(pid_t pid);
+/* A new descriptor to write the program's stdin to, -1 when it has none held open */
+int attach_stdin_fd(void);
+int attach_is_tty(void);
+pid_t attach_pid(void);
+/* An attached host's stdin ended: the program's ends once every attached host's has */
+void attach_close_stdin(void);
+/* Fill at most MAX pollfds (2); handle what they say */
+int attach_pollfds(struct pollfd *fds, int max);
+void attach_handle(struct pollfd *fds, int n);
+/* Everything else is gone: the terminal's last output to its port, for up to MS */
+void attach_drain(int ms);
 
 /* net.c */
 int net_setup(const struct config *c, char *err, size_t errlen);

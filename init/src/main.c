@@ -282,6 +282,7 @@ static void await_bye(int ms)
 static __attribute__((noreturn)) void finish(int code, int sig, int oom, const char *error)
 {
 	kill_everything();
+	attach_drain(5000); /* -t: what the terminal still holds, before the report counts it */
 	if (G.have_cfg)
 		unmount_volumes(&G.cfg);
 	sync();
@@ -757,14 +758,15 @@ static pid_t spawn(struct config *c, const struct exec_user *u, const char *work
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	setsid();
-	int devnull = open("/dev/null", O_RDWR);
+	int own = attach_child_stdio(); /* -i, -t: a stdin pipe, a terminal */
+	int devnull = own & 1 ? -1 : open("/dev/null", O_RDWR);
 	if (devnull >= 0 && devnull != 0) {
 		dup2(devnull, 0);
 		close(devnull);
 	}
-	if (G.ports[PORT_STDOUT] >= 0)
+	if (!(own & 2) && G.ports[PORT_STDOUT] >= 0)
 		dup2(G.ports[PORT_STDOUT], 1);
-	if (G.ports[PORT_STDERR] >= 0)
+	if (!(own & 2) && G.ports[PORT_STDERR] >= 0)
 		dup2(G.ports[PORT_STDERR], 2);
 	/* chdir as root first, like runc: `USER app` with `WORKDIR /root/app` (/root 0700)
 	 * starts there, though the user cannot go through /root.  Only when root may not
@@ -889,7 +891,7 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 	long long kill_at = -1, control_retry = -1;
 	int stopping = 0;
 	for (;;) {
-		struct pollfd fds[3 + 4 * EXEC_PORTS] = {
+		struct pollfd fds[3 + 4 * EXEC_PORTS + 2] = {
 		    {sigfd, POLLIN, 0},
 		    {control_retry < 0 ? control_fd : -1, POLLIN, 0},
 		    {kmsg_fd, POLLIN, 0},
@@ -900,8 +902,9 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 		if (control_retry >= 0 && (wake < 0 || control_retry < wake))
 			wake = control_retry;
 		int nexec = exec_pollfds(fds + 3, 4 * EXEC_PORTS, &wake);
+		int nattach = attach_pollfds(fds + 3 + nexec, 2);
 		int timeout = wake < 0 ? -1 : (int)(wake > now ? wake - now : 0);
-		int r = poll(fds, (nfds_t)(3 + nexec), timeout);
+		int r = poll(fds, (nfds_t)(3 + nexec + nattach), timeout);
 		if (r < 0 && errno != EINTR)
 			logmsg("poll: %s", strerror(errno));
 		now = now_ms();
@@ -936,6 +939,7 @@ static int supervise(pid_t child, int sigfd, int control_fd, int kmsg_fd, int *o
 			}
 		}
 		exec_handle(fds + 3, nexec);
+		attach_handle(fds + 3 + nexec, nattach);
 		if (fds[0].revents & POLLIN) {
 			struct signalfd_siginfo si;
 			while (read(sigfd, &si, sizeof(si)) == sizeof(si)) {
@@ -1239,11 +1243,15 @@ int main(int argc, char **argv)
 	mark("configured, starting the program");
 	G.sent_base[0] = port_sent(PORT_STDOUT);
 	G.sent_base[1] = port_sent(PORT_STDERR);
+	if (attach_prepare(c, G.ports[PORT_STDOUT] >= 0 ? G.ports[PORT_STDOUT] : 1, err,
+	                   sizeof(err)) < 0)
+		fail(err);
 	pid_t child = spawn(c, &u, workdir);
 	if (child < 0) {
 		snprintf(err, sizeof(err), "fork: %s", strerror(errno));
 		fail(err);
 	}
+	attach_started(child);
 	int oom = 0;
 	int st = supervise(child, sigfd, control_fd, kmsg_fd, &oom);
 	if (kmsg_fd >= 0) {

@@ -917,6 +917,12 @@ def test_arguments_and_env_arrive_byte_exact(root: Path) -> None:
         b"ember-run-config 1\narg /bin/true\narg\nend\n",  # arg without a field
         b"ember-run-config 1\narg /bin/true\nend",  # no final newline
         b"",
+        b"ember-run-config 1\narg /bin/true\nstdin x\nend\n",
+        b"ember-run-config 1\narg /bin/true\nstdin\nstdin\nend\n",
+        b"ember-run-config 1\narg /bin/true\ntty 24\nend\n",
+        b"ember-run-config 1\narg /bin/true\ntty 24 70000\nend\n",
+        b"ember-run-config 1\narg /bin/true\ntty -1 80\nend\n",
+        b"ember-run-config 1\narg /bin/true\ntty 24 80\ntty 24 80\nend\n",
     ],
 )
 def test_c_parser_refuses_what_python_refuses(root: Path, data: bytes) -> None:
@@ -1185,6 +1191,8 @@ def test_mutated_configs_c_refuses_only_what_python_refuses(root: Path) -> None:
         workdir="/tmp",
         stop_timeout=3,
         nameservers=("10.0.0.1",),
+        open_stdin=True,
+        tty=(24, 80),
     ).render()
     outcomes = []
     for data in _mutations(base, 60, seed=5):
@@ -1454,3 +1462,106 @@ def test_exec_sessions_leave_nothing_behind(root: Path, running: list[Running]) 
             with contextlib.suppress(TimeoutError):  # (init stops reading: its answers wait)
                 conn.sendall(b"O\0\0\0\x01\0" * 1_000_000)
             assert _rss_kib(pid) - before < 2048
+
+
+# ---- the program's own stdin and terminal (``run -i``/``-t``, ``ember attach``) -------
+
+
+def _attach(nonce: str, tty: tuple[int, int] | None = None, stdin: bool = True) -> ExecRequest:
+    return ExecRequest([], attach=True, stdin=stdin, nonce=nonce, tty=tty)
+
+
+def test_an_attached_host_writes_the_programs_stdin(root: Path, running: list[Running]) -> None:
+    host = ExecHost(root)
+    script = 'echo ready; read a; echo "got $a"; read b; echo "then $b"; cat; echo end; exit 4'
+    r = Running(root, sh(script, open_stdin=True), exec_socket=True)
+    running.append(r)
+    try:
+        r.wait_for_line("ready")
+        # a host that hangs up leaves the program's stdin open (no end of it was sent)
+        frames, _, _, code = host.session(_attach("a1", stdin=False), first=frame(STDIN, b"one\n"),
+                                          hang_up=True)  # fmt: skip
+        assert frames[0] == (STARTED, b"a1") and code is None
+        r.wait_for_line("got one")
+        # the next one's stdin, and its end: the program's ends (cat returns)
+        frames, out, err, code = host.session(_attach("a2"), stdin=b"two\nrest\n")
+        assert frames[0] == (STARTED, b"a2")
+        assert (out, err, code) == (b"", b"", None)  # its output is the machine's, not the session's
+    finally:
+        host.close()
+    res = r.finish()
+    assert res.stdout == "then two\nrest\nend\n", res.console
+    assert res.status is not None and res.status["exit_code"] == 4
+
+
+def test_attach_is_refused_when_the_programs_stdin_is_not_open(root: Path, running: list[Running]) -> None:
+    with init_with_exec(root, running, sh(WAIT_FOR_STOP)) as (host, _):
+        frames, _, _, code = host.session(_attach("a1"), stdin=b"x\n")
+        assert frames[-1][0] == REFUSED and code is None
+        nonce, why = refusal(frames[-1][1])
+        assert nonce == "a1" and "not run with -i" in why
+        # an attach request names no command
+        frames, _, _, _ = host.session(ExecRequest(["true"], attach=True, nonce="a2"))
+        assert frames[-1][0] == REFUSED and "names no command" in refusal(frames[-1][1])[1]
+
+
+class _Terminal:
+    """What init's stdout shows of a program on a terminal, as bytes (lines end in CR LF,
+    which the text mode of ``Running``'s pipe would turn into LF)."""
+
+    def __init__(self, r: Running) -> None:
+        assert r.proc.stdout is not None
+        self.out = r.proc.stdout.buffer
+        self.seen = b""
+
+    def wait_for(self, text: bytes) -> None:
+        while text not in self.seen:
+            line = self.out.readline()
+            assert line, f"init's output ended before {text!r}: {self.seen!r}"
+            self.seen += line
+
+    def read_to_end(self) -> bytes:
+        self.seen += self.out.read()
+        return self.seen
+
+
+def test_a_program_on_a_terminal(root: Path, running: list[Running]) -> None:
+    host = ExecHost(root)
+    script = ('[ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo "tty $(stty size)"; read line; '
+              'echo "got [$line] $(stty size)"; echo oops >&2; '
+              'head -c 300000 /dev/zero | tr "\\0" x; exit 3')
+    r = Running(root, sh(script, open_stdin=True, tty=(30, 100)), exec_socket=True)
+    running.append(r)
+    term = _Terminal(r)
+    try:
+        term.wait_for(b"tty 30 100\r\n")  # its size from the run config, CR LF from the terminal
+        # a new size, then a line typed: echoed by the terminal, as typed on one
+        frames, _, _, _ = host.session(_attach("t1", tty=(40, 120)), stdin=b"hello\n",
+                                       hang_up=True)  # (its output is read below: not to wait here)
+        assert frames[0] == (STARTED, b"t1")
+    finally:
+        host.close()
+    out = term.read_to_end()
+    res = r.finish()
+    assert b"hello\r\n" in out  # the echo
+    assert b"got [hello] 40 120\r\noops\r\n" in out  # stderr on the terminal too
+    # the last of its output reaches the port before the exit report: all of it
+    assert out.endswith(b"x" * 300000), out[-200:]
+    assert res.status is not None and res.status["exit_code"] == 3
+
+
+def test_a_terminal_without_stdin_has_no_input(root: Path, running: list[Running]) -> None:
+    script = '[ -t 0 ] && echo "a terminal"; echo ready; while [ ! -e /stop ]; do sleep 0.05; done'
+    host = ExecHost(root)
+    r = Running(root, sh(script, tty=(24, 80)), exec_socket=True)
+    running.append(r)
+    term = _Terminal(r)
+    try:
+        term.wait_for(b"ready")
+        frames, _, _, _ = host.session(_attach("t1"), stdin=b"x\n")
+        assert frames[-1][0] == REFUSED and "not run with -i" in refusal(frames[-1][1])[1]
+    finally:
+        (root / "stop").touch()
+        host.close()
+    assert term.read_to_end().startswith(b"a terminal\r\nready\r\n")
+    r.finish()

@@ -179,6 +179,8 @@ def full_config() -> RunConfig:
         stop_signal=3,
         stop_timeout=5,
         modules=("vsock",),
+        open_stdin=True,
+        tty=(30, 100),
     )
 
 
@@ -208,6 +210,15 @@ def test_render_parse_round_trip() -> None:
 def test_minimal_defaults_round_trip() -> None:
     rc = RunConfig(argv=("/hello",))
     assert RunConfig.parse(rc.render()) == rc
+    assert b"stdin" not in rc.render() and b"tty" not in rc.render()
+
+
+def test_stdin_and_terminal_records() -> None:
+    rc = RunConfig(argv=("/bin/sh",), open_stdin=True, tty=(0, 0))
+    data = rc.render()
+    assert b"\nstdin\n" in data and b"\ntty 0 0\n" in data
+    assert RunConfig.parse(data) == rc
+    assert RunConfig(argv=("/x",), tty=[24, 80]).tty == (24, 80)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -225,6 +236,10 @@ def test_minimal_defaults_round_trip() -> None:
         lambda d: d.replace(b"end\n", b"stop_timeout -1\nend\n"),
         lambda d: d.replace(b"end\n", b"host 10.0.0.9\nend\n"),  # too few fields
         lambda d: d.replace(b"nofile 1048576", b"nofile 99999999999999"),
+        lambda d: d.replace(b"stdin\n", b"stdin 1\n"),
+        lambda d: d.replace(b"end\n", b"stdin\nend\n"),  # twice
+        lambda d: d.replace(b"tty 30 100", b"tty 30"),
+        lambda d: d.replace(b"tty 30 100", b"tty 30 x"),
     ],
 )
 def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def]
@@ -262,6 +277,8 @@ def test_parse_refuses_malformed(mutate) -> None:  # type: ignore[no-untyped-def
         {"user": "\udcff" * 256},  # counted in the bytes it is rendered as
         {"modules": ("../evil",)},
         {"stop_timeout": -1},
+        {"tty": (70000, 80)},
+        {"tty": (24, -1)},
     ],
 )
 def test_invalid_fields_refused(kw: dict[str, object]) -> None:

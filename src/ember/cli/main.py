@@ -29,6 +29,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "run": ("ember.cli.run",),
     "start": ("ember.cli.run",),
     "restart": ("ember.cli.run",),
+    "attach": ("ember.cli.run",),
     "ps": ("ember.cli.machines",),
     "logs": ("ember.cli.machines",),
     "stop": ("ember.cli.machines",),

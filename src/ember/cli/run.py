@@ -30,6 +30,7 @@ from ember.machines.errors import MachineError, MachineNotRunning, MachineRestar
 
 if TYPE_CHECKING:
     from ember.machines.events import EventReader, Exited, MonitorFailed
+    from ember.machines.execclient import StdinRelay
     from ember.machines.lifecycle import MonitorHandle, StopRequested
     from ember.machines.logs import LogFollower
     from ember.machines.state import MachineState
@@ -125,6 +126,10 @@ class _Interrupts:
         return Terminated() if last == signal.SIGTERM else KeyboardInterrupt()
 
 
+class _Detached(Exception):
+    """The detach keys were typed: this command lets go, the machine runs on."""
+
+
 def _follow(
     home: Home,
     st: MachineState,
@@ -132,11 +137,14 @@ def _follow(
     monitor_pid: int | None,
     outs: Sequence[LogFollower],
     intr: _Interrupts,
+    stdin: StdinRelay | None = None,
 ) -> int:
     """Copy the machine's output until it ends; its exit code.  ``events``: those of the
     monitor this process started (None: attached to a machine already running, whose
     end is read from its record).  A run that ended before it started (its VMM failed
-    during its set-up) is MachineError, as for ``run -d`` (``_await_start``)."""
+    during its set-up) is MachineError, as for ``run -d`` (``_await_start``).
+    ``stdin``: our stdin to the machine's program once it runs (``-i``); the detach
+    keys typed to it return 0 at once, the machine left running."""
     from ember.machines.store import MachineStore
 
     d = MachineStore(home).dir(st.id)
@@ -149,7 +157,9 @@ def _follow(
         raise
     sinks = ((stdout, out), (stderr, err))
     try:
-        return _copy_until_exit(home, st, d, events, monitor_pid, sinks, intr)
+        return _copy_until_exit(home, st, d, events, monitor_pid, sinks, intr, stdin)
+    except _Detached:
+        return 0
     except BrokenPipeError:
         # Whoever read our output went away (`ember run IMAGE yes | head -1`): the
         # program gets SIGPIPE, as it would in that pipeline on its next write, rather
@@ -157,8 +167,19 @@ def _follow(
         _pass_sigpipe(home, d)
         raise
     finally:
+        if stdin is not None:
+            stdin.close()  # (the terminal back as it was, before anything more is said)
         for _, sink in sinks:
             sink.close()
+
+
+def _start_relay(stdin: StdinRelay) -> None:
+    """Begin passing stdin on; a machine that cannot take it (an init from before
+    ``run -i``, its exec ports all taken) runs on without it, and we say so."""
+    try:
+        stdin.start()
+    except EmberError as e:
+        _say(f"ember: {e}")
 
 
 def _pass_sigpipe(home: Home, d: Path) -> None:
@@ -179,6 +200,7 @@ def _copy_until_exit(
     monitor_pid: int | None,
     sinks: tuple[tuple[LogFollower, OutputSink], ...],
     intr: _Interrupts,
+    stdin: StdinRelay | None = None,
 ) -> int:
     from ember.machines import lifecycle
     from ember.machines.events import Exited, MonitorFailed, Started
@@ -193,9 +215,18 @@ def _copy_until_exit(
     started_at = attached.started_at if attached is not None else None
     seen: MachineState | None = None  # attached to a running machine: its last record read
     ended = False
+    relaying = False  # stdin: passed on since the machine runs
     try:
         moved = False
         while exited is None and not ended:
+            if stdin is not None and not relaying and (started or events is None):
+                _start_relay(stdin)
+                relaying = True
+            if stdin is not None and stdin.detached.is_set():
+                raise _Detached
+            if stdin is not None and stdin.error is not None:
+                _say(f"ember: {stdin.error}")
+                stdin.error = None
             # no wait while output flows (the monitor's logs are capped: a reader
             # that falls too far behind a rotating log loses the oldest part)
             ready: list[EventReader] = []
@@ -433,6 +464,10 @@ class _RunUsageError(click.UsageError):
               metavar="no|on-failure[:MAX]|always|unless-stopped",
               help="Run the machine again when it ends (not after ember stop/kill).")  # fmt: skip
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; print the machine id.")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Keep the program's stdin open, and pass it ours (unless -d).")  # fmt: skip
+@click.option("-t", "--tty", is_flag=True,
+              help="Give the program a terminal (Ctrl-P Ctrl-Q lets go of it, with -i).")  # fmt: skip
 @click.option("--name", help="Name of the machine (unique; default: generated).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
               help="Set an environment variable (bare KEY: take it from this environment).")  # fmt: skip
@@ -479,6 +514,8 @@ def run(
     auto_remove: bool,
     restart: str,
     detach: bool,
+    interactive: bool,
+    tty: bool,
     name: str | None,
     env: tuple[str, ...],
     env_files: tuple[Path, ...],
@@ -530,6 +567,8 @@ def run(
     warnings_as_messages()  # the snapshotter's, as ember: lines
     if kernel_modules is not None and kernel is None:
         raise UsageError("--kernel-modules needs --kernel")
+    if tty and interactive and not detach and not sys.stdin.isatty():
+        raise UsageError("the input device is not a terminal: use -i without -t")
     host_cpus = os.cpu_count()
     if host_cpus is not None and cpus > host_cpus:  # as docker refuses it
         raise UsageError(f"--cpus {cpus}: this host has only {host_cpus} CPU(s)")
@@ -575,13 +614,15 @@ def run(
         dns=parse_dns(dns),
         dns_search=parse_dns_search(dns_search),
         volumes=parse_volumes(volumes),
+        interactive=interactive,
+        tty=_terminal_size() if tty else None,
     )
     # the monitor starts first: its start-up overlaps with preparing the machine
     monitor = lifecycle.start_monitor(home)
     made: list[str] = []
     try:
         st = lifecycle.create(home, req, progress=_say, made=made, monitor_pid=monitor.pid)
-        code = _launch(home, st, monitor, attach=not detach)
+        code = _launch(home, st, monitor, attach=not detach, with_stdin=interactive)
     except BaseException:
         # until the monitor has it, the machine is ours to remove (an interrupt, SIGTERM,
         # a failure anywhere from create to the hand-over): nothing of it may stay
@@ -601,6 +642,15 @@ def run(
     raise SystemExit(code)
 
 
+def _terminal_size() -> tuple[int, int]:
+    """(rows, columns) of the terminal on our stdin, else stdout; docker's 24 x 80 without one."""
+    for fd in (0, 1):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+    return 24, 80
+
+
 def _launch(
     home: Home,
     st: MachineState,
@@ -608,11 +658,13 @@ def _launch(
     *,
     attach: bool,
     fresh_logs: bool = True,
+    with_stdin: bool = False,
 ) -> int | None:
     """Hand a prepared machine to its monitor; attached, follow it to its end and return
     the program's exit code, else return None once it started.  Until
     ``monitor.handed``, the machine is the caller's to undo (whatever was raised);
-    ``fresh_logs``: the logs are new (else only what this run writes is followed).
+    ``fresh_logs``: the logs are new (else only what this run writes is followed);
+    ``with_stdin``: our stdin goes to the program (``run -i``).
 
     Attached, Ctrl-C and SIGTERM are counted from the start: one before the hand-over
     raises (the caller undoes the machine), one after it stops the machine (``_follow``)
@@ -638,7 +690,8 @@ def _launch(
             if intr is None:
                 _await_start(st, events)
                 return None
-            code = _follow(home, st, events, monitor.pid, outs, intr)
+            stdin = _stdin_relay(home, st) if with_stdin else None
+            code = _follow(home, st, events, monitor.pid, outs, intr, stdin)
     finally:
         monitor.close()
         for out in outs:
@@ -672,9 +725,18 @@ def _not_started(st: MachineState, event: Exited | MonitorFailed) -> MachineErro
     return MachineError(f"machine {st.name} did not start: {why}")
 
 
-def _attach_running(home: Home, st: MachineState) -> int:
-    """``ember start -a`` of a running machine: its output from now on, and its exit code
-    when it ends (Ctrl-C stops it, as for ``run``)."""
+def _stdin_relay(home: Home, st: MachineState) -> StdinRelay:
+    from ember.machines.execclient import StdinRelay
+    from ember.machines.store import MachineStore
+
+    return StdinRelay(MachineStore(home).dir(st.id), st, sys.stdin.fileno(),
+                      tty=bool(st.config.get("tty")))  # fmt: skip
+
+
+def _attach_running(home: Home, st: MachineState, *, with_stdin: bool = False) -> int:
+    """``ember start -a`` of a running machine, and ``ember attach``: its output from now
+    on, and its exit code when it ends (Ctrl-C stops it, as for ``run``); with
+    ``with_stdin``, our stdin goes to its program."""
     from ember.machines.lifecycle import machine_channels
     from ember.machines.logs import LogFollower
     from ember.machines.state import RUNNING
@@ -690,7 +752,8 @@ def _attach_running(home: Home, st: MachineState) -> int:
             now = _current(home, d)
             if now is None or now.status != RUNNING:
                 raise MachineError(f"machine {st.name} is not running any more")
-            code = _follow(home, st, None, None, outs, intr)
+            stdin = _stdin_relay(home, st) if with_stdin else None
+            code = _follow(home, st, None, None, outs, intr, stdin)
     finally:
         for out in outs:
             out.close()
@@ -802,4 +865,29 @@ def restart(timeout: int | None, machines: tuple[str, ...]) -> None:
     for_each(machines, restart_one, parallel=True)
 
 
-commands: list[click.Command] = [run, start, restart]
+@click.command()
+@click.option("--no-stdin", is_flag=True, help="Do not pass our stdin to the program.")
+@click.argument("machine")
+def attach(no_stdin: bool, machine: str) -> None:
+    """Follow a running MACHINE's output from now on and exit with its program's exit
+    code; pass our stdin to the program when it was run with -i.  Ctrl-C stops the
+    machine, as for run; with a terminal (run -it), Ctrl-P Ctrl-Q lets go of it."""
+    from ember.cli.machines import find_machine
+    from ember.machines.pause import refuse_if_paused
+    from ember.machines.state import RUNNING
+    from ember.machines.store import MachineStore
+
+    home = home_from_ctx()
+    st = find_machine(machine)
+    if st.status != RUNNING:
+        raise MachineNotRunning(f"machine {st.name} is not running",
+                                hint=f"start it and follow it: ember start -a {st.name}")  # fmt: skip
+    refuse_if_paused(MachineStore(home).dir(st.id), st, "attach to")
+    with_stdin = not no_stdin and bool(st.config.get("open_stdin"))
+    if with_stdin and st.config.get("tty") and not sys.stdin.isatty():
+        raise UsageError("the input device is not a terminal (the machine's program has "
+                         "one): use --no-stdin")  # fmt: skip
+    raise SystemExit(_attach_running(home, st, with_stdin=with_stdin))
+
+
+commands: list[click.Command] = [run, start, restart, attach]

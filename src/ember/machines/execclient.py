@@ -20,11 +20,13 @@ import secrets
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ember.machines import execproto as proto
+from ember.machines.detachkeys import DetachKeys
 from ember.machines.errors import ExecBusy, ExecError, MachineNotRunning
 from ember.machines.state import MachineState
 from ember.vm.vmm.base import exec_sockets, unix_address
@@ -76,10 +78,18 @@ def _port(d: Path, name: str) -> Iterator[Callable[[], socket.socket]]:
                    hint="wait for one to end")  # fmt: skip
 
 
+class Detached(Exception):
+    """The detach keys were typed (``detachkeys``): the client lets go, the machine runs on."""
+
+
 class _Session:
     def __init__(self, connect: Callable[[], socket.socket], opening: bytes,
-                 stdin_fd: int | None, out_fd: int, err_fd: int) -> None:  # fmt: skip
+                 stdin_fd: int | None, out_fd: int, err_fd: int,
+                 detach_keys: DetachKeys | None = None) -> None:  # fmt: skip
         self.connect, self.opening = connect, opening
+        self.detach_keys = detach_keys
+        #: how a refusal from the guest begins
+        self.refused_as = "cannot run the command"
         self.sock = connect()
         self.stdin_fd = stdin_fd
         self.out_fd, self.err_fd = out_fd, err_fd
@@ -159,7 +169,13 @@ class _Session:
         assert self.stdin_fd is not None
         data = os.read(self.stdin_fd, proto.STDIN_CHUNK)
         if data:
-            self.send(proto.frame(proto.STDIN, data))
+            detached = False
+            if self.detach_keys is not None:
+                data, detached = self.detach_keys.feed(data)
+            if data:
+                self.send(proto.frame(proto.STDIN, data))
+            if detached:
+                raise Detached
             return
         self.send(proto.frame(proto.STDIN_END))
         self._watch(self.stdin_fd, False)
@@ -194,7 +210,7 @@ class _Session:
                 # end of an earlier client's session, as any frame before our start is
                 theirs, why = proto.refusal(payload)
                 if theirs in ("", nonce):
-                    raise ExecError(f"cannot run the command: {why}")
+                    raise ExecError(f"{self.refused_as}: {why}")
                 continue
             if not self.started:
                 self.started = kind == proto.STARTED and payload == nonce.encode()
@@ -284,3 +300,75 @@ def _raw(fd: int | None) -> Iterator[None]:
 def _note(fd: int, signum: int) -> None:
     with contextlib.suppress(BlockingIOError):
         os.write(fd, bytes([signum]))
+
+
+class StdinRelay:
+    """This process's stdin to the program of a running machine started with ``-i``
+    (``ember run -i``, ``ember attach``), through an exec port in a thread of its own,
+    while the caller follows the machine's output from its log.
+
+    With ``tty`` (the machine's program has a terminal) and a terminal on ``stdin_fd``,
+    that terminal is raw meanwhile, its size follows ours (SIGWINCH, handled here: call
+    ``start`` and ``close`` from the main thread), and Ctrl-P Ctrl-Q lets go
+    (``detached``).  The program's stdin ends when ours does; a relay that is closed
+    leaves it open (a later ``ember attach`` goes on writing it)."""
+
+    def __init__(self, d: Path, st: MachineState, stdin_fd: int, *, tty: bool) -> None:
+        self.d, self.st, self.stdin_fd = d, st, stdin_fd
+        self.terminal = tty and os.isatty(stdin_fd)
+        #: set when the detach keys were typed
+        self.detached = threading.Event()
+        #: why stdin could not be passed on (the relay ended early), if so
+        self.error: BaseException | None = None
+        self._stack = contextlib.ExitStack()
+        self._thread: threading.Thread | None = None
+        self._session: _Session | None = None
+        self._wake_w = -1
+
+    def start(self) -> None:
+        nonce = secrets.token_hex(8)
+        request = proto.ExecRequest([], attach=True, nonce=nonce,
+                                    tty=_size(self.stdin_fd) if self.terminal else None)  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            stack.callback(os.close, wake_r)
+            stack.callback(os.close, wake_w)
+            connect = stack.enter_context(_port(self.d, self.st.name))
+            self._session = _Session(connect, request.encode(), self.stdin_fd, self.stdin_fd, 2,
+                                     DetachKeys() if self.terminal else None)  # fmt: skip
+            self._session.refused_as = "cannot pass stdin to the machine's program"
+            stack.callback(self._session.sock.close)
+            if self.terminal:
+                old = signal.signal(signal.SIGWINCH, lambda s, _f: _note(wake_w, s))
+                stack.callback(signal.signal, signal.SIGWINCH, old)
+            stack.enter_context(_raw(self.stdin_fd if self.terminal else None))
+            self._wake_w = wake_w
+            self._thread = threading.Thread(target=self._relay, args=(nonce, wake_r),
+                                            name="ember-stdin", daemon=True)  # fmt: skip
+            self._thread.start()
+            self._stack = stack.pop_all()
+
+    def _relay(self, nonce: str, wake: int) -> None:
+        assert self._session is not None
+        try:
+            self._session.run(nonce, wake)
+        except Detached:
+            self._send_rest()
+            self.detached.set()
+        except SystemExit:
+            pass  # close() asked it to end
+        except Exception as e:  # (an OSError of the socket, ExecError: said by the caller)
+            self.error = e
+
+    def _send_rest(self) -> None:
+        """What was typed before the detach keys, to the machine (bounded: a second)."""
+        assert self._session is not None
+        with contextlib.suppress(OSError):
+            self._session.sock.settimeout(1.0)
+            self._session.sock.sendall(self._session.pending)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            _note(self._wake_w, signal.SIGHUP)  # the session's way to hang up
+            self._thread.join(2.0)
+        self._stack.close()

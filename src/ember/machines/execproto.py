@@ -6,7 +6,9 @@ the request), ``I`` (stdin bytes), ``C`` (stdin ends), ``S`` (a signal for the
 command, 4 bytes), ``W`` (its terminal's new size: rows and columns, 2 bytes each);
 the guest answers ``N`` (started: the request's nonce) or
 ``R`` (refused: the request's nonce, a NUL, why), then ``o``/``e`` (stdout, stderr bytes) and ``X`` (the exit
-code, 4 bytes: 128 + N for a command killed by signal N).
+code, 4 bytes: 128 + N for a command killed by signal N).  An attach request (``m``)
+runs nothing: its ``I``/``C``/``W``/``S`` go to the machine's program, whose output the
+host reads from the machine's log.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class ExecRequest:
     #: a terminal of (rows, columns) for the command (``-t``): its output all comes as
     #: stdout then
     tty: tuple[int, int] | None = None
+    #: attach to the machine's program's own stdin (``run -i``, ``ember attach``) instead
+    #: of running a command: ``argv`` and the command's settings stay empty
+    attach: bool = False
 
     def encode(self) -> bytes:
         """The ``O`` frame.  ValueError when it cannot be one (a NUL in a string, too long)."""
@@ -56,6 +61,8 @@ class ExecRequest:
             fields.append(b"i")
         if self.detach:
             fields.append(b"d")
+        if self.attach:
+            fields.append(b"m")
         if self.nonce:
             fields.append(b"n" + _text(self.nonce))
         if self.tty is not None:

@@ -120,6 +120,10 @@ class RunRequest:
     dns_search: tuple[str, ...] = ()
     #: ``-v NAME:TARGET[:ro]``: volumes, made empty when they do not exist yet
     volumes: tuple[VolumeMount, ...] = ()
+    #: ``-i``: the program's stdin held open for ``ember run -i`` / ``ember attach`` to write
+    interactive: bool = False
+    #: ``-t``: a terminal for the program, of (rows, columns) at first
+    tty: tuple[int, int] | None = None
 
 
 def machine_channels(d: Path) -> Channels:
@@ -187,7 +191,7 @@ def create(
         # validate the run config before anything is allocated
         draft = RunConfig.from_image(
             image.config, _run_overrides(req), nameservers=req.dns, search=req.dns_search,
-            mounts=_volume_mounts(req.volumes),
+            mounts=_volume_mounts(req.volumes), open_stdin=req.interactive, tty=req.tty,
         )  # fmt: skip
         # the extra hosts are added at each start (host-gateway: that start's gateway),
         # counted here at their longest
@@ -369,6 +373,8 @@ def _config_summary(
         "stop_signal": rc.stop_signal,
         "stop_timeout": NO_STOP_TIMEOUT if no_kill else rc.stop_timeout,
         "kernel_version": kernel.version,
+        "open_stdin": rc.open_stdin,
+        "tty": rc.tty is not None,
     }
 
 

@@ -152,6 +152,10 @@ class RunConfig:
     late: tuple[str, ...] = ()
     #: (interface, MAC) pairs: a restored NIC keeps the template's MAC unless told
     macs: tuple[tuple[str, str], ...] = ()
+    #: ``-i``: the program's stdin is held open for the host to write (``ember attach``)
+    open_stdin: bool = False
+    #: ``-t``: the program's stdio is a terminal of (rows, columns) (0: not known yet)
+    tty: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # callers may pass lists: store tuples, so configs compare and hash by value
@@ -160,6 +164,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if self.tty is not None and not isinstance(self.tty, tuple):
+            object.__setattr__(self, "tty", tuple(self.tty))
         for h in self.hosts:
             if not isinstance(h.names, tuple):
                 object.__setattr__(h, "names", tuple(h.names))
@@ -247,6 +253,10 @@ class RunConfig:
             lines.append(b"template\n")
         lines += [_record("late", m) for m in self.late]
         lines += [_record("mac", name, mac) for name, mac in self.macs]
+        if self.open_stdin:
+            lines.append(b"stdin\n")
+        if self.tty is not None:
+            lines.append(_record("tty", *(str(v) for v in self.tty)))
         lines.append(b"end\n")
         data = b"".join(lines)
         if len(data) > MAX_CONFIG_SIZE:
@@ -454,6 +464,8 @@ def validate(rc: RunConfig) -> None:
         raise InvalidRunConfig(f"invalid open files limit {rc.nofile}")
     if not 0 <= rc.exit_ack_ms <= 60000:
         raise InvalidRunConfig(f"invalid exit acknowledgement wait {rc.exit_ack_ms} ms")
+    if rc.tty is not None and not all(0 <= v <= 0xFFFF for v in rc.tty):
+        raise InvalidRunConfig(f"invalid terminal size {rc.tty[0]}x{rc.tty[1]}")
 
 
 def _text(value: str, what: str) -> None:
@@ -582,9 +594,11 @@ _ARITY: dict[str, tuple[int, int]] = {
     "seed": (1, 1),
     "mac": (2, 2),
     "exit_ack": (1, 1),
+    "stdin": (0, 0),
+    "tty": (2, 2),
 }
 _SINGLE = {"user", "workdir", "hostname", "stop_signal", "stop_timeout", "root", "nofile",
-           "template", "clock", "seed", "exit_ack"}  # fmt: skip
+           "template", "clock", "seed", "exit_ack", "stdin", "tty"}  # fmt: skip
 
 
 def _int(text: str, what: str) -> int:
@@ -644,6 +658,7 @@ def _parse(data: bytes) -> RunConfig:
         template="template" in values,
         late=tuple(f[0] for f in values.get("late", [])),
         macs=tuple((f[0], f[1]) for f in values.get("mac", [])),
+        open_stdin="stdin" in values,
     )
     if (u := one("user")) is not None:
         kw["user"] = u[0]
@@ -661,4 +676,6 @@ def _parse(data: bytes) -> RunConfig:
         kw["nofile"] = _int(n[0], "nofile")
     if (a := one("exit_ack")) is not None:
         kw["exit_ack_ms"] = _int(a[0], "exit_ack")
+    if (t := one("tty")) is not None:
+        kw["tty"] = (_int(t[0], "tty rows"), _int(t[1], "tty columns"))
     return RunConfig(**kw)  # type: ignore[arg-type]
