@@ -5,9 +5,11 @@ would.  Each boot costs seconds, so several checks share one boot where they can
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import termios
@@ -326,6 +328,54 @@ def test_exec_runs_commands_beside_the_program(ember: Ember, busybox: str, tmp_p
         ember("rm", "-f", "host")
     gone = ember("exec", "host", "true")
     assert gone.returncode == 1 and "no such machine" in gone.stderr
+
+
+def test_run_with_stdin_or_a_terminal_and_attach(ember: Ember, busybox: str) -> None:
+    # -i: our stdin, to its end, is the program's
+    piped = ember("run", "-i", "--rm", busybox, "sh", "-c", "cat; echo done", input="through stdin\n")
+    assert (piped.returncode, piped.stdout) == (0, "through stdin\ndone\n"), piped.stderr
+    # kept open for its next run: start -i passes ours again
+    first = ember("run", "-i", "--name", "again", busybox, "sh", "-c", 'read x; echo "got $x"', input="one\n")
+    assert (first.returncode, first.stdout) == (0, "got one\n"), first.stderr
+    again = ember("start", "-i", "again", input="two\n")
+    assert (again.returncode, again.stdout) == (0, "got two\n"), again.stderr
+    ember("rm", "again", check=True)
+    not_tty = ember("run", "-it", "--rm", busybox, "true", input="")
+    assert not_tty.returncode == 125 and "not a terminal" in not_tty.stderr
+    # -it on a real terminal: its size, what is typed, Ctrl-P Ctrl-Q lets go of it
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    try:
+        proc = subprocess.Popen(["ip", "netns", "exec", ember.netns, EMBER, "run", "-it", "--name", "term",
+                                 busybox, "sh"], stdin=slave, stdout=slave, stderr=slave, env=ember.env())  # fmt: skip
+        _read_until(master, b"# ")
+        os.write(master, b"stty size; echo hi-$((6*7))\n")
+        _read_until(master, b"33 101\r\nhi-42")
+        os.write(master, b"\x10\x11")
+        assert proc.wait(60) == 0
+        assert termios.tcgetattr(slave)[3] & termios.ECHO  # the terminal restored
+        assert ember("ps", "-q", "--filter", "name=term").stdout.strip(), "it runs on"
+        # attached again: the program's exit code is attach's
+        proc = subprocess.Popen(["ip", "netns", "exec", ember.netns, EMBER, "attach", "term"],
+                                stdin=slave, stdout=slave, stderr=slave, env=ember.env())  # fmt: skip
+        time.sleep(1)  # (attached: what is typed before that waits in our terminal anyway)
+        os.write(master, b"echo again-$((1+1)); exit 5\n")
+        _read_until(master, b"again-2")
+        assert proc.wait(60) == 5
+    finally:
+        os.close(master)
+        os.close(slave)
+        logs = ember("logs", "term").stdout
+        ember("rm", "-f", "term")
+    assert "hi-42" in logs and "again-2" in logs  # what the terminal showed is the log
+    # attach to a machine whose program has no stdin: its output only
+    res = ember("run", "-d", "--name", "plain", busybox, "sh", "-c", 'sleep 3; read x; echo "read $? [$x]"')
+    assert res.returncode == 0, res.stderr
+    try:
+        attached = ember("attach", "plain", input="ignored\n")
+        assert (attached.returncode, attached.stdout) == (0, "read 1 []\n"), attached.stderr
+    finally:
+        ember("rm", "-f", "plain")
 
 
 def test_pause_freezes_a_machine_until_unpause(ember: Ember, busybox: str) -> None:

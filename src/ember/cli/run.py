@@ -179,7 +179,11 @@ def _start_relay(stdin: StdinRelay) -> None:
     try:
         stdin.start()
     except EmberError as e:
-        _say(f"ember: {e}")
+        _say(str(e))
+    except OSError as e:
+        from ember.cli.main import describe_os_error
+
+        _say(f"cannot pass stdin to the machine: {describe_os_error(e)}")
 
 
 def _pass_sigpipe(home: Home, d: Path) -> None:
@@ -225,7 +229,7 @@ def _copy_until_exit(
             if stdin is not None and stdin.detached.is_set():
                 raise _Detached
             if stdin is not None and stdin.error is not None:
-                _say(f"ember: {stdin.error}")
+                _say(str(stdin.error))
                 stdin.error = None
             # no wait while output flows (the monitor's logs are capped: a reader
             # that falls too far behind a rotating log loses the oldest part)
@@ -761,7 +765,9 @@ def _attach_running(home: Home, st: MachineState, *, with_stdin: bool = False) -
     return code
 
 
-def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
+def _start_one(
+    home: Home, st: MachineState, *, attach: bool, with_stdin: bool = False
+) -> int | None:
     """``ember start`` of one exited machine (see ``lifecycle.prepare_start``)."""
     from ember.machines import lifecycle
     from ember.snapshots.interrupts import deferred
@@ -772,7 +778,7 @@ def _start_one(home: Home, st: MachineState, *, attach: bool) -> int | None:
         with deferred():  # (quick) no moment when it is prepared and we do not know it
             st = lifecycle.prepare_start(home, st, monitor_pid=monitor.pid)
             prepared = True
-        return _launch(home, st, monitor, attach=attach, fresh_logs=False)
+        return _launch(home, st, monitor, attach=attach, fresh_logs=False, with_stdin=with_stdin)
     except BaseException:
         if not monitor.handed:
             with deferred():
@@ -800,8 +806,10 @@ def _becomes_running(home: Home, machine_id: str, seconds: float) -> bool:
 @click.command()
 @click.option("-a", "--attach", is_flag=True,
               help="Follow the machine's output and exit with its program's exit code.")  # fmt: skip
+@click.option("-i", "--interactive", is_flag=True,
+              help="Attach, and pass our stdin to the program (a machine run with -i).")  # fmt: skip
 @click.argument("machines", nargs=-1, required=True)
-def start(attach: bool, machines: tuple[str, ...]) -> None:
+def start(attach: bool, interactive: bool, machines: tuple[str, ...]) -> None:
     """Start exited machines again (same root disk, logs and settings; a running one is
     left alone)."""
     from ember.cli.machines import find_machine, for_each
@@ -809,13 +817,16 @@ def start(attach: bool, machines: tuple[str, ...]) -> None:
 
     home = home_from_ctx()
     warnings_as_messages()  # the snapshotter's, as ember: lines
-    if attach:
+    if attach or interactive:
         if len(machines) != 1:
-            raise UsageError("--attach takes one machine")
+            raise UsageError(f"--{'attach' if attach else 'interactive'} takes one machine")
         st = _next_run(home, find_machine(machines[0]))
+        with_stdin = interactive and bool(st.config.get("open_stdin"))
+        if with_stdin and st.config.get("tty") and not sys.stdin.isatty():
+            raise UsageError("the input device is not a terminal (the machine's program has one)")
         if st.status == RUNNING:  # docker start -a: attach to it
-            raise SystemExit(_attach_running(home, st))
-        code = _start_one(home, st, attach=True)
+            raise SystemExit(_attach_running(home, st, with_stdin=with_stdin))
+        code = _start_one(home, st, attach=True, with_stdin=with_stdin)
         raise SystemExit(code)
 
     def start_one(ref: str) -> None:
@@ -885,8 +896,8 @@ def attach(no_stdin: bool, machine: str) -> None:
     refuse_if_paused(MachineStore(home).dir(st.id), st, "attach to")
     with_stdin = not no_stdin and bool(st.config.get("open_stdin"))
     if with_stdin and st.config.get("tty") and not sys.stdin.isatty():
-        raise UsageError("the input device is not a terminal (the machine's program has "
-                         "one): use --no-stdin")  # fmt: skip
+        raise UsageError("the input device is not a terminal (the machine's program has one)",
+                         hint="ember attach --no-stdin follows its output only")  # fmt: skip
     raise SystemExit(_attach_running(home, st, with_stdin=with_stdin))
 
 
