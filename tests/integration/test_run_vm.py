@@ -4,8 +4,10 @@ would.  Each boot costs seconds, so several checks share one boot where they can
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -334,6 +336,10 @@ def test_run_with_stdin_or_a_terminal_and_attach(ember: Ember, busybox: str) -> 
     # -i: our stdin, to its end, is the program's
     piped = ember("run", "-i", "--rm", busybox, "sh", "-c", "cat; echo done", input="through stdin\n")
     assert (piped.returncode, piped.stdout) == (0, "through stdin\ndone\n"), piped.stderr
+    # more than init holds for a program that reads slowly: nothing lost or reordered
+    big = base64.b64encode(os.urandom(3 << 20)).decode()
+    summed = ember("run", "-i", "--rm", busybox, "sh", "-c", "sleep 1; md5sum", input=big)
+    assert summed.stdout.split()[:1] == [hashlib.md5(big.encode()).hexdigest()], summed.stderr
     # kept open for its next run: start -i passes ours again
     first = ember("run", "-i", "--name", "again", busybox, "sh", "-c", 'read x; echo "got $x"', input="one\n")
     assert (first.returncode, first.stdout) == (0, "got one\n"), first.stderr
