@@ -20,6 +20,10 @@ def _ps(ember_init: Path) -> dict[int, list[str]]:
     return {int(row[1]): row for row in parse_ps(out)}
 
 
+def _name(pid: int) -> str:
+    return f"[{Path(f'/proc/{pid}/comm').read_text().strip()}]"
+
+
 def test_it_lists_processes_with_docker_tops_fields(ember_init: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)", "two\targs\nhere"])
     try:
@@ -47,11 +51,12 @@ def test_a_huge_command_line_is_shown_as_the_name(ember_init: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)", *huge])
     try:
         deadline = time.monotonic() + 10
-        name = f"[{Path(f'/proc/{child.pid}/comm').read_text().strip()}]"
-        while (row := _ps(ember_init).get(child.pid)) is None or row[7] != name:
-            # (failed once in a full suite, not reproduced alone in 40 runs: say what it saw)
+        # The name is read each round: Popen returns once the child's exec has let go of
+        # the parent's memory, a moment before the kernel gives it its new name (CI once
+        # read "pytest", the name the child had from its parent).
+        while (row := _ps(ember_init).get(child.pid)) is None or row[7] != _name(child.pid):
             seen = None if row is None else (len(row[7]), row[7][:80])
-            assert time.monotonic() < deadline, (name, seen, Path(f"/proc/{child.pid}/comm").read_text())
+            assert time.monotonic() < deadline, (_name(child.pid), seen)
             time.sleep(0.05)
     finally:
         child.kill()
